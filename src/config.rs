@@ -1,0 +1,343 @@
+//! Architecture configuration: the data that describes a Stable Diffusion model.
+//!
+//! Everything the executor needs to know about a network's shape lives here and
+//! travels inside the GGUF as metadata (see `convert::metadata`). Presets give the
+//! published configurations; `formats::detect` recovers a config from tensor
+//! names and shapes; `formats::layout` expands a config into the exact tensor list
+//! of the original single-file layout.
+
+/// What the UNet's output means.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Prediction {
+    Epsilon,
+    V,
+    Sample,
+}
+
+impl Prediction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Prediction::Epsilon => "epsilon",
+            Prediction::V => "v_prediction",
+            Prediction::Sample => "sample",
+        }
+    }
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "epsilon" | "eps" => Some(Prediction::Epsilon),
+            "v_prediction" | "v" => Some(Prediction::V),
+            "sample" => Some(Prediction::Sample),
+            _ => None,
+        }
+    }
+}
+
+/// UNet (LDM `openaimodel.UNetModel`) configuration.
+#[derive(Clone, Debug, PartialEq)]
+pub struct UnetConfig {
+    pub in_channels: usize,
+    pub out_channels: usize,
+    pub model_channels: usize,
+    pub channel_mult: Vec<usize>,
+    /// Per level (shallowest first), per ResNet: the transformer depth after that
+    /// ResNet (0 = no spatial transformer). A level has a downsampler unless it is last.
+    pub down_blocks: Vec<Vec<usize>>,
+    /// Per level in the order the decoder runs (deepest first), per ResNet: transformer depth.
+    /// A level has an upsampler unless it is the last one run.
+    pub up_blocks: Vec<Vec<usize>>,
+    /// Transformer depth of the middle block; `None` when the middle block was removed
+    /// (distilled UNets), `Some(0)` for ResNets only.
+    pub mid_depth: Option<usize>,
+    /// Attention heads: either a fixed count per layer (SD 1.x) ...
+    pub num_heads: Option<usize>,
+    /// ... or a fixed head width (SD 2.x, SDXL).
+    pub head_dim: Option<usize>,
+    pub context_dim: usize,
+    /// `proj_in`/`proj_out` are linear layers (SD 2.x, SDXL) instead of 1x1 convolutions.
+    pub linear_proj: bool,
+    /// Input width of `label_emb` (SDXL: pooled text + size/crop embeddings).
+    pub adm_in_channels: Option<usize>,
+    /// Width of the guidance embedding of LCM-distilled UNets (`time_embed_cond`... absent otherwise).
+    pub time_cond_proj_dim: Option<usize>,
+}
+
+impl UnetConfig {
+    pub fn time_embed_dim(&self) -> usize {
+        self.model_channels * 4
+    }
+    /// Heads of an attention layer with `channels` channels.
+    pub fn heads_for(&self, channels: usize) -> usize {
+        match (self.num_heads, self.head_dim) {
+            (Some(n), _) => n,
+            (None, Some(d)) => (channels / d).max(1),
+            (None, None) => 8,
+        }
+    }
+}
+
+/// KL autoencoder (LDM `AutoencoderKL`) configuration.
+#[derive(Clone, Debug, PartialEq)]
+pub struct VaeConfig {
+    pub in_channels: usize,
+    pub latent_channels: usize,
+    pub base_channels: usize,
+    pub channel_mult: Vec<usize>,
+    pub num_res_blocks: usize,
+    /// Latents are `(z - shift) * scale` when fed to the UNet.
+    pub scaling_factor: f32,
+    pub shift_factor: f32,
+}
+
+impl VaeConfig {
+    /// Spatial downsampling factor between pixels and latents.
+    pub fn downscale(&self) -> usize {
+        1 << (self.channel_mult.len() - 1)
+    }
+}
+
+/// How a text encoder's tensors are named and laid out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TextEncoderKind {
+    /// Hugging Face `CLIPTextModel` naming (`text_model.encoder.layers.N.self_attn.q_proj`).
+    HfClip,
+    /// OpenCLIP naming (`transformer.resblocks.N.attn.in_proj_weight`, q/k/v stacked).
+    OpenClip,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Activation {
+    QuickGelu,
+    Gelu,
+}
+
+impl Activation {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Activation::QuickGelu => "quick_gelu",
+            Activation::Gelu => "gelu",
+        }
+    }
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "quick_gelu" => Some(Activation::QuickGelu),
+            "gelu" => Some(Activation::Gelu),
+            _ => None,
+        }
+    }
+}
+
+/// CLIP-architecture text encoder configuration.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TextEncoderConfig {
+    pub kind: TextEncoderKind,
+    /// Canonical tensor-name prefix, e.g. `cond_stage_model.transformer.text_model.`.
+    pub prefix: String,
+    pub vocab_size: usize,
+    pub max_positions: usize,
+    pub hidden_size: usize,
+    pub num_layers: usize,
+    pub num_heads: usize,
+    pub intermediate_size: usize,
+    pub activation: Activation,
+    /// Output width of `text_projection` when the checkpoint carries one.
+    pub projection_dim: Option<usize>,
+    /// Layers skipped from the end to produce the conditioning (0: last layer; 1: penultimate).
+    pub skip_layers: usize,
+    /// Whether the final layer norm is applied to the chosen hidden state.
+    pub final_norm: bool,
+    /// Token used to pad prompts to `max_positions`.
+    pub pad_token: u32,
+}
+
+/// The whole model.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ModelConfig {
+    /// Descriptive family name (`sd1`, `sd2`, `sdxl`); nothing branches on it.
+    pub family: String,
+    pub prediction: Prediction,
+    pub unet: UnetConfig,
+    pub vae: VaeConfig,
+    pub text_encoders: Vec<TextEncoderConfig>,
+}
+
+pub const CLIP_VOCAB: usize = 49408;
+pub const CLIP_EOS: u32 = 49407;
+
+fn uniform_blocks(levels: &[usize], res: usize) -> Vec<Vec<usize>> {
+    levels.iter().map(|&d| vec![d; res]).collect()
+}
+
+impl UnetConfig {
+    fn sd(model_channels: usize, context_dim: usize, linear_proj: bool, heads: (Option<usize>, Option<usize>)) -> Self {
+        UnetConfig {
+            in_channels: 4,
+            out_channels: 4,
+            model_channels,
+            channel_mult: vec![1, 2, 4, 4],
+            down_blocks: uniform_blocks(&[1, 1, 1, 0], 2),
+            up_blocks: uniform_blocks(&[0, 1, 1, 1], 3),
+            mid_depth: Some(1),
+            num_heads: heads.0,
+            head_dim: heads.1,
+            context_dim,
+            linear_proj,
+            adm_in_channels: None,
+            time_cond_proj_dim: None,
+        }
+    }
+}
+
+impl VaeConfig {
+    pub fn sd(scaling_factor: f32) -> Self {
+        VaeConfig {
+            in_channels: 3,
+            latent_channels: 4,
+            base_channels: 128,
+            channel_mult: vec![1, 2, 4, 4],
+            num_res_blocks: 2,
+            scaling_factor,
+            shift_factor: 0.0,
+        }
+    }
+}
+
+impl TextEncoderConfig {
+    /// OpenAI CLIP ViT-L/14 text tower (SD 1.x; SDXL's first encoder).
+    pub fn clip_l(prefix: &str) -> Self {
+        TextEncoderConfig {
+            kind: TextEncoderKind::HfClip,
+            prefix: prefix.to_string(),
+            vocab_size: CLIP_VOCAB,
+            max_positions: 77,
+            hidden_size: 768,
+            num_layers: 12,
+            num_heads: 12,
+            intermediate_size: 3072,
+            activation: Activation::QuickGelu,
+            projection_dim: None,
+            skip_layers: 0,
+            final_norm: true,
+            pad_token: CLIP_EOS,
+        }
+    }
+    /// OpenCLIP text tower (ViT-H: 1024 wide, 24 layers; ViT-bigG: 1280 wide, 32 layers).
+    pub fn open_clip(prefix: &str, hidden: usize, layers: usize, heads: usize, projection_dim: Option<usize>) -> Self {
+        TextEncoderConfig {
+            kind: TextEncoderKind::OpenClip,
+            prefix: prefix.to_string(),
+            vocab_size: CLIP_VOCAB,
+            max_positions: 77,
+            hidden_size: hidden,
+            num_layers: layers,
+            num_heads: heads,
+            intermediate_size: hidden * 4,
+            activation: Activation::Gelu,
+            projection_dim,
+            skip_layers: 1,
+            final_norm: true,
+            pad_token: 0,
+        }
+    }
+}
+
+impl ModelConfig {
+    /// Stable Diffusion 1.x (v1-inference.yaml).
+    pub fn sd1() -> Self {
+        ModelConfig {
+            family: "sd1".into(),
+            prediction: Prediction::Epsilon,
+            unet: UnetConfig::sd(320, 768, false, (Some(8), None)),
+            vae: VaeConfig::sd(0.18215),
+            text_encoders: vec![TextEncoderConfig::clip_l("cond_stage_model.transformer.text_model.")],
+        }
+    }
+
+    /// Stable Diffusion 2.x (v2-inference-v.yaml). 2.x-base is the same with epsilon prediction.
+    pub fn sd2() -> Self {
+        ModelConfig {
+            family: "sd2".into(),
+            prediction: Prediction::V,
+            unet: UnetConfig::sd(320, 1024, true, (None, Some(64))),
+            vae: VaeConfig::sd(0.18215),
+            // SD 2 conditions on the penultimate block of OpenCLIP ViT-H (24 blocks), with the
+            // final norm: the last block and `text_projection` are never used, so the
+            // architecture has 23 layers (as diffusers stores it) and no projection.
+            text_encoders: vec![{
+                let mut t = TextEncoderConfig::open_clip("cond_stage_model.model.", 1024, 23, 16, None);
+                t.skip_layers = 0;
+                t
+            }],
+        }
+    }
+
+    /// SDXL base 1.0 (sd_xl_base.yaml).
+    pub fn sdxl() -> Self {
+        let mut clip_l = TextEncoderConfig::clip_l("conditioner.embedders.0.transformer.text_model.");
+        clip_l.skip_layers = 1;
+        clip_l.final_norm = false;
+        let mut big_g = TextEncoderConfig::open_clip("conditioner.embedders.1.model.", 1280, 32, 20, Some(1280));
+        big_g.final_norm = false;
+        ModelConfig {
+            family: "sdxl".into(),
+            prediction: Prediction::Epsilon,
+            unet: UnetConfig {
+                in_channels: 4,
+                out_channels: 4,
+                model_channels: 320,
+                channel_mult: vec![1, 2, 4],
+                down_blocks: vec![vec![0, 0], vec![2, 2], vec![10, 10]],
+                up_blocks: vec![vec![10, 10, 10], vec![2, 2, 2], vec![0, 0, 0]],
+                mid_depth: Some(10),
+                num_heads: None,
+                head_dim: Some(64),
+                context_dim: 2048,
+                linear_proj: true,
+                adm_in_channels: Some(2816),
+                time_cond_proj_dim: None,
+            },
+            vae: VaeConfig::sd(0.13025),
+            text_encoders: vec![clip_l, big_g],
+        }
+    }
+
+    /// A preset by name (`sd1`, `sd15`, `sd2`, `sd21`, `sdxl`, and `tiny-*` variants).
+    pub fn preset(name: &str) -> Option<Self> {
+        match name {
+            "sd1" | "sd15" => Some(Self::sd1()),
+            "sd2" | "sd21" => Some(Self::sd2()),
+            "sdxl" => Some(Self::sdxl()),
+            "tiny-sd1" | "tiny-sd15" => Some(Self::sd1().shrink()),
+            "tiny-sd2" | "tiny-sd21" => Some(Self::sd2().shrink()),
+            "tiny-sdxl" => Some(Self::sdxl().shrink()),
+            _ => None,
+        }
+    }
+
+    pub const PRESETS: &'static [&'static str] = &["sd15", "sd21", "sdxl", "tiny-sd15", "tiny-sd21", "tiny-sdxl"];
+
+    /// The same architecture with small widths and depths: a consistent network for
+    /// tests (every name of the real layout family present, shapes shrunk).
+    pub fn shrink(mut self) -> Self {
+        let u = &mut self.unet;
+        u.model_channels = 32;
+        u.context_dim = 32 * self.text_encoders.len();
+        for d in u.down_blocks.iter_mut().chain(u.up_blocks.iter_mut()) {
+            for x in d.iter_mut() {
+                *x = (*x).min(2);
+            }
+        }
+        u.mid_depth = u.mid_depth.map(|d| d.min(2));
+        u.adm_in_channels = u.adm_in_channels.map(|_| 32 + 6 * 8);
+        let v = &mut self.vae;
+        v.base_channels = 32;
+        for t in &mut self.text_encoders {
+            t.hidden_size = 32;
+            t.num_layers = 3;
+            t.num_heads = 1;
+            t.intermediate_size = 64;
+            t.projection_dim = t.projection_dim.map(|_| 32);
+        }
+        self.family = format!("tiny-{}", self.family);
+        self
+    }
+}

@@ -1,0 +1,260 @@
+//! The common shape of every input: tensors with canonical names, shapes, element
+//! types and a recipe to fetch their bytes.
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::error::{Error, Result};
+use crate::ggml;
+
+/// Element type of a stored tensor.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DType {
+    F64,
+    F32,
+    F16,
+    BF16,
+    I64,
+    I32,
+    I16,
+    I8,
+    U8,
+    Bool,
+    /// A ggml block type from a GGUF input (quantized or not).
+    Ggml(ggml::Type),
+}
+
+impl DType {
+    /// Bytes taken by `n` elements stored contiguously. For ggml types `n` must be
+    /// a multiple of the block size; returns `None` otherwise.
+    pub fn bytes_for(self, n: u64) -> Option<u64> {
+        let s = match self {
+            DType::F64 | DType::I64 => 8,
+            DType::F32 | DType::I32 => 4,
+            DType::F16 | DType::BF16 | DType::I16 => 2,
+            DType::I8 | DType::U8 | DType::Bool => 1,
+            DType::Ggml(t) => return t.bytes_for(n),
+        };
+        n.checked_mul(s)
+    }
+    pub fn is_float(self) -> bool {
+        match self {
+            DType::F64 | DType::F32 | DType::F16 | DType::BF16 => true,
+            DType::Ggml(t) => t.is_float_or_quant(),
+            _ => false,
+        }
+    }
+    pub fn name(self) -> String {
+        match self {
+            DType::Ggml(t) => t.name().to_string(),
+            other => format!("{other:?}"),
+        }
+    }
+}
+
+/// An open input file. Tensor bytes are read with positioned reads, never through a
+/// shared mapping, so converting a model keeps resident memory at one tensor.
+#[derive(Debug)]
+pub struct SourceFile {
+    pub path: PathBuf,
+    pub file: File,
+    pub len: u64,
+}
+
+impl SourceFile {
+    pub fn open(path: &Path) -> Result<Arc<SourceFile>> {
+        let file = File::open(path).map_err(|e| Error::io(path, e))?;
+        let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
+        Ok(Arc::new(SourceFile { path: path.to_path_buf(), file, len }))
+    }
+    pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        self.file.read_exact_at(buf, offset).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                Error::format(&self.path, format!("file ends before byte {} (truncated?)", offset + buf.len() as u64))
+            } else {
+                Error::io(&self.path, e)
+            }
+        })
+    }
+}
+
+/// Where a tensor's elements come from.
+#[derive(Clone, Debug)]
+pub enum TensorData {
+    /// Contiguous little-endian row-major elements at `offset` in `file`.
+    Raw { file: Arc<SourceFile>, offset: u64 },
+    /// Several tensors stacked along the outermost axis (OpenCLIP's `in_proj_weight`
+    /// from separate q, k and v projections).
+    Concat(Vec<SourceTensor>),
+    /// A 2-D tensor stored transposed (OpenCLIP `text_projection` vs a linear weight).
+    Transpose(Box<SourceTensor>),
+}
+
+/// One tensor of an input, under its canonical name.
+#[derive(Clone, Debug)]
+pub struct SourceTensor {
+    pub name: String,
+    /// PyTorch order, outermost first.
+    pub shape: Vec<usize>,
+    pub dtype: DType,
+    pub data: TensorData,
+}
+
+impl SourceTensor {
+    pub fn numel(&self) -> u64 {
+        self.shape.iter().map(|&d| d as u64).product()
+    }
+    /// Stored size in bytes.
+    pub fn nbytes(&self) -> u64 {
+        self.dtype.bytes_for(self.numel()).unwrap_or(0)
+    }
+
+    /// Checks that a raw tensor's bytes lie inside its file (so truncation is found
+    /// when the file is opened, not halfway through a conversion).
+    pub fn validate(&self) -> Result<()> {
+        match &self.data {
+            TensorData::Raw { file, offset } => {
+                let n = self.dtype.bytes_for(self.numel()).ok_or_else(|| {
+                    Error::format(&file.path, format!("tensor `{}`: shape {:?} does not fit type {}", self.name, self.shape, self.dtype.name()))
+                })?;
+                match offset.checked_add(n) {
+                    Some(end) if end <= file.len => Ok(()),
+                    _ => Err(Error::format(
+                        &file.path,
+                        format!("tensor `{}` needs bytes {}..{} but the file has {} (truncated or corrupt)", self.name, offset, offset.saturating_add(n), file.len),
+                    )),
+                }
+            }
+            TensorData::Concat(parts) => parts.iter().try_for_each(|p| p.validate()),
+            TensorData::Transpose(t) => t.validate(),
+        }
+    }
+
+    /// The tensor's raw bytes in its own dtype (only for `Raw` data).
+    pub fn read_raw(&self) -> Result<Vec<u8>> {
+        match &self.data {
+            TensorData::Raw { file, offset } => {
+                let n = self.nbytes() as usize;
+                let mut buf = vec![0u8; n];
+                file.read_at(*offset, &mut buf)?;
+                Ok(buf)
+            }
+            _ => {
+                let v = self.read_f32()?;
+                Ok(v.iter().flat_map(|x| x.to_le_bytes()).collect())
+            }
+        }
+    }
+
+    /// All elements as f32, in row-major order of `shape`.
+    pub fn read_f32(&self) -> Result<Vec<f32>> {
+        match &self.data {
+            TensorData::Raw { .. } => {
+                let raw = self.read_raw()?;
+                to_f32(self.dtype, &raw, self.numel() as usize).ok_or_else(|| Error::Invalid(format!("tensor `{}`: cannot convert {} to f32", self.name, self.dtype.name())))
+            }
+            TensorData::Concat(parts) => {
+                let mut out = Vec::with_capacity(self.numel() as usize);
+                for p in parts {
+                    out.extend(p.read_f32()?);
+                }
+                Ok(out)
+            }
+            TensorData::Transpose(t) => {
+                let v = t.read_f32()?;
+                let (r, c) = match t.shape.as_slice() {
+                    [r, c] => (*r, *c),
+                    _ => return Err(Error::Invalid(format!("tensor `{}`: transpose of a non-2-D tensor", self.name))),
+                };
+                let mut out = vec![0f32; v.len()];
+                for i in 0..r {
+                    for j in 0..c {
+                        out[j * r + i] = v[i * c + j];
+                    }
+                }
+                Ok(out)
+            }
+        }
+    }
+}
+
+/// Converts `n` little-endian elements of `dtype` to f32.
+pub fn to_f32(dtype: DType, raw: &[u8], n: usize) -> Option<Vec<f32>> {
+    use half::{bf16, f16};
+    let v = match dtype {
+        DType::F32 => raw.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
+        DType::F16 => raw.chunks_exact(2).map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+        DType::BF16 => raw.chunks_exact(2).map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+        DType::F64 => raw.chunks_exact(8).map(|b| f64::from_le_bytes(b.try_into().unwrap_or([0; 8])) as f32).collect(),
+        DType::I64 => raw.chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().unwrap_or([0; 8])) as f32).collect(),
+        DType::I32 => raw.chunks_exact(4).map(|b| i32::from_le_bytes([b[0], b[1], b[2], b[3]]) as f32).collect(),
+        DType::I16 => raw.chunks_exact(2).map(|b| i16::from_le_bytes([b[0], b[1]]) as f32).collect(),
+        DType::I8 => raw.iter().map(|&b| b as i8 as f32).collect(),
+        DType::U8 | DType::Bool => raw.iter().map(|&b| b as f32).collect(),
+        DType::Ggml(t) => return t.dequantize(raw, n).ok(),
+    };
+    Some(v)
+}
+
+/// Which kind of file a checkpoint came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SourceFormat {
+    Safetensors,
+    Ckpt,
+    Diffusers,
+    Gguf,
+}
+
+/// Tokenizer files found beside a model (diffusers `tokenizer/`), if any.
+#[derive(Clone, Debug, Default)]
+pub struct TokenizerFiles {
+    /// `vocab.json` content.
+    pub vocab_json: Option<String>,
+    /// `merges.txt` content.
+    pub merges_txt: Option<String>,
+}
+
+/// A model checkpoint opened for reading, in canonical naming.
+#[derive(Debug)]
+pub struct Checkpoint {
+    pub path: PathBuf,
+    pub format: SourceFormat,
+    pub tensors: Vec<SourceTensor>,
+    /// Free-form string metadata found in the input (safetensors `__metadata__`,
+    /// diffusers config values such as `prediction_type`).
+    pub metadata: BTreeMap<String, String>,
+    pub tokenizer: Option<TokenizerFiles>,
+}
+
+impl Checkpoint {
+    /// Opens any supported input: a `.safetensors` file, a `.ckpt`/`.pt`/`.pth`/`.bin`
+    /// torch zip, a diffusers folder, or a GGUF file.
+    pub fn open(path: &Path) -> Result<Checkpoint> {
+        if path.is_dir() {
+            return super::diffusers::open(path);
+        }
+        let f = SourceFile::open(path)?;
+        let mut magic = [0u8; 8];
+        let n = (f.len as usize).min(8);
+        f.read_at(0, &mut magic[..n])?;
+        let ck = if &magic[..4.min(n)] == b"GGUF" {
+            super::gguf::open_checkpoint(path)?
+        } else if &magic[..2.min(n)] == b"PK" {
+            super::ckpt::open(path)?
+        } else if n == 8 {
+            super::safetensors::open(path)?
+        } else {
+            return Err(Error::format(path, format!("{} bytes is too short for any model format", f.len)));
+        };
+        for t in &ck.tensors {
+            t.validate()?;
+        }
+        Ok(ck)
+    }
+
+    pub fn get(&self, name: &str) -> Option<&SourceTensor> {
+        self.tensors.iter().find(|t| t.name == name)
+    }
+}

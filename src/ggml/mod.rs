@@ -1,0 +1,258 @@
+//! The only place that talks to ggml's C API. Everything here is `unsafe` inside and
+//! safe outside: callers never see a raw pointer.
+mod sys;
+
+// The static ggml libraries are linked only if the crate is referenced.
+use llama_cpp_sys_2 as _;
+
+use std::ffi::{CStr, CString};
+use std::path::Path;
+
+use crate::error::{Error, Result};
+
+/// A ggml element type (`enum ggml_type`), validated to be one ggml still implements.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+pub struct Type(sys::ggml_type);
+
+impl Type {
+    pub const F32: Type = Type(sys::GGML_TYPE_F32);
+    pub const F16: Type = Type(sys::GGML_TYPE_F16);
+    pub const BF16: Type = Type(sys::GGML_TYPE_BF16);
+    pub const Q4_0: Type = Type(sys::GGML_TYPE_Q4_0);
+    pub const Q4_1: Type = Type(sys::GGML_TYPE_Q4_1);
+    pub const Q5_0: Type = Type(sys::GGML_TYPE_Q5_0);
+    pub const Q5_1: Type = Type(sys::GGML_TYPE_Q5_1);
+    pub const Q8_0: Type = Type(sys::GGML_TYPE_Q8_0);
+    pub const Q2_K: Type = Type(sys::GGML_TYPE_Q2_K);
+    pub const Q3_K: Type = Type(sys::GGML_TYPE_Q3_K);
+    pub const Q4_K: Type = Type(sys::GGML_TYPE_Q4_K);
+    pub const Q5_K: Type = Type(sys::GGML_TYPE_Q5_K);
+    pub const Q6_K: Type = Type(sys::GGML_TYPE_Q6_K);
+    pub const I8: Type = Type(sys::GGML_TYPE_I8);
+    pub const I16: Type = Type(sys::GGML_TYPE_I16);
+    pub const I32: Type = Type(sys::GGML_TYPE_I32);
+    pub const I64: Type = Type(sys::GGML_TYPE_I64);
+    pub const F64: Type = Type(sys::GGML_TYPE_F64);
+
+    /// The types `sdrs convert --type` accepts, by their ggml names.
+    pub const CONVERT_TARGETS: &'static [Type] = &[
+        Type::F32,
+        Type::F16,
+        Type::BF16,
+        Type::Q8_0,
+        Type::Q5_0,
+        Type::Q5_1,
+        Type::Q4_0,
+        Type::Q4_1,
+        Type::Q2_K,
+        Type::Q3_K,
+        Type::Q4_K,
+        Type::Q5_K,
+        Type::Q6_K,
+    ];
+
+    /// The type with this numeric id, if ggml implements it (ids of removed types
+    /// and out-of-range ids give `None`).
+    pub fn from_id(id: u32) -> Option<Type> {
+        if id >= sys::GGML_TYPE_COUNT as u32 {
+            return None;
+        }
+        let t = Type(id as sys::ggml_type);
+        // SAFETY: id is in range; ggml returns 0 sizes for removed types.
+        let (bs, ts) = unsafe { (sys::ggml_blck_size(t.0), sys::ggml_type_size(t.0)) };
+        (bs > 0 && ts > 0).then_some(t)
+    }
+
+    pub fn id(self) -> u32 {
+        self.0 as u32
+    }
+
+    pub(crate) fn raw(self) -> sys::ggml_type {
+        self.0
+    }
+
+    /// ggml's lower-case name (`f16`, `q4_0`, `q4_K`).
+    pub fn name(self) -> &'static str {
+        // SAFETY: a valid type has a static NUL-terminated name.
+        unsafe {
+            let p = sys::ggml_type_name(self.0);
+            if p.is_null() {
+                return "?";
+            }
+            CStr::from_ptr(p).to_str().unwrap_or("?")
+        }
+    }
+
+    /// Parses a name case-insensitively (`q4_k` == `q4_K`).
+    pub fn parse(name: &str) -> Option<Type> {
+        (0..sys::GGML_TYPE_COUNT as u32)
+            .filter_map(Type::from_id)
+            .find(|t| t.name().eq_ignore_ascii_case(name))
+    }
+
+    /// Elements per block (1 for plain types).
+    pub fn block_size(self) -> usize {
+        // SAFETY: valid type.
+        unsafe { sys::ggml_blck_size(self.0) as usize }
+    }
+
+    /// Bytes per block.
+    pub fn type_size(self) -> usize {
+        // SAFETY: valid type.
+        unsafe { sys::ggml_type_size(self.0) }
+    }
+
+    pub fn is_quantized(self) -> bool {
+        // SAFETY: valid type.
+        unsafe { sys::ggml_is_quantized(self.0) }
+    }
+
+    pub fn is_float_or_quant(self) -> bool {
+        self.is_quantized() || matches!(self, Type::F32 | Type::F16 | Type::BF16 | Type::F64)
+    }
+
+    /// Bytes for `n` elements, or `None` if `n` is not a whole number of blocks.
+    pub fn bytes_for(self, n: u64) -> Option<u64> {
+        let bs = self.block_size() as u64;
+        if n % bs != 0 {
+            return None;
+        }
+        (n / bs).checked_mul(self.type_size() as u64)
+    }
+
+    /// Whether a row of `n` elements can be stored in this type.
+    pub fn fits_row(self, n: usize) -> bool {
+        n % self.block_size() == 0
+    }
+
+    /// Converts `n` elements stored as this type to f32.
+    pub fn dequantize(self, raw: &[u8], n: usize) -> Result<Vec<f32>> {
+        let need = self.bytes_for(n as u64).ok_or_else(|| Error::Ggml(format!("{n} elements are not whole {} blocks", self.name())))?;
+        if (raw.len() as u64) < need {
+            return Err(Error::Ggml(format!("{} bytes for {n} {} elements (need {need})", raw.len(), self.name())));
+        }
+        let mut out = vec![0f32; n];
+        if self == Type::F32 {
+            for (o, b) in out.iter_mut().zip(raw.chunks_exact(4)) {
+                *o = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+            }
+            return Ok(out);
+        }
+        // SAFETY: traits are static; to_float reads exactly `n` elements' worth of
+        // blocks from `raw` (length checked above) and writes `n` floats.
+        unsafe {
+            let tr = sys::ggml_get_type_traits(self.0);
+            let f = tr.as_ref().and_then(|t| t.to_float).ok_or_else(|| Error::Ggml(format!("type {} has no dequantizer", self.name())))?;
+            f(raw.as_ptr().cast(), out.as_mut_ptr(), n as i64);
+        }
+        Ok(out)
+    }
+
+    /// Quantizes `rows` rows of `row_len` f32 values into this type, appending to `out`.
+    /// `row_len` must be a whole number of blocks.
+    pub fn quantize_rows(self, src: &[f32], rows: usize, row_len: usize, out: &mut Vec<u8>) -> Result<()> {
+        if !self.fits_row(row_len) {
+            return Err(Error::Ggml(format!("row of {row_len} is not whole {} blocks of {}", self.name(), self.block_size())));
+        }
+        if src.len() != rows * row_len {
+            return Err(Error::Ggml(format!("quantize: {} values for {rows}x{row_len}", src.len())));
+        }
+        // SAFETY: pure query.
+        if unsafe { sys::ggml_quantize_requires_imatrix(self.0) } {
+            return Err(Error::Ggml(format!("type {} needs an importance matrix", self.name())));
+        }
+        let row_bytes = self.bytes_for(row_len as u64).unwrap_or(0) as usize;
+        let start = out.len();
+        out.resize(start + rows * row_bytes, 0);
+        // SAFETY: dst has rows*row_bytes bytes, src rows*row_len floats; no imatrix.
+        let written = unsafe {
+            sys::ggml_quantize_chunk(self.0, src.as_ptr(), out[start..].as_mut_ptr().cast(), 0, rows as i64, row_len as i64, std::ptr::null())
+        };
+        if written != rows * row_bytes {
+            return Err(Error::Ggml(format!("quantize {} wrote {written} bytes, expected {}", self.name(), rows * row_bytes)));
+        }
+        Ok(())
+    }
+}
+
+/// Must be called once before quantizing from several threads (ggml builds lookup
+/// tables lazily, and that first call is not thread-safe for every type).
+pub fn quantize_init(t: Type) {
+    // SAFETY: valid type.
+    unsafe { sys::ggml_quantize_init(t.0) }
+}
+
+/// Length of `ggml_tensor.name` as bindgen saw it (`GGML_MAX_NAME`).
+pub fn max_name_len() -> usize {
+    // SAFETY: ggml_tensor is plain data; all-zero is a valid (empty) value.
+    let t: sys::ggml_tensor = unsafe { std::mem::zeroed() };
+    t.name.len()
+}
+
+
+/// Bytes ggml reserves per tensor object; equals the struct size bindgen saw only if
+/// both agree on `GGML_MAX_NAME`.
+pub fn tensor_overhead() -> usize {
+    // SAFETY: pure function.
+    unsafe { sys::ggml_tensor_overhead() }
+}
+
+pub fn tensor_struct_size() -> usize {
+    std::mem::size_of::<sys::ggml_tensor>()
+}
+
+/// What ggml's own GGUF parser sees in a file: used to prove our files are readable
+/// by the reference implementation.
+#[derive(Debug, Clone)]
+pub struct GgufSummary {
+    pub version: u32,
+    pub alignment: usize,
+    pub n_kv: usize,
+    pub tensors: Vec<(String, Type, u64, usize)>, // name, type, offset in data section, size
+}
+
+/// Opens a GGUF file with ggml's `gguf_init_from_file` (metadata only).
+pub fn gguf_summary(path: &Path) -> Result<GgufSummary> {
+    let c = CString::new(path.as_os_str().as_encoded_bytes()).map_err(|_| Error::Invalid(format!("{}: path contains NUL", path.display())))?;
+    let params = sys::gguf_init_params { no_alloc: true, ctx: std::ptr::null_mut() };
+    // SAFETY: valid C string; no_alloc so no ggml context is created.
+    let ctx = unsafe { sys::gguf_init_from_file(c.as_ptr(), params) };
+    if ctx.is_null() {
+        return Err(Error::format(path, "ggml's gguf_init_from_file rejected the file"));
+    }
+    struct Guard(*mut sys::gguf_context);
+    impl Drop for Guard {
+        fn drop(&mut self) {
+            // SAFETY: allocated by gguf_init_from_file, freed once.
+            unsafe { sys::gguf_free(self.0) }
+        }
+    }
+    let g = Guard(ctx);
+    // SAFETY: ctx valid until g drops; indices in range.
+    unsafe {
+        let n = sys::gguf_get_n_tensors(g.0);
+        let mut tensors = Vec::with_capacity(n as usize);
+        for i in 0..n {
+            let name = CStr::from_ptr(sys::gguf_get_tensor_name(g.0, i)).to_string_lossy().into_owned();
+            let t = Type(sys::gguf_get_tensor_type(g.0, i));
+            tensors.push((name, t, sys::gguf_get_tensor_offset(g.0, i) as u64, sys::gguf_get_tensor_size(g.0, i)));
+        }
+        Ok(GgufSummary {
+            version: sys::gguf_get_version(g.0),
+            alignment: sys::gguf_get_alignment(g.0),
+            n_kv: sys::gguf_get_n_kv(g.0) as usize,
+            tensors,
+        })
+    }
+}
+
+/// Maps a file read-only.
+///
+/// `memmap2` marks this unsafe because the file can change under the mapping; a
+/// shrunk file makes later reads of the lost pages fault (SIGBUS). Callers validate
+/// every offset against the length seen at open time, and model files are not
+/// expected to change while in use.
+pub fn map_file(file: &std::fs::File) -> std::io::Result<memmap2::Mmap> {
+    // SAFETY: see above; the map is read-only and private to this process.
+    unsafe { memmap2::Mmap::map(file) }
+}
