@@ -1,9 +1,13 @@
 //! sdrs: Stable Diffusion at the edge.
 //!
-//! Data flows one way: checkpoint → [`formats`] → [`convert`] → GGUF → mmap → graph.
+//! Data flows one way: checkpoint ([`formats`]) → [`convert`] → GGUF on disk →
+//! memory map → ggml graphs → sampler → image.
 pub mod config;
+pub mod convert;
 pub mod error;
 pub mod formats;
+pub mod synth;
 pub mod ggml;
+pub mod vocab;
 
 pub use error::{Error, Result};

@@ -1,1 +1,6 @@
-fn main() {}
+//! The `sdrs` command line.
+mod cli;
+
+fn main() -> std::process::ExitCode {
+    cli::main()
+}

@@ -10,3 +10,6 @@ pub fn open(path: &Path) -> Result<Checkpoint> {
 pub fn read_tensors(path: &Path) -> Result<(Vec<SourceTensor>, BTreeMap<String, String>)> {
     Err(Error::format(path, "torch zip checkpoints: not yet implemented"))
 }
+pub fn synth_write(out: &Path, _l: &[(String, Vec<usize>, super::DType)], _s: u64, _f: bool, _fill: &mut dyn FnMut(usize, &mut Vec<u8>) -> Result<()>) -> Result<()> {
+    Err(Error::format(out, "not yet"))
+}

@@ -67,10 +67,6 @@ impl Type {
         self.0 as u32
     }
 
-    pub(crate) fn raw(self) -> sys::ggml_type {
-        self.0
-    }
-
     /// ggml's lower-case name (`f16`, `q4_0`, `q4_K`).
     pub fn name(self) -> &'static str {
         // SAFETY: a valid type has a static NUL-terminated name.
@@ -156,6 +152,9 @@ impl Type {
         }
         if src.len() != rows * row_len {
             return Err(Error::Ggml(format!("quantize: {} values for {rows}x{row_len}", src.len())));
+        }
+        if !(self.is_quantized() || matches!(self, Type::F32 | Type::F16 | Type::BF16)) {
+            return Err(Error::Ggml(format!("cannot encode f32 values as {}", self.name())));
         }
         // SAFETY: pure query.
         if unsafe { sys::ggml_quantize_requires_imatrix(self.0) } {

@@ -1,0 +1,95 @@
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+
+use sdrs::convert::{self, policy, Policy};
+use sdrs::formats::Checkpoint;
+
+/// Convert a checkpoint (.safetensors, .ckpt, diffusers folder, GGUF) to a GGUF.
+#[derive(clap::Args)]
+pub struct Args {
+    /// Input checkpoint: .safetensors, .ckpt/.pt, a diffusers folder, or a GGUF file.
+    input: PathBuf,
+    /// Output GGUF file.
+    #[arg(short, long, required_unless_present = "dry_run")]
+    output: Option<PathBuf>,
+    /// Weight type: f32, f16, bf16, q8_0, q5_0, q5_1, q4_0, q4_1, q2_K, q3_K, q4_K, q5_K, q6_K.
+    #[arg(long = "type", default_value = "f16")]
+    wtype: String,
+    /// Per-tensor override REGEX=TYPE (repeatable; the last matching rule wins).
+    #[arg(long = "tensor-type", value_name = "REGEX=TYPE")]
+    rules: Vec<String>,
+    /// Print the plan (count and bytes per type) without writing anything.
+    #[arg(long)]
+    dry_run: bool,
+    /// List every tensor's decision in the plan.
+    #[arg(long)]
+    list: bool,
+    /// Overwrite an existing output.
+    #[arg(long)]
+    force: bool,
+    /// Override the prediction type (epsilon, v_prediction, sample).
+    #[arg(long)]
+    prediction: Option<String>,
+}
+
+pub fn run(a: Args) -> Result<()> {
+    let wtype = policy::parse_type(&a.wtype)?;
+    let mut pol = Policy::new(wtype);
+    for r in &a.rules {
+        pol.rules.push(r.parse()?);
+    }
+    let ck = Checkpoint::open(&a.input)?;
+    let mut cfg = convert::model_config(&ck)?;
+    if let Some(p) = &a.prediction {
+        cfg.prediction = sdrs::config::Prediction::parse(p).with_context(|| format!("unknown prediction type `{p}`"))?;
+    }
+    let plan = convert::plan(&ck, &pol, Some(cfg))?;
+    for (n, why) in &plan.dropped {
+        log::info!("dropping {n}: {why}");
+    }
+    if !plan.unknown.is_empty() {
+        log::warn!("{} tensors are not part of the {} architecture and are kept as they are: {}", plan.unknown.len(), plan.config.family, plan.unknown.iter().take(5).cloned().collect::<Vec<_>>().join(", "));
+    }
+    if a.dry_run || a.list {
+        print_plan(&plan, a.list);
+        if a.dry_run {
+            return Ok(());
+        }
+    }
+    let Some(out) = a.output else { return Ok(()) };
+    let cancel = super::interrupt_flag();
+    let bar = super::progress_bar(plan.source_bytes, "{spinner} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} {msg}");
+    let s = convert::run(&ck, &plan, wtype.name(), &out, a.force, &cancel, &mut |p| {
+        bar.set_position(p.bytes_done);
+        bar.set_message(format!("{}/{} tensors", p.tensors_done, p.tensors_total));
+    })?;
+    bar.finish_and_clear();
+    eprintln!(
+        "wrote {} ({} tensors, {} from {} in {:.1} s, {:.0} MB/s of input)",
+        out.display(),
+        s.tensors,
+        super::mb(s.bytes_out),
+        super::mb(s.bytes_in),
+        s.seconds,
+        s.bytes_in as f64 / 1e6 / s.seconds.max(1e-9)
+    );
+    Ok(())
+}
+
+fn print_plan(plan: &convert::Plan, list: bool) {
+    println!("architecture: {}  prediction: {}", plan.config.family, plan.config.prediction.as_str());
+    if list {
+        for e in &plan.entries {
+            println!("{:<6} {:>12} {:<90} {}", e.decision.ty.name(), e.nbytes, e.name, e.decision.why);
+        }
+    }
+    println!("{:<8} {:>8} {:>14}", "type", "tensors", "bytes");
+    for (t, n, b) in plan.by_type() {
+        println!("{:<8} {:>8} {:>14}  ({})", t.name(), n, b, super::mb(b));
+    }
+    println!("{:<8} {:>8} {:>14}  ({}; input {})", "total", plan.entries.len(), plan.output_bytes(), super::mb(plan.output_bytes()), super::mb(plan.source_bytes));
+    if !plan.dropped.is_empty() {
+        println!("dropped {} tensors not used at inference", plan.dropped.len());
+    }
+}

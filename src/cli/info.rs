@@ -1,0 +1,135 @@
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use anyhow::Result;
+
+use sdrs::config::ModelConfig;
+use sdrs::convert::{self, metadata};
+use sdrs::formats::gguf::{GgufFile, Value};
+use sdrs::formats::Checkpoint;
+
+/// Describe a GGUF or a checkpoint: architecture, components, types, metadata.
+#[derive(clap::Args)]
+pub struct Args {
+    /// A GGUF file, a .safetensors/.ckpt checkpoint or a diffusers folder.
+    file: PathBuf,
+    /// Also list every tensor.
+    #[arg(long)]
+    tensors: bool,
+}
+
+struct Row {
+    name: String,
+    shape: Vec<usize>,
+    ty: String,
+    bytes: u64,
+}
+
+fn component(name: &str, cfg: Option<&ModelConfig>) -> String {
+    if name.starts_with("model.diffusion_model.") {
+        return "unet".into();
+    }
+    if name.starts_with("first_stage_model.") {
+        return "vae".into();
+    }
+    if let Some(c) = cfg {
+        if let Some(i) = c.text_encoders.iter().position(|t| name.starts_with(&t.prefix)) {
+            return format!("text_encoder.{i}");
+        }
+    }
+    if name.starts_with("cond_stage_model.") || name.starts_with("conditioner.") {
+        return "text_encoder".into();
+    }
+    "other".into()
+}
+
+pub fn run(a: Args) -> Result<()> {
+    let is_gguf = a.file.is_file() && std::fs::File::open(&a.file).and_then(|mut f| {
+        let mut m = [0u8; 4];
+        std::io::Read::read_exact(&mut f, &mut m).map(|_| &m == b"GGUF")
+    }).unwrap_or(false);
+    let (rows, cfg, meta, origin): (Vec<Row>, Option<ModelConfig>, Vec<(String, Value)>, String) = if is_gguf {
+        let g = GgufFile::open(&a.file)?;
+        let stored = metadata::read_config(&g)?;
+        let shapes = metadata::original_shapes(&g);
+        let rows = g.tensors.iter().map(|t| Row { name: t.name.clone(), shape: shapes.get(&t.name).cloned().unwrap_or_else(|| t.torch_shape()), ty: t.ty.name().to_string(), bytes: t.nbytes }).collect();
+        let (cfg, origin) = match stored {
+            Some(c) => (Some(c), format!("GGUF v{} (config from metadata)", g.version)),
+            None => {
+                let ck = Checkpoint::open(&a.file)?;
+                (convert::model_config(&ck).ok(), format!("GGUF v{} without sdrs metadata (architecture detected from tensor names)", g.version))
+            }
+        };
+        (rows, cfg, g.metadata.clone(), origin)
+    } else {
+        let ck = Checkpoint::open(&a.file)?;
+        let rows = ck.tensors.iter().map(|t| Row { name: t.name.clone(), shape: t.shape.clone(), ty: t.dtype.name(), bytes: t.nbytes() }).collect();
+        let cfg = convert::model_config(&ck);
+        if let Err(e) = &cfg {
+            println!("architecture: not recognised ({e})");
+        }
+        let meta = ck.metadata.iter().map(|(k, v)| (k.clone(), Value::String(v.clone()))).collect();
+        (rows, cfg.ok(), meta, format!("{:?} checkpoint", ck.format))
+    };
+    println!("file:          {}", a.file.display());
+    println!("format:        {origin}");
+    if let Some(c) = &cfg {
+        println!("architecture:  {} ({} prediction)", c.family, c.prediction.as_str());
+        let u = &c.unet;
+        println!(
+            "unet:          in {} out {} channels {} mult {:?} context {} {}{}{}",
+            u.in_channels,
+            u.out_channels,
+            u.model_channels,
+            u.channel_mult,
+            u.context_dim,
+            if u.linear_proj { "linear proj" } else { "conv proj" },
+            u.adm_in_channels.map(|d| format!(", adm {d}")).unwrap_or_default(),
+            if u.mid_depth.is_none() { ", no mid block" } else { "" }
+        );
+        println!("  down blocks: {:?}  up blocks: {:?}", u.down_blocks, u.up_blocks);
+        println!("vae:           latent {} channels, base {} mult {:?}, scale {}", c.vae.latent_channels, c.vae.base_channels, c.vae.channel_mult, c.vae.scaling_factor);
+        for (i, t) in c.text_encoders.iter().enumerate() {
+            println!("text_encoder.{i}: {:?} {} wide, {} layers, {} heads{} ({})", t.kind, t.hidden_size, t.num_layers, t.num_heads, t.projection_dim.map(|p| format!(", projection {p}")).unwrap_or_default(), t.prefix);
+        }
+    }
+    let mut comps: BTreeMap<String, (usize, u64, u64)> = BTreeMap::new();
+    let mut types: BTreeMap<String, (usize, u64, u64)> = BTreeMap::new();
+    for r in &rows {
+        let n: u64 = r.shape.iter().map(|&d| d as u64).product();
+        for (m, k) in [(&mut comps, component(&r.name, cfg.as_ref())), (&mut types, r.ty.clone())] {
+            let e = m.entry(k).or_default();
+            e.0 += 1;
+            e.1 += n;
+            e.2 += r.bytes;
+        }
+    }
+    let params: u64 = comps.values().map(|c| c.1).sum();
+    let bytes: u64 = comps.values().map(|c| c.2).sum();
+    println!("tensors:       {}  parameters: {} ({:.1} M)  bytes: {} ({})", rows.len(), params, params as f64 / 1e6, bytes, super::mb(bytes));
+    println!("\n{:<16} {:>8} {:>14} {:>14}", "component", "tensors", "parameters", "bytes");
+    for (k, (n, p, b)) in &comps {
+        println!("{k:<16} {n:>8} {p:>14} {b:>14}");
+    }
+    println!("\n{:<16} {:>8} {:>14} {:>14}", "type", "tensors", "parameters", "bytes");
+    for (k, (n, p, b)) in &types {
+        println!("{k:<16} {n:>8} {p:>14} {b:>14}");
+    }
+    if !meta.is_empty() {
+        println!("\nmetadata:");
+        for (k, v) in &meta {
+            if k == metadata::RESHAPED_NAMES || k == metadata::RESHAPED_SHAPES {
+                println!("  {k} = [{} entries]", v.as_array().map_or(0, |a| a.len()));
+                continue;
+            }
+            println!("  {k} = {v}");
+        }
+    }
+    if a.tensors {
+        println!();
+        for r in &rows {
+            println!("{:<8} {:>12} {:<24} {}", r.ty, r.bytes, format!("{:?}", r.shape), r.name);
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,242 @@
+//! The metadata keys sdrs writes into a GGUF, and how they are read back.
+//! `docs/gguf.md` documents every key.
+use std::collections::HashMap;
+
+use crate::config::{Activation, ModelConfig, Prediction, TextEncoderConfig, TextEncoderKind, UnetConfig, VaeConfig};
+use crate::error::{Error, Result};
+use crate::formats::gguf::{GgufFile, Value};
+use crate::vocab::ClipVocab;
+
+pub const ARCHITECTURE: &str = "stable-diffusion";
+/// Names and original (PyTorch-order) shapes of tensors stored with another shape
+/// (convolution kernels flattened to 2-D matrices).
+pub const RESHAPED_NAMES: &str = "sd.reshaped.names";
+/// Four u32 per name in `RESHAPED_NAMES`, outermost first (only 4-D kernels are reshaped).
+pub const RESHAPED_SHAPES: &str = "sd.reshaped.shapes";
+
+type Kv = Vec<(String, Value)>;
+
+fn put(kv: &mut Kv, k: impl Into<String>, v: Value) {
+    kv.push((k.into(), v));
+}
+
+fn flatten(blocks: &[Vec<usize>]) -> (Value, Value) {
+    (Value::u32_array(blocks.iter().map(Vec::len)), Value::u32_array(blocks.iter().flatten().copied()))
+}
+
+/// Architecture config → metadata.
+pub fn config_kv(cfg: &ModelConfig) -> Kv {
+    let mut kv = Kv::new();
+    put(&mut kv, "general.architecture", Value::String(ARCHITECTURE.into()));
+    put(&mut kv, "sd.family", Value::String(cfg.family.clone()));
+    put(&mut kv, "sd.prediction", Value::String(cfg.prediction.as_str().into()));
+    let u = &cfg.unet;
+    let p = "sd.unet.";
+    put(&mut kv, format!("{p}in_channels"), Value::U32(u.in_channels as u32));
+    put(&mut kv, format!("{p}out_channels"), Value::U32(u.out_channels as u32));
+    put(&mut kv, format!("{p}model_channels"), Value::U32(u.model_channels as u32));
+    put(&mut kv, format!("{p}channel_mult"), Value::u32_array(u.channel_mult.iter().copied()));
+    let (c, d) = flatten(&u.down_blocks);
+    put(&mut kv, format!("{p}down_blocks.resnets"), c);
+    put(&mut kv, format!("{p}down_blocks.depths"), d);
+    let (c, d) = flatten(&u.up_blocks);
+    put(&mut kv, format!("{p}up_blocks.resnets"), c);
+    put(&mut kv, format!("{p}up_blocks.depths"), d);
+    put(&mut kv, format!("{p}mid_depth"), Value::I32(u.mid_depth.map_or(-1, |d| d as i32)));
+    put(&mut kv, format!("{p}num_heads"), Value::U32(u.num_heads.unwrap_or(0) as u32));
+    put(&mut kv, format!("{p}head_dim"), Value::U32(u.head_dim.unwrap_or(0) as u32));
+    put(&mut kv, format!("{p}context_dim"), Value::U32(u.context_dim as u32));
+    put(&mut kv, format!("{p}linear_proj"), Value::Bool(u.linear_proj));
+    put(&mut kv, format!("{p}adm_in_channels"), Value::U32(u.adm_in_channels.unwrap_or(0) as u32));
+    put(&mut kv, format!("{p}time_cond_proj_dim"), Value::U32(u.time_cond_proj_dim.unwrap_or(0) as u32));
+    let v = &cfg.vae;
+    let p = "sd.vae.";
+    put(&mut kv, format!("{p}in_channels"), Value::U32(v.in_channels as u32));
+    put(&mut kv, format!("{p}latent_channels"), Value::U32(v.latent_channels as u32));
+    put(&mut kv, format!("{p}base_channels"), Value::U32(v.base_channels as u32));
+    put(&mut kv, format!("{p}channel_mult"), Value::u32_array(v.channel_mult.iter().copied()));
+    put(&mut kv, format!("{p}num_res_blocks"), Value::U32(v.num_res_blocks as u32));
+    put(&mut kv, format!("{p}scaling_factor"), Value::F32(v.scaling_factor));
+    put(&mut kv, format!("{p}shift_factor"), Value::F32(v.shift_factor));
+    put(&mut kv, "sd.text_encoder.count", Value::U32(cfg.text_encoders.len() as u32));
+    for (i, t) in cfg.text_encoders.iter().enumerate() {
+        let p = format!("sd.text_encoder.{i}.");
+        let kind = match t.kind {
+            TextEncoderKind::HfClip => "hf_clip",
+            TextEncoderKind::OpenClip => "open_clip",
+        };
+        put(&mut kv, format!("{p}kind"), Value::String(kind.into()));
+        put(&mut kv, format!("{p}prefix"), Value::String(t.prefix.clone()));
+        put(&mut kv, format!("{p}vocab_size"), Value::U32(t.vocab_size as u32));
+        put(&mut kv, format!("{p}max_positions"), Value::U32(t.max_positions as u32));
+        put(&mut kv, format!("{p}hidden_size"), Value::U32(t.hidden_size as u32));
+        put(&mut kv, format!("{p}num_layers"), Value::U32(t.num_layers as u32));
+        put(&mut kv, format!("{p}num_heads"), Value::U32(t.num_heads as u32));
+        put(&mut kv, format!("{p}intermediate_size"), Value::U32(t.intermediate_size as u32));
+        put(&mut kv, format!("{p}activation"), Value::String(t.activation.as_str().into()));
+        put(&mut kv, format!("{p}projection_dim"), Value::U32(t.projection_dim.unwrap_or(0) as u32));
+        put(&mut kv, format!("{p}skip_layers"), Value::U32(t.skip_layers as u32));
+        put(&mut kv, format!("{p}final_norm"), Value::Bool(t.final_norm));
+        put(&mut kv, format!("{p}pad_token"), Value::U32(t.pad_token));
+    }
+    kv
+}
+
+/// Tokenizer → metadata, under the key names llama.cpp uses for BPE vocabularies.
+pub fn tokenizer_kv(v: &ClipVocab) -> Kv {
+    vec![
+        ("tokenizer.ggml.model".into(), Value::String("clip".into())),
+        ("tokenizer.ggml.tokens".into(), Value::string_array(v.tokens.iter().cloned())),
+        ("tokenizer.ggml.merges".into(), Value::string_array(v.merges.iter().cloned())),
+        ("tokenizer.ggml.bos_token_id".into(), Value::U32((v.tokens.len() - 2) as u32)),
+        ("tokenizer.ggml.eos_token_id".into(), Value::U32((v.tokens.len() - 1) as u32)),
+    ]
+}
+
+/// Reads the tokenizer back, if the file has one.
+pub fn read_tokenizer(g: &GgufFile) -> Option<ClipVocab> {
+    let strings = |k: &str| -> Option<Vec<String>> { g.get(k)?.as_array()?.iter().map(|v| v.as_str().map(str::to_string)).collect() };
+    Some(ClipVocab { tokens: strings("tokenizer.ggml.tokens")?, merges: strings("tokenizer.ggml.merges")? })
+}
+
+pub fn reshaped_kv(list: &[(String, Vec<usize>)]) -> Kv {
+    if list.is_empty() {
+        return Kv::new();
+    }
+    let shapes = list.iter().flat_map(|(_, s)| s.iter().copied());
+    vec![
+        (RESHAPED_NAMES.into(), Value::string_array(list.iter().map(|(n, _)| n.clone()))),
+        (RESHAPED_SHAPES.into(), Value::u32_array(shapes)),
+    ]
+}
+
+/// Original shapes of reshaped tensors (empty for files without the table).
+pub fn original_shapes(g: &GgufFile) -> HashMap<String, Vec<usize>> {
+    let (Some(names), Some(shapes)) = (g.get(RESHAPED_NAMES).and_then(Value::as_array), g.get(RESHAPED_SHAPES).and_then(Value::as_array)) else {
+        return HashMap::new();
+    };
+    let dims: Vec<usize> = shapes.iter().filter_map(|v| v.as_u64().map(|x| x as usize)).collect();
+    names
+        .iter()
+        .zip(dims.chunks_exact(4))
+        .filter_map(|(n, s)| Some((n.as_str()?.to_string(), s.to_vec())))
+        .collect()
+}
+
+struct Reader<'a> {
+    g: &'a GgufFile,
+}
+
+impl Reader<'_> {
+    fn err(&self, key: &str, what: &str) -> Error {
+        Error::format(&self.g.path, format!("metadata `{key}` is {what}"))
+    }
+    fn get(&self, key: &str) -> Result<&Value> {
+        self.g.get(key).ok_or_else(|| self.err(key, "missing"))
+    }
+    fn usize(&self, key: &str) -> Result<usize> {
+        self.get(key)?.as_u64().map(|v| v as usize).ok_or_else(|| self.err(key, "not an unsigned integer"))
+    }
+    fn opt(&self, key: &str) -> Result<Option<usize>> {
+        Ok(Some(self.usize(key)?).filter(|&v| v > 0))
+    }
+    fn f32(&self, key: &str) -> Result<f32> {
+        self.get(key)?.as_f64().map(|v| v as f32).ok_or_else(|| self.err(key, "not a number"))
+    }
+    fn bool(&self, key: &str) -> Result<bool> {
+        self.get(key)?.as_bool().ok_or_else(|| self.err(key, "not a bool"))
+    }
+    fn str(&self, key: &str) -> Result<String> {
+        self.get(key)?.as_str().map(str::to_string).ok_or_else(|| self.err(key, "not a string"))
+    }
+    fn list(&self, key: &str) -> Result<Vec<usize>> {
+        self.get(key)?
+            .as_array()
+            .and_then(|a| a.iter().map(|v| v.as_u64().map(|x| x as usize)).collect::<Option<Vec<_>>>())
+            .ok_or_else(|| self.err(key, "not an integer array"))
+    }
+    fn blocks(&self, key: &str) -> Result<Vec<Vec<usize>>> {
+        let counts = self.list(&format!("{key}.resnets"))?;
+        let depths = self.list(&format!("{key}.depths"))?;
+        if counts.iter().sum::<usize>() != depths.len() {
+            return Err(self.err(key, "inconsistent (resnet counts do not match depths)"));
+        }
+        let mut it = depths.into_iter();
+        Ok(counts.into_iter().map(|c| it.by_ref().take(c).collect()).collect())
+    }
+}
+
+/// The architecture config stored in a GGUF, or `None` for files without one
+/// (stable-diffusion.cpp writes no metadata).
+pub fn read_config(g: &GgufFile) -> Result<Option<ModelConfig>> {
+    match g.get("general.architecture").and_then(Value::as_str) {
+        Some(ARCHITECTURE) => {}
+        Some(other) => return Err(Error::arch(&g.path, format!("general.architecture is `{other}`, not `{ARCHITECTURE}`"))),
+        None => return Ok(None),
+    }
+    let r = Reader { g };
+    let pred = r.str("sd.prediction")?;
+    let p = "sd.unet.";
+    let mid = r.get(&format!("{p}mid_depth"))?.as_i64().ok_or_else(|| r.err("sd.unet.mid_depth", "not an integer"))?;
+    let unet = UnetConfig {
+        in_channels: r.usize(&format!("{p}in_channels"))?,
+        out_channels: r.usize(&format!("{p}out_channels"))?,
+        model_channels: r.usize(&format!("{p}model_channels"))?,
+        channel_mult: r.list(&format!("{p}channel_mult"))?,
+        down_blocks: r.blocks(&format!("{p}down_blocks"))?,
+        up_blocks: r.blocks(&format!("{p}up_blocks"))?,
+        mid_depth: usize::try_from(mid).ok(),
+        num_heads: r.opt(&format!("{p}num_heads"))?,
+        head_dim: r.opt(&format!("{p}head_dim"))?,
+        context_dim: r.usize(&format!("{p}context_dim"))?,
+        linear_proj: r.bool(&format!("{p}linear_proj"))?,
+        adm_in_channels: r.opt(&format!("{p}adm_in_channels"))?,
+        time_cond_proj_dim: r.opt(&format!("{p}time_cond_proj_dim"))?,
+    };
+    let p = "sd.vae.";
+    let vae = VaeConfig {
+        in_channels: r.usize(&format!("{p}in_channels"))?,
+        latent_channels: r.usize(&format!("{p}latent_channels"))?,
+        base_channels: r.usize(&format!("{p}base_channels"))?,
+        channel_mult: r.list(&format!("{p}channel_mult"))?,
+        num_res_blocks: r.usize(&format!("{p}num_res_blocks"))?,
+        scaling_factor: r.f32(&format!("{p}scaling_factor"))?,
+        shift_factor: r.f32(&format!("{p}shift_factor"))?,
+    };
+    let n = r.usize("sd.text_encoder.count")?;
+    if n > 8 {
+        return Err(r.err("sd.text_encoder.count", "absurd"));
+    }
+    let mut text_encoders = Vec::with_capacity(n);
+    for i in 0..n {
+        let p = format!("sd.text_encoder.{i}.");
+        let kind = match r.str(&format!("{p}kind"))?.as_str() {
+            "hf_clip" => TextEncoderKind::HfClip,
+            "open_clip" => TextEncoderKind::OpenClip,
+            _ => return Err(r.err(&format!("{p}kind"), "not hf_clip or open_clip")),
+        };
+        let act = r.str(&format!("{p}activation"))?;
+        text_encoders.push(TextEncoderConfig {
+            kind,
+            prefix: r.str(&format!("{p}prefix"))?,
+            vocab_size: r.usize(&format!("{p}vocab_size"))?,
+            max_positions: r.usize(&format!("{p}max_positions"))?,
+            hidden_size: r.usize(&format!("{p}hidden_size"))?,
+            num_layers: r.usize(&format!("{p}num_layers"))?,
+            num_heads: r.usize(&format!("{p}num_heads"))?,
+            intermediate_size: r.usize(&format!("{p}intermediate_size"))?,
+            activation: Activation::parse(&act).ok_or_else(|| r.err(&format!("{p}activation"), "unknown"))?,
+            projection_dim: r.opt(&format!("{p}projection_dim"))?,
+            skip_layers: r.usize(&format!("{p}skip_layers"))?,
+            final_norm: r.bool(&format!("{p}final_norm"))?,
+            pad_token: r.usize(&format!("{p}pad_token"))? as u32,
+        });
+    }
+    Ok(Some(ModelConfig {
+        family: r.str("sd.family")?,
+        prediction: Prediction::parse(&pred).ok_or_else(|| r.err("sd.prediction", "unknown"))?,
+        unet,
+        vae,
+        text_encoders,
+    }))
+}

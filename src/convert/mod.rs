@@ -1,0 +1,271 @@
+//! Checkpoint → GGUF conversion: plan every tensor's type, then stream them into a
+//! temporary file that is renamed over the target only when complete.
+pub mod metadata;
+pub mod policy;
+mod quantize;
+
+use std::collections::{HashMap, HashSet};
+use std::fs::File;
+use std::io::{BufWriter, Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::time::Instant;
+
+use sha2::{Digest, Sha256};
+
+use crate::config::{ModelConfig, Prediction};
+use crate::error::{Error, Result};
+use crate::formats::gguf::{GgufFile, TensorEntry, Value, Writer};
+use crate::formats::source::SourceFormat;
+use crate::formats::{detect, layout, Checkpoint, SourceTensor, TensorData};
+use crate::vocab::ClipVocab;
+pub use policy::{Decision, Policy, Rule};
+
+/// One tensor of the output.
+#[derive(Clone, Debug)]
+pub struct PlanEntry {
+    /// Index into the checkpoint's tensors.
+    pub index: usize,
+    pub name: String,
+    /// Shape in PyTorch order, as the architecture defines it.
+    pub shape: Vec<usize>,
+    pub decision: Decision,
+    pub nbytes: u64,
+}
+
+/// What a conversion will do, before it does it.
+#[derive(Clone, Debug)]
+pub struct Plan {
+    pub config: ModelConfig,
+    pub entries: Vec<PlanEntry>,
+    /// Tensors left out, with the reason.
+    pub dropped: Vec<(String, String)>,
+    /// Tensors kept although the architecture does not name them.
+    pub unknown: Vec<String>,
+    pub source_bytes: u64,
+}
+
+impl Plan {
+    pub fn output_bytes(&self) -> u64 {
+        self.entries.iter().map(|e| e.nbytes).sum()
+    }
+    /// Count and bytes per stored type, largest first.
+    pub fn by_type(&self) -> Vec<(crate::ggml::Type, usize, u64)> {
+        let mut m: HashMap<crate::ggml::Type, (usize, u64)> = HashMap::new();
+        for e in &self.entries {
+            let x = m.entry(e.decision.ty).or_default();
+            x.0 += 1;
+            x.1 += e.nbytes;
+        }
+        let mut v: Vec<_> = m.into_iter().map(|(t, (n, b))| (t, n, b)).collect();
+        v.sort_by(|a, b| b.2.cmp(&a.2));
+        v
+    }
+}
+
+/// The architecture of a checkpoint: stored config (our GGUF, diffusers configs) or
+/// detection from tensor names and shapes.
+pub fn model_config(ck: &Checkpoint) -> Result<ModelConfig> {
+    let stored = match ck.format {
+        SourceFormat::Gguf => metadata::read_config(&GgufFile::open(&ck.path)?)?,
+        SourceFormat::Diffusers => Some(crate::formats::diffusers::read_config(&ck.path)?),
+        _ => None,
+    };
+    let mut cfg = match stored {
+        Some(c) => c,
+        None => {
+            let shapes: Vec<(&str, &[usize])> = ck.tensors.iter().map(|t| (t.name.as_str(), t.shape.as_slice())).collect();
+            detect::detect(&shapes).map_err(|m| Error::arch(&ck.path, m))?
+        }
+    };
+    if let Some(p) = ck.metadata.get("prediction_type").and_then(|p| Prediction::parse(p)) {
+        cfg.prediction = p;
+    }
+    Ok(cfg)
+}
+
+/// Decides what each tensor becomes. Fails if the checkpoint lacks tensors its
+/// architecture needs or has a tensor of the wrong shape.
+pub fn plan(ck: &Checkpoint, policy: &Policy, config: Option<ModelConfig>) -> Result<Plan> {
+    let config = match config {
+        Some(c) => c,
+        None => model_config(ck)?,
+    };
+    let expected: HashMap<String, Vec<usize>> = layout::layout(&config).into_iter().map(|s| (s.name, s.shape)).collect();
+    let mut entries = Vec::new();
+    let mut dropped = Vec::new();
+    let mut unknown = Vec::new();
+    let mut seen = HashSet::new();
+    let mut source_bytes = 0;
+    for (index, t) in ck.tensors.iter().enumerate() {
+        if let Some(shape) = expected.get(&t.name) {
+            let numel: usize = shape.iter().product();
+            if *shape != t.shape && numel as u64 != t.numel() {
+                return Err(Error::arch(&ck.path, format!("tensor `{}` has shape {:?}; the {} architecture needs {:?}", t.name, t.shape, config.family, shape)));
+            }
+            seen.insert(t.name.as_str());
+        } else if let Some(why) = layout::extra_reason(&t.name).map(str::to_string).or_else(|| layout::unused_reason(&config, &t.name)) {
+            dropped.push((t.name.clone(), why));
+            continue;
+        } else {
+            unknown.push(t.name.clone());
+        }
+        if !t.dtype.is_float() && !matches!(t.dtype, crate::formats::DType::I64 | crate::formats::DType::I32) {
+            return Err(Error::format(&ck.path, format!("tensor `{}` has type {} which cannot be converted", t.name, t.dtype.name())));
+        }
+        // Our own GGUF stores kernels flattened; plan on the original shape.
+        let shape = expected.get(&t.name).cloned().unwrap_or_else(|| t.shape.clone());
+        let decision = policy.decide(&t.name, &shape);
+        let nbytes = decision.ty.bytes_for(t.numel()).ok_or_else(|| Error::Invalid(format!("tensor `{}`: {} elements do not fit {}", t.name, t.numel(), decision.ty.name())))?;
+        source_bytes += t.nbytes();
+        entries.push(PlanEntry { index, name: t.name.clone(), shape, decision, nbytes });
+    }
+    let mut missing: Vec<&str> = expected.keys().map(String::as_str).filter(|n| !seen.contains(n)).collect();
+    if !missing.is_empty() {
+        missing.sort();
+        let n = missing.len();
+        missing.truncate(5);
+        return Err(Error::arch(&ck.path, format!("{n} tensors of the detected {} architecture are missing, e.g. {}", config.family, missing.join(", "))));
+    }
+    Ok(Plan { config, entries, dropped, unknown, source_bytes })
+}
+
+/// Conversion progress, reported after each chunk.
+#[derive(Clone, Debug)]
+pub struct Progress<'a> {
+    pub tensor: &'a str,
+    pub tensors_done: usize,
+    pub tensors_total: usize,
+    pub bytes_done: u64,
+    pub bytes_total: u64,
+}
+
+#[derive(Clone, Debug)]
+pub struct Summary {
+    pub tensors: usize,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub seconds: f64,
+    pub sha256: String,
+}
+
+/// sha256 of the files a checkpoint reads from, in order.
+fn source_digest(ck: &Checkpoint) -> Result<String> {
+    let mut files: Vec<&Path> = Vec::new();
+    fn collect<'a>(t: &'a SourceTensor, out: &mut Vec<&'a Path>) {
+        match &t.data {
+            TensorData::Raw { file, .. } => {
+                if !out.contains(&file.path.as_path()) {
+                    out.push(&file.path);
+                }
+            }
+            TensorData::Concat(p) => p.iter().for_each(|t| collect(t, out)),
+            TensorData::Transpose(t) => collect(t, out),
+        }
+    }
+    for t in &ck.tensors {
+        collect(t, &mut files);
+    }
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    for p in files {
+        let mut f = File::open(p).map_err(|e| Error::io(p, e))?;
+        loop {
+            let n = f.read(&mut buf).map_err(|e| Error::io(p, e))?;
+            if n == 0 {
+                break;
+            }
+            h.update(&buf[..n]);
+        }
+    }
+    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// The metadata a converted file carries.
+fn output_metadata(ck: &Checkpoint, plan: &Plan, wtype: &str, sha256: &str) -> Result<Vec<(String, Value)>> {
+    let mut kv = metadata::config_kv(&plan.config);
+    let source_name = ck.path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    kv.push(("general.name".into(), Value::String(ck.path.file_stem().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default())));
+    kv.push(("general.quantization_version".into(), Value::U32(2)));
+    kv.push(("sd.weight_type".into(), Value::String(wtype.into())));
+    kv.push(("sd.source.file".into(), Value::String(source_name)));
+    kv.push(("sd.source.sha256".into(), Value::String(sha256.into())));
+    kv.push(("sd.converter".into(), Value::String(format!("sdrs {}", env!("CARGO_PKG_VERSION")))));
+    let vocab = match ck.tokenizer.as_ref().and_then(|t| t.merges_txt.as_deref()) {
+        Some(m) => ClipVocab::from_merges_txt(m)?,
+        None => match ck.format {
+            SourceFormat::Gguf => metadata::read_tokenizer(&GgufFile::open(&ck.path)?).map_or_else(ClipVocab::embedded, Ok)?,
+            _ => ClipVocab::embedded()?,
+        },
+    };
+    kv.extend(metadata::tokenizer_kv(&vocab));
+    let reshaped: Vec<(String, Vec<usize>)> = plan.entries.iter().filter(|e| e.decision.reshaped).map(|e| (e.name.clone(), e.shape.clone())).collect();
+    kv.extend(metadata::reshaped_kv(&reshaped));
+    Ok(kv)
+}
+
+/// Where the output is staged: a hidden temporary file beside the target, so the
+/// final rename is atomic and never crosses file systems.
+pub struct Staged {
+    tmp: tempfile::NamedTempFile,
+    target: PathBuf,
+    force: bool,
+}
+
+impl Staged {
+    pub fn new(target: &Path, force: bool) -> Result<Staged> {
+        if target.exists() && !force {
+            return Err(Error::Invalid(format!("{}: output exists (use --force to overwrite)", target.display())));
+        }
+        let dir = match target.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        let name = target.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "out".into());
+        let tmp = tempfile::Builder::new()
+            .prefix(&format!(".{name}."))
+            .suffix(".tmp")
+            .tempfile_in(&dir)
+            .map_err(|e| Error::io(&dir, e))?;
+        Ok(Staged { tmp, target: target.to_path_buf(), force })
+    }
+    pub fn file(&self) -> &File {
+        self.tmp.as_file()
+    }
+    /// Syncs and renames into place. Dropping a `Staged` without committing removes it.
+    pub fn commit(self) -> Result<()> {
+        self.tmp.as_file().sync_all().map_err(|e| Error::io(&self.target, e))?;
+        let r = if self.force { self.tmp.persist(&self.target).map(|_| ()) } else { self.tmp.persist_noclobber(&self.target).map(|_| ()) };
+        r.map_err(|e| Error::io(&self.target, e.error))
+    }
+}
+
+/// Runs a plan, writing `out` atomically.
+pub fn run(ck: &Checkpoint, plan: &Plan, wtype: &str, out: &Path, force: bool, cancel: &AtomicBool, progress: &mut dyn FnMut(&Progress)) -> Result<Summary> {
+    let start = Instant::now();
+    let staged = Staged::new(out, force)?;
+    let sha256 = source_digest(ck)?;
+    let kv = output_metadata(ck, plan, wtype, &sha256)?;
+    let entries: Vec<TensorEntry> = plan.entries.iter().map(|e| TensorEntry { name: e.name.clone(), ne: e.decision.ne.clone(), ty: e.decision.ty }).collect();
+    for t in plan.by_type() {
+        crate::ggml::quantize_init(t.0);
+    }
+    let out_err = |e: Error| match e {
+        Error::Io { source, .. } => Error::io(out, source),
+        other => other,
+    };
+    let mut w = Writer::new(BufWriter::with_capacity(8 << 20, staged.file()), &kv, &entries, None).map_err(out_err)?;
+    let mut bytes_done = 0u64;
+    for (i, e) in plan.entries.iter().enumerate() {
+        let t = &ck.tensors[e.index];
+        quantize::convert_tensor(t, &e.decision, cancel, &mut |chunk| w.write_chunk(chunk).map_err(out_err))?;
+        bytes_done += t.nbytes();
+        progress(&Progress { tensor: &e.name, tensors_done: i + 1, tensors_total: plan.entries.len(), bytes_done, bytes_total: plan.source_bytes });
+    }
+    let mut buf = w.finish().map_err(out_err)?;
+    buf.flush().map_err(|e| Error::io(out, e))?;
+    drop(buf);
+    let bytes_out = staged.file().metadata().map_err(|e| Error::io(out, e))?.len();
+    staged.commit()?;
+    Ok(Summary { tensors: plan.entries.len(), bytes_in: plan.source_bytes, bytes_out, seconds: start.elapsed().as_secs_f64(), sha256 })
+}

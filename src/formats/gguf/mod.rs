@@ -1,0 +1,49 @@
+//! GGUF: the one file format sdrs runs from (and reads from stable-diffusion.cpp).
+//!
+//! Layout (v3): magic, version, tensor count, metadata count, metadata key/values,
+//! tensor directory (name, dims in ggml order, type, offset), padding to the
+//! alignment, then tensor data, each tensor aligned.
+mod reader;
+mod value;
+mod writer;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+
+pub use reader::{GgufFile, TensorInfo};
+pub use value::{ty, Value};
+pub use writer::{TensorEntry, Writer};
+
+use super::source::{Checkpoint, DType, SourceFile, SourceFormat, SourceTensor, TensorData};
+use crate::error::Result;
+
+pub const GGUF_MAGIC: &[u8; 4] = b"GGUF";
+pub const DEFAULT_ALIGNMENT: u64 = 32;
+pub const MAX_DIMS: usize = 4;
+
+/// Opens a GGUF file as a conversion input (ours, or stable-diffusion.cpp's, whose
+/// tensors keep the original checkpoint names). Tensors whose original shape was
+/// recorded by our converter get it back.
+pub fn open_checkpoint(path: &Path) -> Result<Checkpoint> {
+    let g = GgufFile::open(path)?;
+    let file = SourceFile::open(path)?;
+    let shapes = crate::convert::metadata::original_shapes(&g);
+    let tensors = g
+        .tensors
+        .iter()
+        .map(|t| SourceTensor {
+            name: t.name.clone(),
+            shape: shapes.get(&t.name).cloned().unwrap_or_else(|| t.torch_shape()),
+            dtype: DType::Ggml(t.ty),
+            data: TensorData::Raw { file: Arc::clone(&file), offset: g.data_offset + t.offset },
+        })
+        .collect();
+    let metadata: BTreeMap<String, String> = g
+        .metadata
+        .iter()
+        .filter(|(_, v)| !matches!(v, Value::Array(..)))
+        .map(|(k, v)| (k.clone(), v.as_str().map(str::to_string).unwrap_or_else(|| v.to_string())))
+        .collect();
+    Ok(Checkpoint { path: path.to_path_buf(), format: SourceFormat::Gguf, tensors, metadata, tokenizer: None })
+}
