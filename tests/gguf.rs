@@ -139,7 +139,8 @@ fn corrupt_and_truncated_files_give_clear_errors() {
     // cut inside the data section
     assert!(open_err(&full[..full.len() - 30]).contains("truncated"));
     // cut inside the header
-    assert!(open_err(&full[..40]).contains("truncated"));
+    let e = open_err(&full[..40]);
+    assert!(e.contains("truncated") || e.contains("cannot fit"), "{e}");
     // unknown ggml type id for the first tensor
     let g = GgufFile::open(&p).unwrap();
     let name_pos = full.windows(SDXL_LONGEST.len()).position(|w| w == SDXL_LONGEST.as_bytes()).unwrap();
