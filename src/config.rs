@@ -57,7 +57,8 @@ pub struct UnetConfig {
     pub linear_proj: bool,
     /// Input width of `label_emb` (SDXL: pooled text + size/crop embeddings).
     pub adm_in_channels: Option<usize>,
-    /// Width of the guidance embedding of LCM-distilled UNets (`time_embed_cond`... absent otherwise).
+    /// Width of the guidance embedding of LCM-distilled UNets (`time_embed.cond_proj.weight`,
+    /// `[model_channels, dim]`, added to the sinusoidal timestep features); absent otherwise.
     pub time_cond_proj_dim: Option<usize>,
 }
 
