@@ -104,7 +104,7 @@ pub fn plan(ck: &Checkpoint, policy: &Policy, config: Option<ModelConfig>) -> Re
                 return Err(Error::arch(&ck.path, format!("tensor `{}` has shape {:?}; the {} architecture needs {:?}", t.name, t.shape, config.family, shape)));
             }
             seen.insert(t.name.as_str());
-        } else if let Some(why) = layout::extra_reason(&t.name).map(str::to_string).or_else(|| layout::unused_reason(&config, &t.name)) {
+        } else if let Some(why) = layout::extra_reason(&t.name).map(str::to_string).or_else(|| layout::unused_by(&config, &t.name).map(str::to_string)) {
             dropped.push((t.name.clone(), why));
             continue;
         } else {
