@@ -234,6 +234,10 @@ impl Staged {
     }
     /// Syncs and renames into place. Dropping a `Staged` without committing removes it.
     pub fn commit(self) -> Result<()> {
+        use std::os::unix::fs::PermissionsExt;
+        // Temporary files are created private (0600); the result is an ordinary file.
+        let perm = std::fs::Permissions::from_mode(0o644);
+        self.tmp.as_file().set_permissions(perm).map_err(|e| Error::io(&self.target, e))?;
         self.tmp.as_file().sync_all().map_err(|e| Error::io(&self.target, e))?;
         let r = if self.force { self.tmp.persist(&self.target).map(|_| ()) } else { self.tmp.persist_noclobber(&self.target).map(|_| ()) };
         r.map_err(|e| Error::io(&self.target, e.error))
