@@ -158,12 +158,21 @@ pub fn synth(cfg: &ModelConfig, format: Format, out: &Path, seed: u64, dtype: DT
             drop(w);
             staged.commit()
         }
-        Format::Ckpt => crate::formats::ckpt::synth_write(out, &list, seed, force, &mut |i, buf| {
-            let (n, s, d) = &list[i];
-            fill_tensor(n, s, *d, seed, buf);
-            progress(i + 1, list.len());
-            Ok(())
-        }),
+        Format::Ckpt => {
+            let staged = Staged::new(out, force)?;
+            let specs: Vec<WriteSpec> = list.iter().map(|(n, s, d)| WriteSpec { name: n.clone(), shape: s.clone(), dtype: *d }).collect();
+            // Real SD .ckpt files wrap the weights as {"state_dict": ...}.
+            crate::formats::ckpt::write(std::io::BufWriter::with_capacity(8 << 20, staged.file()), &specs, true, |i, buf| {
+                let (n, s, d) = &list[i];
+                fill_tensor(n, s, *d, seed, buf);
+                progress(i + 1, list.len());
+                Ok(())
+            })
+            .map_err(|e| relabel(e, out))?
+            .into_inner()
+            .map_err(|e| Error::io(out, e.into_error()))?;
+            staged.commit()
+        }
         Format::Diffusers => {
             let total = layout::layout(cfg).len();
             let mut i = 0;

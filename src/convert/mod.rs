@@ -260,9 +260,10 @@ pub fn run(ck: &Checkpoint, plan: &Plan, wtype: &str, out: &Path, force: bool, c
     };
     let mut w = Writer::new(BufWriter::with_capacity(8 << 20, staged.file()), &kv, &entries, None).map_err(out_err)?;
     let mut bytes_done = 0u64;
+    let mut scratch = quantize::Scratch::default();
     for (i, e) in plan.entries.iter().enumerate() {
         let t = &ck.tensors[e.index];
-        quantize::convert_tensor(t, &e.decision, cancel, &mut |chunk| w.write_chunk(chunk).map_err(out_err))?;
+        quantize::convert_tensor(t, &e.decision, &mut scratch, cancel, &mut |chunk| w.write_chunk(chunk).map_err(out_err))?;
         bytes_done += t.nbytes();
         progress(&Progress { tensor: &e.name, tensors_done: i + 1, tensors_total: plan.entries.len(), bytes_done, bytes_total: plan.source_bytes });
     }

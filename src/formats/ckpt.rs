@@ -876,6 +876,3 @@ mod tests {
         }
     }
 }
-pub fn synth_write(out: &Path, _l: &[(String, Vec<usize>, super::DType)], _s: u64, _f: bool, _fill: &mut dyn FnMut(usize, &mut Vec<u8>) -> Result<()>) -> Result<()> {
-    Err(Error::format(out, "not yet"))
-}

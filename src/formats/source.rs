@@ -236,14 +236,18 @@ impl Checkpoint {
             return super::diffusers::open(path);
         }
         let f = SourceFile::open(path)?;
-        let mut magic = [0u8; 8];
-        let n = (f.len as usize).min(8);
+        let mut magic = [0u8; 9];
+        let n = (f.len as usize).min(9);
         f.read_at(0, &mut magic[..n])?;
         let ck = if &magic[..4.min(n)] == b"GGUF" {
             super::gguf::open_checkpoint(path)?
-        } else if &magic[..2.min(n)] == b"PK" {
+        } else if n == 9 && magic[8] == b'{' {
+            // safetensors: 8-byte header length, then the JSON header.
+            super::safetensors::open(path)?
+        } else if &magic[..2.min(n)] == b"PK" || magic[0] == 0x80 {
+            // Torch zip archives; a bare pickle (pre-1.6 torch) gets ckpt's explanation.
             super::ckpt::open(path)?
-        } else if n == 8 {
+        } else if n >= 8 {
             super::safetensors::open(path)?
         } else {
             return Err(Error::format(path, format!("{} bytes is too short for any model format", f.len)));

@@ -147,11 +147,16 @@ impl Type {
     /// Quantizes `rows` rows of `row_len` f32 values into this type, appending to `out`.
     /// `row_len` must be a whole number of blocks.
     pub fn quantize_rows(self, src: &[f32], rows: usize, row_len: usize, out: &mut Vec<u8>) -> Result<()> {
+        let row_bytes = self.check_encode(row_len)?;
+        let start = out.len();
+        out.resize(start + rows * row_bytes, 0);
+        self.quantize_rows_into(src, row_len, &mut out[start..])
+    }
+
+    /// Bytes per row of `row_len`, if f32 rows of that length can be encoded as this type.
+    fn check_encode(self, row_len: usize) -> Result<usize> {
         if !self.fits_row(row_len) {
             return Err(Error::Ggml(format!("row of {row_len} is not whole {} blocks of {}", self.name(), self.block_size())));
-        }
-        if src.len() != rows * row_len {
-            return Err(Error::Ggml(format!("quantize: {} values for {rows}x{row_len}", src.len())));
         }
         if !(self.is_quantized() || matches!(self, Type::F32 | Type::F16 | Type::BF16)) {
             return Err(Error::Ggml(format!("cannot encode f32 values as {}", self.name())));
@@ -160,15 +165,24 @@ impl Type {
         if unsafe { sys::ggml_quantize_requires_imatrix(self.0) } {
             return Err(Error::Ggml(format!("type {} needs an importance matrix", self.name())));
         }
-        let row_bytes = self.bytes_for(row_len as u64).unwrap_or(0) as usize;
-        let start = out.len();
-        out.resize(start + rows * row_bytes, 0);
-        // SAFETY: dst has rows*row_bytes bytes, src rows*row_len floats; no imatrix.
-        let written = unsafe {
-            sys::ggml_quantize_chunk(self.0, src.as_ptr(), out[start..].as_mut_ptr().cast(), 0, rows as i64, row_len as i64, std::ptr::null())
-        };
-        if written != rows * row_bytes {
-            return Err(Error::Ggml(format!("quantize {} wrote {written} bytes, expected {}", self.name(), rows * row_bytes)));
+        Ok(self.bytes_for(row_len as u64).unwrap_or(0) as usize)
+    }
+
+    /// Quantizes whole rows of `src` into `dst`, which must hold exactly their bytes.
+    pub fn quantize_rows_into(self, src: &[f32], row_len: usize, dst: &mut [u8]) -> Result<()> {
+        let row_bytes = self.check_encode(row_len)?;
+        if row_len == 0 || src.len() % row_len != 0 {
+            return Err(Error::Ggml(format!("quantize: {} values are not whole rows of {row_len}", src.len())));
+        }
+        let rows = src.len() / row_len;
+        if dst.len() != rows * row_bytes {
+            return Err(Error::Ggml(format!("quantize: {} output bytes for {rows} rows of {row_bytes}", dst.len())));
+        }
+        // SAFETY: dst holds rows*row_bytes bytes and src rows*row_len floats (checked
+        // above); the type is supported without an importance matrix.
+        let written = unsafe { sys::ggml_quantize_chunk(self.0, src.as_ptr(), dst.as_mut_ptr().cast(), 0, rows as i64, row_len as i64, std::ptr::null()) };
+        if written != dst.len() {
+            return Err(Error::Ggml(format!("quantize {} wrote {written} bytes, expected {}", self.name(), dst.len())));
         }
         Ok(())
     }
