@@ -174,14 +174,27 @@ pub fn synth(cfg: &ModelConfig, format: Format, out: &Path, seed: u64, dtype: DT
             staged.commit()
         }
         Format::Diffusers => {
+            if out.exists() && !force {
+                return Err(Error::Invalid(format!("{}: output exists (use --force to overwrite)", out.display())));
+            }
+            // Build the folder beside the target and move it into place when complete.
+            let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+            let tmp = tempfile::Builder::new().prefix(".sdrs-synth.").tempdir_in(parent).map_err(|e| Error::io(parent, e))?;
+            let vocab = crate::vocab::ClipVocab::embedded()?;
+            let tok = crate::formats::source::TokenizerFiles { vocab_json: Some(vocab.vocab_json()), merges_txt: Some(vocab.merges_txt()) };
             let total = layout::layout(cfg).len();
             let mut i = 0;
-            crate::formats::diffusers::write_atomic(out, cfg, dtype, force, &mut |name: &str| {
+            crate::formats::diffusers::write(tmp.path(), cfg, dtype, Some(&tok), &mut |name: &str| {
                 let shape = list.iter().find(|t| t.0 == name).map(|t| t.1.clone()).ok_or_else(|| Error::Invalid(format!("synth: no tensor `{name}`")))?;
                 i += 1;
                 progress(i.min(total), total);
                 Ok(tensor_values(name, &shape, seed))
-            })
+            })?;
+            if out.exists() {
+                std::fs::remove_dir_all(out).map_err(|e| Error::io(out, e))?;
+            }
+            let tmp = tmp.keep();
+            std::fs::rename(&tmp, out).map_err(|e| Error::io(out, e))
         }
     }
 }

@@ -67,6 +67,23 @@ impl ClipVocab {
     }
 }
 
+impl ClipVocab {
+    /// Hugging Face `vocab.json` content (token → id).
+    pub fn vocab_json(&self) -> String {
+        let map: serde_json::Map<String, serde_json::Value> = self.tokens.iter().enumerate().map(|(i, t)| (t.clone(), serde_json::Value::from(i))).collect();
+        serde_json::Value::Object(map).to_string()
+    }
+    /// Hugging Face `merges.txt` content.
+    pub fn merges_txt(&self) -> String {
+        let mut s = String::from("#version: 0.2\n");
+        for m in &self.merges {
+            s.push_str(m);
+            s.push('\n');
+        }
+        s
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

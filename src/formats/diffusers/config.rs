@@ -1,0 +1,398 @@
+//! Reading diffusers / transformers `config.json` files into [`ModelConfig`] parts.
+//!
+//! Missing keys take the defaults of the diffusers/transformers class constructors,
+//! as those libraries do; keys that select structures [`ModelConfig`] cannot express
+//! are refused with the key's name.
+use std::path::Path;
+
+use serde_json::{Map, Value};
+
+use crate::config::{Activation, TextEncoderConfig, TextEncoderKind, UnetConfig, VaeConfig, CLIP_EOS, CLIP_VOCAB};
+use crate::error::{Error, Result};
+
+/// Reads and parses a JSON file; a missing file and malformed JSON are both errors
+/// naming the file.
+pub(crate) fn read_json(path: &Path) -> Result<Value> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(Error::format(path, "missing: a diffusers component folder needs this file"));
+        }
+        Err(e) => return Err(Error::io(path, e)),
+    };
+    serde_json::from_str(&text).map_err(|e| Error::format(path, format!("malformed JSON: {e}")))
+}
+
+fn as_usize(v: &Value) -> Option<usize> {
+    match v {
+        Value::Number(n) => n.as_u64().map(|x| x as usize).or_else(|| n.as_f64().filter(|f| f.fract() == 0.0 && *f >= 0.0).map(|f| f as usize)),
+        _ => None,
+    }
+}
+
+/// A JSON object together with the file it came from, for error messages.
+pub(crate) struct Obj<'a> {
+    map: &'a Map<String, Value>,
+    pub path: &'a Path,
+}
+
+impl<'a> Obj<'a> {
+    pub fn new(v: &'a Value, path: &'a Path) -> Result<Self> {
+        let map = v.as_object().ok_or_else(|| Error::format(path, "expected a JSON object at the top level"))?;
+        Ok(Obj { map, path })
+    }
+    /// The value of `key`; JSON `null` counts as absent.
+    pub fn get(&self, key: &str) -> Option<&'a Value> {
+        self.map.get(key).filter(|v| !v.is_null())
+    }
+    pub fn bad(&self, key: &str, want: &str) -> Error {
+        let found = self.map.get(key).map(|v| v.to_string()).unwrap_or_else(|| "nothing".into());
+        Error::format(self.path, format!("`{key}` must be {want}, found {found}"))
+    }
+    pub fn opt_usize(&self, key: &str) -> Result<Option<usize>> {
+        self.get(key).map(|v| as_usize(v).ok_or_else(|| self.bad(key, "a non-negative integer"))).transpose()
+    }
+    pub fn usize_or(&self, key: &str, default: usize) -> Result<usize> {
+        Ok(self.opt_usize(key)?.unwrap_or(default))
+    }
+    pub fn f32_or(&self, key: &str, default: f32) -> Result<f32> {
+        match self.get(key) {
+            None => Ok(default),
+            Some(v) => v.as_f64().map(|f| f as f32).ok_or_else(|| self.bad(key, "a number")),
+        }
+    }
+    pub fn bool_or(&self, key: &str, default: bool) -> Result<bool> {
+        match self.get(key) {
+            None => Ok(default),
+            Some(v) => v.as_bool().ok_or_else(|| self.bad(key, "true or false")),
+        }
+    }
+    pub fn opt_str(&self, key: &str) -> Result<Option<&'a str>> {
+        self.get(key).map(|v| v.as_str().ok_or_else(|| self.bad(key, "a string"))).transpose()
+    }
+    fn str_list(&self, key: &str) -> Result<Option<Vec<&'a str>>> {
+        let Some(v) = self.get(key) else { return Ok(None) };
+        let list = v.as_array().ok_or_else(|| self.bad(key, "a list of strings"))?;
+        list.iter().map(|x| x.as_str().ok_or_else(|| self.bad(key, "a list of strings"))).collect::<Result<Vec<_>>>().map(Some)
+    }
+    /// An integer or a list of integers (one per level), broadcast to `n`.
+    fn per_level(&self, key: &str, n: usize, default: usize) -> Result<Vec<usize>> {
+        match self.get(key) {
+            None => Ok(vec![default; n]),
+            Some(Value::Array(a)) => {
+                let v = a.iter().map(as_usize).collect::<Option<Vec<_>>>().ok_or_else(|| self.bad(key, "an integer or a list of integers"))?;
+                if v.len() != n {
+                    return Err(Error::format(self.path, format!("`{key}` has {} entries for {n} blocks", v.len())));
+                }
+                Ok(v)
+            }
+            Some(v) => as_usize(v).map(|x| vec![x; n]).ok_or_else(|| self.bad(key, "an integer or a list of integers")),
+        }
+    }
+}
+
+/// Transformer depth of one level as diffusers states it: one depth for every
+/// layer, or one per layer.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) enum Depth {
+    All(usize),
+    PerLayer(Vec<usize>),
+}
+
+impl Depth {
+    /// The shortest statement of a level's per-layer depths.
+    pub fn of(depths: &[usize]) -> Depth {
+        match depths.first() {
+            Some(&d) if depths.iter().all(|&x| x == d) => Depth::All(d),
+            _ => Depth::PerLayer(depths.to_vec()),
+        }
+    }
+    pub fn to_json(&self) -> Value {
+        match self {
+            Depth::All(d) => Value::from(*d),
+            Depth::PerLayer(v) => Value::from(v.clone()),
+        }
+    }
+    fn parse(v: &Value) -> Option<Depth> {
+        match v {
+            Value::Array(a) => a.iter().map(as_usize).collect::<Option<Vec<_>>>().map(Depth::PerLayer),
+            other => as_usize(other).map(Depth::All),
+        }
+    }
+    pub fn first(&self) -> Option<usize> {
+        match self {
+            Depth::All(d) => Some(*d),
+            Depth::PerLayer(v) => v.first().copied(),
+        }
+    }
+    fn expand(&self, layers: usize, o: &Obj, key: &str) -> Result<Vec<usize>> {
+        match self {
+            Depth::All(d) => Ok(vec![*d; layers]),
+            Depth::PerLayer(v) if v.len() == layers => Ok(v.clone()),
+            Depth::PerLayer(v) => Err(Error::format(o.path, format!("`{key}` gives {} depths for a block of {layers} layers", v.len()))),
+        }
+    }
+}
+
+fn depth_list(o: &Obj, key: &str, n: usize) -> Result<Option<Vec<Depth>>> {
+    let Some(v) = o.get(key) else { return Ok(None) };
+    let want = "an integer, or a list of integers or lists of integers";
+    match v {
+        Value::Array(a) => {
+            let list = a.iter().map(Depth::parse).collect::<Option<Vec<_>>>().ok_or_else(|| o.bad(key, want))?;
+            if list.len() != n {
+                return Err(Error::format(o.path, format!("`{key}` has {} entries for {n} blocks", list.len())));
+            }
+            Ok(Some(list))
+        }
+        other => Ok(Some(vec![Depth::parse(other).ok_or_else(|| o.bad(key, want))?; n])),
+    }
+}
+
+/// `UNet2DConditionModel` config.
+pub(crate) fn unet(v: &Value, path: &Path) -> Result<UnetConfig> {
+    let o = Obj::new(v, path)?;
+    let refuse = |key: &str, what: &str| Error::arch(path, format!("`{key}` = {}: {what} is not supported", o.get(key).map(|v| v.to_string()).unwrap_or_default()));
+    for key in ["class_embed_type", "encoder_hid_dim_type", "num_class_embeds"] {
+        if o.get(key).is_some() {
+            return Err(refuse(key, "this conditioning"));
+        }
+    }
+    let all_false = |v: &Value| match v {
+        Value::Bool(b) => !b,
+        Value::Array(a) => a.iter().all(|x| x == &Value::Bool(false)),
+        _ => false,
+    };
+    for key in ["dual_cross_attention", "only_cross_attention"] {
+        if o.get(key).is_some_and(|v| !all_false(v)) {
+            return Err(refuse(key, "this attention variant"));
+        }
+    }
+
+    let down_types = o.str_list("down_block_types")?.unwrap_or_else(|| vec!["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"]);
+    let up_types = o.str_list("up_block_types")?.unwrap_or_else(|| vec!["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"]);
+    let levels = down_types.len();
+    if levels == 0 || up_types.len() != levels {
+        return Err(Error::format(path, format!("{} down blocks and {} up blocks: they must be equal and non-zero", levels, up_types.len())));
+    }
+    let has_attn = |t: &str, key: &str, cross: &str, plain: &str| -> Result<bool> {
+        match t {
+            x if x == cross => Ok(true),
+            x if x == plain => Ok(false),
+            other => Err(Error::arch(path, format!("`{key}` entry `{other}` is not supported (only {cross} and {plain})"))),
+        }
+    };
+    let down_attn = down_types.iter().map(|t| has_attn(t, "down_block_types", "CrossAttnDownBlock2D", "DownBlock2D")).collect::<Result<Vec<_>>>()?;
+    let up_attn = up_types.iter().map(|t| has_attn(t, "up_block_types", "CrossAttnUpBlock2D", "UpBlock2D")).collect::<Result<Vec<_>>>()?;
+
+    let channels = match o.get("block_out_channels") {
+        None => [320, 640, 1280, 1280].into_iter().cycle().take(levels).collect(),
+        Some(_) => o.per_level("block_out_channels", levels, 0)?,
+    };
+    let mc = channels[0];
+    if mc == 0 || channels.iter().any(|c| c % mc != 0) {
+        return Err(o.bad("block_out_channels", "positive multiples of the first entry"));
+    }
+    let layers = o.per_level("layers_per_block", levels, 2)?;
+
+    let tlpb = depth_list(&o, "transformer_layers_per_block", levels)?.unwrap_or_else(|| vec![Depth::All(1); levels]);
+    let down_blocks = (0..levels)
+        .map(|l| if down_attn[l] { tlpb[l].expand(layers[l], &o, "transformer_layers_per_block") } else { Ok(vec![0; layers[l]]) })
+        .collect::<Result<Vec<_>>>()?;
+    let reverse = match depth_list(&o, "reverse_transformer_layers_per_block", levels)? {
+        Some(r) => r,
+        None if tlpb.iter().any(|d| matches!(d, Depth::PerLayer(_))) => {
+            return Err(Error::format(path, "`transformer_layers_per_block` has per-layer lists but `reverse_transformer_layers_per_block` is missing"));
+        }
+        None => tlpb.iter().rev().cloned().collect(),
+    };
+    let up_blocks = (0..levels)
+        .map(|j| {
+            let n = layers[levels - 1 - j] + 1;
+            if up_attn[j] {
+                reverse[j].expand(n, &o, "reverse_transformer_layers_per_block")
+            } else {
+                Ok(vec![0; n])
+            }
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let mid_depth = match o.get("mid_block_type") {
+        None if o.map.contains_key("mid_block_type") => None,
+        None => Some(tlpb[levels - 1].first().unwrap_or(1)),
+        Some(Value::String(s)) if s == "UNetMidBlock2DCrossAttn" => Some(tlpb[levels - 1].first().unwrap_or(1)),
+        Some(Value::String(s)) if s == "UNetMidBlock2D" => Some(0),
+        Some(_) => return Err(refuse("mid_block_type", "this middle block")),
+    };
+
+    // diffusers reads `attention_head_dim` as the number of heads (a historical
+    // misnomer that it keeps for compatibility); `num_attention_heads` wins if set.
+    let head_key = if o.get("num_attention_heads").is_some() { "num_attention_heads" } else { "attention_head_dim" };
+    let heads = o.per_level(head_key, levels, 8)?;
+    let attn_level: Vec<bool> = (0..levels).map(|l| down_attn[l] || up_attn[levels - 1 - l] || (l + 1 == levels && mid_depth.unwrap_or(0) > 0)).collect();
+    let (num_heads, head_dim) = head_layout(&heads, &channels, &attn_level).ok_or_else(|| {
+        Error::arch(path, format!("`{head_key}` {heads:?} for channels {channels:?}: neither one head count nor one head width for all attention blocks"))
+    })?;
+
+    let adm_in_channels = match o.opt_str("addition_embed_type")? {
+        None => None,
+        Some("text_time") => Some(o.opt_usize("projection_class_embeddings_input_dim")?.ok_or_else(|| o.bad("projection_class_embeddings_input_dim", "set for addition_embed_type text_time"))?),
+        Some(_) => return Err(refuse("addition_embed_type", "this added embedding")),
+    };
+    let context_dim = match o.get("cross_attention_dim") {
+        None => 1280,
+        Some(v) => as_usize(v).ok_or_else(|| o.bad("cross_attention_dim", "one integer"))?,
+    };
+    Ok(UnetConfig {
+        in_channels: o.usize_or("in_channels", 4)?,
+        out_channels: o.usize_or("out_channels", 4)?,
+        model_channels: mc,
+        channel_mult: channels.iter().map(|c| c / mc).collect(),
+        down_blocks,
+        up_blocks,
+        mid_depth,
+        num_heads,
+        head_dim,
+        context_dim,
+        linear_proj: o.bool_or("use_linear_projection", false)?,
+        adm_in_channels,
+        time_cond_proj_dim: o.opt_usize("time_cond_proj_dim")?,
+    })
+}
+
+/// Turns per-level head counts into the single-file description: one head count for
+/// all attention blocks, or one head width. A head width is chosen when the counts
+/// differ; it must reproduce every count through [`UnetConfig::heads_for`].
+fn head_layout(heads: &[usize], channels: &[usize], attn: &[bool]) -> Option<(Option<usize>, Option<usize>)> {
+    let used: Vec<(usize, usize)> = (0..heads.len()).filter(|&l| attn[l]).map(|l| (heads[l], channels[l])).collect();
+    let Some(&(first, _)) = used.first() else { return Some((Some(heads[0]), None)) };
+    if used.iter().all(|&(h, _)| h == first) {
+        return Some((Some(first), None));
+    }
+    used.iter()
+        .filter(|&&(h, c)| h > 0 && c % h == 0)
+        .map(|&(h, c)| c / h)
+        .filter(|&d| used.iter().all(|&(h, c)| (c / d).max(1) == h))
+        .max()
+        .map(|d| (None, Some(d)))
+}
+
+/// `AutoencoderKL` config.
+pub(crate) fn vae(v: &Value, path: &Path) -> Result<VaeConfig> {
+    let o = Obj::new(v, path)?;
+    for key in ["use_quant_conv", "use_post_quant_conv", "mid_block_add_attention"] {
+        if !o.bool_or(key, true)? {
+            return Err(Error::arch(path, format!("`{key}` = false is not supported")));
+        }
+    }
+    let channels = match o.get("block_out_channels") {
+        None => vec![64],
+        Some(Value::Array(a)) => a.iter().map(as_usize).collect::<Option<Vec<_>>>().ok_or_else(|| o.bad("block_out_channels", "a list of integers"))?,
+        Some(_) => return Err(o.bad("block_out_channels", "a list of integers")),
+    };
+    let base = channels.first().copied().unwrap_or(0);
+    if base == 0 || channels.iter().any(|c| c % base != 0) {
+        return Err(o.bad("block_out_channels", "positive multiples of the first entry"));
+    }
+    for (key, want) in [("down_block_types", "DownEncoderBlock2D"), ("up_block_types", "UpDecoderBlock2D")] {
+        if let Some(types) = o.str_list(key)? {
+            if types.len() != channels.len() || types.iter().any(|t| *t != want) {
+                return Err(Error::arch(path, format!("`{key}` {types:?}: only {} × {want} is supported", channels.len())));
+            }
+        }
+    }
+    let in_channels = o.usize_or("in_channels", 3)?;
+    if o.usize_or("out_channels", in_channels)? != in_channels {
+        return Err(Error::arch(path, "`out_channels` differs from `in_channels`: not supported"));
+    }
+    Ok(VaeConfig {
+        in_channels,
+        latent_channels: o.usize_or("latent_channels", 4)?,
+        base_channels: base,
+        channel_mult: channels.iter().map(|c| c / base).collect(),
+        num_res_blocks: o.usize_or("layers_per_block", 1)?,
+        scaling_factor: o.f32_or("scaling_factor", 0.18215)?,
+        shift_factor: o.f32_or("shift_factor", 0.0)?,
+    })
+}
+
+/// Whether a `CLIPTextModel` config describes an OpenCLIP tower. Only OpenCLIP
+/// towers (SD 2's ViT-H, SDXL's bigG) use exact GELU; OpenAI's CLIP uses quick GELU.
+pub(crate) fn is_open_clip(v: &Value, path: &Path) -> Result<bool> {
+    let o = Obj::new(v, path)?;
+    Ok(o.opt_str("hidden_act")?.unwrap_or("quick_gelu") == "gelu")
+}
+
+/// Whether a text encoder carries `text_projection` (`CLIPTextModelWithProjection`),
+/// from its `architectures`, else from the pipeline's class for the component.
+pub(crate) fn has_projection(v: &Value, path: &Path, pipeline_class: Option<&str>) -> Result<bool> {
+    let o = Obj::new(v, path)?;
+    let arch = o.str_list("architectures")?.and_then(|a| a.first().copied()).or(pipeline_class);
+    Ok(arch == Some("CLIPTextModelWithProjection"))
+}
+
+/// The conditioning choices the single file's config states and diffusers'
+/// text-encoder config does not: they follow the pipeline family.
+pub(crate) struct TextRole {
+    pub prefix: String,
+    pub kind: TextEncoderKind,
+    pub projection: bool,
+    /// SDXL-style conditioning: penultimate layer, no final norm.
+    pub sdxl: bool,
+    /// Pad token id from the tokenizer folder, when one states it.
+    pub pad_token: Option<u32>,
+}
+
+/// `CLIPTextModel` / `CLIPTextModelWithProjection` config.
+pub(crate) fn text(v: &Value, path: &Path, role: TextRole) -> Result<TextEncoderConfig> {
+    let o = Obj::new(v, path)?;
+    let act = o.opt_str("hidden_act")?.unwrap_or("quick_gelu");
+    let activation = Activation::parse(act).ok_or_else(|| Error::arch(path, format!("`hidden_act` = {act:?} is not supported")))?;
+    let open = role.kind == TextEncoderKind::OpenClip;
+    Ok(TextEncoderConfig {
+        kind: role.kind,
+        prefix: role.prefix,
+        vocab_size: o.usize_or("vocab_size", CLIP_VOCAB)?,
+        max_positions: o.usize_or("max_position_embeddings", 77)?,
+        hidden_size: o.usize_or("hidden_size", 512)?,
+        num_layers: o.usize_or("num_hidden_layers", 12)?,
+        num_heads: o.usize_or("num_attention_heads", 8)?,
+        intermediate_size: o.usize_or("intermediate_size", 2048)?,
+        activation,
+        projection_dim: if role.projection { Some(o.usize_or("projection_dim", 512)?) } else { None },
+        skip_layers: usize::from(role.sdxl),
+        final_norm: !role.sdxl,
+        pad_token: role.pad_token.unwrap_or(if open { 0 } else { CLIP_EOS }),
+    })
+}
+
+/// The pad token id a tokenizer folder states (`special_tokens_map.json`, else
+/// `tokenizer_config.json`), looked up in its `vocab.json`.
+pub(crate) fn pad_token(tokenizer_dir: &Path) -> Result<Option<u32>> {
+    let mut pad = None;
+    for file in ["special_tokens_map.json", "tokenizer_config.json"] {
+        let path = tokenizer_dir.join(file);
+        if !path.is_file() {
+            continue;
+        }
+        let v = read_json(&path)?;
+        let o = Obj::new(&v, &path)?;
+        pad = match o.get("pad_token") {
+            Some(Value::String(s)) => Some(s.clone()),
+            Some(Value::Object(m)) => m.get("content").and_then(Value::as_str).map(str::to_string),
+            _ => None,
+        };
+        if pad.is_some() {
+            break;
+        }
+    }
+    let Some(pad) = pad else { return Ok(None) };
+    match pad.as_str() {
+        "<|endoftext|>" => return Ok(Some(CLIP_EOS)),
+        "!" => return Ok(Some(0)),
+        _ => {}
+    }
+    let vocab_path = tokenizer_dir.join("vocab.json");
+    let vocab = read_json(&vocab_path)?;
+    let id = vocab.get(&pad).and_then(Value::as_u64).ok_or_else(|| Error::format(&vocab_path, format!("pad token {pad:?} is not in the vocabulary")))?;
+    Ok(Some(id as u32))
+}

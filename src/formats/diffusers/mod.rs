@@ -1,0 +1,315 @@
+//! Diffusers model folders (`model_index.json` with `unet/`, `vae/`, `text_encoder/`,
+//! `text_encoder_2/`, `scheduler/`, `tokenizer/`), read into and written from the
+//! canonical single-file naming.
+//!
+//! The tensor-name correspondence is derived from each component's `config.json`
+//! (see [`names`]), so a folder whose config and weights disagree is an error rather
+//! than a silently partial model.
+mod config;
+pub mod names;
+mod write;
+#[cfg(test)]
+mod tests;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+
+use super::source::{Checkpoint, SourceFormat, SourceTensor, TokenizerFiles};
+use crate::config::{ModelConfig, Prediction, TextEncoderConfig, TextEncoderKind, UnetConfig, VaeConfig};
+use crate::error::{Error, Result};
+use config::{read_json, Obj, TextRole};
+
+pub use write::write;
+
+/// Component folders of a text-to-image pipeline, with the tokenizer folder that
+/// belongs to each text encoder.
+const TEXT_FOLDERS: [(&str, &str); 2] = [("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2")];
+
+/// Everything the configs of a folder say, component by component.
+struct Parsed {
+    pipeline: Option<String>,
+    diffusers_version: Option<String>,
+    /// (component folder, config)
+    unet: Option<(PathBuf, UnetConfig)>,
+    vae: Option<(PathBuf, VaeConfig)>,
+    text: Vec<(PathBuf, TextEncoderConfig)>,
+    prediction: Option<Prediction>,
+    family: String,
+}
+
+/// The `[library, class]` pair `model_index.json` gives a component, if any.
+fn index_class<'a>(index: Option<&'a Value>, component: &str) -> Option<&'a str> {
+    index?.get(component)?.as_array()?.get(1)?.as_str()
+}
+
+fn parse(dir: &Path) -> Result<Parsed> {
+    if !dir.is_dir() {
+        return Err(Error::format(dir, "not a folder"));
+    }
+    let index_path = dir.join("model_index.json");
+    let index = if index_path.is_file() { Some(read_json(&index_path)?) } else { None };
+    let index_obj = index.as_ref().map(|v| Obj::new(v, &index_path)).transpose()?;
+    let pipeline = index_obj.as_ref().map(|o| o.opt_str("_class_name")).transpose()?.flatten().map(str::to_string);
+    let diffusers_version = index_obj.as_ref().map(|o| o.opt_str("_diffusers_version")).transpose()?.flatten().map(str::to_string);
+
+    let mut p = Parsed { pipeline, diffusers_version, unet: None, vae: None, text: Vec::new(), prediction: None, family: "sd1".into() };
+
+    let root_config = dir.join("config.json");
+    if index.is_none() && root_config.is_file() {
+        // A lone model folder (a VAE or UNet repository) keeps config and weights at its root.
+        let v = read_json(&root_config)?;
+        let class = Obj::new(&v, &root_config)?.opt_str("_class_name")?.unwrap_or_default().to_string();
+        match class.as_str() {
+            "UNet2DConditionModel" => p.unet = Some((dir.to_path_buf(), config::unet(&v, &root_config)?)),
+            "AutoencoderKL" => p.vae = Some((dir.to_path_buf(), config::vae(&v, &root_config)?)),
+            other => {
+                return Err(Error::arch(
+                    &root_config,
+                    format!("`_class_name` {other:?}: only a pipeline folder (model_index.json) or a lone UNet2DConditionModel or AutoencoderKL folder can be read"),
+                ))
+            }
+        }
+        p.family = family(&p);
+        return Ok(p);
+    }
+
+    let present = |name: &str| -> Result<bool> {
+        let here = dir.join(name).is_dir();
+        if !here && index_class(index.as_ref(), name).is_some() {
+            return Err(Error::format(&index_path, format!("lists the component `{name}` but the folder {} is missing", dir.join(name).display())));
+        }
+        Ok(here)
+    };
+    if present("unet")? {
+        let cdir = dir.join("unet");
+        let path = cdir.join("config.json");
+        p.unet = Some((cdir, config::unet(&read_json(&path)?, &path)?));
+    }
+    if present("vae")? {
+        let cdir = dir.join("vae");
+        let path = cdir.join("config.json");
+        p.vae = Some((cdir, config::vae(&read_json(&path)?, &path)?));
+    }
+    let mut text_dirs = Vec::new();
+    for (te, tok) in TEXT_FOLDERS {
+        if present(te)? {
+            text_dirs.push((te, tok));
+        }
+    }
+    if p.unet.is_none() && p.vae.is_none() && text_dirs.is_empty() {
+        return Err(Error::format(dir, "no diffusers components: expected unet/, vae/ or text_encoder/ folders (or a config.json for a lone model)"));
+    }
+    let sdxl = text_dirs.iter().any(|(te, _)| *te == "text_encoder_2")
+        || p.unet.as_ref().is_some_and(|(_, u)| u.adm_in_channels.is_some())
+        || p.pipeline.as_deref().is_some_and(|c| c.contains("XL"));
+    for (k, (te, tok)) in text_dirs.iter().enumerate() {
+        let path = dir.join(te).join("config.json");
+        let v = read_json(&path)?;
+        let kind = if config::is_open_clip(&v, &path)? { TextEncoderKind::OpenClip } else { TextEncoderKind::HfClip };
+        let inner = match kind {
+            TextEncoderKind::HfClip => "transformer.text_model.",
+            TextEncoderKind::OpenClip => "model.",
+        };
+        let prefix = if sdxl { format!("conditioner.embedders.{k}.{inner}") } else { format!("cond_stage_model.{inner}") };
+        let tok_dir = dir.join(tok);
+        let role = TextRole {
+            prefix,
+            kind,
+            projection: config::has_projection(&v, &path, index_class(index.as_ref(), te))?,
+            sdxl,
+            pad_token: if tok_dir.is_dir() { config::pad_token(&tok_dir)? } else { None },
+        };
+        p.text.push((dir.join(te), config::text(&v, &path, role)?));
+    }
+    let sched = dir.join("scheduler").join("scheduler_config.json");
+    if sched.is_file() {
+        let v = read_json(&sched)?;
+        let o = Obj::new(&v, &sched)?;
+        if let Some(s) = o.opt_str("prediction_type")? {
+            p.prediction = Some(Prediction::parse(s).ok_or_else(|| Error::format(&sched, format!("unknown `prediction_type` {s:?}")))?);
+        }
+    }
+    p.family = family(&p);
+    Ok(p)
+}
+
+/// The descriptive family name: the structure decides, since nothing branches on it.
+fn family(p: &Parsed) -> String {
+    let sdxl = p.unet.as_ref().is_some_and(|(_, u)| u.adm_in_channels.is_some()) || p.text.len() > 1;
+    let open_clip = p.text.first().is_some_and(|(_, t)| t.kind == TextEncoderKind::OpenClip);
+    match (sdxl, open_clip) {
+        (true, _) => "sdxl",
+        (false, true) => "sd2",
+        (false, false) => "sd1",
+    }
+    .into()
+}
+
+/// The model configuration a diffusers folder describes: its components' `config.json`
+/// files and `scheduler/scheduler_config.json` (prediction type; epsilon when absent).
+/// Needs at least `unet/` and `vae/`.
+pub fn read_config(dir: &Path) -> Result<ModelConfig> {
+    let p = parse(dir)?;
+    let (_, unet) = p.unet.ok_or_else(|| Error::format(dir.join("unet").join("config.json"), "missing: a model needs a UNet"))?;
+    let (_, vae) = p.vae.ok_or_else(|| Error::format(dir.join("vae").join("config.json"), "missing: a model needs a VAE"))?;
+    Ok(ModelConfig {
+        family: p.family,
+        prediction: p.prediction.unwrap_or(Prediction::Epsilon),
+        unet,
+        vae,
+        text_encoders: p.text.into_iter().map(|(_, t)| t).collect(),
+    })
+}
+
+/// Opens a diffusers folder as a checkpoint in canonical naming: every component
+/// folder present, mapped through the names its config implies. Also accepts a lone
+/// UNet or VAE folder (config.json and weights at the root).
+pub fn open(dir: &Path) -> Result<Checkpoint> {
+    let p = parse(dir)?;
+    let mut tensors = Vec::new();
+    if let Some((cdir, u)) = &p.unet {
+        let plan = names::unet(u).map_err(|e| Error::arch(cdir.join("config.json"), e.to_string()))?;
+        let (file, found) = load_weights(cdir, DIFFUSERS_WEIGHTS)?;
+        tensors.extend(names::to_canonical(&plan, found, &file, |_| false)?);
+    }
+    if let Some((cdir, v)) = &p.vae {
+        let (file, mut found) = load_weights(cdir, DIFFUSERS_WEIGHTS)?;
+        for t in &mut found {
+            if let Some(new) = legacy_vae_name(&t.name) {
+                t.name = new;
+            }
+        }
+        tensors.extend(names::to_canonical(&names::vae(v), found, &file, |_| false)?);
+    }
+    for (cdir, t) in &p.text {
+        let (file, found) = load_weights(cdir, TRANSFORMERS_WEIGHTS)?;
+        // Older transformers saved the `position_ids` buffer; it carries no weights.
+        tensors.extend(names::to_canonical(&names::text(t), found, &file, |n| n == "text_model.embeddings.position_ids")?);
+    }
+    for t in &tensors {
+        t.validate()?;
+    }
+
+    let mut metadata = BTreeMap::new();
+    metadata.insert("family".to_string(), p.family.clone());
+    if let Some(c) = &p.pipeline {
+        metadata.insert("diffusers.pipeline".into(), c.clone());
+    }
+    if let Some(v) = &p.diffusers_version {
+        metadata.insert("diffusers.version".into(), v.clone());
+    }
+    if let Some(pr) = p.prediction {
+        metadata.insert("prediction_type".into(), pr.as_str().into());
+    }
+    if let Some((_, v)) = &p.vae {
+        metadata.insert("vae.scaling_factor".into(), v.scaling_factor.to_string());
+        metadata.insert("vae.shift_factor".into(), v.shift_factor.to_string());
+    }
+    Ok(Checkpoint { path: dir.to_path_buf(), format: SourceFormat::Diffusers, tensors, metadata, tokenizer: read_tokenizer(dir)? })
+}
+
+/// Diffusers' names for old-style VAE attention (before diffusers 0.14), mapped to
+/// the current ones.
+fn legacy_vae_name(name: &str) -> Option<String> {
+    if !name.contains("mid_block.attentions.") {
+        return None;
+    }
+    [(".query.", ".to_q."), (".key.", ".to_k."), (".value.", ".to_v."), (".proj_attn.", ".to_out.0.")]
+        .iter()
+        .find(|(old, _)| name.contains(old))
+        .map(|(old, new)| name.replacen(old, new, 1))
+}
+
+/// (safetensors stem, torch stem) of a component's weight files.
+type Stems = (&'static str, &'static str);
+const DIFFUSERS_WEIGHTS: Stems = ("diffusion_pytorch_model", "diffusion_pytorch_model");
+const TRANSFORMERS_WEIGHTS: Stems = ("model", "pytorch_model");
+
+/// Finds and reads the weights of one component: safetensors before torch files,
+/// full precision before the `fp16` variant, a single file before a sharded index.
+/// Returns the file (or index) read, for messages, and its tensors.
+fn load_weights(cdir: &Path, (st, pt): Stems) -> Result<(PathBuf, Vec<SourceTensor>)> {
+    let candidates = [
+        format!("{st}.safetensors"),
+        format!("{st}.safetensors.index.json"),
+        format!("{st}.fp16.safetensors"),
+        format!("{st}.safetensors.index.fp16.json"),
+        format!("{pt}.bin"),
+        format!("{pt}.bin.index.json"),
+        format!("{pt}.fp16.bin"),
+        format!("{pt}.bin.index.fp16.json"),
+    ];
+    for c in &candidates {
+        let path = cdir.join(c);
+        if path.is_file() {
+            let tensors = if c.ends_with(".json") { read_sharded(&path)? } else { read_weight_file(&path)? };
+            return Ok((path, tensors));
+        }
+    }
+    Err(Error::format(cdir, format!("no weights file: expected one of {}", candidates.join(", "))))
+}
+
+fn read_weight_file(path: &Path) -> Result<Vec<SourceTensor>> {
+    let (tensors, _) = if path.extension().is_some_and(|e| e == "safetensors") {
+        super::safetensors::read_tensors(path)?
+    } else {
+        super::ckpt::read_tensors(path)?
+    };
+    Ok(tensors)
+}
+
+/// Reads the shards an index file (`weight_map`: tensor name → shard file) lists.
+fn read_sharded(index: &Path) -> Result<Vec<SourceTensor>> {
+    let v = read_json(index)?;
+    let map = v.get("weight_map").and_then(Value::as_object).ok_or_else(|| Error::format(index, "no `weight_map` object"))?;
+    let mut shard_of: BTreeMap<&str, &str> = BTreeMap::new();
+    for (name, file) in map {
+        let file = file.as_str().ok_or_else(|| Error::format(index, format!("`weight_map` entry for `{name}` is not a file name")))?;
+        // Shards live beside the index; anything else would read outside the model.
+        if file.contains(['/', '\\']) || file.starts_with('.') {
+            return Err(Error::format(index, format!("shard name {file:?} is not a plain file name")));
+        }
+        shard_of.insert(name, file);
+    }
+    let dir = index.parent().unwrap_or(Path::new("."));
+    let mut files: Vec<&str> = shard_of.values().copied().collect();
+    files.sort_unstable();
+    files.dedup();
+    let mut out = Vec::new();
+    for file in files {
+        let path = dir.join(file);
+        for t in read_weight_file(&path)? {
+            match shard_of.remove(t.name.as_str()) {
+                Some(f) if f == file => out.push(t),
+                _ => return Err(Error::format(&path, format!("holds tensor `{}` which {} does not assign to it", t.name, index.display()))),
+            }
+        }
+    }
+    if let Some((name, file)) = shard_of.iter().next() {
+        return Err(Error::format(index, format!("assigns `{name}` to {file}, which does not hold it ({} such tensors)", shard_of.len())));
+    }
+    Ok(out)
+}
+
+/// The CLIP tokenizer files of the first tokenizer folder present (SDXL's two
+/// encoders share one vocabulary).
+fn read_tokenizer(dir: &Path) -> Result<Option<TokenizerFiles>> {
+    for (_, tok) in TEXT_FOLDERS {
+        let tdir = dir.join(tok);
+        let read = |f: &str| -> Result<Option<String>> {
+            let path = tdir.join(f);
+            if path.is_file() {
+                std::fs::read_to_string(&path).map(Some).map_err(|e| Error::io(&path, e))
+            } else {
+                Ok(None)
+            }
+        };
+        let files = TokenizerFiles { vocab_json: read("vocab.json")?, merges_txt: read("merges.txt")? };
+        if files.vocab_json.is_some() || files.merges_txt.is_some() {
+            return Ok(Some(files));
+        }
+    }
+    Ok(None)
+}
