@@ -76,6 +76,57 @@ fn tiny_checkpoints_convert_to_every_type_within_bounds() {
 }
 
 #[test]
+fn ckpt_and_diffusers_inputs_convert_like_safetensors() {
+    let dir = tempfile::tempdir().unwrap();
+    for arch in ["tiny-sd15", "tiny-sd21", "tiny-sdxl"] {
+        for format in [Format::Ckpt, Format::Diffusers] {
+            let src = synth_tiny(arch, format, DType::F16, dir.path());
+            for t in [Type::F16, Type::Q8_0, Type::Q4_K] {
+                let out = dir.path().join(format!("{arch}-{format:?}-{}.gguf", t.name()));
+                convert_to(&src, t, &out).unwrap_or_else(|e| panic!("{arch} {format:?}: {e}"));
+                check_round_trip(&src, &out);
+            }
+        }
+    }
+}
+
+#[test]
+fn the_same_weights_give_the_same_gguf_tensors_from_every_format() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut files = Vec::new();
+    for format in [Format::Safetensors, Format::Ckpt, Format::Diffusers] {
+        let src = synth_tiny("tiny-sdxl", format, DType::F16, dir.path());
+        let out = dir.path().join(format!("{format:?}.gguf"));
+        convert_to(&src, Type::Q4_0, &out).unwrap();
+        files.push(GgufFile::open(&out).unwrap());
+    }
+    for t in &files[0].tensors {
+        for other in &files[1..] {
+            let u = other.tensor(&t.name).unwrap();
+            assert_eq!((t.ty, &t.ne), (u.ty, &u.ne), "{}", t.name);
+            assert_eq!(files[0].data(t), other.data(u), "{}", t.name);
+        }
+    }
+}
+
+#[test]
+fn malicious_pickle_is_refused_by_the_converter_and_nothing_is_written() {
+    use std::io::Write as _;
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("evil.ckpt");
+    let mut z = zip::ZipWriter::new(std::fs::File::create(&p).unwrap());
+    z.start_file("archive/data.pkl", zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored)).unwrap();
+    // {"state_dict": os.system("touch pwned")}
+    z.write_all(b"\x80\x02}q\x00X\x0a\x00\x00\x00state_dictq\x01cos\nsystem\nq\x02X\x0b\x00\x00\x00touch pwnedq\x03\x85q\x04Rq\x05s.").unwrap();
+    z.finish().unwrap();
+    let before = listing(dir.path());
+    let e = convert_to(&p, Type::Q8_0, &dir.path().join("out.gguf")).unwrap_err().to_string();
+    assert!(e.contains("os.system") && e.contains("evil.ckpt"), "{e}");
+    assert_eq!(listing(dir.path()), before);
+    assert!(!Path::new("pwned").exists());
+}
+
+#[test]
 fn f16_checkpoint_converts_to_f16_bit_exactly_and_records_source() {
     let dir = tempfile::tempdir().unwrap();
     let src = synth_tiny("tiny-sd15", Format::Safetensors, DType::F16, dir.path());

@@ -21,6 +21,8 @@ use crate::formats::{detect, layout, Checkpoint, SourceTensor, TensorData};
 use crate::vocab::ClipVocab;
 pub use policy::{Decision, Policy, Rule};
 
+const SOURCE_SHA256: &str = "sd.source.sha256";
+
 /// One tensor of the output.
 #[derive(Clone, Debug)]
 pub struct PlanEntry {
@@ -189,7 +191,7 @@ fn output_metadata(ck: &Checkpoint, plan: &Plan, wtype: &str, sha256: &str) -> R
     kv.push(("general.quantization_version".into(), Value::U32(2)));
     kv.push(("sd.weight_type".into(), Value::String(wtype.into())));
     kv.push(("sd.source.file".into(), Value::String(source_name)));
-    kv.push(("sd.source.sha256".into(), Value::String(sha256.into())));
+    kv.push((SOURCE_SHA256.into(), Value::String(sha256.into())));
     kv.push(("sd.converter".into(), Value::String(format!("sdrs {}", env!("CARGO_PKG_VERSION")))));
     let vocab = match ck.tokenizer.as_ref().and_then(|t| t.merges_txt.as_deref()) {
         Some(m) => ClipVocab::from_merges_txt(m)?,
@@ -248,8 +250,25 @@ impl Staged {
 pub fn run(ck: &Checkpoint, plan: &Plan, wtype: &str, out: &Path, force: bool, cancel: &AtomicBool, progress: &mut dyn FnMut(&Progress)) -> Result<Summary> {
     let start = Instant::now();
     let staged = Staged::new(out, force)?;
-    let sha256 = source_digest(ck)?;
-    let kv = output_metadata(ck, plan, wtype, &sha256)?;
+    // The input's digest goes into the header, but hashing 2 GB takes seconds: it
+    // runs on another thread while the tensors stream, and its placeholder in the
+    // header is overwritten at the end.
+    std::thread::scope(|scope| {
+        let hasher = scope.spawn(|| source_digest(ck));
+        let written = write_tensors(ck, plan, wtype, &staged, out, cancel, progress);
+        let sha256 = hasher.join().map_err(|_| Error::Invalid("hashing thread panicked".into()))??;
+        let (offset, bytes_out) = written?;
+        use std::os::unix::fs::FileExt;
+        staged.file().write_all_at(sha256.as_bytes(), offset).map_err(|e| Error::io(out, e))?;
+        staged.commit()?;
+        Ok(Summary { tensors: plan.entries.len(), bytes_in: plan.source_bytes, bytes_out, seconds: start.elapsed().as_secs_f64(), sha256 })
+    })
+}
+
+/// Streams header and tensors into the staged file; returns the offset of the
+/// digest placeholder and the file size.
+fn write_tensors(ck: &Checkpoint, plan: &Plan, wtype: &str, staged: &Staged, out: &Path, cancel: &AtomicBool, progress: &mut dyn FnMut(&Progress)) -> Result<(u64, u64)> {
+    let kv = output_metadata(ck, plan, wtype, &"0".repeat(64))?;
     let entries: Vec<TensorEntry> = plan.entries.iter().map(|e| TensorEntry { name: e.name.clone(), ne: e.decision.ne.clone(), ty: e.decision.ty }).collect();
     for t in plan.by_type() {
         crate::ggml::quantize_init(t.0);
@@ -259,6 +278,7 @@ pub fn run(ck: &Checkpoint, plan: &Plan, wtype: &str, out: &Path, force: bool, c
         other => other,
     };
     let mut w = Writer::new(BufWriter::with_capacity(8 << 20, staged.file()), &kv, &entries, None).map_err(out_err)?;
+    let digest_at = w.string_value_offset(SOURCE_SHA256).ok_or_else(|| Error::Invalid("digest key missing from header".into()))?;
     let mut bytes_done = 0u64;
     let mut scratch = quantize::Scratch::default();
     for (i, e) in plan.entries.iter().enumerate() {
@@ -271,6 +291,5 @@ pub fn run(ck: &Checkpoint, plan: &Plan, wtype: &str, out: &Path, force: bool, c
     buf.flush().map_err(|e| Error::io(out, e))?;
     drop(buf);
     let bytes_out = staged.file().metadata().map_err(|e| Error::io(out, e))?.len();
-    staged.commit()?;
-    Ok(Summary { tensors: plan.entries.len(), bytes_in: plan.source_bytes, bytes_out, seconds: start.elapsed().as_secs_f64(), sha256 })
+    Ok((digest_at, bytes_out))
 }

@@ -343,7 +343,8 @@ fn unet(t: &Tensors, family: &str, text_encoders: &[TextEncoderConfig]) -> Resul
     let mid = |i: usize| format!("{p}middle_block.{i}");
     let mid_depth = if !t.any(&format!("{p}middle_block.")) {
         None
-    } else if t.has(&format!("{}.in_layers.2.weight", mid(1))) {
+    } else if !t.any(&format!("{}.", mid(1))) {
+        // A lone ResNet: diffusers' attention-free middle block.
         Some(0)
     } else {
         let depth = t.count(&format!("{}.transformer_blocks.", mid(1)));

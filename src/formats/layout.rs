@@ -8,8 +8,9 @@
 //!   embedding to the sinusoidal timestep features, `[model_channels, dim]`)
 //!   becomes `model.diffusion_model.time_embed.cond_proj.weight`, beside the
 //!   `time_embed.0`/`time_embed.2` layers it feeds.
-//! - `mid_depth: Some(0)` (middle block without attention): two ResBlocks,
-//!   `middle_block.0` and `middle_block.1`.
+//! - `mid_depth: Some(0)` (middle block without attention): one ResBlock,
+//!   `middle_block.0`, as diffusers' `UNet2DConditionModel` builds its attention-free
+//!   `UNetMidBlock2D` (`num_layers=0`).
 //! - A Hugging Face CLIP text tower with `projection_dim` (`CLIPTextModelWithProjection`)
 //!   keeps its projection beside `text_model`: `<prefix without "text_model.">text_projection.weight`,
 //!   `[projection_dim, hidden]` (a linear weight), as the SD3/Flux single files do.
@@ -226,10 +227,7 @@ fn unet(o: &mut Specs, u: &UnetConfig) {
 
     match u.mid_depth {
         None => {}
-        Some(0) => {
-            res_block(o, &format!("{p}middle_block.0"), ch, ch, emb);
-            res_block(o, &format!("{p}middle_block.1"), ch, ch, emb);
-        }
+        Some(0) => res_block(o, &format!("{p}middle_block.0"), ch, ch, emb),
         Some(depth) => {
             res_block(o, &format!("{p}middle_block.0"), ch, ch, emb);
             spatial_transformer(o, &format!("{p}middle_block.1"), ch, depth, u);
@@ -582,7 +580,7 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn middle_block_without_attention_is_two_resnets() {
+    fn middle_block_without_attention_is_one_resnet() {
         let mut cfg = ModelConfig::sdxl().shrink();
         cfg.unet.mid_depth = Some(0);
         let mid: Vec<String> = layout(&cfg)
@@ -592,10 +590,7 @@ pub(crate) mod tests {
             .collect();
         assert_eq!(
             mid,
-            [
-                "model.diffusion_model.middle_block.0.in_layers.2.weight",
-                "model.diffusion_model.middle_block.1.in_layers.2.weight"
-            ]
+            ["model.diffusion_model.middle_block.0.in_layers.2.weight"]
         );
     }
 

@@ -31,6 +31,8 @@ pub struct Writer<W: Write> {
     current: usize,
     done_in_current: u64,
     pos: u64,
+    /// File offsets of the bytes of each string metadata value.
+    string_offsets: Vec<(String, u64)>,
 }
 
 fn put_str(b: &mut Vec<u8>, s: &str) {
@@ -87,9 +89,13 @@ impl<W: Write> Writer<W> {
         h.extend(3u32.to_le_bytes());
         h.extend((tensors.len() as u64).to_le_bytes());
         h.extend((kv.len() as u64).to_le_bytes());
+        let mut string_offsets = Vec::new();
         for (k, v) in &kv {
             put_str(&mut h, k);
             h.extend(v.type_id().to_le_bytes());
+            if matches!(v, Value::String(_)) {
+                string_offsets.push((k.clone(), h.len() as u64 + 8));
+            }
             put_value(&mut h, v)?;
         }
         let mut offset = 0u64;
@@ -112,7 +118,7 @@ impl<W: Write> Writer<W> {
         let pad = (h.len() as u64).div_ceil(alignment) * alignment - h.len() as u64;
         h.resize(h.len() + pad as usize, 0);
         out.write_all(&h).map_err(io)?;
-        let mut w = Writer { out, alignment, sizes, names: tensors.iter().map(|t| t.name.clone()).collect(), current: 0, done_in_current: 0, pos: 0 };
+        let mut w = Writer { out, alignment, sizes, names: tensors.iter().map(|t| t.name.clone()).collect(), current: 0, done_in_current: 0, pos: 0, string_offsets };
         w.skip_empty();
         Ok(w)
     }
@@ -146,6 +152,12 @@ impl<W: Write> Writer<W> {
             }
         }
         Ok(())
+    }
+
+    /// Where the bytes of string value `key` sit in the file, so a value of fixed
+    /// length (a digest computed while the data streams) can be filled in afterwards.
+    pub fn string_value_offset(&self, key: &str) -> Option<u64> {
+        self.string_offsets.iter().find(|(k, _)| k == key).map(|(_, o)| *o)
     }
 
     /// Name of the tensor whose bytes are expected next.

@@ -1,0 +1,55 @@
+//! The `sdrs` binary: convert, info and synth as a user runs them.
+mod common;
+
+use std::process::Command;
+
+fn sdrs(args: &[&str]) -> (bool, String, String) {
+    let o = Command::new(env!("CARGO_BIN_EXE_sdrs")).args(args).output().unwrap();
+    (o.status.success(), String::from_utf8_lossy(&o.stdout).into_owned(), String::from_utf8_lossy(&o.stderr).into_owned())
+}
+
+#[test]
+fn synth_convert_and_info_work_from_the_command_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("m.safetensors");
+    let out = dir.path().join("m.gguf");
+    let (s, t) = (src.to_str().unwrap(), out.to_str().unwrap());
+    let (ok, _, err) = sdrs(&["synth", "tiny-sd15", "-o", s, "--seed", "3"]);
+    assert!(ok, "{err}");
+    let (ok, plan, err) = sdrs(&["convert", s, "--type", "q4_0", "--dry-run"]);
+    assert!(ok, "{err}");
+    assert!(plan.contains("q4_0") && plan.contains("total") && plan.contains("architecture: sd1"), "{plan}");
+    assert!(!out.exists(), "dry run writes nothing");
+    let (ok, _, err) = sdrs(&["convert", s, "--type", "q4_0", "-o", t, "--tensor-type", "attn2=q8_0"]);
+    assert!(ok, "{err}");
+    assert!(err.contains("MB/s"), "{err}");
+    let (ok, info, err) = sdrs(&["info", t]);
+    assert!(ok, "{err}");
+    for needle in ["architecture:  sd1", "unet", "vae", "text_encoder.0", "q4_0", "q8_0", "sd.source.sha256", "parameters"] {
+        assert!(info.contains(needle), "info lacks {needle}:\n{info}");
+    }
+    // again without --force: refused, file kept
+    let (ok, _, err) = sdrs(&["convert", s, "--type", "q8_0", "-o", t]);
+    assert!(!ok && err.contains("--force"), "{err}");
+    let (ok, info, _) = sdrs(&["info", s]);
+    assert!(ok && info.contains("Safetensors checkpoint"), "{info}");
+}
+
+#[test]
+fn info_reads_stable_diffusion_cpp_files() {
+    let f = common::shared().join("fixtures/sdcpp-gguf/tiny-sd15-sdcpp-q4_0.gguf");
+    let (ok, info, err) = sdrs(&["info", f.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    assert!(info.contains("without sdrs metadata") && info.contains("architecture:  sd1") && info.contains("tensors:       1131"), "{info}");
+}
+
+#[test]
+fn user_mistakes_get_one_clear_line() {
+    let (ok, _, err) = sdrs(&["convert", "/nonexistent/model.safetensors", "-o", "/tmp/x.gguf"]);
+    assert!(!ok && err.contains("/nonexistent/model.safetensors") && err.contains("No such file"), "{err}");
+    let (ok, _, err) = sdrs(&["convert", "x", "--type", "q9_9", "-o", "y"]);
+    assert!(!ok && err.contains("valid types") && err.contains("q4_K"), "{err}");
+    let (ok, _, err) = sdrs(&["synth", "sd99", "-o", "/tmp/x"]);
+    assert!(!ok && err.contains("sd15"), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+}
