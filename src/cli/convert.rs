@@ -52,7 +52,9 @@ pub fn run(a: Args) -> Result<()> {
         log::warn!("{} tensors are not part of the {} architecture and are kept as they are: {}", plan.unknown.len(), plan.config.family, plan.unknown.iter().take(5).cloned().collect::<Vec<_>>().join(", "));
     }
     if a.dry_run || a.list {
-        print_plan(&plan, a.list);
+        let mut o = String::new();
+        print_plan(&plan, a.list, &mut o);
+        super::print_stdout(&o)?;
         if a.dry_run {
             return Ok(());
         }
@@ -77,19 +79,19 @@ pub fn run(a: Args) -> Result<()> {
     Ok(())
 }
 
-fn print_plan(plan: &convert::Plan, list: bool) {
-    println!("architecture: {}  prediction: {}", plan.config.family, plan.config.prediction.as_str());
+fn print_plan(plan: &convert::Plan, list: bool, o: &mut String) {
+    out!(o, "architecture: {}  prediction: {}", plan.config.family, plan.config.prediction.as_str());
     if list {
         for e in &plan.entries {
-            println!("{:<6} {:>12} {:<90} {}", e.decision.ty.name(), e.nbytes, e.name, e.decision.why);
+            out!(o, "{:<6} {:>12} {:<90} {}", e.decision.ty.name(), e.nbytes, e.name, e.decision.why);
         }
     }
-    println!("{:<8} {:>8} {:>14}", "type", "tensors", "bytes");
+    out!(o, "{:<8} {:>8} {:>14}", "type", "tensors", "bytes");
     for (t, n, b) in plan.by_type() {
-        println!("{:<8} {:>8} {:>14}  ({})", t.name(), n, b, super::mb(b));
+        out!(o, "{:<8} {:>8} {:>14}  ({})", t.name(), n, b, super::mb(b));
     }
-    println!("{:<8} {:>8} {:>14}  ({}; input {})", "total", plan.entries.len(), plan.output_bytes(), super::mb(plan.output_bytes()), super::mb(plan.source_bytes));
+    out!(o, "{:<8} {:>8} {:>14}  ({}; input {})", "total", plan.entries.len(), plan.output_bytes(), super::mb(plan.output_bytes()), super::mb(plan.source_bytes));
     if !plan.dropped.is_empty() {
-        println!("dropped {} tensors not used at inference", plan.dropped.len());
+        out!(o, "dropped {} tensors not used at inference", plan.dropped.len());
     }
 }

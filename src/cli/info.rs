@@ -44,6 +44,12 @@ fn component(name: &str, cfg: Option<&ModelConfig>) -> String {
 }
 
 pub fn run(a: Args) -> Result<()> {
+    let mut o = String::new();
+    describe(&a, &mut o)?;
+    super::print_stdout(&o)
+}
+
+fn describe(a: &Args, o: &mut String) -> Result<()> {
     let is_gguf = a.file.is_file() && std::fs::File::open(&a.file).and_then(|mut f| {
         let mut m = [0u8; 4];
         std::io::Read::read_exact(&mut f, &mut m).map(|_| &m == b"GGUF")
@@ -66,17 +72,17 @@ pub fn run(a: Args) -> Result<()> {
         let rows = ck.tensors.iter().map(|t| Row { name: t.name.clone(), shape: t.shape.clone(), ty: t.dtype.name(), bytes: t.nbytes() }).collect();
         let cfg = convert::model_config(&ck);
         if let Err(e) = &cfg {
-            println!("architecture: not recognised ({e})");
+            out!(o, "architecture: not recognised ({e})");
         }
         let meta = ck.metadata.iter().map(|(k, v)| (k.clone(), Value::String(v.clone()))).collect();
         (rows, cfg.ok(), meta, format!("{:?} checkpoint", ck.format))
     };
-    println!("file:          {}", a.file.display());
-    println!("format:        {origin}");
+    out!(o, "file:          {}", a.file.display());
+    out!(o, "format:        {origin}");
     if let Some(c) = &cfg {
-        println!("architecture:  {} ({} prediction)", c.family, c.prediction.as_str());
+        out!(o, "architecture:  {} ({} prediction)", c.family, c.prediction.as_str());
         let u = &c.unet;
-        println!(
+        out!(o, 
             "unet:          in {} out {} channels {} mult {:?} context {} {}{}{}",
             u.in_channels,
             u.out_channels,
@@ -87,10 +93,10 @@ pub fn run(a: Args) -> Result<()> {
             u.adm_in_channels.map(|d| format!(", adm {d}")).unwrap_or_default(),
             if u.mid_depth.is_none() { ", no mid block" } else { "" }
         );
-        println!("  down blocks: {:?}  up blocks: {:?}", u.down_blocks, u.up_blocks);
-        println!("vae:           latent {} channels, base {} mult {:?}, scale {}", c.vae.latent_channels, c.vae.base_channels, c.vae.channel_mult, c.vae.scaling_factor);
+        out!(o, "  down blocks: {:?}  up blocks: {:?}", u.down_blocks, u.up_blocks);
+        out!(o, "vae:           latent {} channels, base {} mult {:?}, scale {}", c.vae.latent_channels, c.vae.base_channels, c.vae.channel_mult, c.vae.scaling_factor);
         for (i, t) in c.text_encoders.iter().enumerate() {
-            println!("text_encoder.{i}: {:?} {} wide, {} layers, {} heads{} ({})", t.kind, t.hidden_size, t.num_layers, t.num_heads, t.projection_dim.map(|p| format!(", projection {p}")).unwrap_or_default(), t.prefix);
+            out!(o, "text_encoder.{i}: {:?} {} wide, {} layers, {} heads{} ({})", t.kind, t.hidden_size, t.num_layers, t.num_heads, t.projection_dim.map(|p| format!(", projection {p}")).unwrap_or_default(), t.prefix);
         }
     }
     let mut comps: BTreeMap<String, (usize, u64, u64)> = BTreeMap::new();
@@ -106,29 +112,29 @@ pub fn run(a: Args) -> Result<()> {
     }
     let params: u64 = comps.values().map(|c| c.1).sum();
     let bytes: u64 = comps.values().map(|c| c.2).sum();
-    println!("tensors:       {}  parameters: {} ({:.1} M)  bytes: {} ({})", rows.len(), params, params as f64 / 1e6, bytes, super::mb(bytes));
-    println!("\n{:<16} {:>8} {:>14} {:>14}", "component", "tensors", "parameters", "bytes");
+    out!(o, "tensors:       {}  parameters: {} ({:.1} M)  bytes: {} ({})", rows.len(), params, params as f64 / 1e6, bytes, super::mb(bytes));
+    out!(o, "\n{:<16} {:>8} {:>14} {:>14}", "component", "tensors", "parameters", "bytes");
     for (k, (n, p, b)) in &comps {
-        println!("{k:<16} {n:>8} {p:>14} {b:>14}");
+        out!(o, "{k:<16} {n:>8} {p:>14} {b:>14}");
     }
-    println!("\n{:<16} {:>8} {:>14} {:>14}", "type", "tensors", "parameters", "bytes");
+    out!(o, "\n{:<16} {:>8} {:>14} {:>14}", "type", "tensors", "parameters", "bytes");
     for (k, (n, p, b)) in &types {
-        println!("{k:<16} {n:>8} {p:>14} {b:>14}");
+        out!(o, "{k:<16} {n:>8} {p:>14} {b:>14}");
     }
     if !meta.is_empty() {
-        println!("\nmetadata:");
+        out!(o, "\nmetadata:");
         for (k, v) in &meta {
             if k == metadata::RESHAPED_NAMES || k == metadata::RESHAPED_SHAPES {
-                println!("  {k} = [{} entries]", v.as_array().map_or(0, |a| a.len()));
+                out!(o, "  {k} = [{} entries]", v.as_array().map_or(0, |a| a.len()));
                 continue;
             }
-            println!("  {k} = {v}");
+            out!(o, "  {k} = {v}");
         }
     }
     if a.tensors {
-        println!();
+        out!(o, "");
         for r in &rows {
-            println!("{:<8} {:>12} {:<24} {}", r.ty, r.bytes, format!("{:?}", r.shape), r.name);
+            out!(o, "{:<8} {:>12} {:<24} {}", r.ty, r.bytes, format!("{:?}", r.shape), r.name);
         }
     }
     Ok(())

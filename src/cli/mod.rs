@@ -1,4 +1,13 @@
 //! Subcommands; each builds a request for the library and prints the result.
+
+/// `writeln!` into a `String` report (which cannot fail).
+macro_rules! out {
+    ($o:expr, $($t:tt)*) => {{
+        use std::fmt::Write as _;
+        let _ = writeln!($o, $($t)*);
+    }};
+}
+
 mod convert;
 mod info;
 mod synth;
@@ -76,6 +85,16 @@ pub fn progress_bar(len: u64, template: &str) -> ProgressBar {
         bar.set_style(style.progress_chars("=> "));
     }
     bar
+}
+
+/// Writes a report to stdout; a closed pipe (`sdrs info x | head`) is not an error.
+pub fn print_stdout(text: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|_| out.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
+        _ => Ok(()),
+    }
 }
 
 pub fn mb(bytes: u64) -> String {

@@ -62,7 +62,7 @@ pub fn read_tensors(path: &Path) -> Result<(Vec<SourceTensor>, BTreeMap<String, 
     let mut zip = ZipArchive::new(BufReader::new(&file.file)).map_err(|e| Error::format(path, format!("not a readable torch zip checkpoint (truncated or corrupt?): {e}")))?;
 
     let names: Vec<String> = zip.file_names().map(str::to_string).collect();
-    if let Some(bad) = names.iter().find(|n| unsafe_entry_name(n)) {
+    if let Some(bad) = names.iter().find(|n| escapes_archive(n)) {
         return Err(Error::format(path, format!("zip entry name {:?} is an absolute path or climbs out with `..`; refusing the archive", shorten(bad))));
     }
     let pkls: Vec<&String> = names.iter().filter(|n| *n == "data.pkl" || n.ends_with("/data.pkl")).collect();
@@ -109,7 +109,7 @@ pub fn read_tensors(path: &Path) -> Result<(Vec<SourceTensor>, BTreeMap<String, 
 }
 
 /// Whether a zip entry name could escape an extraction folder.
-fn unsafe_entry_name(name: &str) -> bool {
+fn escapes_archive(name: &str) -> bool {
     name.starts_with('/')
         || name.contains('\\')
         || name.contains('\0')

@@ -24,10 +24,8 @@ pub fn read_tensors(path: &Path) -> Result<(Vec<SourceTensor>, BTreeMap<String, 
     if file.len < 8 {
         return Err(Error::format(path, "not a safetensors file: shorter than its 8-byte header length"));
     }
-    // SAFETY (of the mapping, not ours to uphold here): read-only private map; a file
-    // truncated by another process while mapped could fault, but only the header
-    // pages are read and the map is dropped before this function returns.
-    let map = unsafe_map(&file)?;
+    // Only the header's pages are touched, and the map is dropped before returning.
+    let map = crate::ggml::map_file(&file.file).map_err(|e| Error::io(&file.path, e))?;
     let (header_len, meta) = SafeTensors::read_metadata(&map).map_err(|e| Error::format(path, format!("invalid safetensors header: {e}")))?;
     drop(map);
     let data_start = 8 + header_len as u64;
@@ -60,10 +58,6 @@ pub fn read_tensors(path: &Path) -> Result<(Vec<SourceTensor>, BTreeMap<String, 
     });
     let metadata = meta.metadata().clone().unwrap_or_default().into_iter().collect();
     Ok((tensors, metadata))
-}
-
-fn unsafe_map(file: &SourceFile) -> Result<memmap2::Mmap> {
-    crate::ggml::map_file(&file.file).map_err(|e| Error::io(&file.path, e))
 }
 
 /// A tensor to be written by [`write`].

@@ -1,6 +1,9 @@
 //! The only place that talks to ggml's C API. Everything here is `unsafe` inside and
 //! safe outside: callers never see a raw pointer.
+mod context;
 mod sys;
+
+pub use context::{Backend, Context, Graph, HostRegion, Tensor};
 
 // The static ggml libraries are linked only if the crate is referenced.
 use llama_cpp_sys_2 as _;

@@ -73,6 +73,12 @@ impl GgufFile {
         &self.map[start..start + t.nbytes as usize]
     }
 
+    /// The whole mapping (for zero-copy use by ggml: tensor `t` starts at
+    /// `data_offset + t.offset`).
+    pub fn bytes(&self) -> &[u8] {
+        &self.map
+    }
+
     pub fn file_len(&self) -> u64 {
         self.map.len() as u64
     }

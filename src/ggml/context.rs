@@ -1,0 +1,256 @@
+//! Safe handles over `ggml_context`, its tensors, graphs and the CPU backend.
+//!
+//! Ownership: a [`Context`] owns its tensor metadata and every buffer that holds
+//! its tensors' data (allocated ones, and wrappers around borrowed host memory such
+//! as a GGUF mapping, whose lifetime `'d` the context cannot outlive). Tensors and
+//! graphs borrow the context, so none can dangle.
+use std::cell::RefCell;
+use std::collections::HashSet;
+use std::ffi::CString;
+use std::marker::PhantomData;
+use std::ptr::NonNull;
+
+use super::{sys, Type};
+use crate::error::{Error, Result};
+
+/// ggml-backend's `TENSOR_ALIGNMENT`.
+const TENSOR_ALIGNMENT: usize = 32;
+
+pub struct Context<'d> {
+    ptr: NonNull<sys::ggml_context>,
+    /// Interior mutability so that tensors (which borrow the context) can be
+    /// allocated and placed; buffers are only freed on drop.
+    buffers: RefCell<Vec<sys::ggml_backend_buffer_t>>,
+    /// Tensors whose data is borrowed read-only memory: never written through.
+    borrowed: RefCell<HashSet<*mut sys::ggml_tensor>>,
+    _data: PhantomData<&'d [u8]>,
+}
+
+/// A tensor of a context (metadata; its data lives in a buffer).
+#[derive(Clone, Copy)]
+pub struct Tensor<'c> {
+    ptr: NonNull<sys::ggml_tensor>,
+    _ctx: PhantomData<&'c ()>,
+}
+
+/// A computation graph built in a context.
+pub struct Graph<'c> {
+    ptr: NonNull<sys::ggml_cgraph>,
+    _ctx: PhantomData<&'c ()>,
+}
+
+impl<'d> Context<'d> {
+    /// A context for the metadata of up to `max_tensors` tensors and one graph
+    /// (data is never allocated in the context itself).
+    pub fn new(max_tensors: usize) -> Result<Self> {
+        // SAFETY: pure size queries.
+        let size = max_tensors * unsafe { sys::ggml_tensor_overhead() } + unsafe { sys::ggml_graph_overhead() };
+        let params = sys::ggml_init_params { mem_size: size, mem_buffer: std::ptr::null_mut(), no_alloc: true };
+        // SAFETY: ggml allocates its own memory of `size` bytes.
+        let ptr = NonNull::new(unsafe { sys::ggml_init(params) }).ok_or_else(|| Error::Ggml("ggml_init failed".into()))?;
+        Ok(Context { ptr, buffers: RefCell::new(Vec::new()), borrowed: RefCell::new(HashSet::new()), _data: PhantomData })
+    }
+
+    fn raw(&self) -> *mut sys::ggml_context {
+        self.ptr.as_ptr()
+    }
+
+    fn wrap(&self, p: *mut sys::ggml_tensor) -> Result<Tensor<'_>> {
+        NonNull::new(p).map(|ptr| Tensor { ptr, _ctx: PhantomData }).ok_or_else(|| Error::Ggml("ggml returned no tensor (context full?)".into()))
+    }
+
+    /// A new tensor of type `ty` with ggml dims `ne` (innermost first, 1 to 4 dims).
+    pub fn tensor(&self, ty: Type, ne: &[usize], name: &str) -> Result<Tensor<'_>> {
+        if ne.is_empty() || ne.len() > 4 || !ty.fits_row(ne[0]) {
+            return Err(Error::Ggml(format!("cannot make a {} tensor of shape {ne:?}", ty.name())));
+        }
+        let dims: Vec<i64> = ne.iter().map(|&d| d as i64).collect();
+        // SAFETY: ctx valid; dims has ne.len() entries.
+        let t = self.wrap(unsafe { sys::ggml_new_tensor(self.raw(), ty.0, dims.len() as i32, dims.as_ptr()) })?;
+        t.set_name(name)?;
+        Ok(t)
+    }
+
+    /// `a` (weights, `ne = [k, n]`) times `b` (`ne = [k, m]`): `ne = [n, m]`, f32.
+    pub fn mul_mat<'c>(&'c self, a: Tensor<'c>, b: Tensor<'c>) -> Result<Tensor<'c>> {
+        if a.ne()[0] != b.ne()[0] {
+            return Err(Error::Ggml(format!("mul_mat: inner dims {} and {} differ", a.ne()[0], b.ne()[0])));
+        }
+        // SAFETY: both tensors belong to this context.
+        self.wrap(unsafe { sys::ggml_mul_mat(self.raw(), a.ptr.as_ptr(), b.ptr.as_ptr()) })
+    }
+
+    /// The graph computing `out`.
+    pub fn graph<'c>(&'c self, out: Tensor<'c>) -> Result<Graph<'c>> {
+        // SAFETY: ctx has room for one graph (see `new`); out belongs to it.
+        let g = NonNull::new(unsafe { sys::ggml_new_graph(self.raw()) }).ok_or_else(|| Error::Ggml("no room for a graph".into()))?;
+        unsafe { sys::ggml_build_forward_expand(g.as_ptr(), out.ptr.as_ptr()) };
+        Ok(Graph { ptr: g, _ctx: PhantomData })
+    }
+
+    /// Allocates CPU memory for every tensor of the context that has none yet.
+    pub fn alloc_cpu(&self, backend: &Backend) -> Result<()> {
+        // SAFETY: ctx and backend valid; the buffer is owned by self from now on.
+        let buf = unsafe { sys::ggml_backend_alloc_ctx_tensors(self.raw(), backend.ptr.as_ptr()) };
+        if buf.is_null() {
+            return Err(Error::Ggml("cannot allocate tensor memory".into()));
+        }
+        self.buffers.borrow_mut().push(buf);
+        Ok(())
+    }
+
+    /// Makes `bytes` (e.g. a GGUF mapping) usable as tensor memory without copying.
+    /// Returns a handle for [`Context::place`].
+    pub fn borrow_host(&self, bytes: &'d [u8]) -> Result<HostRegion> {
+        // ggml asserts (aborts) on a misaligned base: refuse it here instead.
+        if bytes.as_ptr() as usize % TENSOR_ALIGNMENT != 0 {
+            return Err(Error::Ggml(format!("host memory must be {TENSOR_ALIGNMENT}-byte aligned")));
+        }
+        // SAFETY: the buffer only records the pointer; `'d` keeps the bytes alive for
+        // as long as the context, and tensors placed there are never written to.
+        let buf = unsafe { sys::ggml_backend_cpu_buffer_from_ptr(bytes.as_ptr() as *mut _, bytes.len()) };
+        if buf.is_null() {
+            return Err(Error::Ggml("cannot wrap host memory".into()));
+        }
+        let mut buffers = self.buffers.borrow_mut();
+        buffers.push(buf);
+        Ok(HostRegion { index: buffers.len() - 1, base: bytes.as_ptr() as usize, len: bytes.len() })
+    }
+
+    /// Points tensor `t` at `offset` inside a borrowed region (zero copy).
+    pub fn place(&self, region: &HostRegion, t: Tensor<'_>, offset: usize) -> Result<()> {
+        let n = t.nbytes();
+        if offset.checked_add(n).is_none_or(|end| end > region.len) {
+            return Err(Error::Ggml(format!("tensor of {n} bytes at {offset} exceeds a region of {}", region.len)));
+        }
+        if (region.base + offset) % TENSOR_ALIGNMENT != 0 {
+            return Err(Error::Ggml(format!("tensor data at offset {offset} is not {TENSOR_ALIGNMENT}-byte aligned")));
+        }
+        let buf = *self.buffers.borrow().get(region.index).ok_or_else(|| Error::Ggml("region of another context".into()))?;
+        // SAFETY: bounds and alignment checked; tensor has no data yet (else ggml asserts).
+        unsafe {
+            if !(*t.ptr.as_ptr()).data.is_null() {
+                return Err(Error::Ggml("tensor already has data".into()));
+            }
+            let status = sys::ggml_backend_tensor_alloc(buf, t.ptr.as_ptr(), (region.base + offset) as *mut _);
+            if status != sys::GGML_STATUS_SUCCESS {
+                return Err(Error::Ggml(format!("ggml_backend_tensor_alloc failed ({status})")));
+            }
+        }
+        self.borrowed.borrow_mut().insert(t.ptr.as_ptr());
+        Ok(())
+    }
+
+    /// Copies `data` (raw bytes of the tensor's type) into an allocated tensor.
+    pub fn set_bytes(&self, t: Tensor<'_>, data: &[u8]) -> Result<()> {
+        if self.borrowed.borrow().contains(&t.ptr.as_ptr()) {
+            return Err(Error::Ggml("tensor lives in borrowed read-only memory".into()));
+        }
+        if data.len() != t.nbytes() || !t.has_data() {
+            return Err(Error::Ggml(format!("set: {} bytes for a tensor of {} (allocated: {})", data.len(), t.nbytes(), t.has_data())));
+        }
+        // SAFETY: tensor allocated with exactly data.len() bytes.
+        unsafe { sys::ggml_backend_tensor_set(t.ptr.as_ptr(), data.as_ptr().cast(), 0, data.len()) };
+        Ok(())
+    }
+
+    pub fn set_f32(&self, t: Tensor<'_>, data: &[f32]) -> Result<()> {
+        if t.ty() != Type::F32 {
+            return Err(Error::Ggml(format!("set_f32 on a {} tensor", t.ty().name())));
+        }
+        let bytes: Vec<u8> = data.iter().flat_map(|x| x.to_le_bytes()).collect();
+        self.set_bytes(t, &bytes)
+    }
+
+    /// Reads an f32 tensor's values.
+    pub fn get_f32(&self, t: Tensor<'_>) -> Result<Vec<f32>> {
+        if t.ty() != Type::F32 || !t.has_data() {
+            return Err(Error::Ggml("get_f32 needs an allocated f32 tensor".into()));
+        }
+        let mut out = vec![0f32; t.nbytes() / 4];
+        // SAFETY: out has nbytes bytes.
+        unsafe { sys::ggml_backend_tensor_get(t.ptr.as_ptr(), out.as_mut_ptr().cast(), 0, t.nbytes()) };
+        Ok(out)
+    }
+}
+
+impl Drop for Context<'_> {
+    fn drop(&mut self) {
+        // SAFETY: each buffer and the context were created by us and are freed once.
+        unsafe {
+            for b in self.buffers.get_mut().drain(..) {
+                sys::ggml_backend_buffer_free(b);
+            }
+            sys::ggml_free(self.ptr.as_ptr());
+        }
+    }
+}
+
+/// A borrowed memory range registered with a context.
+#[derive(Clone, Debug)]
+pub struct HostRegion {
+    index: usize,
+    base: usize,
+    len: usize,
+}
+
+impl Tensor<'_> {
+    pub fn ne(&self) -> [usize; 4] {
+        // SAFETY: tensor valid while its context lives ('c).
+        let ne = unsafe { (*self.ptr.as_ptr()).ne };
+        ne.map(|d| d as usize)
+    }
+    pub fn ty(&self) -> Type {
+        // SAFETY: as above.
+        Type(unsafe { (*self.ptr.as_ptr()).type_ })
+    }
+    pub fn nbytes(&self) -> usize {
+        // SAFETY: as above.
+        unsafe { sys::ggml_nbytes(self.ptr.as_ptr()) }
+    }
+    fn has_data(&self) -> bool {
+        // SAFETY: as above.
+        unsafe { !(*self.ptr.as_ptr()).data.is_null() }
+    }
+    fn set_name(&self, name: &str) -> Result<()> {
+        if name.len() >= super::max_name_len() {
+            return Err(Error::Ggml(format!("tensor name `{name}` too long for ggml")));
+        }
+        let c = CString::new(name).map_err(|_| Error::Ggml("tensor name contains NUL".into()))?;
+        // SAFETY: ggml copies the name (length checked).
+        unsafe { sys::ggml_set_name(self.ptr.as_ptr(), c.as_ptr()) };
+        Ok(())
+    }
+}
+
+/// ggml's CPU backend.
+pub struct Backend {
+    ptr: NonNull<sys::ggml_backend>,
+}
+
+impl Backend {
+    pub fn cpu(threads: usize) -> Result<Backend> {
+        // SAFETY: returns an owned backend or null.
+        let ptr = NonNull::new(unsafe { sys::ggml_backend_cpu_init() }).ok_or_else(|| Error::Ggml("cannot start the CPU backend".into()))?;
+        unsafe { sys::ggml_backend_cpu_set_n_threads(ptr.as_ptr(), threads.max(1) as i32) };
+        Ok(Backend { ptr })
+    }
+
+    /// Runs a graph whose tensors all have data.
+    pub fn compute(&self, g: &Graph<'_>) -> Result<()> {
+        // SAFETY: graph and backend valid; inputs allocated (ggml checks and asserts otherwise,
+        // so callers allocate every context tensor before computing).
+        let status = unsafe { sys::ggml_backend_graph_compute(self.ptr.as_ptr(), g.ptr.as_ptr()) };
+        if status != sys::GGML_STATUS_SUCCESS {
+            return Err(Error::Ggml(format!("graph compute failed ({status})")));
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        // SAFETY: created by ggml_backend_cpu_init, freed once.
+        unsafe { sys::ggml_backend_free(self.ptr.as_ptr()) }
+    }
+}

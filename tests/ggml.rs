@@ -1,0 +1,74 @@
+//! The safe ggml wrapper: weights used in place from a memory-mapped GGUF.
+mod common;
+
+use common::*;
+use sdrs::formats::gguf::GgufFile;
+use sdrs::formats::DType;
+use sdrs::ggml::{Backend, Context, Type};
+use sdrs::synth::Format;
+
+fn matmul_ref(w: &[f32], x: &[f32], k: usize, n: usize, m: usize) -> Vec<f32> {
+    let mut out = vec![0f32; n * m];
+    for j in 0..m {
+        for i in 0..n {
+            out[j * n + i] = (0..k).map(|p| w[i * k + p] as f64 * x[j * k + p] as f64).sum::<f64>() as f32;
+        }
+    }
+    out
+}
+
+#[test]
+fn quantized_conv_kernels_from_the_mapping_multiply_like_their_dequantized_values() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = synth_tiny("tiny-sd15", Format::Safetensors, DType::F32, dir.path());
+    // (type, bound on relative RMS error vs the f32 product of the dequantized weights;
+    // ggml quantizes the activations to q8 for integer dot products)
+    for (t, bound) in [(Type::Q8_0, 0.01), (Type::Q4_0, 0.01), (Type::F16, 2e-3)] {
+        let out = dir.path().join(format!("{}.gguf", t.name()));
+        convert_to(&src, t, &out).unwrap();
+        let g = GgufFile::open(&out).unwrap();
+        let name = "model.diffusion_model.input_blocks.1.0.in_layers.2.weight";
+        let info = g.tensor(name).unwrap();
+        assert_eq!(info.ty, t);
+        let (k, n) = (info.ne[0] as usize, info.ne[1] as usize);
+        assert_eq!(k, 32 * 3 * 3, "3x3 kernel stored as a [in*kh*kw, out] matrix");
+        let m = 7;
+        let x: Vec<f32> = (0..k * m).map(|i| ((i * 37 % 101) as f32 / 50.0) - 1.0).collect();
+
+        let backend = Backend::cpu(2).unwrap();
+        let ctx = Context::new(8).unwrap();
+        let w = ctx.tensor(info.ty, &[k, n], name).unwrap();
+        let xin = ctx.tensor(Type::F32, &[k, m], "x").unwrap();
+        let y = ctx.mul_mat(w, xin).unwrap();
+        let graph = ctx.graph(y).unwrap();
+        let region = ctx.borrow_host(g.bytes()).unwrap();
+        ctx.place(&region, w, (g.data_offset + info.offset) as usize).unwrap();
+        ctx.alloc_cpu(&backend).unwrap();
+        ctx.set_f32(xin, &x).unwrap();
+        assert!(ctx.set_bytes(w, g.data(info)).is_err(), "mapped weights are read-only");
+        backend.compute(&graph).unwrap();
+        let got = ctx.get_f32(y).unwrap();
+
+        let wf = info.ty.dequantize(g.data(info), k * n).unwrap();
+        let want = matmul_ref(&wf, &x, k, n, m);
+        let err = rel_rms(&want, &got);
+        eprintln!("{}: relative RMS error {err:.2e}", t.name());
+        assert!(err < bound, "{}: {err}", t.name());
+    }
+}
+
+#[test]
+fn placing_a_tensor_outside_its_region_is_refused() {
+    // a 32-byte aligned window of 256 bytes
+    let raw: Vec<u8> = vec![0u8; 256 + 32];
+    let skip = (32 - raw.as_ptr() as usize % 32) % 32;
+    let aligned = &raw[skip..skip + 256];
+    let ctx = Context::new(2).unwrap();
+    let t = ctx.tensor(Type::F32, &[32, 2], "t").unwrap();
+    assert!(ctx.borrow_host(&raw[skip + 1..]).is_err(), "misaligned memory is refused, not aborted on");
+    let region = ctx.borrow_host(aligned).unwrap();
+    assert!(ctx.place(&region, t, 200).is_err(), "out of bounds");
+    assert!(ctx.place(&region, t, 4).is_err(), "misaligned offset");
+    ctx.place(&region, t, 0).unwrap();
+    assert!(ctx.tensor(Type::Q4_0, &[33], "bad").is_err(), "partial block");
+}
