@@ -232,6 +232,34 @@ fn stable_diffusion_cpp_files_map_and_match_their_source() {
 }
 
 #[test]
+fn old_clip_naming_without_text_model_converts_like_the_current_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = ModelConfig::sd1().shrink();
+    let list = synth::tensor_list(&cfg, DType::F16);
+    let old = |n: &str| n.replace("cond_stage_model.transformer.text_model.", "cond_stage_model.transformer.");
+    let specs: Vec<_> = list.iter().map(|(n, s, d)| sdrs::formats::safetensors::WriteSpec { name: old(n), shape: s.clone(), dtype: *d }).collect();
+    let mut f = Vec::new();
+    sdrs::formats::safetensors::write(&mut f, &specs, &Default::default(), |i, b| {
+        let (n, s, d) = &list[i];
+        b.resize(d.bytes_for(s.iter().product::<usize>() as u64).unwrap() as usize, 0);
+        if *d == DType::F16 {
+            let v = synth::tensor_values(n, s, 1);
+            b.clear();
+            b.extend(v.iter().flat_map(|x| half::f16::from_f32(*x).to_le_bytes()));
+        }
+        Ok(())
+    })
+    .unwrap();
+    let src = dir.path().join("old.safetensors");
+    std::fs::write(&src, f).unwrap();
+    let out = dir.path().join("old.gguf");
+    convert_to(&src, Type::F16, &out).unwrap();
+    let g = GgufFile::open(&out).unwrap();
+    assert!(g.tensor("cond_stage_model.transformer.text_model.encoder.layers.0.mlp.fc1.weight").is_some());
+    assert_eq!(g.tensors.len(), layout::layout(&cfg).len());
+}
+
+#[test]
 fn synth_is_deterministic_per_seed() {
     let a = synth::tensor_values("model.diffusion_model.out.2.weight", &[4, 320, 3, 3], 1);
     assert_eq!(a, synth::tensor_values("model.diffusion_model.out.2.weight", &[4, 320, 3, 3], 1));

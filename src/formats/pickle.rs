@@ -8,6 +8,12 @@
 //! objects). Any other global is refused at the opcode that names it, with
 //! [`Error::UnsafePickle`], before anything else happens.
 //!
+//! One exception keeps real files loading: the original SD 1.x `.ckpt` releases
+//! carry PyTorch Lightning training state beside the weights (a `ModelCheckpoint`
+//! callback, numpy scalars for counters, `_codecs.encode` for bytes). Those few names
+//! ([`INERT_GLOBALS`]) become opaque placeholders: never called, never looked up,
+//! and no tensor can come out of them.
+//!
 //! Hostile input is bounded: every object is created by one opcode (so the arena
 //! grows at most linearly with the pickle, and under [`MAX_OBJECTS`]), the value
 //! stack, MARK nesting and memo are capped, lengths are checked against the bytes
@@ -60,7 +66,18 @@ pub enum Global {
     Storage(DType),
     /// A dtype object such as `torch.float16`.
     Dtype(DType),
+    /// Training metadata that real checkpoints carry; see [`INERT_GLOBALS`].
+    Inert(&'static str),
 }
+
+/// Globals found outside the weights of real SD checkpoints, read as opaque
+/// placeholders (nothing is called; the values are ignored).
+pub const INERT_GLOBALS: &[&str] = &[
+    "pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint",
+    "numpy.core.multiarray.scalar",
+    "numpy.dtype",
+    "_codecs.encode",
+];
 
 impl Global {
     /// Maps `module.name` to an allowed global, or `None` for anything else.
@@ -79,7 +96,10 @@ impl Global {
                     Global::Dtype(dtype_object(n)?)
                 }
             }
-            _ => return None,
+            _ => {
+                let dotted = format!("{module}.{name}");
+                return INERT_GLOBALS.iter().find(|g| **g == dotted).map(|g| Global::Inert(g));
+            }
         })
     }
 
@@ -94,6 +114,7 @@ impl Global {
             Global::RebuildParameterWithState => "torch._utils._rebuild_parameter_with_state".into(),
             Global::Storage(d) => format!("torch.{}", storage_class_name(d).unwrap_or("UntypedStorage")),
             Global::Dtype(d) => format!("torch.{}", dtype_object_name(d).unwrap_or("?")),
+            Global::Inert(n) => n.to_string(),
         }
     }
 }
@@ -238,6 +259,8 @@ pub enum Object {
     Global(Global),
     Storage(StorageRef),
     Tensor(TensorRef),
+    /// The result of "calling" an inert global: a placeholder with no content.
+    Opaque(&'static str),
 }
 
 impl Object {
@@ -256,6 +279,7 @@ impl Object {
             Object::Global(_) => "global",
             Object::Storage(_) => "storage",
             Object::Tensor(_) => "tensor",
+            Object::Opaque(_) => "opaque object",
         }
     }
 }
@@ -744,7 +768,7 @@ impl<'a> Machine<'a> {
                 op::NEWOBJ => {
                     let args = self.pop()?;
                     let cls = self.pop()?;
-                    if !matches!(self.obj(cls), Object::Global(Global::OrderedDict)) {
+                    if !matches!(self.obj(cls), Object::Global(Global::OrderedDict | Global::Inert(_))) {
                         return Err(self.err(format_args!("NEWOBJ on a {}; only OrderedDict can be instantiated", self.describe(cls))));
                     }
                     let id = self.apply(cls, args, "NEWOBJ")?;
@@ -831,6 +855,7 @@ impl<'a> Machine<'a> {
         };
         let name = g.python_name();
         match g {
+            Global::Inert(n) => self.new_obj(Object::Opaque(n)),
             Global::OrderedDict => {
                 if !args.is_empty() {
                     return Err(self.err(format_args!("`{name}` called with {} arguments (only an empty one is built)", args.len())));
@@ -1228,9 +1253,26 @@ mod tests {
     }
 
     #[test]
-    fn lightning_and_numpy_globals_are_refused() {
-        assert_eq!(refused_global(b"\x80\x02cpytorch_lightning.callbacks.model_checkpoint\nModelCheckpoint\n."), "pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint");
-        assert_eq!(refused_global(b"\x80\x02cnumpy.core.multiarray\nscalar\n."), "numpy.core.multiarray.scalar");
+    fn lightning_training_state_is_read_as_opaque_placeholders() {
+        // {"global_step": numpy.core.multiarray.scalar(numpy.dtype("i8", False, True), b"..."),
+        //  "callbacks": ModelCheckpoint.__new__() with BUILD state}
+        let mut d = b"\x80\x02}(".to_vec();
+        d.extend(unicode("global_step"));
+        d.extend(b"cnumpy.core.multiarray\nscalar\ncnumpy\ndtype\n");
+        d.extend(unicode("i8"));
+        d.extend(b"\x89\x88\x87RC\x08\x01\x00\x00\x00\x00\x00\x00\x00\x86R");
+        d.extend(unicode("callbacks"));
+        d.extend(b"cpytorch_lightning.callbacks.model_checkpoint\nModelCheckpoint\n)\x81}bu.");
+        let u = run(&d).unwrap();
+        let Object::Dict(items) = u.get(u.root()) else { panic!("root is not a dict") };
+        assert_eq!(items.len(), 2);
+        assert!(items.iter().all(|(_, v)| matches!(u.get(*v), Object::Opaque(_))));
+    }
+
+    #[test]
+    fn other_lightning_numpy_and_torch_globals_are_refused() {
+        assert_eq!(refused_global(b"\x80\x02cpytorch_lightning.trainer\nTrainer\n."), "pytorch_lightning.trainer.Trainer");
+        assert_eq!(refused_global(b"\x80\x02cnumpy.core.multiarray\n_reconstruct\n."), "numpy.core.multiarray._reconstruct");
         assert_eq!(refused_global(b"\x80\x02ctorch\nload\n."), "torch.load");
         assert_eq!(refused_global(b"\x80\x02ctorch._utils\n_rebuild_device_tensor_from_numpy\n."), "torch._utils._rebuild_device_tensor_from_numpy");
     }

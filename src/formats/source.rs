@@ -252,10 +252,29 @@ impl Checkpoint {
         } else {
             return Err(Error::format(path, format!("{} bytes is too short for any model format", f.len)));
         };
+        let mut ck = ck;
+        ck.canonicalize_names();
         for t in &ck.tensors {
             t.validate()?;
         }
         Ok(ck)
+    }
+
+    /// Maps older spellings of the original single-file names onto the canonical
+    /// ones: SD 1.x files saved with transformers before 4.x name the CLIP tower
+    /// `cond_stage_model.transformer.*` without the `text_model.` level.
+    fn canonicalize_names(&mut self) {
+        const OLD: &str = "cond_stage_model.transformer.";
+        const NEW: &str = "cond_stage_model.transformer.text_model.";
+        let has_new = self.tensors.iter().any(|t| t.name.starts_with(NEW));
+        if has_new {
+            return;
+        }
+        for t in &mut self.tensors {
+            if let Some(rest) = t.name.strip_prefix(OLD) {
+                t.name = format!("{NEW}{rest}");
+            }
+        }
     }
 
     pub fn get(&self, name: &str) -> Option<&SourceTensor> {
