@@ -40,7 +40,7 @@ fn quantized_conv_kernels_from_the_mapping_multiply_like_their_dequantized_value
         let w = ctx.tensor(info.ty, &[k, n], name).unwrap();
         let xin = ctx.tensor(Type::F32, &[k, m], "x").unwrap();
         let y = ctx.mul_mat(w, xin).unwrap();
-        let graph = ctx.graph(y).unwrap();
+        let graph = ctx.graph(&[y]).unwrap();
         let region = ctx.borrow_host(g.bytes()).unwrap();
         ctx.place(&region, w, (g.data_offset + info.offset) as usize).unwrap();
         ctx.alloc_cpu(&backend).unwrap();
@@ -71,4 +71,76 @@ fn placing_a_tensor_outside_its_region_is_refused() {
     assert!(ctx.place(&region, t, 4).is_err(), "misaligned offset");
     ctx.place(&region, t, 0).unwrap();
     assert!(ctx.tensor(Type::Q4_0, &[33], "bad").is_err(), "partial block");
+}
+
+/// Direct convolution: x [N, IC, H, W] (row-major, PyTorch order), w [OC, IC, kh, kw].
+#[allow(clippy::too_many_arguments)]
+fn conv_ref(x: &[f32], n: usize, ic: usize, h: usize, w: usize, k: &[f32], oc: usize, kh: usize, kw: usize, s: usize, p: usize) -> (Vec<f32>, usize, usize) {
+    let oh = (h + 2 * p - kh) / s + 1;
+    let ow = (w + 2 * p - kw) / s + 1;
+    let mut out = vec![0f32; n * oc * oh * ow];
+    for b in 0..n {
+        for o in 0..oc {
+            for y in 0..oh {
+                for xx in 0..ow {
+                    let mut acc = 0f64;
+                    for c in 0..ic {
+                        for i in 0..kh {
+                            for j in 0..kw {
+                                let (yy, xi) = ((y * s + i) as isize - p as isize, (xx * s + j) as isize - p as isize);
+                                if yy < 0 || xi < 0 || yy >= h as isize || xi >= w as isize {
+                                    continue;
+                                }
+                                acc += x[((b * ic + c) * h + yy as usize) * w + xi as usize] as f64 * k[((o * ic + c) * kh + i) * kw + j] as f64;
+                            }
+                        }
+                    }
+                    out[((b * oc + o) * oh + y) * ow + xx] = acc as f32;
+                }
+            }
+        }
+    }
+    (out, oh, ow)
+}
+
+#[test]
+fn conv2d_through_im2col_matches_direct_convolution() {
+    let (n, ic, h, w, oc) = (2, 8, 9, 7, 5);
+    let x: Vec<f32> = (0..n * ic * h * w).map(|i| ((i * 31 % 97) as f32 / 48.0) - 1.0).collect();
+    for (kh, s, p) in [(3, 1, 1), (3, 2, 1), (1, 1, 0)] {
+        let k: Vec<f32> = (0..oc * ic * kh * kh).map(|i| ((i * 17 % 53) as f32 / 26.0) - 1.0).collect();
+        let (want, oh, ow) = conv_ref(&x, n, ic, h, w, &k, oc, kh, kh, s, p);
+        let ctx = Context::new(64).unwrap();
+        let xin = ctx.tensor(Type::F32, &[w, h, ic, n], "x").unwrap();
+        let kin = ctx.tensor(Type::F32, &[ic * kh * kh, oc], "k").unwrap();
+        let bias = ctx.tensor(Type::F32, &[oc], "b").unwrap();
+        for t in [xin, kin, bias] {
+            ctx.set_input(t);
+        }
+        let y = ctx.conv2d(xin, kin, kh, kh, s, p, Some(bias)).unwrap();
+        assert_eq!(y.ne(), [ow, oh, oc, n]);
+        let g = ctx.graph(&[y]).unwrap();
+        ctx.alloc_graph(&g).unwrap();
+        ctx.set_f32(xin, &x).unwrap();
+        ctx.set_f32(kin, &k).unwrap();
+        ctx.set_f32(bias, &[0.5, -0.25, 0.0, 1.0, 2.0]).unwrap();
+        Backend::cpu(2).unwrap().compute(&g).unwrap();
+        let got = ctx.get_f32(y).unwrap();
+        let want: Vec<f32> = want.iter().enumerate().map(|(i, v)| v + [0.5, -0.25, 0.0, 1.0, 2.0][(i / (oh * ow)) % oc]).collect();
+        assert!(rel_rms(&want, &got) < 1e-6, "k{kh} s{s}: {}", rel_rms(&want, &got));
+    }
+}
+
+#[test]
+fn ops_refuse_shapes_that_would_abort_ggml() {
+    let ctx = Context::new(16).unwrap();
+    let a = ctx.tensor(Type::F32, &[4, 3], "a").unwrap();
+    let b = ctx.tensor(Type::F32, &[5, 3], "b").unwrap();
+    assert!(ctx.add(a, b).is_err());
+    assert!(ctx.mul_mat(a, b).is_err());
+    assert!(ctx.reshape(a, &[5, 2]).is_err());
+    assert!(ctx.concat(a, b, 1).is_err());
+    assert!(ctx.group_norm(ctx.reshape(a, &[1, 1, 12]).unwrap(), 5, 1e-6).is_err());
+    assert!(ctx.permute(a, [0, 0, 1, 2]).is_err());
+    assert!(ctx.view(a, [4, 4, 1, 1], [0, 0, 0, 0]).is_err());
 }

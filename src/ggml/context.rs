@@ -23,6 +23,10 @@ pub struct Context<'d> {
     buffers: RefCell<Vec<sys::ggml_backend_buffer_t>>,
     /// Tensors whose data is borrowed read-only memory: never written through.
     borrowed: RefCell<HashSet<*mut sys::ggml_tensor>>,
+    /// Allocator of the compute buffer for this context's graph (kept, so the
+    /// buffer is reused when the same graph runs again).
+    galloc: RefCell<Option<sys::ggml_gallocr_t>>,
+    graph_size: usize,
     _data: PhantomData<&'d [u8]>,
 }
 
@@ -40,19 +44,24 @@ pub struct Graph<'c> {
 }
 
 impl<'d> Context<'d> {
-    /// A context for the metadata of up to `max_tensors` tensors and one graph
-    /// (data is never allocated in the context itself).
+    /// A context for the metadata of up to `max_tensors` tensors and one graph of
+    /// as many nodes (data is never allocated in the context itself).
     pub fn new(max_tensors: usize) -> Result<Self> {
+        let max_tensors = max_tensors.max(16);
         // SAFETY: pure size queries.
-        let size = max_tensors * unsafe { sys::ggml_tensor_overhead() } + unsafe { sys::ggml_graph_overhead() };
+        let size = max_tensors * unsafe { sys::ggml_tensor_overhead() } + unsafe { sys::ggml_graph_overhead_custom(max_tensors, false) };
         let params = sys::ggml_init_params { mem_size: size, mem_buffer: std::ptr::null_mut(), no_alloc: true };
         // SAFETY: ggml allocates its own memory of `size` bytes.
         let ptr = NonNull::new(unsafe { sys::ggml_init(params) }).ok_or_else(|| Error::Ggml("ggml_init failed".into()))?;
-        Ok(Context { ptr, buffers: RefCell::new(Vec::new()), borrowed: RefCell::new(HashSet::new()), _data: PhantomData })
+        Ok(Context { ptr, buffers: RefCell::new(Vec::new()), borrowed: RefCell::new(HashSet::new()), galloc: RefCell::new(None), graph_size: max_tensors, _data: PhantomData })
     }
 
-    fn raw(&self) -> *mut sys::ggml_context {
+    pub(super) fn raw(&self) -> *mut sys::ggml_context {
         self.ptr.as_ptr()
+    }
+
+    pub(super) fn wrap_op(&self, p: *mut sys::ggml_tensor) -> Result<Tensor<'_>> {
+        self.wrap(p)
     }
 
     fn wrap(&self, p: *mut sys::ggml_tensor) -> Result<Tensor<'_>> {
@@ -71,21 +80,39 @@ impl<'d> Context<'d> {
         Ok(t)
     }
 
-    /// `a` (weights, `ne = [k, n]`) times `b` (`ne = [k, m]`): `ne = [n, m]`, f32.
-    pub fn mul_mat<'c>(&'c self, a: Tensor<'c>, b: Tensor<'c>) -> Result<Tensor<'c>> {
-        if a.ne()[0] != b.ne()[0] {
-            return Err(Error::Ggml(format!("mul_mat: inner dims {} and {} differ", a.ne()[0], b.ne()[0])));
+    /// The graph computing `outputs`.
+    pub fn graph<'c>(&'c self, outputs: &[Tensor<'c>]) -> Result<Graph<'c>> {
+        // SAFETY: ctx has room for one graph of graph_size nodes (see `new`).
+        let g = NonNull::new(unsafe { sys::ggml_new_graph_custom(self.raw(), self.graph_size, false) }).ok_or_else(|| Error::Ggml("no room for a graph".into()))?;
+        for out in outputs {
+            // SAFETY: graph and tensor valid.
+            unsafe { sys::ggml_build_forward_expand(g.as_ptr(), out.ptr.as_ptr()) };
         }
-        // SAFETY: both tensors belong to this context.
-        self.wrap(unsafe { sys::ggml_mul_mat(self.raw(), a.ptr.as_ptr(), b.ptr.as_ptr()) })
+        Ok(Graph { ptr: g, _ctx: PhantomData })
     }
 
-    /// The graph computing `out`.
-    pub fn graph<'c>(&'c self, out: Tensor<'c>) -> Result<Graph<'c>> {
-        // SAFETY: ctx has room for one graph (see `new`); out belongs to it.
-        let g = NonNull::new(unsafe { sys::ggml_new_graph(self.raw()) }).ok_or_else(|| Error::Ggml("no room for a graph".into()))?;
-        unsafe { sys::ggml_build_forward_expand(g.as_ptr(), out.ptr.as_ptr()) };
-        Ok(Graph { ptr: g, _ctx: PhantomData })
+    /// Allocates every intermediate and input of `graph` in this context's compute
+    /// buffer (reused and grown as needed). Returns the buffer size in bytes.
+    pub fn alloc_graph(&self, graph: &Graph<'_>) -> Result<usize> {
+        let mut slot = self.galloc.borrow_mut();
+        let ga = match *slot {
+            Some(g) => g,
+            None => {
+                // SAFETY: the CPU buffer type is a static singleton.
+                let g = unsafe { sys::ggml_gallocr_new(sys::ggml_backend_cpu_buffer_type()) };
+                if g.is_null() {
+                    return Err(Error::Ggml("cannot create a graph allocator".into()));
+                }
+                *slot = Some(g);
+                g
+            }
+        };
+        // SAFETY: allocator and graph valid; tensors with data (weights) are skipped.
+        if !unsafe { sys::ggml_gallocr_alloc_graph(ga, graph.ptr.as_ptr()) } {
+            return Err(Error::Ggml("cannot allocate the compute buffer (out of memory?)".into()));
+        }
+        // SAFETY: buffer 0 exists after a successful allocation.
+        Ok(unsafe { sys::ggml_gallocr_get_buffer_size(ga, 0) })
     }
 
     /// Allocates CPU memory for every tensor of the context that has none yet.
@@ -162,10 +189,18 @@ impl<'d> Context<'d> {
         self.set_bytes(t, &bytes)
     }
 
+    pub fn set_i32(&self, t: Tensor<'_>, data: &[i32]) -> Result<()> {
+        if t.ty() != Type::I32 {
+            return Err(Error::Ggml(format!("set_i32 on a {} tensor", t.ty().name())));
+        }
+        let bytes: Vec<u8> = data.iter().flat_map(|x| x.to_le_bytes()).collect();
+        self.set_bytes(t, &bytes)
+    }
+
     /// Reads an f32 tensor's values.
     pub fn get_f32(&self, t: Tensor<'_>) -> Result<Vec<f32>> {
-        if t.ty() != Type::F32 || !t.has_data() {
-            return Err(Error::Ggml("get_f32 needs an allocated f32 tensor".into()));
+        if t.ty() != Type::F32 || !t.has_data() || !t.is_contiguous() {
+            return Err(Error::Ggml("get_f32 needs an allocated, contiguous f32 tensor".into()));
         }
         let mut out = vec![0f32; t.nbytes() / 4];
         // SAFETY: out has nbytes bytes.
@@ -178,6 +213,9 @@ impl Drop for Context<'_> {
     fn drop(&mut self) {
         // SAFETY: each buffer and the context were created by us and are freed once.
         unsafe {
+            if let Some(g) = self.galloc.get_mut().take() {
+                sys::ggml_gallocr_free(g);
+            }
             for b in self.buffers.get_mut().drain(..) {
                 sys::ggml_backend_buffer_free(b);
             }
@@ -195,6 +233,26 @@ pub struct HostRegion {
 }
 
 impl Tensor<'_> {
+    pub(super) fn raw(&self) -> *mut sys::ggml_tensor {
+        self.ptr.as_ptr()
+    }
+    /// Strides in bytes.
+    pub fn nb(&self) -> [usize; 4] {
+        // SAFETY: tensor valid while its context lives.
+        unsafe { (*self.ptr.as_ptr()).nb }
+    }
+    pub fn nelements(&self) -> usize {
+        // SAFETY: as above.
+        unsafe { sys::ggml_nelements(self.ptr.as_ptr()) as usize }
+    }
+    pub fn is_contiguous(&self) -> bool {
+        // SAFETY: as above.
+        unsafe { sys::ggml_is_contiguous(self.ptr.as_ptr()) }
+    }
+    pub fn is_transposed(&self) -> bool {
+        // SAFETY: as above.
+        unsafe { sys::ggml_is_transposed(self.ptr.as_ptr()) }
+    }
     pub fn ne(&self) -> [usize; 4] {
         // SAFETY: tensor valid while its context lives ('c).
         let ne = unsafe { (*self.ptr.as_ptr()).ne };

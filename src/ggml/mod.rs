@@ -1,6 +1,7 @@
 //! The only place that talks to ggml's C API. Everything here is `unsafe` inside and
 //! safe outside: callers never see a raw pointer.
 mod context;
+mod ops;
 mod sys;
 
 pub use context::{Backend, Context, Graph, HostRegion, Tensor};

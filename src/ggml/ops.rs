@@ -1,0 +1,246 @@
+//! Graph-building operations. Each checks the shapes ggml would otherwise assert
+//! on (an assert aborts the whole process), then records the op; nothing is
+//! computed until [`super::Backend::compute`].
+use super::context::{Context, Tensor};
+use super::{sys, Type};
+use crate::error::{Error, Result};
+
+fn bad(op: &str, msg: String) -> Error {
+    Error::Ggml(format!("{op}: {msg}"))
+}
+
+/// Whether `b` broadcasts onto `a` (ggml's `ggml_can_repeat`).
+fn can_repeat(b: [usize; 4], a: [usize; 4]) -> bool {
+    (0..4).all(|i| b[i] != 0 && a[i] % b[i] == 0)
+}
+
+impl Context<'_> {
+    fn op<'c>(&'c self, p: *mut sys::ggml_tensor) -> Result<Tensor<'c>> {
+        self.wrap_op(p)
+    }
+
+    /// `a + b`, `b` broadcast over `a`.
+    pub fn add<'c>(&'c self, a: Tensor<'c>, b: Tensor<'c>) -> Result<Tensor<'c>> {
+        if !can_repeat(b.ne(), a.ne()) {
+            return Err(bad("add", format!("{:?} does not broadcast onto {:?}", b.ne(), a.ne())));
+        }
+        // SAFETY: shapes checked; tensors valid for 'c.
+        self.op(unsafe { sys::ggml_add(self.raw(), a.raw(), b.raw()) })
+    }
+
+    /// `a * b` elementwise, `b` broadcast over `a`.
+    pub fn mul<'c>(&'c self, a: Tensor<'c>, b: Tensor<'c>) -> Result<Tensor<'c>> {
+        if !can_repeat(b.ne(), a.ne()) {
+            return Err(bad("mul", format!("{:?} does not broadcast onto {:?}", b.ne(), a.ne())));
+        }
+        // SAFETY: as above.
+        self.op(unsafe { sys::ggml_mul(self.raw(), a.raw(), b.raw()) })
+    }
+
+    pub fn scale<'c>(&'c self, a: Tensor<'c>, s: f32) -> Result<Tensor<'c>> {
+        // SAFETY: unary op.
+        self.op(unsafe { sys::ggml_scale(self.raw(), a.raw(), s) })
+    }
+
+    /// Normalises over `ne[0]` (layer norm without affine parameters).
+    pub fn norm<'c>(&'c self, a: Tensor<'c>, eps: f32) -> Result<Tensor<'c>> {
+        // SAFETY: unary op.
+        self.op(unsafe { sys::ggml_norm(self.raw(), a.raw(), eps) })
+    }
+
+    /// Group norm over `[W, H, C, N]` with `groups` groups of channels (`ne[2]`).
+    pub fn group_norm<'c>(&'c self, a: Tensor<'c>, groups: usize, eps: f32) -> Result<Tensor<'c>> {
+        if groups == 0 || a.ne()[2] % groups != 0 {
+            return Err(bad("group_norm", format!("{} channels in {groups} groups", a.ne()[2])));
+        }
+        // SAFETY: unary op.
+        self.op(unsafe { sys::ggml_group_norm(self.raw(), a.raw(), groups as i32, eps) })
+    }
+
+    pub fn gelu<'c>(&'c self, a: Tensor<'c>) -> Result<Tensor<'c>> {
+        // SAFETY: unary op.
+        self.op(unsafe { sys::ggml_gelu(self.raw(), a.raw()) })
+    }
+    pub fn gelu_quick<'c>(&'c self, a: Tensor<'c>) -> Result<Tensor<'c>> {
+        // SAFETY: unary op.
+        self.op(unsafe { sys::ggml_gelu_quick(self.raw(), a.raw()) })
+    }
+    pub fn silu<'c>(&'c self, a: Tensor<'c>) -> Result<Tensor<'c>> {
+        // SAFETY: unary op.
+        self.op(unsafe { sys::ggml_silu(self.raw(), a.raw()) })
+    }
+    pub fn relu<'c>(&'c self, a: Tensor<'c>) -> Result<Tensor<'c>> {
+        // SAFETY: unary op.
+        self.op(unsafe { sys::ggml_relu(self.raw(), a.raw()) })
+    }
+    pub fn tanh<'c>(&'c self, a: Tensor<'c>) -> Result<Tensor<'c>> {
+        // SAFETY: unary op.
+        self.op(unsafe { sys::ggml_tanh(self.raw(), a.raw()) })
+    }
+
+    /// Softmax over `ne[0]` of `a * scale + mask` (mask broadcast over rows; f32 or f16).
+    pub fn soft_max_ext<'c>(&'c self, a: Tensor<'c>, mask: Option<Tensor<'c>>, scale: f32) -> Result<Tensor<'c>> {
+        if let Some(m) = mask {
+            if m.ne()[0] != a.ne()[0] || m.ne()[1] < a.ne()[1] {
+                return Err(bad("soft_max", format!("mask {:?} for scores {:?}", m.ne(), a.ne())));
+            }
+        }
+        let m = mask.map_or(std::ptr::null_mut(), |m| m.raw());
+        // SAFETY: mask shape checked.
+        self.op(unsafe { sys::ggml_soft_max_ext(self.raw(), a.raw(), m, scale, 0.0) })
+    }
+
+    /// `a` `[K, N, ...]` (weights; may be quantized) times `b` `[K, M, ...]` (f32): `[N, M, ...]`.
+    pub fn mul_mat<'c>(&'c self, a: Tensor<'c>, b: Tensor<'c>) -> Result<Tensor<'c>> {
+        let (x, y) = (a.ne(), b.ne());
+        if x[0] != y[0] || y[2] % x[2] != 0 || y[3] % x[3] != 0 || a.is_transposed() {
+            return Err(bad("mul_mat", format!("{x:?} x {y:?}")));
+        }
+        // SAFETY: shapes checked.
+        self.op(unsafe { sys::ggml_mul_mat(self.raw(), a.raw(), b.raw()) })
+    }
+
+    /// A linear layer: `x W^T + bias`, weight `[in, out]` in ggml order.
+    pub fn linear<'c>(&'c self, x: Tensor<'c>, w: Tensor<'c>, bias: Option<Tensor<'c>>) -> Result<Tensor<'c>> {
+        let y = self.mul_mat(w, x)?;
+        match bias {
+            Some(b) => self.add(y, b),
+            None => Ok(y),
+        }
+    }
+
+    pub fn reshape<'c>(&'c self, a: Tensor<'c>, ne: &[usize]) -> Result<Tensor<'c>> {
+        let n: usize = ne.iter().product();
+        if n != a.nelements() || !a.is_contiguous() || ne.is_empty() || ne.len() > 4 || !a.ty().fits_row(ne[0]) {
+            return Err(bad("reshape", format!("{:?} to {ne:?}", a.ne())));
+        }
+        let d: Vec<i64> = ne.iter().map(|&x| x as i64).collect();
+        // SAFETY: element count and contiguity checked.
+        self.op(unsafe {
+            match d.len() {
+                1 => sys::ggml_reshape_1d(self.raw(), a.raw(), d[0]),
+                2 => sys::ggml_reshape_2d(self.raw(), a.raw(), d[0], d[1]),
+                3 => sys::ggml_reshape_3d(self.raw(), a.raw(), d[0], d[1], d[2]),
+                _ => sys::ggml_reshape_4d(self.raw(), a.raw(), d[0], d[1], d[2], d[3]),
+            }
+        })
+    }
+
+    /// Moves axis i of `a` to position `axes[i]` (ggml's convention).
+    pub fn permute<'c>(&'c self, a: Tensor<'c>, axes: [usize; 4]) -> Result<Tensor<'c>> {
+        let mut seen = [false; 4];
+        for &x in &axes {
+            if x > 3 || seen[x] {
+                return Err(bad("permute", format!("axes {axes:?}")));
+            }
+            seen[x] = true;
+        }
+        // SAFETY: axes form a permutation.
+        self.op(unsafe { sys::ggml_permute(self.raw(), a.raw(), axes[0] as i32, axes[1] as i32, axes[2] as i32, axes[3] as i32) })
+    }
+
+    /// A contiguous copy.
+    pub fn cont<'c>(&'c self, a: Tensor<'c>) -> Result<Tensor<'c>> {
+        // SAFETY: unary op.
+        self.op(unsafe { sys::ggml_cont(self.raw(), a.raw()) })
+    }
+
+    pub fn transpose<'c>(&'c self, a: Tensor<'c>) -> Result<Tensor<'c>> {
+        // SAFETY: swaps the first two axes (a view).
+        self.op(unsafe { sys::ggml_transpose(self.raw(), a.raw()) })
+    }
+
+    /// A view of `ne` elements starting `offset` elements along each axis of `a`.
+    pub fn view<'c>(&'c self, a: Tensor<'c>, ne: [usize; 4], start: [usize; 4]) -> Result<Tensor<'c>> {
+        let full = a.ne();
+        if (0..4).any(|i| ne[i] == 0 || start[i] + ne[i] > full[i]) || a.ty().is_quantized() {
+            return Err(bad("view", format!("{ne:?} at {start:?} of {full:?}")));
+        }
+        let nb = a.nb();
+        let offset: usize = (0..4).map(|i| start[i] * nb[i]).sum();
+        // SAFETY: the view lies inside `a` (checked above).
+        self.op(unsafe { sys::ggml_view_4d(self.raw(), a.raw(), ne[0] as i64, ne[1] as i64, ne[2] as i64, ne[3] as i64, nb[1], nb[2], nb[3], offset) })
+    }
+
+    /// Concatenates along `dim`; all other dims must agree.
+    pub fn concat<'c>(&'c self, a: Tensor<'c>, b: Tensor<'c>, dim: usize) -> Result<Tensor<'c>> {
+        let (x, y) = (a.ne(), b.ne());
+        if dim > 3 || (0..4).any(|i| i != dim && x[i] != y[i]) || a.ty() != b.ty() {
+            return Err(bad("concat", format!("{x:?} and {y:?} along {dim}")));
+        }
+        // SAFETY: shapes checked.
+        self.op(unsafe { sys::ggml_concat(self.raw(), a.raw(), b.raw(), dim as i32) })
+    }
+
+    /// Rows of `table` (`[width, rows]`) selected by the i32 `ids`.
+    pub fn get_rows<'c>(&'c self, table: Tensor<'c>, ids: Tensor<'c>) -> Result<Tensor<'c>> {
+        if ids.ty() != Type::I32 {
+            return Err(bad("get_rows", "ids must be i32".into()));
+        }
+        // SAFETY: types checked; ggml bounds-checks ids at compute time in debug only,
+        // so callers validate id values when they set them.
+        self.op(unsafe { sys::ggml_get_rows(self.raw(), table.raw(), ids.raw()) })
+    }
+
+    /// 2-D convolution of `x` `[W, H, IC, N]` with a kernel stored as the matrix
+    /// `[IC*kh*kw, OC]` (quantized or float), through im2col + mul_mat.
+    #[allow(clippy::too_many_arguments)]
+    pub fn conv2d<'c>(&'c self, x: Tensor<'c>, kernel: Tensor<'c>, kh: usize, kw: usize, stride: usize, pad: usize, bias: Option<Tensor<'c>>) -> Result<Tensor<'c>> {
+        let [w, h, ic, n] = x.ne();
+        let [k, oc, _, _] = kernel.ne();
+        if k != ic * kh * kw || stride == 0 || w + 2 * pad < kw || h + 2 * pad < kh {
+            return Err(bad("conv2d", format!("kernel {:?} ({kh}x{kw}) on input {:?}", kernel.ne(), x.ne())));
+        }
+        let ow = (w + 2 * pad - kw) / stride + 1;
+        let oh = (h + 2 * pad - kh) / stride + 1;
+        let y = if kh == 1 && kw == 1 && stride == 1 && pad == 0 {
+            // A 1x1 convolution is a matmul over channels: [W*H, IC] per image.
+            let xt = self.cont(self.permute(x, [1, 2, 0, 3])?)?; // [IC, W, H, N]
+            let flat = self.reshape(xt, &[ic, w * h * n])?;
+            self.mul_mat(kernel, flat)? // [OC, W*H*N]
+        } else {
+            // im2col reads only the kernel's shape: a small placeholder stands in for it.
+            let shape = self.tensor(Type::F16, &[kw, kh, ic, 1], "conv.kernel_shape")?;
+            // SAFETY: shapes consistent (checked above); f32 columns.
+            let cols = self.op(unsafe { sys::ggml_im2col(self.raw(), shape.raw(), x.raw(), stride as i32, stride as i32, pad as i32, pad as i32, 1, 1, true, Type::F32.0) })?;
+            let cols = self.reshape(cols, &[k, ow * oh * n])?;
+            self.mul_mat(kernel, cols)? // [OC, OW*OH*N]
+        };
+        let y = self.reshape(y, &[oc, ow, oh, n])?;
+        let y = self.cont(self.permute(y, [2, 0, 1, 3])?)?; // [OW, OH, OC, N]
+        match bias {
+            Some(b) => self.add(y, self.reshape(b, &[1, 1, oc, 1])?),
+            None => Ok(y),
+        }
+    }
+
+    /// Nearest-neighbour upsampling by an integer factor in W and H.
+    pub fn upscale_nearest<'c>(&'c self, a: Tensor<'c>, factor: usize) -> Result<Tensor<'c>> {
+        // SAFETY: unary op.
+        self.op(unsafe { sys::ggml_upscale(self.raw(), a.raw(), factor as i32, sys::GGML_SCALE_MODE_NEAREST) })
+    }
+
+    /// Sinusoidal embeddings of f32 `timesteps` (`[N]`): `[dim, N]`, cos half first
+    /// (ggml's order: `cos(t f) | sin(t f)`, as diffusers' `flip_sin_to_cos=True`).
+    pub fn timestep_embedding<'c>(&'c self, timesteps: Tensor<'c>, dim: usize, max_period: i32) -> Result<Tensor<'c>> {
+        // SAFETY: unary op.
+        self.op(unsafe { sys::ggml_timestep_embedding(self.raw(), timesteps.raw(), dim as i32, max_period) })
+    }
+
+    /// Sets `-inf` above the diagonal of each `[n, n]` score matrix (causal mask).
+    pub fn diag_mask_inf<'c>(&'c self, a: Tensor<'c>) -> Result<Tensor<'c>> {
+        // SAFETY: unary op.
+        self.op(unsafe { sys::ggml_diag_mask_inf(self.raw(), a.raw(), 0) })
+    }
+
+    /// Marks a graph input (allocated so its data can be set before compute).
+    pub fn set_input(&self, t: Tensor<'_>) {
+        // SAFETY: flag only.
+        unsafe { sys::ggml_set_input(t.raw()) }
+    }
+    /// Marks a graph output (never overwritten by the allocator).
+    pub fn set_output(&self, t: Tensor<'_>) {
+        // SAFETY: flag only.
+        unsafe { sys::ggml_set_output(t.raw()) }
+    }
+}
