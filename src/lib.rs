@@ -8,6 +8,7 @@ pub mod error;
 pub mod formats;
 pub mod synth;
 pub mod ggml;
+pub mod model;
 pub mod vocab;
 
 pub use error::{Error, Result};

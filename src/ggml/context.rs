@@ -80,6 +80,13 @@ impl<'d> Context<'d> {
         Ok(t)
     }
 
+    /// The tensor named `name` in this context.
+    pub fn get(&self, name: &str) -> Option<Tensor<'_>> {
+        let c = CString::new(name).ok()?;
+        // SAFETY: lookup by name in a valid context.
+        NonNull::new(unsafe { sys::ggml_get_tensor(self.raw(), c.as_ptr()) }).map(|ptr| Tensor { ptr, _ctx: PhantomData })
+    }
+
     /// The graph computing `outputs`.
     pub fn graph<'c>(&'c self, outputs: &[Tensor<'c>]) -> Result<Graph<'c>> {
         // SAFETY: ctx has room for one graph of graph_size nodes (see `new`).

@@ -57,13 +57,19 @@ impl Context<'_> {
         self.op(unsafe { sys::ggml_group_norm(self.raw(), a.raw(), groups as i32, eps) })
     }
 
+    /// Exact (erf) GELU, as PyTorch's default `nn.GELU` (ggml's `gelu` is a tanh
+    /// approximation read from an f16 table: ~1e-3 off).
     pub fn gelu<'c>(&'c self, a: Tensor<'c>) -> Result<Tensor<'c>> {
         // SAFETY: unary op.
-        self.op(unsafe { sys::ggml_gelu(self.raw(), a.raw()) })
+        self.op(unsafe { sys::ggml_gelu_erf(self.raw(), a.raw()) })
     }
+    /// CLIP's quick GELU, `x * sigmoid(1.702 x)`, in f32 (ggml's `gelu_quick`
+    /// reads an f16 table, which costs the f32 path its 1e-4 accuracy).
     pub fn gelu_quick<'c>(&'c self, a: Tensor<'c>) -> Result<Tensor<'c>> {
+        let s = self.scale(a, 1.702)?;
         // SAFETY: unary op.
-        self.op(unsafe { sys::ggml_gelu_quick(self.raw(), a.raw()) })
+        let s = self.op(unsafe { sys::ggml_sigmoid(self.raw(), s.raw()) })?;
+        self.mul(a, s)
     }
     pub fn silu<'c>(&'c self, a: Tensor<'c>) -> Result<Tensor<'c>> {
         // SAFETY: unary op.
