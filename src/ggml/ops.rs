@@ -220,6 +220,19 @@ impl Context<'_> {
         }
     }
 
+    /// Zero padding at the end of each axis.
+    pub fn pad<'c>(&'c self, a: Tensor<'c>, p: [usize; 4]) -> Result<Tensor<'c>> {
+        // SAFETY: unary op.
+        self.op(unsafe { sys::ggml_pad(self.raw(), a.raw(), p[0] as i32, p[1] as i32, p[2] as i32, p[3] as i32) })
+    }
+
+    /// Adds a scalar to every element.
+    pub fn add1<'c>(&'c self, a: Tensor<'c>, v: f32) -> Result<Tensor<'c>> {
+        // A 1-element tensor would need its own data; scale-and-bias does it in one op.
+        // SAFETY: unary op.
+        self.op(unsafe { sys::ggml_scale_bias(self.raw(), a.raw(), 1.0, v) })
+    }
+
     /// Nearest-neighbour upsampling by an integer factor in W and H.
     pub fn upscale_nearest<'c>(&'c self, a: Tensor<'c>, factor: usize) -> Result<Tensor<'c>> {
         // SAFETY: unary op.

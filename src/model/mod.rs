@@ -1,6 +1,9 @@
 //! Networks as ggml graphs. Each block mirrors the checkpoint's module tree, so a
 //! weight is found by its canonical name; shapes come from the config in the GGUF.
 pub mod clip;
+pub mod nn;
+pub mod unet;
+pub mod vae;
 pub mod weights;
 
 pub use weights::Weights;

@@ -1,0 +1,68 @@
+//! Layers shared by the UNet, the VAE and TAESD, named as in the checkpoint.
+use crate::error::Result;
+use crate::ggml::{Context, Tensor};
+
+use super::Weights;
+
+/// Builds layers from the weights under one context.
+#[derive(Clone, Copy)]
+pub struct Nn<'c> {
+    pub ctx: &'c Context<'c>,
+    pub w: &'c Weights<'c>,
+}
+
+impl<'c> Nn<'c> {
+    /// A convolution `name` (`.weight`, optional `.bias`) with a `k`x`k` kernel.
+    /// Kernels come flattened `[IC*k*k, OC]` (our files) or 4-D (stable-diffusion.cpp's).
+    pub fn conv(&self, x: Tensor<'c>, name: &str, k: usize, stride: usize, pad: usize) -> Result<Tensor<'c>> {
+        let mut w = self.w.get(&format!("{name}.weight"))?;
+        let ne = w.ne();
+        if ne[2] > 1 || ne[3] > 1 {
+            w = self.ctx.reshape(w, &[ne[0] * ne[1] * ne[2], ne[3]])?;
+        }
+        self.ctx.conv2d(x, w, k, k, stride, pad, self.w.opt(&format!("{name}.bias")))
+    }
+
+    /// GroupNorm with affine parameters over `[W, H, C, N]`.
+    pub fn group_norm(&self, x: Tensor<'c>, name: &str, groups: usize, eps: f32) -> Result<Tensor<'c>> {
+        let c = x.ne()[2];
+        let y = self.ctx.group_norm(x, groups, eps)?;
+        let g = self.ctx.reshape(self.w.get(&format!("{name}.weight"))?, &[1, 1, c, 1])?;
+        let b = self.ctx.reshape(self.w.get(&format!("{name}.bias"))?, &[1, 1, c, 1])?;
+        self.ctx.add(self.ctx.mul(y, g)?, b)
+    }
+
+    /// LayerNorm with affine parameters over `ne[0]`.
+    pub fn layer_norm(&self, x: Tensor<'c>, name: &str, eps: f32) -> Result<Tensor<'c>> {
+        let y = self.ctx.norm(x, eps)?;
+        let y = self.ctx.mul(y, self.w.get(&format!("{name}.weight"))?)?;
+        self.ctx.add(y, self.w.get(&format!("{name}.bias"))?)
+    }
+
+    pub fn linear(&self, x: Tensor<'c>, name: &str) -> Result<Tensor<'c>> {
+        self.ctx.linear(x, self.w.get(&format!("{name}.weight"))?, self.w.opt(&format!("{name}.bias")))
+    }
+
+    /// Softmax attention of `q` `[D, Nq, H, B]` over `k` `[D, Nk, H, B]` and values
+    /// given transposed, `vt` `[Nk, D, H, B]`: returns `[D, Nq, H, B]`.
+    pub fn attend(&self, q: Tensor<'c>, k: Tensor<'c>, vt: Tensor<'c>) -> Result<Tensor<'c>> {
+        let d = q.ne()[0];
+        let scores = self.ctx.mul_mat(k, q)?; // [Nk, Nq, H, B]
+        let probs = self.ctx.soft_max_ext(scores, None, 1.0 / (d as f32).sqrt())?;
+        self.ctx.mul_mat(vt, probs)
+    }
+
+    /// `[W, H, C, N]` → `[C, W*H, N]` (tokens with channels innermost).
+    pub fn to_tokens(&self, x: Tensor<'c>) -> Result<Tensor<'c>> {
+        let [w, h, c, n] = x.ne();
+        let t = self.ctx.cont(self.ctx.permute(x, [1, 2, 0, 3])?)?; // [C, W, H, N]
+        self.ctx.reshape(t, &[c, w * h, n])
+    }
+
+    /// `[C, W*H, N]` → `[W, H, C, N]`.
+    pub fn from_tokens(&self, x: Tensor<'c>, w: usize, h: usize) -> Result<Tensor<'c>> {
+        let [c, _, n, _] = x.ne();
+        let t = self.ctx.cont(self.ctx.permute(x, [1, 0, 2, 3])?)?; // [W*H, C, N]
+        self.ctx.reshape(t, &[w, h, c, n])
+    }
+}

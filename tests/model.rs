@@ -1,0 +1,70 @@
+//! UNet and VAE graphs on converted tiny models of every family: shapes, batch
+//! independence, finiteness, and quantized weights staying close to f32 (numerics
+//! against diffusers are in tests/reference.rs).
+mod common;
+
+use common::*;
+use sdrs::convert::metadata;
+use sdrs::formats::gguf::GgufFile;
+use sdrs::formats::DType;
+use sdrs::ggml::{Backend, Type};
+use sdrs::model::{unet, vae, Weights};
+use sdrs::synth::Format;
+
+fn values(n: usize, seed: usize) -> Vec<f32> {
+    (0..n).map(|i| (((i + seed) * 2654435761usize % 10007) as f32 / 5003.5) - 1.0).collect()
+}
+
+#[test]
+fn unet_and_vae_run_on_every_tiny_family_and_batches_are_independent() {
+    let dir = tempfile::tempdir().unwrap();
+    let backend = Backend::cpu(2).unwrap();
+    for arch in ["tiny-sd15", "tiny-sd21", "tiny-sdxl"] {
+        let src = synth_tiny(arch, Format::Safetensors, DType::F32, dir.path());
+        let mut outs = Vec::new();
+        for ty in [Type::F32, Type::Q8_0] {
+            let path = dir.path().join(format!("{arch}-{}.gguf", ty.name()));
+            convert_to(&src, ty, &path).unwrap();
+            let g = GgufFile::open(&path).unwrap();
+            let cfg = metadata::read_config(&g).unwrap().unwrap();
+            let u = &cfg.unet;
+            let w = Weights::load(&g, |n| n.starts_with("model.diffusion_model.")).unwrap();
+            let (wd, ht, b, tok) = (16, 8, 2, 77);
+            let x = values(b * u.in_channels * wd * ht, 1);
+            let ctxv = values(b * tok * u.context_dim, 2);
+            let y = u.adm_in_channels.map(|a| values(b * a, 3));
+            let out = unet::forward(&w, u, &x, wd, ht, &[500.0, 20.0], &ctxv, tok, y.as_deref(), None, &backend).unwrap();
+            assert_eq!(out.len(), b * u.out_channels * wd * ht);
+            assert!(out.iter().all(|v| v.is_finite()), "{arch}");
+            // The second batch entry alone gives the same result.
+            let half = |v: &[f32]| v[v.len() / 2..].to_vec();
+            let alone = unet::forward(&w, u, &half(&x), wd, ht, &[20.0], &half(&ctxv), tok, y.as_deref().map(half).as_deref(), None, &backend).unwrap();
+            assert!(rel_rms(&half(&out), &alone) < 1e-5, "{arch}: batch independence {}", rel_rms(&half(&out), &alone));
+            // The VAE decodes a latent to 8x its size and encodes it back to the latent shape.
+            let vw = Weights::load(&g, |n| n.starts_with("first_stage_model.")).unwrap();
+            let f = cfg.vae.downscale();
+            let z = values(cfg.vae.latent_channels * 4 * 6, 4);
+            let img = vae::decode(&vw, &cfg.vae, &z, 1, 4, 6, &backend).unwrap();
+            assert_eq!(img.len(), 3 * 4 * f * 6 * f);
+            assert!(img.iter().all(|v| v.is_finite()));
+            let back = vae::encode(&vw, &cfg.vae, &img, 1, 4 * f, 6 * f, &backend).unwrap();
+            assert_eq!(back.len(), z.len());
+            outs.push((out, img));
+        }
+        let (e1, e2) = (rel_rms(&outs[0].0, &outs[1].0), rel_rms(&outs[0].1, &outs[1].1));
+        assert!(e1 < 0.05 && e2 < 0.05, "{arch}: q8_0 vs f32: UNet {e1}, VAE {e2}");
+    }
+}
+
+#[test]
+fn unet_refuses_sizes_it_cannot_downsample() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = synth_tiny("tiny-sd15", Format::Safetensors, DType::F16, dir.path());
+    let path = dir.path().join("m.gguf");
+    convert_to(&src, Type::F16, &path).unwrap();
+    let g = GgufFile::open(&path).unwrap();
+    let cfg = metadata::read_config(&g).unwrap().unwrap();
+    let w = Weights::load(&g, |n| n.starts_with("model.diffusion_model.")).unwrap();
+    let e = unet::forward(&w, &cfg.unet, &vec![0.0; 4 * 9 * 8], 9, 8, &[1.0], &vec![0.0; 77 * 32], 77, None, None, &Backend::cpu(1).unwrap()).unwrap_err();
+    assert!(e.to_string().contains("multiple of 8"), "{e}");
+}
