@@ -184,7 +184,16 @@ pub fn open(dir: &Path) -> Result<Checkpoint> {
         tensors.extend(names::to_canonical(&names::vae(v), found, &file, |_| false)?);
     }
     for (cdir, t) in &p.text {
-        let (file, found) = load_weights(cdir, TRANSFORMERS_WEIGHTS)?;
+        let (file, mut found) = load_weights(cdir, TRANSFORMERS_WEIGHTS)?;
+        // transformers 5 saves CLIP towers without the `text_model.` level that every
+        // published SD repository (and transformers 4) has.
+        if !found.iter().any(|t| t.name.starts_with("text_model.")) {
+            for t in &mut found {
+                if ["embeddings.", "encoder.", "final_layer_norm."].iter().any(|p| t.name.starts_with(p)) {
+                    t.name = format!("text_model.{}", t.name);
+                }
+            }
+        }
         // Older transformers saved the `position_ids` buffer; it carries no weights.
         tensors.extend(names::to_canonical(&names::text(t), found, &file, |n| n == "text_model.embeddings.position_ids")?);
     }

@@ -349,6 +349,21 @@ fn sharded_fp16_variant_and_legacy_vae_attention_names_are_read() {
     }
 }
 
+#[test]
+fn text_encoders_saved_by_transformers_5_without_text_model_prefix_are_read() {
+    let cfg = ModelConfig::sd1().shrink();
+    let (dir, values) = write_random(&cfg, DType::F32);
+    let te = dir.path().join("text_encoder/model.safetensors");
+    let tmp = dir.path().join("text_encoder/new.safetensors");
+    rewrite(&te, &tmp, |_| true, |n| n.strip_prefix("text_model.").unwrap_or(n).to_string(), None);
+    std::fs::rename(&tmp, &te).expect("rename");
+    let ck = open(dir.path()).expect("open");
+    assert_eq!(ck.tensors.len(), values.len());
+    for t in &ck.tensors {
+        assert_eq!(t.read_f32().expect("read"), values[&t.name], "`{}`", t.name);
+    }
+}
+
 fn message(r: Result<impl std::fmt::Debug>) -> String {
     match r {
         Ok(v) => panic!("expected an error, got {v:?}"),
