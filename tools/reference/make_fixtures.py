@@ -1,0 +1,804 @@
+#!/usr/bin/env python3
+"""Golden fixtures from the reference implementation (diffusers + transformers on PyTorch).
+
+Builds two tiny Stable Diffusion pipelines (SD 1.x-like and SD 2.x-like) and one tiny
+TAESD, with seeded random weights rounded to float16, saves them as diffusers folders
+(and TAESD also as the original `.pth` state dicts), and records what the reference
+implementation computes from them, in float32 on the CPU:
+
+  token ids, text-encoder conditioning, UNet outputs, VAE decode/encode, TAESD
+  decode/encode, and complete 4-step txt2img trajectories (Euler and DDIM, CFG 7.5).
+
+Everything is a pure function of `--seed`: inputs come from numpy's PCG64 generator,
+never from torch's RNG, so the fixtures do not depend on the torch version's RNG.
+The golden values are computed by reloading the saved folders in float32, so they
+correspond exactly to the float16 weights on disk upcast to float32.
+
+Usage (see tools/reference/setup.sh for the environment):
+
+    /work/venv-ref/bin/python tools/reference/make_fixtures.py --out tests/fixtures/ref
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+import diffusers
+import safetensors
+import transformers
+from diffusers import (
+    AutoencoderKL,
+    AutoencoderTiny,
+    DDIMScheduler,
+    EulerDiscreteScheduler,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
+from safetensors.torch import load_file, save_file
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent.parent
+
+# ---------------------------------------------------------------------------
+# What the fixtures contain
+
+PROMPTS = [
+    "a photograph of an astronaut riding a horse",
+    "",
+    # Longer than 75 tokens: exercises truncation to 77 ids (BOS + 75 + EOS). Plain
+    # ASCII only, so every CLIP tokenizer implementation agrees on it (no ftfy / NFC
+    # questions, no "!", which SD 2's tokenizer declares as its pad token).
+    "A highly detailed, ultra-realistic oil painting of an old lighthouse on a rocky "
+    "cliff at sunset, waves crashing below, seagulls flying overhead, warm golden light, "
+    "dramatic clouds, 8k resolution, trending on ArtStation, by Greg Rutkowski and "
+    "Thomas Kinkade; cinematic composition, volumetric lighting, sharp focus, "
+    "intricate details (masterpiece), 35mm film grain, HDR, octane render - don't "
+    "forget the tiny red boat in the bay #2",
+]
+COND_PROMPT = 0  # the prompt of the UNet check and the trajectories (negative = "")
+UNET_TIMESTEPS = [500, 999]
+GUIDANCE = 7.5
+STEPS = 4
+HEIGHT = WIDTH = 16  # latent 8x8 with the VAE's downscale 2
+TAESD_IMAGE = 64  # TAESD downscales 8x: 64x64 image <-> 8x8 latent
+
+# The DDPM training schedule of SD 1.x / 2.x (scheduler_config.json of the real repos).
+SD_SCHEDULE = dict(
+    num_train_timesteps=1000,
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    trained_betas=None,
+)
+
+# Numbered streams of numpy's generator, one per purpose (seeded with [seed, stream]).
+STREAM_WEIGHTS = {"sd1": 1, "sd2": 2, "taesd": 3, "vae": 4}
+STREAM_INPUTS = {"sd1": 11, "sd2": 12, "taesd": 13}
+
+
+def sd_configs(kind: str) -> dict:
+    """The exact configurations of the tiny models."""
+    sd2 = kind == "sd2"
+    unet = dict(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        norm_num_groups=32,
+        cross_attention_dim=32,
+        # diffusers' `attention_head_dim` is a head COUNT (historical misnomer).
+        # SD 1: one count everywhere (real: 8). SD 2: a count per level that keeps the
+        # head width constant (real: [5, 10, 20, 20] heads of width 64; here width 16).
+        attention_head_dim=(2, 4) if sd2 else 2,
+        use_linear_projection=sd2,
+        upcast_attention=False,
+        flip_sin_to_cos=True,
+        freq_shift=0,
+    )
+    vae = dict(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=32,
+        sample_size=HEIGHT,
+        scaling_factor=0.18215,
+    )
+    text = dict(
+        vocab_size=49408,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=77,
+        hidden_act="gelu" if sd2 else "quick_gelu",
+        layer_norm_eps=1e-5,
+        bos_token_id=49406,
+        eos_token_id=49407,
+        pad_token_id=1,
+    )
+    prediction = "v_prediction" if sd2 else "epsilon"
+    # steps_offset 1 as in the SD repositories (StableDiffusionPipeline rewrites any other
+    # value to 1); "linspace" spacing does not use it.
+    euler = dict(SD_SCHEDULE, prediction_type=prediction, timestep_spacing="linspace", steps_offset=1,
+                 interpolation_type="linear", use_karras_sigmas=False)
+    ddim = dict(SD_SCHEDULE, prediction_type=prediction, timestep_spacing="leading", steps_offset=1,
+                clip_sample=False, set_alpha_to_one=False, rescale_betas_zero_snr=False)
+    return dict(unet=unet, vae=vae, text_encoder=text, euler=euler, ddim=ddim,
+                pad_token="!" if sd2 else "<|endoftext|>", prediction=prediction)
+
+
+TAESD_CONFIG = dict(
+    in_channels=3,
+    out_channels=3,
+    encoder_block_out_channels=(16, 16, 16, 16),
+    decoder_block_out_channels=(16, 16, 16, 16),
+    num_encoder_blocks=(1, 3, 3, 3),
+    num_decoder_blocks=(3, 3, 3, 1),
+    latent_channels=4,
+    act_fn="relu",
+    upsample_fn="nearest",
+    upsampling_scaling_factor=2,
+)
+
+# ---------------------------------------------------------------------------
+# Weights
+
+
+def init_weights(model: nn.Module, rng: np.random.Generator, gains: dict[str, float] | None = None) -> None:
+    """Seeded random weights, then rounded to float16 (kept as float32 values).
+
+    Linear/conv weights: uniform with variance 1/fan_in (activations keep their scale);
+    norms: weight 1 + U(-0.2, 0.2), bias U(-0.1, 0.1); other biases U(-0.1, 0.1);
+    embeddings: normal, std 0.5. `gains` multiplies the weights of the named modules
+    (exact module names), to keep the outputs of a random network O(1).
+    """
+    gains = gains or {}
+    seen = set()
+    with torch.no_grad():
+        for mname, m in sorted(model.named_modules(), key=lambda x: x[0]):
+            own = list(m.named_parameters(recurse=False))
+            if not own:
+                continue
+            for pname, p in sorted(own):
+                full = f"{mname}.{pname}" if mname else pname
+                shape = tuple(p.shape)
+                if isinstance(m, (nn.GroupNorm, nn.LayerNorm)):
+                    v = 1.0 + rng.uniform(-0.2, 0.2, shape) if pname == "weight" else rng.uniform(-0.1, 0.1, shape)
+                elif isinstance(m, nn.Embedding):
+                    v = rng.normal(0.0, 0.5, shape)
+                elif pname == "bias":
+                    v = rng.uniform(-0.1, 0.1, shape)
+                elif p.dim() >= 2:
+                    fan_in = int(np.prod(shape[1:]))
+                    v = rng.uniform(-1.0, 1.0, shape) * np.sqrt(3.0 / fan_in) * gains.get(mname, 1.0)
+                else:
+                    raise SystemExit(f"make_fixtures: no init rule for parameter {full} {shape} of {type(m).__name__}")
+                p.copy_(torch.from_numpy(np.asarray(v, dtype=np.float32)).half().float())
+                seen.add(full)
+    missing = {n for n, _ in model.named_parameters()} - seen
+    if missing:
+        raise SystemExit(f"make_fixtures: parameters left uninitialised: {sorted(missing)[:5]}")
+    for n, b in model.named_buffers():
+        if b.is_floating_point() and not torch.isfinite(b).all():
+            raise SystemExit(f"make_fixtures: buffer {n} is not finite")
+
+
+def assert_f16_exact(model: nn.Module, what: str) -> None:
+    for n, p in model.named_parameters():
+        if p.dtype != torch.float32:
+            raise SystemExit(f"make_fixtures: {what}.{n} loaded as {p.dtype}, expected float32")
+        if not torch.equal(p, p.half().float()):
+            raise SystemExit(f"make_fixtures: {what}.{n} is not exactly representable in float16")
+
+
+# ---------------------------------------------------------------------------
+# Activation watch: every module output must stay finite and well inside f16 range.
+
+
+class ActivationWatch:
+    LIMIT = 1.0e4
+
+    def __init__(self, *models: nn.Module):
+        self.max = 0.0
+        self.where = ""
+        self.handles = []
+        for model in models:
+            for name, m in model.named_modules():
+                if len(list(m.children())) == 0:
+                    self.handles.append(m.register_forward_hook(self._hook(f"{type(model).__name__}.{name}")))
+
+    def _hook(self, name):
+        def hook(_m, _i, out):
+            outs = out if isinstance(out, (tuple, list)) else (out,)
+            for o in outs:
+                if isinstance(o, torch.Tensor) and o.is_floating_point():
+                    if not torch.isfinite(o).all():
+                        raise SystemExit(f"make_fixtures: non-finite activation in {name}")
+                    a = float(o.abs().max())
+                    if a > self.max:
+                        self.max, self.where = a, name
+        return hook
+
+    def close(self):
+        for h in self.handles:
+            h.remove()
+        if self.max > self.LIMIT:
+            raise SystemExit(f"make_fixtures: activation {self.max:.3g} in {self.where} exceeds {self.LIMIT}")
+        return {"max_abs_activation": round(self.max, 4), "at": self.where}
+
+
+# ---------------------------------------------------------------------------
+# Helpers
+
+
+def randn(rng: np.random.Generator, *shape) -> torch.Tensor:
+    return torch.from_numpy(rng.standard_normal(shape).astype(np.float32))
+
+
+def f32(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().to(torch.float32).contiguous().clone()
+
+
+def maxdiff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).abs().max())
+
+
+def stats(t: torch.Tensor) -> dict:
+    t = t.double()
+    return {"min": round(float(t.min()), 5), "max": round(float(t.max()), 5), "std": round(float(t.std()), 5)}
+
+
+def write_tokenizer(dst: Path, clip_dir: Path, pad_token: str) -> None:
+    """A tokenizer folder in the layout of the real SD repositories (vocab.json,
+    merges.txt, special_tokens_map.json, tokenizer_config.json); SD 2's pads with "!"."""
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in ("vocab.json", "merges.txt"):
+        shutil.copyfile(clip_dir / f, dst / f)
+    special = lambda s: {"content": s, "lstrip": False, "normalized": True, "rstrip": False, "single_word": False}
+    (dst / "special_tokens_map.json").write_text(json.dumps({
+        "bos_token": special("<|startoftext|>"),
+        "eos_token": special("<|endoftext|>"),
+        "pad_token": pad_token,
+        "unk_token": special("<|endoftext|>"),
+    }, indent=2) + "\n")
+    (dst / "tokenizer_config.json").write_text(json.dumps({
+        "add_prefix_space": False,
+        "bos_token": "<|startoftext|>",
+        "do_lower_case": True,
+        "eos_token": "<|endoftext|>",
+        "errors": "replace",
+        "model_max_length": 77,
+        "pad_token": pad_token,
+        "tokenizer_class": "CLIPTokenizer",
+        "unk_token": "<|endoftext|>",
+    }, indent=2) + "\n")
+
+
+def save_golden(path: Path, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    tensors = {k: v.contiguous() for k, v in tensors.items()}
+    for k, v in tensors.items():
+        if v.is_floating_point() and v.dtype != torch.float32:
+            raise SystemExit(f"make_fixtures: golden {k} is {v.dtype}")
+    save_file(tensors, str(path), metadata={"sdrs.golden": json.dumps(meta, sort_keys=True)})
+    path.with_suffix(".json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+
+
+# ---------------------------------------------------------------------------
+# SD pipelines
+
+
+def build_sd(kind: str, seed: int, model_dir: Path, clip_dir: Path) -> dict:
+    cfg = sd_configs(kind)
+    rng = np.random.default_rng([seed, STREAM_WEIGHTS[kind]])
+    unet = UNet2DConditionModel(**cfg["unet"])
+    vae = AutoencoderKL(**cfg["vae"])
+    text = CLIPTextModel(CLIPTextConfig(**cfg["text_encoder"]))
+    # Gains chosen from the output statistics: the random UNet's prediction and the VAE
+    # decoder's image come out with std ~0.3 instead of ~0.6.
+    init_weights(text, rng)
+    init_weights(unet, rng, {"conv_out": 0.5})
+    # SD 2 reuses SD 1's VAE architecture: both fixtures get the same VAE weights (one
+    # stream), so git stores the file once.
+    init_weights(vae, np.random.default_rng([seed, STREAM_WEIGHTS["vae"]]), {"decoder.conv_out": 0.5})
+    built = {n: {k: v.detach().clone() for k, v in m.state_dict().items()}
+             for n, m in (("unet", unet), ("vae", vae), ("text_encoder", text))}
+    tok_dir = model_dir.parent / "_tokenizer_tmp"
+    write_tokenizer(tok_dir, clip_dir, cfg["pad_token"])
+    pipe = StableDiffusionPipeline(
+        vae=vae.half(), text_encoder=text.half(), tokenizer=CLIPTokenizer.from_pretrained(tok_dir),
+        unet=unet.half(), scheduler=DDIMScheduler(**cfg["ddim"]),
+        safety_checker=None, feature_extractor=None, image_encoder=None, requires_safety_checker=False,
+    )
+    if model_dir.exists():
+        shutil.rmtree(model_dir)
+    pipe.save_pretrained(model_dir, safe_serialization=True)
+    # transformers 5 writes tokenizer.json (3.6 MB, fast-tokenizer format) only; the real
+    # SD repositories (and our converter) carry vocab.json + merges.txt instead.
+    shutil.rmtree(model_dir / "tokenizer")
+    tok_dir.rename(model_dir / "tokenizer")
+    # transformers 5 saves CLIPTextModel without the `text_model.` prefix; every
+    # published SD repository (transformers 4) has it, and transformers 5 still loads it
+    # (run_sd checks that the loaded weights are exact). Store the published layout.
+    te = model_dir / "text_encoder" / "model.safetensors"
+    weights = load_file(str(te))
+    if not all(k.startswith("text_model.") for k in weights):
+        save_file({f"text_model.{k}": v for k, v in weights.items()}, str(te), metadata={"format": "pt"})
+    return built
+
+
+def run_sd(kind: str, seed: int, model_dir: Path, built: dict) -> tuple[dict, dict]:
+    cfg = sd_configs(kind)
+    pipe = StableDiffusionPipeline.from_pretrained(model_dir, dtype=torch.float32, safety_checker=None,
+                                                   requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    for name in ("unet", "vae", "text_encoder"):
+        assert_f16_exact(getattr(pipe, name), name)
+        loaded = getattr(pipe, name).state_dict()
+        if loaded.keys() != built[name].keys() or not all(torch.equal(loaded[k], built[name][k]) for k in loaded):
+            raise SystemExit(f"make_fixtures: {model_dir}/{name} does not load back the weights it was saved with")
+    assert pipe.vae_scale_factor == 2, pipe.vae_scale_factor
+    assert pipe.tokenizer.pad_token_id == (0 if kind == "sd2" else 49407), pipe.tokenizer.pad_token_id
+    rng = np.random.default_rng([seed, STREAM_INPUTS[kind]])
+    g: dict[str, torch.Tensor] = {}
+    meta: dict = {"model": kind, "prompts": PROMPTS, "cond_prompt": COND_PROMPT, "negative_prompt": ""}
+    precision: dict[str, float] = {}
+    # The same modules in float64, for the f32-vs-f64 precision floor (copied before the
+    # activation hooks are attached).
+    p64 = {n: copy.deepcopy(getattr(pipe, n)).double() for n in ("unet", "vae", "text_encoder")}
+    watch = ActivationWatch(pipe.unet, pipe.vae, pipe.text_encoder)
+
+    with torch.no_grad():
+        # 1-2. tokens and conditioning, exactly as the pipeline computes them.
+        tok = pipe.tokenizer(PROMPTS, padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                             truncation=True, return_tensors="pt")
+        ids = tok.input_ids
+        g["tokens.ids"] = ids.to(torch.int32)
+        emb = torch.cat([pipe.encode_prompt(p, "cpu", 1, False)[0] for p in PROMPTS])
+        direct = pipe.text_encoder(ids)[0]
+        assert torch.equal(emb, direct), "encode_prompt differs from text_encoder(ids).last_hidden_state"
+        g["text.hidden"] = f32(emb)
+        precision["text.hidden"] = maxdiff(emb, p64["text_encoder"](ids)[0])
+
+        # 3. UNet on fixed inputs; batch = [uncond, cond] as classifier-free guidance runs it.
+        x = randn(rng, 2, 4, 8, 8)
+        ctx = torch.stack([emb[1], emb[COND_PROMPT]])
+        g["unet.x"] = x
+        g["unet.context"] = f32(ctx)
+        for t in UNET_TIMESTEPS:
+            out = pipe.unet(x, torch.tensor(t), encoder_hidden_states=ctx).sample
+            g[f"unet.t{t}.out"] = f32(out)
+            precision[f"unet.t{t}.out"] = maxdiff(out, p64["unet"](x.double(), torch.tensor(t), encoder_hidden_states=ctx.double()).sample)
+
+        # 4. VAE decode (of a raw, unscaled latent z) and encode (posterior mean / logvar).
+        z = randn(rng, 1, 4, 8, 8)
+        dec = pipe.vae.decode(z).sample
+        g["vae.decode.z"] = z
+        g["vae.decode.out"] = f32(dec)
+        precision["vae.decode.out"] = maxdiff(dec, p64["vae"].decode(z.double()).sample)
+        img = torch.from_numpy(rng.uniform(-1.0, 1.0, (1, 3, HEIGHT, WIDTH)).astype(np.float32))
+        dist = pipe.vae.encode(img).latent_dist
+        g["vae.encode.x"] = img
+        g["vae.encode.mean"] = f32(dist.mean)
+        g["vae.encode.logvar"] = f32(dist.logvar)
+        precision["vae.encode.mean"] = maxdiff(dist.mean, p64["vae"].encode(img.double()).latent_dist.mean)
+
+        # 6. Trajectories from a fixed initial latent (the pipeline multiplies it by the
+        # scheduler's init_noise_sigma).
+        x_T = randn(rng, 1, 4, 8, 8)
+        g["traj.init_latent"] = x_T
+        meta["trajectories"] = {}
+        for sname, cls in (("euler", EulerDiscreteScheduler), ("ddim", DDIMScheduler)):
+            meta["trajectories"][sname] = trajectory(pipe, cls, cfg[sname], x_T, g, f"traj.{sname}", p64)
+
+    meta["activation_check"] = watch.close()
+    meta["unet_timesteps"] = UNET_TIMESTEPS
+    meta["precision_f32_vs_f64"] = {k: float(f"{v:.3g}") for k, v in precision.items()}
+    meta["stats"] = {k: stats(v) for k, v in g.items() if v.is_floating_point()}
+    meta["configs"] = {
+        "unet": {k: v for k, v in dict(pipe.unet.config).items() if k != "_name_or_path"},
+        "vae": {k: v for k, v in dict(pipe.vae.config).items() if k != "_name_or_path"},
+        "text_encoder": {k: v for k, v in pipe.text_encoder.config.to_dict().items()
+                         if k in sd_configs(kind)["text_encoder"] or k in ("model_type", "projection_dim")},
+        "tokenizer": {"pad_token": pipe.tokenizer.pad_token, "pad_token_id": pipe.tokenizer.pad_token_id,
+                      "model_max_length": pipe.tokenizer.model_max_length},
+    }
+    return g, meta
+
+
+def trajectory(pipe, cls, sched_cfg: dict, x_T: torch.Tensor, g: dict, key: str, p64: dict) -> dict:
+    pipe.scheduler = cls(**sched_cfg)
+    unet_in, unet_t, unet_out, after = [], [], [], []
+
+    def pre(_m, args, kwargs):
+        unet_in.append(f32(args[0]))
+        unet_t.append(float(args[1]))
+
+    def post(_m, _args, _kwargs, out):
+        unet_out.append(f32(out[0] if isinstance(out, tuple) else out.sample))
+
+    def on_step(_pipe, i, t, kw):
+        after.append(f32(kw["latents"]))
+        return kw
+
+    h1 = pipe.unet.register_forward_pre_hook(pre, with_kwargs=True)
+    h2 = pipe.unet.register_forward_hook(post, with_kwargs=True)
+    try:
+        lat = pipe(PROMPTS[COND_PROMPT], height=HEIGHT, width=WIDTH, num_inference_steps=STEPS,
+                   guidance_scale=GUIDANCE, negative_prompt=None, latents=x_T.clone(), output_type="latent",
+                   callback_on_step_end=on_step, callback_on_step_end_tensor_inputs=["latents"]).images
+    finally:
+        h1.remove()
+        h2.remove()
+    sch = pipe.scheduler
+    assert len(after) == STEPS and torch.equal(after[-1], lat)
+    # The pipeline's own decode: vae.decode(latents / scaling_factor), then postprocess.
+    image = pipe.vae.decode(lat / pipe.vae.config.scaling_factor, return_dict=False)[0]
+    np_img = pipe.image_processor.postprocess(image, output_type="np")
+    u8 = np.stack([np.asarray(p) for p in pipe.image_processor.numpy_to_pil(np_img)])
+    # The same run end to end (output_type="pil") must give the same pixels.
+    pipe.scheduler = cls(**sched_cfg)
+    pil = pipe(PROMPTS[COND_PROMPT], height=HEIGHT, width=WIDTH, num_inference_steps=STEPS,
+               guidance_scale=GUIDANCE, latents=x_T.clone(), output_type="pil").images
+    assert np.array_equal(np.stack([np.asarray(p) for p in pil]), u8), "manual decode differs from the pipeline's"
+
+    g[f"{key}.unet_in"] = torch.stack(unet_in)
+    g[f"{key}.unet_out"] = torch.stack(unet_out)
+    g[f"{key}.latents"] = torch.stack(after)
+    g[f"{key}.final"] = f32(lat)
+    g[f"{key}.image"] = f32(image)
+    g[f"{key}.image_u8"] = torch.from_numpy(u8)
+    timesteps = [float(t) for t in sch.timesteps]
+    assert timesteps == unet_t, (timesteps, unet_t)
+    ac = sch.alphas_cumprod.double()
+    info = {
+        "scheduler": cls.__name__,
+        "config": {k: v for k, v in dict(sch.config).items() if not k.startswith("_")},
+        "steps": STEPS,
+        "guidance_scale": GUIDANCE,
+        "init_noise_sigma": float(sch.init_noise_sigma),
+        "timesteps": timesteps,
+    }
+    if cls is EulerDiscreteScheduler:
+        info["sigmas"] = [float(s) for s in sch.sigmas]
+    else:
+        info["alphas_cumprod"] = [float(ac[int(t)]) for t in sch.timesteps]
+        info["sigmas"] = [float(((1 - ac[int(t)]) / ac[int(t)]).sqrt()) for t in sch.timesteps]
+        info["final_alpha_cumprod"] = float(sch.final_alpha_cumprod)
+    # The same run with float64 modules (diffusers' schedulers still do part of their
+    # arithmetic in float32, so this bounds the f32 noise from below, not exactly).
+    pipe64 = StableDiffusionPipeline(vae=p64["vae"], text_encoder=p64["text_encoder"], tokenizer=pipe.tokenizer,
+                                     unet=p64["unet"], scheduler=cls(**sched_cfg), safety_checker=None,
+                                     feature_extractor=None, image_encoder=None, requires_safety_checker=False)
+    pipe64.set_progress_bar_config(disable=True)
+    lat64 = pipe64(PROMPTS[COND_PROMPT], height=HEIGHT, width=WIDTH, num_inference_steps=STEPS,
+                   guidance_scale=GUIDANCE, latents=x_T.double(), output_type="latent").images
+    image64 = p64["vae"].decode(lat64 / pipe.vae.config.scaling_factor, return_dict=False)[0]
+    info["precision_f32_vs_f64"] = {"final": float(f"{maxdiff(lat, lat64):.3g}"),
+                                    "image": float(f"{maxdiff(image, image64):.3g}")}
+    g[f"{key}.timesteps"] = torch.tensor(timesteps, dtype=torch.float32)
+    g[f"{key}.sigmas"] = torch.tensor(info["sigmas"], dtype=torch.float32)
+    return info
+
+
+# ---------------------------------------------------------------------------
+# TAESD
+
+
+def taesd_key(diffusers_key: str) -> tuple[str, str]:
+    """diffusers AutoencoderTiny key -> (file, original TAESD key). The original
+    networks are flat nn.Sequentials; the decoder's index 0 is the tanh clamp, which
+    diffusers applies outside `layers`, so decoder indices shift by one."""
+    part, rest = diffusers_key.split(".layers.", 1)
+    idx, tail = rest.split(".", 1)
+    if part == "encoder":
+        return "encoder", f"{int(idx)}.{tail}"
+    if part == "decoder":
+        return "decoder", f"{int(idx) + 1}.{tail}"
+    raise SystemExit(f"make_fixtures: unexpected TAESD key {diffusers_key}")
+
+
+def build_taesd(seed: int, out: Path) -> None:
+    rng = np.random.default_rng([seed, STREAM_WEIGHTS["taesd"]])
+    model = AutoencoderTiny(**TAESD_CONFIG)
+    # Variance 1/fan_in everywhere (He's sqrt(2) makes the residual ReLU stacks blow up
+    # to ~30); the last convs scaled so latents come out with std ~1 and images ~0.5.
+    convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    last = lambda part: max((n for n in convs if n.startswith(part)), key=lambda n: int(n.split(".")[2]))
+    init_weights(model, rng, {last("encoder."): 6.0, last("decoder."): 2.0})
+    mdir = out / "model"
+    if mdir.exists():
+        shutil.rmtree(mdir)
+    model.half().save_pretrained(mdir, safe_serialization=True)
+    enc, dec = {}, {}
+    for k, v in model.state_dict().items():
+        which, new = taesd_key(k)
+        (enc if which == "encoder" else dec)[new] = v.detach().clone().half().contiguous()
+    torch.save(enc, out / "taesd_encoder.pth")
+    torch.save(dec, out / "taesd_decoder.pth")
+
+
+def run_taesd(seed: int, out: Path) -> tuple[dict, dict]:
+    model = AutoencoderTiny.from_pretrained(out / "model", dtype=torch.float32).eval()
+    assert_f16_exact(model, "taesd")
+    # The .pth files hold exactly the same tensors under the original names.
+    enc = torch.load(out / "taesd_encoder.pth", weights_only=True)
+    dec = torch.load(out / "taesd_decoder.pth", weights_only=True)
+    sd = model.state_dict()
+    assert len(enc) + len(dec) == len(sd)
+    for k, v in sd.items():
+        which, new = taesd_key(k)
+        src = enc if which == "encoder" else dec
+        assert src[new].dtype == torch.float16 and torch.equal(src[new].float(), v), k
+    m64 = copy.deepcopy(model).double()
+    rng = np.random.default_rng([seed, STREAM_INPUTS["taesd"]])
+    g: dict[str, torch.Tensor] = {}
+    precision = {}
+    watch = ActivationWatch(model)
+    with torch.no_grad():
+        z = randn(rng, 1, 4, 8, 8)
+        out_pm1 = model.decode(z).sample  # diffusers convention: [-1, 1] = 2 * taesd - 1
+        native = model.decoder.layers(torch.tanh(z / 3) * 3)  # the original TAESD output, ~[0, 1]
+        assert maxdiff(out_pm1, native * 2 - 1) < 1e-5
+        g["taesd.decode.z"] = z
+        g["taesd.decode.out"] = f32(native)
+        g["taesd.decode.out_pm1"] = f32(out_pm1)
+        precision["taesd.decode.out"] = maxdiff(native, m64.decoder.layers(torch.tanh(z.double() / 3) * 3))
+        x = torch.from_numpy(rng.uniform(-1.0, 1.0, (1, 3, TAESD_IMAGE, TAESD_IMAGE)).astype(np.float32))
+        x01 = x.add(1).div(2)
+        lat = model.encode(x).latents
+        assert torch.equal(lat, model.encoder.layers(x01))
+        g["taesd.encode.x"] = x
+        g["taesd.encode.x01"] = f32(x01)
+        g["taesd.encode.z"] = f32(lat)
+        precision["taesd.encode.z"] = maxdiff(lat, m64.encoder.layers(x01.double()))
+    meta = {
+        "model": "taesd",
+        "config": {k: v for k, v in dict(model.config).items() if not k.startswith("_")},
+        "activation_check": watch.close(),
+        "precision_f32_vs_f64": {k: float(f"{v:.3g}") for k, v in precision.items()},
+        "stats": {k: stats(v) for k, v in g.items()},
+    }
+    return g, meta
+
+
+# ---------------------------------------------------------------------------
+# README
+
+
+def describe_files(root: Path) -> list[str]:
+    from safetensors import safe_open
+    lines = []
+    for p in sorted(root.rglob("*")):
+        if p.is_dir() or p.name == "README.md":
+            continue
+        rel = p.relative_to(root).as_posix()
+        size = p.stat().st_size
+        lines.append(f"| `{rel}` | {size:,} |")
+    return lines
+
+
+def golden_table(path: Path) -> list[str]:
+    from safetensors import safe_open
+    rows = []
+    with safe_open(str(path), "pt") as f:
+        for k in f.keys():
+            t = f.get_slice(k)
+            rows.append(f"| `{k}` | {t.get_dtype()} | {list(t.get_shape())} |")
+    return rows
+
+
+def write_readme(out: Path, seed: int, seconds: float, metas: dict) -> None:
+    v = versions()
+    rel = os.path.relpath(out, REPO) if out.is_relative_to(REPO) else str(out)
+    sd1, sd2 = sd_configs("sd1"), sd_configs("sd2")
+    lines = [
+        "# Reference fixtures (diffusers / transformers on PyTorch)",
+        "",
+        "Golden values that the sdrs executor must reproduce, computed by the reference Python",
+        "implementation from tiny random-weight models. Generated by",
+        "[`tools/reference/make_fixtures.py`](../../../tools/reference/make_fixtures.py); do not edit by hand.",
+        "",
+        "```sh",
+        "tools/reference/setup.sh    # venv with the pinned versions below (SDRS_REF_VENV, default /work/venv-ref)",
+        f"/work/venv-ref/bin/python tools/reference/make_fixtures.py --out {rel} --seed {seed}",
+        "```",
+        "",
+        f"Versions: {', '.join(f'{k} {x}' for k, x in v.items())}. Takes about a minute on 2 CPU cores.",
+        "The output is a deterministic function of `--seed` (inputs from numpy's PCG64; the",
+        "weights likewise), so rerunning with the same versions reproduces every file bit for bit.",
+        "",
+        "## The models",
+        "",
+        "- `sd1/model`, `sd2/model`: diffusers pipeline folders (`StableDiffusionPipeline`), weights",
+        "  float16 safetensors; `sdrs convert sd1/model --type f32` reads them. `taesd/model`:",
+        "  an `AutoencoderTiny` folder; `taesd/taesd_{encoder,decoder}.pth`: the same weights as",
+        "  the flat state dicts of the original TAESD releases (`nn.Sequential` indices, float16,",
+        "  `torch.save` zip format; decoder index 0 is the `tanh(x/3)*3` clamp, so its first conv",
+        "  is `1.*`).",
+        "- Weights: numpy PCG64 seeded with `[seed, k]` (k: sd1 1, sd2 2, TAESD 3, the VAE both",
+        "  share 4; inputs use 11, 12, 13); linear/conv weights uniform with",
+        "  variance 1/fan_in (× a gain on a few output convs, see `build_sd`/`build_taesd`), norm",
+        "  weights 1±0.2, biases ±0.1, embeddings N(0, 0.5²); then rounded to float16. All golden",
+        "  values are computed in float32 from the float16 files (reloaded and upcast), so an f32",
+        "  conversion (`--type f32`) runs on exactly the same weights.",
+        "- sd1 (SD 1.x-like): UNet `block_out_channels` (32, 64), `layers_per_block` 1, down",
+        "  (CrossAttnDownBlock2D, DownBlock2D), up (UpBlock2D, CrossAttnUpBlock2D), middle block with",
+        "  attention, 2 heads everywhere (`attention_head_dim=2`, a head count in diffusers), 1×1",
+        "  conv `proj_in`/`proj_out`, GroupNorm 32, context 32; CLIP text (HF naming) hidden 32, 2",
+        "  layers, 2 heads, MLP 64, quick_gelu, vocab 49408, 77 positions, pads with `<|endoftext|>`",
+        "  (49407); epsilon prediction. `text_encoder/model.safetensors` uses the published SD",
+        "  repositories' names (`text_model.*`, the transformers 4 layout): transformers 5 saves",
+        "  them without that prefix, which `sdrs convert` rejects; transformers 5 loads both.",
+        "- sd2 (SD 2.x-like): the same UNet with `use_linear_projection=True` and",
+        "  `attention_head_dim=(2, 4)` (2 heads at 32 ch, 4 at 64 ch: constant head width 16, as SD 2's",
+        "  [5, 10, 20, 20] keeps width 64); text encoder with exact `gelu` (OpenCLIP style; sdrs",
+        "  converts it as `open_clip`), conditioning = last hidden state after the final norm (what",
+        "  diffusers' SD 2 pipeline uses with its 23-layer encoder); tokenizer pads with `!` (id 0);",
+        "  v-prediction.",
+        "- VAE (both, the same weights, as SD 2 reuses SD 1's VAE): `AutoencoderKL` `block_out_channels` (32, 64), `layers_per_block` 1, 4 latent",
+        "  channels, GroupNorm 32, downscale 2 (`pipe.vae_scale_factor == 2`), `scaling_factor` 0.18215.",
+        f"- TAESD: `AutoencoderTiny` with width 16 at every level, blocks (1, 3, 3, 3) / (3, 3, 3, 1),",
+        "  4 latent channels, ReLU, nearest ×2 upsampling: the SD TAESD architecture at width 16",
+        "  instead of 64. Downscale 8 (64×64 image ↔ 8×8 latent).",
+        "",
+        "Exact configs: `golden.json` → `configs` (and each folder's `config.json`).",
+        "",
+        "## Golden tensors",
+        "",
+        "Each `golden.safetensors` holds float32 tensors (ids int32, pixels uint8); its metadata key",
+        "`sdrs.golden` holds the JSON also written beside it as `golden.json`: prompts, timesteps,",
+        "scheduler configs, per-step timesteps and sigmas, value statistics, the largest activation",
+        "seen, and `precision_f32_vs_f64` (max |f32 − f64| of the same computation: a floor for",
+        "comparison tolerances).",
+        "",
+        "Prompts (`tokens.ids` rows, `text.hidden` rows):",
+        "",
+    ]
+    lines += [f"{i}. `{json.dumps(p)}`" for i, p in enumerate(PROMPTS)]
+    lines += [
+        "",
+        "The UNet check and the trajectories use prompt 0 with negative prompt `\"\"` (prompt 1).",
+        "",
+        "### sd1/golden.safetensors and sd2/golden.safetensors",
+        "",
+        "| key | dtype | shape |",
+        "|---|---|---|",
+    ]
+    lines += golden_table(out / "sd1" / "golden.safetensors")
+    lines += [
+        "",
+        "- `tokens.ids`: the pipeline tokenizer (`padding=max_length`, 77, truncation), one row per prompt.",
+        "- `text.hidden`: the conditioning the pipeline uses (`encode_prompt` = `last_hidden_state`).",
+        "- `unet.x`, `unet.context` (= `text.hidden[[1, 0]]`: [uncond, cond]): UNet inputs;",
+        "  `unet.t500.out`, `unet.t999.out`: `unet(x, t, encoder_hidden_states=context).sample`.",
+        "- `vae.decode.z` → `vae.decode.out`: `vae.decode(z)` of a raw (unscaled) latent.",
+        "  `vae.encode.x` (uniform in [-1, 1]) → `vae.encode.mean`, `vae.encode.logvar`: the",
+        "  posterior (`latent_dist`); `logvar` is after diffusers' clamp to [-30, 20].",
+        "- `traj.init_latent`: the fixed initial noise passed as `latents=` (the pipeline multiplies",
+        "  it by `init_noise_sigma`, recorded in `golden.json`).",
+        "- `traj.{euler,ddim}.*` (4 steps, guidance 7.5, 16×16 image, 8×8 latent):",
+        "  `unet_in` [step, 2, ...] the UNet's input (after `scale_model_input`; batch [uncond, cond]),",
+        "  `unet_out` [step, 2, ...] its raw output, `latents` [step, ...] the latent after each",
+        "  scheduler step, `final` = `latents[-1]`, `image` = `vae.decode(final / 0.18215)` before",
+        "  the pipeline's denormalise/clamp, `image_u8` [1, 16, 16, 3] HWC = the pipeline's PIL",
+        "  output (`round(clamp(image/2 + 0.5, 0, 1) · 255)`), `timesteps` per step, `sigmas` (Euler:",
+        "  the scheduler's 5 sigmas, last 0; DDIM: sqrt((1−ᾱ_t)/ᾱ_t) at each step's timestep).",
+        f"  Euler: `timestep_spacing` \"{sd1['euler']['timestep_spacing']}\" → timesteps "
+        f"{metas['sd1']['trajectories']['euler']['timesteps']};",
+        f"  DDIM: \"{sd1['ddim']['timestep_spacing']}\", `steps_offset` 1, eta 0, `set_alpha_to_one` false →"
+        f" timesteps {metas['sd1']['trajectories']['ddim']['timesteps']}.",
+        "  Schedule: scaled_linear β 0.00085 … 0.012, 1000 steps; prediction epsilon (sd1),",
+        "  v_prediction (sd2).",
+        "",
+        "### taesd/golden.safetensors",
+        "",
+        "| key | dtype | shape |",
+        "|---|---|---|",
+    ]
+    lines += golden_table(out / "taesd" / "golden.safetensors")
+    lines += [
+        "",
+        "- `taesd.decode.z` → `taesd.decode.out`: the original TAESD decoder's output (clamp",
+        "  `tanh(z/3)·3`, then the network; ≈ [0, 1] image space); `taesd.decode.out_pm1` is",
+        "  diffusers' `AutoencoderTiny.decode` (= 2·out − 1).",
+        "- `taesd.encode.x` ([-1, 1]) / `taesd.encode.x01` (= (x + 1)/2, what the original TAESD",
+        "  encoder takes) → `taesd.encode.z`. TAESD latents are in the UNet's scaled latent space",
+        "  (no 0.18215 factor).",
+        "",
+        "## Files",
+        "",
+        "| file | bytes |",
+        "|---|---|",
+    ]
+    lines += describe_files(out)
+    total = sum(p.stat().st_size for p in out.rglob("*") if p.is_file() and p.name != "README.md")
+    lines += ["", f"Total {total / 1e6:.1f} MB (before this README).", ""]
+    (out / "README.md").write_text("\n".join(lines))
+
+
+def versions() -> dict:
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "transformers": transformers.__version__,
+        "safetensors": safetensors.__version__,
+        "numpy": np.__version__,
+    }
+
+
+# ---------------------------------------------------------------------------
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", type=Path, default=REPO / "tests" / "fixtures" / "ref")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--clip-dir", type=Path, default=None,
+                    help="folder with CLIP ViT-L/14 vocab.json + merges.txt (default: $SDRS_CLIP_HF, "
+                         "/work/shared/data/clip/hf, or an existing fixture's tokenizer)")
+    args = ap.parse_args()
+    torch.manual_seed(args.seed)  # nothing should draw from it; set for safety anyway
+    torch.use_deterministic_algorithms(True)
+    out = args.out.resolve()
+    clip_dir = args.clip_dir
+    if clip_dir is None:
+        for c in (os.environ.get("SDRS_CLIP_HF"), "/work/shared/data/clip/hf", out / "sd1" / "model" / "tokenizer"):
+            if c and (Path(c) / "vocab.json").is_file() and (Path(c) / "merges.txt").is_file():
+                clip_dir = Path(c)
+                break
+    if clip_dir is None:
+        raise SystemExit("make_fixtures: no CLIP vocab.json/merges.txt found; pass --clip-dir")
+    if clip_dir.resolve().is_relative_to(out):  # regenerating in place: copy it away first
+        tmp = Path(os.environ.get("TMPDIR", "/tmp")) / "sdrs-clip-tokenizer"
+        tmp.mkdir(exist_ok=True)
+        for f in ("vocab.json", "merges.txt"):
+            shutil.copyfile(clip_dir / f, tmp / f)
+        clip_dir = tmp
+
+    start = time.time()
+    metas = {}
+    for kind in ("sd1", "sd2"):
+        d = out / kind
+        d.mkdir(parents=True, exist_ok=True)
+        built = build_sd(kind, args.seed, d / "model", clip_dir)
+        g, meta = run_sd(kind, args.seed, d / "model", built)
+        meta["seed"] = args.seed
+        meta["versions"] = versions()
+        save_golden(d / "golden.safetensors", g, meta)
+        metas[kind] = meta
+        print(f"{kind}: {len(g)} golden tensors, max activation {meta['activation_check']}", file=sys.stderr)
+    d = out / "taesd"
+    d.mkdir(parents=True, exist_ok=True)
+    build_taesd(args.seed, d)
+    g, meta = run_taesd(args.seed, d)
+    meta["seed"] = args.seed
+    meta["versions"] = versions()
+    save_golden(d / "golden.safetensors", g, meta)
+    metas["taesd"] = meta
+    seconds = time.time() - start
+    write_readme(out, args.seed, seconds, metas)
+    print(f"make_fixtures: wrote {out} in {seconds:.1f} s", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Creates the Python environment of tools/reference/make_fixtures.py: the reference
+# implementation (diffusers + transformers on PyTorch) at the versions that produced
+# tests/fixtures/ref. Only needed to regenerate those fixtures; the Rust tests read
+# the committed files and never need Python.
+#
+#   tools/reference/setup.sh                  # venv at $SDRS_REF_VENV, default /work/venv-ref
+#   SDRS_REF_VENV=~/venvs/sdrs-ref tools/reference/setup.sh
+#
+# torch is PyPI's default wheel (a CUDA build, a few GB); the fixtures are computed on
+# the CPU, so a CPU-only torch 2.15.0 gives the same results. Safe to run repeatedly.
+set -euo pipefail
+VENV="${SDRS_REF_VENV:-/work/venv-ref}"
+PYTHON="${PYTHON:-python3}"
+
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "sdrs reference: creating $VENV" >&2
+  "$PYTHON" -m venv "$VENV"
+fi
+"$VENV/bin/python" -m pip install --disable-pip-version-check -q \
+  torch==2.15.0 \
+  diffusers==0.42.1 \
+  transformers==5.24.0 \
+  tokenizers==0.23.3 \
+  safetensors==0.8.0 \
+  numpy==2.4.6 \
+  accelerate==1.15.0 \
+  huggingface-hub==2.4.0 \
+  Pillow==13.0.0
+"$VENV/bin/python" - <<'EOF'
+import diffusers, numpy, safetensors, torch, transformers
+print("sdrs reference: torch", torch.__version__, "diffusers", diffusers.__version__,
+      "transformers", transformers.__version__, "safetensors", safetensors.__version__, "numpy", numpy.__version__)
+EOF
+echo "sdrs reference: run  $VENV/bin/python tools/reference/make_fixtures.py --out tests/fixtures/ref" >&2
