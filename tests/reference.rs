@@ -110,3 +110,19 @@ fn fixture_models_convert_to_the_configs_diffusers_used() {
     assert_eq!(sd2.prediction, sdrs::config::Prediction::V);
     assert_eq!(sd2.text_encoders[0].kind, sdrs::config::TextEncoderKind::OpenClip);
 }
+
+#[test]
+fn taesd_matches_the_original_network_at_f32() {
+    use sdrs::model::taesd;
+    let g = golden("taesd");
+    let backend = Backend::cpu(2).unwrap();
+    let dir = fixtures().join("taesd");
+    let dec = Weights::from_checkpoint(&Checkpoint::open(&dir.join("taesd_decoder.pth")).unwrap(), &backend).unwrap();
+    let enc = Weights::from_checkpoint(&Checkpoint::open(&dir.join("taesd_encoder.pth")).unwrap(), &backend).unwrap();
+    let (zs, z) = &g["taesd.decode.z"];
+    let img = taesd::decode(&dec, z, 1, zs[2], zs[3], &backend).unwrap();
+    check("TAESD decode", &g["taesd.decode.out"].1, &img, 1e-4);
+    let (xs, x) = &g["taesd.encode.x01"];
+    let lat = taesd::encode(&enc, x, 1, xs[2], xs[3], &backend).unwrap();
+    check("TAESD encode", &g["taesd.encode.z"].1, &lat, 1e-4);
+}

@@ -2,6 +2,7 @@
 //! weight is found by its canonical name; shapes come from the config in the GGUF.
 pub mod clip;
 pub mod nn;
+pub mod taesd;
 pub mod unet;
 pub mod vae;
 pub mod weights;

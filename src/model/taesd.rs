@@ -1,0 +1,96 @@
+//! TAESD-family tiny autoencoders (the `nn.Sequential` layout of the original
+//! releases: TAESD for SD 1/2 and SDXL with 4 latent channels, TAEF2 with 32 and the
+//! extra `pool` branch in its latent-resolution blocks). The layer sequence is the
+//! published architecture; widths, latent channels and the optional branches are
+//! read from the weights.
+use crate::error::Result;
+use crate::ggml::{Backend, Context, Tensor, Type};
+
+use super::nn::Nn;
+use super::Weights;
+
+enum Layer {
+    /// `tanh(x / 3) * 3`: keeps latents in range.
+    Clamp,
+    Conv(usize),
+    /// 3x3 convolution with stride 2.
+    Down(usize),
+    Relu,
+    Block(usize),
+    /// Nearest-neighbour 2x upsampling.
+    Up,
+}
+
+use Layer::*;
+
+const DECODER: &[Layer] = &[Clamp, Conv(1), Relu, Block(3), Block(4), Block(5), Up, Conv(7), Block(8), Block(9), Block(10), Up, Conv(12), Block(13), Block(14), Block(15), Up, Conv(17), Block(18), Conv(19)];
+const ENCODER: &[Layer] = &[Conv(0), Block(1), Down(2), Block(3), Block(4), Block(5), Down(6), Block(7), Block(8), Block(9), Down(10), Block(11), Block(12), Block(13), Conv(14)];
+
+fn block<'c>(nn: &Nn<'c>, x: Tensor<'c>, p: &str) -> Result<Tensor<'c>> {
+    let c = nn.ctx;
+    let mut x = x;
+    if nn.w.opt(&format!("{p}.pool.0.weight")).is_some() {
+        // TAEF2: x + conv1x1(relu(groupnorm(conv1x1(x)))).
+        let h = nn.conv(x, &format!("{p}.pool.0"), 1, 1, 0)?;
+        let h = c.relu(nn.group_norm(h, &format!("{p}.pool.1"), 4, 1e-5)?)?;
+        x = c.add(x, nn.conv(h, &format!("{p}.pool.3"), 1, 1, 0)?)?;
+    }
+    let h = c.relu(nn.conv(x, &format!("{p}.conv.0"), 3, 1, 1)?)?;
+    let h = c.relu(nn.conv(h, &format!("{p}.conv.2"), 3, 1, 1)?)?;
+    let h = nn.conv(h, &format!("{p}.conv.4"), 3, 1, 1)?;
+    let skip = if nn.w.opt(&format!("{p}.skip.weight")).is_some() { nn.conv(x, &format!("{p}.skip"), 1, 1, 0)? } else { x };
+    c.relu(c.add(h, skip)?)
+}
+
+fn run<'c>(nn: &Nn<'c>, layers: &[Layer], x: Tensor<'c>) -> Result<Tensor<'c>> {
+    let c = nn.ctx;
+    let mut x = x;
+    for l in layers {
+        x = match *l {
+            Clamp => c.scale(c.tanh(c.scale(x, 1.0 / 3.0)?)?, 3.0)?,
+            Conv(i) => nn.conv(x, &i.to_string(), 3, 1, 1)?,
+            Down(i) => nn.conv(x, &i.to_string(), 3, 2, 1)?,
+            Relu => c.relu(x)?,
+            Block(i) => block(nn, x, &i.to_string())?,
+            Up => c.upscale_nearest(x, 2)?,
+        };
+    }
+    Ok(x)
+}
+
+/// Latent channels expected by a TAESD decoder (its first convolution's input).
+pub fn latent_channels(decoder: &Weights<'_>) -> Result<usize> {
+    let w = decoder.get("1.weight")?;
+    let ne = w.ne();
+    // [kw, kh, C, OC] from a .pth, or [C*9, OC] flattened.
+    Ok(if ne[2] > 1 || ne[3] > 1 { ne[2] } else { ne[0] / 9 })
+}
+
+fn eval(w: &Weights<'_>, layers: &[Layer], input: &[f32], ne: [usize; 4], backend: &Backend) -> Result<Vec<f32>> {
+    let ctx = Context::new(2048)?;
+    let nn = Nn { ctx: &ctx, w };
+    let x = ctx.tensor(Type::F32, &ne, "taesd.in")?;
+    ctx.set_input(x);
+    let out = run(&nn, layers, x)?;
+    ctx.set_output(out);
+    let graph = ctx.graph(&[out])?;
+    ctx.alloc_graph(&graph)?;
+    ctx.set_f32(x, input)?;
+    backend.compute(&graph)?;
+    ctx.get_f32(out)
+}
+
+/// Decodes latents (`[n][c][h][w]`, the UNet's scaled space) to an image in about
+/// [0, 1] (`[n][3][8h][8w]`), unclamped.
+pub fn decode(w: &Weights<'_>, latents: &[f32], n: usize, h: usize, wd: usize, backend: &Backend) -> Result<Vec<f32>> {
+    let c = latent_channels(w)?;
+    eval(w, DECODER, latents, [wd, h, c, n], backend)
+}
+
+/// Encodes an image in [0, 1] (`[n][3][H][W]`, sides multiples of 8) to latents.
+pub fn encode(w: &Weights<'_>, pixels: &[f32], n: usize, h: usize, wd: usize, backend: &Backend) -> Result<Vec<f32>> {
+    if h % 8 != 0 || wd % 8 != 0 {
+        return Err(crate::Error::Invalid(format!("TAESD encodes images whose sides are multiples of 8, not {wd}x{h}")));
+    }
+    eval(w, ENCODER, pixels, [wd, h, 3, n], backend)
+}
