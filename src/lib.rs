@@ -9,6 +9,7 @@ pub mod formats;
 pub mod synth;
 pub mod ggml;
 pub mod model;
+pub mod sample;
 pub mod vocab;
 
 pub use error::{Error, Result};
