@@ -7,6 +7,7 @@ pub mod convert;
 pub mod error;
 pub mod formats;
 pub mod synth;
+pub mod tokenizer;
 pub mod ggml;
 pub mod model;
 pub mod sample;
