@@ -10,6 +10,7 @@ pub mod synth;
 pub mod tokenizer;
 pub mod ggml;
 pub mod model;
+pub mod pipeline;
 pub mod sample;
 pub mod vocab;
 

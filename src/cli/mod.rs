@@ -9,6 +9,7 @@ macro_rules! out {
 }
 
 mod convert;
+mod generate;
 mod info;
 mod synth;
 
@@ -36,6 +37,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     Convert(convert::Args),
+    Generate(generate::Args),
     Info(info::Args),
     Synth(synth::Args),
 }
@@ -55,6 +57,7 @@ pub fn main() -> ExitCode {
     }
     let result = match cli.command {
         Command::Convert(a) => convert::run(a),
+        Command::Generate(a) => generate::run(a, cli.threads),
         Command::Info(a) => info::run(a),
         Command::Synth(a) => synth::run(a),
     };

@@ -1,0 +1,258 @@
+//! txt2img: prompt → text conditioning → sampled latents → pixels.
+//!
+//! ```no_run
+//! use sdrs::pipeline::{Pipeline, Request};
+//! let pipe = Pipeline::load("sd15-q4_0.gguf".as_ref())?;
+//! let image = pipe.generate(&Request::new("a lighthouse at dawn"), &mut |_| {})?;
+//! image.save_png("out.png".as_ref())?;
+//! # Ok::<(), sdrs::Error>(())
+//! ```
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use crate::config::ModelConfig;
+use crate::convert::metadata;
+use crate::error::{Error, Result};
+use crate::formats::gguf::GgufFile;
+use crate::formats::Checkpoint;
+use crate::ggml::Backend;
+use crate::model::{clip, taesd, unet, vae, Weights};
+use crate::sample::{self, Discrete, Plan, Sampler, Spacing};
+use crate::tokenizer::ClipTokenizer;
+
+/// What to generate.
+#[derive(Clone, Debug)]
+pub struct Request {
+    pub prompt: String,
+    pub negative: String,
+    pub width: usize,
+    pub height: usize,
+    pub steps: usize,
+    pub cfg_scale: f32,
+    pub seed: u64,
+    pub sampler: Sampler,
+    /// Decode with a TAESD-family decoder (`.pth`) instead of the VAE.
+    pub taesd: Option<PathBuf>,
+    /// Explicit initial noise (`[4][h/8][w/8]`, unit Gaussian) instead of the seed's.
+    pub noise: Option<Vec<f32>>,
+}
+
+impl Request {
+    pub fn new(prompt: &str) -> Self {
+        Request { prompt: prompt.into(), negative: String::new(), width: 512, height: 512, steps: 20, cfg_scale: 7.0, seed: 42, sampler: Sampler::Euler, taesd: None, noise: None }
+    }
+}
+
+/// Progress of a generation.
+#[derive(Clone, Copy, Debug)]
+pub enum Stage {
+    TextEncoded,
+    Step { done: usize, total: usize },
+    Decoded,
+}
+
+/// An 8-bit RGB image with the parameters that made it.
+#[derive(Clone)]
+pub struct Image {
+    pub width: usize,
+    pub height: usize,
+    pub rgb: Vec<u8>,
+    /// A1111-style `parameters` text.
+    pub parameters: String,
+    /// Seconds per stage: text encoding, sampling, decoding.
+    pub timings: [f64; 3],
+}
+
+impl std::fmt::Debug for Image {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Image({}x{}, {:?})", self.width, self.height, self.parameters)
+    }
+}
+
+impl Image {
+    /// Writes a PNG with a `parameters` text chunk, atomically.
+    pub fn save_png(&self, path: &Path) -> Result<()> {
+        let staged = crate::convert::Staged::new(path, true)?;
+        let err = |e: png::EncodingError| Error::Invalid(format!("{}: {e}", path.display()));
+        {
+            let mut enc = png::Encoder::new(std::io::BufWriter::new(staged.file()), self.width as u32, self.height as u32);
+            enc.set_color(png::ColorType::Rgb);
+            enc.set_depth(png::BitDepth::Eight);
+            enc.add_text_chunk("parameters".into(), self.parameters.clone()).map_err(err)?;
+            let mut w = enc.write_header().map_err(err)?;
+            w.write_image_data(&self.rgb).map_err(err)?;
+            w.finish().map_err(err)?;
+        }
+        staged.commit()
+    }
+}
+
+/// A model ready to generate: the GGUF mapped, its config and tokenizer read.
+pub struct Pipeline {
+    gguf: GgufFile,
+    pub config: ModelConfig,
+    tokenizer: ClipTokenizer,
+    backend: Backend,
+    model_hash: String,
+}
+
+/// A seeded unit Gaussian (SplitMix64 + Box–Muller). Torch-compatible noise is a
+/// separate mode that comes with the full sampler set.
+pub fn native_noise(seed: u64, n: usize) -> Vec<f32> {
+    let mut s = seed;
+    let mut next = move || {
+        s = s.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = s;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64
+    };
+    let mut out = Vec::with_capacity(n + 1);
+    while out.len() < n {
+        let (u1, u2) = (next().max(1e-300), next());
+        let r = (-2.0 * u1.ln()).sqrt();
+        let a = 2.0 * std::f64::consts::PI * u2;
+        out.push((r * a.cos()) as f32);
+        out.push((r * a.sin()) as f32);
+    }
+    out.truncate(n);
+    out
+}
+
+impl Pipeline {
+    pub fn load(path: &Path) -> Result<Pipeline> {
+        Self::load_with_threads(path, std::thread::available_parallelism().map_or(1, |n| n.get()))
+    }
+
+    pub fn load_with_threads(path: &Path, threads: usize) -> Result<Pipeline> {
+        let gguf = GgufFile::open(path)?;
+        let config = match metadata::read_config(&gguf)? {
+            Some(c) => c,
+            None => crate::convert::model_config(&Checkpoint::open(path)?)?,
+        };
+        if config.text_encoders.len() != 1 || config.unet.adm_in_channels.is_some() {
+            return Err(Error::arch(path, format!("{} models (two text encoders, pooled conditioning) are not supported by this version's pipeline yet", config.family)));
+        }
+        let vocab = metadata::read_tokenizer(&gguf).map_or_else(crate::vocab::ClipVocab::embedded, Ok)?;
+        let tokenizer = ClipTokenizer::new(&vocab)?;
+        let model_hash = gguf.get("sd.source.sha256").and_then(|v| v.as_str()).map(|h| h.chars().take(10).collect()).unwrap_or_default();
+        Ok(Pipeline { gguf, config, tokenizer, backend: Backend::cpu(threads)?, model_hash })
+    }
+
+    /// Latent size for an image size, or an error that says what is allowed.
+    pub fn latent_size(&self, width: usize, height: usize) -> Result<(usize, usize)> {
+        let f = self.config.vae.downscale();
+        let m = f << (self.config.unet.channel_mult.len() - 1);
+        if width == 0 || height == 0 || width % m != 0 || height % m != 0 {
+            return Err(Error::Invalid(format!("image size {width}x{height}: width and height must be positive multiples of {m} for this model (the VAE divides by {f}, the UNet halves {} more times)", self.config.unet.channel_mult.len() - 1)));
+        }
+        Ok((width / f, height / f))
+    }
+
+    pub fn generate(&self, req: &Request, progress: &mut dyn FnMut(Stage)) -> Result<Image> {
+        let (lw, lh) = self.latent_size(req.width, req.height)?;
+        if req.steps == 0 || req.steps > 1000 {
+            return Err(Error::Invalid(format!("steps must be between 1 and 1000, not {}", req.steps)));
+        }
+        let cfg = &self.config;
+        let te = &cfg.text_encoders[0];
+        let t0 = Instant::now();
+        let guided = req.cfg_scale != 1.0;
+        let mut prompts = vec![self.tokenizer.encode_for(&req.prompt, te)?];
+        if guided {
+            prompts.insert(0, self.tokenizer.encode_for(&req.negative, te)?);
+        }
+        let context = {
+            let w = Weights::load(&self.gguf, |n| n.starts_with(&te.prefix))?;
+            clip::encode(&w, te, &prompts, &self.backend)?
+        };
+        progress(Stage::TextEncoded);
+        let t1 = Instant::now();
+
+        let zc = cfg.vae.latent_channels;
+        let noise = match &req.noise {
+            Some(n) if n.len() == zc * lw * lh => n.clone(),
+            Some(n) => return Err(Error::Invalid(format!("initial noise has {} values, the latent has {}", n.len(), zc * lw * lh))),
+            None => native_noise(req.seed, zc * lw * lh),
+        };
+        let sched = Discrete::sd();
+        let plan = match req.sampler {
+            Sampler::Euler => Plan::euler_discrete(&sched, req.steps, Spacing::Linspace, 1),
+            Sampler::Ddim => Plan::ddim(&sched, req.steps, 1, false),
+        };
+        let uw = Weights::load(&self.gguf, |n| n.starts_with("model.diffusion_model."))?;
+        let mut model = Cfg { w: &uw, pipe: self, context: &context, tokens: te.max_positions, scale: req.cfg_scale, guided, size: (lw, lh) };
+        let total = plan.timesteps.len();
+        let traj = sample::sample(&mut model, cfg.prediction, &plan, &noise, &mut |i| progress(Stage::Step { done: i + 1, total }))?;
+        let latent = traj.last().ok_or_else(|| Error::Invalid("no sampling steps".into()))?;
+        let t2 = Instant::now();
+
+        let (pixels, unit) = match &req.taesd {
+            Some(path) => {
+                let w = Weights::from_checkpoint(&Checkpoint::open(path)?, &self.backend)?;
+                (taesd::decode(&w, latent, 1, lh, lw, &self.backend)?, true)
+            }
+            None => {
+                let w = Weights::load(&self.gguf, |n| n.starts_with("first_stage_model."))?;
+                (vae::decode(&w, &cfg.vae, latent, 1, lh, lw, &self.backend)?, false)
+            }
+        };
+        progress(Stage::Decoded);
+        let (w, h) = (req.width, req.height);
+        let mut rgb = vec![0u8; w * h * 3];
+        for c in 0..3 {
+            for i in 0..w * h {
+                let v = pixels[c * w * h + i];
+                let v = if unit { v } else { v / 2.0 + 0.5 };
+                rgb[i * 3 + c] = (v.clamp(0.0, 1.0) * 255.0).round() as u8;
+            }
+        }
+        let name = self.gguf.path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+        let parameters = format!(
+            "{}\nNegative prompt: {}\nSteps: {}, Sampler: {}, CFG scale: {}, Seed: {}, Size: {}x{}, Model hash: {}, Model: {}, Version: sdrs {}",
+            req.prompt,
+            req.negative,
+            req.steps,
+            match req.sampler {
+                Sampler::Euler => "Euler",
+                Sampler::Ddim => "DDIM",
+            },
+            req.cfg_scale,
+            req.seed,
+            w,
+            h,
+            self.model_hash,
+            name,
+            env!("CARGO_PKG_VERSION")
+        );
+        let timings = [(t1 - t0).as_secs_f64(), (t2 - t1).as_secs_f64(), t2.elapsed().as_secs_f64()];
+        Ok(Image { width: w, height: h, rgb, parameters, timings })
+    }
+}
+
+/// The UNet with classifier-free guidance: one batch of [uncond, cond] when guided,
+/// the cond pass alone at scale 1.
+struct Cfg<'a> {
+    w: &'a Weights<'a>,
+    pipe: &'a Pipeline,
+    context: &'a [f32],
+    tokens: usize,
+    scale: f32,
+    guided: bool,
+    size: (usize, usize),
+}
+
+impl sample::Model for Cfg<'_> {
+    fn predict(&mut self, x: &[f32], t: f64) -> Result<Vec<f32>> {
+        let (w, h) = self.size;
+        let u = &self.pipe.config.unet;
+        if !self.guided {
+            return unet::forward(self.w, u, x, w, h, &[t as f32], self.context, self.tokens, None, None, &self.pipe.backend);
+        }
+        let mut batch = x.to_vec();
+        batch.extend_from_slice(x);
+        let out = unet::forward(self.w, u, &batch, w, h, &[t as f32, t as f32], self.context, self.tokens, None, None, &self.pipe.backend)?;
+        let (uncond, cond) = out.split_at(out.len() / 2);
+        Ok(uncond.iter().zip(cond).map(|(u, c)| u + self.scale * (c - u)).collect())
+    }
+}
