@@ -181,7 +181,9 @@ impl Pipeline {
             Sampler::Ddim => Plan::ddim(&sched, req.steps, 1, false),
         };
         let uw = Weights::load(&self.gguf, |n| n.starts_with("model.diffusion_model."))?;
-        let mut model = Cfg { w: &uw, pipe: self, context: &context, tokens: te.max_positions, scale: req.cfg_scale, guided, size: (lw, lh) };
+        // One graph for the whole run: cond and uncond as a batch of 2 when guided.
+        let runner = unet::Runner::new(&uw, &cfg.unet, lw, lh, prompts.len(), te.max_positions)?;
+        let mut model = Cfg { runner: &runner, pipe: self, context: &context, scale: req.cfg_scale, guided };
         let total = plan.timesteps.len();
         let traj = sample::sample(&mut model, cfg.prediction, &plan, &noise, &mut |i| progress(Stage::Step { done: i + 1, total }))?;
         let latent = traj.last().ok_or_else(|| Error::Invalid("no sampling steps".into()))?;
@@ -233,25 +235,22 @@ impl Pipeline {
 /// The UNet with classifier-free guidance: one batch of [uncond, cond] when guided,
 /// the cond pass alone at scale 1.
 struct Cfg<'a> {
-    w: &'a Weights<'a>,
+    runner: &'a unet::Runner<'a>,
     pipe: &'a Pipeline,
     context: &'a [f32],
-    tokens: usize,
     scale: f32,
     guided: bool,
-    size: (usize, usize),
 }
 
 impl sample::Model for Cfg<'_> {
     fn predict(&mut self, x: &[f32], t: f64) -> Result<Vec<f32>> {
-        let (w, h) = self.size;
-        let u = &self.pipe.config.unet;
+        let backend = &self.pipe.backend;
         if !self.guided {
-            return unet::forward(self.w, u, x, w, h, &[t as f32], self.context, self.tokens, None, None, &self.pipe.backend);
+            return self.runner.run(x, &[t as f32], self.context, None, None, backend);
         }
         let mut batch = x.to_vec();
         batch.extend_from_slice(x);
-        let out = unet::forward(self.w, u, &batch, w, h, &[t as f32, t as f32], self.context, self.tokens, None, None, &self.pipe.backend)?;
+        let out = self.runner.run(&batch, &[t as f32, t as f32], self.context, None, None, backend)?;
         let (uncond, cond) = out.split_at(out.len() / 2);
         Ok(uncond.iter().zip(cond).map(|(u, c)| u + self.scale * (c - u)).collect())
     }

@@ -27,6 +27,9 @@ pub struct Context<'d> {
     /// buffer is reused when the same graph runs again).
     galloc: RefCell<Option<sys::ggml_gallocr_t>>,
     graph_size: usize,
+    /// The graph built in this context (there is room for one), kept so that it can
+    /// be run again without rebuilding.
+    graph: std::cell::Cell<Option<NonNull<sys::ggml_cgraph>>>,
     _data: PhantomData<&'d [u8]>,
 }
 
@@ -53,7 +56,7 @@ impl<'d> Context<'d> {
         let params = sys::ggml_init_params { mem_size: size, mem_buffer: std::ptr::null_mut(), no_alloc: true };
         // SAFETY: ggml allocates its own memory of `size` bytes.
         let ptr = NonNull::new(unsafe { sys::ggml_init(params) }).ok_or_else(|| Error::Ggml("ggml_init failed".into()))?;
-        Ok(Context { ptr, buffers: RefCell::new(Vec::new()), borrowed: RefCell::new(HashSet::new()), galloc: RefCell::new(None), graph_size: max_tensors, _data: PhantomData })
+        Ok(Context { ptr, buffers: RefCell::new(Vec::new()), borrowed: RefCell::new(HashSet::new()), galloc: RefCell::new(None), graph_size: max_tensors, graph: std::cell::Cell::new(None), _data: PhantomData })
     }
 
     pub(super) fn raw(&self) -> *mut sys::ggml_context {
@@ -87,15 +90,29 @@ impl<'d> Context<'d> {
         NonNull::new(unsafe { sys::ggml_get_tensor(self.raw(), c.as_ptr()) }).map(|ptr| Tensor { ptr, _ctx: PhantomData })
     }
 
-    /// The graph computing `outputs`.
+    /// The graph computing `outputs` (a context holds one graph).
     pub fn graph<'c>(&'c self, outputs: &[Tensor<'c>]) -> Result<Graph<'c>> {
+        if self.graph.get().is_some() {
+            return Err(Error::Ggml("this context already holds a graph".into()));
+        }
         // SAFETY: ctx has room for one graph of graph_size nodes (see `new`).
         let g = NonNull::new(unsafe { sys::ggml_new_graph_custom(self.raw(), self.graph_size, false) }).ok_or_else(|| Error::Ggml("no room for a graph".into()))?;
+        self.graph.set(Some(g));
         for out in outputs {
             // SAFETY: graph and tensor valid.
             unsafe { sys::ggml_build_forward_expand(g.as_ptr(), out.ptr.as_ptr()) };
         }
         Ok(Graph { ptr: g, _ctx: PhantomData })
+    }
+
+    /// The graph built earlier in this context, to run it again.
+    pub fn built_graph(&self) -> Option<Graph<'_>> {
+        self.graph.get().map(|ptr| Graph { ptr, _ctx: PhantomData })
+    }
+
+    /// Names a tensor (so it can be found again with [`Context::get`]).
+    pub fn name(&self, t: Tensor<'_>, name: &str) -> Result<()> {
+        t.set_name(name)
     }
 
     /// Allocates every intermediate and input of `graph` in this context's compute

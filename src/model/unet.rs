@@ -186,6 +186,55 @@ pub fn build<'c>(nn: &Nn<'c>, cfg: &UnetConfig, w: usize, h: usize, b: usize, to
     Ok(Graph { x: x_in, t: t_in, context: ctx_in, y, guidance, out })
 }
 
+/// A UNet graph built once for one shape and run at every sampling step: the
+/// compute buffer is allocated once and reused.
+pub struct Runner<'w> {
+    ctx: Context<'w>,
+    cfg: UnetConfig,
+    shape: (usize, usize, usize, usize),
+    /// Compute-buffer size in bytes.
+    pub buffer_bytes: usize,
+    _weights: std::marker::PhantomData<&'w Weights<'w>>,
+}
+
+impl<'w> Runner<'w> {
+    /// Builds the graph for `batch` latents of `width`x`height` with `tokens` context tokens.
+    pub fn new(w: &'w Weights<'w>, cfg: &UnetConfig, width: usize, height: usize, batch: usize, tokens: usize) -> Result<Self> {
+        let ctx = Context::new(16384)?;
+        let buffer_bytes = {
+            let nn = Nn { ctx: &ctx, w };
+            let g = build(&nn, cfg, width, height, batch, tokens)?;
+            ctx.name(g.out, "unet.out")?;
+            let graph = ctx.graph(&[g.out])?;
+            ctx.alloc_graph(&graph)?
+        };
+        Ok(Runner { ctx, cfg: cfg.clone(), shape: (width, height, batch, tokens), buffer_bytes, _weights: std::marker::PhantomData })
+    }
+
+    /// One evaluation: `x` `[B][C][H][W]`, `t` `[B]`, `context` `[B][T][ctx]`.
+    pub fn run(&self, x: &[f32], t: &[f32], context: &[f32], y: Option<&[f32]>, guidance: Option<&[f32]>, backend: &Backend) -> Result<Vec<f32>> {
+        let (w, h, b, tokens) = self.shape;
+        let cfg = &self.cfg;
+        if t.len() != b || x.len() != b * cfg.in_channels * w * h || context.len() != b * tokens * cfg.context_dim {
+            return Err(Error::Invalid(format!("UNet inputs: {} latent, {} timestep and {} context values for a graph of batch {b}", x.len(), t.len(), context.len())));
+        }
+        let get = |n: &str| self.ctx.get(n).ok_or_else(|| Error::Invalid(format!("UNet graph lacks `{n}`")));
+        self.ctx.set_f32(get("unet.x")?, x)?;
+        self.ctx.set_f32(get("unet.t")?, t)?;
+        self.ctx.set_f32(get("unet.context")?, context)?;
+        for (name, value) in [("unet.y", y), ("unet.guidance", guidance)] {
+            match (self.ctx.get(name), value) {
+                (Some(tensor), Some(v)) => self.ctx.set_f32(tensor, v)?,
+                (None, None) => {}
+                _ => return Err(Error::Invalid(format!("`{name}` must be given exactly when the UNet uses it"))),
+            }
+        }
+        let graph = self.ctx.built_graph().ok_or_else(|| Error::Invalid("UNet graph missing".into()))?;
+        backend.compute(&graph)?;
+        self.ctx.get_f32(get("unet.out")?)
+    }
+}
+
 /// Evaluates the UNet once: `x` `[B][C][H][W]`, `t` `[B]`, `context` `[B][T][ctx]`.
 #[allow(clippy::too_many_arguments)]
 pub fn forward(w: &Weights<'_>, cfg: &UnetConfig, x: &[f32], width: usize, height: usize, t: &[f32], context: &[f32], tokens: usize, y: Option<&[f32]>, guidance: Option<&[f32]>, backend: &Backend) -> Result<Vec<f32>> {
@@ -193,24 +242,5 @@ pub fn forward(w: &Weights<'_>, cfg: &UnetConfig, x: &[f32], width: usize, heigh
     if x.len() != b * cfg.in_channels * width * height || context.len() != b * tokens * cfg.context_dim {
         return Err(Error::Invalid(format!("UNet inputs: {} latent and {} context values for batch {b}", x.len(), context.len())));
     }
-    let ctx = Context::new(16384)?;
-    let nn = Nn { ctx: &ctx, w };
-    let g = build(&nn, cfg, width, height, b, tokens)?;
-    let graph = ctx.graph(&[g.out])?;
-    ctx.alloc_graph(&graph)?;
-    ctx.set_f32(g.x, x)?;
-    ctx.set_f32(g.t, t)?;
-    ctx.set_f32(g.context, context)?;
-    match (g.y, y) {
-        (Some(yt), Some(v)) => ctx.set_f32(yt, v)?,
-        (None, None) => {}
-        _ => return Err(Error::Invalid("the label conditioning `y` must be given exactly when the UNet has `label_emb`".into())),
-    }
-    match (g.guidance, guidance) {
-        (Some(gt), Some(v)) => ctx.set_f32(gt, v)?,
-        (None, None) => {}
-        _ => return Err(Error::Invalid("the guidance embedding must be given exactly when the UNet has `cond_proj`".into())),
-    }
-    backend.compute(&graph)?;
-    ctx.get_f32(g.out)
+    Runner::new(w, cfg, width, height, b, tokens)?.run(x, t, context, y, guidance, backend)
 }
