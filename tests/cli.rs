@@ -53,3 +53,17 @@ fn user_mistakes_get_one_clear_line() {
     assert!(!ok && err.contains("sd15"), "{err}");
     assert_eq!(err.lines().count(), 1, "{err}");
 }
+
+#[test]
+fn bench_measures_a_synthetic_model_and_reports_json() {
+    let (ok, out, err) = sdrs(&["bench", "--synth", "tiny-sd15", "--type", "q8_0", "--sizes", "64", "--steps", "2", "--json"]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["family"], "sd1");
+    let run = &v["runs"][0];
+    assert_eq!(run["size"], 64);
+    for k in ["text_s", "step_s", "decode_s"] {
+        assert!(run[k].as_f64().unwrap() > 0.0, "{k}: {run}");
+    }
+    assert!(v["peak_rss_bytes"].as_u64().unwrap() > 0);
+}

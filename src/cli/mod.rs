@@ -8,6 +8,7 @@ macro_rules! out {
     }};
 }
 
+mod bench;
 mod convert;
 mod generate;
 mod info;
@@ -36,6 +37,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    Bench(bench::Args),
     Convert(convert::Args),
     Generate(generate::Args),
     Info(info::Args),
@@ -56,6 +58,7 @@ pub fn main() -> ExitCode {
         }
     }
     let result = match cli.command {
+        Command::Bench(a) => bench::run(a, cli.threads),
         Command::Convert(a) => convert::run(a),
         Command::Generate(a) => generate::run(a, cli.threads),
         Command::Info(a) => info::run(a),
