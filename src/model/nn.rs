@@ -1,6 +1,6 @@
 //! Layers shared by the UNet, the VAE and TAESD, named as in the checkpoint.
 use crate::error::Result;
-use crate::ggml::{Context, Tensor};
+use crate::ggml::{Backend, Context, Tensor, Type};
 
 use super::Weights;
 
@@ -65,4 +65,20 @@ impl<'c> Nn<'c> {
         let t = self.ctx.cont(self.ctx.permute(x, [1, 0, 2, 3])?)?; // [W*H, C, N]
         self.ctx.reshape(t, &[w, h, c, n])
     }
+}
+
+/// Runs a one-input, one-output network once: `build` maps the f32 input tensor of
+/// ggml shape `ne` (holding `input`) to the output, whose values are returned.
+pub fn eval(w: &Weights<'_>, ne: [usize; 4], input: &[f32], max_tensors: usize, backend: &Backend, build: impl for<'c> FnOnce(&Nn<'c>, Tensor<'c>) -> Result<Tensor<'c>>) -> Result<Vec<f32>> {
+    let ctx = Context::new(max_tensors)?;
+    let nn = Nn { ctx: &ctx, w };
+    let x = ctx.tensor(Type::F32, &ne, "input")?;
+    ctx.set_input(x);
+    let out = build(&nn, x)?;
+    ctx.set_output(out);
+    let graph = ctx.graph(&[out])?;
+    ctx.alloc_graph(&graph)?;
+    ctx.set_f32(x, input)?;
+    backend.compute(&graph)?;
+    ctx.get_f32(out)
 }

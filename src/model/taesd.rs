@@ -4,7 +4,7 @@
 //! published architecture; widths, latent channels and the optional branches are
 //! read from the weights.
 use crate::error::Result;
-use crate::ggml::{Backend, Context, Tensor, Type};
+use crate::ggml::{Backend, Tensor};
 
 use super::nn::Nn;
 use super::Weights;
@@ -67,17 +67,7 @@ pub fn latent_channels(decoder: &Weights<'_>) -> Result<usize> {
 }
 
 fn eval(w: &Weights<'_>, layers: &[Layer], input: &[f32], ne: [usize; 4], backend: &Backend) -> Result<Vec<f32>> {
-    let ctx = Context::new(2048)?;
-    let nn = Nn { ctx: &ctx, w };
-    let x = ctx.tensor(Type::F32, &ne, "taesd.in")?;
-    ctx.set_input(x);
-    let out = run(&nn, layers, x)?;
-    ctx.set_output(out);
-    let graph = ctx.graph(&[out])?;
-    ctx.alloc_graph(&graph)?;
-    ctx.set_f32(x, input)?;
-    backend.compute(&graph)?;
-    ctx.get_f32(out)
+    super::nn::eval(w, ne, input, 2048, backend, |nn, x| run(nn, layers, x))
 }
 
 /// Decodes latents (`[n][c][h][w]`, the UNet's scaled space) to an image in about

@@ -1,9 +1,9 @@
 //! KL autoencoder (LDM `AutoencoderKL`, single-file naming `first_stage_model.*`).
 use crate::config::VaeConfig;
 use crate::error::{Error, Result};
-use crate::ggml::{Backend, Context, Tensor, Type};
+use crate::ggml::{Backend, Context, Tensor};
 
-use super::nn::Nn;
+use super::nn::{eval, Nn};
 use super::Weights;
 
 const PREFIX: &str = "first_stage_model.";
@@ -97,19 +97,11 @@ pub fn decode(w: &Weights<'_>, cfg: &VaeConfig, latents: &[f32], n: usize, h: us
     if latents.len() != n * zc * h * wd {
         return Err(Error::Invalid(format!("{} latent values for {n}x{zc}x{h}x{wd}", latents.len())));
     }
-    let ctx = Context::new(4096)?;
-    let nn = Nn { ctx: &ctx, w };
-    let z = ctx.tensor(Type::F32, &[wd, h, zc, n], "vae.latents")?;
-    ctx.set_input(z);
-    let zs = ctx.scale(z, 1.0 / cfg.scaling_factor)?;
-    let zs = if cfg.shift_factor != 0.0 { ctx.add1(zs, cfg.shift_factor)? } else { zs };
-    let out = decoder(&nn, cfg, zs)?;
-    ctx.set_output(out);
-    let graph = ctx.graph(&[out])?;
-    ctx.alloc_graph(&graph)?;
-    ctx.set_f32(z, latents)?;
-    backend.compute(&graph)?;
-    ctx.get_f32(out)
+    eval(w, [wd, h, zc, n], latents, 4096, backend, |nn, z| {
+        let zs = nn.ctx.scale(z, 1.0 / cfg.scaling_factor)?;
+        let zs = if cfg.shift_factor != 0.0 { nn.ctx.add1(zs, cfg.shift_factor)? } else { zs };
+        decoder(nn, cfg, zs)
+    })
 }
 
 /// Encodes pixels in [-1, 1] (`[n][3][H][W]`) to UNet-space latents (the
@@ -119,17 +111,9 @@ pub fn encode(w: &Weights<'_>, cfg: &VaeConfig, pixels: &[f32], n: usize, h: usi
     if pixels.len() != n * 3 * h * wd || h % f != 0 || wd % f != 0 {
         return Err(Error::Invalid(format!("{} pixel values for {n}x3x{h}x{wd} (sides must be multiples of {f})", pixels.len())));
     }
-    let ctx = Context::new(4096)?;
-    let nn = Nn { ctx: &ctx, w };
-    let img = ctx.tensor(Type::F32, &[wd, h, 3, n], "vae.pixels")?;
-    ctx.set_input(img);
-    let mean = encoder(&nn, cfg, img)?;
-    let mean = if cfg.shift_factor != 0.0 { ctx.add1(mean, -cfg.shift_factor)? } else { mean };
-    let out = ctx.scale(mean, cfg.scaling_factor)?;
-    ctx.set_output(out);
-    let graph = ctx.graph(&[out])?;
-    ctx.alloc_graph(&graph)?;
-    ctx.set_f32(img, pixels)?;
-    backend.compute(&graph)?;
-    ctx.get_f32(out)
+    eval(w, [wd, h, 3, n], pixels, 4096, backend, |nn, img| {
+        let mean = encoder(nn, cfg, img)?;
+        let mean = if cfg.shift_factor != 0.0 { nn.ctx.add1(mean, -cfg.shift_factor)? } else { mean };
+        nn.ctx.scale(mean, cfg.scaling_factor)
+    })
 }
