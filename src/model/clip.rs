@@ -3,6 +3,7 @@ use crate::config::{Activation, TextEncoderConfig, TextEncoderKind};
 use crate::error::{Error, Result};
 use crate::ggml::{Backend, Context, Tensor, Type};
 
+use super::nn::Nn;
 use super::Weights;
 
 /// CLIP's layer-norm epsilon (both towers).
@@ -52,45 +53,27 @@ fn layer_names(cfg: &TextEncoderConfig, i: usize) -> LayerNames {
     }
 }
 
-struct Builder<'c> {
-    ctx: &'c Context<'c>,
-    w: &'c Weights<'c>,
-}
-
-impl<'c> Builder<'c> {
-    fn linear(&self, x: Tensor<'c>, name: &str) -> Result<Tensor<'c>> {
-        self.ctx.linear(x, self.w.get(&format!("{name}.weight"))?, self.w.opt(&format!("{name}.bias")))
-    }
-    fn layer_norm(&self, x: Tensor<'c>, name: &str) -> Result<Tensor<'c>> {
-        let n = self.ctx.norm(x, LN_EPS)?;
-        let n = self.ctx.mul(n, self.w.get(&format!("{name}.weight"))?)?;
-        self.ctx.add(n, self.w.get(&format!("{name}.bias"))?)
-    }
-
-    /// Causal multi-head self-attention over `x` `[C, T, B]`.
-    fn attention(&self, x: Tensor<'c>, names: &LayerNames, heads: usize) -> Result<Tensor<'c>> {
-        let c = self.ctx;
-        let [ch, t, b, _] = x.ne();
-        let d = ch / heads;
-        let (q, k, v) = match &names.qkv {
-            Qkv::Separate([q, k, v]) => (self.linear(x, q)?, self.linear(x, k)?, self.linear(x, v)?),
-            Qkv::Stacked(p) => {
-                let w = self.w.get(&format!("{p}weight"))?;
-                let qkv = c.linear(x, w, self.w.opt(&format!("{p}bias")))?; // [3C, T, B]
-                let part = |i: usize| c.cont(c.view(qkv, [ch, t, b, 1], [i * ch, 0, 0, 0])?);
-                (part(0)?, part(1)?, part(2)?)
-            }
-        };
-        let split = |y: Tensor<'c>| c.reshape(y, &[d, heads, t, b]);
-        let q = c.permute(split(q)?, [0, 2, 1, 3])?; // [D, T, H, B]
-        let k = c.permute(split(k)?, [0, 2, 1, 3])?;
-        let vt = c.cont(c.permute(split(v)?, [1, 2, 0, 3])?)?; // [T, D, H, B]
-        let scores = c.mul_mat(k, q)?; // [Tk, Tq, H, B]
-        let probs = c.soft_max_ext(c.diag_mask_inf(scores)?, None, 1.0 / (d as f32).sqrt())?;
-        let o = c.mul_mat(vt, probs)?; // [D, Tq, H, B]
-        let o = c.reshape(c.cont(c.permute(o, [0, 2, 1, 3])?)?, &[ch, t, b])?;
-        self.linear(o, &names.out)
-    }
+/// Causal multi-head self-attention over `x` `[C, T, B]`.
+fn attention<'c>(nn: &Nn<'c>, x: Tensor<'c>, names: &LayerNames, heads: usize) -> Result<Tensor<'c>> {
+    let c = nn.ctx;
+    let [ch, t, b, _] = x.ne();
+    let d = ch / heads;
+    let (q, k, v) = match &names.qkv {
+        Qkv::Separate([q, k, v]) => (nn.linear(x, q)?, nn.linear(x, k)?, nn.linear(x, v)?),
+        Qkv::Stacked(p) => {
+            let w = nn.w.get(&format!("{p}weight"))?;
+            let qkv = c.linear(x, w, nn.w.opt(&format!("{p}bias")))?; // [3C, T, B]
+            let part = |i: usize| c.cont(c.view(qkv, [ch, t, b, 1], [i * ch, 0, 0, 0])?);
+            (part(0)?, part(1)?, part(2)?)
+        }
+    };
+    let split = |y: Tensor<'c>| c.reshape(y, &[d, heads, t, b]);
+    let q = c.permute(split(q)?, [0, 2, 1, 3])?; // [D, T, H, B]
+    let k = c.permute(split(k)?, [0, 2, 1, 3])?;
+    let vt = c.cont(c.permute(split(v)?, [1, 2, 0, 3])?)?; // [T, D, H, B]
+    let o = nn.attend(q, k, vt, true)?; // [D, Tq, H, B]
+    let o = c.reshape(c.cont(c.permute(o, [0, 2, 1, 3])?)?, &[ch, t, b])?;
+    nn.linear(o, &names.out)
 }
 
 /// Graph inputs and output of a text encoder run.
@@ -105,7 +88,7 @@ pub struct Graph<'c> {
 
 /// Builds the encoder for `batch` prompts of `cfg.max_positions` tokens.
 pub fn build<'c>(ctx: &'c Context<'c>, w: &'c Weights<'c>, cfg: &TextEncoderConfig, batch: usize) -> Result<Graph<'c>> {
-    let bld = Builder { ctx, w };
+    let nn = Nn { ctx, w };
     let t = cfg.max_positions;
     let p = &cfg.prefix;
     let (tok, pos) = match cfg.kind {
@@ -122,22 +105,22 @@ pub fn build<'c>(ctx: &'c Context<'c>, w: &'c Weights<'c>, cfg: &TextEncoderConf
     let layers = cfg.num_layers.checked_sub(cfg.skip_layers).ok_or_else(|| Error::Invalid(format!("text encoder skips {} of {} layers", cfg.skip_layers, cfg.num_layers)))?;
     for i in 0..layers {
         let n = layer_names(cfg, i);
-        let h = bld.layer_norm(x, &n.ln1)?;
-        x = ctx.add(x, bld.attention(h, &n, cfg.num_heads)?)?;
-        let h = bld.layer_norm(x, &n.ln2)?;
-        let h = bld.linear(h, &n.fc1)?;
+        let h = nn.layer_norm(x, &n.ln1, LN_EPS)?;
+        x = ctx.add(x, attention(&nn, h, &n, cfg.num_heads)?)?;
+        let h = nn.layer_norm(x, &n.ln2, LN_EPS)?;
+        let h = nn.linear(h, &n.fc1)?;
         let h = match cfg.activation {
             Activation::QuickGelu => ctx.gelu_quick(h)?,
             Activation::Gelu => ctx.gelu(h)?,
         };
-        x = ctx.add(x, bld.linear(h, &n.fc2)?)?;
+        x = ctx.add(x, nn.linear(h, &n.fc2)?)?;
     }
     if cfg.final_norm {
         let name = match cfg.kind {
             TextEncoderKind::HfClip => format!("{p}final_layer_norm"),
             TextEncoderKind::OpenClip => format!("{p}ln_final"),
         };
-        x = bld.layer_norm(x, &name)?;
+        x = nn.layer_norm(x, &name, LN_EPS)?;
     }
     ctx.set_output(x);
     Ok(Graph { ids, positions, hidden: x })

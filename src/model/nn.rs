@@ -44,10 +44,12 @@ impl<'c> Nn<'c> {
     }
 
     /// Softmax attention of `q` `[D, Nq, H, B]` over `k` `[D, Nk, H, B]` and values
-    /// given transposed, `vt` `[Nk, D, H, B]`: returns `[D, Nq, H, B]`.
-    pub fn attend(&self, q: Tensor<'c>, k: Tensor<'c>, vt: Tensor<'c>) -> Result<Tensor<'c>> {
+    /// given transposed, `vt` `[Nk, D, H, B]`: returns `[D, Nq, H, B]`. `causal` hides
+    /// keys after each query (text encoders).
+    pub fn attend(&self, q: Tensor<'c>, k: Tensor<'c>, vt: Tensor<'c>, causal: bool) -> Result<Tensor<'c>> {
         let d = q.ne()[0];
         let scores = self.ctx.mul_mat(k, q)?; // [Nk, Nq, H, B]
+        let scores = if causal { self.ctx.diag_mask_inf(scores)? } else { scores };
         let probs = self.ctx.soft_max_ext(scores, None, 1.0 / (d as f32).sqrt())?;
         self.ctx.mul_mat(vt, probs)
     }

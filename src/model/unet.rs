@@ -39,7 +39,7 @@ fn attention<'c>(nn: &Nn<'c>, x: Tensor<'c>, ctx_in: Tensor<'c>, name: &str, hea
     let q = c.permute(c.reshape(q, &[d, heads, n, b])?, [0, 2, 1, 3])?; // [D, N, H, B]
     let k = c.permute(c.reshape(k, &[d, heads, tk, b])?, [0, 2, 1, 3])?;
     let vt = c.cont(c.permute(c.reshape(v, &[d, heads, tk, b])?, [1, 2, 0, 3])?)?; // [Tk, D, H, B]
-    let o = nn.attend(q, k, vt)?; // [D, N, H, B]
+    let o = nn.attend(q, k, vt, false)?; // [D, N, H, B]
     let o = c.reshape(c.cont(c.permute(o, [0, 2, 1, 3])?)?, &[ch, n, b])?;
     nn.linear(o, &format!("{name}.to_out.0"))
 }

@@ -31,7 +31,7 @@ fn attention<'c>(nn: &Nn<'c>, x: Tensor<'c>, name: &str) -> Result<Tensor<'c>> {
     let vt = c.reshape(nn.conv(hn, &format!("{name}.v"), 1, 1, 0)?, &[w * h, ch, 1, n])?;
     let q = c.reshape(q, &[ch, w * h, 1, n])?;
     let k = c.reshape(k, &[ch, w * h, 1, n])?;
-    let o = nn.attend(q, k, vt)?; // [C, Npix, 1, B]
+    let o = nn.attend(q, k, vt, false)?; // [C, Npix, 1, B]
     let o = nn.from_tokens(c.reshape(o, &[ch, w * h, n])?, w, h)?;
     c.add(x, nn.conv(o, &format!("{name}.proj_out"), 1, 1, 0)?)
 }
