@@ -99,14 +99,8 @@ pub struct Pipeline {
 /// A seeded unit Gaussian (SplitMix64 + Box–Muller). Torch-compatible noise is a
 /// separate mode that comes with the full sampler set.
 pub fn native_noise(seed: u64, n: usize) -> Vec<f32> {
-    let mut s = seed;
-    let mut next = move || {
-        s = s.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = s;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64
-    };
+    let mut rng = crate::synth::SplitMix(seed);
+    let mut next = move || (rng.next() >> 11) as f64 / (1u64 << 53) as f64;
     let mut out = Vec::with_capacity(n + 1);
     while out.len() < n {
         let (u1, u2) = (next().max(1e-300), next());

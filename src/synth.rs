@@ -35,11 +35,12 @@ impl std::str::FromStr for Format {
     }
 }
 
-/// A small, fast, seedable generator (SplitMix64); quality is ample for weights.
-struct SplitMix(u64);
+/// A small, fast, seedable generator (SplitMix64); quality is ample for weights
+/// and for the native noise mode.
+pub(crate) struct SplitMix(pub(crate) u64);
 
 impl SplitMix {
-    fn next(&mut self) -> u64 {
+    pub(crate) fn next(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
