@@ -1,13 +1,15 @@
 #!/usr/bin/env python3
 """Golden fixtures from the reference implementation (diffusers + transformers on PyTorch).
 
-Builds two tiny Stable Diffusion pipelines (SD 1.x-like and SD 2.x-like) and one tiny
-TAESD, with seeded random weights rounded to float16, saves them as diffusers folders
-(and TAESD also as the original `.pth` state dicts), and records what the reference
-implementation computes from them, in float32 on the CPU:
+Builds two tiny Stable Diffusion pipelines (SD 1.x-like and SD 2.x-like), a tiny SD 1.x
+inpainting pipeline (sd1's text encoder and VAE, a 9-channel UNet) and one tiny TAESD,
+with seeded random weights rounded to float16, saves them as diffusers folders (and TAESD
+also as the original `.pth` state dicts), and records what the reference implementation
+computes from them, in float32 on the CPU:
 
   token ids, text-encoder conditioning, UNet outputs, VAE decode/encode, TAESD
-  decode/encode, and complete 4-step txt2img trajectories (Euler and DDIM, CFG 7.5).
+  decode/encode, complete 4-step txt2img trajectories (Euler and DDIM, CFG 7.5), and a
+  4-step Euler trajectory of the inpainting pipeline with a fully masked grey image.
 
 Everything is a pure function of `--seed`: inputs come from numpy's PCG64 generator,
 never from torch's RNG, so the fixtures do not depend on the torch version's RNG.
@@ -17,6 +19,7 @@ correspond exactly to the float16 weights on disk upcast to float32.
 Usage (see tools/reference/setup.sh for the environment):
 
     /work/venv-ref/bin/python tools/reference/make_fixtures.py --out tests/fixtures/ref
+    /work/venv-ref/bin/python tools/reference/make_fixtures.py --only sd1-inpaint  # one fixture (+ README)
 """
 from __future__ import annotations
 
@@ -42,6 +45,7 @@ from diffusers import (
     AutoencoderTiny,
     DDIMScheduler,
     EulerDiscreteScheduler,
+    StableDiffusionInpaintPipeline,
     StableDiffusionPipeline,
     UNet2DConditionModel,
 )
@@ -84,12 +88,18 @@ SD_SCHEDULE = dict(
 )
 
 # Numbered streams of numpy's generator, one per purpose (seeded with [seed, stream]).
-STREAM_WEIGHTS = {"sd1": 1, "sd2": 2, "taesd": 3, "vae": 4}
-STREAM_INPUTS = {"sd1": 11, "sd2": 12, "taesd": 13}
+# sd1-inpaint draws its text encoder from sd1's stream (the same first draws, so the same
+# weights) and only its UNet from its own stream.
+STREAM_WEIGHTS = {"sd1": 1, "sd2": 2, "taesd": 3, "vae": 4, "sd1-inpaint": 5}
+STREAM_INPUTS = {"sd1": 11, "sd2": 12, "taesd": 13, "sd1-inpaint": 14}
+MODELS = ("sd1", "sd2", "sd1-inpaint", "taesd")
 
 
 def sd_configs(kind: str) -> dict:
-    """The exact configurations of the tiny models."""
+    """The exact configurations of the tiny models. "sd1-inpaint" is sd1 with a 9-channel
+    UNet input (latent 4 + mask 1 + masked-image latent 4), like SD 1.5 inpainting."""
+    if kind not in ("sd1", "sd2", "sd1-inpaint"):
+        raise SystemExit(f"make_fixtures: unknown SD kind {kind}")
     sd2 = kind == "sd2"
     unet = dict(
         sample_size=8,
@@ -110,6 +120,8 @@ def sd_configs(kind: str) -> dict:
         flip_sin_to_cos=True,
         freq_shift=0,
     )
+    if kind == "sd1-inpaint":
+        unet["in_channels"] = 9
     vae = dict(
         in_channels=3,
         out_channels=3,
@@ -143,7 +155,9 @@ def sd_configs(kind: str) -> dict:
     ddim = dict(SD_SCHEDULE, prediction_type=prediction, timestep_spacing="leading", steps_offset=1,
                 clip_sample=False, set_alpha_to_one=False, rescale_betas_zero_snr=False)
     return dict(unet=unet, vae=vae, text_encoder=text, euler=euler, ddim=ddim,
-                pad_token="!" if sd2 else "<|endoftext|>", prediction=prediction)
+                pad_token="!" if sd2 else "<|endoftext|>", prediction=prediction,
+                base="sd2" if sd2 else "sd1",
+                pipeline=StableDiffusionInpaintPipeline if kind == "sd1-inpaint" else StableDiffusionPipeline)
 
 
 TAESD_CONFIG = dict(
@@ -308,13 +322,17 @@ def save_golden(path: Path, tensors: dict[str, torch.Tensor], meta: dict) -> Non
 
 def build_sd(kind: str, seed: int, model_dir: Path, clip_dir: Path) -> dict:
     cfg = sd_configs(kind)
-    rng = np.random.default_rng([seed, STREAM_WEIGHTS[kind]])
+    rng = np.random.default_rng([seed, STREAM_WEIGHTS[cfg["base"]]])
     unet = UNet2DConditionModel(**cfg["unet"])
     vae = AutoencoderKL(**cfg["vae"])
     text = CLIPTextModel(CLIPTextConfig(**cfg["text_encoder"]))
     # Gains chosen from the output statistics: the random UNet's prediction and the VAE
     # decoder's image come out with std ~0.3 instead of ~0.6.
     init_weights(text, rng)
+    if kind != cfg["base"]:
+        # sd1-inpaint: sd1's text encoder (drawn above from sd1's stream, identical), then
+        # its own UNet stream (sd1's UNet would come next in sd1's stream).
+        rng = np.random.default_rng([seed, STREAM_WEIGHTS[kind]])
     init_weights(unet, rng, {"conv_out": 0.5})
     # SD 2 reuses SD 1's VAE architecture: both fixtures get the same VAE weights (one
     # stream), so git stores the file once.
@@ -323,7 +341,7 @@ def build_sd(kind: str, seed: int, model_dir: Path, clip_dir: Path) -> dict:
              for n, m in (("unet", unet), ("vae", vae), ("text_encoder", text))}
     tok_dir = model_dir.parent / "_tokenizer_tmp"
     write_tokenizer(tok_dir, clip_dir, cfg["pad_token"])
-    pipe = StableDiffusionPipeline(
+    pipe = cfg["pipeline"](
         vae=vae.half(), text_encoder=text.half(), tokenizer=CLIPTokenizer.from_pretrained(tok_dir),
         unet=unet.half(), scheduler=DDIMScheduler(**cfg["ddim"]),
         safety_checker=None, feature_extractor=None, image_encoder=None, requires_safety_checker=False,
@@ -345,10 +363,11 @@ def build_sd(kind: str, seed: int, model_dir: Path, clip_dir: Path) -> dict:
     return built
 
 
-def run_sd(kind: str, seed: int, model_dir: Path, built: dict) -> tuple[dict, dict]:
-    cfg = sd_configs(kind)
-    pipe = StableDiffusionPipeline.from_pretrained(model_dir, dtype=torch.float32, safety_checker=None,
-                                                   requires_safety_checker=False)
+def load_sd(kind: str, model_dir: Path, built: dict):
+    """The saved folder reloaded in float32 (checked: exactly the weights it was built with)."""
+    cls = sd_configs(kind)["pipeline"]
+    pipe = cls.from_pretrained(model_dir, dtype=torch.float32, safety_checker=None, requires_safety_checker=False)
+    assert type(pipe) is cls, type(pipe)
     pipe.set_progress_bar_config(disable=True)
     for name in ("unet", "vae", "text_encoder"):
         assert_f16_exact(getattr(pipe, name), name)
@@ -357,6 +376,23 @@ def run_sd(kind: str, seed: int, model_dir: Path, built: dict) -> tuple[dict, di
             raise SystemExit(f"make_fixtures: {model_dir}/{name} does not load back the weights it was saved with")
     assert pipe.vae_scale_factor == 2, pipe.vae_scale_factor
     assert pipe.tokenizer.pad_token_id == (0 if kind == "sd2" else 49407), pipe.tokenizer.pad_token_id
+    return pipe
+
+
+def sd_meta_configs(kind: str, pipe) -> dict:
+    return {
+        "unet": {k: v for k, v in dict(pipe.unet.config).items() if k != "_name_or_path"},
+        "vae": {k: v for k, v in dict(pipe.vae.config).items() if k != "_name_or_path"},
+        "text_encoder": {k: v for k, v in pipe.text_encoder.config.to_dict().items()
+                         if k in sd_configs(kind)["text_encoder"] or k in ("model_type", "projection_dim")},
+        "tokenizer": {"pad_token": pipe.tokenizer.pad_token, "pad_token_id": pipe.tokenizer.pad_token_id,
+                      "model_max_length": pipe.tokenizer.model_max_length},
+    }
+
+
+def run_sd(kind: str, seed: int, model_dir: Path, built: dict) -> tuple[dict, dict]:
+    cfg = sd_configs(kind)
+    pipe = load_sd(kind, model_dir, built)
     rng = np.random.default_rng([seed, STREAM_INPUTS[kind]])
     g: dict[str, torch.Tensor] = {}
     meta: dict = {"model": kind, "prompts": PROMPTS, "cond_prompt": COND_PROMPT, "negative_prompt": ""}
@@ -413,18 +449,15 @@ def run_sd(kind: str, seed: int, model_dir: Path, built: dict) -> tuple[dict, di
     meta["unet_timesteps"] = UNET_TIMESTEPS
     meta["precision_f32_vs_f64"] = {k: float(f"{v:.3g}") for k, v in precision.items()}
     meta["stats"] = {k: stats(v) for k, v in g.items() if v.is_floating_point()}
-    meta["configs"] = {
-        "unet": {k: v for k, v in dict(pipe.unet.config).items() if k != "_name_or_path"},
-        "vae": {k: v for k, v in dict(pipe.vae.config).items() if k != "_name_or_path"},
-        "text_encoder": {k: v for k, v in pipe.text_encoder.config.to_dict().items()
-                         if k in sd_configs(kind)["text_encoder"] or k in ("model_type", "projection_dim")},
-        "tokenizer": {"pad_token": pipe.tokenizer.pad_token, "pad_token_id": pipe.tokenizer.pad_token_id,
-                      "model_max_length": pipe.tokenizer.model_max_length},
-    }
+    meta["configs"] = sd_meta_configs(kind, pipe)
     return g, meta
 
 
-def trajectory(pipe, cls, sched_cfg: dict, x_T: torch.Tensor, g: dict, key: str, p64: dict) -> dict:
+def trajectory(pipe, cls, sched_cfg: dict, x_T: torch.Tensor, g: dict, key: str, p64: dict,
+               extra: dict | None = None) -> dict:
+    """One 4-step run of `pipe` (its own class: txt2img, or inpainting with `extra` =
+    image / mask_image / masked_image_latents / strength) from the fixed latent x_T."""
+    extra = extra or {}
     pipe.scheduler = cls(**sched_cfg)
     unet_in, unet_t, unet_out, after = [], [], [], []
 
@@ -444,7 +477,7 @@ def trajectory(pipe, cls, sched_cfg: dict, x_T: torch.Tensor, g: dict, key: str,
     try:
         lat = pipe(PROMPTS[COND_PROMPT], height=HEIGHT, width=WIDTH, num_inference_steps=STEPS,
                    guidance_scale=GUIDANCE, negative_prompt=None, latents=x_T.clone(), output_type="latent",
-                   callback_on_step_end=on_step, callback_on_step_end_tensor_inputs=["latents"]).images
+                   callback_on_step_end=on_step, callback_on_step_end_tensor_inputs=["latents"], **extra).images
     finally:
         h1.remove()
         h2.remove()
@@ -457,7 +490,7 @@ def trajectory(pipe, cls, sched_cfg: dict, x_T: torch.Tensor, g: dict, key: str,
     # The same run end to end (output_type="pil") must give the same pixels.
     pipe.scheduler = cls(**sched_cfg)
     pil = pipe(PROMPTS[COND_PROMPT], height=HEIGHT, width=WIDTH, num_inference_steps=STEPS,
-               guidance_scale=GUIDANCE, latents=x_T.clone(), output_type="pil").images
+               guidance_scale=GUIDANCE, latents=x_T.clone(), output_type="pil", **extra).images
     assert np.array_equal(np.stack([np.asarray(p) for p in pil]), u8), "manual decode differs from the pipeline's"
 
     g[f"{key}.unet_in"] = torch.stack(unet_in)
@@ -485,18 +518,140 @@ def trajectory(pipe, cls, sched_cfg: dict, x_T: torch.Tensor, g: dict, key: str,
         info["final_alpha_cumprod"] = float(sch.final_alpha_cumprod)
     # The same run with float64 modules (diffusers' schedulers still do part of their
     # arithmetic in float32, so this bounds the f32 noise from below, not exactly).
-    pipe64 = StableDiffusionPipeline(vae=p64["vae"], text_encoder=p64["text_encoder"], tokenizer=pipe.tokenizer,
-                                     unet=p64["unet"], scheduler=cls(**sched_cfg), safety_checker=None,
-                                     feature_extractor=None, image_encoder=None, requires_safety_checker=False)
+    pipe64 = type(pipe)(vae=p64["vae"], text_encoder=p64["text_encoder"], tokenizer=pipe.tokenizer,
+                        unet=p64["unet"], scheduler=cls(**sched_cfg), safety_checker=None,
+                        feature_extractor=None, image_encoder=None, requires_safety_checker=False)
     pipe64.set_progress_bar_config(disable=True)
     lat64 = pipe64(PROMPTS[COND_PROMPT], height=HEIGHT, width=WIDTH, num_inference_steps=STEPS,
-                   guidance_scale=GUIDANCE, latents=x_T.double(), output_type="latent").images
+                   guidance_scale=GUIDANCE, latents=x_T.double(), output_type="latent", **extra).images
     image64 = p64["vae"].decode(lat64 / pipe.vae.config.scaling_factor, return_dict=False)[0]
     info["precision_f32_vs_f64"] = {"final": float(f"{maxdiff(lat, lat64):.3g}"),
                                     "image": float(f"{maxdiff(image, image64):.3g}")}
     g[f"{key}.timesteps"] = torch.tensor(timesteps, dtype=torch.float32)
     g[f"{key}.sigmas"] = torch.tensor(info["sigmas"], dtype=torch.float32)
     return info
+
+
+# ---------------------------------------------------------------------------
+# SD 1.x inpainting (9-channel UNet)
+
+
+def run_inpaint(kind: str, seed: int, model_dir: Path, built: dict) -> tuple[dict, dict]:
+    """Goldens of the inpainting pipeline: the 9-channel UNet on fixed inputs, the txt2img
+    conditioning of an inpainting model (grey image, fully masked: what A1111 feeds such
+    a model when it is not inpainting), and a 4-step Euler run of
+    StableDiffusionInpaintPipeline with exactly that conditioning."""
+    cfg = sd_configs(kind)
+    pipe = load_sd(kind, model_dir, built)
+    assert pipe.unet.config.in_channels == 9 and pipe.unet.config.out_channels == 4
+    rng = np.random.default_rng([seed, STREAM_INPUTS[kind]])
+    g: dict[str, torch.Tensor] = {}
+    meta: dict = {"model": kind, "prompts": [PROMPTS[COND_PROMPT], ""], "cond_prompt": PROMPTS[COND_PROMPT],
+                  "negative_prompt": ""}
+    precision: dict[str, float] = {}
+    p64 = {n: copy.deepcopy(getattr(pipe, n)).double() for n in ("unet", "vae", "text_encoder")}
+    watch = ActivationWatch(pipe.unet, pipe.vae, pipe.text_encoder)
+    sf = pipe.vae.config.scaling_factor
+
+    with torch.no_grad():
+        # 1. The UNet on fixed random inputs (all 9 channels random); context [uncond, cond].
+        cond = pipe.encode_prompt(PROMPTS[COND_PROMPT], "cpu", 1, False)[0]
+        uncond = pipe.encode_prompt("", "cpu", 1, False)[0]
+        ctx = torch.cat([uncond, cond])
+        x = randn(rng, 2, 9, 8, 8)
+        g["unet.x"] = x
+        g["unet.context"] = f32(ctx)
+        t = 500
+        out = pipe.unet(x, torch.tensor(t), encoder_hidden_states=ctx).sample
+        assert out.shape == (2, 4, 8, 8), out.shape
+        g[f"unet.t{t}.out"] = f32(out)
+        precision[f"unet.t{t}.out"] = maxdiff(out, p64["unet"](x.double(), torch.tensor(t), encoder_hidden_states=ctx.double()).sample)
+
+        # 2. Conditioning: mask all ones (everything is to be generated) and the latent of a
+        # neutral grey image (0 in [-1, 1]), posterior mean times the scaling factor.
+        grey = torch.zeros(1, 3, HEIGHT, WIDTH)
+        mli = pipe.vae.encode(grey).latent_dist.mean * sf
+        mask = torch.ones(1, 1, HEIGHT // pipe.vae_scale_factor, WIDTH // pipe.vae_scale_factor)
+        g["cond.mask"] = mask
+        g["cond.masked_image_latents"] = f32(mli)
+        precision["cond.masked_image_latents"] = maxdiff(mli, p64["vae"].encode(grey.double()).latent_dist.mean * sf)
+
+        # 3. The pipeline run. `image` in [0, 1] (the processor maps 0.5 to 0 = grey); with
+        # strength 1, a 9-channel UNet, given latents and given masked_image_latents the
+        # pipeline never VAE-encodes it. `mask_image` at image resolution: binarised, then
+        # nearest-resized to the latent grid (-> cond.mask).
+        image_01 = torch.full((1, 3, HEIGHT, WIDTH), 0.5)
+        mask_image = torch.ones(1, 1, HEIGHT, WIDTH)
+        assert torch.equal(pipe.image_processor.preprocess(image_01, height=HEIGHT, width=WIDTH), grey)
+        assert torch.equal(pipe.mask_processor.preprocess(mask_image, height=HEIGHT, width=WIDTH), mask_image)
+        extra = dict(image=image_01, mask_image=mask_image, masked_image_latents=mli.clone(), strength=1.0)
+        x_T = randn(rng, 1, 4, 8, 8)
+        g["traj.init_latent"] = x_T
+        # Record what prepare_latents hands to the loop (the pipeline scales x_T by init_noise_sigma).
+        prepared = []
+        orig_prepare = pipe.prepare_latents
+
+        def prepare_latents(*a, **k):
+            res = orig_prepare(*a, **k)
+            prepared.append(res[0].clone())
+            return res
+
+        pipe.prepare_latents = prepare_latents
+        try:
+            info = trajectory(pipe, EulerDiscreteScheduler, cfg["euler"], x_T, g, "traj.euler", p64, extra)
+        finally:
+            del pipe.prepare_latents
+        meta["trajectories"] = {"euler": info}
+
+        # The pipeline really used the given conditioning and scaled x_T.
+        ins = info["init_noise_sigma"]
+        assert len(prepared) == 2 and all(torch.equal(p, x_T * ins) for p in prepared), "x_T not scaled by init_noise_sigma"
+        u = g["traj.euler.unet_in"]
+        assert u.shape == (STEPS, 2, 9, 8, 8), u.shape
+        for b in range(2):
+            assert torch.equal(u[:, b, 4:5], mask.expand(STEPS, -1, -1, -1)), "UNet input channel 4 is not the mask"
+            assert torch.equal(u[:, b, 5:9], mli.expand(STEPS, -1, -1, -1)), "UNet input channels 5..8 are not masked_image_latents"
+        assert torch.equal(u[:, 0, :4], u[:, 1, :4])
+        sch = EulerDiscreteScheduler(**cfg["euler"])
+        sch.set_timesteps(STEPS)
+        expected = sch.scale_model_input(x_T * ins, sch.timesteps[0])
+        assert torch.equal(u[0, 0, :4], expected[0]), "first UNet input is not scale_model_input(x_T * init_noise_sigma)"
+        info["unet_in_channels"] = {"0:4": "scale_model_input(latents)", "4": "mask", "5:9": "masked_image_latents"}
+        info["strength"] = 1.0
+
+    meta["conditioning"] = {
+        "image": "zeros(1, 3, 16, 16) in [-1, 1] (grey), fully masked",
+        "cond.mask": "ones(1, 1, 8, 8)",
+        "cond.masked_image_latents": "vae.encode(grey).latent_dist.mean * scaling_factor",
+        "pipeline_args": {"image": "full((1, 3, 16, 16), 0.5) in [0, 1]", "mask_image": "ones(1, 1, 16, 16)",
+                          "masked_image_latents": "cond.masked_image_latents", "strength": 1.0},
+    }
+    meta["activation_check"] = watch.close()
+    meta["unet_timesteps"] = [500]
+    meta["precision_f32_vs_f64"] = {k: float(f"{v:.3g}") for k, v in precision.items()}
+    meta["stats"] = {k: stats(v) for k, v in g.items() if v.is_floating_point()}
+    meta["configs"] = sd_meta_configs(kind, pipe)
+    return g, meta
+
+
+SHARED_WITH_SD1 = ["scheduler/scheduler_config.json", "text_encoder/config.json",
+                   "text_encoder/model.safetensors", "tokenizer/merges.txt", "tokenizer/special_tokens_map.json",
+                   "tokenizer/tokenizer_config.json", "tokenizer/vocab.json", "vae/config.json",
+                   "vae/diffusion_pytorch_model.safetensors"]
+
+
+def check_shared_with_sd1(out: Path, seed: int) -> bool:
+    """sd1-inpaint's tokenizer, text encoder, VAE and scheduler files are sd1's, byte for byte
+    (checked when an sd1 fixture of the same seed is present)."""
+    sd1 = out / "sd1"
+    if not (sd1 / "golden.json").is_file() or json.loads((sd1 / "golden.json").read_text()).get("seed") != seed:
+        print("sd1-inpaint: no sd1 fixture of this seed to compare the shared files with", file=sys.stderr)
+        return False
+    for rel in SHARED_WITH_SD1:
+        a, b = (sd1 / "model" / rel).read_bytes(), (out / "sd1-inpaint" / "model" / rel).read_bytes()
+        if a != b:
+            raise SystemExit(f"make_fixtures: sd1-inpaint/model/{rel} differs from sd1's")
+    return True
 
 
 # ---------------------------------------------------------------------------
@@ -620,6 +775,8 @@ def write_readme(out: Path, seed: int, seconds: float, metas: dict) -> None:
         "```sh",
         "tools/reference/setup.sh    # venv with the pinned versions below (SDRS_REF_VENV, default /work/venv-ref)",
         f"/work/venv-ref/bin/python tools/reference/make_fixtures.py --out {rel} --seed {seed}",
+        f"/work/venv-ref/bin/python tools/reference/make_fixtures.py --out {rel} --seed {seed} --only sd1-inpaint"
+        "  # one fixture",
         "```",
         "",
         f"Versions: {', '.join(f'{k} {x}' for k, x in v.items())}. Takes about a minute on 2 CPU cores.",
@@ -634,8 +791,12 @@ def write_readme(out: Path, seed: int, seconds: float, metas: dict) -> None:
         "  the flat state dicts of the original TAESD releases (`nn.Sequential` indices, float16,",
         "  `torch.save` zip format; decoder index 0 is the `tanh(x/3)*3` clamp, so its first conv",
         "  is `1.*`).",
-        "- Weights: numpy PCG64 seeded with `[seed, k]` (k: sd1 1, sd2 2, TAESD 3, the VAE both",
-        "  share 4; inputs use 11, 12, 13); linear/conv weights uniform with",
+        "- `sd1-inpaint/model`: a `StableDiffusionInpaintPipeline` folder: sd1's tokenizer, text",
+        "  encoder, VAE and scheduler files (byte-identical to sd1's) and a UNet with sd1's config but",
+        "  `in_channels` 9 (4 latent + 1 mask + 4 masked-image latent, as SD 1.5 inpainting), out 4.",
+        "- Weights: numpy PCG64 seeded with `[seed, k]` (k: sd1 1, sd2 2, TAESD 3, the VAE all",
+        "  share 4, the sd1-inpaint UNet 5 (its text encoder is sd1's, from stream 1); inputs use",
+        "  11, 12, 13, and 14 for sd1-inpaint); linear/conv weights uniform with",
         "  variance 1/fan_in (× a gain on a few output convs, see `build_sd`/`build_taesd`), norm",
         "  weights 1±0.2, biases ±0.1, embeddings N(0, 0.5²); then rounded to float16. All golden",
         "  values are computed in float32 from the float16 files (reloaded and upcast), so an f32",
@@ -709,6 +870,36 @@ def write_readme(out: Path, seed: int, seconds: float, metas: dict) -> None:
         "  Schedule: scaled_linear β 0.00085 … 0.012, 1000 steps; prediction epsilon (sd1),",
         "  v_prediction (sd2).",
         "",
+        "### sd1-inpaint/golden.safetensors",
+        "",
+        "| key | dtype | shape |",
+        "|---|---|---|",
+    ]
+    lines += golden_table(out / "sd1-inpaint" / "golden.safetensors")
+    inp = metas["sd1-inpaint"]["trajectories"]["euler"]
+    lines += [
+        "",
+        "- `unet.x` (all 9 channels random), `unet.context` ([uncond `\"\"`, cond prompt 0]; the same",
+        "  embeddings as sd1's) → `unet.t500.out` (4 channels).",
+        "- `cond.mask` = ones, `cond.masked_image_latents` = `vae.encode(zeros(1, 3, 16, 16)).latent_dist.mean",
+        "  · 0.18215`: the conditioning of an inpainting model for plain txt2img (a neutral grey image,",
+        "  0 in [-1, 1], fully masked; A1111's txt2img conditioning for inpainting models).",
+        "- `traj.init_latent`, `traj.euler.*`: as in sd1, but `StableDiffusionInpaintPipeline` with",
+        "  `strength=1.0`, `image` = grey (passed as 0.5 in [0, 1]), `mask_image` = ones (16×16),",
+        "  `masked_image_latents=cond.masked_image_latents`, `latents=traj.init_latent` (the pipeline",
+        f"  multiplies it by `init_noise_sigma` = {inp['init_noise_sigma']:.6g}). `unet_in` [step, 2, 9, 8, 8]:",
+        "  channels 0–3 = `scale_model_input(latents)`, 4 = `cond.mask`, 5–8 = `cond.masked_image_latents`",
+        "  (mask and masked latents not scaled by `scale_model_input`, the same in both CFG halves;",
+        "  checked by the script). Euler, the same scheduler config as sd1's → timesteps",
+        f"  {inp['timesteps']}.",
+        "- Precision: the grey image is a degenerate VAE input (the first encoder GroupNorm sees exactly",
+        "  constant channels, the next one variances ~1e-5, near its eps 1e-6), so rounding is amplified:",
+        "  `cond.masked_image_latents` differs from float64 by "
+        f"{metas['sd1-inpaint']['precision_f32_vs_f64']['cond.masked_image_latents']:.3g} (sd1's random-image",
+        "  `vae.encode.mean`, unscaled: "
+        f"{metas['sd1']['precision_f32_vs_f64']['vae.encode.mean']:.3g}). Compare it with a looser tolerance;",
+        "  the UNet and trajectory goldens take it as a given input.",
+        "",
         "### taesd/golden.safetensors",
         "",
         "| key | dtype | shape |",
@@ -730,8 +921,12 @@ def write_readme(out: Path, seed: int, seconds: float, metas: dict) -> None:
         "|---|---|",
     ]
     lines += describe_files(out)
-    total = sum(p.stat().st_size for p in out.rglob("*") if p.is_file() and p.name != "README.md")
-    lines += ["", f"Total {total / 1e6:.1f} MB (before this README).", ""]
+    files = [p for p in out.rglob("*") if p.is_file() and p.name != "README.md"]
+    total = sum(p.stat().st_size for p in files)
+    unique = sum(len(b) for b in {p.read_bytes() for p in files})
+    lines += ["", f"Total {total / 1e6:.1f} MB (before this README); {unique / 1e6:.1f} MB of distinct file contents",
+              "(sd1-inpaint shares most of its files with sd1, sd2 its VAE and tokenizer vocabulary; git stores",
+              "identical files once).", ""]
     (out / "README.md").write_text("\n".join(lines))
 
 
@@ -753,6 +948,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=REPO / "tests" / "fixtures" / "ref")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--only", action="append", choices=MODELS, default=None,
+                    help="generate only this fixture (repeatable); the others stay as they are, the README is "
+                         "rewritten from their golden.json")
     ap.add_argument("--clip-dir", type=Path, default=None,
                     help="folder with CLIP ViT-L/14 vocab.json + merges.txt (default: $SDRS_CLIP_HF, "
                          "/work/shared/data/clip/hf, or an existing fixture's tokenizer)")
@@ -775,26 +973,46 @@ def main() -> None:
             shutil.copyfile(clip_dir / f, tmp / f)
         clip_dir = tmp
 
+    kinds = [k for k in MODELS if args.only is None or k in args.only]
     start = time.time()
     metas = {}
-    for kind in ("sd1", "sd2"):
+    for kind in ("sd1", "sd2", "sd1-inpaint"):
+        if kind not in kinds:
+            continue
         d = out / kind
         d.mkdir(parents=True, exist_ok=True)
         built = build_sd(kind, args.seed, d / "model", clip_dir)
-        g, meta = run_sd(kind, args.seed, d / "model", built)
+        if kind == "sd1-inpaint":
+            if check_shared_with_sd1(out, args.seed):
+                g, meta = run_inpaint(kind, args.seed, d / "model", built)
+                sd1_ctx = load_file(str(out / "sd1" / "golden.safetensors"))["unet.context"]
+                assert torch.equal(g["unet.context"], sd1_ctx), "sd1-inpaint's unet.context differs from sd1's"
+            else:
+                g, meta = run_inpaint(kind, args.seed, d / "model", built)
+        else:
+            g, meta = run_sd(kind, args.seed, d / "model", built)
         meta["seed"] = args.seed
         meta["versions"] = versions()
         save_golden(d / "golden.safetensors", g, meta)
         metas[kind] = meta
         print(f"{kind}: {len(g)} golden tensors, max activation {meta['activation_check']}", file=sys.stderr)
-    d = out / "taesd"
-    d.mkdir(parents=True, exist_ok=True)
-    build_taesd(args.seed, d)
-    g, meta = run_taesd(args.seed, d)
-    meta["seed"] = args.seed
-    meta["versions"] = versions()
-    save_golden(d / "golden.safetensors", g, meta)
-    metas["taesd"] = meta
+    if "taesd" in kinds:
+        d = out / "taesd"
+        d.mkdir(parents=True, exist_ok=True)
+        build_taesd(args.seed, d)
+        g, meta = run_taesd(args.seed, d)
+        meta["seed"] = args.seed
+        meta["versions"] = versions()
+        save_golden(d / "golden.safetensors", g, meta)
+        metas["taesd"] = meta
+    for kind in MODELS:  # the fixtures not regenerated: the README reads their golden.json
+        if kind not in metas:
+            f = out / kind / "golden.json"
+            if not f.is_file():
+                raise SystemExit(f"make_fixtures: {f} missing; generate {kind} too")
+            metas[kind] = json.loads(f.read_text())
+            if metas[kind].get("seed") != args.seed:
+                raise SystemExit(f"make_fixtures: {f} was made with seed {metas[kind].get('seed')}, not {args.seed}")
     seconds = time.time() - start
     write_readme(out, args.seed, seconds, metas)
     print(f"make_fixtures: wrote {out} in {seconds:.1f} s", file=sys.stderr)
