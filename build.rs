@@ -22,6 +22,22 @@ fn main() {
         .map(|p| p.join("include"))
         .filter(|p| p.join("ggml.h").exists())
         .unwrap_or_else(|| fail(&format!("no ggml.h found near {}", cmake_dir.display())));
+    // ggml is built as shared libraries with one loadable CPU library per instruction-set
+    // level (llama-cpp-sys-2's `dynamic-backends`). The binary finds the shared
+    // libraries beside itself ($ORIGIN), which is how a release is laid out and where
+    // the dependency also links them inside target/. The CPU variants are looked for at
+    // run time beside the executable, or in the build's own folder recorded here.
+    println!("cargo:rerun-if-env-changed=DEP_LLAMA_BACKENDS_DIR");
+    if let Ok(dir) = env::var("DEP_LLAMA_BACKENDS_DIR") {
+        println!("cargo:rustc-env=SDRS_BUILD_GGML_BACKENDS={dir}");
+    }
+    // The dependency's install prefix holds the versioned sonames (libggml-base.so.0);
+    // its copies in target/ are only the unversioned names, so builds and tests find the
+    // libraries through the prefix, a release through $ORIGIN.
+    if env::var("CARGO_CFG_TARGET_OS").is_ok_and(|os| os == "linux" || os == "android") {
+        let libdir = cmake_dir.parent().map(|p| p.display().to_string()).unwrap_or_default();
+        println!("cargo:rustc-link-arg=-Wl,-rpath,$ORIGIN:{libdir}");
+    }
     let cflags = env::var("CFLAGS").unwrap_or_default();
     if !cflags.contains(&format!("-DGGML_MAX_NAME={GGML_MAX_NAME}")) {
         fail("CFLAGS lacks -DGGML_MAX_NAME=128: build from the repository root so .cargo/config.toml applies");

@@ -12,7 +12,11 @@ use sdrs::formats::Checkpoint;
 #[derive(clap::Args)]
 pub struct Args {
     /// A GGUF file, a .safetensors/.ckpt checkpoint or a diffusers folder.
-    file: PathBuf,
+    #[arg(required_unless_present = "system")]
+    file: Option<PathBuf>,
+    /// Describe this machine instead: CPU, the ggml CPU library chosen for it and its kernels.
+    #[arg(long)]
+    system: bool,
     /// Also list every tensor.
     #[arg(long)]
     tensors: bool,
@@ -45,30 +49,35 @@ fn component(name: &str, cfg: Option<&ModelConfig>) -> String {
 
 pub fn run(a: Args) -> Result<()> {
     let mut o = String::new();
-    describe(&a, &mut o)?;
+    if a.system {
+        system(&mut o)?;
+    }
+    if let Some(file) = &a.file {
+        describe(file, a.tensors, &mut o)?;
+    }
     super::print_stdout(&o)
 }
 
-fn describe(a: &Args, o: &mut String) -> Result<()> {
-    let is_gguf = a.file.is_file() && std::fs::File::open(&a.file).and_then(|mut f| {
+fn describe(file: &std::path::Path, tensors: bool, o: &mut String) -> Result<()> {
+    let is_gguf = file.is_file() && std::fs::File::open(file).and_then(|mut f| {
         let mut m = [0u8; 4];
         std::io::Read::read_exact(&mut f, &mut m).map(|_| &m == b"GGUF")
     }).unwrap_or(false);
     let (rows, cfg, meta, origin): (Vec<Row>, Option<ModelConfig>, Vec<(String, Value)>, String) = if is_gguf {
-        let g = GgufFile::open(&a.file)?;
+        let g = GgufFile::open(file)?;
         let stored = metadata::read_config(&g)?;
         let shapes = metadata::original_shapes(&g);
         let rows = g.tensors.iter().map(|t| Row { name: t.name.clone(), shape: shapes.get(&t.name).cloned().unwrap_or_else(|| t.torch_shape()), ty: t.ty.name().to_string(), bytes: t.nbytes }).collect();
         let (cfg, origin) = match stored {
             Some(c) => (Some(c), format!("GGUF v{} (config from metadata)", g.version)),
             None => {
-                let ck = Checkpoint::open(&a.file)?;
+                let ck = Checkpoint::open(file)?;
                 (convert::model_config(&ck).ok(), format!("GGUF v{} without sdrs metadata (architecture detected from tensor names)", g.version))
             }
         };
         (rows, cfg, g.metadata.clone(), origin)
     } else {
-        let ck = Checkpoint::open(&a.file)?;
+        let ck = Checkpoint::open(file)?;
         let rows = ck.tensors.iter().map(|t| Row { name: t.name.clone(), shape: t.shape.clone(), ty: t.dtype.name(), bytes: t.nbytes() }).collect();
         let cfg = convert::model_config(&ck);
         if let Err(e) = &cfg {
@@ -77,7 +86,7 @@ fn describe(a: &Args, o: &mut String) -> Result<()> {
         let meta = ck.metadata.iter().map(|(k, v)| (k.clone(), Value::String(v.clone()))).collect();
         (rows, cfg.ok(), meta, format!("{:?} checkpoint", ck.format))
     };
-    out!(o, "file:          {}", a.file.display());
+    out!(o, "file:          {}", file.display());
     out!(o, "format:        {origin}");
     if let Some(c) = &cfg {
         out!(o, "architecture:  {} ({} prediction)", c.family, c.prediction.as_str());
@@ -131,11 +140,32 @@ fn describe(a: &Args, o: &mut String) -> Result<()> {
             out!(o, "  {k} = {v}");
         }
     }
-    if a.tensors {
+    if tensors {
         out!(o, "");
         for r in &rows {
             out!(o, "{:<8} {:>12} {:<24} {}", r.ty, r.bytes, format!("{:?}", r.shape), r.name);
         }
     }
+    Ok(())
+}
+
+/// The machine as ggml sees it: which CPU library it loaded and what that library uses.
+fn system(o: &mut String) -> Result<()> {
+    let info = sdrs::ggml::cpu_backend_info()?;
+    out!(o, "cpu:           {}", info.description);
+    out!(o, "cores:         {}", std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let mem = std::fs::read_to_string("/proc/meminfo").ok().and_then(|s| {
+        s.lines().find(|l| l.starts_with("MemTotal:")).and_then(|l| l.split_whitespace().nth(1)).and_then(|v| v.parse::<u64>().ok())
+    });
+    if let Some(kb) = mem {
+        out!(o, "memory:        {:.1} GiB", kb as f64 / (1u64 << 20) as f64);
+    }
+    match &info.library {
+        Some(p) => out!(o, "ggml cpu lib:  {}", p.display()),
+        None => out!(o, "ggml cpu lib:  built in"),
+    }
+    let on: Vec<String> = info.features.iter().map(|(k, v)| if v == "1" { k.clone() } else { format!("{k}={v}") }).collect();
+    out!(o, "ggml kernels:  {}", on.join(" "));
+    out!(o, "");
     Ok(())
 }

@@ -46,6 +46,39 @@ pub struct Graph<'c> {
     _ctx: PhantomData<&'c ()>,
 }
 
+impl Graph<'_> {
+    /// Floating-point operations of one evaluation, counting the matrix products
+    /// (`mul_mat`, which also carries every convolution here, and flash attention):
+    /// 2·M·N·K each. Element-wise work is a few percent of a diffusion UNet and left out,
+    /// so this is the figure to divide by time for a GEMM-efficiency ratio.
+    pub fn matmul_flops(&self) -> f64 {
+        let g = self.ptr.as_ptr();
+        // SAFETY: the graph and its nodes live as long as the context borrowed by self.
+        let n = unsafe { sys::ggml_graph_n_nodes(g) };
+        let mut flops = 0.0;
+        for i in 0..n {
+            // SAFETY: 0 <= i < n.
+            let t = unsafe { &*sys::ggml_graph_node(g, i) };
+            match t.op {
+                sys::GGML_OP_MUL_MAT => {
+                    // SAFETY: mul_mat has two sources.
+                    let a = unsafe { &*t.src[0] };
+                    let k = a.ne[0] as f64;
+                    flops += 2.0 * k * (t.ne[0] * t.ne[1] * t.ne[2] * t.ne[3]) as f64;
+                }
+                sys::GGML_OP_FLASH_ATTN_EXT => {
+                    // SAFETY: q, k, v sources.
+                    let (q, k, v) = unsafe { (&*t.src[0], &*t.src[1], &*t.src[2]) };
+                    let (dk, dv, nq, nkv) = (q.ne[0] as f64, v.ne[0] as f64, q.ne[1] as f64, k.ne[1] as f64);
+                    flops += 2.0 * nq * nkv * (dk + dv) * (q.ne[2] * q.ne[3]) as f64;
+                }
+                _ => {}
+            }
+        }
+        flops
+    }
+}
+
 impl<'d> Context<'d> {
     /// A context for the metadata of up to `max_tensors` tensors and one graph of
     /// as many nodes (data is never allocated in the context itself).
@@ -305,16 +338,32 @@ impl Tensor<'_> {
     }
 }
 
-/// ggml's CPU backend.
+/// ggml's CPU backend: the best variant for this CPU when ggml was built with one
+/// loadable library per instruction set (see [`super::cpu_backend_device`]).
 pub struct Backend {
     ptr: NonNull<sys::ggml_backend>,
 }
 
 impl Backend {
     pub fn cpu(threads: usize) -> Result<Backend> {
-        // SAFETY: returns an owned backend or null.
-        let ptr = NonNull::new(unsafe { sys::ggml_backend_cpu_init() }).ok_or_else(|| Error::Ggml("cannot start the CPU backend".into()))?;
-        unsafe { sys::ggml_backend_cpu_set_n_threads(ptr.as_ptr(), threads.max(1) as i32) };
+        let dev = super::cpu_backend_device()?;
+        // SAFETY: the device is registered for the life of the process.
+        let ptr = NonNull::new(unsafe { sys::ggml_backend_dev_init(dev.as_ptr(), std::ptr::null()) })
+            .ok_or_else(|| Error::Ggml("cannot start the CPU backend".into()))?;
+        // The thread setter lives in the (possibly dynamically loaded) CPU library, so it
+        // is looked up through the registry instead of linked by name.
+        // SAFETY: registry entries are valid for the process; the name is NUL-terminated.
+        let setter = unsafe {
+            let reg = sys::ggml_backend_dev_backend_reg(dev.as_ptr());
+            sys::ggml_backend_reg_get_proc_address(reg, c"ggml_backend_set_n_threads".as_ptr())
+        };
+        if !setter.is_null() {
+            // SAFETY: ggml documents this entry point as `ggml_backend_set_n_threads_t`.
+            let set: sys::ggml_backend_set_n_threads_t = unsafe { std::mem::transmute(setter) };
+            if let Some(set) = set {
+                unsafe { set(ptr.as_ptr(), threads.max(1) as i32) };
+            }
+        }
         Ok(Backend { ptr })
     }
 
@@ -332,7 +381,7 @@ impl Backend {
 
 impl Drop for Backend {
     fn drop(&mut self) {
-        // SAFETY: created by ggml_backend_cpu_init, freed once.
+        // SAFETY: created by ggml_backend_dev_init, freed once.
         unsafe { sys::ggml_backend_free(self.ptr.as_ptr()) }
     }
 }

@@ -1,12 +1,17 @@
 //! The only place that talks to ggml's C API. Everything here is `unsafe` inside and
 //! safe outside: callers never see a raw pointer.
 mod context;
+mod device;
 mod ops;
+mod peak;
 mod sys;
 
 pub use context::{Backend, Context, Graph, HostRegion, Tensor};
+pub use device::{cpu_backend_info, CpuBackendInfo, BACKEND_DIR_ENV};
+pub use peak::fma_peak_flops;
+pub(crate) use device::cpu_backend_device;
 
-// The static ggml libraries are linked only if the crate is referenced.
+// The ggml libraries are linked only if the crate is referenced.
 use llama_cpp_sys_2 as _;
 
 use std::ffi::{CStr, CString};

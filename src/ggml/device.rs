@@ -1,0 +1,165 @@
+//! Finding ggml's CPU backend at run time.
+//!
+//! ggml is built with one CPU library per instruction-set level (`GGML_CPU_ALL_VARIANTS`:
+//! SSE4.2, AVX, AVX2/FMA, AVX-512, AVX-512 VNNI/BF16, …). At first use the registry loads
+//! every `libggml-cpu-*.so` it finds, keeps the one that scores best on this CPU, and the
+//! rest of sdrs only ever talks to that device. So one binary runs on any x86-64 and
+//! still uses AVX-512 where the CPU has it. A static build (one CPU library linked in)
+//! registers its device at start-up, and the same code finds it.
+use std::ffi::{c_char, c_void, CStr, CString};
+use std::path::{Path, PathBuf};
+use std::ptr::NonNull;
+use std::sync::OnceLock;
+
+use super::sys;
+use crate::error::{Error, Result};
+
+/// Where `sdrs` looks for the CPU libraries, first match wins: this environment
+/// variable, the executable's own directory, then the build's output directory.
+pub const BACKEND_DIR_ENV: &str = "SDRS_GGML_BACKENDS";
+
+#[derive(Clone, Copy)]
+pub(crate) struct Device(NonNull<sys::ggml_backend_device>);
+
+// SAFETY: registered devices are process-wide singletons that ggml never frees, and
+// the calls made through them here are thread-safe in ggml.
+unsafe impl Send for Device {}
+unsafe impl Sync for Device {}
+
+impl Device {
+    pub(crate) fn as_ptr(self) -> *mut sys::ggml_backend_device {
+        self.0.as_ptr()
+    }
+}
+
+/// The CPU backend as loaded: which library, and what ggml says it can use.
+#[derive(Clone, Debug)]
+pub struct CpuBackendInfo {
+    /// The variant library ggml picked (`None` when the CPU backend is linked in).
+    pub library: Option<PathBuf>,
+    /// ggml's description of the device (the CPU model name).
+    pub description: String,
+    /// ggml's feature list for the loaded variant, e.g. `AVX512 = 1`, `LLAMAFILE = 1`.
+    pub features: Vec<(String, String)>,
+}
+
+/// The CPU device, loading the best variant on first call.
+pub(crate) fn cpu_backend_device() -> Result<Device> {
+    static CPU: OnceLock<std::result::Result<Device, String>> = OnceLock::new();
+    CPU.get_or_init(load_cpu).clone().map_err(Error::Ggml)
+}
+
+fn find_cpu_device() -> Option<Device> {
+    // SAFETY: plain registry query.
+    NonNull::new(unsafe { sys::ggml_backend_dev_by_type(sys::GGML_BACKEND_DEVICE_TYPE_CPU) }).map(Device)
+}
+
+fn load_cpu() -> std::result::Result<Device, String> {
+    route_logs();
+    if let Some(dev) = find_cpu_device() {
+        return Ok(dev);
+    }
+    let candidates = backend_dirs();
+    let Some(dir) = candidates.iter().find(|d| has_cpu_library(d)) else {
+        let looked: Vec<String> = candidates.iter().map(|d| d.display().to_string()).collect();
+        return Err(format!(
+            "no ggml CPU library (libggml-cpu-*.so) found; looked in: {} (set {BACKEND_DIR_ENV} to the folder that holds them)",
+            if looked.is_empty() { "nowhere".into() } else { looked.join(", ") }
+        ));
+    };
+    let c = CString::new(dir.as_os_str().as_encoded_bytes()).map_err(|_| format!("{} contains a NUL byte", dir.display()))?;
+    // SAFETY: the path is a valid C string; ggml loads, scores and registers libraries.
+    unsafe { sys::ggml_backend_load_all_from_path(c.as_ptr()) };
+    find_cpu_device().ok_or_else(|| format!("no ggml CPU library in {} runs on this CPU", dir.display()))
+}
+
+fn backend_dirs() -> Vec<PathBuf> {
+    let mut dirs = Vec::new();
+    if let Some(d) = std::env::var_os(BACKEND_DIR_ENV) {
+        dirs.push(PathBuf::from(d));
+    }
+    if let Some(d) = std::env::current_exe().ok().and_then(|p| p.parent().map(Path::to_path_buf)) {
+        dirs.push(d);
+    }
+    if let Some(d) = option_env!("SDRS_BUILD_GGML_BACKENDS") {
+        dirs.push(PathBuf::from(d));
+    }
+    dirs
+}
+
+fn has_cpu_library(dir: &Path) -> bool {
+    std::fs::read_dir(dir).is_ok_and(|entries| {
+        entries.flatten().any(|e| {
+            let name = e.file_name();
+            let name = name.to_string_lossy();
+            name.starts_with("libggml-cpu") && name.ends_with(".so")
+        })
+    })
+}
+
+/// Which CPU library is in use and what it can do, for `sdrs info --system` and bench.
+pub fn cpu_backend_info() -> Result<CpuBackendInfo> {
+    let dev = cpu_backend_device()?;
+    // SAFETY: registered device; returned strings are owned by ggml and NUL-terminated.
+    let description = unsafe { cstr(sys::ggml_backend_dev_description(dev.as_ptr())) };
+    let mut features = Vec::new();
+    // SAFETY: as above; the feature array is static in the library and ends with a NULL name.
+    unsafe {
+        let reg = sys::ggml_backend_dev_backend_reg(dev.as_ptr());
+        let f = sys::ggml_backend_reg_get_proc_address(reg, c"ggml_backend_get_features".as_ptr());
+        if !f.is_null() {
+            let get: sys::ggml_backend_get_features_t = std::mem::transmute::<*mut c_void, _>(f);
+            if let Some(get) = get {
+                let mut p = get(reg);
+                while !p.is_null() && !(*p).name.is_null() {
+                    features.push((cstr((*p).name), cstr((*p).value)));
+                    p = p.add(1);
+                }
+            }
+        }
+    }
+    Ok(CpuBackendInfo { library: loaded_cpu_library(), description, features })
+}
+
+/// The mapped `libggml-cpu-*.so`, read from the process's own memory map.
+fn loaded_cpu_library() -> Option<PathBuf> {
+    let maps = std::fs::read_to_string("/proc/self/maps").ok()?;
+    maps.lines()
+        .filter_map(|l| l.split_whitespace().nth(5))
+        .find(|p| Path::new(p).file_name().is_some_and(|n| n.to_string_lossy().starts_with("libggml-cpu")))
+        .map(PathBuf::from)
+}
+
+unsafe fn cstr(p: *const c_char) -> String {
+    if p.is_null() {
+        String::new()
+    } else {
+        // SAFETY: caller passes a NUL-terminated string or null.
+        unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned()
+    }
+}
+
+/// ggml prints to stderr unless told otherwise; sdrs is quiet by default, so its
+/// messages go through `log` (visible with `RUST_LOG=debug` or `-v`).
+fn route_logs() {
+    // SAFETY: the callback is a plain function valid for the whole process.
+    unsafe { sys::ggml_log_set(Some(log_callback), std::ptr::null_mut()) };
+}
+
+unsafe extern "C" fn log_callback(level: sys::ggml_log_level, text: *const c_char, _user: *mut c_void) {
+    // Never unwind into C.
+    let _ = std::panic::catch_unwind(|| {
+        // SAFETY: ggml passes a NUL-terminated message.
+        let msg = unsafe { cstr(text) };
+        let msg = msg.trim_end();
+        if msg.is_empty() {
+            return;
+        }
+        match level {
+            sys::GGML_LOG_LEVEL_ERROR => log::error!(target: "ggml", "{msg}"),
+            sys::GGML_LOG_LEVEL_WARN => log::warn!(target: "ggml", "{msg}"),
+            sys::GGML_LOG_LEVEL_INFO => log::info!(target: "ggml", "{msg}"),
+            _ => log::debug!(target: "ggml", "{msg}"),
+        }
+    });
+}
