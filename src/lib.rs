@@ -9,6 +9,7 @@ pub mod formats;
 pub mod synth;
 pub mod tokenizer;
 pub mod ggml;
+pub mod memory;
 pub mod model;
 pub mod pipeline;
 pub mod sample;

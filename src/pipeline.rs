@@ -16,7 +16,7 @@ use crate::error::{Error, Result};
 use crate::formats::gguf::GgufFile;
 use crate::formats::Checkpoint;
 use crate::ggml::Backend;
-use crate::model::{clip, taesd, unet, vae, Weights};
+use crate::model::{clip, taesd, unet, vae, Attention, Weights};
 use crate::sample::{self, Discrete, Plan, Sampler, Spacing};
 use crate::tokenizer::ClipTokenizer;
 
@@ -47,6 +47,9 @@ impl Request {
 #[derive(Clone, Copy, Debug)]
 pub enum Stage {
     TextEncoded,
+    /// The UNet graph is built: matrix-product FLOPs of one step (all CFG branches)
+    /// and the compute buffer it uses.
+    Sampling { unet_flops: f64, compute_bytes: usize },
     Step { done: usize, total: usize },
     Decoded,
 }
@@ -94,6 +97,8 @@ pub struct Pipeline {
     tokenizer: ClipTokenizer,
     backend: Backend,
     model_hash: String,
+    /// How the UNet computes attention (a speed/memory trade-off, same numbers).
+    pub attention: Attention,
 }
 
 /// A seeded unit Gaussian (SplitMix64 + Box–Muller). Torch-compatible noise is a
@@ -130,7 +135,7 @@ impl Pipeline {
         let vocab = metadata::read_tokenizer(&gguf).map_or_else(crate::vocab::ClipVocab::embedded, Ok)?;
         let tokenizer = ClipTokenizer::new(&vocab)?;
         let model_hash = gguf.get("sd.source.sha256").and_then(|v| v.as_str()).map(|h| h.chars().take(10).collect()).unwrap_or_default();
-        Ok(Pipeline { gguf, config, tokenizer, backend: Backend::cpu(threads)?, model_hash })
+        Ok(Pipeline { gguf, config, tokenizer, backend: Backend::cpu(threads)?, model_hash, attention: Attention::default() })
     }
 
     /// Latent size for an image size, or an error that says what is allowed.
@@ -141,6 +146,30 @@ impl Pipeline {
             return Err(Error::Invalid(format!("image size {width}x{height}: width and height must be positive multiples of {m} for this model (the VAE divides by {f}, the UNet halves {} more times)", self.config.unet.channel_mult.len() - 1)));
         }
         Ok((width / f, height / f))
+    }
+
+    /// What an inpainting UNet (latent + mask + masked-image latent channels) gets
+    /// for plain txt2img: the whole image masked (mask 1) over a neutral grey image
+    /// (0 in [-1, 1]), as A1111 conditions inpainting models without an init image.
+    /// `None` for ordinary UNets.
+    fn image_conditioning(&self, lw: usize, lh: usize) -> Result<Option<Vec<f32>>> {
+        let zc = self.config.vae.latent_channels;
+        match self.config.unet.in_channels {
+            c if c == zc => Ok(None),
+            c if c == 2 * zc + 1 => {
+                let f = self.config.vae.downscale();
+                let w = Weights::load(&self.gguf, |n| n.starts_with("first_stage_model."))?;
+                let grey = vec![0.0f32; 3 * lw * f * lh * f];
+                let masked = vae::encode(&w, &self.config.vae, &grey, 1, lh * f, lw * f, &self.backend)?;
+                let mut cond = vec![1.0f32; lw * lh];
+                cond.extend_from_slice(&masked);
+                Ok(Some(cond))
+            }
+            c => Err(Error::Invalid(format!(
+                "the UNet takes {c} input channels; sdrs runs {zc} (txt2img) and {} (inpainting: latent, mask, masked image)",
+                2 * zc + 1
+            ))),
+        }
     }
 
     pub fn generate(&self, req: &Request, progress: &mut dyn FnMut(Stage)) -> Result<Image> {
@@ -176,8 +205,10 @@ impl Pipeline {
         };
         let uw = Weights::load(&self.gguf, |n| n.starts_with("model.diffusion_model."))?;
         // One graph for the whole run: cond and uncond as a batch of 2 when guided.
-        let runner = unet::Runner::new(&uw, &cfg.unet, lw, lh, prompts.len(), te.max_positions)?;
-        let mut model = Cfg { runner: &runner, pipe: self, context: &context, scale: req.cfg_scale, guided };
+        let runner = unet::Runner::new(&uw, &cfg.unet, lw, lh, prompts.len(), te.max_positions, self.attention)?;
+        let extra = self.image_conditioning(lw, lh)?;
+        progress(Stage::Sampling { unet_flops: runner.flops, compute_bytes: runner.buffer_bytes });
+        let mut model = Cfg { runner: &runner, pipe: self, context: &context, scale: req.cfg_scale, guided, extra: extra.as_deref() };
         let total = plan.timesteps.len();
         let traj = sample::sample(&mut model, cfg.prediction, &plan, &noise, &mut |i| progress(Stage::Step { done: i + 1, total }))?;
         let latent = traj.last().ok_or_else(|| Error::Invalid("no sampling steps".into()))?;
@@ -234,16 +265,24 @@ struct Cfg<'a> {
     context: &'a [f32],
     scale: f32,
     guided: bool,
+    /// Channels appended to the latent of every batch element (inpainting UNets).
+    extra: Option<&'a [f32]>,
 }
 
 impl sample::Model for Cfg<'_> {
     fn predict(&mut self, x: &[f32], t: f64) -> Result<Vec<f32>> {
         let backend = &self.pipe.backend;
-        if !self.guided {
-            return self.runner.run(x, &[t as f32], self.context, None, None, backend);
+        let n = if self.guided { 2 } else { 1 };
+        let mut batch = Vec::with_capacity(n * (x.len() + self.extra.map_or(0, <[f32]>::len)));
+        for _ in 0..n {
+            batch.extend_from_slice(x);
+            if let Some(e) = self.extra {
+                batch.extend_from_slice(e);
+            }
         }
-        let mut batch = x.to_vec();
-        batch.extend_from_slice(x);
+        if !self.guided {
+            return self.runner.run(&batch, &[t as f32], self.context, None, None, backend);
+        }
         let out = self.runner.run(&batch, &[t as f32, t as f32], self.context, None, None, backend)?;
         let (uncond, cond) = out.split_at(out.len() / 2);
         Ok(uncond.iter().zip(cond).map(|(u, c)| u + self.scale * (c - u)).collect())

@@ -8,7 +8,7 @@ use sdrs::convert::metadata;
 use sdrs::formats::gguf::GgufFile;
 use sdrs::formats::DType;
 use sdrs::ggml::{Backend, Type};
-use sdrs::model::{unet, vae, Weights};
+use sdrs::model::{unet, vae, Attention, Weights};
 use sdrs::synth::Format;
 
 fn values(n: usize, seed: usize) -> Vec<f32> {
@@ -67,4 +67,26 @@ fn unet_refuses_sizes_it_cannot_downsample() {
     let w = Weights::load(&g, |n| n.starts_with("model.diffusion_model.")).unwrap();
     let e = unet::forward(&w, &cfg.unet, &vec![0.0; 4 * 9 * 8], 9, 8, &[1.0], &vec![0.0; 77 * 32], 77, None, None, &Backend::cpu(1).unwrap()).unwrap_err();
     assert!(e.to_string().contains("multiple of 8"), "{e}");
+}
+
+#[test]
+fn flash_attention_gives_the_same_unet_output_as_matmul_attention() {
+    let dir = tempfile::tempdir().unwrap();
+    let backend = Backend::cpu(2).unwrap();
+    for arch in ["tiny-sd15", "tiny-sd21"] {
+        let src = synth_tiny(arch, Format::Safetensors, DType::F32, dir.path());
+        let path = dir.path().join(format!("{arch}.gguf"));
+        convert_to(&src, Type::F32, &path).unwrap();
+        let g = GgufFile::open(&path).unwrap();
+        let cfg = metadata::read_config(&g).unwrap().unwrap();
+        let u = &cfg.unet;
+        let w = Weights::load(&g, |n| n.starts_with("model.diffusion_model.")).unwrap();
+        let (wd, ht, b, tok) = (16, 8, 2, 77);
+        let x = values(b * u.in_channels * wd * ht, 1);
+        let ctxv = values(b * tok * u.context_dim, 2);
+        let run = |a: Attention| unet::Runner::new(&w, u, wd, ht, b, tok, a).unwrap().run(&x, &[500.0, 20.0], &ctxv, None, None, &backend).unwrap();
+        let (m, f) = (run(Attention::MatMul), run(Attention::Flash));
+        let e = rel_rms(&m, &f);
+        assert!(e < 1e-4, "{arch}: flash vs matmul attention {e}");
+    }
 }

@@ -16,7 +16,17 @@ fn fixture(p: &str) -> std::path::PathBuf {
 }
 
 fn golden(name: &str) -> Vec<f32> {
-    Checkpoint::open(&fixture("sd1/golden.safetensors")).unwrap().get(name).unwrap().read_f32().unwrap()
+    golden_of("sd1", name)
+}
+
+fn golden_of(model: &str, name: &str) -> Vec<f32> {
+    Checkpoint::open(&fixture(&format!("{model}/golden.safetensors"))).unwrap().get(name).unwrap().read_f32().unwrap()
+}
+
+fn psnr_u8(got: &[u8], want: &[f32]) -> f64 {
+    assert_eq!(got.len(), want.len());
+    let mse = got.iter().zip(want).map(|(a, b)| ((*a as f64 - *b as f64) / 255.0).powi(2)).sum::<f64>() / want.len() as f64;
+    10.0 * (1.0 / mse.max(1e-12)).log10()
 }
 
 #[test]
@@ -36,9 +46,7 @@ fn txt2img_reproduces_the_diffusers_pipeline_image_and_writes_a_png_with_paramet
             ..Request::new("a photograph of an astronaut riding a horse")
         };
         let img = pipe.generate(&req, &mut |_| {}).unwrap();
-        let want = golden(key);
-        let mse = img.rgb.iter().zip(&want).map(|(a, b)| ((*a as f64 - *b as f64) / 255.0).powi(2)).sum::<f64>() / want.len() as f64;
-        let psnr = 10.0 * (1.0 / mse.max(1e-12)).log10();
+        let psnr = psnr_u8(&img.rgb, &golden(key));
         eprintln!("{sampler:?}: {psnr:.1} dB against diffusers' PIL output");
         assert!(psnr >= 45.0, "{sampler:?}: {psnr:.1} dB");
         let out = dir.path().join(format!("{sampler:?}.png"));
@@ -60,6 +68,31 @@ fn txt2img_reproduces_the_diffusers_pipeline_image_and_writes_a_png_with_paramet
     // Sizes the model cannot take are explained.
     let e = pipe.generate(&Request { width: 18, ..req }, &mut |_| {}).unwrap_err().to_string();
     assert!(e.contains("multiples of 4"), "{e}");
+}
+
+#[test]
+fn inpainting_model_txt2img_reproduces_the_diffusers_inpaint_pipeline_on_a_fully_masked_grey_image() {
+    // diffusers' StableDiffusionInpaintPipeline with mask 1 everywhere and the VAE
+    // mean of a grey image as masked-image latents: what sdrs feeds a 9-channel UNet
+    // when no init image is given.
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("inpaint.gguf");
+    convert_to(&fixture("sd1-inpaint/model"), Type::F32, &model).unwrap();
+    let pipe = Pipeline::load(&model).unwrap();
+    assert_eq!(pipe.config.unet.in_channels, 9);
+    let req = Request {
+        width: 16,
+        height: 16,
+        steps: 4,
+        cfg_scale: 7.5,
+        sampler: Sampler::Euler,
+        noise: Some(golden_of("sd1-inpaint", "traj.init_latent")),
+        ..Request::new("a photograph of an astronaut riding a horse")
+    };
+    let img = pipe.generate(&req, &mut |_| {}).unwrap();
+    let psnr = psnr_u8(&img.rgb, &golden_of("sd1-inpaint", "traj.euler.image_u8"));
+    eprintln!("inpaint: {psnr:.1} dB against diffusers' PIL output");
+    assert!(psnr >= 45.0, "inpaint: {psnr:.1} dB");
 }
 
 #[test]

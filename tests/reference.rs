@@ -203,6 +203,26 @@ fn four_step_euler_and_ddim_trajectories_match_diffusers_pipelines() {
 }
 
 #[test]
+fn inpainting_unet_with_nine_input_channels_matches_diffusers() {
+    let g = golden("sd1-inpaint");
+    let m = convert("sd1-inpaint", Type::F32);
+    assert_eq!(m.cfg.unet.in_channels, 9);
+    let backend = Backend::cpu(2).unwrap();
+    let w = Weights::load(&m.gguf, |n| n.starts_with("model.diffusion_model.")).unwrap();
+    let (xs, x) = &g["unet.x"];
+    let (cs, ctx) = &g["unet.context"];
+    let out = unet::forward(&w, &m.cfg.unet, x, xs[3], xs[2], &[500.0, 500.0], ctx, cs[1], None, None, &backend).unwrap();
+    check("sd1-inpaint UNet t=500", &g["unet.t500.out"].1, &out, 1e-4);
+    // The txt2img conditioning: the VAE mean of a grey image, scaled.
+    let vw = Weights::load(&m.gguf, |n| n.starts_with("first_stage_model.")).unwrap();
+    let grey = vec![0.0f32; 3 * 16 * 16];
+    let lat = vae::encode(&vw, &m.cfg.vae, &grey, 1, 16, 16, &backend).unwrap();
+    // Constant channels make the encoder's first GroupNorms divide by ~eps: the
+    // reference itself moves by 1.7e-5 between f32 and f64 here.
+    check("sd1-inpaint grey latents", &g["cond.masked_image_latents"].1, &lat, 1e-3);
+}
+
+#[test]
 fn tokenizer_gives_the_pipelines_token_ids() {
     use sdrs::tokenizer::ClipTokenizer;
     let tok = ClipTokenizer::embedded().unwrap();

@@ -5,6 +5,7 @@ use anyhow::{bail, Result};
 
 use sdrs::config::ModelConfig;
 use sdrs::formats::DType;
+use sdrs::memory;
 use sdrs::pipeline::{Pipeline, Request, Stage};
 use sdrs::sample::Sampler;
 
@@ -30,14 +31,14 @@ pub struct Args {
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
+    /// Attention kernel: matmul (score matrix, fast GEMMs) or flash (ggml's fused kernel).
+    #[arg(long, default_value = "matmul")]
+    attention: String,
+    /// Write the memory timeline (anonymous and file-backed RSS, stages marked) as SVG.
+    #[arg(long)]
+    plot: Option<PathBuf>,
 }
 
-/// Peak and current resident memory of this process (bytes), from /proc.
-fn rss() -> (u64, u64) {
-    let s = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let field = |k: &str| s.lines().find(|l| l.starts_with(k)).and_then(|l| l.split_whitespace().nth(1)).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0) * 1024;
-    (field("VmHWM:"), field("VmRSS:"))
-}
 
 pub fn run(a: Args, threads: Option<usize>) -> Result<()> {
     let threads = threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
@@ -58,17 +59,36 @@ pub fn run(a: Args, threads: Option<usize>) -> Result<()> {
         }
         (None, None) => bail!("give -m MODEL.gguf or --synth ARCH"),
     };
+    let (peak_flops, fma_kind) = sdrs::ggml::fma_peak_flops(threads, 0.2);
+    let recorder = memory::Recorder::start();
+    recorder.mark("load");
     let t = Instant::now();
-    let pipe = Pipeline::load_with_threads(&model, threads)?;
+    let Some(attention) = sdrs::model::Attention::parse(&a.attention) else {
+        bail!("unknown attention `{}`; valid: {}", a.attention, sdrs::model::Attention::NAMES.join(", "));
+    };
+    let mut pipe = Pipeline::load_with_threads(&model, threads)?;
+    pipe.attention = attention;
     let load_s = t.elapsed().as_secs_f64();
     let mut rows = Vec::new();
     for &size in &a.sizes {
+        recorder.mark(&format!("text {size}"));
         let req = Request { width: size, height: size, steps: a.steps, cfg_scale: a.cfg_scale, sampler: Sampler::Euler, ..Request::new("a photograph of an astronaut riding a horse") };
         let mut step_times = Vec::new();
+        let mut flops = 0.0;
+        let mut compute_bytes = 0;
         let mut last = Instant::now();
         let img = pipe.generate(&req, &mut |s| {
-            if let Stage::Step { .. } = s {
-                step_times.push(last.elapsed().as_secs_f64());
+            match s {
+                Stage::Step { done, total } => {
+                    step_times.push(last.elapsed().as_secs_f64());
+                    recorder.mark(&if done == total { format!("decode {size}") } else { format!("step {} {size}", done + 1) });
+                }
+                Stage::Sampling { unet_flops, compute_bytes: b } => {
+                    flops = unet_flops;
+                    compute_bytes = b;
+                    recorder.mark(&format!("step 1 {size}"));
+                }
+                Stage::TextEncoded | Stage::Decoded => {}
             }
             last = Instant::now();
         })?;
@@ -77,24 +97,41 @@ pub fn run(a: Args, threads: Option<usize>) -> Result<()> {
         rows.push(serde_json::json!({
             "size": size, "steps": a.steps, "cfg_scale": a.cfg_scale,
             "text_s": img.timings[0], "first_step_s": step_times.first(), "step_s": per_step, "decode_s": img.timings[2],
+            "unet_gflop": flops / 1e9, "unet_gflops": flops / per_step / 1e9, "peak_fraction": flops / per_step / peak_flops,
+            "compute_buffer_bytes": compute_bytes,
         }));
     }
-    let (peak, now) = rss();
+    recorder.mark("end");
+    let timeline = recorder.stop();
+    let (peak, now) = memory::peak_and_current();
+    let system = sdrs::ggml::cpu_backend_info()?;
     let report = serde_json::json!({
         "model": model.file_name().map(|n| n.to_string_lossy().into_owned()),
-        "family": pipe.config.family, "threads": threads, "load_s": load_s,
+        "family": pipe.config.family, "threads": threads, "load_s": load_s, "attention": a.attention,
         "peak_rss_bytes": peak, "rss_bytes": now, "runs": rows,
+        "machine": {
+            "cpu": system.description, "ggml_cpu_library": system.library.map(|p| p.display().to_string()),
+            "ggml_features": system.features.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>(),
+            "fma_peak_gflops": peak_flops / 1e9, "fma_kind": fma_kind,
+        },
+        "memory_timeline": timeline.to_json(),
     });
+    if let Some(path) = &a.plot {
+        std::fs::write(path, timeline.to_svg(&format!("sdrs bench: {}", report["model"].as_str().unwrap_or("?"))))
+            .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))?;
+    }
     if a.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
         return Ok(());
     }
     let mut o = String::new();
+    let f = |v: &serde_json::Value| v.as_f64().unwrap_or(0.0);
     out!(o, "model {} ({}), {} threads, load {:.2} s", report["model"].as_str().unwrap_or("?"), pipe.config.family, threads, load_s);
-    out!(o, "{:>6} {:>8} {:>10} {:>10} {:>10}", "size", "text s", "s/step", "1st step", "decode s");
+    out!(o, "machine: {}, FMA peak {:.0} GFLOP/s ({fma_kind}, {threads} threads)", report["machine"]["cpu"].as_str().unwrap_or("?"), peak_flops / 1e9);
+    out!(o, "{:>6} {:>8} {:>10} {:>10} {:>10} {:>10} {:>8} {:>10}", "size", "text s", "s/step", "1st step", "decode s", "GFLOP/st", "GFLOP/s", "% of peak");
     for r in &rows {
-        out!(o, "{:>6} {:>8.2} {:>10.2} {:>10.2} {:>10.2}", r["size"], r["text_s"].as_f64().unwrap_or(0.0), r["step_s"].as_f64().unwrap_or(0.0), r["first_step_s"].as_f64().unwrap_or(0.0), r["decode_s"].as_f64().unwrap_or(0.0));
+        out!(o, "{:>6} {:>8.2} {:>10.2} {:>10.2} {:>10.2} {:>10.0} {:>8.1} {:>9.1}%", r["size"], f(&r["text_s"]), f(&r["step_s"]), f(&r["first_step_s"]), f(&r["decode_s"]), f(&r["unet_gflop"]), f(&r["unet_gflops"]), 100.0 * f(&r["peak_fraction"]));
     }
-    out!(o, "peak RSS {:.0} MB (includes mapped weights that were touched)", peak as f64 / 1e6);
+    out!(o, "peak RSS {:.0} MB (anonymous {:.0} MB, file-backed {:.0} MB at their peaks; mapped weights count once touched)", peak as f64 / 1e6, timeline.peak_anon() as f64 / 1e6, timeline.peak_file() as f64 / 1e6);
     super::print_stdout(&o)
 }

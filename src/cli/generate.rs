@@ -47,7 +47,7 @@ pub fn run(a: Args, threads: Option<usize>) -> Result<()> {
     pipe.latent_size(req.width, req.height)?;
     let bar = super::progress_bar(req.steps as u64, "{spinner} [{bar:30}] step {pos}/{len} {per_sec} {msg}");
     let image = pipe.generate(&req, &mut |s| match s {
-        Stage::TextEncoded => bar.set_message("sampling"),
+        Stage::TextEncoded | Stage::Sampling { .. } => bar.set_message("sampling"),
         Stage::Step { done, .. } => bar.set_position(done as u64),
         Stage::Decoded => bar.set_message("decoded"),
     })?;

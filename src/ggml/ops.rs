@@ -96,6 +96,18 @@ impl Context<'_> {
         self.op(unsafe { sys::ggml_soft_max_ext(self.raw(), a.raw(), m, scale, 0.0) })
     }
 
+    /// Fused attention (ggml's `flash_attn_ext`, online softmax, no score matrix):
+    /// `q` `[D, Nq, H, B]`, `k` `[D, Nk, H, B]`, `v` `[Dv, Nk, H, B]` (views allowed)
+    /// give `[Dv, H, Nq, B]`: heads already interleaved per token.
+    pub fn flash_attn<'c>(&'c self, q: Tensor<'c>, k: Tensor<'c>, v: Tensor<'c>, scale: f32) -> Result<Tensor<'c>> {
+        let (qn, kn, vn) = (q.ne(), k.ne(), v.ne());
+        if qn[0] != kn[0] || kn[1] != vn[1] || kn[2] != vn[2] || kn[3] != vn[3] || qn[3] != kn[3] || qn[2] % kn[2] != 0 {
+            return Err(bad("flash_attn_ext", format!("q {qn:?}, k {kn:?}, v {vn:?}")));
+        }
+        // SAFETY: shapes checked as ggml asserts them; no mask, no ALiBi, no softcap.
+        self.op(unsafe { sys::ggml_flash_attn_ext(self.raw(), q.raw(), k.raw(), v.raw(), std::ptr::null_mut(), scale, 0.0, 0.0) })
+    }
+
     /// `a` `[K, N, ...]` (weights; may be quantized) times `b` `[K, M, ...]` (f32): `[N, M, ...]`.
     pub fn mul_mat<'c>(&'c self, a: Tensor<'c>, b: Tensor<'c>) -> Result<Tensor<'c>> {
         let (x, y) = (a.ne(), b.ne());

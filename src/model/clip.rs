@@ -70,9 +70,8 @@ fn attention<'c>(nn: &Nn<'c>, x: Tensor<'c>, names: &LayerNames, heads: usize) -
     let split = |y: Tensor<'c>| c.reshape(y, &[d, heads, t, b]);
     let q = c.permute(split(q)?, [0, 2, 1, 3])?; // [D, T, H, B]
     let k = c.permute(split(k)?, [0, 2, 1, 3])?;
-    let vt = c.cont(c.permute(split(v)?, [1, 2, 0, 3])?)?; // [T, D, H, B]
-    let o = nn.attend(q, k, vt, true)?; // [D, Tq, H, B]
-    let o = c.reshape(c.cont(c.permute(o, [0, 2, 1, 3])?)?, &[ch, t, b])?;
+    let v = c.permute(split(v)?, [0, 2, 1, 3])?;
+    let o = nn.attend(q, k, v, true)?; // [C, T, B]
     nn.linear(o, &names.out)
 }
 
@@ -88,7 +87,7 @@ pub struct Graph<'c> {
 
 /// Builds the encoder for `batch` prompts of `cfg.max_positions` tokens.
 pub fn build<'c>(ctx: &'c Context<'c>, w: &'c Weights<'c>, cfg: &TextEncoderConfig, batch: usize) -> Result<Graph<'c>> {
-    let nn = Nn { ctx, w };
+    let nn = Nn::new(ctx, w);
     let t = cfg.max_positions;
     let p = &cfg.prefix;
     let (tok, pos) = match cfg.kind {

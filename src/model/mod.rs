@@ -7,4 +7,5 @@ pub mod unet;
 pub mod vae;
 pub mod weights;
 
+pub use nn::Attention;
 pub use weights::Weights;

@@ -4,14 +4,43 @@ use crate::ggml::{Backend, Context, Tensor, Type};
 
 use super::Weights;
 
+/// How attention is computed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Attention {
+    /// Scores as a matrix product, softmax, then a product with the values: fast GEMMs
+    /// but the whole `[Nk, Nq]` score matrix per head in memory.
+    #[default]
+    MatMul,
+    /// ggml's fused kernel (`flash_attn_ext`): no score matrix. Causal attention
+    /// (text encoders, 77 tokens) always uses the matrix form.
+    Flash,
+}
+
+impl Attention {
+    pub const NAMES: &'static [&'static str] = &["matmul", "flash"];
+
+    pub fn parse(s: &str) -> Option<Attention> {
+        match s {
+            "matmul" => Some(Attention::MatMul),
+            "flash" => Some(Attention::Flash),
+            _ => None,
+        }
+    }
+}
+
 /// Builds layers from the weights under one context.
 #[derive(Clone, Copy)]
 pub struct Nn<'c> {
     pub ctx: &'c Context<'c>,
     pub w: &'c Weights<'c>,
+    pub attention: Attention,
 }
 
 impl<'c> Nn<'c> {
+    pub fn new(ctx: &'c Context<'c>, w: &'c Weights<'c>) -> Self {
+        Nn { ctx, w, attention: Attention::default() }
+    }
+
     /// A convolution `name` (`.weight`, optional `.bias`) with a `k`x`k` kernel.
     /// Kernels come flattened `[IC*k*k, OC]` (our files) or 4-D (stable-diffusion.cpp's).
     pub fn conv(&self, x: Tensor<'c>, name: &str, k: usize, stride: usize, pad: usize) -> Result<Tensor<'c>> {
@@ -43,15 +72,24 @@ impl<'c> Nn<'c> {
         self.ctx.linear(x, self.w.get(&format!("{name}.weight"))?, self.w.opt(&format!("{name}.bias")))
     }
 
-    /// Softmax attention of `q` `[D, Nq, H, B]` over `k` `[D, Nk, H, B]` and values
-    /// given transposed, `vt` `[Nk, D, H, B]`: returns `[D, Nq, H, B]`. `causal` hides
-    /// keys after each query (text encoders).
-    pub fn attend(&self, q: Tensor<'c>, k: Tensor<'c>, vt: Tensor<'c>, causal: bool) -> Result<Tensor<'c>> {
-        let d = q.ne()[0];
-        let scores = self.ctx.mul_mat(k, q)?; // [Nk, Nq, H, B]
-        let scores = if causal { self.ctx.diag_mask_inf(scores)? } else { scores };
-        let probs = self.ctx.soft_max_ext(scores, None, 1.0 / (d as f32).sqrt())?;
-        self.ctx.mul_mat(vt, probs)
+    /// Softmax attention of `q` `[D, Nq, H, B]` over keys `k` `[D, Nk, H, B]` and
+    /// values `v` `[D, Nk, H, B]` (permuted views are fine): returns `[D*H, Nq, B]`,
+    /// the heads of each token side by side. `causal` hides keys after each query
+    /// (text encoders).
+    pub fn attend(&self, q: Tensor<'c>, k: Tensor<'c>, v: Tensor<'c>, causal: bool) -> Result<Tensor<'c>> {
+        let c = self.ctx;
+        let [d, nq, h, b] = q.ne();
+        let scale = 1.0 / (d as f32).sqrt();
+        if self.attention == Attention::Flash && !causal {
+            let o = c.flash_attn(q, k, v, scale)?; // [D, H, Nq, B]
+            return c.reshape(o, &[d * h, nq, b]);
+        }
+        let vt = c.cont(c.permute(v, [1, 0, 2, 3])?)?; // [Nk, D, H, B]
+        let scores = c.mul_mat(k, q)?; // [Nk, Nq, H, B]
+        let scores = if causal { c.diag_mask_inf(scores)? } else { scores };
+        let probs = c.soft_max_ext(scores, None, scale)?;
+        let o = c.mul_mat(vt, probs)?; // [D, Nq, H, B]
+        c.reshape(c.cont(c.permute(o, [0, 2, 1, 3])?)?, &[d * h, nq, b])
     }
 
     /// `[W, H, C, N]` → `[C, W*H, N]` (tokens with channels innermost).
@@ -73,7 +111,7 @@ impl<'c> Nn<'c> {
 /// ggml shape `ne` (holding `input`) to the output, whose values are returned.
 pub fn eval(w: &Weights<'_>, ne: [usize; 4], input: &[f32], max_tensors: usize, backend: &Backend, build: impl for<'c> FnOnce(&Nn<'c>, Tensor<'c>) -> Result<Tensor<'c>>) -> Result<Vec<f32>> {
     let ctx = Context::new(max_tensors)?;
-    let nn = Nn { ctx: &ctx, w };
+    let nn = Nn::new(&ctx, w);
     let x = ctx.tensor(Type::F32, &ne, "input")?;
     ctx.set_input(x);
     let out = build(&nn, x)?;

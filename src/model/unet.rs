@@ -6,7 +6,7 @@ use crate::config::UnetConfig;
 use crate::error::{Error, Result};
 use crate::ggml::{Backend, Context, Tensor, Type};
 
-use super::nn::Nn;
+use super::nn::{Attention, Nn};
 use super::Weights;
 
 const P: &str = "model.diffusion_model.";
@@ -38,9 +38,8 @@ fn attention<'c>(nn: &Nn<'c>, x: Tensor<'c>, ctx_in: Tensor<'c>, name: &str, hea
     let v = nn.linear(ctx_in, &format!("{name}.to_v"))?;
     let q = c.permute(c.reshape(q, &[d, heads, n, b])?, [0, 2, 1, 3])?; // [D, N, H, B]
     let k = c.permute(c.reshape(k, &[d, heads, tk, b])?, [0, 2, 1, 3])?;
-    let vt = c.cont(c.permute(c.reshape(v, &[d, heads, tk, b])?, [1, 2, 0, 3])?)?; // [Tk, D, H, B]
-    let o = nn.attend(q, k, vt, false)?; // [D, N, H, B]
-    let o = c.reshape(c.cont(c.permute(o, [0, 2, 1, 3])?)?, &[ch, n, b])?;
+    let v = c.permute(c.reshape(v, &[d, heads, tk, b])?, [0, 2, 1, 3])?;
+    let o = nn.attend(q, k, v, false)?; // [C, N, B]
     nn.linear(o, &format!("{name}.to_out.0"))
 }
 
@@ -194,21 +193,23 @@ pub struct Runner<'w> {
     shape: (usize, usize, usize, usize),
     /// Compute-buffer size in bytes.
     pub buffer_bytes: usize,
+    /// Matrix-product FLOPs of one evaluation (all of the batch).
+    pub flops: f64,
     _weights: std::marker::PhantomData<&'w Weights<'w>>,
 }
 
 impl<'w> Runner<'w> {
     /// Builds the graph for `batch` latents of `width`x`height` with `tokens` context tokens.
-    pub fn new(w: &'w Weights<'w>, cfg: &UnetConfig, width: usize, height: usize, batch: usize, tokens: usize) -> Result<Self> {
+    pub fn new(w: &'w Weights<'w>, cfg: &UnetConfig, width: usize, height: usize, batch: usize, tokens: usize, attention: Attention) -> Result<Self> {
         let ctx = Context::new(16384)?;
-        let buffer_bytes = {
-            let nn = Nn { ctx: &ctx, w };
+        let (buffer_bytes, flops) = {
+            let nn = Nn { attention, ..Nn::new(&ctx, w) };
             let g = build(&nn, cfg, width, height, batch, tokens)?;
             ctx.name(g.out, "unet.out")?;
             let graph = ctx.graph(&[g.out])?;
-            ctx.alloc_graph(&graph)?
+            (ctx.alloc_graph(&graph)?, graph.matmul_flops())
         };
-        Ok(Runner { ctx, cfg: cfg.clone(), shape: (width, height, batch, tokens), buffer_bytes, _weights: std::marker::PhantomData })
+        Ok(Runner { ctx, cfg: cfg.clone(), shape: (width, height, batch, tokens), buffer_bytes, flops, _weights: std::marker::PhantomData })
     }
 
     /// One evaluation: `x` `[B][C][H][W]`, `t` `[B]`, `context` `[B][T][ctx]`.
@@ -242,5 +243,5 @@ pub fn forward(w: &Weights<'_>, cfg: &UnetConfig, x: &[f32], width: usize, heigh
     if x.len() != b * cfg.in_channels * width * height || context.len() != b * tokens * cfg.context_dim {
         return Err(Error::Invalid(format!("UNet inputs: {} latent and {} context values for batch {b}", x.len(), context.len())));
     }
-    Runner::new(w, cfg, width, height, b, tokens)?.run(x, t, context, y, guidance, backend)
+    Runner::new(w, cfg, width, height, b, tokens, Attention::default())?.run(x, t, context, y, guidance, backend)
 }

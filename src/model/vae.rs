@@ -27,12 +27,12 @@ fn attention<'c>(nn: &Nn<'c>, x: Tensor<'c>, name: &str) -> Result<Tensor<'c>> {
     let hn = nn.group_norm(x, &format!("{name}.norm"), GROUPS, EPS)?;
     let q = nn.to_tokens(nn.conv(hn, &format!("{name}.q"), 1, 1, 0)?)?; // [C, N, B]
     let k = nn.to_tokens(nn.conv(hn, &format!("{name}.k"), 1, 1, 0)?)?;
-    // [W, H, C, B] is already [Npix, C, B]: values transposed for free.
-    let vt = c.reshape(nn.conv(hn, &format!("{name}.v"), 1, 1, 0)?, &[w * h, ch, 1, n])?;
+    // [W, H, C, B] is already [Npix, C, B]; a permuted view gives [C, Npix] values.
+    let v = c.permute(c.reshape(nn.conv(hn, &format!("{name}.v"), 1, 1, 0)?, &[w * h, ch, 1, n])?, [1, 0, 2, 3])?;
     let q = c.reshape(q, &[ch, w * h, 1, n])?;
     let k = c.reshape(k, &[ch, w * h, 1, n])?;
-    let o = nn.attend(q, k, vt, false)?; // [C, Npix, 1, B]
-    let o = nn.from_tokens(c.reshape(o, &[ch, w * h, n])?, w, h)?;
+    let o = nn.attend(q, k, v, false)?; // [C, Npix, B]
+    let o = nn.from_tokens(o, w, h)?;
     c.add(x, nn.conv(o, &format!("{name}.proj_out"), 1, 1, 0)?)
 }
 
