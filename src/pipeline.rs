@@ -17,7 +17,7 @@ use crate::formats::gguf::GgufFile;
 use crate::formats::Checkpoint;
 use crate::ggml::Backend;
 use crate::model::{clip, taesd, unet, vae, Attention, Weights};
-use crate::sample::{self, Discrete, Plan, Sampler, Spacing};
+use crate::sample::{self, Discrete, NativeRng, Rng, Sampler, Schedule, ScheduleOpts, Spacing, TorchRng};
 use crate::tokenizer::ClipTokenizer;
 
 /// What to generate.
@@ -31,6 +31,18 @@ pub struct Request {
     pub cfg_scale: f32,
     pub seed: u64,
     pub sampler: Sampler,
+    /// σ schedule for samplers that take one (DDIM, PLMS, LCM and TCD have their own grid).
+    pub schedule: Schedule,
+    /// Noise scale of stochastic steps; `None` takes the sampler's default
+    /// ([`sample::Settings::default_for`]).
+    pub eta: Option<f64>,
+    /// Overrides of the model's σ range.
+    pub sigma_min: Option<f64>,
+    pub sigma_max: Option<f64>,
+    /// Which generator turns the seed into noise.
+    pub rng: RngKind,
+    /// Guidance rescale φ (Lin et al. 2024, sec. 3.4): 0 is plain CFG.
+    pub guidance_rescale: f32,
     /// Decode with a TAESD-family decoder (`.pth`) instead of the VAE.
     pub taesd: Option<PathBuf>,
     /// Explicit initial noise (`[4][h/8][w/8]`, unit Gaussian) instead of the seed's.
@@ -39,7 +51,50 @@ pub struct Request {
 
 impl Request {
     pub fn new(prompt: &str) -> Self {
-        Request { prompt: prompt.into(), negative: String::new(), width: 512, height: 512, steps: 20, cfg_scale: 7.0, seed: 42, sampler: Sampler::Euler, taesd: None, noise: None }
+        Request {
+            prompt: prompt.into(),
+            negative: String::new(),
+            width: 512,
+            height: 512,
+            steps: 20,
+            cfg_scale: 7.0,
+            seed: 42,
+            sampler: Sampler::Euler,
+            schedule: Schedule::Discrete(Spacing::Linspace),
+            eta: None,
+            sigma_min: None,
+            sigma_max: None,
+            rng: RngKind::Torch,
+            guidance_rescale: 0.0,
+            taesd: None,
+            noise: None,
+        }
+    }
+}
+
+/// How a seed becomes Gaussian noise.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RngKind {
+    /// `torch.randn` on a CPU generator, bit for bit: a seed gives diffusers' image.
+    Torch,
+    /// sdrs' own fast generator (SplitMix64 + Box–Muller).
+    Native,
+}
+
+impl RngKind {
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "torch" => Some(RngKind::Torch),
+            "native" => Some(RngKind::Native),
+            _ => None,
+        }
+    }
+
+    fn make(self, seed: u64) -> Box<dyn Rng> {
+        match self {
+            RngKind::Torch => Box::new(TorchRng::new(seed)),
+            RngKind::Native => Box::new(NativeRng::new(seed)),
+        }
     }
 }
 
@@ -135,7 +190,7 @@ impl Pipeline {
         let vocab = metadata::read_tokenizer(&gguf).map_or_else(crate::vocab::ClipVocab::embedded, Ok)?;
         let tokenizer = ClipTokenizer::new(&vocab)?;
         let model_hash = gguf.get("sd.source.sha256").and_then(|v| v.as_str()).map(|h| h.chars().take(10).collect()).unwrap_or_default();
-        Ok(Pipeline { gguf, config, tokenizer, backend: Backend::cpu(threads)?, model_hash, attention: Attention::default() })
+        Ok(Pipeline { gguf, config, tokenizer, backend: Backend::cpu(threads)?, model_hash, attention: Attention::Auto })
     }
 
     /// Latent size for an image size, or an error that says what is allowed.
@@ -193,24 +248,39 @@ impl Pipeline {
         let t1 = Instant::now();
 
         let zc = cfg.vae.latent_channels;
+        // One generator for the initial latent and then every ancestral step, in the
+        // order diffusers draws them, so the torch generator reproduces its images.
+        let mut rng = req.rng.make(req.seed);
         let noise = match &req.noise {
             Some(n) if n.len() == zc * lw * lh => n.clone(),
             Some(n) => return Err(Error::Invalid(format!("initial noise has {} values, the latent has {}", n.len(), zc * lw * lh))),
-            None => native_noise(req.seed, zc * lw * lh),
+            None => rng.randn(zc * lw * lh),
         };
         let sched = Discrete::sd();
-        let plan = match req.sampler {
-            Sampler::Euler => Plan::euler_discrete(&sched, req.steps, Spacing::Linspace, 1),
-            Sampler::Ddim => Plan::ddim(&sched, req.steps, 1, false),
-        };
+        let settings = req.eta.map_or_else(|| sample::Settings::default_for(req.sampler), |eta| sample::Settings { eta });
+        let opts = ScheduleOpts { sigma_min: req.sigma_min, sigma_max: req.sigma_max, xl: false };
+        let plan = sample::plan_for(req.sampler, req.schedule, &sched, req.steps, &opts, &settings);
         let uw = Weights::load(&self.gguf, |n| n.starts_with("model.diffusion_model."))?;
         // One graph for the whole run: cond and uncond as a batch of 2 when guided.
         let runner = unet::Runner::new(&uw, &cfg.unet, lw, lh, prompts.len(), te.max_positions, self.attention)?;
         let extra = self.image_conditioning(lw, lh)?;
         progress(Stage::Sampling { unet_flops: runner.flops, compute_bytes: runner.buffer_bytes });
-        let mut model = Cfg { runner: &runner, pipe: self, context: &context, scale: req.cfg_scale, guided, extra: extra.as_deref() };
+        let mut model = Cfg { runner: &runner, pipe: self, context: &context, scale: req.cfg_scale, rescale: req.guidance_rescale, guided, extra: extra.as_deref() };
         let total = plan.timesteps.len();
-        let traj = sample::sample(&mut model, cfg.prediction, &plan, &noise, &mut |i| progress(Stage::Step { done: i + 1, total }))?;
+        let x = sample::start_latent(&plan, &noise, None);
+        let mut den = sample::Denoiser::new(&mut model, cfg.prediction, &sched, &plan);
+        // SDE samplers draw from a Brownian path with its own generator (seeded from
+        // the seed), so their noise does not depend on how steps split intervals.
+        let mut brownian;
+        let mut iid;
+        let noise_src: &mut dyn sample::NoiseSampler = if req.sampler.brownian() {
+            brownian = sample::BrownianNoise::new(req.rng.make(req.seed ^ 0x9E37_79B9_7F4A_7C15));
+            &mut brownian
+        } else {
+            iid = sample::IidNoise(rng.as_mut());
+            &mut iid
+        };
+        let traj = sample::sample(&mut den, req.sampler, &settings, &plan, x, noise_src, &mut |i| progress(Stage::Step { done: i + 1, total }))?;
         let latent = traj.last().ok_or_else(|| Error::Invalid("no sampling steps".into()))?;
         let t2 = Instant::now();
 
@@ -240,9 +310,10 @@ impl Pipeline {
             req.prompt,
             req.negative,
             req.steps,
-            match req.sampler {
-                Sampler::Euler => "Euler",
-                Sampler::Ddim => "DDIM",
+            if req.sampler.has_own_timesteps() || req.schedule == Schedule::Discrete(Spacing::Linspace) {
+                req.sampler.info().display.to_string()
+            } else {
+                format!("{}, Schedule type: {}", req.sampler.info().display, req.schedule.name())
             },
             req.cfg_scale,
             req.seed,
@@ -257,6 +328,20 @@ impl Pipeline {
     }
 }
 
+/// Guidance rescale (Lin et al. 2024, "Common Diffusion Noise Schedules and Sample Steps
+/// are Flawed", eq. 15–16): scale the guided prediction to the conditional one's
+/// standard deviation, and mix by φ; counters over-exposure at high CFG.
+fn rescale_guidance(guided: &[f32], cond: &[f32], phi: f32) -> Vec<f32> {
+    let std = |v: &[f32]| {
+        let n = v.len() as f64;
+        let m = v.iter().map(|&x| x as f64).sum::<f64>() / n;
+        // Unbiased, as torch.std.
+        (v.iter().map(|&x| (x as f64 - m).powi(2)).sum::<f64>() / (n - 1.0).max(1.0)).sqrt()
+    };
+    let f = std(cond) / std(guided).max(1e-30);
+    guided.iter().map(|&g| phi * (g as f64 * f) as f32 + (1.0 - phi) * g).collect()
+}
+
 /// The UNet with classifier-free guidance: one batch of [uncond, cond] when guided,
 /// the cond pass alone at scale 1.
 struct Cfg<'a> {
@@ -264,6 +349,8 @@ struct Cfg<'a> {
     pipe: &'a Pipeline,
     context: &'a [f32],
     scale: f32,
+    /// Guidance rescale φ.
+    rescale: f32,
     guided: bool,
     /// Channels appended to the latent of every batch element (inpainting UNets).
     extra: Option<&'a [f32]>,
@@ -285,6 +372,7 @@ impl sample::Model for Cfg<'_> {
         }
         let out = self.runner.run(&batch, &[t as f32, t as f32], self.context, None, None, backend)?;
         let (uncond, cond) = out.split_at(out.len() / 2);
-        Ok(uncond.iter().zip(cond).map(|(u, c)| u + self.scale * (c - u)).collect())
+        let guided: Vec<f32> = uncond.iter().zip(cond).map(|(u, c)| u + self.scale * (c - u)).collect();
+        Ok(if self.rescale > 0.0 { rescale_guidance(&guided, cond, self.rescale) } else { guided })
     }
 }

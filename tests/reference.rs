@@ -175,7 +175,11 @@ fn run_trajectory(model: &str, sampler: &str) {
     let (xs, _) = &g["unet.x"];
     let (cs, ctx) = &g["unet.context"];
     let mut guided = Guided { w: &w, cfg: &m.cfg.unet, context: ctx, tokens: cs[1], scale: 7.5, size: (xs[3], xs[2]), backend: &backend };
-    let traj = sample::sample(&mut guided, m.cfg.prediction, &plan, &g["traj.init_latent"].1, &mut |_| {}).unwrap();
+    let which = if sampler == "euler" { sample::Sampler::Euler } else { sample::Sampler::Ddim };
+    let x = sample::start_latent(&plan, &g["traj.init_latent"].1, None);
+    let mut den = sample::Denoiser::new(&mut guided, m.cfg.prediction, &sched, &plan);
+    let mut rng = sample::NativeRng::new(0);
+    let traj = sample::sample(&mut den, which, &sample::Settings::default_for(which), &plan, x, &mut sample::IidNoise(&mut rng), &mut |_| {}).unwrap();
     let latents = &g[&key("latents")].1;
     let per = latents.len() / traj.len();
     for (i, step) in traj.iter().enumerate() {

@@ -31,8 +31,9 @@ pub struct Args {
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
-    /// Attention kernel: matmul (score matrix, fast GEMMs) or flash (ggml's fused kernel).
-    #[arg(long, default_value = "matmul")]
+    /// Attention kernel: auto (flash for large self-attention), matmul (score matrix,
+    /// fast GEMMs) or flash (ggml's fused kernel, no score matrix).
+    #[arg(long, default_value = "auto")]
     attention: String,
     /// Write the memory timeline (anonymous and file-backed RSS, stages marked) as SVG.
     #[arg(long)]

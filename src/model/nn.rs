@@ -14,16 +14,31 @@ pub enum Attention {
     /// ggml's fused kernel (`flash_attn_ext`): no score matrix. Causal attention
     /// (text encoders, 77 tokens) always uses the matrix form.
     Flash,
+    /// Flash attention where the score matrix would be large (self-attention over at
+    /// least [`Attention::FLASH_MIN_KEYS`] tokens), the matrix form elsewhere. Measured
+    /// on SD 1.5 (2 cores, AVX2): at 512² flash is 1.4× faster per step and saves
+    /// 800 MB of compute buffer; at 256² (1024 tokens) the matrix form is 15% faster.
+    Auto,
 }
 
 impl Attention {
-    pub const NAMES: &'static [&'static str] = &["matmul", "flash"];
+    pub const NAMES: &'static [&'static str] = &["auto", "matmul", "flash"];
+    pub const FLASH_MIN_KEYS: usize = 2048;
 
     pub fn parse(s: &str) -> Option<Attention> {
         match s {
+            "auto" => Some(Attention::Auto),
             "matmul" => Some(Attention::MatMul),
             "flash" => Some(Attention::Flash),
             _ => None,
+        }
+    }
+
+    fn flash(self, keys: usize) -> bool {
+        match self {
+            Attention::MatMul => false,
+            Attention::Flash => true,
+            Attention::Auto => keys >= Self::FLASH_MIN_KEYS,
         }
     }
 }
@@ -80,7 +95,7 @@ impl<'c> Nn<'c> {
         let c = self.ctx;
         let [d, nq, h, b] = q.ne();
         let scale = 1.0 / (d as f32).sqrt();
-        if self.attention == Attention::Flash && !causal {
+        if self.attention.flash(k.ne()[1]) && !causal {
             let o = c.flash_attn(q, k, v, scale)?; // [D, H, Nq, B]
             return c.reshape(o, &[d * h, nq, b]);
         }

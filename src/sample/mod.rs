@@ -1,11 +1,25 @@
 //! Sampling: a schedule of noise levels, a denoiser, and the steps between them.
-//! Classifier-free guidance lives here, not in the UNet; samplers never see ggml.
+//! Classifier-free guidance lives in the caller's [`Model`], not here; samplers never
+//! see ggml.
+//!
+//! Every sampler works in k-diffusion's variance-exploding form (Karras et al. 2022):
+//! the latent at noise level σ is `x = x0 + σ ε`, held in f64, and the network is a
+//! denoiser `D(x; σ) ≈ x0`. Samplers that diffusers writes in the variance-preserving
+//! form (DDIM, LCM, TCD, PLMS, UniPC) are the same updates divided by sqrt(ᾱ); they are
+//! written here in the VE form so one loop serves all of them.
+pub mod brownian;
+mod kdiffusion;
+mod lcm;
+mod multistep;
+pub mod rng;
 pub mod schedule;
 
-pub use schedule::{Discrete, Plan, Spacing};
+pub use brownian::BrownianNoise;
+pub use rng::{NativeRng, Rng, TorchRng};
+pub use schedule::{Discrete, Plan, Schedule, ScheduleOpts, Spacing};
 
 use crate::config::Prediction;
-use crate::error::Result;
+use crate::error::{Error, Result};
 
 /// One call of the network: `model_input` (the VP latent, batch of one) at
 /// `timestep` → the raw model output (guidance already applied).
@@ -13,55 +27,251 @@ pub trait Model {
     fn predict(&mut self, model_input: &[f32], timestep: f64) -> Result<Vec<f32>>;
 }
 
-/// The denoised estimate x0 from a VE latent `x` at noise level `sigma`.
+/// The denoised estimate x0 from a VE latent `x` at noise level `sigma`, calling the
+/// model at `timestep`.
 pub fn denoise(model: &mut dyn Model, prediction: Prediction, x: &[f32], sigma: f64, timestep: f64) -> Result<Vec<f32>> {
+    let x64: Vec<f64> = x.iter().map(|&v| v as f64).collect();
+    Ok(denoise64(model, prediction, &x64, sigma, timestep)?.into_iter().map(|v| v as f32).collect())
+}
+
+fn denoise64(model: &mut dyn Model, prediction: Prediction, x: &[f64], sigma: f64, timestep: f64) -> Result<Vec<f64>> {
     let c_in = 1.0 / (sigma * sigma + 1.0).sqrt();
-    let input: Vec<f32> = x.iter().map(|&v| (v as f64 * c_in) as f32).collect();
+    let input: Vec<f32> = x.iter().map(|&v| (v * c_in) as f32).collect();
     let out = model.predict(&input, timestep)?;
+    if out.len() != x.len() {
+        return Err(Error::Invalid(format!("the model returned {} values for a latent of {}", out.len(), x.len())));
+    }
     Ok(match prediction {
-        Prediction::Epsilon => x.iter().zip(&out).map(|(&x, &e)| (x as f64 - sigma * e as f64) as f32).collect(),
+        Prediction::Epsilon => x.iter().zip(&out).map(|(&x, &e)| x - sigma * e as f64).collect(),
         // x0 = ᾱ^½ x_vp − (1−ᾱ)^½ v, with ᾱ^½ = c_in and x_vp = c_in x.
-        Prediction::V => x.iter().zip(&out).map(|(&x, &v)| (x as f64 * c_in * c_in - v as f64 * sigma * c_in) as f32).collect(),
-        Prediction::Sample => out,
+        Prediction::V => x.iter().zip(&out).map(|(&x, &v)| x * c_in * c_in - v as f64 * sigma * c_in).collect(),
+        Prediction::Sample => out.iter().map(|&v| v as f64).collect(),
     })
 }
 
-/// The sampler algorithms of this version (the full family is its own work item).
+/// The model seen as `D(x; σ)`. The timestep for σ is the plan's own where σ is one of
+/// its levels (so diffusers' linearly interpolated timesteps are kept exactly), and
+/// k-diffusion's log-σ interpolation for the intermediate levels of two-stage samplers.
+pub struct Denoiser<'a> {
+    model: &'a mut dyn Model,
+    prediction: Prediction,
+    schedule: &'a Discrete,
+    known: Vec<(f64, f64)>,
+}
+
+impl<'a> Denoiser<'a> {
+    pub fn new(model: &'a mut dyn Model, prediction: Prediction, schedule: &'a Discrete, plan: &Plan) -> Self {
+        let known = plan.sigmas.iter().zip(&plan.timesteps).map(|(&s, &t)| (s, t)).collect();
+        Denoiser { model, prediction, schedule, known }
+    }
+
+    pub fn timestep(&self, sigma: f64) -> f64 {
+        self.known.iter().find(|(s, _)| *s == sigma).map_or_else(|| self.schedule.sigma_to_t(sigma), |k| k.1)
+    }
+
+    pub fn denoise(&mut self, x: &[f64], sigma: f64) -> Result<Vec<f64>> {
+        let t = self.timestep(sigma);
+        denoise64(self.model, self.prediction, x, sigma, t)
+    }
+
+    /// σ of training step `t` (clamped to the schedule).
+    pub fn training_sigma(&self, t: usize) -> f64 {
+        let a = &self.schedule.alphas_cumprod;
+        Discrete::sigma_of(a[t.min(a.len() - 1)])
+    }
+
+    /// The model's x0 at an explicit timestep (timestep-based samplers).
+    pub fn denoise_at(&mut self, x: &[f64], sigma: f64, timestep: f64) -> Result<Vec<f64>> {
+        denoise64(self.model, self.prediction, x, sigma, timestep)
+    }
+}
+
+/// Fresh Gaussian noise for a stochastic step from σ to σ_next.
+pub trait NoiseSampler {
+    fn noise(&mut self, sigma: f64, sigma_next: f64, n: usize) -> Vec<f64>;
+}
+
+/// Independent draws from a seeded generator at every call (ancestral samplers: what
+/// diffusers does with its generator, so the torch generator reproduces its images).
+pub struct IidNoise<'a>(pub &'a mut dyn Rng);
+
+impl NoiseSampler for IidNoise<'_> {
+    fn noise(&mut self, _sigma: f64, _sigma_next: f64, n: usize) -> Vec<f64> {
+        self.0.randn(n).into_iter().map(|v| v as f64).collect()
+    }
+}
+
+/// The sampling algorithms (CLI names follow stable-diffusion.cpp where it has them).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Sampler {
-    /// Euler's method on the probability-flow ODE (Karras et al. 2022, alg. 2 without churn).
     Euler,
-    /// DDIM with η = 0 (Song et al. 2021): the same update, on DDIM's timesteps.
+    EulerA,
+    Heun,
+    Dpm2,
+    Dpm2A,
+    DpmPP2M,
+    DpmPP2SA,
+    DpmPPSde,
+    DpmPP2MSde,
+    DpmPP3MSde,
     Ddim,
+    Plms,
+    Lms,
+    UniPc,
+    Ipndm,
+    Lcm,
+    Tcd,
 }
+
+/// What `--list-samplers` shows.
+pub struct SamplerInfo {
+    pub sampler: Sampler,
+    pub name: &'static str,
+    pub display: &'static str,
+    /// Order of accuracy of the deterministic part.
+    pub order: u32,
+    /// Model evaluations per step.
+    pub evals_per_step: u32,
+    pub stochastic: bool,
+    pub about: &'static str,
+}
+
+const INFO: &[SamplerInfo] = &[
+    SamplerInfo { sampler: Sampler::Euler, name: "euler", display: "Euler", order: 1, evals_per_step: 1, stochastic: false, about: "Euler's method on the probability-flow ODE (Karras et al. 2022, alg. 2)" },
+    SamplerInfo { sampler: Sampler::EulerA, name: "euler_a", display: "Euler a", order: 1, evals_per_step: 1, stochastic: true, about: "Euler with ancestral noise (k-diffusion)" },
+    SamplerInfo { sampler: Sampler::Heun, name: "heun", display: "Heun", order: 2, evals_per_step: 2, stochastic: false, about: "Heun's second-order method (Karras et al. 2022, alg. 1)" },
+    SamplerInfo { sampler: Sampler::Dpm2, name: "dpm2", display: "DPM2", order: 2, evals_per_step: 2, stochastic: false, about: "DPM-Solver-2 midpoint in log σ (Karras et al. 2022's variant)" },
+    SamplerInfo { sampler: Sampler::Dpm2A, name: "dpm2_a", display: "DPM2 a", order: 2, evals_per_step: 2, stochastic: true, about: "DPM2 with ancestral noise" },
+    SamplerInfo { sampler: Sampler::DpmPP2M, name: "dpm++2m", display: "DPM++ 2M", order: 2, evals_per_step: 1, stochastic: false, about: "DPM-Solver++(2M) multistep (Lu et al. 2022)" },
+    SamplerInfo { sampler: Sampler::DpmPP2SA, name: "dpm++2s_a", display: "DPM++ 2S a", order: 2, evals_per_step: 2, stochastic: true, about: "DPM-Solver++(2S) single-step with ancestral noise" },
+    SamplerInfo { sampler: Sampler::DpmPPSde, name: "dpm++sde", display: "DPM++ SDE", order: 2, evals_per_step: 2, stochastic: true, about: "DPM-Solver++ SDE, two stages, Brownian noise" },
+    SamplerInfo { sampler: Sampler::DpmPP2MSde, name: "dpm++2m_sde", display: "DPM++ 2M SDE", order: 2, evals_per_step: 1, stochastic: true, about: "DPM-Solver++(2M) SDE, midpoint" },
+    SamplerInfo { sampler: Sampler::DpmPP3MSde, name: "dpm++3m_sde", display: "DPM++ 3M SDE", order: 3, evals_per_step: 1, stochastic: true, about: "DPM-Solver++(3M) SDE" },
+    SamplerInfo { sampler: Sampler::Ddim, name: "ddim", display: "DDIM", order: 1, evals_per_step: 1, stochastic: false, about: "DDIM (Song et al. 2021); --eta > 0 adds noise (η = 1 is DDPM)" },
+    SamplerInfo { sampler: Sampler::Plms, name: "plms", display: "PLMS", order: 4, evals_per_step: 1, stochastic: false, about: "pseudo linear multistep (Liu et al. 2022, PNDM without Runge-Kutta warm-up)" },
+    SamplerInfo { sampler: Sampler::Lms, name: "lms", display: "LMS", order: 4, evals_per_step: 1, stochastic: false, about: "linear multistep in σ, order 4 (k-diffusion)" },
+    SamplerInfo { sampler: Sampler::UniPc, name: "unipc", display: "UniPC", order: 2, evals_per_step: 1, stochastic: false, about: "UniPC bh2 predictor-corrector (Zhao et al. 2023)" },
+    SamplerInfo { sampler: Sampler::Ipndm, name: "ipndm", display: "iPNDM", order: 4, evals_per_step: 1, stochastic: false, about: "improved PNDM: Adams-Bashforth in σ (Zhang & Chen 2023)" },
+    SamplerInfo { sampler: Sampler::Lcm, name: "lcm", display: "LCM", order: 1, evals_per_step: 1, stochastic: true, about: "latent consistency sampling (Luo et al. 2023); for LCM-distilled models" },
+    SamplerInfo { sampler: Sampler::Tcd, name: "tcd", display: "TCD", order: 1, evals_per_step: 1, stochastic: true, about: "trajectory consistency distillation sampling (Zheng et al. 2024), --eta is its γ" },
+];
 
 impl Sampler {
     pub fn parse(name: &str) -> Option<Self> {
-        match name {
-            "euler" => Some(Sampler::Euler),
-            "ddim" => Some(Sampler::Ddim),
-            _ => None,
-        }
+        INFO.iter().find(|i| i.name == name).map(|i| i.sampler)
     }
-    pub const NAMES: &'static [&'static str] = &["euler", "ddim"];
+
+    pub fn info(self) -> &'static SamplerInfo {
+        // Every variant has a row (checked by a test).
+        INFO.iter().find(|i| i.sampler == self).unwrap_or(&INFO[0])
+    }
+
+    pub fn all() -> &'static [SamplerInfo] {
+        INFO
+    }
+
+    pub fn names() -> Vec<&'static str> {
+        INFO.iter().map(|i| i.name).collect()
+    }
+
+    /// Whether the sampler walks its own timestep grid (diffusers-style) rather than
+    /// a σ schedule chosen with `--scheduler`.
+    pub fn has_own_timesteps(self) -> bool {
+        matches!(self, Sampler::Ddim | Sampler::Plms | Sampler::Lcm | Sampler::Tcd)
+    }
+
+    /// Whether noise comes from a Brownian path (so a step's noise does not depend on
+    /// how the interval was split) rather than fresh draws.
+    pub fn brownian(self) -> bool {
+        matches!(self, Sampler::DpmPPSde | Sampler::DpmPP2MSde | Sampler::DpmPP3MSde)
+    }
 }
 
-/// Runs `plan` from `noise` (unit Gaussian, VP latent layout) and returns the VP
-/// latent after every step; `on_step(i)` is called after step i.
-pub fn sample(model: &mut dyn Model, prediction: Prediction, plan: &Plan, noise: &[f32], on_step: &mut dyn FnMut(usize)) -> Result<Vec<Vec<f32>>> {
-    let mut x: Vec<f32> = noise.iter().map(|&n| (n as f64 * plan.init_sigma) as f32).collect();
-    let mut trajectory = Vec::with_capacity(plan.timesteps.len());
-    for (i, &t) in plan.timesteps.iter().enumerate() {
-        let (s, s_next) = (plan.sigmas[i], plan.sigmas[i + 1]);
-        let x0 = denoise(model, prediction, &x, s, t)?;
-        let dt = s_next - s;
-        for (xv, &d0) in x.iter_mut().zip(&x0) {
-            let d = (*xv as f64 - d0 as f64) / s;
-            *xv = (*xv as f64 + d * dt) as f32;
+/// Sampler parameters beyond the plan.
+#[derive(Clone, Copy, Debug)]
+pub struct Settings {
+    /// Noise scale of ancestral / SDE / DDIM steps (`--eta`); TCD's γ.
+    pub eta: f64,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings { eta: 1.0 }
+    }
+}
+
+impl Settings {
+    /// The η a sampler uses when the user gives none: 0 for DDIM (deterministic DDIM),
+    /// 0.3 for TCD (its paper's default γ), 1 for ancestral and SDE samplers.
+    pub fn default_for(sampler: Sampler) -> Self {
+        Settings {
+            eta: match sampler {
+                Sampler::Ddim => 0.0,
+                Sampler::Tcd => 0.3,
+                _ => 1.0,
+            },
         }
-        let c = 1.0 / (s_next * s_next + 1.0).sqrt();
-        trajectory.push(x.iter().map(|&v| (v as f64 * c) as f32).collect());
+    }
+}
+
+/// The plan a sampler walks: its own timestep grid for DDIM/PLMS/LCM/TCD, otherwise
+/// the chosen σ schedule.
+pub fn plan_for(sampler: Sampler, schedule: Schedule, d: &Discrete, steps: usize, opts: &ScheduleOpts, settings: &Settings) -> Plan {
+    match sampler {
+        Sampler::Ddim => Plan::ddim(d, steps, 1, false),
+        Sampler::Plms => multistep::plms_plan(d, steps),
+        Sampler::Lcm => lcm::lcm_plan(d, steps, 50),
+        Sampler::Tcd => lcm::tcd_plan(d, steps, 50, settings.eta),
+        _ => schedule.plan(d, steps, opts),
+    }
+}
+
+/// The VE latent sampling starts from: `noise · init_sigma` for txt2img, or the image
+/// latent noised to the plan's first level (img2img; `noise` is unit Gaussian).
+pub fn start_latent(plan: &Plan, noise: &[f32], image: Option<&[f32]>) -> Vec<f64> {
+    match image {
+        None => noise.iter().map(|&n| n as f64 * plan.init_sigma).collect(),
+        Some(img) => img.iter().zip(noise).map(|(&x, &n)| x as f64 + n as f64 * plan.sigmas[0]).collect(),
+    }
+}
+
+/// Runs `plan` from the VE latent `x` and returns the VP latent after every step;
+/// `on_step(i)` is called after step i.
+pub fn sample(den: &mut Denoiser<'_>, sampler: Sampler, settings: &Settings, plan: &Plan, mut x: Vec<f64>, noise: &mut dyn NoiseSampler, on_step: &mut dyn FnMut(usize)) -> Result<Vec<Vec<f32>>> {
+    let n = plan.timesteps.len();
+    if plan.sigmas.len() != n + 1 {
+        return Err(Error::Invalid(format!("a plan of {n} steps needs {} noise levels, not {}", n + 1, plan.sigmas.len())));
+    }
+    let mut trajectory = Vec::with_capacity(n);
+    let mut state = kdiffusion::State::default();
+    for i in 0..n {
+        x = match sampler {
+            Sampler::Lcm => lcm::lcm_step(den, plan, i, &x, noise)?,
+            Sampler::Tcd => lcm::tcd_step(den, plan, i, &x, settings.eta, noise)?,
+            Sampler::Plms => multistep::plms_step(den, plan, i, &x, &mut state)?,
+            Sampler::UniPc => multistep::unipc_step(den, plan, i, &x, &mut state)?,
+            Sampler::Ddim => kdiffusion::ddim_step(den, plan, i, &x, settings.eta, noise)?,
+            _ => kdiffusion::step(sampler, den, plan, i, &x, settings.eta, noise, &mut state)?,
+        };
+        let s = plan.sigmas[i + 1];
+        let c = 1.0 / (s * s + 1.0).sqrt();
+        trajectory.push(x.iter().map(|&v| (v * c) as f32).collect());
         on_step(i);
     }
     Ok(trajectory)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_sampler_has_one_info_row_and_parses_by_name() {
+        for info in Sampler::all() {
+            assert_eq!(Sampler::parse(info.name), Some(info.sampler));
+            assert_eq!(info.sampler.info().name, info.name);
+        }
+        assert_eq!(Sampler::all().len(), 17);
+        assert_eq!(Sampler::parse("euler_ancestral"), None);
+    }
 }

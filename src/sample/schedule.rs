@@ -42,8 +42,59 @@ impl Discrete {
         self.alphas_cumprod.is_empty()
     }
 
-    fn sigma_of(ac: f64) -> f64 {
+    /// Zero terminal SNR (Lin et al. 2024, "Common Diffusion Noise Schedules and Sample
+    /// Steps are Flawed", alg. 1): shifts and scales sqrt(ᾱ) so the last step is pure
+    /// noise. ᾱ_T is then set to 2⁻²⁴ instead of 0, as diffusers does for its
+    /// σ-space schedulers, so σ_max stays finite (≈ 4096).
+    pub fn rescale_zero_terminal_snr(&self) -> Self {
+        let s: Vec<f64> = self.alphas_cumprod.iter().map(|a| a.sqrt()).collect();
+        let (first, last) = (s[0], s[s.len() - 1]);
+        let mut alphas_cumprod: Vec<f64> = s.iter().map(|v| ((v - last) * first / (first - last)).powi(2)).collect();
+        if let Some(l) = alphas_cumprod.last_mut() {
+            *l = 2f64.powi(-24);
+        }
+        Discrete { alphas_cumprod }
+    }
+
+    pub(crate) fn sigma_of(ac: f64) -> f64 {
         ((1.0 - ac) / ac).sqrt()
+    }
+
+    /// The discrete σ at every training step, ascending (σ_0 … σ_{T-1}).
+    pub fn sigmas(&self) -> Vec<f64> {
+        self.alphas_cumprod.iter().map(|&a| Self::sigma_of(a)).collect()
+    }
+
+    pub fn sigma_min(&self) -> f64 {
+        Self::sigma_of(self.alphas_cumprod[0])
+    }
+
+    pub fn sigma_max(&self) -> f64 {
+        Self::sigma_of(self.alphas_cumprod[self.len() - 1])
+    }
+
+    /// The (fractional) timestep of σ: linear interpolation in log σ between the two
+    /// neighbouring training steps (k-diffusion's `sigma_to_t`, also diffusers').
+    pub fn sigma_to_t(&self, sigma: f64) -> f64 {
+        let logs: Vec<f64> = self.sigmas().iter().map(|s| s.ln()).collect();
+        let ls = sigma.max(1e-300).ln();
+        let n = logs.len();
+        // Index of the last training σ at or below `sigma`, kept inside [0, n-2].
+        let low = logs.iter().rposition(|&l| l <= ls).unwrap_or(0).min(n - 2);
+        let (lo, hi) = (logs[low], logs[low + 1]);
+        let w = ((lo - ls) / (lo - hi)).clamp(0.0, 1.0);
+        low as f64 * (1.0 - w) + (low + 1) as f64 * w
+    }
+
+    /// σ at a fractional timestep by linear interpolation in log σ (the inverse of
+    /// [`Discrete::sigma_to_t`]; k-diffusion's `t_to_sigma`).
+    pub fn t_to_sigma(&self, t: f64) -> f64 {
+        let last = (self.len() - 1) as f64;
+        let t = t.clamp(0.0, last);
+        let (i, f) = (t.floor() as usize, t - t.floor());
+        let lo = Self::sigma_of(self.alphas_cumprod[i]).ln();
+        let hi = Self::sigma_of(self.alphas_cumprod[(i + 1).min(self.len() - 1)]).ln();
+        ((1.0 - f) * lo + f * hi).exp()
     }
 
     /// σ at a (possibly fractional) timestep, interpolated linearly in σ as diffusers does.
@@ -112,5 +163,147 @@ impl Plan {
         // DDIM starts from unit-variance noise in the VP form.
         let init_sigma = (sigmas[0] * sigmas[0] + 1.0).sqrt();
         Plan { timesteps, sigmas, init_sigma }
+    }
+}
+
+/// Which σ sequence a sampler walks (`--scheduler`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Schedule {
+    /// The training schedule at evenly spaced timesteps, as diffusers' schedulers
+    /// space them (σ interpolated linearly in t).
+    Discrete(Spacing),
+    /// Karras et al. 2022, eq. 5 (ρ = 7).
+    Karras,
+    /// Evenly spaced in log σ.
+    Exponential,
+    /// Align Your Steps (Sabour et al. 2024): the paper's optimised 10-step σ for SD 1.5
+    /// or SDXL, log-linearly interpolated to other step counts.
+    Ays,
+    /// Evenly spaced timesteps from t(σ_max) to t(σ_min) (σ log-interpolated), as
+    /// ComfyUI's `sgm_uniform`.
+    SgmUniform,
+    /// Every (T/steps)-th training σ from the top, as ComfyUI's `simple`.
+    Simple,
+}
+
+/// Align Your Steps' published 10-step noise levels (arXiv 2404.14507, and NVIDIA's
+/// project page): SD 1.5 and SDXL; the last level is replaced by 0 when used.
+const AYS_SD15: [f64; 11] = [14.615, 6.475, 3.861, 2.697, 1.886, 1.396, 0.963, 0.652, 0.399, 0.152, 0.029];
+const AYS_SDXL: [f64; 11] = [14.615, 6.315, 3.771, 2.181, 1.342, 0.862, 0.555, 0.380, 0.234, 0.113, 0.029];
+
+/// Options that shape a σ schedule.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ScheduleOpts {
+    /// Overrides of the model's σ range (`--sigma-min/--sigma-max`).
+    pub sigma_min: Option<f64>,
+    pub sigma_max: Option<f64>,
+    /// Use the SDXL table of Align Your Steps.
+    pub xl: bool,
+}
+
+impl Schedule {
+    pub const NAMES: &'static [&'static str] = &["discrete", "leading", "trailing", "karras", "exponential", "ays", "sgm_uniform", "simple"];
+
+    pub fn parse(s: &str) -> Option<Schedule> {
+        Some(match s {
+            "discrete" | "linspace" | "normal" => Schedule::Discrete(Spacing::Linspace),
+            "leading" => Schedule::Discrete(Spacing::Leading),
+            "trailing" => Schedule::Discrete(Spacing::Trailing),
+            "karras" => Schedule::Karras,
+            "exponential" => Schedule::Exponential,
+            "ays" => Schedule::Ays,
+            "sgm_uniform" => Schedule::SgmUniform,
+            "simple" => Schedule::Simple,
+            _ => return None,
+        })
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Schedule::Discrete(Spacing::Linspace) => "discrete",
+            Schedule::Discrete(Spacing::Leading) => "leading",
+            Schedule::Discrete(Spacing::Trailing) => "trailing",
+            Schedule::Karras => "karras",
+            Schedule::Exponential => "exponential",
+            Schedule::Ays => "ays",
+            Schedule::SgmUniform => "sgm_uniform",
+            Schedule::Simple => "simple",
+        }
+    }
+
+    /// The plan of `steps` steps: σ descending to 0, the model timestep at each σ.
+    pub fn plan(self, d: &Discrete, steps: usize, opts: &ScheduleOpts) -> Plan {
+        let steps = steps.max(1);
+        let (lo, hi) = (opts.sigma_min.unwrap_or_else(|| d.sigma_min()), opts.sigma_max.unwrap_or_else(|| d.sigma_max()));
+        let mut sigmas: Vec<f64> = match self {
+            Schedule::Discrete(spacing) => return Plan::euler_discrete(d, steps, spacing, 1),
+            Schedule::Karras => {
+                let rho = 7.0;
+                let (a, b) = (hi.powf(1.0 / rho), lo.powf(1.0 / rho));
+                (0..steps).map(|i| (a + ramp(i, steps) * (b - a)).powf(rho)).collect()
+            }
+            Schedule::Exponential => (0..steps).map(|i| (hi.ln() + ramp(i, steps) * (lo.ln() - hi.ln())).exp()).collect(),
+            Schedule::Ays => {
+                let table = if opts.xl { &AYS_SDXL } else { &AYS_SD15 };
+                let mut s = loglinear_interp(table, steps + 1);
+                s.truncate(steps);
+                s
+            }
+            Schedule::SgmUniform => {
+                let (t0, t1) = (d.sigma_to_t(hi), d.sigma_to_t(lo));
+                (0..steps).map(|i| d.t_to_sigma(t0 + (t1 - t0) * i as f64 / steps as f64)).collect()
+            }
+            Schedule::Simple => {
+                let all = d.sigmas();
+                let ss = all.len() as f64 / steps as f64;
+                (0..steps).map(|i| all[all.len() - 1 - (i as f64 * ss) as usize]).collect()
+            }
+        };
+        let timesteps = sigmas.iter().map(|&s| d.sigma_to_t(s)).collect();
+        let init_sigma = sigmas[0];
+        sigmas.push(0.0);
+        Plan { timesteps, sigmas, init_sigma }
+    }
+}
+
+/// i/(n-1), or 0 for a single step.
+fn ramp(i: usize, n: usize) -> f64 {
+    if n <= 1 {
+        0.0
+    } else {
+        i as f64 / (n - 1) as f64
+    }
+}
+
+/// Resamples a descending σ table to `n` points, linearly in log σ over an evenly
+/// spaced index (the interpolation the AYS authors give for other step counts).
+fn loglinear_interp(table: &[f64], n: usize) -> Vec<f64> {
+    let ys: Vec<f64> = table.iter().rev().map(|s| s.ln()).collect();
+    let m = ys.len();
+    let mut out: Vec<f64> = (0..n)
+        .map(|i| {
+            let x = ramp(i, n) * (m - 1) as f64;
+            let j = (x.floor() as usize).min(m - 2);
+            let f = x - j as f64;
+            (ys[j] * (1.0 - f) + ys[j + 1] * f).exp()
+        })
+        .collect();
+    out.reverse();
+    out
+}
+
+impl Plan {
+    /// The last `round_down(steps · strength)` steps (img2img / partial denoising,
+    /// as diffusers' img2img pipelines cut a schedule): sampling starts at the noise
+    /// level of the first kept step.
+    pub fn tail(&self, strength: f64) -> Plan {
+        let n = self.timesteps.len();
+        let keep = ((n as f64 * strength.clamp(0.0, 1.0)) as usize).min(n);
+        let start = n - keep;
+        if start == 0 {
+            return self.clone();
+        }
+        let sigmas = self.sigmas[start..].to_vec();
+        Plan { timesteps: self.timesteps[start..].to_vec(), init_sigma: sigmas[0], sigmas }
     }
 }
