@@ -1,5 +1,6 @@
 //! Sampling: a schedule of noise levels, a denoiser, and the steps between them.
 //! Classifier-free guidance lives here, not in the UNet; samplers never see ggml.
+pub mod rng;
 pub mod schedule;
 
 pub use schedule::{Discrete, Plan, Spacing};
