@@ -156,21 +156,10 @@ pub struct Pipeline {
     pub attention: Attention,
 }
 
-/// A seeded unit Gaussian (SplitMix64 + Box–Muller). Torch-compatible noise is a
-/// separate mode that comes with the full sampler set.
+/// A seeded unit Gaussian (SplitMix64 + Box–Muller, see [`NativeRng`]); noise
+/// identical to `torch.randn` comes from [`crate::sample::rng::TorchRng`].
 pub fn native_noise(seed: u64, n: usize) -> Vec<f32> {
-    let mut rng = crate::synth::SplitMix(seed);
-    let mut next = move || (rng.next() >> 11) as f64 / (1u64 << 53) as f64;
-    let mut out = Vec::with_capacity(n + 1);
-    while out.len() < n {
-        let (u1, u2) = (next().max(1e-300), next());
-        let r = (-2.0 * u1.ln()).sqrt();
-        let a = 2.0 * std::f64::consts::PI * u2;
-        out.push((r * a.cos()) as f32);
-        out.push((r * a.sin()) as f32);
-    }
-    out.truncate(n);
-    out
+    NativeRng::new(seed).randn(n)
 }
 
 impl Pipeline {

@@ -15,7 +15,6 @@ pub(super) struct State {
     pub h: Vec<f64>,
     /// Free slot for samplers with their own bookkeeping (PLMS, UniPC).
     pub extra: Vec<Vec<f64>>,
-    pub extra_t: Vec<f64>,
 }
 
 /// (x − D) / σ: the probability-flow ODE's dx/dσ.
