@@ -27,9 +27,18 @@ fi
   accelerate==1.15.0 \
   huggingface-hub==2.4.0 \
   Pillow==13.0.0
+# tools/reference/sampler_fixtures.py: k-diffusion's sampling module and what it imports
+# (--no-deps: the package's own requirements are training tools it does not need here).
+"$VENV/bin/python" -m pip install --disable-pip-version-check -q --no-deps \
+  k-diffusion==0.1.1.post1 \
+  torchsde==0.2.6 \
+  trampoline==0.1.2 \
+  torchdiffeq==0.2.5 \
+  scipy==1.17.1
 "$VENV/bin/python" - <<'EOF'
 import diffusers, numpy, safetensors, torch, transformers
 print("sdrs reference: torch", torch.__version__, "diffusers", diffusers.__version__,
       "transformers", transformers.__version__, "safetensors", safetensors.__version__, "numpy", numpy.__version__)
 EOF
 echo "sdrs reference: run  $VENV/bin/python tools/reference/make_fixtures.py --out tests/fixtures/ref" >&2
+echo "sdrs reference: and   $VENV/bin/python tools/reference/sampler_fixtures.py --out tests/fixtures/samplers" >&2
