@@ -248,7 +248,7 @@ impl Pipeline {
         let sched = Discrete::sd();
         let settings = req.eta.map_or_else(|| sample::Settings::default_for(req.sampler), |eta| sample::Settings { eta });
         let opts = ScheduleOpts { sigma_min: req.sigma_min, sigma_max: req.sigma_max, xl: false };
-        let plan = sample::plan_for(req.sampler, req.schedule, &sched, req.steps, &opts, &settings);
+        let plan = sample::plan_for(req.sampler, req.schedule, &sched, req.steps, &opts, 1.0);
         let uw = Weights::load(&self.gguf, |n| n.starts_with("model.diffusion_model."))?;
         // One graph for the whole run: cond and uncond as a batch of 2 when guided.
         let runner = unet::Runner::new(&uw, &cfg.unet, lw, lh, prompts.len(), te.max_positions, self.attention)?;

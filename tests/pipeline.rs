@@ -108,6 +108,13 @@ fn generate_command_writes_an_image() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let img = image::open(&out).unwrap();
     assert_eq!((img.width(), img.height()), (24, 16));
-    let o = std::process::Command::new(env!("CARGO_BIN_EXE_sdrs")).args(["generate", "-m", model.to_str().unwrap(), "-p", "x", "--sampler", "plms"]).output().unwrap();
-    assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("euler, ddim"));
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_sdrs")).args(["generate", "-m", model.to_str().unwrap(), "-p", "x", "--sampler", "k_euler"]).output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("unknown sampler `k_euler`") && err.contains("dpm++2m"), "{err}");
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_sdrs")).args(["generate", "-m", model.to_str().unwrap(), "-p", "x", "--scheduler", "cosine"]).output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("unknown scheduler `cosine`") && err.contains("karras"), "{err}");
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_sdrs")).args(["generate", "--list-samplers"]).output().unwrap();
+    let list = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success() && list.lines().filter(|l| l.contains(" yes ") || l.contains(" no ")).count() == 17, "{list}");
 }

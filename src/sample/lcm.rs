@@ -6,15 +6,18 @@ use crate::error::Result;
 
 /// LCM's skipping-step grid: the distillation used every (T / original)-th timestep
 /// (k·i − 1 for i = 1…original); inference takes `steps` of them evenly from the top.
-fn consistency_timesteps(d: &Discrete, steps: usize, original: usize) -> Vec<usize> {
+fn consistency_timesteps(d: &Discrete, steps: usize, original: usize, strength: f64) -> Vec<usize> {
     let steps = steps.max(1);
     let k = d.len() / original;
-    let origin: Vec<usize> = (1..=original).rev().map(|i| i * k - 1).collect();
+    // img2img cuts the distillation grid itself (diffusers' `strength` in set_timesteps).
+    let top = ((original as f64 * strength.clamp(0.0, 1.0)) as usize).max(1);
+    let origin: Vec<usize> = (1..=top).rev().map(|i| i * k - 1).collect();
+    let steps = steps.min(origin.len());
     (0..steps).map(|j| origin[((j * origin.len()) as f64 / steps as f64).floor() as usize]).collect()
 }
 
-pub(super) fn lcm_plan(d: &Discrete, steps: usize, original: usize) -> Plan {
-    let ts = consistency_timesteps(d, steps, original);
+pub fn lcm_plan(d: &Discrete, steps: usize, original: usize, strength: f64) -> Plan {
+    let ts = consistency_timesteps(d, steps, original, strength);
     let mut sigmas: Vec<f64> = ts.iter().map(|&t| Discrete::sigma_of(d.alphas_cumprod[t])).collect();
     // LCM starts from unit noise in the VP form.
     let init_sigma = (sigmas[0] * sigmas[0] + 1.0).sqrt();
@@ -47,8 +50,8 @@ pub(super) fn lcm_step(den: &mut Denoiser<'_>, plan: &Plan, i: usize, x: &[f64],
 
 /// TCD's plan: LCM's grid; each step goes to the next grid timestep and the last to
 /// t = 0 (σ_min), where TCD's "strategic stochastic sampling" ends.
-pub(super) fn tcd_plan(d: &Discrete, steps: usize, original: usize, _gamma: f64) -> Plan {
-    let ts = consistency_timesteps(d, steps, original);
+pub fn tcd_plan(d: &Discrete, steps: usize, original: usize, strength: f64) -> Plan {
+    let ts = consistency_timesteps(d, steps, original, strength);
     let mut sigmas: Vec<f64> = ts.iter().map(|&t| Discrete::sigma_of(d.alphas_cumprod[t])).collect();
     let init_sigma = (sigmas[0] * sigmas[0] + 1.0).sqrt();
     sigmas.push(d.sigma_min());

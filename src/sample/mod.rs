@@ -17,6 +17,8 @@ pub mod schedule;
 pub use brownian::BrownianNoise;
 pub use rng::{NativeRng, Rng, TorchRng};
 pub use schedule::{Discrete, Plan, Schedule, ScheduleOpts, Spacing};
+pub use lcm::{lcm_plan, tcd_plan};
+pub use multistep::plms_plan;
 
 use crate::config::Prediction;
 use crate::error::{Error, Result};
@@ -25,6 +27,13 @@ use crate::error::{Error, Result};
 /// `timestep` → the raw model output (guidance already applied).
 pub trait Model {
     fn predict(&mut self, model_input: &[f32], timestep: f64) -> Result<Vec<f32>>;
+
+    /// The same in f64. Networks compute in f32 and keep this default; exact models
+    /// (the analytic denoiser of the sampler tests) override it.
+    fn predict64(&mut self, model_input: &[f64], timestep: f64) -> Result<Vec<f64>> {
+        let input: Vec<f32> = model_input.iter().map(|&v| v as f32).collect();
+        Ok(self.predict(&input, timestep)?.into_iter().map(|v| v as f64).collect())
+    }
 }
 
 /// The denoised estimate x0 from a VE latent `x` at noise level `sigma`, calling the
@@ -36,16 +45,16 @@ pub fn denoise(model: &mut dyn Model, prediction: Prediction, x: &[f32], sigma: 
 
 fn denoise64(model: &mut dyn Model, prediction: Prediction, x: &[f64], sigma: f64, timestep: f64) -> Result<Vec<f64>> {
     let c_in = 1.0 / (sigma * sigma + 1.0).sqrt();
-    let input: Vec<f32> = x.iter().map(|&v| (v * c_in) as f32).collect();
-    let out = model.predict(&input, timestep)?;
+    let input: Vec<f64> = x.iter().map(|&v| v * c_in).collect();
+    let out = model.predict64(&input, timestep)?;
     if out.len() != x.len() {
         return Err(Error::Invalid(format!("the model returned {} values for a latent of {}", out.len(), x.len())));
     }
     Ok(match prediction {
-        Prediction::Epsilon => x.iter().zip(&out).map(|(&x, &e)| x - sigma * e as f64).collect(),
+        Prediction::Epsilon => x.iter().zip(&out).map(|(&x, &e)| x - sigma * e).collect(),
         // x0 = ᾱ^½ x_vp − (1−ᾱ)^½ v, with ᾱ^½ = c_in and x_vp = c_in x.
-        Prediction::V => x.iter().zip(&out).map(|(&x, &v)| x * c_in * c_in - v as f64 * sigma * c_in).collect(),
-        Prediction::Sample => out.iter().map(|&v| v as f64).collect(),
+        Prediction::V => x.iter().zip(&out).map(|(&x, &v)| x * c_in * c_in - v * sigma * c_in).collect(),
+        Prediction::Sample => out,
     })
 }
 
@@ -216,13 +225,20 @@ impl Settings {
 
 /// The plan a sampler walks: its own timestep grid for DDIM/PLMS/LCM/TCD, otherwise
 /// the chosen σ schedule.
-pub fn plan_for(sampler: Sampler, schedule: Schedule, d: &Discrete, steps: usize, opts: &ScheduleOpts, settings: &Settings) -> Plan {
+/// `strength` < 1 keeps only the tail of the plan (img2img): the last
+/// ⌊steps·strength⌋ steps, or for LCM/TCD the grid of a distillation schedule cut at
+/// that strength, as diffusers' pipelines do.
+pub fn plan_for(sampler: Sampler, schedule: Schedule, d: &Discrete, steps: usize, opts: &ScheduleOpts, strength: f64) -> Plan {
+    let spacing = match schedule {
+        Schedule::Discrete(s) => s,
+        _ => Spacing::Leading,
+    };
     match sampler {
-        Sampler::Ddim => Plan::ddim(d, steps, 1, false),
-        Sampler::Plms => multistep::plms_plan(d, steps),
-        Sampler::Lcm => lcm::lcm_plan(d, steps, 50),
-        Sampler::Tcd => lcm::tcd_plan(d, steps, 50, settings.eta),
-        _ => schedule.plan(d, steps, opts),
+        Sampler::Ddim => Plan::ddim_spaced(d, steps, spacing).tail(strength),
+        Sampler::Plms => multistep::plms_plan(d, steps).tail(strength),
+        Sampler::Lcm => lcm::lcm_plan(d, steps, 50, strength),
+        Sampler::Tcd => lcm::tcd_plan(d, steps, 50, strength),
+        _ => schedule.plan(d, steps, opts).tail(strength),
     }
 }
 

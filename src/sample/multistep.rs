@@ -10,7 +10,7 @@ use crate::error::Result;
 /// twice: the first two calls form a second-order (Heun-like) step, then linear
 /// multistep in ε takes over. `sigmas[i]` is the level of call i's input and
 /// `sigmas[i + 1]` the level of its output, so the repeated point appears twice.
-pub(super) fn plms_plan(d: &Discrete, steps: usize) -> Plan {
+pub fn plms_plan(d: &Discrete, steps: usize) -> Plan {
     let steps = steps.max(1);
     let ratio = d.len() / steps;
     let grid: Vec<usize> = (0..steps).rev().map(|i| i * ratio + 1).collect();

@@ -158,8 +158,30 @@ impl Plan {
     pub fn ddim(s: &Discrete, steps: usize, steps_offset: usize, set_alpha_to_one: bool) -> Plan {
         let ratio = s.len() / steps;
         let timesteps: Vec<f64> = (0..steps).rev().map(|i| (i * ratio + steps_offset) as f64).collect();
+        Self::ddim_at(s, timesteps, set_alpha_to_one)
+    }
+
+    /// DDIM on `spacing` (leading with steps_offset 1 as SD's configs, linspace or
+    /// trailing); each step goes to t − T/steps, the last to ᾱ_0.
+    pub fn ddim_spaced(s: &Discrete, steps: usize, spacing: Spacing) -> Plan {
+        let steps = steps.max(1);
+        let n = s.len();
+        let timesteps: Vec<f64> = match spacing {
+            Spacing::Leading => return Self::ddim(s, steps, 1, false),
+            Spacing::Linspace => (0..steps).rev().map(|i| if steps == 1 { (n - 1) as f64 } else { ((n - 1) as f64 * i as f64 / (steps - 1) as f64).round() }).collect(),
+            Spacing::Trailing => {
+                let ratio = n as f64 / steps as f64;
+                (0..steps).map(|i| (n as f64 - i as f64 * ratio).round() - 1.0).collect()
+            }
+        };
+        Self::ddim_at(s, timesteps, false)
+    }
+
+    /// Each step lands on the next grid timestep (diffusers' t − T/steps, the same point
+    /// on the evenly spaced leading and trailing grids) and the last on ᾱ_0.
+    fn ddim_at(s: &Discrete, timesteps: Vec<f64>, set_alpha_to_one: bool) -> Plan {
         let mut sigmas: Vec<f64> = timesteps.iter().map(|&t| s.sigma(t)).collect();
-        sigmas.push(if set_alpha_to_one { 0.0 } else { Discrete::sigma_of(s.alphas_cumprod[0]) });
+        sigmas.push(if set_alpha_to_one { 0.0 } else { s.sigma_min() });
         // DDIM starts from unit-variance noise in the VP form.
         let init_sigma = (sigmas[0] * sigmas[0] + 1.0).sqrt();
         Plan { timesteps, sigmas, init_sigma }
@@ -186,10 +208,11 @@ pub enum Schedule {
     Simple,
 }
 
-/// Align Your Steps' published 10-step noise levels (arXiv 2404.14507, and NVIDIA's
-/// project page): SD 1.5 and SDXL; the last level is replaced by 0 when used.
-const AYS_SD15: [f64; 11] = [14.615, 6.475, 3.861, 2.697, 1.886, 1.396, 0.963, 0.652, 0.399, 0.152, 0.029];
-const AYS_SDXL: [f64; 11] = [14.615, 6.315, 3.771, 2.181, 1.342, 0.862, 0.555, 0.380, 0.234, 0.113, 0.029];
+/// Align Your Steps' optimised 10-step noise levels (Sabour et al., arXiv 2404.14507;
+/// the full-precision values of NVIDIA's AYS how-to): SD 1.5 and SDXL. The last level
+/// is replaced by 0 when used.
+const AYS_SD15: [f64; 11] = [14.6146412293, 6.4745760956, 3.8636745985, 2.694615152, 1.8841921177, 1.3943805092, 0.9642583904, 0.6523686016, 0.3977456272, 0.1515232662, 0.0291671582];
+const AYS_SDXL: [f64; 11] = [14.6146412293, 6.3184485287, 3.7681790315, 2.1811480769, 1.3405244945, 0.8620721141, 0.5550693289, 0.3798540708, 0.2332364134, 0.1114188177, 0.0291671582];
 
 /// Options that shape a σ schedule.
 #[derive(Clone, Copy, Debug, Default)]
