@@ -224,7 +224,10 @@ impl Pipeline {
         let cfg = &self.config;
         let te = &cfg.text_encoders[0];
         let t0 = Instant::now();
-        let guided = req.cfg_scale != 1.0;
+        // LCM-distilled UNets take the guidance scale as an embedding (w = scale − 1) and
+        // run the conditional pass alone, as diffusers' LatentConsistencyModelPipeline.
+        let embedded = cfg.unet.time_cond_proj_dim.map(|dim| guidance_embedding(req.cfg_scale - 1.0, dim));
+        let guided = req.cfg_scale != 1.0 && embedded.is_none();
         let mut prompts = vec![self.tokenizer.encode_for(&req.prompt, te)?];
         if guided {
             prompts.insert(0, self.tokenizer.encode_for(&req.negative, te)?);
@@ -254,7 +257,7 @@ impl Pipeline {
         let runner = unet::Runner::new(&uw, &cfg.unet, lw, lh, prompts.len(), te.max_positions, self.attention)?;
         let extra = self.image_conditioning(lw, lh)?;
         progress(Stage::Sampling { unet_flops: runner.flops, compute_bytes: runner.buffer_bytes });
-        let mut model = Cfg { runner: &runner, pipe: self, context: &context, scale: req.cfg_scale, rescale: req.guidance_rescale, guided, extra: extra.as_deref() };
+        let mut model = Cfg { runner: &runner, pipe: self, context: &context, scale: req.cfg_scale, rescale: req.guidance_rescale, guided, extra: extra.as_deref(), embedded: embedded.as_deref() };
         let total = plan.timesteps.len();
         let x = sample::start_latent(&plan, &noise, None);
         let mut den = sample::Denoiser::new(&mut model, cfg.prediction, &sched, &plan);
@@ -317,6 +320,19 @@ impl Pipeline {
     }
 }
 
+/// The guidance-scale embedding of LCM-distilled UNets (Luo et al. 2023; the sinusoidal
+/// embedding of w·1000, sines then cosines, as diffusers' `get_guidance_scale_embedding`),
+/// computed in f32 like the reference.
+pub fn guidance_embedding(w: f32, dim: usize) -> Vec<f32> {
+    let half = dim / 2;
+    let step = (10000f32).ln() / (half.max(2) - 1) as f32;
+    let w = w * 1000.0;
+    let args: Vec<f32> = (0..half).map(|i| w * (i as f32 * -step).exp()).collect();
+    let mut out: Vec<f32> = args.iter().map(|a| a.sin()).chain(args.iter().map(|a| a.cos())).collect();
+    out.resize(dim, 0.0);
+    out
+}
+
 /// Guidance rescale (Lin et al. 2024, "Common Diffusion Noise Schedules and Sample Steps
 /// are Flawed", eq. 15–16): scale the guided prediction to the conditional one's
 /// standard deviation, and mix by φ; counters over-exposure at high CFG.
@@ -343,6 +359,8 @@ struct Cfg<'a> {
     guided: bool,
     /// Channels appended to the latent of every batch element (inpainting UNets).
     extra: Option<&'a [f32]>,
+    /// Guidance-scale embedding of LCM-distilled UNets (then never batched with uncond).
+    embedded: Option<&'a [f32]>,
 }
 
 impl sample::Model for Cfg<'_> {
@@ -357,7 +375,7 @@ impl sample::Model for Cfg<'_> {
             }
         }
         if !self.guided {
-            return self.runner.run(&batch, &[t as f32], self.context, None, None, backend);
+            return self.runner.run(&batch, &[t as f32], self.context, None, self.embedded, backend);
         }
         let out = self.runner.run(&batch, &[t as f32, t as f32], self.context, None, None, backend)?;
         let (uncond, cond) = out.split_at(out.len() / 2);
