@@ -43,6 +43,8 @@ pub struct Request {
     pub rng: RngKind,
     /// Guidance rescale φ (Lin et al. 2024, sec. 3.4): 0 is plain CFG.
     pub guidance_rescale: f32,
+    /// Rescale the training schedule to zero terminal SNR (for models trained that way).
+    pub zero_terminal_snr: bool,
     /// Decode with a TAESD-family decoder (`.pth`) instead of the VAE.
     pub taesd: Option<PathBuf>,
     /// Explicit initial noise (`[4][h/8][w/8]`, unit Gaussian) instead of the seed's.
@@ -66,6 +68,7 @@ impl Request {
             sigma_max: None,
             rng: RngKind::Torch,
             guidance_rescale: 0.0,
+            zero_terminal_snr: false,
             taesd: None,
             noise: None,
         }
@@ -248,7 +251,7 @@ impl Pipeline {
             Some(n) => return Err(Error::Invalid(format!("initial noise has {} values, the latent has {}", n.len(), zc * lw * lh))),
             None => rng.randn(zc * lw * lh),
         };
-        let sched = Discrete::sd();
+        let sched = if req.zero_terminal_snr { Discrete::sd().rescale_zero_terminal_snr() } else { Discrete::sd() };
         let settings = req.eta.map_or_else(|| sample::Settings::default_for(req.sampler), |eta| sample::Settings { eta });
         let opts = ScheduleOpts { sigma_min: req.sigma_min, sigma_max: req.sigma_max, xl: false };
         let plan = sample::plan_for(req.sampler, req.schedule, &sched, req.steps, &opts, 1.0);
@@ -381,5 +384,35 @@ impl sample::Model for Cfg<'_> {
         let (uncond, cond) = out.split_at(out.len() / 2);
         let guided: Vec<f32> = uncond.iter().zip(cond).map(|(u, c)| u + self.scale * (c - u)).collect();
         Ok(if self.rescale > 0.0 { rescale_guidance(&guided, cond, self.rescale) } else { guided })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn guidance_rescale_matches_the_conditional_spread_at_one_and_is_off_at_zero() {
+        let cond: Vec<f32> = (0..64).map(|i| ((i * 37 % 17) as f32 - 8.0) / 8.0).collect();
+        let guided: Vec<f32> = cond.iter().enumerate().map(|(i, c)| 3.0 * c + (i % 5) as f32 * 0.3).collect();
+        assert_eq!(rescale_guidance(&guided, &cond, 0.0), guided);
+        let std = |v: &[f32]| {
+            let m = v.iter().sum::<f32>() / v.len() as f32;
+            (v.iter().map(|x| (x - m).powi(2)).sum::<f32>() / (v.len() - 1) as f32).sqrt()
+        };
+        let full = rescale_guidance(&guided, &cond, 1.0);
+        assert!((std(&full) - std(&cond)).abs() < 1e-5);
+        let half = rescale_guidance(&guided, &cond, 0.5);
+        assert!((half[3] - 0.5 * (full[3] + guided[3])).abs() < 1e-5);
+    }
+
+    #[test]
+    fn guidance_embedding_is_sines_then_cosines_of_w_times_1000() {
+        let e = guidance_embedding(7.5, 8);
+        assert_eq!(e.len(), 8);
+        // First frequency is 1: sin(7500), cos(7500).
+        assert!((e[0] - 7500f32.sin()).abs() < 1e-3 && (e[4] - 7500f32.cos()).abs() < 1e-3);
+        // Last frequency is 1/10000.
+        assert!((e[3] - 0.75f32.sin()).abs() < 1e-5 && (e[7] - 0.75f32.cos()).abs() < 1e-5);
     }
 }

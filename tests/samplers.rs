@@ -295,6 +295,18 @@ fn schedules_give_the_references_noise_levels() {
 }
 
 #[test]
+fn zero_terminal_snr_rescaling_gives_the_reference_table() {
+    let f = fixture();
+    let ours = discrete(&vec(&f["tables"]["sd"]["alphas_cumprod"])).rescale_zero_terminal_snr();
+    let want = vec(&f["tables"]["sd_zsnr_euler"]["alphas_cumprod"]);
+    for (i, (a, b)) in ours.alphas_cumprod.iter().zip(&want).enumerate() {
+        // diffusers rescales in f32.
+        assert!((a - b).abs() <= 2e-6 * b.max(1e-6), "ᾱ[{i}]: {a} vs {b}");
+    }
+    assert_eq!(ours.alphas_cumprod[999], 2f64.powi(-24));
+}
+
+#[test]
 fn error_shrinks_at_each_methods_order() {
     // Final-sample error against the sampler's own 1024-step result, fitted over
     // 8…64 steps on Karras σ: the slope of log error against log steps. (iPNDM uses

@@ -46,6 +46,9 @@ pub struct Args {
     /// Guidance rescale φ in [0, 1] (0.7 is the paper's choice for v-prediction models).
     #[arg(long = "guidance-rescale", default_value_t = 0.0)]
     guidance_rescale: f32,
+    /// Rescale the noise schedule to zero terminal SNR (models trained that way).
+    #[arg(long = "zero-terminal-snr")]
+    zero_terminal_snr: bool,
     /// List the samplers with their order and whether they are stochastic, then exit.
     #[arg(long = "list-samplers")]
     list_samplers: bool,
@@ -93,6 +96,7 @@ pub fn run(a: Args, threads: Option<usize>) -> Result<()> {
         sigma_max: a.sigma_max,
         rng,
         guidance_rescale: a.guidance_rescale,
+        zero_terminal_snr: a.zero_terminal_snr,
         taesd: a.taesd,
         ..Request::new(&prompt)
     };

@@ -229,8 +229,9 @@ impl Settings {
 /// ⌊steps·strength⌋ steps, or for LCM/TCD the grid of a distillation schedule cut at
 /// that strength, as diffusers' pipelines do.
 pub fn plan_for(sampler: Sampler, schedule: Schedule, d: &Discrete, steps: usize, opts: &ScheduleOpts, strength: f64) -> Plan {
+    // DDIM runs on SD's leading grid (its scheduler config) unless trailing is asked for.
     let spacing = match schedule {
-        Schedule::Discrete(s) => s,
+        Schedule::Discrete(Spacing::Trailing) => Spacing::Trailing,
         _ => Spacing::Leading,
     };
     match sampler {
