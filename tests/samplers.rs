@@ -300,8 +300,9 @@ fn zero_terminal_snr_rescaling_gives_the_reference_table() {
     let ours = discrete(&vec(&f["tables"]["sd"]["alphas_cumprod"])).rescale_zero_terminal_snr();
     let want = vec(&f["tables"]["sd_zsnr_euler"]["alphas_cumprod"]);
     for (i, (a, b)) in ours.alphas_cumprod.iter().zip(&want).enumerate() {
-        // diffusers rescales in f32.
-        assert!((a - b).abs() <= 2e-6 * b.max(1e-6), "ᾱ[{i}]: {a} vs {b}");
+        // diffusers rescales in f32: sqrt(ᾱ) − sqrt(ᾱ_T) cancels near the end, where its
+        // values carry up to 3e-5 relative error (ours is f64).
+        assert!((a - b).abs() <= 5e-5 * b, "ᾱ[{i}]: {a} vs {b}");
     }
     assert_eq!(ours.alphas_cumprod[999], 2f64.powi(-24));
 }

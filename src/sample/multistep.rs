@@ -106,6 +106,23 @@ fn solve(mut a: Vec<Vec<f64>>, mut b: Vec<f64>) -> Vec<f64> {
     x
 }
 
+/// UniPC's ratios r_k = (λ_{j−k} − λ_j)/h of the earlier model outputs (the newest of
+/// `outputs` belongs to step j) and the scaled differences D1_k = (m_{j−k} − m_j)/r_k;
+/// the ratios end with 1.
+fn differences(outputs: &[Vec<f64>], sig: &[f64], j: usize, order: usize, h: f64) -> (Vec<f64>, Vec<Vec<f64>>) {
+    let m0 = &outputs[outputs.len() - 1];
+    let mut rks = Vec::new();
+    let mut d1s = Vec::new();
+    for k in 1..order {
+        let mi = &outputs[outputs.len() - 1 - k];
+        let rk = (lambda(sig[j - k]) - lambda(sig[j])) / h;
+        d1s.push(mi.iter().zip(m0).map(|(a, b)| (a - b) / rk).collect());
+        rks.push(rk);
+    }
+    rks.push(1.0);
+    (rks, d1s)
+}
+
 /// The UniPC order used at step i of n (solver order 2, lower order in the first
 /// steps and at the last, as diffusers' defaults).
 fn unipc_order(i: usize, n: usize) -> usize {
@@ -128,16 +145,7 @@ pub(super) fn unipc_step(den: &mut Denoiser<'_>, plan: &Plan, i: usize, x: &[f64
             let (s0, t) = (sig[i - 1], sig[i]);
             let h = lambda(t) - lambda(s0);
             let m0 = &st.denoised[st.denoised.len() - 1];
-            let mut rks = Vec::new();
-            let mut d1s = Vec::new();
-            for k in 1..order {
-                let si = sig[i - 1 - k];
-                let mi = &st.denoised[st.denoised.len() - 1 - k];
-                let rk = (lambda(si) - lambda(s0)) / h;
-                d1s.push(mi.iter().zip(m0).map(|(a, b)| (a - b) / rk).collect::<Vec<f64>>());
-                rks.push(rk);
-            }
-            rks.push(1.0);
+            let (rks, d1s) = differences(&st.denoised, sig, i - 1, order, h);
             let hh = -h;
             let (r, b) = unipc_system(order, &rks, hh);
             let rhos = if order == 1 { vec![0.5] } else { solve(r, b) };
@@ -164,16 +172,7 @@ pub(super) fn unipc_step(den: &mut Denoiser<'_>, plan: &Plan, i: usize, x: &[f64
     }
     let order = unipc_order(i, n);
     let h = lambda(t) - lambda(s0);
-    let mut rks = Vec::new();
-    let mut d1s = Vec::new();
-    for k in 1..order {
-        let si = sig[i - k];
-        let mi = &st.denoised[st.denoised.len() - 1 - k];
-        let rk = (lambda(si) - lambda(s0)) / h;
-        d1s.push(mi.iter().zip(m0).map(|(a, b)| (a - b) / rk).collect::<Vec<f64>>());
-        rks.push(rk);
-    }
-    rks.push(1.0);
+    let (rks, d1s) = differences(&st.denoised, sig, i, order, h);
     let hh = -h;
     let (h_phi_1, b_h) = (hh.exp_m1(), hh.exp_m1());
     let rhos_p = match order {
