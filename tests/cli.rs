@@ -66,4 +66,18 @@ fn bench_measures_a_synthetic_model_and_reports_json() {
         assert!(run[k].as_f64().unwrap() > 0.0, "{k}: {run}");
     }
     assert!(v["peak_rss_bytes"].as_u64().unwrap() > 0);
+    assert!(run["unet_gflops"].as_f64().unwrap() > 0.0 && v["machine"]["fma_peak_gflops"].as_f64().unwrap() > 0.0, "{v}");
+    // Two reports compare side by side with the ratio B/A.
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (dir.path().join("a.json"), dir.path().join("b.json"));
+    std::fs::write(&a, &out).unwrap();
+    let mut other = v.clone();
+    other["runs"][0]["step_s"] = serde_json::json!(run["step_s"].as_f64().unwrap() * 2.0);
+    std::fs::write(&b, other.to_string()).unwrap();
+    let (ok, table, err) = sdrs(&["bench", "--compare", a.to_str().unwrap(), b.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    let line = table.lines().find(|l| l.starts_with("64: s/step")).unwrap_or_default();
+    assert!(line.trim_end().ends_with("2.00"), "{table}");
+    let (ok, _, err) = sdrs(&["bench", "--compare", a.to_str().unwrap(), "/nonexistent.json"]);
+    assert!(!ok && err.contains("/nonexistent.json"), "{err}");
 }

@@ -13,8 +13,11 @@ use sdrs::sample::Sampler;
 #[derive(clap::Args)]
 pub struct Args {
     /// Model GGUF. Without it, `--synth` builds a random-weight model of a real architecture.
-    #[arg(short, long, required_unless_present = "synth")]
+    #[arg(short, long, required_unless_present_any = ["synth", "compare"])]
     model: Option<PathBuf>,
+    /// Compare two earlier `--json` reports side by side (no measurement).
+    #[arg(long, num_args = 2, value_names = ["A.json", "B.json"])]
+    compare: Option<Vec<PathBuf>>,
     /// Architecture for a synthetic model (sd15, sd21, tiny-sd15, …).
     #[arg(long)]
     synth: Option<String>,
@@ -42,6 +45,9 @@ pub struct Args {
 
 
 pub fn run(a: Args, threads: Option<usize>) -> Result<()> {
+    if let Some(files) = &a.compare {
+        return compare(files);
+    }
     let threads = threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     let tmp = tempfile::tempdir()?;
     let model = match (&a.model, &a.synth) {
@@ -134,5 +140,42 @@ pub fn run(a: Args, threads: Option<usize>) -> Result<()> {
         out!(o, "{:>6} {:>8.2} {:>10.2} {:>10.2} {:>10.2} {:>10.0} {:>8.1} {:>9.1}%", r["size"], f(&r["text_s"]), f(&r["step_s"]), f(&r["first_step_s"]), f(&r["decode_s"]), f(&r["unet_gflop"]), f(&r["unet_gflops"]), 100.0 * f(&r["peak_fraction"]));
     }
     out!(o, "peak RSS {:.0} MB (anonymous {:.0} MB, file-backed {:.0} MB at their peaks; mapped weights count once touched)", peak as f64 / 1e6, timeline.peak_anon() as f64 / 1e6, timeline.peak_file() as f64 / 1e6);
+    super::print_stdout(&o)
+}
+
+/// Two reports side by side: per image size, each figure of A and B and the ratio B/A.
+fn compare(files: &[PathBuf]) -> Result<()> {
+    let read = |p: &PathBuf| -> Result<serde_json::Value> {
+        let text = std::fs::read_to_string(p).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", p.display()))?;
+        serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("{} is not a `sdrs bench --json` report: {e}", p.display()))
+    };
+    let (a, b) = (read(&files[0])?, read(&files[1])?);
+    if !a["runs"].is_array() || !b["runs"].is_array() {
+        bail!("{} or {} has no `runs`: not a `sdrs bench --json` report", files[0].display(), files[1].display());
+    }
+    let name = |v: &serde_json::Value| v["model"].as_str().unwrap_or("?").to_string();
+    let f = |v: &serde_json::Value| v.as_f64();
+    let mut o = String::new();
+    out!(o, "A: {} ({})", files[0].display(), name(&a));
+    out!(o, "B: {} ({})", files[1].display(), name(&b));
+    out!(o, "{:<22} {:>12} {:>12} {:>8}", "", "A", "B", "B/A");
+    let mut row = |label: &str, x: Option<f64>, y: Option<f64>, scale: f64| {
+        let cell = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{:.2}", v / scale));
+        let ratio = match (x, y) {
+            (Some(x), Some(y)) if x != 0.0 => format!("{:.2}", y / x),
+            _ => "-".into(),
+        };
+        out!(o, "{label:<22} {:>12} {:>12} {:>8}", cell(x), cell(y), ratio);
+    };
+    row("load s", f(&a["load_s"]), f(&b["load_s"]), 1.0);
+    row("peak RSS MB", f(&a["peak_rss_bytes"]), f(&b["peak_rss_bytes"]), 1e6);
+    let sizes: std::collections::BTreeSet<u64> = a["runs"].as_array().into_iter().chain(b["runs"].as_array()).flatten().filter_map(|r| r["size"].as_u64()).collect();
+    for size in sizes {
+        let pick = |v: &serde_json::Value| v["runs"].as_array().and_then(|r| r.iter().find(|r| r["size"].as_u64() == Some(size)).cloned()).unwrap_or_default();
+        let (ra, rb) = (pick(&a), pick(&b));
+        for (k, label) in [("step_s", "s/step"), ("decode_s", "decode s"), ("text_s", "text s"), ("unet_gflops", "UNet GFLOP/s")] {
+            row(&format!("{size}: {label}"), f(&ra[k]), f(&rb[k]), 1.0);
+        }
+    }
     super::print_stdout(&o)
 }
