@@ -73,9 +73,10 @@ pub(super) fn step(sampler: Sampler, den: &mut Denoiser<'_>, plan: &Plan, i: usi
     let (s, sn) = (sig[i], sig[i + 1]);
     let d0 = den.denoise(x, s)?;
     let out = match sampler {
-        Sampler::Euler => axpy(x, sn - s, &deriv(x, &d0, s)),
-        Sampler::EulerA => {
-            let (down, up) = ancestral(s, sn, eta);
+        // The deterministic methods are their ancestral forms at η = 0 (σ_down = σ_next,
+        // σ_up = 0: no noise is drawn).
+        Sampler::Euler | Sampler::EulerA => {
+            let (down, up) = ancestral(s, sn, if sampler == Sampler::Euler { 0.0 } else { eta });
             let mut out = axpy(x, down - s, &deriv(x, &d0, s));
             add_noise(&mut out, noise, s, sn, up);
             out
@@ -91,19 +92,8 @@ pub(super) fn step(sampler: Sampler, den: &mut Denoiser<'_>, plan: &Plan, i: usi
                 axpy(x, sn - s, &avg)
             }
         }
-        Sampler::Dpm2 => {
-            let d = deriv(x, &d0, s);
-            if sn == 0.0 {
-                axpy(x, sn - s, &d)
-            } else {
-                let mid = ((s.ln() + sn.ln()) / 2.0).exp();
-                let x2 = axpy(x, mid - s, &d);
-                let d2 = deriv(&x2, &den.denoise(&x2, mid)?, mid);
-                axpy(x, sn - s, &d2)
-            }
-        }
-        Sampler::Dpm2A => {
-            let (down, up) = ancestral(s, sn, eta);
+        Sampler::Dpm2 | Sampler::Dpm2A => {
+            let (down, up) = ancestral(s, sn, if sampler == Sampler::Dpm2 { 0.0 } else { eta });
             let d = deriv(x, &d0, s);
             if down == 0.0 {
                 axpy(x, down - s, &d)
