@@ -159,12 +159,6 @@ pub struct Pipeline {
     pub attention: Attention,
 }
 
-/// A seeded unit Gaussian (SplitMix64 + Box–Muller, see [`NativeRng`]); noise
-/// identical to `torch.randn` comes from [`crate::sample::rng::TorchRng`].
-pub fn native_noise(seed: u64, n: usize) -> Vec<f32> {
-    NativeRng::new(seed).randn(n)
-}
-
 impl Pipeline {
     pub fn load(path: &Path) -> Result<Pipeline> {
         Self::load_with_threads(path, std::thread::available_parallelism().map_or(1, |n| n.get()))

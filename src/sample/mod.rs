@@ -38,11 +38,6 @@ pub trait Model {
 
 /// The denoised estimate x0 from a VE latent `x` at noise level `sigma`, calling the
 /// model at `timestep`.
-pub fn denoise(model: &mut dyn Model, prediction: Prediction, x: &[f32], sigma: f64, timestep: f64) -> Result<Vec<f32>> {
-    let x64: Vec<f64> = x.iter().map(|&v| v as f64).collect();
-    Ok(denoise64(model, prediction, &x64, sigma, timestep)?.into_iter().map(|v| v as f32).collect())
-}
-
 fn denoise64(model: &mut dyn Model, prediction: Prediction, x: &[f64], sigma: f64, timestep: f64) -> Result<Vec<f64>> {
     let c_in = 1.0 / (sigma * sigma + 1.0).sqrt();
     let input: Vec<f64> = x.iter().map(|&v| v * c_in).collect();
