@@ -76,12 +76,14 @@ impl Discrete {
     /// The (fractional) timestep of σ: linear interpolation in log σ between the two
     /// neighbouring training steps (k-diffusion's `sigma_to_t`, also diffusers').
     pub fn sigma_to_t(&self, sigma: f64) -> f64 {
-        let logs: Vec<f64> = self.sigmas().iter().map(|s| s.ln()).collect();
         let ls = sigma.max(1e-300).ln();
-        let n = logs.len();
-        // Index of the last training σ at or below `sigma`, kept inside [0, n-2].
-        let low = logs.iter().rposition(|&l| l <= ls).unwrap_or(0).min(n - 2);
-        let (lo, hi) = (logs[low], logs[low + 1]);
+        let n = self.len();
+        let log_sigma = |j: usize| Self::sigma_of(self.alphas_cumprod[j]).ln();
+        // Index of the last training σ at or below `sigma` (σ rises with t), kept inside
+        // [0, n-2]: a binary search instead of a log of all T levels on every call.
+        let below = self.alphas_cumprod.partition_point(|&a| Self::sigma_of(a).ln() <= ls);
+        let low = below.saturating_sub(1).min(n - 2);
+        let (lo, hi) = (log_sigma(low), log_sigma(low + 1));
         let w = ((lo - ls) / (lo - hi)).clamp(0.0, 1.0);
         low as f64 * (1.0 - w) + (low + 1) as f64 * w
     }
