@@ -15,6 +15,14 @@ fn values(n: usize, seed: usize) -> Vec<f32> {
     (0..n).map(|i| (((i + seed) * 2654435761usize % 10007) as f32 / 5003.5) - 1.0).collect()
 }
 
+/// Converts `src` to `ty` at `path` and opens the result with its config.
+fn open_converted(src: &std::path::Path, ty: Type, path: &std::path::Path) -> (GgufFile, sdrs::config::ModelConfig) {
+    convert_to(src, ty, path).unwrap();
+    let g = GgufFile::open(path).unwrap();
+    let cfg = metadata::read_config(&g).unwrap().unwrap();
+    (g, cfg)
+}
+
 #[test]
 fn unet_and_vae_run_on_every_tiny_family_and_batches_are_independent() {
     let dir = tempfile::tempdir().unwrap();
@@ -23,10 +31,7 @@ fn unet_and_vae_run_on_every_tiny_family_and_batches_are_independent() {
         let src = synth_tiny(arch, Format::Safetensors, DType::F32, dir.path());
         let mut outs = Vec::new();
         for ty in [Type::F32, Type::Q8_0] {
-            let path = dir.path().join(format!("{arch}-{}.gguf", ty.name()));
-            convert_to(&src, ty, &path).unwrap();
-            let g = GgufFile::open(&path).unwrap();
-            let cfg = metadata::read_config(&g).unwrap().unwrap();
+            let (g, cfg) = open_converted(&src, ty, &dir.path().join(format!("{arch}-{}.gguf", ty.name())));
             let u = &cfg.unet;
             let w = Weights::load(&g, |n| n.starts_with("model.diffusion_model.")).unwrap();
             let (wd, ht, b, tok) = (16, 8, 2, 77);
@@ -60,10 +65,7 @@ fn unet_and_vae_run_on_every_tiny_family_and_batches_are_independent() {
 fn unet_refuses_sizes_it_cannot_downsample() {
     let dir = tempfile::tempdir().unwrap();
     let src = synth_tiny("tiny-sd15", Format::Safetensors, DType::F16, dir.path());
-    let path = dir.path().join("m.gguf");
-    convert_to(&src, Type::F16, &path).unwrap();
-    let g = GgufFile::open(&path).unwrap();
-    let cfg = metadata::read_config(&g).unwrap().unwrap();
+    let (g, cfg) = open_converted(&src, Type::F16, &dir.path().join("m.gguf"));
     let w = Weights::load(&g, |n| n.starts_with("model.diffusion_model.")).unwrap();
     let e = unet::forward(&w, &cfg.unet, &vec![0.0; 4 * 9 * 8], 9, 8, &[1.0], &vec![0.0; 77 * 32], 77, None, None, &Backend::cpu(1).unwrap()).unwrap_err();
     assert!(e.to_string().contains("multiple of 8"), "{e}");
@@ -75,10 +77,7 @@ fn flash_attention_gives_the_same_unet_output_as_matmul_attention() {
     let backend = Backend::cpu(2).unwrap();
     for arch in ["tiny-sd15", "tiny-sd21"] {
         let src = synth_tiny(arch, Format::Safetensors, DType::F32, dir.path());
-        let path = dir.path().join(format!("{arch}.gguf"));
-        convert_to(&src, Type::F32, &path).unwrap();
-        let g = GgufFile::open(&path).unwrap();
-        let cfg = metadata::read_config(&g).unwrap().unwrap();
+        let (g, cfg) = open_converted(&src, Type::F32, &dir.path().join(format!("{arch}.gguf")));
         let u = &cfg.unet;
         let w = Weights::load(&g, |n| n.starts_with("model.diffusion_model.")).unwrap();
         let (wd, ht, b, tok) = (16, 8, 2, 77);
