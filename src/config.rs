@@ -342,3 +342,64 @@ impl ModelConfig {
         self
     }
 }
+
+/// How a model is meant to be run when the user does not say: the image size it was
+/// trained at (diffusers' pipelines default to `unet.sample_size` × the VAE factor), and
+/// for distilled models the sampler, step count and guidance they were distilled for.
+/// Not architecture: nothing in the executor reads it, only front ends filling in
+/// unset options. Stored as `sd.defaults.*` metadata.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Defaults {
+    pub width: Option<usize>,
+    pub height: Option<usize>,
+    pub sampler: Option<String>,
+    pub scheduler: Option<String>,
+    pub steps: Option<usize>,
+    pub cfg_scale: Option<f32>,
+}
+
+impl Defaults {
+    pub const KEYS: [&'static str; 6] = ["width", "height", "sampler", "scheduler", "steps", "cfg_scale"];
+
+    /// Parses `key=value[,key=value...]` (the keys of [`Defaults::KEYS`]; `size=N`
+    /// sets width and height) over `self`.
+    pub fn apply(&mut self, spec: &str) -> Result<(), String> {
+        for item in spec.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+            let (k, v) = item.split_once('=').ok_or_else(|| format!("`{item}`: expected KEY=VALUE"))?;
+            let (k, v) = (k.trim(), v.trim());
+            let num = |v: &str| v.parse::<usize>().ok().filter(|&n| n > 0).ok_or_else(|| format!("`{k}`: `{v}` is not a positive integer"));
+            match k {
+                "width" => self.width = Some(num(v)?),
+                "height" => self.height = Some(num(v)?),
+                "size" => {
+                    self.width = Some(num(v)?);
+                    self.height = self.width;
+                }
+                "sampler" => self.sampler = Some(v.to_string()),
+                "scheduler" => self.scheduler = Some(v.to_string()),
+                "steps" => self.steps = Some(num(v)?),
+                "cfg_scale" | "cfg" => {
+                    self.cfg_scale = Some(v.parse::<f32>().ok().filter(|x| x.is_finite() && *x >= 0.0).ok_or_else(|| format!("`{k}`: `{v}` is not a guidance scale"))?)
+                }
+                _ => return Err(format!("unknown default `{k}`; valid: size, {}", Self::KEYS.join(", "))),
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Defaults;
+
+    #[test]
+    fn defaults_spec_sets_named_fields_and_refuses_unknown_keys_and_bad_values() {
+        let mut d = Defaults { steps: Some(20), ..Default::default() };
+        d.apply("size=64, sampler=lcm,cfg=1.5").unwrap();
+        assert_eq!(d, Defaults { width: Some(64), height: Some(64), sampler: Some("lcm".into()), steps: Some(20), cfg_scale: Some(1.5), scheduler: None });
+        assert!(d.apply("colour=red").unwrap_err().contains("unknown default `colour`"));
+        assert!(d.apply("steps=0").unwrap_err().contains("positive integer"));
+        assert!(d.apply("cfg=-1").unwrap_err().contains("guidance scale"));
+        assert!(d.apply("steps").unwrap_err().contains("KEY=VALUE"));
+    }
+}

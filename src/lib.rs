@@ -4,6 +4,8 @@
 //! memory map → ggml graphs → sampler → image.
 pub mod config;
 pub mod convert;
+#[cfg(feature = "demo-model")]
+pub mod demo;
 pub mod error;
 pub mod formats;
 pub mod synth;

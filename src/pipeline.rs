@@ -10,7 +10,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use crate::config::ModelConfig;
+use crate::config::{Defaults, ModelConfig};
 use crate::convert::metadata;
 use crate::error::{Error, Result};
 use crate::formats::gguf::GgufFile;
@@ -157,6 +157,9 @@ pub struct Pipeline {
     model_hash: String,
     /// How the UNet computes attention (a speed/memory trade-off, same numbers).
     pub attention: Attention,
+    /// How the model is meant to be run (size, sampler, steps, guidance) where the
+    /// file says; front ends use it for options the user leaves unset.
+    pub defaults: Defaults,
 }
 
 impl Pipeline {
@@ -170,13 +173,59 @@ impl Pipeline {
             Some(c) => c,
             None => crate::convert::model_config(&Checkpoint::open(path)?)?,
         };
+        Self::from_gguf(gguf, config, threads)
+    }
+
+    /// The demo model built into the binary (`models/demo`): a tiny SD-architecture
+    /// model of coloured shapes that needs no download.
+    #[cfg(feature = "demo-model")]
+    pub fn demo(threads: usize) -> Result<Pipeline> {
+        let gguf = crate::demo::gguf()?;
+        let config = metadata::read_config(&gguf)?.ok_or_else(|| Error::format(&gguf.path, "no model config in metadata"))?;
+        Self::from_gguf(gguf, config, threads)
+    }
+
+    fn from_gguf(gguf: GgufFile, config: ModelConfig, threads: usize) -> Result<Pipeline> {
+        let path = gguf.path.clone();
+        let path = path.as_path();
         if config.text_encoders.len() != 1 || config.unet.adm_in_channels.is_some() {
             return Err(Error::arch(path, format!("{} models (two text encoders, pooled conditioning) are not supported by this version's pipeline yet", config.family)));
         }
         let vocab = metadata::read_tokenizer(&gguf).map_or_else(crate::vocab::ClipVocab::embedded, Ok)?;
         let tokenizer = ClipTokenizer::new(&vocab)?;
         let model_hash = gguf.get("sd.source.sha256").and_then(|v| v.as_str()).map(|h| h.chars().take(10).collect()).unwrap_or_default();
-        Ok(Pipeline { gguf, config, tokenizer, backend: Backend::cpu(threads)?, model_hash, attention: Attention::Auto })
+        let defaults = metadata::read_defaults(&gguf);
+        Ok(Pipeline { gguf, config, tokenizer, backend: Backend::cpu(threads)?, model_hash, attention: Attention::Auto, defaults })
+    }
+
+    /// A request for `prompt` with the model's own defaults (image size, sampler,
+    /// schedule, steps, guidance) where its file gives them, [`Request::new`]'s elsewhere.
+    pub fn request(&self, prompt: &str) -> Request {
+        let d = &self.defaults;
+        let base = Request::new(prompt);
+        let sampler = d.sampler.as_deref().and_then(|s| {
+            let parsed = Sampler::parse(s);
+            if parsed.is_none() {
+                log::warn!("{}: ignoring unknown default sampler `{s}`", self.gguf.path.display());
+            }
+            parsed
+        });
+        let schedule = d.scheduler.as_deref().and_then(|s| {
+            let parsed = Schedule::parse(s);
+            if parsed.is_none() {
+                log::warn!("{}: ignoring unknown default scheduler `{s}`", self.gguf.path.display());
+            }
+            parsed
+        });
+        Request {
+            width: d.width.unwrap_or(base.width),
+            height: d.height.unwrap_or(base.height),
+            steps: d.steps.unwrap_or(base.steps),
+            cfg_scale: d.cfg_scale.unwrap_or(base.cfg_scale),
+            sampler: sampler.unwrap_or(base.sampler),
+            schedule: schedule.unwrap_or(base.schedule),
+            ..base
+        }
     }
 
     /// Latent size for an image size, or an error that says what is allowed.

@@ -31,6 +31,11 @@ pub struct Args {
     /// Override the prediction type (epsilon, v_prediction, sample).
     #[arg(long)]
     prediction: Option<String>,
+    /// Run defaults stored in the output, over those of the input (e.g.
+    /// `size=64,sampler=lcm,steps=4,cfg=1.5`; keys: size, width, height, sampler,
+    /// scheduler, steps, cfg_scale). `generate` uses them for options not given.
+    #[arg(long, value_name = "KEY=VALUE,...")]
+    defaults: Option<String>,
 }
 
 pub fn run(a: Args) -> Result<()> {
@@ -44,7 +49,18 @@ pub fn run(a: Args) -> Result<()> {
     if let Some(p) = &a.prediction {
         cfg.prediction = sdrs::config::Prediction::parse(p).with_context(|| format!("unknown prediction type `{p}`"))?;
     }
-    let plan = convert::plan(&ck, &pol, Some(cfg))?;
+    let mut plan = convert::plan(&ck, &pol, Some(cfg))?;
+    if let Some(spec) = &a.defaults {
+        let mut d = plan.defaults.clone();
+        d.apply(spec).map_err(|e| anyhow::anyhow!("--defaults: {e}"))?;
+        if let Some(s) = &d.sampler {
+            anyhow::ensure!(sdrs::sample::Sampler::parse(s).is_some(), "--defaults: unknown sampler `{s}`");
+        }
+        if let Some(s) = &d.scheduler {
+            anyhow::ensure!(sdrs::sample::Schedule::parse(s).is_some(), "--defaults: unknown scheduler `{s}`");
+        }
+        plan.defaults = d;
+    }
     for (n, why) in &plan.dropped {
         log::info!("dropping {n}: {why}");
     }
@@ -81,6 +97,9 @@ pub fn run(a: Args) -> Result<()> {
 
 fn print_plan(plan: &convert::Plan, list: bool, o: &mut String) {
     out!(o, "architecture: {}  prediction: {}", plan.config.family, plan.config.prediction.as_str());
+    if plan.defaults != Default::default() {
+        out!(o, "run defaults: {:?}", plan.defaults);
+    }
     if list {
         for e in &plan.entries {
             out!(o, "{:<6} {:>12} {:<90} {}", e.decision.ty.name(), e.nbytes, e.name, e.decision.why);

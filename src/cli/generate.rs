@@ -1,6 +1,6 @@
 use std::path::PathBuf;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 
 use sdrs::pipeline::{Pipeline, Request, RngKind, Stage};
 use sdrs::sample::{Sampler, Schedule};
@@ -8,31 +8,36 @@ use sdrs::sample::{Sampler, Schedule};
 /// Generate an image from a prompt (txt2img).
 #[derive(clap::Args)]
 pub struct Args {
-    /// Model GGUF (from `sdrs convert`).
-    #[arg(short, long, required_unless_present = "list_samplers")]
+    /// Model GGUF (from `sdrs convert`); without it, the built-in demo model (a tiny
+    /// model of coloured shapes, 64x64, LCM 4 steps).
+    #[arg(short, long)]
     model: Option<PathBuf>,
     #[arg(short, long, required_unless_present = "list_samplers")]
     prompt: Option<String>,
     /// Negative prompt.
     #[arg(short = 'n', long = "negative-prompt", default_value = "")]
     negative: String,
-    #[arg(long, default_value_t = 20)]
-    steps: usize,
-    /// Classifier-free guidance scale; 1 skips the unconditional pass.
-    #[arg(long = "cfg-scale", default_value_t = 7.0)]
-    cfg_scale: f32,
+    /// Sampling steps [default: the model's, else 20].
+    #[arg(long)]
+    steps: Option<usize>,
+    /// Classifier-free guidance scale; 1 skips the unconditional pass [default: the model's, else 7].
+    #[arg(long = "cfg-scale")]
+    cfg_scale: Option<f32>,
     #[arg(short = 's', long, default_value_t = 42)]
     seed: u64,
-    #[arg(short = 'W', long, default_value_t = 512)]
-    width: usize,
-    #[arg(short = 'H', long, default_value_t = 512)]
-    height: usize,
-    /// Sampler (see --list-samplers).
-    #[arg(long, default_value = "euler")]
-    sampler: String,
-    /// σ schedule: discrete, leading, trailing, karras, exponential, ays, sgm_uniform, simple.
-    #[arg(long, default_value = "discrete")]
-    scheduler: String,
+    /// Image width [default: the model's, else 512].
+    #[arg(short = 'W', long)]
+    width: Option<usize>,
+    /// Image height [default: the model's, else 512].
+    #[arg(short = 'H', long)]
+    height: Option<usize>,
+    /// Sampler (see --list-samplers) [default: the model's, else euler].
+    #[arg(long)]
+    sampler: Option<String>,
+    /// σ schedule: discrete, leading, trailing, karras, exponential, ays, sgm_uniform, simple
+    /// [default: the model's, else discrete].
+    #[arg(long)]
+    scheduler: Option<String>,
     /// Noise of ancestral/SDE/DDIM steps (DDIM: 0 deterministic, 1 DDPM; TCD: its γ).
     #[arg(long)]
     eta: Option<f64>,
@@ -69,25 +74,33 @@ pub fn run(a: Args, threads: Option<usize>) -> Result<()> {
         out!(o, "schedulers: {}", Schedule::NAMES.join(", "));
         return super::print_stdout(&o);
     }
-    let (Some(model), Some(prompt)) = (a.model, a.prompt) else { bail!("give -m MODEL.gguf and -p PROMPT") };
-    let Some(sampler) = Sampler::parse(&a.sampler) else {
-        bail!("unknown sampler `{}`; valid: {}", a.sampler, Sampler::names().join(", "));
+    let Some(prompt) = a.prompt else { bail!("give a prompt with -p") };
+    let threads = threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let pipe = match &a.model {
+        Some(m) => Pipeline::load_with_threads(m, threads)?,
+        None => demo_pipeline(threads)?,
     };
-    let Some(schedule) = Schedule::parse(&a.scheduler) else {
-        bail!("unknown scheduler `{}`; valid: {}", a.scheduler, Schedule::NAMES.join(", "));
+    // What the user gave, else what the model file recommends (Pipeline::request),
+    // else SD's usual settings.
+    let base = pipe.request(&prompt);
+    let sampler = match &a.sampler {
+        None => base.sampler,
+        Some(s) => Sampler::parse(s).with_context(|| format!("unknown sampler `{s}`; valid: {}", Sampler::names().join(", ")))?,
+    };
+    let schedule = match &a.scheduler {
+        None => base.schedule,
+        Some(s) => Schedule::parse(s).with_context(|| format!("unknown scheduler `{s}`; valid: {}", Schedule::NAMES.join(", ")))?,
     };
     let Some(rng) = RngKind::parse(&a.rng) else { bail!("unknown rng `{}`; valid: torch, native", a.rng) };
     if !(0.0..=1.0).contains(&a.guidance_rescale) {
         bail!("--guidance-rescale must be in [0, 1], not {}", a.guidance_rescale);
     }
-    let threads = threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-    let pipe = Pipeline::load_with_threads(&model, threads)?;
     let req = Request {
         negative: a.negative,
-        width: a.width,
-        height: a.height,
-        steps: a.steps,
-        cfg_scale: a.cfg_scale,
+        width: a.width.unwrap_or(base.width),
+        height: a.height.unwrap_or(base.height),
+        steps: a.steps.unwrap_or(base.steps),
+        cfg_scale: a.cfg_scale.unwrap_or(base.cfg_scale),
         seed: a.seed,
         sampler,
         schedule,
@@ -98,7 +111,7 @@ pub fn run(a: Args, threads: Option<usize>) -> Result<()> {
         guidance_rescale: a.guidance_rescale,
         zero_terminal_snr: a.zero_terminal_snr,
         taesd: a.taesd,
-        ..Request::new(&prompt)
+        ..base
     };
     pipe.latent_size(req.width, req.height)?;
     let bar = super::progress_bar(req.steps as u64, "{spinner} [{bar:30}] step {pos}/{len} {per_sec} {msg}");
@@ -124,4 +137,14 @@ pub fn run(a: Args, threads: Option<usize>) -> Result<()> {
         decode
     );
     Ok(())
+}
+
+#[cfg(feature = "demo-model")]
+fn demo_pipeline(threads: usize) -> Result<Pipeline> {
+    Ok(Pipeline::demo(threads)?)
+}
+
+#[cfg(not(feature = "demo-model"))]
+fn demo_pipeline(_threads: usize) -> Result<Pipeline> {
+    bail!("give a model with -m MODEL.gguf (this build has no built-in demo model: it was built without the `demo-model` feature)")
 }

@@ -2,7 +2,7 @@
 //! `docs/gguf.md` documents every key.
 use std::collections::HashMap;
 
-use crate::config::{Activation, ModelConfig, Prediction, TextEncoderConfig, TextEncoderKind, UnetConfig, VaeConfig};
+use crate::config::{Activation, Defaults, ModelConfig, Prediction, TextEncoderConfig, TextEncoderKind, UnetConfig, VaeConfig};
 use crate::error::{Error, Result};
 use crate::formats::gguf::{GgufFile, Value};
 use crate::vocab::ClipVocab;
@@ -163,6 +163,46 @@ impl Reader<'_> {
         }
         let mut it = depths.into_iter();
         Ok(counts.into_iter().map(|c| it.by_ref().take(c).collect()).collect())
+    }
+}
+
+const DEFAULTS: &str = "sd.defaults.";
+
+/// Run defaults → metadata (only the fields that are set).
+pub fn defaults_kv(d: &Defaults) -> Kv {
+    let mut kv = Kv::new();
+    let mut u = |k: &str, v: Option<usize>| {
+        if let Some(v) = v {
+            kv.push((format!("{DEFAULTS}{k}"), Value::U32(v as u32)));
+        }
+    };
+    u("width", d.width);
+    u("height", d.height);
+    u("steps", d.steps);
+    for (k, v) in [("sampler", &d.sampler), ("scheduler", &d.scheduler)] {
+        if let Some(v) = v {
+            kv.push((format!("{DEFAULTS}{k}"), Value::String(v.clone())));
+        }
+    }
+    if let Some(c) = d.cfg_scale {
+        kv.push((format!("{DEFAULTS}cfg_scale"), Value::F32(c)));
+    }
+    kv
+}
+
+/// The run defaults a GGUF carries (empty for files without them). Values of the
+/// wrong type are ignored: defaults are advice, never a reason to refuse a model.
+pub fn read_defaults(g: &GgufFile) -> Defaults {
+    let get = |k: &str| g.get(&format!("{DEFAULTS}{k}"));
+    let num = |k: &str| get(k).and_then(Value::as_u64).and_then(|v| usize::try_from(v).ok()).filter(|&v| v > 0 && v <= 1 << 20);
+    let text = |k: &str| get(k).and_then(Value::as_str).map(str::to_string);
+    Defaults {
+        width: num("width"),
+        height: num("height"),
+        sampler: text("sampler"),
+        scheduler: text("scheduler"),
+        steps: num("steps"),
+        cfg_scale: get("cfg_scale").and_then(Value::as_f64).map(|v| v as f32).filter(|v| v.is_finite() && *v >= 0.0),
     }
 }
 

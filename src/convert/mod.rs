@@ -13,7 +13,7 @@ use std::time::Instant;
 
 use sha2::{Digest, Sha256};
 
-use crate::config::{ModelConfig, Prediction};
+use crate::config::{Defaults, ModelConfig, Prediction};
 use crate::error::{Error, Result};
 use crate::formats::gguf::{GgufFile, TensorEntry, Value, Writer};
 use crate::formats::source::SourceFormat;
@@ -45,6 +45,8 @@ pub struct Plan {
     /// Tensors kept although the architecture does not name them.
     pub unknown: Vec<String>,
     pub source_bytes: u64,
+    /// Run defaults written to the output: the source's, overridable before `run`.
+    pub defaults: Defaults,
 }
 
 impl Plan {
@@ -84,6 +86,16 @@ pub fn model_config(ck: &Checkpoint) -> Result<ModelConfig> {
         cfg.prediction = p;
     }
     Ok(cfg)
+}
+
+/// The run defaults a source carries: our GGUF's metadata, or what a diffusers
+/// folder's configs imply; single files carry none.
+fn source_defaults(ck: &Checkpoint) -> Result<Defaults> {
+    Ok(match ck.format {
+        SourceFormat::Gguf => metadata::read_defaults(&GgufFile::open(&ck.path)?),
+        SourceFormat::Diffusers => crate::formats::diffusers::read_defaults(&ck.path),
+        _ => Defaults::default(),
+    })
 }
 
 /// Decides what each tensor becomes. Fails if the checkpoint lacks tensors its
@@ -129,7 +141,7 @@ pub fn plan(ck: &Checkpoint, policy: &Policy, config: Option<ModelConfig>) -> Re
         missing.truncate(5);
         return Err(Error::arch(&ck.path, format!("{n} tensors of the detected {} architecture are missing, e.g. {}", config.family, missing.join(", "))));
     }
-    Ok(Plan { config, entries, dropped, unknown, source_bytes })
+    Ok(Plan { config, entries, dropped, unknown, source_bytes, defaults: source_defaults(ck)? })
 }
 
 /// Conversion progress, reported after each chunk.
@@ -201,6 +213,7 @@ fn output_metadata(ck: &Checkpoint, plan: &Plan, wtype: &str, sha256: &str) -> R
         },
     };
     kv.extend(metadata::tokenizer_kv(&vocab));
+    kv.extend(metadata::defaults_kv(&plan.defaults));
     let reshaped: Vec<(String, Vec<usize>)> = plan.entries.iter().filter(|e| e.decision.reshaped).map(|e| (e.name.clone(), e.shape.clone())).collect();
     kv.extend(metadata::reshaped_kv(&reshaped));
     Ok(kv)

@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use serde_json::Value;
 
 use super::source::{Checkpoint, SourceFormat, SourceTensor, TokenizerFiles};
-use crate::config::{ModelConfig, Prediction, TextEncoderConfig, TextEncoderKind, UnetConfig, VaeConfig};
+use crate::config::{Defaults, ModelConfig, Prediction, TextEncoderConfig, TextEncoderKind, UnetConfig, VaeConfig};
 use crate::error::{Error, Result};
 use config::{read_json, Obj, TextRole};
 
@@ -161,6 +161,34 @@ pub fn read_config(dir: &Path) -> Result<ModelConfig> {
         vae,
         text_encoders: p.text.into_iter().map(|(_, t)| t).collect(),
     })
+}
+
+/// How the folder's own pipeline would run it by default: diffusers' text-to-image
+/// pipelines take the image size from `unet.sample_size` × the VAE factor, and a folder
+/// that ships `LCMScheduler` or `TCDScheduler` is a consistency-distilled model meant
+/// for 4 steps at the LCM pipeline's guidance 8.5 (LatentConsistencyModelPipeline's
+/// defaults). Missing or unreadable configs give no defaults rather than an error.
+pub fn read_defaults(dir: &Path) -> Defaults {
+    let mut d = Defaults::default();
+    let num = |comp: &str, key: &str| -> Option<u64> { read_json(&dir.join(comp).join("config.json")).ok()?.get(key)?.as_u64() };
+    let vae_levels = read_json(&dir.join("vae").join("config.json")).ok().and_then(|v| v.get("block_out_channels")?.as_array().map(Vec::len));
+    if let (Some(s), Some(levels)) = (num("unet", "sample_size"), vae_levels.filter(|&n| (1..=6).contains(&n))) {
+        let px = (s as usize).checked_mul(1 << (levels - 1)).filter(|&p| p <= 1 << 16);
+        d.width = px;
+        d.height = px;
+    }
+    let class = read_json(&dir.join("scheduler").join("scheduler_config.json")).ok().and_then(|v| v.get("_class_name")?.as_str().map(str::to_string));
+    let distilled = match class.as_deref() {
+        Some("LCMScheduler") => Some("lcm"),
+        Some("TCDScheduler") => Some("tcd"),
+        _ => None,
+    };
+    if let Some(s) = distilled {
+        d.sampler = Some(s.into());
+        d.steps = Some(4);
+        d.cfg_scale = Some(8.5);
+    }
+    d
 }
 
 /// Opens a diffusers folder as a checkpoint in canonical naming: every component

@@ -40,7 +40,23 @@ pub struct GgufFile {
     pub tensors: Vec<TensorInfo>,
     /// Absolute file offset of the data section.
     pub data_offset: u64,
-    map: Mmap,
+    map: Bytes,
+}
+
+/// Where a GGUF's bytes live: a file mapping, or bytes built into the binary.
+enum Bytes {
+    Map(Mmap),
+    Static(&'static [u8]),
+}
+
+impl std::ops::Deref for Bytes {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            Bytes::Map(m) => m,
+            Bytes::Static(b) => b,
+        }
+    }
 }
 
 impl std::fmt::Debug for GgufFile {
@@ -53,6 +69,17 @@ impl GgufFile {
     pub fn open(path: &Path) -> Result<GgufFile> {
         let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
         let map = ggml::map_file(&file).map_err(|e| Error::io(path, e))?;
+        Self::parse(path, Bytes::Map(map))
+    }
+
+    /// A GGUF held in static memory (a model built into the binary). `name` stands in
+    /// for the path in messages. ggml uses the tensors in place, so the bytes must be
+    /// aligned as a mapping would be (see `demo`).
+    pub fn from_static(name: &str, bytes: &'static [u8]) -> Result<GgufFile> {
+        Self::parse(Path::new(name), Bytes::Static(bytes))
+    }
+
+    fn parse(path: &Path, map: Bytes) -> Result<GgufFile> {
         let mut p = Parser { buf: &map, pos: 0, path };
         let (version, metadata, tensors, data_offset, alignment) = p.parse()?;
         Ok(GgufFile { path: path.to_path_buf(), version, alignment, metadata, tensors, data_offset, map })
