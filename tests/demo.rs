@@ -31,6 +31,15 @@ fn heldout() -> Vec<Item> {
         .collect()
 }
 
+/// The folder an ignored tool-test writes to, from `var` (None, with a note, when unset).
+fn env_dir(var: &str) -> Option<PathBuf> {
+    let dir = std::env::var_os(var).map(PathBuf::from);
+    if dir.is_none() {
+        eprintln!("{var} not set");
+    }
+    dir
+}
+
 fn base_model() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("models/demo/sdrs-demo-base-q8_0.gguf")
 }
@@ -138,10 +147,7 @@ fn same_seed_same_picture_and_seeds_differ() {
 #[test]
 #[ignore]
 fn accuracy_table() {
-    let Some(dir) = std::env::var_os("SDRS_DEMO_DIR").map(PathBuf::from) else {
-        eprintln!("SDRS_DEMO_DIR not set");
-        return;
-    };
+    let Some(dir) = env_dir("SDRS_DEMO_DIR") else { return };
     let items = heldout();
     let dpm = |r: &mut Request| {
         r.sampler = Sampler::DpmPP2M;
@@ -237,10 +243,7 @@ fn converting_a_diffusers_lcm_folder_records_its_run_defaults_and_defaults_overr
 #[test]
 #[ignore]
 fn readme_pictures() {
-    let Some(dir) = std::env::var_os("SDRS_DEMO_PICTURES").map(PathBuf::from) else {
-        eprintln!("SDRS_DEMO_PICTURES not set");
-        return;
-    };
+    let Some(dir) = env_dir("SDRS_DEMO_PICTURES") else { return };
     std::fs::create_dir_all(&dir).unwrap();
     let pipe = Pipeline::demo(1).unwrap();
     let up = |img: &image::RgbImage| image::imageops::resize(img, img.width() * 3, img.height() * 3, image::imageops::FilterType::Nearest);

@@ -189,8 +189,7 @@ def stage_vae(args, work: Path, journal: Journal) -> None:
     data = load_data(work)
     images = data["images"]
     n = len(images)
-    gen = torch.Generator().manual_seed(args.seed * 1000 + 2)
-    torch.manual_seed(args.seed * 1000 + 2)
+    gen = seeded(args, 2)
     vae = AutoencoderKL(**VAE).to(args.device)
     opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
     steps, bs = args.vae_steps, args.vae_batch
@@ -257,8 +256,7 @@ def stage_decoder(args, work: Path, journal: Journal) -> None:
     images = data["images"]
     lat = torch.load(work / "latents.pt")
     n = len(images)
-    gen = torch.Generator().manual_seed(args.seed * 1000 + 5)
-    torch.manual_seed(args.seed * 1000 + 5)
+    gen = seeded(args, 5)
     vae = AutoencoderKL(**VAE)
     vae.load_state_dict(torch.load(work / "vae.pt"))
     vae = vae.to(args.device)
@@ -315,6 +313,22 @@ def latent_batch(lat, idx, gen, device):
     return (m + s * torch.randn(m.shape, generator=gen)).to(device) * lat["scale"]
 
 
+def latent_set(work: Path):
+    """The cached training latents (with the scaling factor) and token ids per sample."""
+    data = load_data(work)
+    lat = torch.load(work / "latents.pt")
+    lat["scale"] = Journal(work).data["vae"]["scaling_factor"]
+    ids_all = torch.from_numpy(data["caption_ids"]).long()
+    cap_idx = torch.from_numpy(data["caption_index"]).long()
+    return lat, ids_all, cap_idx, torch.from_numpy(data["empty_ids"]).long()
+
+
+def seeded(args, stream: int) -> torch.Generator:
+    """Seeds torch (weight init) and returns the stage's own generator (batches, noise)."""
+    torch.manual_seed(args.seed * 1000 + stream)
+    return torch.Generator().manual_seed(args.seed * 1000 + stream)
+
+
 def ema_update(ema, model, decay):
     with torch.no_grad():
         for e, p in zip(ema.parameters(), model.parameters()):
@@ -326,15 +340,9 @@ def stage_base(args, work: Path, journal: Journal) -> None:
     from transformers import CLIPTextConfig, CLIPTextModel
 
     t0 = time.time()
-    data = load_data(work)
-    lat = torch.load(work / "latents.pt")
-    lat["scale"] = Journal(work).data["vae"]["scaling_factor"]
-    ids_all = torch.from_numpy(data["caption_ids"]).long()
-    cap_idx = torch.from_numpy(data["caption_index"]).long()
-    empty = torch.from_numpy(data["empty_ids"]).long()
+    lat, ids_all, cap_idx, empty = latent_set(work)
     n = len(cap_idx)
-    torch.manual_seed(args.seed * 1000 + 3)
-    gen = torch.Generator().manual_seed(args.seed * 1000 + 3)
+    gen = seeded(args, 3)
     text = CLIPTextModel(CLIPTextConfig(**TEXT)).to(args.device)
     unet = UNet2DConditionModel(**UNET).to(args.device)
     ema_text, ema_unet = copy.deepcopy(text).eval(), copy.deepcopy(unet).eval()
@@ -409,15 +417,9 @@ def stage_lcm(args, work: Path, journal: Journal) -> None:
     from diffusers import UNet2DConditionModel
 
     t0 = time.time()
-    data = load_data(work)
-    lat = torch.load(work / "latents.pt")
-    lat["scale"] = Journal(work).data["vae"]["scaling_factor"]
-    ids_all = torch.from_numpy(data["caption_ids"]).long()
-    cap_idx = torch.from_numpy(data["caption_index"]).long()
-    empty = torch.from_numpy(data["empty_ids"]).long()
+    lat, ids_all, cap_idx, empty = latent_set(work)
     n = len(cap_idx)
-    torch.manual_seed(args.seed * 1000 + 4)
-    gen = torch.Generator().manual_seed(args.seed * 1000 + 4)
+    gen = seeded(args, 4)
     text, teacher = load_base(work)
     text, teacher = text.to(args.device).requires_grad_(False), teacher.to(args.device).requires_grad_(False)
     student = UNet2DConditionModel(**UNET, time_cond_proj_dim=LCM_COND_DIM).to(args.device)
