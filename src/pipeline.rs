@@ -148,6 +148,17 @@ impl Image {
     }
 }
 
+/// A run default parsed by `parse`; a name this version does not know is advice it
+/// cannot follow, so it is skipped with a warning rather than refused.
+fn known_default<T>(file: &Path, what: &str, name: Option<&str>, parse: impl Fn(&str) -> Option<T>) -> Option<T> {
+    let name = name?;
+    let parsed = parse(name);
+    if parsed.is_none() {
+        log::warn!("{}: ignoring unknown default {what} `{name}`", file.display());
+    }
+    parsed
+}
+
 /// A model ready to generate: the GGUF mapped, its config and tokenizer read.
 pub struct Pipeline {
     gguf: GgufFile,
@@ -203,20 +214,8 @@ impl Pipeline {
     pub fn request(&self, prompt: &str) -> Request {
         let d = &self.defaults;
         let base = Request::new(prompt);
-        let sampler = d.sampler.as_deref().and_then(|s| {
-            let parsed = Sampler::parse(s);
-            if parsed.is_none() {
-                log::warn!("{}: ignoring unknown default sampler `{s}`", self.gguf.path.display());
-            }
-            parsed
-        });
-        let schedule = d.scheduler.as_deref().and_then(|s| {
-            let parsed = Schedule::parse(s);
-            if parsed.is_none() {
-                log::warn!("{}: ignoring unknown default scheduler `{s}`", self.gguf.path.display());
-            }
-            parsed
-        });
+        let sampler = known_default(&self.gguf.path, "sampler", d.sampler.as_deref(), Sampler::parse);
+        let schedule = known_default(&self.gguf.path, "scheduler", d.scheduler.as_deref(), Schedule::parse);
         Request {
             width: d.width.unwrap_or(base.width),
             height: d.height.unwrap_or(base.height),

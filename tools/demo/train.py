@@ -182,6 +182,19 @@ def cosine_lr(step: int, total: int, base: float, warmup: int) -> float:
     return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p)))
 
 
+def set_lr(opt, lr: float) -> None:
+    for group in opt.param_groups:
+        group["lr"] = lr
+
+
+def descend(opt, loss, params) -> None:
+    """One optimiser step on `loss`, gradients clipped to norm 1."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+
+
 def stage_vae(args, work: Path, journal: Journal) -> None:
     from diffusers import AutoencoderKL
 
@@ -195,8 +208,7 @@ def stage_vae(args, work: Path, journal: Journal) -> None:
     steps, bs = args.vae_steps, args.vae_batch
     losses = []
     for step in range(steps):
-        for group in opt.param_groups:
-            group["lr"] = cosine_lr(step, steps, args.vae_lr, 100)
+        set_lr(opt, cosine_lr(step, steps, args.vae_lr, 100))
         idx = torch.randint(0, n, (bs,), generator=gen).numpy()
         x = to_pixels(images, idx, args.device)
         post = vae.encode(x).latent_dist
@@ -204,10 +216,7 @@ def stage_vae(args, work: Path, journal: Journal) -> None:
         rec = vae.decode(z).sample
         kl = post.kl().mean() / z[0].numel()
         loss = F.l1_loss(rec, x) + F.mse_loss(rec, x) + args.vae_kl * kl
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        opt.step()
+        descend(opt, loss, vae.parameters())
         losses.append(loss.item())
         if step % 100 == 0 or step == steps - 1:
             log(f"vae {step}/{steps} loss {np.mean(losses[-100:]):.4f} ({time.time() - t0:.0f} s)")
@@ -265,18 +274,13 @@ def stage_decoder(args, work: Path, journal: Journal) -> None:
     steps, bs = args.decoder_steps, args.vae_batch
     losses = []
     for step in range(steps):
-        for group in opt.param_groups:
-            group["lr"] = cosine_lr(step, steps, args.decoder_lr, 50)
+        set_lr(opt, cosine_lr(step, steps, args.decoder_lr, 50))
         idx = torch.randint(0, n, (bs,), generator=gen)
-        m, s = lat["mean"][idx].float(), lat["std"][idx].float()
-        z = (m + s * torch.randn(m.shape, generator=gen)).to(args.device)
+        z = posterior_sample(lat, idx, gen, args.device)
         x = to_pixels(images, idx.numpy(), args.device)
         rec = vae.decode(z).sample
         loss = F.l1_loss(rec, x) + F.mse_loss(rec, x)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(decoder, 1.0)
-        opt.step()
+        descend(opt, loss, decoder)
         losses.append(loss.item())
         if step % 100 == 0 or step == steps - 1:
             log(f"decoder {step}/{steps} loss {np.mean(losses[-100:]):.4f} ({time.time() - t0:.0f} s)")
@@ -308,9 +312,15 @@ class Schedule:
         return (x - (1 - a).sqrt() * eps) / a.sqrt()
 
 
-def latent_batch(lat, idx, gen, device):
+def posterior_sample(lat, idx, gen, device):
+    """Draws from the cached VAE posteriors of samples `idx` (unscaled latents)."""
     m, s = lat["mean"][idx].float(), lat["std"][idx].float()
-    return (m + s * torch.randn(m.shape, generator=gen)).to(device) * lat["scale"]
+    return (m + s * torch.randn(m.shape, generator=gen)).to(device)
+
+
+def latent_batch(lat, idx, gen, device):
+    """UNet inputs: posterior draws times the scaling factor."""
+    return posterior_sample(lat, idx, gen, device) * lat["scale"]
 
 
 def latent_set(work: Path):
@@ -353,8 +363,7 @@ def stage_base(args, work: Path, journal: Journal) -> None:
     steps, bs = args.base_steps, args.base_batch
     losses = []
     for step in range(steps):
-        for group in opt.param_groups:
-            group["lr"] = cosine_lr(step, steps, args.base_lr, 200)
+        set_lr(opt, cosine_lr(step, steps, args.base_lr, 200))
         idx = torch.randint(0, n, (bs,), generator=gen)
         ids = ids_all[cap_idx[idx]]
         drop = torch.rand(bs, generator=gen) < 0.1
@@ -366,10 +375,7 @@ def stage_base(args, work: Path, journal: Journal) -> None:
         eps = unet(sched.noised(x0, noise, t), t, ctx).sample
         w = torch.clamp(snr[t], max=5.0) / snr[t]
         loss = (w * ((eps - noise) ** 2).mean(dim=(1, 2, 3))).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        descend(opt, loss, params)
         decay = min(args.ema, (1 + step) / (10 + step))
         ema_update(ema_text, text, decay)
         ema_update(ema_unet, unet, decay)
@@ -436,8 +442,7 @@ def stage_lcm(args, work: Path, journal: Journal) -> None:
     steps, bs = args.lcm_steps, args.lcm_batch
     losses = []
     for step in range(steps):
-        for group in opt.param_groups:
-            group["lr"] = cosine_lr(step, steps, args.lcm_lr, 100)
+        set_lr(opt, cosine_lr(step, steps, args.lcm_lr, 100))
         idx = torch.randint(0, n, (bs,), generator=gen)
         ids = ids_all[cap_idx[idx]].to(args.device)
         x0 = latent_batch(lat, idx, gen, args.device)
@@ -466,10 +471,7 @@ def stage_lcm(args, work: Path, journal: Journal) -> None:
             tgt = cs_p * x_prev + co_p * sched.x0_from_eps(x_prev, eps_tg, t_prev)
         c = 0.001
         loss = (torch.sqrt((pred - tgt) ** 2 + c * c) - c).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
-        opt.step()
+        descend(opt, loss, student.parameters())
         ema_update(target, student, args.lcm_ema)
         losses.append(loss.item())
         if step % 100 == 0 or step == steps - 1:
