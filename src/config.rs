@@ -156,6 +156,10 @@ pub struct ModelConfig {
     /// Descriptive family name (`sd1`, `sd2`, `sdxl`); nothing branches on it.
     pub family: String,
     pub prediction: Prediction,
+    /// The training schedule (SD's scaled-linear betas) was rescaled to zero terminal
+    /// SNR (Lin et al. 2024; diffusers' `rescale_betas_zero_snr`): samplers must use the
+    /// same schedule, or the first step sees far less noise than the model expects.
+    pub zero_terminal_snr: bool,
     pub unet: UnetConfig,
     pub vae: VaeConfig,
     pub text_encoders: Vec<TextEncoderConfig>,
@@ -247,6 +251,7 @@ impl ModelConfig {
         ModelConfig {
             family: "sd1".into(),
             prediction: Prediction::Epsilon,
+            zero_terminal_snr: false,
             unet: UnetConfig::sd(320, 768, false, (Some(8), None)),
             vae: VaeConfig::sd(0.18215),
             text_encoders: vec![TextEncoderConfig::clip_l("cond_stage_model.transformer.text_model.")],
@@ -258,6 +263,7 @@ impl ModelConfig {
         ModelConfig {
             family: "sd2".into(),
             prediction: Prediction::V,
+            zero_terminal_snr: false,
             unet: UnetConfig::sd(320, 1024, true, (None, Some(64))),
             vae: VaeConfig::sd(0.18215),
             // SD 2 conditions on the penultimate block of OpenCLIP ViT-H (24 blocks), with the
@@ -281,6 +287,7 @@ impl ModelConfig {
         ModelConfig {
             family: "sdxl".into(),
             prediction: Prediction::Epsilon,
+            zero_terminal_snr: false,
             unet: UnetConfig {
                 in_channels: 4,
                 out_channels: 4,

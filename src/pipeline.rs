@@ -43,7 +43,8 @@ pub struct Request {
     pub rng: RngKind,
     /// Guidance rescale φ (Lin et al. 2024, sec. 3.4): 0 is plain CFG.
     pub guidance_rescale: f32,
-    /// Rescale the training schedule to zero terminal SNR (for models trained that way).
+    /// Rescale the training schedule to zero terminal SNR even when the model's config
+    /// does not say it was trained that way (models whose config says so always are).
     pub zero_terminal_snr: bool,
     /// Decode with a TAESD-family decoder (`.pth`) instead of the VAE.
     pub taesd: Option<PathBuf>,
@@ -293,7 +294,7 @@ impl Pipeline {
             Some(n) => return Err(Error::Invalid(format!("initial noise has {} values, the latent has {}", n.len(), zc * lw * lh))),
             None => rng.randn(zc * lw * lh),
         };
-        let sched = if req.zero_terminal_snr { Discrete::sd().rescale_zero_terminal_snr() } else { Discrete::sd() };
+        let sched = if req.zero_terminal_snr || cfg.zero_terminal_snr { Discrete::sd().rescale_zero_terminal_snr() } else { Discrete::sd() };
         let settings = req.eta.map_or_else(|| sample::Settings::default_for(req.sampler), |eta| sample::Settings { eta });
         let opts = ScheduleOpts { sigma_min: req.sigma_min, sigma_max: req.sigma_max, xl: false };
         let plan = sample::plan_for(req.sampler, req.schedule, &sched, req.steps, &opts, 1.0);

@@ -95,6 +95,53 @@ fn inpainting_model_txt2img_reproduces_the_diffusers_inpaint_pipeline_on_a_fully
     assert!(psnr >= 45.0, "inpaint: {psnr:.1} dB");
 }
 
+/// Copies a diffusers folder, letting `edit` rewrite its scheduler config.
+fn copy_folder(from: &Path, to: &Path, edit: &dyn Fn(&str) -> String) {
+    for e in walkdir(from) {
+        let rel = e.strip_prefix(from).unwrap();
+        let dst = to.join(rel);
+        std::fs::create_dir_all(dst.parent().unwrap()).unwrap();
+        if rel.ends_with("scheduler/scheduler_config.json") {
+            std::fs::write(&dst, edit(&std::fs::read_to_string(&e).unwrap())).unwrap();
+        } else {
+            std::fs::copy(&e, &dst).unwrap();
+        }
+    }
+}
+
+fn walkdir(d: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(d).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            out.extend(walkdir(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
+
+#[test]
+fn a_folder_trained_on_zero_terminal_snr_samples_on_that_schedule_without_being_asked() {
+    // The same weights twice: once as published (SD's schedule), once with the scheduler
+    // config saying `rescale_betas_zero_snr`. The second must sample exactly as the first
+    // does with the request flag, and not as the first does without it.
+    let dir = tempfile::tempdir().unwrap();
+    let zsnr_dir = dir.path().join("zsnr");
+    copy_folder(&fixture("sd1/model"), &zsnr_dir, &|s| s.replace(r#""rescale_betas_zero_snr": false"#, r#""rescale_betas_zero_snr": true"#));
+    let (plain, zsnr) = (dir.path().join("plain.gguf"), dir.path().join("zsnr.gguf"));
+    convert_to(&fixture("sd1/model"), Type::F32, &plain).unwrap();
+    convert_to(&zsnr_dir, Type::F32, &zsnr).unwrap();
+    let (plain, zsnr) = (Pipeline::load(&plain).unwrap(), Pipeline::load(&zsnr).unwrap());
+    assert!(zsnr.config.zero_terminal_snr && !plain.config.zero_terminal_snr);
+    let req = Request { width: 16, height: 16, steps: 3, cfg_scale: 3.0, sampler: Sampler::Euler, ..Request::new("a red circle") };
+    let run = |p: &Pipeline, r: &Request| p.generate(r, &mut |_| {}).unwrap().rgb;
+    let asked = run(&plain, &Request { zero_terminal_snr: true, ..req.clone() });
+    assert_eq!(run(&zsnr, &req), asked);
+    assert_ne!(run(&plain, &req), asked);
+}
+
 #[test]
 fn generate_command_writes_an_image() {
     let dir = tempfile::tempdir().unwrap();

@@ -31,6 +31,10 @@ pub struct Args {
     /// Override the prediction type (epsilon, v_prediction, sample).
     #[arg(long)]
     prediction: Option<String>,
+    /// Mark the model as trained on a zero-terminal-SNR schedule (for single files,
+    /// which carry no scheduler config; diffusers folders say so themselves).
+    #[arg(long = "zero-terminal-snr")]
+    zero_terminal_snr: bool,
     /// Run defaults stored in the output, over those of the input (e.g.
     /// `size=64,sampler=lcm,steps=4,cfg=1.5`; keys: size, width, height, sampler,
     /// scheduler, steps, cfg_scale). `generate` uses them for options not given.
@@ -49,6 +53,7 @@ pub fn run(a: Args) -> Result<()> {
     if let Some(p) = &a.prediction {
         cfg.prediction = sdrs::config::Prediction::parse(p).with_context(|| format!("unknown prediction type `{p}`"))?;
     }
+    cfg.zero_terminal_snr |= a.zero_terminal_snr;
     let mut plan = convert::plan(&ck, &pol, Some(cfg))?;
     if let Some(spec) = &a.defaults {
         let mut d = plan.defaults.clone();
@@ -96,7 +101,8 @@ pub fn run(a: Args) -> Result<()> {
 }
 
 fn print_plan(plan: &convert::Plan, list: bool, o: &mut String) {
-    out!(o, "architecture: {}  prediction: {}", plan.config.family, plan.config.prediction.as_str());
+    let zsnr = if plan.config.zero_terminal_snr { "  (zero terminal SNR)" } else { "" };
+    out!(o, "architecture: {}  prediction: {}{zsnr}", plan.config.family, plan.config.prediction.as_str());
     if plan.defaults != Default::default() {
         out!(o, "run defaults: {:?}", plan.defaults);
     }

@@ -51,7 +51,8 @@ pub struct Args {
     /// Guidance rescale φ in [0, 1] (0.7 is the paper's choice for v-prediction models).
     #[arg(long = "guidance-rescale", default_value_t = 0.0)]
     guidance_rescale: f32,
-    /// Rescale the noise schedule to zero terminal SNR (models trained that way).
+    /// Rescale the noise schedule to zero terminal SNR (for models trained that way whose
+    /// file does not say so; converted zero-SNR diffusers folders do).
     #[arg(long = "zero-terminal-snr")]
     zero_terminal_snr: bool,
     /// List the samplers with their order and whether they are stochastic, then exit.

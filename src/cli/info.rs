@@ -89,7 +89,8 @@ fn describe(file: &std::path::Path, tensors: bool, o: &mut String) -> Result<()>
     out!(o, "file:          {}", file.display());
     out!(o, "format:        {origin}");
     if let Some(c) = &cfg {
-        out!(o, "architecture:  {} ({} prediction)", c.family, c.prediction.as_str());
+        let zsnr = if c.zero_terminal_snr { ", zero terminal SNR" } else { "" };
+        out!(o, "architecture:  {} ({} prediction{zsnr})", c.family, c.prediction.as_str());
         let u = &c.unet;
         out!(o, 
             "unet:          in {} out {} channels {} mult {:?} context {} {}{}{}",

@@ -30,6 +30,7 @@ pub fn config_kv(cfg: &ModelConfig) -> Kv {
     put(&mut kv, "general.architecture", Value::String(ARCHITECTURE.into()));
     put(&mut kv, "sd.family", Value::String(cfg.family.clone()));
     put(&mut kv, "sd.prediction", Value::String(cfg.prediction.as_str().into()));
+    put(&mut kv, "sd.zero_terminal_snr", Value::Bool(cfg.zero_terminal_snr));
     let u = &cfg.unet;
     let p = "sd.unet.";
     put(&mut kv, format!("{p}in_channels"), Value::U32(u.in_channels as u32));
@@ -275,6 +276,11 @@ pub fn read_config(g: &GgufFile) -> Result<Option<ModelConfig>> {
     Ok(Some(ModelConfig {
         family: r.str("sd.family")?,
         prediction: Prediction::parse(&pred).ok_or_else(|| r.err("sd.prediction", "unknown"))?,
+        // Absent in files written before the key existed: SD's own schedule.
+        zero_terminal_snr: match g.get("sd.zero_terminal_snr") {
+            Some(_) => r.bool("sd.zero_terminal_snr")?,
+            None => false,
+        },
         unet,
         vae,
         text_encoders,

@@ -76,7 +76,9 @@ pub fn detect(tensors: &[(&str, &[usize])]) -> Result<ModelConfig> {
     let unet = unet(&t, &family, &text_encoders)?;
     let vae = vae(&t, &family)?;
     let prediction = if family == "sd2" { Prediction::V } else { Prediction::Epsilon };
-    let cfg = ModelConfig { family, prediction, unet, vae, text_encoders };
+    // Nothing in the tensors tells a zero-terminal-SNR schedule apart: the scheduler
+    // config does (diffusers folders), or `sdrs convert --zero-terminal-snr`.
+    let cfg = ModelConfig { family, prediction, zero_terminal_snr: false, unet, vae, text_encoders };
 
     let diff = layout::compare(&cfg, tensors);
     if !diff.missing.is_empty() || !diff.unexpected.is_empty() {

@@ -36,6 +36,7 @@ struct Parsed {
     vae: Option<(PathBuf, VaeConfig)>,
     text: Vec<(PathBuf, TextEncoderConfig)>,
     prediction: Option<Prediction>,
+    zero_terminal_snr: bool,
     family: String,
 }
 
@@ -54,7 +55,7 @@ fn parse(dir: &Path) -> Result<Parsed> {
     let pipeline = index_obj.as_ref().map(|o| o.opt_str("_class_name")).transpose()?.flatten().map(str::to_string);
     let diffusers_version = index_obj.as_ref().map(|o| o.opt_str("_diffusers_version")).transpose()?.flatten().map(str::to_string);
 
-    let mut p = Parsed { pipeline, diffusers_version, unet: None, vae: None, text: Vec::new(), prediction: None, family: "sd1".into() };
+    let mut p = Parsed { pipeline, diffusers_version, unet: None, vae: None, text: Vec::new(), prediction: None, zero_terminal_snr: false, family: "sd1".into() };
 
     let root_config = dir.join("config.json");
     if index.is_none() && root_config.is_file() {
@@ -130,6 +131,7 @@ fn parse(dir: &Path) -> Result<Parsed> {
         if let Some(s) = o.opt_str("prediction_type")? {
             p.prediction = Some(Prediction::parse(s).ok_or_else(|| Error::format(&sched, format!("unknown `prediction_type` {s:?}")))?);
         }
+        p.zero_terminal_snr = o.bool_or("rescale_betas_zero_snr", false)?;
     }
     p.family = family(&p);
     Ok(p)
@@ -148,7 +150,8 @@ fn family(p: &Parsed) -> String {
 }
 
 /// The model configuration a diffusers folder describes: its components' `config.json`
-/// files and `scheduler/scheduler_config.json` (prediction type; epsilon when absent).
+/// files and `scheduler/scheduler_config.json` (prediction type, epsilon when absent;
+/// `rescale_betas_zero_snr`).
 /// Needs at least `unet/` and `vae/`.
 pub fn read_config(dir: &Path) -> Result<ModelConfig> {
     let p = parse(dir)?;
@@ -157,6 +160,7 @@ pub fn read_config(dir: &Path) -> Result<ModelConfig> {
     Ok(ModelConfig {
         family: p.family,
         prediction: p.prediction.unwrap_or(Prediction::Epsilon),
+        zero_terminal_snr: p.zero_terminal_snr,
         unet,
         vae,
         text_encoders: p.text.into_iter().map(|(_, t)| t).collect(),

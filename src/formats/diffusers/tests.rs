@@ -428,10 +428,12 @@ fn unexpressible_unet_is_refused_before_anything_is_written() {
 }
 
 #[test]
-fn prediction_type_and_pipeline_reach_the_metadata() {
+fn prediction_type_zero_snr_and_pipeline_reach_the_metadata_and_config() {
     let mut cfg = ModelConfig::sd2().shrink();
     cfg.prediction = Prediction::V;
+    cfg.zero_terminal_snr = true;
     let (dir, _) = write_random(&cfg, DType::F32);
+    assert!(read_config(dir.path()).expect("read_config").zero_terminal_snr);
     let ck = open(dir.path()).expect("open");
     assert_eq!(ck.metadata.get("prediction_type").map(String::as_str), Some("v_prediction"));
     assert_eq!(ck.metadata.get("diffusers.pipeline").map(String::as_str), Some("StableDiffusionPipeline"));

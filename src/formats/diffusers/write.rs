@@ -76,7 +76,7 @@ pub fn write(dir: &Path, cfg: &ModelConfig, dtype: DType, tokenizer: Option<&Tok
     }
     let sched = dir.join("scheduler");
     mkdir(&sched)?;
-    write_json(&sched.join("scheduler_config.json"), &scheduler_json(cfg.prediction))?;
+    write_json(&sched.join("scheduler_config.json"), &scheduler_json(cfg.prediction, cfg.zero_terminal_snr))?;
 
     // The index goes last, so a folder with one is complete.
     let mut index = serde_json::Map::new();
@@ -403,7 +403,7 @@ fn text_json(t: &TextEncoderConfig, dtype: DType) -> Value {
     })
 }
 
-fn scheduler_json(p: Prediction) -> Value {
+fn scheduler_json(p: Prediction, zero_terminal_snr: bool) -> Value {
     json!({
         "_class_name": "EulerDiscreteScheduler",
         "_diffusers_version": DIFFUSERS_VERSION,
@@ -413,6 +413,7 @@ fn scheduler_json(p: Prediction) -> Value {
         "interpolation_type": "linear",
         "num_train_timesteps": 1000,
         "prediction_type": p.as_str(),
+        "rescale_betas_zero_snr": zero_terminal_snr,
         "steps_offset": 1,
         "timestep_spacing": "leading",
         "trained_betas": null,
