@@ -27,13 +27,15 @@ Stages (each resumes from the work folder when its output exists; `--redo STAGE`
            by SNR ~ 0; the first recipe learnt colour, shape and size but drew shapes
            wherever the seed's noise put them (position at chance).
 4. lcm   - latent consistency distillation (Luo et al. 2023, arXiv:2310.04378,
-           Algorithm 1): student = base UNet + a zero-initialised guidance embedding
-           (`time_cond_proj_dim`), teacher = base UNet with CFG w ~ U[w_min, w_max], one
-           DDIM step of skip 20 on a 50-step grid, target network as EMA of the student,
-           pseudo-Huber loss, boundary scalings with timestep_scaling 10 (LCMScheduler's).
+           Algorithm 1) in v-prediction terms: student = base UNet + a
+           zero-initialised guidance embedding (`time_cond_proj_dim`), teacher = base
+           UNet with CFG w ~ U[w_min, w_max], one DDIM step of skip 20 on a 50-step
+           grid, target network as EMA of the student, pseudo-Huber loss, boundary
+           scalings with timestep_scaling 10 (LCMScheduler's).
 5. decoder - the VAE decoder fine-tuned alone on the cached latents (the encoder, so
            every latent the UNet learnt, is unchanged): the steps the first stage
-           could not afford.
+           could not afford, with an edge term (L1 of pixel differences) for the
+           outlines that decide a small shape's class.
 6. export - `demo-base/` and `demo-lcm/` diffusers folders (published SD layout:
            `text_model.` prefix, vocab.json + merges.txt tokenizer) in `<work>/out`.
 
