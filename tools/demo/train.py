@@ -325,7 +325,8 @@ class Schedule:
         betas = torch.linspace(SCHEDULE["beta_start"] ** 0.5, SCHEDULE["beta_end"] ** 0.5, 1000,
                                dtype=torch.float64) ** 2
         s = torch.cumprod(1 - betas, 0).sqrt()
-        s = (s - s[-1]) * s[0] / (s[0] - s[-1])
+        if SCHEDULE["rescale_betas_zero_snr"]:  # the flag the exported scheduler configs carry
+            s = (s - s[-1]) * s[0] / (s[0] - s[-1])
         self.ab = (s * s).float().to(device)
         self.snr = self.ab / (1 - self.ab)
 
