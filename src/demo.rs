@@ -1,7 +1,8 @@
 //! The demo model built into sdrs: a tiny Stable Diffusion 1.x-architecture model of
-//! coloured shapes, trained by `tools/demo/train.py` and LCM-distilled for 4 steps
-//! (model card: `models/demo/README.md`). It lets `sdrs generate` make a real picture
-//! on a fresh machine with nothing downloaded, and lets tests judge images by meaning.
+//! coloured shapes, trained by `tools/demo/train.py` and LCM-distilled for 2-4 steps
+//! (4 by default; model card: `models/demo/README.md`). It lets `sdrs generate` make a
+//! real picture on a fresh machine with nothing downloaded, and lets tests judge images
+//! by meaning.
 use crate::error::Result;
 use crate::formats::gguf::GgufFile;
 

@@ -19,7 +19,7 @@ sdrs=target/release/sdrs
 out="$WORK/gguf"
 mkdir -p "$out"
 base_defaults="size=64,sampler=dpm++2m,scheduler=trailing,steps=20,cfg=${SDRS_DEMO_BASE_CFG:-2}"
-lcm_defaults="size=64,sampler=lcm,steps=2,cfg=${SDRS_DEMO_LCM_CFG:-2}"
+lcm_defaults="size=64,sampler=lcm,steps=4,cfg=${SDRS_DEMO_LCM_CFG:-2}"
 for t in f32 q8_0 q4_0; do
   emb=$([ "$t" = f32 ] && echo f32 || echo "$t")
   "$sdrs" convert "$WORK/out/demo-base" -o "$out/demo-base-$t.gguf" --type "$t" --tensor-type "token_embedding=$emb" --defaults "$base_defaults" --force
