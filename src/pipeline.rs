@@ -169,6 +169,9 @@ pub struct Pipeline {
     model_hash: String,
     /// How the UNet computes attention (a speed/memory trade-off, same numbers).
     pub attention: Attention,
+    /// Copy the UNet's q4_0/q4_K matrices into ggml's repack layout at each run
+    /// (faster GEMMs, their size in anonymous memory) instead of using them mapped.
+    pub repack: bool,
     /// How the model is meant to be run (size, sampler, steps, guidance) where the
     /// file says; front ends use it for options the user leaves unset.
     pub defaults: Defaults,
@@ -207,7 +210,17 @@ impl Pipeline {
         let tokenizer = ClipTokenizer::new(&vocab)?;
         let model_hash = gguf.get("sd.source.sha256").and_then(|v| v.as_str()).map(|h| h.chars().take(10).collect()).unwrap_or_default();
         let defaults = metadata::read_defaults(&gguf);
-        Ok(Pipeline { gguf, config, tokenizer, backend: Backend::cpu(threads)?, model_hash, attention: Attention::Auto, defaults })
+        Ok(Pipeline { gguf, config, tokenizer, backend: Backend::cpu(threads)?, model_hash, attention: Attention::Auto, repack: true, defaults })
+    }
+
+    /// Times every ggml node of the following runs (see [`Backend::set_profiling`]).
+    pub fn set_profiling(&self, on: bool) {
+        self.backend.set_profiling(on);
+    }
+
+    /// Node timings recorded since profiling started or the last call.
+    pub fn take_profile(&self) -> Vec<crate::ggml::NodeTiming> {
+        self.backend.take_profile()
     }
 
     /// A request for `prompt` with the model's own defaults (image size, sampler,
@@ -282,6 +295,9 @@ impl Pipeline {
             let w = Weights::load(&self.gguf, |n| n.starts_with(&te.prefix))?;
             clip::encode(&w, te, &prompts, &self.backend)?
         };
+        // Each stage's weights leave resident memory when it is done (they are mapped:
+        // a later run faults them back in), so stages do not add up in the peak.
+        self.gguf.release(|n| n.starts_with(&te.prefix));
         progress(Stage::TextEncoded);
         let t1 = Instant::now();
 
@@ -298,30 +314,38 @@ impl Pipeline {
         let settings = req.eta.map_or_else(|| sample::Settings::default_for(req.sampler), |eta| sample::Settings { eta });
         let opts = ScheduleOpts { sigma_min: req.sigma_min, sigma_max: req.sigma_max, xl: false };
         let plan = sample::plan_for(req.sampler, req.schedule, &sched, req.steps, &opts, 1.0);
-        let uw = Weights::load(&self.gguf, |n| n.starts_with("model.diffusion_model."))?;
-        // One graph for the whole run: cond and uncond as a batch of 2 when guided.
-        let runner = unet::Runner::new(&uw, &cfg.unet, lw, lh, prompts.len(), te.max_positions, self.attention)?;
-        let extra = self.image_conditioning(lw, lh)?;
-        progress(Stage::Sampling { unet_flops: runner.flops, compute_bytes: runner.buffer_bytes });
-        let mut model = Cfg { runner: &runner, pipe: self, context: &context, scale: req.cfg_scale, rescale: req.guidance_rescale, guided, extra: extra.as_deref(), embedded: embedded.as_deref() };
-        let total = plan.timesteps.len();
-        let x = sample::start_latent(&plan, &noise, None);
-        let mut den = sample::Denoiser::new(&mut model, cfg.prediction, &sched, &plan);
-        // SDE samplers draw from a Brownian path with its own generator (seeded from
-        // the seed), so their noise does not depend on how steps split intervals.
-        let mut brownian;
-        let mut iid;
-        let noise_src: &mut dyn sample::NoiseSampler = if req.sampler.brownian() {
-            brownian = sample::BrownianNoise::new(req.rng.make(req.seed ^ 0x9E37_79B9_7F4A_7C15));
-            &mut brownian
-        } else {
-            iid = sample::IidNoise(rng.as_mut());
-            &mut iid
+        let unet = |n: &str| n.starts_with("model.diffusion_model.");
+        // The UNet's weights, graph and compute buffer are dropped before the decode.
+        let latent = {
+            let uw = Weights::load_repacked(&self.gguf, unet, |n| self.repack && unet(n) && n.ends_with(".weight"))?;
+            // Copied weights are not read from the mapping again.
+            self.gguf.release(|n| uw.is_copied(n));
+            // One graph for the whole run: cond and uncond as a batch of 2 when guided.
+            let runner = unet::Runner::new(&uw, &cfg.unet, lw, lh, prompts.len(), te.max_positions, self.attention)?;
+            let extra = self.image_conditioning(lw, lh)?;
+            progress(Stage::Sampling { unet_flops: runner.flops, compute_bytes: runner.buffer_bytes });
+            let mut model = Cfg { runner: &runner, pipe: self, context: &context, scale: req.cfg_scale, rescale: req.guidance_rescale, guided, extra: extra.as_deref(), embedded: embedded.as_deref() };
+            let total = plan.timesteps.len();
+            let x = sample::start_latent(&plan, &noise, None);
+            let mut den = sample::Denoiser::new(&mut model, cfg.prediction, &sched, &plan);
+            // SDE samplers draw from a Brownian path with its own generator (seeded from
+            // the seed), so their noise does not depend on how steps split intervals.
+            let mut brownian;
+            let mut iid;
+            let noise_src: &mut dyn sample::NoiseSampler = if req.sampler.brownian() {
+                brownian = sample::BrownianNoise::new(req.rng.make(req.seed ^ 0x9E37_79B9_7F4A_7C15));
+                &mut brownian
+            } else {
+                iid = sample::IidNoise(rng.as_mut());
+                &mut iid
+            };
+            let traj = sample::sample(&mut den, req.sampler, &settings, &plan, x, noise_src, &mut |i| progress(Stage::Step { done: i + 1, total }))?;
+            traj.into_iter().last().ok_or_else(|| Error::Invalid("no sampling steps".into()))?
         };
-        let traj = sample::sample(&mut den, req.sampler, &settings, &plan, x, noise_src, &mut |i| progress(Stage::Step { done: i + 1, total }))?;
-        let latent = traj.last().ok_or_else(|| Error::Invalid("no sampling steps".into()))?;
+        self.gguf.release(unet);
         let t2 = Instant::now();
 
+        let latent = &latent;
         let (pixels, unit) = match &req.taesd {
             Some(path) => {
                 let w = Weights::from_checkpoint(&Checkpoint::open(path)?, &self.backend)?;
@@ -332,6 +356,7 @@ impl Pipeline {
                 (vae::decode(&w, &cfg.vae, latent, 1, lh, lw, &self.backend)?, false)
             }
         };
+        self.gguf.release(|n| n.starts_with("first_stage_model."));
         progress(Stage::Decoded);
         let (w, h) = (req.width, req.height);
         let mut rgb = vec![0u8; w * h * 3];

@@ -104,30 +104,41 @@ fn conv_ref(x: &[f32], n: usize, ic: usize, h: usize, w: usize, k: &[f32], oc: u
 }
 
 #[test]
-fn conv2d_through_im2col_matches_direct_convolution() {
+fn conv2d_through_im2col_matches_direct_convolution_in_one_piece_and_in_row_bands() {
     let (n, ic, h, w, oc) = (2, 8, 9, 7, 5);
     let x: Vec<f32> = (0..n * ic * h * w).map(|i| ((i * 31 % 97) as f32 / 48.0) - 1.0).collect();
-    for (kh, s, p) in [(3, 1, 1), (3, 2, 1), (1, 1, 0)] {
-        let k: Vec<f32> = (0..oc * ic * kh * kh).map(|i| ((i * 17 % 53) as f32 / 26.0) - 1.0).collect();
-        let (want, oh, ow) = conv_ref(&x, n, ic, h, w, &k, oc, kh, kh, s, p);
-        let ctx = Context::new(64).unwrap();
-        let xin = ctx.tensor(Type::F32, &[w, h, ic, n], "x").unwrap();
-        let kin = ctx.tensor(Type::F32, &[ic * kh * kh, oc], "k").unwrap();
-        let bias = ctx.tensor(Type::F32, &[oc], "b").unwrap();
-        for t in [xin, kin, bias] {
-            ctx.set_input(t);
+    // Budgets: one piece; about 3 bands of output rows; one row per band.
+    for budget in [usize::MAX, 2 * ic * 9 * w * n * 4, 1] {
+        for ty in [Type::F32, Type::F16] {
+            for (kh, s, p) in [(3, 1, 1), (3, 2, 1), (1, 1, 0), (3, 1, 0)] {
+                let k: Vec<f32> = (0..oc * ic * kh * kh).map(|i| ((i * 17 % 53) as f32 / 26.0) - 1.0).collect();
+                let (want, oh, ow) = conv_ref(&x, n, ic, h, w, &k, oc, kh, kh, s, p);
+                let ctx = Context::new(256).unwrap();
+                ctx.set_conv_budget(budget);
+                let xin = ctx.tensor(Type::F32, &[w, h, ic, n], "x").unwrap();
+                let kin = ctx.tensor(ty, &[ic * kh * kh, oc], "k").unwrap();
+                let bias = ctx.tensor(Type::F32, &[oc], "b").unwrap();
+                for t in [xin, kin, bias] {
+                    ctx.set_input(t);
+                }
+                let y = ctx.conv2d(xin, kin, kh, kh, s, p, Some(bias)).unwrap();
+                assert_eq!(y.ne(), [ow, oh, oc, n]);
+                let g = ctx.graph(&[y]).unwrap();
+                ctx.alloc_graph(&g).unwrap();
+                ctx.set_f32(xin, &x).unwrap();
+                let mut kb = Vec::new();
+                ty.quantize_rows(&k, oc, ic * kh * kh, &mut kb).unwrap();
+                ctx.set_bytes(kin, &kb).unwrap();
+                ctx.set_f32(bias, &[0.5, -0.25, 0.0, 1.0, 2.0]).unwrap();
+                Backend::cpu(2).unwrap().compute(&g).unwrap();
+                let got = ctx.get_f32(y).unwrap();
+                let want: Vec<f32> = want.iter().enumerate().map(|(i, v)| v + [0.5, -0.25, 0.0, 1.0, 2.0][(i / (oh * ow)) % oc]).collect();
+                // f16 kernels take f16 columns: activations rounded to f16 too.
+                let tol = if ty == Type::F16 { 2e-3 } else { 1e-6 };
+                let e = rel_rms(&want, &got);
+                assert!(e < tol, "{} k{kh} s{s} p{p}, budget {budget}: {e}", ty.name());
+            }
         }
-        let y = ctx.conv2d(xin, kin, kh, kh, s, p, Some(bias)).unwrap();
-        assert_eq!(y.ne(), [ow, oh, oc, n]);
-        let g = ctx.graph(&[y]).unwrap();
-        ctx.alloc_graph(&g).unwrap();
-        ctx.set_f32(xin, &x).unwrap();
-        ctx.set_f32(kin, &k).unwrap();
-        ctx.set_f32(bias, &[0.5, -0.25, 0.0, 1.0, 2.0]).unwrap();
-        Backend::cpu(2).unwrap().compute(&g).unwrap();
-        let got = ctx.get_f32(y).unwrap();
-        let want: Vec<f32> = want.iter().enumerate().map(|(i, v)| v + [0.5, -0.25, 0.0, 1.0, 2.0][(i / (oh * ow)) % oc]).collect();
-        assert!(rel_rms(&want, &got) < 1e-6, "k{kh} s{s}: {}", rel_rms(&want, &got));
     }
 }
 
@@ -143,4 +154,42 @@ fn ops_refuse_shapes_that_would_abort_ggml() {
     assert!(ctx.group_norm(ctx.reshape(a, &[1, 1, 12]).unwrap(), 5, 1e-6).is_err());
     assert!(ctx.permute(a, [0, 0, 1, 2]).is_err());
     assert!(ctx.view(a, [4, 4, 1, 1], [0, 0, 0, 0]).is_err());
+}
+
+#[test]
+fn repacked_q4_matrices_multiply_like_the_plain_layout() {
+    let backend = Backend::cpu(2).unwrap();
+    for (ty, k, m, n) in [(Type::Q4_0, 256, 64, 40), (Type::Q4_K, 256, 64, 40), (Type::Q4_0, 32, 64, 128), (Type::Q4_0, 32, 32, 128), (Type::Q4_0, 64, 8, 3)] {
+    let wv: Vec<f32> = (0..k * m).map(|i| ((i * 2654435761usize) % 10007) as f32 / 5003.5 - 1.0).collect();
+    let xv: Vec<f32> = (0..k * n).map(|i| ((i * 40503usize) % 10007) as f32 / 5003.5 - 1.0).collect();
+    {
+        let mut raw = Vec::new();
+        ty.quantize_rows(&wv, m, k, &mut raw).unwrap();
+        let run = |packed: bool| {
+            let wctx = Context::new(4).unwrap();
+            let w = wctx.tensor(ty, &[k, m], "w").unwrap();
+            if packed {
+                wctx.alloc_repacked(&[(w, &raw[..])]).unwrap();
+            } else {
+                wctx.alloc_cpu(&backend).unwrap();
+                wctx.set_bytes(w, &raw).unwrap();
+            }
+            let ctx = Context::new(8).unwrap();
+            let x = ctx.tensor(Type::F32, &[k, n], "x").unwrap();
+            ctx.set_input(x);
+            let y = ctx.mul_mat(w, x).unwrap();
+            ctx.set_output(y);
+            let g = ctx.graph(&[y]).unwrap();
+            ctx.alloc_graph(&g).unwrap();
+            ctx.set_f32(x, &xv).unwrap();
+            backend.compute(&g).unwrap();
+            ctx.get_f32(y).unwrap()
+        };
+        let deq = ty.dequantize(&raw, k * m).unwrap();
+        let exact = matmul_ref(&deq, &xv, k, m, n);
+        let (plain, packed) = (run(false), run(true));
+        eprintln!("{} {k}x{m}x{n}: plain vs f32 {:.2e}, packed vs f32 {:.2e}, packed vs plain {:.2e}", ty.name(), rel_rms(&plain, &exact), rel_rms(&packed, &exact), rel_rms(&packed, &plain));
+        assert!(rel_rms(&packed, &plain) < 1e-3);
+    }
+    }
 }

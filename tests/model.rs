@@ -89,3 +89,35 @@ fn flash_attention_gives_the_same_unet_output_as_matmul_attention() {
         assert!(e < 1e-4, "{arch}: flash vs matmul attention {e}");
     }
 }
+
+#[test]
+fn repacked_q4_weights_give_the_unet_output_of_mapped_ones_within_quantization_noise() {
+    let dir = tempfile::tempdir().unwrap();
+    let backend = Backend::cpu(2).unwrap();
+    let src = synth_tiny("tiny-sd15", Format::Safetensors, DType::F32, dir.path());
+    let unet_part = |n: &str| n.starts_with("model.diffusion_model.");
+    let (wd, ht, b, tok) = (16, 8, 2, 77);
+    let (g32, cfg) = open_converted(&src, Type::F32, &dir.path().join("f32.gguf"));
+    let u = &cfg.unet;
+    let x = values(b * u.in_channels * wd * ht, 1);
+    let ctxv = values(b * tok * u.context_dim, 2);
+    let run = |w: &Weights| unet::Runner::new(w, u, wd, ht, b, tok, Attention::Auto).unwrap().run(&x, &[500.0, 20.0], &ctxv, None, None, &backend).unwrap();
+    let exact = run(&Weights::load(&g32, unet_part).unwrap());
+    for ty in [Type::Q4_0, Type::Q4_K] {
+        let (g, _) = open_converted(&src, ty, &dir.path().join(format!("{}.gguf", ty.name())));
+        let mapped = Weights::load(&g, unet_part).unwrap();
+        let packed = Weights::load_repacked(&g, unet_part, |_| true).unwrap();
+        assert_eq!(mapped.repacked(), 0);
+        if std::env::consts::ARCH == "x86_64" && std::arch::is_x86_feature_detected!("avx2") {
+            // ggml has 8x8 layouts for both types on AVX2 and up.
+            assert!(packed.repacked() > 0, "{}: nothing repacked", ty.name());
+        }
+        let (m, p) = (run(&mapped), run(&packed));
+        // Single products agree to 1e-7 (tests/ggml.rs); through a UNet such a difference
+        // can flip the rounding of a q8_0-quantized activation and grow. It must stay
+        // well inside the type's own error against f32 weights.
+        let (noise, diff) = (rel_rms(&m, &exact), rel_rms(&m, &p));
+        eprintln!("{}: mapped vs f32 {noise:.2e}, repacked vs mapped {diff:.2e}", ty.name());
+        assert!(diff < 0.25 * noise, "{}: repacked vs mapped {diff}, mapped vs f32 {noise}", ty.name());
+    }
+}

@@ -34,13 +34,20 @@ pub struct Args {
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
-    /// Attention kernel: auto (flash for large self-attention), matmul (score matrix,
-    /// fast GEMMs) or flash (ggml's fused kernel, no score matrix).
+    /// Attention kernel: auto (the fastest measured: flash for every non-causal
+    /// attention with this ggml), matmul (score matrix, head size padded to 16) or flash.
     #[arg(long, default_value = "auto")]
     attention: String,
     /// Write the memory timeline (anonymous and file-backed RSS, stages marked) as SVG.
     #[arg(long)]
     plot: Option<PathBuf>,
+    /// Time every ggml op of the UNet and the VAE decode (nodes then run one at a
+    /// time, so totals are a little above the plain run's) and print where time goes.
+    #[arg(long)]
+    profile: bool,
+    /// Use q4_0/q4_K UNet weights as mapped, not copied into ggml's repack layout.
+    #[arg(long)]
+    no_repack: bool,
 }
 
 
@@ -75,6 +82,7 @@ pub fn run(a: Args, threads: Option<usize>) -> Result<()> {
     };
     let mut pipe = Pipeline::load_with_threads(&model, threads)?;
     pipe.attention = attention;
+    pipe.repack = !a.no_repack;
     let load_s = t.elapsed().as_secs_f64();
     let mut rows = Vec::new();
     for &size in &a.sizes {
@@ -84,9 +92,13 @@ pub fn run(a: Args, threads: Option<usize>) -> Result<()> {
         let mut flops = 0.0;
         let mut compute_bytes = 0;
         let mut last = Instant::now();
+        pipe.set_profiling(a.profile);
+        let mut unet_nodes = Vec::new();
         let img = pipe.generate(&req, &mut |s| {
             match s {
+                Stage::TextEncoded => drop(pipe.take_profile()),
                 Stage::Step { done, total } => {
+                    unet_nodes.extend(pipe.take_profile());
                     step_times.push(last.elapsed().as_secs_f64());
                     recorder.mark(&if done == total { format!("decode {size}") } else { format!("step {} {size}", done + 1) });
                 }
@@ -95,10 +107,12 @@ pub fn run(a: Args, threads: Option<usize>) -> Result<()> {
                     compute_bytes = b;
                     recorder.mark(&format!("step 1 {size}"));
                 }
-                Stage::TextEncoded | Stage::Decoded => {}
+                Stage::Decoded => {}
             }
             last = Instant::now();
         })?;
+        let vae_nodes = pipe.take_profile();
+        pipe.set_profiling(false);
         let per_step = step_times.iter().skip(1).sum::<f64>() / (step_times.len().saturating_sub(1)).max(1) as f64;
         let per_step = if step_times.len() > 1 { per_step } else { step_times.first().copied().unwrap_or(0.0) };
         rows.push(serde_json::json!({
@@ -106,6 +120,10 @@ pub fn run(a: Args, threads: Option<usize>) -> Result<()> {
             "text_s": img.timings[0], "first_step_s": step_times.first(), "step_s": per_step, "decode_s": img.timings[2],
             "unet_gflop": flops / 1e9, "unet_gflops": flops / per_step / 1e9, "peak_fraction": flops / per_step / peak_flops,
             "compute_buffer_bytes": compute_bytes,
+            "profile": a.profile.then(|| serde_json::json!({
+                "unet": profile_json(&unet_nodes, step_times.len().max(1)),
+                "vae_decode": profile_json(&vae_nodes, 1),
+            })),
         }));
     }
     recorder.mark("end");
@@ -114,7 +132,7 @@ pub fn run(a: Args, threads: Option<usize>) -> Result<()> {
     let system = sdrs::ggml::cpu_backend_info()?;
     let report = serde_json::json!({
         "model": model.file_name().map(|n| n.to_string_lossy().into_owned()),
-        "family": pipe.config.family, "threads": threads, "load_s": load_s, "attention": a.attention,
+        "family": pipe.config.family, "threads": threads, "load_s": load_s, "attention": a.attention, "repack": !a.no_repack,
         "peak_rss_bytes": peak, "rss_bytes": now, "runs": rows,
         "machine": {
             "cpu": system.description, "ggml_cpu_library": system.library.map(|p| p.display().to_string()),
@@ -138,6 +156,14 @@ pub fn run(a: Args, threads: Option<usize>) -> Result<()> {
     out!(o, "{:>6} {:>8} {:>10} {:>10} {:>10} {:>10} {:>8} {:>10}", "size", "text s", "s/step", "1st step", "decode s", "GFLOP/st", "GFLOP/s", "% of peak");
     for r in &rows {
         out!(o, "{:>6} {:>8.2} {:>10.2} {:>10.2} {:>10.2} {:>10.0} {:>8.1} {:>9.1}%", r["size"], f(&r["text_s"]), f(&r["step_s"]), f(&r["first_step_s"]), f(&r["decode_s"]), f(&r["unet_gflop"]), f(&r["unet_gflops"]), 100.0 * f(&r["peak_fraction"]));
+    }
+    for r in rows.iter().filter(|r| !r["profile"].is_null()) {
+        for (stage, label) in [("unet", "UNet, per evaluation"), ("vae_decode", "VAE decode")] {
+            out!(o, "\nprofile {}², {label}: op (weight type)        s    share   GFLOP  GFLOP/s", r["size"]);
+            for c in r["profile"][stage]["ops"].as_array().into_iter().flatten().take(12) {
+                out!(o, "  {:<32} {:>7.3} {:>6.1}% {:>7.1} {:>8.1}", c["op"].as_str().unwrap_or("?"), f(&c["seconds"]), 100.0 * f(&c["share"]), f(&c["gflop"]), f(&c["gflops"]));
+            }
+        }
     }
     out!(o, "peak RSS {:.0} MB (anonymous {:.0} MB, file-backed {:.0} MB at their peaks; mapped weights count once touched)", peak as f64 / 1e6, timeline.peak_anon() as f64 / 1e6, timeline.peak_file() as f64 / 1e6);
     super::print_stdout(&o)
@@ -178,4 +204,34 @@ fn compare(files: &[PathBuf]) -> Result<()> {
         }
     }
     super::print_stdout(&o)
+}
+
+/// Where a stage's time goes: per op class (matrix products split by weight type),
+/// divided by `runs` (UNet evaluations), largest first.
+fn profile_json(nodes: &[sdrs::ggml::NodeTiming], runs: usize) -> serde_json::Value {
+    let mut classes: std::collections::BTreeMap<String, (f64, f64, usize)> = Default::default();
+    for n in nodes {
+        let key = match n.op.as_str() {
+            "MUL_MAT" | "FLASH_ATTN_EXT" => format!("{} ({})", n.op, n.src_type.name()),
+            _ => n.op.clone(),
+        };
+        let e = classes.entry(key).or_default();
+        e.0 += n.seconds;
+        e.1 += n.flops;
+        e.2 += 1;
+    }
+    let total: f64 = nodes.iter().map(|n| n.seconds).sum();
+    let mut ops: Vec<_> = classes.into_iter().collect();
+    ops.sort_by(|a, b| b.1 .0.total_cmp(&a.1 .0));
+    let runs = runs as f64;
+    let ops: Vec<_> = ops
+        .into_iter()
+        .map(|(op, (s, fl, count))| {
+            serde_json::json!({
+                "op": op, "seconds": s / runs, "share": if total > 0.0 { s / total } else { 0.0 },
+                "gflop": fl / runs / 1e9, "gflops": if s > 0.0 { fl / s / 1e9 } else { 0.0 }, "nodes": count as f64 / runs,
+            })
+        })
+        .collect();
+    serde_json::json!({ "seconds": total / runs, "ops": ops })
 }

@@ -30,6 +30,8 @@ pub struct Context<'d> {
     /// The graph built in this context (there is room for one), kept so that it can
     /// be run again without rebuilding.
     graph: std::cell::Cell<Option<NonNull<sys::ggml_cgraph>>>,
+    /// Largest im2col matrix one convolution builds at once (see `conv2d`).
+    pub(super) conv_budget: std::cell::Cell<usize>,
     _data: PhantomData<&'d [u8]>,
 }
 
@@ -55,28 +57,40 @@ impl Graph<'_> {
         let g = self.ptr.as_ptr();
         // SAFETY: the graph and its nodes live as long as the context borrowed by self.
         let n = unsafe { sys::ggml_graph_n_nodes(g) };
-        let mut flops = 0.0;
-        for i in 0..n {
-            // SAFETY: 0 <= i < n.
-            let t = unsafe { &*sys::ggml_graph_node(g, i) };
-            match t.op {
-                sys::GGML_OP_MUL_MAT => {
-                    // SAFETY: mul_mat has two sources.
-                    let a = unsafe { &*t.src[0] };
-                    let k = a.ne[0] as f64;
-                    flops += 2.0 * k * (t.ne[0] * t.ne[1] * t.ne[2] * t.ne[3]) as f64;
-                }
-                sys::GGML_OP_FLASH_ATTN_EXT => {
-                    // SAFETY: q, k, v sources.
-                    let (q, k, v) = unsafe { (&*t.src[0], &*t.src[1], &*t.src[2]) };
-                    let (dk, dv, nq, nkv) = (q.ne[0] as f64, v.ne[0] as f64, q.ne[1] as f64, k.ne[1] as f64);
-                    flops += 2.0 * nq * nkv * (dk + dv) * (q.ne[2] * q.ne[3]) as f64;
-                }
-                _ => {}
-            }
-        }
-        flops
+        // SAFETY: 0 <= i < n.
+        (0..n).map(|i| unsafe { node_flops(&*sys::ggml_graph_node(g, i)) }).sum()
     }
+}
+
+/// 2·M·N·K of a matrix product (and flash attention's two products); 0 for other ops.
+///
+/// # Safety
+/// `t` must be a node of a live graph (its sources valid).
+unsafe fn node_flops(t: &sys::ggml_tensor) -> f64 {
+    match t.op {
+        sys::GGML_OP_MUL_MAT => {
+            let a = &*t.src[0];
+            2.0 * a.ne[0] as f64 * (t.ne[0] * t.ne[1] * t.ne[2] * t.ne[3]) as f64
+        }
+        sys::GGML_OP_FLASH_ATTN_EXT => {
+            let (q, k, v) = (&*t.src[0], &*t.src[1], &*t.src[2]);
+            let (dk, dv, nq, nkv) = (q.ne[0] as f64, v.ne[0] as f64, q.ne[1] as f64, k.ne[1] as f64);
+            2.0 * nq * nkv * (dk + dv) * (q.ne[2] * q.ne[3]) as f64
+        }
+        _ => 0.0,
+    }
+}
+
+/// One graph node's run time, from [`Backend::set_profiling`].
+#[derive(Clone, Debug)]
+pub struct NodeTiming {
+    /// ggml's op name (`MUL_MAT`, `IM2COL`, `SILU`, ...).
+    pub op: String,
+    /// Type of the first source (the weights of a matrix product).
+    pub src_type: Type,
+    pub shape: [usize; 4],
+    pub flops: f64,
+    pub seconds: f64,
 }
 
 impl<'d> Context<'d> {
@@ -89,7 +103,13 @@ impl<'d> Context<'d> {
         let params = sys::ggml_init_params { mem_size: size, mem_buffer: std::ptr::null_mut(), no_alloc: true };
         // SAFETY: ggml allocates its own memory of `size` bytes.
         let ptr = NonNull::new(unsafe { sys::ggml_init(params) }).ok_or_else(|| Error::Ggml("ggml_init failed".into()))?;
-        Ok(Context { ptr, buffers: RefCell::new(Vec::new()), borrowed: RefCell::new(HashSet::new()), galloc: RefCell::new(None), graph_size: max_tensors, graph: std::cell::Cell::new(None), _data: PhantomData })
+        Ok(Context { ptr, buffers: RefCell::new(Vec::new()), borrowed: RefCell::new(HashSet::new()), galloc: RefCell::new(None), graph_size: max_tensors, graph: std::cell::Cell::new(None), conv_budget: std::cell::Cell::new(super::ops::CONV_COLUMNS_MAX_BYTES), _data: PhantomData })
+    }
+
+    /// Bounds the column matrix of each convolution built from now on (bytes; larger
+    /// ones run in bands of output rows, exactly): less memory, a little more copying.
+    pub fn set_conv_budget(&self, bytes: usize) {
+        self.conv_budget.set(bytes.max(1));
     }
 
     pub(super) fn raw(&self) -> *mut sys::ggml_context {
@@ -225,6 +245,53 @@ impl<'d> Context<'d> {
         Ok(())
     }
 
+    /// Whether [`Context::alloc_repacked`] can do anything on this CPU.
+    pub fn can_repack() -> bool {
+        super::device::repack_buffer_type().is_some()
+    }
+
+    /// Allocates `tensors` (the context's only tensors without data) in ggml's
+    /// `CPU_REPACK` buffer and fills each from its bytes, which ggml rearranges for
+    /// its integer GEMM kernels where it has a layout for the tensor (a copy, not a
+    /// mapping: anonymous memory). Such tensors may only be the weights (`a`) of
+    /// [`Context::mul_mat`]. Returns how many were rearranged.
+    pub fn alloc_repacked(&self, tensors: &[(Tensor<'_>, &[u8])]) -> Result<usize> {
+        let buft = super::device::repack_buffer_type().ok_or_else(|| Error::Ggml("this CPU library has no repack buffer".into()))?;
+        for (t, bytes) in tensors {
+            if t.has_data() || bytes.len() != t.nbytes() || t.ne()[2] != 1 || t.ne()[3] != 1 {
+                return Err(Error::Ggml(format!("repack: tensor of {} bytes, {:?}, given {} (allocated: {})", t.nbytes(), t.ne(), bytes.len(), t.has_data())));
+            }
+        }
+        // SAFETY: ctx valid; only tensors without data are allocated (the listed ones,
+        // checked by the caller's contract and verified below); the buffer is owned by
+        // self from now on.
+        let buf = unsafe { sys::ggml_backend_alloc_ctx_tensors_from_buft(self.raw(), buft.as_ptr()) };
+        if buf.is_null() {
+            return Err(Error::Ggml("cannot allocate the repack buffer".into()));
+        }
+        self.buffers.borrow_mut().push(buf);
+        let mut repacked = 0;
+        for (t, bytes) in tensors {
+            // SAFETY: the tensor was just allocated in `buf` (host memory) with exactly
+            // nbytes bytes. Its buffer's init set `extra` to the repack layout, or left
+            // it NULL where ggml has none: then the GEMM reads the plain layout, and the
+            // bytes are copied as they are (the buffer's setter would assert).
+            unsafe {
+                let raw = t.raw();
+                if (*raw).data.is_null() || (*raw).buffer != buf {
+                    return Err(Error::Ggml("repack: a tensor was not placed in the repack buffer".into()));
+                }
+                if (*raw).extra.is_null() {
+                    std::ptr::copy_nonoverlapping(bytes.as_ptr(), (*raw).data.cast::<u8>(), bytes.len());
+                } else {
+                    sys::ggml_backend_tensor_set(raw, bytes.as_ptr().cast(), 0, bytes.len());
+                    repacked += 1;
+                }
+            }
+        }
+        Ok(repacked)
+    }
+
     /// Copies `data` (raw bytes of the tensor's type) into an allocated tensor.
     pub fn set_bytes(&self, t: Tensor<'_>, data: &[u8]) -> Result<()> {
         if self.borrowed.borrow().contains(&t.ptr.as_ptr()) {
@@ -342,6 +409,8 @@ impl Tensor<'_> {
 /// loadable library per instruction set (see [`super::cpu_backend_device`]).
 pub struct Backend {
     ptr: NonNull<sys::ggml_backend>,
+    /// Per-node timings while profiling is on.
+    profile: RefCell<Option<Vec<NodeTiming>>>,
 }
 
 impl Backend {
@@ -364,18 +433,78 @@ impl Backend {
                 unsafe { set(ptr.as_ptr(), threads.max(1) as i32) };
             }
         }
-        Ok(Backend { ptr })
+        Ok(Backend { ptr, profile: RefCell::new(None) })
     }
 
-    /// Runs a graph whose tensors all have data.
-    pub fn compute(&self, g: &Graph<'_>) -> Result<()> {
+    /// Times every graph node from now on ([`Backend::take_profile`] collects them).
+    /// Nodes then run one at a time: same results, a little slower, and none of the
+    /// CPU backend's cross-node fusions.
+    pub fn set_profiling(&self, on: bool) {
+        *self.profile.borrow_mut() = on.then(Vec::new);
+    }
+
+    /// The timings recorded since profiling started or the last call.
+    pub fn take_profile(&self) -> Vec<NodeTiming> {
+        self.profile.borrow_mut().as_mut().map(std::mem::take).unwrap_or_default()
+    }
+
+    fn compute_raw(&self, g: *mut sys::ggml_cgraph) -> Result<()> {
         // SAFETY: graph and backend valid; inputs allocated (ggml checks and asserts otherwise,
         // so callers allocate every context tensor before computing).
-        let status = unsafe { sys::ggml_backend_graph_compute(self.ptr.as_ptr(), g.ptr.as_ptr()) };
+        let status = unsafe { sys::ggml_backend_graph_compute(self.ptr.as_ptr(), g) };
         if status != sys::GGML_STATUS_SUCCESS {
             return Err(Error::Ggml(format!("graph compute failed ({status})")));
         }
         Ok(())
+    }
+
+    /// Runs `g` node by node, in its order (so every input is ready, and the
+    /// allocator's buffer reuse stays valid), through a one-node graph.
+    fn compute_profiled(&self, g: &Graph<'_>, out: &mut Vec<NodeTiming>) -> Result<()> {
+        // SAFETY: a context just big enough for one graph of one node, freed below.
+        let size = unsafe { sys::ggml_graph_overhead_custom(1, false) } + 1024;
+        let params = sys::ggml_init_params { mem_size: size, mem_buffer: std::ptr::null_mut(), no_alloc: true };
+        let scratch = NonNull::new(unsafe { sys::ggml_init(params) }).ok_or_else(|| Error::Ggml("ggml_init failed".into()))?;
+        struct Free(NonNull<sys::ggml_context>);
+        impl Drop for Free {
+            fn drop(&mut self) {
+                // SAFETY: created above, freed once.
+                unsafe { sys::ggml_free(self.0.as_ptr()) }
+            }
+        }
+        let scratch = Free(scratch);
+        // SAFETY: room for exactly this graph (see size).
+        let one = NonNull::new(unsafe { sys::ggml_new_graph_custom(scratch.0.as_ptr(), 1, false) }).ok_or_else(|| Error::Ggml("no room for a graph".into()))?;
+        // SAFETY: the graph and its nodes live as long as `g`'s context.
+        let n = unsafe { sys::ggml_graph_n_nodes(g.ptr.as_ptr()) };
+        for i in 0..n {
+            // SAFETY: 0 <= i < n; the one-node graph only references the node.
+            let node = unsafe { sys::ggml_graph_node(g.ptr.as_ptr(), i) };
+            unsafe {
+                sys::ggml_graph_clear(one.as_ptr());
+                sys::ggml_graph_add_node(one.as_ptr(), node);
+            }
+            let t = std::time::Instant::now();
+            self.compute_raw(one.as_ptr())?;
+            let seconds = t.elapsed().as_secs_f64();
+            // SAFETY: node valid (above); ggml_op_desc returns a static string.
+            let (op, src_type, shape, flops) = unsafe {
+                let r = &*node;
+                let op = std::ffi::CStr::from_ptr(sys::ggml_op_desc(node)).to_string_lossy().into_owned();
+                let src_type = if r.src[0].is_null() { Type(r.type_) } else { Type((*r.src[0]).type_) };
+                (op, src_type, r.ne.map(|d| d as usize), node_flops(r))
+            };
+            out.push(NodeTiming { op, src_type, shape, flops, seconds });
+        }
+        Ok(())
+    }
+
+    /// Runs a graph whose tensors all have data.
+    pub fn compute(&self, g: &Graph<'_>) -> Result<()> {
+        if let Some(rec) = self.profile.borrow_mut().as_mut() {
+            return self.compute_profiled(g, rec);
+        }
+        self.compute_raw(g.ptr.as_ptr())
     }
 }
 

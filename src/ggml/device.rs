@@ -163,3 +163,30 @@ unsafe extern "C" fn log_callback(level: sys::ggml_log_level, text: *const c_cha
         }
     });
 }
+
+/// ggml's `CPU_REPACK` buffer type, where the loaded CPU library has one: weights
+/// placed there are rearranged at load into interleaved blocks (q4_0 → 8×8 on
+/// AVX2/AVX-512, q4_K likewise) for its integer GEMM kernels.
+pub(crate) fn repack_buffer_type() -> Option<NonNull<sys::ggml_backend_buffer_type>> {
+    let dev = cpu_backend_device().ok()?;
+    // SAFETY: registry entries are valid for the process; the proc name is
+    // NUL-terminated, and ggml documents it as `ggml_backend_dev_get_extra_bufts_t`
+    // (a NULL-terminated array).
+    unsafe {
+        let reg = sys::ggml_backend_dev_backend_reg(dev.as_ptr());
+        let p = sys::ggml_backend_reg_get_proc_address(reg, c"ggml_backend_dev_get_extra_bufts".as_ptr());
+        if p.is_null() {
+            return None;
+        }
+        let get: sys::ggml_backend_dev_get_extra_bufts_t = std::mem::transmute(p);
+        let mut list = get?(dev.as_ptr());
+        while !list.is_null() && !(*list).is_null() {
+            let name = CStr::from_ptr(sys::ggml_backend_buft_name(*list));
+            if name.to_bytes() == b"CPU_REPACK" {
+                return NonNull::new(*list);
+            }
+            list = list.add(1);
+        }
+        None
+    }
+}

@@ -6,7 +6,7 @@ mod ops;
 mod peak;
 mod sys;
 
-pub use context::{Backend, Context, Graph, HostRegion, Tensor};
+pub use context::{Backend, Context, Graph, HostRegion, NodeTiming, Tensor};
 pub use device::{cpu_backend_info, CpuBackendInfo, BACKEND_DIR_ENV};
 pub use peak::fma_peak_flops;
 pub(crate) use device::cpu_backend_device;
@@ -277,4 +277,21 @@ pub fn gguf_summary(path: &Path) -> Result<GgufSummary> {
 pub fn map_file(file: &std::fs::File) -> std::io::Result<memmap2::Mmap> {
     // SAFETY: see above; the map is read-only and private to this process.
     unsafe { memmap2::Mmap::map(file) }
+}
+
+/// Drops the resident pages of `len` bytes at `offset` of a read-only file mapping
+/// from this process (whole pages inside the range only). The data stays valid: a
+/// later read faults the page in again from the page cache or the file. This is how
+/// a stage's weights stop counting against the process once the stage is done.
+pub fn release_pages(map: &memmap2::Mmap, offset: usize, len: usize) {
+    const PAGE: usize = 4096;
+    let base = map.as_ptr() as usize;
+    let start = (base + offset).next_multiple_of(PAGE) - base;
+    let end = ((base + offset + len.min(map.len().saturating_sub(offset))) / PAGE * PAGE).saturating_sub(base);
+    if end > start {
+        // SAFETY: the mapping is read-only and file-backed (never written through), so
+        // MADV_DONTNEED cannot lose data: it only unmaps pages that fault back in with
+        // the file's contents. The range lies inside the mapping (clamped above).
+        let _ = unsafe { map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, end - start) };
+    }
 }

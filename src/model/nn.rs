@@ -9,21 +9,22 @@ use super::Weights;
 pub enum Attention {
     /// Scores as a matrix product, softmax, then a product with the values: fast GEMMs
     /// but the whole `[Nk, Nq]` score matrix per head in memory.
-    #[default]
     MatMul,
     /// ggml's fused kernel (`flash_attn_ext`): no score matrix. Causal attention
     /// (text encoders, 77 tokens) always uses the matrix form.
     Flash,
-    /// Flash attention where the score matrix would be large (self-attention over at
-    /// least [`Attention::FLASH_MIN_KEYS`] tokens), the matrix form elsewhere. Measured
-    /// on SD 1.5 (2 cores, AVX2): at 512² flash is 1.4× faster per step and saves
-    /// 800 MB of compute buffer; at 256² (1024 tokens) the matrix form is 15% faster.
+    /// The fastest measured for the shape. With this ggml that is flash attention for
+    /// every non-causal shape SD has: `cargo bench --bench kernels -- attention` (2
+    /// threads, AVX-512) gave 53 against 8 GFLOP/s (32 with the head size padded) at
+    /// 4096 tokens and head size 40, 82 against 27 at 1024 tokens and 80, and 28
+    /// against 8 for cross-attention over 77 tokens. (ggml 0.19 was slower at D = 40,
+    /// hence the choice is kept apart from `Flash`.)
+    #[default]
     Auto,
 }
 
 impl Attention {
     pub const NAMES: &'static [&'static str] = &["auto", "matmul", "flash"];
-    pub const FLASH_MIN_KEYS: usize = 2048;
 
     pub fn parse(s: &str) -> Option<Attention> {
         match s {
@@ -34,14 +35,16 @@ impl Attention {
         }
     }
 
-    fn flash(self, keys: usize) -> bool {
+    fn flash(self) -> bool {
         match self {
             Attention::MatMul => false,
-            Attention::Flash => true,
-            Attention::Auto => keys >= Self::FLASH_MIN_KEYS,
+            Attention::Flash | Attention::Auto => true,
         }
     }
 }
+
+/// Head sizes are padded to a multiple of this for attention (see [`Nn::attend`]).
+pub const HEAD_ALIGN: usize = 16;
 
 /// Builds layers from the weights under one context.
 #[derive(Clone, Copy)]
@@ -92,19 +95,7 @@ impl<'c> Nn<'c> {
     /// the heads of each token side by side. `causal` hides keys after each query
     /// (text encoders).
     pub fn attend(&self, q: Tensor<'c>, k: Tensor<'c>, v: Tensor<'c>, causal: bool) -> Result<Tensor<'c>> {
-        let c = self.ctx;
-        let [d, nq, h, b] = q.ne();
-        let scale = 1.0 / (d as f32).sqrt();
-        if self.attention.flash(k.ne()[1]) && !causal {
-            let o = c.flash_attn(q, k, v, scale)?; // [D, H, Nq, B]
-            return c.reshape(o, &[d * h, nq, b]);
-        }
-        let vt = c.cont(c.permute(v, [1, 0, 2, 3])?)?; // [Nk, D, H, B]
-        let scores = c.mul_mat(k, q)?; // [Nk, Nq, H, B]
-        let scores = if causal { c.diag_mask_inf(scores)? } else { scores };
-        let probs = c.soft_max_ext(scores, None, scale)?;
-        let o = c.mul_mat(vt, probs)?; // [D, Nq, H, B]
-        c.reshape(c.cont(c.permute(o, [0, 2, 1, 3])?)?, &[d * h, nq, b])
+        attend(self.ctx, q, k, v, causal, self.attention, HEAD_ALIGN)
     }
 
     /// `[W, H, C, N]` → `[C, W*H, N]` (tokens with channels innermost).
@@ -122,6 +113,33 @@ impl<'c> Nn<'c> {
     }
 }
 
+/// [`Nn::attend`] with the kernel choice and head-size alignment explicit (1: no
+/// padding), so that benchmarks can compare them.
+pub fn attend<'c>(c: &'c Context<'_>, q: Tensor<'c>, k: Tensor<'c>, v: Tensor<'c>, causal: bool, kind: Attention, align: usize) -> Result<Tensor<'c>> {
+    let [d, nq, h, b] = q.ne();
+    let scale = 1.0 / (d as f32).sqrt();
+    if kind.flash() && !causal {
+        // No padding here: ggml's tiled flash kernel runs D = 40 as fast as 48
+        // (`cargo bench --bench kernels -- attention`).
+        let rows = |t: Tensor<'c>| if t.nb()[0] == t.ty().type_size() { Ok(t) } else { c.cont(t) };
+        let o = c.flash_attn(rows(q)?, rows(k)?, rows(v)?, scale)?; // [D, H, Nq, B]
+        return c.reshape(o, &[d * h, nq, b]);
+    }
+    // tinyBLAS wants the inner size in multiples of 16; SD 1.5's first level has head
+    // size 40, where QK^T falls back to one dot product at a time: 4x slower than
+    // padded to 48 (kernels bench, 1024 and 4096 tokens). Zeros appended to both q and
+    // k leave every score unchanged (the scale keeps the true size): exact.
+    let dp = d.next_multiple_of(align.max(1));
+    let padded = |t: Tensor<'c>| if dp == d { Ok(t) } else { c.pad(t, [dp - d, 0, 0, 0]) };
+    let (q, k) = (padded(q)?, padded(k)?);
+    let vt = c.cont(c.permute(v, [1, 0, 2, 3])?)?; // [Nk, D, H, B]
+    let scores = c.mul_mat(k, q)?; // [Nk, Nq, H, B]
+    let scores = if causal { c.diag_mask_inf(scores)? } else { scores };
+    let probs = c.soft_max_ext(scores, None, scale)?;
+    let o = c.mul_mat(vt, probs)?; // [D, Nq, H, B]
+    c.reshape(c.cont(c.permute(o, [0, 2, 1, 3])?)?, &[d * h, nq, b])
+}
+
 /// Runs a one-input, one-output network once: `build` maps the f32 input tensor of
 /// ggml shape `ne` (holding `input`) to the output, whose values are returned.
 pub fn eval(w: &Weights<'_>, ne: [usize; 4], input: &[f32], max_tensors: usize, backend: &Backend, build: impl for<'c> FnOnce(&Nn<'c>, Tensor<'c>) -> Result<Tensor<'c>>) -> Result<Vec<f32>> {
@@ -136,4 +154,48 @@ pub fn eval(w: &Weights<'_>, ne: [usize; 4], input: &[f32], max_tensors: usize, 
     ctx.set_f32(x, input)?;
     backend.compute(&graph)?;
     ctx.get_f32(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Attention of fixed pseudo-random q, k, v `[D*H, N, B]` with the given kernel and alignment.
+    fn run(d: usize, heads: usize, tokens: usize, kind: Attention, align: usize) -> Vec<f32> {
+        let backend = Backend::cpu(1).unwrap();
+        let ctx = Context::new(64).unwrap();
+        let mut inputs = Vec::new();
+        let mut views = Vec::new();
+        for name in ["q", "k", "v"] {
+            let t = ctx.tensor(Type::F32, &[d * heads, tokens, 1], name).unwrap();
+            ctx.set_input(t);
+            inputs.push(t);
+            let t = ctx.reshape(t, &[d, heads, tokens, 1]).unwrap();
+            views.push(ctx.permute(t, [0, 2, 1, 3]).unwrap());
+        }
+        let out = attend(&ctx, views[0], views[1], views[2], false, kind, align).unwrap();
+        ctx.set_output(out);
+        let graph = ctx.graph(&[out]).unwrap();
+        ctx.alloc_graph(&graph).unwrap();
+        for (i, t) in inputs.iter().enumerate() {
+            let v: Vec<f32> = (0..d * heads * tokens).map(|j| ((((j + 7919 * i) * 2654435761) % 10007) as f32 / 5003.5 - 1.0) * 0.5).collect();
+            ctx.set_f32(*t, &v).unwrap();
+        }
+        backend.compute(&graph).unwrap();
+        ctx.get_f32(out).unwrap()
+    }
+
+    #[test]
+    fn padding_the_head_size_leaves_attention_unchanged_for_both_kernels() {
+        // SD 1.5's first level has head size 40; 24 tokens cover a partial tile.
+        let (d, heads, tokens) = (40, 2, 24);
+        let plain = run(d, heads, tokens, Attention::MatMul, 1);
+        assert_eq!(plain.len(), d * heads * tokens);
+        for (kind, align) in [(Attention::MatMul, 16), (Attention::Flash, 1)] {
+            let other = run(d, heads, tokens, kind, align);
+            let worst = plain.iter().zip(&other).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+            // Flash keeps K/V as f16 in its inner products where ggml chooses to: 1e-3.
+            assert!(worst < 1e-3, "{kind:?} aligned to {align}: max difference {worst}");
+        }
+    }
 }

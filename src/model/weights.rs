@@ -12,20 +12,60 @@ use crate::ggml::{Backend, Context, Tensor, Type};
 pub struct Weights<'g> {
     path: PathBuf,
     ctx: Context<'g>,
+    repacked: usize,
+    /// Weights copied out of the mapping (into the repack buffer).
+    copied: std::collections::HashSet<String>,
 }
 
 impl<'g> Weights<'g> {
     /// Maps every tensor whose name satisfies `keep`.
     pub fn load(gguf: &'g GgufFile, keep: impl Fn(&str) -> bool) -> Result<Self> {
+        Self::load_repacked(gguf, keep, |_| false)
+    }
+
+    /// Maps every tensor whose name satisfies `keep`, except the matrix-product
+    /// weights that `repack` picks among the types ggml rearranges (q4_0, q4_K; 2-D,
+    /// rows a multiple of 8): those are copied into ggml's repack buffer, where its
+    /// integer GEMM runs 2-3x faster (shared/baselines/kernels.md, section 3), at the
+    /// price of their size in anonymous memory.
+    pub fn load_repacked(gguf: &'g GgufFile, keep: impl Fn(&str) -> bool, repack: impl Fn(&str) -> bool) -> Result<Self> {
         let infos: Vec<_> = gguf.tensors.iter().filter(|t| keep(&t.name)).collect();
         let ctx = Context::new(infos.len() + 1)?;
-        let region = ctx.borrow_host(gguf.bytes())?;
+        let bytes = gguf.bytes();
+        let region = ctx.borrow_host(bytes)?;
+        let can = Context::can_repack();
+        let mut later = Vec::new();
+        let mut copied = std::collections::HashSet::new();
         for t in infos {
             let ne: Vec<usize> = t.ne.iter().map(|&d| d as usize).collect();
             let tensor = ctx.tensor(t.ty, &ne, &t.name).map_err(|e| Error::format(&gguf.path, format!("tensor `{}`: {e}", t.name)))?;
-            ctx.place(&region, tensor, (gguf.data_offset + t.offset) as usize)?;
+            let start = (gguf.data_offset + t.offset) as usize;
+            let packable = matches!(t.ty, Type::Q4_0 | Type::Q4_K) && ne.len() == 2 && ne[1] % 8 == 0;
+            if can && packable && repack(&t.name) {
+                let data = bytes.get(start..start + tensor.nbytes()).ok_or_else(|| Error::format(&gguf.path, format!("tensor `{}` runs past the end of the file", t.name)))?;
+                later.push((tensor, data));
+                copied.insert(t.name.clone());
+            } else {
+                ctx.place(&region, tensor, start)?;
+            }
         }
-        Ok(Weights { path: gguf.path.clone(), ctx })
+        let mut repacked = 0;
+        if !later.is_empty() {
+            repacked = ctx.alloc_repacked(&later)?;
+            log::debug!("{}: {repacked} of {} weights repacked for ggml's integer GEMM", gguf.path.display(), later.len());
+        }
+        Ok(Weights { path: gguf.path.clone(), ctx, repacked, copied })
+    }
+
+    /// Whether the weight `name` was copied out of the mapping (so the mapping's pages
+    /// for it are no longer read).
+    pub fn is_copied(&self, name: &str) -> bool {
+        self.copied.contains(name)
+    }
+
+    /// How many weights are held in ggml's repacked layout.
+    pub fn repacked(&self) -> usize {
+        self.repacked
     }
 
     /// The weight called `name`.
@@ -59,6 +99,6 @@ impl Weights<'static> {
         for (t, tensor) in floats.iter().zip(made) {
             ctx.set_f32(tensor, &t.read_f32()?)?;
         }
-        Ok(Weights { path: ck.path.clone(), ctx })
+        Ok(Weights { path: ck.path.clone(), ctx, repacked: 0, copied: Default::default() })
     }
 }

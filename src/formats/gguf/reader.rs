@@ -93,6 +93,26 @@ impl GgufFile {
         self.tensors.iter().find(|t| t.name == name)
     }
 
+    /// Lets the pages of every tensor whose name satisfies `which` go from this
+    /// process's resident memory (see [`ggml::release_pages`]); they fault back in if
+    /// read again. Nothing to do for a model built into the binary.
+    pub fn release(&self, which: impl Fn(&str) -> bool) {
+        let Bytes::Map(map) = &self.map else { return };
+        let mut ranges: Vec<(u64, u64)> = self.tensors.iter().filter(|t| which(&t.name)).map(|t| (self.data_offset + t.offset, t.nbytes)).collect();
+        ranges.sort_unstable();
+        // Neighbouring tensors (separated by alignment padding only) merge into one call.
+        let mut merged: Vec<(u64, u64)> = Vec::new();
+        for (start, len) in ranges {
+            match merged.last_mut() {
+                Some((s, l)) if start <= *s + *l + self.alignment => *l = (start + len).max(*s + *l) - *s,
+                _ => merged.push((start, len)),
+            }
+        }
+        for (start, len) in merged {
+            ggml::release_pages(map, start as usize, len as usize);
+        }
+    }
+
     /// The tensor's bytes, in place in the mapping.
     pub fn data(&self, t: &TensorInfo) -> &[u8] {
         let start = (self.data_offset + t.offset) as usize;
