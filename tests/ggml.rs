@@ -193,3 +193,14 @@ fn repacked_q4_matrices_multiply_like_the_plain_layout() {
     }
     }
 }
+
+#[test]
+fn a_convolution_too_large_for_its_context_is_an_error_not_an_abort() {
+    // Banding at one row per band needs far more tensor objects than 16 fit.
+    let ctx = Context::new(16).unwrap();
+    ctx.set_conv_budget(1);
+    let x = ctx.tensor(Type::F32, &[8, 32, 4, 1], "x").unwrap();
+    let k = ctx.tensor(Type::F32, &[4 * 9, 4], "k").unwrap();
+    let e = ctx.conv2d(x, k, 3, 3, 1, 1, None).err().expect("no room: an error");
+    assert!(e.to_string().contains("too large"), "{e}");
+}

@@ -112,6 +112,20 @@ impl<'d> Context<'d> {
         self.conv_budget.set(bytes.max(1));
     }
 
+    /// Fails (instead of ggml aborting) unless `tensors` more tensor objects fit,
+    /// leaving room for the graph when it is not built yet.
+    pub(super) fn ensure_room(&self, tensors: usize) -> Result<()> {
+        // SAFETY: pure queries on a valid context.
+        let (used, size, per, graph) = unsafe {
+            (sys::ggml_used_mem(self.raw()), sys::ggml_get_mem_size(self.raw()), sys::ggml_tensor_overhead(), sys::ggml_graph_overhead_custom(self.graph_size, false))
+        };
+        let reserve = if self.graph.get().is_some() { 0 } else { graph };
+        if used + tensors * per + reserve > size {
+            return Err(Error::Ggml(format!("graph too large for its context ({} tensors of room, {tensors} more needed)", size.saturating_sub(used + reserve) / per)));
+        }
+        Ok(())
+    }
+
     pub(super) fn raw(&self) -> *mut sys::ggml_context {
         self.ptr.as_ptr()
     }

@@ -9,6 +9,9 @@ use crate::error::{Error, Result};
 /// [`Context::conv2d`], [`Context::set_conv_budget`]).
 pub const CONV_COLUMNS_MAX_BYTES: usize = 64 << 20;
 
+/// Most row bands one convolution is split into.
+const MAX_BANDS: usize = 64;
+
 fn bad(op: &str, msg: String) -> Error {
     Error::Ggml(format!("{op}: {msg}"))
 }
@@ -227,7 +230,10 @@ impl Context<'_> {
         } else {
             let cols_type = Self::columns_type(kernel.ty());
             let row_bytes = k * ow * n * cols_type.type_size();
-            let bands = (row_bytes * oh).div_ceil(self.conv_budget.get()).clamp(1, oh);
+            // At most MAX_BANDS bands: each adds ~8 tensors to the graph, and the
+            // context was sized by its builder.
+            let bands = (row_bytes * oh).div_ceil(self.conv_budget.get()).clamp(1, oh.min(MAX_BANDS));
+            self.ensure_room(8 * bands + 8)?;
             if bands == 1 {
                 let cols = self.im2col(x, kernel.ty(), kh, kw, stride, pad, pad)?;
                 let cols = self.reshape(cols, &[k, ow * oh * n])?;

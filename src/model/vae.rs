@@ -20,6 +20,10 @@ fn resnet<'c>(nn: &Nn<'c>, x: Tensor<'c>, name: &str) -> Result<Tensor<'c>> {
     c.add(skip, h)
 }
 
+/// Tensor objects a VAE graph may hold: ~4000 for SD's decoder in one piece, plus up
+/// to ~8 per row band for each of its ~40 convolutions when large images split them.
+const GRAPH_TENSORS: usize = 4096 + 8 * 64 * 40;
+
 /// Single-head self-attention over all pixels (the mid block's `attn_1`).
 fn attention<'c>(nn: &Nn<'c>, x: Tensor<'c>, name: &str) -> Result<Tensor<'c>> {
     let c = nn.ctx;
@@ -97,7 +101,7 @@ pub fn decode(w: &Weights<'_>, cfg: &VaeConfig, latents: &[f32], n: usize, h: us
     if latents.len() != n * zc * h * wd {
         return Err(Error::Invalid(format!("{} latent values for {n}x{zc}x{h}x{wd}", latents.len())));
     }
-    eval(w, [wd, h, zc, n], latents, 4096, backend, |nn, z| {
+    eval(w, [wd, h, zc, n], latents, GRAPH_TENSORS, backend, |nn, z| {
         let zs = nn.ctx.scale(z, 1.0 / cfg.scaling_factor)?;
         let zs = if cfg.shift_factor != 0.0 { nn.ctx.add1(zs, cfg.shift_factor)? } else { zs };
         decoder(nn, cfg, zs)
@@ -111,7 +115,7 @@ pub fn encode(w: &Weights<'_>, cfg: &VaeConfig, pixels: &[f32], n: usize, h: usi
     if pixels.len() != n * 3 * h * wd || h % f != 0 || wd % f != 0 {
         return Err(Error::Invalid(format!("{} pixel values for {n}x3x{h}x{wd} (sides must be multiples of {f})", pixels.len())));
     }
-    eval(w, [wd, h, 3, n], pixels, 4096, backend, |nn, img| {
+    eval(w, [wd, h, 3, n], pixels, GRAPH_TENSORS, backend, |nn, img| {
         let mean = encoder(nn, cfg, img)?;
         let mean = if cfg.shift_factor != 0.0 { nn.ctx.add1(mean, -cfg.shift_factor)? } else { mean };
         nn.ctx.scale(mean, cfg.scaling_factor)
