@@ -88,7 +88,6 @@ pub struct NodeTiming {
     pub op: String,
     /// Type of the first source (the weights of a matrix product).
     pub src_type: Type,
-    pub shape: [usize; 4],
     pub flops: f64,
     pub seconds: f64,
 }
@@ -502,13 +501,13 @@ impl Backend {
             self.compute_raw(one.as_ptr())?;
             let seconds = t.elapsed().as_secs_f64();
             // SAFETY: node valid (above); ggml_op_desc returns a static string.
-            let (op, src_type, shape, flops) = unsafe {
+            let (op, src_type, flops) = unsafe {
                 let r = &*node;
                 let op = std::ffi::CStr::from_ptr(sys::ggml_op_desc(node)).to_string_lossy().into_owned();
                 let src_type = if r.src[0].is_null() { Type(r.type_) } else { Type((*r.src[0]).type_) };
-                (op, src_type, r.ne.map(|d| d as usize), node_flops(r))
+                (op, src_type, node_flops(r))
             };
-            out.push(NodeTiming { op, src_type, shape, flops, seconds });
+            out.push(NodeTiming { op, src_type, flops, seconds });
         }
         Ok(())
     }

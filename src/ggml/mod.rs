@@ -8,6 +8,7 @@ mod sys;
 
 pub use context::{Backend, Context, Graph, HostRegion, NodeTiming, Tensor};
 pub use device::{cpu_backend_info, CpuBackendInfo, BACKEND_DIR_ENV};
+pub use ops::CONV_MAX_BANDS;
 pub use peak::fma_peak_flops;
 pub(crate) use device::cpu_backend_device;
 

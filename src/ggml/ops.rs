@@ -10,7 +10,7 @@ use crate::error::{Error, Result};
 pub const CONV_COLUMNS_MAX_BYTES: usize = 64 << 20;
 
 /// Most row bands one convolution is split into.
-const MAX_BANDS: usize = 64;
+pub const CONV_MAX_BANDS: usize = 64;
 
 fn bad(op: &str, msg: String) -> Error {
     Error::Ggml(format!("{op}: {msg}"))
@@ -230,9 +230,9 @@ impl Context<'_> {
         } else {
             let cols_type = Self::columns_type(kernel.ty());
             let row_bytes = k * ow * n * cols_type.type_size();
-            // At most MAX_BANDS bands: each adds ~8 tensors to the graph, and the
+            // At most CONV_MAX_BANDS bands: each adds ~8 tensors to the graph, and the
             // context was sized by its builder.
-            let bands = (row_bytes * oh).div_ceil(self.conv_budget.get()).clamp(1, oh.min(MAX_BANDS));
+            let bands = (row_bytes * oh).div_ceil(self.conv_budget.get()).clamp(1, oh.min(CONV_MAX_BANDS));
             self.ensure_room(8 * bands + 8)?;
             if bands == 1 {
                 let cols = self.im2col(x, kernel.ty(), kh, kw, stride, pad, pad)?;
@@ -267,12 +267,7 @@ impl Context<'_> {
                     }
                     parts = next;
                 }
-                let y = parts.pop().ok_or_else(|| bad("conv2d", "no output rows".into()))?;
-                let y = self.cont(self.permute(y, [2, 0, 1, 3])?)?; // [OW, OH, OC, N]
-                return match bias {
-                    Some(b) => self.add(y, self.reshape(b, &[1, 1, oc, 1])?),
-                    None => Ok(y),
-                };
+                parts.pop().ok_or_else(|| bad("conv2d", "no output rows".into()))? // [OC, OW, OH, N]
             }
         };
         let y = self.reshape(y, &[oc, ow, oh, n])?;
@@ -311,7 +306,7 @@ impl Context<'_> {
 
     /// Zero padding before (`p[2i]`) and after (`p[2i+1]`) each axis `i`.
     pub fn pad_ext<'c>(&'c self, a: Tensor<'c>, p: [usize; 8]) -> Result<Tensor<'c>> {
-        let p: Vec<i32> = p.iter().map(|&v| v as i32).collect();
+        let p = p.map(|v| v as i32);
         // SAFETY: unary op.
         self.op(unsafe { sys::ggml_pad_ext(self.raw(), a.raw(), p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7]) })
     }

@@ -22,7 +22,7 @@ fn resnet<'c>(nn: &Nn<'c>, x: Tensor<'c>, name: &str) -> Result<Tensor<'c>> {
 
 /// Tensor objects a VAE graph may hold: ~4000 for SD's decoder in one piece, plus up
 /// to ~8 per row band for each of its ~40 convolutions when large images split them.
-const GRAPH_TENSORS: usize = 4096 + 8 * 64 * 40;
+const GRAPH_TENSORS: usize = 4096 + 8 * crate::ggml::CONV_MAX_BANDS * 40;
 
 /// Single-head self-attention over all pixels (the mid block's `attn_1`).
 fn attention<'c>(nn: &Nn<'c>, x: Tensor<'c>, name: &str) -> Result<Tensor<'c>> {

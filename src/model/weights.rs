@@ -31,8 +31,7 @@ impl<'g> Weights<'g> {
     pub fn load_repacked(gguf: &'g GgufFile, keep: impl Fn(&str) -> bool, repack: impl Fn(&str) -> bool) -> Result<Self> {
         let infos: Vec<_> = gguf.tensors.iter().filter(|t| keep(&t.name)).collect();
         let ctx = Context::new(infos.len() + 1)?;
-        let bytes = gguf.bytes();
-        let region = ctx.borrow_host(bytes)?;
+        let region = ctx.borrow_host(gguf.bytes())?;
         let can = Context::can_repack();
         let mut later = Vec::new();
         let mut copied = std::collections::HashSet::new();
@@ -42,8 +41,7 @@ impl<'g> Weights<'g> {
             let start = (gguf.data_offset + t.offset) as usize;
             let packable = matches!(t.ty, Type::Q4_0 | Type::Q4_K) && ne.len() == 2 && ne[1] % 8 == 0;
             if can && packable && repack(&t.name) {
-                let data = bytes.get(start..start + tensor.nbytes()).ok_or_else(|| Error::format(&gguf.path, format!("tensor `{}` runs past the end of the file", t.name)))?;
-                later.push((tensor, data));
+                later.push((tensor, gguf.data(t)));
                 copied.insert(t.name.clone());
             } else {
                 ctx.place(&region, tensor, start)?;
