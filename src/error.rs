@@ -21,6 +21,9 @@ pub enum Error {
     Invalid(String),
     #[error("ggml: {0}")]
     Ggml(String),
+    /// A run cannot fit the memory budget it was given (found before any work).
+    #[error("{0}")]
+    OverBudget(String),
     #[error("interrupted")]
     Interrupted,
 }

@@ -2,6 +2,7 @@
 //!
 //! Data flows one way: checkpoint ([`formats`]) → [`convert`] → GGUF on disk →
 //! memory map → ggml graphs → sampler → image.
+pub mod budget;
 pub mod config;
 pub mod convert;
 #[cfg(feature = "demo-model")]

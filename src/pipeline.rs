@@ -10,6 +10,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use crate::budget::{self, Budget, Need, Plan};
 use crate::config::{Defaults, ModelConfig};
 use crate::convert::metadata;
 use crate::error::{Error, Result};
@@ -172,6 +173,10 @@ pub struct Pipeline {
     /// Copy the UNet's q4_0/q4_K matrices into ggml's repack layout at each run
     /// (faster GEMMs, their size in anonymous memory) instead of using them mapped.
     pub repack: bool,
+    /// Memory budget in bytes: runs are planned to fit it (guidance split into two
+    /// batches, the VAE decode tiled) or refused before any work. `None` plans for
+    /// the memory cgroup's limit where the process has one, else runs unconstrained.
+    pub max_memory: Option<u64>,
     /// How the model is meant to be run (size, sampler, steps, guidance) where the
     /// file says; front ends use it for options the user leaves unset.
     pub defaults: Defaults,
@@ -210,7 +215,7 @@ impl Pipeline {
         let tokenizer = ClipTokenizer::new(&vocab)?;
         let model_hash = gguf.get("sd.source.sha256").and_then(|v| v.as_str()).map(|h| h.chars().take(10).collect()).unwrap_or_default();
         let defaults = metadata::read_defaults(&gguf);
-        Ok(Pipeline { gguf, config, tokenizer, backend: Backend::cpu(threads)?, model_hash, attention: Attention::Auto, repack: true, defaults })
+        Ok(Pipeline { gguf, config, tokenizer, backend: Backend::cpu(threads)?, model_hash, attention: Attention::Auto, repack: true, max_memory: None, defaults })
     }
 
     /// Times every ggml node of the following runs (see [`Backend::set_profiling`]).
@@ -275,7 +280,39 @@ impl Pipeline {
         }
     }
 
+    /// Whether `req` runs both guidance branches (LCM-distilled UNets take the scale
+    /// as an embedding instead and run the conditional pass alone, as diffusers'
+    /// LatentConsistencyModelPipeline).
+    fn guided(&self, req: &Request) -> bool {
+        req.cfg_scale != 1.0 && self.config.unet.time_cond_proj_dim.is_none()
+    }
+
+    /// What `req` needs in memory, stage by stage, and the choices that fit it into
+    /// the budget ([`Pipeline::max_memory`], else the cgroup's limit): an
+    /// [`Error::OverBudget`] when nothing fits. Builds graphs only; runs nothing.
+    pub fn plan(&self, req: &Request) -> Result<Plan> {
+        let (lw, lh) = self.latent_size(req.width, req.height)?;
+        let taesd = match &req.taesd {
+            Some(path) => Some(Weights::from_checkpoint(&Checkpoint::open(path)?, &self.backend)?),
+            None => None,
+        };
+        let stages = RunStages { pipe: self, lw, lh, prompts: if self.guided(req) { 2 } else { 1 }, taesd };
+        budget::plan(&stages, self.guided(req), Budget::resolve(self.max_memory))
+    }
+
+    /// Plans the run ([`Pipeline::plan`]), then runs it.
     pub fn generate(&self, req: &Request, progress: &mut dyn FnMut(Stage)) -> Result<Image> {
+        if req.steps == 0 || req.steps > 1000 {
+            return Err(Error::Invalid(format!("steps must be between 1 and 1000, not {}", req.steps)));
+        }
+        let memory = self.plan(req)?;
+        log::info!("memory plan:\n{}", memory.summary());
+        self.generate_planned(req, &memory, progress)
+    }
+
+    /// [`Pipeline::generate`] with the memory choices of `memory` (from
+    /// [`Pipeline::plan`], possibly adjusted: e.g. tiles forced for a test).
+    pub fn generate_planned(&self, req: &Request, memory: &Plan, progress: &mut dyn FnMut(Stage)) -> Result<Image> {
         let (lw, lh) = self.latent_size(req.width, req.height)?;
         if req.steps == 0 || req.steps > 1000 {
             return Err(Error::Invalid(format!("steps must be between 1 and 1000, not {}", req.steps)));
@@ -283,10 +320,8 @@ impl Pipeline {
         let cfg = &self.config;
         let te = &cfg.text_encoders[0];
         let t0 = Instant::now();
-        // LCM-distilled UNets take the guidance scale as an embedding (w = scale − 1) and
-        // run the conditional pass alone, as diffusers' LatentConsistencyModelPipeline.
         let embedded = cfg.unet.time_cond_proj_dim.map(|dim| guidance_embedding(req.cfg_scale - 1.0, dim));
-        let guided = req.cfg_scale != 1.0 && embedded.is_none();
+        let guided = self.guided(req);
         let mut prompts = vec![self.tokenizer.encode_for(&req.prompt, te)?];
         if guided {
             prompts.insert(0, self.tokenizer.encode_for(&req.negative, te)?);
@@ -315,16 +350,21 @@ impl Pipeline {
         let opts = ScheduleOpts { sigma_min: req.sigma_min, sigma_max: req.sigma_max, xl: false };
         let plan = sample::plan_for(req.sampler, req.schedule, &sched, req.steps, &opts, 1.0);
         let unet = |n: &str| n.starts_with("model.diffusion_model.");
+        // Its own stage, before the UNet's weights come in.
+        let extra = self.image_conditioning(lw, lh)?;
+        self.gguf.release(|n| n.starts_with("first_stage_model."));
         // The UNet's weights, graph and compute buffer are dropped before the decode.
         let latent = {
             let uw = Weights::load_repacked(&self.gguf, unet, |n| self.repack && unet(n) && n.ends_with(".weight"))?;
             // Copied weights are not read from the mapping again.
             self.gguf.release(|n| uw.is_copied(n));
-            // One graph for the whole run: cond and uncond as a batch of 2 when guided.
-            let runner = unet::Runner::new(&uw, &cfg.unet, lw, lh, prompts.len(), te.max_positions, self.attention)?;
-            let extra = self.image_conditioning(lw, lh)?;
-            progress(Stage::Sampling { unet_flops: runner.flops, compute_bytes: runner.buffer_bytes });
-            let mut model = Cfg { runner: &runner, pipe: self, context: &context, scale: req.cfg_scale, rescale: req.guidance_rescale, guided, extra: extra.as_deref(), embedded: embedded.as_deref() };
+            // One graph for the whole run: cond and uncond as a batch of 2 when guided,
+            // unless the plan splits them to halve the compute buffer.
+            let batch = if memory.split_guidance { 1 } else { prompts.len() };
+            let runner = unet::Runner::new(&uw, &cfg.unet, lw, lh, batch, te.max_positions, self.attention)?;
+            let unet_flops = runner.flops * (prompts.len() / batch) as f64;
+            progress(Stage::Sampling { unet_flops, compute_bytes: runner.buffer_bytes });
+            let mut model = Cfg { runner: &runner, pipe: self, context: &context, scale: req.cfg_scale, rescale: req.guidance_rescale, guided, split: memory.split_guidance, extra: extra.as_deref(), embedded: embedded.as_deref() };
             let total = plan.timesteps.len();
             let x = sample::start_latent(&plan, &noise, None);
             let mut den = sample::Denoiser::new(&mut model, cfg.prediction, &sched, &plan);
@@ -353,7 +393,11 @@ impl Pipeline {
             }
             None => {
                 let w = Weights::load(&self.gguf, |n| n.starts_with("first_stage_model."))?;
-                (vae::decode(&w, &cfg.vae, latent, 1, lh, lw, &self.backend)?, false)
+                let pixels = match memory.tiling {
+                    Some(t) => vae::decode_tiled(&w, &cfg.vae, latent, 1, lh, lw, t, &self.backend)?,
+                    None => vae::decode(&w, &cfg.vae, latent, 1, lh, lw, &self.backend)?,
+                };
+                (pixels, false)
             }
         };
         self.gguf.release(|n| n.starts_with("first_stage_model."));
@@ -388,6 +432,69 @@ impl Pipeline {
         );
         let timings = [(t1 - t0).as_secs_f64(), (t2 - t1).as_secs_f64(), t2.elapsed().as_secs_f64()];
         Ok(Image { width: w, height: h, rgb, parameters, timings })
+    }
+}
+
+/// The stages of one request, measured for the planner.
+struct RunStages<'a> {
+    pipe: &'a Pipeline,
+    lw: usize,
+    lh: usize,
+    prompts: usize,
+    taesd: Option<Weights<'static>>,
+}
+
+impl RunStages<'_> {
+    /// Data bytes of the GGUF's tensors that `which` picks.
+    fn mapped(&self, which: impl Fn(&str) -> bool) -> u64 {
+        self.pipe.gguf.tensors.iter().filter(|t| which(&t.name)).map(|t| t.nbytes).sum()
+    }
+}
+
+impl budget::Stages for RunStages<'_> {
+    fn before(&self) -> Result<Vec<Need>> {
+        let (p, cfg) = (self.pipe, &self.pipe.config);
+        let te = &cfg.text_encoders[0];
+        let w = Weights::load(&p.gguf, |n| n.starts_with(&te.prefix))?;
+        let mut needs = vec![Need { stage: "text", weights: w.bytes(), compute: clip::buffer_bytes(&w, te, self.prompts)? as u64, other: 0 }];
+        if cfg.unet.in_channels != cfg.vae.latent_channels {
+            let enc = |n: &str| n.starts_with("first_stage_model.encoder.") || n.starts_with("first_stage_model.quant_conv.");
+            let w = Weights::load(&p.gguf, |n| n.starts_with("first_stage_model."))?;
+            let f = cfg.vae.downscale();
+            let compute = vae::encode_buffer_bytes(&w, &cfg.vae, self.lw * f, self.lh * f)? as u64;
+            needs.push(Need { stage: "encode", weights: self.mapped(enc), compute, other: (3 * 4 * self.lw * self.lh * f * f) as u64 });
+        }
+        Ok(needs)
+    }
+
+    fn unet(&self, batch: usize) -> Result<Need> {
+        let (p, cfg) = (self.pipe, &self.pipe.config);
+        let w = Weights::load(&p.gguf, |n| n.starts_with("model.diffusion_model."))?;
+        let compute = unet::Runner::measure(&w, &cfg.unet, self.lw, self.lh, batch, cfg.text_encoders[0].max_positions, p.attention)? as u64;
+        Ok(Need { stage: "unet", weights: w.bytes(), compute, other: 0 })
+    }
+
+    fn decode(&self, tiling: Option<vae::Tiling>) -> Result<Need> {
+        let (p, cfg) = (self.pipe, &self.pipe.config);
+        let f = cfg.vae.downscale();
+        // f32 pixels, blend weights when tiled, 8-bit RGB.
+        let other = (self.lw * self.lh * f * f * (12 + 4 * tiling.is_some() as usize + 3)) as u64;
+        if let Some(w) = &self.taesd {
+            return Ok(Need { stage: "decode", weights: w.bytes(), compute: taesd::decode_buffer_bytes(w, self.lh, self.lw)? as u64, other });
+        }
+        let dec = |n: &str| n.starts_with("first_stage_model.decoder.") || n.starts_with("first_stage_model.post_quant_conv.");
+        let w = Weights::load(&p.gguf, |n| n.starts_with("first_stage_model."))?;
+        let (tw, th) = tiling.map_or((self.lw, self.lh), |t| (t.tile_w.min(self.lw), t.tile_h.min(self.lh)));
+        let compute = vae::decode_buffer_bytes(&w, &cfg.vae, tw, th)? as u64;
+        Ok(Need { stage: "decode", weights: self.mapped(dec), compute, other })
+    }
+
+    fn latent(&self) -> (usize, usize) {
+        (self.lw, self.lh)
+    }
+
+    fn tileable(&self) -> bool {
+        self.taesd.is_none()
     }
 }
 
@@ -428,6 +535,8 @@ struct Cfg<'a> {
     /// Guidance rescale φ.
     rescale: f32,
     guided: bool,
+    /// The two guidance branches run as two batches of one (the graph has batch 1).
+    split: bool,
     /// Channels appended to the latent of every batch element (inpainting UNets).
     extra: Option<&'a [f32]>,
     /// Guidance-scale embedding of LCM-distilled UNets (then never batched with uncond).
@@ -448,7 +557,15 @@ impl sample::Model for Cfg<'_> {
         if !self.guided {
             return self.runner.run(&batch, &[t as f32], self.context, None, self.embedded, backend);
         }
-        let out = self.runner.run(&batch, &[t as f32, t as f32], self.context, None, None, backend)?;
+        let out = if self.split {
+            let (ctx_u, ctx_c) = self.context.split_at(self.context.len() / 2);
+            let half = &batch[..batch.len() / 2];
+            let mut out = self.runner.run(half, &[t as f32], ctx_u, None, None, backend)?;
+            out.extend(self.runner.run(half, &[t as f32], ctx_c, None, None, backend)?);
+            out
+        } else {
+            self.runner.run(&batch, &[t as f32, t as f32], self.context, None, None, backend)?
+        };
         let (uncond, cond) = out.split_at(out.len() / 2);
         let guided: Vec<f32> = uncond.iter().zip(cond).map(|(u, c)| u + self.scale * (c - u)).collect();
         Ok(if self.rescale > 0.0 { rescale_guidance(&guided, cond, self.rescale) } else { guided })

@@ -81,3 +81,20 @@ fn bench_measures_a_synthetic_model_and_reports_json() {
     let (ok, _, err) = sdrs(&["bench", "--compare", a.to_str().unwrap(), "/nonexistent.json"]);
     assert!(!ok && err.contains("/nonexistent.json"), "{err}");
 }
+
+#[test]
+fn generate_prints_its_memory_plan_and_refuses_a_budget_it_cannot_fit() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("x.png");
+    let o = out.to_str().unwrap();
+    let (ok, plan, err) = sdrs(&["generate", "-p", "a red circle", "-W", "512", "-H", "512", "--plan", "--max-memory", "200M"]);
+    assert!(ok, "{err}");
+    for needle in ["text", "unet", "decode", "peak", "tiles", "budget 200 MiB"] {
+        assert!(plan.contains(needle), "plan lacks {needle}:\n{plan}");
+    }
+    let (ok, _, err) = sdrs(&["generate", "-p", "a red circle", "--max-memory", "40M", "-o", o]);
+    assert!(!ok && err.contains("cannot fit the memory budget of 40 MiB"), "{err}");
+    assert!(!out.exists(), "a refused run writes nothing");
+    let (ok, _, err) = sdrs(&["generate", "-p", "a red circle", "--max-memory", "lots"]);
+    assert!(!ok && err.contains("is not a size"), "{err}");
+}

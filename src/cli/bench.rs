@@ -48,6 +48,9 @@ pub struct Args {
     /// Use q4_0/q4_K UNet weights as mapped, not copied into ggml's repack layout.
     #[arg(long)]
     no_repack: bool,
+    /// Memory budget to plan each run for (as `generate --max-memory`).
+    #[arg(long = "max-memory", value_parser = super::generate::parse_budget)]
+    max_memory: Option<u64>,
 }
 
 
@@ -83,11 +86,17 @@ pub fn run(a: Args, threads: Option<usize>) -> Result<()> {
     let mut pipe = Pipeline::load_with_threads(&model, threads)?;
     pipe.attention = attention;
     pipe.repack = !a.no_repack;
+    pipe.max_memory = a.max_memory;
     let load_s = t.elapsed().as_secs_f64();
     let mut rows = Vec::new();
     for &size in &a.sizes {
         recorder.mark(&format!("text {size}"));
         let req = Request { width: size, height: size, steps: a.steps, cfg_scale: a.cfg_scale, sampler: Sampler::Euler, ..Request::new("a photograph of an astronaut riding a horse") };
+        // What the run will need, said before it starts (and a refusal before any work).
+        let plan = pipe.plan(&req)?;
+        if !a.json {
+            eprintln!("{size}x{size} memory plan:\n{}", plan.summary());
+        }
         let mut step_times = Vec::new();
         let mut flops = 0.0;
         let mut compute_bytes = 0;
@@ -120,6 +129,11 @@ pub fn run(a: Args, threads: Option<usize>) -> Result<()> {
             "text_s": img.timings[0], "first_step_s": step_times.first(), "step_s": per_step, "decode_s": img.timings[2],
             "unet_gflop": flops / 1e9, "unet_gflops": flops / per_step / 1e9, "peak_fraction": flops / per_step / peak_flops,
             "compute_buffer_bytes": compute_bytes,
+            "plan": {
+                "peak_bytes": plan.peak(), "budget_bytes": plan.budget.map(|b| b.bytes),
+                "split_guidance": plan.split_guidance, "vae_tile": plan.tiling.map(|t| [t.tile_w, t.tile_h]),
+                "stages": plan.needs.iter().map(|n| serde_json::json!({"stage": n.stage, "weights": n.weights, "compute": n.compute, "other": n.other})).collect::<Vec<_>>(),
+            },
             "profile": a.profile.then(|| serde_json::json!({
                 "unet": profile_json(&unet_nodes, step_times.len().max(1)),
                 "vae_decode": profile_json(&vae_nodes, 1),

@@ -61,8 +61,20 @@ pub struct Args {
     /// Decode with a TAESD-family decoder (`taesd_decoder.pth`) instead of the VAE.
     #[arg(long)]
     taesd: Option<PathBuf>,
+    /// Memory budget (768M, 1.5G, 2GB): the run is planned to fit (guidance in two
+    /// batches, the VAE decode in tiles) or refused before it starts [default: the
+    /// memory cgroup's limit, if any].
+    #[arg(long = "max-memory", value_parser = parse_budget)]
+    max_memory: Option<u64>,
+    /// Print the memory plan (each stage's weights, compute buffer and the peak) and exit.
+    #[arg(long = "plan")]
+    plan_only: bool,
     #[arg(short, long, default_value = "output.png")]
     output: PathBuf,
+}
+
+pub(super) fn parse_budget(s: &str) -> Result<u64, String> {
+    sdrs::budget::parse_size(s).ok_or_else(|| format!("`{s}` is not a size: write bytes or a number with K, M, G (binary) or KB, MB, GB"))
 }
 
 pub fn run(a: Args, threads: Option<usize>) -> Result<()> {
@@ -77,10 +89,11 @@ pub fn run(a: Args, threads: Option<usize>) -> Result<()> {
     }
     let Some(prompt) = a.prompt else { bail!("give a prompt with -p") };
     let threads = threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-    let pipe = match &a.model {
+    let mut pipe = match &a.model {
         Some(m) => Pipeline::load_with_threads(m, threads)?,
         None => demo_pipeline(threads)?,
     };
+    pipe.max_memory = a.max_memory;
     // What the user gave, else what the model file recommends (Pipeline::request),
     // else SD's usual settings.
     let base = pipe.request(&prompt);
@@ -115,6 +128,10 @@ pub fn run(a: Args, threads: Option<usize>) -> Result<()> {
         ..base
     };
     pipe.latent_size(req.width, req.height)?;
+    if a.plan_only {
+        let plan = pipe.plan(&req)?;
+        return super::print_stdout(&format!("memory plan for {}x{}:\n{}\n", req.width, req.height, plan.summary()));
+    }
     let bar = super::progress_bar(req.steps as u64, "{spinner} [{bar:30}] step {pos}/{len} {per_sec} {msg}");
     let image = pipe.generate(&req, &mut |s| match s {
         Stage::TextEncoded | Stage::Sampling { .. } => bar.set_message("sampling"),

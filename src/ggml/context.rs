@@ -205,6 +205,24 @@ impl<'d> Context<'d> {
         Ok(unsafe { sys::ggml_gallocr_get_buffer_size(ga, 0) })
     }
 
+    /// The compute buffer [`Context::alloc_graph`] would allocate for `graph`, in
+    /// bytes, found without allocating it (the memory planner sizes stages with it).
+    pub fn measure_graph(&self, graph: &Graph<'_>) -> Result<usize> {
+        // SAFETY: the CPU buffer type is a static singleton; the allocator is freed below.
+        let ga = unsafe { sys::ggml_gallocr_new(sys::ggml_backend_cpu_buffer_type()) };
+        if ga.is_null() {
+            return Err(Error::Ggml("cannot create a graph allocator".into()));
+        }
+        let mut size = 0usize;
+        // SAFETY: one buffer (null id lists); `reserve_n_size` only plans offsets and
+        // writes one size; it neither allocates nor modifies the graph.
+        unsafe {
+            sys::ggml_gallocr_reserve_n_size(ga, graph.ptr.as_ptr(), std::ptr::null(), std::ptr::null(), &mut size);
+            sys::ggml_gallocr_free(ga);
+        }
+        Ok(size)
+    }
+
     /// Allocates CPU memory for every tensor of the context that has none yet.
     pub fn alloc_cpu(&self, backend: &Backend) -> Result<()> {
         // SAFETY: ctx and backend valid; the buffer is owned by self from now on.

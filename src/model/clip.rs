@@ -126,6 +126,14 @@ pub fn build<'c>(ctx: &'c Context<'c>, w: &'c Weights<'c>, cfg: &TextEncoderConf
 }
 
 /// Runs the encoder on padded token sequences; returns `[B][T][hidden]` flattened.
+/// The compute buffer [`encode`] needs for `prompts` prompts, found without allocating it.
+pub fn buffer_bytes(w: &Weights<'_>, cfg: &TextEncoderConfig, prompts: usize) -> Result<usize> {
+    let ctx = Context::new(64 + 40 * cfg.num_layers)?;
+    let g = build(&ctx, w, cfg, prompts)?;
+    let graph = ctx.graph(&[g.hidden])?;
+    ctx.measure_graph(&graph)
+}
+
 pub fn encode(w: &Weights<'_>, cfg: &TextEncoderConfig, tokens: &[Vec<u32>], backend: &Backend) -> Result<Vec<f32>> {
     let t = cfg.max_positions;
     let mut flat = Vec::with_capacity(t * tokens.len());

@@ -143,17 +143,61 @@ pub fn attend<'c>(c: &'c Context<'_>, q: Tensor<'c>, k: Tensor<'c>, v: Tensor<'c
 /// Runs a one-input, one-output network once: `build` maps the f32 input tensor of
 /// ggml shape `ne` (holding `input`) to the output, whose values are returned.
 pub fn eval(w: &Weights<'_>, ne: [usize; 4], input: &[f32], max_tensors: usize, backend: &Backend, build: impl for<'c> FnOnce(&Nn<'c>, Tensor<'c>) -> Result<Tensor<'c>>) -> Result<Vec<f32>> {
-    let ctx = Context::new(max_tensors)?;
-    let nn = Nn::new(&ctx, w);
-    let x = ctx.tensor(Type::F32, &ne, "input")?;
-    ctx.set_input(x);
-    let out = build(&nn, x)?;
-    ctx.set_output(out);
-    let graph = ctx.graph(&[out])?;
-    ctx.alloc_graph(&graph)?;
-    ctx.set_f32(x, input)?;
-    backend.compute(&graph)?;
-    ctx.get_f32(out)
+    Program::new(w, ne, max_tensors, build)?.run(input, backend)
+}
+
+/// A one-input, one-output network built once as a graph and run on many inputs of
+/// one shape (the tiles of a tiled decode): its compute buffer is allocated once.
+pub struct Program<'w> {
+    ctx: Context<'w>,
+    ne: [usize; 4],
+    /// Compute-buffer size in bytes.
+    pub buffer_bytes: usize,
+    _weights: std::marker::PhantomData<&'w Weights<'w>>,
+}
+
+const INPUT: &str = "program.input";
+const OUTPUT: &str = "program.output";
+
+impl<'w> Program<'w> {
+    /// Builds the graph of `build` for an f32 input of ggml shape `ne`.
+    pub fn new(w: &'w Weights<'w>, ne: [usize; 4], max_tensors: usize, build: impl for<'c> FnOnce(&Nn<'c>, Tensor<'c>) -> Result<Tensor<'c>>) -> Result<Self> {
+        let ctx = Context::new(max_tensors)?;
+        let buffer_bytes = {
+            let graph = Self::graph(&ctx, w, ne, build)?;
+            ctx.alloc_graph(&graph)?
+        };
+        Ok(Program { ctx, ne, buffer_bytes, _weights: std::marker::PhantomData })
+    }
+
+    /// The compute buffer [`Program::new`] would allocate, without allocating it.
+    pub fn measure(w: &Weights<'_>, ne: [usize; 4], max_tensors: usize, build: impl for<'c> FnOnce(&Nn<'c>, Tensor<'c>) -> Result<Tensor<'c>>) -> Result<usize> {
+        let ctx = Context::new(max_tensors)?;
+        let graph = Self::graph(&ctx, w, ne, build)?;
+        ctx.measure_graph(&graph)
+    }
+
+    fn graph<'c>(ctx: &'c Context<'c>, w: &'c Weights<'c>, ne: [usize; 4], build: impl FnOnce(&Nn<'c>, Tensor<'c>) -> Result<Tensor<'c>>) -> Result<crate::ggml::Graph<'c>> {
+        let nn = Nn::new(ctx, w);
+        let x = ctx.tensor(Type::F32, &ne, INPUT)?;
+        ctx.set_input(x);
+        let out = build(&nn, x)?;
+        ctx.name(out, OUTPUT)?;
+        ctx.set_output(out);
+        ctx.graph(&[out])
+    }
+
+    /// One evaluation on `input` (the shape given at build time).
+    pub fn run(&self, input: &[f32], backend: &Backend) -> Result<Vec<f32>> {
+        let get = |n: &str| self.ctx.get(n).ok_or_else(|| crate::Error::Ggml(format!("program graph lacks `{n}`")));
+        if input.len() != self.ne.iter().product::<usize>() {
+            return Err(crate::Error::Invalid(format!("{} input values for a graph of shape {:?}", input.len(), self.ne)));
+        }
+        self.ctx.set_f32(get(INPUT)?, input)?;
+        let graph = self.ctx.built_graph().ok_or_else(|| crate::Error::Ggml("program graph missing".into()))?;
+        backend.compute(&graph)?;
+        self.ctx.get_f32(get(OUTPUT)?)
+    }
 }
 
 #[cfg(test)]

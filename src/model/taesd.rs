@@ -77,6 +77,12 @@ pub fn decode(w: &Weights<'_>, latents: &[f32], n: usize, h: usize, wd: usize, b
     eval(w, DECODER, latents, [wd, h, c, n], backend)
 }
 
+/// The compute buffer [`decode`] needs for one `wd`x`h` latent, found without allocating it.
+pub fn decode_buffer_bytes(w: &Weights<'_>, h: usize, wd: usize) -> Result<usize> {
+    let c = latent_channels(w)?;
+    super::nn::Program::measure(w, [wd, h, c, 1], 2048, |nn, x| run(nn, DECODER, x))
+}
+
 /// Encodes an image in [0, 1] (`[n][3][H][W]`, sides multiples of 8) to latents.
 pub fn encode(w: &Weights<'_>, pixels: &[f32], n: usize, h: usize, wd: usize, backend: &Backend) -> Result<Vec<f32>> {
     if h % 8 != 0 || wd % 8 != 0 {

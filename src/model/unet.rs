@@ -212,6 +212,15 @@ impl<'w> Runner<'w> {
         Ok(Runner { ctx, cfg: cfg.clone(), shape: (width, height, batch, tokens), buffer_bytes, flops, _weights: std::marker::PhantomData })
     }
 
+    /// The compute buffer [`Runner::new`] would allocate, without allocating it.
+    pub fn measure(w: &Weights<'_>, cfg: &UnetConfig, width: usize, height: usize, batch: usize, tokens: usize, attention: Attention) -> Result<usize> {
+        let ctx = Context::new(16384)?;
+        let nn = Nn { attention, ..Nn::new(&ctx, w) };
+        let g = build(&nn, cfg, width, height, batch, tokens)?;
+        let graph = ctx.graph(&[g.out])?;
+        ctx.measure_graph(&graph)
+    }
+
     /// One evaluation: `x` `[B][C][H][W]`, `t` `[B]`, `context` `[B][T][ctx]`.
     pub fn run(&self, x: &[f32], t: &[f32], context: &[f32], y: Option<&[f32]>, guidance: Option<&[f32]>, backend: &Backend) -> Result<Vec<f32>> {
         let (w, h, b, tokens) = self.shape;

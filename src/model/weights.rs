@@ -13,6 +13,8 @@ pub struct Weights<'g> {
     path: PathBuf,
     ctx: Context<'g>,
     repacked: usize,
+    /// Data bytes of all the weights (mapped or copied).
+    bytes: u64,
     /// Weights copied out of the mapping (into the repack buffer).
     copied: std::collections::HashSet<String>,
 }
@@ -30,6 +32,7 @@ impl<'g> Weights<'g> {
     /// price of their size in anonymous memory.
     pub fn load_repacked(gguf: &'g GgufFile, keep: impl Fn(&str) -> bool, repack: impl Fn(&str) -> bool) -> Result<Self> {
         let infos: Vec<_> = gguf.tensors.iter().filter(|t| keep(&t.name)).collect();
+        let bytes = infos.iter().map(|t| t.nbytes).sum();
         let ctx = Context::new(infos.len() + 1)?;
         let region = ctx.borrow_host(gguf.bytes())?;
         let can = Context::can_repack();
@@ -52,13 +55,18 @@ impl<'g> Weights<'g> {
             repacked = ctx.alloc_repacked(&later)?;
             log::debug!("{}: {repacked} of {} weights repacked for ggml's integer GEMM", gguf.path.display(), later.len());
         }
-        Ok(Weights { path: gguf.path.clone(), ctx, repacked, copied })
+        Ok(Weights { path: gguf.path.clone(), ctx, repacked, bytes, copied })
     }
 
     /// Whether the weight `name` was copied out of the mapping (so the mapping's pages
     /// for it are no longer read).
     pub fn is_copied(&self, name: &str) -> bool {
         self.copied.contains(name)
+    }
+
+    /// Data bytes of all the weights, mapped or copied (what a stage keeps resident).
+    pub fn bytes(&self) -> u64 {
+        self.bytes
     }
 
     /// How many weights are held in ggml's repacked layout.
@@ -97,6 +105,7 @@ impl Weights<'static> {
         for (t, tensor) in floats.iter().zip(made) {
             ctx.set_f32(tensor, &t.read_f32()?)?;
         }
-        Ok(Weights { path: ck.path.clone(), ctx, repacked: 0, copied: Default::default() })
+        let bytes = floats.iter().map(|t| 4 * t.shape.iter().product::<usize>() as u64).sum();
+        Ok(Weights { path: ck.path.clone(), ctx, repacked: 0, bytes, copied: Default::default() })
     }
 }
