@@ -105,7 +105,7 @@ fn attention(c: &mut Criterion, backend: &Backend) {
     let (heads, batch) = (8, 2);
     for (nq, nk, d) in [(4096, 4096, 40), (4096, 77, 40), (1024, 1024, 80), (1024, 1024, 40)] {
         let flops = 4.0 * (nq * nk * d * heads * batch) as f64;
-        for (kind, id, align) in [(Attention::MatMul, "matmul", 1), (Attention::MatMul, "matmul_pad16", 16), (Attention::Flash, "flash", 1)] {
+        for (kind, id, align) in [(Attention::MatMul, "matmul", 1), (Attention::MatMul, "matmul_pad16", 16), (Attention::Flash, "flash", 1), (Attention::Tiled, "tiled", 1)] {
             if align > 1 && d % align == 0 {
                 continue;
             }

@@ -34,8 +34,9 @@ pub struct Args {
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
-    /// Attention kernel: auto (the fastest measured: flash for every non-causal
-    /// attention with this ggml), matmul (score matrix, head size padded to 16) or flash.
+    /// Attention kernel: auto (the fastest measured: sdrs' tiled kernel for every
+    /// non-causal attention), tiled, flash (ggml's) or matmul (score matrix, head
+    /// size padded to 16).
     #[arg(long, default_value = "auto")]
     attention: String,
     /// Write the memory timeline (anonymous and file-backed RSS, stages marked) as SVG.

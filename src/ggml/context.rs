@@ -77,6 +77,11 @@ unsafe fn node_flops(t: &sys::ggml_tensor) -> f64 {
             let (dk, dv, nq, nkv) = (q.ne[0] as f64, v.ne[0] as f64, q.ne[1] as f64, k.ne[1] as f64);
             2.0 * nq * nkv * (dk + dv) * (q.ne[2] * q.ne[3]) as f64
         }
+        // sdrs' attention kernel, the only custom op: q, k, v as flash attention's.
+        sys::GGML_OP_CUSTOM if !t.src[2].is_null() => {
+            let (q, k, v) = (&*t.src[0], &*t.src[1], &*t.src[2]);
+            2.0 * (q.ne[1] * k.ne[1]) as f64 * (q.ne[0] + v.ne[0]) as f64 * (q.ne[2] * q.ne[3]) as f64
+        }
         _ => 0.0,
     }
 }

@@ -6,6 +6,8 @@ mod ops;
 mod peak;
 mod sys;
 
+mod attention;
+pub use attention::kernel_variant as attention_kernel;
 pub use context::{Backend, Context, Graph, HostRegion, NodeTiming, Tensor};
 pub use device::{cpu_backend_info, CpuBackendInfo, BACKEND_DIR_ENV};
 pub use ops::CONV_MAX_BANDS;

@@ -13,33 +13,37 @@ pub enum Attention {
     /// ggml's fused kernel (`flash_attn_ext`): no score matrix. Causal attention
     /// (text encoders, 77 tokens) always uses the matrix form.
     Flash,
-    /// The fastest measured for the shape. With this ggml that is flash attention for
-    /// every non-causal shape SD has: `cargo bench --bench kernels -- attention` (2
-    /// threads, AVX-512) gave 53 against 8 GFLOP/s (32 with the head size padded) at
-    /// 4096 tokens and head size 40, 82 against 27 at 1024 tokens and 80, and 28
-    /// against 8 for cross-attention over 77 tokens. (ggml 0.19 was slower at D = 40,
-    /// hence the choice is kept apart from `Flash`.)
+    /// sdrs' own tiled kernel (`ggml/attention.rs`): no score matrix, any head size
+    /// at full vector width, strided q/k/v read in place.
+    Tiled,
+    /// The fastest measured for the shape: the tiled kernel for every non-causal
+    /// attention SD has (`cargo bench --bench kernels -- attention`, 2 threads,
+    /// AVX-512: 98 against flash's 52 GFLOP/s at 4096 tokens and head size 40, 97
+    /// against 73 at 1024 tokens and 80, 56 against 29 for cross-attention over 77
+    /// text tokens; the matrix form 9–32), the matrix form for causal text encoders.
     #[default]
     Auto,
 }
 
 impl Attention {
-    pub const NAMES: &'static [&'static str] = &["auto", "matmul", "flash"];
+    pub const NAMES: &'static [&'static str] = &["auto", "matmul", "flash", "tiled"];
 
     pub fn parse(s: &str) -> Option<Attention> {
         match s {
             "auto" => Some(Attention::Auto),
             "matmul" => Some(Attention::MatMul),
             "flash" => Some(Attention::Flash),
+            "tiled" => Some(Attention::Tiled),
             _ => None,
         }
     }
 
     fn flash(self) -> bool {
-        match self {
-            Attention::MatMul => false,
-            Attention::Flash | Attention::Auto => true,
-        }
+        self == Attention::Flash
+    }
+
+    fn tiled(self) -> bool {
+        matches!(self, Attention::Tiled | Attention::Auto)
     }
 }
 
@@ -118,6 +122,9 @@ impl<'c> Nn<'c> {
 pub fn attend<'c>(c: &'c Context<'_>, q: Tensor<'c>, k: Tensor<'c>, v: Tensor<'c>, causal: bool, kind: Attention, align: usize) -> Result<Tensor<'c>> {
     let [d, nq, h, b] = q.ne();
     let scale = 1.0 / (d as f32).sqrt();
+    if kind.tiled() && !causal {
+        return c.attention(q, k, v, scale);
+    }
     if kind.flash() && !causal {
         // No padding here: ggml's tiled flash kernel runs D = 40 as fast as 48
         // (`cargo bench --bench kernels -- attention`).
@@ -229,13 +236,54 @@ mod tests {
         ctx.get_f32(out).unwrap()
     }
 
+    /// Attention with `nq` queries over `nk` keys; values given transposed in memory
+    /// (a permuted view, as the VAE passes them) when `v_transposed`.
+    fn run_qk(d: usize, heads: usize, nq: usize, nk: usize, kind: Attention, v_transposed: bool) -> Vec<f32> {
+        let backend = Backend::cpu(2).unwrap();
+        let ctx = Context::new(64).unwrap();
+        let mut inputs = Vec::new();
+        let mut views = Vec::new();
+        for (i, (name, n)) in [("q", nq), ("k", nk), ("v", nk)].into_iter().enumerate() {
+            let t = if name == "v" && v_transposed { ctx.tensor(Type::F32, &[n, d * heads, 1], name).unwrap() } else { ctx.tensor(Type::F32, &[d * heads, n, 1], name).unwrap() };
+            ctx.set_input(t);
+            inputs.push((t, i));
+            let t = if name == "v" && v_transposed { ctx.permute(t, [1, 0, 2, 3]).unwrap() } else { t };
+            let t = ctx.reshape(if t.is_contiguous() { t } else { ctx.cont(t).unwrap() }, &[d, heads, n, 1]).unwrap();
+            views.push(ctx.permute(t, [0, 2, 1, 3]).unwrap());
+        }
+        let out = attend(&ctx, views[0], views[1], views[2], false, kind, 1).unwrap();
+        ctx.set_output(out);
+        let graph = ctx.graph(&[out]).unwrap();
+        ctx.alloc_graph(&graph).unwrap();
+        for (t, i) in inputs {
+            let v: Vec<f32> = (0..t.nelements()).map(|j| ((((j + 7919 * i) * 2654435761) % 10007) as f32 / 5003.5 - 1.0) * 1.5).collect();
+            ctx.set_f32(t, &v).unwrap();
+        }
+        backend.compute(&graph).unwrap();
+        ctx.get_f32(out).unwrap()
+    }
+
+    #[test]
+    fn the_tiled_kernel_equals_the_matrix_form_for_sd_head_sizes_and_ragged_lengths() {
+        // SD's head sizes (40, 80, 160), the VAE's single 512-wide head; queries not a
+        // multiple of the 4-query tile, keys not a multiple of the 64-key block (77
+        // text tokens), a strided value view.
+        for (d, heads, nq, nk, vt) in [(40, 2, 70, 70, false), (80, 1, 33, 77, false), (160, 2, 9, 130, false), (64, 3, 5, 1, false), (512, 1, 21, 21, true)] {
+            let want = run_qk(d, heads, nq, nk, Attention::MatMul, vt);
+            let got = run_qk(d, heads, nq, nk, Attention::Tiled, vt);
+            assert_eq!(got.len(), d * heads * nq);
+            let worst = want.iter().zip(&got).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+            assert!(worst < 2e-5, "d {d}, {heads} heads, {nq}x{nk}: max difference {worst}");
+        }
+    }
+
     #[test]
     fn padding_the_head_size_leaves_attention_unchanged_for_both_kernels() {
         // SD 1.5's first level has head size 40; 24 tokens cover a partial tile.
         let (d, heads, tokens) = (40, 2, 24);
         let plain = run(d, heads, tokens, Attention::MatMul, 1);
         assert_eq!(plain.len(), d * heads * tokens);
-        for (kind, align) in [(Attention::MatMul, 16), (Attention::Flash, 1)] {
+        for (kind, align) in [(Attention::MatMul, 16), (Attention::Flash, 1), (Attention::Tiled, 1)] {
             let other = run(d, heads, tokens, kind, align);
             let worst = plain.iter().zip(&other).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
             // Flash keeps K/V as f16 in its inner products where ggml chooses to: 1e-3.

@@ -1,0 +1,501 @@
+//! sdrs' own attention kernel, a ggml custom op: softmax(q kᵀ · scale) v for any head
+//! size, without a score matrix.
+//!
+//! Why: at SD 1.5's first level (4096 tokens, head size 40) ggml's `flash_attn_ext`
+//! reaches ~50 GFLOP/s on 2 Zen 4 / Xeon cores and the matrix form less (see
+//! `shared/baselines/kernels.md`); attention was a quarter of a 512x512 UNet step.
+//!
+//! How (FlashAttention's tiling and online softmax, Dao et al. 2022, on a CPU): for
+//! each head, keys are packed transposed (`[D][Nk]`) and values row-major with the
+//! head size padded to a multiple of 16; a tile of 4 queries runs over blocks of 64
+//! keys: scores as 4x64 register accumulators (one broadcast query value against 4
+//! vectors of keys per step of the head dimension), a running max and sum per query
+//! rescale the output, and the probabilities multiply the values in chunks of up to
+//! 48 lanes kept in registers. The code is plain Rust over fixed-size arrays, compiled
+//! three times (AVX-512, AVX2+FMA, and the target's baseline: SSE2, or NEON on
+//! aarch64) and chosen at run time, so one binary runs everywhere.
+use std::ffi::{c_int, c_void};
+
+use super::sys;
+
+/// Queries per tile.
+const R: usize = 6;
+/// Keys per block.
+const KB: usize = 64;
+/// Head sizes are padded to multiples of this (one AVX-512 vector of f32).
+const LANES: usize = 16;
+/// Queries per unit of work handed to a thread.
+const UNIT_ROWS: usize = 64;
+
+/// `exp` for the softmax: Cody–Waite range reduction to |r| ≤ ln2/2 and a degree-6
+/// Taylor polynomial (relative error ~2e-7), written so that it vectorises (no
+/// library call, no branch): rounding by the 1.5·2²³ trick, the power of two built
+/// in the exponent bits. Below -87 the result is 0 (masked keys are −∞).
+#[inline(always)]
+fn exp(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_145_75;
+    const LN2_LO: f32 = 1.428_606_8e-6;
+    const ROUND: f32 = 12_582_912.0;
+    let xc = x.clamp(-87.0, 88.0);
+    let k = (xc * LOG2E + ROUND) - ROUND;
+    let r = (xc - k * LN2_HI) - k * LN2_LO;
+    let p = 1.0 + r * (1.0 + r * (0.5 + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
+    let y = p * f32::from_bits(((k as i32 + 127) << 23) as u32);
+    if x < -87.0 {
+        0.0
+    } else {
+        y
+    }
+}
+
+/// `a * b + c`, fused where the compiled variant has FMA.
+#[inline(always)]
+fn madd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
+    if FMA {
+        a.mul_add(b, c)
+    } else {
+        a * b + c
+    }
+}
+
+/// One head's keys and values, packed.
+struct Head<'a> {
+    /// Keys transposed in blocks of 64 (`[nkp/64][d][64]`: one block's keys are one
+    /// contiguous run, which the hardware prefetcher streams), zero beyond `nk`.
+    kt: &'a [f32],
+    /// `[nkp][dp]`: values, head size padded with zeros.
+    v: &'a [f32],
+    d: usize,
+    dp: usize,
+    nk: usize,
+}
+
+/// Attention of `R` queries (`q` `[R][d]`, already scaled) over a head; writes the
+/// normalised outputs to `out` `[R][dp]`.
+#[inline(always)]
+fn tile<const FMA: bool>(h: &Head<'_>, q: &[f32], out: &mut [f32]) {
+    let (d, dp) = (h.d, h.dp);
+    let mut m = [f32::NEG_INFINITY; R];
+    let mut l = [0f32; R];
+    let mut p = [[0f32; KB]; R];
+    out[..R * dp].fill(0.0);
+    let mut j0 = 0;
+    while j0 < h.nk {
+        let mut s = [[0f32; KB]; R];
+        for dd in 0..d {
+            let krow: &[f32; KB] = h.kt[j0 * d + dd * KB..][..KB].try_into().unwrap_or(&[0.0; KB]);
+            for r in 0..R {
+                let qv = q[r * d + dd];
+                for j in 0..KB {
+                    s[r][j] = madd::<FMA>(qv, krow[j], s[r][j]);
+                }
+            }
+        }
+        let valid = (h.nk - j0).min(KB);
+        for r in 0..R {
+            for x in s[r][valid..].iter_mut() {
+                *x = f32::NEG_INFINITY;
+            }
+            let mx = s[r].iter().fold(m[r], |a, &b| a.max(b));
+            let corr = exp(m[r] - mx);
+            let mut sum = 0.0;
+            for j in 0..KB {
+                let e = exp(s[r][j] - mx);
+                p[r][j] = e;
+                sum += e;
+            }
+            l[r] = l[r] * corr + sum;
+            m[r] = mx;
+            for x in out[r * dp..(r + 1) * dp].iter_mut() {
+                *x *= corr;
+            }
+        }
+        let mut c0 = 0;
+        while c0 < dp {
+            let cw = match dp - c0 {
+                n if n >= 3 * LANES => 3 * LANES,
+                n if n >= 2 * LANES => 2 * LANES,
+                _ => LANES,
+            };
+            match cw {
+                48 => pv::<FMA, 48>(h, &p, j0, valid, c0, out),
+                32 => pv::<FMA, 32>(h, &p, j0, valid, c0, out),
+                _ => pv::<FMA, 16>(h, &p, j0, valid, c0, out),
+            }
+            c0 += cw;
+        }
+        j0 += KB;
+    }
+    for r in 0..R {
+        let inv = 1.0 / l[r];
+        for x in out[r * dp..(r + 1) * dp].iter_mut() {
+            *x *= inv;
+        }
+    }
+}
+
+/// `out[r][c0..c0+CW] += Σ_j p[r][j] · v[j0+j][c0..c0+CW]`, accumulated in registers.
+#[inline(always)]
+fn pv<const FMA: bool, const CW: usize>(h: &Head<'_>, p: &[[f32; KB]; R], j0: usize, valid: usize, c0: usize, out: &mut [f32]) {
+    let dp = h.dp;
+    let mut acc = [[0f32; CW]; R];
+    for r in 0..R {
+        acc[r].copy_from_slice(&out[r * dp + c0..][..CW]);
+    }
+    for j in 0..valid {
+        let vrow: &[f32; CW] = h.v[(j0 + j) * dp + c0..][..CW].try_into().unwrap_or(&[0.0; CW]);
+        for r in 0..R {
+            let pj = p[r][j];
+            for c in 0..CW {
+                acc[r][c] = madd::<FMA>(pj, vrow[c], acc[r][c]);
+            }
+        }
+    }
+    for r in 0..R {
+        out[r * dp + c0..][..CW].copy_from_slice(&acc[r]);
+    }
+}
+
+/// A strided f32 tensor as ggml describes it (element `[i0, i1, i2, i3]` at byte
+/// `Σ i·nb`).
+#[derive(Clone, Copy)]
+struct View {
+    data: *const u8,
+    ne: [usize; 4],
+    nb: [usize; 4],
+}
+
+impl View {
+    /// # Safety
+    /// `t` must be a live f32 tensor with data.
+    unsafe fn of(t: *const sys::ggml_tensor) -> View {
+        let t = &*t;
+        View { data: t.data as *const u8, ne: t.ne.map(|n| n as usize), nb: t.nb }
+    }
+
+    /// # Safety
+    /// Indexes within `ne`.
+    #[inline(always)]
+    unsafe fn at(&self, i0: usize, i1: usize, i2: usize, i3: usize) -> f32 {
+        self.data.add(i0 * self.nb[0] + i1 * self.nb[1] + i2 * self.nb[2] + i3 * self.nb[3]).cast::<f32>().read_unaligned()
+    }
+}
+
+/// The work of one thread: units of (batch, head, 64 queries), a contiguous share
+/// of them, packing a head's keys and values when the unit's head changes.
+///
+/// # Safety
+/// `q` `[D, Nq, H, B]`, `k` and `v` `[D, Nk, H, B]` (any strides, f32, live), `dst`
+/// a contiguous f32 tensor `[D*H, Nq, B]` that only this call's units write.
+unsafe fn run(q: View, k: View, v: View, dst: *mut f32, scale: f32, ith: usize, nth: usize, tile: TileFn) {
+    let [d, nq, heads, batch] = q.ne;
+    let nk = k.ne[1];
+    let dp = d.next_multiple_of(LANES);
+    let nkp = nk.next_multiple_of(KB);
+    let per_head = nq.div_ceil(UNIT_ROWS);
+    let units = batch * heads * per_head;
+    let (first, last) = (ith * units / nth, (ith + 1) * units / nth);
+    let mut kt = vec![0f32; d * nkp];
+    let mut vp = vec![0f32; nkp * dp];
+    let mut qt = vec![0f32; R * d];
+    let mut out = vec![0f32; R * dp];
+    let mut packed = None;
+    for unit in first..last {
+        let (bh, chunk) = (unit / per_head, unit % per_head);
+        let (b, hd) = (bh / heads, bh % heads);
+        if packed != Some(bh) {
+            for j in 0..nk {
+                for dd in 0..d {
+                    kt[(j / KB) * d * KB + dd * KB + j % KB] = k.at(dd, j, hd, b);
+                    vp[j * dp + dd] = v.at(dd, j, hd, b);
+                }
+            }
+            packed = Some(bh);
+        }
+        let head = Head { kt: &kt, v: &vp, d, dp, nk };
+        let rows = chunk * UNIT_ROWS..((chunk + 1) * UNIT_ROWS).min(nq);
+        let mut i0 = rows.start;
+        while i0 < rows.end {
+            let n = R.min(rows.end - i0);
+            for r in 0..R {
+                for dd in 0..d {
+                    qt[r * d + dd] = if r < n { q.at(dd, i0 + r, hd, b) * scale } else { 0.0 };
+                }
+            }
+            tile(&head, &qt, &mut out);
+            for r in 0..n {
+                // dst[(b*Nq + i)*H + h][d]
+                let row = dst.add(((b * nq + i0 + r) * heads + hd) * d);
+                std::ptr::copy_nonoverlapping(out[r * dp..].as_ptr(), row, d);
+            }
+            i0 += R;
+        }
+    }
+}
+
+/// Attention of one tile of queries over a packed head (see [`tile`]).
+type TileFn = unsafe fn(&Head<'_>, &[f32], &mut [f32]);
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn tile_avx2(h: &Head<'_>, q: &[f32], out: &mut [f32]) {
+    tile::<true>(h, q, out)
+}
+
+unsafe fn tile_portable(h: &Head<'_>, q: &[f32], out: &mut [f32]) {
+    // aarch64's baseline (NEON) has fused multiply-add; x86-64's (SSE2) does not.
+    tile::<{ cfg!(target_arch = "aarch64") }>(h, q, out)
+}
+
+/// The AVX-512 tile, in intrinsics: the portable code's arrays do not all stay in
+/// registers, and its softmax does not vectorise.
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::*;
+
+    use super::{Head, KB, LANES, R};
+
+    /// [`super::exp`] on 16 lanes, with `vscalefps` for the power of two.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn exp(x: __m512) -> __m512 {
+        let xc = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0)), _mm512_set1_ps(88.0));
+        let k = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm512_mul_ps(xc, _mm512_set1_ps(std::f32::consts::LOG2_E)));
+        let r = _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693_145_75), xc);
+        let r = _mm512_fnmadd_ps(k, _mm512_set1_ps(1.428_606_8e-6), r);
+        let mut p = _mm512_set1_ps(1.0 / 720.0);
+        for c in [1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
+            p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+        }
+        let y = _mm512_scalef_ps(p, k);
+        let below = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(x, _mm512_set1_ps(-87.0));
+        _mm512_mask_blend_ps(below, y, _mm512_setzero_ps())
+    }
+
+    /// `out[r][c0..c0+16N] = corr[r]·out[r][..] + Σ_j p[r][j] · v[j0+j][..]`.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn pv<const N: usize>(h: &Head<'_>, p: &[[f32; KB]; R], corr: &[f32; R], j0: usize, valid: usize, c0: usize, out: &mut [f32]) {
+        let dp = h.dp;
+        let o = out.as_mut_ptr();
+        let mut acc = [[_mm512_setzero_ps(); N]; R];
+        for r in 0..R {
+            for c in 0..N {
+                acc[r][c] = _mm512_mul_ps(_mm512_loadu_ps(o.add(r * dp + c0 + c * LANES)), _mm512_set1_ps(corr[r]));
+            }
+        }
+        let v = h.v.as_ptr().add(j0 * dp + c0);
+        for j in 0..valid {
+            let mut row = [_mm512_setzero_ps(); N];
+            for c in 0..N {
+                row[c] = _mm512_loadu_ps(v.add(j * dp + c * LANES));
+            }
+            for r in 0..R {
+                let pj = _mm512_set1_ps(p[r][j]);
+                for c in 0..N {
+                    acc[r][c] = _mm512_fmadd_ps(pj, row[c], acc[r][c]);
+                }
+            }
+        }
+        for r in 0..R {
+            for c in 0..N {
+                _mm512_storeu_ps(o.add(r * dp + c0 + c * LANES), acc[r][c]);
+            }
+        }
+    }
+
+    /// # Safety
+    /// `h`'s buffers hold `d × nkp` keys and `nkp × dp` values (nkp a multiple of 64,
+    /// dp of 16); `q` holds `R × d`, `out` `R × dp` values.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn tile(h: &Head<'_>, q: &[f32], out: &mut [f32]) {
+        let (d, dp) = (h.d, h.dp);
+        let mut m = [f32::NEG_INFINITY; R];
+        let mut l = [0f32; R];
+        let mut p = [[0f32; KB]; R];
+        out[..R * dp].fill(0.0);
+        let (kt, qp) = (h.kt.as_ptr(), q.as_ptr());
+        let mut j0 = 0;
+        while j0 < h.nk {
+            let mut s = [[_mm512_setzero_ps(); 4]; R];
+            for dd in 0..d {
+                let kp = kt.add(j0 * d + dd * KB);
+                let kv = [_mm512_loadu_ps(kp), _mm512_loadu_ps(kp.add(16)), _mm512_loadu_ps(kp.add(32)), _mm512_loadu_ps(kp.add(48))];
+                for r in 0..R {
+                    let qb = _mm512_set1_ps(*qp.add(r * d + dd));
+                    for c in 0..4 {
+                        s[r][c] = _mm512_fmadd_ps(qb, kv[c], s[r][c]);
+                    }
+                }
+            }
+            let valid = (h.nk - j0).min(KB);
+            let mut corr = [0f32; R];
+            for r in 0..R {
+                if valid < KB {
+                    for c in 0..4 {
+                        let keep = valid.saturating_sub(c * LANES).min(LANES);
+                        let mask: __mmask16 = if keep == LANES { 0xFFFF } else { ((1u32 << keep) - 1) as u16 };
+                        s[r][c] = _mm512_mask_blend_ps(mask, _mm512_set1_ps(f32::NEG_INFINITY), s[r][c]);
+                    }
+                }
+                let top = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_max_ps(s[r][0], s[r][1]), _mm512_max_ps(s[r][2], s[r][3])));
+                let mx = m[r].max(top);
+                corr[r] = super::exp(m[r] - mx);
+                let mb = _mm512_set1_ps(mx);
+                let mut sum = _mm512_setzero_ps();
+                for c in 0..4 {
+                    let e = exp(_mm512_sub_ps(s[r][c], mb));
+                    sum = _mm512_add_ps(sum, e);
+                    _mm512_storeu_ps(p[r].as_mut_ptr().add(c * LANES), e);
+                }
+                l[r] = l[r] * corr[r] + _mm512_reduce_add_ps(sum);
+                m[r] = mx;
+            }
+            let mut c0 = 0;
+            while c0 < dp {
+                let n = ((dp - c0) / LANES).min(3);
+                match n {
+                    3 => pv::<3>(h, &p, &corr, j0, valid, c0, out),
+                    2 => pv::<2>(h, &p, &corr, j0, valid, c0, out),
+                    _ => pv::<1>(h, &p, &corr, j0, valid, c0, out),
+                }
+                c0 += n.max(1) * LANES;
+            }
+            j0 += KB;
+        }
+        for r in 0..R {
+            let inv = 1.0 / l[r];
+            for x in out[r * dp..(r + 1) * dp].iter_mut() {
+                *x *= inv;
+            }
+        }
+    }
+}
+
+/// Which compiled variant this CPU runs (for `info --system` and benches).
+pub fn kernel_variant() -> &'static str {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            return "avx512";
+        }
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+            return "avx2";
+        }
+    }
+    if cfg!(target_arch = "aarch64") {
+        "neon"
+    } else {
+        "baseline"
+    }
+}
+
+/// The ggml callback. Never unwinds into C: a panic (a bug) poisons the output with
+/// NaN, which the caller sees as a wrong result, and is logged.
+pub(super) unsafe extern "C" fn attention_op(dst: *mut sys::ggml_tensor, ith: c_int, nth: c_int, userdata: *mut c_void) {
+    let result = std::panic::catch_unwind(|| {
+        // SAFETY: ggml passes the node built by `Context::attention`: three f32
+        // sources of the checked shapes, an allocated contiguous f32 destination of
+        // [D*H, Nq, B]; threads ith < nth write disjoint units.
+        unsafe {
+            let t = &*dst;
+            let (q, k, v) = (View::of(t.src[0]), View::of(t.src[1]), View::of(t.src[2]));
+            let scale = f32::from_bits(userdata as usize as u32);
+            let (ith, nth) = (ith.max(0) as usize, nth.max(1) as usize);
+            let out = t.data.cast::<f32>();
+            let tile: TileFn = match kernel_variant() {
+                #[cfg(target_arch = "x86_64")]
+                "avx512" => avx512::tile,
+                #[cfg(target_arch = "x86_64")]
+                "avx2" => tile_avx2,
+                _ => tile_portable,
+            };
+            run(q, k, v, out, scale, ith, nth, tile);
+        }
+    });
+    if result.is_err() {
+        log::error!("sdrs attention kernel panicked; its output is NaN");
+        // SAFETY: as above; only this thread's first unit range is touched by the fill
+        // of the whole tensor, which is fine: the result is invalid anyway.
+        unsafe {
+            let t = &*dst;
+            let n = (t.ne[0] * t.ne[1] * t.ne[2] * t.ne[3]) as usize;
+            if ith == 0 {
+                std::slice::from_raw_parts_mut(t.data.cast::<f32>(), n).fill(f32::NAN);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every compiled tile variant this CPU can run, against a plain softmax, on a
+    /// packed head with a partial last key block.
+    #[test]
+    fn every_tile_variant_matches_a_plain_softmax() {
+        let (d, nk): (usize, usize) = (40, 77);
+        let (dp, nkp) = (d.next_multiple_of(LANES), nk.next_multiple_of(KB));
+        let val = |i: usize| ((i * 2654435761) % 10007) as f32 / 5003.5 - 1.0;
+        let keys: Vec<f32> = (0..nk * d).map(val).collect(); // [nk][d]
+        let values: Vec<f32> = (0..nk * d).map(|i| val(i + 99991)).collect();
+        let q: Vec<f32> = (0..R * d).map(|i| val(i + 7) * 0.5).collect();
+        let mut kt = vec![0f32; d * nkp];
+        let mut vp = vec![0f32; nkp * dp];
+        for j in 0..nk {
+            for dd in 0..d {
+                kt[(j / KB) * d * KB + dd * KB + j % KB] = keys[j * d + dd];
+                vp[j * dp + dd] = values[j * d + dd];
+            }
+        }
+        let head = Head { kt: &kt, v: &vp, d, dp, nk };
+        let mut want = vec![0f32; R * d];
+        for r in 0..R {
+            let s: Vec<f64> = (0..nk).map(|j| (0..d).map(|i| q[r * d + i] as f64 * keys[j * d + i] as f64).sum()).collect();
+            let m = s.iter().cloned().fold(f64::MIN, f64::max);
+            let e: Vec<f64> = s.iter().map(|x| (x - m).exp()).collect();
+            let z: f64 = e.iter().sum();
+            for i in 0..d {
+                want[r * d + i] = (0..nk).map(|j| e[j] / z * values[j * d + i] as f64).sum::<f64>() as f32;
+            }
+        }
+        let mut variants: Vec<(&str, TileFn)> = vec![("portable", tile_portable)];
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+                variants.push(("avx2", tile_avx2));
+            }
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                variants.push(("avx512", avx512::tile));
+            }
+        }
+        for (name, tile) in variants {
+            let mut out = vec![f32::NAN; R * dp];
+            // SAFETY: buffers sized as `tile` requires; the variant's features were detected.
+            unsafe { tile(&head, &q, &mut out) };
+            for r in 0..R {
+                for i in 0..d {
+                    let (g, w) = (out[r * dp + i], want[r * d + i]);
+                    assert!((g - w).abs() < 1e-5, "{name}: row {r}, {i}: {g} against {w}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn exp_is_accurate_over_the_softmax_range_and_zero_far_below() {
+        let mut worst = 0f64;
+        let mut x = -80.0f32;
+        while x <= 0.0 {
+            let (got, want) = (exp(x) as f64, (x as f64).exp());
+            worst = worst.max(((got - want) / want).abs());
+            x += 0.0137;
+        }
+        assert!(worst < 5e-7, "relative error {worst}");
+        assert_eq!(exp(f32::NEG_INFINITY), 0.0);
+        assert_eq!(exp(-100.0), 0.0);
+        assert_eq!(exp(0.0), 1.0);
+    }
+}
