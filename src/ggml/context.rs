@@ -32,6 +32,8 @@ pub struct Context<'d> {
     graph: std::cell::Cell<Option<NonNull<sys::ggml_cgraph>>>,
     /// Largest im2col matrix one convolution builds at once (see `conv2d`).
     pub(super) conv_budget: std::cell::Cell<usize>,
+    /// Parameters of custom ops, alive as long as the graph that points at them.
+    kept: RefCell<Vec<Box<super::im2col::Params>>>,
     _data: PhantomData<&'d [u8]>,
 }
 
@@ -107,7 +109,7 @@ impl<'d> Context<'d> {
         let params = sys::ggml_init_params { mem_size: size, mem_buffer: std::ptr::null_mut(), no_alloc: true };
         // SAFETY: ggml allocates its own memory of `size` bytes.
         let ptr = NonNull::new(unsafe { sys::ggml_init(params) }).ok_or_else(|| Error::Ggml("ggml_init failed".into()))?;
-        Ok(Context { ptr, buffers: RefCell::new(Vec::new()), borrowed: RefCell::new(HashSet::new()), galloc: RefCell::new(None), graph_size: max_tensors, graph: std::cell::Cell::new(None), conv_budget: std::cell::Cell::new(super::ops::CONV_COLUMNS_MAX_BYTES), _data: PhantomData })
+        Ok(Context { ptr, buffers: RefCell::new(Vec::new()), borrowed: RefCell::new(HashSet::new()), galloc: RefCell::new(None), graph_size: max_tensors, graph: std::cell::Cell::new(None), conv_budget: std::cell::Cell::new(super::ops::CONV_COLUMNS_MAX_BYTES), kept: RefCell::new(Vec::new()), _data: PhantomData })
     }
 
     /// Bounds the column matrix of each convolution built from now on (bytes; larger
@@ -128,6 +130,15 @@ impl<'d> Context<'d> {
             return Err(Error::Ggml(format!("graph too large for its context ({} tensors of room, {tensors} more needed)", size.saturating_sub(used + reserve) / per)));
         }
         Ok(())
+    }
+
+    /// Keeps custom-op parameters for the context's lifetime; the pointer is stable
+    /// (boxed) and only read by the op.
+    pub(super) fn keep(&self, p: super::im2col::Params) -> *mut std::ffi::c_void {
+        let b = Box::new(p);
+        let ptr = &*b as *const super::im2col::Params as *mut std::ffi::c_void;
+        self.kept.borrow_mut().push(b);
+        ptr
     }
 
     pub(super) fn raw(&self) -> *mut sys::ggml_context {
@@ -526,7 +537,12 @@ impl Backend {
             // SAFETY: node valid (above); ggml_op_desc returns a static string.
             let (op, src_type, flops) = unsafe {
                 let r = &*node;
-                let op = std::ffi::CStr::from_ptr(sys::ggml_op_desc(node)).to_string_lossy().into_owned();
+                let mut op = std::ffi::CStr::from_ptr(sys::ggml_op_desc(node)).to_string_lossy().into_owned();
+                // sdrs' own ops are custom ops named for what they are.
+                let name = std::ffi::CStr::from_ptr(r.name.as_ptr()).to_string_lossy();
+                if r.op == sys::GGML_OP_CUSTOM && name.starts_with("sdrs.") {
+                    op = name[5..].to_uppercase();
+                }
                 let src_type = if r.src[0].is_null() { Type(r.type_) } else { Type((*r.src[0]).type_) };
                 (op, src_type, node_flops(r))
             };

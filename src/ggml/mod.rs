@@ -7,6 +7,7 @@ mod peak;
 mod sys;
 
 mod attention;
+mod im2col;
 pub use attention::kernel_variant as attention_kernel;
 pub use context::{Backend, Context, Graph, HostRegion, NodeTiming, Tensor};
 pub use device::{cpu_backend_info, CpuBackendInfo, BACKEND_DIR_ENV};

@@ -131,7 +131,7 @@ impl Context<'_> {
         let mut args = [q.raw(), k.raw(), v.raw()];
         // SAFETY: shapes and types checked as the kernel assumes them; the scale
         // travels in the userdata pointer's bits (no allocation to outlive the graph).
-        self.op(unsafe {
+        let t = self.op(unsafe {
             sys::ggml_custom_4d(
                 self.raw(),
                 Type::F32.0,
@@ -145,7 +145,9 @@ impl Context<'_> {
                 sys::GGML_N_TASKS_MAX,
                 scale.to_bits() as usize as *mut std::ffi::c_void,
             )
-        })
+        })?;
+        self.name(t, "sdrs.attention")?;
+        Ok(t)
     }
 
     /// `a` `[K, N, ...]` (weights; may be quantized) times `b` `[K, M, ...]` (f32): `[N, M, ...]`.
@@ -257,33 +259,26 @@ impl Context<'_> {
             let flat = self.reshape(xt, &[ic, w * h * n])?;
             self.mul_mat(kernel, flat)? // [OC, W*H*N]
         } else {
-            let cols_type = Self::columns_type(kernel.ty());
-            let row_bytes = k * ow * n * cols_type.type_size();
+            let row_bytes = k * ow * n * Type::F32.type_size();
             // At most CONV_MAX_BANDS bands: each adds ~8 tensors to the graph, and the
             // context was sized by its builder.
             let bands = (row_bytes * oh).div_ceil(self.conv_budget.get()).clamp(1, oh.min(CONV_MAX_BANDS));
             self.ensure_room(8 * bands + 8)?;
             if bands == 1 {
-                let cols = self.im2col(x, kernel.ty(), kh, kw, stride, pad, pad)?;
+                let cols = self.im2col_rows(x, kh, kw, stride, pad, 0, oh)?;
                 let cols = self.reshape(cols, &[k, ow * oh * n])?;
                 self.mul_mat(kernel, cols)? // [OC, OW*OH*N]
             } else {
                 // The column matrix of a large convolution (a VAE decoder's at 512x512:
                 // 2.4 GB for one 3x3 conv of 256 channels) is built and multiplied a band of
-                // output rows at a time, from a padded copy of the input. Each output is the
-                // same dot product as in one piece, so this is exact, and the columns stay
-                // within the budget. (Padding each edge band in im2col instead of copying
-                // the input measured a higher peak on the SD 1.5 VAE: 1.20 against 1.11 GB.)
+                // output rows at a time. Each output is the same dot product as in one
+                // piece, so this is exact, and the columns stay within the budget.
                 let band = oh.div_ceil(bands);
-                let xp = if pad > 0 { self.pad_ext(x, [pad, pad, pad, pad, 0, 0, 0, 0])? } else { x };
                 let mut parts = Vec::with_capacity(bands);
                 let mut r0 = 0;
                 while r0 < oh {
                     let rows = band.min(oh - r0);
-                    // Output row r reads padded rows r*stride .. r*stride+kh.
-                    let ih = (rows - 1) * stride + kh;
-                    let view = self.view(xp, [xp.ne()[0], ih, ic, n], [0, r0 * stride, 0, 0])?;
-                    let cols = self.im2col(view, kernel.ty(), kh, kw, stride, 0, 0)?;
+                    let cols = self.im2col_rows(x, kh, kw, stride, pad, r0, rows)?;
                     let y = self.mul_mat(kernel, self.reshape(cols, &[k, ow * rows * n])?)?;
                     parts.push(self.reshape(y, &[oc, ow, rows, n])?);
                     r0 += rows;
@@ -307,34 +302,29 @@ impl Context<'_> {
         }
     }
 
-    /// im2col's element type: f32 for every kernel type. f16 columns for f16 kernels
-    /// (no conversion in the GEMM, half the bytes) measured slower: ggml's f16 im2col
-    /// costs 7x its f32 one, more than the GEMM saves (SD 1.5 at 256x256, 2 threads:
-    /// UNet step 4.41 against 4.12 s, VAE decode 10.9 against 9.8 s).
-    fn columns_type(_kernel: Type) -> Type {
-        Type::F32
-    }
-
-    /// The column matrix `[IC*kh*kw, OW, OH, N]` of `x` `[W, H, IC, N]` (rows of `x`
-    /// contiguous; views of whole rows are fine).
-    /// `pad_w` zeros left and right, `pad_h` above and below.
+    /// The column matrix `[IC*kh*kw, OW, rows, N]` of output rows `row0..row0+rows`
+    /// of a convolution of `x` `[W, H, IC, N]` (f32, rows contiguous) with `pad`
+    /// zeros on every side, by sdrs' own kernel (`ggml/im2col.rs`).
     #[allow(clippy::too_many_arguments)]
-    fn im2col<'c>(&'c self, x: Tensor<'c>, kernel: Type, kh: usize, kw: usize, stride: usize, pad_w: usize, pad_h: usize) -> Result<Tensor<'c>> {
-        let ic = x.ne()[2];
-        if x.ty() != Type::F32 || x.nb()[0] != 4 || x.nb()[1] != 4 * x.ne()[0] {
-            return Err(bad("im2col", format!("input {:?} must be f32 with contiguous rows", x.ne())));
+    fn im2col_rows<'c>(&'c self, x: Tensor<'c>, kh: usize, kw: usize, stride: usize, pad: usize, row0: usize, rows: usize) -> Result<Tensor<'c>> {
+        let [w, h, ic, n] = x.ne();
+        if x.ty() != Type::F32 || x.nb()[0] != 4 || w + 2 * pad < kw || h + 2 * pad < kh {
+            return Err(bad("im2col", format!("input {:?} must be f32 with contiguous rows, at least the kernel's size", x.ne())));
         }
-        // im2col reads only the kernel's shape: a small placeholder stands in for it.
-        let shape = self.tensor(Type::F16, &[kw, kh, ic, 1], "conv.kernel_shape")?;
-        // SAFETY: shapes consistent (checked by the caller), rows contiguous (above).
-        self.op(unsafe { sys::ggml_im2col(self.raw(), shape.raw(), x.raw(), stride as i32, stride as i32, pad_w as i32, pad_h as i32, 1, 1, true, Self::columns_type(kernel).0) })
-    }
-
-    /// Zero padding before (`p[2i]`) and after (`p[2i+1]`) each axis `i`.
-    pub fn pad_ext<'c>(&'c self, a: Tensor<'c>, p: [usize; 8]) -> Result<Tensor<'c>> {
-        let p = p.map(|v| v as i32);
-        // SAFETY: unary op.
-        self.op(unsafe { sys::ggml_pad_ext(self.raw(), a.raw(), p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7]) })
+        let ow = (w + 2 * pad - kw) / stride + 1;
+        let oh = (h + 2 * pad - kh) / stride + 1;
+        if rows == 0 || row0 + rows > oh {
+            return Err(bad("im2col", format!("rows {row0}..{} of {oh}", row0 + rows)));
+        }
+        let params = self.keep(super::im2col::Params { kh, kw, stride, pad, row0 });
+        let mut args = [x.raw()];
+        // SAFETY: shapes checked as the kernel reads them; `params` lives as long as
+        // this context (and so the graph).
+        let t = self.op(unsafe {
+            sys::ggml_custom_4d(self.raw(), Type::F32.0, (ic * kh * kw) as i64, ow as i64, rows as i64, n as i64, args.as_mut_ptr(), 1, Some(super::im2col::im2col_op), sys::GGML_N_TASKS_MAX, params)
+        })?;
+        self.name(t, "sdrs.im2col")?;
+        Ok(t)
     }
 
     /// Zero padding at the end of each axis.
