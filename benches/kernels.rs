@@ -2,7 +2,9 @@
 //! GFLOP/s (criterion's "elem/s" here counts floating-point operations, 2·M·N·K per
 //! product): a 3x3 convolution and a projection GEMM per weight type, and
 //! self-attention at 4096 and 1024 tokens (head size 40: SD 1.5's first level) with
-//! each kernel, with and without padding the head size to 16.
+//! each kernel, with and without padding the head size to 16; and a whole TAESD-family
+//! decode at 512x512 (the real TAEF2 decoder from `../shared/models`: TAESD's network
+//! with a 16-channel first layer, so it times SD's TAESD within a percent).
 //!
 //! `SDRS_BENCH_THREADS` sets the thread count (default: all cores).
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
@@ -127,8 +129,24 @@ fn attention(c: &mut Criterion, backend: &Backend) {
     }
 }
 
+fn taesd_decode(c: &mut Criterion, backend: &Backend) {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/models/taef2/taef2_decoder.pth");
+    let Ok(ck) = sdrs::formats::Checkpoint::open(&path) else {
+        eprintln!("skipping taesd_decode: {} not found", path.display());
+        return;
+    };
+    let w = sdrs::model::Weights::from_checkpoint(&ck, backend).expect("TAEF2 weights");
+    let channels = sdrs::model::taesd::latent_channels(&w).expect("decoder");
+    let latent = values(channels * 64 * 64, 5);
+    let mut g = c.benchmark_group("taesd_decode_512x512");
+    g.sample_size(10);
+    g.bench_function("taef2", |b| b.iter(|| sdrs::model::taesd::decode(&w, &latent, 1, 64, 64, backend).expect("decode")));
+    g.finish();
+}
+
 fn kernels(c: &mut Criterion) {
     let backend = Backend::cpu(threads()).expect("CPU backend");
+    taesd_decode(c, &backend);
     attention(c, &backend);
     conv3x3(c, &backend);
     gemm(c, &backend);

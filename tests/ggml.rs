@@ -169,7 +169,7 @@ fn repacked_q4_matrices_multiply_like_the_plain_layout() {
             let wctx = Context::new(4).unwrap();
             let w = wctx.tensor(ty, &[k, m], "w").unwrap();
             if packed {
-                wctx.alloc_repacked(&[(w, &raw[..])]).unwrap();
+                wctx.alloc_repacked(&[(w, &raw[..])], |_| {}).unwrap();
             } else {
                 wctx.alloc_cpu(&backend).unwrap();
                 wctx.set_bytes(w, &raw).unwrap();

@@ -302,7 +302,9 @@ impl<'d> Context<'d> {
     /// its integer GEMM kernels where it has a layout for the tensor (a copy, not a
     /// mapping: anonymous memory). Such tensors may only be the weights (`a`) of
     /// [`Context::mul_mat`]. Returns how many were rearranged.
-    pub fn alloc_repacked(&self, tensors: &[(Tensor<'_>, &[u8])]) -> Result<usize> {
+    /// `copied(i)` runs once tensor `i` is in place, so that its source can be let go
+    /// at once (the copy otherwise holds both in memory until the end).
+    pub fn alloc_repacked(&self, tensors: &[(Tensor<'_>, &[u8])], mut copied: impl FnMut(usize)) -> Result<usize> {
         let buft = super::device::repack_buffer_type().ok_or_else(|| Error::Ggml("this CPU library has no repack buffer".into()))?;
         for (t, bytes) in tensors {
             if t.has_data() || bytes.len() != t.nbytes() || t.ne()[2] != 1 || t.ne()[3] != 1 {
@@ -318,7 +320,7 @@ impl<'d> Context<'d> {
         }
         self.buffers.borrow_mut().push(buf);
         let mut repacked = 0;
-        for (t, bytes) in tensors {
+        for (i, (t, bytes)) in tensors.iter().enumerate() {
             // SAFETY: the tensor was just allocated in `buf` (host memory) with exactly
             // nbytes bytes. Its buffer's init set `extra` to the repack layout, or left
             // it NULL where ggml has none: then the GEMM reads the plain layout, and the
@@ -335,6 +337,7 @@ impl<'d> Context<'d> {
                     repacked += 1;
                 }
             }
+            copied(i);
         }
         Ok(repacked)
     }
@@ -541,7 +544,7 @@ impl Backend {
                 // sdrs' own ops are custom ops named for what they are.
                 let name = std::ffi::CStr::from_ptr(r.name.as_ptr()).to_string_lossy();
                 if r.op == sys::GGML_OP_CUSTOM && name.starts_with("sdrs.") {
-                    op = name[5..].to_uppercase();
+                    op = format!("{} (sdrs)", name[5..].to_uppercase());
                 }
                 let src_type = if r.src[0].is_null() { Type(r.type_) } else { Type((*r.src[0]).type_) };
                 (op, src_type, node_flops(r))

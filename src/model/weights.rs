@@ -37,6 +37,7 @@ impl<'g> Weights<'g> {
         let region = ctx.borrow_host(gguf.bytes())?;
         let can = Context::can_repack();
         let mut later = Vec::new();
+        let mut sources = Vec::new();
         let mut copied = std::collections::HashSet::new();
         for t in infos {
             let ne: Vec<usize> = t.ne.iter().map(|&d| d as usize).collect();
@@ -45,6 +46,7 @@ impl<'g> Weights<'g> {
             let packable = matches!(t.ty, Type::Q4_0 | Type::Q4_K) && ne.len() == 2 && ne[1] % 8 == 0;
             if can && packable && repack(&t.name) {
                 later.push((tensor, gguf.data(t)));
+                sources.push(t);
                 copied.insert(t.name.clone());
             } else {
                 ctx.place(&region, tensor, start)?;
@@ -52,7 +54,9 @@ impl<'g> Weights<'g> {
         }
         let mut repacked = 0;
         if !later.is_empty() {
-            repacked = ctx.alloc_repacked(&later)?;
+            // Each source leaves resident memory once copied: the mapped and the
+            // copied UNet are never both resident (0.93 GB at q4_0 otherwise).
+            repacked = ctx.alloc_repacked(&later, |i| gguf.release_tensor(sources[i]))?;
             log::debug!("{}: {repacked} of {} weights repacked for ggml's integer GEMM", gguf.path.display(), later.len());
         }
         Ok(Weights { path: gguf.path.clone(), ctx, repacked, bytes, copied })

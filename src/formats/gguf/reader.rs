@@ -113,6 +113,13 @@ impl GgufFile {
         }
     }
 
+    /// [`GgufFile::release`] for one tensor.
+    pub fn release_tensor(&self, t: &TensorInfo) {
+        if let Bytes::Map(map) = &self.map {
+            ggml::release_pages(map, (self.data_offset + t.offset) as usize, t.nbytes as usize);
+        }
+    }
+
     /// The tensor's bytes, in place in the mapping.
     pub fn data(&self, t: &TensorInfo) -> &[u8] {
         let start = (self.data_offset + t.offset) as usize;
