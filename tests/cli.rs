@@ -98,3 +98,12 @@ fn generate_prints_its_memory_plan_and_refuses_a_budget_it_cannot_fit() {
     let (ok, _, err) = sdrs(&["generate", "-p", "a red circle", "--max-memory", "lots"]);
     assert!(!ok && err.contains("is not a size"), "{err}");
 }
+
+#[test]
+fn info_system_names_the_cpu_kernels_in_use() {
+    let (ok, out, err) = sdrs(&["info", "--system"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("ggml kernels:") && out.contains("LLAMAFILE"), "{out}");
+    let line = out.lines().find(|l| l.starts_with("sdrs kernels:")).unwrap_or_else(|| panic!("{out}"));
+    assert!(["avx512", "avx2", "neon", "baseline"].iter().any(|v| line.ends_with(v)), "{line}");
+}

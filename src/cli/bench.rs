@@ -152,7 +152,7 @@ pub fn run(a: Args, threads: Option<usize>) -> Result<()> {
         "machine": {
             "cpu": system.description, "ggml_cpu_library": system.library.map(|p| p.display().to_string()),
             "ggml_features": system.features.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>(),
-            "fma_peak_gflops": peak_flops / 1e9, "fma_kind": fma_kind,
+            "fma_peak_gflops": peak_flops / 1e9, "fma_kind": fma_kind, "sdrs_attention_kernel": sdrs::ggml::attention_kernel(),
         },
         "memory_timeline": timeline.to_json(),
     });

@@ -167,6 +167,7 @@ fn system(o: &mut String) -> Result<()> {
     }
     let on: Vec<String> = info.features.iter().map(|(k, v)| if v == "1" { k.clone() } else { format!("{k}={v}") }).collect();
     out!(o, "ggml kernels:  {}", on.join(" "));
+    out!(o, "sdrs kernels:  attention and im2col (ggml custom ops), attention compiled for {}", sdrs::ggml::attention_kernel());
     out!(o, "");
     Ok(())
 }
