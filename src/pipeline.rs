@@ -291,7 +291,7 @@ impl Pipeline {
     /// the budget ([`Pipeline::max_memory`], else the cgroup's limit): an
     /// [`Error::OverBudget`] when nothing fits. Builds graphs only; runs nothing.
     pub fn plan(&self, req: &Request) -> Result<Plan> {
-        let (lw, lh) = self.latent_size(req.width, req.height)?;
+        let (lw, lh) = self.validate(req)?;
         let taesd = match &req.taesd {
             Some(path) => Some(Weights::from_checkpoint(&Checkpoint::open(path)?, &self.backend)?),
             None => None,
@@ -300,11 +300,16 @@ impl Pipeline {
         budget::plan(&stages, self.guided(req), Budget::resolve(self.max_memory))
     }
 
-    /// Plans the run ([`Pipeline::plan`]), then runs it.
-    pub fn generate(&self, req: &Request, progress: &mut dyn FnMut(Stage)) -> Result<Image> {
+    /// The latent size of a valid request, or what is wrong with it.
+    fn validate(&self, req: &Request) -> Result<(usize, usize)> {
         if req.steps == 0 || req.steps > 1000 {
             return Err(Error::Invalid(format!("steps must be between 1 and 1000, not {}", req.steps)));
         }
+        self.latent_size(req.width, req.height)
+    }
+
+    /// Plans the run ([`Pipeline::plan`]), then runs it.
+    pub fn generate(&self, req: &Request, progress: &mut dyn FnMut(Stage)) -> Result<Image> {
         let memory = self.plan(req)?;
         log::info!("memory plan:\n{}", memory.summary());
         self.generate_planned(req, &memory, progress)
@@ -313,10 +318,7 @@ impl Pipeline {
     /// [`Pipeline::generate`] with the memory choices of `memory` (from
     /// [`Pipeline::plan`], possibly adjusted: e.g. tiles forced for a test).
     pub fn generate_planned(&self, req: &Request, memory: &Plan, progress: &mut dyn FnMut(Stage)) -> Result<Image> {
-        let (lw, lh) = self.latent_size(req.width, req.height)?;
-        if req.steps == 0 || req.steps > 1000 {
-            return Err(Error::Invalid(format!("steps must be between 1 and 1000, not {}", req.steps)));
-        }
+        let (lw, lh) = self.validate(req)?;
         let cfg = &self.config;
         let te = &cfg.text_encoders[0];
         let t0 = Instant::now();
@@ -484,7 +486,10 @@ impl budget::Stages for RunStages<'_> {
         }
         let dec = |n: &str| n.starts_with("first_stage_model.decoder.") || n.starts_with("first_stage_model.post_quant_conv.");
         let w = Weights::load(&p.gguf, |n| n.starts_with("first_stage_model."))?;
-        let (tw, th) = tiling.map_or((self.lw, self.lh), |t| (t.tile_w.min(self.lw), t.tile_h.min(self.lh)));
+        let (tw, th) = tiling.map_or((self.lw, self.lh), |t| {
+            let t = t.clamp(self.lw, self.lh);
+            (t.tile_w, t.tile_h)
+        });
         let compute = vae::decode_buffer_bytes(&w, &cfg.vae, tw, th)? as u64;
         Ok(Need { stage: "decode", weights: self.mapped(dec), compute, other })
     }
@@ -546,7 +551,8 @@ struct Cfg<'a> {
 impl sample::Model for Cfg<'_> {
     fn predict(&mut self, x: &[f32], t: f64) -> Result<Vec<f32>> {
         let backend = &self.pipe.backend;
-        let n = if self.guided { 2 } else { 1 };
+        // One latent per evaluation the graph takes: two when the guided branches share it.
+        let n = if self.guided && !self.split { 2 } else { 1 };
         let mut batch = Vec::with_capacity(n * (x.len() + self.extra.map_or(0, <[f32]>::len)));
         for _ in 0..n {
             batch.extend_from_slice(x);
@@ -559,9 +565,8 @@ impl sample::Model for Cfg<'_> {
         }
         let out = if self.split {
             let (ctx_u, ctx_c) = self.context.split_at(self.context.len() / 2);
-            let half = &batch[..batch.len() / 2];
-            let mut out = self.runner.run(half, &[t as f32], ctx_u, None, None, backend)?;
-            out.extend(self.runner.run(half, &[t as f32], ctx_c, None, None, backend)?);
+            let mut out = self.runner.run(&batch, &[t as f32], ctx_u, None, None, backend)?;
+            out.extend(self.runner.run(&batch, &[t as f32], ctx_c, None, None, backend)?);
             out
         } else {
             self.runner.run(&batch, &[t as f32, t as f32], self.context, None, None, backend)?

@@ -104,7 +104,7 @@ pub fn run(a: Args, threads: Option<usize>) -> Result<()> {
         let mut last = Instant::now();
         pipe.set_profiling(a.profile);
         let mut unet_nodes = Vec::new();
-        let img = pipe.generate(&req, &mut |s| {
+        let img = pipe.generate_planned(&req, &plan, &mut |s| {
             match s {
                 Stage::TextEncoded => drop(pipe.take_profile()),
                 Stage::Step { done, total } => {

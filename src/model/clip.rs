@@ -125,7 +125,6 @@ pub fn build<'c>(ctx: &'c Context<'c>, w: &'c Weights<'c>, cfg: &TextEncoderConf
     Ok(Graph { ids, positions, hidden: x })
 }
 
-/// Runs the encoder on padded token sequences; returns `[B][T][hidden]` flattened.
 /// The compute buffer [`encode`] needs for `prompts` prompts, found without allocating it.
 pub fn buffer_bytes(w: &Weights<'_>, cfg: &TextEncoderConfig, prompts: usize) -> Result<usize> {
     let ctx = Context::new(64 + 40 * cfg.num_layers)?;
@@ -134,6 +133,7 @@ pub fn buffer_bytes(w: &Weights<'_>, cfg: &TextEncoderConfig, prompts: usize) ->
     ctx.measure_graph(&graph)
 }
 
+/// Runs the encoder on padded token sequences; returns `[B][T][hidden]` flattened.
 pub fn encode(w: &Weights<'_>, cfg: &TextEncoderConfig, tokens: &[Vec<u32>], backend: &Backend) -> Result<Vec<f32>> {
     let t = cfg.max_positions;
     let mut flat = Vec::with_capacity(t * tokens.len());

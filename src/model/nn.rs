@@ -18,9 +18,9 @@ pub enum Attention {
     Tiled,
     /// The fastest measured for the shape: the tiled kernel for every non-causal
     /// attention SD has (`cargo bench --bench kernels -- attention`, 2 threads,
-    /// AVX-512: 98 against flash's 52 GFLOP/s at 4096 tokens and head size 40, 97
-    /// against 73 at 1024 tokens and 80, 56 against 29 for cross-attention over 77
-    /// text tokens; the matrix form 9–32), the matrix form for causal text encoders.
+    /// AVX-512: 123 against flash's 52 GFLOP/s at 4096 tokens and head size 40, 130
+    /// against 73 at 1024 tokens and 80, 49–56 against 29 for cross-attention over 77
+    /// text tokens; the matrix form 8–32), the matrix form for causal text encoders.
     #[default]
     Auto,
 }

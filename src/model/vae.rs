@@ -165,10 +165,6 @@ fn ramp(starts: &[usize], i: usize, tile: usize, f: usize) -> Vec<f32> {
         .collect()
 }
 
-fn decode_program<'w>(w: &'w Weights<'w>, cfg: &VaeConfig, ne: [usize; 4]) -> Result<Program<'w>> {
-    Program::new(w, ne, GRAPH_TENSORS, |nn, z| decode_graph(nn, cfg, z))
-}
-
 fn decode_graph<'c>(nn: &Nn<'c>, cfg: &VaeConfig, z: Tensor<'c>) -> Result<Tensor<'c>> {
     let zs = nn.ctx.scale(z, 1.0 / cfg.scaling_factor)?;
     let zs = if cfg.shift_factor != 0.0 { nn.ctx.add1(zs, cfg.shift_factor)? } else { zs };
@@ -199,17 +195,17 @@ pub fn decode_tiled(w: &Weights<'_>, cfg: &VaeConfig, latents: &[f32], n: usize,
     let (xs, ys) = (Tiling::starts(wd, t.tile_w, t.overlap), Tiling::starts(h, t.tile_h, t.overlap));
     let f = cfg.downscale();
     let (pw, ph, tpw, tph) = (wd * f, h * f, t.tile_w * f, t.tile_h * f);
-    let program = decode_program(w, cfg, [t.tile_w, t.tile_h, zc, 1])?;
+    let program = Program::new(w, [t.tile_w, t.tile_h, zc, 1], GRAPH_TENSORS, |nn, z| decode_graph(nn, cfg, z))?;
+    let rxs: Vec<Vec<f32>> = (0..xs.len()).map(|i| ramp(&xs, i, t.tile_w, f)).collect();
+    let rys: Vec<Vec<f32>> = (0..ys.len()).map(|j| ramp(&ys, j, t.tile_h, f)).collect();
     let mut out = vec![0f32; n * 3 * pw * ph];
     let mut weight = vec![0f32; pw * ph];
     let mut tile = vec![0f32; zc * t.tile_w * t.tile_h];
     for b in 0..n {
         let z = &latents[b * zc * h * wd..(b + 1) * zc * h * wd];
         let img = &mut out[b * 3 * pw * ph..(b + 1) * 3 * pw * ph];
-        for (j, &y0) in ys.iter().enumerate() {
-            let ry = ramp(&ys, j, t.tile_h, f);
-            for (i, &x0) in xs.iter().enumerate() {
-                let rx = ramp(&xs, i, t.tile_w, f);
+        for (&y0, ry) in ys.iter().zip(&rys) {
+            for (&x0, rx) in xs.iter().zip(&rxs) {
                 for c in 0..zc {
                     for y in 0..t.tile_h {
                         let src = c * h * wd + (y0 + y) * wd + x0;
