@@ -5,6 +5,7 @@
 pub mod budget;
 pub mod config;
 pub mod convert;
+pub mod cpu;
 #[cfg(feature = "demo-model")]
 pub mod demo;
 pub mod error;

@@ -7,6 +7,8 @@
 //! image.save_png("out.png".as_ref())?;
 //! # Ok::<(), sdrs::Error>(())
 //! ```
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -51,6 +53,9 @@ pub struct Request {
     pub taesd: Option<PathBuf>,
     /// Explicit initial noise (`[4][h/8][w/8]`, unit Gaussian) instead of the seed's.
     pub noise: Option<Vec<f32>>,
+    /// Set from any thread to stop the run: it ends with [`Error::Interrupted`] at the
+    /// next stage or UNet evaluation (within one step), leaving nothing half written.
+    pub cancel: Option<Arc<AtomicBool>>,
 }
 
 impl Request {
@@ -73,6 +78,7 @@ impl Request {
             zero_terminal_snr: false,
             taesd: None,
             noise: None,
+            cancel: None,
         }
     }
 }
@@ -136,17 +142,25 @@ impl Image {
     /// Writes a PNG with a `parameters` text chunk, atomically.
     pub fn save_png(&self, path: &Path) -> Result<()> {
         let staged = crate::convert::Staged::new(path, true)?;
-        let err = |e: png::EncodingError| Error::Invalid(format!("{}: {e}", path.display()));
-        {
-            let mut enc = png::Encoder::new(std::io::BufWriter::new(staged.file()), self.width as u32, self.height as u32);
-            enc.set_color(png::ColorType::Rgb);
-            enc.set_depth(png::BitDepth::Eight);
-            enc.add_text_chunk("parameters".into(), self.parameters.clone()).map_err(err)?;
-            let mut w = enc.write_header().map_err(err)?;
-            w.write_image_data(&self.rgb).map_err(err)?;
-            w.finish().map_err(err)?;
-        }
+        self.write_png(std::io::BufWriter::new(staged.file())).map_err(|e| Error::Invalid(format!("{}: {e}", path.display())))?;
         staged.commit()
+    }
+
+    /// The PNG file [`Image::save_png`] writes, in memory.
+    pub fn to_png(&self) -> Result<Vec<u8>> {
+        let mut out = Vec::new();
+        self.write_png(&mut out).map_err(|e| Error::Invalid(format!("PNG encoding: {e}")))?;
+        Ok(out)
+    }
+
+    fn write_png(&self, to: impl std::io::Write) -> std::result::Result<(), png::EncodingError> {
+        let mut enc = png::Encoder::new(to, self.width as u32, self.height as u32);
+        enc.set_color(png::ColorType::Rgb);
+        enc.set_depth(png::BitDepth::Eight);
+        enc.add_text_chunk("parameters".into(), self.parameters.clone())?;
+        let mut w = enc.write_header()?;
+        w.write_image_data(&self.rgb)?;
+        w.finish()
     }
 }
 
@@ -180,6 +194,31 @@ pub struct Pipeline {
     /// How the model is meant to be run (size, sampler, steps, guidance) where the
     /// file says; front ends use it for options the user leaves unset.
     pub defaults: Defaults,
+    /// On a GPU, every stage's weights in its memory, uploaded once by
+    /// [`Pipeline::set_backend`] (on the CPU they are used from the mapping instead).
+    device: Option<DeviceWeights>,
+}
+
+struct DeviceWeights {
+    text: Weights<'static>,
+    unet: Weights<'static>,
+    vae: Weights<'static>,
+}
+
+/// A stage's weights: mapped for this run, or kept in device memory.
+enum StageWeights<'a> {
+    Mapped(Weights<'a>),
+    Kept(&'a Weights<'static>),
+}
+
+impl<'a> std::ops::Deref for StageWeights<'a> {
+    type Target = Weights<'a>;
+    fn deref(&self) -> &Weights<'a> {
+        match self {
+            StageWeights::Mapped(w) => w,
+            StageWeights::Kept(w) => w,
+        }
+    }
 }
 
 impl Pipeline {
@@ -215,7 +254,36 @@ impl Pipeline {
         let tokenizer = ClipTokenizer::new(&vocab)?;
         let model_hash = gguf.get("sd.source.sha256").and_then(|v| v.as_str()).map(|h| h.chars().take(10).collect()).unwrap_or_default();
         let defaults = metadata::read_defaults(&gguf);
-        Ok(Pipeline { gguf, config, tokenizer, backend: Backend::cpu(threads)?, model_hash, attention: Attention::Auto, repack: true, max_memory: None, defaults })
+        Ok(Pipeline { gguf, config, tokenizer, backend: Backend::cpu(threads)?, model_hash, attention: Attention::Auto, repack: true, max_memory: None, defaults, device: None })
+    }
+
+    /// Runs every stage on `backend` from now on (a GPU: [`Backend::open`]). On a GPU,
+    /// the weights of every stage are uploaded here, once, and stay in its memory.
+    pub fn set_backend(&mut self, backend: Backend) -> Result<()> {
+        self.device = None;
+        if backend.gpu_name().is_some() {
+            let te = &self.config.text_encoders[0].prefix;
+            let text = Weights::upload(&self.gguf, |n| n.starts_with(te.as_str()), &backend)?;
+            let unet = Weights::upload(&self.gguf, |n| n.starts_with("model.diffusion_model."), &backend)?;
+            let vae = Weights::upload(&self.gguf, |n| n.starts_with("first_stage_model."), &backend)?;
+            self.device = Some(DeviceWeights { text, unet, vae });
+        }
+        self.backend = backend;
+        Ok(())
+    }
+
+    /// The weights of one stage: its tensors mapped (`keep`, with `repack` choosing
+    /// matrices to copy into ggml's repacked layout), or the GPU's copies.
+    fn stage<'a>(&'a self, keep: impl Fn(&str) -> bool, repack: impl Fn(&str) -> bool, kept: impl Fn(&'a DeviceWeights) -> &'a Weights<'static>) -> Result<StageWeights<'a>> {
+        Ok(match &self.device {
+            Some(d) => StageWeights::Kept(kept(d)),
+            None => StageWeights::Mapped(Weights::load_repacked(&self.gguf, keep, repack)?),
+        })
+    }
+
+    /// The GPU the pipeline runs on (`Vulkan0`), or `None` for the CPU.
+    pub fn gpu_name(&self) -> Option<&str> {
+        self.backend.gpu_name()
     }
 
     /// Times every ggml node of the following runs (see [`Backend::set_profiling`]).
@@ -266,7 +334,7 @@ impl Pipeline {
             c if c == zc => Ok(None),
             c if c == 2 * zc + 1 => {
                 let f = self.config.vae.downscale();
-                let w = Weights::load(&self.gguf, |n| n.starts_with("first_stage_model."))?;
+                let w = self.stage(|n| n.starts_with("first_stage_model."), |_| false, |d| &d.vae)?;
                 let grey = vec![0.0f32; 3 * lw * f * lh * f];
                 let masked = vae::encode(&w, &self.config.vae, &grey, 1, lh * f, lw * f, &self.backend)?;
                 let mut cond = vec![1.0f32; lw * lh];
@@ -319,6 +387,8 @@ impl Pipeline {
     /// [`Pipeline::plan`], possibly adjusted: e.g. tiles forced for a test).
     pub fn generate_planned(&self, req: &Request, memory: &Plan, progress: &mut dyn FnMut(Stage)) -> Result<Image> {
         let (lw, lh) = self.validate(req)?;
+        let cancelled = || check_cancel(req.cancel.as_deref());
+        cancelled()?;
         let cfg = &self.config;
         let te = &cfg.text_encoders[0];
         let t0 = Instant::now();
@@ -329,13 +399,14 @@ impl Pipeline {
             prompts.insert(0, self.tokenizer.encode_for(&req.negative, te)?);
         }
         let context = {
-            let w = Weights::load(&self.gguf, |n| n.starts_with(&te.prefix))?;
+            let w = self.stage(|n| n.starts_with(&te.prefix), |_| false, |d| &d.text)?;
             clip::encode(&w, te, &prompts, &self.backend)?
         };
         // Each stage's weights leave resident memory when it is done (they are mapped:
         // a later run faults them back in), so stages do not add up in the peak.
         self.gguf.release(|n| n.starts_with(&te.prefix));
         progress(Stage::TextEncoded);
+        cancelled()?;
         let t1 = Instant::now();
 
         let zc = cfg.vae.latent_channels;
@@ -357,7 +428,7 @@ impl Pipeline {
         self.gguf.release(|n| n.starts_with("first_stage_model."));
         // The UNet's weights, graph and compute buffer are dropped before the decode.
         let latent = {
-            let uw = Weights::load_repacked(&self.gguf, unet, |n| self.repack && unet(n) && n.ends_with(".weight"))?;
+            let uw = self.stage(unet, |n| self.repack && unet(n) && n.ends_with(".weight"), |d| &d.unet)?;
             // Copied weights are not read from the mapping again.
             self.gguf.release(|n| uw.is_copied(n));
             // One graph for the whole run: cond and uncond as a batch of 2 when guided,
@@ -366,7 +437,7 @@ impl Pipeline {
             let runner = unet::Runner::new(&uw, &cfg.unet, lw, lh, batch, te.max_positions, self.attention)?;
             let unet_flops = runner.flops * (prompts.len() / batch) as f64;
             progress(Stage::Sampling { unet_flops, compute_bytes: runner.buffer_bytes });
-            let mut model = Cfg { runner: &runner, pipe: self, context: &context, scale: req.cfg_scale, rescale: req.guidance_rescale, guided, split: memory.split_guidance, extra: extra.as_deref(), embedded: embedded.as_deref() };
+            let mut model = Cfg { runner: &runner, pipe: self, context: &context, scale: req.cfg_scale, rescale: req.guidance_rescale, guided, split: memory.split_guidance, extra: extra.as_deref(), embedded: embedded.as_deref(), cancel: req.cancel.as_deref() };
             let total = plan.timesteps.len();
             let x = sample::start_latent(&plan, &noise, None);
             let mut den = sample::Denoiser::new(&mut model, cfg.prediction, &sched, &plan);
@@ -385,6 +456,7 @@ impl Pipeline {
             traj.into_iter().last().ok_or_else(|| Error::Invalid("no sampling steps".into()))?
         };
         self.gguf.release(unet);
+        cancelled()?;
         let t2 = Instant::now();
 
         let latent = &latent;
@@ -394,7 +466,7 @@ impl Pipeline {
                 (taesd::decode(&w, latent, 1, lh, lw, &self.backend)?, true)
             }
             None => {
-                let w = Weights::load(&self.gguf, |n| n.starts_with("first_stage_model."))?;
+                let w = self.stage(|n| n.starts_with("first_stage_model."), |_| false, |d| &d.vae)?;
                 let pixels = match memory.tiling {
                     Some(t) => vae::decode_tiled(&w, &cfg.vae, latent, 1, lh, lw, t, &self.backend)?,
                     None => vae::decode(&w, &cfg.vae, latent, 1, lh, lw, &self.backend)?,
@@ -546,10 +618,20 @@ struct Cfg<'a> {
     extra: Option<&'a [f32]>,
     /// Guidance-scale embedding of LCM-distilled UNets (then never batched with uncond).
     embedded: Option<&'a [f32]>,
+    cancel: Option<&'a AtomicBool>,
+}
+
+/// [`Error::Interrupted`] once `flag` is set.
+fn check_cancel(flag: Option<&AtomicBool>) -> Result<()> {
+    match flag {
+        Some(f) if f.load(Ordering::Relaxed) => Err(Error::Interrupted),
+        _ => Ok(()),
+    }
 }
 
 impl sample::Model for Cfg<'_> {
     fn predict(&mut self, x: &[f32], t: f64) -> Result<Vec<f32>> {
+        check_cancel(self.cancel)?;
         let backend = &self.pipe.backend;
         // One latent per evaluation the graph takes: two when the guided branches share it.
         let n = if self.guided && !self.split { 2 } else { 1 };

@@ -202,7 +202,7 @@ pub fn synth(cfg: &ModelConfig, format: Format, out: &Path, seed: u64, dtype: DT
 
 fn relabel(e: Error, out: &Path) -> Error {
     match e {
-        Error::Io { source, .. } => Error::io(out, source),
+        Error::Io { err: source, .. } => Error::io(out, source),
         other => other,
     }
 }

@@ -106,4 +106,27 @@ fn info_system_names_the_cpu_kernels_in_use() {
     assert!(out.contains("ggml kernels:") && out.contains("LLAMAFILE"), "{out}");
     let line = out.lines().find(|l| l.starts_with("sdrs kernels:")).unwrap_or_else(|| panic!("{out}"));
     assert!(["avx512", "avx2", "neon", "baseline"].iter().any(|v| line.ends_with(v)), "{line}");
+    // What the CPU has, as detected at run time (every x86-64 has SSE2-era basics; an
+    // aarch64 one has NEON).
+    let features = out.lines().find(|l| l.starts_with("cpu features:")).unwrap_or_else(|| panic!("{out}"));
+    assert!(features.contains(if cfg!(target_arch = "aarch64") { "neon" } else { "sse4.2" }), "{features}");
+    assert!(out.contains("gpu devices:"), "{out}");
+}
+
+#[test]
+fn devices_lists_the_cpu_and_a_missing_gpu_is_a_clear_error() {
+    let (ok, out, err) = sdrs(&["devices"]);
+    assert!(ok, "{err}");
+    assert!(out.lines().any(|l| l.starts_with("cpu ")), "{out}");
+    // A device index past the end names the backend and how many there are; a build
+    // without Vulkan says how to get it.
+    let (ok, _, err) = sdrs(&["generate", "-p", "x", "--backend", "vulkan", "--device", "99"]);
+    assert!(!ok, "{err}");
+    if sdrs::ggml::VULKAN_BUILT {
+        assert!(err.contains("Vulkan") && (err.contains("no Vulkan device") || err.contains("did not load")), "{err}");
+    } else {
+        assert!(err.contains("built without Vulkan") && err.contains("--features vulkan"), "{err}");
+    }
+    let (ok, _, err) = sdrs(&["generate", "-p", "x", "--backend", "cuda"]);
+    assert!(!ok && err.contains("cuda") && err.contains("vulkan"), "{err}");
 }

@@ -55,7 +55,7 @@ pub struct Args {
 }
 
 
-pub fn run(a: Args, threads: Option<usize>) -> Result<()> {
+pub fn run(a: Args, threads: Option<usize>, target: &super::Target) -> Result<()> {
     if let Some(files) = &a.compare {
         return compare(files);
     }
@@ -88,6 +88,7 @@ pub fn run(a: Args, threads: Option<usize>) -> Result<()> {
     pipe.attention = attention;
     pipe.repack = !a.no_repack;
     pipe.max_memory = a.max_memory;
+    target.apply(&mut pipe, threads)?;
     let load_s = t.elapsed().as_secs_f64();
     let mut rows = Vec::new();
     for &size in &a.sizes {
@@ -147,12 +148,12 @@ pub fn run(a: Args, threads: Option<usize>) -> Result<()> {
     let system = sdrs::ggml::cpu_backend_info()?;
     let report = serde_json::json!({
         "model": model.file_name().map(|n| n.to_string_lossy().into_owned()),
-        "family": pipe.config.family, "threads": threads, "load_s": load_s, "attention": a.attention, "repack": !a.no_repack,
+        "family": pipe.config.family, "threads": threads, "backend": pipe.gpu_name().unwrap_or("cpu"), "load_s": load_s, "attention": a.attention, "repack": !a.no_repack,
         "peak_rss_bytes": peak, "rss_bytes": now, "runs": rows,
         "machine": {
             "cpu": system.description, "ggml_cpu_library": system.library.map(|p| p.display().to_string()),
             "ggml_features": system.features.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>(),
-            "fma_peak_gflops": peak_flops / 1e9, "fma_kind": fma_kind, "sdrs_attention_kernel": sdrs::ggml::attention_kernel(),
+            "cpu_features": sdrs::cpu::features(), "fma_peak_gflops": peak_flops / 1e9, "fma_kind": fma_kind, "sdrs_attention_kernel": sdrs::ggml::attention_kernel(),
         },
         "memory_timeline": timeline.to_json(),
     });
@@ -166,8 +167,9 @@ pub fn run(a: Args, threads: Option<usize>) -> Result<()> {
     }
     let mut o = String::new();
     let f = |v: &serde_json::Value| v.as_f64().unwrap_or(0.0);
-    out!(o, "model {} ({}), {} threads, load {:.2} s", report["model"].as_str().unwrap_or("?"), pipe.config.family, threads, load_s);
+    out!(o, "model {} ({}), {} threads, on {}, load {:.2} s", report["model"].as_str().unwrap_or("?"), pipe.config.family, threads, pipe.gpu_name().unwrap_or("the CPU"), load_s);
     out!(o, "machine: {}, FMA peak {:.0} GFLOP/s ({fma_kind}, {threads} threads)", report["machine"]["cpu"].as_str().unwrap_or("?"), peak_flops / 1e9);
+    out!(o, "cpu features: {}; ggml library {}; sdrs attention kernel {}", sdrs::cpu::features().join(" "), report["machine"]["ggml_cpu_library"].as_str().unwrap_or("built in"), sdrs::ggml::attention_kernel());
     out!(o, "{:>6} {:>8} {:>10} {:>10} {:>10} {:>10} {:>8} {:>10}", "size", "text s", "s/step", "1st step", "decode s", "GFLOP/st", "GFLOP/s", "% of peak");
     for r in &rows {
         out!(o, "{:>6} {:>8.2} {:>10.2} {:>10.2} {:>10.2} {:>10.0} {:>8.1} {:>9.1}%", r["size"], f(&r["text_s"]), f(&r["step_s"]), f(&r["first_step_s"]), f(&r["decode_s"]), f(&r["unet_gflop"]), f(&r["unet_gflops"]), 100.0 * f(&r["peak_fraction"]));

@@ -77,7 +77,7 @@ pub(super) fn parse_budget(s: &str) -> Result<u64, String> {
     sdrs::budget::parse_size(s).ok_or_else(|| format!("`{s}` is not a size: write bytes or a number with K, M, G (binary) or KB, MB, GB"))
 }
 
-pub fn run(a: Args, threads: Option<usize>) -> Result<()> {
+pub fn run(a: Args, threads: Option<usize>, target: &super::Target) -> Result<()> {
     if a.list_samplers {
         let mut o = String::new();
         out!(o, "{:<12} {:<13} {:>5} {:>10} {:>10}  about", "name", "A1111 name", "order", "evals/step", "stochastic");
@@ -94,6 +94,7 @@ pub fn run(a: Args, threads: Option<usize>) -> Result<()> {
         None => demo_pipeline(threads)?,
     };
     pipe.max_memory = a.max_memory;
+    target.apply(&mut pipe, threads)?;
     // What the user gave, else what the model file recommends (Pipeline::request),
     // else SD's usual settings.
     let base = pipe.request(&prompt);
@@ -125,6 +126,8 @@ pub fn run(a: Args, threads: Option<usize>) -> Result<()> {
         guidance_rescale: a.guidance_rescale,
         zero_terminal_snr: a.zero_terminal_snr,
         taesd: a.taesd,
+        // Ctrl-C ends the run within one step and writes no image.
+        cancel: Some(super::interrupt_flag()),
         ..base
     };
     pipe.latent_size(req.width, req.height)?;

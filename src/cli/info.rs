@@ -161,6 +161,7 @@ fn system(o: &mut String) -> Result<()> {
     if let Some(kb) = mem {
         out!(o, "memory:        {:.1} GiB", kb as f64 / (1u64 << 20) as f64);
     }
+    out!(o, "cpu features:  {}", sdrs::cpu::features().join(" "));
     match &info.library {
         Some(p) => out!(o, "ggml cpu lib:  {}", p.display()),
         None => out!(o, "ggml cpu lib:  built in"),
@@ -168,6 +169,9 @@ fn system(o: &mut String) -> Result<()> {
     let on: Vec<String> = info.features.iter().map(|(k, v)| if v == "1" { k.clone() } else { format!("{k}={v}") }).collect();
     out!(o, "ggml kernels:  {}", on.join(" "));
     out!(o, "sdrs kernels:  attention and im2col (ggml custom ops), attention compiled for {}", sdrs::ggml::attention_kernel());
+    let gpus: Vec<String> = sdrs::ggml::devices()?.into_iter().filter(|d| d.kind != sdrs::ggml::DeviceKind::Cpu).map(|d| format!("{} ({}, {:.1} GB)", d.name, d.description, d.memory_total as f64 / 1e9)).collect();
+    let vulkan = if sdrs::ggml::VULKAN_BUILT { "" } else { " (built without Vulkan)" };
+    out!(o, "gpu devices:   {}{vulkan}", if gpus.is_empty() { "none".to_string() } else { gpus.join(", ") });
     out!(o, "");
     Ok(())
 }

@@ -10,6 +10,7 @@ macro_rules! out {
 
 mod bench;
 mod convert;
+mod devices;
 mod generate;
 mod info;
 mod synth;
@@ -31,6 +32,13 @@ struct Cli {
     /// Worker threads (default: all cores).
     #[arg(short = 't', long, global = true)]
     threads: Option<usize>,
+    /// Where `generate` and `bench` compute: cpu, or vulkan (a build with the `vulkan`
+    /// feature; ops the GPU lacks run on the CPU).
+    #[arg(long, global = true, default_value = "cpu", value_parser = ["cpu", "vulkan"])]
+    backend: String,
+    /// Which device of the backend (`sdrs devices` lists them).
+    #[arg(long, global = true, default_value_t = 0)]
+    device: usize,
     #[command(subcommand)]
     command: Command,
 }
@@ -39,6 +47,7 @@ struct Cli {
 enum Command {
     Bench(bench::Args),
     Convert(convert::Args),
+    Devices(devices::Args),
     Generate(generate::Args),
     Info(info::Args),
     Synth(synth::Args),
@@ -57,10 +66,12 @@ pub fn main() -> ExitCode {
             log::warn!("cannot set thread count: {e}");
         }
     }
+    let target = Target { backend: cli.backend, device: cli.device };
     let result = match cli.command {
-        Command::Bench(a) => bench::run(a, cli.threads),
+        Command::Bench(a) => bench::run(a, cli.threads, &target),
         Command::Convert(a) => convert::run(a),
-        Command::Generate(a) => generate::run(a, cli.threads),
+        Command::Devices(a) => devices::run(a),
+        Command::Generate(a) => generate::run(a, cli.threads, &target),
         Command::Info(a) => info::run(a),
         Command::Synth(a) => synth::run(a),
     };
@@ -70,6 +81,23 @@ pub fn main() -> ExitCode {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// The `--backend` and `--device` a run asked for.
+pub struct Target {
+    pub backend: String,
+    pub device: usize,
+}
+
+impl Target {
+    /// Moves `pipe` onto the asked-for backend (it starts on the CPU).
+    pub fn apply(&self, pipe: &mut sdrs::pipeline::Pipeline, threads: usize) -> anyhow::Result<()> {
+        if self.backend != "cpu" {
+            pipe.set_backend(sdrs::ggml::Backend::open(&self.backend, self.device, threads)?)?;
+            log::info!("computing on {}", pipe.gpu_name().unwrap_or("the CPU"));
+        }
+        Ok(())
     }
 }
 

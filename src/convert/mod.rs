@@ -287,7 +287,7 @@ fn write_tensors(ck: &Checkpoint, plan: &Plan, wtype: &str, staged: &Staged, out
         crate::ggml::quantize_init(t.0);
     }
     let out_err = |e: Error| match e {
-        Error::Io { source, .. } => Error::io(out, source),
+        Error::Io { err: source, .. } => Error::io(out, source),
         other => other,
     };
     let mut w = Writer::new(BufWriter::with_capacity(8 << 20, staged.file()), &kv, &entries, None).map_err(out_err)?;

@@ -9,6 +9,7 @@ use std::collections::HashSet;
 use std::ffi::CString;
 use std::marker::PhantomData;
 use std::ptr::NonNull;
+use std::sync::Arc;
 
 use super::{sys, Type};
 use crate::error::{Error, Result};
@@ -34,8 +35,19 @@ pub struct Context<'d> {
     pub(super) conv_budget: std::cell::Cell<usize>,
     /// Parameters of custom ops, alive as long as the graph that points at them.
     kept: RefCell<Vec<Box<super::im2col::Params>>>,
+    /// The GPU this context's graph is built for and runs on (`None`: the CPU). Set
+    /// before the graph is built: ops are chosen for it (no CPU-only custom ops).
+    gpu: RefCell<Option<Arc<Engines>>>,
+    /// The scheduler that splits the graph between the GPU and the CPU (ops the GPU
+    /// lacks) and owns both compute buffers.
+    sched: std::cell::Cell<Option<NonNull<sys::ggml_backend_sched>>>,
     _data: PhantomData<&'d [u8]>,
 }
+
+// SAFETY: ggml contexts, their buffers and schedulers have no thread affinity; a
+// context may move to another thread and be used there, one thread at a time
+// (`Context` is not `Sync`: its cells are not).
+unsafe impl Send for Context<'_> {}
 
 /// A tensor of a context (metadata; its data lives in a buffer).
 #[derive(Clone, Copy)]
@@ -47,7 +59,7 @@ pub struct Tensor<'c> {
 /// A computation graph built in a context.
 pub struct Graph<'c> {
     ptr: NonNull<sys::ggml_cgraph>,
-    _ctx: PhantomData<&'c ()>,
+    ctx: &'c Context<'c>,
 }
 
 impl Graph<'_> {
@@ -109,7 +121,32 @@ impl<'d> Context<'d> {
         let params = sys::ggml_init_params { mem_size: size, mem_buffer: std::ptr::null_mut(), no_alloc: true };
         // SAFETY: ggml allocates its own memory of `size` bytes.
         let ptr = NonNull::new(unsafe { sys::ggml_init(params) }).ok_or_else(|| Error::Ggml("ggml_init failed".into()))?;
-        Ok(Context { ptr, buffers: RefCell::new(Vec::new()), borrowed: RefCell::new(HashSet::new()), galloc: RefCell::new(None), graph_size: max_tensors, graph: std::cell::Cell::new(None), conv_budget: std::cell::Cell::new(super::ops::CONV_COLUMNS_MAX_BYTES), kept: RefCell::new(Vec::new()), _data: PhantomData })
+        Ok(Context { ptr, buffers: RefCell::new(Vec::new()), borrowed: RefCell::new(HashSet::new()), galloc: RefCell::new(None), graph_size: max_tensors, graph: std::cell::Cell::new(None), conv_budget: std::cell::Cell::new(super::ops::CONV_COLUMNS_MAX_BYTES), kept: RefCell::new(Vec::new()), gpu: RefCell::new(None), sched: std::cell::Cell::new(None), _data: PhantomData })
+    }
+
+    /// Builds and runs this context's graph where `backend` computes: on its GPU, if
+    /// it has one. Call before building the graph.
+    pub fn target(&self, backend: &Backend) {
+        *self.gpu.borrow_mut() = backend.engines.gpu.is_some().then(|| Arc::clone(&backend.engines));
+    }
+
+    /// Builds and runs this context's graph where `other`'s does (its weights' context).
+    pub fn follow(&self, other: &Context<'_>) {
+        *self.gpu.borrow_mut() = other.gpu.borrow().clone();
+    }
+
+    /// Whether the graph is built for a GPU (so ops must be ones it implements).
+    pub fn on_gpu(&self) -> bool {
+        self.gpu.borrow().is_some()
+    }
+
+    /// Whether the device the graph is built for runs `t`'s op (always, on the CPU).
+    pub fn supports(&self, t: Tensor<'_>) -> bool {
+        match self.gpu.borrow().as_ref().and_then(|e| e.gpu.as_ref()) {
+            // SAFETY: the device is registered for the process; the tensor is a node of this context.
+            Some(g) => unsafe { sys::ggml_backend_dev_supports_op(g.device.as_ptr(), t.raw()) },
+            None => true,
+        }
     }
 
     /// Bounds the column matrix of each convolution built from now on (bytes; larger
@@ -184,12 +221,12 @@ impl<'d> Context<'d> {
             // SAFETY: graph and tensor valid.
             unsafe { sys::ggml_build_forward_expand(g.as_ptr(), out.ptr.as_ptr()) };
         }
-        Ok(Graph { ptr: g, _ctx: PhantomData })
+        Ok(Graph { ptr: g, ctx: self })
     }
 
     /// The graph built earlier in this context, to run it again.
-    pub fn built_graph(&self) -> Option<Graph<'_>> {
-        self.graph.get().map(|ptr| Graph { ptr, _ctx: PhantomData })
+    pub fn built_graph<'c>(&'c self) -> Option<Graph<'c>> {
+        self.graph.get().map(|ptr| Graph { ptr, ctx: self })
     }
 
     /// Names a tensor (so it can be found again with [`Context::get`]).
@@ -200,6 +237,9 @@ impl<'d> Context<'d> {
     /// Allocates every intermediate and input of `graph` in this context's compute
     /// buffer (reused and grown as needed). Returns the buffer size in bytes.
     pub fn alloc_graph(&self, graph: &Graph<'_>) -> Result<usize> {
+        if let Some(engines) = self.gpu.borrow().as_ref() {
+            return self.alloc_scheduled(engines, graph);
+        }
         let mut slot = self.galloc.borrow_mut();
         let ga = match *slot {
             Some(g) => g,
@@ -219,6 +259,58 @@ impl<'d> Context<'d> {
         }
         // SAFETY: buffer 0 exists after a successful allocation.
         Ok(unsafe { sys::ggml_gallocr_get_buffer_size(ga, 0) })
+    }
+
+    /// Allocates `graph` through ggml's scheduler: each op on the GPU where it has the
+    /// op, else on the CPU (with copies between them), and logs which ops fell back.
+    fn alloc_scheduled(&self, engines: &Engines, graph: &Graph<'_>) -> Result<usize> {
+        let gpu = engines.gpu.as_ref().ok_or_else(|| Error::Ggml("no GPU to schedule for".into()))?;
+        let sched = match self.sched.get() {
+            Some(s) => s,
+            None => {
+                // The CPU comes last: ggml's scheduler requires it as the fallback.
+                let mut backends = [gpu.backend.as_ptr(), engines.cpu.as_ptr()];
+                // SAFETY: both backends live as long as `engines`, which this context keeps
+                // (self.gpu) until after the scheduler is freed in Drop.
+                let s = unsafe { sys::ggml_backend_sched_new(backends.as_mut_ptr(), std::ptr::null_mut(), 2, 2 * self.graph_size + 1024, false, true) };
+                let s = NonNull::new(s).ok_or_else(|| Error::Ggml("cannot create a backend scheduler".into()))?;
+                self.sched.set(Some(s));
+                s
+            }
+        };
+        // SAFETY: scheduler and graph valid; allocation failure is reported, not asserted.
+        unsafe {
+            sys::ggml_backend_sched_reset(sched.as_ptr());
+            if !sys::ggml_backend_sched_alloc_graph(sched.as_ptr(), graph.ptr.as_ptr()) {
+                return Err(Error::Ggml(format!("cannot allocate the compute buffers on {} (out of device memory?)", gpu.name)));
+            }
+        }
+        let mut fallback: Vec<(String, usize)> = Vec::new();
+        let g = graph.ptr.as_ptr();
+        // SAFETY: graph nodes are valid while the context lives; op names are static.
+        let n = unsafe { sys::ggml_graph_n_nodes(g) };
+        for i in 0..n {
+            unsafe {
+                let node = sys::ggml_graph_node(g, i);
+                if sys::ggml_backend_sched_get_tensor_backend(sched.as_ptr(), node) == engines.cpu.as_ptr() {
+                    let op = std::ffi::CStr::from_ptr(sys::ggml_op_desc(node)).to_string_lossy().into_owned();
+                    match fallback.iter_mut().find(|(o, _)| *o == op) {
+                        Some((_, c)) => *c += 1,
+                        None => fallback.push((op, 1)),
+                    }
+                }
+            }
+        }
+        if !fallback.is_empty() {
+            let list: Vec<String> = fallback.iter().map(|(o, c)| format!("{o} x{c}")).collect();
+            log::info!("{} runs {} of {n} ops on the CPU (not supported there): {}", gpu.name, fallback.iter().map(|f| f.1).sum::<usize>(), list.join(", "));
+        }
+        // SAFETY: scheduler valid; both backends are part of it.
+        let (splits, bytes) = unsafe {
+            (sys::ggml_backend_sched_get_n_splits(sched.as_ptr()), sys::ggml_backend_sched_get_buffer_size(sched.as_ptr(), gpu.backend.as_ptr()) + sys::ggml_backend_sched_get_buffer_size(sched.as_ptr(), engines.cpu.as_ptr()))
+        };
+        log::debug!("{}: graph of {n} nodes in {splits} splits, compute buffers {bytes} bytes", gpu.name);
+        Ok(bytes)
     }
 
     /// The compute buffer [`Context::alloc_graph`] would allocate for `graph`, in
@@ -241,10 +333,21 @@ impl<'d> Context<'d> {
 
     /// Allocates CPU memory for every tensor of the context that has none yet.
     pub fn alloc_cpu(&self, backend: &Backend) -> Result<()> {
+        self.alloc_with(backend.engines.cpu)
+    }
+
+    /// Allocates memory where `backend` computes (its GPU's, if it has one) for every
+    /// tensor of the context that has none yet, and targets the context at it.
+    pub fn alloc_on(&self, backend: &Backend) -> Result<()> {
+        self.target(backend);
+        self.alloc_with(backend.primary())
+    }
+
+    fn alloc_with(&self, backend: NonNull<sys::ggml_backend>) -> Result<()> {
         // SAFETY: ctx and backend valid; the buffer is owned by self from now on.
-        let buf = unsafe { sys::ggml_backend_alloc_ctx_tensors(self.raw(), backend.ptr.as_ptr()) };
+        let buf = unsafe { sys::ggml_backend_alloc_ctx_tensors(self.raw(), backend.as_ptr()) };
         if buf.is_null() {
-            return Err(Error::Ggml("cannot allocate tensor memory".into()));
+            return Err(Error::Ggml("cannot allocate tensor memory (out of device memory?)".into()));
         }
         self.buffers.borrow_mut().push(buf);
         Ok(())
@@ -387,6 +490,9 @@ impl Drop for Context<'_> {
     fn drop(&mut self) {
         // SAFETY: each buffer and the context were created by us and are freed once.
         unsafe {
+            if let Some(s) = self.sched.get_mut().take() {
+                sys::ggml_backend_sched_free(s.as_ptr());
+            }
             if let Some(g) = self.galloc.get_mut().take() {
                 sys::ggml_gallocr_free(g);
             }
@@ -455,35 +561,92 @@ impl Tensor<'_> {
     }
 }
 
-/// ggml's CPU backend: the best variant for this CPU when ggml was built with one
-/// loadable library per instruction set (see [`super::cpu_backend_device`]).
+/// The ggml backends one [`Backend`] computes with: the CPU always (the best variant
+/// for this CPU when ggml was built with one loadable library per instruction set, see
+/// [`super::cpu_backend_device`]), and a GPU where one was asked for.
+pub(super) struct Engines {
+    pub(super) cpu: NonNull<sys::ggml_backend>,
+    pub(super) gpu: Option<Gpu>,
+}
+
+pub(super) struct Gpu {
+    pub(super) backend: NonNull<sys::ggml_backend>,
+    pub(super) device: super::device::Device,
+    /// `Vulkan0` and the like, for messages.
+    pub(super) name: String,
+}
+
+// SAFETY: ggml backends may be used from any thread, one caller at a time. Engines are
+// shared only between a `Backend` and the contexts it targets, all of which belong to
+// one owner (a pipeline), and neither `Backend` nor `Context` is `Sync`.
+unsafe impl Send for Engines {}
+unsafe impl Sync for Engines {}
+
+impl Drop for Engines {
+    fn drop(&mut self) {
+        // SAFETY: created by ggml_backend_dev_init, freed once, after every scheduler
+        // and buffer that used them (contexts hold this struct until they are freed).
+        unsafe {
+            if let Some(g) = self.gpu.take() {
+                let _one = GPU_LIFECYCLE.lock().unwrap_or_else(|e| e.into_inner());
+                sys::ggml_backend_free(g.backend.as_ptr());
+            }
+            sys::ggml_backend_free(self.cpu.as_ptr());
+        }
+    }
+}
+
+/// ggml-vulkan sets up a device's shared state on its first backend and tears it down
+/// with the last, unguarded: two threads starting backends at once abort in the
+/// driver. Creation and release take turns; running graphs needs no lock.
+static GPU_LIFECYCLE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Where graphs run: ggml's CPU backend, or a GPU with the CPU for the ops the GPU lacks.
 pub struct Backend {
-    ptr: NonNull<sys::ggml_backend>,
+    engines: Arc<Engines>,
     /// Per-node timings while profiling is on.
     profile: RefCell<Option<Vec<NodeTiming>>>,
 }
 
+// SAFETY: see `Engines`; `Backend` is not `Sync` (its profile is a RefCell), so
+// `&Backend` never reaches two threads.
+unsafe impl Send for Backend {}
+
 impl Backend {
     pub fn cpu(threads: usize) -> Result<Backend> {
-        let dev = super::cpu_backend_device()?;
-        // SAFETY: the device is registered for the life of the process.
-        let ptr = NonNull::new(unsafe { sys::ggml_backend_dev_init(dev.as_ptr(), std::ptr::null()) })
-            .ok_or_else(|| Error::Ggml("cannot start the CPU backend".into()))?;
-        // The thread setter lives in the (possibly dynamically loaded) CPU library, so it
-        // is looked up through the registry instead of linked by name.
-        // SAFETY: registry entries are valid for the process; the name is NUL-terminated.
-        let setter = unsafe {
-            let reg = sys::ggml_backend_dev_backend_reg(dev.as_ptr());
-            sys::ggml_backend_reg_get_proc_address(reg, c"ggml_backend_set_n_threads".as_ptr())
-        };
-        if !setter.is_null() {
-            // SAFETY: ggml documents this entry point as `ggml_backend_set_n_threads_t`.
-            let set: sys::ggml_backend_set_n_threads_t = unsafe { std::mem::transmute(setter) };
-            if let Some(set) = set {
-                unsafe { set(ptr.as_ptr(), threads.max(1) as i32) };
-            }
+        Ok(Backend { engines: Arc::new(Engines { cpu: cpu_engine(threads)?, gpu: None }), profile: RefCell::new(None) })
+    }
+
+    /// `cpu`, or device `device` of a GPU backend by ggml's name (`vulkan`), with a
+    /// CPU backend of `threads` threads for the ops the GPU lacks.
+    pub fn open(name: &str, device: usize, threads: usize) -> Result<Backend> {
+        if name.eq_ignore_ascii_case("cpu") {
+            return Backend::cpu(threads);
         }
-        Ok(Backend { ptr, profile: RefCell::new(None) })
+        Backend::gpu(super::device::gpu_device(name, device)?, threads)
+    }
+
+    fn gpu(device: super::device::Device, threads: usize) -> Result<Backend> {
+        let cpu = cpu_engine(threads)?;
+        let _one = GPU_LIFECYCLE.lock().unwrap_or_else(|e| e.into_inner());
+        // SAFETY: the device is registered for the life of the process.
+        let (ptr, name) = unsafe { (sys::ggml_backend_dev_init(device.as_ptr(), std::ptr::null()), super::device::cstr(sys::ggml_backend_dev_name(device.as_ptr()))) };
+        let Some(backend) = NonNull::new(ptr) else {
+            // SAFETY: created above, freed once.
+            unsafe { sys::ggml_backend_free(cpu.as_ptr()) };
+            return Err(Error::Ggml(format!("cannot start the {name} backend")));
+        };
+        Ok(Backend { engines: Arc::new(Engines { cpu, gpu: Some(Gpu { backend, device, name }) }), profile: RefCell::new(None) })
+    }
+
+    /// The GPU's name (`Vulkan0`), or `None` for the CPU.
+    pub fn gpu_name(&self) -> Option<&str> {
+        self.engines.gpu.as_ref().map(|g| g.name.as_str())
+    }
+
+    /// The backend that holds weights and runs the graph (the GPU if there is one).
+    fn primary(&self) -> NonNull<sys::ggml_backend> {
+        self.engines.gpu.as_ref().map_or(self.engines.cpu, |g| g.backend)
     }
 
     /// Times every graph node from now on ([`Backend::take_profile`] collects them).
@@ -501,7 +664,7 @@ impl Backend {
     fn compute_raw(&self, g: *mut sys::ggml_cgraph) -> Result<()> {
         // SAFETY: graph and backend valid; inputs allocated (ggml checks and asserts otherwise,
         // so callers allocate every context tensor before computing).
-        let status = unsafe { sys::ggml_backend_graph_compute(self.ptr.as_ptr(), g) };
+        let status = unsafe { sys::ggml_backend_graph_compute(self.engines.cpu.as_ptr(), g) };
         if status != sys::GGML_STATUS_SUCCESS {
             return Err(Error::Ggml(format!("graph compute failed ({status})")));
         }
@@ -556,6 +719,15 @@ impl Backend {
 
     /// Runs a graph whose tensors all have data.
     pub fn compute(&self, g: &Graph<'_>) -> Result<()> {
+        if let Some(sched) = g.ctx.sched.get() {
+            // SAFETY: the scheduler allocated this graph (alloc_graph) and lives as long
+            // as its context.
+            let status = unsafe { sys::ggml_backend_sched_graph_compute(sched.as_ptr(), g.ptr.as_ptr()) };
+            if status != sys::GGML_STATUS_SUCCESS {
+                return Err(Error::Ggml(format!("graph compute failed ({status})")));
+            }
+            return Ok(());
+        }
         if let Some(rec) = self.profile.borrow_mut().as_mut() {
             return self.compute_profiled(g, rec);
         }
@@ -563,9 +735,24 @@ impl Backend {
     }
 }
 
-impl Drop for Backend {
-    fn drop(&mut self) {
-        // SAFETY: created by ggml_backend_dev_init, freed once.
-        unsafe { sys::ggml_backend_free(self.ptr.as_ptr()) }
+/// A CPU backend with `threads` threads.
+fn cpu_engine(threads: usize) -> Result<NonNull<sys::ggml_backend>> {
+    let dev = super::cpu_backend_device()?;
+    // SAFETY: the device is registered for the life of the process.
+    let ptr = NonNull::new(unsafe { sys::ggml_backend_dev_init(dev.as_ptr(), std::ptr::null()) }).ok_or_else(|| Error::Ggml("cannot start the CPU backend".into()))?;
+    // The thread setter lives in the (possibly dynamically loaded) CPU library, so it
+    // is looked up through the registry instead of linked by name.
+    // SAFETY: registry entries are valid for the process; the name is NUL-terminated.
+    let setter = unsafe {
+        let reg = sys::ggml_backend_dev_backend_reg(dev.as_ptr());
+        sys::ggml_backend_reg_get_proc_address(reg, c"ggml_backend_set_n_threads".as_ptr())
+    };
+    if !setter.is_null() {
+        // SAFETY: ggml documents this entry point as `ggml_backend_set_n_threads_t`.
+        let set: sys::ggml_backend_set_n_threads_t = unsafe { std::mem::transmute(setter) };
+        if let Some(set) = set {
+            unsafe { set(ptr.as_ptr(), threads.max(1) as i32) };
+        }
     }
+    Ok(ptr)
 }

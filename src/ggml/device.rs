@@ -81,6 +81,13 @@ fn backend_dirs() -> Vec<PathBuf> {
     if let Some(d) = std::env::current_exe().ok().and_then(|p| p.parent().map(Path::to_path_buf)) {
         dirs.push(d);
     }
+    // Loaded as a library (the JNI library in an Android app, beside its ggml libraries):
+    // the folder of the file that holds this code.
+    if let Some(d) = own_library().and_then(|p| p.parent().map(Path::to_path_buf)) {
+        if !dirs.contains(&d) {
+            dirs.push(d);
+        }
+    }
     if let Some(d) = option_env!("SDRS_BUILD_GGML_BACKENDS") {
         dirs.push(PathBuf::from(d));
     }
@@ -121,6 +128,19 @@ pub fn cpu_backend_info() -> Result<CpuBackendInfo> {
     Ok(CpuBackendInfo { library: loaded_cpu_library(), description, features })
 }
 
+/// The mapped file that holds this function's code, from the process's memory map.
+fn own_library() -> Option<PathBuf> {
+    let here = own_library as *const () as usize;
+    let maps = std::fs::read_to_string("/proc/self/maps").ok()?;
+    maps.lines().find_map(|l| {
+        let mut f = l.split_whitespace();
+        let (lo, hi) = f.next()?.split_once('-')?;
+        let (lo, hi) = (usize::from_str_radix(lo, 16).ok()?, usize::from_str_radix(hi, 16).ok()?);
+        let path = f.nth(4)?;
+        (lo <= here && here < hi && path.starts_with('/')).then(|| PathBuf::from(path))
+    })
+}
+
 /// The mapped `libggml-cpu-*.so`, read from the process's own memory map.
 fn loaded_cpu_library() -> Option<PathBuf> {
     let maps = std::fs::read_to_string("/proc/self/maps").ok()?;
@@ -130,7 +150,7 @@ fn loaded_cpu_library() -> Option<PathBuf> {
         .map(PathBuf::from)
 }
 
-unsafe fn cstr(p: *const c_char) -> String {
+pub(super) unsafe fn cstr(p: *const c_char) -> String {
     if p.is_null() {
         String::new()
     } else {
@@ -189,4 +209,99 @@ pub(crate) fn repack_buffer_type() -> Option<NonNull<sys::ggml_backend_buffer_ty
         }
         None
     }
+}
+
+/// What kind of device ggml reports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeviceKind {
+    Cpu,
+    Gpu,
+    /// A GPU that shares the host's memory (phones, laptops' integrated graphics).
+    IntegratedGpu,
+    Accelerator,
+}
+
+/// One device of a loaded ggml backend, for `sdrs devices`.
+#[derive(Clone, Debug)]
+pub struct DeviceInfo {
+    /// ggml's backend (registry) name: `CPU`, `Vulkan`.
+    pub backend: String,
+    /// Index among that backend's devices (what `--device` takes).
+    pub index: usize,
+    /// ggml's device name (`Vulkan0`) and description (the GPU's model).
+    pub name: String,
+    pub description: String,
+    pub kind: DeviceKind,
+    pub memory_free: u64,
+    pub memory_total: u64,
+}
+
+/// Every device of every backend ggml loaded (the CPU's, plus GPU backends the build
+/// has and this machine can start).
+pub fn devices() -> Result<Vec<DeviceInfo>> {
+    cpu_backend_device()?;
+    let mut out = Vec::new();
+    // SAFETY: registry queries; returned strings are owned by ggml and NUL-terminated.
+    unsafe {
+        for r in 0..sys::ggml_backend_reg_count() {
+            let reg = sys::ggml_backend_reg_get(r);
+            let backend = cstr(sys::ggml_backend_reg_name(reg));
+            for i in 0..sys::ggml_backend_reg_dev_count(reg) {
+                let dev = sys::ggml_backend_reg_dev_get(reg, i);
+                let (mut free, mut total) = (0usize, 0usize);
+                sys::ggml_backend_dev_memory(dev, &mut free, &mut total);
+                let kind = match sys::ggml_backend_dev_type(dev) {
+                    sys::GGML_BACKEND_DEVICE_TYPE_CPU => DeviceKind::Cpu,
+                    sys::GGML_BACKEND_DEVICE_TYPE_GPU => DeviceKind::Gpu,
+                    sys::GGML_BACKEND_DEVICE_TYPE_IGPU => DeviceKind::IntegratedGpu,
+                    _ => DeviceKind::Accelerator,
+                };
+                out.push(DeviceInfo {
+                    backend: backend.clone(),
+                    index: i,
+                    name: cstr(sys::ggml_backend_dev_name(dev)),
+                    description: cstr(sys::ggml_backend_dev_description(dev)),
+                    kind,
+                    memory_free: free as u64,
+                    memory_total: total as u64,
+                });
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Whether this build includes ggml's Vulkan backend (the `vulkan` cargo feature).
+pub const VULKAN_BUILT: bool = cfg!(feature = "vulkan");
+
+/// The `index`-th device of ggml's backend `name` (`Vulkan`), or an error that says
+/// what is missing: the backend in this build, its library, a driver, the device.
+pub(crate) fn gpu_device(name: &str, index: usize) -> Result<Device> {
+    cpu_backend_device()?;
+    if name.eq_ignore_ascii_case("vulkan") && !VULKAN_BUILT {
+        return Err(Error::Invalid(
+            "this sdrs was built without Vulkan: rebuild with `tools/setup.sh --vulkan && cargo build --release --features vulkan`".into(),
+        ));
+    }
+    let c = CString::new(name).map_err(|_| Error::Invalid(format!("backend name `{name}` contains NUL")))?;
+    // SAFETY: registry queries with a valid C string.
+    let reg = unsafe { sys::ggml_backend_reg_by_name(c.as_ptr()) };
+    if reg.is_null() {
+        return Err(Error::Invalid(format!(
+            "the {name} backend did not load: its library (libggml-{}.so) must sit with the CPU libraries in {}, and the {name} loader (libvulkan.so.1) must be installed",
+            name.to_lowercase(),
+            backend_dirs().iter().map(|d| d.display().to_string()).collect::<Vec<_>>().join(" or ")
+        )));
+    }
+    // SAFETY: reg is a registered backend; its name is static.
+    let (count, name) = unsafe { (sys::ggml_backend_reg_dev_count(reg), cstr(sys::ggml_backend_reg_name(reg))) };
+    if index >= count {
+        return Err(Error::Invalid(if count == 0 {
+            format!("no {name} device found (software renderers such as lavapipe are hidden unless GGML_VK_VISIBLE_DEVICES names them)")
+        } else {
+            format!("no {name} device {index}: there are {count} (see `sdrs devices`)")
+        }));
+    }
+    // SAFETY: index in range.
+    NonNull::new(unsafe { sys::ggml_backend_reg_dev_get(reg, index) }).map(Device).ok_or_else(|| Error::Ggml(format!("{name} device {index} vanished")))
 }

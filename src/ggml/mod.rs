@@ -10,7 +10,7 @@ mod attention;
 mod im2col;
 pub use attention::kernel_variant as attention_kernel;
 pub use context::{Backend, Context, Graph, HostRegion, NodeTiming, Tensor};
-pub use device::{cpu_backend_info, CpuBackendInfo, BACKEND_DIR_ENV};
+pub use device::{cpu_backend_info, devices, CpuBackendInfo, DeviceInfo, DeviceKind, BACKEND_DIR_ENV, VULKAN_BUILT};
 pub use ops::CONV_MAX_BANDS;
 pub use peak::fma_peak_flops;
 pub(crate) use device::cpu_backend_device;

@@ -258,6 +258,16 @@ impl Context<'_> {
             let xt = self.cont(self.permute(x, [1, 2, 0, 3])?)?; // [IC, W, H, N]
             let flat = self.reshape(xt, &[ic, w * h * n])?;
             self.mul_mat(kernel, flat)? // [OC, W*H*N]
+        } else if self.on_gpu() {
+            // sdrs' im2col is a CPU custom op; on a GPU, ggml's own. It reads only the
+            // kernel's shape from its first source, so a small stand-in carries that
+            // (the weights may be quantized, which no 4-D view of them can be).
+            self.ensure_room(8)?;
+            let shape = self.tensor(Type::F16, &[kw, kh, ic, 1], "conv.kernel_shape")?;
+            let (s, p) = (stride as i32, pad as i32);
+            // SAFETY: shapes checked above; im2col reads b's data and a's shape.
+            let cols = self.op(unsafe { sys::ggml_im2col(self.raw(), shape.raw(), x.raw(), s, s, p, p, 1, 1, true, Type::F32.0) })?;
+            self.mul_mat(kernel, self.reshape(cols, &[k, ow * oh * n])?)?
         } else {
             let row_bytes = k * ow * n * Type::F32.type_size();
             // At most CONV_MAX_BANDS bands: each adds ~8 tensors to the graph, and the

@@ -59,7 +59,9 @@ pub struct Nn<'c> {
 }
 
 impl<'c> Nn<'c> {
+    /// Layers over `w`, built for where `w` lives (a GPU's graph gets no CPU-only op).
     pub fn new(ctx: &'c Context<'c>, w: &'c Weights<'c>) -> Self {
+        ctx.follow(w.context());
         Nn { ctx, w, attention: Attention::default() }
     }
 
@@ -122,6 +124,16 @@ impl<'c> Nn<'c> {
 pub fn attend<'c>(c: &'c Context<'_>, q: Tensor<'c>, k: Tensor<'c>, v: Tensor<'c>, causal: bool, kind: Attention, align: usize) -> Result<Tensor<'c>> {
     let [d, nq, h, b] = q.ne();
     let scale = 1.0 / (d as f32).sqrt();
+    if c.on_gpu() && !causal && kind != Attention::MatMul {
+        // The tiled kernel is the CPU's; a GPU gets ggml's fused kernel where it has
+        // one for this shape, else the matrix form (never a copy back to the CPU).
+        let rows = |t: Tensor<'c>| if t.nb()[0] == t.ty().type_size() { Ok(t) } else { c.cont(t) };
+        let o = c.flash_attn(rows(q)?, rows(k)?, rows(v)?, scale)?;
+        if c.supports(o) {
+            return c.reshape(o, &[d * h, nq, b]);
+        }
+        return attend(c, q, k, v, causal, Attention::MatMul, align);
+    }
     if kind.tiled() && !causal {
         return c.attention(q, k, v, scale);
     }

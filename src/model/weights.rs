@@ -62,6 +62,11 @@ impl<'g> Weights<'g> {
         Ok(Weights { path: gguf.path.clone(), ctx, repacked, bytes, copied })
     }
 
+    /// The context holding the weights (graphs over them follow where it lives).
+    pub(crate) fn context(&self) -> &Context<'g> {
+        &self.ctx
+    }
+
     /// Whether the weight `name` was copied out of the mapping (so the mapping's pages
     /// for it are no longer read).
     pub fn is_copied(&self, name: &str) -> bool {
@@ -90,7 +95,29 @@ impl<'g> Weights<'g> {
 }
 
 impl Weights<'static> {
-    /// Copies every float tensor of a checkpoint into CPU memory as f32.
+    /// Copies the tensors whose names satisfy `keep` into `backend`'s GPU memory (or
+    /// its CPU's, for a CPU backend). Nothing stays borrowed from the file: each
+    /// tensor's mapped pages are released once it is uploaded.
+    pub fn upload(gguf: &GgufFile, keep: impl Fn(&str) -> bool, backend: &Backend) -> Result<Self> {
+        let infos: Vec<_> = gguf.tensors.iter().filter(|t| keep(&t.name)).collect();
+        let bytes = infos.iter().map(|t| t.nbytes).sum();
+        let ctx = Context::new(infos.len() + 1)?;
+        let mut made = Vec::with_capacity(infos.len());
+        for t in &infos {
+            let ne: Vec<usize> = t.ne.iter().map(|&d| d as usize).collect();
+            made.push(ctx.tensor(t.ty, &ne, &t.name).map_err(|e| Error::format(&gguf.path, format!("tensor `{}`: {e}", t.name)))?);
+        }
+        ctx.alloc_on(backend).map_err(|e| Error::format(&gguf.path, format!("{} bytes of weights on {}: {e}", bytes, backend.gpu_name().unwrap_or("?"))))?;
+        let mut copied = std::collections::HashSet::new();
+        for (t, tensor) in infos.iter().zip(made) {
+            ctx.set_bytes(tensor, gguf.data(t))?;
+            gguf.release_tensor(t);
+            copied.insert(t.name.clone());
+        }
+        Ok(Weights { path: gguf.path.clone(), ctx, repacked: 0, bytes, copied })
+    }
+
+    /// Copies every float tensor of a checkpoint, as f32, where `backend` computes.
     pub fn from_checkpoint(ck: &Checkpoint, backend: &Backend) -> Result<Self> {
         let floats: Vec<_> = ck.tensors.iter().filter(|t| t.dtype.is_float()).collect();
         let ctx = Context::new(floats.len() + 1)?;
@@ -105,7 +132,7 @@ impl Weights<'static> {
             }
             made.push(ctx.tensor(Type::F32, &ne, &t.name)?);
         }
-        ctx.alloc_cpu(backend)?;
+        ctx.alloc_on(backend)?;
         for (t, tensor) in floats.iter().zip(made) {
             ctx.set_f32(tensor, &t.read_f32()?)?;
         }

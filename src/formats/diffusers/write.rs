@@ -180,7 +180,7 @@ fn write_weights(path: &Path, plan: &[Entry], dtype: DType, read: &mut dyn FnMut
             Ok(())
         });
         result.map_err(|err| match err {
-            Error::Io { source, .. } => Error::io(path, source),
+            Error::Io { err: source, .. } => Error::io(path, source),
             other => other,
         })?;
         out.flush().map_err(|e| Error::io(path, e))?;

@@ -1,0 +1,25 @@
+//! Where libsdrs.so finds ggml's shared libraries at run time.
+//!
+//! The root crate's link arguments (its rpath) apply to its own binaries only, not to
+//! a library that depends on it, so this cdylib sets its own.
+use std::env;
+
+fn main() {
+    println!("cargo:rerun-if-changed=build.rs");
+    println!("cargo:rerun-if-env-changed=DEP_LLAMA_GGML_CMAKE_DIR");
+    let os = env::var("CARGO_CFG_TARGET_OS").unwrap_or_default();
+    if os != "linux" && os != "android" {
+        return;
+    }
+    // $ORIGIN: a release (and an Android app's extracted jniLibs folder) keeps the ggml
+    // libraries beside libsdrs.so. The install prefix's lib/: host builds and tests,
+    // where only that folder has the versioned sonames (libggml.so.0) the link records.
+    let mut rpath = String::from("$ORIGIN");
+    if os == "linux" {
+        if let Some(lib) = env::var_os("DEP_LLAMA_GGML_CMAKE_DIR").as_deref().map(std::path::Path::new).and_then(|p| p.parent()) {
+            rpath.push(':');
+            rpath.push_str(&lib.display().to_string());
+        }
+    }
+    println!("cargo:rustc-cdylib-link-arg=-Wl,-rpath,{rpath}");
+}

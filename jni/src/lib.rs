@@ -1,0 +1,322 @@
+//! JNI entry points of `org.sdrs.StableDiffusion` (java/org/sdrs).
+//!
+//! Every entry point runs its body through [`guard`]: errors and panics become Java
+//! exceptions and nothing unwinds into the JVM. A model is a [`Model`] boxed into a
+//! `jlong`; the Java class guarantees that no call uses a handle after `nativeFree`
+//! (it counts calls in flight and frees after the last one), so the entry points only
+//! see live handles.
+mod request;
+
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use jni::objects::{JClass, JObject, JString, JValue};
+use jni::sys::{jint, jlong, jobject};
+use jni::JNIEnv;
+
+use sdrs_core::pipeline::{Pipeline, Request, Stage};
+
+/// Models alive in this process: a test checks that each handle is freed exactly once.
+static LIVE: AtomicUsize = AtomicUsize::new(0);
+
+/// What a handle points to.
+struct Model {
+    pipe: Mutex<Pipeline>,
+    /// The model's run defaults, read once so that requests are read and checked
+    /// without waiting for a run that holds `pipe`.
+    defaults: Request,
+    /// Kept outside `pipe`'s lock so `cancel()` never waits for a run.
+    runs: Mutex<Runs>,
+    /// A model opened from a file descriptor keeps its own duplicate open, so its
+    /// `/proc/self/fd/N` path stays valid whatever the caller does with the original.
+    /// Declared after `pipe`: the mapping goes first.
+    _fd: Option<OwnedFd>,
+}
+
+impl Model {
+    fn new(pipe: Pipeline, fd: Option<OwnedFd>) -> Model {
+        LIVE.fetch_add(1, Ordering::SeqCst);
+        let defaults = pipe.request("");
+        Model { pipe: Mutex::new(pipe), defaults, runs: Mutex::new(Runs::default()), _fd: fd }
+    }
+
+    fn into_handle(self) -> jlong {
+        Box::into_raw(Box::new(self)) as jlong
+    }
+
+    /// # Safety
+    /// `h` came from [`Model::into_handle`] and has not been freed.
+    unsafe fn from_handle<'a>(h: jlong) -> Result<&'a Model, Fail> {
+        (h as *const Model).as_ref().ok_or_else(|| Fail::IllegalState("the model is closed".into()))
+    }
+
+    fn runs(&self) -> std::sync::MutexGuard<'_, Runs> {
+        // Nothing that holds this lock can leave it inconsistent.
+        self.runs.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Java's cancel(): its `cancels`-th call.
+    fn cancel(&self, cancels: i64) {
+        let mut runs = self.runs();
+        runs.cancels = runs.cancels.max(cancels);
+        for flag in &runs.flags {
+            flag.store(true, Ordering::SeqCst);
+        }
+    }
+}
+
+impl Drop for Model {
+    fn drop(&mut self) {
+        LIVE.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// The `generate` calls in flight (running or waiting for the pipeline).
+#[derive(Default)]
+struct Runs {
+    flags: Vec<Arc<AtomicBool>>,
+    /// The most recent cancel() seen. A Java call between entering `generate` (where it
+    /// took its ticket, the count of cancel() calls so far) and registering here may
+    /// have missed its flag being set: a ticket below this count says it was cancelled.
+    cancels: i64,
+}
+
+/// A registered cancel flag, unregistered when the run ends however it ends.
+struct Run<'a> {
+    model: &'a Model,
+    flag: Arc<AtomicBool>,
+}
+
+impl<'a> Run<'a> {
+    fn start(model: &'a Model, ticket: i64) -> Run<'a> {
+        let mut runs = model.runs();
+        let flag = Arc::new(AtomicBool::new(ticket < runs.cancels));
+        runs.flags.push(Arc::clone(&flag));
+        Run { model, flag }
+    }
+}
+
+impl Drop for Run<'_> {
+    fn drop(&mut self) {
+        self.model.runs().flags.retain(|f| !Arc::ptr_eq(f, &self.flag));
+    }
+}
+
+/// Why a call failed, and so which Java exception it throws.
+pub(crate) enum Fail {
+    /// `SdrsException`, or `CancelledException` for [`sdrs_core::Error::Interrupted`].
+    Sdrs(sdrs_core::Error),
+    /// `SdrsException` with this message.
+    Msg(String),
+    IllegalState(String),
+    NullPointer(String),
+    /// A Java exception is already pending (a listener threw, or a JNI call failed
+    /// and raised one): it propagates as it is.
+    Java,
+}
+
+impl From<sdrs_core::Error> for Fail {
+    fn from(e: sdrs_core::Error) -> Self {
+        Fail::Sdrs(e)
+    }
+}
+
+impl From<jni::errors::Error> for Fail {
+    fn from(e: jni::errors::Error) -> Self {
+        match e {
+            jni::errors::Error::JavaException => Fail::Java,
+            e => Fail::Msg(format!("JNI: {e}")),
+        }
+    }
+}
+
+/// The message of an sdrs error: its Display, then each cause its Display leaves out.
+/// (Most variants already print their cause, as `Io`'s "path: os error" does.)
+pub(crate) fn message(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let m = c.to_string();
+        if !text.contains(&m) {
+            text.push_str(": ");
+            text.push_str(&m);
+        }
+        cause = c.source();
+    }
+    text
+}
+
+fn throw(env: &mut JNIEnv, fail: Fail) {
+    // A pending exception says more than anything raised on top of it (and JNI
+    // forbids most calls while one is pending).
+    if env.exception_check().unwrap_or(true) {
+        return;
+    }
+    let (class, msg) = match fail {
+        Fail::Sdrs(e @ sdrs_core::Error::Interrupted) => ("org/sdrs/CancelledException", message(&e)),
+        Fail::Sdrs(e) => ("org/sdrs/SdrsException", message(&e)),
+        Fail::Msg(m) => ("org/sdrs/SdrsException", m),
+        Fail::IllegalState(m) => ("java/lang/IllegalStateException", m),
+        Fail::NullPointer(m) => ("java/lang/NullPointerException", m),
+        Fail::Java => return,
+    };
+    if env.throw_new(class, &msg).is_err() && !env.exception_check().unwrap_or(true) {
+        // Only if the class itself cannot be found (a broken classpath): still an exception.
+        let _ = env.throw_new("java/lang/RuntimeException", msg);
+    }
+}
+
+/// Runs an entry point's body: its errors and panics become Java exceptions, and
+/// `default` is returned to the JVM (which ignores it while an exception is pending).
+fn guard<'local, T>(env: &mut JNIEnv<'local>, default: T, body: impl FnOnce(&mut JNIEnv<'local>) -> Result<T, Fail>) -> T {
+    match catch_unwind(AssertUnwindSafe(|| body(env))) {
+        Ok(Ok(v)) => v,
+        Ok(Err(fail)) => {
+            throw(env, fail);
+            default
+        }
+        Err(panic) => {
+            let what = panic.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| panic.downcast_ref::<String>().cloned()).unwrap_or_else(|| "unknown panic".into());
+            throw(env, Fail::Msg(format!("sdrs internal error (a bug; please report it): {what}")));
+            default
+        }
+    }
+}
+
+/// `threads <= 0`: every core.
+fn threads(n: jint) -> usize {
+    match usize::try_from(n) {
+        Ok(n) if n > 0 => n,
+        _ => std::thread::available_parallelism().map_or(1, |n| n.get()),
+    }
+}
+
+/// A Java string that must not be null.
+pub(crate) fn string(env: &mut JNIEnv, s: &JObject, what: &str) -> Result<String, Fail> {
+    if s.is_null() {
+        return Err(Fail::NullPointer(format!("{what} is null")));
+    }
+    // get_string checks that the object is a java.lang.String.
+    Ok(env.get_string(<&JString>::from(s))?.into())
+}
+
+#[no_mangle]
+pub extern "system" fn Java_org_sdrs_StableDiffusion_nativeLoad<'l>(mut env: JNIEnv<'l>, _c: JClass<'l>, path: JString<'l>, n: jint) -> jlong {
+    guard(&mut env, 0, |env| {
+        let path = PathBuf::from(string(env, &path, "path")?);
+        Ok(Model::new(Pipeline::load_with_threads(&path, threads(n))?, None).into_handle())
+    })
+}
+
+#[no_mangle]
+pub extern "system" fn Java_org_sdrs_StableDiffusion_nativeFromFd<'l>(mut env: JNIEnv<'l>, _c: JClass<'l>, fd: jint, n: jint) -> jlong {
+    guard(&mut env, 0, |_| {
+        // Our own descriptor: the caller may close theirs as soon as this returns.
+        // SAFETY: fcntl on any integer is safe; it fails with EBADF on a closed one.
+        let dup = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
+        if dup < 0 {
+            return Err(Fail::Msg(format!("file descriptor {fd}: {}", std::io::Error::last_os_error())));
+        }
+        // SAFETY: `dup` is a fresh descriptor that nothing else owns.
+        let owned = unsafe { OwnedFd::from_raw_fd(dup) };
+        // The path opens the same file anew (a mapping needs no more), also where the
+        // app has no path of its own (Android's storage access framework).
+        let path = PathBuf::from(format!("/proc/self/fd/{dup}"));
+        Ok(Model::new(Pipeline::load_with_threads(&path, threads(n))?, Some(owned)).into_handle())
+    })
+}
+
+#[no_mangle]
+pub extern "system" fn Java_org_sdrs_StableDiffusion_nativeDemo<'l>(mut env: JNIEnv<'l>, _c: JClass<'l>, n: jint) -> jlong {
+    guard(&mut env, 0, |_| Ok(Model::new(Pipeline::demo(threads(n))?, None).into_handle()))
+}
+
+/// Fills the unset fields of a `Request` with the model's defaults.
+#[no_mangle]
+pub extern "system" fn Java_org_sdrs_StableDiffusion_nativeDefaults<'l>(mut env: JNIEnv<'l>, _c: JClass<'l>, h: jlong, req: JObject<'l>) {
+    guard(&mut env, (), |env| {
+        // SAFETY: the Java class passes only live handles.
+        let model = unsafe { Model::from_handle(h)? };
+        env.with_local_frame(8, |env| request::fill_defaults(env, &req, &model.defaults))
+    })
+}
+
+#[no_mangle]
+pub extern "system" fn Java_org_sdrs_StableDiffusion_nativeGenerate<'l>(mut env: JNIEnv<'l>, _c: JClass<'l>, h: jlong, ticket: jlong, req: JObject<'l>, listener: JObject<'l>) -> jobject {
+    guard(&mut env, std::ptr::null_mut(), |env| {
+        // SAFETY: the Java class passes only live handles.
+        let model = unsafe { Model::from_handle(h)? };
+        let mut r = env.with_local_frame(16, |env| request::read(env, &req, &model.defaults))?;
+        let run = Run::start(model, ticket);
+        r.cancel = Some(Arc::clone(&run.flag));
+        let pipe = lock(model)?;
+        // A listener that throws stops the run, and its exception is what the caller sees.
+        let mut listener_threw = false;
+        let result = pipe.generate(&r, &mut |stage| {
+            if let Stage::Step { done, total } = stage {
+                if listener.is_null() || listener_threw {
+                    return;
+                }
+                let args = [JValue::Int(clamp(done)), JValue::Int(clamp(total))];
+                if env.call_method(&listener, "onStep", "(II)V", &args).is_err() {
+                    listener_threw = true;
+                    run.flag.store(true, Ordering::SeqCst);
+                }
+            }
+        });
+        drop(pipe);
+        if listener_threw {
+            return Err(Fail::Java);
+        }
+        let image = result?;
+        Ok(request::image(env, &image)?.into_raw())
+    })
+}
+
+#[no_mangle]
+pub extern "system" fn Java_org_sdrs_StableDiffusion_nativeCancel<'l>(mut env: JNIEnv<'l>, _c: JClass<'l>, h: jlong, cancels: jlong) {
+    guard(&mut env, (), |_| {
+        // SAFETY: the Java class passes only live handles.
+        unsafe { Model::from_handle(h)? }.cancel(cancels);
+        Ok(())
+    })
+}
+
+#[no_mangle]
+pub extern "system" fn Java_org_sdrs_StableDiffusion_nativeFree<'l>(mut env: JNIEnv<'l>, _c: JClass<'l>, h: jlong) {
+    guard(&mut env, (), |_| {
+        if h != 0 {
+            // SAFETY: the Java class frees each handle once, after its last call.
+            drop(unsafe { Box::from_raw(h as *mut Model) });
+        }
+        Ok(())
+    })
+}
+
+/// Models not yet freed (for tests).
+#[no_mangle]
+pub extern "system" fn Java_org_sdrs_StableDiffusion_nativeLiveModels<'l>(_env: JNIEnv<'l>, _c: JClass<'l>) -> jint {
+    clamp(LIVE.load(Ordering::SeqCst))
+}
+
+/// Panics inside an entry point, so a test can see the panic become an exception.
+#[no_mangle]
+pub extern "system" fn Java_org_sdrs_StableDiffusion_nativePanicForTest<'l>(mut env: JNIEnv<'l>, _c: JClass<'l>, msg: JString<'l>) {
+    guard(&mut env, (), |env| {
+        let msg = string(env, &msg, "message")?;
+        panic!("{msg}")
+    })
+}
+
+/// The pipeline, unless an earlier run panicked while holding it: its state is then
+/// unknown, and a fresh load is the safe way on.
+fn lock(model: &Model) -> Result<std::sync::MutexGuard<'_, Pipeline>, Fail> {
+    model.pipe.lock().map_err(|_| Fail::Msg("this model stopped at an internal error in an earlier call; close it and load it again".into()))
+}
+
+fn clamp(n: usize) -> jint {
+    jint::try_from(n).unwrap_or(jint::MAX)
+}

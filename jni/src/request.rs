@@ -1,0 +1,112 @@
+//! `org.sdrs.Request` in, `org.sdrs.Image` out.
+//!
+//! Unset fields (0 sizes and steps, a null sampler, a NaN guidance scale) take the
+//! model's defaults, as the CLI's unset options do.
+use jni::objects::{JObject, JValue};
+use jni::JNIEnv;
+
+use sdrs_core::pipeline::{Image, Request};
+use sdrs_core::sample::Sampler;
+
+use crate::{string, Fail};
+
+fn int(env: &mut JNIEnv, obj: &JObject, name: &str) -> Result<i32, Fail> {
+    Ok(env.get_field(obj, name, "I")?.i()?)
+}
+
+fn float(env: &mut JNIEnv, obj: &JObject, name: &str) -> Result<f32, Fail> {
+    Ok(env.get_field(obj, name, "F")?.f()?)
+}
+
+fn text(env: &mut JNIEnv, obj: &JObject, name: &str) -> Result<Option<String>, Fail> {
+    let value = env.get_field(obj, name, "Ljava/lang/String;")?.l()?;
+    if value.is_null() {
+        return Ok(None);
+    }
+    let s = string(env, &value, name)?;
+    env.delete_local_ref(value)?;
+    Ok(Some(s))
+}
+
+/// A size or step count: 0 for the model's default.
+fn count(env: &mut JNIEnv, obj: &JObject, name: &str, default: usize) -> Result<usize, Fail> {
+    match int(env, obj, name)? {
+        0 => Ok(default),
+        n => usize::try_from(n).map_err(|_| Fail::Msg(format!("Request.{name} must be positive (or 0 for the model's default), not {n}"))),
+    }
+}
+
+fn sampler(name: &str) -> Result<Sampler, Fail> {
+    // The CLI's wording for the same mistake.
+    Sampler::parse(name).ok_or_else(|| Fail::Msg(format!("unknown sampler `{name}`; valid: {}", Sampler::names().join(", "))))
+}
+
+/// `defaults`: the model's ([`sdrs_core::pipeline::Pipeline::request`]).
+pub(crate) fn read(env: &mut JNIEnv, req: &JObject, defaults: &Request) -> Result<Request, Fail> {
+    if req.is_null() {
+        return Err(Fail::NullPointer("request is null".into()));
+    }
+    let prompt = text(env, req, "prompt")?.ok_or_else(|| Fail::NullPointer("Request.prompt is null".into()))?;
+    let init = env.get_field(req, "initImage", "[I")?.l()?;
+    if !init.is_null() {
+        return Err(Fail::Msg("img2img is not supported by this version: Request.initImage must be null".into()));
+    }
+    let base = Request { prompt, ..defaults.clone() };
+    let cfg_scale = match float(env, req, "cfgScale")? {
+        s if s.is_nan() => base.cfg_scale,
+        s if s.is_finite() => s,
+        s => return Err(Fail::Msg(format!("Request.cfgScale must be finite, not {s}"))),
+    };
+    Ok(Request {
+        negative: text(env, req, "negative")?.unwrap_or_default(),
+        width: count(env, req, "width", base.width)?,
+        height: count(env, req, "height", base.height)?,
+        steps: count(env, req, "steps", base.steps)?,
+        sampler: match text(env, req, "sampler")? {
+            Some(name) => sampler(&name)?,
+            None => base.sampler,
+        },
+        cfg_scale,
+        // Java has no unsigned long: the bits are the seed, as the CLI's u64.
+        seed: env.get_field(req, "seed", "J")?.j()? as u64,
+        ..base
+    })
+}
+
+/// Writes the model's defaults into the unset fields of `req`.
+pub(crate) fn fill_defaults(env: &mut JNIEnv, req: &JObject, base: &Request) -> Result<(), Fail> {
+    if req.is_null() {
+        return Err(Fail::NullPointer("request is null".into()));
+    }
+    for (name, value) in [("width", base.width), ("height", base.height), ("steps", base.steps)] {
+        if int(env, req, name)? == 0 {
+            env.set_field(req, name, "I", JValue::Int(i32::try_from(value).unwrap_or(i32::MAX)))?;
+        }
+    }
+    if float(env, req, "cfgScale")?.is_nan() {
+        env.set_field(req, "cfgScale", "F", JValue::Float(base.cfg_scale))?;
+    }
+    if text(env, req, "sampler")?.is_none() {
+        let name = env.new_string(base.sampler.info().name)?;
+        env.set_field(req, "sampler", "Ljava/lang/String;", JValue::Object(&name))?;
+    }
+    Ok(())
+}
+
+/// Android's `Bitmap.setPixels` takes ARGB_8888 in ints; PNG bytes are for saving.
+pub(crate) fn image<'l>(env: &mut JNIEnv<'l>, image: &Image) -> Result<JObject<'l>, Fail> {
+    let pixels = image.width * image.height;
+    let len = i32::try_from(pixels).map_err(|_| Fail::Msg(format!("image {}x{} is too large for a Java array", image.width, image.height)))?;
+    let argb: Vec<i32> = image.rgb.chunks_exact(3).map(|p| (0xFF00_0000u32 | (p[0] as u32) << 16 | (p[1] as u32) << 8 | p[2] as u32) as i32).collect();
+    let ints = env.new_int_array(len)?;
+    env.set_int_array_region(&ints, 0, &argb)?;
+    let png = env.byte_array_from_slice(&image.to_png()?)?;
+    let parameters = env.new_string(&image.parameters)?;
+    let dims = |n: usize| i32::try_from(n).unwrap_or(i32::MAX);
+    let obj = env.new_object(
+        "org/sdrs/Image",
+        "(II[I[BLjava/lang/String;)V",
+        &[JValue::Int(dims(image.width)), JValue::Int(dims(image.height)), JValue::Object(&ints), JValue::Object(&png), JValue::Object(&parameters)],
+    )?;
+    Ok(obj)
+}

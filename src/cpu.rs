@@ -1,0 +1,28 @@
+//! What the CPU this process runs on can do, as the program sees it at run time (not
+//! what it was compiled for): the instruction-set extensions that decide which of
+//! ggml's CPU libraries and which variant of sdrs' own kernels are used.
+
+/// The extensions relevant to sdrs' and ggml's kernels that this CPU has.
+pub fn features() -> Vec<&'static str> {
+    let mut f = Vec::new();
+    #[cfg(target_arch = "x86_64")]
+    {
+        macro_rules! probe {
+            ($($name:tt),*) => {$( if std::arch::is_x86_feature_detected!($name) { f.push($name); } )*};
+        }
+        probe!("sse4.2", "avx", "f16c", "fma", "avx2", "bmi2", "avxvnni", "avx512f", "avx512bw", "avx512vbmi", "avx512vnni", "avx512bf16");
+    }
+    #[cfg(target_arch = "aarch64")]
+    {
+        macro_rules! probe {
+            ($($name:tt),*) => {$( if std::arch::is_aarch64_feature_detected!($name) { f.push($name); } )*};
+        }
+        probe!("neon", "fp16", "dotprod", "i8mm", "bf16", "sve", "sve2");
+        // SME has no stable detection macro yet: the kernel's hwcap bit (HWCAP2_SME).
+        // SAFETY: getauxval only reads the process's auxiliary vector.
+        if unsafe { libc::getauxval(libc::AT_HWCAP2) } & (1 << 23) != 0 {
+            f.push("sme");
+        }
+    }
+    f
+}

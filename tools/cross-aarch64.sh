@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# Cross-builds sdrs for aarch64 Linux (Raspberry Pi 4/5, ARM boards and servers) on
+# x86-64 Debian 12. Under qemu-aarch64, for two CPUs:
+#   -cpu cortex-a72  Raspberry Pi 4: NEON, no dot product
+#   -cpu max         dot product, i8mm, fp16 arithmetic, SVE/SVE2, SME
+# `check` shows which of ggml's CPU libraries each one loads (and that a Vulkan request
+# is refused clearly); `test` also runs the model tests (tests/platform.rs). Emulation
+# proves results, not speed: never read its timings as a device's.
+#
+# Usage: tools/cross-aarch64.sh [build|check|test]
+# Output: target/aarch64/aarch64-unknown-linux-gnu/release/sdrs, with ggml's shared
+# libraries and its libggml-cpu-armv*.so variants under .../build/llama-cpp-sys-2-*/out.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+mode=${1:-build}
+tools/setup.sh --aarch64
+
+target=aarch64-unknown-linux-gnu
+dir=target/aarch64
+# Debian's rustc-web, whose aarch64 standard library is a Debian package (rustup
+# cannot download targets on these machines); cargo stays rustup's.
+export RUSTC=/usr/bin/rustc
+export CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER=aarch64-linux-gnu-gcc
+# ggml's CPU variants go up to armv9.2-a+sme, which gcc 12 cannot target; clang 16
+# can, with the cross gcc's sysroot and libraries.
+export CC_aarch64_unknown_linux_gnu=clang-16 CXX_aarch64_unknown_linux_gnu=clang++-16
+# Debian's spelling of the triple, given last, makes clang use the cross binutils
+# (aarch64-linux-gnu-ld); .cargo/config.toml's define must be repeated here, as
+# target-specific flags replace the general ones.
+export CFLAGS_aarch64_unknown_linux_gnu="--target=aarch64-linux-gnu -DGGML_MAX_NAME=128"
+export CXXFLAGS_aarch64_unknown_linux_gnu="$CFLAGS_aarch64_unknown_linux_gnu"
+export BINDGEN_EXTRA_CLANG_ARGS_aarch64_unknown_linux_gnu="--sysroot=/usr/aarch64-linux-gnu"
+# No Vulkan on this target: ggml would have to build its shader generator for the host.
+features=(--no-default-features --features demo-model)
+start=$(date +%s)
+cargo build --release --locked --target "$target" --target-dir "$dir" "${features[@]}"
+echo "aarch64 build: $(( $(date +%s) - start )) s"
+[ "$mode" = build ] && exit 0
+
+# This build has no Vulkan: asking for it must say how to get it, not crash.
+bin="$dir/$target/release/sdrs"
+if out=$(qemu-aarch64 -L /usr/aarch64-linux-gnu "$bin" generate -p x --backend vulkan 2>&1); then
+  echo "--backend vulkan ran on a build without Vulkan"; exit 1
+fi
+grep -q "built without Vulkan" <<<"$out" || { echo "$out"; exit 1; }
+
+# The model tests: the diffusers-made tiny model at every weight type, the demo model
+# and the real TAEF2, against the results recorded on x86-64.
+tests=(--test platform)
+for cpu in cortex-a72 max; do
+  runner="qemu-aarch64 -L /usr/aarch64-linux-gnu -cpu $cpu"
+  echo "== qemu-aarch64 -cpu $cpu: the CPU library ggml picks"
+  info=$($runner "$bin" info --system)
+  grep -E 'features:|lib:|kernels:' <<<"$info"
+  case $cpu in
+    cortex-a72) grep -q 'libggml-cpu-armv8.0' <<<"$info" ;;
+    max) grep -q 'libggml-cpu-armv9.2' <<<"$info" && grep -q 'DOTPROD' <<<"$info" ;;
+  esac || { echo "ggml loaded the wrong CPU library for -cpu $cpu"; exit 1; }
+  [ "$mode" = test ] || continue
+  start=$(date +%s)
+  CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUNNER="$runner" \
+    cargo test --release --locked --target "$target" --target-dir "$dir" "${features[@]}" "${tests[@]}"
+  echo "qemu -cpu $cpu tests: $(( $(date +%s) - start )) s"
+done
