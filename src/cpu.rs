@@ -19,8 +19,8 @@ pub fn features() -> Vec<&'static str> {
         }
         probe!("neon", "fp16", "dotprod", "i8mm", "bf16", "sve", "sve2");
         // SME has no stable detection macro yet: the kernel's hwcap bit (HWCAP2_SME).
-        // SAFETY: getauxval only reads the process's auxiliary vector.
-        if unsafe { libc::getauxval(libc::AT_HWCAP2) } & (1 << 23) != 0 {
+        #[cfg(any(target_os = "linux", target_os = "android"))]
+        if crate::ggml::aarch64_hwcap2() & (1 << 23) != 0 {
             f.push("sme");
         }
     }

@@ -98,18 +98,8 @@ fn taef2_round_trip_matches_the_x86_result() {
     let dir = shared().join("models/taef2");
     let enc = Weights::from_checkpoint(&Checkpoint::open(&dir.join("taef2_encoder.pth")).unwrap(), &backend).unwrap();
     let dec = Weights::from_checkpoint(&Checkpoint::open(&dir.join("taef2_decoder.pth")).unwrap(), &backend).unwrap();
-    let img = image::open(shared().join("data/images/astronaut.png")).unwrap().to_rgb8();
     // Small: under emulation (qemu) every vector instruction is a function call.
-    let (w, h) = (64usize, 64usize);
-    let mut x = vec![0f32; 3 * w * h];
-    for y in 0..h {
-        for xx in 0..w {
-            let p = img.get_pixel(xx as u32, y as u32);
-            for c in 0..3 {
-                x[(c * h + y) * w + xx] = p[c] as f32 / 255.0;
-            }
-        }
-    }
+    let (x, w, h) = photo("astronaut.png", Some((64, 64)));
     let z = taesd::encode(&enc, &x, 1, h, w, &backend).unwrap();
     let y = taesd::decode(&dec, &z, 1, h / 8, w / 8, &backend).unwrap();
     let mut rgb = vec![0u8; 3 * w * h];

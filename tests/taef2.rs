@@ -3,26 +3,10 @@
 //! reaches in PyTorch (figures from the executor issue).
 mod common;
 
-use common::shared;
+use common::{photo, shared};
 use sdrs::formats::Checkpoint;
 use sdrs::ggml::Backend;
 use sdrs::model::{taesd, Weights};
-
-/// RGB in [0, 1], NCHW, cropped from the top-left to multiples of 16.
-fn load(name: &str) -> (Vec<f32>, usize, usize) {
-    let img = image::open(shared().join("data/images").join(name)).unwrap().to_rgb8();
-    let (w, h) = ((img.width() as usize / 16) * 16, (img.height() as usize / 16) * 16);
-    let mut v = vec![0f32; 3 * w * h];
-    for y in 0..h {
-        for x in 0..w {
-            let p = img.get_pixel(x as u32, y as u32);
-            for c in 0..3 {
-                v[(c * h + y) * w + x] = p[c] as f32 / 255.0;
-            }
-        }
-    }
-    (v, w, h)
-}
 
 fn psnr(a: &[f32], b: &[f32]) -> f64 {
     let mse: f64 = a.iter().zip(b).map(|(x, y)| ((x - y.clamp(0.0, 1.0)) as f64).powi(2)).sum::<f64>() / a.len() as f64;
@@ -37,7 +21,7 @@ fn taef2_round_trips_photos_at_the_published_networks_psnr() {
     let dec = Weights::from_checkpoint(&Checkpoint::open(&dir.join("taef2_decoder.pth")).unwrap(), &backend).unwrap();
     assert_eq!(taesd::latent_channels(&dec).unwrap(), 32);
     for (file, reference) in [("astronaut.png", 31.19), ("chelsea.png", 32.70), ("coffee.png", 29.62), ("rocket.png", 30.49)] {
-        let (x, w, h) = load(file);
+        let (x, w, h) = photo(file, None);
         let z = taesd::encode(&enc, &x, 1, h, w, &backend).unwrap();
         let y = taesd::decode(&dec, &z, 1, h / 8, w / 8, &backend).unwrap();
         let p = psnr(&x, &y);

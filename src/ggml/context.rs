@@ -608,10 +608,6 @@ pub struct Backend {
     profile: RefCell<Option<Vec<NodeTiming>>>,
 }
 
-// SAFETY: see `Engines`; `Backend` is not `Sync` (its profile is a RefCell), so
-// `&Backend` never reaches two threads.
-unsafe impl Send for Backend {}
-
 impl Backend {
     pub fn cpu(threads: usize) -> Result<Backend> {
         Ok(Backend { engines: Arc::new(Engines { cpu: cpu_engine(threads)?, gpu: None }), profile: RefCell::new(None) })

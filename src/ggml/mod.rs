@@ -208,6 +208,15 @@ pub fn quantize_init(t: Type) {
     unsafe { sys::ggml_quantize_init(t.0) }
 }
 
+/// The kernel's second hardware-capability word (`AT_HWCAP2`) on aarch64 Linux, for
+/// the CPU features std cannot detect on stable Rust yet (SME). Here because every
+/// `unsafe` call of sdrs lives in this module.
+#[cfg(all(target_arch = "aarch64", any(target_os = "linux", target_os = "android")))]
+pub fn aarch64_hwcap2() -> u64 {
+    // SAFETY: getauxval only reads the process's auxiliary vector.
+    unsafe { libc::getauxval(libc::AT_HWCAP2) as u64 }
+}
+
 /// Length of `ggml_tensor.name` as bindgen saw it (`GGML_MAX_NAME`).
 pub fn max_name_len() -> usize {
     // SAFETY: ggml_tensor is plain data; all-zero is a valid (empty) value.

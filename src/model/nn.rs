@@ -124,16 +124,9 @@ impl<'c> Nn<'c> {
 pub fn attend<'c>(c: &'c Context<'_>, q: Tensor<'c>, k: Tensor<'c>, v: Tensor<'c>, causal: bool, kind: Attention, align: usize) -> Result<Tensor<'c>> {
     let [d, nq, h, b] = q.ne();
     let scale = 1.0 / (d as f32).sqrt();
-    if c.on_gpu() && !causal && kind != Attention::MatMul {
-        // The tiled kernel is the CPU's; a GPU gets ggml's fused kernel where it has
-        // one for this shape, else the matrix form (never a copy back to the CPU).
-        let rows = |t: Tensor<'c>| if t.nb()[0] == t.ty().type_size() { Ok(t) } else { c.cont(t) };
-        let o = c.flash_attn(rows(q)?, rows(k)?, rows(v)?, scale)?;
-        if c.supports(o) {
-            return c.reshape(o, &[d * h, nq, b]);
-        }
-        return attend(c, q, k, v, causal, Attention::MatMul, align);
-    }
+    // The tiled kernel is the CPU's: a GPU gets ggml's fused kernel instead where it
+    // has one for the shape, else the matrix form (never a copy back to the CPU).
+    let kind = if c.on_gpu() && kind != Attention::MatMul { Attention::Flash } else { kind };
     if kind.tiled() && !causal {
         return c.attention(q, k, v, scale);
     }
@@ -142,7 +135,9 @@ pub fn attend<'c>(c: &'c Context<'_>, q: Tensor<'c>, k: Tensor<'c>, v: Tensor<'c
         // (`cargo bench --bench kernels -- attention`).
         let rows = |t: Tensor<'c>| if t.nb()[0] == t.ty().type_size() { Ok(t) } else { c.cont(t) };
         let o = c.flash_attn(rows(q)?, rows(k)?, rows(v)?, scale)?; // [D, H, Nq, B]
-        return c.reshape(o, &[d * h, nq, b]);
+        if c.supports(o) {
+            return c.reshape(o, &[d * h, nq, b]);
+        }
     }
     // tinyBLAS wants the inner size in multiples of 16; SD 1.5's first level has head
     // size 40, where QK^T falls back to one dot product at a time: 4x slower than

@@ -50,3 +50,20 @@ pub fn rel_rms(a: &[f32], b: &[f32]) -> f64 {
     }
     (num / den.max(1e-30)).sqrt()
 }
+
+/// A test photo of `shared/data/images` as RGB in [0, 1], NCHW, cropped from the
+/// top-left to `size`, or to the largest multiples of 16 when `size` is `None`.
+pub fn photo(name: &str, size: Option<(usize, usize)>) -> (Vec<f32>, usize, usize) {
+    let img = image::open(shared().join("data/images").join(name)).unwrap().to_rgb8();
+    let (w, h) = size.unwrap_or(((img.width() as usize / 16) * 16, (img.height() as usize / 16) * 16));
+    let mut v = vec![0f32; 3 * w * h];
+    for y in 0..h {
+        for x in 0..w {
+            let p = img.get_pixel(x as u32, y as u32);
+            for c in 0..3 {
+                v[(c * h + y) * w + x] = p[c] as f32 / 255.0;
+            }
+        }
+    }
+    (v, w, h)
+}
