@@ -16,8 +16,9 @@
 # Options add what other targets need:
 #   --aarch64  cross-building and testing for aarch64 (tools/cross-aarch64.sh): Debian's
 #              cross gcc/g++ (sysroot, linker), clang-16 (ggml's armv9.2 variants need
-#              +sme, which gcc 12 lacks), qemu-user, and Debian's rustc-web with its
-#              arm64 standard library (rustup cannot download targets on these machines)
+#              +sme, which gcc 12 lacks), qemu-user, Debian's rustc-web with its
+#              arm64 standard library (rustup cannot download targets on these machines),
+#              and the arm64 C and C++ runtimes that qemu runs the tests with
 #   --java     OpenJDK, for the JNI library's host test (jni/test/run.sh)
 # Safe to run repeatedly; installs nothing that is already there.
 set -euo pipefail
@@ -45,7 +46,7 @@ case "$(dpkg-query -W -f='${Version}' mesa-vulkan-drivers 2>/dev/null)" in
 esac
 if [ $aarch64 = 1 ]; then
   dpkg --print-foreign-architectures | grep -qx arm64 || { [ "$(id -u)" = 0 ] && dpkg --add-architecture arm64; }
-  for p in gcc-aarch64-linux-gnu g++-aarch64-linux-gnu clang-16 qemu-user rustc-web libstd-rust-web-dev:arm64 libstd-rust-web-dev; do
+  for p in gcc-aarch64-linux-gnu g++-aarch64-linux-gnu clang-16 qemu-user rustc-web libstd-rust-web-dev:arm64 libstd-rust-web-dev libc6:arm64 libstdc++6:arm64; do
     have_pkg "$p" || missing+=("$p")
   done
 fi
