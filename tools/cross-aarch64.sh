@@ -46,7 +46,7 @@ echo "aarch64 build: $(( $(date +%s) - start )) s"
 
 # The guest's C runtime is Debian's arm64 multiarch one (libc6:arm64, libstdc++6:arm64
 # under /lib/aarch64-linux-gnu, as on a Raspberry Pi OS or Debian board), not the cross
-# toolchain's copy in /usr/aarch64-linux-gnu: under qemu 7.2 that glibc (2.36-8cross1)
+# toolchain's copy in /usr/aarch64-linux-gnu: under qemu 7.2 and 10 that glibc (2.36-8cross1)
 # made sdrs spin forever inside pthread mutex code before its first log line (gdb).
 qemu=(qemu-aarch64 -L /)
 # This build has no Vulkan: asking for it must say how to get it, not crash.
