@@ -60,6 +60,60 @@ pub struct UnetConfig {
     /// Width of the guidance embedding of LCM-distilled UNets (`time_embed.cond_proj.weight`,
     /// `[model_channels, dim]`, added to the sinusoidal timestep features); absent otherwise.
     pub time_cond_proj_dim: Option<usize>,
+    /// What follows the pooled text embedding in `label_emb`'s input (SDXL: original size,
+    /// crop top-left, target size; its refiner: original size, crop, aesthetic score),
+    /// each value through a sinusoidal embedding `time_id_dim` wide. Empty without `label_emb`.
+    pub time_ids: Vec<TimeId>,
+    pub time_id_dim: usize,
+}
+
+/// One item of SDXL's size-and-crop conditioning (Podell et al. 2023, sec. 2.2).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TimeId {
+    /// The training image's size before resizing, (height, width).
+    OriginalSize,
+    /// Where the training crop started, (top, left).
+    CropTopLeft,
+    /// The output size, (height, width).
+    TargetSize,
+    /// The refiner's aesthetic score (one value).
+    AestheticScore,
+}
+
+impl TimeId {
+    pub const SDXL: [TimeId; 3] = [TimeId::OriginalSize, TimeId::CropTopLeft, TimeId::TargetSize];
+    pub const REFINER: [TimeId; 3] = [TimeId::OriginalSize, TimeId::CropTopLeft, TimeId::AestheticScore];
+
+    /// How many scalars the item contributes.
+    pub fn values(self) -> usize {
+        if self == TimeId::AestheticScore { 1 } else { 2 }
+    }
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TimeId::OriginalSize => "original_size",
+            TimeId::CropTopLeft => "crop_coords_top_left",
+            TimeId::TargetSize => "target_size",
+            TimeId::AestheticScore => "aesthetic_score",
+        }
+    }
+    pub fn parse(s: &str) -> Option<Self> {
+        [TimeId::OriginalSize, TimeId::CropTopLeft, TimeId::TargetSize, TimeId::AestheticScore].into_iter().find(|t| t.as_str() == s)
+    }
+
+    /// The items and embedding width that fill `adm` channels after a pooled embedding
+    /// `pooled` wide, for files that do not list them (stable-diffusion.cpp's, or a
+    /// bare checkpoint): six values (SDXL) or five (the refiner), 256-wide as published
+    /// where that fits.
+    pub fn infer(adm: usize, pooled: usize) -> Option<(Vec<TimeId>, usize)> {
+        let rest = adm.checked_sub(pooled).filter(|&r| r > 0)?;
+        let pick = |n: usize| if n == 6 { TimeId::SDXL.to_vec() } else { TimeId::REFINER.to_vec() };
+        for n in [6, 5] {
+            if rest == n * 256 {
+                return Some((pick(n), 256));
+            }
+        }
+        [6, 5].into_iter().find(|n| rest % n == 0).map(|n| (pick(n), rest / n))
+    }
 }
 
 impl UnetConfig {
@@ -160,6 +214,10 @@ pub struct ModelConfig {
     /// SNR (Lin et al. 2024; diffusers' `rescale_betas_zero_snr`): samplers must use the
     /// same schedule, or the first step sees far less noise than the model expects.
     pub zero_terminal_snr: bool,
+    /// The unconditional branch of an empty negative prompt is all zeros (text
+    /// conditioning and pooled embedding) rather than the encoding of "" (diffusers'
+    /// `force_zeros_for_empty_prompt`, on for SDXL's pipelines).
+    pub zeros_for_empty_negative: bool,
     pub unet: UnetConfig,
     pub vae: VaeConfig,
     pub text_encoders: Vec<TextEncoderConfig>,
@@ -188,6 +246,8 @@ impl UnetConfig {
             linear_proj,
             adm_in_channels: None,
             time_cond_proj_dim: None,
+            time_ids: Vec::new(),
+            time_id_dim: 0,
         }
     }
 }
@@ -252,6 +312,7 @@ impl ModelConfig {
             family: "sd1".into(),
             prediction: Prediction::Epsilon,
             zero_terminal_snr: false,
+            zeros_for_empty_negative: false,
             unet: UnetConfig::sd(320, 768, false, (Some(8), None)),
             vae: VaeConfig::sd(0.18215),
             text_encoders: vec![TextEncoderConfig::clip_l("cond_stage_model.transformer.text_model.")],
@@ -264,6 +325,7 @@ impl ModelConfig {
             family: "sd2".into(),
             prediction: Prediction::V,
             zero_terminal_snr: false,
+            zeros_for_empty_negative: false,
             unet: UnetConfig::sd(320, 1024, true, (None, Some(64))),
             vae: VaeConfig::sd(0.18215),
             // SD 2 conditions on the penultimate block of OpenCLIP ViT-H (24 blocks), with the
@@ -288,6 +350,7 @@ impl ModelConfig {
             family: "sdxl".into(),
             prediction: Prediction::Epsilon,
             zero_terminal_snr: false,
+            zeros_for_empty_negative: true,
             unet: UnetConfig {
                 in_channels: 4,
                 out_channels: 4,
@@ -302,10 +365,48 @@ impl ModelConfig {
                 linear_proj: true,
                 adm_in_channels: Some(2816),
                 time_cond_proj_dim: None,
+                time_ids: TimeId::SDXL.to_vec(),
+                time_id_dim: 256,
             },
             vae: VaeConfig::sd(0.13025),
             text_encoders: vec![clip_l, big_g],
         }
+    }
+
+    /// The pooled text embedding's width: the last text encoder's projection (SDXL's
+    /// bigG `text_projection`), else its hidden size.
+    pub fn pooled_dim(&self) -> Option<usize> {
+        self.text_encoders.last().map(|t| t.projection_dim.unwrap_or(t.hidden_size))
+    }
+
+    /// Fills in the size/crop conditioning of a `label_emb` UNet whose source did not
+    /// describe it (see [`TimeId::infer`]); a no-op for other UNets.
+    pub fn infer_time_ids(&mut self) -> Result<(), String> {
+        let Some(adm) = self.unet.adm_in_channels else {
+            self.unet.time_ids.clear();
+            self.unet.time_id_dim = 0;
+            return Ok(());
+        };
+        if !self.unet.time_ids.is_empty() {
+            return Ok(());
+        }
+        let pooled = self.pooled_dim().ok_or("a UNet with a label embedding needs a text encoder for its pooled embedding")?;
+        let dim = self.unet.time_id_dim;
+        let found = if dim > 0 {
+            // The width is known (diffusers' `addition_time_embed_dim`): count the values.
+            let rest = adm.checked_sub(pooled).filter(|r| r % dim == 0).map(|r| r / dim);
+            match rest {
+                Some(6) => Some((TimeId::SDXL.to_vec(), dim)),
+                Some(5) => Some((TimeId::REFINER.to_vec(), dim)),
+                _ => None,
+            }
+        } else {
+            TimeId::infer(adm, pooled)
+        };
+        let (ids, dim) = found.ok_or_else(|| format!("label_emb takes {adm} channels: the pooled embedding ({pooled}) and five or six size/crop embeddings cannot fill that"))?;
+        self.unet.time_ids = ids;
+        self.unet.time_id_dim = dim;
+        Ok(())
     }
 
     /// A preset by name (`sd1`, `sd15`, `sd2`, `sd21`, `sdxl`, and `tiny-*` variants).
@@ -335,7 +436,9 @@ impl ModelConfig {
             }
         }
         u.mid_depth = u.mid_depth.map(|d| d.min(2));
-        u.adm_in_channels = u.adm_in_channels.map(|_| 32 + 6 * 8);
+        let values: usize = u.time_ids.iter().map(|t| t.values()).sum();
+        u.adm_in_channels = u.adm_in_channels.map(|_| 32 + values * 8);
+        u.time_id_dim = if u.time_ids.is_empty() { 0 } else { 8 };
         let v = &mut self.vae;
         v.base_channels = 32;
         for t in &mut self.text_encoders {
@@ -368,12 +471,58 @@ pub struct Defaults {
 impl Defaults {
     pub const KEYS: [&'static str; 6] = ["width", "height", "sampler", "scheduler", "steps", "cfg_scale"];
 
+    /// Named recipes of distilled models, as their authors publish them:
+    /// - `sdxl-turbo`, `sd-turbo` (Sauer et al. 2023, "Adversarial Diffusion Distillation";
+    ///   the model cards' example: 1 step, guidance off, Euler ancestral on trailing
+    ///   timesteps, 512×512);
+    /// - `sdxl-lightning-2step`, `-4step`, `-8step` (Lin et al. 2024, "SDXL-Lightning";
+    ///   the model card: Euler, "trailing" timesteps, guidance off, 1024×1024).
+    ///
+    /// Guidance "off" is a scale of 1 here: the unconditional pass is skipped.
+    pub fn preset(name: &str) -> Option<Defaults> {
+        let recipe = |size, sampler: &str, steps| Defaults {
+            width: Some(size),
+            height: Some(size),
+            sampler: Some(sampler.into()),
+            scheduler: Some("trailing".into()),
+            steps: Some(steps),
+            cfg_scale: Some(1.0),
+        };
+        match name {
+            "sdxl-turbo" | "sd-turbo" => Some(recipe(512, "euler_a", 1)),
+            "sdxl-lightning-2step" => Some(recipe(1024, "euler", 2)),
+            "sdxl-lightning-4step" => Some(recipe(1024, "euler", 4)),
+            "sdxl-lightning-8step" => Some(recipe(1024, "euler", 8)),
+            _ => None,
+        }
+    }
+
+    pub const PRESETS: [&'static str; 5] = ["sdxl-turbo", "sd-turbo", "sdxl-lightning-2step", "sdxl-lightning-4step", "sdxl-lightning-8step"];
+
+    /// `other`'s fields where it sets them, `self`'s elsewhere.
+    pub fn over(&self, other: &Defaults) -> Defaults {
+        Defaults {
+            width: other.width.or(self.width),
+            height: other.height.or(self.height),
+            sampler: other.sampler.clone().or_else(|| self.sampler.clone()),
+            scheduler: other.scheduler.clone().or_else(|| self.scheduler.clone()),
+            steps: other.steps.or(self.steps),
+            cfg_scale: other.cfg_scale.or(self.cfg_scale),
+        }
+    }
+
     /// Parses `key=value[,key=value...]` (the keys of [`Defaults::KEYS`]; `size=N`
-    /// sets width and height) over `self`.
+    /// sets width and height; `preset=NAME` a whole [`Defaults::preset`], which later
+    /// keys override) over `self`.
     pub fn apply(&mut self, spec: &str) -> Result<(), String> {
         for item in spec.split(',').map(str::trim).filter(|s| !s.is_empty()) {
             let (k, v) = item.split_once('=').ok_or_else(|| format!("`{item}`: expected KEY=VALUE"))?;
             let (k, v) = (k.trim(), v.trim());
+            if k == "preset" {
+                let p = Defaults::preset(v).ok_or_else(|| format!("unknown preset `{v}`; valid: {}", Defaults::PRESETS.join(", ")))?;
+                *self = self.over(&p);
+                continue;
+            }
             let num = |v: &str| v.parse::<usize>().ok().filter(|&n| n > 0).ok_or_else(|| format!("`{k}`: `{v}` is not a positive integer"));
             match k {
                 "width" => self.width = Some(num(v)?),
@@ -388,7 +537,7 @@ impl Defaults {
                 "cfg_scale" | "cfg" => {
                     self.cfg_scale = Some(v.parse::<f32>().ok().filter(|x| x.is_finite() && *x >= 0.0).ok_or_else(|| format!("`{k}`: `{v}` is not a guidance scale"))?)
                 }
-                _ => return Err(format!("unknown default `{k}`; valid: size, {}", Self::KEYS.join(", "))),
+                _ => return Err(format!("unknown default `{k}`; valid: preset, size, {}", Self::KEYS.join(", "))),
             }
         }
         Ok(())
@@ -397,7 +546,38 @@ impl Defaults {
 
 #[cfg(test)]
 mod tests {
-    use super::Defaults;
+    use super::{Defaults, ModelConfig, TimeId};
+
+    #[test]
+    fn presets_set_the_published_recipes_and_later_keys_override_them() {
+        let mut d = Defaults::default();
+        d.apply("preset=sdxl-turbo").unwrap();
+        assert_eq!((d.width, d.steps, d.cfg_scale, d.sampler.as_deref(), d.scheduler.as_deref()), (Some(512), Some(1), Some(1.0), Some("euler_a"), Some("trailing")));
+        d.apply("preset=sdxl-lightning-4step,steps=6").unwrap();
+        assert_eq!((d.width, d.steps, d.sampler.as_deref()), (Some(1024), Some(6), Some("euler")));
+        assert!(d.apply("preset=sdxl-nitro").unwrap_err().contains("unknown preset"));
+        for name in Defaults::PRESETS {
+            let p = Defaults::preset(name).unwrap();
+            assert!(crate::sample::Sampler::parse(p.sampler.as_deref().unwrap()).is_some() && crate::sample::Schedule::parse(p.scheduler.as_deref().unwrap()).is_some(), "{name}");
+        }
+    }
+
+    #[test]
+    fn size_conditioning_is_inferred_from_label_emb_width() {
+        assert_eq!(TimeId::infer(2816, 1280), Some((TimeId::SDXL.to_vec(), 256)));
+        assert_eq!(TimeId::infer(2560, 1280), Some((TimeId::REFINER.to_vec(), 256)));
+        assert_eq!(TimeId::infer(32 + 48, 32), Some((TimeId::SDXL.to_vec(), 8)));
+        assert_eq!(TimeId::infer(32 + 40, 32), Some((TimeId::REFINER.to_vec(), 8)));
+        assert_eq!(TimeId::infer(1280 + 7, 1280), None);
+        let mut cfg = ModelConfig::sdxl();
+        cfg.unet.time_ids.clear();
+        cfg.unet.time_id_dim = 0;
+        cfg.infer_time_ids().unwrap();
+        assert_eq!(cfg, ModelConfig::sdxl());
+        cfg.unet.time_ids.clear();
+        cfg.unet.adm_in_channels = Some(2817);
+        assert!(cfg.infer_time_ids().unwrap_err().contains("2817"));
+    }
 
     #[test]
     fn defaults_spec_sets_named_fields_and_refuses_unknown_keys_and_bad_values() {

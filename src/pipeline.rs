@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use crate::budget::{self, Budget, Need, Plan};
-use crate::config::{Defaults, ModelConfig};
+use crate::config::{Defaults, ModelConfig, TimeId, UnetConfig};
 use crate::convert::metadata;
 use crate::error::{Error, Result};
 use crate::formats::gguf::GgufFile;
@@ -56,6 +56,14 @@ pub struct Request {
     /// Set from any thread to stop the run: it ends with [`Error::Interrupted`] at the
     /// next stage or UNet evaluation (within one step), leaving nothing half written.
     pub cancel: Option<Arc<AtomicBool>>,
+    /// SDXL's size conditioning: the "original" image size (width, height) the model is
+    /// told the picture was cut from [default: the output size, as diffusers].
+    pub original_size: Option<(usize, usize)>,
+    /// SDXL's crop conditioning, (top, left) [default: (0, 0), an uncropped picture].
+    pub crop_top_left: (usize, usize),
+    /// The refiner's aesthetic-score conditioning, for the prompt and the negative prompt.
+    pub aesthetic_score: f32,
+    pub negative_aesthetic_score: f32,
 }
 
 impl Request {
@@ -79,6 +87,11 @@ impl Request {
             taesd: None,
             noise: None,
             cancel: None,
+            original_size: None,
+            crop_top_left: (0, 0),
+            // diffusers' StableDiffusionXLImg2ImgPipeline defaults.
+            aesthetic_score: 6.0,
+            negative_aesthetic_score: 2.5,
         }
     }
 }
@@ -247,9 +260,7 @@ impl Pipeline {
     fn from_gguf(gguf: GgufFile, config: ModelConfig, threads: usize) -> Result<Pipeline> {
         let path = gguf.path.clone();
         let path = path.as_path();
-        if config.text_encoders.len() != 1 || config.unet.adm_in_channels.is_some() {
-            return Err(Error::arch(path, format!("{} models (two text encoders, pooled conditioning) are not supported by this version's pipeline yet", config.family)));
-        }
+        check_conditioning(&config).map_err(|e| Error::arch(path, e))?;
         let vocab = metadata::read_tokenizer(&gguf).map_or_else(crate::vocab::ClipVocab::embedded, Ok)?;
         let tokenizer = ClipTokenizer::new(&vocab)?;
         let model_hash = gguf.get("sd.source.sha256").and_then(|v| v.as_str()).map(|h| h.chars().take(10).collect()).unwrap_or_default();
@@ -262,8 +273,7 @@ impl Pipeline {
     pub fn set_backend(&mut self, backend: Backend) -> Result<()> {
         self.device = None;
         if backend.gpu_name().is_some() {
-            let te = &self.config.text_encoders[0].prefix;
-            let text = Weights::upload(&self.gguf, |n| n.starts_with(te.as_str()), &backend)?;
+            let text = Weights::upload(&self.gguf, |n| self.is_text(n), &backend)?;
             let unet = Weights::upload(&self.gguf, |n| n.starts_with("model.diffusion_model."), &backend)?;
             let vae = Weights::upload(&self.gguf, |n| n.starts_with("first_stage_model."), &backend)?;
             self.device = Some(DeviceWeights { text, unet, vae });
@@ -376,6 +386,86 @@ impl Pipeline {
         self.latent_size(req.width, req.height)
     }
 
+    /// Whether tensor `name` belongs to one of the text encoders.
+    fn is_text(&self, name: &str) -> bool {
+        self.config.text_encoders.iter().any(|t| name.starts_with(&t.prefix))
+    }
+
+    /// Context tokens per prompt (every encoder's length; [`check_conditioning`]).
+    fn tokens(&self) -> usize {
+        self.config.text_encoders.first().map_or(77, |t| t.max_positions)
+    }
+
+    /// The UNet's text conditioning of `prompts` (text, and whether it is the all-zero
+    /// unconditional branch): every encoder's hidden states side by side per token
+    /// (SDXL: CLIP-L's 768 then bigG's 1280), and for `label_emb` UNets the last
+    /// encoder's pooled embedding. Each encoder's weights leave resident memory when
+    /// it is done (they are mapped: a later run faults them back in), so stages do not
+    /// add up in the peak.
+    fn encode_prompts(&self, prompts: &[(&str, bool)]) -> Result<Conditioning> {
+        let cfg = &self.config;
+        let (n, t) = (prompts.len(), self.tokens());
+        let width = cfg.unet.context_dim;
+        let mut context = vec![0f32; n * t * width];
+        let mut pooled = None;
+        let mut offset = 0;
+        for (i, te) in cfg.text_encoders.iter().enumerate() {
+            let want_pooled = cfg.unet.adm_in_channels.is_some() && i + 1 == cfg.text_encoders.len();
+            let tokens = prompts.iter().map(|(p, _)| self.tokenizer.encode_for(p, te)).collect::<Result<Vec<_>>>()?;
+            let out = {
+                let w = self.stage(|n| n.starts_with(&te.prefix), |_| false, |d| &d.text)?;
+                clip::encode_all(&w, te, &tokens, want_pooled, &self.backend)?
+            };
+            self.gguf.release(|n| n.starts_with(&te.prefix));
+            let h = te.hidden_size;
+            for (b, (_, zero)) in prompts.iter().enumerate() {
+                for k in 0..t {
+                    let dst = &mut context[(b * t + k) * width + offset..][..h];
+                    if !zero {
+                        dst.copy_from_slice(&out.hidden[(b * t + k) * h..][..h]);
+                    }
+                }
+            }
+            offset += h;
+            if let Some(mut p) = out.pooled {
+                let d = p.len() / n;
+                for (b, (_, zero)) in prompts.iter().enumerate() {
+                    if *zero {
+                        p[b * d..(b + 1) * d].fill(0.0);
+                    }
+                }
+                pooled = Some(p);
+            }
+        }
+        Ok(Conditioning { context, pooled })
+    }
+
+    /// `label_emb`'s input for each branch (`[uncond, cond]` when guided): see [`label_input`].
+    fn vector_conditioning(&self, req: &Request, pooled: &[f32], guided: bool) -> Result<Vec<f32>> {
+        let u = &self.config.unet;
+        let (w, h) = (req.width as f32, req.height as f32);
+        let (ow, oh) = req.original_size.map_or((w, h), |(a, b)| (a as f32, b as f32));
+        let (top, left) = (req.crop_top_left.0 as f32, req.crop_top_left.1 as f32);
+        let branches = if guided { 2 } else { 1 };
+        let d = pooled.len() / branches;
+        let mut y = Vec::new();
+        for b in 0..branches {
+            let negative = guided && b == 0;
+            let values: Vec<f32> = u
+                .time_ids
+                .iter()
+                .flat_map(|id| match id {
+                    TimeId::OriginalSize => vec![oh, ow],
+                    TimeId::CropTopLeft => vec![top, left],
+                    TimeId::TargetSize => vec![h, w],
+                    TimeId::AestheticScore => vec![if negative { req.negative_aesthetic_score } else { req.aesthetic_score }],
+                })
+                .collect();
+            y.extend(label_input(u, &pooled[b * d..(b + 1) * d], &values)?);
+        }
+        Ok(y)
+    }
+
     /// Plans the run ([`Pipeline::plan`]), then runs it.
     pub fn generate(&self, req: &Request, progress: &mut dyn FnMut(Stage)) -> Result<Image> {
         let memory = self.plan(req)?;
@@ -390,21 +480,19 @@ impl Pipeline {
         let cancelled = || check_cancel(req.cancel.as_deref());
         cancelled()?;
         let cfg = &self.config;
-        let te = &cfg.text_encoders[0];
         let t0 = Instant::now();
         let embedded = cfg.unet.time_cond_proj_dim.map(|dim| guidance_embedding(req.cfg_scale - 1.0, dim));
         let guided = self.guided(req);
-        let mut prompts = vec![self.tokenizer.encode_for(&req.prompt, te)?];
+        let mut prompts = vec![(req.prompt.as_str(), false)];
         if guided {
-            prompts.insert(0, self.tokenizer.encode_for(&req.negative, te)?);
+            prompts.insert(0, (req.negative.as_str(), req.negative.is_empty() && cfg.zeros_for_empty_negative));
         }
-        let context = {
-            let w = self.stage(|n| n.starts_with(&te.prefix), |_| false, |d| &d.text)?;
-            clip::encode(&w, te, &prompts, &self.backend)?
+        let cond = self.encode_prompts(&prompts)?;
+        let y = match &cond.pooled {
+            Some(pooled) => Some(self.vector_conditioning(req, pooled, guided)?),
+            None => None,
         };
-        // Each stage's weights leave resident memory when it is done (they are mapped:
-        // a later run faults them back in), so stages do not add up in the peak.
-        self.gguf.release(|n| n.starts_with(&te.prefix));
+        let context = cond.context;
         progress(Stage::TextEncoded);
         cancelled()?;
         let t1 = Instant::now();
@@ -420,7 +508,8 @@ impl Pipeline {
         };
         let sched = if req.zero_terminal_snr || cfg.zero_terminal_snr { Discrete::sd().rescale_zero_terminal_snr() } else { Discrete::sd() };
         let settings = req.eta.map_or_else(|| sample::Settings::default_for(req.sampler), |eta| sample::Settings { eta });
-        let opts = ScheduleOpts { sigma_min: req.sigma_min, sigma_max: req.sigma_max, xl: false };
+        // Align Your Steps has a table per model family; SDXL's is for size-conditioned UNets.
+        let opts = ScheduleOpts { sigma_min: req.sigma_min, sigma_max: req.sigma_max, xl: !cfg.unet.time_ids.is_empty() };
         let plan = sample::plan_for(req.sampler, req.schedule, &sched, req.steps, &opts, 1.0);
         let unet = |n: &str| n.starts_with("model.diffusion_model.");
         // Its own stage, before the UNet's weights come in.
@@ -434,10 +523,10 @@ impl Pipeline {
             // One graph for the whole run: cond and uncond as a batch of 2 when guided,
             // unless the plan splits them to halve the compute buffer.
             let batch = if memory.split_guidance { 1 } else { prompts.len() };
-            let runner = unet::Runner::new(&uw, &cfg.unet, lw, lh, batch, te.max_positions, self.attention)?;
+            let runner = unet::Runner::new(&uw, &cfg.unet, lw, lh, batch, self.tokens(), self.attention)?;
             let unet_flops = runner.flops * (prompts.len() / batch) as f64;
             progress(Stage::Sampling { unet_flops, compute_bytes: runner.buffer_bytes });
-            let mut model = Cfg { runner: &runner, pipe: self, context: &context, scale: req.cfg_scale, rescale: req.guidance_rescale, guided, split: memory.split_guidance, extra: extra.as_deref(), embedded: embedded.as_deref(), cancel: req.cancel.as_deref() };
+            let mut model = Cfg { runner: &runner, pipe: self, context: &context, y: y.as_deref(), scale: req.cfg_scale, rescale: req.guidance_rescale, guided, split: memory.split_guidance, extra: extra.as_deref(), embedded: embedded.as_deref(), cancel: req.cancel.as_deref() };
             let total = plan.timesteps.len();
             let x = sample::start_latent(&plan, &noise, None);
             let mut den = sample::Denoiser::new(&mut model, cfg.prediction, &sched, &plan);
@@ -528,9 +617,15 @@ impl RunStages<'_> {
 impl budget::Stages for RunStages<'_> {
     fn before(&self) -> Result<Vec<Need>> {
         let (p, cfg) = (self.pipe, &self.pipe.config);
-        let te = &cfg.text_encoders[0];
-        let w = Weights::load(&p.gguf, |n| n.starts_with(&te.prefix))?;
-        let mut needs = vec![Need { stage: "text", weights: w.bytes(), compute: clip::buffer_bytes(&w, te, self.prompts)? as u64, other: 0 }];
+        // The encoders run one after the other, each released when done: the largest counts.
+        let mut text = Need { stage: "text", weights: 0, compute: 0, other: 0 };
+        for (i, te) in cfg.text_encoders.iter().enumerate() {
+            let pooled = cfg.unet.adm_in_channels.is_some() && i + 1 == cfg.text_encoders.len();
+            let w = Weights::load(&p.gguf, |n| n.starts_with(&te.prefix))?;
+            text.weights = text.weights.max(w.bytes());
+            text.compute = text.compute.max(clip::buffer_bytes(&w, te, self.prompts, pooled)? as u64);
+        }
+        let mut needs = vec![text];
         if cfg.unet.in_channels != cfg.vae.latent_channels {
             let enc = |n: &str| n.starts_with("first_stage_model.encoder.") || n.starts_with("first_stage_model.quant_conv.");
             let w = Weights::load(&p.gguf, |n| n.starts_with("first_stage_model."))?;
@@ -544,7 +639,7 @@ impl budget::Stages for RunStages<'_> {
     fn unet(&self, batch: usize) -> Result<Need> {
         let (p, cfg) = (self.pipe, &self.pipe.config);
         let w = Weights::load(&p.gguf, |n| n.starts_with("model.diffusion_model."))?;
-        let compute = unet::Runner::measure(&w, &cfg.unet, self.lw, self.lh, batch, cfg.text_encoders[0].max_positions, p.attention)? as u64;
+        let compute = unet::Runner::measure(&w, &cfg.unet, self.lw, self.lh, batch, p.tokens(), p.attention)? as u64;
         Ok(Need { stage: "unet", weights: w.bytes(), compute, other: 0 })
     }
 
@@ -573,6 +668,65 @@ impl budget::Stages for RunStages<'_> {
     fn tileable(&self) -> bool {
         self.taesd.is_none()
     }
+}
+
+/// A batch of prompts as the UNet takes them.
+struct Conditioning {
+    /// `[B][T][context_dim]`.
+    context: Vec<f32>,
+    /// `[B][pooled]`, for `label_emb` UNets.
+    pooled: Option<Vec<f32>>,
+}
+
+/// Whether the text encoders can feed the UNet: hidden sizes summing to its context
+/// width, one token count, and a pooled embedding where it has a label embedding.
+fn check_conditioning(cfg: &ModelConfig) -> std::result::Result<(), String> {
+    let tes = &cfg.text_encoders;
+    let first = tes.first().ok_or("the model has no text encoder")?;
+    if tes.iter().any(|t| t.max_positions != first.max_positions) {
+        return Err("its text encoders take different token counts".into());
+    }
+    let width: usize = tes.iter().map(|t| t.hidden_size).sum();
+    if width != cfg.unet.context_dim {
+        return Err(format!("the UNet attends to {}-wide text but its text encoders give {width}", cfg.unet.context_dim));
+    }
+    if let Some(adm) = cfg.unet.adm_in_channels {
+        let last = tes.last().ok_or("no text encoder")?;
+        if last.projection_dim.is_none() {
+            return Err(format!("the UNet's label embedding takes a pooled text embedding, but `{}` has no text_projection", last.prefix));
+        }
+        let values: usize = cfg.unet.time_ids.iter().map(|t| t.values()).sum();
+        if cfg.pooled_dim().map(|p| p + values * cfg.unet.time_id_dim) != Some(adm) {
+            return Err(format!("label_emb takes {adm} channels, not the pooled embedding and {values} size/crop values × {}", cfg.unet.time_id_dim));
+        }
+    }
+    Ok(())
+}
+
+/// The input of a `label_emb` UNet's added embedding for one branch: the pooled text
+/// embedding, then each value of the size/crop/score ids (in [`UnetConfig::time_ids`]
+/// order: height before width, top before left) through a sinusoidal embedding
+/// (Podell et al. 2023, sec. 2.2; diffusers' `add_time_ids` through `add_time_proj`).
+pub fn label_input(u: &UnetConfig, pooled: &[f32], values: &[f32]) -> Result<Vec<f32>> {
+    let adm = u.adm_in_channels.unwrap_or(0);
+    let mut y = pooled.to_vec();
+    for &v in values {
+        y.extend(sinusoidal(v, u.time_id_dim));
+    }
+    if y.len() != adm {
+        return Err(Error::Invalid(format!("label_emb takes {adm} values; the pooled embedding ({}) and {} size/crop values make {}", pooled.len(), values.len(), y.len())));
+    }
+    Ok(y)
+}
+
+/// The sinusoidal embedding of one value, cosines then sines (diffusers' `Timesteps`
+/// with `flip_sin_to_cos`, frequencies 10000^(-j/half)), in f32 like the reference.
+fn sinusoidal(v: f32, dim: usize) -> Vec<f32> {
+    let half = dim / 2;
+    let args: Vec<f32> = (0..half).map(|j| v * (-(10000f32).ln() * j as f32 / half as f32).exp()).collect();
+    let mut out: Vec<f32> = args.iter().map(|a| a.cos()).chain(args.iter().map(|a| a.sin())).collect();
+    out.resize(dim, 0.0);
+    out
 }
 
 /// The guidance-scale embedding of LCM-distilled UNets (Luo et al. 2023; the sinusoidal
@@ -608,6 +762,8 @@ struct Cfg<'a> {
     runner: &'a unet::Runner<'a>,
     pipe: &'a Pipeline,
     context: &'a [f32],
+    /// `label_emb`'s input per branch, laid out like `context`.
+    y: Option<&'a [f32]>,
     scale: f32,
     /// Guidance rescale φ.
     rescale: f32,
@@ -643,15 +799,22 @@ impl sample::Model for Cfg<'_> {
             }
         }
         if !self.guided {
-            return self.runner.run(&batch, &[t as f32], self.context, None, self.embedded, backend);
+            return self.runner.run(&batch, &[t as f32], self.context, self.y, self.embedded, backend);
         }
         let out = if self.split {
             let (ctx_u, ctx_c) = self.context.split_at(self.context.len() / 2);
-            let mut out = self.runner.run(&batch, &[t as f32], ctx_u, None, None, backend)?;
-            out.extend(self.runner.run(&batch, &[t as f32], ctx_c, None, None, backend)?);
+            let (y_u, y_c) = match self.y {
+                Some(y) => {
+                    let (a, b) = y.split_at(y.len() / 2);
+                    (Some(a), Some(b))
+                }
+                None => (None, None),
+            };
+            let mut out = self.runner.run(&batch, &[t as f32], ctx_u, y_u, None, backend)?;
+            out.extend(self.runner.run(&batch, &[t as f32], ctx_c, y_c, None, backend)?);
             out
         } else {
-            self.runner.run(&batch, &[t as f32, t as f32], self.context, None, None, backend)?
+            self.runner.run(&batch, &[t as f32, t as f32], self.context, self.y, None, backend)?
         };
         let (uncond, cond) = out.split_at(out.len() / 2);
         let guided: Vec<f32> = uncond.iter().zip(cond).map(|(u, c)| u + self.scale * (c - u)).collect();

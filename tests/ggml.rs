@@ -204,3 +204,37 @@ fn a_convolution_too_large_for_its_context_is_an_error_not_an_abort() {
     let e = ctx.conv2d(x, k, 3, 3, 1, 1, None).err().expect("no room: an error");
     assert!(e.to_string().contains("too large"), "{e}");
 }
+
+/// ggml multiplies an f16 kernel in f16, rounding its input to f16 first: activations
+/// past 65504 overflow (SDXL's VAE decoder has them). Cast to f32 in the graph, the
+/// same kernel gives the exact product.
+#[test]
+fn f16_kernels_overflow_on_large_activations_unless_cast_to_f32() {
+    let (ic, h, w, oc) = (4, 6, 6, 3);
+    let x: Vec<f32> = (0..ic * h * w).map(|i| (((i * 31 % 97) as f32 / 48.0) - 1.0) * 2.0e5).collect();
+    let k: Vec<f32> = (0..oc * ic * 9).map(|i| ((i * 17 % 53) as f32 / 26.0) - 1.0).collect();
+    let (want, _, _) = conv_ref(&x, 1, ic, h, w, &k, oc, 3, 3, 1, 1);
+    for cast in [false, true] {
+        let ctx = Context::new(64).unwrap();
+        let xin = ctx.tensor(Type::F32, &[w, h, ic, 1], "x").unwrap();
+        let kin = ctx.tensor(Type::F16, &[ic * 9, oc], "k").unwrap();
+        ctx.set_input(xin);
+        ctx.set_input(kin);
+        let kernel = if cast { ctx.cast(kin, Type::F32).unwrap() } else { kin };
+        let y = ctx.conv2d(xin, kernel, 3, 3, 1, 1, None).unwrap();
+        let g = ctx.graph(&[y]).unwrap();
+        ctx.alloc_graph(&g).unwrap();
+        ctx.set_f32(xin, &x).unwrap();
+        let mut kb = Vec::new();
+        Type::F16.quantize_rows(&k, oc, ic * 9, &mut kb).unwrap();
+        ctx.set_bytes(kin, &kb).unwrap();
+        Backend::cpu(2).unwrap().compute(&g).unwrap();
+        let got = ctx.get_f32(y).unwrap();
+        if cast {
+            let e = rel_rms(&want, &got);
+            assert!(e < 1e-3, "cast kernel: relative error {e}");
+        } else {
+            assert!(got.iter().any(|v| !v.is_finite()), "the plain f16 product was expected to overflow");
+        }
+    }
+}

@@ -186,3 +186,58 @@ fn seeded_runs_of_ddim_dpmpp2m_karras_euler_a_and_lcm_reproduce_diffusers_pipeli
         assert!(psnr >= 40.0, "{model} {key}: {psnr:.1} dB");
     }
 }
+
+/// SDXL-family variants end to end, from a checkpoint whose tensors alone say what it
+/// is: a distilled UNet with removed blocks (SSD-1B style: thinner levels, ResNet-only
+/// middle block) and a refiner-like model (bigG only, aesthetic-score conditioning).
+/// The size and score conditioning reach the UNet: changing them changes the image.
+#[test]
+fn distilled_and_refiner_sdxl_variants_generate_with_their_conditioning() {
+    use sdrs::config::{ModelConfig, TimeId};
+    use sdrs::formats::DType;
+    use sdrs::synth::{self, Format};
+    let dir = tempfile::tempdir().unwrap();
+    let mut ssd = ModelConfig::sdxl().shrink();
+    ssd.unet.down_blocks = vec![vec![0, 0], vec![1, 1], vec![2, 2]];
+    ssd.unet.up_blocks = vec![vec![2, 2, 1], vec![1, 1, 0], vec![0, 0, 0]];
+    ssd.unet.mid_depth = Some(0);
+    let mut refiner = ModelConfig::sdxl().shrink();
+    refiner.text_encoders.remove(0);
+    refiner.text_encoders[0].prefix = "conditioner.embedders.0.model.".into();
+    refiner.unet.context_dim = 32;
+    refiner.unet.time_ids = TimeId::REFINER.to_vec();
+    refiner.unet.adm_in_channels = Some(32 + 5 * 8);
+    for (name, cfg) in [("ssd", &ssd), ("refiner", &refiner)] {
+        let src = dir.path().join(format!("{name}.safetensors"));
+        synth::synth(cfg, Format::Safetensors, &src, 3, DType::F16, false, &mut |_, _| {}).unwrap();
+        let gguf = dir.path().join(format!("{name}.gguf"));
+        convert_to(&src, Type::Q8_0, &gguf).unwrap();
+        let pipe = Pipeline::load(&gguf).unwrap();
+        assert_eq!((&pipe.config.unet.down_blocks, pipe.config.unet.mid_depth), (&cfg.unet.down_blocks, cfg.unet.mid_depth), "{name}: detected from its tensors");
+        assert_eq!(pipe.config.unet.time_ids, cfg.unet.time_ids, "{name}");
+        let req = Request { width: 32, height: 32, steps: 2, cfg_scale: 4.0, negative: "blurry".into(), ..Request::new("a lighthouse") };
+        let a = pipe.generate(&req, &mut |_| {}).unwrap();
+        let changed = match name {
+            "ssd" => Request { original_size: Some((512, 384)), crop_top_left: (16, 0), ..req.clone() },
+            _ => Request { aesthetic_score: 2.0, ..req.clone() },
+        };
+        let b = pipe.generate(&changed, &mut |_| {}).unwrap();
+        assert_ne!(a.rgb, b.rgb, "{name}: the size/score conditioning must reach the UNet");
+        assert_eq!(a.rgb, pipe.generate(&req, &mut |_| {}).unwrap().rgb, "{name}: deterministic");
+    }
+}
+
+/// An empty negative prompt is all-zero conditioning for SDXL (diffusers'
+/// `force_zeros_for_empty_prompt`): not the same image as an encoded one-word negative.
+#[test]
+fn sdxl_empty_negative_prompt_is_zero_conditioning() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("sdxl.gguf");
+    convert_to(&fixture("sdxl/model"), Type::F32, &model).unwrap();
+    let pipe = Pipeline::load(&model).unwrap();
+    assert!(pipe.config.zeros_for_empty_negative);
+    let req = Request { width: 16, height: 16, steps: 2, cfg_scale: 5.0, ..Request::new("a cat") };
+    let empty = pipe.generate(&req, &mut |_| {}).unwrap();
+    let worded = pipe.generate(&Request { negative: "a".into(), ..req.clone() }, &mut |_| {}).unwrap();
+    assert_ne!(empty.rgb, worded.rgb);
+}

@@ -242,3 +242,188 @@ fn tokenizer_gives_the_pipelines_token_ids() {
         }
     }
 }
+
+/// The classifier-free-guided UNet of an SDXL-style model: context and `label_emb`
+/// input per branch ([uncond, cond]), or the conditional branch alone.
+struct GuidedXl<'a> {
+    w: &'a Weights<'a>,
+    cfg: &'a sdrs::config::UnetConfig,
+    context: &'a [f32],
+    y: &'a [f32],
+    tokens: usize,
+    /// `None`: unguided (the context and y hold the conditional branch only).
+    scale: Option<f32>,
+    size: (usize, usize),
+    backend: &'a Backend,
+}
+
+impl sdrs::sample::Model for GuidedXl<'_> {
+    fn predict(&mut self, x: &[f32], t: f64) -> sdrs::Result<Vec<f32>> {
+        let (w, h) = self.size;
+        let Some(scale) = self.scale else {
+            return unet::forward(self.w, self.cfg, x, w, h, &[t as f32], self.context, self.tokens, Some(self.y), None, self.backend);
+        };
+        let batch = [x, x].concat();
+        let out = unet::forward(self.w, self.cfg, &batch, w, h, &[t as f32, t as f32], self.context, self.tokens, Some(self.y), None, self.backend)?;
+        let (uncond, cond) = out.split_at(out.len() / 2);
+        Ok(uncond.iter().zip(cond).map(|(u, c)| u + scale * (c - u)).collect())
+    }
+}
+
+fn rows_of(g: &HashMap<String, (Vec<usize>, Vec<f32>)>, key: &str) -> Vec<Vec<u32>> {
+    let (shape, ids) = &g[key];
+    ids.chunks(shape[1]).map(|r| r.iter().map(|&x| x as u32).collect()).collect()
+}
+
+#[test]
+fn sdxl_fixture_converts_to_two_encoders_and_size_conditioning() {
+    use sdrs::config::{TextEncoderKind, TimeId};
+    let m = convert("sdxl", Type::F32);
+    let c = &m.cfg;
+    assert_eq!(c.text_encoders.iter().map(|t| (t.kind, t.skip_layers, t.final_norm, t.pad_token)).collect::<Vec<_>>(), [(TextEncoderKind::HfClip, 1, false, 49407), (TextEncoderKind::OpenClip, 1, false, 0)]);
+    assert_eq!((c.unet.adm_in_channels, c.unet.time_ids.clone(), c.unet.time_id_dim), (Some(80), TimeId::SDXL.to_vec(), 8));
+    assert_eq!((c.unet.down_blocks.clone(), c.unet.mid_depth, c.unet.context_dim), (vec![vec![0, 0], vec![2, 2]], Some(2), 64));
+    assert!(c.zeros_for_empty_negative, "diffusers' SDXL pipeline zeroes an empty negative prompt");
+}
+
+#[test]
+fn sdxl_components_match_diffusers_at_f32() {
+    let g = golden("sdxl");
+    let m = convert("sdxl", Type::F32);
+    let backend = Backend::cpu(2).unwrap();
+    let tok = sdrs::tokenizer::ClipTokenizer::embedded().unwrap();
+    let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixtures().join("sdxl/golden.json")).unwrap()).unwrap();
+    let prompts: Vec<&str> = json["prompts"].as_array().unwrap().iter().map(|p| p.as_str().unwrap()).collect();
+
+    // Both tokenizers (the second pads with "!"), both encoders, side by side; the
+    // second's pooled projection.
+    let (t1, t2) = (&m.cfg.text_encoders[0], &m.cfg.text_encoders[1]);
+    let mut hidden = Vec::new();
+    let mut pooled = None;
+    for (te, key) in [(t1, "tokens.ids"), (t2, "tokens2.ids")] {
+        let rows = rows_of(&g, key);
+        for (i, p) in prompts.iter().enumerate() {
+            assert_eq!(tok.encode_for(p, te).unwrap(), rows[i], "{key} prompt {i}");
+        }
+        let w = Weights::load(&m.gguf, |n| n.starts_with(&te.prefix)).unwrap();
+        let out = clip::encode_all(&w, te, &rows, std::ptr::eq(te, t2), &backend).unwrap();
+        hidden.push(out.hidden);
+        pooled = out.pooled.or(pooled);
+    }
+    let (h1, h2) = (t1.hidden_size, t2.hidden_size);
+    let context: Vec<f32> = (0..3 * 77).flat_map(|r| hidden[0][r * h1..(r + 1) * h1].iter().chain(&hidden[1][r * h2..(r + 1) * h2]).copied().collect::<Vec<_>>()).collect();
+    check("sdxl prompt embeddings (both encoders)", &g["text.hidden"].1, &context, 1e-4);
+    check("sdxl pooled embedding", &g["text.pooled"].1, &pooled.unwrap(), 1e-4);
+
+    // The added conditioning: pooled text and the six size/crop ids, embedded.
+    let u = &m.cfg.unet;
+    let (ps, p) = &g["text.pooled"];
+    let ids = &g["add.time_ids"].1;
+    let y: Vec<f32> = [1, 0].iter().zip(ids.chunks(6)).flat_map(|(&row, v)| sdrs::pipeline::label_input(u, &p[row * ps[1]..(row + 1) * ps[1]], v).unwrap()).collect();
+    check("sdxl label_emb input", &g["add.y"].1, &y, 1e-5);
+
+    let w = Weights::load(&m.gguf, |n| n.starts_with("model.diffusion_model.")).unwrap();
+    let (xs, x) = &g["unet.x"];
+    let (cs, ctx) = &g["unet.context"];
+    let out = unet::forward(&w, u, x, xs[3], xs[2], &[500.0, 500.0], ctx, cs[1], Some(&g["add.y"].1), None, &backend).unwrap();
+    check("sdxl UNet t=500", &g["unet.t500.out"].1, &out, 1e-4);
+}
+
+/// diffusers' SDXL pipeline, step by step, from its fixed initial latent: the 4-step
+/// guided Euler run of SDXL base's scheduler config and the 2-step trailing Euler run
+/// with guidance off (SDXL-Lightning's recipe).
+#[test]
+fn sdxl_trajectories_match_the_diffusers_pipeline() {
+    use sdrs::sample::{self, Discrete, Plan, Spacing};
+    let g = golden("sdxl");
+    let m = convert("sdxl", Type::F32);
+    let backend = Backend::cpu(2).unwrap();
+    let sched = Discrete::sd();
+    let w = Weights::load(&m.gguf, |n| n.starts_with("model.diffusion_model.")).unwrap();
+    let vw = Weights::load(&m.gguf, |n| n.starts_with("first_stage_model.")).unwrap();
+    let (cs, ctx) = &g["unet.context"];
+    let (ys, y) = &g["add.y"];
+    let row = |v: &[f32], i: usize, n: usize| v[i * n..(i + 1) * n].to_vec();
+    for (key, steps, spacing, scale) in [("euler", 4, Spacing::Leading, Some(5.0)), ("lightning", 2, Spacing::Trailing, None)] {
+        let plan = Plan::euler_discrete(&sched, steps, spacing, 1);
+        let k = |s: &str| format!("traj.{key}.{s}");
+        assert_eq!(plan.timesteps, g[&k("timesteps")].1.iter().map(|&v| v as f64).collect::<Vec<_>>(), "{key}: timesteps");
+        // The uncond branch of an empty negative prompt is zeros (force_zeros_for_empty_prompt).
+        let n = cs[1] * cs[2];
+        let (context, yy) = match scale {
+            Some(_) => ([vec![0.0; n], row(ctx, 1, n)].concat(), [vec![0.0; ys[1] - 6 * 8], row(y, 1, ys[1])[ys[1] - 6 * 8..].to_vec(), row(y, 1, ys[1])].concat()),
+            None => (row(ctx, 1, n), row(y, 1, ys[1])),
+        };
+        let mut model = GuidedXl { w: &w, cfg: &m.cfg.unet, context: &context, y: &yy, tokens: cs[1], scale, size: (8, 8), backend: &backend };
+        let x = sample::start_latent(&plan, &g["traj.init_latent"].1, None);
+        let mut den = sample::Denoiser::new(&mut model, m.cfg.prediction, &sched, &plan);
+        let mut rng = sample::NativeRng::new(0);
+        let traj = sample::sample(&mut den, sample::Sampler::Euler, &sample::Settings::default_for(sample::Sampler::Euler), &plan, x, &mut sample::IidNoise(&mut rng), &mut |_| {}).unwrap();
+        let latents = &g[&k("latents")].1;
+        let per = latents.len() / traj.len();
+        for (i, step) in traj.iter().enumerate() {
+            let c = (plan.sigmas[i + 1].powi(2) + 1.0).sqrt() as f32;
+            let step: Vec<f32> = step.iter().map(|v| v * c).collect();
+            check(&format!("sdxl {key} step {i}"), &latents[i * per..(i + 1) * per], &step, 1e-4);
+        }
+        let img = vae::decode(&vw, &m.cfg.vae, traj.last().unwrap(), 1, 8, 8, &backend).unwrap();
+        let p = psnr_pm1(&g[&k("image")].1, &img);
+        eprintln!("sdxl {key}: final image PSNR {p:.1} dB");
+        assert!(p >= 45.0, "sdxl {key}: PSNR {p:.1} dB");
+    }
+}
+
+/// The same two runs through `Pipeline::generate` (tokenizers, both encoders, the
+/// zeroed negative branch, the size conditioning, the sampler and the decode): the
+/// 8-bit image diffusers' pipeline returns.
+#[test]
+fn sdxl_pipeline_generates_the_diffusers_image() {
+    use sdrs::pipeline::{Pipeline, Request};
+    use sdrs::sample::{Sampler, Schedule, Spacing};
+    let g = golden("sdxl");
+    let m = convert("sdxl", Type::F32);
+    let pipe = Pipeline::load_with_threads(&m._dir.path().join("m.gguf"), 2).unwrap();
+    let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixtures().join("sdxl/golden.json")).unwrap()).unwrap();
+    let prompt = json["prompts"][0].as_str().unwrap();
+    for (key, steps, spacing, cfg_scale) in [("euler", 4, Spacing::Leading, 5.0), ("lightning", 2, Spacing::Trailing, 1.0)] {
+        let req = Request {
+            width: 16,
+            height: 16,
+            steps,
+            cfg_scale,
+            sampler: Sampler::Euler,
+            schedule: Schedule::Discrete(spacing),
+            noise: Some(g["traj.init_latent"].1.clone()),
+            ..Request::new(prompt)
+        };
+        let img = pipe.generate(&req, &mut |_| {}).unwrap();
+        let want = &g[&format!("traj.{key}.image_u8")].1;
+        let mse = img.rgb.iter().zip(want).map(|(&a, &b)| (a as f64 - b as f64).powi(2)).sum::<f64>() / want.len() as f64;
+        let psnr = 10.0 * (255.0f64.powi(2) / mse.max(1e-12)).log10();
+        eprintln!("sdxl pipeline {key}: 8-bit PSNR {psnr:.1} dB");
+        assert!(psnr >= 45.0, "sdxl pipeline {key}: PSNR {psnr:.1} dB");
+    }
+}
+
+/// An f16 VAE stays finite where f16 arithmetic would not: latents scaled so that the
+/// decoder's first convolutions see values past f16's 65504 decode to the image the f32
+/// weights give (see `Nn::f32_kernels`), and an ordinary latent still matches.
+#[test]
+fn f16_vae_decodes_activations_beyond_the_f16_range() {
+    let g = golden("sdxl");
+    let z = &g["traj.euler.final"].1;
+    let backend = Backend::cpu(2).unwrap();
+    let decode = |ty: Type, scale: f32| {
+        let m = convert("sdxl", ty);
+        let w = Weights::load(&m.gguf, |n| n.starts_with("first_stage_model.")).unwrap();
+        let zs: Vec<f32> = z.iter().map(|v| v * scale).collect();
+        vae::decode(&w, &m.cfg.vae, &zs, 1, 8, 8, &backend).unwrap()
+    };
+    let peak = z.iter().fold(0f32, |m, v| m.max(v.abs())) / 0.13025;
+    let scale = 4.0e5 / peak;
+    assert!(peak * scale > 65504.0);
+    let (wide, narrow) = (decode(Type::F32, scale), decode(Type::F16, scale));
+    assert!(narrow.iter().all(|v| v.is_finite()), "f16 VAE decode overflowed");
+    check("f16 VAE on activations beyond f16", &wide, &narrow, 1e-2);
+    check("f16 VAE on the trajectory's latent", &decode(Type::F32, 1.0), &decode(Type::F16, 1.0), 1e-2);
+}

@@ -31,6 +31,10 @@ pub struct Args {
     /// Image height [default: the model's, else 512].
     #[arg(short = 'H', long)]
     height: Option<usize>,
+    /// A distilled model's recipe (size, sampler, schedule, steps, guidance): sdxl-turbo,
+    /// sd-turbo, sdxl-lightning-2step, -4step, -8step; options given beside it win.
+    #[arg(long)]
+    preset: Option<String>,
     /// Sampler (see --list-samplers) [default: the model's, else euler].
     #[arg(long)]
     sampler: Option<String>,
@@ -55,6 +59,17 @@ pub struct Args {
     /// file does not say so; converted zero-SNR diffusers folders do).
     #[arg(long = "zero-terminal-snr")]
     zero_terminal_snr: bool,
+    /// SDXL size conditioning: the original image size WxH the model is told the picture
+    /// was cut from [default: the output size].
+    #[arg(long = "original-size", value_parser = parse_pair::<'x'>)]
+    original_size: Option<(usize, usize)>,
+    /// SDXL crop conditioning TOP,LEFT [default: 0,0].
+    #[arg(long = "crop", value_parser = parse_pair::<','>)]
+    crop: Option<(usize, usize)>,
+    /// The SDXL refiner's aesthetic score for the prompt [default: 6] (the negative
+    /// prompt gets 2.5, diffusers' defaults).
+    #[arg(long = "aesthetic-score")]
+    aesthetic_score: Option<f32>,
     /// List the samplers with their order and whether they are stochastic, then exit.
     #[arg(long = "list-samplers")]
     list_samplers: bool,
@@ -71,6 +86,12 @@ pub struct Args {
     plan_only: bool,
     #[arg(short, long, default_value = "output.png")]
     output: PathBuf,
+}
+
+fn parse_pair<const SEP: char>(s: &str) -> Result<(usize, usize), String> {
+    let (a, b) = s.split_once(SEP).ok_or_else(|| format!("`{s}`: expected two numbers separated by `{SEP}`"))?;
+    let num = |v: &str| v.trim().parse::<usize>().map_err(|_| format!("`{v}` is not a non-negative integer"));
+    Ok((num(a)?, num(b)?))
 }
 
 pub(super) fn parse_budget(s: &str) -> Result<u64, String> {
@@ -94,6 +115,10 @@ pub fn run(a: Args, threads: Option<usize>, target: &super::Target) -> Result<()
         None => demo_pipeline(threads)?,
     };
     pipe.max_memory = a.max_memory;
+    if let Some(name) = &a.preset {
+        let p = sdrs::config::Defaults::preset(name).with_context(|| format!("unknown preset `{name}`; valid: {}", sdrs::config::Defaults::PRESETS.join(", ")))?;
+        pipe.defaults = pipe.defaults.over(&p);
+    }
     target.apply(&mut pipe, threads)?;
     // What the user gave, else what the model file recommends (Pipeline::request),
     // else SD's usual settings.
@@ -126,6 +151,9 @@ pub fn run(a: Args, threads: Option<usize>, target: &super::Target) -> Result<()
         guidance_rescale: a.guidance_rescale,
         zero_terminal_snr: a.zero_terminal_snr,
         taesd: a.taesd,
+        original_size: a.original_size,
+        crop_top_left: a.crop.unwrap_or((0, 0)),
+        aesthetic_score: a.aesthetic_score.unwrap_or(base.aesthetic_score),
         // Ctrl-C ends the run within one step and writes no image.
         cancel: Some(super::interrupt_flag()),
         ..base

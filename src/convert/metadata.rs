@@ -2,7 +2,7 @@
 //! `docs/gguf.md` documents every key.
 use std::collections::HashMap;
 
-use crate::config::{Activation, Defaults, ModelConfig, Prediction, TextEncoderConfig, TextEncoderKind, UnetConfig, VaeConfig};
+use crate::config::{Activation, Defaults, ModelConfig, Prediction, TextEncoderConfig, TextEncoderKind, TimeId, UnetConfig, VaeConfig};
 use crate::error::{Error, Result};
 use crate::formats::gguf::{GgufFile, Value};
 use crate::vocab::ClipVocab;
@@ -31,6 +31,7 @@ pub fn config_kv(cfg: &ModelConfig) -> Kv {
     put(&mut kv, "sd.family", Value::String(cfg.family.clone()));
     put(&mut kv, "sd.prediction", Value::String(cfg.prediction.as_str().into()));
     put(&mut kv, "sd.zero_terminal_snr", Value::Bool(cfg.zero_terminal_snr));
+    put(&mut kv, "sd.zeros_for_empty_negative", Value::Bool(cfg.zeros_for_empty_negative));
     let u = &cfg.unet;
     let p = "sd.unet.";
     put(&mut kv, format!("{p}in_channels"), Value::U32(u.in_channels as u32));
@@ -50,6 +51,10 @@ pub fn config_kv(cfg: &ModelConfig) -> Kv {
     put(&mut kv, format!("{p}linear_proj"), Value::Bool(u.linear_proj));
     put(&mut kv, format!("{p}adm_in_channels"), Value::U32(u.adm_in_channels.unwrap_or(0) as u32));
     put(&mut kv, format!("{p}time_cond_proj_dim"), Value::U32(u.time_cond_proj_dim.unwrap_or(0) as u32));
+    if !u.time_ids.is_empty() {
+        put(&mut kv, format!("{p}time_ids"), Value::string_array(u.time_ids.iter().map(|t| t.as_str().to_string())));
+        put(&mut kv, format!("{p}time_id_dim"), Value::U32(u.time_id_dim as u32));
+    }
     let v = &cfg.vae;
     let p = "sd.vae.";
     put(&mut kv, format!("{p}in_channels"), Value::U32(v.in_channels as u32));
@@ -233,6 +238,17 @@ pub fn read_config(g: &GgufFile) -> Result<Option<ModelConfig>> {
         linear_proj: r.bool(&format!("{p}linear_proj"))?,
         adm_in_channels: r.opt(&format!("{p}adm_in_channels"))?,
         time_cond_proj_dim: r.opt(&format!("{p}time_cond_proj_dim"))?,
+        time_ids: match g.get(&format!("{p}time_ids")) {
+            None => Vec::new(),
+            Some(v) => v
+                .as_array()
+                .and_then(|a| a.iter().map(|x| x.as_str().and_then(TimeId::parse)).collect::<Option<Vec<_>>>())
+                .ok_or_else(|| r.err("sd.unet.time_ids", "not a list of original_size, crop_coords_top_left, target_size, aesthetic_score"))?,
+        },
+        time_id_dim: match g.get(&format!("{p}time_id_dim")) {
+            None => 0,
+            Some(_) => r.usize(&format!("{p}time_id_dim"))?,
+        },
     };
     let p = "sd.vae.";
     let vae = VaeConfig {
@@ -273,7 +289,7 @@ pub fn read_config(g: &GgufFile) -> Result<Option<ModelConfig>> {
             pad_token: r.usize(&format!("{p}pad_token"))? as u32,
         });
     }
-    Ok(Some(ModelConfig {
+    let mut cfg = ModelConfig {
         family: r.str("sd.family")?,
         prediction: Prediction::parse(&pred).ok_or_else(|| r.err("sd.prediction", "unknown"))?,
         // Absent in files written before the key existed: SD's own schedule.
@@ -281,8 +297,22 @@ pub fn read_config(g: &GgufFile) -> Result<Option<ModelConfig>> {
             Some(_) => r.bool("sd.zero_terminal_snr")?,
             None => false,
         },
+        // Absent in older files: what diffusers' SDXL pipelines do.
+        zeros_for_empty_negative: match g.get("sd.zeros_for_empty_negative") {
+            Some(_) => r.bool("sd.zeros_for_empty_negative")?,
+            None => unet.adm_in_channels.is_some(),
+        },
         unet,
         vae,
         text_encoders,
-    }))
+    };
+    cfg.infer_time_ids().map_err(|e| Error::arch(&g.path, e))?;
+    let u = &cfg.unet;
+    let values: usize = u.time_ids.iter().map(|t| t.values()).sum();
+    if let (Some(adm), Some(pooled)) = (u.adm_in_channels, cfg.pooled_dim()) {
+        if pooled + values * u.time_id_dim != adm {
+            return Err(r.err("sd.unet.time_ids", &format!("inconsistent: {values} values × {} + pooled {pooled} ≠ adm_in_channels {adm}", u.time_id_dim)));
+        }
+    }
+    Ok(Some(cfg))
 }

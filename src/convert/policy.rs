@@ -93,6 +93,10 @@ impl Policy {
         if name.contains(".time_embed.") || name.contains(".label_emb.") {
             return (float_w, "timestep/label embedding");
         }
+        if name.ends_with("text_projection") {
+            // OpenCLIP's is applied transposed (`x @ P`), which ggml can do for floats only.
+            return (float_w, "text projection");
+        }
         let q8_floor = |why| if !is_float(w) && bits(w) < bits(Type::Q8_0) { (Type::Q8_0, why) } else { (w, "weight") };
         if name.starts_with("first_stage_model.") {
             return q8_floor("VAE kept at q8_0 or better");

@@ -78,7 +78,9 @@ pub fn detect(tensors: &[(&str, &[usize])]) -> Result<ModelConfig> {
     let prediction = if family == "sd2" { Prediction::V } else { Prediction::Epsilon };
     // Nothing in the tensors tells a zero-terminal-SNR schedule apart: the scheduler
     // config does (diffusers folders), or `sdrs convert --zero-terminal-snr`.
-    let cfg = ModelConfig { family, prediction, zero_terminal_snr: false, unet, vae, text_encoders };
+    let zeros_for_empty_negative = unet.adm_in_channels.is_some();
+    let mut cfg = ModelConfig { family, prediction, zero_terminal_snr: false, zeros_for_empty_negative, unet, vae, text_encoders };
+    cfg.infer_time_ids()?;
 
     let diff = layout::compare(&cfg, tensors);
     if !diff.missing.is_empty() || !diff.unexpected.is_empty() {
@@ -391,6 +393,8 @@ fn unet(t: &Tensors, family: &str, text_encoders: &[TextEncoderConfig]) -> Resul
         linear_proj,
         adm_in_channels,
         time_cond_proj_dim,
+        time_ids: Vec::new(),
+        time_id_dim: 0,
     })
 }
 
@@ -524,6 +528,7 @@ mod tests {
         cfg.unet.mid_depth = Some(4);
         cfg.unet.context_dim = 1280;
         cfg.unet.adm_in_channels = Some(2560);
+        cfg.unet.time_ids = crate::config::TimeId::REFINER.to_vec();
         assert_round_trip(&cfg);
     }
 

@@ -205,6 +205,15 @@ impl Context<'_> {
         self.op(unsafe { sys::ggml_cont(self.raw(), a.raw()) })
     }
 
+    /// `a` converted to the float type `ty` (a copy).
+    pub fn cast<'c>(&'c self, a: Tensor<'c>, ty: Type) -> Result<Tensor<'c>> {
+        if a.ty().is_quantized() || ty.is_quantized() {
+            return Err(bad("cast", format!("{} to {}: float types only", a.ty().name(), ty.name())));
+        }
+        // SAFETY: float to float copy of a graph tensor.
+        self.op(unsafe { sys::ggml_cast(self.raw(), a.raw(), ty.0) })
+    }
+
     pub fn transpose<'c>(&'c self, a: Tensor<'c>) -> Result<Tensor<'c>> {
         // SAFETY: swaps the first two axes (a view).
         self.op(unsafe { sys::ggml_transpose(self.raw(), a.raw()) })

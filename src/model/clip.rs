@@ -75,7 +75,7 @@ fn attention<'c>(nn: &Nn<'c>, x: Tensor<'c>, names: &LayerNames, heads: usize) -
     nn.linear(o, &names.out)
 }
 
-/// Graph inputs and output of a text encoder run.
+/// Graph inputs and outputs of a text encoder run.
 pub struct Graph<'c> {
     /// Token ids, i32 `[T * B]`.
     pub ids: Tensor<'c>,
@@ -83,16 +83,22 @@ pub struct Graph<'c> {
     pub positions: Tensor<'c>,
     /// Conditioning `[hidden, T, B]`.
     pub hidden: Tensor<'c>,
+    /// With a pooled output: the flat index `b * T + eos_b` of each prompt's first
+    /// end-of-text token (i32 `[B]`), and the projected embedding there `[proj, B]`.
+    pub pooled: Option<(Tensor<'c>, Tensor<'c>)>,
 }
 
-/// Builds the encoder for `batch` prompts of `cfg.max_positions` tokens.
-pub fn build<'c>(ctx: &'c Context<'c>, w: &'c Weights<'c>, cfg: &TextEncoderConfig, batch: usize) -> Result<Graph<'c>> {
+/// Builds the encoder for `batch` prompts of `cfg.max_positions` tokens; `pooled` adds
+/// the pooled, projected output (SDXL's bigG): CLIP's final-norm hidden state at the end-of-text
+/// token times `text_projection`, which needs every layer even when the conditioning
+/// is taken earlier.
+pub fn build<'c>(ctx: &'c Context<'c>, w: &'c Weights<'c>, cfg: &TextEncoderConfig, batch: usize, pooled: bool) -> Result<Graph<'c>> {
     let nn = Nn::new(ctx, w);
     let t = cfg.max_positions;
     let p = &cfg.prefix;
-    let (tok, pos) = match cfg.kind {
-        TextEncoderKind::HfClip => (format!("{p}embeddings.token_embedding.weight"), format!("{p}embeddings.position_embedding.weight")),
-        TextEncoderKind::OpenClip => (format!("{p}token_embedding.weight"), format!("{p}positional_embedding")),
+    let (tok, pos, final_norm) = match cfg.kind {
+        TextEncoderKind::HfClip => (format!("{p}embeddings.token_embedding.weight"), format!("{p}embeddings.position_embedding.weight"), format!("{p}final_layer_norm")),
+        TextEncoderKind::OpenClip => (format!("{p}token_embedding.weight"), format!("{p}positional_embedding"), format!("{p}ln_final")),
     };
     let ids = ctx.tensor(Type::I32, &[t * batch], "clip.ids")?;
     let positions = ctx.tensor(Type::I32, &[t], "clip.positions")?;
@@ -101,8 +107,9 @@ pub fn build<'c>(ctx: &'c Context<'c>, w: &'c Weights<'c>, cfg: &TextEncoderConf
     let x = ctx.get_rows(w.get(&tok)?, ids)?;
     let x = ctx.reshape(x, &[cfg.hidden_size, t, batch])?;
     let mut x = ctx.add(x, ctx.get_rows(w.get(&pos)?, positions)?)?;
-    let layers = cfg.num_layers.checked_sub(cfg.skip_layers).ok_or_else(|| Error::Invalid(format!("text encoder skips {} of {} layers", cfg.skip_layers, cfg.num_layers)))?;
-    for i in 0..layers {
+    let layers = cfg.num_layers.checked_sub(cfg.skip_layers).filter(|&l| l > 0).ok_or_else(|| Error::Invalid(format!("text encoder skips {} of {} layers", cfg.skip_layers, cfg.num_layers)))?;
+    let mut hidden = None;
+    for i in 0..if pooled { cfg.num_layers } else { layers } {
         let n = layer_names(cfg, i);
         let h = nn.layer_norm(x, &n.ln1, LN_EPS)?;
         x = ctx.add(x, attention(&nn, h, &n, cfg.num_heads)?)?;
@@ -113,31 +120,64 @@ pub fn build<'c>(ctx: &'c Context<'c>, w: &'c Weights<'c>, cfg: &TextEncoderConf
             Activation::Gelu => ctx.gelu(h)?,
         };
         x = ctx.add(x, nn.linear(h, &n.fc2)?)?;
+        if i + 1 == layers {
+            hidden = Some(if cfg.final_norm { nn.layer_norm(x, &final_norm, LN_EPS)? } else { x });
+        }
     }
-    if cfg.final_norm {
-        let name = match cfg.kind {
-            TextEncoderKind::HfClip => format!("{p}final_layer_norm"),
-            TextEncoderKind::OpenClip => format!("{p}ln_final"),
+    let hidden = hidden.ok_or_else(|| Error::Invalid("text encoder has no layers".into()))?;
+    ctx.set_output(hidden);
+    let pooled = if pooled {
+        let eos = ctx.tensor(Type::I32, &[batch], "clip.eos")?;
+        ctx.set_input(eos);
+        let last = nn.layer_norm(x, &final_norm, LN_EPS)?;
+        let rows = ctx.get_rows(ctx.reshape(last, &[cfg.hidden_size, t * batch])?, eos)?; // [hidden, B]
+        let name = crate::formats::layout::projection_name(cfg);
+        let proj = w.get(&name)?;
+        let out = match cfg.kind {
+            TextEncoderKind::HfClip => ctx.linear(rows, proj, None)?,
+            // OpenCLIP applies it as `x @ P` (P `[hidden, proj]`): a linear layer with P^T,
+            // which is why the converter keeps it in a float type.
+            TextEncoderKind::OpenClip => ctx.mul_mat(ctx.cont(ctx.transpose(proj)?)?, rows)?,
         };
-        x = nn.layer_norm(x, &name, LN_EPS)?;
-    }
-    ctx.set_output(x);
-    Ok(Graph { ids, positions, hidden: x })
+        ctx.set_output(out);
+        Some((eos, out))
+    } else {
+        None
+    };
+    Ok(Graph { ids, positions, hidden, pooled })
+}
+
+fn outputs<'c>(g: &Graph<'c>) -> Vec<Tensor<'c>> {
+    std::iter::once(g.hidden).chain(g.pooled.map(|(_, p)| p)).collect()
 }
 
 /// The compute buffer [`encode`] needs for `prompts` prompts, found without allocating it.
-pub fn buffer_bytes(w: &Weights<'_>, cfg: &TextEncoderConfig, prompts: usize) -> Result<usize> {
+pub fn buffer_bytes(w: &Weights<'_>, cfg: &TextEncoderConfig, prompts: usize, pooled: bool) -> Result<usize> {
     let ctx = Context::new(64 + 40 * cfg.num_layers)?;
-    let g = build(&ctx, w, cfg, prompts)?;
-    let graph = ctx.graph(&[g.hidden])?;
+    let g = build(&ctx, w, cfg, prompts, pooled)?;
+    let graph = ctx.graph(&outputs(&g))?;
     ctx.measure_graph(&graph)
+}
+
+/// What a text encoder gives for a batch of prompts.
+pub struct Encoded {
+    /// `[B][T][hidden]`, flattened.
+    pub hidden: Vec<f32>,
+    /// `[B][proj]`, when asked for.
+    pub pooled: Option<Vec<f32>>,
 }
 
 /// Runs the encoder on padded token sequences; returns `[B][T][hidden]` flattened.
 pub fn encode(w: &Weights<'_>, cfg: &TextEncoderConfig, tokens: &[Vec<u32>], backend: &Backend) -> Result<Vec<f32>> {
+    Ok(encode_all(w, cfg, tokens, false, backend)?.hidden)
+}
+
+/// [`encode`], with the pooled output too when `pooled` (see [`build`]).
+pub fn encode_all(w: &Weights<'_>, cfg: &TextEncoderConfig, tokens: &[Vec<u32>], pooled: bool, backend: &Backend) -> Result<Encoded> {
     let t = cfg.max_positions;
     let mut flat = Vec::with_capacity(t * tokens.len());
-    for seq in tokens {
+    let mut eos = Vec::with_capacity(tokens.len());
+    for (b, seq) in tokens.iter().enumerate() {
         if seq.len() != t {
             return Err(Error::Invalid(format!("text encoder takes {t} tokens per prompt, got {}", seq.len())));
         }
@@ -147,13 +187,20 @@ pub fn encode(w: &Weights<'_>, cfg: &TextEncoderConfig, tokens: &[Vec<u32>], bac
             }
             flat.push(id as i32);
         }
+        // The end-of-text token has the largest id: OpenCLIP pools at `argmax(ids)`
+        // (its first occurrence), as transformers does for these configs.
+        let first_max = seq.iter().enumerate().fold(0, |best, (i, &id)| if id > seq[best] { i } else { best });
+        eos.push((b * t + first_max) as i32);
     }
     let ctx = Context::new(64 + 40 * cfg.num_layers)?;
-    let g = build(&ctx, w, cfg, tokens.len())?;
-    let graph = ctx.graph(&[g.hidden])?;
+    let g = build(&ctx, w, cfg, tokens.len(), pooled)?;
+    let graph = ctx.graph(&outputs(&g))?;
     ctx.alloc_graph(&graph)?;
     ctx.set_i32(g.ids, &flat)?;
     ctx.set_i32(g.positions, &(0..t as i32).collect::<Vec<_>>())?;
+    if let Some((e, _)) = g.pooled {
+        ctx.set_i32(e, &eos)?;
+    }
     backend.compute(&graph)?;
-    ctx.get_f32(g.hidden)
+    Ok(Encoded { hidden: ctx.get_f32(g.hidden)?, pooled: g.pooled.map(|(_, p)| ctx.get_f32(p)).transpose()? })
 }

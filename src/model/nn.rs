@@ -56,13 +56,19 @@ pub struct Nn<'c> {
     pub ctx: &'c Context<'c>,
     pub w: &'c Weights<'c>,
     pub attention: Attention,
+    /// Multiply f16 kernels as f32 (cast in the graph). ggml computes an f16 kernel's
+    /// product in f16, its input rounded to f16 first: activations past 65504 become
+    /// infinite. SDXL's VAE decoder has such activations (the reason its community
+    /// "fp16-fix" VAE exists), so the VAE sets this; the cast costs one kernel's f32 copy
+    /// at a time in the compute buffer.
+    pub f32_kernels: bool,
 }
 
 impl<'c> Nn<'c> {
     /// Layers over `w`, built for where `w` lives (a GPU's graph gets no CPU-only op).
     pub fn new(ctx: &'c Context<'c>, w: &'c Weights<'c>) -> Self {
         ctx.follow(w.context());
-        Nn { ctx, w, attention: Attention::default() }
+        Nn { ctx, w, attention: Attention::default(), f32_kernels: false }
     }
 
     /// A convolution `name` (`.weight`, optional `.bias`) with a `k`x`k` kernel.
@@ -73,7 +79,16 @@ impl<'c> Nn<'c> {
         if ne[2] > 1 || ne[3] > 1 {
             w = self.ctx.reshape(w, &[ne[0] * ne[1] * ne[2], ne[3]])?;
         }
-        self.ctx.conv2d(x, w, k, k, stride, pad, self.w.opt(&format!("{name}.bias")))
+        self.ctx.conv2d(x, self.kernel(w)?, k, k, stride, pad, self.w.opt(&format!("{name}.bias")))
+    }
+
+    /// `w` as the product should see it (see [`Nn::f32_kernels`]).
+    fn kernel(&self, w: Tensor<'c>) -> Result<Tensor<'c>> {
+        if self.f32_kernels && w.ty() == Type::F16 {
+            self.ctx.cast(w, Type::F32)
+        } else {
+            Ok(w)
+        }
     }
 
     /// GroupNorm with affine parameters over `[W, H, C, N]`.
@@ -93,7 +108,7 @@ impl<'c> Nn<'c> {
     }
 
     pub fn linear(&self, x: Tensor<'c>, name: &str) -> Result<Tensor<'c>> {
-        self.ctx.linear(x, self.w.get(&format!("{name}.weight"))?, self.w.opt(&format!("{name}.bias")))
+        self.ctx.linear(x, self.kernel(self.w.get(&format!("{name}.weight"))?)?, self.w.opt(&format!("{name}.bias")))
     }
 
     /// Softmax attention of `q` `[D, Nq, H, B]` over keys `k` `[D, Nk, H, B]` and

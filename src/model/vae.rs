@@ -48,6 +48,8 @@ fn mid<'c>(nn: &Nn<'c>, x: Tensor<'c>, p: &str) -> Result<Tensor<'c>> {
 
 /// Decoder graph: latents `[w, h, z, n]` (already unscaled) → pixels `[8w, 8h, 3, n]` in [-1, 1].
 pub fn decoder<'c>(nn: &Nn<'c>, cfg: &VaeConfig, z: Tensor<'c>) -> Result<Tensor<'c>> {
+    // SDXL's decoder activations overflow f16 (see `Nn::f32_kernels`).
+    let nn = &Nn { f32_kernels: true, ..*nn };
     let c = nn.ctx;
     let p = format!("{PREFIX}decoder.");
     let z = nn.conv(z, &format!("{PREFIX}post_quant_conv"), 1, 1, 0)?;
@@ -68,6 +70,7 @@ pub fn decoder<'c>(nn: &Nn<'c>, cfg: &VaeConfig, z: Tensor<'c>) -> Result<Tensor
 
 /// Encoder graph: pixels `[W, H, 3, n]` in [-1, 1] → latent distribution mean `[W/8, H/8, z, n]`.
 pub fn encoder<'c>(nn: &Nn<'c>, cfg: &VaeConfig, img: Tensor<'c>) -> Result<Tensor<'c>> {
+    let nn = &Nn { f32_kernels: true, ..*nn };
     let c = nn.ctx;
     let p = format!("{PREFIX}encoder.");
     let mut x = nn.conv(img, &format!("{p}conv_in"), 3, 1, 1)?;

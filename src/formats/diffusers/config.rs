@@ -256,6 +256,9 @@ pub(crate) fn unet(v: &Value, path: &Path) -> Result<UnetConfig> {
         linear_proj: o.bool_or("use_linear_projection", false)?,
         adm_in_channels,
         time_cond_proj_dim: o.opt_usize("time_cond_proj_dim")?,
+        // Which values fill it is counted once the pooled width is known (`read_config`).
+        time_ids: Vec::new(),
+        time_id_dim: if adm_in_channels.is_some() { o.usize_or("addition_time_embed_dim", 256)? } else { 0 },
     })
 }
 

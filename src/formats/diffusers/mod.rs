@@ -37,6 +37,8 @@ struct Parsed {
     text: Vec<(PathBuf, TextEncoderConfig)>,
     prediction: Option<Prediction>,
     zero_terminal_snr: bool,
+    /// `force_zeros_for_empty_prompt` of `model_index.json`, when it says.
+    zeros_for_empty_negative: Option<bool>,
     family: String,
 }
 
@@ -55,7 +57,8 @@ fn parse(dir: &Path) -> Result<Parsed> {
     let pipeline = index_obj.as_ref().map(|o| o.opt_str("_class_name")).transpose()?.flatten().map(str::to_string);
     let diffusers_version = index_obj.as_ref().map(|o| o.opt_str("_diffusers_version")).transpose()?.flatten().map(str::to_string);
 
-    let mut p = Parsed { pipeline, diffusers_version, unet: None, vae: None, text: Vec::new(), prediction: None, zero_terminal_snr: false, family: "sd1".into() };
+    let zeros_for_empty_negative = index_obj.as_ref().and_then(|o| o.get("force_zeros_for_empty_prompt")).and_then(Value::as_bool);
+    let mut p = Parsed { pipeline, diffusers_version, unet: None, vae: None, text: Vec::new(), prediction: None, zero_terminal_snr: false, zeros_for_empty_negative, family: "sd1".into() };
 
     let root_config = dir.join("config.json");
     if index.is_none() && root_config.is_file() {
@@ -157,14 +160,19 @@ pub fn read_config(dir: &Path) -> Result<ModelConfig> {
     let p = parse(dir)?;
     let (_, unet) = p.unet.ok_or_else(|| Error::format(dir.join("unet").join("config.json"), "missing: a model needs a UNet"))?;
     let (_, vae) = p.vae.ok_or_else(|| Error::format(dir.join("vae").join("config.json"), "missing: a model needs a VAE"))?;
-    Ok(ModelConfig {
+    let unet_config = dir.join("unet").join("config.json");
+    let mut cfg = ModelConfig {
         family: p.family,
         prediction: p.prediction.unwrap_or(Prediction::Epsilon),
         zero_terminal_snr: p.zero_terminal_snr,
+        // diffusers' SDXL pipelines default to it; SD 1/2 pipelines have no such option.
+        zeros_for_empty_negative: p.zeros_for_empty_negative.unwrap_or(unet.adm_in_channels.is_some()),
         unet,
         vae,
         text_encoders: p.text.into_iter().map(|(_, t)| t).collect(),
-    })
+    };
+    cfg.infer_time_ids().map_err(|e| Error::arch(&unet_config, e))?;
+    Ok(cfg)
 }
 
 /// How the folder's own pipeline would run it by default: diffusers' text-to-image

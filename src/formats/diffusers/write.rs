@@ -99,7 +99,7 @@ pub fn write(dir: &Path, cfg: &ModelConfig, dtype: DType, tokenizer: Option<&Tok
         index.insert("tokenizer".into(), json!([null, null]));
     }
     if sdxl {
-        index.insert("force_zeros_for_empty_prompt".into(), json!(true));
+        index.insert("force_zeros_for_empty_prompt".into(), json!(cfg.zeros_for_empty_negative));
         if aesthetic {
             index.insert("requires_aesthetics_score".into(), json!(true));
         }
@@ -291,13 +291,11 @@ pub(super) fn unet_json(cfg: &ModelConfig) -> std::result::Result<(Value, bool),
         Some(_) => json!("UNetMidBlock2DCrossAttn"),
     };
     let (mut aesthetic, mut time_dim) = (false, Value::Null);
-    if let Some(adm) = u.adm_in_channels {
-        let pooled = cfg.text_encoders.last().map(|t| t.projection_dim.unwrap_or(t.hidden_size)).ok_or("an SDXL UNet needs a text encoder for its pooled embedding")?;
-        let rest = adm.checked_sub(pooled).filter(|&r| r > 0).ok_or_else(|| format!("adm_in_channels {adm} leaves no room for time ids beside the pooled width {pooled}"))?;
-        // SDXL conditions on six size/crop ids, its refiner on five (with the aesthetic score).
-        let ids = if rest % 6 == 0 { 6 } else if rest % 5 == 0 { 5 } else { return Err(format!("adm_in_channels {adm} - pooled {pooled} is not 5 or 6 time-id embeddings")) };
-        aesthetic = ids == 5;
-        time_dim = json!(rest / ids);
+    if u.adm_in_channels.is_some() {
+        let mut c = cfg.clone();
+        c.infer_time_ids()?;
+        aesthetic = c.unet.time_ids.contains(&crate::config::TimeId::AestheticScore);
+        time_dim = json!(c.unet.time_id_dim);
     }
     let mut m = serde_json::Map::new();
     let mut set = |k: &str, v: Value| {
