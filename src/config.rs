@@ -88,6 +88,15 @@ impl TimeId {
     pub fn values(self) -> usize {
         if self == TimeId::AestheticScore { 1 } else { 2 }
     }
+
+    /// The items of `n` values: six (SDXL) or five (the refiner).
+    fn for_values(n: usize) -> Option<Vec<TimeId>> {
+        match n {
+            6 => Some(TimeId::SDXL.to_vec()),
+            5 => Some(TimeId::REFINER.to_vec()),
+            _ => None,
+        }
+    }
     pub fn as_str(self) -> &'static str {
         match self {
             TimeId::OriginalSize => "original_size",
@@ -106,17 +115,16 @@ impl TimeId {
     /// where that fits.
     pub fn infer(adm: usize, pooled: usize) -> Option<(Vec<TimeId>, usize)> {
         let rest = adm.checked_sub(pooled).filter(|&r| r > 0)?;
-        let pick = |n: usize| if n == 6 { TimeId::SDXL.to_vec() } else { TimeId::REFINER.to_vec() };
-        for n in [6, 5] {
-            if rest == n * 256 {
-                return Some((pick(n), 256));
-            }
-        }
-        [6, 5].into_iter().find(|n| rest % n == 0).map(|n| (pick(n), rest / n))
+        let n = [6, 5].into_iter().find(|n| rest == n * 256).or_else(|| [6, 5].into_iter().find(|n| rest % n == 0))?;
+        Some((TimeId::for_values(n)?, rest / n))
     }
 }
 
 impl UnetConfig {
+    /// How many scalars the size/crop conditioning has (SDXL 6, the refiner 5).
+    pub fn time_id_values(&self) -> usize {
+        self.time_ids.iter().map(|t| t.values()).sum()
+    }
     pub fn time_embed_dim(&self) -> usize {
         self.model_channels * 4
     }
@@ -394,18 +402,26 @@ impl ModelConfig {
         let dim = self.unet.time_id_dim;
         let found = if dim > 0 {
             // The width is known (diffusers' `addition_time_embed_dim`): count the values.
-            let rest = adm.checked_sub(pooled).filter(|r| r % dim == 0).map(|r| r / dim);
-            match rest {
-                Some(6) => Some((TimeId::SDXL.to_vec(), dim)),
-                Some(5) => Some((TimeId::REFINER.to_vec(), dim)),
-                _ => None,
-            }
+            let n = adm.checked_sub(pooled).filter(|r| r % dim == 0).map(|r| r / dim);
+            n.and_then(TimeId::for_values).map(|ids| (ids, dim))
         } else {
             TimeId::infer(adm, pooled)
         };
         let (ids, dim) = found.ok_or_else(|| format!("label_emb takes {adm} channels: the pooled embedding ({pooled}) and five or six size/crop embeddings cannot fill that"))?;
         self.unet.time_ids = ids;
         self.unet.time_id_dim = dim;
+        Ok(())
+    }
+
+    /// Whether `label_emb`'s input width is the pooled embedding plus every size/crop
+    /// value's embedding (trivially so without `label_emb`).
+    pub fn check_label_width(&self) -> Result<(), String> {
+        let (Some(adm), u) = (self.unet.adm_in_channels, &self.unet) else { return Ok(()) };
+        let pooled = self.pooled_dim().ok_or("a UNet with a label embedding needs a text encoder for its pooled embedding")?;
+        let values = u.time_id_values();
+        if pooled + values * u.time_id_dim != adm {
+            return Err(format!("label_emb takes {adm} channels, not the pooled embedding ({pooled}) and {values} size/crop values × {}", u.time_id_dim));
+        }
         Ok(())
     }
 
@@ -436,7 +452,7 @@ impl ModelConfig {
             }
         }
         u.mid_depth = u.mid_depth.map(|d| d.min(2));
-        let values: usize = u.time_ids.iter().map(|t| t.values()).sum();
+        let values = u.time_id_values();
         u.adm_in_channels = u.adm_in_channels.map(|_| 32 + values * 8);
         u.time_id_dim = if u.time_ids.is_empty() { 0 } else { 8 };
         let v = &mut self.vae;

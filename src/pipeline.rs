@@ -406,35 +406,33 @@ impl Pipeline {
         let cfg = &self.config;
         let (n, t) = (prompts.len(), self.tokens());
         let width = cfg.unet.context_dim;
+        // The all-zero branch is not encoded: its rows stay zero.
+        let live: Vec<usize> = (0..n).filter(|&b| !prompts[b].1).collect();
         let mut context = vec![0f32; n * t * width];
         let mut pooled = None;
         let mut offset = 0;
         for (i, te) in cfg.text_encoders.iter().enumerate() {
             let want_pooled = cfg.unet.adm_in_channels.is_some() && i + 1 == cfg.text_encoders.len();
-            let tokens = prompts.iter().map(|(p, _)| self.tokenizer.encode_for(p, te)).collect::<Result<Vec<_>>>()?;
+            let tokens = live.iter().map(|&b| self.tokenizer.encode_for(prompts[b].0, te)).collect::<Result<Vec<_>>>()?;
             let out = {
                 let w = self.stage(|n| n.starts_with(&te.prefix), |_| false, |d| &d.text)?;
                 clip::encode_all(&w, te, &tokens, want_pooled, &self.backend)?
             };
             self.gguf.release(|n| n.starts_with(&te.prefix));
             let h = te.hidden_size;
-            for (b, (_, zero)) in prompts.iter().enumerate() {
+            for (j, &b) in live.iter().enumerate() {
                 for k in 0..t {
-                    let dst = &mut context[(b * t + k) * width + offset..][..h];
-                    if !zero {
-                        dst.copy_from_slice(&out.hidden[(b * t + k) * h..][..h]);
-                    }
+                    context[(b * t + k) * width + offset..][..h].copy_from_slice(&out.hidden[(j * t + k) * h..][..h]);
                 }
             }
             offset += h;
-            if let Some(mut p) = out.pooled {
-                let d = p.len() / n;
-                for (b, (_, zero)) in prompts.iter().enumerate() {
-                    if *zero {
-                        p[b * d..(b + 1) * d].fill(0.0);
-                    }
+            if let Some(p) = out.pooled {
+                let d = p.len() / live.len().max(1);
+                let mut all = vec![0f32; n * d];
+                for (j, &b) in live.iter().enumerate() {
+                    all[b * d..(b + 1) * d].copy_from_slice(&p[j * d..(j + 1) * d]);
                 }
-                pooled = Some(p);
+                pooled = Some(all);
             }
         }
         Ok(Conditioning { context, pooled })
@@ -690,17 +688,13 @@ fn check_conditioning(cfg: &ModelConfig) -> std::result::Result<(), String> {
     if width != cfg.unet.context_dim {
         return Err(format!("the UNet attends to {}-wide text but its text encoders give {width}", cfg.unet.context_dim));
     }
-    if let Some(adm) = cfg.unet.adm_in_channels {
+    if cfg.unet.adm_in_channels.is_some() {
         let last = tes.last().ok_or("no text encoder")?;
         if last.projection_dim.is_none() {
             return Err(format!("the UNet's label embedding takes a pooled text embedding, but `{}` has no text_projection", last.prefix));
         }
-        let values: usize = cfg.unet.time_ids.iter().map(|t| t.values()).sum();
-        if cfg.pooled_dim().map(|p| p + values * cfg.unet.time_id_dim) != Some(adm) {
-            return Err(format!("label_emb takes {adm} channels, not the pooled embedding and {values} size/crop values × {}", cfg.unet.time_id_dim));
-        }
     }
-    Ok(())
+    cfg.check_label_width()
 }
 
 /// The input of a `label_emb` UNet's added embedding for one branch: the pooled text

@@ -307,12 +307,6 @@ pub fn read_config(g: &GgufFile) -> Result<Option<ModelConfig>> {
         text_encoders,
     };
     cfg.infer_time_ids().map_err(|e| Error::arch(&g.path, e))?;
-    let u = &cfg.unet;
-    let values: usize = u.time_ids.iter().map(|t| t.values()).sum();
-    if let (Some(adm), Some(pooled)) = (u.adm_in_channels, cfg.pooled_dim()) {
-        if pooled + values * u.time_id_dim != adm {
-            return Err(r.err("sd.unet.time_ids", &format!("inconsistent: {values} values × {} + pooled {pooled} ≠ adm_in_channels {adm}", u.time_id_dim)));
-        }
-    }
+    cfg.check_label_width().map_err(|e| r.err("sd.unet.time_ids", &format!("inconsistent: {e}")))?;
     Ok(Some(cfg))
 }

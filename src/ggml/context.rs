@@ -68,15 +68,18 @@ impl Graph<'_> {
     /// 2·M·N·K each. Element-wise work is a few percent of a diffusion UNet and left out,
     /// so this is the figure to divide by time for a GEMM-efficiency ratio.
     pub fn matmul_flops(&self) -> f64 {
+        self.per_node(node_flops).sum()
+    }
+
+    /// `f` of every node. `f` must only read a node and its sources.
+    fn per_node<T: 'static>(&self, f: unsafe fn(&sys::ggml_tensor) -> T) -> impl Iterator<Item = T> + '_ {
         let g = self.ptr.as_ptr();
         // SAFETY: the graph and its nodes live as long as the context borrowed by self.
         let n = unsafe { sys::ggml_graph_n_nodes(g) };
-        // SAFETY: 0 <= i < n.
-        (0..n).map(|i| unsafe { node_flops(&*sys::ggml_graph_node(g, i)) }).sum()
+        // SAFETY: 0 <= i < n; a node's sources are valid while the graph lives.
+        (0..n).map(move |i| unsafe { f(&*sys::ggml_graph_node(g, i)) })
     }
-}
 
-impl Graph<'_> {
     /// The CPU work buffer the graph needs beside its tensors: ggml converts each
     /// matrix product's f32 input to its weight's dot-product type (q8_0 for q4_0/q5_0/
     /// q8_0, q8_1 for q4_1/q5_1, q8_K for k-quants, f16/bf16 for those) in one scratch
@@ -84,11 +87,7 @@ impl Graph<'_> {
     /// full-resolution 1x1 convolution of SDXL's VAE converts 1 GB of activations into
     /// 285 MB of q8_0: the planner has to count it.
     pub fn work_bytes(&self) -> usize {
-        let g = self.ptr.as_ptr();
-        // SAFETY: the graph and its nodes live as long as the context borrowed by self.
-        let n = unsafe { sys::ggml_graph_n_nodes(g) };
-        // SAFETY: 0 <= i < n; a MUL_MAT node has two valid sources.
-        (0..n).map(|i| unsafe { node_work(&*sys::ggml_graph_node(g, i)) }).max().unwrap_or(0)
+        self.per_node(node_work).max().unwrap_or(0)
     }
 }
 
