@@ -179,7 +179,7 @@ fn run_trajectory(model: &str, sampler: &str) {
     let x = sample::start_latent(&plan, &g["traj.init_latent"].1, None);
     let mut den = sample::Denoiser::new(&mut guided, m.cfg.prediction, &sched, &plan);
     let mut rng = sample::NativeRng::new(0);
-    let traj = sample::sample(&mut den, which, &sample::Settings::default_for(which), &plan, x, &mut sample::IidNoise(&mut rng), &mut |_| {}).unwrap();
+    let traj = sample::sample(&mut den, which, &sample::Settings::default_for(which), &plan, x, &mut sample::IidNoise(&mut rng), &mut |_, _| {}).unwrap();
     let latents = &g[&key("latents")].1;
     let per = latents.len() / traj.len();
     for (i, step) in traj.iter().enumerate() {
@@ -358,7 +358,7 @@ fn sdxl_trajectories_match_the_diffusers_pipeline() {
         let x = sample::start_latent(&plan, &g["traj.init_latent"].1, None);
         let mut den = sample::Denoiser::new(&mut model, m.cfg.prediction, &sched, &plan);
         let mut rng = sample::NativeRng::new(0);
-        let traj = sample::sample(&mut den, sample::Sampler::Euler, &sample::Settings::default_for(sample::Sampler::Euler), &plan, x, &mut sample::IidNoise(&mut rng), &mut |_| {}).unwrap();
+        let traj = sample::sample(&mut den, sample::Sampler::Euler, &sample::Settings::default_for(sample::Sampler::Euler), &plan, x, &mut sample::IidNoise(&mut rng), &mut |_, _| {}).unwrap();
         let latents = &g[&k("latents")].1;
         let per = latents.len() / traj.len();
         for (i, step) in traj.iter().enumerate() {
@@ -396,7 +396,7 @@ fn sdxl_pipeline_generates_the_diffusers_image() {
             noise: Some(g["traj.init_latent"].1.clone()),
             ..Request::new(prompt)
         };
-        let img = pipe.generate(&req, &mut |_| {}).unwrap();
+        let img = pipe.generate(&req, &mut |_, _| {}).unwrap();
         let want = &g[&format!("traj.{key}.image_u8")].1;
         let mse = img.rgb.iter().zip(want).map(|(&a, &b)| (a as f64 - b as f64).powi(2)).sum::<f64>() / want.len() as f64;
         let psnr = 10.0 * (255.0f64.powi(2) / mse.max(1e-12)).log10();

@@ -5,7 +5,9 @@
 use jni::objects::{JObject, JValue};
 use jni::JNIEnv;
 
-use sdrs_core::pipeline::{Image, Request};
+use std::sync::Arc;
+
+use sdrs_core::pipeline::{Canvas, Image, Request};
 use sdrs_core::sample::Sampler;
 
 use crate::{string, Fail};
@@ -47,10 +49,6 @@ pub(crate) fn read(env: &mut JNIEnv, req: &JObject, defaults: &Request) -> Resul
         return Err(Fail::NullPointer("request is null".into()));
     }
     let prompt = text(env, req, "prompt")?.ok_or_else(|| Fail::NullPointer("Request.prompt is null".into()))?;
-    let init = env.get_field(req, "initImage", "[I")?.l()?;
-    if !init.is_null() {
-        return Err(Fail::Msg("img2img is not supported by this version: Request.initImage must be null".into()));
-    }
     let base = Request { prompt, ..defaults.clone() };
     let cfg_scale = match float(env, req, "cfgScale")? {
         s if s.is_nan() => base.cfg_scale,
@@ -71,6 +69,46 @@ pub(crate) fn read(env: &mut JNIEnv, req: &JObject, defaults: &Request) -> Resul
         seed: env.get_field(req, "seed", "J")?.j()? as u64,
         ..base
     })
+    .and_then(|r| init(env, req, r))
+}
+
+/// `initImage` (and `maskImage`, `strength`): ARGB_8888 ints at the request's size.
+fn init(env: &mut JNIEnv, req: &JObject, r: Request) -> Result<Request, Fail> {
+    let Some(argb) = ints(env, req, "initImage", r.width * r.height)? else {
+        if ints(env, req, "maskImage", 0)?.is_some() {
+            return Err(Fail::Msg("Request.maskImage needs an initImage".into()));
+        }
+        return Ok(r);
+    };
+    let rgb = argb.iter().flat_map(|&p| [(p >> 16) as u8, (p >> 8) as u8, p as u8]).collect();
+    // Luma of the mask's colour (ITU-R 601, as PIL's convert("L")): white repaints.
+    let mask = ints(env, req, "maskImage", r.width * r.height)?.map(|m| {
+        m.iter().map(|&p| (299 * ((p >> 16) & 0xFF) + 587 * ((p >> 8) & 0xFF) + 114 * (p & 0xFF)) as f32 / 255_000.0).collect()
+    });
+    // Through its shortest decimal form: 0.7f is 0.69999998 as a double, and
+    // 10 steps × that would run 6 steps where the 0.7 the caller meant runs 7.
+    let strength = match float(env, req, "strength")? {
+        s if s.is_nan() => None,
+        s => Some(s.to_string().parse::<f64>().unwrap_or(s as f64)),
+    };
+    Ok(Request { init: Some(Arc::new(Canvas { width: r.width, height: r.height, rgb, mask })), strength, ..r })
+}
+
+/// An int array field: `None` when null, an error unless it holds `len` values.
+fn ints(env: &mut JNIEnv, req: &JObject, name: &str, len: usize) -> Result<Option<Vec<i32>>, Fail> {
+    let obj = env.get_field(req, name, "[I")?.l()?;
+    if obj.is_null() {
+        return Ok(None);
+    }
+    let arr = jni::objects::JIntArray::from(obj);
+    let n = env.get_array_length(&arr)? as usize;
+    if n != len {
+        return Err(Fail::Msg(format!("Request.{name} has {n} pixels; the request is for width x height = {len}")));
+    }
+    let mut v = vec![0i32; n];
+    env.get_int_array_region(&arr, 0, &mut v)?;
+    env.delete_local_ref(arr)?;
+    Ok(Some(v))
 }
 
 /// Writes the model's defaults into the unset fields of `req`.

@@ -258,13 +258,36 @@ public class SdrsTest {
                 check(sd.generate(r, null).width == 64, "euler_a");
             });
 
-            test("initImage is refused (img2img is reserved); a null prompt is a NullPointerException", () -> {
-                Request r = small(sd, "a circle");
-                r.initImage = new int[64 * 64];
-                SdrsException e = expect(SdrsException.class, () -> sd.generate(r, null));
-                check(!(e instanceof CancelledException), "not a cancel");
-                contains(e.getMessage(), "img2img is not supported by this version");
+            test("img2img and inpainting from ARGB ints; wrong pixel counts and a null prompt are refused", () -> {
+                Image base = sd.generate(small(sd, "a red circle on a blue background"), null);
+                int w = base.width, h = base.height;
+                Request r = small(sd, "a yellow square on a green background");
+                r.initImage = base.argb();
+                r.strength = 0.6f;
+                Image moved = sd.generate(r, null);
+                check(moved.width == w && !Arrays.equals(moved.argb(), base.argb()), "img2img changes the picture");
+                contains(moved.parameters, "Denoising strength: 0.6");
+                // Inpainting the right half: the left half comes back pixel for pixel.
+                r.maskImage = new int[w * h];
+                for (int i = 0; i < w * h; i++) {
+                    r.maskImage[i] = (i % w) >= w / 2 ? 0xFFFFFFFF : 0xFF000000;
+                }
+                r.strength = Float.NaN;
+                int[] painted = sd.generate(r, null).argb(), original = base.argb();
+                boolean changed = false;
+                for (int i = 0; i < w * h; i++) {
+                    if ((i % w) < w / 2) {
+                        check(painted[i] == original[i], "an unmasked pixel changed");
+                    } else {
+                        changed |= painted[i] != original[i];
+                    }
+                }
+                check(changed, "the masked half was repainted");
+                r.initImage = new int[7];
+                contains(expect(SdrsException.class, () -> sd.generate(r, null)).getMessage(), "Request.initImage has 7 pixels");
                 r.initImage = null;
+                contains(expect(SdrsException.class, () -> sd.generate(r, null)).getMessage(), "maskImage needs an initImage");
+                r.maskImage = null;
                 r.prompt = null;
                 contains(expect(NullPointerException.class, () -> sd.generate(r, null)).getMessage(), "Request.prompt");
                 expect(NullPointerException.class, () -> sd.generate(null, null));

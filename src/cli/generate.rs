@@ -2,10 +2,13 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 
-use sdrs::pipeline::{Pipeline, Request, RngKind, Stage};
+use std::sync::Arc;
+
+use sdrs::pipeline::{Canvas, CanvasOptions, Pipeline, Request, RngKind, Stage};
 use sdrs::sample::{Sampler, Schedule};
 
-/// Generate an image from a prompt (txt2img).
+/// Generate an image from a prompt (txt2img), or from a prompt and a picture
+/// (img2img with --init-img, inpainting with --mask, outpainting with --pad).
 #[derive(clap::Args)]
 pub struct Args {
     /// Model GGUF (from `sdrs convert`); without it, the built-in demo model (a tiny
@@ -25,12 +28,36 @@ pub struct Args {
     cfg_scale: Option<f32>,
     #[arg(short = 's', long, default_value_t = 42)]
     seed: u64,
-    /// Image width [default: the model's, else 512].
+    /// Image width [default: the init image's, else the model's, else 512].
     #[arg(short = 'W', long)]
     width: Option<usize>,
-    /// Image height [default: the model's, else 512].
+    /// Image height [default: the init image's, else the model's, else 512].
     #[arg(short = 'H', long)]
     height: Option<usize>,
+    /// img2img: start from this picture (PNG or JPEG, any size and pixel format). Without
+    /// -W/-H the output keeps its size, centre-cropped to the model's multiple; with them
+    /// it is scaled to cover that size and centre-cropped (one given: the other follows
+    /// the picture's aspect ratio).
+    #[arg(short = 'i', long = "init-img")]
+    init_img: Option<PathBuf>,
+    /// Inpainting: white repaints, black keeps (any size: stretched to the init image's).
+    #[arg(long, requires = "init_img")]
+    mask: Option<PathBuf>,
+    /// How much of the init image to repaint, in (0, 1]: the last steps·strength steps
+    /// run [default: 0.8 for img2img, 1 with a mask].
+    #[arg(long, requires = "init_img")]
+    strength: Option<f64>,
+    /// Gaussian blur of the mask in pixels (σ), softening where the original is pasted back.
+    #[arg(long = "mask-blur", default_value_t = 4.0)]
+    mask_blur: f32,
+    /// Outpainting: extend the canvas by L,T,R,B pixels, filled from the picture's edges
+    /// and masked for painting.
+    #[arg(long, value_parser = parse_pad, requires = "init_img")]
+    pad: Option<[usize; 4]>,
+    /// Inpainting: keep the decoded image everywhere, as diffusers returns it, instead of
+    /// pasting the original back outside the mask.
+    #[arg(long = "no-overlay")]
+    no_overlay: bool,
     /// A distilled model's recipe (size, sampler, schedule, steps, guidance): sdxl-turbo,
     /// sd-turbo, sdxl-lightning-2step, -4step, -8step; options given beside it win.
     #[arg(long)]
@@ -94,6 +121,11 @@ fn parse_pair<const SEP: char>(s: &str) -> Result<(usize, usize), String> {
     Ok((num(a)?, num(b)?))
 }
 
+fn parse_pad(s: &str) -> Result<[usize; 4], String> {
+    let v: Vec<usize> = s.split(',').map(|p| p.trim().parse::<usize>().map_err(|_| format!("`{p}` is not a non-negative integer"))).collect::<Result<_, _>>()?;
+    v.try_into().map_err(|_| format!("`{s}`: expected four numbers L,T,R,B"))
+}
+
 pub(super) fn parse_budget(s: &str) -> Result<u64, String> {
     sdrs::budget::parse_size(s).ok_or_else(|| format!("`{s}` is not a size: write bytes or a number with K, M, G (binary) or KB, MB, GB"))
 }
@@ -135,10 +167,18 @@ pub fn run(a: Args, threads: Option<usize>, target: &super::Target) -> Result<()
     if !(0.0..=1.0).contains(&a.guidance_rescale) {
         bail!("--guidance-rescale must be in [0, 1], not {}", a.guidance_rescale);
     }
+    let init = match &a.init_img {
+        Some(path) => Some(Arc::new(open_canvas(&pipe, path, a.mask.as_deref(), (a.width, a.height), a.pad.unwrap_or_default(), a.mask_blur)?)),
+        None => None,
+    };
+    let (width, height) = match &init {
+        Some(c) => (c.width, c.height),
+        None => (a.width.unwrap_or(base.width), a.height.unwrap_or(base.height)),
+    };
     let req = Request {
         negative: a.negative,
-        width: a.width.unwrap_or(base.width),
-        height: a.height.unwrap_or(base.height),
+        width,
+        height,
         steps: a.steps.unwrap_or(base.steps),
         cfg_scale: a.cfg_scale.unwrap_or(base.cfg_scale),
         seed: a.seed,
@@ -154,6 +194,9 @@ pub fn run(a: Args, threads: Option<usize>, target: &super::Target) -> Result<()
         original_size: a.original_size,
         crop_top_left: a.crop.unwrap_or((0, 0)),
         aesthetic_score: a.aesthetic_score.unwrap_or(base.aesthetic_score),
+        init,
+        strength: a.strength,
+        overlay: !a.no_overlay,
         // Ctrl-C ends the run within one step and writes no image.
         cancel: Some(super::interrupt_flag()),
         ..base
@@ -182,10 +225,29 @@ pub fn run(a: Args, threads: Option<usize>, target: &super::Target) -> Result<()
         image.height,
         text,
         sampling,
-        sampling / req.steps as f64,
+        sampling / (req.steps as f64 * req.strength()).floor().max(1.0),
         decode
     );
     Ok(())
+}
+
+/// The init image (and mask) at the output size: -W/-H where given (one alone keeps
+/// the picture's aspect ratio), else the picture's own size.
+fn open_canvas(pipe: &Pipeline, path: &std::path::Path, mask: Option<&std::path::Path>, size: (Option<usize>, Option<usize>), pad: [usize; 4], mask_blur: f32) -> Result<Canvas> {
+    let multiple = pipe.size_multiple();
+    let [l, t, r, b] = pad;
+    let size = match size {
+        (Some(w), Some(h)) => Some((w, h)),
+        (None, None) => None,
+        (w, h) => {
+            let (iw, ih) = image::image_dimensions(path).with_context(|| format!("{}: cannot read the image's size", path.display()))?;
+            let aspect = (iw as usize + l + r) as f64 / (ih as usize + t + b) as f64;
+            let round = |v: f64| ((v / multiple as f64).round() as usize).max(1) * multiple;
+            Some((w.unwrap_or_else(|| round(h.unwrap_or(0) as f64 * aspect)), h.unwrap_or_else(|| round(w.unwrap_or(0) as f64 / aspect))))
+        }
+    };
+    let opts = CanvasOptions { size, multiple, pad, mask_blur };
+    Ok(Canvas::open(path, mask, &opts)?)
 }
 
 #[cfg(feature = "demo-model")]

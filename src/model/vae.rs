@@ -70,6 +70,13 @@ pub fn decoder<'c>(nn: &Nn<'c>, cfg: &VaeConfig, z: Tensor<'c>) -> Result<Tensor
 
 /// Encoder graph: pixels `[W, H, 3, n]` in [-1, 1] → latent distribution mean `[W/8, H/8, z, n]`.
 pub fn encoder<'c>(nn: &Nn<'c>, cfg: &VaeConfig, img: Tensor<'c>) -> Result<Tensor<'c>> {
+    let moments = moments(nn, cfg, img)?;
+    let [w, h, _, n] = moments.ne();
+    nn.ctx.cont(nn.ctx.view(moments, [w, h, cfg.latent_channels, n], [0, 0, 0, 0])?)
+}
+
+/// The latent distribution `[W/8, H/8, 2z, n]`: means, then log-variances.
+fn moments<'c>(nn: &Nn<'c>, cfg: &VaeConfig, img: Tensor<'c>) -> Result<Tensor<'c>> {
     let nn = &Nn { f32_kernels: true, ..*nn };
     let c = nn.ctx;
     let p = format!("{PREFIX}encoder.");
@@ -88,9 +95,7 @@ pub fn encoder<'c>(nn: &Nn<'c>, cfg: &VaeConfig, img: Tensor<'c>) -> Result<Tens
     x = mid(nn, x, &p)?;
     let x = c.silu(nn.group_norm(x, &format!("{p}norm_out"), GROUPS, EPS)?)?;
     let x = nn.conv(x, &format!("{p}conv_out"), 3, 1, 1)?;
-    let moments = nn.conv(x, &format!("{PREFIX}quant_conv"), 1, 1, 0)?;
-    let [w, h, _, n] = moments.ne();
-    c.cont(c.view(moments, [w, h, cfg.latent_channels, n], [0, 0, 0, 0])?)
+    nn.conv(x, &format!("{PREFIX}quant_conv"), 1, 1, 0)
 }
 
 fn pad_right_bottom<'c>(c: &'c Context<'c>, x: Tensor<'c>) -> Result<Tensor<'c>> {
@@ -251,4 +256,20 @@ pub fn encode(w: &Weights<'_>, cfg: &VaeConfig, pixels: &[f32], n: usize, h: usi
         let mean = if cfg.shift_factor != 0.0 { nn.ctx.add1(mean, -cfg.shift_factor)? } else { mean };
         nn.ctx.scale(mean, cfg.scaling_factor)
     })
+}
+
+/// Encodes one image in [-1, 1] (`[3][H][W]`) to a draw from the latent distribution,
+/// `mean + exp(logvar / 2)·eps` with `eps` unit Gaussian of the latent's size (diffusers'
+/// `latent_dist.sample`, log-variance clamped to [-30, 20] as there), shifted and scaled
+/// into UNet space.
+pub fn encode_sample(w: &Weights<'_>, cfg: &VaeConfig, pixels: &[f32], h: usize, wd: usize, eps: &[f32], backend: &Backend) -> Result<Vec<f32>> {
+    let f = cfg.downscale();
+    let zc = cfg.latent_channels;
+    let n = zc * (h / f) * (wd / f);
+    if pixels.len() != 3 * h * wd || h % f != 0 || wd % f != 0 || eps.len() != n {
+        return Err(Error::Invalid(format!("{} pixel values for 3x{h}x{wd} (sides must be multiples of {f}) and {} noise values for {n} latents", pixels.len(), eps.len())));
+    }
+    let m = eval(w, [wd, h, 3, 1], pixels, GRAPH_TENSORS, backend, |nn, img| moments(nn, cfg, img))?;
+    let (mean, logvar) = m.split_at(n);
+    Ok(mean.iter().zip(logvar).zip(eps).map(|((&mu, &lv), &e)| (mu + (0.5 * lv.clamp(-30.0, 20.0)).exp() * e - cfg.shift_factor) * cfg.scaling_factor).collect())
 }

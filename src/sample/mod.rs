@@ -248,8 +248,10 @@ pub fn start_latent(plan: &Plan, noise: &[f32], image: Option<&[f32]>) -> Vec<f6
 }
 
 /// Runs `plan` from the VE latent `x` and returns the VP latent after every step;
-/// `on_step(i)` is called after step i.
-pub fn sample(den: &mut Denoiser<'_>, sampler: Sampler, settings: &Settings, plan: &Plan, mut x: Vec<f64>, noise: &mut dyn NoiseSampler, on_step: &mut dyn FnMut(usize)) -> Result<Vec<Vec<f32>>> {
+/// `on_step(i, x)` is called after step i with the VE latent, which it may change
+/// before the next step (inpainting with an ordinary UNet blends the re-noised image
+/// back outside the mask there, as diffusers does after each scheduler step).
+pub fn sample(den: &mut Denoiser<'_>, sampler: Sampler, settings: &Settings, plan: &Plan, mut x: Vec<f64>, noise: &mut dyn NoiseSampler, on_step: &mut dyn FnMut(usize, &mut [f64])) -> Result<Vec<Vec<f32>>> {
     let n = plan.timesteps.len();
     if plan.sigmas.len() != n + 1 {
         return Err(Error::Invalid(format!("a plan of {n} steps needs {} noise levels, not {}", n + 1, plan.sigmas.len())));
@@ -265,10 +267,10 @@ pub fn sample(den: &mut Denoiser<'_>, sampler: Sampler, settings: &Settings, pla
             Sampler::Ddim => kdiffusion::ddim_step(den, plan, i, &x, settings.eta, noise)?,
             _ => kdiffusion::step(sampler, den, plan, i, &x, settings.eta, noise, &mut state)?,
         };
+        on_step(i, &mut x);
         let s = plan.sigmas[i + 1];
         let c = 1.0 / (s * s + 1.0).sqrt();
         trajectory.push(x.iter().map(|&v| (v * c) as f32).collect());
-        on_step(i);
     }
     Ok(trajectory)
 }

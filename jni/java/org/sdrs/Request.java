@@ -20,13 +20,21 @@ public final class Request {
     public float cfgScale = Float.NaN;
     /** Noise seed: the same seed, request and model give the same image (the bits are read as an unsigned 64-bit number). */
     public long seed = 42;
-    /** Reserved for img2img (how far to move from {@link #initImage}); not used by this version. */
-    public float strength = 0.75f;
     /**
-     * Reserved for img2img: the starting picture as ARGB_8888 ints, width x height.
-     * This version generates from text only and refuses a request where it is set.
+     * img2img / inpainting: how much of {@link #initImage} to repaint, in (0, 1] (the last
+     * steps x strength steps run). NaN: 0.8 for img2img, 1 with a mask.
+     */
+    public float strength = Float.NaN;
+    /**
+     * img2img: the starting picture as ARGB_8888 ints (as {@code Bitmap.getPixels} gives
+     * them), width x height of this request, row by row; alpha is ignored. Null: txt2img.
      */
     public int[] initImage;
+    /**
+     * Inpainting: with {@link #initImage}, a mask of the same size as ARGB_8888 ints; white
+     * repaints, black keeps (its luma is used). The decoded image is pasted back outside it.
+     */
+    public int[] maskImage;
 
     public Request(String prompt) {
         this.prompt = prompt;

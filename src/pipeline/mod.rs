@@ -1,4 +1,5 @@
-//! txt2img: prompt → text conditioning → sampled latents → pixels.
+//! txt2img, img2img and inpainting: prompt → text conditioning → sampled latents →
+//! pixels, starting from noise or from an init image ([`Canvas`]).
 //!
 //! ```no_run
 //! use sdrs::pipeline::{Pipeline, Request};
@@ -22,6 +23,12 @@ use crate::ggml::Backend;
 use crate::model::{clip, taesd, unet, vae, Attention, Weights};
 use crate::sample::{self, Discrete, NativeRng, Rng, Sampler, Schedule, ScheduleOpts, Spacing, TorchRng};
 use crate::tokenizer::ClipTokenizer;
+
+mod canvas;
+mod start;
+
+pub use canvas::{Canvas, CanvasOptions};
+pub use start::taesd_encoder_path;
 
 /// What to generate.
 #[derive(Clone, Debug)]
@@ -64,6 +71,17 @@ pub struct Request {
     /// The refiner's aesthetic-score conditioning, for the prompt and the negative prompt.
     pub aesthetic_score: f32,
     pub negative_aesthetic_score: f32,
+    /// img2img / inpainting: the picture to start from (and its mask), at the
+    /// request's size.
+    pub init: Option<Arc<Canvas>>,
+    /// How much of the init image is repainted: sampling runs the last
+    /// ⌊steps·strength⌋ steps from the image noised to that point. `None`: 0.8 for
+    /// img2img, 1 for inpainting (diffusers' pipeline defaults).
+    pub strength: Option<f64>,
+    /// Inpainting: paste the init image back outside the (blurred) mask after the
+    /// decode, so unmasked pixels come back unchanged (as A1111 does); off gives the
+    /// decoded image everywhere, as diffusers' inpaint pipeline returns it.
+    pub overlay: bool,
 }
 
 impl Request {
@@ -92,6 +110,19 @@ impl Request {
             // diffusers' StableDiffusionXLImg2ImgPipeline defaults.
             aesthetic_score: 6.0,
             negative_aesthetic_score: 2.5,
+            init: None,
+            strength: None,
+            overlay: true,
+        }
+    }
+
+    /// The strength in effect ([`Request::strength`]); 1 without an init image.
+    pub fn strength(&self) -> f64 {
+        match (&self.init, self.strength) {
+            (None, _) => 1.0,
+            (Some(_), Some(s)) => s,
+            (Some(c), None) if c.mask.is_some() => 1.0,
+            (Some(_), None) => 0.8,
         }
     }
 }
@@ -324,6 +355,11 @@ impl Pipeline {
         }
     }
 
+    /// What image sides must be multiples of for this model.
+    pub fn size_multiple(&self) -> usize {
+        self.config.vae.downscale() << (self.config.unet.channel_mult.len() - 1)
+    }
+
     /// Latent size for an image size, or an error that says what is allowed.
     pub fn latent_size(&self, width: usize, height: usize) -> Result<(usize, usize)> {
         let f = self.config.vae.downscale();
@@ -374,7 +410,8 @@ impl Pipeline {
             Some(path) => Some(Weights::from_checkpoint(&Checkpoint::open(path)?, &self.backend)?),
             None => None,
         };
-        let stages = RunStages { pipe: self, lw, lh, prompts: if self.guided(req) { 2 } else { 1 }, taesd };
+        let encode = req.init.is_some() && req.taesd.is_none();
+        let stages = RunStages { pipe: self, lw, lh, prompts: if self.guided(req) { 2 } else { 1 }, taesd, encode };
         budget::plan(&stages, self.guided(req), Budget::resolve(self.max_memory))
     }
 
@@ -382,6 +419,18 @@ impl Pipeline {
     fn validate(&self, req: &Request) -> Result<(usize, usize)> {
         if req.steps == 0 || req.steps > 1000 {
             return Err(Error::Invalid(format!("steps must be between 1 and 1000, not {}", req.steps)));
+        }
+        if let Some(c) = &req.init {
+            if (c.width, c.height) != (req.width, req.height) {
+                return Err(Error::Invalid(format!("the init image is {}x{} but the request is for {}x{}", c.width, c.height, req.width, req.height)));
+            }
+            let s = req.strength();
+            if !(s > 0.0 && s <= 1.0) {
+                return Err(Error::Invalid(format!("strength must be in (0, 1], not {s}")));
+            }
+            if (req.steps as f64 * s) < 1.0 && !req.sampler.has_own_timesteps() {
+                return Err(Error::Invalid(format!("strength {s} of {} steps leaves no step to run: raise either", req.steps)));
+            }
         }
         self.latent_size(req.width, req.height)
     }
@@ -495,24 +544,23 @@ impl Pipeline {
         cancelled()?;
         let t1 = Instant::now();
 
-        let zc = cfg.vae.latent_channels;
-        // One generator for the initial latent and then every ancestral step, in the
-        // order diffusers draws them, so the torch generator reproduces its images.
+        // One generator for the image encodes, the initial latent and then every
+        // ancestral step, in the order diffusers draws them, so the torch generator
+        // reproduces its images.
         let mut rng = req.rng.make(req.seed);
-        let noise = match &req.noise {
-            Some(n) if n.len() == zc * lw * lh => n.clone(),
-            Some(n) => return Err(Error::Invalid(format!("initial noise has {} values, the latent has {}", n.len(), zc * lw * lh))),
-            None => rng.randn(zc * lw * lh),
-        };
         let sched = if req.zero_terminal_snr || cfg.zero_terminal_snr { Discrete::sd().rescale_zero_terminal_snr() } else { Discrete::sd() };
         let settings = req.eta.map_or_else(|| sample::Settings::default_for(req.sampler), |eta| sample::Settings { eta });
         // Align Your Steps has a table per model family; SDXL's is for size-conditioned UNets.
         let opts = ScheduleOpts { sigma_min: req.sigma_min, sigma_max: req.sigma_max, xl: !cfg.unet.time_ids.is_empty() };
-        let plan = sample::plan_for(req.sampler, req.schedule, &sched, req.steps, &opts, 1.0);
+        let strength = req.strength();
+        let plan = sample::plan_for(req.sampler, req.schedule, &sched, req.steps, &opts, strength);
+        if plan.timesteps.is_empty() {
+            return Err(Error::Invalid(format!("strength {strength} of {} steps leaves no step to run: raise either", req.steps)));
+        }
         let unet = |n: &str| n.starts_with("model.diffusion_model.");
-        // Its own stage, before the UNet's weights come in.
-        let extra = self.image_conditioning(lw, lh)?;
-        self.gguf.release(|n| n.starts_with("first_stage_model."));
+        // Image encodes are their own stage, before the UNet's weights come in.
+        let start = self.start(req, lw, lh, rng.as_mut())?;
+        cancelled()?;
         // The UNet's weights, graph and compute buffer are dropped before the decode.
         let latent = {
             let uw = self.stage(unet, |n| self.repack && unet(n) && n.ends_with(".weight"), |d| &d.unet)?;
@@ -524,9 +572,9 @@ impl Pipeline {
             let runner = unet::Runner::new(&uw, &cfg.unet, lw, lh, batch, self.tokens(), self.attention)?;
             let unet_flops = runner.flops * (prompts.len() / batch) as f64;
             progress(Stage::Sampling { unet_flops, compute_bytes: runner.buffer_bytes });
-            let mut model = Cfg { runner: &runner, pipe: self, context: &context, y: y.as_deref(), scale: req.cfg_scale, rescale: req.guidance_rescale, guided, split: memory.split_guidance, extra: extra.as_deref(), embedded: embedded.as_deref(), cancel: req.cancel.as_deref() };
+            let mut model = Cfg { runner: &runner, pipe: self, context: &context, y: y.as_deref(), scale: req.cfg_scale, rescale: req.guidance_rescale, guided, split: memory.split_guidance, extra: start.extra.as_deref(), embedded: embedded.as_deref(), cancel: req.cancel.as_deref() };
             let total = plan.timesteps.len();
-            let x = sample::start_latent(&plan, &noise, None);
+            let x = start.latent(&plan, strength);
             let mut den = sample::Denoiser::new(&mut model, cfg.prediction, &sched, &plan);
             // SDE samplers draw from a Brownian path with its own generator (seeded from
             // the seed), so their noise does not depend on how steps split intervals.
@@ -539,7 +587,10 @@ impl Pipeline {
                 iid = sample::IidNoise(rng.as_mut());
                 &mut iid
             };
-            let traj = sample::sample(&mut den, req.sampler, &settings, &plan, x, noise_src, &mut |i| progress(Stage::Step { done: i + 1, total }))?;
+            let traj = sample::sample(&mut den, req.sampler, &settings, &plan, x, noise_src, &mut |i, x| {
+                start.blend(&plan, i, x);
+                progress(Stage::Step { done: i + 1, total })
+            })?;
             traj.into_iter().last().ok_or_else(|| Error::Invalid("no sampling steps".into()))?
         };
         self.gguf.release(unet);
@@ -572,9 +623,18 @@ impl Pipeline {
                 rgb[i * 3 + c] = (v.clamp(0.0, 1.0) * 255.0).round() as u8;
             }
         }
+        if let Some((init, mask)) = req.init.as_deref().filter(|_| req.overlay).and_then(|c| Some((c, c.mask.as_ref()?))) {
+            for (i, &m) in mask.iter().enumerate() {
+                for c in 0..3 {
+                    let (a, b) = (init.rgb[i * 3 + c] as f32, rgb[i * 3 + c] as f32);
+                    rgb[i * 3 + c] = (a + m * (b - a)).round() as u8;
+                }
+            }
+        }
         let name = self.gguf.path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+        let denoising = if req.init.is_some() { format!(", Denoising strength: {strength}") } else { String::new() };
         let parameters = format!(
-            "{}\nNegative prompt: {}\nSteps: {}, Sampler: {}, CFG scale: {}, Seed: {}, Size: {}x{}, Model hash: {}, Model: {}, Version: sdrs {}",
+            "{}\nNegative prompt: {}\nSteps: {}, Sampler: {}, CFG scale: {}, Seed: {}, Size: {}x{}, Model hash: {}, Model: {}{denoising}, Version: sdrs {}",
             req.prompt,
             req.negative,
             req.steps,
@@ -603,6 +663,8 @@ struct RunStages<'a> {
     lh: usize,
     prompts: usize,
     taesd: Option<Weights<'static>>,
+    /// The init image goes through the VAE encoder.
+    encode: bool,
 }
 
 impl RunStages<'_> {
@@ -624,7 +686,7 @@ impl budget::Stages for RunStages<'_> {
             text.compute = text.compute.max(clip::buffer_bytes(&w, te, self.prompts, pooled)? as u64);
         }
         let mut needs = vec![text];
-        if cfg.unet.in_channels != cfg.vae.latent_channels {
+        if self.encode || cfg.unet.in_channels != cfg.vae.latent_channels {
             let enc = |n: &str| n.starts_with("first_stage_model.encoder.") || n.starts_with("first_stage_model.quant_conv.");
             let w = Weights::load(&p.gguf, |n| n.starts_with("first_stage_model."))?;
             let f = cfg.vae.downscale();
