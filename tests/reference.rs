@@ -396,7 +396,7 @@ fn sdxl_pipeline_generates_the_diffusers_image() {
             noise: Some(g["traj.init_latent"].1.clone()),
             ..Request::new(prompt)
         };
-        let img = pipe.generate(&req, &mut |_, _| {}).unwrap();
+        let img = pipe.generate(&req, &mut |_| {}).unwrap();
         let want = &g[&format!("traj.{key}.image_u8")].1;
         let mse = img.rgb.iter().zip(want).map(|(&a, &b)| (a as f64 - b as f64).powi(2)).sum::<f64>() / want.len() as f64;
         let psnr = 10.0 * (255.0f64.powi(2) / mse.max(1e-12)).log10();

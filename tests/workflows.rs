@@ -129,6 +129,24 @@ fn the_lower_the_strength_the_closer_img2img_stays_to_the_picture() {
     assert!(low > mid && mid > high + 5.0, "{low} {mid} {high}");
 }
 
+/// The memory plan of an img2img run counts the VAE encode as a stage of its own, and
+/// a budget it cannot fit is refused before any work.
+#[test]
+fn img2img_plans_the_encode_stage_and_refuses_a_budget_it_cannot_fit() {
+    let mut pipe = Pipeline::demo(2).unwrap();
+    let rgb = vec![128u8; 256 * 256 * 3];
+    let init = Arc::new(Canvas { width: 256, height: 256, rgb, mask: None });
+    let req = Request { width: 256, height: 256, init: Some(init), ..pipe.request("a red circle") };
+    let free = pipe.plan(&req).unwrap();
+    let encode = free.needs.iter().find(|n| n.stage == "encode").unwrap_or_else(|| panic!("no encode stage: {}", free.summary()));
+    assert!(encode.weights > 0 && encode.compute > 0, "{}", free.summary());
+    let txt2img = pipe.plan(&Request { init: None, ..req.clone() }).unwrap();
+    assert!(txt2img.needs.iter().all(|n| n.stage != "encode"), "{}", txt2img.summary());
+    pipe.max_memory = Some(sdrs::budget::OVERHEAD + encode.total() - 1);
+    let e = pipe.generate(&req, &mut |_| {}).unwrap_err().to_string();
+    assert!(e.contains("stage needs"), "{e}");
+}
+
 #[test]
 fn bad_requests_and_pictures_are_refused_with_the_reason() {
     let dir = tempfile::tempdir().unwrap();

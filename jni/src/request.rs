@@ -75,7 +75,7 @@ pub(crate) fn read(env: &mut JNIEnv, req: &JObject, defaults: &Request) -> Resul
 /// `initImage` (and `maskImage`, `strength`): ARGB_8888 ints at the request's size.
 fn init(env: &mut JNIEnv, req: &JObject, r: Request) -> Result<Request, Fail> {
     let Some(argb) = ints(env, req, "initImage", r.width * r.height)? else {
-        if ints(env, req, "maskImage", 0)?.is_some() {
+        if !env.get_field(req, "maskImage", "[I")?.l()?.is_null() {
             return Err(Fail::Msg("Request.maskImage needs an initImage".into()));
         }
         return Ok(r);
