@@ -10,6 +10,7 @@ pub mod cpu;
 pub mod demo;
 pub mod error;
 pub mod formats;
+pub mod lora;
 pub mod synth;
 pub mod tokenizer;
 pub mod ggml;

@@ -40,6 +40,18 @@ pub struct Args {
     /// scheduler, steps, cfg_scale). `generate` uses them for options not given.
     #[arg(long, value_name = "KEY=VALUE,...")]
     defaults: Option<String>,
+    /// Merge a LoRA into the weights (kohya/A1111, diffusers/PEFT or attention-processor
+    /// naming; LoCon too): FILE or FILE:MULTIPLIER [default multiplier 1]; repeatable.
+    #[arg(long, value_name = "FILE[:MULTIPLIER]")]
+    lora: Vec<String>,
+}
+
+/// `FILE:MULTIPLIER`, or a plain FILE (multiplier 1; a path may itself hold `:`).
+pub(super) fn parse_lora(spec: &str) -> (PathBuf, f32) {
+    match spec.rsplit_once(':').and_then(|(f, m)| Some((f, m.parse::<f32>().ok()?))) {
+        Some((file, m)) => (PathBuf::from(file), m),
+        None => (PathBuf::from(spec), 1.0),
+    }
 }
 
 pub fn run(a: Args) -> Result<()> {
@@ -65,6 +77,12 @@ pub fn run(a: Args) -> Result<()> {
             anyhow::ensure!(sdrs::sample::Schedule::parse(s).is_some(), "--defaults: unknown scheduler `{s}`");
         }
         plan.defaults = d;
+    }
+    for spec in &a.lora {
+        let (file, multiplier) = parse_lora(spec);
+        plan.merge_lora(&file, multiplier)?;
+        let m = plan.merges.last().map_or(0, |m| m.lora.pairs.len());
+        eprintln!("merging {} ({m} weights, multiplier {multiplier})", file.display());
     }
     for (n, why) in &plan.dropped {
         log::info!("dropping {n}: {why}");

@@ -47,6 +47,32 @@ pub struct Plan {
     pub source_bytes: u64,
     /// Run defaults written to the output: the source's, overridable before `run`.
     pub defaults: Defaults,
+    /// LoRAs merged into the weights they adapt, with their multipliers.
+    pub merges: Vec<Merge>,
+}
+
+/// A LoRA merged at conversion: every adapted weight becomes `W + multiplier ·
+/// alpha/rank · up · down` before it is stored in its type.
+#[derive(Clone, Debug)]
+pub struct Merge {
+    pub lora: std::sync::Arc<crate::lora::Lora>,
+    pub multiplier: f32,
+}
+
+impl Plan {
+    /// Maps `path` onto this plan's architecture and merges it with `multiplier`.
+    pub fn merge_lora(&mut self, path: &Path, multiplier: f32) -> Result<()> {
+        if !multiplier.is_finite() {
+            return Err(Error::Invalid(format!("{}: LoRA multiplier {multiplier} is not a number", path.display())));
+        }
+        let lora = crate::lora::Lora::open(path, &self.config)?;
+        let names: HashSet<&str> = self.entries.iter().map(|e| e.name.as_str()).collect();
+        if let Some(p) = lora.pairs.iter().find(|p| !names.contains(p.target.weight.as_str())) {
+            return Err(Error::arch(path, format!("`{}` adapts `{}`, which this checkpoint does not store", p.key, p.target.weight)));
+        }
+        self.merges.push(Merge { lora: std::sync::Arc::new(lora), multiplier });
+        Ok(())
+    }
 }
 
 impl Plan {
@@ -141,7 +167,7 @@ pub fn plan(ck: &Checkpoint, policy: &Policy, config: Option<ModelConfig>) -> Re
         missing.truncate(5);
         return Err(Error::arch(&ck.path, format!("{n} tensors of the detected {} architecture are missing, e.g. {}", config.family, missing.join(", "))));
     }
-    Ok(Plan { config, entries, dropped, unknown, source_bytes, defaults: source_defaults(ck)? })
+    Ok(Plan { config, entries, dropped, unknown, source_bytes, defaults: source_defaults(ck)?, merges: Vec::new() })
 }
 
 /// Conversion progress, reported after each chunk.
@@ -216,6 +242,10 @@ fn output_metadata(ck: &Checkpoint, plan: &Plan, wtype: &str, sha256: &str) -> R
     kv.extend(metadata::defaults_kv(&plan.defaults));
     let reshaped: Vec<(String, Vec<usize>)> = plan.entries.iter().filter(|e| e.decision.reshaped).map(|e| (e.name.clone(), e.shape.clone())).collect();
     kv.extend(metadata::reshaped_kv(&reshaped));
+    if !plan.merges.is_empty() {
+        let merged: Vec<String> = plan.merges.iter().map(|m| format!("{}:{}", m.lora.path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(), m.multiplier)).collect();
+        kv.push(("sd.lora.merged".into(), Value::String(merged.join(", "))));
+    }
     Ok(kv)
 }
 
@@ -294,9 +324,29 @@ fn write_tensors(ck: &Checkpoint, plan: &Plan, wtype: &str, staged: &Staged, out
     let digest_at = w.string_value_offset(SOURCE_SHA256).ok_or_else(|| Error::Invalid("digest key missing from header".into()))?;
     let mut bytes_done = 0u64;
     let mut scratch = quantize::Scratch::default();
+    let mut merges: HashMap<&str, Vec<(&crate::lora::Pair, f32)>> = HashMap::new();
+    for m in &plan.merges {
+        for p in &m.lora.pairs {
+            merges.entry(p.target.weight.as_str()).or_default().push((p, m.multiplier));
+        }
+    }
     for (i, e) in plan.entries.iter().enumerate() {
         let t = &ck.tensors[e.index];
-        quantize::convert_tensor(t, &e.decision, &mut scratch, cancel, &mut |chunk| w.write_chunk(chunk).map_err(out_err))?;
+        match merges.get(e.name.as_str()) {
+            // An adapted weight is read whole: the update spans every row.
+            Some(pairs) => {
+                let mut w32 = t.read_f32()?;
+                for (p, multiplier) in pairs {
+                    let delta = p.delta(*multiplier)?;
+                    let cols = w32.len() / p.target.shape[0].max(1);
+                    let start = p.target.rows.map_or(0, |r| r.0) * cols;
+                    let rows = w32.get_mut(start..start + delta.len()).ok_or_else(|| Error::Invalid(format!("`{}`: the LoRA update does not fit `{}`", p.key, e.name)))?;
+                    rows.iter_mut().zip(&delta).for_each(|(x, d)| *x += d);
+                }
+                quantize::convert_values(&w32, &e.decision, &mut scratch, &mut |chunk| w.write_chunk(chunk).map_err(out_err))?;
+            }
+            None => quantize::convert_tensor(t, &e.decision, &mut scratch, cancel, &mut |chunk| w.write_chunk(chunk).map_err(out_err))?,
+        }
         bytes_done += t.nbytes();
         progress(&Progress { tensor: &e.name, tensors_done: i + 1, tensors_total: plan.entries.len(), bytes_done, bytes_total: plan.source_bytes });
     }

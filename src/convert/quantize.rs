@@ -65,6 +65,12 @@ fn same_storage(src: DType, dst: Type) -> bool {
     matches!((src, dst), (DType::F32, Type::F32) | (DType::F16, Type::F16) | (DType::BF16, Type::BF16)) || src == DType::Ggml(dst)
 }
 
+/// Stores `values` (the whole tensor, f32) under decision `d`.
+pub fn convert_values(values: &[f32], d: &Decision, scratch: &mut Scratch, sink: &mut dyn FnMut(&[u8]) -> Result<()>) -> Result<()> {
+    encode(d.ty, values, d.ne[0] as usize, &mut scratch.out)?;
+    sink(&scratch.out)
+}
+
 /// Streams the stored bytes of `t` under decision `d` into `sink`, chunk by chunk.
 pub fn convert_tensor(t: &SourceTensor, d: &Decision, scratch: &mut Scratch, cancel: &AtomicBool, sink: &mut dyn FnMut(&[u8]) -> Result<()>) -> Result<()> {
     let numel = t.numel() as usize;
