@@ -261,8 +261,22 @@ fn generate_command_runs_img2img_inpainting_and_outpainting_on_the_demo_model() 
     let m = mask.to_string_lossy().into_owned();
     let b = run(&["-W", "64", "-H", "64", "--mask", &m], "inpaint.png");
     assert_eq!(b.dimensions(), (64, 64));
-    let c = run(&["-W", "64", "-H", "64", "--pad", "64,0,0,0"], "outpaint.png");
-    assert_eq!(c.dimensions(), (64, 64));
+    // Outpainting the 64x32 img2img result by 20 pixels on the left: the canvas grows
+    // on to the next multiple of 32 (96x32), nothing of the picture is cropped.
+    let out = dir.path().join("outpaint.png");
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_sdrs"))
+        .args(["generate", "-p", "a red circle on a blue background", "--pad", "20,0,0,0", "--init-img"])
+        .arg(dir.path().join("img2img.png"))
+        .arg("-o")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let c = image::open(&out).unwrap().to_rgb8();
+    assert_eq!(c.dimensions(), (96, 32));
+    // The overlay keeps the picture's pixels (right of the mask's blurred edge) as they were.
+    let same = (60..96).all(|x| (0..32).all(|y| c.get_pixel(x, y) == a.get_pixel(x - 32, y)));
+    assert!(same, "the picture moved or changed under the overlay");
     // Refused before any work, with the file named.
     let o = std::process::Command::new(env!("CARGO_BIN_EXE_sdrs"))
         .args(["generate", "-p", "x", "--init-img"])

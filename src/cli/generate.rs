@@ -50,8 +50,8 @@ pub struct Args {
     /// Gaussian blur of the mask in pixels (σ), softening where the original is pasted back.
     #[arg(long = "mask-blur", default_value_t = 4.0)]
     mask_blur: f32,
-    /// Outpainting: extend the canvas by L,T,R,B pixels, filled from the picture's edges
-    /// and masked for painting.
+    /// Outpainting: extend the canvas by L,T,R,B pixels (without -W/-H, a padded side
+    /// grows on to the model's multiple), filled from the picture's edges and masked.
     #[arg(long, value_parser = parse_pad, requires = "init_img")]
     pad: Option<[usize; 4]>,
     /// Inpainting: keep the decoded image everywhere, as diffusers returns it, instead of

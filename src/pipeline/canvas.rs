@@ -42,7 +42,8 @@ pub struct CanvasOptions {
     /// What the model needs both sides to be multiples of.
     pub multiple: usize,
     /// Outpainting: pixels added on the left, top, right and bottom, filled by
-    /// stretching the picture's edge outward and masked for repainting.
+    /// stretching the picture's edge outward and masked for repainting. Without a
+    /// size, a padded side grows further to reach the model's multiple.
     pub pad: [usize; 4],
     /// Standard deviation, in output pixels, of the Gaussian blur applied to the mask.
     pub mask_blur: f32,
@@ -74,7 +75,25 @@ impl Canvas {
         if !(opts.mask_blur >= 0.0 && opts.mask_blur <= 512.0) {
             return Err(Error::Invalid(format!("mask blur {} is not between 0 and 512 pixels", opts.mask_blur)));
         }
-        let [l, t, r, b] = opts.pad;
+        let m = opts.multiple.max(1);
+        let mut pad = opts.pad;
+        if opts.size.is_none() {
+            // The canvas grows by at least the padding asked for: up to the multiple,
+            // on the padded sides, so that fitting crops none of it.
+            let grow = |len: u32, a: &mut usize, b: &mut usize| {
+                let total = len as usize + *a + *b;
+                let extra = total.next_multiple_of(m) - total;
+                if *b > 0 {
+                    *b += extra;
+                } else if *a > 0 {
+                    *a += extra;
+                }
+            };
+            let [l, t, r, b] = &mut pad;
+            grow(img.width(), l, r);
+            grow(img.height(), t, b);
+        }
+        let [l, t, r, b] = pad;
         let padded = l + t + r + b > 0;
         let (img, mask) = if padded {
             let (iw, ih) = (img.width() as usize, img.height() as usize);
@@ -82,11 +101,10 @@ impl Canvas {
                 return Err(Error::Invalid(format!("padding {iw}x{ih} by {l},{t},{r},{b} makes a side over {MAX_SIDE}")));
             }
             let mask = mask.unwrap_or_else(|| GrayImage::new(iw as u32, ih as u32));
-            (pad(&img, opts.pad), Some(pad_mask(&mask, opts.pad)))
+            (self::pad(&img, pad), Some(pad_mask(&mask, pad)))
         } else {
             (img, mask)
         };
-        let m = opts.multiple.max(1);
         let (w, h) = match opts.size {
             Some(s) => s,
             None => {
@@ -270,6 +288,16 @@ mod tests {
         assert_eq!((c.width, c.height), (16, 8));
         let m = c.mask.unwrap();
         assert_eq!((m[7], m[8]), (0.0, 1.0));
+    }
+
+    #[test]
+    fn padding_grows_to_the_multiple_instead_of_being_cropped() {
+        let c = Canvas::from_images(gradient(64, 64), None, &CanvasOptions { multiple: 32, pad: [3, 0, 0, 0], ..Default::default() }).unwrap();
+        assert_eq!((c.width, c.height), (96, 64));
+        let m = c.mask.unwrap();
+        // 32 padded columns on the left (3 asked, 29 to reach the multiple), then the picture.
+        assert_eq!((m[31], m[32]), (1.0, 0.0));
+        assert_eq!(&c.rgb[32 * 3..33 * 3], &[0, 0, 0]);
     }
 
     #[test]
