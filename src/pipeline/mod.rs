@@ -362,8 +362,7 @@ impl Pipeline {
 
     /// Latent size for an image size, or an error that says what is allowed.
     pub fn latent_size(&self, width: usize, height: usize) -> Result<(usize, usize)> {
-        let f = self.config.vae.downscale();
-        let m = f << (self.config.unet.channel_mult.len() - 1);
+        let (f, m) = (self.config.vae.downscale(), self.size_multiple());
         if width == 0 || height == 0 || width % m != 0 || height % m != 0 {
             return Err(Error::Invalid(format!("image size {width}x{height}: width and height must be positive multiples of {m} for this model (the VAE divides by {f}, the UNet halves {} more times)", self.config.unet.channel_mult.len() - 1)));
         }

@@ -112,12 +112,13 @@ impl Pipeline {
                 blend_mask = Some(small);
             }
         }
-        self.gguf.release(|n| n.starts_with("first_stage_model."));
         if extra.is_none() && nine {
             // No mask: everything is to be painted, over a grey image (as A1111 runs
             // img2img and txt2img with inpainting models).
             extra = self.image_conditioning(lw, lh)?;
         }
+        // After every encode, so the VAE is not resident through the UNet stage.
+        self.gguf.release(|n| n.starts_with("first_stage_model."));
         Ok(Start { noise, image, extra, blend_mask, inpaint: mask.is_some() })
     }
 
