@@ -17,6 +17,7 @@ pub mod ggml;
 pub mod memory;
 pub mod model;
 pub mod pipeline;
+pub mod prompt;
 pub mod sample;
 pub mod vocab;
 

@@ -170,20 +170,6 @@ impl ClipTokenizer {
         self.encode_padded(text, encoder.max_positions, encoder.pad_token)
     }
 
-    /// Long prompts as consecutive windows of `max_len - 2` tokens, each wrapped and
-    /// padded like [`encode_padded`](Self::encode_padded), for front ends that
-    /// encode every window and concatenate the conditionings. Always at least one
-    /// window. Windows are cut at fixed token counts (A1111's search for a nearby
-    /// comma is not reproduced).
-    pub fn encode_chunks(&self, text: &str, max_len: usize, pad: u32) -> Result<Vec<Vec<u32>>> {
-        let ids = self.encode(text)?;
-        let body = body_len(max_len)?;
-        if ids.is_empty() {
-            return Ok(vec![self.wrap(&[], max_len, pad)?]);
-        }
-        ids.chunks(body).map(|c| self.wrap(c, max_len, pad)).collect()
-    }
-
     fn wrap(&self, ids: &[u32], max_len: usize, pad: u32) -> Result<Vec<u32>> {
         let body = &ids[..ids.len().min(body_len(max_len)?)];
         let mut out = Vec::with_capacity(max_len);
@@ -335,31 +321,10 @@ mod tests {
         assert!(p[7..].iter().all(|&x| x == 0));
         assert_eq!(t.encode_padded("a b c", 2, 0).unwrap(), vec![49406, 49407]);
         assert!(t.encode_padded("a", 1, 0).is_err());
-        assert!(t.encode_chunks("a", 0, 0).is_err());
         let sd1 = TextEncoderConfig::clip_l("");
         let open_clip = TextEncoderConfig::open_clip("", 1024, 24, 16, None);
         assert_eq!(t.encode_for("a", &sd1).unwrap(), t.encode_padded("a", 77, 49407).unwrap());
         assert_eq!(t.encode_for("a", &open_clip).unwrap(), t.encode_padded("a", 77, 0).unwrap());
-    }
-
-    #[test]
-    fn chunks_cover_every_token() {
-        let t = ClipTokenizer::embedded().unwrap();
-        let prompt = "a red fox, ".repeat(40);
-        let ids = t.encode(&prompt).unwrap();
-        let chunks = t.encode_chunks(&prompt, 77, t.eos_id()).unwrap();
-        assert_eq!(chunks.len(), ids.len().div_ceil(75));
-        let mut joined = Vec::new();
-        for c in &chunks {
-            assert_eq!(c.len(), 77);
-            assert_eq!(c[0], 49406);
-            let body = &c[1..];
-            let end = body.iter().position(|&x| x == 49407).unwrap();
-            joined.extend_from_slice(&body[..end]);
-        }
-        assert_eq!(joined, ids);
-        assert_eq!(chunks[0], t.encode_padded(&prompt, 77, t.eos_id()).unwrap());
-        assert_eq!(t.encode_chunks("", 77, 0).unwrap(), vec![t.encode_padded("", 77, 0).unwrap()]);
     }
 
     #[test]

@@ -130,3 +130,46 @@ fn devices_lists_the_cpu_and_a_missing_gpu_is_a_clear_error() {
     let (ok, _, err) = sdrs(&["generate", "-p", "x", "--backend", "cuda"]);
     assert!(!ok && err.contains("cuda") && err.contains("vulkan"), "{err}");
 }
+
+/// The prompt options on the built-in demo model: weights, BREAK, CLIP skip, an
+/// embedding by file, and each mistake named.
+#[test]
+fn generate_takes_weighted_prompts_embeddings_and_clip_skip() {
+    use sdrs::formats::safetensors::{write, WriteSpec};
+    use sdrs::formats::DType;
+    let dir = tempfile::tempdir().unwrap();
+    // An A1111-style safetensors embedding (`emb_params`, 2 vectors) for the 64-wide demo encoder.
+    let emb = dir.path().join("shiny-demo.safetensors");
+    let values: Vec<f32> = (0..128).map(|i| ((i % 9) as f32 - 4.0) * 0.05).collect();
+    let mut bytes = Vec::new();
+    write(&mut bytes, &[WriteSpec { name: "emb_params".into(), shape: vec![2, 64], dtype: DType::F32 }], &Default::default(), |_, b| {
+        b.extend(values.iter().flat_map(|v| v.to_le_bytes()));
+        Ok(())
+    })
+    .unwrap();
+    std::fs::write(&emb, bytes).unwrap();
+    let out = dir.path().join("p.png");
+    let (e, o) = (emb.to_str().unwrap(), out.to_str().unwrap());
+    let prompt = "a (red:1.3) circle on a [blue] background BREAK shiny-demo";
+    let (ok, _, err) = sdrs(&["generate", "-p", prompt, "--embedding", e, "--clip-skip", "2", "--emphasis", "no-norm", "-o", o]);
+    assert!(ok, "{err}");
+    let png = std::fs::read(&out).unwrap();
+    let text = String::from_utf8_lossy(&png);
+    assert!(text.contains("Clip skip: 2") && text.contains("Emphasis: No norm"), "parameters lack the prompt options");
+    for (args, needle) in [
+        (vec!["--clip-skip", "3"], "CLIP skip 3 is out of range"),
+        (vec!["--emphasis", "loud"], "unknown emphasis `loud`"),
+        (vec!["--embedding", "/nonexistent/x.pt"], "/nonexistent/x.pt"),
+        (vec!["-p", "x <lora:mine:0.5>"], "--lora-dir"),
+        (vec!["--lora", "/nonexistent/l.safetensors:0.5"], "/nonexistent/l.safetensors"),
+        (vec!["-p", "(x:1.2.3)"], "not a number"),
+    ] {
+        let mut all = vec!["generate", "-o", o];
+        if args[0] != "-p" {
+            all.extend(["-p", "x"]);
+        }
+        all.extend(args);
+        let (ok, _, err) = sdrs(&all);
+        assert!(!ok && err.contains(needle), "{all:?}: {err}");
+    }
+}

@@ -233,3 +233,151 @@ fn convert_command_merges_loras_and_records_them_in_the_file() {
     assert!(!o.status.success() && err.contains("xl.safetensors") && err.contains("another architecture"), "{err}");
     assert!(!out2.exists());
 }
+
+fn psnr(a: &[u8], b: &[f32]) -> f64 {
+    let mse = a.iter().zip(b).map(|(&x, &y)| ((x as f64 - y as f64) / 255.0).powi(2)).sum::<f64>() / b.len() as f64;
+    10.0 * (1.0 / mse.max(1e-12)).log10()
+}
+
+/// The same LoRAs as above, but as branches beside the unmerged (f32 and q8_0) base:
+/// diffusers' fused images again, and the model untouched between requests.
+#[test]
+fn run_time_branches_reproduce_diffusers_and_switch_per_request() {
+    use sdrs::formats::Checkpoint;
+    use sdrs::ggml::Type;
+    use sdrs::pipeline::{Pipeline, Request};
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/ref");
+    let golden = Checkpoint::open(&fixtures.join("lora/golden.safetensors")).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("base.gguf");
+    convert_to(&fixtures.join("sd1/model"), Type::F32, &out).unwrap();
+    let before = std::fs::read(&out).unwrap();
+    let pipe = Pipeline::load(&out).unwrap();
+    let base = Request { width: 16, height: 16, steps: 4, cfg_scale: 7.5, seed: 7, ..Request::new("a photograph of an astronaut riding a horse") };
+    let plain = pipe.generate(&base, &mut |_| {}).unwrap();
+    for (kind, multiplier) in [("kohya", 0.8), ("peft", 1.0), ("processor", 1.3)] {
+        let req = Request { loras: vec![(fixtures.join(format!("lora/{kind}.safetensors")), multiplier)], ..base.clone() };
+        let img = pipe.generate(&req, &mut |_| {}).unwrap();
+        let want = golden.get(&format!("{kind}.image_u8")).unwrap().read_f32().unwrap();
+        let p = psnr(&img.rgb, &want);
+        eprintln!("{kind} at run time: {p:.1} dB against diffusers' fused pipeline");
+        assert!(p >= 40.0, "{kind}: {p:.1} dB");
+        assert_ne!(img.rgb, plain.rgb, "{kind}: the LoRA changed nothing");
+        // The next request without it is the plain model again.
+        assert_eq!(pipe.generate(&base, &mut |_| {}).unwrap().rgb, plain.rgb);
+    }
+    assert!(std::fs::read(&out).unwrap() == before, "the model file changed");
+
+    // On a quantized base the branches still carry the LoRA: close to the merged q8_0 file.
+    let q8 = dir.path().join("q8.gguf");
+    convert_to(&fixtures.join("sd1/model"), Type::Q8_0, &q8).unwrap();
+    let pipe = Pipeline::load(&q8).unwrap();
+    let req = Request { loras: vec![(fixtures.join("lora/kohya.safetensors"), 0.8)], ..base.clone() };
+    let img = pipe.generate(&req, &mut |_| {}).unwrap();
+    let want = golden.get("kohya.image_u8").unwrap().read_f32().unwrap();
+    let p = psnr(&img.rgb, &want);
+    eprintln!("kohya at run time on q8_0: {p:.1} dB against diffusers (f32)");
+    assert!(p >= 30.0, "q8_0: {p:.1} dB");
+}
+
+/// `<lora:NAME:MULTIPLIER>` in the prompt picks `NAME.safetensors` from the LoRA folder;
+/// the tag is not text; missing folders, names and path tricks are refused.
+#[test]
+fn prompt_tags_pick_loras_from_the_folder() {
+    use sdrs::ggml::Type;
+    use sdrs::pipeline::{Pipeline, Request};
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/ref");
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("base.gguf");
+    convert_to(&fixtures.join("sd1/model"), Type::F32, &out).unwrap();
+    let pipe = Pipeline::load(&out).unwrap();
+    let prompt = "a photograph of an astronaut riding a horse";
+    let base = Request { width: 16, height: 16, steps: 4, cfg_scale: 7.5, seed: 7, ..Request::new(prompt) };
+    let by_file = pipe.generate(&Request { loras: vec![(fixtures.join("lora/peft.safetensors"), 0.6)], ..base.clone() }, &mut |_| {}).unwrap();
+    let tagged = Request { prompt: format!("{prompt} <lora:peft:0.6>"), lora_dir: Some(fixtures.join("lora")), ..base.clone() };
+    assert_eq!(pipe.generate(&tagged, &mut |_| {}).unwrap().rgb, by_file.rgb);
+    let err = |r: Request| pipe.generate(&r, &mut |_| {}).unwrap_err().to_string();
+    let e = err(Request { lora_dir: None, ..tagged.clone() });
+    assert!(e.contains("--lora-dir"), "{e}");
+    let e = err(Request { prompt: "x <lora:nothing-here>".into(), ..tagged.clone() });
+    assert!(e.contains("no LoRA `nothing-here`"), "{e}");
+    let e = err(Request { prompt: "x <lora:../sd1/model/unet/diffusion_pytorch_model>".into(), ..tagged.clone() });
+    assert!(e.contains("not a plain file name"), "{e}");
+}
+
+/// The real LoRA at full SD 1.5 width, against torch on the same tensors
+/// (tools/reference/lora_block_fixture.py): the merged q projection, and a whole
+/// self-attention block (q, k, v, out with their branches, 8 heads of 40) run through
+/// sdrs' own layers with the branches beside the base weights.
+#[test]
+fn the_real_lora_on_a_full_width_attention_block_matches_torch() {
+    use sdrs::formats::Checkpoint;
+    use sdrs::ggml::{Backend, Context};
+    use sdrs::model::nn::Nn;
+    use sdrs::model::{Adapters, Weights};
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/ref/lora/block.safetensors");
+    let want: HashMap<String, Vec<f32>> = Checkpoint::open(&fixtures).unwrap().tensors.iter().map(|t| (t.name.clone(), t.read_f32().unwrap())).collect();
+    let lora = Lora::open(&shared().join("models/lora-sd15-catundchat/pytorch_lora_weights.safetensors"), &ModelConfig::sd1()).unwrap();
+    let names = ["to_q", "to_k", "to_v", "to_out"];
+    let block = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.";
+    let target = |n: &str| {
+        let module = format!("{block}{}", if n == "to_out" { "to_out.0" } else { n });
+        lora.pairs.iter().find(|p| p.key == module || p.key.starts_with(&format!("{block}processor.{n}_lora"))).unwrap_or_else(|| panic!("no pair for {module}: {:?}", lora.pairs.iter().map(|p| &p.key).take(4).collect::<Vec<_>>())).target.weight.clone()
+    };
+    let (c, heads, tokens, mult) = (320usize, 8usize, 16usize, 0.75f32);
+    let formula = |rows: usize, cols: usize, f: &dyn Fn(usize, usize) -> (i64, f32)| -> Vec<f32> {
+        (0..rows * cols).map(|k| { let (n, d) = f(k / cols, k % cols); n as f32 / d }).collect()
+    };
+
+    // Merged: W_q + 0.75·up·down, by the converter's own arithmetic.
+    let q = lora.pairs.iter().find(|p| p.target.weight == target("to_q")).unwrap();
+    let wq = formula(c, c, &|o, i| (((o * 31 + i * 17) % 97) as i64 - 48, 480.0));
+    let delta = q.delta(mult).unwrap();
+    let merged: Vec<f32> = wq.iter().zip(&delta).map(|(w, d)| w + d).collect();
+    let rows: Vec<f32> = merged.chunks(c).map(|r| r.iter().sum()).collect();
+    let cols: Vec<f32> = (0..c).map(|i| (0..c).map(|o| merged[o * c + i]).sum()).collect();
+    let corner: Vec<f32> = (0..16).flat_map(|o| merged[o * c..o * c + 16].to_vec()).collect();
+    assert!(rel_rms(&want["merged.row_sums"], &rows) < 1e-5 && rel_rms(&want["merged.col_sums"], &cols) < 1e-5);
+    assert!(rel_rms(&want["merged.corner"], &corner) < 1e-6);
+
+    // The block with run-time branches.
+    let backend = Backend::cpu(2).unwrap();
+    let mut list = Vec::new();
+    for (m, n) in names.iter().enumerate() {
+        let w = formula(c, c, &|o, i| (((o * 31 + i * 17 + m * 11) % 97) as i64 - 48, 480.0));
+        list.push((target(n), vec![c, c], w));
+    }
+    let bias_name = target("to_out").replace(".weight", ".bias");
+    list.push((bias_name, vec![c], formula(1, c, &|_, o| (((o * 7) % 13) as i64 - 6, 1000.0))));
+    let weights = Weights::from_f32(Path::new("formula"), list, &backend).unwrap();
+    let adapters = Adapters::new(&[(&lora, mult)], |n| names.iter().any(|k| n == target(k)), &backend).unwrap().unwrap();
+    assert_eq!(adapters.count(), 4);
+    let x = formula(tokens, c, &|t, i| (((t * 13 + i * 7) % 89) as i64 - 44, 440.0));
+    let run = |with: bool| -> Vec<f32> {
+        let ctx = Context::new(256).unwrap();
+        let nn = Nn { adapters: with.then_some(&adapters), ..Nn::new(&ctx, &weights) };
+        let input = ctx.tensor(sdrs::ggml::Type::F32, &[c, tokens, 1], "x").unwrap();
+        ctx.set_input(input);
+        let layer = |n: &str| target(n).trim_end_matches(".weight").to_string();
+        let d = c / heads;
+        let split = |y| ctx.permute(ctx.reshape(y, &[d, heads, tokens, 1]).unwrap(), [0, 2, 1, 3]).unwrap();
+        let (qy, ky, vy) = (nn.linear(input, &layer("to_q")).unwrap(), nn.linear(input, &layer("to_k")).unwrap(), nn.linear(input, &layer("to_v")).unwrap());
+        let o = nn.attend(split(qy), split(ky), split(vy), false).unwrap();
+        let y = nn.linear(o, &layer("to_out")).unwrap();
+        ctx.set_output(y);
+        let graph = ctx.graph(&[y]).unwrap();
+        ctx.alloc_graph(&graph).unwrap();
+        ctx.set_f32(input, &x).unwrap();
+        backend.compute(&graph).unwrap();
+        ctx.get_f32(y).unwrap()
+    };
+    let (y, y_base) = (run(true), run(false));
+    assert!(rel_rms(&want["y_base"], &y_base) < 1e-5, "base block: {:.2e}", rel_rms(&want["y_base"], &y_base));
+    assert!(rel_rms(&want["y"], &y) < 1e-5, "block with the LoRA: {:.2e}", rel_rms(&want["y"], &y));
+    // The LoRA's own contribution, which is small beside the block's output, is right too.
+    let dw: Vec<f32> = want["y"].iter().zip(&want["y_base"]).map(|(a, b)| a - b).collect();
+    let dg: Vec<f32> = y.iter().zip(&y_base).map(|(a, b)| a - b).collect();
+    let e = rel_rms(&dw, &dg);
+    eprintln!("real LoRA, full-width attention block: branch contribution within {e:.2e} of torch");
+    assert!(e < 1e-2, "branch contribution: {e:.2e}");
+}

@@ -83,7 +83,7 @@ fn flash_attention_gives_the_same_unet_output_as_matmul_attention() {
         let (wd, ht, b, tok) = (16, 8, 2, 77);
         let x = values(b * u.in_channels * wd * ht, 1);
         let ctxv = values(b * tok * u.context_dim, 2);
-        let run = |a: Attention| unet::Runner::new(&w, u, wd, ht, b, tok, a).unwrap().run(&x, &[500.0, 20.0], &ctxv, None, None, &backend).unwrap();
+        let run = |a: Attention| unet::Runner::new(&w, u, wd, ht, b, tok, a, None).unwrap().run(&x, &[500.0, 20.0], &ctxv, None, None, &backend).unwrap();
         let (m, f) = (run(Attention::MatMul), run(Attention::Flash));
         let e = rel_rms(&m, &f);
         assert!(e < 1e-4, "{arch}: flash vs matmul attention {e}");
@@ -101,7 +101,7 @@ fn repacked_q4_weights_give_the_unet_output_of_mapped_ones_within_quantization_n
     let u = &cfg.unet;
     let x = values(b * u.in_channels * wd * ht, 1);
     let ctxv = values(b * tok * u.context_dim, 2);
-    let run = |w: &Weights| unet::Runner::new(w, u, wd, ht, b, tok, Attention::Auto).unwrap().run(&x, &[500.0, 20.0], &ctxv, None, None, &backend).unwrap();
+    let run = |w: &Weights| unet::Runner::new(w, u, wd, ht, b, tok, Attention::Auto, None).unwrap().run(&x, &[500.0, 20.0], &ctxv, None, None, &backend).unwrap();
     let exact = run(&Weights::load(&g32, unet_part).unwrap());
     for ty in [Type::Q4_0, Type::Q4_K] {
         let (g, _) = open_converted(&src, ty, &dir.path().join(format!("{}.gguf", ty.name())));

@@ -6,20 +6,29 @@
 #                    128-bit SVE vectors (Armv9 phone cores) and with 256-bit ones
 #                    (Neoverse V1 servers); ggml's SVE kernels branch on the length
 # `check` shows which of ggml's CPU libraries each one loads (and that a Vulkan request
-# is refused clearly); `test` also runs the model tests. Emulation proves results, not
-# speed: never read its timings as a device's.
+# is refused clearly); `test` also runs the model tests on every CPU; `ci` runs the
+# tests each CPU adds something to (about a third of `test`'s emulated time):
+#   cortex-a72   the x86-recorded images (platform): the plain NEON kernels;
+#   max, 128-bit the ggml wrapper's kernel checks (ggml);
+#   max, 256-bit every model test (platform, reference, ggml): dot product, i8mm,
+#                fp16 and the SVE kernels at the length they were written for.
+# Emulation proves results, not speed: never read its timings as a device's.
 #
 # qemu's own default for `max` is 512-bit SVE, where ggml's q4_K dot product with i8mm
 # (ggml-cpu/arch/arm/quants.c, the two-row path, written for 256 bits: SV_ALL loads)
 # reads past its blocks: tests/ggml.rs catches it. No shipping CPU pairs 512-bit SVE
 # with i8mm (A64FX has no i8mm), so that length is left out of the runs.
 #
-# Usage: tools/cross-aarch64.sh [build|check|test]
+# Usage: tools/cross-aarch64.sh [build|check|ci|test]
 # Output: target/aarch64/aarch64-unknown-linux-gnu/release/sdrs, with ggml's shared
 # libraries and its libggml-cpu-armv*.so variants under .../build/llama-cpp-sys-2-*/out.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mode=${1:-build}
+case $mode in
+  build|check|ci|test) ;;
+  *) echo "usage: tools/cross-aarch64.sh [build|check|ci|test]" >&2; exit 2 ;;
+esac
 tools/setup.sh --aarch64
 
 target=aarch64-unknown-linux-gnu
@@ -60,8 +69,15 @@ grep -q "built without Vulkan" <<<"$out" || { echo "$out"; exit 1; }
 # and the real TAEF2 against the results recorded on x86-64 (platform), the tiny SD 1/2
 # models, TAESD and a 4-step trajectory against diffusers' golden tensors (reference,
 # the same tolerances as on x86), and the ggml wrapper's own checks (ggml).
-tests=(--test platform --test reference --test ggml)
+all=(--test platform --test reference --test ggml)
 for cpu in cortex-a72 max,sve-default-vector-length=16 max,sve-default-vector-length=32; do
+  tests=("${all[@]}")
+  if [ "$mode" = ci ]; then
+    case $cpu in
+      cortex-a72) tests=(--test platform) ;;
+      *length=16) tests=(--test ggml) ;;
+    esac
+  fi
   runner="${qemu[*]} -cpu $cpu"
   echo "== qemu-aarch64 -cpu $cpu: the CPU library ggml picks"
   info=$($runner "$bin" info --system)
@@ -70,7 +86,7 @@ for cpu in cortex-a72 max,sve-default-vector-length=16 max,sve-default-vector-le
     cortex-a72) grep -q 'libggml-cpu-armv8.0' <<<"$info" ;;
     max*) grep -q 'libggml-cpu-armv9.2' <<<"$info" && grep -q 'DOTPROD' <<<"$info" ;;
   esac || { echo "ggml loaded the wrong CPU library for -cpu $cpu"; exit 1; }
-  [ "$mode" = test ] || continue
+  [ "$mode" = check ] && continue
   start=$(date +%s)
   CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUNNER="$runner" \
     cargo test --release --locked --target "$target" --target-dir "$dir" "${features[@]}" "${tests[@]}"

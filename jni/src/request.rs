@@ -67,6 +67,8 @@ pub(crate) fn read(env: &mut JNIEnv, req: &JObject, defaults: &Request) -> Resul
         cfg_scale,
         // Java has no unsigned long: the bits are the seed, as the CLI's u64.
         seed: env.get_field(req, "seed", "J")?.j()? as u64,
+        clip_skip: count(env, req, "clipSkip", base.clip_skip)?,
+        lora_dir: text(env, req, "loraDir")?.map(Into::into),
         ..base
     })
     .and_then(|r| init(env, req, r))

@@ -258,6 +258,18 @@ public class SdrsTest {
                 check(sd.generate(r, null).width == 64, "euler_a");
             });
 
+            test("clip skip and LoRA tags: in the parameters, or refused with the reason", () -> {
+                Request r = small(sd, "a (red:1.2) circle");
+                r.clipSkip = 2;
+                contains(sd.generate(r, null).parameters, "Clip skip: 2");
+                r.clipSkip = 7;
+                contains(expect(SdrsException.class, () -> sd.generate(r, null)).getMessage(), "CLIP skip 7 is out of range");
+                Request t = small(sd, "a circle <lora:mine:0.5>");
+                contains(expect(SdrsException.class, () -> sd.generate(t, null)).getMessage(), "--lora-dir");
+                t.loraDir = "/nonexistent-loras";
+                contains(expect(SdrsException.class, () -> sd.generate(t, null)).getMessage(), "no LoRA `mine`");
+            });
+
             test("img2img and inpainting from ARGB ints; wrong pixel counts and a null prompt are refused", () -> {
                 Image base = sd.generate(small(sd, "a red circle on a blue background"), null);
                 int w = base.width, h = base.height;

@@ -5,6 +5,7 @@ use anyhow::{bail, Context, Result};
 use std::sync::Arc;
 
 use sdrs::pipeline::{Canvas, CanvasOptions, Pipeline, Request, RngKind, Stage};
+use sdrs::prompt::Emphasis;
 use sdrs::sample::{Sampler, Schedule};
 
 /// Generate an image from a prompt (txt2img), or from a prompt and a picture
@@ -58,6 +59,31 @@ pub struct Args {
     /// pasting the original back outside the mask.
     #[arg(long = "no-overlay")]
     no_overlay: bool,
+    /// CLIP skip (A1111's numbering): 1 takes the text encoder's usual layer, 2 the one
+    /// before it (what many anime-style SD 1.5 models are made for), and so on.
+    #[arg(long = "clip-skip", default_value_t = 1)]
+    clip_skip: usize,
+    /// What prompt weights do: original ((word:1.3), (word), [word] and BREAK, each
+    /// window scaled back to its unweighted mean, as A1111), no-norm (without that
+    /// rescale), none (brackets and BREAK are plain text).
+    #[arg(long, default_value = "original")]
+    emphasis: String,
+    /// Textual-inversion embedding (.pt, .bin, .safetensors; A1111, diffusers or SDXL
+    /// clip_l/clip_g), triggered by its file's stem (or a diffusers file's token) in
+    /// the prompt. Repeatable.
+    #[arg(long = "embedding")]
+    embeddings: Vec<PathBuf>,
+    /// A folder of embeddings, each triggered by its file's stem; files for other
+    /// models are skipped with a warning.
+    #[arg(long = "embedding-dir")]
+    embedding_dir: Option<PathBuf>,
+    /// Apply a LoRA at run time, beside the model's weights (the model file is not
+    /// changed): FILE or FILE:MULTIPLIER [default 1]; repeatable. LCM-LoRA too.
+    #[arg(long, value_name = "FILE[:MULTIPLIER]")]
+    lora: Vec<String>,
+    /// Where the prompt's <lora:NAME:MULTIPLIER> tags find NAME.safetensors (.pt, .ckpt, .bin).
+    #[arg(long = "lora-dir")]
+    lora_dir: Option<PathBuf>,
     /// A distilled model's recipe (size, sampler, schedule, steps, guidance): sdxl-turbo,
     /// sd-turbo, sdxl-lightning-2step, -4step, -8step; options given beside it win.
     #[arg(long)]
@@ -108,6 +134,10 @@ pub struct Args {
     /// memory cgroup's limit, if any].
     #[arg(long = "max-memory", value_parser = parse_budget)]
     max_memory: Option<u64>,
+    /// Encode and decode images over 512x512 in overlapping tiles of 512 pixels (the
+    /// planner also tiles on its own when the whole image would not fit the budget).
+    #[arg(long = "vae-tiling")]
+    vae_tiling: bool,
     /// Print the memory plan (each stage's weights, compute buffer and the peak) and exit.
     #[arg(long = "plan")]
     plan_only: bool,
@@ -167,6 +197,11 @@ pub fn run(a: Args, threads: Option<usize>, target: &super::Target) -> Result<()
     if !(0.0..=1.0).contains(&a.guidance_rescale) {
         bail!("--guidance-rescale must be in [0, 1], not {}", a.guidance_rescale);
     }
+    let Some(emphasis) = Emphasis::parse(&a.emphasis) else { bail!("unknown emphasis `{}`; valid: {}", a.emphasis, Emphasis::NAMES.join(", ")) };
+    for path in a.embedding_dir.iter().chain(&a.embeddings) {
+        let n = pipe.add_embeddings(path)?;
+        log::info!("{n} embedding(s) from {}", path.display());
+    }
     let init = match &a.init_img {
         Some(path) => Some(Arc::new(open_canvas(&pipe, path, a.mask.as_deref(), (a.width, a.height), a.pad.unwrap_or_default(), a.mask_blur)?)),
         None => None,
@@ -197,6 +232,11 @@ pub fn run(a: Args, threads: Option<usize>, target: &super::Target) -> Result<()
         init,
         strength: a.strength,
         overlay: !a.no_overlay,
+        clip_skip: a.clip_skip,
+        emphasis,
+        loras: a.lora.iter().map(|s| super::convert::parse_lora(s)).collect(),
+        lora_dir: a.lora_dir,
+        vae_tiling: a.vae_tiling,
         // Ctrl-C ends the run within one step and writes no image.
         cancel: Some(super::interrupt_flag()),
         ..base

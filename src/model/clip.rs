@@ -4,7 +4,7 @@ use crate::error::{Error, Result};
 use crate::ggml::{Backend, Context, Tensor, Type};
 
 use super::nn::Nn;
-use super::Weights;
+use super::{Adapters, Weights};
 
 /// CLIP's layer-norm epsilon (both towers).
 const LN_EPS: f32 = 1e-5;
@@ -61,8 +61,7 @@ fn attention<'c>(nn: &Nn<'c>, x: Tensor<'c>, names: &LayerNames, heads: usize) -
     let (q, k, v) = match &names.qkv {
         Qkv::Separate([q, k, v]) => (nn.linear(x, q)?, nn.linear(x, k)?, nn.linear(x, v)?),
         Qkv::Stacked(p) => {
-            let w = nn.w.get(&format!("{p}weight"))?;
-            let qkv = c.linear(x, w, nn.w.opt(&format!("{p}bias")))?; // [3C, T, B]
+            let qkv = nn.linear_weight(x, &format!("{p}weight"), nn.w.opt(&format!("{p}bias")))?; // [3C, T, B]
             let part = |i: usize| c.cont(c.view(qkv, [ch, t, b, 1], [i * ch, 0, 0, 0])?);
             (part(0)?, part(1)?, part(2)?)
         }
@@ -81,6 +80,10 @@ pub struct Graph<'c> {
     pub ids: Tensor<'c>,
     /// Positions 0..T, i32 `[T]`.
     pub positions: Tensor<'c>,
+    /// With textual-inversion vectors: a 0/1 mask per token, f32 `[1, T * B]` (0 where a
+    /// vector replaces the token's embedding) and the vectors `[hidden, T * B]` (zero
+    /// elsewhere).
+    pub vectors: Option<(Tensor<'c>, Tensor<'c>)>,
     /// Conditioning `[hidden, T, B]`.
     pub hidden: Tensor<'c>,
     /// With a pooled output: the flat index `b * T + eos_b` of each prompt's first
@@ -91,9 +94,10 @@ pub struct Graph<'c> {
 /// Builds the encoder for `batch` prompts of `cfg.max_positions` tokens; `pooled` adds
 /// the pooled, projected output (SDXL's bigG): CLIP's final-norm hidden state at the end-of-text
 /// token times `text_projection`, which needs every layer even when the conditioning
-/// is taken earlier.
-pub fn build<'c>(ctx: &'c Context<'c>, w: &'c Weights<'c>, cfg: &TextEncoderConfig, batch: usize, pooled: bool) -> Result<Graph<'c>> {
-    let nn = Nn::new(ctx, w);
+/// is taken earlier. `vectors` adds the inputs that put embedding vectors in place of
+/// token embeddings ([`Graph::vectors`]).
+pub fn build<'c>(ctx: &'c Context<'c>, w: &'c Weights<'c>, cfg: &TextEncoderConfig, batch: usize, pooled: bool, vectors: bool, adapters: Option<&'c Adapters>) -> Result<Graph<'c>> {
+    let nn = Nn { adapters, ..Nn::new(ctx, w) };
     let t = cfg.max_positions;
     let p = &cfg.prefix;
     let (tok, pos, final_norm) = match cfg.kind {
@@ -104,7 +108,18 @@ pub fn build<'c>(ctx: &'c Context<'c>, w: &'c Weights<'c>, cfg: &TextEncoderConf
     let positions = ctx.tensor(Type::I32, &[t], "clip.positions")?;
     ctx.set_input(ids);
     ctx.set_input(positions);
-    let x = ctx.get_rows(w.get(&tok)?, ids)?;
+    let mut x = ctx.get_rows(w.get(&tok)?, ids)?; // [hidden, T * B]
+    let vectors = if vectors {
+        let keep = ctx.tensor(Type::F32, &[1, t * batch], "clip.keep")?;
+        let values = ctx.tensor(Type::F32, &[cfg.hidden_size, t * batch], "clip.vectors")?;
+        ctx.set_input(keep);
+        ctx.set_input(values);
+        // x·0 + v and x·1 + 0 are exact: the replaced rows are the vectors, bit for bit.
+        x = ctx.add(ctx.mul(x, keep)?, values)?;
+        Some((keep, values))
+    } else {
+        None
+    };
     let x = ctx.reshape(x, &[cfg.hidden_size, t, batch])?;
     let mut x = ctx.add(x, ctx.get_rows(w.get(&pos)?, positions)?)?;
     let layers = cfg.num_layers.checked_sub(cfg.skip_layers).filter(|&l| l > 0).ok_or_else(|| Error::Invalid(format!("text encoder skips {} of {} layers", cfg.skip_layers, cfg.num_layers)))?;
@@ -144,7 +159,7 @@ pub fn build<'c>(ctx: &'c Context<'c>, w: &'c Weights<'c>, cfg: &TextEncoderConf
     } else {
         None
     };
-    Ok(Graph { ids, positions, hidden, pooled })
+    Ok(Graph { ids, positions, vectors, hidden, pooled })
 }
 
 fn outputs<'c>(g: &Graph<'c>) -> Vec<Tensor<'c>> {
@@ -152,9 +167,9 @@ fn outputs<'c>(g: &Graph<'c>) -> Vec<Tensor<'c>> {
 }
 
 /// The compute buffer [`encode`] needs for `prompts` prompts, found without allocating it.
-pub fn buffer_bytes(w: &Weights<'_>, cfg: &TextEncoderConfig, prompts: usize, pooled: bool) -> Result<usize> {
-    let ctx = Context::new(64 + 40 * cfg.num_layers)?;
-    let g = build(&ctx, w, cfg, prompts, pooled)?;
+pub fn buffer_bytes(w: &Weights<'_>, cfg: &TextEncoderConfig, prompts: usize, pooled: bool, vectors: bool, adapters: Option<&Adapters>) -> Result<usize> {
+    let ctx = Context::new(64 + 48 * cfg.num_layers + Adapters::nodes(adapters))?;
+    let g = build(&ctx, w, cfg, prompts, pooled, vectors, adapters)?;
     let graph = ctx.graph(&outputs(&g))?;
     ctx.measure_graph(&graph)
 }
@@ -174,6 +189,20 @@ pub fn encode(w: &Weights<'_>, cfg: &TextEncoderConfig, tokens: &[Vec<u32>], bac
 
 /// [`encode`], with the pooled output too when `pooled` (see [`build`]).
 pub fn encode_all(w: &Weights<'_>, cfg: &TextEncoderConfig, tokens: &[Vec<u32>], pooled: bool, backend: &Backend) -> Result<Encoded> {
+    encode_with(w, cfg, tokens, &[], pooled, None, backend)
+}
+
+/// A textual-inversion vector put in place of the token embedding at `row`
+/// (`prompt * T + position`).
+#[derive(Clone, Copy, Debug)]
+pub struct Vector<'a> {
+    pub row: usize,
+    pub values: &'a [f32],
+}
+
+/// [`encode_all`] with embedding `vectors` in place of some tokens' embeddings.
+/// `adapters`: LoRA branches beside the weights.
+pub fn encode_with(w: &Weights<'_>, cfg: &TextEncoderConfig, tokens: &[Vec<u32>], vectors: &[Vector<'_>], pooled: bool, adapters: Option<&Adapters>, backend: &Backend) -> Result<Encoded> {
     let t = cfg.max_positions;
     let mut flat = Vec::with_capacity(t * tokens.len());
     let mut eos = Vec::with_capacity(tokens.len());
@@ -192,10 +221,24 @@ pub fn encode_all(w: &Weights<'_>, cfg: &TextEncoderConfig, tokens: &[Vec<u32>],
         let first_max = seq.iter().enumerate().fold(0, |best, (i, &id)| if id > seq[best] { i } else { best });
         eos.push((b * t + first_max) as i32);
     }
-    let ctx = Context::new(64 + 40 * cfg.num_layers)?;
-    let g = build(&ctx, w, cfg, tokens.len(), pooled)?;
+    let ctx = Context::new(64 + 48 * cfg.num_layers + Adapters::nodes(adapters))?;
+    let g = build(&ctx, w, cfg, tokens.len(), pooled, !vectors.is_empty(), adapters)?;
     let graph = ctx.graph(&outputs(&g))?;
     ctx.alloc_graph(&graph)?;
+    if let Some((keep, values)) = g.vectors {
+        let h = cfg.hidden_size;
+        let mut k = vec![1f32; t * tokens.len()];
+        let mut v = vec![0f32; h * t * tokens.len()];
+        for vec in vectors {
+            if vec.row >= k.len() || vec.values.len() != h {
+                return Err(Error::Invalid(format!("embedding vector of width {} at token {} of {}", vec.values.len(), vec.row, k.len())));
+            }
+            k[vec.row] = 0.0;
+            v[vec.row * h..][..h].copy_from_slice(vec.values);
+        }
+        ctx.set_f32(keep, &k)?;
+        ctx.set_f32(values, &v)?;
+    }
     ctx.set_i32(g.ids, &flat)?;
     ctx.set_i32(g.positions, &(0..t as i32).collect::<Vec<_>>())?;
     if let Some((e, _)) = g.pooled {

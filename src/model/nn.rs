@@ -2,7 +2,7 @@
 use crate::error::Result;
 use crate::ggml::{Backend, Context, Tensor, Type};
 
-use super::Weights;
+use super::{Adapters, Weights};
 
 /// How attention is computed.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -62,13 +62,24 @@ pub struct Nn<'c> {
     /// "fp16-fix" VAE exists), so the VAE sets this; the cast costs one kernel's f32 copy
     /// at a time in the compute buffer.
     pub f32_kernels: bool,
+    /// LoRA branches beside the weights ([`Adapters`]).
+    pub adapters: Option<&'c Adapters>,
 }
 
 impl<'c> Nn<'c> {
     /// Layers over `w`, built for where `w` lives (a GPU's graph gets no CPU-only op).
     pub fn new(ctx: &'c Context<'c>, w: &'c Weights<'c>) -> Self {
         ctx.follow(w.context());
-        Nn { ctx, w, attention: Attention::default(), f32_kernels: false }
+        Nn { ctx, w, attention: Attention::default(), f32_kernels: false, adapters: None }
+    }
+
+    /// A linear layer over the weight called `weight` (and `bias`), with its LoRA branches.
+    pub fn linear_weight(&self, x: Tensor<'c>, weight: &str, bias: Option<Tensor<'c>>) -> Result<Tensor<'c>> {
+        let y = self.ctx.linear(x, self.kernel(self.w.get(weight)?)?, bias)?;
+        match self.adapters {
+            Some(a) => a.apply(self.ctx, weight, x, y, None),
+            None => Ok(y),
+        }
     }
 
     /// A convolution `name` (`.weight`, optional `.bias`) with a `k`x`k` kernel.
@@ -79,7 +90,11 @@ impl<'c> Nn<'c> {
         if ne[2] > 1 || ne[3] > 1 {
             w = self.ctx.reshape(w, &[ne[0] * ne[1] * ne[2], ne[3]])?;
         }
-        self.ctx.conv2d(x, self.kernel(w)?, k, k, stride, pad, self.w.opt(&format!("{name}.bias")))
+        let y = self.ctx.conv2d(x, self.kernel(w)?, k, k, stride, pad, self.w.opt(&format!("{name}.bias")))?;
+        match self.adapters {
+            Some(a) => a.apply(self.ctx, &format!("{name}.weight"), x, y, Some((k, stride, pad))),
+            None => Ok(y),
+        }
     }
 
     /// `w` as the product should see it (see [`Nn::f32_kernels`]).
@@ -108,7 +123,7 @@ impl<'c> Nn<'c> {
     }
 
     pub fn linear(&self, x: Tensor<'c>, name: &str) -> Result<Tensor<'c>> {
-        self.ctx.linear(x, self.kernel(self.w.get(&format!("{name}.weight"))?)?, self.w.opt(&format!("{name}.bias")))
+        self.linear_weight(x, &format!("{name}.weight"), self.w.opt(&format!("{name}.bias")))
     }
 
     /// Softmax attention of `q` `[D, Nq, H, B]` over keys `k` `[D, Nk, H, B]` and
@@ -214,6 +229,11 @@ impl<'w> Program<'w> {
         ctx.name(out, OUTPUT)?;
         ctx.set_output(out);
         ctx.graph(&[out])
+    }
+
+    /// Values the output holds.
+    pub fn output_len(&self) -> usize {
+        self.ctx.get(OUTPUT).map_or(0, |t| t.ne().iter().product())
     }
 
     /// One evaluation on `input` (the shape given at build time).

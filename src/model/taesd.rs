@@ -6,7 +6,8 @@
 use crate::error::Result;
 use crate::ggml::{Backend, Tensor};
 
-use super::nn::Nn;
+use super::nn::{Nn, Program};
+use super::tile::{self, Tiling};
 use super::Weights;
 
 enum Layer {
@@ -89,4 +90,85 @@ pub fn encode(w: &Weights<'_>, pixels: &[f32], n: usize, h: usize, wd: usize, ba
         return Err(crate::Error::Invalid(format!("TAESD encodes images whose sides are multiples of 8, not {wd}x{h}")));
     }
     eval(w, ENCODER, pixels, [wd, h, 3, n], backend)
+}
+
+/// Whether layer `l` normalizes over the whole image (TAEF2's `pool` branch has a
+/// GroupNorm): such layers cannot see a tile alone.
+fn global(w: &Weights<'_>, l: &Layer) -> bool {
+    matches!(l, Block(i) if w.opt(&format!("{i}.pool.0.weight")).is_some())
+}
+
+/// Where the layers split into the part that runs whole and the part that runs in
+/// tiles: the decoder's global layers come first (TAEF2: its latent-resolution
+/// blocks), so the layers up to the last of them run whole on the small latent and the
+/// rest, where the memory is, in tiles; the encoder's come last, so the layers before
+/// the first of them run in tiles and the latent-resolution rest whole. TAESD has
+/// none: everything is tiled. Convolutions alone, with overlaps wider than their reach,
+/// make tiles that match the whole run.
+fn split(w: &Weights<'_>, layers: &[Layer], decoder: bool) -> usize {
+    if decoder {
+        layers.iter().rposition(|l| global(w, l)).map_or(0, |i| i + 1)
+    } else {
+        layers.iter().position(|l| global(w, l)).unwrap_or(layers.len())
+    }
+}
+
+/// [`decode`] in tiles ([`tile`](super::tile)); see [`split`] for what runs whole.
+pub fn decode_tiled(w: &Weights<'_>, latents: &[f32], n: usize, h: usize, wd: usize, tiling: Tiling, backend: &Backend) -> Result<Vec<f32>> {
+    let c = latent_channels(w)?;
+    let t = tiling.clamp(wd, h);
+    if !t.cuts(wd, h) {
+        return decode(w, latents, n, h, wd, backend);
+    }
+    let at = split(w, DECODER, true);
+    let (head, tail) = DECODER.split_at(at);
+    let (x, c) = if head.is_empty() {
+        (latents.to_vec(), c)
+    } else {
+        let x = eval(w, head, latents, [wd, h, c, n], backend)?;
+        let c = x.len() / (n * wd * h);
+        (x, c)
+    };
+    let program = Program::new(w, [t.tile_w, t.tile_h, c, 1], 2048, |nn, x| run(nn, tail, x))?;
+    tile::run(&program, &x, &tile::Shape { n, c_in: c, c_out: 3, lw: wd, lh: h, f_in: 1, f_out: 8 }, t, backend)
+}
+
+/// [`encode`] in tiles of `tiling` latents (8 pixels each); see [`split`].
+pub fn encode_tiled(w: &Weights<'_>, pixels: &[f32], n: usize, h: usize, wd: usize, tiling: Tiling, backend: &Backend) -> Result<Vec<f32>> {
+    if h % 8 != 0 || wd % 8 != 0 {
+        return Err(crate::Error::Invalid(format!("TAESD encodes images whose sides are multiples of 8, not {wd}x{h}")));
+    }
+    let (lw, lh) = (wd / 8, h / 8);
+    let t = tiling.clamp(lw, lh);
+    if !t.cuts(lw, lh) {
+        return encode(w, pixels, n, h, wd, backend);
+    }
+    let at = split(w, ENCODER, false);
+    let (head, tail) = ENCODER.split_at(at);
+    let program = Program::new(w, [t.tile_w * 8, t.tile_h * 8, 3, 1], 2048, |nn, x| run(nn, head, x))?;
+    // The head's channels at latent resolution.
+    let c = program.output_len() / (t.tile_w * t.tile_h);
+    let x = tile::run(&program, pixels, &tile::Shape { n, c_in: 3, c_out: c, lw, lh, f_in: 8, f_out: 1 }, t, backend)?;
+    if tail.is_empty() {
+        return Ok(x);
+    }
+    eval(w, tail, &x, [lw, lh, c, n], backend)
+}
+
+/// The compute buffer of one [`decode_tiled`] tile (or of its whole-image head, if
+/// larger), found without allocating it.
+pub fn decode_tile_bytes(w: &Weights<'_>, tiling: Tiling, lw: usize, lh: usize) -> Result<usize> {
+    let c = latent_channels(w)?;
+    let t = tiling.clamp(lw, lh);
+    if !t.cuts(lw, lh) {
+        return decode_buffer_bytes(w, lh, lw);
+    }
+    let (head, tail) = DECODER.split_at(split(w, DECODER, true));
+    let (mut bytes, mut c_tail) = (0, c);
+    if !head.is_empty() {
+        bytes = super::nn::Program::measure(w, [lw, lh, c, 1], 2048, |nn, x| run(nn, head, x))?;
+        let p = Program::new(w, [1, 1, c, 1], 2048, |nn, x| run(nn, head, x))?;
+        c_tail = p.output_len();
+    }
+    Ok(bytes.max(super::nn::Program::measure(w, [t.tile_w, t.tile_h, c_tail, 1], 2048, |nn, x| run(nn, tail, x))?))
 }

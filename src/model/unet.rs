@@ -7,6 +7,7 @@ use crate::error::{Error, Result};
 use crate::ggml::{Backend, Context, Tensor, Type};
 
 use super::nn::{Attention, Nn};
+use super::Adapters;
 use super::Weights;
 
 const P: &str = "model.diffusion_model.";
@@ -200,10 +201,12 @@ pub struct Runner<'w> {
 
 impl<'w> Runner<'w> {
     /// Builds the graph for `batch` latents of `width`x`height` with `tokens` context tokens.
-    pub fn new(w: &'w Weights<'w>, cfg: &UnetConfig, width: usize, height: usize, batch: usize, tokens: usize, attention: Attention) -> Result<Self> {
-        let ctx = Context::new(16384)?;
+    /// `adapters`: LoRA branches beside the weights.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(w: &'w Weights<'w>, cfg: &UnetConfig, width: usize, height: usize, batch: usize, tokens: usize, attention: Attention, adapters: Option<&'w Adapters>) -> Result<Self> {
+        let ctx = Context::new(16384 + Adapters::nodes(adapters))?;
         let (buffer_bytes, flops) = {
-            let nn = Nn { attention, ..Nn::new(&ctx, w) };
+            let nn = Nn { attention, adapters, ..Nn::new(&ctx, w) };
             let g = build(&nn, cfg, width, height, batch, tokens)?;
             ctx.name(g.out, "unet.out")?;
             let graph = ctx.graph(&[g.out])?;
@@ -213,9 +216,10 @@ impl<'w> Runner<'w> {
     }
 
     /// The compute buffer [`Runner::new`] would allocate, without allocating it.
-    pub fn measure(w: &Weights<'_>, cfg: &UnetConfig, width: usize, height: usize, batch: usize, tokens: usize, attention: Attention) -> Result<usize> {
-        let ctx = Context::new(16384)?;
-        let nn = Nn { attention, ..Nn::new(&ctx, w) };
+    #[allow(clippy::too_many_arguments)]
+    pub fn measure(w: &Weights<'_>, cfg: &UnetConfig, width: usize, height: usize, batch: usize, tokens: usize, attention: Attention, adapters: Option<&Adapters>) -> Result<usize> {
+        let ctx = Context::new(16384 + Adapters::nodes(adapters))?;
+        let nn = Nn { attention, adapters, ..Nn::new(&ctx, w) };
         let g = build(&nn, cfg, width, height, batch, tokens)?;
         let graph = ctx.graph(&[g.out])?;
         ctx.measure_graph(&graph)
@@ -252,5 +256,5 @@ pub fn forward(w: &Weights<'_>, cfg: &UnetConfig, x: &[f32], width: usize, heigh
     if x.len() != b * cfg.in_channels * width * height || context.len() != b * tokens * cfg.context_dim {
         return Err(Error::Invalid(format!("UNet inputs: {} latent and {} context values for batch {b}", x.len(), context.len())));
     }
-    Runner::new(w, cfg, width, height, b, tokens, Attention::default())?.run(x, t, context, y, guidance, backend)
+    Runner::new(w, cfg, width, height, b, tokens, Attention::default(), None)?.run(x, t, context, y, guidance, backend)
 }

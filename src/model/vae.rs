@@ -4,7 +4,8 @@ use crate::error::{Error, Result};
 use crate::ggml::{Backend, Context, Tensor};
 
 use super::nn::{eval, Nn, Program};
-use super::Weights;
+pub use super::tile::Tiling;
+use super::{tile, Weights};
 
 const PREFIX: &str = "first_stage_model.";
 const GROUPS: usize = 32;
@@ -112,67 +113,6 @@ pub fn decode(w: &Weights<'_>, cfg: &VaeConfig, latents: &[f32], n: usize, h: us
     eval(w, [wd, h, zc, n], latents, GRAPH_TENSORS, backend, |nn, z| decode_graph(nn, cfg, z))
 }
 
-/// How a decode is cut into tiles of latents, all of one size (so that one graph
-/// serves every tile), each overlapping its neighbours by at least `overlap`
-/// latents. The overlaps are blended with linear ramps; GroupNorm and the mid-block
-/// attention then see a tile instead of the whole image, so a tiled decode is close
-/// to the whole one, not equal (as with diffusers' `enable_tiling`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Tiling {
-    pub tile_w: usize,
-    pub tile_h: usize,
-    pub overlap: usize,
-}
-
-impl Tiling {
-    /// Tile origins along one side of `len` latents: evenly spread, the first at 0 and
-    /// the last at `len - tile`, as few as keep every overlap at least `overlap`.
-    pub fn starts(len: usize, tile: usize, overlap: usize) -> Vec<usize> {
-        if tile >= len {
-            return vec![0];
-        }
-        let stride = tile.saturating_sub(overlap).max(1);
-        let n = (len - tile).div_ceil(stride) + 1;
-        (0..n).map(|i| i * (len - tile) / (n - 1)).collect()
-    }
-
-    /// The tile actually used for a `w`x`h` latent (never larger than it).
-    pub fn clamp(self, w: usize, h: usize) -> Tiling {
-        Tiling { tile_w: self.tile_w.min(w), tile_h: self.tile_h.min(h), ..self }
-    }
-
-    pub fn tiles(&self, w: usize, h: usize) -> usize {
-        let t = self.clamp(w, h);
-        Self::starts(w, t.tile_w, t.overlap).len() * Self::starts(h, t.tile_h, t.overlap).len()
-    }
-
-    /// Latents decoded relative to one whole decode (1 without tiling; the overlap's cost above it).
-    pub fn cost(&self, w: usize, h: usize) -> f64 {
-        let t = self.clamp(w, h);
-        (self.tiles(w, h) * t.tile_w * t.tile_h) as f64 / (w * h) as f64
-    }
-}
-
-/// Blend weights of one tile along one side, in pixels: 1 inside, a linear ramp over
-/// each overlap with a neighbour (none at the image border).
-fn ramp(starts: &[usize], i: usize, tile: usize, f: usize) -> Vec<f32> {
-    let px = tile * f;
-    let before = (i > 0).then(|| (starts[i - 1] + tile - starts[i]) * f);
-    let after = starts.get(i + 1).map(|&next| (starts[i] + tile - next) * f);
-    (0..px)
-        .map(|p| {
-            let mut w = 1.0f32;
-            if let Some(o) = before.filter(|&o| o > 0) {
-                w = w.min((p as f32 + 0.5) / o as f32);
-            }
-            if let Some(o) = after.filter(|&o| o > 0) {
-                w = w.min(((px - p) as f32 - 0.5) / o as f32);
-            }
-            w
-        })
-        .collect()
-}
-
 fn decode_graph<'c>(nn: &Nn<'c>, cfg: &VaeConfig, z: Tensor<'c>) -> Result<Tensor<'c>> {
     let zs = nn.ctx.scale(z, 1.0 / cfg.scaling_factor)?;
     let zs = if cfg.shift_factor != 0.0 { nn.ctx.add1(zs, cfg.shift_factor)? } else { zs };
@@ -190,58 +130,25 @@ pub fn encode_buffer_bytes(w: &Weights<'_>, cfg: &VaeConfig, wd: usize, h: usize
     Program::measure(w, [wd, h, 3, 1], GRAPH_TENSORS, |nn, img| encoder(nn, cfg, img))
 }
 
-/// [`decode`] in tiles: the compute buffer is that of one tile.
+/// [`decode`] in tiles ([`tile`](super::tile)): the compute buffer is that of one tile.
 pub fn decode_tiled(w: &Weights<'_>, cfg: &VaeConfig, latents: &[f32], n: usize, h: usize, wd: usize, tiling: Tiling, backend: &Backend) -> Result<Vec<f32>> {
     let zc = cfg.latent_channels;
     if latents.len() != n * zc * h * wd {
         return Err(Error::Invalid(format!("{} latent values for {n}x{zc}x{h}x{wd}", latents.len())));
     }
     let t = tiling.clamp(wd, h);
-    if t.tile_w == wd && t.tile_h == h {
+    if !t.cuts(wd, h) {
         return decode(w, cfg, latents, n, h, wd, backend);
     }
-    let (xs, ys) = (Tiling::starts(wd, t.tile_w, t.overlap), Tiling::starts(h, t.tile_h, t.overlap));
-    let f = cfg.downscale();
-    let (pw, ph, tpw, tph) = (wd * f, h * f, t.tile_w * f, t.tile_h * f);
     let program = Program::new(w, [t.tile_w, t.tile_h, zc, 1], GRAPH_TENSORS, |nn, z| decode_graph(nn, cfg, z))?;
-    let rxs: Vec<Vec<f32>> = (0..xs.len()).map(|i| ramp(&xs, i, t.tile_w, f)).collect();
-    let rys: Vec<Vec<f32>> = (0..ys.len()).map(|j| ramp(&ys, j, t.tile_h, f)).collect();
-    let mut out = vec![0f32; n * 3 * pw * ph];
-    let mut weight = vec![0f32; pw * ph];
-    let mut tile = vec![0f32; zc * t.tile_w * t.tile_h];
-    for b in 0..n {
-        let z = &latents[b * zc * h * wd..(b + 1) * zc * h * wd];
-        let img = &mut out[b * 3 * pw * ph..(b + 1) * 3 * pw * ph];
-        for (&y0, ry) in ys.iter().zip(&rys) {
-            for (&x0, rx) in xs.iter().zip(&rxs) {
-                for c in 0..zc {
-                    for y in 0..t.tile_h {
-                        let src = c * h * wd + (y0 + y) * wd + x0;
-                        tile[(c * t.tile_h + y) * t.tile_w..][..t.tile_w].copy_from_slice(&z[src..src + t.tile_w]);
-                    }
-                }
-                let px = program.run(&tile, backend)?;
-                for y in 0..tph {
-                    for x in 0..tpw {
-                        let wgt = ry[y] * rx[x];
-                        let at = (y0 * f + y) * pw + x0 * f + x;
-                        if b == 0 {
-                            weight[at] += wgt;
-                        }
-                        for c in 0..3 {
-                            img[c * pw * ph + at] += wgt * px[(c * tph + y) * tpw + x];
-                        }
-                    }
-                }
-            }
-        }
-        for c in 0..3 {
-            for (v, &wgt) in img[c * pw * ph..(c + 1) * pw * ph].iter_mut().zip(&weight) {
-                *v /= wgt;
-            }
-        }
-    }
-    Ok(out)
+    let shape = tile::Shape { n, c_in: zc, c_out: 3, lw: wd, lh: h, f_in: 1, f_out: cfg.downscale() };
+    tile::run(&program, latents, &shape, t, backend)
+}
+
+/// The compute buffer of one tile of [`encode_sample`] (its moments), found without allocating it.
+pub fn encode_tile_bytes(w: &Weights<'_>, cfg: &VaeConfig, tiling: Tiling) -> Result<usize> {
+    let f = cfg.downscale();
+    Program::measure(w, [tiling.tile_w * f, tiling.tile_h * f, 3, 1], GRAPH_TENSORS, |nn, img| moments(nn, cfg, img))
 }
 
 /// Encodes pixels in [-1, 1] (`[n][3][H][W]`) to UNet-space latents (the
@@ -262,14 +169,22 @@ pub fn encode(w: &Weights<'_>, cfg: &VaeConfig, pixels: &[f32], n: usize, h: usi
 /// `mean + exp(logvar / 2)·eps` with `eps` unit Gaussian of the latent's size (diffusers'
 /// `latent_dist.sample`, log-variance clamped to [-30, 20] as there), shifted and scaled
 /// into UNet space.
-pub fn encode_sample(w: &Weights<'_>, cfg: &VaeConfig, pixels: &[f32], h: usize, wd: usize, eps: &[f32], backend: &Backend) -> Result<Vec<f32>> {
+/// With `tiling`, the moments come from overlapping tiles of the image, blended.
+pub fn encode_sample(w: &Weights<'_>, cfg: &VaeConfig, pixels: &[f32], h: usize, wd: usize, eps: &[f32], tiling: Option<Tiling>, backend: &Backend) -> Result<Vec<f32>> {
     let f = cfg.downscale();
     let zc = cfg.latent_channels;
     let n = zc * (h / f) * (wd / f);
     if pixels.len() != 3 * h * wd || h % f != 0 || wd % f != 0 || eps.len() != n {
         return Err(Error::Invalid(format!("{} pixel values for 3x{h}x{wd} (sides must be multiples of {f}) and {} noise values for {n} latents", pixels.len(), eps.len())));
     }
-    let m = eval(w, [wd, h, 3, 1], pixels, GRAPH_TENSORS, backend, |nn, img| moments(nn, cfg, img))?;
+    let (lw, lh) = (wd / f, h / f);
+    let m = match tiling.map(|t| t.clamp(lw, lh)).filter(|t| t.cuts(lw, lh)) {
+        Some(t) => {
+            let program = Program::new(w, [t.tile_w * f, t.tile_h * f, 3, 1], GRAPH_TENSORS, |nn, img| moments(nn, cfg, img))?;
+            tile::run(&program, pixels, &tile::Shape { n: 1, c_in: 3, c_out: 2 * zc, lw, lh, f_in: f, f_out: 1 }, t, backend)?
+        }
+        None => eval(w, [wd, h, 3, 1], pixels, GRAPH_TENSORS, backend, |nn, img| moments(nn, cfg, img))?,
+    };
     let (mean, logvar) = m.split_at(n);
     Ok(mean.iter().zip(logvar).zip(eps).map(|((&mu, &lv), &e)| (mu + (0.5 * lv.clamp(-30.0, 20.0)).exp() * e - cfg.shift_factor) * cfg.scaling_factor).collect())
 }

@@ -120,23 +120,37 @@ impl Weights<'static> {
     /// Copies every float tensor of a checkpoint, as f32, where `backend` computes.
     pub fn from_checkpoint(ck: &Checkpoint, backend: &Backend) -> Result<Self> {
         let floats: Vec<_> = ck.tensors.iter().filter(|t| t.dtype.is_float()).collect();
-        let ctx = Context::new(floats.len() + 1)?;
-        let mut made = Vec::with_capacity(floats.len());
-        for t in &floats {
-            let mut ne: Vec<usize> = t.shape.iter().rev().copied().collect();
+        let mut list = Vec::with_capacity(floats.len());
+        for t in floats {
+            let ne: Vec<usize> = t.shape.iter().rev().copied().collect();
+            list.push((t.name.clone(), ne, t.read_f32()?));
+        }
+        Self::from_f32(&ck.path, list, backend)
+    }
+
+    /// f32 tensors `(name, ggml shape ne, values)` where `backend` computes; `path`
+    /// names their source in messages.
+    pub fn from_f32(path: &std::path::Path, list: Vec<(String, Vec<usize>, Vec<f32>)>, backend: &Backend) -> Result<Self> {
+        let ctx = Context::new(list.len() + 1)?;
+        let mut made = Vec::with_capacity(list.len());
+        for (name, ne, data) in &list {
+            let mut ne = ne.clone();
             if ne.is_empty() {
                 ne.push(1);
             }
             if ne.len() > 4 {
-                return Err(Error::format(&ck.path, format!("tensor `{}` has {} dimensions", t.name, ne.len())));
+                return Err(Error::format(path, format!("tensor `{name}` has {} dimensions", ne.len())));
             }
-            made.push(ctx.tensor(Type::F32, &ne, &t.name)?);
+            if ne.iter().product::<usize>() != data.len() {
+                return Err(Error::format(path, format!("tensor `{name}`: {} values for shape {ne:?}", data.len())));
+            }
+            made.push(ctx.tensor(Type::F32, &ne, name)?);
         }
         ctx.alloc_on(backend)?;
-        for (t, tensor) in floats.iter().zip(made) {
-            ctx.set_f32(tensor, &t.read_f32()?)?;
+        for ((_, _, data), tensor) in list.iter().zip(made) {
+            ctx.set_f32(tensor, data)?;
         }
-        let bytes = floats.iter().map(|t| 4 * t.shape.iter().product::<usize>() as u64).sum();
-        Ok(Weights { path: ck.path.clone(), ctx, repacked: 0, bytes, copied: Default::default() })
+        let bytes = list.iter().map(|(_, _, d)| 4 * d.len() as u64).sum();
+        Ok(Weights { path: path.to_path_buf(), ctx, repacked: 0, bytes, copied: Default::default() })
     }
 }

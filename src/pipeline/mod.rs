@@ -21,11 +21,14 @@ use crate::formats::gguf::GgufFile;
 use crate::formats::Checkpoint;
 use crate::ggml::Backend;
 use crate::model::{clip, taesd, unet, vae, Attention, Weights};
+use crate::prompt::{Emphasis, Embeddings};
 use crate::sample::{self, Discrete, NativeRng, Rng, Sampler, Schedule, ScheduleOpts, Spacing, TorchRng};
 use crate::tokenizer::ClipTokenizer;
 
 mod canvas;
+mod lora;
 mod start;
+mod text;
 
 pub use canvas::{Canvas, CanvasOptions};
 pub use start::taesd_encoder_path;
@@ -82,7 +85,25 @@ pub struct Request {
     /// decode, so unmasked pixels come back unchanged (as A1111 does); off gives the
     /// decoded image everywhere, as diffusers' inpaint pipeline returns it.
     pub overlay: bool,
+    /// CLIP skip in A1111's numbering: 1 takes the model's own layer, 2 the one before
+    /// it, and so on ([`Pipeline::encoder_for`]).
+    pub clip_skip: usize,
+    /// What prompt weights do.
+    pub emphasis: Emphasis,
+    /// LoRAs applied at run time, with their multipliers (the model file is untouched).
+    pub loras: Vec<(PathBuf, f32)>,
+    /// Where the prompt's `<lora:NAME:MULTIPLIER>` tags find `NAME.safetensors` (or
+    /// `.pt`, `.ckpt`, `.bin`).
+    pub lora_dir: Option<PathBuf>,
+    /// Encode and decode images larger than [`FORCED_TILE`] latents in overlapping
+    /// tiles even when the whole image would fit the memory budget (the planner tiles
+    /// on its own when it would not).
+    pub vae_tiling: bool,
 }
+
+/// The tiles `vae_tiling` asks for: 64 latents (512 pixels) a side, overlapping by a
+/// quarter (diffusers' `enable_tiling` sizes).
+pub const FORCED_TILE: vae::Tiling = vae::Tiling { tile_w: 64, tile_h: 64, overlap: 16 };
 
 impl Request {
     pub fn new(prompt: &str) -> Self {
@@ -113,6 +134,11 @@ impl Request {
             init: None,
             strength: None,
             overlay: true,
+            clip_skip: 1,
+            emphasis: Emphasis::Original,
+            loras: Vec::new(),
+            lora_dir: None,
+            vae_tiling: false,
         }
     }
 
@@ -241,6 +267,8 @@ pub struct Pipeline {
     /// On a GPU, every stage's weights in its memory, uploaded once by
     /// [`Pipeline::set_backend`] (on the CPU they are used from the mapping instead).
     device: Option<DeviceWeights>,
+    /// Textual-inversion embeddings, triggered by their words in prompts.
+    pub embeddings: Embeddings,
 }
 
 struct DeviceWeights {
@@ -296,7 +324,7 @@ impl Pipeline {
         let tokenizer = ClipTokenizer::new(&vocab)?;
         let model_hash = gguf.get("sd.source.sha256").and_then(|v| v.as_str()).map(|h| h.chars().take(10).collect()).unwrap_or_default();
         let defaults = metadata::read_defaults(&gguf);
-        Ok(Pipeline { gguf, config, tokenizer, backend: Backend::cpu(threads)?, model_hash, attention: Attention::Auto, repack: true, max_memory: None, defaults, device: None })
+        Ok(Pipeline { gguf, config, tokenizer, backend: Backend::cpu(threads)?, model_hash, attention: Attention::Auto, repack: true, max_memory: None, defaults, device: None, embeddings: Embeddings::default() })
     }
 
     /// Runs every stage on `backend` from now on (a GPU: [`Backend::open`]). On a GPU,
@@ -410,14 +438,29 @@ impl Pipeline {
             None => None,
         };
         let encode = req.init.is_some() && req.taesd.is_none();
-        let stages = RunStages { pipe: self, lw, lh, prompts: if self.guided(req) { 2 } else { 1 }, taesd, encode };
-        budget::plan(&stages, self.guided(req), Budget::resolve(self.max_memory))
+        let prompts = self.prompts(req)?;
+        let branches = if self.guided(req) { 2 } else { 1 };
+        let loras = self.request_loras(req)?;
+        let stages = RunStages { pipe: self, req, lw, lh, prompts: branches * prompts.count, tokens: self.context_tokens(&prompts), vectors: prompts.vectors, taesd, encode, loras };
+        let mut plan = budget::plan(&stages, self.guided(req), Budget::resolve(self.max_memory))?;
+        let forced = FORCED_TILE.clamp(lw, lh);
+        if req.vae_tiling && plan.tiling.is_none() && forced.cuts(lw, lh) {
+            let need = budget::Stages::decode(&stages, Some(forced))?;
+            if let Some(d) = plan.needs.iter_mut().find(|n| n.stage == "decode") {
+                *d = need;
+            }
+            plan.tiling = Some(forced);
+        }
+        Ok(plan)
     }
 
     /// The latent size of a valid request, or what is wrong with it.
     fn validate(&self, req: &Request) -> Result<(usize, usize)> {
         if req.steps == 0 || req.steps > 1000 {
             return Err(Error::Invalid(format!("steps must be between 1 and 1000, not {}", req.steps)));
+        }
+        for te in &self.config.text_encoders {
+            self.encoder_for(te, req)?;
         }
         if let Some(c) = &req.init {
             if (c.width, c.height) != (req.width, req.height) {
@@ -437,53 +480,6 @@ impl Pipeline {
     /// Whether tensor `name` belongs to one of the text encoders.
     fn is_text(&self, name: &str) -> bool {
         self.config.text_encoders.iter().any(|t| name.starts_with(&t.prefix))
-    }
-
-    /// Context tokens per prompt (every encoder's length; [`check_conditioning`]).
-    fn tokens(&self) -> usize {
-        self.config.text_encoders.first().map_or(77, |t| t.max_positions)
-    }
-
-    /// The UNet's text conditioning of `prompts` (text, and whether it is the all-zero
-    /// unconditional branch): every encoder's hidden states side by side per token
-    /// (SDXL: CLIP-L's 768 then bigG's 1280), and for `label_emb` UNets the last
-    /// encoder's pooled embedding. Each encoder's weights leave resident memory when
-    /// it is done (they are mapped: a later run faults them back in), so stages do not
-    /// add up in the peak.
-    fn encode_prompts(&self, prompts: &[(&str, bool)]) -> Result<Conditioning> {
-        let cfg = &self.config;
-        let (n, t) = (prompts.len(), self.tokens());
-        let width = cfg.unet.context_dim;
-        // The all-zero branch is not encoded: its rows stay zero.
-        let live: Vec<usize> = (0..n).filter(|&b| !prompts[b].1).collect();
-        let mut context = vec![0f32; n * t * width];
-        let mut pooled = None;
-        let mut offset = 0;
-        for (i, te) in cfg.text_encoders.iter().enumerate() {
-            let want_pooled = cfg.unet.adm_in_channels.is_some() && i + 1 == cfg.text_encoders.len();
-            let tokens = live.iter().map(|&b| self.tokenizer.encode_for(prompts[b].0, te)).collect::<Result<Vec<_>>>()?;
-            let out = {
-                let w = self.stage(|n| n.starts_with(&te.prefix), |_| false, |d| &d.text)?;
-                clip::encode_all(&w, te, &tokens, want_pooled, &self.backend)?
-            };
-            self.gguf.release(|n| n.starts_with(&te.prefix));
-            let h = te.hidden_size;
-            for (j, &b) in live.iter().enumerate() {
-                for k in 0..t {
-                    context[(b * t + k) * width + offset..][..h].copy_from_slice(&out.hidden[(j * t + k) * h..][..h]);
-                }
-            }
-            offset += h;
-            if let Some(p) = out.pooled {
-                let d = p.len() / live.len().max(1);
-                let mut all = vec![0f32; n * d];
-                for (j, &b) in live.iter().enumerate() {
-                    all[b * d..(b + 1) * d].copy_from_slice(&p[j * d..(j + 1) * d]);
-                }
-                pooled = Some(all);
-            }
-        }
-        Ok(Conditioning { context, pooled })
     }
 
     /// `label_emb`'s input for each branch (`[uncond, cond]` when guided): see [`label_input`].
@@ -529,11 +525,11 @@ impl Pipeline {
         let t0 = Instant::now();
         let embedded = cfg.unet.time_cond_proj_dim.map(|dim| guidance_embedding(req.cfg_scale - 1.0, dim));
         let guided = self.guided(req);
-        let mut prompts = vec![(req.prompt.as_str(), false)];
-        if guided {
-            prompts.insert(0, (req.negative.as_str(), req.negative.is_empty() && cfg.zeros_for_empty_negative));
-        }
-        let cond = self.encode_prompts(&prompts)?;
+        let prompts = self.prompts(req)?;
+        let tokens = self.context_tokens(&prompts);
+        let branches = if guided { 2 } else { 1 };
+        let loras = self.request_loras(req)?;
+        let cond = self.encode_prompts(req, &prompts, &loras)?;
         let y = match &cond.pooled {
             Some(pooled) => Some(self.vector_conditioning(req, pooled, guided)?),
             None => None,
@@ -558,7 +554,7 @@ impl Pipeline {
         }
         let unet = |n: &str| n.starts_with("model.diffusion_model.");
         // Image encodes are their own stage, before the UNet's weights come in.
-        let start = self.start(req, lw, lh, rng.as_mut())?;
+        let start = self.start(req, lw, lh, memory.tiling, rng.as_mut())?;
         cancelled()?;
         // The UNet's weights, graph and compute buffer are dropped before the decode.
         let latent = {
@@ -567,9 +563,10 @@ impl Pipeline {
             self.gguf.release(|n| uw.is_copied(n));
             // One graph for the whole run: cond and uncond as a batch of 2 when guided,
             // unless the plan splits them to halve the compute buffer.
-            let batch = if memory.split_guidance { 1 } else { prompts.len() };
-            let runner = unet::Runner::new(&uw, &cfg.unet, lw, lh, batch, self.tokens(), self.attention)?;
-            let unet_flops = runner.flops * (prompts.len() / batch) as f64;
+            let batch = if memory.split_guidance { 1 } else { branches };
+            let adapters = self.adapters(&loras, unet)?;
+            let runner = unet::Runner::new(&uw, &cfg.unet, lw, lh, batch, tokens, self.attention, adapters.as_ref())?;
+            let unet_flops = runner.flops * (branches / batch) as f64;
             progress(Stage::Sampling { unet_flops, compute_bytes: runner.buffer_bytes });
             let mut model = Cfg { runner: &runner, pipe: self, context: &context, y: y.as_deref(), scale: req.cfg_scale, rescale: req.guidance_rescale, guided, split: memory.split_guidance, extra: start.extra.as_deref(), embedded: embedded.as_deref(), cancel: req.cancel.as_deref() };
             let total = plan.timesteps.len();
@@ -600,7 +597,11 @@ impl Pipeline {
         let (pixels, unit) = match &req.taesd {
             Some(path) => {
                 let w = Weights::from_checkpoint(&Checkpoint::open(path)?, &self.backend)?;
-                (taesd::decode(&w, latent, 1, lh, lw, &self.backend)?, true)
+                let pixels = match memory.tiling {
+                    Some(t) => taesd::decode_tiled(&w, latent, 1, lh, lw, t, &self.backend)?,
+                    None => taesd::decode(&w, latent, 1, lh, lw, &self.backend)?,
+                };
+                (pixels, true)
             }
             None => {
                 let w = self.stage(|n| n.starts_with("first_stage_model."), |_| false, |d| &d.vae)?;
@@ -631,9 +632,18 @@ impl Pipeline {
             }
         }
         let name = self.gguf.path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
-        let denoising = if req.init.is_some() { format!(", Denoising strength: {strength}") } else { String::new() };
+        let mut extra = String::new();
+        if req.init.is_some() {
+            extra += &format!(", Denoising strength: {strength}");
+        }
+        if req.clip_skip > 1 {
+            extra += &format!(", Clip skip: {}", req.clip_skip);
+        }
+        if req.emphasis != Emphasis::Original {
+            extra += &format!(", Emphasis: {}", req.emphasis.name());
+        }
         let parameters = format!(
-            "{}\nNegative prompt: {}\nSteps: {}, Sampler: {}, CFG scale: {}, Seed: {}, Size: {}x{}, Model hash: {}, Model: {}{denoising}, Version: sdrs {}",
+            "{}\nNegative prompt: {}\nSteps: {}, Sampler: {}, CFG scale: {}, Seed: {}, Size: {}x{}, Model hash: {}, Model: {}{extra}, Version: sdrs {}",
             req.prompt,
             req.negative,
             req.steps,
@@ -658,9 +668,17 @@ impl Pipeline {
 /// The stages of one request, measured for the planner.
 struct RunStages<'a> {
     pipe: &'a Pipeline,
+    req: &'a Request,
     lw: usize,
     lh: usize,
+    /// Windows the text encoders run at once (branches × windows per prompt).
     prompts: usize,
+    /// Text tokens the UNet attends to.
+    tokens: usize,
+    /// Embedding vectors go into the encoders' inputs.
+    vectors: bool,
+    /// The request's LoRAs (their branches count in each stage's weights).
+    loras: Vec<(crate::lora::Lora, f32)>,
     taesd: Option<Weights<'static>>,
     /// The init image goes through the VAE encoder.
     encode: bool,
@@ -682,14 +700,22 @@ impl budget::Stages for RunStages<'_> {
             let pooled = cfg.unet.adm_in_channels.is_some() && i + 1 == cfg.text_encoders.len();
             let w = Weights::load(&p.gguf, |n| n.starts_with(&te.prefix))?;
             text.weights = text.weights.max(w.bytes());
-            text.compute = text.compute.max(clip::buffer_bytes(&w, te, self.prompts, pooled)? as u64);
+            let run = p.encoder_for(te, self.req)?;
+            let adapters = p.adapters(&self.loras, |n| n.starts_with(&te.prefix))?;
+            text.weights = text.weights.max(w.bytes() + adapters.as_ref().map_or(0, |a| a.bytes()));
+            text.compute = text.compute.max(clip::buffer_bytes(&w, &run, self.prompts, pooled, self.vectors, adapters.as_ref())? as u64);
         }
         let mut needs = vec![text];
         if self.encode || cfg.unet.in_channels != cfg.vae.latent_channels {
             let enc = |n: &str| n.starts_with("first_stage_model.encoder.") || n.starts_with("first_stage_model.quant_conv.");
             let w = Weights::load(&p.gguf, |n| n.starts_with("first_stage_model."))?;
             let f = cfg.vae.downscale();
-            let compute = vae::encode_buffer_bytes(&w, &cfg.vae, self.lw * f, self.lh * f)? as u64;
+            let forced = FORCED_TILE.clamp(self.lw, self.lh);
+            let compute = if self.req.vae_tiling && forced.cuts(self.lw, self.lh) {
+                vae::encode_tile_bytes(&w, &cfg.vae, forced)?
+            } else {
+                vae::encode_buffer_bytes(&w, &cfg.vae, self.lw * f, self.lh * f)?
+            } as u64;
             needs.push(Need { stage: "encode", weights: self.mapped(enc), compute, other: (3 * 4 * self.lw * self.lh * f * f) as u64 });
         }
         Ok(needs)
@@ -698,8 +724,9 @@ impl budget::Stages for RunStages<'_> {
     fn unet(&self, batch: usize) -> Result<Need> {
         let (p, cfg) = (self.pipe, &self.pipe.config);
         let w = Weights::load(&p.gguf, |n| n.starts_with("model.diffusion_model."))?;
-        let compute = unet::Runner::measure(&w, &cfg.unet, self.lw, self.lh, batch, p.tokens(), p.attention)? as u64;
-        Ok(Need { stage: "unet", weights: w.bytes(), compute, other: 0 })
+        let adapters = p.adapters(&self.loras, |n| n.starts_with("model.diffusion_model."))?;
+        let compute = unet::Runner::measure(&w, &cfg.unet, self.lw, self.lh, batch, self.tokens, p.attention, adapters.as_ref())? as u64;
+        Ok(Need { stage: "unet", weights: w.bytes() + adapters.as_ref().map_or(0, |a| a.bytes()), compute, other: 0 })
     }
 
     fn decode(&self, tiling: Option<vae::Tiling>) -> Result<Need> {
@@ -708,7 +735,8 @@ impl budget::Stages for RunStages<'_> {
         // f32 pixels, blend weights when tiled, 8-bit RGB.
         let other = (self.lw * self.lh * f * f * (12 + 4 * tiling.is_some() as usize + 3)) as u64;
         if let Some(w) = &self.taesd {
-            return Ok(Need { stage: "decode", weights: w.bytes(), compute: taesd::decode_buffer_bytes(w, self.lh, self.lw)? as u64, other });
+            let t = tiling.unwrap_or(vae::Tiling::square(self.lw.max(self.lh), 0));
+            return Ok(Need { stage: "decode", weights: w.bytes(), compute: taesd::decode_tile_bytes(w, t, self.lw, self.lh)? as u64, other });
         }
         let dec = |n: &str| n.starts_with("first_stage_model.decoder.") || n.starts_with("first_stage_model.post_quant_conv.");
         let w = Weights::load(&p.gguf, |n| n.starts_with("first_stage_model."))?;
@@ -725,16 +753,19 @@ impl budget::Stages for RunStages<'_> {
     }
 
     fn tileable(&self) -> bool {
-        self.taesd.is_none()
+        true
     }
 }
 
-/// A batch of prompts as the UNet takes them.
-struct Conditioning {
+/// A request's prompts as the UNet takes them, branch by branch (the negative
+/// prompt first when guided).
+pub struct Conditioning {
     /// `[B][T][context_dim]`.
-    context: Vec<f32>,
+    pub context: Vec<f32>,
     /// `[B][pooled]`, for `label_emb` UNets.
-    pooled: Option<Vec<f32>>,
+    pub pooled: Option<Vec<f32>>,
+    /// T: 77 per window.
+    pub tokens: usize,
 }
 
 /// Whether the text encoders can feed the UNet: hidden sizes summing to its context

@@ -12,6 +12,7 @@ use std::path::PathBuf;
 
 use crate::error::{Error, Result};
 use crate::formats::Checkpoint;
+use crate::model::vae::Tiling;
 use crate::model::{taesd, vae, Weights};
 use crate::sample::{Plan, Rng};
 
@@ -64,7 +65,7 @@ impl Start {
 
 impl Pipeline {
     /// The start of `req`'s sampling, drawing from `rng` as diffusers would.
-    pub(super) fn start(&self, req: &Request, lw: usize, lh: usize, rng: &mut dyn Rng) -> Result<Start> {
+    pub(super) fn start(&self, req: &Request, lw: usize, lh: usize, tiling: Option<Tiling>, rng: &mut dyn Rng) -> Result<Start> {
         let zc = self.config.vae.latent_channels;
         let n = zc * lw * lh;
         let nine = self.config.unet.in_channels == 2 * zc + 1;
@@ -79,7 +80,7 @@ impl Pipeline {
         };
         let image = match canvas {
             // diffusers' inpaint pipeline encodes the image only where it is used.
-            Some(c) if mask.is_none() || !nine || strength < 1.0 => Some(self.encode_image(encoder.as_ref(), &c.planar_pm1(), lw, lh, rng)?),
+            Some(c) if mask.is_none() || !nine || strength < 1.0 => Some(self.encode_image(encoder.as_ref(), &c.planar_pm1(), lw, lh, tiling, rng)?),
             _ => None,
         };
         let noise = match &req.noise {
@@ -99,7 +100,7 @@ impl Pipeline {
             }
             let small = nearest(m, c.width, c.height, lw, lh);
             if nine {
-                let latent = self.encode_image(encoder.as_ref(), &masked, lw, lh, rng)?;
+                let latent = self.encode_image(encoder.as_ref(), &masked, lw, lh, tiling, rng)?;
                 let mut e = small;
                 e.extend(latent);
                 extra = Some(e);
@@ -124,13 +125,16 @@ impl Pipeline {
 
     /// UNet-space latents of an image in [-1, 1]: a draw from the VAE's latent
     /// distribution, or TAESD's (deterministic) latent.
-    fn encode_image(&self, encoder: Option<&Encoder>, pixels: &[f32], lw: usize, lh: usize, rng: &mut dyn Rng) -> Result<Vec<f32>> {
+    fn encode_image(&self, encoder: Option<&Encoder>, pixels: &[f32], lw: usize, lh: usize, tiling: Option<Tiling>, rng: &mut dyn Rng) -> Result<Vec<f32>> {
         let cfg = &self.config.vae;
         let (h, w) = (lh * cfg.downscale(), lw * cfg.downscale());
         match encoder {
             Some(Encoder::Taesd(t)) => {
                 let unit: Vec<f32> = pixels.iter().map(|v| v * 0.5 + 0.5).collect();
-                let z = taesd::encode(t, &unit, 1, h, w, &self.backend)?;
+                let z = match tiling {
+                    Some(tiles) => taesd::encode_tiled(t, &unit, 1, h, w, tiles, &self.backend)?,
+                    None => taesd::encode(t, &unit, 1, h, w, &self.backend)?,
+                };
                 if z.len() != cfg.latent_channels * lw * lh {
                     return Err(Error::Invalid(format!("the TAESD encoder gives {} latent values per image, the model takes {}", z.len() / (lw * lh).max(1), cfg.latent_channels)));
                 }
@@ -139,7 +143,7 @@ impl Pipeline {
             _ => {
                 let eps = rng.randn(cfg.latent_channels * lw * lh);
                 let weights = self.stage(|n| n.starts_with("first_stage_model."), |_| false, |d| &d.vae)?;
-                vae::encode_sample(&weights, cfg, pixels, h, w, &eps, &self.backend)
+                vae::encode_sample(&weights, cfg, pixels, h, w, &eps, tiling, &self.backend)
             }
         }
     }

@@ -25,6 +25,13 @@ public final class Request {
      * steps x strength steps run). NaN: 0.8 for img2img, 1 with a mask.
      */
     public float strength = Float.NaN;
+    /** CLIP skip in A1111's numbering: 1 the model's own text layer, 2 the one before. 0: 1. */
+    public int clipSkip;
+    /**
+     * Folder where the prompt's {@code <lora:NAME:MULTIPLIER>} tags find
+     * {@code NAME.safetensors} (or .pt, .ckpt, .bin), applied at run time. Null: no tags allowed.
+     */
+    public String loraDir;
     /**
      * img2img: the starting picture as ARGB_8888 ints (as {@code Bitmap.getPixels} gives
      * them), width x height of this request, row by row; alpha is ignored. Null: txt2img.
