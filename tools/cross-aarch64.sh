@@ -6,8 +6,8 @@
 #                    128-bit SVE vectors (Armv9 phone cores) and with 256-bit ones
 #                    (Neoverse V1 servers); ggml's SVE kernels branch on the length
 # `check` shows which of ggml's CPU libraries each one loads (and that a Vulkan request
-# is refused clearly); `test` also runs the model tests on every CPU; `ci` runs the
-# tests each CPU adds something to (about a third of `test`'s emulated time):
+# is refused clearly); `test` also runs the model tests on every CPU; `quick` runs
+# the tests each CPU adds something to (about a third of `test`'s emulated time):
 #   cortex-a72   the x86-recorded images (platform): the plain NEON kernels;
 #   max, 128-bit the ggml wrapper's kernel checks (ggml);
 #   max, 256-bit every model test (platform, reference, ggml): dot product, i8mm,
@@ -19,15 +19,15 @@
 # reads past its blocks: tests/ggml.rs catches it. No shipping CPU pairs 512-bit SVE
 # with i8mm (A64FX has no i8mm), so that length is left out of the runs.
 #
-# Usage: tools/cross-aarch64.sh [build|check|ci|test]
+# Usage: tools/cross-aarch64.sh [build|check|quick|test]
 # Output: target/aarch64/aarch64-unknown-linux-gnu/release/sdrs, with ggml's shared
 # libraries and its libggml-cpu-armv*.so variants under .../build/llama-cpp-sys-2-*/out.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mode=${1:-build}
 case $mode in
-  build|check|ci|test) ;;
-  *) echo "usage: tools/cross-aarch64.sh [build|check|ci|test]" >&2; exit 2 ;;
+  build|check|quick|test) ;;
+  *) echo "usage: tools/cross-aarch64.sh [build|check|quick|test]" >&2; exit 2 ;;
 esac
 tools/setup.sh --aarch64
 
@@ -72,7 +72,7 @@ grep -q "built without Vulkan" <<<"$out" || { echo "$out"; exit 1; }
 all=(--test platform --test reference --test ggml)
 for cpu in cortex-a72 max,sve-default-vector-length=16 max,sve-default-vector-length=32; do
   tests=("${all[@]}")
-  if [ "$mode" = ci ]; then
+  if [ "$mode" = quick ]; then
     case $cpu in
       cortex-a72) tests=(--test platform) ;;
       *length=16) tests=(--test ggml) ;;

@@ -277,6 +277,18 @@ pub extern "system" fn Java_org_sdrs_StableDiffusion_nativeGenerate<'l>(mut env:
 }
 
 #[no_mangle]
+pub extern "system" fn Java_org_sdrs_StableDiffusion_nativeAddEmbeddings<'l>(mut env: JNIEnv<'l>, _c: JClass<'l>, h: jlong, path: JString<'l>) -> jint {
+    guard(&mut env, 0, |env| {
+        // SAFETY: the Java class passes only live handles.
+        let model = unsafe { Model::from_handle(h)? };
+        let path = string(env, &path, "path")?;
+        // Waits for runs in progress: they read the embeddings.
+        let added = lock(model)?.add_embeddings(std::path::Path::new(&path))?;
+        Ok(clamp(added))
+    })
+}
+
+#[no_mangle]
 pub extern "system" fn Java_org_sdrs_StableDiffusion_nativeCancel<'l>(mut env: JNIEnv<'l>, _c: JClass<'l>, h: jlong, cancels: jlong) {
     guard(&mut env, (), |_| {
         // SAFETY: the Java class passes only live handles.

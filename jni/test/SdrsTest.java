@@ -258,6 +258,23 @@ public class SdrsTest {
                 check(sd.generate(r, null).width == 64, "euler_a");
             });
 
+            test("embeddings: a safetensors file's stem triggers it; a missing file is named", () -> {
+                // A1111's safetensors layout: `emb_params`, one 64-wide vector (the demo's width).
+                String header = "{\"emb_params\":{\"dtype\":\"F32\",\"shape\":[1,64],\"data_offsets\":[0,256]}}";
+                java.nio.ByteBuffer b = java.nio.ByteBuffer.allocate(8 + header.length() + 256).order(java.nio.ByteOrder.LITTLE_ENDIAN);
+                b.putLong(header.length()).put(header.getBytes("US-ASCII"));
+                for (int i = 0; i < 64; i++) b.putFloat((i % 7 - 3) * 0.1f);
+                File emb = new File(tmp, "shiny-x.safetensors");
+                try (FileOutputStream out = new FileOutputStream(emb)) {
+                    out.write(b.array());
+                }
+                Image before = sd.generate(small(sd, "a shiny-x circle"), null);
+                check(sd.addEmbeddings(emb.getPath()) == 1, "one embedding");
+                Image after = sd.generate(small(sd, "a shiny-x circle"), null);
+                check(after.width == 64 && !Arrays.equals(after.argb(), before.argb()), "the trigger word now stands for the vector");
+                contains(expect(SdrsException.class, () -> sd.addEmbeddings(tmp.getPath() + "/missing.pt")).getMessage(), "missing.pt");
+            });
+
             test("clip skip and LoRA tags: in the parameters, or refused with the reason", () -> {
                 Request r = small(sd, "a (red:1.2) circle");
                 r.clipSkip = 2;

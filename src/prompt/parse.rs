@@ -18,7 +18,8 @@
 //! - neighbouring pieces of exactly equal weight are merged.
 //!
 //! Where A1111 raises an exception (a weight such as `1.2.3` that is not a number),
-//! this parser returns an error naming it.
+//! this parser returns an error naming it. Weights are read in ASCII digits only
+//! (Python's `\d` and `float` also take other scripts' digits).
 use crate::error::{Error, Result};
 
 /// The weight of the `BREAK` marker piece.
@@ -65,57 +66,34 @@ fn lex(s: &str) -> Vec<Lex<'_>> {
     let mut out = Vec::new();
     let mut i = 0;
     while i < b.len() {
-        match b[i] {
+        // Each token and its length in bytes.
+        let (lex, len) = match b[i] {
             b'\\' => match b.get(i + 1) {
-                Some(b'(' | b')' | b'[' | b']' | b'\\') => {
-                    out.push(Lex::Escaped(&s[i + 1..i + 2]));
-                    i += 2;
-                }
-                _ => {
-                    out.push(Lex::Escaped(""));
-                    i += 1;
-                }
+                Some(b'(' | b')' | b'[' | b']' | b'\\') => (Lex::Escaped(&s[i + 1..i + 2]), 2),
+                _ => (Lex::Escaped(""), 1),
             },
-            b'(' => {
-                out.push(Lex::Open);
-                i += 1;
-            }
-            b'[' => {
-                out.push(Lex::OpenSquare);
-                i += 1;
-            }
+            b'(' => (Lex::Open, 1),
+            b'[' => (Lex::OpenSquare, 1),
+            b')' => (Lex::Close, 1),
+            b']' => (Lex::CloseSquare, 1),
             b':' => {
-                // `:([+-]?[.\d]+)\)`; the digits are ASCII here (see the module notes).
-                let mut j = i + 1;
-                if matches!(b.get(j), Some(b'+' | b'-')) {
-                    j += 1;
-                }
-                let digits = j;
-                while matches!(b.get(j), Some(b'0'..=b'9' | b'.')) {
-                    j += 1;
-                }
-                if j > digits && b.get(j) == Some(&b')') {
-                    out.push(Lex::Weight(&s[i..=j], &s[i + 1..j]));
-                    i = j + 1;
+                // `:([+-]?[.\d]+)\)`, with ASCII digits (see the module notes).
+                let sign = usize::from(matches!(b.get(i + 1), Some(b'+' | b'-')));
+                let digits = b[i + 1 + sign..].iter().take_while(|c| matches!(c, b'0'..=b'9' | b'.')).count();
+                let end = i + 1 + sign + digits;
+                if digits > 0 && b.get(end) == Some(&b')') {
+                    (Lex::Weight(&s[i..=end], &s[i + 1..end]), end + 1 - i)
                 } else {
-                    out.push(Lex::Text(":"));
-                    i += 1;
+                    (Lex::Text(":"), 1)
                 }
-            }
-            b')' => {
-                out.push(Lex::Close);
-                i += 1;
-            }
-            b']' => {
-                out.push(Lex::CloseSquare);
-                i += 1;
             }
             _ => {
-                let end = b[i..].iter().position(|c| matches!(c, b'\\' | b'(' | b')' | b'[' | b']' | b':')).map_or(b.len(), |n| i + n);
-                out.push(Lex::Text(&s[i..end]));
-                i = end;
+                let len = b[i..].iter().position(|c| matches!(c, b'\\' | b'(' | b')' | b'[' | b']' | b':')).unwrap_or(b.len() - i);
+                (Lex::Text(&s[i..i + len]), len)
             }
-        }
+        };
+        out.push(lex);
+        i += len;
     }
     out
 }

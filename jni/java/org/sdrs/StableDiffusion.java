@@ -69,6 +69,24 @@ public final class StableDiffusion implements AutoCloseable {
     }
 
     /**
+     * Adds textual-inversion embeddings: a file ({@code .pt}, {@code .bin},
+     * {@code .safetensors}; A1111, diffusers or SDXL {@code clip_l}/{@code clip_g}), or every
+     * such file of a folder (files for other models are skipped). Each is triggered by its
+     * file name without the extension (and a diffusers file's own token) in prompts.
+     *
+     * @return how many embeddings were added
+     * @throws SdrsException for an unreadable file or one for another model (the message names it)
+     */
+    public int addEmbeddings(String path) throws SdrsException {
+        long h = enter();
+        try {
+            return nativeAddEmbeddings(h, path);
+        } finally {
+            leave();
+        }
+    }
+
+    /**
      * Generates an image; blocks until it is done.
      *
      * @param listener called after each sampling step on this thread; may be null
@@ -157,6 +175,8 @@ public final class StableDiffusion implements AutoCloseable {
     private static native void nativeDefaults(long handle, Request request);
 
     private static native Image nativeGenerate(long handle, long ticket, Request request, ProgressListener listener) throws SdrsException;
+
+    private static native int nativeAddEmbeddings(long handle, String path) throws SdrsException;
 
     private static native void nativeCancel(long handle, long cancels);
 
