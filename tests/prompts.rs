@@ -172,6 +172,13 @@ fn clip_skip_beyond_the_encoder_is_refused_before_any_work() {
     assert!(e.contains("CLIP skip 9") && e.contains("1 to 2"), "{e}");
     req.clip_skip = 0;
     assert!(pipe.text_conditioning(&req).is_err());
+    // 33 windows: over the cap, refused at planning.
+    req.clip_skip = 1;
+    req.prompt = vec!["cat"; 33 * 75].join(" ");
+    let e = pipe.plan(&req).unwrap_err().to_string();
+    assert!(e.contains("33 75-token windows is too long"), "{e}");
+    req.prompt = vec!["cat"; 32 * 75].join(" ");
+    assert!(pipe.plan(&req).is_ok());
 }
 
 #[test]

@@ -9,6 +9,11 @@ use crate::prompt::{take_loras, Chunk, Trigger, Windows};
 
 use super::{Conditioning, Pipeline, Request};
 
+/// At most this many 75-token windows per prompt (2400 tokens): the text encoders run
+/// them as one batch and the UNet attends to all of them, so an unbounded prompt would
+/// be an unbounded allocation.
+pub const MAX_WINDOWS: usize = 32;
+
 /// Every prompt of a run in windows, per text encoder.
 pub(super) struct Prompts {
     /// `[encoder][prompt][window]`; the all-zero branch has none.
@@ -70,7 +75,7 @@ impl Pipeline {
         let mut windows = Vec::new();
         let mut empty = Vec::new();
         let mut vectors = false;
-        for (i, te) in self.config.text_encoders.iter().enumerate() {
+        for te in &self.config.text_encoders {
             let triggers: Vec<Trigger> = self
                 .embeddings
                 .list
@@ -85,7 +90,9 @@ impl Pipeline {
                 per_prompt.push(if *zero { Vec::new() } else { cut.chunks(&req.emphasis.pieces(text)?)? });
             }
             vectors |= per_prompt.iter().flatten().any(|c| !c.fixes.is_empty());
-            debug_assert!(self.embeddings.list.iter().all(|e| e.data.len() > i));
+            if let Some(long) = per_prompt.iter().find(|w| w.len() > MAX_WINDOWS) {
+                return Err(Error::Invalid(format!("a prompt of {} 75-token windows is too long: at most {MAX_WINDOWS} ({} tokens)", long.len(), MAX_WINDOWS * 75)));
+            }
             windows.push(per_prompt);
             empty.push(cut.empty());
         }
