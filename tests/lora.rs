@@ -198,8 +198,7 @@ fn merged_conversion_matches_diffusers_fuse_lora_for_each_naming() {
         let req = Request { width: 16, height: 16, steps: 4, cfg_scale: 7.5, seed: 7, ..Request::new("a photograph of an astronaut riding a horse") };
         let img = pipe.generate(&req, &mut |_| {}).unwrap();
         let want = golden.get(&format!("{kind}.image_u8")).unwrap().read_f32().unwrap();
-        let mse = img.rgb.iter().zip(&want).map(|(&a, &b)| ((a as f64 - b as f64) / 255.0).powi(2)).sum::<f64>() / want.len() as f64;
-        let psnr = 10.0 * (1.0 / mse.max(1e-12)).log10();
+        let psnr = psnr(&img.rgb, &want);
         eprintln!("{kind}: {checked} fused weights within 1e-6, image {psnr:.1} dB against diffusers");
         assert!(psnr >= 40.0, "{kind}: {psnr:.1} dB");
     }

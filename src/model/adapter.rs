@@ -35,10 +35,14 @@ impl Adapters {
     pub fn new(loras: &[(&Lora, f32)], keep: impl Fn(&str) -> bool, backend: &Backend) -> Result<Option<Self>> {
         let mut list = Vec::new();
         let mut branches: HashMap<String, Vec<Branch>> = HashMap::new();
+        // The file named in messages about the branch tensors (the last one used).
         let mut path = PathBuf::new();
         for (l, (lora, multiplier)) in loras.iter().enumerate() {
-            for (p, pair) in lora.pairs.iter().enumerate().filter(|(_, p)| keep(&p.target.weight)) {
+            let mut pairs = lora.pairs.iter().enumerate().filter(|(_, p)| keep(&p.target.weight)).peekable();
+            if pairs.peek().is_some() {
                 path = lora.path.clone();
+            }
+            for (p, pair) in pairs {
                 let bad = |msg: String| Error::format(&lora.path, format!("`{}`: {msg}", pair.key));
                 let rank = pair.rank();
                 let down = pair.down.read_f32()?;

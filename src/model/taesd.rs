@@ -122,15 +122,15 @@ pub fn decode_tiled(w: &Weights<'_>, latents: &[f32], n: usize, h: usize, wd: us
     }
     let at = split(w, DECODER, true);
     let (head, tail) = DECODER.split_at(at);
+    let head_out;
     let (x, c) = if head.is_empty() {
-        (latents.to_vec(), c)
+        (latents, c)
     } else {
-        let x = eval(w, head, latents, [wd, h, c, n], backend)?;
-        let c = x.len() / (n * wd * h);
-        (x, c)
+        head_out = eval(w, head, latents, [wd, h, c, n], backend)?;
+        (head_out.as_slice(), head_out.len() / (n * wd * h))
     };
     let program = Program::new(w, [t.tile_w, t.tile_h, c, 1], 2048, |nn, x| run(nn, tail, x))?;
-    tile::run(&program, &x, &tile::Shape { n, c_in: c, c_out: 3, lw: wd, lh: h, f_in: 1, f_out: 8 }, t, backend)
+    tile::run(&program, x, &tile::Shape { n, c_in: c, c_out: 3, lw: wd, lh: h, f_in: 1, f_out: 8 }, t, backend)
 }
 
 /// [`encode`] in tiles of `tiling` latents (8 pixels each); see [`split`].

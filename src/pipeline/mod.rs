@@ -440,8 +440,11 @@ impl Pipeline {
         let encode = req.init.is_some() && req.taesd.is_none();
         let prompts = self.prompts(req)?;
         let branches = if self.guided(req) { 2 } else { 1 };
+        // Each stage's LoRA branches, read once for all the plans tried.
         let loras = self.request_loras(req)?;
-        let stages = RunStages { pipe: self, req, lw, lh, prompts: branches * prompts.count, tokens: self.context_tokens(&prompts), vectors: prompts.vectors, taesd, encode, loras };
+        let text_adapters = self.config.text_encoders.iter().map(|te| self.adapters(&loras, |n| n.starts_with(&te.prefix))).collect::<Result<Vec<_>>>()?;
+        let unet_adapters = self.adapters(&loras, |n| n.starts_with("model.diffusion_model."))?;
+        let stages = RunStages { pipe: self, req, lw, lh, prompts: branches * prompts.count, tokens: self.context_tokens(&prompts), vectors: prompts.vectors, taesd, encode, text_adapters, unet_adapters };
         let mut plan = budget::plan(&stages, self.guided(req), Budget::resolve(self.max_memory))?;
         let forced = FORCED_TILE.clamp(lw, lh);
         if req.vae_tiling && plan.tiling.is_none() && forced.cuts(lw, lh) {
@@ -677,8 +680,10 @@ struct RunStages<'a> {
     tokens: usize,
     /// Embedding vectors go into the encoders' inputs.
     vectors: bool,
-    /// The request's LoRAs (their branches count in each stage's weights).
-    loras: Vec<(crate::lora::Lora, f32)>,
+    /// The request's LoRA branches per text encoder and on the UNet (they count in each
+    /// stage's weights and graph).
+    text_adapters: Vec<Option<crate::model::Adapters>>,
+    unet_adapters: Option<crate::model::Adapters>,
     taesd: Option<Weights<'static>>,
     /// The init image goes through the VAE encoder.
     encode: bool,
@@ -699,11 +704,10 @@ impl budget::Stages for RunStages<'_> {
         for (i, te) in cfg.text_encoders.iter().enumerate() {
             let pooled = cfg.unet.adm_in_channels.is_some() && i + 1 == cfg.text_encoders.len();
             let w = Weights::load(&p.gguf, |n| n.starts_with(&te.prefix))?;
-            text.weights = text.weights.max(w.bytes());
             let run = p.encoder_for(te, self.req)?;
-            let adapters = p.adapters(&self.loras, |n| n.starts_with(&te.prefix))?;
-            text.weights = text.weights.max(w.bytes() + adapters.as_ref().map_or(0, |a| a.bytes()));
-            text.compute = text.compute.max(clip::buffer_bytes(&w, &run, self.prompts, pooled, self.vectors, adapters.as_ref())? as u64);
+            let adapters = self.text_adapters.get(i).and_then(Option::as_ref);
+            text.weights = text.weights.max(w.bytes() + adapters.map_or(0, |a| a.bytes()));
+            text.compute = text.compute.max(clip::buffer_bytes(&w, &run, self.prompts, pooled, self.vectors, adapters)? as u64);
         }
         let mut needs = vec![text];
         if self.encode || cfg.unet.in_channels != cfg.vae.latent_channels {
@@ -724,9 +728,9 @@ impl budget::Stages for RunStages<'_> {
     fn unet(&self, batch: usize) -> Result<Need> {
         let (p, cfg) = (self.pipe, &self.pipe.config);
         let w = Weights::load(&p.gguf, |n| n.starts_with("model.diffusion_model."))?;
-        let adapters = p.adapters(&self.loras, |n| n.starts_with("model.diffusion_model."))?;
-        let compute = unet::Runner::measure(&w, &cfg.unet, self.lw, self.lh, batch, self.tokens, p.attention, adapters.as_ref())? as u64;
-        Ok(Need { stage: "unet", weights: w.bytes() + adapters.as_ref().map_or(0, |a| a.bytes()), compute, other: 0 })
+        let adapters = self.unet_adapters.as_ref();
+        let compute = unet::Runner::measure(&w, &cfg.unet, self.lw, self.lh, batch, self.tokens, p.attention, adapters)? as u64;
+        Ok(Need { stage: "unet", weights: w.bytes() + adapters.map_or(0, |a| a.bytes()), compute, other: 0 })
     }
 
     fn decode(&self, tiling: Option<vae::Tiling>) -> Result<Need> {
