@@ -97,6 +97,11 @@ fn generate_prints_its_memory_plan_and_refuses_a_budget_it_cannot_fit() {
     assert!(!out.exists(), "a refused run writes nothing");
     let (ok, _, err) = sdrs(&["generate", "-p", "a red circle", "--max-memory", "lots"]);
     assert!(!ok && err.contains("is not a size"), "{err}");
+    // Tiles with the image's GroupNorm statistics hold the whole mid block's output too.
+    let (ok, plan, err) = sdrs(&["generate", "-p", "a red circle", "-W", "1024", "-H", "1024", "--plan", "--vae-tiling", "--vae-tile-stats", "image"]);
+    assert!(ok && plan.contains("64x64-latent tiles"), "{err}{plan}");
+    let (ok, _, err) = sdrs(&["generate", "-p", "a red circle", "--vae-tiling", "--vae-tile-stats", "mine", "-o", o]);
+    assert!(!ok && err.contains("unknown --vae-tile-stats `mine`; valid: tile, image"), "{err}");
 }
 
 #[test]

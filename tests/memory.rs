@@ -8,7 +8,7 @@ use std::path::Path;
 use common::*;
 use sdrs::budget::OVERHEAD;
 use sdrs::ggml::Type;
-use sdrs::pipeline::{Pipeline, Request};
+use sdrs::pipeline::{Pipeline, Request, Stage};
 use sdrs::sample::Sampler;
 
 fn psnr(a: &[u8], b: &[u8]) -> f64 {
@@ -37,6 +37,25 @@ fn a_budget_below_the_whole_decode_tiles_it_and_the_image_stays_close() {
     // tones drift a little between tiles (as in diffusers' tiled decode); seams are blended.
     let p = psnr(&whole.rgb, &tiled.rgb);
     assert!(p > 25.0, "tiled against whole decode: {p:.1} dB");
+    // With the image's GroupNorm statistics the tiles give the whole decode's image.
+    let req = Request { vae_tile_stats: sdrs::model::tile::TileStats::Image, ..req };
+    let planned = pipe.plan(&req).unwrap();
+    assert!(planned.peak() <= budget && planned.tiling.is_some(), "{}", planned.summary());
+    let mut ticks = Vec::new();
+    let exact = pipe
+        .generate(&req, &mut |s| {
+            if let Stage::Decoding { done, total } = s {
+                ticks.push((done, total));
+            }
+        })
+        .unwrap();
+    // Progress: every tile run of every pass (one per GroupNorm, then the output's).
+    let tiles = planned.tiling.unwrap().tiles(32, 32);
+    let &(done, total) = ticks.last().expect("tiled decodes report progress");
+    assert!(done == total && ticks.len() == total && total % tiles == 0 && total / tiles > 1, "{done}/{total} for {tiles} tiles");
+    let pe = psnr(&whole.rgb, &exact.rgb);
+    eprintln!("demo model 256², budget tiles {:?}: tile statistics {p:.1} dB, image statistics {pe:.1} dB", planned.tiling);
+    assert!(pe >= 40.0, "tiled with image statistics against whole decode: {pe:.1} dB");
 }
 
 #[test]

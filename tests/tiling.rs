@@ -8,7 +8,7 @@ use std::path::Path;
 use common::{photo, shared};
 use sdrs::formats::Checkpoint;
 use sdrs::ggml::Backend;
-use sdrs::model::tile::Tiling;
+use sdrs::model::tile::{TileStats, Tiling};
 use sdrs::model::{taesd, vae, Weights};
 
 fn psnr(a: &[f32], b: &[f32], range: f32) -> f64 {
@@ -61,34 +61,68 @@ fn taef2_in_tiles_matches_the_whole_run_on_a_real_photo() {
     assert!(seam >= 40.0, "seams {seam:.1} dB");
 }
 
-#[test]
-fn tiny_kl_vae_in_tiles_is_close_to_the_whole_decode_without_seams() {
-    let backend = Backend::cpu(2).unwrap();
+/// The tiny KL VAE of the reference fixtures and a real photo (192x160): `check` gets
+/// the weights, the config, the photo in [-1, 1] and its latents, and the whole decode.
+fn with_tiny_vae(check: impl FnOnce(&Weights<'_>, &sdrs::config::VaeConfig, &[f32], &[f32], &[f32])) {
     let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/ref");
     let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("m.gguf");
-    common::convert_to(&fixtures.join("sd1/model"), sdrs::ggml::Type::F32, &out).unwrap();
-    let gguf = sdrs::formats::gguf::GgufFile::open(&out).unwrap();
+    let path = dir.path().join("m.gguf");
+    common::convert_to(&fixtures.join("sd1/model"), sdrs::ggml::Type::F32, &path).unwrap();
+    let gguf = sdrs::formats::gguf::GgufFile::open(&path).unwrap();
     let cfg = sdrs::convert::metadata::read_config(&gguf).unwrap().unwrap().vae;
     let w8 = Weights::load(&gguf, |n| n.starts_with("first_stage_model.")).unwrap();
-    let f = cfg.downscale();
     let (x, w, h) = photo("chelsea.png", Some((192, 160)));
+    assert_eq!((w, h), (KL_W, KL_H));
     let pm1: Vec<f32> = x.iter().map(|v| v * 2.0 - 1.0).collect();
+    let backend = Backend::cpu(2).unwrap();
+    let f = cfg.downscale();
     let z = vae::encode(&w8, &cfg, &pm1, 1, h, w, &backend).unwrap();
     let y = vae::decode(&w8, &cfg, &z, 1, h / f, w / f, &backend).unwrap();
-    let t = Tiling::square(40, 16);
-    let yt = vae::decode_tiled(&w8, &cfg, &z, 1, h / f, w / f, t, &backend).unwrap();
-    assert!(t.tiles(w / f, h / f) >= 4);
-    let p = psnr(&y, &yt, 2.0);
-    let (seam, inner) = seam_and_interior(&y, &yt, w, h, t, f, 4, 2.0);
-    eprintln!("tiny KL VAE {w}x{h}, {} tiles of 40 latents (overlap 16): {p:.1} dB; seam bands {seam:.1} dB, elsewhere {inner:.1} dB", t.tiles(w / f, h / f));
-    // Every GroupNorm and the mid-block attention see a tile, not the image: with this
-    // random tiny VAE (whose statistics vary far more across an image than a trained
-    // one's) a tile is only near the whole decode (16.9 dB, 23.6 dB with 72-latent
-    // tiles). What tiling itself must not add is seams: the error at the seams is the
-    // error elsewhere.
-    assert!(p >= 15.0, "{p:.1} dB");
-    assert!((seam - inner).abs() <= 2.0, "seams {seam:.1} dB against {inner:.1} dB elsewhere");
+    check(&w8, &cfg, &pm1, &z, &y);
+}
+
+const KL_W: usize = 192;
+const KL_H: usize = 160;
+
+#[test]
+fn tiny_kl_vae_in_tiles_with_the_image_statistics_equals_the_whole_run() {
+    with_tiny_vae(|w8, cfg, pm1, z, y| {
+        let backend = Backend::cpu(2).unwrap();
+        let (w, h, f) = (KL_W, KL_H, cfg.downscale());
+        let (lw, lh) = (w / f, h / f);
+        let t = Tiling::square(40, 16);
+        assert!(t.tiles(lw, lh) >= 4);
+        let yt = vae::decode_tiled(w8, cfg, z, 1, lh, lw, t, TileStats::Image, &backend, &mut sdrs::model::tile::no_tick).unwrap();
+        let (p, (seam, inner)) = (psnr(y, &yt, 2.0), seam_and_interior(y, &yt, w, h, t, f, 4, 2.0));
+        // Encoding: the draw with zero noise is the distribution's mean, in UNet space.
+        let zero = vec![0f32; z.len()];
+        let zw = vae::encode_sample(w8, cfg, pm1, h, w, &zero, None, &backend).unwrap();
+        let zt = vae::encode_sample(w8, cfg, pm1, h, w, &zero, Some((t, TileStats::Image)), &backend).unwrap();
+        let range = zw.iter().fold(0f32, |m, v| m.max(v.abs())) * 2.0;
+        let pe = psnr(&zw, &zt, range);
+        eprintln!("tiny KL VAE {w}x{h}, {} tiles of 40 latents (overlap 16), image statistics: decode {p:.1} dB (seam bands {seam:.1}, elsewhere {inner:.1}), encode {pe:.1} dB", t.tiles(lw, lh));
+        assert!(p >= 40.0 && seam >= 40.0, "decode {p:.1} dB, seams {seam:.1} dB");
+        assert!(pe >= 40.0, "encode {pe:.1} dB");
+    });
+}
+
+#[test]
+fn tiny_kl_vae_in_tiles_with_their_own_statistics_is_near_the_whole_run_without_seams() {
+    with_tiny_vae(|w8, cfg, _, z, y| {
+        let backend = Backend::cpu(2).unwrap();
+        let (w, h, f) = (KL_W, KL_H, cfg.downscale());
+        let t = Tiling::square(40, 16);
+        let yt = vae::decode_tiled(w8, cfg, z, 1, h / f, w / f, t, TileStats::Tile, &backend, &mut sdrs::model::tile::no_tick).unwrap();
+        let p = psnr(y, &yt, 2.0);
+        let (seam, inner) = seam_and_interior(y, &yt, w, h, t, f, 4, 2.0);
+        eprintln!("tiny KL VAE {w}x{h}, {} tiles of 40 latents (overlap 16), tile statistics: {p:.1} dB; seam bands {seam:.1} dB, elsewhere {inner:.1} dB", t.tiles(w / f, h / f));
+        // Every GroupNorm and the mid-block attention see a tile, not the image: with this
+        // random tiny VAE (whose statistics vary far more across an image than a trained
+        // one's) a tile is only near the whole decode (16.9 dB). What blending must not
+        // add is seams: the error at the seams is the error elsewhere.
+        assert!(p >= 15.0, "{p:.1} dB");
+        assert!((seam - inner).abs() <= 2.0, "seams {seam:.1} dB against {inner:.1} dB elsewhere");
+    });
 }
 
 #[test]

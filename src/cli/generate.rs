@@ -5,6 +5,7 @@ use anyhow::{bail, Context, Result};
 use std::sync::Arc;
 
 use sdrs::pipeline::{Canvas, CanvasOptions, Pipeline, Request, RngKind, Stage};
+use sdrs::model::tile::TileStats;
 use sdrs::prompt::Emphasis;
 use sdrs::sample::{Sampler, Schedule};
 
@@ -138,6 +139,12 @@ pub struct Args {
     /// planner also tiles on its own when the whole image would not fit the budget).
     #[arg(long = "vae-tiling")]
     vae_tiling: bool,
+    /// Where the tiles' VAE GroupNorms take their statistics: `tile`, each tile's own
+    /// (one pass, as diffusers' `enable_tiling`; tones may drift between tiles) or
+    /// `image`, the whole image's (tiles equal the whole decode; one pass over the tiles
+    /// per norm: ~8x `tile`'s time for SD's VAE).
+    #[arg(long = "vae-tile-stats", default_value = "tile", value_name = "tile|image")]
+    vae_tile_stats: String,
     /// Print the memory plan (each stage's weights, compute buffer and the peak) and exit.
     #[arg(long = "plan")]
     plan_only: bool,
@@ -197,6 +204,7 @@ pub fn run(a: Args, threads: Option<usize>, target: &super::Target) -> Result<()
     if !(0.0..=1.0).contains(&a.guidance_rescale) {
         bail!("--guidance-rescale must be in [0, 1], not {}", a.guidance_rescale);
     }
+    let Some(vae_tile_stats) = TileStats::parse(&a.vae_tile_stats) else { bail!("unknown --vae-tile-stats `{}`; valid: {}", a.vae_tile_stats, TileStats::NAMES.join(", ")) };
     let Some(emphasis) = Emphasis::parse(&a.emphasis) else { bail!("unknown emphasis `{}`; valid: {}", a.emphasis, Emphasis::NAMES.join(", ")) };
     for path in a.embedding_dir.iter().chain(&a.embeddings) {
         let n = pipe.add_embeddings(path)?;
@@ -237,6 +245,7 @@ pub fn run(a: Args, threads: Option<usize>, target: &super::Target) -> Result<()
         loras: a.lora.iter().map(|s| super::convert::parse_lora(s)).collect(),
         lora_dir: a.lora_dir,
         vae_tiling: a.vae_tiling,
+        vae_tile_stats,
         // Ctrl-C ends the run within one step and writes no image.
         cancel: Some(super::interrupt_flag()),
         ..base
@@ -253,6 +262,7 @@ pub fn run(a: Args, threads: Option<usize>, target: &super::Target) -> Result<()
             bar.set_length(total as u64);
             bar.set_position(done as u64);
         }
+        Stage::Decoding { done, total } => bar.set_message(format!("decoding tile {done}/{total}")),
         Stage::Decoded => bar.set_message("decoded"),
     })?;
     bar.finish_and_clear();

@@ -586,7 +586,8 @@ impl Tensor<'_> {
         // SAFETY: as above.
         unsafe { sys::ggml_nbytes(self.ptr.as_ptr()) }
     }
-    fn has_data(&self) -> bool {
+    /// Whether the tensor has memory: weights, and the inputs and nodes of an allocated graph.
+    pub fn has_data(&self) -> bool {
         // SAFETY: as above.
         unsafe { !(*self.ptr.as_ptr()).data.is_null() }
     }

@@ -82,6 +82,21 @@ impl Context<'_> {
         // SAFETY: unary op.
         self.op(unsafe { sys::ggml_silu(self.raw(), a.raw()) })
     }
+    /// `a²` elementwise.
+    pub fn sqr<'c>(&'c self, a: Tensor<'c>) -> Result<Tensor<'c>> {
+        // SAFETY: unary op.
+        self.op(unsafe { sys::ggml_sqr(self.raw(), a.raw()) })
+    }
+
+    /// Sums over `ne[0]`: `[1, ne1, ne2, ne3]` (ggml accumulates each row in f64).
+    pub fn sum_rows<'c>(&'c self, a: Tensor<'c>) -> Result<Tensor<'c>> {
+        if a.ty() != Type::F32 || a.nb()[0] != 4 {
+            return Err(bad("sum_rows", format!("a {} tensor with rows {} bytes apart (f32 rows of adjacent values only)", a.ty().name(), a.nb()[0])));
+        }
+        // SAFETY: unary op on an f32 tensor.
+        self.op(unsafe { sys::ggml_sum_rows(self.raw(), a.raw()) })
+    }
+
     pub fn relu<'c>(&'c self, a: Tensor<'c>) -> Result<Tensor<'c>> {
         // SAFETY: unary op.
         self.op(unsafe { sys::ggml_relu(self.raw(), a.raw()) })

@@ -3,6 +3,7 @@
 pub mod adapter;
 pub mod clip;
 pub mod nn;
+pub mod norms;
 pub mod taesd;
 pub mod tile;
 pub mod unet;

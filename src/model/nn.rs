@@ -238,11 +238,23 @@ impl<'w> Program<'w> {
 
     /// One evaluation on `input` (the shape given at build time).
     pub fn run(&self, input: &[f32], backend: &Backend) -> Result<Vec<f32>> {
+        self.run_with(input, &[], backend)
+    }
+
+    /// [`Program::run`] with more inputs, each an f32 tensor the build named and marked as
+    /// an input; one the graph does not reach (it has no memory) is skipped.
+    pub fn run_with(&self, input: &[f32], named: &[(&str, &[f32])], backend: &Backend) -> Result<Vec<f32>> {
         let get = |n: &str| self.ctx.get(n).ok_or_else(|| crate::Error::Ggml(format!("program graph lacks `{n}`")));
         if input.len() != self.ne.iter().product::<usize>() {
             return Err(crate::Error::Invalid(format!("{} input values for a graph of shape {:?}", input.len(), self.ne)));
         }
         self.ctx.set_f32(get(INPUT)?, input)?;
+        for &(name, values) in named {
+            let t = get(name)?;
+            if t.has_data() {
+                self.ctx.set_f32(t, values)?;
+            }
+        }
         let graph = self.ctx.built_graph().ok_or_else(|| crate::Error::Ggml("program graph missing".into()))?;
         backend.compute(&graph)?;
         self.ctx.get_f32(get(OUTPUT)?)

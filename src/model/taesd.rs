@@ -130,7 +130,7 @@ pub fn decode_tiled(w: &Weights<'_>, latents: &[f32], n: usize, h: usize, wd: us
         (head_out.as_slice(), head_out.len() / (n * wd * h))
     };
     let program = Program::new(w, [t.tile_w, t.tile_h, c, 1], 2048, |nn, x| run(nn, tail, x))?;
-    tile::run(&program, x, &tile::Shape { n, c_in: c, c_out: 3, lw: wd, lh: h, f_in: 1, f_out: 8 }, t, backend)
+    tile::run(&program, x, &tile::Shape { n, c_in: c, c_out: 3, lw: wd, lh: h, f_in: 1, f_out: 8 }, t, backend, &mut tile::no_tick)
 }
 
 /// [`encode`] in tiles of `tiling` latents (8 pixels each); see [`split`].
@@ -148,7 +148,7 @@ pub fn encode_tiled(w: &Weights<'_>, pixels: &[f32], n: usize, h: usize, wd: usi
     let program = Program::new(w, [t.tile_w * 8, t.tile_h * 8, 3, 1], 2048, |nn, x| run(nn, head, x))?;
     // The head's channels at latent resolution.
     let c = program.output_len() / (t.tile_w * t.tile_h);
-    let x = tile::run(&program, pixels, &tile::Shape { n, c_in: 3, c_out: c, lw, lh, f_in: 8, f_out: 1 }, t, backend)?;
+    let x = tile::run(&program, pixels, &tile::Shape { n, c_in: 3, c_out: c, lw, lh, f_in: 8, f_out: 1 }, t, backend, &mut tile::no_tick)?;
     if tail.is_empty() {
         return Ok(x);
     }

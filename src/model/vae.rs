@@ -4,18 +4,20 @@ use crate::error::{Error, Result};
 use crate::ggml::{Backend, Context, Tensor};
 
 use super::nn::{eval, Nn, Program};
-pub use super::tile::Tiling;
+use super::norms::{group_norm, SharedNorms};
+pub use super::tile::{TileStats, Tiling};
 use super::{tile, Weights};
 
 const PREFIX: &str = "first_stage_model.";
 const GROUPS: usize = 32;
 const EPS: f32 = 1e-6;
 
-fn resnet<'c>(nn: &Nn<'c>, x: Tensor<'c>, name: &str) -> Result<Tensor<'c>> {
+/// `shared`: GroupNorms with the whole image's statistics, for a tile (see [`super::norms`]).
+fn resnet<'c>(nn: &Nn<'c>, x: Tensor<'c>, name: &str, shared: Option<&SharedNorms>) -> Result<Tensor<'c>> {
     let c = nn.ctx;
-    let h = c.silu(nn.group_norm(x, &format!("{name}.norm1"), GROUPS, EPS)?)?;
+    let h = c.silu(group_norm(nn, shared, x, &format!("{name}.norm1"), GROUPS, EPS)?)?;
     let h = nn.conv(h, &format!("{name}.conv1"), 3, 1, 1)?;
-    let h = c.silu(nn.group_norm(h, &format!("{name}.norm2"), GROUPS, EPS)?)?;
+    let h = c.silu(group_norm(nn, shared, h, &format!("{name}.norm2"), GROUPS, EPS)?)?;
     let h = nn.conv(h, &format!("{name}.conv2"), 3, 1, 1)?;
     let skip = if nn.w.opt(&format!("{name}.nin_shortcut.weight")).is_some() { nn.conv(x, &format!("{name}.nin_shortcut"), 1, 1, 0)? } else { x };
     c.add(skip, h)
@@ -42,30 +44,43 @@ fn attention<'c>(nn: &Nn<'c>, x: Tensor<'c>, name: &str) -> Result<Tensor<'c>> {
 }
 
 fn mid<'c>(nn: &Nn<'c>, x: Tensor<'c>, p: &str) -> Result<Tensor<'c>> {
-    let x = resnet(nn, x, &format!("{p}mid.block_1"))?;
+    let x = resnet(nn, x, &format!("{p}mid.block_1"), None)?;
     let x = attention(nn, x, &format!("{p}mid.attn_1"))?;
-    resnet(nn, x, &format!("{p}mid.block_2"))
+    resnet(nn, x, &format!("{p}mid.block_2"), None)
 }
 
 /// Decoder graph: latents `[w, h, z, n]` (already unscaled) → pixels `[8w, 8h, 3, n]` in [-1, 1].
 pub fn decoder<'c>(nn: &Nn<'c>, cfg: &VaeConfig, z: Tensor<'c>) -> Result<Tensor<'c>> {
+    decoder_up(nn, cfg, decoder_mid(nn, z)?, None)
+}
+
+/// The decoder at latent resolution, to the mid block's output. Its attention takes
+/// every latent, so a tiled decode runs this part whole.
+fn decoder_mid<'c>(nn: &Nn<'c>, z: Tensor<'c>) -> Result<Tensor<'c>> {
     // SDXL's decoder activations overflow f16 (see `Nn::f32_kernels`).
+    let nn = &Nn { f32_kernels: true, ..*nn };
+    let p = format!("{PREFIX}decoder.");
+    let z = nn.conv(z, &format!("{PREFIX}post_quant_conv"), 1, 1, 0)?;
+    let x = nn.conv(z, &format!("{p}conv_in"), 3, 1, 1)?;
+    mid(nn, x, &p)
+}
+
+/// The rest of the decoder: upsampling blocks and the output layers (convolutions and
+/// GroupNorms only, so it runs in tiles).
+fn decoder_up<'c>(nn: &Nn<'c>, cfg: &VaeConfig, mut x: Tensor<'c>, shared: Option<&SharedNorms>) -> Result<Tensor<'c>> {
     let nn = &Nn { f32_kernels: true, ..*nn };
     let c = nn.ctx;
     let p = format!("{PREFIX}decoder.");
-    let z = nn.conv(z, &format!("{PREFIX}post_quant_conv"), 1, 1, 0)?;
-    let mut x = nn.conv(z, &format!("{p}conv_in"), 3, 1, 1)?;
-    x = mid(nn, x, &p)?;
     for level in (0..cfg.channel_mult.len()).rev() {
         for j in 0..=cfg.num_res_blocks {
-            x = resnet(nn, x, &format!("{p}up.{level}.block.{j}"))?;
+            x = resnet(nn, x, &format!("{p}up.{level}.block.{j}"), shared)?;
         }
         if level > 0 {
             x = c.upscale_nearest(x, 2)?;
             x = nn.conv(x, &format!("{p}up.{level}.upsample.conv"), 3, 1, 1)?;
         }
     }
-    let x = c.silu(nn.group_norm(x, &format!("{p}norm_out"), GROUPS, EPS)?)?;
+    let x = c.silu(group_norm(nn, shared, x, &format!("{p}norm_out"), GROUPS, EPS)?)?;
     nn.conv(x, &format!("{p}conv_out"), 3, 1, 1)
 }
 
@@ -78,6 +93,12 @@ pub fn encoder<'c>(nn: &Nn<'c>, cfg: &VaeConfig, img: Tensor<'c>) -> Result<Tens
 
 /// The latent distribution `[W/8, H/8, 2z, n]`: means, then log-variances.
 fn moments<'c>(nn: &Nn<'c>, cfg: &VaeConfig, img: Tensor<'c>) -> Result<Tensor<'c>> {
+    encoder_mid(nn, encoder_down(nn, cfg, img, None)?)
+}
+
+/// The encoder to latent resolution: its downsampling blocks (convolutions and
+/// GroupNorms only, so it runs in tiles).
+fn encoder_down<'c>(nn: &Nn<'c>, cfg: &VaeConfig, img: Tensor<'c>, shared: Option<&SharedNorms>) -> Result<Tensor<'c>> {
     let nn = &Nn { f32_kernels: true, ..*nn };
     let c = nn.ctx;
     let p = format!("{PREFIX}encoder.");
@@ -85,7 +106,7 @@ fn moments<'c>(nn: &Nn<'c>, cfg: &VaeConfig, img: Tensor<'c>) -> Result<Tensor<'
     let levels = cfg.channel_mult.len();
     for level in 0..levels {
         for j in 0..cfg.num_res_blocks {
-            x = resnet(nn, x, &format!("{p}down.{level}.block.{j}"))?;
+            x = resnet(nn, x, &format!("{p}down.{level}.block.{j}"), shared)?;
         }
         if level + 1 < levels {
             // LDM pads right and bottom by one, then convolves with stride 2 and no padding.
@@ -93,7 +114,16 @@ fn moments<'c>(nn: &Nn<'c>, cfg: &VaeConfig, img: Tensor<'c>) -> Result<Tensor<'
             x = nn.conv(padded, &format!("{p}down.{level}.downsample.conv"), 3, 2, 0)?;
         }
     }
-    x = mid(nn, x, &p)?;
+    Ok(x)
+}
+
+/// The rest of the encoder, at latent resolution: the mid block (whose attention takes
+/// every latent) and the output layers, to the moments.
+fn encoder_mid<'c>(nn: &Nn<'c>, x: Tensor<'c>) -> Result<Tensor<'c>> {
+    let nn = &Nn { f32_kernels: true, ..*nn };
+    let c = nn.ctx;
+    let p = format!("{PREFIX}encoder.");
+    let x = mid(nn, x, &p)?;
     let x = c.silu(nn.group_norm(x, &format!("{p}norm_out"), GROUPS, EPS)?)?;
     let x = nn.conv(x, &format!("{p}conv_out"), 3, 1, 1)?;
     nn.conv(x, &format!("{PREFIX}quant_conv"), 1, 1, 0)
@@ -114,24 +144,56 @@ pub fn decode(w: &Weights<'_>, cfg: &VaeConfig, latents: &[f32], n: usize, h: us
 }
 
 fn decode_graph<'c>(nn: &Nn<'c>, cfg: &VaeConfig, z: Tensor<'c>) -> Result<Tensor<'c>> {
-    let zs = nn.ctx.scale(z, 1.0 / cfg.scaling_factor)?;
-    let zs = if cfg.shift_factor != 0.0 { nn.ctx.add1(zs, cfg.shift_factor)? } else { zs };
-    decoder(nn, cfg, zs)
+    decoder(nn, cfg, unscale(nn, cfg, z)?)
 }
 
-/// The compute buffer a decode of one `w`x`h` latent (or tile) needs, in bytes,
-/// found without allocating it.
+/// UNet-space latents back to the decoder's.
+fn unscale<'c>(nn: &Nn<'c>, cfg: &VaeConfig, z: Tensor<'c>) -> Result<Tensor<'c>> {
+    let zs = nn.ctx.scale(z, 1.0 / cfg.scaling_factor)?;
+    if cfg.shift_factor != 0.0 {
+        nn.ctx.add1(zs, cfg.shift_factor)
+    } else {
+        Ok(zs)
+    }
+}
+
+/// The compute buffer a decode of one `w`x`h` latent needs, in bytes, found without
+/// allocating it.
 pub fn decode_buffer_bytes(w: &Weights<'_>, cfg: &VaeConfig, wd: usize, h: usize) -> Result<usize> {
     Program::measure(w, [wd, h, cfg.latent_channels, 1], GRAPH_TENSORS, |nn, z| decode_graph(nn, cfg, z))
 }
 
-/// The compute buffer [`encode`] needs for one `wd`x`h` image, found without allocating it.
-pub fn encode_buffer_bytes(w: &Weights<'_>, cfg: &VaeConfig, wd: usize, h: usize) -> Result<usize> {
-    Program::measure(w, [wd, h, 3, 1], GRAPH_TENSORS, |nn, img| encoder(nn, cfg, img))
+/// The compute buffer of [`decode_tiled`] for a `wd`x`h` latent: one tile's, or with
+/// [`TileStats::Image`] the larger of the whole mid block's and one tile's upsampling.
+pub fn decode_tiled_bytes(w: &Weights<'_>, cfg: &VaeConfig, wd: usize, h: usize, tiling: Tiling, stats: TileStats) -> Result<usize> {
+    let t = tiling.clamp(wd, h);
+    if !t.cuts(wd, h) {
+        return decode_buffer_bytes(w, cfg, wd, h);
+    }
+    match stats {
+        TileStats::Tile => decode_buffer_bytes(w, cfg, t.tile_w, t.tile_h),
+        TileStats::Image => {
+            let head = Program::measure(w, [wd, h, cfg.latent_channels, 1], GRAPH_TENSORS, |nn, z| decoder_mid(nn, unscale(nn, cfg, z)?))?;
+            let shared = SharedNorms::new(None);
+            let tail = Program::measure(w, [t.tile_w, t.tile_h, mid_channels(cfg), 1], GRAPH_TENSORS, |nn, x| decoder_up(nn, cfg, x, Some(&shared)))?;
+            Ok(head.max(tail))
+        }
+    }
 }
 
-/// [`decode`] in tiles ([`tile`](super::tile)): the compute buffer is that of one tile.
-pub fn decode_tiled(w: &Weights<'_>, cfg: &VaeConfig, latents: &[f32], n: usize, h: usize, wd: usize, tiling: Tiling, backend: &Backend) -> Result<Vec<f32>> {
+/// Channels at latent resolution (the mid block's).
+pub fn mid_channels(cfg: &VaeConfig) -> usize {
+    cfg.base_channels * cfg.channel_mult.last().copied().unwrap_or(1)
+}
+
+/// [`decode`] in tiles ([`tile`](super::tile)), the compute buffer one tile's. With
+/// [`TileStats::Image`] the mid block (whose attention takes every latent) runs whole,
+/// then the upsampling blocks in tiles with the whole image's GroupNorm statistics
+/// ([`tile::run_exact`]): the tiles equal the whole decode. With [`TileStats::Tile`]
+/// the whole decoder runs per tile, blended: faster, each tile normalised on its own.
+#[allow(clippy::too_many_arguments)]
+/// `tick` hears of each tile run (and may stop the decode).
+pub fn decode_tiled(w: &Weights<'_>, cfg: &VaeConfig, latents: &[f32], n: usize, h: usize, wd: usize, tiling: Tiling, stats: TileStats, backend: &Backend, tick: tile::Tick<'_>) -> Result<Vec<f32>> {
     let zc = cfg.latent_channels;
     if latents.len() != n * zc * h * wd {
         return Err(Error::Invalid(format!("{} latent values for {n}x{zc}x{h}x{wd}", latents.len())));
@@ -140,15 +202,41 @@ pub fn decode_tiled(w: &Weights<'_>, cfg: &VaeConfig, latents: &[f32], n: usize,
     if !t.cuts(wd, h) {
         return decode(w, cfg, latents, n, h, wd, backend);
     }
-    let program = Program::new(w, [t.tile_w, t.tile_h, zc, 1], GRAPH_TENSORS, |nn, z| decode_graph(nn, cfg, z))?;
-    let shape = tile::Shape { n, c_in: zc, c_out: 3, lw: wd, lh: h, f_in: 1, f_out: cfg.downscale() };
-    tile::run(&program, latents, &shape, t, backend)
+    let f = cfg.downscale();
+    match stats {
+        TileStats::Tile => {
+            let program = Program::new(w, [t.tile_w, t.tile_h, zc, 1], GRAPH_TENSORS, |nn, z| decode_graph(nn, cfg, z))?;
+            let shape = tile::Shape { n, c_in: zc, c_out: 3, lw: wd, lh: h, f_in: 1, f_out: f };
+            tile::run(&program, latents, &shape, t, backend, tick)
+        }
+        TileStats::Image => {
+            let mid = eval(w, [wd, h, zc, n], latents, GRAPH_TENSORS, backend, |nn, z| decoder_mid(nn, unscale(nn, cfg, z)?))?;
+            let shape = tile::Shape { n, c_in: mid_channels(cfg), c_out: 3, lw: wd, lh: h, f_in: 1, f_out: f };
+            tile::run_exact(w, GRAPH_TENSORS, &mid, &shape, t, backend, tick, |nn, x, shared| decoder_up(nn, cfg, x, Some(shared)))
+        }
+    }
 }
 
-/// The compute buffer of one tile of [`encode_sample`] (its moments), found without allocating it.
-pub fn encode_tile_bytes(w: &Weights<'_>, cfg: &VaeConfig, tiling: Tiling) -> Result<usize> {
+/// The compute buffer of one tile of [`encode_sample`] (its moments), found without
+/// allocating it; with [`TileStats::Image`] the larger of one tile's downsampling and the
+/// whole `lw`x`lh` mid block's.
+pub fn encode_tile_bytes(w: &Weights<'_>, cfg: &VaeConfig, lw: usize, lh: usize, tiling: Tiling, stats: TileStats) -> Result<usize> {
     let f = cfg.downscale();
-    Program::measure(w, [tiling.tile_w * f, tiling.tile_h * f, 3, 1], GRAPH_TENSORS, |nn, img| moments(nn, cfg, img))
+    let t = tiling.clamp(lw, lh);
+    match stats {
+        TileStats::Tile => Program::measure(w, [t.tile_w * f, t.tile_h * f, 3, 1], GRAPH_TENSORS, |nn, img| moments(nn, cfg, img)),
+        TileStats::Image => {
+            let shared = SharedNorms::new(None);
+            let down = Program::measure(w, [t.tile_w * f, t.tile_h * f, 3, 1], GRAPH_TENSORS, |nn, img| encoder_down(nn, cfg, img, Some(&shared)))?;
+            let mid = Program::measure(w, [lw, lh, mid_channels(cfg), 1], GRAPH_TENSORS, encoder_mid)?;
+            Ok(down.max(mid))
+        }
+    }
+}
+
+/// The compute buffer [`encode`] needs for one `wd`x`h` image, found without allocating it.
+pub fn encode_buffer_bytes(w: &Weights<'_>, cfg: &VaeConfig, wd: usize, h: usize) -> Result<usize> {
+    Program::measure(w, [wd, h, 3, 1], GRAPH_TENSORS, |nn, img| encoder(nn, cfg, img))
 }
 
 /// Encodes pixels in [-1, 1] (`[n][3][H][W]`) to UNet-space latents (the
@@ -169,8 +257,9 @@ pub fn encode(w: &Weights<'_>, cfg: &VaeConfig, pixels: &[f32], n: usize, h: usi
 /// `mean + exp(logvar / 2)·eps` with `eps` unit Gaussian of the latent's size (diffusers'
 /// `latent_dist.sample`, log-variance clamped to [-30, 20] as there), shifted and scaled
 /// into UNet space.
-/// With `tiling`, the moments come from overlapping tiles of the image, blended.
-pub fn encode_sample(w: &Weights<'_>, cfg: &VaeConfig, pixels: &[f32], h: usize, wd: usize, eps: &[f32], tiling: Option<Tiling>, backend: &Backend) -> Result<Vec<f32>> {
+/// With `tiling`, the downsampling runs in overlapping tiles (see [`decode_tiled`]).
+#[allow(clippy::too_many_arguments)]
+pub fn encode_sample(w: &Weights<'_>, cfg: &VaeConfig, pixels: &[f32], h: usize, wd: usize, eps: &[f32], tiling: Option<(Tiling, TileStats)>, backend: &Backend) -> Result<Vec<f32>> {
     let f = cfg.downscale();
     let zc = cfg.latent_channels;
     let n = zc * (h / f) * (wd / f);
@@ -178,10 +267,15 @@ pub fn encode_sample(w: &Weights<'_>, cfg: &VaeConfig, pixels: &[f32], h: usize,
         return Err(Error::Invalid(format!("{} pixel values for 3x{h}x{wd} (sides must be multiples of {f}) and {} noise values for {n} latents", pixels.len(), eps.len())));
     }
     let (lw, lh) = (wd / f, h / f);
-    let m = match tiling.map(|t| t.clamp(lw, lh)).filter(|t| t.cuts(lw, lh)) {
-        Some(t) => {
+    let m = match tiling.map(|(t, s)| (t.clamp(lw, lh), s)).filter(|(t, _)| t.cuts(lw, lh)) {
+        Some((t, TileStats::Tile)) => {
             let program = Program::new(w, [t.tile_w * f, t.tile_h * f, 3, 1], GRAPH_TENSORS, |nn, img| moments(nn, cfg, img))?;
-            tile::run(&program, pixels, &tile::Shape { n: 1, c_in: 3, c_out: 2 * zc, lw, lh, f_in: f, f_out: 1 }, t, backend)?
+            tile::run(&program, pixels, &tile::Shape { n: 1, c_in: 3, c_out: 2 * zc, lw, lh, f_in: f, f_out: 1 }, t, backend, &mut tile::no_tick)?
+        }
+        Some((t, TileStats::Image)) => {
+            let ch = mid_channels(cfg);
+            let down = tile::run_exact(w, GRAPH_TENSORS, pixels, &tile::Shape { n: 1, c_in: 3, c_out: ch, lw, lh, f_in: f, f_out: 1 }, t, backend, &mut tile::no_tick, |nn, img, shared| encoder_down(nn, cfg, img, Some(shared)))?;
+            eval(w, [lw, lh, ch, 1], &down, GRAPH_TENSORS, backend, encoder_mid)?
         }
         None => eval(w, [wd, h, 3, 1], pixels, GRAPH_TENSORS, backend, |nn, img| moments(nn, cfg, img))?,
     };

@@ -99,6 +99,9 @@ pub struct Request {
     /// tiles even when the whole image would fit the memory budget (the planner tiles
     /// on its own when it would not).
     pub vae_tiling: bool,
+    /// Where a tiled KL VAE's GroupNorms take their statistics: each tile's (one pass,
+    /// the default) or the whole image's (tiles equal the whole run, one pass per norm).
+    pub vae_tile_stats: vae::TileStats,
 }
 
 /// The tiles `vae_tiling` asks for: 64 latents (512 pixels) a side, overlapping by a
@@ -139,6 +142,7 @@ impl Request {
             loras: Vec::new(),
             lora_dir: None,
             vae_tiling: false,
+            vae_tile_stats: vae::TileStats::Tile,
         }
     }
 
@@ -187,6 +191,8 @@ pub enum Stage {
     /// and the compute buffer it uses.
     Sampling { unet_flops: f64, compute_bytes: usize },
     Step { done: usize, total: usize },
+    /// Tile runs of a tiled VAE decode.
+    Decoding { done: usize, total: usize },
     Decoded,
 }
 
@@ -609,7 +615,10 @@ impl Pipeline {
             None => {
                 let w = self.stage(|n| n.starts_with("first_stage_model."), |_| false, |d| &d.vae)?;
                 let pixels = match memory.tiling {
-                    Some(t) => vae::decode_tiled(&w, &cfg.vae, latent, 1, lh, lw, t, &self.backend)?,
+                    Some(t) => vae::decode_tiled(&w, &cfg.vae, latent, 1, lh, lw, t, req.vae_tile_stats, &self.backend, &mut |done, total| {
+                        progress(Stage::Decoding { done, total });
+                        cancelled()
+                    })?,
                     None => vae::decode(&w, &cfg.vae, latent, 1, lh, lw, &self.backend)?,
                 };
                 (pixels, false)
@@ -716,7 +725,7 @@ impl budget::Stages for RunStages<'_> {
             let f = cfg.vae.downscale();
             let forced = FORCED_TILE.clamp(self.lw, self.lh);
             let compute = if self.req.vae_tiling && forced.cuts(self.lw, self.lh) {
-                vae::encode_tile_bytes(&w, &cfg.vae, forced)?
+                vae::encode_tile_bytes(&w, &cfg.vae, self.lw, self.lh, forced, self.req.vae_tile_stats)?
             } else {
                 vae::encode_buffer_bytes(&w, &cfg.vae, self.lw * f, self.lh * f)?
             } as u64;
@@ -744,12 +753,16 @@ impl budget::Stages for RunStages<'_> {
         }
         let dec = |n: &str| n.starts_with("first_stage_model.decoder.") || n.starts_with("first_stage_model.post_quant_conv.");
         let w = Weights::load(&p.gguf, |n| n.starts_with("first_stage_model."))?;
-        let (tw, th) = tiling.map_or((self.lw, self.lh), |t| {
-            let t = t.clamp(self.lw, self.lh);
-            (t.tile_w, t.tile_h)
-        });
-        let compute = vae::decode_buffer_bytes(&w, &cfg.vae, tw, th)? as u64;
-        Ok(Need { stage: "decode", weights: self.mapped(dec), compute, other })
+        let compute = match tiling {
+            Some(t) => vae::decode_tiled_bytes(&w, &cfg.vae, self.lw, self.lh, t, self.req.vae_tile_stats)?,
+            None => vae::decode_buffer_bytes(&w, &cfg.vae, self.lw, self.lh)?,
+        } as u64;
+        // Tiles with the image's statistics start from the whole mid block's output, in f32.
+        let mid = match tiling {
+            Some(t) if t.clamp(self.lw, self.lh).cuts(self.lw, self.lh) && self.req.vae_tile_stats == vae::TileStats::Image => (4 * vae::mid_channels(&cfg.vae) * self.lw * self.lh) as u64,
+            _ => 0,
+        };
+        Ok(Need { stage: "decode", weights: self.mapped(dec), compute, other: other + mid })
     }
 
     fn latent(&self) -> (usize, usize) {

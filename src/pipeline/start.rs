@@ -12,7 +12,7 @@ use std::path::PathBuf;
 
 use crate::error::{Error, Result};
 use crate::formats::Checkpoint;
-use crate::model::vae::Tiling;
+use crate::model::vae::{TileStats, Tiling};
 use crate::model::{taesd, vae, Weights};
 use crate::sample::{Plan, Rng};
 
@@ -80,7 +80,7 @@ impl Pipeline {
         };
         let image = match canvas {
             // diffusers' inpaint pipeline encodes the image only where it is used.
-            Some(c) if mask.is_none() || !nine || strength < 1.0 => Some(self.encode_image(encoder.as_ref(), &c.planar_pm1(), lw, lh, tiling, rng)?),
+            Some(c) if mask.is_none() || !nine || strength < 1.0 => Some(self.encode_image(encoder.as_ref(), &c.planar_pm1(), lw, lh, tiling.map(|t| (t, req.vae_tile_stats)), rng)?),
             _ => None,
         };
         let noise = match &req.noise {
@@ -100,7 +100,7 @@ impl Pipeline {
             }
             let small = nearest(m, c.width, c.height, lw, lh);
             if nine {
-                let latent = self.encode_image(encoder.as_ref(), &masked, lw, lh, tiling, rng)?;
+                let latent = self.encode_image(encoder.as_ref(), &masked, lw, lh, tiling.map(|t| (t, req.vae_tile_stats)), rng)?;
                 let mut e = small;
                 e.extend(latent);
                 extra = Some(e);
@@ -125,14 +125,14 @@ impl Pipeline {
 
     /// UNet-space latents of an image in [-1, 1]: a draw from the VAE's latent
     /// distribution, or TAESD's (deterministic) latent.
-    fn encode_image(&self, encoder: Option<&Encoder>, pixels: &[f32], lw: usize, lh: usize, tiling: Option<Tiling>, rng: &mut dyn Rng) -> Result<Vec<f32>> {
+    fn encode_image(&self, encoder: Option<&Encoder>, pixels: &[f32], lw: usize, lh: usize, tiling: Option<(Tiling, TileStats)>, rng: &mut dyn Rng) -> Result<Vec<f32>> {
         let cfg = &self.config.vae;
         let (h, w) = (lh * cfg.downscale(), lw * cfg.downscale());
         match encoder {
             Some(Encoder::Taesd(t)) => {
                 let unit: Vec<f32> = pixels.iter().map(|v| v * 0.5 + 0.5).collect();
                 let z = match tiling {
-                    Some(tiles) => taesd::encode_tiled(t, &unit, 1, h, w, tiles, &self.backend)?,
+                    Some((tiles, _)) => taesd::encode_tiled(t, &unit, 1, h, w, tiles, &self.backend)?,
                     None => taesd::encode(t, &unit, 1, h, w, &self.backend)?,
                 };
                 if z.len() != cfg.latent_channels * lw * lh {
