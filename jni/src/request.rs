@@ -7,6 +7,7 @@ use jni::JNIEnv;
 
 use std::sync::Arc;
 
+use sdrs_core::model::tile::TileStats;
 use sdrs_core::pipeline::{Canvas, Image, Request};
 use sdrs_core::sample::Sampler;
 
@@ -69,6 +70,11 @@ pub(crate) fn read(env: &mut JNIEnv, req: &JObject, defaults: &Request) -> Resul
         seed: env.get_field(req, "seed", "J")?.j()? as u64,
         clip_skip: count(env, req, "clipSkip", base.clip_skip)?,
         lora_dir: text(env, req, "loraDir")?.map(Into::into),
+        vae_tiling: env.get_field(req, "vaeTiling", "Z")?.z()?,
+        vae_tile_stats: match text(env, req, "vaeTileStats")? {
+            Some(name) => TileStats::parse(&name).ok_or_else(|| Fail::Msg(format!("unknown vaeTileStats `{name}`; valid: {}", TileStats::NAMES.join(", "))))?,
+            None => base.vae_tile_stats,
+        },
         ..base
     })
     .and_then(|r| init(env, req, r))

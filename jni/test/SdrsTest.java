@@ -287,6 +287,30 @@ public class SdrsTest {
                 contains(expect(SdrsException.class, () -> sd.generate(t, null)).getMessage(), "no LoRA `mine`");
             });
 
+            test("VAE tiles: with the image's statistics the tiled decode is the whole one; a bad mode is refused", () -> {
+                Request r = small(sd, "a red circle on a blue background");
+                // Two 64-latent tiles across (the demo model's VAE downsamples by 8).
+                r.width = 576;
+                r.height = 512;
+                r.steps = 1;
+                int[] whole = sd.generate(r, null).argb();
+                r.vaeTiling = true;
+                r.vaeTileStats = "image";
+                int[] tiled = sd.generate(r, null).argb();
+                double se = 0;
+                for (int i = 0; i < whole.length; i++) {
+                    for (int shift = 0; shift < 24; shift += 8) {
+                        double d = (((whole[i] >> shift) & 0xFF) - ((tiled[i] >> shift) & 0xFF)) / 255.0;
+                        se += d * d;
+                    }
+                }
+                double psnr = 10 * Math.log10(3.0 * whole.length / Math.max(se, 1e-12));
+                System.out.printf("     tiled against whole decode: %.1f dB%n", psnr);
+                check(psnr >= 40, "tiled against whole decode: " + psnr + " dB");
+                r.vaeTileStats = "mine";
+                contains(expect(SdrsException.class, () -> sd.generate(r, null)).getMessage(), "unknown vaeTileStats `mine`");
+            });
+
             test("img2img and inpainting from ARGB ints; wrong pixel counts and a null prompt are refused", () -> {
                 Image base = sd.generate(small(sd, "a red circle on a blue background"), null);
                 int w = base.width, h = base.height;

@@ -33,6 +33,17 @@ public final class Request {
      */
     public String loraDir;
     /**
+     * Encode and decode images over 512x512 in overlapping 512-pixel tiles even when the
+     * whole image would fit the memory budget (the planner tiles on its own when it would not).
+     */
+    public boolean vaeTiling;
+    /**
+     * Where a tiled VAE's GroupNorms take their statistics: "tile", each tile's own (one
+     * pass; tones may drift between tiles), or "image", the whole image's (tiles equal the
+     * whole decode, about 10x the decode time). Null: "tile".
+     */
+    public String vaeTileStats;
+    /**
      * img2img: the starting picture as ARGB_8888 ints (as {@code Bitmap.getPixels} gives
      * them), width x height of this request, row by row; alpha is ignored. Null: txt2img.
      */
