@@ -1,0 +1,107 @@
+//! Processes killed mid-write: `sdrs convert` and `sdrs generate` stopped with SIGKILL
+//! at random moments leave at their target either nothing or the whole file, and never
+//! touch their input. A kill can leave only the hidden staging file beside the target
+//! (`.NAME.XXXXXX.tmp`), which the killed process had no chance to remove.
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn sdrs() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_sdrs"));
+    c.stdout(Stdio::null()).stderr(Stdio::null());
+    c
+}
+
+/// Deterministic delays spread over `0..span` (a fixed-seed generator: the schedule
+/// repeats, the moments the kills land at do not).
+fn delays(n: usize, span: Duration) -> Vec<Duration> {
+    let mut s = 0x2545_F491_4F6C_DD1Du64;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            span.mul_f64((s >> 11) as f64 / (1u64 << 53) as f64)
+        })
+        .collect()
+}
+
+/// What one killed run left: whether the target exists, and the names beside it that are
+/// neither the target nor the input.
+fn leftovers(dir: &Path, keep: &[&Path]) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().path()).filter(|p| !keep.contains(&p.as_path())).map(|p| p.file_name().unwrap().to_string_lossy().into_owned()).collect();
+    names.sort();
+    names
+}
+
+/// Runs `args` (which write the `.ext` target it is given) killed after each delay;
+/// checks every outcome against `whole` (what an uninterrupted run wrote, at
+/// `whole.ext`) with `same`, and that `input` kept its bytes. Returns how many runs were
+/// killed before their target appeared, and how many of those after writing had begun
+/// (a staging file left).
+#[allow(clippy::too_many_arguments)]
+fn kill_trials(dir: &Path, input: Option<&Path>, ext: &str, args: impl Fn(&Path) -> Vec<String>, whole: &[u8], same: impl Fn(&[u8], &[u8]) -> bool, span: Duration, n: usize) -> (usize, usize) {
+    let original = input.map(|p| std::fs::read(p).unwrap());
+    let (mut cut_short, mut mid_write) = (0, 0);
+    for (i, delay) in delays(n, span).into_iter().enumerate() {
+        let target = dir.join(format!("out{i}.{ext}"));
+        let mut child = sdrs().args(args(&target)).spawn().unwrap();
+        std::thread::sleep(delay);
+        let _ = child.kill(); // SIGKILL; an error means it had already exited.
+        child.wait().unwrap();
+        if target.exists() {
+            let got = std::fs::read(&target).unwrap();
+            assert!(same(&got, whole), "trial {i} (killed after {delay:?}): {} is not the complete output", target.display());
+            std::fs::remove_file(&target).unwrap();
+        } else {
+            cut_short += 1;
+        }
+        let whole_path = dir.join(format!("whole.{ext}"));
+        let keep: Vec<&Path> = input.into_iter().chain([whole_path.as_path()]).collect();
+        for name in leftovers(dir, &keep) {
+            let stem = target.file_name().unwrap().to_string_lossy().into_owned();
+            assert!(name.starts_with(&format!(".{stem}.")) && name.ends_with(".tmp"), "trial {i}: `{name}` left beside the target");
+            std::fs::remove_file(dir.join(&name)).unwrap();
+            mid_write += 1;
+        }
+        if let (Some(p), Some(o)) = (input, &original) {
+            assert!(&std::fs::read(p).unwrap() == o, "trial {i}: the input changed");
+        }
+    }
+    (cut_short, mid_write)
+}
+
+#[test]
+fn conversions_killed_at_random_moments_leave_the_whole_file_or_none() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let input = d.join("in.safetensors");
+    assert!(sdrs().args(["synth", "tiny-sdxl", "--type", "f32", "-o"]).arg(&input).status().unwrap().success());
+    let convert = |out: &Path| -> Vec<String> { ["convert", input.to_str().unwrap(), "--type", "q4_K", "-o", out.to_str().unwrap()].map(String::from).to_vec() };
+    let whole_path: PathBuf = d.join("whole.gguf");
+    let t0 = Instant::now();
+    assert!(sdrs().args(convert(&whole_path)).status().unwrap().success());
+    let took = t0.elapsed();
+    let whole = std::fs::read(&whole_path).unwrap();
+    // Conversion is deterministic, so a finished target equals the uninterrupted one.
+    let (killed, mid_write) = kill_trials(d, Some(&input), "gguf", convert, &whole, |a, b| a == b, took.mul_f64(1.2), 20);
+    eprintln!("20 conversions of {} MB killed within {:?}: {killed} before the target appeared, {mid_write} of them after writing began", whole.len() >> 20, took.mul_f64(1.2));
+    assert!(mid_write >= 3, "only {mid_write} of 20 kills landed while the output was being written");
+}
+
+#[test]
+fn generations_killed_at_random_moments_leave_a_whole_png_or_none() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // The built-in demo model: no input file.
+    let generate = |out: &Path| -> Vec<String> { ["generate", "-p", "a red circle", "-W", "256", "-H", "256", "--steps", "4", "-o", out.to_str().unwrap()].map(String::from).to_vec() };
+    let whole_path = d.join("whole.png");
+    let t0 = Instant::now();
+    assert!(sdrs().args(generate(&whole_path)).status().unwrap().success());
+    let took = t0.elapsed();
+    let whole = std::fs::read(&whole_path).unwrap();
+    let pixels = |png: &[u8]| -> Vec<u8> { image::load_from_memory(png).expect("a whole, decodable PNG").to_rgb8().into_raw() };
+    let (killed, _) = kill_trials(d, None, "png", generate, &whole, |a, b| pixels(a) == pixels(b), took.mul_f64(1.2), 10);
+    eprintln!("10 generations killed within {:?}: {killed} before the image appeared", took.mul_f64(1.2));
+    assert!(killed >= 3, "only {killed} of 10 kills landed before the end");
+}
