@@ -105,3 +105,28 @@ fn generations_killed_at_random_moments_leave_a_whole_png_or_none() {
     eprintln!("10 generations killed within {:?}: {killed} before the image appeared", took.mul_f64(1.2));
     assert!(killed >= 3, "only {killed} of 10 kills landed before the end");
 }
+
+#[test]
+fn a_model_file_truncated_while_mapped_is_an_error_not_a_crash() {
+    use sdrs::pipeline::{Pipeline, Request};
+    let dir = tempfile::tempdir().unwrap();
+    let (input, model) = (dir.path().join("in.safetensors"), dir.path().join("m.gguf"));
+    assert!(sdrs().args(["synth", "tiny-sd15", "-o"]).arg(&input).status().unwrap().success());
+    assert!(sdrs().args(["convert", "--type", "f16", "-o"]).arg(&model).arg(&input).status().unwrap().success());
+    let pipe = Pipeline::load_with_threads(&model, 2).unwrap();
+    let req = Request { steps: 2, ..pipe.request("a red circle") };
+    let req = Request { width: req.width.min(128), height: req.height.min(128), ..req };
+    let before = pipe.generate(&req, &mut |_| {}).unwrap();
+    // Another process shrinks the file to half: the weights past that are gone from the
+    // mapping, and reading them raises SIGBUS.
+    let len = std::fs::metadata(&model).unwrap().len();
+    std::fs::OpenOptions::new().write(true).open(&model).unwrap().set_len(len / 2).unwrap();
+    for _ in 0..2 {
+        let e = pipe.generate(&req, &mut |_| {}).unwrap_err().to_string();
+        assert!(e.contains("m.gguf") && e.contains("truncated or rewritten while in use"), "{e}");
+    }
+    // A model reopened from the whole file again works.
+    assert!(sdrs().args(["convert", "--force", "--type", "f16", "-o"]).arg(&model).arg(&input).status().unwrap().success());
+    let again = Pipeline::load_with_threads(&model, 2).unwrap().generate(&req, &mut |_| {}).unwrap();
+    assert_eq!(again.rgb, before.rgb);
+}

@@ -203,6 +203,34 @@ pub(crate) fn string(env: &mut JNIEnv, s: &JObject, what: &str) -> Result<String
     Ok(env.get_string(<&JString>::from(s))?.into())
 }
 
+/// Called by the JVM when it loads the library. A HotSpot JVM owns the process's SIGBUS
+/// handler (another library may only chain to it through `libjsig`), so sdrs leaves it
+/// alone there: a model file truncated while mapped then ends the process, as any
+/// mapped file's would. Android's runtime ("Dalvik" as `java.vm.name`) chains native
+/// handlers itself, so there sdrs keeps its guard and turns that into an `SdrsException`.
+#[no_mangle]
+pub extern "system" fn JNI_OnLoad(vm: jni::JavaVM, _reserved: *mut std::ffi::c_void) -> jint {
+    let android = catch_unwind(AssertUnwindSafe(|| -> Option<bool> {
+        let mut env = vm.get_env().ok()?;
+        let mut vm_name = || -> Option<String> {
+            let key = env.new_string("java.vm.name").ok()?;
+            let name = env.call_static_method("java/lang/System", "getProperty", "(Ljava/lang/String;)Ljava/lang/String;", &[(&key).into()]).ok()?.l().ok()?;
+            if name.is_null() {
+                return None;
+            }
+            env.get_string(&name.into()).ok().map(Into::into)
+        };
+        let name = vm_name();
+        // A failed lookup must not leave an exception to fail the library's loading.
+        let _ = env.exception_clear();
+        Some(name.as_deref() == Some("Dalvik"))
+    }));
+    if !matches!(android, Ok(Some(true))) {
+        sdrs_core::ggml::MapGuard::disable();
+    }
+    jni::sys::JNI_VERSION_1_6
+}
+
 #[no_mangle]
 pub extern "system" fn Java_org_sdrs_StableDiffusion_nativeLoad<'l>(mut env: JNIEnv<'l>, _c: JClass<'l>, path: JString<'l>, n: jint) -> jlong {
     guard(&mut env, 0, |env| {

@@ -2,6 +2,7 @@
 //! safe outside: callers never see a raw pointer.
 mod context;
 mod device;
+mod mapguard;
 mod ops;
 mod peak;
 mod sys;
@@ -11,6 +12,7 @@ mod im2col;
 pub use attention::kernel_variant as attention_kernel;
 pub use context::{Backend, Context, Graph, HostRegion, NodeTiming, Tensor};
 pub use device::{cpu_backend_info, devices, CpuBackendInfo, DeviceInfo, DeviceKind, BACKEND_DIR_ENV, VULKAN_BUILT};
+pub use mapguard::MapGuard;
 pub use ops::CONV_MAX_BANDS;
 pub use peak::fma_peak_flops;
 pub(crate) use device::cpu_backend_device;
@@ -285,8 +287,8 @@ pub fn gguf_summary(path: &Path) -> Result<GgufSummary> {
 ///
 /// `memmap2` marks this unsafe because the file can change under the mapping; a
 /// shrunk file makes later reads of the lost pages fault (SIGBUS). Callers validate
-/// every offset against the length seen at open time, and model files are not
-/// expected to change while in use.
+/// every offset against the length seen at open time, and watch the mapping with a
+/// [`MapGuard`], which turns such a fault into zeros read and a flag to check.
 pub fn map_file(file: &std::fs::File) -> std::io::Result<memmap2::Mmap> {
     // SAFETY: see above; the map is read-only and private to this process.
     unsafe { memmap2::Mmap::map(file) }

@@ -544,6 +544,7 @@ impl Pipeline {
             None => None,
         };
         let context = cond.context;
+        self.gguf.check_intact()?;
         progress(Stage::TextEncoded);
         cancelled()?;
         let t1 = Instant::now();
@@ -599,6 +600,7 @@ impl Pipeline {
             traj.into_iter().last().ok_or_else(|| Error::Invalid("no sampling steps".into()))?
         };
         self.gguf.release(unet);
+        self.gguf.check_intact()?;
         cancelled()?;
         let t2 = Instant::now();
 
@@ -625,6 +627,7 @@ impl Pipeline {
             }
         };
         self.gguf.release(|n| n.starts_with("first_stage_model."));
+        self.gguf.check_intact()?;
         progress(Stage::Decoded);
         let (w, h) = (req.width, req.height);
         let mut rgb = vec![0u8; w * h * 3];
