@@ -128,6 +128,20 @@ pub struct Shape {
     pub f_out: usize,
 }
 
+impl Shape {
+    /// Copies the input of the tile at latent `(x0, y0)` out of one image's input
+    /// (`[c_in][lh·f_in][lw·f_in]`) into `tile` (`[c_in][th·f_in][tw·f_in]`).
+    fn cut(&self, image: &[f32], tile: &mut [f32], t: Tiling, x0: usize, y0: usize) {
+        let (iw, ih, tiw, tih) = (self.lw * self.f_in, self.lh * self.f_in, t.tile_w * self.f_in, t.tile_h * self.f_in);
+        for c in 0..self.c_in {
+            for y in 0..tih {
+                let from = c * iw * ih + (y0 * self.f_in + y) * iw + x0 * self.f_in;
+                tile[(c * tih + y) * tiw..][..tiw].copy_from_slice(&image[from..from + tiw]);
+            }
+        }
+    }
+}
+
 /// Called after each tile run with the runs done and the total; an error stops the run
 /// (a cancelled request).
 pub type Tick<'a> = &'a mut dyn FnMut(usize, usize) -> Result<()>;
@@ -158,12 +172,7 @@ pub fn run(program: &Program<'_>, input: &[f32], s: &Shape, tiling: Tiling, back
         let img = &mut out[b * s.c_out * ow * oh..][..s.c_out * ow * oh];
         for (&y0, ry) in ys.iter().zip(&rys) {
             for (&x0, rx) in xs.iter().zip(&rxs) {
-                for c in 0..s.c_in {
-                    for y in 0..tih {
-                        let from = c * iw * ih + (y0 * s.f_in + y) * iw + x0 * s.f_in;
-                        tile[(c * tih + y) * tiw..][..tiw].copy_from_slice(&src[from..from + tiw]);
-                    }
-                }
+                s.cut(src, &mut tile, t, x0, y0);
                 let got = program.run(&tile, backend)?;
                 done += 1;
                 tick(done, total)?;
@@ -230,34 +239,26 @@ pub fn run_exact(w: &Weights<'_>, max_tensors: usize, input: &[f32], s: &Shape, 
     // The statistics gathered so far, as named inputs.
     let stat_inputs = |stats: &[(Vec<f32>, Vec<f32>)]| -> Vec<(String, Vec<f32>)> { names.iter().zip(stats).flat_map(|((mn, rn), (m, r))| [(mn.clone(), m.clone()), (rn.clone(), r.clone())]).collect() };
     let (mut done, total) = (0, s.n * tiles.len() * (norm_list.len() + 1));
-    let mut out = vec![0f32; s.n * s.c_out * ow * oh];
     let mut tile = vec![0f32; s.c_in * tiw * tih];
-    for b in 0..s.n {
-        let src = &input[b * s.c_in * iw * ih..][..s.c_in * iw * ih];
-        let cut = |tile: &mut [f32], x0: usize, y0: usize| {
-            for c in 0..s.c_in {
-                for y in 0..tih {
-                    let from = c * iw * ih + (y0 * s.f_in + y) * iw + x0 * s.f_in;
-                    tile[(c * tih + y) * tiw..][..tiw].copy_from_slice(&src[from..from + tiw]);
-                }
-            }
-        };
-        let mut stats: Vec<(Vec<f32>, Vec<f32>)> = Vec::with_capacity(norm_list.len());
-        for (k, &norm) in norm_list.iter().enumerate() {
-            let (p, shared) = program(Some(k))?;
-            // The collected norm made the one mask, at its input's resolution.
-            let [mw, mh] = shared.masks().first().copied().ok_or_else(|| Error::Ggml(format!("GroupNorm {k} made no mask")))?;
-            if mw % t.tile_w != 0 || mh % t.tile_h != 0 {
-                return Err(Error::Ggml(format!("GroupNorm {k} sees a {mw}x{mh} tile, not a whole multiple of {}x{} latents", t.tile_w, t.tile_h)));
-            }
-            let (fx, fy) = (mw / t.tile_w, mh / t.tile_h);
-            let inputs = stat_inputs(&stats);
+    let image = |b: usize| &input[b * s.c_in * iw * ih..][..s.c_in * iw * ih];
+    // Each image's statistics, norm by norm; each pass's graph serves every image.
+    let mut stats: Vec<Vec<(Vec<f32>, Vec<f32>)>> = vec![Vec::with_capacity(norm_list.len()); s.n];
+    for (k, &norm) in norm_list.iter().enumerate() {
+        let (p, shared) = program(Some(k))?;
+        // The collected norm made the one mask, at its input's resolution.
+        let [mw, mh] = shared.masks().first().copied().ok_or_else(|| Error::Ggml(format!("GroupNorm {k} made no mask")))?;
+        if mw % t.tile_w != 0 || mh % t.tile_h != 0 {
+            return Err(Error::Ggml(format!("GroupNorm {k} sees a {mw}x{mh} tile, not a whole multiple of {}x{} latents", t.tile_w, t.tile_h)));
+        }
+        let (fx, fy) = (mw / t.tile_w, mh / t.tile_h);
+        let mask_name = norms::mask_name(mw, mh);
+        for (b, stats) in stats.iter_mut().enumerate() {
+            let inputs = stat_inputs(stats);
             let mut gather = Gather::new(norm);
             for &((x0, ox), (y0, oy)) in &tiles {
-                cut(&mut tile, x0, y0);
+                s.cut(image(b), &mut tile, t, x0, y0);
                 let (xr, yr) = ((ox.0 - x0) * fx..(ox.1 - x0) * fx, (oy.0 - y0) * fy..(oy.1 - y0) * fy);
                 let mask: Vec<f32> = (0..mh).flat_map(|y| (0..mw).map(move |x| (y, x))).map(|(y, x)| (yr.contains(&y) && xr.contains(&x)) as u8 as f32).collect();
-                let mask_name = norms::mask_name(mw, mh);
                 let named: Vec<(&str, &[f32])> = std::iter::once((mask_name.as_str(), mask.as_slice())).chain(inputs.iter().map(|(n, v)| (n.as_str(), v.as_slice()))).collect();
                 gather.add(&p.run_with(&tile, &named, backend)?, xr.len() * yr.len())?;
                 done += 1;
@@ -265,11 +266,14 @@ pub fn run_exact(w: &Weights<'_>, max_tensors: usize, input: &[f32], s: &Shape, 
             }
             stats.push(gather.finish());
         }
-        let inputs = stat_inputs(&stats);
+    }
+    let mut out = vec![0f32; s.n * s.c_out * ow * oh];
+    for (b, stats) in stats.iter().enumerate() {
+        let inputs = stat_inputs(stats);
         let named: Vec<(&str, &[f32])> = inputs.iter().map(|(n, v)| (n.as_str(), v.as_slice())).collect();
         let img = &mut out[b * s.c_out * ow * oh..][..s.c_out * ow * oh];
         for &((x0, ox), (y0, oy)) in &tiles {
-            cut(&mut tile, x0, y0);
+            s.cut(image(b), &mut tile, t, x0, y0);
             let got = last.run_with(&tile, &named, backend)?;
             done += 1;
             tick(done, total)?;

@@ -191,8 +191,8 @@ pub fn mid_channels(cfg: &VaeConfig) -> usize {
 /// then the upsampling blocks in tiles with the whole image's GroupNorm statistics
 /// ([`tile::run_exact`]): the tiles equal the whole decode. With [`TileStats::Tile`]
 /// the whole decoder runs per tile, blended: faster, each tile normalised on its own.
-#[allow(clippy::too_many_arguments)]
 /// `tick` hears of each tile run (and may stop the decode).
+#[allow(clippy::too_many_arguments)]
 pub fn decode_tiled(w: &Weights<'_>, cfg: &VaeConfig, latents: &[f32], n: usize, h: usize, wd: usize, tiling: Tiling, stats: TileStats, backend: &Backend, tick: tile::Tick<'_>) -> Result<Vec<f32>> {
     let zc = cfg.latent_channels;
     if latents.len() != n * zc * h * wd {
