@@ -27,6 +27,9 @@ pub fn read_tensors(path: &Path) -> Result<(Vec<SourceTensor>, BTreeMap<String, 
     // Only the header's pages are touched, and the map is dropped before returning.
     let map = crate::ggml::map_file(&file.file).map_err(|e| Error::io(&file.path, e))?;
     let (header_len, meta) = SafeTensors::read_metadata(&map).map_err(|e| Error::format(path, format!("invalid safetensors header: {e}")))?;
+    if !map.intact() {
+        return Err(Error::format(path, "the file was truncated while its header was read"));
+    }
     drop(map);
     let data_start = 8 + header_len as u64;
     let mut tensors = Vec::new();

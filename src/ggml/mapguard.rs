@@ -5,9 +5,9 @@
 //! which kills the process by default; checking sizes up front cannot help, since the
 //! change comes later. So a SIGBUS whose address lies in a watched mapping is absorbed:
 //! the handler maps a page of zeros over the lost page, flags the mapping and returns,
-//! and the read goes on with zeros. Whoever owns the mapping then asks
-//! [`MapGuard::damaged`] after its work and turns the flag into an error naming the
-//! file, so results computed from the zeros are never returned. A SIGBUS anywhere else
+//! and the read goes on with zeros. Every mapping [`super::map_file`] makes is watched;
+//! its owner asks [`super::Mapped::intact`] after its work and turns a damaged mapping
+//! into an error naming the file, so results computed from the zeros are never returned. A SIGBUS anywhere else
 //! goes to the handler that was there before (a JVM's, say) or to the default action.
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::OnceLock;

@@ -283,22 +283,46 @@ pub fn gguf_summary(path: &Path) -> Result<GgufSummary> {
     }
 }
 
+/// A read-only file mapping, watched for the file shrinking under it ([`MapGuard`]).
+pub struct Mapped {
+    /// Declared before `map`, so the watch ends before the mapping does.
+    guard: Option<MapGuard>,
+    map: memmap2::Mmap,
+}
+
+impl std::ops::Deref for Mapped {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.map
+    }
+}
+
+impl Mapped {
+    /// False once a read of a page the file no longer has came back as zeros (the file
+    /// was truncated or rewritten while mapped): whatever was computed from it is void.
+    pub fn intact(&self) -> bool {
+        !self.guard.as_ref().is_some_and(MapGuard::damaged)
+    }
+}
+
 /// Maps a file read-only.
 ///
 /// `memmap2` marks this unsafe because the file can change under the mapping; a
 /// shrunk file makes later reads of the lost pages fault (SIGBUS). Callers validate
-/// every offset against the length seen at open time, and watch the mapping with a
-/// [`MapGuard`], which turns such a fault into zeros read and a flag to check.
-pub fn map_file(file: &std::fs::File) -> std::io::Result<memmap2::Mmap> {
+/// every offset against the length seen at open time, and the mapping is watched by a
+/// [`MapGuard`], which turns such a fault into zeros read and [`Mapped::intact`] false.
+pub fn map_file(file: &std::fs::File) -> std::io::Result<Mapped> {
     // SAFETY: see above; the map is read-only and private to this process.
-    unsafe { memmap2::Mmap::map(file) }
+    let map = unsafe { memmap2::Mmap::map(file) }?;
+    Ok(Mapped { guard: MapGuard::watch(&map), map })
 }
 
 /// Drops the resident pages of `len` bytes at `offset` of a read-only file mapping
 /// from this process (whole pages inside the range only). The data stays valid: a
 /// later read faults the page in again from the page cache or the file. This is how
 /// a stage's weights stop counting against the process once the stage is done.
-pub fn release_pages(map: &memmap2::Mmap, offset: usize, len: usize) {
+pub fn release_pages(map: &Mapped, offset: usize, len: usize) {
+    let map = &map.map;
     const PAGE: usize = 4096;
     let base = map.as_ptr() as usize;
     let start = (base + offset).next_multiple_of(PAGE) - base;

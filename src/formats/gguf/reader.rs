@@ -2,8 +2,6 @@
 //! place (zero copy).
 use std::path::{Path, PathBuf};
 
-use memmap2::Mmap;
-
 use super::value::{ty, Value};
 use super::{GGUF_MAGIC, MAX_DIMS};
 use crate::error::{Error, Result};
@@ -40,15 +38,12 @@ pub struct GgufFile {
     pub tensors: Vec<TensorInfo>,
     /// Absolute file offset of the data section.
     pub data_offset: u64,
-    /// Watches the mapping for a file that shrinks under it; declared before `map` so
-    /// that it is dropped (unwatched) before the mapping goes.
-    guard: Option<ggml::MapGuard>,
     map: Bytes,
 }
 
 /// Where a GGUF's bytes live: a file mapping, or bytes built into the binary.
 enum Bytes {
-    Map(Mmap),
+    Map(ggml::Mapped),
     Static(&'static [u8]),
 }
 
@@ -83,22 +78,18 @@ impl GgufFile {
     }
 
     fn parse(path: &Path, map: Bytes) -> Result<GgufFile> {
-        let guard = match &map {
-            Bytes::Map(m) => ggml::MapGuard::watch(m),
-            Bytes::Static(_) => None,
-        };
         let mut p = Parser { buf: &map, pos: 0, path };
         let (version, metadata, tensors, data_offset, alignment) = p.parse()?;
-        let file = GgufFile { path: path.to_path_buf(), version, alignment, metadata, tensors, data_offset, guard, map };
+        let file = GgufFile { path: path.to_path_buf(), version, alignment, metadata, tensors, data_offset, map };
         file.check_intact()?;
         Ok(file)
     }
 
     /// An error if the file shrank while mapped: what was read of its lost pages came
-    /// back as zeros ([`ggml::MapGuard`]), so anything computed since is void.
+    /// back as zeros ([`ggml::Mapped::intact`]), so anything computed since is void.
     pub fn check_intact(&self) -> Result<()> {
-        match &self.guard {
-            Some(g) if g.damaged() => Err(Error::format(&self.path, "the file was truncated or rewritten while in use: reads past its new end came back as zeros, so this run's results were dropped (reopen the model)")),
+        match &self.map {
+            Bytes::Map(m) if !m.intact() => Err(Error::format(&self.path, "the file was truncated or rewritten while in use: reads past its new end came back as zeros, so this run's results were dropped (reopen the model)")),
             _ => Ok(()),
         }
     }
