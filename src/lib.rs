@@ -10,6 +10,8 @@ pub mod cpu;
 pub mod demo;
 pub mod error;
 pub mod formats;
+#[doc(hidden)]
+pub mod fuzz;
 pub mod lora;
 pub mod synth;
 pub mod tokenizer;

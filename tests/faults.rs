@@ -1,4 +1,4 @@
-//! Processes killed mid-write: `sdrs convert` and `sdrs generate` stopped with SIGKILL
+//! Processes killed mid-write: `sdrs convert` (plain and with a merged LoRA) and `sdrs generate` stopped with SIGKILL
 //! at random moments leave at their target either nothing or the whole file, and never
 //! touch their input. A kill can leave only the hidden staging file beside the target
 //! (`.NAME.XXXXXX.tmp`), which the killed process had no chance to remove.
@@ -36,12 +36,12 @@ fn leftovers(dir: &Path, keep: &[&Path]) -> Vec<String> {
 
 /// Runs `args` (which write the `.ext` target it is given) killed after each delay;
 /// checks every outcome against `whole` (what an uninterrupted run wrote, at
-/// `whole.ext`) with `same`, and that `input` kept its bytes. Returns how many runs were
+/// `whole.ext`) with `same`, and that every file of `inputs` kept its bytes. Returns how many runs were
 /// killed before their target appeared, and how many of those after writing had begun
 /// (a staging file left).
 #[allow(clippy::too_many_arguments)]
-fn kill_trials(dir: &Path, input: Option<&Path>, ext: &str, args: impl Fn(&Path) -> Vec<String>, whole: &[u8], same: impl Fn(&[u8], &[u8]) -> bool, span: Duration, n: usize) -> (usize, usize) {
-    let original = input.map(|p| std::fs::read(p).unwrap());
+fn kill_trials(dir: &Path, inputs: &[&Path], ext: &str, args: impl Fn(&Path) -> Vec<String>, whole: &[u8], same: impl Fn(&[u8], &[u8]) -> bool, span: Duration, n: usize) -> (usize, usize) {
+    let original: Vec<Vec<u8>> = inputs.iter().map(|p| std::fs::read(p).unwrap()).collect();
     let (mut cut_short, mut mid_write) = (0, 0);
     for (i, delay) in delays(n, span).into_iter().enumerate() {
         let target = dir.join(format!("out{i}.{ext}"));
@@ -57,15 +57,15 @@ fn kill_trials(dir: &Path, input: Option<&Path>, ext: &str, args: impl Fn(&Path)
             cut_short += 1;
         }
         let whole_path = dir.join(format!("whole.{ext}"));
-        let keep: Vec<&Path> = input.into_iter().chain([whole_path.as_path()]).collect();
+        let keep: Vec<&Path> = inputs.iter().copied().chain([whole_path.as_path()]).collect();
         for name in leftovers(dir, &keep) {
             let stem = target.file_name().unwrap().to_string_lossy().into_owned();
             assert!(name.starts_with(&format!(".{stem}.")) && name.ends_with(".tmp"), "trial {i}: `{name}` left beside the target");
             std::fs::remove_file(dir.join(&name)).unwrap();
             mid_write += 1;
         }
-        if let (Some(p), Some(o)) = (input, &original) {
-            assert!(&std::fs::read(p).unwrap() == o, "trial {i}: the input changed");
+        for (p, o) in inputs.iter().zip(&original) {
+            assert!(&std::fs::read(p).unwrap() == o, "trial {i}: the input {} changed", p.display());
         }
     }
     (cut_short, mid_write)
@@ -84,9 +84,55 @@ fn conversions_killed_at_random_moments_leave_the_whole_file_or_none() {
     let took = t0.elapsed();
     let whole = std::fs::read(&whole_path).unwrap();
     // Conversion is deterministic, so a finished target equals the uninterrupted one.
-    let (killed, mid_write) = kill_trials(d, Some(&input), "gguf", convert, &whole, |a, b| a == b, took.mul_f64(1.2), 20);
+    let (killed, mid_write) = kill_trials(d, &[&input], "gguf", convert, &whole, |a, b| a == b, took.mul_f64(1.2), 20);
     eprintln!("20 conversions of {} MB killed within {:?}: {killed} before the target appeared, {mid_write} of them after writing began", whole.len() >> 20, took.mul_f64(1.2));
     assert!(mid_write >= 3, "only {mid_write} of 20 kills landed while the output was being written");
+}
+
+/// The same with a LoRA merged into the weights (`--lora`): the output is still the
+/// whole merged file or nothing, and neither the checkpoint nor the LoRA changes.
+#[test]
+fn merged_lora_conversions_killed_at_random_moments_leave_the_whole_file_or_none() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let input = d.join("in.safetensors");
+    assert!(sdrs().args(["synth", "tiny-sd15", "--type", "f32", "-o"]).arg(&input).status().unwrap().success());
+    // A kohya LoRA (original single-file module names) on every cross-attention key
+    // projection of the model, with its real shapes.
+    let ck = sdrs::formats::Checkpoint::open(&input).unwrap();
+    let mut specs = Vec::new();
+    let mut values: Vec<Vec<f32>> = Vec::new();
+    for t in ck.tensors.iter().filter(|t| t.name.ends_with("attn2.to_k.weight")) {
+        let module = t.name.trim_start_matches("model.diffusion_model.").trim_end_matches(".weight").replace('.', "_");
+        let (out, inp) = (t.shape[0], t.shape[1]);
+        for (part, shape) in [("lora_down.weight", vec![4, inp]), ("lora_up.weight", vec![out, 4]), ("alpha", vec![])] {
+            let n: usize = shape.iter().product();
+            values.push((0..n).map(|i| ((i * 7 + specs.len()) % 11) as f32 * 0.01 - 0.05).collect());
+            specs.push(sdrs::formats::safetensors::WriteSpec { name: format!("lora_unet_{module}.{part}"), shape, dtype: sdrs::formats::DType::F32 });
+        }
+    }
+    assert!(specs.len() >= 6, "no cross-attention in the tiny model");
+    let lora = d.join("style.safetensors");
+    let mut bytes = Vec::new();
+    sdrs::formats::safetensors::write(&mut bytes, &specs, &Default::default(), |i, b| {
+        b.extend(values[i].iter().flat_map(|v| v.to_le_bytes()));
+        Ok(())
+    })
+    .unwrap();
+    std::fs::write(&lora, bytes).unwrap();
+    let lora_arg = format!("{}:0.7", lora.display());
+    let convert = |out: &Path| -> Vec<String> { ["convert", input.to_str().unwrap(), "--type", "q4_K", "--lora", &lora_arg, "-o", out.to_str().unwrap()].map(String::from).to_vec() };
+    let whole_path: PathBuf = d.join("whole.gguf");
+    let t0 = Instant::now();
+    let o = sdrs().args(convert(&whole_path)).stderr(Stdio::piped()).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let took = t0.elapsed();
+    let whole = std::fs::read(&whole_path).unwrap();
+    let merged = sdrs::formats::gguf::GgufFile::open(&whole_path).unwrap().get("sd.lora.merged").and_then(|v| v.as_str()).map(str::to_string);
+    assert_eq!(merged.as_deref(), Some("style.safetensors:0.7"));
+    let (killed, mid_write) = kill_trials(d, &[&input, &lora], "gguf", convert, &whole, |a, b| a == b, took.mul_f64(1.2), 10);
+    eprintln!("10 merged conversions killed within {:?}: {killed} before the target appeared, {mid_write} of them after writing began", took.mul_f64(1.2));
+    assert!(killed >= 2, "only {killed} of 10 kills landed before the end");
 }
 
 #[test]
@@ -101,7 +147,7 @@ fn generations_killed_at_random_moments_leave_a_whole_png_or_none() {
     let took = t0.elapsed();
     let whole = std::fs::read(&whole_path).unwrap();
     let pixels = |png: &[u8]| -> Vec<u8> { image::load_from_memory(png).expect("a whole, decodable PNG").to_rgb8().into_raw() };
-    let (killed, _) = kill_trials(d, None, "png", generate, &whole, |a, b| pixels(a) == pixels(b), took.mul_f64(1.2), 10);
+    let (killed, _) = kill_trials(d, &[], "png", generate, &whole, |a, b| pixels(a) == pixels(b), took.mul_f64(1.2), 10);
     eprintln!("10 generations killed within {:?}: {killed} before the image appeared", took.mul_f64(1.2));
     assert!(killed >= 3, "only {killed} of 10 kills landed before the end");
 }
@@ -129,4 +175,69 @@ fn a_model_file_truncated_while_mapped_is_an_error_not_a_crash() {
     assert!(sdrs().args(["convert", "--force", "--type", "f16", "-o"]).arg(&model).arg(&input).status().unwrap().success());
     let again = Pipeline::load_with_threads(&model, 2).unwrap().generate(&req, &mut |_| {}).unwrap();
     assert_eq!(again.rgb, before.rgb);
+}
+
+/// Mounts a tmpfs of `size` at `dir/name`, or `None` where mounting is not allowed.
+fn small_disk(dir: &Path, name: &str, size: &str) -> Option<PathBuf> {
+    let mnt = dir.join(name);
+    std::fs::create_dir(&mnt).unwrap();
+    let ok = Command::new("mount").args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"]).arg(&mnt).status().map(|s| s.success()).unwrap_or(false);
+    ok.then_some(mnt)
+}
+
+fn is_root() -> bool {
+    Command::new("id").arg("-u").output().map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0").unwrap_or(false)
+}
+
+/// Image outputs and LoRA-merged conversions on a full disk, and into a path whose
+/// folder is a file: each fails naming its target and the cause, and leaves nothing.
+#[test]
+fn image_and_merged_outputs_on_a_full_disk_or_a_bad_path_fail_naming_them_and_leave_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let run = |args: &[&str]| -> (bool, String) {
+        let o = Command::new(env!("CARGO_BIN_EXE_sdrs")).args(args).output().unwrap();
+        (o.status.success(), String::from_utf8_lossy(&o.stderr).into_owned())
+    };
+    // Into a "folder" that is a file.
+    let file = d.join("plain");
+    std::fs::write(&file, b"x").unwrap();
+    let bad = file.join("out.png");
+    let (ok, err) = run(&["generate", "-p", "a red circle", "--steps", "1", "-o", bad.to_str().unwrap()]);
+    assert!(!ok && err.contains("plain/out.png"), "{err}");
+    assert_eq!(std::fs::read(&file).unwrap(), b"x");
+
+    let Some(mnt) = small_disk(d, "small", "4k") else {
+        assert!(!is_root(), "root could not mount a tmpfs");
+        eprintln!("SKIP: cannot mount a tmpfs here (not root?)");
+        return;
+    };
+    // A 512² PNG of the demo model is tens of kilobytes: more than the one 4 KiB page.
+    let png = mnt.join("full.png");
+    let (ok, err) = run(&["generate", "-p", "a red circle", "-W", "512", "-H", "512", "--steps", "1", "-o", png.to_str().unwrap()]);
+    let png_left = std::fs::read_dir(&mnt).unwrap().count();
+    // A LoRA-merged conversion to the same full disk.
+    let input = d.join("in.safetensors");
+    assert!(sdrs().args(["synth", "tiny-sd15", "--type", "f16", "-o"]).arg(&input).status().unwrap().success());
+    let lora = d.join("empty-named.safetensors");
+    let ck = sdrs::formats::Checkpoint::open(&input).unwrap();
+    let t = ck.tensors.iter().find(|t| t.name.ends_with("attn2.to_k.weight")).unwrap();
+    let module = t.name.trim_start_matches("model.diffusion_model.").trim_end_matches(".weight").replace('.', "_");
+    let specs = [(format!("lora_unet_{module}.lora_down.weight"), vec![2, t.shape[1]]), (format!("lora_unet_{module}.lora_up.weight"), vec![t.shape[0], 2])];
+    let ws: Vec<sdrs::formats::safetensors::WriteSpec> = specs.iter().map(|(n, s)| sdrs::formats::safetensors::WriteSpec { name: n.clone(), shape: s.clone(), dtype: sdrs::formats::DType::F32 }).collect();
+    let mut bytes = Vec::new();
+    sdrs::formats::safetensors::write(&mut bytes, &ws, &Default::default(), |i, b| {
+        b.extend(std::iter::repeat_n(0.01f32.to_le_bytes(), specs[i].1.iter().product()).flatten());
+        Ok(())
+    })
+    .unwrap();
+    std::fs::write(&lora, bytes).unwrap();
+    let gguf = mnt.join("merged.gguf");
+    let (ok2, err2) = run(&["convert", input.to_str().unwrap(), "--type", "q8_0", "--lora", lora.to_str().unwrap(), "-o", gguf.to_str().unwrap()]);
+    let left = std::fs::read_dir(&mnt).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect::<Vec<_>>();
+    let _ = Command::new("umount").arg(&mnt).status();
+    assert!(!ok && err.contains("full.png") && err.contains("No space left"), "{err}");
+    assert_eq!(png_left, 0, "the PNG left something on the full disk");
+    assert!(!ok2 && err2.contains("merged.gguf") && err2.contains("No space left"), "{err2}");
+    assert!(left.is_empty(), "{left:?}");
 }

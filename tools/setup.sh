@@ -20,15 +20,18 @@
 #              arm64 standard library (rustup cannot download targets on these machines),
 #              and the arm64 C and C++ runtimes that qemu runs the tests with
 #   --java     OpenJDK, for the JNI library's host test (jni/test/run.sh)
+#   --fuzz     ccache, before the release build: ggml's CMake then caches its objects,
+#              and the fuzz build (tools/fuzz.sh) reuses them instead of building ggml again
 # Safe to run repeatedly; installs nothing that is already there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-aarch64=0 java=0
+aarch64=0 java=0 fuzz=0
 for a in "$@"; do
   case "$a" in
     --aarch64) aarch64=1 ;;
     --java) java=1 ;;
-    *) echo "sdrs setup: unknown option $a (known: --aarch64, --java)" >&2; exit 2 ;;
+    --fuzz) fuzz=1 ;;
+    *) echo "sdrs setup: unknown option $a (known: --aarch64, --java, --fuzz)" >&2; exit 2 ;;
   esac
 done
 
@@ -50,6 +53,7 @@ if [ $aarch64 = 1 ]; then
     have_pkg "$p" || missing+=("$p")
   done
 fi
+if [ $fuzz = 1 ]; then command -v ccache >/dev/null 2>&1 || missing+=(ccache); fi
 if [ $java = 1 ]; then command -v javac >/dev/null 2>&1 || missing+=(openjdk-17-jdk-headless); fi
 if [ ${#missing[@]} -gt 0 ] || [ ${#backports[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then

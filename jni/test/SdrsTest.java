@@ -442,6 +442,75 @@ public class SdrsTest {
             check(liveModels() == baseline, "freed when the listener's run returned");
         });
 
+        test("stress: 6 threads on 3 models (two of one file) with cancels and a close; finished images equal those made alone", () -> {
+            StableDiffusion[] models = {StableDiffusion.load(gguf, 1), StableDiffusion.load(gguf, 1), StableDiffusion.demo(1)};
+            int seeds = 3;
+            // The images each model makes alone, one seed at a time.
+            int[][][] alone = new int[models.length][seeds][];
+            for (int m = 0; m < models.length; m++) {
+                for (int s = 0; s < seeds; s++) {
+                    Request r = small(models[m], "a red circle");
+                    r.seed = 100 + s;
+                    alone[m][s] = models[m].generate(r, null).argb();
+                }
+            }
+            check(Arrays.equals(alone[0][0], alone[1][0]), "two loads of one file, one image");
+            List<Thread> threads = new ArrayList<>();
+            AtomicReference<Throwable> failed = new AtomicReference<>();
+            java.util.concurrent.atomic.AtomicInteger finished = new java.util.concurrent.atomic.AtomicInteger();
+            java.util.concurrent.atomic.AtomicInteger cancelled = new java.util.concurrent.atomic.AtomicInteger();
+            for (int t = 0; t < 6; t++) {
+                final int id = t;
+                threads.add(new Thread(() -> {
+                    for (int i = 0; i < 4; i++) {
+                        int m = (id + i) % models.length, s = (id * 7 + i) % seeds;
+                        try {
+                            Request r = small(models[m], "a red circle");
+                            r.seed = 100 + s;
+                            int[] argb = models[m].generate(r, null).argb();
+                            if (!Arrays.equals(argb, alone[m][s])) {
+                                failed.compareAndSet(null, new AssertionError("model " + m + " seed " + s + ": another image under load"));
+                            }
+                            finished.incrementAndGet();
+                        } catch (CancelledException | IllegalStateException e) {
+                            // cancel() hit this run, or model 2 was closed under it.
+                            cancelled.incrementAndGet();
+                        } catch (Throwable e) {
+                            failed.compareAndSet(null, e);
+                        }
+                    }
+                }));
+            }
+            // A seventh thread cancels model 0's runs now and then, and closes model 2.
+            Thread meddler = new Thread(() -> {
+                try {
+                    for (int i = 0; i < 20; i++) {
+                        Thread.sleep(15);
+                        models[0].cancel();
+                    }
+                    models[2].close();
+                } catch (Throwable e) {
+                    failed.compareAndSet(null, e);
+                }
+            });
+            threads.forEach(Thread::start);
+            meddler.start();
+            for (Thread t : threads) {
+                t.join(300_000);
+                check(!t.isAlive(), "a stress thread is stuck");
+            }
+            meddler.join();
+            if (failed.get() != null) {
+                throw new AssertionError("under stress: " + failed.get(), failed.get());
+            }
+            check(finished.get() + cancelled.get() == 24, finished.get() + " finished + " + cancelled.get() + " cancelled of 24");
+            check(finished.get() > 0, "nothing finished");
+            System.out.printf("     %d runs finished with the images made alone, %d cancelled or closed under them%n", finished.get(), cancelled.get());
+            models[0].close();
+            models[1].close();
+            check(liveModels() == baseline, "every stressed model freed");
+        });
+
         test("every model was freed", () -> check(liveModels() == baseline, liveModels() + " live models"));
 
         for (File f : tmp.listFiles()) {

@@ -249,6 +249,13 @@ fn output_metadata(ck: &Checkpoint, plan: &Plan, wtype: &str, sha256: &str) -> R
     Ok(kv)
 }
 
+/// The OS error inside one of `tempfile`'s, which would name the hidden staging file
+/// rather than the target the user asked for.
+fn os_error(e: std::io::Error) -> std::io::Error {
+    let code = e.get_ref().and_then(|r| r.source()).and_then(|s| s.downcast_ref::<std::io::Error>()).and_then(std::io::Error::raw_os_error);
+    code.map_or(e, std::io::Error::from_raw_os_error)
+}
+
 /// Where the output is staged: a hidden temporary file beside the target, so the
 /// final rename is atomic and never crosses file systems.
 pub struct Staged {
@@ -271,7 +278,7 @@ impl Staged {
             .prefix(&format!(".{name}."))
             .suffix(".tmp")
             .tempfile_in(&dir)
-            .map_err(|e| Error::io(&dir, e))?;
+            .map_err(|e| Error::io(target, os_error(e)))?;
         Ok(Staged { tmp, target: target.to_path_buf(), force })
     }
     pub fn file(&self) -> &File {

@@ -309,6 +309,26 @@ pub fn write_file(path: &Path, specs: &[WriteSpec], wrap_state_dict: bool, fill:
     f.sync_all().map_err(|e| Error::io(path, e))
 }
 
+/// A torch zip of a given pickle: `pkl` as `archive/data.pkl` and `records[i]` as
+/// `archive/data/{i}`, as torch lays them out. For tests and the fuzz harness, which
+/// wrap arbitrary pickles this way to reach the state-dict walk behind the unpickler.
+pub fn write_archive(path: &Path, pkl: &[u8], records: &[&[u8]]) -> Result<()> {
+    let zerr = |e: zip::result::ZipError| Error::io(path, e.into());
+    let ioerr = |e: std::io::Error| Error::io(path, e);
+    let f = File::create(path).map_err(ioerr)?;
+    let opts = SimpleFileOptions::default().compression_method(CompressionMethod::Stored).with_alignment(RECORD_ALIGNMENT);
+    let mut zw = ZipWriter::new(BufWriter::new(f));
+    zw.start_file("archive/data.pkl", opts).map_err(zerr)?;
+    zw.write_all(pkl).map_err(ioerr)?;
+    for (i, r) in records.iter().enumerate() {
+        zw.start_file(format!("archive/data/{i}"), opts).map_err(zerr)?;
+        zw.write_all(r).map_err(ioerr)?;
+    }
+    zw.start_file("archive/version", opts).map_err(zerr)?;
+    zw.write_all(b"3\n").map_err(ioerr)?;
+    zw.finish().map_err(zerr)?.flush().map_err(ioerr)
+}
+
 fn write_impl<W: Write + Seek>(out: W, label: &Path, specs: &[WriteSpec], wrap_state_dict: bool, mut fill: impl FnMut(usize, &mut Vec<u8>) -> Result<()>) -> Result<W> {
     let zerr = |e: zip::result::ZipError| Error::io(label, e.into());
     let ioerr = |e: std::io::Error| Error::io(label, e);

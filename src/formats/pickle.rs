@@ -300,6 +300,10 @@ impl Unpickled {
     pub fn get(&self, id: ObjId) -> &Object {
         self.objects.get(id.index()).unwrap_or(&Object::None)
     }
+    /// Every object, in the order they were built.
+    pub fn objects(&self) -> impl Iterator<Item = &Object> {
+        self.objects.iter()
+    }
     /// Number of objects in the arena.
     pub fn len(&self) -> usize {
         self.objects.len()

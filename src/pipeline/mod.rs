@@ -25,7 +25,7 @@ use crate::prompt::{Emphasis, Embeddings};
 use crate::sample::{self, Discrete, NativeRng, Rng, Sampler, Schedule, ScheduleOpts, Spacing, TorchRng};
 use crate::tokenizer::ClipTokenizer;
 
-mod canvas;
+pub(crate) mod canvas;
 mod lora;
 mod start;
 mod text;

@@ -18,7 +18,8 @@ pub fn take_loras(prompt: &str) -> Result<(String, Vec<LoraTag>)> {
     let mut rest = prompt;
     while let Some(at) = rest.find('<') {
         let after = &rest[at + 1..];
-        let kind = ["lora:", "lyco:"].into_iter().find(|k| after.len() >= k.len() && after[..k.len()].eq_ignore_ascii_case(k));
+        // `get`, not slicing: the fifth byte may fall inside a multibyte character.
+        let kind = ["lora:", "lyco:"].into_iter().find(|k| after.get(..k.len()).is_some_and(|head| head.eq_ignore_ascii_case(k)));
         let (Some(kind), Some(end)) = (kind, after.find('>')) else {
             text.push_str(&rest[..=at]);
             rest = after;
@@ -56,5 +57,13 @@ mod tests {
         assert_eq!(take_loras("<lora:n:0.5:0.7>").unwrap().1[0].multiplier, 0.5);
         assert!(take_loras("<lora::1>").is_err());
         assert!(take_loras("<lora:n:strong>").is_err());
+    }
+
+    /// Found by the `prompt` fuzz target: `<l` then a two-byte character puts byte 5
+    /// inside it.
+    #[test]
+    fn a_tag_prefix_cut_inside_a_multibyte_character_is_plain_text() {
+        assert_eq!(take_loras("<lüüra x>").unwrap(), ("<lüüra x>".to_string(), vec![]));
+        assert_eq!(take_loras("<lor\u{e9}").unwrap().0, "<lor\u{e9}");
     }
 }

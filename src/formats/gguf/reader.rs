@@ -256,11 +256,14 @@ impl<'a> Parser<'a> {
             return Err(self.err(format!("{n_tensors} tensors cannot fit in a {}-byte file", self.buf.len())));
         }
         let mut metadata = Vec::with_capacity(n_kv as usize);
+        // A set, not a scan of the list: a file of many tiny entries would otherwise
+        // cost quadratic time.
+        let mut keys = std::collections::HashSet::new();
         for _ in 0..n_kv {
             let key = self.string()?;
             let t = self.u32()?;
             let v = self.value(t, 0)?;
-            if metadata.iter().any(|(k, _)| *k == key) {
+            if !keys.insert(key.clone()) {
                 return Err(self.err(format!("duplicate metadata key `{key}`")));
             }
             metadata.push((key, v));

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# The dependency audit: cargo-deny over every crate sdrs and its JNI library build
+# with, against deny.toml:
+#   licences  every dependency under a licence deny.toml allows (permissive ones we
+#             can ship in a binary, a library and an Android library under MIT);
+#   sources   crates.io only: no git dependencies, no other registries;
+#   bans      no wildcard version requirements.
+# Advisories (RustSec) need the advisory database, which cargo-deny fetches from
+# GitHub: checked when GitHub answers, and otherwise reported as not checked, never
+# as passed. CI machines reach the package registries only.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if ! cargo deny --version >/dev/null 2>&1; then
+  # ~5 minutes to build on 2 cores.
+  cargo install cargo-deny --version 0.20.2 --locked
+fi
+cargo deny --locked check licenses bans sources
+if timeout 20 git ls-remote https://github.com/rustsec/advisory-db HEAD >/dev/null 2>&1; then
+  cargo deny --locked check advisories
+else
+  echo "audit: github.com (RustSec's advisory database) is unreachable: advisories NOT checked" >&2
+fi
