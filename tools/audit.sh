@@ -14,7 +14,7 @@ if ! cargo deny --version >/dev/null 2>&1; then
   # ~5 minutes to build on 2 cores.
   cargo install cargo-deny --version 0.20.2 --locked
 fi
-cargo deny --locked check licenses bans sources
+cargo deny --locked check --hide-inclusion-graph licenses bans sources
 if timeout 20 git ls-remote https://github.com/rustsec/advisory-db HEAD >/dev/null 2>&1; then
   cargo deny --locked check advisories
 else
