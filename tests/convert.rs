@@ -361,21 +361,10 @@ fn output_problems_leave_no_partial_file() {
 fn disk_full_is_reported_and_leaves_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let src = synth_tiny("tiny-sd15", Format::Safetensors, DType::F16, dir.path());
-    let mnt = dir.path().join("small");
-    std::fs::create_dir(&mnt).unwrap();
-    let ok = std::process::Command::new("mount").args(["-t", "tmpfs", "-o", "size=1m", "tmpfs"]).arg(&mnt).status().map(|s| s.success()).unwrap_or(false);
-    if !ok {
-        eprintln!("SKIP: cannot mount a tmpfs here (not root?)");
-        assert!(unsafe_is_not_root(), "root could not mount a tmpfs");
-        return;
-    }
+    let Some(mnt) = small_disk(dir.path(), "small", "1m") else { return };
     let e = convert_to(&src, Type::F16, &mnt.join("full.gguf")).unwrap_err().to_string();
     let listing_after = listing(&mnt);
     let _ = std::process::Command::new("umount").arg(&mnt).status();
     assert!(e.contains("No space left") && e.contains("full.gguf"), "{e}");
     assert!(listing_after.is_empty(), "{listing_after:?}");
-}
-
-fn unsafe_is_not_root() -> bool {
-    std::process::Command::new("id").arg("-u").output().map(|o| String::from_utf8_lossy(&o.stdout).trim() != "0").unwrap_or(true)
 }

@@ -2,6 +2,8 @@
 //! at random moments leave at their target either nothing or the whole file, and never
 //! touch their input. A kill can leave only the hidden staging file beside the target
 //! (`.NAME.XXXXXX.tmp`), which the killed process had no chance to remove.
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -97,29 +99,8 @@ fn merged_lora_conversions_killed_at_random_moments_leave_the_whole_file_or_none
     let d = dir.path();
     let input = d.join("in.safetensors");
     assert!(sdrs().args(["synth", "tiny-sd15", "--type", "f32", "-o"]).arg(&input).status().unwrap().success());
-    // A kohya LoRA (original single-file module names) on every cross-attention key
-    // projection of the model, with its real shapes.
-    let ck = sdrs::formats::Checkpoint::open(&input).unwrap();
-    let mut specs = Vec::new();
-    let mut values: Vec<Vec<f32>> = Vec::new();
-    for t in ck.tensors.iter().filter(|t| t.name.ends_with("attn2.to_k.weight")) {
-        let module = t.name.trim_start_matches("model.diffusion_model.").trim_end_matches(".weight").replace('.', "_");
-        let (out, inp) = (t.shape[0], t.shape[1]);
-        for (part, shape) in [("lora_down.weight", vec![4, inp]), ("lora_up.weight", vec![out, 4]), ("alpha", vec![])] {
-            let n: usize = shape.iter().product();
-            values.push((0..n).map(|i| ((i * 7 + specs.len()) % 11) as f32 * 0.01 - 0.05).collect());
-            specs.push(sdrs::formats::safetensors::WriteSpec { name: format!("lora_unet_{module}.{part}"), shape, dtype: sdrs::formats::DType::F32 });
-        }
-    }
-    assert!(specs.len() >= 6, "no cross-attention in the tiny model");
     let lora = d.join("style.safetensors");
-    let mut bytes = Vec::new();
-    sdrs::formats::safetensors::write(&mut bytes, &specs, &Default::default(), |i, b| {
-        b.extend(values[i].iter().flat_map(|v| v.to_le_bytes()));
-        Ok(())
-    })
-    .unwrap();
-    std::fs::write(&lora, bytes).unwrap();
+    common::kohya_lora_for(&input, &lora);
     let lora_arg = format!("{}:0.7", lora.display());
     let convert = |out: &Path| -> Vec<String> { ["convert", input.to_str().unwrap(), "--type", "q4_K", "--lora", &lora_arg, "-o", out.to_str().unwrap()].map(String::from).to_vec() };
     let whole_path: PathBuf = d.join("whole.gguf");
@@ -177,18 +158,6 @@ fn a_model_file_truncated_while_mapped_is_an_error_not_a_crash() {
     assert_eq!(again.rgb, before.rgb);
 }
 
-/// Mounts a tmpfs of `size` at `dir/name`, or `None` where mounting is not allowed.
-fn small_disk(dir: &Path, name: &str, size: &str) -> Option<PathBuf> {
-    let mnt = dir.join(name);
-    std::fs::create_dir(&mnt).unwrap();
-    let ok = Command::new("mount").args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"]).arg(&mnt).status().map(|s| s.success()).unwrap_or(false);
-    ok.then_some(mnt)
-}
-
-fn is_root() -> bool {
-    Command::new("id").arg("-u").output().map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0").unwrap_or(false)
-}
-
 /// Image outputs and LoRA-merged conversions on a full disk, and into a path whose
 /// folder is a file: each fails naming its target and the cause, and leaves nothing.
 #[test]
@@ -207,11 +176,7 @@ fn image_and_merged_outputs_on_a_full_disk_or_a_bad_path_fail_naming_them_and_le
     assert!(!ok && err.contains("plain/out.png"), "{err}");
     assert_eq!(std::fs::read(&file).unwrap(), b"x");
 
-    let Some(mnt) = small_disk(d, "small", "4k") else {
-        assert!(!is_root(), "root could not mount a tmpfs");
-        eprintln!("SKIP: cannot mount a tmpfs here (not root?)");
-        return;
-    };
+    let Some(mnt) = common::small_disk(d, "small", "4k") else { return };
     // A 512² PNG of the demo model is tens of kilobytes: more than the one 4 KiB page.
     let png = mnt.join("full.png");
     let (ok, err) = run(&["generate", "-p", "a red circle", "-W", "512", "-H", "512", "--steps", "1", "-o", png.to_str().unwrap()]);
@@ -219,19 +184,8 @@ fn image_and_merged_outputs_on_a_full_disk_or_a_bad_path_fail_naming_them_and_le
     // A LoRA-merged conversion to the same full disk.
     let input = d.join("in.safetensors");
     assert!(sdrs().args(["synth", "tiny-sd15", "--type", "f16", "-o"]).arg(&input).status().unwrap().success());
-    let lora = d.join("empty-named.safetensors");
-    let ck = sdrs::formats::Checkpoint::open(&input).unwrap();
-    let t = ck.tensors.iter().find(|t| t.name.ends_with("attn2.to_k.weight")).unwrap();
-    let module = t.name.trim_start_matches("model.diffusion_model.").trim_end_matches(".weight").replace('.', "_");
-    let specs = [(format!("lora_unet_{module}.lora_down.weight"), vec![2, t.shape[1]]), (format!("lora_unet_{module}.lora_up.weight"), vec![t.shape[0], 2])];
-    let ws: Vec<sdrs::formats::safetensors::WriteSpec> = specs.iter().map(|(n, s)| sdrs::formats::safetensors::WriteSpec { name: n.clone(), shape: s.clone(), dtype: sdrs::formats::DType::F32 }).collect();
-    let mut bytes = Vec::new();
-    sdrs::formats::safetensors::write(&mut bytes, &ws, &Default::default(), |i, b| {
-        b.extend(std::iter::repeat_n(0.01f32.to_le_bytes(), specs[i].1.iter().product()).flatten());
-        Ok(())
-    })
-    .unwrap();
-    std::fs::write(&lora, bytes).unwrap();
+    let lora = d.join("style.safetensors");
+    common::kohya_lora_for(&input, &lora);
     let gguf = mnt.join("merged.gguf");
     let (ok2, err2) = run(&["convert", input.to_str().unwrap(), "--type", "q8_0", "--lora", lora.to_str().unwrap(), "-o", gguf.to_str().unwrap()]);
     let left = std::fs::read_dir(&mnt).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect::<Vec<_>>();

@@ -67,3 +67,43 @@ pub fn photo(name: &str, size: Option<(usize, usize)>) -> (Vec<f32>, usize, usiz
     }
     (v, w, h)
 }
+
+/// Mounts a tmpfs of `size` (mount's syntax: `4k`, `1m`) at `dir/name`. `None` where
+/// mounting is not allowed; root must be able to (CI runs as root), so that is a failure.
+pub fn small_disk(dir: &Path, name: &str, size: &str) -> Option<PathBuf> {
+    let mnt = dir.join(name);
+    std::fs::create_dir(&mnt).unwrap();
+    let ok = std::process::Command::new("mount").args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"]).arg(&mnt).status().map(|s| s.success()).unwrap_or(false);
+    if !ok {
+        let root = std::process::Command::new("id").arg("-u").output().map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0").unwrap_or(false);
+        assert!(!root, "root could not mount a tmpfs");
+        eprintln!("SKIP: cannot mount a tmpfs here (not root?)");
+    }
+    ok.then_some(mnt)
+}
+
+/// A kohya LoRA (rank 4, with alphas) on every cross-attention key projection of the
+/// checkpoint `model`, named by the original single-file module paths, with small
+/// deterministic values; written to `path`.
+pub fn kohya_lora_for(model: &Path, path: &Path) {
+    let ck = Checkpoint::open(model).unwrap();
+    let mut specs = Vec::new();
+    let mut values: Vec<Vec<f32>> = Vec::new();
+    for t in ck.tensors.iter().filter(|t| t.name.ends_with("attn2.to_k.weight")) {
+        let module = t.name.trim_start_matches("model.diffusion_model.").trim_end_matches(".weight").replace('.', "_");
+        let (out, inp) = (t.shape[0], t.shape[1]);
+        for (part, shape) in [("lora_down.weight", vec![4, inp]), ("lora_up.weight", vec![out, 4]), ("alpha", vec![])] {
+            let n: usize = shape.iter().product();
+            values.push((0..n).map(|i| ((i * 7 + specs.len()) % 11) as f32 * 0.01 - 0.05).collect());
+            specs.push(sdrs::formats::safetensors::WriteSpec { name: format!("lora_unet_{module}.{part}"), shape, dtype: DType::F32 });
+        }
+    }
+    assert!(specs.len() >= 6, "no cross-attention in {}", model.display());
+    let mut bytes = Vec::new();
+    sdrs::formats::safetensors::write(&mut bytes, &specs, &Default::default(), |i, b| {
+        b.extend(values[i].iter().flat_map(|v| v.to_le_bytes()));
+        Ok(())
+    })
+    .unwrap();
+    std::fs::write(path, bytes).unwrap();
+}
