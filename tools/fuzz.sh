@@ -49,6 +49,9 @@ run_one() {
   local log=$work/logs/$t.log
   local scratch=/dev/shm
   [ -w "$scratch" ] || scratch=${TMPDIR:-/tmp}
+  # The ledger records the seconds a run really lasted: a run that stops on a finding
+  # has not fuzzed for the time it asked for.
+  local start=$(date +%s)
   set +e
   TMPDIR=$scratch LD_LIBRARY_PATH=$ggml_libs ASAN_OPTIONS=detect_leaks=0:allocator_may_return_null=1 \
     "$bin_dir/$t" "$work/corpus/$t" "fuzz/seeds/$t" \
@@ -56,15 +59,16 @@ run_one() {
     -max_len=1048576 -dict="fuzz/dict/$t.dict" -print_final_stats=1 -artifact_prefix="$work/artifacts/$t/" > "$log" 2>&1
   local rc=$?
   set -e
+  local took=$(( $(date +%s) - start ))
   local execs cov ft
   execs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" | tail -1)
   cov=$(grep -o 'cov: [0-9]*' "$log" | tail -1 | cut -d' ' -f2)
   ft=$(grep -o 'ft: [0-9]*' "$log" | tail -1 | cut -d' ' -f2)
   local found
   found=$(find "$work/artifacts/$t" -type f | wc -l)
-  printf '%s\t%s\t%s s\t%s execs\tcov %s\tft %s\trc %s\tartifacts %s\n' "$(date -u +%F)" "$t" "$secs" "${execs:-?}" "${cov:-?}" "${ft:-?}" "$rc" "$found"
+  printf '%s\t%s\t%s s\t%s execs\tcov %s\tft %s\trc %s\tartifacts %s\n' "$(date -u +%F)" "$t" "$took" "${execs:-?}" "${cov:-?}" "${ft:-?}" "$rc" "$found"
   if [ "${SDRS_FUZZ_LEDGER:-0}" = 1 ]; then
-    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$(date -u +%F)" "$t" "$secs" "${execs:-0}" "${cov:-0}" "${ft:-0}" "$rc" >> fuzz/ledger.tsv
+    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$(date -u +%F)" "$t" "$took" "${execs:-0}" "${cov:-0}" "${ft:-0}" "$rc" >> fuzz/ledger.tsv
   fi
   if [ "$rc" != 0 ]; then
     echo "== $t failed (exit $rc); the end of its log:" >&2
