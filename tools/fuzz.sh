@@ -5,6 +5,7 @@
 #   tools/fuzz.sh run SECONDS [TARGET...]    fuzz each target for SECONDS (all by default),
 #                                            two at a time; a summary line per target
 #   tools/fuzz.sh seeds                      regenerate fuzz/seeds and fuzz/dict from ../shared
+#   tools/fuzz.sh ledger                     each target's totals in fuzz/ledger.tsv
 #
 # Limits, as the hardening issue sets them: an input that runs over 10 s is a hang,
 # over 2 GB of memory an out-of-memory; both, and every crash or sanitizer report,
@@ -77,8 +78,19 @@ run_one() {
   fi
 }
 
+ledger() {
+  # Totals per target over every recorded run: the figures of the hardening issue's
+  # closing table, and how far each target is from its hour.
+  printf 'target\truns\tseconds\texecutions\tbest edges\tfailed runs\n'
+  for t in "${TARGETS[@]}"; do
+    awk -F'\t' -v t="$t" '!/^#/ && $2 == t { s += $3; e += $4; if ($5 > c) c = $5; n++; if ($7 != 0) f++ }
+      END { printf "%s\t%d\t%d%s\t%d\t%d\t%d\n", t, n, s, (s >= 3600 ? "" : " (under 1 h)"), e, c, f }' fuzz/ledger.tsv
+  done
+}
+
 case "${1:-}" in
   build) build ;;
+  ledger) ledger ;;
   run)
     secs=${2:?seconds per target}
     shift 2
@@ -96,5 +108,5 @@ case "${1:-}" in
     printf '%s\n' "${list[@]}" | xargs -P 2 -I{} bash -c 'run_one "$1" "$2"' _ {} "$secs"
     ;;
   seeds) cargo run --release --example fuzz_seeds -- ../shared fuzz/seeds ;;
-  *) sed -n '2,9p' "$0"; exit 2 ;;
+  *) sed -n '2,10p' "$0"; exit 2 ;;
 esac
