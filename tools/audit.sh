@@ -18,8 +18,7 @@ if ! cargo deny --version >/dev/null 2>&1; then
   cargo install cargo-deny --version 0.20.2 --locked
 fi
 cargo deny --locked check --hide-inclusion-graph licenses bans sources
-python3 tools/yanked.py Cargo.lock
-python3 tools/yanked.py fuzz/Cargo.lock
+python3 tools/yanked.py Cargo.lock fuzz/Cargo.lock
 if timeout 20 git ls-remote https://github.com/rustsec/advisory-db HEAD >/dev/null 2>&1; then
   cargo deny --locked check advisories
 else

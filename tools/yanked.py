@@ -7,7 +7,7 @@ advisory database lives on GitHub, which CI cannot reach; crates.io's sparse ind
 version's entry there says whether it is yanked. This is the part of the advisory
 check that CI can make.
 
-    python3 tools/yanked.py [Cargo.lock]
+    python3 tools/yanked.py [LOCKFILE...]     (default: Cargo.lock)
 """
 import concurrent.futures
 import json
@@ -40,33 +40,39 @@ def index_path(name):
     return f"{n[:2]}/{n[2:4]}/{n}"
 
 
-def yanked(pkg):
-    name, version = pkg
+def yanked_versions(name):
+    """The yanked versions of one crate, from its index file (one JSON line a version)."""
     url = f"{INDEX}/{index_path(name)}"
     req = urllib.request.Request(url, headers={"User-Agent": "sdrs-audit (tools/yanked.py)"})
     with urllib.request.urlopen(req, timeout=30) as r:
-        lines = r.read().decode("utf-8").splitlines()
-    for line in lines:
-        entry = json.loads(line)
-        if entry["vers"] == version:
-            return entry.get("yanked", False)
-    raise LookupError(f"{name} {version} is not in the crates.io index ({url})")
+        entries = [json.loads(line) for line in r.read().decode("utf-8").splitlines()]
+    return {e["vers"]: e.get("yanked", False) for e in entries}, url
 
 
 def main():
-    lock = sys.argv[1] if len(sys.argv) > 1 else "Cargo.lock"
-    pkgs = locked_packages(lock)
-    if not pkgs:
-        sys.exit(f"yanked: no crates.io packages in {lock}")
+    locks = sys.argv[1:] or ["Cargo.lock"]
+    pkgs = {lock: locked_packages(lock) for lock in locks}
+    for lock, found in pkgs.items():
+        if not found:
+            sys.exit(f"yanked: no crates.io packages in {lock}")
+    # Each crate's index file once, however many lock files and versions name it.
+    names = sorted({n for found in pkgs.values() for n, _ in found})
     try:
         with concurrent.futures.ThreadPoolExecutor(8) as pool:
-            flags = list(pool.map(yanked, pkgs))
-    except (LookupError, OSError, ValueError) as e:
-        sys.exit(f"yanked: {lock}: {e}")
-    bad = [f"{n} {v}" for (n, v), y in zip(pkgs, flags) if y]
-    if bad:
-        sys.exit(f"yanked: {lock} pins versions withdrawn from crates.io: {', '.join(bad)}")
-    print(f"yanked: none of the {len(pkgs)} crates.io packages in {lock} is yanked")
+            index = dict(zip(names, pool.map(yanked_versions, names)))
+    except (OSError, ValueError) as e:
+        sys.exit(f"yanked: reading crates.io's index: {e}")
+    for lock, found in pkgs.items():
+        bad = []
+        for n, v in found:
+            versions, url = index[n]
+            if v not in versions:
+                sys.exit(f"yanked: {lock}: {n} {v} is not in the crates.io index ({url})")
+            if versions[v]:
+                bad.append(f"{n} {v}")
+        if bad:
+            sys.exit(f"yanked: {lock} pins versions withdrawn from crates.io: {', '.join(bad)}")
+        print(f"yanked: none of the {len(found)} crates.io packages in {lock} is yanked")
 
 
 if __name__ == "__main__":
