@@ -234,11 +234,80 @@ pub struct ModelConfig {
 pub const CLIP_VOCAB: usize = 49408;
 pub const CLIP_EOS: u32 = 49407;
 
+/// Bounds on what a config may state. Configs come from files (GGUF metadata, diffusers
+/// `config.json`s, tensor names), and every count multiplies into the tensors sdrs
+/// names, plans and builds: a depth of 2^64 would have it plan tensors until memory ran
+/// out. The bounds sit far above every SD-family model (SDXL: 3 UNet levels of 2
+/// ResNets, transformers 10 deep, 2816-wide label input; OpenCLIP bigG: 32 layers,
+/// 5120-wide MLP), so only a corrupt or hostile file meets them.
+pub mod limits {
+    /// UNet and VAE levels (resolutions).
+    pub const LEVELS: usize = 8;
+    /// ResNets in one level.
+    pub const RESNETS: usize = 16;
+    /// Transformer blocks after one ResNet, or in the middle block.
+    pub const DEPTH: usize = 64;
+    /// Text encoder layers.
+    pub const TEXT_LAYERS: usize = 256;
+    /// Any channel count, head count or head width, embedding width or position count.
+    pub const WIDTH: usize = 1 << 16;
+    /// Text encoder vocabulary.
+    pub const VOCAB: usize = 1 << 20;
+
+    /// `what` is at most `max`.
+    pub fn within(what: &str, v: usize, max: usize) -> Result<(), String> {
+        if v > max {
+            return Err(format!("{what} is {v}, beyond the {max} sdrs accepts"));
+        }
+        Ok(())
+    }
+
+    /// `what` lists between 1 and [`LEVELS`] levels.
+    pub fn levels(what: &str, n: usize) -> Result<(), String> {
+        if n == 0 {
+            return Err(format!("{what} has no levels"));
+        }
+        within(what, n, LEVELS).map_err(|_| format!("{what} has {n} levels, beyond the {LEVELS} sdrs accepts"))
+    }
+}
+
 fn uniform_blocks(levels: &[usize], res: usize) -> Vec<Vec<usize>> {
     levels.iter().map(|&d| vec![d; res]).collect()
 }
 
 impl UnetConfig {
+    /// Whether every count and width is within [`limits`]; the error names the first
+    /// that is not.
+    pub fn check_sizes(&self) -> Result<(), String> {
+        use limits::{within, DEPTH, RESNETS, WIDTH};
+        limits::levels("the UNet", self.channel_mult.len())?;
+        for (what, blocks) in [("down", &self.down_blocks), ("up", &self.up_blocks)] {
+            limits::levels(&format!("the UNet's {what} path"), blocks.len())?;
+            for level in blocks.iter() {
+                within(&format!("the ResNet count of a UNet {what} level"), level.len(), RESNETS)?;
+                for &d in level {
+                    within(&format!("a UNet {what} level's transformer depth"), d, DEPTH)?;
+                }
+            }
+        }
+        within("the UNet middle block's transformer depth", self.mid_depth.unwrap_or(0), DEPTH)?;
+        for &m in &self.channel_mult {
+            within("a UNet level's channel count", self.model_channels.saturating_mul(m), WIDTH)?;
+        }
+        let widths = [
+            ("the UNet's in_channels", self.in_channels),
+            ("the UNet's out_channels", self.out_channels),
+            ("the UNet's model_channels", self.model_channels),
+            ("the UNet's head count", self.num_heads.unwrap_or(0)),
+            ("the UNet's head width", self.head_dim.unwrap_or(0)),
+            ("the UNet's context width", self.context_dim),
+            ("the UNet's label input width", self.adm_in_channels.unwrap_or(0)),
+            ("the UNet's guidance embedding width", self.time_cond_proj_dim.unwrap_or(0)),
+            ("the UNet's size/crop embedding width", self.time_id_dim),
+        ];
+        widths.into_iter().try_for_each(|(what, v)| within(what, v, WIDTH))
+    }
+
     fn sd(model_channels: usize, context_dim: usize, linear_proj: bool, heads: (Option<usize>, Option<usize>)) -> Self {
         UnetConfig {
             in_channels: 4,
@@ -261,6 +330,18 @@ impl UnetConfig {
 }
 
 impl VaeConfig {
+    /// Whether every count and width is within [`limits`].
+    pub fn check_sizes(&self) -> Result<(), String> {
+        use limits::{within, RESNETS, WIDTH};
+        limits::levels("the VAE", self.channel_mult.len())?;
+        within("the VAE's ResNet count per level", self.num_res_blocks, RESNETS)?;
+        for &m in &self.channel_mult {
+            within("a VAE level's channel count", self.base_channels.saturating_mul(m), WIDTH)?;
+        }
+        let widths = [("the VAE's in_channels", self.in_channels), ("the VAE's latent_channels", self.latent_channels), ("the VAE's base channels", self.base_channels)];
+        widths.into_iter().try_for_each(|(what, v)| within(what, v, WIDTH))
+    }
+
     pub fn sd(scaling_factor: f32) -> Self {
         VaeConfig {
             in_channels: 3,
@@ -275,6 +356,22 @@ impl VaeConfig {
 }
 
 impl TextEncoderConfig {
+    /// Whether every count and width is within [`limits`].
+    pub fn check_sizes(&self) -> Result<(), String> {
+        use limits::{within, TEXT_LAYERS, VOCAB, WIDTH};
+        within("the text encoder's layer count", self.num_layers, TEXT_LAYERS)?;
+        within("the text encoder's skipped layers", self.skip_layers, TEXT_LAYERS)?;
+        within("the text encoder's vocabulary", self.vocab_size, VOCAB)?;
+        let widths = [
+            ("the text encoder's positions", self.max_positions),
+            ("the text encoder's width", self.hidden_size),
+            ("the text encoder's head count", self.num_heads),
+            ("the text encoder's MLP width", self.intermediate_size),
+            ("the text encoder's projection width", self.projection_dim.unwrap_or(0)),
+        ];
+        widths.into_iter().try_for_each(|(what, v)| within(what, v, WIDTH))
+    }
+
     /// OpenAI CLIP ViT-L/14 text tower (SD 1.x; SDXL's first encoder).
     pub fn clip_l(prefix: &str) -> Self {
         TextEncoderConfig {
@@ -385,6 +482,16 @@ impl ModelConfig {
     /// bigG `text_projection`), else its hidden size.
     pub fn pooled_dim(&self) -> Option<usize> {
         self.text_encoders.last().map(|t| t.projection_dim.unwrap_or(t.hidden_size))
+    }
+
+    /// Whether every part's counts and widths are within [`limits`]. Readers call it
+    /// before anything is named, planned or sized from the config.
+    pub fn check_sizes(&self) -> Result<(), String> {
+        use limits::within;
+        within("the text encoder count", self.text_encoders.len(), 8)?;
+        self.unet.check_sizes()?;
+        self.vae.check_sizes()?;
+        self.text_encoders.iter().try_for_each(TextEncoderConfig::check_sizes)
     }
 
     /// Fills in the size/crop conditioning of a `label_emb` UNet whose source did not

@@ -15,7 +15,7 @@ use std::sync::OnceLock;
 use crate::config::{ModelConfig, TextEncoderConfig};
 use crate::convert::metadata;
 use crate::formats::gguf::GgufFile;
-use crate::formats::{ckpt, detect, diffusers, pickle, safetensors, Checkpoint};
+use crate::formats::{ckpt, detect, diffusers, layout, pickle, safetensors, Checkpoint};
 use crate::lora::Lora;
 use crate::pipeline::canvas::{Canvas, CanvasOptions};
 use crate::prompt::chunks::{Trigger, Windows};
@@ -119,8 +119,8 @@ fn read_all(ck: &Checkpoint) {
 }
 
 /// A GGUF file: header, metadata, tensor directory, offsets and alignment, then what
-/// sdrs reads from the metadata (model config, defaults, tokenizer, original shapes)
-/// and the file opened as a conversion input.
+/// sdrs reads from the metadata (model config and the tensors it implies, defaults,
+/// tokenizer, original shapes) and the file opened as a conversion input.
 pub fn gguf(data: &[u8]) -> bool {
     in_scratch(|dir| {
         let path = put(dir, "model.gguf", data);
@@ -133,6 +133,8 @@ pub fn gguf(data: &[u8]) -> bool {
         }
         if let Ok(Some(cfg)) = metadata::read_config(&g) {
             let _ = cfg.pooled_dim();
+            // The tensors the config implies, as converting the file plans them.
+            let _ = layout::layout(&cfg);
         }
         let _ = metadata::read_defaults(&g);
         let _ = metadata::original_shapes(&g);

@@ -1,6 +1,7 @@
 //! Hostile headers: small files whose counts and lengths claim far more than the file
 //! holds. Each must be refused at once, naming the file, having allocated little:
-//! allocation is bounded by what the file could hold, never by what it claims.
+//! allocation is bounded by what the file could hold, never by what it claims. Zip bombs
+//! too: a compressed record is read no further than its declared, bounded size.
 //!
 //! The whole binary counts heap bytes (a counting global allocator), and its one test
 //! runs the cases in turn, so the peak it sees is the parser's own.
@@ -144,5 +145,44 @@ fn headers_claiming_more_than_the_file_holds_are_refused_with_little_memory() {
         assert!(peak < 256 << 10, "{name}: allocated {peak} bytes");
         report.push(format!("{name}: {peak} bytes"));
     }
+    // Zip bombs: a deflated `data.pkl` of 80 MiB of zeros (80 KiB on disk), with its real
+    // size in the headers and with the headers lying that it is 1000 bytes.
+    for (name, declared, says) in [("zip bomb, size declared", None, "more than the"), ("zip bomb, size declared as 1000 bytes", Some(1000), "more than the 1000 bytes its header declares")] {
+        let path = dir.path().join("bomb.ckpt");
+        std::fs::write(&path, zip_bomb(80 << 20, declared)).unwrap();
+        let (r, peak) = peak_of(|| sdrs::formats::Checkpoint::open(&path).map(|_| ()));
+        let msg = r.expect_err(name).to_string();
+        assert!(msg.contains("bomb.ckpt") && msg.contains("data.pkl") && msg.contains(says), "{name}: {msg}");
+        assert!(peak < 256 << 10, "{name}: allocated {peak} bytes");
+        report.push(format!("{name}: {peak} bytes"));
+    }
     eprintln!("{}", report.join("\n"));
+}
+
+/// A torch zip whose `data.pkl` is `inflated` zero bytes, deflated; with `declared`, both of
+/// its headers (local and central) claim that size instead.
+fn zip_bomb(inflated: usize, declared: Option<u32>) -> Vec<u8> {
+    use std::io::Write;
+    use zip::write::SimpleFileOptions;
+    let mut zw = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
+    zw.start_file("archive/data.pkl", SimpleFileOptions::default().compression_method(zip::CompressionMethod::Deflated)).unwrap();
+    let zeros = vec![0u8; 1 << 20];
+    for _ in 0..inflated >> 20 {
+        zw.write_all(&zeros).unwrap();
+    }
+    zw.start_file("archive/version", SimpleFileOptions::default()).unwrap();
+    zw.write_all(b"3\n").unwrap();
+    let mut b = zw.finish().unwrap().into_inner();
+    if let Some(size) = declared {
+        // The uncompressed size sits 22 bytes into the local header (the first record)
+        // and 24 into its central directory entry, the first, whose offset the end
+        // record holds 16 bytes in (APPNOTE 4.3.7, 4.3.12, 4.3.16).
+        let end = b.windows(4).rposition(|w| w == b"PK\x05\x06").unwrap();
+        let central = u32::from_le_bytes(b[end + 16..end + 20].try_into().unwrap()) as usize;
+        for at in [22, central + 24] {
+            assert_eq!(b[at..at + 4], (inflated as u32).to_le_bytes(), "not a plain zip header at {at}");
+            b[at..at + 4].copy_from_slice(&size.to_le_bytes());
+        }
+    }
+    b
 }

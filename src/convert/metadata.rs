@@ -164,7 +164,7 @@ impl Reader<'_> {
     fn blocks(&self, key: &str) -> Result<Vec<Vec<usize>>> {
         let counts = self.list(&format!("{key}.resnets"))?;
         let depths = self.list(&format!("{key}.depths"))?;
-        if counts.iter().sum::<usize>() != depths.len() {
+        if counts.iter().try_fold(0usize, |a, &c| a.checked_add(c)) != Some(depths.len()) {
             return Err(self.err(key, "inconsistent (resnet counts do not match depths)"));
         }
         let mut it = depths.into_iter();
@@ -306,7 +306,57 @@ pub fn read_config(g: &GgufFile) -> Result<Option<ModelConfig>> {
         vae,
         text_encoders,
     };
+    cfg.check_sizes().map_err(|e| Error::format(&g.path, format!("metadata: {e}")))?;
     cfg.infer_time_ids().map_err(|e| Error::arch(&g.path, e))?;
     cfg.check_label_width().map_err(|e| r.err("sd.unet.time_ids", &format!("inconsistent: {e}")))?;
     Ok(Some(cfg))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `read_config` of a GGUF holding `kv` and no tensors.
+    fn read_back(kv: &Kv) -> Result<Option<ModelConfig>> {
+        let dir = tempfile::tempdir().map_err(|e| Error::io("<temp dir>", e))?;
+        let path = dir.path().join("m.gguf");
+        let f = std::fs::File::create(&path).map_err(|e| Error::io(&path, e))?;
+        let w = crate::formats::gguf::Writer::new(std::io::BufWriter::new(f), kv, &[], None)?;
+        std::io::Write::flush(&mut w.finish()?).map_err(|e| Error::io(&path, e))?;
+        read_config(&GgufFile::open(&path)?)
+    }
+
+    fn refusal(kv: &Kv) -> String {
+        match read_back(kv) {
+            Ok(c) => panic!("accepted: {c:?}"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn metadata_counting_beyond_any_model_is_refused_naming_the_file() {
+        let good = ModelConfig::sd1().shrink();
+        assert_eq!(read_back(&config_kv(&good)).expect("the shrunk preset reads back"), Some(good.clone()));
+
+        let mut deep = good.clone();
+        deep.unet.down_blocks[1] = vec![u32::MAX as usize; 2];
+        let m = refusal(&config_kv(&deep));
+        assert!(m.contains("m.gguf") && m.contains("transformer depth is 4294967295"), "{m}");
+
+        let mut long = good.clone();
+        long.text_encoders[0].num_layers = u32::MAX as usize;
+        let m = refusal(&config_kv(&long));
+        assert!(m.contains("m.gguf") && m.contains("layer count is 4294967295"), "{m}");
+
+        // ResNet counts whose sum wraps around to the number of depths listed.
+        let mut kv = config_kv(&good);
+        let depths = good.unet.down_blocks.iter().map(Vec::len).sum::<usize>() as u64;
+        for (k, v) in kv.iter_mut() {
+            if k == "sd.unet.down_blocks.resnets" {
+                *v = Value::Array(crate::formats::gguf::ty::U64, vec![Value::U64(u64::MAX), Value::U64(depths + 1)]);
+            }
+        }
+        let m = refusal(&kv);
+        assert!(m.contains("m.gguf") && m.contains("resnet counts do not match depths"), "{m}");
+    }
 }

@@ -125,13 +125,18 @@ fn shorten(s: &str) -> String {
 fn read_small_record<R: Read + Seek>(zip: &mut ZipArchive<R>, path: &Path, name: &str, max: usize) -> Result<Vec<u8>> {
     let idx = zip.index_for_name(name).ok_or_else(|| Error::format(path, format!("zip record `{name}` is missing")))?;
     let mut f = zip.by_index(idx).map_err(|e| Error::format(path, format!("cannot read zip record `{name}`: {e}")))?;
-    if f.size() > max as u64 {
-        return Err(Error::format(path, format!("zip record `{name}` is {} bytes, more than the {max} accepted", f.size())));
+    let declared = f.size();
+    if declared > max as u64 {
+        return Err(Error::format(path, format!("zip record `{name}` is {declared} bytes, more than the {max} accepted")));
     }
-    let mut buf = Vec::with_capacity(f.size() as usize);
-    (&mut f).take(max as u64 + 1).read_to_end(&mut buf).map_err(|e| Error::format(path, format!("cannot read zip record `{name}` (truncated or corrupt?): {e}")))?;
-    if buf.len() > max {
-        return Err(Error::format(path, format!("zip record `{name}` holds more than the {max} bytes accepted")));
+    // The zip crate inflates until the deflate stream ends, whatever size the archive
+    // declared, so a bomb (a small record that inflates to gigabytes) is stopped here:
+    // one byte past the declared size is proof enough. The declared size itself may be
+    // a lie in a tiny file, so only a little is reserved on its word.
+    let mut buf = Vec::with_capacity(declared.min(1 << 20) as usize);
+    (&mut f).take(declared + 1).read_to_end(&mut buf).map_err(|e| Error::format(path, format!("cannot read zip record `{name}` (truncated or corrupt?): {e}")))?;
+    if buf.len() as u64 > declared {
+        return Err(Error::format(path, format!("zip record `{name}` inflates to more than the {declared} bytes its header declares (a zip bomb, or a corrupt archive)")));
     }
     Ok(buf)
 }

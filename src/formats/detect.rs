@@ -80,6 +80,7 @@ pub fn detect(tensors: &[(&str, &[usize])]) -> Result<ModelConfig> {
     // config does (diffusers folders), or `sdrs convert --zero-terminal-snr`.
     let zeros_for_empty_negative = unet.adm_in_channels.is_some();
     let mut cfg = ModelConfig { family, prediction, zero_terminal_snr: false, zeros_for_empty_negative, unet, vae, text_encoders };
+    cfg.check_sizes()?;
     cfg.infer_time_ids()?;
 
     let diff = layout::compare(&cfg, tensors);

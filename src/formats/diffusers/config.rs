@@ -7,7 +7,7 @@ use std::path::Path;
 
 use serde_json::{Map, Value};
 
-use crate::config::{Activation, TextEncoderConfig, TextEncoderKind, UnetConfig, VaeConfig, CLIP_EOS, CLIP_VOCAB};
+use crate::config::{limits, Activation, TextEncoderConfig, TextEncoderKind, UnetConfig, VaeConfig, CLIP_EOS, CLIP_VOCAB};
 use crate::error::{Error, Result};
 
 /// Reads and parses a JSON file; a missing file and malformed JSON are both errors
@@ -194,6 +194,11 @@ pub(crate) fn unet(v: &Value, path: &Path) -> Result<UnetConfig> {
         return Err(o.bad("block_out_channels", "positive multiples of the first entry"));
     }
     let layers = o.per_level("layers_per_block", levels, 2)?;
+    // Bounded before the per-layer lists below are allocated at these lengths.
+    limits::levels("`down_block_types`", levels).map_err(|e| Error::format(path, e))?;
+    for &n in &layers {
+        limits::within("`layers_per_block`", n, limits::RESNETS).map_err(|e| Error::format(path, e))?;
+    }
 
     let tlpb = depth_list(&o, "transformer_layers_per_block", levels)?.unwrap_or_else(|| vec![Depth::All(1); levels]);
     let down_blocks = (0..levels)
@@ -242,7 +247,7 @@ pub(crate) fn unet(v: &Value, path: &Path) -> Result<UnetConfig> {
         None => 1280,
         Some(v) => as_usize(v).ok_or_else(|| o.bad("cross_attention_dim", "one integer"))?,
     };
-    Ok(UnetConfig {
+    let unet = UnetConfig {
         in_channels: o.usize_or("in_channels", 4)?,
         out_channels: o.usize_or("out_channels", 4)?,
         model_channels: mc,
@@ -259,7 +264,9 @@ pub(crate) fn unet(v: &Value, path: &Path) -> Result<UnetConfig> {
         // Which values fill it is counted once the pooled width is known (`read_config`).
         time_ids: Vec::new(),
         time_id_dim: if adm_in_channels.is_some() { o.usize_or("addition_time_embed_dim", 256)? } else { 0 },
-    })
+    };
+    unet.check_sizes().map_err(|e| Error::format(path, e))?;
+    Ok(unet)
 }
 
 /// Turns per-level head counts into the single-file description: one head count for
@@ -307,7 +314,7 @@ pub(crate) fn vae(v: &Value, path: &Path) -> Result<VaeConfig> {
     if o.usize_or("out_channels", in_channels)? != in_channels {
         return Err(Error::arch(path, "`out_channels` differs from `in_channels`: not supported"));
     }
-    Ok(VaeConfig {
+    let vae = VaeConfig {
         in_channels,
         latent_channels: o.usize_or("latent_channels", 4)?,
         base_channels: base,
@@ -315,7 +322,9 @@ pub(crate) fn vae(v: &Value, path: &Path) -> Result<VaeConfig> {
         num_res_blocks: o.usize_or("layers_per_block", 1)?,
         scaling_factor: o.f32_or("scaling_factor", 0.18215)?,
         shift_factor: o.f32_or("shift_factor", 0.0)?,
-    })
+    };
+    vae.check_sizes().map_err(|e| Error::format(path, e))?;
+    Ok(vae)
 }
 
 /// Whether a `CLIPTextModel` config describes an OpenCLIP tower. Only OpenCLIP
@@ -351,7 +360,7 @@ pub(crate) fn text(v: &Value, path: &Path, role: TextRole) -> Result<TextEncoder
     let act = o.opt_str("hidden_act")?.unwrap_or("quick_gelu");
     let activation = Activation::parse(act).ok_or_else(|| Error::arch(path, format!("`hidden_act` = {act:?} is not supported")))?;
     let open = role.kind == TextEncoderKind::OpenClip;
-    Ok(TextEncoderConfig {
+    let text = TextEncoderConfig {
         kind: role.kind,
         prefix: role.prefix,
         vocab_size: o.usize_or("vocab_size", CLIP_VOCAB)?,
@@ -365,7 +374,9 @@ pub(crate) fn text(v: &Value, path: &Path, role: TextRole) -> Result<TextEncoder
         skip_layers: usize::from(role.sdxl),
         final_norm: !role.sdxl,
         pad_token: role.pad_token.unwrap_or(if open { 0 } else { CLIP_EOS }),
-    })
+    };
+    text.check_sizes().map_err(|e| Error::format(path, e))?;
+    Ok(text)
 }
 
 /// The pad token id a tokenizer folder states (`special_tokens_map.json`, else

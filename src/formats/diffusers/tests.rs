@@ -420,6 +420,31 @@ fn config_that_disagrees_with_the_weights_is_an_error_naming_the_tensor() {
 }
 
 #[test]
+fn configs_counting_beyond_any_model_are_refused_before_anything_is_planned() {
+    // The first is the fuzzer's find (stop 27): a depth past u64 that parsed as a float
+    // and saturated, and then had the UNet's names planned until memory ran out.
+    let cases = [
+        ("unet/config.json", "transformer_layers_per_block", "88888888888888888888888888888888888888888888888888888888882", "transformer depth"),
+        ("unet/config.json", "layers_per_block", "1000000000", "`layers_per_block` is 1000000000, beyond the 16"),
+        ("unet/config.json", "cross_attention_dim", "18446744073709551615", "context width"),
+        ("vae/config.json", "layers_per_block", "4294967295", "ResNet count"),
+        ("text_encoder/config.json", "num_hidden_layers", "4294967295", "layer count is 4294967295"),
+    ];
+    let (dir, _) = write_random(&ModelConfig::sd1().shrink(), DType::F32);
+    for (file, key, value, says) in cases {
+        let path = dir.path().join(file);
+        let good = std::fs::read_to_string(&path).expect("read");
+        let mut v: serde_json::Value = serde_json::from_str(&good).expect("json");
+        v[key] = serde_json::from_str(value).expect("value");
+        std::fs::write(&path, v.to_string()).expect("write");
+        let m = message(read_config(dir.path()));
+        assert!(m.contains(file) && m.contains(says), "{key} = {value}: {m}");
+        std::fs::write(&path, good).expect("restore");
+    }
+    assert!(read_config(dir.path()).is_ok());
+}
+
+#[test]
 fn unexpressible_unet_is_refused_before_anything_is_written() {
     let mut cfg = ModelConfig::sd1().shrink();
     cfg.unet.down_blocks[0] = vec![1, 0];
