@@ -1233,6 +1233,27 @@ mod tests {
     }
 
     #[test]
+    fn dotted_names_reaching_through_allowed_globals_are_refused() {
+        // Python's unpickler resolves a dotted name attribute by attribute (protocol 4),
+        // so `OrderedDict.__init__.__globals__` would reach a module's globals: only
+        // whole (module, name) pairs on the list are allowed.
+        for (module, name) in [
+            ("collections", "OrderedDict.__init__.__globals__"),
+            ("torch._utils", "_rebuild_tensor_v2.__globals__"),
+            ("torch", "FloatStorage.__new__"),
+            ("torch", "_utils.os.system"),
+        ] {
+            let mut d = vec![0x80, 4, op::SHORT_BINUNICODE, module.len() as u8];
+            d.extend(module.as_bytes());
+            d.extend([op::SHORT_BINUNICODE, name.len() as u8]);
+            d.extend(name.as_bytes());
+            d.extend([op::STACK_GLOBAL, b'.']);
+            assert_eq!(refused_global(&d), format!("{module}.{name}"));
+        }
+        assert_eq!(refused_global(b"\x80\x02ccollections\nOrderedDict.__init__.__globals__\n."), "collections.OrderedDict.__init__.__globals__");
+    }
+
+    #[test]
     fn posix_system_is_refused() {
         let d = b"\x80\x02cposix\nsystem\nq\x00X\x02\x00\x00\x00ls\x85R.";
         assert_eq!(refused_global(d), "posix.system");
