@@ -264,14 +264,17 @@ impl Lora {
 
 /// `up · down` must make the target's rows: `[out, in, kh, kw]` (or `[out, in]`).
 fn check_shapes(path: &Path, key: &str, target: &Target, down: &SourceTensor, up: &SourceTensor) -> Result<()> {
+    // Products of dimensions from the file: one past usize reads as usize::MAX, which
+    // matches nothing real and is refused below as a mismatch.
+    let product = |dims: &[usize]| dims.iter().try_fold(1usize, |a, &d| a.checked_mul(d)).unwrap_or(usize::MAX);
     let (r, rest) = match down.shape.split_first() {
-        Some((&r, rest)) if r > 0 => (r, rest.iter().product::<usize>()),
+        Some((&r, rest)) if r > 0 => (r, product(rest)),
         _ => return Err(Error::format(path, format!("`{}` has shape {:?}", down.name, down.shape))),
     };
     let out = up.shape.first().copied().unwrap_or(0);
-    let up_rank: usize = up.shape.iter().skip(1).product();
+    let up_rank = up.shape.get(1..).map_or(1, product);
     let rows = target.rows.map_or(target.shape[0], |(a, b)| b - a);
-    let cols: usize = target.shape.iter().skip(1).product();
+    let cols = target.shape.get(1..).map_or(1, product);
     if up_rank != r || out != rows || rest != cols {
         return Err(Error::arch(
             path,

@@ -103,8 +103,15 @@ pub struct SourceTensor {
 }
 
 impl SourceTensor {
+    /// Elements in the tensor. A count past u64 reads as `u64::MAX`, which no dtype's
+    /// size fits, so `validate` refuses it. A zero dimension makes it 0 whatever the
+    /// others claim: a plain product would overflow on `[2^40, 2^40, 0]` first (the
+    /// `gguf` fuzzer's find, stop 27).
     pub fn numel(&self) -> u64 {
-        self.shape.iter().map(|&d| d as u64).product()
+        if self.shape.contains(&0) {
+            return 0;
+        }
+        self.shape.iter().try_fold(1u64, |a, &d| a.checked_mul(d as u64)).unwrap_or(u64::MAX)
     }
     /// Stored size in bytes.
     pub fn nbytes(&self) -> u64 {
@@ -279,5 +286,28 @@ impl Checkpoint {
 
     pub fn get(&self, name: &str) -> Option<&SourceTensor> {
         self.tensors.iter().find(|t| t.name == name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn element_counts_past_u64_are_refused_and_a_zero_dimension_counts_zero() {
+        let tmp = tempfile::NamedTempFile::new().expect("temp file");
+        std::fs::write(tmp.path(), [0u8; 64]).expect("write");
+        let file = SourceFile::open(tmp.path()).expect("open");
+        let t = |shape: Vec<usize>| SourceTensor { name: "w".into(), shape, dtype: DType::F32, data: TensorData::Raw { file: file.clone(), offset: 0 } };
+        // The gguf fuzzer's find: ggml order [0, 2^40, 2^40] passes the reader's checked
+        // product; PyTorch order multiplied the two large dimensions first.
+        let empty = t(vec![1 << 40, 1 << 40, 0]);
+        assert_eq!(empty.numel(), 0);
+        assert!(empty.validate().is_ok());
+        let huge = t(vec![1 << 40, 1 << 40, 16]);
+        assert_eq!(huge.numel(), u64::MAX);
+        let e = huge.validate().expect_err("2^84 elements cannot lie in 64 bytes").to_string();
+        assert!(e.contains("does not fit type"), "{e}");
+        assert!(t(vec![4, 4]).validate().is_ok());
     }
 }
