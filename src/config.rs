@@ -264,10 +264,11 @@ pub mod limits {
 
     /// `what` lists between 1 and [`LEVELS`] levels.
     pub fn levels(what: &str, n: usize) -> Result<(), String> {
-        if n == 0 {
-            return Err(format!("{what} has no levels"));
+        match n {
+            0 => Err(format!("{what} has no levels")),
+            n if n > LEVELS => Err(format!("{what} has {n} levels, beyond the {LEVELS} sdrs accepts")),
+            _ => Ok(()),
         }
-        within(what, n, LEVELS).map_err(|_| format!("{what} has {n} levels, beyond the {LEVELS} sdrs accepts"))
     }
 }
 

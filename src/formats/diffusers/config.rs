@@ -194,8 +194,8 @@ pub(crate) fn unet(v: &Value, path: &Path) -> Result<UnetConfig> {
         return Err(o.bad("block_out_channels", "positive multiples of the first entry"));
     }
     let layers = o.per_level("layers_per_block", levels, 2)?;
-    // Bounded before the per-layer lists below are allocated at these lengths.
-    limits::levels("`down_block_types`", levels).map_err(|e| Error::format(path, e))?;
+    // Bounded before the per-layer lists below are allocated at these lengths (the
+    // level count is bounded by the file's own list, and checked with the rest below).
     for &n in &layers {
         limits::within("`layers_per_block`", n, limits::RESNETS).map_err(|e| Error::format(path, e))?;
     }
