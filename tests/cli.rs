@@ -163,7 +163,7 @@ fn generate_takes_weighted_prompts_embeddings_and_clip_skip() {
     assert!(text.contains("Clip skip: 2") && text.contains("Emphasis: No norm"), "parameters lack the prompt options");
     for (args, needle) in [
         (vec!["--clip-skip", "3"], "CLIP skip 3 is out of range"),
-        (vec!["--emphasis", "loud"], "unknown emphasis `loud`"),
+        (vec!["--emphasis", "loud"], "invalid value 'loud'"),
         (vec!["--embedding", "/nonexistent/x.pt"], "/nonexistent/x.pt"),
         (vec!["-p", "x <lora:mine:0.5>"], "--lora-dir"),
         (vec!["--lora", "/nonexistent/l.safetensors:0.5"], "/nonexistent/l.safetensors"),

@@ -157,6 +157,29 @@ fn ops_refuse_shapes_that_would_abort_ggml() {
 }
 
 #[test]
+fn ops_refuse_operand_types_that_would_abort_ggml() {
+    let ctx = Context::new(32).unwrap();
+    let x = ctx.tensor(Type::F32, &[32, 4], "x").unwrap();
+    let img = ctx.tensor(Type::F32, &[4, 4, 32, 1], "img").unwrap();
+    let f16 = ctx.tensor(Type::F16, &[32], "f16").unwrap();
+    let q8 = ctx.tensor(Type::Q8_0, &[32], "q8").unwrap();
+    let q8k = ctx.tensor(Type::parse("q8_K").unwrap(), &[256, 4], "q8k").unwrap();
+    let i32v = ctx.tensor(Type::I32, &[4], "ids").unwrap();
+    // The peer's f16 norm scale on f32 activations: ggml's binary op aborts on it.
+    for e in [ctx.add(x, f16).err(), ctx.mul(x, q8).err()] {
+        let e = e.expect("refused").to_string();
+        assert!(e.contains("f32 one"), "{e}");
+    }
+    assert!(ctx.add(f16, ctx.tensor(Type::F32, &[32], "b").unwrap()).is_ok(), "an f16 operand with an f32 one is a kernel ggml has");
+    assert!(ctx.mul_mat(q8k, ctx.tensor(Type::F32, &[256, 2], "v").unwrap()).is_err(), "q8_K has no dot product");
+    assert!(ctx.mul_mat(ctx.tensor(Type::F32, &[32, 8], "w").unwrap(), ctx.tensor(Type::I32, &[32, 2], "iv").unwrap()).is_err());
+    assert!(ctx.norm(ctx.tensor(Type::F16, &[32, 2], "h").unwrap(), 1e-5).is_err());
+    assert!(ctx.group_norm(ctx.tensor(Type::F16, &[4, 4, 32, 1], "g").unwrap(), 8, 1e-5).is_err());
+    assert!(ctx.get_rows(q8k, i32v).is_err());
+    assert!(ctx.conv2d(ctx.cast(img, Type::F16).unwrap(), ctx.tensor(Type::F16, &[288, 8], "k").unwrap(), 3, 3, 1, 1, None).is_err());
+}
+
+#[test]
 fn repacked_q4_matrices_multiply_like_the_plain_layout() {
     let backend = Backend::cpu(2).unwrap();
     for (ty, k, m, n) in [(Type::Q4_0, 256, 64, 40), (Type::Q4_K, 256, 64, 40), (Type::Q4_0, 32, 64, 128), (Type::Q4_0, 32, 32, 128), (Type::Q4_0, 64, 8, 3)] {

@@ -226,7 +226,7 @@ fn distilled_and_refiner_sdxl_variants_generate_with_their_conditioning() {
         assert_eq!(a.rgb, pipe.generate(&req, &mut |_| {}).unwrap().rgb, "{name}: deterministic");
         if name == "refiner" {
             // What a refiner is for: img2img on a finished picture, the last few steps.
-            let init = std::sync::Arc::new(sdrs::pipeline::Canvas { width: 32, height: 32, rgb: a.rgb.clone(), mask: None });
+            let init = std::sync::Arc::new(sdrs::pipeline::Canvas { width: 32, height: 32, rgb: a.rgb.clone(), mask: None, mask_blur: 0.0 });
             let refine = Request { init: Some(init), strength: Some(0.3), steps: 10, ..req.clone() };
             let refined = pipe.generate(&refine, &mut |_| {}).unwrap();
             assert!(refined.parameters.contains("Denoising strength: 0.3"), "{}", refined.parameters);

@@ -118,7 +118,7 @@ fn the_lower_the_strength_the_closer_img2img_stays_to_the_picture() {
     // The demo model's VAE is trained, so its decode reproduces a picture it encodes.
     let pipe = Pipeline::demo(2).unwrap();
     let base = pipe.generate(&Request { seed: 3, ..pipe.request("a red circle on a blue background") }, &mut |_| {}).unwrap();
-    let init = Arc::new(Canvas { width: base.width, height: base.height, rgb: base.rgb.clone(), mask: None });
+    let init = Arc::new(Canvas { width: base.width, height: base.height, rgb: base.rgb.clone(), mask: None, mask_blur: 0.0 });
     let want: Vec<f32> = base.rgb.iter().map(|&v| v as f32).collect();
     let to_init = |s: f64| {
         let req = Request { steps: 10, init: Some(init.clone()), strength: Some(s), ..pipe.request("a yellow square on a green background") };
@@ -135,7 +135,7 @@ fn the_lower_the_strength_the_closer_img2img_stays_to_the_picture() {
 fn img2img_plans_the_encode_stage_and_refuses_a_budget_it_cannot_fit() {
     let mut pipe = Pipeline::demo(2).unwrap();
     let rgb = vec![128u8; 256 * 256 * 3];
-    let init = Arc::new(Canvas { width: 256, height: 256, rgb, mask: None });
+    let init = Arc::new(Canvas { width: 256, height: 256, rgb, mask: None, mask_blur: 0.0 });
     let req = Request { width: 256, height: 256, init: Some(init), ..pipe.request("a red circle") };
     let free = pipe.plan(&req).unwrap();
     let encode = free.needs.iter().find(|n| n.stage == "encode").unwrap_or_else(|| panic!("no encode stage: {}", free.summary()));
@@ -221,7 +221,7 @@ fn img2img_with_taesd_encodes_with_the_encoder_beside_the_decoder() {
     let (px, w, h) = photo("astronaut.png", Some((64, 64)));
     let px = &px;
     let rgb: Vec<u8> = (0..w * h).flat_map(|i| (0..3).map(move |c| (px[c * w * h + i] * 255.0).round() as u8)).collect();
-    let init = Arc::new(Canvas { width: w, height: h, rgb, mask: None });
+    let init = Arc::new(Canvas { width: w, height: h, rgb, mask: None, mask_blur: 0.0 });
     // The decoder in a folder of its own, to show the encoder is looked for beside it.
     let alone = dir.path().join("alone");
     std::fs::create_dir(&alone).unwrap();

@@ -8,8 +8,8 @@ use jni::JNIEnv;
 use std::sync::Arc;
 
 use sdrs_core::model::tile::TileStats;
-use sdrs_core::pipeline::{Canvas, Image, Request};
-use sdrs_core::sample::Sampler;
+use sdrs_core::pipeline::{Canvas, Image, Request, RngKind};
+use sdrs_core::sample::{names, Sampler, Schedule};
 
 use crate::{string, Fail};
 
@@ -39,9 +39,11 @@ fn count(env: &mut JNIEnv, obj: &JObject, name: &str, default: usize) -> Result<
     }
 }
 
-fn sampler(name: &str) -> Result<Sampler, Fail> {
+/// Any spelling the CLI takes (sdrs', stable-diffusion.cpp's, A1111's, ComfyUI's),
+/// with the schedule a name like `DPM++ 2M Karras` implies.
+fn sampler(name: &str) -> Result<(Sampler, Option<Schedule>), Fail> {
     // The CLI's wording for the same mistake.
-    Sampler::parse(name).ok_or_else(|| Fail::Msg(format!("unknown sampler `{name}`; valid: {}", Sampler::names().join(", "))))
+    names::sampler(name).ok_or_else(|| Fail::Msg(format!("unknown sampler `{name}`; valid: {}", names::sampler_names().join(", "))))
 }
 
 /// `defaults`: the model's ([`sdrs_core::pipeline::Pipeline::request`]).
@@ -56,15 +58,26 @@ pub(crate) fn read(env: &mut JNIEnv, req: &JObject, defaults: &Request) -> Resul
         s if s.is_finite() => s,
         s => return Err(Fail::Msg(format!("Request.cfgScale must be finite, not {s}"))),
     };
+    let (sampler, implied) = match text(env, req, "sampler")? {
+        Some(name) => sampler(&name)?,
+        None => (base.sampler, None),
+    };
+    let schedule = match text(env, req, "scheduler")? {
+        Some(name) => names::schedule(&name).ok_or_else(|| Fail::Msg(format!("unknown scheduler `{name}`; valid: {}", names::schedule_names().join(", "))))?,
+        None => implied.unwrap_or(base.schedule),
+    };
+    let rng = match text(env, req, "rng")? {
+        Some(name) => RngKind::parse(&name).ok_or_else(|| Fail::Msg(format!("unknown rng `{name}`; valid: {}", RngKind::NAMES.join(", "))))?,
+        None => base.rng,
+    };
     Ok(Request {
         negative: text(env, req, "negative")?.unwrap_or_default(),
         width: count(env, req, "width", base.width)?,
         height: count(env, req, "height", base.height)?,
         steps: count(env, req, "steps", base.steps)?,
-        sampler: match text(env, req, "sampler")? {
-            Some(name) => sampler(&name)?,
-            None => base.sampler,
-        },
+        sampler,
+        schedule,
+        rng,
         cfg_scale,
         // Java has no unsigned long: the bits are the seed, as the CLI's u64.
         seed: env.get_field(req, "seed", "J")?.j()? as u64,
@@ -99,7 +112,7 @@ fn init(env: &mut JNIEnv, req: &JObject, r: Request) -> Result<Request, Fail> {
         s if s.is_nan() => None,
         s => Some(s.to_string().parse::<f64>().unwrap_or(s as f64)),
     };
-    Ok(Request { init: Some(Arc::new(Canvas { width: r.width, height: r.height, rgb, mask })), strength, ..r })
+    Ok(Request { init: Some(Arc::new(Canvas { width: r.width, height: r.height, rgb, mask, mask_blur: 0.0 })), strength, ..r })
 }
 
 /// An int array field: `None` when null, an error unless it holds `len` values.

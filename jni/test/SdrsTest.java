@@ -258,6 +258,32 @@ public class SdrsTest {
                 check(sd.generate(r, null).width == 64, "euler_a");
             });
 
+            test("A1111 and ComfyUI sampler names, a scheduler and the CUDA generator", () -> {
+                Request r = small(sd, "a circle");
+                r.sampler = "DPM++ 2M Karras";
+                r.steps = 2;
+                Image a = sd.generate(r, null);
+                contains(a.parameters, "Sampler: DPM++ 2M, Schedule type: Karras");
+                r.sampler = "dpmpp_2m";
+                r.scheduler = "karras";
+                check(Arrays.equals(sd.generate(r, null).argb(), a.argb()), "the same sampler and schedule by ComfyUI's names");
+                r.rng = "cuda";
+                Image cuda = sd.generate(r, null);
+                contains(cuda.parameters, "RNG: NV");
+                check(!Arrays.equals(cuda.argb(), a.argb()), "another generator, other noise");
+                r.rng = "dice";
+                contains(expect(SdrsException.class, () -> sd.generate(r, null)).getMessage(), "unknown rng `dice`");
+            });
+
+            test("prompts beyond Latin-1 keep their image and their text (UTF-8 iTXt)", () -> {
+                String prompt = "a red circle \u2014 on a \u201cblue\u201d background \u732b \ud83d\udc08";
+                Image image = sd.generate(small(sd, prompt), null);
+                check(image.parameters.startsWith(prompt), "parameters keep the prompt: " + image.parameters);
+                byte[] png = image.png();
+                String raw = new String(png, java.nio.charset.StandardCharsets.UTF_8);
+                check(raw.contains("iTXt") && raw.contains(prompt), "the PNG holds the prompt as UTF-8 text");
+            });
+
             test("embeddings: a safetensors file's stem triggers it; a missing file is named", () -> {
                 // A1111's safetensors layout: `emb_params`, one 64-wide vector (the demo's width).
                 String header = "{\"emb_params\":{\"dtype\":\"F32\",\"shape\":[1,64],\"data_offsets\":[0,256]}}";

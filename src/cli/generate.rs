@@ -1,22 +1,29 @@
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
+use clap::builder::TypedValueParser as _;
 
 use std::sync::Arc;
 
 use sdrs::pipeline::{Canvas, CanvasOptions, Pipeline, Request, RngKind, Stage};
 use sdrs::model::tile::TileStats;
 use sdrs::prompt::Emphasis;
-use sdrs::sample::{Sampler, Schedule};
+use sdrs::pipeline::ImageFormat;
+use sdrs::sample::{names, Sampler, Schedule};
 
 /// Generate an image from a prompt (txt2img), or from a prompt and a picture
 /// (img2img with --init-img, inpainting with --mask, outpainting with --pad).
 #[derive(clap::Args)]
 pub struct Args {
-    /// Model GGUF (from `sdrs convert`); without it, the built-in demo model (a tiny
-    /// model of coloured shapes, 64x64, LCM 4 steps).
+    /// Model: a GGUF (from `sdrs convert` or stable-diffusion.cpp), or a checkpoint
+    /// (.safetensors, .ckpt, a diffusers folder) converted to f16 on the fly; without
+    /// it, the built-in demo model (a tiny model of coloured shapes, 64x64, LCM 4 steps).
     #[arg(short, long)]
     model: Option<PathBuf>,
+    /// A VAE of its own (e.g. vae-ft-mse-840000-ema-pruned.safetensors; original or
+    /// diffusers naming) used instead of the model's.
+    #[arg(long)]
+    vae: Option<PathBuf>,
     #[arg(short, long, required_unless_present = "list_samplers")]
     prompt: Option<String>,
     /// Negative prompt.
@@ -28,8 +35,13 @@ pub struct Args {
     /// Classifier-free guidance scale; 1 skips the unconditional pass [default: the model's, else 7].
     #[arg(long = "cfg-scale")]
     cfg_scale: Option<f32>,
-    #[arg(short = 's', long, default_value_t = 42)]
-    seed: u64,
+    /// Seed; -1 picks a random one (printed, and recorded in the image).
+    #[arg(short = 's', long, default_value_t = 42, allow_negative_numbers = true)]
+    seed: i64,
+    /// How many images, one after another, seeds counting up from --seed; the outputs
+    /// are numbered (a `%d` or `%03d` in -o, else `_2`, `_3`, ... before the extension).
+    #[arg(short = 'b', long = "batch-count", default_value_t = 1)]
+    batch_count: usize,
     /// Image width [default: the init image's, else the model's, else 512].
     #[arg(short = 'W', long)]
     width: Option<usize>,
@@ -67,7 +79,7 @@ pub struct Args {
     /// What prompt weights do: original ((word:1.3), (word), [word] and BREAK, each
     /// window scaled back to its unweighted mean, as A1111), no-norm (without that
     /// rescale), none (brackets and BREAK are plain text).
-    #[arg(long, default_value = "original")]
+    #[arg(long, default_value = "original", value_parser = clap::builder::PossibleValuesParser::new(Emphasis::NAMES.iter().copied()))]
     emphasis: String,
     /// Textual-inversion embedding (.pt, .bin, .safetensors; A1111, diffusers or SDXL
     /// clip_l/clip_g), triggered by its file's stem (or a diffusers file's token) in
@@ -76,26 +88,26 @@ pub struct Args {
     embeddings: Vec<PathBuf>,
     /// A folder of embeddings, each triggered by its file's stem; files for other
     /// models are skipped with a warning.
-    #[arg(long = "embedding-dir")]
+    #[arg(long = "embedding-dir", alias = "embd-dir")]
     embedding_dir: Option<PathBuf>,
     /// Apply a LoRA at run time, beside the model's weights (the model file is not
     /// changed): FILE or FILE:MULTIPLIER [default 1]; repeatable. LCM-LoRA too.
     #[arg(long, value_name = "FILE[:MULTIPLIER]")]
     lora: Vec<String>,
     /// Where the prompt's <lora:NAME:MULTIPLIER> tags find NAME.safetensors (.pt, .ckpt, .bin).
-    #[arg(long = "lora-dir")]
+    #[arg(long = "lora-dir", alias = "lora-model-dir")]
     lora_dir: Option<PathBuf>,
     /// A distilled model's recipe (size, sampler, schedule, steps, guidance): sdxl-turbo,
     /// sd-turbo, sdxl-lightning-2step, -4step, -8step; options given beside it win.
     #[arg(long)]
     preset: Option<String>,
-    /// Sampler (see --list-samplers) [default: the model's, else euler].
-    #[arg(long)]
-    sampler: Option<String>,
-    /// σ schedule: discrete, leading, trailing, karras, exponential, ays, sgm_uniform, simple
-    /// [default: the model's, else discrete].
-    #[arg(long)]
-    scheduler: Option<String>,
+    /// Sampler (see --list-samplers); the peer's, A1111's ("DPM++ 2M Karras") and
+    /// ComfyUI's (euler_ancestral, dpmpp_2m) names work too [default: the model's, else euler].
+    #[arg(long, alias = "sampling-method", value_parser = SamplerName)]
+    sampler: Option<(Sampler, Option<Schedule>)>,
+    /// σ schedule (A1111's and ComfyUI's names work too) [default: the model's, else discrete].
+    #[arg(long, alias = "schedule", value_parser = ScheduleName)]
+    scheduler: Option<Schedule>,
     /// Noise of ancestral/SDE/DDIM steps (DDIM: 0 deterministic, 1 DDPM; TCD: its γ).
     #[arg(long)]
     eta: Option<f64>,
@@ -103,9 +115,11 @@ pub struct Args {
     sigma_min: Option<f64>,
     #[arg(long = "sigma-max")]
     sigma_max: Option<f64>,
-    /// Noise generator: torch (same noise as diffusers for a seed) or native.
-    #[arg(long, default_value = "torch")]
-    rng: String,
+    /// Noise generator: torch (torch's CPU generator: diffusers' and A1111's "CPU"
+    /// noise for a seed), cuda (torch's CUDA generator: A1111's default on NVIDIA GPUs,
+    /// stable-diffusion.cpp's --rng cuda) or native (sdrs' own).
+    #[arg(long, default_value = "torch", value_parser = clap::builder::PossibleValuesParser::new(["torch", "cuda", "native", "cpu", "gpu", "nv"]).map(|s| RngKind::parse(&s).unwrap_or(RngKind::Torch)))]
+    rng: RngKind,
     /// Guidance rescale φ in [0, 1] (0.7 is the paper's choice for v-prediction models).
     #[arg(long = "guidance-rescale", default_value_t = 0.0)]
     guidance_rescale: f32,
@@ -143,13 +157,48 @@ pub struct Args {
     /// (one pass, as diffusers' `enable_tiling`; tones may drift between tiles) or
     /// `image`, the whole image's (tiles equal the whole decode; one pass over the tiles
     /// per norm: ~8x `tile`'s time for SD's VAE).
-    #[arg(long = "vae-tile-stats", default_value = "tile", value_name = "tile|image")]
+    #[arg(long = "vae-tile-stats", default_value = "tile", value_parser = ["tile", "image"])]
     vae_tile_stats: String,
     /// Print the memory plan (each stage's weights, compute buffer and the peak) and exit.
     #[arg(long = "plan")]
     plan_only: bool,
+    /// Output image: .png (parameters in a text chunk), .jpg/.jpeg or .webp
+    /// (parameters in EXIF, as A1111 writes them).
     #[arg(short, long, default_value = "output.png")]
     output: PathBuf,
+    /// JPEG quality, 1 to 100.
+    #[arg(long, default_value_t = 90, value_parser = clap::value_parser!(u8).range(1..=100))]
+    quality: u8,
+}
+
+/// `--sampler`: any spelling [`sdrs::sample::names`] knows; `--help` lists sdrs' own.
+#[derive(Clone)]
+struct SamplerName;
+
+impl clap::builder::TypedValueParser for SamplerName {
+    type Value = (Sampler, Option<Schedule>);
+    fn parse_ref(&self, _: &clap::Command, _: Option<&clap::Arg>, value: &std::ffi::OsStr) -> Result<Self::Value, clap::Error> {
+        let v = value.to_string_lossy();
+        names::sampler(&v).ok_or_else(|| clap::Error::raw(clap::error::ErrorKind::InvalidValue, format!("unknown sampler `{v}`; valid: {}\n", names::sampler_names().join(", "))))
+    }
+    fn possible_values(&self) -> Option<Box<dyn Iterator<Item = clap::builder::PossibleValue> + '_>> {
+        Some(Box::new(names::sampler_names().into_iter().map(clap::builder::PossibleValue::new)))
+    }
+}
+
+/// `--scheduler`: any spelling [`sdrs::sample::names`] knows.
+#[derive(Clone)]
+struct ScheduleName;
+
+impl clap::builder::TypedValueParser for ScheduleName {
+    type Value = Schedule;
+    fn parse_ref(&self, _: &clap::Command, _: Option<&clap::Arg>, value: &std::ffi::OsStr) -> Result<Self::Value, clap::Error> {
+        let v = value.to_string_lossy();
+        names::schedule(&v).ok_or_else(|| clap::Error::raw(clap::error::ErrorKind::InvalidValue, format!("unknown scheduler `{v}`; valid: {}\n", names::schedule_names().join(", "))))
+    }
+    fn possible_values(&self) -> Option<Box<dyn Iterator<Item = clap::builder::PossibleValue> + '_>> {
+        Some(Box::new(Schedule::NAMES.iter().map(|n| clap::builder::PossibleValue::new(*n))))
+    }
 }
 
 fn parse_pair<const SEP: char>(s: &str) -> Result<(usize, usize), String> {
@@ -177,35 +226,44 @@ pub fn run(a: Args, threads: Option<usize>, target: &super::Target) -> Result<()
         out!(o, "schedulers: {}", Schedule::NAMES.join(", "));
         return super::print_stdout(&o);
     }
-    let Some(prompt) = a.prompt else { bail!("give a prompt with -p") };
-    let threads = threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-    let mut pipe = match &a.model {
-        Some(m) => Pipeline::load_with_threads(m, threads)?,
-        None => demo_pipeline(threads)?,
-    };
-    pipe.max_memory = a.max_memory;
-    if let Some(name) = &a.preset {
-        let p = sdrs::config::Defaults::preset(name).with_context(|| format!("unknown preset `{name}`; valid: {}", sdrs::config::Defaults::PRESETS.join(", ")))?;
-        pipe.defaults = pipe.defaults.over(&p);
-    }
-    target.apply(&mut pipe, threads)?;
-    // What the user gave, else what the model file recommends (Pipeline::request),
-    // else SD's usual settings.
-    let base = pipe.request(&prompt);
-    let sampler = match &a.sampler {
-        None => base.sampler,
-        Some(s) => Sampler::parse(s).with_context(|| format!("unknown sampler `{s}`; valid: {}", Sampler::names().join(", ")))?,
-    };
-    let schedule = match &a.scheduler {
-        None => base.schedule,
-        Some(s) => Schedule::parse(s).with_context(|| format!("unknown scheduler `{s}`; valid: {}", Schedule::NAMES.join(", ")))?,
-    };
-    let Some(rng) = RngKind::parse(&a.rng) else { bail!("unknown rng `{}`; valid: torch, native", a.rng) };
+    let Some(prompt) = a.prompt.clone() else { bail!("give a prompt with -p") };
+    // Everything that can be checked without the model is, before it loads.
+    let format = ImageFormat::from_path(&a.output, a.quality)?;
+    let Some(vae_tile_stats) = TileStats::parse(&a.vae_tile_stats) else { bail!("unknown --vae-tile-stats `{}`; valid: {}", a.vae_tile_stats, TileStats::NAMES.join(", ")) };
+    let Some(emphasis) = Emphasis::parse(&a.emphasis) else { bail!("unknown emphasis `{}`; valid: {}", a.emphasis, Emphasis::NAMES.join(", ")) };
     if !(0.0..=1.0).contains(&a.guidance_rescale) {
         bail!("--guidance-rescale must be in [0, 1], not {}", a.guidance_rescale);
     }
-    let Some(vae_tile_stats) = TileStats::parse(&a.vae_tile_stats) else { bail!("unknown --vae-tile-stats `{}`; valid: {}", a.vae_tile_stats, TileStats::NAMES.join(", ")) };
-    let Some(emphasis) = Emphasis::parse(&a.emphasis) else { bail!("unknown emphasis `{}`; valid: {}", a.emphasis, Emphasis::NAMES.join(", ")) };
+    let preset = match &a.preset {
+        Some(name) => Some(sdrs::config::Defaults::preset(name).with_context(|| format!("unknown preset `{name}`; valid: {}", sdrs::config::Defaults::PRESETS.join(", ")))?),
+        None => None,
+    };
+    let seed = match a.seed {
+        -1 => random_seed(),
+        s if s < 0 => bail!("--seed must be a non-negative integer, or -1 for a random one (not {s})"),
+        s => s as u64,
+    };
+    if a.batch_count == 0 {
+        bail!("--batch-count must be at least 1");
+    }
+    let threads = threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let mut pipe = match &a.model {
+        Some(m) => load(m, threads)?,
+        None => demo_pipeline(threads)?,
+    };
+    pipe.max_memory = a.max_memory;
+    if let Some(p) = &preset {
+        pipe.defaults = pipe.defaults.over(p);
+    }
+    target.apply(&mut pipe, threads)?;
+    if let Some(vae) = &a.vae {
+        pipe.set_vae(vae)?;
+    }
+    // What the user gave, else what the model file recommends (Pipeline::request),
+    // else SD's usual settings.
+    let base = pipe.request(&prompt);
+    let (sampler, implied) = a.sampler.unwrap_or((base.sampler, None));
+    let schedule = a.scheduler.or(implied).unwrap_or(base.schedule);
     for path in a.embedding_dir.iter().chain(&a.embeddings) {
         let n = pipe.add_embeddings(path)?;
         log::info!("{n} embedding(s) from {}", path.display());
@@ -219,21 +277,21 @@ pub fn run(a: Args, threads: Option<usize>, target: &super::Target) -> Result<()
         None => (a.width.unwrap_or(base.width), a.height.unwrap_or(base.height)),
     };
     let req = Request {
-        negative: a.negative,
+        negative: a.negative.clone(),
         width,
         height,
         steps: a.steps.unwrap_or(base.steps),
         cfg_scale: a.cfg_scale.unwrap_or(base.cfg_scale),
-        seed: a.seed,
+        seed,
         sampler,
         schedule,
         eta: a.eta,
         sigma_min: a.sigma_min,
         sigma_max: a.sigma_max,
-        rng,
+        rng: a.rng,
         guidance_rescale: a.guidance_rescale,
         zero_terminal_snr: a.zero_terminal_snr,
-        taesd: a.taesd,
+        taesd: a.taesd.clone(),
         original_size: a.original_size,
         crop_top_left: a.crop.unwrap_or((0, 0)),
         aesthetic_score: a.aesthetic_score.unwrap_or(base.aesthetic_score),
@@ -243,7 +301,7 @@ pub fn run(a: Args, threads: Option<usize>, target: &super::Target) -> Result<()
         clip_skip: a.clip_skip,
         emphasis,
         loras: a.lora.iter().map(|s| super::convert::parse_lora(s)).collect(),
-        lora_dir: a.lora_dir,
+        lora_dir: a.lora_dir.clone(),
         vae_tiling: a.vae_tiling,
         vae_tile_stats,
         // Ctrl-C ends the run within one step and writes no image.
@@ -255,8 +313,21 @@ pub fn run(a: Args, threads: Option<usize>, target: &super::Target) -> Result<()
         let plan = pipe.plan(&req)?;
         return super::print_stdout(&format!("memory plan for {}x{}:\n{}\n", req.width, req.height, plan.summary()));
     }
+    if a.seed == -1 {
+        eprintln!("seed {seed}");
+    }
+    for i in 0..a.batch_count {
+        let req = Request { seed: seed + i as u64, ..req.clone() };
+        let output = numbered(&a.output, i, a.batch_count);
+        draw(&pipe, &req, &output, format)?;
+    }
+    Ok(())
+}
+
+/// One image of the batch, drawn and written.
+fn draw(pipe: &Pipeline, req: &Request, output: &std::path::Path, format: ImageFormat) -> Result<()> {
     let bar = super::progress_bar(req.steps as u64, "{spinner} [{bar:30}] step {pos}/{len} {per_sec} {msg}");
-    let image = pipe.generate(&req, &mut |s| match s {
+    let image = pipe.generate(req, &mut |s| match s {
         Stage::TextEncoded | Stage::Sampling { .. } => bar.set_message("sampling"),
         Stage::Step { done, total } => {
             bar.set_length(total as u64);
@@ -266,19 +337,85 @@ pub fn run(a: Args, threads: Option<usize>, target: &super::Target) -> Result<()
         Stage::Decoded => bar.set_message("decoded"),
     })?;
     bar.finish_and_clear();
-    image.save_png(&a.output)?;
+    image.save(output, format)?;
     let [text, sampling, decode] = image.timings;
     eprintln!(
-        "wrote {} ({}x{}): text {:.2} s, sampling {:.2} s ({:.2} s/step), decode {:.2} s",
-        a.output.display(),
+        "wrote {} ({}x{}, seed {}): text {:.2} s, sampling {:.2} s ({:.2} s/step), decode {:.2} s",
+        output.display(),
         image.width,
         image.height,
+        req.seed,
         text,
         sampling,
         sampling / (req.steps as f64 * req.strength()).floor().max(1.0),
         decode
     );
     Ok(())
+}
+
+/// A model file: a GGUF as it is, a checkpoint converted first (with its progress).
+fn load(path: &std::path::Path, threads: usize) -> Result<Pipeline> {
+    if sdrs::pipeline::is_gguf(path)? {
+        return Ok(Pipeline::load_with_threads(path, threads)?);
+    }
+    eprintln!("{} is not a GGUF: converting it to f16 for this run (`sdrs convert {} --type q8_0 -o model.gguf` makes a smaller file that loads at once)", path.display(), path.display());
+    let bar = super::progress_bar(0, "{spinner} converting [{bar:30}] {bytes}/{total_bytes} {msg}");
+    let cancel = super::interrupt_flag();
+    let pipe = Pipeline::open(path, threads, &cancel, &mut |p| {
+        bar.set_length(p.bytes_total);
+        bar.set_position(p.bytes_done);
+        bar.set_message(format!("{}/{} tensors", p.tensors_done, p.tensors_total));
+    })?;
+    bar.finish_and_clear();
+    Ok(pipe)
+}
+
+/// A seed below 2³², as A1111 takes them, from the OS's randomness (std's hasher keys).
+fn random_seed() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos()));
+    h.finish() & 0xFFFF_FFFF
+}
+
+/// The file of image `i` of `n`: `-o` with its `%d`/`%0Nd` filled in (from 1), else for
+/// n > 1 `_2`, `_3`, ... before the extension from the second image on (as
+/// stable-diffusion.cpp numbers its batches).
+fn numbered(output: &std::path::Path, i: usize, n: usize) -> PathBuf {
+    let s = output.to_string_lossy();
+    if let Some(at) = s.find('%') {
+        let spec = &s[at + 1..];
+        let digits: String = spec.chars().take_while(|c| c.is_ascii_digit()).collect();
+        if spec[digits.len()..].starts_with('d') {
+            let width = digits.parse::<usize>().unwrap_or(0);
+            return PathBuf::from(format!("{}{:0width$}{}", &s[..at], i + 1, &spec[digits.len() + 1..]));
+        }
+    }
+    if n == 1 || i == 0 {
+        return output.to_path_buf();
+    }
+    let stem = output.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = match output.extension() {
+        Some(ext) => format!("{stem}_{}.{}", i + 1, ext.to_string_lossy()),
+        None => format!("{stem}_{}", i + 1),
+    };
+    output.with_file_name(name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batch_outputs_are_numbered_by_pattern_or_suffix() {
+        let p = |s: &str, i, n| numbered(std::path::Path::new(s), i, n).to_string_lossy().into_owned();
+        assert_eq!(p("out/img-%03d.png", 0, 3), "out/img-001.png");
+        assert_eq!(p("img%d.jpg", 11, 12), "img12.jpg");
+        assert_eq!(p("a/out.png", 0, 3), "a/out.png");
+        assert_eq!(p("a/out.png", 2, 3), "a/out_3.png");
+        assert_eq!(p("out.png", 0, 1), "out.png");
+        assert_eq!(p("100%.png", 1, 2), "100%_2.png");
+    }
 }
 
 /// The init image (and mask) at the output size: -W/-H where given (one alone keeps

@@ -189,6 +189,22 @@ pub struct Summary {
     pub sha256: String,
 }
 
+/// `ck` converted to a GGUF of float weights (f16, norms in f32) in a temporary file
+/// that is unlinked as soon as it is mapped: what `generate -m model.safetensors`
+/// runs without a `convert` step. The weights' pages are the page cache's, so the
+/// kernel can evict them under pressure as it does a converted file's; the disk space
+/// is returned when the mapping goes. `$TMPDIR` (else `/tmp`) holds the file.
+pub fn to_temporary(ck: &Checkpoint, cancel: &AtomicBool, progress: &mut dyn FnMut(&Progress)) -> Result<GgufFile> {
+    let plan = plan(ck, &Policy::new(crate::ggml::Type::F16), None)?;
+    let dir = tempfile::Builder::new().prefix("sdrs-").tempdir().map_err(|e| Error::io(&std::env::temp_dir(), e))?;
+    let out = dir.path().join("model.gguf");
+    run(ck, &plan, "f16", &out, false, cancel, progress)?;
+    let mut gguf = GgufFile::open(&out)?;
+    // Messages and the infotext name the file the user gave.
+    gguf.path = ck.path.clone();
+    Ok(gguf)
+}
+
 /// sha256 of the files a checkpoint reads from, in order.
 fn source_digest(ck: &Checkpoint) -> Result<String> {
     let mut files: Vec<&Path> = Vec::new();

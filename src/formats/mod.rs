@@ -10,5 +10,6 @@ pub mod layout;
 pub mod pickle;
 pub mod safetensors;
 pub mod source;
+pub mod vae_file;
 
 pub use source::{Checkpoint, DType, SourceFile, SourceTensor, TensorData};

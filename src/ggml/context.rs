@@ -383,6 +383,18 @@ impl<'d> Context<'d> {
         self.alloc_with(backend.primary())
     }
 
+    /// Allocates host memory for every tensor of the context that has none yet
+    /// (weights converted at load, beside others borrowed from a mapping).
+    pub fn alloc_host(&self) -> Result<()> {
+        // SAFETY: ctx valid; the CPU buffer type is static; the buffer is owned by self.
+        let buf = unsafe { sys::ggml_backend_alloc_ctx_tensors_from_buft(self.raw(), sys::ggml_backend_cpu_buffer_type()) };
+        if buf.is_null() {
+            return Err(Error::Ggml("cannot allocate host memory for tensors".into()));
+        }
+        self.buffers.borrow_mut().push(buf);
+        Ok(())
+    }
+
     fn alloc_with(&self, backend: NonNull<sys::ggml_backend>) -> Result<()> {
         // SAFETY: ctx and backend valid; the buffer is owned by self from now on.
         let buf = unsafe { sys::ggml_backend_alloc_ctx_tensors(self.raw(), backend.as_ptr()) };

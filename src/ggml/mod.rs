@@ -118,6 +118,14 @@ impl Type {
         unsafe { sys::ggml_is_quantized(self.0) }
     }
 
+    /// Whether ggml's CPU matrix product takes this type as its weights operand: every
+    /// float or block type but f64 and the activation-only blocks (q8_1, q8_K), which
+    /// ggml-cpu has no dot product for.
+    pub fn is_matrix_weight(self) -> bool {
+        let activation_only = matches!(self.0, sys::GGML_TYPE_Q8_1 | sys::GGML_TYPE_Q8_K);
+        self.is_float_or_quant() && self != Type::F64 && !activation_only
+    }
+
     pub fn is_float_or_quant(self) -> bool {
         self.is_quantized() || matches!(self, Type::F32 | Type::F16 | Type::BF16 | Type::F64)
     }

@@ -21,6 +21,25 @@ fn can_repeat(b: [usize; 4], a: [usize; 4]) -> bool {
     (0..4).all(|i| b[i] != 0 && a[i] % b[i] == 0)
 }
 
+/// Whether ggml's CPU binary ops (add, mul) take `a ∘ b` with the result in `a`'s
+/// type: f32 everywhere, or an f16/bf16 `a` with a `b` of its type or f32 (anything
+/// else aborts inside ggml, e.g. an f16 norm scale on f32 activations).
+fn binary_types(a: Type, b: Type) -> bool {
+    match a {
+        Type::F32 => b == Type::F32,
+        Type::F16 | Type::BF16 => b == a || b == Type::F32,
+        _ => false,
+    }
+}
+
+/// Refuses an operand of a type other than f32 (ops whose CPU kernels assert it).
+fn need_f32(op: &str, what: &str, t: Tensor<'_>) -> Result<()> {
+    if t.ty() != Type::F32 {
+        return Err(bad(op, format!("{what} is {}, not f32", t.ty().name())));
+    }
+    Ok(())
+}
+
 impl Context<'_> {
     fn op<'c>(&'c self, p: *mut sys::ggml_tensor) -> Result<Tensor<'c>> {
         self.wrap_op(p)
@@ -31,6 +50,9 @@ impl Context<'_> {
         if !can_repeat(b.ne(), a.ne()) {
             return Err(bad("add", format!("{:?} does not broadcast onto {:?}", b.ne(), a.ne())));
         }
+        if !binary_types(a.ty(), b.ty()) {
+            return Err(bad("add", format!("a {} operand onto a {} one", b.ty().name(), a.ty().name())));
+        }
         // SAFETY: shapes checked; tensors valid for 'c.
         self.op(unsafe { sys::ggml_add(self.raw(), a.raw(), b.raw()) })
     }
@@ -39,6 +61,9 @@ impl Context<'_> {
     pub fn mul<'c>(&'c self, a: Tensor<'c>, b: Tensor<'c>) -> Result<Tensor<'c>> {
         if !can_repeat(b.ne(), a.ne()) {
             return Err(bad("mul", format!("{:?} does not broadcast onto {:?}", b.ne(), a.ne())));
+        }
+        if !binary_types(a.ty(), b.ty()) {
+            return Err(bad("mul", format!("a {} operand onto a {} one", b.ty().name(), a.ty().name())));
         }
         // SAFETY: as above.
         self.op(unsafe { sys::ggml_mul(self.raw(), a.raw(), b.raw()) })
@@ -51,6 +76,7 @@ impl Context<'_> {
 
     /// Normalises over `ne[0]` (layer norm without affine parameters).
     pub fn norm<'c>(&'c self, a: Tensor<'c>, eps: f32) -> Result<Tensor<'c>> {
+        need_f32("norm", "input", a)?;
         // SAFETY: unary op.
         self.op(unsafe { sys::ggml_norm(self.raw(), a.raw(), eps) })
     }
@@ -60,6 +86,7 @@ impl Context<'_> {
         if groups == 0 || a.ne()[2] % groups != 0 {
             return Err(bad("group_norm", format!("{} channels in {groups} groups", a.ne()[2])));
         }
+        need_f32("group_norm", "input", a)?;
         // SAFETY: unary op.
         self.op(unsafe { sys::ggml_group_norm(self.raw(), a.raw(), groups as i32, eps) })
     }
@@ -171,6 +198,9 @@ impl Context<'_> {
         if x[0] != y[0] || y[2] % x[2] != 0 || y[3] % x[3] != 0 || a.is_transposed() {
             return Err(bad("mul_mat", format!("{x:?} x {y:?}")));
         }
+        if !a.ty().is_matrix_weight() || !(b.ty() == Type::F32 || (b.ty() == a.ty() && !a.ty().is_quantized())) {
+            return Err(bad("mul_mat", format!("{} weights times {} values", a.ty().name(), b.ty().name())));
+        }
         // SAFETY: shapes checked.
         self.op(unsafe { sys::ggml_mul_mat(self.raw(), a.raw(), b.raw()) })
     }
@@ -261,6 +291,9 @@ impl Context<'_> {
         if ids.ty() != Type::I32 {
             return Err(bad("get_rows", "ids must be i32".into()));
         }
+        if !(table.ty().is_matrix_weight() || table.ty() == Type::I32) {
+            return Err(bad("get_rows", format!("rows of a {} table", table.ty().name())));
+        }
         // SAFETY: types checked; ggml bounds-checks ids at compute time in debug only,
         // so callers validate id values when they set them.
         self.op(unsafe { sys::ggml_get_rows(self.raw(), table.raw(), ids.raw()) })
@@ -275,6 +308,7 @@ impl Context<'_> {
         if k != ic * kh * kw || stride == 0 || w + 2 * pad < kw || h + 2 * pad < kh {
             return Err(bad("conv2d", format!("kernel {:?} ({kh}x{kw}) on input {:?}", kernel.ne(), x.ne())));
         }
+        need_f32("conv2d", "input", x)?;
         let ow = (w + 2 * pad - kw) / stride + 1;
         let oh = (h + 2 * pad - kh) / stride + 1;
         let y = if kh == 1 && kw == 1 && stride == 1 && pad == 0 {
@@ -376,6 +410,7 @@ impl Context<'_> {
 
     /// Nearest-neighbour upsampling by an integer factor in W and H.
     pub fn upscale_nearest<'c>(&'c self, a: Tensor<'c>, factor: usize) -> Result<Tensor<'c>> {
+        need_f32("upscale", "input", a)?;
         // SAFETY: unary op.
         self.op(unsafe { sys::ggml_upscale(self.raw(), a.raw(), factor as i32, sys::GGML_SCALE_MODE_NEAREST) })
     }

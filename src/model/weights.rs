@@ -5,9 +5,11 @@
 use std::path::PathBuf;
 
 use crate::error::{Error, Result};
-use crate::formats::gguf::GgufFile;
+use crate::formats::gguf::{GgufFile, TensorInfo};
 use crate::formats::Checkpoint;
 use crate::ggml::{Backend, Context, Tensor, Type};
+
+use super::fit;
 
 pub struct Weights<'g> {
     path: PathBuf,
@@ -32,31 +34,44 @@ impl<'g> Weights<'g> {
     /// price of their size in anonymous memory.
     pub fn load_repacked(gguf: &'g GgufFile, keep: impl Fn(&str) -> bool, repack: impl Fn(&str) -> bool) -> Result<Self> {
         let infos: Vec<_> = gguf.tensors.iter().filter(|t| keep(&t.name)).collect();
-        let bytes = infos.iter().map(|t| t.nbytes).sum();
         let ctx = Context::new(infos.len() + 1)?;
         let region = ctx.borrow_host(gguf.bytes())?;
         let can = Context::can_repack();
         let mut later = Vec::new();
-        let mut sources = Vec::new();
+        let mut converted = Vec::new();
         let mut copied = std::collections::HashSet::new();
+        let mut bytes = 0;
         for t in infos {
-            let ne: Vec<usize> = t.ne.iter().map(|&d| d as usize).collect();
-            let tensor = ctx.tensor(t.ty, &ne, &t.name).map_err(|e| Error::format(&gguf.path, format!("tensor `{}`: {e}", t.name)))?;
-            let start = (gguf.data_offset + t.offset) as usize;
-            let packable = matches!(t.ty, Type::Q4_0 | Type::Q4_K) && ne.len() == 2 && ne[1] % 8 == 0;
-            if can && packable && repack(&t.name) {
-                later.push((tensor, gguf.data(t)));
-                sources.push(t);
+            let packable = matches!(t.ty, Type::Q4_0 | Type::Q4_K) && t.ne.len() == 2 && t.ne[1] % 8 == 0;
+            if let Some((tensor, data)) = fitted(&ctx, gguf, t)? {
+                bytes += data.len() as u64;
+                converted.push((tensor, data));
+                copied.insert(t.name.clone());
+            } else if can && packable && repack(&t.name) {
+                bytes += t.nbytes;
+                later.push(t);
                 copied.insert(t.name.clone());
             } else {
-                ctx.place(&region, tensor, start)?;
+                bytes += t.nbytes;
+                let tensor = new_tensor(&ctx, gguf, t, t.ty)?;
+                ctx.place(&region, tensor, (gguf.data_offset + t.offset) as usize)?;
             }
+        }
+        // Converted tensors are allocated first: the repack buffer takes every tensor
+        // still without data, so its tensors are made only after.
+        if !converted.is_empty() {
+            ctx.alloc_host()?;
+            for (tensor, data) in &converted {
+                ctx.set_bytes(*tensor, data)?;
+            }
+            log::debug!("{}: {} weights converted at load for the graphs", gguf.path.display(), converted.len());
         }
         let mut repacked = 0;
         if !later.is_empty() {
+            let made = later.iter().map(|t| Ok((new_tensor(&ctx, gguf, t, t.ty)?, gguf.data(t)))).collect::<Result<Vec<_>>>()?;
             // Each source leaves resident memory once copied: the mapped and the
             // copied UNet are never both resident (0.93 GB at q4_0 otherwise).
-            repacked = ctx.alloc_repacked(&later, |i| gguf.release_tensor(sources[i]))?;
+            repacked = ctx.alloc_repacked(&made, |i| gguf.release_tensor(later[i]))?;
             log::debug!("{}: {repacked} of {} weights repacked for ggml's integer GEMM", gguf.path.display(), later.len());
         }
         Ok(Weights { path: gguf.path.clone(), ctx, repacked, bytes, copied })
@@ -94,23 +109,40 @@ impl<'g> Weights<'g> {
     }
 }
 
+/// A tensor object for the stored weight `t`, as type `ty`, named as stored.
+fn new_tensor<'c>(ctx: &'c Context<'_>, gguf: &GgufFile, t: &TensorInfo, ty: Type) -> Result<Tensor<'c>> {
+    let ne: Vec<usize> = t.ne.iter().map(|&d| d as usize).collect();
+    ctx.tensor(ty, &ne, &t.name).map_err(|e| Error::format(&gguf.path, format!("tensor `{}`: {e}", t.name)))
+}
+
+/// For a weight stored in a form the graphs cannot take ([`fit::convert_to`]): a
+/// tensor object of the type they need and its converted bytes.
+fn fitted<'c>(ctx: &'c Context<'_>, gguf: &GgufFile, t: &TensorInfo) -> Result<Option<(Tensor<'c>, Vec<u8>)>> {
+    let Some(ty) = fit::convert_to(&t.name, t.ty, &t.ne) else { return Ok(None) };
+    let what = format!("{}: tensor `{}`", gguf.path.display(), t.name);
+    let data = fit::convert(&what, t.ty, ty, gguf.data(t), &t.ne)?;
+    Ok(Some((new_tensor(ctx, gguf, t, ty)?, data)))
+}
+
 impl Weights<'static> {
     /// Copies the tensors whose names satisfy `keep` into `backend`'s GPU memory (or
     /// its CPU's, for a CPU backend). Nothing stays borrowed from the file: each
     /// tensor's mapped pages are released once it is uploaded.
     pub fn upload(gguf: &GgufFile, keep: impl Fn(&str) -> bool, backend: &Backend) -> Result<Self> {
         let infos: Vec<_> = gguf.tensors.iter().filter(|t| keep(&t.name)).collect();
-        let bytes = infos.iter().map(|t| t.nbytes).sum();
         let ctx = Context::new(infos.len() + 1)?;
         let mut made = Vec::with_capacity(infos.len());
         for t in &infos {
-            let ne: Vec<usize> = t.ne.iter().map(|&d| d as usize).collect();
-            made.push(ctx.tensor(t.ty, &ne, &t.name).map_err(|e| Error::format(&gguf.path, format!("tensor `{}`: {e}", t.name)))?);
+            made.push(match fitted(&ctx, gguf, t)? {
+                Some((tensor, data)) => (tensor, Some(data)),
+                None => (new_tensor(&ctx, gguf, t, t.ty)?, None),
+            });
         }
+        let bytes = made.iter().map(|(t, _)| t.nbytes() as u64).sum();
         ctx.alloc_on(backend).map_err(|e| Error::format(&gguf.path, format!("{} bytes of weights on {}: {e}", bytes, backend.gpu_name().unwrap_or("?"))))?;
         let mut copied = std::collections::HashSet::new();
-        for (t, tensor) in infos.iter().zip(made) {
-            ctx.set_bytes(tensor, gguf.data(t))?;
+        for (t, (tensor, data)) in infos.iter().zip(made) {
+            ctx.set_bytes(tensor, data.as_deref().unwrap_or_else(|| gguf.data(t)))?;
             gguf.release_tensor(t);
             copied.insert(t.name.clone());
         }

@@ -31,6 +31,8 @@ pub struct Canvas {
     pub rgb: Vec<u8>,
     /// `[h][w]` in [0, 1], 1 = repaint: after blurring, soft at its edges.
     pub mask: Option<Vec<f32>>,
+    /// The σ in pixels of the blur the mask was given (recorded as A1111's "Mask blur").
+    pub mask_blur: f32,
 }
 
 /// How to turn files into a [`Canvas`].
@@ -122,7 +124,7 @@ impl Canvas {
             let soft: Vec<f32> = m.as_raw().iter().map(|&v| v as f32 / 255.0).collect();
             blur(&soft, w, h, opts.mask_blur)
         });
-        Ok(Canvas { width: w, height: h, rgb: img.into_raw(), mask })
+        Ok(Canvas { width: w, height: h, rgb: img.into_raw(), mask, mask_blur: opts.mask_blur })
     }
 
     /// The image as `[3][h][w]` in [-1, 1] (the VAE's input range).
@@ -315,7 +317,7 @@ mod tests {
 
     #[test]
     fn planar_pixels_span_minus_one_to_one() {
-        let c = Canvas { width: 2, height: 1, rgb: vec![0, 255, 0, 255, 0, 255], mask: None };
+        let c = Canvas { width: 2, height: 1, rgb: vec![0, 255, 0, 255, 0, 255], mask: None, mask_blur: 0.0 };
         assert_eq!(c.planar_pm1(), vec![-1.0, 1.0, 1.0, -1.0, -1.0, 1.0]);
     }
 }

@@ -26,26 +26,53 @@ fn find(dir: &Path, name: &str) -> Result<PathBuf> {
         .ok_or_else(|| Error::Invalid(format!("prompt: no LoRA `{name}` in {} (looked for {name}.{{{}}})", dir.display(), EXTENSIONS.join(","))))
 }
 
+/// A LoRA of a request, with its multipliers on the text encoders and the UNet.
+pub(super) struct RequestLora {
+    pub lora: Lora,
+    /// The name the infotext gives it: the prompt tag's, else the file's stem.
+    pub name: String,
+    pub path: PathBuf,
+    pub te: f32,
+    pub unet: f32,
+}
+
+/// Which part of the model a LoRA branch adapts (each has its own multiplier).
+#[derive(Clone, Copy)]
+pub(super) enum Part {
+    Text,
+    Unet,
+}
+
 impl Pipeline {
     /// The request's LoRAs with their multipliers: its files, then the prompt's tags.
-    pub(super) fn request_loras(&self, req: &Request) -> Result<Vec<(Lora, f32)>> {
+    pub(super) fn request_loras(&self, req: &Request) -> Result<Vec<RequestLora>> {
         let mut out = Vec::new();
         for (path, multiplier) in &req.loras {
-            out.push((Lora::open(path, &self.config)?, *multiplier));
+            let name = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+            out.push(RequestLora { lora: Lora::open(path, &self.config)?, name, path: path.clone(), te: *multiplier, unet: *multiplier });
         }
         let (_, tags) = take_loras(&req.prompt)?;
         for tag in tags {
             let Some(dir) = &req.lora_dir else {
                 return Err(Error::Invalid(format!("the prompt names LoRA `{}` but the request has no LoRA folder (lora_dir; --lora-dir on the command line)", tag.name)));
             };
-            out.push((Lora::open(&find(dir, &tag.name)?, &self.config)?, tag.multiplier));
+            let path = find(dir, &tag.name)?;
+            out.push(RequestLora { lora: Lora::open(&path, &self.config)?, name: tag.name, path, te: tag.te, unet: tag.unet });
         }
         Ok(out)
     }
 
     /// The branches of `loras` on the weights `keep` picks.
-    pub(super) fn adapters(&self, loras: &[(Lora, f32)], keep: impl Fn(&str) -> bool) -> Result<Option<Adapters>> {
-        let refs: Vec<(&Lora, f32)> = loras.iter().map(|(l, m)| (l, *m)).collect();
+    pub(super) fn adapters(&self, loras: &[RequestLora], part: Part, keep: impl Fn(&str) -> bool) -> Result<Option<Adapters>> {
+        let refs: Vec<(&Lora, f32)> = loras
+            .iter()
+            .map(|l| {
+                (&l.lora, match part {
+                    Part::Text => l.te,
+                    Part::Unet => l.unet,
+                })
+            })
+            .collect();
         Adapters::new(&refs, keep, &self.backend)
     }
 }

@@ -22,15 +22,19 @@ use crate::formats::Checkpoint;
 use crate::ggml::Backend;
 use crate::model::{clip, taesd, unet, vae, Attention, Weights};
 use crate::prompt::{Emphasis, Embeddings};
-use crate::sample::{self, Discrete, NativeRng, Rng, Sampler, Schedule, ScheduleOpts, Spacing, TorchRng};
+use crate::sample::{self, CudaRng, Discrete, NativeRng, Rng, Sampler, Schedule, ScheduleOpts, Spacing, TorchRng};
 use crate::tokenizer::ClipTokenizer;
 
 pub(crate) mod canvas;
+mod infotext;
 mod lora;
+use lora::Part;
 mod start;
 mod text;
+mod output;
 
 pub use canvas::{Canvas, CanvasOptions};
+pub use output::{exif_user_comment, ImageFormat};
 pub use start::taesd_encoder_path;
 
 /// What to generate.
@@ -160,16 +164,26 @@ impl Request {
 /// How a seed becomes Gaussian noise.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RngKind {
-    /// `torch.randn` on a CPU generator, bit for bit: a seed gives diffusers' image.
+    /// `torch.randn` on a CPU generator, bit for bit: a seed gives diffusers' image
+    /// (A1111's "CPU" generator source).
     Torch,
+    /// `torch.randn` on a CUDA device (Philox), bit for bit, computed on the CPU:
+    /// the noise of A1111's default "GPU" source on NVIDIA cards, of its "NV" source,
+    /// and of stable-diffusion.cpp's `--rng cuda`, so their seeds give their images.
+    Cuda,
     /// sdrs' own fast generator (SplitMix64 + Box–Muller).
     Native,
 }
 
 impl RngKind {
+    /// The names [`RngKind::parse`] takes first (each kind also has A1111's).
+    pub const NAMES: &'static [&'static str] = &["torch", "cuda", "native"];
+
+    /// `torch`/`cpu`, `cuda`/`gpu`/`nv`/`philox`, `native` (any case).
     pub fn parse(s: &str) -> Option<Self> {
-        match s {
-            "torch" => Some(RngKind::Torch),
+        match s.to_ascii_lowercase().as_str() {
+            "torch" | "cpu" => Some(RngKind::Torch),
+            "cuda" | "gpu" | "nv" | "philox" => Some(RngKind::Cuda),
             "native" => Some(RngKind::Native),
             _ => None,
         }
@@ -178,6 +192,7 @@ impl RngKind {
     fn make(self, seed: u64) -> Box<dyn Rng> {
         match self {
             RngKind::Torch => Box::new(TorchRng::new(seed)),
+            RngKind::Cuda => Box::new(CudaRng::new(seed)),
             RngKind::Native => Box::new(NativeRng::new(seed)),
         }
     }
@@ -214,30 +229,15 @@ impl std::fmt::Debug for Image {
     }
 }
 
-impl Image {
-    /// Writes a PNG with a `parameters` text chunk, atomically.
-    pub fn save_png(&self, path: &Path) -> Result<()> {
-        let staged = crate::convert::Staged::new(path, true)?;
-        self.write_png(std::io::BufWriter::new(staged.file())).map_err(|e| Error::Invalid(format!("{}: {e}", path.display())))?;
-        staged.commit()
+/// Whether `path` is a GGUF file (by its magic), rather than a checkpoint to convert.
+pub fn is_gguf(path: &Path) -> Result<bool> {
+    if path.is_dir() {
+        return Ok(false);
     }
-
-    /// The PNG file [`Image::save_png`] writes, in memory.
-    pub fn to_png(&self) -> Result<Vec<u8>> {
-        let mut out = Vec::new();
-        self.write_png(&mut out).map_err(|e| Error::Invalid(format!("PNG encoding: {e}")))?;
-        Ok(out)
-    }
-
-    fn write_png(&self, to: impl std::io::Write) -> std::result::Result<(), png::EncodingError> {
-        let mut enc = png::Encoder::new(to, self.width as u32, self.height as u32);
-        enc.set_color(png::ColorType::Rgb);
-        enc.set_depth(png::BitDepth::Eight);
-        enc.add_text_chunk("parameters".into(), self.parameters.clone())?;
-        let mut w = enc.write_header()?;
-        w.write_image_data(&self.rgb)?;
-        w.finish()
-    }
+    let mut magic = [0u8; 4];
+    let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let n = std::io::Read::read(&mut f, &mut magic).map_err(|e| Error::io(path, e))?;
+    Ok(n == 4 && &magic == crate::formats::gguf::GGUF_MAGIC)
 }
 
 /// A run default parsed by `parse`; a name this version does not know is advice it
@@ -275,6 +275,8 @@ pub struct Pipeline {
     device: Option<DeviceWeights>,
     /// Textual-inversion embeddings, triggered by their words in prompts.
     pub embeddings: Embeddings,
+    /// A VAE from its own file ([`Pipeline::set_vae`]) in place of the model's.
+    vae_file: Option<Weights<'static>>,
 }
 
 struct DeviceWeights {
@@ -305,6 +307,20 @@ impl Pipeline {
     }
 
     pub fn load_with_threads(path: &Path, threads: usize) -> Result<Pipeline> {
+        Self::open(path, threads, &AtomicBool::new(false), &mut |_| {})
+    }
+
+    /// A model from a GGUF (used in place from its mapping), or from a checkpoint
+    /// (`.safetensors`, `.ckpt`, a diffusers folder) converted first to a temporary
+    /// f16 GGUF ([`crate::convert::to_temporary`]; `progress` follows that
+    /// conversion, which `cancel` stops).
+    pub fn open(path: &Path, threads: usize, cancel: &AtomicBool, progress: &mut dyn FnMut(&crate::convert::Progress)) -> Result<Pipeline> {
+        if !is_gguf(path)? {
+            let ck = Checkpoint::open(path)?;
+            let gguf = crate::convert::to_temporary(&ck, cancel, progress)?;
+            let config = metadata::read_config(&gguf)?.ok_or_else(|| Error::format(path, "no model config after conversion"))?;
+            return Self::from_gguf(gguf, config, threads);
+        }
         let gguf = GgufFile::open(path)?;
         let config = match metadata::read_config(&gguf)? {
             Some(c) => c,
@@ -330,7 +346,7 @@ impl Pipeline {
         let tokenizer = ClipTokenizer::new(&vocab)?;
         let model_hash = gguf.get("sd.source.sha256").and_then(|v| v.as_str()).map(|h| h.chars().take(10).collect()).unwrap_or_default();
         let defaults = metadata::read_defaults(&gguf);
-        Ok(Pipeline { gguf, config, tokenizer, backend: Backend::cpu(threads)?, model_hash, attention: Attention::Auto, repack: true, max_memory: None, defaults, device: None, embeddings: Embeddings::default() })
+        Ok(Pipeline { gguf, config, tokenizer, backend: Backend::cpu(threads)?, model_hash, attention: Attention::Auto, repack: true, max_memory: None, defaults, device: None, embeddings: Embeddings::default(), vae_file: None })
     }
 
     /// Runs every stage on `backend` from now on (a GPU: [`Backend::open`]). On a GPU,
@@ -354,6 +370,27 @@ impl Pipeline {
             Some(d) => StageWeights::Kept(kept(d)),
             None => StageWeights::Mapped(Weights::load_repacked(&self.gguf, keep, repack)?),
         })
+    }
+
+    /// Encodes and decodes with the VAE of `path` (a fine-tuned VAE kept beside the
+    /// model: original or diffusers naming, any float type) instead of the model's own.
+    /// Its weights are held in f32 where the pipeline computes.
+    pub fn set_vae(&mut self, path: &Path) -> Result<()> {
+        let tensors = crate::formats::vae_file::open(path, &self.config.vae)?;
+        let mut list = Vec::with_capacity(tensors.len());
+        for t in &tensors {
+            list.push((t.name.clone(), t.shape.iter().rev().copied().collect(), t.read_f32()?));
+        }
+        self.vae_file = Some(Weights::from_f32(path, list, &self.backend)?);
+        Ok(())
+    }
+
+    /// The VAE's weights: from [`Pipeline::set_vae`]'s file, else the model's.
+    fn vae_weights(&self) -> Result<StageWeights<'_>> {
+        match &self.vae_file {
+            Some(w) => Ok(StageWeights::Kept(w)),
+            None => self.stage(|n| n.starts_with(vae::PREFIX), |_| false, |d| &d.vae),
+        }
     }
 
     /// The GPU the pipeline runs on (`Vulkan0`), or `None` for the CPU.
@@ -413,7 +450,7 @@ impl Pipeline {
             c if c == zc => Ok(None),
             c if c == 2 * zc + 1 => {
                 let f = self.config.vae.downscale();
-                let w = self.stage(|n| n.starts_with("first_stage_model."), |_| false, |d| &d.vae)?;
+                let w = self.vae_weights()?;
                 let grey = vec![0.0f32; 3 * lw * f * lh * f];
                 let masked = vae::encode(&w, &self.config.vae, &grey, 1, lh * f, lw * f, &self.backend)?;
                 let mut cond = vec![1.0f32; lw * lh];
@@ -448,8 +485,8 @@ impl Pipeline {
         let branches = if self.guided(req) { 2 } else { 1 };
         // Each stage's LoRA branches, read once for all the plans tried.
         let loras = self.request_loras(req)?;
-        let text_adapters = self.config.text_encoders.iter().map(|te| self.adapters(&loras, |n| n.starts_with(&te.prefix))).collect::<Result<Vec<_>>>()?;
-        let unet_adapters = self.adapters(&loras, |n| n.starts_with("model.diffusion_model."))?;
+        let text_adapters = self.config.text_encoders.iter().map(|te| self.adapters(&loras, Part::Text, |n| n.starts_with(&te.prefix))).collect::<Result<Vec<_>>>()?;
+        let unet_adapters = self.adapters(&loras, Part::Unet, |n| n.starts_with("model.diffusion_model."))?;
         let stages = RunStages { pipe: self, req, lw, lh, prompts: branches * prompts.count, tokens: self.context_tokens(&prompts), vectors: prompts.vectors, taesd, encode, text_adapters, unet_adapters };
         let mut plan = budget::plan(&stages, self.guided(req), Budget::resolve(self.max_memory))?;
         let forced = FORCED_TILE.clamp(lw, lh);
@@ -574,7 +611,7 @@ impl Pipeline {
             // One graph for the whole run: cond and uncond as a batch of 2 when guided,
             // unless the plan splits them to halve the compute buffer.
             let batch = if memory.split_guidance { 1 } else { branches };
-            let adapters = self.adapters(&loras, unet)?;
+            let adapters = self.adapters(&loras, Part::Unet, unet)?;
             let runner = unet::Runner::new(&uw, &cfg.unet, lw, lh, batch, tokens, self.attention, adapters.as_ref())?;
             let unet_flops = runner.flops * (branches / batch) as f64;
             progress(Stage::Sampling { unet_flops, compute_bytes: runner.buffer_bytes });
@@ -615,7 +652,7 @@ impl Pipeline {
                 (pixels, true)
             }
             None => {
-                let w = self.stage(|n| n.starts_with("first_stage_model."), |_| false, |d| &d.vae)?;
+                let w = self.vae_weights()?;
                 let pixels = match memory.tiling {
                     Some(t) => vae::decode_tiled(&w, &cfg.vae, latent, 1, lh, lw, t, req.vae_tile_stats, &self.backend, &mut |done, total| {
                         progress(Stage::Decoding { done, total });
@@ -647,34 +684,9 @@ impl Pipeline {
             }
         }
         let name = self.gguf.path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
-        let mut extra = String::new();
-        if req.init.is_some() {
-            extra += &format!(", Denoising strength: {strength}");
-        }
-        if req.clip_skip > 1 {
-            extra += &format!(", Clip skip: {}", req.clip_skip);
-        }
-        if req.emphasis != Emphasis::Original {
-            extra += &format!(", Emphasis: {}", req.emphasis.name());
-        }
-        let parameters = format!(
-            "{}\nNegative prompt: {}\nSteps: {}, Sampler: {}, CFG scale: {}, Seed: {}, Size: {}x{}, Model hash: {}, Model: {}{extra}, Version: sdrs {}",
-            req.prompt,
-            req.negative,
-            req.steps,
-            if req.sampler.has_own_timesteps() || req.schedule == Schedule::Discrete(Spacing::Linspace) {
-                req.sampler.info().display.to_string()
-            } else {
-                format!("{}, Schedule type: {}", req.sampler.info().display, req.schedule.name())
-            },
-            req.cfg_scale,
-            req.seed,
-            w,
-            h,
-            self.model_hash,
-            name,
-            env!("CARGO_PKG_VERSION")
-        );
+        let embeddings = prompts.used_embeddings().into_iter().filter_map(|e| self.embeddings.list.get(e)).map(|e| (e.names.first().map_or("", String::as_str), e.path.as_path())).collect();
+        let record = infotext::Record { req, width: w, height: h, strength, model_hash: &self.model_hash, model_name: &name, loras: &loras, embeddings };
+        let parameters = record.render();
         let timings = [(t1 - t0).as_secs_f64(), (t2 - t1).as_secs_f64(), t2.elapsed().as_secs_f64()];
         Ok(Image { width: w, height: h, rgb, parameters, timings })
     }
@@ -724,7 +736,7 @@ impl budget::Stages for RunStages<'_> {
         let mut needs = vec![text];
         if self.encode || cfg.unet.in_channels != cfg.vae.latent_channels {
             let enc = |n: &str| n.starts_with("first_stage_model.encoder.") || n.starts_with("first_stage_model.quant_conv.");
-            let w = Weights::load(&p.gguf, |n| n.starts_with("first_stage_model."))?;
+            let w = p.vae_weights()?;
             let f = cfg.vae.downscale();
             let forced = FORCED_TILE.clamp(self.lw, self.lh);
             let compute = if self.req.vae_tiling && forced.cuts(self.lw, self.lh) {
@@ -732,7 +744,8 @@ impl budget::Stages for RunStages<'_> {
             } else {
                 vae::encode_buffer_bytes(&w, &cfg.vae, self.lw * f, self.lh * f)?
             } as u64;
-            needs.push(Need { stage: "encode", weights: self.mapped(enc), compute, other: (3 * 4 * self.lw * self.lh * f * f) as u64 });
+            let weights = if p.vae_file.is_some() { w.bytes() } else { self.mapped(enc) };
+            needs.push(Need { stage: "encode", weights, compute, other: (3 * 4 * self.lw * self.lh * f * f) as u64 });
         }
         Ok(needs)
     }
@@ -755,7 +768,7 @@ impl budget::Stages for RunStages<'_> {
             return Ok(Need { stage: "decode", weights: w.bytes(), compute: taesd::decode_tile_bytes(w, t, self.lw, self.lh)? as u64, other });
         }
         let dec = |n: &str| n.starts_with("first_stage_model.decoder.") || n.starts_with("first_stage_model.post_quant_conv.");
-        let w = Weights::load(&p.gguf, |n| n.starts_with("first_stage_model."))?;
+        let w = p.vae_weights()?;
         let compute = match tiling {
             Some(t) => vae::decode_tiled_bytes(&w, &cfg.vae, self.lw, self.lh, t, self.req.vae_tile_stats)?,
             None => vae::decode_buffer_bytes(&w, &cfg.vae, self.lw, self.lh)?,
@@ -765,7 +778,8 @@ impl budget::Stages for RunStages<'_> {
             Some(t) if t.clamp(self.lw, self.lh).cuts(self.lw, self.lh) && self.req.vae_tile_stats == vae::TileStats::Image => (4 * vae::mid_channels(&cfg.vae) * self.lw * self.lh) as u64,
             _ => 0,
         };
-        Ok(Need { stage: "decode", weights: self.mapped(dec), compute, other: other + mid })
+        let weights = if p.vae_file.is_some() { w.bytes() } else { self.mapped(dec) };
+        Ok(Need { stage: "decode", weights, compute, other: other + mid })
     }
 
     fn latent(&self) -> (usize, usize) {

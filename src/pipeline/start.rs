@@ -142,7 +142,7 @@ impl Pipeline {
             }
             _ => {
                 let eps = rng.randn(cfg.latent_channels * lw * lh);
-                let weights = self.stage(|n| n.starts_with("first_stage_model."), |_| false, |d| &d.vae)?;
+                let weights = self.vae_weights()?;
                 vae::encode_sample(&weights, cfg, pixels, h, w, &eps, tiling, &self.backend)
             }
         }

@@ -4,7 +4,6 @@
 use crate::config::TextEncoderConfig;
 use crate::error::{Error, Result};
 use crate::model::clip;
-use crate::lora::Lora;
 use crate::prompt::{take_loras, Chunk, Trigger, Windows};
 
 use super::{Conditioning, Pipeline, Request};
@@ -24,6 +23,13 @@ pub(super) struct Prompts {
     pub count: usize,
     /// Whether an embedding's vectors go in anywhere (the encoders' graphs then take them).
     pub vectors: bool,
+}
+
+impl Prompts {
+    /// The embeddings (indices into the pipeline's list) placed in any window.
+    pub fn used_embeddings(&self) -> std::collections::BTreeSet<usize> {
+        self.windows.iter().flatten().flatten().flat_map(|c| c.fixes.iter().map(|f| f.embedding)).collect()
+    }
 }
 
 impl Pipeline {
@@ -114,7 +120,7 @@ impl Pipeline {
     /// last encoder's pooled embedding of each prompt's first window. Each encoder's
     /// weights leave resident memory when it is done (they are mapped: a later run
     /// faults them back in), so stages do not add up in the peak.
-    pub(super) fn encode_prompts(&self, req: &Request, p: &Prompts, loras: &[(Lora, f32)]) -> Result<Conditioning> {
+    pub(super) fn encode_prompts(&self, req: &Request, p: &Prompts, loras: &[super::lora::RequestLora]) -> Result<Conditioning> {
         let cfg = &self.config;
         let branches = self.branches(req)?;
         let n = branches.len();
@@ -151,7 +157,7 @@ impl Pipeline {
                 }
             }
             let mut out = {
-                let adapters = self.adapters(loras, |n| n.starts_with(&te.prefix))?;
+                let adapters = self.adapters(loras, super::lora::Part::Text, |n| n.starts_with(&te.prefix))?;
                 let w = self.stage(|n| n.starts_with(&te.prefix), |_| false, |d| &d.text)?;
                 clip::encode_with(&w, &run, &tokens, &vectors, want_pooled, adapters.as_ref(), &self.backend)?
             };

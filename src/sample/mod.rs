@@ -11,10 +11,13 @@ pub mod brownian;
 mod kdiffusion;
 mod lcm;
 mod multistep;
+pub mod names;
+pub mod philox;
 pub mod rng;
 pub mod schedule;
 
 pub use brownian::BrownianNoise;
+pub use philox::CudaRng;
 pub use rng::{NativeRng, Rng, TorchRng};
 pub use schedule::{Discrete, Plan, Schedule, ScheduleOpts, Spacing};
 pub use lcm::{lcm_plan, tcd_plan};

@@ -15,6 +15,18 @@ pub fn shared() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared")
 }
 
+/// `rel` under `../shared` (external test data: real weights, the peer's files), or
+/// `None` with the reason printed where a clone has no such folder beside it.
+pub fn shared_file(rel: &str) -> Option<PathBuf> {
+    let p = shared().join(rel);
+    if p.exists() {
+        Some(p)
+    } else {
+        eprintln!("SKIP: {} is not here (external test data beside the repository)", p.display());
+        None
+    }
+}
+
 pub fn synth_tiny(arch: &str, format: Format, dtype: DType, dir: &Path) -> PathBuf {
     let cfg = ModelConfig::preset(arch).unwrap();
     let ext = match format {

@@ -14,8 +14,16 @@ public final class Request {
     public int height;
     /** Sampling steps; 0: the model's default. */
     public int steps;
-    /** A sampler name as the CLI's {@code --sampler} takes: euler, euler_a, dpm++2m, lcm, ... null: the model's default. */
+    /**
+     * A sampler name as the CLI's {@code --sampler} takes: euler, euler_a, dpm++2m, lcm, ..., also
+     * A1111's ("DPM++ 2M Karras", which sets the scheduler too) and ComfyUI's (euler_ancestral,
+     * dpmpp_2m). null: the model's default.
+     */
     public String sampler;
+    /** A σ schedule as the CLI's {@code --scheduler} takes: karras, exponential, sgm_uniform, ... null: the model's default (or the sampler name's). */
+    public String scheduler;
+    /** The noise generator: "torch" (torch's CPU generator), "cuda" (torch's CUDA generator, A1111's GPU noise) or "native". null: torch. */
+    public String rng;
     /** Classifier-free guidance scale; 1 skips the unconditional pass. NaN: the model's default. */
     public float cfgScale = Float.NaN;
     /** Noise seed: the same seed, request and model give the same image (the bits are read as an unsigned 64-bit number). */
