@@ -32,7 +32,7 @@ fn bench(c: &mut Criterion) {
                 let mut brownian = sample::BrownianNoise::new(NativeRng::new(3));
                 let mut iid = sample::IidNoise(&mut rng);
                 let src: &mut dyn sample::NoiseSampler = if sampler.brownian() { &mut brownian } else { &mut iid };
-                sample::sample(&mut den, sampler, &settings, &plan, x, src, &mut |_, _| {}).map(|t| t.len()).unwrap_or(0)
+                sample::sample(&mut den, sampler, &settings, &plan, x, src, &mut |_, _, _| {}).map(|t| t.len()).unwrap_or(0)
             })
         });
     }

@@ -101,7 +101,7 @@ fn generate_prints_its_memory_plan_and_refuses_a_budget_it_cannot_fit() {
     let (ok, plan, err) = sdrs(&["generate", "-p", "a red circle", "-W", "1024", "-H", "1024", "--plan", "--vae-tiling", "--vae-tile-stats", "image"]);
     assert!(ok && plan.contains("64x64-latent tiles"), "{err}{plan}");
     let (ok, _, err) = sdrs(&["generate", "-p", "a red circle", "--vae-tiling", "--vae-tile-stats", "mine", "-o", o]);
-    assert!(!ok && err.contains("unknown --vae-tile-stats `mine`; valid: tile, image"), "{err}");
+    assert!(!ok && err.contains("invalid value 'mine'") && err.contains("tile, image"), "{err}");
 }
 
 #[test]
@@ -161,6 +161,10 @@ fn generate_takes_weighted_prompts_embeddings_and_clip_skip() {
     let png = std::fs::read(&out).unwrap();
     let text = String::from_utf8_lossy(&png);
     assert!(text.contains("Clip skip: 2") && text.contains("Emphasis: No norm"), "parameters lack the prompt options");
+    // A1111's record of the embedding: its trigger and the file's SHA-256, 12 digits.
+    use sha2::Digest;
+    let hash: String = sha2::Sha256::digest(std::fs::read(&emb).unwrap()).iter().take(6).map(|b| format!("{b:02x}")).collect();
+    assert!(text.contains(&format!("TI hashes: \"shiny-demo: {hash}\"")), "no TI hash in the parameters");
     for (args, needle) in [
         (vec!["--clip-skip", "3"], "CLIP skip 3 is out of range"),
         (vec!["--emphasis", "loud"], "invalid value 'loud'"),

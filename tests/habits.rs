@@ -206,3 +206,30 @@ fn a_second_lora_multiplier_weighs_the_unet_and_the_infotext_names_the_lora_by_h
     let hash = text.split("Lora hashes: \"mine: ").nth(1).map(|s| &s[..12]).unwrap_or_else(|| panic!("{text}"));
     assert!(hash.chars().all(|c| c.is_ascii_hexdigit()), "{text}");
 }
+
+#[test]
+fn step_previews_show_the_image_forming_and_the_last_one_is_the_image() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = |n: &str| dir.path().join(n).to_str().unwrap().to_string();
+    // The demo model's own latent space: previews through its VAE, the last one exact.
+    run(&["generate", "-p", "a red circle on a blue background", "--preview", &d("p.png"), "-o", &d("out.png")]);
+    assert_eq!(pixels(Path::new(&d("p.png"))), pixels(Path::new(&d("out.png"))));
+    // SD's latent space: the linear projection, at the output's size.
+    run(&["synth", "tiny-sd15", "--seed", "3", "-o", &d("m.safetensors")]);
+    run(&["convert", &d("m.safetensors"), "--type", "f16", "-o", &d("m.gguf")]);
+    run(&["generate", "-m", &d("m.gguf"), "-p", "x", "-W", "128", "-H", "64", "--steps", "3", "--preview", &d("p.jpg"), "--preview-every", "2", "-o", &d("m.png")]);
+    let p = image::open(d("p.jpg")).unwrap();
+    assert_eq!((p.width(), p.height()), (128, 64));
+    // Every N steps and after the last: steps 2, 4 and 5 of 5.
+    let pipe = sdrs::pipeline::Pipeline::demo(2).unwrap();
+    let req = sdrs::pipeline::Request { steps: 5, preview_every: 2, ..pipe.request("a green square") };
+    let mut seen = Vec::new();
+    pipe.generate(&req, &mut |s| {
+        if let sdrs::pipeline::Stage::Preview { done, total, image } = s {
+            assert_eq!((total, image.width, image.height), (5, 64, 64));
+            seen.push(done);
+        }
+    })
+    .unwrap();
+    assert_eq!(seen, vec![2, 4, 5]);
+}

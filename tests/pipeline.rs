@@ -144,9 +144,9 @@ fn generate_command_writes_an_image() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let img = image::open(&out).unwrap();
     assert_eq!((img.width(), img.height()), (24, 16));
-    let o = std::process::Command::new(env!("CARGO_BIN_EXE_sdrs")).args(["generate", "-m", model.to_str().unwrap(), "-p", "x", "--sampler", "k_euler"]).output().unwrap();
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_sdrs")).args(["generate", "-m", model.to_str().unwrap(), "-p", "x", "--sampler", "euler_x"]).output().unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(!o.status.success() && err.contains("unknown sampler `k_euler`") && err.contains("dpm++2m"), "{err}");
+    assert!(!o.status.success() && err.contains("unknown sampler `euler_x`") && err.contains("dpm++2m"), "{err}");
     let o = std::process::Command::new(env!("CARGO_BIN_EXE_sdrs")).args(["generate", "-m", model.to_str().unwrap(), "-p", "x", "--scheduler", "cosine"]).output().unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && err.contains("unknown scheduler `cosine`") && err.contains("karras"), "{err}");

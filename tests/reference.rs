@@ -179,7 +179,7 @@ fn run_trajectory(model: &str, sampler: &str) {
     let x = sample::start_latent(&plan, &g["traj.init_latent"].1, None);
     let mut den = sample::Denoiser::new(&mut guided, m.cfg.prediction, &sched, &plan);
     let mut rng = sample::NativeRng::new(0);
-    let traj = sample::sample(&mut den, which, &sample::Settings::default_for(which), &plan, x, &mut sample::IidNoise(&mut rng), &mut |_, _| {}).unwrap();
+    let traj = sample::sample(&mut den, which, &sample::Settings::default_for(which), &plan, x, &mut sample::IidNoise(&mut rng), &mut |_, _, _| {}).unwrap();
     let latents = &g[&key("latents")].1;
     let per = latents.len() / traj.len();
     for (i, step) in traj.iter().enumerate() {
@@ -358,7 +358,7 @@ fn sdxl_trajectories_match_the_diffusers_pipeline() {
         let x = sample::start_latent(&plan, &g["traj.init_latent"].1, None);
         let mut den = sample::Denoiser::new(&mut model, m.cfg.prediction, &sched, &plan);
         let mut rng = sample::NativeRng::new(0);
-        let traj = sample::sample(&mut den, sample::Sampler::Euler, &sample::Settings::default_for(sample::Sampler::Euler), &plan, x, &mut sample::IidNoise(&mut rng), &mut |_, _| {}).unwrap();
+        let traj = sample::sample(&mut den, sample::Sampler::Euler, &sample::Settings::default_for(sample::Sampler::Euler), &plan, x, &mut sample::IidNoise(&mut rng), &mut |_, _, _| {}).unwrap();
         let latents = &g[&k("latents")].1;
         let per = latents.len() / traj.len();
         for (i, step) in traj.iter().enumerate() {

@@ -203,7 +203,7 @@ fn run_case(mix: &Mixture, tables: &Value, case: &Value) -> Option<(Outcome, Pla
     let mut noise = Replay(case["noise"].as_array().unwrap().iter().map(vec).collect());
     let traj = {
         let mut den = sample::Denoiser::new(&mut model, model_prediction(case), &d, &plan);
-        sample::sample(&mut den, sampler, &settings, &plan, x, &mut noise, &mut |_, _| {}).unwrap()
+        sample::sample(&mut den, sampler, &settings, &plan, x, &mut noise, &mut |_, _, _| {}).unwrap()
     };
     let final_vp = traj.last().unwrap().iter().map(|&v| v as f64).collect();
     Some((Outcome { calls: model.calls, final_vp }, plan))
@@ -325,7 +325,7 @@ fn error_shrinks_at_each_methods_order() {
             let mut model = Analytic { mix: &mix, table: sigma_table.clone(), prediction: Prediction::Epsilon, calls: Vec::new() };
             let mut den = sample::Denoiser::new(&mut model, Prediction::Epsilon, &d, &plan);
             let x: Vec<f64> = noise.iter().map(|v| v * plan.sigmas[0]).collect();
-            let traj = sample::sample(&mut den, sampler, &Settings::default_for(sampler), &plan, x, &mut Replay(Default::default()), &mut |_, _| {}).unwrap();
+            let traj = sample::sample(&mut den, sampler, &Settings::default_for(sampler), &plan, x, &mut Replay(Default::default()), &mut |_, _, _| {}).unwrap();
             traj.last().unwrap().iter().map(|&v| v as f64).collect()
         };
         let reference = c["runs"].as_array().unwrap().iter().find(|r| r["sampler"] == name);

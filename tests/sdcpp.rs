@@ -91,3 +91,32 @@ fn the_peers_sources_are_what_sdrs_synth_writes() {
         assert!(hex.starts_with(want), "{arch}: {hex}");
     }
 }
+
+#[test]
+fn files_in_every_weight_type_the_peer_writes_run_with_their_vectors_in_that_type() {
+    // The peer's habits, on sdrs' own writer: biases in f16 and norm scales in the
+    // weight type wherever their length is a whole number of its blocks. (The tiny
+    // model's rows are not whole 256-blocks, so the K types store their 32-block
+    // stand-ins, as both converters do; bounds sit ~6-10 dB under what was measured.)
+    let dir = tempfile::tempdir().unwrap();
+    let src = source("tiny-sd15", dir.path());
+    let draw_as = |ty: Type| {
+        let mut policy = Policy::new(ty);
+        policy.rules.push(r"\.bias$=f16".parse().unwrap());
+        policy.rules.push(format!(r"norm[^.]*\.weight$={}", ty.name()).parse().unwrap());
+        let ck = Checkpoint::open(&src).unwrap();
+        let plan = convert::plan(&ck, &policy, None).unwrap();
+        let out = dir.path().join(format!("m-{}.gguf", ty.name()));
+        convert::run(&ck, &plan, ty.name(), &out, false, &AtomicBool::new(false), &mut |_| {}).unwrap();
+        let quantized_vectors = GgufFile::open(&out).unwrap().tensors.iter().filter(|t| t.ne.len() == 1 && t.ty != Type::F32).count();
+        (draw(&out, 64), quantized_vectors)
+    };
+    let (reference, _) = draw_as(Type::F32);
+    for (name, bound) in [("f16", 60.0), ("bf16", 40.0), ("q8_0", 35.0), ("q5_0", 30.0), ("q5_1", 30.0), ("q4_0", 28.0), ("q4_1", 28.0), ("q6_K", 35.0), ("q5_K", 30.0), ("q4_K", 28.0), ("q3_K", 28.0), ("q2_K", 28.0)] {
+        let (img, vectors) = draw_as(Type::parse(name).unwrap());
+        let db = psnr(&reference, &img);
+        eprintln!("{name}: {db:.1} dB from f32, {vectors} vectors stored in another type than f32");
+        assert!(vectors > 0, "{name}: the file should hold vectors the graphs cannot take as stored");
+        assert!(db >= bound, "{name}: {db:.1} dB");
+    }
+}

@@ -166,6 +166,14 @@ pub struct Args {
     /// (parameters in EXIF, as A1111 writes them).
     #[arg(short, long, default_value = "output.png")]
     output: PathBuf,
+    /// Write a preview of the image forming to this file (PNG, JPEG or WebP) as it
+    /// samples: through --taesd's decoder when given, else a fast latent-to-RGB
+    /// projection (SD 1.x/2.x and SDXL latents), else the model's VAE.
+    #[arg(long)]
+    preview: Option<PathBuf>,
+    /// Preview every N steps (and after the last).
+    #[arg(long = "preview-every", default_value_t = 1, requires = "preview", value_parser = clap::value_parser!(u64).range(1..))]
+    preview_every: u64,
     /// JPEG quality, 1 to 100.
     #[arg(long, default_value_t = 90, value_parser = clap::value_parser!(u8).range(1..=100))]
     quality: u8,
@@ -229,6 +237,10 @@ pub fn run(a: Args, threads: Option<usize>, target: &super::Target) -> Result<()
     let Some(prompt) = a.prompt.clone() else { bail!("give a prompt with -p") };
     // Everything that can be checked without the model is, before it loads.
     let format = ImageFormat::from_path(&a.output, a.quality)?;
+    let preview = match &a.preview {
+        Some(path) => Some((path.clone(), ImageFormat::from_path(path, a.quality)?)),
+        None => None,
+    };
     let Some(vae_tile_stats) = TileStats::parse(&a.vae_tile_stats) else { bail!("unknown --vae-tile-stats `{}`; valid: {}", a.vae_tile_stats, TileStats::NAMES.join(", ")) };
     let Some(emphasis) = Emphasis::parse(&a.emphasis) else { bail!("unknown emphasis `{}`; valid: {}", a.emphasis, Emphasis::NAMES.join(", ")) };
     if !(0.0..=1.0).contains(&a.guidance_rescale) {
@@ -306,6 +318,7 @@ pub fn run(a: Args, threads: Option<usize>, target: &super::Target) -> Result<()
         vae_tile_stats,
         // Ctrl-C ends the run within one step and writes no image.
         cancel: Some(super::interrupt_flag()),
+        preview_every: if preview.is_some() { a.preview_every as usize } else { 0 },
         ..base
     };
     pipe.latent_size(req.width, req.height)?;
@@ -319,13 +332,13 @@ pub fn run(a: Args, threads: Option<usize>, target: &super::Target) -> Result<()
     for i in 0..a.batch_count {
         let req = Request { seed: seed + i as u64, ..req.clone() };
         let output = numbered(&a.output, i, a.batch_count);
-        draw(&pipe, &req, &output, format)?;
+        draw(&pipe, &req, &output, format, preview.as_ref())?;
     }
     Ok(())
 }
 
 /// One image of the batch, drawn and written.
-fn draw(pipe: &Pipeline, req: &Request, output: &std::path::Path, format: ImageFormat) -> Result<()> {
+fn draw(pipe: &Pipeline, req: &Request, output: &std::path::Path, format: ImageFormat, preview: Option<&(PathBuf, ImageFormat)>) -> Result<()> {
     let bar = super::progress_bar(req.steps as u64, "{spinner} [{bar:30}] step {pos}/{len} {per_sec} {msg}");
     let image = pipe.generate(req, &mut |s| match s {
         Stage::TextEncoded | Stage::Sampling { .. } => bar.set_message("sampling"),
@@ -335,6 +348,13 @@ fn draw(pipe: &Pipeline, req: &Request, output: &std::path::Path, format: ImageF
         }
         Stage::Decoding { done, total } => bar.set_message(format!("decoding tile {done}/{total}")),
         Stage::Decoded => bar.set_message("decoded"),
+        Stage::Preview { image, .. } => {
+            if let Some((path, format)) = preview {
+                if let Err(e) = image.save(path, *format) {
+                    log::warn!("preview: {e}");
+                }
+            }
+        }
     })?;
     bar.finish_and_clear();
     image.save(output, format)?;

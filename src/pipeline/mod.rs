@@ -32,6 +32,7 @@ use lora::Part;
 mod start;
 mod text;
 mod output;
+mod preview;
 
 pub use canvas::{Canvas, CanvasOptions};
 pub use output::{exif_user_comment, ImageFormat};
@@ -106,6 +107,9 @@ pub struct Request {
     /// Where a tiled KL VAE's GroupNorms take their statistics: each tile's (one pass,
     /// the default) or the whole image's (tiles equal the whole run, one pass per norm).
     pub vae_tile_stats: vae::TileStats,
+    /// Report a preview of the image forming ([`Stage::Preview`]) every this many steps
+    /// and after the last; 0 for none.
+    pub preview_every: usize,
 }
 
 /// The tiles `vae_tiling` asks for: 64 latents (512 pixels) a side, overlapping by a
@@ -147,6 +151,7 @@ impl Request {
             lora_dir: None,
             vae_tiling: false,
             vae_tile_stats: vae::TileStats::Tile,
+            preview_every: 0,
         }
     }
 
@@ -200,7 +205,7 @@ impl RngKind {
 
 /// Progress of a generation.
 #[derive(Clone, Copy, Debug)]
-pub enum Stage {
+pub enum Stage<'a> {
     TextEncoded,
     /// The UNet graph is built: matrix-product FLOPs of one step (all CFG branches)
     /// and the compute buffer it uses.
@@ -209,6 +214,9 @@ pub enum Stage {
     /// Tile runs of a tiled VAE decode.
     Decoding { done: usize, total: usize },
     Decoded,
+    /// A picture of the model's current estimate after step `done` of `total`
+    /// ([`Request::preview_every`]).
+    Preview { done: usize, total: usize, image: &'a Image },
 }
 
 /// An 8-bit RGB image with the parameters that made it.
@@ -630,9 +638,21 @@ impl Pipeline {
                 iid = sample::IidNoise(rng.as_mut());
                 &mut iid
             };
-            let traj = sample::sample(&mut den, req.sampler, &settings, &plan, x, noise_src, &mut |i, x| {
+            let previewer = match req.preview_every {
+                0 => None,
+                _ => Some(preview::Previewer::new(self, req.taesd.as_deref(), lw, lh)?),
+            };
+            let traj = sample::sample(&mut den, req.sampler, &settings, &plan, x, noise_src, &mut |i, x, denoised| {
                 start.blend(&plan, i, x);
-                progress(Stage::Step { done: i + 1, total })
+                progress(Stage::Step { done: i + 1, total });
+                let due = (i + 1) % req.preview_every.max(1) == 0 || i + 1 == total;
+                if let Some(p) = previewer.as_ref().filter(|_| due && !denoised.is_empty()) {
+                    // A preview is a courtesy: its failure must not cost the image.
+                    match p.draw(denoised) {
+                        Ok(image) => progress(Stage::Preview { done: i + 1, total, image: &image }),
+                        Err(e) => log::warn!("no preview after step {}: {e}", i + 1),
+                    }
+                }
             })?;
             traj.into_iter().last().ok_or_else(|| Error::Invalid("no sampling steps".into()))?
         };

@@ -64,12 +64,14 @@ pub struct Denoiser<'a> {
     prediction: Prediction,
     schedule: &'a Discrete,
     known: Vec<(f64, f64)>,
+    /// The latest estimate of the clean latent (what step previews show).
+    last: Vec<f64>,
 }
 
 impl<'a> Denoiser<'a> {
     pub fn new(model: &'a mut dyn Model, prediction: Prediction, schedule: &'a Discrete, plan: &Plan) -> Self {
         let known = plan.sigmas.iter().zip(&plan.timesteps).map(|(&s, &t)| (s, t)).collect();
-        Denoiser { model, prediction, schedule, known }
+        Denoiser { model, prediction, schedule, known, last: Vec::new() }
     }
 
     pub fn timestep(&self, sigma: f64) -> f64 {
@@ -78,7 +80,7 @@ impl<'a> Denoiser<'a> {
 
     pub fn denoise(&mut self, x: &[f64], sigma: f64) -> Result<Vec<f64>> {
         let t = self.timestep(sigma);
-        denoise64(self.model, self.prediction, x, sigma, t)
+        self.denoise_at(x, sigma, t)
     }
 
     /// σ of training step `t` (clamped to the schedule).
@@ -89,7 +91,14 @@ impl<'a> Denoiser<'a> {
 
     /// The model's x0 at an explicit timestep (timestep-based samplers).
     pub fn denoise_at(&mut self, x: &[f64], sigma: f64, timestep: f64) -> Result<Vec<f64>> {
-        denoise64(self.model, self.prediction, x, sigma, timestep)
+        let d = denoise64(self.model, self.prediction, x, sigma, timestep)?;
+        self.last.clone_from(&d);
+        Ok(d)
+    }
+
+    /// The clean latent the model last predicted (empty before its first call).
+    pub fn last_denoised(&self) -> &[f64] {
+        &self.last
     }
 }
 
@@ -251,10 +260,10 @@ pub fn start_latent(plan: &Plan, noise: &[f32], image: Option<&[f32]>) -> Vec<f6
 }
 
 /// Runs `plan` from the VE latent `x` and returns the VP latent after every step;
-/// `on_step(i, x)` is called after step i with the VE latent, which it may change
-/// before the next step (inpainting with an ordinary UNet blends the re-noised image
+/// `on_step(i, x, denoised)` is called after step i with the VE latent, which it may
+/// change before the next step, and the model's latest clean estimate (inpainting with an ordinary UNet blends the re-noised image
 /// back outside the mask there, as diffusers does after each scheduler step).
-pub fn sample(den: &mut Denoiser<'_>, sampler: Sampler, settings: &Settings, plan: &Plan, mut x: Vec<f64>, noise: &mut dyn NoiseSampler, on_step: &mut dyn FnMut(usize, &mut [f64])) -> Result<Vec<Vec<f32>>> {
+pub fn sample(den: &mut Denoiser<'_>, sampler: Sampler, settings: &Settings, plan: &Plan, mut x: Vec<f64>, noise: &mut dyn NoiseSampler, on_step: &mut dyn FnMut(usize, &mut [f64], &[f64])) -> Result<Vec<Vec<f32>>> {
     let n = plan.timesteps.len();
     if plan.sigmas.len() != n + 1 {
         return Err(Error::Invalid(format!("a plan of {n} steps needs {} noise levels, not {}", n + 1, plan.sigmas.len())));
@@ -270,7 +279,7 @@ pub fn sample(den: &mut Denoiser<'_>, sampler: Sampler, settings: &Settings, pla
             Sampler::Ddim => kdiffusion::ddim_step(den, plan, i, &x, settings.eta, noise)?,
             _ => kdiffusion::step(sampler, den, plan, i, &x, settings.eta, noise, &mut state)?,
         };
-        on_step(i, &mut x);
+        on_step(i, &mut x, den.last_denoised());
         let s = plan.sigmas[i + 1];
         let c = 1.0 / (s * s + 1.0).sqrt();
         trajectory.push(x.iter().map(|&v| (v * c) as f32).collect());
