@@ -37,6 +37,15 @@ fn main() -> Result<()> {
         let bytes = std::fs::read(&path)?;
         s.put("gguf", &format!("sdcpp-{q}-header.gguf"), &bytes[..g.data_offset as usize])?;
     }
+    // The runnable ones' headers (F16 and block-quantized vectors, 4-D kernels, SDXL's
+    // names), and a complete small file with no metadata in the peer's habits.
+    for name in ["tiny-sd15-sdcpp-f16", "tiny-sd15-sdcpp-q4_K", "tiny-sdxl-sdcpp-q4_0"] {
+        let path = fixtures.join(format!("runnable/{name}.gguf"));
+        let g = GgufFile::open(&path).with_context(|| path.display().to_string())?;
+        let bytes = std::fs::read(&path)?;
+        s.put("gguf", &format!("{name}-header.gguf"), &bytes[..g.data_offset as usize])?;
+    }
+    s.put("gguf", "sdcpp-style-vectors.gguf", &sdcpp_style_gguf()?)?;
     s.put("gguf", "ours-tiny-sd1.gguf", &our_gguf(&ModelConfig::sd1().shrink())?)?;
     s.put("gguf", "ours-tiny-sdxl.gguf", &our_gguf(&ModelConfig::sdxl().shrink())?)?;
 
@@ -255,6 +264,28 @@ fn our_gguf(cfg: &ModelConfig) -> Result<Vec<u8>> {
     for t in &tensors {
         let n = t.nbytes().context("size")? as usize;
         w.write_chunk(&vec![0x11u8; n])?;
+    }
+    Ok(w.finish()?)
+}
+
+/// A GGUF as stable-diffusion.cpp writes one: no metadata, norm scales in blocks (Q8_0,
+/// Q4_K), biases in f16, a 4-D f16 kernel, OpenCLIP's text projection quantized: every
+/// conversion sdrs makes at load (`model::fit`).
+fn sdcpp_style_gguf() -> Result<Vec<u8>> {
+    let tensors = [
+        TensorEntry { name: "first_stage_model.decoder.norm_out.weight".into(), ne: vec![32], ty: Type::Q8_0 },
+        TensorEntry { name: "first_stage_model.decoder.norm_out.bias".into(), ne: vec![32], ty: Type::F16 },
+        TensorEntry { name: "model.diffusion_model.out.0.weight".into(), ne: vec![256], ty: Type::Q4_K },
+        TensorEntry { name: "model.diffusion_model.out.2.weight".into(), ne: vec![3, 3, 32, 4], ty: Type::F16 },
+        TensorEntry { name: "conditioner.embedders.1.model.text_projection".into(), ne: vec![32, 32], ty: Type::Q4_0 },
+    ];
+    let mut w = Writer::new(Vec::new(), &[], &tensors, None)?;
+    for t in &tensors {
+        let n = t.ne.iter().product::<u64>() as usize;
+        let values: Vec<f32> = (0..n).map(|i| ((i % 13) as f32 - 6.0) / 8.0).collect();
+        let mut bytes = Vec::new();
+        t.ty.quantize_rows(&values, n / t.ne[0] as usize, t.ne[0] as usize, &mut bytes)?;
+        w.write_chunk(&bytes)?;
     }
     Ok(w.finish()?)
 }

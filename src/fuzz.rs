@@ -138,6 +138,9 @@ pub fn gguf(data: &[u8]) -> bool {
         }
         let _ = metadata::read_defaults(&g);
         let _ = metadata::original_shapes(&g);
+        // What a run does first: every tensor placed for the graphs, those stored in a
+        // form they cannot take (another writer's vectors and blocks) converted.
+        let _ = crate::model::Weights::load(&g, |_| true);
         if let Some(vocab) = metadata::read_tokenizer(&g) {
             if let Ok(tok) = ClipTokenizer::new(&vocab) {
                 let _ = tok.encode("a photo of an astronaut, riding a horse");

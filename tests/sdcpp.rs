@@ -120,3 +120,32 @@ fn files_in_every_weight_type_the_peer_writes_run_with_their_vectors_in_that_typ
         assert!(db >= bound, "{name}: {db:.1} dB");
     }
 }
+
+#[test]
+fn weights_another_writer_stored_in_forms_the_graphs_cannot_take_are_converted_at_load() {
+    use sdrs::formats::gguf::{TensorEntry, Writer};
+    use sdrs::model::Weights;
+    // The peer's habits in one small file (also a fuzz seed): vectors in blocks and f16,
+    // a 4-D f16 kernel, a quantized OpenCLIP projection.
+    let seed = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/seeds/gguf/sdcpp-style-vectors.gguf");
+    let g = GgufFile::open(&seed).unwrap();
+    let w = Weights::load(&g, |_| true).unwrap();
+    let ty = |n: &str| w.get(n).unwrap().ty();
+    assert_eq!(ty("first_stage_model.decoder.norm_out.weight"), Type::F32);
+    assert_eq!(ty("first_stage_model.decoder.norm_out.bias"), Type::F32);
+    assert_eq!(ty("model.diffusion_model.out.0.weight"), Type::F32);
+    assert_eq!(ty("conditioner.embedders.1.model.text_projection"), Type::F16);
+    let kernel = w.get("model.diffusion_model.out.2.weight").unwrap();
+    assert_eq!((kernel.ty(), kernel.ne()), (Type::F16, [3, 3, 32, 4]), "large tensors stay as stored, in place");
+    assert!(!w.is_copied("model.diffusion_model.out.2.weight") && w.is_copied("first_stage_model.decoder.norm_out.weight"));
+    // A vector in a type with no values to convert: refused, naming the file and tensor.
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("ints.gguf");
+    let t = [TensorEntry { name: "model.diffusion_model.out.0.bias".into(), ne: vec![4], ty: Type::I32 }];
+    let mut wr = Writer::new(Vec::new(), &[], &t, None).unwrap();
+    wr.write_chunk(&[0u8; 16]).unwrap();
+    std::fs::write(&bad, wr.finish().unwrap()).unwrap();
+    let g = GgufFile::open(&bad).unwrap();
+    let e = Weights::load(&g, |_| true).err().expect("refused").to_string();
+    assert!(e.contains("ints.gguf") && e.contains("model.diffusion_model.out.0.bias") && e.contains("i32"), "{e}");
+}

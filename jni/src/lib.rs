@@ -235,7 +235,7 @@ pub extern "system" fn JNI_OnLoad(vm: jni::JavaVM, _reserved: *mut std::ffi::c_v
 pub extern "system" fn Java_org_sdrs_StableDiffusion_nativeLoad<'l>(mut env: JNIEnv<'l>, _c: JClass<'l>, path: JString<'l>, n: jint) -> jlong {
     guard(&mut env, 0, |env| {
         let path = PathBuf::from(string(env, &path, "path")?);
-        Ok(Model::new(Pipeline::load_with_threads(&path, threads(n))?, None).into_handle())
+        Ok(Model::new(Pipeline::load_gguf(&path, threads(n))?, None).into_handle())
     })
 }
 
@@ -253,7 +253,7 @@ pub extern "system" fn Java_org_sdrs_StableDiffusion_nativeFromFd<'l>(mut env: J
         // The path opens the same file anew (a mapping needs no more), also where the
         // app has no path of its own (Android's storage access framework).
         let path = PathBuf::from(format!("/proc/self/fd/{dup}"));
-        Ok(Model::new(Pipeline::load_with_threads(&path, threads(n))?, Some(owned)).into_handle())
+        Ok(Model::new(Pipeline::load_gguf(&path, threads(n))?, Some(owned)).into_handle())
     })
 }
 

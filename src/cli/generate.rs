@@ -375,8 +375,8 @@ fn draw(pipe: &Pipeline, req: &Request, output: &std::path::Path, format: ImageF
 
 /// A model file: a GGUF as it is, a checkpoint converted first (with its progress).
 fn load(path: &std::path::Path, threads: usize) -> Result<Pipeline> {
-    if sdrs::pipeline::is_gguf(path)? {
-        return Ok(Pipeline::load_with_threads(path, threads)?);
+    if path.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf")) || sdrs::pipeline::is_gguf(path)? {
+        return Ok(Pipeline::load_gguf(path, threads)?);
     }
     eprintln!("{} is not a GGUF: converting it to f16 for this run (`sdrs convert {} --type q8_0 -o model.gguf` makes a smaller file that loads at once)", path.display(), path.display());
     let bar = super::progress_bar(0, "{spinner} converting [{bar:30}] {bytes}/{total_bytes} {msg}");

@@ -323,12 +323,20 @@ impl Pipeline {
     /// f16 GGUF ([`crate::convert::to_temporary`]; `progress` follows that
     /// conversion, which `cancel` stops).
     pub fn open(path: &Path, threads: usize, cancel: &AtomicBool, progress: &mut dyn FnMut(&crate::convert::Progress)) -> Result<Pipeline> {
-        if !is_gguf(path)? {
+        // A file named .gguf is judged as one, so a damaged GGUF says so.
+        let named_gguf = path.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf"));
+        if !named_gguf && !is_gguf(path)? {
             let ck = Checkpoint::open(path)?;
             let gguf = crate::convert::to_temporary(&ck, cancel, progress)?;
             let config = metadata::read_config(&gguf)?.ok_or_else(|| Error::format(path, "no model config after conversion"))?;
             return Self::from_gguf(gguf, config, threads);
         }
+        Self::load_gguf(path, threads)
+    }
+
+    /// A model from a GGUF only (sdrs' own, or another writer's such as
+    /// stable-diffusion.cpp's, whose architecture is recognised from its tensors).
+    pub fn load_gguf(path: &Path, threads: usize) -> Result<Pipeline> {
         let gguf = GgufFile::open(path)?;
         let config = match metadata::read_config(&gguf)? {
             Some(c) => c,
