@@ -422,22 +422,6 @@ fn numbered(output: &std::path::Path, i: usize, n: usize) -> PathBuf {
     output.with_file_name(name)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn batch_outputs_are_numbered_by_pattern_or_suffix() {
-        let p = |s: &str, i, n| numbered(std::path::Path::new(s), i, n).to_string_lossy().into_owned();
-        assert_eq!(p("out/img-%03d.png", 0, 3), "out/img-001.png");
-        assert_eq!(p("img%d.jpg", 11, 12), "img12.jpg");
-        assert_eq!(p("a/out.png", 0, 3), "a/out.png");
-        assert_eq!(p("a/out.png", 2, 3), "a/out_3.png");
-        assert_eq!(p("out.png", 0, 1), "out.png");
-        assert_eq!(p("100%.png", 1, 2), "100%_2.png");
-    }
-}
-
 /// The init image (and mask) at the output size: -W/-H where given (one alone keeps
 /// the picture's aspect ratio), else the picture's own size.
 fn open_canvas(pipe: &Pipeline, path: &std::path::Path, mask: Option<&std::path::Path>, size: (Option<usize>, Option<usize>), pad: [usize; 4], mask_blur: f32) -> Result<Canvas> {
@@ -465,4 +449,20 @@ fn demo_pipeline(threads: usize) -> Result<Pipeline> {
 #[cfg(not(feature = "demo-model"))]
 fn demo_pipeline(_threads: usize) -> Result<Pipeline> {
     bail!("give a model with -m MODEL.gguf (this build has no built-in demo model: it was built without the `demo-model` feature)")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batch_outputs_are_numbered_by_pattern_or_suffix() {
+        let p = |s: &str, i, n| numbered(std::path::Path::new(s), i, n).to_string_lossy().into_owned();
+        assert_eq!(p("out/img-%03d.png", 0, 3), "out/img-001.png");
+        assert_eq!(p("img%d.jpg", 11, 12), "img12.jpg");
+        assert_eq!(p("a/out.png", 0, 3), "a/out.png");
+        assert_eq!(p("a/out.png", 2, 3), "a/out_3.png");
+        assert_eq!(p("out.png", 0, 1), "out.png");
+        assert_eq!(p("100%.png", 1, 2), "100%_2.png");
+    }
 }

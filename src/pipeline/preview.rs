@@ -20,7 +20,7 @@ const PROJECTIONS: &[(f32, [[f32; 3]; 4])] = &[
 ];
 
 enum Method {
-    Taesd(Weights<'static>),
+    Taesd(Box<Weights<'static>>),
     Projection(&'static [[f32; 3]; 4]),
     Vae,
 }
@@ -39,7 +39,7 @@ impl<'p> Previewer<'p> {
         let cfg = &pipe.config.vae;
         let known = PROJECTIONS.iter().find(|(s, _)| cfg.latent_channels == 4 && (s - cfg.scaling_factor).abs() < 1e-6 && cfg.shift_factor == 0.0);
         let method = match (taesd, known) {
-            (Some(path), _) => Method::Taesd(Weights::from_checkpoint(&Checkpoint::open(path)?, &pipe.backend)?),
+            (Some(path), _) => Method::Taesd(Box::new(Weights::from_checkpoint(&Checkpoint::open(path)?, &pipe.backend)?)),
             (None, Some((_, f))) => Method::Projection(f),
             (None, None) => Method::Vae,
         };

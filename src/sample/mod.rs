@@ -259,11 +259,14 @@ pub fn start_latent(plan: &Plan, noise: &[f32], image: Option<&[f32]>) -> Vec<f6
     }
 }
 
+/// What [`sample`] calls after each step: `(step, latent, denoised)`.
+pub type OnStep<'a> = dyn FnMut(usize, &mut [f64], &[f64]) + 'a;
+
 /// Runs `plan` from the VE latent `x` and returns the VP latent after every step;
 /// `on_step(i, x, denoised)` is called after step i with the VE latent, which it may
 /// change before the next step, and the model's latest clean estimate (inpainting with an ordinary UNet blends the re-noised image
 /// back outside the mask there, as diffusers does after each scheduler step).
-pub fn sample(den: &mut Denoiser<'_>, sampler: Sampler, settings: &Settings, plan: &Plan, mut x: Vec<f64>, noise: &mut dyn NoiseSampler, on_step: &mut dyn FnMut(usize, &mut [f64], &[f64])) -> Result<Vec<Vec<f32>>> {
+pub fn sample(den: &mut Denoiser<'_>, sampler: Sampler, settings: &Settings, plan: &Plan, mut x: Vec<f64>, noise: &mut dyn NoiseSampler, on_step: &mut OnStep<'_>) -> Result<Vec<Vec<f32>>> {
     let n = plan.timesteps.len();
     if plan.sigmas.len() != n + 1 {
         return Err(Error::Invalid(format!("a plan of {n} steps needs {} noise levels, not {}", n + 1, plan.sigmas.len())));
