@@ -237,6 +237,20 @@ impl std::fmt::Debug for Image {
     }
 }
 
+/// Planar `[3][n]` pixels as interleaved 8-bit RGB: in [0, 1] when `unit`, else in
+/// [-1, 1] (the VAE's range).
+fn to_rgb8(pixels: &[f32], n: usize, unit: bool) -> Vec<u8> {
+    let mut rgb = vec![0u8; n * 3];
+    for c in 0..3 {
+        for i in 0..n {
+            let v = pixels[c * n + i];
+            let v = if unit { v } else { v / 2.0 + 0.5 };
+            rgb[i * 3 + c] = (v.clamp(0.0, 1.0) * 255.0).round() as u8;
+        }
+    }
+    rgb
+}
+
 /// Whether `path` is a GGUF file (by its magic), rather than a checkpoint to convert.
 pub fn is_gguf(path: &Path) -> Result<bool> {
     if path.is_dir() {
@@ -695,14 +709,7 @@ impl Pipeline {
         self.gguf.check_intact()?;
         progress(Stage::Decoded);
         let (w, h) = (req.width, req.height);
-        let mut rgb = vec![0u8; w * h * 3];
-        for c in 0..3 {
-            for i in 0..w * h {
-                let v = pixels[c * w * h + i];
-                let v = if unit { v } else { v / 2.0 + 0.5 };
-                rgb[i * 3 + c] = (v.clamp(0.0, 1.0) * 255.0).round() as u8;
-            }
-        }
+        let mut rgb = to_rgb8(&pixels, w * h, unit);
         if let Some((init, mask)) = req.init.as_deref().filter(|_| req.overlay).and_then(|c| Some((c, c.mask.as_ref()?))) {
             for (i, &m) in mask.iter().enumerate() {
                 for c in 0..3 {

@@ -52,17 +52,7 @@ impl<'p> Previewer<'p> {
         let f = self.pipe.config.vae.downscale();
         let z: Vec<f32> = latent.iter().map(|&v| v as f32).collect();
         let (w, h) = (lw * f, lh * f);
-        let planar = |pixels: &[f32], unit: bool| -> Vec<u8> {
-            let mut rgb = vec![0u8; w * h * 3];
-            for c in 0..3 {
-                for i in 0..w * h {
-                    let v = pixels[c * w * h + i];
-                    let v = if unit { v } else { v / 2.0 + 0.5 };
-                    rgb[i * 3 + c] = (v.clamp(0.0, 1.0) * 255.0).round() as u8;
-                }
-            }
-            rgb
-        };
+        let planar = |pixels: &[f32], unit: bool| super::to_rgb8(pixels, w * h, unit);
         let rgb = match &self.method {
             Method::Taesd(weights) => planar(&taesd::decode(weights, &z, 1, lh, lw, &self.pipe.backend)?, true),
             Method::Vae => {
