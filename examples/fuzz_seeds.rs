@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use sdrs::config::ModelConfig;
-use sdrs::convert::metadata;
+use sdrs::formats::gguf::metadata;
 use sdrs::formats::gguf::{GgufFile, TensorEntry, Value, Writer};
 use sdrs::formats::{ckpt, pickle, safetensors, Checkpoint, DType, SourceTensor};
 use sdrs::ggml::Type;

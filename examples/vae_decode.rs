@@ -22,7 +22,7 @@ fn main() -> Result<()> {
     let mode = rest.first().map_or("whole", String::as_str);
     let tile: usize = rest.get(1).map_or(Ok(64), |t| t.parse()).context("TILE")?;
     let gguf = GgufFile::open(std::path::Path::new(model))?;
-    let cfg = sdrs::convert::metadata::read_config(&gguf)?
+    let cfg = sdrs::formats::gguf::metadata::read_config(&gguf)?
         .context("the GGUF has no sdrs config")?
         .vae;
     let w = Weights::load(&gguf, |n| n.starts_with("first_stage_model."))?;

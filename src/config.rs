@@ -1,7 +1,7 @@
 //! Architecture configuration: the data that describes a Stable Diffusion model.
 //!
 //! Everything the executor needs to know about a network's shape lives here and
-//! travels inside the GGUF as metadata (see `convert::metadata`). Presets give the
+//! travels inside the GGUF as metadata (see `formats::gguf::metadata`). Presets give the
 //! published configurations; `formats::detect` recovers a config from tensor
 //! names and shapes; `formats::layout` expands a config into the exact tensor list
 //! of the original single-file layout.

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use crate::config::{ModelConfig, TextEncoderConfig};
-use crate::convert::metadata;
+use crate::formats::gguf::metadata;
 use crate::formats::gguf::GgufFile;
 use crate::formats::{ckpt, detect, diffusers, layout, pickle, safetensors, Checkpoint};
 use crate::lora::Lora;

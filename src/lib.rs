@@ -2,6 +2,10 @@
 //!
 //! Data flows one way: checkpoint ([`formats`]) → [`convert`] → GGUF on disk →
 //! memory map → ggml graphs → sampler → image.
+//!
+//! Every `unsafe` block and raw ggml call lives in [`ggml`]; the compiler holds the rest
+//! of the crate to that.
+#![deny(unsafe_code)]
 pub mod budget;
 pub mod config;
 pub mod convert;
@@ -13,14 +17,18 @@ pub mod formats;
 #[doc(hidden)]
 pub mod fuzz;
 pub mod lora;
+pub mod staged;
 pub mod synth;
 pub mod tokenizer;
+#[allow(unsafe_code)]
 pub mod ggml;
 pub mod memory;
 pub mod model;
 pub mod pipeline;
 pub mod prompt;
 pub mod sample;
+#[doc(hidden)]
+pub mod testdata;
 pub mod vocab;
 
 pub use error::{Error, Result};

@@ -10,11 +10,12 @@ use half::f16;
 use rayon::prelude::*;
 
 use crate::config::{ModelConfig, TextEncoderKind};
-use crate::convert::Staged;
+use crate::staged::Staged;
 use crate::error::{Error, Result};
 use crate::formats::layout::{self, TensorSpec};
 use crate::formats::safetensors::{self as st, WriteSpec};
 use crate::formats::DType;
+use crate::sample::rng::SplitMix;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Format {
@@ -35,22 +36,9 @@ impl std::str::FromStr for Format {
     }
 }
 
-/// A small, fast, seedable generator (SplitMix64); quality is ample for weights
-/// and for the native noise mode.
-pub(crate) struct SplitMix(pub(crate) u64);
-
-impl SplitMix {
-    pub(crate) fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    /// Uniform in [-1, 1).
-    fn uniform(&mut self) -> f32 {
-        ((self.next() >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-    }
+/// Uniform in [-1, 1) from the generator's next draw.
+fn uniform(r: &mut SplitMix) -> f32 {
+    ((r.next() >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
 }
 
 fn name_hash(name: &str) -> u64 {
@@ -79,7 +67,7 @@ pub fn tensor_values(name: &str, shape: &[usize], seed: u64) -> Vec<f32> {
     v.par_chunks_mut(CHUNK).enumerate().for_each(|(i, c)| {
         let mut r = SplitMix(base.wrapping_add((i as u64).wrapping_mul(0xD1B5_4A32_D192_ED03)));
         for x in c {
-            *x = center + scale * r.uniform();
+            *x = center + scale * uniform(&mut r);
         }
     });
     v

@@ -270,7 +270,7 @@ fn clean(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::convert::metadata;
+    use crate::formats::gguf::metadata;
     use crate::formats::gguf::GgufFile;
 
     struct Case {

@@ -92,7 +92,7 @@ mod tests {
     fn embedded_vocab_equals_hugging_face_clip_tokenizer_files() {
         let v = ClipVocab::embedded().unwrap();
         assert_eq!(v.tokens.len(), crate::config::CLIP_VOCAB);
-        let hf = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data/clip/hf");
+        let hf = crate::testdata::fixture("clip-hf");
         let vocab: std::collections::HashMap<String, u32> = serde_json::from_str(&std::fs::read_to_string(hf.join("vocab.json")).unwrap()).unwrap();
         assert_eq!(vocab.len(), v.tokens.len());
         for (tok, id) in &vocab {

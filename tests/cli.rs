@@ -37,7 +37,7 @@ fn synth_convert_and_info_work_from_the_command_line() {
 
 #[test]
 fn info_reads_stable_diffusion_cpp_files() {
-    let f = common::shared().join("fixtures/sdcpp-gguf/tiny-sd15-sdcpp-q4_0.gguf");
+    let Some(f) = common::external("fixtures/sdcpp-gguf/tiny-sd15-sdcpp-q4_0.gguf") else { return };
     let (ok, info, err) = sdrs(&["info", f.to_str().unwrap()]);
     assert!(ok, "{err}");
     assert!(info.contains("without sdrs metadata") && info.contains("architecture:  sd1") && info.contains("tensors:       1131"), "{info}");

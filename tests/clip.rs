@@ -3,7 +3,7 @@
 mod common;
 
 use common::*;
-use sdrs::convert::metadata;
+use sdrs::formats::gguf::metadata;
 use sdrs::formats::gguf::GgufFile;
 use sdrs::formats::DType;
 use sdrs::ggml::{Backend, Type};

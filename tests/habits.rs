@@ -59,7 +59,7 @@ fn checkpoints_and_diffusers_folders_run_directly_as_their_converted_gguf_does()
 
 #[test]
 fn a_stable_diffusion_cpp_gguf_runs_from_the_command_line() {
-    let Some(file) = common::shared_file("fixtures/sdcpp-gguf/runnable/tiny-sd15-sdcpp-q8_0.gguf") else { return };
+    let Some(file) = common::external("fixtures/sdcpp-gguf/runnable/tiny-sd15-sdcpp-q8_0.gguf") else { return };
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("peer.png");
     run(&["generate", "-m", file.to_str().unwrap(), "-p", "a red circle", "-W", "64", "-H", "64", "--steps", "2", "-o", out.to_str().unwrap()]);

@@ -91,11 +91,11 @@ fn demo_model_image_matches_the_x86_result() {
     assert!(psnr >= 34.0, "{psnr:.1} dB against the x86 image");
 }
 
-/// The real TAEF2 weights (`../shared/models/taef2`): a photo through encoder and decoder.
+/// The real TAEF2 weights (external test data, `models/taef2`): a photo through encoder and decoder.
 #[test]
 fn taef2_round_trip_matches_the_x86_result() {
     let backend = backend();
-    let dir = shared().join("models/taef2");
+    let Some(dir) = external("models/taef2") else { return };
     let enc = Weights::from_checkpoint(&Checkpoint::open(&dir.join("taef2_encoder.pth")).unwrap(), &backend).unwrap();
     let dec = Weights::from_checkpoint(&Checkpoint::open(&dir.join("taef2_decoder.pth")).unwrap(), &backend).unwrap();
     // Small: under emulation (qemu) every vector instruction is a function call.

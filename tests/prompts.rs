@@ -183,7 +183,7 @@ fn clip_skip_beyond_the_encoder_is_refused_before_any_work() {
 
 #[test]
 fn the_real_sd15_embedding_loads_and_its_token_triggers_it() {
-    let file = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/models/ti-sd15-birb-style/learned_embeds.bin");
+    let Some(file) = external("models/ti-sd15-birb-style/learned_embeds.bin") else { return };
     let sd15 = ModelConfig::sd1();
     let list = Embedding::open(&file, &sd15.text_encoders).unwrap();
     assert_eq!(list.len(), 1);
@@ -216,7 +216,11 @@ fn an_embedding_folder_skips_files_for_other_models_and_bad_files_are_named() {
     for f in ["tiny-ti.bin", "tiny-a1111.pt", "tiny-xl.safetensors"] {
         std::fs::copy(prompts().join(f), dir.path().join(f)).unwrap();
     }
-    std::fs::copy(Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/models/ti-sd15-birb-style/learned_embeds.bin"), dir.path().join("birb.bin")).unwrap();
+    // A real SD 1.5 embedding (768 wide) where the external data has one: another model's.
+    let birb = sdrs::testdata::external_dir().join("models/ti-sd15-birb-style/learned_embeds.bin");
+    if birb.exists() {
+        std::fs::copy(birb, dir.path().join("birb.bin")).unwrap();
+    }
     std::fs::write(dir.path().join("junk.pt"), b"not a torch file").unwrap();
     std::fs::write(dir.path().join("notes.txt"), b"ignored").unwrap();
     let (_d, mut pipe) = pipeline("sd1");

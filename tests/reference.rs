@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use common::*;
 use sdrs::config::ModelConfig;
-use sdrs::convert::metadata;
+use sdrs::formats::gguf::metadata;
 use sdrs::formats::gguf::GgufFile;
 use sdrs::formats::Checkpoint;
 use sdrs::ggml::{Backend, Type};

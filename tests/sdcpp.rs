@@ -1,7 +1,7 @@
 //! GGUF files written by stable-diffusion.cpp's converter run, and draw the image of
 //! the same source converted by `sdrs convert` at the same types (the files come with
-//! `../shared/fixtures/sdcpp-gguf/runnable`: each was converted from `sdrs synth
-//! ARCH --seed 5`; the tests skip, saying so, where that folder is absent).
+//! the external test data, `fixtures/sdcpp-gguf/runnable`: each was converted from
+//! `sdrs synth ARCH --seed 5`; the tests skip, saying so, where it is absent).
 mod common;
 
 use std::path::{Path, PathBuf};
@@ -16,7 +16,7 @@ use sdrs::pipeline::{Pipeline, Request};
 use sdrs::synth::{self, Format};
 
 fn peer_file(name: &str) -> Option<PathBuf> {
-    common::shared_file(&format!("fixtures/sdcpp-gguf/runnable/{name}"))
+    common::external(&format!("fixtures/sdcpp-gguf/runnable/{name}"))
 }
 
 /// The source the peer converted: `sdrs synth ARCH --seed 5` (f16 safetensors).

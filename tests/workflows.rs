@@ -199,7 +199,7 @@ fn pictures_of_every_pixel_format_read_as_8_bit_rgb() {
     let rgb16 = image::ImageBuffer::<image::Rgb<u16>, _>::from_pixel(8, 8, image::Rgb([0, 0x8080, 0xFFFF]));
     assert_eq!(&read(image::DynamicImage::ImageRgb16(rgb16), "rgb16.png").rgb[..3], &[0, 128, 255]);
     // JPEG: the shared photo decodes to within JPEG decoders' rounding of Pillow's decode.
-    let photos = shared().join("data/images");
+    let photos = fixture("images");
     let jpeg = Canvas::open(&photos.join("rocket.jpg"), None, &opts).unwrap();
     let png = Canvas::open(&photos.join("rocket.png"), None, &opts).unwrap();
     assert_eq!((jpeg.width, jpeg.height), (640, 424));
@@ -238,7 +238,7 @@ fn img2img_with_taesd_encodes_with_the_encoder_beside_the_decoder() {
 #[test]
 fn generate_command_runs_img2img_inpainting_and_outpainting_on_the_demo_model() {
     let dir = tempfile::tempdir().unwrap();
-    let photo = shared().join("data/images/chelsea.png");
+    let photo = fixture("images/chelsea.png");
     let mask = dir.path().join("mask.png");
     image::GrayImage::from_fn(451, 300, |x, _| image::Luma([if x > 225 { 255 } else { 0 }])).save(&mask).unwrap();
     let run = |extra: &[&str], out: &str| {

@@ -61,7 +61,7 @@ pub fn run(a: Args) -> Result<()> {
         pol.rules.push(r.parse()?);
     }
     let ck = Checkpoint::open(&a.input)?;
-    let mut cfg = convert::model_config(&ck)?;
+    let mut cfg = ck.model_config()?;
     if let Some(p) = &a.prediction {
         cfg.prediction = sdrs::config::Prediction::parse(p).with_context(|| format!("unknown prediction type `{p}`"))?;
     }

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use anyhow::Result;
 
 use sdrs::config::ModelConfig;
-use sdrs::convert::{self, metadata};
+use sdrs::formats::gguf::metadata;
 use sdrs::formats::gguf::{GgufFile, Value};
 use sdrs::formats::Checkpoint;
 
@@ -72,14 +72,14 @@ fn describe(file: &std::path::Path, tensors: bool, o: &mut String) -> Result<()>
             Some(c) => (Some(c), format!("GGUF v{} (config from metadata)", g.version)),
             None => {
                 let ck = Checkpoint::open(file)?;
-                (convert::model_config(&ck).ok(), format!("GGUF v{} without sdrs metadata (architecture detected from tensor names)", g.version))
+                (ck.model_config().ok(), format!("GGUF v{} without sdrs metadata (architecture detected from tensor names)", g.version))
             }
         };
         (rows, cfg, g.metadata.clone(), origin)
     } else {
         let ck = Checkpoint::open(file)?;
         let rows = ck.tensors.iter().map(|t| Row { name: t.name.clone(), shape: t.shape.clone(), ty: t.dtype.name(), bytes: t.nbytes() }).collect();
-        let cfg = convert::model_config(&ck);
+        let cfg = ck.model_config();
         if let Err(e) = &cfg {
             out!(o, "architecture: not recognised ({e})");
         }

@@ -1,24 +1,25 @@
 //! Checkpoint → GGUF conversion: plan every tensor's type, then stream them into a
 //! temporary file that is renamed over the target only when complete.
-pub mod metadata;
+use crate::formats::gguf::metadata;
 pub mod policy;
 mod quantize;
 
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::io::{BufWriter, Read, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::AtomicBool;
 use std::time::Instant;
 
 use sha2::{Digest, Sha256};
 
-use crate::config::{Defaults, ModelConfig, Prediction};
+use crate::config::{Defaults, ModelConfig};
 use crate::error::{Error, Result};
 use crate::formats::gguf::{GgufFile, TensorEntry, Value, Writer};
 use crate::formats::source::SourceFormat;
-use crate::formats::{detect, layout, Checkpoint, SourceTensor, TensorData};
+use crate::formats::{layout, Checkpoint, SourceTensor, TensorData};
 use crate::vocab::ClipVocab;
+use crate::staged::Staged;
 pub use policy::{Decision, Policy, Rule};
 
 const SOURCE_SHA256: &str = "sd.source.sha256";
@@ -93,27 +94,6 @@ impl Plan {
     }
 }
 
-/// The architecture of a checkpoint: stored config (our GGUF, diffusers configs) or
-/// detection from tensor names and shapes.
-pub fn model_config(ck: &Checkpoint) -> Result<ModelConfig> {
-    let stored = match ck.format {
-        SourceFormat::Gguf => metadata::read_config(&GgufFile::open(&ck.path)?)?,
-        SourceFormat::Diffusers => Some(crate::formats::diffusers::read_config(&ck.path)?),
-        _ => None,
-    };
-    let mut cfg = match stored {
-        Some(c) => c,
-        None => {
-            let shapes: Vec<(&str, &[usize])> = ck.tensors.iter().map(|t| (t.name.as_str(), t.shape.as_slice())).collect();
-            detect::detect(&shapes).map_err(|m| Error::arch(&ck.path, m))?
-        }
-    };
-    if let Some(p) = ck.metadata.get("prediction_type").and_then(|p| Prediction::parse(p)) {
-        cfg.prediction = p;
-    }
-    Ok(cfg)
-}
-
 /// The run defaults a source carries: our GGUF's metadata, or what a diffusers
 /// folder's configs imply; single files carry none.
 fn source_defaults(ck: &Checkpoint) -> Result<Defaults> {
@@ -129,7 +109,7 @@ fn source_defaults(ck: &Checkpoint) -> Result<Defaults> {
 pub fn plan(ck: &Checkpoint, policy: &Policy, config: Option<ModelConfig>) -> Result<Plan> {
     let config = match config {
         Some(c) => c,
-        None => model_config(ck)?,
+        None => ck.model_config()?,
     };
     let expected: HashMap<String, Vec<usize>> = layout::layout(&config).into_iter().map(|s| (s.name, s.shape)).collect();
     let mut entries = Vec::new();
@@ -263,53 +243,6 @@ fn output_metadata(ck: &Checkpoint, plan: &Plan, wtype: &str, sha256: &str) -> R
         kv.push(("sd.lora.merged".into(), Value::String(merged.join(", "))));
     }
     Ok(kv)
-}
-
-/// The OS error inside one of `tempfile`'s, which would name the hidden staging file
-/// rather than the target the user asked for.
-fn os_error(e: std::io::Error) -> std::io::Error {
-    let code = e.get_ref().and_then(|r| r.source()).and_then(|s| s.downcast_ref::<std::io::Error>()).and_then(std::io::Error::raw_os_error);
-    code.map_or(e, std::io::Error::from_raw_os_error)
-}
-
-/// Where the output is staged: a hidden temporary file beside the target, so the
-/// final rename is atomic and never crosses file systems.
-pub struct Staged {
-    tmp: tempfile::NamedTempFile,
-    target: PathBuf,
-    force: bool,
-}
-
-impl Staged {
-    pub fn new(target: &Path, force: bool) -> Result<Staged> {
-        if target.exists() && !force {
-            return Err(Error::Invalid(format!("{}: output exists (use --force to overwrite)", target.display())));
-        }
-        let dir = match target.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-            _ => PathBuf::from("."),
-        };
-        let name = target.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "out".into());
-        let tmp = tempfile::Builder::new()
-            .prefix(&format!(".{name}."))
-            .suffix(".tmp")
-            .tempfile_in(&dir)
-            .map_err(|e| Error::io(target, os_error(e)))?;
-        Ok(Staged { tmp, target: target.to_path_buf(), force })
-    }
-    pub fn file(&self) -> &File {
-        self.tmp.as_file()
-    }
-    /// Syncs and renames into place. Dropping a `Staged` without committing removes it.
-    pub fn commit(self) -> Result<()> {
-        use std::os::unix::fs::PermissionsExt;
-        // Temporary files are created private (0600); the result is an ordinary file.
-        let perm = std::fs::Permissions::from_mode(0o644);
-        self.tmp.as_file().set_permissions(perm).map_err(|e| Error::io(&self.target, e))?;
-        self.tmp.as_file().sync_all().map_err(|e| Error::io(&self.target, e))?;
-        let r = if self.force { self.tmp.persist(&self.target).map(|_| ()) } else { self.tmp.persist_noclobber(&self.target).map(|_| ()) };
-        r.map_err(|e| Error::io(&self.target, e.error))
-    }
 }
 
 /// Runs a plan, writing `out` atomically.

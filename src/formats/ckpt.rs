@@ -377,16 +377,6 @@ mod tests {
     use crate::formats::pickle::PickleWriter;
     use std::io::Cursor;
 
-    const TAEF2: &str = "/work/shared/models/taef2";
-    const BIRB: &str = "/work/shared/models/ti-sd15-birb-style/learned_embeds.bin";
-
-    fn present(p: &str) -> bool {
-        let ok = Path::new(p).exists();
-        if !ok {
-            eprintln!("skipping: {p} is not here");
-        }
-        ok
-    }
 
     fn spec(name: &str, shape: &[usize], dtype: DType) -> WriteSpec {
         WriteSpec { name: name.to_string(), shape: shape.to_vec(), dtype }
@@ -455,12 +445,9 @@ mod tests {
 
     #[test]
     fn taef2_encoder_and_decoder_open_as_79_f16_tensors() {
+        let Some(taef2) = crate::testdata::external("models/taef2") else { return };
         for (which, first) in [("encoder", ("0.weight", vec![64, 3, 3, 3])), ("decoder", ("1.weight", vec![64, 32, 3, 3]))] {
-            let p = format!("{TAEF2}/taef2_{which}.pth");
-            if !present(&p) {
-                return;
-            }
-            let ck = Checkpoint::open(Path::new(&p)).unwrap();
+            let ck = Checkpoint::open(&taef2.join(format!("taef2_{which}.pth"))).unwrap();
             assert_eq!(ck.format, SourceFormat::Ckpt);
             assert_eq!(ck.tensors.len(), 79, "{which}");
             assert!(ck.tensors.iter().all(|t| t.dtype == DType::F16));
@@ -479,7 +466,7 @@ mod tests {
             let w = ck.get(first.0).unwrap().read_f32().unwrap();
             assert!(w.iter().map(|x| x.abs()).sum::<f32>() > 1.0);
         }
-        let ck = Checkpoint::open(Path::new(&format!("{TAEF2}/taef2_encoder.pth"))).unwrap();
+        let ck = Checkpoint::open(&taef2.join("taef2_encoder.pth")).unwrap();
         assert_eq!(ck.tensors[0].name, "0.weight");
         assert_eq!(ck.tensors[1].name, "0.bias");
         assert_eq!(ck.tensors[2].name, "1.conv.0.weight");
@@ -489,10 +476,8 @@ mod tests {
 
     #[test]
     fn birb_textual_inversion_opens_as_one_f32_768_tensor() {
-        if !present(BIRB) {
-            return;
-        }
-        let ck = Checkpoint::open(Path::new(BIRB)).unwrap();
+        let Some(birb) = crate::testdata::external("models/ti-sd15-birb-style/learned_embeds.bin") else { return };
+        let ck = Checkpoint::open(&birb).unwrap();
         assert_eq!(ck.tensors.len(), 1);
         let t = &ck.tensors[0];
         assert_eq!(t.name, "<birb-style>");

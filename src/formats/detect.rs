@@ -32,6 +32,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::ops::Bound;
 
 use super::layout::{self, UNET_PREFIX, VAE_PREFIX};
+use super::source::{Checkpoint, SourceFormat};
+use crate::error::Error;
 use crate::config::{ModelConfig, Prediction, TextEncoderConfig, TextEncoderKind, UnetConfig, VaeConfig};
 
 type Result<T> = std::result::Result<T, String>;
@@ -435,6 +437,30 @@ fn vae(t: &Tensors, family: &str) -> Result<VaeConfig> {
     })
 }
 
+impl Checkpoint {
+    /// The architecture of this checkpoint: its stored config (sdrs' GGUF metadata, a
+    /// diffusers folder's configs) or, failing that, [`detect`] on its tensor names and
+    /// shapes; a `prediction_type` in its metadata overrides the config's.
+    pub fn model_config(&self) -> crate::error::Result<ModelConfig> {
+        let stored = match self.format {
+            SourceFormat::Gguf => super::gguf::metadata::read_config(&super::gguf::GgufFile::open(&self.path)?)?,
+            SourceFormat::Diffusers => Some(super::diffusers::read_config(&self.path)?),
+            _ => None,
+        };
+        let mut cfg = match stored {
+            Some(c) => c,
+            None => {
+                let shapes: Vec<(&str, &[usize])> = self.tensors.iter().map(|t| (t.name.as_str(), t.shape.as_slice())).collect();
+                detect(&shapes).map_err(|m| Error::arch(&self.path, m))?
+            }
+        };
+        if let Some(p) = self.metadata.get("prediction_type").and_then(|p| Prediction::parse(p)) {
+            cfg.prediction = p;
+        }
+        Ok(cfg)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -535,8 +561,7 @@ mod tests {
 
     #[test]
     fn detects_sd1_in_inconsistently_shrunk_sdcpp_fixture() {
-        let path = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-            .join("../shared/fixtures/sdcpp-gguf/tiny-sd15.safetensors");
+        let Some(path) = crate::testdata::external("fixtures/sdcpp-gguf/tiny-sd15.safetensors") else { return };
         let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
         let len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
         let header: BTreeMap<String, serde_json::Value> = serde_json::from_slice(&bytes[8..8 + len]).unwrap();

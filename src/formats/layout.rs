@@ -417,7 +417,6 @@ fn text_encoder(o: &mut Specs, t: &TextEncoderConfig) {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use std::path::PathBuf;
 
     /// One entry of `shared/layouts/*.json`.
     #[derive(serde::Deserialize)]
@@ -429,7 +428,7 @@ pub(crate) mod tests {
     }
 
     pub(crate) fn real_layout(file: &str) -> Vec<RealTensor> {
-        let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/layouts").join(file);
+        let path = crate::testdata::fixture("layouts").join(file);
         let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
         serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
     }

@@ -15,7 +15,7 @@ use std::time::Instant;
 
 use crate::budget::{self, Budget, Need, Plan};
 use crate::config::{Defaults, ModelConfig, TimeId, UnetConfig};
-use crate::convert::metadata;
+use crate::formats::gguf::metadata;
 use crate::error::{Error, Result};
 use crate::formats::gguf::GgufFile;
 use crate::formats::Checkpoint;
@@ -354,7 +354,7 @@ impl Pipeline {
         let gguf = GgufFile::open(path)?;
         let config = match metadata::read_config(&gguf)? {
             Some(c) => c,
-            None => crate::convert::model_config(&Checkpoint::open(path)?)?,
+            None => Checkpoint::open(path)?.model_config()?,
         };
         Self::from_gguf(gguf, config, threads)
     }

@@ -44,7 +44,7 @@ impl Image {
     /// appears at `path`, or nothing does.
     pub fn save(&self, path: &Path, format: ImageFormat) -> Result<()> {
         let bytes = self.encode(format).map_err(|e| Error::Invalid(format!("{}: {e}", path.display())))?;
-        let staged = crate::convert::Staged::new(path, true)?;
+        let staged = crate::staged::Staged::new(path, true)?;
         std::io::Write::write_all(&mut staged.file(), &bytes).map_err(|e| Error::io(path, e))?;
         staged.commit()
     }

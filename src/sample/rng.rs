@@ -28,7 +28,19 @@
 //!   machines, ARM, ...) it calls the C library's logf/sinf/cosf. [`Kernel`] names
 //!   the two, and the same seed gives different noise on the two kinds of machine.
 
-use crate::synth::SplitMix;
+/// A small, fast, seedable generator (SplitMix64, Steele et al., OOPSLA 2014); quality
+/// is ample for the native noise mode and for random test weights.
+pub(crate) struct SplitMix(pub(crate) u64);
+
+impl SplitMix {
+    pub(crate) fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+}
 
 /// A source of unit-Gaussian float32 noise. Successive calls continue one stream.
 pub trait Rng {

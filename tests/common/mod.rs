@@ -11,21 +11,8 @@ use sdrs::formats::{Checkpoint, DType};
 use sdrs::ggml::Type;
 use sdrs::synth::{self, Format};
 
-pub fn shared() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared")
-}
-
-/// `rel` under `../shared` (external test data: real weights, the peer's files), or
-/// `None` with the reason printed where a clone has no such folder beside it.
-pub fn shared_file(rel: &str) -> Option<PathBuf> {
-    let p = shared().join(rel);
-    if p.exists() {
-        Some(p)
-    } else {
-        eprintln!("SKIP: {} is not here (external test data beside the repository)", p.display());
-        None
-    }
-}
+#[allow(unused_imports)]
+pub use sdrs::testdata::{external, fixture};
 
 pub fn synth_tiny(arch: &str, format: Format, dtype: DType, dir: &Path) -> PathBuf {
     let cfg = ModelConfig::preset(arch).unwrap();
@@ -63,10 +50,10 @@ pub fn rel_rms(a: &[f32], b: &[f32]) -> f64 {
     (num / den.max(1e-30)).sqrt()
 }
 
-/// A test photo of `shared/data/images` as RGB in [0, 1], NCHW, cropped from the
+/// A test photo of `tests/fixtures/images` as RGB in [0, 1], NCHW, cropped from the
 /// top-left to `size`, or to the largest multiples of 16 when `size` is `None`.
 pub fn photo(name: &str, size: Option<(usize, usize)>) -> (Vec<f32>, usize, usize) {
-    let img = image::open(shared().join("data/images").join(name)).unwrap().to_rgb8();
+    let img = image::open(fixture("images").join(name)).unwrap().to_rgb8();
     let (w, h) = size.unwrap_or(((img.width() as usize / 16) * 16, (img.height() as usize / 16) * 16));
     let mut v = vec![0f32; 3 * w * h];
     for y in 0..h {

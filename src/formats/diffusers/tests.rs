@@ -1,5 +1,5 @@
 use std::collections::{BTreeMap, HashMap};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 use serde::Deserialize;
@@ -8,11 +8,6 @@ use super::*;
 use crate::config::{ModelConfig, Prediction};
 use crate::formats::safetensors::{self as st, WriteSpec};
 use crate::formats::source::{DType, SourceFile, TensorData};
-
-/// The project's shared data (`/work/shared` unless `SDRS_SHARED` says otherwise).
-fn shared() -> PathBuf {
-    std::env::var_os("SDRS_SHARED").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/work/shared"))
-}
 
 #[derive(Deserialize)]
 struct LayoutEntry {
@@ -23,8 +18,8 @@ struct LayoutEntry {
 }
 
 fn layout(file: &str) -> Vec<LayoutEntry> {
-    let path = shared().join("layouts").join(file);
-    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e} (set SDRS_SHARED to the shared data folder)", path.display()));
+    let path = crate::testdata::fixture("layouts").join(file);
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 

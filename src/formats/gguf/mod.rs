@@ -3,6 +3,7 @@
 //! Layout (v3): magic, version, tensor count, metadata count, metadata key/values,
 //! tensor directory (name, dims in ggml order, type, offset), padding to the
 //! alignment, then tensor data, each tensor aligned.
+pub mod metadata;
 mod reader;
 mod value;
 mod writer;
@@ -28,7 +29,7 @@ pub const MAX_DIMS: usize = 4;
 pub fn open_checkpoint(path: &Path) -> Result<Checkpoint> {
     let g = GgufFile::open(path)?;
     let file = SourceFile::open(path)?;
-    let shapes = crate::convert::metadata::original_shapes(&g);
+    let shapes = metadata::original_shapes(&g);
     let tensors = g
         .tensors
         .iter()
