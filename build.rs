@@ -35,7 +35,10 @@ fn main() {
     // its copies in target/ are only the unversioned names, so builds and tests find the
     // libraries through the prefix, a release through $ORIGIN.
     if env::var("CARGO_CFG_TARGET_OS").is_ok_and(|os| os == "linux" || os == "android") {
-        let libdir = cmake_dir.parent().map(|p| p.display().to_string()).unwrap_or_default();
+        let libdir = cmake_dir
+            .parent()
+            .map(|p| p.display().to_string())
+            .unwrap_or_default();
         println!("cargo:rustc-link-arg=-Wl,-rpath,$ORIGIN:{libdir}");
     }
     let cflags = env::var("CFLAGS").unwrap_or_default();
@@ -43,7 +46,13 @@ fn main() {
         fail("CFLAGS lacks -DGGML_MAX_NAME=128: build from the repository root so .cargo/config.toml applies");
     }
 
-    let mut headers = vec!["ggml.h", "ggml-alloc.h", "ggml-backend.h", "ggml-cpu.h", "gguf.h"];
+    let mut headers = vec![
+        "ggml.h",
+        "ggml-alloc.h",
+        "ggml-backend.h",
+        "ggml-cpu.h",
+        "gguf.h",
+    ];
     if env::var_os("CARGO_FEATURE_VULKAN").is_some() {
         headers.push("ggml-vulkan.h");
     }
@@ -61,9 +70,11 @@ fn main() {
         println!("cargo:rerun-if-changed={}", path.display());
         builder = builder.header(path.to_string_lossy());
     }
-    let bindings = builder
-        .generate()
-        .unwrap_or_else(|e| fail(&format!("bindgen failed on the ggml headers: {e} (is libclang installed? run tools/setup.sh)")));
+    let bindings = builder.generate().unwrap_or_else(|e| {
+        fail(&format!(
+            "bindgen failed on the ggml headers: {e} (is libclang installed? run tools/setup.sh)"
+        ))
+    });
     let out = PathBuf::from(env::var("OUT_DIR").expect("cargo sets OUT_DIR")).join("ggml_sys.rs");
     bindings
         .write_to_file(&out)

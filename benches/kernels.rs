@@ -12,12 +12,17 @@ use sdrs::ggml::{Backend, Context, Tensor, Type};
 use sdrs::model::nn::{attend, Attention};
 
 fn threads() -> usize {
-    std::env::var("SDRS_BENCH_THREADS").ok().and_then(|v| v.parse().ok()).unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+    std::env::var("SDRS_BENCH_THREADS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
 }
 
 /// Deterministic values in [-1, 1).
 fn values(n: usize, salt: usize) -> Vec<f32> {
-    (0..n).map(|i| (((i + salt) * 2654435761usize) % 10007) as f32 / 5003.5 - 1.0).collect()
+    (0..n)
+        .map(|i| (((i + salt) * 2654435761usize) % 10007) as f32 / 5003.5 - 1.0)
+        .collect()
 }
 
 fn set(ctx: &Context<'_>, t: Tensor<'_>, salt: usize) {
@@ -28,14 +33,23 @@ fn set(ctx: &Context<'_>, t: Tensor<'_>, salt: usize) {
     } else {
         let row = t.ne()[0];
         let mut bytes = Vec::new();
-        t.ty().quantize_rows(&v, n / row, row, &mut bytes).expect("rows fit the type");
+        t.ty()
+            .quantize_rows(&v, n / row, row, &mut bytes)
+            .expect("rows fit the type");
         ctx.set_bytes(t, &bytes).expect("sizes agree");
     }
 }
 
 /// Builds a graph with `build` (its output and its inputs), fills the inputs and
 /// measures one evaluation.
-fn bench_graph(c: &mut Criterion, group: &str, id: &str, flops: f64, backend: &Backend, build: impl for<'c> Fn(&'c Context<'c>) -> sdrs::Result<(Tensor<'c>, Vec<Tensor<'c>>)>) {
+fn bench_graph(
+    c: &mut Criterion,
+    group: &str,
+    id: &str,
+    flops: f64,
+    backend: &Backend,
+    build: impl for<'c> Fn(&'c Context<'c>) -> sdrs::Result<(Tensor<'c>, Vec<Tensor<'c>>)>,
+) {
     let ctx = Context::new(64).expect("context");
     let (out, inputs) = build(&ctx).expect("graph");
     let graph = ctx.graph(&[out]).expect("graph");
@@ -46,7 +60,9 @@ fn bench_graph(c: &mut Criterion, group: &str, id: &str, flops: f64, backend: &B
     let mut g = c.benchmark_group(group);
     g.throughput(Throughput::Elements(flops as u64));
     g.sample_size(10);
-    g.bench_function(BenchmarkId::from_parameter(id), |b| b.iter(|| backend.compute(&graph).expect("compute")));
+    g.bench_function(BenchmarkId::from_parameter(id), |b| {
+        b.iter(|| backend.compute(&graph).expect("compute"))
+    });
     g.finish();
 }
 
@@ -71,7 +87,9 @@ fn conv3x3(c: &mut Criterion, backend: &Backend) {
         let mut g = c.benchmark_group("conv3x3_320_64x64_b2");
         g.throughput(Throughput::Elements(flops as u64));
         g.sample_size(10);
-        g.bench_function(BenchmarkId::from_parameter(ty.name()), |b| b.iter(|| backend.compute(&graph).expect("compute")));
+        g.bench_function(BenchmarkId::from_parameter(ty.name()), |b| {
+            b.iter(|| backend.compute(&graph).expect("compute"))
+        });
         g.finish();
     }
 }
@@ -95,7 +113,9 @@ fn gemm(c: &mut Criterion, backend: &Backend) {
         let mut g = c.benchmark_group("gemm_320x320x8192");
         g.throughput(Throughput::Elements((2 * m * k * n) as u64));
         g.sample_size(10);
-        g.bench_function(BenchmarkId::from_parameter(ty.name()), |b| b.iter(|| backend.compute(&graph).expect("compute")));
+        g.bench_function(BenchmarkId::from_parameter(ty.name()), |b| {
+            b.iter(|| backend.compute(&graph).expect("compute"))
+        });
         g.finish();
     }
 }
@@ -105,32 +125,50 @@ fn attention(c: &mut Criterion, backend: &Backend) {
     // its cross-attention over 77 text tokens, second-level self-attention; and the
     // first level at 256x256.
     let (heads, batch) = (8, 2);
-    for (nq, nk, d) in [(4096, 4096, 40), (4096, 77, 40), (1024, 1024, 80), (1024, 1024, 40)] {
+    for (nq, nk, d) in [
+        (4096, 4096, 40),
+        (4096, 77, 40),
+        (1024, 1024, 80),
+        (1024, 1024, 40),
+    ] {
         let flops = 4.0 * (nq * nk * d * heads * batch) as f64;
-        for (kind, id, align) in [(Attention::MatMul, "matmul", 1), (Attention::MatMul, "matmul_pad16", 16), (Attention::Flash, "flash", 1), (Attention::Tiled, "tiled", 1)] {
+        for (kind, id, align) in [
+            (Attention::MatMul, "matmul", 1),
+            (Attention::MatMul, "matmul_pad16", 16),
+            (Attention::Flash, "flash", 1),
+            (Attention::Tiled, "tiled", 1),
+        ] {
             if align > 1 && d % align == 0 {
                 continue;
             }
-            bench_graph(c, &format!("attention_q{nq}_k{nk}_d{d}_h8_b2"), id, flops, backend, |ctx| {
-                // Projections come out as [D*H, N, B]; heads are split by a view.
-                let (mut qkv, mut inputs) = (Vec::new(), Vec::new());
-                for (name, n) in [("q", nq), ("k", nk), ("v", nk)] {
-                    let t = ctx.tensor(Type::F32, &[d * heads, n, batch], name)?;
-                    ctx.set_input(t);
-                    inputs.push(t);
-                    let t = ctx.reshape(t, &[d, heads, n, batch])?;
-                    qkv.push(ctx.permute(t, [0, 2, 1, 3])?); // [D, N, H, B]
-                }
-                let o = attend(ctx, qkv[0], qkv[1], qkv[2], false, kind, align)?;
-                ctx.set_output(o);
-                Ok((o, inputs))
-            });
+            bench_graph(
+                c,
+                &format!("attention_q{nq}_k{nk}_d{d}_h8_b2"),
+                id,
+                flops,
+                backend,
+                |ctx| {
+                    // Projections come out as [D*H, N, B]; heads are split by a view.
+                    let (mut qkv, mut inputs) = (Vec::new(), Vec::new());
+                    for (name, n) in [("q", nq), ("k", nk), ("v", nk)] {
+                        let t = ctx.tensor(Type::F32, &[d * heads, n, batch], name)?;
+                        ctx.set_input(t);
+                        inputs.push(t);
+                        let t = ctx.reshape(t, &[d, heads, n, batch])?;
+                        qkv.push(ctx.permute(t, [0, 2, 1, 3])?); // [D, N, H, B]
+                    }
+                    let o = attend(ctx, qkv[0], qkv[1], qkv[2], false, kind, align)?;
+                    ctx.set_output(o);
+                    Ok((o, inputs))
+                },
+            );
         }
     }
 }
 
 fn taesd_decode(c: &mut Criterion, backend: &Backend) {
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/models/taef2/taef2_decoder.pth");
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../shared/models/taef2/taef2_decoder.pth");
     let Ok(ck) = sdrs::formats::Checkpoint::open(&path) else {
         eprintln!("skipping taesd_decode: {} not found", path.display());
         return;
@@ -140,7 +178,9 @@ fn taesd_decode(c: &mut Criterion, backend: &Backend) {
     let latent = values(channels * 64 * 64, 5);
     let mut g = c.benchmark_group("taesd_decode_512x512");
     g.sample_size(10);
-    g.bench_function("taef2", |b| b.iter(|| sdrs::model::taesd::decode(&w, &latent, 1, 64, 64, backend).expect("decode")));
+    g.bench_function("taef2", |b| {
+        b.iter(|| sdrs::model::taesd::decode(&w, &latent, 1, 64, 64, backend).expect("decode"))
+    });
     g.finish();
 }
 

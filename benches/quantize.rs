@@ -6,7 +6,9 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Through
 use sdrs::ggml::Type;
 
 fn bench_shape(c: &mut Criterion, group: &str, rows: usize, row_len: usize, types: &[Type]) {
-    let src: Vec<f32> = (0..rows * row_len).map(|i| ((i * 2654435761usize) % 10007) as f32 / 5003.5 - 1.0).collect();
+    let src: Vec<f32> = (0..rows * row_len)
+        .map(|i| ((i * 2654435761usize) % 10007) as f32 / 5003.5 - 1.0)
+        .collect();
     let mut g = c.benchmark_group(group);
     g.throughput(Throughput::Bytes((src.len() * 4) as u64));
     for &t in types {
@@ -14,7 +16,8 @@ fn bench_shape(c: &mut Criterion, group: &str, rows: usize, row_len: usize, type
             let mut out = Vec::with_capacity(src.len() * 4);
             b.iter(|| {
                 out.clear();
-                t.quantize_rows(&src, rows, row_len, &mut out).expect("rows fit the type's blocks");
+                t.quantize_rows(&src, rows, row_len, &mut out)
+                    .expect("rows fit the type's blocks");
             })
         });
     }
@@ -22,8 +25,20 @@ fn bench_shape(c: &mut Criterion, group: &str, rows: usize, row_len: usize, type
 }
 
 fn quantize(c: &mut Criterion) {
-    bench_shape(c, "quantize_conv3x3_320", 320, 2880, &[Type::F16, Type::BF16, Type::Q8_0, Type::Q5_0, Type::Q4_0]);
-    bench_shape(c, "quantize_ff_1280x5120", 1280, 5120, &[Type::Q8_0, Type::Q4_0, Type::Q4_K, Type::Q5_K, Type::Q6_K]);
+    bench_shape(
+        c,
+        "quantize_conv3x3_320",
+        320,
+        2880,
+        &[Type::F16, Type::BF16, Type::Q8_0, Type::Q5_0, Type::Q4_0],
+    );
+    bench_shape(
+        c,
+        "quantize_ff_1280x5120",
+        1280,
+        5120,
+        &[Type::Q8_0, Type::Q4_0, Type::Q4_K, Type::Q5_K, Type::Q6_K],
+    );
 }
 
 criterion_group!(benches, quantize);

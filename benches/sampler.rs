@@ -18,10 +18,26 @@ fn bench(c: &mut Criterion) {
     let d = Discrete::sd();
     let steps = 20;
     let mut g = c.benchmark_group("sampler 20 steps, 4x64x64 latent");
-    for name in ["euler", "euler_a", "dpm++2m", "dpm++2m_sde", "dpm++sde", "unipc", "lms", "lcm"] {
+    for name in [
+        "euler",
+        "euler_a",
+        "dpm++2m",
+        "dpm++2m_sde",
+        "dpm++sde",
+        "unipc",
+        "lms",
+        "lcm",
+    ] {
         let sampler = Sampler::parse(name).unwrap_or(Sampler::Euler);
         let settings = Settings::default_for(sampler);
-        let plan = sample::plan_for(sampler, Schedule::Karras, &d, steps, &ScheduleOpts::default(), 1.0);
+        let plan = sample::plan_for(
+            sampler,
+            Schedule::Karras,
+            &d,
+            steps,
+            &ScheduleOpts::default(),
+            1.0,
+        );
         let noise = sample::Rng::randn(&mut NativeRng::new(1), n);
         g.bench_function(name, |b| {
             b.iter(|| {
@@ -31,8 +47,22 @@ fn bench(c: &mut Criterion) {
                 let mut rng = NativeRng::new(2);
                 let mut brownian = sample::BrownianNoise::new(NativeRng::new(3));
                 let mut iid = sample::IidNoise(&mut rng);
-                let src: &mut dyn sample::NoiseSampler = if sampler.brownian() { &mut brownian } else { &mut iid };
-                sample::sample(&mut den, sampler, &settings, &plan, x, src, &mut |_, _, _| {}).map(|t| t.len()).unwrap_or(0)
+                let src: &mut dyn sample::NoiseSampler = if sampler.brownian() {
+                    &mut brownian
+                } else {
+                    &mut iid
+                };
+                sample::sample(
+                    &mut den,
+                    sampler,
+                    &settings,
+                    &plan,
+                    x,
+                    src,
+                    &mut |_, _, _| {},
+                )
+                .map(|t| t.len())
+                .unwrap_or(0)
             })
         });
     }

@@ -16,7 +16,11 @@ fn main() {
     // where only that folder has the versioned sonames (libggml.so.0) the link records.
     let mut rpath = String::from("$ORIGIN");
     if os == "linux" {
-        if let Some(lib) = env::var_os("DEP_LLAMA_GGML_CMAKE_DIR").as_deref().map(std::path::Path::new).and_then(|p| p.parent()) {
+        if let Some(lib) = env::var_os("DEP_LLAMA_GGML_CMAKE_DIR")
+            .as_deref()
+            .map(std::path::Path::new)
+            .and_then(|p| p.parent())
+        {
             rpath.push(':');
             rpath.push_str(&lib.display().to_string());
         }

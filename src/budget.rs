@@ -61,15 +61,24 @@ impl Budget {
     /// limit where it has one (a container, `systemd-run -p MemoryMax=`), else none.
     pub fn resolve(given: Option<u64>) -> Option<Budget> {
         match given {
-            Some(bytes) => Some(Budget { bytes, source: Source::Given }),
-            None => cgroup_limit().map(|bytes| Budget { bytes, source: Source::Cgroup }),
+            Some(bytes) => Some(Budget {
+                bytes,
+                source: Source::Given,
+            }),
+            None => cgroup_limit().map(|bytes| Budget {
+                bytes,
+                source: Source::Cgroup,
+            }),
         }
     }
 
     fn describe(&self) -> String {
         match self.source {
             Source::Given => format!("the memory budget of {}", mib(self.bytes)),
-            Source::Cgroup => format!("this process's memory cgroup limit of {} (give --max-memory to plan for another)", mib(self.bytes)),
+            Source::Cgroup => format!(
+                "this process's memory cgroup limit of {} (give --max-memory to plan for another)",
+                mib(self.bytes)
+            ),
         }
     }
 }
@@ -96,9 +105,22 @@ impl Plan {
     pub fn summary(&self) -> String {
         let mut s = String::new();
         for n in &self.needs {
-            let _ = writeln!(s, "  {:<7} {:>9} = weights {} + compute {} + buffers {}", n.stage, mib(n.total()), mib(n.weights), mib(n.compute), mib(n.other));
+            let _ = writeln!(
+                s,
+                "  {:<7} {:>9} = weights {} + compute {} + buffers {}",
+                n.stage,
+                mib(n.total()),
+                mib(n.weights),
+                mib(n.compute),
+                mib(n.other)
+            );
         }
-        let _ = write!(s, "  peak    {:>9} (with {} for the process itself)", mib(self.peak()), mib(OVERHEAD));
+        let _ = write!(
+            s,
+            "  peak    {:>9} (with {} for the process itself)",
+            mib(self.peak()),
+            mib(OVERHEAD)
+        );
         if self.split_guidance {
             s.push_str("; guidance as two batches of one");
         }
@@ -166,10 +188,17 @@ pub fn plan(stages: &dyn Stages, guided: bool, budget: Option<Budget>) -> Result
         return Err(refuse(&whole, ""));
     } else {
         let (w, h) = stages.latent();
-        let smallest = Tiling { tile_w: MIN_TILE, tile_h: MIN_TILE, overlap: TILE_OVERLAP };
+        let smallest = Tiling {
+            tile_w: MIN_TILE,
+            tile_h: MIN_TILE,
+            overlap: TILE_OVERLAP,
+        };
         let small = stages.decode(Some(smallest))?;
         if !room(&small) {
-            return Err(refuse(&small, &format!("even in {MIN_TILE}x{MIN_TILE}-latent tiles ")));
+            return Err(refuse(
+                &small,
+                &format!("even in {MIN_TILE}x{MIN_TILE}-latent tiles "),
+            ));
         }
         match fit_tiles(stages, w, h, &whole, &small, &room)? {
             Some(found) => found,
@@ -177,22 +206,56 @@ pub fn plan(stages: &dyn Stages, guided: bool, budget: Option<Budget>) -> Result
         }
     };
     needs.push(decode);
-    Ok(Plan { budget, needs, split_guidance, tiling })
+    Ok(Plan {
+        budget,
+        needs,
+        split_guidance,
+        tiling,
+    })
 }
 
 /// The cheapest tiling (least decoded overlap) that fits. Compute buffers grow about
 /// linearly with the tile's area, so candidates are ranked by cost and screened with
 /// a line through the two measured ends; only the screened ones are measured.
-fn fit_tiles(stages: &dyn Stages, w: usize, h: usize, whole: &Need, small: &Need, room: &dyn Fn(&Need) -> bool) -> Result<Option<(Need, Option<Tiling>)>> {
-    let sides = |len: usize| -> Vec<usize> { (MIN_TILE..len).step_by(8).chain(std::iter::once(len)).collect() };
-    let mut candidates: Vec<Tiling> = sides(w).into_iter().flat_map(|tw| sides(h).into_iter().map(move |th| Tiling { tile_w: tw, tile_h: th, overlap: TILE_OVERLAP })).filter(|t| t.tile_w < w || t.tile_h < h).collect();
+fn fit_tiles(
+    stages: &dyn Stages,
+    w: usize,
+    h: usize,
+    whole: &Need,
+    small: &Need,
+    room: &dyn Fn(&Need) -> bool,
+) -> Result<Option<(Need, Option<Tiling>)>> {
+    let sides = |len: usize| -> Vec<usize> {
+        (MIN_TILE..len)
+            .step_by(8)
+            .chain(std::iter::once(len))
+            .collect()
+    };
+    let mut candidates: Vec<Tiling> = sides(w)
+        .into_iter()
+        .flat_map(|tw| {
+            sides(h).into_iter().map(move |th| Tiling {
+                tile_w: tw,
+                tile_h: th,
+                overlap: TILE_OVERLAP,
+            })
+        })
+        .filter(|t| t.tile_w < w || t.tile_h < h)
+        .collect();
     // Cheapest first; among equals the larger tile (fewer seams).
-    candidates.sort_by(|a, b| a.cost(w, h).total_cmp(&b.cost(w, h)).then((b.tile_w * b.tile_h).cmp(&(a.tile_w * a.tile_h))));
+    candidates.sort_by(|a, b| {
+        a.cost(w, h)
+            .total_cmp(&b.cost(w, h))
+            .then((b.tile_w * b.tile_h).cmp(&(a.tile_w * a.tile_h)))
+    });
     let (a0, a1) = ((MIN_TILE * MIN_TILE) as f64, (w * h) as f64);
     let per_area = (whole.compute as f64 - small.compute as f64) / (a1 - a0).max(1.0);
     for t in candidates {
         let area = (t.tile_w * t.tile_h) as f64;
-        let guess = Need { compute: (small.compute as f64 + per_area * (area - a0)).max(0.0) as u64, ..small.clone() };
+        let guess = Need {
+            compute: (small.compute as f64 + per_area * (area - a0)).max(0.0) as u64,
+            ..small.clone()
+        };
         if !room(&guess) {
             continue;
         }
@@ -208,7 +271,9 @@ fn fit_tiles(stages: &dyn Stages, w: usize, h: usize, whole: &Need, small: &Need
 /// written `KiB`…) or KB/MB/GB (decimal). `768M`, `1.5G`, `2GB`.
 pub fn parse_size(s: &str) -> Option<u64> {
     let s = s.trim();
-    let split = s.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(s.len());
+    let split = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(s.len());
     let (num, unit) = s.split_at(split);
     let value: f64 = num.parse().ok()?;
     let scale: f64 = match unit.trim().to_ascii_lowercase().as_str() {
@@ -239,7 +304,9 @@ pub fn cgroup_limit() -> Option<u64> {
         } else {
             continue;
         };
-        let Ok(text) = std::fs::read_to_string(&file) else { continue };
+        let Ok(text) = std::fs::read_to_string(&file) else {
+            continue;
+        };
         // "max" (v2) or a huge page-rounded number (v1) mean no limit.
         if let Ok(v) = text.trim().parse::<u64>() {
             if v < (1u64 << 50) {
@@ -270,15 +337,30 @@ mod tests {
 
     impl Stages for Fake {
         fn before(&self) -> Result<Vec<Need>> {
-            Ok(vec![Need { stage: "text", weights: 80 * M, compute: 20 * M, other: 0 }])
+            Ok(vec![Need {
+                stage: "text",
+                weights: 80 * M,
+                compute: 20 * M,
+                other: 0,
+            }])
         }
         fn unet(&self, batch: usize) -> Result<Need> {
-            Ok(Need { stage: "unet", weights: 300 * M, compute: 100 * M * batch as u64, other: 0 })
+            Ok(Need {
+                stage: "unet",
+                weights: 300 * M,
+                compute: 100 * M * batch as u64,
+                other: 0,
+            })
         }
         fn decode(&self, tiling: Option<Tiling>) -> Result<Need> {
             let (w, h) = self.latent;
             let area = tiling.map_or(w * h, |t| t.clamp(w, h).tile_w * t.clamp(w, h).tile_h) as u64;
-            Ok(Need { stage: "decode", weights: 50 * M, compute: area * M / 4, other: M })
+            Ok(Need {
+                stage: "decode",
+                weights: 50 * M,
+                compute: area * M / 4,
+                other: M,
+            })
         }
         fn latent(&self) -> (usize, usize) {
             self.latent
@@ -289,12 +371,23 @@ mod tests {
     }
 
     fn budget(mib: u64) -> Option<Budget> {
-        Some(Budget { bytes: mib * M, source: Source::Given })
+        Some(Budget {
+            bytes: mib * M,
+            source: Source::Given,
+        })
     }
 
     #[test]
     fn without_pressure_guidance_is_batched_and_the_decode_whole() {
-        let p = plan(&Fake { latent: (64, 64), tileable: true }, true, None).unwrap();
+        let p = plan(
+            &Fake {
+                latent: (64, 64),
+                tileable: true,
+            },
+            true,
+            None,
+        )
+        .unwrap();
         assert!(!p.split_guidance && p.tiling.is_none());
         // The whole 64x64 decode (1024 MiB of compute) is the peak.
         assert_eq!(p.peak(), OVERHEAD + 50 * M + 1024 * M + M);
@@ -302,7 +395,10 @@ mod tests {
 
     #[test]
     fn a_tight_budget_splits_guidance_and_tiles_the_decode_within_it() {
-        let f = Fake { latent: (64, 64), tileable: true };
+        let f = Fake {
+            latent: (64, 64),
+            tileable: true,
+        };
         let p = plan(&f, true, budget(560)).unwrap();
         assert!(p.split_guidance, "batch 2 needs 500 + overhead > 560");
         let t = p.tiling.expect("a tiled decode");
@@ -314,10 +410,22 @@ mod tests {
 
     #[test]
     fn an_impossible_budget_is_refused_naming_the_stage() {
-        let f = Fake { latent: (64, 64), tileable: true };
+        let f = Fake {
+            latent: (64, 64),
+            tileable: true,
+        };
         let e = plan(&f, true, budget(420)).unwrap_err().to_string();
         assert!(e.contains("unet stage") && e.contains("420 MiB"), "{e}");
-        let e = plan(&Fake { latent: (64, 64), tileable: false }, false, budget(700)).unwrap_err().to_string();
+        let e = plan(
+            &Fake {
+                latent: (64, 64),
+                tileable: false,
+            },
+            false,
+            budget(700),
+        )
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("decode stage"), "{e}");
     }
 

@@ -81,12 +81,24 @@ pub enum TimeId {
 }
 
 impl TimeId {
-    pub const SDXL: [TimeId; 3] = [TimeId::OriginalSize, TimeId::CropTopLeft, TimeId::TargetSize];
-    pub const REFINER: [TimeId; 3] = [TimeId::OriginalSize, TimeId::CropTopLeft, TimeId::AestheticScore];
+    pub const SDXL: [TimeId; 3] = [
+        TimeId::OriginalSize,
+        TimeId::CropTopLeft,
+        TimeId::TargetSize,
+    ];
+    pub const REFINER: [TimeId; 3] = [
+        TimeId::OriginalSize,
+        TimeId::CropTopLeft,
+        TimeId::AestheticScore,
+    ];
 
     /// How many scalars the item contributes.
     pub fn values(self) -> usize {
-        if self == TimeId::AestheticScore { 1 } else { 2 }
+        if self == TimeId::AestheticScore {
+            1
+        } else {
+            2
+        }
     }
 
     /// The items of `n` values: six (SDXL) or five (the refiner).
@@ -106,7 +118,14 @@ impl TimeId {
         }
     }
     pub fn parse(s: &str) -> Option<Self> {
-        [TimeId::OriginalSize, TimeId::CropTopLeft, TimeId::TargetSize, TimeId::AestheticScore].into_iter().find(|t| t.as_str() == s)
+        [
+            TimeId::OriginalSize,
+            TimeId::CropTopLeft,
+            TimeId::TargetSize,
+            TimeId::AestheticScore,
+        ]
+        .into_iter()
+        .find(|t| t.as_str() == s)
     }
 
     /// The items and embedding width that fill `adm` channels after a pooled embedding
@@ -115,7 +134,10 @@ impl TimeId {
     /// where that fits.
     pub fn infer(adm: usize, pooled: usize) -> Option<(Vec<TimeId>, usize)> {
         let rest = adm.checked_sub(pooled).filter(|&r| r > 0)?;
-        let n = [6, 5].into_iter().find(|n| rest == n * 256).or_else(|| [6, 5].into_iter().find(|n| rest % n == 0))?;
+        let n = [6, 5]
+            .into_iter()
+            .find(|n| rest == n * 256)
+            .or_else(|| [6, 5].into_iter().find(|n| rest % n == 0))?;
         Some((TimeId::for_values(n)?, rest / n))
     }
 }
@@ -266,7 +288,9 @@ pub mod limits {
     pub fn levels(what: &str, n: usize) -> Result<(), String> {
         match n {
             0 => Err(format!("{what} has no levels")),
-            n if n > LEVELS => Err(format!("{what} has {n} levels, beyond the {LEVELS} sdrs accepts")),
+            n if n > LEVELS => Err(format!(
+                "{what} has {n} levels, beyond the {LEVELS} sdrs accepts"
+            )),
             _ => Ok(()),
         }
     }
@@ -285,15 +309,31 @@ impl UnetConfig {
         for (what, blocks) in [("down", &self.down_blocks), ("up", &self.up_blocks)] {
             limits::levels(&format!("the UNet's {what} path"), blocks.len())?;
             for level in blocks.iter() {
-                within(&format!("the ResNet count of a UNet {what} level"), level.len(), RESNETS)?;
+                within(
+                    &format!("the ResNet count of a UNet {what} level"),
+                    level.len(),
+                    RESNETS,
+                )?;
                 for &d in level {
-                    within(&format!("a UNet {what} level's transformer depth"), d, DEPTH)?;
+                    within(
+                        &format!("a UNet {what} level's transformer depth"),
+                        d,
+                        DEPTH,
+                    )?;
                 }
             }
         }
-        within("the UNet middle block's transformer depth", self.mid_depth.unwrap_or(0), DEPTH)?;
+        within(
+            "the UNet middle block's transformer depth",
+            self.mid_depth.unwrap_or(0),
+            DEPTH,
+        )?;
         for &m in &self.channel_mult {
-            within("a UNet level's channel count", self.model_channels.saturating_mul(m), WIDTH)?;
+            within(
+                "a UNet level's channel count",
+                self.model_channels.saturating_mul(m),
+                WIDTH,
+            )?;
         }
         let widths = [
             ("the UNet's in_channels", self.in_channels),
@@ -302,14 +342,27 @@ impl UnetConfig {
             ("the UNet's head count", self.num_heads.unwrap_or(0)),
             ("the UNet's head width", self.head_dim.unwrap_or(0)),
             ("the UNet's context width", self.context_dim),
-            ("the UNet's label input width", self.adm_in_channels.unwrap_or(0)),
-            ("the UNet's guidance embedding width", self.time_cond_proj_dim.unwrap_or(0)),
+            (
+                "the UNet's label input width",
+                self.adm_in_channels.unwrap_or(0),
+            ),
+            (
+                "the UNet's guidance embedding width",
+                self.time_cond_proj_dim.unwrap_or(0),
+            ),
             ("the UNet's size/crop embedding width", self.time_id_dim),
         ];
-        widths.into_iter().try_for_each(|(what, v)| within(what, v, WIDTH))
+        widths
+            .into_iter()
+            .try_for_each(|(what, v)| within(what, v, WIDTH))
     }
 
-    fn sd(model_channels: usize, context_dim: usize, linear_proj: bool, heads: (Option<usize>, Option<usize>)) -> Self {
+    fn sd(
+        model_channels: usize,
+        context_dim: usize,
+        linear_proj: bool,
+        heads: (Option<usize>, Option<usize>),
+    ) -> Self {
         UnetConfig {
             in_channels: 4,
             out_channels: 4,
@@ -335,12 +388,26 @@ impl VaeConfig {
     pub fn check_sizes(&self) -> Result<(), String> {
         use limits::{within, RESNETS, WIDTH};
         limits::levels("the VAE", self.channel_mult.len())?;
-        within("the VAE's ResNet count per level", self.num_res_blocks, RESNETS)?;
+        within(
+            "the VAE's ResNet count per level",
+            self.num_res_blocks,
+            RESNETS,
+        )?;
         for &m in &self.channel_mult {
-            within("a VAE level's channel count", self.base_channels.saturating_mul(m), WIDTH)?;
+            within(
+                "a VAE level's channel count",
+                self.base_channels.saturating_mul(m),
+                WIDTH,
+            )?;
         }
-        let widths = [("the VAE's in_channels", self.in_channels), ("the VAE's latent_channels", self.latent_channels), ("the VAE's base channels", self.base_channels)];
-        widths.into_iter().try_for_each(|(what, v)| within(what, v, WIDTH))
+        let widths = [
+            ("the VAE's in_channels", self.in_channels),
+            ("the VAE's latent_channels", self.latent_channels),
+            ("the VAE's base channels", self.base_channels),
+        ];
+        widths
+            .into_iter()
+            .try_for_each(|(what, v)| within(what, v, WIDTH))
     }
 
     pub fn sd(scaling_factor: f32) -> Self {
@@ -360,17 +427,30 @@ impl TextEncoderConfig {
     /// Whether every count and width is within [`limits`].
     pub fn check_sizes(&self) -> Result<(), String> {
         use limits::{within, TEXT_LAYERS, VOCAB, WIDTH};
-        within("the text encoder's layer count", self.num_layers, TEXT_LAYERS)?;
-        within("the text encoder's skipped layers", self.skip_layers, TEXT_LAYERS)?;
+        within(
+            "the text encoder's layer count",
+            self.num_layers,
+            TEXT_LAYERS,
+        )?;
+        within(
+            "the text encoder's skipped layers",
+            self.skip_layers,
+            TEXT_LAYERS,
+        )?;
         within("the text encoder's vocabulary", self.vocab_size, VOCAB)?;
         let widths = [
             ("the text encoder's positions", self.max_positions),
             ("the text encoder's width", self.hidden_size),
             ("the text encoder's head count", self.num_heads),
             ("the text encoder's MLP width", self.intermediate_size),
-            ("the text encoder's projection width", self.projection_dim.unwrap_or(0)),
+            (
+                "the text encoder's projection width",
+                self.projection_dim.unwrap_or(0),
+            ),
         ];
-        widths.into_iter().try_for_each(|(what, v)| within(what, v, WIDTH))
+        widths
+            .into_iter()
+            .try_for_each(|(what, v)| within(what, v, WIDTH))
     }
 
     /// OpenAI CLIP ViT-L/14 text tower (SD 1.x; SDXL's first encoder).
@@ -392,7 +472,13 @@ impl TextEncoderConfig {
         }
     }
     /// OpenCLIP text tower (ViT-H: 1024 wide, 24 layers; ViT-bigG: 1280 wide, 32 layers).
-    pub fn open_clip(prefix: &str, hidden: usize, layers: usize, heads: usize, projection_dim: Option<usize>) -> Self {
+    pub fn open_clip(
+        prefix: &str,
+        hidden: usize,
+        layers: usize,
+        heads: usize,
+        projection_dim: Option<usize>,
+    ) -> Self {
         TextEncoderConfig {
             kind: TextEncoderKind::OpenClip,
             prefix: prefix.to_string(),
@@ -421,7 +507,9 @@ impl ModelConfig {
             zeros_for_empty_negative: false,
             unet: UnetConfig::sd(320, 768, false, (Some(8), None)),
             vae: VaeConfig::sd(0.18215),
-            text_encoders: vec![TextEncoderConfig::clip_l("cond_stage_model.transformer.text_model.")],
+            text_encoders: vec![TextEncoderConfig::clip_l(
+                "cond_stage_model.transformer.text_model.",
+            )],
         }
     }
 
@@ -438,7 +526,8 @@ impl ModelConfig {
             // final norm: the last block and `text_projection` are never used, so the
             // architecture has 23 layers (as diffusers stores it) and no projection.
             text_encoders: vec![{
-                let mut t = TextEncoderConfig::open_clip("cond_stage_model.model.", 1024, 23, 16, None);
+                let mut t =
+                    TextEncoderConfig::open_clip("cond_stage_model.model.", 1024, 23, 16, None);
                 t.skip_layers = 0;
                 t
             }],
@@ -447,10 +536,17 @@ impl ModelConfig {
 
     /// SDXL base 1.0 (sd_xl_base.yaml).
     pub fn sdxl() -> Self {
-        let mut clip_l = TextEncoderConfig::clip_l("conditioner.embedders.0.transformer.text_model.");
+        let mut clip_l =
+            TextEncoderConfig::clip_l("conditioner.embedders.0.transformer.text_model.");
         clip_l.skip_layers = 1;
         clip_l.final_norm = false;
-        let mut big_g = TextEncoderConfig::open_clip("conditioner.embedders.1.model.", 1280, 32, 20, Some(1280));
+        let mut big_g = TextEncoderConfig::open_clip(
+            "conditioner.embedders.1.model.",
+            1280,
+            32,
+            20,
+            Some(1280),
+        );
         big_g.final_norm = false;
         ModelConfig {
             family: "sdxl".into(),
@@ -482,7 +578,9 @@ impl ModelConfig {
     /// The pooled text embedding's width: the last text encoder's projection (SDXL's
     /// bigG `text_projection`), else its hidden size.
     pub fn pooled_dim(&self) -> Option<usize> {
-        self.text_encoders.last().map(|t| t.projection_dim.unwrap_or(t.hidden_size))
+        self.text_encoders
+            .last()
+            .map(|t| t.projection_dim.unwrap_or(t.hidden_size))
     }
 
     /// Whether every part's counts and widths are within [`limits`]. Readers call it
@@ -492,7 +590,9 @@ impl ModelConfig {
         within("the text encoder count", self.text_encoders.len(), 8)?;
         self.unet.check_sizes()?;
         self.vae.check_sizes()?;
-        self.text_encoders.iter().try_for_each(TextEncoderConfig::check_sizes)
+        self.text_encoders
+            .iter()
+            .try_for_each(TextEncoderConfig::check_sizes)
     }
 
     /// Fills in the size/crop conditioning of a `label_emb` UNet whose source did not
@@ -506,11 +606,16 @@ impl ModelConfig {
         if !self.unet.time_ids.is_empty() {
             return Ok(());
         }
-        let pooled = self.pooled_dim().ok_or("a UNet with a label embedding needs a text encoder for its pooled embedding")?;
+        let pooled = self
+            .pooled_dim()
+            .ok_or("a UNet with a label embedding needs a text encoder for its pooled embedding")?;
         let dim = self.unet.time_id_dim;
         let found = if dim > 0 {
             // The width is known (diffusers' `addition_time_embed_dim`): count the values.
-            let n = adm.checked_sub(pooled).filter(|r| r % dim == 0).map(|r| r / dim);
+            let n = adm
+                .checked_sub(pooled)
+                .filter(|r| r % dim == 0)
+                .map(|r| r / dim);
             n.and_then(TimeId::for_values).map(|ids| (ids, dim))
         } else {
             TimeId::infer(adm, pooled)
@@ -524,8 +629,12 @@ impl ModelConfig {
     /// Whether `label_emb`'s input width is the pooled embedding plus every size/crop
     /// value's embedding (trivially so without `label_emb`).
     pub fn check_label_width(&self) -> Result<(), String> {
-        let (Some(adm), u) = (self.unet.adm_in_channels, &self.unet) else { return Ok(()) };
-        let pooled = self.pooled_dim().ok_or("a UNet with a label embedding needs a text encoder for its pooled embedding")?;
+        let (Some(adm), u) = (self.unet.adm_in_channels, &self.unet) else {
+            return Ok(());
+        };
+        let pooled = self
+            .pooled_dim()
+            .ok_or("a UNet with a label embedding needs a text encoder for its pooled embedding")?;
         let values = u.time_id_values();
         if pooled + values * u.time_id_dim != adm {
             return Err(format!("label_emb takes {adm} channels, not the pooled embedding ({pooled}) and {values} size/crop values × {}", u.time_id_dim));
@@ -546,7 +655,14 @@ impl ModelConfig {
         }
     }
 
-    pub const PRESETS: &'static [&'static str] = &["sd15", "sd21", "sdxl", "tiny-sd15", "tiny-sd21", "tiny-sdxl"];
+    pub const PRESETS: &'static [&'static str] = &[
+        "sd15",
+        "sd21",
+        "sdxl",
+        "tiny-sd15",
+        "tiny-sd21",
+        "tiny-sdxl",
+    ];
 
     /// The same architecture with small widths and depths: a consistent network for
     /// tests (every name of the real layout family present, shapes shrunk).
@@ -593,7 +709,14 @@ pub struct Defaults {
 }
 
 impl Defaults {
-    pub const KEYS: [&'static str; 6] = ["width", "height", "sampler", "scheduler", "steps", "cfg_scale"];
+    pub const KEYS: [&'static str; 6] = [
+        "width",
+        "height",
+        "sampler",
+        "scheduler",
+        "steps",
+        "cfg_scale",
+    ];
 
     /// Named recipes of distilled models, as their authors publish them:
     /// - `sdxl-turbo`, `sd-turbo` (Sauer et al. 2023, "Adversarial Diffusion Distillation";
@@ -621,7 +744,13 @@ impl Defaults {
         }
     }
 
-    pub const PRESETS: [&'static str; 5] = ["sdxl-turbo", "sd-turbo", "sdxl-lightning-2step", "sdxl-lightning-4step", "sdxl-lightning-8step"];
+    pub const PRESETS: [&'static str; 5] = [
+        "sdxl-turbo",
+        "sd-turbo",
+        "sdxl-lightning-2step",
+        "sdxl-lightning-4step",
+        "sdxl-lightning-8step",
+    ];
 
     /// `other`'s fields where it sets them, `self`'s elsewhere.
     pub fn over(&self, other: &Defaults) -> Defaults {
@@ -640,14 +769,26 @@ impl Defaults {
     /// keys override) over `self`.
     pub fn apply(&mut self, spec: &str) -> Result<(), String> {
         for item in spec.split(',').map(str::trim).filter(|s| !s.is_empty()) {
-            let (k, v) = item.split_once('=').ok_or_else(|| format!("`{item}`: expected KEY=VALUE"))?;
+            let (k, v) = item
+                .split_once('=')
+                .ok_or_else(|| format!("`{item}`: expected KEY=VALUE"))?;
             let (k, v) = (k.trim(), v.trim());
             if k == "preset" {
-                let p = Defaults::preset(v).ok_or_else(|| format!("unknown preset `{v}`; valid: {}", Defaults::PRESETS.join(", ")))?;
+                let p = Defaults::preset(v).ok_or_else(|| {
+                    format!(
+                        "unknown preset `{v}`; valid: {}",
+                        Defaults::PRESETS.join(", ")
+                    )
+                })?;
                 *self = self.over(&p);
                 continue;
             }
-            let num = |v: &str| v.parse::<usize>().ok().filter(|&n| n > 0).ok_or_else(|| format!("`{k}`: `{v}` is not a positive integer"));
+            let num = |v: &str| {
+                v.parse::<usize>()
+                    .ok()
+                    .filter(|&n| n > 0)
+                    .ok_or_else(|| format!("`{k}`: `{v}` is not a positive integer"))
+            };
             match k {
                 "width" => self.width = Some(num(v)?),
                 "height" => self.height = Some(num(v)?),
@@ -659,9 +800,19 @@ impl Defaults {
                 "scheduler" => self.scheduler = Some(v.to_string()),
                 "steps" => self.steps = Some(num(v)?),
                 "cfg_scale" | "cfg" => {
-                    self.cfg_scale = Some(v.parse::<f32>().ok().filter(|x| x.is_finite() && *x >= 0.0).ok_or_else(|| format!("`{k}`: `{v}` is not a guidance scale"))?)
+                    self.cfg_scale = Some(
+                        v.parse::<f32>()
+                            .ok()
+                            .filter(|x| x.is_finite() && *x >= 0.0)
+                            .ok_or_else(|| format!("`{k}`: `{v}` is not a guidance scale"))?,
+                    )
                 }
-                _ => return Err(format!("unknown default `{k}`; valid: preset, size, {}", Self::KEYS.join(", "))),
+                _ => {
+                    return Err(format!(
+                        "unknown default `{k}`; valid: preset, size, {}",
+                        Self::KEYS.join(", ")
+                    ))
+                }
             }
         }
         Ok(())
@@ -676,22 +827,56 @@ mod tests {
     fn presets_set_the_published_recipes_and_later_keys_override_them() {
         let mut d = Defaults::default();
         d.apply("preset=sdxl-turbo").unwrap();
-        assert_eq!((d.width, d.steps, d.cfg_scale, d.sampler.as_deref(), d.scheduler.as_deref()), (Some(512), Some(1), Some(1.0), Some("euler_a"), Some("trailing")));
+        assert_eq!(
+            (
+                d.width,
+                d.steps,
+                d.cfg_scale,
+                d.sampler.as_deref(),
+                d.scheduler.as_deref()
+            ),
+            (
+                Some(512),
+                Some(1),
+                Some(1.0),
+                Some("euler_a"),
+                Some("trailing")
+            )
+        );
         d.apply("preset=sdxl-lightning-4step,steps=6").unwrap();
-        assert_eq!((d.width, d.steps, d.sampler.as_deref()), (Some(1024), Some(6), Some("euler")));
-        assert!(d.apply("preset=sdxl-nitro").unwrap_err().contains("unknown preset"));
+        assert_eq!(
+            (d.width, d.steps, d.sampler.as_deref()),
+            (Some(1024), Some(6), Some("euler"))
+        );
+        assert!(d
+            .apply("preset=sdxl-nitro")
+            .unwrap_err()
+            .contains("unknown preset"));
         for name in Defaults::PRESETS {
             let p = Defaults::preset(name).unwrap();
-            assert!(crate::sample::Sampler::parse(p.sampler.as_deref().unwrap()).is_some() && crate::sample::Schedule::parse(p.scheduler.as_deref().unwrap()).is_some(), "{name}");
+            assert!(
+                crate::sample::Sampler::parse(p.sampler.as_deref().unwrap()).is_some()
+                    && crate::sample::Schedule::parse(p.scheduler.as_deref().unwrap()).is_some(),
+                "{name}"
+            );
         }
     }
 
     #[test]
     fn size_conditioning_is_inferred_from_label_emb_width() {
-        assert_eq!(TimeId::infer(2816, 1280), Some((TimeId::SDXL.to_vec(), 256)));
-        assert_eq!(TimeId::infer(2560, 1280), Some((TimeId::REFINER.to_vec(), 256)));
+        assert_eq!(
+            TimeId::infer(2816, 1280),
+            Some((TimeId::SDXL.to_vec(), 256))
+        );
+        assert_eq!(
+            TimeId::infer(2560, 1280),
+            Some((TimeId::REFINER.to_vec(), 256))
+        );
         assert_eq!(TimeId::infer(32 + 48, 32), Some((TimeId::SDXL.to_vec(), 8)));
-        assert_eq!(TimeId::infer(32 + 40, 32), Some((TimeId::REFINER.to_vec(), 8)));
+        assert_eq!(
+            TimeId::infer(32 + 40, 32),
+            Some((TimeId::REFINER.to_vec(), 8))
+        );
         assert_eq!(TimeId::infer(1280 + 7, 1280), None);
         let mut cfg = ModelConfig::sdxl();
         cfg.unet.time_ids.clear();
@@ -705,10 +890,26 @@ mod tests {
 
     #[test]
     fn defaults_spec_sets_named_fields_and_refuses_unknown_keys_and_bad_values() {
-        let mut d = Defaults { steps: Some(20), ..Default::default() };
+        let mut d = Defaults {
+            steps: Some(20),
+            ..Default::default()
+        };
         d.apply("size=64, sampler=lcm,cfg=1.5").unwrap();
-        assert_eq!(d, Defaults { width: Some(64), height: Some(64), sampler: Some("lcm".into()), steps: Some(20), cfg_scale: Some(1.5), scheduler: None });
-        assert!(d.apply("colour=red").unwrap_err().contains("unknown default `colour`"));
+        assert_eq!(
+            d,
+            Defaults {
+                width: Some(64),
+                height: Some(64),
+                sampler: Some("lcm".into()),
+                steps: Some(20),
+                cfg_scale: Some(1.5),
+                scheduler: None
+            }
+        );
+        assert!(d
+            .apply("colour=red")
+            .unwrap_err()
+            .contains("unknown default `colour`"));
         assert!(d.apply("steps=0").unwrap_err().contains("positive integer"));
         assert!(d.apply("cfg=-1").unwrap_err().contains("guidance scale"));
         assert!(d.apply("steps").unwrap_err().contains("KEY=VALUE"));

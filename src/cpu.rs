@@ -10,7 +10,20 @@ pub fn features() -> Vec<&'static str> {
         macro_rules! probe {
             ($($name:tt),*) => {$( if std::arch::is_x86_feature_detected!($name) { f.push($name); } )*};
         }
-        probe!("sse4.2", "avx", "f16c", "fma", "avx2", "bmi2", "avxvnni", "avx512f", "avx512bw", "avx512vbmi", "avx512vnni", "avx512bf16");
+        probe!(
+            "sse4.2",
+            "avx",
+            "f16c",
+            "fma",
+            "avx2",
+            "bmi2",
+            "avxvnni",
+            "avx512f",
+            "avx512bw",
+            "avx512vbmi",
+            "avx512vnni",
+            "avx512bf16"
+        );
     }
     #[cfg(target_arch = "aarch64")]
     {

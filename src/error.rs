@@ -30,12 +30,21 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Error::Io { path: path.into(), err: source }
+        Error::Io {
+            path: path.into(),
+            err: source,
+        }
     }
     pub fn format(path: impl Into<PathBuf>, msg: impl Into<String>) -> Self {
-        Error::Format { path: path.into(), msg: msg.into() }
+        Error::Format {
+            path: path.into(),
+            msg: msg.into(),
+        }
     }
     pub fn arch(path: impl Into<PathBuf>, msg: impl Into<String>) -> Self {
-        Error::Architecture { path: path.into(), msg: msg.into() }
+        Error::Architecture {
+            path: path.into(),
+            msg: msg.into(),
+        }
     }
 }

@@ -57,9 +57,17 @@ fn in_scratch<R>(f: impl FnOnce(&Path) -> R) -> R {
     SCRATCH.with(|s| {
         let mut s = s.borrow_mut();
         if s.is_none() {
-            *s = Some(tempfile::Builder::new().prefix("sdrs-fuzz").tempdir().expect("a scratch folder for fuzzing"));
+            *s = Some(
+                tempfile::Builder::new()
+                    .prefix("sdrs-fuzz")
+                    .tempdir()
+                    .expect("a scratch folder for fuzzing"),
+            );
         }
-        let dir = s.as_ref().map(|d| d.path().to_path_buf()).unwrap_or_default();
+        let dir = s
+            .as_ref()
+            .map(|d| d.path().to_path_buf())
+            .unwrap_or_default();
         clear(&dir);
         f(&dir)
     })
@@ -69,7 +77,11 @@ fn clear(dir: &Path) {
     if let Ok(entries) = std::fs::read_dir(dir) {
         for e in entries.flatten() {
             let p = e.path();
-            let _ = if p.is_dir() { std::fs::remove_dir_all(&p) } else { std::fs::remove_file(&p) };
+            let _ = if p.is_dir() {
+                std::fs::remove_dir_all(&p)
+            } else {
+                std::fs::remove_file(&p)
+            };
         }
     }
 }
@@ -99,7 +111,10 @@ fn clip() -> &'static (ClipTokenizer, usize) {
     static T: OnceLock<(ClipTokenizer, usize)> = OnceLock::new();
     T.get_or_init(|| {
         let vocab = ClipVocab::embedded().expect("the embedded CLIP vocabulary");
-        (ClipTokenizer::new(&vocab).expect("the embedded CLIP vocabulary builds"), vocab.tokens.len())
+        (
+            ClipTokenizer::new(&vocab).expect("the embedded CLIP vocabulary builds"),
+            vocab.tokens.len(),
+        )
     })
 }
 
@@ -114,7 +129,11 @@ fn read_all(ck: &Checkpoint) {
             }
         }
     }
-    let shapes: Vec<(&str, &[usize])> = ck.tensors.iter().map(|t| (t.name.as_str(), t.shape.as_slice())).collect();
+    let shapes: Vec<(&str, &[usize])> = ck
+        .tensors
+        .iter()
+        .map(|t| (t.name.as_str(), t.shape.as_slice()))
+        .collect();
     let _ = detect::detect(&shapes);
 }
 
@@ -124,11 +143,17 @@ fn read_all(ck: &Checkpoint) {
 pub fn gguf(data: &[u8]) -> bool {
     in_scratch(|dir| {
         let path = put(dir, "model.gguf", data);
-        let Ok(g) = GgufFile::open(&path) else { return false };
+        let Ok(g) = GgufFile::open(&path) else {
+            return false;
+        };
         let len = g.file_len();
         for t in &g.tensors {
             let end = g.data_offset + t.offset + t.nbytes;
-            assert!(end <= len, "{}: tensor ends at {end}, past the file's {len} bytes", t.name);
+            assert!(
+                end <= len,
+                "{}: tensor ends at {end}, past the file's {len} bytes",
+                t.name
+            );
             assert_eq!(g.data(t).len() as u64, t.nbytes);
         }
         if let Ok(Some(cfg)) = metadata::read_config(&g) {
@@ -159,7 +184,9 @@ pub fn gguf(data: &[u8]) -> bool {
 pub fn safetensors(data: &[u8]) -> bool {
     in_scratch(|dir| {
         let path = put(dir, "model.safetensors", data);
-        let Ok(ck) = safetensors::open(&path) else { return false };
+        let Ok(ck) = safetensors::open(&path) else {
+            return false;
+        };
         let ok = ck.tensors.iter().all(|t| t.validate().is_ok());
         if ok {
             read_all(&ck);
@@ -171,7 +198,9 @@ pub fn safetensors(data: &[u8]) -> bool {
 /// A pickle stream: straight into the restricted unpickler, then wrapped as the
 /// `data.pkl` of a torch zip so the state-dict walk behind it sees what it built.
 pub fn pickle(data: &[u8]) -> bool {
-    let Ok(u) = pickle::unpickle(Path::new("fuzz.ckpt"), "archive/data.pkl", data) else { return false };
+    let Ok(u) = pickle::unpickle(Path::new("fuzz.ckpt"), "archive/data.pkl", data) else {
+        return false;
+    };
     let _ = u.get(u.root()).kind();
     for o in u.objects() {
         let _ = o.kind();
@@ -180,7 +209,9 @@ pub fn pickle(data: &[u8]) -> bool {
         // Storages `0`..`3` exist, so tensors that point at them within 256 bytes are
         // well-formed and get read.
         let path = dir.join("model.ckpt");
-        let Ok(()) = ckpt::write_archive(&path, data, &[&[0u8; 256][..]; 4]) else { return true };
+        let Ok(()) = ckpt::write_archive(&path, data, &[&[0u8; 256][..]; 4]) else {
+            return true;
+        };
         if let Ok(ck) = ckpt::open(&path) {
             read_all(&ck);
         }
@@ -193,7 +224,9 @@ pub fn pickle(data: &[u8]) -> bool {
 pub fn ckpt(data: &[u8]) -> bool {
     in_scratch(|dir| {
         let path = put(dir, "model.ckpt", data);
-        let Ok(ck) = Checkpoint::open(&path) else { return false };
+        let Ok(ck) = Checkpoint::open(&path) else {
+            return false;
+        };
         read_all(&ck);
         true
     })
@@ -210,7 +243,9 @@ pub fn diffusers_config(data: &[u8]) -> bool {
             }
         }
         let _ = diffusers::read_defaults(dir);
-        let Ok(cfg) = diffusers::read_config(dir) else { return false };
+        let Ok(cfg) = diffusers::read_config(dir) else {
+            return false;
+        };
         let _ = diffusers::names::unet(&cfg.unet);
         let _ = diffusers::names::vae(&cfg.vae);
         for t in &cfg.text_encoders {
@@ -238,7 +273,9 @@ pub fn lora(data: &[u8]) -> bool {
         let path = put(dir, "style.safetensors", data);
         let mut any = false;
         for cfg in [sd1(), sdxl()] {
-            let Ok(l) = Lora::open(&path, cfg) else { continue };
+            let Ok(l) = Lora::open(&path, cfg) else {
+                continue;
+            };
             any = true;
             for p in &l.pairs {
                 let n: u64 = p.target.shape.iter().map(|&d| d as u64).product();
@@ -271,11 +308,21 @@ pub fn embedding(data: &[u8]) -> bool {
 /// windows with a textual-inversion trigger in play.
 pub fn prompt(data: &[u8]) -> bool {
     let text = String::from_utf8_lossy(data);
-    let Ok((text, _tags)) = tags::take_loras(&text) else { return false };
+    let Ok((text, _tags)) = tags::take_loras(&text) else {
+        return false;
+    };
     let (tok, _) = clip();
-    let Ok(ids) = tok.encode("<birb-style>") else { return false };
-    let triggers = [Trigger { ids, vectors: 3, embedding: 0 }];
-    let Ok(windows) = Windows::new(tok, 77, tok.eos_id(), &triggers) else { return false };
+    let Ok(ids) = tok.encode("<birb-style>") else {
+        return false;
+    };
+    let triggers = [Trigger {
+        ids,
+        vectors: 3,
+        embedding: 0,
+    }];
+    let Ok(windows) = Windows::new(tok, 77, tok.eos_id(), &triggers) else {
+        return false;
+    };
     let mut ok = true;
     for e in [Emphasis::Original, Emphasis::None] {
         match e.pieces(&text).and_then(|p| windows.chunks(&p)) {
@@ -295,8 +342,14 @@ pub fn prompt(data: &[u8]) -> bool {
 /// byte picks the options (mask or not, output size, outpainting pads, blur); the rest
 /// is split at its middle into the image file and the mask file.
 pub fn image(data: &[u8]) -> bool {
-    let Some((&sel, rest)) = data.split_first() else { return false };
-    let (img, mask) = if sel & 1 == 1 { rest.split_at(rest.len() / 2) } else { (rest, &[][..]) };
+    let Some((&sel, rest)) = data.split_first() else {
+        return false;
+    };
+    let (img, mask) = if sel & 1 == 1 {
+        rest.split_at(rest.len() / 2)
+    } else {
+        (rest, &[][..])
+    };
     let opts = CanvasOptions {
         size: match (sel >> 1) & 3 {
             1 => Some((64, 64)),
@@ -329,9 +382,16 @@ pub fn image(data: &[u8]) -> bool {
 pub fn tokenizer(data: &[u8]) -> bool {
     let text = String::from_utf8_lossy(data);
     let (tok, n) = clip();
-    let Ok(ids) = tok.encode(&text) else { return false };
-    assert!(ids.iter().all(|&i| (i as usize) < *n), "an id outside the vocabulary");
-    let padded = tok.encode_padded(&text, 77, tok.eos_id()).expect("padding what encoded");
+    let Ok(ids) = tok.encode(&text) else {
+        return false;
+    };
+    assert!(
+        ids.iter().all(|&i| (i as usize) < *n),
+        "an id outside the vocabulary"
+    );
+    let padded = tok
+        .encode_padded(&text, 77, tok.eos_id())
+        .expect("padding what encoded");
     assert_eq!(padded.len(), 77);
     true
 }

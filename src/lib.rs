@@ -16,19 +16,19 @@ pub mod error;
 pub mod formats;
 #[doc(hidden)]
 pub mod fuzz;
-pub mod lora;
-pub mod staged;
-pub mod synth;
-pub mod tokenizer;
 #[allow(unsafe_code)]
 pub mod ggml;
+pub mod lora;
 pub mod memory;
 pub mod model;
 pub mod pipeline;
 pub mod prompt;
 pub mod sample;
+pub mod staged;
+pub mod synth;
 #[doc(hidden)]
 pub mod testdata;
+pub mod tokenizer;
 pub mod vocab;
 
 pub use error::{Error, Result};

@@ -132,10 +132,21 @@ const SUFFIXES: [(&str, Part); 13] = [
 ];
 
 fn parse(raw: &str) -> Option<Key> {
-    let (stem, part) = SUFFIXES.iter().find_map(|&(suffix, part)| raw.strip_suffix(suffix).map(|s| (s, part)))?;
-    for (prefix, net) in [("lora_unet_", Net::Unet), ("lora_te1_", Net::Text(0)), ("lora_te2_", Net::Text(1)), ("lora_te_", Net::Text(0))] {
+    let (stem, part) = SUFFIXES
+        .iter()
+        .find_map(|&(suffix, part)| raw.strip_suffix(suffix).map(|s| (s, part)))?;
+    for (prefix, net) in [
+        ("lora_unet_", Net::Unet),
+        ("lora_te1_", Net::Text(0)),
+        ("lora_te2_", Net::Text(1)),
+        ("lora_te_", Net::Text(0)),
+    ] {
         if let Some(m) = stem.strip_prefix(prefix) {
-            return Some(Key { net, module: m.to_string(), part });
+            return Some(Key {
+                net,
+                module: m.to_string(),
+                part,
+            });
         }
     }
     let (net, module) = if let Some(m) = stem.strip_prefix("unet.") {
@@ -153,7 +164,10 @@ fn parse(raw: &str) -> Option<Key> {
     let module = match module.rsplit_once(".processor.") {
         Some((block, proc)) => {
             let proj = proc.strip_suffix("_lora")?;
-            format!("{block}.{}", if proj == "to_out" { "to_out.0" } else { proj })
+            format!(
+                "{block}.{}",
+                if proj == "to_out" { "to_out.0" } else { proj }
+            )
         }
         None => module.to_string(),
     };
@@ -167,17 +181,34 @@ fn modules(cfg: &ModelConfig) -> Result<HashMap<(Net, String), Target>> {
     let mut by_name = HashMap::new();
     let mut add = |net: Net, entries: Vec<Entry>, canonical_prefix: &str| {
         // Norms and biases are vectors; OpenCLIP's transposed projection has no LoRA.
-        for e in entries.into_iter().filter(|e| e.shape.len() >= 2 && e.op != Op::Transpose) {
+        for e in entries
+            .into_iter()
+            .filter(|e| e.shape.len() >= 2 && e.op != Op::Transpose)
+        {
             let parts = e.diffusers.len();
             for (i, d) in e.diffusers.iter().enumerate() {
-                let Some(module) = d.strip_suffix(".weight") else { continue };
+                let Some(module) = d.strip_suffix(".weight") else {
+                    continue;
+                };
                 // One of q, k, v of a fused projection covers a third of its rows.
-                let rows = (e.op == Op::Concat).then(|| (i * e.shape[0] / parts, (i + 1) * e.shape[0] / parts));
-                let target = Target { weight: e.canonical.clone(), shape: e.shape.clone(), rows };
+                let rows = (e.op == Op::Concat)
+                    .then(|| (i * e.shape[0] / parts, (i + 1) * e.shape[0] / parts));
+                let target = Target {
+                    weight: e.canonical.clone(),
+                    shape: e.shape.clone(),
+                    rows,
+                };
                 by_name.insert((net, module.to_string()), target.clone());
                 by_name.insert((net, module.replace('.', "_")), target.clone());
-                if let Some(own) = e.canonical.strip_suffix(".weight").and_then(|c| c.strip_prefix(canonical_prefix)).filter(|_| rows.is_none()) {
-                    by_name.entry((net, own.replace('.', "_"))).or_insert(target);
+                if let Some(own) = e
+                    .canonical
+                    .strip_suffix(".weight")
+                    .and_then(|c| c.strip_prefix(canonical_prefix))
+                    .filter(|_| rows.is_none())
+                {
+                    by_name
+                        .entry((net, own.replace('.', "_")))
+                        .or_insert(target);
                 }
             }
         }
@@ -209,7 +240,11 @@ impl Lora {
     }
 
     /// [`Lora::open`] on tensors already read; `path` names the file in messages.
-    pub fn from_tensors(path: &Path, tensors: Vec<SourceTensor>, cfg: &ModelConfig) -> Result<Lora> {
+    pub fn from_tensors(
+        path: &Path,
+        tensors: Vec<SourceTensor>,
+        cfg: &ModelConfig,
+    ) -> Result<Lora> {
         let modules = modules(cfg)?;
         let mut groups: BTreeMap<(String, Option<(usize, usize)>), Group> = BTreeMap::new();
         let mut unknown = Vec::new();
@@ -222,14 +257,28 @@ impl Lora {
                 unknown.push(t.name.clone());
                 continue;
             };
-            let g = groups.entry((target.weight.clone(), target.rows)).or_insert_with(|| Group { target: target.clone(), key: key.module.clone(), down: None, up: None, alpha: None });
+            let g = groups
+                .entry((target.weight.clone(), target.rows))
+                .or_insert_with(|| Group {
+                    target: target.clone(),
+                    key: key.module.clone(),
+                    down: None,
+                    up: None,
+                    alpha: None,
+                });
             let slot = match key.part {
                 Part::Down => &mut g.down,
                 Part::Up => &mut g.up,
                 Part::Alpha => &mut g.alpha,
             };
             if let Some(other) = slot {
-                return Err(Error::format(path, format!("`{}` and `{}` are the same part of one pair", other.name, t.name)));
+                return Err(Error::format(
+                    path,
+                    format!(
+                        "`{}` and `{}` are the same part of one pair",
+                        other.name, t.name
+                    ),
+                ));
             }
             *slot = Some(t);
         }
@@ -244,11 +293,21 @@ impl Lora {
                 }
             };
             let alpha = match g.alpha {
-                Some(a) => Some(*a.read_f32()?.first().ok_or_else(|| Error::format(path, format!("`{}` is empty", a.name)))?),
+                Some(a) => Some(
+                    *a.read_f32()?
+                        .first()
+                        .ok_or_else(|| Error::format(path, format!("`{}` is empty", a.name)))?,
+                ),
                 None => None,
             };
             check_shapes(path, &g.key, &g.target, &down, &up)?;
-            pairs.push(Pair { key: g.key, target: g.target, down, up, alpha });
+            pairs.push(Pair {
+                key: g.key,
+                target: g.target,
+                down,
+                up,
+                alpha,
+            });
         }
         if pairs.is_empty() {
             let first: Vec<String> = unknown.iter().take(3).cloned().collect();
@@ -256,20 +315,49 @@ impl Lora {
         }
         unknown.sort();
         if !unknown.is_empty() {
-            log::warn!("{}: {} keys name nothing in this model and are ignored: {}", path.display(), unknown.len(), unknown.iter().take(8).cloned().collect::<Vec<_>>().join(", "));
+            log::warn!(
+                "{}: {} keys name nothing in this model and are ignored: {}",
+                path.display(),
+                unknown.len(),
+                unknown
+                    .iter()
+                    .take(8)
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
         }
-        Ok(Lora { path: path.to_path_buf(), pairs, unknown })
+        Ok(Lora {
+            path: path.to_path_buf(),
+            pairs,
+            unknown,
+        })
     }
 }
 
 /// `up · down` must make the target's rows: `[out, in, kh, kw]` (or `[out, in]`).
-fn check_shapes(path: &Path, key: &str, target: &Target, down: &SourceTensor, up: &SourceTensor) -> Result<()> {
+fn check_shapes(
+    path: &Path,
+    key: &str,
+    target: &Target,
+    down: &SourceTensor,
+    up: &SourceTensor,
+) -> Result<()> {
     // Products of dimensions from the file: one past usize reads as usize::MAX, which
     // matches nothing real and is refused below as a mismatch.
-    let product = |dims: &[usize]| dims.iter().try_fold(1usize, |a, &d| a.checked_mul(d)).unwrap_or(usize::MAX);
+    let product = |dims: &[usize]| {
+        dims.iter()
+            .try_fold(1usize, |a, &d| a.checked_mul(d))
+            .unwrap_or(usize::MAX)
+    };
     let (r, rest) = match down.shape.split_first() {
         Some((&r, rest)) if r > 0 => (r, product(rest)),
-        _ => return Err(Error::format(path, format!("`{}` has shape {:?}", down.name, down.shape))),
+        _ => {
+            return Err(Error::format(
+                path,
+                format!("`{}` has shape {:?}", down.name, down.shape),
+            ))
+        }
     };
     let out = up.shape.first().copied().unwrap_or(0);
     let up_rank = up.shape.get(1..).map_or(1, product);
@@ -291,15 +379,39 @@ mod tests {
     #[test]
     fn keys_of_every_naming_parse_to_one_module() {
         let k = parse("lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight").unwrap();
-        assert_eq!((k.net, k.module.as_str(), k.part), (Net::Unet, "down_blocks_0_attentions_0_proj_in", Part::Down));
+        assert_eq!(
+            (k.net, k.module.as_str(), k.part),
+            (Net::Unet, "down_blocks_0_attentions_0_proj_in", Part::Down)
+        );
         let k = parse("lora_te2_text_model_encoder_layers_0_mlp_fc1.alpha").unwrap();
         assert_eq!((k.net, k.part), (Net::Text(1), Part::Alpha));
-        let k = parse("unet.mid_block.attentions.0.transformer_blocks.0.attn2.to_k.lora_B.weight").unwrap();
-        assert_eq!((k.net, k.module.as_str(), k.part), (Net::Unet, "mid_block.attentions.0.transformer_blocks.0.attn2.to_k", Part::Up));
-        let k = parse("text_encoder.text_model.encoder.layers.3.self_attn.q_proj.lora_A.weight").unwrap();
-        assert_eq!((k.net, k.module.as_str()), (Net::Text(0), "text_model.encoder.layers.3.self_attn.q_proj"));
-        let k = parse("up_blocks.1.attentions.2.transformer_blocks.0.attn1.processor.to_out_lora.down.weight").unwrap();
-        assert_eq!((k.net, k.module.as_str()), (Net::Unet, "up_blocks.1.attentions.2.transformer_blocks.0.attn1.to_out.0"));
+        let k = parse("unet.mid_block.attentions.0.transformer_blocks.0.attn2.to_k.lora_B.weight")
+            .unwrap();
+        assert_eq!(
+            (k.net, k.module.as_str(), k.part),
+            (
+                Net::Unet,
+                "mid_block.attentions.0.transformer_blocks.0.attn2.to_k",
+                Part::Up
+            )
+        );
+        let k = parse("text_encoder.text_model.encoder.layers.3.self_attn.q_proj.lora_A.weight")
+            .unwrap();
+        assert_eq!(
+            (k.net, k.module.as_str()),
+            (Net::Text(0), "text_model.encoder.layers.3.self_attn.q_proj")
+        );
+        let k = parse(
+            "up_blocks.1.attentions.2.transformer_blocks.0.attn1.processor.to_out_lora.down.weight",
+        )
+        .unwrap();
+        assert_eq!(
+            (k.net, k.module.as_str()),
+            (
+                Net::Unet,
+                "up_blocks.1.attentions.2.transformer_blocks.0.attn1.to_out.0"
+            )
+        );
         assert_eq!(parse("model.diffusion_model.out.0.weight"), None);
     }
 }

@@ -17,7 +17,10 @@ impl Rss {
     /// Now, from `/proc/self/status` (zeros where that file does not exist).
     pub fn now() -> Rss {
         let s = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-        Rss { anon: status_field(&s, "RssAnon:"), file: status_field(&s, "RssFile:") + status_field(&s, "RssShmem:") }
+        Rss {
+            anon: status_field(&s, "RssAnon:"),
+            file: status_field(&s, "RssFile:") + status_field(&s, "RssShmem:"),
+        }
     }
 }
 
@@ -69,7 +72,13 @@ impl Recorder {
                 })
                 .ok()
         };
-        Recorder { start, stop, samples, marks: Mutex::new(Vec::new()), thread }
+        Recorder {
+            start,
+            stop,
+            samples,
+            marks: Mutex::new(Vec::new()),
+            thread,
+        }
     }
 
     /// Marks the start of a stage at the current time.
@@ -120,7 +129,13 @@ impl Timeline {
             .enumerate()
             .map(|(i, (t0, name))| {
                 let t1 = self.marks.get(i + 1).map_or(f64::INFINITY, |m| m.0);
-                let peak = self.samples.iter().filter(|s| s.0 >= *t0 && s.0 <= t1).map(|s| s.1.anon).max().unwrap_or(0);
+                let peak = self
+                    .samples
+                    .iter()
+                    .filter(|s| s.0 >= *t0 && s.0 <= t1)
+                    .map(|s| s.1.anon)
+                    .max()
+                    .unwrap_or(0);
                 (name.clone(), peak)
             })
             .collect()
@@ -140,7 +155,14 @@ impl Timeline {
     pub fn to_svg(&self, title: &str) -> String {
         let (w, h, left, right, top, bottom) = (900.0, 360.0, 70.0, 20.0, 40.0, 40.0);
         let t_end = self.samples.last().map_or(1.0, |s| s.0).max(1e-3);
-        let max = self.samples.iter().map(|s| s.1.anon + s.1.file).max().unwrap_or(1).max(1) as f64 * 1.05;
+        let max = self
+            .samples
+            .iter()
+            .map(|s| s.1.anon + s.1.file)
+            .max()
+            .unwrap_or(1)
+            .max(1) as f64
+            * 1.05;
         let x = |t: f64| left + (w - left - right) * t / t_end;
         let y = |b: f64| h - bottom - (h - top - bottom) * b / max;
         let area = |lo: &dyn Fn(&Rss) -> u64, hi: &dyn Fn(&Rss) -> u64| {
@@ -154,23 +176,64 @@ impl Timeline {
             p
         };
         let mut s = String::new();
-        let _ = writeln!(s, r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="11">"#);
-        let _ = writeln!(s, r#"<rect width="100%" height="100%" fill="white"/><text x="{left}" y="20" font-size="14">{}</text>"#, xml_escape(title));
-        let _ = writeln!(s, r##"<polygon fill="#4878d0" fill-opacity="0.8" points="{}"/>"##, area(&|_| 0, &|r| r.anon));
-        let _ = writeln!(s, r##"<polygon fill="#ee854a" fill-opacity="0.6" points="{}"/>"##, area(&|r| r.anon, &|r| r.anon + r.file));
+        let _ = writeln!(
+            s,
+            r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="11">"#
+        );
+        let _ = writeln!(
+            s,
+            r#"<rect width="100%" height="100%" fill="white"/><text x="{left}" y="20" font-size="14">{}</text>"#,
+            xml_escape(title)
+        );
+        let _ = writeln!(
+            s,
+            r##"<polygon fill="#4878d0" fill-opacity="0.8" points="{}"/>"##,
+            area(&|_| 0, &|r| r.anon)
+        );
+        let _ = writeln!(
+            s,
+            r##"<polygon fill="#ee854a" fill-opacity="0.6" points="{}"/>"##,
+            area(&|r| r.anon, &|r| r.anon + r.file)
+        );
         let step = nice_step(max / 1e6 / 5.0);
         let mut mb = 0.0;
         while mb * 1e6 <= max {
             let yy = y(mb * 1e6);
-            let _ = writeln!(s, r##"<line x1="{left}" x2="{}" y1="{yy:.1}" y2="{yy:.1}" stroke="#ddd"/><text x="{}" y="{:.1}" text-anchor="end">{mb:.0} MB</text>"##, w - right, left - 4.0, yy + 4.0);
+            let _ = writeln!(
+                s,
+                r##"<line x1="{left}" x2="{}" y1="{yy:.1}" y2="{yy:.1}" stroke="#ddd"/><text x="{}" y="{:.1}" text-anchor="end">{mb:.0} MB</text>"##,
+                w - right,
+                left - 4.0,
+                yy + 4.0
+            );
             mb += step;
         }
         for (t, name) in &self.marks {
             let (xx, ty) = (x(*t), top + 60.0);
-            let _ = writeln!(s, r##"<line x1="{xx:.1}" x2="{xx:.1}" y1="{top}" y2="{}" stroke="#555" stroke-dasharray="3,3"/><text x="{:.1}" y="{ty}" transform="rotate(-90 {:.1} {ty})">{}</text>"##, h - bottom, xx + 11.0, xx + 11.0, xml_escape(name));
+            let _ = writeln!(
+                s,
+                r##"<line x1="{xx:.1}" x2="{xx:.1}" y1="{top}" y2="{}" stroke="#555" stroke-dasharray="3,3"/><text x="{:.1}" y="{ty}" transform="rotate(-90 {:.1} {ty})">{}</text>"##,
+                h - bottom,
+                xx + 11.0,
+                xx + 11.0,
+                xml_escape(name)
+            );
         }
-        let _ = writeln!(s, r##"<text x="{left}" y="{}">0 s</text><text x="{}" y="{}" text-anchor="end">{t_end:.1} s</text>"##, h - 22.0, w - right, h - 22.0);
-        let _ = writeln!(s, r##"<rect x="{}" y="8" width="10" height="10" fill="#4878d0"/><text x="{}" y="17">anonymous</text><rect x="{}" y="8" width="10" height="10" fill="#ee854a"/><text x="{}" y="17">file-backed (mmap)</text>"##, w - 260.0, w - 246.0, w - 160.0, w - 146.0);
+        let _ = writeln!(
+            s,
+            r##"<text x="{left}" y="{}">0 s</text><text x="{}" y="{}" text-anchor="end">{t_end:.1} s</text>"##,
+            h - 22.0,
+            w - right,
+            h - 22.0
+        );
+        let _ = writeln!(
+            s,
+            r##"<rect x="{}" y="8" width="10" height="10" fill="#4878d0"/><text x="{}" y="17">anonymous</text><rect x="{}" y="8" width="10" height="10" fill="#ee854a"/><text x="{}" y="17">file-backed (mmap)</text>"##,
+            w - 260.0,
+            w - 246.0,
+            w - 160.0,
+            w - 146.0
+        );
         s.push_str("</svg>\n");
         s
     }
@@ -178,11 +241,17 @@ impl Timeline {
 
 fn nice_step(raw: f64) -> f64 {
     let mag = 10f64.powf(raw.max(1e-9).log10().floor());
-    [1.0, 2.0, 5.0, 10.0].iter().map(|m| m * mag).find(|s| *s >= raw).unwrap_or(10.0 * mag)
+    [1.0, 2.0, 5.0, 10.0]
+        .iter()
+        .map(|m| m * mag)
+        .find(|s| *s >= raw)
+        .unwrap_or(10.0 * mag)
 }
 
 fn xml_escape(s: &str) -> String {
-    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
 }
 
 #[cfg(test)]
@@ -204,10 +273,22 @@ mod tests {
         let tl = rec.stop();
         drop(v);
         let by = tl.peak_anon_by_stage();
-        assert_eq!(by.iter().map(|b| b.0.as_str()).collect::<Vec<_>>(), ["before", "alloc", "after"]);
+        assert_eq!(
+            by.iter().map(|b| b.0.as_str()).collect::<Vec<_>>(),
+            ["before", "alloc", "after"]
+        );
         let t_alloc = tl.marks[1].0;
-        let low_before = tl.samples.iter().filter(|s| s.0 <= t_alloc).map(|s| s.1.anon).min().unwrap_or(0);
-        assert!(by[1].1 >= low_before + (200 << 20), "{by:?}, lowest before {low_before}");
+        let low_before = tl
+            .samples
+            .iter()
+            .filter(|s| s.0 <= t_alloc)
+            .map(|s| s.1.anon)
+            .min()
+            .unwrap_or(0);
+        assert!(
+            by[1].1 >= low_before + (200 << 20),
+            "{by:?}, lowest before {low_before}"
+        );
         let svg = tl.to_svg("t<1>");
         assert!(svg.starts_with("<svg") && svg.contains("t&lt;1&gt;") && svg.contains("alloc"));
     }

@@ -10,12 +10,16 @@ use std::path::PathBuf;
 
 /// `rel` under the repository's `tests/fixtures`.
 pub fn fixture(rel: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(rel)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(rel)
 }
 
 /// The folder of external test data.
 pub fn external_dir() -> PathBuf {
-    std::env::var_os("SDRS_SHARED").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared"))
+    std::env::var_os("SDRS_SHARED")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared"))
 }
 
 /// `rel` under the external test data, or `None` after printing why the caller skips.
@@ -26,6 +30,10 @@ pub fn external(rel: &str) -> Option<PathBuf> {
     }
     let thread = std::thread::current();
     let test = thread.name().unwrap_or("a test");
-    let _ = writeln!(std::io::stderr(), "SKIP: {test}: {} is not here (external test data; set SDRS_SHARED)", p.display());
+    let _ = writeln!(
+        std::io::stderr(),
+        "SKIP: {test}: {} is not here (external test data; set SDRS_SHARED)",
+        p.display()
+    );
     None
 }

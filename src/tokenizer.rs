@@ -101,14 +101,25 @@ impl ClipTokenizer {
                 }
             }
         }
-        let id_of = |tok: &str| map.get(tok).copied().ok_or_else(|| invalid(format!("special token `{tok}` is missing")));
+        let id_of = |tok: &str| {
+            map.get(tok)
+                .copied()
+                .ok_or_else(|| invalid(format!("special token `{tok}` is missing")))
+        };
         let (bos, eos) = (id_of(BOS)?, id_of(EOS)?);
         let merges = vocab
             .merges
             .iter()
             .map(|m| match m.split_once(' ') {
                 // Python splits merges on any whitespace; byte symbols never contain any.
-                Some((a, b)) if !a.is_empty() && !b.is_empty() && !a.contains(char::is_whitespace) && !b.contains(char::is_whitespace) => Ok((a.to_string(), b.to_string())),
+                Some((a, b))
+                    if !a.is_empty()
+                        && !b.is_empty()
+                        && !a.contains(char::is_whitespace)
+                        && !b.contains(char::is_whitespace) =>
+                {
+                    Ok((a.to_string(), b.to_string()))
+                }
                 _ => Err(invalid(format!("malformed BPE merge `{m}`"))),
             })
             .collect::<Result<Vec<_>>>()?;
@@ -121,9 +132,16 @@ impl ClipTokenizer {
         // The regex split is done before the words reach the tokenizer; only the
         // byte → symbol mapping is left for the pre-tokenizer.
         inner.with_pre_tokenizer(Some(ByteLevel::new(false, false, false)));
-        inner.add_special_tokens([AddedToken::from(BOS, true), AddedToken::from(EOS, true)]).map_err(invalid)?;
+        inner
+            .add_special_tokens([AddedToken::from(BOS, true), AddedToken::from(EOS, true)])
+            .map_err(invalid)?;
         let words = regex::Regex::new(WORD_PATTERN).map_err(invalid)?;
-        Ok(ClipTokenizer { inner, words, bos, eos })
+        Ok(ClipTokenizer {
+            inner,
+            words,
+            bos,
+            eos,
+        })
     }
 
     /// The tokenizer for the vocabulary shipped inside sdrs.
@@ -146,13 +164,20 @@ impl ClipTokenizer {
         for piece in split_specials(text) {
             match piece {
                 Piece::Special(s) => words.push(s.to_string()),
-                Piece::Text(t) => words.extend(self.words.find_iter(&clean(t)).map(|m| m.as_str().to_string())),
+                Piece::Text(t) => words.extend(
+                    self.words
+                        .find_iter(&clean(t))
+                        .map(|m| m.as_str().to_string()),
+                ),
             }
         }
         if words.is_empty() {
             return Ok(Vec::new());
         }
-        let enc = self.inner.encode_fast(words, false).map_err(|e| Error::Invalid(format!("CLIP tokenizer: {e}")))?;
+        let enc = self
+            .inner
+            .encode_fast(words, false)
+            .map_err(|e| Error::Invalid(format!("CLIP tokenizer: {e}")))?;
         Ok(enc.get_ids().to_vec())
     }
 
@@ -182,7 +207,11 @@ impl ClipTokenizer {
 }
 
 fn body_len(max_len: usize) -> Result<usize> {
-    max_len.checked_sub(2).ok_or_else(|| Error::Invalid(format!("token sequence length {max_len} leaves no room for BOS and EOS")))
+    max_len.checked_sub(2).ok_or_else(|| {
+        Error::Invalid(format!(
+            "token sequence length {max_len} leaves no room for BOS and EOS"
+        ))
+    })
 }
 
 enum Piece<'a> {
@@ -198,7 +227,10 @@ fn split_specials(text: &str) -> Vec<Piece<'_>> {
     let mut rest = text;
     loop {
         // The two specials cannot overlap, so the earliest match is the only one.
-        let next = [BOS, EOS].into_iter().filter_map(|s| rest.find(s).map(|i| (i, s))).min_by_key(|&(i, _)| i);
+        let next = [BOS, EOS]
+            .into_iter()
+            .filter_map(|s| rest.find(s).map(|i| (i, s)))
+            .min_by_key(|&(i, _)| i);
         let Some((i, special)) = next else { break };
         if i > 0 {
             out.push(Piece::Text(&rest[..i]));
@@ -218,13 +250,18 @@ fn is_control(c: char) -> bool {
     !matches!(c, '\t' | '\n' | '\r')
         && matches!(
             get_general_category(c),
-            GeneralCategory::Control | GeneralCategory::Format | GeneralCategory::Surrogate | GeneralCategory::PrivateUse | GeneralCategory::Unassigned
+            GeneralCategory::Control
+                | GeneralCategory::Format
+                | GeneralCategory::Surrogate
+                | GeneralCategory::PrivateUse
+                | GeneralCategory::Unassigned
         )
 }
 
 /// transformers' `_is_whitespace`.
 fn is_bert_whitespace(c: char) -> bool {
-    matches!(c, ' ' | '\t' | '\n' | '\r') || get_general_category(c) == GeneralCategory::SpaceSeparator
+    matches!(c, ' ' | '\t' | '\n' | '\r')
+        || get_general_category(c) == GeneralCategory::SpaceSeparator
 }
 
 /// The CJK ideograph blocks BERT surrounds with spaces (`_is_chinese_char`).
@@ -263,7 +300,11 @@ fn clean(text: &str) -> String {
     let nfc: String = s.nfc().collect();
     // Lowercasing word by word is what Python does; final sigma looks only within
     // a word in both, since whitespace is not case-ignorable.
-    let words: Vec<String> = nfc.split(is_py_space).filter(|w| !w.is_empty()).map(str::to_lowercase).collect();
+    let words: Vec<String> = nfc
+        .split(is_py_space)
+        .filter(|w| !w.is_empty())
+        .map(str::to_lowercase)
+        .collect();
     words.join(" ")
 }
 
@@ -281,15 +322,35 @@ mod tests {
     }
 
     fn fixture() -> Vec<Case> {
-        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/tokenizer/clip.json");
-        let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).expect("fixture")).expect("fixture JSON");
-        assert_eq!(v["generator"]["ftfy"], serde_json::Value::Bool(false), "fixture must come from CLIPTokenizer without ftfy");
-        let ids = |c: &serde_json::Value, k: &str| -> Vec<u32> { c[k].as_array().expect(k).iter().map(|x| x.as_u64().expect("id") as u32).collect() };
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/tokenizer/clip.json"
+        );
+        let v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(path).expect("fixture"))
+                .expect("fixture JSON");
+        assert_eq!(
+            v["generator"]["ftfy"],
+            serde_json::Value::Bool(false),
+            "fixture must come from CLIPTokenizer without ftfy"
+        );
+        let ids = |c: &serde_json::Value, k: &str| -> Vec<u32> {
+            c[k].as_array()
+                .expect(k)
+                .iter()
+                .map(|x| x.as_u64().expect("id") as u32)
+                .collect()
+        };
         v["cases"]
             .as_array()
             .expect("cases")
             .iter()
-            .map(|c| Case { prompt: c["prompt"].as_str().expect("prompt").to_string(), ids: ids(c, "ids"), padded_eos: ids(c, "padded_eos"), padded_zero: ids(c, "padded_zero") })
+            .map(|c| Case {
+                prompt: c["prompt"].as_str().expect("prompt").to_string(),
+                ids: ids(c, "ids"),
+                padded_eos: ids(c, "padded_eos"),
+                padded_zero: ids(c, "padded_zero"),
+            })
             .collect()
     }
 
@@ -304,10 +365,21 @@ mod tests {
                 || t.encode_padded(&c.prompt, 77, t.eos_id()).unwrap() != c.padded_eos
                 || t.encode_padded(&c.prompt, 77, 0).unwrap() != c.padded_zero
             {
-                bad.push(format!("{:?}: got {:?}, want {:?}", c.prompt, t.encode(&c.prompt).unwrap(), c.ids));
+                bad.push(format!(
+                    "{:?}: got {:?}, want {:?}",
+                    c.prompt,
+                    t.encode(&c.prompt).unwrap(),
+                    c.ids
+                ));
             }
         }
-        assert!(bad.is_empty(), "{} of {} prompts differ:\n{}", bad.len(), cases.len(), bad.join("\n"));
+        assert!(
+            bad.is_empty(),
+            "{} of {} prompts differ:\n{}",
+            bad.len(),
+            cases.len(),
+            bad.join("\n")
+        );
     }
 
     #[test]
@@ -323,8 +395,14 @@ mod tests {
         assert!(t.encode_padded("a", 1, 0).is_err());
         let sd1 = TextEncoderConfig::clip_l("");
         let open_clip = TextEncoderConfig::open_clip("", 1024, 24, 16, None);
-        assert_eq!(t.encode_for("a", &sd1).unwrap(), t.encode_padded("a", 77, 49407).unwrap());
-        assert_eq!(t.encode_for("a", &open_clip).unwrap(), t.encode_padded("a", 77, 0).unwrap());
+        assert_eq!(
+            t.encode_for("a", &sd1).unwrap(),
+            t.encode_padded("a", 77, 49407).unwrap()
+        );
+        assert_eq!(
+            t.encode_for("a", &open_clip).unwrap(),
+            t.encode_padded("a", 77, 0).unwrap()
+        );
     }
 
     #[test]
@@ -333,12 +411,23 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("tok.gguf");
         let f = std::fs::File::create(&path).unwrap();
-        let w = crate::formats::gguf::Writer::new(std::io::BufWriter::new(f), &metadata::tokenizer_kv(&vocab), &[], None).unwrap();
+        let w = crate::formats::gguf::Writer::new(
+            std::io::BufWriter::new(f),
+            &metadata::tokenizer_kv(&vocab),
+            &[],
+            None,
+        )
+        .unwrap();
         std::io::Write::flush(&mut w.finish().unwrap()).unwrap();
-        let from_gguf = metadata::read_tokenizer(&GgufFile::open(&path).unwrap()).expect("tokenizer in GGUF");
+        let from_gguf =
+            metadata::read_tokenizer(&GgufFile::open(&path).unwrap()).expect("tokenizer in GGUF");
         assert_eq!(from_gguf, vocab);
         let from_merges = ClipVocab::from_merges_txt(&vocab.merges_txt()).unwrap();
-        let tokenizers = [ClipTokenizer::new(&vocab).unwrap(), ClipTokenizer::new(&from_gguf).unwrap(), ClipTokenizer::new(&from_merges).unwrap()];
+        let tokenizers = [
+            ClipTokenizer::new(&vocab).unwrap(),
+            ClipTokenizer::new(&from_gguf).unwrap(),
+            ClipTokenizer::new(&from_merges).unwrap(),
+        ];
         for c in fixture() {
             for t in &tokenizers {
                 assert_eq!(t.encode(&c.prompt).unwrap(), c.ids, "{:?}", c.prompt);
@@ -354,13 +443,27 @@ mod tests {
             f(&mut v);
             ClipTokenizer::new(&v).err().map(|e| e.to_string())
         };
-        assert!(ClipTokenizer::new(&ClipVocab { tokens: vec![], merges: vec![] }).is_err());
-        assert!(with(&|v| v.merges[5] = "nospace".into()).unwrap().contains("malformed"));
-        assert!(with(&|v| v.merges[5] = "a b c".into()).unwrap().contains("malformed"));
-        assert!(with(&|v| v.merges[5] = " a".into()).unwrap().contains("malformed"));
+        assert!(ClipTokenizer::new(&ClipVocab {
+            tokens: vec![],
+            merges: vec![]
+        })
+        .is_err());
+        assert!(with(&|v| v.merges[5] = "nospace".into())
+            .unwrap()
+            .contains("malformed"));
+        assert!(with(&|v| v.merges[5] = "a b c".into())
+            .unwrap()
+            .contains("malformed"));
+        assert!(with(&|v| v.merges[5] = " a".into())
+            .unwrap()
+            .contains("malformed"));
         assert!(with(&|v| v.merges.push("zzzq# xy".into())).is_some());
-        assert!(with(&|v| v.tokens[300] = v.tokens[301].clone()).unwrap().contains("twice"));
-        assert!(with(&|v| v.tokens[0] = "not a byte".into()).unwrap().contains("byte symbol"));
+        assert!(with(&|v| v.tokens[300] = v.tokens[301].clone())
+            .unwrap()
+            .contains("twice"));
+        assert!(with(&|v| v.tokens[0] = "not a byte".into())
+            .unwrap()
+            .contains("byte symbol"));
         assert!(with(&|v| {
             v.tokens.pop();
         })

@@ -24,7 +24,10 @@ pub struct ClipVocab {
 
 /// GPT-2/CLIP's reversible byte → printable character table, in id order.
 pub fn byte_symbols() -> Vec<char> {
-    let mut printable: Vec<u32> = (u32::from('!')..=u32::from('~')).chain(0xA1..=0xAC).chain(0xAE..=0xFF).collect();
+    let mut printable: Vec<u32> = (u32::from('!')..=u32::from('~'))
+        .chain(0xA1..=0xAC)
+        .chain(0xAE..=0xFF)
+        .collect();
     let mut chars: Vec<u32> = printable.clone();
     let mut n = 0;
     for b in 0..256u32 {
@@ -41,8 +44,15 @@ impl ClipVocab {
     /// The vocabulary shipped inside sdrs.
     pub fn embedded() -> Result<ClipVocab> {
         let mut text = String::new();
-        flate2::read::GzDecoder::new(BPE_GZ).read_to_string(&mut text).map_err(|e| Error::Invalid(format!("embedded CLIP vocabulary: {e}")))?;
-        let merges: Vec<String> = text.lines().skip(1).take(CLIP_MERGES).map(str::to_string).collect();
+        flate2::read::GzDecoder::new(BPE_GZ)
+            .read_to_string(&mut text)
+            .map_err(|e| Error::Invalid(format!("embedded CLIP vocabulary: {e}")))?;
+        let merges: Vec<String> = text
+            .lines()
+            .skip(1)
+            .take(CLIP_MERGES)
+            .map(str::to_string)
+            .collect();
         Self::from_merges(merges)
     }
 
@@ -52,7 +62,9 @@ impl ClipVocab {
         let mut tokens: Vec<String> = syms.iter().map(|c| c.to_string()).collect();
         tokens.extend(syms.iter().map(|c| format!("{c}</w>")));
         for m in &merges {
-            let (a, b) = m.split_once(' ').ok_or_else(|| Error::Invalid(format!("malformed BPE merge `{m}`")))?;
+            let (a, b) = m
+                .split_once(' ')
+                .ok_or_else(|| Error::Invalid(format!("malformed BPE merge `{m}`")))?;
             tokens.push(format!("{a}{b}"));
         }
         tokens.push(BOS.into());
@@ -62,7 +74,11 @@ impl ClipVocab {
 
     /// From Hugging Face `merges.txt` content (first line `#version: ...`).
     pub fn from_merges_txt(text: &str) -> Result<ClipVocab> {
-        let merges = text.lines().filter(|l| !l.starts_with("#version") && !l.is_empty()).map(str::to_string).collect();
+        let merges = text
+            .lines()
+            .filter(|l| !l.starts_with("#version") && !l.is_empty())
+            .map(str::to_string)
+            .collect();
         Self::from_merges(merges)
     }
 }
@@ -70,7 +86,12 @@ impl ClipVocab {
 impl ClipVocab {
     /// Hugging Face `vocab.json` content (token → id).
     pub fn vocab_json(&self) -> String {
-        let map: serde_json::Map<String, serde_json::Value> = self.tokens.iter().enumerate().map(|(i, t)| (t.clone(), serde_json::Value::from(i))).collect();
+        let map: serde_json::Map<String, serde_json::Value> = self
+            .tokens
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.clone(), serde_json::Value::from(i)))
+            .collect();
         serde_json::Value::Object(map).to_string()
     }
     /// Hugging Face `merges.txt` content.
@@ -93,12 +114,15 @@ mod tests {
         let v = ClipVocab::embedded().unwrap();
         assert_eq!(v.tokens.len(), crate::config::CLIP_VOCAB);
         let hf = crate::testdata::fixture("clip-hf");
-        let vocab: std::collections::HashMap<String, u32> = serde_json::from_str(&std::fs::read_to_string(hf.join("vocab.json")).unwrap()).unwrap();
+        let vocab: std::collections::HashMap<String, u32> =
+            serde_json::from_str(&std::fs::read_to_string(hf.join("vocab.json")).unwrap()).unwrap();
         assert_eq!(vocab.len(), v.tokens.len());
         for (tok, id) in &vocab {
             assert_eq!(&v.tokens[*id as usize], tok, "id {id}");
         }
-        let merges = ClipVocab::from_merges_txt(&std::fs::read_to_string(hf.join("merges.txt")).unwrap()).unwrap();
+        let merges =
+            ClipVocab::from_merges_txt(&std::fs::read_to_string(hf.join("merges.txt")).unwrap())
+                .unwrap();
         assert_eq!(merges, v);
     }
 }

@@ -11,7 +11,15 @@ use sdrs::model::{clip, Weights};
 use sdrs::synth::Format;
 
 fn tokens(seed: u32, n: usize) -> Vec<u32> {
-    (0..n as u32).map(|i| if i == 0 { 49406 } else { (seed * 7919 + i * 104729) % 49406 }).collect()
+    (0..n as u32)
+        .map(|i| {
+            if i == 0 {
+                49406
+            } else {
+                (seed * 7919 + i * 104729) % 49406
+            }
+        })
+        .collect()
 }
 
 #[test]
@@ -36,14 +44,26 @@ fn text_encoders_are_causal_batch_independent_and_stable_under_quantization() {
             assert_eq!(both.len(), 2 * t * te.hidden_size);
             assert!(both.iter().all(|x| x.is_finite()), "{arch}: finite");
             let alone = clip::encode(&w, te, &[a.clone()], &backend).unwrap();
-            assert_eq!(&both[..alone.len()], &alone[..], "{arch}: batch entries are independent");
+            assert_eq!(
+                &both[..alone.len()],
+                &alone[..],
+                "{arch}: batch entries are independent"
+            );
             // Changing token 40 leaves positions before it untouched (causal mask) and changes later ones.
             let before = clip::encode(&w, te, &[b.clone()], &backend).unwrap();
             b[40] = (b[40] + 1) % 49406;
             let after = clip::encode(&w, te, &[b], &backend).unwrap();
             let h = te.hidden_size;
-            assert_eq!(&before[..40 * h], &after[..40 * h], "{arch}: earlier positions unchanged");
-            assert_ne!(&before[40 * h..], &after[40 * h..], "{arch}: later positions change");
+            assert_eq!(
+                &before[..40 * h],
+                &after[..40 * h],
+                "{arch}: earlier positions unchanged"
+            );
+            assert_ne!(
+                &before[40 * h..],
+                &after[40 * h..],
+                "{arch}: later positions change"
+            );
             let quant = clip::encode(&wq, te, &[a], &backend).unwrap();
             let err = rel_rms(&alone, &quant);
             assert!(err < 0.05, "{arch}: q8_0 vs f32 relative RMS {err}");

@@ -47,7 +47,10 @@ fn two_threads_on_one_model_file_get_the_images_each_gets_alone() {
     let seeds = [11u64, 12, 13, 14];
     let alone: Vec<Vec<u8>> = {
         let p = Pipeline::load_with_threads(&model, 1).unwrap();
-        seeds.iter().map(|&s| p.generate(&request(s), &mut |_| {}).unwrap().rgb).collect()
+        seeds
+            .iter()
+            .map(|&s| p.generate(&request(s), &mut |_| {}).unwrap().rgb)
+            .collect()
     };
     // Two threads, each with its own pipeline on the same file, each running two
     // seeds, interleaved with the other thread's runs.
@@ -58,7 +61,9 @@ fn two_threads_on_one_model_file_get_the_images_each_gets_alone() {
                 let model = &model;
                 s.spawn(move || {
                     let p = Pipeline::load_with_threads(model, 1).unwrap();
-                    mine.iter().map(|&seed| (seed, p.generate(&request(seed), &mut |_| {}).unwrap().rgb)).collect::<Vec<_>>()
+                    mine.iter()
+                        .map(|&seed| (seed, p.generate(&request(seed), &mut |_| {}).unwrap().rgb))
+                        .collect::<Vec<_>>()
                 })
             })
             .collect();
@@ -90,7 +95,9 @@ fn a_cancel_from_another_thread_stops_the_run_within_a_step() {
         });
         (r, last, Instant::now())
     });
-    let first = rx.recv_timeout(Duration::from_secs(120)).expect("a first step");
+    let first = rx
+        .recv_timeout(Duration::from_secs(120))
+        .expect("a first step");
     cancel.store(true, Ordering::SeqCst);
     let asked = Instant::now();
     let steps_at_cancel = rx.try_iter().last().unwrap_or(first);
@@ -98,7 +105,13 @@ fn a_cancel_from_another_thread_stops_the_run_within_a_step() {
     let e = r.expect_err("a cancelled run");
     assert!(matches!(e, sdrs::Error::Interrupted), "{e}");
     // The flag is read before each UNet evaluation: at most the step in flight finishes.
-    assert!(last <= steps_at_cancel + 1, "{last} steps done, {steps_at_cancel} when cancelled");
+    assert!(
+        last <= steps_at_cancel + 1,
+        "{last} steps done, {steps_at_cancel} when cancelled"
+    );
     assert!(last < 200);
-    eprintln!("cancelled after step {last}, {:?} after the flag was set", ended.saturating_duration_since(asked));
+    eprintln!(
+        "cancelled after step {last}, {:?} after the flag was set",
+        ended.saturating_duration_since(asked)
+    );
 }

@@ -39,21 +39,36 @@ fn check_round_trip(src: &Path, out: &Path) -> HashMap<Type, f64> {
     let shapes = metadata::original_shapes(&g);
     let cfg = metadata::read_config(&g).unwrap().unwrap();
     let expected = layout::layout(&cfg);
-    assert_eq!(g.tensors.len(), expected.len(), "one output tensor per architecture tensor");
+    assert_eq!(
+        g.tensors.len(),
+        expected.len(),
+        "one output tensor per architecture tensor"
+    );
     let mut worst: HashMap<Type, f64> = HashMap::new();
     for spec in &expected {
-        let t = g.tensor(&spec.name).unwrap_or_else(|| panic!("{} missing from output", spec.name));
-        let shape = shapes.get(&t.name).cloned().unwrap_or_else(|| t.torch_shape());
+        let t = g
+            .tensor(&spec.name)
+            .unwrap_or_else(|| panic!("{} missing from output", spec.name));
+        let shape = shapes
+            .get(&t.name)
+            .cloned()
+            .unwrap_or_else(|| t.torch_shape());
         assert_eq!(shape, spec.shape, "{}", t.name);
         let back = t.ty.dequantize(g.data(t), t.numel() as usize).unwrap();
         let orig = ck.get(&spec.name).unwrap().read_f32().unwrap();
         let err = rel_rms(&orig, &back);
         let b = bound(t.ty);
-        let exact_expected = b == 0.0 && !(t.ty == Type::F16 && ck.get(&spec.name).unwrap().dtype != DType::F16);
+        let exact_expected =
+            b == 0.0 && !(t.ty == Type::F16 && ck.get(&spec.name).unwrap().dtype != DType::F16);
         if exact_expected {
             assert!(orig == back, "{} ({}) must be exact", t.name, t.ty.name());
         } else {
-            assert!(err <= b.max(1e-3), "{} stored as {}: relative RMS error {err:.5} over {b}", t.name, t.ty.name());
+            assert!(
+                err <= b.max(1e-3),
+                "{} stored as {}: relative RMS error {err:.5} over {b}",
+                t.name,
+                t.ty.name()
+            );
         }
         let w = worst.entry(t.ty).or_default();
         *w = w.max(err);
@@ -70,7 +85,14 @@ fn tiny_checkpoints_convert_to_every_type_within_bounds() {
             let out = dir.path().join(format!("{arch}-{}.gguf", t.name()));
             convert_to(&src, t, &out).unwrap();
             let worst = check_round_trip(&src, &out);
-            eprintln!("{arch} {:>5}: {:?}", t.name(), worst.iter().map(|(t, e)| format!("{}={e:.5}", t.name())).collect::<Vec<_>>());
+            eprintln!(
+                "{arch} {:>5}: {:?}",
+                t.name(),
+                worst
+                    .iter()
+                    .map(|(t, e)| format!("{}={e:.5}", t.name()))
+                    .collect::<Vec<_>>()
+            );
             std::fs::remove_file(&out).unwrap();
         }
     }
@@ -83,7 +105,9 @@ fn ckpt_and_diffusers_inputs_convert_like_safetensors() {
         for format in [Format::Ckpt, Format::Diffusers] {
             let src = synth_tiny(arch, format, DType::F16, dir.path());
             for t in [Type::F16, Type::Q8_0, Type::Q4_K] {
-                let out = dir.path().join(format!("{arch}-{format:?}-{}.gguf", t.name()));
+                let out = dir
+                    .path()
+                    .join(format!("{arch}-{format:?}-{}.gguf", t.name()));
                 convert_to(&src, t, &out).unwrap_or_else(|e| panic!("{arch} {format:?}: {e}"));
                 check_round_trip(&src, &out);
             }
@@ -116,12 +140,18 @@ fn malicious_pickle_is_refused_by_the_converter_and_nothing_is_written() {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("evil.ckpt");
     let mut z = zip::ZipWriter::new(std::fs::File::create(&p).unwrap());
-    z.start_file("archive/data.pkl", zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored)).unwrap();
+    z.start_file(
+        "archive/data.pkl",
+        zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored),
+    )
+    .unwrap();
     // {"state_dict": os.system("touch pwned")}
     z.write_all(b"\x80\x02}q\x00X\x0a\x00\x00\x00state_dictq\x01cos\nsystem\nq\x02X\x0b\x00\x00\x00touch pwnedq\x03\x85q\x04Rq\x05s.").unwrap();
     z.finish().unwrap();
     let before = listing(dir.path());
-    let e = convert_to(&p, Type::Q8_0, &dir.path().join("out.gguf")).unwrap_err().to_string();
+    let e = convert_to(&p, Type::Q8_0, &dir.path().join("out.gguf"))
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("os.system") && e.contains("evil.ckpt"), "{e}");
     assert_eq!(listing(dir.path()), before);
     assert!(!Path::new("pwned").exists());
@@ -135,7 +165,10 @@ fn f16_checkpoint_converts_to_f16_bit_exactly_and_records_source() {
     let s = convert_to(&src, Type::F16, &out).unwrap();
     check_round_trip(&src, &out);
     let g = GgufFile::open(&out).unwrap();
-    assert_eq!(g.get("sd.source.sha256").and_then(|v| v.as_str()), Some(s.sha256.as_str()));
+    assert_eq!(
+        g.get("sd.source.sha256").and_then(|v| v.as_str()),
+        Some(s.sha256.as_str())
+    );
     assert_eq!(s.sha256.len(), 64);
     assert_eq!(metadata::read_tokenizer(&g).unwrap().tokens.len(), 49408);
     // ggml's own parser agrees on every tensor
@@ -152,7 +185,10 @@ fn our_gguf_reconverts_with_original_kernel_shapes() {
     let again = dir.path().join("again.gguf");
     convert_to(&q8, Type::Q8_0, &again).unwrap();
     // Re-encoding q8_0 → q8_0 copies blocks: identical tensor bytes.
-    let (a, b) = (GgufFile::open(&q8).unwrap(), GgufFile::open(&again).unwrap());
+    let (a, b) = (
+        GgufFile::open(&q8).unwrap(),
+        GgufFile::open(&again).unwrap(),
+    );
     for t in &a.tensors {
         assert_eq!(a.data(t), b.data(b.tensor(&t.name).unwrap()), "{}", t.name);
     }
@@ -162,39 +198,72 @@ fn our_gguf_reconverts_with_original_kernel_shapes() {
 fn layout_checkpoint(json: &str, file: &Path) -> Checkpoint {
     std::fs::write(file, b"placeholder").unwrap();
     let f = SourceFile::open(file).unwrap();
-    let list: Vec<serde_json::Value> = serde_json::from_str(&std::fs::read_to_string(fixture("layouts").join(json)).unwrap()).unwrap();
+    let list: Vec<serde_json::Value> =
+        serde_json::from_str(&std::fs::read_to_string(fixture("layouts").join(json)).unwrap())
+            .unwrap();
     let tensors = list
         .iter()
         .map(|e| SourceTensor {
             name: e["name"].as_str().unwrap().to_string(),
-            shape: e["shape"].as_array().unwrap().iter().map(|d| d.as_u64().unwrap() as usize).collect(),
+            shape: e["shape"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|d| d.as_u64().unwrap() as usize)
+                .collect(),
             dtype: match e["dtype"].as_str().unwrap() {
                 "F32" => DType::F32,
                 "I64" => DType::I64,
                 _ => DType::F16,
             },
-            data: TensorData::Raw { file: f.clone(), offset: 0 },
+            data: TensorData::Raw {
+                file: f.clone(),
+                offset: 0,
+            },
         })
         .collect();
-    Checkpoint { path: file.to_path_buf(), format: sdrs::formats::source::SourceFormat::Safetensors, tensors, metadata: Default::default(), tokenizer: None }
+    Checkpoint {
+        path: file.to_path_buf(),
+        format: sdrs::formats::source::SourceFormat::Safetensors,
+        tensors,
+        metadata: Default::default(),
+        tokenizer: None,
+    }
 }
 
 fn unet_bytes(plan: &convert::Plan) -> u64 {
-    plan.entries.iter().filter(|e| e.name.starts_with("model.diffusion_model.")).map(|e| e.nbytes).sum()
+    plan.entries
+        .iter()
+        .filter(|e| e.name.starts_with("model.diffusion_model."))
+        .map(|e| e.nbytes)
+        .sum()
 }
 
 #[test]
 fn real_layouts_plan_every_tensor_and_meet_the_size_targets() {
     let dir = tempfile::tempdir().unwrap();
-    for (json, preset, n_extra) in [("sd15.json", ModelConfig::sd1(), 13), ("sd21.json", ModelConfig::sd2(), 26), ("sdxl.json", ModelConfig::sdxl(), 2)] {
+    for (json, preset, n_extra) in [
+        ("sd15.json", ModelConfig::sd1(), 13),
+        ("sd21.json", ModelConfig::sd2(), 26),
+        ("sdxl.json", ModelConfig::sdxl(), 2),
+    ] {
         let ck = layout_checkpoint(json, &dir.path().join("x"));
         let plan = convert::plan(&ck, &Policy::new(Type::Q4_0), None).unwrap();
         assert_eq!(plan.config, preset, "{json}: detected architecture");
         assert!(plan.unknown.is_empty(), "{json}: {:?}", plan.unknown);
-        assert_eq!(plan.dropped.len(), n_extra, "{json}: only the extra buffers are dropped: {:?}", plan.dropped);
+        assert_eq!(
+            plan.dropped.len(),
+            n_extra,
+            "{json}: only the extra buffers are dropped: {:?}",
+            plan.dropped
+        );
         assert_eq!(plan.entries.len() + plan.dropped.len(), ck.tensors.len());
         let (unet, total) = (unet_bytes(&plan), plan.output_bytes());
-        eprintln!("{json}: q4_0 UNet {:.1} MB, file {:.1} MB", unet as f64 / 1e6, total as f64 / 1e6);
+        eprintln!(
+            "{json}: q4_0 UNet {:.1} MB, file {:.1} MB",
+            unet as f64 / 1e6,
+            total as f64 / 1e6
+        );
         match json {
             "sd15.json" => {
                 assert!(unet < 600_000_000, "SD 1.5 q4_0 UNet {unet} bytes");
@@ -208,27 +277,43 @@ fn real_layouts_plan_every_tensor_and_meet_the_size_targets() {
 
 #[test]
 fn stable_diffusion_cpp_files_map_and_match_their_source() {
-    let Some(dir) = external("fixtures/sdcpp-gguf") else { return };
+    let Some(dir) = external("fixtures/sdcpp-gguf") else {
+        return;
+    };
     let src = Checkpoint::open(&dir.join("tiny-sd15.safetensors")).unwrap();
-    for (file, ty, b) in [("tiny-sd15-sdcpp-q8_0.gguf", Type::Q8_0, 0.006), ("tiny-sd15-sdcpp-q4_0.gguf", Type::Q4_0, 0.12)] {
+    for (file, ty, b) in [
+        ("tiny-sd15-sdcpp-q8_0.gguf", Type::Q8_0, 0.006),
+        ("tiny-sd15-sdcpp-q4_0.gguf", Type::Q4_0, 0.12),
+    ] {
         let ck = Checkpoint::open(&dir.join(file)).unwrap();
         let cfg = ck.model_config().unwrap();
         assert_eq!(cfg.family, "sd1", "{file}");
         assert_eq!(ck.tensors.len(), 1131);
         for t in &ck.tensors {
-            let s = src.get(&t.name).unwrap_or_else(|| panic!("{file}: {} not in the source", t.name));
+            let s = src
+                .get(&t.name)
+                .unwrap_or_else(|| panic!("{file}: {} not in the source", t.name));
             assert_eq!(s.numel(), t.numel(), "{}", t.name);
             let (a, b2) = (s.read_f32().unwrap(), t.read_f32().unwrap());
             match t.dtype {
-                DType::Ggml(x) if x == ty => assert!(rel_rms(&a, &b2) < b, "{}: {}", t.name, rel_rms(&a, &b2)),
+                DType::Ggml(x) if x == ty => {
+                    assert!(rel_rms(&a, &b2) < b, "{}: {}", t.name, rel_rms(&a, &b2))
+                }
                 _ => assert!(a == b2, "{} ({}) must be exact", t.name, t.dtype.name()),
             }
         }
         // Every name maps to the canonical layout; only widths differ (the file's
         // widths are shrunk inconsistently, which moves 1x1 shortcuts).
-        let shapes: Vec<(&str, &[usize])> = ck.tensors.iter().map(|t| (t.name.as_str(), t.shape.as_slice())).collect();
+        let shapes: Vec<(&str, &[usize])> = ck
+            .tensors
+            .iter()
+            .map(|t| (t.name.as_str(), t.shape.as_slice()))
+            .collect();
         let diff = layout::compare(&cfg, &shapes);
-        assert!(diff.missing.is_empty() && diff.unexpected.is_empty(), "{file}: {diff:?}");
+        assert!(
+            diff.missing.is_empty() && diff.unexpected.is_empty(),
+            "{file}: {diff:?}"
+        );
     }
 }
 
@@ -237,12 +322,27 @@ fn old_clip_naming_without_text_model_converts_like_the_current_one() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = ModelConfig::sd1().shrink();
     let list = synth::tensor_list(&cfg, DType::F16);
-    let old = |n: &str| n.replace("cond_stage_model.transformer.text_model.", "cond_stage_model.transformer.");
-    let specs: Vec<_> = list.iter().map(|(n, s, d)| sdrs::formats::safetensors::WriteSpec { name: old(n), shape: s.clone(), dtype: *d }).collect();
+    let old = |n: &str| {
+        n.replace(
+            "cond_stage_model.transformer.text_model.",
+            "cond_stage_model.transformer.",
+        )
+    };
+    let specs: Vec<_> = list
+        .iter()
+        .map(|(n, s, d)| sdrs::formats::safetensors::WriteSpec {
+            name: old(n),
+            shape: s.clone(),
+            dtype: *d,
+        })
+        .collect();
     let mut f = Vec::new();
     sdrs::formats::safetensors::write(&mut f, &specs, &Default::default(), |i, b| {
         let (n, s, d) = &list[i];
-        b.resize(d.bytes_for(s.iter().product::<usize>() as u64).unwrap() as usize, 0);
+        b.resize(
+            d.bytes_for(s.iter().product::<usize>() as u64).unwrap() as usize,
+            0,
+        );
         if *d == DType::F16 {
             let v = synth::tensor_values(n, s, 1);
             b.clear();
@@ -256,23 +356,37 @@ fn old_clip_naming_without_text_model_converts_like_the_current_one() {
     let out = dir.path().join("old.gguf");
     convert_to(&src, Type::F16, &out).unwrap();
     let g = GgufFile::open(&out).unwrap();
-    assert!(g.tensor("cond_stage_model.transformer.text_model.encoder.layers.0.mlp.fc1.weight").is_some());
+    assert!(g
+        .tensor("cond_stage_model.transformer.text_model.encoder.layers.0.mlp.fc1.weight")
+        .is_some());
     assert_eq!(g.tensors.len(), layout::layout(&cfg).len());
 }
 
 #[test]
 fn synth_is_deterministic_per_seed() {
     let a = synth::tensor_values("model.diffusion_model.out.2.weight", &[4, 320, 3, 3], 1);
-    assert_eq!(a, synth::tensor_values("model.diffusion_model.out.2.weight", &[4, 320, 3, 3], 1));
-    assert_ne!(a, synth::tensor_values("model.diffusion_model.out.2.weight", &[4, 320, 3, 3], 2));
+    assert_eq!(
+        a,
+        synth::tensor_values("model.diffusion_model.out.2.weight", &[4, 320, 3, 3], 1)
+    );
+    assert_ne!(
+        a,
+        synth::tensor_values("model.diffusion_model.out.2.weight", &[4, 320, 3, 3], 2)
+    );
     let std = (a.iter().map(|x| x * x).sum::<f32>() / a.len() as f32).sqrt();
-    assert!((std - (1.0 / 2880f32).sqrt()).abs() < 0.002, "variance 1/fan_in: std {std}");
+    assert!(
+        (std - (1.0 / 2880f32).sqrt()).abs() < 0.002,
+        "variance 1/fan_in: std {std}"
+    );
 }
 
 fn fails_cleanly(input: &Path, out_dir: &Path, needle: &str) {
     let before = listing(out_dir);
     let out = out_dir.join("out.gguf");
-    let e = convert_to(input, Type::Q8_0, &out).err().unwrap_or_else(|| panic!("{} converted", input.display())).to_string();
+    let e = convert_to(input, Type::Q8_0, &out)
+        .err()
+        .unwrap_or_else(|| panic!("{} converted", input.display()))
+        .to_string();
     assert!(e.contains(needle), "error `{e}` lacks `{needle}`");
     assert_eq!(listing(out_dir), before, "nothing left behind");
 }
@@ -302,36 +416,79 @@ fn bad_inputs_fail_with_a_clear_error_and_no_output() {
     };
     let out_dir = tempfile::tempdir().unwrap();
     let od = out_dir.path();
-    fails_cleanly(&write("trunc.safetensors", &bytes[..bytes.len() / 2]), od, "trunc.safetensors");
-    fails_cleanly(&write("corrupt.safetensors", &with_header(&header.replacen('{', "[", 1))), od, "invalid safetensors header");
+    fails_cleanly(
+        &write("trunc.safetensors", &bytes[..bytes.len() / 2]),
+        od,
+        "trunc.safetensors",
+    );
+    fails_cleanly(
+        &write(
+            "corrupt.safetensors",
+            &with_header(&header.replacen('{', "[", 1)),
+        ),
+        od,
+        "invalid safetensors header",
+    );
     let mut absurd = bytes.clone();
     absurd[..8].copy_from_slice(&(1u64 << 60).to_le_bytes());
-    fails_cleanly(&write("absurd.safetensors", &absurd), od, "absurd.safetensors");
+    fails_cleanly(
+        &write("absurd.safetensors", &absurd),
+        od,
+        "absurd.safetensors",
+    );
     // A UNet weight declared as int32: the bytes are the same size, the type is wrong.
     let name = "model.diffusion_model.input_blocks.1.1.proj_in.weight";
     let pos = header.find(&format!("\"{name}\"")).unwrap();
-    let wrong = format!("{}{}", &header[..pos], header[pos..].replacen("\"F16\"", "\"I16\"", 1));
+    let wrong = format!(
+        "{}{}",
+        &header[..pos],
+        header[pos..].replacen("\"F16\"", "\"I16\"", 1)
+    );
     fails_cleanly(&write("dtype.safetensors", &with_header(&wrong)), od, name);
     // Missing tensors: drop one from a real checkpoint.
     let cfg = ModelConfig::sd1().shrink();
-    let list: Vec<_> = synth::tensor_list(&cfg, DType::F16).into_iter().filter(|t| !t.0.ends_with("out.2.weight")).collect();
-    let specs: Vec<_> = list.iter().map(|(n, s, d)| sdrs::formats::safetensors::WriteSpec { name: n.clone(), shape: s.clone(), dtype: *d }).collect();
+    let list: Vec<_> = synth::tensor_list(&cfg, DType::F16)
+        .into_iter()
+        .filter(|t| !t.0.ends_with("out.2.weight"))
+        .collect();
+    let specs: Vec<_> = list
+        .iter()
+        .map(|(n, s, d)| sdrs::formats::safetensors::WriteSpec {
+            name: n.clone(),
+            shape: s.clone(),
+            dtype: *d,
+        })
+        .collect();
     let mut f = Vec::new();
     sdrs::formats::safetensors::write(&mut f, &specs, &Default::default(), |i, b| {
-        b.resize(list[i].2.bytes_for(list[i].1.iter().product::<usize>() as u64).unwrap() as usize, 0);
+        b.resize(
+            list[i]
+                .2
+                .bytes_for(list[i].1.iter().product::<usize>() as u64)
+                .unwrap() as usize,
+            0,
+        );
         Ok(())
     })
     .unwrap();
     fails_cleanly(&write("missing.safetensors", &f), od, "missing");
     // Not a Stable Diffusion model at all.
     let mut f = Vec::new();
-    let specs = vec![sdrs::formats::safetensors::WriteSpec { name: "lm_head.weight".into(), shape: vec![4, 4], dtype: DType::F32 }];
+    let specs = vec![sdrs::formats::safetensors::WriteSpec {
+        name: "lm_head.weight".into(),
+        shape: vec![4, 4],
+        dtype: DType::F32,
+    }];
     sdrs::formats::safetensors::write(&mut f, &specs, &Default::default(), |_, b| {
         b.resize(64, 0);
         Ok(())
     })
     .unwrap();
-    fails_cleanly(&write("llm.safetensors", &f), od, "not a Stable Diffusion checkpoint");
+    fails_cleanly(
+        &write("llm.safetensors", &f),
+        od,
+        "not a Stable Diffusion checkpoint",
+    );
     fails_cleanly(&write("tiny.bin", b"abc"), od, "too short");
 }
 
@@ -346,13 +503,24 @@ fn output_problems_leave_no_partial_file() {
     assert!(e.contains("--force"), "{e}");
     assert_eq!(std::fs::read(&out).unwrap(), b"keep me");
     // A directory that cannot exist (parent is a file).
-    let e = convert_to(&src, Type::Q8_0, &out.join("x.gguf")).unwrap_err().to_string();
+    let e = convert_to(&src, Type::Q8_0, &out.join("x.gguf"))
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("exists.gguf"), "{e}");
     // Interrupted conversion.
     let ck = Checkpoint::open(&src).unwrap();
     let plan = convert::plan(&ck, &Policy::new(Type::Q4_0), None).unwrap();
     let before = listing(dir.path());
-    let e = convert::run(&ck, &plan, "q4_0", &dir.path().join("int.gguf"), false, &AtomicBool::new(true), &mut |_| {}).unwrap_err();
+    let e = convert::run(
+        &ck,
+        &plan,
+        "q4_0",
+        &dir.path().join("int.gguf"),
+        false,
+        &AtomicBool::new(true),
+        &mut |_| {},
+    )
+    .unwrap_err();
     assert!(matches!(e, sdrs::Error::Interrupted));
     assert_eq!(listing(dir.path()), before);
 }
@@ -362,10 +530,17 @@ fn output_problems_leave_no_partial_file() {
 fn disk_full_is_reported_and_leaves_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let src = synth_tiny("tiny-sd15", Format::Safetensors, DType::F16, dir.path());
-    let Some(mnt) = small_disk(dir.path(), "small", "1m") else { return };
-    let e = convert_to(&src, Type::F16, &mnt.join("full.gguf")).unwrap_err().to_string();
+    let Some(mnt) = small_disk(dir.path(), "small", "1m") else {
+        return;
+    };
+    let e = convert_to(&src, Type::F16, &mnt.join("full.gguf"))
+        .unwrap_err()
+        .to_string();
     let listing_after = listing(&mnt);
     let _ = std::process::Command::new("umount").arg(&mnt).status();
-    assert!(e.contains("No space left") && e.contains("full.gguf"), "{e}");
+    assert!(
+        e.contains("No space left") && e.contains("full.gguf"),
+        "{e}"
+    );
     assert!(listing_after.is_empty(), "{listing_after:?}");
 }

@@ -27,7 +27,10 @@ fn heldout() -> Vec<Item> {
     v.as_array()
         .unwrap()
         .iter()
-        .map(|i| Item { seed: i["seed"].as_u64().unwrap(), caption: i["caption"].as_str().unwrap().to_string() })
+        .map(|i| Item {
+            seed: i["seed"].as_u64().unwrap(),
+            caption: i["caption"].as_str().unwrap().to_string(),
+        })
         .collect()
 }
 
@@ -63,7 +66,12 @@ fn score(pipe: &Pipeline, items: &[Item], setup: impl Fn(&mut Request)) -> Tally
         let img = generate(pipe, &req);
         let (v, a) = shapes::evaluate(&img, &shapes::parse_caption(&it.caption).unwrap());
         if !v.all_ok() && std::env::var_os("SDRS_SHAPES_VERBOSE").is_some() {
-            eprintln!("seed {}: {:?} found {:?}", it.seed, it.caption, a.as_caption());
+            eprintln!(
+                "seed {}: {:?} found {:?}",
+                it.seed,
+                it.caption,
+                a.as_caption()
+            );
         }
         t.add(&v);
     }
@@ -75,7 +83,13 @@ fn score(pipe: &Pipeline, items: &[Item], setup: impl Fn(&mut Request)) -> Tally
 // 70.3% (LCM 2 steps, 64 pairs), 75.0% (base, 32 pairs). Subsets this small spread by
 // ±5 points around the full set's figures (77.7-81%), and a CPU with other kernels
 // may flip an image or two.
-const FLOORS: &[(&str, f64)] = &[("colour", 0.95), ("background", 0.95), ("position", 0.95), ("size", 0.92), ("shape", 0.65)];
+const FLOORS: &[(&str, f64)] = &[
+    ("colour", 0.95),
+    ("background", 0.95),
+    ("position", 0.95),
+    ("size", 0.92),
+    ("shape", 0.65),
+];
 
 /// The base model's sampler in the table: DPM++ 2M, 20 steps, trailing spacing
 /// (the first step at t = T-1, pure noise on this model's zero-terminal-SNR schedule).
@@ -94,7 +108,12 @@ fn assert_at_least(t: &Tally, what: &str, floors: &[(&str, f64)]) {
     eprintln!("{what}: {t}");
     for (attr, floor) in floors {
         let acc = t.accuracy(attr).unwrap();
-        assert!(acc >= *floor, "{what}: {attr} accuracy {:.1}% is under {:.0}% ({t})", 100.0 * acc, 100.0 * floor);
+        assert!(
+            acc >= *floor,
+            "{what}: {attr} accuracy {:.1}% is under {:.0}% ({t})",
+            100.0 * acc,
+            100.0 * floor
+        );
     }
 }
 
@@ -102,12 +121,24 @@ fn assert_at_least(t: &Tally, what: &str, floors: &[(&str, f64)]) {
 fn built_in_model_says_how_to_run_it() {
     let pipe = Pipeline::demo(1).unwrap();
     let req = pipe.request("a red circle");
-    assert_eq!((req.width, req.height, req.steps, req.sampler), (64, 64, 4, Sampler::Lcm));
-    assert!(pipe.config.zero_terminal_snr, "trained on a zero-terminal-SNR schedule, and the file says so");
-    assert!(pipe.config.unet.time_cond_proj_dim.is_some(), "the default model is the LCM-distilled one");
+    assert_eq!(
+        (req.width, req.height, req.steps, req.sampler),
+        (64, 64, 4, Sampler::Lcm)
+    );
+    assert!(
+        pipe.config.zero_terminal_snr,
+        "trained on a zero-terminal-SNR schedule, and the file says so"
+    );
+    assert!(
+        pipe.config.unet.time_cond_proj_dim.is_some(),
+        "the default model is the LCM-distilled one"
+    );
     // The architecture is SD 1.x's, smaller: CLIP BPE vocabulary, 4-channel latent at 8x.
     assert_eq!(pipe.config.text_encoders[0].vocab_size, 49408);
-    assert_eq!((pipe.config.vae.latent_channels, pipe.config.vae.downscale()), (4, 8));
+    assert_eq!(
+        (pipe.config.vae.latent_channels, pipe.config.vae.downscale()),
+        (4, 8)
+    );
 }
 
 #[test]
@@ -140,11 +171,20 @@ fn evaluator_rejects_a_picture_drawn_for_red_when_asked_about_blue() {
     let mut req = pipe.request("a large red circle in the center on a white background");
     req.seed = 3;
     let img = generate(&pipe, &req);
-    let right = shapes::parse_caption("a large red circle in the center on a white background").unwrap();
-    let wrong = shapes::parse_caption("a large blue circle in the center on a white background").unwrap();
-    assert!(shapes::evaluate(&img, &right).0.all_ok(), "the picture drawn for red should pass as red");
+    let right =
+        shapes::parse_caption("a large red circle in the center on a white background").unwrap();
+    let wrong =
+        shapes::parse_caption("a large blue circle in the center on a white background").unwrap();
+    assert!(
+        shapes::evaluate(&img, &right).0.all_ok(),
+        "the picture drawn for red should pass as red"
+    );
     let (v, _) = shapes::evaluate(&img, &wrong);
-    assert_eq!(v.colour, Some(false), "a red picture must fail a caption that says blue");
+    assert_eq!(
+        v.colour,
+        Some(false),
+        "a red picture must fail a caption that says blue"
+    );
 }
 
 #[test]
@@ -165,14 +205,24 @@ fn same_seed_same_picture_and_seeds_differ() {
 #[test]
 #[ignore]
 fn accuracy_table() {
-    let Some(dir) = env_dir("SDRS_DEMO_DIR") else { return };
+    let Some(dir) = env_dir("SDRS_DEMO_DIR") else {
+        return;
+    };
     let items = heldout();
     let lcm4 = |r: &mut Request| lcm_steps(r, 4);
     let lcm3 = |r: &mut Request| lcm_steps(r, 3);
     let lcm2 = |r: &mut Request| lcm_steps(r, 2);
     let runs: Vec<(&str, &str, &dyn Fn(&mut Request))> = vec![
-        ("base f32, DPM++ 2M 20 steps", "demo-base-f32.gguf", &dpmpp_2m_20),
-        ("base q8_0, DPM++ 2M 20 steps", "demo-base-q8_0.gguf", &dpmpp_2m_20),
+        (
+            "base f32, DPM++ 2M 20 steps",
+            "demo-base-f32.gguf",
+            &dpmpp_2m_20,
+        ),
+        (
+            "base q8_0, DPM++ 2M 20 steps",
+            "demo-base-q8_0.gguf",
+            &dpmpp_2m_20,
+        ),
         ("LCM f32, 2 steps", "demo-lcm-f32.gguf", &lcm2),
         ("LCM q8_0, 2 steps", "demo-lcm-q8_0.gguf", &lcm2),
         ("LCM q4_0, 2 steps", "demo-lcm-q4_0.gguf", &lcm2),
@@ -193,18 +243,32 @@ fn accuracy_table() {
         }
         let pipe = Pipeline::load_with_threads(&path, 1).unwrap();
         let t = score(&pipe, &items, setup);
-        let cells: Vec<String> = attrs.iter().map(|a| format!("{:.1}%", 100.0 * t.accuracy(a).unwrap())).collect();
-        eprintln!("| {what} | {} | {:.1}% |", cells.join(" | "), 100.0 * t.all_ok as f64 / t.images as f64);
+        let cells: Vec<String> = attrs
+            .iter()
+            .map(|a| format!("{:.1}%", 100.0 * t.accuracy(a).unwrap()))
+            .collect();
+        eprintln!(
+            "| {what} | {} | {:.1}% |",
+            cells.join(" | "),
+            100.0 * t.all_ok as f64 / t.images as f64
+        );
         let mut row = serde_json::Map::new();
         row.insert("run".into(), what.into());
         row.insert("images".into(), t.images.into());
         for a in attrs {
             row.insert(a.into(), t.accuracy(a).unwrap().into());
         }
-        row.insert("all_right".into(), (t.all_ok as f64 / t.images as f64).into());
+        row.insert(
+            "all_right".into(),
+            (t.all_ok as f64 / t.images as f64).into(),
+        );
         json.push(Value::Object(row));
     }
-    std::fs::write(dir.join("accuracy.json"), serde_json::to_string_pretty(&json).unwrap() + "\n").unwrap();
+    std::fs::write(
+        dir.join("accuracy.json"),
+        serde_json::to_string_pretty(&json).unwrap() + "\n",
+    )
+    .unwrap();
 }
 
 #[test]
@@ -213,14 +277,26 @@ fn generate_without_a_model_draws_the_quick_start_picture() {
     let out = dir.path().join("out.png");
     let prompt = "a red circle on a blue background";
     let o = std::process::Command::new(env!("CARGO_BIN_EXE_sdrs"))
-        .args(["-t", "1", "generate", "-p", prompt, "-o", out.to_str().unwrap()])
+        .args([
+            "-t",
+            "1",
+            "generate",
+            "-p",
+            prompt,
+            "-o",
+            out.to_str().unwrap(),
+        ])
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let img = image::open(&out).unwrap().to_rgb8();
     assert_eq!(img.dimensions(), (64, 64));
     let (v, a) = shapes::evaluate(&img, &shapes::parse_caption(prompt).unwrap());
-    assert!(v.all_ok(), "the quick start's picture is not {prompt:?}: found {:?}", a.as_caption());
+    assert!(
+        v.all_ok(),
+        "the quick start's picture is not {prompt:?}: found {:?}",
+        a.as_caption()
+    );
 }
 
 #[test]
@@ -228,23 +304,68 @@ fn converting_a_diffusers_lcm_folder_records_its_run_defaults_and_defaults_overr
     let dir = tempfile::tempdir().unwrap();
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/ref/sd1-lcm/model");
     let run = |args: &[&str]| {
-        let o = std::process::Command::new(env!("CARGO_BIN_EXE_sdrs")).args(args).output().unwrap();
-        (o.status.success(), String::from_utf8_lossy(&o.stderr).into_owned())
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_sdrs"))
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            o.status.success(),
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+        )
     };
     let plain = dir.path().join("plain.gguf");
-    let (ok, err) = run(&["convert", src.to_str().unwrap(), "-o", plain.to_str().unwrap(), "--type", "f16"]);
+    let (ok, err) = run(&[
+        "convert",
+        src.to_str().unwrap(),
+        "-o",
+        plain.to_str().unwrap(),
+        "--type",
+        "f16",
+    ]);
     assert!(ok, "{err}");
     // The folder ships LCMScheduler and a UNet of sample_size 8 over a 2-level VAE.
     let req = Pipeline::load_with_threads(&plain, 1).unwrap().request("x");
-    assert_eq!((req.width, req.height, req.steps, req.sampler, req.cfg_scale), (16, 16, 4, Sampler::Lcm, 8.5));
+    assert_eq!(
+        (req.width, req.height, req.steps, req.sampler, req.cfg_scale),
+        (16, 16, 4, Sampler::Lcm, 8.5)
+    );
     let set = dir.path().join("set.gguf");
-    let (ok, err) = run(&["convert", plain.to_str().unwrap(), "-o", set.to_str().unwrap(), "--type", "f16", "--defaults", "steps=2,cfg=1.5,sampler=tcd"]);
+    let (ok, err) = run(&[
+        "convert",
+        plain.to_str().unwrap(),
+        "-o",
+        set.to_str().unwrap(),
+        "--type",
+        "f16",
+        "--defaults",
+        "steps=2,cfg=1.5,sampler=tcd",
+    ]);
     assert!(ok, "{err}");
     let req = Pipeline::load_with_threads(&set, 1).unwrap().request("x");
-    assert_eq!((req.width, req.steps, req.sampler, req.cfg_scale), (16, 2, Sampler::Tcd, 1.5), "GGUF to GGUF keeps the rest");
-    let (ok, err) = run(&["convert", plain.to_str().unwrap(), "-o", set.to_str().unwrap(), "--force", "--defaults", "sampler=k_lms"]);
+    assert_eq!(
+        (req.width, req.steps, req.sampler, req.cfg_scale),
+        (16, 2, Sampler::Tcd, 1.5),
+        "GGUF to GGUF keeps the rest"
+    );
+    let (ok, err) = run(&[
+        "convert",
+        plain.to_str().unwrap(),
+        "-o",
+        set.to_str().unwrap(),
+        "--force",
+        "--defaults",
+        "sampler=k_lms",
+    ]);
     assert!(!ok && err.contains("unknown sampler `k_lms`"), "{err}");
-    let (ok, err) = run(&["convert", plain.to_str().unwrap(), "-o", set.to_str().unwrap(), "--force", "--defaults", "colour=red"]);
+    let (ok, err) = run(&[
+        "convert",
+        plain.to_str().unwrap(),
+        "-o",
+        set.to_str().unwrap(),
+        "--force",
+        "--defaults",
+        "colour=red",
+    ]);
     assert!(!ok && err.contains("unknown default `colour`"), "{err}");
 }
 
@@ -254,19 +375,40 @@ fn converting_a_diffusers_lcm_folder_records_its_run_defaults_and_defaults_overr
 #[test]
 #[ignore]
 fn readme_pictures() {
-    let Some(dir) = env_dir("SDRS_DEMO_PICTURES") else { return };
+    let Some(dir) = env_dir("SDRS_DEMO_PICTURES") else {
+        return;
+    };
     std::fs::create_dir_all(&dir).unwrap();
     let pipe = Pipeline::demo(1).unwrap();
-    let up = |img: &image::RgbImage| image::imageops::resize(img, img.width() * 3, img.height() * 3, image::imageops::FilterType::Nearest);
-    up(&generate(&pipe, &pipe.request("a red circle on a blue background"))).save(dir.join("quickstart.png")).unwrap();
+    let up = |img: &image::RgbImage| {
+        image::imageops::resize(
+            img,
+            img.width() * 3,
+            img.height() * 3,
+            image::imageops::FilterType::Nearest,
+        )
+    };
+    up(&generate(
+        &pipe,
+        &pipe.request("a red circle on a blue background"),
+    ))
+    .save(dir.join("quickstart.png"))
+    .unwrap();
     let (cols, rows, side, gap) = (4u32, 2u32, 192u32, 8u32);
-    let mut grid = image::RgbImage::from_pixel(cols * side + (cols - 1) * gap, rows * side + (rows - 1) * gap, image::Rgb([255, 255, 255]));
+    let mut grid = image::RgbImage::from_pixel(
+        cols * side + (cols - 1) * gap,
+        rows * side + (rows - 1) * gap,
+        image::Rgb([255, 255, 255]),
+    );
     let mut captions = Vec::new();
     for (k, it) in heldout().iter().take((cols * rows) as usize).enumerate() {
         let mut req = pipe.request(&it.caption);
         req.seed = it.seed;
         let tile = up(&generate(&pipe, &req));
-        let (x, y) = ((k as u32 % cols) * (side + gap), (k as u32 / cols) * (side + gap));
+        let (x, y) = (
+            (k as u32 % cols) * (side + gap),
+            (k as u32 / cols) * (side + gap),
+        );
         image::imageops::replace(&mut grid, &tile, x as i64, y as i64);
         captions.push(format!("{}. {} (seed {})", k + 1, it.caption, it.seed));
     }

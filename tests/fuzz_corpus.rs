@@ -4,7 +4,14 @@
 use std::path::{Path, PathBuf};
 
 fn files(dir: &Path) -> Vec<PathBuf> {
-    let mut v: Vec<PathBuf> = std::fs::read_dir(dir).map(|r| r.flatten().map(|e| e.path()).filter(|p| p.is_file()).collect()).unwrap_or_default();
+    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map(|r| {
+            r.flatten()
+                .map(|e| e.path())
+                .filter(|p| p.is_file())
+                .collect()
+        })
+        .unwrap_or_default();
     v.sort();
     v
 }
@@ -53,8 +60,16 @@ fn every_past_finding_is_handled() {
 fn every_harness_entry_point_has_a_fuzz_target() {
     let manifest = std::fs::read_to_string(fuzz_dir().join("Cargo.toml")).unwrap();
     for (name, _) in sdrs::fuzz::TARGETS {
-        assert!(manifest.contains(&format!("name = \"{name}\"")), "fuzz/Cargo.toml lacks the target {name}");
-        let src = std::fs::read_to_string(fuzz_dir().join("fuzz_targets").join(format!("{name}.rs"))).unwrap();
-        assert!(src.contains(&format!("sdrs::fuzz::{name}(")), "fuzz_targets/{name}.rs does not call sdrs::fuzz::{name}");
+        assert!(
+            manifest.contains(&format!("name = \"{name}\"")),
+            "fuzz/Cargo.toml lacks the target {name}"
+        );
+        let src =
+            std::fs::read_to_string(fuzz_dir().join("fuzz_targets").join(format!("{name}.rs")))
+                .unwrap();
+        assert!(
+            src.contains(&format!("sdrs::fuzz::{name}(")),
+            "fuzz_targets/{name}.rs does not call sdrs::fuzz::{name}"
+        );
     }
 }

@@ -11,7 +11,9 @@ fn matmul_ref(w: &[f32], x: &[f32], k: usize, n: usize, m: usize) -> Vec<f32> {
     let mut out = vec![0f32; n * m];
     for j in 0..m {
         for i in 0..n {
-            out[j * n + i] = (0..k).map(|p| w[i * k + p] as f64 * x[j * k + p] as f64).sum::<f64>() as f32;
+            out[j * n + i] = (0..k)
+                .map(|p| w[i * k + p] as f64 * x[j * k + p] as f64)
+                .sum::<f64>() as f32;
         }
     }
     out
@@ -31,9 +33,15 @@ fn quantized_conv_kernels_from_the_mapping_multiply_like_their_dequantized_value
         let info = g.tensor(name).unwrap();
         assert_eq!(info.ty, t);
         let (k, n) = (info.ne[0] as usize, info.ne[1] as usize);
-        assert_eq!(k, 32 * 3 * 3, "3x3 kernel stored as a [in*kh*kw, out] matrix");
+        assert_eq!(
+            k,
+            32 * 3 * 3,
+            "3x3 kernel stored as a [in*kh*kw, out] matrix"
+        );
         let m = 7;
-        let x: Vec<f32> = (0..k * m).map(|i| ((i * 37 % 101) as f32 / 50.0) - 1.0).collect();
+        let x: Vec<f32> = (0..k * m)
+            .map(|i| ((i * 37 % 101) as f32 / 50.0) - 1.0)
+            .collect();
 
         let backend = Backend::cpu(2).unwrap();
         let ctx = Context::new(8).unwrap();
@@ -42,10 +50,14 @@ fn quantized_conv_kernels_from_the_mapping_multiply_like_their_dequantized_value
         let y = ctx.mul_mat(w, xin).unwrap();
         let graph = ctx.graph(&[y]).unwrap();
         let region = ctx.borrow_host(g.bytes()).unwrap();
-        ctx.place(&region, w, (g.data_offset + info.offset) as usize).unwrap();
+        ctx.place(&region, w, (g.data_offset + info.offset) as usize)
+            .unwrap();
         ctx.alloc_cpu(&backend).unwrap();
         ctx.set_f32(xin, &x).unwrap();
-        assert!(ctx.set_bytes(w, g.data(info)).is_err(), "mapped weights are read-only");
+        assert!(
+            ctx.set_bytes(w, g.data(info)).is_err(),
+            "mapped weights are read-only"
+        );
         backend.compute(&graph).unwrap();
         let got = ctx.get_f32(y).unwrap();
 
@@ -65,17 +77,35 @@ fn placing_a_tensor_outside_its_region_is_refused() {
     let aligned = &raw[skip..skip + 256];
     let ctx = Context::new(2).unwrap();
     let t = ctx.tensor(Type::F32, &[32, 2], "t").unwrap();
-    assert!(ctx.borrow_host(&raw[skip + 1..]).is_err(), "misaligned memory is refused, not aborted on");
+    assert!(
+        ctx.borrow_host(&raw[skip + 1..]).is_err(),
+        "misaligned memory is refused, not aborted on"
+    );
     let region = ctx.borrow_host(aligned).unwrap();
     assert!(ctx.place(&region, t, 200).is_err(), "out of bounds");
     assert!(ctx.place(&region, t, 4).is_err(), "misaligned offset");
     ctx.place(&region, t, 0).unwrap();
-    assert!(ctx.tensor(Type::Q4_0, &[33], "bad").is_err(), "partial block");
+    assert!(
+        ctx.tensor(Type::Q4_0, &[33], "bad").is_err(),
+        "partial block"
+    );
 }
 
 /// Direct convolution: x [N, IC, H, W] (row-major, PyTorch order), w [OC, IC, kh, kw].
 #[allow(clippy::too_many_arguments)]
-fn conv_ref(x: &[f32], n: usize, ic: usize, h: usize, w: usize, k: &[f32], oc: usize, kh: usize, kw: usize, s: usize, p: usize) -> (Vec<f32>, usize, usize) {
+fn conv_ref(
+    x: &[f32],
+    n: usize,
+    ic: usize,
+    h: usize,
+    w: usize,
+    k: &[f32],
+    oc: usize,
+    kh: usize,
+    kw: usize,
+    s: usize,
+    p: usize,
+) -> (Vec<f32>, usize, usize) {
     let oh = (h + 2 * p - kh) / s + 1;
     let ow = (w + 2 * p - kw) / s + 1;
     let mut out = vec![0f32; n * oc * oh * ow];
@@ -87,11 +117,15 @@ fn conv_ref(x: &[f32], n: usize, ic: usize, h: usize, w: usize, k: &[f32], oc: u
                     for c in 0..ic {
                         for i in 0..kh {
                             for j in 0..kw {
-                                let (yy, xi) = ((y * s + i) as isize - p as isize, (xx * s + j) as isize - p as isize);
+                                let (yy, xi) = (
+                                    (y * s + i) as isize - p as isize,
+                                    (xx * s + j) as isize - p as isize,
+                                );
                                 if yy < 0 || xi < 0 || yy >= h as isize || xi >= w as isize {
                                     continue;
                                 }
-                                acc += x[((b * ic + c) * h + yy as usize) * w + xi as usize] as f64 * k[((o * ic + c) * kh + i) * kw + j] as f64;
+                                acc += x[((b * ic + c) * h + yy as usize) * w + xi as usize] as f64
+                                    * k[((o * ic + c) * kh + i) * kw + j] as f64;
                             }
                         }
                     }
@@ -106,12 +140,16 @@ fn conv_ref(x: &[f32], n: usize, ic: usize, h: usize, w: usize, k: &[f32], oc: u
 #[test]
 fn conv2d_through_im2col_matches_direct_convolution_in_one_piece_and_in_row_bands() {
     let (n, ic, h, w, oc) = (2, 8, 9, 7, 5);
-    let x: Vec<f32> = (0..n * ic * h * w).map(|i| ((i * 31 % 97) as f32 / 48.0) - 1.0).collect();
+    let x: Vec<f32> = (0..n * ic * h * w)
+        .map(|i| ((i * 31 % 97) as f32 / 48.0) - 1.0)
+        .collect();
     // Budgets: one piece; about 3 bands of output rows; one row per band.
     for budget in [usize::MAX, 2 * ic * 9 * w * n * 4, 1] {
         for ty in [Type::F32, Type::F16] {
             for (kh, s, p) in [(3, 1, 1), (3, 2, 1), (1, 1, 0), (3, 1, 0)] {
-                let k: Vec<f32> = (0..oc * ic * kh * kh).map(|i| ((i * 17 % 53) as f32 / 26.0) - 1.0).collect();
+                let k: Vec<f32> = (0..oc * ic * kh * kh)
+                    .map(|i| ((i * 17 % 53) as f32 / 26.0) - 1.0)
+                    .collect();
                 let (want, oh, ow) = conv_ref(&x, n, ic, h, w, &k, oc, kh, kh, s, p);
                 let ctx = Context::new(256).unwrap();
                 ctx.set_conv_budget(budget);
@@ -132,11 +170,19 @@ fn conv2d_through_im2col_matches_direct_convolution_in_one_piece_and_in_row_band
                 ctx.set_f32(bias, &[0.5, -0.25, 0.0, 1.0, 2.0]).unwrap();
                 Backend::cpu(2).unwrap().compute(&g).unwrap();
                 let got = ctx.get_f32(y).unwrap();
-                let want: Vec<f32> = want.iter().enumerate().map(|(i, v)| v + [0.5, -0.25, 0.0, 1.0, 2.0][(i / (oh * ow)) % oc]).collect();
+                let want: Vec<f32> = want
+                    .iter()
+                    .enumerate()
+                    .map(|(i, v)| v + [0.5, -0.25, 0.0, 1.0, 2.0][(i / (oh * ow)) % oc])
+                    .collect();
                 // f16 kernels take f16 columns: activations rounded to f16 too.
                 let tol = if ty == Type::F16 { 2e-3 } else { 1e-6 };
                 let e = rel_rms(&want, &got);
-                assert!(e < tol, "{} k{kh} s{s} p{p}, budget {budget}: {e}", ty.name());
+                assert!(
+                    e < tol,
+                    "{} k{kh} s{s} p{p}, budget {budget}: {e}",
+                    ty.name()
+                );
             }
         }
     }
@@ -151,7 +197,9 @@ fn ops_refuse_shapes_that_would_abort_ggml() {
     assert!(ctx.mul_mat(a, b).is_err());
     assert!(ctx.reshape(a, &[5, 2]).is_err());
     assert!(ctx.concat(a, b, 1).is_err());
-    assert!(ctx.group_norm(ctx.reshape(a, &[1, 1, 12]).unwrap(), 5, 1e-6).is_err());
+    assert!(ctx
+        .group_norm(ctx.reshape(a, &[1, 1, 12]).unwrap(), 5, 1e-6)
+        .is_err());
     assert!(ctx.permute(a, [0, 0, 1, 2]).is_err());
     assert!(ctx.view(a, [4, 4, 1, 1], [0, 0, 0, 0]).is_err());
 }
@@ -163,57 +211,102 @@ fn ops_refuse_operand_types_that_would_abort_ggml() {
     let img = ctx.tensor(Type::F32, &[4, 4, 32, 1], "img").unwrap();
     let f16 = ctx.tensor(Type::F16, &[32], "f16").unwrap();
     let q8 = ctx.tensor(Type::Q8_0, &[32], "q8").unwrap();
-    let q8k = ctx.tensor(Type::parse("q8_K").unwrap(), &[256, 4], "q8k").unwrap();
+    let q8k = ctx
+        .tensor(Type::parse("q8_K").unwrap(), &[256, 4], "q8k")
+        .unwrap();
     let i32v = ctx.tensor(Type::I32, &[4], "ids").unwrap();
     // The peer's f16 norm scale on f32 activations: ggml's binary op aborts on it.
     for e in [ctx.add(x, f16).err(), ctx.mul(x, q8).err()] {
         let e = e.expect("refused").to_string();
         assert!(e.contains("f32 one"), "{e}");
     }
-    assert!(ctx.add(f16, ctx.tensor(Type::F32, &[32], "b").unwrap()).is_ok(), "an f16 operand with an f32 one is a kernel ggml has");
-    assert!(ctx.mul_mat(q8k, ctx.tensor(Type::F32, &[256, 2], "v").unwrap()).is_err(), "q8_K has no dot product");
-    assert!(ctx.mul_mat(ctx.tensor(Type::F32, &[32, 8], "w").unwrap(), ctx.tensor(Type::I32, &[32, 2], "iv").unwrap()).is_err());
-    assert!(ctx.norm(ctx.tensor(Type::F16, &[32, 2], "h").unwrap(), 1e-5).is_err());
-    assert!(ctx.group_norm(ctx.tensor(Type::F16, &[4, 4, 32, 1], "g").unwrap(), 8, 1e-5).is_err());
+    assert!(
+        ctx.add(f16, ctx.tensor(Type::F32, &[32], "b").unwrap())
+            .is_ok(),
+        "an f16 operand with an f32 one is a kernel ggml has"
+    );
+    assert!(
+        ctx.mul_mat(q8k, ctx.tensor(Type::F32, &[256, 2], "v").unwrap())
+            .is_err(),
+        "q8_K has no dot product"
+    );
+    assert!(ctx
+        .mul_mat(
+            ctx.tensor(Type::F32, &[32, 8], "w").unwrap(),
+            ctx.tensor(Type::I32, &[32, 2], "iv").unwrap()
+        )
+        .is_err());
+    assert!(ctx
+        .norm(ctx.tensor(Type::F16, &[32, 2], "h").unwrap(), 1e-5)
+        .is_err());
+    assert!(ctx
+        .group_norm(ctx.tensor(Type::F16, &[4, 4, 32, 1], "g").unwrap(), 8, 1e-5)
+        .is_err());
     assert!(ctx.get_rows(q8k, i32v).is_err());
-    assert!(ctx.conv2d(ctx.cast(img, Type::F16).unwrap(), ctx.tensor(Type::F16, &[288, 8], "k").unwrap(), 3, 3, 1, 1, None).is_err());
+    assert!(ctx
+        .conv2d(
+            ctx.cast(img, Type::F16).unwrap(),
+            ctx.tensor(Type::F16, &[288, 8], "k").unwrap(),
+            3,
+            3,
+            1,
+            1,
+            None
+        )
+        .is_err());
 }
 
 #[test]
 fn repacked_q4_matrices_multiply_like_the_plain_layout() {
     let backend = Backend::cpu(2).unwrap();
-    for (ty, k, m, n) in [(Type::Q4_0, 256, 64, 40), (Type::Q4_K, 256, 64, 40), (Type::Q4_0, 32, 64, 128), (Type::Q4_0, 32, 32, 128), (Type::Q4_0, 64, 8, 3)] {
-    let wv: Vec<f32> = (0..k * m).map(|i| ((i * 2654435761usize) % 10007) as f32 / 5003.5 - 1.0).collect();
-    let xv: Vec<f32> = (0..k * n).map(|i| ((i * 40503usize) % 10007) as f32 / 5003.5 - 1.0).collect();
-    {
-        let mut raw = Vec::new();
-        ty.quantize_rows(&wv, m, k, &mut raw).unwrap();
-        let run = |packed: bool| {
-            let wctx = Context::new(4).unwrap();
-            let w = wctx.tensor(ty, &[k, m], "w").unwrap();
-            if packed {
-                wctx.alloc_repacked(&[(w, &raw[..])], |_| {}).unwrap();
-            } else {
-                wctx.alloc_cpu(&backend).unwrap();
-                wctx.set_bytes(w, &raw).unwrap();
-            }
-            let ctx = Context::new(8).unwrap();
-            let x = ctx.tensor(Type::F32, &[k, n], "x").unwrap();
-            ctx.set_input(x);
-            let y = ctx.mul_mat(w, x).unwrap();
-            ctx.set_output(y);
-            let g = ctx.graph(&[y]).unwrap();
-            ctx.alloc_graph(&g).unwrap();
-            ctx.set_f32(x, &xv).unwrap();
-            backend.compute(&g).unwrap();
-            ctx.get_f32(y).unwrap()
-        };
-        let deq = ty.dequantize(&raw, k * m).unwrap();
-        let exact = matmul_ref(&deq, &xv, k, m, n);
-        let (plain, packed) = (run(false), run(true));
-        eprintln!("{} {k}x{m}x{n}: plain vs f32 {:.2e}, packed vs f32 {:.2e}, packed vs plain {:.2e}", ty.name(), rel_rms(&plain, &exact), rel_rms(&packed, &exact), rel_rms(&packed, &plain));
-        assert!(rel_rms(&packed, &plain) < 1e-3);
-    }
+    for (ty, k, m, n) in [
+        (Type::Q4_0, 256, 64, 40),
+        (Type::Q4_K, 256, 64, 40),
+        (Type::Q4_0, 32, 64, 128),
+        (Type::Q4_0, 32, 32, 128),
+        (Type::Q4_0, 64, 8, 3),
+    ] {
+        let wv: Vec<f32> = (0..k * m)
+            .map(|i| ((i * 2654435761usize) % 10007) as f32 / 5003.5 - 1.0)
+            .collect();
+        let xv: Vec<f32> = (0..k * n)
+            .map(|i| ((i * 40503usize) % 10007) as f32 / 5003.5 - 1.0)
+            .collect();
+        {
+            let mut raw = Vec::new();
+            ty.quantize_rows(&wv, m, k, &mut raw).unwrap();
+            let run = |packed: bool| {
+                let wctx = Context::new(4).unwrap();
+                let w = wctx.tensor(ty, &[k, m], "w").unwrap();
+                if packed {
+                    wctx.alloc_repacked(&[(w, &raw[..])], |_| {}).unwrap();
+                } else {
+                    wctx.alloc_cpu(&backend).unwrap();
+                    wctx.set_bytes(w, &raw).unwrap();
+                }
+                let ctx = Context::new(8).unwrap();
+                let x = ctx.tensor(Type::F32, &[k, n], "x").unwrap();
+                ctx.set_input(x);
+                let y = ctx.mul_mat(w, x).unwrap();
+                ctx.set_output(y);
+                let g = ctx.graph(&[y]).unwrap();
+                ctx.alloc_graph(&g).unwrap();
+                ctx.set_f32(x, &xv).unwrap();
+                backend.compute(&g).unwrap();
+                ctx.get_f32(y).unwrap()
+            };
+            let deq = ty.dequantize(&raw, k * m).unwrap();
+            let exact = matmul_ref(&deq, &xv, k, m, n);
+            let (plain, packed) = (run(false), run(true));
+            eprintln!(
+                "{} {k}x{m}x{n}: plain vs f32 {:.2e}, packed vs f32 {:.2e}, packed vs plain {:.2e}",
+                ty.name(),
+                rel_rms(&plain, &exact),
+                rel_rms(&packed, &exact),
+                rel_rms(&packed, &plain)
+            );
+            assert!(rel_rms(&packed, &plain) < 1e-3);
+        }
     }
 }
 
@@ -224,7 +317,10 @@ fn a_convolution_too_large_for_its_context_is_an_error_not_an_abort() {
     ctx.set_conv_budget(1);
     let x = ctx.tensor(Type::F32, &[8, 32, 4, 1], "x").unwrap();
     let k = ctx.tensor(Type::F32, &[4 * 9, 4], "k").unwrap();
-    let e = ctx.conv2d(x, k, 3, 3, 1, 1, None).err().expect("no room: an error");
+    let e = ctx
+        .conv2d(x, k, 3, 3, 1, 1, None)
+        .err()
+        .expect("no room: an error");
     assert!(e.to_string().contains("too large"), "{e}");
 }
 
@@ -234,8 +330,12 @@ fn a_convolution_too_large_for_its_context_is_an_error_not_an_abort() {
 #[test]
 fn f16_kernels_overflow_on_large_activations_unless_cast_to_f32() {
     let (ic, h, w, oc) = (4, 6, 6, 3);
-    let x: Vec<f32> = (0..ic * h * w).map(|i| (((i * 31 % 97) as f32 / 48.0) - 1.0) * 2.0e5).collect();
-    let k: Vec<f32> = (0..oc * ic * 9).map(|i| ((i * 17 % 53) as f32 / 26.0) - 1.0).collect();
+    let x: Vec<f32> = (0..ic * h * w)
+        .map(|i| (((i * 31 % 97) as f32 / 48.0) - 1.0) * 2.0e5)
+        .collect();
+    let k: Vec<f32> = (0..oc * ic * 9)
+        .map(|i| ((i * 17 % 53) as f32 / 26.0) - 1.0)
+        .collect();
     let (want, _, _) = conv_ref(&x, 1, ic, h, w, &k, oc, 3, 3, 1, 1);
     for cast in [false, true] {
         let ctx = Context::new(64).unwrap();
@@ -243,7 +343,11 @@ fn f16_kernels_overflow_on_large_activations_unless_cast_to_f32() {
         let kin = ctx.tensor(Type::F16, &[ic * 9, oc], "k").unwrap();
         ctx.set_input(xin);
         ctx.set_input(kin);
-        let kernel = if cast { ctx.cast(kin, Type::F32).unwrap() } else { kin };
+        let kernel = if cast {
+            ctx.cast(kin, Type::F32).unwrap()
+        } else {
+            kin
+        };
         let y = ctx.conv2d(xin, kernel, 3, 3, 1, 1, None).unwrap();
         let g = ctx.graph(&[y]).unwrap();
         ctx.alloc_graph(&g).unwrap();
@@ -257,7 +361,10 @@ fn f16_kernels_overflow_on_large_activations_unless_cast_to_f32() {
             let e = rel_rms(&want, &got);
             assert!(e < 1e-3, "cast kernel: relative error {e}");
         } else {
-            assert!(got.iter().any(|v| !v.is_finite()), "the plain f16 product was expected to overflow");
+            assert!(
+                got.iter().any(|v| !v.is_finite()),
+                "the plain f16 product was expected to overflow"
+            );
         }
     }
 }

@@ -5,11 +5,15 @@ use sdrs::formats::gguf::{ty, GgufFile, TensorEntry, Value, Writer};
 use sdrs::ggml::{self, Type};
 
 /// The longest tensor name in the real SDXL checkpoint (90 bytes).
-const SDXL_LONGEST: &str = "conditioner.embedders.0.transformer.text_model.encoder.layers.10.self_attn.out_proj.weight";
+const SDXL_LONGEST: &str =
+    "conditioner.embedders.0.transformer.text_model.encoder.layers.10.self_attn.out_proj.weight";
 
 fn all_values() -> Vec<(String, Value)> {
     vec![
-        ("general.architecture".into(), Value::String("stable-diffusion".into())),
+        (
+            "general.architecture".into(),
+            Value::String("stable-diffusion".into()),
+        ),
         ("t.u8".into(), Value::U8(200)),
         ("t.i8".into(), Value::I8(-100)),
         ("t.u16".into(), Value::U16(60000)),
@@ -45,9 +49,21 @@ fn sample() -> (Vec<TensorEntry>, Vec<Vec<u8>>) {
     Type::Q8_0.quantize_rows(&vals, 3, 64, &mut q8).unwrap();
     let f32b: Vec<u8> = vals[..10].iter().flat_map(|x| x.to_le_bytes()).collect();
     let entries = vec![
-        TensorEntry { name: SDXL_LONGEST.into(), ne: vec![64, 3], ty: Type::Q8_0 },
-        TensorEntry { name: "small".into(), ne: vec![10], ty: Type::F32 },
-        TensorEntry { name: "four.d".into(), ne: vec![1, 1, 2, 5], ty: Type::F32 },
+        TensorEntry {
+            name: SDXL_LONGEST.into(),
+            ne: vec![64, 3],
+            ty: Type::Q8_0,
+        },
+        TensorEntry {
+            name: "small".into(),
+            ne: vec![10],
+            ty: Type::F32,
+        },
+        TensorEntry {
+            name: "four.d".into(),
+            ne: vec![1, 1, 2, 5],
+            ty: Type::F32,
+        },
     ];
     (entries, vec![q8, f32b.clone(), f32b])
 }
@@ -69,7 +85,10 @@ fn written_file_round_trips_through_our_reader_with_all_value_types() {
     assert_eq!(g.metadata, all_values());
     assert_eq!(g.tensors.len(), 3);
     for (t, (e, d)) in g.tensors.iter().zip(entries.iter().zip(&data)) {
-        assert_eq!((t.name.as_str(), &t.ne, t.ty), (e.name.as_str(), &e.ne, e.ty));
+        assert_eq!(
+            (t.name.as_str(), &t.ne, t.ty),
+            (e.name.as_str(), &e.ne, e.ty)
+        );
         assert_eq!(g.data(t), d.as_slice());
         assert_eq!((g.data_offset + t.offset) % 32, 0, "tensor data aligned");
     }
@@ -86,7 +105,11 @@ fn longest_sdxl_name_survives_ggmls_own_gguf_parser() {
     assert_eq!(s.version, 3);
     assert_eq!(s.n_kv, all_values().len());
     let names: Vec<_> = s.tensors.iter().map(|t| (t.0.clone(), t.1, t.2)).collect();
-    let expect: Vec<_> = ours.tensors.iter().map(|t| (t.name.clone(), t.ty, t.offset)).collect();
+    let expect: Vec<_> = ours
+        .tensors
+        .iter()
+        .map(|t| (t.name.clone(), t.ty, t.offset))
+        .collect();
     assert_eq!(names, expect);
     assert_eq!(names[0].0.len(), 90);
 }
@@ -143,7 +166,10 @@ fn corrupt_and_truncated_files_give_clear_errors() {
     assert!(e.contains("truncated") || e.contains("cannot fit"), "{e}");
     // unknown ggml type id for the first tensor
     let g = GgufFile::open(&p).unwrap();
-    let name_pos = full.windows(SDXL_LONGEST.len()).position(|w| w == SDXL_LONGEST.as_bytes()).unwrap();
+    let name_pos = full
+        .windows(SDXL_LONGEST.len())
+        .position(|w| w == SDXL_LONGEST.as_bytes())
+        .unwrap();
     let type_pos = name_pos + SDXL_LONGEST.len() + 4 + 2 * 8;
     let mut bad = full.clone();
     bad[type_pos..type_pos + 4].copy_from_slice(&999u32.to_le_bytes());
@@ -161,15 +187,31 @@ fn corrupt_and_truncated_files_give_clear_errors() {
 
 #[test]
 fn every_convert_type_quantizes_and_dequantizes_through_ggml() {
-    let vals: Vec<f32> = (0..256 * 4).map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0).collect();
+    let vals: Vec<f32> = (0..256 * 4)
+        .map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0)
+        .collect();
     for &t in Type::CONVERT_TARGETS {
         let mut out = Vec::new();
         t.quantize_rows(&vals, 4, 256, &mut out).unwrap();
         assert_eq!(out.len() as u64, t.bytes_for(vals.len() as u64).unwrap());
         let back = t.dequantize(&out, vals.len()).unwrap();
-        let err: f32 = vals.iter().zip(&back).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+        let err: f32 = vals
+            .iter()
+            .zip(&back)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f32::max);
         assert!(err < 0.6, "{}: max error {err}", t.name());
     }
-    assert!(Type::Q4_0.quantize_rows(&vals[..40], 1, 40, &mut Vec::new()).is_err(), "partial block refused");
-    assert!(Type::I32.quantize_rows(&vals[..32], 1, 32, &mut Vec::new()).is_err(), "non-float target refused");
+    assert!(
+        Type::Q4_0
+            .quantize_rows(&vals[..40], 1, 40, &mut Vec::new())
+            .is_err(),
+        "partial block refused"
+    );
+    assert!(
+        Type::I32
+            .quantize_rows(&vals[..32], 1, 32, &mut Vec::new())
+            .is_err(),
+        "non-float target refused"
+    );
 }

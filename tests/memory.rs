@@ -13,34 +13,59 @@ use sdrs::sample::Sampler;
 
 fn psnr(a: &[u8], b: &[u8]) -> f64 {
     assert_eq!(a.len(), b.len());
-    let mse = a.iter().zip(b).map(|(x, y)| ((*x as f64 - *y as f64) / 255.0).powi(2)).sum::<f64>() / a.len() as f64;
+    let mse = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| ((*x as f64 - *y as f64) / 255.0).powi(2))
+        .sum::<f64>()
+        / a.len() as f64;
     10.0 * (1.0 / mse.max(1e-12)).log10()
 }
 
 #[test]
 fn a_budget_below_the_whole_decode_tiles_it_and_the_image_stays_close() {
     let mut pipe = Pipeline::demo(2).unwrap();
-    let req = Request { width: 256, height: 256, ..pipe.request("a red circle on a blue background") };
+    let req = Request {
+        width: 256,
+        height: 256,
+        ..pipe.request("a red circle on a blue background")
+    };
     let free = pipe.plan(&req).unwrap();
     assert!(free.tiling.is_none() && !free.split_guidance);
     let decode = free.needs.iter().find(|n| n.stage == "decode").unwrap();
-    assert_eq!(free.peak(), OVERHEAD + decode.total(), "the whole decode is the demo model's largest stage: {}", free.summary());
+    assert_eq!(
+        free.peak(),
+        OVERHEAD + decode.total(),
+        "the whole decode is the demo model's largest stage: {}",
+        free.summary()
+    );
     let whole = pipe.generate(&req, &mut |_| {}).unwrap();
 
     let budget = free.peak() - decode.compute / 3;
     pipe.max_memory = Some(budget);
     let planned = pipe.plan(&req).unwrap();
     let t = planned.tiling.expect("tiles");
-    assert!(planned.peak() <= budget && t.tiles(32, 32) > 1, "{}", planned.summary());
+    assert!(
+        planned.peak() <= budget && t.tiles(32, 32) > 1,
+        "{}",
+        planned.summary()
+    );
     let tiled = pipe.generate(&req, &mut |_| {}).unwrap();
     // GroupNorm and the mid-block attention see a tile instead of the whole image, so
     // tones drift a little between tiles (as in diffusers' tiled decode); seams are blended.
     let p = psnr(&whole.rgb, &tiled.rgb);
     assert!(p > 25.0, "tiled against whole decode: {p:.1} dB");
     // With the image's GroupNorm statistics the tiles give the whole decode's image.
-    let req = Request { vae_tile_stats: sdrs::model::tile::TileStats::Image, ..req };
+    let req = Request {
+        vae_tile_stats: sdrs::model::tile::TileStats::Image,
+        ..req
+    };
     let planned = pipe.plan(&req).unwrap();
-    assert!(planned.peak() <= budget && planned.tiling.is_some(), "{}", planned.summary());
+    assert!(
+        planned.peak() <= budget && planned.tiling.is_some(),
+        "{}",
+        planned.summary()
+    );
     let mut ticks = Vec::new();
     let exact = pipe
         .generate(&req, &mut |s| {
@@ -52,33 +77,68 @@ fn a_budget_below_the_whole_decode_tiles_it_and_the_image_stays_close() {
     // Progress: every tile run of every pass (one per GroupNorm, then the output's).
     let tiles = planned.tiling.unwrap().tiles(32, 32);
     let &(done, total) = ticks.last().expect("tiled decodes report progress");
-    assert!(done == total && ticks.len() == total && total % tiles == 0 && total / tiles > 1, "{done}/{total} for {tiles} tiles");
+    assert!(
+        done == total && ticks.len() == total && total % tiles == 0 && total / tiles > 1,
+        "{done}/{total} for {tiles} tiles"
+    );
     let pe = psnr(&whole.rgb, &exact.rgb);
     eprintln!("demo model 256², budget tiles {:?}: tile statistics {p:.1} dB, image statistics {pe:.1} dB", planned.tiling);
-    assert!(pe >= 40.0, "tiled with image statistics against whole decode: {pe:.1} dB");
+    assert!(
+        pe >= 40.0,
+        "tiled with image statistics against whole decode: {pe:.1} dB"
+    );
 }
 
 #[test]
 fn split_guidance_gives_the_batched_image_with_half_the_compute_buffer() {
     let dir = tempfile::tempdir().unwrap();
     let model = dir.path().join("sd1.gguf");
-    convert_to(&Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/ref/sd1/model"), Type::F32, &model).unwrap();
+    convert_to(
+        &Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/ref/sd1/model"),
+        Type::F32,
+        &model,
+    )
+    .unwrap();
     let pipe = Pipeline::load(&model).unwrap();
-    let req = Request { width: 128, height: 128, steps: 3, cfg_scale: 7.0, sampler: Sampler::Euler, ..Request::new("a photo of a cat") };
+    let req = Request {
+        width: 128,
+        height: 128,
+        steps: 3,
+        cfg_scale: 7.0,
+        sampler: Sampler::Euler,
+        ..Request::new("a photo of a cat")
+    };
     let free = pipe.plan(&req).unwrap();
     assert!(!free.split_guidance);
     let batched = pipe.generate(&req, &mut |_| {}).unwrap();
     let mut bytes = Vec::new();
-    let split = pipe.generate_planned(&req, &sdrs::budget::Plan { split_guidance: true, ..free.clone() }, &mut |s| {
-        if let sdrs::pipeline::Stage::Sampling { compute_bytes, .. } = s {
-            bytes.push(compute_bytes)
-        }
-    });
+    let split = pipe.generate_planned(
+        &req,
+        &sdrs::budget::Plan {
+            split_guidance: true,
+            ..free.clone()
+        },
+        &mut |s| {
+            if let sdrs::pipeline::Stage::Sampling { compute_bytes, .. } = s {
+                bytes.push(compute_bytes)
+            }
+        },
+    );
     let split = split.unwrap();
     let unet = free.needs.iter().find(|n| n.stage == "unet").unwrap();
-    assert!((bytes[0] as u64) < unet.compute * 2 / 3, "batch 1 halves the UNet's compute buffer: {bytes:?} against {}", unet.compute);
+    assert!(
+        (bytes[0] as u64) < unet.compute * 2 / 3,
+        "batch 1 halves the UNet's compute buffer: {bytes:?} against {}",
+        unet.compute
+    );
     // Each batch element is computed alone either way: the same arithmetic.
-    let worst = batched.rgb.iter().zip(&split.rgb).map(|(a, b)| a.abs_diff(*b)).max().unwrap();
+    let worst = batched
+        .rgb
+        .iter()
+        .zip(&split.rgb)
+        .map(|(a, b)| a.abs_diff(*b))
+        .max()
+        .unwrap();
     assert!(worst <= 1, "split guidance changed a pixel by {worst}");
 }
 
@@ -86,12 +146,19 @@ fn split_guidance_gives_the_batched_image_with_half_the_compute_buffer() {
 fn an_impossible_budget_is_refused_before_any_work() {
     let mut pipe = Pipeline::demo(1).unwrap();
     pipe.max_memory = Some(OVERHEAD + (1 << 20));
-    let req = Request { width: 512, height: 512, ..pipe.request("a green square") };
+    let req = Request {
+        width: 512,
+        height: 512,
+        ..pipe.request("a green square")
+    };
     let mut called = false;
     let err = pipe.generate(&req, &mut |_| called = true).unwrap_err();
     assert!(matches!(err, sdrs::Error::OverBudget(_)), "{err}");
     let msg = err.to_string();
-    assert!(msg.contains("cannot fit the memory budget of 65 MiB") && msg.contains("stage needs"), "{msg}");
+    assert!(
+        msg.contains("cannot fit the memory budget of 65 MiB") && msg.contains("stage needs"),
+        "{msg}"
+    );
     // Planning builds graphs and measures them; it runs nothing.
     assert!(!called, "no stage may start");
 }

@@ -12,11 +12,17 @@ use sdrs::model::{unet, vae, Attention, Weights};
 use sdrs::synth::Format;
 
 fn values(n: usize, seed: usize) -> Vec<f32> {
-    (0..n).map(|i| (((i + seed) * 2654435761usize % 10007) as f32 / 5003.5) - 1.0).collect()
+    (0..n)
+        .map(|i| (((i + seed) * 2654435761usize % 10007) as f32 / 5003.5) - 1.0)
+        .collect()
 }
 
 /// Converts `src` to `ty` at `path` and opens the result with its config.
-fn open_converted(src: &std::path::Path, ty: Type, path: &std::path::Path) -> (GgufFile, sdrs::config::ModelConfig) {
+fn open_converted(
+    src: &std::path::Path,
+    ty: Type,
+    path: &std::path::Path,
+) -> (GgufFile, sdrs::config::ModelConfig) {
     convert_to(src, ty, path).unwrap();
     let g = GgufFile::open(path).unwrap();
     let cfg = metadata::read_config(&g).unwrap().unwrap();
@@ -31,20 +37,54 @@ fn unet_and_vae_run_on_every_tiny_family_and_batches_are_independent() {
         let src = synth_tiny(arch, Format::Safetensors, DType::F32, dir.path());
         let mut outs = Vec::new();
         for ty in [Type::F32, Type::Q8_0] {
-            let (g, cfg) = open_converted(&src, ty, &dir.path().join(format!("{arch}-{}.gguf", ty.name())));
+            let (g, cfg) = open_converted(
+                &src,
+                ty,
+                &dir.path().join(format!("{arch}-{}.gguf", ty.name())),
+            );
             let u = &cfg.unet;
             let w = Weights::load(&g, |n| n.starts_with("model.diffusion_model.")).unwrap();
             let (wd, ht, b, tok) = (16, 8, 2, 77);
             let x = values(b * u.in_channels * wd * ht, 1);
             let ctxv = values(b * tok * u.context_dim, 2);
             let y = u.adm_in_channels.map(|a| values(b * a, 3));
-            let out = unet::forward(&w, u, &x, wd, ht, &[500.0, 20.0], &ctxv, tok, y.as_deref(), None, &backend).unwrap();
+            let out = unet::forward(
+                &w,
+                u,
+                &x,
+                wd,
+                ht,
+                &[500.0, 20.0],
+                &ctxv,
+                tok,
+                y.as_deref(),
+                None,
+                &backend,
+            )
+            .unwrap();
             assert_eq!(out.len(), b * u.out_channels * wd * ht);
             assert!(out.iter().all(|v| v.is_finite()), "{arch}");
             // The second batch entry alone gives the same result.
             let half = |v: &[f32]| v[v.len() / 2..].to_vec();
-            let alone = unet::forward(&w, u, &half(&x), wd, ht, &[20.0], &half(&ctxv), tok, y.as_deref().map(half).as_deref(), None, &backend).unwrap();
-            assert!(rel_rms(&half(&out), &alone) < 1e-5, "{arch}: batch independence {}", rel_rms(&half(&out), &alone));
+            let alone = unet::forward(
+                &w,
+                u,
+                &half(&x),
+                wd,
+                ht,
+                &[20.0],
+                &half(&ctxv),
+                tok,
+                y.as_deref().map(half).as_deref(),
+                None,
+                &backend,
+            )
+            .unwrap();
+            assert!(
+                rel_rms(&half(&out), &alone) < 1e-5,
+                "{arch}: batch independence {}",
+                rel_rms(&half(&out), &alone)
+            );
             // The VAE decodes a latent to 8x its size and encodes it back to the latent shape.
             let vw = Weights::load(&g, |n| n.starts_with("first_stage_model.")).unwrap();
             let f = cfg.vae.downscale();
@@ -56,8 +96,14 @@ fn unet_and_vae_run_on_every_tiny_family_and_batches_are_independent() {
             assert_eq!(back.len(), z.len());
             outs.push((out, img));
         }
-        let (e1, e2) = (rel_rms(&outs[0].0, &outs[1].0), rel_rms(&outs[0].1, &outs[1].1));
-        assert!(e1 < 0.05 && e2 < 0.05, "{arch}: q8_0 vs f32: UNet {e1}, VAE {e2}");
+        let (e1, e2) = (
+            rel_rms(&outs[0].0, &outs[1].0),
+            rel_rms(&outs[0].1, &outs[1].1),
+        );
+        assert!(
+            e1 < 0.05 && e2 < 0.05,
+            "{arch}: q8_0 vs f32: UNet {e1}, VAE {e2}"
+        );
     }
 }
 
@@ -67,7 +113,20 @@ fn unet_refuses_sizes_it_cannot_downsample() {
     let src = synth_tiny("tiny-sd15", Format::Safetensors, DType::F16, dir.path());
     let (g, cfg) = open_converted(&src, Type::F16, &dir.path().join("m.gguf"));
     let w = Weights::load(&g, |n| n.starts_with("model.diffusion_model.")).unwrap();
-    let e = unet::forward(&w, &cfg.unet, &vec![0.0; 4 * 9 * 8], 9, 8, &[1.0], &vec![0.0; 77 * 32], 77, None, None, &Backend::cpu(1).unwrap()).unwrap_err();
+    let e = unet::forward(
+        &w,
+        &cfg.unet,
+        &vec![0.0; 4 * 9 * 8],
+        9,
+        8,
+        &[1.0],
+        &vec![0.0; 77 * 32],
+        77,
+        None,
+        None,
+        &Backend::cpu(1).unwrap(),
+    )
+    .unwrap_err();
     assert!(e.to_string().contains("multiple of 8"), "{e}");
 }
 
@@ -83,7 +142,12 @@ fn flash_attention_gives_the_same_unet_output_as_matmul_attention() {
         let (wd, ht, b, tok) = (16, 8, 2, 77);
         let x = values(b * u.in_channels * wd * ht, 1);
         let ctxv = values(b * tok * u.context_dim, 2);
-        let run = |a: Attention| unet::Runner::new(&w, u, wd, ht, b, tok, a, None).unwrap().run(&x, &[500.0, 20.0], &ctxv, None, None, &backend).unwrap();
+        let run = |a: Attention| {
+            unet::Runner::new(&w, u, wd, ht, b, tok, a, None)
+                .unwrap()
+                .run(&x, &[500.0, 20.0], &ctxv, None, None, &backend)
+                .unwrap()
+        };
         let (m, f) = (run(Attention::MatMul), run(Attention::Flash));
         let e = rel_rms(&m, &f);
         assert!(e < 1e-4, "{arch}: flash vs matmul attention {e}");
@@ -101,7 +165,12 @@ fn repacked_q4_weights_give_the_unet_output_of_mapped_ones_within_quantization_n
     let u = &cfg.unet;
     let x = values(b * u.in_channels * wd * ht, 1);
     let ctxv = values(b * tok * u.context_dim, 2);
-    let run = |w: &Weights| unet::Runner::new(w, u, wd, ht, b, tok, Attention::Auto, None).unwrap().run(&x, &[500.0, 20.0], &ctxv, None, None, &backend).unwrap();
+    let run = |w: &Weights| {
+        unet::Runner::new(w, u, wd, ht, b, tok, Attention::Auto, None)
+            .unwrap()
+            .run(&x, &[500.0, 20.0], &ctxv, None, None, &backend)
+            .unwrap()
+    };
     let exact = run(&Weights::load(&g32, unet_part).unwrap());
     for ty in [Type::Q4_0, Type::Q4_K] {
         let (g, _) = open_converted(&src, ty, &dir.path().join(format!("{}.gguf", ty.name())));
@@ -118,7 +187,14 @@ fn repacked_q4_weights_give_the_unet_output_of_mapped_ones_within_quantization_n
         // can flip the rounding of a q8_0-quantized activation and grow. It must stay
         // well inside the type's own error against f32 weights.
         let (noise, diff) = (rel_rms(&m, &exact), rel_rms(&m, &p));
-        eprintln!("{}: mapped vs f32 {noise:.2e}, repacked vs mapped {diff:.2e}", ty.name());
-        assert!(diff < 0.25 * noise, "{}: repacked vs mapped {diff}, mapped vs f32 {noise}", ty.name());
+        eprintln!(
+            "{}: mapped vs f32 {noise:.2e}, repacked vs mapped {diff:.2e}",
+            ty.name()
+        );
+        assert!(
+            diff < 0.25 * noise,
+            "{}: repacked vs mapped {diff}, mapped vs f32 {noise}",
+            ty.name()
+        );
     }
 }

@@ -12,7 +12,9 @@ use sdrs::pipeline::{Pipeline, Request};
 use sdrs::sample::Sampler;
 
 fn fixture(p: &str) -> std::path::PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/ref").join(p)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/ref")
+        .join(p)
 }
 
 fn golden(name: &str) -> Vec<f32> {
@@ -20,12 +22,22 @@ fn golden(name: &str) -> Vec<f32> {
 }
 
 fn golden_of(model: &str, name: &str) -> Vec<f32> {
-    Checkpoint::open(&fixture(&format!("{model}/golden.safetensors"))).unwrap().get(name).unwrap().read_f32().unwrap()
+    Checkpoint::open(&fixture(&format!("{model}/golden.safetensors")))
+        .unwrap()
+        .get(name)
+        .unwrap()
+        .read_f32()
+        .unwrap()
 }
 
 fn psnr_u8(got: &[u8], want: &[f32]) -> f64 {
     assert_eq!(got.len(), want.len());
-    let mse = got.iter().zip(want).map(|(a, b)| ((*a as f64 - *b as f64) / 255.0).powi(2)).sum::<f64>() / want.len() as f64;
+    let mse = got
+        .iter()
+        .zip(want)
+        .map(|(a, b)| ((*a as f64 - *b as f64) / 255.0).powi(2))
+        .sum::<f64>()
+        / want.len() as f64;
     10.0 * (1.0 / mse.max(1e-12)).log10()
 }
 
@@ -35,7 +47,10 @@ fn txt2img_reproduces_the_diffusers_pipeline_image_and_writes_a_png_with_paramet
     let model = dir.path().join("sd1.gguf");
     convert_to(&fixture("sd1/model"), Type::F32, &model).unwrap();
     let pipe = Pipeline::load(&model).unwrap();
-    for (sampler, key) in [(Sampler::Euler, "traj.euler.image_u8"), (Sampler::Ddim, "traj.ddim.image_u8")] {
+    for (sampler, key) in [
+        (Sampler::Euler, "traj.euler.image_u8"),
+        (Sampler::Ddim, "traj.ddim.image_u8"),
+    ] {
         let req = Request {
             width: 16,
             height: 16,
@@ -54,24 +69,62 @@ fn txt2img_reproduces_the_diffusers_pipeline_image_and_writes_a_png_with_paramet
         let dec = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(&out).unwrap()));
         let reader = dec.read_info().unwrap();
         let text = &reader.info().uncompressed_latin1_text;
-        let params = &text.iter().find(|t| t.keyword == "parameters").unwrap().text;
-        assert!(params.starts_with("a photograph of an astronaut") && params.contains("Steps: 4") && params.contains("CFG scale: 7.5"), "{params}");
+        let params = &text
+            .iter()
+            .find(|t| t.keyword == "parameters")
+            .unwrap()
+            .text;
+        assert!(
+            params.starts_with("a photograph of an astronaut")
+                && params.contains("Steps: 4")
+                && params.contains("CFG scale: 7.5"),
+            "{params}"
+        );
     }
     // Guidance scale 1 runs the conditional pass only and gives another image.
-    let req = Request { width: 16, height: 16, steps: 2, cfg_scale: 1.0, ..Request::new("a cat") };
+    let req = Request {
+        width: 16,
+        height: 16,
+        steps: 2,
+        cfg_scale: 1.0,
+        ..Request::new("a cat")
+    };
     let a = pipe.generate(&req, &mut |_| {}).unwrap();
-    let b = pipe.generate(&Request { cfg_scale: 5.0, ..req.clone() }, &mut |_| {}).unwrap();
+    let b = pipe
+        .generate(
+            &Request {
+                cfg_scale: 5.0,
+                ..req.clone()
+            },
+            &mut |_| {},
+        )
+        .unwrap();
     assert_ne!(a.rgb, b.rgb);
     // Same seed, same image; another seed, another image.
     assert_eq!(a.rgb, pipe.generate(&req, &mut |_| {}).unwrap().rgb);
-    assert_ne!(a.rgb, pipe.generate(&Request { seed: 7, ..req.clone() }, &mut |_| {}).unwrap().rgb);
+    assert_ne!(
+        a.rgb,
+        pipe.generate(
+            &Request {
+                seed: 7,
+                ..req.clone()
+            },
+            &mut |_| {}
+        )
+        .unwrap()
+        .rgb
+    );
     // Sizes the model cannot take are explained.
-    let e = pipe.generate(&Request { width: 18, ..req }, &mut |_| {}).unwrap_err().to_string();
+    let e = pipe
+        .generate(&Request { width: 18, ..req }, &mut |_| {})
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("multiples of 4"), "{e}");
 }
 
 #[test]
-fn inpainting_model_txt2img_reproduces_the_diffusers_inpaint_pipeline_on_a_fully_masked_grey_image() {
+fn inpainting_model_txt2img_reproduces_the_diffusers_inpaint_pipeline_on_a_fully_masked_grey_image()
+{
     // diffusers' StableDiffusionInpaintPipeline with mask 1 everywhere and the VAE
     // mean of a grey image as masked-image latents: what sdrs feeds a 9-channel UNet
     // when no init image is given.
@@ -118,15 +171,38 @@ fn a_folder_trained_on_zero_terminal_snr_samples_on_that_schedule_without_being_
     copy_dir(&fixture("sd1/model"), &zsnr_dir);
     let sched = zsnr_dir.join("scheduler/scheduler_config.json");
     let text = std::fs::read_to_string(&sched).unwrap();
-    std::fs::write(&sched, text.replace(r#""rescale_betas_zero_snr": false"#, r#""rescale_betas_zero_snr": true"#)).unwrap();
+    std::fs::write(
+        &sched,
+        text.replace(
+            r#""rescale_betas_zero_snr": false"#,
+            r#""rescale_betas_zero_snr": true"#,
+        ),
+    )
+    .unwrap();
     let (plain, zsnr) = (dir.path().join("plain.gguf"), dir.path().join("zsnr.gguf"));
     convert_to(&fixture("sd1/model"), Type::F32, &plain).unwrap();
     convert_to(&zsnr_dir, Type::F32, &zsnr).unwrap();
-    let (plain, zsnr) = (Pipeline::load(&plain).unwrap(), Pipeline::load(&zsnr).unwrap());
+    let (plain, zsnr) = (
+        Pipeline::load(&plain).unwrap(),
+        Pipeline::load(&zsnr).unwrap(),
+    );
     assert!(zsnr.config.zero_terminal_snr && !plain.config.zero_terminal_snr);
-    let req = Request { width: 16, height: 16, steps: 3, cfg_scale: 3.0, sampler: Sampler::Euler, ..Request::new("a red circle") };
+    let req = Request {
+        width: 16,
+        height: 16,
+        steps: 3,
+        cfg_scale: 3.0,
+        sampler: Sampler::Euler,
+        ..Request::new("a red circle")
+    };
     let run = |p: &Pipeline, r: &Request| p.generate(r, &mut |_| {}).unwrap().rgb;
-    let asked = run(&plain, &Request { zero_terminal_snr: true, ..req.clone() });
+    let asked = run(
+        &plain,
+        &Request {
+            zero_terminal_snr: true,
+            ..req.clone()
+        },
+    );
     assert_eq!(run(&zsnr, &req), asked);
     assert_ne!(run(&plain, &req), asked);
 }
@@ -138,21 +214,76 @@ fn generate_command_writes_an_image() {
     convert_to(&fixture("sd2/model"), Type::Q8_0, &model).unwrap();
     let out = dir.path().join("o.png");
     let o = std::process::Command::new(env!("CARGO_BIN_EXE_sdrs"))
-        .args(["generate", "-m", model.to_str().unwrap(), "-p", "a red circle", "-W", "24", "-H", "16", "--steps", "3", "--sampler", "ddim", "-o", out.to_str().unwrap()])
+        .args([
+            "generate",
+            "-m",
+            model.to_str().unwrap(),
+            "-p",
+            "a red circle",
+            "-W",
+            "24",
+            "-H",
+            "16",
+            "--steps",
+            "3",
+            "--sampler",
+            "ddim",
+            "-o",
+            out.to_str().unwrap(),
+        ])
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let img = image::open(&out).unwrap();
     assert_eq!((img.width(), img.height()), (24, 16));
-    let o = std::process::Command::new(env!("CARGO_BIN_EXE_sdrs")).args(["generate", "-m", model.to_str().unwrap(), "-p", "x", "--sampler", "euler_x"]).output().unwrap();
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_sdrs"))
+        .args([
+            "generate",
+            "-m",
+            model.to_str().unwrap(),
+            "-p",
+            "x",
+            "--sampler",
+            "euler_x",
+        ])
+        .output()
+        .unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(!o.status.success() && err.contains("unknown sampler `euler_x`") && err.contains("dpm++2m"), "{err}");
-    let o = std::process::Command::new(env!("CARGO_BIN_EXE_sdrs")).args(["generate", "-m", model.to_str().unwrap(), "-p", "x", "--scheduler", "cosine"]).output().unwrap();
+    assert!(
+        !o.status.success() && err.contains("unknown sampler `euler_x`") && err.contains("dpm++2m"),
+        "{err}"
+    );
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_sdrs"))
+        .args([
+            "generate",
+            "-m",
+            model.to_str().unwrap(),
+            "-p",
+            "x",
+            "--scheduler",
+            "cosine",
+        ])
+        .output()
+        .unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(!o.status.success() && err.contains("unknown scheduler `cosine`") && err.contains("karras"), "{err}");
-    let o = std::process::Command::new(env!("CARGO_BIN_EXE_sdrs")).args(["generate", "--list-samplers"]).output().unwrap();
+    assert!(
+        !o.status.success() && err.contains("unknown scheduler `cosine`") && err.contains("karras"),
+        "{err}"
+    );
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_sdrs"))
+        .args(["generate", "--list-samplers"])
+        .output()
+        .unwrap();
     let list = String::from_utf8_lossy(&o.stdout);
-    assert!(o.status.success() && list.lines().filter(|l| l.contains(" yes ") || l.contains(" no ")).count() == 17, "{list}");
+    assert!(
+        o.status.success()
+            && list
+                .lines()
+                .filter(|l| l.contains(" yes ") || l.contains(" no "))
+                .count()
+                == 17,
+        "{list}"
+    );
 }
 
 #[test]
@@ -161,15 +292,62 @@ fn seeded_runs_of_ddim_dpmpp2m_karras_euler_a_and_lcm_reproduce_diffusers_pipeli
     // draws the same initial latent and ancestral noise from the seed alone.
     use sdrs::sample::{Schedule, Spacing};
     let dir = tempfile::tempdir().unwrap();
-    let golden_in = |file: &str, name: &str| Checkpoint::open(&fixture(file)).unwrap().get(name).unwrap().read_f32().unwrap();
+    let golden_in = |file: &str, name: &str| {
+        Checkpoint::open(&fixture(file))
+            .unwrap()
+            .get(name)
+            .unwrap()
+            .read_f32()
+            .unwrap()
+    };
     let cases: [(&str, &str, &str, Sampler, Schedule, usize, f32); 5] = [
-        ("sd1", "sd1/pipelines.safetensors", "ddim10", Sampler::Ddim, Schedule::Discrete(Spacing::Linspace), 10, 7.5),
-        ("sd1", "sd1/pipelines.safetensors", "dpmpp2m_karras8", Sampler::DpmPP2M, Schedule::Karras, 8, 7.5),
-        ("sd1", "sd1/pipelines.safetensors", "euler_a8", Sampler::EulerA, Schedule::Discrete(Spacing::Linspace), 8, 7.5),
+        (
+            "sd1",
+            "sd1/pipelines.safetensors",
+            "ddim10",
+            Sampler::Ddim,
+            Schedule::Discrete(Spacing::Linspace),
+            10,
+            7.5,
+        ),
+        (
+            "sd1",
+            "sd1/pipelines.safetensors",
+            "dpmpp2m_karras8",
+            Sampler::DpmPP2M,
+            Schedule::Karras,
+            8,
+            7.5,
+        ),
+        (
+            "sd1",
+            "sd1/pipelines.safetensors",
+            "euler_a8",
+            Sampler::EulerA,
+            Schedule::Discrete(Spacing::Linspace),
+            8,
+            7.5,
+        ),
         // LatentConsistencyModelPipeline runs no classifier-free guidance.
-        ("sd1", "sd1/pipelines.safetensors", "lcm4", Sampler::Lcm, Schedule::Discrete(Spacing::Linspace), 4, 1.0),
+        (
+            "sd1",
+            "sd1/pipelines.safetensors",
+            "lcm4",
+            Sampler::Lcm,
+            Schedule::Discrete(Spacing::Linspace),
+            4,
+            1.0,
+        ),
         // An LCM-distilled UNet: the scale goes in as its guidance embedding.
-        ("sd1-lcm", "sd1-lcm/golden.safetensors", "lcm4", Sampler::Lcm, Schedule::Discrete(Spacing::Linspace), 4, 8.5),
+        (
+            "sd1-lcm",
+            "sd1-lcm/golden.safetensors",
+            "lcm4",
+            Sampler::Lcm,
+            Schedule::Discrete(Spacing::Linspace),
+            4,
+            8.5,
+        ),
     ];
     let mut loaded: Option<(String, Pipeline)> = None;
     for (model, file, key, sampler, schedule, steps, cfg_scale) in cases {
@@ -179,7 +357,16 @@ fn seeded_runs_of_ddim_dpmpp2m_karras_euler_a_and_lcm_reproduce_diffusers_pipeli
             loaded = Some((model.to_string(), Pipeline::load(&path).unwrap()));
         }
         let pipe = &loaded.as_ref().unwrap().1;
-        let req = Request { width: 16, height: 16, steps, cfg_scale, sampler, schedule, seed: 7, ..Request::new("a photograph of an astronaut riding a horse") };
+        let req = Request {
+            width: 16,
+            height: 16,
+            steps,
+            cfg_scale,
+            sampler,
+            schedule,
+            seed: 7,
+            ..Request::new("a photograph of an astronaut riding a horse")
+        };
         let img = pipe.generate(&req, &mut |_| {}).unwrap();
         let psnr = psnr_u8(&img.rgb, &golden_in(file, &format!("{key}.image_u8")));
         eprintln!("{model} {key}: {psnr:.1} dB against diffusers");
@@ -209,27 +396,76 @@ fn distilled_and_refiner_sdxl_variants_generate_with_their_conditioning() {
     refiner.unet.adm_in_channels = Some(32 + 5 * 8);
     for (name, cfg) in [("ssd", &ssd), ("refiner", &refiner)] {
         let src = dir.path().join(format!("{name}.safetensors"));
-        synth::synth(cfg, Format::Safetensors, &src, 3, DType::F16, false, &mut |_, _| {}).unwrap();
+        synth::synth(
+            cfg,
+            Format::Safetensors,
+            &src,
+            3,
+            DType::F16,
+            false,
+            &mut |_, _| {},
+        )
+        .unwrap();
         let gguf = dir.path().join(format!("{name}.gguf"));
         convert_to(&src, Type::Q8_0, &gguf).unwrap();
         let pipe = Pipeline::load(&gguf).unwrap();
-        assert_eq!((&pipe.config.unet.down_blocks, pipe.config.unet.mid_depth), (&cfg.unet.down_blocks, cfg.unet.mid_depth), "{name}: detected from its tensors");
+        assert_eq!(
+            (&pipe.config.unet.down_blocks, pipe.config.unet.mid_depth),
+            (&cfg.unet.down_blocks, cfg.unet.mid_depth),
+            "{name}: detected from its tensors"
+        );
         assert_eq!(pipe.config.unet.time_ids, cfg.unet.time_ids, "{name}");
-        let req = Request { width: 32, height: 32, steps: 2, cfg_scale: 4.0, negative: "blurry".into(), ..Request::new("a lighthouse") };
+        let req = Request {
+            width: 32,
+            height: 32,
+            steps: 2,
+            cfg_scale: 4.0,
+            negative: "blurry".into(),
+            ..Request::new("a lighthouse")
+        };
         let a = pipe.generate(&req, &mut |_| {}).unwrap();
         let changed = match name {
-            "ssd" => Request { original_size: Some((512, 384)), crop_top_left: (16, 0), ..req.clone() },
-            _ => Request { aesthetic_score: 2.0, ..req.clone() },
+            "ssd" => Request {
+                original_size: Some((512, 384)),
+                crop_top_left: (16, 0),
+                ..req.clone()
+            },
+            _ => Request {
+                aesthetic_score: 2.0,
+                ..req.clone()
+            },
         };
         let b = pipe.generate(&changed, &mut |_| {}).unwrap();
-        assert_ne!(a.rgb, b.rgb, "{name}: the size/score conditioning must reach the UNet");
-        assert_eq!(a.rgb, pipe.generate(&req, &mut |_| {}).unwrap().rgb, "{name}: deterministic");
+        assert_ne!(
+            a.rgb, b.rgb,
+            "{name}: the size/score conditioning must reach the UNet"
+        );
+        assert_eq!(
+            a.rgb,
+            pipe.generate(&req, &mut |_| {}).unwrap().rgb,
+            "{name}: deterministic"
+        );
         if name == "refiner" {
             // What a refiner is for: img2img on a finished picture, the last few steps.
-            let init = std::sync::Arc::new(sdrs::pipeline::Canvas { width: 32, height: 32, rgb: a.rgb.clone(), mask: None, mask_blur: 0.0 });
-            let refine = Request { init: Some(init), strength: Some(0.3), steps: 10, ..req.clone() };
+            let init = std::sync::Arc::new(sdrs::pipeline::Canvas {
+                width: 32,
+                height: 32,
+                rgb: a.rgb.clone(),
+                mask: None,
+                mask_blur: 0.0,
+            });
+            let refine = Request {
+                init: Some(init),
+                strength: Some(0.3),
+                steps: 10,
+                ..req.clone()
+            };
             let refined = pipe.generate(&refine, &mut |_| {}).unwrap();
-            assert!(refined.parameters.contains("Denoising strength: 0.3"), "{}", refined.parameters);
+            assert!(
+                refined.parameters.contains("Denoising strength: 0.3"),
+                "{}",
+                refined.parameters
+            );
             assert_ne!(refined.rgb, a.rgb, "refining changes the picture");
         }
     }
@@ -244,8 +480,22 @@ fn sdxl_empty_negative_prompt_is_zero_conditioning() {
     convert_to(&fixture("sdxl/model"), Type::F32, &model).unwrap();
     let pipe = Pipeline::load(&model).unwrap();
     assert!(pipe.config.zeros_for_empty_negative);
-    let req = Request { width: 16, height: 16, steps: 2, cfg_scale: 5.0, ..Request::new("a cat") };
+    let req = Request {
+        width: 16,
+        height: 16,
+        steps: 2,
+        cfg_scale: 5.0,
+        ..Request::new("a cat")
+    };
     let empty = pipe.generate(&req, &mut |_| {}).unwrap();
-    let worded = pipe.generate(&Request { negative: "a".into(), ..req.clone() }, &mut |_| {}).unwrap();
+    let worded = pipe
+        .generate(
+            &Request {
+                negative: "a".into(),
+                ..req.clone()
+            },
+            &mut |_| {},
+        )
+        .unwrap();
     assert_ne!(empty.rgb, worded.rgb);
 }

@@ -19,7 +19,9 @@ use sdrs::pipeline::{Pipeline, Request};
 use sdrs::sample::Sampler;
 
 fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/platform").join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/platform")
+        .join(name)
 }
 
 fn backend_name() -> String {
@@ -41,14 +43,32 @@ fn recording() -> bool {
 fn against_recorded(name: &str, width: usize, height: usize, got: &[u8]) -> f64 {
     let path = fixture(name);
     if recording() {
-        assert!(backend_name() == "cpu" && cfg!(target_arch = "x86_64"), "record fixtures on x86-64 with the CPU backend");
+        assert!(
+            backend_name() == "cpu" && cfg!(target_arch = "x86_64"),
+            "record fixtures on x86-64 with the CPU backend"
+        );
         std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-        image::RgbImage::from_raw(width as u32, height as u32, got.to_vec()).unwrap().save(&path).unwrap();
+        image::RgbImage::from_raw(width as u32, height as u32, got.to_vec())
+            .unwrap()
+            .save(&path)
+            .unwrap();
         return f64::INFINITY;
     }
-    let want = image::open(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display())).to_rgb8();
-    assert_eq!((want.width() as usize, want.height() as usize), (width, height), "{name}");
-    let mse = want.as_raw().iter().zip(got).map(|(a, b)| ((*a as f64 - *b as f64) / 255.0).powi(2)).sum::<f64>() / got.len() as f64;
+    let want = image::open(&path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .to_rgb8();
+    assert_eq!(
+        (want.width() as usize, want.height() as usize),
+        (width, height),
+        "{name}"
+    );
+    let mse = want
+        .as_raw()
+        .iter()
+        .zip(got)
+        .map(|(a, b)| ((*a as f64 - *b as f64) / 255.0).powi(2))
+        .sum::<f64>()
+        / got.len() as f64;
     10.0 * (1.0 / mse.max(1e-12)).log10()
 }
 
@@ -63,20 +83,50 @@ fn tiny_model_images_match_the_x86_results_for_every_weight_type() {
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/ref/sd1/model");
     // Lower bounds in dB: well above what a wrong kernel gives (< 20), below the
     // rounding noise between platforms.
-    let all = [(Type::F32, 40.0), (Type::F16, 38.0), (Type::Q8_0, 34.0), (Type::Q4_0, 30.0), (Type::Q4_K, 30.0)];
+    let all = [
+        (Type::F32, 40.0),
+        (Type::F16, 38.0),
+        (Type::Q8_0, 34.0),
+        (Type::Q4_0, 30.0),
+        (Type::Q4_K, 30.0),
+    ];
     // A software GPU (lavapipe) compiles every shader pipeline a type needs with LLVM on
     // first use, minutes each on two cores: the GPU run covers the float path and the
     // integer one (q8_0, as the demo model also is), the CPU runs every type.
-    let types: Vec<_> = if backend_name() == "cpu" { all.to_vec() } else { all.iter().copied().filter(|(t, _)| [Type::F32, Type::Q8_0].contains(t)).collect() };
+    let types: Vec<_> = if backend_name() == "cpu" {
+        all.to_vec()
+    } else {
+        all.iter()
+            .copied()
+            .filter(|(t, _)| [Type::F32, Type::Q8_0].contains(t))
+            .collect()
+    };
     for (ty, bound) in types {
         let model = dir.path().join(format!("sd1-{}.gguf", ty.name()));
         convert_to(&src, ty, &model).unwrap();
         let mut pipe = Pipeline::load_with_threads(&model, 2).unwrap();
         pipe.set_backend(backend()).unwrap();
-        let req = Request { width: 16, height: 16, steps: 3, cfg_scale: 7.5, sampler: Sampler::Euler, seed: 3, ..Request::new("a photograph of an astronaut riding a horse") };
-        let psnr = against_recorded(&format!("sd1-{}.png", ty.name()), 16, 16, &generate(&pipe, &req));
+        let req = Request {
+            width: 16,
+            height: 16,
+            steps: 3,
+            cfg_scale: 7.5,
+            sampler: Sampler::Euler,
+            seed: 3,
+            ..Request::new("a photograph of an astronaut riding a horse")
+        };
+        let psnr = against_recorded(
+            &format!("sd1-{}.png", ty.name()),
+            16,
+            16,
+            &generate(&pipe, &req),
+        );
         eprintln!("{}: {psnr:.1} dB against x86", ty.name());
-        assert!(psnr >= bound, "{}: {psnr:.1} dB against the x86 image (bound {bound})", ty.name());
+        assert!(
+            psnr >= bound,
+            "{}: {psnr:.1} dB against the x86 image (bound {bound})",
+            ty.name()
+        );
     }
 }
 
@@ -85,7 +135,13 @@ fn tiny_model_images_match_the_x86_results_for_every_weight_type() {
 fn demo_model_image_matches_the_x86_result() {
     let mut pipe = Pipeline::demo(2).unwrap();
     pipe.set_backend(backend()).unwrap();
-    let req = Request { width: 64, height: 64, steps: 2, seed: 11, ..pipe.request("a small green triangle on a white background") };
+    let req = Request {
+        width: 64,
+        height: 64,
+        steps: 2,
+        seed: 11,
+        ..pipe.request("a small green triangle on a white background")
+    };
     let psnr = against_recorded("demo.png", 64, 64, &generate(&pipe, &req));
     eprintln!("demo model: {psnr:.1} dB against x86");
     assert!(psnr >= 34.0, "{psnr:.1} dB against the x86 image");
@@ -95,9 +151,19 @@ fn demo_model_image_matches_the_x86_result() {
 #[test]
 fn taef2_round_trip_matches_the_x86_result() {
     let backend = backend();
-    let Some(dir) = external("models/taef2") else { return };
-    let enc = Weights::from_checkpoint(&Checkpoint::open(&dir.join("taef2_encoder.pth")).unwrap(), &backend).unwrap();
-    let dec = Weights::from_checkpoint(&Checkpoint::open(&dir.join("taef2_decoder.pth")).unwrap(), &backend).unwrap();
+    let Some(dir) = external("models/taef2") else {
+        return;
+    };
+    let enc = Weights::from_checkpoint(
+        &Checkpoint::open(&dir.join("taef2_encoder.pth")).unwrap(),
+        &backend,
+    )
+    .unwrap();
+    let dec = Weights::from_checkpoint(
+        &Checkpoint::open(&dir.join("taef2_decoder.pth")).unwrap(),
+        &backend,
+    )
+    .unwrap();
     // Small: under emulation (qemu) every vector instruction is a function call.
     let (x, w, h) = photo("astronaut.png", Some((64, 64)));
     let z = taesd::encode(&enc, &x, 1, h, w, &backend).unwrap();

@@ -24,11 +24,16 @@ fn prompts() -> PathBuf {
 
 fn golden() -> HashMap<String, (Vec<usize>, Vec<f32>)> {
     let ck = Checkpoint::open(&prompts().join("golden.safetensors")).unwrap();
-    ck.tensors.iter().map(|t| (t.name.clone(), (t.shape.clone(), t.read_f32().unwrap()))).collect()
+    ck.tensors
+        .iter()
+        .map(|t| (t.name.clone(), (t.shape.clone(), t.read_f32().unwrap())))
+        .collect()
 }
 
 fn cases() -> Vec<serde_json::Value> {
-    let meta: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(prompts().join("golden.json")).unwrap()).unwrap();
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(prompts().join("golden.json")).unwrap())
+            .unwrap();
     meta["cases"].as_array().unwrap().clone()
 }
 
@@ -42,15 +47,30 @@ fn pipeline(model: &str) -> (tempfile::TempDir, Pipeline) {
 
 #[test]
 fn emphasis_pieces_match_the_a1111_grammar_on_51_prompts() {
-    let list: Vec<serde_json::Value> = serde_json::from_str(&std::fs::read_to_string(prompts().join("emphasis.json")).unwrap()).unwrap();
+    let list: Vec<serde_json::Value> =
+        serde_json::from_str(&std::fs::read_to_string(prompts().join("emphasis.json")).unwrap())
+            .unwrap();
     assert!(list.len() >= 40);
     for case in &list {
         let prompt = case["prompt"].as_str().unwrap();
-        let want: Vec<(String, f64)> = case["pieces"].as_array().unwrap().iter().map(|p| (p[0].as_str().unwrap().to_string(), p[1].as_f64().unwrap())).collect();
-        let got: Vec<(String, f64)> = parse(prompt).unwrap().into_iter().map(|p| (p.text, p.weight)).collect();
+        let want: Vec<(String, f64)> = case["pieces"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| (p[0].as_str().unwrap().to_string(), p[1].as_f64().unwrap()))
+            .collect();
+        let got: Vec<(String, f64)> = parse(prompt)
+            .unwrap()
+            .into_iter()
+            .map(|p| (p.text, p.weight))
+            .collect();
         // Texts exactly; weights to the last bit but one, as serde_json's float parser
         // can land one ulp off Python's shortest repr.
-        let same = got.len() == want.len() && got.iter().zip(&want).all(|(g, w)| g.0 == w.0 && (g.1 - w.1).abs() <= 2.0 * f64::EPSILON * w.1.abs());
+        let same = got.len() == want.len()
+            && got
+                .iter()
+                .zip(&want)
+                .all(|(g, w)| g.0 == w.0 && (g.1 - w.1).abs() <= 2.0 * f64::EPSILON * w.1.abs());
         assert!(same, "prompt {prompt:?}:\n got {got:?}\nwant {want:?}");
     }
 }
@@ -63,10 +83,17 @@ fn windows_of_weighted_and_long_prompts_match_the_reference_ids_and_weights() {
     let mut checked = 0;
     for case in cases() {
         let key = case["key"].as_str().unwrap();
-        let Some((shape, ids)) = g.get(&format!("{key}.ids")) else { continue };
-        let chunks = cut.chunks(&parse(case["prompt"].as_str().unwrap()).unwrap()).unwrap();
+        let Some((shape, ids)) = g.get(&format!("{key}.ids")) else {
+            continue;
+        };
+        let chunks = cut
+            .chunks(&parse(case["prompt"].as_str().unwrap()).unwrap())
+            .unwrap();
         assert_eq!(chunks.len(), shape[0], "{key}: windows");
-        let got_ids: Vec<f32> = chunks.iter().flat_map(|c| c.ids.iter().map(|&i| i as f32)).collect();
+        let got_ids: Vec<f32> = chunks
+            .iter()
+            .flat_map(|c| c.ids.iter().map(|&i| i as f32))
+            .collect();
         let got_w: Vec<f32> = chunks.iter().flat_map(|c| c.weights.clone()).collect();
         assert_eq!(&got_ids, ids, "{key}: ids");
         assert_eq!(got_w, g[&format!("{key}.weights")].1, "{key}: weights");
@@ -80,7 +107,10 @@ fn close(what: &str, want: &[f32], got: &[f32], bound: f64) {
     assert_eq!(want.len(), got.len(), "{what}: sizes");
     let e = rel_rms(want, got);
     eprintln!("{what}: relative RMS error {e:.2e}");
-    assert!(e <= bound, "{what}: relative RMS error {e:.3e} over {bound:.0e}");
+    assert!(
+        e <= bound,
+        "{what}: relative RMS error {e:.3e} over {bound:.0e}"
+    );
 }
 
 fn run_cases(model: &str) -> usize {
@@ -92,7 +122,8 @@ fn run_cases(model: &str) -> usize {
         }
     }
     if model == "sdxl" {
-        pipe.add_embeddings(&prompts().join("tiny-xl.safetensors")).unwrap();
+        pipe.add_embeddings(&prompts().join("tiny-xl.safetensors"))
+            .unwrap();
     }
     let mut n = 0;
     for case in cases().iter().filter(|c| c["model"] == model) {
@@ -101,10 +132,24 @@ fn run_cases(model: &str) -> usize {
         req.cfg_scale = 1.0;
         req.clip_skip = case["clip_skip"].as_u64().unwrap() as usize;
         let c = pipe.text_conditioning(&req).unwrap();
-        assert_eq!(c.tokens, 77 * case["windows"].as_u64().unwrap() as usize, "{key}");
-        close(&format!("{key} context"), &g[&format!("{key}.context")].1, &c.context, 1e-5);
+        assert_eq!(
+            c.tokens,
+            77 * case["windows"].as_u64().unwrap() as usize,
+            "{key}"
+        );
+        close(
+            &format!("{key} context"),
+            &g[&format!("{key}.context")].1,
+            &c.context,
+            1e-5,
+        );
         if let Some((_, pooled)) = g.get(&format!("{key}.pooled")) {
-            close(&format!("{key} pooled"), pooled, c.pooled.as_deref().unwrap(), 1e-5);
+            close(
+                &format!("{key} pooled"),
+                pooled,
+                c.pooled.as_deref().unwrap(),
+                1e-5,
+            );
         }
         n += 1;
     }
@@ -183,22 +228,40 @@ fn clip_skip_beyond_the_encoder_is_refused_before_any_work() {
 
 #[test]
 fn the_real_sd15_embedding_loads_and_its_token_triggers_it() {
-    let Some(file) = external("models/ti-sd15-birb-style/learned_embeds.bin") else { return };
+    let Some(file) = external("models/ti-sd15-birb-style/learned_embeds.bin") else {
+        return;
+    };
     let sd15 = ModelConfig::sd1();
     let list = Embedding::open(&file, &sd15.text_encoders).unwrap();
     assert_eq!(list.len(), 1);
     let e = &list[0];
-    assert!(e.names.contains(&"<birb-style>".to_string()), "{:?}", e.names);
+    assert!(
+        e.names.contains(&"<birb-style>".to_string()),
+        "{:?}",
+        e.names
+    );
     assert_eq!((e.vectors, e.data[0].len()), (1, 768));
     // The same values torch stores (read through the tensor directly).
-    let raw = Checkpoint::open(&file).unwrap().tensors[0].read_f32().unwrap();
+    let raw = Checkpoint::open(&file).unwrap().tensors[0]
+        .read_f32()
+        .unwrap();
     assert_eq!(e.data[0], raw);
     assert!(raw.iter().all(|v| v.is_finite()) && raw.iter().any(|&v| v != 0.0));
 
     let tok = ClipTokenizer::embedded().unwrap();
-    let triggers: Vec<Trigger> = e.names.iter().map(|n| Trigger { ids: tok.encode(n).unwrap(), vectors: 1, embedding: 0 }).collect();
+    let triggers: Vec<Trigger> = e
+        .names
+        .iter()
+        .map(|n| Trigger {
+            ids: tok.encode(n).unwrap(),
+            vectors: 1,
+            embedding: 0,
+        })
+        .collect();
     let cut = Windows::new(&tok, 77, tok.eos_id(), &triggers).unwrap();
-    let c = cut.chunks(&parse("a painting in <birb-style> of a bird").unwrap()).unwrap();
+    let c = cut
+        .chunks(&parse("a painting in <birb-style> of a bird").unwrap())
+        .unwrap();
     assert_eq!(c[0].fixes.len(), 1);
     assert_eq!(c[0].fixes[0].offset, 4);
     assert_eq!(c[0].ids[4], 0);
@@ -207,7 +270,10 @@ fn the_real_sd15_embedding_loads_and_its_token_triggers_it() {
     // A 768-wide embedding on a 32-wide model: refused, naming the file.
     let (_dir, mut tiny) = pipeline("sd1");
     let err = tiny.add_embeddings(&file).unwrap_err().to_string();
-    assert!(err.contains("learned_embeds.bin") && err.contains("another model"), "{err}");
+    assert!(
+        err.contains("learned_embeds.bin") && err.contains("another model"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -229,11 +295,27 @@ fn an_embedding_folder_skips_files_for_other_models_and_bad_files_are_named() {
     let n = pipe.add_embeddings(dir.path()).unwrap();
     assert_eq!(n, 2);
     let names: Vec<&String> = pipe.embeddings.list.iter().flat_map(|e| &e.names).collect();
-    assert!(names.contains(&&"<tiny-ti>".to_string()) && names.contains(&&"tiny-ti".to_string()) && names.contains(&&"tiny-a1111".to_string()));
-    let err = pipe.add_embeddings(&dir.path().join("tiny-xl.safetensors")).unwrap_err().to_string();
-    assert!(err.contains("clip_g") && err.contains("another model"), "{err}");
-    let err = pipe.add_embeddings(&dir.path().join("junk.pt")).unwrap_err().to_string();
+    assert!(
+        names.contains(&&"<tiny-ti>".to_string())
+            && names.contains(&&"tiny-ti".to_string())
+            && names.contains(&&"tiny-a1111".to_string())
+    );
+    let err = pipe
+        .add_embeddings(&dir.path().join("tiny-xl.safetensors"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("clip_g") && err.contains("another model"),
+        "{err}"
+    );
+    let err = pipe
+        .add_embeddings(&dir.path().join("junk.pt"))
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("junk.pt"), "{err}");
-    let err = pipe.add_embeddings(&dir.path().join("missing.pt")).unwrap_err().to_string();
+    let err = pipe
+        .add_embeddings(&dir.path().join("missing.pt"))
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("missing.pt"), "{err}");
 }

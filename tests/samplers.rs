@@ -7,7 +7,9 @@ use std::path::Path;
 use serde_json::Value;
 
 use sdrs::config::Prediction;
-use sdrs::sample::{self, Discrete, Model, NoiseSampler, Plan, Sampler, Schedule, ScheduleOpts, Settings, Spacing};
+use sdrs::sample::{
+    self, Discrete, Model, NoiseSampler, Plan, Sampler, Schedule, ScheduleOpts, Settings, Spacing,
+};
 
 fn fixture() -> Value {
     let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/samplers/cases.json");
@@ -35,19 +37,29 @@ struct Mixture {
 
 impl Mixture {
     fn new(v: &Value) -> Self {
-        Mixture { w: vec(&v["weights"]), mu: v["means"].as_array().unwrap().iter().map(vec).collect(), tau: vec(&v["stds"]) }
+        Mixture {
+            w: vec(&v["weights"]),
+            mu: v["means"].as_array().unwrap().iter().map(vec).collect(),
+            tau: vec(&v["stds"]),
+        }
     }
 
     /// E[x0 | x0 + σ ε = x].
     fn denoise(&self, x: &[f64], sigma: f64) -> Vec<f64> {
         let d = x.len() as f64;
         if sigma.is_infinite() {
-            return (0..x.len()).map(|i| self.w.iter().zip(&self.mu).map(|(w, m)| w * m[i]).sum()).collect();
+            return (0..x.len())
+                .map(|i| self.w.iter().zip(&self.mu).map(|(w, m)| w * m[i]).sum())
+                .collect();
         }
         let l: Vec<f64> = (0..self.w.len())
             .map(|k| {
                 let v = self.tau[k].powi(2) + sigma * sigma;
-                let r2: f64 = x.iter().zip(&self.mu[k]).map(|(a, b)| (a - b).powi(2)).sum();
+                let r2: f64 = x
+                    .iter()
+                    .zip(&self.mu[k])
+                    .map(|(a, b)| (a - b).powi(2))
+                    .sum();
                 self.w[k].ln() - 0.5 * d * v.ln() - r2 / (2.0 * v)
             })
             .collect();
@@ -58,7 +70,8 @@ impl Mixture {
                 (0..self.w.len())
                     .map(|k| {
                         let v = self.tau[k].powi(2) + sigma * sigma;
-                        ((l[k] - m).exp() / z) * (self.mu[k][i] + self.tau[k].powi(2) / v * (x[i] - self.mu[k][i]))
+                        ((l[k] - m).exp() / z)
+                            * (self.mu[k][i] + self.tau[k].powi(2) / v * (x[i] - self.mu[k][i]))
                     })
                     .sum()
             })
@@ -89,7 +102,11 @@ impl Analytic<'_> {
 impl Model for Analytic<'_> {
     fn predict(&mut self, x: &[f32], t: f64) -> sdrs::Result<Vec<f32>> {
         let x: Vec<f64> = x.iter().map(|&v| v as f64).collect();
-        Ok(self.predict64(&x, t)?.into_iter().map(|v| v as f32).collect())
+        Ok(self
+            .predict64(&x, t)?
+            .into_iter()
+            .map(|v| v as f32)
+            .collect())
     }
 
     fn predict64(&mut self, x_vp: &[f64], t: f64) -> sdrs::Result<Vec<f64>> {
@@ -126,13 +143,20 @@ impl NoiseSampler for Replay {
 
 fn rel(want: &[f64], got: &[f64]) -> f64 {
     assert_eq!(want.len(), got.len());
-    let num: f64 = want.iter().zip(got).map(|(a, b)| (a - b).powi(2)).sum::<f64>().sqrt();
+    let num: f64 = want
+        .iter()
+        .zip(got)
+        .map(|(a, b)| (a - b).powi(2))
+        .sum::<f64>()
+        .sqrt();
     let den: f64 = want.iter().map(|a| a * a).sum::<f64>().sqrt().max(1e-12);
     num / den
 }
 
 fn discrete(table: &[f64]) -> Discrete {
-    Discrete { alphas_cumprod: table.to_vec() }
+    Discrete {
+        alphas_cumprod: table.to_vec(),
+    }
 }
 
 fn prediction(p: &str) -> Prediction {
@@ -157,7 +181,11 @@ fn plan_of(case: &Value, sampler: Sampler, d: &Discrete) -> Plan {
         Sampler::Lcm => return sample::lcm_plan(d, steps, 50, if img2img { 0.6 } else { 1.0 }),
         Sampler::Tcd => return sample::tcd_plan(d, steps, 50, 1.0),
         Sampler::Ddim => {
-            let spacing = if sched == "trailing" { Spacing::Trailing } else { Spacing::Leading };
+            let spacing = if sched == "trailing" {
+                Spacing::Trailing
+            } else {
+                Spacing::Leading
+            };
             let p = Plan::ddim_spaced(d, steps, spacing);
             return if img2img { p.tail(0.6) } else { p };
         }
@@ -173,8 +201,16 @@ fn plan_of(case: &Value, sampler: Sampler, d: &Discrete) -> Plan {
     } else {
         vec(&case["timesteps"])
     };
-    let ts = if ts.len() > steps - begin && begin > 0 { ts[begin..].to_vec() } else { ts };
-    Plan { timesteps: ts, sigmas: sigmas[begin..].to_vec(), init_sigma: sigmas[begin] }
+    let ts = if ts.len() > steps - begin && begin > 0 {
+        ts[begin..].to_vec()
+    } else {
+        ts
+    };
+    Plan {
+        timesteps: ts,
+        sigmas: sigmas[begin..].to_vec(),
+        init_sigma: sigmas[begin],
+    }
 }
 
 struct Outcome {
@@ -190,23 +226,53 @@ fn run_case(mix: &Mixture, tables: &Value, case: &Value) -> Option<(Outcome, Pla
     }
     let table = vec(&tables[case["table"].as_str().unwrap()]["alphas_cumprod"]);
     // σ-space samplers need a finite σ_max: zero-SNR runs on diffusers' 2⁻²⁴ clamp.
-    let sched_table = if case["table"] == "sd_zsnr" { vec(&tables["sd_zsnr_euler"]["alphas_cumprod"]) } else { table.clone() };
+    let sched_table = if case["table"] == "sd_zsnr" {
+        vec(&tables["sd_zsnr_euler"]["alphas_cumprod"])
+    } else {
+        table.clone()
+    };
     let d = discrete(&sched_table);
     let plan = plan_of(case, sampler, &d);
-    let eta = case["reference"]["step_kwargs"]["eta"].as_f64().or_else(|| case["reference"]["kwargs"]["eta"].as_f64());
+    let eta = case["reference"]["step_kwargs"]["eta"]
+        .as_f64()
+        .or_else(|| case["reference"]["kwargs"]["eta"].as_f64());
     let settings = eta.map_or_else(|| Settings::default_for(sampler), |eta| Settings { eta });
     let init = vec(&case["init"]["latent"]);
     let s0 = plan.sigmas[0];
-    let x: Vec<f64> = if case["latent_form"] == "vp" { init.iter().map(|v| v * (1.0 + s0 * s0).sqrt()).collect() } else { init };
+    let x: Vec<f64> = if case["latent_form"] == "vp" {
+        init.iter().map(|v| v * (1.0 + s0 * s0).sqrt()).collect()
+    } else {
+        init
+    };
     let sigma_table: Vec<f64> = table.iter().map(|a| ((1.0 - a) / a).sqrt()).collect();
-    let mut model = Analytic { mix, table: sigma_table, prediction: prediction(case["prediction"].as_str().unwrap()), calls: Vec::new() };
+    let mut model = Analytic {
+        mix,
+        table: sigma_table,
+        prediction: prediction(case["prediction"].as_str().unwrap()),
+        calls: Vec::new(),
+    };
     let mut noise = Replay(case["noise"].as_array().unwrap().iter().map(vec).collect());
     let traj = {
         let mut den = sample::Denoiser::new(&mut model, model_prediction(case), &d, &plan);
-        sample::sample(&mut den, sampler, &settings, &plan, x, &mut noise, &mut |_, _, _| {}).unwrap()
+        sample::sample(
+            &mut den,
+            sampler,
+            &settings,
+            &plan,
+            x,
+            &mut noise,
+            &mut |_, _, _| {},
+        )
+        .unwrap()
     };
     let final_vp = traj.last().unwrap().iter().map(|&v| v as f64).collect();
-    Some((Outcome { calls: model.calls, final_vp }, plan))
+    Some((
+        Outcome {
+            calls: model.calls,
+            final_vp,
+        },
+        plan,
+    ))
 }
 
 fn model_prediction(case: &Value) -> Prediction {
@@ -221,13 +287,19 @@ fn every_sampler_and_schedule_reproduces_its_reference_trajectory() {
     let mut failures = Vec::new();
     for case in f["cases"].as_array().unwrap() {
         let name = case["name"].as_str().unwrap();
-        let Some((out, plan)) = run_case(&mix, &f["tables"], case) else { continue };
+        let Some((out, plan)) = run_case(&mix, &f["tables"], case) else {
+            continue;
+        };
         let want_calls = case["model_calls"].as_array().unwrap();
         // Every model call: the same count, timestep and input.
         let mut worst_call = 0.0f64;
         let mut bad = Vec::new();
         if want_calls.len() != out.calls.len() {
-            bad.push(format!("{} model calls, reference {}", out.calls.len(), want_calls.len()));
+            bad.push(format!(
+                "{} model calls, reference {}",
+                out.calls.len(),
+                want_calls.len()
+            ));
         } else {
             for (i, (w, (t, x))) in want_calls.iter().zip(&out.calls).enumerate() {
                 let wt = num(&w["t"]);
@@ -239,19 +311,42 @@ fn every_sampler_and_schedule_reproduces_its_reference_trajectory() {
             }
         }
         let sf = *plan.sigmas.last().unwrap();
-        let want_final: Vec<f64> = if case["latent_form"] == "ve" { vec(&case["final"]).iter().map(|v| v / (1.0 + sf * sf).sqrt()).collect() } else { vec(&case["final"]) };
+        let want_final: Vec<f64> = if case["latent_form"] == "ve" {
+            vec(&case["final"])
+                .iter()
+                .map(|v| v / (1.0 + sf * sf).sqrt())
+                .collect()
+        } else {
+            vec(&case["final"])
+        };
         let e_final = rel(&want_final, &out.final_vp);
         // Zero terminal SNR: sdrs (like diffusers' σ-space schedulers) clamps ᾱ_T to 2⁻²⁴,
         // so σ_max = 4096 is finite; DDIM's exact ᾱ_T = 0 gives ε = x there, the clamp
         // ε = x + O(1/σ_max), 2.4e-4 relative.
-        let tol = if case["table"] == "sd_zsnr" { 5e-4 } else { 1e-5 };
+        let tol = if case["table"] == "sd_zsnr" {
+            5e-4
+        } else {
+            1e-5
+        };
         if worst_call > tol || e_final > tol || !bad.is_empty() {
-            failures.push(format!("{name}: calls {worst_call:.2e}, final {e_final:.2e} {}", bad.join("; ")));
+            failures.push(format!(
+                "{name}: calls {worst_call:.2e}, final {e_final:.2e} {}",
+                bad.join("; ")
+            ));
         }
-        report.push(format!("{name:<40} calls {:>3}  worst input {worst_call:.1e}  final {e_final:.1e}", out.calls.len()));
+        report.push(format!(
+            "{name:<40} calls {:>3}  worst input {worst_call:.1e}  final {e_final:.1e}",
+            out.calls.len()
+        ));
     }
     eprintln!("{}", report.join("\n"));
-    assert!(failures.is_empty(), "{} of {} cases differ:\n{}", failures.len(), report.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} of {} cases differ:\n{}",
+        failures.len(),
+        report.len(),
+        failures.join("\n")
+    );
 }
 
 #[test]
@@ -276,18 +371,31 @@ fn schedules_give_the_references_noise_levels() {
             ("k-diffusion", "sgm_uniform") => Schedule::SgmUniform,
             ("k-diffusion", "simple") => Schedule::Simple,
             // diffusers' own spacing for its σ-space schedulers.
-            ("diffusers", "linspace") if ["euler", "euler_a", "heun", "lms"].contains(&sampler) => Schedule::Discrete(Spacing::Linspace),
+            ("diffusers", "linspace") if ["euler", "euler_a", "heun", "lms"].contains(&sampler) => {
+                Schedule::Discrete(Spacing::Linspace)
+            }
             ("diffusers", "leading") if sampler == "euler" => Schedule::Discrete(Spacing::Leading),
-            ("diffusers", "trailing") if sampler == "euler" => Schedule::Discrete(Spacing::Trailing),
+            ("diffusers", "trailing") if sampler == "euler" => {
+                Schedule::Discrete(Spacing::Trailing)
+            }
             _ => continue,
         };
         let plan = ours.plan(&d, steps, &opts);
         let want = vec(&case["sigmas"]);
         // diffusers rounds its levels to f32; AYS's published levels have 10 digits.
-        let tol = if lib == "diffusers" { 2e-7 } else if sched == "ays" { 1e-9 } else { 1e-12 };
+        let tol = if lib == "diffusers" {
+            2e-7
+        } else if sched == "ays" {
+            1e-9
+        } else {
+            1e-12
+        };
         assert_eq!(plan.sigmas.len(), want.len(), "{name}");
         for (i, (a, b)) in plan.sigmas.iter().zip(&want).enumerate() {
-            assert!((a - b).abs() <= tol * b.abs().max(1e-3), "{name}: σ[{i}] {a} vs {b}");
+            assert!(
+                (a - b).abs() <= tol * b.abs().max(1e-3),
+                "{name}: σ[{i}] {a} vs {b}"
+            );
         }
         checked += 1;
     }
@@ -316,19 +424,48 @@ fn error_shrinks_at_each_methods_order() {
     let mix = Mixture::new(&f["mixture"]);
     let c = &f["convergence"];
     let d = discrete(&vec(&f["tables"]["sd"]["alphas_cumprod"]));
-    let sigma_table: Vec<f64> = d.alphas_cumprod.iter().map(|a| ((1.0 - a) / a).sqrt()).collect();
+    let sigma_table: Vec<f64> = d
+        .alphas_cumprod
+        .iter()
+        .map(|a| ((1.0 - a) / a).sqrt())
+        .collect();
     let noise = vec(&c["init"]["noise"]);
-    for (name, order) in [("euler", 1.0), ("heun", 2.0), ("dpm++2m", 2.0), ("lms", 3.0), ("unipc", 2.5), ("ipndm", 1.5)] {
+    for (name, order) in [
+        ("euler", 1.0),
+        ("heun", 2.0),
+        ("dpm++2m", 2.0),
+        ("lms", 3.0),
+        ("unipc", 2.5),
+        ("ipndm", 1.5),
+    ] {
         let sampler = Sampler::parse(name).unwrap();
         let run = |steps: usize| -> Vec<f64> {
             let plan = Schedule::Karras.plan(&d, steps, &ScheduleOpts::default());
-            let mut model = Analytic { mix: &mix, table: sigma_table.clone(), prediction: Prediction::Epsilon, calls: Vec::new() };
+            let mut model = Analytic {
+                mix: &mix,
+                table: sigma_table.clone(),
+                prediction: Prediction::Epsilon,
+                calls: Vec::new(),
+            };
             let mut den = sample::Denoiser::new(&mut model, Prediction::Epsilon, &d, &plan);
             let x: Vec<f64> = noise.iter().map(|v| v * plan.sigmas[0]).collect();
-            let traj = sample::sample(&mut den, sampler, &Settings::default_for(sampler), &plan, x, &mut Replay(Default::default()), &mut |_, _, _| {}).unwrap();
+            let traj = sample::sample(
+                &mut den,
+                sampler,
+                &Settings::default_for(sampler),
+                &plan,
+                x,
+                &mut Replay(Default::default()),
+                &mut |_, _, _| {},
+            )
+            .unwrap();
             traj.last().unwrap().iter().map(|&v| v as f64).collect()
         };
-        let reference = c["runs"].as_array().unwrap().iter().find(|r| r["sampler"] == name);
+        let reference = c["runs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["sampler"] == name);
         let mut finals = std::collections::HashMap::new();
         for n in [8usize, 16, 32, 64, 1024] {
             let got = run(n);
@@ -341,10 +478,20 @@ fn error_shrinks_at_each_methods_order() {
             finals.insert(n, got);
         }
         let exact = &finals[&1024];
-        let pts: Vec<(f64, f64)> = [8usize, 16, 32, 64].iter().map(|&n| ((n as f64).ln(), rel(exact, &finals[&n]).ln())).collect();
-        let (mx, my) = (pts.iter().map(|p| p.0).sum::<f64>() / 4.0, pts.iter().map(|p| p.1).sum::<f64>() / 4.0);
-        let slope = -pts.iter().map(|p| (p.0 - mx) * (p.1 - my)).sum::<f64>() / pts.iter().map(|p| (p.0 - mx).powi(2)).sum::<f64>();
+        let pts: Vec<(f64, f64)> = [8usize, 16, 32, 64]
+            .iter()
+            .map(|&n| ((n as f64).ln(), rel(exact, &finals[&n]).ln()))
+            .collect();
+        let (mx, my) = (
+            pts.iter().map(|p| p.0).sum::<f64>() / 4.0,
+            pts.iter().map(|p| p.1).sum::<f64>() / 4.0,
+        );
+        let slope = -pts.iter().map(|p| (p.0 - mx) * (p.1 - my)).sum::<f64>()
+            / pts.iter().map(|p| (p.0 - mx).powi(2)).sum::<f64>();
         eprintln!("{name}: error slope {slope:.2} (order {order})");
-        assert!(slope > order - 0.35, "{name}: error falls with slope {slope:.2}, expected about {order}");
+        assert!(
+            slope > order - 0.35,
+            "{name}: error falls with slope {slope:.2}, expected about {order}"
+        );
     }
 }

@@ -25,12 +25,19 @@ struct Item {
 
 fn caption_from(v: &Value) -> Caption {
     let s = |k: &str| v.get(k).and_then(Value::as_str).map(str::to_string);
-    Caption { shape: s("shape"), colour: s("colour"), position: s("position"), size: s("size"), background: s("background") }
+    Caption {
+        shape: s("shape"),
+        colour: s("colour"),
+        position: s("position"),
+        size: s("size"),
+        background: s("background"),
+    }
 }
 
 fn fixture() -> Vec<Item> {
     let dir = root().join("tests/fixtures/shapes");
-    let meta: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("captions.json")).unwrap()).unwrap();
+    let meta: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("captions.json")).unwrap()).unwrap();
     meta["items"]
         .as_array()
         .unwrap()
@@ -38,14 +45,24 @@ fn fixture() -> Vec<Item> {
         .map(|v| {
             let file = v["file"].as_str().unwrap().to_string();
             let image = image::open(dir.join(&file)).unwrap().to_rgb8();
-            Item { caption: v["caption"].as_str().unwrap().to_string(), truth: caption_from(v), stated: caption_from(&v["stated"]), image, file }
+            Item {
+                caption: v["caption"].as_str().unwrap().to_string(),
+                truth: caption_from(v),
+                stated: caption_from(&v["stated"]),
+                image,
+                file,
+            }
         })
         .collect()
 }
 
 fn heldout() -> Vec<Value> {
     let text = std::fs::read_to_string(root().join("tools/demo/heldout.json")).unwrap();
-    serde_json::from_str::<Value>(&text).unwrap().as_array().unwrap().clone()
+    serde_json::from_str::<Value>(&text)
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .clone()
 }
 
 /// Every other value `attr` can take (colours for colour and background).
@@ -64,13 +81,22 @@ fn alternatives(attr: &str, value: &str) -> Vec<String> {
 fn grammar_is_consistent() {
     let g = shapes::grammar();
     assert_eq!(g.image_size, 64);
-    assert!(g.palette.len() >= 8 && g.shapes.len() >= 3 && g.positions.len() >= 5 && g.sizes.len() >= 2);
+    assert!(
+        g.palette.len() >= 8 && g.shapes.len() >= 3 && g.positions.len() >= 5 && g.sizes.len() >= 2
+    );
     // The analysis thresholds are fractions of this distance; the palette is the RGB
     // cube's corners pulled 25 levels inwards, so every pair is 205 or more apart.
-    assert!(g.min_palette_distance >= 200.0, "{}", g.min_palette_distance);
+    assert!(
+        g.min_palette_distance >= 200.0,
+        "{}",
+        g.min_palette_distance
+    );
     let [t, h, f] = [g.seeds_train, g.seeds_heldout, g.seeds_fixture];
     for (a, b) in [(t, h), (t, f), (h, f)] {
-        assert!(a[1] <= b[0] || b[1] <= a[0], "seed ranges {a:?} and {b:?} overlap");
+        assert!(
+            a[1] <= b[0] || b[1] <= a[0],
+            "seed ranges {a:?} and {b:?} overlap"
+        );
     }
 }
 
@@ -83,19 +109,35 @@ fn heldout_split_is_disjoint_balanced_and_parses() {
     let mut counts: BTreeMap<(String, String), usize> = BTreeMap::new();
     for v in &items {
         let seed = v["seed"].as_u64().unwrap();
-        assert!(seed >= g.seeds_heldout[0] && seed < g.seeds_heldout[1], "seed {seed} outside the held-out range");
-        assert!(seed >= g.seeds_train[1] || seed < g.seeds_train[0], "held-out seed {seed} is a training seed");
+        assert!(
+            seed >= g.seeds_heldout[0] && seed < g.seeds_heldout[1],
+            "seed {seed} outside the held-out range"
+        );
+        assert!(
+            seed >= g.seeds_train[1] || seed < g.seeds_train[0],
+            "held-out seed {seed} is a training seed"
+        );
         assert!(seen.insert(seed), "seed {seed} twice");
         let truth = caption_from(v);
         assert_ne!(truth.colour, truth.background);
-        assert_eq!(shapes::parse_caption(v["caption"].as_str().unwrap()).unwrap(), truth, "{v}");
+        assert_eq!(
+            shapes::parse_caption(v["caption"].as_str().unwrap()).unwrap(),
+            truth,
+            "{v}"
+        );
         for a in ["shape", "position", "size"] {
-            *counts.entry((a.to_string(), truth.get(a).unwrap().to_string())).or_default() += 1;
+            *counts
+                .entry((a.to_string(), truth.get(a).unwrap().to_string()))
+                .or_default() += 1;
         }
     }
     // Shape, position and size cycle through the set (i mod 3, 5, 2): counts differ by one at most.
     for a in ["shape", "position", "size"] {
-        let n: Vec<usize> = counts.iter().filter(|((k, _), _)| k == a).map(|(_, &c)| c).collect();
+        let n: Vec<usize> = counts
+            .iter()
+            .filter(|((k, _), _)| k == a)
+            .map(|(_, &c)| c)
+            .collect();
         let (lo, hi) = (n.iter().min().unwrap(), n.iter().max().unwrap());
         assert!(hi - lo <= 1, "{a} unbalanced: {counts:?}");
     }
@@ -114,18 +156,37 @@ fn captions_parse() {
             background: Some("blue".into())
         }
     );
-    let c = shapes::parse_caption("A Blue background with a big YELLOW triangle in the middle").unwrap();
-    assert_eq!((c.shape.as_deref(), c.colour.as_deref(), c.size.as_deref()), (Some("triangle"), Some("yellow"), Some("large")));
-    assert_eq!((c.position.as_deref(), c.background.as_deref()), (Some("center"), Some("blue")));
+    let c = shapes::parse_caption("A Blue background with a big YELLOW triangle in the middle")
+        .unwrap();
+    assert_eq!(
+        (c.shape.as_deref(), c.colour.as_deref(), c.size.as_deref()),
+        (Some("triangle"), Some("yellow"), Some("large"))
+    );
+    assert_eq!(
+        (c.position.as_deref(), c.background.as_deref()),
+        (Some("center"), Some("blue"))
+    );
     let c = shapes::parse_caption("a red circle on a blue background").unwrap();
     assert_eq!((c.size, c.position), (None, None));
-    for bad in ["a purple circle", "a red circle and a square", "a red blue circle", "", "on the"] {
+    for bad in [
+        "a purple circle",
+        "a red circle and a square",
+        "a red blue circle",
+        "",
+        "on the",
+    ] {
         assert!(shapes::parse_caption(bad).is_err(), "{bad:?} parsed");
     }
     // Every fixture caption (all the generator's templates, synonyms, omissions) reads
     // back as exactly what it states.
     for it in fixture() {
-        assert_eq!(shapes::parse_caption(&it.caption).unwrap(), it.stated, "{}: {:?}", it.file, it.caption);
+        assert_eq!(
+            shapes::parse_caption(&it.caption).unwrap(),
+            it.stated,
+            "{}: {:?}",
+            it.file,
+            it.caption
+        );
     }
 }
 
@@ -138,7 +199,13 @@ fn evaluator_scores_ground_truth() {
         let a = shapes::analyse(&it.image);
         let v = a.judge(&it.truth);
         if !v.all_ok() {
-            eprintln!("{}: {:?}\n  found {:?}\n  {:?}", it.file, it.caption, a.as_caption(), a);
+            eprintln!(
+                "{}: {:?}\n  found {:?}\n  {:?}",
+                it.file,
+                it.caption,
+                a.as_caption(),
+                a
+            );
         }
         full.add(&v);
         stated.add(&shapes::evaluate(&it.image, &shapes::parse_caption(&it.caption).unwrap()).0);
@@ -163,11 +230,20 @@ fn wrong_captions_are_rejected() {
     let v = ok("a large blue circle on the left on a blue background");
     assert_eq!(v.colour, Some(false));
     assert_eq!(ok("a blue circle").colour, Some(false));
-    assert_eq!(ok("a large red circle on the right on a blue background").position, Some(false));
-    assert_eq!(ok("a large red square on the left on a blue background").shape, Some(false));
+    assert_eq!(
+        ok("a large red circle on the right on a blue background").position,
+        Some(false)
+    );
+    assert_eq!(
+        ok("a large red square on the left on a blue background").shape,
+        Some(false)
+    );
     assert_eq!(ok("a large red triangle").shape, Some(false));
     assert_eq!(ok("a small red circle on the left").size, Some(false));
-    assert_eq!(ok("a red circle on a green background").background, Some(false));
+    assert_eq!(
+        ok("a red circle on a green background").background,
+        Some(false)
+    );
 
     // Every image against every single-attribute change of its truth.
     let (mut wrong, mut rejected) = (0, 0);
@@ -189,19 +265,35 @@ fn wrong_captions_are_rejected() {
 #[test]
 fn no_shape_means_no_shape_attribute_passes() {
     let g = shapes::grammar();
-    let blue = g.palette[g.colour_index("blue").unwrap()].1.map(|c| c as u8);
+    let blue = g.palette[g.colour_index("blue").unwrap()]
+        .1
+        .map(|c| c as u8);
     let img = RgbImage::from_pixel(64, 64, image::Rgb(blue));
     let a = shapes::analyse(&img);
     assert!(a.shape.is_none());
-    let v = a.judge(&shapes::parse_caption("a large red circle on the left on a blue background").unwrap());
-    assert_eq!((v.shape, v.colour, v.position, v.size, v.background), (Some(false), Some(false), Some(false), Some(false), Some(true)));
+    let v = a.judge(
+        &shapes::parse_caption("a large red circle on the left on a blue background").unwrap(),
+    );
+    assert_eq!(
+        (v.shape, v.colour, v.position, v.size, v.background),
+        (
+            Some(false),
+            Some(false),
+            Some(false),
+            Some(false),
+            Some(true)
+        )
+    );
 }
 
 /// A small deterministic generator for the perturbations below.
 struct Lcg(u64);
 impl Lcg {
     fn next(&mut self) -> f64 {
-        self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         (self.0 >> 11) as f64 / (1u64 << 53) as f64
     }
 }
@@ -216,7 +308,10 @@ fn degrade(img: &RgbImage, rng: &mut Lcg) -> RgbImage {
             let mut n = 0;
             for dy in -1i64..=1 {
                 for dx in -1i64..=1 {
-                    let (nx, ny) = ((x as i64 + dx).clamp(0, w as i64 - 1), (y as i64 + dy).clamp(0, h as i64 - 1));
+                    let (nx, ny) = (
+                        (x as i64 + dx).clamp(0, w as i64 - 1),
+                        (y as i64 + dy).clamp(0, h as i64 - 1),
+                    );
                     let p = src.get_pixel(nx as u32, ny as u32).0;
                     for c in 0..3 {
                         s[c] += p[c] as u32;
@@ -228,14 +323,23 @@ fn degrade(img: &RgbImage, rng: &mut Lcg) -> RgbImage {
         })
     };
     let mut out = blur(&blur(img));
-    let cast: [f64; 3] = [(rng.next() - 0.5) * 40.0, (rng.next() - 0.5) * 40.0, (rng.next() - 0.5) * 40.0];
+    let cast: [f64; 3] = [
+        (rng.next() - 0.5) * 40.0,
+        (rng.next() - 0.5) * 40.0,
+        (rng.next() - 0.5) * 40.0,
+    ];
     for p in out.pixels_mut() {
         for c in 0..3 {
-            p.0[c] = (p.0[c] as f64 + cast[c] + (rng.next() - 0.5) * 30.0).round().clamp(0.0, 255.0) as u8;
+            p.0[c] = (p.0[c] as f64 + cast[c] + (rng.next() - 0.5) * 30.0)
+                .round()
+                .clamp(0.0, 255.0) as u8;
         }
     }
     for _ in 0..6 {
-        let (x, y) = ((rng.next() * w as f64) as u32, (rng.next() * h as f64) as u32);
+        let (x, y) = (
+            (rng.next() * w as f64) as u32,
+            (rng.next() * h as f64) as u32,
+        );
         let v = [rng.next(), rng.next(), rng.next()].map(|c| (c * 255.0) as u8);
         out.put_pixel(x.min(w - 1), y.min(h - 1), image::Rgb(v));
     }
@@ -252,7 +356,12 @@ fn evaluator_survives_generated_looking_images() {
         let img = degrade(&it.image, &mut rng);
         let (v, a) = shapes::evaluate(&img, &it.truth);
         if !v.all_ok() {
-            eprintln!("{} degraded: {:?}\n  found {:?}", it.file, it.caption, a.as_caption());
+            eprintln!(
+                "{} degraded: {:?}\n  found {:?}",
+                it.file,
+                it.caption,
+                a.as_caption()
+            );
         }
         t.add(&v);
     }
@@ -281,15 +390,26 @@ fn score_folder() {
         let v: Value = serde_json::from_str(line).unwrap();
         let file = v["file"].as_str().unwrap();
         let img = image::open(dir.join(file)).unwrap().to_rgb8();
-        let (verdict, a) = shapes::evaluate(&img, &shapes::parse_caption(v["caption"].as_str().unwrap()).unwrap());
+        let (verdict, a) = shapes::evaluate(
+            &img,
+            &shapes::parse_caption(v["caption"].as_str().unwrap()).unwrap(),
+        );
         if !verdict.all_ok() && std::env::var_os("SDRS_SHAPES_VERBOSE").is_some() {
-            eprintln!("{file}: {:?} found {:?} {:?}", v["caption"], a.as_caption(), a.shape);
+            eprintln!(
+                "{file}: {:?} found {:?} {:?}",
+                v["caption"],
+                a.as_caption(),
+                a.shape
+            );
         }
         t.add(&verdict);
         // Breakdown by the true shape and size where the listing gives them.
         for k in ["shape", "size"] {
             if let Some(val) = v.get(k).and_then(Value::as_str) {
-                by_truth.entry(format!("{k}={val}")).or_default().add(&verdict);
+                by_truth
+                    .entry(format!("{k}={val}"))
+                    .or_default()
+                    .add(&verdict);
             }
         }
     }

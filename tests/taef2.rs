@@ -9,23 +9,46 @@ use sdrs::ggml::Backend;
 use sdrs::model::{taesd, Weights};
 
 fn psnr(a: &[f32], b: &[f32]) -> f64 {
-    let mse: f64 = a.iter().zip(b).map(|(x, y)| ((x - y.clamp(0.0, 1.0)) as f64).powi(2)).sum::<f64>() / a.len() as f64;
+    let mse: f64 = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| ((x - y.clamp(0.0, 1.0)) as f64).powi(2))
+        .sum::<f64>()
+        / a.len() as f64;
     10.0 * (1.0 / mse).log10()
 }
 
 #[test]
 fn taef2_round_trips_photos_at_the_published_networks_psnr() {
     let backend = Backend::cpu(2).unwrap();
-    let Some(dir) = external("models/taef2") else { return };
-    let enc = Weights::from_checkpoint(&Checkpoint::open(&dir.join("taef2_encoder.pth")).unwrap(), &backend).unwrap();
-    let dec = Weights::from_checkpoint(&Checkpoint::open(&dir.join("taef2_decoder.pth")).unwrap(), &backend).unwrap();
+    let Some(dir) = external("models/taef2") else {
+        return;
+    };
+    let enc = Weights::from_checkpoint(
+        &Checkpoint::open(&dir.join("taef2_encoder.pth")).unwrap(),
+        &backend,
+    )
+    .unwrap();
+    let dec = Weights::from_checkpoint(
+        &Checkpoint::open(&dir.join("taef2_decoder.pth")).unwrap(),
+        &backend,
+    )
+    .unwrap();
     assert_eq!(taesd::latent_channels(&dec).unwrap(), 32);
-    for (file, reference) in [("astronaut.png", 31.19), ("chelsea.png", 32.70), ("coffee.png", 29.62), ("rocket.png", 30.49)] {
+    for (file, reference) in [
+        ("astronaut.png", 31.19),
+        ("chelsea.png", 32.70),
+        ("coffee.png", 29.62),
+        ("rocket.png", 30.49),
+    ] {
         let (x, w, h) = photo(file, None);
         let z = taesd::encode(&enc, &x, 1, h, w, &backend).unwrap();
         let y = taesd::decode(&dec, &z, 1, h / 8, w / 8, &backend).unwrap();
         let p = psnr(&x, &y);
         eprintln!("{file}: {p:.2} dB (PyTorch {reference})");
-        assert!((p - reference).abs() <= 0.1, "{file}: {p:.2} dB vs {reference}");
+        assert!(
+            (p - reference).abs() <= 0.1,
+            "{file}: {p:.2} dB vs {reference}"
+        );
     }
 }

@@ -14,16 +14,28 @@ use sdrs::pipeline::{Canvas, CanvasOptions, Pipeline, Request};
 use sdrs::sample::{Sampler, Schedule, Spacing};
 
 fn fixture(p: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/ref").join(p)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/ref")
+        .join(p)
 }
 
 fn golden(name: &str) -> Vec<f32> {
-    Checkpoint::open(&fixture("workflows/golden.safetensors")).unwrap().get(name).unwrap().read_f32().unwrap()
+    Checkpoint::open(&fixture("workflows/golden.safetensors"))
+        .unwrap()
+        .get(name)
+        .unwrap()
+        .read_f32()
+        .unwrap()
 }
 
 fn psnr_u8(got: &[u8], want: &[f32]) -> f64 {
     assert_eq!(got.len(), want.len());
-    let mse = got.iter().zip(want).map(|(a, b)| ((*a as f64 - *b as f64) / 255.0).powi(2)).sum::<f64>() / want.len() as f64;
+    let mse = got
+        .iter()
+        .zip(want)
+        .map(|(a, b)| ((*a as f64 - *b as f64) / 255.0).powi(2))
+        .sum::<f64>()
+        / want.len() as f64;
     10.0 * (1.0 / mse.max(1e-12)).log10()
 }
 
@@ -36,9 +48,19 @@ fn load(model: &str, dir: &Path) -> Pipeline {
 /// The fixture's picture (and mask), read as the CLI reads files: no size given, so
 /// the 24x16 files are used as they are.
 fn canvas(mask: bool) -> Arc<Canvas> {
-    let opts = CanvasOptions { multiple: 4, ..Default::default() };
+    let opts = CanvasOptions {
+        multiple: 4,
+        ..Default::default()
+    };
     let m = fixture("workflows/mask.png");
-    Arc::new(Canvas::open(&fixture("workflows/init.png"), mask.then_some(m.as_path()), &opts).unwrap())
+    Arc::new(
+        Canvas::open(
+            &fixture("workflows/init.png"),
+            mask.then_some(m.as_path()),
+            &opts,
+        )
+        .unwrap(),
+    )
 }
 
 fn request(sampler: Sampler, steps: usize, strength: f64, init: Arc<Canvas>) -> Request {
@@ -65,7 +87,14 @@ const RUNS: [(&str, &str, Sampler, usize, f64, bool); 8] = [
     ("inpaint4_euler", "sd1", Sampler::Euler, 8, 1.0, true),
     ("inpaint4_euler_a", "sd1", Sampler::EulerA, 10, 0.7, true),
     ("inpaint4_ddim", "sd1", Sampler::Ddim, 10, 0.8, true),
-    ("inpaint9_euler", "sd1-inpaint", Sampler::Euler, 8, 1.0, true),
+    (
+        "inpaint9_euler",
+        "sd1-inpaint",
+        Sampler::Euler,
+        8,
+        1.0,
+        true,
+    ),
     ("inpaint9_ddim", "sd1-inpaint", Sampler::Ddim, 10, 0.6, true),
 ];
 
@@ -79,10 +108,20 @@ fn img2img_and_inpainting_reproduce_the_diffusers_pipelines_from_a_seed() {
             loaded = Some((model, load(model, dir.path())));
         }
         let pipe = &loaded.as_ref().unwrap().1;
-        let img = pipe.generate(&request(sampler, steps, strength, canvas(mask)), &mut |_| {}).unwrap();
+        let img = pipe
+            .generate(
+                &request(sampler, steps, strength, canvas(mask)),
+                &mut |_| {},
+            )
+            .unwrap();
         let psnr = psnr_u8(&img.rgb, &golden(&format!("{key}.image_u8")));
         eprintln!("{key}: {psnr:.1} dB against diffusers");
-        assert!(img.parameters.contains(&format!("Denoising strength: {strength}")), "{}", img.parameters);
+        assert!(
+            img.parameters
+                .contains(&format!("Denoising strength: {strength}")),
+            "{}",
+            img.parameters
+        );
         if psnr < 40.0 {
             low.push(format!("{key}: {psnr:.1} dB"));
         }
@@ -95,12 +134,26 @@ fn overlay_keeps_unmasked_pixels_and_strength_sets_how_far_the_image_moves() {
     let dir = tempfile::tempdir().unwrap();
     let pipe = load("sd1", dir.path());
     let init = canvas(true);
-    let over = pipe.generate(&Request { overlay: true, ..request(Sampler::Euler, 8, 1.0, init.clone()) }, &mut |_| {}).unwrap();
-    let plain = pipe.generate(&request(Sampler::Euler, 8, 1.0, init.clone()), &mut |_| {}).unwrap();
+    let over = pipe
+        .generate(
+            &Request {
+                overlay: true,
+                ..request(Sampler::Euler, 8, 1.0, init.clone())
+            },
+            &mut |_| {},
+        )
+        .unwrap();
+    let plain = pipe
+        .generate(&request(Sampler::Euler, 8, 1.0, init.clone()), &mut |_| {})
+        .unwrap();
     let mask = init.mask.as_ref().unwrap();
     let (mut kept, mut painted) = (0, 0);
     for (i, &m) in mask.iter().enumerate() {
-        let (o, p, src) = (&over.rgb[i * 3..i * 3 + 3], &plain.rgb[i * 3..i * 3 + 3], &init.rgb[i * 3..i * 3 + 3]);
+        let (o, p, src) = (
+            &over.rgb[i * 3..i * 3 + 3],
+            &plain.rgb[i * 3..i * 3 + 3],
+            &init.rgb[i * 3..i * 3 + 3],
+        );
         if m == 0.0 {
             assert_eq!(o, src, "pixel {i} outside the mask changed");
             kept += 1;
@@ -117,15 +170,36 @@ fn overlay_keeps_unmasked_pixels_and_strength_sets_how_far_the_image_moves() {
 fn the_lower_the_strength_the_closer_img2img_stays_to_the_picture() {
     // The demo model's VAE is trained, so its decode reproduces a picture it encodes.
     let pipe = Pipeline::demo(2).unwrap();
-    let base = pipe.generate(&Request { seed: 3, ..pipe.request("a red circle on a blue background") }, &mut |_| {}).unwrap();
-    let init = Arc::new(Canvas { width: base.width, height: base.height, rgb: base.rgb.clone(), mask: None, mask_blur: 0.0 });
+    let base = pipe
+        .generate(
+            &Request {
+                seed: 3,
+                ..pipe.request("a red circle on a blue background")
+            },
+            &mut |_| {},
+        )
+        .unwrap();
+    let init = Arc::new(Canvas {
+        width: base.width,
+        height: base.height,
+        rgb: base.rgb.clone(),
+        mask: None,
+        mask_blur: 0.0,
+    });
     let want: Vec<f32> = base.rgb.iter().map(|&v| v as f32).collect();
     let to_init = |s: f64| {
-        let req = Request { steps: 10, init: Some(init.clone()), strength: Some(s), ..pipe.request("a yellow square on a green background") };
+        let req = Request {
+            steps: 10,
+            init: Some(init.clone()),
+            strength: Some(s),
+            ..pipe.request("a yellow square on a green background")
+        };
         psnr_u8(&pipe.generate(&req, &mut |_| {}).unwrap().rgb, &want)
     };
     let (low, mid, high) = (to_init(0.2), to_init(0.5), to_init(1.0));
-    eprintln!("PSNR to the init image: strength 0.2 {low:.1} dB, 0.5 {mid:.1} dB, 1.0 {high:.1} dB");
+    eprintln!(
+        "PSNR to the init image: strength 0.2 {low:.1} dB, 0.5 {mid:.1} dB, 1.0 {high:.1} dB"
+    );
     assert!(low > mid && mid > high + 5.0, "{low} {mid} {high}");
 }
 
@@ -135,13 +209,41 @@ fn the_lower_the_strength_the_closer_img2img_stays_to_the_picture() {
 fn img2img_plans_the_encode_stage_and_refuses_a_budget_it_cannot_fit() {
     let mut pipe = Pipeline::demo(2).unwrap();
     let rgb = vec![128u8; 256 * 256 * 3];
-    let init = Arc::new(Canvas { width: 256, height: 256, rgb, mask: None, mask_blur: 0.0 });
-    let req = Request { width: 256, height: 256, init: Some(init), ..pipe.request("a red circle") };
+    let init = Arc::new(Canvas {
+        width: 256,
+        height: 256,
+        rgb,
+        mask: None,
+        mask_blur: 0.0,
+    });
+    let req = Request {
+        width: 256,
+        height: 256,
+        init: Some(init),
+        ..pipe.request("a red circle")
+    };
     let free = pipe.plan(&req).unwrap();
-    let encode = free.needs.iter().find(|n| n.stage == "encode").unwrap_or_else(|| panic!("no encode stage: {}", free.summary()));
-    assert!(encode.weights > 0 && encode.compute > 0, "{}", free.summary());
-    let txt2img = pipe.plan(&Request { init: None, ..req.clone() }).unwrap();
-    assert!(txt2img.needs.iter().all(|n| n.stage != "encode"), "{}", txt2img.summary());
+    let encode = free
+        .needs
+        .iter()
+        .find(|n| n.stage == "encode")
+        .unwrap_or_else(|| panic!("no encode stage: {}", free.summary()));
+    assert!(
+        encode.weights > 0 && encode.compute > 0,
+        "{}",
+        free.summary()
+    );
+    let txt2img = pipe
+        .plan(&Request {
+            init: None,
+            ..req.clone()
+        })
+        .unwrap();
+    assert!(
+        txt2img.needs.iter().all(|n| n.stage != "encode"),
+        "{}",
+        txt2img.summary()
+    );
     pipe.max_memory = Some(sdrs::budget::OVERHEAD + encode.total() - 1);
     let e = pipe.generate(&req, &mut |_| {}).unwrap_err().to_string();
     assert!(e.contains("stage needs"), "{e}");
@@ -152,52 +254,84 @@ fn bad_requests_and_pictures_are_refused_with_the_reason() {
     let dir = tempfile::tempdir().unwrap();
     let pipe = load("sd1", dir.path());
     let err = |req: Request| pipe.generate(&req, &mut |_| {}).unwrap_err().to_string();
-    let e = err(Request { width: 16, ..request(Sampler::Euler, 8, 0.5, canvas(false)) });
-    assert!(e.contains("init image is 24x16 but the request is for 16x16"), "{e}");
+    let e = err(Request {
+        width: 16,
+        ..request(Sampler::Euler, 8, 0.5, canvas(false))
+    });
+    assert!(
+        e.contains("init image is 24x16 but the request is for 16x16"),
+        "{e}"
+    );
     let e = err(request(Sampler::Euler, 8, 0.0, canvas(false)));
     assert!(e.contains("strength must be in (0, 1]"), "{e}");
     let e = err(request(Sampler::Euler, 4, 0.2, canvas(false)));
     assert!(e.contains("leaves no step"), "{e}");
     // Files: missing, not a picture, too large, and a mask that is not an image.
-    let opts = CanvasOptions { multiple: 4, ..Default::default() };
+    let opts = CanvasOptions {
+        multiple: 4,
+        ..Default::default()
+    };
     let missing = dir.path().join("missing.png");
     let e = Canvas::open(&missing, None, &opts).unwrap_err().to_string();
     assert!(e.contains("missing.png"), "{e}");
     let text = dir.path().join("notes.png");
     std::fs::write(&text, "not a picture").unwrap();
     let e = Canvas::open(&text, None, &opts).unwrap_err().to_string();
-    assert!(e.contains("notes.png") && e.contains("cannot decode"), "{e}");
+    assert!(
+        e.contains("notes.png") && e.contains("cannot decode"),
+        "{e}"
+    );
     let unknown = dir.path().join("notes.txt");
     std::fs::write(&unknown, "not a picture").unwrap();
     let e = Canvas::open(&unknown, None, &opts).unwrap_err().to_string();
-    assert!(e.contains("notes.txt") && e.contains("not a PNG or JPEG"), "{e}");
+    assert!(
+        e.contains("notes.txt") && e.contains("not a PNG or JPEG"),
+        "{e}"
+    );
     let wide = dir.path().join("wide.png");
     image::GrayImage::new(20000, 1).save(&wide).unwrap();
     let e = Canvas::open(&wide, None, &opts).unwrap_err().to_string();
     assert!(e.contains("wide.png") && e.contains("too large"), "{e}");
-    let e = Canvas::open(&fixture("workflows/init.png"), Some(&text), &opts).unwrap_err().to_string();
+    let e = Canvas::open(&fixture("workflows/init.png"), Some(&text), &opts)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("notes.png"), "{e}");
 }
 
 #[test]
 fn pictures_of_every_pixel_format_read_as_8_bit_rgb() {
     let dir = tempfile::tempdir().unwrap();
-    let opts = CanvasOptions { multiple: 8, ..Default::default() };
+    let opts = CanvasOptions {
+        multiple: 8,
+        ..Default::default()
+    };
     let read = |img: image::DynamicImage, name: &str| {
         let p = dir.path().join(name);
         img.save(&p).unwrap();
         Canvas::open(&p, None, &opts).unwrap()
     };
     // 16-bit greyscale: scaled to 8 bits and copied to the three channels.
-    let g16 = image::ImageBuffer::<image::Luma<u16>, _>::from_fn(8, 8, |x, _| image::Luma([if x < 4 { 0xFFFF } else { 0x8080 }]));
+    let g16 = image::ImageBuffer::<image::Luma<u16>, _>::from_fn(8, 8, |x, _| {
+        image::Luma([if x < 4 { 0xFFFF } else { 0x8080 }])
+    });
     let c = read(image::DynamicImage::ImageLuma16(g16), "g16.png");
-    assert_eq!((&c.rgb[..3], &c.rgb[4 * 3..4 * 3 + 3]), (&[255u8, 255, 255][..], &[128u8, 128, 128][..]));
+    assert_eq!(
+        (&c.rgb[..3], &c.rgb[4 * 3..4 * 3 + 3]),
+        (&[255u8, 255, 255][..], &[128u8, 128, 128][..])
+    );
     // RGBA: alpha dropped (PIL's convert("RGB")), colour kept even where transparent.
     let rgba = image::RgbaImage::from_pixel(8, 8, image::Rgba([10, 20, 30, 0]));
-    assert_eq!(&read(image::DynamicImage::ImageRgba8(rgba), "rgba.png").rgb[..3], &[10, 20, 30]);
+    assert_eq!(
+        &read(image::DynamicImage::ImageRgba8(rgba), "rgba.png").rgb[..3],
+        &[10, 20, 30]
+    );
     // 16-bit RGB.
-    let rgb16 = image::ImageBuffer::<image::Rgb<u16>, _>::from_pixel(8, 8, image::Rgb([0, 0x8080, 0xFFFF]));
-    assert_eq!(&read(image::DynamicImage::ImageRgb16(rgb16), "rgb16.png").rgb[..3], &[0, 128, 255]);
+    let rgb16 =
+        image::ImageBuffer::<image::Rgb<u16>, _>::from_pixel(8, 8, image::Rgb([0, 0x8080, 0xFFFF]));
+    assert_eq!(
+        &read(image::DynamicImage::ImageRgb16(rgb16), "rgb16.png").rgb[..3],
+        &[0, 128, 255]
+    );
     // JPEG: the shared photo decodes to within JPEG decoders' rounding of Pillow's decode.
     let photos = fixture("images");
     let jpeg = Canvas::open(&photos.join("rocket.jpg"), None, &opts).unwrap();
@@ -214,22 +348,67 @@ fn pictures_of_every_pixel_format_read_as_8_bit_rgb() {
 #[test]
 fn img2img_with_taesd_encodes_with_the_encoder_beside_the_decoder() {
     let dir = tempfile::tempdir().unwrap();
-    let ck = synth_tiny("tiny-sd15", sdrs::synth::Format::Safetensors, DType::F16, dir.path());
+    let ck = synth_tiny(
+        "tiny-sd15",
+        sdrs::synth::Format::Safetensors,
+        DType::F16,
+        dir.path(),
+    );
     let model = dir.path().join("tiny.gguf");
     convert_to(&ck, Type::F16, &model).unwrap();
     let pipe = Pipeline::load_with_threads(&model, 2).unwrap();
     let (px, w, h) = photo("astronaut.png", Some((64, 64)));
     let px = &px;
-    let rgb: Vec<u8> = (0..w * h).flat_map(|i| (0..3).map(move |c| (px[c * w * h + i] * 255.0).round() as u8)).collect();
-    let init = Arc::new(Canvas { width: w, height: h, rgb, mask: None, mask_blur: 0.0 });
+    let rgb: Vec<u8> = (0..w * h)
+        .flat_map(|i| (0..3).map(move |c| (px[c * w * h + i] * 255.0).round() as u8))
+        .collect();
+    let init = Arc::new(Canvas {
+        width: w,
+        height: h,
+        rgb,
+        mask: None,
+        mask_blur: 0.0,
+    });
     // The decoder in a folder of its own, to show the encoder is looked for beside it.
     let alone = dir.path().join("alone");
     std::fs::create_dir(&alone).unwrap();
-    std::fs::copy(fixture("taesd/taesd_decoder.pth"), alone.join("taesd_decoder.pth")).unwrap();
-    let req = Request { width: 64, height: 64, steps: 4, cfg_scale: 1.0, init: Some(init.clone()), strength: Some(0.5), ..Request::new("a cat") };
-    let e = pipe.generate(&Request { taesd: Some(alone.join("taesd_decoder.pth")), ..req.clone() }, &mut |_| {}).unwrap_err().to_string();
-    assert!(e.contains("taesd_encoder.pth") && e.contains("not there"), "{e}");
-    let taesd = pipe.generate(&Request { taesd: Some(fixture("taesd/taesd_decoder.pth")), ..req.clone() }, &mut |_| {}).unwrap();
+    std::fs::copy(
+        fixture("taesd/taesd_decoder.pth"),
+        alone.join("taesd_decoder.pth"),
+    )
+    .unwrap();
+    let req = Request {
+        width: 64,
+        height: 64,
+        steps: 4,
+        cfg_scale: 1.0,
+        init: Some(init.clone()),
+        strength: Some(0.5),
+        ..Request::new("a cat")
+    };
+    let e = pipe
+        .generate(
+            &Request {
+                taesd: Some(alone.join("taesd_decoder.pth")),
+                ..req.clone()
+            },
+            &mut |_| {},
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("taesd_encoder.pth") && e.contains("not there"),
+        "{e}"
+    );
+    let taesd = pipe
+        .generate(
+            &Request {
+                taesd: Some(fixture("taesd/taesd_decoder.pth")),
+                ..req.clone()
+            },
+            &mut |_| {},
+        )
+        .unwrap();
     let vae = pipe.generate(&req, &mut |_| {}).unwrap();
     assert_eq!((taesd.width, taesd.height), (64, 64));
     assert_ne!(taesd.rgb, vae.rgb);
@@ -240,7 +419,11 @@ fn generate_command_runs_img2img_inpainting_and_outpainting_on_the_demo_model() 
     let dir = tempfile::tempdir().unwrap();
     let photo = fixture("images/chelsea.png");
     let mask = dir.path().join("mask.png");
-    image::GrayImage::from_fn(451, 300, |x, _| image::Luma([if x > 225 { 255 } else { 0 }])).save(&mask).unwrap();
+    image::GrayImage::from_fn(451, 300, |x, _| {
+        image::Luma([if x > 225 { 255 } else { 0 }])
+    })
+    .save(&mask)
+    .unwrap();
     let run = |extra: &[&str], out: &str| {
         let out = dir.path().join(out);
         let o = std::process::Command::new(env!("CARGO_BIN_EXE_sdrs"))
@@ -265,7 +448,14 @@ fn generate_command_runs_img2img_inpainting_and_outpainting_on_the_demo_model() 
     // on to the next multiple of 32 (96x32), nothing of the picture is cropped.
     let out = dir.path().join("outpaint.png");
     let o = std::process::Command::new(env!("CARGO_BIN_EXE_sdrs"))
-        .args(["generate", "-p", "a red circle on a blue background", "--pad", "20,0,0,0", "--init-img"])
+        .args([
+            "generate",
+            "-p",
+            "a red circle on a blue background",
+            "--pad",
+            "20,0,0,0",
+            "--init-img",
+        ])
         .arg(dir.path().join("img2img.png"))
         .arg("-o")
         .arg(&out)

@@ -40,7 +40,12 @@ impl Model {
     fn new(pipe: Pipeline, fd: Option<OwnedFd>) -> Model {
         LIVE.fetch_add(1, Ordering::SeqCst);
         let defaults = pipe.request("");
-        Model { pipe: Mutex::new(pipe), defaults, runs: Mutex::new(Runs::default()), _fd: fd }
+        Model {
+            pipe: Mutex::new(pipe),
+            defaults,
+            runs: Mutex::new(Runs::default()),
+            _fd: fd,
+        }
     }
 
     fn into_handle(self) -> jlong {
@@ -50,7 +55,9 @@ impl Model {
     /// # Safety
     /// `h` came from [`Model::into_handle`] and has not been freed.
     unsafe fn from_handle<'a>(h: jlong) -> Result<&'a Model, Fail> {
-        (h as *const Model).as_ref().ok_or_else(|| Fail::IllegalState("the model is closed".into()))
+        (h as *const Model)
+            .as_ref()
+            .ok_or_else(|| Fail::IllegalState("the model is closed".into()))
     }
 
     fn runs(&self) -> std::sync::MutexGuard<'_, Runs> {
@@ -101,7 +108,10 @@ impl<'a> Run<'a> {
 
 impl Drop for Run<'_> {
     fn drop(&mut self) {
-        self.model.runs().flags.retain(|f| !Arc::ptr_eq(f, &self.flag));
+        self.model
+            .runs()
+            .flags
+            .retain(|f| !Arc::ptr_eq(f, &self.flag));
     }
 }
 
@@ -156,7 +166,9 @@ fn throw(env: &mut JNIEnv, fail: Fail) {
         return;
     }
     let (class, msg) = match fail {
-        Fail::Sdrs(e @ sdrs_core::Error::Interrupted) => ("org/sdrs/CancelledException", message(&e)),
+        Fail::Sdrs(e @ sdrs_core::Error::Interrupted) => {
+            ("org/sdrs/CancelledException", message(&e))
+        }
         Fail::Sdrs(e) => ("org/sdrs/SdrsException", message(&e)),
         Fail::Msg(m) => ("org/sdrs/SdrsException", m),
         Fail::IllegalState(m) => ("java/lang/IllegalStateException", m),
@@ -171,7 +183,11 @@ fn throw(env: &mut JNIEnv, fail: Fail) {
 
 /// Runs an entry point's body: its errors and panics become Java exceptions, and
 /// `default` is returned to the JVM (which ignores it while an exception is pending).
-fn guard<'local, T>(env: &mut JNIEnv<'local>, default: T, body: impl FnOnce(&mut JNIEnv<'local>) -> Result<T, Fail>) -> T {
+fn guard<'local, T>(
+    env: &mut JNIEnv<'local>,
+    default: T,
+    body: impl FnOnce(&mut JNIEnv<'local>) -> Result<T, Fail>,
+) -> T {
     match catch_unwind(AssertUnwindSafe(|| body(env))) {
         Ok(Ok(v)) => v,
         Ok(Err(fail)) => {
@@ -179,8 +195,17 @@ fn guard<'local, T>(env: &mut JNIEnv<'local>, default: T, body: impl FnOnce(&mut
             default
         }
         Err(panic) => {
-            let what = panic.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| panic.downcast_ref::<String>().cloned()).unwrap_or_else(|| "unknown panic".into());
-            throw(env, Fail::Msg(format!("sdrs internal error (a bug; please report it): {what}")));
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown panic".into());
+            throw(
+                env,
+                Fail::Msg(format!(
+                    "sdrs internal error (a bug; please report it): {what}"
+                )),
+            );
             default
         }
     }
@@ -214,7 +239,16 @@ pub extern "system" fn JNI_OnLoad(vm: jni::JavaVM, _reserved: *mut std::ffi::c_v
         let mut env = vm.get_env().ok()?;
         let mut vm_name = || -> Option<String> {
             let key = env.new_string("java.vm.name").ok()?;
-            let name = env.call_static_method("java/lang/System", "getProperty", "(Ljava/lang/String;)Ljava/lang/String;", &[(&key).into()]).ok()?.l().ok()?;
+            let name = env
+                .call_static_method(
+                    "java/lang/System",
+                    "getProperty",
+                    "(Ljava/lang/String;)Ljava/lang/String;",
+                    &[(&key).into()],
+                )
+                .ok()?
+                .l()
+                .ok()?;
             if name.is_null() {
                 return None;
             }
@@ -232,7 +266,12 @@ pub extern "system" fn JNI_OnLoad(vm: jni::JavaVM, _reserved: *mut std::ffi::c_v
 }
 
 #[no_mangle]
-pub extern "system" fn Java_org_sdrs_StableDiffusion_nativeLoad<'l>(mut env: JNIEnv<'l>, _c: JClass<'l>, path: JString<'l>, n: jint) -> jlong {
+pub extern "system" fn Java_org_sdrs_StableDiffusion_nativeLoad<'l>(
+    mut env: JNIEnv<'l>,
+    _c: JClass<'l>,
+    path: JString<'l>,
+    n: jint,
+) -> jlong {
     guard(&mut env, 0, |env| {
         let path = PathBuf::from(string(env, &path, "path")?);
         Ok(Model::new(Pipeline::load_gguf(&path, threads(n))?, None).into_handle())
@@ -240,13 +279,21 @@ pub extern "system" fn Java_org_sdrs_StableDiffusion_nativeLoad<'l>(mut env: JNI
 }
 
 #[no_mangle]
-pub extern "system" fn Java_org_sdrs_StableDiffusion_nativeFromFd<'l>(mut env: JNIEnv<'l>, _c: JClass<'l>, fd: jint, n: jint) -> jlong {
+pub extern "system" fn Java_org_sdrs_StableDiffusion_nativeFromFd<'l>(
+    mut env: JNIEnv<'l>,
+    _c: JClass<'l>,
+    fd: jint,
+    n: jint,
+) -> jlong {
     guard(&mut env, 0, |_| {
         // Our own descriptor: the caller may close theirs as soon as this returns.
         // SAFETY: fcntl on any integer is safe; it fails with EBADF on a closed one.
         let dup = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
         if dup < 0 {
-            return Err(Fail::Msg(format!("file descriptor {fd}: {}", std::io::Error::last_os_error())));
+            return Err(Fail::Msg(format!(
+                "file descriptor {fd}: {}",
+                std::io::Error::last_os_error()
+            )));
         }
         // SAFETY: `dup` is a fresh descriptor that nothing else owns.
         let owned = unsafe { OwnedFd::from_raw_fd(dup) };
@@ -258,13 +305,24 @@ pub extern "system" fn Java_org_sdrs_StableDiffusion_nativeFromFd<'l>(mut env: J
 }
 
 #[no_mangle]
-pub extern "system" fn Java_org_sdrs_StableDiffusion_nativeDemo<'l>(mut env: JNIEnv<'l>, _c: JClass<'l>, n: jint) -> jlong {
-    guard(&mut env, 0, |_| Ok(Model::new(Pipeline::demo(threads(n))?, None).into_handle()))
+pub extern "system" fn Java_org_sdrs_StableDiffusion_nativeDemo<'l>(
+    mut env: JNIEnv<'l>,
+    _c: JClass<'l>,
+    n: jint,
+) -> jlong {
+    guard(&mut env, 0, |_| {
+        Ok(Model::new(Pipeline::demo(threads(n))?, None).into_handle())
+    })
 }
 
 /// Fills the unset fields of a `Request` with the model's defaults.
 #[no_mangle]
-pub extern "system" fn Java_org_sdrs_StableDiffusion_nativeDefaults<'l>(mut env: JNIEnv<'l>, _c: JClass<'l>, h: jlong, req: JObject<'l>) {
+pub extern "system" fn Java_org_sdrs_StableDiffusion_nativeDefaults<'l>(
+    mut env: JNIEnv<'l>,
+    _c: JClass<'l>,
+    h: jlong,
+    req: JObject<'l>,
+) {
     guard(&mut env, (), |env| {
         // SAFETY: the Java class passes only live handles.
         let model = unsafe { Model::from_handle(h)? };
@@ -273,7 +331,14 @@ pub extern "system" fn Java_org_sdrs_StableDiffusion_nativeDefaults<'l>(mut env:
 }
 
 #[no_mangle]
-pub extern "system" fn Java_org_sdrs_StableDiffusion_nativeGenerate<'l>(mut env: JNIEnv<'l>, _c: JClass<'l>, h: jlong, ticket: jlong, req: JObject<'l>, listener: JObject<'l>) -> jobject {
+pub extern "system" fn Java_org_sdrs_StableDiffusion_nativeGenerate<'l>(
+    mut env: JNIEnv<'l>,
+    _c: JClass<'l>,
+    h: jlong,
+    ticket: jlong,
+    req: JObject<'l>,
+    listener: JObject<'l>,
+) -> jobject {
     guard(&mut env, std::ptr::null_mut(), |env| {
         // SAFETY: the Java class passes only live handles.
         let model = unsafe { Model::from_handle(h)? };
@@ -289,7 +354,10 @@ pub extern "system" fn Java_org_sdrs_StableDiffusion_nativeGenerate<'l>(mut env:
                     return;
                 }
                 let args = [JValue::Int(clamp(done)), JValue::Int(clamp(total))];
-                if env.call_method(&listener, "onStep", "(II)V", &args).is_err() {
+                if env
+                    .call_method(&listener, "onStep", "(II)V", &args)
+                    .is_err()
+                {
                     listener_threw = true;
                     run.flag.store(true, Ordering::SeqCst);
                 }
@@ -305,7 +373,12 @@ pub extern "system" fn Java_org_sdrs_StableDiffusion_nativeGenerate<'l>(mut env:
 }
 
 #[no_mangle]
-pub extern "system" fn Java_org_sdrs_StableDiffusion_nativeAddEmbeddings<'l>(mut env: JNIEnv<'l>, _c: JClass<'l>, h: jlong, path: JString<'l>) -> jint {
+pub extern "system" fn Java_org_sdrs_StableDiffusion_nativeAddEmbeddings<'l>(
+    mut env: JNIEnv<'l>,
+    _c: JClass<'l>,
+    h: jlong,
+    path: JString<'l>,
+) -> jint {
     guard(&mut env, 0, |env| {
         // SAFETY: the Java class passes only live handles.
         let model = unsafe { Model::from_handle(h)? };
@@ -317,7 +390,12 @@ pub extern "system" fn Java_org_sdrs_StableDiffusion_nativeAddEmbeddings<'l>(mut
 }
 
 #[no_mangle]
-pub extern "system" fn Java_org_sdrs_StableDiffusion_nativeCancel<'l>(mut env: JNIEnv<'l>, _c: JClass<'l>, h: jlong, cancels: jlong) {
+pub extern "system" fn Java_org_sdrs_StableDiffusion_nativeCancel<'l>(
+    mut env: JNIEnv<'l>,
+    _c: JClass<'l>,
+    h: jlong,
+    cancels: jlong,
+) {
     guard(&mut env, (), |_| {
         // SAFETY: the Java class passes only live handles.
         unsafe { Model::from_handle(h)? }.cancel(cancels);
@@ -326,7 +404,11 @@ pub extern "system" fn Java_org_sdrs_StableDiffusion_nativeCancel<'l>(mut env: J
 }
 
 #[no_mangle]
-pub extern "system" fn Java_org_sdrs_StableDiffusion_nativeFree<'l>(mut env: JNIEnv<'l>, _c: JClass<'l>, h: jlong) {
+pub extern "system" fn Java_org_sdrs_StableDiffusion_nativeFree<'l>(
+    mut env: JNIEnv<'l>,
+    _c: JClass<'l>,
+    h: jlong,
+) {
     guard(&mut env, (), |_| {
         if h != 0 {
             // SAFETY: the Java class frees each handle once, after its last call.
@@ -338,13 +420,20 @@ pub extern "system" fn Java_org_sdrs_StableDiffusion_nativeFree<'l>(mut env: JNI
 
 /// Models not yet freed (for tests).
 #[no_mangle]
-pub extern "system" fn Java_org_sdrs_StableDiffusion_nativeLiveModels<'l>(_env: JNIEnv<'l>, _c: JClass<'l>) -> jint {
+pub extern "system" fn Java_org_sdrs_StableDiffusion_nativeLiveModels<'l>(
+    _env: JNIEnv<'l>,
+    _c: JClass<'l>,
+) -> jint {
     clamp(LIVE.load(Ordering::SeqCst))
 }
 
 /// Panics inside an entry point, so a test can see the panic become an exception.
 #[no_mangle]
-pub extern "system" fn Java_org_sdrs_StableDiffusion_nativePanicForTest<'l>(mut env: JNIEnv<'l>, _c: JClass<'l>, msg: JString<'l>) {
+pub extern "system" fn Java_org_sdrs_StableDiffusion_nativePanicForTest<'l>(
+    mut env: JNIEnv<'l>,
+    _c: JClass<'l>,
+    msg: JString<'l>,
+) {
     guard(&mut env, (), |env| {
         let msg = string(env, &msg, "message")?;
         panic!("{msg}")

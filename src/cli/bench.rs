@@ -54,24 +54,45 @@ pub struct Args {
     max_memory: Option<u64>,
 }
 
-
 pub fn run(a: Args, threads: Option<usize>, target: &super::Target) -> Result<()> {
     if let Some(files) = &a.compare {
         return compare(files);
     }
-    let threads = threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let threads =
+        threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     let tmp = tempfile::tempdir()?;
     let model = match (&a.model, &a.synth) {
         (Some(m), _) => m.clone(),
         (None, Some(arch)) => {
-            let Some(cfg) = ModelConfig::preset(arch) else { bail!("unknown architecture `{arch}`; choose one of {}", ModelConfig::PRESETS.join(", ")) };
+            let Some(cfg) = ModelConfig::preset(arch) else {
+                bail!(
+                    "unknown architecture `{arch}`; choose one of {}",
+                    ModelConfig::PRESETS.join(", ")
+                )
+            };
             let src = tmp.path().join("synth.safetensors");
-            sdrs::synth::synth(&cfg, sdrs::synth::Format::Safetensors, &src, 0, DType::F16, false, &mut |_, _| {})?;
+            sdrs::synth::synth(
+                &cfg,
+                sdrs::synth::Format::Safetensors,
+                &src,
+                0,
+                DType::F16,
+                false,
+                &mut |_, _| {},
+            )?;
             let wtype = sdrs::convert::policy::parse_type(&a.wtype)?;
             let ck = sdrs::formats::Checkpoint::open(&src)?;
             let plan = sdrs::convert::plan(&ck, &sdrs::convert::Policy::new(wtype), None)?;
             let out = tmp.path().join("synth.gguf");
-            sdrs::convert::run(&ck, &plan, wtype.name(), &out, false, &std::sync::atomic::AtomicBool::new(false), &mut |_| {})?;
+            sdrs::convert::run(
+                &ck,
+                &plan,
+                wtype.name(),
+                &out,
+                false,
+                &std::sync::atomic::AtomicBool::new(false),
+                &mut |_| {},
+            )?;
             std::fs::remove_file(&src)?;
             out
         }
@@ -82,7 +103,11 @@ pub fn run(a: Args, threads: Option<usize>, target: &super::Target) -> Result<()
     recorder.mark("load");
     let t = Instant::now();
     let Some(attention) = sdrs::model::Attention::parse(&a.attention) else {
-        bail!("unknown attention `{}`; valid: {}", a.attention, sdrs::model::Attention::NAMES.join(", "));
+        bail!(
+            "unknown attention `{}`; valid: {}",
+            a.attention,
+            sdrs::model::Attention::NAMES.join(", ")
+        );
     };
     let mut pipe = Pipeline::load_with_threads(&model, threads)?;
     pipe.attention = attention;
@@ -93,7 +118,14 @@ pub fn run(a: Args, threads: Option<usize>, target: &super::Target) -> Result<()
     let mut rows = Vec::new();
     for &size in &a.sizes {
         recorder.mark(&format!("text {size}"));
-        let req = Request { width: size, height: size, steps: a.steps, cfg_scale: a.cfg_scale, sampler: Sampler::Euler, ..Request::new("a photograph of an astronaut riding a horse") };
+        let req = Request {
+            width: size,
+            height: size,
+            steps: a.steps,
+            cfg_scale: a.cfg_scale,
+            sampler: Sampler::Euler,
+            ..Request::new("a photograph of an astronaut riding a horse")
+        };
         // What the run will need, said before it starts (and a refusal before any work).
         let plan = pipe.plan(&req)?;
         if !a.json {
@@ -111,9 +143,16 @@ pub fn run(a: Args, threads: Option<usize>, target: &super::Target) -> Result<()
                 Stage::Step { done, total } => {
                     unet_nodes.extend(pipe.take_profile());
                     step_times.push(last.elapsed().as_secs_f64());
-                    recorder.mark(&if done == total { format!("decode {size}") } else { format!("step {} {size}", done + 1) });
+                    recorder.mark(&if done == total {
+                        format!("decode {size}")
+                    } else {
+                        format!("step {} {size}", done + 1)
+                    });
                 }
-                Stage::Sampling { unet_flops, compute_bytes: b } => {
+                Stage::Sampling {
+                    unet_flops,
+                    compute_bytes: b,
+                } => {
                     flops = unet_flops;
                     compute_bytes = b;
                     recorder.mark(&format!("step 1 {size}"));
@@ -124,8 +163,13 @@ pub fn run(a: Args, threads: Option<usize>, target: &super::Target) -> Result<()
         })?;
         let vae_nodes = pipe.take_profile();
         pipe.set_profiling(false);
-        let per_step = step_times.iter().skip(1).sum::<f64>() / (step_times.len().saturating_sub(1)).max(1) as f64;
-        let per_step = if step_times.len() > 1 { per_step } else { step_times.first().copied().unwrap_or(0.0) };
+        let per_step = step_times.iter().skip(1).sum::<f64>()
+            / (step_times.len().saturating_sub(1)).max(1) as f64;
+        let per_step = if step_times.len() > 1 {
+            per_step
+        } else {
+            step_times.first().copied().unwrap_or(0.0)
+        };
         rows.push(serde_json::json!({
             "size": size, "steps": a.steps, "cfg_scale": a.cfg_scale,
             "text_s": img.timings[0], "first_step_s": step_times.first(), "step_s": per_step, "decode_s": img.timings[2],
@@ -158,8 +202,14 @@ pub fn run(a: Args, threads: Option<usize>, target: &super::Target) -> Result<()
         "memory_timeline": timeline.to_json(),
     });
     if let Some(path) = &a.plot {
-        std::fs::write(path, timeline.to_svg(&format!("sdrs bench: {}", report["model"].as_str().unwrap_or("?"))))
-            .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))?;
+        std::fs::write(
+            path,
+            timeline.to_svg(&format!(
+                "sdrs bench: {}",
+                report["model"].as_str().unwrap_or("?")
+            )),
+        )
+        .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))?;
     }
     if a.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
@@ -167,18 +217,81 @@ pub fn run(a: Args, threads: Option<usize>, target: &super::Target) -> Result<()
     }
     let mut o = String::new();
     let f = |v: &serde_json::Value| v.as_f64().unwrap_or(0.0);
-    out!(o, "model {} ({}), {} threads, on {}, load {:.2} s", report["model"].as_str().unwrap_or("?"), pipe.config.family, threads, pipe.gpu_name().unwrap_or("the CPU"), load_s);
-    out!(o, "machine: {}, FMA peak {:.0} GFLOP/s ({fma_kind}, {threads} threads)", report["machine"]["cpu"].as_str().unwrap_or("?"), peak_flops / 1e9);
-    out!(o, "cpu features: {}; ggml library {}; sdrs attention kernel {}", sdrs::cpu::features().join(" "), report["machine"]["ggml_cpu_library"].as_str().unwrap_or("built in"), sdrs::ggml::attention_kernel());
-    out!(o, "{:>6} {:>8} {:>10} {:>10} {:>10} {:>10} {:>8} {:>10}", "size", "text s", "s/step", "1st step", "decode s", "GFLOP/st", "GFLOP/s", "% of peak");
+    out!(
+        o,
+        "model {} ({}), {} threads, on {}, load {:.2} s",
+        report["model"].as_str().unwrap_or("?"),
+        pipe.config.family,
+        threads,
+        pipe.gpu_name().unwrap_or("the CPU"),
+        load_s
+    );
+    out!(
+        o,
+        "machine: {}, FMA peak {:.0} GFLOP/s ({fma_kind}, {threads} threads)",
+        report["machine"]["cpu"].as_str().unwrap_or("?"),
+        peak_flops / 1e9
+    );
+    out!(
+        o,
+        "cpu features: {}; ggml library {}; sdrs attention kernel {}",
+        sdrs::cpu::features().join(" "),
+        report["machine"]["ggml_cpu_library"]
+            .as_str()
+            .unwrap_or("built in"),
+        sdrs::ggml::attention_kernel()
+    );
+    out!(
+        o,
+        "{:>6} {:>8} {:>10} {:>10} {:>10} {:>10} {:>8} {:>10}",
+        "size",
+        "text s",
+        "s/step",
+        "1st step",
+        "decode s",
+        "GFLOP/st",
+        "GFLOP/s",
+        "% of peak"
+    );
     for r in &rows {
-        out!(o, "{:>6} {:>8.2} {:>10.2} {:>10.2} {:>10.2} {:>10.0} {:>8.1} {:>9.1}%", r["size"], f(&r["text_s"]), f(&r["step_s"]), f(&r["first_step_s"]), f(&r["decode_s"]), f(&r["unet_gflop"]), f(&r["unet_gflops"]), 100.0 * f(&r["peak_fraction"]));
+        out!(
+            o,
+            "{:>6} {:>8.2} {:>10.2} {:>10.2} {:>10.2} {:>10.0} {:>8.1} {:>9.1}%",
+            r["size"],
+            f(&r["text_s"]),
+            f(&r["step_s"]),
+            f(&r["first_step_s"]),
+            f(&r["decode_s"]),
+            f(&r["unet_gflop"]),
+            f(&r["unet_gflops"]),
+            100.0 * f(&r["peak_fraction"])
+        );
     }
     for r in rows.iter().filter(|r| !r["profile"].is_null()) {
-        for (stage, label) in [("unet", "UNet, per evaluation"), ("vae_decode", "VAE decode")] {
-            out!(o, "\nprofile {}², {label}: op (weight type)        s    share   GFLOP  GFLOP/s", r["size"]);
-            for c in r["profile"][stage]["ops"].as_array().into_iter().flatten().take(12) {
-                out!(o, "  {:<32} {:>7.3} {:>6.1}% {:>7.1} {:>8.1}", c["op"].as_str().unwrap_or("?"), f(&c["seconds"]), 100.0 * f(&c["share"]), f(&c["gflop"]), f(&c["gflops"]));
+        for (stage, label) in [
+            ("unet", "UNet, per evaluation"),
+            ("vae_decode", "VAE decode"),
+        ] {
+            out!(
+                o,
+                "\nprofile {}², {label}: op (weight type)        s    share   GFLOP  GFLOP/s",
+                r["size"]
+            );
+            for c in r["profile"][stage]["ops"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .take(12)
+            {
+                out!(
+                    o,
+                    "  {:<32} {:>7.3} {:>6.1}% {:>7.1} {:>8.1}",
+                    c["op"].as_str().unwrap_or("?"),
+                    f(&c["seconds"]),
+                    100.0 * f(&c["share"]),
+                    f(&c["gflop"]),
+                    f(&c["gflops"])
+                );
             }
         }
     }
@@ -189,12 +302,19 @@ pub fn run(a: Args, threads: Option<usize>, target: &super::Target) -> Result<()
 /// Two reports side by side: per image size, each figure of A and B and the ratio B/A.
 fn compare(files: &[PathBuf]) -> Result<()> {
     let read = |p: &PathBuf| -> Result<serde_json::Value> {
-        let text = std::fs::read_to_string(p).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", p.display()))?;
-        serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("{} is not a `sdrs bench --json` report: {e}", p.display()))
+        let text = std::fs::read_to_string(p)
+            .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", p.display()))?;
+        serde_json::from_str(&text).map_err(|e| {
+            anyhow::anyhow!("{} is not a `sdrs bench --json` report: {e}", p.display())
+        })
     };
     let (a, b) = (read(&files[0])?, read(&files[1])?);
     if !a["runs"].is_array() || !b["runs"].is_array() {
-        bail!("{} or {} has no `runs`: not a `sdrs bench --json` report", files[0].display(), files[1].display());
+        bail!(
+            "{} or {} has no `runs`: not a `sdrs bench --json` report",
+            files[0].display(),
+            files[1].display()
+        );
     }
     let name = |v: &serde_json::Value| v["model"].as_str().unwrap_or("?").to_string();
     let f = |v: &serde_json::Value| v.as_f64();
@@ -208,15 +328,42 @@ fn compare(files: &[PathBuf]) -> Result<()> {
             (Some(x), Some(y)) if x != 0.0 => format!("{:.2}", y / x),
             _ => "-".into(),
         };
-        out!(o, "{label:<22} {:>12} {:>12} {:>8}", cell(x), cell(y), ratio);
+        out!(
+            o,
+            "{label:<22} {:>12} {:>12} {:>8}",
+            cell(x),
+            cell(y),
+            ratio
+        );
     };
     row("load s", f(&a["load_s"]), f(&b["load_s"]), 1.0);
-    row("peak RSS MB", f(&a["peak_rss_bytes"]), f(&b["peak_rss_bytes"]), 1e6);
-    let sizes: std::collections::BTreeSet<u64> = a["runs"].as_array().into_iter().chain(b["runs"].as_array()).flatten().filter_map(|r| r["size"].as_u64()).collect();
+    row(
+        "peak RSS MB",
+        f(&a["peak_rss_bytes"]),
+        f(&b["peak_rss_bytes"]),
+        1e6,
+    );
+    let sizes: std::collections::BTreeSet<u64> = a["runs"]
+        .as_array()
+        .into_iter()
+        .chain(b["runs"].as_array())
+        .flatten()
+        .filter_map(|r| r["size"].as_u64())
+        .collect();
     for size in sizes {
-        let pick = |v: &serde_json::Value| v["runs"].as_array().and_then(|r| r.iter().find(|r| r["size"].as_u64() == Some(size)).cloned()).unwrap_or_default();
+        let pick = |v: &serde_json::Value| {
+            v["runs"]
+                .as_array()
+                .and_then(|r| r.iter().find(|r| r["size"].as_u64() == Some(size)).cloned())
+                .unwrap_or_default()
+        };
         let (ra, rb) = (pick(&a), pick(&b));
-        for (k, label) in [("step_s", "s/step"), ("decode_s", "decode s"), ("text_s", "text s"), ("unet_gflops", "UNet GFLOP/s")] {
+        for (k, label) in [
+            ("step_s", "s/step"),
+            ("decode_s", "decode s"),
+            ("text_s", "text s"),
+            ("unet_gflops", "UNet GFLOP/s"),
+        ] {
             row(&format!("{size}: {label}"), f(&ra[k]), f(&rb[k]), 1.0);
         }
     }

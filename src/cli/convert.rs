@@ -48,7 +48,10 @@ pub struct Args {
 
 /// `FILE:MULTIPLIER`, or a plain FILE (multiplier 1; a path may itself hold `:`).
 pub(super) fn parse_lora(spec: &str) -> (PathBuf, f32) {
-    match spec.rsplit_once(':').and_then(|(f, m)| Some((f, m.parse::<f32>().ok()?))) {
+    match spec
+        .rsplit_once(':')
+        .and_then(|(f, m)| Some((f, m.parse::<f32>().ok()?)))
+    {
         Some((file, m)) => (PathBuf::from(file), m),
         None => (PathBuf::from(spec), 1.0),
     }
@@ -63,18 +66,26 @@ pub fn run(a: Args) -> Result<()> {
     let ck = Checkpoint::open(&a.input)?;
     let mut cfg = ck.model_config()?;
     if let Some(p) = &a.prediction {
-        cfg.prediction = sdrs::config::Prediction::parse(p).with_context(|| format!("unknown prediction type `{p}`"))?;
+        cfg.prediction = sdrs::config::Prediction::parse(p)
+            .with_context(|| format!("unknown prediction type `{p}`"))?;
     }
     cfg.zero_terminal_snr |= a.zero_terminal_snr;
     let mut plan = convert::plan(&ck, &pol, Some(cfg))?;
     if let Some(spec) = &a.defaults {
         let mut d = plan.defaults.clone();
-        d.apply(spec).map_err(|e| anyhow::anyhow!("--defaults: {e}"))?;
+        d.apply(spec)
+            .map_err(|e| anyhow::anyhow!("--defaults: {e}"))?;
         if let Some(s) = &d.sampler {
-            anyhow::ensure!(sdrs::sample::Sampler::parse(s).is_some(), "--defaults: unknown sampler `{s}`");
+            anyhow::ensure!(
+                sdrs::sample::Sampler::parse(s).is_some(),
+                "--defaults: unknown sampler `{s}`"
+            );
         }
         if let Some(s) = &d.scheduler {
-            anyhow::ensure!(sdrs::sample::Schedule::parse(s).is_some(), "--defaults: unknown scheduler `{s}`");
+            anyhow::ensure!(
+                sdrs::sample::Schedule::parse(s).is_some(),
+                "--defaults: unknown scheduler `{s}`"
+            );
         }
         plan.defaults = d;
     }
@@ -82,13 +93,26 @@ pub fn run(a: Args) -> Result<()> {
         let (file, multiplier) = parse_lora(spec);
         plan.merge_lora(&file, multiplier)?;
         let m = plan.merges.last().map_or(0, |m| m.lora.pairs.len());
-        eprintln!("merging {} ({m} weights, multiplier {multiplier})", file.display());
+        eprintln!(
+            "merging {} ({m} weights, multiplier {multiplier})",
+            file.display()
+        );
     }
     for (n, why) in &plan.dropped {
         log::info!("dropping {n}: {why}");
     }
     if !plan.unknown.is_empty() {
-        log::warn!("{} tensors are not part of the {} architecture and are kept as they are: {}", plan.unknown.len(), plan.config.family, plan.unknown.iter().take(5).cloned().collect::<Vec<_>>().join(", "));
+        log::warn!(
+            "{} tensors are not part of the {} architecture and are kept as they are: {}",
+            plan.unknown.len(),
+            plan.config.family,
+            plan.unknown
+                .iter()
+                .take(5)
+                .cloned()
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
     }
     if a.dry_run || a.list {
         let mut o = String::new();
@@ -100,7 +124,10 @@ pub fn run(a: Args) -> Result<()> {
     }
     let Some(out) = a.output else { return Ok(()) };
     let cancel = super::interrupt_flag();
-    let bar = super::progress_bar(plan.source_bytes, "{spinner} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} {msg}");
+    let bar = super::progress_bar(
+        plan.source_bytes,
+        "{spinner} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} {msg}",
+    );
     let s = convert::run(&ck, &plan, wtype.name(), &out, a.force, &cancel, &mut |p| {
         bar.set_position(p.bytes_done);
         bar.set_message(format!("{}/{} tensors", p.tensors_done, p.tensors_total));
@@ -119,22 +146,50 @@ pub fn run(a: Args) -> Result<()> {
 }
 
 fn print_plan(plan: &convert::Plan, list: bool, o: &mut String) {
-    let zsnr = if plan.config.zero_terminal_snr { "  (zero terminal SNR)" } else { "" };
-    out!(o, "architecture: {}  prediction: {}{zsnr}", plan.config.family, plan.config.prediction.as_str());
+    let zsnr = if plan.config.zero_terminal_snr {
+        "  (zero terminal SNR)"
+    } else {
+        ""
+    };
+    out!(
+        o,
+        "architecture: {}  prediction: {}{zsnr}",
+        plan.config.family,
+        plan.config.prediction.as_str()
+    );
     if plan.defaults != Default::default() {
         out!(o, "run defaults: {:?}", plan.defaults);
     }
     if list {
         for e in &plan.entries {
-            out!(o, "{:<6} {:>12} {:<90} {}", e.decision.ty.name(), e.nbytes, e.name, e.decision.why);
+            out!(
+                o,
+                "{:<6} {:>12} {:<90} {}",
+                e.decision.ty.name(),
+                e.nbytes,
+                e.name,
+                e.decision.why
+            );
         }
     }
     out!(o, "{:<8} {:>8} {:>14}", "type", "tensors", "bytes");
     for (t, n, b) in plan.by_type() {
         out!(o, "{:<8} {:>8} {:>14}  ({})", t.name(), n, b, super::mb(b));
     }
-    out!(o, "{:<8} {:>8} {:>14}  ({}; input {})", "total", plan.entries.len(), plan.output_bytes(), super::mb(plan.output_bytes()), super::mb(plan.source_bytes));
+    out!(
+        o,
+        "{:<8} {:>8} {:>14}  ({}; input {})",
+        "total",
+        plan.entries.len(),
+        plan.output_bytes(),
+        super::mb(plan.output_bytes()),
+        super::mb(plan.source_bytes)
+    );
     if !plan.dropped.is_empty() {
-        out!(o, "dropped {} tensors not used at inference", plan.dropped.len());
+        out!(
+            o,
+            "dropped {} tensors not used at inference",
+            plan.dropped.len()
+        );
     }
 }

@@ -5,10 +5,10 @@ use clap::builder::TypedValueParser as _;
 
 use std::sync::Arc;
 
-use sdrs::pipeline::{Canvas, CanvasOptions, Pipeline, Request, RngKind, Stage};
 use sdrs::model::tile::TileStats;
-use sdrs::prompt::Emphasis;
 use sdrs::pipeline::ImageFormat;
+use sdrs::pipeline::{Canvas, CanvasOptions, Pipeline, Request, RngKind, Stage};
+use sdrs::prompt::Emphasis;
 use sdrs::sample::{names, Sampler, Schedule};
 
 /// Generate an image from a prompt (txt2img), or from a prompt and a picture
@@ -185,12 +185,31 @@ struct SamplerName;
 
 impl clap::builder::TypedValueParser for SamplerName {
     type Value = (Sampler, Option<Schedule>);
-    fn parse_ref(&self, _: &clap::Command, _: Option<&clap::Arg>, value: &std::ffi::OsStr) -> Result<Self::Value, clap::Error> {
+    fn parse_ref(
+        &self,
+        _: &clap::Command,
+        _: Option<&clap::Arg>,
+        value: &std::ffi::OsStr,
+    ) -> Result<Self::Value, clap::Error> {
         let v = value.to_string_lossy();
-        names::sampler(&v).ok_or_else(|| clap::Error::raw(clap::error::ErrorKind::InvalidValue, format!("unknown sampler `{v}`; valid: {}\n", names::sampler_names().join(", "))))
+        names::sampler(&v).ok_or_else(|| {
+            clap::Error::raw(
+                clap::error::ErrorKind::InvalidValue,
+                format!(
+                    "unknown sampler `{v}`; valid: {}\n",
+                    names::sampler_names().join(", ")
+                ),
+            )
+        })
     }
-    fn possible_values(&self) -> Option<Box<dyn Iterator<Item = clap::builder::PossibleValue> + '_>> {
-        Some(Box::new(names::sampler_names().into_iter().map(clap::builder::PossibleValue::new)))
+    fn possible_values(
+        &self,
+    ) -> Option<Box<dyn Iterator<Item = clap::builder::PossibleValue> + '_>> {
+        Some(Box::new(
+            names::sampler_names()
+                .into_iter()
+                .map(clap::builder::PossibleValue::new),
+        ))
     }
 }
 
@@ -200,65 +219,142 @@ struct ScheduleName;
 
 impl clap::builder::TypedValueParser for ScheduleName {
     type Value = Schedule;
-    fn parse_ref(&self, _: &clap::Command, _: Option<&clap::Arg>, value: &std::ffi::OsStr) -> Result<Self::Value, clap::Error> {
+    fn parse_ref(
+        &self,
+        _: &clap::Command,
+        _: Option<&clap::Arg>,
+        value: &std::ffi::OsStr,
+    ) -> Result<Self::Value, clap::Error> {
         let v = value.to_string_lossy();
-        names::schedule(&v).ok_or_else(|| clap::Error::raw(clap::error::ErrorKind::InvalidValue, format!("unknown scheduler `{v}`; valid: {}\n", names::schedule_names().join(", "))))
+        names::schedule(&v).ok_or_else(|| {
+            clap::Error::raw(
+                clap::error::ErrorKind::InvalidValue,
+                format!(
+                    "unknown scheduler `{v}`; valid: {}\n",
+                    names::schedule_names().join(", ")
+                ),
+            )
+        })
     }
-    fn possible_values(&self) -> Option<Box<dyn Iterator<Item = clap::builder::PossibleValue> + '_>> {
-        Some(Box::new(Schedule::NAMES.iter().map(|n| clap::builder::PossibleValue::new(*n))))
+    fn possible_values(
+        &self,
+    ) -> Option<Box<dyn Iterator<Item = clap::builder::PossibleValue> + '_>> {
+        Some(Box::new(
+            Schedule::NAMES
+                .iter()
+                .map(|n| clap::builder::PossibleValue::new(*n)),
+        ))
     }
 }
 
 fn parse_pair<const SEP: char>(s: &str) -> Result<(usize, usize), String> {
-    let (a, b) = s.split_once(SEP).ok_or_else(|| format!("`{s}`: expected two numbers separated by `{SEP}`"))?;
-    let num = |v: &str| v.trim().parse::<usize>().map_err(|_| format!("`{v}` is not a non-negative integer"));
+    let (a, b) = s
+        .split_once(SEP)
+        .ok_or_else(|| format!("`{s}`: expected two numbers separated by `{SEP}`"))?;
+    let num = |v: &str| {
+        v.trim()
+            .parse::<usize>()
+            .map_err(|_| format!("`{v}` is not a non-negative integer"))
+    };
     Ok((num(a)?, num(b)?))
 }
 
 fn parse_pad(s: &str) -> Result<[usize; 4], String> {
-    let v: Vec<usize> = s.split(',').map(|p| p.trim().parse::<usize>().map_err(|_| format!("`{p}` is not a non-negative integer"))).collect::<Result<_, _>>()?;
-    v.try_into().map_err(|_| format!("`{s}`: expected four numbers L,T,R,B"))
+    let v: Vec<usize> = s
+        .split(',')
+        .map(|p| {
+            p.trim()
+                .parse::<usize>()
+                .map_err(|_| format!("`{p}` is not a non-negative integer"))
+        })
+        .collect::<Result<_, _>>()?;
+    v.try_into()
+        .map_err(|_| format!("`{s}`: expected four numbers L,T,R,B"))
 }
 
 pub(super) fn parse_budget(s: &str) -> Result<u64, String> {
-    sdrs::budget::parse_size(s).ok_or_else(|| format!("`{s}` is not a size: write bytes or a number with K, M, G (binary) or KB, MB, GB"))
+    sdrs::budget::parse_size(s).ok_or_else(|| {
+        format!("`{s}` is not a size: write bytes or a number with K, M, G (binary) or KB, MB, GB")
+    })
 }
 
 pub fn run(a: Args, threads: Option<usize>, target: &super::Target) -> Result<()> {
     if a.list_samplers {
         let mut o = String::new();
-        out!(o, "{:<12} {:<13} {:>5} {:>10} {:>10}  about", "name", "A1111 name", "order", "evals/step", "stochastic");
+        out!(
+            o,
+            "{:<12} {:<13} {:>5} {:>10} {:>10}  about",
+            "name",
+            "A1111 name",
+            "order",
+            "evals/step",
+            "stochastic"
+        );
         for i in Sampler::all() {
-            out!(o, "{:<12} {:<13} {:>5} {:>10} {:>10}  {}", i.name, i.display, i.order, i.evals_per_step, if i.stochastic { "yes" } else { "no" }, i.about);
+            out!(
+                o,
+                "{:<12} {:<13} {:>5} {:>10} {:>10}  {}",
+                i.name,
+                i.display,
+                i.order,
+                i.evals_per_step,
+                if i.stochastic { "yes" } else { "no" },
+                i.about
+            );
         }
         out!(o, "schedulers: {}", Schedule::NAMES.join(", "));
         return super::print_stdout(&o);
     }
-    let Some(prompt) = a.prompt.clone() else { bail!("give a prompt with -p") };
+    let Some(prompt) = a.prompt.clone() else {
+        bail!("give a prompt with -p")
+    };
     // Everything that can be checked without the model is, before it loads.
     let format = ImageFormat::from_path(&a.output, a.quality)?;
     let preview = match &a.preview {
         Some(path) => Some((path.clone(), ImageFormat::from_path(path, a.quality)?)),
         None => None,
     };
-    let Some(vae_tile_stats) = TileStats::parse(&a.vae_tile_stats) else { bail!("unknown --vae-tile-stats `{}`; valid: {}", a.vae_tile_stats, TileStats::NAMES.join(", ")) };
-    let Some(emphasis) = Emphasis::parse(&a.emphasis) else { bail!("unknown emphasis `{}`; valid: {}", a.emphasis, Emphasis::NAMES.join(", ")) };
+    let Some(vae_tile_stats) = TileStats::parse(&a.vae_tile_stats) else {
+        bail!(
+            "unknown --vae-tile-stats `{}`; valid: {}",
+            a.vae_tile_stats,
+            TileStats::NAMES.join(", ")
+        )
+    };
+    let Some(emphasis) = Emphasis::parse(&a.emphasis) else {
+        bail!(
+            "unknown emphasis `{}`; valid: {}",
+            a.emphasis,
+            Emphasis::NAMES.join(", ")
+        )
+    };
     if !(0.0..=1.0).contains(&a.guidance_rescale) {
-        bail!("--guidance-rescale must be in [0, 1], not {}", a.guidance_rescale);
+        bail!(
+            "--guidance-rescale must be in [0, 1], not {}",
+            a.guidance_rescale
+        );
     }
     let preset = match &a.preset {
-        Some(name) => Some(sdrs::config::Defaults::preset(name).with_context(|| format!("unknown preset `{name}`; valid: {}", sdrs::config::Defaults::PRESETS.join(", ")))?),
+        Some(name) => Some(sdrs::config::Defaults::preset(name).with_context(|| {
+            format!(
+                "unknown preset `{name}`; valid: {}",
+                sdrs::config::Defaults::PRESETS.join(", ")
+            )
+        })?),
         None => None,
     };
     let seed = match a.seed {
         -1 => random_seed(),
-        s if s < 0 => bail!("--seed must be a non-negative integer, or -1 for a random one (not {s})"),
+        s if s < 0 => {
+            bail!("--seed must be a non-negative integer, or -1 for a random one (not {s})")
+        }
         s => s as u64,
     };
     if a.batch_count == 0 {
         bail!("--batch-count must be at least 1");
     }
-    let threads = threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let threads =
+        threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     let mut pipe = match &a.model {
         Some(m) => load(m, threads)?,
         None => demo_pipeline(threads)?,
@@ -281,12 +377,22 @@ pub fn run(a: Args, threads: Option<usize>, target: &super::Target) -> Result<()
         log::info!("{n} embedding(s) from {}", path.display());
     }
     let init = match &a.init_img {
-        Some(path) => Some(Arc::new(open_canvas(&pipe, path, a.mask.as_deref(), (a.width, a.height), a.pad.unwrap_or_default(), a.mask_blur)?)),
+        Some(path) => Some(Arc::new(open_canvas(
+            &pipe,
+            path,
+            a.mask.as_deref(),
+            (a.width, a.height),
+            a.pad.unwrap_or_default(),
+            a.mask_blur,
+        )?)),
         None => None,
     };
     let (width, height) = match &init {
         Some(c) => (c.width, c.height),
-        None => (a.width.unwrap_or(base.width), a.height.unwrap_or(base.height)),
+        None => (
+            a.width.unwrap_or(base.width),
+            a.height.unwrap_or(base.height),
+        ),
     };
     let req = Request {
         negative: a.negative.clone(),
@@ -312,25 +418,41 @@ pub fn run(a: Args, threads: Option<usize>, target: &super::Target) -> Result<()
         overlay: !a.no_overlay,
         clip_skip: a.clip_skip,
         emphasis,
-        loras: a.lora.iter().map(|s| super::convert::parse_lora(s)).collect(),
+        loras: a
+            .lora
+            .iter()
+            .map(|s| super::convert::parse_lora(s))
+            .collect(),
         lora_dir: a.lora_dir.clone(),
         vae_tiling: a.vae_tiling,
         vae_tile_stats,
         // Ctrl-C ends the run within one step and writes no image.
         cancel: Some(super::interrupt_flag()),
-        preview_every: if preview.is_some() { a.preview_every as usize } else { 0 },
+        preview_every: if preview.is_some() {
+            a.preview_every as usize
+        } else {
+            0
+        },
         ..base
     };
     pipe.latent_size(req.width, req.height)?;
     if a.plan_only {
         let plan = pipe.plan(&req)?;
-        return super::print_stdout(&format!("memory plan for {}x{}:\n{}\n", req.width, req.height, plan.summary()));
+        return super::print_stdout(&format!(
+            "memory plan for {}x{}:\n{}\n",
+            req.width,
+            req.height,
+            plan.summary()
+        ));
     }
     if a.seed == -1 {
         eprintln!("seed {seed}");
     }
     for i in 0..a.batch_count {
-        let req = Request { seed: seed + i as u64, ..req.clone() };
+        let req = Request {
+            seed: seed + i as u64,
+            ..req.clone()
+        };
         let output = numbered(&a.output, i, a.batch_count);
         draw(&pipe, &req, &output, format, preview.as_ref())?;
     }
@@ -338,8 +460,17 @@ pub fn run(a: Args, threads: Option<usize>, target: &super::Target) -> Result<()
 }
 
 /// One image of the batch, drawn and written.
-fn draw(pipe: &Pipeline, req: &Request, output: &std::path::Path, format: ImageFormat, preview: Option<&(PathBuf, ImageFormat)>) -> Result<()> {
-    let bar = super::progress_bar(req.steps as u64, "{spinner} [{bar:30}] step {pos}/{len} {per_sec} {msg}");
+fn draw(
+    pipe: &Pipeline,
+    req: &Request,
+    output: &std::path::Path,
+    format: ImageFormat,
+    preview: Option<&(PathBuf, ImageFormat)>,
+) -> Result<()> {
+    let bar = super::progress_bar(
+        req.steps as u64,
+        "{spinner} [{bar:30}] step {pos}/{len} {per_sec} {msg}",
+    );
     let image = pipe.generate(req, &mut |s| match s {
         Stage::TextEncoded | Stage::Sampling { .. } => bar.set_message("sampling"),
         Stage::Step { done, total } => {
@@ -375,11 +506,18 @@ fn draw(pipe: &Pipeline, req: &Request, output: &std::path::Path, format: ImageF
 
 /// A model file: a GGUF as it is, a checkpoint converted first (with its progress).
 fn load(path: &std::path::Path, threads: usize) -> Result<Pipeline> {
-    if path.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf")) || sdrs::pipeline::is_gguf(path)? {
+    if path
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
+        || sdrs::pipeline::is_gguf(path)?
+    {
         return Ok(Pipeline::load_gguf(path, threads)?);
     }
     eprintln!("{} is not a GGUF: converting it to f16 for this run (`sdrs convert {} --type q8_0 -o model.gguf` makes a smaller file that loads at once)", path.display(), path.display());
-    let bar = super::progress_bar(0, "{spinner} converting [{bar:30}] {bytes}/{total_bytes} {msg}");
+    let bar = super::progress_bar(
+        0,
+        "{spinner} converting [{bar:30}] {bytes}/{total_bytes} {msg}",
+    );
     let cancel = super::interrupt_flag();
     let pipe = Pipeline::open(path, threads, &cancel, &mut |p| {
         bar.set_length(p.bytes_total);
@@ -394,7 +532,11 @@ fn load(path: &std::path::Path, threads: usize) -> Result<Pipeline> {
 fn random_seed() -> u64 {
     use std::hash::{BuildHasher, Hasher};
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos()));
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
     h.finish() & 0xFFFF_FFFF
 }
 
@@ -408,13 +550,21 @@ fn numbered(output: &std::path::Path, i: usize, n: usize) -> PathBuf {
         let digits: String = spec.chars().take_while(|c| c.is_ascii_digit()).collect();
         if spec[digits.len()..].starts_with('d') {
             let width = digits.parse::<usize>().unwrap_or(0);
-            return PathBuf::from(format!("{}{:0width$}{}", &s[..at], i + 1, &spec[digits.len() + 1..]));
+            return PathBuf::from(format!(
+                "{}{:0width$}{}",
+                &s[..at],
+                i + 1,
+                &spec[digits.len() + 1..]
+            ));
         }
     }
     if n == 1 || i == 0 {
         return output.to_path_buf();
     }
-    let stem = output.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    let stem = output
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let name = match output.extension() {
         Some(ext) => format!("{stem}_{}.{}", i + 1, ext.to_string_lossy()),
         None => format!("{stem}_{}", i + 1),
@@ -424,20 +574,36 @@ fn numbered(output: &std::path::Path, i: usize, n: usize) -> PathBuf {
 
 /// The init image (and mask) at the output size: -W/-H where given (one alone keeps
 /// the picture's aspect ratio), else the picture's own size.
-fn open_canvas(pipe: &Pipeline, path: &std::path::Path, mask: Option<&std::path::Path>, size: (Option<usize>, Option<usize>), pad: [usize; 4], mask_blur: f32) -> Result<Canvas> {
+fn open_canvas(
+    pipe: &Pipeline,
+    path: &std::path::Path,
+    mask: Option<&std::path::Path>,
+    size: (Option<usize>, Option<usize>),
+    pad: [usize; 4],
+    mask_blur: f32,
+) -> Result<Canvas> {
     let multiple = pipe.size_multiple();
     let [l, t, r, b] = pad;
     let size = match size {
         (Some(w), Some(h)) => Some((w, h)),
         (None, None) => None,
         (w, h) => {
-            let (iw, ih) = image::image_dimensions(path).with_context(|| format!("{}: cannot read the image's size", path.display()))?;
+            let (iw, ih) = image::image_dimensions(path)
+                .with_context(|| format!("{}: cannot read the image's size", path.display()))?;
             let aspect = (iw as usize + l + r) as f64 / (ih as usize + t + b) as f64;
             let round = |v: f64| ((v / multiple as f64).round() as usize).max(1) * multiple;
-            Some((w.unwrap_or_else(|| round(h.unwrap_or(0) as f64 * aspect)), h.unwrap_or_else(|| round(w.unwrap_or(0) as f64 / aspect))))
+            Some((
+                w.unwrap_or_else(|| round(h.unwrap_or(0) as f64 * aspect)),
+                h.unwrap_or_else(|| round(w.unwrap_or(0) as f64 / aspect)),
+            ))
         }
     };
-    let opts = CanvasOptions { size, multiple, pad, mask_blur };
+    let opts = CanvasOptions {
+        size,
+        multiple,
+        pad,
+        mask_blur,
+    };
     Ok(Canvas::open(path, mask, &opts)?)
 }
 
@@ -457,7 +623,11 @@ mod tests {
 
     #[test]
     fn batch_outputs_are_numbered_by_pattern_or_suffix() {
-        let p = |s: &str, i, n| numbered(std::path::Path::new(s), i, n).to_string_lossy().into_owned();
+        let p = |s: &str, i, n| {
+            numbered(std::path::Path::new(s), i, n)
+                .to_string_lossy()
+                .into_owned()
+        };
         assert_eq!(p("out/img-%03d.png", 0, 3), "out/img-001.png");
         assert_eq!(p("img%d.jpg", 11, 12), "img12.jpg");
         assert_eq!(p("a/out.png", 0, 3), "a/out.png");

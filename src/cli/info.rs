@@ -37,7 +37,11 @@ fn component(name: &str, cfg: Option<&ModelConfig>) -> String {
         return "vae".into();
     }
     if let Some(c) = cfg {
-        if let Some(i) = c.text_encoders.iter().position(|t| name.starts_with(&t.prefix)) {
+        if let Some(i) = c
+            .text_encoders
+            .iter()
+            .position(|t| name.starts_with(&t.prefix))
+        {
             return format!("text_encoder.{i}");
         }
     }
@@ -59,61 +63,139 @@ pub fn run(a: Args) -> Result<()> {
 }
 
 fn describe(file: &std::path::Path, tensors: bool, o: &mut String) -> Result<()> {
-    let is_gguf = file.is_file() && std::fs::File::open(file).and_then(|mut f| {
-        let mut m = [0u8; 4];
-        std::io::Read::read_exact(&mut f, &mut m).map(|_| &m == b"GGUF")
-    }).unwrap_or(false);
-    let (rows, cfg, meta, origin): (Vec<Row>, Option<ModelConfig>, Vec<(String, Value)>, String) = if is_gguf {
-        let g = GgufFile::open(file)?;
-        let stored = metadata::read_config(&g)?;
-        let shapes = metadata::original_shapes(&g);
-        let rows = g.tensors.iter().map(|t| Row { name: t.name.clone(), shape: shapes.get(&t.name).cloned().unwrap_or_else(|| t.torch_shape()), ty: t.ty.name().to_string(), bytes: t.nbytes }).collect();
-        let (cfg, origin) = match stored {
-            Some(c) => (Some(c), format!("GGUF v{} (config from metadata)", g.version)),
-            None => {
-                let ck = Checkpoint::open(file)?;
-                (ck.model_config().ok(), format!("GGUF v{} without sdrs metadata (architecture detected from tensor names)", g.version))
+    let is_gguf = file.is_file()
+        && std::fs::File::open(file)
+            .and_then(|mut f| {
+                let mut m = [0u8; 4];
+                std::io::Read::read_exact(&mut f, &mut m).map(|_| &m == b"GGUF")
+            })
+            .unwrap_or(false);
+    let (rows, cfg, meta, origin): (Vec<Row>, Option<ModelConfig>, Vec<(String, Value)>, String) =
+        if is_gguf {
+            let g = GgufFile::open(file)?;
+            let stored = metadata::read_config(&g)?;
+            let shapes = metadata::original_shapes(&g);
+            let rows = g
+                .tensors
+                .iter()
+                .map(|t| Row {
+                    name: t.name.clone(),
+                    shape: shapes
+                        .get(&t.name)
+                        .cloned()
+                        .unwrap_or_else(|| t.torch_shape()),
+                    ty: t.ty.name().to_string(),
+                    bytes: t.nbytes,
+                })
+                .collect();
+            let (cfg, origin) = match stored {
+                Some(c) => (
+                    Some(c),
+                    format!("GGUF v{} (config from metadata)", g.version),
+                ),
+                None => {
+                    let ck = Checkpoint::open(file)?;
+                    (ck.model_config().ok(), format!("GGUF v{} without sdrs metadata (architecture detected from tensor names)", g.version))
+                }
+            };
+            (rows, cfg, g.metadata.clone(), origin)
+        } else {
+            let ck = Checkpoint::open(file)?;
+            let rows = ck
+                .tensors
+                .iter()
+                .map(|t| Row {
+                    name: t.name.clone(),
+                    shape: t.shape.clone(),
+                    ty: t.dtype.name(),
+                    bytes: t.nbytes(),
+                })
+                .collect();
+            let cfg = ck.model_config();
+            if let Err(e) = &cfg {
+                out!(o, "architecture: not recognised ({e})");
             }
+            let meta = ck
+                .metadata
+                .iter()
+                .map(|(k, v)| (k.clone(), Value::String(v.clone())))
+                .collect();
+            (rows, cfg.ok(), meta, format!("{:?} checkpoint", ck.format))
         };
-        (rows, cfg, g.metadata.clone(), origin)
-    } else {
-        let ck = Checkpoint::open(file)?;
-        let rows = ck.tensors.iter().map(|t| Row { name: t.name.clone(), shape: t.shape.clone(), ty: t.dtype.name(), bytes: t.nbytes() }).collect();
-        let cfg = ck.model_config();
-        if let Err(e) = &cfg {
-            out!(o, "architecture: not recognised ({e})");
-        }
-        let meta = ck.metadata.iter().map(|(k, v)| (k.clone(), Value::String(v.clone()))).collect();
-        (rows, cfg.ok(), meta, format!("{:?} checkpoint", ck.format))
-    };
     out!(o, "file:          {}", file.display());
     out!(o, "format:        {origin}");
     if let Some(c) = &cfg {
-        let zsnr = if c.zero_terminal_snr { ", zero terminal SNR" } else { "" };
-        out!(o, "architecture:  {} ({} prediction{zsnr})", c.family, c.prediction.as_str());
+        let zsnr = if c.zero_terminal_snr {
+            ", zero terminal SNR"
+        } else {
+            ""
+        };
+        out!(
+            o,
+            "architecture:  {} ({} prediction{zsnr})",
+            c.family,
+            c.prediction.as_str()
+        );
         let u = &c.unet;
-        out!(o, 
+        out!(
+            o,
             "unet:          in {} out {} channels {} mult {:?} context {} {}{}{}",
             u.in_channels,
             u.out_channels,
             u.model_channels,
             u.channel_mult,
             u.context_dim,
-            if u.linear_proj { "linear proj" } else { "conv proj" },
-            u.adm_in_channels.map(|d| format!(", adm {d}")).unwrap_or_default(),
-            if u.mid_depth.is_none() { ", no mid block" } else { "" }
+            if u.linear_proj {
+                "linear proj"
+            } else {
+                "conv proj"
+            },
+            u.adm_in_channels
+                .map(|d| format!(", adm {d}"))
+                .unwrap_or_default(),
+            if u.mid_depth.is_none() {
+                ", no mid block"
+            } else {
+                ""
+            }
         );
-        out!(o, "  down blocks: {:?}  up blocks: {:?}", u.down_blocks, u.up_blocks);
-        out!(o, "vae:           latent {} channels, base {} mult {:?}, scale {}", c.vae.latent_channels, c.vae.base_channels, c.vae.channel_mult, c.vae.scaling_factor);
+        out!(
+            o,
+            "  down blocks: {:?}  up blocks: {:?}",
+            u.down_blocks,
+            u.up_blocks
+        );
+        out!(
+            o,
+            "vae:           latent {} channels, base {} mult {:?}, scale {}",
+            c.vae.latent_channels,
+            c.vae.base_channels,
+            c.vae.channel_mult,
+            c.vae.scaling_factor
+        );
         for (i, t) in c.text_encoders.iter().enumerate() {
-            out!(o, "text_encoder.{i}: {:?} {} wide, {} layers, {} heads{} ({})", t.kind, t.hidden_size, t.num_layers, t.num_heads, t.projection_dim.map(|p| format!(", projection {p}")).unwrap_or_default(), t.prefix);
+            out!(
+                o,
+                "text_encoder.{i}: {:?} {} wide, {} layers, {} heads{} ({})",
+                t.kind,
+                t.hidden_size,
+                t.num_layers,
+                t.num_heads,
+                t.projection_dim
+                    .map(|p| format!(", projection {p}"))
+                    .unwrap_or_default(),
+                t.prefix
+            );
         }
     }
     let mut comps: BTreeMap<String, (usize, u64, u64)> = BTreeMap::new();
     let mut types: BTreeMap<String, (usize, u64, u64)> = BTreeMap::new();
     for r in &rows {
         let n: u64 = r.shape.iter().map(|&d| d as u64).product();
-        for (m, k) in [(&mut comps, component(&r.name, cfg.as_ref())), (&mut types, r.ty.clone())] {
+        for (m, k) in [
+            (&mut comps, component(&r.name, cfg.as_ref())),
+            (&mut types, r.ty.clone()),
+        ] {
             let e = m.entry(k).or_default();
             e.0 += 1;
             e.1 += n;
@@ -122,12 +204,34 @@ fn describe(file: &std::path::Path, tensors: bool, o: &mut String) -> Result<()>
     }
     let params: u64 = comps.values().map(|c| c.1).sum();
     let bytes: u64 = comps.values().map(|c| c.2).sum();
-    out!(o, "tensors:       {}  parameters: {} ({:.1} M)  bytes: {} ({})", rows.len(), params, params as f64 / 1e6, bytes, super::mb(bytes));
-    out!(o, "\n{:<16} {:>8} {:>14} {:>14}", "component", "tensors", "parameters", "bytes");
+    out!(
+        o,
+        "tensors:       {}  parameters: {} ({:.1} M)  bytes: {} ({})",
+        rows.len(),
+        params,
+        params as f64 / 1e6,
+        bytes,
+        super::mb(bytes)
+    );
+    out!(
+        o,
+        "\n{:<16} {:>8} {:>14} {:>14}",
+        "component",
+        "tensors",
+        "parameters",
+        "bytes"
+    );
     for (k, (n, p, b)) in &comps {
         out!(o, "{k:<16} {n:>8} {p:>14} {b:>14}");
     }
-    out!(o, "\n{:<16} {:>8} {:>14} {:>14}", "type", "tensors", "parameters", "bytes");
+    out!(
+        o,
+        "\n{:<16} {:>8} {:>14} {:>14}",
+        "type",
+        "tensors",
+        "parameters",
+        "bytes"
+    );
     for (k, (n, p, b)) in &types {
         out!(o, "{k:<16} {n:>8} {p:>14} {b:>14}");
     }
@@ -135,7 +239,11 @@ fn describe(file: &std::path::Path, tensors: bool, o: &mut String) -> Result<()>
         out!(o, "\nmetadata:");
         for (k, v) in &meta {
             if k == metadata::RESHAPED_NAMES || k == metadata::RESHAPED_SHAPES {
-                out!(o, "  {k} = [{} entries]", v.as_array().map_or(0, |a| a.len()));
+                out!(
+                    o,
+                    "  {k} = [{} entries]",
+                    v.as_array().map_or(0, |a| a.len())
+                );
                 continue;
             }
             out!(o, "  {k} = {v}");
@@ -144,7 +252,14 @@ fn describe(file: &std::path::Path, tensors: bool, o: &mut String) -> Result<()>
     if tensors {
         out!(o, "");
         for r in &rows {
-            out!(o, "{:<8} {:>12} {:<24} {}", r.ty, r.bytes, format!("{:?}", r.shape), r.name);
+            out!(
+                o,
+                "{:<8} {:>12} {:<24} {}",
+                r.ty,
+                r.bytes,
+                format!("{:?}", r.shape),
+                r.name
+            );
         }
     }
     Ok(())
@@ -154,24 +269,72 @@ fn describe(file: &std::path::Path, tensors: bool, o: &mut String) -> Result<()>
 fn system(o: &mut String) -> Result<()> {
     let info = sdrs::ggml::cpu_backend_info()?;
     out!(o, "cpu:           {}", info.description);
-    out!(o, "cores:         {}", std::thread::available_parallelism().map_or(1, |n| n.get()));
+    out!(
+        o,
+        "cores:         {}",
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    );
     let mem = std::fs::read_to_string("/proc/meminfo").ok().and_then(|s| {
-        s.lines().find(|l| l.starts_with("MemTotal:")).and_then(|l| l.split_whitespace().nth(1)).and_then(|v| v.parse::<u64>().ok())
+        s.lines()
+            .find(|l| l.starts_with("MemTotal:"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<u64>().ok())
     });
     if let Some(kb) = mem {
-        out!(o, "memory:        {:.1} GiB", kb as f64 / (1u64 << 20) as f64);
+        out!(
+            o,
+            "memory:        {:.1} GiB",
+            kb as f64 / (1u64 << 20) as f64
+        );
     }
     out!(o, "cpu features:  {}", sdrs::cpu::features().join(" "));
     match &info.library {
         Some(p) => out!(o, "ggml cpu lib:  {}", p.display()),
         None => out!(o, "ggml cpu lib:  built in"),
     }
-    let on: Vec<String> = info.features.iter().map(|(k, v)| if v == "1" { k.clone() } else { format!("{k}={v}") }).collect();
+    let on: Vec<String> = info
+        .features
+        .iter()
+        .map(|(k, v)| {
+            if v == "1" {
+                k.clone()
+            } else {
+                format!("{k}={v}")
+            }
+        })
+        .collect();
     out!(o, "ggml kernels:  {}", on.join(" "));
-    out!(o, "sdrs kernels:  attention and im2col (ggml custom ops), attention compiled for {}", sdrs::ggml::attention_kernel());
-    let gpus: Vec<String> = sdrs::ggml::devices()?.into_iter().filter(|d| d.kind != sdrs::ggml::DeviceKind::Cpu).map(|d| format!("{} ({}, {:.1} GB)", d.name, d.description, d.memory_total as f64 / 1e9)).collect();
-    let vulkan = if sdrs::ggml::VULKAN_BUILT { "" } else { " (built without Vulkan)" };
-    out!(o, "gpu devices:   {}{vulkan}", if gpus.is_empty() { "none".to_string() } else { gpus.join(", ") });
+    out!(
+        o,
+        "sdrs kernels:  attention and im2col (ggml custom ops), attention compiled for {}",
+        sdrs::ggml::attention_kernel()
+    );
+    let gpus: Vec<String> = sdrs::ggml::devices()?
+        .into_iter()
+        .filter(|d| d.kind != sdrs::ggml::DeviceKind::Cpu)
+        .map(|d| {
+            format!(
+                "{} ({}, {:.1} GB)",
+                d.name,
+                d.description,
+                d.memory_total as f64 / 1e9
+            )
+        })
+        .collect();
+    let vulkan = if sdrs::ggml::VULKAN_BUILT {
+        ""
+    } else {
+        " (built without Vulkan)"
+    };
+    out!(
+        o,
+        "gpu devices:   {}{vulkan}",
+        if gpus.is_empty() {
+            "none".to_string()
+        } else {
+            gpus.join(", ")
+        }
+    );
     out!(o, "");
     Ok(())
 }

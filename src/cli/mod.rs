@@ -24,7 +24,11 @@ use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 #[derive(Parser)]
-#[command(name = "sdrs", version, about = "Stable Diffusion at the edge: quantized, memory-mapped GGUF models on ggml")]
+#[command(
+    name = "sdrs",
+    version,
+    about = "Stable Diffusion at the edge: quantized, memory-mapped GGUF models on ggml"
+)]
 struct Cli {
     /// More log output (-v info, -vv debug); RUST_LOG also works.
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
@@ -60,13 +64,21 @@ pub fn main() -> ExitCode {
         1 => "info",
         _ => "debug",
     };
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(level)).format_timestamp(None).init();
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(level))
+        .format_timestamp(None)
+        .init();
     if let Some(n) = cli.threads {
-        if let Err(e) = rayon::ThreadPoolBuilder::new().num_threads(n.max(1)).build_global() {
+        if let Err(e) = rayon::ThreadPoolBuilder::new()
+            .num_threads(n.max(1))
+            .build_global()
+        {
             log::warn!("cannot set thread count: {e}");
         }
     }
-    let target = Target { backend: cli.backend, device: cli.device };
+    let target = Target {
+        backend: cli.backend,
+        device: cli.device,
+    };
     let result = match cli.command {
         Command::Bench(a) => bench::run(a, cli.threads, &target),
         Command::Convert(a) => convert::run(a),
@@ -94,7 +106,11 @@ impl Target {
     /// Moves `pipe` onto the asked-for backend (it starts on the CPU).
     pub fn apply(&self, pipe: &mut sdrs::pipeline::Pipeline, threads: usize) -> anyhow::Result<()> {
         if self.backend != "cpu" {
-            pipe.set_backend(sdrs::ggml::Backend::open(&self.backend, self.device, threads)?)?;
+            pipe.set_backend(sdrs::ggml::Backend::open(
+                &self.backend,
+                self.device,
+                threads,
+            )?)?;
             log::info!("computing on {}", pipe.gpu_name().unwrap_or("the CPU"));
         }
         Ok(())
@@ -114,7 +130,14 @@ pub fn interrupt_flag() -> Arc<AtomicBool> {
 
 /// A progress bar on a terminal; hidden when stderr is a pipe or a file.
 pub fn progress_bar(len: u64, template: &str) -> ProgressBar {
-    let bar = ProgressBar::with_draw_target(Some(len), if std::io::stderr().is_terminal() { ProgressDrawTarget::stderr() } else { ProgressDrawTarget::hidden() });
+    let bar = ProgressBar::with_draw_target(
+        Some(len),
+        if std::io::stderr().is_terminal() {
+            ProgressDrawTarget::stderr()
+        } else {
+            ProgressDrawTarget::hidden()
+        },
+    );
     if let Ok(style) = ProgressStyle::with_template(template) {
         bar.set_style(style.progress_chars("=> "));
     }

@@ -32,7 +32,11 @@ pub struct Args {
 
 pub fn run(a: Args) -> Result<()> {
     let Some(mut cfg) = ModelConfig::preset(&a.arch) else {
-        bail!("unknown architecture `{}`; choose one of {}", a.arch, ModelConfig::PRESETS.join(", "));
+        bail!(
+            "unknown architecture `{}`; choose one of {}",
+            a.arch,
+            ModelConfig::PRESETS.join(", ")
+        );
     };
     if a.inpaint {
         cfg.unet.in_channels = 9;
@@ -44,11 +48,25 @@ pub fn run(a: Args) -> Result<()> {
         other => bail!("unknown type `{other}`: use f16, f32 or bf16"),
     };
     let bar = super::progress_bar(0, "{spinner} [{bar:30}] {pos}/{len} tensors");
-    synth::synth(&cfg, a.format, &a.output, a.seed, dtype, a.force, &mut |i, n| {
-        bar.set_length(n as u64);
-        bar.set_position(i as u64);
-    })?;
+    synth::synth(
+        &cfg,
+        a.format,
+        &a.output,
+        a.seed,
+        dtype,
+        a.force,
+        &mut |i, n| {
+            bar.set_length(n as u64);
+            bar.set_position(i as u64);
+        },
+    )?;
     bar.finish_and_clear();
-    eprintln!("wrote {} ({} {:?}, seed {})", a.output.display(), cfg.family, a.format, a.seed);
+    eprintln!(
+        "wrote {} ({} {:?}, seed {})",
+        a.output.display(),
+        cfg.family,
+        a.format,
+        a.seed
+    );
     Ok(())
 }

@@ -18,8 +18,8 @@ use crate::error::{Error, Result};
 use crate::formats::gguf::{GgufFile, TensorEntry, Value, Writer};
 use crate::formats::source::SourceFormat;
 use crate::formats::{layout, Checkpoint, SourceTensor, TensorData};
-use crate::vocab::ClipVocab;
 use crate::staged::Staged;
+use crate::vocab::ClipVocab;
 pub use policy::{Decision, Policy, Rule};
 
 const SOURCE_SHA256: &str = "sd.source.sha256";
@@ -64,14 +64,30 @@ impl Plan {
     /// Maps `path` onto this plan's architecture and merges it with `multiplier`.
     pub fn merge_lora(&mut self, path: &Path, multiplier: f32) -> Result<()> {
         if !multiplier.is_finite() {
-            return Err(Error::Invalid(format!("{}: LoRA multiplier {multiplier} is not a number", path.display())));
+            return Err(Error::Invalid(format!(
+                "{}: LoRA multiplier {multiplier} is not a number",
+                path.display()
+            )));
         }
         let lora = crate::lora::Lora::open(path, &self.config)?;
         let names: HashSet<&str> = self.entries.iter().map(|e| e.name.as_str()).collect();
-        if let Some(p) = lora.pairs.iter().find(|p| !names.contains(p.target.weight.as_str())) {
-            return Err(Error::arch(path, format!("`{}` adapts `{}`, which this checkpoint does not store", p.key, p.target.weight)));
+        if let Some(p) = lora
+            .pairs
+            .iter()
+            .find(|p| !names.contains(p.target.weight.as_str()))
+        {
+            return Err(Error::arch(
+                path,
+                format!(
+                    "`{}` adapts `{}`, which this checkpoint does not store",
+                    p.key, p.target.weight
+                ),
+            ));
         }
-        self.merges.push(Merge { lora: std::sync::Arc::new(lora), multiplier });
+        self.merges.push(Merge {
+            lora: std::sync::Arc::new(lora),
+            multiplier,
+        });
         Ok(())
     }
 }
@@ -111,7 +127,10 @@ pub fn plan(ck: &Checkpoint, policy: &Policy, config: Option<ModelConfig>) -> Re
         Some(c) => c,
         None => ck.model_config()?,
     };
-    let expected: HashMap<String, Vec<usize>> = layout::layout(&config).into_iter().map(|s| (s.name, s.shape)).collect();
+    let expected: HashMap<String, Vec<usize>> = layout::layout(&config)
+        .into_iter()
+        .map(|s| (s.name, s.shape))
+        .collect();
     let mut entries = Vec::new();
     let mut dropped = Vec::new();
     let mut unknown = Vec::new();
@@ -121,33 +140,89 @@ pub fn plan(ck: &Checkpoint, policy: &Policy, config: Option<ModelConfig>) -> Re
         if let Some(shape) = expected.get(&t.name) {
             let numel: usize = shape.iter().product();
             if *shape != t.shape && numel as u64 != t.numel() {
-                return Err(Error::arch(&ck.path, format!("tensor `{}` has shape {:?}; the {} architecture needs {:?}", t.name, t.shape, config.family, shape)));
+                return Err(Error::arch(
+                    &ck.path,
+                    format!(
+                        "tensor `{}` has shape {:?}; the {} architecture needs {:?}",
+                        t.name, t.shape, config.family, shape
+                    ),
+                ));
             }
             seen.insert(t.name.as_str());
-        } else if let Some(why) = layout::extra_reason(&t.name).map(str::to_string).or_else(|| layout::unused_by(&config, &t.name).map(str::to_string)) {
+        } else if let Some(why) = layout::extra_reason(&t.name)
+            .map(str::to_string)
+            .or_else(|| layout::unused_by(&config, &t.name).map(str::to_string))
+        {
             dropped.push((t.name.clone(), why));
             continue;
         } else {
             unknown.push(t.name.clone());
         }
-        if !t.dtype.is_float() && !matches!(t.dtype, crate::formats::DType::I64 | crate::formats::DType::I32) {
-            return Err(Error::format(&ck.path, format!("tensor `{}` has type {} which cannot be converted", t.name, t.dtype.name())));
+        if !t.dtype.is_float()
+            && !matches!(
+                t.dtype,
+                crate::formats::DType::I64 | crate::formats::DType::I32
+            )
+        {
+            return Err(Error::format(
+                &ck.path,
+                format!(
+                    "tensor `{}` has type {} which cannot be converted",
+                    t.name,
+                    t.dtype.name()
+                ),
+            ));
         }
         // Our own GGUF stores kernels flattened; plan on the original shape.
-        let shape = expected.get(&t.name).cloned().unwrap_or_else(|| t.shape.clone());
+        let shape = expected
+            .get(&t.name)
+            .cloned()
+            .unwrap_or_else(|| t.shape.clone());
         let decision = policy.decide(&t.name, &shape);
-        let nbytes = decision.ty.bytes_for(t.numel()).ok_or_else(|| Error::Invalid(format!("tensor `{}`: {} elements do not fit {}", t.name, t.numel(), decision.ty.name())))?;
+        let nbytes = decision.ty.bytes_for(t.numel()).ok_or_else(|| {
+            Error::Invalid(format!(
+                "tensor `{}`: {} elements do not fit {}",
+                t.name,
+                t.numel(),
+                decision.ty.name()
+            ))
+        })?;
         source_bytes += t.nbytes();
-        entries.push(PlanEntry { index, name: t.name.clone(), shape, decision, nbytes });
+        entries.push(PlanEntry {
+            index,
+            name: t.name.clone(),
+            shape,
+            decision,
+            nbytes,
+        });
     }
-    let mut missing: Vec<&str> = expected.keys().map(String::as_str).filter(|n| !seen.contains(n)).collect();
+    let mut missing: Vec<&str> = expected
+        .keys()
+        .map(String::as_str)
+        .filter(|n| !seen.contains(n))
+        .collect();
     if !missing.is_empty() {
         missing.sort();
         let n = missing.len();
         missing.truncate(5);
-        return Err(Error::arch(&ck.path, format!("{n} tensors of the detected {} architecture are missing, e.g. {}", config.family, missing.join(", "))));
+        return Err(Error::arch(
+            &ck.path,
+            format!(
+                "{n} tensors of the detected {} architecture are missing, e.g. {}",
+                config.family,
+                missing.join(", ")
+            ),
+        ));
     }
-    Ok(Plan { config, entries, dropped, unknown, source_bytes, defaults: source_defaults(ck)?, merges: Vec::new() })
+    Ok(Plan {
+        config,
+        entries,
+        dropped,
+        unknown,
+        source_bytes,
+        defaults: source_defaults(ck)?,
+        merges: Vec::new(),
+    })
 }
 
 /// Conversion progress, reported after each chunk.
@@ -174,9 +249,16 @@ pub struct Summary {
 /// runs without a `convert` step. The weights' pages are the page cache's, so the
 /// kernel can evict them under pressure as it does a converted file's; the disk space
 /// is returned when the mapping goes. `$TMPDIR` (else `/tmp`) holds the file.
-pub fn to_temporary(ck: &Checkpoint, cancel: &AtomicBool, progress: &mut dyn FnMut(&Progress)) -> Result<GgufFile> {
+pub fn to_temporary(
+    ck: &Checkpoint,
+    cancel: &AtomicBool,
+    progress: &mut dyn FnMut(&Progress),
+) -> Result<GgufFile> {
     let plan = plan(ck, &Policy::new(crate::ggml::Type::F16), None)?;
-    let dir = tempfile::Builder::new().prefix("sdrs-").tempdir().map_err(|e| Error::io(&std::env::temp_dir(), e))?;
+    let dir = tempfile::Builder::new()
+        .prefix("sdrs-")
+        .tempdir()
+        .map_err(|e| Error::io(&std::env::temp_dir(), e))?;
     let out = dir.path().join("model.gguf");
     run(ck, &plan, "f16", &out, false, cancel, progress)?;
     let mut gguf = GgufFile::open(&out)?;
@@ -218,35 +300,83 @@ fn source_digest(ck: &Checkpoint) -> Result<String> {
 }
 
 /// The metadata a converted file carries.
-fn output_metadata(ck: &Checkpoint, plan: &Plan, wtype: &str, sha256: &str) -> Result<Vec<(String, Value)>> {
+fn output_metadata(
+    ck: &Checkpoint,
+    plan: &Plan,
+    wtype: &str,
+    sha256: &str,
+) -> Result<Vec<(String, Value)>> {
     let mut kv = metadata::config_kv(&plan.config);
-    let source_name = ck.path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    kv.push(("general.name".into(), Value::String(ck.path.file_stem().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default())));
+    let source_name = ck
+        .path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    kv.push((
+        "general.name".into(),
+        Value::String(
+            ck.path
+                .file_stem()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+        ),
+    ));
     kv.push(("general.quantization_version".into(), Value::U32(2)));
     kv.push(("sd.weight_type".into(), Value::String(wtype.into())));
     kv.push(("sd.source.file".into(), Value::String(source_name)));
     kv.push((SOURCE_SHA256.into(), Value::String(sha256.into())));
-    kv.push(("sd.converter".into(), Value::String(format!("sdrs {}", env!("CARGO_PKG_VERSION")))));
+    kv.push((
+        "sd.converter".into(),
+        Value::String(format!("sdrs {}", env!("CARGO_PKG_VERSION"))),
+    ));
     let vocab = match ck.tokenizer.as_ref().and_then(|t| t.merges_txt.as_deref()) {
         Some(m) => ClipVocab::from_merges_txt(m)?,
         None => match ck.format {
-            SourceFormat::Gguf => metadata::read_tokenizer(&GgufFile::open(&ck.path)?).map_or_else(ClipVocab::embedded, Ok)?,
+            SourceFormat::Gguf => metadata::read_tokenizer(&GgufFile::open(&ck.path)?)
+                .map_or_else(ClipVocab::embedded, Ok)?,
             _ => ClipVocab::embedded()?,
         },
     };
     kv.extend(metadata::tokenizer_kv(&vocab));
     kv.extend(metadata::defaults_kv(&plan.defaults));
-    let reshaped: Vec<(String, Vec<usize>)> = plan.entries.iter().filter(|e| e.decision.reshaped).map(|e| (e.name.clone(), e.shape.clone())).collect();
+    let reshaped: Vec<(String, Vec<usize>)> = plan
+        .entries
+        .iter()
+        .filter(|e| e.decision.reshaped)
+        .map(|e| (e.name.clone(), e.shape.clone()))
+        .collect();
     kv.extend(metadata::reshaped_kv(&reshaped));
     if !plan.merges.is_empty() {
-        let merged: Vec<String> = plan.merges.iter().map(|m| format!("{}:{}", m.lora.path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(), m.multiplier)).collect();
+        let merged: Vec<String> = plan
+            .merges
+            .iter()
+            .map(|m| {
+                format!(
+                    "{}:{}",
+                    m.lora
+                        .path
+                        .file_name()
+                        .map(|n| n.to_string_lossy().into_owned())
+                        .unwrap_or_default(),
+                    m.multiplier
+                )
+            })
+            .collect();
         kv.push(("sd.lora.merged".into(), Value::String(merged.join(", "))));
     }
     Ok(kv)
 }
 
 /// Runs a plan, writing `out` atomically.
-pub fn run(ck: &Checkpoint, plan: &Plan, wtype: &str, out: &Path, force: bool, cancel: &AtomicBool, progress: &mut dyn FnMut(&Progress)) -> Result<Summary> {
+pub fn run(
+    ck: &Checkpoint,
+    plan: &Plan,
+    wtype: &str,
+    out: &Path,
+    force: bool,
+    cancel: &AtomicBool,
+    progress: &mut dyn FnMut(&Progress),
+) -> Result<Summary> {
     let start = Instant::now();
     let staged = Staged::new(out, force)?;
     // The input's digest goes into the header, but hashing 2 GB takes seconds: it
@@ -255,20 +385,47 @@ pub fn run(ck: &Checkpoint, plan: &Plan, wtype: &str, out: &Path, force: bool, c
     std::thread::scope(|scope| {
         let hasher = scope.spawn(|| source_digest(ck));
         let written = write_tensors(ck, plan, wtype, &staged, out, cancel, progress);
-        let sha256 = hasher.join().map_err(|_| Error::Invalid("hashing thread panicked".into()))??;
+        let sha256 = hasher
+            .join()
+            .map_err(|_| Error::Invalid("hashing thread panicked".into()))??;
         let (offset, bytes_out) = written?;
         use std::os::unix::fs::FileExt;
-        staged.file().write_all_at(sha256.as_bytes(), offset).map_err(|e| Error::io(out, e))?;
+        staged
+            .file()
+            .write_all_at(sha256.as_bytes(), offset)
+            .map_err(|e| Error::io(out, e))?;
         staged.commit()?;
-        Ok(Summary { tensors: plan.entries.len(), bytes_in: plan.source_bytes, bytes_out, seconds: start.elapsed().as_secs_f64(), sha256 })
+        Ok(Summary {
+            tensors: plan.entries.len(),
+            bytes_in: plan.source_bytes,
+            bytes_out,
+            seconds: start.elapsed().as_secs_f64(),
+            sha256,
+        })
     })
 }
 
 /// Streams header and tensors into the staged file; returns the offset of the
 /// digest placeholder and the file size.
-fn write_tensors(ck: &Checkpoint, plan: &Plan, wtype: &str, staged: &Staged, out: &Path, cancel: &AtomicBool, progress: &mut dyn FnMut(&Progress)) -> Result<(u64, u64)> {
+fn write_tensors(
+    ck: &Checkpoint,
+    plan: &Plan,
+    wtype: &str,
+    staged: &Staged,
+    out: &Path,
+    cancel: &AtomicBool,
+    progress: &mut dyn FnMut(&Progress),
+) -> Result<(u64, u64)> {
     let kv = output_metadata(ck, plan, wtype, &"0".repeat(64))?;
-    let entries: Vec<TensorEntry> = plan.entries.iter().map(|e| TensorEntry { name: e.name.clone(), ne: e.decision.ne.clone(), ty: e.decision.ty }).collect();
+    let entries: Vec<TensorEntry> = plan
+        .entries
+        .iter()
+        .map(|e| TensorEntry {
+            name: e.name.clone(),
+            ne: e.decision.ne.clone(),
+            ty: e.decision.ty,
+        })
+        .collect();
     for t in plan.by_type() {
         crate::ggml::quantize_init(t.0);
     }
@@ -276,14 +433,25 @@ fn write_tensors(ck: &Checkpoint, plan: &Plan, wtype: &str, staged: &Staged, out
         Error::Io { err: source, .. } => Error::io(out, source),
         other => other,
     };
-    let mut w = Writer::new(BufWriter::with_capacity(8 << 20, staged.file()), &kv, &entries, None).map_err(out_err)?;
-    let digest_at = w.string_value_offset(SOURCE_SHA256).ok_or_else(|| Error::Invalid("digest key missing from header".into()))?;
+    let mut w = Writer::new(
+        BufWriter::with_capacity(8 << 20, staged.file()),
+        &kv,
+        &entries,
+        None,
+    )
+    .map_err(out_err)?;
+    let digest_at = w
+        .string_value_offset(SOURCE_SHA256)
+        .ok_or_else(|| Error::Invalid("digest key missing from header".into()))?;
     let mut bytes_done = 0u64;
     let mut scratch = quantize::Scratch::default();
     let mut merges: HashMap<&str, Vec<(&crate::lora::Pair, f32)>> = HashMap::new();
     for m in &plan.merges {
         for p in &m.lora.pairs {
-            merges.entry(p.target.weight.as_str()).or_default().push((p, m.multiplier));
+            merges
+                .entry(p.target.weight.as_str())
+                .or_default()
+                .push((p, m.multiplier));
         }
     }
     for (i, e) in plan.entries.iter().enumerate() {
@@ -296,19 +464,38 @@ fn write_tensors(ck: &Checkpoint, plan: &Plan, wtype: &str, staged: &Staged, out
                     let delta = p.delta(*multiplier)?;
                     let cols = w32.len() / p.target.shape[0].max(1);
                     let start = p.target.rows.map_or(0, |r| r.0) * cols;
-                    let rows = w32.get_mut(start..start + delta.len()).ok_or_else(|| Error::Invalid(format!("`{}`: the LoRA update does not fit `{}`", p.key, e.name)))?;
+                    let rows = w32.get_mut(start..start + delta.len()).ok_or_else(|| {
+                        Error::Invalid(format!(
+                            "`{}`: the LoRA update does not fit `{}`",
+                            p.key, e.name
+                        ))
+                    })?;
                     rows.iter_mut().zip(&delta).for_each(|(x, d)| *x += d);
                 }
-                quantize::convert_values(&w32, &e.decision, &mut scratch, &mut |chunk| w.write_chunk(chunk).map_err(out_err))?;
+                quantize::convert_values(&w32, &e.decision, &mut scratch, &mut |chunk| {
+                    w.write_chunk(chunk).map_err(out_err)
+                })?;
             }
-            None => quantize::convert_tensor(t, &e.decision, &mut scratch, cancel, &mut |chunk| w.write_chunk(chunk).map_err(out_err))?,
+            None => quantize::convert_tensor(t, &e.decision, &mut scratch, cancel, &mut |chunk| {
+                w.write_chunk(chunk).map_err(out_err)
+            })?,
         }
         bytes_done += t.nbytes();
-        progress(&Progress { tensor: &e.name, tensors_done: i + 1, tensors_total: plan.entries.len(), bytes_done, bytes_total: plan.source_bytes });
+        progress(&Progress {
+            tensor: &e.name,
+            tensors_done: i + 1,
+            tensors_total: plan.entries.len(),
+            bytes_done,
+            bytes_total: plan.source_bytes,
+        });
     }
     let mut buf = w.finish().map_err(out_err)?;
     buf.flush().map_err(|e| Error::io(out, e))?;
     drop(buf);
-    let bytes_out = staged.file().metadata().map_err(|e| Error::io(out, e))?.len();
+    let bytes_out = staged
+        .file()
+        .metadata()
+        .map_err(|e| Error::io(out, e))?
+        .len();
     Ok((digest_at, bytes_out))
 }

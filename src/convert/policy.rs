@@ -23,19 +23,27 @@ pub struct Rule {
 impl FromStr for Rule {
     type Err = Error;
     fn from_str(s: &str) -> Result<Rule> {
-        let (re, ty) = s.rsplit_once('=').ok_or_else(|| Error::Invalid(format!("tensor type rule `{s}`: expected REGEX=TYPE")))?;
+        let (re, ty) = s.rsplit_once('=').ok_or_else(|| {
+            Error::Invalid(format!("tensor type rule `{s}`: expected REGEX=TYPE"))
+        })?;
         let ty = parse_type(ty)?;
-        let pattern = Regex::new(re).map_err(|e| Error::Invalid(format!("tensor type rule `{s}`: {e}")))?;
+        let pattern =
+            Regex::new(re).map_err(|e| Error::Invalid(format!("tensor type rule `{s}`: {e}")))?;
         Ok(Rule { pattern, ty })
     }
 }
 
 /// Parses a weight type name accepted by `--type` (case-insensitive).
 pub fn parse_type(s: &str) -> Result<Type> {
-    Type::parse(s).filter(|t| Type::CONVERT_TARGETS.contains(t)).ok_or_else(|| {
-        let names: Vec<&str> = Type::CONVERT_TARGETS.iter().map(|t| t.name()).collect();
-        Error::Invalid(format!("unknown weight type `{s}`; valid types: {}", names.join(", ")))
-    })
+    Type::parse(s)
+        .filter(|t| Type::CONVERT_TARGETS.contains(t))
+        .ok_or_else(|| {
+            let names: Vec<&str> = Type::CONVERT_TARGETS.iter().map(|t| t.name()).collect();
+            Error::Invalid(format!(
+                "unknown weight type `{s}`; valid types: {}",
+                names.join(", ")
+            ))
+        })
 }
 
 #[derive(Clone, Debug)]
@@ -78,7 +86,10 @@ fn bits(t: Type) -> f64 {
 
 impl Policy {
     pub fn new(wtype: Type) -> Self {
-        Policy { wtype, rules: Vec::new() }
+        Policy {
+            wtype,
+            rules: Vec::new(),
+        }
     }
 
     fn default_type(&self, name: &str, ndim: usize) -> (Type, &'static str) {
@@ -87,7 +98,14 @@ impl Policy {
         if ndim <= 1 {
             return (Type::F32, "1-D (norm, bias, scale)");
         }
-        if ["token_embedding", "position_embedding", "positional_embedding"].iter().any(|k| name.contains(k)) {
+        if [
+            "token_embedding",
+            "position_embedding",
+            "positional_embedding",
+        ]
+        .iter()
+        .any(|k| name.contains(k))
+        {
             return (float_w, "embedding table");
         }
         if name.contains(".time_embed.") || name.contains(".label_emb.") {
@@ -97,7 +115,13 @@ impl Policy {
             // OpenCLIP's is applied transposed (`x @ P`), which ggml can do for floats only.
             return (float_w, "text projection");
         }
-        let q8_floor = |why| if !is_float(w) && bits(w) < bits(Type::Q8_0) { (Type::Q8_0, why) } else { (w, "weight") };
+        let q8_floor = |why| {
+            if !is_float(w) && bits(w) < bits(Type::Q8_0) {
+                (Type::Q8_0, why)
+            } else {
+                (w, "weight")
+            }
+        };
         if name.starts_with("first_stage_model.") {
             return q8_floor("VAE kept at q8_0 or better");
         }
@@ -115,15 +139,26 @@ impl Policy {
         let reshaped = shape.len() == 4;
         let ne: Vec<u64> = match shape {
             [] => vec![1],
-            [out, rest @ ..] if reshaped => vec![rest.iter().product::<usize>() as u64, *out as u64],
+            [out, rest @ ..] if reshaped => {
+                vec![rest.iter().product::<usize>() as u64, *out as u64]
+            }
             s => s.iter().rev().map(|&d| d as u64).collect(),
         };
         while !ty.fits_row(ne[0] as usize) {
             let Some(next) = fallback(ty) else { break };
-            why = format!("{why}; rows of {} are not whole {} blocks", ne[0], ty.name());
+            why = format!(
+                "{why}; rows of {} are not whole {} blocks",
+                ne[0],
+                ty.name()
+            );
             ty = next;
         }
-        Decision { ty, ne, reshaped, why }
+        Decision {
+            ty,
+            ne,
+            reshaped,
+            why,
+        }
     }
 }
 
@@ -134,24 +169,78 @@ mod tests {
     #[test]
     fn conv_kernels_are_stored_as_quantizable_matrices() {
         let p = Policy::new(Type::Q4_0);
-        let d = p.decide("model.diffusion_model.input_blocks.1.0.in_layers.2.weight", &[320, 320, 3, 3]);
-        assert_eq!((d.ty, d.ne.clone(), d.reshaped), (Type::Q4_0, vec![2880, 320], true));
+        let d = p.decide(
+            "model.diffusion_model.input_blocks.1.0.in_layers.2.weight",
+            &[320, 320, 3, 3],
+        );
+        assert_eq!(
+            (d.ty, d.ne.clone(), d.reshaped),
+            (Type::Q4_0, vec![2880, 320], true)
+        );
         // conv_in: 4 channels * 3 * 3 = 36 is not a whole block of 32
-        let d = p.decide("model.diffusion_model.input_blocks.0.0.weight", &[320, 4, 3, 3]);
+        let d = p.decide(
+            "model.diffusion_model.input_blocks.0.0.weight",
+            &[320, 4, 3, 3],
+        );
         assert_eq!(d.ty, Type::F16);
     }
 
     #[test]
     fn sensitive_tensors_stay_float_and_the_vae_stays_at_q8() {
         let p = Policy::new(Type::Q4_K);
-        assert_eq!(p.decide("model.diffusion_model.out.0.weight", &[320]).ty, Type::F32);
-        assert_eq!(p.decide("cond_stage_model.transformer.text_model.embeddings.token_embedding.weight", &[49408, 768]).ty, Type::F16);
-        assert_eq!(p.decide("cond_stage_model.transformer.text_model.encoder.layers.0.mlp.fc1.weight", &[3072, 768]).ty, Type::Q4_K);
-        assert_eq!(p.decide("first_stage_model.decoder.up.0.block.0.conv1.weight", &[128, 128, 3, 3]).ty, Type::Q8_0);
+        assert_eq!(
+            p.decide("model.diffusion_model.out.0.weight", &[320]).ty,
+            Type::F32
+        );
+        assert_eq!(
+            p.decide(
+                "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight",
+                &[49408, 768]
+            )
+            .ty,
+            Type::F16
+        );
+        assert_eq!(
+            p.decide(
+                "cond_stage_model.transformer.text_model.encoder.layers.0.mlp.fc1.weight",
+                &[3072, 768]
+            )
+            .ty,
+            Type::Q4_K
+        );
+        assert_eq!(
+            p.decide(
+                "first_stage_model.decoder.up.0.block.0.conv1.weight",
+                &[128, 128, 3, 3]
+            )
+            .ty,
+            Type::Q8_0
+        );
         // 2880 is not a multiple of 256: q4_K falls back to q4_0
-        assert_eq!(p.decide("model.diffusion_model.input_blocks.1.0.in_layers.2.weight", &[320, 320, 3, 3]).ty, Type::Q4_0);
-        assert_eq!(p.decide("model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight", &[320, 320]).ty, Type::Q4_0);
-        assert_eq!(p.decide("model.diffusion_model.input_blocks.4.1.transformer_blocks.0.attn1.to_q.weight", &[640, 1280]).ty, Type::Q4_K);
+        assert_eq!(
+            p.decide(
+                "model.diffusion_model.input_blocks.1.0.in_layers.2.weight",
+                &[320, 320, 3, 3]
+            )
+            .ty,
+            Type::Q4_0
+        );
+        assert_eq!(
+            p.decide(
+                "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight",
+                &[320, 320]
+            )
+            .ty,
+            Type::Q4_0
+        );
+        assert_eq!(
+            p.decide(
+                "model.diffusion_model.input_blocks.4.1.transformer_blocks.0.attn1.to_q.weight",
+                &[640, 1280]
+            )
+            .ty,
+            Type::Q4_K
+        );
     }
 
     #[test]
@@ -159,8 +248,16 @@ mod tests {
         let mut p = Policy::new(Type::Q4_0);
         p.rules.push("attn1=q8_0".parse().unwrap());
         p.rules.push("to_q=f16".parse().unwrap());
-        assert_eq!(p.decide("model.diffusion_model.x.attn1.to_k.weight", &[320, 320]).ty, Type::Q8_0);
-        assert_eq!(p.decide("model.diffusion_model.x.attn1.to_q.weight", &[320, 320]).ty, Type::F16);
+        assert_eq!(
+            p.decide("model.diffusion_model.x.attn1.to_k.weight", &[320, 320])
+                .ty,
+            Type::Q8_0
+        );
+        assert_eq!(
+            p.decide("model.diffusion_model.x.attn1.to_q.weight", &[320, 320])
+                .ty,
+            Type::F16
+        );
         assert!("nonsense".parse::<Rule>().is_err());
         assert!("x=q9_9".parse::<Rule>().is_err());
     }

@@ -44,7 +44,13 @@ const RECORD_ALIGNMENT: u16 = 64;
 /// Opens a torch zip checkpoint.
 pub fn open(path: &Path) -> Result<Checkpoint> {
     let (tensors, metadata) = read_tensors(path)?;
-    Ok(Checkpoint { path: path.to_path_buf(), format: SourceFormat::Ckpt, tensors, metadata, tokenizer: None })
+    Ok(Checkpoint {
+        path: path.to_path_buf(),
+        format: SourceFormat::Ckpt,
+        tensors,
+        metadata,
+        tokenizer: None,
+    })
 }
 
 /// Same contract as `safetensors::read_tensors`: the flattened tensor directory of a torch zip file.
@@ -59,18 +65,42 @@ pub fn read_tensors(path: &Path) -> Result<(Vec<SourceTensor>, BTreeMap<String, 
             "this is a legacy (pre-1.6) torch pickle file, not a torch zip; it is not supported: re-save it with a current torch.save or convert it to safetensors",
         ));
     }
-    let mut zip = ZipArchive::new(BufReader::new(&file.file)).map_err(|e| Error::format(path, format!("not a readable torch zip checkpoint (truncated or corrupt?): {e}")))?;
+    let mut zip = ZipArchive::new(BufReader::new(&file.file)).map_err(|e| {
+        Error::format(
+            path,
+            format!("not a readable torch zip checkpoint (truncated or corrupt?): {e}"),
+        )
+    })?;
 
     let names: Vec<String> = zip.file_names().map(str::to_string).collect();
     if let Some(bad) = names.iter().find(|n| escapes_archive(n)) {
         return Err(Error::format(path, format!("zip entry name {:?} is an absolute path or climbs out with `..`; refusing the archive", shorten(bad))));
     }
-    let pkls: Vec<&String> = names.iter().filter(|n| *n == "data.pkl" || n.ends_with("/data.pkl")).collect();
+    let pkls: Vec<&String> = names
+        .iter()
+        .filter(|n| *n == "data.pkl" || n.ends_with("/data.pkl"))
+        .collect();
     let pkl_name = match pkls.as_slice() {
         [one] => (*one).clone(),
-        [] => return Err(Error::format(path, "zip archive has no `<archive>/data.pkl`: not a torch checkpoint")),
+        [] => {
+            return Err(Error::format(
+                path,
+                "zip archive has no `<archive>/data.pkl`: not a torch checkpoint",
+            ))
+        }
         many => {
-            return Err(Error::format(path, format!("zip archive has {} `data.pkl` records ({}); expected one", many.len(), many.iter().take(4).map(|s| s.as_str()).collect::<Vec<_>>().join(", "))))
+            return Err(Error::format(
+                path,
+                format!(
+                    "zip archive has {} `data.pkl` records ({}); expected one",
+                    many.len(),
+                    many.iter()
+                        .take(4)
+                        .map(|s| s.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            ))
         }
     };
     let prefix = &pkl_name[..pkl_name.len() - "data.pkl".len()];
@@ -80,7 +110,13 @@ pub fn read_tensors(path: &Path) -> Result<(Vec<SourceTensor>, BTreeMap<String, 
         let order = read_small_record(&mut zip, path, &byteorder_name, 64)?;
         let order = String::from_utf8_lossy(&order);
         if order.trim() != "little" {
-            return Err(Error::format(path, format!("`{byteorder_name}` says {:?}: only little-endian checkpoints are supported", shorten(order.trim()))));
+            return Err(Error::format(
+                path,
+                format!(
+                    "`{byteorder_name}` says {:?}: only little-endian checkpoints are supported",
+                    shorten(order.trim())
+                ),
+            ));
         }
     }
 
@@ -122,19 +158,39 @@ fn shorten(s: &str) -> String {
 }
 
 /// Reads a whole record, decompressing if needed, refusing more than `max` bytes.
-fn read_small_record<R: Read + Seek>(zip: &mut ZipArchive<R>, path: &Path, name: &str, max: usize) -> Result<Vec<u8>> {
-    let idx = zip.index_for_name(name).ok_or_else(|| Error::format(path, format!("zip record `{name}` is missing")))?;
-    let mut f = zip.by_index(idx).map_err(|e| Error::format(path, format!("cannot read zip record `{name}`: {e}")))?;
+fn read_small_record<R: Read + Seek>(
+    zip: &mut ZipArchive<R>,
+    path: &Path,
+    name: &str,
+    max: usize,
+) -> Result<Vec<u8>> {
+    let idx = zip
+        .index_for_name(name)
+        .ok_or_else(|| Error::format(path, format!("zip record `{name}` is missing")))?;
+    let mut f = zip
+        .by_index(idx)
+        .map_err(|e| Error::format(path, format!("cannot read zip record `{name}`: {e}")))?;
     let declared = f.size();
     if declared > max as u64 {
-        return Err(Error::format(path, format!("zip record `{name}` is {declared} bytes, more than the {max} accepted")));
+        return Err(Error::format(
+            path,
+            format!("zip record `{name}` is {declared} bytes, more than the {max} accepted"),
+        ));
     }
     // The zip crate inflates until the deflate stream ends, whatever size the archive
     // declared, so a bomb (a small record that inflates to gigabytes) is stopped here:
     // one byte past the declared size is proof enough. The declared size itself may be
     // a lie in a tiny file, so only a little is reserved on its word.
     let mut buf = Vec::with_capacity(declared.min(1 << 20) as usize);
-    (&mut f).take(declared + 1).read_to_end(&mut buf).map_err(|e| Error::format(path, format!("cannot read zip record `{name}` (truncated or corrupt?): {e}")))?;
+    (&mut f)
+        .take(declared + 1)
+        .read_to_end(&mut buf)
+        .map_err(|e| {
+            Error::format(
+                path,
+                format!("cannot read zip record `{name}` (truncated or corrupt?): {e}"),
+            )
+        })?;
     if buf.len() as u64 > declared {
         return Err(Error::format(path, format!("zip record `{name}` inflates to more than the {declared} bytes its header declares (a zip bomb, or a corrupt archive)")));
     }
@@ -148,14 +204,27 @@ struct StorageEntry {
     size: u64,
 }
 
-fn storage_entry<R: Read + Seek>(zip: &mut ZipArchive<R>, file: &SourceFile, record: &str, tensor: &str) -> Result<StorageEntry> {
+fn storage_entry<R: Read + Seek>(
+    zip: &mut ZipArchive<R>,
+    file: &SourceFile,
+    record: &str,
+    tensor: &str,
+) -> Result<StorageEntry> {
     let path = &file.path;
     let idx = zip
         .index_for_name(record)
         .ok_or_else(|| Error::format(path, format!("tensor `{tensor}` refers to storage record `{record}`, which is not in the archive")))?;
-    let f = zip.by_index_raw(idx).map_err(|e| Error::format(path, format!("cannot locate storage record `{record}` (truncated or corrupt?): {e}")))?;
+    let f = zip.by_index_raw(idx).map_err(|e| {
+        Error::format(
+            path,
+            format!("cannot locate storage record `{record}` (truncated or corrupt?): {e}"),
+        )
+    })?;
     if f.encrypted() {
-        return Err(Error::format(path, format!("storage record `{record}` is encrypted")));
+        return Err(Error::format(
+            path,
+            format!("storage record `{record}` is encrypted"),
+        ));
     }
     if f.compression() != CompressionMethod::Stored {
         return Err(Error::format(
@@ -164,25 +233,51 @@ fn storage_entry<R: Read + Seek>(zip: &mut ZipArchive<R>, file: &SourceFile, rec
         ));
     }
     if f.compressed_size() != f.size() {
-        return Err(Error::format(path, format!("storage record `{record}` is stored but its sizes disagree ({} vs {} bytes)", f.compressed_size(), f.size())));
+        return Err(Error::format(
+            path,
+            format!(
+                "storage record `{record}` is stored but its sizes disagree ({} vs {} bytes)",
+                f.compressed_size(),
+                f.size()
+            ),
+        ));
     }
-    let e = StorageEntry { data_start: f.data_start(), size: f.size() };
+    let e = StorageEntry {
+        data_start: f.data_start(),
+        size: f.size(),
+    };
     match e.data_start.checked_add(e.size) {
         Some(end) if end <= file.len => Ok(e),
-        _ => Err(Error::format(path, format!("storage record `{record}` ends at byte {} but the file has {} (truncated?)", e.data_start.saturating_add(e.size), file.len))),
+        _ => Err(Error::format(
+            path,
+            format!(
+                "storage record `{record}` ends at byte {} but the file has {} (truncated?)",
+                e.data_start.saturating_add(e.size),
+                file.len
+            ),
+        )),
     }
 }
 
-fn place_tensor(file: &Arc<SourceFile>, name: String, t: &TensorRef, record: &str, entry: StorageEntry) -> Result<SourceTensor> {
+fn place_tensor(
+    file: &Arc<SourceFile>,
+    name: String,
+    t: &TensorRef,
+    record: &str,
+    entry: StorageEntry,
+) -> Result<SourceTensor> {
     let path = &file.path;
     if !t.is_contiguous() {
         return Err(Error::format(path, format!("tensor `{name}` is not contiguous (shape {:?}, stride {:?}); only contiguous tensors can be read in place", t.shape, t.stride)));
     }
     let elem = t.dtype.bytes_for(1).unwrap_or(1);
-    let range = t.numel().and_then(|n| t.dtype.bytes_for(n)).and_then(|nbytes| {
-        let start = t.storage_offset.checked_mul(elem)?;
-        Some((start, start.checked_add(nbytes)?))
-    });
+    let range = t
+        .numel()
+        .and_then(|n| t.dtype.bytes_for(n))
+        .and_then(|nbytes| {
+            let start = t.storage_offset.checked_mul(elem)?;
+            Some((start, start.checked_add(nbytes)?))
+        });
     match range {
         Some((start, end)) if end <= entry.size => Ok(SourceTensor {
             name,
@@ -199,14 +294,37 @@ fn place_tensor(file: &Arc<SourceFile>, name: String, t: &TensorRef, record: &st
 }
 
 /// Walks the unpickled object into (name, tensor) pairs and scalar metadata.
-fn flatten<'a>(path: &Path, g: &'a Unpickled) -> Result<(Vec<(String, &'a TensorRef)>, BTreeMap<String, String>)> {
+fn flatten<'a>(
+    path: &Path,
+    g: &'a Unpickled,
+) -> Result<(Vec<(String, &'a TensorRef)>, BTreeMap<String, String>)> {
     let root = g.root();
     let Object::Dict(top) = g.get(root) else {
-        return Err(Error::format(path, format!("data.pkl holds a {}, not a dict of tensors", g.get(root).kind())));
+        return Err(Error::format(
+            path,
+            format!(
+                "data.pkl holds a {}, not a dict of tensors",
+                g.get(root).kind()
+            ),
+        ));
     };
-    let mut f = Flattener { path, g, visits: 0, max_visits: g.len().saturating_mul(2).saturating_add(1024), on_path: Vec::new(), tensors: Vec::new(), index: HashMap::new(), meta: BTreeMap::new() };
+    let mut f = Flattener {
+        path,
+        g,
+        visits: 0,
+        max_visits: g.len().saturating_mul(2).saturating_add(1024),
+        on_path: Vec::new(),
+        tensors: Vec::new(),
+        index: HashMap::new(),
+        meta: BTreeMap::new(),
+    };
     // The last `state_dict` key wins, as in a Python dict.
-    let state_dict = top.iter().rev().find(|(k, _)| matches!(g.get(*k), Object::Str(s) if s == "state_dict")).map(|&(_, v)| v).filter(|&v| matches!(g.get(v), Object::Dict(_)));
+    let state_dict = top
+        .iter()
+        .rev()
+        .find(|(k, _)| matches!(g.get(*k), Object::Str(s) if s == "state_dict"))
+        .map(|&(_, v)| v)
+        .filter(|&v| matches!(g.get(v), Object::Dict(_)));
     match state_dict {
         Some(sd) => {
             f.walk(sd, "", 0, false)?;
@@ -243,12 +361,23 @@ struct Flattener<'a, 'p> {
 impl<'a> Flattener<'a, '_> {
     fn walk(&mut self, dict: ObjId, prefix: &str, depth: usize, with_meta: bool) -> Result<()> {
         let g = self.g;
-        let Object::Dict(items) = g.get(dict) else { return Ok(()) };
+        let Object::Dict(items) = g.get(dict) else {
+            return Ok(());
+        };
         if depth >= MAX_DICT_DEPTH {
-            return Err(Error::format(self.path, format!("data.pkl: dicts nested deeper than {MAX_DICT_DEPTH} levels (at `{}`)", shorten(prefix))));
+            return Err(Error::format(
+                self.path,
+                format!(
+                    "data.pkl: dicts nested deeper than {MAX_DICT_DEPTH} levels (at `{}`)",
+                    shorten(prefix)
+                ),
+            ));
         }
         if self.on_path.contains(&dict) {
-            return Err(Error::format(self.path, format!("data.pkl: dict `{}` contains itself", shorten(prefix))));
+            return Err(Error::format(
+                self.path,
+                format!("data.pkl: dict `{}` contains itself", shorten(prefix)),
+            ));
         }
         self.on_path.push(dict);
         for &(k, v) in items {
@@ -256,10 +385,22 @@ impl<'a> Flattener<'a, '_> {
             if self.visits > self.max_visits {
                 return Err(Error::format(self.path, "data.pkl: the same dicts are referenced from too many places (more names than the pickle could hold)"));
             }
-            let Some(key) = key_string(g.get(k)) else { continue };
-            let name = if prefix.is_empty() { key } else { format!("{prefix}.{key}") };
+            let Some(key) = key_string(g.get(k)) else {
+                continue;
+            };
+            let name = if prefix.is_empty() {
+                key
+            } else {
+                format!("{prefix}.{key}")
+            };
             if name.len() > MAX_NAME_BYTES {
-                return Err(Error::format(self.path, format!("data.pkl: tensor name longer than {MAX_NAME_BYTES} bytes (`{}...`)", shorten(&name))));
+                return Err(Error::format(
+                    self.path,
+                    format!(
+                        "data.pkl: tensor name longer than {MAX_NAME_BYTES} bytes (`{}...`)",
+                        shorten(&name)
+                    ),
+                ));
             }
             match g.get(v) {
                 Object::Tensor(t) => match self.index.get(&name) {
@@ -302,15 +443,39 @@ impl<'a> Flattener<'a, '_> {
 /// 64-byte aligned, then `archive/version`. Tensor `i`'s bytes come from `fill(i, buf)`
 /// (little-endian, exactly the spec's size), one tensor in memory at a time.
 /// Supported dtypes: F32, F16, BF16, F64, I64, I32, I16, I8, U8, Bool.
-pub fn write<W: Write + Seek>(out: W, specs: &[WriteSpec], wrap_state_dict: bool, fill: impl FnMut(usize, &mut Vec<u8>) -> Result<()>) -> Result<W> {
-    write_impl(out, Path::new("<ckpt output>"), specs, wrap_state_dict, fill)
+pub fn write<W: Write + Seek>(
+    out: W,
+    specs: &[WriteSpec],
+    wrap_state_dict: bool,
+    fill: impl FnMut(usize, &mut Vec<u8>) -> Result<()>,
+) -> Result<W> {
+    write_impl(
+        out,
+        Path::new("<ckpt output>"),
+        specs,
+        wrap_state_dict,
+        fill,
+    )
 }
 
 /// [`write`] to a new file at `path`.
-pub fn write_file(path: &Path, specs: &[WriteSpec], wrap_state_dict: bool, fill: impl FnMut(usize, &mut Vec<u8>) -> Result<()>) -> Result<()> {
+pub fn write_file(
+    path: &Path,
+    specs: &[WriteSpec],
+    wrap_state_dict: bool,
+    fill: impl FnMut(usize, &mut Vec<u8>) -> Result<()>,
+) -> Result<()> {
     let f = File::create(path).map_err(|e| Error::io(path, e))?;
-    let w = write_impl(BufWriter::with_capacity(1 << 20, f), path, specs, wrap_state_dict, fill)?;
-    let f = w.into_inner().map_err(|e| Error::io(path, e.into_error()))?;
+    let w = write_impl(
+        BufWriter::with_capacity(1 << 20, f),
+        path,
+        specs,
+        wrap_state_dict,
+        fill,
+    )?;
+    let f = w
+        .into_inner()
+        .map_err(|e| Error::io(path, e.into_error()))?;
     f.sync_all().map_err(|e| Error::io(path, e))
 }
 
@@ -321,12 +486,15 @@ pub fn write_archive(path: &Path, pkl: &[u8], records: &[&[u8]]) -> Result<()> {
     let zerr = |e: zip::result::ZipError| Error::io(path, e.into());
     let ioerr = |e: std::io::Error| Error::io(path, e);
     let f = File::create(path).map_err(ioerr)?;
-    let opts = SimpleFileOptions::default().compression_method(CompressionMethod::Stored).with_alignment(RECORD_ALIGNMENT);
+    let opts = SimpleFileOptions::default()
+        .compression_method(CompressionMethod::Stored)
+        .with_alignment(RECORD_ALIGNMENT);
     let mut zw = ZipWriter::new(BufWriter::new(f));
     zw.start_file("archive/data.pkl", opts).map_err(zerr)?;
     zw.write_all(pkl).map_err(ioerr)?;
     for (i, r) in records.iter().enumerate() {
-        zw.start_file(format!("archive/data/{i}"), opts).map_err(zerr)?;
+        zw.start_file(format!("archive/data/{i}"), opts)
+            .map_err(zerr)?;
         zw.write_all(r).map_err(ioerr)?;
     }
     zw.start_file("archive/version", opts).map_err(zerr)?;
@@ -334,24 +502,52 @@ pub fn write_archive(path: &Path, pkl: &[u8], records: &[&[u8]]) -> Result<()> {
     zw.finish().map_err(zerr)?.flush().map_err(ioerr)
 }
 
-fn write_impl<W: Write + Seek>(out: W, label: &Path, specs: &[WriteSpec], wrap_state_dict: bool, mut fill: impl FnMut(usize, &mut Vec<u8>) -> Result<()>) -> Result<W> {
+fn write_impl<W: Write + Seek>(
+    out: W,
+    label: &Path,
+    specs: &[WriteSpec],
+    wrap_state_dict: bool,
+    mut fill: impl FnMut(usize, &mut Vec<u8>) -> Result<()>,
+) -> Result<W> {
     let zerr = |e: zip::result::ZipError| Error::io(label, e.into());
     let ioerr = |e: std::io::Error| Error::io(label, e);
     let mut sizes = Vec::with_capacity(specs.len());
     for s in specs {
         if pickle::storage_class_name(s.dtype).is_none() {
-            return Err(Error::Invalid(format!("tensor `{}`: torch checkpoints cannot store type {}", s.name, s.dtype.name())));
+            return Err(Error::Invalid(format!(
+                "tensor `{}`: torch checkpoints cannot store type {}",
+                s.name,
+                s.dtype.name()
+            )));
         }
-        let bytes = s.shape.iter().try_fold(1u64, |a, &d| a.checked_mul(d as u64)).and_then(|n| s.dtype.bytes_for(n));
-        sizes.push(bytes.ok_or_else(|| Error::Invalid(format!("tensor `{}`: shape {:?} is too large", s.name, s.shape)))?);
+        let bytes = s
+            .shape
+            .iter()
+            .try_fold(1u64, |a, &d| a.checked_mul(d as u64))
+            .and_then(|n| s.dtype.bytes_for(n));
+        sizes.push(bytes.ok_or_else(|| {
+            Error::Invalid(format!(
+                "tensor `{}`: shape {:?} is too large",
+                s.name, s.shape
+            ))
+        })?);
     }
-    let refs: Vec<(&str, DType, &[usize])> = specs.iter().map(|s| (s.name.as_str(), s.dtype, s.shape.as_slice())).collect();
+    let refs: Vec<(&str, DType, &[usize])> = specs
+        .iter()
+        .map(|s| (s.name.as_str(), s.dtype, s.shape.as_slice()))
+        .collect();
     let pkl = pickle::state_dict_pickle(&refs, wrap_state_dict)?;
     drop(refs);
 
-    let opts = |bytes: u64| SimpleFileOptions::default().compression_method(CompressionMethod::Stored).with_alignment(RECORD_ALIGNMENT).large_file(bytes >= u32::MAX as u64);
+    let opts = |bytes: u64| {
+        SimpleFileOptions::default()
+            .compression_method(CompressionMethod::Stored)
+            .with_alignment(RECORD_ALIGNMENT)
+            .large_file(bytes >= u32::MAX as u64)
+    };
     let mut zw = ZipWriter::new(out);
-    zw.start_file("archive/data.pkl", opts(pkl.len() as u64)).map_err(zerr)?;
+    zw.start_file("archive/data.pkl", opts(pkl.len() as u64))
+        .map_err(zerr)?;
     zw.write_all(&pkl).map_err(ioerr)?;
     drop(pkl);
     zw.start_file("archive/byteorder", opts(6)).map_err(zerr)?;
@@ -361,9 +557,14 @@ fn write_impl<W: Write + Seek>(out: W, label: &Path, specs: &[WriteSpec], wrap_s
         buf.clear();
         fill(i, &mut buf)?;
         if buf.len() as u64 != size {
-            return Err(Error::Invalid(format!("tensor `{}`: wrote {} bytes, expected {size}", s.name, buf.len())));
+            return Err(Error::Invalid(format!(
+                "tensor `{}`: wrote {} bytes, expected {size}",
+                s.name,
+                buf.len()
+            )));
         }
-        zw.start_file(format!("archive/data/{i}"), opts(size)).map_err(zerr)?;
+        zw.start_file(format!("archive/data/{i}"), opts(size))
+            .map_err(zerr)?;
         zw.write_all(&buf).map_err(ioerr)?;
     }
     zw.start_file("archive/version", opts(2)).map_err(zerr)?;
@@ -377,9 +578,12 @@ mod tests {
     use crate::formats::pickle::PickleWriter;
     use std::io::Cursor;
 
-
     fn spec(name: &str, shape: &[usize], dtype: DType) -> WriteSpec {
-        WriteSpec { name: name.to_string(), shape: shape.to_vec(), dtype }
+        WriteSpec {
+            name: name.to_string(),
+            shape: shape.to_vec(),
+            dtype,
+        }
     }
 
     fn pseudo_random_bytes(n: usize, seed: u64) -> Vec<u8> {
@@ -418,8 +622,18 @@ mod tests {
         let tmp = tempfile::Builder::new().suffix(".pt").tempfile().unwrap();
         let mut zw = ZipWriter::new(File::create(tmp.path()).unwrap());
         for (name, bytes, deflate) in records {
-            let m = if *deflate { CompressionMethod::Deflated } else { CompressionMethod::Stored };
-            zw.start_file(*name, SimpleFileOptions::default().compression_method(m).with_alignment(64)).unwrap();
+            let m = if *deflate {
+                CompressionMethod::Deflated
+            } else {
+                CompressionMethod::Stored
+            };
+            zw.start_file(
+                *name,
+                SimpleFileOptions::default()
+                    .compression_method(m)
+                    .with_alignment(64),
+            )
+            .unwrap();
             zw.write_all(bytes).unwrap();
         }
         zw.finish().unwrap();
@@ -434,24 +648,38 @@ mod tests {
     }
 
     /// `{"t": <f32 view of storage "0" (storage_numel) at offset, shape, stride>}`.
-    fn view_pickle(key: &str, storage_numel: u64, offset: u64, shape: &[u64], stride: &[u64]) -> Vec<u8> {
+    fn view_pickle(
+        key: &str,
+        storage_numel: u64,
+        offset: u64,
+        shape: &[u64],
+        stride: &[u64],
+    ) -> Vec<u8> {
         let mut w = PickleWriter::new();
         w.empty_dict();
         w.str("t");
-        w.tensor_view(key, DType::F32, storage_numel, offset, shape, stride).unwrap();
+        w.tensor_view(key, DType::F32, storage_numel, offset, shape, stride)
+            .unwrap();
         w.setitem();
         w.finish()
     }
 
     #[test]
     fn taef2_encoder_and_decoder_open_as_79_f16_tensors() {
-        let Some(taef2) = crate::testdata::external("models/taef2") else { return };
-        for (which, first) in [("encoder", ("0.weight", vec![64, 3, 3, 3])), ("decoder", ("1.weight", vec![64, 32, 3, 3]))] {
+        let Some(taef2) = crate::testdata::external("models/taef2") else {
+            return;
+        };
+        for (which, first) in [
+            ("encoder", ("0.weight", vec![64, 3, 3, 3])),
+            ("decoder", ("1.weight", vec![64, 32, 3, 3])),
+        ] {
             let ck = Checkpoint::open(&taef2.join(format!("taef2_{which}.pth"))).unwrap();
             assert_eq!(ck.format, SourceFormat::Ckpt);
             assert_eq!(ck.tensors.len(), 79, "{which}");
             assert!(ck.tensors.iter().all(|t| t.dtype == DType::F16));
-            let t = ck.get(first.0).unwrap_or_else(|| panic!("{which}: no {}", first.0));
+            let t = ck
+                .get(first.0)
+                .unwrap_or_else(|| panic!("{which}: no {}", first.0));
             assert_eq!(t.shape, first.1);
             assert!(ck.get("1.conv.0.weight").is_some() || ck.get("3.conv.0.weight").is_some());
             let mut total = 0usize;
@@ -471,12 +699,18 @@ mod tests {
         assert_eq!(ck.tensors[1].name, "0.bias");
         assert_eq!(ck.tensors[2].name, "1.conv.0.weight");
         assert_eq!(ck.get("14.weight").unwrap().shape, vec![32, 64, 3, 3]);
-        assert_eq!(ck.get("11.pool.0.weight").unwrap().shape, vec![256, 64, 1, 1]);
+        assert_eq!(
+            ck.get("11.pool.0.weight").unwrap().shape,
+            vec![256, 64, 1, 1]
+        );
     }
 
     #[test]
     fn birb_textual_inversion_opens_as_one_f32_768_tensor() {
-        let Some(birb) = crate::testdata::external("models/ti-sd15-birb-style/learned_embeds.bin") else { return };
+        let Some(birb) = crate::testdata::external("models/ti-sd15-birb-style/learned_embeds.bin")
+        else {
+            return;
+        };
         let ck = Checkpoint::open(&birb).unwrap();
         assert_eq!(ck.tensors.len(), 1);
         let t = &ck.tensors[0];
@@ -490,10 +724,18 @@ mod tests {
     #[test]
     fn write_then_open_round_trips_bit_exact_with_state_dict_wrapper() {
         let specs = vec![
-            spec("model.diffusion_model.input_blocks.0.0.weight", &[8, 4, 3, 3], DType::F32),
+            spec(
+                "model.diffusion_model.input_blocks.0.0.weight",
+                &[8, 4, 3, 3],
+                DType::F32,
+            ),
             spec("first_stage_model.decoder.conv_in.bias", &[5], DType::F16),
             spec("cond_stage_model.transformer.x", &[3, 7], DType::BF16),
-            spec("cond_stage_model.transformer.text_model.embeddings.position_ids", &[1, 77], DType::I64),
+            spec(
+                "cond_stage_model.transformer.text_model.embeddings.position_ids",
+                &[1, 77],
+                DType::I64,
+            ),
             spec("alphas_cumprod_scalar", &[], DType::F32),
             spec("empty", &[0, 4], DType::F16),
             spec("large", &[1024, 1024], DType::F32),
@@ -517,17 +759,29 @@ mod tests {
         // The archive looks like torch's.
         let mut z = ZipArchive::new(File::open(tmp.path()).unwrap()).unwrap();
         let names: Vec<String> = z.file_names().map(String::from).collect();
-        for n in ["archive/data.pkl", "archive/byteorder", "archive/version", "archive/data/0", "archive/data/7"] {
+        for n in [
+            "archive/data.pkl",
+            "archive/byteorder",
+            "archive/version",
+            "archive/data/0",
+            "archive/data/7",
+        ] {
             assert!(names.iter().any(|x| x == n), "{n} missing");
         }
         let mut v = String::new();
-        z.by_name("archive/version").unwrap().read_to_string(&mut v).unwrap();
+        z.by_name("archive/version")
+            .unwrap()
+            .read_to_string(&mut v)
+            .unwrap();
         assert_eq!(v, "3\n");
     }
 
     #[test]
     fn write_without_wrapper_gives_a_flat_state_dict() {
-        let specs = vec![spec("a.weight", &[4, 4], DType::F16), spec("b", &[3], DType::I64)];
+        let specs = vec![
+            spec("a.weight", &[4, 4], DType::F16),
+            spec("b", &[3], DType::I64),
+        ];
         let mut out = Cursor::new(Vec::new());
         write(&mut out, &specs, false, |i, buf| {
             buf.extend(pseudo_random_bytes(if i == 0 { 32 } else { 24 }, 3));
@@ -538,7 +792,10 @@ mod tests {
         let tmp = tempfile::NamedTempFile::new().unwrap();
         std::fs::write(tmp.path(), &bytes).unwrap();
         let (t, _) = read_tensors(tmp.path()).unwrap();
-        assert_eq!(t.iter().map(|t| t.name.as_str()).collect::<Vec<_>>(), ["a.weight", "b"]);
+        assert_eq!(
+            t.iter().map(|t| t.name.as_str()).collect::<Vec<_>>(),
+            ["a.weight", "b"]
+        );
         assert_eq!(t[1].read_raw().unwrap(), pseudo_random_bytes(24, 3));
     }
 
@@ -575,7 +832,11 @@ mod tests {
         w.tensor("0", DType::F32, &[2]).unwrap();
         w.setitem();
         w.setitems();
-        let tmp = zip_file(&[("m/data.pkl", &w.finish(), false), ("m/data/0", &[0u8; 8], false), ("m/version", b"3\n", false)]);
+        let tmp = zip_file(&[
+            ("m/data.pkl", &w.finish(), false),
+            ("m/data/0", &[0u8; 8], false),
+            ("m/version", b"3\n", false),
+        ]);
         let (t, meta) = read_tensors(tmp.path()).unwrap();
         assert_eq!(t.len(), 1);
         assert_eq!(t[0].name, "model.w");
@@ -610,14 +871,23 @@ mod tests {
         w.int(3000);
         w.setitems();
         let data = pseudo_random_bytes(2 * 768 * 4, 11);
-        let tmp = zip_file(&[("archive/data.pkl", &w.finish(), false), ("archive/data/0", &data, false)]);
+        let tmp = zip_file(&[
+            ("archive/data.pkl", &w.finish(), false),
+            ("archive/data/0", &data, false),
+        ]);
         let ck = open(tmp.path()).unwrap();
         assert_eq!(ck.tensors.len(), 1);
         assert_eq!(ck.tensors[0].name, "string_to_param.*");
         assert_eq!(ck.tensors[0].shape, vec![2, 768]);
         assert_eq!(ck.tensors[0].read_raw().unwrap(), data);
-        assert_eq!(ck.metadata.get("name").map(String::as_str), Some("my-style"));
-        assert_eq!(ck.metadata.get("string_to_token.*").map(String::as_str), Some("265"));
+        assert_eq!(
+            ck.metadata.get("name").map(String::as_str),
+            Some("my-style")
+        );
+        assert_eq!(
+            ck.metadata.get("string_to_token.*").map(String::as_str),
+            Some("265")
+        );
     }
 
     #[test]
@@ -626,7 +896,8 @@ mod tests {
         w.empty_dict();
         w.mark();
         w.str("a");
-        w.tensor_view("5", DType::F32, 10, 0, &[2, 2], &[2, 1]).unwrap();
+        w.tensor_view("5", DType::F32, 10, 0, &[2, 2], &[2, 1])
+            .unwrap();
         w.put();
         w.str("b");
         w.tensor_view("5", DType::F32, 10, 4, &[6], &[1]).unwrap();
@@ -636,13 +907,25 @@ mod tests {
         w.raw(3);
         w.setitems();
         let data: Vec<u8> = (0..10u32).flat_map(|i| (i as f32).to_le_bytes()).collect();
-        let tmp = zip_file(&[("archive/data.pkl", &w.finish(), false), ("archive/data/5", &data, false)]);
+        let tmp = zip_file(&[
+            ("archive/data.pkl", &w.finish(), false),
+            ("archive/data/5", &data, false),
+        ]);
         let ck = open(tmp.path()).unwrap();
         let names: Vec<&str> = ck.tensors.iter().map(|t| t.name.as_str()).collect();
         assert_eq!(names, ["a", "b", "tied"]);
-        assert_eq!(ck.get("a").unwrap().read_f32().unwrap(), [0.0, 1.0, 2.0, 3.0]);
-        assert_eq!(ck.get("b").unwrap().read_f32().unwrap(), [4.0, 5.0, 6.0, 7.0, 8.0, 9.0]);
-        assert_eq!(ck.get("tied").unwrap().read_f32().unwrap(), [0.0, 1.0, 2.0, 3.0]);
+        assert_eq!(
+            ck.get("a").unwrap().read_f32().unwrap(),
+            [0.0, 1.0, 2.0, 3.0]
+        );
+        assert_eq!(
+            ck.get("b").unwrap().read_f32().unwrap(),
+            [4.0, 5.0, 6.0, 7.0, 8.0, 9.0]
+        );
+        assert_eq!(
+            ck.get("tied").unwrap().read_f32().unwrap(),
+            [0.0, 1.0, 2.0, 3.0]
+        );
     }
 
     #[test]
@@ -658,19 +941,28 @@ mod tests {
         }
         // Also when data.pkl is deflated.
         let tmp = zip_file(&[("archive/data.pkl", &pkl, true)]);
-        assert!(matches!(read_tensors(tmp.path()), Err(Error::UnsafePickle { .. })));
+        assert!(matches!(
+            read_tensors(tmp.path()),
+            Err(Error::UnsafePickle { .. })
+        ));
     }
 
     #[test]
     fn truncated_zip_is_an_error_at_every_length() {
-        let specs = vec![spec("a", &[16, 16], DType::F32), spec("b", &[3], DType::F16)];
+        let specs = vec![
+            spec("a", &[16, 16], DType::F32),
+            spec("b", &[3], DType::F16),
+        ];
         let (tmp, _) = write_random(&specs, true);
         let full = std::fs::read(tmp.path()).unwrap();
         let cut = tempfile::NamedTempFile::new().unwrap();
         let mut n = 0;
         while n < full.len() {
             std::fs::write(cut.path(), &full[..n]).unwrap();
-            assert!(read_tensors(cut.path()).is_err(), "a {n}-byte prefix opened");
+            assert!(
+                read_tensors(cut.path()).is_err(),
+                "a {n}-byte prefix opened"
+            );
             n += 1 + n / 50;
         }
         assert!(read_tensors(tmp.path()).is_ok());
@@ -679,21 +971,40 @@ mod tests {
     #[test]
     fn missing_storage_record_is_an_error() {
         let pkl = view_pickle("0", 4, 0, &[4], &[1]);
-        let tmp = zip_file(&[("archive/data.pkl", &pkl, false), ("archive/data/1", &[0u8; 16], false)]);
+        let tmp = zip_file(&[
+            ("archive/data.pkl", &pkl, false),
+            ("archive/data/1", &[0u8; 16], false),
+        ]);
         let e = err_of(tmp.path());
-        assert!(e.contains("archive/data/0") && e.contains("not in the archive"), "{e}");
+        assert!(
+            e.contains("archive/data/0") && e.contains("not in the archive"),
+            "{e}"
+        );
     }
 
     #[test]
     fn zip_slip_names_and_bad_storage_keys_are_refused() {
         let pkl = view_pickle("0", 4, 0, &[4], &[1]);
-        for bad in ["../evil", "archive/../../etc/passwd", "/abs/path", "archive\\data\\0", "C:/x"] {
-            let tmp = zip_file(&[("archive/data.pkl", &pkl, false), ("archive/data/0", &[0u8; 16], false), (bad, b"x", false)]);
+        for bad in [
+            "../evil",
+            "archive/../../etc/passwd",
+            "/abs/path",
+            "archive\\data\\0",
+            "C:/x",
+        ] {
+            let tmp = zip_file(&[
+                ("archive/data.pkl", &pkl, false),
+                ("archive/data/0", &[0u8; 16], false),
+                (bad, b"x", false),
+            ]);
             let e = err_of(tmp.path());
             assert!(e.contains("refusing the archive"), "{bad}: {e}");
         }
         let pkl = view_pickle("../0", 4, 0, &[4], &[1]);
-        let tmp = zip_file(&[("archive/data.pkl", &pkl, false), ("archive/data/0", &[0u8; 16], false)]);
+        let tmp = zip_file(&[
+            ("archive/data.pkl", &pkl, false),
+            ("archive/data/0", &[0u8; 16], false),
+        ]);
         let e = err_of(tmp.path());
         assert!(e.contains("invalid storage key"), "{e}");
     }
@@ -701,7 +1012,10 @@ mod tests {
     #[test]
     fn compressed_storage_record_is_an_error() {
         let pkl = view_pickle("0", 4, 0, &[4], &[1]);
-        let tmp = zip_file(&[("archive/data.pkl", &pkl, false), ("archive/data/0", &[0u8; 16], true)]);
+        let tmp = zip_file(&[
+            ("archive/data.pkl", &pkl, false),
+            ("archive/data/0", &[0u8; 16], true),
+        ]);
         let e = err_of(tmp.path());
         assert!(e.contains("compressed"), "{e}");
     }
@@ -709,30 +1023,46 @@ mod tests {
     #[test]
     fn non_contiguous_stride_is_an_error() {
         let pkl = view_pickle("0", 6, 0, &[2, 3], &[1, 2]);
-        let tmp = zip_file(&[("archive/data.pkl", &pkl, false), ("archive/data/0", &[0u8; 24], false)]);
+        let tmp = zip_file(&[
+            ("archive/data.pkl", &pkl, false),
+            ("archive/data/0", &[0u8; 24], false),
+        ]);
         let e = err_of(tmp.path());
         assert!(e.contains("not contiguous"), "{e}");
         // Size-1 dimensions may carry any stride.
         let pkl = view_pickle("0", 6, 0, &[1, 6], &[99, 1]);
-        let tmp = zip_file(&[("archive/data.pkl", &pkl, false), ("archive/data/0", &[0u8; 24], false)]);
+        let tmp = zip_file(&[
+            ("archive/data.pkl", &pkl, false),
+            ("archive/data/0", &[0u8; 24], false),
+        ]);
         assert!(read_tensors(tmp.path()).is_ok());
     }
 
     #[test]
     fn storage_too_small_for_the_tensor_is_an_error() {
         let pkl = view_pickle("0", 4, 2, &[4], &[1]);
-        let tmp = zip_file(&[("archive/data.pkl", &pkl, false), ("archive/data/0", &[0u8; 16], false)]);
+        let tmp = zip_file(&[
+            ("archive/data.pkl", &pkl, false),
+            ("archive/data/0", &[0u8; 16], false),
+        ]);
         let e = err_of(tmp.path());
         assert!(e.contains("storage too small"), "{e}");
         let pkl = view_pickle("0", 4, u64::MAX / 2, &[4], &[1]);
-        let tmp = zip_file(&[("archive/data.pkl", &pkl, false), ("archive/data/0", &[0u8; 16], false)]);
+        let tmp = zip_file(&[
+            ("archive/data.pkl", &pkl, false),
+            ("archive/data/0", &[0u8; 16], false),
+        ]);
         assert!(read_tensors(tmp.path()).is_err());
     }
 
     #[test]
     fn big_endian_byteorder_is_an_error() {
         let pkl = view_pickle("0", 4, 0, &[4], &[1]);
-        let tmp = zip_file(&[("archive/data.pkl", &pkl, false), ("archive/byteorder", b"big", false), ("archive/data/0", &[0u8; 16], false)]);
+        let tmp = zip_file(&[
+            ("archive/data.pkl", &pkl, false),
+            ("archive/byteorder", b"big", false),
+            ("archive/data/0", &[0u8; 16], false),
+        ]);
         let e = err_of(tmp.path());
         assert!(e.contains("little-endian"), "{e}");
     }
@@ -789,7 +1119,10 @@ mod tests {
         }
         // Older dicts stay on the stack; STOP takes the newest.
         pkl.push(b'.');
-        let tmp = zip_file(&[("archive/data.pkl", &pkl, false), ("archive/data/0", &[0u8; 4], false)]);
+        let tmp = zip_file(&[
+            ("archive/data.pkl", &pkl, false),
+            ("archive/data/0", &[0u8; 4], false),
+        ]);
         let e = err_of(tmp.path());
         assert!(e.contains("too many places"), "{e}");
     }
@@ -863,26 +1196,59 @@ mod tests {
     ];
 
     fn unhex(h: &str) -> Vec<u8> {
-        (0..h.len() / 2).map(|i| u8::from_str_radix(&h[2 * i..2 * i + 2], 16).unwrap()).collect()
+        (0..h.len() / 2)
+            .map(|i| u8::from_str_radix(&h[2 * i..2 * i + 2], 16).unwrap())
+            .collect()
     }
 
     #[test]
     fn cpython_pickles_of_protocols_2_to_5_read_the_same() {
-        let half: Vec<u8> = (0..12u16).flat_map(|i| half::f16::from_f32(i as f32).to_le_bytes()).collect();
-        let float: Vec<u8> = [0.5f32, -1.0, 2.0, 8.0].iter().flat_map(|x| x.to_le_bytes()).collect();
+        let half: Vec<u8> = (0..12u16)
+            .flat_map(|i| half::f16::from_f32(i as f32).to_le_bytes())
+            .collect();
+        let float: Vec<u8> = [0.5f32, -1.0, 2.0, 8.0]
+            .iter()
+            .flat_map(|x| x.to_le_bytes())
+            .collect();
         for (proto, hex) in (2..).zip(CPYTHON_PICKLES) {
             let pkl = unhex(hex);
-            let tmp = zip_file(&[("m/data.pkl", &pkl, false), ("m/data/0", &half, false), ("m/data/1", &float, false)]);
+            let tmp = zip_file(&[
+                ("m/data.pkl", &pkl, false),
+                ("m/data/0", &half, false),
+                ("m/data/1", &float, false),
+            ]);
             let ck = open(tmp.path()).unwrap_or_else(|e| panic!("protocol {proto}: {e}"));
             let names: Vec<&str> = ck.tensors.iter().map(|t| t.name.as_str()).collect();
             assert_eq!(names, ["enc.w", "enc.b", "emb"], "protocol {proto}");
             assert_eq!(ck.get("enc.w").unwrap().shape, [2, 3]);
-            assert_eq!(ck.get("enc.w").unwrap().read_f32().unwrap(), [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]);
-            assert_eq!(ck.get("enc.b").unwrap().read_f32().unwrap(), [6.0, 7.0, 8.0, 9.0, 10.0, 11.0]);
+            assert_eq!(
+                ck.get("enc.w").unwrap().read_f32().unwrap(),
+                [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]
+            );
+            assert_eq!(
+                ck.get("enc.b").unwrap().read_f32().unwrap(),
+                [6.0, 7.0, 8.0, 9.0, 10.0, 11.0]
+            );
             assert_eq!(ck.get("emb").unwrap().dtype, DType::F32);
-            assert_eq!(ck.get("emb").unwrap().read_f32().unwrap(), [0.5, -1.0, 2.0, 8.0]);
-            let meta: Vec<(&str, &str)> = ck.metadata.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-            assert_eq!(meta, [("flag", "True"), ("global_step", "12345"), ("lr", "0.5"), ("name", "x")], "protocol {proto}");
+            assert_eq!(
+                ck.get("emb").unwrap().read_f32().unwrap(),
+                [0.5, -1.0, 2.0, 8.0]
+            );
+            let meta: Vec<(&str, &str)> = ck
+                .metadata
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str()))
+                .collect();
+            assert_eq!(
+                meta,
+                [
+                    ("flag", "True"),
+                    ("global_step", "12345"),
+                    ("lr", "0.5"),
+                    ("name", "x")
+                ],
+                "protocol {proto}"
+            );
         }
     }
 }

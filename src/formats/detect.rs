@@ -33,8 +33,10 @@ use std::ops::Bound;
 
 use super::layout::{self, UNET_PREFIX, VAE_PREFIX};
 use super::source::{Checkpoint, SourceFormat};
+use crate::config::{
+    ModelConfig, Prediction, TextEncoderConfig, TextEncoderKind, UnetConfig, VaeConfig,
+};
 use crate::error::Error;
-use crate::config::{ModelConfig, Prediction, TextEncoderConfig, TextEncoderKind, UnetConfig, VaeConfig};
 
 type Result<T> = std::result::Result<T, String>;
 
@@ -65,7 +67,9 @@ pub fn detect(tensors: &[(&str, &[usize])]) -> Result<ModelConfig> {
         missing.push(format!("the VAE (`{VAE_PREFIX}*`)"));
     }
     if !has_text {
-        missing.push(format!("the text encoder (`{SD1_TEXT}*`, `{SD2_TEXT}*` or `{SDXL_TEXT}*`)"));
+        missing.push(format!(
+            "the text encoder (`{SD1_TEXT}*`, `{SD2_TEXT}*` or `{SDXL_TEXT}*`)"
+        ));
     }
     if !missing.is_empty() {
         return Err(format!(
@@ -77,11 +81,23 @@ pub fn detect(tensors: &[(&str, &[usize])]) -> Result<ModelConfig> {
     let (family, text_encoders) = text_encoders(&t)?;
     let unet = unet(&t, &family, &text_encoders)?;
     let vae = vae(&t, &family)?;
-    let prediction = if family == "sd2" { Prediction::V } else { Prediction::Epsilon };
+    let prediction = if family == "sd2" {
+        Prediction::V
+    } else {
+        Prediction::Epsilon
+    };
     // Nothing in the tensors tells a zero-terminal-SNR schedule apart: the scheduler
     // config does (diffusers folders), or `sdrs convert --zero-terminal-snr`.
     let zeros_for_empty_negative = unet.adm_in_channels.is_some();
-    let mut cfg = ModelConfig { family, prediction, zero_terminal_snr: false, zeros_for_empty_negative, unet, vae, text_encoders };
+    let mut cfg = ModelConfig {
+        family,
+        prediction,
+        zero_terminal_snr: false,
+        zeros_for_empty_negative,
+        unet,
+        vae,
+        text_encoders,
+    };
     cfg.check_sizes()?;
     cfg.infer_time_ids()?;
 
@@ -92,7 +108,10 @@ pub fn detect(tensors: &[(&str, &[usize])]) -> Result<ModelConfig> {
             parts.push(format!("lacks {}", listing(&diff.missing)));
         }
         if !diff.unexpected.is_empty() {
-            parts.push(format!("has tensors it does not know: {}", listing(&diff.unexpected)));
+            parts.push(format!(
+                "has tensors it does not know: {}",
+                listing(&diff.unexpected)
+            ));
         }
         return Err(format!(
             "unsupported architecture: compared with the {} layout it detected, the checkpoint {}",
@@ -106,7 +125,12 @@ pub fn detect(tensors: &[(&str, &[usize])]) -> Result<ModelConfig> {
 /// A few names and how many more.
 fn listing(names: &[String]) -> String {
     const SHOWN: usize = 5;
-    let mut s = names.iter().take(SHOWN).map(|n| format!("`{n}`")).collect::<Vec<_>>().join(", ");
+    let mut s = names
+        .iter()
+        .take(SHOWN)
+        .map(|n| format!("`{n}`"))
+        .collect::<Vec<_>>()
+        .join(", ");
     if names.len() > SHOWN {
         s += &format!(" and {} more", names.len() - SHOWN);
     }
@@ -129,7 +153,10 @@ impl<'a> Tensors<'a> {
         Ok(Tensors { map })
     }
 
-    fn with_prefix<'s>(&'s self, prefix: &'s str) -> impl Iterator<Item = (&'a str, &'a [usize])> + 's {
+    fn with_prefix<'s>(
+        &'s self,
+        prefix: &'s str,
+    ) -> impl Iterator<Item = (&'a str, &'a [usize])> + 's {
         self.map
             .range::<str, _>((Bound::Included(prefix), Bound::Unbounded))
             .take_while(move |(n, _)| n.starts_with(prefix))
@@ -147,7 +174,12 @@ impl<'a> Tensors<'a> {
     /// The indices `N` of names `<prefix>N.…`.
     fn indices(&self, prefix: &str) -> BTreeSet<usize> {
         self.with_prefix(prefix)
-            .filter_map(|(n, _)| n[prefix.len()..].split('.').next().and_then(|i| i.parse().ok()))
+            .filter_map(|(n, _)| {
+                n[prefix.len()..]
+                    .split('.')
+                    .next()
+                    .and_then(|i| i.parse().ok())
+            })
             .collect()
     }
 
@@ -160,9 +192,14 @@ impl<'a> Tensors<'a> {
 
     /// The shape of `name`, which must have `rank` dimensions, none of them zero.
     fn shape(&self, name: &str, rank: usize) -> Result<&'a [usize]> {
-        let shape = self.map.get(name).ok_or_else(|| format!("tensor `{name}` is missing"))?;
+        let shape = self
+            .map
+            .get(name)
+            .ok_or_else(|| format!("tensor `{name}` is missing"))?;
         if shape.len() != rank || shape.contains(&0) {
-            return Err(format!("tensor `{name}` has shape {shape:?}; expected {rank} non-zero dimensions"));
+            return Err(format!(
+                "tensor `{name}` has shape {shape:?}; expected {rank} non-zero dimensions"
+            ));
         }
         Ok(shape)
     }
@@ -174,13 +211,24 @@ impl<'a> Tensors<'a> {
 
 fn text_encoders(t: &Tensors) -> Result<(String, Vec<TextEncoderConfig>)> {
     let families = [(SD1_TEXT, "sd1"), (SD2_TEXT, "sd2"), (SDXL_TEXT, "sdxl")];
-    let found: Vec<&str> = families.iter().filter(|(p, _)| t.any(p)).map(|(_, f)| *f).collect();
+    let found: Vec<&str> = families
+        .iter()
+        .filter(|(p, _)| t.any(p))
+        .map(|(_, f)| *f)
+        .collect();
     if found.len() > 1 {
-        return Err(format!("text encoders of several families ({}) in one checkpoint", found.join(", ")));
+        return Err(format!(
+            "text encoders of several families ({}) in one checkpoint",
+            found.join(", ")
+        ));
     }
     match found.first().copied() {
         Some("sd1") => {
-            let mut te = text_encoder(t, "cond_stage_model.transformer.text_model.", TextEncoderKind::HfClip)?;
+            let mut te = text_encoder(
+                t,
+                "cond_stage_model.transformer.text_model.",
+                TextEncoderKind::HfClip,
+            )?;
             te.skip_layers = 0;
             te.final_norm = true;
             Ok(("sd1".into(), vec![te]))
@@ -222,8 +270,11 @@ fn text_encoders(t: &Tensors) -> Result<(String, Vec<TextEncoderConfig>)> {
             if encoders.is_empty() {
                 return Err(format!("no text encoder found under `{SDXL_TEXT}N.`"));
             }
-            let family =
-                if encoders.iter().any(|e| e.kind == TextEncoderKind::HfClip) { "sdxl" } else { "sdxl-refiner" };
+            let family = if encoders.iter().any(|e| e.kind == TextEncoderKind::HfClip) {
+                "sdxl"
+            } else {
+                "sdxl-refiner"
+            };
             Ok((family.into(), encoders))
         }
         None => Err("no text encoder found".into()),
@@ -238,21 +289,28 @@ fn text_encoder(t: &Tensors, prefix: &str, kind: TextEncoderKind) -> Result<Text
             "encoder.layers.",
             "mlp.fc1.weight",
         ),
-        TextEncoderKind::OpenClip => {
-            ("token_embedding.weight", "positional_embedding", "transformer.resblocks.", "mlp.c_fc.weight")
-        }
+        TextEncoderKind::OpenClip => (
+            "token_embedding.weight",
+            "positional_embedding",
+            "transformer.resblocks.",
+            "mlp.c_fc.weight",
+        ),
     };
     let token = t.shape(&format!("{prefix}{token}"), 2)?;
     let (vocab_size, hidden) = (token[0], token[1]);
     let max_positions = t.dim(&format!("{prefix}{position}"), 2, 0)?;
     let num_layers = t.count(&format!("{prefix}{blocks}"));
     if num_layers == 0 {
-        return Err(format!("text encoder `{prefix}` has no layers (`{prefix}{blocks}0.*`)"));
+        return Err(format!(
+            "text encoder `{prefix}` has no layers (`{prefix}{blocks}0.*`)"
+        ));
     }
     let intermediate_size = t.dim(&format!("{prefix}{blocks}0.{fc}"), 2, 0)?;
     let mut te = match kind {
         TextEncoderKind::HfClip => TextEncoderConfig::clip_l(prefix),
-        TextEncoderKind::OpenClip => TextEncoderConfig::open_clip(prefix, hidden, num_layers, 1, None),
+        TextEncoderKind::OpenClip => {
+            TextEncoderConfig::open_clip(prefix, hidden, num_layers, 1, None)
+        }
     };
     te.vocab_size = vocab_size;
     te.max_positions = max_positions;
@@ -282,10 +340,18 @@ fn add_resnet(t: &Tensors, level: &mut Option<Level>, block: &str) -> Result<()>
     let depth = t.count(&format!("{block}.1.transformer_blocks."));
     match level {
         Some(l) if l.width != width => {
-            return Err(format!("`{block}` is {width} wide where the other ResNets of its level are {}", l.width))
+            return Err(format!(
+                "`{block}` is {width} wide where the other ResNets of its level are {}",
+                l.width
+            ))
         }
         Some(l) => l.depths.push(depth),
-        None => *level = Some(Level { width, depths: vec![depth] }),
+        None => {
+            *level = Some(Level {
+                width,
+                depths: vec![depth],
+            })
+        }
     }
     Ok(())
 }
@@ -299,11 +365,17 @@ fn unet(t: &Tensors, family: &str, text_encoders: &[TextEncoderConfig]) -> Resul
     // Encoder: ResNets (each maybe followed by a transformer) until a downsampler closes the level.
     let mut down: Vec<Level> = Vec::new();
     let mut level: Option<Level> = None;
-    let inputs = t.indices(&format!("{p}input_blocks.")).last().copied().unwrap_or(0);
+    let inputs = t
+        .indices(&format!("{p}input_blocks."))
+        .last()
+        .copied()
+        .unwrap_or(0);
     for n in 1..=inputs {
         let block = format!("{p}input_blocks.{n}");
         if t.has(&format!("{block}.0.op.weight")) {
-            let l = level.take().ok_or_else(|| format!("`{block}` downsamples a level that has no ResNet"))?;
+            let l = level
+                .take()
+                .ok_or_else(|| format!("`{block}` downsamples a level that has no ResNet"))?;
             down.push(l);
         } else if t.has(&format!("{block}.0.in_layers.2.weight")) {
             add_resnet(t, &mut level, &block)?;
@@ -311,7 +383,11 @@ fn unet(t: &Tensors, family: &str, text_encoders: &[TextEncoderConfig]) -> Resul
             return Err(format!("`{block}` is neither a ResNet nor a downsampler"));
         }
     }
-    down.push(level.take().ok_or_else(|| "the UNet encoder ends with a downsampler, not a ResNet".to_string())?);
+    down.push(
+        level
+            .take()
+            .ok_or_else(|| "the UNet encoder ends with a downsampler, not a ResNet".to_string())?,
+    );
 
     // Decoder: the same, closed by an upsampler (`.1.conv` or, after a transformer, `.2.conv`).
     let mut up: Vec<Level> = Vec::new();
@@ -327,23 +403,35 @@ fn unet(t: &Tensors, family: &str, text_encoders: &[TextEncoderConfig]) -> Resul
     up.extend(level.take());
 
     if up.len() != down.len() {
-        return Err(format!("the UNet encoder has {} levels but the decoder {}", down.len(), up.len()));
+        return Err(format!(
+            "the UNet encoder has {} levels but the decoder {}",
+            down.len(),
+            up.len()
+        ));
     }
     for (i, (u, d)) in up.iter().zip(down.iter().rev()).enumerate() {
         if u.width != d.width {
-            return Err(format!("UNet decoder level {i} is {} wide, its encoder level {}", u.width, d.width));
+            return Err(format!(
+                "UNet decoder level {i} is {} wide, its encoder level {}",
+                u.width, d.width
+            ));
         }
     }
     let skips = 1 + down.iter().map(|l| l.depths.len()).sum::<usize>() + (down.len() - 1);
     let decoder_resnets: usize = up.iter().map(|l| l.depths.len()).sum();
     if skips != decoder_resnets {
-        return Err(format!("the UNet decoder has {decoder_resnets} ResNets for {skips} encoder skip connections"));
+        return Err(format!(
+            "the UNet decoder has {decoder_resnets} ResNets for {skips} encoder skip connections"
+        ));
     }
     let channel_mult = down
         .iter()
         .map(|l| match l.width % model_channels {
             0 => Ok(l.width / model_channels),
-            _ => Err(format!("UNet level width {} is not a multiple of the base width {model_channels}", l.width)),
+            _ => Err(format!(
+                "UNet level width {} is not a multiple of the base width {model_channels}",
+                l.width
+            )),
         })
         .collect::<Result<Vec<_>>>()?;
 
@@ -356,13 +444,19 @@ fn unet(t: &Tensors, family: &str, text_encoders: &[TextEncoderConfig]) -> Resul
     } else {
         let depth = t.count(&format!("{}.transformer_blocks.", mid(1)));
         if depth == 0 {
-            return Err(format!("`{}` is neither a transformer nor a ResNet", mid(1)));
+            return Err(format!(
+                "`{}` is neither a transformer nor a ResNet",
+                mid(1)
+            ));
         }
         Some(depth)
     };
 
     // Any transformer tells the projection kind and the context width.
-    let (linear_proj, context_dim) = match t.with_prefix(p).find(|(n, _)| n.ends_with(".attn2.to_k.weight")) {
+    let (linear_proj, context_dim) = match t
+        .with_prefix(p)
+        .find(|(n, _)| n.ends_with(".attn2.to_k.weight"))
+    {
         Some((to_k, _)) => {
             let block = to_k.split(".transformer_blocks.").next().unwrap_or(to_k);
             let context = t.dim(to_k, 2, 1)?;
@@ -373,14 +467,27 @@ fn unet(t: &Tensors, family: &str, text_encoders: &[TextEncoderConfig]) -> Resul
             };
             (linear, context)
         }
-        None => (family != "sd1", text_encoders.iter().map(|te| te.hidden_size).sum()),
+        None => (
+            family != "sd1",
+            text_encoders.iter().map(|te| te.hidden_size).sum(),
+        ),
     };
 
-    let input_width = |name: String| if t.has(&name) { t.dim(&name, 2, 1).map(Some) } else { Ok(None) };
+    let input_width = |name: String| {
+        if t.has(&name) {
+            t.dim(&name, 2, 1).map(Some)
+        } else {
+            Ok(None)
+        }
+    };
     let adm_in_channels = input_width(format!("{p}label_emb.0.0.weight"))?;
     let time_cond_proj_dim = input_width(format!("{p}time_embed.cond_proj.weight"))?;
     // Head counts leave no trace in shapes: SD 1.x used 8 per layer, later models 64-wide heads.
-    let (num_heads, head_dim) = if family == "sd1" { (Some(8), None) } else { (None, Some(64)) };
+    let (num_heads, head_dim) = if family == "sd1" {
+        (Some(8), None)
+    } else {
+        (None, Some(64))
+    };
 
     Ok(UnetConfig {
         in_channels,
@@ -411,7 +518,9 @@ fn vae(t: &Tensors, family: &str) -> Result<VaeConfig> {
     }
     let num_res_blocks = t.count(&format!("{e}down.0.block."));
     if num_res_blocks == 0 {
-        return Err(format!("VAE encoder level 0 has no ResNets (`{e}down.0.block.0.*`)"));
+        return Err(format!(
+            "VAE encoder level 0 has no ResNets (`{e}down.0.block.0.*`)"
+        ));
     }
     let channel_mult = (0..levels)
         .map(|level| {
@@ -425,7 +534,11 @@ fn vae(t: &Tensors, family: &str) -> Result<VaeConfig> {
         })
         .collect::<Result<Vec<_>>>()?;
     let latent_channels = t.dim(&format!("{VAE_PREFIX}post_quant_conv.weight"), 4, 0)?;
-    let scaling_factor = if family.starts_with("sdxl") { 0.13025 } else { 0.18215 };
+    let scaling_factor = if family.starts_with("sdxl") {
+        0.13025
+    } else {
+        0.18215
+    };
     Ok(VaeConfig {
         in_channels,
         latent_channels,
@@ -443,18 +556,28 @@ impl Checkpoint {
     /// shapes; a `prediction_type` in its metadata overrides the config's.
     pub fn model_config(&self) -> crate::error::Result<ModelConfig> {
         let stored = match self.format {
-            SourceFormat::Gguf => super::gguf::metadata::read_config(&super::gguf::GgufFile::open(&self.path)?)?,
+            SourceFormat::Gguf => {
+                super::gguf::metadata::read_config(&super::gguf::GgufFile::open(&self.path)?)?
+            }
             SourceFormat::Diffusers => Some(super::diffusers::read_config(&self.path)?),
             _ => None,
         };
         let mut cfg = match stored {
             Some(c) => c,
             None => {
-                let shapes: Vec<(&str, &[usize])> = self.tensors.iter().map(|t| (t.name.as_str(), t.shape.as_slice())).collect();
+                let shapes: Vec<(&str, &[usize])> = self
+                    .tensors
+                    .iter()
+                    .map(|t| (t.name.as_str(), t.shape.as_slice()))
+                    .collect();
                 detect(&shapes).map_err(|m| Error::arch(&self.path, m))?
             }
         };
-        if let Some(p) = self.metadata.get("prediction_type").and_then(|p| Prediction::parse(p)) {
+        if let Some(p) = self
+            .metadata
+            .get("prediction_type")
+            .and_then(|p| Prediction::parse(p))
+        {
             cfg.prediction = p;
         }
         Ok(cfg)
@@ -467,7 +590,10 @@ mod tests {
     use crate::formats::layout::{layout, tests::real_layout, TensorSpec};
 
     fn names_and_shapes(specs: &[TensorSpec]) -> Vec<(&str, &[usize])> {
-        specs.iter().map(|t| (t.name.as_str(), t.shape.as_slice())).collect()
+        specs
+            .iter()
+            .map(|t| (t.name.as_str(), t.shape.as_slice()))
+            .collect()
     }
 
     fn detect_layout_of(cfg: &ModelConfig) -> Result<ModelConfig> {
@@ -476,7 +602,10 @@ mod tests {
 
     /// `cfg` as detection describes it: the family without the `tiny-` of shrunk presets.
     fn as_detected(cfg: &ModelConfig) -> ModelConfig {
-        ModelConfig { family: cfg.family.trim_start_matches("tiny-").to_string(), ..cfg.clone() }
+        ModelConfig {
+            family: cfg.family.trim_start_matches("tiny-").to_string(),
+            ..cfg.clone()
+        }
     }
 
     fn assert_round_trip(cfg: &ModelConfig) {
@@ -492,18 +621,27 @@ mod tests {
 
     #[test]
     fn detects_real_checkpoint_layouts_as_their_presets() {
-        for (file, want) in
-            [("sd15.json", ModelConfig::sd1()), ("sd21.json", ModelConfig::sd2()), ("sdxl.json", ModelConfig::sdxl())]
-        {
+        for (file, want) in [
+            ("sd15.json", ModelConfig::sd1()),
+            ("sd21.json", ModelConfig::sd2()),
+            ("sdxl.json", ModelConfig::sdxl()),
+        ] {
             let real = real_layout(file);
-            let tensors: Vec<(&str, &[usize])> = real.iter().map(|t| (t.name.as_str(), t.shape.as_slice())).collect();
+            let tensors: Vec<(&str, &[usize])> = real
+                .iter()
+                .map(|t| (t.name.as_str(), t.shape.as_slice()))
+                .collect();
             assert_eq!(detect(&tensors), Ok(want), "{file}");
         }
     }
 
     #[test]
     fn detects_inpainting_unet_from_its_nine_input_channels() {
-        for base in [ModelConfig::sd1(), ModelConfig::sd2().shrink(), ModelConfig::sdxl()] {
+        for base in [
+            ModelConfig::sd1(),
+            ModelConfig::sd2().shrink(),
+            ModelConfig::sdxl(),
+        ] {
             let mut cfg = base;
             cfg.unet.in_channels = 9;
             assert_round_trip(&cfg);
@@ -561,17 +699,29 @@ mod tests {
 
     #[test]
     fn detects_sd1_in_inconsistently_shrunk_sdcpp_fixture() {
-        let Some(path) = crate::testdata::external("fixtures/sdcpp-gguf/tiny-sd15.safetensors") else { return };
+        let Some(path) = crate::testdata::external("fixtures/sdcpp-gguf/tiny-sd15.safetensors")
+        else {
+            return;
+        };
         let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
         let len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
-        let header: BTreeMap<String, serde_json::Value> = serde_json::from_slice(&bytes[8..8 + len]).unwrap();
+        let header: BTreeMap<String, serde_json::Value> =
+            serde_json::from_slice(&bytes[8..8 + len]).unwrap();
         let shapes: Vec<(String, Vec<usize>)> = header
             .iter()
             .filter(|(name, _)| *name != "__metadata__")
-            .map(|(name, v)| (name.clone(), serde_json::from_value(v["shape"].clone()).unwrap()))
+            .map(|(name, v)| {
+                (
+                    name.clone(),
+                    serde_json::from_value(v["shape"].clone()).unwrap(),
+                )
+            })
             .collect();
         assert_eq!(shapes.len(), 1143);
-        let tensors: Vec<(&str, &[usize])> = shapes.iter().map(|(n, s)| (n.as_str(), s.as_slice())).collect();
+        let tensors: Vec<(&str, &[usize])> = shapes
+            .iter()
+            .map(|(n, s)| (n.as_str(), s.as_slice()))
+            .collect();
         let cfg = detect(&tensors).unwrap();
         assert_eq!(cfg.family, "sd1");
         assert_eq!(cfg.prediction, Prediction::Epsilon);
@@ -580,7 +730,10 @@ mod tests {
         assert_eq!(cfg.text_encoders[0].num_layers, 12);
         assert_eq!(
             (cfg.unet.down_blocks.clone(), cfg.unet.up_blocks.clone()),
-            (ModelConfig::sd1().unet.down_blocks, ModelConfig::sd1().unet.up_blocks)
+            (
+                ModelConfig::sd1().unet.down_blocks,
+                ModelConfig::sd1().unet.up_blocks
+            )
         );
         // Every name is accounted for; only the widths fail to form a network.
         let diff = layout::compare(&cfg, &tensors);
@@ -591,25 +744,42 @@ mod tests {
     #[test]
     fn rejects_a_pile_of_unrelated_names() {
         let shape = [3usize, 4];
-        let tensors: Vec<(&str, &[usize])> =
-            ["encoder.layer.0.weight", "lm_head.weight", "foo", "bar.baz.1"].iter().map(|n| (*n, &shape[..])).collect();
+        let tensors: Vec<(&str, &[usize])> = [
+            "encoder.layer.0.weight",
+            "lm_head.weight",
+            "foo",
+            "bar.baz.1",
+        ]
+        .iter()
+        .map(|n| (*n, &shape[..]))
+        .collect();
         let err = detect(&tensors).unwrap_err();
         assert!(err.contains("not a Stable Diffusion checkpoint"), "{err}");
-        assert!(detect(&[]).unwrap_err().contains("not a Stable Diffusion checkpoint"));
+        assert!(detect(&[])
+            .unwrap_err()
+            .contains("not a Stable Diffusion checkpoint"));
     }
 
     #[test]
     fn lists_the_components_a_checkpoint_lacks() {
         let specs = layout(&ModelConfig::sd1().shrink());
         let without = |prefix: &str| -> Vec<(&str, &[usize])> {
-            names_and_shapes(&specs).into_iter().filter(|(n, _)| !n.starts_with(prefix)).collect()
+            names_and_shapes(&specs)
+                .into_iter()
+                .filter(|(n, _)| !n.starts_with(prefix))
+                .collect()
         };
         let err = detect(&without(UNET_PREFIX)).unwrap_err();
         assert!(err.contains("the UNet") && !err.contains("VAE"), "{err}");
-        let unet_only: Vec<_> =
-            names_and_shapes(&specs).into_iter().filter(|(n, _)| n.starts_with(UNET_PREFIX)).collect();
+        let unet_only: Vec<_> = names_and_shapes(&specs)
+            .into_iter()
+            .filter(|(n, _)| n.starts_with(UNET_PREFIX))
+            .collect();
         let err = detect(&unet_only).unwrap_err();
-        assert!(err.contains("the VAE") && err.contains("the text encoder") && !err.contains("UNet ("), "{err}");
+        assert!(
+            err.contains("the VAE") && err.contains("the text encoder") && !err.contains("UNet ("),
+            "{err}"
+        );
     }
 
     #[test]
@@ -617,7 +787,10 @@ mod tests {
         let specs = layout(&ModelConfig::sd1().shrink());
         let mut tensors = names_and_shapes(&specs);
         let shape = [32usize];
-        tensors.push(("model.diffusion_model.input_blocks.1.1.extra_norm.weight", &shape));
+        tensors.push((
+            "model.diffusion_model.input_blocks.1.1.extra_norm.weight",
+            &shape,
+        ));
         let err = detect(&tensors).unwrap_err();
         assert!(err.contains("extra_norm"), "{err}");
         // A transformer block after a gap is not counted, then reported.
@@ -633,17 +806,28 @@ mod tests {
         let specs = layout(&cfg);
         let mut tensors = names_and_shapes(&specs);
         let odd = [48usize, 32, 3, 3];
-        for t in tensors.iter_mut().filter(|(n, _)| *n == "model.diffusion_model.input_blocks.4.0.in_layers.2.weight") {
+        for t in tensors
+            .iter_mut()
+            .filter(|(n, _)| *n == "model.diffusion_model.input_blocks.4.0.in_layers.2.weight")
+        {
             t.1 = &odd;
         }
         let err = detect(&tensors).unwrap_err();
-        assert!(err.contains("input_blocks.5") || err.contains("input_blocks.4"), "{err}");
+        assert!(
+            err.contains("input_blocks.5") || err.contains("input_blocks.4"),
+            "{err}"
+        );
         let mut tensors = names_and_shapes(&specs);
         let flat = [32usize];
-        for t in tensors.iter_mut().filter(|(n, _)| *n == "model.diffusion_model.input_blocks.0.0.weight") {
+        for t in tensors
+            .iter_mut()
+            .filter(|(n, _)| *n == "model.diffusion_model.input_blocks.0.0.weight")
+        {
             t.1 = &flat;
         }
-        assert!(detect(&tensors).unwrap_err().contains("input_blocks.0.0.weight"));
+        assert!(detect(&tensors)
+            .unwrap_err()
+            .contains("input_blocks.0.0.weight"));
     }
 
     #[test]

@@ -89,12 +89,17 @@ pub fn unused_by(cfg: &ModelConfig, name: &str) -> Option<&'static str> {
         if te.projection_dim.is_none() && name == projection_name(te) {
             return Some("text projection, unused: the conditioning reads hidden states only");
         }
-        let Some(rest) = name.strip_prefix(te.prefix.as_str()) else { continue };
+        let Some(rest) = name.strip_prefix(te.prefix.as_str()) else {
+            continue;
+        };
         let blocks = match te.kind {
             TextEncoderKind::HfClip => "encoder.layers.",
             TextEncoderKind::OpenClip => "transformer.resblocks.",
         };
-        let index = rest.strip_prefix(blocks).and_then(|r| r.split('.').next()).and_then(|i| i.parse::<usize>().ok());
+        let index = rest
+            .strip_prefix(blocks)
+            .and_then(|r| r.split('.').next())
+            .and_then(|i| i.parse::<usize>().ok());
         if index.is_some_and(|i| i >= te.num_layers) {
             return Some("text encoder layer after the one the conditioning reads");
         }
@@ -130,24 +135,36 @@ impl LayoutDiff {
 
 /// Compares a checkpoint's tensors (names and shapes) with `cfg`'s layout.
 pub fn compare(cfg: &ModelConfig, tensors: &[(&str, &[usize])]) -> LayoutDiff {
-    let expected: BTreeMap<String, Vec<usize>> = layout(cfg).into_iter().map(|t| (t.name, t.shape)).collect();
+    let expected: BTreeMap<String, Vec<usize>> =
+        layout(cfg).into_iter().map(|t| (t.name, t.shape)).collect();
     let present: BTreeSet<&str> = tensors.iter().map(|(n, _)| *n).collect();
     let mut diff = LayoutDiff::default();
     for (name, shape) in tensors {
         match expected.get(*name) {
             Some(want) if want.as_slice() != *shape => {
-                diff.wrong_shape.push((name.to_string(), want.clone(), shape.to_vec()))
+                diff.wrong_shape
+                    .push((name.to_string(), want.clone(), shape.to_vec()))
             }
             Some(_) => {}
             None if extra_reason(name).is_some() || unused_by(cfg, name).is_some() => {}
             None => diff.unexpected.push(name.to_string()),
         }
     }
-    diff.missing = expected.keys().filter(|n| !present.contains(n.as_str())).cloned().collect();
+    diff.missing = expected
+        .keys()
+        .filter(|n| !present.contains(n.as_str()))
+        .cloned()
+        .collect();
     diff.unexpected.sort();
     diff.unexpected.dedup();
     let is_shortcut = |n: &String| n.contains(".skip_connection.") || n.contains(".nin_shortcut.");
-    diff.shortcuts = diff.missing.iter().chain(&diff.unexpected).filter(|n| is_shortcut(n)).cloned().collect();
+    diff.shortcuts = diff
+        .missing
+        .iter()
+        .chain(&diff.unexpected)
+        .filter(|n| is_shortcut(n))
+        .cloned()
+        .collect();
     diff.shortcuts.sort();
     diff.missing.retain(|n| !is_shortcut(n));
     diff.unexpected.retain(|n| !is_shortcut(n));
@@ -170,7 +187,10 @@ struct Specs(Vec<TensorSpec>);
 
 impl Specs {
     fn push(&mut self, name: String, shape: &[usize]) {
-        self.0.push(TensorSpec { name, shape: shape.to_vec() });
+        self.0.push(TensorSpec {
+            name,
+            shape: shape.to_vec(),
+        });
     }
     fn weight_bias(&mut self, p: &str, weight: &[usize], bias: usize) {
         self.push(format!("{p}.weight"), weight);
@@ -375,8 +395,14 @@ fn text_encoder(o: &mut Specs, t: &TextEncoderConfig) {
     let inner = t.intermediate_size;
     match t.kind {
         TextEncoderKind::HfClip => {
-            o.push(format!("{p}embeddings.token_embedding.weight"), &[t.vocab_size, h]);
-            o.push(format!("{p}embeddings.position_embedding.weight"), &[t.max_positions, h]);
+            o.push(
+                format!("{p}embeddings.token_embedding.weight"),
+                &[t.vocab_size, h],
+            );
+            o.push(
+                format!("{p}embeddings.position_embedding.weight"),
+                &[t.max_positions, h],
+            );
             for l in 0..t.num_layers {
                 let b = format!("{p}encoder.layers.{l}");
                 o.norm(&format!("{b}.layer_norm1"), h);
@@ -429,7 +455,8 @@ pub(crate) mod tests {
 
     pub(crate) fn real_layout(file: &str) -> Vec<RealTensor> {
         let path = crate::testdata::fixture("layouts").join(file);
-        let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let text =
+            std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
         serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
     }
 
@@ -443,7 +470,10 @@ pub(crate) mod tests {
         sorted(
             real.iter()
                 .filter(|t| !t.extra)
-                .map(|t| TensorSpec { name: t.name.clone(), shape: t.shape.clone() })
+                .map(|t| TensorSpec {
+                    name: t.name.clone(),
+                    shape: t.shape.clone(),
+                })
                 .collect(),
         )
         .into_iter()
@@ -483,9 +513,11 @@ pub(crate) mod tests {
 
     #[test]
     fn every_real_buffer_has_a_reason_to_be_dropped() {
-        for (cfg, file) in
-            [(ModelConfig::sd1(), "sd15.json"), (ModelConfig::sd2(), "sd21.json"), (ModelConfig::sdxl(), "sdxl.json")]
-        {
+        for (cfg, file) in [
+            (ModelConfig::sd1(), "sd15.json"),
+            (ModelConfig::sd2(), "sd21.json"),
+            (ModelConfig::sdxl(), "sdxl.json"),
+        ] {
             for t in real_layout(file).iter().filter(|t| t.extra) {
                 assert!(
                     extra_reason(&t.name).is_some() || unused_by(&cfg, &t.name).is_some(),
@@ -500,8 +532,11 @@ pub(crate) mod tests {
     fn sd21_last_openclip_block_and_projection_are_unused_by_sd2_not_buffers() {
         let cfg = ModelConfig::sd2();
         let real = real_layout("sd21.json");
-        let unused: Vec<&str> =
-            real.iter().filter(|t| unused_by(&cfg, &t.name).is_some()).map(|t| t.name.as_str()).collect();
+        let unused: Vec<&str> = real
+            .iter()
+            .filter(|t| unused_by(&cfg, &t.name).is_some())
+            .map(|t| t.name.as_str())
+            .collect();
         assert_eq!(unused.len(), 13, "{unused:#?}");
         for name in unused {
             assert!(extra_reason(name).is_none(), "{name}");
@@ -530,7 +565,11 @@ pub(crate) mod tests {
     }
 
     fn params(specs: &[TensorSpec], prefix: &str) -> usize {
-        specs.iter().filter(|t| t.name.starts_with(prefix)).map(|t| t.shape.iter().product::<usize>()).sum()
+        specs
+            .iter()
+            .filter(|t| t.name.starts_with(prefix))
+            .map(|t| t.shape.iter().product::<usize>())
+            .sum()
     }
 
     #[test]
@@ -539,8 +578,14 @@ pub(crate) mod tests {
         assert_eq!(params(&sd1, UNET_PREFIX), 859_520_964);
         assert_eq!(params(&sd1, VAE_PREFIX), 83_653_863);
         assert_eq!(params(&sd1, "cond_stage_model."), 123_060_480);
-        assert_eq!(params(&layout(&ModelConfig::sd2()), UNET_PREFIX), 865_910_724);
-        assert_eq!(params(&layout(&ModelConfig::sdxl()), UNET_PREFIX), 2_567_463_684);
+        assert_eq!(
+            params(&layout(&ModelConfig::sd2()), UNET_PREFIX),
+            865_910_724
+        );
+        assert_eq!(
+            params(&layout(&ModelConfig::sdxl()), UNET_PREFIX),
+            2_567_463_684
+        );
     }
 
     #[test]
@@ -548,10 +593,16 @@ pub(crate) mod tests {
         let mut cfg = ModelConfig::sd1();
         cfg.unet.time_cond_proj_dim = Some(256);
         let specs = layout(&cfg);
-        let cond: Vec<_> = specs.iter().filter(|t| t.name.contains("cond_proj")).collect();
+        let cond: Vec<_> = specs
+            .iter()
+            .filter(|t| t.name.contains("cond_proj"))
+            .collect();
         assert_eq!(
             cond,
-            [&TensorSpec { name: "model.diffusion_model.time_embed.cond_proj.weight".into(), shape: vec![320, 256] }]
+            [&TensorSpec {
+                name: "model.diffusion_model.time_embed.cond_proj.weight".into(),
+                shape: vec![320, 256]
+            }]
         );
         assert_eq!(specs.len(), layout(&ModelConfig::sd1()).len() + 1);
     }
@@ -564,17 +615,39 @@ pub(crate) mod tests {
         cfg.unet.up_blocks = vec![vec![0, 0], vec![1, 1], vec![1, 1], vec![1, 1]];
         cfg.unet.mid_depth = None;
         let specs = layout(&cfg);
-        let shape =
-            |name: &str| specs.iter().find(|t| t.name == format!("{UNET_PREFIX}{name}")).map(|t| t.shape.clone());
-        assert_eq!(shape("input_blocks.2.0.op.weight"), Some(vec![320, 320, 3, 3]));
-        assert_eq!(shape("input_blocks.7.0.in_layers.2.weight"), Some(vec![1280, 1280, 3, 3]));
+        let shape = |name: &str| {
+            specs
+                .iter()
+                .find(|t| t.name == format!("{UNET_PREFIX}{name}"))
+                .map(|t| t.shape.clone())
+        };
+        assert_eq!(
+            shape("input_blocks.2.0.op.weight"),
+            Some(vec![320, 320, 3, 3])
+        );
+        assert_eq!(
+            shape("input_blocks.7.0.in_layers.2.weight"),
+            Some(vec![1280, 1280, 3, 3])
+        );
         assert_eq!(shape("input_blocks.8.0.in_layers.2.weight"), None);
         assert!(specs.iter().all(|t| !t.name.contains("middle_block")));
         // Decoder: level 1280 takes the deepest ResNet, then the last downsampler's output.
-        assert_eq!(shape("output_blocks.1.0.skip_connection.weight"), Some(vec![1280, 2560, 1, 1]));
-        assert_eq!(shape("output_blocks.1.1.conv.weight"), Some(vec![1280, 1280, 3, 3]));
-        assert_eq!(shape("output_blocks.5.0.skip_connection.weight"), Some(vec![640, 960, 1, 1]));
-        assert_eq!(shape("output_blocks.7.0.skip_connection.weight"), Some(vec![320, 640, 1, 1]));
+        assert_eq!(
+            shape("output_blocks.1.0.skip_connection.weight"),
+            Some(vec![1280, 2560, 1, 1])
+        );
+        assert_eq!(
+            shape("output_blocks.1.1.conv.weight"),
+            Some(vec![1280, 1280, 3, 3])
+        );
+        assert_eq!(
+            shape("output_blocks.5.0.skip_connection.weight"),
+            Some(vec![640, 960, 1, 1])
+        );
+        assert_eq!(
+            shape("output_blocks.7.0.skip_connection.weight"),
+            Some(vec![320, 640, 1, 1])
+        );
         assert_eq!(shape("output_blocks.8.0.in_layers.2.weight"), None);
     }
 
@@ -597,23 +670,38 @@ pub(crate) mod tests {
     fn compare_reports_missing_unknown_and_misshapen_tensors() {
         let cfg = ModelConfig::sd1().shrink();
         let specs = layout(&cfg);
-        let mut tensors: Vec<(&str, &[usize])> =
-            specs.iter().skip(1).map(|t| (t.name.as_str(), t.shape.as_slice())).collect();
+        let mut tensors: Vec<(&str, &[usize])> = specs
+            .iter()
+            .skip(1)
+            .map(|t| (t.name.as_str(), t.shape.as_slice()))
+            .collect();
         let odd = [7usize];
         tensors.push(("model.diffusion_model.something_new.weight", &odd));
         tensors.push(("betas", &[1000]));
         tensors[0].1 = &odd;
         let diff = compare(&cfg, &tensors);
         assert_eq!(diff.missing, [specs[0].name.clone()]);
-        assert_eq!(diff.unexpected, ["model.diffusion_model.something_new.weight"]);
-        assert_eq!(diff.wrong_shape, [(specs[1].name.clone(), specs[1].shape.clone(), vec![7])]);
+        assert_eq!(
+            diff.unexpected,
+            ["model.diffusion_model.something_new.weight"]
+        );
+        assert_eq!(
+            diff.wrong_shape,
+            [(specs[1].name.clone(), specs[1].shape.clone(), vec![7])]
+        );
         assert!(!diff.is_exact());
-        let all: Vec<(&str, &[usize])> = specs.iter().map(|t| (t.name.as_str(), t.shape.as_slice())).collect();
+        let all: Vec<(&str, &[usize])> = specs
+            .iter()
+            .map(|t| (t.name.as_str(), t.shape.as_slice()))
+            .collect();
         assert!(compare(&cfg, &all).is_exact());
         let shortcut = "first_stage_model.encoder.down.0.block.0.nin_shortcut.weight";
         let mut with_shortcut = all.clone();
         with_shortcut.push((shortcut, &odd));
         let diff = compare(&cfg, &with_shortcut);
-        assert_eq!((diff.shortcuts, diff.unexpected), (vec![shortcut.to_string()], vec![]));
+        assert_eq!(
+            (diff.shortcuts, diff.unexpected),
+            (vec![shortcut.to_string()], vec![])
+        );
     }
 }

@@ -98,7 +98,10 @@ impl Global {
             }
             _ => {
                 let dotted = format!("{module}.{name}");
-                return INERT_GLOBALS.iter().find(|g| **g == dotted).map(|g| Global::Inert(g));
+                return INERT_GLOBALS
+                    .iter()
+                    .find(|g| **g == dotted)
+                    .map(|g| Global::Inert(g));
             }
         })
     }
@@ -111,8 +114,13 @@ impl Global {
             Global::RebuildTensorV2 => "torch._utils._rebuild_tensor_v2".into(),
             Global::RebuildTensorV3 => "torch._utils._rebuild_tensor_v3".into(),
             Global::RebuildParameter => "torch._utils._rebuild_parameter".into(),
-            Global::RebuildParameterWithState => "torch._utils._rebuild_parameter_with_state".into(),
-            Global::Storage(d) => format!("torch.{}", storage_class_name(d).unwrap_or("UntypedStorage")),
+            Global::RebuildParameterWithState => {
+                "torch._utils._rebuild_parameter_with_state".into()
+            }
+            Global::Storage(d) => format!(
+                "torch.{}",
+                storage_class_name(d).unwrap_or("UntypedStorage")
+            ),
             Global::Dtype(d) => format!("torch.{}", dtype_object_name(d).unwrap_or("?")),
             Global::Inert(n) => n.to_string(),
         }
@@ -236,7 +244,9 @@ impl TensorRef {
 
     /// Number of elements, if it fits in 64 bits.
     pub fn numel(&self) -> Option<u64> {
-        self.shape.iter().try_fold(1u64, |acc, &d| acc.checked_mul(d as u64))
+        self.shape
+            .iter()
+            .try_fold(1u64, |acc, &d| acc.checked_mul(d as u64))
     }
 }
 
@@ -396,9 +406,26 @@ fn unsupported_opcode_name(code: u8) -> &'static str {
 /// file `path`). Errors name `path`, `what` and the byte position.
 pub fn unpickle(path: &Path, what: &str, data: &[u8]) -> Result<Unpickled> {
     if data.len() > MAX_PICKLE_BYTES {
-        return Err(Error::format(path, format!("{what}: pickle of {} bytes is larger than the {} bytes accepted", data.len(), MAX_PICKLE_BYTES)));
+        return Err(Error::format(
+            path,
+            format!(
+                "{what}: pickle of {} bytes is larger than the {} bytes accepted",
+                data.len(),
+                MAX_PICKLE_BYTES
+            ),
+        ));
     }
-    let mut m = Machine { path, what, data, pos: 0, op_pos: 0, objects: Vec::new(), stack: Vec::new(), marks: Vec::new(), memo: HashMap::new() };
+    let mut m = Machine {
+        path,
+        what,
+        data,
+        pos: 0,
+        op_pos: 0,
+        objects: Vec::new(),
+        stack: Vec::new(),
+        marks: Vec::new(),
+        memo: HashMap::new(),
+    };
     m.run()
 }
 
@@ -418,7 +445,13 @@ struct Machine<'a> {
 
 impl<'a> Machine<'a> {
     fn err(&self, msg: impl std::fmt::Display) -> Error {
-        Error::format(self.path, format!("{}: invalid pickle at byte {}: {msg}", self.what, self.op_pos))
+        Error::format(
+            self.path,
+            format!(
+                "{}: invalid pickle at byte {}: {msg}",
+                self.what, self.op_pos
+            ),
+        )
     }
 
     fn take(&mut self, n: usize, what: &str) -> Result<&'a [u8]> {
@@ -429,7 +462,10 @@ impl<'a> Machine<'a> {
                 self.pos += n;
                 Ok(s)
             }
-            None => Err(self.err(format_args!("truncated: {what} needs {n} bytes but only {} remain", data.len().saturating_sub(self.pos)))),
+            None => Err(self.err(format_args!(
+                "truncated: {what} needs {n} bytes but only {} remain",
+                data.len().saturating_sub(self.pos)
+            ))),
         }
     }
     fn arr<const N: usize>(&mut self, what: &str) -> Result<[u8; N]> {
@@ -458,7 +494,9 @@ impl<'a> Machine<'a> {
         let remain = self.data.len().saturating_sub(self.pos);
         match usize::try_from(n) {
             Ok(n) if n <= remain => Ok(n),
-            _ => Err(self.err(format_args!("truncated: {what} of {n} bytes but only {remain} remain"))),
+            _ => Err(self.err(format_args!(
+                "truncated: {what} of {n} bytes but only {remain} remain"
+            ))),
         }
     }
     /// A text line up to `\n` (not included).
@@ -472,7 +510,9 @@ impl<'a> Machine<'a> {
                 self.pos += i + 1;
                 Ok(line)
             }
-            None if rest.len() > MAX_LINE => Err(self.err(format_args!("{what} line longer than {MAX_LINE} bytes"))),
+            None if rest.len() > MAX_LINE => {
+                Err(self.err(format_args!("{what} line longer than {MAX_LINE} bytes")))
+            }
             None => Err(self.err(format_args!("truncated: {what} line has no end"))),
         }
     }
@@ -509,10 +549,16 @@ impl<'a> Machine<'a> {
         if self.stack.len() <= self.base() {
             return Err(self.err("stack underflow"));
         }
-        self.stack.last().copied().ok_or_else(|| self.err("stack underflow"))
+        self.stack
+            .last()
+            .copied()
+            .ok_or_else(|| self.err("stack underflow"))
     }
     fn pop_mark(&mut self) -> Result<Vec<ObjId>> {
-        let m = self.marks.pop().ok_or_else(|| self.err("no MARK to close"))?;
+        let m = self
+            .marks
+            .pop()
+            .ok_or_else(|| self.err("no MARK to close"))?;
         if m > self.stack.len() {
             return Err(self.err("stack underflow"));
         }
@@ -541,7 +587,10 @@ impl<'a> Machine<'a> {
     }
     fn decimal(&mut self, what: &str) -> Result<u64> {
         let line = self.line(what)?;
-        std::str::from_utf8(line).ok().and_then(|s| s.trim().parse::<u64>().ok()).ok_or_else(|| self.err(format_args!("{what} index is not a decimal number")))
+        std::str::from_utf8(line)
+            .ok()
+            .and_then(|s| s.trim().parse::<u64>().ok())
+            .ok_or_else(|| self.err(format_args!("{what} index is not a decimal number")))
     }
 
     fn global(&mut self, module: &[u8], name: &[u8]) -> Result<()> {
@@ -550,13 +599,22 @@ impl<'a> Machine<'a> {
         match Global::resolve(&module, &name) {
             Some(g) => self.push_new(Object::Global(g)),
             None => {
-                let mut global: String = format!("{module}.{name}").chars().flat_map(char::escape_default).collect();
+                let mut global: String = format!("{module}.{name}")
+                    .chars()
+                    .flat_map(char::escape_default)
+                    .collect();
                 if global.len() > 200 {
-                    let cut = (0..=200).rev().find(|&i| global.is_char_boundary(i)).unwrap_or(0);
+                    let cut = (0..=200)
+                        .rev()
+                        .find(|&i| global.is_char_boundary(i))
+                        .unwrap_or(0);
                     global.truncate(cut);
                     global.push_str("...");
                 }
-                Err(Error::UnsafePickle { path: self.path.to_path_buf(), global })
+                Err(Error::UnsafePickle {
+                    path: self.path.to_path_buf(),
+                    global,
+                })
             }
         }
     }
@@ -627,9 +685,12 @@ impl<'a> Machine<'a> {
                 }
                 op::LONG4 => {
                     let n = self.i32("LONG4")?;
-                    let n = usize::try_from(n).map_err(|_| self.err("LONG4 with a negative length"))?;
+                    let n =
+                        usize::try_from(n).map_err(|_| self.err("LONG4 with a negative length"))?;
                     if n > MAX_LONG_BYTES {
-                        return Err(self.err(format_args!("LONG4 integer of {n} bytes (at most {MAX_LONG_BYTES} accepted)")));
+                        return Err(self.err(format_args!(
+                            "LONG4 integer of {n} bytes (at most {MAX_LONG_BYTES} accepted)"
+                        )));
                     }
                     let bytes = self.take(n, "LONG4")?;
                     self.push_new(long_value(bytes))?;
@@ -646,7 +707,8 @@ impl<'a> Machine<'a> {
                     };
                     let n = self.len_in_input(n, "string")?;
                     let bytes = self.take(n, "string")?;
-                    let s = std::str::from_utf8(bytes).map_err(|_| self.err("string is not valid UTF-8"))?;
+                    let s = std::str::from_utf8(bytes)
+                        .map_err(|_| self.err("string is not valid UTF-8"))?;
                     self.push_new(Object::Str(s.to_string()))?;
                 }
                 op::SHORT_BINBYTES | op::BINBYTES | op::BINBYTES8 => {
@@ -664,7 +726,8 @@ impl<'a> Machine<'a> {
                         self.u8("SHORT_BINSTRING")? as u64
                     } else {
                         let n = self.i32("BINSTRING")?;
-                        u64::try_from(n).map_err(|_| self.err("BINSTRING with a negative length"))?
+                        u64::try_from(n)
+                            .map_err(|_| self.err("BINSTRING with a negative length"))?
                     };
                     let n = self.len_in_input(n, "string")?;
                     let bytes = self.take(n, "string")?;
@@ -759,7 +822,13 @@ impl<'a> Machine<'a> {
                     let module = self.pop()?;
                     let (module, name) = match (self.obj(module), self.obj(name)) {
                         (Object::Str(m), Object::Str(n)) => (m.clone(), n.clone()),
-                        (m, n) => return Err(self.err(format_args!("STACK_GLOBAL needs two strings, got {} and {}", m.kind(), n.kind()))),
+                        (m, n) => {
+                            return Err(self.err(format_args!(
+                                "STACK_GLOBAL needs two strings, got {} and {}",
+                                m.kind(),
+                                n.kind()
+                            )))
+                        }
                     };
                     self.global(module.as_bytes(), name.as_bytes())?;
                 }
@@ -772,8 +841,14 @@ impl<'a> Machine<'a> {
                 op::NEWOBJ => {
                     let args = self.pop()?;
                     let cls = self.pop()?;
-                    if !matches!(self.obj(cls), Object::Global(Global::OrderedDict | Global::Inert(_))) {
-                        return Err(self.err(format_args!("NEWOBJ on a {}; only OrderedDict can be instantiated", self.describe(cls))));
+                    if !matches!(
+                        self.obj(cls),
+                        Object::Global(Global::OrderedDict | Global::Inert(_))
+                    ) {
+                        return Err(self.err(format_args!(
+                            "NEWOBJ on a {}; only OrderedDict can be instantiated",
+                            self.describe(cls)
+                        )));
                     }
                     let id = self.apply(cls, args, "NEWOBJ")?;
                     self.push(id)?;
@@ -790,7 +865,10 @@ impl<'a> Machine<'a> {
                     self.push_new(Object::Storage(storage))?;
                 }
                 other => {
-                    return Err(self.err(format_args!("unsupported pickle opcode 0x{other:02x} ({})", unsupported_opcode_name(other))));
+                    return Err(self.err(format_args!(
+                        "unsupported pickle opcode 0x{other:02x} ({})",
+                        unsupported_opcode_name(other)
+                    )));
                 }
             }
         }
@@ -834,7 +912,9 @@ impl<'a> Machine<'a> {
 
     fn int_arg(&self, id: ObjId, what: &str) -> Result<u64> {
         match self.obj(id) {
-            Object::Int(v) => u64::try_from(*v).map_err(|_| self.err(format_args!("{what} is negative ({v})"))),
+            Object::Int(v) => {
+                u64::try_from(*v).map_err(|_| self.err(format_args!("{what} is negative ({v})")))
+            }
             Object::Bool(b) => Ok(*b as u64),
             o => Err(self.err(format_args!("{what} is a {}, expected an int", o.kind()))),
         }
@@ -842,8 +922,13 @@ impl<'a> Machine<'a> {
 
     fn int_tuple(&self, id: ObjId, what: &str) -> Result<Vec<u64>> {
         match self.obj(id) {
-            Object::Tuple(v) | Object::List(v) => v.iter().map(|&i| self.int_arg(i, what)).collect(),
-            o => Err(self.err(format_args!("{what} is a {}, expected a tuple of ints", o.kind()))),
+            Object::Tuple(v) | Object::List(v) => {
+                v.iter().map(|&i| self.int_arg(i, what)).collect()
+            }
+            o => Err(self.err(format_args!(
+                "{what} is a {}, expected a tuple of ints",
+                o.kind()
+            ))),
         }
     }
 
@@ -851,62 +936,115 @@ impl<'a> Machine<'a> {
     fn apply(&mut self, func: ObjId, args: ObjId, opname: &str) -> Result<ObjId> {
         let g = match self.obj(func) {
             Object::Global(g) => *g,
-            _ => return Err(self.err(format_args!("{opname} on a {}, which is not callable", self.describe(func)))),
+            _ => {
+                return Err(self.err(format_args!(
+                    "{opname} on a {}, which is not callable",
+                    self.describe(func)
+                )))
+            }
         };
         let args: Vec<ObjId> = match self.obj(args) {
             Object::Tuple(v) => v.clone(),
-            o => return Err(self.err(format_args!("{opname} arguments are a {}, not a tuple", o.kind()))),
+            o => {
+                return Err(self.err(format_args!(
+                    "{opname} arguments are a {}, not a tuple",
+                    o.kind()
+                )))
+            }
         };
         let name = g.python_name();
         match g {
             Global::Inert(n) => self.new_obj(Object::Opaque(n)),
             Global::OrderedDict => {
                 if !args.is_empty() {
-                    return Err(self.err(format_args!("`{name}` called with {} arguments (only an empty one is built)", args.len())));
+                    return Err(self.err(format_args!(
+                        "`{name}` called with {} arguments (only an empty one is built)",
+                        args.len()
+                    )));
                 }
                 self.new_obj(Object::Dict(Vec::new()))
             }
             Global::RebuildTensor | Global::RebuildTensorV2 | Global::RebuildTensorV3 => {
                 let min = if g == Global::RebuildTensorV3 { 7 } else { 4 };
                 if args.len() < min || args.len() > 8 {
-                    return Err(self.err(format_args!("`{name}` called with {} arguments", args.len())));
+                    return Err(self.err(format_args!(
+                        "`{name}` called with {} arguments",
+                        args.len()
+                    )));
                 }
                 let storage = match self.obj(args[0]) {
                     Object::Storage(s) => s.clone(),
-                    o => return Err(self.err(format_args!("`{name}`: first argument is a {}, not a storage", o.kind()))),
+                    o => {
+                        return Err(self.err(format_args!(
+                            "`{name}`: first argument is a {}, not a storage",
+                            o.kind()
+                        )))
+                    }
                 };
                 let storage_offset = self.int_arg(args[1], "tensor storage offset")?;
                 let size = self.int_tuple(args[2], "tensor size")?;
                 let stride = self.int_tuple(args[3], "tensor stride")?;
                 if size.len() != stride.len() {
-                    return Err(self.err(format_args!("tensor size has {} dimensions but stride has {}", size.len(), stride.len())));
+                    return Err(self.err(format_args!(
+                        "tensor size has {} dimensions but stride has {}",
+                        size.len(),
+                        stride.len()
+                    )));
                 }
-                let shape = size.iter().map(|&d| usize::try_from(d).map_err(|_| self.err(format_args!("tensor dimension {d} too large")))).collect::<Result<Vec<_>>>()?;
+                let shape = size
+                    .iter()
+                    .map(|&d| {
+                        usize::try_from(d)
+                            .map_err(|_| self.err(format_args!("tensor dimension {d} too large")))
+                    })
+                    .collect::<Result<Vec<_>>>()?;
                 let dtype = if g == Global::RebuildTensorV3 {
                     match self.obj(args[6]) {
                         Object::Global(Global::Dtype(d)) => *d,
-                        o => return Err(self.err(format_args!("`{name}`: dtype argument is a {}, not a torch dtype", o.kind()))),
+                        o => {
+                            return Err(self.err(format_args!(
+                                "`{name}`: dtype argument is a {}, not a torch dtype",
+                                o.kind()
+                            )))
+                        }
                     }
                 } else {
                     storage.dtype
                 };
-                let t = TensorRef { storage, dtype, storage_offset, shape, stride };
+                let t = TensorRef {
+                    storage,
+                    dtype,
+                    storage_offset,
+                    shape,
+                    stride,
+                };
                 if t.numel().is_none() {
-                    return Err(self.err(format_args!("tensor shape {:?} has too many elements", t.shape)));
+                    return Err(self.err(format_args!(
+                        "tensor shape {:?} has too many elements",
+                        t.shape
+                    )));
                 }
                 self.new_obj(Object::Tensor(t))
             }
             Global::RebuildParameter | Global::RebuildParameterWithState => {
                 let n = if g == Global::RebuildParameter { 3 } else { 4 };
                 if args.len() != n {
-                    return Err(self.err(format_args!("`{name}` called with {} arguments, expected {n}", args.len())));
+                    return Err(self.err(format_args!(
+                        "`{name}` called with {} arguments, expected {n}",
+                        args.len()
+                    )));
                 }
                 match self.obj(args[0]) {
                     Object::Tensor(_) => Ok(args[0]),
-                    o => Err(self.err(format_args!("`{name}`: first argument is a {}, not a tensor", o.kind()))),
+                    o => Err(self.err(format_args!(
+                        "`{name}`: first argument is a {}, not a tensor",
+                        o.kind()
+                    ))),
                 }
             }
-            Global::Storage(_) | Global::Dtype(_) => Err(self.err(format_args!("{opname} on `{name}`, which is not called by torch checkpoints"))),
+            Global::Storage(_) | Global::Dtype(_) => Err(self.err(format_args!(
+                "{opname} on `{name}`, which is not called by torch checkpoints"
+            ))),
         }
     }
 
@@ -914,11 +1052,19 @@ impl<'a> Machine<'a> {
     fn persistent_storage(&self, pid: ObjId) -> Result<StorageRef> {
         let items = match self.obj(pid) {
             Object::Tuple(v) => v,
-            o => return Err(self.err(format_args!("persistent id is a {}, expected a ('storage', ...) tuple", o.kind()))),
+            o => {
+                return Err(self.err(format_args!(
+                    "persistent id is a {}, expected a ('storage', ...) tuple",
+                    o.kind()
+                )))
+            }
         };
         let bad = |m: &str| self.err(format_args!("persistent id {m}"));
         if items.len() != 5 {
-            return Err(bad(&format!("has {} items, expected 5 ('storage', type, key, location, numel)", items.len())));
+            return Err(bad(&format!(
+                "has {} items, expected 5 ('storage', type, key, location, numel)",
+                items.len()
+            )));
         }
         match self.obj(items[0]) {
             Object::Str(s) if s == "storage" => {}
@@ -926,34 +1072,56 @@ impl<'a> Machine<'a> {
         }
         let dtype = match self.obj(items[1]) {
             Object::Global(Global::Storage(d)) => *d,
-            _ => return Err(bad(&format!("names a {} where a torch storage class belongs", self.describe(items[1])))),
+            _ => {
+                return Err(bad(&format!(
+                    "names a {} where a torch storage class belongs",
+                    self.describe(items[1])
+                )))
+            }
         };
         let key = match self.obj(items[2]) {
             Object::Str(s) => s.clone(),
             Object::Int(i) => i.to_string(),
             o => return Err(bad(&format!("has a {} storage key", o.kind()))),
         };
-        if key.is_empty() || key.len() > 64 || !key.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-') {
-            return Err(bad(&format!("has an invalid storage key {:?}", key.chars().take(80).collect::<String>())));
+        if key.is_empty()
+            || key.len() > 64
+            || !key
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+        {
+            return Err(bad(&format!(
+                "has an invalid storage key {:?}",
+                key.chars().take(80).collect::<String>()
+            )));
         }
         let location = match self.obj(items[3]) {
             Object::Str(s) => s.clone(),
             o => return Err(bad(&format!("has a {} location", o.kind()))),
         };
         let numel = self.int_arg(items[4], "storage size")?;
-        Ok(StorageRef { dtype, key, location, numel })
+        Ok(StorageRef {
+            dtype,
+            key,
+            location,
+            numel,
+        })
     }
 }
 
 /// A little-endian two's-complement integer from LONG1/LONG4.
 fn long_value(bytes: &[u8]) -> Object {
-    let Some(&last) = bytes.last() else { return Object::Int(0) };
+    let Some(&last) = bytes.last() else {
+        return Object::Int(0);
+    };
     let fill = if last & 0x80 != 0 { 0xff } else { 0 };
     if bytes.len() > 8 {
         // Wider encodings fit 64 bits only when the extra bytes are sign extension
         // matching bit 63.
         let (low, high) = bytes.split_at(8);
-        let sign_ok = low.get(7).is_some_and(|b| (b & 0x80 != 0) == (fill == 0xff));
+        let sign_ok = low
+            .get(7)
+            .is_some_and(|b| (b & 0x80 != 0) == (fill == 0xff));
         if !sign_ok || high.iter().any(|&b| b != fill) {
             return Object::BigInt;
         }
@@ -981,7 +1149,11 @@ impl Default for PickleWriter {
 impl PickleWriter {
     /// Starts a protocol-2 pickle.
     pub fn new() -> Self {
-        PickleWriter { out: vec![op::PROTO, 2], next_memo: 0, globals: HashMap::new() }
+        PickleWriter {
+            out: vec![op::PROTO, 2],
+            next_memo: 0,
+            globals: HashMap::new(),
+        }
     }
 
     /// Memoizes the top of the stack (BINPUT/LONG_BINPUT with the next index).
@@ -1114,7 +1286,10 @@ impl PickleWriter {
     /// Pushes `_rebuild_tensor_v2(<storage key>, 0, shape, contiguous strides, False, OrderedDict())`
     /// for a tensor that fills its own storage `key`.
     pub fn tensor(&mut self, key: &str, dtype: DType, shape: &[usize]) -> Result<()> {
-        let numel = shape.iter().try_fold(1u64, |a, &d| a.checked_mul(d as u64)).ok_or_else(|| Error::Invalid(format!("tensor shape {shape:?} too large")))?;
+        let numel = shape
+            .iter()
+            .try_fold(1u64, |a, &d| a.checked_mul(d as u64))
+            .ok_or_else(|| Error::Invalid(format!("tensor shape {shape:?} too large")))?;
         // torch's contiguous strides: stride[i] = stride[i+1] * max(size[i+1], 1).
         let mut stride = vec![0u64; shape.len()];
         let mut acc = 1u64;
@@ -1128,8 +1303,21 @@ impl PickleWriter {
 
     /// Pushes `_rebuild_tensor_v2(storage, storage_offset, shape, stride, False, OrderedDict())`
     /// where the storage is `('storage', <dtype>Storage, key, 'cpu', storage_numel)`.
-    pub fn tensor_view(&mut self, key: &str, dtype: DType, storage_numel: u64, storage_offset: u64, shape: &[u64], stride: &[u64]) -> Result<()> {
-        let class = storage_class_name(dtype).ok_or_else(|| Error::Invalid(format!("torch checkpoints cannot store type {}", dtype.name())))?;
+    pub fn tensor_view(
+        &mut self,
+        key: &str,
+        dtype: DType,
+        storage_numel: u64,
+        storage_offset: u64,
+        shape: &[u64],
+        stride: &[u64],
+    ) -> Result<()> {
+        let class = storage_class_name(dtype).ok_or_else(|| {
+            Error::Invalid(format!(
+                "torch checkpoints cannot store type {}",
+                dtype.name()
+            ))
+        })?;
         self.global("torch._utils", "_rebuild_tensor_v2", "_rebuild_tensor_v2");
         self.mark();
         {
@@ -1161,7 +1349,10 @@ impl PickleWriter {
 
 /// The `data.pkl` of a torch state dict: an `OrderedDict` of name → tensor, where
 /// tensor `i` fills storage `i`; wrapped as `{"state_dict": ...}` when asked.
-pub fn state_dict_pickle(tensors: &[(&str, DType, &[usize])], wrap_state_dict: bool) -> Result<Vec<u8>> {
+pub fn state_dict_pickle(
+    tensors: &[(&str, DType, &[usize])],
+    wrap_state_dict: bool,
+) -> Result<Vec<u8>> {
     let mut w = PickleWriter::new();
     if wrap_state_dict {
         w.empty_dict();
@@ -1250,7 +1441,10 @@ mod tests {
             d.extend([op::STACK_GLOBAL, b'.']);
             assert_eq!(refused_global(&d), format!("{module}.{name}"));
         }
-        assert_eq!(refused_global(b"\x80\x02ccollections\nOrderedDict.__init__.__globals__\n."), "collections.OrderedDict.__init__.__globals__");
+        assert_eq!(
+            refused_global(b"\x80\x02ccollections\nOrderedDict.__init__.__globals__\n."),
+            "collections.OrderedDict.__init__.__globals__"
+        );
     }
 
     #[test]
@@ -1289,22 +1483,37 @@ mod tests {
         d.extend(unicode("callbacks"));
         d.extend(b"cpytorch_lightning.callbacks.model_checkpoint\nModelCheckpoint\n)\x81}bu.");
         let u = run(&d).unwrap();
-        let Object::Dict(items) = u.get(u.root()) else { panic!("root is not a dict") };
+        let Object::Dict(items) = u.get(u.root()) else {
+            panic!("root is not a dict")
+        };
         assert_eq!(items.len(), 2);
-        assert!(items.iter().all(|(_, v)| matches!(u.get(*v), Object::Opaque(_))));
+        assert!(items
+            .iter()
+            .all(|(_, v)| matches!(u.get(*v), Object::Opaque(_))));
     }
 
     #[test]
     fn other_lightning_numpy_and_torch_globals_are_refused() {
-        assert_eq!(refused_global(b"\x80\x02cpytorch_lightning.trainer\nTrainer\n."), "pytorch_lightning.trainer.Trainer");
-        assert_eq!(refused_global(b"\x80\x02cnumpy.core.multiarray\n_reconstruct\n."), "numpy.core.multiarray._reconstruct");
+        assert_eq!(
+            refused_global(b"\x80\x02cpytorch_lightning.trainer\nTrainer\n."),
+            "pytorch_lightning.trainer.Trainer"
+        );
+        assert_eq!(
+            refused_global(b"\x80\x02cnumpy.core.multiarray\n_reconstruct\n."),
+            "numpy.core.multiarray._reconstruct"
+        );
         assert_eq!(refused_global(b"\x80\x02ctorch\nload\n."), "torch.load");
-        assert_eq!(refused_global(b"\x80\x02ctorch._utils\n_rebuild_device_tensor_from_numpy\n."), "torch._utils._rebuild_device_tensor_from_numpy");
+        assert_eq!(
+            refused_global(b"\x80\x02ctorch._utils\n_rebuild_device_tensor_from_numpy\n."),
+            "torch._utils._rebuild_device_tensor_from_numpy"
+        );
     }
 
     #[test]
     fn calling_a_storage_class_or_reducing_a_non_global_is_an_error() {
-        let e = run(b"\x80\x02ctorch\nFloatStorage\n)R.").unwrap_err().to_string();
+        let e = run(b"\x80\x02ctorch\nFloatStorage\n)R.")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("torch.FloatStorage"), "{e}");
         let e = run(b"\x80\x02K\x01)R.").unwrap_err().to_string();
         assert!(e.contains("not callable"), "{e}");
@@ -1314,7 +1523,9 @@ mod tests {
     fn huge_long_binput_index_uses_no_memory_and_unknown_get_is_an_error() {
         let ok = run(b"\x80\x02K\x07r\xff\xff\xff\xff0j\xff\xff\xff\xff.").unwrap();
         assert!(matches!(ok.get(ok.root()), Object::Int(7)));
-        let e = run(b"\x80\x02K\x07r\xff\xff\xff\xffj\xfe\xff\xff\xff.").unwrap_err().to_string();
+        let e = run(b"\x80\x02K\x07r\xff\xff\xff\xffj\xfe\xff\xff\xff.")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("memo key 4294967294"), "{e}");
     }
 
@@ -1343,7 +1554,20 @@ mod tests {
         // Each DUP pushes a reference, never a copy; a list may even hold itself.
         let mut d = vec![0x80, 2, op::EMPTY_LIST, op::BINPUT, 0];
         for _ in 0..20 {
-            d.extend([op::MARK, op::BINGET, 0, op::BINGET, 0, op::BINGET, 0, op::BINGET, 0, op::APPENDS, op::DUP, op::POP]);
+            d.extend([
+                op::MARK,
+                op::BINGET,
+                0,
+                op::BINGET,
+                0,
+                op::BINGET,
+                0,
+                op::BINGET,
+                0,
+                op::APPENDS,
+                op::DUP,
+                op::POP,
+            ]);
         }
         d.push(op::STOP);
         let u = run(&d).unwrap();
@@ -1361,7 +1585,14 @@ mod tests {
 
     #[test]
     fn truncated_pickles_are_errors() {
-        let full = state_dict_pickle(&[("a.weight", DType::F16, &[3, 4][..]), ("b", DType::F32, &[][..])], true).unwrap();
+        let full = state_dict_pickle(
+            &[
+                ("a.weight", DType::F16, &[3, 4][..]),
+                ("b", DType::F32, &[][..]),
+            ],
+            true,
+        )
+        .unwrap();
         assert!(run(&full).is_ok());
         for n in 0..full.len() {
             let r = run(&full[..n]);
@@ -1385,8 +1616,13 @@ mod tests {
 
     #[test]
     fn unsupported_opcodes_are_named() {
-        let e = run(b"\x80\x02ccollections\nOrderedDict\n)}\x92.").unwrap_err().to_string();
-        assert!(e.contains("0x92") && e.contains("NEWOBJ_EX") && e.contains("byte 29"), "{e}");
+        let e = run(b"\x80\x02ccollections\nOrderedDict\n)}\x92.")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("0x92") && e.contains("NEWOBJ_EX") && e.contains("byte 29"),
+            "{e}"
+        );
         let e = run(b"\x80\x02I1\n.").unwrap_err().to_string();
         assert!(e.contains("INT"), "{e}");
         let e = run(b"\x80\x06N.").unwrap_err().to_string();
@@ -1416,7 +1652,21 @@ mod tests {
         }
         let u = run(b"\x80\x02\x8a\x09\x00\x00\x00\x00\x00\x00\x00\x80\x00.").unwrap();
         assert!(matches!(u.get(u.root()), Object::BigInt));
-        for v in [0i128, 1, 255, 256, 65535, 65536, -1, i32::MIN as i128, i32::MAX as i128 + 1, i64::MAX as i128, i64::MIN as i128, -129, 128] {
+        for v in [
+            0i128,
+            1,
+            255,
+            256,
+            65535,
+            65536,
+            -1,
+            i32::MIN as i128,
+            i32::MAX as i128 + 1,
+            i64::MAX as i128,
+            i64::MIN as i128,
+            -129,
+            128,
+        ] {
             let mut w = PickleWriter::new();
             w.int(v);
             let u = run(&w.finish()).unwrap();
@@ -1430,14 +1680,23 @@ mod tests {
     #[test]
     fn written_state_dict_reads_back_as_tensors() {
         let shapes: Vec<Vec<usize>> = vec![vec![2, 3], vec![], vec![5], vec![1, 2, 3, 4, 5]];
-        let items: Vec<(String, DType, &[usize])> = shapes.iter().enumerate().map(|(i, s)| (format!("t{i}"), DType::BF16, &s[..])).collect();
-        let refs: Vec<(&str, DType, &[usize])> = items.iter().map(|(n, d, s)| (n.as_str(), *d, *s)).collect();
+        let items: Vec<(String, DType, &[usize])> = shapes
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (format!("t{i}"), DType::BF16, &s[..]))
+            .collect();
+        let refs: Vec<(&str, DType, &[usize])> =
+            items.iter().map(|(n, d, s)| (n.as_str(), *d, *s)).collect();
         let u = run(&state_dict_pickle(&refs, false).unwrap()).unwrap();
-        let Object::Dict(items) = u.get(u.root()) else { panic!() };
+        let Object::Dict(items) = u.get(u.root()) else {
+            panic!()
+        };
         assert_eq!(items.len(), 4);
         for (i, (k, v)) in items.iter().enumerate() {
             assert!(matches!(u.get(*k), Object::Str(s) if *s == format!("t{i}")));
-            let Object::Tensor(t) = u.get(*v) else { panic!() };
+            let Object::Tensor(t) = u.get(*v) else {
+                panic!()
+            };
             assert_eq!(t.shape, shapes[i]);
             assert_eq!(t.storage.key, i.to_string());
             assert_eq!(t.dtype, DType::BF16);
@@ -1447,7 +1706,11 @@ mod tests {
 
     #[test]
     fn mutated_pickles_never_panic() {
-        let base = state_dict_pickle(&[("x", DType::F32, &[2, 2][..]), ("y", DType::I64, &[3][..])], true).unwrap();
+        let base = state_dict_pickle(
+            &[("x", DType::F32, &[2, 2][..]), ("y", DType::I64, &[3][..])],
+            true,
+        )
+        .unwrap();
         let mut seed = 0x9e3779b97f4a7c15u64;
         let mut next = move || {
             seed ^= seed << 13;
@@ -1497,7 +1760,9 @@ mod tests {
         w.tuple();
         w.reduce();
         let u = run(&w.finish()).unwrap();
-        let Object::Tensor(t) = u.get(u.root()) else { panic!("{:?}", u.get(u.root())) };
+        let Object::Tensor(t) = u.get(u.root()) else {
+            panic!("{:?}", u.get(u.root()))
+        };
         assert_eq!(t.dtype, DType::BF16);
         assert_eq!(t.storage.dtype, DType::U8);
         assert_eq!((t.storage_offset, t.shape.as_slice()), (1, &[3usize][..]));

@@ -15,20 +15,33 @@ use crate::error::{Error, Result};
 /// Opens a `.safetensors` file as a checkpoint with the names it stores.
 pub fn open(path: &Path) -> Result<Checkpoint> {
     let (tensors, metadata) = read_tensors(path)?;
-    Ok(Checkpoint { path: path.to_path_buf(), format: SourceFormat::Safetensors, tensors, metadata, tokenizer: None })
+    Ok(Checkpoint {
+        path: path.to_path_buf(),
+        format: SourceFormat::Safetensors,
+        tensors,
+        metadata,
+        tokenizer: None,
+    })
 }
 
 /// Reads the tensor directory of a `.safetensors` file.
 pub fn read_tensors(path: &Path) -> Result<(Vec<SourceTensor>, BTreeMap<String, String>)> {
     let file = SourceFile::open(path)?;
     if file.len < 8 {
-        return Err(Error::format(path, "not a safetensors file: shorter than its 8-byte header length"));
+        return Err(Error::format(
+            path,
+            "not a safetensors file: shorter than its 8-byte header length",
+        ));
     }
     // Only the header's pages are touched, and the map is dropped before returning.
     let map = crate::ggml::map_file(&file.file).map_err(|e| Error::io(&file.path, e))?;
-    let (header_len, meta) = SafeTensors::read_metadata(&map).map_err(|e| Error::format(path, format!("invalid safetensors header: {e}")))?;
+    let (header_len, meta) = SafeTensors::read_metadata(&map)
+        .map_err(|e| Error::format(path, format!("invalid safetensors header: {e}")))?;
     if !map.intact() {
-        return Err(Error::format(path, "the file was truncated while its header was read"));
+        return Err(Error::format(
+            path,
+            "the file was truncated while its header was read",
+        ));
     }
     drop(map);
     let data_start = 8 + header_len as u64;
@@ -45,13 +58,21 @@ pub fn read_tensors(path: &Path) -> Result<(Vec<SourceTensor>, BTreeMap<String, 
             Dtype::I8 => DType::I8,
             Dtype::U8 => DType::U8,
             Dtype::BOOL => DType::Bool,
-            other => return Err(Error::format(path, format!("tensor `{name}` has unsupported dtype {other:?}"))),
+            other => {
+                return Err(Error::format(
+                    path,
+                    format!("tensor `{name}` has unsupported dtype {other:?}"),
+                ))
+            }
         };
         tensors.push(SourceTensor {
             name: name.clone(),
             shape: info.shape.clone(),
             dtype,
-            data: TensorData::Raw { file: file.clone(), offset: data_start + info.data_offsets.0 as u64 },
+            data: TensorData::Raw {
+                file: file.clone(),
+                offset: data_start + info.data_offsets.0 as u64,
+            },
         });
     }
     // The crate hands out a hash map: restore file order so output order is stable.
@@ -59,7 +80,12 @@ pub fn read_tensors(path: &Path) -> Result<(Vec<SourceTensor>, BTreeMap<String, 
         TensorData::Raw { offset, .. } => offset,
         _ => 0,
     });
-    let metadata = meta.metadata().clone().unwrap_or_default().into_iter().collect();
+    let metadata = meta
+        .metadata()
+        .clone()
+        .unwrap_or_default()
+        .into_iter()
+        .collect();
     Ok((tensors, metadata))
 }
 
@@ -82,22 +108,38 @@ fn dtype_str(d: DType) -> Result<&'static str> {
         DType::I8 => "I8",
         DType::U8 => "U8",
         DType::Bool => "BOOL",
-        DType::Ggml(t) => return Err(Error::Invalid(format!("safetensors cannot store ggml type {}", t.name()))),
+        DType::Ggml(t) => {
+            return Err(Error::Invalid(format!(
+                "safetensors cannot store ggml type {}",
+                t.name()
+            )))
+        }
     })
 }
 
 /// Streams a `.safetensors` file: the header from `specs`, then each tensor's bytes
 /// as `fill(i, out)` writes them (exactly the spec's byte count).
-pub fn write<W: Write>(out: &mut W, specs: &[WriteSpec], metadata: &BTreeMap<String, String>, mut fill: impl FnMut(usize, &mut Vec<u8>) -> Result<()>) -> Result<()> {
+pub fn write<W: Write>(
+    out: &mut W,
+    specs: &[WriteSpec],
+    metadata: &BTreeMap<String, String>,
+    mut fill: impl FnMut(usize, &mut Vec<u8>) -> Result<()>,
+) -> Result<()> {
     let mut header = serde_json::Map::new();
     if !metadata.is_empty() {
-        header.insert("__metadata__".into(), serde_json::to_value(metadata).map_err(|e| Error::Invalid(e.to_string()))?);
+        header.insert(
+            "__metadata__".into(),
+            serde_json::to_value(metadata).map_err(|e| Error::Invalid(e.to_string()))?,
+        );
     }
     let mut offset = 0u64;
     let mut sizes = Vec::with_capacity(specs.len());
     for s in specs {
         let n: u64 = s.shape.iter().map(|&d| d as u64).product();
-        let bytes = s.dtype.bytes_for(n).ok_or_else(|| Error::Invalid(format!("tensor `{}`: bad size", s.name)))?;
+        let bytes = s
+            .dtype
+            .bytes_for(n)
+            .ok_or_else(|| Error::Invalid(format!("tensor `{}`: bad size", s.name)))?;
         header.insert(
             s.name.clone(),
             serde_json::json!({ "dtype": dtype_str(s.dtype)?, "shape": s.shape, "data_offsets": [offset, offset + bytes] }),
@@ -105,20 +147,27 @@ pub fn write<W: Write>(out: &mut W, specs: &[WriteSpec], metadata: &BTreeMap<Str
         sizes.push(bytes);
         offset += bytes;
     }
-    let mut json = serde_json::to_vec(&serde_json::Value::Object(header)).map_err(|e| Error::Invalid(e.to_string()))?;
+    let mut json = serde_json::to_vec(&serde_json::Value::Object(header))
+        .map_err(|e| Error::Invalid(e.to_string()))?;
     // Pad the header so tensor data starts 8-byte aligned, as the reference writer does.
     while (8 + json.len()) % 8 != 0 {
         json.push(b' ');
     }
     let io = |e: std::io::Error| Error::io("<safetensors output>", e);
-    out.write_all(&(json.len() as u64).to_le_bytes()).map_err(io)?;
+    out.write_all(&(json.len() as u64).to_le_bytes())
+        .map_err(io)?;
     out.write_all(&json).map_err(io)?;
     let mut buf = Vec::new();
     for (i, s) in specs.iter().enumerate() {
         buf.clear();
         fill(i, &mut buf)?;
         if buf.len() as u64 != sizes[i] {
-            return Err(Error::Invalid(format!("tensor `{}`: wrote {} bytes, expected {}", s.name, buf.len(), sizes[i])));
+            return Err(Error::Invalid(format!(
+                "tensor `{}`: wrote {} bytes, expected {}",
+                s.name,
+                buf.len(),
+                sizes[i]
+            )));
         }
         out.write_all(&buf).map_err(io)?;
     }

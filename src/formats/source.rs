@@ -67,12 +67,22 @@ impl SourceFile {
     pub fn open(path: &Path) -> Result<Arc<SourceFile>> {
         let file = File::open(path).map_err(|e| Error::io(path, e))?;
         let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
-        Ok(Arc::new(SourceFile { path: path.to_path_buf(), file, len }))
+        Ok(Arc::new(SourceFile {
+            path: path.to_path_buf(),
+            file,
+            len,
+        }))
     }
     pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         self.file.read_exact_at(buf, offset).map_err(|e| {
             if e.kind() == std::io::ErrorKind::UnexpectedEof {
-                Error::format(&self.path, format!("file ends before byte {} (truncated?)", offset + buf.len() as u64))
+                Error::format(
+                    &self.path,
+                    format!(
+                        "file ends before byte {} (truncated?)",
+                        offset + buf.len() as u64
+                    ),
+                )
             } else {
                 Error::io(&self.path, e)
             }
@@ -111,7 +121,10 @@ impl SourceTensor {
         if self.shape.contains(&0) {
             return 0;
         }
-        self.shape.iter().try_fold(1u64, |a, &d| a.checked_mul(d as u64)).unwrap_or(u64::MAX)
+        self.shape
+            .iter()
+            .try_fold(1u64, |a, &d| a.checked_mul(d as u64))
+            .unwrap_or(u64::MAX)
     }
     /// Stored size in bytes.
     pub fn nbytes(&self) -> u64 {
@@ -124,7 +137,15 @@ impl SourceTensor {
         match &self.data {
             TensorData::Raw { file, offset } => {
                 let n = self.dtype.bytes_for(self.numel()).ok_or_else(|| {
-                    Error::format(&file.path, format!("tensor `{}`: shape {:?} does not fit type {}", self.name, self.shape, self.dtype.name()))
+                    Error::format(
+                        &file.path,
+                        format!(
+                            "tensor `{}`: shape {:?} does not fit type {}",
+                            self.name,
+                            self.shape,
+                            self.dtype.name()
+                        ),
+                    )
                 })?;
                 match offset.checked_add(n) {
                     Some(end) if end <= file.len => Ok(()),
@@ -160,7 +181,13 @@ impl SourceTensor {
         match &self.data {
             TensorData::Raw { .. } => {
                 let raw = self.read_raw()?;
-                to_f32(self.dtype, &raw, self.numel() as usize).ok_or_else(|| Error::Invalid(format!("tensor `{}`: cannot convert {} to f32", self.name, self.dtype.name())))
+                to_f32(self.dtype, &raw, self.numel() as usize).ok_or_else(|| {
+                    Error::Invalid(format!(
+                        "tensor `{}`: cannot convert {} to f32",
+                        self.name,
+                        self.dtype.name()
+                    ))
+                })
             }
             TensorData::Concat(parts) => {
                 let mut out = Vec::with_capacity(self.numel() as usize);
@@ -173,7 +200,12 @@ impl SourceTensor {
                 let v = t.read_f32()?;
                 let (r, c) = match t.shape.as_slice() {
                     [r, c] => (*r, *c),
-                    _ => return Err(Error::Invalid(format!("tensor `{}`: transpose of a non-2-D tensor", self.name))),
+                    _ => {
+                        return Err(Error::Invalid(format!(
+                            "tensor `{}`: transpose of a non-2-D tensor",
+                            self.name
+                        )))
+                    }
                 };
                 let mut out = vec![0f32; v.len()];
                 for i in 0..r {
@@ -191,13 +223,34 @@ impl SourceTensor {
 pub fn to_f32(dtype: DType, raw: &[u8], n: usize) -> Option<Vec<f32>> {
     use half::{bf16, f16};
     let v = match dtype {
-        DType::F32 => raw.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
-        DType::F16 => raw.chunks_exact(2).map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
-        DType::BF16 => raw.chunks_exact(2).map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
-        DType::F64 => raw.chunks_exact(8).map(|b| f64::from_le_bytes(b.try_into().unwrap_or([0; 8])) as f32).collect(),
-        DType::I64 => raw.chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().unwrap_or([0; 8])) as f32).collect(),
-        DType::I32 => raw.chunks_exact(4).map(|b| i32::from_le_bytes([b[0], b[1], b[2], b[3]]) as f32).collect(),
-        DType::I16 => raw.chunks_exact(2).map(|b| i16::from_le_bytes([b[0], b[1]]) as f32).collect(),
+        DType::F32 => raw
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect(),
+        DType::F16 => raw
+            .chunks_exact(2)
+            .map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect(),
+        DType::BF16 => raw
+            .chunks_exact(2)
+            .map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect(),
+        DType::F64 => raw
+            .chunks_exact(8)
+            .map(|b| f64::from_le_bytes(b.try_into().unwrap_or([0; 8])) as f32)
+            .collect(),
+        DType::I64 => raw
+            .chunks_exact(8)
+            .map(|b| i64::from_le_bytes(b.try_into().unwrap_or([0; 8])) as f32)
+            .collect(),
+        DType::I32 => raw
+            .chunks_exact(4)
+            .map(|b| i32::from_le_bytes([b[0], b[1], b[2], b[3]]) as f32)
+            .collect(),
+        DType::I16 => raw
+            .chunks_exact(2)
+            .map(|b| i16::from_le_bytes([b[0], b[1]]) as f32)
+            .collect(),
         DType::I8 => raw.iter().map(|&b| b as i8 as f32).collect(),
         DType::U8 | DType::Bool => raw.iter().map(|&b| b as f32).collect(),
         DType::Ggml(t) => return t.dequantize(raw, n).ok(),
@@ -257,7 +310,10 @@ impl Checkpoint {
         } else if n >= 8 {
             super::safetensors::open(path)?
         } else {
-            return Err(Error::format(path, format!("{} bytes is too short for any model format", f.len)));
+            return Err(Error::format(
+                path,
+                format!("{} bytes is too short for any model format", f.len),
+            ));
         };
         let mut ck = ck;
         ck.canonicalize_names();
@@ -298,7 +354,15 @@ mod tests {
         let tmp = tempfile::NamedTempFile::new().expect("temp file");
         std::fs::write(tmp.path(), [0u8; 64]).expect("write");
         let file = SourceFile::open(tmp.path()).expect("open");
-        let t = |shape: Vec<usize>| SourceTensor { name: "w".into(), shape, dtype: DType::F32, data: TensorData::Raw { file: file.clone(), offset: 0 } };
+        let t = |shape: Vec<usize>| SourceTensor {
+            name: "w".into(),
+            shape,
+            dtype: DType::F32,
+            data: TensorData::Raw {
+                file: file.clone(),
+                offset: 0,
+            },
+        };
         // The gguf fuzzer's find: ggml order [0, 2^40, 2^40] passes the reader's checked
         // product; PyTorch order multiplied the two large dimensions first.
         let empty = t(vec![1 << 40, 1 << 40, 0]);
@@ -306,7 +370,10 @@ mod tests {
         assert!(empty.validate().is_ok());
         let huge = t(vec![1 << 40, 1 << 40, 16]);
         assert_eq!(huge.numel(), u64::MAX);
-        let e = huge.validate().expect_err("2^84 elements cannot lie in 64 bytes").to_string();
+        let e = huge
+            .validate()
+            .expect_err("2^84 elements cannot lie in 64 bytes")
+            .to_string();
         assert!(e.contains("does not fit type"), "{e}");
         assert!(t(vec![4, 4]).validate().is_ok());
     }

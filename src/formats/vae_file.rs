@@ -18,8 +18,21 @@ fn weights_file(path: &Path) -> Result<PathBuf> {
     if !path.is_dir() {
         return Ok(path.to_path_buf());
     }
-    let names = ["diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors", "diffusion_pytorch_model.bin"];
-    names.iter().map(|n| path.join(n)).find(|p| p.is_file()).ok_or_else(|| Error::format(path, format!("a VAE folder holds one of {}", names.join(", "))))
+    let names = [
+        "diffusion_pytorch_model.safetensors",
+        "diffusion_pytorch_model.fp16.safetensors",
+        "diffusion_pytorch_model.bin",
+    ];
+    names
+        .iter()
+        .map(|n| path.join(n))
+        .find(|p| p.is_file())
+        .ok_or_else(|| {
+            Error::format(
+                path,
+                format!("a VAE folder holds one of {}", names.join(", ")),
+            )
+        })
 }
 
 /// The VAE tensors of `path` under canonical names, for a model whose VAE is `cfg`.
@@ -27,20 +40,38 @@ pub fn open(path: &Path, cfg: &VaeConfig) -> Result<Vec<SourceTensor>> {
     let file = weights_file(path)?;
     let ck = Checkpoint::open(&file)?;
     let plan = names::vae(cfg);
-    let diffusers = ck.tensors.iter().any(|t| t.name.contains("up_blocks.") || t.name.contains("down_blocks."));
+    let diffusers = ck
+        .tensors
+        .iter()
+        .any(|t| t.name.contains("up_blocks.") || t.name.contains("down_blocks."));
     let tensors = if diffusers {
         // Only the VAE's own tensors: a full pipeline file given as a VAE keeps the rest.
-        let wanted: std::collections::HashSet<&str> = plan.iter().flat_map(|e| e.diffusers.iter().map(String::as_str)).collect();
-        let mine: Vec<SourceTensor> = ck.tensors.into_iter().filter(|t| wanted.contains(t.name.as_str())).collect();
+        let wanted: std::collections::HashSet<&str> = plan
+            .iter()
+            .flat_map(|e| e.diffusers.iter().map(String::as_str))
+            .collect();
+        let mine: Vec<SourceTensor> = ck
+            .tensors
+            .into_iter()
+            .filter(|t| wanted.contains(t.name.as_str()))
+            .collect();
         let have: std::collections::HashSet<&str> = mine.iter().map(|t| t.name.as_str()).collect();
-        let missing: Vec<String> = wanted.iter().filter(|n| !have.contains(*n)).map(|n| n.to_string()).collect();
+        let missing: Vec<String> = wanted
+            .iter()
+            .filter(|n| !have.contains(*n))
+            .map(|n| n.to_string())
+            .collect();
         if !missing.is_empty() {
             return Err(not_a_vae(&file, missing));
         }
         names::to_canonical(&plan, mine, &file, |_| false)?
     } else {
         let bare = !ck.tensors.iter().any(|t| t.name.starts_with(PREFIX));
-        let vae_part = |n: &str| ["encoder.", "decoder.", "quant_conv.", "post_quant_conv."].iter().any(|p| n.starts_with(p));
+        let vae_part = |n: &str| {
+            ["encoder.", "decoder.", "quant_conv.", "post_quant_conv."]
+                .iter()
+                .any(|p| n.starts_with(p))
+        };
         ck.tensors
             .into_iter()
             .filter_map(|mut t| {
@@ -62,20 +93,40 @@ fn not_a_vae(file: &Path, mut missing: Vec<String>) -> Error {
     let n = missing.len();
     missing.sort();
     missing.truncate(4);
-    Error::format(file, format!("not a VAE for this model: {n} of its tensors are missing ({}{})", missing.join(", "), if n > 4 { ", …" } else { "" }))
+    Error::format(
+        file,
+        format!(
+            "not a VAE for this model: {n} of its tensors are missing ({}{})",
+            missing.join(", "),
+            if n > 4 { ", …" } else { "" }
+        ),
+    )
 }
 
 /// Every tensor the config implies, with its element count (attention projections are
 /// 1x1 convolutions in one naming and matrices in another: the same values).
-fn check(file: &Path, plan: &[names::Entry], tensors: Vec<SourceTensor>) -> Result<Vec<SourceTensor>> {
-    let mut by_name: HashMap<String, SourceTensor> = tensors.into_iter().map(|t| (t.name.clone(), t)).collect();
+fn check(
+    file: &Path,
+    plan: &[names::Entry],
+    tensors: Vec<SourceTensor>,
+) -> Result<Vec<SourceTensor>> {
+    let mut by_name: HashMap<String, SourceTensor> =
+        tensors.into_iter().map(|t| (t.name.clone(), t)).collect();
     let mut out = Vec::with_capacity(plan.len());
     let mut missing = Vec::new();
     for e in plan {
         match by_name.remove(&e.canonical) {
             None => missing.push(e.canonical.trim_start_matches(PREFIX).to_string()),
             Some(t) if t.numel() != e.shape.iter().product::<usize>() as u64 => {
-                return Err(Error::format(file, format!("VAE tensor `{}` has shape {:?}; the model's VAE needs {:?}", t.name.trim_start_matches(PREFIX), t.shape, e.shape)));
+                return Err(Error::format(
+                    file,
+                    format!(
+                        "VAE tensor `{}` has shape {:?}; the model's VAE needs {:?}",
+                        t.name.trim_start_matches(PREFIX),
+                        t.shape,
+                        e.shape
+                    ),
+                ));
             }
             Some(mut t) => {
                 t.shape = e.shape.clone();
@@ -87,7 +138,11 @@ fn check(file: &Path, plan: &[names::Entry], tensors: Vec<SourceTensor>) -> Resu
         return Err(not_a_vae(file, missing));
     }
     if !by_name.is_empty() {
-        log::warn!("{}: {} tensors beside the VAE's are ignored", file.display(), by_name.len());
+        log::warn!(
+            "{}: {} tensors beside the VAE's are ignored",
+            file.display(),
+            by_name.len()
+        );
     }
     Ok(out)
 }

@@ -40,7 +40,10 @@ fn exp(x: f32) -> f32 {
     let xc = x.clamp(-87.0, 88.0);
     let k = (xc * LOG2E + ROUND) - ROUND;
     let r = (xc - k * LN2_HI) - k * LN2_LO;
-    let p = 1.0 + r * (1.0 + r * (0.5 + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
+    let p = 1.0
+        + r * (1.0
+            + r * (0.5
+                + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
     let y = p * f32::from_bits(((k as i32 + 127) << 23) as u32);
     if x < -87.0 {
         0.0
@@ -84,7 +87,9 @@ fn tile<const FMA: bool>(h: &Head<'_>, q: &[f32], out: &mut [f32]) {
     while j0 < h.nk {
         let mut s = [[0f32; KB]; R];
         for dd in 0..d {
-            let krow: &[f32; KB] = h.kt[j0 * d + dd * KB..][..KB].try_into().unwrap_or(&[0.0; KB]);
+            let krow: &[f32; KB] = h.kt[j0 * d + dd * KB..][..KB]
+                .try_into()
+                .unwrap_or(&[0.0; KB]);
             for r in 0..R {
                 let qv = q[r * d + dd];
                 for j in 0..KB {
@@ -137,14 +142,23 @@ fn tile<const FMA: bool>(h: &Head<'_>, q: &[f32], out: &mut [f32]) {
 
 /// `out[r][c0..c0+CW] += Σ_j p[r][j] · v[j0+j][c0..c0+CW]`, accumulated in registers.
 #[inline(always)]
-fn pv<const FMA: bool, const CW: usize>(h: &Head<'_>, p: &[[f32; KB]; R], j0: usize, valid: usize, c0: usize, out: &mut [f32]) {
+fn pv<const FMA: bool, const CW: usize>(
+    h: &Head<'_>,
+    p: &[[f32; KB]; R],
+    j0: usize,
+    valid: usize,
+    c0: usize,
+    out: &mut [f32],
+) {
     let dp = h.dp;
     let mut acc = [[0f32; CW]; R];
     for r in 0..R {
         acc[r].copy_from_slice(&out[r * dp + c0..][..CW]);
     }
     for j in 0..valid {
-        let vrow: &[f32; CW] = h.v[(j0 + j) * dp + c0..][..CW].try_into().unwrap_or(&[0.0; CW]);
+        let vrow: &[f32; CW] = h.v[(j0 + j) * dp + c0..][..CW]
+            .try_into()
+            .unwrap_or(&[0.0; CW]);
         for r in 0..R {
             let pj = p[r][j];
             for c in 0..CW {
@@ -171,14 +185,21 @@ impl View {
     /// `t` must be a live f32 tensor with data.
     unsafe fn of(t: *const sys::ggml_tensor) -> View {
         let t = &*t;
-        View { data: t.data as *const u8, ne: t.ne.map(|n| n as usize), nb: t.nb }
+        View {
+            data: t.data as *const u8,
+            ne: t.ne.map(|n| n as usize),
+            nb: t.nb,
+        }
     }
 
     /// # Safety
     /// Indexes within `ne`.
     #[inline(always)]
     unsafe fn at(&self, i0: usize, i1: usize, i2: usize, i3: usize) -> f32 {
-        self.data.add(i0 * self.nb[0] + i1 * self.nb[1] + i2 * self.nb[2] + i3 * self.nb[3]).cast::<f32>().read_unaligned()
+        self.data
+            .add(i0 * self.nb[0] + i1 * self.nb[1] + i2 * self.nb[2] + i3 * self.nb[3])
+            .cast::<f32>()
+            .read_unaligned()
     }
 }
 
@@ -188,7 +209,16 @@ impl View {
 /// # Safety
 /// `q` `[D, Nq, H, B]`, `k` and `v` `[D, Nk, H, B]` (any strides, f32, live), `dst`
 /// a contiguous f32 tensor `[D*H, Nq, B]` that only this call's units write.
-unsafe fn run(q: View, k: View, v: View, dst: *mut f32, scale: f32, ith: usize, nth: usize, tile: TileFn) {
+unsafe fn run(
+    q: View,
+    k: View,
+    v: View,
+    dst: *mut f32,
+    scale: f32,
+    ith: usize,
+    nth: usize,
+    tile: TileFn,
+) {
     let [d, nq, heads, batch] = q.ne;
     let nk = k.ne[1];
     let dp = d.next_multiple_of(LANES);
@@ -213,14 +243,24 @@ unsafe fn run(q: View, k: View, v: View, dst: *mut f32, scale: f32, ith: usize, 
             }
             packed = Some(bh);
         }
-        let head = Head { kt: &kt, v: &vp, d, dp, nk };
+        let head = Head {
+            kt: &kt,
+            v: &vp,
+            d,
+            dp,
+            nk,
+        };
         let rows = chunk * UNIT_ROWS..((chunk + 1) * UNIT_ROWS).min(nq);
         let mut i0 = rows.start;
         while i0 < rows.end {
             let n = R.min(rows.end - i0);
             for r in 0..R {
                 for dd in 0..d {
-                    qt[r * d + dd] = if r < n { q.at(dd, i0 + r, hd, b) * scale } else { 0.0 };
+                    qt[r * d + dd] = if r < n {
+                        q.at(dd, i0 + r, hd, b) * scale
+                    } else {
+                        0.0
+                    };
                 }
             }
             tile(&head, &qt, &mut out);
@@ -260,8 +300,13 @@ mod avx512 {
     #[inline]
     #[target_feature(enable = "avx512f")]
     fn exp(x: __m512) -> __m512 {
-        let xc = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0)), _mm512_set1_ps(88.0));
-        let k = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm512_mul_ps(xc, _mm512_set1_ps(std::f32::consts::LOG2_E)));
+        let xc = _mm512_min_ps(
+            _mm512_max_ps(x, _mm512_set1_ps(-87.0)),
+            _mm512_set1_ps(88.0),
+        );
+        let k = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+            _mm512_mul_ps(xc, _mm512_set1_ps(std::f32::consts::LOG2_E)),
+        );
         let r = _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693_145_75), xc);
         let r = _mm512_fnmadd_ps(k, _mm512_set1_ps(1.428_606_8e-6), r);
         let mut p = _mm512_set1_ps(1.0 / 720.0);
@@ -276,13 +321,24 @@ mod avx512 {
     /// `out[r][c0..c0+16N] = corr[r]·out[r][..] + Σ_j p[r][j] · v[j0+j][..]`.
     #[inline]
     #[target_feature(enable = "avx512f")]
-    unsafe fn pv<const N: usize>(h: &Head<'_>, p: &[[f32; KB]; R], corr: &[f32; R], j0: usize, valid: usize, c0: usize, out: &mut [f32]) {
+    unsafe fn pv<const N: usize>(
+        h: &Head<'_>,
+        p: &[[f32; KB]; R],
+        corr: &[f32; R],
+        j0: usize,
+        valid: usize,
+        c0: usize,
+        out: &mut [f32],
+    ) {
         let dp = h.dp;
         let o = out.as_mut_ptr();
         let mut acc = [[_mm512_setzero_ps(); N]; R];
         for r in 0..R {
             for c in 0..N {
-                acc[r][c] = _mm512_mul_ps(_mm512_loadu_ps(o.add(r * dp + c0 + c * LANES)), _mm512_set1_ps(corr[r]));
+                acc[r][c] = _mm512_mul_ps(
+                    _mm512_loadu_ps(o.add(r * dp + c0 + c * LANES)),
+                    _mm512_set1_ps(corr[r]),
+                );
             }
         }
         let v = h.v.as_ptr().add(j0 * dp + c0);
@@ -321,7 +377,12 @@ mod avx512 {
             let mut s = [[_mm512_setzero_ps(); 4]; R];
             for dd in 0..d {
                 let kp = kt.add(j0 * d + dd * KB);
-                let kv = [_mm512_loadu_ps(kp), _mm512_loadu_ps(kp.add(16)), _mm512_loadu_ps(kp.add(32)), _mm512_loadu_ps(kp.add(48))];
+                let kv = [
+                    _mm512_loadu_ps(kp),
+                    _mm512_loadu_ps(kp.add(16)),
+                    _mm512_loadu_ps(kp.add(32)),
+                    _mm512_loadu_ps(kp.add(48)),
+                ];
                 for r in 0..R {
                     let qb = _mm512_set1_ps(*qp.add(r * d + dd));
                     for c in 0..4 {
@@ -335,11 +396,19 @@ mod avx512 {
                 if valid < KB {
                     for c in 0..4 {
                         let keep = valid.saturating_sub(c * LANES).min(LANES);
-                        let mask: __mmask16 = if keep == LANES { 0xFFFF } else { ((1u32 << keep) - 1) as u16 };
-                        s[r][c] = _mm512_mask_blend_ps(mask, _mm512_set1_ps(f32::NEG_INFINITY), s[r][c]);
+                        let mask: __mmask16 = if keep == LANES {
+                            0xFFFF
+                        } else {
+                            ((1u32 << keep) - 1) as u16
+                        };
+                        s[r][c] =
+                            _mm512_mask_blend_ps(mask, _mm512_set1_ps(f32::NEG_INFINITY), s[r][c]);
                     }
                 }
-                let top = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_max_ps(s[r][0], s[r][1]), _mm512_max_ps(s[r][2], s[r][3])));
+                let top = _mm512_reduce_max_ps(_mm512_max_ps(
+                    _mm512_max_ps(s[r][0], s[r][1]),
+                    _mm512_max_ps(s[r][2], s[r][3]),
+                ));
                 let mx = m[r].max(top);
                 corr[r] = super::exp(m[r] - mx);
                 let mb = _mm512_set1_ps(mx);
@@ -380,7 +449,8 @@ pub fn kernel_variant() -> &'static str {
         if std::arch::is_x86_feature_detected!("avx512f") {
             return "avx512";
         }
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
             return "avx2";
         }
     }
@@ -393,7 +463,12 @@ pub fn kernel_variant() -> &'static str {
 
 /// The ggml callback. Never unwinds into C: a panic (a bug) poisons the output with
 /// NaN, which the caller sees as a wrong result, and is logged.
-pub(super) unsafe extern "C" fn attention_op(dst: *mut sys::ggml_tensor, ith: c_int, nth: c_int, userdata: *mut c_void) {
+pub(super) unsafe extern "C" fn attention_op(
+    dst: *mut sys::ggml_tensor,
+    ith: c_int,
+    nth: c_int,
+    userdata: *mut c_void,
+) {
     let result = std::panic::catch_unwind(|| {
         // SAFETY: ggml passes the node built by `Context::attention`: three f32
         // sources of the checked shapes, an allocated contiguous f32 destination of
@@ -450,21 +525,37 @@ mod tests {
                 vp[j * dp + dd] = values[j * d + dd];
             }
         }
-        let head = Head { kt: &kt, v: &vp, d, dp, nk };
+        let head = Head {
+            kt: &kt,
+            v: &vp,
+            d,
+            dp,
+            nk,
+        };
         let mut want = vec![0f32; R * d];
         for r in 0..R {
-            let s: Vec<f64> = (0..nk).map(|j| (0..d).map(|i| q[r * d + i] as f64 * keys[j * d + i] as f64).sum()).collect();
+            let s: Vec<f64> = (0..nk)
+                .map(|j| {
+                    (0..d)
+                        .map(|i| q[r * d + i] as f64 * keys[j * d + i] as f64)
+                        .sum()
+                })
+                .collect();
             let m = s.iter().cloned().fold(f64::MIN, f64::max);
             let e: Vec<f64> = s.iter().map(|x| (x - m).exp()).collect();
             let z: f64 = e.iter().sum();
             for i in 0..d {
-                want[r * d + i] = (0..nk).map(|j| e[j] / z * values[j * d + i] as f64).sum::<f64>() as f32;
+                want[r * d + i] = (0..nk)
+                    .map(|j| e[j] / z * values[j * d + i] as f64)
+                    .sum::<f64>() as f32;
             }
         }
         let mut variants: Vec<(&str, TileFn)> = vec![("portable", tile_portable)];
         #[cfg(target_arch = "x86_64")]
         {
-            if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+            if std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+            {
                 variants.push(("avx2", tile_avx2));
             }
             if std::arch::is_x86_feature_detected!("avx512f") {
@@ -478,7 +569,10 @@ mod tests {
             for r in 0..R {
                 for i in 0..d {
                     let (g, w) = (out[r * dp + i], want[r * d + i]);
-                    assert!((g - w).abs() < 1e-5, "{name}: row {r}, {i}: {g} against {w}");
+                    assert!(
+                        (g - w).abs() < 1e-5,
+                        "{name}: row {r}, {i}: {g} against {w}"
+                    );
                 }
             }
         }

@@ -72,7 +72,10 @@ impl Graph<'_> {
     }
 
     /// `f` of every node. `f` must only read a node and its sources.
-    fn per_node<T: 'static>(&self, f: unsafe fn(&sys::ggml_tensor) -> T) -> impl Iterator<Item = T> + '_ {
+    fn per_node<T: 'static>(
+        &self,
+        f: unsafe fn(&sys::ggml_tensor) -> T,
+    ) -> impl Iterator<Item = T> + '_ {
         let g = self.ptr.as_ptr();
         // SAFETY: the graph and its nodes live as long as the context borrowed by self.
         let n = unsafe { sys::ggml_graph_n_nodes(g) };
@@ -127,13 +130,20 @@ unsafe fn node_flops(t: &sys::ggml_tensor) -> f64 {
         }
         sys::GGML_OP_FLASH_ATTN_EXT => {
             let (q, k, v) = (&*t.src[0], &*t.src[1], &*t.src[2]);
-            let (dk, dv, nq, nkv) = (q.ne[0] as f64, v.ne[0] as f64, q.ne[1] as f64, k.ne[1] as f64);
+            let (dk, dv, nq, nkv) = (
+                q.ne[0] as f64,
+                v.ne[0] as f64,
+                q.ne[1] as f64,
+                k.ne[1] as f64,
+            );
             2.0 * nq * nkv * (dk + dv) * (q.ne[2] * q.ne[3]) as f64
         }
         // sdrs' attention kernel, the only custom op: q, k, v as flash attention's.
         sys::GGML_OP_CUSTOM if !t.src[2].is_null() => {
             let (q, k, v) = (&*t.src[0], &*t.src[1], &*t.src[2]);
-            2.0 * (q.ne[1] * k.ne[1]) as f64 * (q.ne[0] + v.ne[0]) as f64 * (q.ne[2] * q.ne[3]) as f64
+            2.0 * (q.ne[1] * k.ne[1]) as f64
+                * (q.ne[0] + v.ne[0]) as f64
+                * (q.ne[2] * q.ne[3]) as f64
         }
         _ => 0.0,
     }
@@ -156,17 +166,39 @@ impl<'d> Context<'d> {
     pub fn new(max_tensors: usize) -> Result<Self> {
         let max_tensors = max_tensors.max(16);
         // SAFETY: pure size queries.
-        let size = max_tensors * unsafe { sys::ggml_tensor_overhead() } + unsafe { sys::ggml_graph_overhead_custom(max_tensors, false) };
-        let params = sys::ggml_init_params { mem_size: size, mem_buffer: std::ptr::null_mut(), no_alloc: true };
+        let size = max_tensors * unsafe { sys::ggml_tensor_overhead() }
+            + unsafe { sys::ggml_graph_overhead_custom(max_tensors, false) };
+        let params = sys::ggml_init_params {
+            mem_size: size,
+            mem_buffer: std::ptr::null_mut(),
+            no_alloc: true,
+        };
         // SAFETY: ggml allocates its own memory of `size` bytes.
-        let ptr = NonNull::new(unsafe { sys::ggml_init(params) }).ok_or_else(|| Error::Ggml("ggml_init failed".into()))?;
-        Ok(Context { ptr, buffers: RefCell::new(Vec::new()), borrowed: RefCell::new(HashSet::new()), galloc: RefCell::new(None), graph_size: max_tensors, graph: std::cell::Cell::new(None), conv_budget: std::cell::Cell::new(super::ops::CONV_COLUMNS_MAX_BYTES), kept: RefCell::new(Vec::new()), gpu: RefCell::new(None), sched: std::cell::Cell::new(None), _data: PhantomData })
+        let ptr = NonNull::new(unsafe { sys::ggml_init(params) })
+            .ok_or_else(|| Error::Ggml("ggml_init failed".into()))?;
+        Ok(Context {
+            ptr,
+            buffers: RefCell::new(Vec::new()),
+            borrowed: RefCell::new(HashSet::new()),
+            galloc: RefCell::new(None),
+            graph_size: max_tensors,
+            graph: std::cell::Cell::new(None),
+            conv_budget: std::cell::Cell::new(super::ops::CONV_COLUMNS_MAX_BYTES),
+            kept: RefCell::new(Vec::new()),
+            gpu: RefCell::new(None),
+            sched: std::cell::Cell::new(None),
+            _data: PhantomData,
+        })
     }
 
     /// Builds and runs this context's graph where `backend` computes: on its GPU, if
     /// it has one. Call before building the graph.
     pub fn target(&self, backend: &Backend) {
-        *self.gpu.borrow_mut() = backend.engines.gpu.is_some().then(|| Arc::clone(&backend.engines));
+        *self.gpu.borrow_mut() = backend
+            .engines
+            .gpu
+            .is_some()
+            .then(|| Arc::clone(&backend.engines));
     }
 
     /// Builds and runs this context's graph where `other`'s does (its weights' context).
@@ -199,11 +231,19 @@ impl<'d> Context<'d> {
     pub(super) fn ensure_room(&self, tensors: usize) -> Result<()> {
         // SAFETY: pure queries on a valid context.
         let (used, size, per, graph) = unsafe {
-            (sys::ggml_used_mem(self.raw()), sys::ggml_get_mem_size(self.raw()), sys::ggml_tensor_overhead(), sys::ggml_graph_overhead_custom(self.graph_size, false))
+            (
+                sys::ggml_used_mem(self.raw()),
+                sys::ggml_get_mem_size(self.raw()),
+                sys::ggml_tensor_overhead(),
+                sys::ggml_graph_overhead_custom(self.graph_size, false),
+            )
         };
         let reserve = if self.graph.get().is_some() { 0 } else { graph };
         if used + tensors * per + reserve > size {
-            return Err(Error::Ggml(format!("graph too large for its context ({} tensors of room, {tensors} more needed)", size.saturating_sub(used + reserve) / per)));
+            return Err(Error::Ggml(format!(
+                "graph too large for its context ({} tensors of room, {tensors} more needed)",
+                size.saturating_sub(used + reserve) / per
+            )));
         }
         Ok(())
     }
@@ -226,17 +266,27 @@ impl<'d> Context<'d> {
     }
 
     fn wrap(&self, p: *mut sys::ggml_tensor) -> Result<Tensor<'_>> {
-        NonNull::new(p).map(|ptr| Tensor { ptr, _ctx: PhantomData }).ok_or_else(|| Error::Ggml("ggml returned no tensor (context full?)".into()))
+        NonNull::new(p)
+            .map(|ptr| Tensor {
+                ptr,
+                _ctx: PhantomData,
+            })
+            .ok_or_else(|| Error::Ggml("ggml returned no tensor (context full?)".into()))
     }
 
     /// A new tensor of type `ty` with ggml dims `ne` (innermost first, 1 to 4 dims).
     pub fn tensor(&self, ty: Type, ne: &[usize], name: &str) -> Result<Tensor<'_>> {
         if ne.is_empty() || ne.len() > 4 || !ty.fits_row(ne[0]) {
-            return Err(Error::Ggml(format!("cannot make a {} tensor of shape {ne:?}", ty.name())));
+            return Err(Error::Ggml(format!(
+                "cannot make a {} tensor of shape {ne:?}",
+                ty.name()
+            )));
         }
         let dims: Vec<i64> = ne.iter().map(|&d| d as i64).collect();
         // SAFETY: ctx valid; dims has ne.len() entries.
-        let t = self.wrap(unsafe { sys::ggml_new_tensor(self.raw(), ty.0, dims.len() as i32, dims.as_ptr()) })?;
+        let t = self.wrap(unsafe {
+            sys::ggml_new_tensor(self.raw(), ty.0, dims.len() as i32, dims.as_ptr())
+        })?;
         t.set_name(name)?;
         Ok(t)
     }
@@ -245,7 +295,10 @@ impl<'d> Context<'d> {
     pub fn get(&self, name: &str) -> Option<Tensor<'_>> {
         let c = CString::new(name).ok()?;
         // SAFETY: lookup by name in a valid context.
-        NonNull::new(unsafe { sys::ggml_get_tensor(self.raw(), c.as_ptr()) }).map(|ptr| Tensor { ptr, _ctx: PhantomData })
+        NonNull::new(unsafe { sys::ggml_get_tensor(self.raw(), c.as_ptr()) }).map(|ptr| Tensor {
+            ptr,
+            _ctx: PhantomData,
+        })
     }
 
     /// The graph computing `outputs` (a context holds one graph).
@@ -254,7 +307,9 @@ impl<'d> Context<'d> {
             return Err(Error::Ggml("this context already holds a graph".into()));
         }
         // SAFETY: ctx has room for one graph of graph_size nodes (see `new`).
-        let g = NonNull::new(unsafe { sys::ggml_new_graph_custom(self.raw(), self.graph_size, false) }).ok_or_else(|| Error::Ggml("no room for a graph".into()))?;
+        let g =
+            NonNull::new(unsafe { sys::ggml_new_graph_custom(self.raw(), self.graph_size, false) })
+                .ok_or_else(|| Error::Ggml("no room for a graph".into()))?;
         self.graph.set(Some(g));
         for out in outputs {
             // SAFETY: graph and tensor valid.
@@ -294,7 +349,9 @@ impl<'d> Context<'d> {
         };
         // SAFETY: allocator and graph valid; tensors with data (weights) are skipped.
         if !unsafe { sys::ggml_gallocr_alloc_graph(ga, graph.ptr.as_ptr()) } {
-            return Err(Error::Ggml("cannot allocate the compute buffer (out of memory?)".into()));
+            return Err(Error::Ggml(
+                "cannot allocate the compute buffer (out of memory?)".into(),
+            ));
         }
         // SAFETY: buffer 0 exists after a successful allocation.
         Ok(unsafe { sys::ggml_gallocr_get_buffer_size(ga, 0) })
@@ -303,7 +360,10 @@ impl<'d> Context<'d> {
     /// Allocates `graph` through ggml's scheduler: each op on the GPU where it has the
     /// op, else on the CPU (with copies between them), and logs which ops fell back.
     fn alloc_scheduled(&self, engines: &Engines, graph: &Graph<'_>) -> Result<usize> {
-        let gpu = engines.gpu.as_ref().ok_or_else(|| Error::Ggml("no GPU to schedule for".into()))?;
+        let gpu = engines
+            .gpu
+            .as_ref()
+            .ok_or_else(|| Error::Ggml("no GPU to schedule for".into()))?;
         let sched = match self.sched.get() {
             Some(s) => s,
             None => {
@@ -311,8 +371,18 @@ impl<'d> Context<'d> {
                 let mut backends = [gpu.backend.as_ptr(), engines.cpu.as_ptr()];
                 // SAFETY: both backends live as long as `engines`, which this context keeps
                 // (self.gpu) until after the scheduler is freed in Drop.
-                let s = unsafe { sys::ggml_backend_sched_new(backends.as_mut_ptr(), std::ptr::null_mut(), 2, 2 * self.graph_size + 1024, false, true) };
-                let s = NonNull::new(s).ok_or_else(|| Error::Ggml("cannot create a backend scheduler".into()))?;
+                let s = unsafe {
+                    sys::ggml_backend_sched_new(
+                        backends.as_mut_ptr(),
+                        std::ptr::null_mut(),
+                        2,
+                        2 * self.graph_size + 1024,
+                        false,
+                        true,
+                    )
+                };
+                let s = NonNull::new(s)
+                    .ok_or_else(|| Error::Ggml("cannot create a backend scheduler".into()))?;
                 self.sched.set(Some(s));
                 s
             }
@@ -321,7 +391,10 @@ impl<'d> Context<'d> {
         unsafe {
             sys::ggml_backend_sched_reset(sched.as_ptr());
             if !sys::ggml_backend_sched_alloc_graph(sched.as_ptr(), graph.ptr.as_ptr()) {
-                return Err(Error::Ggml(format!("cannot allocate the compute buffers on {} (out of device memory?)", gpu.name)));
+                return Err(Error::Ggml(format!(
+                    "cannot allocate the compute buffers on {} (out of device memory?)",
+                    gpu.name
+                )));
             }
         }
         let mut fallback: Vec<(String, usize)> = Vec::new();
@@ -331,8 +404,12 @@ impl<'d> Context<'d> {
         for i in 0..n {
             unsafe {
                 let node = sys::ggml_graph_node(g, i);
-                if sys::ggml_backend_sched_get_tensor_backend(sched.as_ptr(), node) == engines.cpu.as_ptr() {
-                    let op = std::ffi::CStr::from_ptr(sys::ggml_op_desc(node)).to_string_lossy().into_owned();
+                if sys::ggml_backend_sched_get_tensor_backend(sched.as_ptr(), node)
+                    == engines.cpu.as_ptr()
+                {
+                    let op = std::ffi::CStr::from_ptr(sys::ggml_op_desc(node))
+                        .to_string_lossy()
+                        .into_owned();
                     match fallback.iter_mut().find(|(o, _)| *o == op) {
                         Some((_, c)) => *c += 1,
                         None => fallback.push((op, 1)),
@@ -342,13 +419,25 @@ impl<'d> Context<'d> {
         }
         if !fallback.is_empty() {
             let list: Vec<String> = fallback.iter().map(|(o, c)| format!("{o} x{c}")).collect();
-            log::info!("{} runs {} of {n} ops on the CPU (not supported there): {}", gpu.name, fallback.iter().map(|f| f.1).sum::<usize>(), list.join(", "));
+            log::info!(
+                "{} runs {} of {n} ops on the CPU (not supported there): {}",
+                gpu.name,
+                fallback.iter().map(|f| f.1).sum::<usize>(),
+                list.join(", ")
+            );
         }
         // SAFETY: scheduler valid; both backends are part of it.
         let (splits, bytes) = unsafe {
-            (sys::ggml_backend_sched_get_n_splits(sched.as_ptr()), sys::ggml_backend_sched_get_buffer_size(sched.as_ptr(), gpu.backend.as_ptr()) + sys::ggml_backend_sched_get_buffer_size(sched.as_ptr(), engines.cpu.as_ptr()))
+            (
+                sys::ggml_backend_sched_get_n_splits(sched.as_ptr()),
+                sys::ggml_backend_sched_get_buffer_size(sched.as_ptr(), gpu.backend.as_ptr())
+                    + sys::ggml_backend_sched_get_buffer_size(sched.as_ptr(), engines.cpu.as_ptr()),
+            )
         };
-        log::debug!("{}: graph of {n} nodes in {splits} splits, compute buffers {bytes} bytes", gpu.name);
+        log::debug!(
+            "{}: graph of {n} nodes in {splits} splits, compute buffers {bytes} bytes",
+            gpu.name
+        );
         Ok(bytes)
     }
 
@@ -364,7 +453,13 @@ impl<'d> Context<'d> {
         // SAFETY: one buffer (null id lists); `reserve_n_size` only plans offsets and
         // writes one size; it neither allocates nor modifies the graph.
         unsafe {
-            sys::ggml_gallocr_reserve_n_size(ga, graph.ptr.as_ptr(), std::ptr::null(), std::ptr::null(), &mut size);
+            sys::ggml_gallocr_reserve_n_size(
+                ga,
+                graph.ptr.as_ptr(),
+                std::ptr::null(),
+                std::ptr::null(),
+                &mut size,
+            );
             sys::ggml_gallocr_free(ga);
         }
         // On the CPU the backend's scratch buffer comes on top.
@@ -387,9 +482,16 @@ impl<'d> Context<'d> {
     /// (weights converted at load, beside others borrowed from a mapping).
     pub fn alloc_host(&self) -> Result<()> {
         // SAFETY: ctx valid; the CPU buffer type is static; the buffer is owned by self.
-        let buf = unsafe { sys::ggml_backend_alloc_ctx_tensors_from_buft(self.raw(), sys::ggml_backend_cpu_buffer_type()) };
+        let buf = unsafe {
+            sys::ggml_backend_alloc_ctx_tensors_from_buft(
+                self.raw(),
+                sys::ggml_backend_cpu_buffer_type(),
+            )
+        };
         if buf.is_null() {
-            return Err(Error::Ggml("cannot allocate host memory for tensors".into()));
+            return Err(Error::Ggml(
+                "cannot allocate host memory for tensors".into(),
+            ));
         }
         self.buffers.borrow_mut().push(buf);
         Ok(())
@@ -399,7 +501,9 @@ impl<'d> Context<'d> {
         // SAFETY: ctx and backend valid; the buffer is owned by self from now on.
         let buf = unsafe { sys::ggml_backend_alloc_ctx_tensors(self.raw(), backend.as_ptr()) };
         if buf.is_null() {
-            return Err(Error::Ggml("cannot allocate tensor memory (out of device memory?)".into()));
+            return Err(Error::Ggml(
+                "cannot allocate tensor memory (out of device memory?)".into(),
+            ));
         }
         self.buffers.borrow_mut().push(buf);
         Ok(())
@@ -410,37 +514,59 @@ impl<'d> Context<'d> {
     pub fn borrow_host(&self, bytes: &'d [u8]) -> Result<HostRegion> {
         // ggml asserts (aborts) on a misaligned base: refuse it here instead.
         if bytes.as_ptr() as usize % TENSOR_ALIGNMENT != 0 {
-            return Err(Error::Ggml(format!("host memory must be {TENSOR_ALIGNMENT}-byte aligned")));
+            return Err(Error::Ggml(format!(
+                "host memory must be {TENSOR_ALIGNMENT}-byte aligned"
+            )));
         }
         // SAFETY: the buffer only records the pointer; `'d` keeps the bytes alive for
         // as long as the context, and tensors placed there are never written to.
-        let buf = unsafe { sys::ggml_backend_cpu_buffer_from_ptr(bytes.as_ptr() as *mut _, bytes.len()) };
+        let buf =
+            unsafe { sys::ggml_backend_cpu_buffer_from_ptr(bytes.as_ptr() as *mut _, bytes.len()) };
         if buf.is_null() {
             return Err(Error::Ggml("cannot wrap host memory".into()));
         }
         let mut buffers = self.buffers.borrow_mut();
         buffers.push(buf);
-        Ok(HostRegion { index: buffers.len() - 1, base: bytes.as_ptr() as usize, len: bytes.len() })
+        Ok(HostRegion {
+            index: buffers.len() - 1,
+            base: bytes.as_ptr() as usize,
+            len: bytes.len(),
+        })
     }
 
     /// Points tensor `t` at `offset` inside a borrowed region (zero copy).
     pub fn place(&self, region: &HostRegion, t: Tensor<'_>, offset: usize) -> Result<()> {
         let n = t.nbytes();
         if offset.checked_add(n).is_none_or(|end| end > region.len) {
-            return Err(Error::Ggml(format!("tensor of {n} bytes at {offset} exceeds a region of {}", region.len)));
+            return Err(Error::Ggml(format!(
+                "tensor of {n} bytes at {offset} exceeds a region of {}",
+                region.len
+            )));
         }
         if (region.base + offset) % TENSOR_ALIGNMENT != 0 {
-            return Err(Error::Ggml(format!("tensor data at offset {offset} is not {TENSOR_ALIGNMENT}-byte aligned")));
+            return Err(Error::Ggml(format!(
+                "tensor data at offset {offset} is not {TENSOR_ALIGNMENT}-byte aligned"
+            )));
         }
-        let buf = *self.buffers.borrow().get(region.index).ok_or_else(|| Error::Ggml("region of another context".into()))?;
+        let buf = *self
+            .buffers
+            .borrow()
+            .get(region.index)
+            .ok_or_else(|| Error::Ggml("region of another context".into()))?;
         // SAFETY: bounds and alignment checked; tensor has no data yet (else ggml asserts).
         unsafe {
             if !(*t.ptr.as_ptr()).data.is_null() {
                 return Err(Error::Ggml("tensor already has data".into()));
             }
-            let status = sys::ggml_backend_tensor_alloc(buf, t.ptr.as_ptr(), (region.base + offset) as *mut _);
+            let status = sys::ggml_backend_tensor_alloc(
+                buf,
+                t.ptr.as_ptr(),
+                (region.base + offset) as *mut _,
+            );
             if status != sys::GGML_STATUS_SUCCESS {
-                return Err(Error::Ggml(format!("ggml_backend_tensor_alloc failed ({status})")));
+                return Err(Error::Ggml(format!(
+                    "ggml_backend_tensor_alloc failed ({status})"
+                )));
             }
         }
         self.borrowed.borrow_mut().insert(t.ptr.as_ptr());
@@ -459,17 +585,29 @@ impl<'d> Context<'d> {
     /// [`Context::mul_mat`]. Returns how many were rearranged.
     /// `copied(i)` runs once tensor `i` is in place, so that its source can be let go
     /// at once (the copy otherwise holds both in memory until the end).
-    pub fn alloc_repacked(&self, tensors: &[(Tensor<'_>, &[u8])], mut copied: impl FnMut(usize)) -> Result<usize> {
-        let buft = super::device::repack_buffer_type().ok_or_else(|| Error::Ggml("this CPU library has no repack buffer".into()))?;
+    pub fn alloc_repacked(
+        &self,
+        tensors: &[(Tensor<'_>, &[u8])],
+        mut copied: impl FnMut(usize),
+    ) -> Result<usize> {
+        let buft = super::device::repack_buffer_type()
+            .ok_or_else(|| Error::Ggml("this CPU library has no repack buffer".into()))?;
         for (t, bytes) in tensors {
             if t.has_data() || bytes.len() != t.nbytes() || t.ne()[2] != 1 || t.ne()[3] != 1 {
-                return Err(Error::Ggml(format!("repack: tensor of {} bytes, {:?}, given {} (allocated: {})", t.nbytes(), t.ne(), bytes.len(), t.has_data())));
+                return Err(Error::Ggml(format!(
+                    "repack: tensor of {} bytes, {:?}, given {} (allocated: {})",
+                    t.nbytes(),
+                    t.ne(),
+                    bytes.len(),
+                    t.has_data()
+                )));
             }
         }
         // SAFETY: ctx valid; only tensors without data are allocated (the listed ones,
         // checked by the caller's contract and verified below); the buffer is owned by
         // self from now on.
-        let buf = unsafe { sys::ggml_backend_alloc_ctx_tensors_from_buft(self.raw(), buft.as_ptr()) };
+        let buf =
+            unsafe { sys::ggml_backend_alloc_ctx_tensors_from_buft(self.raw(), buft.as_ptr()) };
         if buf.is_null() {
             return Err(Error::Ggml("cannot allocate the repack buffer".into()));
         }
@@ -483,10 +621,16 @@ impl<'d> Context<'d> {
             unsafe {
                 let raw = t.raw();
                 if (*raw).data.is_null() || (*raw).buffer != buf {
-                    return Err(Error::Ggml("repack: a tensor was not placed in the repack buffer".into()));
+                    return Err(Error::Ggml(
+                        "repack: a tensor was not placed in the repack buffer".into(),
+                    ));
                 }
                 if (*raw).extra.is_null() {
-                    std::ptr::copy_nonoverlapping(bytes.as_ptr(), (*raw).data.cast::<u8>(), bytes.len());
+                    std::ptr::copy_nonoverlapping(
+                        bytes.as_ptr(),
+                        (*raw).data.cast::<u8>(),
+                        bytes.len(),
+                    );
                 } else {
                     sys::ggml_backend_tensor_set(raw, bytes.as_ptr().cast(), 0, bytes.len());
                     repacked += 1;
@@ -500,19 +644,31 @@ impl<'d> Context<'d> {
     /// Copies `data` (raw bytes of the tensor's type) into an allocated tensor.
     pub fn set_bytes(&self, t: Tensor<'_>, data: &[u8]) -> Result<()> {
         if self.borrowed.borrow().contains(&t.ptr.as_ptr()) {
-            return Err(Error::Ggml("tensor lives in borrowed read-only memory".into()));
+            return Err(Error::Ggml(
+                "tensor lives in borrowed read-only memory".into(),
+            ));
         }
         if data.len() != t.nbytes() || !t.has_data() {
-            return Err(Error::Ggml(format!("set: {} bytes for a tensor of {} (allocated: {})", data.len(), t.nbytes(), t.has_data())));
+            return Err(Error::Ggml(format!(
+                "set: {} bytes for a tensor of {} (allocated: {})",
+                data.len(),
+                t.nbytes(),
+                t.has_data()
+            )));
         }
         // SAFETY: tensor allocated with exactly data.len() bytes.
-        unsafe { sys::ggml_backend_tensor_set(t.ptr.as_ptr(), data.as_ptr().cast(), 0, data.len()) };
+        unsafe {
+            sys::ggml_backend_tensor_set(t.ptr.as_ptr(), data.as_ptr().cast(), 0, data.len())
+        };
         Ok(())
     }
 
     pub fn set_f32(&self, t: Tensor<'_>, data: &[f32]) -> Result<()> {
         if t.ty() != Type::F32 {
-            return Err(Error::Ggml(format!("set_f32 on a {} tensor", t.ty().name())));
+            return Err(Error::Ggml(format!(
+                "set_f32 on a {} tensor",
+                t.ty().name()
+            )));
         }
         let bytes: Vec<u8> = data.iter().flat_map(|x| x.to_le_bytes()).collect();
         self.set_bytes(t, &bytes)
@@ -520,7 +676,10 @@ impl<'d> Context<'d> {
 
     pub fn set_i32(&self, t: Tensor<'_>, data: &[i32]) -> Result<()> {
         if t.ty() != Type::I32 {
-            return Err(Error::Ggml(format!("set_i32 on a {} tensor", t.ty().name())));
+            return Err(Error::Ggml(format!(
+                "set_i32 on a {} tensor",
+                t.ty().name()
+            )));
         }
         let bytes: Vec<u8> = data.iter().flat_map(|x| x.to_le_bytes()).collect();
         self.set_bytes(t, &bytes)
@@ -529,11 +688,15 @@ impl<'d> Context<'d> {
     /// Reads an f32 tensor's values.
     pub fn get_f32(&self, t: Tensor<'_>) -> Result<Vec<f32>> {
         if t.ty() != Type::F32 || !t.has_data() || !t.is_contiguous() {
-            return Err(Error::Ggml("get_f32 needs an allocated, contiguous f32 tensor".into()));
+            return Err(Error::Ggml(
+                "get_f32 needs an allocated, contiguous f32 tensor".into(),
+            ));
         }
         let mut out = vec![0f32; t.nbytes() / 4];
         // SAFETY: out has nbytes bytes.
-        unsafe { sys::ggml_backend_tensor_get(t.ptr.as_ptr(), out.as_mut_ptr().cast(), 0, t.nbytes()) };
+        unsafe {
+            sys::ggml_backend_tensor_get(t.ptr.as_ptr(), out.as_mut_ptr().cast(), 0, t.nbytes())
+        };
         Ok(out)
     }
 }
@@ -605,7 +768,9 @@ impl Tensor<'_> {
     }
     fn set_name(&self, name: &str) -> Result<()> {
         if name.len() >= super::max_name_len() {
-            return Err(Error::Ggml(format!("tensor name `{name}` too long for ggml")));
+            return Err(Error::Ggml(format!(
+                "tensor name `{name}` too long for ggml"
+            )));
         }
         let c = CString::new(name).map_err(|_| Error::Ggml("tensor name contains NUL".into()))?;
         // SAFETY: ggml copies the name (length checked).
@@ -663,7 +828,13 @@ pub struct Backend {
 
 impl Backend {
     pub fn cpu(threads: usize) -> Result<Backend> {
-        Ok(Backend { engines: Arc::new(Engines { cpu: cpu_engine(threads)?, gpu: None }), profile: RefCell::new(None) })
+        Ok(Backend {
+            engines: Arc::new(Engines {
+                cpu: cpu_engine(threads)?,
+                gpu: None,
+            }),
+            profile: RefCell::new(None),
+        })
     }
 
     /// `cpu`, or device `device` of a GPU backend by ggml's name (`vulkan`), with a
@@ -679,13 +850,28 @@ impl Backend {
         let cpu = cpu_engine(threads)?;
         let _one = GPU_LIFECYCLE.lock().unwrap_or_else(|e| e.into_inner());
         // SAFETY: the device is registered for the life of the process.
-        let (ptr, name) = unsafe { (sys::ggml_backend_dev_init(device.as_ptr(), std::ptr::null()), super::device::cstr(sys::ggml_backend_dev_name(device.as_ptr()))) };
+        let (ptr, name) = unsafe {
+            (
+                sys::ggml_backend_dev_init(device.as_ptr(), std::ptr::null()),
+                super::device::cstr(sys::ggml_backend_dev_name(device.as_ptr())),
+            )
+        };
         let Some(backend) = NonNull::new(ptr) else {
             // SAFETY: created above, freed once.
             unsafe { sys::ggml_backend_free(cpu.as_ptr()) };
             return Err(Error::Ggml(format!("cannot start the {name} backend")));
         };
-        Ok(Backend { engines: Arc::new(Engines { cpu, gpu: Some(Gpu { backend, device, name }) }), profile: RefCell::new(None) })
+        Ok(Backend {
+            engines: Arc::new(Engines {
+                cpu,
+                gpu: Some(Gpu {
+                    backend,
+                    device,
+                    name,
+                }),
+            }),
+            profile: RefCell::new(None),
+        })
     }
 
     /// The GPU's name (`Vulkan0`), or `None` for the CPU.
@@ -695,7 +881,10 @@ impl Backend {
 
     /// The backend that holds weights and runs the graph (the GPU if there is one).
     fn primary(&self) -> NonNull<sys::ggml_backend> {
-        self.engines.gpu.as_ref().map_or(self.engines.cpu, |g| g.backend)
+        self.engines
+            .gpu
+            .as_ref()
+            .map_or(self.engines.cpu, |g| g.backend)
     }
 
     /// Times every graph node from now on ([`Backend::take_profile`] collects them).
@@ -707,7 +896,11 @@ impl Backend {
 
     /// The timings recorded since profiling started or the last call.
     pub fn take_profile(&self) -> Vec<NodeTiming> {
-        self.profile.borrow_mut().as_mut().map(std::mem::take).unwrap_or_default()
+        self.profile
+            .borrow_mut()
+            .as_mut()
+            .map(std::mem::take)
+            .unwrap_or_default()
     }
 
     fn compute_raw(&self, g: *mut sys::ggml_cgraph) -> Result<()> {
@@ -725,8 +918,13 @@ impl Backend {
     fn compute_profiled(&self, g: &Graph<'_>, out: &mut Vec<NodeTiming>) -> Result<()> {
         // SAFETY: a context just big enough for one graph of one node, freed below.
         let size = unsafe { sys::ggml_graph_overhead_custom(1, false) } + 1024;
-        let params = sys::ggml_init_params { mem_size: size, mem_buffer: std::ptr::null_mut(), no_alloc: true };
-        let scratch = NonNull::new(unsafe { sys::ggml_init(params) }).ok_or_else(|| Error::Ggml("ggml_init failed".into()))?;
+        let params = sys::ggml_init_params {
+            mem_size: size,
+            mem_buffer: std::ptr::null_mut(),
+            no_alloc: true,
+        };
+        let scratch = NonNull::new(unsafe { sys::ggml_init(params) })
+            .ok_or_else(|| Error::Ggml("ggml_init failed".into()))?;
         struct Free(NonNull<sys::ggml_context>);
         impl Drop for Free {
             fn drop(&mut self) {
@@ -736,7 +934,8 @@ impl Backend {
         }
         let scratch = Free(scratch);
         // SAFETY: room for exactly this graph (see size).
-        let one = NonNull::new(unsafe { sys::ggml_new_graph_custom(scratch.0.as_ptr(), 1, false) }).ok_or_else(|| Error::Ggml("no room for a graph".into()))?;
+        let one = NonNull::new(unsafe { sys::ggml_new_graph_custom(scratch.0.as_ptr(), 1, false) })
+            .ok_or_else(|| Error::Ggml("no room for a graph".into()))?;
         // SAFETY: the graph and its nodes live as long as `g`'s context.
         let n = unsafe { sys::ggml_graph_n_nodes(g.ptr.as_ptr()) };
         for i in 0..n {
@@ -752,16 +951,27 @@ impl Backend {
             // SAFETY: node valid (above); ggml_op_desc returns a static string.
             let (op, src_type, flops) = unsafe {
                 let r = &*node;
-                let mut op = std::ffi::CStr::from_ptr(sys::ggml_op_desc(node)).to_string_lossy().into_owned();
+                let mut op = std::ffi::CStr::from_ptr(sys::ggml_op_desc(node))
+                    .to_string_lossy()
+                    .into_owned();
                 // sdrs' own ops are custom ops named for what they are.
                 let name = std::ffi::CStr::from_ptr(r.name.as_ptr()).to_string_lossy();
                 if r.op == sys::GGML_OP_CUSTOM && name.starts_with("sdrs.") {
                     op = format!("{} (sdrs)", name[5..].to_uppercase());
                 }
-                let src_type = if r.src[0].is_null() { Type(r.type_) } else { Type((*r.src[0]).type_) };
+                let src_type = if r.src[0].is_null() {
+                    Type(r.type_)
+                } else {
+                    Type((*r.src[0]).type_)
+                };
                 (op, src_type, node_flops(r))
             };
-            out.push(NodeTiming { op, src_type, flops, seconds });
+            out.push(NodeTiming {
+                op,
+                src_type,
+                flops,
+                seconds,
+            });
         }
         Ok(())
     }
@@ -771,7 +981,8 @@ impl Backend {
         if let Some(sched) = g.ctx.sched.get() {
             // SAFETY: the scheduler allocated this graph (alloc_graph) and lives as long
             // as its context.
-            let status = unsafe { sys::ggml_backend_sched_graph_compute(sched.as_ptr(), g.ptr.as_ptr()) };
+            let status =
+                unsafe { sys::ggml_backend_sched_graph_compute(sched.as_ptr(), g.ptr.as_ptr()) };
             if status != sys::GGML_STATUS_SUCCESS {
                 return Err(Error::Ggml(format!("graph compute failed ({status})")));
             }
@@ -788,7 +999,8 @@ impl Backend {
 fn cpu_engine(threads: usize) -> Result<NonNull<sys::ggml_backend>> {
     let dev = super::cpu_backend_device()?;
     // SAFETY: the device is registered for the life of the process.
-    let ptr = NonNull::new(unsafe { sys::ggml_backend_dev_init(dev.as_ptr(), std::ptr::null()) }).ok_or_else(|| Error::Ggml("cannot start the CPU backend".into()))?;
+    let ptr = NonNull::new(unsafe { sys::ggml_backend_dev_init(dev.as_ptr(), std::ptr::null()) })
+        .ok_or_else(|| Error::Ggml("cannot start the CPU backend".into()))?;
     // The thread setter lives in the (possibly dynamically loaded) CPU library, so it
     // is looked up through the registry instead of linked by name.
     // SAFETY: registry entries are valid for the process; the name is NUL-terminated.

@@ -51,7 +51,8 @@ pub(crate) fn cpu_backend_device() -> Result<Device> {
 
 fn find_cpu_device() -> Option<Device> {
     // SAFETY: plain registry query.
-    NonNull::new(unsafe { sys::ggml_backend_dev_by_type(sys::GGML_BACKEND_DEVICE_TYPE_CPU) }).map(Device)
+    NonNull::new(unsafe { sys::ggml_backend_dev_by_type(sys::GGML_BACKEND_DEVICE_TYPE_CPU) })
+        .map(Device)
 }
 
 fn load_cpu() -> std::result::Result<Device, String> {
@@ -67,10 +68,12 @@ fn load_cpu() -> std::result::Result<Device, String> {
             if looked.is_empty() { "nowhere".into() } else { looked.join(", ") }
         ));
     };
-    let c = CString::new(dir.as_os_str().as_encoded_bytes()).map_err(|_| format!("{} contains a NUL byte", dir.display()))?;
+    let c = CString::new(dir.as_os_str().as_encoded_bytes())
+        .map_err(|_| format!("{} contains a NUL byte", dir.display()))?;
     // SAFETY: the path is a valid C string; ggml loads, scores and registers libraries.
     unsafe { sys::ggml_backend_load_all_from_path(c.as_ptr()) };
-    find_cpu_device().ok_or_else(|| format!("no ggml CPU library in {} runs on this CPU", dir.display()))
+    find_cpu_device()
+        .ok_or_else(|| format!("no ggml CPU library in {} runs on this CPU", dir.display()))
 }
 
 fn backend_dirs() -> Vec<PathBuf> {
@@ -78,7 +81,10 @@ fn backend_dirs() -> Vec<PathBuf> {
     if let Some(d) = std::env::var_os(BACKEND_DIR_ENV) {
         dirs.push(PathBuf::from(d));
     }
-    if let Some(d) = std::env::current_exe().ok().and_then(|p| p.parent().map(Path::to_path_buf)) {
+    if let Some(d) = std::env::current_exe()
+        .ok()
+        .and_then(|p| p.parent().map(Path::to_path_buf))
+    {
         dirs.push(d);
     }
     // Loaded as a library (the JNI library in an Android app, beside its ggml libraries):
@@ -125,7 +131,11 @@ pub fn cpu_backend_info() -> Result<CpuBackendInfo> {
             }
         }
     }
-    Ok(CpuBackendInfo { library: loaded_cpu_library(), description, features })
+    Ok(CpuBackendInfo {
+        library: loaded_cpu_library(),
+        description,
+        features,
+    })
 }
 
 /// The mapped file that holds this function's code, from the process's memory map.
@@ -135,7 +145,10 @@ fn own_library() -> Option<PathBuf> {
     maps.lines().find_map(|l| {
         let mut f = l.split_whitespace();
         let (lo, hi) = f.next()?.split_once('-')?;
-        let (lo, hi) = (usize::from_str_radix(lo, 16).ok()?, usize::from_str_radix(hi, 16).ok()?);
+        let (lo, hi) = (
+            usize::from_str_radix(lo, 16).ok()?,
+            usize::from_str_radix(hi, 16).ok()?,
+        );
         let path = f.nth(4)?;
         (lo <= here && here < hi && path.starts_with('/')).then(|| PathBuf::from(path))
     })
@@ -146,7 +159,11 @@ fn loaded_cpu_library() -> Option<PathBuf> {
     let maps = std::fs::read_to_string("/proc/self/maps").ok()?;
     maps.lines()
         .filter_map(|l| l.split_whitespace().nth(5))
-        .find(|p| Path::new(p).file_name().is_some_and(|n| n.to_string_lossy().starts_with("libggml-cpu")))
+        .find(|p| {
+            Path::new(p)
+                .file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("libggml-cpu"))
+        })
         .map(PathBuf::from)
 }
 
@@ -166,7 +183,11 @@ fn route_logs() {
     unsafe { sys::ggml_log_set(Some(log_callback), std::ptr::null_mut()) };
 }
 
-unsafe extern "C" fn log_callback(level: sys::ggml_log_level, text: *const c_char, _user: *mut c_void) {
+unsafe extern "C" fn log_callback(
+    level: sys::ggml_log_level,
+    text: *const c_char,
+    _user: *mut c_void,
+) {
     // Never unwind into C.
     let _ = std::panic::catch_unwind(|| {
         // SAFETY: ggml passes a NUL-terminated message.
@@ -194,7 +215,10 @@ pub(crate) fn repack_buffer_type() -> Option<NonNull<sys::ggml_backend_buffer_ty
     // (a NULL-terminated array).
     unsafe {
         let reg = sys::ggml_backend_dev_backend_reg(dev.as_ptr());
-        let p = sys::ggml_backend_reg_get_proc_address(reg, c"ggml_backend_dev_get_extra_bufts".as_ptr());
+        let p = sys::ggml_backend_reg_get_proc_address(
+            reg,
+            c"ggml_backend_dev_get_extra_bufts".as_ptr(),
+        );
         if p.is_null() {
             return None;
         }
@@ -283,7 +307,8 @@ pub(crate) fn gpu_device(name: &str, index: usize) -> Result<Device> {
             "this sdrs was built without Vulkan: rebuild with `tools/setup.sh --vulkan && cargo build --release --features vulkan`".into(),
         ));
     }
-    let c = CString::new(name).map_err(|_| Error::Invalid(format!("backend name `{name}` contains NUL")))?;
+    let c = CString::new(name)
+        .map_err(|_| Error::Invalid(format!("backend name `{name}` contains NUL")))?;
     // SAFETY: registry queries with a valid C string.
     let reg = unsafe { sys::ggml_backend_reg_by_name(c.as_ptr()) };
     if reg.is_null() {
@@ -294,7 +319,12 @@ pub(crate) fn gpu_device(name: &str, index: usize) -> Result<Device> {
         )));
     }
     // SAFETY: reg is a registered backend; its name is static.
-    let (count, name) = unsafe { (sys::ggml_backend_reg_dev_count(reg), cstr(sys::ggml_backend_reg_name(reg))) };
+    let (count, name) = unsafe {
+        (
+            sys::ggml_backend_reg_dev_count(reg),
+            cstr(sys::ggml_backend_reg_name(reg)),
+        )
+    };
     if index >= count {
         return Err(Error::Invalid(if count == 0 {
             format!("no {name} device found (software renderers such as lavapipe are hidden unless GGML_VK_VISIBLE_DEVICES names them)")
@@ -303,5 +333,7 @@ pub(crate) fn gpu_device(name: &str, index: usize) -> Result<Device> {
         }));
     }
     // SAFETY: index in range.
-    NonNull::new(unsafe { sys::ggml_backend_reg_dev_get(reg, index) }).map(Device).ok_or_else(|| Error::Ggml(format!("{name} device {index} vanished")))
+    NonNull::new(unsafe { sys::ggml_backend_reg_dev_get(reg, index) })
+        .map(Device)
+        .ok_or_else(|| Error::Ggml(format!("{name} device {index} vanished")))
 }

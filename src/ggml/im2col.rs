@@ -42,7 +42,10 @@ unsafe fn run(x: &sys::ggml_tensor, dst: &sys::ggml_tensor, p: &Params, ith: usi
         for ic in 0..c {
             for ky in 0..kh {
                 let iy = y0 + ky as isize;
-                src[ic * kh + ky] = (iy >= 0 && (iy as usize) < h).then(|| base.add(b * nb[3] + ic * nb[2] + iy as usize * nb[1]).cast::<f32>());
+                src[ic * kh + ky] = (iy >= 0 && (iy as usize) < h).then(|| {
+                    base.add(b * nb[3] + ic * nb[2] + iy as usize * nb[1])
+                        .cast::<f32>()
+                });
             }
         }
         let row_out = out.add((b * rows + oy) * ow * k);
@@ -68,7 +71,11 @@ unsafe fn run(x: &sys::ggml_tensor, dst: &sys::ggml_tensor, p: &Params, ith: usi
                     Some(row) => {
                         for kx in 0..kw {
                             let ix = x0 + kx as isize;
-                            *o.add(kx) = if ix >= 0 && (ix as usize) < w { *row.offset(ix) } else { 0.0 };
+                            *o.add(kx) = if ix >= 0 && (ix as usize) < w {
+                                *row.offset(ix)
+                            } else {
+                                0.0
+                            };
                         }
                     }
                     None => {
@@ -84,7 +91,12 @@ unsafe fn run(x: &sys::ggml_tensor, dst: &sys::ggml_tensor, p: &Params, ith: usi
 }
 
 /// The ggml callback; never unwinds into C (see `attention_op`).
-pub(super) unsafe extern "C" fn im2col_op(dst: *mut sys::ggml_tensor, ith: c_int, nth: c_int, userdata: *mut c_void) {
+pub(super) unsafe extern "C" fn im2col_op(
+    dst: *mut sys::ggml_tensor,
+    ith: c_int,
+    nth: c_int,
+    userdata: *mut c_void,
+) {
     let result = std::panic::catch_unwind(|| {
         // SAFETY: ggml passes the node built by `Context::im2col`: one f32 source with
         // contiguous rows, a contiguous f32 destination of the checked shape, and the

@@ -43,7 +43,10 @@ impl MapGuard {
             return None;
         }
         for slot in 0..SLOTS {
-            if LEN[slot].compare_exchange(0, usize::MAX, Ordering::AcqRel, Ordering::Acquire).is_ok() {
+            if LEN[slot]
+                .compare_exchange(0, usize::MAX, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+            {
                 HIT[slot].store(false, Ordering::Release);
                 BASE[slot].store(base, Ordering::Release);
                 LEN[slot].store(len, Ordering::Release);
@@ -106,12 +109,24 @@ extern "C" fn on_sigbus(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut 
     let addr = unsafe { (*info).si_addr() } as usize;
     let page = PAGE.load(Ordering::Relaxed);
     for slot in 0..SLOTS {
-        let (base, len) = (BASE[slot].load(Ordering::Acquire), LEN[slot].load(Ordering::Acquire));
+        let (base, len) = (
+            BASE[slot].load(Ordering::Acquire),
+            LEN[slot].load(Ordering::Acquire),
+        );
         if base != 0 && len != usize::MAX && addr >= base && addr < base + len {
             // SAFETY: the page lies inside a live read-only file mapping of ours (watched
             // mappings are unwatched before they are unmapped); replacing it with a
             // private zero page changes what reads of it see, nothing else.
-            let p = unsafe { libc::mmap((addr & !(page - 1)) as *mut libc::c_void, page, libc::PROT_READ, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED, -1, 0) };
+            let p = unsafe {
+                libc::mmap(
+                    (addr & !(page - 1)) as *mut libc::c_void,
+                    page,
+                    libc::PROT_READ,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED,
+                    -1,
+                    0,
+                )
+            };
             if p != libc::MAP_FAILED {
                 HIT[slot].store(true, Ordering::Release);
                 return;
@@ -119,12 +134,15 @@ extern "C" fn on_sigbus(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut 
         }
     }
     // Not ours: what was there before.
-    let Some(prev) = PREVIOUS.get() else { return default(sig) };
+    let Some(prev) = PREVIOUS.get() else {
+        return default(sig);
+    };
     match prev.sa_sigaction {
         libc::SIG_DFL | libc::SIG_IGN => default(sig),
         h if prev.sa_flags & libc::SA_SIGINFO != 0 => {
             // SAFETY: the previous handler was installed for SIGBUS with SA_SIGINFO.
-            let f: extern "C" fn(libc::c_int, *mut libc::siginfo_t, *mut libc::c_void) = unsafe { std::mem::transmute(h) };
+            let f: extern "C" fn(libc::c_int, *mut libc::siginfo_t, *mut libc::c_void) =
+                unsafe { std::mem::transmute(h) };
             f(sig, info, ctx)
         }
         h => {

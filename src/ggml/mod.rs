@@ -11,11 +11,14 @@ mod attention;
 mod im2col;
 pub use attention::kernel_variant as attention_kernel;
 pub use context::{Backend, Context, Graph, HostRegion, NodeTiming, Tensor};
-pub use device::{cpu_backend_info, devices, CpuBackendInfo, DeviceInfo, DeviceKind, BACKEND_DIR_ENV, VULKAN_BUILT};
+pub(crate) use device::cpu_backend_device;
+pub use device::{
+    cpu_backend_info, devices, CpuBackendInfo, DeviceInfo, DeviceKind, BACKEND_DIR_ENV,
+    VULKAN_BUILT,
+};
 pub use mapguard::MapGuard;
 pub use ops::CONV_MAX_BANDS;
 pub use peak::fma_peak_flops;
-pub(crate) use device::cpu_backend_device;
 
 // The ggml libraries are linked only if the crate is referenced.
 use llama_cpp_sys_2 as _;
@@ -146,9 +149,15 @@ impl Type {
 
     /// Converts `n` elements stored as this type to f32.
     pub fn dequantize(self, raw: &[u8], n: usize) -> Result<Vec<f32>> {
-        let need = self.bytes_for(n as u64).ok_or_else(|| Error::Ggml(format!("{n} elements are not whole {} blocks", self.name())))?;
+        let need = self.bytes_for(n as u64).ok_or_else(|| {
+            Error::Ggml(format!("{n} elements are not whole {} blocks", self.name()))
+        })?;
         if (raw.len() as u64) < need {
-            return Err(Error::Ggml(format!("{} bytes for {n} {} elements (need {need})", raw.len(), self.name())));
+            return Err(Error::Ggml(format!(
+                "{} bytes for {n} {} elements (need {need})",
+                raw.len(),
+                self.name()
+            )));
         }
         let mut out = vec![0f32; n];
         if self == Type::F32 {
@@ -161,7 +170,10 @@ impl Type {
         // blocks from `raw` (length checked above) and writes `n` floats.
         unsafe {
             let tr = sys::ggml_get_type_traits(self.0);
-            let f = tr.as_ref().and_then(|t| t.to_float).ok_or_else(|| Error::Ggml(format!("type {} has no dequantizer", self.name())))?;
+            let f = tr
+                .as_ref()
+                .and_then(|t| t.to_float)
+                .ok_or_else(|| Error::Ggml(format!("type {} has no dequantizer", self.name())))?;
             f(raw.as_ptr().cast(), out.as_mut_ptr(), n as i64);
         }
         Ok(out)
@@ -169,7 +181,13 @@ impl Type {
 
     /// Quantizes `rows` rows of `row_len` f32 values into this type, appending to `out`.
     /// `row_len` must be a whole number of blocks.
-    pub fn quantize_rows(self, src: &[f32], rows: usize, row_len: usize, out: &mut Vec<u8>) -> Result<()> {
+    pub fn quantize_rows(
+        self,
+        src: &[f32],
+        rows: usize,
+        row_len: usize,
+        out: &mut Vec<u8>,
+    ) -> Result<()> {
         let row_bytes = self.check_encode(row_len)?;
         let start = out.len();
         out.resize(start + rows * row_bytes, 0);
@@ -179,14 +197,24 @@ impl Type {
     /// Bytes per row of `row_len`, if f32 rows of that length can be encoded as this type.
     fn check_encode(self, row_len: usize) -> Result<usize> {
         if !self.fits_row(row_len) {
-            return Err(Error::Ggml(format!("row of {row_len} is not whole {} blocks of {}", self.name(), self.block_size())));
+            return Err(Error::Ggml(format!(
+                "row of {row_len} is not whole {} blocks of {}",
+                self.name(),
+                self.block_size()
+            )));
         }
         if !(self.is_quantized() || matches!(self, Type::F32 | Type::F16 | Type::BF16)) {
-            return Err(Error::Ggml(format!("cannot encode f32 values as {}", self.name())));
+            return Err(Error::Ggml(format!(
+                "cannot encode f32 values as {}",
+                self.name()
+            )));
         }
         // SAFETY: pure query.
         if unsafe { sys::ggml_quantize_requires_imatrix(self.0) } {
-            return Err(Error::Ggml(format!("type {} needs an importance matrix", self.name())));
+            return Err(Error::Ggml(format!(
+                "type {} needs an importance matrix",
+                self.name()
+            )));
         }
         Ok(self.bytes_for(row_len as u64).unwrap_or(0) as usize)
     }
@@ -195,17 +223,37 @@ impl Type {
     pub fn quantize_rows_into(self, src: &[f32], row_len: usize, dst: &mut [u8]) -> Result<()> {
         let row_bytes = self.check_encode(row_len)?;
         if row_len == 0 || src.len() % row_len != 0 {
-            return Err(Error::Ggml(format!("quantize: {} values are not whole rows of {row_len}", src.len())));
+            return Err(Error::Ggml(format!(
+                "quantize: {} values are not whole rows of {row_len}",
+                src.len()
+            )));
         }
         let rows = src.len() / row_len;
         if dst.len() != rows * row_bytes {
-            return Err(Error::Ggml(format!("quantize: {} output bytes for {rows} rows of {row_bytes}", dst.len())));
+            return Err(Error::Ggml(format!(
+                "quantize: {} output bytes for {rows} rows of {row_bytes}",
+                dst.len()
+            )));
         }
         // SAFETY: dst holds rows*row_bytes bytes and src rows*row_len floats (checked
         // above); the type is supported without an importance matrix.
-        let written = unsafe { sys::ggml_quantize_chunk(self.0, src.as_ptr(), dst.as_mut_ptr().cast(), 0, rows as i64, row_len as i64, std::ptr::null()) };
+        let written = unsafe {
+            sys::ggml_quantize_chunk(
+                self.0,
+                src.as_ptr(),
+                dst.as_mut_ptr().cast(),
+                0,
+                rows as i64,
+                row_len as i64,
+                std::ptr::null(),
+            )
+        };
         if written != dst.len() {
-            return Err(Error::Ggml(format!("quantize {} wrote {written} bytes, expected {}", self.name(), dst.len())));
+            return Err(Error::Ggml(format!(
+                "quantize {} wrote {written} bytes, expected {}",
+                self.name(),
+                dst.len()
+            )));
         }
         Ok(())
     }
@@ -221,7 +269,10 @@ pub fn quantize_init(t: Type) {
 /// The kernel's second hardware-capability word (`AT_HWCAP2`) on aarch64 Linux, for
 /// the CPU features std cannot detect on stable Rust yet (SME). Here because every
 /// `unsafe` call of sdrs lives in this module.
-#[cfg(all(target_arch = "aarch64", any(target_os = "linux", target_os = "android")))]
+#[cfg(all(
+    target_arch = "aarch64",
+    any(target_os = "linux", target_os = "android")
+))]
 pub fn aarch64_hwcap2() -> u64 {
     // SAFETY: getauxval only reads the process's auxiliary vector.
     unsafe { libc::getauxval(libc::AT_HWCAP2) as u64 }
@@ -233,7 +284,6 @@ pub fn max_name_len() -> usize {
     let t: sys::ggml_tensor = unsafe { std::mem::zeroed() };
     t.name.len()
 }
-
 
 /// Bytes ggml reserves per tensor object; equals the struct size bindgen saw only if
 /// both agree on `GGML_MAX_NAME`.
@@ -258,12 +308,19 @@ pub struct GgufSummary {
 
 /// Opens a GGUF file with ggml's `gguf_init_from_file` (metadata only).
 pub fn gguf_summary(path: &Path) -> Result<GgufSummary> {
-    let c = CString::new(path.as_os_str().as_encoded_bytes()).map_err(|_| Error::Invalid(format!("{}: path contains NUL", path.display())))?;
-    let params = sys::gguf_init_params { no_alloc: true, ctx: std::ptr::null_mut() };
+    let c = CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|_| Error::Invalid(format!("{}: path contains NUL", path.display())))?;
+    let params = sys::gguf_init_params {
+        no_alloc: true,
+        ctx: std::ptr::null_mut(),
+    };
     // SAFETY: valid C string; no_alloc so no ggml context is created.
     let ctx = unsafe { sys::gguf_init_from_file(c.as_ptr(), params) };
     if ctx.is_null() {
-        return Err(Error::format(path, "ggml's gguf_init_from_file rejected the file"));
+        return Err(Error::format(
+            path,
+            "ggml's gguf_init_from_file rejected the file",
+        ));
     }
     struct Guard(*mut sys::gguf_context);
     impl Drop for Guard {
@@ -278,9 +335,16 @@ pub fn gguf_summary(path: &Path) -> Result<GgufSummary> {
         let n = sys::gguf_get_n_tensors(g.0);
         let mut tensors = Vec::with_capacity(n as usize);
         for i in 0..n {
-            let name = CStr::from_ptr(sys::gguf_get_tensor_name(g.0, i)).to_string_lossy().into_owned();
+            let name = CStr::from_ptr(sys::gguf_get_tensor_name(g.0, i))
+                .to_string_lossy()
+                .into_owned();
             let t = Type(sys::gguf_get_tensor_type(g.0, i));
-            tensors.push((name, t, sys::gguf_get_tensor_offset(g.0, i) as u64, sys::gguf_get_tensor_size(g.0, i)));
+            tensors.push((
+                name,
+                t,
+                sys::gguf_get_tensor_offset(g.0, i) as u64,
+                sys::gguf_get_tensor_size(g.0, i),
+            ));
         }
         Ok(GgufSummary {
             version: sys::gguf_get_version(g.0),
@@ -322,7 +386,10 @@ impl Mapped {
 pub fn map_file(file: &std::fs::File) -> std::io::Result<Mapped> {
     // SAFETY: see above; the map is read-only and private to this process.
     let map = unsafe { memmap2::Mmap::map(file) }?;
-    Ok(Mapped { guard: MapGuard::watch(&map), map })
+    Ok(Mapped {
+        guard: MapGuard::watch(&map),
+        map,
+    })
 }
 
 /// Drops the resident pages of `len` bytes at `offset` of a read-only file mapping
@@ -334,11 +401,14 @@ pub fn release_pages(map: &Mapped, offset: usize, len: usize) {
     const PAGE: usize = 4096;
     let base = map.as_ptr() as usize;
     let start = (base + offset).next_multiple_of(PAGE) - base;
-    let end = ((base + offset + len.min(map.len().saturating_sub(offset))) / PAGE * PAGE).saturating_sub(base);
+    let end = ((base + offset + len.min(map.len().saturating_sub(offset))) / PAGE * PAGE)
+        .saturating_sub(base);
     if end > start {
         // SAFETY: the mapping is read-only and file-backed (never written through), so
         // MADV_DONTNEED cannot lose data: it only unmaps pages that fault back in with
         // the file's contents. The range lies inside the mapping (clamped above).
-        let _ = unsafe { map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, end - start) };
+        let _ = unsafe {
+            map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, end - start)
+        };
     }
 }

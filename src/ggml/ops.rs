@@ -48,10 +48,16 @@ impl Context<'_> {
     /// `a + b`, `b` broadcast over `a`.
     pub fn add<'c>(&'c self, a: Tensor<'c>, b: Tensor<'c>) -> Result<Tensor<'c>> {
         if !can_repeat(b.ne(), a.ne()) {
-            return Err(bad("add", format!("{:?} does not broadcast onto {:?}", b.ne(), a.ne())));
+            return Err(bad(
+                "add",
+                format!("{:?} does not broadcast onto {:?}", b.ne(), a.ne()),
+            ));
         }
         if !binary_types(a.ty(), b.ty()) {
-            return Err(bad("add", format!("a {} operand onto a {} one", b.ty().name(), a.ty().name())));
+            return Err(bad(
+                "add",
+                format!("a {} operand onto a {} one", b.ty().name(), a.ty().name()),
+            ));
         }
         // SAFETY: shapes checked; tensors valid for 'c.
         self.op(unsafe { sys::ggml_add(self.raw(), a.raw(), b.raw()) })
@@ -60,10 +66,16 @@ impl Context<'_> {
     /// `a * b` elementwise, `b` broadcast over `a`.
     pub fn mul<'c>(&'c self, a: Tensor<'c>, b: Tensor<'c>) -> Result<Tensor<'c>> {
         if !can_repeat(b.ne(), a.ne()) {
-            return Err(bad("mul", format!("{:?} does not broadcast onto {:?}", b.ne(), a.ne())));
+            return Err(bad(
+                "mul",
+                format!("{:?} does not broadcast onto {:?}", b.ne(), a.ne()),
+            ));
         }
         if !binary_types(a.ty(), b.ty()) {
-            return Err(bad("mul", format!("a {} operand onto a {} one", b.ty().name(), a.ty().name())));
+            return Err(bad(
+                "mul",
+                format!("a {} operand onto a {} one", b.ty().name(), a.ty().name()),
+            ));
         }
         // SAFETY: as above.
         self.op(unsafe { sys::ggml_mul(self.raw(), a.raw(), b.raw()) })
@@ -84,7 +96,10 @@ impl Context<'_> {
     /// Group norm over `[W, H, C, N]` with `groups` groups of channels (`ne[2]`).
     pub fn group_norm<'c>(&'c self, a: Tensor<'c>, groups: usize, eps: f32) -> Result<Tensor<'c>> {
         if groups == 0 || a.ne()[2] % groups != 0 {
-            return Err(bad("group_norm", format!("{} channels in {groups} groups", a.ne()[2])));
+            return Err(bad(
+                "group_norm",
+                format!("{} channels in {groups} groups", a.ne()[2]),
+            ));
         }
         need_f32("group_norm", "input", a)?;
         // SAFETY: unary op.
@@ -118,7 +133,14 @@ impl Context<'_> {
     /// Sums over `ne[0]`: `[1, ne1, ne2, ne3]` (ggml accumulates each row in f64).
     pub fn sum_rows<'c>(&'c self, a: Tensor<'c>) -> Result<Tensor<'c>> {
         if a.ty() != Type::F32 || a.nb()[0] != 4 {
-            return Err(bad("sum_rows", format!("a {} tensor with rows {} bytes apart (f32 rows of adjacent values only)", a.ty().name(), a.nb()[0])));
+            return Err(bad(
+                "sum_rows",
+                format!(
+                    "a {} tensor with rows {} bytes apart (f32 rows of adjacent values only)",
+                    a.ty().name(),
+                    a.nb()[0]
+                ),
+            ));
         }
         // SAFETY: unary op on an f32 tensor.
         self.op(unsafe { sys::ggml_sum_rows(self.raw(), a.raw()) })
@@ -134,10 +156,18 @@ impl Context<'_> {
     }
 
     /// Softmax over `ne[0]` of `a * scale + mask` (mask broadcast over rows; f32 or f16).
-    pub fn soft_max_ext<'c>(&'c self, a: Tensor<'c>, mask: Option<Tensor<'c>>, scale: f32) -> Result<Tensor<'c>> {
+    pub fn soft_max_ext<'c>(
+        &'c self,
+        a: Tensor<'c>,
+        mask: Option<Tensor<'c>>,
+        scale: f32,
+    ) -> Result<Tensor<'c>> {
         if let Some(m) = mask {
             if m.ne()[0] != a.ne()[0] || m.ne()[1] < a.ne()[1] {
-                return Err(bad("soft_max", format!("mask {:?} for scores {:?}", m.ne(), a.ne())));
+                return Err(bad(
+                    "soft_max",
+                    format!("mask {:?} for scores {:?}", m.ne(), a.ne()),
+                ));
             }
         }
         let m = mask.map_or(std::ptr::null_mut(), |m| m.raw());
@@ -148,27 +178,66 @@ impl Context<'_> {
     /// Fused attention (ggml's `flash_attn_ext`, online softmax, no score matrix):
     /// `q` `[D, Nq, H, B]`, `k` `[D, Nk, H, B]`, `v` `[Dv, Nk, H, B]` (views allowed)
     /// give `[Dv, H, Nq, B]`: heads already interleaved per token.
-    pub fn flash_attn<'c>(&'c self, q: Tensor<'c>, k: Tensor<'c>, v: Tensor<'c>, scale: f32) -> Result<Tensor<'c>> {
+    pub fn flash_attn<'c>(
+        &'c self,
+        q: Tensor<'c>,
+        k: Tensor<'c>,
+        v: Tensor<'c>,
+        scale: f32,
+    ) -> Result<Tensor<'c>> {
         let (qn, kn, vn) = (q.ne(), k.ne(), v.ne());
-        if qn[0] != kn[0] || kn[1] != vn[1] || kn[2] != vn[2] || kn[3] != vn[3] || qn[3] != kn[3] || qn[2] % kn[2] != 0 {
-            return Err(bad("flash_attn_ext", format!("q {qn:?}, k {kn:?}, v {vn:?}")));
+        if qn[0] != kn[0]
+            || kn[1] != vn[1]
+            || kn[2] != vn[2]
+            || kn[3] != vn[3]
+            || qn[3] != kn[3]
+            || qn[2] % kn[2] != 0
+        {
+            return Err(bad(
+                "flash_attn_ext",
+                format!("q {qn:?}, k {kn:?}, v {vn:?}"),
+            ));
         }
         // The CPU kernel reads rows as contiguous runs (it asserts so).
         if [q, k, v].iter().any(|t| t.nb()[0] != t.ty().type_size()) {
-            return Err(bad("flash_attn_ext", "q, k and v rows must be contiguous (make a transposed view contiguous first)".into()));
+            return Err(bad(
+                "flash_attn_ext",
+                "q, k and v rows must be contiguous (make a transposed view contiguous first)"
+                    .into(),
+            ));
         }
         // SAFETY: shapes checked as ggml asserts them; no mask, no ALiBi, no softcap.
-        self.op(unsafe { sys::ggml_flash_attn_ext(self.raw(), q.raw(), k.raw(), v.raw(), std::ptr::null_mut(), scale, 0.0, 0.0) })
+        self.op(unsafe {
+            sys::ggml_flash_attn_ext(
+                self.raw(),
+                q.raw(),
+                k.raw(),
+                v.raw(),
+                std::ptr::null_mut(),
+                scale,
+                0.0,
+                0.0,
+            )
+        })
     }
 
     /// softmax(q kᵀ · scale) v with sdrs' own kernel (see `ggml/attention.rs`):
     /// q `[D, Nq, H, B]`, k and v `[D, Nk, H, B]` (f32, any strides, so permuted
     /// views need no copy) → `[D*H, Nq, B]`, each token's heads side by side.
-    pub fn attention<'c>(&'c self, q: Tensor<'c>, k: Tensor<'c>, v: Tensor<'c>, scale: f32) -> Result<Tensor<'c>> {
+    pub fn attention<'c>(
+        &'c self,
+        q: Tensor<'c>,
+        k: Tensor<'c>,
+        v: Tensor<'c>,
+        scale: f32,
+    ) -> Result<Tensor<'c>> {
         let (qn, kn, vn) = (q.ne(), k.ne(), v.ne());
         let same = qn[0] == kn[0] && kn == vn && qn[2] == kn[2] && qn[3] == kn[3] && kn[1] > 0;
         if !same || [q, k, v].iter().any(|t| t.ty() != Type::F32) {
-            return Err(bad("attention", format!("q {qn:?}, k {kn:?}, v {vn:?} (f32, equal head sizes, heads and batch)")));
+            return Err(bad(
+                "attention",
+                format!("q {qn:?}, k {kn:?}, v {vn:?} (f32, equal head sizes, heads and batch)"),
+            ));
         }
         let mut args = [q.raw(), k.raw(), v.raw()];
         // SAFETY: shapes and types checked as the kernel assumes them; the scale
@@ -198,15 +267,25 @@ impl Context<'_> {
         if x[0] != y[0] || y[2] % x[2] != 0 || y[3] % x[3] != 0 || a.is_transposed() {
             return Err(bad("mul_mat", format!("{x:?} x {y:?}")));
         }
-        if !a.ty().is_matrix_weight() || !(b.ty() == Type::F32 || (b.ty() == a.ty() && !a.ty().is_quantized())) {
-            return Err(bad("mul_mat", format!("{} weights times {} values", a.ty().name(), b.ty().name())));
+        if !a.ty().is_matrix_weight()
+            || !(b.ty() == Type::F32 || (b.ty() == a.ty() && !a.ty().is_quantized()))
+        {
+            return Err(bad(
+                "mul_mat",
+                format!("{} weights times {} values", a.ty().name(), b.ty().name()),
+            ));
         }
         // SAFETY: shapes checked.
         self.op(unsafe { sys::ggml_mul_mat(self.raw(), a.raw(), b.raw()) })
     }
 
     /// A linear layer: `x W^T + bias`, weight `[in, out]` in ggml order.
-    pub fn linear<'c>(&'c self, x: Tensor<'c>, w: Tensor<'c>, bias: Option<Tensor<'c>>) -> Result<Tensor<'c>> {
+    pub fn linear<'c>(
+        &'c self,
+        x: Tensor<'c>,
+        w: Tensor<'c>,
+        bias: Option<Tensor<'c>>,
+    ) -> Result<Tensor<'c>> {
         let y = self.mul_mat(w, x)?;
         match bias {
             Some(b) => self.add(y, b),
@@ -216,7 +295,12 @@ impl Context<'_> {
 
     pub fn reshape<'c>(&'c self, a: Tensor<'c>, ne: &[usize]) -> Result<Tensor<'c>> {
         let n: usize = ne.iter().product();
-        if n != a.nelements() || !a.is_contiguous() || ne.is_empty() || ne.len() > 4 || !a.ty().fits_row(ne[0]) {
+        if n != a.nelements()
+            || !a.is_contiguous()
+            || ne.is_empty()
+            || ne.len() > 4
+            || !a.ty().fits_row(ne[0])
+        {
             return Err(bad("reshape", format!("{:?} to {ne:?}", a.ne())));
         }
         let d: Vec<i64> = ne.iter().map(|&x| x as i64).collect();
@@ -241,7 +325,16 @@ impl Context<'_> {
             seen[x] = true;
         }
         // SAFETY: axes form a permutation.
-        self.op(unsafe { sys::ggml_permute(self.raw(), a.raw(), axes[0] as i32, axes[1] as i32, axes[2] as i32, axes[3] as i32) })
+        self.op(unsafe {
+            sys::ggml_permute(
+                self.raw(),
+                a.raw(),
+                axes[0] as i32,
+                axes[1] as i32,
+                axes[2] as i32,
+                axes[3] as i32,
+            )
+        })
     }
 
     /// A contiguous copy.
@@ -253,7 +346,10 @@ impl Context<'_> {
     /// `a` converted to the float type `ty` (a copy).
     pub fn cast<'c>(&'c self, a: Tensor<'c>, ty: Type) -> Result<Tensor<'c>> {
         if a.ty().is_quantized() || ty.is_quantized() {
-            return Err(bad("cast", format!("{} to {}: float types only", a.ty().name(), ty.name())));
+            return Err(bad(
+                "cast",
+                format!("{} to {}: float types only", a.ty().name(), ty.name()),
+            ));
         }
         // SAFETY: float to float copy of a graph tensor.
         self.op(unsafe { sys::ggml_cast(self.raw(), a.raw(), ty.0) })
@@ -265,7 +361,12 @@ impl Context<'_> {
     }
 
     /// A view of `ne` elements starting `offset` elements along each axis of `a`.
-    pub fn view<'c>(&'c self, a: Tensor<'c>, ne: [usize; 4], start: [usize; 4]) -> Result<Tensor<'c>> {
+    pub fn view<'c>(
+        &'c self,
+        a: Tensor<'c>,
+        ne: [usize; 4],
+        start: [usize; 4],
+    ) -> Result<Tensor<'c>> {
         let full = a.ne();
         if (0..4).any(|i| ne[i] == 0 || start[i] + ne[i] > full[i]) || a.ty().is_quantized() {
             return Err(bad("view", format!("{ne:?} at {start:?} of {full:?}")));
@@ -273,7 +374,20 @@ impl Context<'_> {
         let nb = a.nb();
         let offset: usize = (0..4).map(|i| start[i] * nb[i]).sum();
         // SAFETY: the view lies inside `a` (checked above).
-        self.op(unsafe { sys::ggml_view_4d(self.raw(), a.raw(), ne[0] as i64, ne[1] as i64, ne[2] as i64, ne[3] as i64, nb[1], nb[2], nb[3], offset) })
+        self.op(unsafe {
+            sys::ggml_view_4d(
+                self.raw(),
+                a.raw(),
+                ne[0] as i64,
+                ne[1] as i64,
+                ne[2] as i64,
+                ne[3] as i64,
+                nb[1],
+                nb[2],
+                nb[3],
+                offset,
+            )
+        })
     }
 
     /// Concatenates along `dim`; all other dims must agree.
@@ -292,7 +406,10 @@ impl Context<'_> {
             return Err(bad("get_rows", "ids must be i32".into()));
         }
         if !(table.ty().is_matrix_weight() || table.ty() == Type::I32) {
-            return Err(bad("get_rows", format!("rows of a {} table", table.ty().name())));
+            return Err(bad(
+                "get_rows",
+                format!("rows of a {} table", table.ty().name()),
+            ));
         }
         // SAFETY: types checked; ggml bounds-checks ids at compute time in debug only,
         // so callers validate id values when they set them.
@@ -302,11 +419,23 @@ impl Context<'_> {
     /// 2-D convolution of `x` `[W, H, IC, N]` with a kernel stored as the matrix
     /// `[IC*kh*kw, OC]` (quantized or float), through im2col + mul_mat.
     #[allow(clippy::too_many_arguments)]
-    pub fn conv2d<'c>(&'c self, x: Tensor<'c>, kernel: Tensor<'c>, kh: usize, kw: usize, stride: usize, pad: usize, bias: Option<Tensor<'c>>) -> Result<Tensor<'c>> {
+    pub fn conv2d<'c>(
+        &'c self,
+        x: Tensor<'c>,
+        kernel: Tensor<'c>,
+        kh: usize,
+        kw: usize,
+        stride: usize,
+        pad: usize,
+        bias: Option<Tensor<'c>>,
+    ) -> Result<Tensor<'c>> {
         let [w, h, ic, n] = x.ne();
         let [k, oc, _, _] = kernel.ne();
         if k != ic * kh * kw || stride == 0 || w + 2 * pad < kw || h + 2 * pad < kh {
-            return Err(bad("conv2d", format!("kernel {:?} ({kh}x{kw}) on input {:?}", kernel.ne(), x.ne())));
+            return Err(bad(
+                "conv2d",
+                format!("kernel {:?} ({kh}x{kw}) on input {:?}", kernel.ne(), x.ne()),
+            ));
         }
         need_f32("conv2d", "input", x)?;
         let ow = (w + 2 * pad - kw) / stride + 1;
@@ -324,13 +453,29 @@ impl Context<'_> {
             let shape = self.tensor(Type::F16, &[kw, kh, ic, 1], "conv.kernel_shape")?;
             let (s, p) = (stride as i32, pad as i32);
             // SAFETY: shapes checked above; im2col reads b's data and a's shape.
-            let cols = self.op(unsafe { sys::ggml_im2col(self.raw(), shape.raw(), x.raw(), s, s, p, p, 1, 1, true, Type::F32.0) })?;
+            let cols = self.op(unsafe {
+                sys::ggml_im2col(
+                    self.raw(),
+                    shape.raw(),
+                    x.raw(),
+                    s,
+                    s,
+                    p,
+                    p,
+                    1,
+                    1,
+                    true,
+                    Type::F32.0,
+                )
+            })?;
             self.mul_mat(kernel, self.reshape(cols, &[k, ow * oh * n])?)?
         } else {
             let row_bytes = k * ow * n * Type::F32.type_size();
             // At most CONV_MAX_BANDS bands: each adds ~8 tensors to the graph, and the
             // context was sized by its builder.
-            let bands = (row_bytes * oh).div_ceil(self.conv_budget.get()).clamp(1, oh.min(CONV_MAX_BANDS));
+            let bands = (row_bytes * oh)
+                .div_ceil(self.conv_budget.get())
+                .clamp(1, oh.min(CONV_MAX_BANDS));
             self.ensure_room(8 * bands + 8)?;
             if bands == 1 {
                 let cols = self.im2col_rows(x, kh, kw, stride, pad, 0, oh)?;
@@ -355,11 +500,17 @@ impl Context<'_> {
                 while parts.len() > 1 {
                     let mut next = Vec::with_capacity(parts.len().div_ceil(2));
                     for pair in parts.chunks(2) {
-                        next.push(if let [a, b] = pair { self.concat(*a, *b, 2)? } else { pair[0] });
+                        next.push(if let [a, b] = pair {
+                            self.concat(*a, *b, 2)?
+                        } else {
+                            pair[0]
+                        });
                     }
                     parts = next;
                 }
-                parts.pop().ok_or_else(|| bad("conv2d", "no output rows".into()))? // [OC, OW, OH, N]
+                parts
+                    .pop()
+                    .ok_or_else(|| bad("conv2d", "no output rows".into()))? // [OC, OW, OH, N]
             }
         };
         let y = self.reshape(y, &[oc, ow, oh, n])?;
@@ -374,22 +525,58 @@ impl Context<'_> {
     /// of a convolution of `x` `[W, H, IC, N]` (f32, rows contiguous) with `pad`
     /// zeros on every side, by sdrs' own kernel (`ggml/im2col.rs`).
     #[allow(clippy::too_many_arguments)]
-    fn im2col_rows<'c>(&'c self, x: Tensor<'c>, kh: usize, kw: usize, stride: usize, pad: usize, row0: usize, rows: usize) -> Result<Tensor<'c>> {
+    fn im2col_rows<'c>(
+        &'c self,
+        x: Tensor<'c>,
+        kh: usize,
+        kw: usize,
+        stride: usize,
+        pad: usize,
+        row0: usize,
+        rows: usize,
+    ) -> Result<Tensor<'c>> {
         let [w, h, ic, n] = x.ne();
         if x.ty() != Type::F32 || x.nb()[0] != 4 || w + 2 * pad < kw || h + 2 * pad < kh {
-            return Err(bad("im2col", format!("input {:?} must be f32 with contiguous rows, at least the kernel's size", x.ne())));
+            return Err(bad(
+                "im2col",
+                format!(
+                    "input {:?} must be f32 with contiguous rows, at least the kernel's size",
+                    x.ne()
+                ),
+            ));
         }
         let ow = (w + 2 * pad - kw) / stride + 1;
         let oh = (h + 2 * pad - kh) / stride + 1;
         if rows == 0 || row0 + rows > oh {
-            return Err(bad("im2col", format!("rows {row0}..{} of {oh}", row0 + rows)));
+            return Err(bad(
+                "im2col",
+                format!("rows {row0}..{} of {oh}", row0 + rows),
+            ));
         }
-        let params = self.keep(super::im2col::Params { kh, kw, stride, pad, row0 });
+        let params = self.keep(super::im2col::Params {
+            kh,
+            kw,
+            stride,
+            pad,
+            row0,
+        });
         let mut args = [x.raw()];
         // SAFETY: shapes checked as the kernel reads them; `params` lives as long as
         // this context (and so the graph).
         let t = self.op(unsafe {
-            sys::ggml_custom_4d(self.raw(), Type::F32.0, (ic * kh * kw) as i64, ow as i64, rows as i64, n as i64, args.as_mut_ptr(), 1, Some(super::im2col::im2col_op), sys::GGML_N_TASKS_MAX, params)
+            sys::ggml_custom_4d(
+                self.raw(),
+                Type::F32.0,
+                (ic * kh * kw) as i64,
+                ow as i64,
+                rows as i64,
+                n as i64,
+                args.as_mut_ptr(),
+                1,
+                Some(super::im2col::im2col_op),
+                sys::GGML_N_TASKS_MAX,
+                params,
+            )
         })?;
         self.name(t, "sdrs.im2col")?;
         Ok(t)
@@ -398,7 +585,16 @@ impl Context<'_> {
     /// Zero padding at the end of each axis.
     pub fn pad<'c>(&'c self, a: Tensor<'c>, p: [usize; 4]) -> Result<Tensor<'c>> {
         // SAFETY: unary op.
-        self.op(unsafe { sys::ggml_pad(self.raw(), a.raw(), p[0] as i32, p[1] as i32, p[2] as i32, p[3] as i32) })
+        self.op(unsafe {
+            sys::ggml_pad(
+                self.raw(),
+                a.raw(),
+                p[0] as i32,
+                p[1] as i32,
+                p[2] as i32,
+                p[3] as i32,
+            )
+        })
     }
 
     /// Adds a scalar to every element.
@@ -412,14 +608,28 @@ impl Context<'_> {
     pub fn upscale_nearest<'c>(&'c self, a: Tensor<'c>, factor: usize) -> Result<Tensor<'c>> {
         need_f32("upscale", "input", a)?;
         // SAFETY: unary op.
-        self.op(unsafe { sys::ggml_upscale(self.raw(), a.raw(), factor as i32, sys::GGML_SCALE_MODE_NEAREST) })
+        self.op(unsafe {
+            sys::ggml_upscale(
+                self.raw(),
+                a.raw(),
+                factor as i32,
+                sys::GGML_SCALE_MODE_NEAREST,
+            )
+        })
     }
 
     /// Sinusoidal embeddings of f32 `timesteps` (`[N]`): `[dim, N]`, cos half first
     /// (ggml's order: `cos(t f) | sin(t f)`, as diffusers' `flip_sin_to_cos=True`).
-    pub fn timestep_embedding<'c>(&'c self, timesteps: Tensor<'c>, dim: usize, max_period: i32) -> Result<Tensor<'c>> {
+    pub fn timestep_embedding<'c>(
+        &'c self,
+        timesteps: Tensor<'c>,
+        dim: usize,
+        max_period: i32,
+    ) -> Result<Tensor<'c>> {
         // SAFETY: unary op.
-        self.op(unsafe { sys::ggml_timestep_embedding(self.raw(), timesteps.raw(), dim as i32, max_period) })
+        self.op(unsafe {
+            sys::ggml_timestep_embedding(self.raw(), timesteps.raw(), dim as i32, max_period)
+        })
     }
 
     /// Sets `-inf` above the diagonal of each `[n, n]` score matrix (causal mask).

@@ -32,13 +32,22 @@ pub struct Adapters {
 impl Adapters {
     /// The branches of `loras` (each with its multiplier) on the weights `keep` picks;
     /// `None` when no pair lands there.
-    pub fn new(loras: &[(&Lora, f32)], keep: impl Fn(&str) -> bool, backend: &Backend) -> Result<Option<Self>> {
+    pub fn new(
+        loras: &[(&Lora, f32)],
+        keep: impl Fn(&str) -> bool,
+        backend: &Backend,
+    ) -> Result<Option<Self>> {
         let mut list = Vec::new();
         let mut branches: HashMap<String, Vec<Branch>> = HashMap::new();
         // The file named in messages about the branch tensors (the last one used).
         let mut path = PathBuf::new();
         for (l, (lora, multiplier)) in loras.iter().enumerate() {
-            let mut pairs = lora.pairs.iter().enumerate().filter(|(_, p)| keep(&p.target.weight)).peekable();
+            let mut pairs = lora
+                .pairs
+                .iter()
+                .enumerate()
+                .filter(|(_, p)| keep(&p.target.weight))
+                .peekable();
             if pairs.peek().is_some() {
                 path = lora.path.clone();
             }
@@ -61,7 +70,9 @@ impl Adapters {
                     Some((start, end)) => {
                         let total = pair.target.shape.first().copied().unwrap_or(0);
                         if end - start != out || end > total {
-                            return Err(bad(format!("rows {start}..{end} of {total} for an update of {out} rows")));
+                            return Err(bad(format!(
+                                "rows {start}..{end} of {total} for an update of {out} rows"
+                            )));
                         }
                         let mut full = vec![0f32; total * rank];
                         full[start * rank..end * rank].copy_from_slice(&up);
@@ -72,18 +83,24 @@ impl Adapters {
                 let name = format!("lora.{l}.{p}");
                 list.push((format!("{name}.down"), vec![cols, rank], down));
                 list.push((format!("{name}.up"), vec![rank, rows], up));
-                branches.entry(pair.target.weight.clone()).or_default().push(Branch {
-                    down: format!("{name}.down"),
-                    up: format!("{name}.up"),
-                    scale: multiplier * pair.alpha_scale(),
-                    kernel,
-                });
+                branches
+                    .entry(pair.target.weight.clone())
+                    .or_default()
+                    .push(Branch {
+                        down: format!("{name}.down"),
+                        up: format!("{name}.up"),
+                        scale: multiplier * pair.alpha_scale(),
+                        kernel,
+                    });
             }
         }
         if list.is_empty() {
             return Ok(None);
         }
-        Ok(Some(Adapters { w: Weights::from_f32(&path, list, backend)?, branches }))
+        Ok(Some(Adapters {
+            w: Weights::from_f32(&path, list, backend)?,
+            branches,
+        }))
     }
 
     /// Bytes of the branch tensors.
@@ -103,14 +120,27 @@ impl Adapters {
 
     /// Adds the branches on `weight` to `y`, the base layer's output for `x`: `conv`
     /// gives the base convolution's (kernel, stride, padding), `None` for a linear layer.
-    pub(super) fn apply<'c>(&'c self, ctx: &'c crate::ggml::Context<'c>, weight: &str, x: Tensor<'c>, mut y: Tensor<'c>, conv: Option<(usize, usize, usize)>) -> Result<Tensor<'c>> {
-        let Some(list) = self.branches.get(weight) else { return Ok(y) };
+    pub(super) fn apply<'c>(
+        &'c self,
+        ctx: &'c crate::ggml::Context<'c>,
+        weight: &str,
+        x: Tensor<'c>,
+        mut y: Tensor<'c>,
+        conv: Option<(usize, usize, usize)>,
+    ) -> Result<Tensor<'c>> {
+        let Some(list) = self.branches.get(weight) else {
+            return Ok(y);
+        };
         for b in list {
             let (down, up) = (self.w.get(&b.down)?, self.w.get(&b.up)?);
             let h = match conv {
                 None => ctx.mul_mat(up, ctx.mul_mat(down, x)?)?,
                 Some((k, stride, pad)) => {
-                    let (dk, dstride, dpad) = if b.kernel == k { (k, stride, pad) } else if b.kernel == 1 && k == 1 { (1, 1, 0) } else {
+                    let (dk, dstride, dpad) = if b.kernel == k {
+                        (k, stride, pad)
+                    } else if b.kernel == 1 && k == 1 {
+                        (1, 1, 0)
+                    } else {
                         return Err(Error::Invalid(format!("LoRA on `{weight}`: a {0}x{0} down projection on a {k}x{k} convolution", b.kernel)));
                     };
                     let h = ctx.conv2d(x, down, dk, dk, dstride, dpad, None)?;

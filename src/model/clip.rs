@@ -33,7 +33,11 @@ fn layer_names(cfg: &TextEncoderConfig, i: usize) -> LayerNames {
             LayerNames {
                 ln1: format!("{l}layer_norm1"),
                 ln2: format!("{l}layer_norm2"),
-                qkv: Qkv::Separate([format!("{l}self_attn.q_proj"), format!("{l}self_attn.k_proj"), format!("{l}self_attn.v_proj")]),
+                qkv: Qkv::Separate([
+                    format!("{l}self_attn.q_proj"),
+                    format!("{l}self_attn.k_proj"),
+                    format!("{l}self_attn.v_proj"),
+                ]),
                 out: format!("{l}self_attn.out_proj"),
                 fc1: format!("{l}mlp.fc1"),
                 fc2: format!("{l}mlp.fc2"),
@@ -54,7 +58,12 @@ fn layer_names(cfg: &TextEncoderConfig, i: usize) -> LayerNames {
 }
 
 /// Causal multi-head self-attention over `x` `[C, T, B]`.
-fn attention<'c>(nn: &Nn<'c>, x: Tensor<'c>, names: &LayerNames, heads: usize) -> Result<Tensor<'c>> {
+fn attention<'c>(
+    nn: &Nn<'c>,
+    x: Tensor<'c>,
+    names: &LayerNames,
+    heads: usize,
+) -> Result<Tensor<'c>> {
     let c = nn.ctx;
     let [ch, t, b, _] = x.ne();
     let d = ch / heads;
@@ -96,13 +105,32 @@ pub struct Graph<'c> {
 /// token times `text_projection`, which needs every layer even when the conditioning
 /// is taken earlier. `vectors` adds the inputs that put embedding vectors in place of
 /// token embeddings ([`Graph::vectors`]).
-pub fn build<'c>(ctx: &'c Context<'c>, w: &'c Weights<'c>, cfg: &TextEncoderConfig, batch: usize, pooled: bool, vectors: bool, adapters: Option<&'c Adapters>) -> Result<Graph<'c>> {
-    let nn = Nn { adapters, ..Nn::new(ctx, w) };
+pub fn build<'c>(
+    ctx: &'c Context<'c>,
+    w: &'c Weights<'c>,
+    cfg: &TextEncoderConfig,
+    batch: usize,
+    pooled: bool,
+    vectors: bool,
+    adapters: Option<&'c Adapters>,
+) -> Result<Graph<'c>> {
+    let nn = Nn {
+        adapters,
+        ..Nn::new(ctx, w)
+    };
     let t = cfg.max_positions;
     let p = &cfg.prefix;
     let (tok, pos, final_norm) = match cfg.kind {
-        TextEncoderKind::HfClip => (format!("{p}embeddings.token_embedding.weight"), format!("{p}embeddings.position_embedding.weight"), format!("{p}final_layer_norm")),
-        TextEncoderKind::OpenClip => (format!("{p}token_embedding.weight"), format!("{p}positional_embedding"), format!("{p}ln_final")),
+        TextEncoderKind::HfClip => (
+            format!("{p}embeddings.token_embedding.weight"),
+            format!("{p}embeddings.position_embedding.weight"),
+            format!("{p}final_layer_norm"),
+        ),
+        TextEncoderKind::OpenClip => (
+            format!("{p}token_embedding.weight"),
+            format!("{p}positional_embedding"),
+            format!("{p}ln_final"),
+        ),
     };
     let ids = ctx.tensor(Type::I32, &[t * batch], "clip.ids")?;
     let positions = ctx.tensor(Type::I32, &[t], "clip.positions")?;
@@ -122,7 +150,16 @@ pub fn build<'c>(ctx: &'c Context<'c>, w: &'c Weights<'c>, cfg: &TextEncoderConf
     };
     let x = ctx.reshape(x, &[cfg.hidden_size, t, batch])?;
     let mut x = ctx.add(x, ctx.get_rows(w.get(&pos)?, positions)?)?;
-    let layers = cfg.num_layers.checked_sub(cfg.skip_layers).filter(|&l| l > 0).ok_or_else(|| Error::Invalid(format!("text encoder skips {} of {} layers", cfg.skip_layers, cfg.num_layers)))?;
+    let layers = cfg
+        .num_layers
+        .checked_sub(cfg.skip_layers)
+        .filter(|&l| l > 0)
+        .ok_or_else(|| {
+            Error::Invalid(format!(
+                "text encoder skips {} of {} layers",
+                cfg.skip_layers, cfg.num_layers
+            ))
+        })?;
     let mut hidden = None;
     for i in 0..if pooled { cfg.num_layers } else { layers } {
         let n = layer_names(cfg, i);
@@ -136,7 +173,11 @@ pub fn build<'c>(ctx: &'c Context<'c>, w: &'c Weights<'c>, cfg: &TextEncoderConf
         };
         x = ctx.add(x, nn.linear(h, &n.fc2)?)?;
         if i + 1 == layers {
-            hidden = Some(if cfg.final_norm { nn.layer_norm(x, &final_norm, LN_EPS)? } else { x });
+            hidden = Some(if cfg.final_norm {
+                nn.layer_norm(x, &final_norm, LN_EPS)?
+            } else {
+                x
+            });
         }
     }
     let hidden = hidden.ok_or_else(|| Error::Invalid("text encoder has no layers".into()))?;
@@ -159,15 +200,30 @@ pub fn build<'c>(ctx: &'c Context<'c>, w: &'c Weights<'c>, cfg: &TextEncoderConf
     } else {
         None
     };
-    Ok(Graph { ids, positions, vectors, hidden, pooled })
+    Ok(Graph {
+        ids,
+        positions,
+        vectors,
+        hidden,
+        pooled,
+    })
 }
 
 fn outputs<'c>(g: &Graph<'c>) -> Vec<Tensor<'c>> {
-    std::iter::once(g.hidden).chain(g.pooled.map(|(_, p)| p)).collect()
+    std::iter::once(g.hidden)
+        .chain(g.pooled.map(|(_, p)| p))
+        .collect()
 }
 
 /// The compute buffer [`encode`] needs for `prompts` prompts, found without allocating it.
-pub fn buffer_bytes(w: &Weights<'_>, cfg: &TextEncoderConfig, prompts: usize, pooled: bool, vectors: bool, adapters: Option<&Adapters>) -> Result<usize> {
+pub fn buffer_bytes(
+    w: &Weights<'_>,
+    cfg: &TextEncoderConfig,
+    prompts: usize,
+    pooled: bool,
+    vectors: bool,
+    adapters: Option<&Adapters>,
+) -> Result<usize> {
     let ctx = Context::new(64 + 48 * cfg.num_layers + Adapters::nodes(adapters))?;
     let g = build(&ctx, w, cfg, prompts, pooled, vectors, adapters)?;
     let graph = ctx.graph(&outputs(&g))?;
@@ -183,12 +239,23 @@ pub struct Encoded {
 }
 
 /// Runs the encoder on padded token sequences; returns `[B][T][hidden]` flattened.
-pub fn encode(w: &Weights<'_>, cfg: &TextEncoderConfig, tokens: &[Vec<u32>], backend: &Backend) -> Result<Vec<f32>> {
+pub fn encode(
+    w: &Weights<'_>,
+    cfg: &TextEncoderConfig,
+    tokens: &[Vec<u32>],
+    backend: &Backend,
+) -> Result<Vec<f32>> {
     Ok(encode_all(w, cfg, tokens, false, backend)?.hidden)
 }
 
 /// [`encode`], with the pooled output too when `pooled` (see [`build`]).
-pub fn encode_all(w: &Weights<'_>, cfg: &TextEncoderConfig, tokens: &[Vec<u32>], pooled: bool, backend: &Backend) -> Result<Encoded> {
+pub fn encode_all(
+    w: &Weights<'_>,
+    cfg: &TextEncoderConfig,
+    tokens: &[Vec<u32>],
+    pooled: bool,
+    backend: &Backend,
+) -> Result<Encoded> {
     encode_with(w, cfg, tokens, &[], pooled, None, backend)
 }
 
@@ -202,27 +269,52 @@ pub struct Vector<'a> {
 
 /// [`encode_all`] with embedding `vectors` in place of some tokens' embeddings.
 /// `adapters`: LoRA branches beside the weights.
-pub fn encode_with(w: &Weights<'_>, cfg: &TextEncoderConfig, tokens: &[Vec<u32>], vectors: &[Vector<'_>], pooled: bool, adapters: Option<&Adapters>, backend: &Backend) -> Result<Encoded> {
+pub fn encode_with(
+    w: &Weights<'_>,
+    cfg: &TextEncoderConfig,
+    tokens: &[Vec<u32>],
+    vectors: &[Vector<'_>],
+    pooled: bool,
+    adapters: Option<&Adapters>,
+    backend: &Backend,
+) -> Result<Encoded> {
     let t = cfg.max_positions;
     let mut flat = Vec::with_capacity(t * tokens.len());
     let mut eos = Vec::with_capacity(tokens.len());
     for (b, seq) in tokens.iter().enumerate() {
         if seq.len() != t {
-            return Err(Error::Invalid(format!("text encoder takes {t} tokens per prompt, got {}", seq.len())));
+            return Err(Error::Invalid(format!(
+                "text encoder takes {t} tokens per prompt, got {}",
+                seq.len()
+            )));
         }
         for &id in seq {
             if id as usize >= cfg.vocab_size {
-                return Err(Error::Invalid(format!("token id {id} is outside the vocabulary of {}", cfg.vocab_size)));
+                return Err(Error::Invalid(format!(
+                    "token id {id} is outside the vocabulary of {}",
+                    cfg.vocab_size
+                )));
             }
             flat.push(id as i32);
         }
         // The end-of-text token has the largest id: OpenCLIP pools at `argmax(ids)`
         // (its first occurrence), as transformers does for these configs.
-        let first_max = seq.iter().enumerate().fold(0, |best, (i, &id)| if id > seq[best] { i } else { best });
+        let first_max = seq
+            .iter()
+            .enumerate()
+            .fold(0, |best, (i, &id)| if id > seq[best] { i } else { best });
         eos.push((b * t + first_max) as i32);
     }
     let ctx = Context::new(64 + 48 * cfg.num_layers + Adapters::nodes(adapters))?;
-    let g = build(&ctx, w, cfg, tokens.len(), pooled, !vectors.is_empty(), adapters)?;
+    let g = build(
+        &ctx,
+        w,
+        cfg,
+        tokens.len(),
+        pooled,
+        !vectors.is_empty(),
+        adapters,
+    )?;
     let graph = ctx.graph(&outputs(&g))?;
     ctx.alloc_graph(&graph)?;
     if let Some((keep, values)) = g.vectors {
@@ -231,7 +323,12 @@ pub fn encode_with(w: &Weights<'_>, cfg: &TextEncoderConfig, tokens: &[Vec<u32>]
         let mut v = vec![0f32; h * t * tokens.len()];
         for vec in vectors {
             if vec.row >= k.len() || vec.values.len() != h {
-                return Err(Error::Invalid(format!("embedding vector of width {} at token {} of {}", vec.values.len(), vec.row, k.len())));
+                return Err(Error::Invalid(format!(
+                    "embedding vector of width {} at token {} of {}",
+                    vec.values.len(),
+                    vec.row,
+                    k.len()
+                )));
             }
             k[vec.row] = 0.0;
             v[vec.row * h..][..h].copy_from_slice(vec.values);
@@ -245,5 +342,8 @@ pub fn encode_with(w: &Weights<'_>, cfg: &TextEncoderConfig, tokens: &[Vec<u32>]
         ctx.set_i32(e, &eos)?;
     }
     backend.compute(&graph)?;
-    Ok(Encoded { hidden: ctx.get_f32(g.hidden)?, pooled: g.pooled.map(|(_, p)| ctx.get_f32(p)).transpose()? })
+    Ok(Encoded {
+        hidden: ctx.get_f32(g.hidden)?,
+        pooled: g.pooled.map(|(_, p)| ctx.get_f32(p)).transpose()?,
+    })
 }

@@ -25,7 +25,11 @@ pub fn convert_to(name: &str, ty: Type, ne: &[u64]) -> Option<Type> {
         return Some(Type::F16);
     }
     if !ty.is_matrix_weight() {
-        return Some(if ty == Type::F64 || ty.block_size() == 1 { Type::F32 } else { Type::F16 });
+        return Some(if ty == Type::F64 || ty.block_size() == 1 {
+            Type::F32
+        } else {
+            Type::F16
+        });
     }
     None
 }
@@ -39,10 +43,17 @@ fn is_plain_float(ty: Type) -> bool {
 pub fn convert(what: &str, from: Type, to: Type, raw: &[u8], ne: &[u64]) -> Result<Vec<u8>> {
     let n: u64 = ne.iter().product();
     let row = ne.first().copied().unwrap_or(1) as usize;
-    let bad = |e: Error| Error::Invalid(format!("{what}: cannot convert {} to {}: {e}", from.name(), to.name()));
+    let bad = |e: Error| {
+        Error::Invalid(format!(
+            "{what}: cannot convert {} to {}: {e}",
+            from.name(),
+            to.name()
+        ))
+    };
     let values = from.dequantize(raw, n as usize).map_err(bad)?;
     let mut out = Vec::new();
-    to.quantize_rows(&values, values.len() / row.max(1), row, &mut out).map_err(bad)?;
+    to.quantize_rows(&values, values.len() / row.max(1), row, &mut out)
+        .map_err(bad)?;
     Ok(out)
 }
 
@@ -53,22 +64,63 @@ mod tests {
     #[test]
     fn vectors_in_any_type_but_f32_become_f32() {
         for ty in [Type::F16, Type::BF16, Type::Q8_0, Type::Q4_K] {
-            assert_eq!(convert_to("m.out.0.weight", ty, &[256]), Some(Type::F32), "{}", ty.name());
-            assert_eq!(convert_to("m.norm.bias", ty, &[256, 1, 1, 1]), Some(Type::F32));
+            assert_eq!(
+                convert_to("m.out.0.weight", ty, &[256]),
+                Some(Type::F32),
+                "{}",
+                ty.name()
+            );
+            assert_eq!(
+                convert_to("m.norm.bias", ty, &[256, 1, 1, 1]),
+                Some(Type::F32)
+            );
         }
         assert_eq!(convert_to("m.out.0.weight", Type::F32, &[256]), None);
     }
 
     #[test]
     fn matrices_stay_as_stored_unless_the_graph_cannot_multiply_or_transpose_them() {
-        for ty in [Type::F16, Type::BF16, Type::Q8_0, Type::Q4_0, Type::Q5_1, Type::Q2_K, Type::Q6_K] {
-            assert_eq!(convert_to("m.attn.to_q.weight", ty, &[320, 320]), None, "{}", ty.name());
-            assert_eq!(convert_to("m.conv.weight", ty, &[3, 3, 32, 320]).filter(|_| ty.fits_row(3)), None);
+        for ty in [
+            Type::F16,
+            Type::BF16,
+            Type::Q8_0,
+            Type::Q4_0,
+            Type::Q5_1,
+            Type::Q2_K,
+            Type::Q6_K,
+        ] {
+            assert_eq!(
+                convert_to("m.attn.to_q.weight", ty, &[320, 320]),
+                None,
+                "{}",
+                ty.name()
+            );
+            assert_eq!(
+                convert_to("m.conv.weight", ty, &[3, 3, 32, 320]).filter(|_| ty.fits_row(3)),
+                None
+            );
         }
         let q8k = Type::parse("q8_K").unwrap();
-        assert_eq!(convert_to("m.attn.to_q.weight", q8k, &[256, 320]), Some(Type::F16));
-        assert_eq!(convert_to("conditioner.embedders.1.model.text_projection", Type::Q4_0, &[32, 32]), Some(Type::F16));
-        assert_eq!(convert_to("conditioner.embedders.1.model.text_projection", Type::F16, &[32, 32]), None);
+        assert_eq!(
+            convert_to("m.attn.to_q.weight", q8k, &[256, 320]),
+            Some(Type::F16)
+        );
+        assert_eq!(
+            convert_to(
+                "conditioner.embedders.1.model.text_projection",
+                Type::Q4_0,
+                &[32, 32]
+            ),
+            Some(Type::F16)
+        );
+        assert_eq!(
+            convert_to(
+                "conditioner.embedders.1.model.text_projection",
+                Type::F16,
+                &[32, 32]
+            ),
+            None
+        );
     }
 
     #[test]
@@ -79,7 +131,8 @@ mod tests {
         let out = convert("x.gguf: `n.weight`", Type::Q8_0, Type::F32, &q, &[64]).unwrap();
         let back = Type::F32.dequantize(&out, 64).unwrap();
         assert!(back.iter().zip(&v).all(|(a, b)| (a - b).abs() < 0.02));
-        let err = convert("x.gguf: `n.weight`", Type::Q8_0, Type::F32, &q[..10], &[64]).unwrap_err();
+        let err =
+            convert("x.gguf: `n.weight`", Type::Q8_0, Type::F32, &q[..10], &[64]).unwrap_err();
         assert!(err.to_string().contains("x.gguf: `n.weight`"), "{err}");
     }
 }

@@ -70,12 +70,25 @@ impl<'c> Nn<'c> {
     /// Layers over `w`, built for where `w` lives (a GPU's graph gets no CPU-only op).
     pub fn new(ctx: &'c Context<'c>, w: &'c Weights<'c>) -> Self {
         ctx.follow(w.context());
-        Nn { ctx, w, attention: Attention::default(), f32_kernels: false, adapters: None }
+        Nn {
+            ctx,
+            w,
+            attention: Attention::default(),
+            f32_kernels: false,
+            adapters: None,
+        }
     }
 
     /// A linear layer over the weight called `weight` (and `bias`), with its LoRA branches.
-    pub fn linear_weight(&self, x: Tensor<'c>, weight: &str, bias: Option<Tensor<'c>>) -> Result<Tensor<'c>> {
-        let y = self.ctx.linear(x, self.kernel(self.w.get(weight)?)?, bias)?;
+    pub fn linear_weight(
+        &self,
+        x: Tensor<'c>,
+        weight: &str,
+        bias: Option<Tensor<'c>>,
+    ) -> Result<Tensor<'c>> {
+        let y = self
+            .ctx
+            .linear(x, self.kernel(self.w.get(weight)?)?, bias)?;
         match self.adapters {
             Some(a) => a.apply(self.ctx, weight, x, y, None),
             None => Ok(y),
@@ -84,15 +97,36 @@ impl<'c> Nn<'c> {
 
     /// A convolution `name` (`.weight`, optional `.bias`) with a `k`x`k` kernel.
     /// Kernels come flattened `[IC*k*k, OC]` (our files) or 4-D (stable-diffusion.cpp's).
-    pub fn conv(&self, x: Tensor<'c>, name: &str, k: usize, stride: usize, pad: usize) -> Result<Tensor<'c>> {
+    pub fn conv(
+        &self,
+        x: Tensor<'c>,
+        name: &str,
+        k: usize,
+        stride: usize,
+        pad: usize,
+    ) -> Result<Tensor<'c>> {
         let mut w = self.w.get(&format!("{name}.weight"))?;
         let ne = w.ne();
         if ne[2] > 1 || ne[3] > 1 {
             w = self.ctx.reshape(w, &[ne[0] * ne[1] * ne[2], ne[3]])?;
         }
-        let y = self.ctx.conv2d(x, self.kernel(w)?, k, k, stride, pad, self.w.opt(&format!("{name}.bias")))?;
+        let y = self.ctx.conv2d(
+            x,
+            self.kernel(w)?,
+            k,
+            k,
+            stride,
+            pad,
+            self.w.opt(&format!("{name}.bias")),
+        )?;
         match self.adapters {
-            Some(a) => a.apply(self.ctx, &format!("{name}.weight"), x, y, Some((k, stride, pad))),
+            Some(a) => a.apply(
+                self.ctx,
+                &format!("{name}.weight"),
+                x,
+                y,
+                Some((k, stride, pad)),
+            ),
             None => Ok(y),
         }
     }
@@ -107,11 +141,21 @@ impl<'c> Nn<'c> {
     }
 
     /// GroupNorm with affine parameters over `[W, H, C, N]`.
-    pub fn group_norm(&self, x: Tensor<'c>, name: &str, groups: usize, eps: f32) -> Result<Tensor<'c>> {
+    pub fn group_norm(
+        &self,
+        x: Tensor<'c>,
+        name: &str,
+        groups: usize,
+        eps: f32,
+    ) -> Result<Tensor<'c>> {
         let c = x.ne()[2];
         let y = self.ctx.group_norm(x, groups, eps)?;
-        let g = self.ctx.reshape(self.w.get(&format!("{name}.weight"))?, &[1, 1, c, 1])?;
-        let b = self.ctx.reshape(self.w.get(&format!("{name}.bias"))?, &[1, 1, c, 1])?;
+        let g = self
+            .ctx
+            .reshape(self.w.get(&format!("{name}.weight"))?, &[1, 1, c, 1])?;
+        let b = self
+            .ctx
+            .reshape(self.w.get(&format!("{name}.bias"))?, &[1, 1, c, 1])?;
         self.ctx.add(self.ctx.mul(y, g)?, b)
     }
 
@@ -123,14 +167,24 @@ impl<'c> Nn<'c> {
     }
 
     pub fn linear(&self, x: Tensor<'c>, name: &str) -> Result<Tensor<'c>> {
-        self.linear_weight(x, &format!("{name}.weight"), self.w.opt(&format!("{name}.bias")))
+        self.linear_weight(
+            x,
+            &format!("{name}.weight"),
+            self.w.opt(&format!("{name}.bias")),
+        )
     }
 
     /// Softmax attention of `q` `[D, Nq, H, B]` over keys `k` `[D, Nk, H, B]` and
     /// values `v` `[D, Nk, H, B]` (permuted views are fine): returns `[D*H, Nq, B]`,
     /// the heads of each token side by side. `causal` hides keys after each query
     /// (text encoders).
-    pub fn attend(&self, q: Tensor<'c>, k: Tensor<'c>, v: Tensor<'c>, causal: bool) -> Result<Tensor<'c>> {
+    pub fn attend(
+        &self,
+        q: Tensor<'c>,
+        k: Tensor<'c>,
+        v: Tensor<'c>,
+        causal: bool,
+    ) -> Result<Tensor<'c>> {
         attend(self.ctx, q, k, v, causal, self.attention, HEAD_ALIGN)
     }
 
@@ -151,19 +205,37 @@ impl<'c> Nn<'c> {
 
 /// [`Nn::attend`] with the kernel choice and head-size alignment explicit (1: no
 /// padding), so that benchmarks can compare them.
-pub fn attend<'c>(c: &'c Context<'_>, q: Tensor<'c>, k: Tensor<'c>, v: Tensor<'c>, causal: bool, kind: Attention, align: usize) -> Result<Tensor<'c>> {
+pub fn attend<'c>(
+    c: &'c Context<'_>,
+    q: Tensor<'c>,
+    k: Tensor<'c>,
+    v: Tensor<'c>,
+    causal: bool,
+    kind: Attention,
+    align: usize,
+) -> Result<Tensor<'c>> {
     let [d, nq, h, b] = q.ne();
     let scale = 1.0 / (d as f32).sqrt();
     // The tiled kernel is the CPU's: a GPU gets ggml's fused kernel instead where it
     // has one for the shape, else the matrix form (never a copy back to the CPU).
-    let kind = if c.on_gpu() && kind != Attention::MatMul { Attention::Flash } else { kind };
+    let kind = if c.on_gpu() && kind != Attention::MatMul {
+        Attention::Flash
+    } else {
+        kind
+    };
     if kind.tiled() && !causal {
         return c.attention(q, k, v, scale);
     }
     if kind.flash() && !causal {
         // No padding here: ggml's tiled flash kernel runs D = 40 as fast as 48
         // (`cargo bench --bench kernels -- attention`).
-        let rows = |t: Tensor<'c>| if t.nb()[0] == t.ty().type_size() { Ok(t) } else { c.cont(t) };
+        let rows = |t: Tensor<'c>| {
+            if t.nb()[0] == t.ty().type_size() {
+                Ok(t)
+            } else {
+                c.cont(t)
+            }
+        };
         let o = c.flash_attn(rows(q)?, rows(k)?, rows(v)?, scale)?; // [D, H, Nq, B]
         if c.supports(o) {
             return c.reshape(o, &[d * h, nq, b]);
@@ -174,11 +246,21 @@ pub fn attend<'c>(c: &'c Context<'_>, q: Tensor<'c>, k: Tensor<'c>, v: Tensor<'c
     // padded to 48 (kernels bench, 1024 and 4096 tokens). Zeros appended to both q and
     // k leave every score unchanged (the scale keeps the true size): exact.
     let dp = d.next_multiple_of(align.max(1));
-    let padded = |t: Tensor<'c>| if dp == d { Ok(t) } else { c.pad(t, [dp - d, 0, 0, 0]) };
+    let padded = |t: Tensor<'c>| {
+        if dp == d {
+            Ok(t)
+        } else {
+            c.pad(t, [dp - d, 0, 0, 0])
+        }
+    };
     let (q, k) = (padded(q)?, padded(k)?);
     let vt = c.cont(c.permute(v, [1, 0, 2, 3])?)?; // [Nk, D, H, B]
     let scores = c.mul_mat(k, q)?; // [Nk, Nq, H, B]
-    let scores = if causal { c.diag_mask_inf(scores)? } else { scores };
+    let scores = if causal {
+        c.diag_mask_inf(scores)?
+    } else {
+        scores
+    };
     let probs = c.soft_max_ext(scores, None, scale)?;
     let o = c.mul_mat(vt, probs)?; // [D, Nq, H, B]
     c.reshape(c.cont(c.permute(o, [0, 2, 1, 3])?)?, &[d * h, nq, b])
@@ -186,7 +268,14 @@ pub fn attend<'c>(c: &'c Context<'_>, q: Tensor<'c>, k: Tensor<'c>, v: Tensor<'c
 
 /// Runs a one-input, one-output network once: `build` maps the f32 input tensor of
 /// ggml shape `ne` (holding `input`) to the output, whose values are returned.
-pub fn eval(w: &Weights<'_>, ne: [usize; 4], input: &[f32], max_tensors: usize, backend: &Backend, build: impl for<'c> FnOnce(&Nn<'c>, Tensor<'c>) -> Result<Tensor<'c>>) -> Result<Vec<f32>> {
+pub fn eval(
+    w: &Weights<'_>,
+    ne: [usize; 4],
+    input: &[f32],
+    max_tensors: usize,
+    backend: &Backend,
+    build: impl for<'c> FnOnce(&Nn<'c>, Tensor<'c>) -> Result<Tensor<'c>>,
+) -> Result<Vec<f32>> {
     Program::new(w, ne, max_tensors, build)?.run(input, backend)
 }
 
@@ -205,23 +294,43 @@ const OUTPUT: &str = "program.output";
 
 impl<'w> Program<'w> {
     /// Builds the graph of `build` for an f32 input of ggml shape `ne`.
-    pub fn new(w: &'w Weights<'w>, ne: [usize; 4], max_tensors: usize, build: impl for<'c> FnOnce(&Nn<'c>, Tensor<'c>) -> Result<Tensor<'c>>) -> Result<Self> {
+    pub fn new(
+        w: &'w Weights<'w>,
+        ne: [usize; 4],
+        max_tensors: usize,
+        build: impl for<'c> FnOnce(&Nn<'c>, Tensor<'c>) -> Result<Tensor<'c>>,
+    ) -> Result<Self> {
         let ctx = Context::new(max_tensors)?;
         let buffer_bytes = {
             let graph = Self::graph(&ctx, w, ne, build)?;
             ctx.alloc_graph(&graph)?
         };
-        Ok(Program { ctx, ne, buffer_bytes, _weights: std::marker::PhantomData })
+        Ok(Program {
+            ctx,
+            ne,
+            buffer_bytes,
+            _weights: std::marker::PhantomData,
+        })
     }
 
     /// The compute buffer [`Program::new`] would allocate, without allocating it.
-    pub fn measure(w: &Weights<'_>, ne: [usize; 4], max_tensors: usize, build: impl for<'c> FnOnce(&Nn<'c>, Tensor<'c>) -> Result<Tensor<'c>>) -> Result<usize> {
+    pub fn measure(
+        w: &Weights<'_>,
+        ne: [usize; 4],
+        max_tensors: usize,
+        build: impl for<'c> FnOnce(&Nn<'c>, Tensor<'c>) -> Result<Tensor<'c>>,
+    ) -> Result<usize> {
         let ctx = Context::new(max_tensors)?;
         let graph = Self::graph(&ctx, w, ne, build)?;
         ctx.measure_graph(&graph)
     }
 
-    fn graph<'c>(ctx: &'c Context<'c>, w: &'c Weights<'c>, ne: [usize; 4], build: impl FnOnce(&Nn<'c>, Tensor<'c>) -> Result<Tensor<'c>>) -> Result<crate::ggml::Graph<'c>> {
+    fn graph<'c>(
+        ctx: &'c Context<'c>,
+        w: &'c Weights<'c>,
+        ne: [usize; 4],
+        build: impl FnOnce(&Nn<'c>, Tensor<'c>) -> Result<Tensor<'c>>,
+    ) -> Result<crate::ggml::Graph<'c>> {
         let nn = Nn::new(ctx, w);
         let x = ctx.tensor(Type::F32, &ne, INPUT)?;
         ctx.set_input(x);
@@ -243,10 +352,23 @@ impl<'w> Program<'w> {
 
     /// [`Program::run`] with more inputs, each an f32 tensor the build named and marked as
     /// an input; one the graph does not reach (it has no memory) is skipped.
-    pub fn run_with(&self, input: &[f32], named: &[(&str, &[f32])], backend: &Backend) -> Result<Vec<f32>> {
-        let get = |n: &str| self.ctx.get(n).ok_or_else(|| crate::Error::Ggml(format!("program graph lacks `{n}`")));
+    pub fn run_with(
+        &self,
+        input: &[f32],
+        named: &[(&str, &[f32])],
+        backend: &Backend,
+    ) -> Result<Vec<f32>> {
+        let get = |n: &str| {
+            self.ctx
+                .get(n)
+                .ok_or_else(|| crate::Error::Ggml(format!("program graph lacks `{n}`")))
+        };
         if input.len() != self.ne.iter().product::<usize>() {
-            return Err(crate::Error::Invalid(format!("{} input values for a graph of shape {:?}", input.len(), self.ne)));
+            return Err(crate::Error::Invalid(format!(
+                "{} input values for a graph of shape {:?}",
+                input.len(),
+                self.ne
+            )));
         }
         self.ctx.set_f32(get(INPUT)?, input)?;
         for &(name, values) in named {
@@ -255,7 +377,10 @@ impl<'w> Program<'w> {
                 self.ctx.set_f32(t, values)?;
             }
         }
-        let graph = self.ctx.built_graph().ok_or_else(|| crate::Error::Ggml("program graph missing".into()))?;
+        let graph = self
+            .ctx
+            .built_graph()
+            .ok_or_else(|| crate::Error::Ggml("program graph missing".into()))?;
         backend.compute(&graph)?;
         self.ctx.get_f32(get(OUTPUT)?)
     }
@@ -272,7 +397,9 @@ mod tests {
         let mut inputs = Vec::new();
         let mut views = Vec::new();
         for name in ["q", "k", "v"] {
-            let t = ctx.tensor(Type::F32, &[d * heads, tokens, 1], name).unwrap();
+            let t = ctx
+                .tensor(Type::F32, &[d * heads, tokens, 1], name)
+                .unwrap();
             ctx.set_input(t);
             inputs.push(t);
             let t = ctx.reshape(t, &[d, heads, tokens, 1]).unwrap();
@@ -283,7 +410,9 @@ mod tests {
         let graph = ctx.graph(&[out]).unwrap();
         ctx.alloc_graph(&graph).unwrap();
         for (i, t) in inputs.iter().enumerate() {
-            let v: Vec<f32> = (0..d * heads * tokens).map(|j| ((((j + 7919 * i) * 2654435761) % 10007) as f32 / 5003.5 - 1.0) * 0.5).collect();
+            let v: Vec<f32> = (0..d * heads * tokens)
+                .map(|j| ((((j + 7919 * i) * 2654435761) % 10007) as f32 / 5003.5 - 1.0) * 0.5)
+                .collect();
             ctx.set_f32(*t, &v).unwrap();
         }
         backend.compute(&graph).unwrap();
@@ -292,17 +421,41 @@ mod tests {
 
     /// Attention with `nq` queries over `nk` keys; values given transposed in memory
     /// (a permuted view, as the VAE passes them) when `v_transposed`.
-    fn run_qk(d: usize, heads: usize, nq: usize, nk: usize, kind: Attention, v_transposed: bool) -> Vec<f32> {
+    fn run_qk(
+        d: usize,
+        heads: usize,
+        nq: usize,
+        nk: usize,
+        kind: Attention,
+        v_transposed: bool,
+    ) -> Vec<f32> {
         let backend = Backend::cpu(2).unwrap();
         let ctx = Context::new(64).unwrap();
         let mut inputs = Vec::new();
         let mut views = Vec::new();
         for (i, (name, n)) in [("q", nq), ("k", nk), ("v", nk)].into_iter().enumerate() {
-            let t = if name == "v" && v_transposed { ctx.tensor(Type::F32, &[n, d * heads, 1], name).unwrap() } else { ctx.tensor(Type::F32, &[d * heads, n, 1], name).unwrap() };
+            let t = if name == "v" && v_transposed {
+                ctx.tensor(Type::F32, &[n, d * heads, 1], name).unwrap()
+            } else {
+                ctx.tensor(Type::F32, &[d * heads, n, 1], name).unwrap()
+            };
             ctx.set_input(t);
             inputs.push((t, i));
-            let t = if name == "v" && v_transposed { ctx.permute(t, [1, 0, 2, 3]).unwrap() } else { t };
-            let t = ctx.reshape(if t.is_contiguous() { t } else { ctx.cont(t).unwrap() }, &[d, heads, n, 1]).unwrap();
+            let t = if name == "v" && v_transposed {
+                ctx.permute(t, [1, 0, 2, 3]).unwrap()
+            } else {
+                t
+            };
+            let t = ctx
+                .reshape(
+                    if t.is_contiguous() {
+                        t
+                    } else {
+                        ctx.cont(t).unwrap()
+                    },
+                    &[d, heads, n, 1],
+                )
+                .unwrap();
             views.push(ctx.permute(t, [0, 2, 1, 3]).unwrap());
         }
         let out = attend(&ctx, views[0], views[1], views[2], false, kind, 1).unwrap();
@@ -310,7 +463,9 @@ mod tests {
         let graph = ctx.graph(&[out]).unwrap();
         ctx.alloc_graph(&graph).unwrap();
         for (t, i) in inputs {
-            let v: Vec<f32> = (0..t.nelements()).map(|j| ((((j + 7919 * i) * 2654435761) % 10007) as f32 / 5003.5 - 1.0) * 1.5).collect();
+            let v: Vec<f32> = (0..t.nelements())
+                .map(|j| ((((j + 7919 * i) * 2654435761) % 10007) as f32 / 5003.5 - 1.0) * 1.5)
+                .collect();
             ctx.set_f32(t, &v).unwrap();
         }
         backend.compute(&graph).unwrap();
@@ -322,12 +477,25 @@ mod tests {
         // SD's head sizes (40, 80, 160), the VAE's single 512-wide head; queries not a
         // multiple of the 4-query tile, keys not a multiple of the 64-key block (77
         // text tokens), a strided value view.
-        for (d, heads, nq, nk, vt) in [(40, 2, 70, 70, false), (80, 1, 33, 77, false), (160, 2, 9, 130, false), (64, 3, 5, 1, false), (512, 1, 21, 21, true)] {
+        for (d, heads, nq, nk, vt) in [
+            (40, 2, 70, 70, false),
+            (80, 1, 33, 77, false),
+            (160, 2, 9, 130, false),
+            (64, 3, 5, 1, false),
+            (512, 1, 21, 21, true),
+        ] {
             let want = run_qk(d, heads, nq, nk, Attention::MatMul, vt);
             let got = run_qk(d, heads, nq, nk, Attention::Tiled, vt);
             assert_eq!(got.len(), d * heads * nq);
-            let worst = want.iter().zip(&got).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
-            assert!(worst < 2e-5, "d {d}, {heads} heads, {nq}x{nk}: max difference {worst}");
+            let worst = want
+                .iter()
+                .zip(&got)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0f32, f32::max);
+            assert!(
+                worst < 2e-5,
+                "d {d}, {heads} heads, {nq}x{nk}: max difference {worst}"
+            );
         }
     }
 
@@ -337,11 +505,22 @@ mod tests {
         let (d, heads, tokens) = (40, 2, 24);
         let plain = run(d, heads, tokens, Attention::MatMul, 1);
         assert_eq!(plain.len(), d * heads * tokens);
-        for (kind, align) in [(Attention::MatMul, 16), (Attention::Flash, 1), (Attention::Tiled, 1)] {
+        for (kind, align) in [
+            (Attention::MatMul, 16),
+            (Attention::Flash, 1),
+            (Attention::Tiled, 1),
+        ] {
             let other = run(d, heads, tokens, kind, align);
-            let worst = plain.iter().zip(&other).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+            let worst = plain
+                .iter()
+                .zip(&other)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0f32, f32::max);
             // Flash keeps K/V as f16 in its inner products where ggml chooses to: 1e-3.
-            assert!(worst < 1e-3, "{kind:?} aligned to {align}: max difference {worst}");
+            assert!(
+                worst < 1e-3,
+                "{kind:?} aligned to {align}: max difference {worst}"
+            );
         }
     }
 }

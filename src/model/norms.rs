@@ -51,7 +51,10 @@ pub struct SharedNorms {
 impl SharedNorms {
     /// Norms for one graph; `collect`: the norm whose input sums it outputs.
     pub fn new(collect: Option<usize>) -> Self {
-        SharedNorms { collect, ..Default::default() }
+        SharedNorms {
+            collect,
+            ..Default::default()
+        }
     }
 
     /// The norms built so far.
@@ -65,7 +68,14 @@ impl SharedNorms {
     }
 
     /// GroupNorm `name` (affine `.weight` and `.bias`) over `x` `[W, H, C, 1]`.
-    pub fn group_norm<'c>(&self, nn: &Nn<'c>, x: Tensor<'c>, name: &str, groups: usize, eps: f32) -> Result<Tensor<'c>> {
+    pub fn group_norm<'c>(
+        &self,
+        nn: &Nn<'c>,
+        x: Tensor<'c>,
+        name: &str,
+        groups: usize,
+        eps: f32,
+    ) -> Result<Tensor<'c>> {
         let c = nn.ctx;
         let [w, h, ch, n] = x.ne();
         if n != 1 || groups == 0 || ch % groups != 0 {
@@ -73,7 +83,11 @@ impl SharedNorms {
         }
         let i = self.seen.get();
         self.seen.set(i + 1);
-        self.norms.borrow_mut().push(Norm { channels: ch, groups, eps });
+        self.norms.borrow_mut().push(Norm {
+            channels: ch,
+            groups,
+            eps,
+        });
         if self.collect == Some(i) {
             let mask = self.mask(c, w, h)?;
             let owned = c.reshape(c.mul(x, mask)?, &[w * h, ch])?;
@@ -107,7 +121,14 @@ impl SharedNorms {
 }
 
 /// A GroupNorm: over `x` itself, or with `shared` statistics.
-pub fn group_norm<'c>(nn: &Nn<'c>, shared: Option<&SharedNorms>, x: Tensor<'c>, name: &str, groups: usize, eps: f32) -> Result<Tensor<'c>> {
+pub fn group_norm<'c>(
+    nn: &Nn<'c>,
+    shared: Option<&SharedNorms>,
+    x: Tensor<'c>,
+    name: &str,
+    groups: usize,
+    eps: f32,
+) -> Result<Tensor<'c>> {
     match shared {
         Some(s) => s.group_norm(nn, x, name, groups, eps),
         None => nn.group_norm(x, name, groups, eps),
@@ -126,13 +147,21 @@ pub struct Gather {
 
 impl Gather {
     pub fn new(norm: Norm) -> Self {
-        Gather { norm, sums: vec![[0.0; 2]; norm.channels], pixels: 0 }
+        Gather {
+            norm,
+            sums: vec![[0.0; 2]; norm.channels],
+            pixels: 0,
+        }
     }
 
     /// Adds one tile's [`SUMS`] output, summed over `pixels` owned pixels.
     pub fn add(&mut self, sums: &[f32], pixels: usize) -> Result<()> {
         if sums.len() != 2 * self.norm.channels {
-            return Err(Error::Ggml(format!("{} GroupNorm sums for {} channels", sums.len(), self.norm.channels)));
+            return Err(Error::Ggml(format!(
+                "{} GroupNorm sums for {} channels",
+                sums.len(),
+                self.norm.channels
+            )));
         }
         for (acc, s) in self.sums.iter_mut().zip(sums.chunks_exact(2)) {
             acc[0] += s[0] as f64;
@@ -147,7 +176,10 @@ impl Gather {
     pub fn finish(&self) -> (Vec<f32>, Vec<f32>) {
         let per = self.norm.channels / self.norm.groups;
         let n = (self.pixels * per as u64).max(1) as f64;
-        let (mut mean, mut rstd) = (Vec::with_capacity(self.norm.channels), Vec::with_capacity(self.norm.channels));
+        let (mut mean, mut rstd) = (
+            Vec::with_capacity(self.norm.channels),
+            Vec::with_capacity(self.norm.channels),
+        );
         for g in self.sums.chunks(per) {
             let (s, s2) = g.iter().fold((0.0, 0.0), |(a, b), v| (a + v[0], b + v[1]));
             let m = s / n;
@@ -167,10 +199,19 @@ mod tests {
     #[test]
     fn gathered_statistics_are_those_of_the_group_over_all_tiles() {
         // Two channels in one group, two tiles of 3 and 1 pixels.
-        let norm = Norm { channels: 2, groups: 1, eps: 0.0 };
+        let norm = Norm {
+            channels: 2,
+            groups: 1,
+            eps: 0.0,
+        };
         let mut g = Gather::new(norm);
         let values = [[1.0f32, 2.0, 3.0, 4.0], [5.0, 6.0, 7.0, 8.0]];
-        let sums = |c: usize, r: std::ops::Range<usize>| -> [f32; 2] { [values[c][r.clone()].iter().sum(), values[c][r].iter().map(|v| v * v).sum()] };
+        let sums = |c: usize, r: std::ops::Range<usize>| -> [f32; 2] {
+            [
+                values[c][r.clone()].iter().sum(),
+                values[c][r].iter().map(|v| v * v).sum(),
+            ]
+        };
         for r in [0..3, 3..4] {
             let (a, b) = (sums(0, r.clone()), sums(1, r.clone()));
             g.add(&[a[0], a[1], b[0], b[1]], r.len()).unwrap();

@@ -24,8 +24,45 @@ enum Layer {
 
 use Layer::*;
 
-const DECODER: &[Layer] = &[Clamp, Conv(1), Relu, Block(3), Block(4), Block(5), Up, Conv(7), Block(8), Block(9), Block(10), Up, Conv(12), Block(13), Block(14), Block(15), Up, Conv(17), Block(18), Conv(19)];
-const ENCODER: &[Layer] = &[Conv(0), Block(1), Down(2), Block(3), Block(4), Block(5), Down(6), Block(7), Block(8), Block(9), Down(10), Block(11), Block(12), Block(13), Conv(14)];
+const DECODER: &[Layer] = &[
+    Clamp,
+    Conv(1),
+    Relu,
+    Block(3),
+    Block(4),
+    Block(5),
+    Up,
+    Conv(7),
+    Block(8),
+    Block(9),
+    Block(10),
+    Up,
+    Conv(12),
+    Block(13),
+    Block(14),
+    Block(15),
+    Up,
+    Conv(17),
+    Block(18),
+    Conv(19),
+];
+const ENCODER: &[Layer] = &[
+    Conv(0),
+    Block(1),
+    Down(2),
+    Block(3),
+    Block(4),
+    Block(5),
+    Down(6),
+    Block(7),
+    Block(8),
+    Block(9),
+    Down(10),
+    Block(11),
+    Block(12),
+    Block(13),
+    Conv(14),
+];
 
 fn block<'c>(nn: &Nn<'c>, x: Tensor<'c>, p: &str) -> Result<Tensor<'c>> {
     let c = nn.ctx;
@@ -39,7 +76,11 @@ fn block<'c>(nn: &Nn<'c>, x: Tensor<'c>, p: &str) -> Result<Tensor<'c>> {
     let h = c.relu(nn.conv(x, &format!("{p}.conv.0"), 3, 1, 1)?)?;
     let h = c.relu(nn.conv(h, &format!("{p}.conv.2"), 3, 1, 1)?)?;
     let h = nn.conv(h, &format!("{p}.conv.4"), 3, 1, 1)?;
-    let skip = if nn.w.opt(&format!("{p}.skip.weight")).is_some() { nn.conv(x, &format!("{p}.skip"), 1, 1, 0)? } else { x };
+    let skip = if nn.w.opt(&format!("{p}.skip.weight")).is_some() {
+        nn.conv(x, &format!("{p}.skip"), 1, 1, 0)?
+    } else {
+        x
+    };
     c.relu(c.add(h, skip)?)
 }
 
@@ -64,16 +105,33 @@ pub fn latent_channels(decoder: &Weights<'_>) -> Result<usize> {
     let w = decoder.get("1.weight")?;
     let ne = w.ne();
     // [kw, kh, C, OC] from a .pth, or [C*9, OC] flattened.
-    Ok(if ne[2] > 1 || ne[3] > 1 { ne[2] } else { ne[0] / 9 })
+    Ok(if ne[2] > 1 || ne[3] > 1 {
+        ne[2]
+    } else {
+        ne[0] / 9
+    })
 }
 
-fn eval(w: &Weights<'_>, layers: &[Layer], input: &[f32], ne: [usize; 4], backend: &Backend) -> Result<Vec<f32>> {
+fn eval(
+    w: &Weights<'_>,
+    layers: &[Layer],
+    input: &[f32],
+    ne: [usize; 4],
+    backend: &Backend,
+) -> Result<Vec<f32>> {
     super::nn::eval(w, ne, input, 2048, backend, |nn, x| run(nn, layers, x))
 }
 
 /// Decodes latents (`[n][c][h][w]`, the UNet's scaled space) to an image in about
 /// [0, 1] (`[n][3][8h][8w]`), unclamped.
-pub fn decode(w: &Weights<'_>, latents: &[f32], n: usize, h: usize, wd: usize, backend: &Backend) -> Result<Vec<f32>> {
+pub fn decode(
+    w: &Weights<'_>,
+    latents: &[f32],
+    n: usize,
+    h: usize,
+    wd: usize,
+    backend: &Backend,
+) -> Result<Vec<f32>> {
     let c = latent_channels(w)?;
     eval(w, DECODER, latents, [wd, h, c, n], backend)
 }
@@ -85,9 +143,18 @@ pub fn decode_buffer_bytes(w: &Weights<'_>, h: usize, wd: usize) -> Result<usize
 }
 
 /// Encodes an image in [0, 1] (`[n][3][H][W]`, sides multiples of 8) to latents.
-pub fn encode(w: &Weights<'_>, pixels: &[f32], n: usize, h: usize, wd: usize, backend: &Backend) -> Result<Vec<f32>> {
+pub fn encode(
+    w: &Weights<'_>,
+    pixels: &[f32],
+    n: usize,
+    h: usize,
+    wd: usize,
+    backend: &Backend,
+) -> Result<Vec<f32>> {
     if h % 8 != 0 || wd % 8 != 0 {
-        return Err(crate::Error::Invalid(format!("TAESD encodes images whose sides are multiples of 8, not {wd}x{h}")));
+        return Err(crate::Error::Invalid(format!(
+            "TAESD encodes images whose sides are multiples of 8, not {wd}x{h}"
+        )));
     }
     eval(w, ENCODER, pixels, [wd, h, 3, n], backend)
 }
@@ -107,14 +174,28 @@ fn global(w: &Weights<'_>, l: &Layer) -> bool {
 /// make tiles that match the whole run.
 fn split(w: &Weights<'_>, layers: &[Layer], decoder: bool) -> usize {
     if decoder {
-        layers.iter().rposition(|l| global(w, l)).map_or(0, |i| i + 1)
+        layers
+            .iter()
+            .rposition(|l| global(w, l))
+            .map_or(0, |i| i + 1)
     } else {
-        layers.iter().position(|l| global(w, l)).unwrap_or(layers.len())
+        layers
+            .iter()
+            .position(|l| global(w, l))
+            .unwrap_or(layers.len())
     }
 }
 
 /// [`decode`] in tiles ([`tile`](super::tile)); see [`split`] for what runs whole.
-pub fn decode_tiled(w: &Weights<'_>, latents: &[f32], n: usize, h: usize, wd: usize, tiling: Tiling, backend: &Backend) -> Result<Vec<f32>> {
+pub fn decode_tiled(
+    w: &Weights<'_>,
+    latents: &[f32],
+    n: usize,
+    h: usize,
+    wd: usize,
+    tiling: Tiling,
+    backend: &Backend,
+) -> Result<Vec<f32>> {
     let c = latent_channels(w)?;
     let t = tiling.clamp(wd, h);
     if !t.cuts(wd, h) {
@@ -129,14 +210,41 @@ pub fn decode_tiled(w: &Weights<'_>, latents: &[f32], n: usize, h: usize, wd: us
         head_out = eval(w, head, latents, [wd, h, c, n], backend)?;
         (head_out.as_slice(), head_out.len() / (n * wd * h))
     };
-    let program = Program::new(w, [t.tile_w, t.tile_h, c, 1], 2048, |nn, x| run(nn, tail, x))?;
-    tile::run(&program, x, &tile::Shape { n, c_in: c, c_out: 3, lw: wd, lh: h, f_in: 1, f_out: 8 }, t, backend, &mut tile::no_tick)
+    let program = Program::new(w, [t.tile_w, t.tile_h, c, 1], 2048, |nn, x| {
+        run(nn, tail, x)
+    })?;
+    tile::run(
+        &program,
+        x,
+        &tile::Shape {
+            n,
+            c_in: c,
+            c_out: 3,
+            lw: wd,
+            lh: h,
+            f_in: 1,
+            f_out: 8,
+        },
+        t,
+        backend,
+        &mut tile::no_tick,
+    )
 }
 
 /// [`encode`] in tiles of `tiling` latents (8 pixels each); see [`split`].
-pub fn encode_tiled(w: &Weights<'_>, pixels: &[f32], n: usize, h: usize, wd: usize, tiling: Tiling, backend: &Backend) -> Result<Vec<f32>> {
+pub fn encode_tiled(
+    w: &Weights<'_>,
+    pixels: &[f32],
+    n: usize,
+    h: usize,
+    wd: usize,
+    tiling: Tiling,
+    backend: &Backend,
+) -> Result<Vec<f32>> {
     if h % 8 != 0 || wd % 8 != 0 {
-        return Err(crate::Error::Invalid(format!("TAESD encodes images whose sides are multiples of 8, not {wd}x{h}")));
+        return Err(crate::Error::Invalid(format!(
+            "TAESD encodes images whose sides are multiples of 8, not {wd}x{h}"
+        )));
     }
     let (lw, lh) = (wd / 8, h / 8);
     let t = tiling.clamp(lw, lh);
@@ -145,10 +253,27 @@ pub fn encode_tiled(w: &Weights<'_>, pixels: &[f32], n: usize, h: usize, wd: usi
     }
     let at = split(w, ENCODER, false);
     let (head, tail) = ENCODER.split_at(at);
-    let program = Program::new(w, [t.tile_w * 8, t.tile_h * 8, 3, 1], 2048, |nn, x| run(nn, head, x))?;
+    let program = Program::new(w, [t.tile_w * 8, t.tile_h * 8, 3, 1], 2048, |nn, x| {
+        run(nn, head, x)
+    })?;
     // The head's channels at latent resolution.
     let c = program.output_len() / (t.tile_w * t.tile_h);
-    let x = tile::run(&program, pixels, &tile::Shape { n, c_in: 3, c_out: c, lw, lh, f_in: 8, f_out: 1 }, t, backend, &mut tile::no_tick)?;
+    let x = tile::run(
+        &program,
+        pixels,
+        &tile::Shape {
+            n,
+            c_in: 3,
+            c_out: c,
+            lw,
+            lh,
+            f_in: 8,
+            f_out: 1,
+        },
+        t,
+        backend,
+        &mut tile::no_tick,
+    )?;
     if tail.is_empty() {
         return Ok(x);
     }
@@ -170,5 +295,10 @@ pub fn decode_tile_bytes(w: &Weights<'_>, tiling: Tiling, lw: usize, lh: usize) 
         let p = Program::new(w, [1, 1, c, 1], 2048, |nn, x| run(nn, head, x))?;
         c_tail = p.output_len();
     }
-    Ok(bytes.max(super::nn::Program::measure(w, [t.tile_w, t.tile_h, c_tail, 1], 2048, |nn, x| run(nn, tail, x))?))
+    Ok(bytes.max(super::nn::Program::measure(
+        w,
+        [t.tile_w, t.tile_h, c_tail, 1],
+        2048,
+        |nn, x| run(nn, tail, x),
+    )?))
 }

@@ -49,7 +49,11 @@ pub struct Tiling {
 impl Tiling {
     /// Square tiles of `side` latents overlapping by `overlap`.
     pub fn square(side: usize, overlap: usize) -> Tiling {
-        Tiling { tile_w: side, tile_h: side, overlap }
+        Tiling {
+            tile_w: side,
+            tile_h: side,
+            overlap,
+        }
     }
 
     /// Tile origins along one side of `len` latents: evenly spread, the first at 0 and
@@ -65,7 +69,11 @@ impl Tiling {
 
     /// The tile actually used for a `w`x`h` latent (never larger than it).
     pub fn clamp(self, w: usize, h: usize) -> Tiling {
-        Tiling { tile_w: self.tile_w.min(w), tile_h: self.tile_h.min(h), ..self }
+        Tiling {
+            tile_w: self.tile_w.min(w),
+            tile_h: self.tile_h.min(h),
+            ..self
+        }
     }
 
     /// Whether a `w`x`h` latent is cut at all.
@@ -82,8 +90,16 @@ impl Tiling {
     /// its overlap with the tile before to the middle of its overlap with the tile after.
     /// The tiles' own ranges cut the side without gaps or overlaps.
     pub fn owned(starts: &[usize], i: usize, tile: usize, len: usize) -> (usize, usize) {
-        let a = if i == 0 { 0 } else { (starts[i - 1] + tile + starts[i]) / 2 };
-        let b = if i + 1 == starts.len() { len } else { (starts[i] + tile + starts[i + 1]) / 2 };
+        let a = if i == 0 {
+            0
+        } else {
+            (starts[i - 1] + tile + starts[i]) / 2
+        };
+        let b = if i + 1 == starts.len() {
+            len
+        } else {
+            (starts[i] + tile + starts[i + 1]) / 2
+        };
         (a, b)
     }
 
@@ -132,7 +148,12 @@ impl Shape {
     /// Copies the input of the tile at latent `(x0, y0)` out of one image's input
     /// (`[c_in][lh·f_in][lw·f_in]`) into `tile` (`[c_in][th·f_in][tw·f_in]`).
     fn cut(&self, image: &[f32], tile: &mut [f32], t: Tiling, x0: usize, y0: usize) {
-        let (iw, ih, tiw, tih) = (self.lw * self.f_in, self.lh * self.f_in, t.tile_w * self.f_in, t.tile_h * self.f_in);
+        let (iw, ih, tiw, tih) = (
+            self.lw * self.f_in,
+            self.lh * self.f_in,
+            t.tile_w * self.f_in,
+            t.tile_h * self.f_in,
+        );
         for c in 0..self.c_in {
             for y in 0..tih {
                 let from = c * iw * ih + (y0 * self.f_in + y) * iw + x0 * self.f_in;
@@ -153,16 +174,40 @@ pub fn no_tick(_: usize, _: usize) -> Result<()> {
 
 /// Runs `program`, built for one tile's input (`[tile·f_in]²`, `c_in` channels), over
 /// `input` (`[n][c_in][lh·f_in][lw·f_in]`): `[n][c_out][lh·f_out][lw·f_out]`.
-pub fn run(program: &Program<'_>, input: &[f32], s: &Shape, tiling: Tiling, backend: &Backend, tick: Tick<'_>) -> Result<Vec<f32>> {
+pub fn run(
+    program: &Program<'_>,
+    input: &[f32],
+    s: &Shape,
+    tiling: Tiling,
+    backend: &Backend,
+    tick: Tick<'_>,
+) -> Result<Vec<f32>> {
     let t = tiling.clamp(s.lw, s.lh);
     let (iw, ih, ow, oh) = (s.lw * s.f_in, s.lh * s.f_in, s.lw * s.f_out, s.lh * s.f_out);
     if input.len() != s.n * s.c_in * iw * ih {
-        return Err(Error::Invalid(format!("{} input values for {}x{}x{ih}x{iw}", input.len(), s.n, s.c_in)));
+        return Err(Error::Invalid(format!(
+            "{} input values for {}x{}x{ih}x{iw}",
+            input.len(),
+            s.n,
+            s.c_in
+        )));
     }
-    let (xs, ys) = (Tiling::starts(s.lw, t.tile_w, t.overlap), Tiling::starts(s.lh, t.tile_h, t.overlap));
-    let (tiw, tih, tow, toh) = (t.tile_w * s.f_in, t.tile_h * s.f_in, t.tile_w * s.f_out, t.tile_h * s.f_out);
-    let rxs: Vec<Vec<f32>> = (0..xs.len()).map(|i| ramp(&xs, i, t.tile_w, s.f_out)).collect();
-    let rys: Vec<Vec<f32>> = (0..ys.len()).map(|j| ramp(&ys, j, t.tile_h, s.f_out)).collect();
+    let (xs, ys) = (
+        Tiling::starts(s.lw, t.tile_w, t.overlap),
+        Tiling::starts(s.lh, t.tile_h, t.overlap),
+    );
+    let (tiw, tih, tow, toh) = (
+        t.tile_w * s.f_in,
+        t.tile_h * s.f_in,
+        t.tile_w * s.f_out,
+        t.tile_h * s.f_out,
+    );
+    let rxs: Vec<Vec<f32>> = (0..xs.len())
+        .map(|i| ramp(&xs, i, t.tile_w, s.f_out))
+        .collect();
+    let rys: Vec<Vec<f32>> = (0..ys.len())
+        .map(|j| ramp(&ys, j, t.tile_h, s.f_out))
+        .collect();
     let mut out = vec![0f32; s.n * s.c_out * ow * oh];
     let (mut done, total) = (0, s.n * xs.len() * ys.len());
     let mut weight = vec![0f32; ow * oh];
@@ -177,7 +222,11 @@ pub fn run(program: &Program<'_>, input: &[f32], s: &Shape, tiling: Tiling, back
                 done += 1;
                 tick(done, total)?;
                 if got.len() != s.c_out * tow * toh {
-                    return Err(Error::Invalid(format!("a tile gave {} values, not {}x{toh}x{tow}", got.len(), s.c_out)));
+                    return Err(Error::Invalid(format!(
+                        "a tile gave {} values, not {}x{toh}x{tow}",
+                        got.len(),
+                        s.c_out
+                    )));
                 }
                 for y in 0..toh {
                     for x in 0..tow {
@@ -212,19 +261,40 @@ pub fn run(program: &Program<'_>, input: &[f32], s: &Shape, tiling: Tiling, back
 /// The statistics take one pass over the tiles per norm, each pass as deep as its norm;
 /// then one pass makes the output. The compute buffer is the deepest pass's, one tile's.
 #[allow(clippy::too_many_arguments)]
-pub fn run_exact(w: &Weights<'_>, max_tensors: usize, input: &[f32], s: &Shape, tiling: Tiling, backend: &Backend, tick: Tick<'_>, build: impl for<'c> Fn(&Nn<'c>, Tensor<'c>, &SharedNorms) -> Result<Tensor<'c>>) -> Result<Vec<f32>> {
+pub fn run_exact(
+    w: &Weights<'_>,
+    max_tensors: usize,
+    input: &[f32],
+    s: &Shape,
+    tiling: Tiling,
+    backend: &Backend,
+    tick: Tick<'_>,
+    build: impl for<'c> Fn(&Nn<'c>, Tensor<'c>, &SharedNorms) -> Result<Tensor<'c>>,
+) -> Result<Vec<f32>> {
     let t = tiling.clamp(s.lw, s.lh);
     let (iw, ih, ow, oh) = (s.lw * s.f_in, s.lh * s.f_in, s.lw * s.f_out, s.lh * s.f_out);
     if input.len() != s.n * s.c_in * iw * ih {
-        return Err(Error::Invalid(format!("{} input values for {}x{}x{ih}x{iw}", input.len(), s.n, s.c_in)));
+        return Err(Error::Invalid(format!(
+            "{} input values for {}x{}x{ih}x{iw}",
+            input.len(),
+            s.n,
+            s.c_in
+        )));
     }
-    let (tiw, tih, tow, toh) = (t.tile_w * s.f_in, t.tile_h * s.f_in, t.tile_w * s.f_out, t.tile_h * s.f_out);
+    let (tiw, tih, tow, toh) = (
+        t.tile_w * s.f_in,
+        t.tile_h * s.f_in,
+        t.tile_w * s.f_out,
+        t.tile_h * s.f_out,
+    );
     let program = |collect: Option<usize>| -> Result<(Program<'_>, SharedNorms)> {
         let shared = SharedNorms::new(collect);
         let p = Program::new(w, [tiw, tih, s.c_in, 1], max_tensors, |nn, x| {
             let y = build(nn, x, &shared)?;
             match collect {
-                Some(k) => nn.ctx.get(norms::SUMS).ok_or_else(|| Error::Ggml(format!("the tile graph has no GroupNorm {k} to collect"))),
+                Some(k) => nn.ctx.get(norms::SUMS).ok_or_else(|| {
+                    Error::Ggml(format!("the tile graph has no GroupNorm {k} to collect"))
+                }),
                 None => Ok(y),
             }
         })?;
@@ -232,12 +302,31 @@ pub fn run_exact(w: &Weights<'_>, max_tensors: usize, input: &[f32], s: &Shape, 
     };
     let (last, shared) = program(None)?;
     let norm_list = shared.norms();
-    let (xs, ys) = (Tiling::starts(s.lw, t.tile_w, t.overlap), Tiling::starts(s.lh, t.tile_h, t.overlap));
+    let (xs, ys) = (
+        Tiling::starts(s.lw, t.tile_w, t.overlap),
+        Tiling::starts(s.lh, t.tile_h, t.overlap),
+    );
     // (origin, owned range) in latents, x then y.
-    let tiles: Vec<_> = (0..ys.len()).flat_map(|j| (0..xs.len()).map(move |i| (i, j))).map(|(i, j)| ((xs[i], Tiling::owned(&xs, i, t.tile_w, s.lw)), (ys[j], Tiling::owned(&ys, j, t.tile_h, s.lh)))).collect();
-    let names: Vec<(String, String)> = (0..norm_list.len()).map(|i| (norms::mean_name(i), norms::rstd_name(i))).collect();
+    let tiles: Vec<_> = (0..ys.len())
+        .flat_map(|j| (0..xs.len()).map(move |i| (i, j)))
+        .map(|(i, j)| {
+            (
+                (xs[i], Tiling::owned(&xs, i, t.tile_w, s.lw)),
+                (ys[j], Tiling::owned(&ys, j, t.tile_h, s.lh)),
+            )
+        })
+        .collect();
+    let names: Vec<(String, String)> = (0..norm_list.len())
+        .map(|i| (norms::mean_name(i), norms::rstd_name(i)))
+        .collect();
     // The statistics gathered so far, as named inputs.
-    let stat_inputs = |stats: &[(Vec<f32>, Vec<f32>)]| -> Vec<(String, Vec<f32>)> { names.iter().zip(stats).flat_map(|((mn, rn), (m, r))| [(mn.clone(), m.clone()), (rn.clone(), r.clone())]).collect() };
+    let stat_inputs = |stats: &[(Vec<f32>, Vec<f32>)]| -> Vec<(String, Vec<f32>)> {
+        names
+            .iter()
+            .zip(stats)
+            .flat_map(|((mn, rn), (m, r))| [(mn.clone(), m.clone()), (rn.clone(), r.clone())])
+            .collect()
+    };
     let (mut done, total) = (0, s.n * tiles.len() * (norm_list.len() + 1));
     let mut tile = vec![0f32; s.c_in * tiw * tih];
     let image = |b: usize| &input[b * s.c_in * iw * ih..][..s.c_in * iw * ih];
@@ -246,9 +335,16 @@ pub fn run_exact(w: &Weights<'_>, max_tensors: usize, input: &[f32], s: &Shape, 
     for (k, &norm) in norm_list.iter().enumerate() {
         let (p, shared) = program(Some(k))?;
         // The collected norm made the one mask, at its input's resolution.
-        let [mw, mh] = shared.masks().first().copied().ok_or_else(|| Error::Ggml(format!("GroupNorm {k} made no mask")))?;
+        let [mw, mh] = shared
+            .masks()
+            .first()
+            .copied()
+            .ok_or_else(|| Error::Ggml(format!("GroupNorm {k} made no mask")))?;
         if mw % t.tile_w != 0 || mh % t.tile_h != 0 {
-            return Err(Error::Ggml(format!("GroupNorm {k} sees a {mw}x{mh} tile, not a whole multiple of {}x{} latents", t.tile_w, t.tile_h)));
+            return Err(Error::Ggml(format!(
+                "GroupNorm {k} sees a {mw}x{mh} tile, not a whole multiple of {}x{} latents",
+                t.tile_w, t.tile_h
+            )));
         }
         let (fx, fy) = (mw / t.tile_w, mh / t.tile_h);
         let mask_name = norms::mask_name(mw, mh);
@@ -257,9 +353,18 @@ pub fn run_exact(w: &Weights<'_>, max_tensors: usize, input: &[f32], s: &Shape, 
             let mut gather = Gather::new(norm);
             for &((x0, ox), (y0, oy)) in &tiles {
                 s.cut(image(b), &mut tile, t, x0, y0);
-                let (xr, yr) = ((ox.0 - x0) * fx..(ox.1 - x0) * fx, (oy.0 - y0) * fy..(oy.1 - y0) * fy);
-                let mask: Vec<f32> = (0..mh).flat_map(|y| (0..mw).map(move |x| (y, x))).map(|(y, x)| (yr.contains(&y) && xr.contains(&x)) as u8 as f32).collect();
-                let named: Vec<(&str, &[f32])> = std::iter::once((mask_name.as_str(), mask.as_slice())).chain(inputs.iter().map(|(n, v)| (n.as_str(), v.as_slice()))).collect();
+                let (xr, yr) = (
+                    (ox.0 - x0) * fx..(ox.1 - x0) * fx,
+                    (oy.0 - y0) * fy..(oy.1 - y0) * fy,
+                );
+                let mask: Vec<f32> = (0..mh)
+                    .flat_map(|y| (0..mw).map(move |x| (y, x)))
+                    .map(|(y, x)| (yr.contains(&y) && xr.contains(&x)) as u8 as f32)
+                    .collect();
+                let named: Vec<(&str, &[f32])> =
+                    std::iter::once((mask_name.as_str(), mask.as_slice()))
+                        .chain(inputs.iter().map(|(n, v)| (n.as_str(), v.as_slice())))
+                        .collect();
                 gather.add(&p.run_with(&tile, &named, backend)?, xr.len() * yr.len())?;
                 done += 1;
                 tick(done, total)?;
@@ -270,7 +375,10 @@ pub fn run_exact(w: &Weights<'_>, max_tensors: usize, input: &[f32], s: &Shape, 
     let mut out = vec![0f32; s.n * s.c_out * ow * oh];
     for (b, stats) in stats.iter().enumerate() {
         let inputs = stat_inputs(stats);
-        let named: Vec<(&str, &[f32])> = inputs.iter().map(|(n, v)| (n.as_str(), v.as_slice())).collect();
+        let named: Vec<(&str, &[f32])> = inputs
+            .iter()
+            .map(|(n, v)| (n.as_str(), v.as_slice()))
+            .collect();
         let img = &mut out[b * s.c_out * ow * oh..][..s.c_out * ow * oh];
         for &((x0, ox), (y0, oy)) in &tiles {
             s.cut(image(b), &mut tile, t, x0, y0);
@@ -278,13 +386,18 @@ pub fn run_exact(w: &Weights<'_>, max_tensors: usize, input: &[f32], s: &Shape, 
             done += 1;
             tick(done, total)?;
             if got.len() != s.c_out * tow * toh {
-                return Err(Error::Invalid(format!("a tile gave {} values, not {}x{toh}x{tow}", got.len(), s.c_out)));
+                return Err(Error::Invalid(format!(
+                    "a tile gave {} values, not {}x{toh}x{tow}",
+                    got.len(),
+                    s.c_out
+                )));
             }
             let (xa, xb) = ((ox.0 - x0) * s.f_out, (ox.1 - x0) * s.f_out);
             for c in 0..s.c_out {
                 for y in (oy.0 - y0) * s.f_out..(oy.1 - y0) * s.f_out {
                     let at = c * ow * oh + (y0 * s.f_out + y) * ow + x0 * s.f_out;
-                    img[at + xa..at + xb].copy_from_slice(&got[(c * toh + y) * tow + xa..][..xb - xa]);
+                    img[at + xa..at + xb]
+                        .copy_from_slice(&got[(c * toh + y) * tow + xa..][..xb - xa]);
                 }
             }
         }

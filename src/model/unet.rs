@@ -23,13 +23,27 @@ fn resblock<'c>(nn: &Nn<'c>, x: Tensor<'c>, emb: Tensor<'c>, name: &str) -> Resu
     let h = c.add(h, e)?;
     let h = c.silu(nn.group_norm(h, &format!("{name}.out_layers.0"), GROUPS, 1e-5)?)?;
     let h = nn.conv(h, &format!("{name}.out_layers.3"), 3, 1, 1)?;
-    let skip = if nn.w.opt(&format!("{name}.skip_connection.weight")).is_some() { nn.conv(x, &format!("{name}.skip_connection"), 1, 1, 0)? } else { x };
+    let skip = if nn
+        .w
+        .opt(&format!("{name}.skip_connection.weight"))
+        .is_some()
+    {
+        nn.conv(x, &format!("{name}.skip_connection"), 1, 1, 0)?
+    } else {
+        x
+    };
     c.add(skip, h)
 }
 
 /// Multi-head attention: queries from `x` `[C, N, B]`, keys/values from `ctx_in`
 /// (`x` itself for self-attention).
-fn attention<'c>(nn: &Nn<'c>, x: Tensor<'c>, ctx_in: Tensor<'c>, name: &str, heads: usize) -> Result<Tensor<'c>> {
+fn attention<'c>(
+    nn: &Nn<'c>,
+    x: Tensor<'c>,
+    ctx_in: Tensor<'c>,
+    name: &str,
+    heads: usize,
+) -> Result<Tensor<'c>> {
     let c = nn.ctx;
     let [ch, n, b, _] = x.ne();
     let d = ch / heads;
@@ -56,7 +70,14 @@ fn feed_forward<'c>(nn: &Nn<'c>, x: Tensor<'c>, name: &str) -> Result<Tensor<'c>
     nn.linear(y, &format!("{name}.net.2"))
 }
 
-fn spatial_transformer<'c>(nn: &Nn<'c>, x: Tensor<'c>, context: Tensor<'c>, name: &str, depth: usize, cfg: &UnetConfig) -> Result<Tensor<'c>> {
+fn spatial_transformer<'c>(
+    nn: &Nn<'c>,
+    x: Tensor<'c>,
+    context: Tensor<'c>,
+    name: &str,
+    depth: usize,
+    cfg: &UnetConfig,
+) -> Result<Tensor<'c>> {
     let c = nn.ctx;
     let [w, h, ch, _] = x.ne();
     let heads = cfg.heads_for(ch);
@@ -78,7 +99,13 @@ fn spatial_transformer<'c>(nn: &Nn<'c>, x: Tensor<'c>, context: Tensor<'c>, name
     let out = if cfg.linear_proj {
         nn.from_tokens(nn.linear(t, &format!("{name}.proj_out"))?, w, h)?
     } else {
-        nn.conv(nn.from_tokens(t, w, h)?, &format!("{name}.proj_out"), 1, 1, 0)?
+        nn.conv(
+            nn.from_tokens(t, w, h)?,
+            &format!("{name}.proj_out"),
+            1,
+            1,
+            0,
+        )?
     };
     c.add(out, x)
 }
@@ -100,12 +127,21 @@ pub struct Graph<'c> {
 }
 
 /// Builds the UNet for a batch of `b` latents of `w`x`h`, with `tokens` context tokens.
-pub fn build<'c>(nn: &Nn<'c>, cfg: &UnetConfig, w: usize, h: usize, b: usize, tokens: usize) -> Result<Graph<'c>> {
+pub fn build<'c>(
+    nn: &Nn<'c>,
+    cfg: &UnetConfig,
+    w: usize,
+    h: usize,
+    b: usize,
+    tokens: usize,
+) -> Result<Graph<'c>> {
     let c = nn.ctx;
     let levels = cfg.channel_mult.len();
     let f = 1 << (levels - 1);
     if w % f != 0 || h % f != 0 || w == 0 || h == 0 {
-        return Err(Error::Invalid(format!("latent size {w}x{h} must be a multiple of {f} for this UNet")));
+        return Err(Error::Invalid(format!(
+            "latent size {w}x{h} must be a multiple of {f} for this UNet"
+        )));
     }
     let x_in = c.tensor(Type::F32, &[w, h, cfg.in_channels, b], "unet.x")?;
     let t_in = c.tensor(Type::F32, &[b], "unet.t")?;
@@ -124,12 +160,18 @@ pub fn build<'c>(nn: &Nn<'c>, cfg: &UnetConfig, w: usize, h: usize, b: usize, to
         }
         None => None,
     };
-    let mut emb = nn.linear(c.silu(nn.linear(temb, &format!("{P}time_embed.0"))?)?, &format!("{P}time_embed.2"))?;
+    let mut emb = nn.linear(
+        c.silu(nn.linear(temb, &format!("{P}time_embed.0"))?)?,
+        &format!("{P}time_embed.2"),
+    )?;
     let y = match cfg.adm_in_channels {
         Some(adm) => {
             let y = c.tensor(Type::F32, &[adm, b], "unet.y")?;
             c.set_input(y);
-            let l = nn.linear(c.silu(nn.linear(y, &format!("{P}label_emb.0.0"))?)?, &format!("{P}label_emb.0.2"))?;
+            let l = nn.linear(
+                c.silu(nn.linear(y, &format!("{P}label_emb.0.0"))?)?,
+                &format!("{P}label_emb.0.2"),
+            )?;
             emb = c.add(emb, l)?;
             Some(y)
         }
@@ -143,7 +185,14 @@ pub fn build<'c>(nn: &Nn<'c>, cfg: &UnetConfig, w: usize, h: usize, b: usize, to
         for &depth in blocks {
             x = resblock(nn, x, emb, &format!("{P}input_blocks.{n}.0"))?;
             if depth > 0 {
-                x = spatial_transformer(nn, x, ctx_in, &format!("{P}input_blocks.{n}.1"), depth, cfg)?;
+                x = spatial_transformer(
+                    nn,
+                    x,
+                    ctx_in,
+                    &format!("{P}input_blocks.{n}.1"),
+                    depth,
+                    cfg,
+                )?;
             }
             skips.push(x);
             n += 1;
@@ -164,7 +213,9 @@ pub fn build<'c>(nn: &Nn<'c>, cfg: &UnetConfig, w: usize, h: usize, b: usize, to
     let mut n = 0;
     for (i, blocks) in cfg.up_blocks.iter().enumerate() {
         for (j, &depth) in blocks.iter().enumerate() {
-            let skip = skips.pop().ok_or_else(|| Error::Invalid("UNet config has more decoder blocks than skip connections".into()))?;
+            let skip = skips.pop().ok_or_else(|| {
+                Error::Invalid("UNet config has more decoder blocks than skip connections".into())
+            })?;
             x = c.concat(x, skip, 2)?;
             let name = format!("{P}output_blocks.{n}");
             x = resblock(nn, x, emb, &format!("{name}.0"))?;
@@ -183,7 +234,14 @@ pub fn build<'c>(nn: &Nn<'c>, cfg: &UnetConfig, w: usize, h: usize, b: usize, to
     let x = c.silu(nn.group_norm(x, &format!("{P}out.0"), GROUPS, 1e-5)?)?;
     let out = nn.conv(x, &format!("{P}out.2"), 3, 1, 1)?;
     c.set_output(out);
-    Ok(Graph { x: x_in, t: t_in, context: ctx_in, y, guidance, out })
+    Ok(Graph {
+        x: x_in,
+        t: t_in,
+        context: ctx_in,
+        y,
+        guidance,
+        out,
+    })
 }
 
 /// A UNet graph built once for one shape and run at every sampling step: the
@@ -203,36 +261,84 @@ impl<'w> Runner<'w> {
     /// Builds the graph for `batch` latents of `width`x`height` with `tokens` context tokens.
     /// `adapters`: LoRA branches beside the weights.
     #[allow(clippy::too_many_arguments)]
-    pub fn new(w: &'w Weights<'w>, cfg: &UnetConfig, width: usize, height: usize, batch: usize, tokens: usize, attention: Attention, adapters: Option<&'w Adapters>) -> Result<Self> {
+    pub fn new(
+        w: &'w Weights<'w>,
+        cfg: &UnetConfig,
+        width: usize,
+        height: usize,
+        batch: usize,
+        tokens: usize,
+        attention: Attention,
+        adapters: Option<&'w Adapters>,
+    ) -> Result<Self> {
         let ctx = Context::new(16384 + Adapters::nodes(adapters))?;
         let (buffer_bytes, flops) = {
-            let nn = Nn { attention, adapters, ..Nn::new(&ctx, w) };
+            let nn = Nn {
+                attention,
+                adapters,
+                ..Nn::new(&ctx, w)
+            };
             let g = build(&nn, cfg, width, height, batch, tokens)?;
             ctx.name(g.out, "unet.out")?;
             let graph = ctx.graph(&[g.out])?;
             (ctx.alloc_graph(&graph)?, graph.matmul_flops())
         };
-        Ok(Runner { ctx, cfg: cfg.clone(), shape: (width, height, batch, tokens), buffer_bytes, flops, _weights: std::marker::PhantomData })
+        Ok(Runner {
+            ctx,
+            cfg: cfg.clone(),
+            shape: (width, height, batch, tokens),
+            buffer_bytes,
+            flops,
+            _weights: std::marker::PhantomData,
+        })
     }
 
     /// The compute buffer [`Runner::new`] would allocate, without allocating it.
     #[allow(clippy::too_many_arguments)]
-    pub fn measure(w: &Weights<'_>, cfg: &UnetConfig, width: usize, height: usize, batch: usize, tokens: usize, attention: Attention, adapters: Option<&Adapters>) -> Result<usize> {
+    pub fn measure(
+        w: &Weights<'_>,
+        cfg: &UnetConfig,
+        width: usize,
+        height: usize,
+        batch: usize,
+        tokens: usize,
+        attention: Attention,
+        adapters: Option<&Adapters>,
+    ) -> Result<usize> {
         let ctx = Context::new(16384 + Adapters::nodes(adapters))?;
-        let nn = Nn { attention, adapters, ..Nn::new(&ctx, w) };
+        let nn = Nn {
+            attention,
+            adapters,
+            ..Nn::new(&ctx, w)
+        };
         let g = build(&nn, cfg, width, height, batch, tokens)?;
         let graph = ctx.graph(&[g.out])?;
         ctx.measure_graph(&graph)
     }
 
     /// One evaluation: `x` `[B][C][H][W]`, `t` `[B]`, `context` `[B][T][ctx]`.
-    pub fn run(&self, x: &[f32], t: &[f32], context: &[f32], y: Option<&[f32]>, guidance: Option<&[f32]>, backend: &Backend) -> Result<Vec<f32>> {
+    pub fn run(
+        &self,
+        x: &[f32],
+        t: &[f32],
+        context: &[f32],
+        y: Option<&[f32]>,
+        guidance: Option<&[f32]>,
+        backend: &Backend,
+    ) -> Result<Vec<f32>> {
         let (w, h, b, tokens) = self.shape;
         let cfg = &self.cfg;
-        if t.len() != b || x.len() != b * cfg.in_channels * w * h || context.len() != b * tokens * cfg.context_dim {
+        if t.len() != b
+            || x.len() != b * cfg.in_channels * w * h
+            || context.len() != b * tokens * cfg.context_dim
+        {
             return Err(Error::Invalid(format!("UNet inputs: {} latent, {} timestep and {} context values for a graph of batch {b}", x.len(), t.len(), context.len())));
         }
-        let get = |n: &str| self.ctx.get(n).ok_or_else(|| Error::Invalid(format!("UNet graph lacks `{n}`")));
+        let get = |n: &str| {
+            self.ctx
+                .get(n)
+                .ok_or_else(|| Error::Invalid(format!("UNet graph lacks `{n}`")))
+        };
         self.ctx.set_f32(get("unet.x")?, x)?;
         self.ctx.set_f32(get("unet.t")?, t)?;
         self.ctx.set_f32(get("unet.context")?, context)?;
@@ -240,10 +346,17 @@ impl<'w> Runner<'w> {
             match (self.ctx.get(name), value) {
                 (Some(tensor), Some(v)) => self.ctx.set_f32(tensor, v)?,
                 (None, None) => {}
-                _ => return Err(Error::Invalid(format!("`{name}` must be given exactly when the UNet uses it"))),
+                _ => {
+                    return Err(Error::Invalid(format!(
+                        "`{name}` must be given exactly when the UNet uses it"
+                    )))
+                }
             }
         }
-        let graph = self.ctx.built_graph().ok_or_else(|| Error::Invalid("UNet graph missing".into()))?;
+        let graph = self
+            .ctx
+            .built_graph()
+            .ok_or_else(|| Error::Invalid("UNet graph missing".into()))?;
         backend.compute(&graph)?;
         self.ctx.get_f32(get("unet.out")?)
     }
@@ -251,10 +364,29 @@ impl<'w> Runner<'w> {
 
 /// Evaluates the UNet once: `x` `[B][C][H][W]`, `t` `[B]`, `context` `[B][T][ctx]`.
 #[allow(clippy::too_many_arguments)]
-pub fn forward(w: &Weights<'_>, cfg: &UnetConfig, x: &[f32], width: usize, height: usize, t: &[f32], context: &[f32], tokens: usize, y: Option<&[f32]>, guidance: Option<&[f32]>, backend: &Backend) -> Result<Vec<f32>> {
+pub fn forward(
+    w: &Weights<'_>,
+    cfg: &UnetConfig,
+    x: &[f32],
+    width: usize,
+    height: usize,
+    t: &[f32],
+    context: &[f32],
+    tokens: usize,
+    y: Option<&[f32]>,
+    guidance: Option<&[f32]>,
+    backend: &Backend,
+) -> Result<Vec<f32>> {
     let b = t.len();
-    if x.len() != b * cfg.in_channels * width * height || context.len() != b * tokens * cfg.context_dim {
-        return Err(Error::Invalid(format!("UNet inputs: {} latent and {} context values for batch {b}", x.len(), context.len())));
+    if x.len() != b * cfg.in_channels * width * height
+        || context.len() != b * tokens * cfg.context_dim
+    {
+        return Err(Error::Invalid(format!(
+            "UNet inputs: {} latent and {} context values for batch {b}",
+            x.len(),
+            context.len()
+        )));
     }
-    Runner::new(w, cfg, width, height, b, tokens, Attention::default(), None)?.run(x, t, context, y, guidance, backend)
+    Runner::new(w, cfg, width, height, b, tokens, Attention::default(), None)?
+        .run(x, t, context, y, guidance, backend)
 }

@@ -13,13 +13,36 @@ const GROUPS: usize = 32;
 const EPS: f32 = 1e-6;
 
 /// `shared`: GroupNorms with the whole image's statistics, for a tile (see [`super::norms`]).
-fn resnet<'c>(nn: &Nn<'c>, x: Tensor<'c>, name: &str, shared: Option<&SharedNorms>) -> Result<Tensor<'c>> {
+fn resnet<'c>(
+    nn: &Nn<'c>,
+    x: Tensor<'c>,
+    name: &str,
+    shared: Option<&SharedNorms>,
+) -> Result<Tensor<'c>> {
     let c = nn.ctx;
-    let h = c.silu(group_norm(nn, shared, x, &format!("{name}.norm1"), GROUPS, EPS)?)?;
+    let h = c.silu(group_norm(
+        nn,
+        shared,
+        x,
+        &format!("{name}.norm1"),
+        GROUPS,
+        EPS,
+    )?)?;
     let h = nn.conv(h, &format!("{name}.conv1"), 3, 1, 1)?;
-    let h = c.silu(group_norm(nn, shared, h, &format!("{name}.norm2"), GROUPS, EPS)?)?;
+    let h = c.silu(group_norm(
+        nn,
+        shared,
+        h,
+        &format!("{name}.norm2"),
+        GROUPS,
+        EPS,
+    )?)?;
     let h = nn.conv(h, &format!("{name}.conv2"), 3, 1, 1)?;
-    let skip = if nn.w.opt(&format!("{name}.nin_shortcut.weight")).is_some() { nn.conv(x, &format!("{name}.nin_shortcut"), 1, 1, 0)? } else { x };
+    let skip = if nn.w.opt(&format!("{name}.nin_shortcut.weight")).is_some() {
+        nn.conv(x, &format!("{name}.nin_shortcut"), 1, 1, 0)?
+    } else {
+        x
+    };
     c.add(skip, h)
 }
 
@@ -35,7 +58,13 @@ fn attention<'c>(nn: &Nn<'c>, x: Tensor<'c>, name: &str) -> Result<Tensor<'c>> {
     let q = nn.to_tokens(nn.conv(hn, &format!("{name}.q"), 1, 1, 0)?)?; // [C, N, B]
     let k = nn.to_tokens(nn.conv(hn, &format!("{name}.k"), 1, 1, 0)?)?;
     // [W, H, C, B] is already [Npix, C, B]; a permuted view gives [C, Npix] values.
-    let v = c.permute(c.reshape(nn.conv(hn, &format!("{name}.v"), 1, 1, 0)?, &[w * h, ch, 1, n])?, [1, 0, 2, 3])?;
+    let v = c.permute(
+        c.reshape(
+            nn.conv(hn, &format!("{name}.v"), 1, 1, 0)?,
+            &[w * h, ch, 1, n],
+        )?,
+        [1, 0, 2, 3],
+    )?;
     let q = c.reshape(q, &[ch, w * h, 1, n])?;
     let k = c.reshape(k, &[ch, w * h, 1, n])?;
     let o = nn.attend(q, k, v, false)?; // [C, Npix, B]
@@ -58,7 +87,10 @@ pub fn decoder<'c>(nn: &Nn<'c>, cfg: &VaeConfig, z: Tensor<'c>) -> Result<Tensor
 /// every latent, so a tiled decode runs this part whole.
 fn decoder_mid<'c>(nn: &Nn<'c>, z: Tensor<'c>) -> Result<Tensor<'c>> {
     // SDXL's decoder activations overflow f16 (see `Nn::f32_kernels`).
-    let nn = &Nn { f32_kernels: true, ..*nn };
+    let nn = &Nn {
+        f32_kernels: true,
+        ..*nn
+    };
     let p = format!("{PREFIX}decoder.");
     let z = nn.conv(z, &format!("{PREFIX}post_quant_conv"), 1, 1, 0)?;
     let x = nn.conv(z, &format!("{p}conv_in"), 3, 1, 1)?;
@@ -67,8 +99,16 @@ fn decoder_mid<'c>(nn: &Nn<'c>, z: Tensor<'c>) -> Result<Tensor<'c>> {
 
 /// The rest of the decoder: upsampling blocks and the output layers (convolutions and
 /// GroupNorms only, so it runs in tiles).
-fn decoder_up<'c>(nn: &Nn<'c>, cfg: &VaeConfig, mut x: Tensor<'c>, shared: Option<&SharedNorms>) -> Result<Tensor<'c>> {
-    let nn = &Nn { f32_kernels: true, ..*nn };
+fn decoder_up<'c>(
+    nn: &Nn<'c>,
+    cfg: &VaeConfig,
+    mut x: Tensor<'c>,
+    shared: Option<&SharedNorms>,
+) -> Result<Tensor<'c>> {
+    let nn = &Nn {
+        f32_kernels: true,
+        ..*nn
+    };
     let c = nn.ctx;
     let p = format!("{PREFIX}decoder.");
     for level in (0..cfg.channel_mult.len()).rev() {
@@ -80,7 +120,14 @@ fn decoder_up<'c>(nn: &Nn<'c>, cfg: &VaeConfig, mut x: Tensor<'c>, shared: Optio
             x = nn.conv(x, &format!("{p}up.{level}.upsample.conv"), 3, 1, 1)?;
         }
     }
-    let x = c.silu(group_norm(nn, shared, x, &format!("{p}norm_out"), GROUPS, EPS)?)?;
+    let x = c.silu(group_norm(
+        nn,
+        shared,
+        x,
+        &format!("{p}norm_out"),
+        GROUPS,
+        EPS,
+    )?)?;
     nn.conv(x, &format!("{p}conv_out"), 3, 1, 1)
 }
 
@@ -88,7 +135,10 @@ fn decoder_up<'c>(nn: &Nn<'c>, cfg: &VaeConfig, mut x: Tensor<'c>, shared: Optio
 pub fn encoder<'c>(nn: &Nn<'c>, cfg: &VaeConfig, img: Tensor<'c>) -> Result<Tensor<'c>> {
     let moments = moments(nn, cfg, img)?;
     let [w, h, _, n] = moments.ne();
-    nn.ctx.cont(nn.ctx.view(moments, [w, h, cfg.latent_channels, n], [0, 0, 0, 0])?)
+    nn.ctx.cont(
+        nn.ctx
+            .view(moments, [w, h, cfg.latent_channels, n], [0, 0, 0, 0])?,
+    )
 }
 
 /// The latent distribution `[W/8, H/8, 2z, n]`: means, then log-variances.
@@ -98,8 +148,16 @@ fn moments<'c>(nn: &Nn<'c>, cfg: &VaeConfig, img: Tensor<'c>) -> Result<Tensor<'
 
 /// The encoder to latent resolution: its downsampling blocks (convolutions and
 /// GroupNorms only, so it runs in tiles).
-fn encoder_down<'c>(nn: &Nn<'c>, cfg: &VaeConfig, img: Tensor<'c>, shared: Option<&SharedNorms>) -> Result<Tensor<'c>> {
-    let nn = &Nn { f32_kernels: true, ..*nn };
+fn encoder_down<'c>(
+    nn: &Nn<'c>,
+    cfg: &VaeConfig,
+    img: Tensor<'c>,
+    shared: Option<&SharedNorms>,
+) -> Result<Tensor<'c>> {
+    let nn = &Nn {
+        f32_kernels: true,
+        ..*nn
+    };
     let c = nn.ctx;
     let p = format!("{PREFIX}encoder.");
     let mut x = nn.conv(img, &format!("{p}conv_in"), 3, 1, 1)?;
@@ -120,7 +178,10 @@ fn encoder_down<'c>(nn: &Nn<'c>, cfg: &VaeConfig, img: Tensor<'c>, shared: Optio
 /// The rest of the encoder, at latent resolution: the mid block (whose attention takes
 /// every latent) and the output layers, to the moments.
 fn encoder_mid<'c>(nn: &Nn<'c>, x: Tensor<'c>) -> Result<Tensor<'c>> {
-    let nn = &Nn { f32_kernels: true, ..*nn };
+    let nn = &Nn {
+        f32_kernels: true,
+        ..*nn
+    };
     let c = nn.ctx;
     let p = format!("{PREFIX}encoder.");
     let x = mid(nn, x, &p)?;
@@ -135,12 +196,30 @@ fn pad_right_bottom<'c>(c: &'c Context<'c>, x: Tensor<'c>) -> Result<Tensor<'c>>
 
 /// Decodes UNet-space latents (`[n][z][h][w]`, PyTorch order) to pixels in [-1, 1]
 /// (`[n][3][8h][8w]`): undoes the latent scaling, then runs the decoder.
-pub fn decode(w: &Weights<'_>, cfg: &VaeConfig, latents: &[f32], n: usize, h: usize, wd: usize, backend: &Backend) -> Result<Vec<f32>> {
+pub fn decode(
+    w: &Weights<'_>,
+    cfg: &VaeConfig,
+    latents: &[f32],
+    n: usize,
+    h: usize,
+    wd: usize,
+    backend: &Backend,
+) -> Result<Vec<f32>> {
     let zc = cfg.latent_channels;
     if latents.len() != n * zc * h * wd {
-        return Err(Error::Invalid(format!("{} latent values for {n}x{zc}x{h}x{wd}", latents.len())));
+        return Err(Error::Invalid(format!(
+            "{} latent values for {n}x{zc}x{h}x{wd}",
+            latents.len()
+        )));
     }
-    eval(w, [wd, h, zc, n], latents, GRAPH_TENSORS, backend, |nn, z| decode_graph(nn, cfg, z))
+    eval(
+        w,
+        [wd, h, zc, n],
+        latents,
+        GRAPH_TENSORS,
+        backend,
+        |nn, z| decode_graph(nn, cfg, z),
+    )
 }
 
 fn decode_graph<'c>(nn: &Nn<'c>, cfg: &VaeConfig, z: Tensor<'c>) -> Result<Tensor<'c>> {
@@ -160,12 +239,24 @@ fn unscale<'c>(nn: &Nn<'c>, cfg: &VaeConfig, z: Tensor<'c>) -> Result<Tensor<'c>
 /// The compute buffer a decode of one `w`x`h` latent needs, in bytes, found without
 /// allocating it.
 pub fn decode_buffer_bytes(w: &Weights<'_>, cfg: &VaeConfig, wd: usize, h: usize) -> Result<usize> {
-    Program::measure(w, [wd, h, cfg.latent_channels, 1], GRAPH_TENSORS, |nn, z| decode_graph(nn, cfg, z))
+    Program::measure(
+        w,
+        [wd, h, cfg.latent_channels, 1],
+        GRAPH_TENSORS,
+        |nn, z| decode_graph(nn, cfg, z),
+    )
 }
 
 /// The compute buffer of [`decode_tiled`] for a `wd`x`h` latent: one tile's, or with
 /// [`TileStats::Image`] the larger of the whole mid block's and one tile's upsampling.
-pub fn decode_tiled_bytes(w: &Weights<'_>, cfg: &VaeConfig, wd: usize, h: usize, tiling: Tiling, stats: TileStats) -> Result<usize> {
+pub fn decode_tiled_bytes(
+    w: &Weights<'_>,
+    cfg: &VaeConfig,
+    wd: usize,
+    h: usize,
+    tiling: Tiling,
+    stats: TileStats,
+) -> Result<usize> {
     let t = tiling.clamp(wd, h);
     if !t.cuts(wd, h) {
         return decode_buffer_bytes(w, cfg, wd, h);
@@ -173,9 +264,19 @@ pub fn decode_tiled_bytes(w: &Weights<'_>, cfg: &VaeConfig, wd: usize, h: usize,
     match stats {
         TileStats::Tile => decode_buffer_bytes(w, cfg, t.tile_w, t.tile_h),
         TileStats::Image => {
-            let head = Program::measure(w, [wd, h, cfg.latent_channels, 1], GRAPH_TENSORS, |nn, z| decoder_mid(nn, unscale(nn, cfg, z)?))?;
+            let head = Program::measure(
+                w,
+                [wd, h, cfg.latent_channels, 1],
+                GRAPH_TENSORS,
+                |nn, z| decoder_mid(nn, unscale(nn, cfg, z)?),
+            )?;
             let shared = SharedNorms::new(None);
-            let tail = Program::measure(w, [t.tile_w, t.tile_h, mid_channels(cfg), 1], GRAPH_TENSORS, |nn, x| decoder_up(nn, cfg, x, Some(&shared)))?;
+            let tail = Program::measure(
+                w,
+                [t.tile_w, t.tile_h, mid_channels(cfg), 1],
+                GRAPH_TENSORS,
+                |nn, x| decoder_up(nn, cfg, x, Some(&shared)),
+            )?;
             Ok(head.max(tail))
         }
     }
@@ -193,10 +294,24 @@ pub fn mid_channels(cfg: &VaeConfig) -> usize {
 /// the whole decoder runs per tile, blended: faster, each tile normalised on its own.
 /// `tick` hears of each tile run (and may stop the decode).
 #[allow(clippy::too_many_arguments)]
-pub fn decode_tiled(w: &Weights<'_>, cfg: &VaeConfig, latents: &[f32], n: usize, h: usize, wd: usize, tiling: Tiling, stats: TileStats, backend: &Backend, tick: tile::Tick<'_>) -> Result<Vec<f32>> {
+pub fn decode_tiled(
+    w: &Weights<'_>,
+    cfg: &VaeConfig,
+    latents: &[f32],
+    n: usize,
+    h: usize,
+    wd: usize,
+    tiling: Tiling,
+    stats: TileStats,
+    backend: &Backend,
+    tick: tile::Tick<'_>,
+) -> Result<Vec<f32>> {
     let zc = cfg.latent_channels;
     if latents.len() != n * zc * h * wd {
-        return Err(Error::Invalid(format!("{} latent values for {n}x{zc}x{h}x{wd}", latents.len())));
+        return Err(Error::Invalid(format!(
+            "{} latent values for {n}x{zc}x{h}x{wd}",
+            latents.len()
+        )));
     }
     let t = tiling.clamp(wd, h);
     if !t.cuts(wd, h) {
@@ -205,14 +320,48 @@ pub fn decode_tiled(w: &Weights<'_>, cfg: &VaeConfig, latents: &[f32], n: usize,
     let f = cfg.downscale();
     match stats {
         TileStats::Tile => {
-            let program = Program::new(w, [t.tile_w, t.tile_h, zc, 1], GRAPH_TENSORS, |nn, z| decode_graph(nn, cfg, z))?;
-            let shape = tile::Shape { n, c_in: zc, c_out: 3, lw: wd, lh: h, f_in: 1, f_out: f };
+            let program = Program::new(w, [t.tile_w, t.tile_h, zc, 1], GRAPH_TENSORS, |nn, z| {
+                decode_graph(nn, cfg, z)
+            })?;
+            let shape = tile::Shape {
+                n,
+                c_in: zc,
+                c_out: 3,
+                lw: wd,
+                lh: h,
+                f_in: 1,
+                f_out: f,
+            };
             tile::run(&program, latents, &shape, t, backend, tick)
         }
         TileStats::Image => {
-            let mid = eval(w, [wd, h, zc, n], latents, GRAPH_TENSORS, backend, |nn, z| decoder_mid(nn, unscale(nn, cfg, z)?))?;
-            let shape = tile::Shape { n, c_in: mid_channels(cfg), c_out: 3, lw: wd, lh: h, f_in: 1, f_out: f };
-            tile::run_exact(w, GRAPH_TENSORS, &mid, &shape, t, backend, tick, |nn, x, shared| decoder_up(nn, cfg, x, Some(shared)))
+            let mid = eval(
+                w,
+                [wd, h, zc, n],
+                latents,
+                GRAPH_TENSORS,
+                backend,
+                |nn, z| decoder_mid(nn, unscale(nn, cfg, z)?),
+            )?;
+            let shape = tile::Shape {
+                n,
+                c_in: mid_channels(cfg),
+                c_out: 3,
+                lw: wd,
+                lh: h,
+                f_in: 1,
+                f_out: f,
+            };
+            tile::run_exact(
+                w,
+                GRAPH_TENSORS,
+                &mid,
+                &shape,
+                t,
+                backend,
+                tick,
+                |nn, x, shared| decoder_up(nn, cfg, x, Some(shared)),
+            )
         }
     }
 }
@@ -220,15 +369,37 @@ pub fn decode_tiled(w: &Weights<'_>, cfg: &VaeConfig, latents: &[f32], n: usize,
 /// The compute buffer of one tile of [`encode_sample`] (its moments), found without
 /// allocating it; with [`TileStats::Image`] the larger of one tile's downsampling and the
 /// whole `lw`x`lh` mid block's.
-pub fn encode_tile_bytes(w: &Weights<'_>, cfg: &VaeConfig, lw: usize, lh: usize, tiling: Tiling, stats: TileStats) -> Result<usize> {
+pub fn encode_tile_bytes(
+    w: &Weights<'_>,
+    cfg: &VaeConfig,
+    lw: usize,
+    lh: usize,
+    tiling: Tiling,
+    stats: TileStats,
+) -> Result<usize> {
     let f = cfg.downscale();
     let t = tiling.clamp(lw, lh);
     match stats {
-        TileStats::Tile => Program::measure(w, [t.tile_w * f, t.tile_h * f, 3, 1], GRAPH_TENSORS, |nn, img| moments(nn, cfg, img)),
+        TileStats::Tile => Program::measure(
+            w,
+            [t.tile_w * f, t.tile_h * f, 3, 1],
+            GRAPH_TENSORS,
+            |nn, img| moments(nn, cfg, img),
+        ),
         TileStats::Image => {
             let shared = SharedNorms::new(None);
-            let down = Program::measure(w, [t.tile_w * f, t.tile_h * f, 3, 1], GRAPH_TENSORS, |nn, img| encoder_down(nn, cfg, img, Some(&shared)))?;
-            let mid = Program::measure(w, [lw, lh, mid_channels(cfg), 1], GRAPH_TENSORS, encoder_mid)?;
+            let down = Program::measure(
+                w,
+                [t.tile_w * f, t.tile_h * f, 3, 1],
+                GRAPH_TENSORS,
+                |nn, img| encoder_down(nn, cfg, img, Some(&shared)),
+            )?;
+            let mid = Program::measure(
+                w,
+                [lw, lh, mid_channels(cfg), 1],
+                GRAPH_TENSORS,
+                encoder_mid,
+            )?;
             Ok(down.max(mid))
         }
     }
@@ -236,21 +407,45 @@ pub fn encode_tile_bytes(w: &Weights<'_>, cfg: &VaeConfig, lw: usize, lh: usize,
 
 /// The compute buffer [`encode`] needs for one `wd`x`h` image, found without allocating it.
 pub fn encode_buffer_bytes(w: &Weights<'_>, cfg: &VaeConfig, wd: usize, h: usize) -> Result<usize> {
-    Program::measure(w, [wd, h, 3, 1], GRAPH_TENSORS, |nn, img| encoder(nn, cfg, img))
+    Program::measure(w, [wd, h, 3, 1], GRAPH_TENSORS, |nn, img| {
+        encoder(nn, cfg, img)
+    })
 }
 
 /// Encodes pixels in [-1, 1] (`[n][3][H][W]`) to UNet-space latents (the
 /// distribution's mean, shifted and scaled).
-pub fn encode(w: &Weights<'_>, cfg: &VaeConfig, pixels: &[f32], n: usize, h: usize, wd: usize, backend: &Backend) -> Result<Vec<f32>> {
+pub fn encode(
+    w: &Weights<'_>,
+    cfg: &VaeConfig,
+    pixels: &[f32],
+    n: usize,
+    h: usize,
+    wd: usize,
+    backend: &Backend,
+) -> Result<Vec<f32>> {
     let f = cfg.downscale();
     if pixels.len() != n * 3 * h * wd || h % f != 0 || wd % f != 0 {
-        return Err(Error::Invalid(format!("{} pixel values for {n}x3x{h}x{wd} (sides must be multiples of {f})", pixels.len())));
+        return Err(Error::Invalid(format!(
+            "{} pixel values for {n}x3x{h}x{wd} (sides must be multiples of {f})",
+            pixels.len()
+        )));
     }
-    eval(w, [wd, h, 3, n], pixels, GRAPH_TENSORS, backend, |nn, img| {
-        let mean = encoder(nn, cfg, img)?;
-        let mean = if cfg.shift_factor != 0.0 { nn.ctx.add1(mean, -cfg.shift_factor)? } else { mean };
-        nn.ctx.scale(mean, cfg.scaling_factor)
-    })
+    eval(
+        w,
+        [wd, h, 3, n],
+        pixels,
+        GRAPH_TENSORS,
+        backend,
+        |nn, img| {
+            let mean = encoder(nn, cfg, img)?;
+            let mean = if cfg.shift_factor != 0.0 {
+                nn.ctx.add1(mean, -cfg.shift_factor)?
+            } else {
+                mean
+            };
+            nn.ctx.scale(mean, cfg.scaling_factor)
+        },
+    )
 }
 
 /// Encodes one image in [-1, 1] (`[3][H][W]`) to a draw from the latent distribution,
@@ -259,7 +454,16 @@ pub fn encode(w: &Weights<'_>, cfg: &VaeConfig, pixels: &[f32], n: usize, h: usi
 /// into UNet space.
 /// With `tiling`, the downsampling runs in overlapping tiles (see [`decode_tiled`]).
 #[allow(clippy::too_many_arguments)]
-pub fn encode_sample(w: &Weights<'_>, cfg: &VaeConfig, pixels: &[f32], h: usize, wd: usize, eps: &[f32], tiling: Option<(Tiling, TileStats)>, backend: &Backend) -> Result<Vec<f32>> {
+pub fn encode_sample(
+    w: &Weights<'_>,
+    cfg: &VaeConfig,
+    pixels: &[f32],
+    h: usize,
+    wd: usize,
+    eps: &[f32],
+    tiling: Option<(Tiling, TileStats)>,
+    backend: &Backend,
+) -> Result<Vec<f32>> {
     let f = cfg.downscale();
     let zc = cfg.latent_channels;
     let n = zc * (h / f) * (wd / f);
@@ -267,18 +471,79 @@ pub fn encode_sample(w: &Weights<'_>, cfg: &VaeConfig, pixels: &[f32], h: usize,
         return Err(Error::Invalid(format!("{} pixel values for 3x{h}x{wd} (sides must be multiples of {f}) and {} noise values for {n} latents", pixels.len(), eps.len())));
     }
     let (lw, lh) = (wd / f, h / f);
-    let m = match tiling.map(|(t, s)| (t.clamp(lw, lh), s)).filter(|(t, _)| t.cuts(lw, lh)) {
+    let m = match tiling
+        .map(|(t, s)| (t.clamp(lw, lh), s))
+        .filter(|(t, _)| t.cuts(lw, lh))
+    {
         Some((t, TileStats::Tile)) => {
-            let program = Program::new(w, [t.tile_w * f, t.tile_h * f, 3, 1], GRAPH_TENSORS, |nn, img| moments(nn, cfg, img))?;
-            tile::run(&program, pixels, &tile::Shape { n: 1, c_in: 3, c_out: 2 * zc, lw, lh, f_in: f, f_out: 1 }, t, backend, &mut tile::no_tick)?
+            let program = Program::new(
+                w,
+                [t.tile_w * f, t.tile_h * f, 3, 1],
+                GRAPH_TENSORS,
+                |nn, img| moments(nn, cfg, img),
+            )?;
+            tile::run(
+                &program,
+                pixels,
+                &tile::Shape {
+                    n: 1,
+                    c_in: 3,
+                    c_out: 2 * zc,
+                    lw,
+                    lh,
+                    f_in: f,
+                    f_out: 1,
+                },
+                t,
+                backend,
+                &mut tile::no_tick,
+            )?
         }
         Some((t, TileStats::Image)) => {
             let ch = mid_channels(cfg);
-            let down = tile::run_exact(w, GRAPH_TENSORS, pixels, &tile::Shape { n: 1, c_in: 3, c_out: ch, lw, lh, f_in: f, f_out: 1 }, t, backend, &mut tile::no_tick, |nn, img, shared| encoder_down(nn, cfg, img, Some(shared)))?;
-            eval(w, [lw, lh, ch, 1], &down, GRAPH_TENSORS, backend, encoder_mid)?
+            let down = tile::run_exact(
+                w,
+                GRAPH_TENSORS,
+                pixels,
+                &tile::Shape {
+                    n: 1,
+                    c_in: 3,
+                    c_out: ch,
+                    lw,
+                    lh,
+                    f_in: f,
+                    f_out: 1,
+                },
+                t,
+                backend,
+                &mut tile::no_tick,
+                |nn, img, shared| encoder_down(nn, cfg, img, Some(shared)),
+            )?;
+            eval(
+                w,
+                [lw, lh, ch, 1],
+                &down,
+                GRAPH_TENSORS,
+                backend,
+                encoder_mid,
+            )?
         }
-        None => eval(w, [wd, h, 3, 1], pixels, GRAPH_TENSORS, backend, |nn, img| moments(nn, cfg, img))?,
+        None => eval(
+            w,
+            [wd, h, 3, 1],
+            pixels,
+            GRAPH_TENSORS,
+            backend,
+            |nn, img| moments(nn, cfg, img),
+        )?,
     };
     let (mean, logvar) = m.split_at(n);
-    Ok(mean.iter().zip(logvar).zip(eps).map(|((&mu, &lv), &e)| (mu + (0.5 * lv.clamp(-30.0, 20.0)).exp() * e - cfg.shift_factor) * cfg.scaling_factor).collect())
+    Ok(mean
+        .iter()
+        .zip(logvar)
+        .zip(eps)
+        .map(|((&mu, &lv), &e)| {
+            (mu + (0.5 * lv.clamp(-30.0, 20.0)).exp() * e - cfg.shift_factor) * cfg.scaling_factor
+        })
+        .collect())
 }

@@ -32,7 +32,11 @@ impl<'g> Weights<'g> {
     /// rows a multiple of 8): those are copied into ggml's repack buffer, where its
     /// integer GEMM runs 2-3x faster (shared/baselines/kernels.md, section 3), at the
     /// price of their size in anonymous memory.
-    pub fn load_repacked(gguf: &'g GgufFile, keep: impl Fn(&str) -> bool, repack: impl Fn(&str) -> bool) -> Result<Self> {
+    pub fn load_repacked(
+        gguf: &'g GgufFile,
+        keep: impl Fn(&str) -> bool,
+        repack: impl Fn(&str) -> bool,
+    ) -> Result<Self> {
         let infos: Vec<_> = gguf.tensors.iter().filter(|t| keep(&t.name)).collect();
         let ctx = Context::new(infos.len() + 1)?;
         let region = ctx.borrow_host(gguf.bytes())?;
@@ -42,7 +46,8 @@ impl<'g> Weights<'g> {
         let mut copied = std::collections::HashSet::new();
         let mut bytes = 0;
         for t in infos {
-            let packable = matches!(t.ty, Type::Q4_0 | Type::Q4_K) && t.ne.len() == 2 && t.ne[1] % 8 == 0;
+            let packable =
+                matches!(t.ty, Type::Q4_0 | Type::Q4_K) && t.ne.len() == 2 && t.ne[1] % 8 == 0;
             if let Some((tensor, data)) = fitted(&ctx, gguf, t)? {
                 bytes += data.len() as u64;
                 converted.push((tensor, data));
@@ -64,17 +69,34 @@ impl<'g> Weights<'g> {
             for (tensor, data) in &converted {
                 ctx.set_bytes(*tensor, data)?;
             }
-            log::debug!("{}: {} weights converted at load for the graphs", gguf.path.display(), converted.len());
+            log::debug!(
+                "{}: {} weights converted at load for the graphs",
+                gguf.path.display(),
+                converted.len()
+            );
         }
         let mut repacked = 0;
         if !later.is_empty() {
-            let made = later.iter().map(|t| Ok((new_tensor(&ctx, gguf, t, t.ty)?, gguf.data(t)))).collect::<Result<Vec<_>>>()?;
+            let made = later
+                .iter()
+                .map(|t| Ok((new_tensor(&ctx, gguf, t, t.ty)?, gguf.data(t))))
+                .collect::<Result<Vec<_>>>()?;
             // Each source leaves resident memory once copied: the mapped and the
             // copied UNet are never both resident (0.93 GB at q4_0 otherwise).
             repacked = ctx.alloc_repacked(&made, |i| gguf.release_tensor(later[i]))?;
-            log::debug!("{}: {repacked} of {} weights repacked for ggml's integer GEMM", gguf.path.display(), later.len());
+            log::debug!(
+                "{}: {repacked} of {} weights repacked for ggml's integer GEMM",
+                gguf.path.display(),
+                later.len()
+            );
         }
-        Ok(Weights { path: gguf.path.clone(), ctx, repacked, bytes, copied })
+        Ok(Weights {
+            path: gguf.path.clone(),
+            ctx,
+            repacked,
+            bytes,
+            copied,
+        })
     }
 
     /// The context holding the weights (graphs over them follow where it lives).
@@ -100,7 +122,9 @@ impl<'g> Weights<'g> {
 
     /// The weight called `name`.
     pub fn get(&self, name: &str) -> Result<Tensor<'_>> {
-        self.ctx.get(name).ok_or_else(|| Error::format(&self.path, format!("missing tensor `{name}`")))
+        self.ctx
+            .get(name)
+            .ok_or_else(|| Error::format(&self.path, format!("missing tensor `{name}`")))
     }
 
     /// A weight that may be absent (biases of bias-free layers).
@@ -110,15 +134,27 @@ impl<'g> Weights<'g> {
 }
 
 /// A tensor object for the stored weight `t`, as type `ty`, named as stored.
-fn new_tensor<'c>(ctx: &'c Context<'_>, gguf: &GgufFile, t: &TensorInfo, ty: Type) -> Result<Tensor<'c>> {
+fn new_tensor<'c>(
+    ctx: &'c Context<'_>,
+    gguf: &GgufFile,
+    t: &TensorInfo,
+    ty: Type,
+) -> Result<Tensor<'c>> {
     let ne: Vec<usize> = t.ne.iter().map(|&d| d as usize).collect();
-    ctx.tensor(ty, &ne, &t.name).map_err(|e| Error::format(&gguf.path, format!("tensor `{}`: {e}", t.name)))
+    ctx.tensor(ty, &ne, &t.name)
+        .map_err(|e| Error::format(&gguf.path, format!("tensor `{}`: {e}", t.name)))
 }
 
 /// For a weight stored in a form the graphs cannot take ([`fit::convert_to`]): a
 /// tensor object of the type they need and its converted bytes.
-fn fitted<'c>(ctx: &'c Context<'_>, gguf: &GgufFile, t: &TensorInfo) -> Result<Option<(Tensor<'c>, Vec<u8>)>> {
-    let Some(ty) = fit::convert_to(&t.name, t.ty, &t.ne) else { return Ok(None) };
+fn fitted<'c>(
+    ctx: &'c Context<'_>,
+    gguf: &GgufFile,
+    t: &TensorInfo,
+) -> Result<Option<(Tensor<'c>, Vec<u8>)>> {
+    let Some(ty) = fit::convert_to(&t.name, t.ty, &t.ne) else {
+        return Ok(None);
+    };
     let what = format!("{}: tensor `{}`", gguf.path.display(), t.name);
     let data = fit::convert(&what, t.ty, ty, gguf.data(t), &t.ne)?;
     Ok(Some((new_tensor(ctx, gguf, t, ty)?, data)))
@@ -139,14 +175,29 @@ impl Weights<'static> {
             });
         }
         let bytes = made.iter().map(|(t, _)| t.nbytes() as u64).sum();
-        ctx.alloc_on(backend).map_err(|e| Error::format(&gguf.path, format!("{} bytes of weights on {}: {e}", bytes, backend.gpu_name().unwrap_or("?"))))?;
+        ctx.alloc_on(backend).map_err(|e| {
+            Error::format(
+                &gguf.path,
+                format!(
+                    "{} bytes of weights on {}: {e}",
+                    bytes,
+                    backend.gpu_name().unwrap_or("?")
+                ),
+            )
+        })?;
         let mut copied = std::collections::HashSet::new();
         for (t, (tensor, data)) in infos.iter().zip(made) {
             ctx.set_bytes(tensor, data.as_deref().unwrap_or_else(|| gguf.data(t)))?;
             gguf.release_tensor(t);
             copied.insert(t.name.clone());
         }
-        Ok(Weights { path: gguf.path.clone(), ctx, repacked: 0, bytes, copied })
+        Ok(Weights {
+            path: gguf.path.clone(),
+            ctx,
+            repacked: 0,
+            bytes,
+            copied,
+        })
     }
 
     /// Copies every float tensor of a checkpoint, as f32, where `backend` computes.
@@ -162,7 +213,11 @@ impl Weights<'static> {
 
     /// f32 tensors `(name, ggml shape ne, values)` where `backend` computes; `path`
     /// names their source in messages.
-    pub fn from_f32(path: &std::path::Path, list: Vec<(String, Vec<usize>, Vec<f32>)>, backend: &Backend) -> Result<Self> {
+    pub fn from_f32(
+        path: &std::path::Path,
+        list: Vec<(String, Vec<usize>, Vec<f32>)>,
+        backend: &Backend,
+    ) -> Result<Self> {
         let ctx = Context::new(list.len() + 1)?;
         let mut made = Vec::with_capacity(list.len());
         for (name, ne, data) in &list {
@@ -171,10 +226,16 @@ impl Weights<'static> {
                 ne.push(1);
             }
             if ne.len() > 4 {
-                return Err(Error::format(path, format!("tensor `{name}` has {} dimensions", ne.len())));
+                return Err(Error::format(
+                    path,
+                    format!("tensor `{name}` has {} dimensions", ne.len()),
+                ));
             }
             if ne.iter().product::<usize>() != data.len() {
-                return Err(Error::format(path, format!("tensor `{name}`: {} values for shape {ne:?}", data.len())));
+                return Err(Error::format(
+                    path,
+                    format!("tensor `{name}`: {} values for shape {ne:?}", data.len()),
+                ));
             }
             made.push(ctx.tensor(Type::F32, &ne, name)?);
         }
@@ -183,6 +244,12 @@ impl Weights<'static> {
             ctx.set_f32(tensor, data)?;
         }
         let bytes = list.iter().map(|(_, _, d)| 4 * d.len() as u64).sum();
-        Ok(Weights { path: path.to_path_buf(), ctx, repacked: 0, bytes, copied: Default::default() })
+        Ok(Weights {
+            path: path.to_path_buf(),
+            ctx,
+            repacked: 0,
+            bytes,
+            copied: Default::default(),
+        })
     }
 }

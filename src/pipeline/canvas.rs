@@ -59,7 +59,16 @@ impl Canvas {
         let mask = match mask {
             Some(p) => {
                 let m = read(p)?.to_luma8();
-                Some(if m.dimensions() == img.dimensions() { m } else { imageops::resize(&m, img.width(), img.height(), imageops::FilterType::Triangle) })
+                Some(if m.dimensions() == img.dimensions() {
+                    m
+                } else {
+                    imageops::resize(
+                        &m,
+                        img.width(),
+                        img.height(),
+                        imageops::FilterType::Triangle,
+                    )
+                })
             }
             None => None,
         };
@@ -70,12 +79,24 @@ impl Canvas {
     }
 
     /// [`Canvas::open`] on decoded pictures (the mask at the image's size).
-    pub fn from_images(img: RgbImage, mask: Option<GrayImage>, opts: &CanvasOptions) -> Result<Canvas> {
-        if mask.as_ref().is_some_and(|m| m.dimensions() != img.dimensions()) {
-            return Err(Error::Invalid("the mask and the image differ in size".into()));
+    pub fn from_images(
+        img: RgbImage,
+        mask: Option<GrayImage>,
+        opts: &CanvasOptions,
+    ) -> Result<Canvas> {
+        if mask
+            .as_ref()
+            .is_some_and(|m| m.dimensions() != img.dimensions())
+        {
+            return Err(Error::Invalid(
+                "the mask and the image differ in size".into(),
+            ));
         }
         if !(opts.mask_blur >= 0.0 && opts.mask_blur <= 512.0) {
-            return Err(Error::Invalid(format!("mask blur {} is not between 0 and 512 pixels", opts.mask_blur)));
+            return Err(Error::Invalid(format!(
+                "mask blur {} is not between 0 and 512 pixels",
+                opts.mask_blur
+            )));
         }
         let m = opts.multiple.max(1);
         let mut pad = opts.pad;
@@ -100,7 +121,9 @@ impl Canvas {
         let (img, mask) = if padded {
             let (iw, ih) = (img.width() as usize, img.height() as usize);
             if iw + l + r > MAX_SIDE as usize || ih + t + b > MAX_SIDE as usize {
-                return Err(Error::Invalid(format!("padding {iw}x{ih} by {l},{t},{r},{b} makes a side over {MAX_SIDE}")));
+                return Err(Error::Invalid(format!(
+                    "padding {iw}x{ih} by {l},{t},{r},{b} makes a side over {MAX_SIDE}"
+                )));
             }
             let mask = mask.unwrap_or_else(|| GrayImage::new(iw as u32, ih as u32));
             (self::pad(&img, pad), Some(pad_mask(&mask, pad)))
@@ -115,7 +138,9 @@ impl Canvas {
             }
         };
         if w == 0 || h == 0 || w > MAX_SIDE as usize || h > MAX_SIDE as usize {
-            return Err(Error::Invalid(format!("output size {w}x{h}: sides must be between 1 and {MAX_SIDE}")));
+            return Err(Error::Invalid(format!(
+                "output size {w}x{h}: sides must be between 1 and {MAX_SIDE}"
+            )));
         }
         let scale = opts.size.is_some();
         let img = fit(&img, w, h, scale);
@@ -124,7 +149,13 @@ impl Canvas {
             let soft: Vec<f32> = m.as_raw().iter().map(|&v| v as f32 / 255.0).collect();
             blur(&soft, w, h, opts.mask_blur)
         });
-        Ok(Canvas { width: w, height: h, rgb: img.into_raw(), mask, mask_blur: opts.mask_blur })
+        Ok(Canvas {
+            width: w,
+            height: h,
+            rgb: img.into_raw(),
+            mask,
+            mask_blur: opts.mask_blur,
+        })
     }
 
     /// The image as `[3][h][w]` in [-1, 1] (the VAE's input range).
@@ -142,7 +173,11 @@ impl Canvas {
 
     /// The mask as diffusers' mask processor binarises it: 1 where ≥ 0.5.
     pub fn binary_mask(&self) -> Option<Vec<f32>> {
-        self.mask.as_ref().map(|m| m.iter().map(|&v| if v >= 0.5 { 1.0 } else { 0.0 }).collect())
+        self.mask.as_ref().map(|m| {
+            m.iter()
+                .map(|&v| if v >= 0.5 { 1.0 } else { 0.0 })
+                .collect()
+        })
     }
 }
 
@@ -150,7 +185,9 @@ impl Canvas {
 /// before their pixels are allocated.
 pub fn read(path: &Path) -> Result<DynamicImage> {
     let reader = ImageReader::open(path).map_err(|e| Error::io(path, e))?;
-    let mut reader = reader.with_guessed_format().map_err(|e| Error::io(path, e))?;
+    let mut reader = reader
+        .with_guessed_format()
+        .map_err(|e| Error::io(path, e))?;
     if reader.format().is_none() {
         return Err(Error::format(path, "not a PNG or JPEG image"));
     }
@@ -160,7 +197,13 @@ pub fn read(path: &Path) -> Result<DynamicImage> {
     limits.max_alloc = Some(MAX_DECODED);
     reader.limits(limits);
     let img = reader.decode().map_err(|e| match e {
-        image::ImageError::Limits(_) => Error::format(path, format!("the image is too large (sides up to {MAX_SIDE} pixels, {} MiB decoded)", MAX_DECODED >> 20)),
+        image::ImageError::Limits(_) => Error::format(
+            path,
+            format!(
+                "the image is too large (sides up to {MAX_SIDE} pixels, {} MiB decoded)",
+                MAX_DECODED >> 20
+            ),
+        ),
         e => Error::format(path, format!("cannot decode the image: {e}")),
     })?;
     if img.width() == 0 || img.height() == 0 {
@@ -170,7 +213,12 @@ pub fn read(path: &Path) -> Result<DynamicImage> {
 }
 
 /// `img` scaled to cover `w`x`h` (when `scale`) and cropped to it around the centre.
-fn fit<P: image::Pixel<Subpixel = u8> + 'static>(img: &image::ImageBuffer<P, Vec<u8>>, w: usize, h: usize, scale: bool) -> image::ImageBuffer<P, Vec<u8>> {
+fn fit<P: image::Pixel<Subpixel = u8> + 'static>(
+    img: &image::ImageBuffer<P, Vec<u8>>,
+    w: usize,
+    h: usize,
+    scale: bool,
+) -> image::ImageBuffer<P, Vec<u8>> {
     let (iw, ih) = (img.width() as usize, img.height() as usize);
     if (iw, ih) == (w, h) {
         return img.clone();
@@ -178,24 +226,34 @@ fn fit<P: image::Pixel<Subpixel = u8> + 'static>(img: &image::ImageBuffer<P, Vec
     let covered;
     let src = if scale || iw < w || ih < h {
         let s = (w as f64 / iw as f64).max(h as f64 / ih as f64);
-        let (sw, sh) = (((iw as f64 * s).round() as usize).max(w), ((ih as f64 * s).round() as usize).max(h));
+        let (sw, sh) = (
+            ((iw as f64 * s).round() as usize).max(w),
+            ((ih as f64 * s).round() as usize).max(h),
+        );
         covered = imageops::resize(img, sw as u32, sh as u32, imageops::FilterType::Lanczos3);
         &covered
     } else {
         img
     };
-    let (x0, y0) = ((src.width() as usize - w) / 2, (src.height() as usize - h) / 2);
+    let (x0, y0) = (
+        (src.width() as usize - w) / 2,
+        (src.height() as usize - h) / 2,
+    );
     imageops::crop_imm(src, x0 as u32, y0 as u32, w as u32, h as u32).to_image()
 }
 
 /// The image on a larger canvas, the new border filled with the nearest edge pixel.
 fn pad(img: &RgbImage, [l, t, r, b]: [usize; 4]) -> RgbImage {
     let (iw, ih) = (img.width() as i64, img.height() as i64);
-    RgbImage::from_fn((iw as usize + l + r) as u32, (ih as usize + t + b) as u32, |x, y| {
-        let sx = (x as i64 - l as i64).clamp(0, iw - 1);
-        let sy = (y as i64 - t as i64).clamp(0, ih - 1);
-        *img.get_pixel(sx as u32, sy as u32)
-    })
+    RgbImage::from_fn(
+        (iw as usize + l + r) as u32,
+        (ih as usize + t + b) as u32,
+        |x, y| {
+            let sx = (x as i64 - l as i64).clamp(0, iw - 1);
+            let sy = (y as i64 - t as i64).clamp(0, ih - 1);
+            *img.get_pixel(sx as u32, sy as u32)
+        },
+    )
 }
 
 /// The mask on the padded canvas: the padding is all to be painted.
@@ -218,7 +276,9 @@ pub fn blur(v: &[f32], w: usize, h: usize, sigma: f32) -> Vec<f32> {
         return v.to_vec();
     }
     let r = (3.0 * sigma).ceil() as i64;
-    let mut k: Vec<f32> = (-r..=r).map(|i| (-(i * i) as f32 / (2.0 * sigma * sigma)).exp()).collect();
+    let mut k: Vec<f32> = (-r..=r)
+        .map(|i| (-(i * i) as f32 / (2.0 * sigma * sigma)).exp())
+        .collect();
     let sum: f32 = k.iter().sum();
     k.iter_mut().for_each(|x| *x /= sum);
     let pass = |src: &[f32], along_x: bool| -> Vec<f32> {
@@ -228,7 +288,11 @@ pub fn blur(v: &[f32], w: usize, h: usize, sigma: f32) -> Vec<f32> {
                 let mut acc = 0.0;
                 for (j, &kw) in k.iter().enumerate() {
                     let d = j as i64 - r;
-                    let (sx, sy) = if along_x { ((x as i64 + d).clamp(0, w as i64 - 1) as usize, y) } else { (x, (y as i64 + d).clamp(0, h as i64 - 1) as usize) };
+                    let (sx, sy) = if along_x {
+                        ((x as i64 + d).clamp(0, w as i64 - 1) as usize, y)
+                    } else {
+                        (x, (y as i64 + d).clamp(0, h as i64 - 1) as usize)
+                    };
                     acc += kw * src[sy * w + sx];
                 }
                 out[y * w + x] = acc;
@@ -249,7 +313,15 @@ mod tests {
 
     #[test]
     fn without_a_size_the_picture_is_cropped_around_its_centre_to_the_multiple() {
-        let c = Canvas::from_images(gradient(37, 22), None, &CanvasOptions { multiple: 8, ..Default::default() }).unwrap();
+        let c = Canvas::from_images(
+            gradient(37, 22),
+            None,
+            &CanvasOptions {
+                multiple: 8,
+                ..Default::default()
+            },
+        )
+        .unwrap();
         assert_eq!((c.width, c.height), (32, 16));
         // (37 - 32) / 2 = 2 columns and (22 - 16) / 2 = 3 rows cut on the left and top.
         assert_eq!(&c.rgb[..3], &[2, 3, 5]);
@@ -258,8 +330,19 @@ mod tests {
 
     #[test]
     fn with_a_size_the_picture_is_scaled_to_cover_it_and_cropped() {
-        let img = RgbImage::from_fn(40, 20, |x, _| image::Rgb(if x < 20 { [255, 0, 0] } else { [0, 0, 255] }));
-        let c = Canvas::from_images(img, None, &CanvasOptions { size: Some((16, 16)), multiple: 8, ..Default::default() }).unwrap();
+        let img = RgbImage::from_fn(40, 20, |x, _| {
+            image::Rgb(if x < 20 { [255, 0, 0] } else { [0, 0, 255] })
+        });
+        let c = Canvas::from_images(
+            img,
+            None,
+            &CanvasOptions {
+                size: Some((16, 16)),
+                multiple: 8,
+                ..Default::default()
+            },
+        )
+        .unwrap();
         assert_eq!((c.width, c.height), (16, 16));
         // Scaled to 32x16, 8 columns cut on each side: left half red, right half blue.
         assert_eq!(&c.rgb[..3], &[255, 0, 0]);
@@ -268,7 +351,15 @@ mod tests {
 
     #[test]
     fn a_picture_smaller_than_one_multiple_is_scaled_up() {
-        let c = Canvas::from_images(gradient(5, 3), None, &CanvasOptions { multiple: 8, ..Default::default() }).unwrap();
+        let c = Canvas::from_images(
+            gradient(5, 3),
+            None,
+            &CanvasOptions {
+                multiple: 8,
+                ..Default::default()
+            },
+        )
+        .unwrap();
         assert_eq!((c.width, c.height, c.rgb.len()), (8, 8, 8 * 8 * 3));
     }
 
@@ -276,17 +367,35 @@ mod tests {
     fn padding_extends_the_edges_and_masks_only_the_new_border() {
         let img = gradient(8, 8);
         let mask = GrayImage::from_pixel(8, 8, image::Luma([0]));
-        let c = Canvas::from_images(img.clone(), Some(mask), &CanvasOptions { multiple: 8, pad: [8, 0, 0, 8], ..Default::default() }).unwrap();
+        let c = Canvas::from_images(
+            img.clone(),
+            Some(mask),
+            &CanvasOptions {
+                multiple: 8,
+                pad: [8, 0, 0, 8],
+                ..Default::default()
+            },
+        )
+        .unwrap();
         assert_eq!((c.width, c.height), (16, 16));
         let m = c.mask.unwrap();
         assert_eq!(m[0], 1.0); // padded left
         assert_eq!(m[8], 0.0); // the original picture
         assert_eq!(m[15 * 16 + 12], 1.0); // padded bottom
-        // Left padding repeats the picture's first column.
+                                          // Left padding repeats the picture's first column.
         assert_eq!(&c.rgb[..3], &img.get_pixel(0, 0).0);
         assert_eq!(&c.rgb[(2 * 16 + 3) * 3..][..3], &img.get_pixel(0, 2).0);
         // Without a mask file the picture is kept and the border painted.
-        let c = Canvas::from_images(img, None, &CanvasOptions { multiple: 8, pad: [0, 0, 8, 0], ..Default::default() }).unwrap();
+        let c = Canvas::from_images(
+            img,
+            None,
+            &CanvasOptions {
+                multiple: 8,
+                pad: [0, 0, 8, 0],
+                ..Default::default()
+            },
+        )
+        .unwrap();
         assert_eq!((c.width, c.height), (16, 8));
         let m = c.mask.unwrap();
         assert_eq!((m[7], m[8]), (0.0, 1.0));
@@ -294,7 +403,16 @@ mod tests {
 
     #[test]
     fn padding_grows_to_the_multiple_instead_of_being_cropped() {
-        let c = Canvas::from_images(gradient(64, 64), None, &CanvasOptions { multiple: 32, pad: [3, 0, 0, 0], ..Default::default() }).unwrap();
+        let c = Canvas::from_images(
+            gradient(64, 64),
+            None,
+            &CanvasOptions {
+                multiple: 32,
+                pad: [3, 0, 0, 0],
+                ..Default::default()
+            },
+        )
+        .unwrap();
         assert_eq!((c.width, c.height), (96, 64));
         let m = c.mask.unwrap();
         // 32 padded columns on the left (3 asked, 29 to reach the multiple), then the picture.
@@ -305,19 +423,50 @@ mod tests {
     #[test]
     fn mask_blur_softens_the_edge_and_binarising_restores_it() {
         let mask = GrayImage::from_fn(16, 8, |x, _| image::Luma([if x >= 8 { 255 } else { 0 }]));
-        let c = Canvas::from_images(gradient(16, 8), Some(mask), &CanvasOptions { multiple: 8, mask_blur: 2.0, ..Default::default() }).unwrap();
+        let c = Canvas::from_images(
+            gradient(16, 8),
+            Some(mask),
+            &CanvasOptions {
+                multiple: 8,
+                mask_blur: 2.0,
+                ..Default::default()
+            },
+        )
+        .unwrap();
         let m = c.mask.as_ref().unwrap();
-        assert!(m[7] > 0.2 && m[7] < 0.5 && m[8] > 0.5 && m[8] < 0.8, "{:?}", &m[..16]);
+        assert!(
+            m[7] > 0.2 && m[7] < 0.5 && m[8] > 0.5 && m[8] < 0.8,
+            "{:?}",
+            &m[..16]
+        );
         assert!(m[0] < 1e-3 && m[15] > 0.999);
         let b = c.binary_mask().unwrap();
-        assert_eq!(&b[..16], &[0., 0., 0., 0., 0., 0., 0., 0., 1., 1., 1., 1., 1., 1., 1., 1.]);
-        let e = Canvas::from_images(gradient(8, 8), None, &CanvasOptions { multiple: 8, mask_blur: f32::NAN, ..Default::default() }).unwrap_err();
+        assert_eq!(
+            &b[..16],
+            &[0., 0., 0., 0., 0., 0., 0., 0., 1., 1., 1., 1., 1., 1., 1., 1.]
+        );
+        let e = Canvas::from_images(
+            gradient(8, 8),
+            None,
+            &CanvasOptions {
+                multiple: 8,
+                mask_blur: f32::NAN,
+                ..Default::default()
+            },
+        )
+        .unwrap_err();
         assert!(e.to_string().contains("mask blur"), "{e}");
     }
 
     #[test]
     fn planar_pixels_span_minus_one_to_one() {
-        let c = Canvas { width: 2, height: 1, rgb: vec![0, 255, 0, 255, 0, 255], mask: None, mask_blur: 0.0 };
+        let c = Canvas {
+            width: 2,
+            height: 1,
+            rgb: vec![0, 255, 0, 255, 0, 255],
+            mask: None,
+            mask_blur: 0.0,
+        };
         assert_eq!(c.planar_pm1(), vec![-1.0, 1.0, 1.0, -1.0, -1.0, 1.0]);
     }
 }

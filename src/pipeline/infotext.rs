@@ -44,7 +44,9 @@ impl Record<'_> {
         let sampler = req.sampler.info().display;
         let mut pairs: Vec<(&str, String)> = vec![("Steps", req.steps.to_string())];
         pairs.push(("Sampler", sampler.into()));
-        if !(req.sampler.has_own_timesteps() || req.schedule == Schedule::Discrete(Spacing::Linspace)) {
+        if !(req.sampler.has_own_timesteps()
+            || req.schedule == Schedule::Discrete(Spacing::Linspace))
+        {
             pairs.push(("Schedule type", schedule_label(req.schedule).into()));
         }
         pairs.push(("CFG scale", req.cfg_scale.to_string()));
@@ -65,17 +67,30 @@ impl Record<'_> {
             pairs.push(("Emphasis", req.emphasis.name().into()));
         }
         pairs.push(("RNG", req.rng.infotext_name().into()));
-        let loras: Vec<String> = self.loras.iter().map(|l| format!("{}: {}", l.name, lora_hash(&l.path))).collect();
+        let loras: Vec<String> = self
+            .loras
+            .iter()
+            .map(|l| format!("{}: {}", l.name, lora_hash(&l.path)))
+            .collect();
         if !loras.is_empty() {
             pairs.push(("Lora hashes", quoted(&loras.join(", "))));
         }
-        let tis: Vec<String> = self.embeddings.iter().map(|(name, path)| format!("{name}: {}", file_hash(path, 0).unwrap_or_default())).collect();
+        let tis: Vec<String> = self
+            .embeddings
+            .iter()
+            .map(|(name, path)| format!("{name}: {}", file_hash(path, 0).unwrap_or_default()))
+            .collect();
         if !tis.is_empty() {
             pairs.push(("TI hashes", quoted(&tis.join(", "))));
         }
         pairs.push(("Version", format!("sdrs {}", env!("CARGO_PKG_VERSION"))));
         let line: Vec<String> = pairs.iter().map(|(k, v)| format!("{k}: {v}")).collect();
-        format!("{}\nNegative prompt: {}\n{}", req.prompt, req.negative, line.join(", "))
+        format!(
+            "{}\nNegative prompt: {}\n{}",
+            req.prompt,
+            req.negative,
+            line.join(", ")
+        )
     }
 }
 
@@ -102,7 +117,13 @@ fn file_hash(path: &Path, skip: u64) -> Option<String> {
     std::io::copy(&mut (&mut f).take(skip), &mut std::io::sink()).ok()?;
     let mut h = Sha256::new();
     std::io::copy(&mut f, &mut h).ok()?;
-    Some(h.finalize().iter().take(6).map(|b| format!("{b:02x}")).collect())
+    Some(
+        h.finalize()
+            .iter()
+            .take(6)
+            .map(|b| format!("{b:02x}"))
+            .collect(),
+    )
 }
 
 /// A LoRA's hash as A1111 shows it: a safetensors file's data after its header
@@ -126,8 +147,18 @@ mod tests {
     #[test]
     fn a_safetensors_lora_is_hashed_without_its_header_and_other_files_whole() {
         let dir = tempfile::tempdir().unwrap();
-        let (a, b) = (dir.path().join("a.safetensors"), dir.path().join("b.safetensors"));
-        let file = |header: &str| [(header.len() as u64).to_le_bytes().to_vec(), header.as_bytes().to_vec(), vec![1, 2, 3]].concat();
+        let (a, b) = (
+            dir.path().join("a.safetensors"),
+            dir.path().join("b.safetensors"),
+        );
+        let file = |header: &str| {
+            [
+                (header.len() as u64).to_le_bytes().to_vec(),
+                header.as_bytes().to_vec(),
+                vec![1, 2, 3],
+            ]
+            .concat()
+        };
         std::fs::write(&a, file("{\"x\":1}")).unwrap();
         std::fs::write(&b, file("{\"__metadata__\":{\"n\":\"y\"}}")).unwrap();
         assert_eq!(lora_hash(&a), lora_hash(&b));

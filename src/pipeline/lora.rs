@@ -17,13 +17,21 @@ const EXTENSIONS: &[&str] = &["safetensors", "pt", "ckpt", "bin"];
 /// with a path in it could reach outside the folder, and is refused.
 fn find(dir: &Path, name: &str) -> Result<PathBuf> {
     if name.contains(['/', '\\']) || name == "." || name == ".." || name.contains('\0') {
-        return Err(Error::Invalid(format!("prompt: LoRA name `{name}` is not a plain file name")));
+        return Err(Error::Invalid(format!(
+            "prompt: LoRA name `{name}` is not a plain file name"
+        )));
     }
     EXTENSIONS
         .iter()
         .map(|ext| dir.join(format!("{name}.{ext}")))
         .find(|p| p.is_file())
-        .ok_or_else(|| Error::Invalid(format!("prompt: no LoRA `{name}` in {} (looked for {name}.{{{}}})", dir.display(), EXTENSIONS.join(","))))
+        .ok_or_else(|| {
+            Error::Invalid(format!(
+                "prompt: no LoRA `{name}` in {} (looked for {name}.{{{}}})",
+                dir.display(),
+                EXTENSIONS.join(",")
+            ))
+        })
 }
 
 /// A LoRA of a request, with its multipliers on the text encoders and the UNet.
@@ -48,8 +56,17 @@ impl Pipeline {
     pub(super) fn request_loras(&self, req: &Request) -> Result<Vec<RequestLora>> {
         let mut out = Vec::new();
         for (path, multiplier) in &req.loras {
-            let name = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
-            out.push(RequestLora { lora: Lora::open(path, &self.config)?, name, path: path.clone(), te: *multiplier, unet: *multiplier });
+            let name = path
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            out.push(RequestLora {
+                lora: Lora::open(path, &self.config)?,
+                name,
+                path: path.clone(),
+                te: *multiplier,
+                unet: *multiplier,
+            });
         }
         let (_, tags) = take_loras(&req.prompt)?;
         for tag in tags {
@@ -57,20 +74,34 @@ impl Pipeline {
                 return Err(Error::Invalid(format!("the prompt names LoRA `{}` but the request has no LoRA folder (lora_dir; --lora-dir on the command line)", tag.name)));
             };
             let path = find(dir, &tag.name)?;
-            out.push(RequestLora { lora: Lora::open(&path, &self.config)?, name: tag.name, path, te: tag.te, unet: tag.unet });
+            out.push(RequestLora {
+                lora: Lora::open(&path, &self.config)?,
+                name: tag.name,
+                path,
+                te: tag.te,
+                unet: tag.unet,
+            });
         }
         Ok(out)
     }
 
     /// The branches of `loras` on the weights `keep` picks.
-    pub(super) fn adapters(&self, loras: &[RequestLora], part: Part, keep: impl Fn(&str) -> bool) -> Result<Option<Adapters>> {
+    pub(super) fn adapters(
+        &self,
+        loras: &[RequestLora],
+        part: Part,
+        keep: impl Fn(&str) -> bool,
+    ) -> Result<Option<Adapters>> {
         let refs: Vec<(&Lora, f32)> = loras
             .iter()
             .map(|l| {
-                (&l.lora, match part {
-                    Part::Text => l.te,
-                    Part::Unet => l.unet,
-                })
+                (
+                    &l.lora,
+                    match part {
+                        Part::Text => l.te,
+                        Part::Unet => l.unet,
+                    },
+                )
             })
             .collect();
         Adapters::new(&refs, keep, &self.backend)

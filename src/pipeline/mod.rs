@@ -8,31 +8,33 @@
 //! image.save_png("out.png".as_ref())?;
 //! # Ok::<(), sdrs::Error>(())
 //! ```
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use crate::budget::{self, Budget, Need, Plan};
 use crate::config::{Defaults, ModelConfig, TimeId, UnetConfig};
-use crate::formats::gguf::metadata;
 use crate::error::{Error, Result};
+use crate::formats::gguf::metadata;
 use crate::formats::gguf::GgufFile;
 use crate::formats::Checkpoint;
 use crate::ggml::Backend;
 use crate::model::{clip, taesd, unet, vae, Attention, Weights};
-use crate::prompt::{Emphasis, Embeddings};
-use crate::sample::{self, CudaRng, Discrete, NativeRng, Rng, Sampler, Schedule, ScheduleOpts, Spacing, TorchRng};
+use crate::prompt::{Embeddings, Emphasis};
+use crate::sample::{
+    self, CudaRng, Discrete, NativeRng, Rng, Sampler, Schedule, ScheduleOpts, Spacing, TorchRng,
+};
 use crate::tokenizer::ClipTokenizer;
 
 pub(crate) mod canvas;
 mod infotext;
 mod lora;
 use lora::Part;
-mod start;
-mod text;
 mod output;
 mod preview;
+mod start;
+mod text;
 
 pub use canvas::{Canvas, CanvasOptions};
 pub use output::{exif_user_comment, ImageFormat};
@@ -114,7 +116,11 @@ pub struct Request {
 
 /// The tiles `vae_tiling` asks for: 64 latents (512 pixels) a side, overlapping by a
 /// quarter (diffusers' `enable_tiling` sizes).
-pub const FORCED_TILE: vae::Tiling = vae::Tiling { tile_w: 64, tile_h: 64, overlap: 16 };
+pub const FORCED_TILE: vae::Tiling = vae::Tiling {
+    tile_w: 64,
+    tile_h: 64,
+    overlap: 16,
+};
 
 impl Request {
     pub fn new(prompt: &str) -> Self {
@@ -209,14 +215,27 @@ pub enum Stage<'a> {
     TextEncoded,
     /// The UNet graph is built: matrix-product FLOPs of one step (all CFG branches)
     /// and the compute buffer it uses.
-    Sampling { unet_flops: f64, compute_bytes: usize },
-    Step { done: usize, total: usize },
+    Sampling {
+        unet_flops: f64,
+        compute_bytes: usize,
+    },
+    Step {
+        done: usize,
+        total: usize,
+    },
     /// Tile runs of a tiled VAE decode.
-    Decoding { done: usize, total: usize },
+    Decoding {
+        done: usize,
+        total: usize,
+    },
     Decoded,
     /// A picture of the model's current estimate after step `done` of `total`
     /// ([`Request::preview_every`]).
-    Preview { done: usize, total: usize, image: &'a Image },
+    Preview {
+        done: usize,
+        total: usize,
+        image: &'a Image,
+    },
 }
 
 /// An 8-bit RGB image with the parameters that made it.
@@ -233,7 +252,11 @@ pub struct Image {
 
 impl std::fmt::Debug for Image {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Image({}x{}, {:?})", self.width, self.height, self.parameters)
+        write!(
+            f,
+            "Image({}x{}, {:?})",
+            self.width, self.height, self.parameters
+        )
     }
 }
 
@@ -264,11 +287,19 @@ pub fn is_gguf(path: &Path) -> Result<bool> {
 
 /// A run default parsed by `parse`; a name this version does not know is advice it
 /// cannot follow, so it is skipped with a warning rather than refused.
-fn known_default<T>(file: &Path, what: &str, name: Option<&str>, parse: impl Fn(&str) -> Option<T>) -> Option<T> {
+fn known_default<T>(
+    file: &Path,
+    what: &str,
+    name: Option<&str>,
+    parse: impl Fn(&str) -> Option<T>,
+) -> Option<T> {
     let name = name?;
     let parsed = parse(name);
     if parsed.is_none() {
-        log::warn!("{}: ignoring unknown default {what} `{name}`", file.display());
+        log::warn!(
+            "{}: ignoring unknown default {what} `{name}`",
+            file.display()
+        );
     }
     parsed
 }
@@ -325,7 +356,10 @@ impl<'a> std::ops::Deref for StageWeights<'a> {
 
 impl Pipeline {
     pub fn load(path: &Path) -> Result<Pipeline> {
-        Self::load_with_threads(path, std::thread::available_parallelism().map_or(1, |n| n.get()))
+        Self::load_with_threads(
+            path,
+            std::thread::available_parallelism().map_or(1, |n| n.get()),
+        )
     }
 
     pub fn load_with_threads(path: &Path, threads: usize) -> Result<Pipeline> {
@@ -336,13 +370,21 @@ impl Pipeline {
     /// (`.safetensors`, `.ckpt`, a diffusers folder) converted first to a temporary
     /// f16 GGUF ([`crate::convert::to_temporary`]; `progress` follows that
     /// conversion, which `cancel` stops).
-    pub fn open(path: &Path, threads: usize, cancel: &AtomicBool, progress: &mut dyn FnMut(&crate::convert::Progress)) -> Result<Pipeline> {
+    pub fn open(
+        path: &Path,
+        threads: usize,
+        cancel: &AtomicBool,
+        progress: &mut dyn FnMut(&crate::convert::Progress),
+    ) -> Result<Pipeline> {
         // A file named .gguf is judged as one, so a damaged GGUF says so.
-        let named_gguf = path.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf"));
+        let named_gguf = path
+            .extension()
+            .is_some_and(|e| e.eq_ignore_ascii_case("gguf"));
         if !named_gguf && !is_gguf(path)? {
             let ck = Checkpoint::open(path)?;
             let gguf = crate::convert::to_temporary(&ck, cancel, progress)?;
-            let config = metadata::read_config(&gguf)?.ok_or_else(|| Error::format(path, "no model config after conversion"))?;
+            let config = metadata::read_config(&gguf)?
+                .ok_or_else(|| Error::format(path, "no model config after conversion"))?;
             return Self::from_gguf(gguf, config, threads);
         }
         Self::load_gguf(path, threads)
@@ -364,7 +406,8 @@ impl Pipeline {
     #[cfg(feature = "demo-model")]
     pub fn demo(threads: usize) -> Result<Pipeline> {
         let gguf = crate::demo::gguf()?;
-        let config = metadata::read_config(&gguf)?.ok_or_else(|| Error::format(&gguf.path, "no model config in metadata"))?;
+        let config = metadata::read_config(&gguf)?
+            .ok_or_else(|| Error::format(&gguf.path, "no model config in metadata"))?;
         Self::from_gguf(gguf, config, threads)
     }
 
@@ -372,11 +415,29 @@ impl Pipeline {
         let path = gguf.path.clone();
         let path = path.as_path();
         check_conditioning(&config).map_err(|e| Error::arch(path, e))?;
-        let vocab = metadata::read_tokenizer(&gguf).map_or_else(crate::vocab::ClipVocab::embedded, Ok)?;
+        let vocab =
+            metadata::read_tokenizer(&gguf).map_or_else(crate::vocab::ClipVocab::embedded, Ok)?;
         let tokenizer = ClipTokenizer::new(&vocab)?;
-        let model_hash = gguf.get("sd.source.sha256").and_then(|v| v.as_str()).map(|h| h.chars().take(10).collect()).unwrap_or_default();
+        let model_hash = gguf
+            .get("sd.source.sha256")
+            .and_then(|v| v.as_str())
+            .map(|h| h.chars().take(10).collect())
+            .unwrap_or_default();
         let defaults = metadata::read_defaults(&gguf);
-        Ok(Pipeline { gguf, config, tokenizer, backend: Backend::cpu(threads)?, model_hash, attention: Attention::Auto, repack: true, max_memory: None, defaults, device: None, embeddings: Embeddings::default(), vae_file: None })
+        Ok(Pipeline {
+            gguf,
+            config,
+            tokenizer,
+            backend: Backend::cpu(threads)?,
+            model_hash,
+            attention: Attention::Auto,
+            repack: true,
+            max_memory: None,
+            defaults,
+            device: None,
+            embeddings: Embeddings::default(),
+            vae_file: None,
+        })
     }
 
     /// Runs every stage on `backend` from now on (a GPU: [`Backend::open`]). On a GPU,
@@ -385,8 +446,16 @@ impl Pipeline {
         self.device = None;
         if backend.gpu_name().is_some() {
             let text = Weights::upload(&self.gguf, |n| self.is_text(n), &backend)?;
-            let unet = Weights::upload(&self.gguf, |n| n.starts_with("model.diffusion_model."), &backend)?;
-            let vae = Weights::upload(&self.gguf, |n| n.starts_with("first_stage_model."), &backend)?;
+            let unet = Weights::upload(
+                &self.gguf,
+                |n| n.starts_with("model.diffusion_model."),
+                &backend,
+            )?;
+            let vae = Weights::upload(
+                &self.gguf,
+                |n| n.starts_with("first_stage_model."),
+                &backend,
+            )?;
             self.device = Some(DeviceWeights { text, unet, vae });
         }
         self.backend = backend;
@@ -395,7 +464,12 @@ impl Pipeline {
 
     /// The weights of one stage: its tensors mapped (`keep`, with `repack` choosing
     /// matrices to copy into ggml's repacked layout), or the GPU's copies.
-    fn stage<'a>(&'a self, keep: impl Fn(&str) -> bool, repack: impl Fn(&str) -> bool, kept: impl Fn(&'a DeviceWeights) -> &'a Weights<'static>) -> Result<StageWeights<'a>> {
+    fn stage<'a>(
+        &'a self,
+        keep: impl Fn(&str) -> bool,
+        repack: impl Fn(&str) -> bool,
+        kept: impl Fn(&'a DeviceWeights) -> &'a Weights<'static>,
+    ) -> Result<StageWeights<'a>> {
         Ok(match &self.device {
             Some(d) => StageWeights::Kept(kept(d)),
             None => StageWeights::Mapped(Weights::load_repacked(&self.gguf, keep, repack)?),
@@ -409,7 +483,11 @@ impl Pipeline {
         let tensors = crate::formats::vae_file::open(path, &self.config.vae)?;
         let mut list = Vec::with_capacity(tensors.len());
         for t in &tensors {
-            list.push((t.name.clone(), t.shape.iter().rev().copied().collect(), t.read_f32()?));
+            list.push((
+                t.name.clone(),
+                t.shape.iter().rev().copied().collect(),
+                t.read_f32()?,
+            ));
         }
         self.vae_file = Some(Weights::from_f32(path, list, &self.backend)?);
         Ok(())
@@ -443,8 +521,18 @@ impl Pipeline {
     pub fn request(&self, prompt: &str) -> Request {
         let d = &self.defaults;
         let base = Request::new(prompt);
-        let sampler = known_default(&self.gguf.path, "sampler", d.sampler.as_deref(), Sampler::parse);
-        let schedule = known_default(&self.gguf.path, "scheduler", d.scheduler.as_deref(), Schedule::parse);
+        let sampler = known_default(
+            &self.gguf.path,
+            "sampler",
+            d.sampler.as_deref(),
+            Sampler::parse,
+        );
+        let schedule = known_default(
+            &self.gguf.path,
+            "scheduler",
+            d.scheduler.as_deref(),
+            Schedule::parse,
+        );
         Request {
             width: d.width.unwrap_or(base.width),
             height: d.height.unwrap_or(base.height),
@@ -507,7 +595,10 @@ impl Pipeline {
     pub fn plan(&self, req: &Request) -> Result<Plan> {
         let (lw, lh) = self.validate(req)?;
         let taesd = match &req.taesd {
-            Some(path) => Some(Weights::from_checkpoint(&Checkpoint::open(path)?, &self.backend)?),
+            Some(path) => Some(Weights::from_checkpoint(
+                &Checkpoint::open(path)?,
+                &self.backend,
+            )?),
             None => None,
         };
         let encode = req.init.is_some() && req.taesd.is_none();
@@ -515,9 +606,28 @@ impl Pipeline {
         let branches = if self.guided(req) { 2 } else { 1 };
         // Each stage's LoRA branches, read once for all the plans tried.
         let loras = self.request_loras(req)?;
-        let text_adapters = self.config.text_encoders.iter().map(|te| self.adapters(&loras, Part::Text, |n| n.starts_with(&te.prefix))).collect::<Result<Vec<_>>>()?;
-        let unet_adapters = self.adapters(&loras, Part::Unet, |n| n.starts_with("model.diffusion_model."))?;
-        let stages = RunStages { pipe: self, req, lw, lh, prompts: branches * prompts.count, tokens: self.context_tokens(&prompts), vectors: prompts.vectors, taesd, encode, text_adapters, unet_adapters };
+        let text_adapters = self
+            .config
+            .text_encoders
+            .iter()
+            .map(|te| self.adapters(&loras, Part::Text, |n| n.starts_with(&te.prefix)))
+            .collect::<Result<Vec<_>>>()?;
+        let unet_adapters = self.adapters(&loras, Part::Unet, |n| {
+            n.starts_with("model.diffusion_model.")
+        })?;
+        let stages = RunStages {
+            pipe: self,
+            req,
+            lw,
+            lh,
+            prompts: branches * prompts.count,
+            tokens: self.context_tokens(&prompts),
+            vectors: prompts.vectors,
+            taesd,
+            encode,
+            text_adapters,
+            unet_adapters,
+        };
         let mut plan = budget::plan(&stages, self.guided(req), Budget::resolve(self.max_memory))?;
         let forced = FORCED_TILE.clamp(lw, lh);
         if req.vae_tiling && plan.tiling.is_none() && forced.cuts(lw, lh) {
@@ -533,21 +643,32 @@ impl Pipeline {
     /// The latent size of a valid request, or what is wrong with it.
     fn validate(&self, req: &Request) -> Result<(usize, usize)> {
         if req.steps == 0 || req.steps > 1000 {
-            return Err(Error::Invalid(format!("steps must be between 1 and 1000, not {}", req.steps)));
+            return Err(Error::Invalid(format!(
+                "steps must be between 1 and 1000, not {}",
+                req.steps
+            )));
         }
         for te in &self.config.text_encoders {
             self.encoder_for(te, req)?;
         }
         if let Some(c) = &req.init {
             if (c.width, c.height) != (req.width, req.height) {
-                return Err(Error::Invalid(format!("the init image is {}x{} but the request is for {}x{}", c.width, c.height, req.width, req.height)));
+                return Err(Error::Invalid(format!(
+                    "the init image is {}x{} but the request is for {}x{}",
+                    c.width, c.height, req.width, req.height
+                )));
             }
             let s = req.strength();
             if !(s > 0.0 && s <= 1.0) {
-                return Err(Error::Invalid(format!("strength must be in (0, 1], not {s}")));
+                return Err(Error::Invalid(format!(
+                    "strength must be in (0, 1], not {s}"
+                )));
             }
             if (req.steps as f64 * s) < 1.0 && !req.sampler.has_own_timesteps() {
-                return Err(Error::Invalid(format!("strength {s} of {} steps leaves no step to run: raise either", req.steps)));
+                return Err(Error::Invalid(format!(
+                    "strength {s} of {} steps leaves no step to run: raise either",
+                    req.steps
+                )));
             }
         }
         self.latent_size(req.width, req.height)
@@ -555,14 +676,19 @@ impl Pipeline {
 
     /// Whether tensor `name` belongs to one of the text encoders.
     fn is_text(&self, name: &str) -> bool {
-        self.config.text_encoders.iter().any(|t| name.starts_with(&t.prefix))
+        self.config
+            .text_encoders
+            .iter()
+            .any(|t| name.starts_with(&t.prefix))
     }
 
     /// `label_emb`'s input for each branch (`[uncond, cond]` when guided): see [`label_input`].
     fn vector_conditioning(&self, req: &Request, pooled: &[f32], guided: bool) -> Result<Vec<f32>> {
         let u = &self.config.unet;
         let (w, h) = (req.width as f32, req.height as f32);
-        let (ow, oh) = req.original_size.map_or((w, h), |(a, b)| (a as f32, b as f32));
+        let (ow, oh) = req
+            .original_size
+            .map_or((w, h), |(a, b)| (a as f32, b as f32));
         let (top, left) = (req.crop_top_left.0 as f32, req.crop_top_left.1 as f32);
         let branches = if guided { 2 } else { 1 };
         let d = pooled.len() / branches;
@@ -576,7 +702,11 @@ impl Pipeline {
                     TimeId::OriginalSize => vec![oh, ow],
                     TimeId::CropTopLeft => vec![top, left],
                     TimeId::TargetSize => vec![h, w],
-                    TimeId::AestheticScore => vec![if negative { req.negative_aesthetic_score } else { req.aesthetic_score }],
+                    TimeId::AestheticScore => vec![if negative {
+                        req.negative_aesthetic_score
+                    } else {
+                        req.aesthetic_score
+                    }],
                 })
                 .collect();
             y.extend(label_input(u, &pooled[b * d..(b + 1) * d], &values)?);
@@ -593,13 +723,21 @@ impl Pipeline {
 
     /// [`Pipeline::generate`] with the memory choices of `memory` (from
     /// [`Pipeline::plan`], possibly adjusted: e.g. tiles forced for a test).
-    pub fn generate_planned(&self, req: &Request, memory: &Plan, progress: &mut dyn FnMut(Stage)) -> Result<Image> {
+    pub fn generate_planned(
+        &self,
+        req: &Request,
+        memory: &Plan,
+        progress: &mut dyn FnMut(Stage),
+    ) -> Result<Image> {
         let (lw, lh) = self.validate(req)?;
         let cancelled = || check_cancel(req.cancel.as_deref());
         cancelled()?;
         let cfg = &self.config;
         let t0 = Instant::now();
-        let embedded = cfg.unet.time_cond_proj_dim.map(|dim| guidance_embedding(req.cfg_scale - 1.0, dim));
+        let embedded = cfg
+            .unet
+            .time_cond_proj_dim
+            .map(|dim| guidance_embedding(req.cfg_scale - 1.0, dim));
         let guided = self.guided(req);
         let prompts = self.prompts(req)?;
         let tokens = self.context_tokens(&prompts);
@@ -620,14 +758,35 @@ impl Pipeline {
         // ancestral step, in the order diffusers draws them, so the torch generator
         // reproduces its images.
         let mut rng = req.rng.make(req.seed);
-        let sched = if req.zero_terminal_snr || cfg.zero_terminal_snr { Discrete::sd().rescale_zero_terminal_snr() } else { Discrete::sd() };
-        let settings = req.eta.map_or_else(|| sample::Settings::default_for(req.sampler), |eta| sample::Settings { eta });
+        let sched = if req.zero_terminal_snr || cfg.zero_terminal_snr {
+            Discrete::sd().rescale_zero_terminal_snr()
+        } else {
+            Discrete::sd()
+        };
+        let settings = req.eta.map_or_else(
+            || sample::Settings::default_for(req.sampler),
+            |eta| sample::Settings { eta },
+        );
         // Align Your Steps has a table per model family; SDXL's is for size-conditioned UNets.
-        let opts = ScheduleOpts { sigma_min: req.sigma_min, sigma_max: req.sigma_max, xl: !cfg.unet.time_ids.is_empty() };
+        let opts = ScheduleOpts {
+            sigma_min: req.sigma_min,
+            sigma_max: req.sigma_max,
+            xl: !cfg.unet.time_ids.is_empty(),
+        };
         let strength = req.strength();
-        let plan = sample::plan_for(req.sampler, req.schedule, &sched, req.steps, &opts, strength);
+        let plan = sample::plan_for(
+            req.sampler,
+            req.schedule,
+            &sched,
+            req.steps,
+            &opts,
+            strength,
+        );
         if plan.timesteps.is_empty() {
-            return Err(Error::Invalid(format!("strength {strength} of {} steps leaves no step to run: raise either", req.steps)));
+            return Err(Error::Invalid(format!(
+                "strength {strength} of {} steps leaves no step to run: raise either",
+                req.steps
+            )));
         }
         let unet = |n: &str| n.starts_with("model.diffusion_model.");
         // Image encodes are their own stage, before the UNet's weights come in.
@@ -635,17 +794,45 @@ impl Pipeline {
         cancelled()?;
         // The UNet's weights, graph and compute buffer are dropped before the decode.
         let latent = {
-            let uw = self.stage(unet, |n| self.repack && unet(n) && n.ends_with(".weight"), |d| &d.unet)?;
+            let uw = self.stage(
+                unet,
+                |n| self.repack && unet(n) && n.ends_with(".weight"),
+                |d| &d.unet,
+            )?;
             // Copied weights are not read from the mapping again.
             self.gguf.release(|n| uw.is_copied(n));
             // One graph for the whole run: cond and uncond as a batch of 2 when guided,
             // unless the plan splits them to halve the compute buffer.
             let batch = if memory.split_guidance { 1 } else { branches };
             let adapters = self.adapters(&loras, Part::Unet, unet)?;
-            let runner = unet::Runner::new(&uw, &cfg.unet, lw, lh, batch, tokens, self.attention, adapters.as_ref())?;
+            let runner = unet::Runner::new(
+                &uw,
+                &cfg.unet,
+                lw,
+                lh,
+                batch,
+                tokens,
+                self.attention,
+                adapters.as_ref(),
+            )?;
             let unet_flops = runner.flops * (branches / batch) as f64;
-            progress(Stage::Sampling { unet_flops, compute_bytes: runner.buffer_bytes });
-            let mut model = Cfg { runner: &runner, pipe: self, context: &context, y: y.as_deref(), scale: req.cfg_scale, rescale: req.guidance_rescale, guided, split: memory.split_guidance, extra: start.extra.as_deref(), embedded: embedded.as_deref(), cancel: req.cancel.as_deref() };
+            progress(Stage::Sampling {
+                unet_flops,
+                compute_bytes: runner.buffer_bytes,
+            });
+            let mut model = Cfg {
+                runner: &runner,
+                pipe: self,
+                context: &context,
+                y: y.as_deref(),
+                scale: req.cfg_scale,
+                rescale: req.guidance_rescale,
+                guided,
+                split: memory.split_guidance,
+                extra: start.extra.as_deref(),
+                embedded: embedded.as_deref(),
+                cancel: req.cancel.as_deref(),
+            };
             let total = plan.timesteps.len();
             let x = start.latent(&plan, strength);
             let mut den = sample::Denoiser::new(&mut model, cfg.prediction, &sched, &plan);
@@ -654,7 +841,8 @@ impl Pipeline {
             let mut brownian;
             let mut iid;
             let noise_src: &mut dyn sample::NoiseSampler = if req.sampler.brownian() {
-                brownian = sample::BrownianNoise::new(req.rng.make(req.seed ^ 0x9E37_79B9_7F4A_7C15));
+                brownian =
+                    sample::BrownianNoise::new(req.rng.make(req.seed ^ 0x9E37_79B9_7F4A_7C15));
                 &mut brownian
             } else {
                 iid = sample::IidNoise(rng.as_mut());
@@ -664,19 +852,33 @@ impl Pipeline {
                 0 => None,
                 _ => Some(preview::Previewer::new(self, req.taesd.as_deref(), lw, lh)?),
             };
-            let traj = sample::sample(&mut den, req.sampler, &settings, &plan, x, noise_src, &mut |i, x, denoised| {
-                start.blend(&plan, i, x);
-                progress(Stage::Step { done: i + 1, total });
-                let due = (i + 1) % req.preview_every.max(1) == 0 || i + 1 == total;
-                if let Some(p) = previewer.as_ref().filter(|_| due && !denoised.is_empty()) {
-                    // A preview is a courtesy: its failure must not cost the image.
-                    match p.draw(denoised) {
-                        Ok(image) => progress(Stage::Preview { done: i + 1, total, image: &image }),
-                        Err(e) => log::warn!("no preview after step {}: {e}", i + 1),
+            let traj = sample::sample(
+                &mut den,
+                req.sampler,
+                &settings,
+                &plan,
+                x,
+                noise_src,
+                &mut |i, x, denoised| {
+                    start.blend(&plan, i, x);
+                    progress(Stage::Step { done: i + 1, total });
+                    let due = (i + 1) % req.preview_every.max(1) == 0 || i + 1 == total;
+                    if let Some(p) = previewer.as_ref().filter(|_| due && !denoised.is_empty()) {
+                        // A preview is a courtesy: its failure must not cost the image.
+                        match p.draw(denoised) {
+                            Ok(image) => progress(Stage::Preview {
+                                done: i + 1,
+                                total,
+                                image: &image,
+                            }),
+                            Err(e) => log::warn!("no preview after step {}: {e}", i + 1),
+                        }
                     }
-                }
-            })?;
-            traj.into_iter().last().ok_or_else(|| Error::Invalid("no sampling steps".into()))?
+                },
+            )?;
+            traj.into_iter()
+                .last()
+                .ok_or_else(|| Error::Invalid("no sampling steps".into()))?
         };
         self.gguf.release(unet);
         self.gguf.check_intact()?;
@@ -696,10 +898,21 @@ impl Pipeline {
             None => {
                 let w = self.vae_weights()?;
                 let pixels = match memory.tiling {
-                    Some(t) => vae::decode_tiled(&w, &cfg.vae, latent, 1, lh, lw, t, req.vae_tile_stats, &self.backend, &mut |done, total| {
-                        progress(Stage::Decoding { done, total });
-                        cancelled()
-                    })?,
+                    Some(t) => vae::decode_tiled(
+                        &w,
+                        &cfg.vae,
+                        latent,
+                        1,
+                        lh,
+                        lw,
+                        t,
+                        req.vae_tile_stats,
+                        &self.backend,
+                        &mut |done, total| {
+                            progress(Stage::Decoding { done, total });
+                            cancelled()
+                        },
+                    )?,
                     None => vae::decode(&w, &cfg.vae, latent, 1, lh, lw, &self.backend)?,
                 };
                 (pixels, false)
@@ -710,7 +923,12 @@ impl Pipeline {
         progress(Stage::Decoded);
         let (w, h) = (req.width, req.height);
         let mut rgb = to_rgb8(&pixels, w * h, unit);
-        if let Some((init, mask)) = req.init.as_deref().filter(|_| req.overlay).and_then(|c| Some((c, c.mask.as_ref()?))) {
+        if let Some((init, mask)) = req
+            .init
+            .as_deref()
+            .filter(|_| req.overlay)
+            .and_then(|c| Some((c, c.mask.as_ref()?)))
+        {
             for (i, &m) in mask.iter().enumerate() {
                 for c in 0..3 {
                     let (a, b) = (init.rgb[i * 3 + c] as f32, rgb[i * 3 + c] as f32);
@@ -718,12 +936,41 @@ impl Pipeline {
                 }
             }
         }
-        let name = self.gguf.path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
-        let embeddings = prompts.used_embeddings().into_iter().filter_map(|e| self.embeddings.list.get(e)).map(|e| (e.names.first().map_or("", String::as_str), e.path.as_path())).collect();
-        let record = infotext::Record { req, width: w, height: h, strength, model_hash: &self.model_hash, model_name: &name, loras: &loras, embeddings };
+        let name = self
+            .gguf
+            .path
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let embeddings = prompts
+            .used_embeddings()
+            .into_iter()
+            .filter_map(|e| self.embeddings.list.get(e))
+            .map(|e| (e.names.first().map_or("", String::as_str), e.path.as_path()))
+            .collect();
+        let record = infotext::Record {
+            req,
+            width: w,
+            height: h,
+            strength,
+            model_hash: &self.model_hash,
+            model_name: &name,
+            loras: &loras,
+            embeddings,
+        };
         let parameters = record.render();
-        let timings = [(t1 - t0).as_secs_f64(), (t2 - t1).as_secs_f64(), t2.elapsed().as_secs_f64()];
-        Ok(Image { width: w, height: h, rgb, parameters, timings })
+        let timings = [
+            (t1 - t0).as_secs_f64(),
+            (t2 - t1).as_secs_f64(),
+            t2.elapsed().as_secs_f64(),
+        ];
+        Ok(Image {
+            width: w,
+            height: h,
+            rgb,
+            parameters,
+            timings,
+        })
     }
 }
 
@@ -751,7 +998,13 @@ struct RunStages<'a> {
 impl RunStages<'_> {
     /// Data bytes of the GGUF's tensors that `which` picks.
     fn mapped(&self, which: impl Fn(&str) -> bool) -> u64 {
-        self.pipe.gguf.tensors.iter().filter(|t| which(&t.name)).map(|t| t.nbytes).sum()
+        self.pipe
+            .gguf
+            .tensors
+            .iter()
+            .filter(|t| which(&t.name))
+            .map(|t| t.nbytes)
+            .sum()
     }
 }
 
@@ -759,28 +1012,61 @@ impl budget::Stages for RunStages<'_> {
     fn before(&self) -> Result<Vec<Need>> {
         let (p, cfg) = (self.pipe, &self.pipe.config);
         // The encoders run one after the other, each released when done: the largest counts.
-        let mut text = Need { stage: "text", weights: 0, compute: 0, other: 0 };
+        let mut text = Need {
+            stage: "text",
+            weights: 0,
+            compute: 0,
+            other: 0,
+        };
         for (i, te) in cfg.text_encoders.iter().enumerate() {
             let pooled = cfg.unet.adm_in_channels.is_some() && i + 1 == cfg.text_encoders.len();
             let w = Weights::load(&p.gguf, |n| n.starts_with(&te.prefix))?;
             let run = p.encoder_for(te, self.req)?;
             let adapters = self.text_adapters.get(i).and_then(Option::as_ref);
-            text.weights = text.weights.max(w.bytes() + adapters.map_or(0, |a| a.bytes()));
-            text.compute = text.compute.max(clip::buffer_bytes(&w, &run, self.prompts, pooled, self.vectors, adapters)? as u64);
+            text.weights = text
+                .weights
+                .max(w.bytes() + adapters.map_or(0, |a| a.bytes()));
+            text.compute = text.compute.max(clip::buffer_bytes(
+                &w,
+                &run,
+                self.prompts,
+                pooled,
+                self.vectors,
+                adapters,
+            )? as u64);
         }
         let mut needs = vec![text];
         if self.encode || cfg.unet.in_channels != cfg.vae.latent_channels {
-            let enc = |n: &str| n.starts_with("first_stage_model.encoder.") || n.starts_with("first_stage_model.quant_conv.");
+            let enc = |n: &str| {
+                n.starts_with("first_stage_model.encoder.")
+                    || n.starts_with("first_stage_model.quant_conv.")
+            };
             let w = p.vae_weights()?;
             let f = cfg.vae.downscale();
             let forced = FORCED_TILE.clamp(self.lw, self.lh);
             let compute = if self.req.vae_tiling && forced.cuts(self.lw, self.lh) {
-                vae::encode_tile_bytes(&w, &cfg.vae, self.lw, self.lh, forced, self.req.vae_tile_stats)?
+                vae::encode_tile_bytes(
+                    &w,
+                    &cfg.vae,
+                    self.lw,
+                    self.lh,
+                    forced,
+                    self.req.vae_tile_stats,
+                )?
             } else {
                 vae::encode_buffer_bytes(&w, &cfg.vae, self.lw * f, self.lh * f)?
             } as u64;
-            let weights = if p.vae_file.is_some() { w.bytes() } else { self.mapped(enc) };
-            needs.push(Need { stage: "encode", weights, compute, other: (3 * 4 * self.lw * self.lh * f * f) as u64 });
+            let weights = if p.vae_file.is_some() {
+                w.bytes()
+            } else {
+                self.mapped(enc)
+            };
+            needs.push(Need {
+                stage: "encode",
+                weights,
+                compute,
+                other: (3 * 4 * self.lw * self.lh * f * f) as u64,
+            });
         }
         Ok(needs)
     }
@@ -789,8 +1075,22 @@ impl budget::Stages for RunStages<'_> {
         let (p, cfg) = (self.pipe, &self.pipe.config);
         let w = Weights::load(&p.gguf, |n| n.starts_with("model.diffusion_model."))?;
         let adapters = self.unet_adapters.as_ref();
-        let compute = unet::Runner::measure(&w, &cfg.unet, self.lw, self.lh, batch, self.tokens, p.attention, adapters)? as u64;
-        Ok(Need { stage: "unet", weights: w.bytes() + adapters.map_or(0, |a| a.bytes()), compute, other: 0 })
+        let compute = unet::Runner::measure(
+            &w,
+            &cfg.unet,
+            self.lw,
+            self.lh,
+            batch,
+            self.tokens,
+            p.attention,
+            adapters,
+        )? as u64;
+        Ok(Need {
+            stage: "unet",
+            weights: w.bytes() + adapters.map_or(0, |a| a.bytes()),
+            compute,
+            other: 0,
+        })
     }
 
     fn decode(&self, tiling: Option<vae::Tiling>) -> Result<Need> {
@@ -800,21 +1100,45 @@ impl budget::Stages for RunStages<'_> {
         let other = (self.lw * self.lh * f * f * (12 + 4 * tiling.is_some() as usize + 3)) as u64;
         if let Some(w) = &self.taesd {
             let t = tiling.unwrap_or(vae::Tiling::square(self.lw.max(self.lh), 0));
-            return Ok(Need { stage: "decode", weights: w.bytes(), compute: taesd::decode_tile_bytes(w, t, self.lw, self.lh)? as u64, other });
+            return Ok(Need {
+                stage: "decode",
+                weights: w.bytes(),
+                compute: taesd::decode_tile_bytes(w, t, self.lw, self.lh)? as u64,
+                other,
+            });
         }
-        let dec = |n: &str| n.starts_with("first_stage_model.decoder.") || n.starts_with("first_stage_model.post_quant_conv.");
+        let dec = |n: &str| {
+            n.starts_with("first_stage_model.decoder.")
+                || n.starts_with("first_stage_model.post_quant_conv.")
+        };
         let w = p.vae_weights()?;
         let compute = match tiling {
-            Some(t) => vae::decode_tiled_bytes(&w, &cfg.vae, self.lw, self.lh, t, self.req.vae_tile_stats)?,
+            Some(t) => {
+                vae::decode_tiled_bytes(&w, &cfg.vae, self.lw, self.lh, t, self.req.vae_tile_stats)?
+            }
             None => vae::decode_buffer_bytes(&w, &cfg.vae, self.lw, self.lh)?,
         } as u64;
         // Tiles with the image's statistics start from the whole mid block's output, in f32.
         let mid = match tiling {
-            Some(t) if t.clamp(self.lw, self.lh).cuts(self.lw, self.lh) && self.req.vae_tile_stats == vae::TileStats::Image => (4 * vae::mid_channels(&cfg.vae) * self.lw * self.lh) as u64,
+            Some(t)
+                if t.clamp(self.lw, self.lh).cuts(self.lw, self.lh)
+                    && self.req.vae_tile_stats == vae::TileStats::Image =>
+            {
+                (4 * vae::mid_channels(&cfg.vae) * self.lw * self.lh) as u64
+            }
             _ => 0,
         };
-        let weights = if p.vae_file.is_some() { w.bytes() } else { self.mapped(dec) };
-        Ok(Need { stage: "decode", weights, compute, other: other + mid })
+        let weights = if p.vae_file.is_some() {
+            w.bytes()
+        } else {
+            self.mapped(dec)
+        };
+        Ok(Need {
+            stage: "decode",
+            weights,
+            compute,
+            other: other + mid,
+        })
     }
 
     fn latent(&self) -> (usize, usize) {
@@ -847,7 +1171,10 @@ fn check_conditioning(cfg: &ModelConfig) -> std::result::Result<(), String> {
     }
     let width: usize = tes.iter().map(|t| t.hidden_size).sum();
     if width != cfg.unet.context_dim {
-        return Err(format!("the UNet attends to {}-wide text but its text encoders give {width}", cfg.unet.context_dim));
+        return Err(format!(
+            "the UNet attends to {}-wide text but its text encoders give {width}",
+            cfg.unet.context_dim
+        ));
     }
     if cfg.unet.adm_in_channels.is_some() {
         let last = tes.last().ok_or("no text encoder")?;
@@ -878,8 +1205,14 @@ pub fn label_input(u: &UnetConfig, pooled: &[f32], values: &[f32]) -> Result<Vec
 /// with `flip_sin_to_cos`, frequencies 10000^(-j/half)), in f32 like the reference.
 fn sinusoidal(v: f32, dim: usize) -> Vec<f32> {
     let half = dim / 2;
-    let args: Vec<f32> = (0..half).map(|j| v * (-(10000f32).ln() * j as f32 / half as f32).exp()).collect();
-    let mut out: Vec<f32> = args.iter().map(|a| a.cos()).chain(args.iter().map(|a| a.sin())).collect();
+    let args: Vec<f32> = (0..half)
+        .map(|j| v * (-(10000f32).ln() * j as f32 / half as f32).exp())
+        .collect();
+    let mut out: Vec<f32> = args
+        .iter()
+        .map(|a| a.cos())
+        .chain(args.iter().map(|a| a.sin()))
+        .collect();
     out.resize(dim, 0.0);
     out
 }
@@ -892,7 +1225,11 @@ pub fn guidance_embedding(w: f32, dim: usize) -> Vec<f32> {
     let step = (10000f32).ln() / (half.max(2) - 1) as f32;
     let w = w * 1000.0;
     let args: Vec<f32> = (0..half).map(|i| w * (i as f32 * -step).exp()).collect();
-    let mut out: Vec<f32> = args.iter().map(|a| a.sin()).chain(args.iter().map(|a| a.cos())).collect();
+    let mut out: Vec<f32> = args
+        .iter()
+        .map(|a| a.sin())
+        .chain(args.iter().map(|a| a.cos()))
+        .collect();
     out.resize(dim, 0.0);
     out
 }
@@ -908,7 +1245,10 @@ fn rescale_guidance(guided: &[f32], cond: &[f32], phi: f32) -> Vec<f32> {
         (v.iter().map(|&x| (x as f64 - m).powi(2)).sum::<f64>() / (n - 1.0).max(1.0)).sqrt()
     };
     let f = std(cond) / std(guided).max(1e-30);
-    guided.iter().map(|&g| phi * (g as f64 * f) as f32 + (1.0 - phi) * g).collect()
+    guided
+        .iter()
+        .map(|&g| phi * (g as f64 * f) as f32 + (1.0 - phi) * g)
+        .collect()
 }
 
 /// The UNet with classifier-free guidance: one batch of [uncond, cond] when guided,
@@ -954,7 +1294,14 @@ impl sample::Model for Cfg<'_> {
             }
         }
         if !self.guided {
-            return self.runner.run(&batch, &[t as f32], self.context, self.y, self.embedded, backend);
+            return self.runner.run(
+                &batch,
+                &[t as f32],
+                self.context,
+                self.y,
+                self.embedded,
+                backend,
+            );
         }
         let out = if self.split {
             let (ctx_u, ctx_c) = self.context.split_at(self.context.len() / 2);
@@ -965,15 +1312,35 @@ impl sample::Model for Cfg<'_> {
                 }
                 None => (None, None),
             };
-            let mut out = self.runner.run(&batch, &[t as f32], ctx_u, y_u, None, backend)?;
-            out.extend(self.runner.run(&batch, &[t as f32], ctx_c, y_c, None, backend)?);
+            let mut out = self
+                .runner
+                .run(&batch, &[t as f32], ctx_u, y_u, None, backend)?;
+            out.extend(
+                self.runner
+                    .run(&batch, &[t as f32], ctx_c, y_c, None, backend)?,
+            );
             out
         } else {
-            self.runner.run(&batch, &[t as f32, t as f32], self.context, self.y, None, backend)?
+            self.runner.run(
+                &batch,
+                &[t as f32, t as f32],
+                self.context,
+                self.y,
+                None,
+                backend,
+            )?
         };
         let (uncond, cond) = out.split_at(out.len() / 2);
-        let guided: Vec<f32> = uncond.iter().zip(cond).map(|(u, c)| u + self.scale * (c - u)).collect();
-        Ok(if self.rescale > 0.0 { rescale_guidance(&guided, cond, self.rescale) } else { guided })
+        let guided: Vec<f32> = uncond
+            .iter()
+            .zip(cond)
+            .map(|(u, c)| u + self.scale * (c - u))
+            .collect();
+        Ok(if self.rescale > 0.0 {
+            rescale_guidance(&guided, cond, self.rescale)
+        } else {
+            guided
+        })
     }
 }
 
@@ -983,8 +1350,14 @@ mod tests {
 
     #[test]
     fn guidance_rescale_matches_the_conditional_spread_at_one_and_is_off_at_zero() {
-        let cond: Vec<f32> = (0..64).map(|i| ((i * 37 % 17) as f32 - 8.0) / 8.0).collect();
-        let guided: Vec<f32> = cond.iter().enumerate().map(|(i, c)| 3.0 * c + (i % 5) as f32 * 0.3).collect();
+        let cond: Vec<f32> = (0..64)
+            .map(|i| ((i * 37 % 17) as f32 - 8.0) / 8.0)
+            .collect();
+        let guided: Vec<f32> = cond
+            .iter()
+            .enumerate()
+            .map(|(i, c)| 3.0 * c + (i % 5) as f32 * 0.3)
+            .collect();
         assert_eq!(rescale_guidance(&guided, &cond, 0.0), guided);
         let std = |v: &[f32]| {
             let m = v.iter().sum::<f32>() / v.len() as f32;

@@ -15,7 +15,9 @@ use crate::error::{Error, Result};
 pub enum ImageFormat {
     Png,
     /// Baseline JPEG at a quality in 1..=100.
-    Jpeg { quality: u8 },
+    Jpeg {
+        quality: u8,
+    },
     /// Lossless WebP.
     Webp,
 }
@@ -26,15 +28,25 @@ impl ImageFormat {
 
     /// The format `path`'s extension names (case-insensitive); `quality` is the JPEG's.
     pub fn from_path(path: &Path, quality: u8) -> Result<ImageFormat> {
-        let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("").to_ascii_lowercase();
+        let ext = path
+            .extension()
+            .and_then(|e| e.to_str())
+            .unwrap_or("")
+            .to_ascii_lowercase();
         if !(1..=100).contains(&quality) {
-            return Err(Error::Invalid(format!("JPEG quality {quality} is not in 1..=100")));
+            return Err(Error::Invalid(format!(
+                "JPEG quality {quality} is not in 1..=100"
+            )));
         }
         match ext.as_str() {
             "png" => Ok(ImageFormat::Png),
             "jpg" | "jpeg" => Ok(ImageFormat::Jpeg { quality }),
             "webp" => Ok(ImageFormat::Webp),
-            _ => Err(Error::Invalid(format!("{}: cannot tell the image format from the extension `{ext}`; valid: {}", path.display(), Self::EXTENSIONS.join(", ")))),
+            _ => Err(Error::Invalid(format!(
+                "{}: cannot tell the image format from the extension `{ext}`; valid: {}",
+                path.display(),
+                Self::EXTENSIONS.join(", ")
+            ))),
         }
     }
 }
@@ -43,7 +55,9 @@ impl Image {
     /// Writes the image with its parameters in `format`, atomically: the whole file
     /// appears at `path`, or nothing does.
     pub fn save(&self, path: &Path, format: ImageFormat) -> Result<()> {
-        let bytes = self.encode(format).map_err(|e| Error::Invalid(format!("{}: {e}", path.display())))?;
+        let bytes = self
+            .encode(format)
+            .map_err(|e| Error::Invalid(format!("{}: {e}", path.display())))?;
         let staged = crate::staged::Staged::new(path, true)?;
         std::io::Write::write_all(&mut staged.file(), &bytes).map_err(|e| Error::io(path, e))?;
         staged.commit()
@@ -56,7 +70,8 @@ impl Image {
 
     /// The PNG file [`Image::save_png`] writes, in memory.
     pub fn to_png(&self) -> Result<Vec<u8>> {
-        self.encode(ImageFormat::Png).map_err(|e| Error::Invalid(format!("PNG encoding: {e}")))
+        self.encode(ImageFormat::Png)
+            .map_err(|e| Error::Invalid(format!("PNG encoding: {e}")))
     }
 
     /// The file's bytes in `format`, with the parameters where the format keeps them.
@@ -70,7 +85,11 @@ impl Image {
         }
     }
 
-    fn encode_with(&self, format: ImageFormat, text: Option<&str>) -> std::result::Result<Vec<u8>, String> {
+    fn encode_with(
+        &self,
+        format: ImageFormat,
+        text: Option<&str>,
+    ) -> std::result::Result<Vec<u8>, String> {
         let (w, h) = (self.width as u32, self.height as u32);
         let mut out = Vec::new();
         let text = text.filter(|t| !t.is_empty());
@@ -81,26 +100,36 @@ impl Image {
                 enc.set_depth(png::BitDepth::Eight);
                 if let Some(t) = text {
                     let latin1 = t.chars().all(|c| (c as u32) < 256);
-                    let chunk = if latin1 { enc.add_text_chunk("parameters".into(), t.into()) } else { enc.add_itxt_chunk("parameters".into(), t.into()) };
+                    let chunk = if latin1 {
+                        enc.add_text_chunk("parameters".into(), t.into())
+                    } else {
+                        enc.add_itxt_chunk("parameters".into(), t.into())
+                    };
                     chunk.map_err(|e| e.to_string())?;
                 }
                 let mut writer = enc.write_header().map_err(|e| e.to_string())?;
-                writer.write_image_data(&self.rgb).map_err(|e| e.to_string())?;
+                writer
+                    .write_image_data(&self.rgb)
+                    .map_err(|e| e.to_string())?;
                 writer.finish().map_err(|e| e.to_string())?;
             }
             ImageFormat::Jpeg { quality } => {
                 let mut enc = image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, quality);
                 if let Some(t) = text {
-                    enc.set_exif_metadata(exif_user_comment(t)).map_err(|e| e.to_string())?;
+                    enc.set_exif_metadata(exif_user_comment(t))
+                        .map_err(|e| e.to_string())?;
                 }
-                enc.write_image(&self.rgb, w, h, image::ExtendedColorType::Rgb8).map_err(|e| e.to_string())?;
+                enc.write_image(&self.rgb, w, h, image::ExtendedColorType::Rgb8)
+                    .map_err(|e| e.to_string())?;
             }
             ImageFormat::Webp => {
                 let mut enc = image::codecs::webp::WebPEncoder::new_lossless(&mut out);
                 if let Some(t) = text {
-                    enc.set_exif_metadata(exif_user_comment(t)).map_err(|e| e.to_string())?;
+                    enc.set_exif_metadata(exif_user_comment(t))
+                        .map_err(|e| e.to_string())?;
                 }
-                enc.write_image(&self.rgb, w, h, image::ExtendedColorType::Rgb8).map_err(|e| e.to_string())?;
+                enc.write_image(&self.rgb, w, h, image::ExtendedColorType::Rgb8)
+                    .map_err(|e| e.to_string())?;
             }
         }
         Ok(out)
@@ -140,28 +169,48 @@ mod tests {
     use super::*;
 
     fn image(parameters: &str) -> Image {
-        Image { width: 8, height: 4, rgb: (0..96).map(|i| (i * 5) as u8).collect(), parameters: parameters.into(), timings: [0.0; 3] }
+        Image {
+            width: 8,
+            height: 4,
+            rgb: (0..96).map(|i| (i * 5) as u8).collect(),
+            parameters: parameters.into(),
+            timings: [0.0; 3],
+        }
     }
 
     /// The UserComment of an EXIF block written by [`exif_user_comment`], found in `file`.
     fn comment_in(file: &[u8]) -> String {
-        let at = file.windows(8).position(|w| w == b"UNICODE\0").expect("no UNICODE UserComment");
+        let at = file
+            .windows(8)
+            .position(|w| w == b"UNICODE\0")
+            .expect("no UNICODE UserComment");
         let count = u32::from_be_bytes(file[at - 12..at - 8].try_into().unwrap());
-        let units: Vec<u16> = file[at + 8..at + count as usize].chunks_exact(2).map(|c| u16::from_be_bytes([c[0], c[1]])).collect();
+        let units: Vec<u16> = file[at + 8..at + count as usize]
+            .chunks_exact(2)
+            .map(|c| u16::from_be_bytes([c[0], c[1]]))
+            .collect();
         String::from_utf16(&units).unwrap()
     }
 
     #[test]
     fn prompts_beyond_latin1_are_kept_as_utf8_itxt_and_latin1_ones_as_text() {
-        for prompt in ["a red circle — on a “blue” background 猫 🐈", "café au lait"] {
+        for prompt in [
+            "a red circle — on a “blue” background 猫 🐈",
+            "café au lait",
+        ] {
             let png = image(&format!("{prompt}\nSteps: 4")).to_png().unwrap();
-            let reader = png::Decoder::new(std::io::Cursor::new(png)).read_info().unwrap();
+            let reader = png::Decoder::new(std::io::Cursor::new(png))
+                .read_info()
+                .unwrap();
             let info = reader.info();
             let latin1 = info.uncompressed_latin1_text.iter().map(|t| t.text.clone());
             let utf8 = info.utf8_text.iter().map(|t| t.get_text().unwrap());
             let texts: Vec<String> = latin1.chain(utf8).collect();
             assert_eq!(texts, vec![format!("{prompt}\nSteps: 4")]);
-            assert_eq!(info.utf8_text.is_empty(), prompt.is_ascii() || prompt.starts_with("café"));
+            assert_eq!(
+                info.utf8_text.is_empty(),
+                prompt.is_ascii() || prompt.starts_with("café")
+            );
         }
     }
 
@@ -178,10 +227,21 @@ mod tests {
 
     #[test]
     fn the_format_follows_the_extension_and_an_unknown_one_is_refused() {
-        assert_eq!(ImageFormat::from_path(Path::new("a/b.PNG"), 90).unwrap(), ImageFormat::Png);
-        assert_eq!(ImageFormat::from_path(Path::new("b.jpeg"), 75).unwrap(), ImageFormat::Jpeg { quality: 75 });
-        assert_eq!(ImageFormat::from_path(Path::new("b.webp"), 90).unwrap(), ImageFormat::Webp);
-        let e = ImageFormat::from_path(Path::new("out.gif"), 90).unwrap_err().to_string();
+        assert_eq!(
+            ImageFormat::from_path(Path::new("a/b.PNG"), 90).unwrap(),
+            ImageFormat::Png
+        );
+        assert_eq!(
+            ImageFormat::from_path(Path::new("b.jpeg"), 75).unwrap(),
+            ImageFormat::Jpeg { quality: 75 }
+        );
+        assert_eq!(
+            ImageFormat::from_path(Path::new("b.webp"), 90).unwrap(),
+            ImageFormat::Webp
+        );
+        let e = ImageFormat::from_path(Path::new("out.gif"), 90)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("out.gif") && e.contains("webp"), "{e}");
         assert!(ImageFormat::from_path(Path::new("b.jpg"), 0).is_err());
     }

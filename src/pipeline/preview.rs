@@ -15,8 +15,24 @@ use super::{Image, Pipeline};
 /// latent channels, columns R, G, B, applied to scaled latents, giving values in
 /// [-1, 1]. Fitted by ComfyUI (comfy/latent_formats.py, `latent_rgb_factors`).
 const PROJECTIONS: &[(f32, [[f32; 3]; 4])] = &[
-    (0.18215, [[0.3512, 0.2297, 0.3227], [0.3250, 0.4974, 0.2350], [-0.2829, 0.1762, 0.2721], [-0.2120, -0.2616, -0.7177]]),
-    (0.13025, [[0.3920, 0.4054, 0.4549], [-0.2634, -0.0196, 0.0653], [0.0568, 0.1687, -0.0755], [-0.3112, -0.2359, -0.2076]]),
+    (
+        0.18215,
+        [
+            [0.3512, 0.2297, 0.3227],
+            [0.3250, 0.4974, 0.2350],
+            [-0.2829, 0.1762, 0.2721],
+            [-0.2120, -0.2616, -0.7177],
+        ],
+    ),
+    (
+        0.13025,
+        [
+            [0.3920, 0.4054, 0.4549],
+            [-0.2634, -0.0196, 0.0653],
+            [0.0568, 0.1687, -0.0755],
+            [-0.3112, -0.2359, -0.2076],
+        ],
+    ),
 ];
 
 enum Method {
@@ -35,15 +51,32 @@ pub(super) struct Previewer<'p> {
 }
 
 impl<'p> Previewer<'p> {
-    pub fn new(pipe: &'p Pipeline, taesd: Option<&std::path::Path>, lw: usize, lh: usize) -> Result<Self> {
+    pub fn new(
+        pipe: &'p Pipeline,
+        taesd: Option<&std::path::Path>,
+        lw: usize,
+        lh: usize,
+    ) -> Result<Self> {
         let cfg = &pipe.config.vae;
-        let known = PROJECTIONS.iter().find(|(s, _)| cfg.latent_channels == 4 && (s - cfg.scaling_factor).abs() < 1e-6 && cfg.shift_factor == 0.0);
+        let known = PROJECTIONS.iter().find(|(s, _)| {
+            cfg.latent_channels == 4
+                && (s - cfg.scaling_factor).abs() < 1e-6
+                && cfg.shift_factor == 0.0
+        });
         let method = match (taesd, known) {
-            (Some(path), _) => Method::Taesd(Box::new(Weights::from_checkpoint(&Checkpoint::open(path)?, &pipe.backend)?)),
+            (Some(path), _) => Method::Taesd(Box::new(Weights::from_checkpoint(
+                &Checkpoint::open(path)?,
+                &pipe.backend,
+            )?)),
             (None, Some((_, f))) => Method::Projection(f),
             (None, None) => Method::Vae,
         };
-        Ok(Previewer { pipe, method, lw, lh })
+        Ok(Previewer {
+            pipe,
+            method,
+            lw,
+            lh,
+        })
     }
 
     /// The picture of `latent` (scaled, `[C][lh][lw]`) at the output's size.
@@ -54,10 +87,24 @@ impl<'p> Previewer<'p> {
         let (w, h) = (lw * f, lh * f);
         let planar = |pixels: &[f32], unit: bool| super::to_rgb8(pixels, w * h, unit);
         let rgb = match &self.method {
-            Method::Taesd(weights) => planar(&taesd::decode(weights, &z, 1, lh, lw, &self.pipe.backend)?, true),
+            Method::Taesd(weights) => planar(
+                &taesd::decode(weights, &z, 1, lh, lw, &self.pipe.backend)?,
+                true,
+            ),
             Method::Vae => {
                 let weights = self.pipe.vae_weights()?;
-                planar(&vae::decode(&weights, &self.pipe.config.vae, &z, 1, lh, lw, &self.pipe.backend)?, false)
+                planar(
+                    &vae::decode(
+                        &weights,
+                        &self.pipe.config.vae,
+                        &z,
+                        1,
+                        lh,
+                        lw,
+                        &self.pipe.backend,
+                    )?,
+                    false,
+                )
             }
             Method::Projection(factors) => {
                 let mut rgb = vec![0u8; w * h * 3];
@@ -66,14 +113,25 @@ impl<'p> Previewer<'p> {
                     for x in 0..w {
                         let at = (y / f) * lw + x / f;
                         for c in 0..3 {
-                            let v: f32 = (0..4).map(|k| z.get(k * plane + at).copied().unwrap_or(0.0) * factors[k][c]).sum();
-                            rgb[(y * w + x) * 3 + c] = ((v + 1.0) / 2.0 * 255.0).clamp(0.0, 255.0).round() as u8;
+                            let v: f32 = (0..4)
+                                .map(|k| {
+                                    z.get(k * plane + at).copied().unwrap_or(0.0) * factors[k][c]
+                                })
+                                .sum();
+                            rgb[(y * w + x) * 3 + c] =
+                                ((v + 1.0) / 2.0 * 255.0).clamp(0.0, 255.0).round() as u8;
                         }
                     }
                 }
                 rgb
             }
         };
-        Ok(Image { width: w, height: h, rgb, parameters: String::new(), timings: [0.0; 3] })
+        Ok(Image {
+            width: w,
+            height: h,
+            rgb,
+            parameters: String::new(),
+            timings: [0.0; 3],
+        })
     }
 }

@@ -39,7 +39,11 @@ impl Start {
     /// first level, or pure noise at the plan's initial scale (txt2img, and inpainting
     /// at full strength, as diffusers' inpaint pipeline).
     pub fn latent(&self, plan: &Plan, strength: f64) -> Vec<f64> {
-        let image = if self.inpaint { self.image.as_deref().filter(|_| strength < 1.0) } else { self.image.as_deref() };
+        let image = if self.inpaint {
+            self.image.as_deref().filter(|_| strength < 1.0)
+        } else {
+            self.image.as_deref()
+        };
         crate::sample::start_latent(plan, &self.noise, image)
     }
 
@@ -47,7 +51,9 @@ impl Start {
     /// level (un-noised after the last step): diffusers' blend, made in the VP form
     /// its schedulers hold latents in, so that a final σ above 0 (DDIM's) blends alike.
     pub fn blend(&self, plan: &Plan, i: usize, x: &mut [f64]) {
-        let (Some(m), Some(img)) = (&self.blend_mask, &self.image) else { return };
+        let (Some(m), Some(img)) = (&self.blend_mask, &self.image) else {
+            return;
+        };
         let last = i + 1 == plan.timesteps.len();
         let s = plan.sigmas[i + 1];
         let c = 1.0 / (s * s + 1.0).sqrt();
@@ -57,7 +63,11 @@ impl Start {
             if keep == 0.0 {
                 continue;
             }
-            let target = if last { img[j] as f64 / c } else { img[j] as f64 + s * self.noise[j] as f64 };
+            let target = if last {
+                img[j] as f64 / c
+            } else {
+                img[j] as f64 + s * self.noise[j] as f64
+            };
             *v = keep * target + (1.0 - keep) * *v;
         }
     }
@@ -65,7 +75,14 @@ impl Start {
 
 impl Pipeline {
     /// The start of `req`'s sampling, drawing from `rng` as diffusers would.
-    pub(super) fn start(&self, req: &Request, lw: usize, lh: usize, tiling: Option<Tiling>, rng: &mut dyn Rng) -> Result<Start> {
+    pub(super) fn start(
+        &self,
+        req: &Request,
+        lw: usize,
+        lh: usize,
+        tiling: Option<Tiling>,
+        rng: &mut dyn Rng,
+    ) -> Result<Start> {
         let zc = self.config.vae.latent_channels;
         let n = zc * lw * lh;
         let nine = self.config.unet.in_channels == 2 * zc + 1;
@@ -75,17 +92,32 @@ impl Pipeline {
         // Every image encode happens with the VAE's weights in (or TAESD's): one stage.
         let encoder = match (canvas, &req.taesd) {
             (None, _) => None,
-            (Some(_), Some(dec)) => Some(Encoder::Taesd(Weights::from_checkpoint(&Checkpoint::open(&taesd_encoder_path(dec)?)?, &self.backend)?)),
+            (Some(_), Some(dec)) => Some(Encoder::Taesd(Weights::from_checkpoint(
+                &Checkpoint::open(&taesd_encoder_path(dec)?)?,
+                &self.backend,
+            )?)),
             (Some(_), None) => Some(Encoder::Vae),
         };
         let image = match canvas {
             // diffusers' inpaint pipeline encodes the image only where it is used.
-            Some(c) if mask.is_none() || !nine || strength < 1.0 => Some(self.encode_image(encoder.as_ref(), &c.planar_pm1(), lw, lh, tiling.map(|t| (t, req.vae_tile_stats)), rng)?),
+            Some(c) if mask.is_none() || !nine || strength < 1.0 => Some(self.encode_image(
+                encoder.as_ref(),
+                &c.planar_pm1(),
+                lw,
+                lh,
+                tiling.map(|t| (t, req.vae_tile_stats)),
+                rng,
+            )?),
             _ => None,
         };
         let noise = match &req.noise {
             Some(v) if v.len() == n => v.clone(),
-            Some(v) => return Err(Error::Invalid(format!("initial noise has {} values, the latent has {n}", v.len()))),
+            Some(v) => {
+                return Err(Error::Invalid(format!(
+                    "initial noise has {} values, the latent has {n}",
+                    v.len()
+                )))
+            }
             None => rng.randn(n),
         };
         let (mut extra, mut blend_mask) = (None, None);
@@ -100,7 +132,14 @@ impl Pipeline {
             }
             let small = nearest(m, c.width, c.height, lw, lh);
             if nine {
-                let latent = self.encode_image(encoder.as_ref(), &masked, lw, lh, tiling.map(|t| (t, req.vae_tile_stats)), rng)?;
+                let latent = self.encode_image(
+                    encoder.as_ref(),
+                    &masked,
+                    lw,
+                    lh,
+                    tiling.map(|t| (t, req.vae_tile_stats)),
+                    rng,
+                )?;
                 let mut e = small;
                 e.extend(latent);
                 extra = Some(e);
@@ -120,23 +159,43 @@ impl Pipeline {
         }
         // After every encode, so the VAE is not resident through the UNet stage.
         self.gguf.release(|n| n.starts_with("first_stage_model."));
-        Ok(Start { noise, image, extra, blend_mask, inpaint: mask.is_some() })
+        Ok(Start {
+            noise,
+            image,
+            extra,
+            blend_mask,
+            inpaint: mask.is_some(),
+        })
     }
 
     /// UNet-space latents of an image in [-1, 1]: a draw from the VAE's latent
     /// distribution, or TAESD's (deterministic) latent.
-    fn encode_image(&self, encoder: Option<&Encoder>, pixels: &[f32], lw: usize, lh: usize, tiling: Option<(Tiling, TileStats)>, rng: &mut dyn Rng) -> Result<Vec<f32>> {
+    fn encode_image(
+        &self,
+        encoder: Option<&Encoder>,
+        pixels: &[f32],
+        lw: usize,
+        lh: usize,
+        tiling: Option<(Tiling, TileStats)>,
+        rng: &mut dyn Rng,
+    ) -> Result<Vec<f32>> {
         let cfg = &self.config.vae;
         let (h, w) = (lh * cfg.downscale(), lw * cfg.downscale());
         match encoder {
             Some(Encoder::Taesd(t)) => {
                 let unit: Vec<f32> = pixels.iter().map(|v| v * 0.5 + 0.5).collect();
                 let z = match tiling {
-                    Some((tiles, _)) => taesd::encode_tiled(t, &unit, 1, h, w, tiles, &self.backend)?,
+                    Some((tiles, _)) => {
+                        taesd::encode_tiled(t, &unit, 1, h, w, tiles, &self.backend)?
+                    }
                     None => taesd::encode(t, &unit, 1, h, w, &self.backend)?,
                 };
                 if z.len() != cfg.latent_channels * lw * lh {
-                    return Err(Error::Invalid(format!("the TAESD encoder gives {} latent values per image, the model takes {}", z.len() / (lw * lh).max(1), cfg.latent_channels)));
+                    return Err(Error::Invalid(format!(
+                        "the TAESD encoder gives {} latent values per image, the model takes {}",
+                        z.len() / (lw * lh).max(1),
+                        cfg.latent_channels
+                    )));
                 }
                 Ok(z)
             }
@@ -157,13 +216,20 @@ enum Encoder {
 /// The encoder beside a TAESD decoder file: `taesd_decoder.pth` → `taesd_encoder.pth`
 /// (every TAESD release names its pair so).
 pub fn taesd_encoder_path(decoder: &std::path::Path) -> Result<PathBuf> {
-    let name = decoder.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = decoder
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     if !name.contains("decoder") {
         return Err(Error::Invalid(format!("{}: img2img with TAESD needs the encoder too; name the decoder file `…decoder…` and put its `…encoder…` file beside it", decoder.display())));
     }
     let enc = decoder.with_file_name(name.replacen("decoder", "encoder", 1));
     if !enc.is_file() {
-        return Err(Error::Invalid(format!("{}: img2img with TAESD needs its encoder, {}, which is not there", decoder.display(), enc.display())));
+        return Err(Error::Invalid(format!(
+            "{}: img2img with TAESD needs its encoder, {}, which is not there",
+            decoder.display(),
+            enc.display()
+        )));
     }
     Ok(enc)
 }

@@ -28,7 +28,12 @@ pub(super) struct Prompts {
 impl Prompts {
     /// The embeddings (indices into the pipeline's list) placed in any window.
     pub fn used_embeddings(&self) -> std::collections::BTreeSet<usize> {
-        self.windows.iter().flatten().flatten().flat_map(|c| c.fixes.iter().map(|f| f.embedding)).collect()
+        self.windows
+            .iter()
+            .flatten()
+            .flatten()
+            .flat_map(|c| c.fixes.iter().map(|f| f.embedding))
+            .collect()
     }
 }
 
@@ -42,7 +47,13 @@ impl Pipeline {
         if self.guided(req) {
             let (negative, tags) = take_loras(&req.negative)?;
             if !tags.is_empty() {
-                log::warn!("LoRA tags in the negative prompt are ignored: {}", tags.iter().map(|t| t.name.as_str()).collect::<Vec<_>>().join(", "));
+                log::warn!(
+                    "LoRA tags in the negative prompt are ignored: {}",
+                    tags.iter()
+                        .map(|t| t.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                );
             }
             let zero = req.negative.is_empty() && self.config.zeros_for_empty_negative;
             prompts.insert(0, (negative, zero));
@@ -53,15 +64,38 @@ impl Pipeline {
     /// The encoder as the request runs it: CLIP skip `n` stops `n - 1` layers before
     /// the model's own output layer (A1111's numbering; diffusers' `clip_skip` is
     /// `n - 1`), keeping the model's final-norm choice.
-    pub(super) fn encoder_for(&self, te: &TextEncoderConfig, req: &Request) -> Result<TextEncoderConfig> {
-        let skip = req.clip_skip.checked_sub(1).map(|extra| te.skip_layers + extra).filter(|&s| s < te.num_layers);
-        let skip = skip.ok_or_else(|| Error::Invalid(format!("CLIP skip {} is out of range for a {}-layer text encoder (1 to {})", req.clip_skip, te.num_layers, te.num_layers - te.skip_layers)))?;
-        Ok(TextEncoderConfig { skip_layers: skip, ..te.clone() })
+    pub(super) fn encoder_for(
+        &self,
+        te: &TextEncoderConfig,
+        req: &Request,
+    ) -> Result<TextEncoderConfig> {
+        let skip = req
+            .clip_skip
+            .checked_sub(1)
+            .map(|extra| te.skip_layers + extra)
+            .filter(|&s| s < te.num_layers);
+        let skip = skip.ok_or_else(|| {
+            Error::Invalid(format!(
+                "CLIP skip {} is out of range for a {}-layer text encoder (1 to {})",
+                req.clip_skip,
+                te.num_layers,
+                te.num_layers - te.skip_layers
+            ))
+        })?;
+        Ok(TextEncoderConfig {
+            skip_layers: skip,
+            ..te.clone()
+        })
     }
 
     /// Text tokens the UNet attends to for these prompts.
     pub(super) fn context_tokens(&self, p: &Prompts) -> usize {
-        p.count * self.config.text_encoders.first().map_or(77, |t| t.max_positions)
+        p.count
+            * self
+                .config
+                .text_encoders
+                .first()
+                .map_or(77, |t| t.max_positions)
     }
 
     /// Adds textual-inversion embeddings: a file, or every embedding file of a folder
@@ -88,12 +122,22 @@ impl Pipeline {
                 .iter()
                 .enumerate()
                 .flat_map(|(e, emb)| emb.names.iter().map(move |n| (e, emb, n)))
-                .map(|(e, emb, n)| Ok(Trigger { ids: self.tokenizer.encode(n)?, vectors: emb.vectors, embedding: e }))
+                .map(|(e, emb, n)| {
+                    Ok(Trigger {
+                        ids: self.tokenizer.encode(n)?,
+                        vectors: emb.vectors,
+                        embedding: e,
+                    })
+                })
                 .collect::<Result<_>>()?;
             let cut = Windows::new(&self.tokenizer, te.max_positions, te.pad_token, &triggers)?;
             let mut per_prompt = Vec::new();
             for (text, zero) in &branches {
-                per_prompt.push(if *zero { Vec::new() } else { cut.chunks(&req.emphasis.pieces(text)?)? });
+                per_prompt.push(if *zero {
+                    Vec::new()
+                } else {
+                    cut.chunks(&req.emphasis.pieces(text)?)?
+                });
             }
             vectors |= per_prompt.iter().flatten().any(|c| !c.fixes.is_empty());
             if let Some(long) = per_prompt.iter().find(|w| w.len() > MAX_WINDOWS) {
@@ -102,8 +146,19 @@ impl Pipeline {
             windows.push(per_prompt);
             empty.push(cut.empty());
         }
-        let count = windows.iter().flatten().map(Vec::len).max().unwrap_or(1).max(1);
-        Ok(Prompts { windows, empty, count, vectors })
+        let count = windows
+            .iter()
+            .flatten()
+            .map(Vec::len)
+            .max()
+            .unwrap_or(1)
+            .max(1);
+        Ok(Prompts {
+            windows,
+            empty,
+            count,
+            vectors,
+        })
     }
 
     /// The text conditioning of `req` on its own (what [`Pipeline::generate`] feeds the UNet).
@@ -120,7 +175,12 @@ impl Pipeline {
     /// last encoder's pooled embedding of each prompt's first window. Each encoder's
     /// weights leave resident memory when it is done (they are mapped: a later run
     /// faults them back in), so stages do not add up in the peak.
-    pub(super) fn encode_prompts(&self, req: &Request, p: &Prompts, loras: &[super::lora::RequestLora]) -> Result<Conditioning> {
+    pub(super) fn encode_prompts(
+        &self,
+        req: &Request,
+        p: &Prompts,
+        loras: &[super::lora::RequestLora],
+    ) -> Result<Conditioning> {
         let cfg = &self.config;
         let branches = self.branches(req)?;
         let n = branches.len();
@@ -136,7 +196,8 @@ impl Pipeline {
             if context.is_empty() {
                 context = vec![0f32; n * t * width];
             }
-            let want_pooled = cfg.unet.adm_in_channels.is_some() && i + 1 == cfg.text_encoders.len();
+            let want_pooled =
+                cfg.unet.adm_in_channels.is_some() && i + 1 == cfg.text_encoders.len();
             let run = self.encoder_for(te, req)?;
             let h = te.hidden_size;
             let window = |b: usize, w: usize| p.windows[i][b].get(w).unwrap_or(&p.empty[i]);
@@ -148,18 +209,36 @@ impl Pipeline {
                     let base = tokens.len() * len;
                     for fix in &c.fixes {
                         let emb = &self.embeddings.list[fix.embedding];
-                        let data = emb.data.get(i).ok_or_else(|| Error::Invalid(format!("embedding `{}` has no vectors for text encoder {i}", emb.names.join("/"))))?;
+                        let data = emb.data.get(i).ok_or_else(|| {
+                            Error::Invalid(format!(
+                                "embedding `{}` has no vectors for text encoder {i}",
+                                emb.names.join("/")
+                            ))
+                        })?;
                         for (v, values) in data.chunks(h).enumerate() {
-                            vectors.push(clip::Vector { row: base + fix.offset + v, values });
+                            vectors.push(clip::Vector {
+                                row: base + fix.offset + v,
+                                values,
+                            });
                         }
                     }
                     tokens.push(c.ids.clone());
                 }
             }
             let mut out = {
-                let adapters = self.adapters(loras, super::lora::Part::Text, |n| n.starts_with(&te.prefix))?;
+                let adapters = self.adapters(loras, super::lora::Part::Text, |n| {
+                    n.starts_with(&te.prefix)
+                })?;
                 let w = self.stage(|n| n.starts_with(&te.prefix), |_| false, |d| &d.text)?;
-                clip::encode_with(&w, &run, &tokens, &vectors, want_pooled, adapters.as_ref(), &self.backend)?
+                clip::encode_with(
+                    &w,
+                    &run,
+                    &tokens,
+                    &vectors,
+                    want_pooled,
+                    adapters.as_ref(),
+                    &self.backend,
+                )?
             };
             self.gguf.release(|n| n.starts_with(&te.prefix));
             for (j, &b) in live.iter().enumerate() {
@@ -167,7 +246,8 @@ impl Pipeline {
                     let z = &mut out.hidden[(j * k + w) * len * h..][..len * h];
                     req.emphasis.apply(z, &window(b, w).weights)?;
                     for (pos, row) in z.chunks(h).enumerate() {
-                        context[(b * t + w * len + pos) * width + offset..][..h].copy_from_slice(row);
+                        context[(b * t + w * len + pos) * width + offset..][..h]
+                            .copy_from_slice(row);
                     }
                 }
             }
@@ -181,6 +261,10 @@ impl Pipeline {
                 pooled = Some(all);
             }
         }
-        Ok(Conditioning { context, pooled, tokens: k * cfg.text_encoders.first().map_or(77, |t| t.max_positions) })
+        Ok(Conditioning {
+            context,
+            pooled,
+            tokens: k * cfg.text_encoders.first().map_or(77, |t| t.max_positions),
+        })
     }
 }

@@ -58,15 +58,28 @@ pub struct Windows<'a> {
 }
 
 impl<'a> Windows<'a> {
-    pub fn new(tokenizer: &'a ClipTokenizer, len: usize, pad: u32, triggers: &'a [Trigger]) -> Result<Self> {
+    pub fn new(
+        tokenizer: &'a ClipTokenizer,
+        len: usize,
+        pad: u32,
+        triggers: &'a [Trigger],
+    ) -> Result<Self> {
         if len < 3 {
-            return Err(Error::Invalid(format!("a text encoder of {len} positions has no room for a prompt")));
+            return Err(Error::Invalid(format!(
+                "a text encoder of {len} positions has no room for a prompt"
+            )));
         }
         let comma = match tokenizer.encode(",")?.as_slice() {
             [c] => Some(*c),
             _ => None,
         };
-        Ok(Windows { tokenizer, len, pad, comma, triggers })
+        Ok(Windows {
+            tokenizer,
+            len,
+            pad,
+            comma,
+            triggers,
+        })
     }
 
     fn body(&self) -> usize {
@@ -92,13 +105,26 @@ impl<'a> Windows<'a> {
             ids[first + 1..].iter_mut().for_each(|t| *t = self.pad);
         }
         // Offsets were counted without BOS.
-        let fixes = fixes.into_iter().map(|f| Fix { offset: f.offset + 1, ..f }).collect();
-        Chunk { ids, weights, fixes }
+        let fixes = fixes
+            .into_iter()
+            .map(|f| Fix {
+                offset: f.offset + 1,
+                ..f
+            })
+            .collect();
+        Chunk {
+            ids,
+            weights,
+            fixes,
+        }
     }
 
     /// The longest trigger whose ids start at `tokens[at..]`.
     fn trigger_at(&self, tokens: &[u32], at: usize) -> Option<&Trigger> {
-        self.triggers.iter().filter(|t| !t.ids.is_empty() && tokens[at..].starts_with(&t.ids)).max_by_key(|t| t.ids.len())
+        self.triggers
+            .iter()
+            .filter(|t| !t.ids.is_empty() && tokens[at..].starts_with(&t.ids))
+            .max_by_key(|t| t.ids.len())
     }
 
     /// The windows of a parsed prompt; always at least one.
@@ -109,7 +135,11 @@ impl<'a> Windows<'a> {
         let mut last_comma: Option<usize> = None;
         macro_rules! next_window {
             () => {{
-                out.push(self.close(std::mem::take(&mut ids), std::mem::take(&mut weights), std::mem::take(&mut fixes)));
+                out.push(self.close(
+                    std::mem::take(&mut ids),
+                    std::mem::take(&mut weights),
+                    std::mem::take(&mut fixes),
+                ));
                 last_comma = None;
             }};
         }
@@ -125,10 +155,19 @@ impl<'a> Windows<'a> {
                 let token = tokens[at];
                 if Some(token) == self.comma {
                     last_comma = Some(ids.len());
-                } else if let Some(c) = last_comma.filter(|&c| ids.len() == body && body - c <= COMMA_BACKTRACK) {
+                } else if let Some(c) =
+                    last_comma.filter(|&c| ids.len() == body && body - c <= COMMA_BACKTRACK)
+                {
                     let cut = c + 1;
                     let (moved_ids, moved_weights) = (ids.split_off(cut), weights.split_off(cut));
-                    let moved_fixes: Vec<Fix> = fixes.iter().filter(|f| f.offset >= cut).map(|f| Fix { offset: f.offset - cut, ..*f }).collect();
+                    let moved_fixes: Vec<Fix> = fixes
+                        .iter()
+                        .filter(|f| f.offset >= cut)
+                        .map(|f| Fix {
+                            offset: f.offset - cut,
+                            ..*f
+                        })
+                        .collect();
                     fixes.retain(|f| f.offset < cut);
                     next_window!();
                     (ids, weights, fixes) = (moved_ids, moved_weights, moved_fixes);
@@ -149,7 +188,10 @@ impl<'a> Windows<'a> {
                         if ids.len() + t.vectors > body {
                             next_window!();
                         }
-                        fixes.push(Fix { offset: ids.len(), embedding: t.embedding });
+                        fixes.push(Fix {
+                            offset: ids.len(),
+                            embedding: t.embedding,
+                        });
                         ids.extend(std::iter::repeat_n(0, t.vectors));
                         weights.extend(std::iter::repeat_n(weight, t.vectors));
                         at += t.ids.len();
@@ -181,7 +223,11 @@ mod tests {
             for prompt in ["a photo of a cat", "", "x, y, z"] {
                 let c = w.chunks(&parse(prompt).unwrap()).unwrap();
                 assert_eq!(c.len(), 1);
-                assert_eq!(c[0].ids, t.encode_padded(prompt, 77, pad).unwrap(), "{prompt:?}");
+                assert_eq!(
+                    c[0].ids,
+                    t.encode_padded(prompt, 77, pad).unwrap(),
+                    "{prompt:?}"
+                );
                 assert!(c[0].weights.iter().all(|&w| w == 1.0));
             }
         }
@@ -195,10 +241,16 @@ mod tests {
         assert_eq!(w.chunks(&parse(&words(75)).unwrap()).unwrap().len(), 1);
         let two = w.chunks(&parse(&words(76)).unwrap()).unwrap();
         assert_eq!(two.len(), 2);
-        assert_eq!(two[1].ids[..3], [t.bos_id(), t.encode("cat").unwrap()[0], t.eos_id()]);
+        assert_eq!(
+            two[1].ids[..3],
+            [t.bos_id(), t.encode("cat").unwrap()[0], t.eos_id()]
+        );
         let b = w.chunks(&parse("a cat BREAK a dog").unwrap()).unwrap();
         assert_eq!(b.len(), 2);
-        assert_eq!(b[1].ids[..4], t.encode_padded("a dog", 77, t.eos_id()).unwrap()[..4]);
+        assert_eq!(
+            b[1].ids[..4],
+            t.encode_padded("a dog", 77, t.eos_id()).unwrap()[..4]
+        );
     }
 
     #[test]
@@ -206,14 +258,22 @@ mod tests {
         let t = tok();
         let w = Windows::new(&t, 77, t.eos_id(), &[]).unwrap();
         // 70 words, a comma, then 10 more: the 10 move to the second window whole.
-        let prompt = format!("{}, {}", vec!["cat"; 70].join(" "), vec!["dog"; 10].join(" "));
+        let prompt = format!(
+            "{}, {}",
+            vec!["cat"; 70].join(" "),
+            vec!["dog"; 10].join(" ")
+        );
         let c = w.chunks(&parse(&prompt).unwrap()).unwrap();
         assert_eq!(c.len(), 2);
         let dog = t.encode("dog").unwrap()[0];
         assert!(!c[0].ids.contains(&dog));
         assert_eq!(c[1].ids[1..11], [dog; 10]);
         // A comma further back than 20 tokens is not used.
-        let prompt = format!("{}, {}", vec!["cat"; 40].join(" "), vec!["dog"; 40].join(" "));
+        let prompt = format!(
+            "{}, {}",
+            vec!["cat"; 40].join(" "),
+            vec!["dog"; 40].join(" ")
+        );
         let c = w.chunks(&parse(&prompt).unwrap()).unwrap();
         assert_eq!(c[0].ids[75], dog);
     }
@@ -221,13 +281,25 @@ mod tests {
     #[test]
     fn weights_follow_their_tokens_and_triggers_take_their_vectors_positions() {
         let t = tok();
-        let trig = Trigger { ids: t.encode("<birb-style>").unwrap(), vectors: 3, embedding: 7 };
+        let trig = Trigger {
+            ids: t.encode("<birb-style>").unwrap(),
+            vectors: 3,
+            embedding: 7,
+        };
         let w = Windows::new(&t, 77, 0, std::slice::from_ref(&trig)).unwrap();
-        let c = w.chunks(&parse("a (red:1.5) <birb-style> bird").unwrap()).unwrap();
+        let c = w
+            .chunks(&parse("a (red:1.5) <birb-style> bird").unwrap())
+            .unwrap();
         assert_eq!(c.len(), 1);
         let c = &c[0];
         assert_eq!(c.weights[..7], [1.0, 1.0, 1.5, 1.0, 1.0, 1.0, 1.0]);
-        assert_eq!(c.fixes, vec![Fix { offset: 3, embedding: 7 }]);
+        assert_eq!(
+            c.fixes,
+            vec![Fix {
+                offset: 3,
+                embedding: 7
+            }]
+        );
         assert_eq!(c.ids[3..6], [0, 0, 0]);
         assert_eq!(c.ids[6], t.encode("bird").unwrap()[0]);
         assert_eq!(c.ids[7], t.eos_id());

@@ -39,7 +39,9 @@ struct Set {
 }
 
 fn stem(path: &Path) -> String {
-    path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default()
+    path.file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default()
 }
 
 impl Embedding {
@@ -52,27 +54,52 @@ impl Embedding {
             let (rows, width) = match t.shape.as_slice() {
                 [w] => (1, *w as usize),
                 [n, w] => (*n as usize, *w as usize),
-                s => return Err(bad(format!("tensor `{}` has shape {s:?}; embedding vectors are [width] or [count, width]", t.name))),
+                s => {
+                    return Err(bad(format!(
+                    "tensor `{}` has shape {s:?}; embedding vectors are [width] or [count, width]",
+                    t.name
+                )))
+                }
             };
             if rows == 0 || width == 0 || rows > MAX_VECTORS {
                 return Err(bad(format!("tensor `{}` holds {rows} vectors of width {width}: expected 1 to {MAX_VECTORS} vectors", t.name)));
             }
             if !t.dtype.is_float() {
-                return Err(bad(format!("tensor `{}` is {}, not floating point", t.name, t.dtype.name())));
+                return Err(bad(format!(
+                    "tensor `{}` is {}, not floating point",
+                    t.name,
+                    t.dtype.name()
+                )));
             }
-            Ok(Set { key, rows, width, data: t.read_f32()? })
+            Ok(Set {
+                key,
+                rows,
+                width,
+                data: t.read_f32()?,
+            })
         };
-        let named = |n: &str| ck.tensors.iter().filter(|t| t.name == n || t.name.starts_with(&format!("{n}."))).collect::<Vec<_>>();
+        let named = |n: &str| {
+            ck.tensors
+                .iter()
+                .filter(|t| t.name == n || t.name.starts_with(&format!("{n}.")))
+                .collect::<Vec<_>>()
+        };
         let one = |n: &str| -> Result<Option<&crate::formats::SourceTensor>> {
             match named(n).as_slice() {
                 [] => Ok(None),
                 [t] => Ok(Some(*t)),
-                many => Err(bad(format!("{} tensors under `{n}`; an embedding file holds one", many.len()))),
+                many => Err(bad(format!(
+                    "{} tensors under `{n}`; an embedding file holds one",
+                    many.len()
+                ))),
             }
         };
         let mut out = Vec::new();
         if let (Some(l), Some(g)) = (one("clip_l")?, one("clip_g")?) {
-            out.push((vec![stem(path)], vec![set(l, Some("clip_l"))?, set(g, Some("clip_g"))?]));
+            out.push((
+                vec![stem(path)],
+                vec![set(l, Some("clip_l"))?, set(g, Some("clip_g"))?],
+            ));
         } else if let Some(t) = one("string_to_param")?.or(one("emb_params")?) {
             out.push((vec![stem(path)], vec![set(t, None)?]));
         } else {
@@ -89,12 +116,24 @@ impl Embedding {
         if out.is_empty() {
             return Err(bad("no embedding vectors in the file (expected string_to_param, emb_params, clip_l/clip_g or token tensors)".into()));
         }
-        out.into_iter().map(|(names, sets)| Self::fit(path, names, sets, encoders)).collect()
+        out.into_iter()
+            .map(|(names, sets)| Self::fit(path, names, sets, encoders))
+            .collect()
     }
 
     /// Matches the file's sets to the model's encoders.
-    fn fit(path: &Path, names: Vec<String>, sets: Vec<Set>, encoders: &[TextEncoderConfig]) -> Result<Embedding> {
-        let widths = || sets.iter().map(|s| s.width.to_string()).collect::<Vec<_>>().join(" and ");
+    fn fit(
+        path: &Path,
+        names: Vec<String>,
+        sets: Vec<Set>,
+        encoders: &[TextEncoderConfig],
+    ) -> Result<Embedding> {
+        let widths = || {
+            sets.iter()
+                .map(|s| s.width.to_string())
+                .collect::<Vec<_>>()
+                .join(" and ")
+        };
         let mut data = Vec::new();
         let mut vectors = None;
         let mut used = vec![false; sets.len()];
@@ -111,7 +150,13 @@ impl Embedding {
                 ));
             };
             if *vectors.get_or_insert(s.rows) != s.rows {
-                return Err(Error::format(path, format!("embedding `{}` has a different number of vectors per text encoder", names[0])));
+                return Err(Error::format(
+                    path,
+                    format!(
+                        "embedding `{}` has a different number of vectors per text encoder",
+                        names[0]
+                    ),
+                ));
             }
             used[k] = true;
             data.push(s.data.clone());
@@ -121,8 +166,14 @@ impl Embedding {
         if let Some(s) = sets.iter().zip(&used).find(|(_, u)| !**u).map(|(s, _)| s) {
             return Err(Error::format(path, format!("embedding `{}` has {} vectors ({} wide) for a text encoder this model lacks: an embedding for another model?", names[0], s.key.unwrap_or("unkeyed"), s.width)));
         }
-        let vectors = vectors.ok_or_else(|| Error::format(path, "the model has no text encoder"))?;
-        Ok(Embedding { names, path: path.to_path_buf(), vectors, data })
+        let vectors =
+            vectors.ok_or_else(|| Error::format(path, "the model has no text encoder"))?;
+        Ok(Embedding {
+            names,
+            path: path.to_path_buf(),
+            vectors,
+            data,
+        })
     }
 }
 
@@ -152,7 +203,12 @@ impl Embeddings {
         let entries = std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))?;
         let mut files: Vec<PathBuf> = entries
             .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.is_file() && p.extension().and_then(|x| x.to_str()).is_some_and(|x| EXTENSIONS.contains(&x.to_ascii_lowercase().as_str())))
+            .filter(|p| {
+                p.is_file()
+                    && p.extension()
+                        .and_then(|x| x.to_str())
+                        .is_some_and(|x| EXTENSIONS.contains(&x.to_ascii_lowercase().as_str()))
+            })
             .collect();
         files.sort();
         let mut added = 0;

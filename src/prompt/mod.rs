@@ -49,7 +49,10 @@ impl Emphasis {
     /// The pieces of `prompt` under this setting.
     pub fn pieces(self, prompt: &str) -> Result<Vec<Piece>> {
         match self {
-            Emphasis::None => Ok(vec![Piece { text: prompt.to_string(), weight: 1.0 }]),
+            Emphasis::None => Ok(vec![Piece {
+                text: prompt.to_string(),
+                weight: 1.0,
+            }]),
             _ => parse(prompt),
         }
     }
@@ -57,7 +60,11 @@ impl Emphasis {
     /// Applies a window's token weights to its encoding `z` (`[tokens][width]`).
     pub fn apply(self, z: &mut [f32], weights: &[f32]) -> Result<()> {
         if weights.is_empty() || z.len() % weights.len() != 0 {
-            return Err(Error::Invalid(format!("{} weights for an encoding of {} values", weights.len(), z.len())));
+            return Err(Error::Invalid(format!(
+                "{} weights for an encoding of {} values",
+                weights.len(),
+                z.len()
+            )));
         }
         if self == Emphasis::None || weights.iter().all(|&w| w == 1.0) {
             return Ok(());

@@ -34,7 +34,10 @@ pub struct Piece {
 
 impl Piece {
     fn new(text: &str, weight: f64) -> Self {
-        Piece { text: text.to_string(), weight }
+        Piece {
+            text: text.to_string(),
+            weight,
+        }
     }
 
     /// Whether this is a window break (`BREAK` outside any bracket).
@@ -79,7 +82,10 @@ fn lex(s: &str) -> Vec<Lex<'_>> {
             b':' => {
                 // `:([+-]?[.\d]+)\)`, with ASCII digits (see the module notes).
                 let sign = usize::from(matches!(b.get(i + 1), Some(b'+' | b'-')));
-                let digits = b[i + 1 + sign..].iter().take_while(|c| matches!(c, b'0'..=b'9' | b'.')).count();
+                let digits = b[i + 1 + sign..]
+                    .iter()
+                    .take_while(|c| matches!(c, b'0'..=b'9' | b'.'))
+                    .count();
                 let end = i + 1 + sign + digits;
                 if digits > 0 && b.get(end) == Some(&b')') {
                     (Lex::Weight(&s[i..=end], &s[i + 1..end]), end + 1 - i)
@@ -88,7 +94,10 @@ fn lex(s: &str) -> Vec<Lex<'_>> {
                 }
             }
             _ => {
-                let len = b[i..].iter().position(|c| matches!(c, b'\\' | b'(' | b')' | b'[' | b']' | b':')).unwrap_or(b.len() - i);
+                let len = b[i..]
+                    .iter()
+                    .position(|c| matches!(c, b'\\' | b'(' | b')' | b'[' | b']' | b':'))
+                    .unwrap_or(b.len() - i);
                 (Lex::Text(&s[i..i + len]), len)
             }
         };
@@ -111,7 +120,8 @@ fn split_breaks(text: &str) -> Vec<&str> {
             continue;
         }
         let before = text[start..at].trim_end_matches(char::is_whitespace);
-        let after = end + (text[end..].len() - text[end..].trim_start_matches(char::is_whitespace).len());
+        let after =
+            end + (text[end..].len() - text[end..].trim_start_matches(char::is_whitespace).len());
         // The leading `\s*` may not reach back past the start of this part.
         parts.push(&text[start..start + before.len()]);
         start = after;
@@ -126,7 +136,9 @@ pub fn parse(prompt: &str) -> Result<Vec<Piece>> {
     let mut res: Vec<Piece> = Vec::new();
     let mut round: Vec<usize> = Vec::new();
     let mut square: Vec<usize> = Vec::new();
-    let multiply = |res: &mut Vec<Piece>, from: usize, m: f64| res[from..].iter_mut().for_each(|p| p.weight *= m);
+    let multiply = |res: &mut Vec<Piece>, from: usize, m: f64| {
+        res[from..].iter_mut().for_each(|p| p.weight *= m)
+    };
     for lex in lex(prompt) {
         match lex {
             Lex::Escaped(t) => res.push(Piece::new(t, 1.0)),
@@ -134,7 +146,9 @@ pub fn parse(prompt: &str) -> Result<Vec<Piece>> {
             Lex::OpenSquare => square.push(res.len()),
             Lex::Weight(all, number) => match round.pop() {
                 Some(from) => {
-                    let w: f64 = number.parse().map_err(|_| Error::Invalid(format!("prompt: the weight in `{all}` is not a number")))?;
+                    let w: f64 = number.parse().map_err(|_| {
+                        Error::Invalid(format!("prompt: the weight in `{all}` is not a number"))
+                    })?;
                     multiply(&mut res, from, w);
                 }
                 None => push_text(&mut res, all),
@@ -183,7 +197,11 @@ mod tests {
     use super::*;
 
     fn pieces(s: &str) -> Vec<(String, f64)> {
-        parse(s).unwrap().into_iter().map(|p| (p.text, p.weight)).collect()
+        parse(s)
+            .unwrap()
+            .into_iter()
+            .map(|p| (p.text, p.weight))
+            .collect()
     }
 
     fn p(list: &[(&str, f64)]) -> Vec<(String, f64)> {
@@ -193,19 +211,38 @@ mod tests {
     #[test]
     fn documented_examples_parse_as_a1111_documents_them() {
         assert_eq!(pieces("normal text"), p(&[("normal text", 1.0)]));
-        assert_eq!(pieces("an (important) word"), p(&[("an ", 1.0), ("important", 1.1), (" word", 1.0)]));
+        assert_eq!(
+            pieces("an (important) word"),
+            p(&[("an ", 1.0), ("important", 1.1), (" word", 1.0)])
+        );
         assert_eq!(pieces("(unbalanced"), p(&[("unbalanced", 1.1)]));
         assert_eq!(pieces(r"\(literal\]"), p(&[("(literal]", 1.0)]));
-        assert_eq!(pieces("(unnecessary)(parens)"), p(&[("unnecessaryparens", 1.1)]));
+        assert_eq!(
+            pieces("(unnecessary)(parens)"),
+            p(&[("unnecessaryparens", 1.1)])
+        );
         assert_eq!(
             pieces("a (((house:1.3)) [on] a (hill:0.5), sun, (((sky)))."),
-            p(&[("a ", 1.0), ("house", 1.5730000000000004), (" ", 1.1), ("on", 1.0), (" a ", 1.1), ("hill", 0.55), (", sun, ", 1.1), ("sky", 1.4641000000000006), (".", 1.1)])
+            p(&[
+                ("a ", 1.0),
+                ("house", 1.5730000000000004),
+                (" ", 1.1),
+                ("on", 1.0),
+                (" a ", 1.1),
+                ("hill", 0.55),
+                (", sun, ", 1.1),
+                ("sky", 1.4641000000000006),
+                (".", 1.1)
+            ])
         );
     }
 
     #[test]
     fn break_splits_only_whole_words_and_eats_the_space_around_it() {
-        assert_eq!(pieces("a BREAK b"), p(&[("a", 1.0), ("BREAK", -1.0), ("b", 1.0)]));
+        assert_eq!(
+            pieces("a BREAK b"),
+            p(&[("a", 1.0), ("BREAK", -1.0), ("b", 1.0)])
+        );
         assert_eq!(pieces("BREAKfast"), p(&[("BREAKfast", 1.0)]));
         assert_eq!(pieces("a break b"), p(&[("a break b", 1.0)]));
         assert_eq!(pieces("x_BREAK y"), p(&[("x_BREAK y", 1.0)]));

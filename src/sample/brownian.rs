@@ -14,7 +14,10 @@ pub struct BrownianNoise<R: Rng> {
 
 impl<R: Rng> BrownianNoise<R> {
     pub fn new(rng: R) -> Self {
-        BrownianNoise { rng, points: Vec::new() }
+        BrownianNoise {
+            rng,
+            points: Vec::new(),
+        }
     }
 
     fn draw(&mut self, n: usize) -> Vec<f64> {
@@ -31,15 +34,30 @@ impl<R: Rng> BrownianNoise<R> {
             return p.1.clone();
         }
         let z = self.draw(n);
-        let w: Vec<f64> = match (pos.checked_sub(1).map(|i| &self.points[i]), self.points.get(pos)) {
+        let w: Vec<f64> = match (
+            pos.checked_sub(1).map(|i| &self.points[i]),
+            self.points.get(pos),
+        ) {
             (Some((t0, w0)), Some((t1, w1))) => {
                 // Bridge between (t0, w0) and (t1, w1).
                 let f = (t - t0) / (t1 - t0);
                 let sd = ((t - t0) * (t1 - t) / (t1 - t0)).sqrt();
-                w0.iter().zip(w1).zip(&z).map(|((a, b), z)| a + f * (b - a) + sd * z).collect()
+                w0.iter()
+                    .zip(w1)
+                    .zip(&z)
+                    .map(|((a, b), z)| a + f * (b - a) + sd * z)
+                    .collect()
             }
-            (Some((t0, w0)), None) => w0.iter().zip(&z).map(|(a, z)| a + (t - t0).sqrt() * z).collect(),
-            (None, Some((t1, w1))) => w1.iter().zip(&z).map(|(a, z)| a + (t1 - t).sqrt() * z).collect(),
+            (Some((t0, w0)), None) => w0
+                .iter()
+                .zip(&z)
+                .map(|(a, z)| a + (t - t0).sqrt() * z)
+                .collect(),
+            (None, Some((t1, w1))) => w1
+                .iter()
+                .zip(&z)
+                .map(|(a, z)| a + (t1 - t).sqrt() * z)
+                .collect(),
             (None, None) => z,
         };
         self.points.insert(pos, (t, w.clone()));
@@ -81,6 +99,9 @@ mod tests {
         let mean = second.iter().sum::<f64>() / n as f64;
         let var = second.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / n as f64;
         let corr = x.iter().zip(&second).map(|(a, b)| a * b).sum::<f64>() / n as f64;
-        assert!(mean.abs() < 0.06 && (var - 1.0).abs() < 0.08 && corr.abs() < 0.06, "{mean} {var} {corr}");
+        assert!(
+            mean.abs() < 0.06 && (var - 1.0).abs() < 0.08 && corr.abs() < 0.06,
+            "{mean} {var} {corr}"
+        );
     }
 }

@@ -34,7 +34,10 @@ pub(super) fn ancestral(sigma: f64, sigma_next: f64, eta: f64) -> (f64, f64) {
     if eta == 0.0 || sigma_next == 0.0 {
         return (sigma_next, 0.0);
     }
-    let up = (eta * (sigma_next * sigma_next * (sigma * sigma - sigma_next * sigma_next) / (sigma * sigma)).sqrt()).min(sigma_next);
+    let up = (eta
+        * (sigma_next * sigma_next * (sigma * sigma - sigma_next * sigma_next) / (sigma * sigma))
+            .sqrt())
+    .min(sigma_next);
     let down = (sigma_next * sigma_next - up * up).sqrt();
     (down, up)
 }
@@ -57,7 +60,14 @@ fn lambda(sigma: f64) -> f64 {
 /// DDIM with η (Song et al. 2021, eq. 12) in the VE form: the ancestral step with η,
 /// since DDIM's σ_t(η)/sqrt(ᾱ_prev) equals k-diffusion's σ_up (DDIM keeps the
 /// direction ε, so x_prev = D + σ_down ε + σ_up z).
-pub(super) fn ddim_step(den: &mut Denoiser<'_>, plan: &Plan, i: usize, x: &[f64], eta: f64, noise: &mut dyn NoiseSampler) -> Result<Vec<f64>> {
+pub(super) fn ddim_step(
+    den: &mut Denoiser<'_>,
+    plan: &Plan,
+    i: usize,
+    x: &[f64],
+    eta: f64,
+    noise: &mut dyn NoiseSampler,
+) -> Result<Vec<f64>> {
     let (s, sn) = (plan.sigmas[i], plan.sigmas[i + 1]);
     let d0 = den.denoise_at(x, s, plan.timesteps[i])?;
     let (down, up) = ancestral(s, sn, eta);
@@ -68,7 +78,16 @@ pub(super) fn ddim_step(den: &mut Denoiser<'_>, plan: &Plan, i: usize, x: &[f64]
 }
 
 #[allow(clippy::too_many_arguments)]
-pub(super) fn step(sampler: Sampler, den: &mut Denoiser<'_>, plan: &Plan, i: usize, x: &[f64], eta: f64, noise: &mut dyn NoiseSampler, st: &mut State) -> Result<Vec<f64>> {
+pub(super) fn step(
+    sampler: Sampler,
+    den: &mut Denoiser<'_>,
+    plan: &Plan,
+    i: usize,
+    x: &[f64],
+    eta: f64,
+    noise: &mut dyn NoiseSampler,
+    st: &mut State,
+) -> Result<Vec<f64>> {
     let sig = &plan.sigmas;
     let (s, sn) = (sig[i], sig[i + 1]);
     let d0 = den.denoise(x, s)?;
@@ -118,7 +137,11 @@ pub(super) fn step(sampler: Sampler, den: &mut Denoiser<'_>, plan: &Plan, i: usi
                         let h_last = lambda(s) - lambda(sig[i - 1]);
                         let r = h_last / h;
                         let (a, b) = (1.0 + 1.0 / (2.0 * r), 1.0 / (2.0 * r));
-                        x.iter().zip(&d0).zip(old).map(|((x, d), o)| ratio * x + c * (a * d - b * o)).collect()
+                        x.iter()
+                            .zip(&d0)
+                            .zip(old)
+                            .map(|((x, d), o)| ratio * x + c * (a * d - b * o))
+                            .collect()
                     }
                     _ => x.iter().zip(&d0).map(|(x, d)| ratio * x + c * d).collect(),
                 }
@@ -134,9 +157,16 @@ pub(super) fn step(sampler: Sampler, den: &mut Denoiser<'_>, plan: &Plan, i: usi
                 let (t, tn) = (lambda(s), lambda(down));
                 let h = tn - t;
                 let sm = (-(t + 0.5 * h)).exp();
-                let x2: Vec<f64> = x.iter().zip(&d0).map(|(x, d)| (sm / s) * x - (-0.5 * h).exp_m1() * d).collect();
+                let x2: Vec<f64> = x
+                    .iter()
+                    .zip(&d0)
+                    .map(|(x, d)| (sm / s) * x - (-0.5 * h).exp_m1() * d)
+                    .collect();
                 let d2 = den.denoise(&x2, sm)?;
-                x.iter().zip(&d2).map(|(x, d)| (down / s) * x - (-h).exp_m1() * d).collect()
+                x.iter()
+                    .zip(&d2)
+                    .map(|(x, d)| (down / s) * x - (-h).exp_m1() * d)
+                    .collect()
             };
             if sn > 0.0 {
                 add_noise(&mut out, noise, s, sn, up);
@@ -155,13 +185,24 @@ pub(super) fn step(sampler: Sampler, den: &mut Denoiser<'_>, plan: &Plan, i: usi
                 // Stage 1: to the midpoint, ancestrally.
                 let (down, up) = ancestral(s, sm, eta);
                 let s_ = lambda(down);
-                let mut x2: Vec<f64> = x.iter().zip(&d0).map(|(x, d)| (down / s) * x - (t - s_).exp_m1() * d).collect();
+                let mut x2: Vec<f64> = x
+                    .iter()
+                    .zip(&d0)
+                    .map(|(x, d)| (down / s) * x - (t - s_).exp_m1() * d)
+                    .collect();
                 add_noise(&mut x2, noise, s, sm, up);
                 let d2 = den.denoise(&x2, sm)?;
                 // Stage 2: the whole step with the averaged estimate.
                 let (down, up) = ancestral(s, sn, eta);
                 let tn_ = lambda(down);
-                let mut out: Vec<f64> = x.iter().zip(&d0).zip(&d2).map(|((x, a), b)| (down / s) * x - (t - tn_).exp_m1() * ((1.0 - fac) * a + fac * b)).collect();
+                let mut out: Vec<f64> = x
+                    .iter()
+                    .zip(&d0)
+                    .zip(&d2)
+                    .map(|((x, a), b)| {
+                        (down / s) * x - (t - tn_).exp_m1() * ((1.0 - fac) * a + fac * b)
+                    })
+                    .collect();
                 add_noise(&mut out, noise, s, sn, up);
                 out
             }
@@ -174,7 +215,11 @@ pub(super) fn step(sampler: Sampler, den: &mut Denoiser<'_>, plan: &Plan, i: usi
                 let h = lambda(sn) - lambda(s);
                 let eh = eta * h;
                 let c = -(-h - eh).exp_m1();
-                let mut out: Vec<f64> = x.iter().zip(&d0).map(|(x, d)| sn / s * (-eh).exp() * x + c * d).collect();
+                let mut out: Vec<f64> = x
+                    .iter()
+                    .zip(&d0)
+                    .map(|(x, d)| sn / s * (-eh).exp() * x + c * d)
+                    .collect();
                 if let (Some(old), Some(&h_last)) = (st.denoised.last(), st.h.last()) {
                     let r = h_last / h;
                     for ((o, d), od) in out.iter_mut().zip(&d0).zip(old) {
@@ -194,7 +239,11 @@ pub(super) fn step(sampler: Sampler, den: &mut Denoiser<'_>, plan: &Plan, i: usi
             } else {
                 let h = lambda(sn) - lambda(s);
                 let he = h * (eta + 1.0);
-                let mut out: Vec<f64> = x.iter().zip(&d0).map(|(x, d)| (-he).exp() * x - (-he).exp_m1() * d).collect();
+                let mut out: Vec<f64> = x
+                    .iter()
+                    .zip(&d0)
+                    .map(|(x, d)| (-he).exp() * x - (-he).exp_m1() * d)
+                    .collect();
                 let phi2 = (-he).exp_m1() / he + 1.0;
                 let n = st.denoised.len();
                 if n >= 2 && st.h.len() >= 2 {
@@ -217,7 +266,13 @@ pub(super) fn step(sampler: Sampler, den: &mut Denoiser<'_>, plan: &Plan, i: usi
                     }
                 }
                 if eta != 0.0 {
-                    add_noise(&mut out, noise, s, sn, sn * (-(-2.0 * h * eta).exp_m1()).sqrt());
+                    add_noise(
+                        &mut out,
+                        noise,
+                        s,
+                        sn,
+                        sn * (-(-2.0 * h * eta).exp_m1()).sqrt(),
+                    );
                 }
                 st.h.push(h);
                 out
@@ -256,9 +311,23 @@ pub(super) fn step(sampler: Sampler, den: &mut Denoiser<'_>, plan: &Plan, i: usi
             let dt = sn - s;
             let out: Vec<f64> = match m.min(3) {
                 0 => axpy(x, dt, &d),
-                1 => (0..x.len()).map(|k| x[k] + dt * (3.0 * d[k] - hist[m - 1][k]) / 2.0).collect(),
-                2 => (0..x.len()).map(|k| x[k] + dt * (23.0 * d[k] - 16.0 * hist[m - 1][k] + 5.0 * hist[m - 2][k]) / 12.0).collect(),
-                _ => (0..x.len()).map(|k| x[k] + dt * (55.0 * d[k] - 59.0 * hist[m - 1][k] + 37.0 * hist[m - 2][k] - 9.0 * hist[m - 3][k]) / 24.0).collect(),
+                1 => (0..x.len())
+                    .map(|k| x[k] + dt * (3.0 * d[k] - hist[m - 1][k]) / 2.0)
+                    .collect(),
+                2 => (0..x.len())
+                    .map(|k| {
+                        x[k] + dt * (23.0 * d[k] - 16.0 * hist[m - 1][k] + 5.0 * hist[m - 2][k])
+                            / 12.0
+                    })
+                    .collect(),
+                _ => (0..x.len())
+                    .map(|k| {
+                        x[k] + dt
+                            * (55.0 * d[k] - 59.0 * hist[m - 1][k] + 37.0 * hist[m - 2][k]
+                                - 9.0 * hist[m - 3][k])
+                            / 24.0
+                    })
+                    .collect(),
             };
             st.derivs.push(d);
             if st.derivs.len() > 3 {
@@ -267,7 +336,10 @@ pub(super) fn step(sampler: Sampler, den: &mut Denoiser<'_>, plan: &Plan, i: usi
             out
         }
         Sampler::Ddim | Sampler::Plms | Sampler::UniPc | Sampler::Lcm | Sampler::Tcd => {
-            return Err(crate::error::Error::Invalid(format!("{:?} is not a σ-space sampler", sampler)));
+            return Err(crate::error::Error::Invalid(format!(
+                "{:?} is not a σ-space sampler",
+                sampler
+            )));
         }
     };
     Ok(out)
@@ -293,6 +365,11 @@ fn lms_coeff(order: usize, t: &[f64], i: usize, j: usize) -> f64 {
         poly = next;
         denom *= t[i - j] - root;
     }
-    let integral = |tau: f64| poly.iter().enumerate().map(|(p, c)| c * tau.powi(p as i32 + 1) / (p + 1) as f64).sum::<f64>();
+    let integral = |tau: f64| {
+        poly.iter()
+            .enumerate()
+            .map(|(p, c)| c * tau.powi(p as i32 + 1) / (p + 1) as f64)
+            .sum::<f64>()
+    };
     (integral(t[i + 1]) - integral(t[i])) / denom
 }

@@ -17,11 +17,11 @@ pub mod rng;
 pub mod schedule;
 
 pub use brownian::BrownianNoise;
+pub use lcm::{lcm_plan, tcd_plan};
+pub use multistep::plms_plan;
 pub use philox::CudaRng;
 pub use rng::{NativeRng, Rng, TorchRng};
 pub use schedule::{Discrete, Plan, Schedule, ScheduleOpts, Spacing};
-pub use lcm::{lcm_plan, tcd_plan};
-pub use multistep::plms_plan;
 
 use crate::config::Prediction;
 use crate::error::{Error, Result};
@@ -35,23 +35,41 @@ pub trait Model {
     /// (the analytic denoiser of the sampler tests) override it.
     fn predict64(&mut self, model_input: &[f64], timestep: f64) -> Result<Vec<f64>> {
         let input: Vec<f32> = model_input.iter().map(|&v| v as f32).collect();
-        Ok(self.predict(&input, timestep)?.into_iter().map(|v| v as f64).collect())
+        Ok(self
+            .predict(&input, timestep)?
+            .into_iter()
+            .map(|v| v as f64)
+            .collect())
     }
 }
 
 /// The denoised estimate x0 from a VE latent `x` at noise level `sigma`, calling the
 /// model at `timestep`.
-fn denoise64(model: &mut dyn Model, prediction: Prediction, x: &[f64], sigma: f64, timestep: f64) -> Result<Vec<f64>> {
+fn denoise64(
+    model: &mut dyn Model,
+    prediction: Prediction,
+    x: &[f64],
+    sigma: f64,
+    timestep: f64,
+) -> Result<Vec<f64>> {
     let c_in = 1.0 / (sigma * sigma + 1.0).sqrt();
     let input: Vec<f64> = x.iter().map(|&v| v * c_in).collect();
     let out = model.predict64(&input, timestep)?;
     if out.len() != x.len() {
-        return Err(Error::Invalid(format!("the model returned {} values for a latent of {}", out.len(), x.len())));
+        return Err(Error::Invalid(format!(
+            "the model returned {} values for a latent of {}",
+            out.len(),
+            x.len()
+        )));
     }
     Ok(match prediction {
         Prediction::Epsilon => x.iter().zip(&out).map(|(&x, &e)| x - sigma * e).collect(),
         // x0 = ᾱ^½ x_vp − (1−ᾱ)^½ v, with ᾱ^½ = c_in and x_vp = c_in x.
-        Prediction::V => x.iter().zip(&out).map(|(&x, &v)| x * c_in * c_in - v * sigma * c_in).collect(),
+        Prediction::V => x
+            .iter()
+            .zip(&out)
+            .map(|(&x, &v)| x * c_in * c_in - v * sigma * c_in)
+            .collect(),
         Prediction::Sample => out,
     })
 }
@@ -69,13 +87,32 @@ pub struct Denoiser<'a> {
 }
 
 impl<'a> Denoiser<'a> {
-    pub fn new(model: &'a mut dyn Model, prediction: Prediction, schedule: &'a Discrete, plan: &Plan) -> Self {
-        let known = plan.sigmas.iter().zip(&plan.timesteps).map(|(&s, &t)| (s, t)).collect();
-        Denoiser { model, prediction, schedule, known, last: Vec::new() }
+    pub fn new(
+        model: &'a mut dyn Model,
+        prediction: Prediction,
+        schedule: &'a Discrete,
+        plan: &Plan,
+    ) -> Self {
+        let known = plan
+            .sigmas
+            .iter()
+            .zip(&plan.timesteps)
+            .map(|(&s, &t)| (s, t))
+            .collect();
+        Denoiser {
+            model,
+            prediction,
+            schedule,
+            known,
+            last: Vec::new(),
+        }
     }
 
     pub fn timestep(&self, sigma: f64) -> f64 {
-        self.known.iter().find(|(s, _)| *s == sigma).map_or_else(|| self.schedule.sigma_to_t(sigma), |k| k.1)
+        self.known
+            .iter()
+            .find(|(s, _)| *s == sigma)
+            .map_or_else(|| self.schedule.sigma_to_t(sigma), |k| k.1)
     }
 
     pub fn denoise(&mut self, x: &[f64], sigma: f64) -> Result<Vec<f64>> {
@@ -153,23 +190,159 @@ pub struct SamplerInfo {
 }
 
 const INFO: &[SamplerInfo] = &[
-    SamplerInfo { sampler: Sampler::Euler, name: "euler", display: "Euler", order: 1, evals_per_step: 1, stochastic: false, about: "Euler's method on the probability-flow ODE (Karras et al. 2022, alg. 2)" },
-    SamplerInfo { sampler: Sampler::EulerA, name: "euler_a", display: "Euler a", order: 1, evals_per_step: 1, stochastic: true, about: "Euler with ancestral noise (k-diffusion)" },
-    SamplerInfo { sampler: Sampler::Heun, name: "heun", display: "Heun", order: 2, evals_per_step: 2, stochastic: false, about: "Heun's second-order method (Karras et al. 2022, alg. 1)" },
-    SamplerInfo { sampler: Sampler::Dpm2, name: "dpm2", display: "DPM2", order: 2, evals_per_step: 2, stochastic: false, about: "DPM-Solver-2 midpoint in log σ (Karras et al. 2022's variant)" },
-    SamplerInfo { sampler: Sampler::Dpm2A, name: "dpm2_a", display: "DPM2 a", order: 2, evals_per_step: 2, stochastic: true, about: "DPM2 with ancestral noise" },
-    SamplerInfo { sampler: Sampler::DpmPP2M, name: "dpm++2m", display: "DPM++ 2M", order: 2, evals_per_step: 1, stochastic: false, about: "DPM-Solver++(2M) multistep (Lu et al. 2022)" },
-    SamplerInfo { sampler: Sampler::DpmPP2SA, name: "dpm++2s_a", display: "DPM++ 2S a", order: 2, evals_per_step: 2, stochastic: true, about: "DPM-Solver++(2S) single-step with ancestral noise" },
-    SamplerInfo { sampler: Sampler::DpmPPSde, name: "dpm++sde", display: "DPM++ SDE", order: 2, evals_per_step: 2, stochastic: true, about: "DPM-Solver++ SDE, two stages, Brownian noise" },
-    SamplerInfo { sampler: Sampler::DpmPP2MSde, name: "dpm++2m_sde", display: "DPM++ 2M SDE", order: 2, evals_per_step: 1, stochastic: true, about: "DPM-Solver++(2M) SDE, midpoint" },
-    SamplerInfo { sampler: Sampler::DpmPP3MSde, name: "dpm++3m_sde", display: "DPM++ 3M SDE", order: 3, evals_per_step: 1, stochastic: true, about: "DPM-Solver++(3M) SDE" },
-    SamplerInfo { sampler: Sampler::Ddim, name: "ddim", display: "DDIM", order: 1, evals_per_step: 1, stochastic: false, about: "DDIM (Song et al. 2021); --eta > 0 adds noise (η = 1 is DDPM)" },
-    SamplerInfo { sampler: Sampler::Plms, name: "plms", display: "PLMS", order: 4, evals_per_step: 1, stochastic: false, about: "pseudo linear multistep (Liu et al. 2022, PNDM without Runge-Kutta warm-up)" },
-    SamplerInfo { sampler: Sampler::Lms, name: "lms", display: "LMS", order: 4, evals_per_step: 1, stochastic: false, about: "linear multistep in σ, order 4 (k-diffusion)" },
-    SamplerInfo { sampler: Sampler::UniPc, name: "unipc", display: "UniPC", order: 2, evals_per_step: 1, stochastic: false, about: "UniPC bh2 predictor-corrector (Zhao et al. 2023)" },
-    SamplerInfo { sampler: Sampler::Ipndm, name: "ipndm", display: "iPNDM", order: 4, evals_per_step: 1, stochastic: false, about: "improved PNDM: Adams-Bashforth in σ (Zhang & Chen 2023)" },
-    SamplerInfo { sampler: Sampler::Lcm, name: "lcm", display: "LCM", order: 1, evals_per_step: 1, stochastic: true, about: "latent consistency sampling (Luo et al. 2023); for LCM-distilled models" },
-    SamplerInfo { sampler: Sampler::Tcd, name: "tcd", display: "TCD", order: 1, evals_per_step: 1, stochastic: true, about: "trajectory consistency distillation sampling (Zheng et al. 2024), --eta is its γ" },
+    SamplerInfo {
+        sampler: Sampler::Euler,
+        name: "euler",
+        display: "Euler",
+        order: 1,
+        evals_per_step: 1,
+        stochastic: false,
+        about: "Euler's method on the probability-flow ODE (Karras et al. 2022, alg. 2)",
+    },
+    SamplerInfo {
+        sampler: Sampler::EulerA,
+        name: "euler_a",
+        display: "Euler a",
+        order: 1,
+        evals_per_step: 1,
+        stochastic: true,
+        about: "Euler with ancestral noise (k-diffusion)",
+    },
+    SamplerInfo {
+        sampler: Sampler::Heun,
+        name: "heun",
+        display: "Heun",
+        order: 2,
+        evals_per_step: 2,
+        stochastic: false,
+        about: "Heun's second-order method (Karras et al. 2022, alg. 1)",
+    },
+    SamplerInfo {
+        sampler: Sampler::Dpm2,
+        name: "dpm2",
+        display: "DPM2",
+        order: 2,
+        evals_per_step: 2,
+        stochastic: false,
+        about: "DPM-Solver-2 midpoint in log σ (Karras et al. 2022's variant)",
+    },
+    SamplerInfo {
+        sampler: Sampler::Dpm2A,
+        name: "dpm2_a",
+        display: "DPM2 a",
+        order: 2,
+        evals_per_step: 2,
+        stochastic: true,
+        about: "DPM2 with ancestral noise",
+    },
+    SamplerInfo {
+        sampler: Sampler::DpmPP2M,
+        name: "dpm++2m",
+        display: "DPM++ 2M",
+        order: 2,
+        evals_per_step: 1,
+        stochastic: false,
+        about: "DPM-Solver++(2M) multistep (Lu et al. 2022)",
+    },
+    SamplerInfo {
+        sampler: Sampler::DpmPP2SA,
+        name: "dpm++2s_a",
+        display: "DPM++ 2S a",
+        order: 2,
+        evals_per_step: 2,
+        stochastic: true,
+        about: "DPM-Solver++(2S) single-step with ancestral noise",
+    },
+    SamplerInfo {
+        sampler: Sampler::DpmPPSde,
+        name: "dpm++sde",
+        display: "DPM++ SDE",
+        order: 2,
+        evals_per_step: 2,
+        stochastic: true,
+        about: "DPM-Solver++ SDE, two stages, Brownian noise",
+    },
+    SamplerInfo {
+        sampler: Sampler::DpmPP2MSde,
+        name: "dpm++2m_sde",
+        display: "DPM++ 2M SDE",
+        order: 2,
+        evals_per_step: 1,
+        stochastic: true,
+        about: "DPM-Solver++(2M) SDE, midpoint",
+    },
+    SamplerInfo {
+        sampler: Sampler::DpmPP3MSde,
+        name: "dpm++3m_sde",
+        display: "DPM++ 3M SDE",
+        order: 3,
+        evals_per_step: 1,
+        stochastic: true,
+        about: "DPM-Solver++(3M) SDE",
+    },
+    SamplerInfo {
+        sampler: Sampler::Ddim,
+        name: "ddim",
+        display: "DDIM",
+        order: 1,
+        evals_per_step: 1,
+        stochastic: false,
+        about: "DDIM (Song et al. 2021); --eta > 0 adds noise (η = 1 is DDPM)",
+    },
+    SamplerInfo {
+        sampler: Sampler::Plms,
+        name: "plms",
+        display: "PLMS",
+        order: 4,
+        evals_per_step: 1,
+        stochastic: false,
+        about: "pseudo linear multistep (Liu et al. 2022, PNDM without Runge-Kutta warm-up)",
+    },
+    SamplerInfo {
+        sampler: Sampler::Lms,
+        name: "lms",
+        display: "LMS",
+        order: 4,
+        evals_per_step: 1,
+        stochastic: false,
+        about: "linear multistep in σ, order 4 (k-diffusion)",
+    },
+    SamplerInfo {
+        sampler: Sampler::UniPc,
+        name: "unipc",
+        display: "UniPC",
+        order: 2,
+        evals_per_step: 1,
+        stochastic: false,
+        about: "UniPC bh2 predictor-corrector (Zhao et al. 2023)",
+    },
+    SamplerInfo {
+        sampler: Sampler::Ipndm,
+        name: "ipndm",
+        display: "iPNDM",
+        order: 4,
+        evals_per_step: 1,
+        stochastic: false,
+        about: "improved PNDM: Adams-Bashforth in σ (Zhang & Chen 2023)",
+    },
+    SamplerInfo {
+        sampler: Sampler::Lcm,
+        name: "lcm",
+        display: "LCM",
+        order: 1,
+        evals_per_step: 1,
+        stochastic: true,
+        about: "latent consistency sampling (Luo et al. 2023); for LCM-distilled models",
+    },
+    SamplerInfo {
+        sampler: Sampler::Tcd,
+        name: "tcd",
+        display: "TCD",
+        order: 1,
+        evals_per_step: 1,
+        stochastic: true,
+        about: "trajectory consistency distillation sampling (Zheng et al. 2024), --eta is its γ",
+    },
 ];
 
 impl Sampler {
@@ -193,13 +366,19 @@ impl Sampler {
     /// Whether the sampler walks its own timestep grid (diffusers-style) rather than
     /// a σ schedule chosen with `--scheduler`.
     pub fn has_own_timesteps(self) -> bool {
-        matches!(self, Sampler::Ddim | Sampler::Plms | Sampler::Lcm | Sampler::Tcd)
+        matches!(
+            self,
+            Sampler::Ddim | Sampler::Plms | Sampler::Lcm | Sampler::Tcd
+        )
     }
 
     /// Whether noise comes from a Brownian path (so a step's noise does not depend on
     /// how the interval was split) rather than fresh draws.
     pub fn brownian(self) -> bool {
-        matches!(self, Sampler::DpmPPSde | Sampler::DpmPP2MSde | Sampler::DpmPP3MSde)
+        matches!(
+            self,
+            Sampler::DpmPPSde | Sampler::DpmPP2MSde | Sampler::DpmPP3MSde
+        )
     }
 }
 
@@ -235,7 +414,14 @@ impl Settings {
 /// `strength` < 1 keeps only the tail of the plan (img2img): the last
 /// ⌊steps·strength⌋ steps, or for LCM/TCD the grid of a distillation schedule cut at
 /// that strength, as diffusers' pipelines do.
-pub fn plan_for(sampler: Sampler, schedule: Schedule, d: &Discrete, steps: usize, opts: &ScheduleOpts, strength: f64) -> Plan {
+pub fn plan_for(
+    sampler: Sampler,
+    schedule: Schedule,
+    d: &Discrete,
+    steps: usize,
+    opts: &ScheduleOpts,
+    strength: f64,
+) -> Plan {
     // DDIM runs on SD's leading grid (its scheduler config) unless trailing is asked for.
     let spacing = match schedule {
         Schedule::Discrete(Spacing::Trailing) => Spacing::Trailing,
@@ -255,7 +441,11 @@ pub fn plan_for(sampler: Sampler, schedule: Schedule, d: &Discrete, steps: usize
 pub fn start_latent(plan: &Plan, noise: &[f32], image: Option<&[f32]>) -> Vec<f64> {
     match image {
         None => noise.iter().map(|&n| n as f64 * plan.init_sigma).collect(),
-        Some(img) => img.iter().zip(noise).map(|(&x, &n)| x as f64 + n as f64 * plan.sigmas[0]).collect(),
+        Some(img) => img
+            .iter()
+            .zip(noise)
+            .map(|(&x, &n)| x as f64 + n as f64 * plan.sigmas[0])
+            .collect(),
     }
 }
 
@@ -266,10 +456,22 @@ pub type OnStep<'a> = dyn FnMut(usize, &mut [f64], &[f64]) + 'a;
 /// `on_step(i, x, denoised)` is called after step i with the VE latent, which it may
 /// change before the next step, and the model's latest clean estimate (inpainting with an ordinary UNet blends the re-noised image
 /// back outside the mask there, as diffusers does after each scheduler step).
-pub fn sample(den: &mut Denoiser<'_>, sampler: Sampler, settings: &Settings, plan: &Plan, mut x: Vec<f64>, noise: &mut dyn NoiseSampler, on_step: &mut OnStep<'_>) -> Result<Vec<Vec<f32>>> {
+pub fn sample(
+    den: &mut Denoiser<'_>,
+    sampler: Sampler,
+    settings: &Settings,
+    plan: &Plan,
+    mut x: Vec<f64>,
+    noise: &mut dyn NoiseSampler,
+    on_step: &mut OnStep<'_>,
+) -> Result<Vec<Vec<f32>>> {
     let n = plan.timesteps.len();
     if plan.sigmas.len() != n + 1 {
-        return Err(Error::Invalid(format!("a plan of {n} steps needs {} noise levels, not {}", n + 1, plan.sigmas.len())));
+        return Err(Error::Invalid(format!(
+            "a plan of {n} steps needs {} noise levels, not {}",
+            n + 1,
+            plan.sigmas.len()
+        )));
     }
     let mut trajectory = Vec::with_capacity(n);
     let mut state = kdiffusion::State::default();

@@ -18,16 +18,29 @@ pub fn plms_plan(d: &Discrete, steps: usize) -> Plan {
     if steps > 1 {
         timesteps.insert(1, grid[1]);
     }
-    let mut sigmas: Vec<f64> = timesteps.iter().map(|&t| Discrete::sigma_of(d.alphas_cumprod[t])).collect();
+    let mut sigmas: Vec<f64> = timesteps
+        .iter()
+        .map(|&t| Discrete::sigma_of(d.alphas_cumprod[t]))
+        .collect();
     // The last step lands on ᾱ_0 (set_alpha_to_one = false in SD's configs).
     sigmas.push(d.sigma_min());
     let init_sigma = (sigmas[0] * sigmas[0] + 1.0).sqrt();
-    Plan { timesteps: timesteps.iter().map(|&t| t as f64).collect(), sigmas, init_sigma }
+    Plan {
+        timesteps: timesteps.iter().map(|&t| t as f64).collect(),
+        sigmas,
+        init_sigma,
+    }
 }
 
 /// One PLMS call: ε from the model, combined with earlier ε (Adams–Bashforth weights),
 /// then the DDIM transfer x0(ε) + σ_next ε, which in the VE form is x + (σ_next − σ) ε.
-pub(super) fn plms_step(den: &mut Denoiser<'_>, plan: &Plan, i: usize, x: &[f64], st: &mut State) -> Result<Vec<f64>> {
+pub(super) fn plms_step(
+    den: &mut Denoiser<'_>,
+    plan: &Plan,
+    i: usize,
+    x: &[f64],
+    st: &mut State,
+) -> Result<Vec<f64>> {
     let (s, sn) = (plan.sigmas[i], plan.sigmas[i + 1]);
     let d0 = den.denoise_at(x, s, plan.timesteps[i])?;
     let eps: Vec<f64> = x.iter().zip(&d0).map(|(x, d)| (x - d) / s).collect();
@@ -37,7 +50,11 @@ pub(super) fn plms_step(den: &mut Denoiser<'_>, plan: &Plan, i: usize, x: &[f64]
         // The repeated point: average with the first ε and redo the first step from
         // the first latent (kept in `extra`).
         let first = st.extra.first().cloned().unwrap_or_else(|| x.to_vec());
-        let avg: Vec<f64> = eps.iter().zip(&ets[ets.len() - 1]).map(|(a, b)| (a + b) / 2.0).collect();
+        let avg: Vec<f64> = eps
+            .iter()
+            .zip(&ets[ets.len() - 1])
+            .map(|(a, b)| (a + b) / 2.0)
+            .collect();
         (first, plan.sigmas[0], avg)
     } else {
         ets.push(eps);
@@ -50,7 +67,11 @@ pub(super) fn plms_step(den: &mut Denoiser<'_>, plan: &Plan, i: usize, x: &[f64]
                 1 => ets[0][k],
                 2 => (3.0 * ets[1][k] - ets[0][k]) / 2.0,
                 3 => (23.0 * ets[2][k] - 16.0 * ets[1][k] + 5.0 * ets[0][k]) / 12.0,
-                _ => (55.0 * ets[m - 1][k] - 59.0 * ets[m - 2][k] + 37.0 * ets[m - 3][k] - 9.0 * ets[m - 4][k]) / 24.0,
+                _ => {
+                    (55.0 * ets[m - 1][k] - 59.0 * ets[m - 2][k] + 37.0 * ets[m - 3][k]
+                        - 9.0 * ets[m - 4][k])
+                        / 24.0
+                }
             })
             .collect();
         if i == 0 {
@@ -58,7 +79,11 @@ pub(super) fn plms_step(den: &mut Denoiser<'_>, plan: &Plan, i: usize, x: &[f64]
         }
         (x.to_vec(), s, e)
     };
-    Ok(base.iter().zip(&e).map(|(x, e)| x + (sn - from) * e).collect())
+    Ok(base
+        .iter()
+        .zip(&e)
+        .map(|(x, e)| x + (sn - from) * e)
+        .collect())
 }
 
 /// λ = −ln σ.
@@ -75,7 +100,11 @@ fn unipc_system(order: usize, rks: &[f64], hh: f64) -> (Vec<Vec<f64>>, Vec<f64>)
     let mut r = Vec::new();
     let mut b = Vec::new();
     for i in 1..=order {
-        r.push(rks.iter().map(|rk| rk.powi(i as i32 - 1)).collect::<Vec<f64>>());
+        r.push(
+            rks.iter()
+                .map(|rk| rk.powi(i as i32 - 1))
+                .collect::<Vec<f64>>(),
+        );
         b.push(h_phi_k * factorial / b_h);
         factorial *= (i + 1) as f64;
         h_phi_k = h_phi_k / hh - 1.0 / factorial;
@@ -87,7 +116,9 @@ fn unipc_system(order: usize, rks: &[f64], hh: f64) -> (Vec<Vec<f64>>, Vec<f64>)
 fn solve(mut a: Vec<Vec<f64>>, mut b: Vec<f64>) -> Vec<f64> {
     let n = b.len();
     for c in 0..n {
-        let p = (c..n).max_by(|&i, &j| a[i][c].abs().total_cmp(&a[j][c].abs())).unwrap_or(c);
+        let p = (c..n)
+            .max_by(|&i, &j| a[i][c].abs().total_cmp(&a[j][c].abs()))
+            .unwrap_or(c);
         a.swap(c, p);
         b.swap(c, p);
         for r in c + 1..n {
@@ -109,7 +140,13 @@ fn solve(mut a: Vec<Vec<f64>>, mut b: Vec<f64>) -> Vec<f64> {
 /// UniPC's ratios r_k = (λ_{j−k} − λ_j)/h of the earlier model outputs (the newest of
 /// `outputs` belongs to step j) and the scaled differences D1_k = (m_{j−k} − m_j)/r_k;
 /// the ratios end with 1.
-fn differences(outputs: &[Vec<f64>], sig: &[f64], j: usize, order: usize, h: f64) -> (Vec<f64>, Vec<Vec<f64>>) {
+fn differences(
+    outputs: &[Vec<f64>],
+    sig: &[f64],
+    j: usize,
+    order: usize,
+    h: f64,
+) -> (Vec<f64>, Vec<Vec<f64>>) {
     let m0 = &outputs[outputs.len() - 1];
     let mut rks = Vec::new();
     let mut d1s = Vec::new();
@@ -133,7 +170,13 @@ fn unipc_order(i: usize, n: usize) -> usize {
 /// One UniPC step (x0 prediction, bh2): correct the current latent with the new model
 /// output (UniC), then predict the next one (UniP). `st.denoised` holds the model
 /// outputs, `st.extra[0]` the previous uncorrected starting latent.
-pub(super) fn unipc_step(den: &mut Denoiser<'_>, plan: &Plan, i: usize, x: &[f64], st: &mut State) -> Result<Vec<f64>> {
+pub(super) fn unipc_step(
+    den: &mut Denoiser<'_>,
+    plan: &Plan,
+    i: usize,
+    x: &[f64],
+    st: &mut State,
+) -> Result<Vec<f64>> {
     let sig = &plan.sigmas;
     let n = plan.timesteps.len();
     let m_t = den.denoise(x, sig[i])?;
@@ -181,7 +224,10 @@ pub(super) fn unipc_step(den: &mut Denoiser<'_>, plan: &Plan, i: usize, x: &[f64
         _ => {
             let (r, b) = unipc_system(order, &rks, hh);
             let k = order - 1;
-            solve(r[..k].iter().map(|row| row[..k].to_vec()).collect(), b[..k].to_vec())
+            solve(
+                r[..k].iter().map(|row| row[..k].to_vec()).collect(),
+                b[..k].to_vec(),
+            )
         }
     };
     Ok((0..x.len())

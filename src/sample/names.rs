@@ -8,7 +8,11 @@ use super::{Sampler, Schedule, Spacing};
 /// A name folded for matching: lower case, `++` read as `pp`, and spaces, `_`, `-`
 /// and `.` dropped, so `DPM++ 2M`, `dpm++2m` and `dpmpp_2m` are one key.
 fn fold(name: &str) -> String {
-    name.to_lowercase().replace("++", "pp").chars().filter(|c| !matches!(c, ' ' | '_' | '-' | '.')).collect()
+    name.to_lowercase()
+        .replace("++", "pp")
+        .chars()
+        .filter(|c| !matches!(c, ' ' | '_' | '-' | '.'))
+        .collect()
 }
 
 /// Spellings beyond each sampler's own name and A1111 display name (both always
@@ -22,7 +26,11 @@ const ALIASES: &[(&str, Sampler, Option<Schedule>)] = &[
     ("dpmpp_2s_ancestral", Sampler::DpmPP2SA, None),
     ("uni_pc_bh2", Sampler::UniPc, None),
     ("ipndm", Sampler::Ipndm, None),
-    ("ddim_trailing", Sampler::Ddim, Some(Schedule::Discrete(Spacing::Trailing))),
+    (
+        "ddim_trailing",
+        Sampler::Ddim,
+        Some(Schedule::Discrete(Spacing::Trailing)),
+    ),
 ];
 
 /// Schedule spellings: sdrs' and stable-diffusion.cpp's, A1111's "Schedule type" and
@@ -51,8 +59,16 @@ pub fn sampler(name: &str) -> Option<(Sampler, Option<Schedule>)> {
     if key.is_empty() {
         return None;
     }
-    let own = Sampler::all().iter().find(|i| fold(i.name) == key || fold(i.display) == key).map(|i| (i.sampler, None));
-    let alias = || ALIASES.iter().find(|a| fold(a.0) == key).map(|a| (a.1, a.2));
+    let own = Sampler::all()
+        .iter()
+        .find(|i| fold(i.name) == key || fold(i.display) == key)
+        .map(|i| (i.sampler, None));
+    let alias = || {
+        ALIASES
+            .iter()
+            .find(|a| fold(a.0) == key)
+            .map(|a| (a.1, a.2))
+    };
     own.or_else(alias).or_else(|| {
         // A1111's "<sampler> <schedule type>" names.
         SCHEDULES.iter().find_map(|(s, schedule)| {
@@ -93,19 +109,39 @@ mod tests {
             ("DPM++ 2M", Sampler::DpmPP2M, None),
             ("dpmpp_2m", Sampler::DpmPP2M, None),
             ("DPM++ 2M Karras", Sampler::DpmPP2M, Some(Schedule::Karras)),
-            ("DPM++ 2M SDE Exponential", Sampler::DpmPP2MSde, Some(Schedule::Exponential)),
+            (
+                "DPM++ 2M SDE Exponential",
+                Sampler::DpmPP2MSde,
+                Some(Schedule::Exponential),
+            ),
             ("dpmpp_2m_sde", Sampler::DpmPP2MSde, None),
-            ("DPM++ SDE Karras", Sampler::DpmPPSde, Some(Schedule::Karras)),
+            (
+                "DPM++ SDE Karras",
+                Sampler::DpmPPSde,
+                Some(Schedule::Karras),
+            ),
             ("dpm_2_ancestral", Sampler::Dpm2A, None),
             ("DPM2 a Karras", Sampler::Dpm2A, Some(Schedule::Karras)),
             ("dpmpp_2s_ancestral", Sampler::DpmPP2SA, None),
             ("uni_pc", Sampler::UniPc, None),
             ("uni_pc_bh2", Sampler::UniPc, None),
-            ("ddim_trailing", Sampler::Ddim, Some(Schedule::Discrete(Spacing::Trailing))),
+            (
+                "ddim_trailing",
+                Sampler::Ddim,
+                Some(Schedule::Discrete(Spacing::Trailing)),
+            ),
             ("DDIM", Sampler::Ddim, None),
             ("LMS Karras", Sampler::Lms, Some(Schedule::Karras)),
-            ("Euler SGM Uniform", Sampler::Euler, Some(Schedule::SgmUniform)),
-            ("Euler Align Your Steps", Sampler::Euler, Some(Schedule::Ays)),
+            (
+                "Euler SGM Uniform",
+                Sampler::Euler,
+                Some(Schedule::SgmUniform),
+            ),
+            (
+                "Euler Align Your Steps",
+                Sampler::Euler,
+                Some(Schedule::Ays),
+            ),
             ("lcm", Sampler::Lcm, None),
             ("iPNDM", Sampler::Ipndm, None),
         ];
@@ -116,7 +152,14 @@ mod tests {
 
     #[test]
     fn unknown_or_doubled_names_are_not_guessed() {
-        for name in ["", "eulerx", "Karras", "ddim_trailing karras", "dpm++2mv2", "DPM++ 2M Karras Karras"] {
+        for name in [
+            "",
+            "eulerx",
+            "Karras",
+            "ddim_trailing karras",
+            "dpm++2mv2",
+            "DPM++ 2M Karras Karras",
+        ] {
             assert_eq!(sampler(name), None, "{name}");
         }
     }
@@ -125,9 +168,15 @@ mod tests {
     fn schedule_spellings_of_each_front_end_agree() {
         assert_eq!(schedule("Karras"), Some(Schedule::Karras));
         assert_eq!(schedule("SGM Uniform"), Some(Schedule::SgmUniform));
-        assert_eq!(schedule("normal"), Some(Schedule::Discrete(Spacing::Linspace)));
+        assert_eq!(
+            schedule("normal"),
+            Some(Schedule::Discrete(Spacing::Linspace))
+        );
         assert_eq!(schedule("Align Your Steps"), Some(Schedule::Ays));
-        assert_eq!(schedule("trailing"), Some(Schedule::Discrete(Spacing::Trailing)));
+        assert_eq!(
+            schedule("trailing"),
+            Some(Schedule::Discrete(Spacing::Trailing))
+        );
         assert_eq!(schedule("beta"), None);
         for n in Schedule::NAMES {
             assert_eq!(schedule(n), Schedule::parse(n), "{n}");

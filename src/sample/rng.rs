@@ -136,7 +136,11 @@ impl TorchRng {
     /// Matches torch running `kernel`, whatever this machine is.
     pub fn with_kernel(seed: u64, kernel: Kernel) -> Self {
         // torch keeps the full 64-bit seed but the twister takes only its low word.
-        TorchRng { mt: Mt19937::new(seed as u32), cached: None, kernel }
+        TorchRng {
+            mt: Mt19937::new(seed as u32),
+            cached: None,
+            kernel,
+        }
     }
 
     /// Uniform f32 in [0, 1): 24 bits, exactly representable.
@@ -275,9 +279,21 @@ mod avx2 {
     fn sin_cos(theta: f32) -> (f32, f32) {
         const FOUR_OVER_PI: f32 = 1.27323954473516_f64 as f32;
         // π/4 in three parts (Cody–Waite), the first two exact in a product with j.
-        const DP: [f32; 3] = [-0.78515625, -2.4187564849853515625e-4, -3.77489497744594108e-8_f64 as f32];
-        const COS: [f32; 3] = [2.443315711809948E-005_f64 as f32, -1.388731625493765E-003_f64 as f32, 4.166664568298827E-002_f64 as f32];
-        const SIN: [f32; 3] = [-1.9515295891E-4_f64 as f32, 8.3321608736E-3_f64 as f32, -1.6666654611E-1_f64 as f32];
+        const DP: [f32; 3] = [
+            -0.78515625,
+            -2.4187564849853515625e-4,
+            -3.77489497744594108e-8_f64 as f32,
+        ];
+        const COS: [f32; 3] = [
+            2.443315711809948E-005_f64 as f32,
+            -1.388731625493765E-003_f64 as f32,
+            4.166664568298827E-002_f64 as f32,
+        ];
+        const SIN: [f32; 3] = [
+            -1.9515295891E-4_f64 as f32,
+            8.3321608736E-3_f64 as f32,
+            -1.6666654611E-1_f64 as f32,
+        ];
         // Octant j, rounded up to even, and x reduced to [−π/4, π/4] by j·π/4.
         let mut x = theta;
         let j = ((x * FOUR_OVER_PI) as i32 + 1) & !1;
@@ -295,7 +311,10 @@ mod avx2 {
         // The octant decides which polynomial is the sine; torch adds the unused one's
         // zero, which maps −0 to +0.
         let (sin, cos) = if j & 2 == 0 { (s, c) } else { (c, s) };
-        (f32::from_bits((sin + 0.0).to_bits() ^ sin_sign), f32::from_bits((cos + 0.0).to_bits() ^ cos_sign))
+        (
+            f32::from_bits((sin + 0.0).to_bits() ^ sin_sign),
+            f32::from_bits((cos + 0.0).to_bits() ^ cos_sign),
+        )
     }
 }
 
@@ -315,9 +334,14 @@ impl Mt19937 {
         state[0] = seed;
         for i in 1..Self::N {
             let prev = state[i - 1];
-            state[i] = 1_812_433_253u32.wrapping_mul(prev ^ (prev >> 30)).wrapping_add(i as u32);
+            state[i] = 1_812_433_253u32
+                .wrapping_mul(prev ^ (prev >> 30))
+                .wrapping_add(i as u32);
         }
-        Mt19937 { state, index: Self::N }
+        Mt19937 {
+            state,
+            index: Self::N,
+        }
     }
 
     fn next_u32(&mut self) -> u32 {
@@ -351,12 +375,19 @@ mod tests {
     use serde_json::Value;
 
     fn fixture() -> Value {
-        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/torch_randn.json");
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/torch_randn.json"
+        );
         serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
     }
 
     fn u32s(v: &Value) -> Vec<u32> {
-        v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap() as u32)
+            .collect()
     }
 
     fn bits(v: &[f32]) -> Vec<u32> {
@@ -364,7 +395,12 @@ mod tests {
     }
 
     fn fnv1a64(v: &[f32]) -> String {
-        let h = v.iter().flat_map(|x| x.to_le_bytes()).fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3));
+        let h = v
+            .iter()
+            .flat_map(|x| x.to_le_bytes())
+            .fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+                (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+            });
         format!("{h:016x}")
     }
 
@@ -375,7 +411,10 @@ mod tests {
         let cases = k["cases"].as_array().unwrap();
         assert!(cases.len() >= 40);
         for c in cases {
-            let (seed, n) = (c["seed"].as_u64().unwrap(), c["n"].as_u64().unwrap() as usize);
+            let (seed, n) = (
+                c["seed"].as_u64().unwrap(),
+                c["n"].as_u64().unwrap() as usize,
+            );
             let got = TorchRng::with_kernel(seed, kernel).randn(n);
             let what = format!("{name} seed {seed} n {n}");
             if c.get("bits").is_some() {
@@ -391,7 +430,11 @@ mod tests {
             let mut rng = TorchRng::with_kernel(seed, kernel);
             for (i, call) in s["calls"].as_array().unwrap().iter().enumerate() {
                 let want = u32s(&call["bits"]);
-                assert_eq!(bits(&rng.randn(want.len())), want, "{name} seed {seed} call {i}");
+                assert_eq!(
+                    bits(&rng.randn(want.len())),
+                    want,
+                    "{name} seed {seed} call {i}"
+                );
             }
         }
     }
@@ -429,7 +472,15 @@ mod tests {
     #[test]
     fn native_keeps_its_values() {
         // What the native generator gave (as pipeline::native_noise) before it moved here.
-        let old = [3207150517u32, 3202319624, 3206432334, 1071040018, 3197553709, 3208638083, 1042940136];
+        let old = [
+            3207150517u32,
+            3202319624,
+            3206432334,
+            1071040018,
+            3197553709,
+            3208638083,
+            1042940136,
+        ];
         assert_eq!(bits(&NativeRng::new(1234).randn(7)), old);
         // Deterministic, and successive calls continue the stream (an odd count
         // drops the second value of its last pair).

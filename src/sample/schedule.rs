@@ -22,7 +22,11 @@ impl Discrete {
         let alphas_cumprod = (0..steps)
             .map(|i| {
                 // torch.linspace fills from both ends.
-                let s = if i < steps / 2 { a + step * i as f32 } else { b - step * (steps - 1 - i) as f32 };
+                let s = if i < steps / 2 {
+                    a + step * i as f32
+                } else {
+                    b - step * (steps - 1 - i) as f32
+                };
                 acc *= 1.0 - s * s;
                 acc as f64
             })
@@ -49,7 +53,10 @@ impl Discrete {
     pub fn rescale_zero_terminal_snr(&self) -> Self {
         let s: Vec<f64> = self.alphas_cumprod.iter().map(|a| a.sqrt()).collect();
         let (first, last) = (s[0], s[s.len() - 1]);
-        let mut alphas_cumprod: Vec<f64> = s.iter().map(|v| ((v - last) * first / (first - last)).powi(2)).collect();
+        let mut alphas_cumprod: Vec<f64> = s
+            .iter()
+            .map(|v| ((v - last) * first / (first - last)).powi(2))
+            .collect();
         if let Some(l) = alphas_cumprod.last_mut() {
             *l = 2f64.powi(-24);
         }
@@ -62,7 +69,10 @@ impl Discrete {
 
     /// The discrete σ at every training step, ascending (σ_0 … σ_{T-1}).
     pub fn sigmas(&self) -> Vec<f64> {
-        self.alphas_cumprod.iter().map(|&a| Self::sigma_of(a)).collect()
+        self.alphas_cumprod
+            .iter()
+            .map(|&a| Self::sigma_of(a))
+            .collect()
     }
 
     pub fn sigma_min(&self) -> f64 {
@@ -81,7 +91,9 @@ impl Discrete {
         let log_sigma = |j: usize| Self::sigma_of(self.alphas_cumprod[j]).ln();
         // Index of the last training σ at or below `sigma` (σ rises with t), kept inside
         // [0, n-2]: a binary search instead of a log of all T levels on every call.
-        let below = self.alphas_cumprod.partition_point(|&a| Self::sigma_of(a).ln() <= ls);
+        let below = self
+            .alphas_cumprod
+            .partition_point(|&a| Self::sigma_of(a).ln() <= ls);
         let low = below.saturating_sub(1).min(n - 2);
         let (lo, hi) = (log_sigma(low), log_sigma(low + 1));
         let w = ((lo - ls) / (lo - hi)).clamp(0.0, 1.0);
@@ -134,32 +146,63 @@ pub struct Plan {
 
 impl Plan {
     /// diffusers' `EulerDiscreteScheduler` (interpolated sigmas, final σ = 0).
-    pub fn euler_discrete(s: &Discrete, steps: usize, spacing: Spacing, steps_offset: usize) -> Plan {
+    pub fn euler_discrete(
+        s: &Discrete,
+        steps: usize,
+        spacing: Spacing,
+        steps_offset: usize,
+    ) -> Plan {
         let n = s.len();
         let timesteps: Vec<f64> = match spacing {
-            Spacing::Linspace => (0..steps).rev().map(|i| if steps == 1 { (n - 1) as f64 } else { (n - 1) as f64 * i as f64 / (steps - 1) as f64 }).collect(),
+            Spacing::Linspace => (0..steps)
+                .rev()
+                .map(|i| {
+                    if steps == 1 {
+                        (n - 1) as f64
+                    } else {
+                        (n - 1) as f64 * i as f64 / (steps - 1) as f64
+                    }
+                })
+                .collect(),
             Spacing::Leading => {
                 let ratio = n / steps;
-                (0..steps).rev().map(|i| (i * ratio + steps_offset) as f64).collect()
+                (0..steps)
+                    .rev()
+                    .map(|i| (i * ratio + steps_offset) as f64)
+                    .collect()
             }
             Spacing::Trailing => {
                 let ratio = n as f64 / steps as f64;
-                (1..=steps).rev().map(|i| (n as f64 - (steps - i) as f64 * ratio).round() - 1.0).collect()
+                (1..=steps)
+                    .rev()
+                    .map(|i| (n as f64 - (steps - i) as f64 * ratio).round() - 1.0)
+                    .collect()
             }
         };
         let mut sigmas: Vec<f64> = timesteps.iter().map(|&t| s.sigma(t)).collect();
         let max = sigmas[0];
         sigmas.push(0.0);
         // diffusers' init_noise_sigma: σ_max for linspace/trailing, sqrt(σ_max² + 1) for leading.
-        let init_sigma = if spacing == Spacing::Leading { (max * max + 1.0).sqrt() } else { max };
-        Plan { timesteps, sigmas, init_sigma }
+        let init_sigma = if spacing == Spacing::Leading {
+            (max * max + 1.0).sqrt()
+        } else {
+            max
+        };
+        Plan {
+            timesteps,
+            sigmas,
+            init_sigma,
+        }
     }
 
     /// diffusers' `DDIMScheduler` with η = 0 (leading spacing, `steps_offset`), as
     /// Euler steps in the VE form: the last step ends at ᾱ_0 unless `set_alpha_to_one`.
     pub fn ddim(s: &Discrete, steps: usize, steps_offset: usize, set_alpha_to_one: bool) -> Plan {
         let ratio = s.len() / steps;
-        let timesteps: Vec<f64> = (0..steps).rev().map(|i| (i * ratio + steps_offset) as f64).collect();
+        let timesteps: Vec<f64> = (0..steps)
+            .rev()
+            .map(|i| (i * ratio + steps_offset) as f64)
+            .collect();
         Self::ddim_at(s, timesteps, set_alpha_to_one)
     }
 
@@ -170,10 +213,21 @@ impl Plan {
         let n = s.len();
         let timesteps: Vec<f64> = match spacing {
             Spacing::Leading => return Self::ddim(s, steps, 1, false),
-            Spacing::Linspace => (0..steps).rev().map(|i| if steps == 1 { (n - 1) as f64 } else { ((n - 1) as f64 * i as f64 / (steps - 1) as f64).round() }).collect(),
+            Spacing::Linspace => (0..steps)
+                .rev()
+                .map(|i| {
+                    if steps == 1 {
+                        (n - 1) as f64
+                    } else {
+                        ((n - 1) as f64 * i as f64 / (steps - 1) as f64).round()
+                    }
+                })
+                .collect(),
             Spacing::Trailing => {
                 let ratio = n as f64 / steps as f64;
-                (0..steps).map(|i| (n as f64 - i as f64 * ratio).round() - 1.0).collect()
+                (0..steps)
+                    .map(|i| (n as f64 - i as f64 * ratio).round() - 1.0)
+                    .collect()
             }
         };
         Self::ddim_at(s, timesteps, false)
@@ -186,7 +240,11 @@ impl Plan {
         sigmas.push(if set_alpha_to_one { 0.0 } else { s.sigma_min() });
         // DDIM starts from unit-variance noise in the VP form.
         let init_sigma = (sigmas[0] * sigmas[0] + 1.0).sqrt();
-        Plan { timesteps, sigmas, init_sigma }
+        Plan {
+            timesteps,
+            sigmas,
+            init_sigma,
+        }
     }
 }
 
@@ -213,8 +271,32 @@ pub enum Schedule {
 /// Align Your Steps' optimised 10-step noise levels (Sabour et al., arXiv 2404.14507;
 /// the full-precision values of NVIDIA's AYS how-to): SD 1.5 and SDXL. The last level
 /// is replaced by 0 when used.
-const AYS_SD15: [f64; 11] = [14.6146412293, 6.4745760956, 3.8636745985, 2.694615152, 1.8841921177, 1.3943805092, 0.9642583904, 0.6523686016, 0.3977456272, 0.1515232662, 0.0291671582];
-const AYS_SDXL: [f64; 11] = [14.6146412293, 6.3184485287, 3.7681790315, 2.1811480769, 1.3405244945, 0.8620721141, 0.5550693289, 0.3798540708, 0.2332364134, 0.1114188177, 0.0291671582];
+const AYS_SD15: [f64; 11] = [
+    14.6146412293,
+    6.4745760956,
+    3.8636745985,
+    2.694615152,
+    1.8841921177,
+    1.3943805092,
+    0.9642583904,
+    0.6523686016,
+    0.3977456272,
+    0.1515232662,
+    0.0291671582,
+];
+const AYS_SDXL: [f64; 11] = [
+    14.6146412293,
+    6.3184485287,
+    3.7681790315,
+    2.1811480769,
+    1.3405244945,
+    0.8620721141,
+    0.5550693289,
+    0.3798540708,
+    0.2332364134,
+    0.1114188177,
+    0.0291671582,
+];
 
 /// Options that shape a σ schedule.
 #[derive(Clone, Copy, Debug, Default)]
@@ -227,7 +309,16 @@ pub struct ScheduleOpts {
 }
 
 impl Schedule {
-    pub const NAMES: &'static [&'static str] = &["discrete", "leading", "trailing", "karras", "exponential", "ays", "sgm_uniform", "simple"];
+    pub const NAMES: &'static [&'static str] = &[
+        "discrete",
+        "leading",
+        "trailing",
+        "karras",
+        "exponential",
+        "ays",
+        "sgm_uniform",
+        "simple",
+    ];
 
     pub fn parse(s: &str) -> Option<Schedule> {
         Some(match s {
@@ -259,15 +350,22 @@ impl Schedule {
     /// The plan of `steps` steps: σ descending to 0, the model timestep at each σ.
     pub fn plan(self, d: &Discrete, steps: usize, opts: &ScheduleOpts) -> Plan {
         let steps = steps.max(1);
-        let (lo, hi) = (opts.sigma_min.unwrap_or_else(|| d.sigma_min()), opts.sigma_max.unwrap_or_else(|| d.sigma_max()));
+        let (lo, hi) = (
+            opts.sigma_min.unwrap_or_else(|| d.sigma_min()),
+            opts.sigma_max.unwrap_or_else(|| d.sigma_max()),
+        );
         let mut sigmas: Vec<f64> = match self {
             Schedule::Discrete(spacing) => return Plan::euler_discrete(d, steps, spacing, 1),
             Schedule::Karras => {
                 let rho = 7.0;
                 let (a, b) = (hi.powf(1.0 / rho), lo.powf(1.0 / rho));
-                (0..steps).map(|i| (a + ramp(i, steps) * (b - a)).powf(rho)).collect()
+                (0..steps)
+                    .map(|i| (a + ramp(i, steps) * (b - a)).powf(rho))
+                    .collect()
             }
-            Schedule::Exponential => (0..steps).map(|i| (hi.ln() + ramp(i, steps) * (lo.ln() - hi.ln())).exp()).collect(),
+            Schedule::Exponential => (0..steps)
+                .map(|i| (hi.ln() + ramp(i, steps) * (lo.ln() - hi.ln())).exp())
+                .collect(),
             Schedule::Ays => {
                 let table = if opts.xl { &AYS_SDXL } else { &AYS_SD15 };
                 let mut s = loglinear_interp(table, steps + 1);
@@ -276,18 +374,26 @@ impl Schedule {
             }
             Schedule::SgmUniform => {
                 let (t0, t1) = (d.sigma_to_t(hi), d.sigma_to_t(lo));
-                (0..steps).map(|i| d.t_to_sigma(t0 + (t1 - t0) * i as f64 / steps as f64)).collect()
+                (0..steps)
+                    .map(|i| d.t_to_sigma(t0 + (t1 - t0) * i as f64 / steps as f64))
+                    .collect()
             }
             Schedule::Simple => {
                 let all = d.sigmas();
                 let ss = all.len() as f64 / steps as f64;
-                (0..steps).map(|i| all[all.len() - 1 - (i as f64 * ss) as usize]).collect()
+                (0..steps)
+                    .map(|i| all[all.len() - 1 - (i as f64 * ss) as usize])
+                    .collect()
             }
         };
         let timesteps = sigmas.iter().map(|&s| d.sigma_to_t(s)).collect();
         let init_sigma = sigmas[0];
         sigmas.push(0.0);
-        Plan { timesteps, sigmas, init_sigma }
+        Plan {
+            timesteps,
+            sigmas,
+            init_sigma,
+        }
     }
 }
 
@@ -329,6 +435,10 @@ impl Plan {
             return self.clone();
         }
         let sigmas = self.sigmas[start..].to_vec();
-        Plan { timesteps: self.timesteps[start..].to_vec(), init_sigma: sigmas[0], sigmas }
+        Plan {
+            timesteps: self.timesteps[start..].to_vec(),
+            init_sigma: sigmas[0],
+            sigmas,
+        }
     }
 }

@@ -29,12 +29,23 @@ pub fn synth_tiny(arch: &str, format: Format, dtype: DType, dir: &Path) -> PathB
 pub fn convert_to(input: &Path, wtype: Type, out: &Path) -> sdrs::Result<convert::Summary> {
     let ck = Checkpoint::open(input)?;
     let plan = convert::plan(&ck, &Policy::new(wtype), None)?;
-    convert::run(&ck, &plan, wtype.name(), out, false, &AtomicBool::new(false), &mut |_| {})
+    convert::run(
+        &ck,
+        &plan,
+        wtype.name(),
+        out,
+        false,
+        &AtomicBool::new(false),
+        &mut |_| {},
+    )
 }
 
 /// Files in `dir` (names), to check nothing partial was left behind.
 pub fn listing(dir: &Path) -> Vec<String> {
-    let mut v: Vec<String> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
     v.sort();
     v
 }
@@ -54,7 +65,10 @@ pub fn rel_rms(a: &[f32], b: &[f32]) -> f64 {
 /// top-left to `size`, or to the largest multiples of 16 when `size` is `None`.
 pub fn photo(name: &str, size: Option<(usize, usize)>) -> (Vec<f32>, usize, usize) {
     let img = image::open(fixture("images").join(name)).unwrap().to_rgb8();
-    let (w, h) = size.unwrap_or(((img.width() as usize / 16) * 16, (img.height() as usize / 16) * 16));
+    let (w, h) = size.unwrap_or((
+        (img.width() as usize / 16) * 16,
+        (img.height() as usize / 16) * 16,
+    ));
     let mut v = vec![0f32; 3 * w * h];
     for y in 0..h {
         for x in 0..w {
@@ -72,9 +86,18 @@ pub fn photo(name: &str, size: Option<(usize, usize)>) -> (Vec<f32>, usize, usiz
 pub fn small_disk(dir: &Path, name: &str, size: &str) -> Option<PathBuf> {
     let mnt = dir.join(name);
     std::fs::create_dir(&mnt).unwrap();
-    let ok = std::process::Command::new("mount").args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"]).arg(&mnt).status().map(|s| s.success()).unwrap_or(false);
+    let ok = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+        .arg(&mnt)
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
     if !ok {
-        let root = std::process::Command::new("id").arg("-u").output().map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0").unwrap_or(false);
+        let root = std::process::Command::new("id")
+            .arg("-u")
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+            .unwrap_or(false);
         assert!(!root, "root could not mount a tmpfs");
         eprintln!("SKIP: cannot mount a tmpfs here (not root?)");
     }
@@ -88,16 +111,40 @@ pub fn kohya_lora_for(model: &Path, path: &Path) {
     let ck = Checkpoint::open(model).unwrap();
     let mut specs = Vec::new();
     let mut values: Vec<Vec<f32>> = Vec::new();
-    for t in ck.tensors.iter().filter(|t| t.name.ends_with("attn2.to_k.weight")) {
-        let module = t.name.trim_start_matches("model.diffusion_model.").trim_end_matches(".weight").replace('.', "_");
+    for t in ck
+        .tensors
+        .iter()
+        .filter(|t| t.name.ends_with("attn2.to_k.weight"))
+    {
+        let module = t
+            .name
+            .trim_start_matches("model.diffusion_model.")
+            .trim_end_matches(".weight")
+            .replace('.', "_");
         let (out, inp) = (t.shape[0], t.shape[1]);
-        for (part, shape) in [("lora_down.weight", vec![4, inp]), ("lora_up.weight", vec![out, 4]), ("alpha", vec![])] {
+        for (part, shape) in [
+            ("lora_down.weight", vec![4, inp]),
+            ("lora_up.weight", vec![out, 4]),
+            ("alpha", vec![]),
+        ] {
             let n: usize = shape.iter().product();
-            values.push((0..n).map(|i| ((i * 7 + specs.len()) % 11) as f32 * 0.01 - 0.05).collect());
-            specs.push(sdrs::formats::safetensors::WriteSpec { name: format!("lora_unet_{module}.{part}"), shape, dtype: DType::F32 });
+            values.push(
+                (0..n)
+                    .map(|i| ((i * 7 + specs.len()) % 11) as f32 * 0.01 - 0.05)
+                    .collect(),
+            );
+            specs.push(sdrs::formats::safetensors::WriteSpec {
+                name: format!("lora_unet_{module}.{part}"),
+                shape,
+                dtype: DType::F32,
+            });
         }
     }
-    assert!(specs.len() >= 6, "no cross-attention in {}", model.display());
+    assert!(
+        specs.len() >= 6,
+        "no cross-attention in {}",
+        model.display()
+    );
     let mut bytes = Vec::new();
     sdrs::formats::safetensors::write(&mut bytes, &specs, &Default::default(), |i, b| {
         b.extend(values[i].iter().flat_map(|v| v.to_le_bytes()));

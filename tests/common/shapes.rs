@@ -132,20 +132,41 @@ pub fn grammar() -> &'static Grammar {
     G.get_or_init(|| {
         // Our own committed file: a parse failure is a bug in the repository, so a
         // panic with the reason is the right report.
-        Grammar::parse(include_str!("../../tools/demo/grammar.json")).unwrap_or_else(|e| panic!("tools/demo/grammar.json: {e}"))
+        Grammar::parse(include_str!("../../tools/demo/grammar.json"))
+            .unwrap_or_else(|e| panic!("tools/demo/grammar.json: {e}"))
     })
 }
 
 fn words_of(text: &str) -> impl Iterator<Item = String> + '_ {
-    text.split(|c: char| !c.is_alphanumeric()).filter(|w| !w.is_empty()).map(|w| w.to_lowercase())
+    text.split(|c: char| !c.is_alphanumeric())
+        .filter(|w| !w.is_empty())
+        .map(|w| w.to_lowercase())
 }
 
 impl Grammar {
     pub fn parse(json: &str) -> Result<Grammar, String> {
         let raw: RawGrammar = serde_json::from_str(json).map_err(|e| e.to_string())?;
-        let palette: Vec<(String, [f64; 3])> = raw.palette.iter().map(|(n, c)| (n.clone(), c.map(f64::from))).collect();
-        let shapes: Vec<Shape> = raw.shapes.iter().map(|(n, s)| Shape { name: n.clone(), fill: s.fill }).collect();
-        let mut sizes: Vec<Size> = raw.sizes.iter().map(|(n, s)| Size { name: n.clone(), extent: s.extent }).collect();
+        let palette: Vec<(String, [f64; 3])> = raw
+            .palette
+            .iter()
+            .map(|(n, c)| (n.clone(), c.map(f64::from)))
+            .collect();
+        let shapes: Vec<Shape> = raw
+            .shapes
+            .iter()
+            .map(|(n, s)| Shape {
+                name: n.clone(),
+                fill: s.fill,
+            })
+            .collect();
+        let mut sizes: Vec<Size> = raw
+            .sizes
+            .iter()
+            .map(|(n, s)| Size {
+                name: n.clone(),
+                extent: s.extent,
+            })
+            .collect();
         sizes.sort_by(|a, b| a.extent[0].total_cmp(&b.extent[0]));
         for w in sizes.windows(2) {
             if w[0].extent[1] >= w[1].extent[0] {
@@ -155,9 +176,18 @@ impl Grammar {
         let mut names: Vec<&str> = shapes.iter().map(|s| s.name.as_str()).collect();
         names.sort();
         if names != KNOWN_SHAPES {
-            return Err(format!("shapes {names:?}: the evaluator tells apart exactly {KNOWN_SHAPES:?}"));
+            return Err(format!(
+                "shapes {names:?}: the evaluator tells apart exactly {KNOWN_SHAPES:?}"
+            ));
         }
-        let positions: Vec<Position> = raw.positions.iter().map(|(n, p)| Position { name: n.clone(), anchor: p.anchor }).collect();
+        let positions: Vec<Position> = raw
+            .positions
+            .iter()
+            .map(|(n, p)| Position {
+                name: n.clone(),
+                anchor: p.anchor,
+            })
+            .collect();
 
         let mut words = BTreeMap::new();
         let mut add = |w: &str, v: (Kind, usize)| -> Result<(), String> {
@@ -182,7 +212,10 @@ impl Grammar {
             }
         }
         for (n, ws) in &raw.position_words {
-            let i = positions.iter().position(|x| x.name == *n).ok_or_else(|| format!("position_words: unknown position {n}"))?;
+            let i = positions
+                .iter()
+                .position(|x| x.name == *n)
+                .ok_or_else(|| format!("position_words: unknown position {n}"))?;
             for w in ws {
                 add(w, (Kind::Position, i))?;
             }
@@ -191,9 +224,18 @@ impl Grammar {
         // template words outside the {placeholders}: a caption may use those freely,
         // any other word is an error (a typo or a colour we do not know).
         let mut fillers: Vec<String> = vec!["a".into(), "an".into()];
-        let mut texts: Vec<String> = raw.captions.templates.iter().map(|t| t.text.clone()).collect();
+        let mut texts: Vec<String> = raw
+            .captions
+            .templates
+            .iter()
+            .map(|t| t.text.clone())
+            .collect();
         texts.push(raw.captions.no_background_template.clone());
-        texts.extend(raw.positions.values().flat_map(|p| p.phrases.iter().cloned()));
+        texts.extend(
+            raw.positions
+                .values()
+                .flat_map(|p| p.phrases.iter().cloned()),
+        );
         for t in &texts {
             for w in words_of(&strip_placeholders(t)) {
                 if !words.contains_key(&w) && w != raw.background_word && !fillers.contains(&w) {
@@ -203,7 +245,10 @@ impl Grammar {
         }
         // Every phrase must name its own position, or the parser could not read it back.
         for (n, p) in &raw.positions {
-            let i = positions.iter().position(|x| x.name == *n).ok_or("position lost")?;
+            let i = positions
+                .iter()
+                .position(|x| x.name == *n)
+                .ok_or("position lost")?;
             for ph in &p.phrases {
                 if !words_of(ph).any(|w| words.get(&w) == Some(&(Kind::Position, i))) {
                     return Err(format!("phrase {ph:?} does not name position {n}"));
@@ -325,7 +370,9 @@ pub fn parse_caption(text: &str) -> Result<Caption, String> {
     let mut c = Caption::default();
     let set = |slot: &mut Option<String>, what: &str, value: &str| -> Result<(), String> {
         match slot {
-            Some(old) if old != value => Err(format!("caption {text:?} names two {what}s: {old} and {value}")),
+            Some(old) if old != value => Err(format!(
+                "caption {text:?} names two {what}s: {old} and {value}"
+            )),
             _ => {
                 *slot = Some(value.to_string());
                 Ok(())
@@ -350,7 +397,9 @@ pub fn parse_caption(text: &str) -> Result<Caption, String> {
         }
     }
     if c == Caption::default() {
-        return Err(format!("caption {text:?} names no shape, colour, position, size or background"));
+        return Err(format!(
+            "caption {text:?} names no shape, colour, position, size or background"
+        ));
     }
     Ok(c)
 }
@@ -450,14 +499,31 @@ pub fn analyse(img: &RgbImage) -> Analysis {
         votes[k] += 1;
     }
     let bg = (0..votes.len()).max_by_key(|&k| votes[k]).unwrap_or(0);
-    let bg_px: Vec<[f64; 3]> = border.iter().zip(&nearest).filter(|(_, &k)| k == bg).map(|(p, _)| *p).collect();
-    let bg_rgb = if bg_px.is_empty() { g.palette[bg].1 } else { median_rgb(&bg_px) };
+    let bg_px: Vec<[f64; 3]> = border
+        .iter()
+        .zip(&nearest)
+        .filter(|(_, &k)| k == bg)
+        .map(|(p, _)| *p)
+        .collect();
+    let bg_rgb = if bg_px.is_empty() {
+        g.palette[bg].1
+    } else {
+        median_rgb(&bg_px)
+    };
     let background_distance = dist(&bg_rgb, &g.palette[bg].1);
-    let mut analysis = Analysis { background: bg, background_rgb: bg_rgb, background_distance, shape: None };
+    let mut analysis = Analysis {
+        background: bg,
+        background_rgb: bg_rgb,
+        background_distance,
+        shape: None,
+    };
 
     // 2. Candidates far from the background; the shape colour from their far core.
     let n = (w * h) as usize;
-    let all: Vec<[f64; 3]> = (0..h).flat_map(|y| (0..w).map(move |x| (x, y))).map(|(x, y)| px(x, y)).collect();
+    let all: Vec<[f64; 3]> = (0..h)
+        .flat_map(|y| (0..w).map(move |x| (x, y)))
+        .map(|(x, y)| px(x, y))
+        .collect();
     let d_bg: Vec<f64> = all.iter().map(|p| dist(p, &bg_rgb)).collect();
     let far = 0.25 * g.min_palette_distance;
     let mut cand: Vec<f64> = d_bg.iter().copied().filter(|&d| d > far).collect();
@@ -469,22 +535,51 @@ pub fn analyse(img: &RgbImage) -> Analysis {
         cand.sort_by(|a, b| a.total_cmp(b));
         cand[(cand.len() * 9 / 10).min(cand.len() - 1)]
     };
-    let core: Vec<[f64; 3]> = all.iter().zip(&d_bg).filter(|(_, &d)| d > far && d >= 0.75 * d90).map(|(p, _)| *p).collect();
+    let core: Vec<[f64; 3]> = all
+        .iter()
+        .zip(&d_bg)
+        .filter(|(_, &d)| d > far && d >= 0.75 * d90)
+        .map(|(p, _)| *p)
+        .collect();
     let fg_rgb = median_rgb(&core);
 
     // 3. Half way from background to shape colour, then the largest component.
-    let axis = [fg_rgb[0] - bg_rgb[0], fg_rgb[1] - bg_rgb[1], fg_rgb[2] - bg_rgb[2]];
+    let axis = [
+        fg_rgb[0] - bg_rgb[0],
+        fg_rgb[1] - bg_rgb[1],
+        fg_rgb[2] - bg_rgb[2],
+    ];
     let axis2 = (axis[0] * axis[0] + axis[1] * axis[1] + axis[2] * axis[2]).max(1e-9);
-    let t: Vec<f64> = all.iter().map(|p| ((p[0] - bg_rgb[0]) * axis[0] + (p[1] - bg_rgb[1]) * axis[1] + (p[2] - bg_rgb[2]) * axis[2]) / axis2).collect();
-    let mask: Vec<bool> = t.iter().zip(&d_bg).map(|(&t, &d)| t >= 0.5 && d > 0.5 * far).collect();
+    let t: Vec<f64> = all
+        .iter()
+        .map(|p| {
+            ((p[0] - bg_rgb[0]) * axis[0]
+                + (p[1] - bg_rgb[1]) * axis[1]
+                + (p[2] - bg_rgb[2]) * axis[2])
+                / axis2
+        })
+        .collect();
+    let mask: Vec<bool> = t
+        .iter()
+        .zip(&d_bg)
+        .map(|(&t, &d)| t >= 0.5 && d > 0.5 * far)
+        .collect();
     let comp = largest_component(&mask, w as usize, h as usize);
     if comp.is_empty() {
         return analysis;
     }
 
     // 4. Attributes of the component.
-    let core: Vec<[f64; 3]> = comp.iter().filter(|&&i| t[i] >= 0.75).map(|&i| all[i]).collect();
-    let colour_rgb = if core.is_empty() { median_rgb(&comp.iter().map(|&i| all[i]).collect::<Vec<_>>()) } else { median_rgb(&core) };
+    let core: Vec<[f64; 3]> = comp
+        .iter()
+        .filter(|&&i| t[i] >= 0.75)
+        .map(|&i| all[i])
+        .collect();
+    let colour_rgb = if core.is_empty() {
+        median_rgb(&comp.iter().map(|&i| all[i]).collect::<Vec<_>>())
+    } else {
+        median_rgb(&core)
+    };
     let (colour, colour_distance) = g.nearest_colour(&colour_rgb);
 
     let (mut sx, mut sy) = (0f64, 0f64);
@@ -502,8 +597,10 @@ pub fn analyse(img: &RgbImage) -> Analysis {
     let centroid = [sx / pixels as f64 / w as f64, sy / pixels as f64 / h as f64];
     let position = (0..g.positions.len())
         .min_by(|&a, &b| {
-            let da = (centroid[0] - g.positions[a].anchor[0]).hypot(centroid[1] - g.positions[a].anchor[1]);
-            let db = (centroid[0] - g.positions[b].anchor[0]).hypot(centroid[1] - g.positions[b].anchor[1]);
+            let da = (centroid[0] - g.positions[a].anchor[0])
+                .hypot(centroid[1] - g.positions[a].anchor[1]);
+            let db = (centroid[0] - g.positions[b].anchor[0])
+                .hypot(centroid[1] - g.positions[b].anchor[1]);
             da.total_cmp(&db)
         })
         .unwrap_or(0);
@@ -527,7 +624,11 @@ pub fn analyse(img: &RgbImage) -> Analysis {
     let class = g.shape_index(name).unwrap_or(0);
     let area = pixels as f64 / n as f64;
     let extent = (area / g.shapes[class].fill).sqrt();
-    let size = g.sizes.windows(2).take_while(|p| extent > (p[0].extent[1] + p[1].extent[0]) / 2.0).count();
+    let size = g
+        .sizes
+        .windows(2)
+        .take_while(|p| extent > (p[0].extent[1] + p[1].extent[0]) / 2.0)
+        .count();
 
     analysis.shape = Some(ShapeFound {
         colour,
@@ -677,7 +778,13 @@ impl fmt::Display for Tally {
         write!(f, "{} images, all right {}", self.images, self.all_ok)?;
         for (k, a) in ATTRS.iter().enumerate() {
             if self.stated[k] > 0 {
-                write!(f, "; {a} {}/{} ({:.1}%)", self.correct[k], self.stated[k], 100.0 * self.correct[k] as f64 / self.stated[k] as f64)?;
+                write!(
+                    f,
+                    "; {a} {}/{} ({:.1}%)",
+                    self.correct[k],
+                    self.stated[k],
+                    100.0 * self.correct[k] as f64 / self.stated[k] as f64
+                )?;
             }
         }
         Ok(())

@@ -7,7 +7,10 @@ use std::path::Path;
 
 use serde_json::{Map, Value};
 
-use crate::config::{limits, Activation, TextEncoderConfig, TextEncoderKind, UnetConfig, VaeConfig, CLIP_EOS, CLIP_VOCAB};
+use crate::config::{
+    limits, Activation, TextEncoderConfig, TextEncoderKind, UnetConfig, VaeConfig, CLIP_EOS,
+    CLIP_VOCAB,
+};
 use crate::error::{Error, Result};
 
 /// Reads and parses a JSON file; a missing file and malformed JSON are both errors
@@ -16,7 +19,10 @@ pub(crate) fn read_json(path: &Path) -> Result<Value> {
     let text = match std::fs::read_to_string(path) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Err(Error::format(path, "missing: a diffusers component folder needs this file"));
+            return Err(Error::format(
+                path,
+                "missing: a diffusers component folder needs this file",
+            ));
         }
         Err(e) => return Err(Error::io(path, e)),
     };
@@ -25,7 +31,11 @@ pub(crate) fn read_json(path: &Path) -> Result<Value> {
 
 fn as_usize(v: &Value) -> Option<usize> {
     match v {
-        Value::Number(n) => n.as_u64().map(|x| x as usize).or_else(|| n.as_f64().filter(|f| f.fract() == 0.0 && *f >= 0.0).map(|f| f as usize)),
+        Value::Number(n) => n.as_u64().map(|x| x as usize).or_else(|| {
+            n.as_f64()
+                .filter(|f| f.fract() == 0.0 && *f >= 0.0)
+                .map(|f| f as usize)
+        }),
         _ => None,
     }
 }
@@ -38,7 +48,9 @@ pub(crate) struct Obj<'a> {
 
 impl<'a> Obj<'a> {
     pub fn new(v: &'a Value, path: &'a Path) -> Result<Self> {
-        let map = v.as_object().ok_or_else(|| Error::format(path, "expected a JSON object at the top level"))?;
+        let map = v
+            .as_object()
+            .ok_or_else(|| Error::format(path, "expected a JSON object at the top level"))?;
         Ok(Obj { map, path })
     }
     /// The value of `key`; JSON `null` counts as absent.
@@ -46,11 +58,17 @@ impl<'a> Obj<'a> {
         self.map.get(key).filter(|v| !v.is_null())
     }
     pub fn bad(&self, key: &str, want: &str) -> Error {
-        let found = self.map.get(key).map(|v| v.to_string()).unwrap_or_else(|| "nothing".into());
+        let found = self
+            .map
+            .get(key)
+            .map(|v| v.to_string())
+            .unwrap_or_else(|| "nothing".into());
         Error::format(self.path, format!("`{key}` must be {want}, found {found}"))
     }
     pub fn opt_usize(&self, key: &str) -> Result<Option<usize>> {
-        self.get(key).map(|v| as_usize(v).ok_or_else(|| self.bad(key, "a non-negative integer"))).transpose()
+        self.get(key)
+            .map(|v| as_usize(v).ok_or_else(|| self.bad(key, "a non-negative integer")))
+            .transpose()
     }
     pub fn usize_or(&self, key: &str, default: usize) -> Result<usize> {
         Ok(self.opt_usize(key)?.unwrap_or(default))
@@ -58,7 +76,10 @@ impl<'a> Obj<'a> {
     pub fn f32_or(&self, key: &str, default: f32) -> Result<f32> {
         match self.get(key) {
             None => Ok(default),
-            Some(v) => v.as_f64().map(|f| f as f32).ok_or_else(|| self.bad(key, "a number")),
+            Some(v) => v
+                .as_f64()
+                .map(|f| f as f32)
+                .ok_or_else(|| self.bad(key, "a number")),
         }
     }
     pub fn bool_or(&self, key: &str, default: bool) -> Result<bool> {
@@ -68,25 +89,43 @@ impl<'a> Obj<'a> {
         }
     }
     pub fn opt_str(&self, key: &str) -> Result<Option<&'a str>> {
-        self.get(key).map(|v| v.as_str().ok_or_else(|| self.bad(key, "a string"))).transpose()
+        self.get(key)
+            .map(|v| v.as_str().ok_or_else(|| self.bad(key, "a string")))
+            .transpose()
     }
     fn str_list(&self, key: &str) -> Result<Option<Vec<&'a str>>> {
-        let Some(v) = self.get(key) else { return Ok(None) };
-        let list = v.as_array().ok_or_else(|| self.bad(key, "a list of strings"))?;
-        list.iter().map(|x| x.as_str().ok_or_else(|| self.bad(key, "a list of strings"))).collect::<Result<Vec<_>>>().map(Some)
+        let Some(v) = self.get(key) else {
+            return Ok(None);
+        };
+        let list = v
+            .as_array()
+            .ok_or_else(|| self.bad(key, "a list of strings"))?;
+        list.iter()
+            .map(|x| x.as_str().ok_or_else(|| self.bad(key, "a list of strings")))
+            .collect::<Result<Vec<_>>>()
+            .map(Some)
     }
     /// An integer or a list of integers (one per level), broadcast to `n`.
     fn per_level(&self, key: &str, n: usize, default: usize) -> Result<Vec<usize>> {
         match self.get(key) {
             None => Ok(vec![default; n]),
             Some(Value::Array(a)) => {
-                let v = a.iter().map(as_usize).collect::<Option<Vec<_>>>().ok_or_else(|| self.bad(key, "an integer or a list of integers"))?;
+                let v = a
+                    .iter()
+                    .map(as_usize)
+                    .collect::<Option<Vec<_>>>()
+                    .ok_or_else(|| self.bad(key, "an integer or a list of integers"))?;
                 if v.len() != n {
-                    return Err(Error::format(self.path, format!("`{key}` has {} entries for {n} blocks", v.len())));
+                    return Err(Error::format(
+                        self.path,
+                        format!("`{key}` has {} entries for {n} blocks", v.len()),
+                    ));
                 }
                 Ok(v)
             }
-            Some(v) => as_usize(v).map(|x| vec![x; n]).ok_or_else(|| self.bad(key, "an integer or a list of integers")),
+            Some(v) => as_usize(v)
+                .map(|x| vec![x; n])
+                .ok_or_else(|| self.bad(key, "an integer or a list of integers")),
         }
     }
 }
@@ -115,7 +154,11 @@ impl Depth {
     }
     fn parse(v: &Value) -> Option<Depth> {
         match v {
-            Value::Array(a) => a.iter().map(as_usize).collect::<Option<Vec<_>>>().map(Depth::PerLayer),
+            Value::Array(a) => a
+                .iter()
+                .map(as_usize)
+                .collect::<Option<Vec<_>>>()
+                .map(Depth::PerLayer),
             other => as_usize(other).map(Depth::All),
         }
     }
@@ -129,7 +172,13 @@ impl Depth {
         match self {
             Depth::All(d) => Ok(vec![*d; layers]),
             Depth::PerLayer(v) if v.len() == layers => Ok(v.clone()),
-            Depth::PerLayer(v) => Err(Error::format(o.path, format!("`{key}` gives {} depths for a block of {layers} layers", v.len()))),
+            Depth::PerLayer(v) => Err(Error::format(
+                o.path,
+                format!(
+                    "`{key}` gives {} depths for a block of {layers} layers",
+                    v.len()
+                ),
+            )),
         }
     }
 }
@@ -139,21 +188,44 @@ fn depth_list(o: &Obj, key: &str, n: usize) -> Result<Option<Vec<Depth>>> {
     let want = "an integer, or a list of integers or lists of integers";
     match v {
         Value::Array(a) => {
-            let list = a.iter().map(Depth::parse).collect::<Option<Vec<_>>>().ok_or_else(|| o.bad(key, want))?;
+            let list = a
+                .iter()
+                .map(Depth::parse)
+                .collect::<Option<Vec<_>>>()
+                .ok_or_else(|| o.bad(key, want))?;
             if list.len() != n {
-                return Err(Error::format(o.path, format!("`{key}` has {} entries for {n} blocks", list.len())));
+                return Err(Error::format(
+                    o.path,
+                    format!("`{key}` has {} entries for {n} blocks", list.len()),
+                ));
             }
             Ok(Some(list))
         }
-        other => Ok(Some(vec![Depth::parse(other).ok_or_else(|| o.bad(key, want))?; n])),
+        other => Ok(Some(vec![
+            Depth::parse(other)
+                .ok_or_else(|| o.bad(key, want))?;
+            n
+        ])),
     }
 }
 
 /// `UNet2DConditionModel` config.
 pub(crate) fn unet(v: &Value, path: &Path) -> Result<UnetConfig> {
     let o = Obj::new(v, path)?;
-    let refuse = |key: &str, what: &str| Error::arch(path, format!("`{key}` = {}: {what} is not supported", o.get(key).map(|v| v.to_string()).unwrap_or_default()));
-    for key in ["class_embed_type", "encoder_hid_dim_type", "num_class_embeds"] {
+    let refuse = |key: &str, what: &str| {
+        Error::arch(
+            path,
+            format!(
+                "`{key}` = {}: {what} is not supported",
+                o.get(key).map(|v| v.to_string()).unwrap_or_default()
+            ),
+        )
+    };
+    for key in [
+        "class_embed_type",
+        "encoder_hid_dim_type",
+        "num_class_embeds",
+    ] {
         if o.get(key).is_some() {
             return Err(refuse(key, "this conditioning"));
         }
@@ -169,40 +241,85 @@ pub(crate) fn unet(v: &Value, path: &Path) -> Result<UnetConfig> {
         }
     }
 
-    let down_types = o.str_list("down_block_types")?.unwrap_or_else(|| vec!["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"]);
-    let up_types = o.str_list("up_block_types")?.unwrap_or_else(|| vec!["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"]);
+    let down_types = o.str_list("down_block_types")?.unwrap_or_else(|| {
+        vec![
+            "CrossAttnDownBlock2D",
+            "CrossAttnDownBlock2D",
+            "CrossAttnDownBlock2D",
+            "DownBlock2D",
+        ]
+    });
+    let up_types = o.str_list("up_block_types")?.unwrap_or_else(|| {
+        vec![
+            "UpBlock2D",
+            "CrossAttnUpBlock2D",
+            "CrossAttnUpBlock2D",
+            "CrossAttnUpBlock2D",
+        ]
+    });
     let levels = down_types.len();
     if levels == 0 || up_types.len() != levels {
-        return Err(Error::format(path, format!("{} down blocks and {} up blocks: they must be equal and non-zero", levels, up_types.len())));
+        return Err(Error::format(
+            path,
+            format!(
+                "{} down blocks and {} up blocks: they must be equal and non-zero",
+                levels,
+                up_types.len()
+            ),
+        ));
     }
     let has_attn = |t: &str, key: &str, cross: &str, plain: &str| -> Result<bool> {
         match t {
             x if x == cross => Ok(true),
             x if x == plain => Ok(false),
-            other => Err(Error::arch(path, format!("`{key}` entry `{other}` is not supported (only {cross} and {plain})"))),
+            other => Err(Error::arch(
+                path,
+                format!("`{key}` entry `{other}` is not supported (only {cross} and {plain})"),
+            )),
         }
     };
-    let down_attn = down_types.iter().map(|t| has_attn(t, "down_block_types", "CrossAttnDownBlock2D", "DownBlock2D")).collect::<Result<Vec<_>>>()?;
-    let up_attn = up_types.iter().map(|t| has_attn(t, "up_block_types", "CrossAttnUpBlock2D", "UpBlock2D")).collect::<Result<Vec<_>>>()?;
+    let down_attn = down_types
+        .iter()
+        .map(|t| has_attn(t, "down_block_types", "CrossAttnDownBlock2D", "DownBlock2D"))
+        .collect::<Result<Vec<_>>>()?;
+    let up_attn = up_types
+        .iter()
+        .map(|t| has_attn(t, "up_block_types", "CrossAttnUpBlock2D", "UpBlock2D"))
+        .collect::<Result<Vec<_>>>()?;
 
     let channels = match o.get("block_out_channels") {
-        None => [320, 640, 1280, 1280].into_iter().cycle().take(levels).collect(),
+        None => [320, 640, 1280, 1280]
+            .into_iter()
+            .cycle()
+            .take(levels)
+            .collect(),
         Some(_) => o.per_level("block_out_channels", levels, 0)?,
     };
     let mc = channels[0];
     if mc == 0 || channels.iter().any(|c| c % mc != 0) {
-        return Err(o.bad("block_out_channels", "positive multiples of the first entry"));
+        return Err(o.bad(
+            "block_out_channels",
+            "positive multiples of the first entry",
+        ));
     }
     let layers = o.per_level("layers_per_block", levels, 2)?;
     // Bounded before the per-layer lists below are allocated at these lengths (the
     // level count is bounded by the file's own list, and checked with the rest below).
     for &n in &layers {
-        limits::within("`layers_per_block`", n, limits::RESNETS).map_err(|e| Error::format(path, e))?;
+        limits::within("`layers_per_block`", n, limits::RESNETS)
+            .map_err(|e| Error::format(path, e))?;
     }
 
-    let tlpb = depth_list(&o, "transformer_layers_per_block", levels)?.unwrap_or_else(|| vec![Depth::All(1); levels]);
+    let tlpb = depth_list(&o, "transformer_layers_per_block", levels)?
+        .unwrap_or_else(|| vec![Depth::All(1); levels]);
     let down_blocks = (0..levels)
-        .map(|l| if down_attn[l] { tlpb[l].expand(layers[l], &o, "transformer_layers_per_block") } else { Ok(vec![0; layers[l]]) })
+        .map(|l| {
+            if down_attn[l] {
+                tlpb[l].expand(layers[l], &o, "transformer_layers_per_block")
+            } else {
+                Ok(vec![0; layers[l]])
+            }
+        })
         .collect::<Result<Vec<_>>>()?;
     let reverse = match depth_list(&o, "reverse_transformer_layers_per_block", levels)? {
         Some(r) => r,
@@ -224,23 +341,43 @@ pub(crate) fn unet(v: &Value, path: &Path) -> Result<UnetConfig> {
     let mid_depth = match o.get("mid_block_type") {
         None if o.map.contains_key("mid_block_type") => None,
         None => Some(tlpb[levels - 1].first().unwrap_or(1)),
-        Some(Value::String(s)) if s == "UNetMidBlock2DCrossAttn" => Some(tlpb[levels - 1].first().unwrap_or(1)),
+        Some(Value::String(s)) if s == "UNetMidBlock2DCrossAttn" => {
+            Some(tlpb[levels - 1].first().unwrap_or(1))
+        }
         Some(Value::String(s)) if s == "UNetMidBlock2D" => Some(0),
         Some(_) => return Err(refuse("mid_block_type", "this middle block")),
     };
 
     // diffusers reads `attention_head_dim` as the number of heads (a historical
     // misnomer that it keeps for compatibility); `num_attention_heads` wins if set.
-    let head_key = if o.get("num_attention_heads").is_some() { "num_attention_heads" } else { "attention_head_dim" };
+    let head_key = if o.get("num_attention_heads").is_some() {
+        "num_attention_heads"
+    } else {
+        "attention_head_dim"
+    };
     let heads = o.per_level(head_key, levels, 8)?;
-    let attn_level: Vec<bool> = (0..levels).map(|l| down_attn[l] || up_attn[levels - 1 - l] || (l + 1 == levels && mid_depth.unwrap_or(0) > 0)).collect();
+    let attn_level: Vec<bool> = (0..levels)
+        .map(|l| {
+            down_attn[l]
+                || up_attn[levels - 1 - l]
+                || (l + 1 == levels && mid_depth.unwrap_or(0) > 0)
+        })
+        .collect();
     let (num_heads, head_dim) = head_layout(&heads, &channels, &attn_level).ok_or_else(|| {
         Error::arch(path, format!("`{head_key}` {heads:?} for channels {channels:?}: neither one head count nor one head width for all attention blocks"))
     })?;
 
     let adm_in_channels = match o.opt_str("addition_embed_type")? {
         None => None,
-        Some("text_time") => Some(o.opt_usize("projection_class_embeddings_input_dim")?.ok_or_else(|| o.bad("projection_class_embeddings_input_dim", "set for addition_embed_type text_time"))?),
+        Some("text_time") => Some(
+            o.opt_usize("projection_class_embeddings_input_dim")?
+                .ok_or_else(|| {
+                    o.bad(
+                        "projection_class_embeddings_input_dim",
+                        "set for addition_embed_type text_time",
+                    )
+                })?,
+        ),
         Some(_) => return Err(refuse("addition_embed_type", "this added embedding")),
     };
     let context_dim = match o.get("cross_attention_dim") {
@@ -263,7 +400,11 @@ pub(crate) fn unet(v: &Value, path: &Path) -> Result<UnetConfig> {
         time_cond_proj_dim: o.opt_usize("time_cond_proj_dim")?,
         // Which values fill it is counted once the pooled width is known (`read_config`).
         time_ids: Vec::new(),
-        time_id_dim: if adm_in_channels.is_some() { o.usize_or("addition_time_embed_dim", 256)? } else { 0 },
+        time_id_dim: if adm_in_channels.is_some() {
+            o.usize_or("addition_time_embed_dim", 256)?
+        } else {
+            0
+        },
     };
     unet.check_sizes().map_err(|e| Error::format(path, e))?;
     Ok(unet)
@@ -272,9 +413,18 @@ pub(crate) fn unet(v: &Value, path: &Path) -> Result<UnetConfig> {
 /// Turns per-level head counts into the single-file description: one head count for
 /// all attention blocks, or one head width. A head width is chosen when the counts
 /// differ; it must reproduce every count through [`UnetConfig::heads_for`].
-fn head_layout(heads: &[usize], channels: &[usize], attn: &[bool]) -> Option<(Option<usize>, Option<usize>)> {
-    let used: Vec<(usize, usize)> = (0..heads.len()).filter(|&l| attn[l]).map(|l| (heads[l], channels[l])).collect();
-    let Some(&(first, _)) = used.first() else { return Some((Some(heads[0]), None)) };
+fn head_layout(
+    heads: &[usize],
+    channels: &[usize],
+    attn: &[bool],
+) -> Option<(Option<usize>, Option<usize>)> {
+    let used: Vec<(usize, usize)> = (0..heads.len())
+        .filter(|&l| attn[l])
+        .map(|l| (heads[l], channels[l]))
+        .collect();
+    let Some(&(first, _)) = used.first() else {
+        return Some((Some(heads[0]), None));
+    };
     if used.iter().all(|&(h, _)| h == first) {
         return Some((Some(first), None));
     }
@@ -289,30 +439,56 @@ fn head_layout(heads: &[usize], channels: &[usize], attn: &[bool]) -> Option<(Op
 /// `AutoencoderKL` config.
 pub(crate) fn vae(v: &Value, path: &Path) -> Result<VaeConfig> {
     let o = Obj::new(v, path)?;
-    for key in ["use_quant_conv", "use_post_quant_conv", "mid_block_add_attention"] {
+    for key in [
+        "use_quant_conv",
+        "use_post_quant_conv",
+        "mid_block_add_attention",
+    ] {
         if !o.bool_or(key, true)? {
-            return Err(Error::arch(path, format!("`{key}` = false is not supported")));
+            return Err(Error::arch(
+                path,
+                format!("`{key}` = false is not supported"),
+            ));
         }
     }
     let channels = match o.get("block_out_channels") {
         None => vec![64],
-        Some(Value::Array(a)) => a.iter().map(as_usize).collect::<Option<Vec<_>>>().ok_or_else(|| o.bad("block_out_channels", "a list of integers"))?,
+        Some(Value::Array(a)) => a
+            .iter()
+            .map(as_usize)
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(|| o.bad("block_out_channels", "a list of integers"))?,
         Some(_) => return Err(o.bad("block_out_channels", "a list of integers")),
     };
     let base = channels.first().copied().unwrap_or(0);
     if base == 0 || channels.iter().any(|c| c % base != 0) {
-        return Err(o.bad("block_out_channels", "positive multiples of the first entry"));
+        return Err(o.bad(
+            "block_out_channels",
+            "positive multiples of the first entry",
+        ));
     }
-    for (key, want) in [("down_block_types", "DownEncoderBlock2D"), ("up_block_types", "UpDecoderBlock2D")] {
+    for (key, want) in [
+        ("down_block_types", "DownEncoderBlock2D"),
+        ("up_block_types", "UpDecoderBlock2D"),
+    ] {
         if let Some(types) = o.str_list(key)? {
             if types.len() != channels.len() || types.iter().any(|t| *t != want) {
-                return Err(Error::arch(path, format!("`{key}` {types:?}: only {} × {want} is supported", channels.len())));
+                return Err(Error::arch(
+                    path,
+                    format!(
+                        "`{key}` {types:?}: only {} × {want} is supported",
+                        channels.len()
+                    ),
+                ));
             }
         }
     }
     let in_channels = o.usize_or("in_channels", 3)?;
     if o.usize_or("out_channels", in_channels)? != in_channels {
-        return Err(Error::arch(path, "`out_channels` differs from `in_channels`: not supported"));
+        return Err(Error::arch(
+            path,
+            "`out_channels` differs from `in_channels`: not supported",
+        ));
     }
     let vae = VaeConfig {
         in_channels,
@@ -338,7 +514,10 @@ pub(crate) fn is_open_clip(v: &Value, path: &Path) -> Result<bool> {
 /// from its `architectures`, else from the pipeline's class for the component.
 pub(crate) fn has_projection(v: &Value, path: &Path, pipeline_class: Option<&str>) -> Result<bool> {
     let o = Obj::new(v, path)?;
-    let arch = o.str_list("architectures")?.and_then(|a| a.first().copied()).or(pipeline_class);
+    let arch = o
+        .str_list("architectures")?
+        .and_then(|a| a.first().copied())
+        .or(pipeline_class);
     Ok(arch == Some("CLIPTextModelWithProjection"))
 }
 
@@ -358,7 +537,8 @@ pub(crate) struct TextRole {
 pub(crate) fn text(v: &Value, path: &Path, role: TextRole) -> Result<TextEncoderConfig> {
     let o = Obj::new(v, path)?;
     let act = o.opt_str("hidden_act")?.unwrap_or("quick_gelu");
-    let activation = Activation::parse(act).ok_or_else(|| Error::arch(path, format!("`hidden_act` = {act:?} is not supported")))?;
+    let activation = Activation::parse(act)
+        .ok_or_else(|| Error::arch(path, format!("`hidden_act` = {act:?} is not supported")))?;
     let open = role.kind == TextEncoderKind::OpenClip;
     let text = TextEncoderConfig {
         kind: role.kind,
@@ -370,7 +550,11 @@ pub(crate) fn text(v: &Value, path: &Path, role: TextRole) -> Result<TextEncoder
         num_heads: o.usize_or("num_attention_heads", 8)?,
         intermediate_size: o.usize_or("intermediate_size", 2048)?,
         activation,
-        projection_dim: if role.projection { Some(o.usize_or("projection_dim", 512)?) } else { None },
+        projection_dim: if role.projection {
+            Some(o.usize_or("projection_dim", 512)?)
+        } else {
+            None
+        },
         skip_layers: usize::from(role.sdxl),
         final_norm: !role.sdxl,
         pad_token: role.pad_token.unwrap_or(if open { 0 } else { CLIP_EOS }),
@@ -407,6 +591,11 @@ pub(crate) fn pad_token(tokenizer_dir: &Path) -> Result<Option<u32>> {
     }
     let vocab_path = tokenizer_dir.join("vocab.json");
     let vocab = read_json(&vocab_path)?;
-    let id = vocab.get(&pad).and_then(Value::as_u64).ok_or_else(|| Error::format(&vocab_path, format!("pad token {pad:?} is not in the vocabulary")))?;
+    let id = vocab.get(&pad).and_then(Value::as_u64).ok_or_else(|| {
+        Error::format(
+            &vocab_path,
+            format!("pad token {pad:?} is not in the vocabulary"),
+        )
+    })?;
     Ok(Some(id as u32))
 }

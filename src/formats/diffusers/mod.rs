@@ -7,9 +7,9 @@
 //! than a silently partial model.
 mod config;
 pub mod names;
-mod write;
 #[cfg(test)]
 mod tests;
+mod write;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -17,7 +17,9 @@ use std::path::{Path, PathBuf};
 use serde_json::Value;
 
 use super::source::{Checkpoint, SourceFormat, SourceTensor, TokenizerFiles};
-use crate::config::{Defaults, ModelConfig, Prediction, TextEncoderConfig, TextEncoderKind, UnetConfig, VaeConfig};
+use crate::config::{
+    Defaults, ModelConfig, Prediction, TextEncoderConfig, TextEncoderKind, UnetConfig, VaeConfig,
+};
 use crate::error::{Error, Result};
 use config::{read_json, Obj, TextRole};
 
@@ -25,7 +27,10 @@ pub use write::write;
 
 /// Component folders of a text-to-image pipeline, with the tokenizer folder that
 /// belongs to each text encoder.
-const TEXT_FOLDERS: [(&str, &str); 2] = [("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2")];
+const TEXT_FOLDERS: [(&str, &str); 2] = [
+    ("text_encoder", "tokenizer"),
+    ("text_encoder_2", "tokenizer_2"),
+];
 
 /// Everything the configs of a folder say, component by component.
 struct Parsed {
@@ -52,19 +57,52 @@ fn parse(dir: &Path) -> Result<Parsed> {
         return Err(Error::format(dir, "not a folder"));
     }
     let index_path = dir.join("model_index.json");
-    let index = if index_path.is_file() { Some(read_json(&index_path)?) } else { None };
-    let index_obj = index.as_ref().map(|v| Obj::new(v, &index_path)).transpose()?;
-    let pipeline = index_obj.as_ref().map(|o| o.opt_str("_class_name")).transpose()?.flatten().map(str::to_string);
-    let diffusers_version = index_obj.as_ref().map(|o| o.opt_str("_diffusers_version")).transpose()?.flatten().map(str::to_string);
+    let index = if index_path.is_file() {
+        Some(read_json(&index_path)?)
+    } else {
+        None
+    };
+    let index_obj = index
+        .as_ref()
+        .map(|v| Obj::new(v, &index_path))
+        .transpose()?;
+    let pipeline = index_obj
+        .as_ref()
+        .map(|o| o.opt_str("_class_name"))
+        .transpose()?
+        .flatten()
+        .map(str::to_string);
+    let diffusers_version = index_obj
+        .as_ref()
+        .map(|o| o.opt_str("_diffusers_version"))
+        .transpose()?
+        .flatten()
+        .map(str::to_string);
 
-    let zeros_for_empty_negative = index_obj.as_ref().and_then(|o| o.get("force_zeros_for_empty_prompt")).and_then(Value::as_bool);
-    let mut p = Parsed { pipeline, diffusers_version, unet: None, vae: None, text: Vec::new(), prediction: None, zero_terminal_snr: false, zeros_for_empty_negative, family: "sd1".into() };
+    let zeros_for_empty_negative = index_obj
+        .as_ref()
+        .and_then(|o| o.get("force_zeros_for_empty_prompt"))
+        .and_then(Value::as_bool);
+    let mut p = Parsed {
+        pipeline,
+        diffusers_version,
+        unet: None,
+        vae: None,
+        text: Vec::new(),
+        prediction: None,
+        zero_terminal_snr: false,
+        zeros_for_empty_negative,
+        family: "sd1".into(),
+    };
 
     let root_config = dir.join("config.json");
     if index.is_none() && root_config.is_file() {
         // A lone model folder (a VAE or UNet repository) keeps config and weights at its root.
         let v = read_json(&root_config)?;
-        let class = Obj::new(&v, &root_config)?.opt_str("_class_name")?.unwrap_or_default().to_string();
+        let class = Obj::new(&v, &root_config)?
+            .opt_str("_class_name")?
+            .unwrap_or_default()
+            .to_string();
         match class.as_str() {
             "UNet2DConditionModel" => p.unet = Some((dir.to_path_buf(), config::unet(&v, &root_config)?)),
             "AutoencoderKL" => p.vae = Some((dir.to_path_buf(), config::vae(&v, &root_config)?)),
@@ -82,7 +120,13 @@ fn parse(dir: &Path) -> Result<Parsed> {
     let present = |name: &str| -> Result<bool> {
         let here = dir.join(name).is_dir();
         if !here && index_class(index.as_ref(), name).is_some() {
-            return Err(Error::format(&index_path, format!("lists the component `{name}` but the folder {} is missing", dir.join(name).display())));
+            return Err(Error::format(
+                &index_path,
+                format!(
+                    "lists the component `{name}` but the folder {} is missing",
+                    dir.join(name).display()
+                ),
+            ));
         }
         Ok(here)
     };
@@ -106,24 +150,38 @@ fn parse(dir: &Path) -> Result<Parsed> {
         return Err(Error::format(dir, "no diffusers components: expected unet/, vae/ or text_encoder/ folders (or a config.json for a lone model)"));
     }
     let sdxl = text_dirs.iter().any(|(te, _)| *te == "text_encoder_2")
-        || p.unet.as_ref().is_some_and(|(_, u)| u.adm_in_channels.is_some())
+        || p.unet
+            .as_ref()
+            .is_some_and(|(_, u)| u.adm_in_channels.is_some())
         || p.pipeline.as_deref().is_some_and(|c| c.contains("XL"));
     for (k, (te, tok)) in text_dirs.iter().enumerate() {
         let path = dir.join(te).join("config.json");
         let v = read_json(&path)?;
-        let kind = if config::is_open_clip(&v, &path)? { TextEncoderKind::OpenClip } else { TextEncoderKind::HfClip };
+        let kind = if config::is_open_clip(&v, &path)? {
+            TextEncoderKind::OpenClip
+        } else {
+            TextEncoderKind::HfClip
+        };
         let inner = match kind {
             TextEncoderKind::HfClip => "transformer.text_model.",
             TextEncoderKind::OpenClip => "model.",
         };
-        let prefix = if sdxl { format!("conditioner.embedders.{k}.{inner}") } else { format!("cond_stage_model.{inner}") };
+        let prefix = if sdxl {
+            format!("conditioner.embedders.{k}.{inner}")
+        } else {
+            format!("cond_stage_model.{inner}")
+        };
         let tok_dir = dir.join(tok);
         let role = TextRole {
             prefix,
             kind,
             projection: config::has_projection(&v, &path, index_class(index.as_ref(), te))?,
             sdxl,
-            pad_token: if tok_dir.is_dir() { config::pad_token(&tok_dir)? } else { None },
+            pad_token: if tok_dir.is_dir() {
+                config::pad_token(&tok_dir)?
+            } else {
+                None
+            },
         };
         p.text.push((dir.join(te), config::text(&v, &path, role)?));
     }
@@ -132,7 +190,9 @@ fn parse(dir: &Path) -> Result<Parsed> {
         let v = read_json(&sched)?;
         let o = Obj::new(&v, &sched)?;
         if let Some(s) = o.opt_str("prediction_type")? {
-            p.prediction = Some(Prediction::parse(s).ok_or_else(|| Error::format(&sched, format!("unknown `prediction_type` {s:?}")))?);
+            p.prediction = Some(Prediction::parse(s).ok_or_else(|| {
+                Error::format(&sched, format!("unknown `prediction_type` {s:?}"))
+            })?);
         }
         p.zero_terminal_snr = o.bool_or("rescale_betas_zero_snr", false)?;
     }
@@ -142,8 +202,15 @@ fn parse(dir: &Path) -> Result<Parsed> {
 
 /// The descriptive family name: the structure decides, since nothing branches on it.
 fn family(p: &Parsed) -> String {
-    let sdxl = p.unet.as_ref().is_some_and(|(_, u)| u.adm_in_channels.is_some()) || p.text.len() > 1;
-    let open_clip = p.text.first().is_some_and(|(_, t)| t.kind == TextEncoderKind::OpenClip);
+    let sdxl = p
+        .unet
+        .as_ref()
+        .is_some_and(|(_, u)| u.adm_in_channels.is_some())
+        || p.text.len() > 1;
+    let open_clip = p
+        .text
+        .first()
+        .is_some_and(|(_, t)| t.kind == TextEncoderKind::OpenClip);
     match (sdxl, open_clip) {
         (true, _) => "sdxl",
         (false, true) => "sd2",
@@ -158,20 +225,33 @@ fn family(p: &Parsed) -> String {
 /// Needs at least `unet/` and `vae/`.
 pub fn read_config(dir: &Path) -> Result<ModelConfig> {
     let p = parse(dir)?;
-    let (_, unet) = p.unet.ok_or_else(|| Error::format(dir.join("unet").join("config.json"), "missing: a model needs a UNet"))?;
-    let (_, vae) = p.vae.ok_or_else(|| Error::format(dir.join("vae").join("config.json"), "missing: a model needs a VAE"))?;
+    let (_, unet) = p.unet.ok_or_else(|| {
+        Error::format(
+            dir.join("unet").join("config.json"),
+            "missing: a model needs a UNet",
+        )
+    })?;
+    let (_, vae) = p.vae.ok_or_else(|| {
+        Error::format(
+            dir.join("vae").join("config.json"),
+            "missing: a model needs a VAE",
+        )
+    })?;
     let unet_config = dir.join("unet").join("config.json");
     let mut cfg = ModelConfig {
         family: p.family,
         prediction: p.prediction.unwrap_or(Prediction::Epsilon),
         zero_terminal_snr: p.zero_terminal_snr,
         // diffusers' SDXL pipelines default to it; SD 1/2 pipelines have no such option.
-        zeros_for_empty_negative: p.zeros_for_empty_negative.unwrap_or(unet.adm_in_channels.is_some()),
+        zeros_for_empty_negative: p
+            .zeros_for_empty_negative
+            .unwrap_or(unet.adm_in_channels.is_some()),
         unet,
         vae,
         text_encoders: p.text.into_iter().map(|(_, t)| t).collect(),
     };
-    cfg.infer_time_ids().map_err(|e| Error::arch(&unet_config, e))?;
+    cfg.infer_time_ids()
+        .map_err(|e| Error::arch(&unet_config, e))?;
     Ok(cfg)
 }
 
@@ -182,14 +262,28 @@ pub fn read_config(dir: &Path) -> Result<ModelConfig> {
 /// defaults). Missing or unreadable configs give no defaults rather than an error.
 pub fn read_defaults(dir: &Path) -> Defaults {
     let mut d = Defaults::default();
-    let num = |comp: &str, key: &str| -> Option<u64> { read_json(&dir.join(comp).join("config.json")).ok()?.get(key)?.as_u64() };
-    let vae_levels = read_json(&dir.join("vae").join("config.json")).ok().and_then(|v| v.get("block_out_channels")?.as_array().map(Vec::len));
-    if let (Some(s), Some(levels)) = (num("unet", "sample_size"), vae_levels.filter(|&n| (1..=6).contains(&n))) {
-        let px = (s as usize).checked_mul(1 << (levels - 1)).filter(|&p| p <= 1 << 16);
+    let num = |comp: &str, key: &str| -> Option<u64> {
+        read_json(&dir.join(comp).join("config.json"))
+            .ok()?
+            .get(key)?
+            .as_u64()
+    };
+    let vae_levels = read_json(&dir.join("vae").join("config.json"))
+        .ok()
+        .and_then(|v| v.get("block_out_channels")?.as_array().map(Vec::len));
+    if let (Some(s), Some(levels)) = (
+        num("unet", "sample_size"),
+        vae_levels.filter(|&n| (1..=6).contains(&n)),
+    ) {
+        let px = (s as usize)
+            .checked_mul(1 << (levels - 1))
+            .filter(|&p| p <= 1 << 16);
         d.width = px;
         d.height = px;
     }
-    let class = read_json(&dir.join("scheduler").join("scheduler_config.json")).ok().and_then(|v| v.get("_class_name")?.as_str().map(str::to_string));
+    let class = read_json(&dir.join("scheduler").join("scheduler_config.json"))
+        .ok()
+        .and_then(|v| v.get("_class_name")?.as_str().map(str::to_string));
     let distilled = match class.as_deref() {
         Some("LCMScheduler") => Some("lcm"),
         Some("TCDScheduler") => Some("tcd"),
@@ -210,7 +304,8 @@ pub fn open(dir: &Path) -> Result<Checkpoint> {
     let p = parse(dir)?;
     let mut tensors = Vec::new();
     if let Some((cdir, u)) = &p.unet {
-        let plan = names::unet(u).map_err(|e| Error::arch(cdir.join("config.json"), e.to_string()))?;
+        let plan =
+            names::unet(u).map_err(|e| Error::arch(cdir.join("config.json"), e.to_string()))?;
         let (file, found) = load_weights(cdir, DIFFUSERS_WEIGHTS)?;
         tensors.extend(names::to_canonical(&plan, found, &file, |_| false)?);
     }
@@ -221,7 +316,9 @@ pub fn open(dir: &Path) -> Result<Checkpoint> {
                 t.name = new;
             }
         }
-        tensors.extend(names::to_canonical(&names::vae(v), found, &file, |_| false)?);
+        tensors.extend(names::to_canonical(&names::vae(v), found, &file, |_| {
+            false
+        })?);
     }
     for (cdir, t) in &p.text {
         let (file, mut found) = load_weights(cdir, TRANSFORMERS_WEIGHTS)?;
@@ -229,13 +326,18 @@ pub fn open(dir: &Path) -> Result<Checkpoint> {
         // published SD repository (and transformers 4) has.
         if !found.iter().any(|t| t.name.starts_with("text_model.")) {
             for t in &mut found {
-                if ["embeddings.", "encoder.", "final_layer_norm."].iter().any(|p| t.name.starts_with(p)) {
+                if ["embeddings.", "encoder.", "final_layer_norm."]
+                    .iter()
+                    .any(|p| t.name.starts_with(p))
+                {
                     t.name = format!("text_model.{}", t.name);
                 }
             }
         }
         // Older transformers saved the `position_ids` buffer; it carries no weights.
-        tensors.extend(names::to_canonical(&names::text(t), found, &file, |n| n == "text_model.embeddings.position_ids")?);
+        tensors.extend(names::to_canonical(&names::text(t), found, &file, |n| {
+            n == "text_model.embeddings.position_ids"
+        })?);
     }
     for t in &tensors {
         t.validate()?;
@@ -256,7 +358,13 @@ pub fn open(dir: &Path) -> Result<Checkpoint> {
         metadata.insert("vae.scaling_factor".into(), v.scaling_factor.to_string());
         metadata.insert("vae.shift_factor".into(), v.shift_factor.to_string());
     }
-    Ok(Checkpoint { path: dir.to_path_buf(), format: SourceFormat::Diffusers, tensors, metadata, tokenizer: read_tokenizer(dir)? })
+    Ok(Checkpoint {
+        path: dir.to_path_buf(),
+        format: SourceFormat::Diffusers,
+        tensors,
+        metadata,
+        tokenizer: read_tokenizer(dir)?,
+    })
 }
 
 /// Diffusers' names for old-style VAE attention (before diffusers 0.14), mapped to
@@ -265,10 +373,15 @@ fn legacy_vae_name(name: &str) -> Option<String> {
     if !name.contains("mid_block.attentions.") {
         return None;
     }
-    [(".query.", ".to_q."), (".key.", ".to_k."), (".value.", ".to_v."), (".proj_attn.", ".to_out.0.")]
-        .iter()
-        .find(|(old, _)| name.contains(old))
-        .map(|(old, new)| name.replacen(old, new, 1))
+    [
+        (".query.", ".to_q."),
+        (".key.", ".to_k."),
+        (".value.", ".to_v."),
+        (".proj_attn.", ".to_out.0."),
+    ]
+    .iter()
+    .find(|(old, _)| name.contains(old))
+    .map(|(old, new)| name.replacen(old, new, 1))
 }
 
 /// (safetensors stem, torch stem) of a component's weight files.
@@ -293,11 +406,18 @@ fn load_weights(cdir: &Path, (st, pt): Stems) -> Result<(PathBuf, Vec<SourceTens
     for c in &candidates {
         let path = cdir.join(c);
         if path.is_file() {
-            let tensors = if c.ends_with(".json") { read_sharded(&path)? } else { read_weight_file(&path)? };
+            let tensors = if c.ends_with(".json") {
+                read_sharded(&path)?
+            } else {
+                read_weight_file(&path)?
+            };
             return Ok((path, tensors));
         }
     }
-    Err(Error::format(cdir, format!("no weights file: expected one of {}", candidates.join(", "))))
+    Err(Error::format(
+        cdir,
+        format!("no weights file: expected one of {}", candidates.join(", ")),
+    ))
 }
 
 fn read_weight_file(path: &Path) -> Result<Vec<SourceTensor>> {
@@ -312,13 +432,24 @@ fn read_weight_file(path: &Path) -> Result<Vec<SourceTensor>> {
 /// Reads the shards an index file (`weight_map`: tensor name → shard file) lists.
 fn read_sharded(index: &Path) -> Result<Vec<SourceTensor>> {
     let v = read_json(index)?;
-    let map = v.get("weight_map").and_then(Value::as_object).ok_or_else(|| Error::format(index, "no `weight_map` object"))?;
+    let map = v
+        .get("weight_map")
+        .and_then(Value::as_object)
+        .ok_or_else(|| Error::format(index, "no `weight_map` object"))?;
     let mut shard_of: BTreeMap<&str, &str> = BTreeMap::new();
     for (name, file) in map {
-        let file = file.as_str().ok_or_else(|| Error::format(index, format!("`weight_map` entry for `{name}` is not a file name")))?;
+        let file = file.as_str().ok_or_else(|| {
+            Error::format(
+                index,
+                format!("`weight_map` entry for `{name}` is not a file name"),
+            )
+        })?;
         // Shards live beside the index; anything else would read outside the model.
         if file.contains(['/', '\\']) || file.starts_with('.') {
-            return Err(Error::format(index, format!("shard name {file:?} is not a plain file name")));
+            return Err(Error::format(
+                index,
+                format!("shard name {file:?} is not a plain file name"),
+            ));
         }
         shard_of.insert(name, file);
     }
@@ -332,12 +463,27 @@ fn read_sharded(index: &Path) -> Result<Vec<SourceTensor>> {
         for t in read_weight_file(&path)? {
             match shard_of.remove(t.name.as_str()) {
                 Some(f) if f == file => out.push(t),
-                _ => return Err(Error::format(&path, format!("holds tensor `{}` which {} does not assign to it", t.name, index.display()))),
+                _ => {
+                    return Err(Error::format(
+                        &path,
+                        format!(
+                            "holds tensor `{}` which {} does not assign to it",
+                            t.name,
+                            index.display()
+                        ),
+                    ))
+                }
             }
         }
     }
     if let Some((name, file)) = shard_of.iter().next() {
-        return Err(Error::format(index, format!("assigns `{name}` to {file}, which does not hold it ({} such tensors)", shard_of.len())));
+        return Err(Error::format(
+            index,
+            format!(
+                "assigns `{name}` to {file}, which does not hold it ({} such tensors)",
+                shard_of.len()
+            ),
+        ));
     }
     Ok(out)
 }
@@ -350,12 +496,17 @@ fn read_tokenizer(dir: &Path) -> Result<Option<TokenizerFiles>> {
         let read = |f: &str| -> Result<Option<String>> {
             let path = tdir.join(f);
             if path.is_file() {
-                std::fs::read_to_string(&path).map(Some).map_err(|e| Error::io(&path, e))
+                std::fs::read_to_string(&path)
+                    .map(Some)
+                    .map_err(|e| Error::io(&path, e))
             } else {
                 Ok(None)
             }
         };
-        let files = TokenizerFiles { vocab_json: read("vocab.json")?, merges_txt: read("merges.txt")? };
+        let files = TokenizerFiles {
+            vocab_json: read("vocab.json")?,
+            merges_txt: read("merges.txt")?,
+        };
         if files.vocab_json.is_some() || files.merges_txt.is_some() {
             return Ok(Some(files));
         }

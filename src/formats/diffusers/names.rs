@@ -60,11 +60,21 @@ struct Plan(Vec<Entry>);
 
 impl Plan {
     fn add(&mut self, d: String, c: String, shape: Vec<usize>, op: Op) {
-        self.0.push(Entry { canonical: c, shape, diffusers: vec![d], op });
+        self.0.push(Entry {
+            canonical: c,
+            shape,
+            diffusers: vec![d],
+            op,
+        });
     }
     /// `d.suffix` ↔ `c.suffix`, unchanged.
     fn param(&mut self, d: &str, c: &str, suffix: &str, shape: Vec<usize>) {
-        self.add(format!("{d}.{suffix}"), format!("{c}.{suffix}"), shape, Op::Same);
+        self.add(
+            format!("{d}.{suffix}"),
+            format!("{c}.{suffix}"),
+            shape,
+            Op::Same,
+        );
     }
     fn norm(&mut self, d: &str, c: &str, ch: usize) {
         self.param(d, c, "weight", vec![ch]);
@@ -87,12 +97,36 @@ const VAE: &str = "first_stage_model.";
 
 fn unet_resnet(p: &mut Plan, d: &str, c: &str, inp: usize, out: usize, temb: usize) {
     p.norm(&format!("{d}.norm1"), &format!("{c}.in_layers.0"), inp);
-    p.conv(&format!("{d}.conv1"), &format!("{c}.in_layers.2"), out, inp, 3);
-    p.linear(&format!("{d}.time_emb_proj"), &format!("{c}.emb_layers.1"), out, temb, true);
+    p.conv(
+        &format!("{d}.conv1"),
+        &format!("{c}.in_layers.2"),
+        out,
+        inp,
+        3,
+    );
+    p.linear(
+        &format!("{d}.time_emb_proj"),
+        &format!("{c}.emb_layers.1"),
+        out,
+        temb,
+        true,
+    );
     p.norm(&format!("{d}.norm2"), &format!("{c}.out_layers.0"), out);
-    p.conv(&format!("{d}.conv2"), &format!("{c}.out_layers.3"), out, out, 3);
+    p.conv(
+        &format!("{d}.conv2"),
+        &format!("{c}.out_layers.3"),
+        out,
+        out,
+        3,
+    );
     if inp != out {
-        p.conv(&format!("{d}.conv_shortcut"), &format!("{c}.skip_connection"), out, inp, 1);
+        p.conv(
+            &format!("{d}.conv_shortcut"),
+            &format!("{c}.skip_connection"),
+            out,
+            inp,
+            1,
+        );
     }
 }
 
@@ -121,8 +155,20 @@ fn unet_transformer(p: &mut Plan, d: &str, c: &str, ch: usize, depth: usize, u: 
             let (x, y) = sub("to_out.0");
             p.linear(&x, &y, ch, ch, true);
         }
-        p.linear(&format!("{db}.ff.net.0.proj"), &format!("{cb}.ff.net.0.proj"), ch * 8, ch, true);
-        p.linear(&format!("{db}.ff.net.2"), &format!("{cb}.ff.net.2"), ch, ch * 4, true);
+        p.linear(
+            &format!("{db}.ff.net.0.proj"),
+            &format!("{cb}.ff.net.0.proj"),
+            ch * 8,
+            ch,
+            true,
+        );
+        p.linear(
+            &format!("{db}.ff.net.2"),
+            &format!("{cb}.ff.net.2"),
+            ch,
+            ch * 4,
+            true,
+        );
         for n in ["norm1", "norm2", "norm3"] {
             p.norm(&format!("{db}.{n}"), &format!("{cb}.{n}"), ch);
         }
@@ -149,14 +195,38 @@ fn unet_plan(u: &UnetConfig) -> std::result::Result<Vec<Entry>, String> {
     let mc = u.model_channels;
     let temb = u.time_embed_dim();
     let c = |s: &str| format!("{UNET}{s}");
-    p.linear("time_embedding.linear_1", &c("time_embed.0"), temb, mc, true);
-    p.linear("time_embedding.linear_2", &c("time_embed.2"), temb, temb, true);
+    p.linear(
+        "time_embedding.linear_1",
+        &c("time_embed.0"),
+        temb,
+        mc,
+        true,
+    );
+    p.linear(
+        "time_embedding.linear_2",
+        &c("time_embed.2"),
+        temb,
+        temb,
+        true,
+    );
     if let Some(d) = u.time_cond_proj_dim {
-        p.linear("time_embedding.cond_proj", &c("time_embed.cond_proj"), mc, d, false);
+        p.linear(
+            "time_embedding.cond_proj",
+            &c("time_embed.cond_proj"),
+            mc,
+            d,
+            false,
+        );
     }
     if let Some(a) = u.adm_in_channels {
         p.linear("add_embedding.linear_1", &c("label_emb.0.0"), temb, a, true);
-        p.linear("add_embedding.linear_2", &c("label_emb.0.2"), temb, temb, true);
+        p.linear(
+            "add_embedding.linear_2",
+            &c("label_emb.0.2"),
+            temb,
+            temb,
+            true,
+        );
     }
     p.conv("conv_in", &c("input_blocks.0.0"), mc, u.in_channels, 3);
 
@@ -168,16 +238,36 @@ fn unet_plan(u: &UnetConfig) -> std::result::Result<Vec<Entry>, String> {
     for (l, depths) in u.down_blocks.iter().enumerate() {
         let out = mc * u.channel_mult[l];
         for (i, &depth) in depths.iter().enumerate() {
-            unet_resnet(&mut p, &format!("down_blocks.{l}.resnets.{i}"), &c(&format!("input_blocks.{idx}.0")), ch, out, temb);
+            unet_resnet(
+                &mut p,
+                &format!("down_blocks.{l}.resnets.{i}"),
+                &c(&format!("input_blocks.{idx}.0")),
+                ch,
+                out,
+                temb,
+            );
             ch = out;
             if depth > 0 {
-                unet_transformer(&mut p, &format!("down_blocks.{l}.attentions.{i}"), &c(&format!("input_blocks.{idx}.1")), ch, depth, u);
+                unet_transformer(
+                    &mut p,
+                    &format!("down_blocks.{l}.attentions.{i}"),
+                    &c(&format!("input_blocks.{idx}.1")),
+                    ch,
+                    depth,
+                    u,
+                );
             }
             skips.push(ch);
             idx += 1;
         }
         if l + 1 < levels {
-            p.conv(&format!("down_blocks.{l}.downsamplers.0.conv"), &c(&format!("input_blocks.{idx}.0.op")), ch, ch, 3);
+            p.conv(
+                &format!("down_blocks.{l}.downsamplers.0.conv"),
+                &c(&format!("input_blocks.{idx}.0.op")),
+                ch,
+                ch,
+                3,
+            );
             skips.push(ch);
             idx += 1;
         }
@@ -185,11 +275,39 @@ fn unet_plan(u: &UnetConfig) -> std::result::Result<Vec<Entry>, String> {
     match u.mid_depth {
         None => {}
         // diffusers' attention-free `UNetMidBlock2D` inside a conditional UNet holds a single ResNet.
-        Some(0) => unet_resnet(&mut p, "mid_block.resnets.0", &c("middle_block.0"), ch, ch, temb),
+        Some(0) => unet_resnet(
+            &mut p,
+            "mid_block.resnets.0",
+            &c("middle_block.0"),
+            ch,
+            ch,
+            temb,
+        ),
         Some(depth) => {
-            unet_resnet(&mut p, "mid_block.resnets.0", &c("middle_block.0"), ch, ch, temb);
-            unet_transformer(&mut p, "mid_block.attentions.0", &c("middle_block.1"), ch, depth, u);
-            unet_resnet(&mut p, "mid_block.resnets.1", &c("middle_block.2"), ch, ch, temb);
+            unet_resnet(
+                &mut p,
+                "mid_block.resnets.0",
+                &c("middle_block.0"),
+                ch,
+                ch,
+                temb,
+            );
+            unet_transformer(
+                &mut p,
+                "mid_block.attentions.0",
+                &c("middle_block.1"),
+                ch,
+                depth,
+                u,
+            );
+            unet_resnet(
+                &mut p,
+                "mid_block.resnets.1",
+                &c("middle_block.2"),
+                ch,
+                ch,
+                temb,
+            );
         }
     }
     let mut idx = 0;
@@ -199,16 +317,38 @@ fn unet_plan(u: &UnetConfig) -> std::result::Result<Vec<Entry>, String> {
             return Err(format!("up level {j} has no ResNets"));
         }
         for (i, &depth) in depths.iter().enumerate() {
-            let skip = skips.pop().ok_or_else(|| format!("up level {j} has more ResNets than the down path has skip connections"))?;
-            unet_resnet(&mut p, &format!("up_blocks.{j}.resnets.{i}"), &c(&format!("output_blocks.{idx}.0")), ch + skip, out, temb);
+            let skip = skips.pop().ok_or_else(|| {
+                format!("up level {j} has more ResNets than the down path has skip connections")
+            })?;
+            unet_resnet(
+                &mut p,
+                &format!("up_blocks.{j}.resnets.{i}"),
+                &c(&format!("output_blocks.{idx}.0")),
+                ch + skip,
+                out,
+                temb,
+            );
             ch = out;
             let mut next = 1;
             if depth > 0 {
-                unet_transformer(&mut p, &format!("up_blocks.{j}.attentions.{i}"), &c(&format!("output_blocks.{idx}.1")), ch, depth, u);
+                unet_transformer(
+                    &mut p,
+                    &format!("up_blocks.{j}.attentions.{i}"),
+                    &c(&format!("output_blocks.{idx}.1")),
+                    ch,
+                    depth,
+                    u,
+                );
                 next = 2;
             }
             if i + 1 == depths.len() && j + 1 < levels {
-                p.conv(&format!("up_blocks.{j}.upsamplers.0.conv"), &c(&format!("output_blocks.{idx}.{next}.conv")), ch, ch, 3);
+                p.conv(
+                    &format!("up_blocks.{j}.upsamplers.0.conv"),
+                    &c(&format!("output_blocks.{idx}.{next}.conv")),
+                    ch,
+                    ch,
+                    3,
+                );
             }
             idx += 1;
         }
@@ -224,21 +364,54 @@ fn vae_resnet(p: &mut Plan, d: &str, c: &str, inp: usize, out: usize) {
     p.norm(&format!("{d}.norm2"), &format!("{c}.norm2"), out);
     p.conv(&format!("{d}.conv2"), &format!("{c}.conv2"), out, out, 3);
     if inp != out {
-        p.conv(&format!("{d}.conv_shortcut"), &format!("{c}.nin_shortcut"), out, inp, 1);
+        p.conv(
+            &format!("{d}.conv_shortcut"),
+            &format!("{c}.nin_shortcut"),
+            out,
+            inp,
+            1,
+        );
     }
 }
 
 fn vae_mid(p: &mut Plan, side: &str, ch: usize) {
     let d = format!("{side}.mid_block");
     let c = format!("{VAE}{side}.mid");
-    vae_resnet(p, &format!("{d}.resnets.0"), &format!("{c}.block_1"), ch, ch);
+    vae_resnet(
+        p,
+        &format!("{d}.resnets.0"),
+        &format!("{c}.block_1"),
+        ch,
+        ch,
+    );
     let (da, ca) = (format!("{d}.attentions.0"), format!("{c}.attn_1"));
     p.norm(&format!("{da}.group_norm"), &format!("{ca}.norm"), ch);
-    for (x, y) in [("to_q", "q"), ("to_k", "k"), ("to_v", "v"), ("to_out.0", "proj_out")] {
-        p.add(format!("{da}.{x}.weight"), format!("{ca}.{y}.weight"), vec![ch, ch, 1, 1], Op::Conv1x1);
-        p.add(format!("{da}.{x}.bias"), format!("{ca}.{y}.bias"), vec![ch], Op::Same);
+    for (x, y) in [
+        ("to_q", "q"),
+        ("to_k", "k"),
+        ("to_v", "v"),
+        ("to_out.0", "proj_out"),
+    ] {
+        p.add(
+            format!("{da}.{x}.weight"),
+            format!("{ca}.{y}.weight"),
+            vec![ch, ch, 1, 1],
+            Op::Conv1x1,
+        );
+        p.add(
+            format!("{da}.{x}.bias"),
+            format!("{ca}.{y}.bias"),
+            vec![ch],
+            Op::Same,
+        );
     }
-    vae_resnet(p, &format!("{d}.resnets.1"), &format!("{c}.block_2"), ch, ch);
+    vae_resnet(
+        p,
+        &format!("{d}.resnets.1"),
+        &format!("{c}.block_2"),
+        ch,
+        ch,
+    );
 }
 
 /// The VAE's names.
@@ -249,15 +422,33 @@ pub fn vae(v: &VaeConfig) -> Vec<Entry> {
     let z = v.latent_channels;
     let width = |l: usize| v.base_channels * v.channel_mult[l];
 
-    p.conv("encoder.conv_in", &c("encoder.conv_in"), v.base_channels, v.in_channels, 3);
+    p.conv(
+        "encoder.conv_in",
+        &c("encoder.conv_in"),
+        v.base_channels,
+        v.in_channels,
+        3,
+    );
     let mut ch = v.base_channels;
     for l in 0..levels {
         for i in 0..v.num_res_blocks {
-            vae_resnet(&mut p, &format!("encoder.down_blocks.{l}.resnets.{i}"), &c(&format!("encoder.down.{l}.block.{i}")), ch, width(l));
+            vae_resnet(
+                &mut p,
+                &format!("encoder.down_blocks.{l}.resnets.{i}"),
+                &c(&format!("encoder.down.{l}.block.{i}")),
+                ch,
+                width(l),
+            );
             ch = width(l);
         }
         if l + 1 < levels {
-            p.conv(&format!("encoder.down_blocks.{l}.downsamplers.0.conv"), &c(&format!("encoder.down.{l}.downsample.conv")), ch, ch, 3);
+            p.conv(
+                &format!("encoder.down_blocks.{l}.downsamplers.0.conv"),
+                &c(&format!("encoder.down.{l}.downsample.conv")),
+                ch,
+                ch,
+                3,
+            );
         }
     }
     vae_mid(&mut p, "encoder", ch);
@@ -272,15 +463,33 @@ pub fn vae(v: &VaeConfig) -> Vec<Entry> {
     for j in 0..levels {
         let l = levels - 1 - j;
         for i in 0..=v.num_res_blocks {
-            vae_resnet(&mut p, &format!("decoder.up_blocks.{j}.resnets.{i}"), &c(&format!("decoder.up.{l}.block.{i}")), ch, width(l));
+            vae_resnet(
+                &mut p,
+                &format!("decoder.up_blocks.{j}.resnets.{i}"),
+                &c(&format!("decoder.up.{l}.block.{i}")),
+                ch,
+                width(l),
+            );
             ch = width(l);
         }
         if l > 0 {
-            p.conv(&format!("decoder.up_blocks.{j}.upsamplers.0.conv"), &c(&format!("decoder.up.{l}.upsample.conv")), ch, ch, 3);
+            p.conv(
+                &format!("decoder.up_blocks.{j}.upsamplers.0.conv"),
+                &c(&format!("decoder.up.{l}.upsample.conv")),
+                ch,
+                ch,
+                3,
+            );
         }
     }
     p.norm("decoder.conv_norm_out", &c("decoder.norm_out"), ch);
-    p.conv("decoder.conv_out", &c("decoder.conv_out"), v.in_channels, ch, 3);
+    p.conv(
+        "decoder.conv_out",
+        &c("decoder.conv_out"),
+        v.in_channels,
+        ch,
+        3,
+    );
     p.0
 }
 
@@ -301,7 +510,13 @@ pub fn text(t: &TextEncoderConfig) -> Vec<Entry> {
                 let (d, c) = both(&format!("encoder.layers.{l}"));
                 p.norm(&format!("{d}.layer_norm1"), &format!("{c}.layer_norm1"), h);
                 for proj in ["q_proj", "k_proj", "v_proj", "out_proj"] {
-                    p.linear(&format!("{d}.self_attn.{proj}"), &format!("{c}.self_attn.{proj}"), h, h, true);
+                    p.linear(
+                        &format!("{d}.self_attn.{proj}"),
+                        &format!("{c}.self_attn.{proj}"),
+                        h,
+                        h,
+                        true,
+                    );
                 }
                 p.norm(&format!("{d}.layer_norm2"), &format!("{c}.layer_norm2"), h);
                 p.linear(&format!("{d}.mlp.fc1"), &format!("{c}.mlp.fc1"), n, h, true);
@@ -312,12 +527,27 @@ pub fn text(t: &TextEncoderConfig) -> Vec<Entry> {
             if let Some(proj) = t.projection_dim {
                 // HF keeps the projection beside `text_model`, not inside it.
                 let outer = pre.strip_suffix("text_model.").unwrap_or(pre);
-                p.add("text_projection.weight".into(), format!("{outer}text_projection.weight"), vec![proj, h], Op::Same);
+                p.add(
+                    "text_projection.weight".into(),
+                    format!("{outer}text_projection.weight"),
+                    vec![proj, h],
+                    Op::Same,
+                );
             }
         }
         TextEncoderKind::OpenClip => {
-            p.add("text_model.embeddings.token_embedding.weight".into(), format!("{pre}token_embedding.weight"), vec![t.vocab_size, h], Op::Same);
-            p.add("text_model.embeddings.position_embedding.weight".into(), format!("{pre}positional_embedding"), vec![t.max_positions, h], Op::Same);
+            p.add(
+                "text_model.embeddings.token_embedding.weight".into(),
+                format!("{pre}token_embedding.weight"),
+                vec![t.vocab_size, h],
+                Op::Same,
+            );
+            p.add(
+                "text_model.embeddings.position_embedding.weight".into(),
+                format!("{pre}positional_embedding"),
+                vec![t.max_positions, h],
+                Op::Same,
+            );
             for l in 0..t.num_layers {
                 let d = format!("text_model.encoder.layers.{l}");
                 let c = format!("{pre}transformer.resblocks.{l}");
@@ -326,18 +556,44 @@ pub fn text(t: &TextEncoderConfig) -> Vec<Entry> {
                     p.0.push(Entry {
                         canonical: format!("{c}.attn.in_proj_{kind}"),
                         shape,
-                        diffusers: ["q_proj", "k_proj", "v_proj"].iter().map(|x| format!("{d}.self_attn.{x}.{kind}")).collect(),
+                        diffusers: ["q_proj", "k_proj", "v_proj"]
+                            .iter()
+                            .map(|x| format!("{d}.self_attn.{x}.{kind}"))
+                            .collect(),
                         op: Op::Concat,
                     });
                 }
-                p.linear(&format!("{d}.self_attn.out_proj"), &format!("{c}.attn.out_proj"), h, h, true);
+                p.linear(
+                    &format!("{d}.self_attn.out_proj"),
+                    &format!("{c}.attn.out_proj"),
+                    h,
+                    h,
+                    true,
+                );
                 p.norm(&format!("{d}.layer_norm2"), &format!("{c}.ln_2"), h);
-                p.linear(&format!("{d}.mlp.fc1"), &format!("{c}.mlp.c_fc"), n, h, true);
-                p.linear(&format!("{d}.mlp.fc2"), &format!("{c}.mlp.c_proj"), h, n, true);
+                p.linear(
+                    &format!("{d}.mlp.fc1"),
+                    &format!("{c}.mlp.c_fc"),
+                    n,
+                    h,
+                    true,
+                );
+                p.linear(
+                    &format!("{d}.mlp.fc2"),
+                    &format!("{c}.mlp.c_proj"),
+                    h,
+                    n,
+                    true,
+                );
             }
             p.norm("text_model.final_layer_norm", &format!("{pre}ln_final"), h);
             if let Some(proj) = t.projection_dim {
-                p.add("text_projection.weight".into(), format!("{pre}text_projection"), vec![h, proj], Op::Transpose);
+                p.add(
+                    "text_projection.weight".into(),
+                    format!("{pre}text_projection"),
+                    vec![h, proj],
+                    Op::Transpose,
+                );
             }
         }
     }
@@ -348,14 +604,22 @@ pub fn text(t: &TextEncoderConfig) -> Vec<Entry> {
 /// `plan`. `file` names the weights in errors. Every plan entry must be present with
 /// the shape the config implies, and every tensor must be used, except those
 /// `ignorable` accepts (buffers such as `position_ids`).
-pub(crate) fn to_canonical(plan: &[Entry], tensors: Vec<SourceTensor>, file: &Path, ignorable: impl Fn(&str) -> bool) -> Result<Vec<SourceTensor>> {
+pub(crate) fn to_canonical(
+    plan: &[Entry],
+    tensors: Vec<SourceTensor>,
+    file: &Path,
+    ignorable: impl Fn(&str) -> bool,
+) -> Result<Vec<SourceTensor>> {
     let mut by_name: BTreeMap<String, SourceTensor> = BTreeMap::new();
     for t in tensors {
         if ignorable(&t.name) {
             continue;
         }
         if by_name.contains_key(&t.name) {
-            return Err(Error::format(file, format!("tensor `{}` is stored twice", t.name)));
+            return Err(Error::format(
+                file,
+                format!("tensor `{}` is stored twice", t.name),
+            ));
         }
         by_name.insert(t.name.clone(), t);
     }
@@ -364,7 +628,10 @@ pub(crate) fn to_canonical(plan: &[Entry], tensors: Vec<SourceTensor>, file: &Pa
     let mut seen = HashSet::new();
     for e in plan {
         if !seen.insert(e.canonical.as_str()) {
-            return Err(Error::Invalid(format!("name plan maps two tensors to `{}`", e.canonical)));
+            return Err(Error::Invalid(format!(
+                "name plan maps two tensors to `{}`",
+                e.canonical
+            )));
         }
         let want = e.part_shape();
         let mut parts = Vec::with_capacity(e.diffusers.len());
@@ -374,7 +641,10 @@ pub(crate) fn to_canonical(plan: &[Entry], tensors: Vec<SourceTensor>, file: &Pa
                 Some(t) if t.shape != want => {
                     return Err(Error::format(
                         file,
-                        format!("tensor `{d}` has shape {:?} but the component's config.json implies {:?}", t.shape, want),
+                        format!(
+                        "tensor `{d}` has shape {:?} but the component's config.json implies {:?}",
+                        t.shape, want
+                    ),
                     ))
                 }
                 Some(t) => parts.push(t),
@@ -385,14 +655,28 @@ pub(crate) fn to_canonical(plan: &[Entry], tensors: Vec<SourceTensor>, file: &Pa
         }
         let dtype = parts[0].dtype;
         if let Some(odd) = parts.iter().find(|t| t.dtype != dtype) {
-            return Err(Error::format(file, format!("tensor `{}` is {} while `{}` is {}", odd.name, odd.dtype.name(), parts[0].name, dtype.name())));
+            return Err(Error::format(
+                file,
+                format!(
+                    "tensor `{}` is {} while `{}` is {}",
+                    odd.name,
+                    odd.dtype.name(),
+                    parts[0].name,
+                    dtype.name()
+                ),
+            ));
         }
         let data = match e.op {
             Op::Same | Op::Conv1x1 => parts.remove(0).data,
             Op::Concat => TensorData::Concat(parts),
             Op::Transpose => TensorData::Transpose(Box::new(parts.remove(0))),
         };
-        out.push(SourceTensor { name: e.canonical.clone(), shape: e.shape.clone(), dtype, data });
+        out.push(SourceTensor {
+            name: e.canonical.clone(),
+            shape: e.shape.clone(),
+            dtype,
+            data,
+        });
     }
     if !by_name.is_empty() {
         let names: Vec<&str> = by_name.keys().take(5).map(String::as_str).collect();
@@ -411,7 +695,11 @@ pub(crate) fn to_canonical(plan: &[Entry], tensors: Vec<SourceTensor>, file: &Pa
         missing.truncate(5);
         return Err(Error::format(
             file,
-            format!("{n} tensor(s) that the component's config.json requires are missing: {}{}", missing.join(", "), if n > 5 { ", …" } else { "" }),
+            format!(
+                "{n} tensor(s) that the component's config.json requires are missing: {}{}",
+                missing.join(", "),
+                if n > 5 { ", …" } else { "" }
+            ),
         ));
     }
     Ok(out)

@@ -28,25 +28,62 @@ fn layout(file: &str) -> Vec<LayoutEntry> {
 fn check_layout(model: &str, cfg: &ModelConfig) {
     let empty = tempfile::NamedTempFile::new().expect("temp file");
     let file = SourceFile::open(empty.path()).expect("open temp file");
-    let mut comps: Vec<(&str, Vec<names::Entry>)> = vec![("unet", names::unet(&cfg.unet).expect("unet plan")), ("vae", names::vae(&cfg.vae))];
-    for (t, name) in cfg.text_encoders.iter().zip(["text_encoder", "text_encoder_2"]) {
+    let mut comps: Vec<(&str, Vec<names::Entry>)> = vec![
+        ("unet", names::unet(&cfg.unet).expect("unet plan")),
+        ("vae", names::vae(&cfg.vae)),
+    ];
+    for (t, name) in cfg
+        .text_encoders
+        .iter()
+        .zip(["text_encoder", "text_encoder_2"])
+    {
         comps.push((name, names::text(t)));
     }
     let mut got: BTreeMap<String, Vec<usize>> = BTreeMap::new();
     for (comp, plan) in comps {
         let fake = layout(&format!("diffusers-{model}-{comp}.json"))
             .into_iter()
-            .map(|e| SourceTensor { name: e.name, shape: e.shape, dtype: DType::F16, data: TensorData::Raw { file: Arc::clone(&file), offset: 0 } })
+            .map(|e| SourceTensor {
+                name: e.name,
+                shape: e.shape,
+                dtype: DType::F16,
+                data: TensorData::Raw {
+                    file: Arc::clone(&file),
+                    offset: 0,
+                },
+            })
             .collect();
-        let mapped = names::to_canonical(&plan, fake, Path::new(comp), |n| n.ends_with("position_ids")).unwrap_or_else(|e| panic!("{model} {comp}: {e}"));
+        let mapped = names::to_canonical(&plan, fake, Path::new(comp), |n| {
+            n.ends_with("position_ids")
+        })
+        .unwrap_or_else(|e| panic!("{model} {comp}: {e}"));
         for t in mapped {
-            assert!(got.insert(t.name.clone(), t.shape).is_none(), "{model}: `{}` produced twice", t.name);
+            assert!(
+                got.insert(t.name.clone(), t.shape).is_none(),
+                "{model}: `{}` produced twice",
+                t.name
+            );
         }
     }
-    let want: BTreeMap<String, Vec<usize>> = layout(&format!("{model}.json")).into_iter().filter(|e| !e.extra).map(|e| (e.name, e.shape)).collect();
-    let missing: Vec<&String> = want.keys().filter(|k| !got.contains_key(*k)).take(5).collect();
-    let unexpected: Vec<&String> = got.keys().filter(|k| !want.contains_key(*k)).take(5).collect();
-    assert!(missing.is_empty() && unexpected.is_empty(), "{model}: missing {missing:?}, unexpected {unexpected:?}");
+    let want: BTreeMap<String, Vec<usize>> = layout(&format!("{model}.json"))
+        .into_iter()
+        .filter(|e| !e.extra)
+        .map(|e| (e.name, e.shape))
+        .collect();
+    let missing: Vec<&String> = want
+        .keys()
+        .filter(|k| !got.contains_key(*k))
+        .take(5)
+        .collect();
+    let unexpected: Vec<&String> = got
+        .keys()
+        .filter(|k| !want.contains_key(*k))
+        .take(5)
+        .collect();
+    assert!(
+        missing.is_empty() && unexpected.is_empty(),
+        "{model}: missing {missing:?}, unexpected {unexpected:?}"
+    );
     for (name, shape) in &want {
         assert_eq!(&got[name], shape, "{model}: shape of `{name}`");
     }
@@ -79,7 +116,9 @@ fn canonical(cfg: &ModelConfig) -> Vec<(String, Vec<usize>)> {
 
 /// Deterministic, name-dependent values spanning many exponents and both signs.
 fn values_for(name: &str, n: usize) -> Vec<f32> {
-    let mut s = name.bytes().fold(0x9e37_79b9_7f4a_7c15u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x1000_0000_01b3));
+    let mut s = name.bytes().fold(0x9e37_79b9_7f4a_7c15u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x1000_0000_01b3)
+    });
     (0..n)
         .map(|_| {
             s ^= s << 13;
@@ -97,7 +136,9 @@ fn values_for(name: &str, n: usize) -> Vec<f32> {
 
 fn test_tokenizer() -> TokenizerFiles {
     TokenizerFiles {
-        vocab_json: Some(r#"{"!": 0, "a": 1, "<|startoftext|>": 49406, "<|endoftext|>": 49407}"#.into()),
+        vocab_json: Some(
+            r#"{"!": 0, "a": 1, "<|startoftext|>": 49406, "<|endoftext|>": 49407}"#.into(),
+        ),
         merges_txt: Some("#version: 0.2\na b\n".into()),
     }
 }
@@ -105,15 +146,30 @@ fn test_tokenizer() -> TokenizerFiles {
 /// Writes `cfg` with random tensors as `dtype`; returns the folder and the values.
 fn write_random(cfg: &ModelConfig, dtype: DType) -> (tempfile::TempDir, HashMap<String, Vec<f32>>) {
     let dir = tempfile::tempdir().expect("temp dir");
-    let values: HashMap<String, Vec<f32>> = canonical(cfg).into_iter().map(|(n, s)| (n.clone(), values_for(&n, s.iter().product()))).collect();
+    let values: HashMap<String, Vec<f32>> = canonical(cfg)
+        .into_iter()
+        .map(|(n, s)| (n.clone(), values_for(&n, s.iter().product())))
+        .collect();
     let mut reads: HashMap<String, usize> = HashMap::new();
-    write(dir.path(), cfg, dtype, Some(&test_tokenizer()), &mut |name| {
-        *reads.entry(name.to_string()).or_default() += 1;
-        values.get(name).cloned().ok_or_else(|| Error::Invalid(format!("no tensor `{name}`")))
-    })
+    write(
+        dir.path(),
+        cfg,
+        dtype,
+        Some(&test_tokenizer()),
+        &mut |name| {
+            *reads.entry(name.to_string()).or_default() += 1;
+            values
+                .get(name)
+                .cloned()
+                .ok_or_else(|| Error::Invalid(format!("no tensor `{name}`")))
+        },
+    )
     .expect("write");
     assert_eq!(reads.len(), values.len(), "every canonical tensor is read");
-    assert!(reads.values().all(|&n| n == 1), "each canonical tensor is read once");
+    assert!(
+        reads.values().all(|&n| n == 1),
+        "each canonical tensor is read once"
+    );
     (dir, values)
 }
 
@@ -123,15 +179,26 @@ fn assert_round_trip(cfg: ModelConfig) {
     assert_eq!(ck.format, SourceFormat::Diffusers);
     assert_eq!(ck.tensors.len(), values.len());
     for t in &ck.tensors {
-        let want = values.get(&t.name).unwrap_or_else(|| panic!("unexpected tensor `{}`", t.name));
+        let want = values
+            .get(&t.name)
+            .unwrap_or_else(|| panic!("unexpected tensor `{}`", t.name));
         let got = t.read_f32().expect("read");
         assert_eq!(got.len(), want.len(), "`{}`", t.name);
-        assert!(got.iter().zip(want).all(|(a, b)| a.to_bits() == b.to_bits()), "`{}` values differ", t.name);
+        assert!(
+            got.iter()
+                .zip(want)
+                .all(|(a, b)| a.to_bits() == b.to_bits()),
+            "`{}` values differ",
+            t.name
+        );
     }
     let tok = ck.tokenizer.expect("tokenizer files");
     assert_eq!(tok.vocab_json, test_tokenizer().vocab_json);
     assert_eq!(tok.merges_txt, test_tokenizer().merges_txt);
-    assert_eq!(ck.metadata.get("prediction_type").map(String::as_str), Some(cfg.prediction.as_str()));
+    assert_eq!(
+        ck.metadata.get("prediction_type").map(String::as_str),
+        Some(cfg.prediction.as_str())
+    );
 
     let mut got = read_config(dir.path()).expect("read_config");
     assert_eq!(got.family, cfg.family.trim_start_matches("tiny-"));
@@ -185,7 +252,10 @@ fn refiner_like_sdxl_with_only_the_second_encoder_round_trips() {
     cfg.unet.adm_in_channels = Some(32 + 5 * 8);
     cfg.unet.time_ids = crate::config::TimeId::REFINER.to_vec();
     let (dir, _) = write_random(&cfg, DType::F32);
-    assert!(dir.path().join("text_encoder_2/model.safetensors").is_file());
+    assert!(dir
+        .path()
+        .join("text_encoder_2/model.safetensors")
+        .is_file());
     assert!(!dir.path().join("text_encoder").exists());
     drop(dir);
     assert_round_trip(cfg);
@@ -198,8 +268,16 @@ fn f16_folder_holds_the_f16_rounding_of_each_value() {
     let ck = open(dir.path()).expect("open");
     for t in &ck.tensors {
         assert_eq!(t.dtype, DType::F16);
-        let want: Vec<u32> = values[&t.name].iter().map(|&x| half::f16::from_f32(x).to_f32().to_bits()).collect();
-        let got: Vec<u32> = t.read_f32().expect("read").iter().map(|x| x.to_bits()).collect();
+        let want: Vec<u32> = values[&t.name]
+            .iter()
+            .map(|&x| half::f16::from_f32(x).to_f32().to_bits())
+            .collect();
+        let got: Vec<u32> = t
+            .read_f32()
+            .expect("read")
+            .iter()
+            .map(|x| x.to_bits())
+            .collect();
         assert!(got == want, "`{}`", t.name);
     }
 }
@@ -210,7 +288,10 @@ fn preset_unet_configs_survive_diffusers_json() {
         let (json, _) = write::unet_json(&cfg).expect("unet json");
         let back = config::unet(&json, Path::new("unet/config.json")).expect("parse");
         // Which values fill `label_emb` is counted once the pooled width is known (read_config).
-        let want = UnetConfig { time_ids: Vec::new(), ..cfg.unet.clone() };
+        let want = UnetConfig {
+            time_ids: Vec::new(),
+            ..cfg.unet.clone()
+        };
         assert_eq!(back, want, "{}", cfg.family);
     }
 }
@@ -233,7 +314,11 @@ const CLIP_L: &str = r#"{"architectures": ["CLIPTextModel"], "bos_token_id": 0, 
 fn published_sd15_configs_read_as_the_sd1_preset() {
     let dir = tempfile::tempdir().expect("temp dir");
     let d = dir.path();
-    put(d, "model_index.json", r#"{"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"], "safety_checker": [null, null]}"#);
+    put(
+        d,
+        "model_index.json",
+        r#"{"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"], "safety_checker": [null, null]}"#,
+    );
     put(
         d,
         "unet/config.json",
@@ -246,7 +331,11 @@ fn published_sd15_configs_read_as_the_sd1_preset() {
     );
     put(d, "vae/config.json", SD_VAE);
     put(d, "text_encoder/config.json", CLIP_L);
-    put(d, "scheduler/scheduler_config.json", r#"{"_class_name": "PNDMScheduler", "beta_schedule": "scaled_linear"}"#);
+    put(
+        d,
+        "scheduler/scheduler_config.json",
+        r#"{"_class_name": "PNDMScheduler", "beta_schedule": "scaled_linear"}"#,
+    );
     assert_eq!(read_config(d).expect("read_config"), ModelConfig::sd1());
 }
 
@@ -270,8 +359,16 @@ fn published_sd21_configs_read_as_the_sd2_preset() {
         r#"{"architectures": ["CLIPTextModel"], "hidden_act": "gelu", "hidden_size": 1024, "intermediate_size": 4096,
         "max_position_embeddings": 77, "num_attention_heads": 16, "num_hidden_layers": 23, "projection_dim": 512, "vocab_size": 49408}"#,
     );
-    put(d, "tokenizer/special_tokens_map.json", r#"{"pad_token": "!", "eos_token": {"content": "<|endoftext|>"}}"#);
-    put(d, "scheduler/scheduler_config.json", r#"{"_class_name": "DDIMScheduler", "prediction_type": "v_prediction"}"#);
+    put(
+        d,
+        "tokenizer/special_tokens_map.json",
+        r#"{"pad_token": "!", "eos_token": {"content": "<|endoftext|>"}}"#,
+    );
+    put(
+        d,
+        "scheduler/scheduler_config.json",
+        r#"{"_class_name": "DDIMScheduler", "prediction_type": "v_prediction"}"#,
+    );
     assert_eq!(read_config(d).expect("read_config"), ModelConfig::sd2());
 }
 
@@ -291,7 +388,14 @@ fn published_sdxl_configs_read_as_the_sdxl_preset() {
         "time_cond_proj_dim": null, "transformer_layers_per_block": [1, 2, 10],
         "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"], "use_linear_projection": true}"#,
     );
-    put(d, "vae/config.json", &SD_VAE.replace("\"sample_size\": 512", "\"sample_size\": 1024, \"scaling_factor\": 0.13025"));
+    put(
+        d,
+        "vae/config.json",
+        &SD_VAE.replace(
+            "\"sample_size\": 512",
+            "\"sample_size\": 1024, \"scaling_factor\": 0.13025",
+        ),
+    );
     put(d, "text_encoder/config.json", CLIP_L);
     put(
         d,
@@ -299,17 +403,38 @@ fn published_sdxl_configs_read_as_the_sdxl_preset() {
         r#"{"architectures": ["CLIPTextModelWithProjection"], "hidden_act": "gelu", "hidden_size": 1280, "intermediate_size": 5120,
         "max_position_embeddings": 77, "num_attention_heads": 20, "num_hidden_layers": 32, "projection_dim": 1280, "vocab_size": 49408}"#,
     );
-    put(d, "scheduler/scheduler_config.json", r#"{"_class_name": "EulerDiscreteScheduler", "prediction_type": "epsilon"}"#);
+    put(
+        d,
+        "scheduler/scheduler_config.json",
+        r#"{"_class_name": "EulerDiscreteScheduler", "prediction_type": "epsilon"}"#,
+    );
     assert_eq!(read_config(d).expect("read_config"), ModelConfig::sdxl());
 }
 
 /// Copies a safetensors file, renaming tensors and optionally appending one.
-fn rewrite(src: &Path, dst: &Path, keep: impl Fn(&str) -> bool, rename: impl Fn(&str) -> String, extra: Option<&str>) {
+fn rewrite(
+    src: &Path,
+    dst: &Path,
+    keep: impl Fn(&str) -> bool,
+    rename: impl Fn(&str) -> String,
+    extra: Option<&str>,
+) {
     let (tensors, _) = st::read_tensors(src).expect("read");
     let tensors: Vec<_> = tensors.into_iter().filter(|t| keep(&t.name)).collect();
-    let mut specs: Vec<WriteSpec> = tensors.iter().map(|t| WriteSpec { name: rename(&t.name), shape: t.shape.clone(), dtype: t.dtype }).collect();
+    let mut specs: Vec<WriteSpec> = tensors
+        .iter()
+        .map(|t| WriteSpec {
+            name: rename(&t.name),
+            shape: t.shape.clone(),
+            dtype: t.dtype,
+        })
+        .collect();
     if let Some(name) = extra {
-        specs.push(WriteSpec { name: name.into(), shape: vec![2], dtype: DType::F32 });
+        specs.push(WriteSpec {
+            name: name.into(),
+            shape: vec![2],
+            dtype: DType::F32,
+        });
     }
     let mut out = Vec::new();
     st::write(&mut out, &specs, &BTreeMap::new(), |i, buf| {
@@ -329,15 +454,52 @@ fn sharded_fp16_variant_and_legacy_vae_attention_names_are_read() {
     let (dir, values) = write_random(&cfg, DType::F32);
     let d = dir.path();
     // UNet as the fp16 variant file name.
-    std::fs::rename(d.join("unet/diffusion_pytorch_model.safetensors"), d.join("unet/diffusion_pytorch_model.fp16.safetensors")).expect("rename");
+    std::fs::rename(
+        d.join("unet/diffusion_pytorch_model.safetensors"),
+        d.join("unet/diffusion_pytorch_model.fp16.safetensors"),
+    )
+    .expect("rename");
     // VAE in two shards with an index, and the pre-0.14 attention names.
     let vae = d.join("vae/diffusion_pytorch_model.safetensors");
-    let legacy = |n: &str| n.replace(".to_q.", ".query.").replace(".to_k.", ".key.").replace(".to_v.", ".value.").replace(".to_out.0.", ".proj_attn.");
-    rewrite(&vae, &d.join("vae/a.safetensors"), |n| n.starts_with("encoder."), legacy, None);
-    rewrite(&vae, &d.join("vae/b.safetensors"), |n| !n.starts_with("encoder."), legacy, None);
+    let legacy = |n: &str| {
+        n.replace(".to_q.", ".query.")
+            .replace(".to_k.", ".key.")
+            .replace(".to_v.", ".value.")
+            .replace(".to_out.0.", ".proj_attn.")
+    };
+    rewrite(
+        &vae,
+        &d.join("vae/a.safetensors"),
+        |n| n.starts_with("encoder."),
+        legacy,
+        None,
+    );
+    rewrite(
+        &vae,
+        &d.join("vae/b.safetensors"),
+        |n| !n.starts_with("encoder."),
+        legacy,
+        None,
+    );
     let (tensors, _) = st::read_tensors(&vae).expect("read");
-    let map: BTreeMap<String, &str> = tensors.iter().map(|t| (legacy(&t.name), if t.name.starts_with("encoder.") { "a.safetensors" } else { "b.safetensors" })).collect();
-    put(d, "vae/diffusion_pytorch_model.safetensors.index.json", &serde_json::json!({ "metadata": {}, "weight_map": map }).to_string());
+    let map: BTreeMap<String, &str> = tensors
+        .iter()
+        .map(|t| {
+            (
+                legacy(&t.name),
+                if t.name.starts_with("encoder.") {
+                    "a.safetensors"
+                } else {
+                    "b.safetensors"
+                },
+            )
+        })
+        .collect();
+    put(
+        d,
+        "vae/diffusion_pytorch_model.safetensors.index.json",
+        &serde_json::json!({ "metadata": {}, "weight_map": map }).to_string(),
+    );
     std::fs::remove_file(&vae).expect("remove");
 
     let ck = open(d).expect("open");
@@ -353,7 +515,13 @@ fn text_encoders_saved_by_transformers_5_without_text_model_prefix_are_read() {
     let (dir, values) = write_random(&cfg, DType::F32);
     let te = dir.path().join("text_encoder/model.safetensors");
     let tmp = dir.path().join("text_encoder/new.safetensors");
-    rewrite(&te, &tmp, |_| true, |n| n.strip_prefix("text_model.").unwrap_or(n).to_string(), None);
+    rewrite(
+        &te,
+        &tmp,
+        |_| true,
+        |n| n.strip_prefix("text_model.").unwrap_or(n).to_string(),
+        None,
+    );
     std::fs::rename(&tmp, &te).expect("rename");
     let ck = open(dir.path()).expect("open");
     assert_eq!(ck.tensors.len(), values.len());
@@ -374,7 +542,10 @@ fn missing_component_config_is_an_error_naming_it() {
     let (dir, _) = write_random(&ModelConfig::sd1().shrink(), DType::F32);
     std::fs::remove_file(dir.path().join("vae/config.json")).expect("remove");
     let m = message(open(dir.path()));
-    assert!(m.contains("vae/config.json") && m.contains("missing"), "{m}");
+    assert!(
+        m.contains("vae/config.json") && m.contains("missing"),
+        "{m}"
+    );
 }
 
 #[test]
@@ -382,7 +553,10 @@ fn malformed_config_json_is_an_error_naming_the_file() {
     let (dir, _) = write_random(&ModelConfig::sd1().shrink(), DType::F32);
     put(dir.path(), "unet/config.json", "{\"in_channels\": 4,");
     let m = message(read_config(dir.path()));
-    assert!(m.contains("unet/config.json") && m.contains("malformed JSON"), "{m}");
+    assert!(
+        m.contains("unet/config.json") && m.contains("malformed JSON"),
+        "{m}"
+    );
 }
 
 #[test]
@@ -390,10 +564,20 @@ fn unknown_tensor_name_is_an_error_naming_file_and_tensor() {
     let (dir, _) = write_random(&ModelConfig::sd1().shrink(), DType::F32);
     let vae = dir.path().join("vae/diffusion_pytorch_model.safetensors");
     let tmp = dir.path().join("vae/new.safetensors");
-    rewrite(&vae, &tmp, |_| true, str::to_string, Some("encoder.mystery.weight"));
+    rewrite(
+        &vae,
+        &tmp,
+        |_| true,
+        str::to_string,
+        Some("encoder.mystery.weight"),
+    );
     std::fs::rename(&tmp, &vae).expect("rename");
     let m = message(open(dir.path()));
-    assert!(m.contains("vae/diffusion_pytorch_model.safetensors") && m.contains("encoder.mystery.weight"), "{m}");
+    assert!(
+        m.contains("vae/diffusion_pytorch_model.safetensors")
+            && m.contains("encoder.mystery.weight"),
+        "{m}"
+    );
 }
 
 #[test]
@@ -401,17 +585,27 @@ fn missing_weights_file_is_an_error_naming_the_folder_and_expected_files() {
     let (dir, _) = write_random(&ModelConfig::sd1().shrink(), DType::F32);
     std::fs::remove_file(dir.path().join("text_encoder/model.safetensors")).expect("remove");
     let m = message(open(dir.path()));
-    assert!(m.contains("text_encoder") && m.contains("model.safetensors") && m.contains("no weights"), "{m}");
+    assert!(
+        m.contains("text_encoder") && m.contains("model.safetensors") && m.contains("no weights"),
+        "{m}"
+    );
 }
 
 #[test]
 fn config_that_disagrees_with_the_weights_is_an_error_naming_the_tensor() {
     let (dir, _) = write_random(&ModelConfig::sd1().shrink(), DType::F32);
     let path = dir.path().join("text_encoder/config.json");
-    let text = std::fs::read_to_string(&path).expect("read").replace("\"intermediate_size\": 64", "\"intermediate_size\": 128");
+    let text = std::fs::read_to_string(&path)
+        .expect("read")
+        .replace("\"intermediate_size\": 64", "\"intermediate_size\": 128");
     std::fs::write(&path, text).expect("write");
     let m = message(open(dir.path()));
-    assert!(m.contains("text_encoder/model.safetensors") && m.contains("mlp.fc1.weight") && m.contains("[128, 32]"), "{m}");
+    assert!(
+        m.contains("text_encoder/model.safetensors")
+            && m.contains("mlp.fc1.weight")
+            && m.contains("[128, 32]"),
+        "{m}"
+    );
 }
 
 #[test]
@@ -419,11 +613,36 @@ fn configs_counting_beyond_any_model_are_refused_before_anything_is_planned() {
     // The first is the fuzzer's find (stop 27): a depth past u64 that parsed as a float
     // and saturated, and then had the UNet's names planned until memory ran out.
     let cases = [
-        ("unet/config.json", "transformer_layers_per_block", "88888888888888888888888888888888888888888888888888888888882", "transformer depth"),
-        ("unet/config.json", "layers_per_block", "1000000000", "`layers_per_block` is 1000000000, beyond the 16"),
-        ("unet/config.json", "cross_attention_dim", "18446744073709551615", "context width"),
-        ("vae/config.json", "layers_per_block", "4294967295", "ResNet count"),
-        ("text_encoder/config.json", "num_hidden_layers", "4294967295", "layer count is 4294967295"),
+        (
+            "unet/config.json",
+            "transformer_layers_per_block",
+            "88888888888888888888888888888888888888888888888888888888882",
+            "transformer depth",
+        ),
+        (
+            "unet/config.json",
+            "layers_per_block",
+            "1000000000",
+            "`layers_per_block` is 1000000000, beyond the 16",
+        ),
+        (
+            "unet/config.json",
+            "cross_attention_dim",
+            "18446744073709551615",
+            "context width",
+        ),
+        (
+            "vae/config.json",
+            "layers_per_block",
+            "4294967295",
+            "ResNet count",
+        ),
+        (
+            "text_encoder/config.json",
+            "num_hidden_layers",
+            "4294967295",
+            "layer count is 4294967295",
+        ),
     ];
     let (dir, _) = write_random(&ModelConfig::sd1().shrink(), DType::F32);
     for (file, key, value, says) in cases {
@@ -456,10 +675,20 @@ fn prediction_type_zero_snr_and_pipeline_reach_the_metadata_and_config() {
     cfg.prediction = Prediction::V;
     cfg.zero_terminal_snr = true;
     let (dir, _) = write_random(&cfg, DType::F32);
-    assert!(read_config(dir.path()).expect("read_config").zero_terminal_snr);
+    assert!(
+        read_config(dir.path())
+            .expect("read_config")
+            .zero_terminal_snr
+    );
     let ck = open(dir.path()).expect("open");
-    assert_eq!(ck.metadata.get("prediction_type").map(String::as_str), Some("v_prediction"));
-    assert_eq!(ck.metadata.get("diffusers.pipeline").map(String::as_str), Some("StableDiffusionPipeline"));
+    assert_eq!(
+        ck.metadata.get("prediction_type").map(String::as_str),
+        Some("v_prediction")
+    );
+    assert_eq!(
+        ck.metadata.get("diffusers.pipeline").map(String::as_str),
+        Some("StableDiffusionPipeline")
+    );
     assert_eq!(ck.metadata.get("family").map(String::as_str), Some("sd2"));
 }
 
@@ -479,7 +708,10 @@ fn known_diffusers_names_map_to_their_single_file_names() {
     let v = "first_stage_model.";
     let check = |plan: &[names::Entry], pairs: &[(&str, String)]| {
         for (d, c) in pairs {
-            let hits: Vec<&names::Entry> = plan.iter().filter(|e| e.diffusers.iter().any(|x| x == d)).collect();
+            let hits: Vec<&names::Entry> = plan
+                .iter()
+                .filter(|e| e.diffusers.iter().any(|x| x == d))
+                .collect();
             assert_eq!(hits.len(), 1, "`{d}`");
             assert_eq!(&hits[0].canonical, c, "`{d}`");
         }
@@ -489,37 +721,107 @@ fn known_diffusers_names_map_to_their_single_file_names() {
         &sd1,
         &[
             ("conv_in.weight", format!("{u}input_blocks.0.0.weight")),
-            ("time_embedding.linear_2.bias", format!("{u}time_embed.2.bias")),
-            ("down_blocks.0.downsamplers.0.conv.weight", format!("{u}input_blocks.3.0.op.weight")),
-            ("down_blocks.1.attentions.1.proj_in.weight", format!("{u}input_blocks.5.1.proj_in.weight")),
-            ("down_blocks.3.resnets.1.norm2.weight", format!("{u}input_blocks.11.0.out_layers.0.weight")),
-            ("mid_block.attentions.0.transformer_blocks.0.attn2.to_k.weight", format!("{u}middle_block.1.transformer_blocks.0.attn2.to_k.weight")),
-            ("mid_block.resnets.1.time_emb_proj.weight", format!("{u}middle_block.2.emb_layers.1.weight")),
-            ("up_blocks.0.upsamplers.0.conv.weight", format!("{u}output_blocks.2.1.conv.weight")),
-            ("up_blocks.1.upsamplers.0.conv.bias", format!("{u}output_blocks.5.2.conv.bias")),
-            ("up_blocks.3.resnets.2.conv_shortcut.weight", format!("{u}output_blocks.11.0.skip_connection.weight")),
-            ("up_blocks.3.attentions.2.transformer_blocks.0.ff.net.2.weight", format!("{u}output_blocks.11.1.transformer_blocks.0.ff.net.2.weight")),
+            (
+                "time_embedding.linear_2.bias",
+                format!("{u}time_embed.2.bias"),
+            ),
+            (
+                "down_blocks.0.downsamplers.0.conv.weight",
+                format!("{u}input_blocks.3.0.op.weight"),
+            ),
+            (
+                "down_blocks.1.attentions.1.proj_in.weight",
+                format!("{u}input_blocks.5.1.proj_in.weight"),
+            ),
+            (
+                "down_blocks.3.resnets.1.norm2.weight",
+                format!("{u}input_blocks.11.0.out_layers.0.weight"),
+            ),
+            (
+                "mid_block.attentions.0.transformer_blocks.0.attn2.to_k.weight",
+                format!("{u}middle_block.1.transformer_blocks.0.attn2.to_k.weight"),
+            ),
+            (
+                "mid_block.resnets.1.time_emb_proj.weight",
+                format!("{u}middle_block.2.emb_layers.1.weight"),
+            ),
+            (
+                "up_blocks.0.upsamplers.0.conv.weight",
+                format!("{u}output_blocks.2.1.conv.weight"),
+            ),
+            (
+                "up_blocks.1.upsamplers.0.conv.bias",
+                format!("{u}output_blocks.5.2.conv.bias"),
+            ),
+            (
+                "up_blocks.3.resnets.2.conv_shortcut.weight",
+                format!("{u}output_blocks.11.0.skip_connection.weight"),
+            ),
+            (
+                "up_blocks.3.attentions.2.transformer_blocks.0.ff.net.2.weight",
+                format!("{u}output_blocks.11.1.transformer_blocks.0.ff.net.2.weight"),
+            ),
             ("conv_norm_out.weight", format!("{u}out.0.weight")),
             ("conv_out.bias", format!("{u}out.2.bias")),
-            ("encoder.down_blocks.1.resnets.0.conv_shortcut.weight", format!("{v}encoder.down.1.block.0.nin_shortcut.weight")),
-            ("encoder.mid_block.attentions.0.to_k.weight", format!("{v}encoder.mid.attn_1.k.weight")),
-            ("encoder.mid_block.attentions.0.to_v.bias", format!("{v}encoder.mid.attn_1.v.bias")),
-            ("decoder.mid_block.attentions.0.to_out.0.bias", format!("{v}decoder.mid.attn_1.proj_out.bias")),
-            ("decoder.mid_block.attentions.0.group_norm.weight", format!("{v}decoder.mid.attn_1.norm.weight")),
-            ("decoder.mid_block.resnets.1.norm1.weight", format!("{v}decoder.mid.block_2.norm1.weight")),
-            ("decoder.up_blocks.0.resnets.2.conv1.weight", format!("{v}decoder.up.3.block.2.conv1.weight")),
-            ("decoder.up_blocks.2.upsamplers.0.conv.weight", format!("{v}decoder.up.1.upsample.conv.weight")),
-            ("encoder.conv_norm_out.bias", format!("{v}encoder.norm_out.bias")),
-            ("text_model.encoder.layers.11.self_attn.v_proj.bias", "cond_stage_model.transformer.text_model.encoder.layers.11.self_attn.v_proj.bias".into()),
+            (
+                "encoder.down_blocks.1.resnets.0.conv_shortcut.weight",
+                format!("{v}encoder.down.1.block.0.nin_shortcut.weight"),
+            ),
+            (
+                "encoder.mid_block.attentions.0.to_k.weight",
+                format!("{v}encoder.mid.attn_1.k.weight"),
+            ),
+            (
+                "encoder.mid_block.attentions.0.to_v.bias",
+                format!("{v}encoder.mid.attn_1.v.bias"),
+            ),
+            (
+                "decoder.mid_block.attentions.0.to_out.0.bias",
+                format!("{v}decoder.mid.attn_1.proj_out.bias"),
+            ),
+            (
+                "decoder.mid_block.attentions.0.group_norm.weight",
+                format!("{v}decoder.mid.attn_1.norm.weight"),
+            ),
+            (
+                "decoder.mid_block.resnets.1.norm1.weight",
+                format!("{v}decoder.mid.block_2.norm1.weight"),
+            ),
+            (
+                "decoder.up_blocks.0.resnets.2.conv1.weight",
+                format!("{v}decoder.up.3.block.2.conv1.weight"),
+            ),
+            (
+                "decoder.up_blocks.2.upsamplers.0.conv.weight",
+                format!("{v}decoder.up.1.upsample.conv.weight"),
+            ),
+            (
+                "encoder.conv_norm_out.bias",
+                format!("{v}encoder.norm_out.bias"),
+            ),
+            (
+                "text_model.encoder.layers.11.self_attn.v_proj.bias",
+                "cond_stage_model.transformer.text_model.encoder.layers.11.self_attn.v_proj.bias"
+                    .into(),
+            ),
         ],
     );
     let sdxl = ModelConfig::sdxl();
     check(
         &names::unet(&sdxl.unet).expect("unet plan"),
         &[
-            ("add_embedding.linear_1.weight", format!("{u}label_emb.0.0.weight")),
-            ("up_blocks.0.attentions.2.transformer_blocks.9.norm3.bias", format!("{u}output_blocks.2.1.transformer_blocks.9.norm3.bias")),
-            ("up_blocks.0.upsamplers.0.conv.weight", format!("{u}output_blocks.2.2.conv.weight")),
+            (
+                "add_embedding.linear_1.weight",
+                format!("{u}label_emb.0.0.weight"),
+            ),
+            (
+                "up_blocks.0.attentions.2.transformer_blocks.9.norm3.bias",
+                format!("{u}output_blocks.2.1.transformer_blocks.9.norm3.bias"),
+            ),
+            (
+                "up_blocks.0.upsamplers.0.conv.weight",
+                format!("{u}output_blocks.2.2.conv.weight"),
+            ),
         ],
     );
     let xl = names::text(&sdxl.text_encoders[1]);
@@ -527,18 +829,49 @@ fn known_diffusers_names_map_to_their_single_file_names() {
     check(
         &xl,
         &[
-            ("text_model.encoder.layers.31.mlp.fc2.weight", format!("{g}transformer.resblocks.31.mlp.c_proj.weight")),
-            ("text_model.encoder.layers.0.layer_norm2.weight", format!("{g}transformer.resblocks.0.ln_2.weight")),
-            ("text_model.encoder.layers.7.self_attn.out_proj.bias", format!("{g}transformer.resblocks.7.attn.out_proj.bias")),
-            ("text_model.embeddings.position_embedding.weight", format!("{g}positional_embedding")),
-            ("text_model.final_layer_norm.bias", format!("{g}ln_final.bias")),
+            (
+                "text_model.encoder.layers.31.mlp.fc2.weight",
+                format!("{g}transformer.resblocks.31.mlp.c_proj.weight"),
+            ),
+            (
+                "text_model.encoder.layers.0.layer_norm2.weight",
+                format!("{g}transformer.resblocks.0.ln_2.weight"),
+            ),
+            (
+                "text_model.encoder.layers.7.self_attn.out_proj.bias",
+                format!("{g}transformer.resblocks.7.attn.out_proj.bias"),
+            ),
+            (
+                "text_model.embeddings.position_embedding.weight",
+                format!("{g}positional_embedding"),
+            ),
+            (
+                "text_model.final_layer_norm.bias",
+                format!("{g}ln_final.bias"),
+            ),
         ],
     );
-    let in_proj = xl.iter().find(|e| e.canonical == format!("{g}transformer.resblocks.5.attn.in_proj_weight")).expect("in_proj");
+    let in_proj = xl
+        .iter()
+        .find(|e| e.canonical == format!("{g}transformer.resblocks.5.attn.in_proj_weight"))
+        .expect("in_proj");
     assert_eq!(in_proj.op, names::Op::Concat);
-    assert_eq!(in_proj.diffusers, ["q_proj", "k_proj", "v_proj"].map(|x| format!("text_model.encoder.layers.5.self_attn.{x}.weight")));
-    let proj = xl.iter().find(|e| e.canonical == format!("{g}text_projection")).expect("text_projection");
-    assert_eq!((proj.op, proj.diffusers.as_slice()), (names::Op::Transpose, ["text_projection.weight".to_string()].as_slice()));
+    assert_eq!(
+        in_proj.diffusers,
+        ["q_proj", "k_proj", "v_proj"]
+            .map(|x| format!("text_model.encoder.layers.5.self_attn.{x}.weight"))
+    );
+    let proj = xl
+        .iter()
+        .find(|e| e.canonical == format!("{g}text_projection"))
+        .expect("text_projection");
+    assert_eq!(
+        (proj.op, proj.diffusers.as_slice()),
+        (
+            names::Op::Transpose,
+            ["text_projection.weight".to_string()].as_slice()
+        )
+    );
 }
 
 #[test]
@@ -547,7 +880,15 @@ fn written_tensors_are_split_transposed_and_reshaped_as_diffusers_stores_them() 
     let (dir, values) = write_random(&cfg, DType::F32);
     let read = |comp: &str| -> HashMap<String, (Vec<usize>, Vec<f32>)> {
         let (tensors, _) = st::read_tensors(&dir.path().join(comp)).expect("read");
-        tensors.into_iter().map(|t| (t.name.clone(), (t.shape.clone(), t.read_f32().expect("values")))).collect()
+        tensors
+            .into_iter()
+            .map(|t| {
+                (
+                    t.name.clone(),
+                    (t.shape.clone(), t.read_f32().expect("values")),
+                )
+            })
+            .collect()
     };
     let te2 = read("text_encoder_2/model.safetensors");
     let g = "conditioner.embedders.1.model.";

@@ -27,9 +27,18 @@ const TRANSFORMERS_VERSION: &str = "4.44.0";
 /// called once per canonical tensor, one component file at a time, and only one
 /// tensor's values are held at once. Every config is checked for what diffusers can
 /// express before anything is written.
-pub fn write(dir: &Path, cfg: &ModelConfig, dtype: DType, tokenizer: Option<&TokenizerFiles>, read: &mut dyn FnMut(&str) -> Result<Vec<f32>>) -> Result<()> {
+pub fn write(
+    dir: &Path,
+    cfg: &ModelConfig,
+    dtype: DType,
+    tokenizer: Option<&TokenizerFiles>,
+    read: &mut dyn FnMut(&str) -> Result<Vec<f32>>,
+) -> Result<()> {
     if !matches!(dtype, DType::F32 | DType::F16 | DType::BF16) {
-        return Err(Error::Invalid(format!("diffusers weights can be written as F32, F16 or BF16, not {}", dtype.name())));
+        return Err(Error::Invalid(format!(
+            "diffusers weights can be written as F32, F16 or BF16, not {}",
+            dtype.name()
+        )));
     }
     let sdxl = cfg.unet.adm_in_channels.is_some();
     let text_folders: &[(&str, &str)] = match (sdxl, cfg.text_encoders.len()) {
@@ -37,23 +46,56 @@ pub fn write(dir: &Path, cfg: &ModelConfig, dtype: DType, tokenizer: Option<&Tok
         // A single-encoder SDXL model (the refiner) keeps its bigG tower as the second encoder.
         (true, 1) => &[("text_encoder_2", "tokenizer_2")],
         (_, 1) => &[("text_encoder", "tokenizer")],
-        (_, 2) => &[("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2")],
-        (_, n) => return Err(Error::Invalid(format!("diffusers pipelines have at most two text encoders, the config has {n}"))),
+        (_, 2) => &[
+            ("text_encoder", "tokenizer"),
+            ("text_encoder_2", "tokenizer_2"),
+        ],
+        (_, n) => {
+            return Err(Error::Invalid(format!(
+                "diffusers pipelines have at most two text encoders, the config has {n}"
+            )))
+        }
     };
     let invalid = |m: String| Error::Invalid(format!("cannot write a diffusers folder: {m}"));
     let (unet_cfg, aesthetic) = unet_json(cfg).map_err(invalid)?;
     let unet_plan = names::unet(&cfg.unet)?;
-    let tokenizer = tokenizer.and_then(|t| Some((t.vocab_json.as_deref()?, t.merges_txt.as_deref()?)));
+    let tokenizer =
+        tokenizer.and_then(|t| Some((t.vocab_json.as_deref()?, t.merges_txt.as_deref()?)));
     let pad_names = match tokenizer {
-        Some((vocab, _)) => cfg.text_encoders.iter().map(|t| pad_name(vocab, t.pad_token).map(Some)).collect::<Result<Vec<_>>>()?,
+        Some((vocab, _)) => cfg
+            .text_encoders
+            .iter()
+            .map(|t| pad_name(vocab, t.pad_token).map(Some))
+            .collect::<Result<Vec<_>>>()?,
         None => vec![None; cfg.text_encoders.len()],
     };
 
     mkdir(dir)?;
-    write_component(&dir.join("unet"), &unet_cfg, "diffusion_pytorch_model.safetensors", &unet_plan, dtype, read)?;
-    write_component(&dir.join("vae"), &vae_json(cfg), "diffusion_pytorch_model.safetensors", &names::vae(&cfg.vae), dtype, read)?;
+    write_component(
+        &dir.join("unet"),
+        &unet_cfg,
+        "diffusion_pytorch_model.safetensors",
+        &unet_plan,
+        dtype,
+        read,
+    )?;
+    write_component(
+        &dir.join("vae"),
+        &vae_json(cfg),
+        "diffusion_pytorch_model.safetensors",
+        &names::vae(&cfg.vae),
+        dtype,
+        read,
+    )?;
     for (t, (te, _)) in cfg.text_encoders.iter().zip(text_folders) {
-        write_component(&dir.join(te), &text_json(t, dtype), "model.safetensors", &names::text(t), dtype, read)?;
+        write_component(
+            &dir.join(te),
+            &text_json(t, dtype),
+            "model.safetensors",
+            &names::text(t),
+            dtype,
+            read,
+        )?;
     }
     if let Some((vocab, merges)) = tokenizer {
         for ((t, (_, tok)), pad) in cfg.text_encoders.iter().zip(text_folders).zip(&pad_names) {
@@ -62,7 +104,10 @@ pub fn write(dir: &Path, cfg: &ModelConfig, dtype: DType, tokenizer: Option<&Tok
             let pad = pad.as_deref().unwrap_or("<|endoftext|>");
             write_file(&tdir.join("vocab.json"), vocab.as_bytes())?;
             write_file(&tdir.join("merges.txt"), merges.as_bytes())?;
-            write_json(&tdir.join("special_tokens_map.json"), &json!({ "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "pad_token": pad, "unk_token": "<|endoftext|>" }))?;
+            write_json(
+                &tdir.join("special_tokens_map.json"),
+                &json!({ "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "pad_token": pad, "unk_token": "<|endoftext|>" }),
+            )?;
             write_json(
                 &tdir.join("tokenizer_config.json"),
                 &json!({
@@ -76,7 +121,10 @@ pub fn write(dir: &Path, cfg: &ModelConfig, dtype: DType, tokenizer: Option<&Tok
     }
     let sched = dir.join("scheduler");
     mkdir(&sched)?;
-    write_json(&sched.join("scheduler_config.json"), &scheduler_json(cfg.prediction, cfg.zero_terminal_snr))?;
+    write_json(
+        &sched.join("scheduler_config.json"),
+        &scheduler_json(cfg.prediction, cfg.zero_terminal_snr),
+    )?;
 
     // The index goes last, so a folder with one is complete.
     let mut index = serde_json::Map::new();
@@ -89,17 +137,34 @@ pub fn write(dir: &Path, cfg: &ModelConfig, dtype: DType, tokenizer: Option<&Tok
     index.insert("_diffusers_version".into(), json!(DIFFUSERS_VERSION));
     index.insert("unet".into(), json!(["diffusers", "UNet2DConditionModel"]));
     index.insert("vae".into(), json!(["diffusers", "AutoencoderKL"]));
-    index.insert("scheduler".into(), json!(["diffusers", "EulerDiscreteScheduler"]));
+    index.insert(
+        "scheduler".into(),
+        json!(["diffusers", "EulerDiscreteScheduler"]),
+    );
     for (t, (te, tok)) in cfg.text_encoders.iter().zip(text_folders) {
         index.insert(te.to_string(), json!(["transformers", text_class(t)]));
-        index.insert(tok.to_string(), if tokenizer.is_some() { json!(["transformers", "CLIPTokenizer"]) } else { json!([null, null]) });
+        index.insert(
+            tok.to_string(),
+            if tokenizer.is_some() {
+                json!(["transformers", "CLIPTokenizer"])
+            } else {
+                json!([null, null])
+            },
+        );
     }
-    if sdxl && text_folders.first().is_some_and(|(te, _)| *te == "text_encoder_2") {
+    if sdxl
+        && text_folders
+            .first()
+            .is_some_and(|(te, _)| *te == "text_encoder_2")
+    {
         index.insert("text_encoder".into(), json!([null, null]));
         index.insert("tokenizer".into(), json!([null, null]));
     }
     if sdxl {
-        index.insert("force_zeros_for_empty_prompt".into(), json!(cfg.zeros_for_empty_negative));
+        index.insert(
+            "force_zeros_for_empty_prompt".into(),
+            json!(cfg.zeros_for_empty_negative),
+        );
         if aesthetic {
             index.insert("requires_aesthetics_score".into(), json!(true));
         }
@@ -127,15 +192,27 @@ fn write_json(path: &Path, v: &Value) -> Result<()> {
 
 /// The token string of the pad id, as the tokenizer files must name it.
 fn pad_name(vocab_json: &str, id: u32) -> Result<String> {
-    let vocab: BTreeMap<String, u64> = serde_json::from_str(vocab_json).map_err(|e| Error::Invalid(format!("tokenizer vocab.json: malformed: {e}")))?;
+    let vocab: BTreeMap<String, u64> = serde_json::from_str(vocab_json)
+        .map_err(|e| Error::Invalid(format!("tokenizer vocab.json: malformed: {e}")))?;
     vocab
         .into_iter()
         .find(|(_, v)| *v == u64::from(id))
         .map(|(k, _)| k)
-        .ok_or_else(|| Error::Invalid(format!("tokenizer vocab.json: no token has the pad id {id}")))
+        .ok_or_else(|| {
+            Error::Invalid(format!(
+                "tokenizer vocab.json: no token has the pad id {id}"
+            ))
+        })
 }
 
-fn write_component(cdir: &Path, config: &Value, weights: &str, plan: &[Entry], dtype: DType, read: &mut dyn FnMut(&str) -> Result<Vec<f32>>) -> Result<()> {
+fn write_component(
+    cdir: &Path,
+    config: &Value,
+    weights: &str,
+    plan: &[Entry],
+    dtype: DType,
+    read: &mut dyn FnMut(&str) -> Result<Vec<f32>>,
+) -> Result<()> {
     mkdir(cdir)?;
     write_json(&cdir.join("config.json"), config)?;
     write_weights(&cdir.join(weights), plan, dtype, read)
@@ -143,18 +220,31 @@ fn write_component(cdir: &Path, config: &Value, weights: &str, plan: &[Entry], d
 
 /// Streams one safetensors file. Its own temporary file is renamed into place only
 /// when complete, so an interrupted conversion never leaves a plausible-looking one.
-fn write_weights(path: &Path, plan: &[Entry], dtype: DType, read: &mut dyn FnMut(&str) -> Result<Vec<f32>>) -> Result<()> {
+fn write_weights(
+    path: &Path,
+    plan: &[Entry],
+    dtype: DType,
+    read: &mut dyn FnMut(&str) -> Result<Vec<f32>>,
+) -> Result<()> {
     let mut specs = Vec::new();
     let mut owner = Vec::new();
     for (ei, e) in plan.iter().enumerate() {
         let shape = e.part_shape();
         for (pi, d) in e.diffusers.iter().enumerate() {
-            specs.push(WriteSpec { name: d.clone(), shape: shape.clone(), dtype });
+            specs.push(WriteSpec {
+                name: d.clone(),
+                shape: shape.clone(),
+                dtype,
+            });
             owner.push((ei, pi));
         }
     }
     let parent = path.parent().unwrap_or(Path::new("."));
-    let mut tmp = tempfile::Builder::new().prefix(".sdrs-").suffix(".tmp").tempfile_in(parent).map_err(|e| Error::io(parent, e))?;
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".sdrs-")
+        .suffix(".tmp")
+        .tempfile_in(parent)
+        .map_err(|e| Error::io(parent, e))?;
     {
         let mut out = BufWriter::new(tmp.as_file_mut());
         // q, k and v of one OpenCLIP tensor are consecutive parts: read it once.
@@ -167,7 +257,13 @@ fn write_weights(path: &Path, plan: &[Entry], dtype: DType, read: &mut dyn FnMut
                 _ => {
                     let v = read(&e.canonical)?;
                     if v.len() != e.numel() {
-                        return Err(Error::Invalid(format!("tensor `{}`: got {} values, its shape {:?} needs {}", e.canonical, v.len(), e.shape, e.numel())));
+                        return Err(Error::Invalid(format!(
+                            "tensor `{}`: got {} values, its shape {:?} needs {}",
+                            e.canonical,
+                            v.len(),
+                            e.shape,
+                            e.numel()
+                        )));
                     }
                     to_diffusers_order(e, v)
                 }
@@ -207,9 +303,15 @@ fn to_diffusers_order(e: &Entry, v: Vec<f32>) -> Vec<f32> {
 fn encode(values: &[f32], dtype: DType, out: &mut Vec<u8>) {
     out.reserve(values.len() * 4);
     match dtype {
-        DType::F16 => values.iter().for_each(|&x| out.extend_from_slice(&half::f16::from_f32(x).to_le_bytes())),
-        DType::BF16 => values.iter().for_each(|&x| out.extend_from_slice(&half::bf16::from_f32(x).to_le_bytes())),
-        _ => values.iter().for_each(|&x| out.extend_from_slice(&x.to_le_bytes())),
+        DType::F16 => values
+            .iter()
+            .for_each(|&x| out.extend_from_slice(&half::f16::from_f32(x).to_le_bytes())),
+        DType::BF16 => values
+            .iter()
+            .for_each(|&x| out.extend_from_slice(&half::bf16::from_f32(x).to_le_bytes())),
+        _ => values
+            .iter()
+            .for_each(|&x| out.extend_from_slice(&x.to_le_bytes())),
     }
 }
 
@@ -244,7 +346,11 @@ pub(super) fn unet_json(cfg: &ModelConfig) -> std::result::Result<(Value, bool),
     let u: &UnetConfig = &cfg.unet;
     let levels = u.channel_mult.len();
     if u.down_blocks.len() != levels || u.up_blocks.len() != levels {
-        return Err(format!("the UNet has {levels} channel multipliers but {} down and {} up levels", u.down_blocks.len(), u.up_blocks.len()));
+        return Err(format!(
+            "the UNet has {levels} channel multipliers but {} down and {} up levels",
+            u.down_blocks.len(),
+            u.up_blocks.len()
+        ));
     }
     let with_attn = |side: &str, i: usize, d: &[usize]| -> std::result::Result<bool, String> {
         match (d.iter().any(|&x| x > 0), d.iter().all(|&x| x > 0)) {
@@ -252,12 +358,26 @@ pub(super) fn unet_json(cfg: &ModelConfig) -> std::result::Result<(Value, bool),
             (any, _) => Ok(any),
         }
     };
-    let down_attn = u.down_blocks.iter().enumerate().map(|(i, d)| with_attn("down", i, d)).collect::<std::result::Result<Vec<_>, _>>()?;
-    let up_attn = u.up_blocks.iter().enumerate().map(|(i, d)| with_attn("up", i, d)).collect::<std::result::Result<Vec<_>, _>>()?;
+    let down_attn = u
+        .down_blocks
+        .iter()
+        .enumerate()
+        .map(|(i, d)| with_attn("down", i, d))
+        .collect::<std::result::Result<Vec<_>, _>>()?;
+    let up_attn = u
+        .up_blocks
+        .iter()
+        .enumerate()
+        .map(|(i, d)| with_attn("up", i, d))
+        .collect::<std::result::Result<Vec<_>, _>>()?;
     let layers: Vec<usize> = u.down_blocks.iter().map(Vec::len).collect();
     for (j, up) in u.up_blocks.iter().enumerate() {
         if up.len() != layers[levels - 1 - j] + 1 {
-            return Err(format!("up level {j} has {} ResNets; diffusers needs one more than its down level's {}", up.len(), layers[levels - 1 - j]));
+            return Err(format!(
+                "up level {j} has {} ResNets; diffusers needs one more than its down level's {}",
+                up.len(),
+                layers[levels - 1 - j]
+            ));
         }
     }
     let mid = u.mid_depth.filter(|&d| d > 0);
@@ -276,11 +396,29 @@ pub(super) fn unet_json(cfg: &ModelConfig) -> std::result::Result<(Value, bool),
         }
     }
     let default_up_matches = tlpb.iter().all(|d| matches!(d, Depth::All(_)))
-        && (0..levels).all(|j| !up_attn[j] || u.up_blocks[j].iter().all(|&x| Some(x) == tlpb[levels - 1 - j].first()));
-    let reverse: Option<Vec<Depth>> =
-        (!default_up_matches).then(|| (0..levels).map(|j| if up_attn[j] { Depth::PerLayer(u.up_blocks[j].clone()) } else { Depth::PerLayer(vec![1; u.up_blocks[j].len()]) }).collect());
+        && (0..levels).all(|j| {
+            !up_attn[j]
+                || u.up_blocks[j]
+                    .iter()
+                    .all(|&x| Some(x) == tlpb[levels - 1 - j].first())
+        });
+    let reverse: Option<Vec<Depth>> = (!default_up_matches).then(|| {
+        (0..levels)
+            .map(|j| {
+                if up_attn[j] {
+                    Depth::PerLayer(u.up_blocks[j].clone())
+                } else {
+                    Depth::PerLayer(vec![1; u.up_blocks[j].len()])
+                }
+            })
+            .collect()
+    });
 
-    let channels: Vec<usize> = u.channel_mult.iter().map(|m| m * u.model_channels).collect();
+    let channels: Vec<usize> = u
+        .channel_mult
+        .iter()
+        .map(|m| m * u.model_channels)
+        .collect();
     let heads = match u.num_heads {
         Some(n) => json!(n),
         None => json!(channels.iter().map(|&c| u.heads_for(c)).collect::<Vec<_>>()),
@@ -294,7 +432,10 @@ pub(super) fn unet_json(cfg: &ModelConfig) -> std::result::Result<(Value, bool),
     if u.adm_in_channels.is_some() {
         let mut c = cfg.clone();
         c.infer_time_ids()?;
-        aesthetic = c.unet.time_ids.contains(&crate::config::TimeId::AestheticScore);
+        aesthetic = c
+            .unet
+            .time_ids
+            .contains(&crate::config::TimeId::AestheticScore);
         time_dim = json!(c.unet.time_id_dim);
     }
     let mut m = serde_json::Map::new();
@@ -304,7 +445,14 @@ pub(super) fn unet_json(cfg: &ModelConfig) -> std::result::Result<(Value, bool),
     set("_class_name", json!("UNet2DConditionModel"));
     set("_diffusers_version", json!(DIFFUSERS_VERSION));
     set("act_fn", json!("silu"));
-    set("addition_embed_type", if u.adm_in_channels.is_some() { json!("text_time") } else { Value::Null });
+    set(
+        "addition_embed_type",
+        if u.adm_in_channels.is_some() {
+            json!("text_time")
+        } else {
+            Value::Null
+        },
+    );
     set("addition_embed_type_num_heads", json!(64));
     set("addition_time_embed_dim", time_dim);
     set("attention_head_dim", heads);
@@ -314,13 +462,30 @@ pub(super) fn unet_json(cfg: &ModelConfig) -> std::result::Result<(Value, bool),
     set("conv_in_kernel", json!(3));
     set("conv_out_kernel", json!(3));
     set("cross_attention_dim", json!(u.context_dim));
-    set("down_block_types", json!(down_attn.iter().map(|&a| if a { "CrossAttnDownBlock2D" } else { "DownBlock2D" }).collect::<Vec<_>>()));
+    set(
+        "down_block_types",
+        json!(down_attn
+            .iter()
+            .map(|&a| if a {
+                "CrossAttnDownBlock2D"
+            } else {
+                "DownBlock2D"
+            })
+            .collect::<Vec<_>>()),
+    );
     set("downsample_padding", json!(1));
     set("dual_cross_attention", json!(false));
     set("flip_sin_to_cos", json!(true));
     set("freq_shift", json!(0));
     set("in_channels", json!(u.in_channels));
-    set("layers_per_block", if layers.iter().all(|&n| n == layers[0]) { json!(layers[0]) } else { json!(layers) });
+    set(
+        "layers_per_block",
+        if layers.iter().all(|&n| n == layers[0]) {
+            json!(layers[0])
+        } else {
+            json!(layers)
+        },
+    );
     set("mid_block_scale_factor", json!(1));
     set("mid_block_type", mid_type);
     set("norm_eps", json!(1e-5));
@@ -328,15 +493,30 @@ pub(super) fn unet_json(cfg: &ModelConfig) -> std::result::Result<(Value, bool),
     set("num_class_embeds", Value::Null);
     set("only_cross_attention", json!(false));
     set("out_channels", json!(u.out_channels));
-    set("projection_class_embeddings_input_dim", json!(u.adm_in_channels));
+    set(
+        "projection_class_embeddings_input_dim",
+        json!(u.adm_in_channels),
+    );
     set("resnet_time_scale_shift", json!("default"));
-    set("sample_size", json!(sample_pixels(cfg) / cfg.vae.downscale()));
+    set(
+        "sample_size",
+        json!(sample_pixels(cfg) / cfg.vae.downscale()),
+    );
     set("time_cond_proj_dim", json!(u.time_cond_proj_dim));
     set("transformer_layers_per_block", compact(&tlpb));
     if let Some(r) = reverse {
-        set("reverse_transformer_layers_per_block", Value::Array(r.iter().map(Depth::to_json).collect()));
+        set(
+            "reverse_transformer_layers_per_block",
+            Value::Array(r.iter().map(Depth::to_json).collect()),
+        );
     }
-    set("up_block_types", json!(up_attn.iter().map(|&a| if a { "CrossAttnUpBlock2D" } else { "UpBlock2D" }).collect::<Vec<_>>()));
+    set(
+        "up_block_types",
+        json!(up_attn
+            .iter()
+            .map(|&a| if a { "CrossAttnUpBlock2D" } else { "UpBlock2D" })
+            .collect::<Vec<_>>()),
+    );
     set("upcast_attention", json!(false));
     set("use_linear_projection", json!(u.linear_proj));
     Ok((Value::Object(m), aesthetic))

@@ -2,7 +2,10 @@
 //! `docs/gguf.md` documents every key.
 use std::collections::HashMap;
 
-use crate::config::{Activation, Defaults, ModelConfig, Prediction, TextEncoderConfig, TextEncoderKind, TimeId, UnetConfig, VaeConfig};
+use crate::config::{
+    Activation, Defaults, ModelConfig, Prediction, TextEncoderConfig, TextEncoderKind, TimeId,
+    UnetConfig, VaeConfig,
+};
 use crate::error::{Error, Result};
 use crate::formats::gguf::{GgufFile, Value};
 use crate::vocab::ClipVocab;
@@ -21,50 +24,153 @@ fn put(kv: &mut Kv, k: impl Into<String>, v: Value) {
 }
 
 fn flatten(blocks: &[Vec<usize>]) -> (Value, Value) {
-    (Value::u32_array(blocks.iter().map(Vec::len)), Value::u32_array(blocks.iter().flatten().copied()))
+    (
+        Value::u32_array(blocks.iter().map(Vec::len)),
+        Value::u32_array(blocks.iter().flatten().copied()),
+    )
 }
 
 /// Architecture config → metadata.
 pub fn config_kv(cfg: &ModelConfig) -> Kv {
     let mut kv = Kv::new();
-    put(&mut kv, "general.architecture", Value::String(ARCHITECTURE.into()));
+    put(
+        &mut kv,
+        "general.architecture",
+        Value::String(ARCHITECTURE.into()),
+    );
     put(&mut kv, "sd.family", Value::String(cfg.family.clone()));
-    put(&mut kv, "sd.prediction", Value::String(cfg.prediction.as_str().into()));
-    put(&mut kv, "sd.zero_terminal_snr", Value::Bool(cfg.zero_terminal_snr));
-    put(&mut kv, "sd.zeros_for_empty_negative", Value::Bool(cfg.zeros_for_empty_negative));
+    put(
+        &mut kv,
+        "sd.prediction",
+        Value::String(cfg.prediction.as_str().into()),
+    );
+    put(
+        &mut kv,
+        "sd.zero_terminal_snr",
+        Value::Bool(cfg.zero_terminal_snr),
+    );
+    put(
+        &mut kv,
+        "sd.zeros_for_empty_negative",
+        Value::Bool(cfg.zeros_for_empty_negative),
+    );
     let u = &cfg.unet;
     let p = "sd.unet.";
-    put(&mut kv, format!("{p}in_channels"), Value::U32(u.in_channels as u32));
-    put(&mut kv, format!("{p}out_channels"), Value::U32(u.out_channels as u32));
-    put(&mut kv, format!("{p}model_channels"), Value::U32(u.model_channels as u32));
-    put(&mut kv, format!("{p}channel_mult"), Value::u32_array(u.channel_mult.iter().copied()));
+    put(
+        &mut kv,
+        format!("{p}in_channels"),
+        Value::U32(u.in_channels as u32),
+    );
+    put(
+        &mut kv,
+        format!("{p}out_channels"),
+        Value::U32(u.out_channels as u32),
+    );
+    put(
+        &mut kv,
+        format!("{p}model_channels"),
+        Value::U32(u.model_channels as u32),
+    );
+    put(
+        &mut kv,
+        format!("{p}channel_mult"),
+        Value::u32_array(u.channel_mult.iter().copied()),
+    );
     let (c, d) = flatten(&u.down_blocks);
     put(&mut kv, format!("{p}down_blocks.resnets"), c);
     put(&mut kv, format!("{p}down_blocks.depths"), d);
     let (c, d) = flatten(&u.up_blocks);
     put(&mut kv, format!("{p}up_blocks.resnets"), c);
     put(&mut kv, format!("{p}up_blocks.depths"), d);
-    put(&mut kv, format!("{p}mid_depth"), Value::I32(u.mid_depth.map_or(-1, |d| d as i32)));
-    put(&mut kv, format!("{p}num_heads"), Value::U32(u.num_heads.unwrap_or(0) as u32));
-    put(&mut kv, format!("{p}head_dim"), Value::U32(u.head_dim.unwrap_or(0) as u32));
-    put(&mut kv, format!("{p}context_dim"), Value::U32(u.context_dim as u32));
-    put(&mut kv, format!("{p}linear_proj"), Value::Bool(u.linear_proj));
-    put(&mut kv, format!("{p}adm_in_channels"), Value::U32(u.adm_in_channels.unwrap_or(0) as u32));
-    put(&mut kv, format!("{p}time_cond_proj_dim"), Value::U32(u.time_cond_proj_dim.unwrap_or(0) as u32));
+    put(
+        &mut kv,
+        format!("{p}mid_depth"),
+        Value::I32(u.mid_depth.map_or(-1, |d| d as i32)),
+    );
+    put(
+        &mut kv,
+        format!("{p}num_heads"),
+        Value::U32(u.num_heads.unwrap_or(0) as u32),
+    );
+    put(
+        &mut kv,
+        format!("{p}head_dim"),
+        Value::U32(u.head_dim.unwrap_or(0) as u32),
+    );
+    put(
+        &mut kv,
+        format!("{p}context_dim"),
+        Value::U32(u.context_dim as u32),
+    );
+    put(
+        &mut kv,
+        format!("{p}linear_proj"),
+        Value::Bool(u.linear_proj),
+    );
+    put(
+        &mut kv,
+        format!("{p}adm_in_channels"),
+        Value::U32(u.adm_in_channels.unwrap_or(0) as u32),
+    );
+    put(
+        &mut kv,
+        format!("{p}time_cond_proj_dim"),
+        Value::U32(u.time_cond_proj_dim.unwrap_or(0) as u32),
+    );
     if !u.time_ids.is_empty() {
-        put(&mut kv, format!("{p}time_ids"), Value::string_array(u.time_ids.iter().map(|t| t.as_str().to_string())));
-        put(&mut kv, format!("{p}time_id_dim"), Value::U32(u.time_id_dim as u32));
+        put(
+            &mut kv,
+            format!("{p}time_ids"),
+            Value::string_array(u.time_ids.iter().map(|t| t.as_str().to_string())),
+        );
+        put(
+            &mut kv,
+            format!("{p}time_id_dim"),
+            Value::U32(u.time_id_dim as u32),
+        );
     }
     let v = &cfg.vae;
     let p = "sd.vae.";
-    put(&mut kv, format!("{p}in_channels"), Value::U32(v.in_channels as u32));
-    put(&mut kv, format!("{p}latent_channels"), Value::U32(v.latent_channels as u32));
-    put(&mut kv, format!("{p}base_channels"), Value::U32(v.base_channels as u32));
-    put(&mut kv, format!("{p}channel_mult"), Value::u32_array(v.channel_mult.iter().copied()));
-    put(&mut kv, format!("{p}num_res_blocks"), Value::U32(v.num_res_blocks as u32));
-    put(&mut kv, format!("{p}scaling_factor"), Value::F32(v.scaling_factor));
-    put(&mut kv, format!("{p}shift_factor"), Value::F32(v.shift_factor));
-    put(&mut kv, "sd.text_encoder.count", Value::U32(cfg.text_encoders.len() as u32));
+    put(
+        &mut kv,
+        format!("{p}in_channels"),
+        Value::U32(v.in_channels as u32),
+    );
+    put(
+        &mut kv,
+        format!("{p}latent_channels"),
+        Value::U32(v.latent_channels as u32),
+    );
+    put(
+        &mut kv,
+        format!("{p}base_channels"),
+        Value::U32(v.base_channels as u32),
+    );
+    put(
+        &mut kv,
+        format!("{p}channel_mult"),
+        Value::u32_array(v.channel_mult.iter().copied()),
+    );
+    put(
+        &mut kv,
+        format!("{p}num_res_blocks"),
+        Value::U32(v.num_res_blocks as u32),
+    );
+    put(
+        &mut kv,
+        format!("{p}scaling_factor"),
+        Value::F32(v.scaling_factor),
+    );
+    put(
+        &mut kv,
+        format!("{p}shift_factor"),
+        Value::F32(v.shift_factor),
+    );
+    put(
+        &mut kv,
+        "sd.text_encoder.count",
+        Value::U32(cfg.text_encoders.len() as u32),
+    );
     for (i, t) in cfg.text_encoders.iter().enumerate() {
         let p = format!("sd.text_encoder.{i}.");
         let kind = match t.kind {
@@ -72,16 +178,56 @@ pub fn config_kv(cfg: &ModelConfig) -> Kv {
             TextEncoderKind::OpenClip => "open_clip",
         };
         put(&mut kv, format!("{p}kind"), Value::String(kind.into()));
-        put(&mut kv, format!("{p}prefix"), Value::String(t.prefix.clone()));
-        put(&mut kv, format!("{p}vocab_size"), Value::U32(t.vocab_size as u32));
-        put(&mut kv, format!("{p}max_positions"), Value::U32(t.max_positions as u32));
-        put(&mut kv, format!("{p}hidden_size"), Value::U32(t.hidden_size as u32));
-        put(&mut kv, format!("{p}num_layers"), Value::U32(t.num_layers as u32));
-        put(&mut kv, format!("{p}num_heads"), Value::U32(t.num_heads as u32));
-        put(&mut kv, format!("{p}intermediate_size"), Value::U32(t.intermediate_size as u32));
-        put(&mut kv, format!("{p}activation"), Value::String(t.activation.as_str().into()));
-        put(&mut kv, format!("{p}projection_dim"), Value::U32(t.projection_dim.unwrap_or(0) as u32));
-        put(&mut kv, format!("{p}skip_layers"), Value::U32(t.skip_layers as u32));
+        put(
+            &mut kv,
+            format!("{p}prefix"),
+            Value::String(t.prefix.clone()),
+        );
+        put(
+            &mut kv,
+            format!("{p}vocab_size"),
+            Value::U32(t.vocab_size as u32),
+        );
+        put(
+            &mut kv,
+            format!("{p}max_positions"),
+            Value::U32(t.max_positions as u32),
+        );
+        put(
+            &mut kv,
+            format!("{p}hidden_size"),
+            Value::U32(t.hidden_size as u32),
+        );
+        put(
+            &mut kv,
+            format!("{p}num_layers"),
+            Value::U32(t.num_layers as u32),
+        );
+        put(
+            &mut kv,
+            format!("{p}num_heads"),
+            Value::U32(t.num_heads as u32),
+        );
+        put(
+            &mut kv,
+            format!("{p}intermediate_size"),
+            Value::U32(t.intermediate_size as u32),
+        );
+        put(
+            &mut kv,
+            format!("{p}activation"),
+            Value::String(t.activation.as_str().into()),
+        );
+        put(
+            &mut kv,
+            format!("{p}projection_dim"),
+            Value::U32(t.projection_dim.unwrap_or(0) as u32),
+        );
+        put(
+            &mut kv,
+            format!("{p}skip_layers"),
+            Value::U32(t.skip_layers as u32),
+        );
         put(&mut kv, format!("{p}final_norm"), Value::Bool(t.final_norm));
         put(&mut kv, format!("{p}pad_token"), Value::U32(t.pad_token));
     }
@@ -92,17 +238,38 @@ pub fn config_kv(cfg: &ModelConfig) -> Kv {
 pub fn tokenizer_kv(v: &ClipVocab) -> Kv {
     vec![
         ("tokenizer.ggml.model".into(), Value::String("clip".into())),
-        ("tokenizer.ggml.tokens".into(), Value::string_array(v.tokens.iter().cloned())),
-        ("tokenizer.ggml.merges".into(), Value::string_array(v.merges.iter().cloned())),
-        ("tokenizer.ggml.bos_token_id".into(), Value::U32((v.tokens.len() - 2) as u32)),
-        ("tokenizer.ggml.eos_token_id".into(), Value::U32((v.tokens.len() - 1) as u32)),
+        (
+            "tokenizer.ggml.tokens".into(),
+            Value::string_array(v.tokens.iter().cloned()),
+        ),
+        (
+            "tokenizer.ggml.merges".into(),
+            Value::string_array(v.merges.iter().cloned()),
+        ),
+        (
+            "tokenizer.ggml.bos_token_id".into(),
+            Value::U32((v.tokens.len() - 2) as u32),
+        ),
+        (
+            "tokenizer.ggml.eos_token_id".into(),
+            Value::U32((v.tokens.len() - 1) as u32),
+        ),
     ]
 }
 
 /// Reads the tokenizer back, if the file has one.
 pub fn read_tokenizer(g: &GgufFile) -> Option<ClipVocab> {
-    let strings = |k: &str| -> Option<Vec<String>> { g.get(k)?.as_array()?.iter().map(|v| v.as_str().map(str::to_string)).collect() };
-    Some(ClipVocab { tokens: strings("tokenizer.ggml.tokens")?, merges: strings("tokenizer.ggml.merges")? })
+    let strings = |k: &str| -> Option<Vec<String>> {
+        g.get(k)?
+            .as_array()?
+            .iter()
+            .map(|v| v.as_str().map(str::to_string))
+            .collect()
+    };
+    Some(ClipVocab {
+        tokens: strings("tokenizer.ggml.tokens")?,
+        merges: strings("tokenizer.ggml.merges")?,
+    })
 }
 
 pub fn reshaped_kv(list: &[(String, Vec<usize>)]) -> Kv {
@@ -111,17 +278,26 @@ pub fn reshaped_kv(list: &[(String, Vec<usize>)]) -> Kv {
     }
     let shapes = list.iter().flat_map(|(_, s)| s.iter().copied());
     vec![
-        (RESHAPED_NAMES.into(), Value::string_array(list.iter().map(|(n, _)| n.clone()))),
+        (
+            RESHAPED_NAMES.into(),
+            Value::string_array(list.iter().map(|(n, _)| n.clone())),
+        ),
         (RESHAPED_SHAPES.into(), Value::u32_array(shapes)),
     ]
 }
 
 /// Original shapes of reshaped tensors (empty for files without the table).
 pub fn original_shapes(g: &GgufFile) -> HashMap<String, Vec<usize>> {
-    let (Some(names), Some(shapes)) = (g.get(RESHAPED_NAMES).and_then(Value::as_array), g.get(RESHAPED_SHAPES).and_then(Value::as_array)) else {
+    let (Some(names), Some(shapes)) = (
+        g.get(RESHAPED_NAMES).and_then(Value::as_array),
+        g.get(RESHAPED_SHAPES).and_then(Value::as_array),
+    ) else {
         return HashMap::new();
     };
-    let dims: Vec<usize> = shapes.iter().filter_map(|v| v.as_u64().map(|x| x as usize)).collect();
+    let dims: Vec<usize> = shapes
+        .iter()
+        .filter_map(|v| v.as_u64().map(|x| x as usize))
+        .collect();
     names
         .iter()
         .zip(dims.chunks_exact(4))
@@ -141,24 +317,39 @@ impl Reader<'_> {
         self.g.get(key).ok_or_else(|| self.err(key, "missing"))
     }
     fn usize(&self, key: &str) -> Result<usize> {
-        self.get(key)?.as_u64().map(|v| v as usize).ok_or_else(|| self.err(key, "not an unsigned integer"))
+        self.get(key)?
+            .as_u64()
+            .map(|v| v as usize)
+            .ok_or_else(|| self.err(key, "not an unsigned integer"))
     }
     fn opt(&self, key: &str) -> Result<Option<usize>> {
         Ok(Some(self.usize(key)?).filter(|&v| v > 0))
     }
     fn f32(&self, key: &str) -> Result<f32> {
-        self.get(key)?.as_f64().map(|v| v as f32).ok_or_else(|| self.err(key, "not a number"))
+        self.get(key)?
+            .as_f64()
+            .map(|v| v as f32)
+            .ok_or_else(|| self.err(key, "not a number"))
     }
     fn bool(&self, key: &str) -> Result<bool> {
-        self.get(key)?.as_bool().ok_or_else(|| self.err(key, "not a bool"))
+        self.get(key)?
+            .as_bool()
+            .ok_or_else(|| self.err(key, "not a bool"))
     }
     fn str(&self, key: &str) -> Result<String> {
-        self.get(key)?.as_str().map(str::to_string).ok_or_else(|| self.err(key, "not a string"))
+        self.get(key)?
+            .as_str()
+            .map(str::to_string)
+            .ok_or_else(|| self.err(key, "not a string"))
     }
     fn list(&self, key: &str) -> Result<Vec<usize>> {
         self.get(key)?
             .as_array()
-            .and_then(|a| a.iter().map(|v| v.as_u64().map(|x| x as usize)).collect::<Option<Vec<_>>>())
+            .and_then(|a| {
+                a.iter()
+                    .map(|v| v.as_u64().map(|x| x as usize))
+                    .collect::<Option<Vec<_>>>()
+            })
             .ok_or_else(|| self.err(key, "not an integer array"))
     }
     fn blocks(&self, key: &str) -> Result<Vec<Vec<usize>>> {
@@ -168,7 +359,10 @@ impl Reader<'_> {
             return Err(self.err(key, "inconsistent (resnet counts do not match depths)"));
         }
         let mut it = depths.into_iter();
-        Ok(counts.into_iter().map(|c| it.by_ref().take(c).collect()).collect())
+        Ok(counts
+            .into_iter()
+            .map(|c| it.by_ref().take(c).collect())
+            .collect())
     }
 }
 
@@ -200,7 +394,12 @@ pub fn defaults_kv(d: &Defaults) -> Kv {
 /// wrong type are ignored: defaults are advice, never a reason to refuse a model.
 pub fn read_defaults(g: &GgufFile) -> Defaults {
     let get = |k: &str| g.get(&format!("{DEFAULTS}{k}"));
-    let num = |k: &str| get(k).and_then(Value::as_u64).and_then(|v| usize::try_from(v).ok()).filter(|&v| v > 0 && v <= 1 << 20);
+    let num = |k: &str| {
+        get(k)
+            .and_then(Value::as_u64)
+            .and_then(|v| usize::try_from(v).ok())
+            .filter(|&v| v > 0 && v <= 1 << 20)
+    };
     let text = |k: &str| get(k).and_then(Value::as_str).map(str::to_string);
     Defaults {
         width: num("width"),
@@ -208,7 +407,10 @@ pub fn read_defaults(g: &GgufFile) -> Defaults {
         sampler: text("sampler"),
         scheduler: text("scheduler"),
         steps: num("steps"),
-        cfg_scale: get("cfg_scale").and_then(Value::as_f64).map(|v| v as f32).filter(|v| v.is_finite() && *v >= 0.0),
+        cfg_scale: get("cfg_scale")
+            .and_then(Value::as_f64)
+            .map(|v| v as f32)
+            .filter(|v| v.is_finite() && *v >= 0.0),
     }
 }
 
@@ -217,13 +419,21 @@ pub fn read_defaults(g: &GgufFile) -> Defaults {
 pub fn read_config(g: &GgufFile) -> Result<Option<ModelConfig>> {
     match g.get("general.architecture").and_then(Value::as_str) {
         Some(ARCHITECTURE) => {}
-        Some(other) => return Err(Error::arch(&g.path, format!("general.architecture is `{other}`, not `{ARCHITECTURE}`"))),
+        Some(other) => {
+            return Err(Error::arch(
+                &g.path,
+                format!("general.architecture is `{other}`, not `{ARCHITECTURE}`"),
+            ))
+        }
         None => return Ok(None),
     }
     let r = Reader { g };
     let pred = r.str("sd.prediction")?;
     let p = "sd.unet.";
-    let mid = r.get(&format!("{p}mid_depth"))?.as_i64().ok_or_else(|| r.err("sd.unet.mid_depth", "not an integer"))?;
+    let mid = r
+        .get(&format!("{p}mid_depth"))?
+        .as_i64()
+        .ok_or_else(|| r.err("sd.unet.mid_depth", "not an integer"))?;
     let unet = UnetConfig {
         in_channels: r.usize(&format!("{p}in_channels"))?,
         out_channels: r.usize(&format!("{p}out_channels"))?,
@@ -282,7 +492,8 @@ pub fn read_config(g: &GgufFile) -> Result<Option<ModelConfig>> {
             num_layers: r.usize(&format!("{p}num_layers"))?,
             num_heads: r.usize(&format!("{p}num_heads"))?,
             intermediate_size: r.usize(&format!("{p}intermediate_size"))?,
-            activation: Activation::parse(&act).ok_or_else(|| r.err(&format!("{p}activation"), "unknown"))?,
+            activation: Activation::parse(&act)
+                .ok_or_else(|| r.err(&format!("{p}activation"), "unknown"))?,
             projection_dim: r.opt(&format!("{p}projection_dim"))?,
             skip_layers: r.usize(&format!("{p}skip_layers"))?,
             final_norm: r.bool(&format!("{p}final_norm"))?,
@@ -306,9 +517,11 @@ pub fn read_config(g: &GgufFile) -> Result<Option<ModelConfig>> {
         vae,
         text_encoders,
     };
-    cfg.check_sizes().map_err(|e| Error::format(&g.path, format!("metadata: {e}")))?;
+    cfg.check_sizes()
+        .map_err(|e| Error::format(&g.path, format!("metadata: {e}")))?;
     cfg.infer_time_ids().map_err(|e| Error::arch(&g.path, e))?;
-    cfg.check_label_width().map_err(|e| r.err("sd.unet.time_ids", &format!("inconsistent: {e}")))?;
+    cfg.check_label_width()
+        .map_err(|e| r.err("sd.unet.time_ids", &format!("inconsistent: {e}")))?;
     Ok(Some(cfg))
 }
 
@@ -336,27 +549,42 @@ mod tests {
     #[test]
     fn metadata_counting_beyond_any_model_is_refused_naming_the_file() {
         let good = ModelConfig::sd1().shrink();
-        assert_eq!(read_back(&config_kv(&good)).expect("the shrunk preset reads back"), Some(good.clone()));
+        assert_eq!(
+            read_back(&config_kv(&good)).expect("the shrunk preset reads back"),
+            Some(good.clone())
+        );
 
         let mut deep = good.clone();
         deep.unet.down_blocks[1] = vec![u32::MAX as usize; 2];
         let m = refusal(&config_kv(&deep));
-        assert!(m.contains("m.gguf") && m.contains("transformer depth is 4294967295"), "{m}");
+        assert!(
+            m.contains("m.gguf") && m.contains("transformer depth is 4294967295"),
+            "{m}"
+        );
 
         let mut long = good.clone();
         long.text_encoders[0].num_layers = u32::MAX as usize;
         let m = refusal(&config_kv(&long));
-        assert!(m.contains("m.gguf") && m.contains("layer count is 4294967295"), "{m}");
+        assert!(
+            m.contains("m.gguf") && m.contains("layer count is 4294967295"),
+            "{m}"
+        );
 
         // ResNet counts whose sum wraps around to the number of depths listed.
         let mut kv = config_kv(&good);
         let depths = good.unet.down_blocks.iter().map(Vec::len).sum::<usize>() as u64;
         for (k, v) in kv.iter_mut() {
             if k == "sd.unet.down_blocks.resnets" {
-                *v = Value::Array(crate::formats::gguf::ty::U64, vec![Value::U64(u64::MAX), Value::U64(depths + 1)]);
+                *v = Value::Array(
+                    crate::formats::gguf::ty::U64,
+                    vec![Value::U64(u64::MAX), Value::U64(depths + 1)],
+                );
             }
         }
         let m = refusal(&kv);
-        assert!(m.contains("m.gguf") && m.contains("resnet counts do not match depths"), "{m}");
+        assert!(
+            m.contains("m.gguf") && m.contains("resnet counts do not match depths"),
+            "{m}"
+        );
     }
 }

@@ -35,16 +35,35 @@ pub fn open_checkpoint(path: &Path) -> Result<Checkpoint> {
         .iter()
         .map(|t| SourceTensor {
             name: t.name.clone(),
-            shape: shapes.get(&t.name).cloned().unwrap_or_else(|| t.torch_shape()),
+            shape: shapes
+                .get(&t.name)
+                .cloned()
+                .unwrap_or_else(|| t.torch_shape()),
             dtype: DType::Ggml(t.ty),
-            data: TensorData::Raw { file: Arc::clone(&file), offset: g.data_offset + t.offset },
+            data: TensorData::Raw {
+                file: Arc::clone(&file),
+                offset: g.data_offset + t.offset,
+            },
         })
         .collect();
     let metadata: BTreeMap<String, String> = g
         .metadata
         .iter()
         .filter(|(_, v)| !matches!(v, Value::Array(..)))
-        .map(|(k, v)| (k.clone(), v.as_str().map(str::to_string).unwrap_or_else(|| v.to_string())))
+        .map(|(k, v)| {
+            (
+                k.clone(),
+                v.as_str()
+                    .map(str::to_string)
+                    .unwrap_or_else(|| v.to_string()),
+            )
+        })
         .collect();
-    Ok(Checkpoint { path: path.to_path_buf(), format: SourceFormat::Gguf, tensors, metadata, tokenizer: None })
+    Ok(Checkpoint {
+        path: path.to_path_buf(),
+        format: SourceFormat::Gguf,
+        tensors,
+        metadata,
+        tokenizer: None,
+    })
 }

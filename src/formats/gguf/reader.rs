@@ -59,7 +59,10 @@ impl std::ops::Deref for Bytes {
 
 impl std::fmt::Debug for GgufFile {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("GgufFile").field("path", &self.path).field("tensors", &self.tensors.len()).finish()
+        f.debug_struct("GgufFile")
+            .field("path", &self.path)
+            .field("tensors", &self.tensors.len())
+            .finish()
     }
 }
 
@@ -78,9 +81,21 @@ impl GgufFile {
     }
 
     fn parse(path: &Path, map: Bytes) -> Result<GgufFile> {
-        let mut p = Parser { buf: &map, pos: 0, path };
+        let mut p = Parser {
+            buf: &map,
+            pos: 0,
+            path,
+        };
         let (version, metadata, tensors, data_offset, alignment) = p.parse()?;
-        let file = GgufFile { path: path.to_path_buf(), version, alignment, metadata, tensors, data_offset, map };
+        let file = GgufFile {
+            path: path.to_path_buf(),
+            version,
+            alignment,
+            metadata,
+            tensors,
+            data_offset,
+            map,
+        };
         file.check_intact()?;
         Ok(file)
     }
@@ -107,13 +122,20 @@ impl GgufFile {
     /// read again. Nothing to do for a model built into the binary.
     pub fn release(&self, which: impl Fn(&str) -> bool) {
         let Bytes::Map(map) = &self.map else { return };
-        let mut ranges: Vec<(u64, u64)> = self.tensors.iter().filter(|t| which(&t.name)).map(|t| (self.data_offset + t.offset, t.nbytes)).collect();
+        let mut ranges: Vec<(u64, u64)> = self
+            .tensors
+            .iter()
+            .filter(|t| which(&t.name))
+            .map(|t| (self.data_offset + t.offset, t.nbytes))
+            .collect();
         ranges.sort_unstable();
         // Neighbouring tensors (separated by alignment padding only) merge into one call.
         let mut merged: Vec<(u64, u64)> = Vec::new();
         for (start, len) in ranges {
             match merged.last_mut() {
-                Some((s, l)) if start <= *s + *l + self.alignment => *l = (start + len).max(*s + *l) - *s,
+                Some((s, l)) if start <= *s + *l + self.alignment => {
+                    *l = (start + len).max(*s + *l) - *s
+                }
                 _ => merged.push((start, len)),
             }
         }
@@ -125,7 +147,11 @@ impl GgufFile {
     /// [`GgufFile::release`] for one tensor.
     pub fn release_tensor(&self, t: &TensorInfo) {
         if let Bytes::Map(map) = &self.map {
-            ggml::release_pages(map, (self.data_offset + t.offset) as usize, t.nbytes as usize);
+            ggml::release_pages(
+                map,
+                (self.data_offset + t.offset) as usize,
+                t.nbytes as usize,
+            );
         }
     }
 
@@ -161,11 +187,22 @@ const MAX_STRING: u64 = 1 << 30;
 
 impl<'a> Parser<'a> {
     fn err(&self, msg: impl std::fmt::Display) -> Error {
-        Error::format(self.path, format!("invalid GGUF at byte {}: {msg}", self.pos))
+        Error::format(
+            self.path,
+            format!("invalid GGUF at byte {}: {msg}", self.pos),
+        )
     }
     fn take(&mut self, n: u64) -> Result<&'a [u8]> {
         let n_us = usize::try_from(n).map_err(|_| self.err("length overflows"))?;
-        let end = self.pos.checked_add(n_us).filter(|&e| e <= self.buf.len()).ok_or_else(|| self.err(format!("needs {n} more bytes but the file ends (truncated?)")))?;
+        let end = self
+            .pos
+            .checked_add(n_us)
+            .filter(|&e| e <= self.buf.len())
+            .ok_or_else(|| {
+                self.err(format!(
+                    "needs {n} more bytes but the file ends (truncated?)"
+                ))
+            })?;
         let s = &self.buf[self.pos..end];
         self.pos = end;
         Ok(s)
@@ -225,7 +262,10 @@ impl<'a> Parser<'a> {
                 let n = self.u64()?;
                 // Every element takes at least one byte: refuse counts the file cannot hold.
                 if n > self.remaining() {
-                    return Err(self.err(format!("array of {n} elements in {} remaining bytes", self.remaining())));
+                    return Err(self.err(format!(
+                        "array of {n} elements in {} remaining bytes",
+                        self.remaining()
+                    )));
                 }
                 let mut v = Vec::with_capacity(n as usize);
                 for _ in 0..n {
@@ -244,16 +284,27 @@ impl<'a> Parser<'a> {
         }
         let version = self.u32()?;
         if !(2..=3).contains(&version) {
-            return Err(self.err(format!("unsupported GGUF version {version} (2 and 3 are supported)")));
+            return Err(self.err(format!(
+                "unsupported GGUF version {version} (2 and 3 are supported)"
+            )));
         }
         let n_tensors = self.u64()?;
         let n_kv = self.u64()?;
         let room = self.remaining();
         if n_kv.checked_mul(MIN_KV_BYTES).is_none_or(|b| b > room) {
-            return Err(self.err(format!("{n_kv} metadata entries cannot fit in a {}-byte file", self.buf.len())));
+            return Err(self.err(format!(
+                "{n_kv} metadata entries cannot fit in a {}-byte file",
+                self.buf.len()
+            )));
         }
-        if n_tensors.checked_mul(MIN_TENSOR_INFO_BYTES).is_none_or(|b| b > room) {
-            return Err(self.err(format!("{n_tensors} tensors cannot fit in a {}-byte file", self.buf.len())));
+        if n_tensors
+            .checked_mul(MIN_TENSOR_INFO_BYTES)
+            .is_none_or(|b| b > room)
+        {
+            return Err(self.err(format!(
+                "{n_tensors} tensors cannot fit in a {}-byte file",
+                self.buf.len()
+            )));
         }
         let mut metadata = Vec::with_capacity(n_kv as usize);
         // A set, not a scan of the list: a file of many tiny entries would otherwise
@@ -280,7 +331,11 @@ impl<'a> Parser<'a> {
         for _ in 0..n_tensors {
             let name = self.string()?;
             if name.len() >= ggml::max_name_len() {
-                return Err(self.err(format!("tensor name `{name}` is {} bytes; ggml holds at most {}", name.len(), ggml::max_name_len() - 1)));
+                return Err(self.err(format!(
+                    "tensor name `{name}` is {} bytes; ggml holds at most {}",
+                    name.len(),
+                    ggml::max_name_len() - 1
+                )));
             }
             let nd = self.u32()?;
             if nd == 0 || nd as usize > MAX_DIMS {
@@ -291,25 +346,47 @@ impl<'a> Parser<'a> {
                 ne.push(self.u64()?);
             }
             let tid = self.u32()?;
-            let ty = Type::from_id(tid).ok_or_else(|| self.err(format!("tensor `{name}` has unknown ggml type {tid}")))?;
+            let ty = Type::from_id(tid)
+                .ok_or_else(|| self.err(format!("tensor `{name}` has unknown ggml type {tid}")))?;
             let offset = self.u64()?;
-            let numel = ne.iter().try_fold(1u64, |a, &d| a.checked_mul(d)).filter(|&n| n < 1 << 50).ok_or_else(|| self.err(format!("tensor `{name}` has absurd shape {ne:?}")))?;
+            let numel = ne
+                .iter()
+                .try_fold(1u64, |a, &d| a.checked_mul(d))
+                .filter(|&n| n < 1 << 50)
+                .ok_or_else(|| self.err(format!("tensor `{name}` has absurd shape {ne:?}")))?;
             if ne[0] % ty.block_size() as u64 != 0 {
-                return Err(self.err(format!("tensor `{name}`: row of {} is not whole {} blocks", ne[0], ty.name())));
+                return Err(self.err(format!(
+                    "tensor `{name}`: row of {} is not whole {} blocks",
+                    ne[0],
+                    ty.name()
+                )));
             }
-            let nbytes = ty.bytes_for(numel).ok_or_else(|| self.err(format!("tensor `{name}` size overflows")))?;
+            let nbytes = ty
+                .bytes_for(numel)
+                .ok_or_else(|| self.err(format!("tensor `{name}` size overflows")))?;
             if offset % alignment != 0 {
-                return Err(self.err(format!("tensor `{name}` offset {offset} is not aligned to {alignment}")));
+                return Err(self.err(format!(
+                    "tensor `{name}` offset {offset} is not aligned to {alignment}"
+                )));
             }
             if !names.insert(name.clone()) {
                 return Err(self.err(format!("duplicate tensor `{name}`")));
             }
-            tensors.push(TensorInfo { name, ne, ty, offset, nbytes });
+            tensors.push(TensorInfo {
+                name,
+                ne,
+                ty,
+                offset,
+                nbytes,
+            });
         }
         let data_offset = (self.pos as u64).div_ceil(alignment) * alignment;
         let data_len = (self.buf.len() as u64).saturating_sub(data_offset);
         for t in &tensors {
-            if t.offset.checked_add(t.nbytes).is_none_or(|end| end > data_len) {
+            if t.offset
+                .checked_add(t.nbytes)
+                .is_none_or(|end| end > data_len)
+            {
                 return Err(Error::format(
                     self.path,
                     format!("tensor `{}` needs data bytes {}..{} but the data section has {data_len} (truncated?)", t.name, t.offset, t.offset.saturating_add(t.nbytes)),

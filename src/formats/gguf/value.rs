@@ -107,10 +107,16 @@ impl Value {
     }
 
     pub fn u32_array(v: impl IntoIterator<Item = usize>) -> Value {
-        Value::Array(ty::U32, v.into_iter().map(|x| Value::U32(x as u32)).collect())
+        Value::Array(
+            ty::U32,
+            v.into_iter().map(|x| Value::U32(x as u32)).collect(),
+        )
     }
     pub fn string_array<S: Into<String>>(v: impl IntoIterator<Item = S>) -> Value {
-        Value::Array(ty::STRING, v.into_iter().map(|s| Value::String(s.into())).collect())
+        Value::Array(
+            ty::STRING,
+            v.into_iter().map(|s| Value::String(s.into())).collect(),
+        )
     }
 }
 
@@ -125,7 +131,12 @@ impl fmt::Display for Value {
             Value::I32(v) => write!(f, "{v}"),
             Value::F32(v) => write!(f, "{v}"),
             Value::Bool(v) => write!(f, "{v}"),
-            Value::String(s) if s.len() > 80 => write!(f, "{:?}… ({} bytes)", &s[..s.floor_char_boundary(80)], s.len()),
+            Value::String(s) if s.len() > 80 => write!(
+                f,
+                "{:?}… ({} bytes)",
+                &s[..s.floor_char_boundary(80)],
+                s.len()
+            ),
             Value::String(s) => write!(f, "{s:?}"),
             Value::U64(v) => write!(f, "{v}"),
             Value::I64(v) => write!(f, "{v}"),

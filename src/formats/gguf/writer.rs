@@ -56,13 +56,18 @@ fn put_value(b: &mut Vec<u8>, v: &Value) -> Result<()> {
         Value::F64(x) => b.extend(x.to_le_bytes()),
         Value::Array(et, items) => {
             if *et == super::value::ty::ARRAY {
-                return Err(Error::Invalid("GGUF writer: nested arrays are not readable by ggml".into()));
+                return Err(Error::Invalid(
+                    "GGUF writer: nested arrays are not readable by ggml".into(),
+                ));
             }
             b.extend(et.to_le_bytes());
             b.extend((items.len() as u64).to_le_bytes());
             for it in items {
                 if it.type_id() != *et {
-                    return Err(Error::Invalid(format!("GGUF writer: array of type {et} holds a {}", it.type_id())));
+                    return Err(Error::Invalid(format!(
+                        "GGUF writer: array of type {et} holds a {}",
+                        it.type_id()
+                    )));
                 }
                 put_value(b, it)?;
             }
@@ -78,7 +83,12 @@ fn io(e: std::io::Error) -> Error {
 impl<W: Write> Writer<W> {
     /// Writes the header. `metadata` must not contain `general.alignment` (it is
     /// written from `alignment` when that is not the default).
-    pub fn new(mut out: W, metadata: &[(String, Value)], tensors: &[TensorEntry], alignment: Option<u64>) -> Result<Self> {
+    pub fn new(
+        mut out: W,
+        metadata: &[(String, Value)],
+        tensors: &[TensorEntry],
+        alignment: Option<u64>,
+    ) -> Result<Self> {
         let alignment = alignment.unwrap_or(DEFAULT_ALIGNMENT);
         let mut kv: Vec<(String, Value)> = metadata.to_vec();
         if alignment != DEFAULT_ALIGNMENT {
@@ -102,9 +112,20 @@ impl<W: Write> Writer<W> {
         let mut sizes = Vec::with_capacity(tensors.len());
         for t in tensors {
             if t.name.len() >= crate::ggml::max_name_len() {
-                return Err(Error::Invalid(format!("tensor name `{}` is longer than ggml's limit of {}", t.name, crate::ggml::max_name_len() - 1)));
+                return Err(Error::Invalid(format!(
+                    "tensor name `{}` is longer than ggml's limit of {}",
+                    t.name,
+                    crate::ggml::max_name_len() - 1
+                )));
             }
-            let n = t.nbytes().ok_or_else(|| Error::Invalid(format!("tensor `{}`: {:?} is not whole {} blocks", t.name, t.ne, t.ty.name())))?;
+            let n = t.nbytes().ok_or_else(|| {
+                Error::Invalid(format!(
+                    "tensor `{}`: {:?} is not whole {} blocks",
+                    t.name,
+                    t.ne,
+                    t.ty.name()
+                ))
+            })?;
             put_str(&mut h, &t.name);
             h.extend((t.ne.len() as u32).to_le_bytes());
             for d in &t.ne {
@@ -118,7 +139,16 @@ impl<W: Write> Writer<W> {
         let pad = (h.len() as u64).div_ceil(alignment) * alignment - h.len() as u64;
         h.resize(h.len() + pad as usize, 0);
         out.write_all(&h).map_err(io)?;
-        let mut w = Writer { out, alignment, sizes, names: tensors.iter().map(|t| t.name.clone()).collect(), current: 0, done_in_current: 0, pos: 0, string_offsets };
+        let mut w = Writer {
+            out,
+            alignment,
+            sizes,
+            names: tensors.iter().map(|t| t.name.clone()).collect(),
+            current: 0,
+            done_in_current: 0,
+            pos: 0,
+            string_offsets,
+        };
         w.skip_empty();
         Ok(w)
     }
@@ -133,7 +163,9 @@ impl<W: Write> Writer<W> {
     pub fn write_chunk(&mut self, mut data: &[u8]) -> Result<()> {
         while !data.is_empty() {
             let Some(&size) = self.sizes.get(self.current) else {
-                return Err(Error::Invalid("GGUF writer: more data than the header announced".into()));
+                return Err(Error::Invalid(
+                    "GGUF writer: more data than the header announced".into(),
+                ));
             };
             let take = ((size - self.done_in_current) as usize).min(data.len());
             self.out.write_all(&data[..take]).map_err(io)?;
@@ -143,7 +175,9 @@ impl<W: Write> Writer<W> {
             if self.done_in_current == size {
                 let padded = self.pos.div_ceil(self.alignment) * self.alignment;
                 if padded > self.pos {
-                    self.out.write_all(&vec![0u8; (padded - self.pos) as usize]).map_err(io)?;
+                    self.out
+                        .write_all(&vec![0u8; (padded - self.pos) as usize])
+                        .map_err(io)?;
                     self.pos = padded;
                 }
                 self.current += 1;
@@ -157,7 +191,10 @@ impl<W: Write> Writer<W> {
     /// Where the bytes of string value `key` sit in the file, so a value of fixed
     /// length (a digest computed while the data streams) can be filled in afterwards.
     pub fn string_value_offset(&self, key: &str) -> Option<u64> {
-        self.string_offsets.iter().find(|(k, _)| k == key).map(|(_, o)| *o)
+        self.string_offsets
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, o)| *o)
     }
 
     /// Name of the tensor whose bytes are expected next.
@@ -168,7 +205,10 @@ impl<W: Write> Writer<W> {
     /// Checks every tensor was written in full and returns the output.
     pub fn finish(mut self) -> Result<W> {
         if self.current != self.sizes.len() {
-            return Err(Error::Invalid(format!("GGUF writer: tensor `{}` was not written in full", self.names[self.current])));
+            return Err(Error::Invalid(format!(
+                "GGUF writer: tensor `{}` was not written in full",
+                self.names[self.current]
+            )));
         }
         self.out.flush().map_err(io)?;
         Ok(self.out)
