@@ -287,7 +287,7 @@ pub fn parse_size(s: &str) -> Option<u64> {
         _ => return None,
     };
     let bytes = value * scale;
-    (bytes.is_finite() && bytes >= 1.0 && bytes < 1e18).then_some(bytes as u64)
+    (bytes.is_finite() && (1.0..1e18).contains(&bytes)).then_some(bytes as u64)
 }
 
 /// This process's memory cgroup limit (cgroup v2 `memory.max`, v1

@@ -43,7 +43,7 @@ fn text_encoders_are_causal_batch_independent_and_stable_under_quantization() {
             let both = clip::encode(&w, te, &[a.clone(), b.clone()], &backend).unwrap();
             assert_eq!(both.len(), 2 * t * te.hidden_size);
             assert!(both.iter().all(|x| x.is_finite()), "{arch}: finite");
-            let alone = clip::encode(&w, te, &[a.clone()], &backend).unwrap();
+            let alone = clip::encode(&w, te, std::slice::from_ref(&a), &backend).unwrap();
             assert_eq!(
                 &both[..alone.len()],
                 &alone[..],

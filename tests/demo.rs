@@ -212,7 +212,9 @@ fn accuracy_table() {
     let lcm4 = |r: &mut Request| lcm_steps(r, 4);
     let lcm3 = |r: &mut Request| lcm_steps(r, 3);
     let lcm2 = |r: &mut Request| lcm_steps(r, 2);
-    let runs: Vec<(&str, &str, &dyn Fn(&mut Request))> = vec![
+    // (file, label, how the request is set up)
+    type Run<'a> = (&'a str, &'a str, &'a dyn Fn(&mut Request));
+    let runs: Vec<Run> = vec![
         (
             "base f32, DPM++ 2M 20 steps",
             "demo-base-f32.gguf",

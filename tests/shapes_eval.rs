@@ -329,8 +329,8 @@ fn degrade(img: &RgbImage, rng: &mut Lcg) -> RgbImage {
         (rng.next() - 0.5) * 40.0,
     ];
     for p in out.pixels_mut() {
-        for c in 0..3 {
-            p.0[c] = (p.0[c] as f64 + cast[c] + (rng.next() - 0.5) * 30.0)
+        for (v, cast) in p.0.iter_mut().zip(cast) {
+            *v = (*v as f64 + cast + (rng.next() - 0.5) * 30.0)
                 .round()
                 .clamp(0.0, 255.0) as u8;
         }

@@ -25,8 +25,7 @@ fn psnr(a: &[f32], b: &[f32], range: f32) -> f64 {
 fn seam_and_interior(
     a: &[f32],
     b: &[f32],
-    w: usize,
-    h: usize,
+    (w, h): (usize, usize),
     t: Tiling,
     f: usize,
     band: usize,
@@ -93,7 +92,7 @@ fn taef2_in_tiles_matches_the_whole_run_on_a_real_photo() {
     let ytt = taesd::decode(&dec, &zt, 1, h / 8, w / 8, &backend).unwrap();
     assert!(t.tiles(w / 8, h / 8) >= 4);
     let (pd, pe) = (psnr(&y, &yt, 1.0), psnr(&y, &ytt, 1.0));
-    let (seam, inner) = seam_and_interior(&y, &yt, w, h, t, 8, 8, 1.0);
+    let (seam, inner) = seam_and_interior(&y, &yt, (w, h), t, 8, 8, 1.0);
     eprintln!("TAEF2 {w}x{h}, {} tiles of 20 latents (overlap 10): decode {pd:.1} dB, encode {pe:.1} dB; decode seam bands {seam:.1} dB, elsewhere {inner:.1} dB", t.tiles(w / 8, h / 8));
     assert!(
         pd >= 40.0 && pe >= 40.0,
@@ -153,7 +152,7 @@ fn tiny_kl_vae_in_tiles_with_the_image_statistics_equals_the_whole_run() {
         .unwrap();
         let (p, (seam, inner)) = (
             psnr(y, &yt, 2.0),
-            seam_and_interior(y, &yt, w, h, t, f, 4, 2.0),
+            seam_and_interior(y, &yt, (w, h), t, f, 4, 2.0),
         );
         // Encoding: the draw with zero noise is the distribution's mean, in UNet space.
         let zero = vec![0f32; z.len()];
@@ -200,7 +199,7 @@ fn tiny_kl_vae_in_tiles_with_their_own_statistics_is_near_the_whole_run_without_
         )
         .unwrap();
         let p = psnr(y, &yt, 2.0);
-        let (seam, inner) = seam_and_interior(y, &yt, w, h, t, f, 4, 2.0);
+        let (seam, inner) = seam_and_interior(y, &yt, (w, h), t, f, 4, 2.0);
         eprintln!("tiny KL VAE {w}x{h}, {} tiles of 40 latents (overlap 16), tile statistics: {p:.1} dB; seam bands {seam:.1} dB, elsewhere {inner:.1} dB", t.tiles(w / f, h / f));
         // Every GroupNorm and the mid-block attention see a tile, not the image: with this
         // random tiny VAE (whose statistics vary far more across an image than a trained

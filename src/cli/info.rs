@@ -70,58 +70,65 @@ fn describe(file: &std::path::Path, tensors: bool, o: &mut String) -> Result<()>
                 std::io::Read::read_exact(&mut f, &mut m).map(|_| &m == b"GGUF")
             })
             .unwrap_or(false);
-    let (rows, cfg, meta, origin): (Vec<Row>, Option<ModelConfig>, Vec<(String, Value)>, String) =
-        if is_gguf {
-            let g = GgufFile::open(file)?;
-            let stored = metadata::read_config(&g)?;
-            let shapes = metadata::original_shapes(&g);
-            let rows = g
-                .tensors
-                .iter()
-                .map(|t| Row {
-                    name: t.name.clone(),
-                    shape: shapes
-                        .get(&t.name)
-                        .cloned()
-                        .unwrap_or_else(|| t.torch_shape()),
-                    ty: t.ty.name().to_string(),
-                    bytes: t.nbytes,
-                })
-                .collect();
-            let (cfg, origin) = match stored {
-                Some(c) => (
-                    Some(c),
-                    format!("GGUF v{} (config from metadata)", g.version),
-                ),
-                None => {
-                    let ck = Checkpoint::open(file)?;
-                    (ck.model_config().ok(), format!("GGUF v{} without sdrs metadata (architecture detected from tensor names)", g.version))
-                }
-            };
-            (rows, cfg, g.metadata.clone(), origin)
-        } else {
-            let ck = Checkpoint::open(file)?;
-            let rows = ck
-                .tensors
-                .iter()
-                .map(|t| Row {
-                    name: t.name.clone(),
-                    shape: t.shape.clone(),
-                    ty: t.dtype.name(),
-                    bytes: t.nbytes(),
-                })
-                .collect();
-            let cfg = ck.model_config();
-            if let Err(e) = &cfg {
-                out!(o, "architecture: not recognised ({e})");
+    // What the file holds: its tensors by component, its architecture, metadata, kind.
+    type Contents = (Vec<Row>, Option<ModelConfig>, Vec<(String, Value)>, String);
+    let (rows, cfg, meta, origin): Contents = if is_gguf {
+        let g = GgufFile::open(file)?;
+        let stored = metadata::read_config(&g)?;
+        let shapes = metadata::original_shapes(&g);
+        let rows = g
+            .tensors
+            .iter()
+            .map(|t| Row {
+                name: t.name.clone(),
+                shape: shapes
+                    .get(&t.name)
+                    .cloned()
+                    .unwrap_or_else(|| t.torch_shape()),
+                ty: t.ty.name().to_string(),
+                bytes: t.nbytes,
+            })
+            .collect();
+        let (cfg, origin) = match stored {
+            Some(c) => (
+                Some(c),
+                format!("GGUF v{} (config from metadata)", g.version),
+            ),
+            None => {
+                let ck = Checkpoint::open(file)?;
+                (
+                    ck.model_config().ok(),
+                    format!(
+                        "GGUF v{} without sdrs metadata (architecture detected from tensor names)",
+                        g.version
+                    ),
+                )
             }
-            let meta = ck
-                .metadata
-                .iter()
-                .map(|(k, v)| (k.clone(), Value::String(v.clone())))
-                .collect();
-            (rows, cfg.ok(), meta, format!("{:?} checkpoint", ck.format))
         };
+        (rows, cfg, g.metadata.clone(), origin)
+    } else {
+        let ck = Checkpoint::open(file)?;
+        let rows = ck
+            .tensors
+            .iter()
+            .map(|t| Row {
+                name: t.name.clone(),
+                shape: t.shape.clone(),
+                ty: t.dtype.name(),
+                bytes: t.nbytes(),
+            })
+            .collect();
+        let cfg = ck.model_config();
+        if let Err(e) = &cfg {
+            out!(o, "architecture: not recognised ({e})");
+        }
+        let meta = ck
+            .metadata
+            .iter()
+            .map(|(k, v)| (k.clone(), Value::String(v.clone())))
+            .collect();
+        (rows, cfg.ok(), meta, format!("{:?} checkpoint", ck.format))
+    };
     out!(o, "file:          {}", file.display());
     out!(o, "format:        {origin}");
     if let Some(c) = &cfg {

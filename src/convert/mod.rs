@@ -105,7 +105,7 @@ impl Plan {
             x.1 += e.nbytes;
         }
         let mut v: Vec<_> = m.into_iter().map(|(t, (n, b))| (t, n, b)).collect();
-        v.sort_by(|a, b| b.2.cmp(&a.2));
+        v.sort_by_key(|e| std::cmp::Reverse(e.2));
         v
     }
 }
@@ -258,7 +258,7 @@ pub fn to_temporary(
     let dir = tempfile::Builder::new()
         .prefix("sdrs-")
         .tempdir()
-        .map_err(|e| Error::io(&std::env::temp_dir(), e))?;
+        .map_err(|e| Error::io(std::env::temp_dir(), e))?;
     let out = dir.path().join("model.gguf");
     run(ck, &plan, "f16", &out, false, cancel, progress)?;
     let mut gguf = GgufFile::open(&out)?;

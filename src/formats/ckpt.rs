@@ -293,11 +293,11 @@ fn place_tensor(
     }
 }
 
+/// A checkpoint's (name, tensor) pairs and its scalar metadata.
+type Flat<'a> = (Vec<(String, &'a TensorRef)>, BTreeMap<String, String>);
+
 /// Walks the unpickled object into (name, tensor) pairs and scalar metadata.
-fn flatten<'a>(
-    path: &Path,
-    g: &'a Unpickled,
-) -> Result<(Vec<(String, &'a TensorRef)>, BTreeMap<String, String>)> {
+fn flatten<'a>(path: &Path, g: &'a Unpickled) -> Result<Flat<'a>> {
     let root = g.root();
     let Object::Dict(top) = g.get(root) else {
         return Err(Error::format(
@@ -1096,7 +1096,7 @@ mod tests {
             pkl.extend(b"}X\x01\x00\x00\x00k");
         }
         pkl.push(b'}');
-        pkl.extend(std::iter::repeat(b's').take(n));
+        pkl.extend(std::iter::repeat_n(b's', n));
         pkl.push(b'.');
         let tmp = zip_file(&[("archive/data.pkl", &pkl, false)]);
         let e = err_of(tmp.path());

@@ -882,7 +882,7 @@ impl<'a> Machine<'a> {
     }
 
     fn pairs(&self, items: Vec<ObjId>) -> Result<Vec<(ObjId, ObjId)>> {
-        if items.len() % 2 != 0 {
+        if !items.len().is_multiple_of(2) {
             return Err(self.err("odd number of items for a dict"));
         }
         Ok(items.chunks_exact(2).map(|c| (c[0], c[1])).collect())
@@ -1532,7 +1532,7 @@ mod tests {
     #[test]
     fn mark_nesting_bomb_is_refused() {
         let mut d = vec![0x80, 2];
-        d.extend(std::iter::repeat(op::MARK).take(1_000_000));
+        d.extend(std::iter::repeat_n(op::MARK, 1_000_000));
         let e = run(&d).unwrap_err().to_string();
         assert!(e.contains("nested deeper"), "{e}");
     }
@@ -1541,8 +1541,8 @@ mod tests {
     fn deeply_nested_lists_parse_without_recursion() {
         let n = 200_000;
         let mut d = vec![0x80, 2];
-        d.extend(std::iter::repeat(op::EMPTY_LIST).take(n));
-        d.extend(std::iter::repeat(op::APPEND).take(n - 1));
+        d.extend(std::iter::repeat_n(op::EMPTY_LIST, n));
+        d.extend(std::iter::repeat_n(op::APPEND, n - 1));
         d.push(op::STOP);
         let u = run(&d).unwrap();
         assert_eq!(u.len(), n);
@@ -1578,7 +1578,7 @@ mod tests {
     #[test]
     fn stack_cap_is_enforced() {
         let mut d = vec![0x80, 2, op::EMPTY_LIST];
-        d.extend(std::iter::repeat(op::DUP).take(MAX_STACK + 1));
+        d.extend(std::iter::repeat_n(op::DUP, MAX_STACK + 1));
         let e = run(&d).unwrap_err().to_string();
         assert!(e.contains("value stack deeper"), "{e}");
     }

@@ -14,6 +14,9 @@
 //! 48 lanes kept in registers. The code is plain Rust over fixed-size arrays, compiled
 //! three times (AVX-512, AVX2+FMA, and the target's baseline: SSE2, or NEON on
 //! aarch64) and chosen at run time, so one binary runs everywhere.
+// The tile loops index several fixed-size arrays with one counter each, the form the
+// compiler unrolls into registers; iterator chains over zipped rows would hide that.
+#![allow(clippy::needless_range_loop)]
 use std::ffi::{c_int, c_void};
 
 use super::sys;
@@ -203,22 +206,34 @@ impl View {
     }
 }
 
-/// The work of one thread: units of (batch, head, 64 queries), a contiguous share
-/// of them, packing a head's keys and values when the unit's head changes.
-///
-/// # Safety
-/// `q` `[D, Nq, H, B]`, `k` and `v` `[D, Nk, H, B]` (any strides, f32, live), `dst`
-/// a contiguous f32 tensor `[D*H, Nq, B]` that only this call's units write.
-unsafe fn run(
+/// One attention op: its operands, the scale and the kernel variant that runs it.
+struct Job {
+    /// `[D, Nq, H, B]`.
     q: View,
+    /// `[D, Nk, H, B]`, both.
     k: View,
     v: View,
+    /// A contiguous f32 tensor `[D*H, Nq, B]`.
     dst: *mut f32,
     scale: f32,
-    ith: usize,
-    nth: usize,
     tile: TileFn,
-) {
+}
+
+/// The work of thread `ith` of `nth`: units of (batch, head, 64 queries), a contiguous
+/// share of them, packing a head's keys and values when the unit's head changes.
+///
+/// # Safety
+/// The job's views are live f32 tensors of the shapes its fields give (any strides),
+/// and only this call's units write `dst`'s rows it owns.
+unsafe fn run(job: &Job, ith: usize, nth: usize) {
+    let Job {
+        q,
+        k,
+        v,
+        dst,
+        scale,
+        tile,
+    } = *job;
     let [d, nq, heads, batch] = q.ne;
     let nk = k.ne[1];
     let dp = d.next_multiple_of(LANES);
@@ -486,7 +501,18 @@ pub(super) unsafe extern "C" fn attention_op(
                 "avx2" => tile_avx2,
                 _ => tile_portable,
             };
-            run(q, k, v, out, scale, ith, nth, tile);
+            run(
+                &Job {
+                    q,
+                    k,
+                    v,
+                    dst: out,
+                    scale,
+                    tile,
+                },
+                ith,
+                nth,
+            );
         }
     });
     if result.is_err() {

@@ -34,6 +34,7 @@ pub struct Context<'d> {
     /// Largest im2col matrix one convolution builds at once (see `conv2d`).
     pub(super) conv_budget: std::cell::Cell<usize>,
     /// Parameters of custom ops, alive as long as the graph that points at them.
+    #[allow(clippy::vec_box)] // each op holds a pointer to its parameters: they must not move
     kept: RefCell<Vec<Box<super::im2col::Params>>>,
     /// The GPU this context's graph is built for and runs on (`None`: the CPU). Set
     /// before the graph is built: ops are chosen for it (no CPU-only custom ops).
@@ -513,7 +514,7 @@ impl<'d> Context<'d> {
     /// Returns a handle for [`Context::place`].
     pub fn borrow_host(&self, bytes: &'d [u8]) -> Result<HostRegion> {
         // ggml asserts (aborts) on a misaligned base: refuse it here instead.
-        if bytes.as_ptr() as usize % TENSOR_ALIGNMENT != 0 {
+        if !(bytes.as_ptr() as usize).is_multiple_of(TENSOR_ALIGNMENT) {
             return Err(Error::Ggml(format!(
                 "host memory must be {TENSOR_ALIGNMENT}-byte aligned"
             )));
@@ -543,7 +544,7 @@ impl<'d> Context<'d> {
                 region.len
             )));
         }
-        if (region.base + offset) % TENSOR_ALIGNMENT != 0 {
+        if !(region.base + offset).is_multiple_of(TENSOR_ALIGNMENT) {
             return Err(Error::Ggml(format!(
                 "tensor data at offset {offset} is not {TENSOR_ALIGNMENT}-byte aligned"
             )));

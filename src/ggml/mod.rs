@@ -72,7 +72,7 @@ impl Type {
     /// The type with this numeric id, if ggml implements it (ids of removed types
     /// and out-of-range ids give `None`).
     pub fn from_id(id: u32) -> Option<Type> {
-        if id >= sys::GGML_TYPE_COUNT as u32 {
+        if id >= sys::GGML_TYPE_COUNT {
             return None;
         }
         let t = Type(id as sys::ggml_type);
@@ -82,7 +82,7 @@ impl Type {
     }
 
     pub fn id(self) -> u32 {
-        self.0 as u32
+        self.0
     }
 
     /// ggml's lower-case name (`f16`, `q4_0`, `q4_K`).
@@ -99,7 +99,7 @@ impl Type {
 
     /// Parses a name case-insensitively (`q4_k` == `q4_K`).
     pub fn parse(name: &str) -> Option<Type> {
-        (0..sys::GGML_TYPE_COUNT as u32)
+        (0..sys::GGML_TYPE_COUNT)
             .filter_map(Type::from_id)
             .find(|t| t.name().eq_ignore_ascii_case(name))
     }
@@ -136,7 +136,7 @@ impl Type {
     /// Bytes for `n` elements, or `None` if `n` is not a whole number of blocks.
     pub fn bytes_for(self, n: u64) -> Option<u64> {
         let bs = self.block_size() as u64;
-        if n % bs != 0 {
+        if !n.is_multiple_of(bs) {
             return None;
         }
         (n / bs).checked_mul(self.type_size() as u64)
@@ -144,7 +144,7 @@ impl Type {
 
     /// Whether a row of `n` elements can be stored in this type.
     pub fn fits_row(self, n: usize) -> bool {
-        n % self.block_size() == 0
+        n.is_multiple_of(self.block_size())
     }
 
     /// Converts `n` elements stored as this type to f32.
@@ -222,7 +222,7 @@ impl Type {
     /// Quantizes whole rows of `src` into `dst`, which must hold exactly their bytes.
     pub fn quantize_rows_into(self, src: &[f32], row_len: usize, dst: &mut [u8]) -> Result<()> {
         let row_bytes = self.check_encode(row_len)?;
-        if row_len == 0 || src.len() % row_len != 0 {
+        if row_len == 0 || !src.len().is_multiple_of(row_len) {
             return Err(Error::Ggml(format!(
                 "quantize: {} values are not whole rows of {row_len}",
                 src.len()

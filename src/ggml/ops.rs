@@ -18,7 +18,7 @@ fn bad(op: &str, msg: String) -> Error {
 
 /// Whether `b` broadcasts onto `a` (ggml's `ggml_can_repeat`).
 fn can_repeat(b: [usize; 4], a: [usize; 4]) -> bool {
-    (0..4).all(|i| b[i] != 0 && a[i] % b[i] == 0)
+    (0..4).all(|i| b[i] != 0 && a[i].is_multiple_of(b[i]))
 }
 
 /// Whether ggml's CPU binary ops (add, mul) take `a ∘ b` with the result in `a`'s
@@ -95,7 +95,7 @@ impl Context<'_> {
 
     /// Group norm over `[W, H, C, N]` with `groups` groups of channels (`ne[2]`).
     pub fn group_norm<'c>(&'c self, a: Tensor<'c>, groups: usize, eps: f32) -> Result<Tensor<'c>> {
-        if groups == 0 || a.ne()[2] % groups != 0 {
+        if groups == 0 || !a.ne()[2].is_multiple_of(groups) {
             return Err(bad(
                 "group_norm",
                 format!("{} channels in {groups} groups", a.ne()[2]),

@@ -151,7 +151,7 @@ pub fn encode(
     wd: usize,
     backend: &Backend,
 ) -> Result<Vec<f32>> {
-    if h % 8 != 0 || wd % 8 != 0 {
+    if !h.is_multiple_of(8) || !wd.is_multiple_of(8) {
         return Err(crate::Error::Invalid(format!(
             "TAESD encodes images whose sides are multiples of 8, not {wd}x{h}"
         )));
@@ -241,7 +241,7 @@ pub fn encode_tiled(
     tiling: Tiling,
     backend: &Backend,
 ) -> Result<Vec<f32>> {
-    if h % 8 != 0 || wd % 8 != 0 {
+    if !h.is_multiple_of(8) || !wd.is_multiple_of(8) {
         return Err(crate::Error::Invalid(format!(
             "TAESD encodes images whose sides are multiples of 8, not {wd}x{h}"
         )));

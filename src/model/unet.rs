@@ -138,7 +138,7 @@ pub fn build<'c>(
     let c = nn.ctx;
     let levels = cfg.channel_mult.len();
     let f = 1 << (levels - 1);
-    if w % f != 0 || h % f != 0 || w == 0 || h == 0 {
+    if !w.is_multiple_of(f) || !h.is_multiple_of(f) || w == 0 || h == 0 {
         return Err(Error::Invalid(format!(
             "latent size {w}x{h} must be a multiple of {f} for this UNet"
         )));

@@ -424,7 +424,7 @@ pub fn encode(
     backend: &Backend,
 ) -> Result<Vec<f32>> {
     let f = cfg.downscale();
-    if pixels.len() != n * 3 * h * wd || h % f != 0 || wd % f != 0 {
+    if pixels.len() != n * 3 * h * wd || !h.is_multiple_of(f) || !wd.is_multiple_of(f) {
         return Err(Error::Invalid(format!(
             "{} pixel values for {n}x3x{h}x{wd} (sides must be multiples of {f})",
             pixels.len()
@@ -467,7 +467,8 @@ pub fn encode_sample(
     let f = cfg.downscale();
     let zc = cfg.latent_channels;
     let n = zc * (h / f) * (wd / f);
-    if pixels.len() != 3 * h * wd || h % f != 0 || wd % f != 0 || eps.len() != n {
+    if pixels.len() != 3 * h * wd || !h.is_multiple_of(f) || !wd.is_multiple_of(f) || eps.len() != n
+    {
         return Err(Error::Invalid(format!("{} pixel values for 3x{h}x{wd} (sides must be multiples of {f}) and {} noise values for {n} latents", pixels.len(), eps.len())));
     }
     let (lw, lh) = (wd / f, h / f);

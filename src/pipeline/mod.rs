@@ -340,7 +340,7 @@ struct DeviceWeights {
 
 /// A stage's weights: mapped for this run, or kept in device memory.
 enum StageWeights<'a> {
-    Mapped(Weights<'a>),
+    Mapped(Box<Weights<'a>>),
     Kept(&'a Weights<'static>),
 }
 
@@ -472,7 +472,9 @@ impl Pipeline {
     ) -> Result<StageWeights<'a>> {
         Ok(match &self.device {
             Some(d) => StageWeights::Kept(kept(d)),
-            None => StageWeights::Mapped(Weights::load_repacked(&self.gguf, keep, repack)?),
+            None => {
+                StageWeights::Mapped(Box::new(Weights::load_repacked(&self.gguf, keep, repack)?))
+            }
         })
     }
 
@@ -552,7 +554,7 @@ impl Pipeline {
     /// Latent size for an image size, or an error that says what is allowed.
     pub fn latent_size(&self, width: usize, height: usize) -> Result<(usize, usize)> {
         let (f, m) = (self.config.vae.downscale(), self.size_multiple());
-        if width == 0 || height == 0 || width % m != 0 || height % m != 0 {
+        if width == 0 || height == 0 || !width.is_multiple_of(m) || !height.is_multiple_of(m) {
             return Err(Error::Invalid(format!("image size {width}x{height}: width and height must be positive multiples of {m} for this model (the VAE divides by {f}, the UNet halves {} more times)", self.config.unet.channel_mult.len() - 1)));
         }
         Ok((width / f, height / f))

@@ -92,10 +92,10 @@ impl Pipeline {
         // Every image encode happens with the VAE's weights in (or TAESD's): one stage.
         let encoder = match (canvas, &req.taesd) {
             (None, _) => None,
-            (Some(_), Some(dec)) => Some(Encoder::Taesd(Weights::from_checkpoint(
+            (Some(_), Some(dec)) => Some(Encoder::Taesd(Box::new(Weights::from_checkpoint(
                 &Checkpoint::open(&taesd_encoder_path(dec)?)?,
                 &self.backend,
-            )?)),
+            )?))),
             (Some(_), None) => Some(Encoder::Vae),
         };
         let image = match canvas {
@@ -210,7 +210,7 @@ impl Pipeline {
 
 enum Encoder {
     Vae,
-    Taesd(Weights<'static>),
+    Taesd(Box<Weights<'static>>),
 }
 
 /// The encoder beside a TAESD decoder file: `taesd_decoder.pth` → `taesd_encoder.pth`

@@ -258,11 +258,7 @@ mod tests {
         let t = tok();
         let w = Windows::new(&t, 77, t.eos_id(), &[]).unwrap();
         // 70 words, a comma, then 10 more: the 10 move to the second window whole.
-        let prompt = format!(
-            "{}, {}",
-            vec!["cat"; 70].join(" "),
-            vec!["dog"; 10].join(" ")
-        );
+        let prompt = format!("{}, {}", vec!["cat"; 70].join(" "), ["dog"; 10].join(" "));
         let c = w.chunks(&parse(&prompt).unwrap()).unwrap();
         assert_eq!(c.len(), 2);
         let dog = t.encode("dog").unwrap()[0];

@@ -52,8 +52,8 @@ impl Embedding {
         let bad = |msg: String| Error::format(path, msg);
         let set = |t: &crate::formats::SourceTensor, key: Option<&'static str>| -> Result<Set> {
             let (rows, width) = match t.shape.as_slice() {
-                [w] => (1, *w as usize),
-                [n, w] => (*n as usize, *w as usize),
+                [w] => (1, (*w)),
+                [n, w] => ((*n), (*w)),
                 s => {
                     return Err(bad(format!(
                     "tensor `{}` has shape {s:?}; embedding vectors are [width] or [count, width]",

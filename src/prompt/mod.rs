@@ -59,7 +59,7 @@ impl Emphasis {
 
     /// Applies a window's token weights to its encoding `z` (`[tokens][width]`).
     pub fn apply(self, z: &mut [f32], weights: &[f32]) -> Result<()> {
-        if weights.is_empty() || z.len() % weights.len() != 0 {
+        if weights.is_empty() || !z.len().is_multiple_of(weights.len()) {
             return Err(Error::Invalid(format!(
                 "{} weights for an encoding of {} values",
                 weights.len(),

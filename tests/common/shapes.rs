@@ -16,16 +16,16 @@
 //!    component so specks elsewhere do not move the centroid or the box;
 //! 4. colour = nearest palette colour to the component core's median; position = nearest
 //!    anchor to the centroid; shape from two plain measurements of the component:
-//!    - taper = mean row width of the box's top third / that of its bottom third:
-//!      an upward triangle has 1/5, circle and square 1. Below 0.6 (midway): triangle;
-//!    - fill = component pixels / box pixels: circle π/4 ≈ 0.785, square 1. At or above
-//!      0.87: square. The boundary sits below the midpoint 0.89 because soft corners (a
-//!      VAE decoder's, or any blur) lower a square's fill much more than anything raises
-//!      a circle's (pixelated ideal circles reach 0.86). Chosen on 900 generator samples
-//!      degraded as in tests/shapes_eval.rs, twice over: shape right for 96.6% of them,
-//!      against 93.1% with the midpoint and 91.3% for the best IoU with ideal outlines
-//!      drawn in the box (once degraded: 99.6%, 98.6%, 99.0%); small squares are the
-//!      misses;
+//!    taper = mean row width of the box's top third / that of its bottom third:
+//!    an upward triangle has 1/5, circle and square 1. Below 0.6 (midway): triangle;
+//!    fill = component pixels / box pixels: circle π/4 ≈ 0.785, square 1. At or above
+//!    0.87: square. The boundary sits below the midpoint 0.89 because soft corners (a
+//!    VAE decoder's, or any blur) lower a square's fill much more than anything raises
+//!    a circle's (pixelated ideal circles reach 0.86). Chosen on 900 generator samples
+//!    degraded as in tests/shapes_eval.rs, twice over: shape right for 96.6% of them,
+//!    against 93.1% with the midpoint and 91.3% for the best IoU with ideal outlines
+//!    drawn in the box (once degraded: 99.6%, 98.6%, 99.0%); small squares are the
+//!    misses;
 //!    size = the bin of the extent sqrt(area / ideal fill of the shape found), the bin
 //!    boundary half way between the bins' ranges (area, not the box, so a stray edge
 //!    pixel cannot move it).
