@@ -304,7 +304,7 @@ fn generate_without_a_model_draws_the_quick_start_picture() {
 #[test]
 fn converting_a_diffusers_lcm_folder_records_its_run_defaults_and_defaults_override_them() {
     let dir = tempfile::tempdir().unwrap();
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/ref/sd1-lcm/model");
+    let src = sdrs::testdata::fixture("ref/sd1-lcm/model");
     let run = |args: &[&str]| {
         let o = std::process::Command::new(env!("CARGO_BIN_EXE_sdrs"))
             .args(args)

@@ -403,7 +403,7 @@ fn merged_conversion_matches_diffusers_fuse_lora_for_each_naming() {
     use sdrs::formats::Checkpoint;
     use sdrs::ggml::Type;
     use sdrs::pipeline::{Pipeline, Request};
-    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/ref");
+    let fixtures = sdrs::testdata::fixture("ref");
     let golden = Checkpoint::open(&fixtures.join("lora/golden.safetensors")).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let src = Checkpoint::open(&fixtures.join("sd1/model")).unwrap();
@@ -476,7 +476,7 @@ fn merged_conversion_matches_diffusers_fuse_lora_for_each_naming() {
 
 #[test]
 fn convert_command_merges_loras_and_records_them_in_the_file() {
-    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/ref");
+    let fixtures = sdrs::testdata::fixture("ref");
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("merged.gguf");
     let o = std::process::Command::new(env!("CARGO_BIN_EXE_sdrs"))
@@ -551,7 +551,7 @@ fn run_time_branches_reproduce_diffusers_and_switch_per_request() {
     use sdrs::formats::Checkpoint;
     use sdrs::ggml::Type;
     use sdrs::pipeline::{Pipeline, Request};
-    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/ref");
+    let fixtures = sdrs::testdata::fixture("ref");
     let golden = Checkpoint::open(&fixtures.join("lora/golden.safetensors")).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("base.gguf");
@@ -614,7 +614,7 @@ fn run_time_branches_reproduce_diffusers_and_switch_per_request() {
 fn prompt_tags_pick_loras_from_the_folder() {
     use sdrs::ggml::Type;
     use sdrs::pipeline::{Pipeline, Request};
-    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/ref");
+    let fixtures = sdrs::testdata::fixture("ref");
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("base.gguf");
     convert_to(&fixtures.join("sd1/model"), Type::F32, &out).unwrap();
@@ -674,8 +674,7 @@ fn the_real_lora_on_a_full_width_attention_block_matches_torch() {
     use sdrs::ggml::{Backend, Context};
     use sdrs::model::nn::Nn;
     use sdrs::model::{Adapters, Weights};
-    let fixtures =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/ref/lora/block.safetensors");
+    let fixtures = sdrs::testdata::fixture("ref/lora/block.safetensors");
     let want: HashMap<String, Vec<f32>> = Checkpoint::open(&fixtures)
         .unwrap()
         .tensors

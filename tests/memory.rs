@@ -3,8 +3,6 @@
 //! refused before any work.
 mod common;
 
-use std::path::Path;
-
 use common::*;
 use sdrs::budget::OVERHEAD;
 use sdrs::ggml::Type;
@@ -93,12 +91,7 @@ fn a_budget_below_the_whole_decode_tiles_it_and_the_image_stays_close() {
 fn split_guidance_gives_the_batched_image_with_half_the_compute_buffer() {
     let dir = tempfile::tempdir().unwrap();
     let model = dir.path().join("sd1.gguf");
-    convert_to(
-        &Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/ref/sd1/model"),
-        Type::F32,
-        &model,
-    )
-    .unwrap();
+    convert_to(&sdrs::testdata::fixture("ref/sd1/model"), Type::F32, &model).unwrap();
     let pipe = Pipeline::load(&model).unwrap();
     let req = Request {
         width: 128,

@@ -12,9 +12,7 @@ use sdrs::pipeline::{Pipeline, Request};
 use sdrs::sample::Sampler;
 
 fn fixture(p: &str) -> std::path::PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/ref")
-        .join(p)
+    sdrs::testdata::fixture("ref").join(p)
 }
 
 fn golden(name: &str) -> Vec<f32> {

@@ -9,7 +9,7 @@
 //! which only makes sense on x86-64 with the CPU backend.
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use common::*;
 use sdrs::formats::Checkpoint;
@@ -19,9 +19,7 @@ use sdrs::pipeline::{Pipeline, Request};
 use sdrs::sample::Sampler;
 
 fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/platform")
-        .join(name)
+    sdrs::testdata::fixture("platform").join(name)
 }
 
 fn backend_name() -> String {
@@ -80,7 +78,7 @@ fn generate(pipe: &Pipeline, req: &Request) -> Vec<u8> {
 #[test]
 fn tiny_model_images_match_the_x86_results_for_every_weight_type() {
     let dir = tempfile::tempdir().unwrap();
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/ref/sd1/model");
+    let src = sdrs::testdata::fixture("ref/sd1/model");
     // Lower bounds in dB: well above what a wrong kernel gives (< 20), below the
     // rounding noise between platforms.
     let all = [

@@ -4,7 +4,7 @@
 mod common;
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use common::*;
 use sdrs::config::ModelConfig;
@@ -15,7 +15,7 @@ use sdrs::prompt::{parse, Embedding, Emphasis, Trigger, Windows};
 use sdrs::tokenizer::ClipTokenizer;
 
 fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/ref")
+    sdrs::testdata::fixture("ref")
 }
 
 fn prompts() -> PathBuf {

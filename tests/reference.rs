@@ -4,7 +4,7 @@
 mod common;
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use common::*;
 use sdrs::config::ModelConfig;
@@ -15,7 +15,7 @@ use sdrs::ggml::{Backend, Type};
 use sdrs::model::{clip, unet, vae, Weights};
 
 fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/ref")
+    sdrs::testdata::fixture("ref")
 }
 
 /// Golden tensors by name, as f32 (ids as their integer values).

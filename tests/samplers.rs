@@ -2,7 +2,6 @@
 //! schedulers, k-diffusion) on an analytic denoiser: the exact posterior mean of a
 //! Gaussian mixture, so the references ran with no network. Fixtures and their
 //! conventions: tests/fixtures/samplers (written by tools/reference/sampler_fixtures.py).
-use std::path::Path;
 
 use serde_json::Value;
 
@@ -12,7 +11,7 @@ use sdrs::sample::{
 };
 
 fn fixture() -> Value {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/samplers/cases.json");
+    let p = sdrs::testdata::fixture("samplers/cases.json");
     serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
 }
 

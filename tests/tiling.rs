@@ -3,8 +3,6 @@
 //! against the error elsewhere; the pipeline's `vae_tiling`.
 mod common;
 
-use std::path::Path;
-
 use common::{external, photo};
 use sdrs::formats::Checkpoint;
 use sdrs::ggml::Backend;
@@ -106,7 +104,7 @@ fn taef2_in_tiles_matches_the_whole_run_on_a_real_photo() {
 fn with_tiny_vae(
     check: impl FnOnce(&Weights<'_>, &sdrs::config::VaeConfig, &[f32], &[f32], &[f32]),
 ) {
-    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/ref");
+    let fixtures = sdrs::testdata::fixture("ref");
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("m.gguf");
     common::convert_to(&fixtures.join("sd1/model"), sdrs::ggml::Type::F32, &path).unwrap();

@@ -14,9 +14,7 @@ use sdrs::pipeline::{Canvas, CanvasOptions, Pipeline, Request};
 use sdrs::sample::{Sampler, Schedule, Spacing};
 
 fn fixture(p: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/ref")
-        .join(p)
+    sdrs::testdata::fixture("ref").join(p)
 }
 
 fn golden(name: &str) -> Vec<f32> {
@@ -333,7 +331,7 @@ fn pictures_of_every_pixel_format_read_as_8_bit_rgb() {
         &[0, 128, 255]
     );
     // JPEG: the shared photo decodes to within JPEG decoders' rounding of Pillow's decode.
-    let photos = fixture("images");
+    let photos = sdrs::testdata::fixture("images");
     let jpeg = Canvas::open(&photos.join("rocket.jpg"), None, &opts).unwrap();
     let png = Canvas::open(&photos.join("rocket.png"), None, &opts).unwrap();
     assert_eq!((jpeg.width, jpeg.height), (640, 424));
@@ -417,7 +415,7 @@ fn img2img_with_taesd_encodes_with_the_encoder_beside_the_decoder() {
 #[test]
 fn generate_command_runs_img2img_inpainting_and_outpainting_on_the_demo_model() {
     let dir = tempfile::tempdir().unwrap();
-    let photo = fixture("images/chelsea.png");
+    let photo = sdrs::testdata::fixture("images/chelsea.png");
     let mask = dir.path().join("mask.png");
     image::GrayImage::from_fn(451, 300, |x, _| {
         image::Luma([if x > 225 { 255 } else { 0 }])
