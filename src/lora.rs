@@ -213,7 +213,11 @@ fn modules(cfg: &ModelConfig) -> Result<HashMap<(Net, String), Target>> {
             }
         }
     };
-    add(Net::Unet, names::unet(&cfg.unet)?, "model.diffusion_model.");
+    add(
+        Net::Unet,
+        names::unet(&cfg.unet)?,
+        crate::formats::layout::UNET_PREFIX,
+    );
     for (i, te) in cfg.text_encoders.iter().enumerate() {
         add(Net::Text(i), names::text(te), &te.prefix);
     }

@@ -6,6 +6,7 @@ use anyhow::Result;
 use sdrs::config::ModelConfig;
 use sdrs::formats::gguf::metadata;
 use sdrs::formats::gguf::{GgufFile, Value};
+use sdrs::formats::layout::{UNET_PREFIX, VAE_PREFIX};
 use sdrs::formats::Checkpoint;
 
 /// Describe a GGUF or a checkpoint: architecture, components, types, metadata.
@@ -30,10 +31,10 @@ struct Row {
 }
 
 fn component(name: &str, cfg: Option<&ModelConfig>) -> String {
-    if name.starts_with("model.diffusion_model.") {
+    if name.starts_with(UNET_PREFIX) {
         return "unet".into();
     }
-    if name.starts_with("first_stage_model.") {
+    if name.starts_with(VAE_PREFIX) {
         return "vae".into();
     }
     if let Some(c) = cfg {

@@ -11,7 +11,7 @@ use super::{Checkpoint, SourceTensor};
 use crate::config::VaeConfig;
 use crate::error::{Error, Result};
 
-const PREFIX: &str = "first_stage_model.";
+use super::layout::VAE_PREFIX as PREFIX;
 
 /// The weights file of a diffusers `vae/` folder (or the file itself).
 fn weights_file(path: &Path) -> Result<PathBuf> {

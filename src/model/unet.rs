@@ -10,7 +10,7 @@ use super::nn::{Attention, Nn};
 use super::Adapters;
 use super::Weights;
 
-const P: &str = "model.diffusion_model.";
+use crate::formats::layout::UNET_PREFIX as P;
 const GROUPS: usize = 32;
 
 fn resblock<'c>(nn: &Nn<'c>, x: Tensor<'c>, emb: Tensor<'c>, name: &str) -> Result<Tensor<'c>> {

@@ -8,7 +8,7 @@ use super::norms::{group_norm, SharedNorms};
 pub use super::tile::{TileStats, Tiling};
 use super::{tile, Weights};
 
-pub const PREFIX: &str = "first_stage_model.";
+use crate::formats::layout::VAE_PREFIX as PREFIX;
 const GROUPS: usize = 32;
 const EPS: f32 = 1e-6;
 

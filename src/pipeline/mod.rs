@@ -11,20 +11,18 @@
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
 
 use crate::budget::{self, Budget, Need, Plan};
 use crate::config::{Defaults, ModelConfig, TimeId, UnetConfig};
 use crate::error::{Error, Result};
 use crate::formats::gguf::metadata;
 use crate::formats::gguf::GgufFile;
+use crate::formats::layout::{UNET_PREFIX, VAE_PREFIX};
 use crate::formats::Checkpoint;
 use crate::ggml::Backend;
 use crate::model::{clip, taesd, unet, vae, Attention, Weights};
 use crate::prompt::{Embeddings, Emphasis};
-use crate::sample::{
-    self, CudaRng, Discrete, NativeRng, Rng, Sampler, Schedule, ScheduleOpts, Spacing, TorchRng,
-};
+use crate::sample::{self, CudaRng, NativeRng, Rng, Sampler, Schedule, Spacing, TorchRng};
 use crate::tokenizer::ClipTokenizer;
 
 pub(crate) mod canvas;
@@ -33,6 +31,7 @@ mod lora;
 use lora::Part;
 mod output;
 mod preview;
+mod stages;
 mod start;
 mod text;
 
@@ -446,16 +445,8 @@ impl Pipeline {
         self.device = None;
         if backend.gpu_name().is_some() {
             let text = Weights::upload(&self.gguf, |n| self.is_text(n), &backend)?;
-            let unet = Weights::upload(
-                &self.gguf,
-                |n| n.starts_with("model.diffusion_model."),
-                &backend,
-            )?;
-            let vae = Weights::upload(
-                &self.gguf,
-                |n| n.starts_with("first_stage_model."),
-                &backend,
-            )?;
+            let unet = Weights::upload(&self.gguf, |n| n.starts_with(UNET_PREFIX), &backend)?;
+            let vae = Weights::upload(&self.gguf, |n| n.starts_with(VAE_PREFIX), &backend)?;
             self.device = Some(DeviceWeights { text, unet, vae });
         }
         self.backend = backend;
@@ -499,7 +490,7 @@ impl Pipeline {
     fn vae_weights(&self) -> Result<StageWeights<'_>> {
         match &self.vae_file {
             Some(w) => Ok(StageWeights::Kept(w)),
-            None => self.stage(|n| n.starts_with(vae::PREFIX), |_| false, |d| &d.vae),
+            None => self.stage(|n| n.starts_with(VAE_PREFIX), |_| false, |d| &d.vae),
         }
     }
 
@@ -614,9 +605,7 @@ impl Pipeline {
             .iter()
             .map(|te| self.adapters(&loras, Part::Text, |n| n.starts_with(&te.prefix)))
             .collect::<Result<Vec<_>>>()?;
-        let unet_adapters = self.adapters(&loras, Part::Unet, |n| {
-            n.starts_with("model.diffusion_model.")
-        })?;
+        let unet_adapters = self.adapters(&loras, Part::Unet, |n| n.starts_with(UNET_PREFIX))?;
         let stages = RunStages {
             pipe: self,
             req,
@@ -722,258 +711,6 @@ impl Pipeline {
         log::info!("memory plan:\n{}", memory.summary());
         self.generate_planned(req, &memory, progress)
     }
-
-    /// [`Pipeline::generate`] with the memory choices of `memory` (from
-    /// [`Pipeline::plan`], possibly adjusted: e.g. tiles forced for a test).
-    pub fn generate_planned(
-        &self,
-        req: &Request,
-        memory: &Plan,
-        progress: &mut dyn FnMut(Stage),
-    ) -> Result<Image> {
-        let (lw, lh) = self.validate(req)?;
-        let cancelled = || check_cancel(req.cancel.as_deref());
-        cancelled()?;
-        let cfg = &self.config;
-        let t0 = Instant::now();
-        let embedded = cfg
-            .unet
-            .time_cond_proj_dim
-            .map(|dim| guidance_embedding(req.cfg_scale - 1.0, dim));
-        let guided = self.guided(req);
-        let prompts = self.prompts(req)?;
-        let tokens = self.context_tokens(&prompts);
-        let branches = if guided { 2 } else { 1 };
-        let loras = self.request_loras(req)?;
-        let cond = self.encode_prompts(req, &prompts, &loras)?;
-        let y = match &cond.pooled {
-            Some(pooled) => Some(self.vector_conditioning(req, pooled, guided)?),
-            None => None,
-        };
-        let context = cond.context;
-        self.gguf.check_intact()?;
-        progress(Stage::TextEncoded);
-        cancelled()?;
-        let t1 = Instant::now();
-
-        // One generator for the image encodes, the initial latent and then every
-        // ancestral step, in the order diffusers draws them, so the torch generator
-        // reproduces its images.
-        let mut rng = req.rng.make(req.seed);
-        let sched = if req.zero_terminal_snr || cfg.zero_terminal_snr {
-            Discrete::sd().rescale_zero_terminal_snr()
-        } else {
-            Discrete::sd()
-        };
-        let settings = req.eta.map_or_else(
-            || sample::Settings::default_for(req.sampler),
-            |eta| sample::Settings { eta },
-        );
-        // Align Your Steps has a table per model family; SDXL's is for size-conditioned UNets.
-        let opts = ScheduleOpts {
-            sigma_min: req.sigma_min,
-            sigma_max: req.sigma_max,
-            xl: !cfg.unet.time_ids.is_empty(),
-        };
-        let strength = req.strength();
-        let plan = sample::plan_for(
-            req.sampler,
-            req.schedule,
-            &sched,
-            req.steps,
-            &opts,
-            strength,
-        );
-        if plan.timesteps.is_empty() {
-            return Err(Error::Invalid(format!(
-                "strength {strength} of {} steps leaves no step to run: raise either",
-                req.steps
-            )));
-        }
-        let unet = |n: &str| n.starts_with("model.diffusion_model.");
-        // Image encodes are their own stage, before the UNet's weights come in.
-        let start = self.start(req, lw, lh, memory.tiling, rng.as_mut())?;
-        cancelled()?;
-        // The UNet's weights, graph and compute buffer are dropped before the decode.
-        let latent = {
-            let uw = self.stage(
-                unet,
-                |n| self.repack && unet(n) && n.ends_with(".weight"),
-                |d| &d.unet,
-            )?;
-            // Copied weights are not read from the mapping again.
-            self.gguf.release(|n| uw.is_copied(n));
-            // One graph for the whole run: cond and uncond as a batch of 2 when guided,
-            // unless the plan splits them to halve the compute buffer.
-            let batch = if memory.split_guidance { 1 } else { branches };
-            let adapters = self.adapters(&loras, Part::Unet, unet)?;
-            let runner = unet::Runner::new(
-                &uw,
-                &cfg.unet,
-                lw,
-                lh,
-                batch,
-                tokens,
-                self.attention,
-                adapters.as_ref(),
-            )?;
-            let unet_flops = runner.flops * (branches / batch) as f64;
-            progress(Stage::Sampling {
-                unet_flops,
-                compute_bytes: runner.buffer_bytes,
-            });
-            let mut model = Cfg {
-                runner: &runner,
-                pipe: self,
-                context: &context,
-                y: y.as_deref(),
-                scale: req.cfg_scale,
-                rescale: req.guidance_rescale,
-                guided,
-                split: memory.split_guidance,
-                extra: start.extra.as_deref(),
-                embedded: embedded.as_deref(),
-                cancel: req.cancel.as_deref(),
-            };
-            let total = plan.timesteps.len();
-            let x = start.latent(&plan, strength);
-            let mut den = sample::Denoiser::new(&mut model, cfg.prediction, &sched, &plan);
-            // SDE samplers draw from a Brownian path with its own generator (seeded from
-            // the seed), so their noise does not depend on how steps split intervals.
-            let mut brownian;
-            let mut iid;
-            let noise_src: &mut dyn sample::NoiseSampler = if req.sampler.brownian() {
-                brownian =
-                    sample::BrownianNoise::new(req.rng.make(req.seed ^ 0x9E37_79B9_7F4A_7C15));
-                &mut brownian
-            } else {
-                iid = sample::IidNoise(rng.as_mut());
-                &mut iid
-            };
-            let previewer = match req.preview_every {
-                0 => None,
-                _ => Some(preview::Previewer::new(self, req.taesd.as_deref(), lw, lh)?),
-            };
-            let traj = sample::sample(
-                &mut den,
-                req.sampler,
-                &settings,
-                &plan,
-                x,
-                noise_src,
-                &mut |i, x, denoised| {
-                    start.blend(&plan, i, x);
-                    progress(Stage::Step { done: i + 1, total });
-                    let due = (i + 1) % req.preview_every.max(1) == 0 || i + 1 == total;
-                    if let Some(p) = previewer.as_ref().filter(|_| due && !denoised.is_empty()) {
-                        // A preview is a courtesy: its failure must not cost the image.
-                        match p.draw(denoised) {
-                            Ok(image) => progress(Stage::Preview {
-                                done: i + 1,
-                                total,
-                                image: &image,
-                            }),
-                            Err(e) => log::warn!("no preview after step {}: {e}", i + 1),
-                        }
-                    }
-                },
-            )?;
-            traj.into_iter()
-                .last()
-                .ok_or_else(|| Error::Invalid("no sampling steps".into()))?
-        };
-        self.gguf.release(unet);
-        self.gguf.check_intact()?;
-        cancelled()?;
-        let t2 = Instant::now();
-
-        let latent = &latent;
-        let (pixels, unit) = match &req.taesd {
-            Some(path) => {
-                let w = Weights::from_checkpoint(&Checkpoint::open(path)?, &self.backend)?;
-                let pixels = match memory.tiling {
-                    Some(t) => taesd::decode_tiled(&w, latent, 1, lh, lw, t, &self.backend)?,
-                    None => taesd::decode(&w, latent, 1, lh, lw, &self.backend)?,
-                };
-                (pixels, true)
-            }
-            None => {
-                let w = self.vae_weights()?;
-                let pixels = match memory.tiling {
-                    Some(t) => vae::decode_tiled(
-                        &w,
-                        &cfg.vae,
-                        latent,
-                        1,
-                        lh,
-                        lw,
-                        t,
-                        req.vae_tile_stats,
-                        &self.backend,
-                        &mut |done, total| {
-                            progress(Stage::Decoding { done, total });
-                            cancelled()
-                        },
-                    )?,
-                    None => vae::decode(&w, &cfg.vae, latent, 1, lh, lw, &self.backend)?,
-                };
-                (pixels, false)
-            }
-        };
-        self.gguf.release(|n| n.starts_with("first_stage_model."));
-        self.gguf.check_intact()?;
-        progress(Stage::Decoded);
-        let (w, h) = (req.width, req.height);
-        let mut rgb = to_rgb8(&pixels, w * h, unit);
-        if let Some((init, mask)) = req
-            .init
-            .as_deref()
-            .filter(|_| req.overlay)
-            .and_then(|c| Some((c, c.mask.as_ref()?)))
-        {
-            for (i, &m) in mask.iter().enumerate() {
-                for c in 0..3 {
-                    let (a, b) = (init.rgb[i * 3 + c] as f32, rgb[i * 3 + c] as f32);
-                    rgb[i * 3 + c] = (a + m * (b - a)).round() as u8;
-                }
-            }
-        }
-        let name = self
-            .gguf
-            .path
-            .file_stem()
-            .map(|s| s.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        let embeddings = prompts
-            .used_embeddings()
-            .into_iter()
-            .filter_map(|e| self.embeddings.list.get(e))
-            .map(|e| (e.names.first().map_or("", String::as_str), e.path.as_path()))
-            .collect();
-        let record = infotext::Record {
-            req,
-            width: w,
-            height: h,
-            strength,
-            model_hash: &self.model_hash,
-            model_name: &name,
-            loras: &loras,
-            embeddings,
-        };
-        let parameters = record.render();
-        let timings = [
-            (t1 - t0).as_secs_f64(),
-            (t2 - t1).as_secs_f64(),
-            t2.elapsed().as_secs_f64(),
-        ];
-        Ok(Image {
-            width: w,
-            height: h,
-            rgb,
-            parameters,
-            timings,
-        })
-    }
 }
 
 /// The stages of one request, measured for the planner.
@@ -1075,7 +812,7 @@ impl budget::Stages for RunStages<'_> {
 
     fn unet(&self, batch: usize) -> Result<Need> {
         let (p, cfg) = (self.pipe, &self.pipe.config);
-        let w = Weights::load(&p.gguf, |n| n.starts_with("model.diffusion_model."))?;
+        let w = Weights::load(&p.gguf, |n| n.starts_with(UNET_PREFIX))?;
         let adapters = self.unet_adapters.as_ref();
         let compute = unet::Runner::measure(
             &w,

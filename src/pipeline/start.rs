@@ -11,6 +11,7 @@
 use std::path::PathBuf;
 
 use crate::error::{Error, Result};
+use crate::formats::layout::VAE_PREFIX;
 use crate::formats::Checkpoint;
 use crate::model::vae::{TileStats, Tiling};
 use crate::model::{taesd, vae, Weights};
@@ -158,7 +159,7 @@ impl Pipeline {
             extra = self.image_conditioning(lw, lh)?;
         }
         // After every encode, so the VAE is not resident through the UNet stage.
-        self.gguf.release(|n| n.starts_with("first_stage_model."));
+        self.gguf.release(|n| n.starts_with(VAE_PREFIX));
         Ok(Start {
             noise,
             image,

@@ -92,8 +92,7 @@ impl Plan {
     }
 }
 
-const UNET: &str = "model.diffusion_model.";
-const VAE: &str = "first_stage_model.";
+use crate::formats::layout::{UNET_PREFIX as UNET, VAE_PREFIX as VAE};
 
 fn unet_resnet(p: &mut Plan, d: &str, c: &str, inp: usize, out: usize, temb: usize) {
     p.norm(&format!("{d}.norm1"), &format!("{c}.in_layers.0"), inp);

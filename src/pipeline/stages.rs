@@ -1,0 +1,340 @@
+//! One generation, stage by stage: text → sampling (with the image encodes that start
+//! it) → decode → the finished image. Each stage holds its weights only while it runs,
+//! so a stage's memory is gone before the next one loads its own.
+use std::time::Instant;
+
+use super::infotext;
+use super::lora::{Part, RequestLora};
+use super::preview::Previewer;
+use super::text::Prompts;
+use super::{check_cancel, guidance_embedding, to_rgb8, Cfg, Image, Pipeline, Request, Stage};
+use crate::budget::Plan;
+use crate::error::{Error, Result};
+use crate::formats::layout::{UNET_PREFIX, VAE_PREFIX};
+use crate::formats::Checkpoint;
+use crate::model::{taesd, unet, vae, Weights};
+use crate::sample::{self, Discrete, ScheduleOpts};
+
+fn is_unet(name: &str) -> bool {
+    name.starts_with(UNET_PREFIX)
+}
+
+/// What the text stage hands on: the conditioning and what made it.
+struct Text {
+    prompts: Prompts,
+    loras: Vec<RequestLora>,
+    /// `[branch][token][context_dim]`: `[uncond, cond]` when guided.
+    context: Vec<f32>,
+    /// `label_emb`'s input per branch (SDXL).
+    y: Option<Vec<f32>>,
+    guided: bool,
+}
+
+/// The sampled latent and the strength it was sampled at.
+struct Sampled {
+    latent: Vec<f32>,
+    strength: f64,
+}
+
+/// Decoded pixels, planar `[3][h][w]`, in [0, 1] when `unit` (TAESD) else in [-1, 1].
+struct Decoded {
+    pixels: Vec<f32>,
+    unit: bool,
+}
+
+impl Pipeline {
+    /// [`Pipeline::generate`] with the memory choices of `memory` (from
+    /// [`Pipeline::plan`], possibly adjusted: e.g. tiles forced for a test).
+    pub fn generate_planned(
+        &self,
+        req: &Request,
+        memory: &Plan,
+        progress: &mut dyn FnMut(Stage),
+    ) -> Result<Image> {
+        let latent_size = self.validate(req)?;
+        check_cancel(req.cancel.as_deref())?;
+        let t0 = Instant::now();
+        let text = self.text_stage(req)?;
+        self.gguf.check_intact()?;
+        progress(Stage::TextEncoded);
+        check_cancel(req.cancel.as_deref())?;
+        let t1 = Instant::now();
+        let sampled = self.sample_stage(req, memory, &text, latent_size, progress)?;
+        self.gguf.release(is_unet);
+        self.gguf.check_intact()?;
+        check_cancel(req.cancel.as_deref())?;
+        let t2 = Instant::now();
+        let decoded = self.decode_stage(req, memory, &sampled.latent, latent_size, progress)?;
+        self.gguf.release(|n| n.starts_with(VAE_PREFIX));
+        self.gguf.check_intact()?;
+        progress(Stage::Decoded);
+        let timings = [
+            (t1 - t0).as_secs_f64(),
+            (t2 - t1).as_secs_f64(),
+            t2.elapsed().as_secs_f64(),
+        ];
+        Ok(self.finish(req, &text, &sampled, decoded, timings))
+    }
+
+    /// The prompts through the text encoders, with the request's LoRAs on them.
+    fn text_stage(&self, req: &Request) -> Result<Text> {
+        let guided = self.guided(req);
+        let prompts = self.prompts(req)?;
+        let loras = self.request_loras(req)?;
+        let cond = self.encode_prompts(req, &prompts, &loras)?;
+        let y = match &cond.pooled {
+            Some(pooled) => Some(self.vector_conditioning(req, pooled, guided)?),
+            None => None,
+        };
+        Ok(Text {
+            prompts,
+            loras,
+            context: cond.context,
+            y,
+            guided,
+        })
+    }
+
+    /// The starting latent (image encodes first, for img2img and inpainting), then the
+    /// sampler's steps through the UNet with classifier-free guidance.
+    fn sample_stage(
+        &self,
+        req: &Request,
+        memory: &Plan,
+        text: &Text,
+        (lw, lh): (usize, usize),
+        progress: &mut dyn FnMut(Stage),
+    ) -> Result<Sampled> {
+        let cfg = &self.config;
+        // One generator for the image encodes, the initial latent and then every
+        // ancestral step, in the order diffusers draws them, so the torch generator
+        // reproduces its images.
+        let mut rng = req.rng.make(req.seed);
+        let sched = if req.zero_terminal_snr || cfg.zero_terminal_snr {
+            Discrete::sd().rescale_zero_terminal_snr()
+        } else {
+            Discrete::sd()
+        };
+        let settings = req.eta.map_or_else(
+            || sample::Settings::default_for(req.sampler),
+            |eta| sample::Settings { eta },
+        );
+        // Align Your Steps has a table per model family; SDXL's is for size-conditioned UNets.
+        let opts = ScheduleOpts {
+            sigma_min: req.sigma_min,
+            sigma_max: req.sigma_max,
+            xl: !cfg.unet.time_ids.is_empty(),
+        };
+        let strength = req.strength();
+        let plan = sample::plan_for(
+            req.sampler,
+            req.schedule,
+            &sched,
+            req.steps,
+            &opts,
+            strength,
+        );
+        if plan.timesteps.is_empty() {
+            return Err(Error::Invalid(format!(
+                "strength {strength} of {} steps leaves no step to run: raise either",
+                req.steps
+            )));
+        }
+        // Image encodes are their own stage, before the UNet's weights come in.
+        let start = self.start(req, lw, lh, memory.tiling, rng.as_mut())?;
+        check_cancel(req.cancel.as_deref())?;
+        // The UNet's weights, graph and compute buffer are dropped when this returns.
+        let uw = self.stage(
+            is_unet,
+            |n| self.repack && is_unet(n) && n.ends_with(".weight"),
+            |d| &d.unet,
+        )?;
+        // Copied weights are not read from the mapping again.
+        self.gguf.release(|n| uw.is_copied(n));
+        // One graph for the whole run: cond and uncond as a batch of 2 when guided,
+        // unless the plan splits them to halve the compute buffer.
+        let branches = if text.guided { 2 } else { 1 };
+        let batch = if memory.split_guidance { 1 } else { branches };
+        let adapters = self.adapters(&text.loras, Part::Unet, is_unet)?;
+        let runner = unet::Runner::new(
+            &uw,
+            &cfg.unet,
+            lw,
+            lh,
+            batch,
+            self.context_tokens(&text.prompts),
+            self.attention,
+            adapters.as_ref(),
+        )?;
+        progress(Stage::Sampling {
+            unet_flops: runner.flops * (branches / batch) as f64,
+            compute_bytes: runner.buffer_bytes,
+        });
+        let embedded = cfg
+            .unet
+            .time_cond_proj_dim
+            .map(|dim| guidance_embedding(req.cfg_scale - 1.0, dim));
+        let mut model = Cfg {
+            runner: &runner,
+            pipe: self,
+            context: &text.context,
+            y: text.y.as_deref(),
+            scale: req.cfg_scale,
+            rescale: req.guidance_rescale,
+            guided: text.guided,
+            split: memory.split_guidance,
+            extra: start.extra.as_deref(),
+            embedded: embedded.as_deref(),
+            cancel: req.cancel.as_deref(),
+        };
+        let total = plan.timesteps.len();
+        let x = start.latent(&plan, strength);
+        let mut den = sample::Denoiser::new(&mut model, cfg.prediction, &sched, &plan);
+        // SDE samplers draw from a Brownian path with its own generator (seeded from
+        // the seed), so their noise does not depend on how steps split intervals.
+        let mut brownian;
+        let mut iid;
+        let noise_src: &mut dyn sample::NoiseSampler = if req.sampler.brownian() {
+            brownian = sample::BrownianNoise::new(req.rng.make(req.seed ^ 0x9E37_79B9_7F4A_7C15));
+            &mut brownian
+        } else {
+            iid = sample::IidNoise(rng.as_mut());
+            &mut iid
+        };
+        let previewer = match req.preview_every {
+            0 => None,
+            _ => Some(Previewer::new(self, req.taesd.as_deref(), lw, lh)?),
+        };
+        let trajectory = sample::sample(
+            &mut den,
+            req.sampler,
+            &settings,
+            &plan,
+            x,
+            noise_src,
+            &mut |i, x, denoised| {
+                start.blend(&plan, i, x);
+                progress(Stage::Step { done: i + 1, total });
+                let due = (i + 1) % req.preview_every.max(1) == 0 || i + 1 == total;
+                if let Some(p) = previewer.as_ref().filter(|_| due && !denoised.is_empty()) {
+                    // A preview is a courtesy: its failure must not cost the image.
+                    match p.draw(denoised) {
+                        Ok(image) => progress(Stage::Preview {
+                            done: i + 1,
+                            total,
+                            image: &image,
+                        }),
+                        Err(e) => log::warn!("no preview after step {}: {e}", i + 1),
+                    }
+                }
+            },
+        )?;
+        let latent = trajectory
+            .into_iter()
+            .last()
+            .ok_or_else(|| Error::Invalid("no sampling steps".into()))?;
+        Ok(Sampled { latent, strength })
+    }
+
+    /// The latent through the VAE's decoder (or the request's TAESD decoder), in tiles
+    /// where the plan says.
+    fn decode_stage(
+        &self,
+        req: &Request,
+        memory: &Plan,
+        latent: &[f32],
+        (lw, lh): (usize, usize),
+        progress: &mut dyn FnMut(Stage),
+    ) -> Result<Decoded> {
+        if let Some(path) = &req.taesd {
+            let w = Weights::from_checkpoint(&Checkpoint::open(path)?, &self.backend)?;
+            let pixels = match memory.tiling {
+                Some(t) => taesd::decode_tiled(&w, latent, 1, lh, lw, t, &self.backend)?,
+                None => taesd::decode(&w, latent, 1, lh, lw, &self.backend)?,
+            };
+            return Ok(Decoded { pixels, unit: true });
+        }
+        let w = self.vae_weights()?;
+        let cfg = &self.config.vae;
+        let pixels = match memory.tiling {
+            Some(t) => vae::decode_tiled(
+                &w,
+                cfg,
+                latent,
+                1,
+                lh,
+                lw,
+                t,
+                req.vae_tile_stats,
+                &self.backend,
+                &mut |done, total| {
+                    progress(Stage::Decoding { done, total });
+                    check_cancel(req.cancel.as_deref())
+                },
+            )?,
+            None => vae::decode(&w, cfg, latent, 1, lh, lw, &self.backend)?,
+        };
+        Ok(Decoded {
+            pixels,
+            unit: false,
+        })
+    }
+
+    /// The 8-bit image: the init image pasted back outside an inpainting mask, and the
+    /// parameters that made it.
+    fn finish(
+        &self,
+        req: &Request,
+        text: &Text,
+        sampled: &Sampled,
+        decoded: Decoded,
+        timings: [f64; 3],
+    ) -> Image {
+        let (w, h) = (req.width, req.height);
+        let mut rgb = to_rgb8(&decoded.pixels, w * h, decoded.unit);
+        if let Some((init, mask)) = req
+            .init
+            .as_deref()
+            .filter(|_| req.overlay)
+            .and_then(|c| Some((c, c.mask.as_ref()?)))
+        {
+            for (i, &m) in mask.iter().enumerate() {
+                for c in 0..3 {
+                    let (a, b) = (init.rgb[i * 3 + c] as f32, rgb[i * 3 + c] as f32);
+                    rgb[i * 3 + c] = (a + m * (b - a)).round() as u8;
+                }
+            }
+        }
+        let name = self
+            .gguf
+            .path
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let embeddings = text
+            .prompts
+            .used_embeddings()
+            .into_iter()
+            .filter_map(|e| self.embeddings.list.get(e))
+            .map(|e| (e.names.first().map_or("", String::as_str), e.path.as_path()))
+            .collect();
+        let parameters = infotext::Record {
+            req,
+            width: w,
+            height: h,
+            strength: sampled.strength,
+            model_hash: &self.model_hash,
+            model_name: &name,
+            loras: &text.loras,
+            embeddings,
+        }
+        .render();
+        Image {
+            width: w,
+            height: h,
+            rgb,
+            parameters,
+            timings,
+        }
+    }
+}
