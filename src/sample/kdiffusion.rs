@@ -1,20 +1,74 @@
 //! σ-space samplers as k-diffusion defines them (Crowson's `k_diffusion.sampling`,
 //! after Karras et al. 2022 and Lu et al. 2022): each function takes one step from
 //! σ_i to σ_{i+1} of a VE latent. Written from the published algorithms.
-use super::{Denoiser, NoiseSampler, Plan, Sampler};
+use super::{Denoiser, NoiseSampler, Plan};
 use crate::error::Result;
 
-/// History kept between steps by multistep methods.
+/// What one step needs besides the latent: the model, the plan, the noise scale and
+/// the noise source.
+pub(super) struct Step<'s, 'd> {
+    pub den: &'s mut Denoiser<'d>,
+    pub plan: &'s Plan,
+    /// Which step: from `plan.sigmas[i]` to `plan.sigmas[i + 1]`.
+    pub i: usize,
+    pub eta: f64,
+    pub noise: &'s mut dyn NoiseSampler,
+}
+
+impl Step<'_, '_> {
+    fn sigmas(&self) -> (f64, f64) {
+        (self.plan.sigmas[self.i], self.plan.sigmas[self.i + 1])
+    }
+}
+
+/// Earlier values a multistep method keeps, newest last, at most `N`.
+pub(super) struct Recent<const N: usize>(Vec<Vec<f64>>);
+
+impl<const N: usize> Default for Recent<N> {
+    fn default() -> Self {
+        Recent(Vec::with_capacity(N + 1))
+    }
+}
+
+impl<const N: usize> Recent<N> {
+    pub fn push(&mut self, v: Vec<f64>) {
+        self.0.push(v);
+        if self.0.len() > N {
+            self.0.remove(0);
+        }
+    }
+    /// The `back`-th newest (0: the newest).
+    pub fn back(&self, back: usize) -> Option<&Vec<f64>> {
+        self.0.len().checked_sub(back + 1).map(|k| &self.0[k])
+    }
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+    /// Oldest first.
+    pub fn as_slice(&self) -> &[Vec<f64>] {
+        &self.0
+    }
+}
+
+/// DPM++ 2M's history: the previous denoised estimate.
 #[derive(Default)]
-pub(super) struct State {
-    /// Earlier denoised estimates, newest last.
-    pub denoised: Vec<Vec<f64>>,
-    /// Earlier derivatives (x − D)/σ, newest last.
-    pub derivs: Vec<Vec<f64>>,
-    /// Earlier step sizes in log σ, newest last.
-    pub h: Vec<f64>,
-    /// Free slot for samplers with their own bookkeeping (PLMS, UniPC).
-    pub extra: Vec<Vec<f64>>,
+pub(super) struct Dpm2M {
+    old: Option<Vec<f64>>,
+}
+
+/// DPM++ 2M SDE's history: the previous estimate and its step in λ (none after a step
+/// to σ = 0).
+#[derive(Default)]
+pub(super) struct Dpm2MSde {
+    old: Option<Vec<f64>>,
+    h: Option<f64>,
+}
+
+/// DPM++ 3M SDE's history: the last two estimates and the last two steps in λ.
+#[derive(Default)]
+pub(super) struct Dpm3MSde {
+    old: Recent<2>,
+    h: Vec<f64>,
 }
 
 /// (x − D) / σ: the probability-flow ODE's dx/dσ.
@@ -60,288 +114,269 @@ fn lambda(sigma: f64) -> f64 {
 /// DDIM with η (Song et al. 2021, eq. 12) in the VE form: the ancestral step with η,
 /// since DDIM's σ_t(η)/sqrt(ᾱ_prev) equals k-diffusion's σ_up (DDIM keeps the
 /// direction ε, so x_prev = D + σ_down ε + σ_up z).
-pub(super) fn ddim_step(
-    den: &mut Denoiser<'_>,
-    plan: &Plan,
-    i: usize,
-    x: &[f64],
-    eta: f64,
-    noise: &mut dyn NoiseSampler,
-) -> Result<Vec<f64>> {
-    let (s, sn) = (plan.sigmas[i], plan.sigmas[i + 1]);
-    let d0 = den.denoise_at(x, s, plan.timesteps[i])?;
-    let (down, up) = ancestral(s, sn, eta);
+pub(super) fn ddim(st: &mut Step, x: &[f64]) -> Result<Vec<f64>> {
+    let (s, sn) = st.sigmas();
+    let d0 = st.den.denoise_at(x, s, st.plan.timesteps[st.i])?;
+    let (down, up) = ancestral(s, sn, st.eta);
     let eps = deriv(x, &d0, s);
     let mut out = axpy(&d0, down, &eps);
-    add_noise(&mut out, noise, s, sn, up);
+    add_noise(&mut out, st.noise, s, sn, up);
     Ok(out)
 }
 
-#[allow(clippy::too_many_arguments)]
-pub(super) fn step(
-    sampler: Sampler,
-    den: &mut Denoiser<'_>,
-    plan: &Plan,
-    i: usize,
-    x: &[f64],
-    eta: f64,
-    noise: &mut dyn NoiseSampler,
-    st: &mut State,
-) -> Result<Vec<f64>> {
-    let sig = &plan.sigmas;
-    let (s, sn) = (sig[i], sig[i + 1]);
-    let d0 = den.denoise(x, s)?;
-    let out = match sampler {
-        // The deterministic methods are their ancestral forms at η = 0 (σ_down = σ_next,
-        // σ_up = 0: no noise is drawn).
-        Sampler::Euler | Sampler::EulerA => {
-            let (down, up) = ancestral(s, sn, if sampler == Sampler::Euler { 0.0 } else { eta });
-            let mut out = axpy(x, down - s, &deriv(x, &d0, s));
-            add_noise(&mut out, noise, s, sn, up);
-            out
+/// Euler's method, or with `ancestral` its ancestral form (η of fresh noise); the
+/// deterministic form is the ancestral one at η = 0 (σ_down = σ_next, σ_up = 0).
+pub(super) fn euler(st: &mut Step, x: &[f64], ancestral_noise: bool) -> Result<Vec<f64>> {
+    let (s, sn) = st.sigmas();
+    let d0 = st.den.denoise(x, s)?;
+    let (down, up) = ancestral(s, sn, if ancestral_noise { st.eta } else { 0.0 });
+    let mut out = axpy(x, down - s, &deriv(x, &d0, s));
+    add_noise(&mut out, st.noise, s, sn, up);
+    Ok(out)
+}
+
+/// Heun's second-order method (Karras et al. 2022, alg. 1).
+pub(super) fn heun(st: &mut Step, x: &[f64]) -> Result<Vec<f64>> {
+    let (s, sn) = st.sigmas();
+    let d = deriv(x, &st.den.denoise(x, s)?, s);
+    let x2 = axpy(x, sn - s, &d);
+    if sn == 0.0 {
+        return Ok(x2);
+    }
+    let d2 = deriv(&x2, &st.den.denoise(&x2, sn)?, sn);
+    let avg: Vec<f64> = d.iter().zip(&d2).map(|(a, b)| (a + b) / 2.0).collect();
+    Ok(axpy(x, sn - s, &avg))
+}
+
+/// DPM-Solver-2, the midpoint in log σ; with `ancestral_noise`, DPM2 a.
+pub(super) fn dpm2(st: &mut Step, x: &[f64], ancestral_noise: bool) -> Result<Vec<f64>> {
+    let (s, sn) = st.sigmas();
+    let d0 = st.den.denoise(x, s)?;
+    let (down, up) = ancestral(s, sn, if ancestral_noise { st.eta } else { 0.0 });
+    let d = deriv(x, &d0, s);
+    if down == 0.0 {
+        return Ok(axpy(x, down - s, &d));
+    }
+    let mid = ((s.ln() + down.ln()) / 2.0).exp();
+    let x2 = axpy(x, mid - s, &d);
+    let d2 = deriv(&x2, &st.den.denoise(&x2, mid)?, mid);
+    let mut out = axpy(x, down - s, &d2);
+    add_noise(&mut out, st.noise, s, sn, up);
+    Ok(out)
+}
+
+/// DPM-Solver++(2M) (Lu et al. 2022): second order from the previous estimate.
+pub(super) fn dpmpp_2m(st: &mut Step, x: &[f64], hist: &mut Dpm2M) -> Result<Vec<f64>> {
+    let (s, sn) = st.sigmas();
+    let d0 = st.den.denoise(x, s)?;
+    let old = hist.old.replace(d0.clone());
+    if sn == 0.0 {
+        return Ok(d0);
+    }
+    let h = lambda(sn) - lambda(s);
+    let ratio = sn / s;
+    let c = -(-h).exp_m1();
+    Ok(match old {
+        Some(old) if st.i > 0 => {
+            let h_last = lambda(s) - lambda(st.plan.sigmas[st.i - 1]);
+            let r = h_last / h;
+            let (a, b) = (1.0 + 1.0 / (2.0 * r), 1.0 / (2.0 * r));
+            x.iter()
+                .zip(&d0)
+                .zip(&old)
+                .map(|((x, d), o)| ratio * x + c * (a * d - b * o))
+                .collect()
         }
-        Sampler::Heun => {
-            let d = deriv(x, &d0, s);
-            let x2 = axpy(x, sn - s, &d);
-            if sn == 0.0 {
-                x2
-            } else {
-                let d2 = deriv(&x2, &den.denoise(&x2, sn)?, sn);
-                let avg: Vec<f64> = d.iter().zip(&d2).map(|(a, b)| (a + b) / 2.0).collect();
-                axpy(x, sn - s, &avg)
-            }
-        }
-        Sampler::Dpm2 | Sampler::Dpm2A => {
-            let (down, up) = ancestral(s, sn, if sampler == Sampler::Dpm2 { 0.0 } else { eta });
-            let d = deriv(x, &d0, s);
-            if down == 0.0 {
-                axpy(x, down - s, &d)
-            } else {
-                let mid = ((s.ln() + down.ln()) / 2.0).exp();
-                let x2 = axpy(x, mid - s, &d);
-                let d2 = deriv(&x2, &den.denoise(&x2, mid)?, mid);
-                let mut out = axpy(x, down - s, &d2);
-                add_noise(&mut out, noise, s, sn, up);
-                out
-            }
-        }
-        Sampler::DpmPP2M => {
-            let out = if sn == 0.0 {
-                d0.clone()
-            } else {
-                let h = lambda(sn) - lambda(s);
-                let ratio = sn / s;
-                let c = -(-h).exp_m1();
-                match st.denoised.last() {
-                    Some(old) if i > 0 => {
-                        let h_last = lambda(s) - lambda(sig[i - 1]);
-                        let r = h_last / h;
-                        let (a, b) = (1.0 + 1.0 / (2.0 * r), 1.0 / (2.0 * r));
-                        x.iter()
-                            .zip(&d0)
-                            .zip(old)
-                            .map(|((x, d), o)| ratio * x + c * (a * d - b * o))
-                            .collect()
-                    }
-                    _ => x.iter().zip(&d0).map(|(x, d)| ratio * x + c * d).collect(),
-                }
-            };
-            st.denoised = vec![d0];
-            out
-        }
-        Sampler::DpmPP2SA => {
-            let (down, up) = ancestral(s, sn, eta);
-            let mut out = if down == 0.0 {
-                axpy(x, down - s, &deriv(x, &d0, s))
-            } else {
-                let (t, tn) = (lambda(s), lambda(down));
-                let h = tn - t;
-                let sm = (-(t + 0.5 * h)).exp();
-                let x2: Vec<f64> = x
-                    .iter()
-                    .zip(&d0)
-                    .map(|(x, d)| (sm / s) * x - (-0.5 * h).exp_m1() * d)
-                    .collect();
-                let d2 = den.denoise(&x2, sm)?;
-                x.iter()
-                    .zip(&d2)
-                    .map(|(x, d)| (down / s) * x - (-h).exp_m1() * d)
-                    .collect()
-            };
-            if sn > 0.0 {
-                add_noise(&mut out, noise, s, sn, up);
-            }
-            out
-        }
-        Sampler::DpmPPSde => {
-            if sn == 0.0 {
-                axpy(x, sn - s, &deriv(x, &d0, s))
-            } else {
-                let (t, tn) = (lambda(s), lambda(sn));
-                let h = tn - t;
-                let r = 0.5;
-                let sm = (-(t + h * r)).exp();
-                let fac = 1.0 / (2.0 * r);
-                // Stage 1: to the midpoint, ancestrally.
-                let (down, up) = ancestral(s, sm, eta);
-                let s_ = lambda(down);
-                let mut x2: Vec<f64> = x
-                    .iter()
-                    .zip(&d0)
-                    .map(|(x, d)| (down / s) * x - (t - s_).exp_m1() * d)
-                    .collect();
-                add_noise(&mut x2, noise, s, sm, up);
-                let d2 = den.denoise(&x2, sm)?;
-                // Stage 2: the whole step with the averaged estimate.
-                let (down, up) = ancestral(s, sn, eta);
-                let tn_ = lambda(down);
-                let mut out: Vec<f64> = x
-                    .iter()
-                    .zip(&d0)
-                    .zip(&d2)
-                    .map(|((x, a), b)| {
-                        (down / s) * x - (t - tn_).exp_m1() * ((1.0 - fac) * a + fac * b)
-                    })
-                    .collect();
-                add_noise(&mut out, noise, s, sn, up);
-                out
-            }
-        }
-        Sampler::DpmPP2MSde => {
-            let out = if sn == 0.0 {
-                st.h.clear();
-                d0.clone()
-            } else {
-                let h = lambda(sn) - lambda(s);
-                let eh = eta * h;
-                let c = -(-h - eh).exp_m1();
-                let mut out: Vec<f64> = x
-                    .iter()
-                    .zip(&d0)
-                    .map(|(x, d)| sn / s * (-eh).exp() * x + c * d)
-                    .collect();
-                if let (Some(old), Some(&h_last)) = (st.denoised.last(), st.h.last()) {
-                    let r = h_last / h;
-                    for ((o, d), od) in out.iter_mut().zip(&d0).zip(old) {
-                        *o += 0.5 * c * (1.0 / r) * (d - od);
-                    }
-                }
-                add_noise(&mut out, noise, s, sn, sn * (-(-2.0 * eh).exp_m1()).sqrt());
-                st.h = vec![h];
-                out
-            };
-            st.denoised = vec![d0];
-            out
-        }
-        Sampler::DpmPP3MSde => {
-            let out = if sn == 0.0 {
-                d0.clone()
-            } else {
-                let h = lambda(sn) - lambda(s);
-                let he = h * (eta + 1.0);
-                let mut out: Vec<f64> = x
-                    .iter()
-                    .zip(&d0)
-                    .map(|(x, d)| (-he).exp() * x - (-he).exp_m1() * d)
-                    .collect();
-                let phi2 = (-he).exp_m1() / he + 1.0;
-                let n = st.denoised.len();
-                if n >= 2 && st.h.len() >= 2 {
-                    let (d1, d2) = (&st.denoised[n - 1], &st.denoised[n - 2]);
-                    let (h1, h2) = (st.h[st.h.len() - 1], st.h[st.h.len() - 2]);
-                    let (r0, r1) = (h1 / h, h2 / h);
-                    let phi3 = phi2 / he - 0.5;
-                    for k in 0..out.len() {
-                        let d10 = (d0[k] - d1[k]) / r0;
-                        let d11 = (d1[k] - d2[k]) / r1;
-                        let dd1 = d10 + (d10 - d11) * r0 / (r0 + r1);
-                        let dd2 = (d10 - d11) / (r0 + r1);
-                        out[k] += phi2 * dd1 - phi3 * dd2;
-                    }
-                } else if n >= 1 && !st.h.is_empty() {
-                    let r = st.h[st.h.len() - 1] / h;
-                    let d1 = &st.denoised[n - 1];
-                    for k in 0..out.len() {
-                        out[k] += phi2 * (d0[k] - d1[k]) / r;
-                    }
-                }
-                if eta != 0.0 {
-                    add_noise(
-                        &mut out,
-                        noise,
-                        s,
-                        sn,
-                        sn * (-(-2.0 * h * eta).exp_m1()).sqrt(),
-                    );
-                }
-                st.h.push(h);
-                out
-            };
-            st.denoised.push(d0);
-            if st.denoised.len() > 2 {
-                st.denoised.remove(0);
-            }
-            if st.h.len() > 2 {
-                st.h.remove(0);
-            }
-            out
-        }
-        Sampler::Lms => {
-            const ORDER: usize = 4;
-            st.derivs.push(deriv(x, &d0, s));
-            if st.derivs.len() > ORDER {
-                st.derivs.remove(0);
-            }
-            let order = (i + 1).min(ORDER);
-            let mut out = x.to_vec();
-            for j in 0..order {
-                let c = lms_coeff(order, sig, i, j);
-                let d = &st.derivs[st.derivs.len() - 1 - j];
-                for (o, d) in out.iter_mut().zip(d) {
-                    *o += c * d;
-                }
-            }
-            out
-        }
-        Sampler::Ipndm => {
-            // Adams–Bashforth with constant-step weights on dx/dσ, up to 4th order.
-            let d = deriv(x, &d0, s);
-            let hist = &st.derivs;
-            let m = hist.len();
-            let dt = sn - s;
-            let out: Vec<f64> = match m.min(3) {
-                0 => axpy(x, dt, &d),
-                1 => (0..x.len())
-                    .map(|k| x[k] + dt * (3.0 * d[k] - hist[m - 1][k]) / 2.0)
-                    .collect(),
-                2 => (0..x.len())
-                    .map(|k| {
-                        x[k] + dt * (23.0 * d[k] - 16.0 * hist[m - 1][k] + 5.0 * hist[m - 2][k])
-                            / 12.0
-                    })
-                    .collect(),
-                _ => (0..x.len())
-                    .map(|k| {
-                        x[k] + dt
-                            * (55.0 * d[k] - 59.0 * hist[m - 1][k] + 37.0 * hist[m - 2][k]
-                                - 9.0 * hist[m - 3][k])
-                            / 24.0
-                    })
-                    .collect(),
-            };
-            st.derivs.push(d);
-            if st.derivs.len() > 3 {
-                st.derivs.remove(0);
-            }
-            out
-        }
-        Sampler::Ddim | Sampler::Plms | Sampler::UniPc | Sampler::Lcm | Sampler::Tcd => {
-            return Err(crate::error::Error::Invalid(format!(
-                "{:?} is not a σ-space sampler",
-                sampler
-            )));
-        }
+        _ => x.iter().zip(&d0).map(|(x, d)| ratio * x + c * d).collect(),
+    })
+}
+
+/// DPM-Solver++(2S), single step, with ancestral noise.
+pub(super) fn dpmpp_2s_a(st: &mut Step, x: &[f64]) -> Result<Vec<f64>> {
+    let (s, sn) = st.sigmas();
+    let d0 = st.den.denoise(x, s)?;
+    let (down, up) = ancestral(s, sn, st.eta);
+    let mut out = if down == 0.0 {
+        axpy(x, down - s, &deriv(x, &d0, s))
+    } else {
+        let (t, tn) = (lambda(s), lambda(down));
+        let h = tn - t;
+        let sm = (-(t + 0.5 * h)).exp();
+        let x2: Vec<f64> = x
+            .iter()
+            .zip(&d0)
+            .map(|(x, d)| (sm / s) * x - (-0.5 * h).exp_m1() * d)
+            .collect();
+        let d2 = st.den.denoise(&x2, sm)?;
+        x.iter()
+            .zip(&d2)
+            .map(|(x, d)| (down / s) * x - (-h).exp_m1() * d)
+            .collect()
     };
+    if sn > 0.0 {
+        add_noise(&mut out, st.noise, s, sn, up);
+    }
+    Ok(out)
+}
+
+/// DPM-Solver++ SDE: two stages, the midpoint reached ancestrally.
+pub(super) fn dpmpp_sde(st: &mut Step, x: &[f64]) -> Result<Vec<f64>> {
+    let (s, sn) = st.sigmas();
+    let d0 = st.den.denoise(x, s)?;
+    if sn == 0.0 {
+        return Ok(axpy(x, sn - s, &deriv(x, &d0, s)));
+    }
+    let (t, tn) = (lambda(s), lambda(sn));
+    let h = tn - t;
+    let r = 0.5;
+    let sm = (-(t + h * r)).exp();
+    let fac = 1.0 / (2.0 * r);
+    // Stage 1: to the midpoint, ancestrally.
+    let (down, up) = ancestral(s, sm, st.eta);
+    let s_ = lambda(down);
+    let mut x2: Vec<f64> = x
+        .iter()
+        .zip(&d0)
+        .map(|(x, d)| (down / s) * x - (t - s_).exp_m1() * d)
+        .collect();
+    add_noise(&mut x2, st.noise, s, sm, up);
+    let d2 = st.den.denoise(&x2, sm)?;
+    // Stage 2: the whole step with the averaged estimate.
+    let (down, up) = ancestral(s, sn, st.eta);
+    let tn_ = lambda(down);
+    let mut out: Vec<f64> = x
+        .iter()
+        .zip(&d0)
+        .zip(&d2)
+        .map(|((x, a), b)| (down / s) * x - (t - tn_).exp_m1() * ((1.0 - fac) * a + fac * b))
+        .collect();
+    add_noise(&mut out, st.noise, s, sn, up);
+    Ok(out)
+}
+
+/// DPM-Solver++(2M) SDE, midpoint variant.
+pub(super) fn dpmpp_2m_sde(st: &mut Step, x: &[f64], hist: &mut Dpm2MSde) -> Result<Vec<f64>> {
+    let (s, sn) = st.sigmas();
+    let d0 = st.den.denoise(x, s)?;
+    let old = hist.old.replace(d0.clone());
+    if sn == 0.0 {
+        hist.h = None;
+        return Ok(d0);
+    }
+    let h = lambda(sn) - lambda(s);
+    let eh = st.eta * h;
+    let c = -(-h - eh).exp_m1();
+    let mut out: Vec<f64> = x
+        .iter()
+        .zip(&d0)
+        .map(|(x, d)| sn / s * (-eh).exp() * x + c * d)
+        .collect();
+    if let (Some(old), Some(h_last)) = (old, hist.h) {
+        let r = h_last / h;
+        for ((o, d), od) in out.iter_mut().zip(&d0).zip(&old) {
+            *o += 0.5 * c * (1.0 / r) * (d - od);
+        }
+    }
+    add_noise(
+        &mut out,
+        st.noise,
+        s,
+        sn,
+        sn * (-(-2.0 * eh).exp_m1()).sqrt(),
+    );
+    hist.h = Some(h);
+    Ok(out)
+}
+
+/// DPM-Solver++(3M) SDE.
+pub(super) fn dpmpp_3m_sde(st: &mut Step, x: &[f64], hist: &mut Dpm3MSde) -> Result<Vec<f64>> {
+    let (s, sn) = st.sigmas();
+    let d0 = st.den.denoise(x, s)?;
+    let out = if sn == 0.0 {
+        d0.clone()
+    } else {
+        let h = lambda(sn) - lambda(s);
+        let he = h * (st.eta + 1.0);
+        let mut out: Vec<f64> = x
+            .iter()
+            .zip(&d0)
+            .map(|(x, d)| (-he).exp() * x - (-he).exp_m1() * d)
+            .collect();
+        let phi2 = (-he).exp_m1() / he + 1.0;
+        let hs = &hist.h;
+        match (hist.old.back(0), hist.old.back(1)) {
+            (Some(d1), Some(d2)) if hs.len() >= 2 => {
+                let (h1, h2) = (hs[hs.len() - 1], hs[hs.len() - 2]);
+                let (r0, r1) = (h1 / h, h2 / h);
+                let phi3 = phi2 / he - 0.5;
+                for (k, o) in out.iter_mut().enumerate() {
+                    let d10 = (d0[k] - d1[k]) / r0;
+                    let d11 = (d1[k] - d2[k]) / r1;
+                    let dd1 = d10 + (d10 - d11) * r0 / (r0 + r1);
+                    let dd2 = (d10 - d11) / (r0 + r1);
+                    *o += phi2 * dd1 - phi3 * dd2;
+                }
+            }
+            (Some(d1), _) if !hs.is_empty() => {
+                let r = hs[hs.len() - 1] / h;
+                for ((o, a), b) in out.iter_mut().zip(&d0).zip(d1) {
+                    *o += phi2 * (a - b) / r;
+                }
+            }
+            _ => {}
+        }
+        if st.eta != 0.0 {
+            let up = sn * (-(-2.0 * h * st.eta).exp_m1()).sqrt();
+            add_noise(&mut out, st.noise, s, sn, up);
+        }
+        hist.h.push(h);
+        if hist.h.len() > 2 {
+            hist.h.remove(0);
+        }
+        out
+    };
+    hist.old.push(d0);
+    Ok(out)
+}
+
+/// Linear multistep in σ, order 4 (k-diffusion's LMS): `derivs` holds the earlier
+/// derivatives dx/dσ.
+pub(super) fn lms(st: &mut Step, x: &[f64], derivs: &mut Recent<4>) -> Result<Vec<f64>> {
+    let (s, _) = st.sigmas();
+    let d0 = st.den.denoise(x, s)?;
+    derivs.push(deriv(x, &d0, s));
+    let order = (st.i + 1).min(4);
+    let mut out = x.to_vec();
+    for j in 0..order {
+        let c = lms_coeff(order, &st.plan.sigmas, st.i, j);
+        if let Some(d) = derivs.back(j) {
+            for (o, d) in out.iter_mut().zip(d) {
+                *o += c * d;
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// iPNDM: Adams–Bashforth with constant-step weights on dx/dσ, up to 4th order
+/// (Zhang & Chen 2023); `derivs` holds the three before this step's.
+pub(super) fn ipndm(st: &mut Step, x: &[f64], derivs: &mut Recent<3>) -> Result<Vec<f64>> {
+    let (s, sn) = st.sigmas();
+    let d = deriv(x, &st.den.denoise(x, s)?, s);
+    let dt = sn - s;
+    let out: Vec<f64> = match (derivs.back(0), derivs.back(1), derivs.back(2)) {
+        (Some(a), Some(b), Some(c)) => (0..x.len())
+            .map(|k| x[k] + dt * (55.0 * d[k] - 59.0 * a[k] + 37.0 * b[k] - 9.0 * c[k]) / 24.0)
+            .collect(),
+        (Some(a), Some(b), None) => (0..x.len())
+            .map(|k| x[k] + dt * (23.0 * d[k] - 16.0 * a[k] + 5.0 * b[k]) / 12.0)
+            .collect(),
+        (Some(a), None, _) => (0..x.len())
+            .map(|k| x[k] + dt * (3.0 * d[k] - a[k]) / 2.0)
+            .collect(),
+        _ => axpy(x, dt, &d),
+    };
+    derivs.push(d);
     Ok(out)
 }
 

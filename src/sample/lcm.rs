@@ -1,7 +1,8 @@
 //! Consistency-model samplers: LCM (Luo et al. 2023, "Latent Consistency Models") and
 //! TCD (Zheng et al. 2024, "Trajectory Consistency Distillation"). Both walk a coarse
 //! grid of the distillation's timesteps and predict x0 at every step.
-use super::{Denoiser, Discrete, NoiseSampler, Plan};
+use super::kdiffusion::Step;
+use super::{Discrete, Plan};
 use crate::error::Result;
 
 /// LCM's skipping-step grid: the distillation used every (T / original)-th timestep
@@ -45,13 +46,8 @@ fn boundary(t: f64) -> (f64, f64) {
 }
 
 /// x0 = c_out·D + c_skip·x_vp, then re-noised to the next level (fresh noise) unless last.
-pub(super) fn lcm_step(
-    den: &mut Denoiser<'_>,
-    plan: &Plan,
-    i: usize,
-    x: &[f64],
-    noise: &mut dyn NoiseSampler,
-) -> Result<Vec<f64>> {
+pub(super) fn lcm_step(st: &mut Step, x: &[f64]) -> Result<Vec<f64>> {
+    let (den, plan, i, noise) = (&mut *st.den, st.plan, st.i, &mut *st.noise);
     let (s, sn, t) = (plan.sigmas[i], plan.sigmas[i + 1], plan.timesteps[i]);
     let d0 = den.denoise_at(x, s, t)?;
     let (c_skip, c_out) = boundary(t);
@@ -89,14 +85,8 @@ pub fn tcd_plan(d: &Discrete, steps: usize, original: usize, strength: f64) -> P
 
 /// One TCD step with γ: predict x0 and ε at t, jump deterministically to
 /// s = ⌊(1 − γ)·t_prev⌋, then forward-diffuse from s to t_prev with fresh noise.
-pub(super) fn tcd_step(
-    den: &mut Denoiser<'_>,
-    plan: &Plan,
-    i: usize,
-    x: &[f64],
-    gamma: f64,
-    noise: &mut dyn NoiseSampler,
-) -> Result<Vec<f64>> {
+pub(super) fn tcd_step(st: &mut Step, x: &[f64]) -> Result<Vec<f64>> {
+    let (den, plan, i, gamma, noise) = (&mut *st.den, st.plan, st.i, st.eta, &mut *st.noise);
     let (s, t) = (plan.sigmas[i], plan.timesteps[i]);
     let last = i + 1 == plan.timesteps.len();
     let t_prev = if last { 0.0 } else { plan.timesteps[i + 1] };

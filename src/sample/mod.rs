@@ -449,6 +449,69 @@ pub fn start_latent(plan: &Plan, noise: &[f32], image: Option<&[f32]>) -> Vec<f6
     }
 }
 
+/// A sampler with the history its family keeps between steps.
+enum Family {
+    Euler { ancestral: bool },
+    Heun,
+    Dpm2 { ancestral: bool },
+    DpmPP2M(kdiffusion::Dpm2M),
+    DpmPP2SA,
+    DpmPPSde,
+    DpmPP2MSde(kdiffusion::Dpm2MSde),
+    DpmPP3MSde(kdiffusion::Dpm3MSde),
+    Lms(kdiffusion::Recent<4>),
+    Ipndm(kdiffusion::Recent<3>),
+    Ddim,
+    Plms(multistep::Plms),
+    UniPc(multistep::UniPc),
+    Lcm,
+    Tcd,
+}
+
+impl Family {
+    fn new(sampler: Sampler) -> Family {
+        match sampler {
+            Sampler::Euler => Family::Euler { ancestral: false },
+            Sampler::EulerA => Family::Euler { ancestral: true },
+            Sampler::Heun => Family::Heun,
+            Sampler::Dpm2 => Family::Dpm2 { ancestral: false },
+            Sampler::Dpm2A => Family::Dpm2 { ancestral: true },
+            Sampler::DpmPP2M => Family::DpmPP2M(Default::default()),
+            Sampler::DpmPP2SA => Family::DpmPP2SA,
+            Sampler::DpmPPSde => Family::DpmPPSde,
+            Sampler::DpmPP2MSde => Family::DpmPP2MSde(Default::default()),
+            Sampler::DpmPP3MSde => Family::DpmPP3MSde(Default::default()),
+            Sampler::Lms => Family::Lms(Default::default()),
+            Sampler::Ipndm => Family::Ipndm(Default::default()),
+            Sampler::Ddim => Family::Ddim,
+            Sampler::Plms => Family::Plms(Default::default()),
+            Sampler::UniPc => Family::UniPc(Default::default()),
+            Sampler::Lcm => Family::Lcm,
+            Sampler::Tcd => Family::Tcd,
+        }
+    }
+
+    fn step(&mut self, st: &mut kdiffusion::Step, x: &[f64]) -> Result<Vec<f64>> {
+        match self {
+            Family::Euler { ancestral } => kdiffusion::euler(st, x, *ancestral),
+            Family::Heun => kdiffusion::heun(st, x),
+            Family::Dpm2 { ancestral } => kdiffusion::dpm2(st, x, *ancestral),
+            Family::DpmPP2M(h) => kdiffusion::dpmpp_2m(st, x, h),
+            Family::DpmPP2SA => kdiffusion::dpmpp_2s_a(st, x),
+            Family::DpmPPSde => kdiffusion::dpmpp_sde(st, x),
+            Family::DpmPP2MSde(h) => kdiffusion::dpmpp_2m_sde(st, x, h),
+            Family::DpmPP3MSde(h) => kdiffusion::dpmpp_3m_sde(st, x, h),
+            Family::Lms(h) => kdiffusion::lms(st, x, h),
+            Family::Ipndm(h) => kdiffusion::ipndm(st, x, h),
+            Family::Ddim => kdiffusion::ddim(st, x),
+            Family::Plms(h) => multistep::plms_step(st, x, h),
+            Family::UniPc(h) => multistep::unipc_step(st, x, h),
+            Family::Lcm => lcm::lcm_step(st, x),
+            Family::Tcd => lcm::tcd_step(st, x),
+        }
+    }
+}
+
 /// What [`sample`] calls after each step: `(step, latent, denoised)`.
 pub type OnStep<'a> = dyn FnMut(usize, &mut [f64], &[f64]) + 'a;
 
@@ -474,16 +537,16 @@ pub fn sample(
         )));
     }
     let mut trajectory = Vec::with_capacity(n);
-    let mut state = kdiffusion::State::default();
+    let mut family = Family::new(sampler);
     for i in 0..n {
-        x = match sampler {
-            Sampler::Lcm => lcm::lcm_step(den, plan, i, &x, noise)?,
-            Sampler::Tcd => lcm::tcd_step(den, plan, i, &x, settings.eta, noise)?,
-            Sampler::Plms => multistep::plms_step(den, plan, i, &x, &mut state)?,
-            Sampler::UniPc => multistep::unipc_step(den, plan, i, &x, &mut state)?,
-            Sampler::Ddim => kdiffusion::ddim_step(den, plan, i, &x, settings.eta, noise)?,
-            _ => kdiffusion::step(sampler, den, plan, i, &x, settings.eta, noise, &mut state)?,
+        let mut step = kdiffusion::Step {
+            den: &mut *den,
+            plan,
+            i,
+            eta: settings.eta,
+            noise: &mut *noise,
         };
+        x = family.step(&mut step, &x)?;
         on_step(i, &mut x, den.last_denoised());
         let s = plan.sigmas[i + 1];
         let c = 1.0 / (s * s + 1.0).sqrt();

@@ -2,8 +2,8 @@
 //! PLMS (Liu et al. 2022, "Pseudo Numerical Methods for Diffusion Models on
 //! Manifolds", without the Runge–Kutta warm-up, as Stable Diffusion runs it) and
 //! UniPC (Zhao et al. 2023, "UniPC: A Unified Predictor-Corrector Framework", bh2).
-use super::kdiffusion::State;
-use super::{Denoiser, Discrete, Plan};
+use super::kdiffusion::{Recent, Step};
+use super::{Discrete, Plan};
 use crate::error::Result;
 
 /// PLMS visits the leading-spaced grid t_{n−1} … t_0 but evaluates the second point
@@ -34,50 +34,48 @@ pub fn plms_plan(d: &Discrete, steps: usize) -> Plan {
 
 /// One PLMS call: ε from the model, combined with earlier ε (Adams–Bashforth weights),
 /// then the DDIM transfer x0(ε) + σ_next ε, which in the VE form is x + (σ_next − σ) ε.
-pub(super) fn plms_step(
-    den: &mut Denoiser<'_>,
-    plan: &Plan,
-    i: usize,
-    x: &[f64],
-    st: &mut State,
-) -> Result<Vec<f64>> {
+/// PLMS's history: the last four ε, and the first latent (for the repeated point).
+#[derive(Default)]
+pub(super) struct Plms {
+    eps: Recent<4>,
+    first: Option<Vec<f64>>,
+}
+
+pub(super) fn plms_step(st: &mut Step, x: &[f64], hist: &mut Plms) -> Result<Vec<f64>> {
+    let (plan, i) = (st.plan, st.i);
     let (s, sn) = (plan.sigmas[i], plan.sigmas[i + 1]);
-    let d0 = den.denoise_at(x, s, plan.timesteps[i])?;
+    let d0 = st.den.denoise_at(x, s, plan.timesteps[i])?;
     let eps: Vec<f64> = x.iter().zip(&d0).map(|(x, d)| (x - d) / s).collect();
-    let ets = &mut st.derivs;
-    let repeated = i == 1 && plan.timesteps.get(2) == Some(&plan.timesteps[1]) && !ets.is_empty();
-    let (base, from, e): (Vec<f64>, f64, Vec<f64>) = if repeated {
+    let repeated = i == 1 && plan.timesteps.get(2) == Some(&plan.timesteps[1]);
+    let (base, from, e): (Vec<f64>, f64, Vec<f64>) = match hist.eps.back(0).filter(|_| repeated) {
         // The repeated point: average with the first ε and redo the first step from
-        // the first latent (kept in `extra`).
-        let first = st.extra.first().cloned().unwrap_or_else(|| x.to_vec());
-        let avg: Vec<f64> = eps
-            .iter()
-            .zip(&ets[ets.len() - 1])
-            .map(|(a, b)| (a + b) / 2.0)
-            .collect();
-        (first, plan.sigmas[0], avg)
-    } else {
-        ets.push(eps);
-        if ets.len() > 4 {
-            ets.remove(0);
+        // the first latent.
+        Some(first_eps) => {
+            let first = hist.first.clone().unwrap_or_else(|| x.to_vec());
+            let avg: Vec<f64> = eps
+                .iter()
+                .zip(first_eps)
+                .map(|(a, b)| (a + b) / 2.0)
+                .collect();
+            (first, plan.sigmas[0], avg)
         }
-        let m = ets.len();
-        let e: Vec<f64> = (0..x.len())
-            .map(|k| match m {
-                1 => ets[0][k],
-                2 => (3.0 * ets[1][k] - ets[0][k]) / 2.0,
-                3 => (23.0 * ets[2][k] - 16.0 * ets[1][k] + 5.0 * ets[0][k]) / 12.0,
-                _ => {
-                    (55.0 * ets[m - 1][k] - 59.0 * ets[m - 2][k] + 37.0 * ets[m - 3][k]
-                        - 9.0 * ets[m - 4][k])
-                        / 24.0
-                }
-            })
-            .collect();
-        if i == 0 {
-            st.extra = vec![x.to_vec()];
+        None => {
+            hist.eps.push(eps);
+            let e = |back: usize| hist.eps.back(back).map_or(&[][..], |v| v.as_slice());
+            let (e0, e1, e2, e3) = (e(0), e(1), e(2), e(3));
+            let weighted: Vec<f64> = (0..x.len())
+                .map(|k| match hist.eps.len() {
+                    1 => e0[k],
+                    2 => (3.0 * e0[k] - e1[k]) / 2.0,
+                    3 => (23.0 * e0[k] - 16.0 * e1[k] + 5.0 * e2[k]) / 12.0,
+                    _ => (55.0 * e0[k] - 59.0 * e1[k] + 37.0 * e2[k] - 9.0 * e3[k]) / 24.0,
+                })
+                .collect();
+            if i == 0 {
+                hist.first = Some(x.to_vec());
+            }
+            (x.to_vec(), s, weighted)
         }
-        (x.to_vec(), s, e)
     };
     Ok(base
         .iter()
@@ -168,28 +166,28 @@ fn unipc_order(i: usize, n: usize) -> usize {
     SOLVER_ORDER.min(n - i).min(i + 1)
 }
 
+/// UniPC's history: the last two model outputs and the previous starting latent.
+#[derive(Default)]
+pub(super) struct UniPc {
+    outputs: Recent<2>,
+    last: Option<Vec<f64>>,
+}
+
 /// One UniPC step (x0 prediction, bh2): correct the current latent with the new model
-/// output (UniC), then predict the next one (UniP). `st.denoised` holds the model
-/// outputs, `st.extra[0]` the previous uncorrected starting latent.
-pub(super) fn unipc_step(
-    den: &mut Denoiser<'_>,
-    plan: &Plan,
-    i: usize,
-    x: &[f64],
-    st: &mut State,
-) -> Result<Vec<f64>> {
+/// output (UniC), then predict the next one (UniP).
+pub(super) fn unipc_step(st: &mut Step, x: &[f64], hist: &mut UniPc) -> Result<Vec<f64>> {
+    let (plan, i) = (st.plan, st.i);
     let sig = &plan.sigmas;
     let n = plan.timesteps.len();
-    let m_t = den.denoise(x, sig[i])?;
+    let m_t = st.den.denoise(x, sig[i])?;
     let mut x = x.to_vec();
     // Corrector: refine x (at σ_i) using m_t and the outputs before it.
     if i > 0 {
-        if let Some(last) = st.extra.first() {
+        if let (Some(last), Some(m0)) = (&hist.last, hist.outputs.back(0)) {
             let order = unipc_order(i - 1, n);
             let (s0, t) = (sig[i - 1], sig[i]);
             let h = lambda(t) - lambda(s0);
-            let m0 = &st.denoised[st.denoised.len() - 1];
-            let (rks, d1s) = differences(&st.denoised, sig, i - 1, order, h);
+            let (rks, d1s) = differences(hist.outputs.as_slice(), sig, i - 1, order, h);
             let hh = -h;
             let (r, b) = unipc_system(order, &rks, hh);
             let rhos = if order == 1 { vec![0.5] } else { solve(r, b) };
@@ -203,20 +201,17 @@ pub(super) fn unipc_step(
                 .collect();
         }
     }
-    st.denoised.push(m_t);
-    if st.denoised.len() > 2 {
-        st.denoised.remove(0);
-    }
-    st.extra = vec![x.clone()];
+    hist.outputs.push(m_t.clone());
+    hist.last = Some(x.clone());
     // Predictor: from σ_i to σ_{i+1}.
     let (s0, t) = (sig[i], sig[i + 1]);
-    let m0 = &st.denoised[st.denoised.len() - 1];
+    let m0 = &m_t;
     if t == 0.0 {
-        return Ok(m0.clone());
+        return Ok(m_t);
     }
     let order = unipc_order(i, n);
     let h = lambda(t) - lambda(s0);
-    let (rks, d1s) = differences(&st.denoised, sig, i, order, h);
+    let (rks, d1s) = differences(hist.outputs.as_slice(), sig, i, order, h);
     let hh = -h;
     let (h_phi_1, b_h) = (hh.exp_m1(), hh.exp_m1());
     let rhos_p = match order {
