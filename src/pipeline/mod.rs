@@ -12,30 +12,32 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use crate::budget::{self, Budget, Need, Plan};
-use crate::config::{Defaults, ModelConfig, TimeId, UnetConfig};
+use crate::config::{Defaults, ModelConfig, TimeId};
 use crate::error::{Error, Result};
 use crate::formats::gguf::metadata;
 use crate::formats::gguf::GgufFile;
 use crate::formats::layout::{UNET_PREFIX, VAE_PREFIX};
 use crate::formats::Checkpoint;
 use crate::ggml::Backend;
-use crate::model::{clip, taesd, unet, vae, Attention, Weights};
+use crate::model::{vae, Attention, Weights};
 use crate::prompt::{Embeddings, Emphasis};
-use crate::sample::{self, CudaRng, NativeRng, Rng, Sampler, Schedule, Spacing, TorchRng};
+use crate::sample::{CudaRng, NativeRng, Rng, Sampler, Schedule, Spacing, TorchRng};
 use crate::tokenizer::ClipTokenizer;
 
 pub(crate) mod canvas;
+mod guidance;
 mod infotext;
 mod lora;
-use lora::Part;
 mod output;
+mod planning;
 mod preview;
 mod stages;
 mod start;
 mod text;
 
 pub use canvas::{Canvas, CanvasOptions};
+use guidance::Guidance;
+pub use guidance::{guidance_embedding, label_input};
 pub use output::{exif_user_comment, ImageFormat};
 pub use start::taesd_encoder_path;
 
@@ -582,55 +584,6 @@ impl Pipeline {
         req.cfg_scale != 1.0 && self.config.unet.time_cond_proj_dim.is_none()
     }
 
-    /// What `req` needs in memory, stage by stage, and the choices that fit it into
-    /// the budget ([`Pipeline::max_memory`], else the cgroup's limit): an
-    /// [`Error::OverBudget`] when nothing fits. Builds graphs only; runs nothing.
-    pub fn plan(&self, req: &Request) -> Result<Plan> {
-        let (lw, lh) = self.validate(req)?;
-        let taesd = match &req.taesd {
-            Some(path) => Some(Weights::from_checkpoint(
-                &Checkpoint::open(path)?,
-                &self.backend,
-            )?),
-            None => None,
-        };
-        let encode = req.init.is_some() && req.taesd.is_none();
-        let prompts = self.prompts(req)?;
-        let branches = if self.guided(req) { 2 } else { 1 };
-        // Each stage's LoRA branches, read once for all the plans tried.
-        let loras = self.request_loras(req)?;
-        let text_adapters = self
-            .config
-            .text_encoders
-            .iter()
-            .map(|te| self.adapters(&loras, Part::Text, |n| n.starts_with(&te.prefix)))
-            .collect::<Result<Vec<_>>>()?;
-        let unet_adapters = self.adapters(&loras, Part::Unet, |n| n.starts_with(UNET_PREFIX))?;
-        let stages = RunStages {
-            pipe: self,
-            req,
-            lw,
-            lh,
-            prompts: branches * prompts.count,
-            tokens: self.context_tokens(&prompts),
-            vectors: prompts.vectors,
-            taesd,
-            encode,
-            text_adapters,
-            unet_adapters,
-        };
-        let mut plan = budget::plan(&stages, self.guided(req), Budget::resolve(self.max_memory))?;
-        let forced = FORCED_TILE.clamp(lw, lh);
-        if req.vae_tiling && plan.tiling.is_none() && forced.cuts(lw, lh) {
-            let need = budget::Stages::decode(&stages, Some(forced))?;
-            if let Some(d) = plan.needs.iter_mut().find(|n| n.stage == "decode") {
-                *d = need;
-            }
-            plan.tiling = Some(forced);
-        }
-        Ok(plan)
-    }
-
     /// The latent size of a valid request, or what is wrong with it.
     fn validate(&self, req: &Request) -> Result<(usize, usize)> {
         if req.steps == 0 || req.steps > 1000 {
@@ -713,182 +666,6 @@ impl Pipeline {
     }
 }
 
-/// The stages of one request, measured for the planner.
-struct RunStages<'a> {
-    pipe: &'a Pipeline,
-    req: &'a Request,
-    lw: usize,
-    lh: usize,
-    /// Windows the text encoders run at once (branches × windows per prompt).
-    prompts: usize,
-    /// Text tokens the UNet attends to.
-    tokens: usize,
-    /// Embedding vectors go into the encoders' inputs.
-    vectors: bool,
-    /// The request's LoRA branches per text encoder and on the UNet (they count in each
-    /// stage's weights and graph).
-    text_adapters: Vec<Option<crate::model::Adapters>>,
-    unet_adapters: Option<crate::model::Adapters>,
-    taesd: Option<Weights<'static>>,
-    /// The init image goes through the VAE encoder.
-    encode: bool,
-}
-
-impl RunStages<'_> {
-    /// Data bytes of the GGUF's tensors that `which` picks.
-    fn mapped(&self, which: impl Fn(&str) -> bool) -> u64 {
-        self.pipe
-            .gguf
-            .tensors
-            .iter()
-            .filter(|t| which(&t.name))
-            .map(|t| t.nbytes)
-            .sum()
-    }
-}
-
-impl budget::Stages for RunStages<'_> {
-    fn before(&self) -> Result<Vec<Need>> {
-        let (p, cfg) = (self.pipe, &self.pipe.config);
-        // The encoders run one after the other, each released when done: the largest counts.
-        let mut text = Need {
-            stage: "text",
-            weights: 0,
-            compute: 0,
-            other: 0,
-        };
-        for (i, te) in cfg.text_encoders.iter().enumerate() {
-            let pooled = cfg.unet.adm_in_channels.is_some() && i + 1 == cfg.text_encoders.len();
-            let w = Weights::load(&p.gguf, |n| n.starts_with(&te.prefix))?;
-            let run = p.encoder_for(te, self.req)?;
-            let adapters = self.text_adapters.get(i).and_then(Option::as_ref);
-            text.weights = text
-                .weights
-                .max(w.bytes() + adapters.map_or(0, |a| a.bytes()));
-            text.compute = text.compute.max(clip::buffer_bytes(
-                &w,
-                &run,
-                self.prompts,
-                pooled,
-                self.vectors,
-                adapters,
-            )? as u64);
-        }
-        let mut needs = vec![text];
-        if self.encode || cfg.unet.in_channels != cfg.vae.latent_channels {
-            let enc = |n: &str| {
-                n.starts_with("first_stage_model.encoder.")
-                    || n.starts_with("first_stage_model.quant_conv.")
-            };
-            let w = p.vae_weights()?;
-            let f = cfg.vae.downscale();
-            let forced = FORCED_TILE.clamp(self.lw, self.lh);
-            let compute = if self.req.vae_tiling && forced.cuts(self.lw, self.lh) {
-                vae::encode_tile_bytes(
-                    &w,
-                    &cfg.vae,
-                    self.lw,
-                    self.lh,
-                    forced,
-                    self.req.vae_tile_stats,
-                )?
-            } else {
-                vae::encode_buffer_bytes(&w, &cfg.vae, self.lw * f, self.lh * f)?
-            } as u64;
-            let weights = if p.vae_file.is_some() {
-                w.bytes()
-            } else {
-                self.mapped(enc)
-            };
-            needs.push(Need {
-                stage: "encode",
-                weights,
-                compute,
-                other: (3 * 4 * self.lw * self.lh * f * f) as u64,
-            });
-        }
-        Ok(needs)
-    }
-
-    fn unet(&self, batch: usize) -> Result<Need> {
-        let (p, cfg) = (self.pipe, &self.pipe.config);
-        let w = Weights::load(&p.gguf, |n| n.starts_with(UNET_PREFIX))?;
-        let adapters = self.unet_adapters.as_ref();
-        let compute = unet::Runner::measure(
-            &w,
-            &cfg.unet,
-            self.lw,
-            self.lh,
-            batch,
-            self.tokens,
-            p.attention,
-            adapters,
-        )? as u64;
-        Ok(Need {
-            stage: "unet",
-            weights: w.bytes() + adapters.map_or(0, |a| a.bytes()),
-            compute,
-            other: 0,
-        })
-    }
-
-    fn decode(&self, tiling: Option<vae::Tiling>) -> Result<Need> {
-        let (p, cfg) = (self.pipe, &self.pipe.config);
-        let f = cfg.vae.downscale();
-        // f32 pixels, blend weights when tiled, 8-bit RGB.
-        let other = (self.lw * self.lh * f * f * (12 + 4 * tiling.is_some() as usize + 3)) as u64;
-        if let Some(w) = &self.taesd {
-            let t = tiling.unwrap_or(vae::Tiling::square(self.lw.max(self.lh), 0));
-            return Ok(Need {
-                stage: "decode",
-                weights: w.bytes(),
-                compute: taesd::decode_tile_bytes(w, t, self.lw, self.lh)? as u64,
-                other,
-            });
-        }
-        let dec = |n: &str| {
-            n.starts_with("first_stage_model.decoder.")
-                || n.starts_with("first_stage_model.post_quant_conv.")
-        };
-        let w = p.vae_weights()?;
-        let compute = match tiling {
-            Some(t) => {
-                vae::decode_tiled_bytes(&w, &cfg.vae, self.lw, self.lh, t, self.req.vae_tile_stats)?
-            }
-            None => vae::decode_buffer_bytes(&w, &cfg.vae, self.lw, self.lh)?,
-        } as u64;
-        // Tiles with the image's statistics start from the whole mid block's output, in f32.
-        let mid = match tiling {
-            Some(t)
-                if t.clamp(self.lw, self.lh).cuts(self.lw, self.lh)
-                    && self.req.vae_tile_stats == vae::TileStats::Image =>
-            {
-                (4 * vae::mid_channels(&cfg.vae) * self.lw * self.lh) as u64
-            }
-            _ => 0,
-        };
-        let weights = if p.vae_file.is_some() {
-            w.bytes()
-        } else {
-            self.mapped(dec)
-        };
-        Ok(Need {
-            stage: "decode",
-            weights,
-            compute,
-            other: other + mid,
-        })
-    }
-
-    fn latent(&self) -> (usize, usize) {
-        (self.lw, self.lh)
-    }
-
-    fn tileable(&self) -> bool {
-        true
-    }
-}
-
 /// A request's prompts as the UNet takes them, branch by branch (the negative
 /// prompt first when guided).
 pub struct Conditioning {
@@ -924,197 +701,10 @@ fn check_conditioning(cfg: &ModelConfig) -> std::result::Result<(), String> {
     cfg.check_label_width()
 }
 
-/// The input of a `label_emb` UNet's added embedding for one branch: the pooled text
-/// embedding, then each value of the size/crop/score ids (in [`UnetConfig::time_ids`]
-/// order: height before width, top before left) through a sinusoidal embedding
-/// (Podell et al. 2023, sec. 2.2; diffusers' `add_time_ids` through `add_time_proj`).
-pub fn label_input(u: &UnetConfig, pooled: &[f32], values: &[f32]) -> Result<Vec<f32>> {
-    let adm = u.adm_in_channels.unwrap_or(0);
-    let mut y = pooled.to_vec();
-    for &v in values {
-        y.extend(sinusoidal(v, u.time_id_dim));
-    }
-    if y.len() != adm {
-        return Err(Error::Invalid(format!("label_emb takes {adm} values; the pooled embedding ({}) and {} size/crop values make {}", pooled.len(), values.len(), y.len())));
-    }
-    Ok(y)
-}
-
-/// The sinusoidal embedding of one value, cosines then sines (diffusers' `Timesteps`
-/// with `flip_sin_to_cos`, frequencies 10000^(-j/half)), in f32 like the reference.
-fn sinusoidal(v: f32, dim: usize) -> Vec<f32> {
-    let half = dim / 2;
-    let args: Vec<f32> = (0..half)
-        .map(|j| v * (-(10000f32).ln() * j as f32 / half as f32).exp())
-        .collect();
-    let mut out: Vec<f32> = args
-        .iter()
-        .map(|a| a.cos())
-        .chain(args.iter().map(|a| a.sin()))
-        .collect();
-    out.resize(dim, 0.0);
-    out
-}
-
-/// The guidance-scale embedding of LCM-distilled UNets (Luo et al. 2023; the sinusoidal
-/// embedding of w·1000, sines then cosines, as diffusers' `get_guidance_scale_embedding`),
-/// computed in f32 like the reference.
-pub fn guidance_embedding(w: f32, dim: usize) -> Vec<f32> {
-    let half = dim / 2;
-    let step = (10000f32).ln() / (half.max(2) - 1) as f32;
-    let w = w * 1000.0;
-    let args: Vec<f32> = (0..half).map(|i| w * (i as f32 * -step).exp()).collect();
-    let mut out: Vec<f32> = args
-        .iter()
-        .map(|a| a.sin())
-        .chain(args.iter().map(|a| a.cos()))
-        .collect();
-    out.resize(dim, 0.0);
-    out
-}
-
-/// Guidance rescale (Lin et al. 2024, "Common Diffusion Noise Schedules and Sample Steps
-/// are Flawed", eq. 15–16): scale the guided prediction to the conditional one's
-/// standard deviation, and mix by φ; counters over-exposure at high CFG.
-fn rescale_guidance(guided: &[f32], cond: &[f32], phi: f32) -> Vec<f32> {
-    let std = |v: &[f32]| {
-        let n = v.len() as f64;
-        let m = v.iter().map(|&x| x as f64).sum::<f64>() / n;
-        // Unbiased, as torch.std.
-        (v.iter().map(|&x| (x as f64 - m).powi(2)).sum::<f64>() / (n - 1.0).max(1.0)).sqrt()
-    };
-    let f = std(cond) / std(guided).max(1e-30);
-    guided
-        .iter()
-        .map(|&g| phi * (g as f64 * f) as f32 + (1.0 - phi) * g)
-        .collect()
-}
-
-/// The UNet with classifier-free guidance: one batch of [uncond, cond] when guided,
-/// the cond pass alone at scale 1.
-struct Cfg<'a> {
-    runner: &'a unet::Runner<'a>,
-    pipe: &'a Pipeline,
-    context: &'a [f32],
-    /// `label_emb`'s input per branch, laid out like `context`.
-    y: Option<&'a [f32]>,
-    scale: f32,
-    /// Guidance rescale φ.
-    rescale: f32,
-    guided: bool,
-    /// The two guidance branches run as two batches of one (the graph has batch 1).
-    split: bool,
-    /// Channels appended to the latent of every batch element (inpainting UNets).
-    extra: Option<&'a [f32]>,
-    /// Guidance-scale embedding of LCM-distilled UNets (then never batched with uncond).
-    embedded: Option<&'a [f32]>,
-    cancel: Option<&'a AtomicBool>,
-}
-
 /// [`Error::Interrupted`] once `flag` is set.
 fn check_cancel(flag: Option<&AtomicBool>) -> Result<()> {
     match flag {
         Some(f) if f.load(Ordering::Relaxed) => Err(Error::Interrupted),
         _ => Ok(()),
-    }
-}
-
-impl sample::Model for Cfg<'_> {
-    fn predict(&mut self, x: &[f32], t: f64) -> Result<Vec<f32>> {
-        check_cancel(self.cancel)?;
-        let backend = &self.pipe.backend;
-        // One latent per evaluation the graph takes: two when the guided branches share it.
-        let n = if self.guided && !self.split { 2 } else { 1 };
-        let mut batch = Vec::with_capacity(n * (x.len() + self.extra.map_or(0, <[f32]>::len)));
-        for _ in 0..n {
-            batch.extend_from_slice(x);
-            if let Some(e) = self.extra {
-                batch.extend_from_slice(e);
-            }
-        }
-        if !self.guided {
-            return self.runner.run(
-                &batch,
-                &[t as f32],
-                self.context,
-                self.y,
-                self.embedded,
-                backend,
-            );
-        }
-        let out = if self.split {
-            let (ctx_u, ctx_c) = self.context.split_at(self.context.len() / 2);
-            let (y_u, y_c) = match self.y {
-                Some(y) => {
-                    let (a, b) = y.split_at(y.len() / 2);
-                    (Some(a), Some(b))
-                }
-                None => (None, None),
-            };
-            let mut out = self
-                .runner
-                .run(&batch, &[t as f32], ctx_u, y_u, None, backend)?;
-            out.extend(
-                self.runner
-                    .run(&batch, &[t as f32], ctx_c, y_c, None, backend)?,
-            );
-            out
-        } else {
-            self.runner.run(
-                &batch,
-                &[t as f32, t as f32],
-                self.context,
-                self.y,
-                None,
-                backend,
-            )?
-        };
-        let (uncond, cond) = out.split_at(out.len() / 2);
-        let guided: Vec<f32> = uncond
-            .iter()
-            .zip(cond)
-            .map(|(u, c)| u + self.scale * (c - u))
-            .collect();
-        Ok(if self.rescale > 0.0 {
-            rescale_guidance(&guided, cond, self.rescale)
-        } else {
-            guided
-        })
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn guidance_rescale_matches_the_conditional_spread_at_one_and_is_off_at_zero() {
-        let cond: Vec<f32> = (0..64)
-            .map(|i| ((i * 37 % 17) as f32 - 8.0) / 8.0)
-            .collect();
-        let guided: Vec<f32> = cond
-            .iter()
-            .enumerate()
-            .map(|(i, c)| 3.0 * c + (i % 5) as f32 * 0.3)
-            .collect();
-        assert_eq!(rescale_guidance(&guided, &cond, 0.0), guided);
-        let std = |v: &[f32]| {
-            let m = v.iter().sum::<f32>() / v.len() as f32;
-            (v.iter().map(|x| (x - m).powi(2)).sum::<f32>() / (v.len() - 1) as f32).sqrt()
-        };
-        let full = rescale_guidance(&guided, &cond, 1.0);
-        assert!((std(&full) - std(&cond)).abs() < 1e-5);
-        let half = rescale_guidance(&guided, &cond, 0.5);
-        assert!((half[3] - 0.5 * (full[3] + guided[3])).abs() < 1e-5);
-    }
-
-    #[test]
-    fn guidance_embedding_is_sines_then_cosines_of_w_times_1000() {
-        let e = guidance_embedding(7.5, 8);
-        assert_eq!(e.len(), 8);
-        // First frequency is 1: sin(7500), cos(7500).
-        assert!((e[0] - 7500f32.sin()).abs() < 1e-3 && (e[4] - 7500f32.cos()).abs() < 1e-3);
-        // Last frequency is 1/10000.
-        assert!((e[3] - 0.75f32.sin()).abs() < 1e-5 && (e[7] - 0.75f32.cos()).abs() < 1e-5);
     }
 }

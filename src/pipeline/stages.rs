@@ -7,7 +7,7 @@ use super::infotext;
 use super::lora::{Part, RequestLora};
 use super::preview::Previewer;
 use super::text::Prompts;
-use super::{check_cancel, guidance_embedding, to_rgb8, Cfg, Image, Pipeline, Request, Stage};
+use super::{check_cancel, guidance_embedding, to_rgb8, Guidance, Image, Pipeline, Request, Stage};
 use crate::budget::Plan;
 use crate::error::{Error, Result};
 use crate::formats::layout::{UNET_PREFIX, VAE_PREFIX};
@@ -174,7 +174,7 @@ impl Pipeline {
             .unet
             .time_cond_proj_dim
             .map(|dim| guidance_embedding(req.cfg_scale - 1.0, dim));
-        let mut model = Cfg {
+        let mut model = Guidance {
             runner: &runner,
             pipe: self,
             context: &text.context,
