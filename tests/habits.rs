@@ -17,6 +17,27 @@ fn sdrs(args: &[&str]) -> (bool, String, String) {
     )
 }
 
+/// `m.safetensors` (`sdrs synth tiny-sd15 --seed 3`) and its f16 `m.gguf` in `dir`.
+fn tiny_sd15(dir: &Path) {
+    let d = |n: &str| dir.join(n).to_str().unwrap().to_string();
+    run(&[
+        "synth",
+        "tiny-sd15",
+        "--seed",
+        "3",
+        "-o",
+        &d("m.safetensors"),
+    ]);
+    run(&[
+        "convert",
+        &d("m.safetensors"),
+        "--type",
+        "f16",
+        "-o",
+        &d("m.gguf"),
+    ]);
+}
+
 fn run(args: &[&str]) -> String {
     let (ok, _, err) = sdrs(args);
     assert!(ok, "{args:?}: {err}");
@@ -387,22 +408,7 @@ fn a_vae_of_its_own_replaces_the_models_in_either_naming() {
 fn a_second_lora_multiplier_weighs_the_unet_and_the_infotext_names_the_lora_by_hash() {
     let dir = tempfile::tempdir().unwrap();
     let d = |n: &str| dir.path().join(n).to_str().unwrap().to_string();
-    run(&[
-        "synth",
-        "tiny-sd15",
-        "--seed",
-        "3",
-        "-o",
-        &d("m.safetensors"),
-    ]);
-    run(&[
-        "convert",
-        &d("m.safetensors"),
-        "--type",
-        "f16",
-        "-o",
-        &d("m.gguf"),
-    ]);
+    tiny_sd15(dir.path());
     std::fs::create_dir(d("loras")).unwrap();
     // Adapts only the UNet's cross-attention keys: the text-encoder multiplier has nothing to weigh.
     common::kohya_lora_for(
@@ -464,22 +470,7 @@ fn step_previews_show_the_image_forming_and_the_last_one_is_the_image() {
         pixels(Path::new(&d("out.png")))
     );
     // SD's latent space: the linear projection, at the output's size.
-    run(&[
-        "synth",
-        "tiny-sd15",
-        "--seed",
-        "3",
-        "-o",
-        &d("m.safetensors"),
-    ]);
-    run(&[
-        "convert",
-        &d("m.safetensors"),
-        "--type",
-        "f16",
-        "-o",
-        &d("m.gguf"),
-    ]);
+    tiny_sd15(dir.path());
     run(&[
         "generate",
         "-m",

@@ -12,9 +12,8 @@ mod common;
 use std::path::PathBuf;
 
 use common::*;
-use sdrs::formats::Checkpoint;
 use sdrs::ggml::{Backend, Type};
-use sdrs::model::{taesd, Weights};
+use sdrs::model::taesd;
 use sdrs::pipeline::{Pipeline, Request};
 use sdrs::sample::Sampler;
 
@@ -149,19 +148,9 @@ fn demo_model_image_matches_the_x86_result() {
 #[test]
 fn taef2_round_trip_matches_the_x86_result() {
     let backend = backend();
-    let Some(dir) = external("models/taef2") else {
+    let Some((enc, dec)) = common::taef2(&backend) else {
         return;
     };
-    let enc = Weights::from_checkpoint(
-        &Checkpoint::open(&dir.join("taef2_encoder.pth")).unwrap(),
-        &backend,
-    )
-    .unwrap();
-    let dec = Weights::from_checkpoint(
-        &Checkpoint::open(&dir.join("taef2_decoder.pth")).unwrap(),
-        &backend,
-    )
-    .unwrap();
     // Small: under emulation (qemu) every vector instruction is a function call.
     let (x, w, h) = photo("astronaut.png", Some((64, 64)));
     let z = taesd::encode(&enc, &x, 1, h, w, &backend).unwrap();

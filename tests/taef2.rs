@@ -3,10 +3,9 @@
 //! reaches in PyTorch (figures from the executor issue).
 mod common;
 
-use common::{external, photo};
-use sdrs::formats::Checkpoint;
+use common::photo;
 use sdrs::ggml::Backend;
-use sdrs::model::{taesd, Weights};
+use sdrs::model::taesd;
 
 fn psnr(a: &[f32], b: &[f32]) -> f64 {
     let mse: f64 = a
@@ -21,19 +20,9 @@ fn psnr(a: &[f32], b: &[f32]) -> f64 {
 #[test]
 fn taef2_round_trips_photos_at_the_published_networks_psnr() {
     let backend = Backend::cpu(2).unwrap();
-    let Some(dir) = external("models/taef2") else {
+    let Some((enc, dec)) = common::taef2(&backend) else {
         return;
     };
-    let enc = Weights::from_checkpoint(
-        &Checkpoint::open(&dir.join("taef2_encoder.pth")).unwrap(),
-        &backend,
-    )
-    .unwrap();
-    let dec = Weights::from_checkpoint(
-        &Checkpoint::open(&dir.join("taef2_decoder.pth")).unwrap(),
-        &backend,
-    )
-    .unwrap();
     assert_eq!(taesd::latent_channels(&dec).unwrap(), 32);
     for (file, reference) in [
         ("astronaut.png", 31.19),

@@ -3,8 +3,7 @@
 //! against the error elsewhere; the pipeline's `vae_tiling`.
 mod common;
 
-use common::{external, photo};
-use sdrs::formats::Checkpoint;
+use common::photo;
 use sdrs::ggml::Backend;
 use sdrs::model::tile::{TileStats, Tiling};
 use sdrs::model::{taesd, vae, Weights};
@@ -68,19 +67,9 @@ fn seam_and_interior(
 #[test]
 fn taef2_in_tiles_matches_the_whole_run_on_a_real_photo() {
     let backend = Backend::cpu(2).unwrap();
-    let Some(dir) = external("models/taef2") else {
+    let Some((enc, dec)) = common::taef2(&backend) else {
         return;
     };
-    let enc = Weights::from_checkpoint(
-        &Checkpoint::open(&dir.join("taef2_encoder.pth")).unwrap(),
-        &backend,
-    )
-    .unwrap();
-    let dec = Weights::from_checkpoint(
-        &Checkpoint::open(&dir.join("taef2_decoder.pth")).unwrap(),
-        &backend,
-    )
-    .unwrap();
     let (x, w, h) = photo("astronaut.png", Some((384, 320)));
     let t = Tiling::square(20, 10);
     let z = taesd::encode(&enc, &x, 1, h, w, &backend).unwrap();

@@ -103,10 +103,10 @@ pub struct Args {
     preset: Option<String>,
     /// Sampler (see --list-samplers); the peer's, A1111's ("DPM++ 2M Karras") and
     /// ComfyUI's (euler_ancestral, dpmpp_2m) names work too [default: the model's, else euler].
-    #[arg(long, alias = "sampling-method", value_parser = SamplerName)]
+    #[arg(long, alias = "sampling-method", value_parser = SAMPLER_NAME)]
     sampler: Option<(Sampler, Option<Schedule>)>,
     /// σ schedule (A1111's and ComfyUI's names work too) [default: the model's, else discrete].
-    #[arg(long, alias = "schedule", value_parser = ScheduleName)]
+    #[arg(long, alias = "schedule", value_parser = SCHEDULE_NAME)]
     scheduler: Option<Schedule>,
     /// Noise of ancestral/SDE/DDIM steps (DDIM: 0 deterministic, 1 DDPM; TCD: its γ).
     #[arg(long)]
@@ -179,73 +179,51 @@ pub struct Args {
     quality: u8,
 }
 
-/// `--sampler`: any spelling [`sdrs::sample::names`] knows; `--help` lists sdrs' own.
-#[derive(Clone)]
-struct SamplerName;
+/// A value named in one of several spellings ([`sdrs::sample::names`]): `--help`
+/// lists sdrs' own names, and a name nobody uses is refused with them.
+#[derive(Clone, Copy)]
+struct Named<T: 'static> {
+    what: &'static str,
+    parse: fn(&str) -> Option<T>,
+    listed: fn() -> Vec<&'static str>,
+}
 
-impl clap::builder::TypedValueParser for SamplerName {
-    type Value = (Sampler, Option<Schedule>);
+impl<T: Clone + Send + Sync + 'static> clap::builder::TypedValueParser for Named<T> {
+    type Value = T;
     fn parse_ref(
         &self,
         _: &clap::Command,
         _: Option<&clap::Arg>,
         value: &std::ffi::OsStr,
-    ) -> Result<Self::Value, clap::Error> {
+    ) -> Result<T, clap::Error> {
         let v = value.to_string_lossy();
-        names::sampler(&v).ok_or_else(|| {
-            clap::Error::raw(
-                clap::error::ErrorKind::InvalidValue,
-                format!(
-                    "unknown sampler `{v}`; valid: {}\n",
-                    names::sampler_names().join(", ")
-                ),
-            )
+        (self.parse)(&v).ok_or_else(|| {
+            let valid = (self.listed)().join(", ");
+            let msg = format!("unknown {} `{v}`; valid: {valid}\n", self.what);
+            clap::Error::raw(clap::error::ErrorKind::InvalidValue, msg)
         })
     }
     fn possible_values(
         &self,
     ) -> Option<Box<dyn Iterator<Item = clap::builder::PossibleValue> + '_>> {
-        Some(Box::new(
-            names::sampler_names()
-                .into_iter()
-                .map(clap::builder::PossibleValue::new),
-        ))
+        let names = (self.listed)().into_iter();
+        Some(Box::new(names.map(clap::builder::PossibleValue::new)))
     }
 }
 
-/// `--scheduler`: any spelling [`sdrs::sample::names`] knows.
-#[derive(Clone)]
-struct ScheduleName;
+/// `--sampler`.
+const SAMPLER_NAME: Named<(Sampler, Option<Schedule>)> = Named {
+    what: "sampler",
+    parse: names::sampler,
+    listed: names::sampler_names,
+};
 
-impl clap::builder::TypedValueParser for ScheduleName {
-    type Value = Schedule;
-    fn parse_ref(
-        &self,
-        _: &clap::Command,
-        _: Option<&clap::Arg>,
-        value: &std::ffi::OsStr,
-    ) -> Result<Self::Value, clap::Error> {
-        let v = value.to_string_lossy();
-        names::schedule(&v).ok_or_else(|| {
-            clap::Error::raw(
-                clap::error::ErrorKind::InvalidValue,
-                format!(
-                    "unknown scheduler `{v}`; valid: {}\n",
-                    names::schedule_names().join(", ")
-                ),
-            )
-        })
-    }
-    fn possible_values(
-        &self,
-    ) -> Option<Box<dyn Iterator<Item = clap::builder::PossibleValue> + '_>> {
-        Some(Box::new(
-            Schedule::NAMES
-                .iter()
-                .map(|n| clap::builder::PossibleValue::new(*n)),
-        ))
-    }
-}
+/// `--scheduler`: sdrs' names listed, every spelling in the message.
+const SCHEDULE_NAME: Named<Schedule> = Named {
+    what: "scheduler",
+    parse: names::schedule,
+    listed: || Schedule::NAMES.to_vec(),
+};
 
 fn parse_pair<const SEP: char>(s: &str) -> Result<(usize, usize), String> {
     let (a, b) = s

@@ -14,6 +14,19 @@ use sdrs::synth::{self, Format};
 #[allow(unused_imports)]
 pub use sdrs::testdata::{external, fixture};
 
+/// The real TAEF2 encoder and decoder (external test data) where `backend` computes,
+/// or `None` (the caller skips) where they are not here.
+pub fn taef2(
+    backend: &sdrs::ggml::Backend,
+) -> Option<(sdrs::model::Weights<'static>, sdrs::model::Weights<'static>)> {
+    let dir = external("models/taef2")?;
+    let load = |file: &str| {
+        sdrs::model::Weights::from_checkpoint(&Checkpoint::open(&dir.join(file)).unwrap(), backend)
+            .unwrap()
+    };
+    Some((load("taef2_encoder.pth"), load("taef2_decoder.pth")))
+}
+
 pub fn synth_tiny(arch: &str, format: Format, dtype: DType, dir: &Path) -> PathBuf {
     let cfg = ModelConfig::preset(arch).unwrap();
     let ext = match format {
