@@ -85,14 +85,8 @@ fn has_utf16(path: &Path, text: &str) -> bool {
 fn checkpoints_and_diffusers_folders_run_directly_as_their_converted_gguf_does() {
     let dir = tempfile::tempdir().unwrap();
     let d = |n: &str| dir.path().join(n).to_str().unwrap().to_string();
-    run(&[
-        "synth",
-        "tiny-sd15",
-        "--seed",
-        "3",
-        "-o",
-        &d("m.safetensors"),
-    ]);
+    tiny_sd15(dir.path());
+    let folder = d("folder");
     run(&[
         "synth",
         "tiny-sd15",
@@ -101,15 +95,7 @@ fn checkpoints_and_diffusers_folders_run_directly_as_their_converted_gguf_does()
         "--format",
         "diffusers",
         "-o",
-        &d("folder"),
-    ]);
-    run(&[
-        "convert",
-        &d("m.safetensors"),
-        "--type",
-        "f16",
-        "-o",
-        &d("m.gguf"),
+        &folder,
     ]);
     let args = |m: &str, o: &str| {
         vec![

@@ -32,6 +32,19 @@ fn binary_types(a: Type, b: Type) -> bool {
     }
 }
 
+/// What ggml's binary ops assert: `b` broadcasts onto `a`, in types it has a kernel for.
+fn check_binary(op: &str, a: Tensor<'_>, b: Tensor<'_>) -> Result<()> {
+    if !can_repeat(b.ne(), a.ne()) {
+        let msg = format!("{:?} does not broadcast onto {:?}", b.ne(), a.ne());
+        return Err(bad(op, msg));
+    }
+    if !binary_types(a.ty(), b.ty()) {
+        let msg = format!("a {} operand onto a {} one", b.ty().name(), a.ty().name());
+        return Err(bad(op, msg));
+    }
+    Ok(())
+}
+
 /// Refuses an operand of a type other than f32 (ops whose CPU kernels assert it).
 fn need_f32(op: &str, what: &str, t: Tensor<'_>) -> Result<()> {
     if t.ty() != Type::F32 {
@@ -47,36 +60,14 @@ impl Context<'_> {
 
     /// `a + b`, `b` broadcast over `a`.
     pub fn add<'c>(&'c self, a: Tensor<'c>, b: Tensor<'c>) -> Result<Tensor<'c>> {
-        if !can_repeat(b.ne(), a.ne()) {
-            return Err(bad(
-                "add",
-                format!("{:?} does not broadcast onto {:?}", b.ne(), a.ne()),
-            ));
-        }
-        if !binary_types(a.ty(), b.ty()) {
-            return Err(bad(
-                "add",
-                format!("a {} operand onto a {} one", b.ty().name(), a.ty().name()),
-            ));
-        }
-        // SAFETY: shapes checked; tensors valid for 'c.
+        check_binary("add", a, b)?;
+        // SAFETY: shapes and types checked; tensors valid for 'c.
         self.op(unsafe { sys::ggml_add(self.raw(), a.raw(), b.raw()) })
     }
 
     /// `a * b` elementwise, `b` broadcast over `a`.
     pub fn mul<'c>(&'c self, a: Tensor<'c>, b: Tensor<'c>) -> Result<Tensor<'c>> {
-        if !can_repeat(b.ne(), a.ne()) {
-            return Err(bad(
-                "mul",
-                format!("{:?} does not broadcast onto {:?}", b.ne(), a.ne()),
-            ));
-        }
-        if !binary_types(a.ty(), b.ty()) {
-            return Err(bad(
-                "mul",
-                format!("a {} operand onto a {} one", b.ty().name(), a.ty().name()),
-            ));
-        }
+        check_binary("mul", a, b)?;
         // SAFETY: as above.
         self.op(unsafe { sys::ggml_mul(self.raw(), a.raw(), b.raw()) })
     }
