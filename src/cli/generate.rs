@@ -484,11 +484,7 @@ fn draw(
 
 /// A model file: a GGUF as it is, a checkpoint converted first (with its progress).
 fn load(path: &std::path::Path, threads: usize) -> Result<Pipeline> {
-    if path
-        .extension()
-        .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
-        || sdrs::pipeline::is_gguf(path)?
-    {
+    if sdrs::formats::gguf::is_gguf(path)? {
         return Ok(Pipeline::load_gguf(path, threads)?);
     }
     eprintln!("{} is not a GGUF: converting it to f16 for this run (`sdrs convert {} --type q8_0 -o model.gguf` makes a smaller file that loads at once)", path.display(), path.display());

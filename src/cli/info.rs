@@ -64,13 +64,8 @@ pub fn run(a: Args) -> Result<()> {
 }
 
 fn describe(file: &std::path::Path, tensors: bool, o: &mut String) -> Result<()> {
-    let is_gguf = file.is_file()
-        && std::fs::File::open(file)
-            .and_then(|mut f| {
-                let mut m = [0u8; 4];
-                std::io::Read::read_exact(&mut f, &mut m).map(|_| &m == b"GGUF")
-            })
-            .unwrap_or(false);
+    // Unreadable files go on to the checkpoint reader, whose error names the problem.
+    let is_gguf = file.is_file() && sdrs::formats::gguf::is_gguf(file).unwrap_or(false);
     // What the file holds: its tensors by component, its architecture, metadata, kind.
     type Contents = (Vec<Row>, Option<ModelConfig>, Vec<(String, Value)>, String);
     let (rows, cfg, meta, origin): Contents = if is_gguf {

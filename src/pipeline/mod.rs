@@ -275,17 +275,6 @@ fn to_rgb8(pixels: &[f32], n: usize, unit: bool) -> Vec<u8> {
     rgb
 }
 
-/// Whether `path` is a GGUF file (by its magic), rather than a checkpoint to convert.
-pub fn is_gguf(path: &Path) -> Result<bool> {
-    if path.is_dir() {
-        return Ok(false);
-    }
-    let mut magic = [0u8; 4];
-    let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-    let n = std::io::Read::read(&mut f, &mut magic).map_err(|e| Error::io(path, e))?;
-    Ok(n == 4 && &magic == crate::formats::gguf::GGUF_MAGIC)
-}
-
 /// A run default parsed by `parse`; a name this version does not know is advice it
 /// cannot follow, so it is skipped with a warning rather than refused.
 fn known_default<T>(
@@ -377,11 +366,7 @@ impl Pipeline {
         cancel: &AtomicBool,
         progress: &mut dyn FnMut(&crate::convert::Progress),
     ) -> Result<Pipeline> {
-        // A file named .gguf is judged as one, so a damaged GGUF says so.
-        let named_gguf = path
-            .extension()
-            .is_some_and(|e| e.eq_ignore_ascii_case("gguf"));
-        if !named_gguf && !is_gguf(path)? {
+        if !crate::formats::gguf::is_gguf(path)? {
             let ck = Checkpoint::open(path)?;
             let gguf = crate::convert::to_temporary(&ck, cancel, progress)?;
             let config = metadata::read_config(&gguf)?

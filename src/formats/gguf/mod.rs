@@ -17,11 +17,30 @@ pub use value::{ty, Value};
 pub use writer::{TensorEntry, Writer};
 
 use super::source::{Checkpoint, DType, SourceFile, SourceFormat, SourceTensor, TensorData};
-use crate::error::Result;
+use crate::error::{Error, Result};
 
 pub const GGUF_MAGIC: &[u8; 4] = b"GGUF";
 pub const DEFAULT_ALIGNMENT: u64 = 32;
 pub const MAX_DIMS: usize = 4;
+
+/// Whether `path` is to be read as a GGUF rather than a checkpoint: its name ends in
+/// `.gguf` (so a damaged GGUF says what is wrong with it as one) or it starts with the
+/// GGUF magic. Folders are not.
+pub fn is_gguf(path: &Path) -> Result<bool> {
+    if path.is_dir() {
+        return Ok(false);
+    }
+    if path
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
+    {
+        return Ok(true);
+    }
+    let mut magic = [0u8; 4];
+    let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let n = std::io::Read::read(&mut f, &mut magic).map_err(|e| Error::io(path, e))?;
+    Ok(n == 4 && &magic == GGUF_MAGIC)
+}
 
 /// Opens a GGUF file as a conversion input (ours, or stable-diffusion.cpp's, whose
 /// tensors keep the original checkpoint names). Tensors whose original shape was
