@@ -5,7 +5,6 @@
 //! linear latent-to-RGB projection (no network at all, latent resolution scaled up), and
 //! other latent spaces through the model's own VAE (exact, a decode per preview).
 use crate::error::Result;
-use crate::formats::Checkpoint;
 use crate::model::{taesd, vae, Weights};
 
 use super::{Image, Pipeline};
@@ -35,8 +34,8 @@ const PROJECTIONS: &[(f32, [[f32; 3]; 4])] = &[
     ),
 ];
 
-enum Method {
-    Taesd(Box<Weights<'static>>),
+enum Method<'p> {
+    Taesd(&'p Weights<'static>),
     Projection(&'static [[f32; 3]; 4]),
     Vae,
 }
@@ -44,16 +43,17 @@ enum Method {
 /// Draws previews for one run.
 pub(super) struct Previewer<'p> {
     pipe: &'p Pipeline,
-    method: Method,
+    method: Method<'p>,
     /// Latent width and height.
     lw: usize,
     lh: usize,
 }
 
 impl<'p> Previewer<'p> {
+    /// Previews through `taesd`'s decoder where the run has one.
     pub fn new(
         pipe: &'p Pipeline,
-        taesd: Option<&std::path::Path>,
+        taesd: Option<&'p Weights<'static>>,
         lw: usize,
         lh: usize,
     ) -> Result<Self> {
@@ -64,10 +64,7 @@ impl<'p> Previewer<'p> {
                 && cfg.shift_factor == 0.0
         });
         let method = match (taesd, known) {
-            (Some(path), _) => Method::Taesd(Box::new(Weights::from_checkpoint(
-                &Checkpoint::open(path)?,
-                &pipe.backend,
-            )?)),
+            (Some(w), _) => Method::Taesd(w),
             (None, Some((_, f))) => Method::Projection(f),
             (None, None) => Method::Vae,
         };

@@ -59,12 +59,39 @@ impl Pipeline {
         progress(Stage::TextEncoded);
         check_cancel(req.cancel.as_deref())?;
         let t1 = Instant::now();
-        let sampled = self.sample_stage(req, memory, &text, latent_size, progress)?;
+        // The request's TAESD decoder, read once: before sampling when it draws the
+        // previews, else for the decode alone.
+        let load_taesd = || -> Result<Option<Weights<'static>>> {
+            let Some(path) = &req.taesd else {
+                return Ok(None);
+            };
+            Ok(Some(Weights::from_checkpoint(
+                &Checkpoint::open(path)?,
+                &self.backend,
+            )?))
+        };
+        let mut taesd = if req.preview_every > 0 {
+            load_taesd()?
+        } else {
+            None
+        };
+        let sampled =
+            self.sample_stage(req, memory, &text, taesd.as_ref(), latent_size, progress)?;
         self.gguf.release(is_unet);
         self.gguf.check_intact()?;
         check_cancel(req.cancel.as_deref())?;
         let t2 = Instant::now();
-        let decoded = self.decode_stage(req, memory, &sampled.latent, latent_size, progress)?;
+        if taesd.is_none() {
+            taesd = load_taesd()?;
+        }
+        let decoded = self.decode_stage(
+            req,
+            memory,
+            &sampled.latent,
+            taesd.as_ref(),
+            latent_size,
+            progress,
+        )?;
         self.gguf.release(|n| n.starts_with(VAE_PREFIX));
         self.gguf.check_intact()?;
         progress(Stage::Decoded);
@@ -102,6 +129,7 @@ impl Pipeline {
         req: &Request,
         memory: &Plan,
         text: &Text,
+        taesd: Option<&Weights<'static>>,
         (lw, lh): (usize, usize),
         progress: &mut dyn FnMut(Stage),
     ) -> Result<Sampled> {
@@ -203,7 +231,7 @@ impl Pipeline {
         };
         let previewer = match req.preview_every {
             0 => None,
-            _ => Some(Previewer::new(self, req.taesd.as_deref(), lw, lh)?),
+            _ => Some(Previewer::new(self, taesd, lw, lh)?),
         };
         let trajectory = sample::sample(
             &mut den,
@@ -243,14 +271,14 @@ impl Pipeline {
         req: &Request,
         memory: &Plan,
         latent: &[f32],
+        taesd: Option<&Weights<'static>>,
         (lw, lh): (usize, usize),
         progress: &mut dyn FnMut(Stage),
     ) -> Result<Decoded> {
-        if let Some(path) = &req.taesd {
-            let w = Weights::from_checkpoint(&Checkpoint::open(path)?, &self.backend)?;
+        if let Some(w) = taesd {
             let pixels = match memory.tiling {
-                Some(t) => taesd::decode_tiled(&w, latent, 1, lh, lw, t, &self.backend)?,
-                None => taesd::decode(&w, latent, 1, lh, lw, &self.backend)?,
+                Some(t) => taesd::decode_tiled(w, latent, 1, lh, lw, t, &self.backend)?,
+                None => taesd::decode(w, latent, 1, lh, lw, &self.backend)?,
             };
             return Ok(Decoded { pixels, unit: true });
         }
