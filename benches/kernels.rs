@@ -8,7 +8,7 @@
 //!
 //! `SDRS_BENCH_THREADS` sets the thread count (default: all cores).
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use sdrs::ggml::{Backend, Context, Tensor, Type};
+use sdrs::ggml::{Backend, Context, ConvShape, Tensor, Type};
 use sdrs::model::nn::{attend, Attention};
 
 fn threads() -> usize {
@@ -79,7 +79,9 @@ fn conv3x3(c: &mut Criterion, backend: &Backend) {
         let ctx = Context::new(64).expect("context");
         let x = ctx.tensor(Type::F32, &[w, h, ch, n], "x").expect("x");
         ctx.set_input(x);
-        let y = ctx.conv2d(x, kernel, 3, 3, 1, 1, None).expect("conv");
+        let y = ctx
+            .conv2d(x, kernel, ConvShape::square(3, 1, 1), None)
+            .expect("conv");
         ctx.set_output(y);
         let graph = ctx.graph(&[y]).expect("graph");
         ctx.alloc_graph(&graph).expect("compute buffer");
@@ -179,7 +181,19 @@ fn taesd_decode(c: &mut Criterion, backend: &Backend) {
     let mut g = c.benchmark_group("taesd_decode_512x512");
     g.sample_size(10);
     g.bench_function("taef2", |b| {
-        b.iter(|| sdrs::model::taesd::decode(&w, &latent, 1, 64, 64, backend).expect("decode"))
+        b.iter(|| {
+            sdrs::model::taesd::decode(
+                &w,
+                sdrs::model::Planes {
+                    values: &latent,
+                    n: 1,
+                    width: 64,
+                    height: 64,
+                },
+                backend,
+            )
+            .expect("decode")
+        })
     });
     g.finish();
 }

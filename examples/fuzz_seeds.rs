@@ -671,7 +671,7 @@ fn data_pkl(path: &Path) -> Result<Vec<u8>> {
 fn diffusers_configs(cfg: &ModelConfig) -> Result<Vec<u8>> {
     let dir = tempfile::tempdir()?;
     let shapes: std::collections::HashMap<String, usize> =
-        sdrs::synth::tensor_list(cfg, DType::F16)
+        sdrs::synth::tensor_list(cfg, DType::F16)?
             .into_iter()
             .map(|(n, s, _)| (n, s.iter().product()))
             .collect();

@@ -11,7 +11,7 @@ use anyhow::{bail, Context, Result};
 use sdrs::formats::gguf::GgufFile;
 use sdrs::ggml::Backend;
 use sdrs::model::tile::{TileStats, Tiling};
-use sdrs::model::{vae, Weights};
+use sdrs::model::{vae, Planes, Weights};
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -35,17 +35,29 @@ fn main() -> Result<()> {
     let before = sdrs::memory::peak_and_current().0;
     let t0 = Instant::now();
     let px = match mode {
-        "whole" => vae::decode(&w, &cfg, &z, 1, l, l, &backend)?,
+        "whole" => vae::decode(
+            &w,
+            &cfg,
+            Planes {
+                values: &z,
+                n: 1,
+                width: l,
+                height: l,
+            },
+            &backend,
+        )?,
         m => {
             let stats =
                 TileStats::parse(m).with_context(|| format!("mode `{m}`: whole, image or tile"))?;
             vae::decode_tiled(
                 &w,
                 &cfg,
-                &z,
-                1,
-                l,
-                l,
+                Planes {
+                    values: &z,
+                    n: 1,
+                    width: l,
+                    height: l,
+                },
                 Tiling::square(tile, tile / 4),
                 stats,
                 &backend,
@@ -59,7 +71,17 @@ fn main() -> Result<()> {
     println!("{side}x{side} {mode} (tile {tile}): {secs:.1} s, peak RSS {} MiB (before the decode {} MiB), mean pixel {mean:.4}", peak >> 20, before >> 20);
     if rest.get(2).is_some_and(|c| c == "compare") {
         let t0 = Instant::now();
-        let whole = vae::decode(&w, &cfg, &z, 1, l, l, &backend)?;
+        let whole = vae::decode(
+            &w,
+            &cfg,
+            Planes {
+                values: &z,
+                n: 1,
+                width: l,
+                height: l,
+            },
+            &backend,
+        )?;
         let mse = whole
             .iter()
             .zip(&px)

@@ -20,6 +20,7 @@ pub mod ggml;
 pub mod lora;
 pub mod memory;
 pub mod model;
+pub mod network;
 pub mod pipeline;
 pub mod prompt;
 pub mod sample;

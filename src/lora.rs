@@ -20,8 +20,9 @@ use std::path::{Path, PathBuf};
 
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
-use crate::formats::diffusers::names::{self, Entry, Op};
+use crate::formats::diffusers::names;
 use crate::formats::{Checkpoint, SourceTensor};
+use crate::network::{Op, Param};
 
 /// Where a pair's update goes.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -179,7 +180,7 @@ fn parse(raw: &str) -> Option<Key> {
 /// kohya spelling, and the kohya spelling of the original single-file path.
 fn modules(cfg: &ModelConfig) -> Result<HashMap<(Net, String), Target>> {
     let mut by_name = HashMap::new();
-    let mut add = |net: Net, entries: Vec<Entry>, canonical_prefix: &str| {
+    let mut add = |net: Net, entries: Vec<Param>, canonical_prefix: &str| {
         // Norms and biases are vectors; OpenCLIP's transposed projection has no LoRA.
         for e in entries
             .into_iter()
@@ -216,7 +217,7 @@ fn modules(cfg: &ModelConfig) -> Result<HashMap<(Net, String), Target>> {
     add(
         Net::Unet,
         names::unet(&cfg.unet)?,
-        crate::formats::layout::UNET_PREFIX,
+        crate::network::UNET_PREFIX,
     );
     for (i, te) in cfg.text_encoders.iter().enumerate() {
         add(Net::Text(i), names::text(te), &te.prefix);

@@ -139,13 +139,13 @@ fn fill_tensor(name: &str, shape: &[usize], dtype: DType, seed: u64, out: &mut V
 }
 
 /// All tensors of a synthetic checkpoint: the architecture's layout plus extras.
-pub fn tensor_list(cfg: &ModelConfig, dtype: DType) -> Vec<(String, Vec<usize>, DType)> {
-    let mut v: Vec<(String, Vec<usize>, DType)> = layout::layout(cfg)
+pub fn tensor_list(cfg: &ModelConfig, dtype: DType) -> Result<Vec<(String, Vec<usize>, DType)>> {
+    let mut v: Vec<(String, Vec<usize>, DType)> = layout::layout(cfg)?
         .into_iter()
         .map(|TensorSpec { name, shape }| (name, shape, dtype))
         .collect();
     v.extend(extras(cfg));
-    v
+    Ok(v)
 }
 
 /// Writes a random-weight checkpoint of architecture `cfg` to `out`, atomically.
@@ -164,7 +164,7 @@ pub fn synth(
             dtype.name()
         )));
     }
-    let list = tensor_list(cfg, dtype);
+    let list = tensor_list(cfg, dtype)?;
     match format {
         Format::Safetensors => {
             let staged = Staged::new(out, force)?;
@@ -242,7 +242,7 @@ pub fn synth(
                 vocab_json: Some(vocab.vocab_json()),
                 merges_txt: Some(vocab.merges_txt()),
             };
-            let total = layout::layout(cfg).len();
+            let total = layout::layout(cfg)?.len();
             let mut i = 0;
             crate::formats::diffusers::write(
                 tmp.path(),

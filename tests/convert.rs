@@ -38,7 +38,7 @@ fn check_round_trip(src: &Path, out: &Path) -> HashMap<Type, f64> {
     let g = GgufFile::open(out).unwrap();
     let shapes = metadata::original_shapes(&g);
     let cfg = metadata::read_config(&g).unwrap().unwrap();
-    let expected = layout::layout(&cfg);
+    let expected = layout::layout(&cfg).unwrap();
     assert_eq!(
         g.tensors.len(),
         expected.len(),
@@ -309,7 +309,7 @@ fn stable_diffusion_cpp_files_map_and_match_their_source() {
             .iter()
             .map(|t| (t.name.as_str(), t.shape.as_slice()))
             .collect();
-        let diff = layout::compare(&cfg, &shapes);
+        let diff = layout::compare(&cfg, &shapes).unwrap();
         assert!(
             diff.missing.is_empty() && diff.unexpected.is_empty(),
             "{file}: {diff:?}"
@@ -321,7 +321,7 @@ fn stable_diffusion_cpp_files_map_and_match_their_source() {
 fn old_clip_naming_without_text_model_converts_like_the_current_one() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = ModelConfig::sd1().shrink();
-    let list = synth::tensor_list(&cfg, DType::F16);
+    let list = synth::tensor_list(&cfg, DType::F16).unwrap();
     let old = |n: &str| {
         n.replace(
             "cond_stage_model.transformer.text_model.",
@@ -359,7 +359,7 @@ fn old_clip_naming_without_text_model_converts_like_the_current_one() {
     assert!(g
         .tensor("cond_stage_model.transformer.text_model.encoder.layers.0.mlp.fc1.weight")
         .is_some());
-    assert_eq!(g.tensors.len(), layout::layout(&cfg).len());
+    assert_eq!(g.tensors.len(), layout::layout(&cfg).unwrap().len());
 }
 
 #[test]
@@ -448,6 +448,7 @@ fn bad_inputs_fail_with_a_clear_error_and_no_output() {
     // Missing tensors: drop one from a real checkpoint.
     let cfg = ModelConfig::sd1().shrink();
     let list: Vec<_> = synth::tensor_list(&cfg, DType::F16)
+        .unwrap()
         .into_iter()
         .filter(|t| !t.0.ends_with("out.2.weight"))
         .collect();

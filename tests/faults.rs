@@ -41,22 +41,34 @@ fn leftovers(dir: &Path, keep: &[&Path]) -> Vec<String> {
     names
 }
 
+/// Where and how [`kill_trials`] kills: `n` runs in `dir`, each writing a `.ext`
+/// target, killed at delays spread over `span`; `inputs` must keep their bytes.
+struct Trials<'a> {
+    dir: &'a Path,
+    inputs: &'a [&'a Path],
+    ext: &'a str,
+    span: Duration,
+    n: usize,
+}
+
 /// Runs `args` (which write the `.ext` target it is given) killed after each delay;
 /// checks every outcome against `whole` (what an uninterrupted run wrote, at
 /// `whole.ext`) with `same`, and that every file of `inputs` kept its bytes. Returns how many runs were
 /// killed before their target appeared, and how many of those after writing had begun
 /// (a staging file left).
-#[allow(clippy::too_many_arguments)]
 fn kill_trials(
-    dir: &Path,
-    inputs: &[&Path],
-    ext: &str,
+    trials: &Trials<'_>,
     args: impl Fn(&Path) -> Vec<String>,
     whole: &[u8],
     same: impl Fn(&[u8], &[u8]) -> bool,
-    span: Duration,
-    n: usize,
 ) -> (usize, usize) {
+    let Trials {
+        dir,
+        inputs,
+        ext,
+        span,
+        n,
+    } = *trials;
     let original: Vec<Vec<u8>> = inputs.iter().map(|p| std::fs::read(p).unwrap()).collect();
     let (mut cut_short, mut mid_write) = (0, 0);
     for (i, delay) in delays(n, span).into_iter().enumerate() {
@@ -136,14 +148,16 @@ fn conversions_killed_at_random_moments_leave_the_whole_file_or_none() {
     let whole = std::fs::read(&whole_path).unwrap();
     // Conversion is deterministic, so a finished target equals the uninterrupted one.
     let (killed, mid_write) = kill_trials(
-        d,
-        &[&input],
-        "gguf",
+        &Trials {
+            dir: d,
+            inputs: &[&input],
+            ext: "gguf",
+            span: took.mul_f64(1.2),
+            n: 20,
+        },
         convert,
         &whole,
         |a, b| a == b,
-        took.mul_f64(1.2),
-        20,
     );
     eprintln!("20 conversions of {} MB killed within {:?}: {killed} before the target appeared, {mid_write} of them after writing began", whole.len() >> 20, took.mul_f64(1.2));
     assert!(
@@ -199,14 +213,16 @@ fn merged_lora_conversions_killed_at_random_moments_leave_the_whole_file_or_none
         .map(str::to_string);
     assert_eq!(merged.as_deref(), Some("style.safetensors:0.7"));
     let (killed, mid_write) = kill_trials(
-        d,
-        &[&input, &lora],
-        "gguf",
+        &Trials {
+            dir: d,
+            inputs: &[&input, &lora],
+            ext: "gguf",
+            span: took.mul_f64(1.2),
+            n: 10,
+        },
         convert,
         &whole,
         |a, b| a == b,
-        took.mul_f64(1.2),
-        10,
     );
     eprintln!("10 merged conversions killed within {:?}: {killed} before the target appeared, {mid_write} of them after writing began", took.mul_f64(1.2));
     assert!(
@@ -253,14 +269,16 @@ fn generations_killed_at_random_moments_leave_a_whole_png_or_none() {
             .into_raw()
     };
     let (killed, _) = kill_trials(
-        d,
-        &[],
-        "png",
+        &Trials {
+            dir: d,
+            inputs: &[],
+            ext: "png",
+            span: took.mul_f64(1.2),
+            n: 10,
+        },
         generate,
         &whole,
         |a, b| pixels(a) == pixels(b),
-        took.mul_f64(1.2),
-        10,
     );
     eprintln!(
         "10 generations killed within {:?}: {killed} before the image appeared",

@@ -4,7 +4,7 @@ mod common;
 use common::*;
 use sdrs::formats::gguf::GgufFile;
 use sdrs::formats::DType;
-use sdrs::ggml::{Backend, Context, Type};
+use sdrs::ggml::{Backend, Context, ConvShape, Type};
 use sdrs::synth::Format;
 
 fn matmul_ref(w: &[f32], x: &[f32], k: usize, n: usize, m: usize) -> Vec<f32> {
@@ -92,20 +92,19 @@ fn placing_a_tensor_outside_its_region_is_refused() {
 }
 
 /// Direct convolution: x [N, IC, H, W] (row-major, PyTorch order), w [OC, IC, kh, kw].
-#[allow(clippy::too_many_arguments)]
 fn conv_ref(
     x: &[f32],
-    n: usize,
-    ic: usize,
-    h: usize,
-    w: usize,
+    [n, ic, h, w]: [usize; 4],
     k: &[f32],
     oc: usize,
-    kh: usize,
-    kw: usize,
-    s: usize,
-    p: usize,
+    shape: ConvShape,
 ) -> (Vec<f32>, usize, usize) {
+    let ConvShape {
+        kh,
+        kw,
+        stride: s,
+        pad: p,
+    } = shape;
     let oh = (h + 2 * p - kh) / s + 1;
     let ow = (w + 2 * p - kw) / s + 1;
     let mut out = vec![0f32; n * oc * oh * ow];
@@ -150,7 +149,8 @@ fn conv2d_through_im2col_matches_direct_convolution_in_one_piece_and_in_row_band
                 let k: Vec<f32> = (0..oc * ic * kh * kh)
                     .map(|i| ((i * 17 % 53) as f32 / 26.0) - 1.0)
                     .collect();
-                let (want, oh, ow) = conv_ref(&x, n, ic, h, w, &k, oc, kh, kh, s, p);
+                let (want, oh, ow) =
+                    conv_ref(&x, [n, ic, h, w], &k, oc, ConvShape::square(kh, s, p));
                 let ctx = Context::new(256).unwrap();
                 ctx.set_conv_budget(budget);
                 let xin = ctx.tensor(Type::F32, &[w, h, ic, n], "x").unwrap();
@@ -159,7 +159,9 @@ fn conv2d_through_im2col_matches_direct_convolution_in_one_piece_and_in_row_band
                 for t in [xin, kin, bias] {
                     ctx.set_input(t);
                 }
-                let y = ctx.conv2d(xin, kin, kh, kh, s, p, Some(bias)).unwrap();
+                let y = ctx
+                    .conv2d(xin, kin, ConvShape::square(kh, s, p), Some(bias))
+                    .unwrap();
                 assert_eq!(y.ne(), [ow, oh, oc, n]);
                 let g = ctx.graph(&[y]).unwrap();
                 ctx.alloc_graph(&g).unwrap();
@@ -247,10 +249,7 @@ fn ops_refuse_operand_types_that_would_abort_ggml() {
         .conv2d(
             ctx.cast(img, Type::F16).unwrap(),
             ctx.tensor(Type::F16, &[288, 8], "k").unwrap(),
-            3,
-            3,
-            1,
-            1,
+            ConvShape::square(3, 1, 1),
             None
         )
         .is_err());
@@ -318,7 +317,7 @@ fn a_convolution_too_large_for_its_context_is_an_error_not_an_abort() {
     let x = ctx.tensor(Type::F32, &[8, 32, 4, 1], "x").unwrap();
     let k = ctx.tensor(Type::F32, &[4 * 9, 4], "k").unwrap();
     let e = ctx
-        .conv2d(x, k, 3, 3, 1, 1, None)
+        .conv2d(x, k, ConvShape::square(3, 1, 1), None)
         .err()
         .expect("no room: an error");
     assert!(e.to_string().contains("too large"), "{e}");
@@ -336,7 +335,7 @@ fn f16_kernels_overflow_on_large_activations_unless_cast_to_f32() {
     let k: Vec<f32> = (0..oc * ic * 9)
         .map(|i| ((i * 17 % 53) as f32 / 26.0) - 1.0)
         .collect();
-    let (want, _, _) = conv_ref(&x, 1, ic, h, w, &k, oc, 3, 3, 1, 1);
+    let (want, _, _) = conv_ref(&x, [1, ic, h, w], &k, oc, ConvShape::square(3, 1, 1));
     for cast in [false, true] {
         let ctx = Context::new(64).unwrap();
         let xin = ctx.tensor(Type::F32, &[w, h, ic, 1], "x").unwrap();
@@ -348,7 +347,9 @@ fn f16_kernels_overflow_on_large_activations_unless_cast_to_f32() {
         } else {
             kin
         };
-        let y = ctx.conv2d(xin, kernel, 3, 3, 1, 1, None).unwrap();
+        let y = ctx
+            .conv2d(xin, kernel, ConvShape::square(3, 1, 1), None)
+            .unwrap();
         let g = ctx.graph(&[y]).unwrap();
         ctx.alloc_graph(&g).unwrap();
         ctx.set_f32(xin, &x).unwrap();

@@ -8,7 +8,7 @@ use sdrs::formats::gguf::metadata;
 use sdrs::formats::gguf::GgufFile;
 use sdrs::formats::DType;
 use sdrs::ggml::{Backend, Type};
-use sdrs::model::{unet, vae, Attention, Weights};
+use sdrs::model::{unet, vae, Attention, Planes, Weights};
 use sdrs::synth::Format;
 
 fn values(n: usize, seed: usize) -> Vec<f32> {
@@ -51,14 +51,15 @@ fn unet_and_vae_run_on_every_tiny_family_and_batches_are_independent() {
             let out = unet::forward(
                 &w,
                 u,
-                &x,
                 wd,
                 ht,
-                &[500.0, 20.0],
-                &ctxv,
-                tok,
-                y.as_deref(),
-                None,
+                &unet::Inputs {
+                    x: &x,
+                    t: &[500.0, 20.0],
+                    context: &ctxv,
+                    y: y.as_deref(),
+                    guidance: None,
+                },
                 &backend,
             )
             .unwrap();
@@ -69,14 +70,15 @@ fn unet_and_vae_run_on_every_tiny_family_and_batches_are_independent() {
             let alone = unet::forward(
                 &w,
                 u,
-                &half(&x),
                 wd,
                 ht,
-                &[20.0],
-                &half(&ctxv),
-                tok,
-                y.as_deref().map(half).as_deref(),
-                None,
+                &unet::Inputs {
+                    x: &half(&x),
+                    t: &[20.0],
+                    context: &half(&ctxv),
+                    y: y.as_deref().map(half).as_deref(),
+                    guidance: None,
+                },
                 &backend,
             )
             .unwrap();
@@ -89,10 +91,32 @@ fn unet_and_vae_run_on_every_tiny_family_and_batches_are_independent() {
             let vw = Weights::load(&g, |n| n.starts_with("first_stage_model.")).unwrap();
             let f = cfg.vae.downscale();
             let z = values(cfg.vae.latent_channels * 4 * 6, 4);
-            let img = vae::decode(&vw, &cfg.vae, &z, 1, 4, 6, &backend).unwrap();
+            let img = vae::decode(
+                &vw,
+                &cfg.vae,
+                Planes {
+                    values: &z,
+                    n: 1,
+                    width: 6,
+                    height: 4,
+                },
+                &backend,
+            )
+            .unwrap();
             assert_eq!(img.len(), 3 * 4 * f * 6 * f);
             assert!(img.iter().all(|v| v.is_finite()));
-            let back = vae::encode(&vw, &cfg.vae, &img, 1, 4 * f, 6 * f, &backend).unwrap();
+            let back = vae::encode(
+                &vw,
+                &cfg.vae,
+                Planes {
+                    values: &img,
+                    n: 1,
+                    width: 6 * f,
+                    height: 4 * f,
+                },
+                &backend,
+            )
+            .unwrap();
             assert_eq!(back.len(), z.len());
             outs.push((out, img));
         }
@@ -116,14 +140,15 @@ fn unet_refuses_sizes_it_cannot_downsample() {
     let e = unet::forward(
         &w,
         &cfg.unet,
-        &vec![0.0; 4 * 9 * 8],
         9,
         8,
-        &[1.0],
-        &vec![0.0; 77 * 32],
-        77,
-        None,
-        None,
+        &unet::Inputs {
+            x: &vec![0.0; 4 * 9 * 8],
+            t: &[1.0],
+            context: &vec![0.0; 77 * 32],
+            y: None,
+            guidance: None,
+        },
         &Backend::cpu(1).unwrap(),
     )
     .unwrap_err();
@@ -143,10 +168,30 @@ fn flash_attention_gives_the_same_unet_output_as_matmul_attention() {
         let x = values(b * u.in_channels * wd * ht, 1);
         let ctxv = values(b * tok * u.context_dim, 2);
         let run = |a: Attention| {
-            unet::Runner::new(&w, u, wd, ht, b, tok, a, None)
-                .unwrap()
-                .run(&x, &[500.0, 20.0], &ctxv, None, None, &backend)
-                .unwrap()
+            unet::Runner::new(
+                &w,
+                u,
+                unet::Shape {
+                    width: wd,
+                    height: ht,
+                    batch: b,
+                    tokens: tok,
+                },
+                a,
+                None,
+            )
+            .unwrap()
+            .run(
+                &unet::Inputs {
+                    x: &x,
+                    t: &[500.0, 20.0],
+                    context: &ctxv,
+                    y: None,
+                    guidance: None,
+                },
+                &backend,
+            )
+            .unwrap()
         };
         let (m, f) = (run(Attention::MatMul), run(Attention::Flash));
         let e = rel_rms(&m, &f);
@@ -166,10 +211,30 @@ fn repacked_q4_weights_give_the_unet_output_of_mapped_ones_within_quantization_n
     let x = values(b * u.in_channels * wd * ht, 1);
     let ctxv = values(b * tok * u.context_dim, 2);
     let run = |w: &Weights| {
-        unet::Runner::new(w, u, wd, ht, b, tok, Attention::Auto, None)
-            .unwrap()
-            .run(&x, &[500.0, 20.0], &ctxv, None, None, &backend)
-            .unwrap()
+        unet::Runner::new(
+            w,
+            u,
+            unet::Shape {
+                width: wd,
+                height: ht,
+                batch: b,
+                tokens: tok,
+            },
+            Attention::Auto,
+            None,
+        )
+        .unwrap()
+        .run(
+            &unet::Inputs {
+                x: &x,
+                t: &[500.0, 20.0],
+                context: &ctxv,
+                y: None,
+                guidance: None,
+            },
+            &backend,
+        )
+        .unwrap()
     };
     let exact = run(&Weights::load(&g32, unet_part).unwrap());
     for ty in [Type::Q4_0, Type::Q4_K] {

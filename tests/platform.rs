@@ -13,7 +13,7 @@ use std::path::PathBuf;
 
 use common::*;
 use sdrs::ggml::{Backend, Type};
-use sdrs::model::taesd;
+use sdrs::model::{taesd, Planes};
 use sdrs::pipeline::{Pipeline, Request};
 use sdrs::sample::Sampler;
 
@@ -153,8 +153,28 @@ fn taef2_round_trip_matches_the_x86_result() {
     };
     // Small: under emulation (qemu) every vector instruction is a function call.
     let (x, w, h) = photo("astronaut.png", Some((64, 64)));
-    let z = taesd::encode(&enc, &x, 1, h, w, &backend).unwrap();
-    let y = taesd::decode(&dec, &z, 1, h / 8, w / 8, &backend).unwrap();
+    let z = taesd::encode(
+        &enc,
+        Planes {
+            values: &x,
+            n: 1,
+            width: w,
+            height: h,
+        },
+        &backend,
+    )
+    .unwrap();
+    let y = taesd::decode(
+        &dec,
+        Planes {
+            values: &z,
+            n: 1,
+            width: w / 8,
+            height: h / 8,
+        },
+        &backend,
+    )
+    .unwrap();
     let mut rgb = vec![0u8; 3 * w * h];
     for i in 0..w * h {
         for c in 0..3 {

@@ -12,7 +12,7 @@ use sdrs::formats::gguf::metadata;
 use sdrs::formats::gguf::GgufFile;
 use sdrs::formats::Checkpoint;
 use sdrs::ggml::{Backend, Type};
-use sdrs::model::{clip, unet, vae, Weights};
+use sdrs::model::{clip, unet, vae, Planes, Weights};
 
 fn fixtures() -> PathBuf {
     sdrs::testdata::fixture("ref")
@@ -84,19 +84,20 @@ fn run_components(model: &str, ty: Type, bound: f64) {
     let u = &m.cfg.unet;
     let w = Weights::load(&m.gguf, |n| n.starts_with("model.diffusion_model.")).unwrap();
     let (xs, x) = &g["unet.x"];
-    let (cs, ctx) = &g["unet.context"];
+    let (_, ctx) = &g["unet.context"];
     for t in [500.0f32, 999.0] {
         let out = unet::forward(
             &w,
             u,
-            x,
             xs[3],
             xs[2],
-            &[t, t],
-            ctx,
-            cs[1],
-            None,
-            None,
+            &unet::Inputs {
+                x,
+                t: &[t, t],
+                context: ctx,
+                y: None,
+                guidance: None,
+            },
             &backend,
         )
         .unwrap();
@@ -113,7 +114,18 @@ fn run_components(model: &str, ty: Type, bound: f64) {
     let w = Weights::load(&m.gguf, |n| n.starts_with("first_stage_model.")).unwrap();
     let (zs, z) = &g["vae.decode.z"];
     let scaled: Vec<f32> = z.iter().map(|x| x * v.scaling_factor).collect();
-    let img = vae::decode(&w, v, &scaled, 1, zs[2], zs[3], &backend).unwrap();
+    let img = vae::decode(
+        &w,
+        v,
+        Planes {
+            values: &scaled,
+            n: 1,
+            width: zs[3],
+            height: zs[2],
+        },
+        &backend,
+    )
+    .unwrap();
     check(
         &format!("{tag} VAE decode"),
         &g["vae.decode.out"].1,
@@ -121,11 +133,21 @@ fn run_components(model: &str, ty: Type, bound: f64) {
         bound,
     );
     let (is, x) = &g["vae.encode.x"];
-    let mean: Vec<f32> = vae::encode(&w, v, x, 1, is[2], is[3], &backend)
-        .unwrap()
-        .iter()
-        .map(|m| m / v.scaling_factor)
-        .collect();
+    let mean: Vec<f32> = vae::encode(
+        &w,
+        v,
+        Planes {
+            values: x,
+            n: 1,
+            width: is[3],
+            height: is[2],
+        },
+        &backend,
+    )
+    .unwrap()
+    .iter()
+    .map(|m| m / v.scaling_factor)
+    .collect();
     check(
         &format!("{tag} VAE encode"),
         &g["vae.encode.mean"].1,
@@ -188,10 +210,30 @@ fn taesd_matches_the_original_network_at_f32() {
     )
     .unwrap();
     let (zs, z) = &g["taesd.decode.z"];
-    let img = taesd::decode(&dec, z, 1, zs[2], zs[3], &backend).unwrap();
+    let img = taesd::decode(
+        &dec,
+        Planes {
+            values: z,
+            n: 1,
+            width: zs[3],
+            height: zs[2],
+        },
+        &backend,
+    )
+    .unwrap();
     check("TAESD decode", &g["taesd.decode.out"].1, &img, 1e-4);
     let (xs, x) = &g["taesd.encode.x01"];
-    let lat = taesd::encode(&enc, x, 1, xs[2], xs[3], &backend).unwrap();
+    let lat = taesd::encode(
+        &enc,
+        Planes {
+            values: x,
+            n: 1,
+            width: xs[3],
+            height: xs[2],
+        },
+        &backend,
+    )
+    .unwrap();
     check("TAESD encode", &g["taesd.encode.z"].1, &lat, 1e-4);
 }
 
@@ -199,7 +241,6 @@ struct Guided<'a> {
     w: &'a Weights<'a>,
     cfg: &'a sdrs::config::UnetConfig,
     context: &'a [f32],
-    tokens: usize,
     scale: f32,
     size: (usize, usize),
     backend: &'a Backend,
@@ -213,14 +254,15 @@ impl sdrs::sample::Model for Guided<'_> {
         let out = unet::forward(
             self.w,
             self.cfg,
-            &batch,
             w,
             h,
-            &[t as f32, t as f32],
-            self.context,
-            self.tokens,
-            None,
-            None,
+            &unet::Inputs {
+                x: &batch,
+                t: &[t as f32, t as f32],
+                context: self.context,
+                y: None,
+                guidance: None,
+            },
             self.backend,
         )?;
         let (uncond, cond) = out.split_at(out.len() / 2);
@@ -266,12 +308,11 @@ fn run_trajectory(model: &str, sampler: &str) {
     }
     let w = Weights::load(&m.gguf, |n| n.starts_with("model.diffusion_model.")).unwrap();
     let (xs, _) = &g["unet.x"];
-    let (cs, ctx) = &g["unet.context"];
+    let (_, ctx) = &g["unet.context"];
     let mut guided = Guided {
         w: &w,
         cfg: &m.cfg.unet,
         context: ctx,
-        tokens: cs[1],
         scale: 7.5,
         size: (xs[3], xs[2]),
         backend: &backend,
@@ -314,7 +355,18 @@ fn run_trajectory(model: &str, sampler: &str) {
     }
     let v = &m.cfg.vae;
     let vw = Weights::load(&m.gguf, |n| n.starts_with("first_stage_model.")).unwrap();
-    let img = vae::decode(&vw, v, traj.last().unwrap(), 1, xs[2], xs[3], &backend).unwrap();
+    let img = vae::decode(
+        &vw,
+        v,
+        Planes {
+            values: traj.last().unwrap(),
+            n: 1,
+            width: xs[3],
+            height: xs[2],
+        },
+        &backend,
+    )
+    .unwrap();
     let p = psnr_pm1(&g[&key("image")].1, &img);
     eprintln!("{model} {sampler}: final image PSNR {p:.1} dB");
     assert!(p >= 45.0, "{model} {sampler}: PSNR {p:.1} dB");
@@ -337,18 +389,19 @@ fn inpainting_unet_with_nine_input_channels_matches_diffusers() {
     let backend = Backend::cpu(2).unwrap();
     let w = Weights::load(&m.gguf, |n| n.starts_with("model.diffusion_model.")).unwrap();
     let (xs, x) = &g["unet.x"];
-    let (cs, ctx) = &g["unet.context"];
+    let (_, ctx) = &g["unet.context"];
     let out = unet::forward(
         &w,
         &m.cfg.unet,
-        x,
         xs[3],
         xs[2],
-        &[500.0, 500.0],
-        ctx,
-        cs[1],
-        None,
-        None,
+        &unet::Inputs {
+            x,
+            t: &[500.0, 500.0],
+            context: ctx,
+            y: None,
+            guidance: None,
+        },
         &backend,
     )
     .unwrap();
@@ -356,7 +409,18 @@ fn inpainting_unet_with_nine_input_channels_matches_diffusers() {
     // The txt2img conditioning: the VAE mean of a grey image, scaled.
     let vw = Weights::load(&m.gguf, |n| n.starts_with("first_stage_model.")).unwrap();
     let grey = vec![0.0f32; 3 * 16 * 16];
-    let lat = vae::encode(&vw, &m.cfg.vae, &grey, 1, 16, 16, &backend).unwrap();
+    let lat = vae::encode(
+        &vw,
+        &m.cfg.vae,
+        Planes {
+            values: &grey,
+            n: 1,
+            width: 16,
+            height: 16,
+        },
+        &backend,
+    )
+    .unwrap();
     // Constant channels make the encoder's first GroupNorms divide by ~eps: the
     // reference itself moves by 1.7e-5 between f32 and f64 here.
     check(
@@ -401,7 +465,6 @@ struct GuidedXl<'a> {
     cfg: &'a sdrs::config::UnetConfig,
     context: &'a [f32],
     y: &'a [f32],
-    tokens: usize,
     /// `None`: unguided (the context and y hold the conditional branch only).
     scale: Option<f32>,
     size: (usize, usize),
@@ -415,14 +478,15 @@ impl sdrs::sample::Model for GuidedXl<'_> {
             return unet::forward(
                 self.w,
                 self.cfg,
-                x,
                 w,
                 h,
-                &[t as f32],
-                self.context,
-                self.tokens,
-                Some(self.y),
-                None,
+                &unet::Inputs {
+                    x,
+                    t: &[t as f32],
+                    context: self.context,
+                    y: Some(self.y),
+                    guidance: None,
+                },
                 self.backend,
             );
         };
@@ -430,14 +494,15 @@ impl sdrs::sample::Model for GuidedXl<'_> {
         let out = unet::forward(
             self.w,
             self.cfg,
-            &batch,
             w,
             h,
-            &[t as f32, t as f32],
-            self.context,
-            self.tokens,
-            Some(self.y),
-            None,
+            &unet::Inputs {
+                x: &batch,
+                t: &[t as f32, t as f32],
+                context: self.context,
+                y: Some(self.y),
+                guidance: None,
+            },
             self.backend,
         )?;
         let (uncond, cond) = out.split_at(out.len() / 2);
@@ -563,18 +628,19 @@ fn sdxl_components_match_diffusers_at_f32() {
 
     let w = Weights::load(&m.gguf, |n| n.starts_with("model.diffusion_model.")).unwrap();
     let (xs, x) = &g["unet.x"];
-    let (cs, ctx) = &g["unet.context"];
+    let (_, ctx) = &g["unet.context"];
     let out = unet::forward(
         &w,
         u,
-        x,
         xs[3],
         xs[2],
-        &[500.0, 500.0],
-        ctx,
-        cs[1],
-        Some(&g["add.y"].1),
-        None,
+        &unet::Inputs {
+            x,
+            t: &[500.0, 500.0],
+            context: ctx,
+            y: Some(&g["add.y"].1),
+            guidance: None,
+        },
         &backend,
     )
     .unwrap();
@@ -630,7 +696,6 @@ fn sdxl_trajectories_match_the_diffusers_pipeline() {
             cfg: &m.cfg.unet,
             context: &context,
             y: &yy,
-            tokens: cs[1],
             scale,
             size: (8, 8),
             backend: &backend,
@@ -660,7 +725,18 @@ fn sdxl_trajectories_match_the_diffusers_pipeline() {
                 1e-4,
             );
         }
-        let img = vae::decode(&vw, &m.cfg.vae, traj.last().unwrap(), 1, 8, 8, &backend).unwrap();
+        let img = vae::decode(
+            &vw,
+            &m.cfg.vae,
+            Planes {
+                values: traj.last().unwrap(),
+                n: 1,
+                width: 8,
+                height: 8,
+            },
+            &backend,
+        )
+        .unwrap();
         let p = psnr_pm1(&g[&k("image")].1, &img);
         eprintln!("sdxl {key}: final image PSNR {p:.1} dB");
         assert!(p >= 45.0, "sdxl {key}: PSNR {p:.1} dB");
@@ -723,7 +799,18 @@ fn f16_vae_decodes_activations_beyond_the_f16_range() {
         let m = convert("sdxl", ty);
         let w = Weights::load(&m.gguf, |n| n.starts_with("first_stage_model.")).unwrap();
         let zs: Vec<f32> = z.iter().map(|v| v * scale).collect();
-        vae::decode(&w, &m.cfg.vae, &zs, 1, 8, 8, &backend).unwrap()
+        vae::decode(
+            &w,
+            &m.cfg.vae,
+            Planes {
+                values: &zs,
+                n: 1,
+                width: 8,
+                height: 8,
+            },
+            &backend,
+        )
+        .unwrap()
     };
     let peak = z.iter().fold(0f32, |m, v| m.max(v.abs())) / 0.13025;
     let scale = 4.0e5 / peak;

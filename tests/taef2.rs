@@ -5,7 +5,7 @@ mod common;
 
 use common::photo;
 use sdrs::ggml::Backend;
-use sdrs::model::taesd;
+use sdrs::model::{taesd, Planes};
 
 fn psnr(a: &[f32], b: &[f32]) -> f64 {
     let mse: f64 = a
@@ -31,8 +31,28 @@ fn taef2_round_trips_photos_at_the_published_networks_psnr() {
         ("rocket.png", 30.49),
     ] {
         let (x, w, h) = photo(file, None);
-        let z = taesd::encode(&enc, &x, 1, h, w, &backend).unwrap();
-        let y = taesd::decode(&dec, &z, 1, h / 8, w / 8, &backend).unwrap();
+        let z = taesd::encode(
+            &enc,
+            Planes {
+                values: &x,
+                n: 1,
+                width: w,
+                height: h,
+            },
+            &backend,
+        )
+        .unwrap();
+        let y = taesd::decode(
+            &dec,
+            Planes {
+                values: &z,
+                n: 1,
+                width: w / 8,
+                height: h / 8,
+            },
+            &backend,
+        )
+        .unwrap();
         let p = psnr(&x, &y);
         eprintln!("{file}: {p:.2} dB (PyTorch {reference})");
         assert!(

@@ -6,8 +6,8 @@ use anyhow::Result;
 use sdrs::config::ModelConfig;
 use sdrs::formats::gguf::metadata;
 use sdrs::formats::gguf::{GgufFile, Value};
-use sdrs::formats::layout::{UNET_PREFIX, VAE_PREFIX};
 use sdrs::formats::Checkpoint;
+use sdrs::network::{UNET_PREFIX, VAE_PREFIX};
 
 /// Describe a GGUF or a checkpoint: architecture, components, types, metadata.
 #[derive(clap::Args)]

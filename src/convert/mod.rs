@@ -127,7 +127,7 @@ pub fn plan(ck: &Checkpoint, policy: &Policy, config: Option<ModelConfig>) -> Re
         Some(c) => c,
         None => ck.model_config()?,
     };
-    let expected: HashMap<String, Vec<usize>> = layout::layout(&config)
+    let expected: HashMap<String, Vec<usize>> = layout::layout(&config)?
         .into_iter()
         .map(|s| (s.name, s.shape))
         .collect();

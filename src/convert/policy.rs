@@ -122,7 +122,7 @@ impl Policy {
                 (w, "weight")
             }
         };
-        if name.starts_with(crate::formats::layout::VAE_PREFIX) {
+        if name.starts_with(crate::network::VAE_PREFIX) {
             return q8_floor("VAE kept at q8_0 or better");
         }
         (w, "weight")

@@ -31,12 +31,13 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::ops::Bound;
 
-use super::layout::{self, UNET_PREFIX, VAE_PREFIX};
+use super::layout;
 use super::source::{Checkpoint, SourceFormat};
 use crate::config::{
     ModelConfig, Prediction, TextEncoderConfig, TextEncoderKind, UnetConfig, VaeConfig,
 };
 use crate::error::Error;
+use crate::network::{clip::projection_name, UNET_PREFIX, VAE_PREFIX};
 
 type Result<T> = std::result::Result<T, String>;
 
@@ -101,7 +102,7 @@ pub fn detect(tensors: &[(&str, &[usize])]) -> Result<ModelConfig> {
     cfg.check_sizes()?;
     cfg.infer_time_ids()?;
 
-    let diff = layout::compare(&cfg, tensors);
+    let diff = layout::compare(&cfg, tensors).map_err(|e| e.to_string())?;
     if !diff.missing.is_empty() || !diff.unexpected.is_empty() {
         let mut parts = Vec::new();
         if !diff.missing.is_empty() {
@@ -318,7 +319,7 @@ fn text_encoder(t: &Tensors, prefix: &str, kind: TextEncoderKind) -> Result<Text
     te.num_layers = num_layers;
     te.num_heads = (hidden / 64).max(1);
     te.intermediate_size = intermediate_size;
-    let projection = layout::projection_name(&te);
+    let projection = projection_name(&te);
     te.projection_dim = match kind {
         _ if !t.has(&projection) => None,
         TextEncoderKind::HfClip => Some(t.dim(&projection, 2, 0)?),
@@ -597,7 +598,7 @@ mod tests {
     }
 
     fn detect_layout_of(cfg: &ModelConfig) -> Result<ModelConfig> {
-        detect(&names_and_shapes(&layout(cfg)))
+        detect(&names_and_shapes(&layout(cfg).unwrap()))
     }
 
     /// `cfg` as detection describes it: the family without the `tiny-` of shrunk presets.
@@ -736,7 +737,7 @@ mod tests {
             )
         );
         // Every name is accounted for; only the widths fail to form a network.
-        let diff = layout::compare(&cfg, &tensors);
+        let diff = layout::compare(&cfg, &tensors).unwrap();
         assert!(diff.missing.is_empty() && diff.unexpected.is_empty());
         assert!(!diff.wrong_shape.is_empty() && !diff.shortcuts.is_empty());
     }
@@ -762,7 +763,7 @@ mod tests {
 
     #[test]
     fn lists_the_components_a_checkpoint_lacks() {
-        let specs = layout(&ModelConfig::sd1().shrink());
+        let specs = layout(&ModelConfig::sd1().shrink()).unwrap();
         let without = |prefix: &str| -> Vec<(&str, &[usize])> {
             names_and_shapes(&specs)
                 .into_iter()
@@ -784,7 +785,7 @@ mod tests {
 
     #[test]
     fn rejects_tensors_the_detected_layout_does_not_have() {
-        let specs = layout(&ModelConfig::sd1().shrink());
+        let specs = layout(&ModelConfig::sd1().shrink()).unwrap();
         let mut tensors = names_and_shapes(&specs);
         let shape = [32usize];
         tensors.push((
@@ -803,7 +804,7 @@ mod tests {
     #[test]
     fn rejects_shapes_that_do_not_make_a_unet() {
         let cfg = ModelConfig::sd1().shrink();
-        let specs = layout(&cfg);
+        let specs = layout(&cfg).unwrap();
         let mut tensors = names_and_shapes(&specs);
         let odd = [48usize, 32, 3, 3];
         for t in tensors
@@ -832,7 +833,7 @@ mod tests {
 
     #[test]
     fn rejects_duplicate_names() {
-        let specs = layout(&ModelConfig::sd1().shrink());
+        let specs = layout(&ModelConfig::sd1().shrink()).unwrap();
         let mut tensors = names_and_shapes(&specs);
         tensors.push(tensors[0]);
         assert!(detect(&tensors).unwrap_err().contains("twice"));

@@ -11,7 +11,7 @@ use super::{Checkpoint, SourceTensor};
 use crate::config::VaeConfig;
 use crate::error::{Error, Result};
 
-use super::layout::VAE_PREFIX as PREFIX;
+use crate::network::{self, VAE_PREFIX as PREFIX};
 
 /// The weights file of a diffusers `vae/` folder (or the file itself).
 fn weights_file(path: &Path) -> Result<PathBuf> {
@@ -67,10 +67,10 @@ pub fn open(path: &Path, cfg: &VaeConfig) -> Result<Vec<SourceTensor>> {
         names::to_canonical(&plan, mine, &file, |_| false)?
     } else {
         let bare = !ck.tensors.iter().any(|t| t.name.starts_with(PREFIX));
+        // A bare VAE file holds the VAE's tensors without the checkpoint's prefix.
         let vae_part = |n: &str| {
-            ["encoder.", "decoder.", "quant_conv.", "post_quant_conv."]
-                .iter()
-                .any(|p| n.starts_with(p))
+            let full = format!("{PREFIX}{n}");
+            network::vae::is_encoder(&full) || network::vae::is_decoder(&full)
         };
         ck.tensors
             .into_iter()
@@ -107,7 +107,7 @@ fn not_a_vae(file: &Path, mut missing: Vec<String>) -> Error {
 /// 1x1 convolutions in one naming and matrices in another: the same values).
 fn check(
     file: &Path,
-    plan: &[names::Entry],
+    plan: &[crate::network::Param],
     tensors: Vec<SourceTensor>,
 ) -> Result<Vec<SourceTensor>> {
     let mut by_name: HashMap<String, SourceTensor> =

@@ -19,7 +19,7 @@ pub use device::{
     VULKAN_BUILT,
 };
 pub use mapguard::MapGuard;
-pub use ops::CONV_MAX_BANDS;
+pub use ops::{ConvShape, CONV_MAX_BANDS};
 pub use peak::fma_peak_flops;
 
 // The ggml libraries are linked only if the crate is referenced.

@@ -12,6 +12,28 @@ pub const CONV_COLUMNS_MAX_BYTES: usize = 64 << 20;
 /// Most row bands one convolution is split into.
 pub const CONV_MAX_BANDS: usize = 64;
 
+/// The geometry of a 2-D convolution: kernel height and width, stride and zero
+/// padding (the same along both axes).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConvShape {
+    pub kh: usize,
+    pub kw: usize,
+    pub stride: usize,
+    pub pad: usize,
+}
+
+impl ConvShape {
+    /// A `k`x`k` kernel.
+    pub fn square(k: usize, stride: usize, pad: usize) -> Self {
+        ConvShape {
+            kh: k,
+            kw: k,
+            stride,
+            pad,
+        }
+    }
+}
+
 fn bad(op: &str, msg: String) -> Error {
     Error::Ggml(format!("{op}: {msg}"))
 }
@@ -409,17 +431,19 @@ impl Context<'_> {
 
     /// 2-D convolution of `x` `[W, H, IC, N]` with a kernel stored as the matrix
     /// `[IC*kh*kw, OC]` (quantized or float), through im2col + mul_mat.
-    #[allow(clippy::too_many_arguments)]
     pub fn conv2d<'c>(
         &'c self,
         x: Tensor<'c>,
         kernel: Tensor<'c>,
-        kh: usize,
-        kw: usize,
-        stride: usize,
-        pad: usize,
+        shape: ConvShape,
         bias: Option<Tensor<'c>>,
     ) -> Result<Tensor<'c>> {
+        let ConvShape {
+            kh,
+            kw,
+            stride,
+            pad,
+        } = shape;
         let [w, h, ic, n] = x.ne();
         let [k, oc, _, _] = kernel.ne();
         if k != ic * kh * kw || stride == 0 || w + 2 * pad < kw || h + 2 * pad < kh {
@@ -469,7 +493,7 @@ impl Context<'_> {
                 .clamp(1, oh.min(CONV_MAX_BANDS));
             self.ensure_room(8 * bands + 8)?;
             if bands == 1 {
-                let cols = self.im2col_rows(x, kh, kw, stride, pad, 0, oh)?;
+                let cols = self.im2col_rows(x, shape, 0, oh)?;
                 let cols = self.reshape(cols, &[k, ow * oh * n])?;
                 self.mul_mat(kernel, cols)? // [OC, OW*OH*N]
             } else {
@@ -482,7 +506,7 @@ impl Context<'_> {
                 let mut r0 = 0;
                 while r0 < oh {
                     let rows = band.min(oh - r0);
-                    let cols = self.im2col_rows(x, kh, kw, stride, pad, r0, rows)?;
+                    let cols = self.im2col_rows(x, shape, r0, rows)?;
                     let y = self.mul_mat(kernel, self.reshape(cols, &[k, ow * rows * n])?)?;
                     parts.push(self.reshape(y, &[oc, ow, rows, n])?);
                     r0 += rows;
@@ -515,17 +539,19 @@ impl Context<'_> {
     /// The column matrix `[IC*kh*kw, OW, rows, N]` of output rows `row0..row0+rows`
     /// of a convolution of `x` `[W, H, IC, N]` (f32, rows contiguous) with `pad`
     /// zeros on every side, by sdrs' own kernel (`ggml/im2col.rs`).
-    #[allow(clippy::too_many_arguments)]
     fn im2col_rows<'c>(
         &'c self,
         x: Tensor<'c>,
-        kh: usize,
-        kw: usize,
-        stride: usize,
-        pad: usize,
+        shape: ConvShape,
         row0: usize,
         rows: usize,
     ) -> Result<Tensor<'c>> {
+        let ConvShape {
+            kh,
+            kw,
+            stride,
+            pad,
+        } = shape;
         let [w, h, ic, n] = x.ne();
         if x.ty() != Type::F32 || x.nb()[0] != 4 || w + 2 * pad < kw || h + 2 * pad < kh {
             return Err(bad(

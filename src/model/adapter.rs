@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 
 use crate::error::{Error, Result};
-use crate::ggml::{Backend, Tensor};
+use crate::ggml::{Backend, ConvShape, Tensor};
 use crate::lora::Lora;
 
 use super::Weights;
@@ -143,8 +143,8 @@ impl Adapters {
                     } else {
                         return Err(Error::Invalid(format!("LoRA on `{weight}`: a {0}x{0} down projection on a {k}x{k} convolution", b.kernel)));
                     };
-                    let h = ctx.conv2d(x, down, dk, dk, dstride, dpad, None)?;
-                    ctx.conv2d(h, up, 1, 1, 1, 0, None)?
+                    let h = ctx.conv2d(x, down, ConvShape::square(dk, dstride, dpad), None)?;
+                    ctx.conv2d(h, up, ConvShape::square(1, 1, 0), None)?
                 }
             };
             y = ctx.add(y, ctx.scale(h, b.scale)?)?;

@@ -3,74 +3,32 @@ use crate::config::{Activation, TextEncoderConfig, TextEncoderKind};
 use crate::error::{Error, Result};
 use crate::ggml::{Backend, Context, Tensor, Type};
 
+use crate::network::clip::{projection_name, EncoderLayer, Qkv, TextEncoder};
+
 use super::nn::Nn;
 use super::{Adapters, Weights};
 
 /// CLIP's layer-norm epsilon (both towers).
 const LN_EPS: f32 = 1e-5;
 
-/// Names of one layer's weights, for either naming scheme.
-struct LayerNames {
-    ln1: String,
-    ln2: String,
-    /// Separate q/k/v projections (HF) or one stacked projection (OpenCLIP).
-    qkv: Qkv,
-    out: String,
-    fc1: String,
-    fc2: String,
-}
-
-enum Qkv {
-    Separate([String; 3]),
-    Stacked(String),
-}
-
-fn layer_names(cfg: &TextEncoderConfig, i: usize) -> LayerNames {
-    let p = &cfg.prefix;
-    match cfg.kind {
-        TextEncoderKind::HfClip => {
-            let l = format!("{p}encoder.layers.{i}.");
-            LayerNames {
-                ln1: format!("{l}layer_norm1"),
-                ln2: format!("{l}layer_norm2"),
-                qkv: Qkv::Separate([
-                    format!("{l}self_attn.q_proj"),
-                    format!("{l}self_attn.k_proj"),
-                    format!("{l}self_attn.v_proj"),
-                ]),
-                out: format!("{l}self_attn.out_proj"),
-                fc1: format!("{l}mlp.fc1"),
-                fc2: format!("{l}mlp.fc2"),
-            }
-        }
-        TextEncoderKind::OpenClip => {
-            let l = format!("{p}transformer.resblocks.{i}.");
-            LayerNames {
-                ln1: format!("{l}ln_1"),
-                ln2: format!("{l}ln_2"),
-                qkv: Qkv::Stacked(format!("{l}attn.in_proj_")),
-                out: format!("{l}attn.out_proj"),
-                fc1: format!("{l}mlp.c_fc"),
-                fc2: format!("{l}mlp.c_proj"),
-            }
-        }
-    }
-}
-
 /// Causal multi-head self-attention over `x` `[C, T, B]`.
 fn attention<'c>(
     nn: &Nn<'c>,
     x: Tensor<'c>,
-    names: &LayerNames,
+    layer: &EncoderLayer,
     heads: usize,
 ) -> Result<Tensor<'c>> {
     let c = nn.ctx;
     let [ch, t, b, _] = x.ne();
     let d = ch / heads;
-    let (q, k, v) = match &names.qkv {
-        Qkv::Separate([q, k, v]) => (nn.linear(x, q)?, nn.linear(x, k)?, nn.linear(x, v)?),
-        Qkv::Stacked(p) => {
-            let qkv = nn.linear_weight(x, &format!("{p}weight"), nn.w.opt(&format!("{p}bias")))?; // [3C, T, B]
+    let (q, k, v) = match &layer.qkv {
+        Qkv::Separate([q, k, v]) => (
+            nn.linear(x, &q.name)?,
+            nn.linear(x, &k.name)?,
+            nn.linear(x, &v.name)?,
+        ),
+        Qkv::Stacked { weight, bias } => {
+            let qkv = nn.linear_weight(x, &weight.canonical, nn.w.opt(&bias.canonical))?; // [3C, T, B]
             let part = |i: usize| c.cont(c.view(qkv, [ch, t, b, 1], [i * ch, 0, 0, 0])?);
             (part(0)?, part(1)?, part(2)?)
         }
@@ -80,7 +38,7 @@ fn attention<'c>(
     let k = c.permute(split(k)?, [0, 2, 1, 3])?;
     let v = c.permute(split(v)?, [0, 2, 1, 3])?;
     let o = nn.attend(q, k, v, true)?; // [C, T, B]
-    nn.linear(o, &names.out)
+    nn.linear(o, &layer.out_proj.name)
 }
 
 /// Graph inputs and outputs of a text encoder run.
@@ -119,24 +77,13 @@ pub fn build<'c>(
         ..Nn::new(ctx, w)
     };
     let t = cfg.max_positions;
-    let p = &cfg.prefix;
-    let (tok, pos, final_norm) = match cfg.kind {
-        TextEncoderKind::HfClip => (
-            format!("{p}embeddings.token_embedding.weight"),
-            format!("{p}embeddings.position_embedding.weight"),
-            format!("{p}final_layer_norm"),
-        ),
-        TextEncoderKind::OpenClip => (
-            format!("{p}token_embedding.weight"),
-            format!("{p}positional_embedding"),
-            format!("{p}ln_final"),
-        ),
-    };
+    let plan = TextEncoder::new(cfg);
+    let final_norm = &plan.final_norm.name;
     let ids = ctx.tensor(Type::I32, &[t * batch], "clip.ids")?;
     let positions = ctx.tensor(Type::I32, &[t], "clip.positions")?;
     ctx.set_input(ids);
     ctx.set_input(positions);
-    let mut x = ctx.get_rows(w.get(&tok)?, ids)?; // [hidden, T * B]
+    let mut x = ctx.get_rows(w.get(&plan.token_embedding.canonical)?, ids)?; // [hidden, T * B]
     let vectors = if vectors {
         let keep = ctx.tensor(Type::F32, &[1, t * batch], "clip.keep")?;
         let values = ctx.tensor(Type::F32, &[cfg.hidden_size, t * batch], "clip.vectors")?;
@@ -149,7 +96,10 @@ pub fn build<'c>(
         None
     };
     let x = ctx.reshape(x, &[cfg.hidden_size, t, batch])?;
-    let mut x = ctx.add(x, ctx.get_rows(w.get(&pos)?, positions)?)?;
+    let mut x = ctx.add(
+        x,
+        ctx.get_rows(w.get(&plan.position_embedding.canonical)?, positions)?,
+    )?;
     let layers = cfg
         .num_layers
         .checked_sub(cfg.skip_layers)
@@ -161,20 +111,20 @@ pub fn build<'c>(
             ))
         })?;
     let mut hidden = None;
-    for i in 0..if pooled { cfg.num_layers } else { layers } {
-        let n = layer_names(cfg, i);
-        let h = nn.layer_norm(x, &n.ln1, LN_EPS)?;
-        x = ctx.add(x, attention(&nn, h, &n, cfg.num_heads)?)?;
-        let h = nn.layer_norm(x, &n.ln2, LN_EPS)?;
-        let h = nn.linear(h, &n.fc1)?;
+    let run = if pooled { cfg.num_layers } else { layers };
+    for (i, l) in plan.layers.iter().take(run).enumerate() {
+        let h = nn.layer_norm(x, &l.norm1.name, LN_EPS)?;
+        x = ctx.add(x, attention(&nn, h, l, cfg.num_heads)?)?;
+        let h = nn.layer_norm(x, &l.norm2.name, LN_EPS)?;
+        let h = nn.linear(h, &l.fc1.name)?;
         let h = match cfg.activation {
             Activation::QuickGelu => ctx.gelu_quick(h)?,
             Activation::Gelu => ctx.gelu(h)?,
         };
-        x = ctx.add(x, nn.linear(h, &n.fc2)?)?;
+        x = ctx.add(x, nn.linear(h, &l.fc2.name)?)?;
         if i + 1 == layers {
             hidden = Some(if cfg.final_norm {
-                nn.layer_norm(x, &final_norm, LN_EPS)?
+                nn.layer_norm(x, final_norm, LN_EPS)?
             } else {
                 x
             });
@@ -185,10 +135,9 @@ pub fn build<'c>(
     let pooled = if pooled {
         let eos = ctx.tensor(Type::I32, &[batch], "clip.eos")?;
         ctx.set_input(eos);
-        let last = nn.layer_norm(x, &final_norm, LN_EPS)?;
+        let last = nn.layer_norm(x, final_norm, LN_EPS)?;
         let rows = ctx.get_rows(ctx.reshape(last, &[cfg.hidden_size, t * batch])?, eos)?; // [hidden, B]
-        let name = crate::formats::layout::projection_name(cfg);
-        let proj = w.get(&name)?;
+        let proj = w.get(&projection_name(cfg))?;
         let out = match cfg.kind {
             TextEncoderKind::HfClip => ctx.linear(rows, proj, None)?,
             // OpenCLIP applies it as `x @ P` (P `[hidden, proj]`): a linear layer with P^T,

@@ -14,3 +14,20 @@ pub mod weights;
 pub use adapter::Adapters;
 pub use nn::Attention;
 pub use weights::Weights;
+
+/// A batch of images or latents in PyTorch order: `values` is `[n][channels][height][width]`
+/// (the channels follow from the network).
+#[derive(Clone, Copy, Debug)]
+pub struct Planes<'a> {
+    pub values: &'a [f32],
+    pub n: usize,
+    pub width: usize,
+    pub height: usize,
+}
+
+impl Planes<'_> {
+    /// Whether `values` holds exactly `n` planes of `channels` x `height` x `width`.
+    pub fn holds(&self, channels: usize) -> bool {
+        self.values.len() == self.n * channels * self.height * self.width
+    }
+}

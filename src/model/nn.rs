@@ -1,6 +1,6 @@
 //! Layers shared by the UNet, the VAE and TAESD, named as in the checkpoint.
 use crate::error::Result;
-use crate::ggml::{Backend, Context, Tensor, Type};
+use crate::ggml::{Backend, Context, ConvShape, Tensor, Type};
 
 use super::{Adapters, Weights};
 
@@ -113,10 +113,7 @@ impl<'c> Nn<'c> {
         let y = self.ctx.conv2d(
             x,
             self.kernel(w)?,
-            k,
-            k,
-            stride,
-            pad,
+            ConvShape::square(k, stride, pad),
             self.w.opt(&format!("{name}.bias")),
         )?;
         match self.adapters {

@@ -8,7 +8,7 @@ use crate::ggml::{Backend, Tensor};
 
 use super::nn::{Nn, Program};
 use super::tile::{self, Tiling};
-use super::Weights;
+use super::{Planes, Weights};
 
 enum Layer {
     /// `tanh(x / 3) * 3`: keeps latents in range.
@@ -124,33 +124,26 @@ fn eval(
 
 /// Decodes latents (`[n][c][h][w]`, the UNet's scaled space) to an image in about
 /// [0, 1] (`[n][3][8h][8w]`), unclamped.
-pub fn decode(
-    w: &Weights<'_>,
-    latents: &[f32],
-    n: usize,
-    h: usize,
-    wd: usize,
-    backend: &Backend,
-) -> Result<Vec<f32>> {
+pub fn decode(w: &Weights<'_>, latents: Planes<'_>, backend: &Backend) -> Result<Vec<f32>> {
     let c = latent_channels(w)?;
-    eval(w, DECODER, latents, [wd, h, c, n], backend)
+    let ne = [latents.width, latents.height, c, latents.n];
+    eval(w, DECODER, latents.values, ne, backend)
 }
 
 /// The compute buffer [`decode`] needs for one `wd`x`h` latent, found without allocating it.
-pub fn decode_buffer_bytes(w: &Weights<'_>, h: usize, wd: usize) -> Result<usize> {
+pub fn decode_buffer_bytes(w: &Weights<'_>, wd: usize, h: usize) -> Result<usize> {
     let c = latent_channels(w)?;
     super::nn::Program::measure(w, [wd, h, c, 1], 2048, |nn, x| run(nn, DECODER, x))
 }
 
 /// Encodes an image in [0, 1] (`[n][3][H][W]`, sides multiples of 8) to latents.
-pub fn encode(
-    w: &Weights<'_>,
-    pixels: &[f32],
-    n: usize,
-    h: usize,
-    wd: usize,
-    backend: &Backend,
-) -> Result<Vec<f32>> {
+pub fn encode(w: &Weights<'_>, image: Planes<'_>, backend: &Backend) -> Result<Vec<f32>> {
+    let Planes {
+        values: pixels,
+        n,
+        width: wd,
+        height: h,
+    } = image;
     if !h.is_multiple_of(8) || !wd.is_multiple_of(8) {
         return Err(crate::Error::Invalid(format!(
             "TAESD encodes images whose sides are multiples of 8, not {wd}x{h}"
@@ -189,17 +182,20 @@ fn split(w: &Weights<'_>, layers: &[Layer], decoder: bool) -> usize {
 /// [`decode`] in tiles ([`tile`](super::tile)); see [`split`] for what runs whole.
 pub fn decode_tiled(
     w: &Weights<'_>,
-    latents: &[f32],
-    n: usize,
-    h: usize,
-    wd: usize,
+    planes: Planes<'_>,
     tiling: Tiling,
     backend: &Backend,
 ) -> Result<Vec<f32>> {
     let c = latent_channels(w)?;
+    let Planes {
+        values: latents,
+        n,
+        width: wd,
+        height: h,
+    } = planes;
     let t = tiling.clamp(wd, h);
     if !t.cuts(wd, h) {
-        return decode(w, latents, n, h, wd, backend);
+        return decode(w, planes, backend);
     }
     let at = split(w, DECODER, true);
     let (head, tail) = DECODER.split_at(at);
@@ -234,13 +230,16 @@ pub fn decode_tiled(
 /// [`encode`] in tiles of `tiling` latents (8 pixels each); see [`split`].
 pub fn encode_tiled(
     w: &Weights<'_>,
-    pixels: &[f32],
-    n: usize,
-    h: usize,
-    wd: usize,
+    image: Planes<'_>,
     tiling: Tiling,
     backend: &Backend,
 ) -> Result<Vec<f32>> {
+    let Planes {
+        values: pixels,
+        n,
+        width: wd,
+        height: h,
+    } = image;
     if !h.is_multiple_of(8) || !wd.is_multiple_of(8) {
         return Err(crate::Error::Invalid(format!(
             "TAESD encodes images whose sides are multiples of 8, not {wd}x{h}"
@@ -249,7 +248,7 @@ pub fn encode_tiled(
     let (lw, lh) = (wd / 8, h / 8);
     let t = tiling.clamp(lw, lh);
     if !t.cuts(lw, lh) {
-        return encode(w, pixels, n, h, wd, backend);
+        return encode(w, image, backend);
     }
     let at = split(w, ENCODER, false);
     let (head, tail) = ENCODER.split_at(at);
@@ -286,7 +285,7 @@ pub fn decode_tile_bytes(w: &Weights<'_>, tiling: Tiling, lw: usize, lh: usize) 
     let c = latent_channels(w)?;
     let t = tiling.clamp(lw, lh);
     if !t.cuts(lw, lh) {
-        return decode_buffer_bytes(w, lh, lw);
+        return decode_buffer_bytes(w, lw, lh);
     }
     let (head, tail) = DECODER.split_at(split(w, DECODER, true));
     let (mut bytes, mut c_tail) = (0, c);

@@ -130,6 +130,14 @@ fn ramp(starts: &[usize], i: usize, tile: usize, f: usize) -> Vec<f32> {
         .collect()
 }
 
+/// The network [`run_exact`] builds for each tile: its weights, and the most tensor
+/// objects one tile's graph holds.
+#[derive(Clone, Copy)]
+pub struct Net<'a, 'w> {
+    pub weights: &'a Weights<'w>,
+    pub max_tensors: usize,
+}
+
 /// The shapes of one tiled run.
 pub struct Shape {
     /// Images in the batch.
@@ -260,10 +268,8 @@ pub fn run(
 ///
 /// The statistics take one pass over the tiles per norm, each pass as deep as its norm;
 /// then one pass makes the output. The compute buffer is the deepest pass's, one tile's.
-#[allow(clippy::too_many_arguments)]
 pub fn run_exact(
-    w: &Weights<'_>,
-    max_tensors: usize,
+    net: Net<'_, '_>,
     input: &[f32],
     s: &Shape,
     tiling: Tiling,
@@ -271,6 +277,10 @@ pub fn run_exact(
     tick: Tick<'_>,
     build: impl for<'c> Fn(&Nn<'c>, Tensor<'c>, &SharedNorms) -> Result<Tensor<'c>>,
 ) -> Result<Vec<f32>> {
+    let Net {
+        weights: w,
+        max_tensors,
+    } = net;
     let t = tiling.clamp(s.lw, s.lh);
     let (iw, ih, ow, oh) = (s.lw * s.f_in, s.lh * s.f_in, s.lw * s.f_out, s.lh * s.f_out);
     if input.len() != s.n * s.c_in * iw * ih {

@@ -1,36 +1,31 @@
-//! The denoising UNet (LDM `openaimodel.UNetModel`, names `model.diffusion_model.*`).
-//! Its shape (levels, ResNets and transformer depths per block, heads, projections)
-//! comes from [`UnetConfig`]; SDXL's label embedding and LCM's guidance embedding
-//! are used when the config has them.
+//! The denoising UNet as a ggml graph, walking the block plan of
+//! [`network::unet`](crate::network::unet). Its shape (levels, ResNets and transformer
+//! depths per block, heads, projections) comes from [`UnetConfig`]; SDXL's label
+//! embedding and LCM's guidance embedding are used when the config has them.
 use crate::config::UnetConfig;
 use crate::error::{Error, Result};
 use crate::ggml::{Backend, Context, Tensor, Type};
+use crate::network::unet::{Attention as Attn, Block, ResBlock, Transformer, Unet};
 
 use super::nn::{Attention, Nn};
 use super::Adapters;
 use super::Weights;
 
-use crate::formats::layout::UNET_PREFIX as P;
 const GROUPS: usize = 32;
 
-fn resblock<'c>(nn: &Nn<'c>, x: Tensor<'c>, emb: Tensor<'c>, name: &str) -> Result<Tensor<'c>> {
+fn resblock<'c>(nn: &Nn<'c>, x: Tensor<'c>, emb: Tensor<'c>, r: &ResBlock) -> Result<Tensor<'c>> {
     let c = nn.ctx;
-    let h = c.silu(nn.group_norm(x, &format!("{name}.in_layers.0"), GROUPS, 1e-5)?)?;
-    let h = nn.conv(h, &format!("{name}.in_layers.2"), 3, 1, 1)?;
+    let h = c.silu(nn.group_norm(x, &r.in_norm.name, GROUPS, 1e-5)?)?;
+    let h = nn.conv(h, &r.in_conv.name, 3, 1, 1)?;
     let out_ch = h.ne()[2];
-    let e = nn.linear(c.silu(emb)?, &format!("{name}.emb_layers.1"))?; // [C, B]
+    let e = nn.linear(c.silu(emb)?, &r.emb_proj.name)?; // [C, B]
     let e = c.reshape(e, &[1, 1, out_ch, e.ne()[1]])?;
     let h = c.add(h, e)?;
-    let h = c.silu(nn.group_norm(h, &format!("{name}.out_layers.0"), GROUPS, 1e-5)?)?;
-    let h = nn.conv(h, &format!("{name}.out_layers.3"), 3, 1, 1)?;
-    let skip = if nn
-        .w
-        .opt(&format!("{name}.skip_connection.weight"))
-        .is_some()
-    {
-        nn.conv(x, &format!("{name}.skip_connection"), 1, 1, 0)?
-    } else {
-        x
+    let h = c.silu(nn.group_norm(h, &r.out_norm.name, GROUPS, 1e-5)?)?;
+    let h = nn.conv(h, &r.out_conv.name, 3, 1, 1)?;
+    let skip = match &r.shortcut {
+        Some(s) => nn.conv(x, &s.name, 1, 1, 0)?,
+        None => x,
     };
     c.add(skip, h)
 }
@@ -41,73 +36,110 @@ fn attention<'c>(
     nn: &Nn<'c>,
     x: Tensor<'c>,
     ctx_in: Tensor<'c>,
-    name: &str,
+    a: &Attn,
     heads: usize,
 ) -> Result<Tensor<'c>> {
     let c = nn.ctx;
     let [ch, n, b, _] = x.ne();
     let d = ch / heads;
     let tk = ctx_in.ne()[1];
-    let q = nn.linear(x, &format!("{name}.to_q"))?;
-    let k = nn.linear(ctx_in, &format!("{name}.to_k"))?;
-    let v = nn.linear(ctx_in, &format!("{name}.to_v"))?;
+    let q = nn.linear(x, &a.q.name)?;
+    let k = nn.linear(ctx_in, &a.k.name)?;
+    let v = nn.linear(ctx_in, &a.v.name)?;
     let q = c.permute(c.reshape(q, &[d, heads, n, b])?, [0, 2, 1, 3])?; // [D, N, H, B]
     let k = c.permute(c.reshape(k, &[d, heads, tk, b])?, [0, 2, 1, 3])?;
     let v = c.permute(c.reshape(v, &[d, heads, tk, b])?, [0, 2, 1, 3])?;
     let o = nn.attend(q, k, v, false)?; // [C, N, B]
-    nn.linear(o, &format!("{name}.to_out.0"))
+    nn.linear(o, &a.out.name)
 }
 
-fn feed_forward<'c>(nn: &Nn<'c>, x: Tensor<'c>, name: &str) -> Result<Tensor<'c>> {
+/// GEGLU feed-forward: the input projection's first half is the value, the second the gate.
+fn feed_forward<'c>(nn: &Nn<'c>, x: Tensor<'c>, ff_in: &str, ff_out: &str) -> Result<Tensor<'c>> {
     let c = nn.ctx;
-    let h = nn.linear(x, &format!("{name}.net.0.proj"))?; // [2*inner, N, B]
+    let h = nn.linear(x, ff_in)?; // [2*inner, N, B]
     let [two, n, b, _] = h.ne();
     let inner = two / 2;
-    // GEGLU: the first half is the value, the second the gate.
     let value = c.view(h, [inner, n, b, 1], [0, 0, 0, 0])?;
     let gate = c.cont(c.view(h, [inner, n, b, 1], [inner, 0, 0, 0])?)?;
     let y = c.mul(c.cont(value)?, c.gelu(gate)?)?;
-    nn.linear(y, &format!("{name}.net.2"))
+    nn.linear(y, ff_out)
 }
 
 fn spatial_transformer<'c>(
     nn: &Nn<'c>,
     x: Tensor<'c>,
     context: Tensor<'c>,
-    name: &str,
-    depth: usize,
-    cfg: &UnetConfig,
+    st: &Transformer,
 ) -> Result<Tensor<'c>> {
     let c = nn.ctx;
-    let [w, h, ch, _] = x.ne();
-    let heads = cfg.heads_for(ch);
-    let hn = nn.group_norm(x, &format!("{name}.norm"), GROUPS, 1e-6)?;
-    let mut t = if cfg.linear_proj {
-        nn.linear(nn.to_tokens(hn)?, &format!("{name}.proj_in"))?
+    let [w, h, _, _] = x.ne();
+    let hn = nn.group_norm(x, &st.norm.name, GROUPS, 1e-6)?;
+    let linear = st.linear_proj();
+    let mut t = if linear {
+        nn.linear(nn.to_tokens(hn)?, &st.proj_in.name)?
     } else {
-        nn.to_tokens(nn.conv(hn, &format!("{name}.proj_in"), 1, 1, 0)?)?
+        nn.to_tokens(nn.conv(hn, &st.proj_in.name, 1, 1, 0)?)?
     };
-    for i in 0..depth {
-        let b = format!("{name}.transformer_blocks.{i}");
-        let n1 = nn.layer_norm(t, &format!("{b}.norm1"), 1e-5)?;
-        t = c.add(t, attention(nn, n1, n1, &format!("{b}.attn1"), heads)?)?;
-        let n2 = nn.layer_norm(t, &format!("{b}.norm2"), 1e-5)?;
-        t = c.add(t, attention(nn, n2, context, &format!("{b}.attn2"), heads)?)?;
-        let n3 = nn.layer_norm(t, &format!("{b}.norm3"), 1e-5)?;
-        t = c.add(t, feed_forward(nn, n3, &format!("{b}.ff"))?)?;
+    for b in &st.blocks {
+        let n1 = nn.layer_norm(t, &b.norm1.name, 1e-5)?;
+        t = c.add(t, attention(nn, n1, n1, &b.attn1, st.heads)?)?;
+        let n2 = nn.layer_norm(t, &b.norm2.name, 1e-5)?;
+        t = c.add(t, attention(nn, n2, context, &b.attn2, st.heads)?)?;
+        let n3 = nn.layer_norm(t, &b.norm3.name, 1e-5)?;
+        t = c.add(t, feed_forward(nn, n3, &b.ff_in.name, &b.ff_out.name)?)?;
     }
-    let out = if cfg.linear_proj {
-        nn.from_tokens(nn.linear(t, &format!("{name}.proj_out"))?, w, h)?
+    let out = if linear {
+        nn.from_tokens(nn.linear(t, &st.proj_out.name)?, w, h)?
     } else {
-        nn.conv(
-            nn.from_tokens(t, w, h)?,
-            &format!("{name}.proj_out"),
-            1,
-            1,
-            0,
-        )?
+        nn.conv(nn.from_tokens(t, w, h)?, &st.proj_out.name, 1, 1, 0)?
     };
     c.add(out, x)
+}
+
+/// Runs the steps of one block.
+fn block<'c>(
+    nn: &Nn<'c>,
+    mut x: Tensor<'c>,
+    emb: Tensor<'c>,
+    context: Tensor<'c>,
+    steps: &[Block],
+) -> Result<Tensor<'c>> {
+    for step in steps {
+        x = match step {
+            Block::Res(r) => resblock(nn, x, emb, r)?,
+            Block::Transformer(t) => spatial_transformer(nn, x, context, t)?,
+            Block::Downsample(l) => nn.conv(x, &l.name, 3, 2, 1)?,
+            Block::Upsample(l) => nn.conv(nn.ctx.upscale_nearest(x, 2)?, &l.name, 3, 1, 1)?,
+        };
+    }
+    Ok(x)
+}
+
+/// The size of one UNet evaluation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Shape {
+    /// Latent width and height.
+    pub width: usize,
+    pub height: usize,
+    /// Latents evaluated at once.
+    pub batch: usize,
+    /// Context tokens per latent.
+    pub tokens: usize,
+}
+
+/// The inputs of one evaluation, PyTorch order.
+#[derive(Clone, Copy, Debug)]
+pub struct Inputs<'a> {
+    /// Noisy latents `[B][C][H][W]`.
+    pub x: &'a [f32],
+    /// Model timesteps `[B]`.
+    pub t: &'a [f32],
+    /// Text conditioning `[B][T][context_dim]`.
+    pub context: &'a [f32],
+    /// Pooled-text/size conditioning `[B][adm_in_channels]` (SDXL).
+    pub y: Option<&'a [f32]>,
+    /// Guidance embedding input `[B][time_cond_proj_dim]` (LCM).
+    pub guidance: Option<&'a [f32]>,
 }
 
 /// Graph inputs and output of one UNet evaluation.
@@ -126,18 +158,17 @@ pub struct Graph<'c> {
     pub out: Tensor<'c>,
 }
 
-/// Builds the UNet for a batch of `b` latents of `w`x`h`, with `tokens` context tokens.
-pub fn build<'c>(
-    nn: &Nn<'c>,
-    cfg: &UnetConfig,
-    w: usize,
-    h: usize,
-    b: usize,
-    tokens: usize,
-) -> Result<Graph<'c>> {
+/// Builds the UNet for `shape`.
+pub fn build<'c>(nn: &Nn<'c>, cfg: &UnetConfig, shape: Shape) -> Result<Graph<'c>> {
     let c = nn.ctx;
-    let levels = cfg.channel_mult.len();
-    let f = 1 << (levels - 1);
+    let plan = Unet::new(cfg)?;
+    let Shape {
+        width: w,
+        height: h,
+        batch: b,
+        tokens,
+    } = shape;
+    let f = 1 << (cfg.channel_mult.len() - 1);
     if !w.is_multiple_of(f) || !h.is_multiple_of(f) || w == 0 || h == 0 {
         return Err(Error::Invalid(format!(
             "latent size {w}x{h} must be a multiple of {f} for this UNet"
@@ -149,90 +180,44 @@ pub fn build<'c>(
     for t in [x_in, t_in, ctx_in] {
         c.set_input(t);
     }
-    let mc = cfg.model_channels;
-    let mut temb = c.timestep_embedding(t_in, mc, 10000)?; // [mc, B]
-    let guidance = match cfg.time_cond_proj_dim {
-        Some(dim) => {
+    let mut temb = c.timestep_embedding(t_in, cfg.model_channels, 10000)?; // [mc, B]
+    let guidance = match (&plan.cond_proj, cfg.time_cond_proj_dim) {
+        (Some(l), Some(dim)) => {
             let g = c.tensor(Type::F32, &[dim, b], "unet.guidance")?;
             c.set_input(g);
-            temb = c.add(temb, nn.linear(g, &format!("{P}time_embed.cond_proj"))?)?;
+            temb = c.add(temb, nn.linear(g, &l.name)?)?;
             Some(g)
         }
-        None => None,
+        _ => None,
     };
-    let mut emb = nn.linear(
-        c.silu(nn.linear(temb, &format!("{P}time_embed.0"))?)?,
-        &format!("{P}time_embed.2"),
-    )?;
-    let y = match cfg.adm_in_channels {
-        Some(adm) => {
+    let [t0, t2] = &plan.time_embed;
+    let mut emb = nn.linear(c.silu(nn.linear(temb, &t0.name)?)?, &t2.name)?;
+    let y = match (&plan.label_embed, cfg.adm_in_channels) {
+        (Some([l0, l2]), Some(adm)) => {
             let y = c.tensor(Type::F32, &[adm, b], "unet.y")?;
             c.set_input(y);
-            let l = nn.linear(
-                c.silu(nn.linear(y, &format!("{P}label_emb.0.0"))?)?,
-                &format!("{P}label_emb.0.2"),
-            )?;
+            let l = nn.linear(c.silu(nn.linear(y, &l0.name)?)?, &l2.name)?;
             emb = c.add(emb, l)?;
             Some(y)
         }
-        None => None,
+        _ => None,
     };
 
-    let mut x = nn.conv(x_in, &format!("{P}input_blocks.0.0"), 3, 1, 1)?;
+    let mut x = nn.conv(x_in, &plan.conv_in.name, 3, 1, 1)?;
     let mut skips = vec![x];
-    let mut n = 1;
-    for (level, blocks) in cfg.down_blocks.iter().enumerate() {
-        for &depth in blocks {
-            x = resblock(nn, x, emb, &format!("{P}input_blocks.{n}.0"))?;
-            if depth > 0 {
-                x = spatial_transformer(
-                    nn,
-                    x,
-                    ctx_in,
-                    &format!("{P}input_blocks.{n}.1"),
-                    depth,
-                    cfg,
-                )?;
-            }
-            skips.push(x);
-            n += 1;
-        }
-        if level + 1 < levels {
-            x = nn.conv(x, &format!("{P}input_blocks.{n}.0.op"), 3, 2, 1)?;
-            skips.push(x);
-            n += 1;
-        }
+    for steps in &plan.input_blocks {
+        x = block(nn, x, emb, ctx_in, steps)?;
+        skips.push(x);
     }
-    if let Some(depth) = cfg.mid_depth {
-        x = resblock(nn, x, emb, &format!("{P}middle_block.0"))?;
-        if depth > 0 {
-            x = spatial_transformer(nn, x, ctx_in, &format!("{P}middle_block.1"), depth, cfg)?;
-            x = resblock(nn, x, emb, &format!("{P}middle_block.2"))?;
-        }
+    x = block(nn, x, emb, ctx_in, &plan.middle)?;
+    for steps in &plan.output_blocks {
+        let skip = skips.pop().ok_or_else(|| {
+            Error::Invalid("UNet config has more decoder blocks than skip connections".into())
+        })?;
+        x = block(nn, c.concat(x, skip, 2)?, emb, ctx_in, steps)?;
     }
-    let mut n = 0;
-    for (i, blocks) in cfg.up_blocks.iter().enumerate() {
-        for (j, &depth) in blocks.iter().enumerate() {
-            let skip = skips.pop().ok_or_else(|| {
-                Error::Invalid("UNet config has more decoder blocks than skip connections".into())
-            })?;
-            x = c.concat(x, skip, 2)?;
-            let name = format!("{P}output_blocks.{n}");
-            x = resblock(nn, x, emb, &format!("{name}.0"))?;
-            let mut idx = 1;
-            if depth > 0 {
-                x = spatial_transformer(nn, x, ctx_in, &format!("{name}.1"), depth, cfg)?;
-                idx = 2;
-            }
-            if j + 1 == blocks.len() && i + 1 < cfg.up_blocks.len() {
-                x = c.upscale_nearest(x, 2)?;
-                x = nn.conv(x, &format!("{name}.{idx}.conv"), 3, 1, 1)?;
-            }
-            n += 1;
-        }
-    }
-    let x = c.silu(nn.group_norm(x, &format!("{P}out.0"), GROUPS, 1e-5)?)?;
-    let out = nn.conv(x, &format!("{P}out.2"), 3, 1, 1)?;
+    let x = c.silu(nn.group_norm(x, &plan.norm_out.name, GROUPS, 1e-5)?)?;
+    let out = nn.conv(x, &plan.conv_out.name, 3, 1, 1)?;
     c.set_output(out);
     Ok(Graph {
         x: x_in,
@@ -249,7 +234,7 @@ pub fn build<'c>(
 pub struct Runner<'w> {
     ctx: Context<'w>,
     cfg: UnetConfig,
-    shape: (usize, usize, usize, usize),
+    shape: Shape,
     /// Compute-buffer size in bytes.
     pub buffer_bytes: usize,
     /// Matrix-product FLOPs of one evaluation (all of the batch).
@@ -258,16 +243,11 @@ pub struct Runner<'w> {
 }
 
 impl<'w> Runner<'w> {
-    /// Builds the graph for `batch` latents of `width`x`height` with `tokens` context tokens.
-    /// `adapters`: LoRA branches beside the weights.
-    #[allow(clippy::too_many_arguments)]
+    /// Builds the graph for `shape`. `adapters`: LoRA branches beside the weights.
     pub fn new(
         w: &'w Weights<'w>,
         cfg: &UnetConfig,
-        width: usize,
-        height: usize,
-        batch: usize,
-        tokens: usize,
+        shape: Shape,
         attention: Attention,
         adapters: Option<&'w Adapters>,
     ) -> Result<Self> {
@@ -278,7 +258,7 @@ impl<'w> Runner<'w> {
                 adapters,
                 ..Nn::new(&ctx, w)
             };
-            let g = build(&nn, cfg, width, height, batch, tokens)?;
+            let g = build(&nn, cfg, shape)?;
             ctx.name(g.out, "unet.out")?;
             let graph = ctx.graph(&[g.out])?;
             (ctx.alloc_graph(&graph)?, graph.matmul_flops())
@@ -286,7 +266,7 @@ impl<'w> Runner<'w> {
         Ok(Runner {
             ctx,
             cfg: cfg.clone(),
-            shape: (width, height, batch, tokens),
+            shape,
             buffer_bytes,
             flops,
             _weights: std::marker::PhantomData,
@@ -294,14 +274,10 @@ impl<'w> Runner<'w> {
     }
 
     /// The compute buffer [`Runner::new`] would allocate, without allocating it.
-    #[allow(clippy::too_many_arguments)]
     pub fn measure(
         w: &Weights<'_>,
         cfg: &UnetConfig,
-        width: usize,
-        height: usize,
-        batch: usize,
-        tokens: usize,
+        shape: Shape,
         attention: Attention,
         adapters: Option<&Adapters>,
     ) -> Result<usize> {
@@ -311,28 +287,37 @@ impl<'w> Runner<'w> {
             adapters,
             ..Nn::new(&ctx, w)
         };
-        let g = build(&nn, cfg, width, height, batch, tokens)?;
+        let g = build(&nn, cfg, shape)?;
         let graph = ctx.graph(&[g.out])?;
         ctx.measure_graph(&graph)
     }
 
-    /// One evaluation: `x` `[B][C][H][W]`, `t` `[B]`, `context` `[B][T][ctx]`.
-    pub fn run(
-        &self,
-        x: &[f32],
-        t: &[f32],
-        context: &[f32],
-        y: Option<&[f32]>,
-        guidance: Option<&[f32]>,
-        backend: &Backend,
-    ) -> Result<Vec<f32>> {
-        let (w, h, b, tokens) = self.shape;
+    /// One evaluation; returns the model output `[B][out_channels][H][W]`.
+    pub fn run(&self, inputs: &Inputs<'_>, backend: &Backend) -> Result<Vec<f32>> {
+        let Shape {
+            width: w,
+            height: h,
+            batch: b,
+            tokens,
+        } = self.shape;
         let cfg = &self.cfg;
+        let Inputs {
+            x,
+            t,
+            context,
+            y,
+            guidance,
+        } = *inputs;
         if t.len() != b
             || x.len() != b * cfg.in_channels * w * h
             || context.len() != b * tokens * cfg.context_dim
         {
-            return Err(Error::Invalid(format!("UNet inputs: {} latent, {} timestep and {} context values for a graph of batch {b}", x.len(), t.len(), context.len())));
+            return Err(Error::Invalid(format!(
+                "UNet inputs: {} latent, {} timestep and {} context values for a graph of batch {b}",
+                x.len(),
+                t.len(),
+                context.len()
+            )));
         }
         let get = |n: &str| {
             self.ctx
@@ -362,31 +347,34 @@ impl<'w> Runner<'w> {
     }
 }
 
-/// Evaluates the UNet once: `x` `[B][C][H][W]`, `t` `[B]`, `context` `[B][T][ctx]`.
-#[allow(clippy::too_many_arguments)]
+/// Evaluates the UNet once on `width`x`height` latents; the batch and the context
+/// length follow from `inputs`.
 pub fn forward(
     w: &Weights<'_>,
     cfg: &UnetConfig,
-    x: &[f32],
     width: usize,
     height: usize,
-    t: &[f32],
-    context: &[f32],
-    tokens: usize,
-    y: Option<&[f32]>,
-    guidance: Option<&[f32]>,
+    inputs: &Inputs<'_>,
     backend: &Backend,
 ) -> Result<Vec<f32>> {
-    let b = t.len();
-    if x.len() != b * cfg.in_channels * width * height
-        || context.len() != b * tokens * cfg.context_dim
+    let batch = inputs.t.len();
+    let per_token = batch * cfg.context_dim;
+    if batch == 0
+        || per_token == 0
+        || !inputs.context.len().is_multiple_of(per_token)
+        || inputs.x.len() != batch * cfg.in_channels * width * height
     {
         return Err(Error::Invalid(format!(
-            "UNet inputs: {} latent and {} context values for batch {b}",
-            x.len(),
-            context.len()
+            "UNet inputs: {} latent and {} context values for batch {batch}",
+            inputs.x.len(),
+            inputs.context.len()
         )));
     }
-    Runner::new(w, cfg, width, height, b, tokens, Attention::default(), None)?
-        .run(x, t, context, y, guidance, backend)
+    let shape = Shape {
+        width,
+        height,
+        batch,
+        tokens: inputs.context.len() / per_token,
+    };
+    Runner::new(w, cfg, shape, Attention::default(), None)?.run(inputs, backend)
 }

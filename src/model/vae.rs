@@ -6,9 +6,9 @@ use crate::ggml::{Backend, Context, Tensor};
 use super::nn::{eval, Nn, Program};
 use super::norms::{group_norm, SharedNorms};
 pub use super::tile::{TileStats, Tiling};
-use super::{tile, Weights};
+use super::{tile, Planes, Weights};
 
-use crate::formats::layout::VAE_PREFIX as PREFIX;
+use crate::network::vae::{Attention, Mid, ResBlock, Vae};
 const GROUPS: usize = 32;
 const EPS: f32 = 1e-6;
 
@@ -16,32 +16,17 @@ const EPS: f32 = 1e-6;
 fn resnet<'c>(
     nn: &Nn<'c>,
     x: Tensor<'c>,
-    name: &str,
+    r: &ResBlock,
     shared: Option<&SharedNorms>,
 ) -> Result<Tensor<'c>> {
     let c = nn.ctx;
-    let h = c.silu(group_norm(
-        nn,
-        shared,
-        x,
-        &format!("{name}.norm1"),
-        GROUPS,
-        EPS,
-    )?)?;
-    let h = nn.conv(h, &format!("{name}.conv1"), 3, 1, 1)?;
-    let h = c.silu(group_norm(
-        nn,
-        shared,
-        h,
-        &format!("{name}.norm2"),
-        GROUPS,
-        EPS,
-    )?)?;
-    let h = nn.conv(h, &format!("{name}.conv2"), 3, 1, 1)?;
-    let skip = if nn.w.opt(&format!("{name}.nin_shortcut.weight")).is_some() {
-        nn.conv(x, &format!("{name}.nin_shortcut"), 1, 1, 0)?
-    } else {
-        x
+    let h = c.silu(group_norm(nn, shared, x, &r.norm1.name, GROUPS, EPS)?)?;
+    let h = nn.conv(h, &r.conv1.name, 3, 1, 1)?;
+    let h = c.silu(group_norm(nn, shared, h, &r.norm2.name, GROUPS, EPS)?)?;
+    let h = nn.conv(h, &r.conv2.name, 3, 1, 1)?;
+    let skip = match &r.shortcut {
+        Some(s) => nn.conv(x, &s.name, 1, 1, 0)?,
+        None => x,
     };
     c.add(skip, h)
 }
@@ -50,51 +35,56 @@ fn resnet<'c>(
 /// to ~8 per row band for each of its ~40 convolutions when large images split them.
 const GRAPH_TENSORS: usize = 4096 + 8 * crate::ggml::CONV_MAX_BANDS * 40;
 
+/// A VAE part to run in tiles ([`tile::run_exact`]).
+fn net<'a, 'w>(weights: &'a Weights<'w>) -> tile::Net<'a, 'w> {
+    tile::Net {
+        weights,
+        max_tensors: GRAPH_TENSORS,
+    }
+}
+
 /// Single-head self-attention over all pixels (the mid block's `attn_1`).
-fn attention<'c>(nn: &Nn<'c>, x: Tensor<'c>, name: &str) -> Result<Tensor<'c>> {
+fn attention<'c>(nn: &Nn<'c>, x: Tensor<'c>, a: &Attention) -> Result<Tensor<'c>> {
     let c = nn.ctx;
     let [w, h, ch, n] = x.ne();
-    let hn = nn.group_norm(x, &format!("{name}.norm"), GROUPS, EPS)?;
-    let q = nn.to_tokens(nn.conv(hn, &format!("{name}.q"), 1, 1, 0)?)?; // [C, N, B]
-    let k = nn.to_tokens(nn.conv(hn, &format!("{name}.k"), 1, 1, 0)?)?;
+    let hn = nn.group_norm(x, &a.norm.name, GROUPS, EPS)?;
+    let q = nn.to_tokens(nn.conv(hn, &a.q.name, 1, 1, 0)?)?; // [C, N, B]
+    let k = nn.to_tokens(nn.conv(hn, &a.k.name, 1, 1, 0)?)?;
     // [W, H, C, B] is already [Npix, C, B]; a permuted view gives [C, Npix] values.
     let v = c.permute(
-        c.reshape(
-            nn.conv(hn, &format!("{name}.v"), 1, 1, 0)?,
-            &[w * h, ch, 1, n],
-        )?,
+        c.reshape(nn.conv(hn, &a.v.name, 1, 1, 0)?, &[w * h, ch, 1, n])?,
         [1, 0, 2, 3],
     )?;
     let q = c.reshape(q, &[ch, w * h, 1, n])?;
     let k = c.reshape(k, &[ch, w * h, 1, n])?;
     let o = nn.attend(q, k, v, false)?; // [C, Npix, B]
     let o = nn.from_tokens(o, w, h)?;
-    c.add(x, nn.conv(o, &format!("{name}.proj_out"), 1, 1, 0)?)
+    c.add(x, nn.conv(o, &a.proj_out.name, 1, 1, 0)?)
 }
 
-fn mid<'c>(nn: &Nn<'c>, x: Tensor<'c>, p: &str) -> Result<Tensor<'c>> {
-    let x = resnet(nn, x, &format!("{p}mid.block_1"), None)?;
-    let x = attention(nn, x, &format!("{p}mid.attn_1"))?;
-    resnet(nn, x, &format!("{p}mid.block_2"), None)
+fn mid<'c>(nn: &Nn<'c>, x: Tensor<'c>, m: &Mid) -> Result<Tensor<'c>> {
+    let x = resnet(nn, x, &m.block_1, None)?;
+    let x = attention(nn, x, &m.attn_1)?;
+    resnet(nn, x, &m.block_2, None)
 }
 
 /// Decoder graph: latents `[w, h, z, n]` (already unscaled) → pixels `[8w, 8h, 3, n]` in [-1, 1].
 pub fn decoder<'c>(nn: &Nn<'c>, cfg: &VaeConfig, z: Tensor<'c>) -> Result<Tensor<'c>> {
-    decoder_up(nn, cfg, decoder_mid(nn, z)?, None)
+    decoder_up(nn, cfg, decoder_mid(nn, cfg, z)?, None)
 }
 
 /// The decoder at latent resolution, to the mid block's output. Its attention takes
 /// every latent, so a tiled decode runs this part whole.
-fn decoder_mid<'c>(nn: &Nn<'c>, z: Tensor<'c>) -> Result<Tensor<'c>> {
+fn decoder_mid<'c>(nn: &Nn<'c>, cfg: &VaeConfig, z: Tensor<'c>) -> Result<Tensor<'c>> {
     // SDXL's decoder activations overflow f16 (see `Nn::f32_kernels`).
     let nn = &Nn {
         f32_kernels: true,
         ..*nn
     };
-    let p = format!("{PREFIX}decoder.");
-    let z = nn.conv(z, &format!("{PREFIX}post_quant_conv"), 1, 1, 0)?;
-    let x = nn.conv(z, &format!("{p}conv_in"), 3, 1, 1)?;
-    mid(nn, x, &p)
+    let d = Vae::new(cfg).decoder;
+    let z = nn.conv(z, &d.post_quant_conv.name, 1, 1, 0)?;
+    let x = nn.conv(z, &d.conv_in.name, 3, 1, 1)?;
+    mid(nn, x, &d.mid)
 }
 
 /// The rest of the decoder: upsampling blocks and the output layers (convolutions and
@@ -110,25 +100,17 @@ fn decoder_up<'c>(
         ..*nn
     };
     let c = nn.ctx;
-    let p = format!("{PREFIX}decoder.");
-    for level in (0..cfg.channel_mult.len()).rev() {
-        for j in 0..=cfg.num_res_blocks {
-            x = resnet(nn, x, &format!("{p}up.{level}.block.{j}"), shared)?;
+    let d = Vae::new(cfg).decoder;
+    for level in &d.up {
+        for r in &level.blocks {
+            x = resnet(nn, x, r, shared)?;
         }
-        if level > 0 {
-            x = c.upscale_nearest(x, 2)?;
-            x = nn.conv(x, &format!("{p}up.{level}.upsample.conv"), 3, 1, 1)?;
+        if let Some(up) = &level.resample {
+            x = nn.conv(c.upscale_nearest(x, 2)?, &up.name, 3, 1, 1)?;
         }
     }
-    let x = c.silu(group_norm(
-        nn,
-        shared,
-        x,
-        &format!("{p}norm_out"),
-        GROUPS,
-        EPS,
-    )?)?;
-    nn.conv(x, &format!("{p}conv_out"), 3, 1, 1)
+    let x = c.silu(group_norm(nn, shared, x, &d.norm_out.name, GROUPS, EPS)?)?;
+    nn.conv(x, &d.conv_out.name, 3, 1, 1)
 }
 
 /// Encoder graph: pixels `[W, H, 3, n]` in [-1, 1] → latent distribution mean `[W/8, H/8, z, n]`.
@@ -143,7 +125,7 @@ pub fn encoder<'c>(nn: &Nn<'c>, cfg: &VaeConfig, img: Tensor<'c>) -> Result<Tens
 
 /// The latent distribution `[W/8, H/8, 2z, n]`: means, then log-variances.
 fn moments<'c>(nn: &Nn<'c>, cfg: &VaeConfig, img: Tensor<'c>) -> Result<Tensor<'c>> {
-    encoder_mid(nn, encoder_down(nn, cfg, img, None)?)
+    encoder_mid(nn, cfg, encoder_down(nn, cfg, img, None)?)
 }
 
 /// The encoder to latent resolution: its downsampling blocks (convolutions and
@@ -159,17 +141,15 @@ fn encoder_down<'c>(
         ..*nn
     };
     let c = nn.ctx;
-    let p = format!("{PREFIX}encoder.");
-    let mut x = nn.conv(img, &format!("{p}conv_in"), 3, 1, 1)?;
-    let levels = cfg.channel_mult.len();
-    for level in 0..levels {
-        for j in 0..cfg.num_res_blocks {
-            x = resnet(nn, x, &format!("{p}down.{level}.block.{j}"), shared)?;
+    let e = Vae::new(cfg).encoder;
+    let mut x = nn.conv(img, &e.conv_in.name, 3, 1, 1)?;
+    for level in &e.down {
+        for r in &level.blocks {
+            x = resnet(nn, x, r, shared)?;
         }
-        if level + 1 < levels {
+        if let Some(down) = &level.resample {
             // LDM pads right and bottom by one, then convolves with stride 2 and no padding.
-            let padded = pad_right_bottom(c, x)?;
-            x = nn.conv(padded, &format!("{p}down.{level}.downsample.conv"), 3, 2, 0)?;
+            x = nn.conv(pad_right_bottom(c, x)?, &down.name, 3, 2, 0)?;
         }
     }
     Ok(x)
@@ -177,17 +157,17 @@ fn encoder_down<'c>(
 
 /// The rest of the encoder, at latent resolution: the mid block (whose attention takes
 /// every latent) and the output layers, to the moments.
-fn encoder_mid<'c>(nn: &Nn<'c>, x: Tensor<'c>) -> Result<Tensor<'c>> {
+fn encoder_mid<'c>(nn: &Nn<'c>, cfg: &VaeConfig, x: Tensor<'c>) -> Result<Tensor<'c>> {
     let nn = &Nn {
         f32_kernels: true,
         ..*nn
     };
     let c = nn.ctx;
-    let p = format!("{PREFIX}encoder.");
-    let x = mid(nn, x, &p)?;
-    let x = c.silu(nn.group_norm(x, &format!("{p}norm_out"), GROUPS, EPS)?)?;
-    let x = nn.conv(x, &format!("{p}conv_out"), 3, 1, 1)?;
-    nn.conv(x, &format!("{PREFIX}quant_conv"), 1, 1, 0)
+    let e = Vae::new(cfg).encoder;
+    let x = mid(nn, x, &e.mid)?;
+    let x = c.silu(nn.group_norm(x, &e.norm_out.name, GROUPS, EPS)?)?;
+    let x = nn.conv(x, &e.conv_out.name, 3, 1, 1)?;
+    nn.conv(x, &e.quant_conv.name, 1, 1, 0)
 }
 
 fn pad_right_bottom<'c>(c: &'c Context<'c>, x: Tensor<'c>) -> Result<Tensor<'c>> {
@@ -199,13 +179,16 @@ fn pad_right_bottom<'c>(c: &'c Context<'c>, x: Tensor<'c>) -> Result<Tensor<'c>>
 pub fn decode(
     w: &Weights<'_>,
     cfg: &VaeConfig,
-    latents: &[f32],
-    n: usize,
-    h: usize,
-    wd: usize,
+    latents: Planes<'_>,
     backend: &Backend,
 ) -> Result<Vec<f32>> {
     let zc = cfg.latent_channels;
+    let Planes {
+        values: latents,
+        n,
+        width: wd,
+        height: h,
+    } = latents;
     if latents.len() != n * zc * h * wd {
         return Err(Error::Invalid(format!(
             "{} latent values for {n}x{zc}x{h}x{wd}",
@@ -268,7 +251,7 @@ pub fn decode_tiled_bytes(
                 w,
                 [wd, h, cfg.latent_channels, 1],
                 GRAPH_TENSORS,
-                |nn, z| decoder_mid(nn, unscale(nn, cfg, z)?),
+                |nn, z| decoder_mid(nn, cfg, unscale(nn, cfg, z)?),
             )?;
             let shared = SharedNorms::new(None);
             let tail = Program::measure(
@@ -293,20 +276,22 @@ pub fn mid_channels(cfg: &VaeConfig) -> usize {
 /// ([`tile::run_exact`]): the tiles equal the whole decode. With [`TileStats::Tile`]
 /// the whole decoder runs per tile, blended: faster, each tile normalised on its own.
 /// `tick` hears of each tile run (and may stop the decode).
-#[allow(clippy::too_many_arguments)]
 pub fn decode_tiled(
     w: &Weights<'_>,
     cfg: &VaeConfig,
-    latents: &[f32],
-    n: usize,
-    h: usize,
-    wd: usize,
+    planes: Planes<'_>,
     tiling: Tiling,
     stats: TileStats,
     backend: &Backend,
     tick: tile::Tick<'_>,
 ) -> Result<Vec<f32>> {
     let zc = cfg.latent_channels;
+    let Planes {
+        values: latents,
+        n,
+        width: wd,
+        height: h,
+    } = planes;
     if latents.len() != n * zc * h * wd {
         return Err(Error::Invalid(format!(
             "{} latent values for {n}x{zc}x{h}x{wd}",
@@ -315,7 +300,7 @@ pub fn decode_tiled(
     }
     let t = tiling.clamp(wd, h);
     if !t.cuts(wd, h) {
-        return decode(w, cfg, latents, n, h, wd, backend);
+        return decode(w, cfg, planes, backend);
     }
     let f = cfg.downscale();
     match stats {
@@ -341,7 +326,7 @@ pub fn decode_tiled(
                 latents,
                 GRAPH_TENSORS,
                 backend,
-                |nn, z| decoder_mid(nn, unscale(nn, cfg, z)?),
+                |nn, z| decoder_mid(nn, cfg, unscale(nn, cfg, z)?),
             )?;
             let shape = tile::Shape {
                 n,
@@ -352,16 +337,9 @@ pub fn decode_tiled(
                 f_in: 1,
                 f_out: f,
             };
-            tile::run_exact(
-                w,
-                GRAPH_TENSORS,
-                &mid,
-                &shape,
-                t,
-                backend,
-                tick,
-                |nn, x, shared| decoder_up(nn, cfg, x, Some(shared)),
-            )
+            tile::run_exact(net(w), &mid, &shape, t, backend, tick, |nn, x, shared| {
+                decoder_up(nn, cfg, x, Some(shared))
+            })
         }
     }
 }
@@ -394,12 +372,10 @@ pub fn encode_tile_bytes(
                 GRAPH_TENSORS,
                 |nn, img| encoder_down(nn, cfg, img, Some(&shared)),
             )?;
-            let mid = Program::measure(
-                w,
-                [lw, lh, mid_channels(cfg), 1],
-                GRAPH_TENSORS,
-                encoder_mid,
-            )?;
+            let mid =
+                Program::measure(w, [lw, lh, mid_channels(cfg), 1], GRAPH_TENSORS, |nn, x| {
+                    encoder_mid(nn, cfg, x)
+                })?;
             Ok(down.max(mid))
         }
     }
@@ -417,13 +393,16 @@ pub fn encode_buffer_bytes(w: &Weights<'_>, cfg: &VaeConfig, wd: usize, h: usize
 pub fn encode(
     w: &Weights<'_>,
     cfg: &VaeConfig,
-    pixels: &[f32],
-    n: usize,
-    h: usize,
-    wd: usize,
+    pixels: Planes<'_>,
     backend: &Backend,
 ) -> Result<Vec<f32>> {
     let f = cfg.downscale();
+    let Planes {
+        values: pixels,
+        n,
+        width: wd,
+        height: h,
+    } = pixels;
     if pixels.len() != n * 3 * h * wd || !h.is_multiple_of(f) || !wd.is_multiple_of(f) {
         return Err(Error::Invalid(format!(
             "{} pixel values for {n}x3x{h}x{wd} (sides must be multiples of {f})",
@@ -453,21 +432,28 @@ pub fn encode(
 /// `latent_dist.sample`, log-variance clamped to [-30, 20] as there), shifted and scaled
 /// into UNet space.
 /// With `tiling`, the downsampling runs in overlapping tiles (see [`decode_tiled`]).
-#[allow(clippy::too_many_arguments)]
 pub fn encode_sample(
     w: &Weights<'_>,
     cfg: &VaeConfig,
-    pixels: &[f32],
-    h: usize,
-    wd: usize,
+    image: Planes<'_>,
     eps: &[f32],
     tiling: Option<(Tiling, TileStats)>,
     backend: &Backend,
 ) -> Result<Vec<f32>> {
     let f = cfg.downscale();
     let zc = cfg.latent_channels;
+    let Planes {
+        values: pixels,
+        width: wd,
+        height: h,
+        ..
+    } = image;
     let n = zc * (h / f) * (wd / f);
-    if pixels.len() != 3 * h * wd || !h.is_multiple_of(f) || !wd.is_multiple_of(f) || eps.len() != n
+    if image.n != 1
+        || pixels.len() != 3 * h * wd
+        || !h.is_multiple_of(f)
+        || !wd.is_multiple_of(f)
+        || eps.len() != n
     {
         return Err(Error::Invalid(format!("{} pixel values for 3x{h}x{wd} (sides must be multiples of {f}) and {} noise values for {n} latents", pixels.len(), eps.len())));
     }
@@ -503,8 +489,7 @@ pub fn encode_sample(
         Some((t, TileStats::Image)) => {
             let ch = mid_channels(cfg);
             let down = tile::run_exact(
-                w,
-                GRAPH_TENSORS,
+                net(w),
                 pixels,
                 &tile::Shape {
                     n: 1,
@@ -526,7 +511,7 @@ pub fn encode_sample(
                 &down,
                 GRAPH_TENSORS,
                 backend,
-                encoder_mid,
+                |nn, x| encoder_mid(nn, cfg, x),
             )?
         }
         None => eval(

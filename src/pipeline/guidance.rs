@@ -6,7 +6,7 @@ use std::sync::atomic::AtomicBool;
 use super::{check_cancel, Pipeline};
 use crate::config::UnetConfig;
 use crate::error::{Error, Result};
-use crate::model::unet;
+use crate::model::unet::{self, Inputs};
 use crate::sample;
 
 /// The input of a `label_emb` UNet's added embedding for one branch: the pooled text
@@ -110,14 +110,14 @@ impl sample::Model for Guidance<'_> {
             }
         }
         if !self.guided {
-            return self.runner.run(
-                &batch,
-                &[t as f32],
-                self.context,
-                self.y,
-                self.embedded,
-                backend,
-            );
+            let inputs = Inputs {
+                x: &batch,
+                t: &[t as f32],
+                context: self.context,
+                y: self.y,
+                guidance: self.embedded,
+            };
+            return self.runner.run(&inputs, backend);
         }
         let out = if self.split {
             let (ctx_u, ctx_c) = self.context.split_at(self.context.len() / 2);
@@ -128,23 +128,26 @@ impl sample::Model for Guidance<'_> {
                 }
                 None => (None, None),
             };
-            let mut out = self
-                .runner
-                .run(&batch, &[t as f32], ctx_u, y_u, None, backend)?;
-            out.extend(
-                self.runner
-                    .run(&batch, &[t as f32], ctx_c, y_c, None, backend)?,
-            );
+            let one = [t as f32];
+            let branch = |context, y| Inputs {
+                x: &batch,
+                t: &one,
+                context,
+                y,
+                guidance: None,
+            };
+            let mut out = self.runner.run(&branch(ctx_u, y_u), backend)?;
+            out.extend(self.runner.run(&branch(ctx_c, y_c), backend)?);
             out
         } else {
-            self.runner.run(
-                &batch,
-                &[t as f32, t as f32],
-                self.context,
-                self.y,
-                None,
-                backend,
-            )?
+            let inputs = Inputs {
+                x: &batch,
+                t: &[t as f32, t as f32],
+                context: self.context,
+                y: self.y,
+                guidance: None,
+            };
+            self.runner.run(&inputs, backend)?
         };
         let (uncond, cond) = out.split_at(out.len() / 2);
         let guided: Vec<f32> = uncond

@@ -16,10 +16,10 @@ use crate::config::{Defaults, ModelConfig, TimeId};
 use crate::error::{Error, Result};
 use crate::formats::gguf::metadata;
 use crate::formats::gguf::GgufFile;
-use crate::formats::layout::{UNET_PREFIX, VAE_PREFIX};
 use crate::formats::Checkpoint;
 use crate::ggml::Backend;
-use crate::model::{vae, Attention, Weights};
+use crate::model::{vae, Attention, Planes, Weights};
+use crate::network::{UNET_PREFIX, VAE_PREFIX};
 use crate::prompt::{Embeddings, Emphasis};
 use crate::sample::{CudaRng, NativeRng, Rng, Sampler, Schedule, Spacing, TorchRng};
 use crate::tokenizer::ClipTokenizer;
@@ -550,7 +550,7 @@ impl Pipeline {
                 let f = self.config.vae.downscale();
                 let w = self.vae_weights()?;
                 let grey = vec![0.0f32; 3 * lw * f * lh * f];
-                let masked = vae::encode(&w, &self.config.vae, &grey, 1, lh * f, lw * f, &self.backend)?;
+                let masked = vae::encode(&w, &self.config.vae, Planes { values: &grey, n: 1, width: lw * f, height: lh * f }, &self.backend)?;
                 let mut cond = vec![1.0f32; lw * lh];
                 cond.extend_from_slice(&masked);
                 Ok(Some(cond))

@@ -4,9 +4,9 @@ use super::lora::Part;
 use super::{Pipeline, Request, FORCED_TILE};
 use crate::budget::{self, Budget, Need, Plan};
 use crate::error::Result;
-use crate::formats::layout::UNET_PREFIX;
 use crate::formats::Checkpoint;
 use crate::model::{clip, taesd, unet, vae, Weights};
+use crate::network::{self, UNET_PREFIX};
 
 impl Pipeline {
     /// What `req` needs in memory, stage by stage, and the choices that fit it into
@@ -122,10 +122,7 @@ impl budget::Stages for RunStages<'_> {
         }
         let mut needs = vec![text];
         if self.encode || cfg.unet.in_channels != cfg.vae.latent_channels {
-            let enc = |n: &str| {
-                n.starts_with("first_stage_model.encoder.")
-                    || n.starts_with("first_stage_model.quant_conv.")
-            };
+            let enc = network::vae::is_encoder;
             let w = p.vae_weights()?;
             let f = cfg.vae.downscale();
             let forced = FORCED_TILE.clamp(self.lw, self.lh);
@@ -160,16 +157,13 @@ impl budget::Stages for RunStages<'_> {
         let (p, cfg) = (self.pipe, &self.pipe.config);
         let w = Weights::load(&p.gguf, |n| n.starts_with(UNET_PREFIX))?;
         let adapters = self.unet_adapters.as_ref();
-        let compute = unet::Runner::measure(
-            &w,
-            &cfg.unet,
-            self.lw,
-            self.lh,
+        let shape = unet::Shape {
+            width: self.lw,
+            height: self.lh,
             batch,
-            self.tokens,
-            p.attention,
-            adapters,
-        )? as u64;
+            tokens: self.tokens,
+        };
+        let compute = unet::Runner::measure(&w, &cfg.unet, shape, p.attention, adapters)? as u64;
         Ok(Need {
             stage: "unet",
             weights: w.bytes() + adapters.map_or(0, |a| a.bytes()),
@@ -192,10 +186,7 @@ impl budget::Stages for RunStages<'_> {
                 other,
             });
         }
-        let dec = |n: &str| {
-            n.starts_with("first_stage_model.decoder.")
-                || n.starts_with("first_stage_model.post_quant_conv.")
-        };
+        let dec = network::vae::is_decoder;
         let w = p.vae_weights()?;
         let compute = match tiling {
             Some(t) => {

@@ -5,7 +5,7 @@
 //! linear latent-to-RGB projection (no network at all, latent resolution scaled up), and
 //! other latent spaces through the model's own VAE (exact, a decode per preview).
 use crate::error::Result;
-use crate::model::{taesd, vae, Weights};
+use crate::model::{taesd, vae, Planes, Weights};
 
 use super::{Image, Pipeline};
 
@@ -85,7 +85,16 @@ impl<'p> Previewer<'p> {
         let planar = |pixels: &[f32], unit: bool| super::to_rgb8(pixels, w * h, unit);
         let rgb = match &self.method {
             Method::Taesd(weights) => planar(
-                &taesd::decode(weights, &z, 1, lh, lw, &self.pipe.backend)?,
+                &taesd::decode(
+                    weights,
+                    Planes {
+                        values: &z,
+                        n: 1,
+                        width: lw,
+                        height: lh,
+                    },
+                    &self.pipe.backend,
+                )?,
                 true,
             ),
             Method::Vae => {
@@ -94,10 +103,12 @@ impl<'p> Previewer<'p> {
                     &vae::decode(
                         &weights,
                         &self.pipe.config.vae,
-                        &z,
-                        1,
-                        lh,
-                        lw,
+                        Planes {
+                            values: &z,
+                            n: 1,
+                            width: lw,
+                            height: lh,
+                        },
                         &self.pipe.backend,
                     )?,
                     false,

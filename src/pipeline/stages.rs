@@ -10,9 +10,9 @@ use super::text::Prompts;
 use super::{check_cancel, guidance_embedding, to_rgb8, Guidance, Image, Pipeline, Request, Stage};
 use crate::budget::Plan;
 use crate::error::{Error, Result};
-use crate::formats::layout::{UNET_PREFIX, VAE_PREFIX};
 use crate::formats::Checkpoint;
-use crate::model::{taesd, unet, vae, Weights};
+use crate::model::{taesd, unet, vae, Planes, Weights};
+use crate::network::{UNET_PREFIX, VAE_PREFIX};
 use crate::sample::{self, Discrete, ScheduleOpts};
 
 fn is_unet(name: &str) -> bool {
@@ -184,16 +184,13 @@ impl Pipeline {
         let branches = if text.guided { 2 } else { 1 };
         let batch = if memory.split_guidance { 1 } else { branches };
         let adapters = self.adapters(&text.loras, Part::Unet, is_unet)?;
-        let runner = unet::Runner::new(
-            &uw,
-            &cfg.unet,
-            lw,
-            lh,
+        let shape = unet::Shape {
+            width: lw,
+            height: lh,
             batch,
-            self.context_tokens(&text.prompts),
-            self.attention,
-            adapters.as_ref(),
-        )?;
+            tokens: self.context_tokens(&text.prompts),
+        };
+        let runner = unet::Runner::new(&uw, &cfg.unet, shape, self.attention, adapters.as_ref())?;
         progress(Stage::Sampling {
             unet_flops: runner.flops * (branches / batch) as f64,
             compute_bytes: runner.buffer_bytes,
@@ -277,8 +274,27 @@ impl Pipeline {
     ) -> Result<Decoded> {
         if let Some(w) = taesd {
             let pixels = match memory.tiling {
-                Some(t) => taesd::decode_tiled(w, latent, 1, lh, lw, t, &self.backend)?,
-                None => taesd::decode(w, latent, 1, lh, lw, &self.backend)?,
+                Some(t) => taesd::decode_tiled(
+                    w,
+                    Planes {
+                        values: latent,
+                        n: 1,
+                        width: lw,
+                        height: lh,
+                    },
+                    t,
+                    &self.backend,
+                )?,
+                None => taesd::decode(
+                    w,
+                    Planes {
+                        values: latent,
+                        n: 1,
+                        width: lw,
+                        height: lh,
+                    },
+                    &self.backend,
+                )?,
             };
             return Ok(Decoded { pixels, unit: true });
         }
@@ -288,10 +304,12 @@ impl Pipeline {
             Some(t) => vae::decode_tiled(
                 &w,
                 cfg,
-                latent,
-                1,
-                lh,
-                lw,
+                Planes {
+                    values: latent,
+                    n: 1,
+                    width: lw,
+                    height: lh,
+                },
                 t,
                 req.vae_tile_stats,
                 &self.backend,
@@ -300,7 +318,17 @@ impl Pipeline {
                     check_cancel(req.cancel.as_deref())
                 },
             )?,
-            None => vae::decode(&w, cfg, latent, 1, lh, lw, &self.backend)?,
+            None => vae::decode(
+                &w,
+                cfg,
+                Planes {
+                    values: latent,
+                    n: 1,
+                    width: lw,
+                    height: lh,
+                },
+                &self.backend,
+            )?,
         };
         Ok(Decoded {
             pixels,

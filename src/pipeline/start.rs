@@ -11,10 +11,10 @@
 use std::path::PathBuf;
 
 use crate::error::{Error, Result};
-use crate::formats::layout::VAE_PREFIX;
 use crate::formats::Checkpoint;
 use crate::model::vae::{TileStats, Tiling};
-use crate::model::{taesd, vae, Weights};
+use crate::model::{taesd, vae, Planes, Weights};
+use crate::network::VAE_PREFIX;
 use crate::sample::{Plan, Rng};
 
 use super::{Canvas, Pipeline, Request};
@@ -186,10 +186,27 @@ impl Pipeline {
             Some(Encoder::Taesd(t)) => {
                 let unit: Vec<f32> = pixels.iter().map(|v| v * 0.5 + 0.5).collect();
                 let z = match tiling {
-                    Some((tiles, _)) => {
-                        taesd::encode_tiled(t, &unit, 1, h, w, tiles, &self.backend)?
-                    }
-                    None => taesd::encode(t, &unit, 1, h, w, &self.backend)?,
+                    Some((tiles, _)) => taesd::encode_tiled(
+                        t,
+                        Planes {
+                            values: &unit,
+                            n: 1,
+                            width: w,
+                            height: h,
+                        },
+                        tiles,
+                        &self.backend,
+                    )?,
+                    None => taesd::encode(
+                        t,
+                        Planes {
+                            values: &unit,
+                            n: 1,
+                            width: w,
+                            height: h,
+                        },
+                        &self.backend,
+                    )?,
                 };
                 if z.len() != cfg.latent_channels * lw * lh {
                     return Err(Error::Invalid(format!(
@@ -203,7 +220,19 @@ impl Pipeline {
             _ => {
                 let eps = rng.randn(cfg.latent_channels * lw * lh);
                 let weights = self.vae_weights()?;
-                vae::encode_sample(&weights, cfg, pixels, h, w, &eps, tiling, &self.backend)
+                vae::encode_sample(
+                    &weights,
+                    cfg,
+                    Planes {
+                        values: pixels,
+                        n: 1,
+                        width: w,
+                        height: h,
+                    },
+                    &eps,
+                    tiling,
+                    &self.backend,
+                )
             }
         }
     }

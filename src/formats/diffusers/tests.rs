@@ -28,7 +28,7 @@ fn layout(file: &str) -> Vec<LayoutEntry> {
 fn check_layout(model: &str, cfg: &ModelConfig) {
     let empty = tempfile::NamedTempFile::new().expect("temp file");
     let file = SourceFile::open(empty.path()).expect("open temp file");
-    let mut comps: Vec<(&str, Vec<names::Entry>)> = vec![
+    let mut comps: Vec<(&str, Vec<crate::network::Param>)> = vec![
         ("unet", names::unet(&cfg.unet).expect("unet plan")),
         ("vae", names::vae(&cfg.vae)),
     ];
@@ -706,9 +706,9 @@ fn known_diffusers_names_map_to_their_single_file_names() {
     };
     let u = "model.diffusion_model.";
     let v = "first_stage_model.";
-    let check = |plan: &[names::Entry], pairs: &[(&str, String)]| {
+    let check = |plan: &[crate::network::Param], pairs: &[(&str, String)]| {
         for (d, c) in pairs {
-            let hits: Vec<&names::Entry> = plan
+            let hits: Vec<&crate::network::Param> = plan
                 .iter()
                 .filter(|e| e.diffusers.iter().any(|x| x == d))
                 .collect();
@@ -855,7 +855,7 @@ fn known_diffusers_names_map_to_their_single_file_names() {
         .iter()
         .find(|e| e.canonical == format!("{g}transformer.resblocks.5.attn.in_proj_weight"))
         .expect("in_proj");
-    assert_eq!(in_proj.op, names::Op::Concat);
+    assert_eq!(in_proj.op, crate::network::Op::Concat);
     assert_eq!(
         in_proj.diffusers,
         ["q_proj", "k_proj", "v_proj"]
@@ -868,7 +868,7 @@ fn known_diffusers_names_map_to_their_single_file_names() {
     assert_eq!(
         (proj.op, proj.diffusers.as_slice()),
         (
-            names::Op::Transpose,
+            crate::network::Op::Transpose,
             ["text_projection.weight".to_string()].as_slice()
         )
     );

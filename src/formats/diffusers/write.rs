@@ -6,11 +6,12 @@ use std::path::Path;
 use serde_json::{json, Value};
 
 use super::config::Depth;
-use super::names::{self, Entry, Op};
+use super::names;
 use crate::config::{ModelConfig, Prediction, TextEncoderConfig, UnetConfig, VaeConfig, CLIP_EOS};
 use crate::error::{Error, Result};
 use crate::formats::safetensors::{self, WriteSpec};
 use crate::formats::source::{DType, TokenizerFiles};
+use crate::network::{Op, Param};
 
 /// Written as `_diffusers_version`: old enough that every recent diffusers loads the
 /// configs without its compatibility paths, new enough to know every key written.
@@ -209,7 +210,7 @@ fn write_component(
     cdir: &Path,
     config: &Value,
     weights: &str,
-    plan: &[Entry],
+    plan: &[Param],
     dtype: DType,
     read: &mut dyn FnMut(&str) -> Result<Vec<f32>>,
 ) -> Result<()> {
@@ -222,7 +223,7 @@ fn write_component(
 /// when complete, so an interrupted conversion never leaves a plausible-looking one.
 fn write_weights(
     path: &Path,
-    plan: &[Entry],
+    plan: &[Param],
     dtype: DType,
     read: &mut dyn FnMut(&str) -> Result<Vec<f32>>,
 ) -> Result<()> {
@@ -285,7 +286,7 @@ fn write_weights(
     Ok(())
 }
 
-fn to_diffusers_order(e: &Entry, v: Vec<f32>) -> Vec<f32> {
+fn to_diffusers_order(e: &Param, v: Vec<f32>) -> Vec<f32> {
     match (e.op, e.shape.as_slice()) {
         (Op::Transpose, &[rows, cols]) => {
             let mut t = vec![0f32; v.len()];

@@ -1,0 +1,392 @@
+//! The denoising UNet (LDM `openaimodel.UNetModel`; diffusers `UNet2DConditionModel`).
+//!
+//! LDM numbers its blocks sequentially along the whole path (`input_blocks.N`,
+//! `output_blocks.N`) and wires the up path from a stack of skip connections;
+//! diffusers numbers within levels (`down_blocks.L.resnets.I`). Both come from the
+//! same walk here, so distilled UNets (fewer ResNets, no middle block, per-layer
+//! transformer depths) are named as the published ones are.
+//!
+//! Naming choices where no published single-file name exists:
+//! - LCM guidance embedding (`UnetConfig::time_cond_proj_dim`): diffusers'
+//!   `time_embedding.cond_proj` (a bias-free linear from the guidance embedding to the
+//!   sinusoidal timestep features) becomes `time_embed.cond_proj`, beside the
+//!   `time_embed.0`/`time_embed.2` layers it feeds.
+//! - `mid_depth: Some(0)` (middle block without attention): one ResBlock,
+//!   `middle_block.0`, as diffusers builds its attention-free `UNetMidBlock2D`.
+use crate::config::UnetConfig;
+use crate::error::{Error, Result};
+
+use super::{params_of, At, Kind, Layer, Param, UNET_PREFIX};
+
+/// LDM `ResBlock`: GroupNorm, SiLU, conv, plus the timestep projection, GroupNorm,
+/// SiLU, conv, and a 1x1 conv shortcut when the width changes.
+#[derive(Clone, Debug)]
+pub struct ResBlock {
+    pub in_norm: Layer,
+    pub in_conv: Layer,
+    pub emb_proj: Layer,
+    pub out_norm: Layer,
+    pub out_conv: Layer,
+    pub shortcut: Option<Layer>,
+}
+
+/// Multi-head attention with bias-free q/k/v projections.
+#[derive(Clone, Debug)]
+pub struct Attention {
+    pub q: Layer,
+    pub k: Layer,
+    pub v: Layer,
+    pub out: Layer,
+}
+
+/// `BasicTransformerBlock`: self-attention, cross-attention, GEGLU feed-forward, each
+/// after a LayerNorm and added to its input.
+#[derive(Clone, Debug)]
+pub struct TransformerBlock {
+    pub norm1: Layer,
+    pub attn1: Attention,
+    pub norm2: Layer,
+    pub attn2: Attention,
+    pub norm3: Layer,
+    /// GEGLU input projection to twice the inner width (value, then gate).
+    pub ff_in: Layer,
+    pub ff_out: Layer,
+}
+
+/// LDM `SpatialTransformer` (diffusers `Transformer2DModel`): GroupNorm, projection to
+/// tokens (1x1 conv, or linear with `use_linear_in_transformer`), blocks, projection back,
+/// plus the input.
+#[derive(Clone, Debug)]
+pub struct Transformer {
+    pub norm: Layer,
+    pub proj_in: Layer,
+    pub blocks: Vec<TransformerBlock>,
+    pub proj_out: Layer,
+    pub heads: usize,
+}
+
+impl Transformer {
+    /// Whether the projections are linear layers over tokens (else 1x1 convolutions).
+    pub fn linear_proj(&self) -> bool {
+        matches!(self.proj_in.kind, Kind::Linear { .. })
+    }
+}
+
+/// One step of a UNet block.
+#[derive(Clone, Debug)]
+pub enum Block {
+    Res(Box<ResBlock>),
+    Transformer(Transformer),
+    /// A 3x3 convolution with stride 2.
+    Downsample(Layer),
+    /// Nearest-neighbour upsampling by 2, then a 3x3 convolution.
+    Upsample(Layer),
+}
+
+/// The whole UNet, blocks in the order they run.
+#[derive(Clone, Debug)]
+pub struct Unet {
+    /// Timestep MLP: linear, SiLU, linear.
+    pub time_embed: [Layer; 2],
+    /// LCM's guidance embedding, added to the sinusoidal timestep features.
+    pub cond_proj: Option<Layer>,
+    /// SDXL's pooled-text/size embedding MLP, added to the timestep embedding.
+    pub label_embed: Option<[Layer; 2]>,
+    pub conv_in: Layer,
+    /// Encoder blocks after `conv_in`; each one's output (and `conv_in`'s) is kept for
+    /// the decoder.
+    pub input_blocks: Vec<Vec<Block>>,
+    /// The middle block (empty when removed).
+    pub middle: Vec<Block>,
+    /// Decoder blocks; each first concatenates the latest kept encoder output.
+    pub output_blocks: Vec<Vec<Block>>,
+    pub norm_out: Layer,
+    pub conv_out: Layer,
+}
+
+impl Unet {
+    /// The plan of `u`'s UNet. Fails for configurations that have no consistent block
+    /// structure (levels that disagree, an empty up level, more up-path ResNets than
+    /// skip connections).
+    pub fn new(u: &UnetConfig) -> Result<Self> {
+        let levels = u.channel_mult.len();
+        if levels == 0 || u.down_blocks.len() != levels || u.up_blocks.len() != levels {
+            return Err(Error::Invalid(format!(
+                "the UNet has {} channel multipliers, {} down levels and {} up levels; they must agree",
+                levels,
+                u.down_blocks.len(),
+                u.up_blocks.len()
+            )));
+        }
+        let top = At::new(UNET_PREFIX, "");
+        let mc = u.model_channels;
+        let temb = u.time_embed_dim();
+        let res = |at: At, inp: usize, out: usize| Box::new(ResBlock::new(&at, inp, out, temb));
+        let transformer = |at: At, ch: usize, depth: usize| Transformer::new(&at, ch, depth, u);
+
+        let time_embed = [
+            top.linear("time_embed.0", "time_embedding.linear_1", temb, mc),
+            top.linear("time_embed.2", "time_embedding.linear_2", temb, temb),
+        ];
+        let cond_proj = u.time_cond_proj_dim.map(|d| {
+            top.layer(
+                "time_embed.cond_proj",
+                "time_embedding.cond_proj",
+                Kind::Linear {
+                    out: mc,
+                    inp: d,
+                    bias: false,
+                },
+            )
+        });
+        let label_embed = u.adm_in_channels.map(|a| {
+            [
+                top.linear("label_emb.0.0", "add_embedding.linear_1", temb, a),
+                top.linear("label_emb.0.2", "add_embedding.linear_2", temb, temb),
+            ]
+        });
+        let conv_in = top.conv("input_blocks.0.0", "conv_in", mc, u.in_channels, 3);
+
+        // Widths of the kept encoder outputs, in push order.
+        let mut skips = vec![mc];
+        let mut ch = mc;
+        let mut input_blocks = Vec::new();
+        for (l, depths) in u.down_blocks.iter().enumerate() {
+            let out = mc * u.channel_mult[l];
+            for (i, &depth) in depths.iter().enumerate() {
+                let n = input_blocks.len() + 1;
+                let at = |k: usize, d: &str| top.sub(&format!("input_blocks.{n}.{k}"), d);
+                let mut block = vec![Block::Res(res(
+                    at(0, &format!("down_blocks.{l}.resnets.{i}")),
+                    ch,
+                    out,
+                ))];
+                ch = out;
+                if depth > 0 {
+                    block.push(Block::Transformer(transformer(
+                        at(1, &format!("down_blocks.{l}.attentions.{i}")),
+                        ch,
+                        depth,
+                    )));
+                }
+                input_blocks.push(block);
+                skips.push(ch);
+            }
+            if l + 1 < levels {
+                let n = input_blocks.len() + 1;
+                input_blocks.push(vec![Block::Downsample(top.conv(
+                    &format!("input_blocks.{n}.0.op"),
+                    &format!("down_blocks.{l}.downsamplers.0.conv"),
+                    ch,
+                    ch,
+                    3,
+                ))]);
+                skips.push(ch);
+            }
+        }
+
+        let mid = |k: usize, d: &str| top.sub(&format!("middle_block.{k}"), d);
+        let middle = match u.mid_depth {
+            None => Vec::new(),
+            Some(0) => vec![Block::Res(res(mid(0, "mid_block.resnets.0"), ch, ch))],
+            Some(depth) => vec![
+                Block::Res(res(mid(0, "mid_block.resnets.0"), ch, ch)),
+                Block::Transformer(transformer(mid(1, "mid_block.attentions.0"), ch, depth)),
+                Block::Res(res(mid(2, "mid_block.resnets.1"), ch, ch)),
+            ],
+        };
+
+        let mut output_blocks = Vec::new();
+        for (j, depths) in u.up_blocks.iter().enumerate() {
+            let out = mc * u.channel_mult[levels - 1 - j];
+            if depths.is_empty() {
+                return Err(Error::Invalid(format!("up level {j} has no ResNets")));
+            }
+            for (i, &depth) in depths.iter().enumerate() {
+                let skip = skips.pop().ok_or_else(|| {
+                    Error::Invalid(format!(
+                        "up level {j} has more ResNets than the down path has skip connections"
+                    ))
+                })?;
+                let n = output_blocks.len();
+                let at = |k: usize, d: &str| top.sub(&format!("output_blocks.{n}.{k}"), d);
+                let mut block = vec![Block::Res(res(
+                    at(0, &format!("up_blocks.{j}.resnets.{i}")),
+                    ch + skip,
+                    out,
+                ))];
+                ch = out;
+                if depth > 0 {
+                    block.push(Block::Transformer(transformer(
+                        at(1, &format!("up_blocks.{j}.attentions.{i}")),
+                        ch,
+                        depth,
+                    )));
+                }
+                if i + 1 == depths.len() && j + 1 < levels {
+                    let k = block.len();
+                    block.push(Block::Upsample(top.conv(
+                        &format!("output_blocks.{n}.{k}.conv"),
+                        &format!("up_blocks.{j}.upsamplers.0.conv"),
+                        ch,
+                        ch,
+                        3,
+                    )));
+                }
+                output_blocks.push(block);
+            }
+        }
+
+        Ok(Unet {
+            time_embed,
+            cond_proj,
+            label_embed,
+            conv_in,
+            input_blocks,
+            middle,
+            output_blocks,
+            norm_out: top.norm("out.0", "conv_norm_out", ch),
+            conv_out: top.conv("out.2", "conv_out", u.out_channels, ch, 3),
+        })
+    }
+
+    /// Every parameter, in module order.
+    pub fn params(&self) -> Vec<Param> {
+        let mut out = Vec::new();
+        params_of(&self.cond_proj, &mut out);
+        params_of(&self.time_embed, &mut out);
+        params_of(self.label_embed.iter().flatten(), &mut out);
+        self.conv_in.params(&mut out);
+        for block in self
+            .input_blocks
+            .iter()
+            .chain(std::iter::once(&self.middle))
+            .chain(&self.output_blocks)
+        {
+            for step in block {
+                step.params(&mut out);
+            }
+        }
+        params_of([&self.norm_out, &self.conv_out], &mut out);
+        out
+    }
+}
+
+impl Block {
+    fn params(&self, out: &mut Vec<Param>) {
+        match self {
+            Block::Res(r) => r.params(out),
+            Block::Transformer(t) => t.params(out),
+            Block::Downsample(l) | Block::Upsample(l) => l.params(out),
+        }
+    }
+}
+
+impl ResBlock {
+    fn new(at: &At, inp: usize, out: usize, temb: usize) -> Self {
+        ResBlock {
+            in_norm: at.norm("in_layers.0", "norm1", inp),
+            in_conv: at.conv("in_layers.2", "conv1", out, inp, 3),
+            emb_proj: at.linear("emb_layers.1", "time_emb_proj", out, temb),
+            out_norm: at.norm("out_layers.0", "norm2", out),
+            out_conv: at.conv("out_layers.3", "conv2", out, out, 3),
+            shortcut: (inp != out)
+                .then(|| at.conv("skip_connection", "conv_shortcut", out, inp, 1)),
+        }
+    }
+
+    fn params(&self, out: &mut Vec<Param>) {
+        params_of(
+            [
+                &self.in_norm,
+                &self.in_conv,
+                &self.emb_proj,
+                &self.out_norm,
+                &self.out_conv,
+            ]
+            .into_iter()
+            .chain(&self.shortcut),
+            out,
+        );
+    }
+}
+
+impl Transformer {
+    /// LDM `SpatialTransformer` and diffusers `Transformer2DModel` share every name
+    /// below the block prefix.
+    fn new(at: &At, ch: usize, depth: usize, u: &UnetConfig) -> Self {
+        let same = |at: &At, s: &str| at.sub(s, s);
+        let proj = |name: &str| {
+            if u.linear_proj {
+                at.linear(name, name, ch, ch)
+            } else {
+                at.conv(name, name, ch, ch, 1)
+            }
+        };
+        let attention = |at: &At, kv: usize| {
+            let qkv = |name: &str, inp: usize| {
+                at.layer(
+                    name,
+                    name,
+                    Kind::Linear {
+                        out: ch,
+                        inp,
+                        bias: false,
+                    },
+                )
+            };
+            Attention {
+                q: qkv("to_q", ch),
+                k: qkv("to_k", kv),
+                v: qkv("to_v", kv),
+                out: at.linear("to_out.0", "to_out.0", ch, ch),
+            }
+        };
+        let blocks = (0..depth)
+            .map(|i| {
+                let b = same(at, &format!("transformer_blocks.{i}"));
+                TransformerBlock {
+                    norm1: b.norm("norm1", "norm1", ch),
+                    attn1: attention(&same(&b, "attn1"), ch),
+                    norm2: b.norm("norm2", "norm2", ch),
+                    attn2: attention(&same(&b, "attn2"), u.context_dim),
+                    norm3: b.norm("norm3", "norm3", ch),
+                    ff_in: b.linear("ff.net.0.proj", "ff.net.0.proj", 8 * ch, ch),
+                    ff_out: b.linear("ff.net.2", "ff.net.2", ch, 4 * ch),
+                }
+            })
+            .collect();
+        Transformer {
+            norm: at.norm("norm", "norm", ch),
+            proj_in: proj("proj_in"),
+            blocks,
+            proj_out: proj("proj_out"),
+            heads: u.heads_for(ch),
+        }
+    }
+
+    fn params(&self, out: &mut Vec<Param>) {
+        params_of([&self.norm, &self.proj_in], out);
+        for b in &self.blocks {
+            params_of(
+                [
+                    &b.attn1.q,
+                    &b.attn1.k,
+                    &b.attn1.v,
+                    &b.attn1.out,
+                    &b.attn2.q,
+                    &b.attn2.k,
+                    &b.attn2.v,
+                    &b.attn2.out,
+                    &b.ff_in,
+                    &b.ff_out,
+                    &b.norm1,
+                    &b.norm2,
+                    &b.norm3,
+                ],
+                out,
+            );
+        }
+        self.proj_out.params(out);
+    }
+}
