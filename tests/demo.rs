@@ -94,13 +94,13 @@ const FLOORS: &[(&str, f64)] = &[
 /// The base model's sampler in the table: DPM++ 2M, 20 steps, trailing spacing
 /// (the first step at t = T-1, pure noise on this model's zero-terminal-SNR schedule).
 fn dpmpp_2m_20(r: &mut Request) {
-    r.sampler = Sampler::DpmPP2M;
-    r.schedule = Schedule::parse("trailing").unwrap();
+    r.sampling.sampler = Sampler::DpmPP2M;
+    r.sampling.schedule = Schedule::parse("trailing").unwrap();
     r.steps = 20;
 }
 
 fn lcm_steps(r: &mut Request, steps: usize) {
-    r.sampler = Sampler::Lcm;
+    r.sampling.sampler = Sampler::Lcm;
     r.steps = steps;
 }
 
@@ -122,7 +122,7 @@ fn built_in_model_says_how_to_run_it() {
     let pipe = Pipeline::demo(1).unwrap();
     let req = pipe.request("a red circle");
     assert_eq!(
-        (req.width, req.height, req.steps, req.sampler),
+        (req.width, req.height, req.steps, req.sampling.sampler),
         (64, 64, 4, Sampler::Lcm)
     );
     assert!(
@@ -328,7 +328,13 @@ fn converting_a_diffusers_lcm_folder_records_its_run_defaults_and_defaults_overr
     // The folder ships LCMScheduler and a UNet of sample_size 8 over a 2-level VAE.
     let req = Pipeline::load_with_threads(&plain, 1).unwrap().request("x");
     assert_eq!(
-        (req.width, req.height, req.steps, req.sampler, req.cfg_scale),
+        (
+            req.width,
+            req.height,
+            req.steps,
+            req.sampling.sampler,
+            req.cfg_scale
+        ),
         (16, 16, 4, Sampler::Lcm, 8.5)
     );
     let set = dir.path().join("set.gguf");
@@ -345,7 +351,7 @@ fn converting_a_diffusers_lcm_folder_records_its_run_defaults_and_defaults_overr
     assert!(ok, "{err}");
     let req = Pipeline::load_with_threads(&set, 1).unwrap().request("x");
     assert_eq!(
-        (req.width, req.steps, req.sampler, req.cfg_scale),
+        (req.width, req.steps, req.sampling.sampler, req.cfg_scale),
         (16, 2, Sampler::Tcd, 1.5),
         "GGUF to GGUF keeps the rest"
     );

@@ -482,7 +482,10 @@ fn step_previews_show_the_image_forming_and_the_last_one_is_the_image() {
     let pipe = sdrs::pipeline::Pipeline::demo(2).unwrap();
     let req = sdrs::pipeline::Request {
         steps: 5,
-        preview_every: 2,
+        decoding: sdrs::pipeline::Decoding {
+            preview_every: 2,
+            ..Default::default()
+        },
         ..pipe.request("a green square")
     };
     let mut seen = Vec::new();

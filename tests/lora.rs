@@ -5,6 +5,7 @@
 //! the same architectures, the update's arithmetic, and the errors.
 mod common;
 
+use sdrs::pipeline::Prompting;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -639,7 +640,10 @@ fn prompt_tags_pick_loras_from_the_folder() {
         .unwrap();
     let tagged = Request {
         prompt: format!("{prompt} <lora:peft:0.6>"),
-        lora_dir: Some(fixtures.join("lora")),
+        prompting: Prompting {
+            lora_dir: Some(fixtures.join("lora")),
+            ..base.clone().prompting
+        },
         ..base.clone()
     };
     assert_eq!(
@@ -648,7 +652,10 @@ fn prompt_tags_pick_loras_from_the_folder() {
     );
     let err = |r: Request| pipe.generate(&r, &mut |_| {}).unwrap_err().to_string();
     let e = err(Request {
-        lora_dir: None,
+        prompting: Prompting {
+            lora_dir: None,
+            ..tagged.clone().prompting
+        },
         ..tagged.clone()
     });
     assert!(e.contains("--lora-dir"), "{e}");

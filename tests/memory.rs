@@ -6,7 +6,7 @@ mod common;
 use common::*;
 use sdrs::budget::OVERHEAD;
 use sdrs::ggml::Type;
-use sdrs::pipeline::{Pipeline, Request, Stage};
+use sdrs::pipeline::{Decoding, Pipeline, Request, Sampling, Stage};
 use sdrs::sample::Sampler;
 
 fn psnr(a: &[u8], b: &[u8]) -> f64 {
@@ -55,7 +55,10 @@ fn a_budget_below_the_whole_decode_tiles_it_and_the_image_stays_close() {
     assert!(p > 25.0, "tiled against whole decode: {p:.1} dB");
     // With the image's GroupNorm statistics the tiles give the whole decode's image.
     let req = Request {
-        vae_tile_stats: sdrs::model::tile::TileStats::Image,
+        decoding: Decoding {
+            vae_tile_stats: sdrs::model::tile::TileStats::Image,
+            ..req.decoding
+        },
         ..req
     };
     let planned = pipe.plan(&req).unwrap();
@@ -98,7 +101,10 @@ fn split_guidance_gives_the_batched_image_with_half_the_compute_buffer() {
         height: 128,
         steps: 3,
         cfg_scale: 7.0,
-        sampler: Sampler::Euler,
+        sampling: Sampling {
+            sampler: Sampler::Euler,
+            ..Default::default()
+        },
         ..Request::new("a photo of a cat")
     };
     let free = pipe.plan(&req).unwrap();

@@ -8,7 +8,7 @@ use std::path::Path;
 use common::*;
 use sdrs::formats::Checkpoint;
 use sdrs::ggml::Type;
-use sdrs::pipeline::{Pipeline, Request};
+use sdrs::pipeline::{Init, MicroConditioning, Pipeline, Request, Sampling};
 use sdrs::sample::Sampler;
 
 fn fixture(p: &str) -> std::path::PathBuf {
@@ -54,8 +54,11 @@ fn txt2img_reproduces_the_diffusers_pipeline_image_and_writes_a_png_with_paramet
             height: 16,
             steps: 4,
             cfg_scale: 7.5,
-            sampler,
             noise: Some(golden("traj.init_latent")),
+            sampling: Sampling {
+                sampler,
+                ..Default::default()
+            },
             ..Request::new("a photograph of an astronaut riding a horse")
         };
         let img = pipe.generate(&req, &mut |_| {}).unwrap();
@@ -136,8 +139,11 @@ fn inpainting_model_txt2img_reproduces_the_diffusers_inpaint_pipeline_on_a_fully
         height: 16,
         steps: 4,
         cfg_scale: 7.5,
-        sampler: Sampler::Euler,
         noise: Some(golden_of("sd1-inpaint", "traj.init_latent")),
+        sampling: Sampling {
+            sampler: Sampler::Euler,
+            ..Default::default()
+        },
         ..Request::new("a photograph of an astronaut riding a horse")
     };
     let img = pipe.generate(&req, &mut |_| {}).unwrap();
@@ -190,14 +196,20 @@ fn a_folder_trained_on_zero_terminal_snr_samples_on_that_schedule_without_being_
         height: 16,
         steps: 3,
         cfg_scale: 3.0,
-        sampler: Sampler::Euler,
+        sampling: Sampling {
+            sampler: Sampler::Euler,
+            ..Default::default()
+        },
         ..Request::new("a red circle")
     };
     let run = |p: &Pipeline, r: &Request| p.generate(r, &mut |_| {}).unwrap().rgb;
     let asked = run(
         &plain,
         &Request {
-            zero_terminal_snr: true,
+            sampling: Sampling {
+                zero_terminal_snr: true,
+                ..req.clone().sampling
+            },
             ..req.clone()
         },
     );
@@ -360,9 +372,12 @@ fn seeded_runs_of_ddim_dpmpp2m_karras_euler_a_and_lcm_reproduce_diffusers_pipeli
             height: 16,
             steps,
             cfg_scale,
-            sampler,
-            schedule,
             seed: 7,
+            sampling: Sampling {
+                sampler,
+                schedule,
+                ..Default::default()
+            },
             ..Request::new("a photograph of an astronaut riding a horse")
         };
         let img = pipe.generate(&req, &mut |_| {}).unwrap();
@@ -424,12 +439,18 @@ fn distilled_and_refiner_sdxl_variants_generate_with_their_conditioning() {
         let a = pipe.generate(&req, &mut |_| {}).unwrap();
         let changed = match name {
             "ssd" => Request {
-                original_size: Some((512, 384)),
-                crop_top_left: (16, 0),
+                micro: MicroConditioning {
+                    original_size: Some((512, 384)),
+                    crop_top_left: (16, 0),
+                    ..req.clone().micro
+                },
                 ..req.clone()
             },
             _ => Request {
-                aesthetic_score: 2.0,
+                micro: MicroConditioning {
+                    aesthetic_score: 2.0,
+                    ..req.clone().micro
+                },
                 ..req.clone()
             },
         };
@@ -453,9 +474,11 @@ fn distilled_and_refiner_sdxl_variants_generate_with_their_conditioning() {
                 mask_blur: 0.0,
             });
             let refine = Request {
-                init: Some(init),
-                strength: Some(0.3),
                 steps: 10,
+                init: Some(Init {
+                    strength: Some(0.3),
+                    ..Init::new(init)
+                }),
                 ..req.clone()
             };
             let refined = pipe.generate(&refine, &mut |_| {}).unwrap();

@@ -14,7 +14,7 @@ use std::path::PathBuf;
 use common::*;
 use sdrs::ggml::{Backend, Type};
 use sdrs::model::{taesd, Planes};
-use sdrs::pipeline::{Pipeline, Request};
+use sdrs::pipeline::{Pipeline, Request, Sampling};
 use sdrs::sample::Sampler;
 
 fn fixture(name: &str) -> PathBuf {
@@ -108,8 +108,11 @@ fn tiny_model_images_match_the_x86_results_for_every_weight_type() {
             height: 16,
             steps: 3,
             cfg_scale: 7.5,
-            sampler: Sampler::Euler,
             seed: 3,
+            sampling: Sampling {
+                sampler: Sampler::Euler,
+                ..Default::default()
+            },
             ..Request::new("a photograph of an astronaut riding a horse")
         };
         let psnr = against_recorded(

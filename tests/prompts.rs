@@ -130,7 +130,7 @@ fn run_cases(model: &str) -> usize {
         let key = case["key"].as_str().unwrap();
         let mut req = Request::new(case["prompt"].as_str().unwrap());
         req.cfg_scale = 1.0;
-        req.clip_skip = case["clip_skip"].as_u64().unwrap() as usize;
+        req.prompting.clip_skip = case["clip_skip"].as_u64().unwrap() as usize;
         let c = pipe.text_conditioning(&req).unwrap();
         assert_eq!(
             c.tokens,
@@ -194,7 +194,7 @@ fn emphasis_none_reads_brackets_as_text_and_weights_change_the_conditioning() {
     let run = |prompt: &str, emphasis: Emphasis| {
         let mut r = Request::new(prompt);
         r.cfg_scale = 1.0;
-        r.emphasis = emphasis;
+        r.prompting.emphasis = emphasis;
         pipe.text_conditioning(&r).unwrap().context
     };
     let plain = run("a red circle", Emphasis::Original);
@@ -212,13 +212,13 @@ fn clip_skip_beyond_the_encoder_is_refused_before_any_work() {
     let mut req = Request::new("x");
     req.width = 16;
     req.height = 16;
-    req.clip_skip = 9;
+    req.prompting.clip_skip = 9;
     let e = pipe.plan(&req).unwrap_err().to_string();
     assert!(e.contains("CLIP skip 9") && e.contains("1 to 2"), "{e}");
-    req.clip_skip = 0;
+    req.prompting.clip_skip = 0;
     assert!(pipe.text_conditioning(&req).is_err());
     // 33 windows: over the cap, refused at planning.
-    req.clip_skip = 1;
+    req.prompting.clip_skip = 1;
     req.prompt = vec!["cat"; 33 * 75].join(" ");
     let e = pipe.plan(&req).unwrap_err().to_string();
     assert!(e.contains("33 75-token windows is too long"), "{e}");

@@ -3,6 +3,7 @@
 //! tiny SD-1-like and SD-2-like models, converted here with our own converter.
 mod common;
 
+use sdrs::pipeline::Sampling;
 use std::collections::HashMap;
 use std::path::PathBuf;
 
@@ -767,9 +768,12 @@ fn sdxl_pipeline_generates_the_diffusers_image() {
             height: 16,
             steps,
             cfg_scale,
-            sampler: Sampler::Euler,
-            schedule: Schedule::Discrete(spacing),
             noise: Some(g["traj.init_latent"].1.clone()),
+            sampling: Sampling {
+                sampler: Sampler::Euler,
+                schedule: Schedule::Discrete(spacing),
+                ..Default::default()
+            },
             ..Request::new(prompt)
         };
         let img = pipe.generate(&req, &mut |_| {}).unwrap();

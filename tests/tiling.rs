@@ -7,6 +7,7 @@ use common::photo;
 use sdrs::ggml::Backend;
 use sdrs::model::tile::{TileStats, Tiling};
 use sdrs::model::{taesd, vae, Planes, Weights};
+use sdrs::pipeline::Decoding;
 
 fn psnr(a: &[f32], b: &[f32], range: f32) -> f64 {
     let mse: f64 = a
@@ -302,7 +303,10 @@ fn vae_tiling_requests_tile_larger_images_and_plan_a_flat_compute_buffer() {
         let req = Request {
             width: side,
             height: side,
-            vae_tiling: tiling,
+            decoding: Decoding {
+                vae_tiling: tiling,
+                ..pipe.request("a red circle").decoding
+            },
             ..pipe.request("a red circle")
         };
         let p = pipe.plan(&req).unwrap();

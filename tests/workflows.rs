@@ -10,7 +10,7 @@ use std::sync::Arc;
 use common::*;
 use sdrs::formats::{Checkpoint, DType};
 use sdrs::ggml::Type;
-use sdrs::pipeline::{Canvas, CanvasOptions, Pipeline, Request};
+use sdrs::pipeline::{Canvas, CanvasOptions, Decoding, Init, Pipeline, Request, Sampling};
 use sdrs::sample::{Sampler, Schedule, Spacing};
 
 fn fixture(p: &str) -> PathBuf {
@@ -68,11 +68,16 @@ fn request(sampler: Sampler, steps: usize, strength: f64, init: Arc<Canvas>) -> 
         steps,
         cfg_scale: 7.5,
         seed: 7,
-        sampler,
-        schedule: Schedule::Discrete(Spacing::Linspace),
-        init: Some(init),
-        strength: Some(strength),
-        overlay: false,
+        sampling: Sampling {
+            sampler,
+            schedule: Schedule::Discrete(Spacing::Linspace),
+            ..Default::default()
+        },
+        init: Some(Init {
+            strength: Some(strength),
+            overlay: false,
+            ..Init::new(init)
+        }),
         ..Request::new("a photograph of an astronaut riding a horse")
     }
 }
@@ -135,7 +140,10 @@ fn overlay_keeps_unmasked_pixels_and_strength_sets_how_far_the_image_moves() {
     let over = pipe
         .generate(
             &Request {
-                overlay: true,
+                init: request(Sampler::Euler, 8, 1.0, init.clone())
+                    .init
+                    .clone()
+                    .map(|i| Init { overlay: true, ..i }),
                 ..request(Sampler::Euler, 8, 1.0, init.clone())
             },
             &mut |_| {},
@@ -188,8 +196,10 @@ fn the_lower_the_strength_the_closer_img2img_stays_to_the_picture() {
     let to_init = |s: f64| {
         let req = Request {
             steps: 10,
-            init: Some(init.clone()),
-            strength: Some(s),
+            init: Some(Init {
+                strength: Some(s),
+                ..Init::new(init.clone())
+            }),
             ..pipe.request("a yellow square on a green background")
         };
         psnr_u8(&pipe.generate(&req, &mut |_| {}).unwrap().rgb, &want)
@@ -217,7 +227,7 @@ fn img2img_plans_the_encode_stage_and_refuses_a_budget_it_cannot_fit() {
     let req = Request {
         width: 256,
         height: 256,
-        init: Some(init),
+        init: Some(Init::new(init)),
         ..pipe.request("a red circle")
     };
     let free = pipe.plan(&req).unwrap();
@@ -380,14 +390,19 @@ fn img2img_with_taesd_encodes_with_the_encoder_beside_the_decoder() {
         height: 64,
         steps: 4,
         cfg_scale: 1.0,
-        init: Some(init.clone()),
-        strength: Some(0.5),
+        init: Some(Init {
+            strength: Some(0.5),
+            ..Init::new(init.clone())
+        }),
         ..Request::new("a cat")
     };
     let e = pipe
         .generate(
             &Request {
-                taesd: Some(alone.join("taesd_decoder.pth")),
+                decoding: Decoding {
+                    taesd: Some(alone.join("taesd_decoder.pth")),
+                    ..req.clone().decoding
+                },
                 ..req.clone()
             },
             &mut |_| {},
@@ -401,7 +416,10 @@ fn img2img_with_taesd_encodes_with_the_encoder_beside_the_decoder() {
     let taesd = pipe
         .generate(
             &Request {
-                taesd: Some(fixture("taesd/taesd_decoder.pth")),
+                decoding: Decoding {
+                    taesd: Some(fixture("taesd/taesd_decoder.pth")),
+                    ..req.clone().decoding
+                },
                 ..req.clone()
             },
             &mut |_| {},

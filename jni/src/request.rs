@@ -8,7 +8,7 @@ use jni::JNIEnv;
 use std::sync::Arc;
 
 use sdrs_core::model::tile::TileStats;
-use sdrs_core::pipeline::{Canvas, Image, Request, RngKind};
+use sdrs_core::pipeline::{Canvas, Decoding, Image, Init, Prompting, Request, RngKind, Sampling};
 use sdrs_core::sample::{names, Sampler, Schedule};
 
 use crate::{string, Fail};
@@ -77,7 +77,7 @@ pub(crate) fn read(env: &mut JNIEnv, req: &JObject, defaults: &Request) -> Resul
     };
     let (sampler, implied) = match text(env, req, "sampler")? {
         Some(name) => sampler(&name)?,
-        None => (base.sampler, None),
+        None => (base.sampling.sampler, None),
     };
     let schedule = match text(env, req, "scheduler")? {
         Some(name) => names::schedule(&name).ok_or_else(|| {
@@ -86,7 +86,7 @@ pub(crate) fn read(env: &mut JNIEnv, req: &JObject, defaults: &Request) -> Resul
                 names::schedule_names().join(", ")
             ))
         })?,
-        None => implied.unwrap_or(base.schedule),
+        None => implied.unwrap_or(base.sampling.schedule),
     };
     let rng = match text(env, req, "rng")? {
         Some(name) => RngKind::parse(&name).ok_or_else(|| {
@@ -95,30 +95,39 @@ pub(crate) fn read(env: &mut JNIEnv, req: &JObject, defaults: &Request) -> Resul
                 RngKind::NAMES.join(", ")
             ))
         })?,
-        None => base.rng,
+        None => base.sampling.rng,
     };
     Ok(Request {
         negative: text(env, req, "negative")?.unwrap_or_default(),
         width: count(env, req, "width", base.width)?,
         height: count(env, req, "height", base.height)?,
         steps: count(env, req, "steps", base.steps)?,
-        sampler,
-        schedule,
-        rng,
         cfg_scale,
         // Java has no unsigned long: the bits are the seed, as the CLI's u64.
         seed: env.get_field(req, "seed", "J")?.j()? as u64,
-        clip_skip: count(env, req, "clipSkip", base.clip_skip)?,
-        lora_dir: text(env, req, "loraDir")?.map(Into::into),
-        vae_tiling: env.get_field(req, "vaeTiling", "Z")?.z()?,
-        vae_tile_stats: match text(env, req, "vaeTileStats")? {
-            Some(name) => TileStats::parse(&name).ok_or_else(|| {
-                Fail::Msg(format!(
-                    "unknown vaeTileStats `{name}`; valid: {}",
-                    TileStats::NAMES.join(", ")
-                ))
-            })?,
-            None => base.vae_tile_stats,
+        sampling: Sampling {
+            sampler,
+            schedule,
+            rng,
+            ..base.sampling
+        },
+        prompting: Prompting {
+            clip_skip: count(env, req, "clipSkip", base.prompting.clip_skip)?,
+            lora_dir: text(env, req, "loraDir")?.map(Into::into),
+            ..base.prompting
+        },
+        decoding: Decoding {
+            vae_tiling: env.get_field(req, "vaeTiling", "Z")?.z()?,
+            vae_tile_stats: match text(env, req, "vaeTileStats")? {
+                Some(name) => TileStats::parse(&name).ok_or_else(|| {
+                    Fail::Msg(format!(
+                        "unknown vaeTileStats `{name}`; valid: {}",
+                        TileStats::NAMES.join(", ")
+                    ))
+                })?,
+                None => base.decoding.vae_tile_stats,
+            },
+            ..base.decoding
         },
         ..base
     })
@@ -153,14 +162,16 @@ fn init(env: &mut JNIEnv, req: &JObject, r: Request) -> Result<Request, Fail> {
         s => Some(s.to_string().parse::<f64>().unwrap_or(s as f64)),
     };
     Ok(Request {
-        init: Some(Arc::new(Canvas {
-            width: r.width,
-            height: r.height,
-            rgb,
-            mask,
-            mask_blur: 0.0,
-        })),
-        strength,
+        init: Some(Init {
+            strength,
+            ..Init::new(Arc::new(Canvas {
+                width: r.width,
+                height: r.height,
+                rgb,
+                mask,
+                mask_blur: 0.0,
+            }))
+        }),
         ..r
     })
 }
@@ -207,7 +218,7 @@ pub(crate) fn fill_defaults(env: &mut JNIEnv, req: &JObject, base: &Request) -> 
         env.set_field(req, "cfgScale", "F", JValue::Float(base.cfg_scale))?;
     }
     if text(env, req, "sampler")?.is_none() {
-        let name = env.new_string(base.sampler.info().name)?;
+        let name = env.new_string(base.sampling.sampler.info().name)?;
         env.set_field(req, "sampler", "Ljava/lang/String;", JValue::Object(&name))?;
     }
     Ok(())

@@ -6,7 +6,7 @@ use anyhow::{bail, Result};
 use sdrs::config::ModelConfig;
 use sdrs::formats::DType;
 use sdrs::memory;
-use sdrs::pipeline::{Pipeline, Request, Stage};
+use sdrs::pipeline::{Pipeline, Request, Sampling, Stage};
 use sdrs::sample::Sampler;
 
 /// Measure a model: load, text encoding, seconds per UNet step, decode, peak memory.
@@ -123,7 +123,10 @@ pub fn run(a: Args, threads: Option<usize>, target: &super::Target) -> Result<()
             height: size,
             steps: a.steps,
             cfg_scale: a.cfg_scale,
-            sampler: Sampler::Euler,
+            sampling: Sampling {
+                sampler: Sampler::Euler,
+                ..Default::default()
+            },
             ..Request::new("a photograph of an astronaut riding a horse")
         };
         // What the run will need, said before it starts (and a refusal before any work).

@@ -7,7 +7,10 @@ use std::sync::Arc;
 
 use sdrs::model::tile::TileStats;
 use sdrs::pipeline::ImageFormat;
-use sdrs::pipeline::{Canvas, CanvasOptions, Pipeline, Request, RngKind, Stage};
+use sdrs::pipeline::{
+    Canvas, CanvasOptions, Decoding, Init, MicroConditioning, Pipeline, Prompting, Request,
+    RngKind, Sampling, Stage,
+};
 use sdrs::prompt::Emphasis;
 use sdrs::sample::{names, Sampler, Schedule};
 
@@ -348,8 +351,8 @@ pub fn run(a: Args, threads: Option<usize>, target: &super::Target) -> Result<()
     // What the user gave, else what the model file recommends (Pipeline::request),
     // else SD's usual settings.
     let base = pipe.request(&prompt);
-    let (sampler, implied) = a.sampler.unwrap_or((base.sampler, None));
-    let schedule = a.scheduler.or(implied).unwrap_or(base.schedule);
+    let (sampler, implied) = a.sampler.unwrap_or((base.sampling.sampler, None));
+    let schedule = a.scheduler.or(implied).unwrap_or(base.sampling.schedule);
     for path in a.embedding_dir.iter().chain(&a.embeddings) {
         let n = pipe.add_embeddings(path)?;
         log::info!("{n} embedding(s) from {}", path.display());
@@ -379,38 +382,49 @@ pub fn run(a: Args, threads: Option<usize>, target: &super::Target) -> Result<()
         steps: a.steps.unwrap_or(base.steps),
         cfg_scale: a.cfg_scale.unwrap_or(base.cfg_scale),
         seed,
-        sampler,
-        schedule,
-        eta: a.eta,
-        sigma_min: a.sigma_min,
-        sigma_max: a.sigma_max,
-        rng: a.rng,
-        guidance_rescale: a.guidance_rescale,
-        zero_terminal_snr: a.zero_terminal_snr,
-        taesd: a.taesd.clone(),
-        original_size: a.original_size,
-        crop_top_left: a.crop.unwrap_or((0, 0)),
-        aesthetic_score: a.aesthetic_score.unwrap_or(base.aesthetic_score),
-        init,
-        strength: a.strength,
-        overlay: !a.no_overlay,
-        clip_skip: a.clip_skip,
-        emphasis,
         loras: a
             .lora
             .iter()
             .map(|s| super::convert::parse_lora(s))
             .collect(),
-        lora_dir: a.lora_dir.clone(),
-        vae_tiling: a.vae_tiling,
-        vae_tile_stats,
         // Ctrl-C ends the run within one step and writes no image.
         cancel: Some(super::interrupt_flag()),
-        preview_every: if preview.is_some() {
-            a.preview_every as usize
-        } else {
-            0
+        sampling: Sampling {
+            sampler,
+            schedule,
+            eta: a.eta,
+            sigma_min: a.sigma_min,
+            sigma_max: a.sigma_max,
+            rng: a.rng,
+            guidance_rescale: a.guidance_rescale,
+            zero_terminal_snr: a.zero_terminal_snr,
         },
+        decoding: Decoding {
+            taesd: a.taesd.clone(),
+            vae_tiling: a.vae_tiling,
+            vae_tile_stats,
+            preview_every: if preview.is_some() {
+                a.preview_every as usize
+            } else {
+                0
+            },
+        },
+        micro: MicroConditioning {
+            original_size: a.original_size,
+            crop_top_left: a.crop.unwrap_or((0, 0)),
+            aesthetic_score: a.aesthetic_score.unwrap_or(base.micro.aesthetic_score),
+            ..base.micro
+        },
+        prompting: Prompting {
+            clip_skip: a.clip_skip,
+            emphasis,
+            lora_dir: a.lora_dir.clone(),
+        },
+        init: init.map(|canvas| Init {
+            strength: a.strength,
+            overlay: !a.no_overlay,
+            ..Init::new(canvas)
+        }),
         ..base
     };
     pipe.latent_size(req.width, req.height)?;

@@ -41,32 +41,35 @@ impl RngKind {
 impl Record<'_> {
     pub fn render(&self) -> String {
         let req = self.req;
-        let sampler = req.sampler.info().display;
+        let sampler = req.sampling.sampler.info().display;
         let mut pairs: Vec<(&str, String)> = vec![("Steps", req.steps.to_string())];
         pairs.push(("Sampler", sampler.into()));
-        if !(req.sampler.has_own_timesteps()
-            || req.schedule == Schedule::Discrete(Spacing::Linspace))
+        if !(req.sampling.sampler.has_own_timesteps()
+            || req.sampling.schedule == Schedule::Discrete(Spacing::Linspace))
         {
-            pairs.push(("Schedule type", schedule_label(req.schedule).into()));
+            pairs.push((
+                "Schedule type",
+                schedule_label(req.sampling.schedule).into(),
+            ));
         }
         pairs.push(("CFG scale", req.cfg_scale.to_string()));
         pairs.push(("Seed", req.seed.to_string()));
         pairs.push(("Size", format!("{}x{}", self.width, self.height)));
         pairs.push(("Model hash", self.model_hash.into()));
         pairs.push(("Model", self.model_name.into()));
-        if let Some(init) = &req.init {
+        if let Some(init) = req.canvas() {
             pairs.push(("Denoising strength", self.strength.to_string()));
             if init.mask.is_some() {
                 pairs.push(("Mask blur", init.mask_blur.to_string()));
             }
         }
-        if req.clip_skip > 1 {
-            pairs.push(("Clip skip", req.clip_skip.to_string()));
+        if req.prompting.clip_skip > 1 {
+            pairs.push(("Clip skip", req.prompting.clip_skip.to_string()));
         }
-        if req.emphasis != Emphasis::Original {
-            pairs.push(("Emphasis", req.emphasis.name().into()));
+        if req.prompting.emphasis != Emphasis::Original {
+            pairs.push(("Emphasis", req.prompting.emphasis.name().into()));
         }
-        pairs.push(("RNG", req.rng.infotext_name().into()));
+        pairs.push(("RNG", req.sampling.rng.infotext_name().into()));
         let loras: Vec<String> = self
             .loras
             .iter()

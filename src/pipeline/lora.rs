@@ -70,7 +70,7 @@ impl Pipeline {
         }
         let (_, tags) = take_loras(&req.prompt)?;
         for tag in tags {
-            let Some(dir) = &req.lora_dir else {
+            let Some(dir) = &req.prompting.lora_dir else {
                 return Err(Error::Invalid(format!("the prompt names LoRA `{}` but the request has no LoRA folder (lora_dir; --lora-dir on the command line)", tag.name)));
             };
             let path = find(dir, &tag.name)?;

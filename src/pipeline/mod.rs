@@ -8,9 +8,8 @@
 //! image.save_png("out.png".as_ref())?;
 //! # Ok::<(), sdrs::Error>(())
 //! ```
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 
 use crate::config::{Defaults, ModelConfig, TimeId};
 use crate::error::{Error, Result};
@@ -20,8 +19,8 @@ use crate::formats::Checkpoint;
 use crate::ggml::Backend;
 use crate::model::{vae, Attention, Planes, Weights};
 use crate::network::{UNET_PREFIX, VAE_PREFIX};
-use crate::prompt::{Embeddings, Emphasis};
-use crate::sample::{CudaRng, NativeRng, Rng, Sampler, Schedule, Spacing, TorchRng};
+use crate::prompt::Embeddings;
+use crate::sample::{Sampler, Schedule};
 use crate::tokenizer::ClipTokenizer;
 
 pub(crate) mod canvas;
@@ -31,6 +30,7 @@ mod lora;
 mod output;
 mod planning;
 mod preview;
+mod request;
 mod stages;
 mod start;
 mod text;
@@ -39,176 +39,10 @@ pub use canvas::{Canvas, CanvasOptions};
 use guidance::Guidance;
 pub use guidance::{guidance_embedding, label_input};
 pub use output::{exif_user_comment, ImageFormat};
-pub use start::taesd_encoder_path;
-
-/// What to generate.
-#[derive(Clone, Debug)]
-pub struct Request {
-    pub prompt: String,
-    pub negative: String,
-    pub width: usize,
-    pub height: usize,
-    pub steps: usize,
-    pub cfg_scale: f32,
-    pub seed: u64,
-    pub sampler: Sampler,
-    /// σ schedule for samplers that take one (DDIM, PLMS, LCM and TCD have their own grid).
-    pub schedule: Schedule,
-    /// Noise scale of stochastic steps; `None` takes the sampler's default
-    /// ([`sample::Settings::default_for`]).
-    pub eta: Option<f64>,
-    /// Overrides of the model's σ range.
-    pub sigma_min: Option<f64>,
-    pub sigma_max: Option<f64>,
-    /// Which generator turns the seed into noise.
-    pub rng: RngKind,
-    /// Guidance rescale φ (Lin et al. 2024, sec. 3.4): 0 is plain CFG.
-    pub guidance_rescale: f32,
-    /// Rescale the training schedule to zero terminal SNR even when the model's config
-    /// does not say it was trained that way (models whose config says so always are).
-    pub zero_terminal_snr: bool,
-    /// Decode with a TAESD-family decoder (`.pth`) instead of the VAE.
-    pub taesd: Option<PathBuf>,
-    /// Explicit initial noise (`[4][h/8][w/8]`, unit Gaussian) instead of the seed's.
-    pub noise: Option<Vec<f32>>,
-    /// Set from any thread to stop the run: it ends with [`Error::Interrupted`] at the
-    /// next stage or UNet evaluation (within one step), leaving nothing half written.
-    pub cancel: Option<Arc<AtomicBool>>,
-    /// SDXL's size conditioning: the "original" image size (width, height) the model is
-    /// told the picture was cut from [default: the output size, as diffusers].
-    pub original_size: Option<(usize, usize)>,
-    /// SDXL's crop conditioning, (top, left) [default: (0, 0), an uncropped picture].
-    pub crop_top_left: (usize, usize),
-    /// The refiner's aesthetic-score conditioning, for the prompt and the negative prompt.
-    pub aesthetic_score: f32,
-    pub negative_aesthetic_score: f32,
-    /// img2img / inpainting: the picture to start from (and its mask), at the
-    /// request's size.
-    pub init: Option<Arc<Canvas>>,
-    /// How much of the init image is repainted: sampling runs the last
-    /// ⌊steps·strength⌋ steps from the image noised to that point. `None`: 0.8 for
-    /// img2img, 1 for inpainting (diffusers' pipeline defaults).
-    pub strength: Option<f64>,
-    /// Inpainting: paste the init image back outside the (blurred) mask after the
-    /// decode, so unmasked pixels come back unchanged (as A1111 does); off gives the
-    /// decoded image everywhere, as diffusers' inpaint pipeline returns it.
-    pub overlay: bool,
-    /// CLIP skip in A1111's numbering: 1 takes the model's own layer, 2 the one before
-    /// it, and so on ([`Pipeline::encoder_for`]).
-    pub clip_skip: usize,
-    /// What prompt weights do.
-    pub emphasis: Emphasis,
-    /// LoRAs applied at run time, with their multipliers (the model file is untouched).
-    pub loras: Vec<(PathBuf, f32)>,
-    /// Where the prompt's `<lora:NAME:MULTIPLIER>` tags find `NAME.safetensors` (or
-    /// `.pt`, `.ckpt`, `.bin`).
-    pub lora_dir: Option<PathBuf>,
-    /// Encode and decode images larger than [`FORCED_TILE`] latents in overlapping
-    /// tiles even when the whole image would fit the memory budget (the planner tiles
-    /// on its own when it would not).
-    pub vae_tiling: bool,
-    /// Where a tiled KL VAE's GroupNorms take their statistics: each tile's (one pass,
-    /// the default) or the whole image's (tiles equal the whole run, one pass per norm).
-    pub vae_tile_stats: vae::TileStats,
-    /// Report a preview of the image forming ([`Stage::Preview`]) every this many steps
-    /// and after the last; 0 for none.
-    pub preview_every: usize,
-}
-
-/// The tiles `vae_tiling` asks for: 64 latents (512 pixels) a side, overlapping by a
-/// quarter (diffusers' `enable_tiling` sizes).
-pub const FORCED_TILE: vae::Tiling = vae::Tiling {
-    tile_w: 64,
-    tile_h: 64,
-    overlap: 16,
+pub use request::{
+    Decoding, Init, MicroConditioning, Prompting, Request, RngKind, Sampling, FORCED_TILE,
 };
-
-impl Request {
-    pub fn new(prompt: &str) -> Self {
-        Request {
-            prompt: prompt.into(),
-            negative: String::new(),
-            width: 512,
-            height: 512,
-            steps: 20,
-            cfg_scale: 7.0,
-            seed: 42,
-            sampler: Sampler::Euler,
-            schedule: Schedule::Discrete(Spacing::Linspace),
-            eta: None,
-            sigma_min: None,
-            sigma_max: None,
-            rng: RngKind::Torch,
-            guidance_rescale: 0.0,
-            zero_terminal_snr: false,
-            taesd: None,
-            noise: None,
-            cancel: None,
-            original_size: None,
-            crop_top_left: (0, 0),
-            // diffusers' StableDiffusionXLImg2ImgPipeline defaults.
-            aesthetic_score: 6.0,
-            negative_aesthetic_score: 2.5,
-            init: None,
-            strength: None,
-            overlay: true,
-            clip_skip: 1,
-            emphasis: Emphasis::Original,
-            loras: Vec::new(),
-            lora_dir: None,
-            vae_tiling: false,
-            vae_tile_stats: vae::TileStats::Tile,
-            preview_every: 0,
-        }
-    }
-
-    /// The strength in effect ([`Request::strength`]); 1 without an init image.
-    pub fn strength(&self) -> f64 {
-        match (&self.init, self.strength) {
-            (None, _) => 1.0,
-            (Some(_), Some(s)) => s,
-            (Some(c), None) if c.mask.is_some() => 1.0,
-            (Some(_), None) => 0.8,
-        }
-    }
-}
-
-/// How a seed becomes Gaussian noise.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum RngKind {
-    /// `torch.randn` on a CPU generator, bit for bit: a seed gives diffusers' image
-    /// (A1111's "CPU" generator source).
-    Torch,
-    /// `torch.randn` on a CUDA device (Philox), bit for bit, computed on the CPU:
-    /// the noise of A1111's default "GPU" source on NVIDIA cards, of its "NV" source,
-    /// and of stable-diffusion.cpp's `--rng cuda`, so their seeds give their images.
-    Cuda,
-    /// sdrs' own fast generator (SplitMix64 + Box–Muller).
-    Native,
-}
-
-impl RngKind {
-    /// The names [`RngKind::parse`] takes first (each kind also has A1111's).
-    pub const NAMES: &'static [&'static str] = &["torch", "cuda", "native"];
-
-    /// `torch`/`cpu`, `cuda`/`gpu`/`nv`/`philox`, `native` (any case).
-    pub fn parse(s: &str) -> Option<Self> {
-        match s.to_ascii_lowercase().as_str() {
-            "torch" | "cpu" => Some(RngKind::Torch),
-            "cuda" | "gpu" | "nv" | "philox" => Some(RngKind::Cuda),
-            "native" => Some(RngKind::Native),
-            _ => None,
-        }
-    }
-
-    fn make(self, seed: u64) -> Box<dyn Rng> {
-        match self {
-            RngKind::Torch => Box::new(TorchRng::new(seed)),
-            RngKind::Cuda => Box::new(CudaRng::new(seed)),
-            RngKind::Native => Box::new(NativeRng::new(seed)),
-        }
-    }
-}
+pub use start::taesd_encoder_path;
 
 /// Progress of a generation.
 #[derive(Clone, Copy, Debug)]
@@ -518,8 +352,11 @@ impl Pipeline {
             height: d.height.unwrap_or(base.height),
             steps: d.steps.unwrap_or(base.steps),
             cfg_scale: d.cfg_scale.unwrap_or(base.cfg_scale),
-            sampler: sampler.unwrap_or(base.sampler),
-            schedule: schedule.unwrap_or(base.schedule),
+            sampling: Sampling {
+                sampler: sampler.unwrap_or(base.sampling.sampler),
+                schedule: schedule.unwrap_or(base.sampling.schedule),
+                ..base.sampling
+            },
             ..base
         }
     }
@@ -580,7 +417,7 @@ impl Pipeline {
         for te in &self.config.text_encoders {
             self.encoder_for(te, req)?;
         }
-        if let Some(c) = &req.init {
+        if let Some(c) = req.canvas() {
             if (c.width, c.height) != (req.width, req.height) {
                 return Err(Error::Invalid(format!(
                     "the init image is {}x{} but the request is for {}x{}",
@@ -593,7 +430,7 @@ impl Pipeline {
                     "strength must be in (0, 1], not {s}"
                 )));
             }
-            if (req.steps as f64 * s) < 1.0 && !req.sampler.has_own_timesteps() {
+            if (req.steps as f64 * s) < 1.0 && !req.sampling.sampler.has_own_timesteps() {
                 return Err(Error::Invalid(format!(
                     "strength {s} of {} steps leaves no step to run: raise either",
                     req.steps
@@ -616,9 +453,13 @@ impl Pipeline {
         let u = &self.config.unet;
         let (w, h) = (req.width as f32, req.height as f32);
         let (ow, oh) = req
+            .micro
             .original_size
             .map_or((w, h), |(a, b)| (a as f32, b as f32));
-        let (top, left) = (req.crop_top_left.0 as f32, req.crop_top_left.1 as f32);
+        let (top, left) = (
+            req.micro.crop_top_left.0 as f32,
+            req.micro.crop_top_left.1 as f32,
+        );
         let branches = if guided { 2 } else { 1 };
         let d = pooled.len() / branches;
         let mut y = Vec::new();
@@ -632,9 +473,9 @@ impl Pipeline {
                     TimeId::CropTopLeft => vec![top, left],
                     TimeId::TargetSize => vec![h, w],
                     TimeId::AestheticScore => vec![if negative {
-                        req.negative_aesthetic_score
+                        req.micro.negative_aesthetic_score
                     } else {
-                        req.aesthetic_score
+                        req.micro.aesthetic_score
                     }],
                 })
                 .collect();

@@ -14,14 +14,14 @@ impl Pipeline {
     /// [`Error::OverBudget`] when nothing fits. Builds graphs only; runs nothing.
     pub fn plan(&self, req: &Request) -> Result<Plan> {
         let (lw, lh) = self.validate(req)?;
-        let taesd = match &req.taesd {
+        let taesd = match &req.decoding.taesd {
             Some(path) => Some(Weights::from_checkpoint(
                 &Checkpoint::open(path)?,
                 &self.backend,
             )?),
             None => None,
         };
-        let encode = req.init.is_some() && req.taesd.is_none();
+        let encode = req.init.is_some() && req.decoding.taesd.is_none();
         let prompts = self.prompts(req)?;
         let branches = if self.guided(req) { 2 } else { 1 };
         // Each stage's LoRA branches, read once for all the plans tried.
@@ -48,7 +48,7 @@ impl Pipeline {
         };
         let mut plan = budget::plan(&stages, self.guided(req), Budget::resolve(self.max_memory))?;
         let forced = FORCED_TILE.clamp(lw, lh);
-        if req.vae_tiling && plan.tiling.is_none() && forced.cuts(lw, lh) {
+        if req.decoding.vae_tiling && plan.tiling.is_none() && forced.cuts(lw, lh) {
             let need = budget::Stages::decode(&stages, Some(forced))?;
             if let Some(d) = plan.needs.iter_mut().find(|n| n.stage == "decode") {
                 *d = need;
@@ -126,14 +126,14 @@ impl budget::Stages for RunStages<'_> {
             let w = p.vae_weights()?;
             let f = cfg.vae.downscale();
             let forced = FORCED_TILE.clamp(self.lw, self.lh);
-            let compute = if self.req.vae_tiling && forced.cuts(self.lw, self.lh) {
+            let compute = if self.req.decoding.vae_tiling && forced.cuts(self.lw, self.lh) {
                 vae::encode_tile_bytes(
                     &w,
                     &cfg.vae,
                     self.lw,
                     self.lh,
                     forced,
-                    self.req.vae_tile_stats,
+                    self.req.decoding.vae_tile_stats,
                 )?
             } else {
                 vae::encode_buffer_bytes(&w, &cfg.vae, self.lw * f, self.lh * f)?
@@ -189,16 +189,21 @@ impl budget::Stages for RunStages<'_> {
         let dec = network::vae::is_decoder;
         let w = p.vae_weights()?;
         let compute = match tiling {
-            Some(t) => {
-                vae::decode_tiled_bytes(&w, &cfg.vae, self.lw, self.lh, t, self.req.vae_tile_stats)?
-            }
+            Some(t) => vae::decode_tiled_bytes(
+                &w,
+                &cfg.vae,
+                self.lw,
+                self.lh,
+                t,
+                self.req.decoding.vae_tile_stats,
+            )?,
             None => vae::decode_buffer_bytes(&w, &cfg.vae, self.lw, self.lh)?,
         } as u64;
         // Tiles with the image's statistics start from the whole mid block's output, in f32.
         let mid = match tiling {
             Some(t)
                 if t.clamp(self.lw, self.lh).cuts(self.lw, self.lh)
-                    && self.req.vae_tile_stats == vae::TileStats::Image =>
+                    && self.req.decoding.vae_tile_stats == vae::TileStats::Image =>
             {
                 (4 * vae::mid_channels(&cfg.vae) * self.lw * self.lh) as u64
             }

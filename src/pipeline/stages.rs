@@ -62,7 +62,7 @@ impl Pipeline {
         // The request's TAESD decoder, read once: before sampling when it draws the
         // previews, else for the decode alone.
         let load_taesd = || -> Result<Option<Weights<'static>>> {
-            let Some(path) = &req.taesd else {
+            let Some(path) = &req.decoding.taesd else {
                 return Ok(None);
             };
             Ok(Some(Weights::from_checkpoint(
@@ -70,7 +70,7 @@ impl Pipeline {
                 &self.backend,
             )?))
         };
-        let mut taesd = if req.preview_every > 0 {
+        let mut taesd = if req.decoding.preview_every > 0 {
             load_taesd()?
         } else {
             None
@@ -137,26 +137,26 @@ impl Pipeline {
         // One generator for the image encodes, the initial latent and then every
         // ancestral step, in the order diffusers draws them, so the torch generator
         // reproduces its images.
-        let mut rng = req.rng.make(req.seed);
-        let sched = if req.zero_terminal_snr || cfg.zero_terminal_snr {
+        let mut rng = req.sampling.rng.make(req.seed);
+        let sched = if req.sampling.zero_terminal_snr || cfg.zero_terminal_snr {
             Discrete::sd().rescale_zero_terminal_snr()
         } else {
             Discrete::sd()
         };
-        let settings = req.eta.map_or_else(
-            || sample::Settings::default_for(req.sampler),
+        let settings = req.sampling.eta.map_or_else(
+            || sample::Settings::default_for(req.sampling.sampler),
             |eta| sample::Settings { eta },
         );
         // Align Your Steps has a table per model family; SDXL's is for size-conditioned UNets.
         let opts = ScheduleOpts {
-            sigma_min: req.sigma_min,
-            sigma_max: req.sigma_max,
+            sigma_min: req.sampling.sigma_min,
+            sigma_max: req.sampling.sigma_max,
             xl: !cfg.unet.time_ids.is_empty(),
         };
         let strength = req.strength();
         let plan = sample::plan_for(
-            req.sampler,
-            req.schedule,
+            req.sampling.sampler,
+            req.sampling.schedule,
             &sched,
             req.steps,
             &opts,
@@ -205,7 +205,7 @@ impl Pipeline {
             context: &text.context,
             y: text.y.as_deref(),
             scale: req.cfg_scale,
-            rescale: req.guidance_rescale,
+            rescale: req.sampling.guidance_rescale,
             guided: text.guided,
             split: memory.split_guidance,
             extra: start.extra.as_deref(),
@@ -219,20 +219,21 @@ impl Pipeline {
         // the seed), so their noise does not depend on how steps split intervals.
         let mut brownian;
         let mut iid;
-        let noise_src: &mut dyn sample::NoiseSampler = if req.sampler.brownian() {
-            brownian = sample::BrownianNoise::new(req.rng.make(req.seed ^ 0x9E37_79B9_7F4A_7C15));
+        let noise_src: &mut dyn sample::NoiseSampler = if req.sampling.sampler.brownian() {
+            brownian =
+                sample::BrownianNoise::new(req.sampling.rng.make(req.seed ^ 0x9E37_79B9_7F4A_7C15));
             &mut brownian
         } else {
             iid = sample::IidNoise(rng.as_mut());
             &mut iid
         };
-        let previewer = match req.preview_every {
+        let previewer = match req.decoding.preview_every {
             0 => None,
             _ => Some(Previewer::new(self, taesd, lw, lh)?),
         };
         let trajectory = sample::sample(
             &mut den,
-            req.sampler,
+            req.sampling.sampler,
             &settings,
             &plan,
             x,
@@ -240,7 +241,7 @@ impl Pipeline {
             &mut |i, x, denoised| {
                 start.blend(&plan, i, x);
                 progress(Stage::Step { done: i + 1, total });
-                let due = (i + 1) % req.preview_every.max(1) == 0 || i + 1 == total;
+                let due = (i + 1) % req.decoding.preview_every.max(1) == 0 || i + 1 == total;
                 if let Some(p) = previewer.as_ref().filter(|_| due && !denoised.is_empty()) {
                     // A preview is a courtesy: its failure must not cost the image.
                     match p.draw(denoised) {
@@ -311,7 +312,7 @@ impl Pipeline {
                     height: lh,
                 },
                 t,
-                req.vae_tile_stats,
+                req.decoding.vae_tile_stats,
                 &self.backend,
                 &mut |done, total| {
                     progress(Stage::Decoding { done, total });
@@ -350,9 +351,9 @@ impl Pipeline {
         let mut rgb = to_rgb8(&decoded.pixels, w * h, decoded.unit);
         if let Some((init, mask)) = req
             .init
-            .as_deref()
-            .filter(|_| req.overlay)
-            .and_then(|c| Some((c, c.mask.as_ref()?)))
+            .as_ref()
+            .filter(|i| i.overlay)
+            .and_then(|i| Some((&i.canvas, i.canvas.mask.as_ref()?)))
         {
             for (i, &m) in mask.iter().enumerate() {
                 for c in 0..3 {

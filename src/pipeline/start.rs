@@ -88,10 +88,10 @@ impl Pipeline {
         let n = zc * lw * lh;
         let nine = self.config.unet.in_channels == 2 * zc + 1;
         let strength = req.strength();
-        let canvas = req.init.as_deref();
+        let canvas = req.canvas();
         let mask = canvas.and_then(Canvas::binary_mask);
         // Every image encode happens with the VAE's weights in (or TAESD's): one stage.
-        let encoder = match (canvas, &req.taesd) {
+        let encoder = match (canvas, &req.decoding.taesd) {
             (None, _) => None,
             (Some(_), Some(dec)) => Some(Encoder::Taesd(Box::new(Weights::from_checkpoint(
                 &Checkpoint::open(&taesd_encoder_path(dec)?)?,
@@ -106,7 +106,7 @@ impl Pipeline {
                 &c.planar_pm1(),
                 lw,
                 lh,
-                tiling.map(|t| (t, req.vae_tile_stats)),
+                tiling.map(|t| (t, req.decoding.vae_tile_stats)),
                 rng,
             )?),
             _ => None,
@@ -138,7 +138,7 @@ impl Pipeline {
                     &masked,
                     lw,
                     lh,
-                    tiling.map(|t| (t, req.vae_tile_stats)),
+                    tiling.map(|t| (t, req.decoding.vae_tile_stats)),
                     rng,
                 )?;
                 let mut e = small;

@@ -70,6 +70,7 @@ impl Pipeline {
         req: &Request,
     ) -> Result<TextEncoderConfig> {
         let skip = req
+            .prompting
             .clip_skip
             .checked_sub(1)
             .map(|extra| te.skip_layers + extra)
@@ -77,7 +78,7 @@ impl Pipeline {
         let skip = skip.ok_or_else(|| {
             Error::Invalid(format!(
                 "CLIP skip {} is out of range for a {}-layer text encoder (1 to {})",
-                req.clip_skip,
+                req.prompting.clip_skip,
                 te.num_layers,
                 te.num_layers - te.skip_layers
             ))
@@ -136,7 +137,7 @@ impl Pipeline {
                 per_prompt.push(if *zero {
                     Vec::new()
                 } else {
-                    cut.chunks(&req.emphasis.pieces(text)?)?
+                    cut.chunks(&req.prompting.emphasis.pieces(text)?)?
                 });
             }
             vectors |= per_prompt.iter().flatten().any(|c| !c.fixes.is_empty());
@@ -244,7 +245,7 @@ impl Pipeline {
             for (j, &b) in live.iter().enumerate() {
                 for w in 0..k {
                     let z = &mut out.hidden[(j * k + w) * len * h..][..len * h];
-                    req.emphasis.apply(z, &window(b, w).weights)?;
+                    req.prompting.emphasis.apply(z, &window(b, w).weights)?;
                     for (pos, row) in z.chunks(h).enumerate() {
                         context[(b * t + w * len + pos) * width + offset..][..h]
                             .copy_from_slice(row);
