@@ -182,17 +182,8 @@ fn taesd_decode(c: &mut Criterion, backend: &Backend) {
     g.sample_size(10);
     g.bench_function("taef2", |b| {
         b.iter(|| {
-            sdrs::model::taesd::decode(
-                &w,
-                sdrs::model::Planes {
-                    values: &latent,
-                    n: 1,
-                    width: 64,
-                    height: 64,
-                },
-                backend,
-            )
-            .expect("decode")
+            sdrs::model::taesd::decode(&w, sdrs::model::Planes::single(&latent, 64, 64), backend)
+                .expect("decode")
         })
     });
     g.finish();

@@ -35,29 +35,14 @@ fn main() -> Result<()> {
     let before = sdrs::memory::peak_and_current().0;
     let t0 = Instant::now();
     let px = match mode {
-        "whole" => vae::decode(
-            &w,
-            &cfg,
-            Planes {
-                values: &z,
-                n: 1,
-                width: l,
-                height: l,
-            },
-            &backend,
-        )?,
+        "whole" => vae::decode(&w, &cfg, Planes::single(&z, l, l), &backend)?,
         m => {
             let stats =
                 TileStats::parse(m).with_context(|| format!("mode `{m}`: whole, image or tile"))?;
             vae::decode_tiled(
                 &w,
                 &cfg,
-                Planes {
-                    values: &z,
-                    n: 1,
-                    width: l,
-                    height: l,
-                },
+                Planes::single(&z, l, l),
                 Tiling::square(tile, tile / 4),
                 stats,
                 &backend,
@@ -71,17 +56,7 @@ fn main() -> Result<()> {
     println!("{side}x{side} {mode} (tile {tile}): {secs:.1} s, peak RSS {} MiB (before the decode {} MiB), mean pixel {mean:.4}", peak >> 20, before >> 20);
     if rest.get(2).is_some_and(|c| c == "compare") {
         let t0 = Instant::now();
-        let whole = vae::decode(
-            &w,
-            &cfg,
-            Planes {
-                values: &z,
-                n: 1,
-                width: l,
-                height: l,
-            },
-            &backend,
-        )?;
+        let whole = vae::decode(&w, &cfg, Planes::single(&z, l, l), &backend)?;
         let mse = whole
             .iter()
             .zip(&px)

@@ -91,32 +91,11 @@ fn unet_and_vae_run_on_every_tiny_family_and_batches_are_independent() {
             let vw = Weights::load(&g, |n| n.starts_with("first_stage_model.")).unwrap();
             let f = cfg.vae.downscale();
             let z = values(cfg.vae.latent_channels * 4 * 6, 4);
-            let img = vae::decode(
-                &vw,
-                &cfg.vae,
-                Planes {
-                    values: &z,
-                    n: 1,
-                    width: 6,
-                    height: 4,
-                },
-                &backend,
-            )
-            .unwrap();
+            let img = vae::decode(&vw, &cfg.vae, Planes::single(&z, 6, 4), &backend).unwrap();
             assert_eq!(img.len(), 3 * 4 * f * 6 * f);
             assert!(img.iter().all(|v| v.is_finite()));
-            let back = vae::encode(
-                &vw,
-                &cfg.vae,
-                Planes {
-                    values: &img,
-                    n: 1,
-                    width: 6 * f,
-                    height: 4 * f,
-                },
-                &backend,
-            )
-            .unwrap();
+            let back =
+                vae::encode(&vw, &cfg.vae, Planes::single(&img, 6 * f, 4 * f), &backend).unwrap();
             assert_eq!(back.len(), z.len());
             outs.push((out, img));
         }
@@ -155,6 +134,35 @@ fn unet_refuses_sizes_it_cannot_downsample() {
     assert!(e.to_string().contains("multiple of 8"), "{e}");
 }
 
+/// One UNet evaluation of a batch of two 16x8 latents (timesteps 500 and 20) on fixed
+/// inputs.
+fn unet_pair(
+    w: &Weights,
+    u: &sdrs::config::UnetConfig,
+    attention: Attention,
+    backend: &Backend,
+) -> Vec<f32> {
+    let shape = unet::Shape {
+        width: 16,
+        height: 8,
+        batch: 2,
+        tokens: 77,
+    };
+    let x = values(2 * u.in_channels * 16 * 8, 1);
+    let context = values(2 * 77 * u.context_dim, 2);
+    let inputs = unet::Inputs {
+        x: &x,
+        t: &[500.0, 20.0],
+        context: &context,
+        y: None,
+        guidance: None,
+    };
+    unet::Runner::new(w, u, shape, attention, None)
+        .unwrap()
+        .run(&inputs, backend)
+        .unwrap()
+}
+
 #[test]
 fn flash_attention_gives_the_same_unet_output_as_matmul_attention() {
     let dir = tempfile::tempdir().unwrap();
@@ -164,35 +172,7 @@ fn flash_attention_gives_the_same_unet_output_as_matmul_attention() {
         let (g, cfg) = open_converted(&src, Type::F32, &dir.path().join(format!("{arch}.gguf")));
         let u = &cfg.unet;
         let w = Weights::load(&g, |n| n.starts_with("model.diffusion_model.")).unwrap();
-        let (wd, ht, b, tok) = (16, 8, 2, 77);
-        let x = values(b * u.in_channels * wd * ht, 1);
-        let ctxv = values(b * tok * u.context_dim, 2);
-        let run = |a: Attention| {
-            unet::Runner::new(
-                &w,
-                u,
-                unet::Shape {
-                    width: wd,
-                    height: ht,
-                    batch: b,
-                    tokens: tok,
-                },
-                a,
-                None,
-            )
-            .unwrap()
-            .run(
-                &unet::Inputs {
-                    x: &x,
-                    t: &[500.0, 20.0],
-                    context: &ctxv,
-                    y: None,
-                    guidance: None,
-                },
-                &backend,
-            )
-            .unwrap()
-        };
+        let run = |a: Attention| unet_pair(&w, u, a, &backend);
         let (m, f) = (run(Attention::MatMul), run(Attention::Flash));
         let e = rel_rms(&m, &f);
         assert!(e < 1e-4, "{arch}: flash vs matmul attention {e}");
@@ -205,37 +185,9 @@ fn repacked_q4_weights_give_the_unet_output_of_mapped_ones_within_quantization_n
     let backend = Backend::cpu(2).unwrap();
     let src = synth_tiny("tiny-sd15", Format::Safetensors, DType::F32, dir.path());
     let unet_part = |n: &str| n.starts_with("model.diffusion_model.");
-    let (wd, ht, b, tok) = (16, 8, 2, 77);
     let (g32, cfg) = open_converted(&src, Type::F32, &dir.path().join("f32.gguf"));
     let u = &cfg.unet;
-    let x = values(b * u.in_channels * wd * ht, 1);
-    let ctxv = values(b * tok * u.context_dim, 2);
-    let run = |w: &Weights| {
-        unet::Runner::new(
-            w,
-            u,
-            unet::Shape {
-                width: wd,
-                height: ht,
-                batch: b,
-                tokens: tok,
-            },
-            Attention::Auto,
-            None,
-        )
-        .unwrap()
-        .run(
-            &unet::Inputs {
-                x: &x,
-                t: &[500.0, 20.0],
-                context: &ctxv,
-                y: None,
-                guidance: None,
-            },
-            &backend,
-        )
-        .unwrap()
-    };
+    let run = |w: &Weights| unet_pair(w, u, Attention::Auto, &backend);
     let exact = run(&Weights::load(&g32, unet_part).unwrap());
     for ty in [Type::Q4_0, Type::Q4_K] {
         let (g, _) = open_converted(&src, ty, &dir.path().join(format!("{}.gguf", ty.name())));

@@ -156,28 +156,8 @@ fn taef2_round_trip_matches_the_x86_result() {
     };
     // Small: under emulation (qemu) every vector instruction is a function call.
     let (x, w, h) = photo("astronaut.png", Some((64, 64)));
-    let z = taesd::encode(
-        &enc,
-        Planes {
-            values: &x,
-            n: 1,
-            width: w,
-            height: h,
-        },
-        &backend,
-    )
-    .unwrap();
-    let y = taesd::decode(
-        &dec,
-        Planes {
-            values: &z,
-            n: 1,
-            width: w / 8,
-            height: h / 8,
-        },
-        &backend,
-    )
-    .unwrap();
+    let z = taesd::encode(&enc, Planes::single(&x, w, h), &backend).unwrap();
+    let y = taesd::decode(&dec, Planes::single(&z, w / 8, h / 8), &backend).unwrap();
     let mut rgb = vec![0u8; 3 * w * h];
     for i in 0..w * h {
         for c in 0..3 {

@@ -115,18 +115,7 @@ fn run_components(model: &str, ty: Type, bound: f64) {
     let w = Weights::load(&m.gguf, |n| n.starts_with("first_stage_model.")).unwrap();
     let (zs, z) = &g["vae.decode.z"];
     let scaled: Vec<f32> = z.iter().map(|x| x * v.scaling_factor).collect();
-    let img = vae::decode(
-        &w,
-        v,
-        Planes {
-            values: &scaled,
-            n: 1,
-            width: zs[3],
-            height: zs[2],
-        },
-        &backend,
-    )
-    .unwrap();
+    let img = vae::decode(&w, v, Planes::single(&scaled, zs[3], zs[2]), &backend).unwrap();
     check(
         &format!("{tag} VAE decode"),
         &g["vae.decode.out"].1,
@@ -134,21 +123,11 @@ fn run_components(model: &str, ty: Type, bound: f64) {
         bound,
     );
     let (is, x) = &g["vae.encode.x"];
-    let mean: Vec<f32> = vae::encode(
-        &w,
-        v,
-        Planes {
-            values: x,
-            n: 1,
-            width: is[3],
-            height: is[2],
-        },
-        &backend,
-    )
-    .unwrap()
-    .iter()
-    .map(|m| m / v.scaling_factor)
-    .collect();
+    let mean: Vec<f32> = vae::encode(&w, v, Planes::single(x, is[3], is[2]), &backend)
+        .unwrap()
+        .iter()
+        .map(|m| m / v.scaling_factor)
+        .collect();
     check(
         &format!("{tag} VAE encode"),
         &g["vae.encode.mean"].1,
@@ -211,30 +190,10 @@ fn taesd_matches_the_original_network_at_f32() {
     )
     .unwrap();
     let (zs, z) = &g["taesd.decode.z"];
-    let img = taesd::decode(
-        &dec,
-        Planes {
-            values: z,
-            n: 1,
-            width: zs[3],
-            height: zs[2],
-        },
-        &backend,
-    )
-    .unwrap();
+    let img = taesd::decode(&dec, Planes::single(z, zs[3], zs[2]), &backend).unwrap();
     check("TAESD decode", &g["taesd.decode.out"].1, &img, 1e-4);
     let (xs, x) = &g["taesd.encode.x01"];
-    let lat = taesd::encode(
-        &enc,
-        Planes {
-            values: x,
-            n: 1,
-            width: xs[3],
-            height: xs[2],
-        },
-        &backend,
-    )
-    .unwrap();
+    let lat = taesd::encode(&enc, Planes::single(x, xs[3], xs[2]), &backend).unwrap();
     check("TAESD encode", &g["taesd.encode.z"].1, &lat, 1e-4);
 }
 
@@ -359,12 +318,7 @@ fn run_trajectory(model: &str, sampler: &str) {
     let img = vae::decode(
         &vw,
         v,
-        Planes {
-            values: traj.last().unwrap(),
-            n: 1,
-            width: xs[3],
-            height: xs[2],
-        },
+        Planes::single(traj.last().unwrap(), xs[3], xs[2]),
         &backend,
     )
     .unwrap();
@@ -410,18 +364,7 @@ fn inpainting_unet_with_nine_input_channels_matches_diffusers() {
     // The txt2img conditioning: the VAE mean of a grey image, scaled.
     let vw = Weights::load(&m.gguf, |n| n.starts_with("first_stage_model.")).unwrap();
     let grey = vec![0.0f32; 3 * 16 * 16];
-    let lat = vae::encode(
-        &vw,
-        &m.cfg.vae,
-        Planes {
-            values: &grey,
-            n: 1,
-            width: 16,
-            height: 16,
-        },
-        &backend,
-    )
-    .unwrap();
+    let lat = vae::encode(&vw, &m.cfg.vae, Planes::single(&grey, 16, 16), &backend).unwrap();
     // Constant channels make the encoder's first GroupNorms divide by ~eps: the
     // reference itself moves by 1.7e-5 between f32 and f64 here.
     check(
@@ -729,12 +672,7 @@ fn sdxl_trajectories_match_the_diffusers_pipeline() {
         let img = vae::decode(
             &vw,
             &m.cfg.vae,
-            Planes {
-                values: traj.last().unwrap(),
-                n: 1,
-                width: 8,
-                height: 8,
-            },
+            Planes::single(traj.last().unwrap(), 8, 8),
             &backend,
         )
         .unwrap();
@@ -803,18 +741,7 @@ fn f16_vae_decodes_activations_beyond_the_f16_range() {
         let m = convert("sdxl", ty);
         let w = Weights::load(&m.gguf, |n| n.starts_with("first_stage_model.")).unwrap();
         let zs: Vec<f32> = z.iter().map(|v| v * scale).collect();
-        vae::decode(
-            &w,
-            &m.cfg.vae,
-            Planes {
-                values: &zs,
-                n: 1,
-                width: 8,
-                height: 8,
-            },
-            &backend,
-        )
-        .unwrap()
+        vae::decode(&w, &m.cfg.vae, Planes::single(&zs, 8, 8), &backend).unwrap()
     };
     let peak = z.iter().fold(0f32, |m, v| m.max(v.abs())) / 0.13025;
     let scale = 4.0e5 / peak;

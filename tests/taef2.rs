@@ -31,28 +31,8 @@ fn taef2_round_trips_photos_at_the_published_networks_psnr() {
         ("rocket.png", 30.49),
     ] {
         let (x, w, h) = photo(file, None);
-        let z = taesd::encode(
-            &enc,
-            Planes {
-                values: &x,
-                n: 1,
-                width: w,
-                height: h,
-            },
-            &backend,
-        )
-        .unwrap();
-        let y = taesd::decode(
-            &dec,
-            Planes {
-                values: &z,
-                n: 1,
-                width: w / 8,
-                height: h / 8,
-            },
-            &backend,
-        )
-        .unwrap();
+        let z = taesd::encode(&enc, Planes::single(&x, w, h), &backend).unwrap();
+        let y = taesd::decode(&dec, Planes::single(&z, w / 8, h / 8), &backend).unwrap();
         let p = psnr(&x, &y);
         eprintln!("{file}: {p:.2} dB (PyTorch {reference})");
         assert!(

@@ -73,63 +73,11 @@ fn taef2_in_tiles_matches_the_whole_run_on_a_real_photo() {
     };
     let (x, w, h) = photo("astronaut.png", Some((384, 320)));
     let t = Tiling::square(20, 10);
-    let z = taesd::encode(
-        &enc,
-        Planes {
-            values: &x,
-            n: 1,
-            width: w,
-            height: h,
-        },
-        &backend,
-    )
-    .unwrap();
-    let zt = taesd::encode_tiled(
-        &enc,
-        Planes {
-            values: &x,
-            n: 1,
-            width: w,
-            height: h,
-        },
-        t,
-        &backend,
-    )
-    .unwrap();
-    let y = taesd::decode(
-        &dec,
-        Planes {
-            values: &z,
-            n: 1,
-            width: w / 8,
-            height: h / 8,
-        },
-        &backend,
-    )
-    .unwrap();
-    let yt = taesd::decode_tiled(
-        &dec,
-        Planes {
-            values: &z,
-            n: 1,
-            width: w / 8,
-            height: h / 8,
-        },
-        t,
-        &backend,
-    )
-    .unwrap();
-    let ytt = taesd::decode(
-        &dec,
-        Planes {
-            values: &zt,
-            n: 1,
-            width: w / 8,
-            height: h / 8,
-        },
-        &backend,
-    )
-    .unwrap();
+    let z = taesd::encode(&enc, Planes::single(&x, w, h), &backend).unwrap();
+    let zt = taesd::encode_tiled(&enc, Planes::single(&x, w, h), t, &backend).unwrap();
+    let y = taesd::decode(&dec, Planes::single(&z, w / 8, h / 8), &backend).unwrap();
+    let yt = taesd::decode_tiled(&dec, Planes::single(&z, w / 8, h / 8), t, &backend).unwrap();
+    let ytt = taesd::decode(&dec, Planes::single(&zt, w / 8, h / 8), &backend).unwrap();
     assert!(t.tiles(w / 8, h / 8) >= 4);
     let (pd, pe) = (psnr(&y, &yt, 1.0), psnr(&y, &ytt, 1.0));
     let (seam, inner) = seam_and_interior(&y, &yt, (w, h), t, 8, 8, 1.0);
@@ -161,30 +109,8 @@ fn with_tiny_vae(
     let pm1: Vec<f32> = x.iter().map(|v| v * 2.0 - 1.0).collect();
     let backend = Backend::cpu(2).unwrap();
     let f = cfg.downscale();
-    let z = vae::encode(
-        &w8,
-        &cfg,
-        Planes {
-            values: &pm1,
-            n: 1,
-            width: w,
-            height: h,
-        },
-        &backend,
-    )
-    .unwrap();
-    let y = vae::decode(
-        &w8,
-        &cfg,
-        Planes {
-            values: &z,
-            n: 1,
-            width: w / f,
-            height: h / f,
-        },
-        &backend,
-    )
-    .unwrap();
+    let z = vae::encode(&w8, &cfg, Planes::single(&pm1, w, h), &backend).unwrap();
+    let y = vae::decode(&w8, &cfg, Planes::single(&z, w / f, h / f), &backend).unwrap();
     check(&w8, &cfg, &pm1, &z, &y);
 }
 
@@ -202,12 +128,7 @@ fn tiny_kl_vae_in_tiles_with_the_image_statistics_equals_the_whole_run() {
         let yt = vae::decode_tiled(
             w8,
             cfg,
-            Planes {
-                values: z,
-                n: 1,
-                width: lw,
-                height: lh,
-            },
+            Planes::single(z, lw, lh),
             t,
             TileStats::Image,
             &backend,
@@ -220,29 +141,12 @@ fn tiny_kl_vae_in_tiles_with_the_image_statistics_equals_the_whole_run() {
         );
         // Encoding: the draw with zero noise is the distribution's mean, in UNet space.
         let zero = vec![0f32; z.len()];
-        let zw = vae::encode_sample(
-            w8,
-            cfg,
-            Planes {
-                values: pm1,
-                n: 1,
-                width: w,
-                height: h,
-            },
-            &zero,
-            None,
-            &backend,
-        )
-        .unwrap();
+        let zw =
+            vae::encode_sample(w8, cfg, Planes::single(pm1, w, h), &zero, None, &backend).unwrap();
         let zt = vae::encode_sample(
             w8,
             cfg,
-            Planes {
-                values: pm1,
-                n: 1,
-                width: w,
-                height: h,
-            },
+            Planes::single(pm1, w, h),
             &zero,
             Some((t, TileStats::Image)),
             &backend,
@@ -268,12 +172,7 @@ fn tiny_kl_vae_in_tiles_with_their_own_statistics_is_near_the_whole_run_without_
         let yt = vae::decode_tiled(
             w8,
             cfg,
-            Planes {
-                values: z,
-                n: 1,
-                width: w / f,
-                height: h / f,
-            },
+            Planes::single(z, w / f, h / f),
             t,
             TileStats::Tile,
             &backend,

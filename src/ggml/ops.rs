@@ -32,6 +32,19 @@ impl ConvShape {
             pad,
         }
     }
+
+    /// The output width and height on a `w`x`h` input; `None` when the kernel does not
+    /// fit the padded input or the stride is 0.
+    pub fn output(&self, w: usize, h: usize) -> Option<(usize, usize)> {
+        let (pw, ph) = (w + 2 * self.pad, h + 2 * self.pad);
+        if self.stride == 0 || pw < self.kw || ph < self.kh {
+            return None;
+        }
+        Some((
+            (pw - self.kw) / self.stride + 1,
+            (ph - self.kh) / self.stride + 1,
+        ))
+    }
 }
 
 fn bad(op: &str, msg: String) -> Error {
@@ -446,15 +459,13 @@ impl Context<'_> {
         } = shape;
         let [w, h, ic, n] = x.ne();
         let [k, oc, _, _] = kernel.ne();
-        if k != ic * kh * kw || stride == 0 || w + 2 * pad < kw || h + 2 * pad < kh {
+        let Some((ow, oh)) = shape.output(w, h).filter(|_| k == ic * kh * kw) else {
             return Err(bad(
                 "conv2d",
                 format!("kernel {:?} ({kh}x{kw}) on input {:?}", kernel.ne(), x.ne()),
             ));
-        }
+        };
         need_f32("conv2d", "input", x)?;
-        let ow = (w + 2 * pad - kw) / stride + 1;
-        let oh = (h + 2 * pad - kh) / stride + 1;
         let y = if kh == 1 && kw == 1 && stride == 1 && pad == 0 {
             // A 1x1 convolution is a matmul over channels: [W*H, IC] per image.
             let xt = self.cont(self.permute(x, [1, 2, 0, 3])?)?; // [IC, W, H, N]
@@ -546,14 +557,11 @@ impl Context<'_> {
         row0: usize,
         rows: usize,
     ) -> Result<Tensor<'c>> {
-        let ConvShape {
-            kh,
-            kw,
-            stride,
-            pad,
-        } = shape;
         let [w, h, ic, n] = x.ne();
-        if x.ty() != Type::F32 || x.nb()[0] != 4 || w + 2 * pad < kw || h + 2 * pad < kh {
+        let Some((ow, oh)) = shape
+            .output(w, h)
+            .filter(|_| x.ty() == Type::F32 && x.nb()[0] == 4)
+        else {
             return Err(bad(
                 "im2col",
                 format!(
@@ -561,9 +569,8 @@ impl Context<'_> {
                     x.ne()
                 ),
             ));
-        }
-        let ow = (w + 2 * pad - kw) / stride + 1;
-        let oh = (h + 2 * pad - kh) / stride + 1;
+        };
+        let (kh, kw) = (shape.kh, shape.kw);
         if rows == 0 || row0 + rows > oh {
             return Err(bad(
                 "im2col",
@@ -573,8 +580,8 @@ impl Context<'_> {
         let params = self.keep(super::im2col::Params {
             kh,
             kw,
-            stride,
-            pad,
+            stride: shape.stride,
+            pad: shape.pad,
             row0,
         });
         let mut args = [x.raw()];

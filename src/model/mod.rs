@@ -25,7 +25,17 @@ pub struct Planes<'a> {
     pub height: usize,
 }
 
-impl Planes<'_> {
+impl<'a> Planes<'a> {
+    /// One image or latent of `width` x `height`.
+    pub fn single(values: &'a [f32], width: usize, height: usize) -> Self {
+        Planes {
+            values,
+            n: 1,
+            width,
+            height,
+        }
+    }
+
     /// Whether `values` holds exactly `n` planes of `channels` x `height` x `width`.
     pub fn holds(&self, channels: usize) -> bool {
         self.values.len() == self.n * channels * self.height * self.width

@@ -107,38 +107,31 @@ impl TextEncoder {
                 }
             }
         });
-        let layers = layers.collect();
-        match t.kind {
-            TextEncoderKind::HfClip => TextEncoder {
-                token_embedding: tensor(
-                    "embeddings.token_embedding.weight",
-                    "embeddings.token_embedding.weight",
-                    vec![t.vocab_size, h],
-                ),
-                position_embedding: tensor(
-                    "embeddings.position_embedding.weight",
-                    "embeddings.position_embedding.weight",
-                    vec![t.max_positions, h],
-                ),
-                layers,
-                final_norm: top.norm("final_layer_norm", "final_layer_norm", h),
-                projection,
-            },
-            TextEncoderKind::OpenClip => TextEncoder {
-                token_embedding: tensor(
-                    "token_embedding.weight",
-                    "embeddings.token_embedding.weight",
-                    vec![t.vocab_size, h],
-                ),
-                position_embedding: tensor(
-                    "positional_embedding",
-                    "embeddings.position_embedding.weight",
-                    vec![t.max_positions, h],
-                ),
-                layers,
-                final_norm: top.norm("ln_final", "final_layer_norm", h),
-                projection,
-            },
+        // Canonical names of the embeddings and the final norm; diffusers' are HF's.
+        let (token, position, final_norm) = match t.kind {
+            TextEncoderKind::HfClip => (
+                "embeddings.token_embedding.weight",
+                "embeddings.position_embedding.weight",
+                "final_layer_norm",
+            ),
+            TextEncoderKind::OpenClip => {
+                ("token_embedding.weight", "positional_embedding", "ln_final")
+            }
+        };
+        TextEncoder {
+            token_embedding: tensor(
+                token,
+                "embeddings.token_embedding.weight",
+                vec![t.vocab_size, h],
+            ),
+            position_embedding: tensor(
+                position,
+                "embeddings.position_embedding.weight",
+                vec![t.max_positions, h],
+            ),
+            layers: layers.collect(),
+            final_norm: top.norm(final_norm, "final_layer_norm", h),
+            projection,
         }
     }
 

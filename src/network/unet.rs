@@ -123,6 +123,25 @@ impl Unet {
         let temb = u.time_embed_dim();
         let res = |at: At, inp: usize, out: usize| Box::new(ResBlock::new(&at, inp, out, temb));
         let transformer = |at: At, ch: usize, depth: usize| Transformer::new(&at, ch, depth, u);
+        // ResNet `i` of a level (and its transformer when `depth` > 0): LDM's block
+        // `canonical.0` (`.1`), diffusers' `group.resnets.i` (`group.attentions.i`).
+        let level_block = |(canonical, group): (String, String),
+                           i: usize,
+                           (inp, out): (usize, usize),
+                           depth: usize| {
+            let at = |k: usize, kind: &str| {
+                top.sub(&format!("{canonical}.{k}"), &format!("{group}.{kind}.{i}"))
+            };
+            let mut block = vec![Block::Res(res(at(0, "resnets"), inp, out))];
+            if depth > 0 {
+                block.push(Block::Transformer(transformer(
+                    at(1, "attentions"),
+                    out,
+                    depth,
+                )));
+            }
+            block
+        };
 
         let time_embed = [
             top.linear("time_embed.0", "time_embedding.linear_1", temb, mc),
@@ -155,21 +174,9 @@ impl Unet {
             let out = mc * u.channel_mult[l];
             for (i, &depth) in depths.iter().enumerate() {
                 let n = input_blocks.len() + 1;
-                let at = |k: usize, d: &str| top.sub(&format!("input_blocks.{n}.{k}"), d);
-                let mut block = vec![Block::Res(res(
-                    at(0, &format!("down_blocks.{l}.resnets.{i}")),
-                    ch,
-                    out,
-                ))];
+                let names = (format!("input_blocks.{n}"), format!("down_blocks.{l}"));
+                input_blocks.push(level_block(names, i, (ch, out), depth));
                 ch = out;
-                if depth > 0 {
-                    block.push(Block::Transformer(transformer(
-                        at(1, &format!("down_blocks.{l}.attentions.{i}")),
-                        ch,
-                        depth,
-                    )));
-                }
-                input_blocks.push(block);
                 skips.push(ch);
             }
             if l + 1 < levels {
@@ -209,20 +216,9 @@ impl Unet {
                     ))
                 })?;
                 let n = output_blocks.len();
-                let at = |k: usize, d: &str| top.sub(&format!("output_blocks.{n}.{k}"), d);
-                let mut block = vec![Block::Res(res(
-                    at(0, &format!("up_blocks.{j}.resnets.{i}")),
-                    ch + skip,
-                    out,
-                ))];
+                let names = (format!("output_blocks.{n}"), format!("up_blocks.{j}"));
+                let mut block = level_block(names, i, (ch + skip, out), depth);
                 ch = out;
-                if depth > 0 {
-                    block.push(Block::Transformer(transformer(
-                        at(1, &format!("up_blocks.{j}.attentions.{i}")),
-                        ch,
-                        depth,
-                    )));
-                }
                 if i + 1 == depths.len() && j + 1 < levels {
                     let k = block.len();
                     block.push(Block::Upsample(top.conv(

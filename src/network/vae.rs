@@ -99,27 +99,16 @@ impl Vae {
         let conv_in = e.conv("conv_in", "conv_in", ch, v.in_channels, 3);
         let mut down = Vec::with_capacity(levels);
         for l in 0..levels {
-            let blocks = (0..v.num_res_blocks)
-                .map(|i| {
-                    let at = e.sub(
-                        &format!("down.{l}.block.{i}"),
-                        &format!("down_blocks.{l}.resnets.{i}"),
-                    );
-                    let r = ResBlock::new(&at, ch, width(l));
-                    ch = width(l);
-                    r
-                })
-                .collect();
-            let resample = (l + 1 < levels).then(|| {
-                e.conv(
-                    &format!("down.{l}.downsample.conv"),
-                    &format!("down_blocks.{l}.downsamplers.0.conv"),
-                    ch,
-                    ch,
-                    3,
-                )
-            });
-            down.push(Level { blocks, resample });
+            let names = [format!("down.{l}"), format!("down_blocks.{l}")];
+            let resample = (l + 1 < levels).then_some(["downsample", "downsamplers"]);
+            down.push(Level::new(
+                &e,
+                names,
+                v.num_res_blocks,
+                (ch, width(l)),
+                resample,
+            ));
+            ch = width(l);
         }
         let encoder = Encoder {
             conv_in,
@@ -137,27 +126,16 @@ impl Vae {
         let mut up = Vec::with_capacity(levels);
         for j in 0..levels {
             let l = levels - 1 - j;
-            let blocks = (0..=v.num_res_blocks)
-                .map(|i| {
-                    let at = d.sub(
-                        &format!("up.{l}.block.{i}"),
-                        &format!("up_blocks.{j}.resnets.{i}"),
-                    );
-                    let r = ResBlock::new(&at, ch, width(l));
-                    ch = width(l);
-                    r
-                })
-                .collect();
-            let resample = (l > 0).then(|| {
-                d.conv(
-                    &format!("up.{l}.upsample.conv"),
-                    &format!("up_blocks.{j}.upsamplers.0.conv"),
-                    ch,
-                    ch,
-                    3,
-                )
-            });
-            up.push(Level { blocks, resample });
+            let names = [format!("up.{l}"), format!("up_blocks.{j}")];
+            let resample = (l > 0).then_some(["upsample", "upsamplers"]);
+            up.push(Level::new(
+                &d,
+                names,
+                v.num_res_blocks + 1,
+                (ch, width(l)),
+                resample,
+            ));
+            ch = width(l);
         }
         let decoder = Decoder {
             post_quant_conv,
@@ -194,6 +172,37 @@ impl Vae {
 }
 
 impl Level {
+    /// `count` ResNets from `inp` to `out` channels, LDM's `side.{canonical}.block.I`
+    /// and diffusers' `side.{group}.resnets.I`, then the resampling conv if `resample`
+    /// names it (LDM's and diffusers' word for it).
+    fn new(
+        side: &At,
+        [canonical, group]: [String; 2],
+        count: usize,
+        (inp, out): (usize, usize),
+        resample: Option<[&str; 2]>,
+    ) -> Self {
+        let blocks = (0..count)
+            .map(|i| {
+                let at = side.sub(
+                    &format!("{canonical}.block.{i}"),
+                    &format!("{group}.resnets.{i}"),
+                );
+                ResBlock::new(&at, if i == 0 { inp } else { out }, out)
+            })
+            .collect();
+        let resample = resample.map(|[c, d]| {
+            side.conv(
+                &format!("{canonical}.{c}.conv"),
+                &format!("{group}.{d}.0.conv"),
+                out,
+                out,
+                3,
+            )
+        });
+        Level { blocks, resample }
+    }
+
     fn params(&self, out: &mut Vec<Param>) {
         for b in &self.blocks {
             b.params(out);

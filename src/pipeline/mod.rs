@@ -387,7 +387,7 @@ impl Pipeline {
                 let f = self.config.vae.downscale();
                 let w = self.vae_weights()?;
                 let grey = vec![0.0f32; 3 * lw * f * lh * f];
-                let masked = vae::encode(&w, &self.config.vae, Planes { values: &grey, n: 1, width: lw * f, height: lh * f }, &self.backend)?;
+                let masked = vae::encode(&w, &self.config.vae, Planes::single(&grey, lw * f, lh * f), &self.backend)?;
                 let mut cond = vec![1.0f32; lw * lh];
                 cond.extend_from_slice(&masked);
                 Ok(Some(cond))

@@ -85,16 +85,7 @@ impl<'p> Previewer<'p> {
         let planar = |pixels: &[f32], unit: bool| super::to_rgb8(pixels, w * h, unit);
         let rgb = match &self.method {
             Method::Taesd(weights) => planar(
-                &taesd::decode(
-                    weights,
-                    Planes {
-                        values: &z,
-                        n: 1,
-                        width: lw,
-                        height: lh,
-                    },
-                    &self.pipe.backend,
-                )?,
+                &taesd::decode(weights, Planes::single(&z, lw, lh), &self.pipe.backend)?,
                 true,
             ),
             Method::Vae => {
@@ -103,12 +94,7 @@ impl<'p> Previewer<'p> {
                     &vae::decode(
                         &weights,
                         &self.pipe.config.vae,
-                        Planes {
-                            values: &z,
-                            n: 1,
-                            width: lw,
-                            height: lh,
-                        },
+                        Planes::single(&z, lw, lh),
                         &self.pipe.backend,
                     )?,
                     false,

@@ -275,27 +275,10 @@ impl Pipeline {
     ) -> Result<Decoded> {
         if let Some(w) = taesd {
             let pixels = match memory.tiling {
-                Some(t) => taesd::decode_tiled(
-                    w,
-                    Planes {
-                        values: latent,
-                        n: 1,
-                        width: lw,
-                        height: lh,
-                    },
-                    t,
-                    &self.backend,
-                )?,
-                None => taesd::decode(
-                    w,
-                    Planes {
-                        values: latent,
-                        n: 1,
-                        width: lw,
-                        height: lh,
-                    },
-                    &self.backend,
-                )?,
+                Some(t) => {
+                    taesd::decode_tiled(w, Planes::single(latent, lw, lh), t, &self.backend)?
+                }
+                None => taesd::decode(w, Planes::single(latent, lw, lh), &self.backend)?,
             };
             return Ok(Decoded { pixels, unit: true });
         }
@@ -305,12 +288,7 @@ impl Pipeline {
             Some(t) => vae::decode_tiled(
                 &w,
                 cfg,
-                Planes {
-                    values: latent,
-                    n: 1,
-                    width: lw,
-                    height: lh,
-                },
+                Planes::single(latent, lw, lh),
                 t,
                 req.decoding.vae_tile_stats,
                 &self.backend,
@@ -319,17 +297,7 @@ impl Pipeline {
                     check_cancel(req.cancel.as_deref())
                 },
             )?,
-            None => vae::decode(
-                &w,
-                cfg,
-                Planes {
-                    values: latent,
-                    n: 1,
-                    width: lw,
-                    height: lh,
-                },
-                &self.backend,
-            )?,
+            None => vae::decode(&w, cfg, Planes::single(latent, lw, lh), &self.backend)?,
         };
         Ok(Decoded {
             pixels,

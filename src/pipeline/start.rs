@@ -186,27 +186,10 @@ impl Pipeline {
             Some(Encoder::Taesd(t)) => {
                 let unit: Vec<f32> = pixels.iter().map(|v| v * 0.5 + 0.5).collect();
                 let z = match tiling {
-                    Some((tiles, _)) => taesd::encode_tiled(
-                        t,
-                        Planes {
-                            values: &unit,
-                            n: 1,
-                            width: w,
-                            height: h,
-                        },
-                        tiles,
-                        &self.backend,
-                    )?,
-                    None => taesd::encode(
-                        t,
-                        Planes {
-                            values: &unit,
-                            n: 1,
-                            width: w,
-                            height: h,
-                        },
-                        &self.backend,
-                    )?,
+                    Some((tiles, _)) => {
+                        taesd::encode_tiled(t, Planes::single(&unit, w, h), tiles, &self.backend)?
+                    }
+                    None => taesd::encode(t, Planes::single(&unit, w, h), &self.backend)?,
                 };
                 if z.len() != cfg.latent_channels * lw * lh {
                     return Err(Error::Invalid(format!(
@@ -223,12 +206,7 @@ impl Pipeline {
                 vae::encode_sample(
                     &weights,
                     cfg,
-                    Planes {
-                        values: pixels,
-                        n: 1,
-                        width: w,
-                        height: h,
-                    },
+                    Planes::single(pixels, w, h),
                     &eps,
                     tiling,
                     &self.backend,
