@@ -138,7 +138,9 @@ fn conv_ref(
 
 #[test]
 fn conv2d_through_im2col_matches_direct_convolution_in_one_piece_and_in_row_bands() {
-    let (n, ic, h, w, oc) = (2, 8, 9, 7, 5);
+    // 21 output channels: a whole block of the epilogue's 16 and a partial one.
+    let (n, ic, h, w, oc) = (2, 8, 9, 7, 21);
+    let bias_values: Vec<f32> = (0..oc).map(|c| c as f32 * 0.25 - 2.0).collect();
     let x: Vec<f32> = (0..n * ic * h * w)
         .map(|i| ((i * 31 % 97) as f32 / 48.0) - 1.0)
         .collect();
@@ -164,18 +166,21 @@ fn conv2d_through_im2col_matches_direct_convolution_in_one_piece_and_in_row_band
                     .unwrap();
                 assert_eq!(y.ne(), [ow, oh, oc, n]);
                 let g = ctx.graph(&[y]).unwrap();
+                // Only the products count as arithmetic, not the data movement around them.
+                let flops = 2 * ic * kh * kh * oc * ow * oh * n;
+                assert_eq!(g.matmul_flops(), flops as f64);
                 ctx.alloc_graph(&g).unwrap();
                 ctx.set_f32(xin, &x).unwrap();
                 let mut kb = Vec::new();
                 ty.quantize_rows(&k, oc, ic * kh * kh, &mut kb).unwrap();
                 ctx.set_bytes(kin, &kb).unwrap();
-                ctx.set_f32(bias, &[0.5, -0.25, 0.0, 1.0, 2.0]).unwrap();
+                ctx.set_f32(bias, &bias_values).unwrap();
                 Backend::cpu(2).unwrap().compute(&g).unwrap();
                 let got = ctx.get_f32(y).unwrap();
                 let want: Vec<f32> = want
                     .iter()
                     .enumerate()
-                    .map(|(i, v)| v + [0.5, -0.25, 0.0, 1.0, 2.0][(i / (oh * ow)) % oc])
+                    .map(|(i, v)| v + bias_values[(i / (oh * ow)) % oc])
                     .collect();
                 // f16 kernels take f16 columns: activations rounded to f16 too.
                 let tol = if ty == Type::F16 { 2e-3 } else { 1e-6 };
@@ -365,6 +370,46 @@ fn f16_kernels_overflow_on_large_activations_unless_cast_to_f32() {
             assert!(
                 got.iter().any(|v| !v.is_finite()),
                 "the plain f16 product was expected to overflow"
+            );
+        }
+    }
+}
+
+#[test]
+fn transpose_inner_swaps_the_two_inner_axes_of_any_shape() {
+    // Sizes off the kernel's 16x64 blocks, a batch axis, and a permuted (non-contiguous)
+    // input that takes the copy path.
+    for (a, b, n) in [(1, 1, 1), (17, 65, 2), (320, 4096 / 64, 1), (3, 200, 3)] {
+        let x: Vec<f32> = (0..a * b * n).map(|i| i as f32 * 0.5 - 7.0).collect();
+        let want: Vec<f32> = (0..n)
+            .flat_map(|k| (0..a).flat_map(move |i| (0..b).map(move |j| (k, i, j))))
+            .map(|(k, i, j)| x[(k * b + j) * a + i])
+            .collect();
+        for permuted in [false, true] {
+            let ctx = Context::new(64).unwrap();
+            let xin = if permuted {
+                ctx.tensor(Type::F32, &[b, a, n], "x").unwrap()
+            } else {
+                ctx.tensor(Type::F32, &[a, b, n], "x").unwrap()
+            };
+            ctx.set_input(xin);
+            let src = if permuted {
+                ctx.permute(xin, [1, 0, 2, 3]).unwrap()
+            } else {
+                xin
+            };
+            let y = ctx.transpose_inner(src).unwrap();
+            assert_eq!(y.ne(), [b, a, n, 1]);
+            let g = ctx.graph(&[y]).unwrap();
+            ctx.alloc_graph(&g).unwrap();
+            // The permuted input holds x's transpose, so that its view is x again.
+            let data: Vec<f32> = if permuted { want.clone() } else { x.clone() };
+            ctx.set_f32(xin, &data).unwrap();
+            Backend::cpu(2).unwrap().compute(&g).unwrap();
+            assert_eq!(
+                ctx.get_f32(y).unwrap(),
+                want,
+                "{a}x{b}x{n}, permuted {permuted}"
             );
         }
     }

@@ -34,8 +34,7 @@ pub struct Context<'d> {
     /// Largest im2col matrix one convolution builds at once (see `conv2d`).
     pub(super) conv_budget: std::cell::Cell<usize>,
     /// Parameters of custom ops, alive as long as the graph that points at them.
-    #[allow(clippy::vec_box)] // each op holds a pointer to its parameters: they must not move
-    kept: RefCell<Vec<Box<super::im2col::Params>>>,
+    kept: RefCell<Vec<Box<dyn std::any::Any>>>,
     /// The GPU this context's graph is built for and runs on (`None`: the CPU). Set
     /// before the graph is built: ops are chosen for it (no CPU-only custom ops).
     gpu: RefCell<Option<Arc<Engines>>>,
@@ -139,8 +138,11 @@ unsafe fn node_flops(t: &sys::ggml_tensor) -> f64 {
             );
             2.0 * nq * nkv * (dk + dv) * (q.ne[2] * q.ne[3]) as f64
         }
-        // sdrs' attention kernel, the only custom op: q, k, v as flash attention's.
-        sys::GGML_OP_CUSTOM if !t.src[2].is_null() => {
+        // sdrs' attention kernel: q, k, v as flash attention's. (Its other custom ops,
+        // im2col and the convolution epilogue, move data.)
+        sys::GGML_OP_CUSTOM
+            if std::ffi::CStr::from_ptr(t.name.as_ptr()).to_bytes() == b"sdrs.attention" =>
+        {
             let (q, k, v) = (&*t.src[0], &*t.src[1], &*t.src[2]);
             2.0 * (q.ne[1] * k.ne[1]) as f64
                 * (q.ne[0] + v.ne[0]) as f64
@@ -251,9 +253,10 @@ impl<'d> Context<'d> {
 
     /// Keeps custom-op parameters for the context's lifetime; the pointer is stable
     /// (boxed) and only read by the op.
-    pub(super) fn keep(&self, p: super::im2col::Params) -> *mut std::ffi::c_void {
+    /// A stable pointer to `p` for a custom op's userdata, alive as long as this context.
+    pub(super) fn keep<T: 'static>(&self, p: T) -> *mut std::ffi::c_void {
         let b = Box::new(p);
-        let ptr = &*b as *const super::im2col::Params as *mut std::ffi::c_void;
+        let ptr = &*b as *const T as *mut std::ffi::c_void;
         self.kept.borrow_mut().push(b);
         ptr
     }

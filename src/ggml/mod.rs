@@ -10,6 +10,7 @@ mod peak;
 mod sys;
 
 mod attention;
+mod epilogue;
 mod im2col;
 pub use attention::kernel_variant as attention_kernel;
 pub use context::{Backend, Context, Graph, HostRegion, NodeTiming, Tensor};

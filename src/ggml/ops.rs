@@ -1,6 +1,8 @@
 //! Graph-building operations. Each checks the shapes ggml would otherwise assert
 //! on (an assert aborts the whole process), then records the op; nothing is
 //! computed until [`super::Backend::compute`].
+use std::ffi::c_int;
+
 use super::context::{Context, Tensor};
 use super::{sys, Type};
 use crate::error::{Error, Result};
@@ -466,84 +468,179 @@ impl Context<'_> {
             ));
         };
         need_f32("conv2d", "input", x)?;
-        let y = if kh == 1 && kw == 1 && stride == 1 && pad == 0 {
-            // A 1x1 convolution is a matmul over channels: [W*H, IC] per image.
-            let xt = self.cont(self.permute(x, [1, 2, 0, 3])?)?; // [IC, W, H, N]
-            let flat = self.reshape(xt, &[ic, w * h * n])?;
-            self.mul_mat(kernel, flat)? // [OC, W*H*N]
-        } else if self.on_gpu() {
-            // sdrs' im2col is a CPU custom op; on a GPU, ggml's own. It reads only the
-            // kernel's shape from its first source, so a small stand-in carries that
-            // (the weights may be quantized, which no 4-D view of them can be).
-            self.ensure_room(8)?;
-            let shape = self.tensor(Type::F16, &[kw, kh, ic, 1], "conv.kernel_shape")?;
-            let (s, p) = (stride as i32, pad as i32);
-            // SAFETY: shapes checked above; im2col reads b's data and a's shape.
-            let cols = self.op(unsafe {
-                sys::ggml_im2col(
-                    self.raw(),
-                    shape.raw(),
-                    x.raw(),
-                    s,
-                    s,
-                    p,
-                    p,
-                    1,
-                    1,
-                    true,
-                    Type::F32.0,
-                )
-            })?;
-            self.mul_mat(kernel, self.reshape(cols, &[k, ow * oh * n])?)?
-        } else {
-            let row_bytes = k * ow * n * Type::F32.type_size();
-            // At most CONV_MAX_BANDS bands: each adds ~8 tensors to the graph, and the
-            // context was sized by its builder.
-            let bands = (row_bytes * oh)
-                .div_ceil(self.conv_budget.get())
-                .clamp(1, oh.min(CONV_MAX_BANDS));
-            self.ensure_room(8 * bands + 8)?;
-            if bands == 1 {
-                let cols = self.im2col_rows(x, shape, 0, oh)?;
-                let cols = self.reshape(cols, &[k, ow * oh * n])?;
-                self.mul_mat(kernel, cols)? // [OC, OW*OH*N]
+        let pointwise = kh == 1 && kw == 1 && stride == 1 && pad == 0;
+        let product_of = |cols: Tensor<'c>, pixels: usize| {
+            // [OC, pixels·N], a pixel's channels together.
+            let y = self.mul_mat(kernel, self.reshape(cols, &[k, pixels * n])?)?;
+            self.reshape(y, &[oc, pixels, n])
+        };
+        if self.on_gpu() {
+            // sdrs' im2col and epilogue are CPU custom ops; on a GPU, ggml's own ops.
+            let y = if pointwise {
+                product_of(self.cont(self.permute(x, [1, 2, 0, 3])?)?, w * h)?
             } else {
-                // The column matrix of a large convolution (a VAE decoder's at 512x512:
-                // 2.4 GB for one 3x3 conv of 256 channels) is built and multiplied a band of
-                // output rows at a time. Each output is the same dot product as in one
-                // piece, so this is exact, and the columns stay within the budget.
-                let band = oh.div_ceil(bands);
-                let mut parts = Vec::with_capacity(bands);
-                let mut r0 = 0;
-                while r0 < oh {
-                    let rows = band.min(oh - r0);
-                    let cols = self.im2col_rows(x, shape, r0, rows)?;
-                    let y = self.mul_mat(kernel, self.reshape(cols, &[k, ow * rows * n])?)?;
-                    parts.push(self.reshape(y, &[oc, ow, rows, n])?);
-                    r0 += rows;
+                // ggml's im2col reads only the kernel's shape from its first source, so a
+                // small stand-in carries that (the weights may be quantized, which no 4-D
+                // view of them can be).
+                self.ensure_room(8)?;
+                let shape = self.tensor(Type::F16, &[kw, kh, ic, 1], "conv.kernel_shape")?;
+                let (s, p) = (stride as i32, pad as i32);
+                // SAFETY: shapes checked above; im2col reads b's data and a's shape.
+                let cols = self.op(unsafe {
+                    sys::ggml_im2col(
+                        self.raw(),
+                        shape.raw(),
+                        x.raw(),
+                        s,
+                        s,
+                        p,
+                        p,
+                        1,
+                        1,
+                        true,
+                        Type::F32.0,
+                    )
+                })?;
+                product_of(cols, ow * oh)?
+            };
+            let y = self.reshape(y, &[oc, ow, oh, n])?;
+            let y = self.cont(self.permute(y, [2, 0, 1, 3])?)?; // [OW, OH, OC, N]
+            return match bias {
+                Some(b) => self.add(y, self.reshape(b, &[1, 1, oc, 1])?),
+                None => Ok(y),
+            };
+        }
+        if pointwise {
+            // A 1x1 convolution is a matmul over channels: [W*H, IC] per image.
+            let x = if x.is_contiguous() { x } else { self.cont(x)? };
+            let xt = self.transpose_inner(self.reshape(x, &[w * h, ic, n])?)?; // [IC, W*H, N]
+            let y = product_of(xt, w * h)?;
+            return self.conv_epilogue(&[(y, 0)], bias, [ow, oh, oc, n]);
+        }
+        // The column matrix of a large convolution (a VAE decoder's at 512x512: 2.4 GB
+        // for one 3x3 conv of 256 channels) is built and multiplied a band of output rows
+        // at a time. Each output is the same dot product as in one piece, so this is
+        // exact, and the columns stay within the budget. At most CONV_MAX_BANDS bands:
+        // each adds ~8 tensors to the graph, and the context was sized by its builder.
+        let row_bytes = k * ow * n * Type::F32.type_size();
+        let bands = (row_bytes * oh)
+            .div_ceil(self.conv_budget.get())
+            .clamp(1, oh.min(CONV_MAX_BANDS));
+        self.ensure_room(8 * bands + 8)?;
+        let band = oh.div_ceil(bands);
+        let mut products = Vec::with_capacity(bands);
+        for r0 in (0..oh).step_by(band) {
+            let rows = band.min(oh - r0);
+            let cols = self.im2col_rows(x, shape, r0, rows)?;
+            products.push((product_of(cols, ow * rows)?, r0));
+        }
+        self.conv_epilogue(&products, bias, [ow, oh, oc, n])
+    }
+
+    /// `x` `[A, B, N]` as `[B, A, N]` (the inner two axes swapped, contiguous): on the
+    /// CPU by the epilogue op (a cache-blocked transpose), else a permuted copy.
+    pub fn transpose_inner<'c>(&'c self, x: Tensor<'c>) -> Result<Tensor<'c>> {
+        let [a, b, n, m] = x.ne();
+        if m != 1 {
+            return Err(bad("transpose", format!("{:?} has a fourth axis", x.ne())));
+        }
+        if self.on_gpu() || x.ty() != Type::F32 || !x.is_contiguous() {
+            return self.cont(self.permute(x, [1, 0, 2, 3])?);
+        }
+        self.ensure_room(4)?;
+        let y = self.conv_epilogue(&[(x, 0)], None, [b, 1, a, n])?; // [B, 1, A, N]
+        self.name(y, "sdrs.transpose")?;
+        self.reshape(y, &[b, a, n])
+    }
+
+    /// The output `[OW, OH, OC, N]` of a convolution from its product in bands
+    /// (`[OC, OW·rows, N]` each, with its first output row, in order, covering every
+    /// row), `bias` `[OC]` added: sdrs' epilogue op (`ggml/epilogue.rs`), one per band,
+    /// each writing its rows in place into the first one's output.
+    fn conv_epilogue<'c>(
+        &'c self,
+        bands: &[(Tensor<'c>, usize)],
+        bias: Option<Tensor<'c>>,
+        ne: [usize; 4],
+    ) -> Result<Tensor<'c>> {
+        let [ow, oh, oc, n] = ne;
+        // A bias the kernel cannot read directly is added afterwards.
+        let (fused, later) = match bias {
+            Some(b) if b.ty() == Type::F32 && b.ne() == [oc, 1, 1, 1] && b.is_contiguous() => {
+                (Some(b), None)
+            }
+            other => (None, other),
+        };
+        let mut out: Option<Tensor<'c>> = None;
+        let mut next_row = 0;
+        for &(y, row0) in bands {
+            let [c, pixels, m, _] = y.ne();
+            let rows = pixels / ow.max(1);
+            if c != oc
+                || m != n
+                || rows * ow != pixels
+                || row0 != next_row
+                || row0 + rows > oh
+                || y.ty() != Type::F32
+                || !y.is_contiguous()
+            {
+                return Err(bad(
+                    "conv epilogue",
+                    format!("band {:?} at row {row0} of an output {ne:?}", y.ne()),
+                ));
+            }
+            next_row = row0 + rows;
+            let params = self.keep(super::epilogue::Params {
+                row0,
+                band: usize::from(out.is_some()),
+                bias: fused.is_some(),
+            });
+            let mut args = vec![y.raw()];
+            args.extend(fused.map(|b| b.raw()));
+            // SAFETY: shapes, types and contiguity checked as the kernel reads them;
+            // `params` lives as long as this context (and so the graph); an in-place op
+            // writes only its band's rows of the output the earlier ops made.
+            let t = self.op(unsafe {
+                match out {
+                    None => sys::ggml_custom_4d(
+                        self.raw(),
+                        Type::F32.0,
+                        ow as i64,
+                        oh as i64,
+                        oc as i64,
+                        n as i64,
+                        args.as_mut_ptr(),
+                        args.len() as c_int,
+                        Some(super::epilogue::epilogue_op),
+                        sys::GGML_N_TASKS_MAX,
+                        params,
+                    ),
+                    Some(prev) => sys::ggml_custom_inplace(
+                        self.raw(),
+                        prev.raw(),
+                        args.as_mut_ptr(),
+                        args.len() as c_int,
+                        Some(super::epilogue::epilogue_op),
+                        sys::GGML_N_TASKS_MAX,
+                        params,
+                    ),
                 }
-                // Joined pairwise: log2(bands) copies of the output, not bands/2.
-                while parts.len() > 1 {
-                    let mut next = Vec::with_capacity(parts.len().div_ceil(2));
-                    for pair in parts.chunks(2) {
-                        next.push(if let [a, b] = pair {
-                            self.concat(*a, *b, 2)?
-                        } else {
-                            pair[0]
-                        });
-                    }
-                    parts = next;
-                }
-                parts
-                    .pop()
-                    .ok_or_else(|| bad("conv2d", "no output rows".into()))? // [OC, OW, OH, N]
+            })?;
+            self.name(t, "sdrs.conv_epilogue")?;
+            out = Some(t);
+        }
+        let out = match out {
+            Some(t) if next_row == oh => t,
+            _ => {
+                return Err(bad(
+                    "conv epilogue",
+                    format!("bands cover {next_row} of {oh} rows"),
+                ))
             }
         };
-        let y = self.reshape(y, &[oc, ow, oh, n])?;
-        let y = self.cont(self.permute(y, [2, 0, 1, 3])?)?; // [OW, OH, OC, N]
-        match bias {
-            Some(b) => self.add(y, self.reshape(b, &[1, 1, oc, 1])?),
-            None => Ok(y),
+        match later {
+            Some(b) => self.add(out, self.reshape(b, &[1, 1, oc, 1])?),
+            None => Ok(out),
         }
     }
 

@@ -188,14 +188,19 @@ impl<'c> Nn<'c> {
     /// `[W, H, C, N]` → `[C, W*H, N]` (tokens with channels innermost).
     pub fn to_tokens(&self, x: Tensor<'c>) -> Result<Tensor<'c>> {
         let [w, h, c, n] = x.ne();
-        let t = self.ctx.cont(self.ctx.permute(x, [1, 2, 0, 3])?)?; // [C, W, H, N]
-        self.ctx.reshape(t, &[c, w * h, n])
+        let x = if x.is_contiguous() {
+            x
+        } else {
+            self.ctx.cont(x)?
+        };
+        self.ctx
+            .transpose_inner(self.ctx.reshape(x, &[w * h, c, n])?)
     }
 
     /// `[C, W*H, N]` → `[W, H, C, N]`.
     pub fn from_tokens(&self, x: Tensor<'c>, w: usize, h: usize) -> Result<Tensor<'c>> {
         let [c, _, n, _] = x.ne();
-        let t = self.ctx.cont(self.ctx.permute(x, [1, 0, 2, 3])?)?; // [W*H, C, N]
+        let t = self.ctx.transpose_inner(x)?; // [W*H, C, N]
         self.ctx.reshape(t, &[w, h, c, n])
     }
 }
