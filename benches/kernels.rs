@@ -4,7 +4,8 @@
 //! self-attention at 4096 and 1024 tokens (head size 40: SD 1.5's first level) with
 //! each kernel, with and without padding the head size to 16; and a whole TAESD-family
 //! decode at 512x512 (the real TAEF2 decoder from `../shared/models`: TAESD's network
-//! with a 16-channel first layer, so it times SD's TAESD within a percent).
+//! with a 16-channel first layer, so it times SD's TAESD within a percent); and the
+//! transpose around every convolution, in bytes per second.
 //!
 //! `SDRS_BENCH_THREADS` sets the thread count (default: all cores).
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
@@ -189,8 +190,39 @@ fn taesd_decode(c: &mut Criterion, backend: &Backend) {
     g.finish();
 }
 
+/// The layout change around every convolution, at the SD VAE decoder's 256² level:
+/// 256 channels of 256x256 pixels from `[C, pixels]` (the product's rows) to
+/// `[pixels, C]` (channel planes), in bytes read and written per second, by sdrs'
+/// blocked transpose (the convolution epilogue without bias) and by ggml's permuted
+/// copy (what each convolution paid before it).
+fn transpose(c: &mut Criterion, backend: &Backend) {
+    let (ch, pixels) = (256, 256 * 256);
+    let mut g = c.benchmark_group("transpose_256ch_256x256");
+    g.throughput(Throughput::Bytes((2 * 4 * ch * pixels) as u64));
+    g.sample_size(10);
+    for kind in ["sdrs", "ggml"] {
+        let ctx = Context::new(16).expect("context");
+        let x = ctx.tensor(Type::F32, &[ch, pixels, 1], "x").expect("x");
+        ctx.set_input(x);
+        let y = match kind {
+            "sdrs" => ctx.transpose_inner(x),
+            _ => ctx.permute(x, [1, 0, 2, 3]).and_then(|p| ctx.cont(p)),
+        }
+        .expect("transpose");
+        ctx.set_output(y);
+        let graph = ctx.graph(&[y]).expect("graph");
+        ctx.alloc_graph(&graph).expect("compute buffer");
+        set(&ctx, x, 4);
+        g.bench_function(BenchmarkId::from_parameter(kind), |b| {
+            b.iter(|| backend.compute(&graph).expect("compute"))
+        });
+    }
+    g.finish();
+}
+
 fn kernels(c: &mut Criterion) {
     let backend = Backend::cpu(threads()).expect("CPU backend");
+    transpose(c, &backend);
     taesd_decode(c, &backend);
     attention(c, &backend);
     conv3x3(c, &backend);
