@@ -484,7 +484,7 @@ pub(super) unsafe extern "C" fn attention_op(
     nth: c_int,
     userdata: *mut c_void,
 ) {
-    let result = std::panic::catch_unwind(|| {
+    let finished = super::custom_op_body("attention kernel", "its output is NaN", || {
         // SAFETY: ggml passes the node built by `Context::attention`: three f32
         // sources of the checked shapes, an allocated contiguous f32 destination of
         // [D*H, Nq, B]; threads ith < nth write disjoint units.
@@ -515,8 +515,7 @@ pub(super) unsafe extern "C" fn attention_op(
             );
         }
     });
-    if result.is_err() {
-        log::error!("sdrs attention kernel panicked; its output is NaN");
+    if !finished {
         // SAFETY: as above; only this thread's first unit range is touched by the fill
         // of the whole tensor, which is fine: the result is invalid anyway.
         unsafe {

@@ -82,32 +82,33 @@ unsafe fn run(
     }
 }
 
-/// The ggml callback; never unwinds into C (see `attention_op`).
+/// The ggml callback; never unwinds into C (see `custom_op_body`).
 pub(super) unsafe extern "C" fn epilogue_op(
     dst: *mut sys::ggml_tensor,
     ith: c_int,
     nth: c_int,
     userdata: *mut c_void,
 ) {
-    let result = std::panic::catch_unwind(|| {
-        // SAFETY: ggml passes the node built by `Context::conv_epilogue`: the band (and
-        // the bias) at the sources `Params` names, checked there, a contiguous f32
-        // destination of the checked shape, and the `Params` its context keeps alive.
-        unsafe {
-            let t = &*dst;
-            let p = &*(userdata as *const Params);
-            let bias = p.bias.then(|| (*t.src[p.band + 1]).data as *const f32);
-            run(
-                &*t.src[p.band],
-                bias,
-                t,
-                p,
-                ith.max(0) as usize,
-                nth.max(1) as usize,
-            );
-        }
-    });
-    if result.is_err() {
-        log::error!("sdrs convolution epilogue panicked; the convolution's output is invalid");
-    }
+    super::custom_op_body(
+        "convolution epilogue",
+        "the convolution's output is invalid",
+        || {
+            // SAFETY: ggml passes the node built by `Context::conv_epilogue`: the band (and
+            // the bias) at the sources `Params` names, checked there, a contiguous f32
+            // destination of the checked shape, and the `Params` its context keeps alive.
+            unsafe {
+                let t = &*dst;
+                let p = &*(userdata as *const Params);
+                let bias = p.bias.then(|| (*t.src[p.band + 1]).data as *const f32);
+                run(
+                    &*t.src[p.band],
+                    bias,
+                    t,
+                    p,
+                    ith.max(0) as usize,
+                    nth.max(1) as usize,
+                );
+            }
+        },
+    );
 }

@@ -90,24 +90,25 @@ unsafe fn run(x: &sys::ggml_tensor, dst: &sys::ggml_tensor, p: &Params, ith: usi
     }
 }
 
-/// The ggml callback; never unwinds into C (see `attention_op`).
+/// The ggml callback; never unwinds into C (see `custom_op_body`).
 pub(super) unsafe extern "C" fn im2col_op(
     dst: *mut sys::ggml_tensor,
     ith: c_int,
     nth: c_int,
     userdata: *mut c_void,
 ) {
-    let result = std::panic::catch_unwind(|| {
-        // SAFETY: ggml passes the node built by `Context::im2col`: one f32 source with
-        // contiguous rows, a contiguous f32 destination of the checked shape, and the
-        // `Params` its context keeps alive.
-        unsafe {
-            let t = &*dst;
-            let p = &*(userdata as *const Params);
-            run(&*t.src[0], t, p, ith.max(0) as usize, nth.max(1) as usize);
-        }
-    });
-    if result.is_err() {
-        log::error!("sdrs im2col kernel panicked; the convolution's output is invalid");
-    }
+    super::custom_op_body(
+        "im2col kernel",
+        "the convolution's output is invalid",
+        || {
+            // SAFETY: ggml passes the node built by `Context::im2col`: one f32 source with
+            // contiguous rows, a contiguous f32 destination of the checked shape, and the
+            // `Params` its context keeps alive.
+            unsafe {
+                let t = &*dst;
+                let p = &*(userdata as *const Params);
+                run(&*t.src[0], t, p, ith.max(0) as usize, nth.max(1) as usize);
+            }
+        },
+    );
 }

@@ -26,6 +26,21 @@ pub use peak::fma_peak_flops;
 // The ggml libraries are linked only if the crate is referenced.
 use llama_cpp_sys_2 as _;
 
+/// Runs the body of one of sdrs' custom ops (a ggml callback) so that a panic, a bug,
+/// never unwinds into C: it is logged with what it means for the op's output. Returns
+/// whether the body finished.
+fn custom_op_body(
+    kernel: &str,
+    on_panic: &str,
+    body: impl FnOnce() + std::panic::UnwindSafe,
+) -> bool {
+    let finished = std::panic::catch_unwind(body).is_ok();
+    if !finished {
+        log::error!("sdrs {kernel} panicked; {on_panic}");
+    }
+    finished
+}
+
 use std::ffi::{CStr, CString};
 use std::path::Path;
 

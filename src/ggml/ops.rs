@@ -11,6 +11,9 @@ use crate::error::{Error, Result};
 /// [`Context::conv2d`], [`Context::set_conv_budget`]).
 pub const CONV_COLUMNS_MAX_BYTES: usize = 64 << 20;
 
+/// The name of the convolution epilogue's nodes (profiles show `CONV_EPILOGUE (sdrs)`).
+const EPILOGUE: &str = "sdrs.conv_epilogue";
+
 /// Most row bands one convolution is split into.
 pub const CONV_MAX_BANDS: usize = 64;
 
@@ -474,48 +477,38 @@ impl Context<'_> {
             let y = self.mul_mat(kernel, self.reshape(cols, &[k, pixels * n])?)?;
             self.reshape(y, &[oc, pixels, n])
         };
-        if self.on_gpu() {
-            // sdrs' im2col and epilogue are CPU custom ops; on a GPU, ggml's own ops.
-            let y = if pointwise {
-                product_of(self.cont(self.permute(x, [1, 2, 0, 3])?)?, w * h)?
-            } else {
-                // ggml's im2col reads only the kernel's shape from its first source, so a
-                // small stand-in carries that (the weights may be quantized, which no 4-D
-                // view of them can be).
-                self.ensure_room(8)?;
-                let shape = self.tensor(Type::F16, &[kw, kh, ic, 1], "conv.kernel_shape")?;
-                let (s, p) = (stride as i32, pad as i32);
-                // SAFETY: shapes checked above; im2col reads b's data and a's shape.
-                let cols = self.op(unsafe {
-                    sys::ggml_im2col(
-                        self.raw(),
-                        shape.raw(),
-                        x.raw(),
-                        s,
-                        s,
-                        p,
-                        p,
-                        1,
-                        1,
-                        true,
-                        Type::F32.0,
-                    )
-                })?;
-                product_of(cols, ow * oh)?
-            };
-            let y = self.reshape(y, &[oc, ow, oh, n])?;
-            let y = self.cont(self.permute(y, [2, 0, 1, 3])?)?; // [OW, OH, OC, N]
-            return match bias {
-                Some(b) => self.add(y, self.reshape(b, &[1, 1, oc, 1])?),
-                None => Ok(y),
-            };
-        }
         if pointwise {
             // A 1x1 convolution is a matmul over channels: [W*H, IC] per image.
             let x = if x.is_contiguous() { x } else { self.cont(x)? };
             let xt = self.transpose_inner(self.reshape(x, &[w * h, ic, n])?)?; // [IC, W*H, N]
             let y = product_of(xt, w * h)?;
-            return self.conv_epilogue(&[(y, 0)], bias, [ow, oh, oc, n]);
+            return self.conv_epilogue(&[(y, 0)], bias, [ow, oh, oc, n], EPILOGUE);
+        }
+        if self.on_gpu() {
+            // sdrs' im2col is a CPU custom op; on a GPU, ggml's own. It reads only the
+            // kernel's shape from its first source, so a small stand-in carries that (the
+            // weights may be quantized, which no 4-D view of them can be).
+            self.ensure_room(8)?;
+            let shape = self.tensor(Type::F16, &[kw, kh, ic, 1], "conv.kernel_shape")?;
+            let (s, p) = (stride as i32, pad as i32);
+            // SAFETY: shapes checked above; im2col reads b's data and a's shape.
+            let cols = self.op(unsafe {
+                sys::ggml_im2col(
+                    self.raw(),
+                    shape.raw(),
+                    x.raw(),
+                    s,
+                    s,
+                    p,
+                    p,
+                    1,
+                    1,
+                    true,
+                    Type::F32.0,
+                )
+            })?;
+            let y = product_of(cols, ow * oh)?;
+            return self.conv_epilogue(&[(y, 0)], bias, [ow, oh, oc, n], EPILOGUE);
         }
         // The column matrix of a large convolution (a VAE decoder's at 512x512: 2.4 GB
         // for one 3x3 conv of 256 channels) is built and multiplied a band of output rows
@@ -534,7 +527,7 @@ impl Context<'_> {
             let cols = self.im2col_rows(x, shape, r0, rows)?;
             products.push((product_of(cols, ow * rows)?, r0));
         }
-        self.conv_epilogue(&products, bias, [ow, oh, oc, n])
+        self.conv_epilogue(&products, bias, [ow, oh, oc, n], EPILOGUE)
     }
 
     /// `x` `[A, B, N]` as `[B, A, N]` (the inner two axes swapped, contiguous): on the
@@ -544,26 +537,39 @@ impl Context<'_> {
         if m != 1 {
             return Err(bad("transpose", format!("{:?} has a fourth axis", x.ne())));
         }
-        if self.on_gpu() || x.ty() != Type::F32 || !x.is_contiguous() {
+        if x.ty() != Type::F32 || !x.is_contiguous() {
             return self.cont(self.permute(x, [1, 0, 2, 3])?);
         }
         self.ensure_room(4)?;
-        let y = self.conv_epilogue(&[(x, 0)], None, [b, 1, a, n])?; // [B, 1, A, N]
-        self.name(y, "sdrs.transpose")?;
+        let y = self.conv_epilogue(&[(x, 0)], None, [b, 1, a, n], "sdrs.transpose")?; // [B, 1, A, N]
         self.reshape(y, &[b, a, n])
     }
 
     /// The output `[OW, OH, OC, N]` of a convolution from its product in bands
     /// (`[OC, OW·rows, N]` each, with its first output row, in order, covering every
-    /// row), `bias` `[OC]` added: sdrs' epilogue op (`ggml/epilogue.rs`), one per band,
-    /// each writing its rows in place into the first one's output.
+    /// row), `bias` `[OC]` added: on the CPU sdrs' epilogue op (`ggml/epilogue.rs`), one
+    /// per band, each writing its rows in place into the first one's output; on a GPU
+    /// (one band) a permuted copy and ggml's add. `name` names the custom ops (for
+    /// profiles).
     fn conv_epilogue<'c>(
         &'c self,
         bands: &[(Tensor<'c>, usize)],
         bias: Option<Tensor<'c>>,
         ne: [usize; 4],
+        name: &str,
     ) -> Result<Tensor<'c>> {
         let [ow, oh, oc, n] = ne;
+        if self.on_gpu() {
+            let [(y, 0)] = bands else {
+                return Err(bad("conv epilogue", "a GPU graph takes one band".into()));
+            };
+            let y = self.reshape(*y, &[oc, ow, oh, n])?;
+            let y = self.cont(self.permute(y, [2, 0, 1, 3])?)?; // [OW, OH, OC, N]
+            return match bias {
+                Some(b) => self.add(y, self.reshape(b, &[1, 1, oc, 1])?),
+                None => Ok(y),
+            };
+        }
         // A bias the kernel cannot read directly is added afterwards.
         let (fused, later) = match bias {
             Some(b) if b.ty() == Type::F32 && b.ne() == [oc, 1, 1, 1] && b.is_contiguous() => {
@@ -626,7 +632,7 @@ impl Context<'_> {
                     ),
                 }
             })?;
-            self.name(t, "sdrs.conv_epilogue")?;
+            self.name(t, name)?;
             out = Some(t);
         }
         let out = match out {

@@ -179,7 +179,7 @@ fn pad_right_bottom<'c>(c: &'c Context<'c>, x: Tensor<'c>) -> Result<Tensor<'c>>
 pub fn decode(
     w: &Weights<'_>,
     cfg: &VaeConfig,
-    latents: Planes<'_>,
+    planes: Planes<'_>,
     backend: &Backend,
 ) -> Result<Vec<f32>> {
     let zc = cfg.latent_channels;
@@ -188,8 +188,8 @@ pub fn decode(
         n,
         width: wd,
         height: h,
-    } = latents;
-    if latents.len() != n * zc * h * wd {
+    } = planes;
+    if !planes.holds(zc) {
         return Err(Error::Invalid(format!(
             "{} latent values for {n}x{zc}x{h}x{wd}",
             latents.len()
@@ -292,7 +292,7 @@ pub fn decode_tiled(
         width: wd,
         height: h,
     } = planes;
-    if latents.len() != n * zc * h * wd {
+    if !planes.holds(zc) {
         return Err(Error::Invalid(format!(
             "{} latent values for {n}x{zc}x{h}x{wd}",
             latents.len()
@@ -393,7 +393,7 @@ pub fn encode_buffer_bytes(w: &Weights<'_>, cfg: &VaeConfig, wd: usize, h: usize
 pub fn encode(
     w: &Weights<'_>,
     cfg: &VaeConfig,
-    pixels: Planes<'_>,
+    image: Planes<'_>,
     backend: &Backend,
 ) -> Result<Vec<f32>> {
     let f = cfg.downscale();
@@ -402,8 +402,8 @@ pub fn encode(
         n,
         width: wd,
         height: h,
-    } = pixels;
-    if pixels.len() != n * 3 * h * wd || !h.is_multiple_of(f) || !wd.is_multiple_of(f) {
+    } = image;
+    if !image.holds(3) || !h.is_multiple_of(f) || !wd.is_multiple_of(f) {
         return Err(Error::Invalid(format!(
             "{} pixel values for {n}x3x{h}x{wd} (sides must be multiples of {f})",
             pixels.len()
@@ -450,7 +450,7 @@ pub fn encode_sample(
     } = image;
     let n = zc * (h / f) * (wd / f);
     if image.n != 1
-        || pixels.len() != 3 * h * wd
+        || !image.holds(3)
         || !h.is_multiple_of(f)
         || !wd.is_multiple_of(f)
         || eps.len() != n

@@ -150,14 +150,6 @@ impl Layer {
             }
         }
     }
-
-    /// Output channels (features) of the layer.
-    pub fn out_channels(&self) -> usize {
-        match self.kind {
-            Kind::Norm { channels } | Kind::LinearAsConv { channels } => channels,
-            Kind::Linear { out, .. } | Kind::Conv { out, .. } => out,
-        }
-    }
 }
 
 /// Builds layers under a pair of block prefixes (canonical, diffusers).
