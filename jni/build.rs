@@ -1,4 +1,4 @@
-//! Where libsdrs.so finds ggml's shared libraries at run time.
+//! Where libsdrs.so finds ggml's shared libraries at run time, and its page alignment.
 //!
 //! The root crate's link arguments (its rpath) apply to its own binaries only, not to
 //! a library that depends on it, so this cdylib sets its own.
@@ -26,4 +26,12 @@ fn main() {
         }
     }
     println!("cargo:rustc-cdylib-link-arg=-Wl,-rpath,{rpath}");
+    // 16 KB pages: Android 15+ devices may use them, and Google Play requires 16 KB
+    // aligned libraries of apps that target them; ARM Linux boards (Raspberry Pi 5's
+    // kernel, Apple-silicon Asahi) run such kernels too. Aligned this way the library
+    // loads with 4 KB pages as well.
+    let arch = env::var("CARGO_CFG_TARGET_ARCH").unwrap_or_default();
+    if os == "android" || arch == "aarch64" {
+        println!("cargo:rustc-cdylib-link-arg=-Wl,-z,max-page-size=16384");
+    }
 }

@@ -219,7 +219,7 @@ fn generate_prints_its_memory_plan_and_refuses_a_budget_it_cannot_fit() {
         o,
     ]);
     assert!(
-        !ok && err.contains("invalid value 'mine'") && err.contains("tile, image"),
+        !ok && err.contains("unknown vae tile stats `mine`") && err.contains("tile, image"),
         "{err}"
     );
 }
@@ -357,7 +357,7 @@ fn generate_takes_weighted_prompts_embeddings_and_clip_skip() {
     );
     for (args, needle) in [
         (vec!["--clip-skip", "3"], "CLIP skip 3 is out of range"),
-        (vec!["--emphasis", "loud"], "invalid value 'loud'"),
+        (vec!["--emphasis", "loud"], "unknown emphasis `loud`"),
         (
             vec!["--embedding", "/nonexistent/x.pt"],
             "/nonexistent/x.pt",

@@ -249,7 +249,7 @@ fn options_are_checked_before_the_model_loads_and_help_lists_their_values() {
     for (args, needle) in [
         (vec!["--sampler", "nope"], "unknown sampler `nope`"),
         (vec!["--scheduler", "wavy"], "unknown scheduler `wavy`"),
-        (vec!["--rng", "dice"], "invalid value 'dice'"),
+        (vec!["--rng", "dice"], "unknown rng `dice`"),
         (vec!["-o", "out.gif"], "out.gif"),
         (vec!["--quality", "0"], "--quality"),
         (vec!["--preset", "turbo-xxl"], "unknown preset"),

@@ -1,50 +1,86 @@
-#!/usr/bin/env bash
-# Builds target/android/sdrs.aar: the Java API (org.sdrs, jni/java) and libsdrs.so with
-# ggml's shared libraries for arm64-v8a and x86_64.
+#!/bin/sh
+# Builds the Android library: target/android/sdrs.aar (the Java API, org.sdrs, from
+# jni/java, and libsdrs.so with ggml's shared libraries for arm64-v8a and x86_64), and
+# the same aar with a pom in a Maven repository folder, target/android/maven, as
+# org.sdrs:sdrs-android:VERSION (VERSION: jni/Cargo.toml's).
 #
 #   tools/build-android.sh [--java-only] [--abi arm64-v8a|x86_64 ...] [--api LEVEL]
 #
-# Native builds need ANDROID_NDK_HOME (a recent NDK: ggml's newest arm64 CPU variant
-# needs a clang that targets armv9.2-a) and the Rust targets
-# (rustup target add aarch64-linux-android x86_64-linux-android). cargo-ndk is used
-# when installed, else cargo with the NDK's clang as linker and C/C++ compiler.
-# Without ANDROID_NDK_HOME, or with --java-only, only the Java part is built and
+# Native builds need an NDK (a recent one: ggml's newest arm64 CPU variant needs a clang
+# that targets armv9.2-a), found from ANDROID_NDK_HOME, ANDROID_NDK_ROOT, or the newest
+# under $ANDROID_HOME/ndk or $ANDROID_SDK_ROOT/ndk, on a Linux or macOS host; and the
+# Rust targets (rustup target add aarch64-linux-android x86_64-linux-android).
+# cargo-ndk is used when installed, else cargo with the NDK's clang as linker and C/C++
+# compiler. Without an NDK, or with --java-only, only the Java part is built and
 # checked, and the aar has no native libraries.
 #
-# Apps must extract native libraries at install (android:extractNativeLibs="true" in
-# their manifest, or `packaging { jniLibs { useLegacyPackaging = true } }` in Gradle):
-# ggml finds its CPU variants (libggml-cpu-*.so) by listing the folder that holds
-# libsdrs.so, and libraries left inside the APK are in no folder.
-set -euo pipefail
+# Every shared object is linked for 16 KB pages and checked (tools/elf-align.sh).
+# Apps need no extractNativeLibs setting: when the libraries stay inside the APK, sdrs
+# lists ggml's CPU variants from the APK's zip directory and loads them by name.
+#
+# POSIX sh (macOS's /bin/sh and bash 3.2 included); needs javac, jar and od.
+set -eu
 cd "$(dirname "$0")/.."
 
 api=24
-abis=()
+abis=""
 java_only=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --java-only) java_only=1 ;;
-    --abi) abis+=("$2"); shift ;;
+    --abi) abis="$abis $2"; shift ;;
     --api) api="$2"; shift ;;
-    -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
     *) echo "build-android: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
 done
-[ ${#abis[@]} -gt 0 ] || abis=(arm64-v8a x86_64)
-if [ "$java_only" = 0 ] && [ -z "${ANDROID_NDK_HOME:-}" ]; then
-  echo "build-android: ANDROID_NDK_HOME is not set: building the Java part only (an aar without native libraries)"
-  java_only=1
-fi
+[ -n "$abis" ] || abis="arm64-v8a x86_64"
 
 die() { echo "build-android: $*" >&2; exit 1; }
+
+# The NDK: named outright, else the newest side-by-side one of the SDK.
+find_ndk() {
+  for ndk in "${ANDROID_NDK_HOME:-}" "${ANDROID_NDK_ROOT:-}"; do
+    if [ -n "$ndk" ] && [ -d "$ndk/toolchains/llvm" ]; then echo "$ndk"; return; fi
+  done
+  for sdk in "${ANDROID_HOME:-}" "${ANDROID_SDK_ROOT:-}"; do
+    [ -n "$sdk" ] && [ -d "$sdk/ndk" ] || continue
+    # Versions like 27.2.12479018: sorted field by field, numerically.
+    newest=$(ls "$sdk/ndk" | sort -t. -k1,1n -k2,2n -k3,3n | tail -n 1)
+    if [ -n "$newest" ] && [ -d "$sdk/ndk/$newest/toolchains/llvm" ]; then echo "$sdk/ndk/$newest"; return; fi
+  done
+}
+
+ndk=""
+if [ "$java_only" = 0 ]; then
+  ndk=$(find_ndk)
+  if [ -z "$ndk" ]; then
+    echo "build-android: no NDK (set ANDROID_NDK_HOME, or ANDROID_HOME with an ndk/ folder): building the Java part only (an aar without native libraries)"
+    java_only=1
+  fi
+fi
+# The NDK ships one prebuilt toolchain per host; on Apple silicon it is the x86-64 one
+# (universal binaries).
+case "$(uname -s)" in
+  Linux) host=linux-x86_64 ;;
+  Darwin) host=darwin-x86_64 ;;
+  *) [ "$java_only" = 1 ] || die "unsupported host $(uname -s) (Linux or macOS)" ;;
+esac
+
+version=$(sed -n 's/^version = "\(.*\)"/\1/p' jni/Cargo.toml | head -n 1)
+[ -n "$version" ] || die "no version in jni/Cargo.toml"
 out=target/android
 stage="$out/aar"
-rm -rf "$stage" "$out/classes" "$out/sdrs.aar"
+rm -rf "$stage" "$out/classes" "$out/sdrs.aar" "$out/maven"
 mkdir -p "$stage" "$out/classes"
 
-# --- Java: Android's D8 takes Java 8 class files (version 52).
-javac --release 8 -Xlint:all,-options -Werror -d "$out/classes" jni/java/org/sdrs/*.java
+# --- Java: Android's D8 takes Java 8 class files (version 52). The JSR-305 nullness
+# annotations (which Kotlin reads) are compile-only: annotations absent at run time are
+# ignored, so the aar does not carry them.
+jsr305=${JSR305_JAR:-/usr/share/java/jsr305.jar}
+[ -f "$jsr305" ] || die "no $jsr305 (Debian: libjsr305-java; or set JSR305_JAR to com.google.code.findbugs:jsr305's jar)"
+javac --release 8 -Xlint:all,-options -Werror -cp "$jsr305" -d "$out/classes" jni/java/org/sdrs/*.java
 for c in "$out"/classes/org/sdrs/*.class; do
   # Bytes 6-7 of a class file are its major version.
   v=$(od -An -tu1 -j6 -N2 "$c" | awk '{print $1 * 256 + $2}')
@@ -59,10 +95,11 @@ cat > "$stage/AndroidManifest.xml" <<EOF
 EOF
 # No resources; the Android Gradle plugin expects the file.
 : > "$stage/R.txt"
-# The native library reads Request's fields, makes Image and throws the exceptions by
-# name: an app's R8 must not rename or drop them.
+# The native library reads Request's fields, makes Image, Progress and Plan and throws
+# the exceptions by name: an app's R8 must not rename or drop them.
 cat > "$stage/proguard.txt" <<'EOF'
 -keep class org.sdrs.** { *; }
+-dontwarn javax.annotation.**
 EOF
 
 # --- Native libraries, one ABI at a time.
@@ -74,36 +111,33 @@ triple_of() {
   esac
 }
 
-# The llama-cpp-sys-2 build that this build linked, from cargo's JSON messages (a
-# target folder can hold several, e.g. one with Vulkan).
+# The llama-cpp-sys-2 build this build linked, from cargo's JSON messages (a target
+# folder can hold several, e.g. one with Vulkan).
 ggml_out_dir() {
-  python3 -c '
-import json, sys
-# Only JSON lines: a wrapper (cargo-ndk) may print its own.
-dirs = [m["out_dir"] for m in (json.loads(l) for l in open(sys.argv[1]) if l.startswith("{"))
-        if m.get("reason") == "build-script-executed" and "llama-cpp-sys-2" in m.get("package_id", "")]
-if len(set(dirs)) != 1:
-    sys.exit("expected one llama-cpp-sys-2 build in the messages, found %r" % sorted(set(dirs)))
-print(dirs[0])' "$1"
+  dirs=$(grep '^{' "$1" | grep '"reason":"build-script-executed"' | grep 'llama-cpp-sys-2' \
+    | sed 's/.*"out_dir":"\([^"]*\)".*/\1/' | sort -u)
+  [ "$(printf '%s\n' "$dirs" | grep -c .)" = 1 ] || die "expected one llama-cpp-sys-2 build in $1, found: $dirs"
+  echo "$dirs"
 }
 
 build_abi() {
-  local abi=$1 triple bin json ggml dest
+  abi=$1
   triple=$(triple_of "$abi")
-  bin="$ANDROID_NDK_HOME/toolchains/llvm/prebuilt/linux-x86_64/bin"
-  [ -x "$bin/$triple$api-clang" ] || die "no $bin/$triple$api-clang: is ANDROID_NDK_HOME an NDK with API $api?"
+  bin="$ndk/toolchains/llvm/prebuilt/$host/bin"
+  [ -x "$bin/$triple$api-clang" ] || die "no $bin/$triple$api-clang: is $ndk an NDK with API $api?"
   [ -d "$(rustc --print target-libdir --target "$triple" 2>/dev/null)" ] || die "the Rust target $triple is not installed (rustup target add $triple)"
-  # llama-cpp-sys-2 runs ggml's CMake with the NDK's toolchain file; it reads these names.
-  export ANDROID_NDK="$ANDROID_NDK_HOME" ANDROID_API_LEVEL="$api"
+  # llama-cpp-sys-2 runs ggml's CMake with the NDK's toolchain file; it reads these
+  # names. CMake takes LDFLAGS as the linker flags of ggml's shared libraries.
+  export ANDROID_NDK="$ndk" ANDROID_API_LEVEL="$api" LDFLAGS="-Wl,-z,max-page-size=16384"
   json="$out/cargo-$abi.json"
   # --no-default-features: no Vulkan backend on Android in this version (the root
   # crate's default); sdrs-jni keeps the demo model.
-  echo "== $abi ($triple, API $api)"
+  echo "== $abi ($triple, API $api, NDK $ndk)"
   if cargo ndk --version >/dev/null 2>&1; then
     cargo ndk -t "$abi" -P "$api" build --release -p sdrs-jni --locked --no-default-features --message-format=json-render-diagnostics > "$json"
   else
-    local t=${triple//-/_}
-    local T=${t^^}
+    t=$(echo "$triple" | tr '-' '_')
+    T=$(echo "$t" | tr '[:lower:]' '[:upper:]')
     export "CARGO_TARGET_${T}_LINKER=$bin/$triple$api-clang"
     export "CC_$t=$bin/$triple$api-clang" "CXX_$t=$bin/$triple$api-clang++" "AR_$t=$bin/llvm-ar"
     cargo build --release -p sdrs-jni --locked --no-default-features --target "$triple" --message-format=json-render-diagnostics > "$json"
@@ -118,23 +152,24 @@ build_abi() {
   cp -L "$ggml"/backends/libggml-cpu-*.so "$dest/"
   # Every library a copied one needs must be in the folder or on every Android device.
   # APKs carry only lib*.so names, so a versioned soname (libggml.so.0) cannot load.
-  local readelf="$bin/llvm-readelf" lib need
+  readelf="$bin/llvm-readelf"
   for lib in "$dest"/*.so; do
     for need in $("$readelf" -d "$lib" | sed -n 's/.*(NEEDED).*\[\(.*\)\]/\1/p'); do
       case "$need" in
         libc.so|libm.so|libdl.so|liblog.so|libandroid.so) ;;
         libc++_shared.so)
-          [ -f "$dest/$need" ] || cp "$ANDROID_NDK_HOME/toolchains/llvm/prebuilt/linux-x86_64/sysroot/usr/lib/$triple/libc++_shared.so" "$dest/" ;;
+          [ -f "$dest/$need" ] || cp "$ndk/toolchains/llvm/prebuilt/$host/sysroot/usr/lib/$triple/libc++_shared.so" "$dest/" ;;
         *.so) [ -f "$dest/$need" ] || die "$(basename "$lib") needs $need, which the build did not produce" ;;
         *) die "$(basename "$lib") needs $need: a versioned name that an APK cannot carry" ;;
       esac
     done
   done
+  READELF="$readelf" tools/elf-align.sh "$dest"/*.so || die "$abi: libraries not aligned for 16 KB pages"
   ls -l "$dest"
 }
 
 if [ "$java_only" = 0 ]; then
-  for abi in "${abis[@]}"; do
+  for abi in $abis; do
     build_abi "$abi"
   done
 fi
@@ -142,19 +177,53 @@ fi
 # An aar is a zip: no jar manifest of its own (M).
 (cd "$stage" && jar cfM ../sdrs.aar .)
 listing=$(jar tf "$out/sdrs.aar")
+has() { printf '%s\n' "$1" | grep -qx "$2"; }
 for entry in AndroidManifest.xml classes.jar R.txt proguard.txt; do
-  grep -qx "$entry" <<<"$listing" || die "the aar lacks $entry"
+  has "$listing" "$entry" || die "the aar lacks $entry"
 done
 classes=$(jar tf "$stage/classes.jar")
-for c in StableDiffusion Request Image ProgressListener SdrsException CancelledException; do
-  grep -qx "org/sdrs/$c.class" <<<"$classes" || die "classes.jar lacks org/sdrs/$c.class"
+for c in StableDiffusion Request Image Progress 'Progress$Stage' ProgressListener Plan 'Plan$Need' Cancellation SdrsException CancelledException; do
+  has "$classes" "org/sdrs/$c.class" || die "classes.jar lacks org/sdrs/$c.class"
 done
 if [ "$java_only" = 0 ]; then
-  for abi in "${abis[@]}"; do
+  for abi in $abis; do
     for lib in libsdrs.so libggml.so libggml-base.so; do
-      grep -qx "jni/$abi/$lib" <<<"$listing" || die "the aar lacks jni/$abi/$lib"
+      has "$listing" "jni/$abi/$lib" || die "the aar lacks jni/$abi/$lib"
     done
   done
 fi
-echo "wrote $out/sdrs.aar ($(wc -c < "$out/sdrs.aar") bytes):"
-sed 's/^/  /' <<<"$listing"
+
+# --- A Maven repository folder: Gradle takes it as
+#   repositories { maven { url = uri("/path/to/target/android/maven") } }
+#   dependencies { implementation("org.sdrs:sdrs-android:$version") }
+repo="$out/maven/org/sdrs/sdrs-android/$version"
+mkdir -p "$repo"
+cp "$out/sdrs.aar" "$repo/sdrs-android-$version.aar"
+cat > "$repo/sdrs-android-$version.pom" <<EOF
+<?xml version="1.0" encoding="UTF-8"?>
+<project xmlns="http://maven.apache.org/POM/4.0.0" xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance" xsi:schemaLocation="http://maven.apache.org/POM/4.0.0 https://maven.apache.org/xsd/maven-4.0.0.xsd">
+  <modelVersion>4.0.0</modelVersion>
+  <groupId>org.sdrs</groupId>
+  <artifactId>sdrs-android</artifactId>
+  <version>$version</version>
+  <packaging>aar</packaging>
+  <name>sdrs</name>
+  <description>Stable Diffusion at the edge: quantized, memory-mapped GGUF models on ggml, for Android</description>
+  <licenses>
+    <license>
+      <name>MIT</name>
+    </license>
+  </licenses>
+</project>
+EOF
+# Checksums, as Maven repositories serve them (Gradle verifies them when present).
+for f in "$repo"/*.aar "$repo"/*.pom; do
+  if command -v sha256sum >/dev/null 2>&1; then
+    sha256sum "$f" | cut -d' ' -f1 > "$f.sha256"
+  else
+    shasum -a 256 "$f" | cut -d' ' -f1 > "$f.sha256"
+  fi
+done
+echo "wrote $out/sdrs.aar ($(wc -c < "$out/sdrs.aar" | tr -d ' ') bytes) and $repo:"
+printf '%s\n' "$listing" | sed 's/^/  /'
+ls "$repo" | sed 's/^/  /'

@@ -20,8 +20,9 @@
 # with i8mm (A64FX has no i8mm), so that length is left out of the runs.
 #
 # Usage: tools/cross-aarch64.sh [build|check|quick|test]
-# Output: target/aarch64/aarch64-unknown-linux-gnu/release/sdrs, with ggml's shared
-# libraries and its libggml-cpu-armv*.so variants under .../build/llama-cpp-sys-2-*/out.
+# Output: target/aarch64/aarch64-unknown-linux-gnu/release/sdrs and libsdrs.so (the JNI
+# library), with ggml's shared libraries and its libggml-cpu-armv*.so variants under
+# .../build/llama-cpp-sys-2-*/out; `build` checks they are all 16 KB page aligned.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mode=${1:-build}
@@ -50,6 +51,12 @@ export BINDGEN_EXTRA_CLANG_ARGS_aarch64_unknown_linux_gnu="--sysroot=/usr/aarch6
 features=(--no-default-features --features demo-model)
 start=$(date +%s)
 cargo build --release --locked --target "$target" --target-dir "$dir" "${features[@]}"
+# The JNI library too (the same ggml build: no Vulkan, the demo model), and the 16 KB
+# page alignment of it and of ggml's libraries beside it (tools/elf-align.sh).
+cargo build --release --locked --target "$target" --target-dir "$dir" -p sdrs-jni --no-default-features
+ggml_libs=$(ls -d "$dir/$target"/release/build/llama-cpp-sys-2-*/out/lib | head -n 1)
+tools/elf-align.sh "$dir/$target/release/libsdrs.so" "$ggml_libs"/libggml.so "$ggml_libs"/libggml-base.so \
+  "$ggml_libs"/../backends/libggml-cpu-*.so
 echo "aarch64 build: $(( $(date +%s) - start )) s"
 [ "$mode" = build ] && exit 0
 

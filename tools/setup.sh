@@ -19,7 +19,8 @@
 #              +sme, which gcc 12 lacks), qemu-user, Debian's rustc-web with its
 #              arm64 standard library (rustup cannot download targets on these machines),
 #              and the arm64 C and C++ runtimes that qemu runs the tests with
-#   --java     OpenJDK, for the JNI library's host test (jni/test/run.sh)
+#   --java     OpenJDK and JSR-305's annotations, for the JNI library's host test
+#              (jni/test/run.sh)
 #   --fuzz     ccache, before the release build: ggml's CMake then caches its objects,
 #              and the fuzz build (tools/fuzz.sh) reuses them instead of building ggml again
 # Safe to run repeatedly; installs nothing that is already there.
@@ -54,7 +55,14 @@ if [ $aarch64 = 1 ]; then
   done
 fi
 if [ $fuzz = 1 ]; then command -v ccache >/dev/null 2>&1 || missing+=(ccache); fi
-if [ $java = 1 ]; then command -v javac >/dev/null 2>&1 || missing+=(openjdk-17-jdk-headless); fi
+if [ $java = 1 ]; then
+  command -v javac >/dev/null 2>&1 || missing+=(openjdk-17-jdk-headless)
+  # JSR-305's @Nonnull/@CheckForNull, which Kotlin reads as non-null/nullable types:
+  # compile-only (the aar does not carry them; annotations absent at run time are ignored).
+  [ -f /usr/share/java/jsr305.jar ] || missing+=(libjsr305-java)
+  # The Android build script is POSIX sh: its --java-only run is checked under dash.
+  command -v dash >/dev/null 2>&1 || missing+=(dash)
+fi
 if [ ${#missing[@]} -gt 0 ] || [ ${#backports[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
     if [ ${#backports[@]} -gt 0 ] && ! grep -rqs bookworm-backports /etc/apt/sources.list /etc/apt/sources.list.d; then

@@ -13,8 +13,10 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
-use jni::objects::{JClass, JObject, JString, JValue};
-use jni::sys::{jint, jlong, jobject};
+use std::time::Instant;
+
+use jni::objects::{JClass, JIntArray, JObject, JString, JValue};
+use jni::sys::{jbyteArray, jint, jlong, jobject, jobjectArray};
 use jni::JNIEnv;
 
 use sdrs_core::pipeline::{Pipeline, Request, Stage};
@@ -28,6 +30,8 @@ struct Model {
     /// The model's run defaults, read once so that requests are read and checked
     /// without waiting for a run that holds `pipe`.
     defaults: Request,
+    /// What image sides must be multiples of (for fitting init pictures).
+    multiple: usize,
     /// Kept outside `pipe`'s lock so `cancel()` never waits for a run.
     runs: Mutex<Runs>,
     /// A model opened from a file descriptor keeps its own duplicate open, so its
@@ -41,6 +45,7 @@ impl Model {
         LIVE.fetch_add(1, Ordering::SeqCst);
         let defaults = pipe.request("");
         Model {
+            multiple: pipe.size_multiple(),
             pipe: Mutex::new(pipe),
             defaults,
             runs: Mutex::new(Runs::default()),
@@ -91,6 +96,15 @@ struct Runs {
     cancels: i64,
 }
 
+/// Runs started with an `org.sdrs.Cancellation`: its id and the run's flag. Global,
+/// as a token may serve runs on several models.
+static TOKENS: Mutex<Vec<(i64, Arc<AtomicBool>)>> = Mutex::new(Vec::new());
+
+fn tokens() -> std::sync::MutexGuard<'static, Vec<(i64, Arc<AtomicBool>)>> {
+    // Nothing that holds this lock can leave it inconsistent.
+    TOKENS.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
 /// A registered cancel flag, unregistered when the run ends however it ends.
 struct Run<'a> {
     model: &'a Model,
@@ -98,11 +112,29 @@ struct Run<'a> {
 }
 
 impl<'a> Run<'a> {
-    fn start(model: &'a Model, ticket: i64) -> Run<'a> {
-        let mut runs = model.runs();
-        let flag = Arc::new(AtomicBool::new(ticket < runs.cancels));
-        runs.flags.push(Arc::clone(&flag));
-        Run { model, flag }
+    /// `token`: the id of the call's `Cancellation`, registered before its
+    /// `isCancelled()` is read, so that a `cancel()` racing this start is seen by one
+    /// side or the other (it sets its volatile field before it looks for runs).
+    fn start(
+        env: &mut JNIEnv,
+        model: &'a Model,
+        ticket: i64,
+        token: &JObject,
+    ) -> Result<Run<'a>, Fail> {
+        let run = {
+            let mut runs = model.runs();
+            let flag = Arc::new(AtomicBool::new(ticket < runs.cancels));
+            runs.flags.push(Arc::clone(&flag));
+            Run { model, flag }
+        };
+        if !token.is_null() {
+            let id = env.get_field(token, "id", "J")?.j()?;
+            tokens().push((id, Arc::clone(&run.flag)));
+            if env.call_method(token, "isCancelled", "()Z", &[])?.z()? {
+                run.flag.store(true, Ordering::SeqCst);
+            }
+        }
+        Ok(run)
     }
 }
 
@@ -112,6 +144,7 @@ impl Drop for Run<'_> {
             .runs()
             .flags
             .retain(|f| !Arc::ptr_eq(f, &self.flag));
+        tokens().retain(|(_, f)| !Arc::ptr_eq(f, &self.flag));
     }
 }
 
@@ -235,6 +268,18 @@ pub(crate) fn string(env: &mut JNIEnv, s: &JObject, what: &str) -> Result<String
 /// handlers itself, so there sdrs keeps its guard and turns that into an `SdrsException`.
 #[no_mangle]
 pub extern "system" fn JNI_OnLoad(vm: jni::JavaVM, _reserved: *mut std::ffi::c_void) -> jint {
+    // The library's `log` records go to logcat under the tag "sdrs" (warnings and
+    // errors; a debug build's info too), where an app developer reads them.
+    #[cfg(target_os = "android")]
+    android_logger::init_once(
+        android_logger::Config::default()
+            .with_tag("sdrs")
+            .with_max_level(if cfg!(debug_assertions) {
+                log::LevelFilter::Info
+            } else {
+                log::LevelFilter::Warn
+            }),
+    );
     let android = catch_unwind(AssertUnwindSafe(|| -> Option<bool> {
         let mut env = vm.get_env().ok()?;
         let mut vm_name = || -> Option<String> {
@@ -330,6 +375,12 @@ pub extern "system" fn Java_org_sdrs_StableDiffusion_nativeDefaults<'l>(
     })
 }
 
+/// `Progress.Stage`'s ordinals.
+const TEXT: i32 = 0;
+const SAMPLING: i32 = 1;
+const DECODING: i32 = 2;
+const DONE: i32 = 3;
+
 #[no_mangle]
 pub extern "system" fn Java_org_sdrs_StableDiffusion_nativeGenerate<'l>(
     mut env: JNIEnv<'l>,
@@ -338,30 +389,62 @@ pub extern "system" fn Java_org_sdrs_StableDiffusion_nativeGenerate<'l>(
     ticket: jlong,
     req: JObject<'l>,
     listener: JObject<'l>,
+    token: JObject<'l>,
 ) -> jobject {
     guard(&mut env, std::ptr::null_mut(), |env| {
         // SAFETY: the Java class passes only live handles.
         let model = unsafe { Model::from_handle(h)? };
-        let mut r = env.with_local_frame(16, |env| request::read(env, &req, &model.defaults))?;
-        let run = Run::start(model, ticket);
+        let mut r = env.with_local_frame(32, |env| {
+            request::read(env, &req, &model.defaults, model.multiple)
+        })?;
+        let run = Run::start(env, model, ticket, &token)?;
         r.cancel = Some(Arc::clone(&run.flag));
         let pipe = lock(model)?;
+        let start = Instant::now();
+        let mut sampling_from = start;
         // A listener that throws stops the run, and its exception is what the caller sees.
         let mut listener_threw = false;
-        let result = pipe.generate(&r, &mut |stage| {
-            if let Stage::Step { done, total } = stage {
-                if listener.is_null() || listener_threw {
-                    return;
-                }
-                let args = [JValue::Int(clamp(done)), JValue::Int(clamp(total))];
-                if env
-                    .call_method(&listener, "onStep", "(II)V", &args)
-                    .is_err()
-                {
-                    listener_threw = true;
-                    run.flag.store(true, Ordering::SeqCst);
-                }
+        let mut report = |env: &mut JNIEnv<'l>,
+                          stage: i32,
+                          counts: (usize, usize),
+                          remaining: f64,
+                          preview: Option<&sdrs_core::pipeline::Image>| {
+            if listener.is_null() || listener_threw {
+                return;
             }
+            let elapsed = start.elapsed().as_secs_f64();
+            let sent = env.with_local_frame(8, |env| -> Result<(), Fail> {
+                let p = request::progress(env, stage, counts, (elapsed, remaining), preview)?;
+                env.call_method(
+                    &listener,
+                    "onProgress",
+                    "(Lorg/sdrs/Progress;)V",
+                    &[JValue::Object(&p)],
+                )?;
+                Ok(())
+            });
+            if sent.is_err() {
+                listener_threw = true;
+                run.flag.store(true, Ordering::SeqCst);
+            }
+        };
+        report(env, TEXT, (0, 1), f64::NAN, None);
+        let result = pipe.generate(&r, &mut |stage| match stage {
+            Stage::TextEncoded => sampling_from = Instant::now(),
+            Stage::Step { done, total } => {
+                // The steps so far at their mean rate (the first includes graph setup,
+                // so the estimate errs long and shortens).
+                let per_step = sampling_from.elapsed().as_secs_f64() / done.max(1) as f64;
+                let left = per_step * total.saturating_sub(done) as f64;
+                report(env, SAMPLING, (done, total), left, None);
+            }
+            Stage::Preview { done, total, image } => {
+                report(env, SAMPLING, (done, total), f64::NAN, Some(image))
+            }
+            Stage::Sampled => report(env, DECODING, (0, 1), f64::NAN, None),
+            Stage::Decoding { done, total } => report(env, DECODING, (done, total), f64::NAN, None),
+            Stage::Decoded => report(env, DONE, (1, 1), 0.0, None),
+            Stage::Sampling { .. } => {}
         });
         drop(pipe);
         if listener_threw {
@@ -369,6 +452,93 @@ pub extern "system" fn Java_org_sdrs_StableDiffusion_nativeGenerate<'l>(
         }
         let image = result?;
         Ok(request::image(env, &image)?.into_raw())
+    })
+}
+
+/// What the request needs in memory, stage by stage, as the run would plan it.
+#[no_mangle]
+pub extern "system" fn Java_org_sdrs_StableDiffusion_nativePlan<'l>(
+    mut env: JNIEnv<'l>,
+    _c: JClass<'l>,
+    h: jlong,
+    req: JObject<'l>,
+) -> jobject {
+    guard(&mut env, std::ptr::null_mut(), |env| {
+        // SAFETY: the Java class passes only live handles.
+        let model = unsafe { Model::from_handle(h)? };
+        let r = env.with_local_frame(32, |env| {
+            request::read(env, &req, &model.defaults, model.multiple)
+        })?;
+        let pipe = lock(model)?;
+        let (lw, _) = pipe.latent_size(r.width, r.height)?;
+        let plan = pipe.plan(&r)?;
+        drop(pipe);
+        Ok(request::plan(env, &plan, r.width / lw.max(1))?.into_raw())
+    })
+}
+
+#[no_mangle]
+pub extern "system" fn Java_org_sdrs_StableDiffusion_nativeSetVae<'l>(
+    mut env: JNIEnv<'l>,
+    _c: JClass<'l>,
+    h: jlong,
+    path: JString<'l>,
+) {
+    guard(&mut env, (), |env| {
+        // SAFETY: the Java class passes only live handles.
+        let model = unsafe { Model::from_handle(h)? };
+        let path = string(env, &path, "path")?;
+        // Waits for runs in progress: they read the VAE.
+        lock(model)?.set_vae(std::path::Path::new(&path))?;
+        Ok(())
+    })
+}
+
+/// `Cancellation.cancel()`: stops every run started with that token.
+#[no_mangle]
+pub extern "system" fn Java_org_sdrs_StableDiffusion_nativeCancelToken<'l>(
+    mut env: JNIEnv<'l>,
+    _c: JClass<'l>,
+    id: jlong,
+) {
+    guard(&mut env, (), |_| {
+        for (_, flag) in tokens().iter().filter(|(t, _)| *t == id) {
+            flag.store(true, Ordering::SeqCst);
+        }
+        Ok(())
+    })
+}
+
+/// `Image.png()`, encoded when first asked for.
+#[no_mangle]
+pub extern "system" fn Java_org_sdrs_StableDiffusion_nativePng<'l>(
+    mut env: JNIEnv<'l>,
+    _c: JClass<'l>,
+    width: jint,
+    height: jint,
+    argb: JIntArray<'l>,
+    parameters: JString<'l>,
+) -> jbyteArray {
+    guard(&mut env, std::ptr::null_mut(), |env| {
+        Ok(request::png(env, (width, height), &argb, &parameters)?.into_raw())
+    })
+}
+
+/// The request option fields as `name:descriptor` (for tests).
+#[no_mangle]
+pub extern "system" fn Java_org_sdrs_StableDiffusion_nativeOptionFields<'l>(
+    mut env: JNIEnv<'l>,
+    _c: JClass<'l>,
+) -> jobjectArray {
+    guard(&mut env, std::ptr::null_mut(), |env| {
+        let fields = request::option_fields();
+        let arr = env.new_object_array(clamp(fields.len()), "java/lang/String", JObject::null())?;
+        for (i, f) in fields.iter().enumerate() {
+            let s = env.new_string(f)?;
+            env.set_object_array_element(&arr, clamp(i), &s)?;
+            env.delete_local_ref(s)?;
+        }
+        Ok(arr.into_raw())
     })
 }
 

@@ -1,15 +1,19 @@
-//! `org.sdrs.Request` in, `org.sdrs.Image` out.
+//! `org.sdrs.Request` in; `org.sdrs.Image`, `Progress` and `Plan` out.
 //!
-//! Unset fields (0 sizes and steps, a null sampler, a NaN guidance scale) take the
-//! model's defaults, as the CLI's unset options do.
-use jni::objects::{JObject, JValue};
+//! The request's option fields are the library's table of request options
+//! ([`sdrs_core::pipeline::options::OPTIONS`]): each is read by the name and type the
+//! table gives and applied as the CLI applies its flag. Unset fields (0, null, NaN,
+//! false) take the model's defaults, as the CLI's unset options do.
+use jni::objects::{JIntArray, JObject, JObjectArray, JString, JValue};
 use jni::JNIEnv;
 
 use std::sync::Arc;
 
+use sdrs_core::budget::Plan;
 use sdrs_core::model::tile::TileStats;
-use sdrs_core::pipeline::{Canvas, Decoding, Image, Init, Prompting, Request, RngKind, Sampling};
-use sdrs_core::sample::{names, Sampler, Schedule};
+use sdrs_core::pipeline::options::{Kind, Value, OPTIONS};
+use sdrs_core::pipeline::{Canvas, CanvasOptions, Image, Init, Request, RngKind};
+use sdrs_core::prompt::Emphasis;
 
 use crate::{string, Fail};
 
@@ -31,162 +35,209 @@ fn text(env: &mut JNIEnv, obj: &JObject, name: &str) -> Result<Option<String>, F
     Ok(Some(s))
 }
 
-/// A size or step count: 0 for the model's default.
-fn count(env: &mut JNIEnv, obj: &JObject, name: &str, default: usize) -> Result<usize, Fail> {
+/// A size: 0 for unset.
+fn size(env: &mut JNIEnv, obj: &JObject, name: &str) -> Result<Option<usize>, Fail> {
     match int(env, obj, name)? {
-        0 => Ok(default),
-        n => usize::try_from(n).map_err(|_| {
+        0 => Ok(None),
+        n => usize::try_from(n).map(Some).map_err(|_| {
             Fail::Msg(format!(
-                "Request.{name} must be positive (or 0 for the model's default), not {n}"
+                "Request.{name} must be positive (or 0 for the default), not {n}"
             ))
         }),
     }
 }
 
-/// Any spelling the CLI takes (sdrs', stable-diffusion.cpp's, A1111's, ComfyUI's),
-/// with the schedule a name like `DPM++ 2M Karras` implies.
-fn sampler(name: &str) -> Result<(Sampler, Option<Schedule>), Fail> {
-    // The CLI's wording for the same mistake.
-    names::sampler(name).ok_or_else(|| {
-        Fail::Msg(format!(
-            "unknown sampler `{name}`; valid: {}",
-            names::sampler_names().join(", ")
-        ))
+/// A float through its shortest decimal form: 0.7f is 0.69999998 as a double, and
+/// 10 steps × that strength would run 6 steps where the 0.7 the caller meant runs 7.
+fn decimal(f: f32) -> f64 {
+    f.to_string().parse::<f64>().unwrap_or(f as f64)
+}
+
+/// The value of option field `name` of kind `kind`, `None` when unset.
+fn option(env: &mut JNIEnv, req: &JObject, name: &str, kind: Kind) -> Result<Option<Value>, Fail> {
+    let field = env.get_field(req, name, kind.java_type())?;
+    Ok(match kind {
+        Kind::Text => {
+            let obj = field.l()?;
+            if obj.is_null() {
+                None
+            } else {
+                let s = string(env, &obj, name)?;
+                env.delete_local_ref(obj)?;
+                Some(Value::Text(s))
+            }
+        }
+        Kind::Number => Some(field.f()?)
+            .filter(|f| !f.is_nan())
+            .map(|f| Value::Number(decimal(f))),
+        Kind::Count => match field.i()? {
+            0 => None,
+            n => Some(Value::Count(usize::try_from(n).map_err(|_| {
+                Fail::Msg(format!(
+                    "Request.{name} must be positive (or 0 for the default), not {n}"
+                ))
+            })?)),
+        },
+        Kind::Flag => field.z()?.then_some(Value::Flag(true)),
+        Kind::Bytes => match field.j()? {
+            0 => None,
+            n => Some(Value::Bytes(u64::try_from(n).map_err(|_| {
+                Fail::Msg(format!(
+                    "Request.{name} must be positive (or 0 for none), not {n}"
+                ))
+            })?)),
+        },
+        Kind::List => {
+            let obj = field.l()?;
+            if obj.is_null() {
+                None
+            } else {
+                let arr = JObjectArray::from(obj);
+                let n = env.get_array_length(&arr)?;
+                let mut items = Vec::with_capacity(n as usize);
+                for i in 0..n {
+                    let item = env.get_object_array_element(&arr, i)?;
+                    items.push(string(env, &item, &format!("Request.{name}[{i}]"))?);
+                    env.delete_local_ref(item)?;
+                }
+                env.delete_local_ref(arr)?;
+                Some(Value::List(items))
+            }
+        }
     })
 }
 
-/// `defaults`: the model's ([`sdrs_core::pipeline::Pipeline::request`]).
-pub(crate) fn read(env: &mut JNIEnv, req: &JObject, defaults: &Request) -> Result<Request, Fail> {
+/// `defaults`: the model's ([`sdrs_core::pipeline::Pipeline::request`]); `multiple`:
+/// what its image sides must be multiples of.
+pub(crate) fn read(
+    env: &mut JNIEnv,
+    req: &JObject,
+    defaults: &Request,
+    multiple: usize,
+) -> Result<Request, Fail> {
     if req.is_null() {
         return Err(Fail::NullPointer("request is null".into()));
     }
     let prompt = text(env, req, "prompt")?
         .ok_or_else(|| Fail::NullPointer("Request.prompt is null".into()))?;
-    let base = Request {
+    let (width, height) = (size(env, req, "width")?, size(env, req, "height")?);
+    let mut r = Request {
         prompt,
-        ..defaults.clone()
-    };
-    let cfg_scale = match float(env, req, "cfgScale")? {
-        s if s.is_nan() => base.cfg_scale,
-        s if s.is_finite() => s,
-        s => {
-            return Err(Fail::Msg(format!(
-                "Request.cfgScale must be finite, not {s}"
-            )))
-        }
-    };
-    let (sampler, implied) = match text(env, req, "sampler")? {
-        Some(name) => sampler(&name)?,
-        None => (base.sampling.sampler, None),
-    };
-    let schedule = match text(env, req, "scheduler")? {
-        Some(name) => names::schedule(&name).ok_or_else(|| {
-            Fail::Msg(format!(
-                "unknown scheduler `{name}`; valid: {}",
-                names::schedule_names().join(", ")
-            ))
-        })?,
-        None => implied.unwrap_or(base.sampling.schedule),
-    };
-    let rng = match text(env, req, "rng")? {
-        Some(name) => RngKind::parse(&name).ok_or_else(|| {
-            Fail::Msg(format!(
-                "unknown rng `{name}`; valid: {}",
-                RngKind::NAMES.join(", ")
-            ))
-        })?,
-        None => base.sampling.rng,
-    };
-    Ok(Request {
-        negative: text(env, req, "negative")?.unwrap_or_default(),
-        width: count(env, req, "width", base.width)?,
-        height: count(env, req, "height", base.height)?,
-        steps: count(env, req, "steps", base.steps)?,
-        cfg_scale,
         // Java has no unsigned long: the bits are the seed, as the CLI's u64.
         seed: env.get_field(req, "seed", "J")?.j()? as u64,
-        sampling: Sampling {
-            sampler,
-            schedule,
-            rng,
-            ..base.sampling
-        },
-        prompting: Prompting {
-            clip_skip: count(env, req, "clipSkip", base.prompting.clip_skip)?,
-            lora_dir: text(env, req, "loraDir")?.map(Into::into),
-            ..base.prompting
-        },
-        decoding: Decoding {
-            vae_tiling: env.get_field(req, "vaeTiling", "Z")?.z()?,
-            vae_tile_stats: match text(env, req, "vaeTileStats")? {
-                Some(name) => TileStats::parse(&name).ok_or_else(|| {
-                    Fail::Msg(format!(
-                        "unknown vaeTileStats `{name}`; valid: {}",
-                        TileStats::NAMES.join(", ")
-                    ))
-                })?,
-                None => base.decoding.vae_tile_stats,
-            },
-            ..base.decoding
-        },
-        ..base
-    })
-    .and_then(|r| init(env, req, r))
+        init: init(env, req, defaults, (width, height), multiple)?,
+        ..defaults.clone()
+    };
+    for o in OPTIONS {
+        if let Some(v) = option(env, req, o.field, o.kind)? {
+            o.apply_as(&mut r, v, &format!("Request.{}", o.field))?;
+        }
+    }
+    (r.width, r.height) = match r.canvas() {
+        Some(c) => (c.width, c.height),
+        None => (width.unwrap_or(r.width), height.unwrap_or(r.height)),
+    };
+    Ok(r)
 }
 
-/// `initImage` (and `maskImage`, `strength`): ARGB_8888 ints at the request's size.
-fn init(env: &mut JNIEnv, req: &JObject, r: Request) -> Result<Request, Fail> {
-    let Some(argb) = ints(env, req, "initImage", r.width * r.height)? else {
+/// `initImage` (`initWidth` x `initHeight`, else the request's size) and `maskImage`
+/// (`maskWidth` x `maskHeight`, else the init picture's), fitted as the CLI fits files.
+fn init(
+    env: &mut JNIEnv,
+    req: &JObject,
+    defaults: &Request,
+    asked: (Option<usize>, Option<usize>),
+    multiple: usize,
+) -> Result<Option<Init>, Fail> {
+    let picture = (
+        size(env, req, "initWidth")?
+            .or(asked.0)
+            .unwrap_or(defaults.width),
+        size(env, req, "initHeight")?
+            .or(asked.1)
+            .unwrap_or(defaults.height),
+    );
+    let Some(argb) = ints(env, req, "initImage", picture)? else {
         if !env.get_field(req, "maskImage", "[I")?.l()?.is_null() {
             return Err(Fail::Msg("Request.maskImage needs an initImage".into()));
         }
-        return Ok(r);
+        return Ok(None);
     };
     let rgb = argb
         .iter()
         .flat_map(|&p| [(p >> 16) as u8, (p >> 8) as u8, p as u8])
         .collect();
+    let mask_size = (
+        size(env, req, "maskWidth")?.unwrap_or(picture.0),
+        size(env, req, "maskHeight")?.unwrap_or(picture.1),
+    );
     // Luma of the mask's colour (ITU-R 601, as PIL's convert("L")): white repaints.
-    let mask = ints(env, req, "maskImage", r.width * r.height)?.map(|m| {
-        m.iter()
+    let mask = ints(env, req, "maskImage", mask_size)?.map(|m| {
+        let luma = m
+            .iter()
             .map(|&p| {
-                (299 * ((p >> 16) & 0xFF) + 587 * ((p >> 8) & 0xFF) + 114 * (p & 0xFF)) as f32
-                    / 255_000.0
+                let (r, g, b) = ((p >> 16) & 0xFF, (p >> 8) & 0xFF, p & 0xFF);
+                ((299 * r + 587 * g + 114 * b + 500) / 1000) as u8
             })
-            .collect()
+            .collect();
+        (mask_size.0, mask_size.1, luma)
     });
-    // Through its shortest decimal form: 0.7f is 0.69999998 as a double, and
-    // 10 steps × that would run 6 steps where the 0.7 the caller meant runs 7.
-    let strength = match float(env, req, "strength")? {
-        s if s.is_nan() => None,
-        s => Some(s.to_string().parse::<f64>().unwrap_or(s as f64)),
+    let pad = match env.get_field(req, "pad", "[I")?.l()? {
+        obj if obj.is_null() => [0; 4],
+        obj => {
+            let arr = JIntArray::from(obj);
+            let mut v = [0i32; 4];
+            if env.get_array_length(&arr)? != 4 {
+                return Err(Fail::Msg(
+                    "Request.pad must hold 4 values: left, top, right, bottom".into(),
+                ));
+            }
+            env.get_int_array_region(&arr, 0, &mut v)?;
+            let mut pad = [0usize; 4];
+            for (p, v) in pad.iter_mut().zip(v) {
+                *p = usize::try_from(v).map_err(|_| {
+                    Fail::Msg(format!("Request.pad values must not be negative, not {v}"))
+                })?;
+            }
+            pad
+        }
     };
-    Ok(Request {
-        init: Some(Init {
-            strength,
-            ..Init::new(Arc::new(Canvas {
-                width: r.width,
-                height: r.height,
-                rgb,
-                mask,
-                mask_blur: 0.0,
-            }))
-        }),
-        ..r
-    })
+    let mask_blur = match float(env, req, "maskBlur")? {
+        b if b.is_nan() => 4.0,
+        b => b,
+    };
+    let opts = CanvasOptions {
+        size: Canvas::size_for(
+            (dim(picture.0) as u32, dim(picture.1) as u32),
+            asked,
+            pad,
+            multiple,
+        ),
+        multiple,
+        pad,
+        mask_blur,
+    };
+    let canvas = Canvas::from_rgb((picture.0, picture.1, rgb), mask, &opts)?;
+    Ok(Some(Init::new(Arc::new(canvas))))
 }
 
-/// An int array field: `None` when null, an error unless it holds `len` values.
-fn ints(env: &mut JNIEnv, req: &JObject, name: &str, len: usize) -> Result<Option<Vec<i32>>, Fail> {
+/// An int array field: `None` when null, an error unless it holds width x height values.
+fn ints(
+    env: &mut JNIEnv,
+    req: &JObject,
+    name: &str,
+    (w, h): (usize, usize),
+) -> Result<Option<Vec<i32>>, Fail> {
     let obj = env.get_field(req, name, "[I")?.l()?;
     if obj.is_null() {
         return Ok(None);
     }
-    let arr = jni::objects::JIntArray::from(obj);
+    let arr = JIntArray::from(obj);
     let n = env.get_array_length(&arr)? as usize;
-    if n != len {
+    if n != w * h {
         return Err(Fail::Msg(format!(
-            "Request.{name} has {n} pixels; the request is for width x height = {len}"
+            "Request.{name} has {n} pixels; {w}x{h} needs {}",
+            w * h
         )));
     }
     let mut v = vec![0i32; n];
@@ -195,7 +246,8 @@ fn ints(env: &mut JNIEnv, req: &JObject, name: &str, len: usize) -> Result<Optio
     Ok(Some(v))
 }
 
-/// Writes the model's defaults into the unset fields of `req`.
+/// Writes the model's defaults (and the CLI's, where the model has none) into the
+/// unset fields of `req`, so that an app can show what a run would use.
 pub(crate) fn fill_defaults(env: &mut JNIEnv, req: &JObject, base: &Request) -> Result<(), Fail> {
     if req.is_null() {
         return Err(Fail::NullPointer("request is null".into()));
@@ -214,20 +266,70 @@ pub(crate) fn fill_defaults(env: &mut JNIEnv, req: &JObject, base: &Request) -> 
             )?;
         }
     }
-    if float(env, req, "cfgScale")?.is_nan() {
-        env.set_field(req, "cfgScale", "F", JValue::Float(base.cfg_scale))?;
+    let floats = [
+        ("cfgScale", base.cfg_scale),
+        ("guidanceRescale", base.sampling.guidance_rescale),
+        ("aestheticScore", base.micro.aesthetic_score),
+        // The CLI's --mask-blur default.
+        ("maskBlur", 4.0),
+    ];
+    for (name, value) in floats {
+        if float(env, req, name)?.is_nan() {
+            env.set_field(req, name, "F", JValue::Float(value))?;
+        }
     }
-    if text(env, req, "sampler")?.is_none() {
-        let name = env.new_string(base.sampling.sampler.info().name)?;
-        env.set_field(req, "sampler", "Ljava/lang/String;", JValue::Object(&name))?;
+    if int(env, req, "clipSkip")? == 0 {
+        env.set_field(
+            req,
+            "clipSkip",
+            "I",
+            JValue::Int(dim(base.prompting.clip_skip)),
+        )?;
+    }
+    let names = [
+        ("negative", base.negative.as_str()),
+        ("sampler", base.sampling.sampler.info().name),
+        (
+            "rng",
+            match base.sampling.rng {
+                RngKind::Torch => "torch",
+                RngKind::Cuda => "cuda",
+                RngKind::Native => "native",
+            },
+        ),
+        (
+            "emphasis",
+            match base.prompting.emphasis {
+                Emphasis::Original => "original",
+                Emphasis::NoNorm => "no-norm",
+                Emphasis::None => "none",
+            },
+        ),
+        (
+            "vaeTileStats",
+            match base.decoding.vae_tile_stats {
+                TileStats::Tile => "tile",
+                TileStats::Image => "image",
+            },
+        ),
+    ];
+    for (name, value) in names {
+        if text(env, req, name)?.is_none() {
+            let value = env.new_string(value)?;
+            env.set_field(req, name, "Ljava/lang/String;", JValue::Object(&value))?;
+            env.delete_local_ref(value)?;
+        }
     }
     Ok(())
 }
 
-/// Android's `Bitmap.setPixels` takes ARGB_8888 in ints; PNG bytes are for saving.
-pub(crate) fn image<'l>(env: &mut JNIEnv<'l>, image: &Image) -> Result<JObject<'l>, Fail> {
-    let pixels = image.width * image.height;
-    let len = i32::try_from(pixels).map_err(|_| {
+fn dim(n: usize) -> i32 {
+    i32::try_from(n).unwrap_or(i32::MAX)
+}
+
+/// Opaque ARGB_8888 ints, as Android's `Bitmap.setPixels` takes them.
+pub(crate) fn argb<'l>(env: &mut JNIEnv<'l>, image: &Image) -> Result<JIntArray<'l>, Fail> {
+    let len = i32::try_from(image.width * image.height).map_err(|_| {
         Fail::Msg(format!(
             "image {}x{} is too large for a Java array",
             image.width, image.height
@@ -240,19 +342,130 @@ pub(crate) fn image<'l>(env: &mut JNIEnv<'l>, image: &Image) -> Result<JObject<'
         .collect();
     let ints = env.new_int_array(len)?;
     env.set_int_array_region(&ints, 0, &argb)?;
-    let png = env.byte_array_from_slice(&image.to_png()?)?;
+    Ok(ints)
+}
+
+/// The finished picture: its pixels, and a PNG only when asked for (`Image.png()`).
+pub(crate) fn image<'l>(env: &mut JNIEnv<'l>, image: &Image) -> Result<JObject<'l>, Fail> {
+    let ints = argb(env, image)?;
     let parameters = env.new_string(&image.parameters)?;
-    let dims = |n: usize| i32::try_from(n).unwrap_or(i32::MAX);
-    let obj = env.new_object(
+    let [text, sampling, decode] = image.timings;
+    Ok(env.new_object(
         "org/sdrs/Image",
-        "(II[I[BLjava/lang/String;)V",
+        "(II[ILjava/lang/String;DDD)V",
         &[
-            JValue::Int(dims(image.width)),
-            JValue::Int(dims(image.height)),
+            JValue::Int(dim(image.width)),
+            JValue::Int(dim(image.height)),
             JValue::Object(&ints),
-            JValue::Object(&png),
             JValue::Object(&parameters),
+            JValue::Double(text),
+            JValue::Double(sampling),
+            JValue::Double(decode),
         ],
-    )?;
-    Ok(obj)
+    )?)
+}
+
+/// `Image.png()`: the pixels (opaque ARGB ints) as a PNG with the parameters chunk.
+pub(crate) fn png<'l>(
+    env: &mut JNIEnv<'l>,
+    (width, height): (i32, i32),
+    argb: &JIntArray,
+    parameters: &JString,
+) -> Result<jni::objects::JByteArray<'l>, Fail> {
+    let (w, h) = (width.max(0) as usize, height.max(0) as usize);
+    let n = env.get_array_length(argb)? as usize;
+    if n != w * h {
+        return Err(Fail::Msg(format!("{n} pixels for a {w}x{h} image")));
+    }
+    let mut px = vec![0i32; n];
+    env.get_int_array_region(argb, 0, &mut px)?;
+    let image = Image {
+        width: w,
+        height: h,
+        rgb: px
+            .iter()
+            .flat_map(|&p| [(p >> 16) as u8, (p >> 8) as u8, p as u8])
+            .collect(),
+        parameters: string(env, parameters, "parameters")?,
+        timings: [0.0; 3],
+    };
+    Ok(env.byte_array_from_slice(&image.to_png()?)?)
+}
+
+/// `org.sdrs.Plan` from the library's plan.
+pub(crate) fn plan<'l>(
+    env: &mut JNIEnv<'l>,
+    plan: &Plan,
+    scale: usize,
+) -> Result<JObject<'l>, Fail> {
+    let needs =
+        env.new_object_array(dim(plan.needs.len()), "org/sdrs/Plan$Need", JObject::null())?;
+    let bytes = |b: u64| JValue::Long(i64::try_from(b).unwrap_or(i64::MAX));
+    for (i, n) in plan.needs.iter().enumerate() {
+        let stage = env.new_string(n.stage)?;
+        let need = env.new_object(
+            "org/sdrs/Plan$Need",
+            "(Ljava/lang/String;JJJ)V",
+            &[
+                JValue::Object(&stage),
+                bytes(n.weights),
+                bytes(n.compute),
+                bytes(n.other),
+            ],
+        )?;
+        env.set_object_array_element(&needs, dim(i), &need)?;
+        env.delete_local_ref(need)?;
+        env.delete_local_ref(stage)?;
+    }
+    let summary = env.new_string(plan.summary())?;
+    // Tiles in pixels, as an app sizes things.
+    let tile = plan.tiling.map_or(0, |t| t.tile_w.max(t.tile_h) * scale);
+    Ok(env.new_object(
+        "org/sdrs/Plan",
+        "(J[Lorg/sdrs/Plan$Need;JZILjava/lang/String;)V",
+        &[
+            bytes(plan.peak()),
+            JValue::Object(&needs),
+            bytes(plan.budget.map_or(0, |b| b.bytes)),
+            JValue::Bool(plan.split_guidance.into()),
+            JValue::Int(dim(tile)),
+            JValue::Object(&summary),
+        ],
+    )?)
+}
+
+/// `org.sdrs.Progress`. `preview`: ARGB pixels and their size.
+pub(crate) fn progress<'l>(
+    env: &mut JNIEnv<'l>,
+    stage: i32,
+    (done, total): (usize, usize),
+    (elapsed, remaining): (f64, f64),
+    preview: Option<&Image>,
+) -> Result<JObject<'l>, Fail> {
+    let (pixels, pw, ph) = match preview {
+        Some(p) => (JObject::from(argb(env, p)?), p.width, p.height),
+        None => (JObject::null(), 0, 0),
+    };
+    Ok(env.new_object(
+        "org/sdrs/Progress",
+        "(IIIDD[III)V",
+        &[
+            JValue::Int(stage),
+            JValue::Int(dim(done)),
+            JValue::Int(dim(total)),
+            JValue::Double(elapsed),
+            JValue::Double(remaining),
+            JValue::Object(&pixels),
+            JValue::Int(dim(pw)),
+            JValue::Int(dim(ph)),
+        ],
+    )?)
+}
+
+/// Every option field as `name:descriptor`, for the test that the Java class has them.
+pub(crate) fn option_fields() -> Vec<String> {
+    OPTIONS
+        .iter()
+        .map(|o| format!("{}:{}", o.field, o.kind.java_type()))
+        .collect()
 }

@@ -12,8 +12,11 @@ import java.util.concurrent.CountDownLatch;
 import java.util.concurrent.TimeUnit;
 import java.util.concurrent.atomic.AtomicReference;
 
+import org.sdrs.Cancellation;
 import org.sdrs.CancelledException;
 import org.sdrs.Image;
+import org.sdrs.Plan;
+import org.sdrs.Progress;
 import org.sdrs.ProgressListener;
 import org.sdrs.Request;
 import org.sdrs.SdrsException;
@@ -103,9 +106,15 @@ public class SdrsTest {
         final AtomicReference<Throwable> thrown = new AtomicReference<>();
         volatile long endedNanos;
         final int total = 30;
+        final Cancellation token;
 
         LongRun(StableDiffusion sd) {
+            this(sd, null);
+        }
+
+        LongRun(StableDiffusion sd, Cancellation token) {
             this.sd = sd;
+            this.token = token;
         }
 
         @Override
@@ -115,12 +124,14 @@ public class SdrsTest {
             r.height = 256;
             r.steps = total;
             try {
-                sd.generate(r, (done, total) -> {
-                    synchronized (steps) {
-                        steps.add(done);
+                sd.generate(r, p -> {
+                    if (p.stage == Progress.Stage.SAMPLING) {
+                        synchronized (steps) {
+                            steps.add(p.done);
+                        }
+                        firstStep.countDown();
                     }
-                    firstStep.countDown();
-                });
+                }, token);
             } catch (Throwable e) {
                 thrown.set(e);
             }
@@ -155,7 +166,11 @@ public class SdrsTest {
             test("demo model: 64x64 image, ARGB and PNG, progress 1..total in order", () -> {
                 List<int[]> calls = new ArrayList<>();
                 Request r = small(sd, "a red circle on a blue background");
-                Image image = sd.generate(r, (done, total) -> calls.add(new int[] {done, total}));
+                Image image = sd.generate(r, p -> {
+                    if (p.stage == Progress.Stage.SAMPLING) {
+                        calls.add(new int[] {p.done, p.total});
+                    }
+                });
                 check(image.width == 64 && image.height == 64, "size " + image.width + "x" + image.height);
                 int[] argb = image.argb();
                 check(argb.length == 64 * 64, "argb length " + argb.length);
@@ -226,7 +241,7 @@ public class SdrsTest {
             test("a listener's exception stops the run and reaches the caller", () -> {
                 RuntimeException boom = new IllegalArgumentException("boom");
                 int[] calls = {0};
-                ProgressListener l = (done, total) -> {
+                ProgressListener l = p -> {
                     calls[0]++;
                     throw boom;
                 };
@@ -334,7 +349,7 @@ public class SdrsTest {
                 System.out.printf("     tiled against whole decode: %.1f dB%n", psnr);
                 check(psnr >= 40, "tiled against whole decode: " + psnr + " dB");
                 r.vaeTileStats = "mine";
-                contains(expect(SdrsException.class, () -> sd.generate(r, null)).getMessage(), "unknown vaeTileStats `mine`");
+                contains(expect(SdrsException.class, () -> sd.generate(r, null)).getMessage(), "Request.vaeTileStats: unknown vae tile stats `mine`; valid: tile, image");
             });
 
             test("img2img and inpainting from ARGB ints; wrong pixel counts and a null prompt are refused", () -> {
@@ -346,7 +361,9 @@ public class SdrsTest {
                 Image moved = sd.generate(r, null);
                 check(moved.width == w && !Arrays.equals(moved.argb(), base.argb()), "img2img changes the picture");
                 contains(moved.parameters, "Denoising strength: 0.6");
-                // Inpainting the right half: the left half comes back pixel for pixel.
+                // Inpainting the right half: the left half comes back pixel for pixel (with
+                // an unblurred mask; the default blur of 4 softens the seam).
+                r.maskBlur = 0;
                 r.maskImage = new int[w * h];
                 for (int i = 0; i < w * h; i++) {
                     r.maskImage[i] = (i % w) >= w / 2 ? 0xFFFFFFFF : 0xFF000000;
@@ -370,6 +387,206 @@ public class SdrsTest {
                 r.prompt = null;
                 contains(expect(NullPointerException.class, () -> sd.generate(r, null)).getMessage(), "Request.prompt");
                 expect(NullPointerException.class, () -> sd.generate(null, null));
+            });
+
+            test("the Request class has every option field the library reads, with its type, and nothing unread", () -> {
+                String[] fields = (String[]) hook("nativeOptionFields");
+                check(fields.length >= 25, fields.length + " option fields");
+                java.util.Set<String> known = new java.util.HashSet<>(Arrays.asList(
+                        "prompt", "seed", "width", "height", "initImage", "initWidth", "initHeight",
+                        "maskImage", "maskWidth", "maskHeight", "maskBlur", "pad"));
+                for (String f : fields) {
+                    String name = f.substring(0, f.indexOf(':')), descriptor = f.substring(f.indexOf(':') + 1);
+                    Field field = Request.class.getField(name);
+                    String actual = field.getType().isArray() ? field.getType().getName().replace('.', '/')
+                            : field.getType() == String.class ? "Ljava/lang/String;"
+                            : String.valueOf(java.lang.reflect.Array.newInstance(field.getType(), 0).getClass().getName().charAt(1));
+                    check(actual.equals(descriptor), name + " is " + actual + ", the library reads " + descriptor);
+                    known.add(name);
+                }
+                for (Field f : Request.class.getFields()) {
+                    check(known.contains(f.getName()), "Request." + f.getName() + " is read by nothing");
+                }
+            });
+
+            test("request() fills the CLI's defaults where the model has none", () -> {
+                Request r = sd.request("x");
+                // The scheduler stays unset: its default follows the sampler's name.
+                check(r.scheduler == null, "scheduler " + r.scheduler);
+                check("torch".equals(r.rng) && "original".equals(r.emphasis) && "tile".equals(r.vaeTileStats), r.rng + " " + r.emphasis + " " + r.vaeTileStats);
+                check(r.clipSkip == 1 && r.guidanceRescale == 0f && r.maskBlur == 4f && r.aestheticScore == 6f, "numbers");
+                check("".equals(r.negative), "negative");
+                // A request filled in so runs as the unfilled one.
+                Request plain = new Request("a red circle");
+                plain.width = plain.height = 64;
+                Request filled = sd.request("a red circle");
+                filled.width = filled.height = 64;
+                check(Arrays.equals(sd.generate(plain).argb(), sd.generate(filled).argb()), "filled defaults change nothing");
+            });
+
+            test("the CLI's options: preset, eta, emphasis, explicit LoRA files, a VAE file", () -> {
+                // On a plain request: fields request() fills in would win over the preset.
+                Request r = new Request("a (red:1.6) circle");
+                r.preset = "sd-turbo";
+                r.width = r.height = 64;
+                Image turbo = sd.generate(r);
+                contains(turbo.parameters, "Steps: 1,");
+                contains(turbo.parameters, "Sampler: Euler a");
+                contains(turbo.parameters, "Size: 64x64");
+                r.emphasis = "none";
+                Image plainText = sd.generate(r);
+                contains(plainText.parameters, "Emphasis: None");
+                check(!Arrays.equals(plainText.argb(), turbo.argb()), "emphasis none reads (red:1.6) as text");
+                Request d = small(sd, "a circle");
+                d.sampler = "ddim";
+                d.eta = 1f;
+                Image noisy = sd.generate(d);
+                d.eta = 0f;
+                check(!Arrays.equals(sd.generate(d).argb(), noisy.argb()), "eta changes DDIM's steps");
+                d.eta = Float.NaN;
+                d.guidanceRescale = 2f;
+                contains(expect(SdrsException.class, () -> sd.generate(d)).getMessage(), "Request.guidanceRescale: must be in [0, 1]");
+                d.guidanceRescale = Float.NaN;
+                d.loras = new String[] {tmp.getPath() + "/missing-lora.safetensors:0.5"};
+                contains(expect(SdrsException.class, () -> sd.generate(d)).getMessage(), "missing-lora.safetensors");
+                d.loras = null;
+                d.strength = 0.5f;
+                contains(expect(SdrsException.class, () -> sd.generate(d)).getMessage(), "Request.strength: needs an init image");
+                contains(expect(SdrsException.class, () -> sd.setVae(tmp.getPath() + "/no-vae.safetensors")).getMessage(), "no-vae.safetensors");
+            });
+
+            test("init pictures of any size are fitted as the CLI fits files; the mask is blurred by default", () -> {
+                Image base = sd.generate(small(sd, "a red circle on a blue background"));
+                // A 128x96 picture (the base, tiled): kept at its size without a request size...
+                int[] big = new int[128 * 96];
+                for (int y = 0; y < 96; y++) {
+                    for (int x = 0; x < 128; x++) {
+                        big[y * 128 + x] = base.argb()[(y % 64) * 64 + (x % 64)];
+                    }
+                }
+                Request r = new Request("a yellow square").initImage(big, 128, 96);
+                r.steps = 2;
+                Image kept = sd.generate(r);
+                check(kept.width == 128 && kept.height == 96, "kept " + kept.width + "x" + kept.height);
+                // ...scaled to cover one given side, the other following its aspect ratio.
+                r.width = 64;
+                Image scaled = sd.generate(r);
+                check(scaled.width == 64 && scaled.height == 64, "scaled " + scaled.width + "x" + scaled.height);
+                // A 32x32 mask, stretched to the picture, blurred by 4 pixels unless told.
+                int[] mask = new int[32 * 32];
+                for (int i = 0; i < mask.length; i++) {
+                    mask[i] = (i % 32) >= 16 ? 0xFFFFFFFF : 0xFF000000;
+                }
+                r.maskImage(mask, 32, 32);
+                contains(sd.generate(r).parameters, "Mask blur: 4");
+                r.maskBlur = 0;
+                contains(sd.generate(r).parameters, "Mask blur: 0");
+                r.pad = new int[] {32, 0, 0, 0};
+                r.width = 0;
+                Image padded = sd.generate(r);
+                check(padded.width == 160 && padded.height == 96, "outpainted " + padded.width + "x" + padded.height);
+                r.pad = new int[] {1, 2};
+                contains(expect(SdrsException.class, () -> sd.generate(r)).getMessage(), "Request.pad must hold 4 values");
+            });
+
+            test("progress: stages in order, times, previews as ARGB every N steps", () -> {
+                Request r = small(sd, "a red circle on a blue background");
+                r.steps = 5;
+                r.previewEvery = 2;
+                List<Progress> seen = new ArrayList<>();
+                Image image = sd.generate(r, seen::add);
+                StringBuilder order = new StringBuilder();
+                for (Progress p : seen) {
+                    order.append(p.stage.name().charAt(0));
+                    if (p.preview != null) {
+                        order.append('p').append(p.done);
+                        check(p.preview.length == p.previewWidth * p.previewHeight && p.previewWidth == 64 && p.previewHeight == 64, "preview size");
+                        for (int px : p.preview) {
+                            check((px >>> 24) == 0xFF, "opaque preview pixels");
+                        }
+                    }
+                }
+                // TEXT, five steps with previews after 2, 4 and the last, the decode, done.
+                check(order.toString().equals("TSSSp2SSSp4SSp5DD"), "order " + order);
+                double last = 0;
+                for (Progress p : seen) {
+                    check(p.elapsedSeconds >= last, "elapsed time runs backwards");
+                    last = p.elapsedSeconds;
+                    if (p.stage == Progress.Stage.SAMPLING && p.preview == null) {
+                        check(p.remainingSeconds >= 0 && (p.done < p.total || p.remainingSeconds == 0), "remaining " + p);
+                    }
+                }
+                Progress done = seen.get(seen.size() - 1);
+                check(done.stage == Progress.Stage.DONE && done.elapsedSeconds > 0, "done " + done);
+                check(image.samplingSeconds > 0 && image.decodeSeconds > 0, "image timings");
+            });
+
+            test("ARGB output equals the PNG's pixels, and the PNG is made only when asked", () -> {
+                Image image = sd.generate(small(sd, "a green triangle"));
+                java.awt.image.BufferedImage png = javax.imageio.ImageIO.read(new java.io.ByteArrayInputStream(image.png()));
+                check(png.getWidth() == image.width && png.getHeight() == image.height, "PNG size");
+                int[] argb = new int[image.width * image.height];
+                image.copyPixelsTo(argb);
+                check(Arrays.equals(argb, image.argb()), "copyPixelsTo");
+                for (int y = 0; y < image.height; y++) {
+                    for (int x = 0; x < image.width; x++) {
+                        check(png.getRGB(x, y) == argb[y * image.width + x], "pixel " + x + "," + y);
+                    }
+                }
+                check(Arrays.equals(image.png(), image.png()), "the same PNG twice");
+            });
+
+            test("plan(): each stage's need and the peak; a budget tiles the decode, and one below every plan is refused up front", () -> {
+                Request r = sd.request("a red circle on a blue background");
+                r.width = r.height = 512;
+                r.steps = 1;
+                Plan free = sd.plan(r);
+                List<String> stages = new ArrayList<>();
+                long largest = 0;
+                for (Plan.Need n : free.stages()) {
+                    stages.add(n.stage);
+                    largest = Math.max(largest, n.totalBytes());
+                }
+                check(stages.contains("text") && stages.contains("unet") && stages.contains("decode"), "stages " + stages);
+                check(free.peakBytes > largest && free.tileSize == 0, "whole decode, peak " + free.peakBytes);
+                contains(free.summary, "decode");
+                System.out.printf("     demo 512x512: peak %d MiB unplanned%n", free.peakBytes >> 20);
+                r.maxMemory = 150L << 20;
+                Plan capped = sd.plan(r);
+                check(capped.budgetBytes == 150L << 20 && capped.tileSize > 0 && capped.peakBytes <= capped.budgetBytes,
+                        "a 150 MiB plan: tiles " + capped.tileSize + ", peak " + (capped.peakBytes >> 20) + " MiB");
+                Image image = sd.generate(r);
+                check(image.width == 512, "the capped run");
+                r.maxMemory = 60L << 20;
+                SdrsException e = expect(SdrsException.class, () -> sd.plan(r));
+                contains(e.getMessage(), "cannot fit");
+                List<Progress> none = new ArrayList<>();
+                contains(expect(SdrsException.class, () -> sd.generate(r, none::add)).getMessage(), "cannot fit");
+                check(none.size() <= 1, "the refused run did work: " + none);
+            });
+
+            test("a Cancellation stops its own call only; a cancelled one refuses at once", () -> {
+                try (StableDiffusion other = StableDiffusion.demo(1)) {
+                    Cancellation mine = new Cancellation();
+                    LongRun stopped = new LongRun(sd, mine);
+                    LongRun goesOn = new LongRun(other, new Cancellation());
+                    stopped.start();
+                    goesOn.start();
+                    check(stopped.firstStep.await(120, TimeUnit.SECONDS) && goesOn.firstStep.await(120, TimeUnit.SECONDS), "no first steps");
+                    mine.cancel();
+                    stopped.join(120_000);
+                    check(stopped.thrown.get() instanceof CancelledException, "thrown: " + stopped.thrown.get());
+                    check(stopped.stepsDone() < stopped.total / 2, stopped.stepsDone() + " steps after cancel");
+                    check(goesOn.isAlive(), "the other call stopped too");
+                    // The same model takes new calls at once; the cancelled token refuses them.
+                    check(sd.generate(small(sd, "a red circle")).width == 64, "the model carries on");
+                    int[] calls = {0};
+                    expect(CancelledException.class, () -> sd.generate(small(sd, "a red circle"), p -> calls[0]++, mine));
+                    check(calls[0] <= 1, calls[0] + " callbacks for a cancelled token");
+                    other.cancel();
+                    goesOn.join(120_000);
+                    check(goesOn.thrown.get() instanceof CancelledException, "model cancel: " + goesOn.thrown.get());
+                }
             });
 
             test("a panic inside the library becomes an SdrsException", () -> {
@@ -460,7 +677,7 @@ public class SdrsTest {
             r.width = r.height = 128;
             r.steps = 8;
             int[] calls = {0};
-            expect(CancelledException.class, () -> inner.generate(r, (done, total) -> {
+            expect(CancelledException.class, () -> inner.generate(r, p -> {
                 calls[0]++;
                 inner.close();
             }));
@@ -468,7 +685,7 @@ public class SdrsTest {
             check(liveModels() == baseline, "freed when the listener's run returned");
         });
 
-        test("stress: 6 threads on 3 models (two of one file) with cancels and a close; finished images equal those made alone", () -> {
+        test("stress: 6 threads on 3 models (two of one file) with plans, previews, per-call and model cancels and a close; finished images equal those made alone", () -> {
             StableDiffusion[] models = {StableDiffusion.load(gguf, 1), StableDiffusion.load(gguf, 1), StableDiffusion.demo(1)};
             int seeds = 3;
             // The images each model makes alone, one seed at a time.
@@ -485,6 +702,7 @@ public class SdrsTest {
             AtomicReference<Throwable> failed = new AtomicReference<>();
             java.util.concurrent.atomic.AtomicInteger finished = new java.util.concurrent.atomic.AtomicInteger();
             java.util.concurrent.atomic.AtomicInteger cancelled = new java.util.concurrent.atomic.AtomicInteger();
+            List<Cancellation> tokens = new ArrayList<>();
             for (int t = 0; t < 6; t++) {
                 final int id = t;
                 threads.add(new Thread(() -> {
@@ -493,9 +711,24 @@ public class SdrsTest {
                         try {
                             Request r = small(models[m], "a red circle");
                             r.seed = 100 + s;
-                            int[] argb = models[m].generate(r, null).argb();
+                            r.previewEvery = 2;
+                            if (models[m].plan(r).peakBytes <= 0) {
+                                failed.compareAndSet(null, new AssertionError("an empty plan"));
+                            }
+                            // Thread 5's runs carry tokens that the canceller cancels.
+                            Cancellation token = new Cancellation();
+                            if (id == 5) {
+                                synchronized (tokens) {
+                                    tokens.add(token);
+                                }
+                            }
+                            int[] previews = {0};
+                            int[] argb = models[m].generate(r, p -> previews[0] += p.preview != null ? 1 : 0, token).argb();
                             if (!Arrays.equals(argb, alone[m][s])) {
                                 failed.compareAndSet(null, new AssertionError("model " + m + " seed " + s + ": another image under load"));
+                            }
+                            if (previews[0] != 2) {
+                                failed.compareAndSet(null, new AssertionError(previews[0] + " previews of 4 steps every 2"));
                             }
                             finished.incrementAndGet();
                         } catch (CancelledException | IllegalStateException e) {
@@ -519,13 +752,30 @@ public class SdrsTest {
                     failed.compareAndSet(null, e);
                 }
             });
+            // An eighth cancels thread 5's calls, one token at a time.
+            Thread canceller = new Thread(() -> {
+                for (int i = 0; i < 40; i++) {
+                    try {
+                        Thread.sleep(10);
+                    } catch (InterruptedException e) {
+                        return;
+                    }
+                    synchronized (tokens) {
+                        if (!tokens.isEmpty()) {
+                            tokens.remove(0).cancel();
+                        }
+                    }
+                }
+            });
             threads.forEach(Thread::start);
+            canceller.start();
             meddler.start();
             for (Thread t : threads) {
                 t.join(300_000);
                 check(!t.isAlive(), "a stress thread is stuck");
             }
             meddler.join();
+            canceller.join();
             if (failed.get() != null) {
                 throw new AssertionError("under stress: " + failed.get(), failed.get());
             }

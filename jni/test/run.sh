@@ -15,10 +15,10 @@ test -f target/release/libsdrs.so
 
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
-javac --release 8 -Xlint:all,-options -Werror -d "$work/api" jni/java/org/sdrs/*.java
+javac --release 8 -Xlint:all,-options -Werror -cp /usr/share/java/jsr305.jar -d "$work/api" jni/java/org/sdrs/*.java
 # Class file version 52 is Java 8.
 javap -v -cp "$work/api" org.sdrs.StableDiffusion | grep -q 'major version: 52'
-javac -Xlint:all,-options -Werror -cp "$work/api" -d "$work/test" jni/test/SdrsTest.java
+javac -Xlint:all,-options -Werror -cp "$work/api:/usr/share/java/jsr305.jar" -d "$work/test" jni/test/SdrsTest.java
 
 # A valid GGUF on disk for load(path) and fromFd(fd) (the demo model is only embedded).
 target/release/sdrs synth tiny-sd15 -o "$work/tiny.safetensors"

@@ -160,7 +160,10 @@ pub fn run(a: Args, threads: Option<usize>, target: &super::Target) -> Result<()
                     compute_bytes = b;
                     recorder.mark(&format!("step 1 {size}"));
                 }
-                Stage::Decoding { .. } | Stage::Decoded | Stage::Preview { .. } => {}
+                Stage::Sampled
+                | Stage::Decoding { .. }
+                | Stage::Decoded
+                | Stage::Preview { .. } => {}
             }
             last = Instant::now();
         })?;

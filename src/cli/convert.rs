@@ -46,17 +46,6 @@ pub struct Args {
     lora: Vec<String>,
 }
 
-/// `FILE:MULTIPLIER`, or a plain FILE (multiplier 1; a path may itself hold `:`).
-pub(super) fn parse_lora(spec: &str) -> (PathBuf, f32) {
-    match spec
-        .rsplit_once(':')
-        .and_then(|(f, m)| Some((f, m.parse::<f32>().ok()?)))
-    {
-        Some((file, m)) => (PathBuf::from(file), m),
-        None => (PathBuf::from(spec), 1.0),
-    }
-}
-
 pub fn run(a: Args) -> Result<()> {
     let wtype = policy::parse_type(&a.wtype)?;
     let mut pol = Policy::new(wtype);
@@ -90,7 +79,7 @@ pub fn run(a: Args) -> Result<()> {
         plan.defaults = d;
     }
     for spec in &a.lora {
-        let (file, multiplier) = parse_lora(spec);
+        let (file, multiplier) = sdrs::pipeline::options::parse_lora(spec);
         plan.merge_lora(&file, multiplier)?;
         let m = plan.merges.last().map_or(0, |m| m.lora.pairs.len());
         eprintln!(

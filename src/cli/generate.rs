@@ -1,18 +1,13 @@
 use std::path::PathBuf;
 
-use anyhow::{bail, Context, Result};
-use clap::builder::TypedValueParser as _;
-
 use std::sync::Arc;
 
-use sdrs::model::tile::TileStats;
-use sdrs::pipeline::ImageFormat;
-use sdrs::pipeline::{
-    Canvas, CanvasOptions, Decoding, Init, MicroConditioning, Pipeline, Prompting, Request,
-    RngKind, Sampling, Stage,
-};
-use sdrs::prompt::Emphasis;
-use sdrs::sample::{names, Sampler, Schedule};
+use anyhow::{bail, Result};
+
+use sdrs::pipeline::{Canvas, CanvasOptions, ImageFormat, Init, Pipeline, Request, Stage};
+use sdrs::sample::{Sampler, Schedule};
+
+use super::options::RequestFlags;
 
 /// Generate an image from a prompt (txt2img), or from a prompt and a picture
 /// (img2img with --init-img, inpainting with --mask, outpainting with --pad).
@@ -29,15 +24,6 @@ pub struct Args {
     vae: Option<PathBuf>,
     #[arg(short, long, required_unless_present = "list_samplers")]
     prompt: Option<String>,
-    /// Negative prompt.
-    #[arg(short = 'n', long = "negative-prompt", default_value = "")]
-    negative: String,
-    /// Sampling steps [default: the model's, else 20].
-    #[arg(long)]
-    steps: Option<usize>,
-    /// Classifier-free guidance scale; 1 skips the unconditional pass [default: the model's, else 7].
-    #[arg(long = "cfg-scale")]
-    cfg_scale: Option<f32>,
     /// Seed; -1 picks a random one (printed, and recorded in the image).
     #[arg(short = 's', long, default_value_t = 42, allow_negative_numbers = true)]
     seed: i64,
@@ -45,10 +31,10 @@ pub struct Args {
     /// are numbered (a `%d` or `%03d` in -o, else `_2`, `_3`, ... before the extension).
     #[arg(short = 'b', long = "batch-count", default_value_t = 1)]
     batch_count: usize,
-    /// Image width [default: the init image's, else the model's, else 512].
+    /// Image width [default: the init image's, else the preset's, else the model's, else 512].
     #[arg(short = 'W', long)]
     width: Option<usize>,
-    /// Image height [default: the init image's, else the model's, else 512].
+    /// Image height [default: the init image's, else the preset's, else the model's, else 512].
     #[arg(short = 'H', long)]
     height: Option<usize>,
     /// img2img: start from this picture (PNG or JPEG, any size and pixel format). Without
@@ -60,10 +46,6 @@ pub struct Args {
     /// Inpainting: white repaints, black keeps (any size: stretched to the init image's).
     #[arg(long, requires = "init_img")]
     mask: Option<PathBuf>,
-    /// How much of the init image to repaint, in (0, 1]: the last steps·strength steps
-    /// run [default: 0.8 for img2img, 1 with a mask].
-    #[arg(long, requires = "init_img")]
-    strength: Option<f64>,
     /// Gaussian blur of the mask in pixels (σ), softening where the original is pasted back.
     #[arg(long = "mask-blur", default_value_t = 4.0)]
     mask_blur: f32,
@@ -71,19 +53,6 @@ pub struct Args {
     /// grows on to the model's multiple), filled from the picture's edges and masked.
     #[arg(long, value_parser = parse_pad, requires = "init_img")]
     pad: Option<[usize; 4]>,
-    /// Inpainting: keep the decoded image everywhere, as diffusers returns it, instead of
-    /// pasting the original back outside the mask.
-    #[arg(long = "no-overlay")]
-    no_overlay: bool,
-    /// CLIP skip (A1111's numbering): 1 takes the text encoder's usual layer, 2 the one
-    /// before it (what many anime-style SD 1.5 models are made for), and so on.
-    #[arg(long = "clip-skip", default_value_t = 1)]
-    clip_skip: usize,
-    /// What prompt weights do: original ((word:1.3), (word), [word] and BREAK, each
-    /// window scaled back to its unweighted mean, as A1111), no-norm (without that
-    /// rescale), none (brackets and BREAK are plain text).
-    #[arg(long, default_value = "original", value_parser = clap::builder::PossibleValuesParser::new(Emphasis::NAMES.iter().copied()))]
-    emphasis: String,
     /// Textual-inversion embedding (.pt, .bin, .safetensors; A1111, diffusers or SDXL
     /// clip_l/clip_g), triggered by its file's stem (or a diffusers file's token) in
     /// the prompt. Repeatable.
@@ -93,75 +62,9 @@ pub struct Args {
     /// models are skipped with a warning.
     #[arg(long = "embedding-dir", alias = "embd-dir")]
     embedding_dir: Option<PathBuf>,
-    /// Apply a LoRA at run time, beside the model's weights (the model file is not
-    /// changed): FILE or FILE:MULTIPLIER [default 1]; repeatable. LCM-LoRA too.
-    #[arg(long, value_name = "FILE[:MULTIPLIER]")]
-    lora: Vec<String>,
-    /// Where the prompt's <lora:NAME:MULTIPLIER> tags find NAME.safetensors (.pt, .ckpt, .bin).
-    #[arg(long = "lora-dir", alias = "lora-model-dir")]
-    lora_dir: Option<PathBuf>,
-    /// A distilled model's recipe (size, sampler, schedule, steps, guidance): sdxl-turbo,
-    /// sd-turbo, sdxl-lightning-2step, -4step, -8step; options given beside it win.
-    #[arg(long)]
-    preset: Option<String>,
-    /// Sampler (see --list-samplers); the peer's, A1111's ("DPM++ 2M Karras") and
-    /// ComfyUI's (euler_ancestral, dpmpp_2m) names work too [default: the model's, else euler].
-    #[arg(long, alias = "sampling-method", value_parser = SAMPLER_NAME)]
-    sampler: Option<(Sampler, Option<Schedule>)>,
-    /// σ schedule (A1111's and ComfyUI's names work too) [default: the model's, else discrete].
-    #[arg(long, alias = "schedule", value_parser = SCHEDULE_NAME)]
-    scheduler: Option<Schedule>,
-    /// Noise of ancestral/SDE/DDIM steps (DDIM: 0 deterministic, 1 DDPM; TCD: its γ).
-    #[arg(long)]
-    eta: Option<f64>,
-    #[arg(long = "sigma-min")]
-    sigma_min: Option<f64>,
-    #[arg(long = "sigma-max")]
-    sigma_max: Option<f64>,
-    /// Noise generator: torch (torch's CPU generator: diffusers' and A1111's "CPU"
-    /// noise for a seed), cuda (torch's CUDA generator: A1111's default on NVIDIA GPUs,
-    /// stable-diffusion.cpp's --rng cuda) or native (sdrs' own).
-    #[arg(long, default_value = "torch", value_parser = clap::builder::PossibleValuesParser::new(["torch", "cuda", "native", "cpu", "gpu", "nv"]).map(|s| RngKind::parse(&s).unwrap_or(RngKind::Torch)))]
-    rng: RngKind,
-    /// Guidance rescale φ in [0, 1] (0.7 is the paper's choice for v-prediction models).
-    #[arg(long = "guidance-rescale", default_value_t = 0.0)]
-    guidance_rescale: f32,
-    /// Rescale the noise schedule to zero terminal SNR (for models trained that way whose
-    /// file does not say so; converted zero-SNR diffusers folders do).
-    #[arg(long = "zero-terminal-snr")]
-    zero_terminal_snr: bool,
-    /// SDXL size conditioning: the original image size WxH the model is told the picture
-    /// was cut from [default: the output size].
-    #[arg(long = "original-size", value_parser = parse_pair::<'x'>)]
-    original_size: Option<(usize, usize)>,
-    /// SDXL crop conditioning TOP,LEFT [default: 0,0].
-    #[arg(long = "crop", value_parser = parse_pair::<','>)]
-    crop: Option<(usize, usize)>,
-    /// The SDXL refiner's aesthetic score for the prompt [default: 6] (the negative
-    /// prompt gets 2.5, diffusers' defaults).
-    #[arg(long = "aesthetic-score")]
-    aesthetic_score: Option<f32>,
     /// List the samplers with their order and whether they are stochastic, then exit.
     #[arg(long = "list-samplers")]
     list_samplers: bool,
-    /// Decode with a TAESD-family decoder (`taesd_decoder.pth`) instead of the VAE.
-    #[arg(long)]
-    taesd: Option<PathBuf>,
-    /// Memory budget (768M, 1.5G, 2GB): the run is planned to fit (guidance in two
-    /// batches, the VAE decode in tiles) or refused before it starts [default: the
-    /// memory cgroup's limit, if any].
-    #[arg(long = "max-memory", value_parser = parse_budget)]
-    max_memory: Option<u64>,
-    /// Encode and decode images over 512x512 in overlapping tiles of 512 pixels (the
-    /// planner also tiles on its own when the whole image would not fit the budget).
-    #[arg(long = "vae-tiling")]
-    vae_tiling: bool,
-    /// Where the tiles' VAE GroupNorms take their statistics: `tile`, each tile's own
-    /// (one pass, as diffusers' `enable_tiling`; tones may drift between tiles) or
-    /// `image`, the whole image's (tiles equal the whole decode; one pass over the tiles
-    /// per norm: ~8x `tile`'s time for SD's VAE).
-    #[arg(long = "vae-tile-stats", default_value = "tile", value_parser = ["tile", "image"])]
-    vae_tile_stats: String,
     /// Print the memory plan (each stage's weights, compute buffer and the peak) and exit.
     #[arg(long = "plan")]
     plan_only: bool,
@@ -170,74 +73,15 @@ pub struct Args {
     #[arg(short, long, default_value = "output.png")]
     output: PathBuf,
     /// Write a preview of the image forming to this file (PNG, JPEG or WebP) as it
-    /// samples: through --taesd's decoder when given, else a fast latent-to-RGB
-    /// projection (SD 1.x/2.x and SDXL latents), else the model's VAE.
+    /// samples, every --preview-every steps [default: 1] and after the last.
     #[arg(long)]
     preview: Option<PathBuf>,
-    /// Preview every N steps (and after the last).
-    #[arg(long = "preview-every", default_value_t = 1, requires = "preview", value_parser = clap::value_parser!(u64).range(1..))]
-    preview_every: u64,
     /// JPEG quality, 1 to 100.
     #[arg(long, default_value_t = 90, value_parser = clap::value_parser!(u8).range(1..=100))]
     quality: u8,
-}
-
-/// A value named in one of several spellings ([`sdrs::sample::names`]): `--help`
-/// lists sdrs' own names, and a name nobody uses is refused with them.
-#[derive(Clone, Copy)]
-struct Named<T: 'static> {
-    what: &'static str,
-    parse: fn(&str) -> Option<T>,
-    listed: fn() -> Vec<&'static str>,
-}
-
-impl<T: Clone + Send + Sync + 'static> clap::builder::TypedValueParser for Named<T> {
-    type Value = T;
-    fn parse_ref(
-        &self,
-        _: &clap::Command,
-        _: Option<&clap::Arg>,
-        value: &std::ffi::OsStr,
-    ) -> Result<T, clap::Error> {
-        let v = value.to_string_lossy();
-        (self.parse)(&v).ok_or_else(|| {
-            let valid = (self.listed)().join(", ");
-            let msg = format!("unknown {} `{v}`; valid: {valid}\n", self.what);
-            clap::Error::raw(clap::error::ErrorKind::InvalidValue, msg)
-        })
-    }
-    fn possible_values(
-        &self,
-    ) -> Option<Box<dyn Iterator<Item = clap::builder::PossibleValue> + '_>> {
-        let names = (self.listed)().into_iter();
-        Some(Box::new(names.map(clap::builder::PossibleValue::new)))
-    }
-}
-
-/// `--sampler`.
-const SAMPLER_NAME: Named<(Sampler, Option<Schedule>)> = Named {
-    what: "sampler",
-    parse: names::sampler,
-    listed: names::sampler_names,
-};
-
-/// `--scheduler`: sdrs' names listed, every spelling in the message.
-const SCHEDULE_NAME: Named<Schedule> = Named {
-    what: "scheduler",
-    parse: names::schedule,
-    listed: || Schedule::NAMES.to_vec(),
-};
-
-fn parse_pair<const SEP: char>(s: &str) -> Result<(usize, usize), String> {
-    let (a, b) = s
-        .split_once(SEP)
-        .ok_or_else(|| format!("`{s}`: expected two numbers separated by `{SEP}`"))?;
-    let num = |v: &str| {
-        v.trim()
-            .parse::<usize>()
-            .map_err(|_| format!("`{v}` is not a non-negative integer"))
-    };
-    Ok((num(a)?, num(b)?))
+    /// What to generate and how: the options every front end shares.
+    #[command(flatten)]
+    pub(super) request: RequestFlags,
 }
 
 fn parse_pad(s: &str) -> Result<[usize; 4], String> {
@@ -254,9 +98,7 @@ fn parse_pad(s: &str) -> Result<[usize; 4], String> {
 }
 
 pub(super) fn parse_budget(s: &str) -> Result<u64, String> {
-    sdrs::budget::parse_size(s).ok_or_else(|| {
-        format!("`{s}` is not a size: write bytes or a number with K, M, G (binary) or KB, MB, GB")
-    })
+    sdrs::pipeline::options::parse_bytes(s)
 }
 
 pub fn run(a: Args, threads: Option<usize>, target: &super::Target) -> Result<()> {
@@ -295,35 +137,25 @@ pub fn run(a: Args, threads: Option<usize>, target: &super::Target) -> Result<()
         Some(path) => Some((path.clone(), ImageFormat::from_path(path, a.quality)?)),
         None => None,
     };
-    let Some(vae_tile_stats) = TileStats::parse(&a.vae_tile_stats) else {
-        bail!(
-            "unknown --vae-tile-stats `{}`; valid: {}",
-            a.vae_tile_stats,
-            TileStats::NAMES.join(", ")
-        )
-    };
-    let Some(emphasis) = Emphasis::parse(&a.emphasis) else {
-        bail!(
-            "unknown emphasis `{}`; valid: {}",
-            a.emphasis,
-            Emphasis::NAMES.join(", ")
-        )
-    };
-    if !(0.0..=1.0).contains(&a.guidance_rescale) {
-        bail!(
-            "--guidance-rescale must be in [0, 1], not {}",
-            a.guidance_rescale
-        );
+    if a.request.has("preview-every") && a.preview.is_none() {
+        bail!("--preview-every needs --preview FILE");
     }
-    let preset = match &a.preset {
-        Some(name) => Some(sdrs::config::Defaults::preset(name).with_context(|| {
-            format!(
-                "unknown preset `{name}`; valid: {}",
-                sdrs::config::Defaults::PRESETS.join(", ")
-            )
-        })?),
-        None => None,
-    };
+    // The request options on a stand-in request: a bad value is refused before the
+    // model loads.
+    let mut probe = Request::new("");
+    if a.init_img.is_some() {
+        let stand_in = Canvas {
+            width: 1,
+            height: 1,
+            rgb: vec![0; 3],
+            mask: None,
+            mask_blur: 0.0,
+        };
+        probe.init = Some(Init::new(Arc::new(stand_in)));
+    }
+    for (option, value) in &a.request.given {
+        option.apply(&mut probe, value.clone())?;
+    }
     let seed = match a.seed {
         -1 => random_seed(),
         s if s < 0 => {
@@ -340,24 +172,15 @@ pub fn run(a: Args, threads: Option<usize>, target: &super::Target) -> Result<()
         Some(m) => load(m, threads)?,
         None => demo_pipeline(threads)?,
     };
-    pipe.max_memory = a.max_memory;
-    if let Some(p) = &preset {
-        pipe.defaults = pipe.defaults.over(p);
-    }
     target.apply(&mut pipe, threads)?;
     if let Some(vae) = &a.vae {
         pipe.set_vae(vae)?;
     }
-    // What the user gave, else what the model file recommends (Pipeline::request),
-    // else SD's usual settings.
-    let base = pipe.request(&prompt);
-    let (sampler, implied) = a.sampler.unwrap_or((base.sampling.sampler, None));
-    let schedule = a.scheduler.or(implied).unwrap_or(base.sampling.schedule);
     for path in a.embedding_dir.iter().chain(&a.embeddings) {
         let n = pipe.add_embeddings(path)?;
         log::info!("{n} embedding(s) from {}", path.display());
     }
-    let init = match &a.init_img {
+    let canvas = match &a.init_img {
         Some(path) => Some(Arc::new(open_canvas(
             &pipe,
             path,
@@ -368,64 +191,26 @@ pub fn run(a: Args, threads: Option<usize>, target: &super::Target) -> Result<()
         )?)),
         None => None,
     };
-    let (width, height) = match &init {
-        Some(c) => (c.width, c.height),
-        None => (
-            a.width.unwrap_or(base.width),
-            a.height.unwrap_or(base.height),
-        ),
-    };
-    let req = Request {
-        negative: a.negative.clone(),
-        width,
-        height,
-        steps: a.steps.unwrap_or(base.steps),
-        cfg_scale: a.cfg_scale.unwrap_or(base.cfg_scale),
+    // The request options apply over what the model file recommends
+    // (Pipeline::request), else SD's usual settings; the init picture comes first, as
+    // strength and overlay belong to it.
+    let mut req = Request {
         seed,
-        loras: a
-            .lora
-            .iter()
-            .map(|s| super::convert::parse_lora(s))
-            .collect(),
         // Ctrl-C ends the run within one step and writes no image.
         cancel: Some(super::interrupt_flag()),
-        sampling: Sampling {
-            sampler,
-            schedule,
-            eta: a.eta,
-            sigma_min: a.sigma_min,
-            sigma_max: a.sigma_max,
-            rng: a.rng,
-            guidance_rescale: a.guidance_rescale,
-            zero_terminal_snr: a.zero_terminal_snr,
-        },
-        decoding: Decoding {
-            taesd: a.taesd.clone(),
-            vae_tiling: a.vae_tiling,
-            vae_tile_stats,
-            preview_every: if preview.is_some() {
-                a.preview_every as usize
-            } else {
-                0
-            },
-        },
-        micro: MicroConditioning {
-            original_size: a.original_size,
-            crop_top_left: a.crop.unwrap_or((0, 0)),
-            aesthetic_score: a.aesthetic_score.unwrap_or(base.micro.aesthetic_score),
-            ..base.micro
-        },
-        prompting: Prompting {
-            clip_skip: a.clip_skip,
-            emphasis,
-            lora_dir: a.lora_dir.clone(),
-        },
-        init: init.map(|canvas| Init {
-            strength: a.strength,
-            overlay: !a.no_overlay,
-            ..Init::new(canvas)
-        }),
-        ..base
+        init: canvas.map(Init::new),
+        ..pipe.request(&prompt)
+    };
+    for (option, value) in &a.request.given {
+        option.apply(&mut req, value.clone())?;
+    }
+    (req.width, req.height) = match req.canvas() {
+        Some(c) => (c.width, c.height),
+        None => (a.width.unwrap_or(req.width), a.height.unwrap_or(req.height)),
+    };
+    req.decoding.preview_every = match &preview {
+        Some(_) => req.decoding.preview_every.max(1),
+        None => 0,
     };
     pipe.latent_size(req.width, req.height)?;
     if a.plan_only {
@@ -469,6 +254,7 @@ fn draw(
             bar.set_length(total as u64);
             bar.set_position(done as u64);
         }
+        Stage::Sampled => bar.set_message("decoding"),
         Stage::Decoding { done, total } => bar.set_message(format!("decoding tile {done}/{total}")),
         Stage::Decoded => bar.set_message("decoded"),
         Stage::Preview { image, .. } => {
@@ -571,19 +357,13 @@ fn open_canvas(
     mask_blur: f32,
 ) -> Result<Canvas> {
     let multiple = pipe.size_multiple();
-    let [l, t, r, b] = pad;
     let size = match size {
-        (Some(w), Some(h)) => Some((w, h)),
         (None, None) => None,
-        (w, h) => {
-            let (iw, ih) = image::image_dimensions(path)
-                .with_context(|| format!("{}: cannot read the image's size", path.display()))?;
-            let aspect = (iw as usize + l + r) as f64 / (ih as usize + t + b) as f64;
-            let round = |v: f64| ((v / multiple as f64).round() as usize).max(1) * multiple;
-            Some((
-                w.unwrap_or_else(|| round(h.unwrap_or(0) as f64 * aspect)),
-                h.unwrap_or_else(|| round(w.unwrap_or(0) as f64 / aspect)),
-            ))
+        size => {
+            let picture = image::image_dimensions(path).map_err(|e| {
+                anyhow::anyhow!("{}: cannot read the image's size: {e}", path.display())
+            })?;
+            Canvas::size_for(picture, size, pad, multiple)
         }
     };
     let opts = CanvasOptions {

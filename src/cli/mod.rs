@@ -13,6 +13,7 @@ mod convert;
 mod devices;
 mod generate;
 mod info;
+mod options;
 mod synth;
 
 use std::io::IsTerminal;

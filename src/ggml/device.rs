@@ -62,6 +62,9 @@ fn load_cpu() -> std::result::Result<Device, String> {
     }
     let candidates = backend_dirs();
     let Some(dir) = candidates.iter().find(|d| has_cpu_library(d)) else {
+        if let Some(apk) = own_library().filter(|p| p.extension().is_some_and(|e| e == "apk")) {
+            return load_from_apk(&apk);
+        }
         let looked: Vec<String> = candidates.iter().map(|d| d.display().to_string()).collect();
         return Err(format!(
             "no ggml CPU library (libggml-cpu-*.so) found; looked in: {} (set {BACKEND_DIR_ENV} to the folder that holds them)",
@@ -108,6 +111,92 @@ fn has_cpu_library(dir: &Path) -> bool {
             name.starts_with("libggml-cpu") && name.ends_with(".so")
         })
     })
+}
+
+/// The Android ABI folder of this build's libraries inside an APK (`lib/<abi>/`).
+const APK_ABI: &str = if cfg!(target_arch = "aarch64") {
+    "arm64-v8a"
+} else if cfg!(target_arch = "x86_64") {
+    "x86_64"
+} else if cfg!(target_arch = "arm") {
+    "armeabi-v7a"
+} else {
+    "x86"
+};
+
+/// An app that keeps its native libraries uncompressed in the APK (Android's default
+/// since 6.0, `extractNativeLibs="false"`) has them mapped straight from the APK: there
+/// is no folder to list. The CPU variants are listed from the APK's zip directory
+/// instead and loaded by file name, which the app's linker namespace finds inside it.
+fn load_from_apk(apk: &Path) -> std::result::Result<Device, String> {
+    let names = apk_cpu_libraries(apk)?;
+    let (best, _) = best_variant(&names).ok_or_else(|| {
+        format!(
+            "{}: none of its ggml CPU libraries ({}) runs on this CPU",
+            apk.display(),
+            names.join(", ")
+        )
+    })?;
+    let c = CString::new(best.as_str()).map_err(|_| format!("{best}: a NUL byte"))?;
+    // SAFETY: a valid C string; ggml loads and registers the library.
+    unsafe { sys::ggml_backend_load(c.as_ptr()) };
+    find_cpu_device()
+        .ok_or_else(|| format!("{}: {best} did not register a CPU device", apk.display()))
+}
+
+/// The `libggml-cpu-*.so` files of this ABI in an APK (a zip file).
+fn apk_cpu_libraries(apk: &Path) -> std::result::Result<Vec<String>, String> {
+    let file = std::fs::File::open(apk).map_err(|e| format!("{}: {e}", apk.display()))?;
+    let zip = zip::ZipArchive::new(std::io::BufReader::new(file))
+        .map_err(|e| format!("{}: not a readable APK: {e}", apk.display()))?;
+    let folder = format!("lib/{APK_ABI}/");
+    let names: Vec<String> = zip
+        .file_names()
+        .filter_map(|n| n.strip_prefix(&folder))
+        .filter(|n| n.starts_with("libggml-cpu") && n.ends_with(".so") && !n.contains('/'))
+        .map(str::to_string)
+        .collect();
+    if names.is_empty() {
+        return Err(format!(
+            "{}: no ggml CPU library (lib/{APK_ABI}/libggml-cpu-*.so) in the APK",
+            apk.display()
+        ));
+    }
+    Ok(names)
+}
+
+/// The library among `libraries` (paths, or names the dynamic linker resolves) that
+/// scores best on this CPU, by each one's own `ggml_backend_score` (0: it cannot run
+/// here), as ggml's folder scan chooses.
+fn best_variant(libraries: &[String]) -> Option<(String, i32)> {
+    let mut best: Option<(String, i32)> = None;
+    for lib in libraries {
+        let Ok(c) = CString::new(lib.as_str()) else {
+            continue;
+        };
+        // SAFETY: loading a ggml CPU variant runs no code beyond its initialisers;
+        // the score function takes nothing and returns an int; the handle is closed
+        // before the next.
+        let score = unsafe {
+            let handle = libc::dlopen(c.as_ptr(), libc::RTLD_NOW | libc::RTLD_LOCAL);
+            if handle.is_null() {
+                continue;
+            }
+            let f = libc::dlsym(handle, c"ggml_backend_score".as_ptr());
+            let score = if f.is_null() {
+                0
+            } else {
+                let f: extern "C" fn() -> std::ffi::c_int = std::mem::transmute(f);
+                f()
+            };
+            libc::dlclose(handle);
+            score
+        };
+        if score > 0 && best.as_ref().is_none_or(|(_, b)| score > *b) {
+            best = Some((lib.clone(), score));
+        }
+    }
+    best
 }
 
 /// Which CPU library is in use and what it can do, for `sdrs info --system` and bench.
@@ -336,4 +425,62 @@ pub(crate) fn gpu_device(name: &str, index: usize) -> Result<Device> {
     NonNull::new(unsafe { sys::ggml_backend_reg_dev_get(reg, index) })
         .map(Device)
         .ok_or_else(|| Error::Ggml(format!("{name} device {index} vanished")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn apk_listing_finds_this_abis_cpu_variants_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let apk = dir.path().join("base.apk");
+        let mut zip = zip::ZipWriter::new(std::fs::File::create(&apk).unwrap());
+        let stored = zip::write::SimpleFileOptions::default()
+            .compression_method(zip::CompressionMethod::Stored);
+        for name in [
+            format!("lib/{APK_ABI}/libggml-cpu-a.so"),
+            format!("lib/{APK_ABI}/libggml-cpu-b.so"),
+            format!("lib/{APK_ABI}/libggml-base.so"),
+            format!("lib/{APK_ABI}/libsdrs.so"),
+            "lib/mips/libggml-cpu-c.so".to_string(),
+            "assets/libggml-cpu-d.so".to_string(),
+        ] {
+            zip.start_file(name, stored).unwrap();
+        }
+        zip.finish().unwrap();
+        let mut names = apk_cpu_libraries(&apk).unwrap();
+        names.sort();
+        assert_eq!(names, ["libggml-cpu-a.so", "libggml-cpu-b.so"]);
+        let empty = dir.path().join("empty.apk");
+        zip::ZipWriter::new(std::fs::File::create(&empty).unwrap())
+            .finish()
+            .unwrap();
+        assert!(apk_cpu_libraries(&empty)
+            .unwrap_err()
+            .contains("no ggml CPU library"));
+    }
+
+    #[test]
+    fn apk_loader_scores_the_variants_as_ggmls_folder_scan_does() {
+        cpu_backend_device().unwrap();
+        let Some(loaded) = loaded_cpu_library() else {
+            eprintln!("SKIP: the CPU backend is linked in; no variants to score");
+            return;
+        };
+        let dir = loaded.parent().unwrap();
+        let variants: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| {
+                let n = p.file_name().unwrap().to_string_lossy();
+                n.starts_with("libggml-cpu") && n.ends_with(".so")
+            })
+            .map(|p| p.display().to_string())
+            .collect();
+        let (best, score) = best_variant(&variants).unwrap();
+        assert!(score > 0);
+        assert_eq!(Path::new(&best).file_name(), loaded.file_name());
+    }
 }

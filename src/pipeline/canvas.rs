@@ -57,19 +57,7 @@ impl Canvas {
     pub fn open(image: &Path, mask: Option<&Path>, opts: &CanvasOptions) -> Result<Canvas> {
         let img = read(image)?.to_rgb8();
         let mask = match mask {
-            Some(p) => {
-                let m = read(p)?.to_luma8();
-                Some(if m.dimensions() == img.dimensions() {
-                    m
-                } else {
-                    imageops::resize(
-                        &m,
-                        img.width(),
-                        img.height(),
-                        imageops::FilterType::Triangle,
-                    )
-                })
-            }
+            Some(p) => Some(read(p)?.to_luma8()),
             None => None,
         };
         Self::from_images(img, mask, opts).map_err(|e| match e {
@@ -78,20 +66,81 @@ impl Canvas {
         })
     }
 
-    /// [`Canvas::open`] on decoded pictures (the mask at the image's size).
+    /// [`Canvas::from_images`] on raw pixels: `rgb` is `width` x `height` 8-bit RGB,
+    /// row by row; `mask` (width, height, 8-bit luma) may have another size.
+    pub fn from_rgb(
+        (width, height, rgb): (usize, usize, Vec<u8>),
+        mask: Option<(usize, usize, Vec<u8>)>,
+        opts: &CanvasOptions,
+    ) -> Result<Canvas> {
+        let side = |w: usize, h: usize, what: &str| -> Result<(u32, u32)> {
+            match (u32::try_from(w), u32::try_from(h)) {
+                (Ok(w), Ok(h)) if (1..=MAX_SIDE).contains(&w) && (1..=MAX_SIDE).contains(&h) => {
+                    Ok((w, h))
+                }
+                _ => Err(Error::Invalid(format!(
+                    "{what} {width}x{height}: sides must be between 1 and {MAX_SIDE}"
+                ))),
+            }
+        };
+        let (w, h) = side(width, height, "image")?;
+        let img = RgbImage::from_raw(w, h, rgb)
+            .ok_or_else(|| Error::Invalid(format!("image {width}x{height}: too few pixels")))?;
+        let mask = match mask {
+            Some((mw, mh, luma)) => {
+                let (mw, mh) = side(mw, mh, "mask")?;
+                Some(
+                    GrayImage::from_raw(mw, mh, luma)
+                        .ok_or_else(|| Error::Invalid(format!("mask {mw}x{mh}: too few pixels")))?,
+                )
+            }
+            None => None,
+        };
+        Self::from_images(img, mask, opts)
+    }
+
+    /// The output size for a picture of `picture` pixels (width, height) given
+    /// `size`: both sides as they are; one side alone with the other following the
+    /// padded picture's aspect ratio, rounded to `multiple`; neither: `None` (the
+    /// picture's own size, [`CanvasOptions::size`]).
+    pub fn size_for(
+        picture: (u32, u32),
+        size: (Option<usize>, Option<usize>),
+        pad: [usize; 4],
+        multiple: usize,
+    ) -> Option<(usize, usize)> {
+        let [l, t, r, b] = pad;
+        let m = multiple.max(1);
+        let aspect =
+            (picture.0 as usize + l + r) as f64 / (picture.1 as usize + t + b).max(1) as f64;
+        let round = |v: f64| ((v / m as f64).round() as usize).max(1) * m;
+        match size {
+            (Some(w), Some(h)) => Some((w, h)),
+            (None, None) => None,
+            (Some(w), None) => Some((w, round(w as f64 / aspect))),
+            (None, Some(h)) => Some((round(h as f64 * aspect), h)),
+        }
+    }
+
+    /// [`Canvas::open`] on decoded pictures (a mask of another size is stretched to
+    /// the image's first).
     pub fn from_images(
         img: RgbImage,
         mask: Option<GrayImage>,
         opts: &CanvasOptions,
     ) -> Result<Canvas> {
-        if mask
-            .as_ref()
-            .is_some_and(|m| m.dimensions() != img.dimensions())
-        {
-            return Err(Error::Invalid(
-                "the mask and the image differ in size".into(),
-            ));
-        }
+        let mask = mask.map(|m| {
+            if m.dimensions() == img.dimensions() {
+                m
+            } else {
+                imageops::resize(
+                    &m,
+                    img.width(),
+                    img.height(),
+                    imageops::FilterType::Triangle,
+                )
+            }
+        });
         if !(opts.mask_blur >= 0.0 && opts.mask_blur <= 512.0) {
             return Err(Error::Invalid(format!(
                 "mask blur {} is not between 0 and 512 pixels",

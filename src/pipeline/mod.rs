@@ -27,6 +27,7 @@ pub(crate) mod canvas;
 mod guidance;
 mod infotext;
 mod lora;
+pub mod options;
 mod output;
 mod planning;
 mod preview;
@@ -58,6 +59,8 @@ pub enum Stage<'a> {
         done: usize,
         total: usize,
     },
+    /// Sampling is over; the decode (VAE or TAESD) starts.
+    Sampled,
     /// Tile runs of a tiled VAE decode.
     Decoding {
         done: usize,

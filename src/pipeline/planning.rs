@@ -10,7 +10,8 @@ use crate::network::{self, UNET_PREFIX};
 
 impl Pipeline {
     /// What `req` needs in memory, stage by stage, and the choices that fit it into
-    /// the budget ([`Pipeline::max_memory`], else the cgroup's limit): an
+    /// the budget ([`Request::max_memory`], else [`Pipeline::max_memory`], else the
+    /// cgroup's limit): an
     /// [`Error::OverBudget`] when nothing fits. Builds graphs only; runs nothing.
     pub fn plan(&self, req: &Request) -> Result<Plan> {
         let (lw, lh) = self.validate(req)?;
@@ -46,7 +47,11 @@ impl Pipeline {
             text_adapters,
             unet_adapters,
         };
-        let mut plan = budget::plan(&stages, self.guided(req), Budget::resolve(self.max_memory))?;
+        let mut plan = budget::plan(
+            &stages,
+            self.guided(req),
+            Budget::resolve(req.max_memory.or(self.max_memory)),
+        )?;
         let forced = FORCED_TILE.clamp(lw, lh);
         if req.decoding.vae_tiling && plan.tiling.is_none() && forced.cuts(lw, lh) {
             let need = budget::Stages::decode(&stages, Some(forced))?;

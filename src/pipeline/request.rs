@@ -30,6 +30,8 @@ pub struct Request {
     pub init: Option<Init>,
     /// How latents become pixels.
     pub decoding: Decoding,
+    /// Memory budget in bytes for this run, in place of [`super::Pipeline::max_memory`].
+    pub max_memory: Option<u64>,
     /// Explicit initial noise (`[4][h/8][w/8]`, unit Gaussian) instead of the seed's.
     pub noise: Option<Vec<f32>>,
     /// Set from any thread to stop the run: it ends with
@@ -213,6 +215,7 @@ impl Request {
             micro: MicroConditioning::default(),
             loras: Vec::new(),
             decoding: Decoding::default(),
+            max_memory: None,
             noise: None,
             cancel: None,
             init: None,

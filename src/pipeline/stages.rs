@@ -81,6 +81,7 @@ impl Pipeline {
         self.gguf.check_intact()?;
         check_cancel(req.cancel.as_deref())?;
         let t2 = Instant::now();
+        progress(Stage::Sampled);
         if taesd.is_none() {
             taesd = load_taesd()?;
         }

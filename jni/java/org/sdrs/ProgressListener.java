@@ -1,11 +1,14 @@
 package org.sdrs;
 
+import javax.annotation.Nonnull;
+
 /**
- * Sampling progress, called on the thread that runs {@link StableDiffusion#generate}
- * (post to the UI thread from here). An exception thrown from {@code onStep} stops the
- * run, and {@code generate} rethrows it.
+ * Progress of a {@link StableDiffusion#generate} call, called on the thread that runs it
+ * (post to the UI thread from here): once as the run starts ({@code TEXT}), after each
+ * sampling step, with each preview, as the decode starts and at each of its tiles, and
+ * when the image is made ({@code DONE}). An exception thrown here stops the run, and
+ * {@code generate} rethrows it.
  */
 public interface ProgressListener {
-    /** {@code done} of {@code total} sampling steps are finished (1, 2, ... total). */
-    void onStep(int done, int total);
+    void onProgress(@Nonnull Progress progress);
 }

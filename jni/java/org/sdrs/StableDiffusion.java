@@ -1,18 +1,23 @@
 package org.sdrs;
 
+import javax.annotation.CheckForNull;
+import javax.annotation.Nonnull;
+
 /**
  * A Stable Diffusion model, loaded from a GGUF file (memory-mapped, not read into
  * memory) or the small demo model built into the library.
  *
  * <p>Thread safety: every method may be called from any thread. {@link #generate}
  * runs one image at a time per model; a second call waits for the first.
- * {@link #cancel} and {@link #close} never wait for a run.
+ * {@link #cancel}, {@link #close} and {@link Cancellation#cancel} never wait for a run.
  *
  * <pre>{@code
  * try (StableDiffusion sd = StableDiffusion.load(path, 0)) {
  *     Request r = sd.request("a lighthouse at dawn");
- *     Image image = sd.generate(r, (done, total) -> post(done, total));
- *     bitmap.setPixels(image.argb(), 0, image.width, 0, 0, image.width, image.height);
+ *     r.maxMemory = 512L << 20;
+ *     Plan plan = sd.plan(r);               // what it needs, or SdrsException if it cannot fit
+ *     Image image = sd.generate(r, p -> post(p.stage, p.done, p.total), cancellation);
+ *     Bitmap bitmap = Bitmap.createBitmap(image.argb(), image.width, image.height, Bitmap.Config.ARGB_8888);
  * }
  * }</pre>
  */
@@ -38,7 +43,8 @@ public final class StableDiffusion implements AutoCloseable {
      *
      * @param threads worker threads; 0 or less for every core
      */
-    public static StableDiffusion load(String path, int threads) throws SdrsException {
+    @Nonnull
+    public static StableDiffusion load(@Nonnull String path, int threads) throws SdrsException {
         return new StableDiffusion(nativeLoad(path, threads));
     }
 
@@ -47,17 +53,23 @@ public final class StableDiffusion implements AutoCloseable {
      * gives ({@code ParcelFileDescriptor.getFd()}). The library keeps a duplicate, so the
      * caller may close its descriptor once this returns.
      */
+    @Nonnull
     public static StableDiffusion fromFd(int fd, int threads) throws SdrsException {
         return new StableDiffusion(nativeFromFd(fd, threads));
     }
 
     /** The demo model built into the library: coloured shapes, 64x64, 4 LCM steps; nothing to download. */
+    @Nonnull
     public static StableDiffusion demo(int threads) throws SdrsException {
         return new StableDiffusion(nativeDemo(threads));
     }
 
-    /** A request for {@code prompt} with the model's defaults (size, steps, sampler, guidance scale) filled in. */
-    public Request request(String prompt) {
+    /**
+     * A request for {@code prompt} with the model's defaults (size, steps, sampler,
+     * schedule, guidance scale) and the CLI's for the rest filled in.
+     */
+    @Nonnull
+    public Request request(@Nonnull String prompt) {
         Request r = new Request(prompt);
         long h = enter();
         try {
@@ -77,7 +89,7 @@ public final class StableDiffusion implements AutoCloseable {
      * @return how many embeddings were added
      * @throws SdrsException for an unreadable file or one for another model (the message names it)
      */
-    public int addEmbeddings(String path) throws SdrsException {
+    public int addEmbeddings(@Nonnull String path) throws SdrsException {
         long h = enter();
         try {
             return nativeAddEmbeddings(h, path);
@@ -87,14 +99,65 @@ public final class StableDiffusion implements AutoCloseable {
     }
 
     /**
+     * Decodes with this VAE (a single file, original or diffusers naming, e.g.
+     * {@code vae-ft-mse-840000-ema-pruned.safetensors}) instead of the model's. Waits for
+     * a run in progress.
+     *
+     * @throws SdrsException for an unreadable file or a VAE of another shape (the message names it)
+     */
+    public void setVae(@Nonnull String path) throws SdrsException {
+        long h = enter();
+        try {
+            nativeSetVae(h, path);
+        } finally {
+            leave();
+        }
+    }
+
+    /**
+     * What {@code request} needs in memory, stage by stage, and how it would run within
+     * its {@link Request#maxMemory} budget (tiled decode, guidance in two batches): the
+     * run's graphs are built and measured, nothing is computed. Takes a fraction of a
+     * second; waits for a run in progress on this model.
+     *
+     * @throws SdrsException when no plan fits the budget (the message names the stage
+     *     and its need), or for a request the model cannot run
+     */
+    @Nonnull
+    public Plan plan(@Nonnull Request request) throws SdrsException {
+        long h = enter();
+        try {
+            return nativePlan(h, request);
+        } finally {
+            leave();
+        }
+    }
+
+    /** {@link #generate(Request, ProgressListener, Cancellation)} with no listener and no token. */
+    @Nonnull
+    public Image generate(@Nonnull Request request) throws SdrsException {
+        return generate(request, null, null);
+    }
+
+    /** {@link #generate(Request, ProgressListener, Cancellation)} with no token. */
+    @Nonnull
+    public Image generate(@Nonnull Request request, @CheckForNull ProgressListener listener) throws SdrsException {
+        return generate(request, listener, null);
+    }
+
+    /**
      * Generates an image; blocks until it is done.
      *
-     * @param listener called after each sampling step on this thread; may be null
-     * @throws CancelledException when {@link #cancel} or {@link #close} stopped the run
-     * @throws SdrsException for a request the model cannot run (the message says why)
+     * @param listener called on this thread as the run goes; may be null
+     * @param cancellation stops this call when cancelled (before or during it); may be null
+     * @throws CancelledException when {@code cancellation}, {@link #cancel} or
+     *     {@link #close} stopped the run
+     * @throws SdrsException for a request the model cannot run (the message says why),
+     *     or one over its {@link Request#maxMemory} budget (before any work)
      * @throws IllegalStateException after {@link #close}
      */
-    public Image generate(Request request, ProgressListener listener) throws SdrsException {
+    @Nonnull
+    public Image generate(@Nonnull Request request, @CheckForNull ProgressListener listener, @CheckForNull Cancellation cancellation) throws SdrsException {
         long h;
         long ticket;
         synchronized (this) {
@@ -102,16 +165,16 @@ public final class StableDiffusion implements AutoCloseable {
             ticket = cancels;
         }
         try {
-            return nativeGenerate(h, ticket, request, listener);
+            return nativeGenerate(h, ticket, request, listener, cancellation);
         } finally {
             leave();
         }
     }
 
     /**
-     * Stops every {@link #generate} call in progress, running or waiting for another, at
-     * its next sampling step; each then throws {@link CancelledException}. Later calls
-     * are not affected.
+     * Stops every {@link #generate} call on this model in progress, running or waiting for
+     * another, at its next sampling step; each then throws {@link CancelledException}.
+     * Later calls are not affected. To stop one call, give it a {@link Cancellation}.
      */
     public synchronized void cancel() {
         if (closed) {
@@ -174,7 +237,23 @@ public final class StableDiffusion implements AutoCloseable {
 
     private static native void nativeDefaults(long handle, Request request);
 
-    private static native Image nativeGenerate(long handle, long ticket, Request request, ProgressListener listener) throws SdrsException;
+    private static native Image nativeGenerate(long handle, long ticket, Request request, ProgressListener listener, Cancellation cancellation) throws SdrsException;
+
+    private static native Plan nativePlan(long handle, Request request) throws SdrsException;
+
+    private static native void nativeSetVae(long handle, String path) throws SdrsException;
+
+    private static native void nativeCancelToken(long id);
+
+    private static native byte[] nativePng(int width, int height, int[] argb, String parameters) throws SdrsException;
+
+    static void cancelToken(long id) {
+        nativeCancelToken(id);
+    }
+
+    static byte[] png(int width, int height, int[] argb, String parameters) throws SdrsException {
+        return nativePng(width, height, argb, parameters);
+    }
 
     private static native int nativeAddEmbeddings(long handle, String path) throws SdrsException;
 
@@ -187,4 +266,7 @@ public final class StableDiffusion implements AutoCloseable {
     private static native int nativeLiveModels();
 
     private static native void nativePanicForTest(String message) throws SdrsException;
+
+    // The request option fields the library reads, as "name:descriptor".
+    private static native String[] nativeOptionFields();
 }
