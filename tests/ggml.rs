@@ -104,6 +104,7 @@ fn conv_ref(
         kw,
         stride: s,
         pad: p,
+        ..
     } = shape;
     let oh = (h + 2 * p - kh) / s + 1;
     let ow = (w + 2 * p - kw) / s + 1;
@@ -137,22 +138,40 @@ fn conv_ref(
 }
 
 #[test]
-fn conv2d_through_im2col_matches_direct_convolution_in_one_piece_and_in_row_bands() {
+fn conv2d_through_im2col_matches_direct_convolution_in_one_piece_in_row_bands_and_upsampled() {
     // 21 output channels: a whole block of the epilogue's 16 and a partial one.
     let (n, ic, h, w, oc) = (2, 8, 9, 7, 21);
     let bias_values: Vec<f32> = (0..oc).map(|c| c as f32 * 0.25 - 2.0).collect();
     let x: Vec<f32> = (0..n * ic * h * w)
         .map(|i| ((i * 31 % 97) as f32 / 48.0) - 1.0)
         .collect();
+    // The input upsampled 2x (nearest), as an upsampling layer's convolution reads it.
+    let x2: Vec<f32> = (0..n * ic * 4 * h * w)
+        .map(|i| {
+            let (xx, yy, rest) = (i % (2 * w), i / (2 * w) % (2 * h), i / (4 * h * w));
+            x[rest * h * w + yy / 2 * w + xx / 2]
+        })
+        .collect();
     // Budgets: one piece; about 3 bands of output rows; one row per band.
     for budget in [usize::MAX, 2 * ic * 9 * w * n * 4, 1] {
         for ty in [Type::F32, Type::F16] {
-            for (kh, s, p) in [(3, 1, 1), (3, 2, 1), (1, 1, 0), (3, 1, 0)] {
+            for (kh, s, p, up) in [
+                (3, 1, 1, 1),
+                (3, 2, 1, 1),
+                (1, 1, 0, 1),
+                (3, 1, 0, 1),
+                (3, 1, 1, 2),
+                (3, 2, 0, 2),
+                (1, 1, 0, 2),
+            ] {
+                let shape = ConvShape::square(kh, s, p).upsampled(up);
                 let k: Vec<f32> = (0..oc * ic * kh * kh)
                     .map(|i| ((i * 17 % 53) as f32 / 26.0) - 1.0)
                     .collect();
-                let (want, oh, ow) =
-                    conv_ref(&x, [n, ic, h, w], &k, oc, ConvShape::square(kh, s, p));
+                let (want, oh, ow) = match up {
+                    1 => conv_ref(&x, [n, ic, h, w], &k, oc, shape),
+                    _ => conv_ref(&x2, [n, ic, 2 * h, 2 * w], &k, oc, shape),
+                };
                 let ctx = Context::new(256).unwrap();
                 ctx.set_conv_budget(budget);
                 let xin = ctx.tensor(Type::F32, &[w, h, ic, n], "x").unwrap();
@@ -161,9 +180,7 @@ fn conv2d_through_im2col_matches_direct_convolution_in_one_piece_and_in_row_band
                 for t in [xin, kin, bias] {
                     ctx.set_input(t);
                 }
-                let y = ctx
-                    .conv2d(xin, kin, ConvShape::square(kh, s, p), Some(bias))
-                    .unwrap();
+                let y = ctx.conv2d(xin, kin, shape, Some(bias)).unwrap();
                 assert_eq!(y.ne(), [ow, oh, oc, n]);
                 let g = ctx.graph(&[y]).unwrap();
                 // Only the products count as arithmetic, not the data movement around them.
@@ -187,7 +204,7 @@ fn conv2d_through_im2col_matches_direct_convolution_in_one_piece_and_in_row_band
                 let e = rel_rms(&want, &got);
                 assert!(
                     e < tol,
-                    "{} k{kh} s{s} p{p}, budget {budget}: {e}",
+                    "{} k{kh} s{s} p{p} up{up}, budget {budget}: {e}",
                     ty.name()
                 );
             }

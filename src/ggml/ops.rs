@@ -18,13 +18,17 @@ const EPILOGUE: &str = "sdrs.conv_epilogue";
 pub const CONV_MAX_BANDS: usize = 64;
 
 /// The geometry of a 2-D convolution: kernel height and width, stride and zero
-/// padding (the same along both axes).
+/// padding (the same along both axes), and a nearest-neighbour upsampling of the
+/// input by `up` that the convolution reads through instead of materialising it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ConvShape {
     pub kh: usize,
     pub kw: usize,
     pub stride: usize,
     pub pad: usize,
+    /// 1: the input as it is; 2: each input pixel read as a 2x2 block (the UNet's and
+    /// the VAE's upsampling layers, `Upsample2D`: nearest, then this convolution).
+    pub up: usize,
 }
 
 impl ConvShape {
@@ -35,14 +39,20 @@ impl ConvShape {
             kw: k,
             stride,
             pad,
+            up: 1,
         }
     }
 
+    /// This convolution on the input upsampled by `factor` (nearest neighbour).
+    pub fn upsampled(self, factor: usize) -> Self {
+        ConvShape { up: factor, ..self }
+    }
+
     /// The output width and height on a `w`x`h` input; `None` when the kernel does not
-    /// fit the padded input or the stride is 0.
+    /// fit the padded input or the stride or the upsampling factor is 0.
     pub fn output(&self, w: usize, h: usize) -> Option<(usize, usize)> {
-        let (pw, ph) = (w + 2 * self.pad, h + 2 * self.pad);
-        if self.stride == 0 || pw < self.kw || ph < self.kh {
+        let (pw, ph) = (w * self.up + 2 * self.pad, h * self.up + 2 * self.pad);
+        if self.stride == 0 || self.up == 0 || pw < self.kw || ph < self.kh {
             return None;
         }
         Some((
@@ -50,6 +60,17 @@ impl ConvShape {
             (ph - self.kh) / self.stride + 1,
         ))
     }
+}
+
+/// What ggml's GroupNorm asserts on: whole groups of channels, f32.
+fn check_group_norm(a: Tensor<'_>, groups: usize) -> Result<()> {
+    if groups == 0 || !a.ne()[2].is_multiple_of(groups) {
+        return Err(bad(
+            "group_norm",
+            format!("{} channels in {groups} groups", a.ne()[2]),
+        ));
+    }
+    need_f32("group_norm", "input", a)
 }
 
 fn bad(op: &str, msg: String) -> Error {
@@ -126,15 +147,46 @@ impl Context<'_> {
 
     /// Group norm over `[W, H, C, N]` with `groups` groups of channels (`ne[2]`).
     pub fn group_norm<'c>(&'c self, a: Tensor<'c>, groups: usize, eps: f32) -> Result<Tensor<'c>> {
-        if groups == 0 || !a.ne()[2].is_multiple_of(groups) {
-            return Err(bad(
-                "group_norm",
-                format!("{} channels in {groups} groups", a.ne()[2]),
-            ));
-        }
-        need_f32("group_norm", "input", a)?;
-        // SAFETY: unary op.
+        check_group_norm(a, groups)?;
+        // SAFETY: unary op, checked.
         self.op(unsafe { sys::ggml_group_norm(self.raw(), a.raw(), groups as i32, eps) })
+    }
+
+    /// `group_norm(a)·gamma + beta` written over `a` on the CPU (new tensors on a GPU,
+    /// whose backend may reorder nodes). Only for an `a` whose other readers all come
+    /// earlier in the graph's order: ggml runs a CPU graph in that order.
+    pub fn group_norm_affine_over<'c>(
+        &'c self,
+        a: Tensor<'c>,
+        groups: usize,
+        eps: f32,
+        gamma: Tensor<'c>,
+        beta: Tensor<'c>,
+    ) -> Result<Tensor<'c>> {
+        if self.on_gpu() {
+            let y = self.group_norm(a, groups, eps)?;
+            return self.add(self.mul(y, gamma)?, beta);
+        }
+        check_group_norm(a, groups)?;
+        check_binary("mul", a, gamma)?;
+        check_binary("add", a, beta)?;
+        // SAFETY: unary and binary ops, checked; each result is a view of `a`.
+        unsafe {
+            let y = self.op(sys::ggml_group_norm_inplace(self.raw(), a.raw(), groups as i32, eps))?;
+            let y = self.op(sys::ggml_mul_inplace(self.raw(), y.raw(), gamma.raw()))?;
+            self.op(sys::ggml_add_inplace(self.raw(), y.raw(), beta.raw()))
+        }
+    }
+
+    /// SiLU written over `a` on the CPU (a new tensor on a GPU), under the same
+    /// condition as [`Context::group_norm_affine_over`].
+    pub fn silu_over<'c>(&'c self, a: Tensor<'c>) -> Result<Tensor<'c>> {
+        if self.on_gpu() {
+            return self.silu(a);
+        }
+        need_f32("silu", "input", a)?;
+        // SAFETY: unary op; the result is a view of `a`.
+        self.op(unsafe { sys::ggml_silu_inplace(self.raw(), a.raw()) })
     }
 
     /// Exact (erf) GELU, as PyTorch's default `nn.GELU` (ggml's `gelu` is a tanh
@@ -461,6 +513,7 @@ impl Context<'_> {
             kw,
             stride,
             pad,
+            up,
         } = shape;
         let [w, h, ic, n] = x.ne();
         let [k, oc, _, _] = kernel.ne();
@@ -472,12 +525,23 @@ impl Context<'_> {
         };
         need_f32("conv2d", "input", x)?;
         let pointwise = kh == 1 && kw == 1 && stride == 1 && pad == 0;
+        if up > 1 && (pointwise || self.on_gpu()) {
+            // Only sdrs' im2col reads through an upsampling; elsewhere it is made.
+            let x = self.upscale_nearest(x, up)?;
+            return self.conv2d(x, kernel, ConvShape { up: 1, ..shape }, bias);
+        }
         let product_of = |cols: Tensor<'c>, pixels: usize| {
             // [OC, pixels·N], a pixel's channels together.
             let y = self.mul_mat(kernel, self.reshape(cols, &[k, pixels * n])?)?;
             self.reshape(y, &[oc, pixels, n])
         };
-        if pointwise {
+        // The column matrix a band of output rows needs, and so how many bands keep it
+        // within the budget.
+        let row_bytes = k * ow * n * Type::F32.type_size();
+        let bands = (row_bytes * oh)
+            .div_ceil(self.conv_budget.get())
+            .clamp(1, oh.min(CONV_MAX_BANDS));
+        if pointwise && bands == 1 {
             // A 1x1 convolution is a matmul over channels: [W*H, IC] per image.
             let x = if x.is_contiguous() { x } else { self.cont(x)? };
             let xt = self.transpose_inner(self.reshape(x, &[w * h, ic, n])?)?; // [IC, W*H, N]
@@ -513,12 +577,11 @@ impl Context<'_> {
         // The column matrix of a large convolution (a VAE decoder's at 512x512: 2.4 GB
         // for one 3x3 conv of 256 channels) is built and multiplied a band of output rows
         // at a time. Each output is the same dot product as in one piece, so this is
-        // exact, and the columns stay within the budget. At most CONV_MAX_BANDS bands:
-        // each adds ~8 tensors to the graph, and the context was sized by its builder.
-        let row_bytes = k * ow * n * Type::F32.type_size();
-        let bands = (row_bytes * oh)
-            .div_ceil(self.conv_budget.get())
-            .clamp(1, oh.min(CONV_MAX_BANDS));
+        // exact, and the columns stay within the budget. A large 1x1 convolution (the
+        // VAE's last shortcut: 256 MB of input at 512x512) goes the same way, its
+        // transposed input made a band at a time rather than whole. At most
+        // CONV_MAX_BANDS bands: each adds ~8 tensors to the graph, and the context was
+        // sized by its builder.
         self.ensure_room(8 * bands + 8)?;
         let band = oh.div_ceil(bands);
         let mut products = Vec::with_capacity(bands);
@@ -651,8 +714,9 @@ impl Context<'_> {
     }
 
     /// The column matrix `[IC*kh*kw, OW, rows, N]` of output rows `row0..row0+rows`
-    /// of a convolution of `x` `[W, H, IC, N]` (f32, rows contiguous) with `pad`
-    /// zeros on every side, by sdrs' own kernel (`ggml/im2col.rs`).
+    /// of a convolution of `x` `[W, H, IC, N]` (f32, rows contiguous; read upsampled
+    /// by `shape.up`) with `pad` zeros on every side, by sdrs' own kernel
+    /// (`ggml/im2col.rs`).
     fn im2col_rows<'c>(
         &'c self,
         x: Tensor<'c>,
@@ -685,6 +749,7 @@ impl Context<'_> {
             kw,
             stride: shape.stride,
             pad: shape.pad,
+            up: shape.up,
             row0,
         });
         let mut args = [x.raw()];

@@ -128,6 +128,27 @@ impl<'c> Nn<'c> {
         }
     }
 
+    /// An upsampling layer (`Upsample2D`): nearest-neighbour 2x, then the 3x3
+    /// convolution `name`, which reads the input through the upsampling instead of
+    /// making the 4x larger tensor (see [`ConvShape::up`]). A LoRA on the convolution
+    /// needs that tensor as its input, so then it is made.
+    pub fn upsample_conv(&self, x: Tensor<'c>, name: &str) -> Result<Tensor<'c>> {
+        if self.adapters.is_some() {
+            return self.conv(self.ctx.upscale_nearest(x, 2)?, name, 3, 1, 1);
+        }
+        let mut w = self.w.get(&format!("{name}.weight"))?;
+        let ne = w.ne();
+        if ne[2] > 1 || ne[3] > 1 {
+            w = self.ctx.reshape(w, &[ne[0] * ne[1] * ne[2], ne[3]])?;
+        }
+        self.ctx.conv2d(
+            x,
+            self.kernel(w)?,
+            ConvShape::square(3, 1, 1).upsampled(2),
+            self.w.opt(&format!("{name}.bias")),
+        )
+    }
+
     /// `w` as the product should see it (see [`Nn::f32_kernels`]).
     fn kernel(&self, w: Tensor<'c>) -> Result<Tensor<'c>> {
         if self.f32_kernels && w.ty() == Type::F16 {
@@ -145,8 +166,32 @@ impl<'c> Nn<'c> {
         groups: usize,
         eps: f32,
     ) -> Result<Tensor<'c>> {
-        let c = x.ne()[2];
         let y = self.ctx.group_norm(x, groups, eps)?;
+        self.affine(y, name)
+    }
+
+    /// [`Nn::group_norm`] written over `x` ([`Context::group_norm_over`]): for an `x`
+    /// whose other readers all come earlier in the graph.
+    pub fn group_norm_over(
+        &self,
+        x: Tensor<'c>,
+        name: &str,
+        groups: usize,
+        eps: f32,
+    ) -> Result<Tensor<'c>> {
+        let c = x.ne()[2];
+        let g = self
+            .ctx
+            .reshape(self.w.get(&format!("{name}.weight"))?, &[1, 1, c, 1])?;
+        let b = self
+            .ctx
+            .reshape(self.w.get(&format!("{name}.bias"))?, &[1, 1, c, 1])?;
+        self.ctx.group_norm_affine_over(x, groups, eps, g, b)
+    }
+
+    /// `y·γ + β`, per channel, with `name`'s `.weight` and `.bias`.
+    fn affine(&self, y: Tensor<'c>, name: &str) -> Result<Tensor<'c>> {
+        let c = y.ne()[2];
         let g = self
             .ctx
             .reshape(self.w.get(&format!("{name}.weight"))?, &[1, 1, c, 1])?;

@@ -87,14 +87,20 @@ fn block<'c>(nn: &Nn<'c>, x: Tensor<'c>, p: &str) -> Result<Tensor<'c>> {
 fn run<'c>(nn: &Nn<'c>, layers: &[Layer], x: Tensor<'c>) -> Result<Tensor<'c>> {
     let c = nn.ctx;
     let mut x = x;
-    for l in layers {
+    let mut layers = layers.iter().peekable();
+    while let Some(l) = layers.next() {
         x = match *l {
             Clamp => c.scale(c.tanh(c.scale(x, 1.0 / 3.0)?)?, 3.0)?,
+            // The convolution after an upsampling reads through it (the decoder's three
+            // `Upsample, Conv` pairs), so the 4x tensor is never made.
+            Up => match layers.next_if(|l| matches!(l, Conv(_))) {
+                Some(Conv(i)) => nn.upsample_conv(x, &i.to_string())?,
+                _ => c.upscale_nearest(x, 2)?,
+            },
             Conv(i) => nn.conv(x, &i.to_string(), 3, 1, 1)?,
             Down(i) => nn.conv(x, &i.to_string(), 3, 2, 1)?,
             Relu => c.relu(x)?,
             Block(i) => block(nn, x, &i.to_string())?,
-            Up => c.upscale_nearest(x, 2)?,
         };
     }
     Ok(x)

@@ -109,7 +109,7 @@ fn block<'c>(
             Block::Res(r) => resblock(nn, x, emb, r)?,
             Block::Transformer(t) => spatial_transformer(nn, x, context, t)?,
             Block::Downsample(l) => nn.conv(x, &l.name, 3, 2, 1)?,
-            Block::Upsample(l) => nn.conv(nn.ctx.upscale_nearest(x, 2)?, &l.name, 3, 1, 1)?,
+            Block::Upsample(l) => nn.upsample_conv(x, &l.name)?,
         };
     }
     Ok(x)

@@ -20,14 +20,21 @@ fn resnet<'c>(
     shared: Option<&SharedNorms>,
 ) -> Result<Tensor<'c>> {
     let c = nn.ctx;
-    let h = c.silu(group_norm(nn, shared, x, &r.norm1.name, GROUPS, EPS)?)?;
-    let h = nn.conv(h, &r.conv1.name, 3, 1, 1)?;
-    let h = c.silu(group_norm(nn, shared, h, &r.norm2.name, GROUPS, EPS)?)?;
-    let h = nn.conv(h, &r.conv2.name, 3, 1, 1)?;
     let skip = match &r.shortcut {
         Some(s) => nn.conv(x, &s.name, 1, 1, 0)?,
         None => x,
     };
+    // With a shortcut convolution, `x` has no reader after the first norm: ggml runs
+    // the graph in order, and the sum below reads `skip` first, so the shortcut's
+    // nodes come before the norm's. The norm then overwrites `x` instead of taking as
+    // much again (256 MB for the decoder's last such block at 512x512).
+    let h = match (&r.shortcut, shared) {
+        (Some(_), None) => c.silu_over(nn.group_norm_over(x, &r.norm1.name, GROUPS, EPS)?)?,
+        _ => c.silu(group_norm(nn, shared, x, &r.norm1.name, GROUPS, EPS)?)?,
+    };
+    let h = nn.conv(h, &r.conv1.name, 3, 1, 1)?;
+    let h = c.silu(group_norm(nn, shared, h, &r.norm2.name, GROUPS, EPS)?)?;
+    let h = nn.conv(h, &r.conv2.name, 3, 1, 1)?;
     c.add(skip, h)
 }
 
@@ -106,7 +113,7 @@ fn decoder_up<'c>(
             x = resnet(nn, x, r, shared)?;
         }
         if let Some(up) = &level.resample {
-            x = nn.conv(c.upscale_nearest(x, 2)?, &up.name, 3, 1, 1)?;
+            x = nn.upsample_conv(x, &up.name)?;
         }
     }
     let x = c.silu(group_norm(nn, shared, x, &d.norm_out.name, GROUPS, EPS)?)?;
