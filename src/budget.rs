@@ -93,6 +93,11 @@ pub struct Plan {
     pub split_guidance: bool,
     /// The VAE decodes in tiles.
     pub tiling: Option<Tiling>,
+    /// The UNet reads its weights from the model file's mapping instead of copies in
+    /// ggml's faster repacked layout, so they are clean file pages that the kernel may
+    /// drop under the budget and read again at the next step (slower, but a run that
+    /// could not fit otherwise completes).
+    pub stream_unet: bool,
 }
 
 impl Plan {
@@ -124,6 +129,9 @@ impl Plan {
         if self.split_guidance {
             s.push_str("; guidance as two batches of one");
         }
+        if self.stream_unet {
+            s.push_str("; UNet weights read from the file as needed");
+        }
         if let Some(t) = self.tiling {
             let _ = write!(s, "; VAE decode in {}x{}-latent tiles", t.tile_w, t.tile_h);
         }
@@ -140,6 +148,9 @@ pub trait Stages {
     fn before(&self) -> Result<Vec<Need>>;
     /// The UNet with `batch` latents per evaluation.
     fn unet(&self, batch: usize) -> Result<Need>;
+    /// The same with its weights left in the file's mapping ([`Plan::stream_unet`]):
+    /// `weights` counts only what must stay resident.
+    fn unet_streamed(&self, batch: usize) -> Result<Need>;
     /// The decode of the whole latent (`None`) or in tiles.
     fn decode(&self, tiling: Option<Tiling>) -> Result<Need>;
     /// Latent width and height (for tiling).
@@ -177,8 +188,25 @@ pub fn plan(stages: &dyn Stages, guided: bool, budget: Option<Budget>) -> Result
         split_guidance = true;
         unet = stages.unet(1)?;
     }
+    // Last, the weights left to the page cache: each step may read them again.
+    let mut stream_unet = false;
     if !room(&unet) {
-        return Err(refuse(&unet, "even with one latent per evaluation "));
+        // Streamed, both branches in one batch read the weights once per step: worth
+        // more than the halved buffer, so that is tried first again.
+        split_guidance = false;
+        let mut streamed = stages.unet_streamed(if guided { 2 } else { 1 })?;
+        if guided && !room(&streamed) {
+            split_guidance = true;
+            streamed = stages.unet_streamed(1)?;
+        }
+        if !room(&streamed) {
+            return Err(refuse(
+                &streamed,
+                "even with one latent per evaluation and its weights read from the file as needed ",
+            ));
+        }
+        stream_unet = true;
+        unet = streamed;
     }
     needs.push(unet);
     let whole = stages.decode(None)?;
@@ -211,6 +239,7 @@ pub fn plan(stages: &dyn Stages, guided: bool, budget: Option<Budget>) -> Result
         needs,
         split_guidance,
         tiling,
+        stream_unet,
     })
 }
 
@@ -352,6 +381,12 @@ mod tests {
                 other: 0,
             })
         }
+        fn unet_streamed(&self, batch: usize) -> Result<Need> {
+            Ok(Need {
+                weights: 10 * M,
+                ..self.unet(batch)?
+            })
+        }
         fn decode(&self, tiling: Option<Tiling>) -> Result<Need> {
             let (w, h) = self.latent;
             let area = tiling.map_or(w * h, |t| t.clamp(w, h).tile_w * t.clamp(w, h).tile_h) as u64;
@@ -409,13 +444,37 @@ mod tests {
     }
 
     #[test]
+    fn a_budget_below_the_unets_weights_leaves_them_to_the_page_cache_last() {
+        let f = Fake {
+            latent: (16, 16),
+            tileable: true,
+        };
+        // Splitting guidance is enough for 500 MiB (300 + 100 + 64): no streaming.
+        let p = plan(&f, true, budget(500)).unwrap();
+        assert!(p.split_guidance && !p.stream_unet, "{}", p.summary());
+        // 420 MiB is below the resident UNet even split: its weights stream, and the
+        // batch of 2 fits beside them (10 + 200 + 64).
+        let p = plan(&f, true, budget(420)).unwrap();
+        assert!(p.stream_unet && !p.split_guidance, "{}", p.summary());
+        assert!(p.peak() <= 420 * M && p.summary().contains("read from the file"));
+        // 250 MiB: streamed and split (10 + 100 + 64).
+        let p = plan(&f, true, budget(250)).unwrap();
+        assert!(p.stream_unet && p.split_guidance, "{}", p.summary());
+    }
+
+    #[test]
     fn an_impossible_budget_is_refused_naming_the_stage() {
         let f = Fake {
             latent: (64, 64),
             tileable: true,
         };
-        let e = plan(&f, true, budget(420)).unwrap_err().to_string();
-        assert!(e.contains("unet stage") && e.contains("420 MiB"), "{e}");
+        // 80 + 20 for the text fits 170 with the process's 64; the UNet, streamed and
+        // split, needs 10 + 100 and the 64.
+        let e = plan(&f, true, budget(170)).unwrap_err().to_string();
+        assert!(
+            e.contains("unet stage") && e.contains("170 MiB") && e.contains("read from the file"),
+            "{e}"
+        );
         let e = plan(
             &Fake {
                 latent: (64, 64),

@@ -422,12 +422,13 @@ pub(crate) fn plan<'l>(
     let tile = plan.tiling.map_or(0, |t| t.tile_w.max(t.tile_h) * scale);
     Ok(env.new_object(
         "org/sdrs/Plan",
-        "(J[Lorg/sdrs/Plan$Need;JZILjava/lang/String;)V",
+        "(J[Lorg/sdrs/Plan$Need;JZZILjava/lang/String;)V",
         &[
             bytes(plan.peak()),
             JValue::Object(&needs),
             bytes(plan.budget.map_or(0, |b| b.bytes)),
             JValue::Bool(plan.split_guidance.into()),
+            JValue::Bool(plan.stream_unet.into()),
             JValue::Int(dim(tile)),
             JValue::Object(&summary),
         ],

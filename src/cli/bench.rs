@@ -183,7 +183,7 @@ pub fn run(a: Args, threads: Option<usize>, target: &super::Target) -> Result<()
             "compute_buffer_bytes": compute_bytes,
             "plan": {
                 "peak_bytes": plan.peak(), "budget_bytes": plan.budget.map(|b| b.bytes),
-                "split_guidance": plan.split_guidance, "vae_tile": plan.tiling.map(|t| [t.tile_w, t.tile_h]),
+                "split_guidance": plan.split_guidance, "stream_unet": plan.stream_unet, "vae_tile": plan.tiling.map(|t| [t.tile_w, t.tile_h]),
                 "stages": plan.needs.iter().map(|n| serde_json::json!({"stage": n.stage, "weights": n.weights, "compute": n.compute, "other": n.other})).collect::<Vec<_>>(),
             },
             "profile": a.profile.then(|| serde_json::json!({

@@ -172,7 +172,12 @@ impl Context<'_> {
         check_binary("add", a, beta)?;
         // SAFETY: unary and binary ops, checked; each result is a view of `a`.
         unsafe {
-            let y = self.op(sys::ggml_group_norm_inplace(self.raw(), a.raw(), groups as i32, eps))?;
+            let y = self.op(sys::ggml_group_norm_inplace(
+                self.raw(),
+                a.raw(),
+                groups as i32,
+                eps,
+            ))?;
             let y = self.op(sys::ggml_mul_inplace(self.raw(), y.raw(), gamma.raw()))?;
             self.op(sys::ggml_add_inplace(self.raw(), y.raw(), beta.raw()))
         }

@@ -17,6 +17,10 @@ pub struct Weights<'g> {
     repacked: usize,
     /// Data bytes of all the weights (mapped or copied).
     bytes: u64,
+    /// Of those, the bytes converted into memory of our own (anonymous), and the
+    /// largest single weight left in the mapping.
+    converted_bytes: u64,
+    largest_mapped: u64,
     /// Weights copied out of the mapping (into the repack buffer).
     copied: std::collections::HashSet<String>,
 }
@@ -45,11 +49,13 @@ impl<'g> Weights<'g> {
         let mut converted = Vec::new();
         let mut copied = std::collections::HashSet::new();
         let mut bytes = 0;
+        let (mut converted_bytes, mut largest_mapped) = (0, 0);
         for t in infos {
             let packable =
                 matches!(t.ty, Type::Q4_0 | Type::Q4_K) && t.ne.len() == 2 && t.ne[1] % 8 == 0;
             if let Some((tensor, data)) = fitted(&ctx, gguf, t)? {
                 bytes += data.len() as u64;
+                converted_bytes += data.len() as u64;
                 converted.push((tensor, data));
                 copied.insert(t.name.clone());
             } else if can && packable && repack(&t.name) {
@@ -58,6 +64,7 @@ impl<'g> Weights<'g> {
                 copied.insert(t.name.clone());
             } else {
                 bytes += t.nbytes;
+                largest_mapped = largest_mapped.max(t.nbytes);
                 let tensor = new_tensor(&ctx, gguf, t, t.ty)?;
                 ctx.place(&region, tensor, (gguf.data_offset + t.offset) as usize)?;
             }
@@ -95,6 +102,8 @@ impl<'g> Weights<'g> {
             ctx,
             repacked,
             bytes,
+            converted_bytes,
+            largest_mapped,
             copied,
         })
     }
@@ -113,6 +122,13 @@ impl<'g> Weights<'g> {
     /// Data bytes of all the weights, mapped or copied (what a stage keeps resident).
     pub fn bytes(&self) -> u64 {
         self.bytes
+    }
+
+    /// What must stay resident when the mapped weights are left to the page cache (a
+    /// memory cgroup reclaims their clean pages and the next step reads them again):
+    /// the converted ones, and the largest mapped weight, which one product reads whole.
+    pub fn streamed_bytes(&self) -> u64 {
+        self.converted_bytes + self.largest_mapped
     }
 
     /// How many weights are held in ggml's repacked layout.
@@ -191,11 +207,14 @@ impl Weights<'static> {
             gguf.release_tensor(t);
             copied.insert(t.name.clone());
         }
+        // Every weight is copied (onto a device, or into our own memory).
         Ok(Weights {
             path: gguf.path.clone(),
             ctx,
             repacked: 0,
             bytes,
+            converted_bytes: bytes,
+            largest_mapped: 0,
             copied,
         })
     }
@@ -249,6 +268,8 @@ impl Weights<'static> {
             ctx,
             repacked: 0,
             bytes,
+            converted_bytes: bytes,
+            largest_mapped: 0,
             copied: Default::default(),
         })
     }

@@ -175,7 +175,7 @@ impl Pipeline {
         // The UNet's weights, graph and compute buffer are dropped when this returns.
         let uw = self.stage(
             is_unet,
-            |n| self.repack && is_unet(n) && n.ends_with(".weight"),
+            |n| self.repack && !memory.stream_unet && is_unet(n) && n.ends_with(".weight"),
             |d| &d.unet,
         )?;
         // Copied weights are not read from the mapping again.

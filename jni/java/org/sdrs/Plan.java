@@ -37,17 +37,24 @@ public final class Plan {
     public final long budgetBytes;
     /** The guided UNet runs its two branches one after the other (half the buffer, the same image). */
     public final boolean splitGuidance;
+    /**
+     * The UNet reads its weights from the model file as it needs them instead of keeping
+     * copies: clean file pages the system may drop under the budget and read again at the
+     * next step (slower, but the run fits).
+     */
+    public final boolean streamUnet;
     /** The VAE decodes in tiles of this many pixels a side; 0 for one whole-image decode. */
     public final int tileSize;
     /** The plan as the CLI's {@code --plan} prints it. */
     @Nonnull public final String summary;
 
     // Made by the native library only.
-    Plan(long peakBytes, Need[] stages, long budgetBytes, boolean splitGuidance, int tileSize, String summary) {
+    Plan(long peakBytes, Need[] stages, long budgetBytes, boolean splitGuidance, boolean streamUnet, int tileSize, String summary) {
         this.peakBytes = peakBytes;
         this.stages = stages;
         this.budgetBytes = budgetBytes;
         this.splitGuidance = splitGuidance;
+        this.streamUnet = streamUnet;
         this.tileSize = tileSize;
         this.summary = summary;
     }
