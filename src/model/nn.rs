@@ -105,14 +105,9 @@ impl<'c> Nn<'c> {
         stride: usize,
         pad: usize,
     ) -> Result<Tensor<'c>> {
-        let mut w = self.w.get(&format!("{name}.weight"))?;
-        let ne = w.ne();
-        if ne[2] > 1 || ne[3] > 1 {
-            w = self.ctx.reshape(w, &[ne[0] * ne[1] * ne[2], ne[3]])?;
-        }
         let y = self.ctx.conv2d(
             x,
-            self.kernel(w)?,
+            self.conv_kernel(name)?,
             ConvShape::square(k, stride, pad),
             self.w.opt(&format!("{name}.bias")),
         )?;
@@ -136,17 +131,23 @@ impl<'c> Nn<'c> {
         if self.adapters.is_some() {
             return self.conv(self.ctx.upscale_nearest(x, 2)?, name, 3, 1, 1);
         }
+        self.ctx.conv2d(
+            x,
+            self.conv_kernel(name)?,
+            ConvShape::square(3, 1, 1).upsampled(2),
+            self.w.opt(&format!("{name}.bias")),
+        )
+    }
+
+    /// Convolution `name`'s kernel as the matrix `[IC*kh*kw, OC]`: our files store it so,
+    /// stable-diffusion.cpp's 4-D.
+    fn conv_kernel(&self, name: &str) -> Result<Tensor<'c>> {
         let mut w = self.w.get(&format!("{name}.weight"))?;
         let ne = w.ne();
         if ne[2] > 1 || ne[3] > 1 {
             w = self.ctx.reshape(w, &[ne[0] * ne[1] * ne[2], ne[3]])?;
         }
-        self.ctx.conv2d(
-            x,
-            self.kernel(w)?,
-            ConvShape::square(3, 1, 1).upsampled(2),
-            self.w.opt(&format!("{name}.bias")),
-        )
+        self.kernel(w)
     }
 
     /// `w` as the product should see it (see [`Nn::f32_kernels`]).
@@ -170,7 +171,7 @@ impl<'c> Nn<'c> {
         self.affine(y, name)
     }
 
-    /// [`Nn::group_norm`] written over `x` ([`Context::group_norm_over`]): for an `x`
+    /// [`Nn::group_norm`] written over `x` ([`Context::group_norm_affine_over`]): for an `x`
     /// whose other readers all come earlier in the graph.
     pub fn group_norm_over(
         &self,
@@ -179,26 +180,24 @@ impl<'c> Nn<'c> {
         groups: usize,
         eps: f32,
     ) -> Result<Tensor<'c>> {
-        let c = x.ne()[2];
-        let g = self
-            .ctx
-            .reshape(self.w.get(&format!("{name}.weight"))?, &[1, 1, c, 1])?;
-        let b = self
-            .ctx
-            .reshape(self.w.get(&format!("{name}.bias"))?, &[1, 1, c, 1])?;
+        let (g, b) = self.affine_params(name, x.ne()[2])?;
         self.ctx.group_norm_affine_over(x, groups, eps, g, b)
     }
 
     /// `y·γ + β`, per channel, with `name`'s `.weight` and `.bias`.
     fn affine(&self, y: Tensor<'c>, name: &str) -> Result<Tensor<'c>> {
-        let c = y.ne()[2];
-        let g = self
-            .ctx
-            .reshape(self.w.get(&format!("{name}.weight"))?, &[1, 1, c, 1])?;
-        let b = self
-            .ctx
-            .reshape(self.w.get(&format!("{name}.bias"))?, &[1, 1, c, 1])?;
+        let (g, b) = self.affine_params(name, y.ne()[2])?;
         self.ctx.add(self.ctx.mul(y, g)?, b)
+    }
+
+    /// A norm's γ and β (`name.weight`, `name.bias`) over `channels`, shaped to
+    /// broadcast over `[W, H, C, N]`.
+    fn affine_params(&self, name: &str, channels: usize) -> Result<(Tensor<'c>, Tensor<'c>)> {
+        let param = |p: &str| {
+            self.ctx
+                .reshape(self.w.get(&format!("{name}.{p}"))?, &[1, 1, channels, 1])
+        };
+        Ok((param("weight")?, param("bias")?))
     }
 
     /// LayerNorm with affine parameters over `ne[0]`.
