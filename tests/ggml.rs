@@ -226,6 +226,10 @@ fn ops_refuse_shapes_that_would_abort_ggml() {
         .is_err());
     assert!(ctx.permute(a, [0, 0, 1, 2]).is_err());
     assert!(ctx.view(a, [4, 4, 1, 1], [0, 0, 0, 0]).is_err());
+    // Element counts ggml's i64 cannot hold (a fuzzed file's shape, an empty dimension
+    // hiding the rest from a product): refused, not an abort.
+    assert!(ctx.tensor(Type::F32, &[32, 0, 1 << 62, 4], "huge").is_err());
+    assert!(ctx.tensor(Type::F32, &[1 << 63], "negative").is_err());
 }
 
 #[test]

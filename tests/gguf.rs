@@ -151,6 +151,23 @@ fn hostile_counts_are_refused_before_allocating() {
 }
 
 #[test]
+fn an_empty_dimension_cannot_hide_an_absurd_shape() {
+    // One tensor `t`, f32, [32, 0, 2^62, 4]: zero elements by product, yet more than an
+    // i64 can count in ggml (which aborts on such a tensor).
+    let mut b = header(1, 0);
+    b.extend(1u64.to_le_bytes());
+    b.push(b't');
+    b.extend(4u32.to_le_bytes());
+    for d in [32u64, 0, 1 << 62, 4] {
+        b.extend(d.to_le_bytes());
+    }
+    b.extend(0u32.to_le_bytes());
+    b.extend(0u64.to_le_bytes());
+    b.resize(1024, 0);
+    assert!(open_err(&b).contains("absurd shape"));
+}
+
+#[test]
 fn corrupt_and_truncated_files_give_clear_errors() {
     assert!(open_err(b"GGUX\x03\0\0\0").contains("bad magic"));
     assert!(open_err(b"GG").contains("bad magic"));

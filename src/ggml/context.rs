@@ -280,7 +280,23 @@ impl<'d> Context<'d> {
 
     /// A new tensor of type `ty` with ggml dims `ne` (innermost first, 1 to 4 dims).
     pub fn tensor(&self, ty: Type, ne: &[usize], name: &str) -> Result<Tensor<'_>> {
-        if ne.is_empty() || ne.len() > 4 || !ty.fits_row(ne[0]) {
+        // ggml asserts that the element count fits an i64, multiplying the dims over 1.
+        let count = ne
+            .iter()
+            .skip(1)
+            .try_fold(ne.first().copied().unwrap_or(0), |n, &d| {
+                if d > 1 {
+                    n.checked_mul(d)
+                } else {
+                    Some(n)
+                }
+            });
+        if ne.is_empty()
+            || ne.len() > 4
+            || !ty.fits_row(ne[0])
+            || ne.iter().any(|&d| i64::try_from(d).is_err())
+            || count.is_none_or(|n| i64::try_from(n).is_err())
+        {
             return Err(Error::Ggml(format!(
                 "cannot make a {} tensor of shape {ne:?}",
                 ty.name()

@@ -349,10 +349,11 @@ impl<'a> Parser<'a> {
             let ty = Type::from_id(tid)
                 .ok_or_else(|| self.err(format!("tensor `{name}` has unknown ggml type {tid}")))?;
             let offset = self.u64()?;
+            // An empty dimension would hide any size in the others from the product.
             let numel = ne
                 .iter()
                 .try_fold(1u64, |a, &d| a.checked_mul(d))
-                .filter(|&n| n < 1 << 50)
+                .filter(|&n| n > 0 && n < 1 << 50)
                 .ok_or_else(|| self.err(format!("tensor `{name}` has absurd shape {ne:?}")))?;
             if ne[0] % ty.block_size() as u64 != 0 {
                 return Err(self.err(format!(
