@@ -148,9 +148,9 @@ pub trait Stages {
     fn before(&self) -> Result<Vec<Need>>;
     /// The UNet with `batch` latents per evaluation.
     fn unet(&self, batch: usize) -> Result<Need>;
-    /// The same with its weights left in the file's mapping ([`Plan::stream_unet`]):
-    /// `weights` counts only what must stay resident.
-    fn unet_streamed(&self, batch: usize) -> Result<Need>;
+    /// The UNet's weight bytes that must stay resident when they are left in the
+    /// file's mapping ([`Plan::stream_unet`]); its compute buffer is the same.
+    fn unet_streamed_weights(&self) -> Result<u64>;
     /// The decode of the whole latent (`None`) or in tiles.
     fn decode(&self, tiling: Option<Tiling>) -> Result<Need>;
     /// Latent width and height (for tiling).
@@ -183,7 +183,8 @@ pub fn plan(stages: &dyn Stages, guided: bool, budget: Option<Budget>) -> Result
         return Err(refuse(n, ""));
     }
     let mut split_guidance = false;
-    let mut unet = stages.unet(if guided { 2 } else { 1 })?;
+    let batched = stages.unet(if guided { 2 } else { 1 })?;
+    let mut unet = batched.clone();
     if guided && !room(&unet) {
         split_guidance = true;
         unet = stages.unet(1)?;
@@ -193,11 +194,13 @@ pub fn plan(stages: &dyn Stages, guided: bool, budget: Option<Budget>) -> Result
     if !room(&unet) {
         // Streamed, both branches in one batch read the weights once per step: worth
         // more than the halved buffer, so that is tried first again.
+        let weights = stages.unet_streamed_weights()?;
+        let split = split_guidance;
         split_guidance = false;
-        let mut streamed = stages.unet_streamed(if guided { 2 } else { 1 })?;
-        if guided && !room(&streamed) {
+        let mut streamed = Need { weights, ..batched };
+        if split && !room(&streamed) {
             split_guidance = true;
-            streamed = stages.unet_streamed(1)?;
+            streamed = Need { weights, ..unet };
         }
         if !room(&streamed) {
             return Err(refuse(
@@ -381,11 +384,8 @@ mod tests {
                 other: 0,
             })
         }
-        fn unet_streamed(&self, batch: usize) -> Result<Need> {
-            Ok(Need {
-                weights: 10 * M,
-                ..self.unet(batch)?
-            })
+        fn unet_streamed_weights(&self) -> Result<u64> {
+            Ok(10 * M)
         }
         fn decode(&self, tiling: Option<Tiling>) -> Result<Need> {
             let (w, h) = self.latent;

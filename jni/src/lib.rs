@@ -53,6 +53,13 @@ impl Model {
         }
     }
 
+    /// A Java `Request` as this model runs it (its defaults where unset).
+    fn read(&self, env: &mut JNIEnv, req: &JObject) -> Result<Request, Fail> {
+        env.with_local_frame(32, |env| {
+            request::read(env, req, &self.defaults, self.multiple)
+        })
+    }
+
     fn into_handle(self) -> jlong {
         Box::into_raw(Box::new(self)) as jlong
     }
@@ -394,9 +401,7 @@ pub extern "system" fn Java_org_sdrs_StableDiffusion_nativeGenerate<'l>(
     guard(&mut env, std::ptr::null_mut(), |env| {
         // SAFETY: the Java class passes only live handles.
         let model = unsafe { Model::from_handle(h)? };
-        let mut r = env.with_local_frame(32, |env| {
-            request::read(env, &req, &model.defaults, model.multiple)
-        })?;
+        let mut r = model.read(env, &req)?;
         let run = Run::start(env, model, ticket, &token)?;
         r.cancel = Some(Arc::clone(&run.flag));
         let pipe = lock(model)?;
@@ -466,9 +471,7 @@ pub extern "system" fn Java_org_sdrs_StableDiffusion_nativePlan<'l>(
     guard(&mut env, std::ptr::null_mut(), |env| {
         // SAFETY: the Java class passes only live handles.
         let model = unsafe { Model::from_handle(h)? };
-        let r = env.with_local_frame(32, |env| {
-            request::read(env, &req, &model.defaults, model.multiple)
-        })?;
+        let r = model.read(env, &req)?;
         let pipe = lock(model)?;
         let (lw, _) = pipe.latent_size(r.width, r.height)?;
         let plan = pipe.plan(&r)?;

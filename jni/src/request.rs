@@ -35,16 +35,22 @@ fn text(env: &mut JNIEnv, obj: &JObject, name: &str) -> Result<Option<String>, F
     Ok(Some(s))
 }
 
-/// A size: 0 for unset.
-fn size(env: &mut JNIEnv, obj: &JObject, name: &str) -> Result<Option<usize>, Fail> {
-    match int(env, obj, name)? {
+/// A whole-number field's value: `None` for 0 (unset, which means `unset`), an error
+/// when negative.
+fn positive(name: &str, n: i64, unset: &str) -> Result<Option<u64>, Fail> {
+    match n {
         0 => Ok(None),
-        n => usize::try_from(n).map(Some).map_err(|_| {
+        n => u64::try_from(n).map(Some).map_err(|_| {
             Fail::Msg(format!(
-                "Request.{name} must be positive (or 0 for the default), not {n}"
+                "Request.{name} must be positive (or 0 for {unset}), not {n}"
             ))
         }),
     }
+}
+
+/// A size: 0 for unset.
+fn size(env: &mut JNIEnv, obj: &JObject, name: &str) -> Result<Option<usize>, Fail> {
+    Ok(positive(name, int(env, obj, name)?.into(), "the default")?.map(|n| n as usize))
 }
 
 /// A float through its shortest decimal form: 0.7f is 0.69999998 as a double, and
@@ -70,23 +76,11 @@ fn option(env: &mut JNIEnv, req: &JObject, name: &str, kind: Kind) -> Result<Opt
         Kind::Number => Some(field.f()?)
             .filter(|f| !f.is_nan())
             .map(|f| Value::Number(decimal(f))),
-        Kind::Count => match field.i()? {
-            0 => None,
-            n => Some(Value::Count(usize::try_from(n).map_err(|_| {
-                Fail::Msg(format!(
-                    "Request.{name} must be positive (or 0 for the default), not {n}"
-                ))
-            })?)),
-        },
+        Kind::Count => {
+            positive(name, field.i()?.into(), "the default")?.map(|n| Value::Count(n as usize))
+        }
         Kind::Flag => field.z()?.then_some(Value::Flag(true)),
-        Kind::Bytes => match field.j()? {
-            0 => None,
-            n => Some(Value::Bytes(u64::try_from(n).map_err(|_| {
-                Fail::Msg(format!(
-                    "Request.{name} must be positive (or 0 for none), not {n}"
-                ))
-            })?)),
-        },
+        Kind::Bytes => positive(name, field.j()?, "none")?.map(Value::Bytes),
         Kind::List => {
             let obj = field.l()?;
             if obj.is_null() {
@@ -133,10 +127,7 @@ pub(crate) fn read(
             o.apply_as(&mut r, v, &format!("Request.{}", o.field))?;
         }
     }
-    (r.width, r.height) = match r.canvas() {
-        Some(c) => (c.width, c.height),
-        None => (width.unwrap_or(r.width), height.unwrap_or(r.height)),
-    };
+    r.settle_size((width, height));
     Ok(r)
 }
 
@@ -163,10 +154,7 @@ fn init(
         }
         return Ok(None);
     };
-    let rgb = argb
-        .iter()
-        .flat_map(|&p| [(p >> 16) as u8, (p >> 8) as u8, p as u8])
-        .collect();
+    let rgb = rgb_of(&argb);
     let mask_size = (
         size(env, req, "maskWidth")?.unwrap_or(picture.0),
         size(env, req, "maskHeight")?.unwrap_or(picture.1),
@@ -219,6 +207,13 @@ fn init(
     };
     let canvas = Canvas::from_rgb((picture.0, picture.1, rgb), mask, &opts)?;
     Ok(Some(Init::new(Arc::new(canvas))))
+}
+
+/// ARGB_8888 ints as 8-bit RGB (alpha dropped).
+fn rgb_of(argb: &[i32]) -> Vec<u8> {
+    argb.iter()
+        .flat_map(|&p| [(p >> 16) as u8, (p >> 8) as u8, p as u8])
+        .collect()
 }
 
 /// An int array field: `None` when null, an error unless it holds width x height values.
@@ -382,10 +377,7 @@ pub(crate) fn png<'l>(
     let image = Image {
         width: w,
         height: h,
-        rgb: px
-            .iter()
-            .flat_map(|&p| [(p >> 16) as u8, (p >> 8) as u8, p as u8])
-            .collect(),
+        rgb: rgb_of(&px),
         parameters: string(env, parameters, "parameters")?,
         timings: [0.0; 3],
     };

@@ -204,10 +204,7 @@ pub fn run(a: Args, threads: Option<usize>, target: &super::Target) -> Result<()
     for (option, value) in &a.request.given {
         option.apply(&mut req, value.clone())?;
     }
-    (req.width, req.height) = match req.canvas() {
-        Some(c) => (c.width, c.height),
-        None => (a.width.unwrap_or(req.width), a.height.unwrap_or(req.height)),
-    };
+    req.settle_size((a.width, a.height));
     req.decoding.preview_every = match &preview {
         Some(_) => req.decoding.preview_every.max(1),
         None => 0,

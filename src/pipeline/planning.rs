@@ -98,33 +98,6 @@ impl RunStages<'_> {
     }
 }
 
-impl RunStages<'_> {
-    /// The UNet stage with `batch` latents per evaluation; `streamed`: its weights
-    /// left to the page cache, counted at what must stay resident.
-    fn unet_need(&self, batch: usize, streamed: bool) -> Result<Need> {
-        let (p, cfg) = (self.pipe, &self.pipe.config);
-        let w = Weights::load(&p.gguf, |n| n.starts_with(UNET_PREFIX))?;
-        let adapters = self.unet_adapters.as_ref();
-        let shape = unet::Shape {
-            width: self.lw,
-            height: self.lh,
-            batch,
-            tokens: self.tokens,
-        };
-        let compute = unet::Runner::measure(&w, &cfg.unet, shape, p.attention, adapters)? as u64;
-        Ok(Need {
-            stage: "unet",
-            weights: if streamed {
-                w.streamed_bytes()
-            } else {
-                w.bytes()
-            } + adapters.map_or(0, |a| a.bytes()),
-            compute,
-            other: 0,
-        })
-    }
-}
-
 impl budget::Stages for RunStages<'_> {
     fn before(&self) -> Result<Vec<Need>> {
         let (p, cfg) = (self.pipe, &self.pipe.config);
@@ -186,11 +159,27 @@ impl budget::Stages for RunStages<'_> {
     }
 
     fn unet(&self, batch: usize) -> Result<Need> {
-        self.unet_need(batch, false)
+        let (p, cfg) = (self.pipe, &self.pipe.config);
+        let w = Weights::load(&p.gguf, |n| n.starts_with(UNET_PREFIX))?;
+        let adapters = self.unet_adapters.as_ref();
+        let shape = unet::Shape {
+            width: self.lw,
+            height: self.lh,
+            batch,
+            tokens: self.tokens,
+        };
+        let compute = unet::Runner::measure(&w, &cfg.unet, shape, p.attention, adapters)? as u64;
+        Ok(Need {
+            stage: "unet",
+            weights: w.bytes() + adapters.map_or(0, |a| a.bytes()),
+            compute,
+            other: 0,
+        })
     }
 
-    fn unet_streamed(&self, batch: usize) -> Result<Need> {
-        self.unet_need(batch, true)
+    fn unet_streamed_weights(&self) -> Result<u64> {
+        let w = Weights::load(&self.pipe.gguf, |n| n.starts_with(UNET_PREFIX))?;
+        Ok(w.streamed_bytes() + self.unet_adapters.as_ref().map_or(0, |a| a.bytes()))
     }
 
     fn decode(&self, tiling: Option<vae::Tiling>) -> Result<Need> {

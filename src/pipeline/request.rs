@@ -238,6 +238,15 @@ impl Request {
     pub fn canvas(&self) -> Option<&Canvas> {
         self.init.as_ref().map(|i| i.canvas.as_ref())
     }
+
+    /// Sets the image size as every front end settles it: the init picture's (already
+    /// fitted to what was asked), else each side given, else the one the request has.
+    pub fn settle_size(&mut self, (width, height): (Option<usize>, Option<usize>)) {
+        (self.width, self.height) = match self.canvas() {
+            Some(c) => (c.width, c.height),
+            None => (width.unwrap_or(self.width), height.unwrap_or(self.height)),
+        };
+    }
 }
 
 /// How a seed becomes Gaussian noise.
