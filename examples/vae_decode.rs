@@ -24,7 +24,8 @@ fn main() -> Result<()> {
     let gguf = GgufFile::open(std::path::Path::new(model))?;
     let cfg = sdrs::formats::gguf::metadata::read_config(&gguf)?
         .context("the GGUF has no sdrs config")?
-        .vae;
+        .vae
+        .context("the model has no VAE")?;
     let w = Weights::load(&gguf, |n| n.starts_with("first_stage_model."))?;
     let backend = Backend::cpu(std::thread::available_parallelism().map_or(2, |n| n.get()))?;
     let l = side / cfg.downscale();

@@ -65,6 +65,171 @@ pub struct UnetConfig {
     /// each value through a sinusoidal embedding `time_id_dim` wide. Empty without `label_emb`.
     pub time_ids: Vec<TimeId>,
     pub time_id_dim: usize,
+    /// What diffusers' `UNet2DModel` (the DDPM/LDM papers' networks) does differently
+    /// from LDM's text-conditioned UNet; SD's choices by default.
+    pub style: UnetStyle,
+}
+
+/// What fills a UNet level's attention slots.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttentionKind {
+    /// LDM `SpatialTransformer` blocks with cross-attention to the text (SD).
+    Transformer,
+    /// One self-attention block over the pixels, GroupNorm first, q/k/v/out projections
+    /// with biases, added to its input (DDPM's `AttnBlock`; diffusers `AttnDownBlock2D`).
+    /// A depth above 0 means one such block.
+    SelfAttention,
+}
+
+impl AttentionKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AttentionKind::Transformer => "transformer",
+            AttentionKind::SelfAttention => "self_attention",
+        }
+    }
+    pub fn parse(s: &str) -> Option<Self> {
+        [AttentionKind::Transformer, AttentionKind::SelfAttention]
+            .into_iter()
+            .find(|k| k.as_str() == s)
+    }
+}
+
+/// The UNet's details that SD fixes and the pixel-space and class-conditional UNets of
+/// the DDPM and LDM papers set otherwise (diffusers `UNet2DModel`'s options).
+#[derive(Clone, Debug, PartialEq)]
+pub struct UnetStyle {
+    pub attention: AttentionKind,
+    /// GroupNorm groups of the ResNets, attention blocks and output norm.
+    pub norm_groups: usize,
+    /// GroupNorm epsilon of the ResNets (and of self-attention blocks).
+    pub norm_eps: f32,
+    /// The sinusoidal timestep features are `[cos, sin]` (else `[sin, cos]`).
+    pub flip_sin_to_cos: bool,
+    /// Frequencies are `exp(-ln(10000) i / (half - freq_shift))` (DDPM's TensorFlow
+    /// original divides by `half - 1`).
+    pub freq_shift: f32,
+    /// Padding of the stride-2 downsampling convolutions: 1 on every side, or 0, where
+    /// the input is padded by one on the right and bottom only (DDPM's TensorFlow
+    /// `SAME` padding, kept by diffusers' `downsample_padding=0`).
+    pub downsample_padding: usize,
+    /// Classes of a class-conditional UNet: a learnt embedding per class, added to the
+    /// timestep embedding (`label_emb` in LDM, `class_embedding` in diffusers).
+    pub num_classes: Option<usize>,
+}
+
+impl Default for UnetStyle {
+    fn default() -> Self {
+        UnetStyle {
+            attention: AttentionKind::Transformer,
+            norm_groups: 32,
+            norm_eps: 1e-5,
+            flip_sin_to_cos: true,
+            freq_shift: 0.0,
+            downsample_padding: 1,
+            num_classes: None,
+        }
+    }
+}
+
+/// How β_t runs over the training steps.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Betas {
+    /// β linear in t from `start` to `end` (DDPM, Ho et al. 2020: 1e-4 to 0.02).
+    Linear { start: f64, end: f64 },
+    /// √β linear in t (LDM and SD: 0.00085 to 0.012).
+    ScaledLinear { start: f64, end: f64 },
+    /// ᾱ_t = cos²((t/T + 0.008)/1.008 · π/2), β capped at 0.999 (Nichol & Dhariwal
+    /// 2021; diffusers' `squaredcos_cap_v2`).
+    SquaredCos,
+}
+
+/// The variance of DDPM's reverse step (Ho et al. 2020, sec. 3.2): the posterior's β̃_t
+/// or the forward process's β_t.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Variance {
+    FixedSmall,
+    FixedLarge,
+}
+
+impl Variance {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Variance::FixedSmall => "fixed_small",
+            Variance::FixedLarge => "fixed_large",
+        }
+    }
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "fixed_small" => Some(Variance::FixedSmall),
+            "fixed_large" => Some(Variance::FixedLarge),
+            _ => None,
+        }
+    }
+}
+
+/// The noise schedule a model was trained on and the scheduler options its pipelines
+/// sample with (diffusers' `scheduler_config.json`); SD's by default.
+#[derive(Clone, Debug, PartialEq)]
+pub struct NoiseSchedule {
+    pub betas: Betas,
+    pub train_steps: usize,
+    /// DDPM and DDIM clip each step's predicted clean sample to ±this (`clip_sample`).
+    pub clip_sample: Option<f32>,
+    pub variance: Variance,
+    /// Added to every timestep of the leading grids (SD's configs: 1).
+    pub steps_offset: usize,
+    /// DDIM's and PLMS's last step lands on ᾱ = 1 (else on ᾱ_0); unset, each
+    /// scheduler's own default (DDIM's true, PNDM's false), as diffusers' `from_config`.
+    pub set_alpha_to_one: Option<bool>,
+}
+
+impl Default for NoiseSchedule {
+    fn default() -> Self {
+        NoiseSchedule {
+            betas: Betas::ScaledLinear {
+                start: 0.00085,
+                end: 0.012,
+            },
+            train_steps: 1000,
+            clip_sample: None,
+            variance: Variance::FixedSmall,
+            steps_offset: 1,
+            set_alpha_to_one: Some(false),
+        }
+    }
+}
+
+impl NoiseSchedule {
+    /// Whether the counts are within [`limits`] and the betas usable.
+    pub fn check(&self) -> Result<(), String> {
+        limits::within("the training step count", self.train_steps, 1 << 20)?;
+        if self.train_steps < 2 {
+            return Err(format!(
+                "{} training steps: a schedule needs at least 2",
+                self.train_steps
+            ));
+        }
+        limits::within(
+            "the scheduler's steps_offset",
+            self.steps_offset,
+            self.train_steps,
+        )?;
+        if let Betas::Linear { start, end } | Betas::ScaledLinear { start, end } = self.betas {
+            let ok = |b: f64| b.is_finite() && b > 0.0 && b < 1.0;
+            if !ok(start) || !ok(end) {
+                return Err(format!(
+                    "betas from {start} to {end}: each must be in (0, 1)"
+                ));
+            }
+        }
+        if let Some(c) = self.clip_sample {
+            if !(c.is_finite() && c > 0.0) {
+                return Err(format!("clip_sample_range {c} must be positive"));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// One item of SDXL's size-and-crop conditioning (Podell et al. 2023, sec. 2.2).
@@ -248,8 +413,13 @@ pub struct ModelConfig {
     /// conditioning and pooled embedding) rather than the encoding of "" (diffusers'
     /// `force_zeros_for_empty_prompt`, on for SDXL's pipelines).
     pub zeros_for_empty_negative: bool,
+    /// The training noise schedule and the sampling options its scheduler config sets.
+    pub schedule: NoiseSchedule,
     pub unet: UnetConfig,
-    pub vae: VaeConfig,
+    /// The autoencoder between pixels and the UNet's latents; `None` for a UNet that
+    /// works on pixels (DDPM).
+    pub vae: Option<VaeConfig>,
+    /// Empty for unconditional and class-conditional models.
     pub text_encoders: Vec<TextEncoderConfig>,
 }
 
@@ -335,6 +505,27 @@ impl UnetConfig {
                 WIDTH,
             )?;
         }
+        let st = &self.style;
+        within(
+            "the UNet's class count",
+            st.num_classes.unwrap_or(0),
+            1 << 20,
+        )?;
+        if st.norm_groups == 0 || st.downsample_padding > 1 {
+            return Err(format!(
+                "GroupNorm groups {} and downsample padding {}: groups must be positive, padding 0 or 1",
+                st.norm_groups, st.downsample_padding
+            ));
+        }
+        for &m in &self.channel_mult {
+            let ch = self.model_channels.saturating_mul(m);
+            if ch % st.norm_groups != 0 {
+                return Err(format!(
+                    "a UNet level of {ch} channels cannot be split into {} GroupNorm groups",
+                    st.norm_groups
+                ));
+            }
+        }
         let widths = [
             ("the UNet's in_channels", self.in_channels),
             ("the UNet's out_channels", self.out_channels),
@@ -379,6 +570,7 @@ impl UnetConfig {
             time_cond_proj_dim: None,
             time_ids: Vec::new(),
             time_id_dim: 0,
+            style: UnetStyle::default(),
         }
     }
 }
@@ -505,8 +697,9 @@ impl ModelConfig {
             prediction: Prediction::Epsilon,
             zero_terminal_snr: false,
             zeros_for_empty_negative: false,
+            schedule: NoiseSchedule::default(),
             unet: UnetConfig::sd(320, 768, false, (Some(8), None)),
-            vae: VaeConfig::sd(0.18215),
+            vae: Some(VaeConfig::sd(0.18215)),
             text_encoders: vec![TextEncoderConfig::clip_l(
                 "cond_stage_model.transformer.text_model.",
             )],
@@ -520,8 +713,9 @@ impl ModelConfig {
             prediction: Prediction::V,
             zero_terminal_snr: false,
             zeros_for_empty_negative: false,
+            schedule: NoiseSchedule::default(),
             unet: UnetConfig::sd(320, 1024, true, (None, Some(64))),
-            vae: VaeConfig::sd(0.18215),
+            vae: Some(VaeConfig::sd(0.18215)),
             // SD 2 conditions on the penultimate block of OpenCLIP ViT-H (24 blocks), with the
             // final norm: the last block and `text_projection` are never used, so the
             // architecture has 23 layers (as diffusers stores it) and no projection.
@@ -553,6 +747,7 @@ impl ModelConfig {
             prediction: Prediction::Epsilon,
             zero_terminal_snr: false,
             zeros_for_empty_negative: true,
+            schedule: NoiseSchedule::default(),
             unet: UnetConfig {
                 in_channels: 4,
                 out_channels: 4,
@@ -569,10 +764,24 @@ impl ModelConfig {
                 time_cond_proj_dim: None,
                 time_ids: TimeId::SDXL.to_vec(),
                 time_id_dim: 256,
+                style: UnetStyle::default(),
             },
-            vae: VaeConfig::sd(0.13025),
+            vae: Some(VaeConfig::sd(0.13025)),
             text_encoders: vec![clip_l, big_g],
         }
+    }
+
+    /// The autoencoder, or an error for a model that works on pixels.
+    pub fn autoencoder(&self) -> crate::error::Result<&VaeConfig> {
+        self.vae.as_ref().ok_or_else(|| {
+            crate::error::Error::Invalid("this model's UNet works on pixels: it has no VAE".into())
+        })
+    }
+
+    /// Whether the model takes no text: an unconditional or class-conditional model
+    /// (DDPM, LDM), run by [`crate::pipeline::unconditional`].
+    pub fn is_unconditional(&self) -> bool {
+        self.text_encoders.is_empty()
     }
 
     /// The pooled text embedding's width: the last text encoder's projection (SDXL's
@@ -589,7 +798,10 @@ impl ModelConfig {
         use limits::within;
         within("the text encoder count", self.text_encoders.len(), 8)?;
         self.unet.check_sizes()?;
-        self.vae.check_sizes()?;
+        self.schedule.check()?;
+        if let Some(v) = &self.vae {
+            v.check_sizes()?;
+        }
         self.text_encoders
             .iter()
             .try_for_each(TextEncoderConfig::check_sizes)
@@ -642,9 +854,65 @@ impl ModelConfig {
         Ok(())
     }
 
-    /// A preset by name (`sd1`, `sd15`, `sd2`, `sd21`, `sdxl`, and `tiny-*` variants).
+    /// The pixel-space DDPM of Ho et al. 2020 as diffusers publishes it
+    /// (`google/ddpm-cifar10-32`: 4 levels, attention at 16×16; `google/ddpm-celebahq-256`
+    /// and the LSUN church/bedroom models: 6 levels, attention at 16×16), with the
+    /// paper's linear schedule, clipping and posterior variance.
+    pub fn ddpm(levels: &[usize], attention_level: usize) -> Self {
+        let depth = |l: usize| usize::from(l == attention_level);
+        let n = levels.len();
+        ModelConfig {
+            family: "ddpm".into(),
+            prediction: Prediction::Epsilon,
+            zero_terminal_snr: false,
+            zeros_for_empty_negative: false,
+            schedule: NoiseSchedule {
+                betas: Betas::Linear {
+                    start: 0.0001,
+                    end: 0.02,
+                },
+                clip_sample: Some(1.0),
+                steps_offset: 0,
+                set_alpha_to_one: None,
+                ..NoiseSchedule::default()
+            },
+            unet: UnetConfig {
+                in_channels: 3,
+                out_channels: 3,
+                model_channels: 128,
+                channel_mult: levels.to_vec(),
+                down_blocks: (0..n).map(|l| vec![depth(l); 2]).collect(),
+                up_blocks: (0..n).map(|j| vec![depth(n - 1 - j); 3]).collect(),
+                mid_depth: Some(1),
+                num_heads: Some(1),
+                head_dim: None,
+                context_dim: 0,
+                linear_proj: false,
+                adm_in_channels: None,
+                time_cond_proj_dim: None,
+                time_ids: Vec::new(),
+                time_id_dim: 0,
+                style: UnetStyle {
+                    attention: AttentionKind::SelfAttention,
+                    norm_groups: 32,
+                    norm_eps: 1e-6,
+                    flip_sin_to_cos: false,
+                    freq_shift: 1.0,
+                    downsample_padding: 0,
+                    num_classes: None,
+                },
+            },
+            vae: None,
+            text_encoders: Vec::new(),
+        }
+    }
+
+    /// A preset by name (`sd1`, `sd15`, `sd2`, `sd21`, `sdxl`, and `tiny-*` variants;
+    /// `ddpm-cifar10`, `ddpm-celebahq`).
     pub fn preset(name: &str) -> Option<Self> {
         match name {
+            "ddpm-cifar10" => Some(Self::ddpm(&[1, 2, 2, 2], 1)),
+            "ddpm-celebahq" => Some(Self::ddpm(&[1, 1, 2, 2, 4, 4], 4)),
             "sd1" | "sd15" => Some(Self::sd1()),
             "sd2" | "sd21" => Some(Self::sd2()),
             "sdxl" => Some(Self::sdxl()),
@@ -664,6 +932,9 @@ impl ModelConfig {
         "tiny-sdxl",
     ];
 
+    /// Presets of the DDPM paper's pixel-space models (no text, no VAE).
+    pub const DDPM_PRESETS: &'static [&'static str] = &["ddpm-cifar10", "ddpm-celebahq"];
+
     /// The same architecture with small widths and depths: a consistent network for
     /// tests (every name of the real layout family present, shapes shrunk).
     pub fn shrink(mut self) -> Self {
@@ -679,8 +950,9 @@ impl ModelConfig {
         let values = u.time_id_values();
         u.adm_in_channels = u.adm_in_channels.map(|_| 32 + values * 8);
         u.time_id_dim = if u.time_ids.is_empty() { 0 } else { 8 };
-        let v = &mut self.vae;
-        v.base_channels = 32;
+        if let Some(v) = &mut self.vae {
+            v.base_channels = 32;
+        }
         for t in &mut self.text_encoders {
             t.hidden_size = 32;
             t.num_layers = 3;

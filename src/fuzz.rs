@@ -247,7 +247,9 @@ pub fn diffusers_config(data: &[u8]) -> bool {
             return false;
         };
         let _ = diffusers::names::unet(&cfg.unet);
-        let _ = diffusers::names::vae(&cfg.vae);
+        if let Some(v) = &cfg.vae {
+            let _ = diffusers::names::vae(v);
+        }
         for t in &cfg.text_encoders {
             let _ = diffusers::names::text(t);
         }

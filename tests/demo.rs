@@ -136,7 +136,10 @@ fn built_in_model_says_how_to_run_it() {
     // The architecture is SD 1.x's, smaller: CLIP BPE vocabulary, 4-channel latent at 8x.
     assert_eq!(pipe.config.text_encoders[0].vocab_size, 49408);
     assert_eq!(
-        (pipe.config.vae.latent_channels, pipe.config.vae.downscale()),
+        (
+            pipe.config.autoencoder().unwrap().latent_channels,
+            pipe.config.autoencoder().unwrap().downscale()
+        ),
         (4, 8)
     );
 }

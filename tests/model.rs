@@ -59,6 +59,7 @@ fn unet_and_vae_run_on_every_tiny_family_and_batches_are_independent() {
                     context: &ctxv,
                     y: y.as_deref(),
                     guidance: None,
+                    class: None,
                 },
                 &backend,
             )
@@ -78,6 +79,7 @@ fn unet_and_vae_run_on_every_tiny_family_and_batches_are_independent() {
                     context: &half(&ctxv),
                     y: y.as_deref().map(half).as_deref(),
                     guidance: None,
+                    class: None,
                 },
                 &backend,
             )
@@ -89,13 +91,24 @@ fn unet_and_vae_run_on_every_tiny_family_and_batches_are_independent() {
             );
             // The VAE decodes a latent to 8x its size and encodes it back to the latent shape.
             let vw = Weights::load(&g, |n| n.starts_with("first_stage_model.")).unwrap();
-            let f = cfg.vae.downscale();
-            let z = values(cfg.vae.latent_channels * 4 * 6, 4);
-            let img = vae::decode(&vw, &cfg.vae, Planes::single(&z, 6, 4), &backend).unwrap();
+            let f = cfg.autoencoder().unwrap().downscale();
+            let z = values(cfg.autoencoder().unwrap().latent_channels * 4 * 6, 4);
+            let img = vae::decode(
+                &vw,
+                cfg.autoencoder().unwrap(),
+                Planes::single(&z, 6, 4),
+                &backend,
+            )
+            .unwrap();
             assert_eq!(img.len(), 3 * 4 * f * 6 * f);
             assert!(img.iter().all(|v| v.is_finite()));
-            let back =
-                vae::encode(&vw, &cfg.vae, Planes::single(&img, 6 * f, 4 * f), &backend).unwrap();
+            let back = vae::encode(
+                &vw,
+                cfg.autoencoder().unwrap(),
+                Planes::single(&img, 6 * f, 4 * f),
+                &backend,
+            )
+            .unwrap();
             assert_eq!(back.len(), z.len());
             outs.push((out, img));
         }
@@ -127,6 +140,7 @@ fn unet_refuses_sizes_it_cannot_downsample() {
             context: &vec![0.0; 77 * 32],
             y: None,
             guidance: None,
+            class: None,
         },
         &Backend::cpu(1).unwrap(),
     )
@@ -156,6 +170,7 @@ fn unet_pair(
         context: &context,
         y: None,
         guidance: None,
+        class: None,
     };
     unet::Runner::new(w, u, shape, attention, None)
         .unwrap()

@@ -98,6 +98,7 @@ fn run_components(model: &str, ty: Type, bound: f64) {
                 context: ctx,
                 y: None,
                 guidance: None,
+                class: None,
             },
             &backend,
         )
@@ -111,7 +112,7 @@ fn run_components(model: &str, ty: Type, bound: f64) {
     }
 
     // VAE: decode a raw latent, encode an image to the posterior mean.
-    let v = &m.cfg.vae;
+    let v = m.cfg.autoencoder().unwrap();
     let w = Weights::load(&m.gguf, |n| n.starts_with("first_stage_model.")).unwrap();
     let (zs, z) = &g["vae.decode.z"];
     let scaled: Vec<f32> = z.iter().map(|x| x * v.scaling_factor).collect();
@@ -222,6 +223,7 @@ impl sdrs::sample::Model for Guided<'_> {
                 context: self.context,
                 y: None,
                 guidance: None,
+                class: None,
             },
             self.backend,
         )?;
@@ -313,7 +315,7 @@ fn run_trajectory(model: &str, sampler: &str) {
             1e-4,
         );
     }
-    let v = &m.cfg.vae;
+    let v = m.cfg.autoencoder().unwrap();
     let vw = Weights::load(&m.gguf, |n| n.starts_with("first_stage_model.")).unwrap();
     let img = vae::decode(
         &vw,
@@ -356,6 +358,7 @@ fn inpainting_unet_with_nine_input_channels_matches_diffusers() {
             context: ctx,
             y: None,
             guidance: None,
+            class: None,
         },
         &backend,
     )
@@ -364,7 +367,13 @@ fn inpainting_unet_with_nine_input_channels_matches_diffusers() {
     // The txt2img conditioning: the VAE mean of a grey image, scaled.
     let vw = Weights::load(&m.gguf, |n| n.starts_with("first_stage_model.")).unwrap();
     let grey = vec![0.0f32; 3 * 16 * 16];
-    let lat = vae::encode(&vw, &m.cfg.vae, Planes::single(&grey, 16, 16), &backend).unwrap();
+    let lat = vae::encode(
+        &vw,
+        m.cfg.autoencoder().unwrap(),
+        Planes::single(&grey, 16, 16),
+        &backend,
+    )
+    .unwrap();
     // Constant channels make the encoder's first GroupNorms divide by ~eps: the
     // reference itself moves by 1.7e-5 between f32 and f64 here.
     check(
@@ -430,6 +439,7 @@ impl sdrs::sample::Model for GuidedXl<'_> {
                     context: self.context,
                     y: Some(self.y),
                     guidance: None,
+                    class: None,
                 },
                 self.backend,
             );
@@ -446,6 +456,7 @@ impl sdrs::sample::Model for GuidedXl<'_> {
                 context: self.context,
                 y: Some(self.y),
                 guidance: None,
+                class: None,
             },
             self.backend,
         )?;
@@ -584,6 +595,7 @@ fn sdxl_components_match_diffusers_at_f32() {
             context: ctx,
             y: Some(&g["add.y"].1),
             guidance: None,
+            class: None,
         },
         &backend,
     )
@@ -671,7 +683,7 @@ fn sdxl_trajectories_match_the_diffusers_pipeline() {
         }
         let img = vae::decode(
             &vw,
-            &m.cfg.vae,
+            m.cfg.autoencoder().unwrap(),
             Planes::single(traj.last().unwrap(), 8, 8),
             &backend,
         )
@@ -741,7 +753,13 @@ fn f16_vae_decodes_activations_beyond_the_f16_range() {
         let m = convert("sdxl", ty);
         let w = Weights::load(&m.gguf, |n| n.starts_with("first_stage_model.")).unwrap();
         let zs: Vec<f32> = z.iter().map(|v| v * scale).collect();
-        vae::decode(&w, &m.cfg.vae, Planes::single(&zs, 8, 8), &backend).unwrap()
+        vae::decode(
+            &w,
+            m.cfg.autoencoder().unwrap(),
+            Planes::single(&zs, 8, 8),
+            &backend,
+        )
+        .unwrap()
     };
     let peak = z.iter().fold(0f32, |m, v| m.max(v.abs())) / 0.13025;
     let scale = 4.0e5 / peak;

@@ -235,7 +235,13 @@ fn run_case(mix: &Mixture, tables: &Value, case: &Value) -> Option<(Outcome, Pla
     let eta = case["reference"]["step_kwargs"]["eta"]
         .as_f64()
         .or_else(|| case["reference"]["kwargs"]["eta"].as_f64());
-    let settings = eta.map_or_else(|| Settings::default_for(sampler), |eta| Settings { eta });
+    let settings = eta.map_or_else(
+        || Settings::default_for(sampler),
+        |eta| Settings {
+            eta,
+            ..Default::default()
+        },
+    );
     let init = vec(&case["init"]["latent"]);
     let s0 = plan.sigmas[0];
     let x: Vec<f64> = if case["latent_form"] == "vp" {

@@ -102,7 +102,8 @@ fn with_tiny_vae(
     let cfg = sdrs::formats::gguf::metadata::read_config(&gguf)
         .unwrap()
         .unwrap()
-        .vae;
+        .vae
+        .unwrap();
     let w8 = Weights::load(&gguf, |n| n.starts_with("first_stage_model.")).unwrap();
     let (x, w, h) = photo("chelsea.png", Some((192, 160)));
     assert_eq!((w, h), (KL_W, KL_H));

@@ -17,68 +17,78 @@ pub struct Args {
     /// (.safetensors, .ckpt, a diffusers folder) converted to f16 on the fly; without
     /// it, the built-in demo model (a tiny model of coloured shapes, 64x64, LCM 4 steps).
     #[arg(short, long)]
-    model: Option<PathBuf>,
+    pub(super) model: Option<PathBuf>,
     /// A VAE of its own (e.g. vae-ft-mse-840000-ema-pruned.safetensors; original or
     /// diffusers naming) used instead of the model's.
     #[arg(long)]
-    vae: Option<PathBuf>,
-    #[arg(short, long, required_unless_present = "list_samplers")]
-    prompt: Option<String>,
+    pub(super) vae: Option<PathBuf>,
+    /// The prompt (a text-to-image model needs one; an unconditional model takes none).
+    #[arg(short, long)]
+    pub(super) prompt: Option<String>,
     /// Seed; -1 picks a random one (printed, and recorded in the image).
     #[arg(short = 's', long, default_value_t = 42, allow_negative_numbers = true)]
-    seed: i64,
+    pub(super) seed: i64,
     /// How many images, one after another, seeds counting up from --seed; the outputs
     /// are numbered (a `%d` or `%03d` in -o, else `_2`, `_3`, ... before the extension).
+    /// An unconditional model samples them as one batch from the seed's generator (as
+    /// diffusers' pipelines do), the UNet taking as many at once as the memory plan allows.
     #[arg(short = 'b', long = "batch-count", default_value_t = 1)]
-    batch_count: usize,
+    pub(super) batch_count: usize,
+    /// A class-conditional model's class: one for every image, or one per image
+    /// (repeat the flag).
+    #[arg(long = "class", allow_negative_numbers = true)]
+    pub(super) classes: Vec<i32>,
+    /// Also write all images of the batch side by side in one picture (PNG, JPEG or WebP).
+    #[arg(long)]
+    pub(super) grid: Option<PathBuf>,
     /// Image width [default: the init image's, else the preset's, else the model's, else 512].
     #[arg(short = 'W', long)]
-    width: Option<usize>,
+    pub(super) width: Option<usize>,
     /// Image height [default: the init image's, else the preset's, else the model's, else 512].
     #[arg(short = 'H', long)]
-    height: Option<usize>,
+    pub(super) height: Option<usize>,
     /// img2img: start from this picture (PNG or JPEG, any size and pixel format). Without
     /// -W/-H the output keeps its size, centre-cropped to the model's multiple; with them
     /// it is scaled to cover that size and centre-cropped (one given: the other follows
     /// the picture's aspect ratio).
     #[arg(short = 'i', long = "init-img")]
-    init_img: Option<PathBuf>,
+    pub(super) init_img: Option<PathBuf>,
     /// Inpainting: white repaints, black keeps (any size: stretched to the init image's).
     #[arg(long, requires = "init_img")]
-    mask: Option<PathBuf>,
+    pub(super) mask: Option<PathBuf>,
     /// Gaussian blur of the mask in pixels (σ), softening where the original is pasted back.
     #[arg(long = "mask-blur", default_value_t = 4.0)]
     mask_blur: f32,
     /// Outpainting: extend the canvas by L,T,R,B pixels (without -W/-H, a padded side
     /// grows on to the model's multiple), filled from the picture's edges and masked.
     #[arg(long, value_parser = parse_pad, requires = "init_img")]
-    pad: Option<[usize; 4]>,
+    pub(super) pad: Option<[usize; 4]>,
     /// Textual-inversion embedding (.pt, .bin, .safetensors; A1111, diffusers or SDXL
     /// clip_l/clip_g), triggered by its file's stem (or a diffusers file's token) in
     /// the prompt. Repeatable.
     #[arg(long = "embedding")]
-    embeddings: Vec<PathBuf>,
+    pub(super) embeddings: Vec<PathBuf>,
     /// A folder of embeddings, each triggered by its file's stem; files for other
     /// models are skipped with a warning.
     #[arg(long = "embedding-dir", alias = "embd-dir")]
-    embedding_dir: Option<PathBuf>,
+    pub(super) embedding_dir: Option<PathBuf>,
     /// List the samplers with their order and whether they are stochastic, then exit.
     #[arg(long = "list-samplers")]
     list_samplers: bool,
     /// Print the memory plan (each stage's weights, compute buffer and the peak) and exit.
     #[arg(long = "plan")]
-    plan_only: bool,
+    pub(super) plan_only: bool,
     /// Output image: .png (parameters in a text chunk), .jpg/.jpeg or .webp
     /// (parameters in EXIF, as A1111 writes them).
     #[arg(short, long, default_value = "output.png")]
-    output: PathBuf,
+    pub(super) output: PathBuf,
     /// Write a preview of the image forming to this file (PNG, JPEG or WebP) as it
     /// samples, every --preview-every steps [default: 1] and after the last.
     #[arg(long)]
-    preview: Option<PathBuf>,
+    pub(super) preview: Option<PathBuf>,
     /// JPEG quality, 1 to 100.
     #[arg(long, default_value_t = 90, value_parser = clap::value_parser!(u8).range(1..=100))]
-    quality: u8,
+    pub(super) quality: u8,
     /// What to generate and how: the options every front end shares.
     #[command(flatten)]
     pub(super) request: RequestFlags,
@@ -127,6 +137,14 @@ pub fn run(a: Args, threads: Option<usize>, target: &super::Target) -> Result<()
         }
         out!(o, "schedulers: {}", Schedule::NAMES.join(", "));
         return super::print_stdout(&o);
+    }
+    if let Some(m) = a.model.clone() {
+        if super::sample::is_unconditional(&m)? {
+            return super::sample::run(a, &m, threads);
+        }
+    }
+    if !a.classes.is_empty() || a.grid.is_some() {
+        bail!("--class and --grid are for unconditional and class-conditional models (DDPM); this model takes a prompt");
     }
     let Some(prompt) = a.prompt.clone() else {
         bail!("give a prompt with -p")
@@ -300,7 +318,7 @@ fn load(path: &std::path::Path, threads: usize) -> Result<Pipeline> {
 }
 
 /// A seed below 2³², as A1111 takes them, from the OS's randomness (std's hasher keys).
-fn random_seed() -> u64 {
+pub(super) fn random_seed() -> u64 {
     use std::hash::{BuildHasher, Hasher};
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
     h.write_u128(
@@ -314,7 +332,7 @@ fn random_seed() -> u64 {
 /// The file of image `i` of `n`: `-o` with its `%d`/`%0Nd` filled in (from 1), else for
 /// n > 1 `_2`, `_3`, ... before the extension from the second image on (as
 /// stable-diffusion.cpp numbers its batches).
-fn numbered(output: &std::path::Path, i: usize, n: usize) -> PathBuf {
+pub(super) fn numbered(output: &std::path::Path, i: usize, n: usize) -> PathBuf {
     let s = output.to_string_lossy();
     if let Some(at) = s.find('%') {
         let spec = &s[at + 1..];

@@ -168,14 +168,43 @@ fn describe(file: &std::path::Path, tensors: bool, o: &mut String) -> Result<()>
             u.down_blocks,
             u.up_blocks
         );
+        let st = &u.style;
+        if st.attention == sdrs::config::AttentionKind::SelfAttention {
+            out!(
+                o,
+                "  DDPM style:  self-attention, GroupNorm {} eps {}, {} timestep features (shift {}), downsample padding {}{}",
+                st.norm_groups,
+                st.norm_eps,
+                if st.flip_sin_to_cos { "cos-sin" } else { "sin-cos" },
+                st.freq_shift,
+                st.downsample_padding,
+                st.num_classes
+                    .map(|n| format!(", {n} classes"))
+                    .unwrap_or_default()
+            );
+        }
+        let sc = &c.schedule;
         out!(
             o,
-            "vae:           latent {} channels, base {} mult {:?}, scale {}",
-            c.vae.latent_channels,
-            c.vae.base_channels,
-            c.vae.channel_mult,
-            c.vae.scaling_factor
+            "schedule:      {:?} over {} steps, {} variance{}",
+            sc.betas,
+            sc.train_steps,
+            sc.variance.as_str(),
+            sc.clip_sample
+                .map(|r| format!(", predicted samples clipped to ±{r}"))
+                .unwrap_or_default()
         );
+        match &c.vae {
+            Some(v) => out!(
+                o,
+                "vae:           latent {} channels, base {} mult {:?}, scale {}",
+                v.latent_channels,
+                v.base_channels,
+                v.channel_mult,
+                v.scaling_factor
+            ),
+            None => out!(o, "vae:           none (the UNet works on pixels)"),
+        }
         for (i, t) in c.text_encoders.iter().enumerate() {
             out!(
                 o,

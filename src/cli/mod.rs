@@ -14,6 +14,7 @@ mod devices;
 mod generate;
 mod info;
 mod options;
+mod sample;
 mod synth;
 
 use std::io::IsTerminal;

@@ -9,7 +9,8 @@ use sdrs::synth::{self, Format};
 /// Write a random-weight checkpoint in a real layout (for benchmarks and tests).
 #[derive(clap::Args)]
 pub struct Args {
-    /// Architecture: sd15, sd21, sdxl, tiny-sd15, tiny-sd21, tiny-sdxl.
+    /// Architecture: sd15, sd21, sdxl, tiny-sd15, tiny-sd21, tiny-sdxl; ddpm-cifar10,
+    /// ddpm-celebahq (pixel-space DDPM UNets: --format diffusers only).
     arch: String,
     /// Output file (or folder for --format diffusers).
     #[arg(short, long)]
@@ -33,9 +34,10 @@ pub struct Args {
 pub fn run(a: Args) -> Result<()> {
     let Some(mut cfg) = ModelConfig::preset(&a.arch) else {
         bail!(
-            "unknown architecture `{}`; choose one of {}",
+            "unknown architecture `{}`; choose one of {}, {}",
             a.arch,
-            ModelConfig::PRESETS.join(", ")
+            ModelConfig::PRESETS.join(", "),
+            ModelConfig::DDPM_PRESETS.join(", ")
         );
     };
     if a.inpaint {

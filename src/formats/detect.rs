@@ -34,7 +34,8 @@ use std::ops::Bound;
 use super::layout;
 use super::source::{Checkpoint, SourceFormat};
 use crate::config::{
-    ModelConfig, Prediction, TextEncoderConfig, TextEncoderKind, UnetConfig, VaeConfig,
+    ModelConfig, NoiseSchedule, Prediction, TextEncoderConfig, TextEncoderKind, UnetConfig,
+    UnetStyle, VaeConfig,
 };
 use crate::error::Error;
 use crate::network::{clip::projection_name, UNET_PREFIX, VAE_PREFIX};
@@ -95,8 +96,9 @@ pub fn detect(tensors: &[(&str, &[usize])]) -> Result<ModelConfig> {
         prediction,
         zero_terminal_snr: false,
         zeros_for_empty_negative,
+        schedule: NoiseSchedule::default(),
         unet,
-        vae,
+        vae: Some(vae),
         text_encoders,
     };
     cfg.check_sizes()?;
@@ -506,6 +508,7 @@ fn unet(t: &Tensors, family: &str, text_encoders: &[TextEncoderConfig]) -> Resul
         time_cond_proj_dim,
         time_ids: Vec::new(),
         time_id_dim: 0,
+        style: UnetStyle::default(),
     })
 }
 

@@ -30,7 +30,9 @@ pub fn layout(cfg: &ModelConfig) -> Result<Vec<TensorSpec>> {
 /// Every parameter of `cfg`'s networks (with its diffusers names), in module order.
 pub fn params(cfg: &ModelConfig) -> Result<Vec<Param>> {
     let mut out = network::unet::Unet::new(&cfg.unet)?.params();
-    out.extend(network::vae::Vae::new(&cfg.vae).params());
+    if let Some(v) = &cfg.vae {
+        out.extend(network::vae::Vae::new(v).params());
+    }
     for te in &cfg.text_encoders {
         out.extend(network::clip::TextEncoder::new(te).params());
     }

@@ -2,26 +2,34 @@
 //! [`network::unet`](crate::network::unet). Its shape (levels, ResNets and transformer
 //! depths per block, heads, projections) comes from [`UnetConfig`]; SDXL's label
 //! embedding and LCM's guidance embedding are used when the config has them.
-use crate::config::UnetConfig;
+use crate::config::{UnetConfig, UnetStyle};
 use crate::error::{Error, Result};
 use crate::ggml::{Backend, Context, Tensor, Type};
-use crate::network::unet::{Attention as Attn, Block, ResBlock, Transformer, Unet};
+use crate::network::unet::{Attention as Attn, Block, ResBlock, SelfAttention, Transformer, Unet};
 
 use super::nn::{Attention, Nn};
 use super::Adapters;
 use super::Weights;
 
-const GROUPS: usize = 32;
+/// LDM's spatial transformers normalise with this epsilon whatever the ResNets use.
+const TRANSFORMER_EPS: f32 = 1e-6;
 
-fn resblock<'c>(nn: &Nn<'c>, x: Tensor<'c>, emb: Tensor<'c>, r: &ResBlock) -> Result<Tensor<'c>> {
+fn resblock<'c>(
+    nn: &Nn<'c>,
+    st: &UnetStyle,
+    x: Tensor<'c>,
+    emb: Tensor<'c>,
+    r: &ResBlock,
+) -> Result<Tensor<'c>> {
     let c = nn.ctx;
-    let h = c.silu(nn.group_norm(x, &r.in_norm.name, GROUPS, 1e-5)?)?;
+    let (groups, eps) = (st.norm_groups, st.norm_eps);
+    let h = c.silu(nn.group_norm(x, &r.in_norm.name, groups, eps)?)?;
     let h = nn.conv(h, &r.in_conv.name, 3, 1, 1)?;
     let out_ch = h.ne()[2];
     let e = nn.linear(c.silu(emb)?, &r.emb_proj.name)?; // [C, B]
     let e = c.reshape(e, &[1, 1, out_ch, e.ne()[1]])?;
     let h = c.add(h, e)?;
-    let h = c.silu(nn.group_norm(h, &r.out_norm.name, GROUPS, 1e-5)?)?;
+    let h = c.silu(nn.group_norm(h, &r.out_norm.name, groups, eps)?)?;
     let h = nn.conv(h, &r.out_conv.name, 3, 1, 1)?;
     let skip = match &r.shortcut {
         Some(s) => nn.conv(x, &s.name, 1, 1, 0)?,
@@ -65,15 +73,37 @@ fn feed_forward<'c>(nn: &Nn<'c>, x: Tensor<'c>, ff_in: &str, ff_out: &str) -> Re
     nn.linear(y, ff_out)
 }
 
+/// DDPM's attention block: multi-head self-attention over the pixels.
+fn self_attention<'c>(
+    nn: &Nn<'c>,
+    style: &UnetStyle,
+    x: Tensor<'c>,
+    a: &SelfAttention,
+) -> Result<Tensor<'c>> {
+    let c = nn.ctx;
+    let [w, h, ch, b] = x.ne();
+    let n = w * h;
+    let d = ch / a.heads;
+    let hn = nn.group_norm(x, &a.norm.name, style.norm_groups, style.norm_eps)?;
+    let heads = |l: &crate::network::Layer| -> Result<Tensor<'c>> {
+        let t = nn.to_tokens(nn.conv(hn, &l.name, 1, 1, 0)?)?; // [C, N, B]
+        c.permute(c.reshape(t, &[d, a.heads, n, b])?, [0, 2, 1, 3]) // [D, N, H, B]
+    };
+    let o = nn.attend(heads(&a.q)?, heads(&a.k)?, heads(&a.v)?, false)?; // [C, N, B]
+    let o = nn.conv(nn.from_tokens(o, w, h)?, &a.proj_out.name, 1, 1, 0)?;
+    c.add(x, o)
+}
+
 fn spatial_transformer<'c>(
     nn: &Nn<'c>,
+    style: &UnetStyle,
     x: Tensor<'c>,
     context: Tensor<'c>,
     st: &Transformer,
 ) -> Result<Tensor<'c>> {
     let c = nn.ctx;
     let [w, h, _, _] = x.ne();
-    let hn = nn.group_norm(x, &st.norm.name, GROUPS, 1e-6)?;
+    let hn = nn.group_norm(x, &st.norm.name, style.norm_groups, TRANSFORMER_EPS)?;
     let linear = st.linear_proj();
     let mut t = if linear {
         nn.linear(nn.to_tokens(hn)?, &st.proj_in.name)?
@@ -99,6 +129,7 @@ fn spatial_transformer<'c>(
 /// Runs the steps of one block.
 fn block<'c>(
     nn: &Nn<'c>,
+    st: &UnetStyle,
     mut x: Tensor<'c>,
     emb: Tensor<'c>,
     context: Tensor<'c>,
@@ -106,13 +137,42 @@ fn block<'c>(
 ) -> Result<Tensor<'c>> {
     for step in steps {
         x = match step {
-            Block::Res(r) => resblock(nn, x, emb, r)?,
-            Block::Transformer(t) => spatial_transformer(nn, x, context, t)?,
+            Block::Res(r) => resblock(nn, st, x, emb, r)?,
+            Block::Transformer(t) => spatial_transformer(nn, st, x, context, t)?,
+            Block::SelfAttention(a) => self_attention(nn, st, x, a)?,
+            Block::Downsample(l) if st.downsample_padding == 0 => {
+                nn.conv(nn.ctx.pad(x, [1, 1, 0, 0])?, &l.name, 3, 2, 0)?
+            }
             Block::Downsample(l) => nn.conv(x, &l.name, 3, 2, 1)?,
             Block::Upsample(l) => nn.upsample_conv(x, &l.name)?,
         };
     }
     Ok(x)
+}
+
+/// The sinusoidal timestep features `[B][dim]` of diffusers' `get_timestep_embedding`,
+/// in f32 in the order PyTorch computes them, so the first layer sees the reference's
+/// values bit for bit where the libm agrees (t·ω at t ≈ 1000 is where f32 loses most).
+pub fn timestep_features(t: &[f32], dim: usize, style: &UnetStyle) -> Vec<f32> {
+    let half = dim / 2;
+    let ln = -(10000f64.ln() as f32);
+    let freqs: Vec<f32> = (0..half)
+        .map(|i| (ln * i as f32 / (half as f32 - style.freq_shift)).exp())
+        .collect();
+    let mut out = vec![0f32; t.len() * dim];
+    for (row, &tb) in out.chunks_mut(dim).zip(t) {
+        for (i, &f) in freqs.iter().enumerate() {
+            let a = tb * f;
+            let (first, second) = if style.flip_sin_to_cos {
+                (a.cos(), a.sin())
+            } else {
+                (a.sin(), a.cos())
+            };
+            row[i] = first;
+            row[half + i] = second;
+        }
+    }
+    out
 }
 
 /// The size of one UNet evaluation.
@@ -128,7 +188,7 @@ pub struct Shape {
 }
 
 /// The inputs of one evaluation, PyTorch order.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, Default)]
 pub struct Inputs<'a> {
     /// Noisy latents `[B][C][H][W]`.
     pub x: &'a [f32],
@@ -140,13 +200,15 @@ pub struct Inputs<'a> {
     pub y: Option<&'a [f32]>,
     /// Guidance embedding input `[B][time_cond_proj_dim]` (LCM).
     pub guidance: Option<&'a [f32]>,
+    /// Class labels `[B]` of a class-conditional UNet.
+    pub class: Option<&'a [i32]>,
 }
 
 /// Graph inputs and output of one UNet evaluation.
 pub struct Graph<'c> {
     /// Noisy latents `[W, H, in_channels, B]`.
     pub x: Tensor<'c>,
-    /// Model timesteps `[B]` (f32).
+    /// Sinusoidal timestep features `[model_channels, B]` ([`timestep_features`]).
     pub t: Tensor<'c>,
     /// Text conditioning `[context_dim, T, B]`.
     pub context: Tensor<'c>,
@@ -154,6 +216,8 @@ pub struct Graph<'c> {
     pub y: Option<Tensor<'c>>,
     /// Guidance embedding input `[time_cond_proj_dim, B]` (LCM).
     pub guidance: Option<Tensor<'c>>,
+    /// Class labels `[B]` (i32) of a class-conditional UNet.
+    pub class: Option<Tensor<'c>>,
     /// Model output `[W, H, out_channels, B]`.
     pub out: Tensor<'c>,
 }
@@ -174,13 +238,19 @@ pub fn build<'c>(nn: &Nn<'c>, cfg: &UnetConfig, shape: Shape) -> Result<Graph<'c
             "latent size {w}x{h} must be a multiple of {f} for this UNet"
         )));
     }
+    let st = &cfg.style;
     let x_in = c.tensor(Type::F32, &[w, h, cfg.in_channels, b], "unet.x")?;
-    let t_in = c.tensor(Type::F32, &[b], "unet.t")?;
-    let ctx_in = c.tensor(Type::F32, &[cfg.context_dim, tokens, b], "unet.context")?;
+    let t_in = c.tensor(Type::F32, &[cfg.model_channels, b], "unet.t")?;
+    // A model without text still has the input: zero-width, so it costs nothing.
+    let ctx_in = c.tensor(
+        Type::F32,
+        &[cfg.context_dim.max(1), tokens.max(1), b],
+        "unet.context",
+    )?;
     for t in [x_in, t_in, ctx_in] {
         c.set_input(t);
     }
-    let mut temb = c.timestep_embedding(t_in, cfg.model_channels, 10000)?; // [mc, B]
+    let mut temb = t_in; // [mc, B]
     let guidance = match (&plan.cond_proj, cfg.time_cond_proj_dim) {
         (Some(l), Some(dim)) => {
             let g = c.tensor(Type::F32, &[dim, b], "unet.guidance")?;
@@ -202,21 +272,31 @@ pub fn build<'c>(nn: &Nn<'c>, cfg: &UnetConfig, shape: Shape) -> Result<Graph<'c
         }
         _ => None,
     };
+    let class = match &plan.class_embed {
+        Some(l) => {
+            let ids = c.tensor(Type::I32, &[b], "unet.class")?;
+            c.set_input(ids);
+            let rows = c.get_rows(nn.w.get(&format!("{}.weight", l.name))?, ids)?;
+            emb = c.add(emb, rows)?;
+            Some(ids)
+        }
+        None => None,
+    };
 
     let mut x = nn.conv(x_in, &plan.conv_in.name, 3, 1, 1)?;
     let mut skips = vec![x];
     for steps in &plan.input_blocks {
-        x = block(nn, x, emb, ctx_in, steps)?;
+        x = block(nn, st, x, emb, ctx_in, steps)?;
         skips.push(x);
     }
-    x = block(nn, x, emb, ctx_in, &plan.middle)?;
+    x = block(nn, st, x, emb, ctx_in, &plan.middle)?;
     for steps in &plan.output_blocks {
         let skip = skips.pop().ok_or_else(|| {
             Error::Invalid("UNet config has more decoder blocks than skip connections".into())
         })?;
-        x = block(nn, c.concat(x, skip, 2)?, emb, ctx_in, steps)?;
+        x = block(nn, st, c.concat(x, skip, 2)?, emb, ctx_in, steps)?;
     }
-    let x = c.silu(nn.group_norm(x, &plan.norm_out.name, GROUPS, 1e-5)?)?;
+    let x = c.silu(nn.group_norm(x, &plan.norm_out.name, st.norm_groups, st.norm_eps)?)?;
     let out = nn.conv(x, &plan.conv_out.name, 3, 1, 1)?;
     c.set_output(out);
     Ok(Graph {
@@ -225,6 +305,7 @@ pub fn build<'c>(nn: &Nn<'c>, cfg: &UnetConfig, shape: Shape) -> Result<Graph<'c
         context: ctx_in,
         y,
         guidance,
+        class,
         out,
     })
 }
@@ -307,11 +388,10 @@ impl<'w> Runner<'w> {
             context,
             y,
             guidance,
+            class,
         } = *inputs;
-        if t.len() != b
-            || x.len() != b * cfg.in_channels * w * h
-            || context.len() != b * tokens * cfg.context_dim
-        {
+        let context_len = b * tokens * cfg.context_dim;
+        if t.len() != b || x.len() != b * cfg.in_channels * w * h || context.len() != context_len {
             return Err(Error::Invalid(format!(
                 "UNet inputs: {} latent, {} timestep and {} context values for a graph of batch {b}",
                 x.len(),
@@ -325,8 +405,28 @@ impl<'w> Runner<'w> {
                 .ok_or_else(|| Error::Invalid(format!("UNet graph lacks `{n}`")))
         };
         self.ctx.set_f32(get("unet.x")?, x)?;
-        self.ctx.set_f32(get("unet.t")?, t)?;
-        self.ctx.set_f32(get("unet.context")?, context)?;
+        let features = timestep_features(t, cfg.model_channels, &cfg.style);
+        self.ctx.set_f32(get("unet.t")?, &features)?;
+        if context_len > 0 {
+            self.ctx.set_f32(get("unet.context")?, context)?;
+        }
+        match (self.ctx.get("unet.class"), class, cfg.style.num_classes) {
+            (Some(tensor), Some(ids), Some(n)) if ids.len() == b => {
+                if let Some(bad) = ids.iter().find(|&&k| k < 0 || k as usize >= n) {
+                    return Err(Error::Invalid(format!(
+                        "class {bad} is not one of this model's {n} classes (0 to {})",
+                        n - 1
+                    )));
+                }
+                self.ctx.set_i32(tensor, ids)?;
+            }
+            (None, None, _) => {}
+            _ => {
+                return Err(Error::Invalid(format!(
+                    "a class label per image must be given exactly when the UNet is class-conditional ({b} images)"
+                )))
+            }
+        }
         for (name, value) in [("unet.y", y), ("unet.guidance", guidance)] {
             match (self.ctx.get(name), value) {
                 (Some(tensor), Some(v)) => self.ctx.set_f32(tensor, v)?,
@@ -360,8 +460,8 @@ pub fn forward(
     let batch = inputs.t.len();
     let per_token = batch * cfg.context_dim;
     if batch == 0
-        || per_token == 0
-        || !inputs.context.len().is_multiple_of(per_token)
+        || (per_token == 0 && !inputs.context.is_empty())
+        || (per_token > 0 && !inputs.context.len().is_multiple_of(per_token))
         || inputs.x.len() != batch * cfg.in_channels * width * height
     {
         return Err(Error::Invalid(format!(
@@ -374,7 +474,7 @@ pub fn forward(
         width,
         height,
         batch,
-        tokens: inputs.context.len() / per_token,
+        tokens: inputs.context.len().checked_div(per_token).unwrap_or(1),
     };
     Runner::new(w, cfg, shape, Attention::default(), None)?.run(inputs, backend)
 }

@@ -91,6 +91,11 @@ pub enum Kind {
     LinearAsConv {
         channels: usize,
     },
+    /// A lookup table of `rows` vectors `dim` wide (`weight` only).
+    Embedding {
+        rows: usize,
+        dim: usize,
+    },
 }
 
 /// One weight-bearing layer: `name.weight` (and `name.bias`) in the single file,
@@ -148,6 +153,7 @@ impl Layer {
                 });
                 out.push(w("bias", vec![channels]));
             }
+            Kind::Embedding { rows, dim } => out.push(w("weight", vec![rows, dim])),
         }
     }
 }

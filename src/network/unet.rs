@@ -13,7 +13,7 @@
 //!   `time_embed.0`/`time_embed.2` layers it feeds.
 //! - `mid_depth: Some(0)` (middle block without attention): one ResBlock,
 //!   `middle_block.0`, as diffusers builds its attention-free `UNetMidBlock2D`.
-use crate::config::UnetConfig;
+use crate::config::{AttentionKind, UnetConfig};
 use crate::error::{Error, Result};
 
 use super::{params_of, At, Kind, Layer, Param, UNET_PREFIX};
@@ -72,11 +72,26 @@ impl Transformer {
     }
 }
 
+/// DDPM's attention block (diffusers `Attention` in `AttnDownBlock2D`, named as
+/// LDM's autoencoder names its `AttnBlock`): GroupNorm, q/k/v projections (1x1
+/// convolutions in the single file, linear layers in diffusers), attention over the
+/// pixels, the output projection, plus the input.
+#[derive(Clone, Debug)]
+pub struct SelfAttention {
+    pub norm: Layer,
+    pub q: Layer,
+    pub k: Layer,
+    pub v: Layer,
+    pub proj_out: Layer,
+    pub heads: usize,
+}
+
 /// One step of a UNet block.
 #[derive(Clone, Debug)]
 pub enum Block {
     Res(Box<ResBlock>),
     Transformer(Transformer),
+    SelfAttention(SelfAttention),
     /// A 3x3 convolution with stride 2.
     Downsample(Layer),
     /// Nearest-neighbour upsampling by 2, then a 3x3 convolution.
@@ -92,6 +107,8 @@ pub struct Unet {
     pub cond_proj: Option<Layer>,
     /// SDXL's pooled-text/size embedding MLP, added to the timestep embedding.
     pub label_embed: Option<[Layer; 2]>,
+    /// A class-conditional UNet's class embeddings, added to the timestep embedding.
+    pub class_embed: Option<Layer>,
     pub conv_in: Layer,
     /// Encoder blocks after `conv_in`; each one's output (and `conv_in`'s) is kept for
     /// the decoder.
@@ -122,7 +139,10 @@ impl Unet {
         let mc = u.model_channels;
         let temb = u.time_embed_dim();
         let res = |at: At, inp: usize, out: usize| Box::new(ResBlock::new(&at, inp, out, temb));
-        let transformer = |at: At, ch: usize, depth: usize| Transformer::new(&at, ch, depth, u);
+        let attention = |at: At, ch: usize, depth: usize| match u.style.attention {
+            AttentionKind::Transformer => Block::Transformer(Transformer::new(&at, ch, depth, u)),
+            AttentionKind::SelfAttention => Block::SelfAttention(SelfAttention::new(&at, ch, u)),
+        };
         // ResNet `i` of a level (and its transformer when `depth` > 0): LDM's block
         // `canonical.0` (`.1`), diffusers' `group.resnets.i` (`group.attentions.i`).
         let level_block = |(canonical, group): (String, String),
@@ -134,11 +154,7 @@ impl Unet {
             };
             let mut block = vec![Block::Res(res(at(0, "resnets"), inp, out))];
             if depth > 0 {
-                block.push(Block::Transformer(transformer(
-                    at(1, "attentions"),
-                    out,
-                    depth,
-                )));
+                block.push(attention(at(1, "attentions"), out, depth));
             }
             block
         };
@@ -163,6 +179,13 @@ impl Unet {
                 top.linear("label_emb.0.0", "add_embedding.linear_1", temb, a),
                 top.linear("label_emb.0.2", "add_embedding.linear_2", temb, temb),
             ]
+        });
+        let class_embed = u.style.num_classes.map(|rows| {
+            top.layer(
+                "label_emb",
+                "class_embedding",
+                Kind::Embedding { rows, dim: temb },
+            )
         });
         let conv_in = top.conv("input_blocks.0.0", "conv_in", mc, u.in_channels, 3);
 
@@ -198,7 +221,7 @@ impl Unet {
             Some(0) => vec![Block::Res(res(mid(0, "mid_block.resnets.0"), ch, ch))],
             Some(depth) => vec![
                 Block::Res(res(mid(0, "mid_block.resnets.0"), ch, ch)),
-                Block::Transformer(transformer(mid(1, "mid_block.attentions.0"), ch, depth)),
+                attention(mid(1, "mid_block.attentions.0"), ch, depth),
                 Block::Res(res(mid(2, "mid_block.resnets.1"), ch, ch)),
             ],
         };
@@ -237,6 +260,7 @@ impl Unet {
             time_embed,
             cond_proj,
             label_embed,
+            class_embed,
             conv_in,
             input_blocks,
             middle,
@@ -252,6 +276,7 @@ impl Unet {
         params_of(&self.cond_proj, &mut out);
         params_of(&self.time_embed, &mut out);
         params_of(self.label_embed.iter().flatten(), &mut out);
+        params_of(&self.class_embed, &mut out);
         self.conv_in.params(&mut out);
         for block in self
             .input_blocks
@@ -273,6 +298,9 @@ impl Block {
         match self {
             Block::Res(r) => r.params(out),
             Block::Transformer(t) => t.params(out),
+            Block::SelfAttention(a) => {
+                params_of([&a.norm, &a.q, &a.k, &a.v, &a.proj_out], out);
+            }
             Block::Downsample(l) | Block::Upsample(l) => l.params(out),
         }
     }
@@ -304,6 +332,20 @@ impl ResBlock {
             .chain(&self.shortcut),
             out,
         );
+    }
+}
+
+impl SelfAttention {
+    fn new(at: &At, ch: usize, u: &UnetConfig) -> Self {
+        let proj = |c: &str, d: &str| at.layer(c, d, Kind::LinearAsConv { channels: ch });
+        SelfAttention {
+            norm: at.norm("norm", "group_norm", ch),
+            q: proj("q", "to_q"),
+            k: proj("k", "to_k"),
+            v: proj("v", "to_v"),
+            proj_out: proj("proj_out", "to_out.0"),
+            heads: u.heads_for(ch),
+        }
     }
 }
 

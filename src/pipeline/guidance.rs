@@ -116,6 +116,7 @@ impl sample::Model for Guidance<'_> {
                 context: self.context,
                 y: self.y,
                 guidance: self.embedded,
+                class: None,
             };
             return self.runner.run(&inputs, backend);
         }
@@ -135,6 +136,7 @@ impl sample::Model for Guidance<'_> {
                 context,
                 y,
                 guidance: None,
+                class: None,
             };
             let mut out = self.runner.run(&branch(ctx_u, y_u), backend)?;
             out.extend(self.runner.run(&branch(ctx_c, y_c), backend)?);
@@ -146,6 +148,7 @@ impl sample::Model for Guidance<'_> {
                 context: self.context,
                 y: self.y,
                 guidance: None,
+                class: None,
             };
             self.runner.run(&inputs, backend)?
         };

@@ -11,7 +11,7 @@
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use crate::config::{Defaults, ModelConfig, TimeId};
+use crate::config::{Defaults, ModelConfig, TimeId, VaeConfig};
 use crate::error::{Error, Result};
 use crate::formats::gguf::metadata;
 use crate::formats::gguf::GgufFile;
@@ -35,6 +35,7 @@ mod request;
 mod stages;
 mod start;
 mod text;
+pub mod unconditional;
 
 pub use canvas::{Canvas, CanvasOptions};
 use guidance::Guidance;
@@ -157,6 +158,8 @@ pub struct Pipeline {
     pub embeddings: Embeddings,
     /// A VAE from its own file ([`Pipeline::set_vae`]) in place of the model's.
     vae_file: Option<Weights<'static>>,
+    /// The model's autoencoder (a text-to-image model always has one).
+    vae_config: VaeConfig,
 }
 
 struct DeviceWeights {
@@ -237,7 +240,17 @@ impl Pipeline {
     fn from_gguf(gguf: GgufFile, config: ModelConfig, threads: usize) -> Result<Pipeline> {
         let path = gguf.path.clone();
         let path = path.as_path();
+        if config.is_unconditional() {
+            return Err(Error::arch(
+                path,
+                "an unconditional or class-conditional model (it has no text encoder): run it with `sdrs generate` without a prompt, or sdrs::pipeline::unconditional",
+            ));
+        }
         check_conditioning(&config).map_err(|e| Error::arch(path, e))?;
+        let vae_config = config
+            .autoencoder()
+            .map_err(|e| Error::arch(path, e.to_string()))?
+            .clone();
         let vocab =
             metadata::read_tokenizer(&gguf).map_or_else(crate::vocab::ClipVocab::embedded, Ok)?;
         let tokenizer = ClipTokenizer::new(&vocab)?;
@@ -260,6 +273,7 @@ impl Pipeline {
             device: None,
             embeddings: Embeddings::default(),
             vae_file: None,
+            vae_config,
         })
     }
 
@@ -297,7 +311,7 @@ impl Pipeline {
     /// model: original or diffusers naming, any float type) instead of the model's own.
     /// Its weights are held in f32 where the pipeline computes.
     pub fn set_vae(&mut self, path: &Path) -> Result<()> {
-        let tensors = crate::formats::vae_file::open(path, &self.config.vae)?;
+        let tensors = crate::formats::vae_file::open(path, &self.vae_config)?;
         let mut list = Vec::with_capacity(tensors.len());
         for t in &tensors {
             list.push((
@@ -366,12 +380,12 @@ impl Pipeline {
 
     /// What image sides must be multiples of for this model.
     pub fn size_multiple(&self) -> usize {
-        self.config.vae.downscale() << (self.config.unet.channel_mult.len() - 1)
+        self.vae_config.downscale() << (self.config.unet.channel_mult.len() - 1)
     }
 
     /// Latent size for an image size, or an error that says what is allowed.
     pub fn latent_size(&self, width: usize, height: usize) -> Result<(usize, usize)> {
-        let (f, m) = (self.config.vae.downscale(), self.size_multiple());
+        let (f, m) = (self.vae_config.downscale(), self.size_multiple());
         if width == 0 || height == 0 || !width.is_multiple_of(m) || !height.is_multiple_of(m) {
             return Err(Error::Invalid(format!("image size {width}x{height}: width and height must be positive multiples of {m} for this model (the VAE divides by {f}, the UNet halves {} more times)", self.config.unet.channel_mult.len() - 1)));
         }
@@ -383,14 +397,14 @@ impl Pipeline {
     /// (0 in [-1, 1]), as A1111 conditions inpainting models without an init image.
     /// `None` for ordinary UNets.
     fn image_conditioning(&self, lw: usize, lh: usize) -> Result<Option<Vec<f32>>> {
-        let zc = self.config.vae.latent_channels;
+        let zc = self.vae_config.latent_channels;
         match self.config.unet.in_channels {
             c if c == zc => Ok(None),
             c if c == 2 * zc + 1 => {
-                let f = self.config.vae.downscale();
+                let f = self.vae_config.downscale();
                 let w = self.vae_weights()?;
                 let grey = vec![0.0f32; 3 * lw * f * lh * f];
-                let masked = vae::encode(&w, &self.config.vae, Planes::single(&grey, lw * f, lh * f), &self.backend)?;
+                let masked = vae::encode(&w, &self.vae_config, Planes::single(&grey, lw * f, lh * f), &self.backend)?;
                 let mut cond = vec![1.0f32; lw * lh];
                 cond.extend_from_slice(&masked);
                 Ok(Some(cond))

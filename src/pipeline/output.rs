@@ -52,6 +52,37 @@ impl ImageFormat {
 }
 
 impl Image {
+    /// The images side by side, as near a square as the count allows (row by row, 2
+    /// pixels of black between them), with the first image's parameters.
+    pub fn grid(images: &[Image]) -> Result<Image> {
+        const GAP: usize = 2;
+        let first = images
+            .first()
+            .ok_or_else(|| Error::Invalid("a grid needs at least one image".into()))?;
+        let (w, h) = (first.width, first.height);
+        if images.iter().any(|i| (i.width, i.height) != (w, h)) {
+            return Err(Error::Invalid("a grid's images must share one size".into()));
+        }
+        let cols = (images.len() as f64).sqrt().ceil() as usize;
+        let rows = images.len().div_ceil(cols);
+        let (gw, gh) = (cols * w + (cols - 1) * GAP, rows * h + (rows - 1) * GAP);
+        let mut rgb = vec![0u8; gw * gh * 3];
+        for (k, img) in images.iter().enumerate() {
+            let (x0, y0) = ((k % cols) * (w + GAP), (k / cols) * (h + GAP));
+            for y in 0..h {
+                let dst = ((y0 + y) * gw + x0) * 3;
+                rgb[dst..dst + w * 3].copy_from_slice(&img.rgb[y * w * 3..(y + 1) * w * 3]);
+            }
+        }
+        Ok(Image {
+            width: gw,
+            height: gh,
+            rgb,
+            parameters: first.parameters.clone(),
+            timings: first.timings,
+        })
+    }
+
     /// Writes the image with its parameters in `format`, atomically: the whole file
     /// appears at `path`, or nothing does.
     pub fn save(&self, path: &Path, format: ImageFormat) -> Result<()> {

@@ -126,22 +126,22 @@ impl budget::Stages for RunStages<'_> {
             )? as u64);
         }
         let mut needs = vec![text];
-        if self.encode || cfg.unet.in_channels != cfg.vae.latent_channels {
+        if self.encode || cfg.unet.in_channels != p.vae_config.latent_channels {
             let enc = network::vae::is_encoder;
             let w = p.vae_weights()?;
-            let f = cfg.vae.downscale();
+            let f = p.vae_config.downscale();
             let forced = FORCED_TILE.clamp(self.lw, self.lh);
             let compute = if self.req.decoding.vae_tiling && forced.cuts(self.lw, self.lh) {
                 vae::encode_tile_bytes(
                     &w,
-                    &cfg.vae,
+                    &p.vae_config,
                     self.lw,
                     self.lh,
                     forced,
                     self.req.decoding.vae_tile_stats,
                 )?
             } else {
-                vae::encode_buffer_bytes(&w, &cfg.vae, self.lw * f, self.lh * f)?
+                vae::encode_buffer_bytes(&w, &p.vae_config, self.lw * f, self.lh * f)?
             } as u64;
             let weights = if p.vae_file.is_some() {
                 w.bytes()
@@ -183,8 +183,8 @@ impl budget::Stages for RunStages<'_> {
     }
 
     fn decode(&self, tiling: Option<vae::Tiling>) -> Result<Need> {
-        let (p, cfg) = (self.pipe, &self.pipe.config);
-        let f = cfg.vae.downscale();
+        let p = self.pipe;
+        let f = p.vae_config.downscale();
         // f32 pixels, blend weights when tiled, 8-bit RGB.
         let other = (self.lw * self.lh * f * f * (12 + 4 * tiling.is_some() as usize + 3)) as u64;
         if let Some(w) = &self.taesd {
@@ -201,13 +201,13 @@ impl budget::Stages for RunStages<'_> {
         let compute = match tiling {
             Some(t) => vae::decode_tiled_bytes(
                 &w,
-                &cfg.vae,
+                &p.vae_config,
                 self.lw,
                 self.lh,
                 t,
                 self.req.decoding.vae_tile_stats,
             )?,
-            None => vae::decode_buffer_bytes(&w, &cfg.vae, self.lw, self.lh)?,
+            None => vae::decode_buffer_bytes(&w, &p.vae_config, self.lw, self.lh)?,
         } as u64;
         // Tiles with the image's statistics start from the whole mid block's output, in f32.
         let mid = match tiling {
@@ -215,7 +215,7 @@ impl budget::Stages for RunStages<'_> {
                 if t.clamp(self.lw, self.lh).cuts(self.lw, self.lh)
                     && self.req.decoding.vae_tile_stats == vae::TileStats::Image =>
             {
-                (4 * vae::mid_channels(&cfg.vae) * self.lw * self.lh) as u64
+                (4 * vae::mid_channels(&p.vae_config) * self.lw * self.lh) as u64
             }
             _ => 0,
         };

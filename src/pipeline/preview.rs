@@ -57,7 +57,7 @@ impl<'p> Previewer<'p> {
         lw: usize,
         lh: usize,
     ) -> Result<Self> {
-        let cfg = &pipe.config.vae;
+        let cfg = &pipe.vae_config;
         let known = PROJECTIONS.iter().find(|(s, _)| {
             cfg.latent_channels == 4
                 && (s - cfg.scaling_factor).abs() < 1e-6
@@ -79,7 +79,7 @@ impl<'p> Previewer<'p> {
     /// The picture of `latent` (scaled, `[C][lh][lw]`) at the output's size.
     pub fn draw(&self, latent: &[f64]) -> Result<Image> {
         let (lw, lh) = (self.lw, self.lh);
-        let f = self.pipe.config.vae.downscale();
+        let f = self.pipe.vae_config.downscale();
         let z: Vec<f32> = latent.iter().map(|&v| v as f32).collect();
         let (w, h) = (lw * f, lh * f);
         let planar = |pixels: &[f32], unit: bool| super::to_rgb8(pixels, w * h, unit);
@@ -93,7 +93,7 @@ impl<'p> Previewer<'p> {
                 planar(
                     &vae::decode(
                         &weights,
-                        &self.pipe.config.vae,
+                        &self.pipe.vae_config,
                         Planes::single(&z, lw, lh),
                         &self.pipe.backend,
                     )?,

@@ -139,14 +139,18 @@ impl Pipeline {
         // ancestral step, in the order diffusers draws them, so the torch generator
         // reproduces its images.
         let mut rng = req.sampling.rng.make(req.seed);
+        let sched = Discrete::of(&cfg.schedule);
         let sched = if req.sampling.zero_terminal_snr || cfg.zero_terminal_snr {
-            Discrete::sd().rescale_zero_terminal_snr()
+            sched.rescale_zero_terminal_snr()
         } else {
-            Discrete::sd()
+            sched
         };
         let settings = req.sampling.eta.map_or_else(
             || sample::Settings::default_for(req.sampling.sampler),
-            |eta| sample::Settings { eta },
+            |eta| sample::Settings {
+                eta,
+                ..Default::default()
+            },
         );
         // Align Your Steps has a table per model family; SDXL's is for size-conditioned UNets.
         let opts = ScheduleOpts {
@@ -284,7 +288,7 @@ impl Pipeline {
             return Ok(Decoded { pixels, unit: true });
         }
         let w = self.vae_weights()?;
-        let cfg = &self.config.vae;
+        let cfg = &self.vae_config;
         let pixels = match memory.tiling {
             Some(t) => vae::decode_tiled(
                 &w,

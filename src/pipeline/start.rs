@@ -84,7 +84,7 @@ impl Pipeline {
         tiling: Option<Tiling>,
         rng: &mut dyn Rng,
     ) -> Result<Start> {
-        let zc = self.config.vae.latent_channels;
+        let zc = self.vae_config.latent_channels;
         let n = zc * lw * lh;
         let nine = self.config.unet.in_channels == 2 * zc + 1;
         let strength = req.strength();
@@ -180,7 +180,7 @@ impl Pipeline {
         tiling: Option<(Tiling, TileStats)>,
         rng: &mut dyn Rng,
     ) -> Result<Vec<f32>> {
-        let cfg = &self.config.vae;
+        let cfg = &self.vae_config;
         let (h, w) = (lh * cfg.downscale(), lw * cfg.downscale());
         match encoder {
             Some(Encoder::Taesd(t)) => {

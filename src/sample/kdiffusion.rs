@@ -12,11 +12,12 @@ pub(super) struct Step<'s, 'd> {
     /// Which step: from `plan.sigmas[i]` to `plan.sigmas[i + 1]`.
     pub i: usize,
     pub eta: f64,
+    pub variance: crate::config::Variance,
     pub noise: &'s mut dyn NoiseSampler,
 }
 
 impl Step<'_, '_> {
-    fn sigmas(&self) -> (f64, f64) {
+    pub fn sigmas(&self) -> (f64, f64) {
         (self.plan.sigmas[self.i], self.plan.sigmas[self.i + 1])
     }
 }
@@ -96,7 +97,13 @@ pub(super) fn ancestral(sigma: f64, sigma_next: f64, eta: f64) -> (f64, f64) {
     (down, up)
 }
 
-fn add_noise(x: &mut [f64], noise: &mut dyn NoiseSampler, sigma: f64, sigma_next: f64, scale: f64) {
+pub(super) fn add_noise(
+    x: &mut [f64],
+    noise: &mut dyn NoiseSampler,
+    sigma: f64,
+    sigma_next: f64,
+    scale: f64,
+) {
     if scale == 0.0 {
         return;
     }
@@ -118,7 +125,7 @@ pub(super) fn ddim(st: &mut Step, x: &[f64]) -> Result<Vec<f64>> {
     let (s, sn) = st.sigmas();
     let d0 = st.den.denoise_at(x, s, st.plan.timesteps[st.i])?;
     let (down, up) = ancestral(s, sn, st.eta);
-    let eps = deriv(x, &d0, s);
+    let eps = deriv(x, st.den.unclipped(), s);
     let mut out = axpy(&d0, down, &eps);
     add_noise(&mut out, st.noise, s, sn, up);
     Ok(out)

@@ -8,6 +8,7 @@
 //! form (DDIM, LCM, TCD, PLMS, UniPC) are the same updates divided by sqrt(ᾱ); they are
 //! written here in the VE form so one loop serves all of them.
 pub mod brownian;
+mod ddpm;
 mod kdiffusion;
 mod lcm;
 mod multistep;
@@ -17,13 +18,14 @@ pub mod rng;
 pub mod schedule;
 
 pub use brownian::BrownianNoise;
+pub use ddpm::ddpm_plan;
 pub use lcm::{lcm_plan, tcd_plan};
-pub use multistep::plms_plan;
+pub use multistep::{plms_plan, plms_plan_at};
 pub use philox::CudaRng;
 pub use rng::{NativeRng, Rng, TorchRng};
 pub use schedule::{Discrete, Plan, Schedule, ScheduleOpts, Spacing};
 
-use crate::config::Prediction;
+use crate::config::{Prediction, Variance};
 use crate::error::{Error, Result};
 
 /// One call of the network: `model_input` (the VP latent, batch of one) at
@@ -84,6 +86,10 @@ pub struct Denoiser<'a> {
     known: Vec<(f64, f64)>,
     /// The latest estimate of the clean latent (what step previews show).
     last: Vec<f64>,
+    /// DDPM and DDIM clip the clean estimate to ±this (the model's `clip_sample`).
+    clip: Option<f64>,
+    /// The estimate before clipping (empty when nothing is clipped).
+    raw: Vec<f64>,
 }
 
 impl<'a> Denoiser<'a> {
@@ -105,7 +111,16 @@ impl<'a> Denoiser<'a> {
             schedule,
             known,
             last: Vec::new(),
+            clip: None,
+            raw: Vec::new(),
         }
+    }
+
+    /// Clips every clean estimate to ±`range` (diffusers' `clip_sample`, which its
+    /// DDPM and DDIM schedulers apply to the predicted original sample).
+    pub fn with_clip(mut self, range: Option<f64>) -> Self {
+        self.clip = range;
+        self
     }
 
     pub fn timestep(&self, sigma: f64) -> f64 {
@@ -128,9 +143,25 @@ impl<'a> Denoiser<'a> {
 
     /// The model's x0 at an explicit timestep (timestep-based samplers).
     pub fn denoise_at(&mut self, x: &[f64], sigma: f64, timestep: f64) -> Result<Vec<f64>> {
-        let d = denoise64(self.model, self.prediction, x, sigma, timestep)?;
+        let mut d = denoise64(self.model, self.prediction, x, sigma, timestep)?;
+        if let Some(r) = self.clip {
+            self.raw.clone_from(&d);
+            for v in &mut d {
+                *v = v.clamp(-r, r);
+            }
+        }
         self.last.clone_from(&d);
         Ok(d)
+    }
+
+    /// The latest clean estimate before clipping: DDIM keeps the model's own ε (diffusers'
+    /// `use_clipped_model_output` is off) while it moves towards the clipped sample.
+    pub fn unclipped(&self) -> &[f64] {
+        if self.clip.is_some() {
+            &self.raw
+        } else {
+            &self.last
+        }
     }
 
     /// The clean latent the model last predicted (empty before its first call).
@@ -168,6 +199,7 @@ pub enum Sampler {
     DpmPP2MSde,
     DpmPP3MSde,
     Ddim,
+    Ddpm,
     Plms,
     Lms,
     UniPc,
@@ -290,6 +322,15 @@ const INFO: &[SamplerInfo] = &[
         about: "DDIM (Song et al. 2021); --eta > 0 adds noise (η = 1 is DDPM)",
     },
     SamplerInfo {
+        sampler: Sampler::Ddpm,
+        name: "ddpm",
+        display: "DDPM",
+        order: 1,
+        evals_per_step: 1,
+        stochastic: true,
+        about: "DDPM ancestral sampling with the posterior variance (Ho et al. 2020), as diffusers' DDPMScheduler",
+    },
+    SamplerInfo {
         sampler: Sampler::Plms,
         name: "plms",
         display: "PLMS",
@@ -368,7 +409,7 @@ impl Sampler {
     pub fn has_own_timesteps(self) -> bool {
         matches!(
             self,
-            Sampler::Ddim | Sampler::Plms | Sampler::Lcm | Sampler::Tcd
+            Sampler::Ddim | Sampler::Ddpm | Sampler::Plms | Sampler::Lcm | Sampler::Tcd
         )
     }
 
@@ -387,11 +428,16 @@ impl Sampler {
 pub struct Settings {
     /// Noise scale of ancestral / SDE / DDIM steps (`--eta`); TCD's γ.
     pub eta: f64,
+    /// The variance of DDPM's steps (the model's `variance_type`).
+    pub variance: Variance,
 }
 
 impl Default for Settings {
     fn default() -> Self {
-        Settings { eta: 1.0 }
+        Settings {
+            eta: 1.0,
+            variance: Variance::FixedSmall,
+        }
     }
 }
 
@@ -405,6 +451,7 @@ impl Settings {
                 Sampler::Tcd => 0.3,
                 _ => 1.0,
             },
+            ..Settings::default()
         }
     }
 }
@@ -429,6 +476,7 @@ pub fn plan_for(
     };
     match sampler {
         Sampler::Ddim => Plan::ddim_spaced(d, steps, spacing).tail(strength),
+        Sampler::Ddpm => ddpm::ddpm_plan(d, steps, 1).tail(strength),
         Sampler::Plms => multistep::plms_plan(d, steps).tail(strength),
         Sampler::Lcm => lcm::lcm_plan(d, steps, 50, strength),
         Sampler::Tcd => lcm::tcd_plan(d, steps, 50, strength),
@@ -462,6 +510,7 @@ enum Family {
     Lms(kdiffusion::Recent<4>),
     Ipndm(kdiffusion::Recent<3>),
     Ddim,
+    Ddpm,
     Plms(multistep::Plms),
     UniPc(multistep::UniPc),
     Lcm,
@@ -484,6 +533,7 @@ impl Family {
             Sampler::Lms => Family::Lms(Default::default()),
             Sampler::Ipndm => Family::Ipndm(Default::default()),
             Sampler::Ddim => Family::Ddim,
+            Sampler::Ddpm => Family::Ddpm,
             Sampler::Plms => Family::Plms(Default::default()),
             Sampler::UniPc => Family::UniPc(Default::default()),
             Sampler::Lcm => Family::Lcm,
@@ -504,6 +554,7 @@ impl Family {
             Family::Lms(h) => kdiffusion::lms(st, x, h),
             Family::Ipndm(h) => kdiffusion::ipndm(st, x, h),
             Family::Ddim => kdiffusion::ddim(st, x),
+            Family::Ddpm => ddpm::ddpm_step(st, x),
             Family::Plms(h) => multistep::plms_step(st, x, h),
             Family::UniPc(h) => multistep::unipc_step(st, x, h),
             Family::Lcm => lcm::lcm_step(st, x),
@@ -544,6 +595,7 @@ pub fn sample(
             plan,
             i,
             eta: settings.eta,
+            variance: settings.variance,
             noise: &mut *noise,
         };
         x = family.step(&mut step, &x)?;
@@ -565,7 +617,7 @@ mod tests {
             assert_eq!(Sampler::parse(info.name), Some(info.sampler));
             assert_eq!(info.sampler.info().name, info.name);
         }
-        assert_eq!(Sampler::all().len(), 17);
+        assert_eq!(Sampler::all().len(), 18);
         assert_eq!(Sampler::parse("euler_ancestral"), None);
     }
 }

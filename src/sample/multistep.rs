@@ -11,9 +11,23 @@ use crate::error::Result;
 /// multistep in ε takes over. `sigmas[i]` is the level of call i's input and
 /// `sigmas[i + 1]` the level of its output, so the repeated point appears twice.
 pub fn plms_plan(d: &Discrete, steps: usize) -> Plan {
-    let steps = steps.max(1);
+    plms_plan_at(d, steps, 1, false)
+}
+
+/// PLMS on the leading grid with `steps_offset`, the last step landing on ᾱ = 1 when
+/// `set_alpha_to_one` (else on ᾱ_0, as SD's configs).
+pub fn plms_plan_at(
+    d: &Discrete,
+    steps: usize,
+    steps_offset: usize,
+    set_alpha_to_one: bool,
+) -> Plan {
+    let steps = steps.clamp(1, d.len());
     let ratio = d.len() / steps;
-    let grid: Vec<usize> = (0..steps).rev().map(|i| i * ratio + 1).collect();
+    let grid: Vec<usize> = (0..steps)
+        .rev()
+        .map(|i| (i * ratio + steps_offset).min(d.len() - 1))
+        .collect();
     let mut timesteps: Vec<usize> = grid.clone();
     if steps > 1 {
         timesteps.insert(1, grid[1]);
@@ -23,7 +37,7 @@ pub fn plms_plan(d: &Discrete, steps: usize) -> Plan {
         .map(|&t| Discrete::sigma_of(d.alphas_cumprod[t]))
         .collect();
     // The last step lands on ᾱ_0 (set_alpha_to_one = false in SD's configs).
-    sigmas.push(d.sigma_min());
+    sigmas.push(if set_alpha_to_one { 0.0 } else { d.sigma_min() });
     let init_sigma = (sigmas[0] * sigmas[0] + 1.0).sqrt();
     Plan {
         timesteps: timesteps.iter().map(|&t| t as f64).collect(),

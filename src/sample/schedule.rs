@@ -6,6 +6,8 @@
 //! variance-preserving latent) at timestep t where σ(t) = sqrt((1 − ᾱ_t) / ᾱ_t).
 //! (Karras et al. 2022, "Elucidating the Design Space of Diffusion-Based Generative Models".)
 
+use crate::config::{Betas, NoiseSchedule};
+
 /// The discrete training schedule ᾱ_t, t = 0..T.
 #[derive(Clone, Debug)]
 pub struct Discrete {
@@ -37,6 +39,58 @@ impl Discrete {
     /// The SD 1.x/2.x/SDXL training schedule.
     pub fn sd() -> Self {
         Self::scaled_linear(0.00085, 0.012, 1000)
+    }
+
+    /// The training schedule a model's config describes.
+    pub fn of(s: &NoiseSchedule) -> Self {
+        match s.betas {
+            Betas::ScaledLinear { start, end } => Self::scaled_linear(start, end, s.train_steps),
+            Betas::Linear { start, end } => Self::linear(start, end, s.train_steps),
+            Betas::SquaredCos => Self::squared_cos(s.train_steps),
+        }
+    }
+
+    /// DDPM's betas, linear in t (`torch.linspace` in f32, as diffusers builds them).
+    pub fn linear(start: f64, end: f64, steps: usize) -> Self {
+        let (a, b) = (start as f32, end as f32);
+        let step = (b - a) / (steps - 1) as f32;
+        let betas = (0..steps).map(|i| {
+            if i < steps / 2 {
+                a + step * i as f32
+            } else {
+                b - step * (steps - 1 - i) as f32
+            }
+        });
+        Self::from_betas(betas)
+    }
+
+    /// The cosine schedule (Nichol & Dhariwal 2021, eq. 17): β_t = 1 − ᾱ(t+1)/ᾱ(t),
+    /// capped at 0.999, computed in f64 then stored in f32 as diffusers does.
+    pub fn squared_cos(steps: usize) -> Self {
+        let bar = |t: f64| {
+            ((t + 0.008) / 1.008 * std::f64::consts::FRAC_PI_2)
+                .cos()
+                .powi(2)
+        };
+        let n = steps as f64;
+        let betas = (0..steps).map(|i| {
+            let (t1, t2) = (i as f64 / n, (i + 1) as f64 / n);
+            (1.0 - bar(t2) / bar(t1)).min(0.999) as f32
+        });
+        Self::from_betas(betas)
+    }
+
+    /// ᾱ from f32 betas: `torch.cumprod` of 1 − β, accumulated in f64 (PyTorch's CPU
+    /// accumulator for f32) and stored in f32.
+    fn from_betas(betas: impl Iterator<Item = f32>) -> Self {
+        let mut acc = 1f64;
+        let alphas_cumprod = betas
+            .map(|b| {
+                acc *= (1.0 - b) as f64;
+                acc as f32 as f64
+            })
+            .collect();
+        Discrete { alphas_cumprod }
     }
 
     pub fn len(&self) -> usize {

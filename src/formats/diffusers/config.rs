@@ -8,8 +8,8 @@ use std::path::Path;
 use serde_json::{Map, Value};
 
 use crate::config::{
-    limits, Activation, TextEncoderConfig, TextEncoderKind, UnetConfig, VaeConfig, CLIP_EOS,
-    CLIP_VOCAB,
+    limits, Activation, AttentionKind, Betas, NoiseSchedule, TextEncoderConfig, TextEncoderKind,
+    UnetConfig, UnetStyle, VaeConfig, Variance, CLIP_EOS, CLIP_VOCAB,
 };
 use crate::error::{Error, Result};
 
@@ -72,6 +72,12 @@ impl<'a> Obj<'a> {
     }
     pub fn usize_or(&self, key: &str, default: usize) -> Result<usize> {
         Ok(self.opt_usize(key)?.unwrap_or(default))
+    }
+    pub fn f64_or(&self, key: &str, default: f64) -> Result<f64> {
+        match self.get(key) {
+            None => Ok(default),
+            Some(v) => v.as_f64().ok_or_else(|| self.bad(key, "a number")),
+        }
     }
     pub fn f32_or(&self, key: &str, default: f32) -> Result<f32> {
         match self.get(key) {
@@ -405,9 +411,225 @@ pub(crate) fn unet(v: &Value, path: &Path) -> Result<UnetConfig> {
         } else {
             0
         },
+        style: UnetStyle {
+            norm_groups: o.usize_or("norm_num_groups", 32)?,
+            norm_eps: o.f32_or("norm_eps", 1e-5)?,
+            flip_sin_to_cos: o.bool_or("flip_sin_to_cos", true)?,
+            freq_shift: o.f32_or("freq_shift", 0.0)?,
+            downsample_padding: o.usize_or("downsample_padding", 1)?,
+            ..UnetStyle::default()
+        },
     };
     unet.check_sizes().map_err(|e| Error::format(path, e))?;
     Ok(unet)
+}
+
+/// `UNet2DModel` config: the pixel-space and latent UNets of the DDPM and LDM papers
+/// (`google/ddpm-*`, `CompVis/ldm-celebahq-256`), with their defaults where a key is
+/// absent.
+pub(crate) fn unet2d(v: &Value, path: &Path) -> Result<UnetConfig> {
+    let o = Obj::new(v, path)?;
+    let refuse = |key: &str, what: &str| {
+        Error::arch(
+            path,
+            format!(
+                "`{key}` = {}: {what} is not supported",
+                o.get(key).map(|v| v.to_string()).unwrap_or_default()
+            ),
+        )
+    };
+    let string_is = |key: &str, want: &str| -> Result<()> {
+        match o.opt_str(key)? {
+            Some(s) if s != want => Err(refuse(key, "this option")),
+            _ => Ok(()),
+        }
+    };
+    string_is("time_embedding_type", "positional")?;
+    string_is("resnet_time_scale_shift", "default")?;
+    string_is("act_fn", "silu")?;
+    string_is("downsample_type", "conv")?;
+    string_is("upsample_type", "conv")?;
+    if o.get("class_embed_type").is_some_and(|v| !v.is_null()) {
+        return Err(refuse("class_embed_type", "this class embedding"));
+    }
+    if o.bool_or("center_input_sample", false)? {
+        return Err(refuse("center_input_sample", "this option"));
+    }
+    if o.f32_or("mid_block_scale_factor", 1.0)? != 1.0 {
+        return Err(refuse("mid_block_scale_factor", "a scale other than 1"));
+    }
+
+    let down_types = o.str_list("down_block_types")?.unwrap_or_else(|| {
+        vec![
+            "DownBlock2D",
+            "AttnDownBlock2D",
+            "AttnDownBlock2D",
+            "AttnDownBlock2D",
+        ]
+    });
+    let up_types = o.str_list("up_block_types")?.unwrap_or_else(|| {
+        vec![
+            "AttnUpBlock2D",
+            "AttnUpBlock2D",
+            "AttnUpBlock2D",
+            "UpBlock2D",
+        ]
+    });
+    let levels = down_types.len();
+    if levels == 0 || up_types.len() != levels {
+        return Err(Error::format(
+            path,
+            format!(
+                "{} down blocks and {} up blocks: they must be equal and non-zero",
+                levels,
+                up_types.len()
+            ),
+        ));
+    }
+    let has_attn = |t: &str, key: &str, attn: &str, plain: &str| -> Result<bool> {
+        match t {
+            x if x == attn => Ok(true),
+            x if x == plain => Ok(false),
+            other => Err(Error::arch(
+                path,
+                format!("`{key}` entry `{other}` is not supported (only {attn} and {plain})"),
+            )),
+        }
+    };
+    let down_attn = down_types
+        .iter()
+        .map(|t| has_attn(t, "down_block_types", "AttnDownBlock2D", "DownBlock2D"))
+        .collect::<Result<Vec<_>>>()?;
+    let up_attn = up_types
+        .iter()
+        .map(|t| has_attn(t, "up_block_types", "AttnUpBlock2D", "UpBlock2D"))
+        .collect::<Result<Vec<_>>>()?;
+    let channels = match o.get("block_out_channels") {
+        None => vec![224, 448, 672, 896],
+        Some(_) => o.per_level("block_out_channels", levels, 0)?,
+    };
+    let mc = channels[0];
+    if mc == 0 || channels.iter().any(|c| c % mc != 0) {
+        return Err(o.bad(
+            "block_out_channels",
+            "positive multiples of the first entry",
+        ));
+    }
+    if o.opt_usize("time_embedding_dim")?
+        .is_some_and(|d| d != 4 * mc)
+    {
+        return Err(refuse(
+            "time_embedding_dim",
+            "a width other than 4 × block_out_channels[0]",
+        ));
+    }
+    let layers = o.usize_or("layers_per_block", 2)?;
+    limits::within("`layers_per_block`", layers, limits::RESNETS)
+        .map_err(|e| Error::format(path, e))?;
+    let groups = o.usize_or("norm_num_groups", 32)?;
+    if o.opt_usize("attn_norm_num_groups")?
+        .is_some_and(|g| g != groups)
+    {
+        return Err(refuse(
+            "attn_norm_num_groups",
+            "a group count other than norm_num_groups",
+        ));
+    }
+    // `attention_head_dim` is a head width here (diffusers' UNet2DModel divides the
+    // channels by it); unset, every attention block has one head.
+    let (num_heads, head_dim) = match o.opt_usize("attention_head_dim")? {
+        None => (Some(1), None),
+        Some(0) => return Err(o.bad("attention_head_dim", "positive")),
+        Some(d) => (None, Some(d)),
+    };
+    let depth = |attn: bool| usize::from(attn);
+    let unet = UnetConfig {
+        in_channels: o.usize_or("in_channels", 3)?,
+        out_channels: o.usize_or("out_channels", 3)?,
+        model_channels: mc,
+        channel_mult: channels.iter().map(|c| c / mc).collect(),
+        down_blocks: down_attn.iter().map(|&a| vec![depth(a); layers]).collect(),
+        up_blocks: up_attn
+            .iter()
+            .map(|&a| vec![depth(a); layers + 1])
+            .collect(),
+        mid_depth: Some(depth(o.bool_or("add_attention", true)?)),
+        num_heads,
+        head_dim,
+        context_dim: 0,
+        linear_proj: false,
+        adm_in_channels: None,
+        time_cond_proj_dim: None,
+        time_ids: Vec::new(),
+        time_id_dim: 0,
+        style: UnetStyle {
+            attention: AttentionKind::SelfAttention,
+            norm_groups: groups,
+            norm_eps: o.f32_or("norm_eps", 1e-5)?,
+            flip_sin_to_cos: o.bool_or("flip_sin_to_cos", true)?,
+            freq_shift: o.f32_or("freq_shift", 0.0)?,
+            downsample_padding: o.usize_or("downsample_padding", 1)?,
+            num_classes: o.opt_usize("num_class_embeds")?,
+        },
+    };
+    unet.check_sizes().map_err(|e| Error::format(path, e))?;
+    Ok(unet)
+}
+
+/// A `scheduler_config.json`: the training schedule and the sampling options, each
+/// absent key at the default of the scheduler class the file names (diffusers'
+/// `DDPMScheduler` and `DDIMScheduler` clip the predicted sample by default; an
+/// unset `set_alpha_to_one` stays unset, each sampler taking its scheduler's default).
+pub(crate) fn scheduler(v: &Value, path: &Path) -> Result<NoiseSchedule> {
+    let o = Obj::new(v, path)?;
+    if o.get("trained_betas").is_some_and(|v| !v.is_null()) {
+        return Err(Error::arch(
+            path,
+            "`trained_betas`: a list of betas is not supported",
+        ));
+    }
+    let class = o.opt_str("_class_name")?.unwrap_or_default();
+    let clips = matches!(class, "DDPMScheduler" | "DDIMScheduler");
+    let start = o.f64_or("beta_start", 0.0001)?;
+    let end = o.f64_or("beta_end", 0.02)?;
+    let betas = match o.opt_str("beta_schedule")?.unwrap_or("linear") {
+        "linear" => Betas::Linear { start, end },
+        "scaled_linear" => Betas::ScaledLinear { start, end },
+        "squaredcos_cap_v2" => Betas::SquaredCos,
+        other => {
+            return Err(Error::arch(
+                path,
+                format!("`beta_schedule` {other:?} is not supported (linear, scaled_linear, squaredcos_cap_v2)"),
+            ))
+        }
+    };
+    let variance = match o.opt_str("variance_type")?.unwrap_or("fixed_small") {
+        // The log forms compute the same standard deviation through its logarithm.
+        "fixed_small" | "fixed_small_log" => Variance::FixedSmall,
+        "fixed_large" | "fixed_large_log" => Variance::FixedLarge,
+        other => {
+            return Err(Error::arch(
+                path,
+                format!(
+                    "`variance_type` {other:?} (a variance the UNet predicts) is not supported"
+                ),
+            ))
+        }
+    };
+    let range = o.f32_or("clip_sample_range", 1.0)?;
+    let schedule = NoiseSchedule {
+        betas,
+        train_steps: o.usize_or("num_train_timesteps", 1000)?,
+        clip_sample: o.bool_or("clip_sample", clips)?.then_some(range),
+        variance,
+        steps_offset: o.usize_or("steps_offset", 0)?,
+        set_alpha_to_one: match o.get("set_alpha_to_one") {
+            None => None,
+            Some(_) => Some(o.bool_or("set_alpha_to_one", false)?),
+        },
+    };
+    schedule.check().map_err(|e| Error::format(path, e))?;
+    Ok(schedule)
 }
 
 /// Turns per-level head counts into the single-file description: one head count for

@@ -18,7 +18,8 @@ use serde_json::Value;
 
 use super::source::{Checkpoint, SourceFormat, SourceTensor, TokenizerFiles};
 use crate::config::{
-    Defaults, ModelConfig, Prediction, TextEncoderConfig, TextEncoderKind, UnetConfig, VaeConfig,
+    AttentionKind, Defaults, ModelConfig, NoiseSchedule, Prediction, TextEncoderConfig,
+    TextEncoderKind, UnetConfig, VaeConfig,
 };
 use crate::error::{Error, Result};
 use config::{read_json, Obj, TextRole};
@@ -42,6 +43,7 @@ struct Parsed {
     text: Vec<(PathBuf, TextEncoderConfig)>,
     prediction: Option<Prediction>,
     zero_terminal_snr: bool,
+    schedule: Option<NoiseSchedule>,
     /// `force_zeros_for_empty_prompt` of `model_index.json`, when it says.
     zeros_for_empty_negative: Option<bool>,
     family: String,
@@ -91,6 +93,7 @@ fn parse(dir: &Path) -> Result<Parsed> {
         text: Vec::new(),
         prediction: None,
         zero_terminal_snr: false,
+        schedule: None,
         zeros_for_empty_negative,
         family: "sd1".into(),
     };
@@ -105,11 +108,12 @@ fn parse(dir: &Path) -> Result<Parsed> {
             .to_string();
         match class.as_str() {
             "UNet2DConditionModel" => p.unet = Some((dir.to_path_buf(), config::unet(&v, &root_config)?)),
+            "UNet2DModel" => p.unet = Some((dir.to_path_buf(), config::unet2d(&v, &root_config)?)),
             "AutoencoderKL" => p.vae = Some((dir.to_path_buf(), config::vae(&v, &root_config)?)),
             other => {
                 return Err(Error::arch(
                     &root_config,
-                    format!("`_class_name` {other:?}: only a pipeline folder (model_index.json) or a lone UNet2DConditionModel or AutoencoderKL folder can be read"),
+                    format!("`_class_name` {other:?}: only a pipeline folder (model_index.json) or a lone UNet2DConditionModel, UNet2DModel or AutoencoderKL folder can be read"),
                 ))
             }
         }
@@ -130,10 +134,26 @@ fn parse(dir: &Path) -> Result<Parsed> {
         }
         Ok(here)
     };
+    // LDM's VQ autoencoder: converting its UNet alone would give a model that samples
+    // latents as if they were pixels.
+    if present("vqvae")? {
+        return Err(Error::arch(
+            dir.join("vqvae"),
+            "a VQModel autoencoder (LDM) is not supported yet",
+        ));
+    }
     if present("unet")? {
         let cdir = dir.join("unet");
         let path = cdir.join("config.json");
-        p.unet = Some((cdir, config::unet(&read_json(&path)?, &path)?));
+        let v = read_json(&path)?;
+        let class = Obj::new(&v, &path)?
+            .opt_str("_class_name")?
+            .map(str::to_string);
+        let cfg = match class.as_deref() {
+            Some("UNet2DModel") => config::unet2d(&v, &path)?,
+            _ => config::unet(&v, &path)?,
+        };
+        p.unet = Some((cdir, cfg));
     }
     if present("vae")? {
         let cdir = dir.join("vae");
@@ -195,6 +215,7 @@ fn parse(dir: &Path) -> Result<Parsed> {
             })?);
         }
         p.zero_terminal_snr = o.bool_or("rescale_betas_zero_snr", false)?;
+        p.schedule = Some(config::scheduler(&v, &sched)?);
     }
     p.family = family(&p);
     Ok(p)
@@ -202,6 +223,12 @@ fn parse(dir: &Path) -> Result<Parsed> {
 
 /// The descriptive family name: the structure decides, since nothing branches on it.
 fn family(p: &Parsed) -> String {
+    if p.unet
+        .as_ref()
+        .is_some_and(|(_, u)| u.style.attention == AttentionKind::SelfAttention)
+    {
+        return "ddpm".into();
+    }
     let sdxl = p
         .unet
         .as_ref()
@@ -231,12 +258,24 @@ pub fn read_config(dir: &Path) -> Result<ModelConfig> {
             "missing: a model needs a UNet",
         )
     })?;
-    let (_, vae) = p.vae.ok_or_else(|| {
-        Error::format(
-            dir.join("vae").join("config.json"),
-            "missing: a model needs a VAE",
-        )
-    })?;
+    // A DDPM UNet works on pixels; every other needs the VAE of its latents.
+    let pixels = unet.style.attention == AttentionKind::SelfAttention && p.text.is_empty();
+    let vae = match p.vae {
+        Some((_, v)) => Some(v),
+        None if pixels => None,
+        None => {
+            return Err(Error::format(
+                dir.join("vae").join("config.json"),
+                "missing: a model needs a VAE",
+            ))
+        }
+    };
+    if pixels && vae.is_some() {
+        return Err(Error::arch(
+            dir,
+            "a UNet2DModel with a VAE (latent diffusion with a KL autoencoder) is not supported",
+        ));
+    }
     let unet_config = dir.join("unet").join("config.json");
     let mut cfg = ModelConfig {
         family: p.family,
@@ -246,6 +285,18 @@ pub fn read_config(dir: &Path) -> Result<ModelConfig> {
         zeros_for_empty_negative: p
             .zeros_for_empty_negative
             .unwrap_or(unet.adm_in_channels.is_some()),
+        // A text-to-image model takes the folder's betas; it samples on SD's grids
+        // (steps offset 1, DDIM ending on ᾱ_0, no clipping) whichever scheduler the
+        // folder ships, as single files without a scheduler config do.
+        schedule: match p.schedule {
+            Some(s) if pixels => s,
+            Some(s) => NoiseSchedule {
+                betas: s.betas,
+                train_steps: s.train_steps,
+                ..NoiseSchedule::default()
+            },
+            None => NoiseSchedule::default(),
+        },
         unet,
         vae,
         text_encoders: p.text.into_iter().map(|(_, t)| t).collect(),
@@ -268,9 +319,18 @@ pub fn read_defaults(dir: &Path) -> Defaults {
             .get(key)?
             .as_u64()
     };
-    let vae_levels = read_json(&dir.join("vae").join("config.json"))
+    let unet_class = read_json(&dir.join("unet").join("config.json"))
         .ok()
-        .and_then(|v| v.get("block_out_channels")?.as_array().map(Vec::len));
+        .and_then(|v| v.get("_class_name")?.as_str().map(str::to_string));
+    let pixels = unet_class.as_deref() == Some("UNet2DModel");
+    // A pixel-space UNet's sample size is the image's.
+    let vae_levels = if pixels {
+        Some(1)
+    } else {
+        read_json(&dir.join("vae").join("config.json"))
+            .ok()
+            .and_then(|v| v.get("block_out_channels")?.as_array().map(Vec::len))
+    };
     if let (Some(s), Some(levels)) = (
         num("unet", "sample_size"),
         vae_levels.filter(|&n| (1..=6).contains(&n)),
@@ -294,6 +354,17 @@ pub fn read_defaults(dir: &Path) -> Defaults {
         d.steps = Some(4);
         d.cfg_scale = Some(8.5);
     }
+    // The DDPM paper's models run as their own pipelines do: DDPMPipeline's 1000
+    // ancestral steps, or 50 of DDIM (DDIMPipeline, LDMPipeline) or PLMS.
+    if pixels {
+        let (sampler, steps) = match class.as_deref() {
+            Some("DDPMScheduler") => ("ddpm", 1000),
+            Some("PNDMScheduler") => ("plms", 50),
+            _ => ("ddim", 50),
+        };
+        d.sampler = Some(sampler.into());
+        d.steps = Some(steps);
+    }
     d
 }
 
@@ -306,13 +377,18 @@ pub fn open(dir: &Path) -> Result<Checkpoint> {
     if let Some((cdir, u)) = &p.unet {
         let plan =
             names::unet(u).map_err(|e| Error::arch(cdir.join("config.json"), e.to_string()))?;
-        let (file, found) = load_weights(cdir, DIFFUSERS_WEIGHTS)?;
+        let (file, mut found) = load_weights(cdir, DIFFUSERS_WEIGHTS)?;
+        for t in &mut found {
+            if let Some(new) = legacy_attention_name(&t.name) {
+                t.name = new;
+            }
+        }
         tensors.extend(names::to_canonical(&plan, found, &file, |_| false)?);
     }
     if let Some((cdir, v)) = &p.vae {
         let (file, mut found) = load_weights(cdir, DIFFUSERS_WEIGHTS)?;
         for t in &mut found {
-            if let Some(new) = legacy_vae_name(&t.name) {
+            if let Some(new) = legacy_attention_name(&t.name) {
                 t.name = new;
             }
         }
@@ -367,10 +443,11 @@ pub fn open(dir: &Path) -> Result<Checkpoint> {
     })
 }
 
-/// Diffusers' names for old-style VAE attention (before diffusers 0.14), mapped to
-/// the current ones.
-fn legacy_vae_name(name: &str) -> Option<String> {
-    if !name.contains("mid_block.attentions.") {
+/// Diffusers' names for old-style attention blocks (`AttentionBlock`, before diffusers
+/// 0.14; the `google/ddpm-*` and `CompVis/ldm-*` repositories still hold them), mapped
+/// to the current ones. Transformer blocks never had these names.
+fn legacy_attention_name(name: &str) -> Option<String> {
+    if !name.contains("attentions.") || name.contains(".transformer_blocks.") {
         return None;
     }
     [

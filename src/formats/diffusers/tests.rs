@@ -5,7 +5,7 @@ use std::sync::Arc;
 use serde::Deserialize;
 
 use super::*;
-use crate::config::{ModelConfig, Prediction};
+use crate::config::{Betas, ModelConfig, Prediction, Variance};
 use crate::formats::safetensors::{self as st, WriteSpec};
 use crate::formats::source::{DType, SourceFile, TensorData};
 
@@ -30,7 +30,7 @@ fn check_layout(model: &str, cfg: &ModelConfig) {
     let file = SourceFile::open(empty.path()).expect("open temp file");
     let mut comps: Vec<(&str, Vec<crate::network::Param>)> = vec![
         ("unet", names::unet(&cfg.unet).expect("unet plan")),
-        ("vae", names::vae(&cfg.vae)),
+        ("vae", names::vae(cfg.vae.as_ref().unwrap())),
     ];
     for (t, name) in cfg
         .text_encoders
@@ -107,7 +107,7 @@ fn sdxl_diffusers_layout_maps_onto_every_single_file_name_and_shape() {
 /// Every canonical tensor of `cfg`, with its shape.
 fn canonical(cfg: &ModelConfig) -> Vec<(String, Vec<usize>)> {
     let mut plans = names::unet(&cfg.unet).expect("unet plan");
-    plans.extend(names::vae(&cfg.vae));
+    plans.extend(names::vae(cfg.vae.as_ref().unwrap()));
     for t in &cfg.text_encoders {
         plans.extend(names::text(t));
     }
@@ -334,7 +334,7 @@ fn published_sd15_configs_read_as_the_sd1_preset() {
     put(
         d,
         "scheduler/scheduler_config.json",
-        r#"{"_class_name": "PNDMScheduler", "beta_schedule": "scaled_linear"}"#,
+        r#"{"_class_name": "PNDMScheduler", "beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}"#,
     );
     assert_eq!(read_config(d).expect("read_config"), ModelConfig::sd1());
 }
@@ -367,7 +367,7 @@ fn published_sd21_configs_read_as_the_sd2_preset() {
     put(
         d,
         "scheduler/scheduler_config.json",
-        r#"{"_class_name": "DDIMScheduler", "prediction_type": "v_prediction"}"#,
+        r#"{"_class_name": "DDIMScheduler", "prediction_type": "v_prediction", "beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}"#,
     );
     assert_eq!(read_config(d).expect("read_config"), ModelConfig::sd2());
 }
@@ -406,7 +406,7 @@ fn published_sdxl_configs_read_as_the_sdxl_preset() {
     put(
         d,
         "scheduler/scheduler_config.json",
-        r#"{"_class_name": "EulerDiscreteScheduler", "prediction_type": "epsilon"}"#,
+        r#"{"_class_name": "EulerDiscreteScheduler", "prediction_type": "epsilon", "beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}"#,
     );
     assert_eq!(read_config(d).expect("read_config"), ModelConfig::sdxl());
 }
@@ -698,7 +698,7 @@ fn prediction_type_zero_snr_and_pipeline_reach_the_metadata_and_config() {
 fn known_diffusers_names_map_to_their_single_file_names() {
     let plan_of = |cfg: &ModelConfig| {
         let mut p = names::unet(&cfg.unet).expect("unet plan");
-        p.extend(names::vae(&cfg.vae));
+        p.extend(names::vae(cfg.vae.as_ref().unwrap()));
         for t in &cfg.text_encoders {
             p.extend(names::text(t));
         }
@@ -910,4 +910,125 @@ fn written_tensors_are_split_transposed_and_reshaped_as_diffusers_stores_them() 
     let (shape, v) = &vae["decoder.mid_block.attentions.0.to_q.weight"];
     assert_eq!(shape, &vec![128, 128]);
     assert_eq!(v, &values["first_stage_model.decoder.mid.attn_1.q.weight"]);
+}
+
+/// `google/ddpm-cifar10-32`'s and `google/ddpm-celebahq-256`'s `unet/config.json`, as
+/// published (keys the reader does not need left out).
+const DDPM_CIFAR10: &str = r#"{"_class_name": "UNet2DModel", "act_fn": "silu", "attention_head_dim": null,
+  "block_out_channels": [128, 256, 256, 256], "center_input_sample": false,
+  "down_block_types": ["DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"],
+  "downsample_padding": 0, "flip_sin_to_cos": false, "freq_shift": 1, "in_channels": 3, "layers_per_block": 2,
+  "mid_block_scale_factor": 1, "norm_eps": 1e-06, "norm_num_groups": 32, "out_channels": 3, "sample_size": 32,
+  "time_embedding_type": "positional", "up_block_types": ["UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"]}"#;
+const DDPM_CELEBAHQ: &str = r#"{"_class_name": "UNet2DModel", "act_fn": "silu", "block_out_channels": [128, 128, 256, 256, 512, 512],
+  "center_input_sample": false,
+  "down_block_types": ["DownBlock2D", "DownBlock2D", "DownBlock2D", "DownBlock2D", "AttnDownBlock2D", "DownBlock2D"],
+  "downsample_padding": 0, "flip_sin_to_cos": false, "freq_shift": 1, "in_channels": 3, "layers_per_block": 2,
+  "mid_block_scale_factor": 1, "norm_eps": 1e-06, "norm_num_groups": 32, "out_channels": 3, "sample_size": 256,
+  "time_embedding_type": "positional",
+  "up_block_types": ["UpBlock2D", "AttnUpBlock2D", "UpBlock2D", "UpBlock2D", "UpBlock2D", "UpBlock2D"]}"#;
+const DDPM_SCHEDULER: &str = r#"{"_class_name": "DDPMScheduler", "beta_end": 0.02, "beta_schedule": "linear",
+  "beta_start": 0.0001, "clip_sample": true, "num_train_timesteps": 1000, "trained_betas": null, "variance_type": "fixed_small"}"#;
+
+fn json(text: &str) -> Value {
+    serde_json::from_str(text).expect("json")
+}
+
+#[test]
+fn the_ddpm_papers_published_unet2d_configs_read_as_the_presets() {
+    let path = Path::new("unet/config.json");
+    for (text, preset) in [
+        (DDPM_CIFAR10, "ddpm-cifar10"),
+        (DDPM_CELEBAHQ, "ddpm-celebahq"),
+    ] {
+        let got = config::unet2d(&json(text), path).expect("parse");
+        assert_eq!(
+            got,
+            ModelConfig::preset(preset).expect("preset").unet,
+            "{preset}"
+        );
+    }
+    let sched = config::scheduler(&json(DDPM_SCHEDULER), Path::new("s.json")).expect("scheduler");
+    assert_eq!(sched, ModelConfig::ddpm(&[1, 2], 1).schedule);
+}
+
+#[test]
+fn unet2d_options_sdrs_cannot_run_are_refused_naming_the_key() {
+    for (key, value) in [
+        ("time_embedding_type", r#""fourier""#),
+        ("resnet_time_scale_shift", r#""scale_shift""#),
+        ("class_embed_type", r#""timestep""#),
+        ("center_input_sample", "true"),
+        (
+            "down_block_types",
+            r#"["SkipDownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"]"#,
+        ),
+        ("mid_block_scale_factor", "1.41421356"),
+    ] {
+        let mut v = json(DDPM_CIFAR10);
+        v[key] = json(value);
+        let e = config::unet2d(&v, Path::new("unet/config.json"))
+            .expect_err(key)
+            .to_string();
+        assert!(
+            e.contains(key) || e.contains("SkipDownBlock2D"),
+            "{key}: {e}"
+        );
+        assert!(e.contains("unet/config.json"), "{e}");
+    }
+}
+
+#[test]
+fn an_unset_scheduler_option_takes_the_named_schedulers_default() {
+    let read = |text: &str| config::scheduler(&json(text), Path::new("s.json"));
+    // DDPMScheduler and DDIMScheduler clip by default; others do not.
+    let ddim = read(r#"{"_class_name": "DDIMScheduler", "beta_schedule": "scaled_linear", "beta_start": 0.0015, "beta_end": 0.0195}"#).unwrap();
+    assert_eq!(ddim.clip_sample, Some(1.0));
+    assert_eq!(ddim.set_alpha_to_one, None);
+    let pndm = read(r#"{"_class_name": "PNDMScheduler", "set_alpha_to_one": false}"#).unwrap();
+    assert_eq!(
+        (pndm.clip_sample, pndm.set_alpha_to_one),
+        (None, Some(false))
+    );
+    let cos = read(r#"{"_class_name": "DDPMScheduler", "beta_schedule": "squaredcos_cap_v2", "variance_type": "fixed_large_log", "clip_sample_range": 2.0}"#).unwrap();
+    assert_eq!(
+        (cos.betas, cos.variance, cos.clip_sample),
+        (Betas::SquaredCos, Variance::FixedLarge, Some(2.0))
+    );
+    for (text, key) in [
+        (r#"{"variance_type": "learned_range"}"#, "variance_type"),
+        (r#"{"trained_betas": [0.1, 0.2]}"#, "trained_betas"),
+        (r#"{"beta_schedule": "sigmoid"}"#, "beta_schedule"),
+    ] {
+        let e = read(text).expect_err(key).to_string();
+        assert!(e.contains(key) && e.contains("s.json"), "{e}");
+    }
+}
+
+#[test]
+fn a_ddpm_model_written_as_a_diffusers_folder_reads_back_as_itself() {
+    let mut cfg = ModelConfig::ddpm(&[1, 2], 1);
+    cfg.unet.model_channels = 32;
+    cfg.unet.style.norm_groups = 8;
+    cfg.unet.style.num_classes = Some(4);
+    cfg.unet.head_dim = Some(16);
+    cfg.unet.num_heads = None;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let out = dir.path().join("ddpm");
+    crate::synth::synth(
+        &cfg,
+        crate::synth::Format::Diffusers,
+        &out,
+        0,
+        DType::F32,
+        false,
+        &mut |_, _| {},
+    )
+    .expect("synth");
+    assert_eq!(read_config(&out).expect("read"), cfg);
+    let ck = open(&out).expect("open");
+    assert!(ck
+        .tensors
+        .iter()
+        .any(|t| t.name == "model.diffusion_model.label_emb.weight"));
 }

@@ -7,7 +7,10 @@ use serde_json::{json, Value};
 
 use super::config::Depth;
 use super::names;
-use crate::config::{ModelConfig, Prediction, TextEncoderConfig, UnetConfig, VaeConfig, CLIP_EOS};
+use crate::config::{
+    AttentionKind, Betas, ModelConfig, Prediction, TextEncoderConfig, UnetConfig, VaeConfig,
+    CLIP_EOS,
+};
 use crate::error::{Error, Result};
 use crate::formats::safetensors::{self, WriteSpec};
 use crate::formats::source::{DType, TokenizerFiles};
@@ -41,6 +44,12 @@ pub fn write(
             dtype.name()
         )));
     }
+    if cfg.unet.style.attention == AttentionKind::SelfAttention {
+        return write_ddpm(dir, cfg, dtype, read);
+    }
+    let vae = cfg.vae.as_ref().ok_or_else(|| {
+        Error::Invalid("cannot write a diffusers folder: the model has no VAE".into())
+    })?;
     let sdxl = cfg.unet.adm_in_channels.is_some();
     let text_folders: &[(&str, &str)] = match (sdxl, cfg.text_encoders.len()) {
         (_, 0) => &[],
@@ -82,9 +91,9 @@ pub fn write(
     )?;
     write_component(
         &dir.join("vae"),
-        &vae_json(cfg),
+        &vae_json(vae),
         "diffusion_pytorch_model.safetensors",
-        &names::vae(&cfg.vae),
+        &names::vae(vae),
         dtype,
         read,
     )?;
@@ -501,7 +510,7 @@ pub(super) fn unet_json(cfg: &ModelConfig) -> std::result::Result<(Value, bool),
     set("resnet_time_scale_shift", json!("default"));
     set(
         "sample_size",
-        json!(sample_pixels(cfg) / cfg.vae.downscale()),
+        json!(sample_pixels(cfg) / cfg.vae.as_ref().map_or(1, VaeConfig::downscale)),
     );
     set("time_cond_proj_dim", json!(u.time_cond_proj_dim));
     set("transformer_layers_per_block", compact(&tlpb));
@@ -523,8 +532,7 @@ pub(super) fn unet_json(cfg: &ModelConfig) -> std::result::Result<(Value, bool),
     Ok((Value::Object(m), aesthetic))
 }
 
-fn vae_json(cfg: &ModelConfig) -> Value {
-    let v: &VaeConfig = &cfg.vae;
+fn vae_json(v: &VaeConfig) -> Value {
     let channels: Vec<usize> = v.channel_mult.iter().map(|m| m * v.base_channels).collect();
     let mut m = json!({
         "_class_name": "AutoencoderKL",
@@ -539,7 +547,7 @@ fn vae_json(cfg: &ModelConfig) -> Value {
         "latent_channels": v.latent_channels,
         "layers_per_block": v.num_res_blocks,
         "norm_num_groups": 32,
-        "sample_size": sample_pixels(cfg),
+        "sample_size": 512,
         "scaling_factor": v.scaling_factor,
     });
     // Only diffusers versions that know `shift_factor` can honour a non-zero one.
@@ -580,6 +588,117 @@ fn text_json(t: &TextEncoderConfig, dtype: DType) -> Value {
         "transformers_version": TRANSFORMERS_VERSION,
         "vocab_size": t.vocab_size,
     })
+}
+
+/// A `DDPMPipeline` folder: the `UNet2DModel` and a `DDPMScheduler` with the model's
+/// schedule.
+fn write_ddpm(
+    dir: &Path,
+    cfg: &ModelConfig,
+    dtype: DType,
+    read: &mut dyn FnMut(&str) -> Result<Vec<f32>>,
+) -> Result<()> {
+    if cfg.vae.is_some() || !cfg.text_encoders.is_empty() {
+        return Err(Error::Invalid(
+            "cannot write a diffusers folder: a UNet2DModel with a VAE or text encoders has no diffusers pipeline".into(),
+        ));
+    }
+    let unet = unet2d_json(&cfg.unet)
+        .map_err(|m| Error::Invalid(format!("cannot write a diffusers folder: {m}")))?;
+    let plan = names::unet(&cfg.unet)?;
+    mkdir(dir)?;
+    write_component(
+        &dir.join("unet"),
+        &unet,
+        "diffusion_pytorch_model.safetensors",
+        &plan,
+        dtype,
+        read,
+    )?;
+    let sched = dir.join("scheduler");
+    mkdir(&sched)?;
+    let sc = &cfg.schedule;
+    let (kind, start, end) = match sc.betas {
+        Betas::Linear { start, end } => ("linear", start, end),
+        Betas::ScaledLinear { start, end } => ("scaled_linear", start, end),
+        Betas::SquaredCos => ("squaredcos_cap_v2", 0.0001, 0.02),
+    };
+    let mut s = json!({
+        "_class_name": "DDPMScheduler",
+        "_diffusers_version": DIFFUSERS_VERSION,
+        "beta_end": end,
+        "beta_schedule": kind,
+        "beta_start": start,
+        "clip_sample": sc.clip_sample.is_some(),
+        "clip_sample_range": sc.clip_sample.unwrap_or(1.0),
+        "num_train_timesteps": sc.train_steps,
+        "prediction_type": cfg.prediction.as_str(),
+        "steps_offset": sc.steps_offset,
+        "trained_betas": null,
+        "variance_type": sc.variance.as_str(),
+    });
+    if let (Some(one), Some(m)) = (sc.set_alpha_to_one, s.as_object_mut()) {
+        m.insert("set_alpha_to_one".into(), json!(one));
+    }
+    write_json(&sched.join("scheduler_config.json"), &s)?;
+    // The index goes last, so a folder with one is complete.
+    write_json(
+        &dir.join("model_index.json"),
+        &json!({
+            "_class_name": "DDPMPipeline",
+            "_diffusers_version": DIFFUSERS_VERSION,
+            "scheduler": ["diffusers", "DDPMScheduler"],
+            "unet": ["diffusers", "UNet2DModel"],
+        }),
+    )
+}
+
+/// `v` as the shortest decimal that reads back as it (1e-6, not 9.99999997e-7).
+fn shortest(v: f32) -> Value {
+    json!(v.to_string().parse::<f64>().unwrap_or(f64::from(v)))
+}
+
+/// A `UNet2DModel`'s `config.json` (the inverse of the reader's `unet2d`).
+fn unet2d_json(u: &UnetConfig) -> std::result::Result<Value, String> {
+    let layers = u.down_blocks.first().map_or(0, Vec::len);
+    let uniform = u.down_blocks.iter().all(|l| l.len() == layers)
+        && u.up_blocks.iter().all(|l| l.len() == layers + 1);
+    let attn = |l: &[usize]| l.first().is_some_and(|&d| d > 0);
+    if !uniform
+        || u.up_blocks
+            .iter()
+            .any(|l| l.iter().any(|&d| d > 0) != attn(l))
+    {
+        return Err("a UNet2DModel has the same ResNet count on every level and attention after all of a level's ResNets or none".into());
+    }
+    let st = &u.style;
+    let head_dim = match (u.num_heads, u.head_dim) {
+        (Some(1), _) => Value::Null,
+        (None, Some(d)) => json!(d),
+        _ => return Err("a UNet2DModel's heads are given by their width, or one per block".into()),
+    };
+    Ok(json!({
+        "_class_name": "UNet2DModel",
+        "_diffusers_version": DIFFUSERS_VERSION,
+        "act_fn": "silu",
+        "add_attention": u.mid_depth.unwrap_or(0) > 0,
+        "attention_head_dim": head_dim,
+        "block_out_channels": u.channel_mult.iter().map(|m| m * u.model_channels).collect::<Vec<_>>(),
+        "center_input_sample": false,
+        "down_block_types": u.down_blocks.iter().map(|l| if attn(l) { "AttnDownBlock2D" } else { "DownBlock2D" }).collect::<Vec<_>>(),
+        "downsample_padding": st.downsample_padding,
+        "flip_sin_to_cos": st.flip_sin_to_cos,
+        "freq_shift": shortest(st.freq_shift),
+        "in_channels": u.in_channels,
+        "layers_per_block": layers,
+        "mid_block_scale_factor": 1,
+        "norm_eps": shortest(st.norm_eps),
+        "norm_num_groups": st.norm_groups,
+        "num_class_embeds": st.num_classes,
+        "out_channels": u.out_channels,
+        "time_embedding_type": "positional",
+        "up_block_types": u.up_blocks.iter().map(|l| if attn(l) { "AttnUpBlock2D" } else { "UpBlock2D" }).collect::<Vec<_>>(),
+    }))
 }
 
 fn scheduler_json(p: Prediction, zero_terminal_snr: bool) -> Value {

@@ -3,8 +3,8 @@
 use std::collections::HashMap;
 
 use crate::config::{
-    Activation, Defaults, ModelConfig, Prediction, TextEncoderConfig, TextEncoderKind, TimeId,
-    UnetConfig, VaeConfig,
+    Activation, AttentionKind, Betas, Defaults, ModelConfig, NoiseSchedule, Prediction,
+    TextEncoderConfig, TextEncoderKind, TimeId, UnetConfig, UnetStyle, VaeConfig, Variance,
 };
 use crate::error::{Error, Result};
 use crate::formats::gguf::{GgufFile, Value};
@@ -129,43 +129,106 @@ pub fn config_kv(cfg: &ModelConfig) -> Kv {
             Value::U32(u.time_id_dim as u32),
         );
     }
-    let v = &cfg.vae;
-    let p = "sd.vae.";
+    let st = &u.style;
+    let p = "sd.unet.";
     put(
         &mut kv,
-        format!("{p}in_channels"),
-        Value::U32(v.in_channels as u32),
+        format!("{p}attention"),
+        Value::String(st.attention.as_str().into()),
     );
     put(
         &mut kv,
-        format!("{p}latent_channels"),
-        Value::U32(v.latent_channels as u32),
+        format!("{p}norm_groups"),
+        Value::U32(st.norm_groups as u32),
+    );
+    put(&mut kv, format!("{p}norm_eps"), Value::F32(st.norm_eps));
+    put(
+        &mut kv,
+        format!("{p}flip_sin_to_cos"),
+        Value::Bool(st.flip_sin_to_cos),
+    );
+    put(&mut kv, format!("{p}freq_shift"), Value::F32(st.freq_shift));
+    put(
+        &mut kv,
+        format!("{p}downsample_padding"),
+        Value::U32(st.downsample_padding as u32),
     );
     put(
         &mut kv,
-        format!("{p}base_channels"),
-        Value::U32(v.base_channels as u32),
+        format!("{p}num_classes"),
+        Value::U32(st.num_classes.unwrap_or(0) as u32),
+    );
+    let sc = &cfg.schedule;
+    let p = "sd.schedule.";
+    let (kind, start, end) = match sc.betas {
+        Betas::Linear { start, end } => ("linear", start, end),
+        Betas::ScaledLinear { start, end } => ("scaled_linear", start, end),
+        Betas::SquaredCos => ("squaredcos_cap_v2", 0.0, 0.0),
+    };
+    put(&mut kv, format!("{p}betas"), Value::String(kind.into()));
+    put(&mut kv, format!("{p}beta_start"), Value::F64(start));
+    put(&mut kv, format!("{p}beta_end"), Value::F64(end));
+    put(
+        &mut kv,
+        format!("{p}train_steps"),
+        Value::U32(sc.train_steps as u32),
     );
     put(
         &mut kv,
-        format!("{p}channel_mult"),
-        Value::u32_array(v.channel_mult.iter().copied()),
+        format!("{p}clip_sample"),
+        Value::F32(sc.clip_sample.unwrap_or(0.0)),
     );
     put(
         &mut kv,
-        format!("{p}num_res_blocks"),
-        Value::U32(v.num_res_blocks as u32),
+        format!("{p}variance"),
+        Value::String(sc.variance.as_str().into()),
     );
     put(
         &mut kv,
-        format!("{p}scaling_factor"),
-        Value::F32(v.scaling_factor),
+        format!("{p}steps_offset"),
+        Value::U32(sc.steps_offset as u32),
     );
-    put(
-        &mut kv,
-        format!("{p}shift_factor"),
-        Value::F32(v.shift_factor),
-    );
+    if let Some(one) = sc.set_alpha_to_one {
+        put(&mut kv, format!("{p}set_alpha_to_one"), Value::Bool(one));
+    }
+    if let Some(v) = &cfg.vae {
+        let p = "sd.vae.";
+        put(
+            &mut kv,
+            format!("{p}in_channels"),
+            Value::U32(v.in_channels as u32),
+        );
+        put(
+            &mut kv,
+            format!("{p}latent_channels"),
+            Value::U32(v.latent_channels as u32),
+        );
+        put(
+            &mut kv,
+            format!("{p}base_channels"),
+            Value::U32(v.base_channels as u32),
+        );
+        put(
+            &mut kv,
+            format!("{p}channel_mult"),
+            Value::u32_array(v.channel_mult.iter().copied()),
+        );
+        put(
+            &mut kv,
+            format!("{p}num_res_blocks"),
+            Value::U32(v.num_res_blocks as u32),
+        );
+        put(
+            &mut kv,
+            format!("{p}scaling_factor"),
+            Value::F32(v.scaling_factor),
+        );
+        put(
+            &mut kv,
+            format!("{p}shift_factor"),
+            Value::F32(v.shift_factor),
+        );
+    }
     put(
         &mut kv,
         "sd.text_encoder.count",
@@ -352,6 +415,107 @@ impl Reader<'_> {
             })
             .ok_or_else(|| self.err(key, "not an integer array"))
     }
+    /// Absent in files written before the key existed: SD's.
+    fn usize_or(&self, key: &str, default: usize) -> Result<usize> {
+        match self.g.get(key) {
+            None => Ok(default),
+            Some(_) => self.usize(key),
+        }
+    }
+    fn f32_or(&self, key: &str, default: f32) -> Result<f32> {
+        match self.g.get(key) {
+            None => Ok(default),
+            Some(_) => self.f32(key),
+        }
+    }
+    fn bool_or(&self, key: &str, default: bool) -> Result<bool> {
+        match self.g.get(key) {
+            None => Ok(default),
+            Some(_) => self.bool(key),
+        }
+    }
+    fn f64(&self, key: &str) -> Result<f64> {
+        self.get(key)?
+            .as_f64()
+            .ok_or_else(|| self.err(key, "not a number"))
+    }
+
+    /// The UNet's `sd.unet.*` style keys; files written before them hold SD UNets.
+    fn style(&self) -> Result<UnetStyle> {
+        let d = UnetStyle::default();
+        let p = "sd.unet.";
+        let attention = match self.g.get(&format!("{p}attention")) {
+            None => d.attention,
+            Some(_) => {
+                let key = format!("{p}attention");
+                AttentionKind::parse(&self.str(&key)?)
+                    .ok_or_else(|| self.err(&key, "not transformer or self_attention"))?
+            }
+        };
+        Ok(UnetStyle {
+            attention,
+            norm_groups: self.usize_or(&format!("{p}norm_groups"), d.norm_groups)?,
+            norm_eps: self.f32_or(&format!("{p}norm_eps"), d.norm_eps)?,
+            flip_sin_to_cos: self.bool_or(&format!("{p}flip_sin_to_cos"), d.flip_sin_to_cos)?,
+            freq_shift: self.f32_or(&format!("{p}freq_shift"), d.freq_shift)?,
+            downsample_padding: self
+                .usize_or(&format!("{p}downsample_padding"), d.downsample_padding)?,
+            num_classes: Some(self.usize_or(&format!("{p}num_classes"), 0)?).filter(|&n| n > 0),
+        })
+    }
+
+    /// The `sd.schedule.*` keys; files written before them hold SD models.
+    fn schedule(&self) -> Result<NoiseSchedule> {
+        let d = NoiseSchedule::default();
+        let p = "sd.schedule.";
+        let key = format!("{p}betas");
+        let key_betas = key.clone();
+        let betas = match self.g.get(&key) {
+            None => d.betas,
+            Some(_) => {
+                let range = || -> Result<(f64, f64)> {
+                    Ok((
+                        self.f64(&format!("{p}beta_start"))?,
+                        self.f64(&format!("{p}beta_end"))?,
+                    ))
+                };
+                match self.str(&key)?.as_str() {
+                    "linear" => {
+                        let (start, end) = range()?;
+                        Betas::Linear { start, end }
+                    }
+                    "scaled_linear" => {
+                        let (start, end) = range()?;
+                        Betas::ScaledLinear { start, end }
+                    }
+                    "squaredcos_cap_v2" => Betas::SquaredCos,
+                    _ => {
+                        return Err(self.err(&key, "not linear, scaled_linear or squaredcos_cap_v2"))
+                    }
+                }
+            }
+        };
+        let key = format!("{p}variance");
+        let variance = match self.g.get(&key) {
+            None => d.variance,
+            Some(_) => Variance::parse(&self.str(&key)?)
+                .ok_or_else(|| self.err(&key, "not fixed_small or fixed_large"))?,
+        };
+        let clip = self.f32_or(&format!("{p}clip_sample"), 0.0)?;
+        Ok(NoiseSchedule {
+            betas,
+            train_steps: self.usize_or(&format!("{p}train_steps"), d.train_steps)?,
+            clip_sample: Some(clip).filter(|&c| c > 0.0),
+            variance,
+            steps_offset: self.usize_or(&format!("{p}steps_offset"), d.steps_offset)?,
+            set_alpha_to_one: match self.g.get(&format!("{p}set_alpha_to_one")) {
+                None if self.g.get(&key_betas).is_some() => None,
+                None => d.set_alpha_to_one,
+                Some(_) => Some(self.bool(&format!("{p}set_alpha_to_one"))?),
+            },
+        })
+    }
+
     fn blocks(&self, key: &str) -> Result<Vec<Vec<usize>>> {
         let counts = self.list(&format!("{key}.resnets"))?;
         let depths = self.list(&format!("{key}.depths"))?;
@@ -459,16 +623,21 @@ pub fn read_config(g: &GgufFile) -> Result<Option<ModelConfig>> {
             None => 0,
             Some(_) => r.usize(&format!("{p}time_id_dim"))?,
         },
+        style: r.style()?,
     };
     let p = "sd.vae.";
-    let vae = VaeConfig {
-        in_channels: r.usize(&format!("{p}in_channels"))?,
-        latent_channels: r.usize(&format!("{p}latent_channels"))?,
-        base_channels: r.usize(&format!("{p}base_channels"))?,
-        channel_mult: r.list(&format!("{p}channel_mult"))?,
-        num_res_blocks: r.usize(&format!("{p}num_res_blocks"))?,
-        scaling_factor: r.f32(&format!("{p}scaling_factor"))?,
-        shift_factor: r.f32(&format!("{p}shift_factor"))?,
+    // A pixel-space model has no VAE keys at all.
+    let vae = match g.get(&format!("{p}latent_channels")) {
+        None => None,
+        Some(_) => Some(VaeConfig {
+            in_channels: r.usize(&format!("{p}in_channels"))?,
+            latent_channels: r.usize(&format!("{p}latent_channels"))?,
+            base_channels: r.usize(&format!("{p}base_channels"))?,
+            channel_mult: r.list(&format!("{p}channel_mult"))?,
+            num_res_blocks: r.usize(&format!("{p}num_res_blocks"))?,
+            scaling_factor: r.f32(&format!("{p}scaling_factor"))?,
+            shift_factor: r.f32(&format!("{p}shift_factor"))?,
+        }),
     };
     let n = r.usize("sd.text_encoder.count")?;
     if n > 8 {
@@ -513,6 +682,7 @@ pub fn read_config(g: &GgufFile) -> Result<Option<ModelConfig>> {
             Some(_) => r.bool("sd.zeros_for_empty_negative")?,
             None => unet.adm_in_channels.is_some(),
         },
+        schedule: r.schedule()?,
         unet,
         vae,
         text_encoders,
@@ -586,5 +756,62 @@ mod tests {
             m.contains("m.gguf") && m.contains("resnet counts do not match depths"),
             "{m}"
         );
+    }
+
+    #[test]
+    fn ddpm_style_and_schedule_read_back_as_written() {
+        let mut ddpm = ModelConfig::ddpm(&[1, 2, 2, 2], 1);
+        ddpm.unet.style.num_classes = Some(10);
+        ddpm.schedule.variance = Variance::FixedLarge;
+        ddpm.schedule.set_alpha_to_one = Some(true);
+        assert_eq!(read_back(&config_kv(&ddpm)).unwrap(), Some(ddpm.clone()));
+        ddpm.schedule = NoiseSchedule {
+            betas: Betas::SquaredCos,
+            clip_sample: None,
+            set_alpha_to_one: None,
+            ..ddpm.schedule
+        };
+        assert_eq!(read_back(&config_kv(&ddpm)).unwrap(), Some(ddpm));
+    }
+
+    #[test]
+    fn files_written_before_the_style_and_schedule_keys_read_as_sd() {
+        let sd = ModelConfig::sd1().shrink();
+        let old: Kv = config_kv(&sd)
+            .into_iter()
+            .filter(|(k, _)| {
+                !k.starts_with("sd.schedule.")
+                    && ![
+                        "sd.unet.attention",
+                        "sd.unet.norm_groups",
+                        "sd.unet.norm_eps",
+                        "sd.unet.flip_sin_to_cos",
+                        "sd.unet.freq_shift",
+                        "sd.unet.downsample_padding",
+                        "sd.unet.num_classes",
+                    ]
+                    .contains(&k.as_str())
+            })
+            .collect();
+        assert_eq!(read_back(&old).unwrap(), Some(sd));
+    }
+
+    #[test]
+    fn an_unknown_schedule_or_attention_is_refused_naming_the_key() {
+        let ddpm = ModelConfig::ddpm(&[1, 2], 1);
+        for (key, value, want) in [
+            ("sd.schedule.betas", "sigmoid", "sd.schedule.betas"),
+            ("sd.schedule.variance", "learned", "sd.schedule.variance"),
+            ("sd.unet.attention", "linear", "sd.unet.attention"),
+        ] {
+            let mut kv = config_kv(&ddpm);
+            for (k, v) in kv.iter_mut() {
+                if k == key {
+                    *v = Value::String(value.into());
+                }
+            }
+            let m = refusal(&kv);
+            assert!(m.contains(want) && m.contains("m.gguf"), "{m}");
+        }
     }
 }

@@ -1,0 +1,415 @@
+//! Unconditional and class-conditional diffusion against diffusers: the golden tensors
+//! of `tools/reference/ddpm_fixtures.py` (DDPMPipeline, DDIMPipeline and PNDM on tiny
+//! random `UNet2DModel`s in the published layouts, f32), run through our converter,
+//! UNet graph, schedules and samplers.
+mod common;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use common::*;
+use sdrs::config::ModelConfig;
+use sdrs::formats::gguf::{metadata, GgufFile};
+use sdrs::formats::Checkpoint;
+use sdrs::ggml::{Backend, Type};
+use sdrs::model::{unet, Weights};
+use sdrs::pipeline::unconditional::{Batch, Unconditional};
+use sdrs::pipeline::Request;
+use sdrs::sample::{self, Discrete, Sampler};
+
+fn fixtures() -> PathBuf {
+    sdrs::testdata::fixture("ref")
+}
+
+type Golden = HashMap<String, (Vec<usize>, Vec<f32>)>;
+
+fn golden(model: &str) -> Golden {
+    let ck = Checkpoint::open(&fixtures().join(model).join("golden.safetensors")).unwrap();
+    ck.tensors
+        .iter()
+        .map(|t| (t.name.clone(), (t.shape.clone(), t.read_f32().unwrap())))
+        .collect()
+}
+
+/// The fixture's diffusers folder converted at `ty`, kept in a temporary folder.
+struct Converted {
+    dir: tempfile::TempDir,
+    path: PathBuf,
+}
+
+fn convert(model: &str, ty: Type) -> Converted {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("m.gguf");
+    convert_to(&fixtures().join(model).join("model"), ty, &path).unwrap();
+    Converted { dir, path }
+}
+
+fn config(c: &Converted) -> (GgufFile, ModelConfig) {
+    let g = GgufFile::open(&c.path).unwrap();
+    let cfg = metadata::read_config(&g).unwrap().unwrap();
+    (g, cfg)
+}
+
+fn check(what: &str, want: &[f32], got: &[f32], bound: f64) {
+    let e = rel_rms(want, got);
+    eprintln!("{what}: relative RMS error {e:.2e}");
+    assert!(
+        e <= bound,
+        "{what}: relative RMS error {e:.3e} over {bound:.0e}"
+    );
+}
+
+/// NCHW planes to NHWC, as the pipelines' `np` output.
+fn nhwc(planar: &[f32], w: usize, h: usize) -> Vec<f32> {
+    let n = w * h;
+    (0..n * 3).map(|i| planar[(i % 3) * n + i / 3]).collect()
+}
+
+#[test]
+fn unet2d_outputs_match_diffusers_at_every_timestep_with_and_without_classes() {
+    for (model, classes) in [("ddpm", None), ("ddpm-class", Some(3))] {
+        let g = golden(model);
+        let c = convert(model, Type::F32);
+        let (gguf, cfg) = config(&c);
+        assert_eq!(cfg.family, "ddpm");
+        assert!(cfg.vae.is_none() && cfg.text_encoders.is_empty());
+        assert_eq!(cfg.unet.style.num_classes, classes.map(|_| 10));
+        let w = Weights::load(&gguf, |n| n.starts_with("model.diffusion_model.")).unwrap();
+        let backend = Backend::cpu(2).unwrap();
+        let (shape, x) = &g["unet.sample"];
+        let (side_h, side_w) = (shape[2], shape[3]);
+        let mut runs: Vec<(String, f32, Option<i32>)> = [999, 500, 10, 0]
+            .into_iter()
+            .map(|t| (format!("unet.out.t{t}"), t as f32, classes))
+            .collect();
+        if classes.is_some() {
+            runs.push(("unet.out.t500.class7".into(), 500.0, Some(7)));
+        }
+        for (name, t, class) in runs {
+            let class = class.map(|c| [c]);
+            let got = unet::forward(
+                &w,
+                &cfg.unet,
+                side_w,
+                side_h,
+                &unet::Inputs {
+                    x,
+                    t: &[t],
+                    class: class.as_ref().map(|c| c.as_slice()),
+                    ..Default::default()
+                },
+                &backend,
+            )
+            .unwrap();
+            check(&format!("{model} {name}"), &g[&name].1, &got, 1e-4);
+        }
+    }
+}
+
+#[test]
+fn training_schedules_match_diffusers_alphas_cumprod() {
+    for model in ["ddpm", "ddpm-class"] {
+        let g = golden(model);
+        let c = convert(model, Type::F32);
+        let (_, cfg) = config(&c);
+        let d = Discrete::of(&cfg.schedule);
+        let got: Vec<f32> = d.alphas_cumprod.iter().map(|&a| a as f32).collect();
+        check(
+            &format!("{model} ᾱ"),
+            &g["schedule.alphas_cumprod"].1,
+            &got,
+            1e-6,
+        );
+    }
+}
+
+/// Replays the noise diffusers drew, in order (draw 0 is the initial sample).
+struct Replay {
+    draws: Vec<Vec<f32>>,
+    next: usize,
+}
+
+impl sample::NoiseSampler for Replay {
+    fn noise(&mut self, _: f64, _: f64, n: usize) -> Vec<f64> {
+        let d = &self.draws[self.next];
+        self.next += 1;
+        assert_eq!(d.len(), n);
+        d.iter().map(|&v| v as f64).collect()
+    }
+}
+
+/// The UNet as the sampler's model, for batch 1 (and one class).
+struct Net<'a> {
+    runner: unet::Runner<'a>,
+    backend: Backend,
+    class: Option<[i32; 1]>,
+}
+
+impl sample::Model for Net<'_> {
+    fn predict(&mut self, x: &[f32], t: f64) -> sdrs::Result<Vec<f32>> {
+        self.runner.run(
+            &unet::Inputs {
+                x,
+                t: &[t as f32],
+                class: self.class.as_ref().map(|c| c.as_slice()),
+                ..Default::default()
+            },
+            &self.backend,
+        )
+    }
+}
+
+/// Runs one of the fixture's sampling runs step by step with diffusers' own noise
+/// draws, comparing the timesteps, every step's sample and the image.
+fn trajectory(
+    model: &str,
+    run: &str,
+    sampler: Sampler,
+    steps: usize,
+    eta: f64,
+    class: Option<i32>,
+) {
+    let g = golden(model);
+    let c = convert(model, Type::F32);
+    let (gguf, cfg) = config(&c);
+    let w = Weights::load(&gguf, |n| n.starts_with("model.diffusion_model.")).unwrap();
+    let (shape, noise) = &g[&format!("{run}.noise")];
+    let per = noise.len() / shape[0];
+    let (height, width) = (shape[3], shape[4]);
+    let draws: Vec<Vec<f32>> = noise.chunks(per).map(<[f32]>::to_vec).collect();
+    let shape = unet::Shape {
+        width,
+        height,
+        batch: 1,
+        tokens: 1,
+    };
+    let runner =
+        unet::Runner::new(&w, &cfg.unet, shape, sdrs::model::Attention::Auto, None).unwrap();
+    let mut net = Net {
+        runner,
+        backend: Backend::cpu(2).unwrap(),
+        class: class.map(|c| [c]),
+    };
+    let d = Discrete::of(&cfg.schedule);
+    let sc = &cfg.schedule;
+    let plan = match sampler {
+        Sampler::Ddpm => sample::ddpm_plan(&d, steps, sc.steps_offset),
+        Sampler::Ddim => sample::Plan::ddim(
+            &d,
+            steps,
+            sc.steps_offset,
+            sc.set_alpha_to_one.unwrap_or(true),
+        ),
+        Sampler::Plms => sample::plms_plan_at(
+            &d,
+            steps,
+            sc.steps_offset,
+            sc.set_alpha_to_one.unwrap_or(false),
+        ),
+        _ => unreachable!(),
+    };
+    let want_t = &g[&format!("{run}.timesteps")].1;
+    let got_t: Vec<f32> = plan.timesteps.iter().map(|&t| t as f32).collect();
+    assert_eq!(&got_t, want_t, "{model} {run} timesteps");
+    let clip = match sampler {
+        Sampler::Ddpm | Sampler::Ddim => sc.clip_sample.map(f64::from),
+        _ => None,
+    };
+    let mut den = sample::Denoiser::new(&mut net, cfg.prediction, &d, &plan).with_clip(clip);
+    let settings = sample::Settings {
+        eta,
+        variance: sc.variance,
+    };
+    let x = sample::start_latent(&plan, &draws[0], None);
+    let mut replay = Replay { draws, next: 1 };
+    let traj = sample::sample(
+        &mut den,
+        sampler,
+        &settings,
+        &plan,
+        x,
+        &mut replay,
+        &mut |_, _, _| {},
+    )
+    .unwrap();
+    // DDIM with η > 0 draws noise for its last step too, where σ is 0 and it is unused.
+    let unused = usize::from(sampler == Sampler::Ddim && eta > 0.0);
+    assert_eq!(
+        replay.next + unused,
+        replay.draws.len(),
+        "{model} {run}: noise draws used"
+    );
+    let want = &g[&format!("{run}.traj")].1;
+    for (i, (got, want)) in traj.iter().zip(want.chunks(per)).enumerate() {
+        let e = rel_rms(want, got);
+        assert!(
+            e <= 1e-4,
+            "{model} {run} step {i}: relative RMS error {e:.3e}"
+        );
+    }
+    let last = traj.last().unwrap();
+    let image: Vec<f32> = nhwc(last, width, height)
+        .iter()
+        .map(|v| (v / 2.0 + 0.5).clamp(0.0, 1.0))
+        .collect();
+    check(
+        &format!("{model} {run} image"),
+        &g[&format!("{run}.image")].1,
+        &image,
+        1e-4,
+    );
+}
+
+#[test]
+fn ddpm_ancestral_sampling_follows_diffusers_step_by_step() {
+    trajectory("ddpm", "ddpm10", Sampler::Ddpm, 10, 1.0, None);
+    trajectory("ddpm-class", "ddpm10", Sampler::Ddpm, 10, 1.0, Some(3));
+}
+
+#[test]
+fn ddim_with_clipping_and_eta_follows_diffusers_step_by_step() {
+    trajectory("ddpm", "ddim20", Sampler::Ddim, 20, 0.0, None);
+    trajectory("ddpm", "ddim10eta1", Sampler::Ddim, 10, 1.0, None);
+    trajectory("ddpm-class", "ddim10", Sampler::Ddim, 10, 0.0, Some(3));
+}
+
+#[test]
+fn plms_follows_diffusers_pndm_step_by_step() {
+    trajectory("ddpm", "plms10", Sampler::Plms, 10, 0.0, None);
+}
+
+/// The whole pipeline: the model's defaults, the seed's torch generator.
+#[test]
+fn the_pipeline_reproduces_diffusers_pipelines_from_the_seed() {
+    let g = golden("ddpm");
+    let c = convert("ddpm", Type::F32);
+    let model = Unconditional::load(&c.path, 2).unwrap();
+    // The folder's DDPMScheduler makes DDPM over 1000 steps the default, as DDPMPipeline.
+    let req = model.request();
+    assert_eq!((req.sampling.sampler, req.steps), (Sampler::Ddpm, 1000));
+    assert_eq!((req.width, req.height), (16, 16));
+    for (run, sampler, steps, eta) in [
+        ("ddpm10", Sampler::Ddpm, 10, None),
+        ("ddim20", Sampler::Ddim, 20, None),
+        ("ddim10eta1", Sampler::Ddim, 10, Some(1.0)),
+        ("ddpm1000", Sampler::Ddpm, 1000, None),
+    ] {
+        let mut req = Request {
+            seed: 7,
+            steps,
+            ..model.request()
+        };
+        req.sampling.sampler = sampler;
+        req.sampling.eta = eta;
+        let images = model.generate(&req, &Batch::of(1), &mut |_| {}).unwrap();
+        let got: Vec<f32> = images[0].rgb.iter().map(|&v| v as f32 / 255.0).collect();
+        let want: Vec<f32> = g[&format!("{run}.image")]
+            .1
+            .iter()
+            .map(|&v| (v * 255.0).round() / 255.0)
+            .collect();
+        // 8-bit pixels: at most one level apart where a value sits on a rounding edge.
+        let worst = got
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        eprintln!("ddpm {run}: largest pixel difference {worst}");
+        assert!(worst <= 1.5 / 255.0, "{run}: a pixel {worst} away");
+        assert!(images[0].parameters.contains("Seed: 7"));
+    }
+}
+
+#[test]
+fn a_batch_is_one_draw_of_noise_and_its_images_differ() {
+    let c = convert("ddpm", Type::F16);
+    let model = Unconditional::load(&c.path, 2).unwrap();
+    let req = Request {
+        steps: 5,
+        ..model.request()
+    };
+    let four = model.generate(&req, &Batch::of(4), &mut |_| {}).unwrap();
+    assert_eq!(four.len(), 4);
+    assert!(four[0].rgb != four[1].rgb);
+    assert!(four[3].parameters.contains("Batch size: 4, Batch pos: 3"));
+    // A budget that holds one image at a time runs the UNet in chunks: the same images.
+    let plan = model.plan(&req, &Batch::of(4)).unwrap();
+    assert_eq!(plan.chunk, 4);
+    let one = plan.memory.needs[0].weights + 4 * plan.memory.needs[0].other / 3;
+    let small = Request {
+        max_memory: Some(sdrs::budget::OVERHEAD + one + plan.memory.needs[0].compute / 3),
+        ..req.clone()
+    };
+    let chunked = model.plan(&small, &Batch::of(4)).unwrap();
+    assert!(chunked.chunk < 4, "chunk {}", chunked.chunk);
+    let again = model.generate(&small, &Batch::of(4), &mut |_| {}).unwrap();
+    for (a, b) in four.iter().zip(&again) {
+        let worst = a
+            .rgb
+            .iter()
+            .zip(&b.rgb)
+            .map(|(x, y)| x.abs_diff(*y))
+            .max()
+            .unwrap();
+        assert!(worst <= 1, "chunked batch differs by {worst} levels");
+    }
+    let none = Request {
+        max_memory: Some(sdrs::budget::OVERHEAD),
+        ..req
+    };
+    let e = model.plan(&none, &Batch::of(4)).unwrap_err().to_string();
+    assert!(e.contains("cannot fit") && e.contains("UNet"), "{e}");
+    drop(c.dir);
+}
+
+#[test]
+fn text_init_images_and_wrong_classes_are_refused_before_any_work() {
+    let c = convert("ddpm-class", Type::F16);
+    let model = Unconditional::load(&c.path, 2).unwrap();
+    let base = Request {
+        steps: 2,
+        ..model.request()
+    };
+    let err = |req: &Request, batch: &Batch| {
+        model
+            .generate(req, batch, &mut |_| {})
+            .unwrap_err()
+            .to_string()
+    };
+    let classes = |c: &[i32]| Batch {
+        count: 2,
+        classes: c.to_vec(),
+    };
+    let prompt = Request {
+        prompt: "a face".into(),
+        ..base.clone()
+    };
+    assert!(err(&prompt, &classes(&[1])).contains("takes no text"));
+    assert!(err(&base, &classes(&[])).contains("give a class from 0 to 9"));
+    assert!(err(&base, &classes(&[10])).contains("class 10 is not one of this model's 10 classes"));
+    assert!(err(&base, &classes(&[1, 2, 3])).contains("3 classes for 2 images"));
+    let odd = Request {
+        width: 9,
+        ..base.clone()
+    };
+    assert!(err(&odd, &classes(&[1])).contains("multiple of 2"));
+    // One class for all, or one each.
+    assert_eq!(
+        model
+            .generate(&base, &classes(&[4]), &mut |_| {})
+            .unwrap()
+            .len(),
+        2
+    );
+    let each = model
+        .generate(&base, &classes(&[4, 5]), &mut |_| {})
+        .unwrap();
+    assert!(each[1].parameters.contains("Class: 5"));
+
+    // A text-to-image pipeline refuses the file, naming what it is.
+    let e = sdrs::pipeline::Pipeline::load_gguf(&c.path, 1)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("unconditional or class-conditional"), "{e}");
+}
