@@ -336,6 +336,10 @@ pub struct VaeConfig {
     /// Latents are `(z - shift) * scale` when fed to the UNet.
     pub scaling_factor: f32,
     pub shift_factor: f32,
+    /// A VQ autoencoder's codebook size (LDM's `VQModel`, vectors `latent_channels`
+    /// wide): the decoder reads each latent pixel as its nearest codebook vector, and
+    /// the encoder gives latents rather than a distribution's moments.
+    pub codebook: Option<usize>,
 }
 
 impl VaeConfig {
@@ -592,6 +596,11 @@ impl VaeConfig {
                 WIDTH,
             )?;
         }
+        within(
+            "the VAE's codebook size",
+            self.codebook.unwrap_or(0),
+            1 << 24,
+        )?;
         let widths = [
             ("the VAE's in_channels", self.in_channels),
             ("the VAE's latent_channels", self.latent_channels),
@@ -611,6 +620,7 @@ impl VaeConfig {
             num_res_blocks: 2,
             scaling_factor,
             shift_factor: 0.0,
+            codebook: None,
         }
     }
 }

@@ -418,3 +418,68 @@ fn score_folder() {
         eprintln!("  {k}: {v}");
     }
 }
+
+/// The judge of unconditional samples passes every ground-truth picture, at 64×64 and
+/// shrunk to the 32×32 the DDPM demo is trained at, and fails pictures that are not one
+/// clean shape on a plain background.
+#[test]
+fn every_generator_picture_is_one_clean_shape_and_broken_ones_are_not() {
+    for item in fixture() {
+        let small =
+            image::imageops::resize(&item.image, 32, 32, image::imageops::FilterType::Triangle);
+        for (img, side) in [(&item.image, 64), (&small, 32)] {
+            if let Err(why) = shapes::one_clean_shape(img) {
+                panic!("{} at {side}: {why}", item.file);
+            }
+        }
+    }
+    let items = fixture();
+    let (a, b) = (&items[0].image, &items[1].image);
+    // Two shapes: a small shape's box copied beside it, on its own background.
+    let small = items
+        .iter()
+        .find_map(|i| {
+            let s = shapes::analyse(&i.image).shape?;
+            (s.extent < 0.3).then_some((i.image.clone(), s.bbox))
+        })
+        .expect("the fixture has a small shape");
+    let (img, [x0, y0, x1, y1]) = small;
+    let shift: i64 = if x0 < 32 { 30 } else { -30 };
+    let mut two = img.clone();
+    for y in y0..=y1 {
+        for x in x0..=x1 {
+            let nx = (x as i64 + shift).clamp(0, 63) as u32;
+            two.put_pixel(nx, y, *img.get_pixel(x, y));
+        }
+    }
+    let broken: Vec<(&str, RgbImage)> = vec![
+        (
+            "blank",
+            RgbImage::from_pixel(32, 32, image::Rgb([25, 25, 230])),
+        ),
+        (
+            "noise",
+            RgbImage::from_fn(32, 32, |x, y| {
+                let v = ((x * 7919 + y * 104729) % 251) as u8;
+                image::Rgb([v, v.wrapping_mul(3), v.wrapping_mul(7)])
+            }),
+        ),
+        (
+            "halves",
+            RgbImage::from_fn(64, 64, |x, y| {
+                if x < 32 {
+                    *a.get_pixel(x, y)
+                } else {
+                    *b.get_pixel(x, y)
+                }
+            }),
+        ),
+        ("two shapes", two),
+    ];
+    for (what, img) in &broken {
+        assert!(
+            shapes::one_clean_shape(img).is_err(),
+            "{what} passed as one clean shape"
+        );
+    }
+}

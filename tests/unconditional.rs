@@ -67,12 +67,13 @@ fn nhwc(planar: &[f32], w: usize, h: usize) -> Vec<f32> {
 
 #[test]
 fn unet2d_outputs_match_diffusers_at_every_timestep_with_and_without_classes() {
-    for (model, classes) in [("ddpm", None), ("ddpm-class", Some(3))] {
+    for (model, classes) in [("ddpm", None), ("ddpm-class", Some(3)), ("ldm", None)] {
         let g = golden(model);
         let c = convert(model, Type::F32);
         let (gguf, cfg) = config(&c);
-        assert_eq!(cfg.family, "ddpm");
-        assert!(cfg.vae.is_none() && cfg.text_encoders.is_empty());
+        assert_eq!(cfg.family, if model == "ldm" { "ldm" } else { "ddpm" });
+        assert_eq!(cfg.vae.is_some(), model == "ldm");
+        assert!(cfg.text_encoders.is_empty());
         assert_eq!(cfg.unet.style.num_classes, classes.map(|_| 10));
         let w = Weights::load(&gguf, |n| n.starts_with("model.diffusion_model.")).unwrap();
         let backend = Backend::cpu(2).unwrap();
@@ -108,7 +109,7 @@ fn unet2d_outputs_match_diffusers_at_every_timestep_with_and_without_classes() {
 
 #[test]
 fn training_schedules_match_diffusers_alphas_cumprod() {
-    for model in ["ddpm", "ddpm-class"] {
+    for model in ["ddpm", "ddpm-class", "ldm"] {
         let g = golden(model);
         let c = convert(model, Type::F32);
         let (_, cfg) = config(&c);
@@ -239,12 +240,26 @@ fn trajectory(
         replay.draws.len(),
         "{model} {run}: noise draws used"
     );
+    // No comparison can be tighter than the reference's own arithmetic: the fixture
+    // records how far diffusers' f32 run lands from the same run in f64 (DDIM clipping
+    // nearly every value of a random model at ±1 turns rounding into a switch).
+    let json: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join(model).join("golden.json")).unwrap(),
+    )
+    .unwrap();
+    let own = |what: &str| {
+        json["runs"][run]["precision_f32_vs_f64"][what]
+            .as_f64()
+            .unwrap()
+    };
+    let step_bound = 1e-4f64.max(2.0 * own("final"));
+    let image_bound = 1e-4f64.max(2.0 * own("image"));
     let want = &g[&format!("{run}.traj")].1;
     for (i, (got, want)) in traj.iter().zip(want.chunks(per)).enumerate() {
         let e = rel_rms(want, got);
         assert!(
-            e <= 1e-4,
-            "{model} {run} step {i}: relative RMS error {e:.3e}"
+            e <= step_bound,
+            "{model} {run} step {i}: relative RMS error {e:.3e} over {step_bound:.1e}"
         );
     }
     let last = traj.last().unwrap();
@@ -256,7 +271,7 @@ fn trajectory(
         &format!("{model} {run} image"),
         &g[&format!("{run}.image")].1,
         &image,
-        1e-4,
+        image_bound,
     );
 }
 
@@ -276,6 +291,41 @@ fn ddim_with_clipping_and_eta_follows_diffusers_step_by_step() {
 #[test]
 fn plms_follows_diffusers_pndm_step_by_step() {
     trajectory("ddpm", "plms10", Sampler::Plms, 10, 0.0, None);
+}
+
+#[test]
+fn latent_diffusion_samples_and_decodes_through_the_vq_codebook_as_ldm_pipeline() {
+    let g = golden("ldm");
+    let c = convert("ldm", Type::F32);
+    let model = Unconditional::load(&c.path, 2).unwrap();
+    let vq = model.config.vae.clone().unwrap();
+    assert_eq!(vq.codebook, Some(64));
+    // The VQModel's decode of given latents: quantised to the codebook, then decoded.
+    let (gguf, _) = config(&c);
+    let w = Weights::load(&gguf, |n| n.starts_with("first_stage_model.")).unwrap();
+    let latent = &g["vq.latent"].1;
+    let decoded = model.decode_latents(latent, (8, 8), &mut |_| {}).unwrap();
+    check("ldm VQ decode", &g["vq.decoded"].1, &decoded, 1e-4);
+    drop(w);
+    // The whole LDMPipeline run: its sampled latents (DDIM, η = 0: the first draw is
+    // all the noise) through the scaling, the codebook and the decoder.
+    let (_, noise) = &g["ldm10.noise"];
+    let mut req = Request {
+        steps: 10,
+        noise: Some(noise.clone()),
+        ..model.request()
+    };
+    req.sampling.sampler = Sampler::Ddim;
+    assert_eq!((req.width, req.height), (16, 16));
+    let images = model.generate(&req, &Batch::of(1), &mut |_| {}).unwrap();
+    let got: Vec<f32> = images[0].rgb.iter().map(|&v| v as f32 / 255.0).collect();
+    let want = &g["ldm10.image"].1;
+    let worst = got
+        .iter()
+        .zip(want)
+        .map(|(a, b)| (a - (b * 255.0).round() / 255.0).abs())
+        .fold(0f32, f32::max);
+    assert!(worst <= 1.5 / 255.0, "ldm10: a pixel {worst} away");
 }
 
 /// The whole pipeline: the model's defaults, the seed's torch generator.

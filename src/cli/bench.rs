@@ -66,20 +66,21 @@ pub fn run(a: Args, threads: Option<usize>, target: &super::Target) -> Result<()
         (None, Some(arch)) => {
             let Some(cfg) = ModelConfig::preset(arch) else {
                 bail!(
-                    "unknown architecture `{arch}`; choose one of {}",
-                    ModelConfig::PRESETS.join(", ")
+                    "unknown architecture `{arch}`; choose one of {}, {}",
+                    ModelConfig::PRESETS.join(", "),
+                    ModelConfig::DDPM_PRESETS.join(", ")
                 )
             };
-            let src = tmp.path().join("synth.safetensors");
-            sdrs::synth::synth(
-                &cfg,
-                sdrs::synth::Format::Safetensors,
-                &src,
-                0,
-                DType::F16,
-                false,
-                &mut |_, _| {},
-            )?;
+            // DDPM's UNet2DModel has no single-file layout: its diffusers folder.
+            let (src, format) = if cfg.vae.is_none() {
+                (tmp.path().join("synth"), sdrs::synth::Format::Diffusers)
+            } else {
+                (
+                    tmp.path().join("synth.safetensors"),
+                    sdrs::synth::Format::Safetensors,
+                )
+            };
+            sdrs::synth::synth(&cfg, format, &src, 0, DType::F16, false, &mut |_, _| {})?;
             let wtype = sdrs::convert::policy::parse_type(&a.wtype)?;
             let ck = sdrs::formats::Checkpoint::open(&src)?;
             let plan = sdrs::convert::plan(&ck, &sdrs::convert::Policy::new(wtype), None)?;
@@ -93,11 +94,19 @@ pub fn run(a: Args, threads: Option<usize>, target: &super::Target) -> Result<()
                 &std::sync::atomic::AtomicBool::new(false),
                 &mut |_| {},
             )?;
-            std::fs::remove_file(&src)?;
+            drop(ck);
+            if src.is_dir() {
+                std::fs::remove_dir_all(&src)?;
+            } else {
+                std::fs::remove_file(&src)?;
+            }
             out
         }
         (None, None) => bail!("give -m MODEL.gguf or --synth ARCH"),
     };
+    if super::sample::is_unconditional(&model)? {
+        return unconditional(&a, &model, threads);
+    }
     let (peak_flops, fma_kind) = sdrs::ggml::fma_peak_flops(threads, 0.2);
     let recorder = memory::Recorder::start();
     recorder.mark("load");
@@ -302,6 +311,93 @@ pub fn run(a: Args, threads: Option<usize>, target: &super::Target) -> Result<()
         }
     }
     out!(o, "peak RSS {:.0} MB (anonymous {:.0} MB, file-backed {:.0} MB at their peaks; mapped weights count once touched)", peak as f64 / 1e6, timeline.peak_anon() as f64 / 1e6, timeline.peak_file() as f64 / 1e6);
+    super::print_stdout(&o)
+}
+
+/// A model without text: seconds per UNet step (one image, DDIM, whose steps are one
+/// evaluation each) and the VQ decode where the model has one.
+fn unconditional(a: &Args, model: &std::path::Path, threads: usize) -> Result<()> {
+    use sdrs::pipeline::unconditional::{Batch, Unconditional};
+    let t = Instant::now();
+    let mut m = Unconditional::load(model, threads)?;
+    m.max_memory = a.max_memory;
+    let load_s = t.elapsed().as_secs_f64();
+    let mut rows = Vec::new();
+    for &size in &a.sizes {
+        let mut req = Request {
+            width: size,
+            height: size,
+            steps: a.steps.max(2),
+            ..m.request()
+        };
+        req.sampling.sampler = Sampler::Ddim;
+        let batch = Batch::of(1);
+        let plan = m.plan(&req, &batch)?;
+        if !a.json {
+            eprintln!("{size}x{size} memory plan:\n{}", plan.summary());
+        }
+        let mut times = Vec::new();
+        let mut flops = 0.0;
+        let mut last = Instant::now();
+        let images = m.generate(&req, &batch, &mut |s| {
+            match s {
+                Stage::Step { .. } => times.push(last.elapsed().as_secs_f64()),
+                Stage::Sampling { unet_flops, .. } => flops = unet_flops,
+                _ => {}
+            }
+            last = Instant::now();
+        })?;
+        // The first step also pays for first touches of the weights.
+        let step_s =
+            times.iter().skip(1).sum::<f64>() / times.len().saturating_sub(1).max(1) as f64;
+        rows.push(serde_json::json!({
+            "size": size, "steps": req.steps, "step_s": step_s, "first_step_s": times.first(),
+            "decode_s": images[0].timings[2], "unet_gflop": flops / 1e9, "unet_gflops": flops / step_s / 1e9,
+            "plan": { "peak_bytes": plan.memory.peak(), "chunk": plan.chunk },
+        }));
+    }
+    let (peak, _) = memory::peak_and_current();
+    let report = serde_json::json!({
+        "model": model.file_name().map(|n| n.to_string_lossy().into_owned()),
+        "family": m.config.family, "threads": threads, "load_s": load_s, "peak_rss_bytes": peak, "runs": rows,
+        "machine": { "cpu": sdrs::ggml::cpu_backend_info()?.description, "cpu_features": sdrs::cpu::features() },
+    });
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(());
+    }
+    let mut o = String::new();
+    let f = |v: &serde_json::Value| v.as_f64().unwrap_or(0.0);
+    out!(
+        o,
+        "model {} ({}), {threads} threads, load {load_s:.2} s, on {}",
+        report["model"].as_str().unwrap_or("?"),
+        m.config.family,
+        report["machine"]["cpu"].as_str().unwrap_or("?")
+    );
+    out!(
+        o,
+        "{:>6} {:>10} {:>10} {:>10} {:>10} {:>8}",
+        "size",
+        "s/step",
+        "1st step",
+        "decode s",
+        "GFLOP/st",
+        "GFLOP/s"
+    );
+    for r in &rows {
+        out!(
+            o,
+            "{:>6} {:>10.3} {:>10.3} {:>10.2} {:>10.1} {:>8.1}",
+            r["size"],
+            f(&r["step_s"]),
+            f(&r["first_step_s"]),
+            f(&r["decode_s"]),
+            f(&r["unet_gflop"]),
+            f(&r["unet_gflops"])
+        );
+    }
+    out!(o, "peak RSS {:.0} MB", peak as f64 / 1e6);
     super::print_stdout(&o)
 }
 

@@ -138,17 +138,6 @@ pub fn run(a: Args, threads: Option<usize>, target: &super::Target) -> Result<()
         out!(o, "schedulers: {}", Schedule::NAMES.join(", "));
         return super::print_stdout(&o);
     }
-    if let Some(m) = a.model.clone() {
-        if super::sample::is_unconditional(&m)? {
-            return super::sample::run(a, &m, threads);
-        }
-    }
-    if !a.classes.is_empty() || a.grid.is_some() {
-        bail!("--class and --grid are for unconditional and class-conditional models (DDPM); this model takes a prompt");
-    }
-    let Some(prompt) = a.prompt.clone() else {
-        bail!("give a prompt with -p")
-    };
     // Everything that can be checked without the model is, before it loads.
     let format = ImageFormat::from_path(&a.output, a.quality)?;
     let preview = match &a.preview {
@@ -184,6 +173,18 @@ pub fn run(a: Args, threads: Option<usize>, target: &super::Target) -> Result<()
     if a.batch_count == 0 {
         bail!("--batch-count must be at least 1");
     }
+    // A model that takes no prompt has its own run (it reads the model's config only).
+    if let Some(m) = a.model.clone() {
+        if super::sample::is_unconditional(&m)? {
+            return super::sample::run(a, &m, threads);
+        }
+    }
+    if !a.classes.is_empty() || a.grid.is_some() {
+        bail!("--class and --grid are for unconditional and class-conditional models (DDPM, LDM); this model takes a prompt");
+    }
+    let Some(prompt) = a.prompt.clone() else {
+        bail!("give a prompt with -p")
+    };
     let threads =
         threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     let mut pipe = match &a.model {

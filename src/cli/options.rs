@@ -99,6 +99,9 @@ mod tests {
         "prompt",
         "seed",
         "batch-count",
+        // Unconditional models (the JNI library does not run them).
+        "class",
+        "grid",
         "width",
         "height",
         "init-img",

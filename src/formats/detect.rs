@@ -551,6 +551,7 @@ fn vae(t: &Tensors, family: &str) -> Result<VaeConfig> {
         num_res_blocks,
         scaling_factor,
         shift_factor: 0.0,
+        codebook: None,
     })
 }
 

@@ -53,8 +53,10 @@ pub struct Encoder {
     pub norm_out: Layer,
     /// To the latent distribution's moments (means, then log-variances).
     pub conv_out: Layer,
-    /// 1x1 conv on the moments.
+    /// 1x1 conv on the moments (on the latents of a VQ autoencoder).
     pub quant_conv: Layer,
+    /// A VQ autoencoder's codebook, `[entries, latent_channels]`.
+    pub codebook: Option<Layer>,
 }
 
 #[derive(Clone, Debug)]
@@ -110,13 +112,22 @@ impl Vae {
             ));
             ch = width(l);
         }
+        // A KL encoder gives means and log-variances; a VQ encoder the latents.
+        let moments = if v.codebook.is_some() { z } else { 2 * z };
         let encoder = Encoder {
             conv_in,
             down,
             mid: Mid::new(&e, ch),
             norm_out: e.norm("norm_out", "conv_norm_out", ch),
-            conv_out: e.conv("conv_out", "conv_out", 2 * z, ch, 3),
-            quant_conv: top.conv("quant_conv", "quant_conv", 2 * z, 2 * z, 1),
+            conv_out: e.conv("conv_out", "conv_out", moments, ch, 3),
+            quant_conv: top.conv("quant_conv", "quant_conv", moments, moments, 1),
+            codebook: v.codebook.map(|rows| {
+                top.layer(
+                    "quantize.embedding",
+                    "quantize.embedding",
+                    Kind::Embedding { rows, dim: z },
+                )
+            }),
         };
 
         let d = top.sub("decoder", "decoder");
@@ -167,6 +178,7 @@ impl Vae {
         }
         params_of([&d.norm_out, &d.conv_out], &mut out);
         params_of([&e.quant_conv, &d.post_quant_conv], &mut out);
+        params_of(&e.codebook, &mut out);
         out
     }
 }

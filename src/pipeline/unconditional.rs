@@ -1,8 +1,10 @@
 //! Unconditional and class-conditional diffusion: the DDPM paper's models (Ho et al.
-//! 2020; diffusers' `UNet2DModel`, e.g. `google/ddpm-celebahq-256`) turn noise alone
-//! into images, a batch at a time, as diffusers' `DDPMPipeline` and `DDIMPipeline` do:
-//! one draw of noise for the whole batch from the seed's generator, then one more per
-//! stochastic step, so the torch generator reproduces their images.
+//! 2020; diffusers' `UNet2DModel`, e.g. `google/ddpm-celebahq-256`) and latent
+//! diffusion over a VQ autoencoder (Rombach et al. 2022; `CompVis/ldm-celebahq-256`)
+//! turn noise alone into images, a batch at a time, as diffusers' `DDPMPipeline`,
+//! `DDIMPipeline` and `LDMPipeline` do: one draw of noise for the whole batch from the
+//! seed's generator, then one more per stochastic step, so the torch generator
+//! reproduces their images.
 //!
 //! ```no_run
 //! use sdrs::pipeline::unconditional::{Batch, Unconditional};
@@ -19,14 +21,15 @@ use std::time::Instant;
 
 use super::{to_rgb8, Image, Request, Stage};
 use crate::budget::{self, Budget, Need};
-use crate::config::{Defaults, ModelConfig};
+use crate::config::{Defaults, ModelConfig, VaeConfig};
 use crate::error::{Error, Result};
 use crate::formats::gguf::{metadata, GgufFile};
 use crate::formats::Checkpoint;
 use crate::ggml::Backend;
-use crate::model::{unet, Attention, Weights};
-use crate::network::UNET_PREFIX;
+use crate::model::{unet, vae, Attention, Planes, Weights};
+use crate::network::{self, UNET_PREFIX, VAE_PREFIX};
 use crate::sample::{self, Discrete, Plan, Sampler, ScheduleOpts};
+use rayon::prelude::*;
 
 /// How many images, and their classes for a class-conditional model.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -95,15 +98,19 @@ impl Unconditional {
         if !config.is_unconditional() {
             return refuse("a text-to-image model: give it a prompt".into());
         }
-        if config.vae.is_some() {
-            return refuse(
-                "a latent model without text (its VAE is not a VQ autoencoder sdrs runs)".into(),
-            );
-        }
+        let channels = match &config.vae {
+            None => 3,
+            Some(v) if v.codebook.is_some() && v.in_channels == 3 => v.latent_channels,
+            Some(_) => {
+                return refuse(
+                    "a model without text over a KL autoencoder: sdrs runs latent diffusion without text over VQ autoencoders (LDM)".into(),
+                )
+            }
+        };
         let u = &config.unet;
-        if u.in_channels != 3 || u.out_channels != 3 {
+        if u.in_channels != channels || u.out_channels != channels {
             return refuse(format!(
-                "a pixel-space UNet must take and give 3 channels (RGB), this one {} and {}",
+                "the UNet must take and give {channels} channels (RGB pixels, or the autoencoder's latents), this one {} and {}",
                 u.in_channels, u.out_channels
             ));
         }
@@ -122,9 +129,14 @@ impl Unconditional {
         })
     }
 
-    /// The size the UNet was trained at where the file says, else 32 pixels per level.
+    /// Pixels per latent: the autoencoder's downscale, 1 on pixels.
+    fn factor(&self) -> usize {
+        self.config.vae.as_ref().map_or(1, VaeConfig::downscale)
+    }
+
+    /// The size the UNet was trained at where the file says, else 32 latents per level.
     fn default_size(&self) -> (usize, usize) {
-        let side = 32.max(1 << (self.config.unet.channel_mult.len() - 1));
+        let side = 32.max(1 << (self.config.unet.channel_mult.len() - 1)) * self.factor();
         (
             self.defaults.width.unwrap_or(side),
             self.defaults.height.unwrap_or(side),
@@ -151,9 +163,10 @@ impl Unconditional {
         req
     }
 
-    /// Image sides must halve cleanly at every level of the UNet.
+    /// Image sides must halve cleanly at every level of the UNet (and of the
+    /// autoencoder).
     pub fn size_multiple(&self) -> usize {
-        1 << (self.config.unet.channel_mult.len() - 1)
+        self.factor() << (self.config.unet.channel_mult.len() - 1)
     }
 
     fn check(&self, req: &Request, batch: &Batch) -> Result<()> {
@@ -229,9 +242,12 @@ impl Unconditional {
         self.check(req, batch)?;
         let weights = self.unet_weights_bytes();
         let w = Weights::load(&self.gguf, |n| n.starts_with(UNET_PREFIX))?;
+        let (lw, lh) = (req.width / self.factor(), req.height / self.factor());
+        let latents = (self.config.unet.in_channels * lw * lh) as u64;
         let pixels = (3 * req.width * req.height) as u64;
-        // The sampler's f64 latents: x, the estimate and up to four history entries.
-        let other = 8 * 6 * pixels * batch.count as u64 + 3 * pixels * batch.count as u64;
+        // The sampler's f64 latents: x, the estimate and up to four history entries;
+        // then the images.
+        let other = 8 * 6 * latents * batch.count as u64 + 3 * pixels * batch.count as u64;
         let need = |chunk: usize| -> Result<Need> {
             let shape = self.shape(req, chunk);
             let compute =
@@ -251,21 +267,33 @@ impl Unconditional {
             chunk = chunk.div_ceil(2);
             n = need(chunk)?;
         }
+        let mut needs = vec![n];
+        if let Some(v) = &self.config.vae {
+            // One image at a time through the decoder.
+            let dw = Weights::load(&self.gguf, network::vae::is_decoder)?;
+            needs.push(Need {
+                stage: "decode",
+                weights: dw.bytes(),
+                compute: vae::decode_buffer_bytes(&dw, v, lw, lh)? as u64,
+                other: 4 * pixels * batch.count as u64,
+            });
+        }
         let memory = budget::Plan {
             budget,
-            needs: vec![n],
+            needs,
             split_guidance: false,
             tiling: None,
             stream_unet: false,
         };
-        if let (Some(b), false) = (budget, fits(&memory.needs[0])) {
+        if let (Some(b), Some(n)) = (budget, memory.needs.iter().find(|n| !fits(n))) {
             return Err(Error::OverBudget(format!(
-                "this batch cannot fit a budget of {}: one image through the UNet needs {} (weights {} + compute {} + latents {}) and the process {} more",
+                "this batch cannot fit a budget of {}: one image through the {} needs {} (weights {} + compute {} + buffers {}) and the process {} more",
                 budget::mib(b.bytes),
-                budget::mib(memory.needs[0].total()),
-                budget::mib(memory.needs[0].weights),
-                budget::mib(memory.needs[0].compute),
-                budget::mib(memory.needs[0].other),
+                if n.stage == "unet" { "UNet" } else { "decoder" },
+                budget::mib(n.total()),
+                budget::mib(n.weights),
+                budget::mib(n.compute),
+                budget::mib(n.other),
                 budget::mib(budget::OVERHEAD)
             )));
         }
@@ -274,8 +302,8 @@ impl Unconditional {
 
     fn shape(&self, req: &Request, chunk: usize) -> unet::Shape {
         unet::Shape {
-            width: req.width,
-            height: req.height,
+            width: req.width / self.factor(),
+            height: req.height / self.factor(),
             batch: chunk,
             tokens: 1,
         }
@@ -329,7 +357,8 @@ impl Unconditional {
             d
         };
         let walk = self.sampling_plan(req, &d);
-        let per_image = 3 * req.width * req.height;
+        let (lw, lh) = (req.width / self.factor(), req.height / self.factor());
+        let per_image = cfg.unet.in_channels * lw * lh;
         let n = batch.count * per_image;
         let mut rng = req.sampling.rng.make(req.seed);
         let noise = match &req.noise {
@@ -418,24 +447,104 @@ impl Unconditional {
             noise_src,
             &mut |i, _, _| progress(Stage::Step { done: i + 1, total }),
         )?;
-        let pixels = trajectory
+        let sampled = trajectory
             .last()
             .ok_or_else(|| Error::Invalid("no sampling steps".into()))?;
+        drop((full, tail));
         progress(Stage::Sampled);
         let seconds = started.elapsed().as_secs_f64();
+        let started = Instant::now();
+        let pixels = match &cfg.vae {
+            None => sampled.clone(),
+            Some(v) => {
+                // LDMPipeline divides by the VQModel's scaling factor before its decode.
+                let z: Vec<f32> = sampled
+                    .iter()
+                    .map(|&x| x / v.scaling_factor + v.shift_factor)
+                    .collect();
+                self.decode(v, &z, (lw, lh), req.cancel.as_deref(), progress)?
+            }
+        };
+        let decode = started.elapsed().as_secs_f64();
+        let n = req.width * req.height;
         let images = pixels
-            .chunks(per_image)
+            .chunks(3 * n)
             .enumerate()
             .map(|(i, p)| Image {
                 width: req.width,
                 height: req.height,
-                rgb: to_rgb8(p, req.width * req.height, false),
+                rgb: to_rgb8(p, n, false),
                 parameters: self.infotext(req, batch, &classes, i),
-                timings: [0.0, seconds, 0.0],
+                timings: [0.0, seconds, decode],
             })
             .collect();
         progress(Stage::Decoded);
         Ok(images)
+    }
+
+    /// Latents `[B][C][lh][lw]` to pixels `[B][3][H][W]` in [-1, 1] through the model's
+    /// VQ autoencoder, as `VQModel.decode` (an error for a pixel-space model).
+    pub fn decode_latents(
+        &self,
+        latents: &[f32],
+        size: (usize, usize),
+        progress: &mut dyn FnMut(Stage),
+    ) -> Result<Vec<f32>> {
+        let v = self.config.autoencoder()?;
+        self.decode(v, latents, size, None, progress)
+    }
+
+    /// `VQModel.decode`: each latent pixel's vector replaced by its nearest codebook
+    /// entry, then the decoder; one image at a time.
+    fn decode(
+        &self,
+        v: &VaeConfig,
+        latents: &[f32],
+        (lw, lh): (usize, usize),
+        cancel: Option<&AtomicBool>,
+        progress: &mut dyn FnMut(Stage),
+    ) -> Result<Vec<f32>> {
+        let name = format!("{VAE_PREFIX}quantize.embedding.weight");
+        let t = self
+            .gguf
+            .tensor(&name)
+            .ok_or_else(|| Error::format(&self.gguf.path, format!("no `{name}`")))?;
+        let c = v.latent_channels;
+        let codebook = t.ty.dequantize(self.gguf.data(t), t.numel() as usize)?;
+        if codebook.len() != v.codebook.unwrap_or(0) * c {
+            return Err(Error::format(
+                &self.gguf.path,
+                format!(
+                    "`{name}` holds {} values, not {} codes of {c}",
+                    codebook.len(),
+                    v.codebook.unwrap_or(0)
+                ),
+            ));
+        }
+        let w = Weights::load(&self.gguf, network::vae::is_decoder)?;
+        // The latents are quantised here, so the graph's own unscaling is the identity.
+        let unit = VaeConfig {
+            scaling_factor: 1.0,
+            shift_factor: 0.0,
+            ..v.clone()
+        };
+        let per = c * lw * lh;
+        let total = latents.len() / per;
+        let mut out = Vec::with_capacity(total * 3 * lw * lh * v.downscale().pow(2));
+        for (i, z) in latents.chunks(per).enumerate() {
+            if cancel.is_some_and(|c| c.load(Ordering::Relaxed)) {
+                return Err(Error::Interrupted);
+            }
+            let q = quantize(z, &codebook, c);
+            out.extend(vae::decode(
+                &w,
+                &unit,
+                Planes::single(&q, lw, lh),
+                &self.backend,
+            )?);
+            progress(Stage::Decoding { done: i + 1, total });
+        }
+        Ok(out)
     }
 
     /// A1111-style parameters (no prompt lines: the model takes none).
@@ -465,6 +574,37 @@ impl Unconditional {
         parts.push(format!("RNG: {}", req.sampling.rng.infotext_name()));
         parts.join(", ")
     }
+}
+
+/// Each pixel of planar `[C][N]` latents replaced by its nearest of the `[K][C]`
+/// codebook vectors (Euclidean distance; diffusers' `VectorQuantizer`).
+fn quantize(z: &[f32], codebook: &[f32], c: usize) -> Vec<f32> {
+    let n = z.len() / c;
+    let codes: Vec<&[f32]> = codebook.chunks(c).collect();
+    let nearest: Vec<usize> = (0..n)
+        .into_par_iter()
+        .map(|i| {
+            let mut best = (f32::INFINITY, 0);
+            for (k, code) in codes.iter().enumerate() {
+                let d: f32 = code
+                    .iter()
+                    .enumerate()
+                    .map(|(ch, &e)| (z[ch * n + i] - e).powi(2))
+                    .sum();
+                if d < best.0 {
+                    best = (d, k);
+                }
+            }
+            best.1
+        })
+        .collect();
+    let mut out = vec![0f32; z.len()];
+    for (i, &k) in nearest.iter().enumerate() {
+        for ch in 0..c {
+            out[ch * n + i] = codes[k][ch];
+        }
+    }
+    out
 }
 
 /// The UNet over the whole batch, in chunks of the planned size.

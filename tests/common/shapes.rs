@@ -424,6 +424,8 @@ pub struct ShapeFound {
     pub colour_distance: f64,
     /// Pixels of the largest component, and its share of all pixels.
     pub pixels: usize,
+    /// Pixels of every component (at least half way to the shape colour).
+    pub mask_pixels: usize,
     pub area: f64,
     /// Centroid, fractions of width and height.
     pub centroid: [f64; 2],
@@ -568,6 +570,7 @@ pub fn analyse(img: &RgbImage) -> Analysis {
     if comp.is_empty() {
         return analysis;
     }
+    let mask_pixels = mask.iter().filter(|&&m| m).count();
 
     // 4. Attributes of the component.
     let core: Vec<[f64; 3]> = comp
@@ -635,6 +638,7 @@ pub fn analyse(img: &RgbImage) -> Analysis {
         colour_rgb,
         colour_distance,
         pixels,
+        mask_pixels,
         area,
         centroid,
         position,
@@ -789,4 +793,60 @@ impl fmt::Display for Tally {
         }
         Ok(())
     }
+}
+
+// ------------------------------------------------------------------ unconditional samples
+
+/// Why a sample is not one clean shape on a plain background; `Ok` with its analysis
+/// when it is. An unconditional model's sample has no caption to be judged against, so
+/// this asks what the grammar guarantees of every picture it draws:
+/// - the background is plain: a palette colour (within 40 of it, the grammar's jitter
+///   being at most ±12 per channel) and every pixel away from the shape near it (mean
+///   distance within 20, no pixel-level noise in the grammar);
+/// - there is one shape: a palette colour other than the background's (within 60), a
+///   size within the grammar's range with some slack (extent 0.15 to 0.56 of the side),
+///   and the largest connected component holds at least 90 % of the pixels at least
+///   half way to the shape's colour, so no second blob or scattered specks.
+pub fn one_clean_shape(img: &RgbImage) -> Result<Analysis, String> {
+    let g = grammar();
+    let a = analyse(img);
+    if a.background_distance > 40.0 {
+        return Err(format!(
+            "background {:.0} from its palette colour",
+            a.background_distance
+        ));
+    }
+    let s = a.shape.as_ref().ok_or("no shape")?;
+    if s.colour == a.background || s.colour_distance > 60.0 {
+        return Err(format!(
+            "shape colour {:.0} from the palette (or the background's)",
+            s.colour_distance
+        ));
+    }
+    if !(0.15..=0.56).contains(&s.extent) {
+        return Err(format!("shape extent {:.2} of the side", s.extent));
+    }
+    if (s.pixels as f64) < 0.9 * s.mask_pixels as f64 {
+        return Err(format!(
+            "the largest shape holds {} of {} pixels of the shape's colour",
+            s.pixels, s.mask_pixels
+        ));
+    }
+    // Pixels far from the background that are not the shape: specks, smudges.
+    let far = 0.25 * g.min_palette_distance;
+    let (mut rest, mut rest_distance) = (0usize, 0f64);
+    for p in img.pixels() {
+        let d = dist(&p.0.map(f64::from), &a.background_rgb);
+        if d <= far {
+            rest += 1;
+            rest_distance += d;
+        }
+    }
+    let mean = rest_distance / rest.max(1) as f64;
+    if mean > 20.0 {
+        return Err(format!(
+            "background pixels {mean:.0} from its colour on average"
+        ));
+    }
+    Ok(a)
 }

@@ -23,6 +23,8 @@ Stages (each resumes from the work folder when its output exists; `--redo STAGE`
              eta 0 (`samples_ddim50.png`) and ancestral DDPM over all 1000 steps
              (`samples_ddpm1000.png`), each with a crude per-image check (a Python
              sketch of the project's evaluator) in `samples.json`, also run on real data.
+5. notes   - `NOTES.md`: config, data, steps, wall time, loss curve, the check's counts;
+             a hand-written "## Visual judgement" section at its end survives reruns.
 
 Why this recipe:
 - Pixel space, 32x32: the data is one flat shape on a flat background, which needs
@@ -42,8 +44,8 @@ Why this recipe:
   0.28/0.72, symmetric shapes, triangles apex up), so a flip would be harmless, but it
   buys nothing either: the generator is unlimited, so 60000 distinct renders (~35 per
   attribute combination) already cover the distribution and the model never sees
-  enough steps (~10k x 64) to memorise them.
-- EMA decay 0.999 (with the usual 1+s/10+s warm-up): the last ~1000 steps of a ~10k
+  enough steps (10k x 32, ~5 epochs) to memorise them.
+- EMA decay 0.999 (with the usual (1+s)/(10+s) warm-up): the last ~1000 steps of a ~10k
   step run; the paper's 0.9999 is for 800k steps.
 
 Deterministic from `--seed` for a fixed thread count (torch CPU kernels are; the data is
@@ -408,6 +410,8 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     if args.bench:
         return bench(args, args.work)
+    if not args.only:  # the recipe's record (NOTES.md quotes it); partial reruns keep it
+        journal(args.work, "run", argv=sys.argv[1:], torch=torch.__version__, threads=args.threads, device=args.device)
     only = args.only.split(",") if args.only else list(STAGES)
     redo = set(filter(None, args.redo.split(",")))
     for name in only:
@@ -417,8 +421,6 @@ def main() -> None:
             continue
         log(args.work, f"{name}: start")
         fn(args, args.work)
-    if not args.only:
-        journal(args.work, "run", argv=sys.argv[1:], torch=torch.__version__, threads=args.threads, device=args.device)
 
 
 if __name__ == "__main__":

@@ -35,7 +35,9 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -56,25 +58,26 @@ CLASS, CLASS2 = 3, 7
 # diffusers' current attention names -> the deprecated AttentionBlock names of the google/ddpm-* files.
 DEPRECATED = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}  # group_norm stays
 
-DDPM_UNET = dict(sample_size=16, in_channels=3, out_channels=3, block_out_channels=(32, 64), layers_per_block=1,
+DDPM_UNET = dict(sample_size=16, in_channels=3, out_channels=3, block_out_channels=(16, 32), layers_per_block=1,
                  down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
                  norm_num_groups=8, norm_eps=1e-6, flip_sin_to_cos=False, freq_shift=1, downsample_padding=0,
                  attention_head_dim=None, time_embedding_type="positional", act_fn="silu")
 # google/ddpm-cifar10-32 and friends.
 GOOGLE_DDPM = dict(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02,
                    clip_sample=True, variance_type="fixed_small", prediction_type="epsilon")
-CLASS_UNET = dict(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(32, 64), layers_per_block=2,
+CLASS_UNET = dict(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(16, 32), layers_per_block=2,
                   down_block_types=("AttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "AttnUpBlock2D"),
-                  norm_num_groups=16, norm_eps=1e-5, flip_sin_to_cos=True, freq_shift=0, downsample_padding=1,
-                  attention_head_dim=16, num_class_embeds=10)  # UNet2DModel: a head WIDTH (2 heads at 32 ch, 4 at 64)
+                  norm_num_groups=8, norm_eps=1e-5, flip_sin_to_cos=True, freq_shift=0, downsample_padding=1,
+                  attention_head_dim=8, num_class_embeds=10)  # UNet2DModel: a head WIDTH (2 heads at 16 ch, 4 at 32)
 CLASS_DDPM = dict(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", clip_sample=False,
                   variance_type="fixed_large", prediction_type="epsilon")
-LDM_UNET = dict(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(32, 64), layers_per_block=1,
+LDM_UNET = dict(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(16, 32), layers_per_block=1,
                 down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-                norm_num_groups=8, flip_sin_to_cos=True, freq_shift=0, attention_head_dim=16)
+                norm_num_groups=8, flip_sin_to_cos=True, freq_shift=0, attention_head_dim=8)
+# sdrs' autoencoder graphs normalise in 32 groups, as every published VQ and KL autoencoder does.
 LDM_VQ = dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-              up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(32, 64), layers_per_block=1,
-              latent_channels=3, num_vq_embeddings=64, vq_embed_dim=3, norm_num_groups=8, sample_size=16)
+              up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(32, 32), layers_per_block=1,
+              latent_channels=3, num_vq_embeddings=64, vq_embed_dim=3, norm_num_groups=32, sample_size=16)
 # CompVis/ldm-celebahq-256 scheduler/scheduler_config.json (diffusers 0.0.4 era; what the old
 # scripts/conversion_ldm_uncond.py wrote: the LDM config's linear_start/linear_end as a
 # "scaled_linear" schedule, clip_sample False). The keys it lacks take DDIMScheduler's
@@ -337,7 +340,6 @@ def run_fixture(name: str, seed: int, model_dir: Path, built: dict) -> tuple[dic
             post = vq.post_quant_conv(quant)
             dec = vq.decode(z).sample
             assert torch.equal(dec, vq.decoder(post)), "decode != decoder(post_quant_conv(quantize(z)))"
-            code = vq.quantize.embedding.weight[idx].reshape(1, s, s, 3).permute(0, 3, 1, 2)
             g.update({"vq.latent": z, "vq.indices": idx.to(torch.int32), "vq.quantized": mf.f32(quant),
                       "vq.post_quant": mf.f32(post), "vq.decoded": mf.f32(dec)})
             d.update({"vq.latent": "numpy PCG64 standard normal", "vq.indices": "argmin_k |z_hw - e_k| (row-major h, w)",
@@ -345,7 +347,7 @@ def run_fixture(name: str, seed: int, model_dir: Path, built: dict) -> tuple[dic
                       "vq.post_quant": "vqvae.post_quant_conv(vq.quantized)",
                       "vq.decoded": "vqvae.decode(vq.latent).sample (quantises first; = decoder(vq.post_quant))"})
             precision["vq.decoded"] = mf.maxdiff(dec, vq64.decode(z.double()).sample)
-            meta["vq_quantize"] = vq_check(vq, z, idx, quant, code)
+            meta["vq_quantize"] = vq_check(vq, z, idx, quant)
 
         for run, kind, steps, eta, keep in spec["runs"]:
             latent = vq is not None
@@ -359,7 +361,7 @@ def run_fixture(name: str, seed: int, model_dir: Path, built: dict) -> tuple[dic
                 image = to_image(decoded)
                 g[f"{run}.decoded"] = mf.f32(decoded)
                 g[f"{run}.indices"] = vq.quantize(final / sf)[2][2].to(torch.int32)
-                meta["vq_quantize"][run] = vq_check(vq, final / sf, g[f"{run}.indices"], None, None)
+                meta["vq_quantize"][run] = vq_check(vq, final / sf, g[f"{run}.indices"])
                 info["decode"] = {"scaling_factor": sf, "vqvae_config_has_scaling_factor": False,
                                   "rule": "image = vqvae.decode(latents / vqvae.config.scaling_factor).sample "
                                           "(decode quantises), then (x / 2 + 0.5).clamp(0, 1), NHWC"}
@@ -395,15 +397,13 @@ def run_fixture(name: str, seed: int, model_dir: Path, built: dict) -> tuple[dic
     meta["precision_f32_vs_f64"] = {k: float(f"{v:.3g}") for k, v in precision.items()}
     meta["stats"] = {k: mf.stats(v) for k, v in g.items() if v.is_floating_point()}
     meta["configs"] = {n: cfg_dict(getattr(pipe, n)) for n in ("unet", "vqvae", "scheduler") if hasattr(pipe, n)}
-    meta["weights"] = {"unet": [seed, spec["weights"]], **({"vqvae": [seed, spec["vq_weights"]]} if vq else {}),
-                       "inputs": [seed, spec["inputs"]],
-                       "gains": {"unet.conv_out": 0.5, **({"vqvae.decoder.conv_out": 0.5} if vq else {})},
-                       "rule": "make_fixtures.init_weights, rounded to float16" + (
-                           "; vqvae.quantize.embedding.weight then N(0, 1)" if vq else "")}
+    meta["weights"] = {"numpy_streams": {k: [seed, spec[k]] for k in ("weights", "vq_weights", "inputs") if k in spec},
+                       "rule": "make_fixtures.init_weights (gain 0.5 on unet.conv_out / vqvae.decoder.conv_out), "
+                               "rounded to float16" + ("; then vqvae.quantize.embedding.weight N(0, 1)" if vq else "")}
     return g, meta
 
 
-def vq_check(vq, z, idx, quant, code) -> dict:
+def vq_check(vq, z, idx, quant=None) -> dict:
     """The codebook choice is unambiguous (float64 distances agree with torch.cdist's argmin,
     with a margin) and how far quantize()'s straight-through value is from the codebook entry."""
     zf = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1]).double()
@@ -414,7 +414,30 @@ def vq_check(vq, z, idx, quant, code) -> dict:
     assert gap > 1e-4, f"near tie in the codebook search (squared-distance gap {gap})"
     info = {"min_squared_distance_gap": float(f"{gap:.4g}"), "codes_used": int(idx.unique().numel())}
     if quant is not None:
+        code = vq.quantize.embedding.weight[idx.long()].reshape(quant.shape[0], *quant.shape[2:], -1).permute(0, 3, 1, 2)
         info["max_abs_quantized_minus_codebook_entry"] = float(f"{mf.maxdiff(quant, code):.3g}")
+    return info
+
+
+def randn_info() -> dict:
+    """make_fixtures.randn_info, with the kernel identified by comparison: draws of this run's shape
+    in child processes with torch's own dispatch, ATEN_CPU_CAPABILITY=avx2 and =default (generic).
+    make_fixtures calls every capability but AVX2 "generic"; torch 2.15 on AVX-512 draws the AVX2
+    kernel's values."""
+    info = mf.randn_info(11)
+    code = ("import sys, torch\ng = torch.Generator('cpu').manual_seed(7)\n"
+            "x = torch.stack([torch.randn(1, 3, 16, 16, generator=g) for _ in range(11)])\n"
+            "sys.stdout.write(torch.backends.cpu.get_cpu_capability() + ' ' + x.numpy().tobytes().hex())\n")
+    draws = {}
+    for cap in ("", "avx2", "default"):
+        env = {k: v for k, v in os.environ.items() if k != "ATEN_CPU_CAPABILITY"} | ({"ATEN_CPU_CAPABILITY": cap} if cap else {})
+        res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+        draws[cap] = res.stdout.split(" ")
+    same = {cap: draws[cap][1] == draws[""][1] for cap in ("avx2", "default")}
+    info["kernel"] = "avx2" if same["avx2"] else "generic" if same["default"] else "other"
+    info["kernel_check"] = {"draws": "11 x randn(1, 3, 16, 16)", "dispatch": draws[""][0],
+                            "equals_avx2_kernel": same["avx2"], "equals_default_kernel": same["default"],
+                            "avx2_override_dispatch": draws["avx2"][0]}
     return info
 
 
@@ -428,26 +451,26 @@ def write_readme(out: Path, seed: int, metas: dict, goldens: dict) -> None:
     text = f"""# DDPM / DDIM / PLMS and VQ latent diffusion fixtures (diffusers)
 
 Written by `tools/reference/ddpm_fixtures.py` (its docstring has the details); do not edit. Covers
-`ddpm/`, `ddpm-class/` and `ldm/`. Versions: {json.dumps(v['versions'])}; torch CPU capability
-`{v['randn']['cpu_capability']}` (the sampling noise depends on torch's randn kernel).
+`ddpm/`, `ddpm-class/` and `ldm/`. Versions: {json.dumps(v['versions'])}. The sampling noise depends
+on torch's randn kernel: CPU capability `{v['randn']['cpu_capability']}`, kernel `{v['randn']['kernel']}` (`randn` in golden.json).
 
     /work/venv-ref/bin/python tools/reference/ddpm_fixtures.py --out tests/fixtures/ref --seed {seed}
 
 ## Models: diffusers folders, float16 weights; goldens in float32 from those weights
 
-- `ddpm/model` (`DDPMPipeline`, like google/ddpm-cifar10-32): UNet2DModel 3×16×16, channels (32, 64),
+- `ddpm/model` (`DDPMPipeline`, like google/ddpm-cifar10-32): UNet2DModel 3×16×16, channels (16, 32),
   1 resnet per level, one-head attention at level 2 and in the middle, GroupNorm 8 eps 1e-6, sin-first
   sinusoids with `freq_shift` 1, downsample padding 0 (pad right/bottom by 1, then the stride-2 conv).
   Deprecated attention names, as the hub files: `…attentions.N.{{group_norm,query,key,value,proj_attn}}`.
   DDPMScheduler: linear 1e-4…0.02, `clip_sample`, `fixed_small`, epsilon.
-- `ddpm-class/model` (`DDPMPipeline`): UNet2DModel 3×8×8, (32, 64), 2 resnets per level, attention at
-  level 1 (2 heads) and in the middle (4 heads; UNet2DModel's `attention_head_dim` 16 is a head width),
-  GroupNorm 16, cos-first sinusoids, shift 0, `class_embedding` (10 classes) added to the time embedding.
+- `ddpm-class/model` (`DDPMPipeline`): UNet2DModel 3×8×8, (16, 32), 2 resnets per level, attention at
+  level 1 (2 heads) and in the middle (4 heads; UNet2DModel's `attention_head_dim` 8 is a head width),
+  GroupNorm 8, cos-first sinusoids, shift 0, `class_embedding` (10 classes) added to the time embedding.
   DDPMScheduler: `squaredcos_cap_v2`, no clipping, `fixed_large`.
-- `ldm/model` (`LDMPipeline`, like CompVis/ldm-celebahq-256): VQModel (32, 64), 3 latent channels,
+- `ldm/model` (`LDMPipeline`, like CompVis/ldm-celebahq-256): VQModel (32, 32), GroupNorm 32, 3 latent channels,
   64 N(0, 1) codes; `vqvae/config.json` has no `scaling_factor` (as the hub's): diffusers uses 0.18215
-  and LDMPipeline decodes `latents / 0.18215`, `decode` quantising first. UNet2DModel 3×8×8, head
-  width 16. DDIMScheduler: the hub config (scaled_linear 0.0015…0.0195, no clipping) + defaults.
+  and LDMPipeline decodes `latents / 0.18215`, `decode` quantising first. UNet2DModel 3×8×8, (16, 32), head
+  width 8. DDIMScheduler: the hub config (scaled_linear 0.0015…0.0195, no clipping) + defaults.
 - Weights: numpy PCG64 `[seed, k]` (UNets k = 41, 42, 43, VQ 44; inputs 51, 52, 53), make_fixtures.py's
   `init_weights` (gain 0.5 on the output convs), rounded to float16.
 
@@ -474,7 +497,7 @@ def main() -> None:
     torch.use_deterministic_algorithms(True)
     out = args.out.resolve()
     start = time.time()
-    randn = mf.randn_info(11)
+    randn = randn_info()
     metas, goldens = {}, {}
     for name in FIXTURES:
         d = out / name

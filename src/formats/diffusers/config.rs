@@ -658,9 +658,33 @@ fn head_layout(
         .map(|d| (None, Some(d)))
 }
 
-/// `AutoencoderKL` config.
+/// `AutoencoderKL` config, or `VQModel` (LDM's VQ autoencoder, the same encoder and
+/// decoder around a codebook).
 pub(crate) fn vae(v: &Value, path: &Path) -> Result<VaeConfig> {
     let o = Obj::new(v, path)?;
+    let vq = o.opt_str("_class_name")? == Some("VQModel");
+    // sdrs' autoencoder graphs normalise in 32 groups, as every published one does.
+    if o.usize_or("norm_num_groups", 32)? != 32 {
+        return Err(o.bad("norm_num_groups", "32"));
+    }
+    if vq {
+        if o.opt_str("norm_type")?.is_some_and(|t| t != "group") {
+            return Err(Error::arch(
+                path,
+                "`norm_type` other than group (MoVQ's spatial norm) is not supported",
+            ));
+        }
+        if o.bool_or("lookup_from_codebook", false)? {
+            return Err(Error::arch(
+                path,
+                "`lookup_from_codebook` = true is not supported",
+            ));
+        }
+        let latent = o.usize_or("latent_channels", 3)?;
+        if o.opt_usize("vq_embed_dim")?.is_some_and(|d| d != latent) {
+            return Err(o.bad("vq_embed_dim", "latent_channels"));
+        }
+    }
     for key in [
         "use_quant_conv",
         "use_post_quant_conv",
@@ -714,12 +738,18 @@ pub(crate) fn vae(v: &Value, path: &Path) -> Result<VaeConfig> {
     }
     let vae = VaeConfig {
         in_channels,
-        latent_channels: o.usize_or("latent_channels", 4)?,
+        latent_channels: o.usize_or("latent_channels", if vq { 3 } else { 4 })?,
         base_channels: base,
         channel_mult: channels.iter().map(|c| c / base).collect(),
         num_res_blocks: o.usize_or("layers_per_block", 1)?,
+        // VQModel's default too: LDMPipeline divides the sampled latents by it.
         scaling_factor: o.f32_or("scaling_factor", 0.18215)?,
         shift_factor: o.f32_or("shift_factor", 0.0)?,
+        codebook: if vq {
+            Some(o.usize_or("num_vq_embeddings", 256)?)
+        } else {
+            None
+        },
     };
     vae.check_sizes().map_err(|e| Error::format(path, e))?;
     Ok(vae)

@@ -134,14 +134,6 @@ fn parse(dir: &Path) -> Result<Parsed> {
         }
         Ok(here)
     };
-    // LDM's VQ autoencoder: converting its UNet alone would give a model that samples
-    // latents as if they were pixels.
-    if present("vqvae")? {
-        return Err(Error::arch(
-            dir.join("vqvae"),
-            "a VQModel autoencoder (LDM) is not supported yet",
-        ));
-    }
     if present("unet")? {
         let cdir = dir.join("unet");
         let path = cdir.join("config.json");
@@ -155,10 +147,19 @@ fn parse(dir: &Path) -> Result<Parsed> {
         };
         p.unet = Some((cdir, cfg));
     }
-    if present("vae")? {
-        let cdir = dir.join("vae");
-        let path = cdir.join("config.json");
-        p.vae = Some((cdir, config::vae(&read_json(&path)?, &path)?));
+    // LDM's pipelines call their VQ autoencoder `vqvae`.
+    for folder in ["vae", "vqvae"] {
+        if present(folder)? {
+            if p.vae.is_some() {
+                return Err(Error::format(
+                    dir,
+                    "both vae/ and vqvae/: which autoencoder is the model's?",
+                ));
+            }
+            let cdir = dir.join(folder);
+            let path = cdir.join("config.json");
+            p.vae = Some((cdir, config::vae(&read_json(&path)?, &path)?));
+        }
     }
     let mut text_dirs = Vec::new();
     for (te, tok) in TEXT_FOLDERS {
@@ -227,7 +228,7 @@ fn family(p: &Parsed) -> String {
         .as_ref()
         .is_some_and(|(_, u)| u.style.attention == AttentionKind::SelfAttention)
     {
-        return "ddpm".into();
+        return if p.vae.is_some() { "ldm" } else { "ddpm" }.into();
     }
     let sdxl = p
         .unet
@@ -258,7 +259,8 @@ pub fn read_config(dir: &Path) -> Result<ModelConfig> {
             "missing: a model needs a UNet",
         )
     })?;
-    // A DDPM UNet works on pixels; every other needs the VAE of its latents.
+    // A DDPM UNet works on pixels, or on a VQ autoencoder's latents (LDM); a
+    // text-conditioned UNet needs the VAE of its latents.
     let pixels = unet.style.attention == AttentionKind::SelfAttention && p.text.is_empty();
     let vae = match p.vae {
         Some((_, v)) => Some(v),
@@ -270,11 +272,22 @@ pub fn read_config(dir: &Path) -> Result<ModelConfig> {
             ))
         }
     };
-    if pixels && vae.is_some() {
-        return Err(Error::arch(
-            dir,
-            "a UNet2DModel with a VAE (latent diffusion with a KL autoencoder) is not supported",
-        ));
+    if let (true, Some(v)) = (pixels, &vae) {
+        if v.codebook.is_none() {
+            return Err(Error::arch(
+                dir,
+                "a UNet2DModel with a KL autoencoder is not supported (LDM's unconditional models use a VQ autoencoder)",
+            ));
+        }
+        if v.latent_channels != unet.in_channels || unet.in_channels != unet.out_channels {
+            return Err(Error::arch(
+                dir,
+                format!(
+                    "the UNet takes {} channels but the VQ autoencoder's latents have {}",
+                    unet.in_channels, v.latent_channels
+                ),
+            ));
+        }
     }
     let unet_config = dir.join("unet").join("config.json");
     let mut cfg = ModelConfig {
@@ -323,14 +336,15 @@ pub fn read_defaults(dir: &Path) -> Defaults {
         .ok()
         .and_then(|v| v.get("_class_name")?.as_str().map(str::to_string));
     let pixels = unet_class.as_deref() == Some("UNet2DModel");
-    // A pixel-space UNet's sample size is the image's.
-    let vae_levels = if pixels {
-        Some(1)
-    } else {
-        read_json(&dir.join("vae").join("config.json"))
-            .ok()
-            .and_then(|v| v.get("block_out_channels")?.as_array().map(Vec::len))
-    };
+    // A pixel-space UNet's sample size is the image's; LDM's autoencoder is `vqvae`.
+    let vae_levels = ["vae", "vqvae"]
+        .iter()
+        .find_map(|f| {
+            read_json(&dir.join(f).join("config.json"))
+                .ok()
+                .and_then(|v| v.get("block_out_channels")?.as_array().map(Vec::len))
+        })
+        .or(pixels.then_some(1));
     if let (Some(s), Some(levels)) = (
         num("unet", "sample_size"),
         vae_levels.filter(|&n| (1..=6).contains(&n)),

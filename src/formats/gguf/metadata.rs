@@ -228,6 +228,9 @@ pub fn config_kv(cfg: &ModelConfig) -> Kv {
             format!("{p}shift_factor"),
             Value::F32(v.shift_factor),
         );
+        if let Some(n) = v.codebook {
+            put(&mut kv, format!("{p}codebook"), Value::U32(n as u32));
+        }
     }
     put(
         &mut kv,
@@ -637,6 +640,7 @@ pub fn read_config(g: &GgufFile) -> Result<Option<ModelConfig>> {
             num_res_blocks: r.usize(&format!("{p}num_res_blocks"))?,
             scaling_factor: r.f32(&format!("{p}scaling_factor"))?,
             shift_factor: r.f32(&format!("{p}shift_factor"))?,
+            codebook: Some(r.usize_or(&format!("{p}codebook"), 0)?).filter(|&n| n > 0),
         }),
     };
     let n = r.usize("sd.text_encoder.count")?;
