@@ -61,6 +61,26 @@ pub struct Sampling {
     pub zero_terminal_snr: bool,
 }
 
+impl Sampling {
+    /// Where the stochastic steps draw their noise: SDE samplers from a Brownian path
+    /// with its own generator (seeded from `seed`), so their noise does not depend on
+    /// how steps split intervals; the others from `rng`, after the initial noise, in
+    /// the order diffusers draws.
+    pub(super) fn noise<'a>(
+        &self,
+        seed: u64,
+        rng: &'a mut dyn Rng,
+    ) -> Box<dyn crate::sample::NoiseSampler + 'a> {
+        if self.sampler.brownian() {
+            Box::new(crate::sample::BrownianNoise::new(
+                self.rng.make(seed ^ 0x9E37_79B9_7F4A_7C15),
+            ))
+        } else {
+            Box::new(crate::sample::IidNoise(rng))
+        }
+    }
+}
+
 impl Default for Sampling {
     fn default() -> Self {
         Sampling {

@@ -220,18 +220,7 @@ impl Pipeline {
         let total = plan.timesteps.len();
         let x = start.latent(&plan, strength);
         let mut den = sample::Denoiser::new(&mut model, cfg.prediction, &sched, &plan);
-        // SDE samplers draw from a Brownian path with its own generator (seeded from
-        // the seed), so their noise does not depend on how steps split intervals.
-        let mut brownian;
-        let mut iid;
-        let noise_src: &mut dyn sample::NoiseSampler = if req.sampling.sampler.brownian() {
-            brownian =
-                sample::BrownianNoise::new(req.sampling.rng.make(req.seed ^ 0x9E37_79B9_7F4A_7C15));
-            &mut brownian
-        } else {
-            iid = sample::IidNoise(rng.as_mut());
-            &mut iid
-        };
+        let mut noise_src = req.sampling.noise(req.seed, rng.as_mut());
         let previewer = match req.decoding.preview_every {
             0 => None,
             _ => Some(Previewer::new(self, taesd, lw, lh)?),
@@ -242,7 +231,7 @@ impl Pipeline {
             &settings,
             &plan,
             x,
-            noise_src,
+            noise_src.as_mut(),
             &mut |i, x, denoised| {
                 start.blend(&plan, i, x);
                 progress(Stage::Step { done: i + 1, total });

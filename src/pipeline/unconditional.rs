@@ -427,16 +427,7 @@ impl Unconditional {
             _ => None,
         };
         let mut den = sample::Denoiser::new(&mut model, cfg.prediction, &d, &walk).with_clip(clip);
-        let mut brownian;
-        let mut iid;
-        let noise_src: &mut dyn sample::NoiseSampler = if req.sampling.sampler.brownian() {
-            brownian =
-                sample::BrownianNoise::new(req.sampling.rng.make(req.seed ^ 0x9E37_79B9_7F4A_7C15));
-            &mut brownian
-        } else {
-            iid = sample::IidNoise(rng.as_mut());
-            &mut iid
-        };
+        let mut noise_src = req.sampling.noise(req.seed, rng.as_mut());
         let total = walk.timesteps.len();
         let trajectory = sample::sample(
             &mut den,
@@ -444,7 +435,7 @@ impl Unconditional {
             &settings,
             &walk,
             x,
-            noise_src,
+            noise_src.as_mut(),
             &mut |i, _, _| progress(Stage::Step { done: i + 1, total }),
         )?;
         let sampled = trajectory

@@ -799,29 +799,23 @@ impl fmt::Display for Tally {
 
 /// Why a sample is not one clean shape on a plain background; `Ok` with its analysis
 /// when it is. An unconditional model's sample has no caption to be judged against, so
-/// this asks what the grammar guarantees of every picture it draws:
-/// - the background is plain: a palette colour (within 40 of it, the grammar's jitter
-///   being at most ±12 per channel) and every pixel away from the shape near it (mean
-///   distance within 20, no pixel-level noise in the grammar);
-/// - there is one shape: a palette colour other than the background's (within 60), a
-///   size within the grammar's range with some slack (extent 0.15 to 0.56 of the side),
-///   and the largest connected component holds at least 90 % of the pixels at least
-///   half way to the shape's colour, so no second blob or scattered specks.
+/// this asks what every picture of the grammar is, whatever its colours:
+/// - the background is plain: every pixel away from the shape is near the border's
+///   colour (mean distance within 20; the grammar draws no pixel-level noise);
+/// - there is one shape: a colour well apart from the background's (at least half the
+///   palette's smallest pairwise distance), a size within the grammar's range with some
+///   slack (extent 0.15 to 0.56 of the side), and the largest connected component holds
+///   at least 90 % of the pixels at least half way to the shape's colour, so no second
+///   blob or scattered specks.
+///
+/// Whether the colours are the palette's is [`on_palette`], a separate question.
 pub fn one_clean_shape(img: &RgbImage) -> Result<Analysis, String> {
     let g = grammar();
     let a = analyse(img);
-    if a.background_distance > 40.0 {
-        return Err(format!(
-            "background {:.0} from its palette colour",
-            a.background_distance
-        ));
-    }
     let s = a.shape.as_ref().ok_or("no shape")?;
-    if s.colour == a.background || s.colour_distance > 60.0 {
-        return Err(format!(
-            "shape colour {:.0} from the palette (or the background's)",
-            s.colour_distance
-        ));
+    let contrast = dist(&s.colour_rgb, &a.background_rgb);
+    if contrast < 0.5 * g.min_palette_distance {
+        return Err(format!("shape {contrast:.0} from the background's colour"));
     }
     if !(0.15..=0.56).contains(&s.extent) {
         return Err(format!("shape extent {:.2} of the side", s.extent));
@@ -849,4 +843,12 @@ pub fn one_clean_shape(img: &RgbImage) -> Result<Analysis, String> {
         ));
     }
     Ok(a)
+}
+
+/// Whether a clean sample's background and shape are palette colours (within 40 and 60,
+/// the grammar's jitter being at most ±12 per channel) and different ones.
+pub fn on_palette(a: &Analysis) -> bool {
+    a.shape.as_ref().is_some_and(|s| {
+        a.background_distance <= 40.0 && s.colour_distance <= 60.0 && s.colour != a.background
+    })
 }

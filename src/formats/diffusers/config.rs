@@ -73,6 +73,45 @@ impl<'a> Obj<'a> {
     pub fn usize_or(&self, key: &str, default: usize) -> Result<usize> {
         Ok(self.opt_usize(key)?.unwrap_or(default))
     }
+    /// Which levels of `down_block_types` and `up_block_types` have attention, each
+    /// entry one of the block pair `[with, without]` (absent: `default`); the two lists
+    /// must be as long as each other.
+    pub fn block_attention(
+        &self,
+        down: [&str; 2],
+        up: [&str; 2],
+        default: (&[bool], &[bool]),
+    ) -> Result<(Vec<bool>, Vec<bool>)> {
+        let read = |key: &str, [with, without]: [&str; 2], default: &[bool]| -> Result<Vec<bool>> {
+            match self.str_list(key)? {
+                None => Ok(default.to_vec()),
+                Some(types) => types
+                    .iter()
+                    .map(|&t| match t {
+                        x if x == with => Ok(true),
+                        x if x == without => Ok(false),
+                        other => Err(Error::arch(
+                            self.path,
+                            format!("`{key}` entry `{other}` is not supported (only {with} and {without})"),
+                        )),
+                    })
+                    .collect(),
+            }
+        };
+        let down = read("down_block_types", down, default.0)?;
+        let up = read("up_block_types", up, default.1)?;
+        if down.is_empty() || up.len() != down.len() {
+            return Err(Error::format(
+                self.path,
+                format!(
+                    "{} down blocks and {} up blocks: they must be equal and non-zero",
+                    down.len(),
+                    up.len()
+                ),
+            ));
+        }
+        Ok((down, up))
+    }
     pub fn f64_or(&self, key: &str, default: f64) -> Result<f64> {
         match self.get(key) {
             None => Ok(default),
@@ -247,51 +286,12 @@ pub(crate) fn unet(v: &Value, path: &Path) -> Result<UnetConfig> {
         }
     }
 
-    let down_types = o.str_list("down_block_types")?.unwrap_or_else(|| {
-        vec![
-            "CrossAttnDownBlock2D",
-            "CrossAttnDownBlock2D",
-            "CrossAttnDownBlock2D",
-            "DownBlock2D",
-        ]
-    });
-    let up_types = o.str_list("up_block_types")?.unwrap_or_else(|| {
-        vec![
-            "UpBlock2D",
-            "CrossAttnUpBlock2D",
-            "CrossAttnUpBlock2D",
-            "CrossAttnUpBlock2D",
-        ]
-    });
-    let levels = down_types.len();
-    if levels == 0 || up_types.len() != levels {
-        return Err(Error::format(
-            path,
-            format!(
-                "{} down blocks and {} up blocks: they must be equal and non-zero",
-                levels,
-                up_types.len()
-            ),
-        ));
-    }
-    let has_attn = |t: &str, key: &str, cross: &str, plain: &str| -> Result<bool> {
-        match t {
-            x if x == cross => Ok(true),
-            x if x == plain => Ok(false),
-            other => Err(Error::arch(
-                path,
-                format!("`{key}` entry `{other}` is not supported (only {cross} and {plain})"),
-            )),
-        }
-    };
-    let down_attn = down_types
-        .iter()
-        .map(|t| has_attn(t, "down_block_types", "CrossAttnDownBlock2D", "DownBlock2D"))
-        .collect::<Result<Vec<_>>>()?;
-    let up_attn = up_types
-        .iter()
-        .map(|t| has_attn(t, "up_block_types", "CrossAttnUpBlock2D", "UpBlock2D"))
-        .collect::<Result<Vec<_>>>()?;
+    let (down_attn, up_attn) = o.block_attention(
+        ["CrossAttnDownBlock2D", "DownBlock2D"],
+        ["CrossAttnUpBlock2D", "UpBlock2D"],
+        (&[true, true, true, false], &[false, true, true, true]),
+    )?;
+    let levels = down_attn.len();
 
     let channels = match o.get("block_out_channels") {
         None => [320, 640, 1280, 1280]
@@ -459,51 +459,12 @@ pub(crate) fn unet2d(v: &Value, path: &Path) -> Result<UnetConfig> {
         return Err(refuse("mid_block_scale_factor", "a scale other than 1"));
     }
 
-    let down_types = o.str_list("down_block_types")?.unwrap_or_else(|| {
-        vec![
-            "DownBlock2D",
-            "AttnDownBlock2D",
-            "AttnDownBlock2D",
-            "AttnDownBlock2D",
-        ]
-    });
-    let up_types = o.str_list("up_block_types")?.unwrap_or_else(|| {
-        vec![
-            "AttnUpBlock2D",
-            "AttnUpBlock2D",
-            "AttnUpBlock2D",
-            "UpBlock2D",
-        ]
-    });
-    let levels = down_types.len();
-    if levels == 0 || up_types.len() != levels {
-        return Err(Error::format(
-            path,
-            format!(
-                "{} down blocks and {} up blocks: they must be equal and non-zero",
-                levels,
-                up_types.len()
-            ),
-        ));
-    }
-    let has_attn = |t: &str, key: &str, attn: &str, plain: &str| -> Result<bool> {
-        match t {
-            x if x == attn => Ok(true),
-            x if x == plain => Ok(false),
-            other => Err(Error::arch(
-                path,
-                format!("`{key}` entry `{other}` is not supported (only {attn} and {plain})"),
-            )),
-        }
-    };
-    let down_attn = down_types
-        .iter()
-        .map(|t| has_attn(t, "down_block_types", "AttnDownBlock2D", "DownBlock2D"))
-        .collect::<Result<Vec<_>>>()?;
-    let up_attn = up_types
-        .iter()
-        .map(|t| has_attn(t, "up_block_types", "AttnUpBlock2D", "UpBlock2D"))
-        .collect::<Result<Vec<_>>>()?;
+    let (down_attn, up_attn) = o.block_attention(
+        ["AttnDownBlock2D", "DownBlock2D"],
+        ["AttnUpBlock2D", "UpBlock2D"],
+        (&[false, true, true, true], &[true, true, true, false]),
+    )?;
+    let levels = down_attn.len();
     let channels = match o.get("block_out_channels") {
         None => vec![224, 448, 672, 896],
         Some(_) => o.per_level("block_out_channels", levels, 0)?,
