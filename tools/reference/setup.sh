@@ -42,3 +42,4 @@ print("sdrs reference: torch", torch.__version__, "diffusers", diffusers.__versi
 EOF
 echo "sdrs reference: run  $VENV/bin/python tools/reference/make_fixtures.py --out tests/fixtures/ref" >&2
 echo "sdrs reference: and   $VENV/bin/python tools/reference/sampler_fixtures.py --out tests/fixtures/samplers" >&2
+echo "sdrs reference: and   $VENV/bin/python tools/reference/ddpm_fixtures.py --out tests/fixtures/ref" >&2
