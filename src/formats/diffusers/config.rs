@@ -73,6 +73,34 @@ impl<'a> Obj<'a> {
     pub fn usize_or(&self, key: &str, default: usize) -> Result<usize> {
         Ok(self.opt_usize(key)?.unwrap_or(default))
     }
+    /// The error for a key whose value selects something sdrs cannot run.
+    pub fn refuse(&self, key: &str, what: &str) -> Error {
+        Error::arch(
+            self.path,
+            format!(
+                "`{key}` = {}: {what} is not supported",
+                self.get(key).map(|v| v.to_string()).unwrap_or_default()
+            ),
+        )
+    }
+
+    /// A UNet's `block_out_channels`, one per level (absent: `default`), each a
+    /// positive multiple of the first, which is the model's base width.
+    pub fn level_channels(&self, levels: usize, default: &[usize]) -> Result<Vec<usize>> {
+        let channels = match self.get("block_out_channels") {
+            None => default.to_vec(),
+            Some(_) => self.per_level("block_out_channels", levels, 0)?,
+        };
+        let base = channels.first().copied().unwrap_or(0);
+        if base == 0 || channels.len() != levels || channels.iter().any(|c| c % base != 0) {
+            return Err(self.bad(
+                "block_out_channels",
+                "positive multiples of the first entry, one per level",
+            ));
+        }
+        Ok(channels)
+    }
+
     /// Which levels of `down_block_types` and `up_block_types` have attention, each
     /// entry one of the block pair `[with, without]` (absent: `default`); the two lists
     /// must be as long as each other.
@@ -257,15 +285,7 @@ fn depth_list(o: &Obj, key: &str, n: usize) -> Result<Option<Vec<Depth>>> {
 /// `UNet2DConditionModel` config.
 pub(crate) fn unet(v: &Value, path: &Path) -> Result<UnetConfig> {
     let o = Obj::new(v, path)?;
-    let refuse = |key: &str, what: &str| {
-        Error::arch(
-            path,
-            format!(
-                "`{key}` = {}: {what} is not supported",
-                o.get(key).map(|v| v.to_string()).unwrap_or_default()
-            ),
-        )
-    };
+    let refuse = |key: &str, what: &str| o.refuse(key, what);
     for key in [
         "class_embed_type",
         "encoder_hid_dim_type",
@@ -293,21 +313,13 @@ pub(crate) fn unet(v: &Value, path: &Path) -> Result<UnetConfig> {
     )?;
     let levels = down_attn.len();
 
-    let channels = match o.get("block_out_channels") {
-        None => [320, 640, 1280, 1280]
-            .into_iter()
-            .cycle()
-            .take(levels)
-            .collect(),
-        Some(_) => o.per_level("block_out_channels", levels, 0)?,
-    };
+    let default: Vec<usize> = [320, 640, 1280, 1280]
+        .into_iter()
+        .cycle()
+        .take(levels)
+        .collect();
+    let channels = o.level_channels(levels, &default)?;
     let mc = channels[0];
-    if mc == 0 || channels.iter().any(|c| c % mc != 0) {
-        return Err(o.bad(
-            "block_out_channels",
-            "positive multiples of the first entry",
-        ));
-    }
     let layers = o.per_level("layers_per_block", levels, 2)?;
     // Bounded before the per-layer lists below are allocated at these lengths (the
     // level count is bounded by the file's own list, and checked with the rest below).
@@ -429,15 +441,7 @@ pub(crate) fn unet(v: &Value, path: &Path) -> Result<UnetConfig> {
 /// absent.
 pub(crate) fn unet2d(v: &Value, path: &Path) -> Result<UnetConfig> {
     let o = Obj::new(v, path)?;
-    let refuse = |key: &str, what: &str| {
-        Error::arch(
-            path,
-            format!(
-                "`{key}` = {}: {what} is not supported",
-                o.get(key).map(|v| v.to_string()).unwrap_or_default()
-            ),
-        )
-    };
+    let refuse = |key: &str, what: &str| o.refuse(key, what);
     let string_is = |key: &str, want: &str| -> Result<()> {
         match o.opt_str(key)? {
             Some(s) if s != want => Err(refuse(key, "this option")),
@@ -465,17 +469,8 @@ pub(crate) fn unet2d(v: &Value, path: &Path) -> Result<UnetConfig> {
         (&[false, true, true, true], &[true, true, true, false]),
     )?;
     let levels = down_attn.len();
-    let channels = match o.get("block_out_channels") {
-        None => vec![224, 448, 672, 896],
-        Some(_) => o.per_level("block_out_channels", levels, 0)?,
-    };
+    let channels = o.level_channels(levels, &[224, 448, 672, 896])?;
     let mc = channels[0];
-    if mc == 0 || channels.iter().any(|c| c % mc != 0) {
-        return Err(o.bad(
-            "block_out_channels",
-            "positive multiples of the first entry",
-        ));
-    }
     if o.opt_usize("time_embedding_dim")?
         .is_some_and(|d| d != 4 * mc)
     {
