@@ -2,7 +2,7 @@
 //! 512×512 latent (4×64×64), with a model that returns at once. The target is under 1%
 //! of a UNet step (seconds at 512×512 on a CPU), i.e. well under 10 ms.
 use criterion::{criterion_group, criterion_main, Criterion};
-use sdrs::config::Prediction;
+use sdrs::config::{NoiseSchedule, Prediction};
 use sdrs::sample::{self, Discrete, Model, NativeRng, Sampler, Schedule, ScheduleOpts, Settings};
 
 struct Instant0(Vec<f32>);
@@ -37,6 +37,7 @@ fn bench(c: &mut Criterion) {
             steps,
             &ScheduleOpts::default(),
             1.0,
+            &NoiseSchedule::default(),
         );
         let noise = sample::Rng::randn(&mut NativeRng::new(1), n);
         g.bench_function(name, |b| {

@@ -193,22 +193,16 @@ fn trajectory(
     };
     let d = Discrete::of(&cfg.schedule);
     let sc = &cfg.schedule;
-    let plan = match sampler {
-        Sampler::Ddpm => sample::ddpm_plan(&d, steps, sc.steps_offset),
-        Sampler::Ddim => sample::Plan::ddim(
-            &d,
-            steps,
-            sc.steps_offset,
-            sc.set_alpha_to_one.unwrap_or(true),
-        ),
-        Sampler::Plms => sample::plms_plan_at(
-            &d,
-            steps,
-            sc.steps_offset,
-            sc.set_alpha_to_one.unwrap_or(false),
-        ),
-        _ => unreachable!(),
-    };
+    // The grid the pipelines lay out from the model's scheduler config.
+    let plan = sample::plan_for(
+        sampler,
+        sample::Schedule::Discrete(sample::Spacing::Leading),
+        &d,
+        steps,
+        &sample::ScheduleOpts::default(),
+        1.0,
+        sc,
+    );
     let want_t = &g[&format!("{run}.timesteps")].1;
     let got_t: Vec<f32> = plan.timesteps.iter().map(|&t| t as f32).collect();
     assert_eq!(&got_t, want_t, "{model} {run} timesteps");

@@ -73,25 +73,19 @@ fn feed_forward<'c>(nn: &Nn<'c>, x: Tensor<'c>, ff_in: &str, ff_out: &str) -> Re
     nn.linear(y, ff_out)
 }
 
-/// DDPM's attention block: multi-head self-attention over the pixels.
+/// DDPM's attention block: the transformer's multi-head attention over the pixels as
+/// tokens (its 1x1-convolution kernels are stored as the linear layers' matrices).
 fn self_attention<'c>(
     nn: &Nn<'c>,
     style: &UnetStyle,
     x: Tensor<'c>,
     a: &SelfAttention,
 ) -> Result<Tensor<'c>> {
-    let c = nn.ctx;
-    let [w, h, ch, b] = x.ne();
-    let n = w * h;
-    let d = ch / a.heads;
+    let [w, h, _, _] = x.ne();
     let hn = nn.group_norm(x, &a.norm.name, style.norm_groups, style.norm_eps)?;
-    let heads = |l: &crate::network::Layer| -> Result<Tensor<'c>> {
-        let t = nn.to_tokens(nn.conv(hn, &l.name, 1, 1, 0)?)?; // [C, N, B]
-        c.permute(c.reshape(t, &[d, a.heads, n, b])?, [0, 2, 1, 3]) // [D, N, H, B]
-    };
-    let o = nn.attend(heads(&a.q)?, heads(&a.k)?, heads(&a.v)?, false)?; // [C, N, B]
-    let o = nn.conv(nn.from_tokens(o, w, h)?, &a.proj_out.name, 1, 1, 0)?;
-    c.add(x, o)
+    let t = nn.to_tokens(hn)?;
+    let o = attention(nn, t, t, &a.attn, a.heads)?;
+    nn.ctx.add(x, nn.from_tokens(o, w, h)?)
 }
 
 fn spatial_transformer<'c>(

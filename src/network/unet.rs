@@ -73,16 +73,13 @@ impl Transformer {
 }
 
 /// DDPM's attention block (diffusers `Attention` in `AttnDownBlock2D`, named as
-/// LDM's autoencoder names its `AttnBlock`): GroupNorm, q/k/v projections (1x1
-/// convolutions in the single file, linear layers in diffusers), attention over the
-/// pixels, the output projection, plus the input.
+/// LDM's autoencoder names its `AttnBlock`: `norm`, `q`, `k`, `v`, `proj_out`):
+/// GroupNorm, multi-head self-attention over the pixels with biased projections (1x1
+/// convolutions in the single file, linear layers in diffusers), plus the input.
 #[derive(Clone, Debug)]
 pub struct SelfAttention {
     pub norm: Layer,
-    pub q: Layer,
-    pub k: Layer,
-    pub v: Layer,
-    pub proj_out: Layer,
+    pub attn: Attention,
     pub heads: usize,
 }
 
@@ -299,7 +296,8 @@ impl Block {
             Block::Res(r) => r.params(out),
             Block::Transformer(t) => t.params(out),
             Block::SelfAttention(a) => {
-                params_of([&a.norm, &a.q, &a.k, &a.v, &a.proj_out], out);
+                let p = &a.attn;
+                params_of([&a.norm, &p.q, &p.k, &p.v, &p.out], out);
             }
             Block::Downsample(l) | Block::Upsample(l) => l.params(out),
         }
@@ -340,10 +338,12 @@ impl SelfAttention {
         let proj = |c: &str, d: &str| at.layer(c, d, Kind::LinearAsConv { channels: ch });
         SelfAttention {
             norm: at.norm("norm", "group_norm", ch),
-            q: proj("q", "to_q"),
-            k: proj("k", "to_k"),
-            v: proj("v", "to_v"),
-            proj_out: proj("proj_out", "to_out.0"),
+            attn: Attention {
+                q: proj("q", "to_q"),
+                k: proj("k", "to_k"),
+                v: proj("v", "to_v"),
+                out: proj("proj_out", "to_out.0"),
+            },
             heads: u.heads_for(ch),
         }
     }

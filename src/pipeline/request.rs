@@ -4,9 +4,13 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 use super::Canvas;
+use crate::config::ModelConfig;
 use crate::model::vae;
 use crate::prompt::Emphasis;
-use crate::sample::{CudaRng, NativeRng, Rng, Sampler, Schedule, Spacing, TorchRng};
+use crate::sample::{
+    CudaRng, Discrete, NativeRng, Plan, Rng, Sampler, Schedule, ScheduleOpts, Settings, Spacing,
+    TorchRng,
+};
 
 /// What to generate.
 #[derive(Clone, Debug)]
@@ -62,6 +66,60 @@ pub struct Sampling {
 }
 
 impl Sampling {
+    /// The model's training schedule, rescaled to zero terminal SNR where the model
+    /// was trained so or the request asks.
+    pub(super) fn training_schedule(&self, cfg: &ModelConfig) -> Discrete {
+        let d = Discrete::of(&cfg.schedule);
+        if self.zero_terminal_snr || cfg.zero_terminal_snr {
+            d.rescale_zero_terminal_snr()
+        } else {
+            d
+        }
+    }
+
+    /// The points the sampler visits over `steps` (the tail of them for `strength` < 1),
+    /// on the model's own grid where the sampler has one.
+    pub(super) fn plan(
+        &self,
+        cfg: &ModelConfig,
+        d: &Discrete,
+        steps: usize,
+        strength: f64,
+    ) -> Plan {
+        // Align Your Steps has a table per model family; SDXL's is for size-conditioned UNets.
+        let opts = ScheduleOpts {
+            sigma_min: self.sigma_min,
+            sigma_max: self.sigma_max,
+            xl: !cfg.unet.time_ids.is_empty(),
+        };
+        crate::sample::plan_for(
+            self.sampler,
+            self.schedule,
+            d,
+            steps,
+            &opts,
+            strength,
+            &cfg.schedule,
+        )
+    }
+
+    /// The sampler's noise scale (`eta`, else its default) and the model's DDPM variance.
+    pub(super) fn settings(&self, cfg: &ModelConfig) -> Settings {
+        Settings {
+            eta: self.eta.unwrap_or(Settings::default_for(self.sampler).eta),
+            variance: cfg.schedule.variance,
+        }
+    }
+
+    /// The range diffusers' DDPM and DDIM schedulers clip the predicted sample to, where
+    /// the model's config asks (its other schedulers never clip).
+    pub(super) fn clip(&self, cfg: &ModelConfig) -> Option<f64> {
+        match self.sampler {
+            Sampler::Ddpm | Sampler::Ddim => cfg.schedule.clip_sample.map(f64::from),
+            _ => None,
+        }
+    }
+
     /// Where the stochastic steps draw their noise: SDE samplers from a Brownian path
     /// with its own generator (seeded from `seed`), so their noise does not depend on
     /// how steps split intervals; the others from `rng`, after the initial noise, in

@@ -13,7 +13,7 @@ use crate::error::{Error, Result};
 use crate::formats::Checkpoint;
 use crate::model::{taesd, unet, vae, Planes, Weights};
 use crate::network::{UNET_PREFIX, VAE_PREFIX};
-use crate::sample::{self, Discrete, ScheduleOpts};
+use crate::sample;
 
 fn is_unet(name: &str) -> bool {
     name.starts_with(UNET_PREFIX)
@@ -139,34 +139,10 @@ impl Pipeline {
         // ancestral step, in the order diffusers draws them, so the torch generator
         // reproduces its images.
         let mut rng = req.sampling.rng.make(req.seed);
-        let sched = Discrete::of(&cfg.schedule);
-        let sched = if req.sampling.zero_terminal_snr || cfg.zero_terminal_snr {
-            sched.rescale_zero_terminal_snr()
-        } else {
-            sched
-        };
-        let settings = req.sampling.eta.map_or_else(
-            || sample::Settings::default_for(req.sampling.sampler),
-            |eta| sample::Settings {
-                eta,
-                ..Default::default()
-            },
-        );
-        // Align Your Steps has a table per model family; SDXL's is for size-conditioned UNets.
-        let opts = ScheduleOpts {
-            sigma_min: req.sampling.sigma_min,
-            sigma_max: req.sampling.sigma_max,
-            xl: !cfg.unet.time_ids.is_empty(),
-        };
+        let sched = req.sampling.training_schedule(cfg);
+        let settings = req.sampling.settings(cfg);
         let strength = req.strength();
-        let plan = sample::plan_for(
-            req.sampling.sampler,
-            req.sampling.schedule,
-            &sched,
-            req.steps,
-            &opts,
-            strength,
-        );
+        let plan = req.sampling.plan(cfg, &sched, req.steps, strength);
         if plan.timesteps.is_empty() {
             return Err(Error::Invalid(format!(
                 "strength {strength} of {} steps leaves no step to run: raise either",
@@ -219,7 +195,8 @@ impl Pipeline {
         };
         let total = plan.timesteps.len();
         let x = start.latent(&plan, strength);
-        let mut den = sample::Denoiser::new(&mut model, cfg.prediction, &sched, &plan);
+        let mut den = sample::Denoiser::new(&mut model, cfg.prediction, &sched, &plan)
+            .with_clip(req.sampling.clip(cfg));
         let mut noise_src = req.sampling.noise(req.seed, rng.as_mut());
         let previewer = match req.decoding.preview_every {
             0 => None,

@@ -28,7 +28,7 @@ use crate::formats::Checkpoint;
 use crate::ggml::Backend;
 use crate::model::{unet, vae, Attention, Planes, Weights};
 use crate::network::{self, UNET_PREFIX, VAE_PREFIX};
-use crate::sample::{self, Discrete, Plan, Sampler, ScheduleOpts};
+use crate::sample::{self, Sampler};
 use rayon::prelude::*;
 
 /// How many images, and their classes for a class-conditional model.
@@ -309,36 +309,6 @@ impl Unconditional {
         }
     }
 
-    /// The walk the request's sampler takes, as the model's scheduler config lays it
-    /// out (`steps_offset`, `set_alpha_to_one`).
-    fn sampling_plan(&self, req: &Request, d: &Discrete) -> Plan {
-        let sc = &self.config.schedule;
-        let steps = req.steps.clamp(1, d.len());
-        match req.sampling.sampler {
-            Sampler::Ddim => Plan::ddim(
-                d,
-                steps,
-                sc.steps_offset,
-                sc.set_alpha_to_one.unwrap_or(true),
-            ),
-            Sampler::Ddpm => sample::ddpm_plan(d, steps, sc.steps_offset),
-            Sampler::Plms => sample::plms_plan_at(
-                d,
-                steps,
-                sc.steps_offset,
-                sc.set_alpha_to_one.unwrap_or(false),
-            ),
-            _ => {
-                let opts = ScheduleOpts {
-                    sigma_min: req.sampling.sigma_min,
-                    sigma_max: req.sampling.sigma_max,
-                    xl: false,
-                };
-                req.sampling.schedule.plan(d, steps, &opts)
-            }
-        }
-    }
-
     /// Samples `batch.count` images from `req.seed` (its size, steps and sampling
     /// options; no prompt). `req.noise`, when given, is the batch's initial noise.
     pub fn generate(
@@ -350,13 +320,8 @@ impl Unconditional {
         let plan = self.plan(req, batch)?;
         let started = Instant::now();
         let cfg = &self.config;
-        let d = Discrete::of(&cfg.schedule);
-        let d = if req.sampling.zero_terminal_snr || cfg.zero_terminal_snr {
-            d.rescale_zero_terminal_snr()
-        } else {
-            d
-        };
-        let walk = self.sampling_plan(req, &d);
+        let d = req.sampling.training_schedule(cfg);
+        let walk = req.sampling.plan(cfg, &d, req.steps.clamp(1, d.len()), 1.0);
         let (lw, lh) = (req.width / self.factor(), req.height / self.factor());
         let per_image = cfg.unet.in_channels * lw * lh;
         let n = batch.count * per_image;
@@ -411,22 +376,9 @@ impl Unconditional {
             backend: &self.backend,
             cancel: req.cancel.as_deref(),
         };
-        let settings = sample::Settings {
-            variance: cfg.schedule.variance,
-            ..req.sampling.eta.map_or_else(
-                || sample::Settings::default_for(req.sampling.sampler),
-                |eta| sample::Settings {
-                    eta,
-                    ..Default::default()
-                },
-            )
-        };
-        // diffusers' DDPM and DDIM schedulers clip the predicted sample; its others do not.
-        let clip = match req.sampling.sampler {
-            Sampler::Ddpm | Sampler::Ddim => cfg.schedule.clip_sample.map(f64::from),
-            _ => None,
-        };
-        let mut den = sample::Denoiser::new(&mut model, cfg.prediction, &d, &walk).with_clip(clip);
+        let settings = req.sampling.settings(cfg);
+        let mut den = sample::Denoiser::new(&mut model, cfg.prediction, &d, &walk)
+            .with_clip(req.sampling.clip(cfg));
         let mut noise_src = req.sampling.noise(req.seed, rng.as_mut());
         let total = walk.timesteps.len();
         let trajectory = sample::sample(

@@ -25,7 +25,7 @@ pub use philox::CudaRng;
 pub use rng::{NativeRng, Rng, TorchRng};
 pub use schedule::{Discrete, Plan, Schedule, ScheduleOpts, Spacing};
 
-use crate::config::{Prediction, Variance};
+use crate::config::{NoiseSchedule, Prediction, Variance};
 use crate::error::{Error, Result};
 
 /// One call of the network: `model_input` (the VP latent, batch of one) at
@@ -456,8 +456,9 @@ impl Settings {
     }
 }
 
-/// The plan a sampler walks: its own timestep grid for DDIM/PLMS/LCM/TCD, otherwise
-/// the chosen σ schedule.
+/// The plan a sampler walks: its own timestep grid for DDIM/DDPM/PLMS/LCM/TCD (laid
+/// out as the model's scheduler config says: `grid.steps_offset`, and where the last
+/// step lands), otherwise the chosen σ schedule.
 /// `strength` < 1 keeps only the tail of the plan (img2img): the last
 /// ⌊steps·strength⌋ steps, or for LCM/TCD the grid of a distillation schedule cut at
 /// that strength, as diffusers' pipelines do.
@@ -468,16 +469,23 @@ pub fn plan_for(
     steps: usize,
     opts: &ScheduleOpts,
     strength: f64,
+    grid: &NoiseSchedule,
 ) -> Plan {
-    // DDIM runs on SD's leading grid (its scheduler config) unless trailing is asked for.
+    // DDIM runs on the config's leading grid unless trailing is asked for; an unset
+    // `set_alpha_to_one` is each scheduler's default (DDIM's true, PNDM's false).
     let spacing = match schedule {
         Schedule::Discrete(Spacing::Trailing) => Spacing::Trailing,
         _ => Spacing::Leading,
     };
+    let last_is_clean = |default: bool| grid.set_alpha_to_one.unwrap_or(default);
     match sampler {
+        Sampler::Ddim if spacing == Spacing::Leading => {
+            Plan::ddim(d, steps, grid.steps_offset, last_is_clean(true)).tail(strength)
+        }
         Sampler::Ddim => Plan::ddim_spaced(d, steps, spacing).tail(strength),
-        Sampler::Ddpm => ddpm::ddpm_plan(d, steps, 1).tail(strength),
-        Sampler::Plms => multistep::plms_plan(d, steps).tail(strength),
+        Sampler::Ddpm => ddpm::ddpm_plan(d, steps, grid.steps_offset).tail(strength),
+        Sampler::Plms => multistep::plms_plan_at(d, steps, grid.steps_offset, last_is_clean(false))
+            .tail(strength),
         Sampler::Lcm => lcm::lcm_plan(d, steps, 50, strength),
         Sampler::Tcd => lcm::tcd_plan(d, steps, 50, strength),
         _ => schedule.plan(d, steps, opts).tail(strength),
