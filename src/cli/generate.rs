@@ -176,7 +176,7 @@ pub fn run(a: Args, threads: Option<usize>, target: &super::Target) -> Result<()
     // A model that takes no prompt has its own run (it reads the model's config only).
     if let Some(m) = a.model.clone() {
         if super::sample::is_unconditional(&m)? {
-            return super::sample::run(a, &m, threads);
+            return super::sample::run(a, &m, seed, format, threads);
         }
     }
     if !a.classes.is_empty() || a.grid.is_some() {
@@ -319,7 +319,7 @@ fn load(path: &std::path::Path, threads: usize) -> Result<Pipeline> {
 }
 
 /// A seed below 2³², as A1111 takes them, from the OS's randomness (std's hasher keys).
-pub(super) fn random_seed() -> u64 {
+fn random_seed() -> u64 {
     use std::hash::{BuildHasher, Hasher};
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
     h.write_u128(

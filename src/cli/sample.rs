@@ -7,7 +7,7 @@ use anyhow::{bail, Result};
 use sdrs::pipeline::unconditional::{Batch, Unconditional};
 use sdrs::pipeline::{Image, ImageFormat, Stage};
 
-use super::generate::{numbered, random_seed, Args};
+use super::generate::{numbered, Args};
 
 /// The request options that mean something without a prompt.
 const APPLIES: &[&str] = &[
@@ -32,7 +32,15 @@ pub fn is_unconditional(path: &Path) -> Result<bool> {
     Ok(config.is_some_and(|c| c.is_unconditional()))
 }
 
-pub fn run(a: Args, path: &Path, threads: Option<usize>) -> Result<()> {
+/// `generate`'s run for `path`, whose output format, seed and batch count `generate`
+/// has already checked.
+pub fn run(
+    a: Args,
+    path: &Path,
+    seed: u64,
+    format: ImageFormat,
+    threads: Option<usize>,
+) -> Result<()> {
     let refuse = |what: &str| -> Result<()> {
         bail!("{} takes no {what}: it samples from noise alone (an unconditional or class-conditional model)", path.display())
     };
@@ -65,20 +73,9 @@ pub fn run(a: Args, path: &Path, threads: Option<usize>) -> Result<()> {
                 .join(", ")
         );
     }
-    let format = ImageFormat::from_path(&a.output, a.quality)?;
     let grid_format = match &a.grid {
         Some(g) => Some(ImageFormat::from_path(g, a.quality)?),
         None => None,
-    };
-    if a.batch_count == 0 {
-        bail!("--batch-count must be at least 1");
-    }
-    let seed = match a.seed {
-        -1 => random_seed(),
-        s if s < 0 => {
-            bail!("--seed must be a non-negative integer, or -1 for a random one (not {s})")
-        }
-        s => s as u64,
     };
     let threads =
         threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));

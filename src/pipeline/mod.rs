@@ -113,6 +113,15 @@ fn to_rgb8(pixels: &[f32], n: usize, unit: bool) -> Vec<u8> {
     rgb
 }
 
+/// The model hash A1111 shows: the first ten hex digits of the source file's SHA-256
+/// that `sdrs convert` recorded (empty for files without it).
+fn model_hash(gguf: &GgufFile) -> String {
+    gguf.get("sd.source.sha256")
+        .and_then(|v| v.as_str())
+        .map(|h| h.chars().take(10).collect())
+        .unwrap_or_default()
+}
+
 /// A run default parsed by `parse`; a name this version does not know is advice it
 /// cannot follow, so it is skipped with a warning rather than refused.
 fn known_default<T>(
@@ -254,11 +263,7 @@ impl Pipeline {
         let vocab =
             metadata::read_tokenizer(&gguf).map_or_else(crate::vocab::ClipVocab::embedded, Ok)?;
         let tokenizer = ClipTokenizer::new(&vocab)?;
-        let model_hash = gguf
-            .get("sd.source.sha256")
-            .and_then(|v| v.as_str())
-            .map(|h| h.chars().take(10).collect())
-            .unwrap_or_default();
+        let model_hash = model_hash(&gguf);
         let defaults = metadata::read_defaults(&gguf);
         Ok(Pipeline {
             gguf,

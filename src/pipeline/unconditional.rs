@@ -114,11 +114,7 @@ impl Unconditional {
                 u.in_channels, u.out_channels
             ));
         }
-        let model_hash = gguf
-            .get("sd.source.sha256")
-            .and_then(|v| v.as_str())
-            .map(|h| h.chars().take(10).collect())
-            .unwrap_or_default();
+        let model_hash = super::model_hash(&gguf);
         Ok(Unconditional {
             defaults: metadata::read_defaults(&gguf),
             gguf,
@@ -226,23 +222,14 @@ impl Unconditional {
         Ok(())
     }
 
-    fn unet_weights_bytes(&self) -> u64 {
-        self.gguf
-            .tensors
-            .iter()
-            .filter(|t| t.name.starts_with(UNET_PREFIX))
-            .map(|t| t.nbytes)
-            .sum()
-    }
-
     /// The memory a batch needs and the chunk the UNet takes it in: the whole batch
     /// unless the budget (the request's, the model's, else the memory cgroup's) needs
     /// smaller chunks; refused before any work when one image does not fit.
     pub fn plan(&self, req: &Request, batch: &Batch) -> Result<BatchPlan> {
         self.check(req, batch)?;
-        let weights = self.unet_weights_bytes();
         let w = Weights::load(&self.gguf, |n| n.starts_with(UNET_PREFIX))?;
-        let (lw, lh) = (req.width / self.factor(), req.height / self.factor());
+        let weights = w.bytes();
+        let (lw, lh) = self.latent_size(req);
         let latents = (self.config.unet.in_channels * lw * lh) as u64;
         let pixels = (3 * req.width * req.height) as u64;
         // The sampler's f64 latents: x, the estimate and up to four history entries;
@@ -300,10 +287,16 @@ impl Unconditional {
         Ok(BatchPlan { memory, chunk })
     }
 
+    /// The UNet's width and height for the request's picture.
+    fn latent_size(&self, req: &Request) -> (usize, usize) {
+        (req.width / self.factor(), req.height / self.factor())
+    }
+
     fn shape(&self, req: &Request, chunk: usize) -> unet::Shape {
+        let (width, height) = self.latent_size(req);
         unet::Shape {
-            width: req.width / self.factor(),
-            height: req.height / self.factor(),
+            width,
+            height,
             batch: chunk,
             tokens: 1,
         }
@@ -322,7 +315,7 @@ impl Unconditional {
         let cfg = &self.config;
         let d = req.sampling.training_schedule(cfg);
         let walk = req.sampling.plan(cfg, &d, req.steps.clamp(1, d.len()), 1.0);
-        let (lw, lh) = (req.width / self.factor(), req.height / self.factor());
+        let (lw, lh) = self.latent_size(req);
         let per_image = cfg.unet.in_channels * lw * lh;
         let n = batch.count * per_image;
         let mut rng = req.sampling.rng.make(req.seed);
