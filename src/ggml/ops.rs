@@ -815,20 +815,6 @@ impl Context<'_> {
         })
     }
 
-    /// Sinusoidal embeddings of f32 `timesteps` (`[N]`): `[dim, N]`, cos half first
-    /// (ggml's order: `cos(t f) | sin(t f)`, as diffusers' `flip_sin_to_cos=True`).
-    pub fn timestep_embedding<'c>(
-        &'c self,
-        timesteps: Tensor<'c>,
-        dim: usize,
-        max_period: i32,
-    ) -> Result<Tensor<'c>> {
-        // SAFETY: unary op.
-        self.op(unsafe {
-            sys::ggml_timestep_embedding(self.raw(), timesteps.raw(), dim as i32, max_period)
-        })
-    }
-
     /// Sets `-inf` above the diagonal of each `[n, n]` score matrix (causal mask).
     pub fn diag_mask_inf<'c>(&'c self, a: Tensor<'c>) -> Result<Tensor<'c>> {
         // SAFETY: unary op.
