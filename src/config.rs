@@ -95,13 +95,40 @@ impl AttentionKind {
     }
 }
 
+/// How the UNet sees the noise level.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TimeEmbedding {
+    /// Sinusoidal features of the timestep (Vaswani et al. 2017; DDPM, LDM, SD).
+    Positional,
+    /// Random Fourier features of log σ, `[sin 2πw·log σ, cos 2πw·log σ]` with fixed
+    /// weights w (`time_proj.weight`), the noise-conditional score models' embedding
+    /// (Song et al. 2021, "Score-Based Generative Modeling through SDEs", NCSN++;
+    /// diffusers' `GaussianFourierProjection`). Their UNet's output is divided by σ.
+    Fourier,
+}
+
+impl TimeEmbedding {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TimeEmbedding::Positional => "positional",
+            TimeEmbedding::Fourier => "fourier",
+        }
+    }
+    pub fn parse(s: &str) -> Option<Self> {
+        [TimeEmbedding::Positional, TimeEmbedding::Fourier]
+            .into_iter()
+            .find(|k| k.as_str() == s)
+    }
+}
+
 /// The UNet's details that SD fixes and the pixel-space and class-conditional UNets of
 /// the DDPM and LDM papers set otherwise (diffusers `UNet2DModel`'s options).
 #[derive(Clone, Debug, PartialEq)]
 pub struct UnetStyle {
     pub attention: AttentionKind,
-    /// GroupNorm groups of the ResNets, attention blocks and output norm.
-    pub norm_groups: usize,
+    /// GroupNorm groups of the ResNets, attention blocks and output norm; `None`: each
+    /// norm takes min(channels / 4, 32) (diffusers' `norm_num_groups: null`, NCSN++).
+    pub norm_groups: Option<usize>,
     /// GroupNorm epsilon of the ResNets (and of self-attention blocks).
     pub norm_eps: f32,
     /// The sinusoidal timestep features are `[cos, sin]` (else `[sin, cos]`).
@@ -116,18 +143,44 @@ pub struct UnetStyle {
     /// Classes of a class-conditional UNet: a learnt embedding per class, added to the
     /// timestep embedding (`label_emb` in LDM, `class_embedding` in diffusers).
     pub num_classes: Option<usize>,
+    pub time_embedding: TimeEmbedding,
+    /// NCSN++'s levels (Song et al. 2021, app. H; diffusers' `SkipDownBlock2D` and
+    /// kin): ResNets resample with the FIR filter [1, 3, 3, 1] (Karras et al. 2019's
+    /// StyleGAN2 kernel) instead of a strided or upsampling convolution, the down path
+    /// adds a 1x1 projection of the input image at every resolution, the up path
+    /// sums a 3x3 projection to RGB at every resolution into the output, and each
+    /// level block's residual sum is divided by √2.
+    pub skip: bool,
+    /// The middle block's residual sums are divided by this (`mid_block_scale_factor`).
+    pub mid_scale: f32,
+}
+
+impl UnetStyle {
+    /// GroupNorm groups of a norm over `channels` outside NCSN++'s level blocks.
+    pub fn groups(&self, channels: usize) -> usize {
+        self.norm_groups.unwrap_or_else(|| quarter_groups(channels))
+    }
+}
+
+/// min(channels / 4, 32) groups: the count diffusers' skip blocks (and a UNet with
+/// `norm_num_groups: null`) give each GroupNorm.
+pub fn quarter_groups(channels: usize) -> usize {
+    (channels / 4).clamp(1, 32)
 }
 
 impl Default for UnetStyle {
     fn default() -> Self {
         UnetStyle {
             attention: AttentionKind::Transformer,
-            norm_groups: 32,
+            norm_groups: Some(32),
             norm_eps: 1e-5,
             flip_sin_to_cos: true,
             freq_shift: 0.0,
             downsample_padding: 1,
             num_classes: None,
+            time_embedding: TimeEmbedding::Positional,
+            skip: false,
+            mid_scale: 1.0,
         }
     }
 }
@@ -182,6 +235,38 @@ pub struct NoiseSchedule {
     /// DDIM's and PLMS's last step lands on ᾱ = 1 (else on ᾱ_0); unset, each
     /// scheduler's own default (DDIM's true, PNDM's false), as diffusers' `from_config`.
     pub set_alpha_to_one: Option<bool>,
+    /// A score model of the variance-exploding SDE: no β, noise levels from σ_min to
+    /// σ_max (the β fields are then unused).
+    pub ve: Option<VeSde>,
+}
+
+/// The variance-exploding SDE of Song et al. 2021 ("Score-Based Generative Modeling
+/// through Stochastic Differential Equations", eq. 30: σ(t) = σ_min (σ_max/σ_min)^t)
+/// and its predictor–corrector sampler's options (diffusers' `ScoreSdeVeScheduler`).
+/// Its models denoise images in [0, 1].
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct VeSde {
+    pub sigma_min: f32,
+    pub sigma_max: f32,
+    /// The Langevin corrector's signal-to-noise ratio r (alg. 4).
+    pub snr: f32,
+    /// Where the time grid ends (t runs from 1 to this).
+    pub sampling_eps: f32,
+    /// Langevin corrector steps before each predictor step.
+    pub correct_steps: usize,
+}
+
+impl Default for VeSde {
+    /// `ScoreSdeVeScheduler`'s defaults.
+    fn default() -> Self {
+        VeSde {
+            sigma_min: 0.01,
+            sigma_max: 1348.0,
+            snr: 0.15,
+            sampling_eps: 1e-5,
+            correct_steps: 1,
+        }
+    }
 }
 
 impl Default for NoiseSchedule {
@@ -196,6 +281,7 @@ impl Default for NoiseSchedule {
             variance: Variance::FixedSmall,
             steps_offset: 1,
             set_alpha_to_one: Some(false),
+            ve: None,
         }
     }
 }
@@ -227,6 +313,22 @@ impl NoiseSchedule {
             if !(c.is_finite() && c > 0.0) {
                 return Err(format!("clip_sample_range {c} must be positive"));
             }
+        }
+        if let Some(v) = &self.ve {
+            let pos = |x: f32| x.is_finite() && x > 0.0;
+            if !(pos(v.sigma_min) && pos(v.sigma_max) && v.sigma_min < v.sigma_max) {
+                return Err(format!(
+                    "VE noise levels from {} to {}: both must be positive, the first smaller",
+                    v.sigma_min, v.sigma_max
+                ));
+            }
+            if !(pos(v.snr) && pos(v.sampling_eps) && v.sampling_eps < 1.0) {
+                return Err(format!(
+                    "VE snr {} and sampling_eps {}: both must be positive, sampling_eps below 1",
+                    v.snr, v.sampling_eps
+                ));
+            }
+            limits::within("the corrector step count", v.correct_steps, 100)?;
         }
         Ok(())
     }
@@ -515,20 +617,32 @@ impl UnetConfig {
             st.num_classes.unwrap_or(0),
             1 << 20,
         )?;
-        if st.norm_groups == 0 || st.downsample_padding > 1 {
+        if st.norm_groups == Some(0) || st.downsample_padding > 1 {
             return Err(format!(
-                "GroupNorm groups {} and downsample padding {}: groups must be positive, padding 0 or 1",
+                "GroupNorm groups {:?} and downsample padding {}: groups must be positive, padding 0 or 1",
                 st.norm_groups, st.downsample_padding
             ));
         }
         for &m in &self.channel_mult {
             let ch = self.model_channels.saturating_mul(m);
-            if ch % st.norm_groups != 0 {
+            if ch % st.groups(ch) != 0 {
                 return Err(format!(
                     "a UNet level of {ch} channels cannot be split into {} GroupNorm groups",
-                    st.norm_groups
+                    st.groups(ch)
                 ));
             }
+        }
+        if !(st.mid_scale.is_finite() && st.mid_scale > 0.0) {
+            return Err(format!(
+                "middle block scale {}: it must be positive",
+                st.mid_scale
+            ));
+        }
+        if st.skip && (self.in_channels != 3 || self.out_channels != 3) {
+            return Err(format!(
+                "a UNet with image skip paths takes and gives 3 channels, not {} and {}",
+                self.in_channels, self.out_channels
+            ));
         }
         let widths = [
             ("the UNet's in_channels", self.in_channels),
@@ -904,12 +1018,11 @@ impl ModelConfig {
                 time_id_dim: 0,
                 style: UnetStyle {
                     attention: AttentionKind::SelfAttention,
-                    norm_groups: 32,
                     norm_eps: 1e-6,
                     flip_sin_to_cos: false,
                     freq_shift: 1.0,
                     downsample_padding: 0,
-                    num_classes: None,
+                    ..UnetStyle::default()
                 },
             },
             vae: None,
@@ -917,12 +1030,53 @@ impl ModelConfig {
         }
     }
 
+    /// NCSN++, the score model of Song et al. 2021 for the VE SDE, as diffusers converts
+    /// it (`google/ncsnpp-*`: skip blocks with FIR resampling, Fourier time features,
+    /// GroupNorm min(C/4, 32), middle block over √2, one head), with
+    /// `ScoreSdeVeScheduler`'s sampler options and σ_max.
+    pub fn ncsnpp(levels: &[usize], attention_level: usize, sigma_max: f32) -> Self {
+        let mut cfg = Self::ddpm(levels, attention_level);
+        let n = levels.len();
+        cfg.family = "score-sde".into();
+        cfg.unet.up_blocks = (0..n)
+            .map(|j| {
+                let mut d = vec![0; 3];
+                d[2] = usize::from(n - 1 - j == attention_level);
+                d
+            })
+            .collect();
+        cfg.unet.style = UnetStyle {
+            attention: AttentionKind::SelfAttention,
+            norm_groups: None,
+            norm_eps: 1e-6,
+            time_embedding: TimeEmbedding::Fourier,
+            skip: true,
+            mid_scale: std::f32::consts::SQRT_2,
+            ..UnetStyle::default()
+        };
+        cfg.schedule = NoiseSchedule {
+            train_steps: 2000,
+            clip_sample: None,
+            steps_offset: 0,
+            set_alpha_to_one: None,
+            ve: Some(VeSde {
+                sigma_max,
+                ..VeSde::default()
+            }),
+            ..NoiseSchedule::default()
+        };
+        cfg
+    }
+
     /// A preset by name (`sd1`, `sd15`, `sd2`, `sd21`, `sdxl`, and `tiny-*` variants;
-    /// `ddpm-cifar10`, `ddpm-celebahq`).
+    /// `ddpm-cifar10`, `ddpm-celebahq`, `ncsnpp-celebahq`).
     pub fn preset(name: &str) -> Option<Self> {
         match name {
             "ddpm-cifar10" => Some(Self::ddpm(&[1, 2, 2, 2], 1)),
             "ddpm-celebahq" => Some(Self::ddpm(&[1, 1, 2, 2, 4, 4], 4)),
+            // score_sde's configs/ve/celebahq_256_ncsnpp_continuous.py: nf 128,
+            // ch_mult (1, 1, 2, 2, 2, 2, 2), attention at 16x16, σ_max 348.
+            "ncsnpp-celebahq" => Some(Self::ncsnpp(&[1, 1, 2, 2, 2, 2, 2], 4, 348.0)),
             "sd1" | "sd15" => Some(Self::sd1()),
             "sd2" | "sd21" => Some(Self::sd2()),
             "sdxl" => Some(Self::sdxl()),
@@ -942,8 +1096,10 @@ impl ModelConfig {
         "tiny-sdxl",
     ];
 
-    /// Presets of the DDPM paper's pixel-space models (no text, no VAE).
-    pub const DDPM_PRESETS: &'static [&'static str] = &["ddpm-cifar10", "ddpm-celebahq"];
+    /// Presets of the pixel-space models of the DDPM and score-SDE papers (no text, no
+    /// VAE).
+    pub const DDPM_PRESETS: &'static [&'static str] =
+        &["ddpm-cifar10", "ddpm-celebahq", "ncsnpp-celebahq"];
 
     /// The same architecture with small widths and depths: a consistent network for
     /// tests (every name of the real layout family present, shapes shrunk).

@@ -291,7 +291,7 @@ fn generate_command_writes_an_image() {
                 .lines()
                 .filter(|l| l.contains(" yes ") || l.contains(" no "))
                 .count()
-                == 18,
+                == 19,
         "{list}"
     );
 }

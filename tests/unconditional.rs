@@ -1,7 +1,8 @@
 //! Unconditional and class-conditional diffusion against diffusers: the golden tensors
 //! of `tools/reference/ddpm_fixtures.py` (DDPMPipeline, DDIMPipeline and PNDM on tiny
-//! random `UNet2DModel`s in the published layouts, f32), run through our converter,
-//! UNet graph, schedules and samplers.
+//! random `UNet2DModel`s in the published layouts, f32) and of
+//! `tools/reference/score_sde_fixtures.py` (ScoreSdeVePipeline on a tiny NCSN++), run
+//! through our converter, UNet graph, schedules and samplers.
 mod common;
 
 use std::collections::HashMap;
@@ -456,4 +457,202 @@ fn text_init_images_and_wrong_classes_are_refused_before_any_work() {
         .unwrap()
         .to_string();
     assert!(e.contains("unconditional or class-conditional"), "{e}");
+}
+
+/// The score model (NCSN++ layout) of `tools/reference/score_sde_fixtures.py`.
+const SCORE: &str = "score-sde";
+
+#[test]
+fn ncsnpp_unet_scores_match_diffusers_at_every_noise_level() {
+    let g = golden(SCORE);
+    let c = convert(SCORE, Type::F32);
+    let (gguf, cfg) = config(&c);
+    assert_eq!(cfg.family, "score-sde");
+    let st = &cfg.unet.style;
+    assert!(st.skip);
+    assert_eq!(st.time_embedding, sdrs::config::TimeEmbedding::Fourier);
+    assert_eq!(st.norm_groups, None);
+    assert!((st.mid_scale - std::f32::consts::SQRT_2).abs() < 1e-6);
+    let ve = cfg.schedule.ve.unwrap();
+    assert_eq!((ve.sigma_min, ve.sigma_max, ve.snr), (0.01, 50.0, 0.16));
+    assert_eq!((ve.correct_steps, cfg.schedule.train_steps), (1, 2000));
+    let w = Weights::load(&gguf, |n| n.starts_with("model.diffusion_model.")).unwrap();
+    // The Fourier weights stay f32 in the file: at N(0, 16²) an f16 copy would move
+    // the phase by up to a radian.
+    assert_eq!(
+        gguf.tensor("model.diffusion_model.time_proj.weight")
+            .unwrap()
+            .ty,
+        Type::F32
+    );
+    // The Fourier features themselves, f32 as diffusers computes them.
+    let fw = w
+        .read_f32("model.diffusion_model.time_proj.weight")
+        .unwrap();
+    check(
+        "score-sde Fourier features at σ = 5",
+        &g["unet.time_features.s5"].1,
+        &unet::fourier_features(&[5.0], &fw),
+        1e-6,
+    );
+    let backend = Backend::cpu(2).unwrap();
+    let (_, x) = &g["unet.sample"];
+    for s in ["50", "1", "0.01"] {
+        let sigma: f32 = s.parse().unwrap();
+        let got = unet::forward(
+            &w,
+            &cfg.unet,
+            16,
+            16,
+            &unet::Inputs {
+                x,
+                t: &[sigma],
+                ..Default::default()
+            },
+            &backend,
+        )
+        .unwrap();
+        check(
+            &format!("score-sde unet σ = {s}"),
+            &g[&format!("unet.out.s{s}")].1,
+            &got,
+            1e-4,
+        );
+    }
+}
+
+/// The UNet over a batch as a score model: σ in, the UNet's output (already ÷ σ) out.
+struct Batched<'a> {
+    runner: unet::Runner<'a>,
+    backend: Backend,
+    images: usize,
+}
+
+impl sample::Model for Batched<'_> {
+    fn predict(&mut self, x: &[f32], sigma: f64) -> sdrs::Result<Vec<f32>> {
+        let t = vec![sigma as f32; self.images];
+        self.runner.run(
+            &unet::Inputs {
+                x,
+                t: &t,
+                ..Default::default()
+            },
+            &self.backend,
+        )
+    }
+}
+
+#[test]
+fn score_sde_ve_predictor_corrector_follows_diffusers_step_by_step_for_a_batch() {
+    use sdrs::sample::score_sde::{self, VeGrid};
+    let g = golden(SCORE);
+    let c = convert(SCORE, Type::F32);
+    let (gguf, cfg) = config(&c);
+    let sde = cfg.schedule.ve.unwrap();
+    let grid = VeGrid::new(&sde, 10);
+    // The grids bit for bit where f32 arithmetic agrees (exp and pow to an ulp).
+    check("VE timesteps", &g["pc10.timesteps"].1, &grid.timesteps, 0.0);
+    check("VE σ(t)", &g["pc10.sigmas"].1, &grid.sigmas, 1e-7);
+    check(
+        "VE levels",
+        &g["pc10.discrete_sigmas"].1,
+        &grid.discrete,
+        1e-7,
+    );
+
+    let w = Weights::load(&gguf, |n| n.starts_with("model.diffusion_model.")).unwrap();
+    let shape = unet::Shape {
+        width: 16,
+        height: 16,
+        batch: 2,
+        tokens: 1,
+    };
+    let mut net = Batched {
+        runner: unet::Runner::new(&w, &cfg.unet, shape, sdrs::model::Attention::Auto, None)
+            .unwrap(),
+        backend: Backend::cpu(2).unwrap(),
+        images: 2,
+    };
+    let (dshape, noise) = &g["pc10.noise"];
+    let per = noise.len() / dshape[0];
+    let draws: Vec<Vec<f32>> = noise.chunks(per).map(<[f32]>::to_vec).collect();
+    assert_eq!(draws.len(), 21, "one initial draw, then two per step");
+    let x = draws[0]
+        .iter()
+        .map(|&v| (v * sde.sigma_max) as f64)
+        .collect();
+    let mut replay = Replay { draws, next: 1 };
+    let (mut xs, mut means) = (Vec::new(), Vec::new());
+    let last = score_sde::sample(&mut net, &sde, &grid, 2, x, &mut replay, &mut |_, x, m| {
+        xs.push(x.iter().map(|&v| v as f32).collect::<Vec<f32>>());
+        means.push(m.iter().map(|&v| v as f32).collect::<Vec<f32>>());
+    })
+    .unwrap();
+    assert_eq!(replay.next, 21, "every draw used");
+    let step = 2 * 3 * 16 * 16;
+    for (i, (got, want)) in xs.iter().zip(g["pc10.traj"].1.chunks(step)).enumerate() {
+        check(&format!("VE step {i} sample"), want, got, 1e-4);
+    }
+    for (i, (got, want)) in means.iter().zip(g["pc10.mean"].1.chunks(step)).enumerate() {
+        check(&format!("VE step {i} mean"), want, got, 1e-4);
+    }
+    let image: Vec<f32> = last
+        .chunks(3 * 16 * 16)
+        .flat_map(|img| {
+            let img: Vec<f32> = img.iter().map(|&v| v.clamp(0.0, 1.0) as f32).collect();
+            nhwc(&img, 16, 16)
+        })
+        .collect();
+    check("VE image", &g["pc10.image"].1, &image, 1e-4);
+}
+
+/// The whole pipeline from the seed: the folder's scheduler makes score_sde_ve over
+/// 2000 steps the default, as ScoreSdeVePipeline's; images in [0, 1].
+#[test]
+fn a_score_model_samples_as_score_sde_ve_pipeline_from_the_seed_and_refuses_other_samplers() {
+    let g = golden(SCORE);
+    let c = convert(SCORE, Type::F32);
+    let model = Unconditional::load(&c.path, 2).unwrap();
+    let req = model.request();
+    assert_eq!(
+        (req.sampling.sampler, req.steps, req.width),
+        (Sampler::ScoreSdeVe, 2000, 16)
+    );
+    let req = Request {
+        seed: 7,
+        steps: 10,
+        ..req
+    };
+    let images = model.generate(&req, &Batch::of(2), &mut |_| {}).unwrap();
+    let want = &g["pc10.image"].1;
+    for (k, image) in images.iter().enumerate() {
+        let got: Vec<f32> = image.rgb.iter().map(|&v| v as f32 / 255.0).collect();
+        let want = &want[k * 768..(k + 1) * 768];
+        let worst = got
+            .iter()
+            .zip(want)
+            .map(|(a, b)| (a - (b * 255.0).round() / 255.0).abs())
+            .fold(0f32, f32::max);
+        eprintln!("score-sde image {k}: largest pixel difference {worst}");
+        assert!(worst <= 1.5 / 255.0, "image {k}: a pixel {worst} away");
+        assert!(image.parameters.contains("Sampler: Score SDE VE"));
+    }
+    let mut ddim = req.clone();
+    ddim.sampling.sampler = Sampler::Ddim;
+    let e = model
+        .generate(&ddim, &Batch::of(1), &mut |_| {})
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("samples with score_sde_ve, not ddim"), "{e}");
+
+    // And a DDPM model refuses the score sampler.
+    let d = convert("ddpm", Type::F16);
+    let ddpm = Unconditional::load(&d.path, 2).unwrap();
+    let mut req = ddpm.request();
+    req.sampling.sampler = Sampler::ScoreSdeVe;
+    let e = ddpm
+        .generate(&req, &Batch::of(1), &mut |_| {})
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("for score models"), "{e}");
 }

@@ -330,7 +330,15 @@ fn unconditional(a: &Args, model: &std::path::Path, threads: usize) -> Result<()
             steps: a.steps.max(2),
             ..m.request()
         };
-        req.sampling.sampler = Sampler::Ddim;
+        // A score model keeps its predictor-corrector sampler: each step evaluates
+        // the UNet once per corrector move and once for the predictor.
+        let evals = match m.config.schedule.ve {
+            Some(v) => 1 + v.correct_steps,
+            None => {
+                req.sampling.sampler = Sampler::Ddim;
+                1
+            }
+        };
         let batch = Batch::of(1);
         let plan = m.plan(&req, &batch)?;
         if !a.json {
@@ -342,7 +350,7 @@ fn unconditional(a: &Args, model: &std::path::Path, threads: usize) -> Result<()
         let images = m.generate(&req, &batch, &mut |s| {
             match s {
                 Stage::Step { .. } => times.push(last.elapsed().as_secs_f64()),
-                Stage::Sampling { unet_flops, .. } => flops = unet_flops,
+                Stage::Sampling { unet_flops, .. } => flops = unet_flops * evals as f64,
                 _ => {}
             }
             last = Instant::now();

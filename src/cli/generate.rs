@@ -116,7 +116,7 @@ pub fn run(a: Args, threads: Option<usize>, target: &super::Target) -> Result<()
         let mut o = String::new();
         out!(
             o,
-            "{:<12} {:<13} {:>5} {:>10} {:>10}  about",
+            "{:<13} {:<13} {:>5} {:>10} {:>10}  about",
             "name",
             "A1111 name",
             "order",
@@ -126,7 +126,7 @@ pub fn run(a: Args, threads: Option<usize>, target: &super::Target) -> Result<()
         for i in Sampler::all() {
             out!(
                 o,
-                "{:<12} {:<13} {:>5} {:>10} {:>10}  {}",
+                "{:<13} {:<13} {:>5} {:>10} {:>10}  {}",
                 i.name,
                 i.display,
                 i.order,

@@ -170,30 +170,58 @@ fn describe(file: &std::path::Path, tensors: bool, o: &mut String) -> Result<()>
         );
         let st = &u.style;
         if st.attention == sdrs::config::AttentionKind::SelfAttention {
+            let groups = st
+                .norm_groups
+                .map_or_else(|| "min(C/4, 32)".to_string(), |g| g.to_string());
+            let time = match st.time_embedding {
+                sdrs::config::TimeEmbedding::Fourier => "Fourier (log σ)".to_string(),
+                sdrs::config::TimeEmbedding::Positional => format!(
+                    "{} timestep features (shift {})",
+                    if st.flip_sin_to_cos {
+                        "cos-sin"
+                    } else {
+                        "sin-cos"
+                    },
+                    st.freq_shift
+                ),
+            };
             out!(
                 o,
-                "  DDPM style:  self-attention, GroupNorm {} eps {}, {} timestep features (shift {}), downsample padding {}{}",
-                st.norm_groups,
+                "  DDPM style:  self-attention, GroupNorm {groups} eps {}, {time}, downsample padding {}{}{}",
                 st.norm_eps,
-                if st.flip_sin_to_cos { "cos-sin" } else { "sin-cos" },
-                st.freq_shift,
                 st.downsample_padding,
                 st.num_classes
                     .map(|n| format!(", {n} classes"))
-                    .unwrap_or_default()
+                    .unwrap_or_default(),
+                if st.skip {
+                    format!(", NCSN++ image skip paths (FIR resampling), middle scale {}", st.mid_scale)
+                } else {
+                    String::new()
+                }
             );
         }
         let sc = &c.schedule;
-        out!(
-            o,
-            "schedule:      {:?} over {} steps, {} variance{}",
-            sc.betas,
-            sc.train_steps,
-            sc.variance.as_str(),
-            sc.clip_sample
-                .map(|r| format!(", predicted samples clipped to ±{r}"))
-                .unwrap_or_default()
-        );
+        match &sc.ve {
+            Some(v) => out!(
+                o,
+                "schedule:      VE SDE, σ from {} to {} over {} steps; corrector snr {}, {} step(s)",
+                v.sigma_min,
+                v.sigma_max,
+                sc.train_steps,
+                v.snr,
+                v.correct_steps
+            ),
+            None => out!(
+                o,
+                "schedule:      {:?} over {} steps, {} variance{}",
+                sc.betas,
+                sc.train_steps,
+                sc.variance.as_str(),
+                sc.clip_sample
+                    .map(|r| format!(", predicted samples clipped to ±{r}"))
+                    .unwrap_or_default()
+            ),
+        }
         match &c.vae {
             Some(v) => out!(
                 o,

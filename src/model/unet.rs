@@ -2,10 +2,12 @@
 //! [`network::unet`](crate::network::unet). Its shape (levels, ResNets and transformer
 //! depths per block, heads, projections) comes from [`UnetConfig`]; SDXL's label
 //! embedding and LCM's guidance embedding are used when the config has them.
-use crate::config::{UnetConfig, UnetStyle};
+use crate::config::{TimeEmbedding, UnetConfig, UnetStyle};
 use crate::error::{Error, Result};
-use crate::ggml::{Backend, Context, Tensor, Type};
-use crate::network::unet::{Attention as Attn, Block, ResBlock, SelfAttention, Transformer, Unet};
+use crate::ggml::{Backend, Context, ConvShape, Tensor, Type};
+use crate::network::unet::{
+    Attention as Attn, Block, ResBlock, Resample, SelfAttention, Transformer, Unet,
+};
 
 use super::nn::{Attention, Nn};
 use super::Adapters;
@@ -14,28 +16,86 @@ use super::Weights;
 /// LDM's spatial transformers normalise with this epsilon whatever the ResNets use.
 const TRANSFORMER_EPS: f32 = 1e-6;
 
+/// NCSN++'s FIR resampling kernels as `[taps, 1]` convolution matrices. Downsampling
+/// is the separable [1, 3, 3, 1]/8 filter at stride 2 over a one-pixel zero border
+/// (diffusers' `downsample_2d`). Upsampling, `upsample_2d`'s zero-stuffing followed
+/// by the filter ×4, equals nearest-neighbour doubling followed by the separable
+/// [1, 2, 1]/4 filter over a one-pixel zero border (both give (3a + b)/4 between
+/// neighbours a and b, and 3a/4 at the image's edge), which the convolution reads
+/// through its upsampling instead of making the doubled tensor.
+const FIR_DOWN: [f32; 4] = [1.0, 3.0, 3.0, 1.0];
+const FIR_UP: [f32; 3] = [1.0, 2.0, 1.0];
+
+fn fir_matrix(taps: &[f32]) -> Vec<f32> {
+    let sum: f32 = taps.iter().sum();
+    taps.iter()
+        .flat_map(|&a| taps.iter().map(move |&b| a * b / (sum * sum)))
+        .collect()
+}
+
+/// The FIR kernels' graph inputs (set by [`Runner::run`]).
+#[derive(Clone, Copy)]
+struct Fir<'c> {
+    down: Tensor<'c>,
+    up: Tensor<'c>,
+}
+
+/// Resamples every channel of `x` `[W, H, C, B]` by the FIR filter.
+fn fir<'c>(c: &'c Context<'c>, fir: Fir<'c>, x: Tensor<'c>, r: Resample) -> Result<Tensor<'c>> {
+    let [w, h, ch, b] = x.ne();
+    let x = if x.is_contiguous() { x } else { c.cont(x)? };
+    let planes = c.reshape(x, &[w, h, 1, ch * b])?;
+    let y = match r {
+        Resample::Down => c.conv2d(planes, fir.down, ConvShape::square(4, 2, 1), None)?,
+        Resample::Up => c.conv2d(
+            planes,
+            fir.up,
+            ConvShape::square(3, 1, 1).upsampled(2),
+            None,
+        )?,
+    };
+    let y = if y.is_contiguous() { y } else { c.cont(y)? };
+    let [ow, oh, _, _] = y.ne();
+    c.reshape(y, &[ow, oh, ch, b])
+}
+
+/// `x / s` (the residual sums NCSN++ rescales), nothing when s = 1.
+fn rescale<'c>(c: &'c Context<'c>, x: Tensor<'c>, s: f32) -> Result<Tensor<'c>> {
+    if s == 1.0 {
+        Ok(x)
+    } else {
+        c.scale(x, 1.0 / s)
+    }
+}
+
 fn resblock<'c>(
     nn: &Nn<'c>,
     st: &UnetStyle,
+    fir_k: Option<Fir<'c>>,
     x: Tensor<'c>,
     emb: Tensor<'c>,
     r: &ResBlock,
 ) -> Result<Tensor<'c>> {
     let c = nn.ctx;
-    let (groups, eps) = (st.norm_groups, st.norm_eps);
-    let h = c.silu(nn.group_norm(x, &r.in_norm.name, groups, eps)?)?;
+    let eps = st.norm_eps;
+    let h = c.silu(nn.group_norm(x, &r.in_norm.name, r.groups[0], eps)?)?;
+    let (x, h) = match (r.resample, fir_k) {
+        (None, _) => (x, h),
+        (Some(rs), Some(k)) => (fir(c, k, x, rs)?, fir(c, k, h, rs)?),
+        (Some(_), None) => return Err(Error::Invalid("FIR resampling without its kernels".into())),
+    };
     let h = nn.conv(h, &r.in_conv.name, 3, 1, 1)?;
     let out_ch = h.ne()[2];
     let e = nn.linear(c.silu(emb)?, &r.emb_proj.name)?; // [C, B]
     let e = c.reshape(e, &[1, 1, out_ch, e.ne()[1]])?;
     let h = c.add(h, e)?;
-    let h = c.silu(nn.group_norm(h, &r.out_norm.name, groups, eps)?)?;
+    let h = c.silu(nn.group_norm(h, &r.out_norm.name, r.groups[1], eps)?)?;
     let h = nn.conv(h, &r.out_conv.name, 3, 1, 1)?;
     let skip = match &r.shortcut {
         Some(s) => nn.conv(x, &s.name, 1, 1, 0)?,
         None => x,
     };
-    c.add(skip, h)
+    rescale(c, c.add(skip, h)?, r.scale)
 }
 
 /// Multi-head attention: queries from `x` `[C, N, B]`, keys/values from `ctx_in`
@@ -82,10 +142,10 @@ fn self_attention<'c>(
     a: &SelfAttention,
 ) -> Result<Tensor<'c>> {
     let [w, h, _, _] = x.ne();
-    let hn = nn.group_norm(x, &a.norm.name, style.norm_groups, style.norm_eps)?;
+    let hn = nn.group_norm(x, &a.norm.name, a.groups, style.norm_eps)?;
     let t = nn.to_tokens(hn)?;
     let o = attention(nn, t, t, &a.attn, a.heads)?;
-    nn.ctx.add(x, nn.from_tokens(o, w, h)?)
+    rescale(nn.ctx, nn.ctx.add(x, nn.from_tokens(o, w, h)?)?, a.scale)
 }
 
 fn spatial_transformer<'c>(
@@ -96,8 +156,8 @@ fn spatial_transformer<'c>(
     st: &Transformer,
 ) -> Result<Tensor<'c>> {
     let c = nn.ctx;
-    let [w, h, _, _] = x.ne();
-    let hn = nn.group_norm(x, &st.norm.name, style.norm_groups, TRANSFORMER_EPS)?;
+    let [w, h, ch, _] = x.ne();
+    let hn = nn.group_norm(x, &st.norm.name, style.groups(ch), TRANSFORMER_EPS)?;
     let linear = st.linear_proj();
     let mut t = if linear {
         nn.linear(nn.to_tokens(hn)?, &st.proj_in.name)?
@@ -120,18 +180,35 @@ fn spatial_transformer<'c>(
     c.add(out, x)
 }
 
+/// What every block may read besides its input: the timestep embedding, the text,
+/// and NCSN++'s image paths.
+struct Side<'c> {
+    emb: Tensor<'c>,
+    context: Tensor<'c>,
+    fir: Option<Fir<'c>>,
+    /// The input image at the down path's current resolution.
+    pyramid: Option<Tensor<'c>>,
+    /// The up path's RGB sum so far.
+    rgb: Option<Tensor<'c>>,
+}
+
 /// Runs the steps of one block.
 fn block<'c>(
     nn: &Nn<'c>,
     st: &UnetStyle,
     mut x: Tensor<'c>,
-    emb: Tensor<'c>,
-    context: Tensor<'c>,
+    side: &mut Side<'c>,
     steps: &[Block],
 ) -> Result<Tensor<'c>> {
+    let c = nn.ctx;
+    let (emb, context) = (side.emb, side.context);
+    let fir_k = || {
+        side.fir
+            .ok_or_else(|| Error::Invalid("NCSN++ block without FIR kernels".into()))
+    };
     for step in steps {
         x = match step {
-            Block::Res(r) => resblock(nn, st, x, emb, r)?,
+            Block::Res(r) => resblock(nn, st, side.fir, x, emb, r)?,
             Block::Transformer(t) => spatial_transformer(nn, st, x, context, t)?,
             Block::SelfAttention(a) => self_attention(nn, st, x, a)?,
             Block::Downsample(l) if st.downsample_padding == 0 => {
@@ -139,9 +216,61 @@ fn block<'c>(
             }
             Block::Downsample(l) => nn.conv(x, &l.name, 3, 2, 1)?,
             Block::Upsample(l) => nn.upsample_conv(x, &l.name)?,
+            Block::SkipDown(l) => {
+                let p = side.pyramid.ok_or_else(|| {
+                    Error::Invalid("NCSN++ down path without its input image".into())
+                })?;
+                let p = fir(c, fir_k()?, p, Resample::Down)?;
+                side.pyramid = Some(p);
+                c.add(x, nn.conv(p, &l.name, 1, 1, 0)?)?
+            }
+            Block::SkipUp(to_rgb) => {
+                let up = match side.rgb {
+                    Some(r) => Some(fir(c, fir_k()?, r, Resample::Up)?),
+                    None => None,
+                };
+                side.rgb = match to_rgb {
+                    Some(t) => {
+                        let h = c.silu(nn.group_norm(x, &t.norm.name, t.groups, st.norm_eps)?)?;
+                        let h = nn.conv(h, &t.conv.name, 3, 1, 1)?;
+                        Some(match up {
+                            Some(u) => c.add(u, h)?,
+                            None => h,
+                        })
+                    }
+                    None => up,
+                };
+                x
+            }
         };
     }
     Ok(x)
+}
+
+/// The width of the time features the UNet's first time-embedding layer takes.
+fn feature_width(cfg: &UnetConfig) -> usize {
+    match cfg.style.time_embedding {
+        TimeEmbedding::Positional => cfg.model_channels,
+        TimeEmbedding::Fourier => 2 * cfg.model_channels,
+    }
+}
+
+/// The Fourier features `[B][2·len(w)]` of noise levels `sigma`: `[sin, cos]` of
+/// log σ · w · 2π, in f32 in the order diffusers' `GaussianFourierProjection`
+/// computes them (its weights reach ±60 at scale 16, so the phase needs f32 all the
+/// way).
+pub fn fourier_features(sigma: &[f32], w: &[f32]) -> Vec<f32> {
+    let n = w.len();
+    let mut out = vec![0f32; sigma.len() * 2 * n];
+    for (row, &s) in out.chunks_mut(2 * n).zip(sigma) {
+        let l = s.ln();
+        for (i, &wi) in w.iter().enumerate() {
+            let a = l * wi * 2.0 * std::f32::consts::PI;
+            row[i] = a.sin();
+            row[n + i] = a.cos();
+        }
+    }
+    out
 }
 
 /// The sinusoidal timestep features `[B][dim]` of diffusers' `get_timestep_embedding`,
@@ -202,7 +331,8 @@ pub struct Inputs<'a> {
 pub struct Graph<'c> {
     /// Noisy latents `[W, H, in_channels, B]`.
     pub x: Tensor<'c>,
-    /// Sinusoidal timestep features `[model_channels, B]` ([`timestep_features`]).
+    /// Time features `[model_channels, B]` ([`timestep_features`]), or
+    /// `[2·model_channels, B]` ([`fourier_features`]).
     pub t: Tensor<'c>,
     /// Text conditioning `[context_dim, T, B]`.
     pub context: Tensor<'c>,
@@ -234,7 +364,7 @@ pub fn build<'c>(nn: &Nn<'c>, cfg: &UnetConfig, shape: Shape) -> Result<Graph<'c
     }
     let st = &cfg.style;
     let x_in = c.tensor(Type::F32, &[w, h, cfg.in_channels, b], "unet.x")?;
-    let t_in = c.tensor(Type::F32, &[cfg.model_channels, b], "unet.t")?;
+    let t_in = c.tensor(Type::F32, &[feature_width(cfg), b], "unet.t")?;
     // A model without text still has the input: zero-width, so it costs nothing.
     let ctx_in = c.tensor(
         Type::F32,
@@ -277,21 +407,41 @@ pub fn build<'c>(nn: &Nn<'c>, cfg: &UnetConfig, shape: Shape) -> Result<Graph<'c
         None => None,
     };
 
+    let fir = if st.skip {
+        let down = c.tensor(Type::F32, &[FIR_DOWN.len().pow(2), 1], "unet.fir_down")?;
+        let up = c.tensor(Type::F32, &[FIR_UP.len().pow(2), 1], "unet.fir_up")?;
+        c.set_input(down);
+        c.set_input(up);
+        Some(Fir { down, up })
+    } else {
+        None
+    };
+    let mut side = Side {
+        emb,
+        context: ctx_in,
+        fir,
+        pyramid: st.skip.then_some(x_in),
+        rgb: None,
+    };
+
     let mut x = nn.conv(x_in, &plan.conv_in.name, 3, 1, 1)?;
     let mut skips = vec![x];
     for steps in &plan.input_blocks {
-        x = block(nn, st, x, emb, ctx_in, steps)?;
+        x = block(nn, st, x, &mut side, steps)?;
         skips.push(x);
     }
-    x = block(nn, st, x, emb, ctx_in, &plan.middle)?;
+    x = block(nn, st, x, &mut side, &plan.middle)?;
     for steps in &plan.output_blocks {
         let skip = skips.pop().ok_or_else(|| {
             Error::Invalid("UNet config has more decoder blocks than skip connections".into())
         })?;
-        x = block(nn, st, c.concat(x, skip, 2)?, emb, ctx_in, steps)?;
+        x = block(nn, st, c.concat(x, skip, 2)?, &mut side, steps)?;
     }
-    let x = c.silu(nn.group_norm(x, &plan.norm_out.name, st.norm_groups, st.norm_eps)?)?;
-    let out = nn.conv(x, &plan.conv_out.name, 3, 1, 1)?;
+    let x = c.silu(nn.group_norm(x, &plan.norm_out.name, plan.out_groups, st.norm_eps)?)?;
+    let mut out = nn.conv(x, &plan.conv_out.name, 3, 1, 1)?;
+    if let Some(rgb) = side.rgb {
+        out = c.add(out, rgb)?;
+    }
     c.set_output(out);
     Ok(Graph {
         x: x_in,
@@ -310,6 +460,8 @@ pub struct Runner<'w> {
     ctx: Context<'w>,
     cfg: UnetConfig,
     shape: Shape,
+    /// The Fourier time embedding's weights, read once for the host-side features.
+    fourier: Option<Vec<f32>>,
     /// Compute-buffer size in bytes.
     pub buffer_bytes: usize,
     /// Matrix-product FLOPs of one evaluation (all of the batch).
@@ -327,6 +479,21 @@ impl<'w> Runner<'w> {
         adapters: Option<&'w Adapters>,
     ) -> Result<Self> {
         let ctx = Context::new(16384 + Adapters::nodes(adapters))?;
+        let fourier = match Unet::new(cfg)?.fourier {
+            None => None,
+            Some(l) => {
+                let v = w.read_f32(&format!("{}.weight", l.name))?;
+                if v.len() != cfg.model_channels {
+                    return Err(Error::Invalid(format!(
+                        "`{}.weight` holds {} values, not {}",
+                        l.name,
+                        v.len(),
+                        cfg.model_channels
+                    )));
+                }
+                Some(v)
+            }
+        };
         let (buffer_bytes, flops) = {
             let nn = Nn {
                 attention,
@@ -342,6 +509,7 @@ impl<'w> Runner<'w> {
             ctx,
             cfg: cfg.clone(),
             shape,
+            fourier,
             buffer_bytes,
             flops,
             _weights: std::marker::PhantomData,
@@ -399,8 +567,24 @@ impl<'w> Runner<'w> {
                 .ok_or_else(|| Error::Invalid(format!("UNet graph lacks `{n}`")))
         };
         self.ctx.set_f32(get("unet.x")?, x)?;
-        let features = timestep_features(t, cfg.model_channels, &cfg.style);
+        let features = match &self.fourier {
+            Some(w) => {
+                if let Some(bad) = t.iter().find(|&&s| !(s > 0.0 && s.is_finite())) {
+                    return Err(Error::Invalid(format!(
+                        "a score model's noise level must be positive, not {bad}"
+                    )));
+                }
+                fourier_features(t, w)
+            }
+            None => timestep_features(t, cfg.model_channels, &cfg.style),
+        };
         self.ctx.set_f32(get("unet.t")?, &features)?;
+        if cfg.style.skip {
+            self.ctx
+                .set_f32(get("unet.fir_down")?, &fir_matrix(&FIR_DOWN))?;
+            self.ctx
+                .set_f32(get("unet.fir_up")?, &fir_matrix(&FIR_UP))?;
+        }
         if context_len > 0 {
             self.ctx.set_f32(get("unet.context")?, context)?;
         }
@@ -437,7 +621,16 @@ impl<'w> Runner<'w> {
             .built_graph()
             .ok_or_else(|| Error::Invalid("UNet graph missing".into()))?;
         backend.compute(&graph)?;
-        self.ctx.get_f32(get("unet.out")?)
+        let mut out = self.ctx.get_f32(get("unet.out")?)?;
+        if self.fourier.is_some() {
+            // A score model's output is the network's divided by σ (diffusers'
+            // UNet2DModel with Fourier features).
+            let per = out.len() / b;
+            for (o, &s) in out.chunks_mut(per).zip(t) {
+                o.iter_mut().for_each(|v| *v /= s);
+            }
+        }
+        Ok(out)
     }
 }
 

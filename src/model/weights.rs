@@ -143,6 +143,18 @@ impl<'g> Weights<'g> {
             .ok_or_else(|| Error::format(&self.path, format!("missing tensor `{name}`")))
     }
 
+    /// The values of the f32 weight `name`, read on the host.
+    pub fn read_f32(&self, name: &str) -> Result<Vec<f32>> {
+        let t = self.get(name)?;
+        if t.ty() != Type::F32 {
+            return Err(Error::format(
+                &self.path,
+                format!("`{name}` is {}, not f32", t.ty().name()),
+            ));
+        }
+        self.ctx.get_f32(t)
+    }
+
     /// A weight that may be absent (biases of bias-free layers).
     pub fn opt(&self, name: &str) -> Option<Tensor<'_>> {
         self.ctx.get(name)

@@ -96,6 +96,10 @@ pub enum Kind {
         rows: usize,
         dim: usize,
     },
+    /// A fixed vector of `len` values (`weight` only).
+    Vector {
+        len: usize,
+    },
 }
 
 /// One weight-bearing layer: `name.weight` (and `name.bias`) in the single file,
@@ -154,6 +158,7 @@ impl Layer {
                 out.push(w("bias", vec![channels]));
             }
             Kind::Embedding { rows, dim } => out.push(w("weight", vec![rows, dim])),
+            Kind::Vector { len } => out.push(w("weight", vec![len])),
         }
     }
 }

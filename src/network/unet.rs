@@ -13,13 +13,19 @@
 //!   `time_embed.0`/`time_embed.2` layers it feeds.
 //! - `mid_depth: Some(0)` (middle block without attention): one ResBlock,
 //!   `middle_block.0`, as diffusers builds its attention-free `UNetMidBlock2D`.
-use crate::config::{AttentionKind, UnetConfig};
+//! - NCSN++ (`UnetStyle::skip`), which has only diffusers' names: the resampling
+//!   ResNet of a level sits where LDM puts its resampling layer (`input_blocks.N.0`,
+//!   `output_blocks.N.K`), as guided diffusion's `resblock_updown` ResNets do; the
+//!   image projections are `input_blocks.N.skip_conv` and `output_blocks.N.skip_norm`
+//!   / `.skip_conv`; the Fourier weights `time_proj`, as in diffusers.
+use crate::config::{quarter_groups, AttentionKind, TimeEmbedding, UnetConfig};
 use crate::error::{Error, Result};
 
 use super::{params_of, At, Kind, Layer, Param, UNET_PREFIX};
 
 /// LDM `ResBlock`: GroupNorm, SiLU, conv, plus the timestep projection, GroupNorm,
-/// SiLU, conv, and a 1x1 conv shortcut when the width changes.
+/// SiLU, conv, and a 1x1 conv shortcut when the width changes; the sum divided by
+/// `scale`.
 #[derive(Clone, Debug)]
 pub struct ResBlock {
     pub in_norm: Layer,
@@ -28,6 +34,20 @@ pub struct ResBlock {
     pub out_norm: Layer,
     pub out_conv: Layer,
     pub shortcut: Option<Layer>,
+    /// GroupNorm groups of `in_norm` and `out_norm`.
+    pub groups: [usize; 2],
+    pub scale: f32,
+    /// NCSN++'s resampling ResNet: the FIR filter resamples both the input (before the
+    /// shortcut) and the first activation (before `in_conv`).
+    pub resample: Option<Resample>,
+}
+
+/// A factor-2 resampling by the FIR filter [1, 3, 3, 1] (diffusers' `upsample_2d` /
+/// `downsample_2d` with `kernel=(1, 3, 3, 1)`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Resample {
+    Up,
+    Down,
 }
 
 /// Multi-head attention with bias-free q/k/v projections.
@@ -81,6 +101,18 @@ pub struct SelfAttention {
     pub norm: Layer,
     pub attn: Attention,
     pub heads: usize,
+    pub groups: usize,
+    /// The residual sum is divided by this (`rescale_output_factor`).
+    pub scale: f32,
+}
+
+/// NCSN++'s projection of the decoder's features to RGB at one resolution: GroupNorm,
+/// SiLU, 3x3 convolution.
+#[derive(Clone, Debug)]
+pub struct ToRgb {
+    pub norm: Layer,
+    pub groups: usize,
+    pub conv: Layer,
 }
 
 /// One step of a UNet block.
@@ -93,11 +125,19 @@ pub enum Block {
     Downsample(Layer),
     /// Nearest-neighbour upsampling by 2, then a 3x3 convolution.
     Upsample(Layer),
+    /// NCSN++'s input pyramid: the input image FIR-downsampled to this level, through
+    /// a 1x1 convolution, added to the features.
+    SkipDown(Layer),
+    /// NCSN++'s output sum: the RGB sum so far FIR-upsampled to this level, plus this
+    /// level's projection to RGB when it has one (all but the last level).
+    SkipUp(Option<ToRgb>),
 }
 
 /// The whole UNet, blocks in the order they run.
 #[derive(Clone, Debug)]
 pub struct Unet {
+    /// The Fourier time embedding's fixed weights ([`TimeEmbedding::Fourier`]).
+    pub fourier: Option<Layer>,
     /// Timestep MLP: linear, SiLU, linear.
     pub time_embed: [Layer; 2],
     /// LCM's guidance embedding, added to the sinusoidal timestep features.
@@ -115,6 +155,7 @@ pub struct Unet {
     /// Decoder blocks; each first concatenates the latest kept encoder output.
     pub output_blocks: Vec<Vec<Block>>,
     pub norm_out: Layer,
+    pub out_groups: usize,
     pub conv_out: Layer,
 }
 
@@ -132,32 +173,64 @@ impl Unet {
                 u.up_blocks.len()
             )));
         }
+        let st = &u.style;
+        if st.skip && st.attention != AttentionKind::SelfAttention {
+            return Err(Error::Invalid(
+                "a UNet with image skip paths (NCSN++) has self-attention blocks, not transformers"
+                    .into(),
+            ));
+        }
         let top = At::new(UNET_PREFIX, "");
         let mc = u.model_channels;
         let temb = u.time_embed_dim();
-        let res = |at: At, inp: usize, out: usize| Box::new(ResBlock::new(&at, inp, out, temb));
-        let attention = |at: At, ch: usize, depth: usize| match u.style.attention {
-            AttentionKind::Transformer => Block::Transformer(Transformer::new(&at, ch, depth, u)),
-            AttentionKind::SelfAttention => Block::SelfAttention(SelfAttention::new(&at, ch, u)),
+        // NCSN++'s level blocks divide their residual sums by √2 and take
+        // min(C/4, 32) groups whatever `norm_num_groups` says (diffusers' skip blocks).
+        let level_scale = if st.skip {
+            std::f32::consts::SQRT_2
+        } else {
+            1.0
         };
-        // ResNet `i` of a level (and its transformer when `depth` > 0): LDM's block
-        // `canonical.0` (`.1`), diffusers' `group.resnets.i` (`group.attentions.i`).
+        let groups = |ch: usize| {
+            if st.skip {
+                quarter_groups(ch)
+            } else {
+                st.groups(ch)
+            }
+        };
+        let res = |at: At, inp: usize, out: usize, groups: [usize; 2], scale: f32| {
+            Box::new(ResBlock::new(&at, inp, out, temb, groups, scale))
+        };
+        // Skip blocks' attention norms take 32 groups (diffusers' `AttnSkip*Block2D`).
+        let attn_groups = |ch: usize| if st.skip { 32 } else { groups(ch) };
+        let attention = |at: At, ch: usize, depth: usize, scale: f32| match st.attention {
+            AttentionKind::Transformer => Block::Transformer(Transformer::new(&at, ch, depth, u)),
+            AttentionKind::SelfAttention => {
+                Block::SelfAttention(SelfAttention::new(&at, ch, u, attn_groups(ch), scale))
+            }
+        };
+        // ResNet `i` of a level (and its attention block `a` when `depth` > 0): LDM's
+        // block `canonical.0` (`.1`), diffusers' `group.resnets.i` (`group.attentions.a`).
         let level_block = |(canonical, group): (String, String),
-                           i: usize,
+                           (i, a): (usize, usize),
                            (inp, out): (usize, usize),
+                           norm_groups: [usize; 2],
                            depth: usize| {
-            let at = |k: usize, kind: &str| {
+            let at = |k: usize, kind: &str, i: usize| {
                 top.sub(&format!("{canonical}.{k}"), &format!("{group}.{kind}.{i}"))
             };
-            let mut block = vec![Block::Res(res(at(0, "resnets"), inp, out))];
+            let r = res(at(0, "resnets", i), inp, out, norm_groups, level_scale);
+            let mut block = vec![Block::Res(r)];
             if depth > 0 {
-                block.push(attention(at(1, "attentions"), out, depth));
+                block.push(attention(at(1, "attentions", a), out, depth, level_scale));
             }
             block
         };
 
+        let fourier = (st.time_embedding == TimeEmbedding::Fourier)
+            .then(|| top.layer("time_proj", "time_proj", Kind::Vector { len: mc }));
+        let features = if fourier.is_some() { 2 * mc } else { mc };
         let time_embed = [
-            top.linear("time_embed.0", "time_embedding.linear_1", temb, mc),
+            top.linear("time_embed.0", "time_embedding.linear_1", temb, features),
             top.linear("time_embed.2", "time_embedding.linear_2", temb, temb),
         ];
         let cond_proj = u.time_cond_proj_dim.map(|d| {
@@ -177,7 +250,7 @@ impl Unet {
                 top.linear("label_emb.0.2", "add_embedding.linear_2", temb, temb),
             ]
         });
-        let class_embed = u.style.num_classes.map(|rows| {
+        let class_embed = st.num_classes.map(|rows| {
             top.layer(
                 "label_emb",
                 "class_embedding",
@@ -195,31 +268,68 @@ impl Unet {
             for (i, &depth) in depths.iter().enumerate() {
                 let n = input_blocks.len() + 1;
                 let names = (format!("input_blocks.{n}"), format!("down_blocks.{l}"));
-                input_blocks.push(level_block(names, i, (ch, out), depth));
+                let g = [groups(ch), groups(out)];
+                input_blocks.push(level_block(names, (i, i), (ch, out), g, depth));
                 ch = out;
                 skips.push(ch);
             }
             if l + 1 < levels {
                 let n = input_blocks.len() + 1;
-                input_blocks.push(vec![Block::Downsample(top.conv(
-                    &format!("input_blocks.{n}.0.op"),
-                    &format!("down_blocks.{l}.downsamplers.0.conv"),
-                    ch,
-                    ch,
-                    3,
-                ))]);
+                let canonical = format!("input_blocks.{n}");
+                let group = format!("down_blocks.{l}");
+                input_blocks.push(if st.skip {
+                    let at = top.sub(&format!("{canonical}.0"), &format!("{group}.resnet_down"));
+                    let r = ResBlock::resampling(&at, ch, temb, groups(ch), Resample::Down);
+                    let skip = top.conv(
+                        &format!("{canonical}.skip_conv"),
+                        &format!("{group}.skip_conv"),
+                        ch,
+                        u.in_channels,
+                        1,
+                    );
+                    vec![Block::Res(Box::new(r)), Block::SkipDown(skip)]
+                } else {
+                    vec![Block::Downsample(top.conv(
+                        &format!("{canonical}.0.op"),
+                        &format!("{group}.downsamplers.0.conv"),
+                        ch,
+                        ch,
+                        3,
+                    ))]
+                });
                 skips.push(ch);
             }
         }
 
         let mid = |k: usize, d: &str| top.sub(&format!("middle_block.{k}"), d);
+        let (mg, ms) = ([st.groups(ch); 2], st.mid_scale);
         let middle = match u.mid_depth {
             None => Vec::new(),
-            Some(0) => vec![Block::Res(res(mid(0, "mid_block.resnets.0"), ch, ch))],
+            Some(0) => vec![Block::Res(res(
+                mid(0, "mid_block.resnets.0"),
+                ch,
+                ch,
+                mg,
+                ms,
+            ))],
             Some(depth) => vec![
-                Block::Res(res(mid(0, "mid_block.resnets.0"), ch, ch)),
-                attention(mid(1, "mid_block.attentions.0"), ch, depth),
-                Block::Res(res(mid(2, "mid_block.resnets.1"), ch, ch)),
+                Block::Res(res(mid(0, "mid_block.resnets.0"), ch, ch, mg, ms)),
+                match st.attention {
+                    AttentionKind::Transformer => Block::Transformer(Transformer::new(
+                        &mid(1, "mid_block.attentions.0"),
+                        ch,
+                        depth,
+                        u,
+                    )),
+                    AttentionKind::SelfAttention => Block::SelfAttention(SelfAttention::new(
+                        &mid(1, "mid_block.attentions.0"),
+                        ch,
+                        u,
+                        st.groups(ch),
+                        ms,
+                    )),
+                },
+                Block::Res(res(mid(2, "mid_block.resnets.1"), ch, ch, mg, ms)),
             ],
         };
 
@@ -229,6 +339,11 @@ impl Unet {
             if depths.is_empty() {
                 return Err(Error::Invalid(format!("up level {j} has no ResNets")));
             }
+            if st.skip && depths[..depths.len() - 1].iter().any(|&d| d > 0) {
+                return Err(Error::Invalid(format!(
+                    "up level {j}: an NCSN++ level has attention after its last ResNet only"
+                )));
+            }
             for (i, &depth) in depths.iter().enumerate() {
                 let skip = skips.pop().ok_or_else(|| {
                     Error::Invalid(format!(
@@ -237,13 +352,51 @@ impl Unet {
                 })?;
                 let n = output_blocks.len();
                 let names = (format!("output_blocks.{n}"), format!("up_blocks.{j}"));
-                let mut block = level_block(names, i, (ch + skip, out), depth);
+                let g = if st.skip && depths.iter().any(|&d| d > 0) {
+                    // diffusers' AttnSkipUpBlock2D computes `min(in + skip // 4, 32)`
+                    // (an operator-precedence slip kept by its checkpoints).
+                    [(ch + skip / 4).min(32), groups(out)]
+                } else {
+                    [groups(ch + skip), groups(out)]
+                };
+                // An NCSN++ up level's one attention block is its `attentions.0`.
+                let a = if st.skip { 0 } else { i };
+                let mut block = level_block(names, (i, a), (ch + skip, out), g, depth);
                 ch = out;
-                if i + 1 == depths.len() && j + 1 < levels {
+                let last = i + 1 == depths.len();
+                let group = format!("up_blocks.{j}");
+                if last && st.skip {
+                    let to_rgb = (j + 1 < levels).then(|| ToRgb {
+                        norm: top.norm(
+                            &format!("output_blocks.{n}.skip_norm"),
+                            &format!("{group}.skip_norm"),
+                            ch,
+                        ),
+                        groups: quarter_groups(ch),
+                        conv: top.conv(
+                            &format!("output_blocks.{n}.skip_conv"),
+                            &format!("{group}.skip_conv"),
+                            u.out_channels,
+                            ch,
+                            3,
+                        ),
+                    });
+                    let has_up = to_rgb.is_some();
+                    block.push(Block::SkipUp(to_rgb));
+                    if has_up {
+                        let k = block.len() - 1;
+                        let at = top.sub(
+                            &format!("output_blocks.{n}.{k}"),
+                            &format!("{group}.resnet_up"),
+                        );
+                        let r = ResBlock::resampling(&at, ch, temb, groups(ch), Resample::Up);
+                        block.push(Block::Res(Box::new(r)));
+                    }
+                } else if last && j + 1 < levels {
                     let k = block.len();
                     block.push(Block::Upsample(top.conv(
                         &format!("output_blocks.{n}.{k}.conv"),
-                        &format!("up_blocks.{j}.upsamplers.0.conv"),
+                        &format!("{group}.upsamplers.0.conv"),
                         ch,
                         ch,
                         3,
@@ -254,6 +407,7 @@ impl Unet {
         }
 
         Ok(Unet {
+            fourier,
             time_embed,
             cond_proj,
             label_embed,
@@ -263,6 +417,7 @@ impl Unet {
             middle,
             output_blocks,
             norm_out: top.norm("out.0", "conv_norm_out", ch),
+            out_groups: st.groups(ch),
             conv_out: top.conv("out.2", "conv_out", u.out_channels, ch, 3),
         })
     }
@@ -270,6 +425,7 @@ impl Unet {
     /// Every parameter, in module order.
     pub fn params(&self) -> Vec<Param> {
         let mut out = Vec::new();
+        params_of(&self.fourier, &mut out);
         params_of(&self.cond_proj, &mut out);
         params_of(&self.time_embed, &mut out);
         params_of(self.label_embed.iter().flatten(), &mut out);
@@ -299,13 +455,18 @@ impl Block {
                 let p = &a.attn;
                 params_of([&a.norm, &p.q, &p.k, &p.v, &p.out], out);
             }
-            Block::Downsample(l) | Block::Upsample(l) => l.params(out),
+            Block::Downsample(l) | Block::Upsample(l) | Block::SkipDown(l) => l.params(out),
+            Block::SkipUp(to_rgb) => {
+                if let Some(t) = to_rgb {
+                    params_of([&t.norm, &t.conv], out);
+                }
+            }
         }
     }
 }
 
 impl ResBlock {
-    fn new(at: &At, inp: usize, out: usize, temb: usize) -> Self {
+    fn new(at: &At, inp: usize, out: usize, temb: usize, groups: [usize; 2], scale: f32) -> Self {
         ResBlock {
             in_norm: at.norm("in_layers.0", "norm1", inp),
             in_conv: at.conv("in_layers.2", "conv1", out, inp, 3),
@@ -314,6 +475,19 @@ impl ResBlock {
             out_conv: at.conv("out_layers.3", "conv2", out, out, 3),
             shortcut: (inp != out)
                 .then(|| at.conv("skip_connection", "conv_shortcut", out, inp, 1)),
+            groups,
+            scale,
+            resample: None,
+        }
+    }
+
+    /// NCSN++'s resampling ResNet (diffusers' `resnet_down` / `resnet_up`): `ch`
+    /// channels in and out, a 1x1 shortcut all the same, the residual sum over √2.
+    fn resampling(at: &At, ch: usize, temb: usize, groups: usize, resample: Resample) -> Self {
+        ResBlock {
+            shortcut: Some(at.conv("skip_connection", "conv_shortcut", ch, ch, 1)),
+            resample: Some(resample),
+            ..ResBlock::new(at, ch, ch, temb, [groups; 2], std::f32::consts::SQRT_2)
         }
     }
 
@@ -334,7 +508,7 @@ impl ResBlock {
 }
 
 impl SelfAttention {
-    fn new(at: &At, ch: usize, u: &UnetConfig) -> Self {
+    fn new(at: &At, ch: usize, u: &UnetConfig, groups: usize, scale: f32) -> Self {
         let proj = |c: &str, d: &str| at.layer(c, d, Kind::LinearAsConv { channels: ch });
         SelfAttention {
             norm: at.norm("norm", "group_norm", ch),
@@ -345,6 +519,8 @@ impl SelfAttention {
                 out: proj("proj_out", "to_out.0"),
             },
             heads: u.heads_for(ch),
+            groups,
+            scale,
         }
     }
 }

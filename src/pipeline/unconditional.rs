@@ -28,6 +28,7 @@ use crate::formats::Checkpoint;
 use crate::ggml::Backend;
 use crate::model::{unet, vae, Attention, Planes, Weights};
 use crate::network::{self, UNET_PREFIX, VAE_PREFIX};
+use crate::sample::score_sde::{self, VeGrid};
 use crate::sample::{self, Sampler};
 use rayon::prelude::*;
 
@@ -144,10 +145,15 @@ impl Unconditional {
     /// else 50 DDIM steps.
     pub fn request(&self) -> Request {
         let (width, height) = self.default_size();
+        // A score model runs ScoreSdeVePipeline's 2000 predictor-corrector steps.
+        let (sampler, steps) = match self.config.schedule.ve {
+            Some(_) => (Sampler::ScoreSdeVe, 2000),
+            None => (Sampler::Ddim, 50),
+        };
         let mut req = Request {
             width,
             height,
-            steps: self.defaults.steps.unwrap_or(50),
+            steps: self.defaults.steps.unwrap_or(steps),
             ..Request::new("")
         };
         req.sampling.sampler = self
@@ -155,7 +161,7 @@ impl Unconditional {
             .sampler
             .as_deref()
             .and_then(Sampler::parse)
-            .unwrap_or(Sampler::Ddim);
+            .unwrap_or(sampler);
         req
     }
 
@@ -218,6 +224,20 @@ impl Unconditional {
                 "{} sampling is for consistency-distilled models",
                 req.sampling.sampler.info().name
             ));
+        }
+        let score_model = self.config.schedule.ve.is_some();
+        if score_model != (req.sampling.sampler == Sampler::ScoreSdeVe) {
+            return invalid(if score_model {
+                format!(
+                    "this is a score model of the VE SDE: it samples with score_sde_ve, not {}",
+                    req.sampling.sampler.info().name
+                )
+            } else {
+                "score_sde_ve sampling is for score models of the VE SDE (NCSN++)".into()
+            });
+        }
+        if req.steps == 0 {
+            return invalid("sampling needs at least one step".into());
         }
         Ok(())
     }
@@ -330,7 +350,6 @@ impl Unconditional {
             }
             None => rng.randn(n),
         };
-        let x = sample::start_latent(&walk, &noise, None);
 
         let w = Weights::load(&self.gguf, |n| n.starts_with(UNET_PREFIX))?;
         let full = unet::Runner::new(
@@ -369,29 +388,51 @@ impl Unconditional {
             backend: &self.backend,
             cancel: req.cancel.as_deref(),
         };
-        let settings = req.sampling.settings(cfg);
-        let mut den = sample::Denoiser::new(&mut model, cfg.prediction, &d, &walk)
-            .with_clip(req.sampling.clip(cfg));
         let mut noise_src = req.sampling.noise(req.seed, rng.as_mut());
-        let total = walk.timesteps.len();
-        let trajectory = sample::sample(
-            &mut den,
-            req.sampling.sampler,
-            &settings,
-            &walk,
-            x,
-            noise_src.as_mut(),
-            &mut |i, _, _| progress(Stage::Step { done: i + 1, total }),
-        )?;
-        let sampled = trajectory
-            .last()
-            .ok_or_else(|| Error::Invalid("no sampling steps".into()))?;
+        let sampled: Vec<f32> = match &cfg.schedule.ve {
+            Some(sde) => {
+                let grid = VeGrid::new(sde, req.steps);
+                let total = grid.timesteps.len();
+                // ScoreSdeVePipeline: randn × init_noise_sigma, in f32.
+                let x = noise.iter().map(|&v| (v * sde.sigma_max) as f64).collect();
+                let mean = score_sde::sample(
+                    &mut model,
+                    sde,
+                    &grid,
+                    batch.count,
+                    x,
+                    noise_src.as_mut(),
+                    &mut |i, _, _| progress(Stage::Step { done: i + 1, total }),
+                )?;
+                mean.iter().map(|&v| v.clamp(0.0, 1.0) as f32).collect()
+            }
+            None => {
+                let x = sample::start_latent(&walk, &noise, None);
+                let settings = req.sampling.settings(cfg);
+                let mut den = sample::Denoiser::new(&mut model, cfg.prediction, &d, &walk)
+                    .with_clip(req.sampling.clip(cfg));
+                let total = walk.timesteps.len();
+                let mut trajectory = sample::sample(
+                    &mut den,
+                    req.sampling.sampler,
+                    &settings,
+                    &walk,
+                    x,
+                    noise_src.as_mut(),
+                    &mut |i, _, _| progress(Stage::Step { done: i + 1, total }),
+                )?;
+                trajectory
+                    .pop()
+                    .ok_or_else(|| Error::Invalid("no sampling steps".into()))?
+            }
+        };
+        drop(noise_src);
         drop((full, tail));
         progress(Stage::Sampled);
         let seconds = started.elapsed().as_secs_f64();
         let started = Instant::now();
         let pixels = match &cfg.vae {
-            None => sampled.clone(),
+            None => sampled,
             Some(v) => {
                 // LDMPipeline divides by the VQModel's scaling factor before its decode.
                 let z: Vec<f32> = sampled
@@ -409,7 +450,8 @@ impl Unconditional {
             .map(|(i, p)| Image {
                 width: req.width,
                 height: req.height,
-                rgb: to_rgb8(p, n, false),
+                // A VE score model's images are in [0, 1], the others' in [-1, 1].
+                rgb: to_rgb8(p, n, cfg.schedule.ve.is_some()),
                 parameters: self.infotext(req, batch, &classes, i),
                 timings: [0.0, seconds, decode],
             })

@@ -16,6 +16,7 @@ pub mod names;
 pub mod philox;
 pub mod rng;
 pub mod schedule;
+pub mod score_sde;
 
 pub use brownian::BrownianNoise;
 pub use ddpm::ddpm_plan;
@@ -206,6 +207,7 @@ pub enum Sampler {
     Ipndm,
     Lcm,
     Tcd,
+    ScoreSdeVe,
 }
 
 /// What `--list-samplers` shows.
@@ -384,6 +386,15 @@ const INFO: &[SamplerInfo] = &[
         stochastic: true,
         about: "trajectory consistency distillation sampling (Zheng et al. 2024), --eta is its γ",
     },
+    SamplerInfo {
+        sampler: Sampler::ScoreSdeVe,
+        name: "score_sde_ve",
+        display: "Score SDE VE",
+        order: 1,
+        evals_per_step: 2,
+        stochastic: true,
+        about: "reverse-diffusion predictor and Langevin corrector (Song et al. 2021); for VE score models",
+    },
 ];
 
 impl Sampler {
@@ -507,9 +518,13 @@ pub fn start_latent(plan: &Plan, noise: &[f32], image: Option<&[f32]>) -> Vec<f6
 
 /// A sampler with the history its family keeps between steps.
 enum Family {
-    Euler { ancestral: bool },
+    Euler {
+        ancestral: bool,
+    },
     Heun,
-    Dpm2 { ancestral: bool },
+    Dpm2 {
+        ancestral: bool,
+    },
     DpmPP2M(kdiffusion::Dpm2M),
     DpmPP2SA,
     DpmPPSde,
@@ -523,6 +538,8 @@ enum Family {
     UniPc(multistep::UniPc),
     Lcm,
     Tcd,
+    /// Runs through [`score_sde::sample`], not step by step.
+    ScoreSde,
 }
 
 impl Family {
@@ -546,6 +563,7 @@ impl Family {
             Sampler::UniPc => Family::UniPc(Default::default()),
             Sampler::Lcm => Family::Lcm,
             Sampler::Tcd => Family::Tcd,
+            Sampler::ScoreSdeVe => Family::ScoreSde,
         }
     }
 
@@ -567,6 +585,9 @@ impl Family {
             Family::UniPc(h) => multistep::unipc_step(st, x, h),
             Family::Lcm => lcm::lcm_step(st, x),
             Family::Tcd => lcm::tcd_step(st, x),
+            Family::ScoreSde => Err(Error::Invalid(
+                "score_sde_ve sampling is for score models of the VE SDE (NCSN++), which take no prompt".into(),
+            )),
         }
     }
 }
@@ -625,7 +646,7 @@ mod tests {
             assert_eq!(Sampler::parse(info.name), Some(info.sampler));
             assert_eq!(info.sampler.info().name, info.name);
         }
-        assert_eq!(Sampler::all().len(), 18);
+        assert_eq!(Sampler::all().len(), 19);
         assert_eq!(Sampler::parse("euler_ancestral"), None);
     }
 }

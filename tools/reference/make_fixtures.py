@@ -226,7 +226,7 @@ def init_weights(model: nn.Module, rng: np.random.Generator, gains: dict[str, fl
 
     Linear/conv weights: uniform with variance 1/fan_in (activations keep their scale);
     norms: weight 1 + U(-0.2, 0.2), bias U(-0.1, 0.1); other biases U(-0.1, 0.1);
-    embeddings: normal, std 0.5. `gains` multiplies the weights of the named modules
+    embeddings: normal, std 0.5; Fourier time features: normal, std 16. `gains` multiplies the weights of the named modules
     (exact module names), to keep the outputs of a random network O(1).
     """
     gains = gains or {}
@@ -243,6 +243,8 @@ def init_weights(model: nn.Module, rng: np.random.Generator, gains: dict[str, fl
                     v = 1.0 + rng.uniform(-0.2, 0.2, shape) if pname == "weight" else rng.uniform(-0.1, 0.1, shape)
                 elif isinstance(m, nn.Embedding):
                     v = rng.normal(0.0, 0.5, shape)
+                elif type(m).__name__ == "GaussianFourierProjection":  # UNet2DModel's scale 16
+                    v = rng.normal(0.0, 16.0, shape)
                 elif pname == "bias":
                     v = rng.uniform(-0.1, 0.1, shape)
                 elif p.dim() >= 2:

@@ -43,3 +43,4 @@ EOF
 echo "sdrs reference: run  $VENV/bin/python tools/reference/make_fixtures.py --out tests/fixtures/ref" >&2
 echo "sdrs reference: and   $VENV/bin/python tools/reference/sampler_fixtures.py --out tests/fixtures/samplers" >&2
 echo "sdrs reference: and   $VENV/bin/python tools/reference/ddpm_fixtures.py --out tests/fixtures/ref" >&2
+echo "sdrs reference: and   $VENV/bin/python tools/reference/score_sde_fixtures.py --out tests/fixtures/ref" >&2

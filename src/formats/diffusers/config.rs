@@ -9,7 +9,7 @@ use serde_json::{Map, Value};
 
 use crate::config::{
     limits, Activation, AttentionKind, Betas, NoiseSchedule, TextEncoderConfig, TextEncoderKind,
-    UnetConfig, UnetStyle, VaeConfig, Variance, CLIP_EOS, CLIP_VOCAB,
+    TimeEmbedding, UnetConfig, UnetStyle, VaeConfig, Variance, VeSde, CLIP_EOS, CLIP_VOCAB,
 };
 use crate::error::{Error, Result};
 
@@ -424,7 +424,7 @@ pub(crate) fn unet(v: &Value, path: &Path) -> Result<UnetConfig> {
             0
         },
         style: UnetStyle {
-            norm_groups: o.usize_or("norm_num_groups", 32)?,
+            norm_groups: Some(o.usize_or("norm_num_groups", 32)?),
             norm_eps: o.f32_or("norm_eps", 1e-5)?,
             flip_sin_to_cos: o.bool_or("flip_sin_to_cos", true)?,
             freq_shift: o.f32_or("freq_shift", 0.0)?,
@@ -448,7 +448,11 @@ pub(crate) fn unet2d(v: &Value, path: &Path) -> Result<UnetConfig> {
             _ => Ok(()),
         }
     };
-    string_is("time_embedding_type", "positional")?;
+    let time_embedding = match o.opt_str("time_embedding_type")? {
+        None => TimeEmbedding::Positional,
+        Some(s) => TimeEmbedding::parse(s)
+            .ok_or_else(|| refuse("time_embedding_type", "this time embedding"))?,
+    };
     string_is("resnet_time_scale_shift", "default")?;
     string_is("act_fn", "silu")?;
     string_is("downsample_type", "conv")?;
@@ -459,15 +463,24 @@ pub(crate) fn unet2d(v: &Value, path: &Path) -> Result<UnetConfig> {
     if o.bool_or("center_input_sample", false)? {
         return Err(refuse("center_input_sample", "this option"));
     }
-    if o.f32_or("mid_block_scale_factor", 1.0)? != 1.0 {
-        return Err(refuse("mid_block_scale_factor", "a scale other than 1"));
-    }
-
-    let (down_attn, up_attn) = o.block_attention(
-        ["AttnDownBlock2D", "DownBlock2D"],
-        ["AttnUpBlock2D", "UpBlock2D"],
-        (&[false, true, true, true], &[true, true, true, false]),
-    )?;
+    // NCSN++ (`google/ncsnpp-*`) is built of skip blocks only: each level passes the
+    // image paths on, so a mixed UNet would not fit together.
+    let skip = o
+        .str_list("down_block_types")?
+        .is_some_and(|t| t.iter().any(|b| b.contains("Skip")));
+    let (down_attn, up_attn) = if skip {
+        o.block_attention(
+            ["AttnSkipDownBlock2D", "SkipDownBlock2D"],
+            ["AttnSkipUpBlock2D", "SkipUpBlock2D"],
+            (&[], &[]),
+        )?
+    } else {
+        o.block_attention(
+            ["AttnDownBlock2D", "DownBlock2D"],
+            ["AttnUpBlock2D", "UpBlock2D"],
+            (&[false, true, true, true], &[true, true, true, false]),
+        )?
+    };
     let levels = down_attn.len();
     let channels = o.level_channels(levels, &[224, 448, 672, 896])?;
     let mc = channels[0];
@@ -482,9 +495,13 @@ pub(crate) fn unet2d(v: &Value, path: &Path) -> Result<UnetConfig> {
     let layers = o.usize_or("layers_per_block", 2)?;
     limits::within("`layers_per_block`", layers, limits::RESNETS)
         .map_err(|e| Error::format(path, e))?;
-    let groups = o.usize_or("norm_num_groups", 32)?;
+    // `null` (NCSN++): each norm takes min(channels / 4, 32) groups.
+    let groups = match o.map.get("norm_num_groups") {
+        Some(Value::Null) => None,
+        _ => Some(o.usize_or("norm_num_groups", 32)?),
+    };
     if o.opt_usize("attn_norm_num_groups")?
-        .is_some_and(|g| g != groups)
+        .is_some_and(|g| Some(g) != groups)
     {
         return Err(refuse(
             "attn_norm_num_groups",
@@ -507,7 +524,12 @@ pub(crate) fn unet2d(v: &Value, path: &Path) -> Result<UnetConfig> {
         down_blocks: down_attn.iter().map(|&a| vec![depth(a); layers]).collect(),
         up_blocks: up_attn
             .iter()
-            .map(|&a| vec![depth(a); layers + 1])
+            .map(|&a| {
+                // An AttnSkipUpBlock2D has one attention block, after its last ResNet.
+                let mut d = vec![depth(a && !skip); layers + 1];
+                d[layers] = depth(a);
+                d
+            })
             .collect(),
         mid_depth: Some(depth(o.bool_or("add_attention", true)?)),
         num_heads,
@@ -526,6 +548,9 @@ pub(crate) fn unet2d(v: &Value, path: &Path) -> Result<UnetConfig> {
             freq_shift: o.f32_or("freq_shift", 0.0)?,
             downsample_padding: o.usize_or("downsample_padding", 1)?,
             num_classes: o.opt_usize("num_class_embeds")?,
+            time_embedding,
+            skip,
+            mid_scale: o.f32_or("mid_block_scale_factor", 1.0)?,
         },
     };
     unet.check_sizes().map_err(|e| Error::format(path, e))?;
@@ -545,6 +570,25 @@ pub(crate) fn scheduler(v: &Value, path: &Path) -> Result<NoiseSchedule> {
         ));
     }
     let class = o.opt_str("_class_name")?.unwrap_or_default();
+    if class == "ScoreSdeVeScheduler" {
+        let d = VeSde::default();
+        let schedule = NoiseSchedule {
+            train_steps: o.usize_or("num_train_timesteps", 2000)?,
+            clip_sample: None,
+            steps_offset: 0,
+            set_alpha_to_one: None,
+            ve: Some(VeSde {
+                sigma_min: o.f32_or("sigma_min", d.sigma_min)?,
+                sigma_max: o.f32_or("sigma_max", d.sigma_max)?,
+                snr: o.f32_or("snr", d.snr)?,
+                sampling_eps: o.f32_or("sampling_eps", d.sampling_eps)?,
+                correct_steps: o.usize_or("correct_steps", d.correct_steps)?,
+            }),
+            ..NoiseSchedule::default()
+        };
+        schedule.check().map_err(|e| Error::format(path, e))?;
+        return Ok(schedule);
+    }
     let clips = matches!(class, "DDPMScheduler" | "DDIMScheduler");
     let start = o.f64_or("beta_start", 0.0001)?;
     let end = o.f64_or("beta_end", 0.02)?;
@@ -583,6 +627,7 @@ pub(crate) fn scheduler(v: &Value, path: &Path) -> Result<NoiseSchedule> {
             None => None,
             Some(_) => Some(o.bool_or("set_alpha_to_one", false)?),
         },
+        ve: None,
     };
     schedule.check().map_err(|e| Error::format(path, e))?;
     Ok(schedule)

@@ -228,7 +228,14 @@ fn family(p: &Parsed) -> String {
         .as_ref()
         .is_some_and(|(_, u)| u.style.attention == AttentionKind::SelfAttention)
     {
-        return if p.vae.is_some() { "ldm" } else { "ddpm" }.into();
+        return if p.vae.is_some() {
+            "ldm"
+        } else if p.schedule.as_ref().is_some_and(|s| s.ve.is_some()) {
+            "score-sde"
+        } else {
+            "ddpm"
+        }
+        .into();
     }
     let sdxl = p
         .unet
@@ -369,9 +376,11 @@ pub fn read_defaults(dir: &Path) -> Defaults {
         d.cfg_scale = Some(8.5);
     }
     // The DDPM paper's models run as their own pipelines do: DDPMPipeline's 1000
-    // ancestral steps, or 50 of DDIM (DDIMPipeline, LDMPipeline) or PLMS.
+    // ancestral steps, or 50 of DDIM (DDIMPipeline, LDMPipeline) or PLMS; a score
+    // model ScoreSdeVePipeline's 2000 predictor-corrector steps.
     if pixels {
         let (sampler, steps) = match class.as_deref() {
+            Some("ScoreSdeVeScheduler") => ("score_sde_ve", 2000),
             Some("DDPMScheduler") => ("ddpm", 1000),
             Some("PNDMScheduler") => ("plms", 50),
             _ => ("ddim", 50),

@@ -955,15 +955,15 @@ fn the_ddpm_papers_published_unet2d_configs_read_as_the_presets() {
 #[test]
 fn unet2d_options_sdrs_cannot_run_are_refused_naming_the_key() {
     for (key, value) in [
-        ("time_embedding_type", r#""fourier""#),
+        ("time_embedding_type", r#""learned""#),
         ("resnet_time_scale_shift", r#""scale_shift""#),
         ("class_embed_type", r#""timestep""#),
         ("center_input_sample", "true"),
+        // NCSN++'s skip blocks pass the image paths on: no mixing with DDPM's.
         (
             "down_block_types",
             r#"["SkipDownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"]"#,
         ),
-        ("mid_block_scale_factor", "1.41421356"),
     ] {
         let mut v = json(DDPM_CIFAR10);
         v[key] = json(value);
@@ -1009,7 +1009,7 @@ fn an_unset_scheduler_option_takes_the_named_schedulers_default() {
 fn a_ddpm_model_written_as_a_diffusers_folder_reads_back_as_itself() {
     let mut cfg = ModelConfig::ddpm(&[1, 2], 1);
     cfg.unet.model_channels = 32;
-    cfg.unet.style.norm_groups = 8;
+    cfg.unet.style.norm_groups = Some(8);
     cfg.unet.style.num_classes = Some(4);
     cfg.unet.head_dim = Some(16);
     cfg.unet.num_heads = None;
@@ -1031,4 +1031,62 @@ fn a_ddpm_model_written_as_a_diffusers_folder_reads_back_as_itself() {
         .tensors
         .iter()
         .any(|t| t.name == "model.diffusion_model.label_emb.weight"));
+}
+
+/// NCSN++ as diffusers' conversion of score_sde's CelebA-HQ 256 model configures it
+/// (`attention_head_dim` null: one head; `norm_num_groups` null: min(C/4, 32)).
+const NCSNPP_CELEBAHQ: &str = r#"{"_class_name": "UNet2DModel", "act_fn": "silu", "attention_head_dim": null,
+  "block_out_channels": [128, 128, 256, 256, 256, 256, 256], "center_input_sample": false,
+  "down_block_types": ["SkipDownBlock2D", "SkipDownBlock2D", "SkipDownBlock2D", "SkipDownBlock2D",
+    "AttnSkipDownBlock2D", "SkipDownBlock2D", "SkipDownBlock2D"],
+  "downsample_padding": 1, "flip_sin_to_cos": true, "freq_shift": 0, "in_channels": 3, "layers_per_block": 2,
+  "mid_block_scale_factor": 1.41421356237, "norm_eps": 1e-06, "norm_num_groups": null, "out_channels": 3,
+  "sample_size": 256, "time_embedding_type": "fourier",
+  "up_block_types": ["SkipUpBlock2D", "SkipUpBlock2D", "AttnSkipUpBlock2D", "SkipUpBlock2D", "SkipUpBlock2D",
+    "SkipUpBlock2D", "SkipUpBlock2D"]}"#;
+
+#[test]
+fn an_ncsnpp_config_reads_as_the_preset_and_its_scheduler_as_the_ve_sde() {
+    let got = config::unet2d(&json(NCSNPP_CELEBAHQ), Path::new("unet/config.json")).expect("parse");
+    let want = ModelConfig::preset("ncsnpp-celebahq").expect("preset");
+    assert_eq!(got, want.unet);
+    // Attention after the last ResNet of the 16x16 up level only.
+    assert_eq!(got.up_blocks[2], vec![0, 0, 1]);
+    let sched = config::scheduler(
+        &json(r#"{"_class_name": "ScoreSdeVeScheduler", "num_train_timesteps": 2000, "sigma_max": 348.0, "sigma_min": 0.01, "snr": 0.15, "sampling_eps": 1e-5, "correct_steps": 1}"#),
+        Path::new("s.json"),
+    )
+    .expect("scheduler");
+    assert_eq!(sched, want.schedule);
+}
+
+#[test]
+fn an_ncsnpp_model_written_as_a_diffusers_folder_reads_back_as_itself() {
+    let mut cfg = ModelConfig::ncsnpp(&[1, 2, 2], 2, 50.0);
+    cfg.unet.model_channels = 16;
+    cfg.unet.head_dim = Some(8);
+    cfg.unet.num_heads = None;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let out = dir.path().join("ncsnpp");
+    crate::synth::synth(
+        &cfg,
+        crate::synth::Format::Diffusers,
+        &out,
+        0,
+        DType::F32,
+        false,
+        &mut |_, _| {},
+    )
+    .expect("synth");
+    let index = std::fs::read_to_string(out.join("model_index.json")).expect("index");
+    assert!(index.contains("ScoreSdeVePipeline"), "{index}");
+    assert_eq!(read_config(&out).expect("read"), cfg);
+    let ck = open(&out).expect("open");
+    for name in [
+        "model.diffusion_model.time_proj.weight",
+        "model.diffusion_model.input_blocks.3.skip_conv.weight",
+        "model.diffusion_model.output_blocks.2.skip_norm.weight",
+    ] {
+        assert!(ck.tensors.iter().any(|t| t.name == name), "{name}");
+    }
 }

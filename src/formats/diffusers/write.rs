@@ -591,7 +591,7 @@ fn text_json(t: &TextEncoderConfig, dtype: DType) -> Value {
 }
 
 /// A `DDPMPipeline` folder: the `UNet2DModel` and a `DDPMScheduler` with the model's
-/// schedule.
+/// schedule; for a score model, a `ScoreSdeVePipeline` with its `ScoreSdeVeScheduler`.
 fn write_ddpm(
     dir: &Path,
     cfg: &ModelConfig,
@@ -618,6 +618,30 @@ fn write_ddpm(
     let sched = dir.join("scheduler");
     mkdir(&sched)?;
     let sc = &cfg.schedule;
+    if let Some(v) = &sc.ve {
+        write_json(
+            &sched.join("scheduler_config.json"),
+            &json!({
+                "_class_name": "ScoreSdeVeScheduler",
+                "_diffusers_version": DIFFUSERS_VERSION,
+                "correct_steps": v.correct_steps,
+                "num_train_timesteps": sc.train_steps,
+                "sampling_eps": shortest(v.sampling_eps),
+                "sigma_max": shortest(v.sigma_max),
+                "sigma_min": shortest(v.sigma_min),
+                "snr": shortest(v.snr),
+            }),
+        )?;
+        return write_json(
+            &dir.join("model_index.json"),
+            &json!({
+                "_class_name": "ScoreSdeVePipeline",
+                "_diffusers_version": DIFFUSERS_VERSION,
+                "scheduler": ["diffusers", "ScoreSdeVeScheduler"],
+                "unet": ["diffusers", "UNet2DModel"],
+            }),
+        );
+    }
     let (kind, start, end) = match sc.betas {
         Betas::Linear { start, end } => ("linear", start, end),
         Betas::ScaledLinear { start, end } => ("scaled_linear", start, end),
@@ -660,18 +684,28 @@ fn shortest(v: f32) -> Value {
 
 /// A `UNet2DModel`'s `config.json` (the inverse of the reader's `unet2d`).
 fn unet2d_json(u: &UnetConfig) -> std::result::Result<Value, String> {
+    let st = &u.style;
     let layers = u.down_blocks.first().map_or(0, Vec::len);
     let uniform = u.down_blocks.iter().all(|l| l.len() == layers)
         && u.up_blocks.iter().all(|l| l.len() == layers + 1);
-    let attn = |l: &[usize]| l.first().is_some_and(|&d| d > 0);
+    let attn = |l: &[usize]| l.last().is_some_and(|&d| d > 0);
+    // An NCSN++ up level has its attention after the last ResNet only.
+    let attn_pattern = |l: &[usize]| {
+        l.iter()
+            .enumerate()
+            .all(|(i, &d)| (d > 0) == (attn(l) && (!st.skip || i + 1 == l.len())))
+    };
     if !uniform
-        || u.up_blocks
+        || !u.up_blocks.iter().all(|l| attn_pattern(l))
+        || u.down_blocks
             .iter()
             .any(|l| l.iter().any(|&d| d > 0) != attn(l))
     {
         return Err("a UNet2DModel has the same ResNet count on every level and attention after all of a level's ResNets or none".into());
     }
-    let st = &u.style;
+    let skip = if st.skip { "Skip" } else { "" };
+    let block =
+        |attn: bool, dir: &str| format!("{}{skip}{dir}Block2D", if attn { "Attn" } else { "" });
     let head_dim = match (u.num_heads, u.head_dim) {
         (Some(1), _) => Value::Null,
         (None, Some(d)) => json!(d),
@@ -685,19 +719,19 @@ fn unet2d_json(u: &UnetConfig) -> std::result::Result<Value, String> {
         "attention_head_dim": head_dim,
         "block_out_channels": u.channel_mult.iter().map(|m| m * u.model_channels).collect::<Vec<_>>(),
         "center_input_sample": false,
-        "down_block_types": u.down_blocks.iter().map(|l| if attn(l) { "AttnDownBlock2D" } else { "DownBlock2D" }).collect::<Vec<_>>(),
+        "down_block_types": u.down_blocks.iter().map(|l| block(attn(l), "Down")).collect::<Vec<_>>(),
         "downsample_padding": st.downsample_padding,
         "flip_sin_to_cos": st.flip_sin_to_cos,
         "freq_shift": shortest(st.freq_shift),
         "in_channels": u.in_channels,
         "layers_per_block": layers,
-        "mid_block_scale_factor": 1,
+        "mid_block_scale_factor": shortest(st.mid_scale),
         "norm_eps": shortest(st.norm_eps),
         "norm_num_groups": st.norm_groups,
         "num_class_embeds": st.num_classes,
         "out_channels": u.out_channels,
-        "time_embedding_type": "positional",
-        "up_block_types": u.up_blocks.iter().map(|l| if attn(l) { "AttnUpBlock2D" } else { "UpBlock2D" }).collect::<Vec<_>>(),
+        "time_embedding_type": st.time_embedding.as_str(),
+        "up_block_types": u.up_blocks.iter().map(|l| block(attn(l), "Up")).collect::<Vec<_>>(),
     }))
 }
 

@@ -4,7 +4,8 @@ use std::collections::HashMap;
 
 use crate::config::{
     Activation, AttentionKind, Betas, Defaults, ModelConfig, NoiseSchedule, Prediction,
-    TextEncoderConfig, TextEncoderKind, TimeId, UnetConfig, UnetStyle, VaeConfig, Variance,
+    TextEncoderConfig, TextEncoderKind, TimeEmbedding, TimeId, UnetConfig, UnetStyle, VaeConfig,
+    Variance, VeSde,
 };
 use crate::error::{Error, Result};
 use crate::formats::gguf::{GgufFile, Value};
@@ -139,8 +140,16 @@ pub fn config_kv(cfg: &ModelConfig) -> Kv {
     put(
         &mut kv,
         format!("{p}norm_groups"),
-        Value::U32(st.norm_groups as u32),
+        // 0: each norm's own min(channels / 4, 32).
+        Value::U32(st.norm_groups.unwrap_or(0) as u32),
     );
+    put(
+        &mut kv,
+        format!("{p}time_embedding"),
+        Value::String(st.time_embedding.as_str().into()),
+    );
+    put(&mut kv, format!("{p}skip"), Value::Bool(st.skip));
+    put(&mut kv, format!("{p}mid_scale"), Value::F32(st.mid_scale));
     put(&mut kv, format!("{p}norm_eps"), Value::F32(st.norm_eps));
     put(
         &mut kv,
@@ -190,6 +199,22 @@ pub fn config_kv(cfg: &ModelConfig) -> Kv {
     );
     if let Some(one) = sc.set_alpha_to_one {
         put(&mut kv, format!("{p}set_alpha_to_one"), Value::Bool(one));
+    }
+    if let Some(v) = &sc.ve {
+        let p = "sd.schedule.ve.";
+        put(&mut kv, format!("{p}sigma_min"), Value::F32(v.sigma_min));
+        put(&mut kv, format!("{p}sigma_max"), Value::F32(v.sigma_max));
+        put(&mut kv, format!("{p}snr"), Value::F32(v.snr));
+        put(
+            &mut kv,
+            format!("{p}sampling_eps"),
+            Value::F32(v.sampling_eps),
+        );
+        put(
+            &mut kv,
+            format!("{p}correct_steps"),
+            Value::U32(v.correct_steps as u32),
+        );
     }
     if let Some(v) = &cfg.vae {
         let p = "sd.vae.";
@@ -455,9 +480,21 @@ impl Reader<'_> {
                     .ok_or_else(|| self.err(&key, "not transformer or self_attention"))?
             }
         };
+        let key = format!("{p}time_embedding");
+        let time_embedding = match self.g.get(&key) {
+            None => d.time_embedding,
+            Some(_) => TimeEmbedding::parse(&self.str(&key)?)
+                .ok_or_else(|| self.err(&key, "not positional or fourier"))?,
+        };
         Ok(UnetStyle {
             attention,
-            norm_groups: self.usize_or(&format!("{p}norm_groups"), d.norm_groups)?,
+            norm_groups: match self.usize_or(&format!("{p}norm_groups"), 32)? {
+                0 => None,
+                n => Some(n),
+            },
+            time_embedding,
+            skip: self.bool_or(&format!("{p}skip"), d.skip)?,
+            mid_scale: self.f32_or(&format!("{p}mid_scale"), d.mid_scale)?,
             norm_eps: self.f32_or(&format!("{p}norm_eps"), d.norm_eps)?,
             flip_sin_to_cos: self.bool_or(&format!("{p}flip_sin_to_cos"), d.flip_sin_to_cos)?,
             freq_shift: self.f32_or(&format!("{p}freq_shift"), d.freq_shift)?,
@@ -515,6 +552,21 @@ impl Reader<'_> {
                 None if self.g.get(&key_betas).is_some() => None,
                 None => d.set_alpha_to_one,
                 Some(_) => Some(self.bool(&format!("{p}set_alpha_to_one"))?),
+            },
+            ve: match self.g.get("sd.schedule.ve.sigma_max") {
+                None => None,
+                Some(_) => {
+                    let p = "sd.schedule.ve.";
+                    let v = VeSde::default();
+                    Some(VeSde {
+                        sigma_min: self.f32_or(&format!("{p}sigma_min"), v.sigma_min)?,
+                        sigma_max: self.f32_or(&format!("{p}sigma_max"), v.sigma_max)?,
+                        snr: self.f32_or(&format!("{p}snr"), v.snr)?,
+                        sampling_eps: self.f32_or(&format!("{p}sampling_eps"), v.sampling_eps)?,
+                        correct_steps: self
+                            .usize_or(&format!("{p}correct_steps"), v.correct_steps)?,
+                    })
+                }
             },
         })
     }
@@ -779,6 +831,22 @@ mod tests {
     }
 
     #[test]
+    fn a_score_models_style_and_ve_sde_read_back_as_written() {
+        let mut ncsnpp = ModelConfig::preset("ncsnpp-celebahq").unwrap();
+        assert_eq!(
+            read_back(&config_kv(&ncsnpp)).unwrap(),
+            Some(ncsnpp.clone())
+        );
+        ncsnpp.schedule.ve = Some(VeSde {
+            snr: 0.17,
+            correct_steps: 2,
+            ..VeSde::default()
+        });
+        ncsnpp.unet.style.norm_groups = Some(16);
+        assert_eq!(read_back(&config_kv(&ncsnpp)).unwrap(), Some(ncsnpp));
+    }
+
+    #[test]
     fn files_written_before_the_style_and_schedule_keys_read_as_sd() {
         let sd = ModelConfig::sd1().shrink();
         let old: Kv = config_kv(&sd)
@@ -793,6 +861,9 @@ mod tests {
                         "sd.unet.freq_shift",
                         "sd.unet.downsample_padding",
                         "sd.unet.num_classes",
+                        "sd.unet.time_embedding",
+                        "sd.unet.skip",
+                        "sd.unet.mid_scale",
                     ]
                     .contains(&k.as_str())
             })
