@@ -60,6 +60,15 @@ fn check(what: &str, want: &[f32], got: &[f32], bound: f64) {
     );
 }
 
+/// The largest difference between 8-bit pixels and a pipeline's `np` image (in [0, 1],
+/// rounded to 8 bits as its PIL output would be).
+fn worst_pixel(rgb: &[u8], want: &[f32]) -> f32 {
+    rgb.iter()
+        .zip(want)
+        .map(|(&a, b)| (a as f32 / 255.0 - (b * 255.0).round() / 255.0).abs())
+        .fold(0f32, f32::max)
+}
+
 /// NCHW planes to NHWC, as the pipelines' `np` output.
 fn nhwc(planar: &[f32], w: usize, h: usize) -> Vec<f32> {
     let n = w * h;
@@ -313,13 +322,7 @@ fn latent_diffusion_samples_and_decodes_through_the_vq_codebook_as_ldm_pipeline(
     req.sampling.sampler = Sampler::Ddim;
     assert_eq!((req.width, req.height), (16, 16));
     let images = model.generate(&req, &Batch::of(1), &mut |_| {}).unwrap();
-    let got: Vec<f32> = images[0].rgb.iter().map(|&v| v as f32 / 255.0).collect();
-    let want = &g["ldm10.image"].1;
-    let worst = got
-        .iter()
-        .zip(want)
-        .map(|(a, b)| (a - (b * 255.0).round() / 255.0).abs())
-        .fold(0f32, f32::max);
+    let worst = worst_pixel(&images[0].rgb, &g["ldm10.image"].1);
     assert!(worst <= 1.5 / 255.0, "ldm10: a pixel {worst} away");
 }
 
@@ -347,18 +350,8 @@ fn the_pipeline_reproduces_diffusers_pipelines_from_the_seed() {
         req.sampling.sampler = sampler;
         req.sampling.eta = eta;
         let images = model.generate(&req, &Batch::of(1), &mut |_| {}).unwrap();
-        let got: Vec<f32> = images[0].rgb.iter().map(|&v| v as f32 / 255.0).collect();
-        let want: Vec<f32> = g[&format!("{run}.image")]
-            .1
-            .iter()
-            .map(|&v| (v * 255.0).round() / 255.0)
-            .collect();
         // 8-bit pixels: at most one level apart where a value sits on a rounding edge.
-        let worst = got
-            .iter()
-            .zip(&want)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0f32, f32::max);
+        let worst = worst_pixel(&images[0].rgb, &g[&format!("{run}.image")].1);
         eprintln!("ddpm {run}: largest pixel difference {worst}");
         assert!(worst <= 1.5 / 255.0, "{run}: a pixel {worst} away");
         assert!(images[0].parameters.contains("Seed: 7"));
@@ -626,33 +619,22 @@ fn a_score_model_samples_as_score_sde_ve_pipeline_from_the_seed_and_refuses_othe
     let images = model.generate(&req, &Batch::of(2), &mut |_| {}).unwrap();
     let want = &g["pc10.image"].1;
     for (k, image) in images.iter().enumerate() {
-        let got: Vec<f32> = image.rgb.iter().map(|&v| v as f32 / 255.0).collect();
-        let want = &want[k * 768..(k + 1) * 768];
-        let worst = got
-            .iter()
-            .zip(want)
-            .map(|(a, b)| (a - (b * 255.0).round() / 255.0).abs())
-            .fold(0f32, f32::max);
+        let worst = worst_pixel(&image.rgb, &want[k * 768..(k + 1) * 768]);
         eprintln!("score-sde image {k}: largest pixel difference {worst}");
         assert!(worst <= 1.5 / 255.0, "image {k}: a pixel {worst} away");
         assert!(image.parameters.contains("Sampler: Score SDE VE"));
     }
-    let mut ddim = req.clone();
-    ddim.sampling.sampler = Sampler::Ddim;
-    let e = model
-        .generate(&ddim, &Batch::of(1), &mut |_| {})
-        .unwrap_err()
-        .to_string();
+    let refusal = |m: &Unconditional, mut req: Request, sampler: Sampler| {
+        req.sampling.sampler = sampler;
+        m.generate(&req, &Batch::of(1), &mut |_| {})
+            .unwrap_err()
+            .to_string()
+    };
+    let e = refusal(&model, req.clone(), Sampler::Ddim);
     assert!(e.contains("samples with score_sde_ve, not ddim"), "{e}");
-
     // And a DDPM model refuses the score sampler.
     let d = convert("ddpm", Type::F16);
     let ddpm = Unconditional::load(&d.path, 2).unwrap();
-    let mut req = ddpm.request();
-    req.sampling.sampler = Sampler::ScoreSdeVe;
-    let e = ddpm
-        .generate(&req, &Batch::of(1), &mut |_| {})
-        .unwrap_err()
-        .to_string();
+    let e = refusal(&ddpm, ddpm.request(), Sampler::ScoreSdeVe);
     assert!(e.contains("for score models"), "{e}");
 }

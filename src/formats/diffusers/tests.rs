@@ -1005,18 +1005,12 @@ fn an_unset_scheduler_option_takes_the_named_schedulers_default() {
     }
 }
 
-#[test]
-fn a_ddpm_model_written_as_a_diffusers_folder_reads_back_as_itself() {
-    let mut cfg = ModelConfig::ddpm(&[1, 2], 1);
-    cfg.unet.model_channels = 32;
-    cfg.unet.style.norm_groups = Some(8);
-    cfg.unet.style.num_classes = Some(4);
-    cfg.unet.head_dim = Some(16);
-    cfg.unet.num_heads = None;
+/// `cfg` with random weights, written as a diffusers folder in a temporary directory.
+fn synth_folder(cfg: &ModelConfig) -> (tempfile::TempDir, std::path::PathBuf) {
     let dir = tempfile::tempdir().expect("temp dir");
-    let out = dir.path().join("ddpm");
+    let out = dir.path().join("model");
     crate::synth::synth(
-        &cfg,
+        cfg,
         crate::synth::Format::Diffusers,
         &out,
         0,
@@ -1025,6 +1019,18 @@ fn a_ddpm_model_written_as_a_diffusers_folder_reads_back_as_itself() {
         &mut |_, _| {},
     )
     .expect("synth");
+    (dir, out)
+}
+
+#[test]
+fn a_ddpm_model_written_as_a_diffusers_folder_reads_back_as_itself() {
+    let mut cfg = ModelConfig::ddpm(&[1, 2], 1);
+    cfg.unet.model_channels = 32;
+    cfg.unet.style.norm_groups = Some(8);
+    cfg.unet.style.num_classes = Some(4);
+    cfg.unet.head_dim = Some(16);
+    cfg.unet.num_heads = None;
+    let (_dir, out) = synth_folder(&cfg);
     assert_eq!(read_config(&out).expect("read"), cfg);
     let ck = open(&out).expect("open");
     assert!(ck
@@ -1066,18 +1072,7 @@ fn an_ncsnpp_model_written_as_a_diffusers_folder_reads_back_as_itself() {
     cfg.unet.model_channels = 16;
     cfg.unet.head_dim = Some(8);
     cfg.unet.num_heads = None;
-    let dir = tempfile::tempdir().expect("temp dir");
-    let out = dir.path().join("ncsnpp");
-    crate::synth::synth(
-        &cfg,
-        crate::synth::Format::Diffusers,
-        &out,
-        0,
-        DType::F32,
-        false,
-        &mut |_, _| {},
-    )
-    .expect("synth");
+    let (_dir, out) = synth_folder(&cfg);
     let index = std::fs::read_to_string(out.join("model_index.json")).expect("index");
     assert!(index.contains("ScoreSdeVePipeline"), "{index}");
     assert_eq!(read_config(&out).expect("read"), cfg);
