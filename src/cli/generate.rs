@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use anyhow::{bail, Result};
 
-use sdrs::pipeline::{Canvas, CanvasOptions, ImageFormat, Init, Pipeline, Request, Stage};
+use sdrs::pipeline::{Canvas, CanvasOptions, Image, ImageFormat, Init, Pipeline, Request, Stage};
 use sdrs::sample::{Sampler, Schedule};
 
 use super::options::RequestFlags;
@@ -89,6 +89,17 @@ pub struct Args {
     /// JPEG quality, 1 to 100.
     #[arg(long, default_value_t = 90, value_parser = clap::value_parser!(u8).range(1..=100))]
     pub(super) quality: u8,
+    /// Upscale each image once it is made, with an ESRGAN-family model (.pth or
+    /// .safetensors; see `sdrs upscale`), before it is written.
+    #[arg(long = "upscale-model")]
+    pub(super) upscale_model: Option<PathBuf>,
+    /// Passes through --upscale-model, each multiplying the size by its scale.
+    #[arg(
+        long = "upscale-repeats",
+        default_value_t = 1,
+        requires = "upscale_model"
+    )]
+    pub(super) upscale_repeats: usize,
     /// What to generate and how: the options every front end shares.
     #[command(flatten)]
     pub(super) request: RequestFlags,
@@ -173,10 +184,29 @@ pub fn run(a: Args, threads: Option<usize>, target: &super::Target) -> Result<()
     if a.batch_count == 0 {
         bail!("--batch-count must be at least 1");
     }
+    if a.upscale_repeats == 0 {
+        bail!("--upscale-repeats must be at least 1");
+    }
+    // The upscaler loads first: a file that is not one is refused before any work.
+    let upscaler = match &a.upscale_model {
+        Some(p) => {
+            let n = threads
+                .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+            Some(sdrs::pipeline::upscale::Upscaler::load(p, n)?)
+        }
+        None => None,
+    };
+    let repeats = a.upscale_repeats;
+    let upscale = |image: Image| -> Result<Image> {
+        match &upscaler {
+            Some(up) => super::upscale::upscale(up, &image, repeats),
+            None => Ok(image),
+        }
+    };
     // A model that takes no prompt has its own run (it reads the model's config only).
     if let Some(m) = a.model.clone() {
         if super::sample::is_unconditional(&m)? {
-            return super::sample::run(a, &m, seed, format, threads);
+            return super::sample::run(a, &m, seed, format, threads, &upscale);
         }
     }
     if !a.classes.is_empty() || a.grid.is_some() {
@@ -247,7 +277,7 @@ pub fn run(a: Args, threads: Option<usize>, target: &super::Target) -> Result<()
             ..req.clone()
         };
         let output = numbered(&a.output, i, a.batch_count);
-        draw(&pipe, &req, &output, format, preview.as_ref())?;
+        draw(&pipe, &req, &output, format, preview.as_ref(), &upscale)?;
     }
     Ok(())
 }
@@ -259,6 +289,7 @@ fn draw(
     output: &std::path::Path,
     format: ImageFormat,
     preview: Option<&(PathBuf, ImageFormat)>,
+    upscale: &dyn Fn(Image) -> Result<Image>,
 ) -> Result<()> {
     let bar = super::progress_bar(
         req.steps as u64,
@@ -282,6 +313,7 @@ fn draw(
         }
     })?;
     bar.finish_and_clear();
+    let image = upscale(image)?;
     image.save(output, format)?;
     let [text, sampling, decode] = image.timings;
     eprintln!(

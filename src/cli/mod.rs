@@ -16,6 +16,7 @@ mod info;
 mod options;
 mod sample;
 mod synth;
+mod upscale;
 
 use std::io::IsTerminal;
 use std::process::ExitCode;
@@ -58,6 +59,7 @@ enum Command {
     Generate(generate::Args),
     Info(info::Args),
     Synth(synth::Args),
+    Upscale(upscale::Args),
 }
 
 pub fn main() -> ExitCode {
@@ -89,6 +91,7 @@ pub fn main() -> ExitCode {
         Command::Generate(a) => generate::run(a, cli.threads, &target),
         Command::Info(a) => info::run(a),
         Command::Synth(a) => synth::run(a),
+        Command::Upscale(a) => upscale::run(a, cli.threads),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

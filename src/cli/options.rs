@@ -115,6 +115,9 @@ mod tests {
         "output",
         "preview",
         "quality",
+        // An ESRGAN pass after generation (the JNI library has no upscaler yet).
+        "upscale-model",
+        "upscale-repeats",
         "help",
         // Global flags.
         "verbose",

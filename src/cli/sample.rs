@@ -40,6 +40,7 @@ pub fn run(
     seed: u64,
     format: ImageFormat,
     threads: Option<usize>,
+    upscale: &dyn Fn(Image) -> Result<Image>,
 ) -> Result<()> {
     let refuse = |what: &str| -> Result<()> {
         bail!("{} takes no {what}: it samples from noise alone (an unconditional or class-conditional model)", path.display())
@@ -117,6 +118,10 @@ pub fn run(
         }
     })?;
     bar.finish_and_clear();
+    let images = images
+        .into_iter()
+        .map(upscale)
+        .collect::<Result<Vec<_>>>()?;
     for (i, image) in images.iter().enumerate() {
         image.save(&numbered(&a.output, i, images.len()), format)?;
     }

@@ -238,6 +238,12 @@ impl Context<'_> {
         // SAFETY: unary op.
         self.op(unsafe { sys::ggml_relu(self.raw(), a.raw()) })
     }
+    /// `max(x, 0) + slope · min(x, 0)`.
+    pub fn leaky_relu<'c>(&'c self, a: Tensor<'c>, slope: f32) -> Result<Tensor<'c>> {
+        need_f32("leaky_relu", "input", a)?;
+        // SAFETY: unary op on an f32 tensor.
+        self.op(unsafe { sys::ggml_leaky_relu(self.raw(), a.raw(), slope, false) })
+    }
     pub fn tanh<'c>(&'c self, a: Tensor<'c>) -> Result<Tensor<'c>> {
         // SAFETY: unary op.
         self.op(unsafe { sys::ggml_tanh(self.raw(), a.raw()) })

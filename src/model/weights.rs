@@ -108,6 +108,11 @@ impl<'g> Weights<'g> {
         })
     }
 
+    /// The file the weights come from.
+    pub fn path(&self) -> &std::path::Path {
+        &self.path
+    }
+
     /// The context holding the weights (graphs over them follow where it lives).
     pub(crate) fn context(&self) -> &Context<'g> {
         &self.ctx

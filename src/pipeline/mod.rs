@@ -36,6 +36,7 @@ mod stages;
 mod start;
 mod text;
 pub mod unconditional;
+pub mod upscale;
 
 pub use canvas::{Canvas, CanvasOptions};
 use guidance::Guidance;

@@ -94,6 +94,18 @@ impl Image {
         staged.commit()
     }
 
+    /// A picture file (PNG or JPEG) as an image without parameters.
+    pub fn open(path: &Path) -> Result<Image> {
+        let img = super::canvas::read(path)?.to_rgb8();
+        Ok(Image {
+            width: img.width() as usize,
+            height: img.height() as usize,
+            rgb: img.into_raw(),
+            parameters: String::new(),
+            timings: [0.0; 3],
+        })
+    }
+
     /// Writes a PNG with a `parameters` text chunk, atomically.
     pub fn save_png(&self, path: &Path) -> Result<()> {
         self.save(path, ImageFormat::Png)

@@ -35,6 +35,12 @@ fi
   trampoline==0.1.2 \
   torchdiffeq==0.2.5 \
   scipy==1.17.1
+# tools/reference/esrgan_fixtures.py: spandrel's RRDBNet and SRVGGNetCompact (its package
+# imports torchvision; --no-deps keeps torch at the pin above, which that wheel loads with).
+"$VENV/bin/python" -m pip install --disable-pip-version-check -q --no-deps \
+  spandrel==0.4.2 \
+  einops==0.8.2 \
+  torchvision==0.29.2
 "$VENV/bin/python" - <<'EOF'
 import diffusers, numpy, safetensors, torch, transformers
 print("sdrs reference: torch", torch.__version__, "diffusers", diffusers.__version__,
@@ -44,3 +50,4 @@ echo "sdrs reference: run  $VENV/bin/python tools/reference/make_fixtures.py --o
 echo "sdrs reference: and   $VENV/bin/python tools/reference/sampler_fixtures.py --out tests/fixtures/samplers" >&2
 echo "sdrs reference: and   $VENV/bin/python tools/reference/ddpm_fixtures.py --out tests/fixtures/ref" >&2
 echo "sdrs reference: and   $VENV/bin/python tools/reference/score_sde_fixtures.py --out tests/fixtures/ref" >&2
+echo "sdrs reference: and   $VENV/bin/python tools/reference/esrgan_fixtures.py --out tests/fixtures/ref" >&2

@@ -1,0 +1,133 @@
+//! Super-resolution with an ESRGAN-family network ([`esrgan`]): a picture in, a picture
+//! `scale` times larger out, run in overlapping tiles so the compute buffer is one
+//! tile's whatever the picture's size.
+//!
+//! ```no_run
+//! use sdrs::pipeline::upscale::Upscaler;
+//! let up = Upscaler::load("RealESRGAN_x4plus.pth".as_ref(), 2)?;
+//! let small = sdrs::pipeline::Image::open("small.png".as_ref())?;
+//! up.upscale(&small, 1, &mut |_, _| Ok(()))?.save_png("large.png".as_ref())?;
+//! # Ok::<(), sdrs::Error>(())
+//! ```
+use std::path::{Path, PathBuf};
+
+use super::{to_rgb8, Image};
+use crate::error::{Error, Result};
+use crate::formats::Checkpoint;
+use crate::ggml::Backend;
+use crate::model::esrgan::{self, Arch};
+use crate::model::tile::Tick;
+use crate::model::Weights;
+
+/// Input pixels per tile side by default: a 4x RRDBNet's buffer for it stays near
+/// 1 GiB; smaller tiles for less.
+pub const TILE: usize = 192;
+
+/// An upscaler's weights, where they compute, and what network they make.
+pub struct Upscaler {
+    weights: Weights<'static>,
+    pub arch: Arch,
+    backend: Backend,
+    path: PathBuf,
+    /// Input pixels per tile side.
+    pub tile: usize,
+}
+
+impl Upscaler {
+    /// Reads an ESRGAN-family checkpoint (`.pth` through the restricted unpickler, or
+    /// `.safetensors`) into f32 weights and recognises its network.
+    pub fn load(path: &Path, threads: usize) -> Result<Self> {
+        let ck = Checkpoint::open(path)?;
+        let mut list = Vec::new();
+        for t in ck.tensors.iter().filter(|t| t.dtype.is_float()) {
+            let ne: Vec<usize> = t.shape.iter().rev().copied().collect();
+            list.push((t.name.clone(), ne, t.read_f32()?));
+        }
+        let backend = Backend::cpu(threads)?;
+        let weights = Weights::from_f32(path, esrgan::normalize(list), &backend)?;
+        let arch = esrgan::detect(&weights)?;
+        Ok(Upscaler {
+            weights,
+            arch,
+            backend,
+            path: path.to_path_buf(),
+            tile: TILE,
+        })
+    }
+
+    pub fn scale(&self) -> usize {
+        self.arch.scale()
+    }
+
+    /// The compute buffer of one tile.
+    pub fn tile_bytes(&self) -> Result<usize> {
+        esrgan::tile_bytes(&self.weights, &self.arch, self.tile)
+    }
+
+    /// RGB planes `[3][h][w]` in [0, 1] through the network once: `[3][h·s][w·s]`,
+    /// unclamped.
+    pub fn upscale_planes(
+        &self,
+        rgb: &[f32],
+        size: (usize, usize),
+        tick: Tick<'_>,
+    ) -> Result<Vec<f32>> {
+        esrgan::upscale(
+            &self.weights,
+            &self.arch,
+            rgb,
+            size,
+            self.tile,
+            &self.backend,
+            tick,
+        )
+    }
+
+    /// `image` upscaled `repeats` times; its parameters gain the upscaler's name and
+    /// the factor. `tick(done, total)` after each tile of each pass.
+    pub fn upscale(&self, image: &Image, repeats: usize, tick: Tick<'_>) -> Result<Image> {
+        if repeats == 0 {
+            return Err(Error::Invalid("an upscale needs at least one pass".into()));
+        }
+        let (mut w, mut h) = (image.width, image.height);
+        let n = w * h;
+        let mut rgb: Vec<f32> = (0..3 * n)
+            .map(|i| image.rgb[(i % n) * 3 + i / n] as f32 / 255.0)
+            .collect();
+        let s = self.scale();
+        for _ in 0..repeats {
+            let side = |v: usize| {
+                v.checked_mul(s)
+                    .filter(|&v| v <= super::canvas::MAX_SIDE as usize)
+            };
+            let (Some(nw), Some(nh)) = (side(w), side(h)) else {
+                return Err(Error::Invalid(format!(
+                    "{w}x{h} upscaled {s}x would pass the {} pixel side limit",
+                    super::canvas::MAX_SIDE
+                )));
+            };
+            rgb = self.upscale_planes(&rgb, (w, h), &mut *tick)?;
+            (w, h) = (nw, nh);
+        }
+        let name = self
+            .path
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let factor = s.pow(repeats as u32);
+        // A1111's names for an upscale after generation (its "Extras").
+        let upscaled = format!("Postprocess upscaler: {name}, Postprocess upscale by: {factor}");
+        let parameters = if image.parameters.is_empty() {
+            upscaled
+        } else {
+            format!("{}, {upscaled}", image.parameters)
+        };
+        Ok(Image {
+            width: w,
+            height: h,
+            rgb: to_rgb8(&rgb, w * h, true),
+            parameters,
+            timings: image.timings,
+        })
+    }
+}

@@ -1,0 +1,144 @@
+//! ESRGAN-family upscalers against spandrel (`tools/reference/esrgan_fixtures.py`):
+//! tiny random RRDBNets and a compact SRVGG network in the published file layouts
+//! (Real-ESRGAN's `params_ema` `.pth`, the original ESRGAN names, safetensors).
+mod common;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use common::*;
+use sdrs::formats::Checkpoint;
+use sdrs::model::esrgan::Arch;
+use sdrs::pipeline::upscale::Upscaler;
+use sdrs::pipeline::Image;
+
+fn dir() -> PathBuf {
+    sdrs::testdata::fixture("ref").join("esrgan")
+}
+
+fn golden() -> HashMap<String, Vec<f32>> {
+    let ck = Checkpoint::open(&dir().join("golden.safetensors")).unwrap();
+    ck.tensors
+        .iter()
+        .map(|t| (t.name.clone(), t.read_f32().unwrap()))
+        .collect()
+}
+
+const FILES: [&str; 4] = [
+    "rrdb-x4.pth",
+    "rrdb-x2.pth",
+    "esrgan-old-x4.pth",
+    "compact-x4.safetensors",
+];
+
+#[test]
+fn each_published_layout_is_recognised_and_upscales_as_spandrel_does() {
+    let g = golden();
+    let input = &g["input"];
+    for f in FILES {
+        let up = Upscaler::load(&dir().join(f), 2).unwrap();
+        let want_arch = match f {
+            "compact-x4.safetensors" => Arch::Compact {
+                features: 8,
+                convs: 3,
+                scale: 4,
+            },
+            _ => Arch::Rrdb {
+                features: 8,
+                blocks: 1,
+                grow: 32,
+                unshuffle: if f == "rrdb-x2.pth" { 2 } else { 1 },
+                doublings: 2,
+            },
+        };
+        assert_eq!(up.arch, want_arch, "{f}");
+        let got = up
+            .upscale_planes(input, (24, 20), &mut |_, _| Ok(()))
+            .unwrap();
+        let stem = f.rsplit_once('.').unwrap().0;
+        let want = &g[&format!("out.{stem}")];
+        let e = rel_rms(want, &got);
+        eprintln!("{f}: relative RMS error {e:.2e}");
+        assert!(e <= 1e-4, "{f}: relative RMS error {e:.3e}");
+    }
+}
+
+#[test]
+fn tiles_cover_the_image_and_blend_close_to_the_whole_run() {
+    // A 64x48 picture: smooth gradients with some texture, as photos are.
+    let (w, h) = (64, 48);
+    let input: Vec<f32> = (0..3 * w * h)
+        .map(|i| {
+            let (c, y, x) = (i / (w * h), i / w % h, i % w);
+            let v = 0.5 + 0.3 * ((x as f32 * 0.21 + c as f32).sin() * (y as f32 * 0.13).cos());
+            v + 0.05 * (((i * 7919) % 101) as f32 / 101.0 - 0.5)
+        })
+        .collect();
+    // Bounds twice what random weights give (a random network's edge effects reach
+    // far further than a trained one's); a misplaced tile would be off by O(1).
+    for (f, bound) in [
+        ("compact-x4.safetensors", 8e-3),
+        ("rrdb-x4.pth", 3e-2),
+        ("rrdb-x2.pth", 1.5e-1),
+    ] {
+        let mut up = Upscaler::load(&dir().join(f), 2).unwrap();
+        let whole = up
+            .upscale_planes(&input, (w, h), &mut |_, _| Ok(()))
+            .unwrap();
+        up.tile = 32;
+        let mut tiles = 0;
+        let got = up
+            .upscale_planes(&input, (w, h), &mut |done, total| {
+                tiles = total;
+                assert!(done <= total);
+                Ok(())
+            })
+            .unwrap();
+        assert!(tiles >= 4, "{f}: {tiles} tiles");
+        assert_eq!(got.len(), whole.len());
+        let e = rel_rms(&whole, &got);
+        eprintln!("{f} in {tiles} tiles of 32 pixels: relative RMS error {e:.2e}");
+        // Tiles overlap by 16 pixels (x2: 8 folded units), blended linearly; every
+        // network here reaches past a tile's edge, so tiles approach the whole run.
+        assert!(
+            e <= bound,
+            "{f}: relative RMS error {e:.3e} over {bound:.0e}"
+        );
+    }
+}
+
+#[test]
+fn an_image_upscales_with_its_parameters_and_odd_sides_are_padded() {
+    let up = Upscaler::load(&dir().join("rrdb-x2.pth"), 2).unwrap();
+    let image = Image {
+        width: 7,
+        height: 5,
+        rgb: (0..7 * 5 * 3).map(|v| (v * 7 % 256) as u8).collect(),
+        parameters: "Steps: 4".into(),
+        timings: [0.0; 3],
+    };
+    let out = up.upscale(&image, 2, &mut |_, _| Ok(())).unwrap();
+    assert_eq!((out.width, out.height), (28, 20));
+    assert_eq!(out.rgb.len(), 28 * 20 * 3);
+    assert!(
+        out.parameters.starts_with("Steps: 4, ")
+            && out.parameters.contains("Postprocess upscale by: 4"),
+        "{}",
+        out.parameters
+    );
+}
+
+#[test]
+fn files_that_are_not_upscalers_are_refused_naming_the_file() {
+    let e = Upscaler::load(
+        &sdrs::testdata::fixture("ref").join("esrgan/golden.safetensors"),
+        1,
+    )
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(
+        e.contains("golden.safetensors") && e.contains("not an ESRGAN-family upscaler"),
+        "{e}"
+    );
+}
