@@ -4,6 +4,8 @@ use std::sync::Arc;
 
 use anyhow::{bail, Result};
 
+use sdrs::pipeline::hires::Hires;
+use sdrs::pipeline::upscale::Upscaler;
 use sdrs::pipeline::{Canvas, CanvasOptions, Image, ImageFormat, Init, Pipeline, Request, Stage};
 use sdrs::sample::{Sampler, Schedule};
 
@@ -100,6 +102,23 @@ pub struct Args {
         requires = "upscale_model"
     )]
     pub(super) upscale_repeats: usize,
+    /// Hires fix: make the image, enlarge it this many times (--hires-upscaler, else
+    /// Lanczos) and repaint it at that size by img2img with the same prompt and seed.
+    #[arg(long = "hires-scale")]
+    pub(super) hires_scale: Option<f64>,
+    /// The hires pass's steps before its denoising cut [default: --steps].
+    #[arg(long = "hires-steps", requires = "hires_scale")]
+    pub(super) hires_steps: Option<usize>,
+    /// How much the hires pass repaints (it runs the last steps·D of its steps).
+    #[arg(
+        long = "hires-denoise",
+        default_value_t = 0.7,
+        requires = "hires_scale"
+    )]
+    pub(super) hires_denoise: f64,
+    /// An ESRGAN-family model that enlarges the first pass for the hires fix.
+    #[arg(long = "hires-upscaler", requires = "hires_scale")]
+    pub(super) hires_upscaler: Option<PathBuf>,
     /// What to generate and how: the options every front end shares.
     #[command(flatten)]
     pub(super) request: RequestFlags,
@@ -187,15 +206,23 @@ pub fn run(a: Args, threads: Option<usize>, target: &super::Target) -> Result<()
     if a.upscale_repeats == 0 {
         bail!("--upscale-repeats must be at least 1");
     }
-    // The upscaler loads first: a file that is not one is refused before any work.
-    let upscaler = match &a.upscale_model {
-        Some(p) => {
-            let n = threads
-                .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-            Some(sdrs::pipeline::upscale::Upscaler::load(p, n)?)
-        }
-        None => None,
+    // Upscalers load first: a file that is not one is refused before any work.
+    let load_upscaler = |path: &Option<PathBuf>| -> Result<Option<Upscaler>> {
+        let n =
+            threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+        Ok(match path {
+            Some(p) => Some(Upscaler::load(p, n)?),
+            None => None,
+        })
     };
+    let upscaler = load_upscaler(&a.upscale_model)?;
+    let hires_upscaler = load_upscaler(&a.hires_upscaler)?;
+    let hires = a.hires_scale.map(|scale| Hires {
+        scale,
+        steps: a.hires_steps,
+        denoise: a.hires_denoise,
+        upscaler: hires_upscaler.as_ref(),
+    });
     let repeats = a.upscale_repeats;
     let upscale = |image: Image| -> Result<Image> {
         match &upscaler {
@@ -206,6 +233,12 @@ pub fn run(a: Args, threads: Option<usize>, target: &super::Target) -> Result<()
     // A model that takes no prompt has its own run (it reads the model's config only).
     if let Some(m) = a.model.clone() {
         if super::sample::is_unconditional(&m)? {
+            if hires.is_some() {
+                bail!(
+                    "the hires fix repaints with a prompt: {} samples from noise alone",
+                    m.display()
+                );
+            }
             return super::sample::run(a, &m, seed, format, threads, &upscale);
         }
     }
@@ -259,6 +292,13 @@ pub fn run(a: Args, threads: Option<usize>, target: &super::Target) -> Result<()
         None => 0,
     };
     pipe.latent_size(req.width, req.height)?;
+    if let Some(h) = &hires {
+        let (w, ht) = h.size((req.width, req.height), pipe.size_multiple());
+        pipe.latent_size(w, ht)?;
+        if req.init.is_some() {
+            bail!("--hires-scale repaints a text-to-image result: it takes no --init-img");
+        }
+    }
     if a.plan_only {
         let plan = pipe.plan(&req)?;
         return super::print_stdout(&format!(
@@ -277,7 +317,14 @@ pub fn run(a: Args, threads: Option<usize>, target: &super::Target) -> Result<()
             ..req.clone()
         };
         let output = numbered(&a.output, i, a.batch_count);
-        draw(&pipe, &req, &output, format, preview.as_ref(), &upscale)?;
+        let hires = hires.as_ref();
+        draw(
+            &pipe,
+            (&req, hires),
+            &output,
+            (format, preview.as_ref()),
+            &upscale,
+        )?;
     }
     Ok(())
 }
@@ -285,17 +332,16 @@ pub fn run(a: Args, threads: Option<usize>, target: &super::Target) -> Result<()
 /// One image of the batch, drawn and written.
 fn draw(
     pipe: &Pipeline,
-    req: &Request,
+    (req, hires): (&Request, Option<&Hires<'_>>),
     output: &std::path::Path,
-    format: ImageFormat,
-    preview: Option<&(PathBuf, ImageFormat)>,
+    (format, preview): (ImageFormat, Option<&(PathBuf, ImageFormat)>),
     upscale: &dyn Fn(Image) -> Result<Image>,
 ) -> Result<()> {
     let bar = super::progress_bar(
         req.steps as u64,
         "{spinner} [{bar:30}] step {pos}/{len} {per_sec} {msg}",
     );
-    let image = pipe.generate(req, &mut |s| match s {
+    let mut on_stage = |s: Stage| match s {
         Stage::TextEncoded | Stage::Sampling { .. } => bar.set_message("sampling"),
         Stage::Step { done, total } => {
             bar.set_length(total as u64);
@@ -311,7 +357,11 @@ fn draw(
                 }
             }
         }
-    })?;
+    };
+    let image = match hires {
+        Some(h) => pipe.generate_hires(req, h, &mut on_stage)?,
+        None => pipe.generate(req, &mut on_stage)?,
+    };
     bar.finish_and_clear();
     let image = upscale(image)?;
     image.save(output, format)?;

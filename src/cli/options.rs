@@ -118,6 +118,10 @@ mod tests {
         // An ESRGAN pass after generation (the JNI library has no upscaler yet).
         "upscale-model",
         "upscale-repeats",
+        "hires-scale",
+        "hires-steps",
+        "hires-denoise",
+        "hires-upscaler",
         "help",
         // Global flags.
         "verbose",

@@ -25,6 +25,7 @@ use crate::tokenizer::ClipTokenizer;
 
 pub(crate) mod canvas;
 mod guidance;
+pub mod hires;
 mod infotext;
 mod lora;
 pub mod options;

@@ -55,6 +55,14 @@ impl Upscaler {
         })
     }
 
+    /// The upscaler's file name without its extension, as infotexts name it.
+    pub fn name(&self) -> String {
+        self.path
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    }
+
     pub fn scale(&self) -> usize {
         self.arch.scale()
     }
@@ -109,11 +117,7 @@ impl Upscaler {
             rgb = self.upscale_planes(&rgb, (w, h), &mut *tick)?;
             (w, h) = (nw, nh);
         }
-        let name = self
-            .path
-            .file_stem()
-            .map(|s| s.to_string_lossy().into_owned())
-            .unwrap_or_default();
+        let name = self.name();
         let factor = s.pow(repeats as u32);
         // A1111's names for an upscale after generation (its "Extras").
         let upscaled = format!("Postprocess upscaler: {name}, Postprocess upscale by: {factor}");
