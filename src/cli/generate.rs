@@ -301,12 +301,22 @@ pub fn run(a: Args, threads: Option<usize>, target: &super::Target) -> Result<()
     }
     if a.plan_only {
         let plan = pipe.plan(&req)?;
-        return super::print_stdout(&format!(
+        let mut text = format!(
             "memory plan for {}x{}:\n{}\n",
             req.width,
             req.height,
             plan.summary()
-        ));
+        );
+        if let Some(h) = &hires {
+            let second = h.second_pass(&req, pipe.size_multiple(), None);
+            text += &format!(
+                "hires pass at {}x{}:\n{}\n",
+                second.width,
+                second.height,
+                pipe.plan(&second)?.summary()
+            );
+        }
+        return super::print_stdout(&text);
     }
     if a.seed == -1 {
         eprintln!("seed {seed}");

@@ -54,6 +54,30 @@ impl Hires<'_> {
         (side(w), side(h))
     }
 
+    /// The second pass's request: `req` at the larger size and the hires steps,
+    /// repainting `rgb` (a grey stand-in of the right size when `None`, for planning).
+    pub fn second_pass(&self, req: &Request, multiple: usize, rgb: Option<Vec<u8>>) -> Request {
+        let (width, height) = self.size((req.width, req.height), multiple);
+        let canvas = Canvas {
+            width,
+            height,
+            rgb: rgb.unwrap_or_else(|| vec![128; 3 * width * height]),
+            mask: None,
+            mask_blur: 0.0,
+        };
+        Request {
+            width,
+            height,
+            steps: self.steps.unwrap_or(req.steps),
+            init: Some(Init {
+                canvas: Arc::new(canvas),
+                strength: Some(self.denoise),
+                overlay: false,
+            }),
+            ..req.clone()
+        }
+    }
+
     fn upscaler_name(&self) -> String {
         self.upscaler
             .map_or_else(|| "Lanczos".into(), Upscaler::name)
@@ -76,17 +100,10 @@ impl Pipeline {
             ));
         }
         let (w, h) = hires.size((req.width, req.height), self.size_multiple());
-        self.latent_size(w, h)?;
         let steps = hires.steps.unwrap_or(req.steps);
-        let second = Request {
-            width: w,
-            height: h,
-            steps,
-            ..req.clone()
-        };
         // Both passes fit before either runs.
         self.plan(req)?;
-        self.plan(&second)?;
+        self.plan(&hires.second_pass(req, self.size_multiple(), None))?;
         let first = self.generate(req, progress)?;
         let cancel = req.cancel.clone();
         let enlarged = match hires.upscaler {
@@ -100,21 +117,7 @@ impl Pipeline {
             RgbImage::from_raw(enlarged.width as u32, enlarged.height as u32, enlarged.rgb)
                 .ok_or_else(|| Error::Invalid("the enlarged picture has the wrong size".into()))?;
         let resized = imageops::resize(&rgb, w as u32, h as u32, imageops::FilterType::Lanczos3);
-        let canvas = Canvas {
-            width: w,
-            height: h,
-            rgb: resized.into_raw(),
-            mask: None,
-            mask_blur: 0.0,
-        };
-        let second = Request {
-            init: Some(Init {
-                canvas: Arc::new(canvas),
-                strength: Some(hires.denoise),
-                overlay: false,
-            }),
-            ..second
-        };
+        let second = hires.second_pass(req, self.size_multiple(), Some(resized.into_raw()));
         let mut image = self.generate(&second, progress)?;
         image.parameters = format!(
             "{}, Denoising strength: {}, Hires upscale: {}, Hires steps: {steps}, Hires upscaler: {}",
