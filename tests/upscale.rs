@@ -142,3 +142,67 @@ fn files_that_are_not_upscalers_are_refused_naming_the_file() {
         "{e}"
     );
 }
+
+#[test]
+fn a_memory_budget_shrinks_the_tile_and_one_too_small_is_refused() {
+    let mut up = Upscaler::load(&dir().join("rrdb-x4.pth"), 1).unwrap();
+    let size = (256, 256);
+    let whole = up.need(size).unwrap();
+    up.tile = 64;
+    let small = up.need(size).unwrap();
+    assert!(small.compute < whole.compute);
+    // What a 64-pixel tile needs fits; the default tile's does not.
+    up.tile = 192;
+    up.fit(size, Some(sdrs::budget::OVERHEAD + small.total()))
+        .unwrap();
+    assert!(up.tile <= 64, "tile {}", up.tile);
+    let e = up
+        .fit(size, Some(sdrs::budget::OVERHEAD + small.weights))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("cannot fit") && e.contains("smallest tile"),
+        "{e}"
+    );
+}
+
+#[test]
+fn the_upscale_command_writes_the_larger_picture_and_plans_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let small = tmp.path().join("small.png");
+    let image = Image {
+        width: 24,
+        height: 16,
+        rgb: (0..24 * 16 * 3).map(|v| (v * 5 % 256) as u8).collect(),
+        parameters: String::new(),
+        timings: [0.0; 3],
+    };
+    image.save_png(&small).unwrap();
+    let model = dir().join("compact-x4.safetensors");
+    let out = tmp.path().join("big.png");
+    let run = |extra: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_sdrs"))
+            .arg("upscale")
+            .arg(&small)
+            .arg("-m")
+            .arg(&model)
+            .arg("-o")
+            .arg(&out)
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let o = run(&["--repeats", "2"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let big = image::open(&out).unwrap();
+    assert_eq!((big.width(), big.height()), (24 * 16, 16 * 16));
+    let o = run(&["--plan"]);
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success() && text.contains("upscale 24x16 to 96x64") && text.contains("compute"),
+        "{text}"
+    );
+    let o = run(&["--max-memory", "1M"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("cannot fit"), "{err}");
+}

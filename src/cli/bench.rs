@@ -13,8 +13,12 @@ use sdrs::sample::Sampler;
 #[derive(clap::Args)]
 pub struct Args {
     /// Model GGUF. Without it, `--synth` builds a random-weight model of a real architecture.
-    #[arg(short, long, required_unless_present_any = ["synth", "compare"])]
+    #[arg(short, long, required_unless_present_any = ["synth", "compare", "upscale_model"])]
     model: Option<PathBuf>,
+    /// Measure an ESRGAN-family upscaler (.pth or .safetensors) on --sizes square
+    /// pictures instead: seconds, tile, compute buffer, peak memory.
+    #[arg(long = "upscale-model", conflicts_with_all = ["model", "synth"])]
+    upscale_model: Option<PathBuf>,
     /// Compare two earlier `--json` reports side by side (no measurement).
     #[arg(long, num_args = 2, value_names = ["A.json", "B.json"])]
     compare: Option<Vec<PathBuf>>,
@@ -60,6 +64,9 @@ pub fn run(a: Args, threads: Option<usize>, target: &super::Target) -> Result<()
     }
     let threads =
         threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    if let Some(path) = &a.upscale_model {
+        return upscaler(&a, path, threads);
+    }
     let tmp = tempfile::tempdir()?;
     let model = match (&a.model, &a.synth) {
         (Some(m), _) => m.clone(),
@@ -403,6 +410,84 @@ fn unconditional(a: &Args, model: &std::path::Path, threads: usize) -> Result<()
             f(&r["decode_s"]),
             f(&r["unet_gflop"]),
             f(&r["unet_gflops"])
+        );
+    }
+    out!(o, "peak RSS {:.0} MB", peak as f64 / 1e6);
+    super::print_stdout(&o)
+}
+
+/// An upscaler on `--sizes` square pictures of smooth noise.
+fn upscaler(a: &Args, path: &std::path::Path, threads: usize) -> Result<()> {
+    use sdrs::pipeline::upscale::{Upscaler, TILE};
+    let t = Instant::now();
+    let mut up = Upscaler::load(path, threads)?;
+    let load_s = t.elapsed().as_secs_f64();
+    let mut rows = Vec::new();
+    for &size in &a.sizes {
+        let rgb: Vec<u8> = (0..size * size * 3)
+            .map(|i| (((i / 3 % size) * 255 / size.max(1)) ^ (i * 2654435761 % 64)) as u8)
+            .collect();
+        let image = sdrs::pipeline::Image {
+            width: size,
+            height: size,
+            rgb,
+            parameters: String::new(),
+            timings: [0.0; 3],
+        };
+        up.tile = TILE;
+        up.fit((size, size), a.max_memory)?;
+        let need = up.need((size, size))?;
+        let t = Instant::now();
+        let mut tiles = 0;
+        up.upscale(&image, 1, &mut |_, total| {
+            tiles = total;
+            Ok(())
+        })?;
+        rows.push(serde_json::json!({
+            "size": size, "seconds": t.elapsed().as_secs_f64(), "tile": up.tile, "tiles": tiles,
+            "compute_bytes": need.compute, "planned_bytes": need.total() + sdrs::budget::OVERHEAD,
+        }));
+    }
+    let (peak, _) = memory::peak_and_current();
+    let report = serde_json::json!({
+        "upscaler": path.file_name().map(|n| n.to_string_lossy().into_owned()),
+        "architecture": up.arch.describe(), "threads": threads, "load_s": load_s,
+        "peak_rss_bytes": peak, "runs": rows,
+        "machine": { "cpu": sdrs::ggml::cpu_backend_info()?.description, "cpu_features": sdrs::cpu::features() },
+    });
+    if a.json {
+        return super::print_stdout(&serde_json::to_string_pretty(&report)?);
+    }
+    let mut o = String::new();
+    out!(
+        o,
+        "{} ({}), {threads} threads, load {load_s:.2} s, on {}",
+        report["upscaler"].as_str().unwrap_or("?"),
+        up.arch.describe(),
+        report["machine"]["cpu"].as_str().unwrap_or("?")
+    );
+    out!(
+        o,
+        "{:>6} {:>10} {:>6} {:>6} {:>12} {:>12}",
+        "size",
+        "seconds",
+        "tile",
+        "tiles",
+        "compute MiB",
+        "planned MiB"
+    );
+    for r in &rows {
+        let mib = |v: &serde_json::Value| v.as_f64().unwrap_or(0.0) / (1 << 20) as f64;
+        let n = |v: &serde_json::Value| v.as_u64().unwrap_or(0);
+        out!(
+            o,
+            "{:>6} {:>10.2} {:>6} {:>6} {:>12.0} {:>12.0}",
+            n(&r["size"]),
+            r["seconds"].as_f64().unwrap_or(0.0),
+            n(&r["tile"]),
+            n(&r["tiles"]),
+            mib(&r["compute_bytes"]),
+            mib(&r["planned_bytes"])
         );
     }
     out!(o, "peak RSS {:.0} MB", peak as f64 / 1e6);

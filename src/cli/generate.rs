@@ -307,6 +307,9 @@ pub fn run(a: Args, threads: Option<usize>, target: &super::Target) -> Result<()
             req.height,
             plan.summary()
         );
+        if let Some(up) = &upscaler {
+            text += &super::upscale::plan_text(up, (req.width, req.height))?;
+        }
         if let Some(h) = &hires {
             let second = h.second_pass(&req, pipe.size_multiple(), None);
             text += &format!(

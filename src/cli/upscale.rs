@@ -30,6 +30,13 @@ pub struct Args {
     /// JPEG quality, 1 to 100.
     #[arg(long, default_value_t = 90, value_parser = clap::value_parser!(u8).range(1..=100))]
     pub quality: u8,
+    /// Memory budget (e.g. 512M, 2G): the tile shrinks until a pass fits it [default:
+    /// this process's memory cgroup limit, if any].
+    #[arg(long = "max-memory", value_parser = super::generate::parse_budget)]
+    pub max_memory: Option<u64>,
+    /// Print what a pass needs (weights, one tile's compute buffer, the pictures) and exit.
+    #[arg(long = "plan")]
+    pub plan_only: bool,
 }
 
 pub fn run(a: Args, threads: Option<usize>) -> Result<()> {
@@ -42,10 +49,30 @@ pub fn run(a: Args, threads: Option<usize>) -> Result<()> {
         threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     let mut up = Upscaler::load(&a.model, threads)?;
     up.tile = a.tile;
+    up.fit((image.width, image.height), a.max_memory)?;
     log::info!("{}: {}", a.model.display(), up.arch.describe());
+    if a.plan_only {
+        return super::print_stdout(&plan_text(&up, (image.width, image.height))?);
+    }
     let out = upscale(&up, &image, a.repeats)?;
     out.save(&a.output, format)?;
     Ok(())
+}
+
+/// What one pass over a `w`x`h` picture needs, for `--plan`.
+pub fn plan_text(up: &Upscaler, (w, h): (usize, usize)) -> Result<String> {
+    let n = up.need((w, h))?;
+    Ok(format!(
+        "upscale {w}x{h} to {}x{} ({}), tiles of up to {} pixels:\n  upscale  {} = weights {} + compute {} + pictures {}\n",
+        w * up.scale(),
+        h * up.scale(),
+        up.arch.describe(),
+        up.tile.min(w.max(h)),
+        sdrs::budget::mib(n.total()),
+        sdrs::budget::mib(n.weights),
+        sdrs::budget::mib(n.compute),
+        sdrs::budget::mib(n.other)
+    ))
 }
 
 /// `image` through `up` `repeats` times, with a progress bar over the tiles; Ctrl-C

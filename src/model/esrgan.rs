@@ -345,12 +345,34 @@ fn network<'c>(nn: &Nn<'c>, x: Tensor<'c>, arch: &Arch) -> Result<Tensor<'c>> {
 /// published inference (Real-ESRGAN's `tile_pad` 10) shows seams vanish well before.
 pub const OVERLAP: usize = 16;
 
-/// The compute buffer one `tile`-pixel tile needs.
-pub fn tile_bytes(w: &Weights<'_>, arch: &Arch, tile: usize) -> Result<usize> {
-    let side = tile.next_multiple_of(arch.unit());
-    Program::measure(w, [side, side, 3, 1], MAX_TENSORS, |nn, x| {
-        network(nn, x, arch)
-    })
+/// How a `w`x`h` picture is cut for tiles of `tile` pixels, in units of the fold (so
+/// every tile folds whole), and the padded size.
+fn tiling(arch: &Arch, tile: usize, (w, h): (usize, usize)) -> (Tiling, (usize, usize)) {
+    let u = arch.unit();
+    let (pw, ph) = (w.next_multiple_of(u), h.next_multiple_of(u));
+    let side = (tile / u).max(1);
+    let overlap = OVERLAP.div_ceil(u).min(side / 2);
+    (
+        Tiling::square(side, overlap).clamp(pw / u, ph / u),
+        (pw, ph),
+    )
+}
+
+/// The compute buffer of one tile of a `w`x`h` picture cut into tiles of `tile` pixels.
+pub fn tile_bytes(
+    w: &Weights<'_>,
+    arch: &Arch,
+    tile: usize,
+    size: (usize, usize),
+) -> Result<usize> {
+    let (t, _) = tiling(arch, tile, size);
+    let u = arch.unit();
+    Program::measure(
+        w,
+        [t.tile_w * u, t.tile_h * u, 3, 1],
+        MAX_TENSORS,
+        |nn, x| network(nn, x, arch),
+    )
 }
 
 /// Upscales RGB planes `[3][h][w]` (values in [0, 1]) by the network's scale, in tiles
@@ -373,7 +395,7 @@ pub fn upscale(
         )));
     }
     let u = arch.unit();
-    let (pw, ph) = (width.next_multiple_of(u), height.next_multiple_of(u));
+    let (t, (pw, ph)) = tiling(arch, tile, (width, height));
     let padded;
     let input = if (pw, ph) == (width, height) {
         rgb
@@ -381,10 +403,6 @@ pub fn upscale(
         padded = pad_edges(rgb, (width, height), (pw, ph));
         &padded
     };
-    // Tiles and overlaps in units of the fold, so every tile folds whole.
-    let side = (tile / u).max(1);
-    let overlap = OVERLAP.div_ceil(u).min(side / 2);
-    let t = Tiling::square(side, overlap).clamp(pw / u, ph / u);
     let program = Program::new(
         w,
         [t.tile_w * u, t.tile_h * u, 3, 1],

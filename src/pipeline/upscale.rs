@@ -12,6 +12,7 @@
 use std::path::{Path, PathBuf};
 
 use super::{to_rgb8, Image};
+use crate::budget::{self, Budget, Need};
 use crate::error::{Error, Result};
 use crate::formats::Checkpoint;
 use crate::ggml::Backend;
@@ -67,9 +68,59 @@ impl Upscaler {
         self.arch.scale()
     }
 
-    /// The compute buffer of one tile.
-    pub fn tile_bytes(&self) -> Result<usize> {
-        esrgan::tile_bytes(&self.weights, &self.arch, self.tile)
+    /// The compute buffer of one tile of a `w`x`h` picture.
+    pub fn tile_bytes(&self, size: (usize, usize)) -> Result<usize> {
+        esrgan::tile_bytes(&self.weights, &self.arch, self.tile, size)
+    }
+
+    /// The weights' bytes (f32, in memory).
+    pub fn weight_bytes(&self) -> u64 {
+        self.weights.bytes()
+    }
+
+    /// What upscaling a `w`x`h` picture once needs at the current tile: the weights,
+    /// one tile's compute buffer, and the picture's f32 planes in and out.
+    pub fn need(&self, (w, h): (usize, usize)) -> Result<Need> {
+        let s = self.scale() as u64;
+        let planes = 4 * 3 * (w * h) as u64 * (1 + 2 * s * s);
+        Ok(Need {
+            stage: "upscale",
+            weights: self.weight_bytes(),
+            compute: self.tile_bytes((w, h))? as u64,
+            other: planes,
+        })
+    }
+
+    /// Shrinks the tile until upscaling a `w`x`h` picture fits `budget` (else this
+    /// process's memory cgroup limit; nothing to fit without either); refused when even
+    /// the smallest tile does not fit.
+    pub fn fit(&mut self, size: (usize, usize), budget: Option<u64>) -> Result<()> {
+        let Some(b) = Budget::resolve(budget) else {
+            return Ok(());
+        };
+        let start = self.tile;
+        for tile in [start, 512, 384, 256, 192, 128, 96, 64, 48, 32]
+            .into_iter()
+            .filter(|&t| t <= start)
+        {
+            self.tile = tile;
+            if budget::OVERHEAD + self.need(size)?.total() <= b.bytes {
+                return Ok(());
+            }
+        }
+        let (n, smallest) = (self.need(size)?, self.tile);
+        self.tile = start;
+        Err(Error::OverBudget(format!(
+            "upscaling {}x{} cannot fit a budget of {}: at the smallest tile ({smallest} pixels) it needs {} (weights {} + compute {} + pictures {}) and the process {} more",
+            size.0,
+            size.1,
+            budget::mib(b.bytes),
+            budget::mib(n.total()),
+            budget::mib(n.weights),
+            budget::mib(n.compute),
+            budget::mib(n.other),
+            budget::mib(budget::OVERHEAD)
+        )))
     }
 
     /// RGB planes `[3][h][w]` in [0, 1] through the network once: `[3][h·s][w·s]`,
