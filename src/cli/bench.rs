@@ -62,8 +62,7 @@ pub fn run(a: Args, threads: Option<usize>, target: &super::Target) -> Result<()
     if let Some(files) = &a.compare {
         return compare(files);
     }
-    let threads =
-        threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let threads = super::thread_count(threads);
     if let Some(path) = &a.upscale_model {
         return upscaler(&a, path, threads);
     }

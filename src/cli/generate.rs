@@ -208,10 +208,8 @@ pub fn run(a: Args, threads: Option<usize>, target: &super::Target) -> Result<()
     }
     // Upscalers load first: a file that is not one is refused before any work.
     let load_upscaler = |path: &Option<PathBuf>| -> Result<Option<Upscaler>> {
-        let n =
-            threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
         Ok(match path {
-            Some(p) => Some(Upscaler::load(p, n)?),
+            Some(p) => Some(Upscaler::load(p, super::thread_count(threads))?),
             None => None,
         })
     };
@@ -248,8 +246,7 @@ pub fn run(a: Args, threads: Option<usize>, target: &super::Target) -> Result<()
     let Some(prompt) = a.prompt.clone() else {
         bail!("give a prompt with -p")
     };
-    let threads =
-        threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let threads = super::thread_count(threads);
     let mut pipe = match &a.model {
         Some(m) => load(m, threads)?,
         None => demo_pipeline(threads)?,

@@ -134,6 +134,11 @@ pub fn interrupt_flag() -> Arc<AtomicBool> {
     flag
 }
 
+/// The worker threads a run uses: `--threads`, else every core.
+pub fn thread_count(given: Option<usize>) -> usize {
+    given.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+}
+
 /// A progress bar on a terminal; hidden when stderr is a pipe or a file.
 pub fn progress_bar(len: u64, template: &str) -> ProgressBar {
     let bar = ProgressBar::with_draw_target(

@@ -78,8 +78,7 @@ pub fn run(
         Some(g) => Some(ImageFormat::from_path(g, a.quality)?),
         None => None,
     };
-    let threads =
-        threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let threads = super::thread_count(threads);
     let model = Unconditional::load(path, threads)?;
     let mut req = model.request();
     for (option, value) in &a.request.given {

@@ -45,8 +45,7 @@ pub fn run(a: Args, threads: Option<usize>) -> Result<()> {
         anyhow::bail!("--repeats and --tile must be at least 1");
     }
     let image = Image::open(&a.input)?;
-    let threads =
-        threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let threads = super::thread_count(threads);
     let mut up = Upscaler::load(&a.model, threads)?;
     up.tile = a.tile;
     up.fit((image.width, image.height), a.max_memory)?;

@@ -20,6 +20,7 @@ use crate::ggml::{Backend, Context, Tensor};
 
 use super::nn::{Nn, Program};
 use super::tile::{self, Tiling};
+use super::weights::F32Tensor;
 use super::Weights;
 
 /// LeakyReLU's slope in both families (basicsr's `negative_slope=0.2`).
@@ -128,9 +129,7 @@ fn basicsr_name(name: &str, ups: &[usize]) -> Option<String> {
 /// The names and f32 values of a checkpoint's tensors as this module reads them:
 /// Real-ESRGAN's `params_ema.` (else `params.`) level dropped, the original release's
 /// names turned into basicsr's.
-pub fn normalize(
-    tensors: Vec<(String, Vec<usize>, Vec<f32>)>,
-) -> Vec<(String, Vec<usize>, Vec<f32>)> {
+pub fn normalize(tensors: Vec<F32Tensor>) -> Vec<F32Tensor> {
     let level = ["params_ema.", "params."]
         .into_iter()
         .find(|p| tensors.iter().any(|(n, _, _)| n.starts_with(p)));
@@ -209,7 +208,8 @@ pub fn detect(w: &Weights<'_>) -> Result<Arch> {
                 "a compact (SRVGG) network of {layers} layers taking {inputs} channels"
             ));
         }
-        if w.get("body.1.weight")?.ne()[0] != features || w.get("body.1.weight")?.ne()[1] != 1 {
+        let slopes = w.get("body.1.weight")?.ne();
+        if slopes[0] != features || slopes[1] != 1 {
             return bad("a compact (SRVGG) network without PReLU activations: sdrs reads the published PReLU ones".into());
         }
         let (out, _) = conv_io(w, &format!("body.{}", layers - 1))?;

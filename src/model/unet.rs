@@ -273,6 +273,19 @@ pub fn fourier_features(sigma: &[f32], w: &[f32]) -> Vec<f32> {
     out
 }
 
+/// The Fourier time embedding's weights `name`, one per model channel.
+fn fourier_weights(w: &Weights<'_>, name: &str, cfg: &UnetConfig) -> Result<Vec<f32>> {
+    let v = w.read_f32(name)?;
+    if v.len() != cfg.model_channels {
+        return Err(Error::Invalid(format!(
+            "`{name}` holds {} values, not {}",
+            v.len(),
+            cfg.model_channels
+        )));
+    }
+    Ok(v)
+}
+
 /// The sinusoidal timestep features `[B][dim]` of diffusers' `get_timestep_embedding`,
 /// in f32 in the order PyTorch computes them, so the first layer sees the reference's
 /// values bit for bit where the libm agrees (t·ω at t ≈ 1000 is where f32 loses most).
@@ -344,6 +357,9 @@ pub struct Graph<'c> {
     pub class: Option<Tensor<'c>>,
     /// Model output `[W, H, out_channels, B]`.
     pub out: Tensor<'c>,
+    /// The Fourier time embedding's weight, whose values the caller computes the time
+    /// features from ([`fourier_features`]).
+    pub fourier: Option<String>,
 }
 
 /// Builds the UNet for `shape`.
@@ -451,6 +467,7 @@ pub fn build<'c>(nn: &Nn<'c>, cfg: &UnetConfig, shape: Shape) -> Result<Graph<'c
         guidance,
         class,
         out,
+        fourier: plan.fourier.map(|l| format!("{}.weight", l.name)),
     })
 }
 
@@ -479,22 +496,7 @@ impl<'w> Runner<'w> {
         adapters: Option<&'w Adapters>,
     ) -> Result<Self> {
         let ctx = Context::new(16384 + Adapters::nodes(adapters))?;
-        let fourier = match Unet::new(cfg)?.fourier {
-            None => None,
-            Some(l) => {
-                let v = w.read_f32(&format!("{}.weight", l.name))?;
-                if v.len() != cfg.model_channels {
-                    return Err(Error::Invalid(format!(
-                        "`{}.weight` holds {} values, not {}",
-                        l.name,
-                        v.len(),
-                        cfg.model_channels
-                    )));
-                }
-                Some(v)
-            }
-        };
-        let (buffer_bytes, flops) = {
+        let (buffer_bytes, flops, fourier) = {
             let nn = Nn {
                 attention,
                 adapters,
@@ -503,7 +505,14 @@ impl<'w> Runner<'w> {
             let g = build(&nn, cfg, shape)?;
             ctx.name(g.out, "unet.out")?;
             let graph = ctx.graph(&[g.out])?;
-            (ctx.alloc_graph(&graph)?, graph.matmul_flops())
+            (
+                ctx.alloc_graph(&graph)?,
+                graph.matmul_flops(),
+                g.fourier
+                    .as_deref()
+                    .map(|name| fourier_weights(w, name, cfg))
+                    .transpose()?,
+            )
         };
         Ok(Runner {
             ctx,

@@ -166,6 +166,21 @@ impl<'g> Weights<'g> {
     }
 }
 
+/// A tensor as [`Weights::from_f32`] takes it: name, ggml shape `ne`, f32 values.
+pub type F32Tensor = (String, Vec<usize>, Vec<f32>);
+
+/// Every float tensor of a checkpoint, the list [`Weights::from_f32`] takes.
+pub fn f32_tensors(ck: &Checkpoint) -> Result<Vec<F32Tensor>> {
+    ck.tensors
+        .iter()
+        .filter(|t| t.dtype.is_float())
+        .map(|t| {
+            let ne: Vec<usize> = t.shape.iter().rev().copied().collect();
+            Ok((t.name.clone(), ne, t.read_f32()?))
+        })
+        .collect()
+}
+
 /// A tensor object for the stored weight `t`, as type `ty`, named as stored.
 fn new_tensor<'c>(
     ctx: &'c Context<'_>,
@@ -238,20 +253,14 @@ impl Weights<'static> {
 
     /// Copies every float tensor of a checkpoint, as f32, where `backend` computes.
     pub fn from_checkpoint(ck: &Checkpoint, backend: &Backend) -> Result<Self> {
-        let floats: Vec<_> = ck.tensors.iter().filter(|t| t.dtype.is_float()).collect();
-        let mut list = Vec::with_capacity(floats.len());
-        for t in floats {
-            let ne: Vec<usize> = t.shape.iter().rev().copied().collect();
-            list.push((t.name.clone(), ne, t.read_f32()?));
-        }
-        Self::from_f32(&ck.path, list, backend)
+        Self::from_f32(&ck.path, f32_tensors(ck)?, backend)
     }
 
     /// f32 tensors `(name, ggml shape ne, values)` where `backend` computes; `path`
     /// names their source in messages.
     pub fn from_f32(
         path: &std::path::Path,
-        list: Vec<(String, Vec<usize>, Vec<f32>)>,
+        list: Vec<F32Tensor>,
         backend: &Backend,
     ) -> Result<Self> {
         let ctx = Context::new(list.len() + 1)?;

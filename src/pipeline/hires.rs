@@ -99,12 +99,12 @@ impl Pipeline {
                 "the hires fix repaints a text-to-image result: it takes no init image".into(),
             ));
         }
-        let (w, h) = hires.size((req.width, req.height), self.size_multiple());
-        let steps = hires.steps.unwrap_or(req.steps);
-        // Both passes fit before either runs.
-        self.plan(req)?;
-        self.plan(&hires.second_pass(req, self.size_multiple(), None))?;
-        let first = self.generate(req, progress)?;
+        let multiple = self.size_multiple();
+        let planned = hires.second_pass(req, multiple, None);
+        // Both passes fit before either runs; the stand-in picture plans the second as
+        // its real one will run (the same size, no mask).
+        let (first_memory, second_memory) = (self.plan(req)?, self.plan(&planned)?);
+        let first = self.generate_planned(req, &first_memory, progress)?;
         let cancel = req.cancel.clone();
         let enlarged = match hires.upscaler {
             Some(up) => up.upscale(&first, 1, &mut |_, _| match &cancel {
@@ -116,14 +116,20 @@ impl Pipeline {
         let rgb =
             RgbImage::from_raw(enlarged.width as u32, enlarged.height as u32, enlarged.rgb)
                 .ok_or_else(|| Error::Invalid("the enlarged picture has the wrong size".into()))?;
-        let resized = imageops::resize(&rgb, w as u32, h as u32, imageops::FilterType::Lanczos3);
-        let second = hires.second_pass(req, self.size_multiple(), Some(resized.into_raw()));
-        let mut image = self.generate(&second, progress)?;
+        let resized = imageops::resize(
+            &rgb,
+            planned.width as u32,
+            planned.height as u32,
+            imageops::FilterType::Lanczos3,
+        );
+        let second = hires.second_pass(req, multiple, Some(resized.into_raw()));
+        let mut image = self.generate_planned(&second, &second_memory, progress)?;
         image.parameters = format!(
-            "{}, Denoising strength: {}, Hires upscale: {}, Hires steps: {steps}, Hires upscaler: {}",
+            "{}, Denoising strength: {}, Hires upscale: {}, Hires steps: {}, Hires upscaler: {}",
             first.parameters,
             hires.denoise,
             hires.scale,
+            second.steps,
             hires.upscaler_name()
         );
         for (t, f) in image.timings.iter_mut().zip(first.timings) {

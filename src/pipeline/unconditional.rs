@@ -333,8 +333,6 @@ impl Unconditional {
         let plan = self.plan(req, batch)?;
         let started = Instant::now();
         let cfg = &self.config;
-        let d = req.sampling.training_schedule(cfg);
-        let walk = req.sampling.plan(cfg, &d, req.steps.clamp(1, d.len()), 1.0);
         let (lw, lh) = self.latent_size(req);
         let per_image = cfg.unet.in_channels * lw * lh;
         let n = batch.count * per_image;
@@ -407,6 +405,8 @@ impl Unconditional {
                 mean.iter().map(|&v| v.clamp(0.0, 1.0) as f32).collect()
             }
             None => {
+                let d = req.sampling.training_schedule(cfg);
+                let walk = req.sampling.plan(cfg, &d, req.steps.clamp(1, d.len()), 1.0);
                 let x = sample::start_latent(&walk, &noise, None);
                 let settings = req.sampling.settings(cfg);
                 let mut den = sample::Denoiser::new(&mut model, cfg.prediction, &d, &walk)
@@ -426,7 +426,6 @@ impl Unconditional {
                     .ok_or_else(|| Error::Invalid("no sampling steps".into()))?
             }
         };
-        drop(noise_src);
         drop((full, tail));
         progress(Stage::Sampled);
         let seconds = started.elapsed().as_secs_f64();

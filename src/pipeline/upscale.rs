@@ -18,7 +18,7 @@ use crate::formats::Checkpoint;
 use crate::ggml::Backend;
 use crate::model::esrgan::{self, Arch};
 use crate::model::tile::Tick;
-use crate::model::Weights;
+use crate::model::{weights, Weights};
 
 /// Input pixels per tile side by default: a 4x RRDBNet's buffer for it stays near
 /// 1 GiB; smaller tiles for less.
@@ -38,12 +38,7 @@ impl Upscaler {
     /// Reads an ESRGAN-family checkpoint (`.pth` through the restricted unpickler, or
     /// `.safetensors`) into f32 weights and recognises its network.
     pub fn load(path: &Path, threads: usize) -> Result<Self> {
-        let ck = Checkpoint::open(path)?;
-        let mut list = Vec::new();
-        for t in ck.tensors.iter().filter(|t| t.dtype.is_float()) {
-            let ne: Vec<usize> = t.shape.iter().rev().copied().collect();
-            list.push((t.name.clone(), ne, t.read_f32()?));
-        }
+        let list = weights::f32_tensors(&Checkpoint::open(path)?)?;
         let backend = Backend::cpu(threads)?;
         let weights = Weights::from_f32(path, esrgan::normalize(list), &backend)?;
         let arch = esrgan::detect(&weights)?;
