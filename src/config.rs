@@ -529,6 +529,54 @@ pub struct ModelConfig {
     pub text_encoders: Vec<TextEncoderConfig>,
 }
 
+/// A ControlNet (Zhang et al. 2023, "Adding Conditional Control to Text-to-Image
+/// Diffusion Models"): a trainable copy of a UNet's encoder and middle block that
+/// reads a conditioning image through a small convolutional embedding, and whose
+/// outputs, through zero-initialised 1x1 convolutions, are added to the UNet's skip
+/// connections and middle-block output.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ControlConfig {
+    /// Descriptive family of the UNet it steers (`sd1`, `sd2`, `sdxl`).
+    pub family: String,
+    /// The copied encoder's config (`up_blocks` empty).
+    pub unet: UnetConfig,
+    /// Channels of the conditioning image (3 for RGB maps).
+    pub hint_channels: usize,
+    /// Widths of the conditioning embedding's levels (diffusers'
+    /// `conditioning_embedding_out_channels`; (16, 32, 96, 256) in every published
+    /// ControlNet): each level but the last halves the resolution, so the image is
+    /// read at `2^(levels-1)` times the latent size.
+    pub embedding_channels: Vec<usize>,
+}
+
+impl ControlConfig {
+    /// How many pixels of the conditioning image make one latent pixel.
+    pub fn downscale(&self) -> usize {
+        1 << self.embedding_channels.len().saturating_sub(1)
+    }
+
+    pub fn check_sizes(&self) -> Result<(), String> {
+        use limits::{within, WIDTH};
+        self.unet.check_sizes()?;
+        limits::levels(
+            "the ControlNet's conditioning embedding",
+            self.embedding_channels.len(),
+        )?;
+        within(
+            "the conditioning image's channel count",
+            self.hint_channels,
+            64,
+        )?;
+        for &c in &self.embedding_channels {
+            within("a conditioning embedding width", c, WIDTH)?;
+        }
+        if self.hint_channels == 0 || self.embedding_channels.contains(&0) {
+            return Err("the conditioning embedding has a level without channels".into());
+        }
+        Ok(())
+    }
+}
+
 pub const CLIP_VOCAB: usize = 49408;
 pub const CLIP_EOS: u32 = 49407;
 
@@ -583,6 +631,10 @@ impl UnetConfig {
         use limits::{within, DEPTH, RESNETS, WIDTH};
         limits::levels("the UNet", self.channel_mult.len())?;
         for (what, blocks) in [("down", &self.down_blocks), ("up", &self.up_blocks)] {
+            // A ControlNet's copy of the encoder has no up path.
+            if what == "up" && blocks.is_empty() {
+                continue;
+            }
             limits::levels(&format!("the UNet's {what} path"), blocks.len())?;
             for level in blocks.iter() {
                 within(

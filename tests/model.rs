@@ -60,6 +60,7 @@ fn unet_and_vae_run_on_every_tiny_family_and_batches_are_independent() {
                     y: y.as_deref(),
                     guidance: None,
                     class: None,
+                    control: None,
                 },
                 &backend,
             )
@@ -80,6 +81,7 @@ fn unet_and_vae_run_on_every_tiny_family_and_batches_are_independent() {
                     y: y.as_deref().map(half).as_deref(),
                     guidance: None,
                     class: None,
+                    control: None,
                 },
                 &backend,
             )
@@ -141,6 +143,7 @@ fn unet_refuses_sizes_it_cannot_downsample() {
             y: None,
             guidance: None,
             class: None,
+            control: None,
         },
         &Backend::cpu(1).unwrap(),
     )
@@ -161,6 +164,7 @@ fn unet_pair(
         height: 8,
         batch: 2,
         tokens: 77,
+        control: false,
     };
     let x = values(2 * u.in_channels * 16 * 8, 1);
     let context = values(2 * 77 * u.context_dim, 2);
@@ -171,6 +175,7 @@ fn unet_pair(
         y: None,
         guidance: None,
         class: None,
+        control: None,
     };
     unet::Runner::new(w, u, shape, attention, None)
         .unwrap()

@@ -99,6 +99,7 @@ fn run_components(model: &str, ty: Type, bound: f64) {
                 y: None,
                 guidance: None,
                 class: None,
+                control: None,
             },
             &backend,
         )
@@ -224,6 +225,7 @@ impl sdrs::sample::Model for Guided<'_> {
                 y: None,
                 guidance: None,
                 class: None,
+                control: None,
             },
             self.backend,
         )?;
@@ -359,6 +361,7 @@ fn inpainting_unet_with_nine_input_channels_matches_diffusers() {
             y: None,
             guidance: None,
             class: None,
+            control: None,
         },
         &backend,
     )
@@ -440,6 +443,7 @@ impl sdrs::sample::Model for GuidedXl<'_> {
                     y: Some(self.y),
                     guidance: None,
                     class: None,
+                    control: None,
                 },
                 self.backend,
             );
@@ -457,6 +461,7 @@ impl sdrs::sample::Model for GuidedXl<'_> {
                 y: Some(self.y),
                 guidance: None,
                 class: None,
+                control: None,
             },
             self.backend,
         )?;
@@ -596,6 +601,7 @@ fn sdxl_components_match_diffusers_at_f32() {
             y: Some(&g["add.y"].1),
             guidance: None,
             class: None,
+            control: None,
         },
         &backend,
     )

@@ -193,6 +193,7 @@ fn trajectory(
         height,
         batch: 1,
         tokens: 1,
+        control: false,
     };
     let runner =
         unet::Runner::new(&w, &cfg.unet, shape, sdrs::model::Attention::Auto, None).unwrap();
@@ -559,6 +560,7 @@ fn score_sde_ve_predictor_corrector_follows_diffusers_step_by_step_for_a_batch()
         height: 16,
         batch: 2,
         tokens: 1,
+        control: false,
     };
     let mut net = Batched {
         runner: unet::Runner::new(&w, &cfg.unet, shape, sdrs::model::Attention::Auto, None)

@@ -52,6 +52,9 @@ pub fn run(a: Args) -> Result<()> {
     for r in &a.rules {
         pol.rules.push(r.parse()?);
     }
+    if sdrs::formats::control::is_controlnet(&a.input)? {
+        return convert_controlnet(&a, pol, wtype);
+    }
     let ck = Checkpoint::open(&a.input)?;
     let mut cfg = ck.model_config()?;
     if let Some(p) = &a.prediction {
@@ -112,12 +115,59 @@ pub fn run(a: Args) -> Result<()> {
         }
     }
     let Some(out) = a.output else { return Ok(()) };
+    write(&ck, &plan, wtype, &out, a.force)
+}
+
+fn convert_controlnet(a: &Args, pol: Policy, wtype: sdrs::ggml::Type) -> Result<()> {
+    for (flag, given) in [
+        ("--prediction", a.prediction.is_some()),
+        ("--zero-terminal-snr", a.zero_terminal_snr),
+        ("--defaults", a.defaults.is_some()),
+        ("--lora", !a.lora.is_empty()),
+    ] {
+        anyhow::ensure!(
+            !given,
+            "{flag} describes a model; {} is a ControlNet",
+            a.input.display()
+        );
+    }
+    let src = sdrs::formats::control::open(&a.input)?;
+    let plan = convert::plan_control(&src, &pol)?;
+    for (n, why) in &plan.dropped {
+        log::info!("dropping {n}: {why}");
+    }
+    if !plan.dropped.is_empty() {
+        eprintln!(
+            "leaving out {} tensors that are not the ControlNet's (the base model stored beside it)",
+            plan.dropped.len()
+        );
+    }
+    if a.dry_run || a.list {
+        let mut o = String::new();
+        print_plan(&plan, a.list, &mut o);
+        super::print_stdout(&o)?;
+        if a.dry_run {
+            return Ok(());
+        }
+    }
+    let Some(out) = &a.output else { return Ok(()) };
+    write(&src.checkpoint, &plan, wtype, out, a.force)
+}
+
+/// Runs `plan` with a progress bar.
+fn write(
+    ck: &Checkpoint,
+    plan: &convert::Plan,
+    wtype: sdrs::ggml::Type,
+    out: &std::path::Path,
+    force: bool,
+) -> Result<()> {
     let cancel = super::interrupt_flag();
     let bar = super::progress_bar(
         plan.source_bytes,
         "{spinner} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} {msg}",
     );
-    let s = convert::run(&ck, &plan, wtype.name(), &out, a.force, &cancel, &mut |p| {
+    let s = convert::run(ck, plan, wtype.name(), out, force, &cancel, &mut |p| {
         bar.set_position(p.bytes_done);
         bar.set_message(format!("{}/{} tensors", p.tensors_done, p.tensors_total));
     })?;
@@ -140,12 +190,21 @@ fn print_plan(plan: &convert::Plan, list: bool, o: &mut String) {
     } else {
         ""
     };
-    out!(
-        o,
-        "architecture: {}  prediction: {}{zsnr}",
-        plan.config.family,
-        plan.config.prediction.as_str()
-    );
+    match &plan.control {
+        Some(c) => out!(
+            o,
+            "architecture: ControlNet for {}  conditioning: {} channels at {}x the latent size",
+            c.family,
+            c.hint_channels,
+            c.downscale()
+        ),
+        None => out!(
+            o,
+            "architecture: {}  prediction: {}{zsnr}",
+            plan.config.family,
+            plan.config.prediction.as_str()
+        ),
+    }
     if plan.defaults != Default::default() {
         out!(o, "run defaults: {:?}", plan.defaults);
     }

@@ -119,6 +119,39 @@ pub struct Args {
     /// An ESRGAN-family model that enlarges the first pass for the hires fix.
     #[arg(long = "hires-upscaler", requires = "hires_scale")]
     pub(super) hires_upscaler: Option<PathBuf>,
+    /// A ControlNet steering the composition: our GGUF (`sdrs convert`), lllyasviel's
+    /// ControlNet 1.0/1.1 .pth or .safetensors, or a diffusers ControlNetModel folder.
+    /// Repeatable: the residuals of several add up.
+    #[arg(long = "control-net")]
+    pub(super) control_nets: Vec<PathBuf>,
+    /// The conditioning image of each --control-net, in order (one for all): a map
+    /// already made (edges, depth, pose, scribble, lineart), or a picture with --canny.
+    /// It is fitted to the output size as --init-img is.
+    #[arg(long = "control-image", requires = "control_nets")]
+    pub(super) control_images: Vec<PathBuf>,
+    /// Scale of the residuals: one for all ControlNets or one each [default: 1].
+    #[arg(long = "control-strength", requires = "control_nets")]
+    control_strength: Vec<f32>,
+    /// The share of the steps before a ControlNet starts acting: one for all or one
+    /// each [default: 0].
+    #[arg(long = "control-start", requires = "control_nets")]
+    control_start: Vec<f32>,
+    /// The share of the steps after which a ControlNet stops acting: one for all or
+    /// one each [default: 1].
+    #[arg(long = "control-end", requires = "control_nets")]
+    control_end: Vec<f32>,
+    /// Guess mode: the negative branch gets no residuals and the deep ones weigh
+    /// most, so the control shows even with an empty prompt.
+    #[arg(long = "guess-mode", requires = "control_nets")]
+    guess_mode: bool,
+    /// Turn each control image into a canny edge map first (white edges on black).
+    #[arg(long, requires = "control_nets")]
+    canny: bool,
+    /// The canny preprocessor's lower and upper thresholds on the gradient magnitude.
+    #[arg(long = "canny-low", default_value_t = sdrs::pipeline::preprocess::CANNY_LOW)]
+    canny_low: f32,
+    #[arg(long = "canny-high", default_value_t = sdrs::pipeline::preprocess::CANNY_HIGH)]
+    canny_high: f32,
     /// What to generate and how: the options every front end shares.
     #[command(flatten)]
     pub(super) request: RequestFlags,
@@ -237,6 +270,12 @@ pub fn run(a: Args, threads: Option<usize>, target: &super::Target) -> Result<()
                     m.display()
                 );
             }
+            if !a.control_nets.is_empty() {
+                bail!(
+                    "a ControlNet steers a text-to-image UNet: {} samples from noise alone",
+                    m.display()
+                );
+            }
             return super::sample::run(a, &m, seed, format, threads, &upscale);
         }
     }
@@ -289,6 +328,7 @@ pub fn run(a: Args, threads: Option<usize>, target: &super::Target) -> Result<()
         None => 0,
     };
     pipe.latent_size(req.width, req.height)?;
+    req.controls = controls(&a, &pipe, (req.width, req.height))?;
     if let Some(h) = &hires {
         let (w, ht) = h.size((req.width, req.height), pipe.size_multiple());
         pipe.latent_size(w, ht)?;
@@ -452,6 +492,56 @@ pub(super) fn numbered(output: &std::path::Path, i: usize, n: usize) -> PathBuf 
         None => format!("{stem}_{}", i + 1),
     };
     output.with_file_name(name)
+}
+
+/// `v`'s value for the `i`th of `n` ControlNets: one for all, or one each.
+fn per_net(v: &[f32], i: usize, n: usize, default: f32, flag: &str) -> Result<f32> {
+    match v.len() {
+        0 => Ok(default),
+        1 => Ok(v[0]),
+        m if m == n => Ok(v[i]),
+        m => bail!("{m} values of --{flag} for {n} ControlNets: give one for all, or one each"),
+    }
+}
+
+/// The request's ControlNets with their images at the output size (edges first with
+/// --canny).
+fn controls(
+    a: &Args,
+    pipe: &Pipeline,
+    size: (usize, usize),
+) -> Result<Vec<sdrs::pipeline::Control>> {
+    let n = a.control_nets.len();
+    if n == 0 {
+        return Ok(Vec::new());
+    }
+    let images = a.control_images.len();
+    if images != 1 && images != n {
+        bail!("{n} ControlNets need one --control-image each (or one for all), not {images}");
+    }
+    let opts = CanvasOptions {
+        size: Some(size),
+        multiple: pipe.size_multiple(),
+        ..Default::default()
+    };
+    let mut out = Vec::with_capacity(n);
+    for (i, path) in a.control_nets.iter().enumerate() {
+        let net = Arc::new(sdrs::pipeline::ControlNet::open(path)?);
+        let image = &a.control_images[if images == 1 { 0 } else { i }];
+        let mut canvas = Canvas::open(image, None, &opts)?;
+        if a.canny {
+            canvas = sdrs::pipeline::preprocess::canny(&canvas, a.canny_low, a.canny_high)?;
+        }
+        out.push(sdrs::pipeline::Control {
+            strength: per_net(&a.control_strength, i, n, 1.0, "control-strength")?,
+            start: per_net(&a.control_start, i, n, 0.0, "control-start")?,
+            end: per_net(&a.control_end, i, n, 1.0, "control-end")?,
+            guess: a.guess_mode,
+            module: if a.canny { "canny" } else { "none" }.into(),
+            ..sdrs::pipeline::Control::new(net, Arc::new(canvas))
+        });
+    }
+    Ok(out)
 }
 
 /// The init image (and mask) at the output size: -W/-H where given (one alone keeps

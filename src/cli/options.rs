@@ -122,6 +122,17 @@ mod tests {
         "hires-steps",
         "hires-denoise",
         "hires-upscaler",
+        // ControlNets and their images are files; the JNI library takes them as its
+        // own fields.
+        "control-net",
+        "control-image",
+        "control-strength",
+        "control-start",
+        "control-end",
+        "guess-mode",
+        "canny",
+        "canny-low",
+        "canny-high",
         "help",
         // Global flags.
         "verbose",

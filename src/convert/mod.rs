@@ -13,7 +13,7 @@ use std::time::Instant;
 
 use sha2::{Digest, Sha256};
 
-use crate::config::{Defaults, ModelConfig};
+use crate::config::{ControlConfig, Defaults, ModelConfig, NoiseSchedule, Prediction};
 use crate::error::{Error, Result};
 use crate::formats::gguf::{GgufFile, TensorEntry, Value, Writer};
 use crate::formats::source::SourceFormat;
@@ -39,7 +39,11 @@ pub struct PlanEntry {
 /// What a conversion will do, before it does it.
 #[derive(Clone, Debug)]
 pub struct Plan {
+    /// The model's config; for a ControlNet, its encoder's as a model without text
+    /// encoder or VAE (see `control`).
     pub config: ModelConfig,
+    /// The ControlNet this plan converts, where it converts one.
+    pub control: Option<ControlConfig>,
     pub entries: Vec<PlanEntry>,
     /// Tensors left out, with the reason.
     pub dropped: Vec<(String, String)>,
@@ -216,11 +220,69 @@ pub fn plan(ck: &Checkpoint, policy: &Policy, config: Option<ModelConfig>) -> Re
     }
     Ok(Plan {
         config,
+        control: None,
         entries,
         dropped,
         unknown,
         source_bytes,
         defaults: source_defaults(ck)?,
+        merges: Vec::new(),
+    })
+}
+
+/// Decides what each tensor of a ControlNet ([`crate::formats::control::open`])
+/// becomes; its base model's weights in a ControlNet 1.0 file are left out.
+pub fn plan_control(src: &crate::formats::control::Source, policy: &Policy) -> Result<Plan> {
+    let ck = &src.checkpoint;
+    let mut entries = Vec::with_capacity(ck.tensors.len());
+    let mut source_bytes = 0;
+    for (index, t) in ck.tensors.iter().enumerate() {
+        if !t.dtype.is_float() {
+            return Err(Error::format(
+                &ck.path,
+                format!(
+                    "tensor `{}` has type {} which cannot be converted",
+                    t.name,
+                    t.dtype.name()
+                ),
+            ));
+        }
+        let decision = policy.decide(&t.name, &t.shape);
+        let nbytes = decision.ty.bytes_for(t.numel()).ok_or_else(|| {
+            Error::Invalid(format!(
+                "tensor `{}`: {} elements do not fit {}",
+                t.name,
+                t.numel(),
+                decision.ty.name()
+            ))
+        })?;
+        source_bytes += t.nbytes();
+        entries.push(PlanEntry {
+            index,
+            name: t.name.clone(),
+            shape: t.shape.clone(),
+            decision,
+            nbytes,
+        });
+    }
+    let c = &src.config;
+    Ok(Plan {
+        config: ModelConfig {
+            family: c.family.clone(),
+            prediction: Prediction::Epsilon,
+            zero_terminal_snr: false,
+            zeros_for_empty_negative: false,
+            schedule: NoiseSchedule::default(),
+            unet: c.unet.clone(),
+            vae: None,
+            text_encoders: Vec::new(),
+        },
+        control: Some(c.clone()),
+        entries,
+        dropped: src.dropped.clone(),
+        unknown: Vec::new(),
+        source_bytes,
+        defaults: Defaults::default(),
         merges: Vec::new(),
     })
 }
@@ -267,6 +329,31 @@ pub fn to_temporary(
     Ok(gguf)
 }
 
+/// A ControlNet converted as [`to_temporary`] converts a model.
+pub fn control_to_temporary(
+    src: &crate::formats::control::Source,
+    cancel: &AtomicBool,
+) -> Result<GgufFile> {
+    let plan = plan_control(src, &Policy::new(crate::ggml::Type::F16))?;
+    let dir = tempfile::Builder::new()
+        .prefix("sdrs-")
+        .tempdir()
+        .map_err(|e| Error::io(std::env::temp_dir(), e))?;
+    let out = dir.path().join("controlnet.gguf");
+    run(
+        &src.checkpoint,
+        &plan,
+        "f16",
+        &out,
+        false,
+        cancel,
+        &mut |_| {},
+    )?;
+    let mut gguf = GgufFile::open(&out)?;
+    gguf.path = src.checkpoint.path.clone();
+    Ok(gguf)
+}
+
 /// sha256 of the files a checkpoint reads from, in order.
 fn source_digest(ck: &Checkpoint) -> Result<String> {
     let mut files: Vec<&Path> = Vec::new();
@@ -306,7 +393,10 @@ fn output_metadata(
     wtype: &str,
     sha256: &str,
 ) -> Result<Vec<(String, Value)>> {
-    let mut kv = metadata::config_kv(&plan.config);
+    let mut kv = match &plan.control {
+        Some(c) => metadata::control_kv(c),
+        None => metadata::config_kv(&plan.config),
+    };
     let source_name = ck
         .path
         .file_name()
@@ -329,16 +419,20 @@ fn output_metadata(
         "sd.converter".into(),
         Value::String(format!("sdrs {}", env!("CARGO_PKG_VERSION"))),
     ));
-    let vocab = match ck.tokenizer.as_ref().and_then(|t| t.merges_txt.as_deref()) {
-        Some(m) => ClipVocab::from_merges_txt(m)?,
-        None => match ck.format {
-            SourceFormat::Gguf => metadata::read_tokenizer(&GgufFile::open(&ck.path)?)
-                .map_or_else(ClipVocab::embedded, Ok)?,
-            _ => ClipVocab::embedded()?,
-        },
-    };
-    kv.extend(metadata::tokenizer_kv(&vocab));
-    kv.extend(metadata::defaults_kv(&plan.defaults));
+    // A ControlNet reads the model's text conditioning: it has no tokenizer or
+    // run defaults of its own.
+    if plan.control.is_none() {
+        let vocab = match ck.tokenizer.as_ref().and_then(|t| t.merges_txt.as_deref()) {
+            Some(m) => ClipVocab::from_merges_txt(m)?,
+            None => match ck.format {
+                SourceFormat::Gguf => metadata::read_tokenizer(&GgufFile::open(&ck.path)?)
+                    .map_or_else(ClipVocab::embedded, Ok)?,
+                _ => ClipVocab::embedded()?,
+            },
+        };
+        kv.extend(metadata::tokenizer_kv(&vocab));
+        kv.extend(metadata::defaults_kv(&plan.defaults));
+    }
     let reshaped: Vec<(String, Vec<usize>)> = plan
         .entries
         .iter()

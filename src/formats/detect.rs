@@ -141,12 +141,12 @@ fn listing(names: &[String]) -> String {
 }
 
 /// The checkpoint's tensors by name.
-struct Tensors<'a> {
+pub(crate) struct Tensors<'a> {
     map: BTreeMap<&'a str, &'a [usize]>,
 }
 
 impl<'a> Tensors<'a> {
-    fn new(tensors: &[(&'a str, &'a [usize])]) -> Result<Self> {
+    pub(crate) fn new(tensors: &[(&'a str, &'a [usize])]) -> Result<Self> {
         let mut map = BTreeMap::new();
         for &(name, shape) in tensors {
             if map.insert(name, shape).is_some() {
@@ -156,7 +156,7 @@ impl<'a> Tensors<'a> {
         Ok(Tensors { map })
     }
 
-    fn with_prefix<'s>(
+    pub(crate) fn with_prefix<'s>(
         &'s self,
         prefix: &'s str,
     ) -> impl Iterator<Item = (&'a str, &'a [usize])> + 's {
@@ -166,16 +166,16 @@ impl<'a> Tensors<'a> {
             .map(|(n, s)| (*n, *s))
     }
 
-    fn any(&self, prefix: &str) -> bool {
+    pub(crate) fn any(&self, prefix: &str) -> bool {
         self.with_prefix(prefix).next().is_some()
     }
 
-    fn has(&self, name: &str) -> bool {
+    pub(crate) fn has(&self, name: &str) -> bool {
         self.map.contains_key(name)
     }
 
     /// The indices `N` of names `<prefix>N.…`.
-    fn indices(&self, prefix: &str) -> BTreeSet<usize> {
+    pub(crate) fn indices(&self, prefix: &str) -> BTreeSet<usize> {
         self.with_prefix(prefix)
             .filter_map(|(n, _)| {
                 n[prefix.len()..]
@@ -188,13 +188,13 @@ impl<'a> Tensors<'a> {
 
     /// How many of `<prefix>0.`, `<prefix>1.`, … exist without a gap; tensors past
     /// a gap are left for the final name check to report.
-    fn count(&self, prefix: &str) -> usize {
+    pub(crate) fn count(&self, prefix: &str) -> usize {
         let present = self.indices(prefix);
         (0..).take_while(|i| present.contains(i)).count()
     }
 
     /// The shape of `name`, which must have `rank` dimensions, none of them zero.
-    fn shape(&self, name: &str, rank: usize) -> Result<&'a [usize]> {
+    pub(crate) fn shape(&self, name: &str, rank: usize) -> Result<&'a [usize]> {
         let shape = self
             .map
             .get(name)
@@ -207,7 +207,7 @@ impl<'a> Tensors<'a> {
         Ok(shape)
     }
 
-    fn dim(&self, name: &str, rank: usize, axis: usize) -> Result<usize> {
+    pub(crate) fn dim(&self, name: &str, rank: usize, axis: usize) -> Result<usize> {
         Ok(self.shape(name, rank)?[axis])
     }
 }
@@ -360,10 +360,25 @@ fn add_resnet(t: &Tensors, level: &mut Option<Level>, block: &str) -> Result<()>
 }
 
 fn unet(t: &Tensors, family: &str, text_encoders: &[TextEncoderConfig]) -> Result<UnetConfig> {
-    let p = UNET_PREFIX;
+    unet_at(t, UNET_PREFIX, family, text_encoders, true)
+}
+
+/// The UNet whose tensors are under `p`; only its encoder (no up path, `out_channels`
+/// = `in_channels`) where `decoder` is false, as a ControlNet copies it.
+pub(crate) fn unet_at(
+    t: &Tensors,
+    p: &str,
+    family: &str,
+    text_encoders: &[TextEncoderConfig],
+    decoder: bool,
+) -> Result<UnetConfig> {
     let conv_in = t.shape(&format!("{p}input_blocks.0.0.weight"), 4)?;
     let (model_channels, in_channels) = (conv_in[0], conv_in[1]);
-    let out_channels = t.dim(&format!("{p}out.2.weight"), 4, 0)?;
+    let out_channels = if decoder {
+        t.dim(&format!("{p}out.2.weight"), 4, 0)?
+    } else {
+        in_channels
+    };
 
     // Encoder: ResNets (each maybe followed by a transformer) until a downsampler closes the level.
     let mut down: Vec<Level> = Vec::new();
@@ -405,7 +420,7 @@ fn unet(t: &Tensors, family: &str, text_encoders: &[TextEncoderConfig]) -> Resul
     }
     up.extend(level.take());
 
-    if up.len() != down.len() {
+    if decoder && up.len() != down.len() {
         return Err(format!(
             "the UNet encoder has {} levels but the decoder {}",
             down.len(),
@@ -422,7 +437,7 @@ fn unet(t: &Tensors, family: &str, text_encoders: &[TextEncoderConfig]) -> Resul
     }
     let skips = 1 + down.iter().map(|l| l.depths.len()).sum::<usize>() + (down.len() - 1);
     let decoder_resnets: usize = up.iter().map(|l| l.depths.len()).sum();
-    if skips != decoder_resnets {
+    if decoder && skips != decoder_resnets {
         return Err(format!(
             "the UNet decoder has {decoder_resnets} ResNets for {skips} encoder skip connections"
         ));

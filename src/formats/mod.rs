@@ -3,6 +3,7 @@
 //! `model.diffusion_model.*`, `first_stage_model.*`, `cond_stage_model.*`,
 //! `conditioner.embedders.*`) whose bytes are read on demand, one at a time.
 pub mod ckpt;
+pub mod control;
 pub mod detect;
 pub mod diffusers;
 pub mod gguf;

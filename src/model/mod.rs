@@ -2,6 +2,7 @@
 //! weight is found by its canonical name; shapes come from the config in the GGUF.
 pub mod adapter;
 pub mod clip;
+pub mod controlnet;
 pub mod esrgan;
 pub mod fit;
 pub mod nn;

@@ -6,7 +6,7 @@ use crate::config::{TimeEmbedding, UnetConfig, UnetStyle};
 use crate::error::{Error, Result};
 use crate::ggml::{Backend, Context, ConvShape, Tensor, Type};
 use crate::network::unet::{
-    Attention as Attn, Block, ResBlock, Resample, SelfAttention, Transformer, Unet,
+    Attention as Attn, Block, Encoder, ResBlock, Resample, SelfAttention, Transformer, Unet,
 };
 
 use super::nn::{Attention, Nn};
@@ -35,7 +35,7 @@ fn fir_matrix(taps: &[f32]) -> Vec<f32> {
 
 /// The FIR kernels' graph inputs (set by [`Runner::run`]).
 #[derive(Clone, Copy)]
-struct Fir<'c> {
+pub(super) struct Fir<'c> {
     down: Tensor<'c>,
     up: Tensor<'c>,
 }
@@ -182,7 +182,7 @@ fn spatial_transformer<'c>(
 
 /// What every block may read besides its input: the timestep embedding, the text,
 /// and NCSN++'s image paths.
-struct Side<'c> {
+pub(super) struct Side<'c> {
     emb: Tensor<'c>,
     context: Tensor<'c>,
     fir: Option<Fir<'c>>,
@@ -321,6 +321,8 @@ pub struct Shape {
     pub batch: usize,
     /// Context tokens per latent.
     pub tokens: usize,
+    /// The graph adds ControlNet residuals to its skip connections and middle block.
+    pub control: bool,
 }
 
 /// The inputs of one evaluation, PyTorch order.
@@ -338,6 +340,9 @@ pub struct Inputs<'a> {
     pub guidance: Option<&'a [f32]>,
     /// Class labels `[B]` of a class-conditional UNet.
     pub class: Option<&'a [i32]>,
+    /// ControlNet residuals (a graph built with [`Shape::control`]): one `[B][C][H][W]`
+    /// per kept encoder output, then one for the middle block's output.
+    pub control: Option<&'a [Vec<f32>]>,
 }
 
 /// Graph inputs and output of one UNet evaluation.
@@ -362,15 +367,35 @@ pub struct Graph<'c> {
     pub fourier: Option<String>,
 }
 
-/// Builds the UNet for `shape`.
-pub fn build<'c>(nn: &Nn<'c>, cfg: &UnetConfig, shape: Shape) -> Result<Graph<'c>> {
+/// The inputs every UNet-shaped graph takes (latents, time features, text, and the
+/// conditioning its embeddings read), with the timestep embedding computed from them.
+pub(super) struct Embedded<'c> {
+    pub x: Tensor<'c>,
+    pub t: Tensor<'c>,
+    pub context: Tensor<'c>,
+    pub y: Option<Tensor<'c>>,
+    pub guidance: Option<Tensor<'c>>,
+    pub class: Option<Tensor<'c>>,
+    pub fir: Option<Fir<'c>>,
+    /// The timestep embedding `[temb, B]`, label and class embeddings added.
+    pub emb: Tensor<'c>,
+}
+
+/// Declares the graph inputs of `enc` for `shape` (named `unet.*`, set by
+/// [`set_inputs`]) and computes the timestep embedding.
+pub(super) fn embed<'c>(
+    nn: &Nn<'c>,
+    cfg: &UnetConfig,
+    enc: &Encoder,
+    shape: Shape,
+) -> Result<Embedded<'c>> {
     let c = nn.ctx;
-    let plan = Unet::new(cfg)?;
     let Shape {
         width: w,
         height: h,
         batch: b,
         tokens,
+        ..
     } = shape;
     let f = 1 << (cfg.channel_mult.len() - 1);
     if !w.is_multiple_of(f) || !h.is_multiple_of(f) || w == 0 || h == 0 {
@@ -391,7 +416,7 @@ pub fn build<'c>(nn: &Nn<'c>, cfg: &UnetConfig, shape: Shape) -> Result<Graph<'c
         c.set_input(t);
     }
     let mut temb = t_in; // [mc, B]
-    let guidance = match (&plan.cond_proj, cfg.time_cond_proj_dim) {
+    let guidance = match (&enc.cond_proj, cfg.time_cond_proj_dim) {
         (Some(l), Some(dim)) => {
             let g = c.tensor(Type::F32, &[dim, b], "unet.guidance")?;
             c.set_input(g);
@@ -400,9 +425,9 @@ pub fn build<'c>(nn: &Nn<'c>, cfg: &UnetConfig, shape: Shape) -> Result<Graph<'c
         }
         _ => None,
     };
-    let [t0, t2] = &plan.time_embed;
+    let [t0, t2] = &enc.time_embed;
     let mut emb = nn.linear(c.silu(nn.linear(temb, &t0.name)?)?, &t2.name)?;
-    let y = match (&plan.label_embed, cfg.adm_in_channels) {
+    let y = match (&enc.label_embed, cfg.adm_in_channels) {
         (Some([l0, l2]), Some(adm)) => {
             let y = c.tensor(Type::F32, &[adm, b], "unet.y")?;
             c.set_input(y);
@@ -412,7 +437,7 @@ pub fn build<'c>(nn: &Nn<'c>, cfg: &UnetConfig, shape: Shape) -> Result<Graph<'c
         }
         _ => None,
     };
-    let class = match &plan.class_embed {
+    let class = match &enc.class_embed {
         Some(l) => {
             let ids = c.tensor(Type::I32, &[b], "unet.class")?;
             c.set_input(ids);
@@ -422,7 +447,6 @@ pub fn build<'c>(nn: &Nn<'c>, cfg: &UnetConfig, shape: Shape) -> Result<Graph<'c
         }
         None => None,
     };
-
     let fir = if st.skip {
         let down = c.tensor(Type::F32, &[FIR_DOWN.len().pow(2), 1], "unet.fir_down")?;
         let up = c.tensor(Type::F32, &[FIR_UP.len().pow(2), 1], "unet.fir_up")?;
@@ -432,42 +456,88 @@ pub fn build<'c>(nn: &Nn<'c>, cfg: &UnetConfig, shape: Shape) -> Result<Graph<'c
     } else {
         None
     };
-    let mut side = Side {
-        emb,
-        context: ctx_in,
-        fir,
-        pyramid: st.skip.then_some(x_in),
-        rgb: None,
-    };
-
-    let mut x = nn.conv(x_in, &plan.conv_in.name, 3, 1, 1)?;
-    let mut skips = vec![x];
-    for steps in &plan.input_blocks {
-        x = block(nn, st, x, &mut side, steps)?;
-        skips.push(x);
-    }
-    x = block(nn, st, x, &mut side, &plan.middle)?;
-    for steps in &plan.output_blocks {
-        let skip = skips.pop().ok_or_else(|| {
-            Error::Invalid("UNet config has more decoder blocks than skip connections".into())
-        })?;
-        x = block(nn, st, c.concat(x, skip, 2)?, &mut side, steps)?;
-    }
-    let x = c.silu(nn.group_norm(x, &plan.norm_out.name, plan.out_groups, st.norm_eps)?)?;
-    let mut out = nn.conv(x, &plan.conv_out.name, 3, 1, 1)?;
-    if let Some(rgb) = side.rgb {
-        out = c.add(out, rgb)?;
-    }
-    c.set_output(out);
-    Ok(Graph {
+    Ok(Embedded {
         x: x_in,
         t: t_in,
         context: ctx_in,
         y,
         guidance,
         class,
+        fir,
+        emb,
+    })
+}
+
+/// The encoder's path from the embedded inputs: returns the kept outputs (the
+/// skip connections, in the order kept) and the middle block's output, with the
+/// side state the decoder goes on with. `hint` is added after `conv_in` (a
+/// ControlNet's conditioning).
+pub(super) fn encode<'c>(
+    nn: &Nn<'c>,
+    cfg: &UnetConfig,
+    enc: &Encoder,
+    e: &Embedded<'c>,
+    hint: Option<Tensor<'c>>,
+) -> Result<(Vec<Tensor<'c>>, Tensor<'c>, Side<'c>)> {
+    let c = nn.ctx;
+    let st = &cfg.style;
+    let mut side = Side {
+        emb: e.emb,
+        context: e.context,
+        fir: e.fir,
+        pyramid: st.skip.then_some(e.x),
+        rgb: None,
+    };
+    let mut x = nn.conv(e.x, &enc.conv_in.name, 3, 1, 1)?;
+    if let Some(h) = hint {
+        x = c.add(x, h)?;
+    }
+    let mut skips = vec![x];
+    for steps in &enc.input_blocks {
+        x = block(nn, st, x, &mut side, steps)?;
+        skips.push(x);
+    }
+    let mid = block(nn, st, x, &mut side, &enc.middle)?;
+    Ok((skips, mid, side))
+}
+
+/// Builds the UNet for `shape`.
+pub fn build<'c>(nn: &Nn<'c>, cfg: &UnetConfig, shape: Shape) -> Result<Graph<'c>> {
+    let c = nn.ctx;
+    let plan = Unet::new(cfg)?;
+    let st = &cfg.style;
+    let e = embed(nn, cfg, &plan.encoder, shape)?;
+    let (mut skips, mut x, mut side) = encode(nn, cfg, &plan.encoder, &e, None)?;
+    if shape.control {
+        // The residuals are inputs shaped as what they are added to.
+        for (k, s) in skips.iter_mut().chain(std::iter::once(&mut x)).enumerate() {
+            let r = c.tensor(Type::F32, &s.ne(), &format!("unet.control.{k}"))?;
+            c.set_input(r);
+            *s = c.add(*s, r)?;
+        }
+    }
+    for steps in &plan.decoder.output_blocks {
+        let skip = skips.pop().ok_or_else(|| {
+            Error::Invalid("UNet config has more decoder blocks than skip connections".into())
+        })?;
+        x = block(nn, st, c.concat(x, skip, 2)?, &mut side, steps)?;
+    }
+    let d = &plan.decoder;
+    let x = c.silu(nn.group_norm(x, &d.norm_out.name, d.out_groups, st.norm_eps)?)?;
+    let mut out = nn.conv(x, &d.conv_out.name, 3, 1, 1)?;
+    if let Some(rgb) = side.rgb {
+        out = c.add(out, rgb)?;
+    }
+    c.set_output(out);
+    Ok(Graph {
+        x: e.x,
+        t: e.t,
+        context: e.context,
+        y: e.y,
+        guidance: e.guidance,
+        class: e.class,
         out,
-        fourier: plan.fourier.map(|l| format!("{}.weight", l.name)),
+        fourier: plan.encoder.fourier.map(|l| format!("{}.weight", l.name)),
     })
 }
 
@@ -546,83 +616,48 @@ impl<'w> Runner<'w> {
 
     /// One evaluation; returns the model output `[B][out_channels][H][W]`.
     pub fn run(&self, inputs: &Inputs<'_>, backend: &Backend) -> Result<Vec<f32>> {
-        let Shape {
-            width: w,
-            height: h,
-            batch: b,
-            tokens,
-        } = self.shape;
-        let cfg = &self.cfg;
-        let Inputs {
-            x,
-            t,
-            context,
-            y,
-            guidance,
-            class,
-        } = *inputs;
-        let context_len = b * tokens * cfg.context_dim;
-        if t.len() != b || x.len() != b * cfg.in_channels * w * h || context.len() != context_len {
-            return Err(Error::Invalid(format!(
-                "UNet inputs: {} latent, {} timestep and {} context values for a graph of batch {b}",
-                x.len(),
-                t.len(),
-                context.len()
-            )));
-        }
+        set_inputs(
+            &self.ctx,
+            &self.cfg,
+            self.shape,
+            self.fourier.as_deref(),
+            inputs,
+        )?;
         let get = |n: &str| {
             self.ctx
                 .get(n)
                 .ok_or_else(|| Error::Invalid(format!("UNet graph lacks `{n}`")))
         };
-        self.ctx.set_f32(get("unet.x")?, x)?;
-        let features = match &self.fourier {
-            Some(w) => {
-                if let Some(bad) = t.iter().find(|&&s| !(s > 0.0 && s.is_finite())) {
+        match (self.shape.control, inputs.control) {
+            (true, Some(residuals)) => {
+                for (k, r) in residuals.iter().enumerate() {
+                    let tensor = get(&format!("unet.control.{k}"))?;
+                    if tensor.nelements() != r.len() {
+                        return Err(Error::Invalid(format!(
+                            "ControlNet residual {k} holds {} values where the UNet's skip connection has {}",
+                            r.len(),
+                            tensor.nelements()
+                        )));
+                    }
+                    self.ctx.set_f32(tensor, r)?;
+                }
+                if self
+                    .ctx
+                    .get(&format!("unet.control.{}", residuals.len()))
+                    .is_some()
+                {
                     return Err(Error::Invalid(format!(
-                        "a score model's noise level must be positive, not {bad}"
+                        "{} ControlNet residuals for a UNet that takes more",
+                        residuals.len()
                     )));
                 }
-                fourier_features(t, w)
             }
-            None => timestep_features(t, cfg.model_channels, &cfg.style),
-        };
-        self.ctx.set_f32(get("unet.t")?, &features)?;
-        if cfg.style.skip {
-            self.ctx
-                .set_f32(get("unet.fir_down")?, &fir_matrix(&FIR_DOWN))?;
-            self.ctx
-                .set_f32(get("unet.fir_up")?, &fir_matrix(&FIR_UP))?;
-        }
-        if context_len > 0 {
-            self.ctx.set_f32(get("unet.context")?, context)?;
-        }
-        match (self.ctx.get("unet.class"), class, cfg.style.num_classes) {
-            (Some(tensor), Some(ids), Some(n)) if ids.len() == b => {
-                if let Some(bad) = ids.iter().find(|&&k| k < 0 || k as usize >= n) {
-                    return Err(Error::Invalid(format!(
-                        "class {bad} is not one of this model's {n} classes (0 to {})",
-                        n - 1
-                    )));
-                }
-                self.ctx.set_i32(tensor, ids)?;
-            }
-            (None, None, _) => {}
+            (false, None) => {}
             _ => {
-                return Err(Error::Invalid(format!(
-                    "a class label per image must be given exactly when the UNet is class-conditional ({b} images)"
-                )))
-            }
-        }
-        for (name, value) in [("unet.y", y), ("unet.guidance", guidance)] {
-            match (self.ctx.get(name), value) {
-                (Some(tensor), Some(v)) => self.ctx.set_f32(tensor, v)?,
-                (None, None) => {}
-                _ => {
-                    return Err(Error::Invalid(format!(
-                        "`{name}` must be given exactly when the UNet uses it"
-                    )))
-                }
+                return Err(Error::Invalid(
+                    "ControlNet residuals must be given exactly when the UNet graph takes them"
+                        .into(),
+                ))
             }
         }
         let graph = self
@@ -634,13 +669,102 @@ impl<'w> Runner<'w> {
         if self.fourier.is_some() {
             // A score model's output is the network's divided by σ (diffusers'
             // UNet2DModel with Fourier features).
-            let per = out.len() / b;
-            for (o, &s) in out.chunks_mut(per).zip(t) {
+            let per = out.len() / self.shape.batch;
+            for (o, &s) in out.chunks_mut(per).zip(inputs.t) {
                 o.iter_mut().for_each(|v| *v /= s);
             }
         }
         Ok(out)
     }
+}
+
+/// Sets the `unet.*` inputs that [`embed`] declared in `ctx` from `inputs`, after
+/// checking their sizes against `shape`.
+pub(super) fn set_inputs(
+    ctx: &Context<'_>,
+    cfg: &UnetConfig,
+    shape: Shape,
+    fourier: Option<&[f32]>,
+    inputs: &Inputs<'_>,
+) -> Result<()> {
+    let Shape {
+        width: w,
+        height: h,
+        batch: b,
+        tokens,
+        ..
+    } = shape;
+    let Inputs {
+        x,
+        t,
+        context,
+        y,
+        guidance,
+        class,
+        ..
+    } = *inputs;
+    let context_len = b * tokens * cfg.context_dim;
+    if t.len() != b || x.len() != b * cfg.in_channels * w * h || context.len() != context_len {
+        return Err(Error::Invalid(format!(
+            "UNet inputs: {} latent, {} timestep and {} context values for a graph of batch {b}",
+            x.len(),
+            t.len(),
+            context.len()
+        )));
+    }
+    let get = |n: &str| {
+        ctx.get(n)
+            .ok_or_else(|| Error::Invalid(format!("UNet graph lacks `{n}`")))
+    };
+    ctx.set_f32(get("unet.x")?, x)?;
+    let features = match fourier {
+        Some(w) => {
+            if let Some(bad) = t.iter().find(|&&s| !(s > 0.0 && s.is_finite())) {
+                return Err(Error::Invalid(format!(
+                    "a score model's noise level must be positive, not {bad}"
+                )));
+            }
+            fourier_features(t, w)
+        }
+        None => timestep_features(t, cfg.model_channels, &cfg.style),
+    };
+    ctx.set_f32(get("unet.t")?, &features)?;
+    if cfg.style.skip {
+        ctx.set_f32(get("unet.fir_down")?, &fir_matrix(&FIR_DOWN))?;
+        ctx.set_f32(get("unet.fir_up")?, &fir_matrix(&FIR_UP))?;
+    }
+    if context_len > 0 {
+        ctx.set_f32(get("unet.context")?, context)?;
+    }
+    match (ctx.get("unet.class"), class, cfg.style.num_classes) {
+        (Some(tensor), Some(ids), Some(n)) if ids.len() == b => {
+            if let Some(bad) = ids.iter().find(|&&k| k < 0 || k as usize >= n) {
+                return Err(Error::Invalid(format!(
+                    "class {bad} is not one of this model's {n} classes (0 to {})",
+                    n - 1
+                )));
+            }
+            ctx.set_i32(tensor, ids)?;
+        }
+        (None, None, _) => {}
+        _ => {
+            return Err(Error::Invalid(format!(
+                "a class label per image must be given exactly when the UNet is class-conditional ({b} images)"
+            )))
+        }
+    }
+    for (name, value) in [("unet.y", y), ("unet.guidance", guidance)] {
+        match (ctx.get(name), value) {
+            (Some(tensor), Some(v)) => ctx.set_f32(tensor, v)?,
+            (None, None) => {}
+            _ => {
+                return Err(Error::Invalid(format!(
+                    "`{name}` must be given exactly when the UNet uses it"
+                )))
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Evaluates the UNet once on `width`x`height` latents; the batch and the context
@@ -671,6 +795,7 @@ pub fn forward(
         height,
         batch,
         tokens: inputs.context.len().checked_div(per_token).unwrap_or(1),
+        control: inputs.control.is_some(),
     };
     Runner::new(w, cfg, shape, Attention::default(), None)?.run(inputs, backend)
 }

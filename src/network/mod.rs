@@ -6,6 +6,7 @@
 //! writer ([`crate::formats::diffusers`]), LoRA key resolution, and the ggml graphs
 //! ([`crate::model`]). A new block kind is one change here.
 pub mod clip;
+pub mod controlnet;
 pub mod unet;
 pub mod vae;
 

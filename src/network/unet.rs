@@ -136,6 +136,14 @@ pub enum Block {
 /// The whole UNet, blocks in the order they run.
 #[derive(Clone, Debug)]
 pub struct Unet {
+    pub encoder: Encoder,
+    pub decoder: Decoder,
+}
+
+/// The UNet's embeddings and down path up to its middle block: all of a UNet that a
+/// ControlNet copies ([`super::controlnet`]).
+#[derive(Clone, Debug)]
+pub struct Encoder {
     /// The Fourier time embedding's fixed weights ([`TimeEmbedding::Fourier`]).
     pub fourier: Option<Layer>,
     /// Timestep MLP: linear, SiLU, linear.
@@ -152,6 +160,16 @@ pub struct Unet {
     pub input_blocks: Vec<Vec<Block>>,
     /// The middle block (empty when removed).
     pub middle: Vec<Block>,
+    /// Widths of the kept outputs (`conv_in`'s, then each input block's), in the order
+    /// they are kept.
+    pub skips: Vec<usize>,
+    /// Width of the middle block's output.
+    pub width: usize,
+}
+
+/// The UNet's up path and output layers.
+#[derive(Clone, Debug)]
+pub struct Decoder {
     /// Decoder blocks; each first concatenates the latest kept encoder output.
     pub output_blocks: Vec<Vec<Block>>,
     pub norm_out: Layer,
@@ -164,262 +182,29 @@ impl Unet {
     /// structure (levels that disagree, an empty up level, more up-path ResNets than
     /// skip connections).
     pub fn new(u: &UnetConfig) -> Result<Self> {
-        let levels = u.channel_mult.len();
-        if levels == 0 || u.down_blocks.len() != levels || u.up_blocks.len() != levels {
-            return Err(Error::Invalid(format!(
-                "the UNet has {} channel multipliers, {} down levels and {} up levels; they must agree",
-                levels,
-                u.down_blocks.len(),
-                u.up_blocks.len()
-            )));
-        }
-        let st = &u.style;
-        if st.skip && st.attention != AttentionKind::SelfAttention {
-            return Err(Error::Invalid(
-                "a UNet with image skip paths (NCSN++) has self-attention blocks, not transformers"
-                    .into(),
-            ));
-        }
-        let top = At::new(UNET_PREFIX, "");
-        let mc = u.model_channels;
-        let temb = u.time_embed_dim();
-        // NCSN++'s level blocks divide their residual sums by √2 and take
-        // min(C/4, 32) groups whatever `norm_num_groups` says (diffusers' skip blocks).
-        let level_scale = if st.skip {
-            std::f32::consts::SQRT_2
-        } else {
-            1.0
-        };
-        let groups = |ch: usize| {
-            if st.skip {
-                quarter_groups(ch)
-            } else {
-                st.groups(ch)
-            }
-        };
-        let res = |at: At, inp: usize, out: usize, groups: [usize; 2], scale: f32| {
-            Box::new(ResBlock::new(&at, inp, out, temb, groups, scale))
-        };
-        // Skip blocks' attention norms take 32 groups (diffusers' `AttnSkip*Block2D`).
-        let attn_groups = |ch: usize| if st.skip { 32 } else { groups(ch) };
-        let attention = |at: At, ch: usize, depth: usize, scale: f32| match st.attention {
-            AttentionKind::Transformer => Block::Transformer(Transformer::new(&at, ch, depth, u)),
-            AttentionKind::SelfAttention => {
-                Block::SelfAttention(SelfAttention::new(&at, ch, u, attn_groups(ch), scale))
-            }
-        };
-        // ResNet `i` of a level (and its attention block `a` when `depth` > 0): LDM's
-        // block `canonical.0` (`.1`), diffusers' `group.resnets.i` (`group.attentions.a`).
-        let level_block = |(canonical, group): (String, String),
-                           (i, a): (usize, usize),
-                           (inp, out): (usize, usize),
-                           norm_groups: [usize; 2],
-                           depth: usize| {
-            let at = |k: usize, kind: &str, i: usize| {
-                top.sub(&format!("{canonical}.{k}"), &format!("{group}.{kind}.{i}"))
-            };
-            let r = res(at(0, "resnets", i), inp, out, norm_groups, level_scale);
-            let mut block = vec![Block::Res(r)];
-            if depth > 0 {
-                block.push(attention(at(1, "attentions", a), out, depth, level_scale));
-            }
-            block
-        };
+        let (encoder, decoder) = plan(u, UNET_PREFIX, true)?;
+        let decoder = decoder.ok_or_else(|| Error::Invalid("the UNet has no decoder".into()))?;
+        Ok(Unet { encoder, decoder })
+    }
 
-        let fourier = (st.time_embedding == TimeEmbedding::Fourier)
-            .then(|| top.layer("time_proj", "time_proj", Kind::Vector { len: mc }));
-        let features = if fourier.is_some() { 2 * mc } else { mc };
-        let time_embed = [
-            top.linear("time_embed.0", "time_embedding.linear_1", temb, features),
-            top.linear("time_embed.2", "time_embedding.linear_2", temb, temb),
-        ];
-        let cond_proj = u.time_cond_proj_dim.map(|d| {
-            top.layer(
-                "time_embed.cond_proj",
-                "time_embedding.cond_proj",
-                Kind::Linear {
-                    out: mc,
-                    inp: d,
-                    bias: false,
-                },
-            )
-        });
-        let label_embed = u.adm_in_channels.map(|a| {
-            [
-                top.linear("label_emb.0.0", "add_embedding.linear_1", temb, a),
-                top.linear("label_emb.0.2", "add_embedding.linear_2", temb, temb),
-            ]
-        });
-        let class_embed = st.num_classes.map(|rows| {
-            top.layer(
-                "label_emb",
-                "class_embedding",
-                Kind::Embedding { rows, dim: temb },
-            )
-        });
-        let conv_in = top.conv("input_blocks.0.0", "conv_in", mc, u.in_channels, 3);
-
-        // Widths of the kept encoder outputs, in push order.
-        let mut skips = vec![mc];
-        let mut ch = mc;
-        let mut input_blocks = Vec::new();
-        for (l, depths) in u.down_blocks.iter().enumerate() {
-            let out = mc * u.channel_mult[l];
-            for (i, &depth) in depths.iter().enumerate() {
-                let n = input_blocks.len() + 1;
-                let names = (format!("input_blocks.{n}"), format!("down_blocks.{l}"));
-                let g = [groups(ch), groups(out)];
-                input_blocks.push(level_block(names, (i, i), (ch, out), g, depth));
-                ch = out;
-                skips.push(ch);
-            }
-            if l + 1 < levels {
-                let n = input_blocks.len() + 1;
-                let canonical = format!("input_blocks.{n}");
-                let group = format!("down_blocks.{l}");
-                input_blocks.push(if st.skip {
-                    let at = top.sub(&format!("{canonical}.0"), &format!("{group}.resnet_down"));
-                    let r = ResBlock::resampling(&at, ch, temb, groups(ch), Resample::Down);
-                    let skip = top.conv(
-                        &format!("{canonical}.skip_conv"),
-                        &format!("{group}.skip_conv"),
-                        ch,
-                        u.in_channels,
-                        1,
-                    );
-                    vec![Block::Res(Box::new(r)), Block::SkipDown(skip)]
-                } else {
-                    vec![Block::Downsample(top.conv(
-                        &format!("{canonical}.0.op"),
-                        &format!("{group}.downsamplers.0.conv"),
-                        ch,
-                        ch,
-                        3,
-                    ))]
-                });
-                skips.push(ch);
+    /// Every parameter, in module order.
+    pub fn params(&self) -> Vec<Param> {
+        let mut out = self.encoder.params();
+        let d = &self.decoder;
+        for block in &d.output_blocks {
+            for step in block {
+                step.params(&mut out);
             }
         }
+        params_of([&d.norm_out, &d.conv_out], &mut out);
+        out
+    }
+}
 
-        let mid = |k: usize, d: &str| top.sub(&format!("middle_block.{k}"), d);
-        let (mg, ms) = ([st.groups(ch); 2], st.mid_scale);
-        let middle = match u.mid_depth {
-            None => Vec::new(),
-            Some(0) => vec![Block::Res(res(
-                mid(0, "mid_block.resnets.0"),
-                ch,
-                ch,
-                mg,
-                ms,
-            ))],
-            Some(depth) => vec![
-                Block::Res(res(mid(0, "mid_block.resnets.0"), ch, ch, mg, ms)),
-                match st.attention {
-                    AttentionKind::Transformer => Block::Transformer(Transformer::new(
-                        &mid(1, "mid_block.attentions.0"),
-                        ch,
-                        depth,
-                        u,
-                    )),
-                    AttentionKind::SelfAttention => Block::SelfAttention(SelfAttention::new(
-                        &mid(1, "mid_block.attentions.0"),
-                        ch,
-                        u,
-                        st.groups(ch),
-                        ms,
-                    )),
-                },
-                Block::Res(res(mid(2, "mid_block.resnets.1"), ch, ch, mg, ms)),
-            ],
-        };
-
-        let mut output_blocks = Vec::new();
-        for (j, depths) in u.up_blocks.iter().enumerate() {
-            let out = mc * u.channel_mult[levels - 1 - j];
-            if depths.is_empty() {
-                return Err(Error::Invalid(format!("up level {j} has no ResNets")));
-            }
-            if st.skip && depths[..depths.len() - 1].iter().any(|&d| d > 0) {
-                return Err(Error::Invalid(format!(
-                    "up level {j}: an NCSN++ level has attention after its last ResNet only"
-                )));
-            }
-            for (i, &depth) in depths.iter().enumerate() {
-                let skip = skips.pop().ok_or_else(|| {
-                    Error::Invalid(format!(
-                        "up level {j} has more ResNets than the down path has skip connections"
-                    ))
-                })?;
-                let n = output_blocks.len();
-                let names = (format!("output_blocks.{n}"), format!("up_blocks.{j}"));
-                let g = if st.skip && depths.iter().any(|&d| d > 0) {
-                    // diffusers' AttnSkipUpBlock2D computes `min(in + skip // 4, 32)`
-                    // (an operator-precedence slip kept by its checkpoints).
-                    [(ch + skip / 4).min(32), groups(out)]
-                } else {
-                    [groups(ch + skip), groups(out)]
-                };
-                // An NCSN++ up level's one attention block is its `attentions.0`.
-                let a = if st.skip { 0 } else { i };
-                let mut block = level_block(names, (i, a), (ch + skip, out), g, depth);
-                ch = out;
-                let last = i + 1 == depths.len();
-                let group = format!("up_blocks.{j}");
-                if last && st.skip {
-                    let to_rgb = (j + 1 < levels).then(|| ToRgb {
-                        norm: top.norm(
-                            &format!("output_blocks.{n}.skip_norm"),
-                            &format!("{group}.skip_norm"),
-                            ch,
-                        ),
-                        groups: quarter_groups(ch),
-                        conv: top.conv(
-                            &format!("output_blocks.{n}.skip_conv"),
-                            &format!("{group}.skip_conv"),
-                            u.out_channels,
-                            ch,
-                            3,
-                        ),
-                    });
-                    let has_up = to_rgb.is_some();
-                    block.push(Block::SkipUp(to_rgb));
-                    if has_up {
-                        let k = block.len() - 1;
-                        let at = top.sub(
-                            &format!("output_blocks.{n}.{k}"),
-                            &format!("{group}.resnet_up"),
-                        );
-                        let r = ResBlock::resampling(&at, ch, temb, groups(ch), Resample::Up);
-                        block.push(Block::Res(Box::new(r)));
-                    }
-                } else if last && j + 1 < levels {
-                    let k = block.len();
-                    block.push(Block::Upsample(top.conv(
-                        &format!("output_blocks.{n}.{k}.conv"),
-                        &format!("{group}.upsamplers.0.conv"),
-                        ch,
-                        ch,
-                        3,
-                    )));
-                }
-                output_blocks.push(block);
-            }
-        }
-
-        Ok(Unet {
-            fourier,
-            time_embed,
-            cond_proj,
-            label_embed,
-            class_embed,
-            conv_in,
-            input_blocks,
-            middle,
-            output_blocks,
-            norm_out: top.norm("out.0", "conv_norm_out", ch),
-            out_groups: st.groups(ch),
-            conv_out: top.conv("out.2", "conv_out", u.out_channels, ch, 3),
-        })
+impl Encoder {
+    /// The plan of `u`'s encoder, its canonical names under `prefix`.
+    pub fn new(u: &UnetConfig, prefix: &str) -> Result<Self> {
+        Ok(plan(u, prefix, false)?.0)
     }
 
     /// Every parameter, in module order.
@@ -435,15 +220,283 @@ impl Unet {
             .input_blocks
             .iter()
             .chain(std::iter::once(&self.middle))
-            .chain(&self.output_blocks)
         {
             for step in block {
                 step.params(&mut out);
             }
         }
-        params_of([&self.norm_out, &self.conv_out], &mut out);
         out
     }
+}
+
+/// The plans of `u`'s encoder, canonical names under `prefix`, and of its decoder
+/// where asked. Fails for configurations that have no consistent block structure.
+fn plan(u: &UnetConfig, prefix: &str, with_decoder: bool) -> Result<(Encoder, Option<Decoder>)> {
+    let levels = u.channel_mult.len();
+    if levels == 0 || u.down_blocks.len() != levels || (with_decoder && u.up_blocks.len() != levels)
+    {
+        return Err(Error::Invalid(format!(
+            "the UNet has {} channel multipliers, {} down levels and {} up levels; they must agree",
+            levels,
+            u.down_blocks.len(),
+            u.up_blocks.len()
+        )));
+    }
+    let st = &u.style;
+    if st.skip && st.attention != AttentionKind::SelfAttention {
+        return Err(Error::Invalid(
+            "a UNet with image skip paths (NCSN++) has self-attention blocks, not transformers"
+                .into(),
+        ));
+    }
+    let top = At::new(prefix, "");
+    let mc = u.model_channels;
+    let temb = u.time_embed_dim();
+    // NCSN++'s level blocks divide their residual sums by √2 and take
+    // min(C/4, 32) groups whatever `norm_num_groups` says (diffusers' skip blocks).
+    let level_scale = if st.skip {
+        std::f32::consts::SQRT_2
+    } else {
+        1.0
+    };
+    let groups = |ch: usize| {
+        if st.skip {
+            quarter_groups(ch)
+        } else {
+            st.groups(ch)
+        }
+    };
+    let res = |at: At, inp: usize, out: usize, groups: [usize; 2], scale: f32| {
+        Box::new(ResBlock::new(&at, inp, out, temb, groups, scale))
+    };
+    // Skip blocks' attention norms take 32 groups (diffusers' `AttnSkip*Block2D`).
+    let attn_groups = |ch: usize| if st.skip { 32 } else { groups(ch) };
+    let attention = |at: At, ch: usize, depth: usize, scale: f32| match st.attention {
+        AttentionKind::Transformer => Block::Transformer(Transformer::new(&at, ch, depth, u)),
+        AttentionKind::SelfAttention => {
+            Block::SelfAttention(SelfAttention::new(&at, ch, u, attn_groups(ch), scale))
+        }
+    };
+    // ResNet `i` of a level (and its attention block `a` when `depth` > 0): LDM's
+    // block `canonical.0` (`.1`), diffusers' `group.resnets.i` (`group.attentions.a`).
+    let level_block = |(canonical, group): (String, String),
+                       (i, a): (usize, usize),
+                       (inp, out): (usize, usize),
+                       norm_groups: [usize; 2],
+                       depth: usize| {
+        let at = |k: usize, kind: &str, i: usize| {
+            top.sub(&format!("{canonical}.{k}"), &format!("{group}.{kind}.{i}"))
+        };
+        let r = res(at(0, "resnets", i), inp, out, norm_groups, level_scale);
+        let mut block = vec![Block::Res(r)];
+        if depth > 0 {
+            block.push(attention(at(1, "attentions", a), out, depth, level_scale));
+        }
+        block
+    };
+
+    let fourier = (st.time_embedding == TimeEmbedding::Fourier)
+        .then(|| top.layer("time_proj", "time_proj", Kind::Vector { len: mc }));
+    let features = if fourier.is_some() { 2 * mc } else { mc };
+    let time_embed = [
+        top.linear("time_embed.0", "time_embedding.linear_1", temb, features),
+        top.linear("time_embed.2", "time_embedding.linear_2", temb, temb),
+    ];
+    let cond_proj = u.time_cond_proj_dim.map(|d| {
+        top.layer(
+            "time_embed.cond_proj",
+            "time_embedding.cond_proj",
+            Kind::Linear {
+                out: mc,
+                inp: d,
+                bias: false,
+            },
+        )
+    });
+    let label_embed = u.adm_in_channels.map(|a| {
+        [
+            top.linear("label_emb.0.0", "add_embedding.linear_1", temb, a),
+            top.linear("label_emb.0.2", "add_embedding.linear_2", temb, temb),
+        ]
+    });
+    let class_embed = st.num_classes.map(|rows| {
+        top.layer(
+            "label_emb",
+            "class_embedding",
+            Kind::Embedding { rows, dim: temb },
+        )
+    });
+    let conv_in = top.conv("input_blocks.0.0", "conv_in", mc, u.in_channels, 3);
+
+    // Widths of the kept encoder outputs, in push order.
+    let mut skips = vec![mc];
+    let mut ch = mc;
+    let mut input_blocks = Vec::new();
+    for (l, depths) in u.down_blocks.iter().enumerate() {
+        let out = mc * u.channel_mult[l];
+        for (i, &depth) in depths.iter().enumerate() {
+            let n = input_blocks.len() + 1;
+            let names = (format!("input_blocks.{n}"), format!("down_blocks.{l}"));
+            let g = [groups(ch), groups(out)];
+            input_blocks.push(level_block(names, (i, i), (ch, out), g, depth));
+            ch = out;
+            skips.push(ch);
+        }
+        if l + 1 < levels {
+            let n = input_blocks.len() + 1;
+            let canonical = format!("input_blocks.{n}");
+            let group = format!("down_blocks.{l}");
+            input_blocks.push(if st.skip {
+                let at = top.sub(&format!("{canonical}.0"), &format!("{group}.resnet_down"));
+                let r = ResBlock::resampling(&at, ch, temb, groups(ch), Resample::Down);
+                let skip = top.conv(
+                    &format!("{canonical}.skip_conv"),
+                    &format!("{group}.skip_conv"),
+                    ch,
+                    u.in_channels,
+                    1,
+                );
+                vec![Block::Res(Box::new(r)), Block::SkipDown(skip)]
+            } else {
+                vec![Block::Downsample(top.conv(
+                    &format!("{canonical}.0.op"),
+                    &format!("{group}.downsamplers.0.conv"),
+                    ch,
+                    ch,
+                    3,
+                ))]
+            });
+            skips.push(ch);
+        }
+    }
+
+    let mid = |k: usize, d: &str| top.sub(&format!("middle_block.{k}"), d);
+    let (mg, ms) = ([st.groups(ch); 2], st.mid_scale);
+    let middle = match u.mid_depth {
+        None => Vec::new(),
+        Some(0) => vec![Block::Res(res(
+            mid(0, "mid_block.resnets.0"),
+            ch,
+            ch,
+            mg,
+            ms,
+        ))],
+        Some(depth) => vec![
+            Block::Res(res(mid(0, "mid_block.resnets.0"), ch, ch, mg, ms)),
+            match st.attention {
+                AttentionKind::Transformer => Block::Transformer(Transformer::new(
+                    &mid(1, "mid_block.attentions.0"),
+                    ch,
+                    depth,
+                    u,
+                )),
+                AttentionKind::SelfAttention => Block::SelfAttention(SelfAttention::new(
+                    &mid(1, "mid_block.attentions.0"),
+                    ch,
+                    u,
+                    st.groups(ch),
+                    ms,
+                )),
+            },
+            Block::Res(res(mid(2, "mid_block.resnets.1"), ch, ch, mg, ms)),
+        ],
+    };
+
+    let encoder = Encoder {
+        fourier,
+        time_embed,
+        cond_proj,
+        label_embed,
+        class_embed,
+        conv_in,
+        input_blocks,
+        middle,
+        skips: skips.clone(),
+        width: ch,
+    };
+    if !with_decoder {
+        return Ok((encoder, None));
+    }
+    let mut output_blocks = Vec::new();
+    for (j, depths) in u.up_blocks.iter().enumerate() {
+        let out = mc * u.channel_mult[levels - 1 - j];
+        if depths.is_empty() {
+            return Err(Error::Invalid(format!("up level {j} has no ResNets")));
+        }
+        if st.skip && depths[..depths.len() - 1].iter().any(|&d| d > 0) {
+            return Err(Error::Invalid(format!(
+                "up level {j}: an NCSN++ level has attention after its last ResNet only"
+            )));
+        }
+        for (i, &depth) in depths.iter().enumerate() {
+            let skip = skips.pop().ok_or_else(|| {
+                Error::Invalid(format!(
+                    "up level {j} has more ResNets than the down path has skip connections"
+                ))
+            })?;
+            let n = output_blocks.len();
+            let names = (format!("output_blocks.{n}"), format!("up_blocks.{j}"));
+            let g = if st.skip && depths.iter().any(|&d| d > 0) {
+                // diffusers' AttnSkipUpBlock2D computes `min(in + skip // 4, 32)`
+                // (an operator-precedence slip kept by its checkpoints).
+                [(ch + skip / 4).min(32), groups(out)]
+            } else {
+                [groups(ch + skip), groups(out)]
+            };
+            // An NCSN++ up level's one attention block is its `attentions.0`.
+            let a = if st.skip { 0 } else { i };
+            let mut block = level_block(names, (i, a), (ch + skip, out), g, depth);
+            ch = out;
+            let last = i + 1 == depths.len();
+            let group = format!("up_blocks.{j}");
+            if last && st.skip {
+                let to_rgb = (j + 1 < levels).then(|| ToRgb {
+                    norm: top.norm(
+                        &format!("output_blocks.{n}.skip_norm"),
+                        &format!("{group}.skip_norm"),
+                        ch,
+                    ),
+                    groups: quarter_groups(ch),
+                    conv: top.conv(
+                        &format!("output_blocks.{n}.skip_conv"),
+                        &format!("{group}.skip_conv"),
+                        u.out_channels,
+                        ch,
+                        3,
+                    ),
+                });
+                let has_up = to_rgb.is_some();
+                block.push(Block::SkipUp(to_rgb));
+                if has_up {
+                    let k = block.len() - 1;
+                    let at = top.sub(
+                        &format!("output_blocks.{n}.{k}"),
+                        &format!("{group}.resnet_up"),
+                    );
+                    let r = ResBlock::resampling(&at, ch, temb, groups(ch), Resample::Up);
+                    block.push(Block::Res(Box::new(r)));
+                }
+            } else if last && j + 1 < levels {
+                let k = block.len();
+                block.push(Block::Upsample(top.conv(
+                    &format!("output_blocks.{n}.{k}.conv"),
+                    &format!("{group}.upsamplers.0.conv"),
+                    ch,
+                    ch,
+                    3,
+                )));
+            }
+            output_blocks.push(block);
+        }
+    }
+
+    let decoder = Decoder {
+        output_blocks,
+        norm_out: top.norm("out.0", "conv_norm_out", ch),
+        out_groups: st.groups(ch),
+        conv_out: top.conv("out.2", "conv_out", u.out_channels, ch, 3),
+    };
+    Ok((encoder, Some(decoder)))
 }
 
 impl Block {

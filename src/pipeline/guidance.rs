@@ -3,6 +3,7 @@
 //! embedding of LCM-distilled ones.
 use std::sync::atomic::AtomicBool;
 
+use super::control::{Branch, Steering};
 use super::{check_cancel, Pipeline};
 use crate::config::UnetConfig;
 use crate::error::{Error, Result};
@@ -75,6 +76,17 @@ fn rescale_guidance(guided: &[f32], cond: &[f32], phi: f32) -> Vec<f32> {
         .collect()
 }
 
+/// The two branches' halves of a per-branch input.
+fn halves(v: Option<&[f32]>) -> (Option<&[f32]>, Option<&[f32]>) {
+    match v {
+        Some(v) => {
+            let (a, b) = v.split_at(v.len() / 2);
+            (Some(a), Some(b))
+        }
+        None => (None, None),
+    }
+}
+
 /// The UNet with classifier-free guidance: one batch of [uncond, cond] when guided,
 /// the cond pass alone at scale 1.
 pub(super) struct Guidance<'a> {
@@ -94,6 +106,8 @@ pub(super) struct Guidance<'a> {
     /// Guidance-scale embedding of LCM-distilled UNets (then never batched with uncond).
     pub(super) embedded: Option<&'a [f32]>,
     pub(super) cancel: Option<&'a AtomicBool>,
+    /// The request's ControlNets.
+    pub(super) steering: Option<&'a Steering<'a>>,
 }
 
 impl sample::Model for Guidance<'_> {
@@ -109,7 +123,20 @@ impl sample::Model for Guidance<'_> {
                 batch.extend_from_slice(e);
             }
         }
+        // ControlNet residuals of the branches one graph evaluates.
+        let control = |branches: &[Branch<'_>]| match self.steering {
+            Some(s) => s.residuals(x, t as f32, branches, self.embedded, backend),
+            None => Ok(None),
+        };
+        // A graph built for residuals takes zeros at steps no ControlNet acts on.
+        let zeros = |n: usize| -> Option<Vec<Vec<f32>>> { self.steering.map(|s| s.zeros(n)) };
         if !self.guided {
+            let r = control(&[Branch {
+                context: self.context,
+                y: self.y,
+                cond: true,
+            }])?
+            .or_else(|| zeros(1));
             let inputs = Inputs {
                 x: &batch,
                 t: &[t as f32],
@@ -117,31 +144,57 @@ impl sample::Model for Guidance<'_> {
                 y: self.y,
                 guidance: self.embedded,
                 class: None,
+                control: r.as_deref(),
             };
             return self.runner.run(&inputs, backend);
         }
+        let (ctx_u, ctx_c) = self.context.split_at(self.context.len() / 2);
+        let (y_u, y_c) = halves(self.y);
         let out = if self.split {
-            let (ctx_u, ctx_c) = self.context.split_at(self.context.len() / 2);
-            let (y_u, y_c) = match self.y {
-                Some(y) => {
-                    let (a, b) = y.split_at(y.len() / 2);
-                    (Some(a), Some(b))
-                }
-                None => (None, None),
-            };
             let one = [t as f32];
-            let branch = |context, y| Inputs {
+            let branch = |context, y, control| Inputs {
                 x: &batch,
                 t: &one,
                 context,
                 y,
                 guidance: None,
                 class: None,
+                control,
             };
-            let mut out = self.runner.run(&branch(ctx_u, y_u), backend)?;
-            out.extend(self.runner.run(&branch(ctx_c, y_c), backend)?);
+            let r = control(&[Branch {
+                context: ctx_u,
+                y: y_u,
+                cond: false,
+            }])?
+            .or_else(|| zeros(1));
+            let mut out = self
+                .runner
+                .run(&branch(ctx_u, y_u, r.as_deref()), backend)?;
+            let r = control(&[Branch {
+                context: ctx_c,
+                y: y_c,
+                cond: true,
+            }])?
+            .or_else(|| zeros(1));
+            out.extend(
+                self.runner
+                    .run(&branch(ctx_c, y_c, r.as_deref()), backend)?,
+            );
             out
         } else {
+            let r = control(&[
+                Branch {
+                    context: ctx_u,
+                    y: y_u,
+                    cond: false,
+                },
+                Branch {
+                    context: ctx_c,
+                    y: y_c,
+                    cond: true,
+                },
+            ])?
+            .or_else(|| zeros(2));
             let inputs = Inputs {
                 x: &batch,
                 t: &[t as f32, t as f32],
@@ -149,6 +202,7 @@ impl sample::Model for Guidance<'_> {
                 y: self.y,
                 guidance: None,
                 class: None,
+                control: r.as_deref(),
             };
             self.runner.run(&inputs, backend)?
         };

@@ -70,6 +70,31 @@ impl Record<'_> {
             pairs.push(("Emphasis", req.prompting.emphasis.name().into()));
         }
         pairs.push(("RNG", req.sampling.rng.infotext_name().into()));
+        // As A1111's ControlNet extension writes its units.
+        let units: Vec<(String, String)> = req
+            .controls
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                let hash = c.net.source_hash();
+                let model = match hash.is_empty() {
+                    true => c.net.name(),
+                    false => format!("{} [{hash}]", c.net.name()),
+                };
+                let mode = if c.guess {
+                    "ControlNet is more important"
+                } else {
+                    "Balanced"
+                };
+                (
+                    format!("ControlNet {i}"),
+                    quoted(&format!(
+                        "Module: {}, Model: {model}, Weight: {}, Resize Mode: Crop and Resize, Guidance Start: {}, Guidance End: {}, Control Mode: {mode}",
+                        c.module, c.strength, c.start, c.end
+                    )),
+                )
+            })
+            .collect();
         let loras: Vec<String> = self
             .loras
             .iter()
@@ -87,7 +112,9 @@ impl Record<'_> {
             pairs.push(("TI hashes", quoted(&tis.join(", "))));
         }
         pairs.push(("Version", format!("sdrs {}", env!("CARGO_PKG_VERSION"))));
-        let line: Vec<String> = pairs.iter().map(|(k, v)| format!("{k}: {v}")).collect();
+        let mut line: Vec<String> = pairs.iter().map(|(k, v)| format!("{k}: {v}")).collect();
+        let at = line.len() - 1;
+        line.splice(at..at, units.iter().map(|(k, v)| format!("{k}: {v}")));
         format!(
             "{}\nNegative prompt: {}\n{}",
             req.prompt,

@@ -24,6 +24,7 @@ use crate::sample::{Sampler, Schedule};
 use crate::tokenizer::ClipTokenizer;
 
 pub(crate) mod canvas;
+pub mod control;
 mod guidance;
 pub mod hires;
 mod infotext;
@@ -31,6 +32,7 @@ mod lora;
 pub mod options;
 mod output;
 mod planning;
+pub mod preprocess;
 mod preview;
 mod request;
 mod stages;
@@ -40,6 +42,7 @@ pub mod unconditional;
 pub mod upscale;
 
 pub use canvas::{Canvas, CanvasOptions};
+pub use control::{Control, ControlNet};
 use guidance::Guidance;
 pub use guidance::{guidance_embedding, label_input};
 pub use output::{exif_user_comment, ImageFormat};
@@ -440,6 +443,10 @@ impl Pipeline {
         }
         for te in &self.config.text_encoders {
             self.encoder_for(te, req)?;
+        }
+        for c in &req.controls {
+            c.validate()?;
+            c.net.check(&self.config)?;
         }
         if let Some(c) = req.canvas() {
             if (c.width, c.height) != (req.width, req.height) {

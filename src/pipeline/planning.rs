@@ -1,11 +1,13 @@
 //! A run's memory plan: every stage's weights, compute buffer and buffers measured
 //! from its graphs (built, never run), then the choices that fit the budget.
+use super::control::residual_sizes;
 use super::lora::Part;
 use super::{Pipeline, Request, FORCED_TILE};
 use crate::budget::{self, Budget, Need, Plan};
 use crate::error::Result;
 use crate::formats::Checkpoint;
-use crate::model::{clip, taesd, unet, vae, Weights};
+use crate::model::{clip, controlnet, taesd, unet, vae, Weights};
+use crate::network::controlnet::CONTROL_PREFIX;
 use crate::network::{self, UNET_PREFIX};
 
 impl Pipeline {
@@ -167,13 +169,33 @@ impl budget::Stages for RunStages<'_> {
             height: self.lh,
             batch,
             tokens: self.tokens,
+            control: !self.req.controls.is_empty(),
         };
-        let compute = unet::Runner::measure(&w, &cfg.unet, shape, p.attention, adapters)? as u64;
+        let mut compute =
+            unet::Runner::measure(&w, &cfg.unet, shape, p.attention, adapters)? as u64;
+        let mut weights = w.bytes() + adapters.map_or(0, |a| a.bytes());
+        // ControlNets: their weights and batch-1 graphs live beside the UNet's, with
+        // the residuals of every branch (each ControlNet's, and their sum).
+        let mut other = 0;
+        for c in &self.req.controls {
+            let cw = Weights::load(&c.net.gguf, |n| n.starts_with(CONTROL_PREFIX))?;
+            let one = unet::Shape {
+                batch: 1,
+                control: false,
+                ..shape
+            };
+            compute += controlnet::Runner::measure(&cw, &c.net.config, one, p.attention)? as u64;
+            weights += cw.bytes();
+            let values: usize = residual_sizes(&c.net.config, self.lw, self.lh)?
+                .iter()
+                .sum();
+            other = other.max(4 * values as u64 * (batch as u64 + 2));
+        }
         Ok(Need {
             stage: "unet",
-            weights: w.bytes() + adapters.map_or(0, |a| a.bytes()),
+            weights,
             compute,
-            other: 0,
+            other,
         })
     }
 

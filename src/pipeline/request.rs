@@ -32,6 +32,9 @@ pub struct Request {
     pub loras: Vec<(PathBuf, f32)>,
     /// img2img / inpainting: the picture to start from; `None` starts from noise.
     pub init: Option<Init>,
+    /// ControlNets steering the run, each with its conditioning image; their
+    /// residuals add up.
+    pub controls: Vec<super::Control>,
     /// How latents become pixels.
     pub decoding: Decoding,
     /// Memory budget in bytes for this run, in place of [`super::Pipeline::max_memory`].
@@ -297,6 +300,7 @@ impl Request {
             noise: None,
             cancel: None,
             init: None,
+            controls: Vec::new(),
         }
     }
 

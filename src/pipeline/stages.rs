@@ -3,6 +3,7 @@
 //! so a stage's memory is gone before the next one loads its own.
 use std::time::Instant;
 
+use super::control::Steering;
 use super::infotext;
 use super::lora::{Part, RequestLora};
 use super::preview::Previewer;
@@ -12,6 +13,7 @@ use crate::budget::Plan;
 use crate::error::{Error, Result};
 use crate::formats::Checkpoint;
 use crate::model::{taesd, unet, vae, Planes, Weights};
+use crate::network::controlnet::CONTROL_PREFIX;
 use crate::network::{UNET_PREFIX, VAE_PREFIX};
 use crate::sample;
 
@@ -170,11 +172,30 @@ impl Pipeline {
             height: lh,
             batch,
             tokens: self.context_tokens(&text.prompts),
+            control: !req.controls.is_empty(),
         };
         let runner = unet::Runner::new(&uw, &cfg.unet, shape, self.attention, adapters.as_ref())?;
+        let controls = self.fit_controls(req)?;
+        let control_weights = controls
+            .iter()
+            .map(|c| Weights::load(&c.net.gguf, |n| n.starts_with(CONTROL_PREFIX)))
+            .collect::<Result<Vec<_>>>()?;
+        let steering = if controls.is_empty() {
+            None
+        } else {
+            Some(Steering::new(
+                &controls,
+                &control_weights,
+                shape,
+                self.attention,
+                &plan.timesteps,
+            )?)
+        };
+        let (control_bytes, control_flops) = steering.as_ref().map_or((0, 0.0), Steering::cost);
+        // Each ControlNet runs once per branch it acts on (twice when guided).
         progress(Stage::Sampling {
-            unet_flops: runner.flops * (branches / batch) as f64,
-            compute_bytes: runner.buffer_bytes,
+            unet_flops: runner.flops * (branches / batch) as f64 + control_flops * branches as f64,
+            compute_bytes: runner.buffer_bytes + control_bytes,
         });
         let embedded = cfg
             .unet
@@ -192,6 +213,7 @@ impl Pipeline {
             extra: start.extra.as_deref(),
             embedded: embedded.as_deref(),
             cancel: req.cancel.as_deref(),
+            steering: steering.as_ref(),
         };
         let total = plan.timesteps.len();
         let x = start.latent(&plan, strength);

@@ -319,6 +319,7 @@ impl Unconditional {
             height,
             batch: chunk,
             tokens: 1,
+            control: false,
         }
     }
 

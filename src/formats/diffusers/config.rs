@@ -852,3 +852,62 @@ pub(crate) fn pad_token(tokenizer_dir: &Path) -> Result<Option<u32>> {
     })?;
     Ok(Some(id as u32))
 }
+
+/// `ControlNetModel` config: the UNet encoder's keys as `UNet2DConditionModel` has
+/// them, and the conditioning embedding's.
+pub(crate) fn controlnet(v: &Value, path: &Path) -> Result<crate::config::ControlConfig> {
+    let o = Obj::new(v, path)?;
+    if o.bool_or("global_pool_conditions", false)? {
+        return Err(o.refuse(
+            "global_pool_conditions",
+            "pooled control (the shuffle ControlNet)",
+        ));
+    }
+    if let Some(order) = o.opt_str("controlnet_conditioning_channel_order")? {
+        if order != "rgb" {
+            return Err(o.refuse("controlnet_conditioning_channel_order", "a non-RGB order"));
+        }
+    }
+    // The encoder is read as a UNet's whose up path mirrors it; a ControlNet has none.
+    let mut unet_json = v.clone();
+    if let (Some(map), Some(Value::Array(down))) =
+        (unet_json.as_object_mut(), v.get("down_block_types"))
+    {
+        let up: Vec<Value> = down
+            .iter()
+            .rev()
+            .map(|d| match d.as_str() {
+                Some("CrossAttnDownBlock2D") => Value::from("CrossAttnUpBlock2D"),
+                _ => Value::from("UpBlock2D"),
+            })
+            .collect();
+        map.insert("up_block_types".into(), Value::Array(up));
+    }
+    let mut unet = unet(&unet_json, path)?;
+    unet.up_blocks.clear();
+    unet.out_channels = unet.in_channels;
+    let embedding_channels = match o.get("conditioning_embedding_out_channels") {
+        None => vec![16, 32, 96, 256],
+        Some(Value::Array(a)) => a
+            .iter()
+            .map(as_usize)
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(|| o.bad("conditioning_embedding_out_channels", "a list of integers"))?,
+        Some(_) => return Err(o.bad("conditioning_embedding_out_channels", "a list of integers")),
+    };
+    let family = if unet.adm_in_channels.is_some() {
+        "sdxl"
+    } else if unet.linear_proj || unet.head_dim.is_some() {
+        "sd2"
+    } else {
+        "sd1"
+    };
+    let c = crate::config::ControlConfig {
+        family: family.into(),
+        unet,
+        hint_channels: o.usize_or("conditioning_channels", 3)?,
+        embedding_channels,
+    };
+    c.check_sizes().map_err(|e| Error::format(path, e))?;
+    Ok(c)
+}

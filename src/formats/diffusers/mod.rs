@@ -466,6 +466,30 @@ pub fn open(dir: &Path) -> Result<Checkpoint> {
     })
 }
 
+/// A diffusers `ControlNetModel` folder (`config.json` and its weights at the
+/// root): its config, and the weights file read with its tensors in diffusers naming.
+pub(crate) fn controlnet(
+    dir: &Path,
+) -> Result<(crate::config::ControlConfig, PathBuf, Vec<SourceTensor>)> {
+    let path = dir.join("config.json");
+    let cfg = config::controlnet(&read_json(&path)?, &path)?;
+    let (file, tensors) = load_weights(dir, DIFFUSERS_WEIGHTS)?;
+    Ok((cfg, file, tensors))
+}
+
+/// Whether `dir` holds a diffusers `ControlNetModel` (its `config.json` says so).
+pub fn is_controlnet(dir: &Path) -> bool {
+    let path = dir.join("config.json");
+    path.is_file()
+        && read_json(&path)
+            .is_ok_and(|v| v.get("_class_name").and_then(Value::as_str) == Some("ControlNetModel"))
+}
+
+/// A diffusers `ControlNetModel` config read from `path`.
+pub(crate) fn controlnet_config(path: &Path) -> Result<crate::config::ControlConfig> {
+    config::controlnet(&read_json(path)?, path)
+}
+
 /// Diffusers' names for old-style attention blocks (`AttentionBlock`, before diffusers
 /// 0.14; the `google/ddpm-*` and `CompVis/ldm-*` repositories still hold them), mapped
 /// to the current ones. Transformer blocks never had these names.

@@ -3,9 +3,9 @@
 use std::collections::HashMap;
 
 use crate::config::{
-    Activation, AttentionKind, Betas, Defaults, ModelConfig, NoiseSchedule, Prediction,
-    TextEncoderConfig, TextEncoderKind, TimeEmbedding, TimeId, UnetConfig, UnetStyle, VaeConfig,
-    Variance, VeSde,
+    Activation, AttentionKind, Betas, ControlConfig, Defaults, ModelConfig, NoiseSchedule,
+    Prediction, TextEncoderConfig, TextEncoderKind, TimeEmbedding, TimeId, UnetConfig, UnetStyle,
+    VaeConfig, Variance, VeSde,
 };
 use crate::error::{Error, Result};
 use crate::formats::gguf::{GgufFile, Value};
@@ -29,6 +29,162 @@ fn flatten(blocks: &[Vec<usize>]) -> (Value, Value) {
         Value::u32_array(blocks.iter().map(Vec::len)),
         Value::u32_array(blocks.iter().flatten().copied()),
     )
+}
+
+/// The `sd.unet.*` keys of `u`.
+fn unet_kv(kv: &mut Kv, u: &UnetConfig) {
+    let p = "sd.unet.";
+    put(
+        kv,
+        format!("{p}in_channels"),
+        Value::U32(u.in_channels as u32),
+    );
+    put(
+        kv,
+        format!("{p}out_channels"),
+        Value::U32(u.out_channels as u32),
+    );
+    put(
+        kv,
+        format!("{p}model_channels"),
+        Value::U32(u.model_channels as u32),
+    );
+    put(
+        kv,
+        format!("{p}channel_mult"),
+        Value::u32_array(u.channel_mult.iter().copied()),
+    );
+    let (c, d) = flatten(&u.down_blocks);
+    put(kv, format!("{p}down_blocks.resnets"), c);
+    put(kv, format!("{p}down_blocks.depths"), d);
+    let (c, d) = flatten(&u.up_blocks);
+    put(kv, format!("{p}up_blocks.resnets"), c);
+    put(kv, format!("{p}up_blocks.depths"), d);
+    put(
+        kv,
+        format!("{p}mid_depth"),
+        Value::I32(u.mid_depth.map_or(-1, |d| d as i32)),
+    );
+    put(
+        kv,
+        format!("{p}num_heads"),
+        Value::U32(u.num_heads.unwrap_or(0) as u32),
+    );
+    put(
+        kv,
+        format!("{p}head_dim"),
+        Value::U32(u.head_dim.unwrap_or(0) as u32),
+    );
+    put(
+        kv,
+        format!("{p}context_dim"),
+        Value::U32(u.context_dim as u32),
+    );
+    put(kv, format!("{p}linear_proj"), Value::Bool(u.linear_proj));
+    put(
+        kv,
+        format!("{p}adm_in_channels"),
+        Value::U32(u.adm_in_channels.unwrap_or(0) as u32),
+    );
+    put(
+        kv,
+        format!("{p}time_cond_proj_dim"),
+        Value::U32(u.time_cond_proj_dim.unwrap_or(0) as u32),
+    );
+    if !u.time_ids.is_empty() {
+        put(
+            kv,
+            format!("{p}time_ids"),
+            Value::string_array(u.time_ids.iter().map(|t| t.as_str().to_string())),
+        );
+        put(
+            kv,
+            format!("{p}time_id_dim"),
+            Value::U32(u.time_id_dim as u32),
+        );
+    }
+    let st = &u.style;
+    let p = "sd.unet.";
+    put(
+        kv,
+        format!("{p}attention"),
+        Value::String(st.attention.as_str().into()),
+    );
+    put(
+        kv,
+        format!("{p}norm_groups"),
+        // 0: each norm's own min(channels / 4, 32).
+        Value::U32(st.norm_groups.unwrap_or(0) as u32),
+    );
+    put(
+        kv,
+        format!("{p}time_embedding"),
+        Value::String(st.time_embedding.as_str().into()),
+    );
+    put(kv, format!("{p}skip"), Value::Bool(st.skip));
+    put(kv, format!("{p}mid_scale"), Value::F32(st.mid_scale));
+    put(kv, format!("{p}norm_eps"), Value::F32(st.norm_eps));
+    put(
+        kv,
+        format!("{p}flip_sin_to_cos"),
+        Value::Bool(st.flip_sin_to_cos),
+    );
+    put(kv, format!("{p}freq_shift"), Value::F32(st.freq_shift));
+    put(
+        kv,
+        format!("{p}downsample_padding"),
+        Value::U32(st.downsample_padding as u32),
+    );
+    put(
+        kv,
+        format!("{p}num_classes"),
+        Value::U32(st.num_classes.unwrap_or(0) as u32),
+    );
+}
+
+/// Marks a ControlNet's GGUF, which a model loader must not take for a model.
+pub const CONTROL_ARCHITECTURE: &str = "sd-controlnet";
+
+/// A ControlNet's config → metadata: its encoder as `sd.unet.*` (no up path) and
+/// the conditioning embedding as `sd.control.*`.
+pub fn control_kv(c: &ControlConfig) -> Kv {
+    let mut kv = Kv::new();
+    put(
+        &mut kv,
+        "general.architecture",
+        Value::String(CONTROL_ARCHITECTURE.into()),
+    );
+    put(&mut kv, "sd.family", Value::String(c.family.clone()));
+    unet_kv(&mut kv, &c.unet);
+    put(
+        &mut kv,
+        "sd.control.hint_channels",
+        Value::U32(c.hint_channels as u32),
+    );
+    put(
+        &mut kv,
+        "sd.control.embedding_channels",
+        Value::u32_array(c.embedding_channels.iter().copied()),
+    );
+    kv
+}
+
+/// The ControlNet config of a GGUF written by [`control_kv`]; `None` for any
+/// other file.
+pub fn read_control(g: &GgufFile) -> Result<Option<ControlConfig>> {
+    if g.get("general.architecture").and_then(Value::as_str) != Some(CONTROL_ARCHITECTURE) {
+        return Ok(None);
+    }
+    let r = Reader { g };
+    let c = ControlConfig {
+        family: r.str("sd.family")?,
+        unet: r.unet()?,
+        hint_channels: r.usize("sd.control.hint_channels")?,
+        embedding_channels: r.list("sd.control.embedding_channels")?,
+    };
+    c.check_sizes()
+        .map_err(|e| Error::format(&g.path, format!("metadata: {e}")))?;
+    Ok(Some(c))
 }
 
 /// Architecture config → metadata.
@@ -55,118 +211,7 @@ pub fn config_kv(cfg: &ModelConfig) -> Kv {
         "sd.zeros_for_empty_negative",
         Value::Bool(cfg.zeros_for_empty_negative),
     );
-    let u = &cfg.unet;
-    let p = "sd.unet.";
-    put(
-        &mut kv,
-        format!("{p}in_channels"),
-        Value::U32(u.in_channels as u32),
-    );
-    put(
-        &mut kv,
-        format!("{p}out_channels"),
-        Value::U32(u.out_channels as u32),
-    );
-    put(
-        &mut kv,
-        format!("{p}model_channels"),
-        Value::U32(u.model_channels as u32),
-    );
-    put(
-        &mut kv,
-        format!("{p}channel_mult"),
-        Value::u32_array(u.channel_mult.iter().copied()),
-    );
-    let (c, d) = flatten(&u.down_blocks);
-    put(&mut kv, format!("{p}down_blocks.resnets"), c);
-    put(&mut kv, format!("{p}down_blocks.depths"), d);
-    let (c, d) = flatten(&u.up_blocks);
-    put(&mut kv, format!("{p}up_blocks.resnets"), c);
-    put(&mut kv, format!("{p}up_blocks.depths"), d);
-    put(
-        &mut kv,
-        format!("{p}mid_depth"),
-        Value::I32(u.mid_depth.map_or(-1, |d| d as i32)),
-    );
-    put(
-        &mut kv,
-        format!("{p}num_heads"),
-        Value::U32(u.num_heads.unwrap_or(0) as u32),
-    );
-    put(
-        &mut kv,
-        format!("{p}head_dim"),
-        Value::U32(u.head_dim.unwrap_or(0) as u32),
-    );
-    put(
-        &mut kv,
-        format!("{p}context_dim"),
-        Value::U32(u.context_dim as u32),
-    );
-    put(
-        &mut kv,
-        format!("{p}linear_proj"),
-        Value::Bool(u.linear_proj),
-    );
-    put(
-        &mut kv,
-        format!("{p}adm_in_channels"),
-        Value::U32(u.adm_in_channels.unwrap_or(0) as u32),
-    );
-    put(
-        &mut kv,
-        format!("{p}time_cond_proj_dim"),
-        Value::U32(u.time_cond_proj_dim.unwrap_or(0) as u32),
-    );
-    if !u.time_ids.is_empty() {
-        put(
-            &mut kv,
-            format!("{p}time_ids"),
-            Value::string_array(u.time_ids.iter().map(|t| t.as_str().to_string())),
-        );
-        put(
-            &mut kv,
-            format!("{p}time_id_dim"),
-            Value::U32(u.time_id_dim as u32),
-        );
-    }
-    let st = &u.style;
-    let p = "sd.unet.";
-    put(
-        &mut kv,
-        format!("{p}attention"),
-        Value::String(st.attention.as_str().into()),
-    );
-    put(
-        &mut kv,
-        format!("{p}norm_groups"),
-        // 0: each norm's own min(channels / 4, 32).
-        Value::U32(st.norm_groups.unwrap_or(0) as u32),
-    );
-    put(
-        &mut kv,
-        format!("{p}time_embedding"),
-        Value::String(st.time_embedding.as_str().into()),
-    );
-    put(&mut kv, format!("{p}skip"), Value::Bool(st.skip));
-    put(&mut kv, format!("{p}mid_scale"), Value::F32(st.mid_scale));
-    put(&mut kv, format!("{p}norm_eps"), Value::F32(st.norm_eps));
-    put(
-        &mut kv,
-        format!("{p}flip_sin_to_cos"),
-        Value::Bool(st.flip_sin_to_cos),
-    );
-    put(&mut kv, format!("{p}freq_shift"), Value::F32(st.freq_shift));
-    put(
-        &mut kv,
-        format!("{p}downsample_padding"),
-        Value::U32(st.downsample_padding as u32),
-    );
-    put(
-        &mut kv,
-        format!("{p}num_classes"),
-        Value::U32(st.num_classes.unwrap_or(0) as u32),
-    );
+    unet_kv(&mut kv, &cfg.unet);
     let sc = &cfg.schedule;
     let p = "sd.schedule.";
     let (kind, start, end) = match sc.betas {
@@ -468,6 +513,42 @@ impl Reader<'_> {
             .ok_or_else(|| self.err(key, "not a number"))
     }
 
+    /// The `sd.unet.*` keys.
+    fn unet(&self) -> Result<UnetConfig> {
+        let p = "sd.unet.";
+        let mid = self
+            .get(&format!("{p}mid_depth"))?
+            .as_i64()
+            .ok_or_else(|| self.err("sd.unet.mid_depth", "not an integer"))?;
+        Ok(UnetConfig {
+            in_channels: self.usize(&format!("{p}in_channels"))?,
+            out_channels: self.usize(&format!("{p}out_channels"))?,
+            model_channels: self.usize(&format!("{p}model_channels"))?,
+            channel_mult: self.list(&format!("{p}channel_mult"))?,
+            down_blocks: self.blocks(&format!("{p}down_blocks"))?,
+            up_blocks: self.blocks(&format!("{p}up_blocks"))?,
+            mid_depth: usize::try_from(mid).ok(),
+            num_heads: self.opt(&format!("{p}num_heads"))?,
+            head_dim: self.opt(&format!("{p}head_dim"))?,
+            context_dim: self.usize(&format!("{p}context_dim"))?,
+            linear_proj: self.bool(&format!("{p}linear_proj"))?,
+            adm_in_channels: self.opt(&format!("{p}adm_in_channels"))?,
+            time_cond_proj_dim: self.opt(&format!("{p}time_cond_proj_dim"))?,
+            time_ids: match self.g.get(&format!("{p}time_ids")) {
+                None => Vec::new(),
+                Some(v) => v
+                    .as_array()
+                    .and_then(|a| a.iter().map(|x| x.as_str().and_then(TimeId::parse)).collect::<Option<Vec<_>>>())
+                    .ok_or_else(|| self.err("sd.unet.time_ids", "not a list of original_size, crop_coords_top_left, target_size, aesthetic_score"))?,
+            },
+            time_id_dim: match self.g.get(&format!("{p}time_id_dim")) {
+                None => 0,
+                Some(_) => self.usize(&format!("{p}time_id_dim"))?,
+            },
+            style: self.style()?,
+        })
+    }
+
     /// The UNet's `sd.unet.*` style keys; files written before them hold SD UNets.
     fn style(&self) -> Result<UnetStyle> {
         let d = UnetStyle::default();
@@ -638,6 +719,12 @@ pub fn read_defaults(g: &GgufFile) -> Defaults {
 pub fn read_config(g: &GgufFile) -> Result<Option<ModelConfig>> {
     match g.get("general.architecture").and_then(Value::as_str) {
         Some(ARCHITECTURE) => {}
+        Some(CONTROL_ARCHITECTURE) => {
+            return Err(Error::arch(
+                &g.path,
+                "a ControlNet, not a model: give it to `--control-net` beside the model it steers",
+            ))
+        }
         Some(other) => {
             return Err(Error::arch(
                 &g.path,
@@ -648,38 +735,7 @@ pub fn read_config(g: &GgufFile) -> Result<Option<ModelConfig>> {
     }
     let r = Reader { g };
     let pred = r.str("sd.prediction")?;
-    let p = "sd.unet.";
-    let mid = r
-        .get(&format!("{p}mid_depth"))?
-        .as_i64()
-        .ok_or_else(|| r.err("sd.unet.mid_depth", "not an integer"))?;
-    let unet = UnetConfig {
-        in_channels: r.usize(&format!("{p}in_channels"))?,
-        out_channels: r.usize(&format!("{p}out_channels"))?,
-        model_channels: r.usize(&format!("{p}model_channels"))?,
-        channel_mult: r.list(&format!("{p}channel_mult"))?,
-        down_blocks: r.blocks(&format!("{p}down_blocks"))?,
-        up_blocks: r.blocks(&format!("{p}up_blocks"))?,
-        mid_depth: usize::try_from(mid).ok(),
-        num_heads: r.opt(&format!("{p}num_heads"))?,
-        head_dim: r.opt(&format!("{p}head_dim"))?,
-        context_dim: r.usize(&format!("{p}context_dim"))?,
-        linear_proj: r.bool(&format!("{p}linear_proj"))?,
-        adm_in_channels: r.opt(&format!("{p}adm_in_channels"))?,
-        time_cond_proj_dim: r.opt(&format!("{p}time_cond_proj_dim"))?,
-        time_ids: match g.get(&format!("{p}time_ids")) {
-            None => Vec::new(),
-            Some(v) => v
-                .as_array()
-                .and_then(|a| a.iter().map(|x| x.as_str().and_then(TimeId::parse)).collect::<Option<Vec<_>>>())
-                .ok_or_else(|| r.err("sd.unet.time_ids", "not a list of original_size, crop_coords_top_left, target_size, aesthetic_score"))?,
-        },
-        time_id_dim: match g.get(&format!("{p}time_id_dim")) {
-            None => 0,
-            Some(_) => r.usize(&format!("{p}time_id_dim"))?,
-        },
-        style: r.style()?,
-    };
+    let unet = r.unet()?;
     let p = "sd.vae.";
     // A pixel-space model has no VAE keys at all.
     let vae = match g.get(&format!("{p}latent_channels")) {
