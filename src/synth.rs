@@ -269,6 +269,69 @@ pub fn synth(
     }
 }
 
+/// The ControlNet a `base` model would have: its UNet's encoder, an RGB
+/// conditioning embedding of the published widths (16, 32, 96, 256), cut to the levels
+/// the model's autoencoder scale needs.
+pub fn controlnet_config(base: &ModelConfig) -> Result<crate::config::ControlConfig> {
+    let f = base.vae.as_ref().map_or(1, |v| v.downscale());
+    let levels = f.trailing_zeros() as usize + 1;
+    if !f.is_power_of_two() || levels > 4 {
+        return Err(Error::Invalid(format!(
+            "no ControlNet layout reads an image at {f}x its latent"
+        )));
+    }
+    let mut unet = base.unet.clone();
+    unet.up_blocks.clear();
+    unet.out_channels = unet.in_channels;
+    Ok(crate::config::ControlConfig {
+        family: base.family.clone(),
+        unet,
+        hint_channels: 3,
+        embedding_channels: [16, 32, 96, 256][..levels].to_vec(),
+    })
+}
+
+/// Writes a random-weight ControlNet of `cfg` in lllyasviel's layout (`control_model.*`)
+/// as safetensors, atomically.
+pub fn synth_controlnet(
+    cfg: &crate::config::ControlConfig,
+    out: &Path,
+    seed: u64,
+    dtype: DType,
+    force: bool,
+) -> Result<()> {
+    let list: Vec<(String, Vec<usize>)> = crate::network::controlnet::ControlNet::new(cfg)?
+        .params()
+        .into_iter()
+        .map(|p| (p.canonical, p.shape))
+        .collect();
+    let staged = Staged::new(out, force)?;
+    let specs: Vec<WriteSpec> = list
+        .iter()
+        .map(|(n, s)| WriteSpec {
+            name: n.clone(),
+            shape: s.clone(),
+            dtype,
+        })
+        .collect();
+    let mut meta = BTreeMap::new();
+    meta.insert("format".to_string(), "pt".to_string());
+    meta.insert(
+        "sdrs.synth".to_string(),
+        format!("ControlNet for {} seed {seed}", cfg.family),
+    );
+    let mut w = BufWriter::with_capacity(8 << 20, staged.file());
+    st::write(&mut w, &specs, &meta, |i, buf| {
+        let (n, s) = &list[i];
+        fill_tensor(n, s, dtype, seed, buf);
+        Ok(())
+    })
+    .map_err(|e| relabel(e, out))?;
+    std::io::Write::flush(&mut w).map_err(|e| Error::io(out, e))?;
+    drop(w);
+    staged.commit()
+}
+
 fn relabel(e: Error, out: &Path) -> Error {
     match e {
         Error::Io { err: source, .. } => Error::io(out, source),

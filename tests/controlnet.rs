@@ -316,6 +316,48 @@ fn lllyasviels_single_files_with_and_without_the_prefix_read_as_the_diffusers_fo
         got.sort_by(|a, b| a.0.cmp(&b.0));
         assert!(got == tensors, "{}", path.display());
     }
+    // A file missing a tensor, or with one of the wrong shape, is refused naming it.
+    let cut = dir.path().join("control_cut.safetensors");
+    let keep = tensors.len() - 1;
+    let mut short = tensors.clone();
+    short.truncate(keep);
+    let write_list = |path: &Path, list: &[(String, Vec<usize>, Vec<f32>)]| {
+        let bytes: Vec<Vec<u8>> = list
+            .iter()
+            .map(|(_, _, v)| v.iter().flat_map(|f| f.to_le_bytes()).collect())
+            .collect();
+        let views: Vec<(String, safetensors::tensor::TensorView)> = list
+            .iter()
+            .zip(&bytes)
+            .map(|((n, s, _), b)| {
+                (
+                    n.clone(),
+                    safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b)
+                        .unwrap(),
+                )
+            })
+            .collect();
+        safetensors::serialize_to_file(views, None, path).unwrap();
+    };
+    write_list(&cut, &short);
+    let err = sdrs::formats::control::open(&cut).unwrap_err().to_string();
+    assert!(
+        err.contains("control_cut.safetensors") && err.contains("missing"),
+        "{err}"
+    );
+    let mut odd = tensors.clone();
+    let zc = odd
+        .iter_mut()
+        .find(|t| t.0 == "control_model.zero_convs.0.0.bias")
+        .unwrap();
+    (zc.1, zc.2) = (vec![3], vec![0.0; 3]);
+    let bad = dir.path().join("control_odd.safetensors");
+    write_list(&bad, &odd);
+    let err = sdrs::formats::control::open(&bad).unwrap_err().to_string();
+    assert!(
+        err.contains("control_odd.safetensors") && err.contains("zero_convs.0.0.bias"),
+        "{err}"
+    );
     // A model is not a ControlNet, and a ControlNet is not a model.
     assert!(!sdrs::formats::control::is_controlnet(&fixture("sd1/model")).unwrap());
     let gguf = convert_controlnet(&fixture("controlnet/sd1"), Type::F16, dir.path());
@@ -324,6 +366,62 @@ fn lllyasviels_single_files_with_and_without_the_prefix_read_as_the_diffusers_fo
         err.contains("ControlNet") && err.contains("--control-net"),
         "{err}"
     );
+}
+
+#[test]
+fn the_memory_plan_counts_a_controlnets_weights_and_graph() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("sd1.gguf");
+    convert_to(&fixture("sd1/model"), Type::F16, &model).unwrap();
+    let pipe = Pipeline::load(&model).unwrap();
+    let net = Arc::new(
+        ControlNet::open(&convert_controlnet(
+            &fixture("controlnet/sd1"),
+            Type::F16,
+            dir.path(),
+        ))
+        .unwrap(),
+    );
+    let canvas = Arc::new(
+        Canvas::from_rgb((16, 16, vec![0; 768]), None, &CanvasOptions::default()).unwrap(),
+    );
+    let req = Request {
+        width: 16,
+        height: 16,
+        steps: 2,
+        ..Request::new("a cat")
+    };
+    let unet = |r: &Request| {
+        let p = pipe.plan(r).unwrap();
+        let n = p.needs.iter().find(|n| n.stage == "unet").unwrap().clone();
+        (n.weights, n.compute, n.other)
+    };
+    let (w0, c0, o0) = unet(&req);
+    let with = Request {
+        controls: vec![Control::new(net.clone(), canvas.clone())],
+        ..req.clone()
+    };
+    let (w1, c1, o1) = unet(&with);
+    let cw = GgufFile::open(net.path()).unwrap();
+    let bytes: u64 = cw.tensors.iter().map(|t| t.nbytes).sum();
+    assert!(
+        w1 - w0 >= bytes * 9 / 10 && w1 - w0 <= bytes,
+        "{w0} -> {w1} for {bytes}"
+    );
+    assert!(
+        c1 > c0 && o1 > o0,
+        "compute {c0} -> {c1}, buffers {o0} -> {o1}"
+    );
+    // Two ControlNets count twice.
+    let two = Request {
+        controls: vec![
+            Control::new(net.clone(), canvas.clone()),
+            Control::new(net, canvas),
+        ],
+        ..req
+    };
+    let (w2, _, _) = unet(&two);
+    assert_eq!(w2 - w0, 2 * (w1 - w0));
 }
 
 #[test]

@@ -7,6 +7,7 @@
 //! see live handles.
 mod request;
 
+use std::collections::HashMap;
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::PathBuf;
@@ -19,7 +20,8 @@ use jni::objects::{JClass, JIntArray, JObject, JString, JValue};
 use jni::sys::{jbyteArray, jint, jlong, jobject, jobjectArray};
 use jni::JNIEnv;
 
-use sdrs_core::pipeline::{Pipeline, Request, Stage};
+use sdrs_core::pipeline::upscale::Upscaler;
+use sdrs_core::pipeline::{ControlNet, Image, Pipeline, Request, Stage};
 
 /// Models alive in this process: a test checks that each handle is freed exactly once.
 static LIVE: AtomicUsize = AtomicUsize::new(0);
@@ -34,6 +36,8 @@ struct Model {
     multiple: usize,
     /// Kept outside `pipe`'s lock so `cancel()` never waits for a run.
     runs: Mutex<Runs>,
+    /// ControlNets requests have named, opened once each (by path).
+    controls: Mutex<HashMap<String, Arc<ControlNet>>>,
     /// A model opened from a file descriptor keeps its own duplicate open, so its
     /// `/proc/self/fd/N` path stays valid whatever the caller does with the original.
     /// Declared after `pipe`: the mapping goes first.
@@ -49,14 +53,24 @@ impl Model {
             pipe: Mutex::new(pipe),
             defaults,
             runs: Mutex::new(Runs::default()),
+            controls: Mutex::new(HashMap::new()),
             _fd: fd,
         }
     }
 
     /// A Java `Request` as this model runs it (its defaults where unset).
     fn read(&self, env: &mut JNIEnv, req: &JObject) -> Result<Request, Fail> {
+        let open = |path: &str| -> Result<Arc<ControlNet>, Fail> {
+            let mut cache = self.controls.lock().unwrap_or_else(PoisonError::into_inner);
+            if let Some(c) = cache.get(path) {
+                return Ok(Arc::clone(c));
+            }
+            let c = Arc::new(ControlNet::open(std::path::Path::new(path))?);
+            cache.insert(path.to_string(), Arc::clone(&c));
+            Ok(c)
+        };
         env.with_local_frame(32, |env| {
-            request::read(env, req, &self.defaults, self.multiple)
+            request::read(env, req, &self.defaults, self.multiple, &open)
         })
     }
 
@@ -509,6 +523,54 @@ pub extern "system" fn Java_org_sdrs_StableDiffusion_nativeCancelToken<'l>(
             flag.store(true, Ordering::SeqCst);
         }
         Ok(())
+    })
+}
+
+/// `StableDiffusion.upscale`: an image enlarged by an ESRGAN-family upscaler, in tiles
+/// that fit the process's memory cgroup.
+#[no_mangle]
+pub extern "system" fn Java_org_sdrs_StableDiffusion_nativeUpscale<'l>(
+    mut env: JNIEnv<'l>,
+    _c: JClass<'l>,
+    path: JString<'l>,
+    width: jint,
+    height: jint,
+    argb: JIntArray<'l>,
+    parameters: JString<'l>,
+    repeats: jint,
+    n: jint,
+) -> jobject {
+    guard(&mut env, std::ptr::null_mut(), |env| {
+        let path = PathBuf::from(string(env, &path, "upscaler")?);
+        let (w, h) = match (usize::try_from(width), usize::try_from(height)) {
+            (Ok(w), Ok(h)) if w > 0 && h > 0 => (w, h),
+            _ => return Err(Fail::Msg(format!("a {width}x{height} image"))),
+        };
+        let repeats = usize::try_from(repeats)
+            .ok()
+            .filter(|&r| r > 0)
+            .ok_or_else(|| Fail::Msg(format!("{repeats} upscale passes: at least one")))?;
+        let count = env.get_array_length(&argb)? as usize;
+        if count != w * h {
+            return Err(Fail::Msg(format!("{count} pixels for a {w}x{h} image")));
+        }
+        let mut px = vec![0i32; count];
+        env.get_int_array_region(&argb, 0, &mut px)?;
+        let parameters = string(env, &parameters, "parameters")?;
+        let image = Image {
+            width: w,
+            height: h,
+            rgb: px
+                .iter()
+                .flat_map(|&p| [(p >> 16) as u8, (p >> 8) as u8, p as u8])
+                .collect(),
+            parameters,
+            timings: [0.0; 3],
+        };
+        let mut up = Upscaler::load(&path, threads(n))?;
+        up.fit((w, h), None)?;
+        let out = up.upscale(&image, repeats, &mut |_, _| Ok(()))?;
+        Ok(request::image(env, &out)?.into_raw())
     })
 }
 

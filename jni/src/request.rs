@@ -12,7 +12,9 @@ use std::sync::Arc;
 use sdrs_core::budget::Plan;
 use sdrs_core::model::tile::TileStats;
 use sdrs_core::pipeline::options::{Kind, Value, OPTIONS};
-use sdrs_core::pipeline::{Canvas, CanvasOptions, Image, Init, Request, RngKind};
+use sdrs_core::pipeline::{
+    Canvas, CanvasOptions, Control, ControlNet, Image, Init, Request, RngKind,
+};
 use sdrs_core::prompt::Emphasis;
 
 use crate::{string, Fail};
@@ -108,6 +110,7 @@ pub(crate) fn read(
     req: &JObject,
     defaults: &Request,
     multiple: usize,
+    open_control: &dyn Fn(&str) -> Result<Arc<ControlNet>, Fail>,
 ) -> Result<Request, Fail> {
     if req.is_null() {
         return Err(Fail::NullPointer("request is null".into()));
@@ -128,7 +131,56 @@ pub(crate) fn read(
         }
     }
     r.settle_size((width, height));
+    r.controls = control(env, req, &r, multiple, open_control)?
+        .into_iter()
+        .collect();
     Ok(r)
+}
+
+/// `controlNet` with `controlImage` (`controlWidth` x `controlHeight`, else the
+/// request's size) fitted to the output size as the CLI fits `--control-image`.
+fn control(
+    env: &mut JNIEnv,
+    req: &JObject,
+    r: &Request,
+    multiple: usize,
+    open: &dyn Fn(&str) -> Result<Arc<ControlNet>, Fail>,
+) -> Result<Option<Control>, Fail> {
+    let picture = (
+        size(env, req, "controlWidth")?.unwrap_or(r.width),
+        size(env, req, "controlHeight")?.unwrap_or(r.height),
+    );
+    let path = text(env, req, "controlNet")?;
+    let argb = ints(env, req, "controlImage", picture)?;
+    let (path, argb) = match (path, argb) {
+        (None, None) => return Ok(None),
+        (Some(p), Some(a)) => (p, a),
+        _ => {
+            return Err(Fail::Msg(
+                "Request.controlNet and Request.controlImage go together".into(),
+            ))
+        }
+    };
+    let opts = CanvasOptions {
+        size: Some((r.width, r.height)),
+        multiple,
+        ..Default::default()
+    };
+    let mut canvas = Canvas::from_rgb((picture.0, picture.1, rgb_of(&argb)), None, &opts)?;
+    let canny = env.get_field(req, "canny", "Z")?.z()?;
+    if canny {
+        use sdrs_core::pipeline::preprocess;
+        canvas = preprocess::canny(&canvas, preprocess::CANNY_LOW, preprocess::CANNY_HIGH)?;
+    }
+    let or = |v: f32, d: f32| if v.is_nan() { d } else { v };
+    Ok(Some(Control {
+        strength: or(float(env, req, "controlStrength")?, 1.0),
+        start: or(float(env, req, "controlStart")?, 0.0),
+        end: or(float(env, req, "controlEnd")?, 1.0),
+        guess: env.get_field(req, "guessMode", "Z")?.z()?,
+        module: if canny { "canny" } else { "none" }.into(),
+        ..Control::new(open(&path)?, Arc::new(canvas))
+    }))
 }
 
 /// `initImage` (`initWidth` x `initHeight`, else the request's size) and `maskImage`

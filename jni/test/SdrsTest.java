@@ -394,7 +394,9 @@ public class SdrsTest {
                 check(fields.length >= 25, fields.length + " option fields");
                 java.util.Set<String> known = new java.util.HashSet<>(Arrays.asList(
                         "prompt", "seed", "width", "height", "initImage", "initWidth", "initHeight",
-                        "maskImage", "maskWidth", "maskHeight", "maskBlur", "pad"));
+                        "maskImage", "maskWidth", "maskHeight", "maskBlur", "pad",
+                        "controlNet", "controlImage", "controlWidth", "controlHeight", "controlStrength",
+                        "controlStart", "controlEnd", "guessMode", "canny"));
                 for (String f : fields) {
                     String name = f.substring(0, f.indexOf(':')), descriptor = f.substring(f.indexOf(':') + 1);
                     Field field = Request.class.getField(name);
@@ -587,6 +589,50 @@ public class SdrsTest {
                     goesOn.join(120_000);
                     check(goesOn.thrown.get() instanceof CancelledException, "model cancel: " + goesOn.thrown.get());
                 }
+            });
+
+            test("controlNet: a silhouette on the left puts the shape there; half a pair or a bad file is refused", () -> {
+                String net = "models/demo/sdrs-demo-controlnet-q8_0.gguf";
+                int[] left = new int[64 * 64];
+                for (int y = 0; y < 64; y++) {
+                    for (int x = 0; x < 64; x++) {
+                        boolean in = Math.abs(x - 18) <= 13 && Math.abs(y - 32) <= 13;
+                        left[y * 64 + x] = in ? 0xFFFFFFFF : 0xFF000000;
+                    }
+                }
+                Request r = small(sd, "a large red square on a blue background").controlNet(net, left, 64, 64);
+                Image image = sd.generate(r, null);
+                contains(image.parameters, "ControlNet 0: \"Module: none, Model: sdrs-demo-controlnet-q8_0");
+                // More of the red shape in the left half than in the right.
+                long leftRed = 0, rightRed = 0;
+                int[] argb = image.argb();
+                for (int i = 0; i < argb.length; i++) {
+                    int red = (argb[i] >> 16) & 0xFF;
+                    if (i % 64 < 32) {
+                        leftRed += red;
+                    } else {
+                        rightRed += red;
+                    }
+                }
+                check(leftRed > 2 * rightRed, "red left " + leftRed + ", right " + rightRed);
+                r.canny = true;
+                contains(sd.generate(r, null).parameters, "Module: canny");
+                Request half = small(sd, "a red square");
+                half.controlImage = left;
+                contains(expect(SdrsException.class, () -> sd.generate(half, null)).getMessage(), "go together");
+                Request bad = small(sd, "a red square").controlNet(new File(tmp, "none.gguf").getPath(), left, 64, 64);
+                contains(expect(SdrsException.class, () -> sd.generate(bad, null)).getMessage(), "none.gguf");
+            });
+
+            test("upscale: an ESRGAN-family file enlarges an image and says so in its parameters", () -> {
+                Image image = sd.generate(small(sd, "a red circle"), null);
+                Image big = StableDiffusion.upscale("tests/fixtures/ref/esrgan/compact-x4.safetensors", image, 1, THREADS);
+                check(big.width == 256 && big.height == 256, "size " + big.width + "x" + big.height);
+                contains(big.parameters, "a red circle");
+                contains(big.parameters, "Postprocess upscaler: compact-x4, Postprocess upscale by: 4");
+                contains(expect(SdrsException.class,
+                        () -> StableDiffusion.upscale("models/demo/sdrs-demo-lcm-q8_0.gguf", image, 1, THREADS)).getMessage(),
+                        "sdrs-demo-lcm-q8_0.gguf");
             });
 
             test("a panic inside the library becomes an SdrsException", () -> {

@@ -19,6 +19,11 @@ pub struct Args {
     /// pictures instead: seconds, tile, compute buffer, peak memory.
     #[arg(long = "upscale-model", conflicts_with_all = ["model", "synth"])]
     upscale_model: Option<PathBuf>,
+    /// Run every step with this ControlNet (any layout `--control-net` takes) on a
+    /// square-outline conditioning image: its weights, compute buffer and FLOPs count
+    /// in the figures.
+    #[arg(long = "control-net")]
+    control_net: Option<PathBuf>,
     /// Compare two earlier `--json` reports side by side (no measurement).
     #[arg(long, num_args = 2, value_names = ["A.json", "B.json"])]
     compare: Option<Vec<PathBuf>>,
@@ -129,11 +134,22 @@ pub fn run(a: Args, threads: Option<usize>, target: &super::Target) -> Result<()
     pipe.repack = !a.no_repack;
     pipe.max_memory = a.max_memory;
     target.apply(&mut pipe, threads)?;
+    let control = match &a.control_net {
+        Some(p) => Some(std::sync::Arc::new(sdrs::pipeline::ControlNet::open(p)?)),
+        None => None,
+    };
     let load_s = t.elapsed().as_secs_f64();
     let mut rows = Vec::new();
     for &size in &a.sizes {
         recorder.mark(&format!("text {size}"));
+        let controls = control
+            .iter()
+            .map(|net| {
+                sdrs::pipeline::Control::new(net.clone(), std::sync::Arc::new(outline(size)))
+            })
+            .collect();
         let req = Request {
+            controls,
             width: size,
             height: size,
             steps: a.steps,
@@ -322,6 +338,26 @@ pub fn run(a: Args, threads: Option<usize>, target: &super::Target) -> Result<()
 
 /// A model without text: seconds per UNet step (one image, DDIM, whose steps are one
 /// evaluation each) and the VQ decode where the model has one.
+/// A white square outline on black, `size` square: a conditioning image like an edge map.
+fn outline(size: usize) -> sdrs::pipeline::Canvas {
+    let (a, b) = (size / 4, 3 * size / 4);
+    let mut rgb = vec![0u8; size * size * 3];
+    for y in a..=b {
+        for x in a..=b {
+            if x == a || x == b || y == a || y == b {
+                rgb[(y * size + x) * 3..][..3].fill(255);
+            }
+        }
+    }
+    sdrs::pipeline::Canvas {
+        width: size,
+        height: size,
+        rgb,
+        mask: None,
+        mask_blur: 0.0,
+    }
+}
+
 fn unconditional(a: &Args, model: &std::path::Path, threads: usize) -> Result<()> {
     use sdrs::pipeline::unconditional::{Batch, Unconditional};
     let t = Instant::now();

@@ -10,7 +10,8 @@ use sdrs::synth::{self, Format};
 #[derive(clap::Args)]
 pub struct Args {
     /// Architecture: sd15, sd21, sdxl, tiny-sd15, tiny-sd21, tiny-sdxl; ddpm-cifar10,
-    /// ddpm-celebahq (pixel-space DDPM UNets: --format diffusers only).
+    /// ddpm-celebahq (pixel-space DDPM UNets: --format diffusers only); controlnet-ARCH
+    /// (a ControlNet for one of the first six, lllyasviel's layout, safetensors).
     arch: String,
     /// Output file (or folder for --format diffusers).
     #[arg(short, long)]
@@ -32,6 +33,32 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> Result<()> {
+    let dtype = match a.dtype.to_ascii_lowercase().as_str() {
+        "f16" => DType::F16,
+        "f32" => DType::F32,
+        "bf16" => DType::BF16,
+        other => bail!("unknown type `{other}`: use f16, f32 or bf16"),
+    };
+    if let Some(base) = a.arch.strip_prefix("controlnet-") {
+        let Some(cfg) = ModelConfig::preset(base) else {
+            bail!(
+                "unknown architecture `{base}` for a ControlNet; choose one of {}",
+                ModelConfig::PRESETS.join(", ")
+            );
+        };
+        if !matches!(a.format, Format::Safetensors) || a.inpaint {
+            bail!("a ControlNet is written as lllyasviel's single safetensors file only");
+        }
+        let c = synth::controlnet_config(&cfg)?;
+        synth::synth_controlnet(&c, &a.output, a.seed, dtype, a.force)?;
+        eprintln!(
+            "wrote {} (ControlNet for {}, seed {})",
+            a.output.display(),
+            c.family,
+            a.seed
+        );
+        return Ok(());
+    }
     let Some(mut cfg) = ModelConfig::preset(&a.arch) else {
         bail!(
             "unknown architecture `{}`; choose one of {}, {}",
@@ -43,12 +70,6 @@ pub fn run(a: Args) -> Result<()> {
     if a.inpaint {
         cfg.unet.in_channels = 9;
     }
-    let dtype = match a.dtype.to_ascii_lowercase().as_str() {
-        "f16" => DType::F16,
-        "f32" => DType::F32,
-        "bf16" => DType::BF16,
-        other => bail!("unknown type `{other}`: use f16, f32 or bf16"),
-    };
     let bar = super::progress_bar(0, "{spinner} [{bar:30}] {pos}/{len} tensors");
     synth::synth(
         &cfg,

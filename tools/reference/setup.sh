@@ -41,6 +41,8 @@ fi
   spandrel==0.4.2 \
   einops==0.8.2 \
   torchvision==0.29.2
+# tools/demo/train_controlnet.py reads the shipped demo GGUF with llama.cpp's reader.
+"$VENV/bin/python" -m pip install --disable-pip-version-check -q gguf==0.19.0
 "$VENV/bin/python" - <<'EOF'
 import diffusers, numpy, safetensors, torch, transformers
 print("sdrs reference: torch", torch.__version__, "diffusers", diffusers.__version__,

@@ -128,8 +128,45 @@ public final class Request {
     /** Outpainting: extend the canvas by {left, top, right, bottom} pixels, filled from the picture's edges and masked. null: none. */
     @CheckForNull public int[] pad;
 
+    // ControlNet (the CLI: --control-net, --control-image, --control-strength,
+    // --control-start, --control-end, --guess-mode, --canny).
+
+    /**
+     * A ControlNet steering the composition: the path of its GGUF ({@code sdrs convert}),
+     * or of lllyasviel's .pth/.safetensors or a diffusers folder (converted once, on first
+     * use). Each model keeps the ControlNets it has opened. null: none.
+     */
+    @CheckForNull public String controlNet;
+    /**
+     * The ControlNet's conditioning image as ARGB_8888 ints, {@link #controlWidth} x
+     * {@link #controlHeight}: a map already made (edges, depth, pose, scribble), or a
+     * picture with {@link #canny}. Fitted to the output size as {@link #initImage} is.
+     */
+    @CheckForNull public int[] controlImage;
+    public int controlWidth;
+    public int controlHeight;
+    /** Scale of the ControlNet's residuals. NaN: 1. */
+    public float controlStrength = Float.NaN;
+    /** The share of the steps it acts on, from {@link #controlStart} to {@link #controlEnd}. NaN: 0 and 1. */
+    public float controlStart = Float.NaN;
+    public float controlEnd = Float.NaN;
+    /** Guess mode: the negative branch gets no residuals, the deep ones weigh most. */
+    public boolean guessMode;
+    /** Turn {@link #controlImage} into a canny edge map first (thresholds 100 and 200). */
+    public boolean canny;
+
     public Request(@Nonnull String prompt) {
         this.prompt = prompt;
+    }
+
+    /** Sets {@link #controlNet}, {@link #controlImage} and its size; returns this. */
+    @Nonnull
+    public Request controlNet(@Nonnull String path, @Nonnull int[] argb, int width, int height) {
+        this.controlNet = path;
+        this.controlImage = argb;
+        this.controlWidth = width;
+        this.controlHeight = height;
+        return this;
     }
 
     /** Sets {@link #initImage} and its size; returns this. */

@@ -229,6 +229,21 @@ public final class StableDiffusion implements AutoCloseable {
         }
     }
 
+    /**
+     * Enlarges {@code image} with an ESRGAN-family upscaler (RRDBNet or SRVGGNetCompact
+     * weights, .pth or .safetensors: the CLI's {@code sdrs upscale}), {@code repeats}
+     * times, in tiles that fit the process's memory cgroup. The parameters gain the
+     * upscaler's name and scale.
+     *
+     * @throws SdrsException if the file is not an upscaler or the image cannot be enlarged
+     */
+    @Nonnull
+    public static Image upscale(@Nonnull String upscaler, @Nonnull Image image, int repeats, int threads) throws SdrsException {
+        return nativeUpscale(upscaler, image.width, image.height, image.argb(), image.parameters, repeats, threads);
+    }
+
+    private static native Image nativeUpscale(String upscaler, int width, int height, int[] argb, String parameters, int repeats, int threads) throws SdrsException;
+
     private static native long nativeLoad(String path, int threads) throws SdrsException;
 
     private static native long nativeFromFd(int fd, int threads) throws SdrsException;
