@@ -178,7 +178,14 @@ impl Pipeline {
         let controls = self.fit_controls(req)?;
         let control_weights = controls
             .iter()
-            .map(|c| Weights::load(&c.net.gguf, |n| n.starts_with(CONTROL_PREFIX)))
+            .map(|c| {
+                // As the UNet's: q4_0/q4_K matrices in ggml's repacked layout.
+                Weights::load_repacked(
+                    &c.net.gguf,
+                    |n| n.starts_with(CONTROL_PREFIX),
+                    |n| self.repack && n.ends_with(".weight"),
+                )
+            })
             .collect::<Result<Vec<_>>>()?;
         let steering = if controls.is_empty() {
             None
