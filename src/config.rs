@@ -577,6 +577,70 @@ impl ControlConfig {
     }
 }
 
+/// An ESRGAN-family upscaler (`model::esrgan`): which network, and its sizes (read
+/// from the weights, or from an upscaler GGUF's metadata).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum UpscalerArch {
+    Rrdb {
+        features: usize,
+        blocks: usize,
+        /// Channels each dense-block convolution adds.
+        grow: usize,
+        /// The input is folded into `unshuffle`² times the channels first.
+        unshuffle: usize,
+        /// Nearest-neighbour doublings (`conv_up1`, `conv_up2`, …).
+        doublings: usize,
+    },
+    Compact {
+        features: usize,
+        /// Convolutions between the first and the last.
+        convs: usize,
+        scale: usize,
+    },
+}
+
+impl UpscalerArch {
+    /// How many times larger the output is.
+    pub fn scale(&self) -> usize {
+        match *self {
+            UpscalerArch::Rrdb {
+                unshuffle,
+                doublings,
+                ..
+            } => (1 << doublings) / unshuffle,
+            UpscalerArch::Compact { scale, .. } => scale,
+        }
+    }
+
+    /// Input sides must be multiples of this.
+    pub fn unit(&self) -> usize {
+        match *self {
+            UpscalerArch::Rrdb { unshuffle, .. } => unshuffle,
+            UpscalerArch::Compact { .. } => 1,
+        }
+    }
+
+    pub fn describe(&self) -> String {
+        match *self {
+            UpscalerArch::Rrdb {
+                features,
+                blocks,
+                grow,
+                ..
+            } => format!(
+                "RRDBNet ×{}: {blocks} blocks of {features} features (growth {grow})",
+                self.scale()
+            ),
+            UpscalerArch::Compact {
+                features, convs, ..
+            } => format!(
+                "SRVGGNetCompact ×{}: {convs} convolutions of {features} features",
+                self.scale()
+            ),
+        }
+    }
+}
+
 pub const CLIP_VOCAB: usize = 49408;
 pub const CLIP_EOS: u32 = 49407;
 

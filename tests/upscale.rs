@@ -64,6 +64,70 @@ fn each_published_layout_is_recognised_and_upscales_as_spandrel_does() {
 }
 
 #[test]
+fn upscalers_convert_to_self_describing_gguf_and_run_from_it_as_from_their_files() {
+    let tmp = tempfile::tempdir().unwrap();
+    let g = golden();
+    let input = &g["input"];
+    let bin = env!("CARGO_BIN_EXE_sdrs");
+    for f in FILES {
+        let stem = f.rsplit_once('.').unwrap().0;
+        let want = &g[&format!("out.{stem}")];
+        let from_file = Upscaler::load(&dir().join(f), 2).unwrap();
+        // f32 keeps the numbers; q8_0 (the convolutions' matrices) stays close.
+        for (ty, bound) in [("f32", 1e-4), ("q8_0", 5e-3)] {
+            let out = tmp.path().join(format!("{stem}-{ty}.gguf"));
+            let st = std::process::Command::new(bin)
+                .args([
+                    "convert",
+                    dir().join(f).to_str().unwrap(),
+                    "--type",
+                    ty,
+                    "-o",
+                ])
+                .arg(&out)
+                .status()
+                .unwrap();
+            assert!(st.success(), "{f} {ty}");
+            let g = sdrs::formats::gguf::GgufFile::open(&out).unwrap();
+            assert_eq!(
+                sdrs::formats::gguf::metadata::read_upscaler(&g)
+                    .unwrap()
+                    .as_ref(),
+                Some(&from_file.arch),
+                "{f}"
+            );
+            let up = Upscaler::load(&out, 2).unwrap();
+            assert_eq!(up.arch, from_file.arch);
+            let got = up
+                .upscale_planes(input, (24, 20), &mut |_, _| Ok(()))
+                .unwrap();
+            let e = rel_rms(want, &got);
+            eprintln!("{f} as {ty} GGUF: relative RMS error {e:.2e}");
+            assert!(e <= bound, "{f} {ty}: {e:.3e}");
+        }
+    }
+    // Neither kind of file passes for the other.
+    let up = tmp.path().join("rrdb-x4-f32.gguf");
+    let e = sdrs::pipeline::Pipeline::load(&up)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("an upscaler, not a model"), "{e}");
+    let model = tmp.path().join("tiny.gguf");
+    convert_to(
+        &sdrs::testdata::fixture("ref").join("sd1/model"),
+        sdrs::ggml::Type::F16,
+        &model,
+    )
+    .unwrap();
+    let e = Upscaler::load(&model, 1).err().unwrap().to_string();
+    assert!(
+        e.contains("tiny.gguf") && e.contains("not an upscaler"),
+        "{e}"
+    );
+}
+
+#[test]
 fn tiles_cover_the_image_and_blend_close_to_the_whole_run() {
     // A 64x48 picture: smooth gradients with some texture, as photos are.
     let (w, h) = (64, 48);

@@ -55,6 +55,9 @@ pub fn run(a: Args) -> Result<()> {
     if sdrs::formats::control::is_controlnet(&a.input)? {
         return convert_controlnet(&a, pol, wtype);
     }
+    if is_upscaler(&a.input)? {
+        return convert_upscaler(&a, pol, wtype);
+    }
     let ck = Checkpoint::open(&a.input)?;
     let mut cfg = ck.model_config()?;
     if let Some(p) = &a.prediction {
@@ -154,6 +157,57 @@ fn convert_controlnet(a: &Args, pol: Policy, wtype: sdrs::ggml::Type) -> Result<
     write(&src.checkpoint, &plan, wtype, out, a.force)
 }
 
+/// Whether `path` is an ESRGAN-family upscaler (its tensor names say so).
+fn is_upscaler(path: &std::path::Path) -> Result<bool> {
+    if path.is_dir() {
+        return Ok(false);
+    }
+    if sdrs::formats::gguf::is_gguf(path)? {
+        let g = sdrs::formats::gguf::GgufFile::open(path)?;
+        return Ok(sdrs::formats::gguf::metadata::read_upscaler(&g)?.is_some());
+    }
+    let ck = Checkpoint::open(path)?;
+    let names: Vec<&str> = ck.tensors.iter().map(|t| t.name.as_str()).collect();
+    Ok(sdrs::model::esrgan::looks_like(&names))
+}
+
+/// An upscaler converts as a model does, under the names and with the network
+/// `sdrs upscale` reads.
+fn convert_upscaler(a: &Args, pol: Policy, wtype: sdrs::ggml::Type) -> Result<()> {
+    for (flag, given) in [
+        ("--prediction", a.prediction.is_some()),
+        ("--zero-terminal-snr", a.zero_terminal_snr),
+        ("--defaults", a.defaults.is_some()),
+        ("--lora", !a.lora.is_empty()),
+    ] {
+        anyhow::ensure!(
+            !given,
+            "{flag} describes a model; {} is an upscaler",
+            a.input.display()
+        );
+    }
+    let (ck, arch) = if sdrs::formats::gguf::is_gguf(&a.input)? {
+        let g = sdrs::formats::gguf::GgufFile::open(&a.input)?;
+        let arch = sdrs::formats::gguf::metadata::read_upscaler(&g)?
+            .context("an upscaler GGUF without its network")?;
+        (Checkpoint::open(&a.input)?, arch)
+    } else {
+        sdrs::model::esrgan::read_checkpoint(&a.input)?
+    };
+    let plan = convert::plan_upscaler(&ck, &arch, &pol)?;
+    if a.dry_run || a.list {
+        let mut o = String::new();
+        out!(o, "architecture: {}", arch.describe());
+        print_plan(&plan, a.list, &mut o);
+        super::print_stdout(&o)?;
+        if a.dry_run {
+            return Ok(());
+        }
+    }
+    let Some(out) = &a.output else { return Ok(()) };
+    write(&ck, &plan, wtype, out, a.force)
+}
+
 /// Runs `plan` with a progress bar.
 fn write(
     ck: &Checkpoint,
@@ -191,6 +245,7 @@ fn print_plan(plan: &convert::Plan, list: bool, o: &mut String) {
         ""
     };
     match &plan.control {
+        None if plan.upscaler.is_some() => {}
         Some(c) => out!(
             o,
             "architecture: ControlNet for {}  conditioning: {} channels at {}x the latent size",

@@ -44,6 +44,8 @@ pub struct Plan {
     pub config: ModelConfig,
     /// The ControlNet this plan converts, where it converts one.
     pub control: Option<ControlConfig>,
+    /// The upscaler this plan converts, where it converts one.
+    pub upscaler: Option<crate::config::UpscalerArch>,
     pub entries: Vec<PlanEntry>,
     /// Tensors left out, with the reason.
     pub dropped: Vec<(String, String)>,
@@ -221,6 +223,7 @@ pub fn plan(ck: &Checkpoint, policy: &Policy, config: Option<ModelConfig>) -> Re
     Ok(Plan {
         config,
         control: None,
+        upscaler: None,
         entries,
         dropped,
         unknown,
@@ -233,7 +236,60 @@ pub fn plan(ck: &Checkpoint, policy: &Policy, config: Option<ModelConfig>) -> Re
 /// Decides what each tensor of a ControlNet ([`crate::formats::control::open`])
 /// becomes; its base model's weights in a ControlNet 1.0 file are left out.
 pub fn plan_control(src: &crate::formats::control::Source, policy: &Policy) -> Result<Plan> {
-    let ck = &src.checkpoint;
+    let (entries, source_bytes) = plan_all(&src.checkpoint, policy)?;
+    let c = &src.config;
+    Ok(Plan {
+        control: Some(c.clone()),
+        dropped: src.dropped.clone(),
+        entries,
+        source_bytes,
+        ..described(&c.family, c.unet.clone())
+    })
+}
+
+/// Decides what each tensor of an ESRGAN-family upscaler (names as
+/// [`crate::model::esrgan::read_checkpoint`] gives them) becomes.
+pub fn plan_upscaler(
+    ck: &Checkpoint,
+    arch: &crate::config::UpscalerArch,
+    policy: &Policy,
+) -> Result<Plan> {
+    let (entries, source_bytes) = plan_all(ck, policy)?;
+    Ok(Plan {
+        upscaler: Some(arch.clone()),
+        entries,
+        source_bytes,
+        ..described("esrgan", ModelConfig::sd1().unet)
+    })
+}
+
+/// A plan of nothing yet for a file that is not a model: `config` holds only the
+/// family (and `unet`, what the plan describes of a network, for printing).
+fn described(family: &str, unet: crate::config::UnetConfig) -> Plan {
+    Plan {
+        config: ModelConfig {
+            family: family.to_string(),
+            prediction: Prediction::Epsilon,
+            zero_terminal_snr: false,
+            zeros_for_empty_negative: false,
+            schedule: NoiseSchedule::default(),
+            unet,
+            vae: None,
+            text_encoders: Vec::new(),
+        },
+        control: None,
+        upscaler: None,
+        entries: Vec::new(),
+        dropped: Vec::new(),
+        unknown: Vec::new(),
+        source_bytes: 0,
+        defaults: Defaults::default(),
+        merges: Vec::new(),
+    }
+}
+
+/// Every float tensor of `ck` planned by `policy`, and their bytes in the source.
+fn plan_all(ck: &Checkpoint, policy: &Policy) -> Result<(Vec<PlanEntry>, u64)> {
     let mut entries = Vec::with_capacity(ck.tensors.len());
     let mut source_bytes = 0;
     for (index, t) in ck.tensors.iter().enumerate() {
@@ -265,26 +321,7 @@ pub fn plan_control(src: &crate::formats::control::Source, policy: &Policy) -> R
             nbytes,
         });
     }
-    let c = &src.config;
-    Ok(Plan {
-        config: ModelConfig {
-            family: c.family.clone(),
-            prediction: Prediction::Epsilon,
-            zero_terminal_snr: false,
-            zeros_for_empty_negative: false,
-            schedule: NoiseSchedule::default(),
-            unet: c.unet.clone(),
-            vae: None,
-            text_encoders: Vec::new(),
-        },
-        control: Some(c.clone()),
-        entries,
-        dropped: src.dropped.clone(),
-        unknown: Vec::new(),
-        source_bytes,
-        defaults: Defaults::default(),
-        merges: Vec::new(),
-    })
+    Ok((entries, source_bytes))
 }
 
 /// Conversion progress, reported after each chunk.
@@ -393,9 +430,10 @@ fn output_metadata(
     wtype: &str,
     sha256: &str,
 ) -> Result<Vec<(String, Value)>> {
-    let mut kv = match &plan.control {
-        Some(c) => metadata::control_kv(c),
-        None => metadata::config_kv(&plan.config),
+    let mut kv = match (&plan.control, &plan.upscaler) {
+        (Some(c), _) => metadata::control_kv(c),
+        (None, Some(u)) => metadata::upscaler_kv(u),
+        (None, None) => metadata::config_kv(&plan.config),
     };
     let source_name = ck
         .path
@@ -421,7 +459,7 @@ fn output_metadata(
     ));
     // A ControlNet reads the model's text conditioning: it has no tokenizer or
     // run defaults of its own.
-    if plan.control.is_none() {
+    if plan.control.is_none() && plan.upscaler.is_none() {
         let vocab = match ck.tokenizer.as_ref().and_then(|t| t.merges_txt.as_deref()) {
             Some(m) => ClipVocab::from_merges_txt(m)?,
             None => match ck.format {

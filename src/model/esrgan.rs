@@ -16,6 +16,7 @@
 //! Every layer is a convolution or pointwise, so images of any size go through in
 //! overlapping tiles ([`tile`](super::tile)) with one tile's compute buffer.
 use crate::error::{Error, Result};
+use crate::formats::Checkpoint;
 use crate::ggml::{Backend, Context, Tensor};
 
 use super::nn::{Nn, Program};
@@ -30,68 +31,7 @@ const RESIDUAL: f32 = 0.2;
 /// Tensor objects one graph may hold: x4plus has 23 RRDBs of 15 convolutions.
 const MAX_TENSORS: usize = 1 << 15;
 
-/// Which network, and its sizes (read from the weights).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Arch {
-    Rrdb {
-        features: usize,
-        blocks: usize,
-        /// Channels each dense-block convolution adds.
-        grow: usize,
-        /// The input is folded into `unshuffle`² times the channels first.
-        unshuffle: usize,
-        /// Nearest-neighbour doublings (`conv_up1`, `conv_up2`, …).
-        doublings: usize,
-    },
-    Compact {
-        features: usize,
-        /// Convolutions between the first and the last.
-        convs: usize,
-        scale: usize,
-    },
-}
-
-impl Arch {
-    /// How many times larger the output is.
-    pub fn scale(&self) -> usize {
-        match *self {
-            Arch::Rrdb {
-                unshuffle,
-                doublings,
-                ..
-            } => (1 << doublings) / unshuffle,
-            Arch::Compact { scale, .. } => scale,
-        }
-    }
-
-    /// Input sides must be multiples of this.
-    fn unit(&self) -> usize {
-        match *self {
-            Arch::Rrdb { unshuffle, .. } => unshuffle,
-            Arch::Compact { .. } => 1,
-        }
-    }
-
-    pub fn describe(&self) -> String {
-        match *self {
-            Arch::Rrdb {
-                features,
-                blocks,
-                grow,
-                ..
-            } => format!(
-                "RRDBNet ×{}: {blocks} blocks of {features} features (growth {grow})",
-                self.scale()
-            ),
-            Arch::Compact {
-                features, convs, ..
-            } => format!(
-                "SRVGGNetCompact ×{}: {convs} convolutions of {features} features",
-                self.scale()
-            ),
-        }
-    }
-}
+pub use crate::config::UpscalerArch as Arch;
 
 /// A tensor name of the original ESRGAN release as basicsr names it, or `None` when
 /// the name is basicsr's already. `ups` are the release's `model.K` indices after the
@@ -126,23 +66,25 @@ fn basicsr_name(name: &str, ups: &[usize]) -> Option<String> {
     Some(format!("{layer}.{param}"))
 }
 
-/// The names and f32 values of a checkpoint's tensors as this module reads them:
-/// Real-ESRGAN's `params_ema.` (else `params.`) level dropped, the original release's
-/// names turned into basicsr's.
-pub fn normalize(tensors: Vec<F32Tensor>) -> Vec<F32Tensor> {
+/// How this module names a checkpoint's tensors: Real-ESRGAN's `params_ema.` (else
+/// `params.`) level dropped (with the tensors outside it), the original release's
+/// names turned into basicsr's. One entry per name: its new name, or `None` to leave
+/// it out.
+fn renames(names: &[&str]) -> Vec<Option<String>> {
     let level = ["params_ema.", "params."]
         .into_iter()
-        .find(|p| tensors.iter().any(|(n, _, _)| n.starts_with(p)));
-    let tensors: Vec<_> = match level {
-        Some(p) => tensors
-            .into_iter()
-            .filter_map(|(n, s, v)| n.strip_prefix(p).map(|n| (n.to_string(), s, v)))
-            .collect(),
-        None => tensors,
-    };
-    let mut ups: Vec<usize> = tensors
+        .find(|p| names.iter().any(|n| n.starts_with(p)));
+    let stripped: Vec<Option<&str>> = names
         .iter()
-        .filter_map(|(n, _, _)| {
+        .map(|n| match level {
+            Some(p) => n.strip_prefix(p),
+            None => Some(*n),
+        })
+        .collect();
+    let mut ups: Vec<usize> = stripped
+        .iter()
+        .flatten()
+        .filter_map(|n| {
             let rest = n.strip_prefix("model.")?;
             let k: usize = rest.split('.').next()?.parse().ok()?;
             (k > 1 && rest.ends_with(".weight") && rest.matches('.').count() == 1).then_some(k)
@@ -150,13 +92,63 @@ pub fn normalize(tensors: Vec<F32Tensor>) -> Vec<F32Tensor> {
         .collect();
     ups.sort_unstable();
     ups.dedup();
+    stripped
+        .into_iter()
+        .map(|n| n.map(|n| basicsr_name(n, &ups).unwrap_or_else(|| n.to_string())))
+        .collect()
+}
+
+/// The names and f32 values of a checkpoint's tensors as this module reads them
+/// ([`renames`]).
+pub fn normalize(tensors: Vec<F32Tensor>) -> Vec<F32Tensor> {
+    let names: Vec<&str> = tensors.iter().map(|(n, _, _)| n.as_str()).collect();
+    let new = renames(&names);
     tensors
         .into_iter()
-        .map(|(n, s, v)| match basicsr_name(&n, &ups) {
-            Some(b) => (b, s, v),
-            None => (n, s, v),
-        })
+        .zip(new)
+        .filter_map(|((_, s, v), n)| n.map(|n| (n, s, v)))
         .collect()
+}
+
+/// `ck`'s tensors under the names this module reads (for conversion to GGUF).
+pub fn normalize_checkpoint(ck: &mut Checkpoint) {
+    let names: Vec<&str> = ck.tensors.iter().map(|t| t.name.as_str()).collect();
+    let new = renames(&names);
+    let tensors = std::mem::take(&mut ck.tensors);
+    ck.tensors = tensors
+        .into_iter()
+        .zip(new)
+        .filter_map(|(mut t, n)| {
+            t.name = n?;
+            Some(t)
+        })
+        .collect();
+}
+
+/// Whether tensors named `names` (as stored) are an ESRGAN-family network's: the
+/// first convolution of an RRDBNet, or a compact network's first convolution and
+/// PReLU, and nothing of a diffusion model.
+pub fn looks_like(names: &[&str]) -> bool {
+    let new: Vec<String> = renames(names).into_iter().flatten().collect();
+    let has = |n: &str| new.iter().any(|m| m == n);
+    let diffusion = names
+        .iter()
+        .any(|n| n.starts_with("model.diffusion_model.") || n.starts_with("first_stage_model."));
+    !diffusion && (has("conv_first.weight") || (has("body.0.weight") && has("body.1.weight")))
+}
+
+/// An upscaler checkpoint with its tensors renamed ([`normalize_checkpoint`]) and its
+/// network recognised (from f32 copies of its weights, dropped on return).
+pub fn read_checkpoint(path: &std::path::Path) -> Result<(Checkpoint, Arch)> {
+    let mut ck = Checkpoint::open(path)?;
+    normalize_checkpoint(&mut ck);
+    let backend = Backend::cpu(1)?;
+    let arch = detect(&Weights::from_f32(
+        path,
+        super::weights::f32_tensors(&ck)?,
+        &backend,
+    )?)?;
+    Ok((ck, arch))
 }
 
 /// A convolution weight's (out, in) channels; `ne` in ggml order, 4-D `[k, k, in, out]`.

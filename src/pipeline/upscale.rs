@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 use super::{to_rgb8, Image};
 use crate::budget::{self, Budget, Need};
 use crate::error::{Error, Result};
+use crate::formats::gguf::{metadata, GgufFile};
 use crate::formats::Checkpoint;
 use crate::ggml::Backend;
 use crate::model::esrgan::{self, Arch};
@@ -35,20 +36,37 @@ pub struct Upscaler {
 }
 
 impl Upscaler {
-    /// Reads an ESRGAN-family checkpoint (`.pth` through the restricted unpickler, or
-    /// `.safetensors`) into f32 weights and recognises its network.
+    /// Reads an ESRGAN-family upscaler: our GGUF (`sdrs convert`; its weights as
+    /// stored, quantized or not), or a checkpoint (`.pth` through the restricted
+    /// unpickler, or `.safetensors`) into f32 weights, its network recognised.
     pub fn load(path: &Path, threads: usize) -> Result<Self> {
-        let list = weights::f32_tensors(&Checkpoint::open(path)?)?;
         let backend = Backend::cpu(threads)?;
-        let weights = Weights::from_f32(path, esrgan::normalize(list), &backend)?;
-        let arch = esrgan::detect(&weights)?;
-        Ok(Upscaler {
+        let (weights, arch) = if crate::formats::gguf::is_gguf(path)? {
+            let g = GgufFile::open(path)?;
+            let arch = metadata::read_upscaler(&g)?.ok_or_else(|| {
+                Error::arch(
+                    path,
+                    "not an upscaler (no `sd-upscaler` metadata): give a model to `-m` of `generate`",
+                )
+            })?;
+            (Weights::upload(&g, |_| true, &backend)?, arch)
+        } else {
+            let list = weights::f32_tensors(&Checkpoint::open(path)?)?;
+            let weights = Weights::from_f32(path, esrgan::normalize(list), &backend)?;
+            let arch = esrgan::detect(&weights)?;
+            (weights, arch)
+        };
+        let up = Upscaler {
             weights,
             arch,
             backend,
             path: path.to_path_buf(),
             tile: TILE,
-        })
+        };
+        // The graph of one small tile checks every weight against the network.
+        up.tile_bytes((64, 64))
+            .map_err(|e| Error::format(path, format!("weights do not make its network: {e}")))?;
+        Ok(up)
     }
 
     /// The upscaler's file name without its extension, as infotexts name it.

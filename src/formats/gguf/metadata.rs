@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use crate::config::{
     Activation, AttentionKind, Betas, ControlConfig, Defaults, ModelConfig, NoiseSchedule,
     Prediction, TextEncoderConfig, TextEncoderKind, TimeEmbedding, TimeId, UnetConfig, UnetStyle,
-    VaeConfig, Variance, VeSde,
+    UpscalerArch, VaeConfig, Variance, VeSde,
 };
 use crate::error::{Error, Result};
 use crate::formats::gguf::{GgufFile, Value};
@@ -140,6 +140,89 @@ fn unet_kv(kv: &mut Kv, u: &UnetConfig) {
         format!("{p}num_classes"),
         Value::U32(st.num_classes.unwrap_or(0) as u32),
     );
+}
+
+/// Marks an upscaler's GGUF (ESRGAN family).
+pub const UPSCALER_ARCHITECTURE: &str = "sd-upscaler";
+
+/// An upscaler's network → metadata: `sd.upscaler.network` (`rrdbnet` or
+/// `srvgg_compact`) and its sizes.
+pub fn upscaler_kv(a: &UpscalerArch) -> Kv {
+    let mut kv = Kv::new();
+    put(
+        &mut kv,
+        "general.architecture",
+        Value::String(UPSCALER_ARCHITECTURE.into()),
+    );
+    let p = "sd.upscaler.";
+    let (network, sizes): (&str, Vec<(&str, usize)>) = match *a {
+        UpscalerArch::Rrdb {
+            features,
+            blocks,
+            grow,
+            unshuffle,
+            doublings,
+        } => (
+            "rrdbnet",
+            vec![
+                ("features", features),
+                ("blocks", blocks),
+                ("grow", grow),
+                ("unshuffle", unshuffle),
+                ("doublings", doublings),
+            ],
+        ),
+        UpscalerArch::Compact {
+            features,
+            convs,
+            scale,
+        } => (
+            "srvgg_compact",
+            vec![("features", features), ("convs", convs), ("scale", scale)],
+        ),
+    };
+    put(
+        &mut kv,
+        format!("{p}network"),
+        Value::String(network.into()),
+    );
+    for (k, v) in sizes {
+        put(&mut kv, format!("{p}{k}"), Value::U32(v as u32));
+    }
+    kv
+}
+
+/// The upscaler network of a GGUF written with [`upscaler_kv`]; `None` for any
+/// other file.
+pub fn read_upscaler(g: &GgufFile) -> Result<Option<UpscalerArch>> {
+    if g.get("general.architecture").and_then(Value::as_str) != Some(UPSCALER_ARCHITECTURE) {
+        return Ok(None);
+    }
+    let r = Reader { g };
+    let p = "sd.upscaler.";
+    let n = |k: &str| -> Result<usize> {
+        let key = format!("{p}{k}");
+        let v = r.usize(&key)?;
+        crate::config::limits::within(&key, v, crate::config::limits::WIDTH)
+            .map_err(|e| r.err(&key, &e))?;
+        Ok(v)
+    };
+    let key = format!("{p}network");
+    Ok(Some(match r.str(&key)?.as_str() {
+        "rrdbnet" => UpscalerArch::Rrdb {
+            features: n("features")?,
+            blocks: n("blocks")?,
+            grow: n("grow")?,
+            unshuffle: n("unshuffle")?,
+            doublings: n("doublings")?,
+        },
+        "srvgg_compact" => UpscalerArch::Compact {
+            features: n("features")?,
+            convs: n("convs")?,
+            scale: n("scale")?,
+        },
+        _ => return Err(r.err(&key, "not rrdbnet or srvgg_compact")),
+    }))
 }
 
 /// Marks a ControlNet's GGUF, which a model loader must not take for a model.
@@ -719,6 +802,12 @@ pub fn read_defaults(g: &GgufFile) -> Defaults {
 pub fn read_config(g: &GgufFile) -> Result<Option<ModelConfig>> {
     match g.get("general.architecture").and_then(Value::as_str) {
         Some(ARCHITECTURE) => {}
+        Some(UPSCALER_ARCHITECTURE) => {
+            return Err(Error::arch(
+                &g.path,
+                "an upscaler, not a model: give it to `sdrs upscale -m` or `--upscale-model`",
+            ))
+        }
         Some(CONTROL_ARCHITECTURE) => {
             return Err(Error::arch(
                 &g.path,
