@@ -2,7 +2,7 @@
 //! pass at the model's size, enlarged, repainted at the larger size.
 #![cfg(feature = "demo-model")]
 
-use sdrs::pipeline::hires::Hires;
+use sdrs::pipeline::hires::{Hires, LatentResize};
 use sdrs::pipeline::upscale::Upscaler;
 use sdrs::pipeline::{Image, Pipeline, Request};
 
@@ -48,6 +48,7 @@ fn the_hires_pass_keeps_the_first_pass_composition_at_twice_the_size() {
             steps: Some(8),
             denoise,
             upscaler,
+            latent: None,
         }
     }
     let light = pipe
@@ -109,6 +110,7 @@ fn bad_hires_settings_are_refused_before_any_work() {
         steps: None,
         denoise: 0.5,
         upscaler: None,
+        latent: None,
     };
     assert!(e(Hires { scale: 1.0, ..base }).contains("hires scale 1"));
     assert!(e(Hires {
@@ -121,4 +123,87 @@ fn bad_hires_settings_are_refused_before_any_work() {
         ..base
     })
     .contains("at least 1"));
+    let up = Upscaler::load(
+        &sdrs::testdata::fixture("ref").join("esrgan/compact-x4.safetensors"),
+        1,
+    )
+    .unwrap();
+    assert!(e(Hires {
+        latent: Some(LatentResize::Bilinear),
+        upscaler: Some(&up),
+        ..base
+    })
+    .contains("not both"));
+}
+
+#[test]
+fn latent_resizes_match_torch_interpolate() {
+    let ck = sdrs::formats::Checkpoint::open(
+        &sdrs::testdata::fixture("ref").join("hires/latent_resize.safetensors"),
+    )
+    .unwrap();
+    let get = |n: &str| ck.get(n).unwrap().read_f32().unwrap();
+    let x = get("input");
+    for (mode, name) in [
+        (LatentResize::Bilinear, "bilinear"),
+        (LatentResize::Bicubic, "bicubic"),
+        (LatentResize::Nearest, "nearest"),
+        (LatentResize::NearestExact, "nearest-exact"),
+    ] {
+        for (h, w) in [(10, 14), (9, 11)] {
+            let want = get(&format!("{name}.{h}x{w}"));
+            let got = mode.resize(&x, (7, 5), (w, h));
+            let err = got
+                .iter()
+                .zip(&want)
+                .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+            assert!(err < 1e-5, "{name} to {w}x{h}: {err}");
+        }
+    }
+    assert_eq!(
+        LatentResize::parse("Latent (nearest-exact)"),
+        Some(LatentResize::NearestExact)
+    );
+    assert_eq!(
+        LatentResize::parse("latent-bicubic").map(LatentResize::name),
+        Some("Latent (bicubic)")
+    );
+}
+
+#[test]
+fn a_latent_hires_fix_never_decodes_the_first_pass_and_keeps_its_composition() {
+    let pipe = Pipeline::demo(2).unwrap();
+    let req = Request {
+        seed: 3,
+        ..pipe.request("a red circle on a blue background")
+    };
+    let first = pipe.generate(&req, &mut |_| {}).unwrap();
+    let h = Hires {
+        scale: 2.0,
+        steps: Some(8),
+        denoise: 0.6,
+        upscaler: None,
+        latent: Some(LatentResize::Bilinear),
+    };
+    let mut decodes = 0;
+    let image = pipe
+        .generate_hires(&req, &h, &mut |s| {
+            decodes += matches!(s, sdrs::pipeline::Stage::Decoded) as usize
+        })
+        .unwrap();
+    assert_eq!(decodes, 1, "the first pass was decoded");
+    assert_eq!((image.width, image.height), (128, 128));
+    assert!(
+        image.parameters.contains("Hires upscaler: Latent,")
+            || image.parameters.ends_with("Hires upscaler: Latent"),
+        "{}",
+        image.parameters
+    );
+    assert!(
+        image.parameters.contains("Size: 64x64")
+            && image.parameters.contains("Denoising strength: 0.6")
+    );
+    let kept = shape_overlap(&image, &first);
+    eprintln!("latent hires at denoise 0.6: the shape where the first pass put it (IoU) {kept:.2}");
+    assert!(kept > 0.5, "{kept}");
 }

@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use anyhow::{bail, Result};
 
-use sdrs::pipeline::hires::Hires;
+use sdrs::pipeline::hires::{Hires, LatentResize};
 use sdrs::pipeline::upscale::Upscaler;
 use sdrs::pipeline::{Canvas, CanvasOptions, Image, ImageFormat, Init, Pipeline, Request, Stage};
 use sdrs::sample::{Sampler, Schedule};
@@ -116,7 +116,10 @@ pub struct Args {
         requires = "hires_scale"
     )]
     pub(super) hires_denoise: f64,
-    /// An ESRGAN-family model that enlarges the first pass for the hires fix.
+    /// What enlarges the first pass for the hires fix: an ESRGAN-family model's file,
+    /// or `latent` (bilinear), `latent-bicubic`, `latent-nearest`,
+    /// `latent-nearest-exact` to enlarge its latent instead (A1111's "Latent"
+    /// upscalers; the first pass is then never decoded) [default: Lanczos on pixels].
     #[arg(long = "hires-upscaler", requires = "hires_scale")]
     pub(super) hires_upscaler: Option<PathBuf>,
     /// A ControlNet steering the composition: our GGUF (`sdrs convert`), lllyasviel's
@@ -247,12 +250,23 @@ pub fn run(a: Args, threads: Option<usize>, target: &super::Target) -> Result<()
         })
     };
     let upscaler = load_upscaler(&a.upscale_model)?;
-    let hires_upscaler = load_upscaler(&a.hires_upscaler)?;
+    // `latent`, `latent-bicubic`, … (or A1111's "Latent (…)" names) enlarge the
+    // latent; anything else is an upscaler's file.
+    let hires_latent = a
+        .hires_upscaler
+        .as_ref()
+        .and_then(|p| p.to_str())
+        .and_then(LatentResize::parse);
+    let hires_upscaler = match hires_latent {
+        Some(_) => None,
+        None => load_upscaler(&a.hires_upscaler)?,
+    };
     let hires = a.hires_scale.map(|scale| Hires {
         scale,
         steps: a.hires_steps,
         denoise: a.hires_denoise,
         upscaler: hires_upscaler.as_ref(),
+        latent: hires_latent,
     });
     let repeats = a.upscale_repeats;
     let upscale = |image: Image| -> Result<Image> {
@@ -348,7 +362,7 @@ pub fn run(a: Args, threads: Option<usize>, target: &super::Target) -> Result<()
             text += &super::upscale::plan_text(up, (req.width, req.height))?;
         }
         if let Some(h) = &hires {
-            let second = h.second_pass(&req, pipe.size_multiple(), None);
+            let second = h.second_pass(&req, pipe.size_multiple(), None, None);
             text += &format!(
                 "hires pass at {}x{}:\n{}\n",
                 second.width,

@@ -24,7 +24,9 @@ impl Pipeline {
             )?),
             None => None,
         };
-        let encode = req.init.is_some() && req.decoding.taesd.is_none();
+        // A given starting latent (the hires fix's latent upscale) needs no encode.
+        let encode =
+            req.init.as_ref().is_some_and(|i| i.latent.is_none()) && req.decoding.taesd.is_none();
         let prompts = self.prompts(req)?;
         let branches = if self.guided(req) { 2 } else { 1 };
         // Each stage's LoRA branches, read once for all the plans tried.

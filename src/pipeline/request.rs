@@ -232,6 +232,10 @@ pub struct Init {
     /// decode, so unmasked pixels come back unchanged (as A1111 does); off gives the
     /// decoded image everywhere, as diffusers' inpaint pipeline returns it.
     pub overlay: bool,
+    /// A latent to start from in place of encoding `canvas` (`[C][H/f][W/f]`, in the
+    /// UNet's units: the VAE's latent times its scaling factor): the hires fix's
+    /// latent upscale. `canvas` then only gives the size.
+    pub latent: Option<Arc<Vec<f32>>>,
 }
 
 impl Init {
@@ -241,6 +245,7 @@ impl Init {
             canvas,
             strength: None,
             overlay: true,
+            latent: None,
         }
     }
 }

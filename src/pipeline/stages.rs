@@ -45,6 +45,59 @@ struct Decoded {
 }
 
 impl Pipeline {
+    /// `req` sampled and not decoded: the latent (`[C][H/f][W/f]`, UNet units), the
+    /// parameters its image would have, and the text and sampling seconds (the
+    /// first pass of a latent hires fix).
+    pub(super) fn sample_only(
+        &self,
+        req: &Request,
+        memory: &Plan,
+        progress: &mut dyn FnMut(Stage),
+    ) -> Result<(Vec<f32>, String, [f64; 3])> {
+        let latent_size = self.validate(req)?;
+        check_cancel(req.cancel.as_deref())?;
+        let t0 = Instant::now();
+        let text = self.text_stage(req)?;
+        progress(Stage::TextEncoded);
+        check_cancel(req.cancel.as_deref())?;
+        let t1 = Instant::now();
+        let sampled = self.sample_stage(req, memory, &text, None, latent_size, progress)?;
+        self.gguf.release(is_unet);
+        self.gguf.check_intact()?;
+        progress(Stage::Sampled);
+        let parameters = self.parameters(req, &text, sampled.strength);
+        let timings = [(t1 - t0).as_secs_f64(), t1.elapsed().as_secs_f64(), 0.0];
+        Ok((sampled.latent, parameters, timings))
+    }
+
+    /// The infotext of `req`'s image.
+    fn parameters(&self, req: &Request, text: &Text, strength: f64) -> String {
+        let name = self
+            .gguf
+            .path
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let embeddings = text
+            .prompts
+            .used_embeddings()
+            .into_iter()
+            .filter_map(|e| self.embeddings.list.get(e))
+            .map(|e| (e.names.first().map_or("", String::as_str), e.path.as_path()))
+            .collect();
+        infotext::Record {
+            req,
+            width: req.width,
+            height: req.height,
+            strength,
+            model_hash: &self.model_hash,
+            model_name: &name,
+            loras: &text.loras,
+            embeddings,
+        }
+        .render()
+    }
+
     /// [`Pipeline::generate`] with the memory choices of `memory` (from
     /// [`Pipeline::plan`], possibly adjusted: e.g. tiles forced for a test).
     pub fn generate_planned(
@@ -330,30 +383,7 @@ impl Pipeline {
                 }
             }
         }
-        let name = self
-            .gguf
-            .path
-            .file_stem()
-            .map(|s| s.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        let embeddings = text
-            .prompts
-            .used_embeddings()
-            .into_iter()
-            .filter_map(|e| self.embeddings.list.get(e))
-            .map(|e| (e.names.first().map_or("", String::as_str), e.path.as_path()))
-            .collect();
-        let parameters = infotext::Record {
-            req,
-            width: w,
-            height: h,
-            strength: sampled.strength,
-            model_hash: &self.model_hash,
-            model_name: &name,
-            loras: &text.loras,
-            embeddings,
-        }
-        .render();
+        let parameters = self.parameters(req, text, sampled.strength);
         Image {
             width: w,
             height: h,

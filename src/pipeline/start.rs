@@ -90,9 +90,21 @@ impl Pipeline {
         let strength = req.strength();
         let canvas = req.canvas();
         let mask = canvas.and_then(Canvas::binary_mask);
+        let given = req.init.as_ref().and_then(|i| i.latent.clone());
+        if let Some(l) = &given {
+            if l.len() != n {
+                return Err(Error::Invalid(format!(
+                    "the starting latent has {} values, a {}x{} latent {n}",
+                    l.len(),
+                    lw,
+                    lh
+                )));
+            }
+        }
         // Every image encode happens with the VAE's weights in (or TAESD's): one stage.
         let encoder = match (canvas, &req.decoding.taesd) {
             (None, _) => None,
+            _ if given.is_some() && mask.is_none() => None,
             (Some(_), Some(dec)) => Some(Encoder::Taesd(Box::new(Weights::from_checkpoint(
                 &Checkpoint::open(&taesd_encoder_path(dec)?)?,
                 &self.backend,
@@ -100,6 +112,7 @@ impl Pipeline {
             (Some(_), None) => Some(Encoder::Vae),
         };
         let image = match canvas {
+            _ if given.is_some() => given.map(|l| l.to_vec()),
             // diffusers' inpaint pipeline encodes the image only where it is used.
             Some(c) if mask.is_none() || !nine || strength < 1.0 => Some(self.encode_image(
                 encoder.as_ref(),
