@@ -369,6 +369,42 @@ fn lllyasviels_single_files_with_and_without_the_prefix_read_as_the_diffusers_fo
 }
 
 #[test]
+fn a_diffusers_named_file_without_its_config_reads_as_its_folder() {
+    let dir = tempfile::tempdir().unwrap();
+    for key in ["sd1", "sdxl"] {
+        let folder = sdrs::formats::control::open(&fixture(&format!("controlnet/{key}"))).unwrap();
+        let alone = dir.path().join(format!("diffusers_{key}_tiny.safetensors"));
+        std::fs::copy(
+            fixture(&format!(
+                "controlnet/{key}/diffusion_pytorch_model.safetensors"
+            )),
+            &alone,
+        )
+        .unwrap();
+        assert!(sdrs::formats::control::is_controlnet(&alone).unwrap());
+        let s = sdrs::formats::control::open(&alone).unwrap();
+        let (mut a, mut b) = (s.config.clone(), folder.config.clone());
+        // Shapes show all but the heads and the family of a tiny model (64-wide heads
+        // and `sd2` for its 32-wide text).
+        (a.unet.num_heads, a.unet.head_dim, a.family) = (None, None, String::new());
+        (b.unet.num_heads, b.unet.head_dim, b.family) = (None, None, String::new());
+        b.unet.time_id_dim = 0;
+        assert_eq!(a, b, "{key}");
+        let names = |src: &sdrs::formats::control::Source| {
+            let mut v: Vec<(String, Vec<usize>)> = src
+                .checkpoint
+                .tensors
+                .iter()
+                .map(|t| (t.name.clone(), t.shape.clone()))
+                .collect();
+            v.sort();
+            v
+        };
+        assert_eq!(names(&s), names(&folder), "{key}");
+    }
+}
+
+#[test]
 fn the_memory_plan_counts_a_controlnets_weights_and_graph() {
     let dir = tempfile::tempdir().unwrap();
     let model = dir.path().join("sd1.gguf");

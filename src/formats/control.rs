@@ -5,8 +5,9 @@
 //!   model they were trained with (those weights are left out, and listed);
 //! - ControlNet 1.1 `.pth` and the `.safetensors` repackagings, with the
 //!   `control_model.` prefix or without it;
-//! - diffusers `ControlNetModel` folders, or their weights file beside its
-//!   `config.json`;
+//! - diffusers `ControlNetModel` folders, their weights file beside its `config.json`,
+//!   or such a file on its own (the SDXL `diffusers_xl_*` files), its config read from
+//!   its shapes;
 //! - our own GGUFs (to requantize).
 //!
 //! A single file states no config: it is read from the shapes as a model's UNet is
@@ -86,13 +87,26 @@ pub fn open(path: &Path) -> Result<Source> {
         .any(|t| t.name.starts_with("controlnet_cond_embedding."))
     {
         let dir = path.parent().unwrap_or(Path::new("."));
-        if !dir.join("config.json").is_file() {
-            return Err(Error::arch(
-                path,
-                "a ControlNet in diffusers naming needs its config.json beside it (or give the folder)",
-            ));
+        if super::diffusers::is_controlnet(dir) {
+            return from_diffusers(dir, path);
         }
-        return from_diffusers(dir, path);
+        // A diffusers-named file on its own (the SDXL "diffusers_xl_*" files that A1111
+        // and ComfyUI users collect): the config from its shapes.
+        let list: Vec<(&str, &[usize])> = ck
+            .tensors
+            .iter()
+            .map(|t| (t.name.as_str(), t.shape.as_slice()))
+            .collect();
+        let config = detect_diffusers(&list).map_err(|e| Error::arch(path, e))?;
+        let plan = ControlNet::new(&config)
+            .map_err(|e| Error::arch(path, e.to_string()))?
+            .params();
+        let tensors = super::diffusers::names::to_canonical(&plan, ck.tensors, path, |_| false)?;
+        return Ok(Source {
+            config,
+            checkpoint: Checkpoint { tensors, ..ck },
+            dropped: Vec::new(),
+        });
     }
     from_original(ck)
 }
@@ -207,6 +221,105 @@ fn detect(ck: &Checkpoint) -> std::result::Result<ControlConfig, String> {
         family: family.into(),
         unet,
         hint_channels,
+        embedding_channels,
+    };
+    c.check_sizes()?;
+    Ok(c)
+}
+
+/// The config of a ControlNet in diffusers naming, from its shapes (the family's
+/// heads, as for single files).
+fn detect_diffusers(list: &[(&str, &[usize])]) -> std::result::Result<ControlConfig, String> {
+    let t = Tensors::new(list)?;
+    let conv_in = t.shape("conv_in.weight", 4)?;
+    let (mc, in_channels) = (conv_in[0], conv_in[1]);
+    let levels = t.count("down_blocks.");
+    if levels == 0 {
+        return Err("no `down_blocks`: not a ControlNet's encoder".into());
+    }
+    let mut channel_mult = Vec::with_capacity(levels);
+    let mut down_blocks = Vec::with_capacity(levels);
+    for l in 0..levels {
+        let p = format!("down_blocks.{l}.");
+        let resnets = t.count(&format!("{p}resnets."));
+        if resnets == 0 {
+            return Err(format!("down level {l} has no ResNets"));
+        }
+        let width = t.dim(&format!("{p}resnets.0.conv2.weight"), 4, 0)?;
+        if width % mc != 0 {
+            return Err(format!("level width {width} is not a multiple of {mc}"));
+        }
+        channel_mult.push(width / mc);
+        down_blocks.push(
+            (0..resnets)
+                .map(|i| t.count(&format!("{p}attentions.{i}.transformer_blocks.")))
+                .collect(),
+        );
+    }
+    let mid_depth = if t.any("mid_block.attentions.0.") {
+        Some(t.count("mid_block.attentions.0.transformer_blocks."))
+    } else if t.any("mid_block.") {
+        Some(0)
+    } else {
+        None
+    };
+    let to_k = list
+        .iter()
+        .find(|(n, _)| n.ends_with(".attn2.to_k.weight"))
+        .ok_or("no cross-attention: not a text-conditioned ControlNet")?;
+    let context_dim = t.dim(to_k.0, 2, 1)?;
+    let proj_in = list
+        .iter()
+        .find(|(n, _)| n.ends_with(".proj_in.weight"))
+        .map_or(0, |(_, s)| s.len());
+    let linear_proj = proj_in == 2;
+    let adm_in_channels = t
+        .has("add_embedding.linear_1.weight")
+        .then(|| t.dim("add_embedding.linear_1.weight", 2, 1))
+        .transpose()?;
+    let hint = t.shape("controlnet_cond_embedding.conv_in.weight", 4)?;
+    let blocks = t.count("controlnet_cond_embedding.blocks.");
+    if blocks % 2 != 0 {
+        return Err(format!(
+            "{blocks} conditioning embedding blocks: an even count"
+        ));
+    }
+    let mut embedding_channels = vec![hint[0]];
+    for i in 0..blocks / 2 {
+        embedding_channels.push(t.dim(
+            &format!("controlnet_cond_embedding.blocks.{}.weight", 2 * i + 1),
+            4,
+            0,
+        )?);
+    }
+    let sd1 = context_dim == 768 && !linear_proj && adm_in_channels.is_none();
+    let family = match (adm_in_channels, sd1) {
+        (Some(_), _) => "sdxl",
+        (None, true) => "sd1",
+        (None, false) => "sd2",
+    };
+    let unet = crate::config::UnetConfig {
+        in_channels,
+        out_channels: in_channels,
+        model_channels: mc,
+        channel_mult,
+        down_blocks,
+        up_blocks: Vec::new(),
+        mid_depth,
+        num_heads: sd1.then_some(8),
+        head_dim: (!sd1).then_some(64),
+        context_dim,
+        linear_proj,
+        adm_in_channels,
+        time_cond_proj_dim: None,
+        time_ids: Vec::new(),
+        time_id_dim: 0,
+        style: crate::config::UnetStyle::default(),
+    };
+    let c = ControlConfig {
+        family: family.into(),
+        unet,
+        hint_channels: hint[1],
         embedding_channels,
     };
     c.check_sizes()?;
