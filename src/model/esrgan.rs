@@ -21,7 +21,6 @@ use crate::ggml::{Backend, Context, Tensor};
 
 use super::nn::{Nn, Program};
 use super::tile::{self, Tiling};
-use super::weights::F32Tensor;
 use super::Weights;
 
 /// LeakyReLU's slope in both families (basicsr's `negative_slope=0.2`).
@@ -98,19 +97,7 @@ fn renames(names: &[&str]) -> Vec<Option<String>> {
         .collect()
 }
 
-/// The names and f32 values of a checkpoint's tensors as this module reads them
-/// ([`renames`]).
-pub fn normalize(tensors: Vec<F32Tensor>) -> Vec<F32Tensor> {
-    let names: Vec<&str> = tensors.iter().map(|(n, _, _)| n.as_str()).collect();
-    let new = renames(&names);
-    tensors
-        .into_iter()
-        .zip(new)
-        .filter_map(|((_, s, v), n)| n.map(|n| (n, s, v)))
-        .collect()
-}
-
-/// `ck`'s tensors under the names this module reads (for conversion to GGUF).
+/// `ck`'s tensors under the names this module reads ([`renames`]).
 pub fn normalize_checkpoint(ck: &mut Checkpoint) {
     let names: Vec<&str> = ck.tensors.iter().map(|t| t.name.as_str()).collect();
     let new = renames(&names);
@@ -143,11 +130,7 @@ pub fn read_checkpoint(path: &std::path::Path) -> Result<(Checkpoint, Arch)> {
     let mut ck = Checkpoint::open(path)?;
     normalize_checkpoint(&mut ck);
     let backend = Backend::cpu(1)?;
-    let arch = detect(&Weights::from_f32(
-        path,
-        super::weights::f32_tensors(&ck)?,
-        &backend,
-    )?)?;
+    let arch = detect(&Weights::from_checkpoint(&ck, &backend)?)?;
     Ok((ck, arch))
 }
 

@@ -253,7 +253,40 @@ impl Weights<'static> {
 
     /// Copies every float tensor of a checkpoint, as f32, where `backend` computes.
     pub fn from_checkpoint(ck: &Checkpoint, backend: &Backend) -> Result<Self> {
-        Self::from_f32(&ck.path, f32_tensors(ck)?, backend)
+        // One tensor at a time from the file into the buffer: the weights are in
+        // memory once, not as a list and then its copy.
+        let floats: Vec<_> = ck.tensors.iter().filter(|t| t.dtype.is_float()).collect();
+        let ctx = Context::new(floats.len() + 1)?;
+        let mut made = Vec::with_capacity(floats.len());
+        for t in &floats {
+            let mut ne: Vec<usize> = t.shape.iter().rev().copied().collect();
+            if ne.is_empty() {
+                ne.push(1);
+            }
+            if ne.len() > 4 {
+                return Err(Error::format(
+                    &ck.path,
+                    format!("tensor `{}` has {} dimensions", t.name, ne.len()),
+                ));
+            }
+            made.push(ctx.tensor(Type::F32, &ne, &t.name)?);
+        }
+        ctx.alloc_on(backend)?;
+        let mut bytes = 0;
+        for (t, tensor) in floats.iter().zip(made) {
+            let values = t.read_f32()?;
+            bytes += 4 * values.len() as u64;
+            ctx.set_f32(tensor, &values)?;
+        }
+        Ok(Weights {
+            path: ck.path.clone(),
+            ctx,
+            repacked: 0,
+            bytes,
+            converted_bytes: bytes,
+            largest_mapped: 0,
+            copied: Default::default(),
+        })
     }
 
     /// f32 tensors `(name, ggml shape ne, values)` where `backend` computes; `path`

@@ -19,7 +19,7 @@ use crate::formats::Checkpoint;
 use crate::ggml::Backend;
 use crate::model::esrgan::{self, Arch};
 use crate::model::tile::Tick;
-use crate::model::{weights, Weights};
+use crate::model::Weights;
 
 /// Input pixels per tile side by default: a 4x RRDBNet's buffer for it stays near
 /// 1 GiB; smaller tiles for less.
@@ -51,8 +51,9 @@ impl Upscaler {
             })?;
             (Weights::upload(&g, |_| true, &backend)?, arch)
         } else {
-            let list = weights::f32_tensors(&Checkpoint::open(path)?)?;
-            let weights = Weights::from_f32(path, esrgan::normalize(list), &backend)?;
+            let mut ck = Checkpoint::open(path)?;
+            esrgan::normalize_checkpoint(&mut ck);
+            let weights = Weights::from_checkpoint(&ck, &backend)?;
             let arch = esrgan::detect(&weights)?;
             (weights, arch)
         };
