@@ -176,17 +176,6 @@ fn guess_mode_weights_residuals_from_a_tenth_to_one_as_diffusers_does() {
     }
 }
 
-fn psnr_u8(got: &[u8], want: &[f32]) -> f64 {
-    assert_eq!(got.len(), want.len());
-    let mse = got
-        .iter()
-        .zip(want)
-        .map(|(a, b)| ((*a as f64 - *b as f64) / 255.0).powi(2))
-        .sum::<f64>()
-        / want.len() as f64;
-    10.0 * (1.0 / mse.max(1e-12)).log10()
-}
-
 #[test]
 fn controlnet_pipeline_reproduces_diffusers_images_plain_and_in_guess_mode_over_half_the_steps() {
     let dir = tempfile::tempdir().unwrap();
@@ -404,23 +393,24 @@ fn a_diffusers_named_file_without_its_config_reads_as_its_folder() {
     }
 }
 
+/// The tiny sd1 model and the ControlNet fixture `key`, both as f16 GGUFs in `dir`,
+/// and a black 16x16 conditioning image.
+fn sd1_with(key: &str, dir: &Path) -> (Pipeline, Arc<ControlNet>, Arc<Canvas>) {
+    let model = dir.join("sd1.gguf");
+    convert_to(&fixture("sd1/model"), Type::F16, &model).unwrap();
+    let net = convert_controlnet(&fixture(&format!("controlnet/{key}")), Type::F16, dir);
+    let canvas = Canvas::from_rgb((16, 16, vec![0; 768]), None, &CanvasOptions::default()).unwrap();
+    (
+        Pipeline::load(&model).unwrap(),
+        Arc::new(ControlNet::open(&net).unwrap()),
+        Arc::new(canvas),
+    )
+}
+
 #[test]
 fn the_memory_plan_counts_a_controlnets_weights_and_graph() {
     let dir = tempfile::tempdir().unwrap();
-    let model = dir.path().join("sd1.gguf");
-    convert_to(&fixture("sd1/model"), Type::F16, &model).unwrap();
-    let pipe = Pipeline::load(&model).unwrap();
-    let net = Arc::new(
-        ControlNet::open(&convert_controlnet(
-            &fixture("controlnet/sd1"),
-            Type::F16,
-            dir.path(),
-        ))
-        .unwrap(),
-    );
-    let canvas = Arc::new(
-        Canvas::from_rgb((16, 16, vec![0; 768]), None, &CanvasOptions::default()).unwrap(),
-    );
+    let (pipe, net, canvas) = sd1_with("sd1", dir.path());
     let req = Request {
         width: 16,
         height: 16,
@@ -463,20 +453,7 @@ fn the_memory_plan_counts_a_controlnets_weights_and_graph() {
 #[test]
 fn a_controlnet_for_another_model_is_refused_before_any_work() {
     let dir = tempfile::tempdir().unwrap();
-    let model = dir.path().join("sd1.gguf");
-    convert_to(&fixture("sd1/model"), Type::F16, &model).unwrap();
-    let pipe = Pipeline::load(&model).unwrap();
-    let xl = Arc::new(
-        ControlNet::open(&convert_controlnet(
-            &fixture("controlnet/sdxl"),
-            Type::F16,
-            dir.path(),
-        ))
-        .unwrap(),
-    );
-    let canvas = Arc::new(
-        Canvas::from_rgb((16, 16, vec![0; 768]), None, &CanvasOptions::default()).unwrap(),
-    );
+    let (pipe, xl, canvas) = sd1_with("sdxl", dir.path());
     let req = Request {
         width: 16,
         height: 16,

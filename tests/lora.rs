@@ -467,7 +467,7 @@ fn merged_conversion_matches_diffusers_fuse_lora_for_each_naming() {
             .unwrap()
             .read_f32()
             .unwrap();
-        let psnr = psnr(&img.rgb, &want);
+        let psnr = psnr_u8(&img.rgb, &want);
         eprintln!(
             "{kind}: {checked} fused weights within 1e-6, image {psnr:.1} dB against diffusers"
         );
@@ -535,16 +535,6 @@ fn convert_command_merges_loras_and_records_them_in_the_file() {
     assert!(!out2.exists());
 }
 
-fn psnr(a: &[u8], b: &[f32]) -> f64 {
-    let mse = a
-        .iter()
-        .zip(b)
-        .map(|(&x, &y)| ((x as f64 - y as f64) / 255.0).powi(2))
-        .sum::<f64>()
-        / b.len() as f64;
-    10.0 * (1.0 / mse.max(1e-12)).log10()
-}
-
 /// The same LoRAs as above, but as branches beside the unmerged (f32 and q8_0) base:
 /// diffusers' fused images again, and the model untouched between requests.
 #[test]
@@ -582,7 +572,7 @@ fn run_time_branches_reproduce_diffusers_and_switch_per_request() {
             .unwrap()
             .read_f32()
             .unwrap();
-        let p = psnr(&img.rgb, &want);
+        let p = psnr_u8(&img.rgb, &want);
         eprintln!("{kind} at run time: {p:.1} dB against diffusers' fused pipeline");
         assert!(p >= 40.0, "{kind}: {p:.1} dB");
         assert_ne!(img.rgb, plain.rgb, "{kind}: the LoRA changed nothing");
@@ -604,7 +594,7 @@ fn run_time_branches_reproduce_diffusers_and_switch_per_request() {
     };
     let img = pipe.generate(&req, &mut |_| {}).unwrap();
     let want = golden.get("kohya.image_u8").unwrap().read_f32().unwrap();
-    let p = psnr(&img.rgb, &want);
+    let p = psnr_u8(&img.rgb, &want);
     eprintln!("kohya at run time on q8_0: {p:.1} dB against diffusers (f32)");
     assert!(p >= 30.0, "q8_0: {p:.1} dB");
 }

@@ -26,17 +26,6 @@ fn golden(name: &str) -> Vec<f32> {
         .unwrap()
 }
 
-fn psnr_u8(got: &[u8], want: &[f32]) -> f64 {
-    assert_eq!(got.len(), want.len());
-    let mse = got
-        .iter()
-        .zip(want)
-        .map(|(a, b)| ((*a as f64 - *b as f64) / 255.0).powi(2))
-        .sum::<f64>()
-        / want.len() as f64;
-    10.0 * (1.0 / mse.max(1e-12)).log10()
-}
-
 fn load(model: &str, dir: &Path) -> Pipeline {
     let path = dir.join(format!("{model}.gguf"));
     convert_to(&fixture(&format!("{model}/model")), Type::F32, &path).unwrap();

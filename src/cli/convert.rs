@@ -2,6 +2,23 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 
+/// The options that describe a model, refused for `what` (a file that is not one).
+fn refuse_model_flags(a: &Args, what: &str) -> Result<()> {
+    for (flag, given) in [
+        ("--prediction", a.prediction.is_some()),
+        ("--zero-terminal-snr", a.zero_terminal_snr),
+        ("--defaults", a.defaults.is_some()),
+        ("--lora", !a.lora.is_empty()),
+    ] {
+        anyhow::ensure!(
+            !given,
+            "{flag} describes a model; {} is {what}",
+            a.input.display()
+        );
+    }
+    Ok(())
+}
+
 use sdrs::convert::{self, policy, Policy};
 use sdrs::formats::Checkpoint;
 
@@ -122,18 +139,7 @@ pub fn run(a: Args) -> Result<()> {
 }
 
 fn convert_controlnet(a: &Args, pol: Policy, wtype: sdrs::ggml::Type) -> Result<()> {
-    for (flag, given) in [
-        ("--prediction", a.prediction.is_some()),
-        ("--zero-terminal-snr", a.zero_terminal_snr),
-        ("--defaults", a.defaults.is_some()),
-        ("--lora", !a.lora.is_empty()),
-    ] {
-        anyhow::ensure!(
-            !given,
-            "{flag} describes a model; {} is a ControlNet",
-            a.input.display()
-        );
-    }
+    refuse_model_flags(a, "a ControlNet")?;
     let src = sdrs::formats::control::open(&a.input)?;
     let plan = convert::plan_control(&src, &pol)?;
     for (n, why) in &plan.dropped {
@@ -174,18 +180,7 @@ fn is_upscaler(path: &std::path::Path) -> Result<bool> {
 /// An upscaler converts as a model does, under the names and with the network
 /// `sdrs upscale` reads.
 fn convert_upscaler(a: &Args, pol: Policy, wtype: sdrs::ggml::Type) -> Result<()> {
-    for (flag, given) in [
-        ("--prediction", a.prediction.is_some()),
-        ("--zero-terminal-snr", a.zero_terminal_snr),
-        ("--defaults", a.defaults.is_some()),
-        ("--lora", !a.lora.is_empty()),
-    ] {
-        anyhow::ensure!(
-            !given,
-            "{flag} describes a model; {} is an upscaler",
-            a.input.display()
-        );
-    }
+    refuse_model_flags(a, "an upscaler")?;
     let (ck, arch) = if sdrs::formats::gguf::is_gguf(&a.input)? {
         let g = sdrs::formats::gguf::GgufFile::open(&a.input)?;
         let arch = sdrs::formats::gguf::metadata::read_upscaler(&g)?

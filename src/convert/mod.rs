@@ -184,23 +184,8 @@ pub fn plan(ck: &Checkpoint, policy: &Policy, config: Option<ModelConfig>) -> Re
             .get(&t.name)
             .cloned()
             .unwrap_or_else(|| t.shape.clone());
-        let decision = policy.decide(&t.name, &shape);
-        let nbytes = decision.ty.bytes_for(t.numel()).ok_or_else(|| {
-            Error::Invalid(format!(
-                "tensor `{}`: {} elements do not fit {}",
-                t.name,
-                t.numel(),
-                decision.ty.name()
-            ))
-        })?;
         source_bytes += t.nbytes();
-        entries.push(PlanEntry {
-            index,
-            name: t.name.clone(),
-            shape,
-            decision,
-            nbytes,
-        });
+        entries.push(entry(index, t, shape, policy)?);
     }
     let mut missing: Vec<&str> = expected
         .keys()
@@ -303,25 +288,30 @@ fn plan_all(ck: &Checkpoint, policy: &Policy) -> Result<(Vec<PlanEntry>, u64)> {
                 ),
             ));
         }
-        let decision = policy.decide(&t.name, &t.shape);
-        let nbytes = decision.ty.bytes_for(t.numel()).ok_or_else(|| {
-            Error::Invalid(format!(
-                "tensor `{}`: {} elements do not fit {}",
-                t.name,
-                t.numel(),
-                decision.ty.name()
-            ))
-        })?;
         source_bytes += t.nbytes();
-        entries.push(PlanEntry {
-            index,
-            name: t.name.clone(),
-            shape: t.shape.clone(),
-            decision,
-            nbytes,
-        });
+        entries.push(entry(index, t, t.shape.clone(), policy)?);
     }
     Ok((entries, source_bytes))
+}
+
+/// What `policy` makes of tensor `index` of the source, `t`, of (PyTorch) `shape`.
+fn entry(index: usize, t: &SourceTensor, shape: Vec<usize>, policy: &Policy) -> Result<PlanEntry> {
+    let decision = policy.decide(&t.name, &shape);
+    let nbytes = decision.ty.bytes_for(t.numel()).ok_or_else(|| {
+        Error::Invalid(format!(
+            "tensor `{}`: {} elements do not fit {}",
+            t.name,
+            t.numel(),
+            decision.ty.name()
+        ))
+    })?;
+    Ok(PlanEntry {
+        index,
+        name: t.name.clone(),
+        shape,
+        decision,
+        nbytes,
+    })
 }
 
 /// Conversion progress, reported after each chunk.

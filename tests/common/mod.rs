@@ -64,6 +64,19 @@ pub fn listing(dir: &Path) -> Vec<String> {
 }
 
 /// Relative RMS error of `b` against `a`.
+/// Peak signal-to-noise ratio in dB of 8-bit pixels against reference values on the
+/// same 0–255 scale.
+pub fn psnr_u8(got: &[u8], want: &[f32]) -> f64 {
+    assert_eq!(got.len(), want.len());
+    let mse = got
+        .iter()
+        .zip(want)
+        .map(|(a, b)| ((*a as f64 - *b as f64) / 255.0).powi(2))
+        .sum::<f64>()
+        / want.len() as f64;
+    10.0 * (1.0 / mse.max(1e-12)).log10()
+}
+
 pub fn rel_rms(a: &[f32], b: &[f32]) -> f64 {
     assert_eq!(a.len(), b.len());
     let (mut num, mut den) = (0f64, 0f64);
