@@ -560,10 +560,7 @@ pub extern "system" fn Java_org_sdrs_StableDiffusion_nativeUpscale<'l>(
         let image = Image {
             width: w,
             height: h,
-            rgb: px
-                .iter()
-                .flat_map(|&p| [(p >> 16) as u8, (p >> 8) as u8, p as u8])
-                .collect(),
+            rgb: request::rgb_of(&px),
             parameters,
             timings: [0.0; 3],
         };

@@ -262,7 +262,7 @@ fn init(
 }
 
 /// ARGB_8888 ints as 8-bit RGB (alpha dropped).
-fn rgb_of(argb: &[i32]) -> Vec<u8> {
+pub(crate) fn rgb_of(argb: &[i32]) -> Vec<u8> {
     argb.iter()
         .flat_map(|&p| [(p >> 16) as u8, (p >> 8) as u8, p as u8])
         .collect()

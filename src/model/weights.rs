@@ -259,17 +259,8 @@ impl Weights<'static> {
         let ctx = Context::new(floats.len() + 1)?;
         let mut made = Vec::with_capacity(floats.len());
         for t in &floats {
-            let mut ne: Vec<usize> = t.shape.iter().rev().copied().collect();
-            if ne.is_empty() {
-                ne.push(1);
-            }
-            if ne.len() > 4 {
-                return Err(Error::format(
-                    &ck.path,
-                    format!("tensor `{}` has {} dimensions", t.name, ne.len()),
-                ));
-            }
-            made.push(ctx.tensor(Type::F32, &ne, &t.name)?);
+            let ne: Vec<usize> = t.shape.iter().rev().copied().collect();
+            made.push(f32_tensor(&ctx, &ck.path, &t.name, ne)?);
         }
         ctx.alloc_on(backend)?;
         let mut bytes = 0;
@@ -278,15 +269,20 @@ impl Weights<'static> {
             bytes += 4 * values.len() as u64;
             ctx.set_f32(tensor, &values)?;
         }
-        Ok(Weights {
-            path: ck.path.clone(),
+        Ok(Self::copied(&ck.path, ctx, bytes))
+    }
+
+    /// Weights held in `ctx`'s own buffer (`bytes` of them), none mapped.
+    fn copied(path: &std::path::Path, ctx: Context<'static>, bytes: u64) -> Self {
+        Weights {
+            path: path.to_path_buf(),
             ctx,
             repacked: 0,
             bytes,
             converted_bytes: bytes,
             largest_mapped: 0,
             copied: Default::default(),
-        })
+        }
     }
 
     /// f32 tensors `(name, ggml shape ne, values)` where `backend` computes; `path`
@@ -299,37 +295,39 @@ impl Weights<'static> {
         let ctx = Context::new(list.len() + 1)?;
         let mut made = Vec::with_capacity(list.len());
         for (name, ne, data) in &list {
-            let mut ne = ne.clone();
-            if ne.is_empty() {
-                ne.push(1);
-            }
-            if ne.len() > 4 {
-                return Err(Error::format(
-                    path,
-                    format!("tensor `{name}` has {} dimensions", ne.len()),
-                ));
-            }
-            if ne.iter().product::<usize>() != data.len() {
+            let tensor = f32_tensor(&ctx, path, name, ne.clone())?;
+            if tensor.nelements() != data.len() {
                 return Err(Error::format(
                     path,
                     format!("tensor `{name}`: {} values for shape {ne:?}", data.len()),
                 ));
             }
-            made.push(ctx.tensor(Type::F32, &ne, name)?);
+            made.push(tensor);
         }
         ctx.alloc_on(backend)?;
         for ((_, _, data), tensor) in list.iter().zip(made) {
             ctx.set_f32(tensor, data)?;
         }
         let bytes = list.iter().map(|(_, _, d)| 4 * d.len() as u64).sum();
-        Ok(Weights {
-            path: path.to_path_buf(),
-            ctx,
-            repacked: 0,
-            bytes,
-            converted_bytes: bytes,
-            largest_mapped: 0,
-            copied: Default::default(),
-        })
+        Ok(Self::copied(path, ctx, bytes))
     }
+}
+
+/// An f32 tensor object `name` of ggml shape `ne` (a scalar as `[1]`), at most 4-D.
+fn f32_tensor<'c>(
+    ctx: &'c Context<'_>,
+    path: &std::path::Path,
+    name: &str,
+    mut ne: Vec<usize>,
+) -> Result<Tensor<'c>> {
+    if ne.is_empty() {
+        ne.push(1);
+    }
+    if ne.len() > 4 {
+        return Err(Error::format(
+            path,
+            format!("tensor `{name}` has {} dimensions", ne.len()),
+        ));
+    }
+    ctx.tensor(Type::F32, &ne, name)
 }

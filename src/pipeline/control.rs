@@ -219,14 +219,12 @@ impl Control {
 }
 
 impl super::Pipeline {
-    /// The request's ControlNets checked against the model, their images fitted to
+    /// The request's ControlNets (checked by `validate`) with their images fitted to
     /// the request's size as init images are (scaled to cover, centre-cropped).
     pub(super) fn fit_controls(&self, req: &super::Request) -> Result<Vec<Control>> {
         req.controls
             .iter()
             .map(|c| {
-                c.validate()?;
-                c.net.check(&self.config)?;
                 let im = &c.image;
                 if (im.width, im.height) == (req.width, req.height) {
                     return Ok(c.clone());
@@ -330,11 +328,6 @@ impl<'a> Steering<'a> {
         })
     }
 
-    /// Zero residuals for a batch of `n` (a step no ControlNet acts on).
-    pub(super) fn zeros(&self, n: usize) -> Vec<Vec<f32>> {
-        self.sizes.iter().map(|&len| vec![0.0; n * len]).collect()
-    }
-
     /// Compute-buffer bytes and FLOPs of one evaluation of every ControlNet.
     pub(super) fn cost(&self) -> (usize, f64) {
         self.nets.iter().fold((0, 0.0), |(b, f), a| {
@@ -354,8 +347,8 @@ impl<'a> Steering<'a> {
 
     /// The residuals of the branches `branches` (each its text and label input,
     /// and whether it is the conditional one) on latent `x` at timestep `t`, laid
-    /// out as the UNet's batch of those branches takes them; `None` when no
-    /// ControlNet acts at this step.
+    /// out as the UNet's batch of those branches takes them: per residual, the
+    /// branches one after the other, zeros where no ControlNet acts.
     pub(super) fn residuals(
         &self,
         x: &[f32],
@@ -363,25 +356,19 @@ impl<'a> Steering<'a> {
         branches: &[Branch<'_>],
         guidance: Option<&[f32]>,
         backend: &Backend,
-    ) -> Result<Option<Vec<Vec<f32>>>> {
-        let i = self.step(t as f64);
-        let n = self.timesteps.len();
-        let active: Vec<&Active> = self
-            .nets
+    ) -> Result<Vec<Vec<f32>>> {
+        let mut out: Vec<Vec<f32>> = self
+            .sizes
             .iter()
-            .filter(|a| a.control.active(i, n))
+            .map(|&len| vec![0.0; len * branches.len()])
             .collect();
-        if active.is_empty() {
-            return Ok(None);
-        }
-        let mut per_branch: Vec<Option<Vec<Vec<f32>>>> = Vec::with_capacity(branches.len());
-        for &Branch { context, y, cond } in branches {
-            let mut sum: Option<Vec<Vec<f32>>> = None;
-            for a in &active {
+        let (i, n) = (self.step(t as f64), self.timesteps.len());
+        for a in self.nets.iter().filter(|a| a.control.active(i, n)) {
+            let cfg = &a.control.net.config.unet;
+            for (b, &Branch { context, y, cond }) in branches.iter().enumerate() {
                 if a.control.guess && !cond {
                     continue;
                 }
-                let cfg = &a.control.net.config.unet;
                 let inputs = Inputs {
                     x,
                     t: &[t],
@@ -392,53 +379,20 @@ impl<'a> Steering<'a> {
                     control: None,
                 };
                 let r = a.runner.run(&inputs, &a.hint, backend)?;
-                let scales = a.control.scales(r.len());
-                match &mut sum {
-                    None => {
-                        sum = Some(
-                            r.into_iter()
-                                .zip(&scales)
-                                .map(|(mut v, &s)| {
-                                    v.iter_mut().for_each(|e| *e *= s);
-                                    v
-                                })
-                                .collect(),
-                        )
-                    }
-                    Some(acc) => {
-                        for ((a, v), &s) in acc.iter_mut().zip(r).zip(&scales) {
-                            a.iter_mut().zip(v).for_each(|(a, v)| *a += s * v);
-                        }
-                    }
+                for ((acc, v), s) in out
+                    .iter_mut()
+                    .zip(r)
+                    .zip(a.control.scales(self.sizes.len()))
+                {
+                    let len = v.len();
+                    acc[b * len..][..len]
+                        .iter_mut()
+                        .zip(v)
+                        .for_each(|(a, v)| *a += s * v);
                 }
             }
-            per_branch.push(sum);
         }
-        // The layout: per residual, the branches one after the other (zeros for a
-        // branch no ControlNet acted on).
-        let Some(sizes) = per_branch
-            .iter()
-            .flatten()
-            .next()
-            .map(|r| r.iter().map(Vec::len).collect::<Vec<_>>())
-        else {
-            return Ok(None);
-        };
-        let out = sizes
-            .iter()
-            .enumerate()
-            .map(|(k, &len)| {
-                let mut v = Vec::with_capacity(len * per_branch.len());
-                for b in &per_branch {
-                    match b {
-                        Some(r) => v.extend_from_slice(&r[k]),
-                        None => v.resize(v.len() + len, 0.0),
-                    }
-                }
-                v
-            })
-            .collect();
-        Ok(Some(out))
+        Ok(out)
     }
 }
 

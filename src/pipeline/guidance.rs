@@ -124,19 +124,17 @@ impl sample::Model for Guidance<'_> {
             }
         }
         // ControlNet residuals of the branches one graph evaluates.
-        let control = |branches: &[Branch<'_>]| match self.steering {
-            Some(s) => s.residuals(x, t as f32, branches, self.embedded, backend),
-            None => Ok(None),
+        let control = |branches: &[Branch<'_>]| {
+            self.steering
+                .map(|s| s.residuals(x, t as f32, branches, self.embedded, backend))
+                .transpose()
         };
-        // A graph built for residuals takes zeros at steps no ControlNet acts on.
-        let zeros = |n: usize| -> Option<Vec<Vec<f32>>> { self.steering.map(|s| s.zeros(n)) };
         if !self.guided {
             let r = control(&[Branch {
                 context: self.context,
                 y: self.y,
                 cond: true,
-            }])?
-            .or_else(|| zeros(1));
+            }])?;
             let inputs = Inputs {
                 x: &batch,
                 t: &[t as f32],
@@ -165,8 +163,7 @@ impl sample::Model for Guidance<'_> {
                 context: ctx_u,
                 y: y_u,
                 cond: false,
-            }])?
-            .or_else(|| zeros(1));
+            }])?;
             let mut out = self
                 .runner
                 .run(&branch(ctx_u, y_u, r.as_deref()), backend)?;
@@ -174,8 +171,7 @@ impl sample::Model for Guidance<'_> {
                 context: ctx_c,
                 y: y_c,
                 cond: true,
-            }])?
-            .or_else(|| zeros(1));
+            }])?;
             out.extend(
                 self.runner
                     .run(&branch(ctx_c, y_c, r.as_deref()), backend)?,
@@ -193,8 +189,7 @@ impl sample::Model for Guidance<'_> {
                     y: y_c,
                     cond: true,
                 },
-            ])?
-            .or_else(|| zeros(2));
+            ])?;
             let inputs = Inputs {
                 x: &batch,
                 t: &[t as f32, t as f32],

@@ -38,6 +38,17 @@ struct Sampled {
     strength: f64,
 }
 
+/// What the text and sampling stages hand on to the decode.
+struct Sampling {
+    text: Text,
+    sampled: Sampled,
+    /// The request's TAESD decoder where the previews needed it during sampling.
+    taesd: Option<Weights<'static>>,
+    latent_size: (usize, usize),
+    /// Seconds of the text and the sampling stage.
+    seconds: [f64; 2],
+}
+
 /// Decoded pixels, planar `[3][h][w]`, in [0, 1] when `unit` (TAESD) else in [-1, 1].
 struct Decoded {
     pixels: Vec<f32>,
@@ -54,20 +65,61 @@ impl Pipeline {
         memory: &Plan,
         progress: &mut dyn FnMut(Stage),
     ) -> Result<(Vec<f32>, String, [f64; 3])> {
+        let s = self.text_and_sampling(req, memory, progress)?;
+        let parameters = self.parameters(req, &s.text, s.sampled.strength);
+        Ok((
+            s.sampled.latent,
+            parameters,
+            [s.seconds[0], s.seconds[1], 0.0],
+        ))
+    }
+
+    /// The request checked, its text encoded and its latent sampled (the UNet
+    /// released), with the TAESD decoder where the previews read it.
+    fn text_and_sampling(
+        &self,
+        req: &Request,
+        memory: &Plan,
+        progress: &mut dyn FnMut(Stage),
+    ) -> Result<Sampling> {
         let latent_size = self.validate(req)?;
         check_cancel(req.cancel.as_deref())?;
         let t0 = Instant::now();
         let text = self.text_stage(req)?;
+        self.gguf.check_intact()?;
         progress(Stage::TextEncoded);
         check_cancel(req.cancel.as_deref())?;
         let t1 = Instant::now();
-        let sampled = self.sample_stage(req, memory, &text, None, latent_size, progress)?;
+        let taesd = if req.decoding.preview_every > 0 {
+            self.load_taesd(req)?
+        } else {
+            None
+        };
+        let sampled =
+            self.sample_stage(req, memory, &text, taesd.as_ref(), latent_size, progress)?;
         self.gguf.release(is_unet);
         self.gguf.check_intact()?;
+        check_cancel(req.cancel.as_deref())?;
+        let seconds = [(t1 - t0).as_secs_f64(), t1.elapsed().as_secs_f64()];
         progress(Stage::Sampled);
-        let parameters = self.parameters(req, &text, sampled.strength);
-        let timings = [(t1 - t0).as_secs_f64(), t1.elapsed().as_secs_f64(), 0.0];
-        Ok((sampled.latent, parameters, timings))
+        Ok(Sampling {
+            text,
+            sampled,
+            taesd,
+            latent_size,
+            seconds,
+        })
+    }
+
+    /// The request's TAESD decoder, if it has one.
+    fn load_taesd(&self, req: &Request) -> Result<Option<Weights<'static>>> {
+        let Some(path) = &req.decoding.taesd else {
+            return Ok(None);
+        };
+        Ok(Some(Weights::from_checkpoint(
+            &Checkpoint::open(path)?,
+            &self.backend,
+        )?))
     }
 
     /// The infotext of `req`'s image.
@@ -106,39 +158,18 @@ impl Pipeline {
         memory: &Plan,
         progress: &mut dyn FnMut(Stage),
     ) -> Result<Image> {
-        let latent_size = self.validate(req)?;
-        check_cancel(req.cancel.as_deref())?;
-        let t0 = Instant::now();
-        let text = self.text_stage(req)?;
-        self.gguf.check_intact()?;
-        progress(Stage::TextEncoded);
-        check_cancel(req.cancel.as_deref())?;
-        let t1 = Instant::now();
-        // The request's TAESD decoder, read once: before sampling when it draws the
-        // previews, else for the decode alone.
-        let load_taesd = || -> Result<Option<Weights<'static>>> {
-            let Some(path) = &req.decoding.taesd else {
-                return Ok(None);
-            };
-            Ok(Some(Weights::from_checkpoint(
-                &Checkpoint::open(path)?,
-                &self.backend,
-            )?))
-        };
-        let mut taesd = if req.decoding.preview_every > 0 {
-            load_taesd()?
-        } else {
-            None
-        };
-        let sampled =
-            self.sample_stage(req, memory, &text, taesd.as_ref(), latent_size, progress)?;
-        self.gguf.release(is_unet);
-        self.gguf.check_intact()?;
-        check_cancel(req.cancel.as_deref())?;
+        let Sampling {
+            text,
+            sampled,
+            mut taesd,
+            latent_size,
+            seconds,
+        } = self.text_and_sampling(req, memory, progress)?;
         let t2 = Instant::now();
-        progress(Stage::Sampled);
+        // The TAESD decoder is read once: before sampling where it drew the previews,
+        // else for the decode alone.
         if taesd.is_none() {
-            taesd = load_taesd()?;
+            taesd = self.load_taesd(req)?;
         }
         let decoded = self.decode_stage(
             req,
@@ -151,11 +182,7 @@ impl Pipeline {
         self.gguf.release(|n| n.starts_with(VAE_PREFIX));
         self.gguf.check_intact()?;
         progress(Stage::Decoded);
-        let timings = [
-            (t1 - t0).as_secs_f64(),
-            (t2 - t1).as_secs_f64(),
-            t2.elapsed().as_secs_f64(),
-        ];
+        let timings = [seconds[0], seconds[1], t2.elapsed().as_secs_f64()];
         Ok(self.finish(req, &text, &sampled, decoded, timings))
     }
 
