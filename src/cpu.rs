@@ -2,6 +2,20 @@
 //! what it was compiled for): the instruction-set extensions that decide which of
 //! ggml's CPU libraries and which variant of sdrs' own kernels are used.
 
+/// Whether ggml multiplies bf16 matrices with vector instructions here: on x86-64
+/// with AVX (its tinyBLAS kernels; AVX512-BF16 dot products where the CPU has them).
+/// Its aarch64 build has only a scalar loop for bf16 (at its version here).
+pub fn vector_bf16() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
 /// The extensions relevant to sdrs' and ggml's kernels that this CPU has.
 pub fn features() -> Vec<&'static str> {
     let mut f = Vec::new();

@@ -269,7 +269,8 @@ fn real_layouts_plan_every_tensor_and_meet_the_size_targets() {
                 assert!(unet < 600_000_000, "SD 1.5 q4_0 UNet {unet} bytes");
                 assert!(total < 800_000_000, "SD 1.5 q4_0 file {total} bytes");
             }
-            "sdxl.json" => assert!(total < 2_200_000_000, "SDXL q4_0 file {total} bytes"),
+            // The VAE's kernels are bf16 (+80 MB over q8_0, for a decode 1.3-2.6x as fast).
+            "sdxl.json" => assert!(total < 2_300_000_000, "SDXL q4_0 file {total} bytes"),
             _ => {}
         }
     }

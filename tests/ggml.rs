@@ -4,7 +4,7 @@ mod common;
 use common::*;
 use sdrs::formats::gguf::GgufFile;
 use sdrs::formats::DType;
-use sdrs::ggml::{Backend, Context, ConvShape, Type};
+use sdrs::ggml::{Backend, Context, ConvShape, NormAct, Type};
 use sdrs::synth::Format;
 
 fn matmul_ref(w: &[f32], x: &[f32], k: usize, n: usize, m: usize) -> Vec<f32> {
@@ -154,7 +154,7 @@ fn conv2d_through_im2col_matches_direct_convolution_in_one_piece_in_row_bands_an
         .collect();
     // Budgets: one piece; about 3 bands of output rows; one row per band.
     for budget in [usize::MAX, 2 * ic * 9 * w * n * 4, 1] {
-        for ty in [Type::F32, Type::F16] {
+        for ty in [Type::F32, Type::F16, Type::BF16] {
             for (kh, s, p, up) in [
                 (3, 1, 1, 1),
                 (3, 2, 1, 1),
@@ -168,9 +168,21 @@ fn conv2d_through_im2col_matches_direct_convolution_in_one_piece_in_row_bands_an
                 let k: Vec<f32> = (0..oc * ic * kh * kh)
                     .map(|i| ((i * 17 % 53) as f32 / 26.0) - 1.0)
                     .collect();
+                // bf16 kernels take bf16 columns: the reference multiplies the inputs
+                // rounded to bf16 (to nearest even, as ggml rounds), so only the order
+                // of the f32 sums may differ.
+                let bf16 = |v: &[f32]| -> Vec<f32> {
+                    v.iter()
+                        .map(|&a| half::bf16::from_f32(a).to_f32())
+                        .collect()
+                };
+                let (xr, x2r, kr) = match ty {
+                    Type::BF16 => (bf16(&x), bf16(&x2), bf16(&k)),
+                    _ => (x.clone(), x2.clone(), k.clone()),
+                };
                 let (want, oh, ow) = match up {
-                    1 => conv_ref(&x, [n, ic, h, w], &k, oc, shape),
-                    _ => conv_ref(&x2, [n, ic, 2 * h, 2 * w], &k, oc, shape),
+                    1 => conv_ref(&xr, [n, ic, h, w], &kr, oc, shape),
+                    _ => conv_ref(&x2r, [n, ic, 2 * h, 2 * w], &kr, oc, shape),
                 };
                 let ctx = Context::new(256).unwrap();
                 ctx.set_conv_budget(budget);
@@ -200,7 +212,11 @@ fn conv2d_through_im2col_matches_direct_convolution_in_one_piece_in_row_bands_an
                     .map(|(i, v)| v + bias_values[(i / (oh * ow)) % oc])
                     .collect();
                 // f16 kernels take f16 columns: activations rounded to f16 too.
-                let tol = if ty == Type::F16 { 2e-3 } else { 1e-6 };
+                let tol = match ty {
+                    Type::F16 => 2e-3,
+                    Type::BF16 => 1e-5,
+                    _ => 1e-6,
+                };
                 let e = rel_rms(&want, &got);
                 assert!(
                     e < tol,
@@ -210,6 +226,99 @@ fn conv2d_through_im2col_matches_direct_convolution_in_one_piece_in_row_bands_an
             }
         }
     }
+}
+
+#[test]
+fn fused_group_norm_matches_group_norm_then_scale_shift_and_silu_in_place_or_not() {
+    // 12 channels in 4 groups of 3, odd planes, two images; a large common offset
+    // tests that the statistics keep their precision.
+    let (w, h, c, n, groups, eps) = (7, 9, 12, 2, 4, 1e-6f32);
+    let x: Vec<f32> = (0..w * h * c * n)
+        .map(|i| 300.0 + ((i * 37 % 101) as f32 / 25.0) * (1.0 + (i / (w * h)) as f32 * 0.3))
+        .collect();
+    let gamma: Vec<f32> = (0..c).map(|i| 0.5 + i as f32 * 0.1).collect();
+    let beta: Vec<f32> = (0..c).map(|i| i as f32 * 0.2 - 1.0).collect();
+    let reference = |silu: bool| -> Vec<f32> {
+        let (plane, cg) = (w * h, c / groups);
+        let mut out = vec![0f32; x.len()];
+        for b in 0..n {
+            for g in 0..groups {
+                let r = (b * c + g * cg) * plane..(b * c + (g + 1) * cg) * plane;
+                let v = &x[r.clone()];
+                let mean = v.iter().map(|&a| a as f64).sum::<f64>() / v.len() as f64;
+                let var =
+                    v.iter().map(|&a| (a as f64 - mean).powi(2)).sum::<f64>() / v.len() as f64;
+                for i in r {
+                    let ch = i / plane % c;
+                    let y = (x[i] as f64 - mean) / (var + eps as f64).sqrt() * gamma[ch] as f64
+                        + beta[ch] as f64;
+                    out[i] = if silu { y / (1.0 + (-y).exp()) } else { y } as f32;
+                }
+            }
+        }
+        out
+    };
+    for silu in [false, true] {
+        for over in [false, true] {
+            let ctx = Context::new(32).unwrap();
+            let xin = ctx.tensor(Type::F32, &[w, h, c, n], "x").unwrap();
+            let g = ctx.tensor(Type::F32, &[1, 1, c, 1], "g").unwrap();
+            let b = ctx.tensor(Type::F32, &[1, 1, c, 1], "b").unwrap();
+            for t in [xin, g, b] {
+                ctx.set_input(t);
+            }
+            // Written over, the input must be a node's output: an input stays intact.
+            let src = if over {
+                ctx.scale(xin, 1.0).unwrap()
+            } else {
+                xin
+            };
+            let y = ctx
+                .group_norm_act(src, groups, eps, g, b, NormAct { silu, over })
+                .unwrap();
+            let graph = ctx.graph(&[y]).unwrap();
+            ctx.alloc_graph(&graph).unwrap();
+            ctx.set_f32(xin, &x).unwrap();
+            ctx.set_f32(g, &gamma).unwrap();
+            ctx.set_f32(b, &beta).unwrap();
+            Backend::cpu(2).unwrap().compute(&graph).unwrap();
+            // PyTorch's form, one f32 scale and shift per channel, loses a few bits
+            // to the offset: 2.4e-6 here.
+            let e = rel_rms(&reference(silu), &ctx.get_f32(y).unwrap());
+            assert!(e < 1e-5, "silu {silu}, over {over}: {e}");
+        }
+    }
+}
+
+#[test]
+fn fused_geglu_matches_ggml_gelu_of_the_gate_times_the_value() {
+    let (inner, n, b) = (40, 13, 2);
+    let h: Vec<f32> = (0..2 * inner * n * b)
+        .map(|i| ((i * 29 % 113) as f32 / 14.0) - 4.0)
+        .collect();
+    let ctx = Context::new(32).unwrap();
+    let hin = ctx.tensor(Type::F32, &[2 * inner, n, b], "h").unwrap();
+    ctx.set_input(hin);
+    let fused = ctx.geglu(hin).unwrap();
+    assert_eq!(fused.ne(), [inner, n, b, 1]);
+    // ggml's own: each half made contiguous, its erf GELU, the product.
+    let value = ctx
+        .cont(ctx.view(hin, [inner, n, b, 1], [0, 0, 0, 0]).unwrap())
+        .unwrap();
+    let gate = ctx
+        .cont(ctx.view(hin, [inner, n, b, 1], [inner, 0, 0, 0]).unwrap())
+        .unwrap();
+    let reference = ctx.mul(value, ctx.gelu(gate).unwrap()).unwrap();
+    let graph = ctx.graph(&[fused, reference]).unwrap();
+    ctx.alloc_graph(&graph).unwrap();
+    ctx.set_f32(hin, &h).unwrap();
+    Backend::cpu(2).unwrap().compute(&graph).unwrap();
+    let (got, want) = (ctx.get_f32(fused).unwrap(), ctx.get_f32(reference).unwrap());
+    let e = rel_rms(&want, &got);
+    assert!(e < 1e-6, "{e}");
+    assert!(ctx
+        .geglu(ctx.tensor(Type::F32, &[7, 2], "odd").unwrap())
+        .is_err());
 }
 
 #[test]

@@ -40,7 +40,12 @@ fn source(arch: &str, dir: &Path) -> PathBuf {
 fn convert_like(src: &Path, peer: &Path, out: &Path) {
     let gguf = GgufFile::open(peer).unwrap();
     let mut policy = Policy::new(Type::F16);
-    for t in gguf.tensors.iter().filter(|t| t.ty.is_quantized()) {
+    // Every matrix at the peer's type (its VAE stays f16, where sdrs' default is bf16).
+    for t in gguf
+        .tensors
+        .iter()
+        .filter(|t| t.ty.is_quantized() || t.ne.len() >= 2)
+    {
         policy.rules.push(
             format!("^{}$={}", regex::escape(&t.name), t.ty.name())
                 .parse::<Rule>()
@@ -159,6 +164,11 @@ fn files_in_every_weight_type_the_peer_writes_run_with_their_vectors_in_that_typ
     let src = source("tiny-sd15", dir.path());
     let draw_as = |ty: Type| {
         let mut policy = Policy::new(ty);
+        // The VAE's kernels as the f32 reference's (sdrs writes them in bf16 for every
+        // other type): the subject here is the rest. Its vectors follow the rules below.
+        policy
+            .rules
+            .push(r"^first_stage_model\..*\.weight$=f32".parse().unwrap());
         policy.rules.push(r"\.bias$=f16".parse().unwrap());
         policy.rules.push(
             format!(r"norm[^.]*\.weight$={}", ty.name())

@@ -35,7 +35,7 @@ const UNIT_ROWS: usize = 64;
 /// library call, no branch): rounding by the 1.5·2²³ trick, the power of two built
 /// in the exponent bits. Below -87 the result is 0 (masked keys are −∞).
 #[inline(always)]
-fn exp(x: f32) -> f32 {
+pub(super) fn exp(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     const LN2_HI: f32 = 0.693_145_75;
     const LN2_LO: f32 = 1.428_606_8e-6;

@@ -11,7 +11,9 @@ mod sys;
 
 mod attention;
 mod epilogue;
+mod geglu;
 mod im2col;
+mod norm;
 pub use attention::kernel_variant as attention_kernel;
 pub use context::{Backend, Context, Graph, HostRegion, NodeTiming, Tensor};
 pub(crate) use device::cpu_backend_device;
@@ -20,7 +22,7 @@ pub use device::{
     VULKAN_BUILT,
 };
 pub use mapguard::MapGuard;
-pub use ops::{ConvShape, CONV_MAX_BANDS};
+pub use ops::{ConvShape, NormAct, CONV_MAX_BANDS};
 pub use peak::fma_peak_flops;
 
 // The ggml libraries are linked only if the crate is referenced.

@@ -7,15 +7,59 @@ use super::context::{Context, Tensor};
 use super::{sys, Type};
 use crate::error::{Error, Result};
 
-/// Default for the largest column matrix a convolution builds at once (see
-/// [`Context::conv2d`], [`Context::set_conv_budget`]).
-pub const CONV_COLUMNS_MAX_BYTES: usize = 64 << 20;
+/// Default for the largest column matrix a convolution builds at once, counted as f32
+/// columns (see [`Context::conv2d`], [`Context::set_conv_budget`]). The SD 1.5 decode at
+/// 512x512 runs as fast in bands of 32 MB as of 64, with a compute buffer 50 MB
+/// smaller.
+pub const CONV_COLUMNS_MAX_BYTES: usize = 32 << 20;
 
 /// The name of the convolution epilogue's nodes (profiles show `CONV_EPILOGUE (sdrs)`).
 const EPILOGUE: &str = "sdrs.conv_epilogue";
 
+/// What follows a GroupNorm's affine step in [`Context::group_norm_act`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NormAct {
+    /// SiLU after it.
+    pub silu: bool,
+    /// Written over the input (its other readers all come earlier in the graph).
+    pub over: bool,
+}
+
+impl NormAct {
+    /// The norm alone, into a new tensor.
+    pub const NONE: NormAct = NormAct {
+        silu: false,
+        over: false,
+    };
+    /// SiLU after the norm, into a new tensor.
+    pub const SILU: NormAct = NormAct {
+        silu: true,
+        over: false,
+    };
+    /// SiLU after the norm, written over the input.
+    pub const SILU_OVER: NormAct = NormAct {
+        silu: true,
+        over: true,
+    };
+}
+
 /// Most row bands one convolution is split into.
 pub const CONV_MAX_BANDS: usize = 64;
+
+/// The type sdrs' im2col writes a CPU convolution's columns in, for a kernel of type
+/// `kernel`: the type ggml's matrix product would convert f32 columns to before
+/// multiplying (its `vec_dot_type`), where that is a plain float, so the conversion is
+/// made once while the columns are written, in half the bytes. On aarch64 ggml
+/// multiplies an f16 kernel by f32 columns directly on cores without f16 arithmetic
+/// (its tinyBLAS path), so f16 kernels keep f32 columns there. Quantized kernels take
+/// f32 columns (ggml quantizes them to its 8-bit blocks itself).
+fn column_type(kernel: Type) -> Type {
+    match kernel {
+        Type::BF16 => Type::BF16,
+        Type::F16 if cfg!(target_arch = "x86_64") => Type::F16,
+        _ => Type::F32,
+    }
+}
 
 /// The geometry of a 2-D convolution: kernel height and width, stride and zero
 /// padding (the same along both axes), and a nearest-neighbour upsampling of the
@@ -152,46 +196,107 @@ impl Context<'_> {
         self.op(unsafe { sys::ggml_group_norm(self.raw(), a.raw(), groups as i32, eps) })
     }
 
-    /// `group_norm(a)·gamma + beta` written over `a` on the CPU (new tensors on a GPU,
-    /// whose backend may reorder nodes). Only for an `a` whose other readers all come
-    /// earlier in the graph's order: ggml runs a CPU graph in that order.
-    pub fn group_norm_affine_over<'c>(
+    /// `group_norm(a)·gamma + beta`, then SiLU if `act.silu`, over `a` `[W, H, C, N]`
+    /// (`gamma`, `beta` `[1, 1, C, 1]`). On the CPU one node of sdrs' op
+    /// (`ggml/norm.rs`), written over `a` if `act.over`: only for an `a` whose other
+    /// readers all come earlier in the graph's order (ggml runs a CPU graph in that
+    /// order). On a GPU, whose backend may reorder nodes, ggml's ops into new tensors.
+    pub fn group_norm_act<'c>(
         &'c self,
         a: Tensor<'c>,
         groups: usize,
         eps: f32,
         gamma: Tensor<'c>,
         beta: Tensor<'c>,
+        act: NormAct,
     ) -> Result<Tensor<'c>> {
-        if self.on_gpu() {
-            let y = self.group_norm(a, groups, eps)?;
-            return self.add(self.mul(y, gamma)?, beta);
-        }
         check_group_norm(a, groups)?;
         check_binary("mul", a, gamma)?;
         check_binary("add", a, beta)?;
-        // SAFETY: unary and binary ops, checked; each result is a view of `a`.
-        unsafe {
-            let y = self.op(sys::ggml_group_norm_inplace(
-                self.raw(),
-                a.raw(),
-                groups as i32,
-                eps,
-            ))?;
-            let y = self.op(sys::ggml_mul_inplace(self.raw(), y.raw(), gamma.raw()))?;
-            self.op(sys::ggml_add_inplace(self.raw(), y.raw(), beta.raw()))
+        let channels = a.ne()[2];
+        let per_channel = |t: Tensor<'_>| {
+            t.ty() == Type::F32 && t.ne() == [1, 1, channels, 1] && t.is_contiguous()
+        };
+        if self.on_gpu() || !a.is_contiguous() || !per_channel(gamma) || !per_channel(beta) {
+            let y = self.group_norm(a, groups, eps)?;
+            let y = self.add(self.mul(y, gamma)?, beta)?;
+            return if act.silu { self.silu(y) } else { Ok(y) };
         }
+        let params = self.keep(super::norm::Params {
+            groups,
+            eps,
+            silu: act.silu,
+        });
+        let [w, h, c, n] = a.ne();
+        // SAFETY: types, shapes and contiguity checked as the kernel reads them; `params`
+        // lives as long as this context (and so the graph); written over, the result is
+        // a view of `a` (source 0, then γ and β), else a new tensor with sources a, γ, β.
+        let t = self.op(unsafe {
+            if act.over {
+                let mut args = [gamma.raw(), beta.raw()];
+                sys::ggml_custom_inplace(
+                    self.raw(),
+                    a.raw(),
+                    args.as_mut_ptr(),
+                    2,
+                    Some(super::norm::group_norm_op),
+                    sys::GGML_N_TASKS_MAX,
+                    params,
+                )
+            } else {
+                let mut args = [a.raw(), gamma.raw(), beta.raw()];
+                sys::ggml_custom_4d(
+                    self.raw(),
+                    Type::F32.0,
+                    w as i64,
+                    h as i64,
+                    c as i64,
+                    n as i64,
+                    args.as_mut_ptr(),
+                    3,
+                    Some(super::norm::group_norm_op),
+                    sys::GGML_N_TASKS_MAX,
+                    params,
+                )
+            }
+        })?;
+        self.name(t, "sdrs.group_norm")?;
+        Ok(t)
     }
 
-    /// SiLU written over `a` on the CPU (a new tensor on a GPU), under the same
-    /// condition as [`Context::group_norm_affine_over`].
-    pub fn silu_over<'c>(&'c self, a: Tensor<'c>) -> Result<Tensor<'c>> {
-        if self.on_gpu() {
-            return self.silu(a);
+    /// GEGLU: `h` `[2·inner, tokens, B]` is `[value ‖ gate]` per token; the result
+    /// `[inner, tokens, B]` is `value · GELU(gate)` (exact GELU). On the CPU one pass of
+    /// sdrs' op (`ggml/geglu.rs`), elsewhere ggml's ops.
+    pub fn geglu<'c>(&'c self, h: Tensor<'c>) -> Result<Tensor<'c>> {
+        let [two, n, b, m] = h.ne();
+        if two % 2 != 0 {
+            return Err(bad("geglu", format!("{:?}: an odd width", h.ne())));
         }
-        need_f32("silu", "input", a)?;
-        // SAFETY: unary op; the result is a view of `a`.
-        self.op(unsafe { sys::ggml_silu_inplace(self.raw(), a.raw()) })
+        let inner = two / 2;
+        if self.on_gpu() || h.ty() != Type::F32 || !h.is_contiguous() {
+            let value = self.view(h, [inner, n, b, m], [0, 0, 0, 0])?;
+            let gate = self.cont(self.view(h, [inner, n, b, m], [inner, 0, 0, 0])?)?;
+            return self.mul(self.cont(value)?, self.gelu(gate)?);
+        }
+        let mut args = [h.raw()];
+        // SAFETY: type, shape and contiguity checked as the kernel reads them.
+        let t = self.op(unsafe {
+            sys::ggml_custom_4d(
+                self.raw(),
+                Type::F32.0,
+                inner as i64,
+                n as i64,
+                b as i64,
+                m as i64,
+                args.as_mut_ptr(),
+                1,
+                Some(super::geglu::geglu_op),
+                sys::GGML_N_TASKS_MAX,
+                std::ptr::null_mut(),
+            )
+        })?;
+        self.name(t, "sdrs.geglu")?;
+        Ok(t)
     }
 
     /// Exact (erf) GELU, as PyTorch's default `nn.GELU` (ggml's `gelu` is a tanh
@@ -548,6 +653,13 @@ impl Context<'_> {
         };
         // The column matrix a band of output rows needs, and so how many bands keep it
         // within the budget.
+        let columns = if self.on_gpu() {
+            Type::F32
+        } else {
+            column_type(kernel.ty())
+        };
+        // Counted as f32 even where the columns are 16-bit: the bands stay as tall, and
+        // the product's f32 output per band with them.
         let row_bytes = k * ow * n * Type::F32.type_size();
         let bands = (row_bytes * oh)
             .div_ceil(self.conv_budget.get())
@@ -598,7 +710,7 @@ impl Context<'_> {
         let mut products = Vec::with_capacity(bands);
         for r0 in (0..oh).step_by(band) {
             let rows = band.min(oh - r0);
-            let cols = self.im2col_rows(x, shape, r0, rows)?;
+            let cols = self.im2col_rows(x, shape, r0, rows, columns)?;
             products.push((product_of(cols, ow * rows)?, r0));
         }
         self.conv_epilogue(&products, bias, [ow, oh, oc, n], EPILOGUE)
@@ -727,13 +839,14 @@ impl Context<'_> {
     /// The column matrix `[IC*kh*kw, OW, rows, N]` of output rows `row0..row0+rows`
     /// of a convolution of `x` `[W, H, IC, N]` (f32, rows contiguous; read upsampled
     /// by `shape.up`) with `pad` zeros on every side, by sdrs' own kernel
-    /// (`ggml/im2col.rs`).
+    /// (`ggml/im2col.rs`), in type `ty` (f32, f16 or bf16).
     fn im2col_rows<'c>(
         &'c self,
         x: Tensor<'c>,
         shape: ConvShape,
         row0: usize,
         rows: usize,
+        ty: Type,
     ) -> Result<Tensor<'c>> {
         let [w, h, ic, n] = x.ne();
         let Some((ow, oh)) = shape
@@ -749,6 +862,12 @@ impl Context<'_> {
             ));
         };
         let (kh, kw) = (shape.kh, shape.kw);
+        let out = match ty {
+            Type::F32 => super::im2col::Out::F32,
+            Type::F16 => super::im2col::Out::F16,
+            Type::BF16 => super::im2col::Out::BF16,
+            other => return Err(bad("im2col", format!("columns in {}", other.name()))),
+        };
         if rows == 0 || row0 + rows > oh {
             return Err(bad(
                 "im2col",
@@ -762,6 +881,7 @@ impl Context<'_> {
             pad: shape.pad,
             up: shape.up,
             row0,
+            out,
         });
         let mut args = [x.raw()];
         // SAFETY: shapes checked as the kernel reads them; `params` lives as long as
@@ -769,7 +889,7 @@ impl Context<'_> {
         let t = self.op(unsafe {
             sys::ggml_custom_4d(
                 self.raw(),
-                Type::F32.0,
+                ty.0,
                 (ic * kh * kw) as i64,
                 ow as i64,
                 rows as i64,

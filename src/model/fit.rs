@@ -9,16 +9,29 @@
 //! be reshaped into a channel vector, and a transposed quantized matrix cannot be
 //! made contiguous, so those few small tensors are converted once at load; every
 //! other tensor (all the large ones) is used in place from the mapping.
+//!
+//! One more conversion is the machine's, not the writer's: bf16 matrices (sdrs writes
+//! the VAE's kernels so) where ggml has no vector bf16 product. Its aarch64 build
+//! multiplies bf16 one element at a time, in double, so there they become q8_0: the
+//! VAE's type before bf16, half its bytes, with ggml's dot-product kernels.
 use crate::error::{Error, Result};
 use crate::ggml::Type;
 
 /// The type a stored weight must be converted to before a graph uses it, or `None`
-/// when the graph takes it as stored. `ne` is the shape in ggml order.
-pub fn convert_to(name: &str, ty: Type, ne: &[u64]) -> Option<Type> {
+/// when the graph takes it as stored. `ne` is the shape in ggml order; `vector_bf16`
+/// says whether the device multiplies bf16 matrices at vector speed
+/// ([`crate::cpu::vector_bf16`] on the CPU).
+pub fn convert_to(name: &str, ty: Type, ne: &[u64], vector_bf16: bool) -> Option<Type> {
     let vector = ne.iter().skip(1).all(|&d| d == 1);
     if vector {
         // Biases, norm scales and shifts: operands of elementwise ops.
         return (ty != Type::F32).then_some(Type::F32);
+    }
+    if ty == Type::BF16 && !vector_bf16 {
+        let row = ne.first().map_or(0, |&r| r as usize);
+        // OpenCLIP's projection must stay a float to be transposed.
+        let q8 = Type::Q8_0.fits_row(row) && !name.ends_with("text_projection");
+        return Some(if q8 { Type::Q8_0 } else { Type::F16 });
     }
     if name.ends_with("text_projection") && !is_plain_float(ty) {
         // OpenCLIP's projection is applied as `x @ P`: transposed, then made contiguous.
@@ -65,17 +78,17 @@ mod tests {
     fn vectors_in_any_type_but_f32_become_f32() {
         for ty in [Type::F16, Type::BF16, Type::Q8_0, Type::Q4_K] {
             assert_eq!(
-                convert_to("m.out.0.weight", ty, &[256]),
+                convert_to("m.out.0.weight", ty, &[256], true),
                 Some(Type::F32),
                 "{}",
                 ty.name()
             );
             assert_eq!(
-                convert_to("m.norm.bias", ty, &[256, 1, 1, 1]),
+                convert_to("m.norm.bias", ty, &[256, 1, 1, 1], true),
                 Some(Type::F32)
             );
         }
-        assert_eq!(convert_to("m.out.0.weight", Type::F32, &[256]), None);
+        assert_eq!(convert_to("m.out.0.weight", Type::F32, &[256], true), None);
     }
 
     #[test]
@@ -90,26 +103,27 @@ mod tests {
             Type::Q6_K,
         ] {
             assert_eq!(
-                convert_to("m.attn.to_q.weight", ty, &[320, 320]),
+                convert_to("m.attn.to_q.weight", ty, &[320, 320], true),
                 None,
                 "{}",
                 ty.name()
             );
             assert_eq!(
-                convert_to("m.conv.weight", ty, &[3, 3, 32, 320]).filter(|_| ty.fits_row(3)),
+                convert_to("m.conv.weight", ty, &[3, 3, 32, 320], true).filter(|_| ty.fits_row(3)),
                 None
             );
         }
         let q8k = Type::parse("q8_K").unwrap();
         assert_eq!(
-            convert_to("m.attn.to_q.weight", q8k, &[256, 320]),
+            convert_to("m.attn.to_q.weight", q8k, &[256, 320], true),
             Some(Type::F16)
         );
         assert_eq!(
             convert_to(
                 "conditioner.embedders.1.model.text_projection",
                 Type::Q4_0,
-                &[32, 32]
+                &[32, 32],
+                true
             ),
             Some(Type::F16)
         );
@@ -117,10 +131,33 @@ mod tests {
             convert_to(
                 "conditioner.embedders.1.model.text_projection",
                 Type::F16,
-                &[32, 32]
+                &[32, 32],
+                true
             ),
             None
         );
+    }
+
+    #[test]
+    fn bf16_matrices_become_q8_0_where_the_device_has_no_vector_bf16_product() {
+        let conv = "first_stage_model.decoder.up.0.block.0.conv1.weight";
+        assert_eq!(convert_to(conv, Type::BF16, &[1152, 128], true), None);
+        assert_eq!(
+            convert_to(conv, Type::BF16, &[1152, 128], false),
+            Some(Type::Q8_0)
+        );
+        // Rows of 36 (a 4-channel 3x3 kernel) are not whole q8_0 blocks.
+        assert_eq!(
+            convert_to(conv, Type::BF16, &[36, 512], false),
+            Some(Type::F16)
+        );
+        assert_eq!(
+            convert_to("cond.model.text_projection", Type::BF16, &[64, 64], false),
+            Some(Type::F16)
+        );
+        // Other types are not the machine's concern.
+        assert_eq!(convert_to(conv, Type::F16, &[1152, 128], false), None);
+        assert_eq!(convert_to(conv, Type::Q8_0, &[1152, 128], false), None);
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! Layers shared by the UNet, the VAE and TAESD, named as in the checkpoint.
 use crate::error::Result;
-use crate::ggml::{Backend, Context, ConvShape, Tensor, Type};
+use crate::ggml::{Backend, Context, ConvShape, NormAct, Tensor, Type};
 
 use super::{Adapters, Weights};
 
@@ -167,27 +167,21 @@ impl<'c> Nn<'c> {
         groups: usize,
         eps: f32,
     ) -> Result<Tensor<'c>> {
-        let y = self.ctx.group_norm(x, groups, eps)?;
-        self.affine(y, name)
+        self.group_norm_act(x, name, groups, eps, NormAct::NONE)
     }
 
-    /// [`Nn::group_norm`] written over `x` ([`Context::group_norm_affine_over`]): for an `x`
-    /// whose other readers all come earlier in the graph.
-    pub fn group_norm_over(
+    /// [`Nn::group_norm`], then what `act` says (SiLU; written over `x`), as one op on
+    /// the CPU ([`Context::group_norm_act`]).
+    pub fn group_norm_act(
         &self,
         x: Tensor<'c>,
         name: &str,
         groups: usize,
         eps: f32,
+        act: NormAct,
     ) -> Result<Tensor<'c>> {
         let (g, b) = self.affine_params(name, x.ne()[2])?;
-        self.ctx.group_norm_affine_over(x, groups, eps, g, b)
-    }
-
-    /// `y·γ + β`, per channel, with `name`'s `.weight` and `.bias`.
-    fn affine(&self, y: Tensor<'c>, name: &str) -> Result<Tensor<'c>> {
-        let (g, b) = self.affine_params(name, y.ne()[2])?;
-        self.ctx.add(self.ctx.mul(y, g)?, b)
+        self.ctx.group_norm_act(x, groups, eps, g, b, act)
     }
 
     /// A norm's γ and β (`name.weight`, `name.bias`) over `channels`, shaped to

@@ -11,7 +11,7 @@
 use std::cell::{Cell, RefCell};
 
 use crate::error::{Error, Result};
-use crate::ggml::{Context, Tensor, Type};
+use crate::ggml::{Context, NormAct, Tensor, Type};
 
 use super::nn::Nn;
 
@@ -120,18 +120,19 @@ impl SharedNorms {
     }
 }
 
-/// A GroupNorm: over `x` itself, or with `shared` statistics.
-pub fn group_norm<'c>(
+/// A GroupNorm and SiLU: over `x` itself (one op on the CPU, written over `x` if
+/// `over`: `x` has no later reader), or with `shared` statistics.
+pub fn group_norm_silu<'c>(
     nn: &Nn<'c>,
     shared: Option<&SharedNorms>,
     x: Tensor<'c>,
     name: &str,
-    groups: usize,
-    eps: f32,
+    (groups, eps): (usize, f32),
+    over: bool,
 ) -> Result<Tensor<'c>> {
     match shared {
-        Some(s) => s.group_norm(nn, x, name, groups, eps),
-        None => nn.group_norm(x, name, groups, eps),
+        Some(s) => nn.ctx.silu(s.group_norm(nn, x, name, groups, eps)?),
+        None => nn.group_norm_act(x, name, groups, eps, NormAct { silu: true, over }),
     }
 }
 

@@ -4,7 +4,7 @@
 //! embedding and LCM's guidance embedding are used when the config has them.
 use crate::config::{TimeEmbedding, UnetConfig, UnetStyle};
 use crate::error::{Error, Result};
-use crate::ggml::{Backend, Context, ConvShape, Tensor, Type};
+use crate::ggml::{Backend, Context, ConvShape, NormAct, Tensor, Type};
 use crate::network::unet::{
     Attention as Attn, Block, Encoder, ResBlock, Resample, SelfAttention, Transformer, Unet,
 };
@@ -78,7 +78,7 @@ fn resblock<'c>(
 ) -> Result<Tensor<'c>> {
     let c = nn.ctx;
     let eps = st.norm_eps;
-    let h = c.silu(nn.group_norm(x, &r.in_norm.name, r.groups[0], eps)?)?;
+    let h = nn.group_norm_act(x, &r.in_norm.name, r.groups[0], eps, NormAct::SILU)?;
     let (x, h) = match (r.resample, fir_k) {
         (None, _) => (x, h),
         (Some(rs), Some(k)) => (fir(c, k, x, rs)?, fir(c, k, h, rs)?),
@@ -89,7 +89,8 @@ fn resblock<'c>(
     let e = nn.linear(c.silu(emb)?, &r.emb_proj.name)?; // [C, B]
     let e = c.reshape(e, &[1, 1, out_ch, e.ne()[1]])?;
     let h = c.add(h, e)?;
-    let h = c.silu(nn.group_norm(h, &r.out_norm.name, r.groups[1], eps)?)?;
+    // The sum has no other reader.
+    let h = nn.group_norm_act(h, &r.out_norm.name, r.groups[1], eps, NormAct::SILU_OVER)?;
     let h = nn.conv(h, &r.out_conv.name, 3, 1, 1)?;
     let skip = match &r.shortcut {
         Some(s) => nn.conv(x, &s.name, 1, 1, 0)?,
@@ -124,13 +125,8 @@ fn attention<'c>(
 /// GEGLU feed-forward: the input projection's first half is the value, the second the gate.
 fn feed_forward<'c>(nn: &Nn<'c>, x: Tensor<'c>, ff_in: &str, ff_out: &str) -> Result<Tensor<'c>> {
     let c = nn.ctx;
-    let h = nn.linear(x, ff_in)?; // [2*inner, N, B]
-    let [two, n, b, _] = h.ne();
-    let inner = two / 2;
-    let value = c.view(h, [inner, n, b, 1], [0, 0, 0, 0])?;
-    let gate = c.cont(c.view(h, [inner, n, b, 1], [inner, 0, 0, 0])?)?;
-    let y = c.mul(c.cont(value)?, c.gelu(gate)?)?;
-    nn.linear(y, ff_out)
+    let h = nn.linear(x, ff_in)?; // [2*inner, N, B]: value, then gate
+    nn.linear(c.geglu(h)?, ff_out)
 }
 
 /// DDPM's attention block: the transformer's multi-head attention over the pixels as
@@ -231,7 +227,13 @@ fn block<'c>(
                 };
                 side.rgb = match to_rgb {
                     Some(t) => {
-                        let h = c.silu(nn.group_norm(x, &t.norm.name, t.groups, st.norm_eps)?)?;
+                        let h = nn.group_norm_act(
+                            x,
+                            &t.norm.name,
+                            t.groups,
+                            st.norm_eps,
+                            NormAct::SILU,
+                        )?;
                         let h = nn.conv(h, &t.conv.name, 3, 1, 1)?;
                         Some(match up {
                             Some(u) => c.add(u, h)?,
@@ -523,7 +525,13 @@ pub fn build<'c>(nn: &Nn<'c>, cfg: &UnetConfig, shape: Shape) -> Result<Graph<'c
         x = block(nn, st, c.concat(x, skip, 2)?, &mut side, steps)?;
     }
     let d = &plan.decoder;
-    let x = c.silu(nn.group_norm(x, &d.norm_out.name, d.out_groups, st.norm_eps)?)?;
+    let x = nn.group_norm_act(
+        x,
+        &d.norm_out.name,
+        d.out_groups,
+        st.norm_eps,
+        NormAct::SILU,
+    )?;
     let mut out = nn.conv(x, &d.conv_out.name, 3, 1, 1)?;
     if let Some(rgb) = side.rgb {
         out = c.add(out, rgb)?;

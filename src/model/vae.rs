@@ -1,10 +1,10 @@
 //! KL autoencoder (LDM `AutoencoderKL`, single-file naming `first_stage_model.*`).
 use crate::config::VaeConfig;
 use crate::error::{Error, Result};
-use crate::ggml::{Backend, Context, Tensor};
+use crate::ggml::{Backend, Context, NormAct, Tensor};
 
 use super::nn::{eval, Nn, Program};
-use super::norms::{group_norm, SharedNorms};
+use super::norms::{group_norm_silu, SharedNorms};
 pub use super::tile::{TileStats, Tiling};
 use super::{tile, Planes, Weights};
 
@@ -29,11 +29,11 @@ fn resnet<'c>(
     // nodes come before the norm's. The norm then overwrites `x` instead of taking as
     // much again (256 MB for the decoder's last such block at 512x512).
     let h = match (&r.shortcut, shared) {
-        (Some(_), None) => c.silu_over(nn.group_norm_over(x, &r.norm1.name, GROUPS, EPS)?)?,
-        _ => c.silu(group_norm(nn, shared, x, &r.norm1.name, GROUPS, EPS)?)?,
+        (Some(_), None) => nn.group_norm_act(x, &r.norm1.name, GROUPS, EPS, NormAct::SILU_OVER)?,
+        _ => group_norm_silu(nn, shared, x, &r.norm1.name, (GROUPS, EPS), false)?,
     };
     let h = nn.conv(h, &r.conv1.name, 3, 1, 1)?;
-    let h = c.silu(group_norm(nn, shared, h, &r.norm2.name, GROUPS, EPS)?)?;
+    let h = group_norm_silu(nn, shared, h, &r.norm2.name, (GROUPS, EPS), false)?;
     let h = nn.conv(h, &r.conv2.name, 3, 1, 1)?;
     c.add(skip, h)
 }
@@ -106,7 +106,6 @@ fn decoder_up<'c>(
         f32_kernels: true,
         ..*nn
     };
-    let c = nn.ctx;
     let d = Vae::new(cfg).decoder;
     for level in &d.up {
         for r in &level.blocks {
@@ -116,7 +115,7 @@ fn decoder_up<'c>(
             x = nn.upsample_conv(x, &up.name)?;
         }
     }
-    let x = c.silu(group_norm(nn, shared, x, &d.norm_out.name, GROUPS, EPS)?)?;
+    let x = group_norm_silu(nn, shared, x, &d.norm_out.name, (GROUPS, EPS), true)?;
     nn.conv(x, &d.conv_out.name, 3, 1, 1)
 }
 
@@ -169,10 +168,9 @@ fn encoder_mid<'c>(nn: &Nn<'c>, cfg: &VaeConfig, x: Tensor<'c>) -> Result<Tensor
         f32_kernels: true,
         ..*nn
     };
-    let c = nn.ctx;
     let e = Vae::new(cfg).encoder;
     let x = mid(nn, x, &e.mid)?;
-    let x = c.silu(nn.group_norm(x, &e.norm_out.name, GROUPS, EPS)?)?;
+    let x = nn.group_norm_act(x, &e.norm_out.name, GROUPS, EPS, NormAct::SILU_OVER)?;
     let x = nn.conv(x, &e.conv_out.name, 3, 1, 1)?;
     nn.conv(x, &e.quant_conv.name, 1, 1, 0)
 }

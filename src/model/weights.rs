@@ -53,11 +53,13 @@ impl<'g> Weights<'g> {
         for t in infos {
             let packable =
                 matches!(t.ty, Type::Q4_0 | Type::Q4_K) && t.ne.len() == 2 && t.ne[1] % 8 == 0;
-            if let Some((tensor, data)) = fitted(&ctx, gguf, t)? {
+            if let Some((tensor, data)) = fitted(&ctx, gguf, t, crate::cpu::vector_bf16())? {
                 bytes += data.len() as u64;
                 converted_bytes += data.len() as u64;
                 converted.push((tensor, data));
                 copied.insert(t.name.clone());
+                // Read once: the mapped original need not stay resident beside it.
+                gguf.release_tensor(t);
             } else if can && packable && repack(&t.name) {
                 bytes += t.nbytes;
                 later.push(t);
@@ -193,14 +195,16 @@ fn new_tensor<'c>(
         .map_err(|e| Error::format(&gguf.path, format!("tensor `{}`: {e}", t.name)))
 }
 
-/// For a weight stored in a form the graphs cannot take ([`fit::convert_to`]): a
-/// tensor object of the type they need and its converted bytes.
+/// For a weight stored in a form the graphs cannot take ([`fit::convert_to`]; the
+/// device multiplies bf16 at vector speed if `vector_bf16`): a tensor object of the
+/// type they need and its converted bytes.
 fn fitted<'c>(
     ctx: &'c Context<'_>,
     gguf: &GgufFile,
     t: &TensorInfo,
+    vector_bf16: bool,
 ) -> Result<Option<(Tensor<'c>, Vec<u8>)>> {
-    let Some(ty) = fit::convert_to(&t.name, t.ty, &t.ne) else {
+    let Some(ty) = fit::convert_to(&t.name, t.ty, &t.ne, vector_bf16) else {
         return Ok(None);
     };
     let what = format!("{}: tensor `{}`", gguf.path.display(), t.name);
@@ -217,7 +221,9 @@ impl Weights<'static> {
         let ctx = Context::new(infos.len() + 1)?;
         let mut made = Vec::with_capacity(infos.len());
         for t in &infos {
-            made.push(match fitted(&ctx, gguf, t)? {
+            // ggml's GPU backends multiply bf16 themselves.
+            let vector_bf16 = backend.gpu_name().is_some() || crate::cpu::vector_bf16();
+            made.push(match fitted(&ctx, gguf, t, vector_bf16)? {
                 Some((tensor, data)) => (tensor, Some(data)),
                 None => (new_tensor(&ctx, gguf, t, t.ty)?, None),
             });
