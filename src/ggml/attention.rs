@@ -457,7 +457,8 @@ mod avx512 {
     }
 }
 
-/// Which compiled variant this CPU runs (for `info --system` and benches).
+/// Which compiled variant of sdrs' own kernels this CPU runs (attention, GroupNorm,
+/// GEGLU; for `info --system` and benches too).
 pub fn kernel_variant() -> &'static str {
     #[cfg(target_arch = "x86_64")]
     {

@@ -64,17 +64,13 @@ unsafe fn rows_portable(h: &[f32], out: &mut [f32], inner: usize) {
 }
 
 fn kernel() -> RowsFn {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            return rows_avx512;
-        }
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-        {
-            return rows_avx2;
-        }
+    match super::attention::kernel_variant() {
+        #[cfg(target_arch = "x86_64")]
+        "avx512" => rows_avx512,
+        #[cfg(target_arch = "x86_64")]
+        "avx2" => rows_avx2,
+        _ => rows_portable,
     }
-    rows_portable
 }
 
 /// # Safety

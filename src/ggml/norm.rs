@@ -64,16 +64,26 @@ fn act<const SILU: bool>(v: f32, scale: f32, shift: f32) -> f32 {
 }
 
 /// One group of one image: `src` and `dst` its `cg` channel planes of `plane` values
-/// (the same memory when the op writes over its input).
-#[inline(always)]
-unsafe fn group<const SILU: bool>(
+/// (the same memory when the op writes over its input), with each channel's (γ, β).
+struct Group<'a> {
     src: *const f32,
     dst: *mut f32,
     cg: usize,
     plane: usize,
-    affine: &[(f32, f32)],
+    affine: &'a [(f32, f32)],
     eps: f32,
-) {
+}
+
+#[inline(always)]
+unsafe fn group<const SILU: bool>(g: &Group<'_>) {
+    let Group {
+        src,
+        dst,
+        cg,
+        plane,
+        affine,
+        eps,
+    } = *g;
     let n = cg * plane;
     let v = std::slice::from_raw_parts(src, n);
     let k = v[0];
@@ -105,51 +115,31 @@ unsafe fn group<const SILU: bool>(
 }
 
 /// A group's kernel, compiled for one instruction set.
-type GroupFn = unsafe fn(*const f32, *mut f32, usize, usize, &[(f32, f32)], f32);
+type GroupFn = unsafe fn(&Group<'_>);
 
-macro_rules! variants {
-    ($($name:ident: $($feature:literal)?),*) => {$(
-        $(#[target_feature(enable = $feature)])?
-        unsafe fn $name<const SILU: bool>(
-            src: *const f32,
-            dst: *mut f32,
-            cg: usize,
-            plane: usize,
-            affine: &[(f32, f32)],
-            eps: f32,
-        ) {
-            group::<SILU>(src, dst, cg, plane, affine, eps)
-        }
-    )*};
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn group_avx512<const SILU: bool>(g: &Group<'_>) {
+    group::<SILU>(g)
 }
 
 #[cfg(target_arch = "x86_64")]
-variants!(group_avx512: "avx512f", group_avx2: "avx2,fma");
-variants!(group_portable:);
+#[target_feature(enable = "avx2,fma")]
+unsafe fn group_avx2<const SILU: bool>(g: &Group<'_>) {
+    group::<SILU>(g)
+}
 
-fn kernel(silu: bool) -> GroupFn {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            return if silu {
-                group_avx512::<true>
-            } else {
-                group_avx512::<false>
-            };
-        }
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-        {
-            return if silu {
-                group_avx2::<true>
-            } else {
-                group_avx2::<false>
-            };
-        }
-    }
-    if silu {
-        group_portable::<true>
-    } else {
-        group_portable::<false>
+unsafe fn group_portable<const SILU: bool>(g: &Group<'_>) {
+    group::<SILU>(g)
+}
+
+fn kernel<const SILU: bool>() -> GroupFn {
+    match super::attention::kernel_variant() {
+        #[cfg(target_arch = "x86_64")]
+        "avx512" => group_avx512::<SILU>,
+        #[cfg(target_arch = "x86_64")]
+        "avx2" => group_avx2::<SILU>,
+        _ => group_portable::<SILU>,
     }
 }
 
@@ -170,7 +160,11 @@ unsafe fn run(
     let (plane, groups) = (w * h, p.groups);
     let cg = c / groups;
     let (src, out) = (x.data as *const f32, dst.data as *mut f32);
-    let f = kernel(p.silu);
+    let f = if p.silu {
+        kernel::<true>()
+    } else {
+        kernel::<false>()
+    };
     let jobs = n * groups;
     let mut affine = vec![(0f32, 0f32); cg];
     for job in ith * jobs / nth..(ith + 1) * jobs / nth {
@@ -179,7 +173,14 @@ unsafe fn run(
             *a = (*gamma.add(g * cg + i), *beta.add(g * cg + i));
         }
         let off = (b * c + g * cg) * plane;
-        f(src.add(off), out.add(off), cg, plane, &affine, p.eps);
+        f(&Group {
+            src: src.add(off),
+            dst: out.add(off),
+            cg,
+            plane,
+            affine: &affine,
+            eps: p.eps,
+        });
     }
 }
 
