@@ -13,7 +13,7 @@
 //! 512x512 on 2 Zen 4 cores: 6.7 s in bf16, 13.3 s in f16, 17.5 s in q8_0; on the
 //! same CPU through ggml's AVX2 library 15.5 / 15.9 / 19.5 s. And bf16 is the closer
 //! to an f32 decode: 51.6 dB PSNR, q8_0 46.3 dB. CPUs whose ggml has no vector bf16
-//! product (aarch64) get the weights converted to q8_0 at load (`model::fit`). Convolution kernels are
+//! product (aarch64) get the weights converted to f16 at load (`model::fit`). Convolution kernels are
 //! stored as 2-D matrices with rows spanning in_channels·kh·kw, so they quantize.
 //! User rules (`REGEX=TYPE`, the last match wins) override the defaults.
 use std::str::FromStr;
