@@ -3,7 +3,9 @@
 //! Defaults keep what is small or sensitive in float (norms and biases in f32;
 //! token/position embeddings and the timestep/label embeddings in f16), put the
 //! VAE's kernels in bf16 unless f32 is asked for, and give every other linear and
-//! convolution kernel (UNet, text encoders) the requested type.
+//! convolution kernel (UNet, text encoders) the requested type. Convolution kernels are
+//! stored as 2-D matrices with rows spanning in_channels·kh·kw, so they quantize.
+//! User rules (`REGEX=TYPE`, the last match wins) override the defaults.
 //!
 //! Why bf16 for the VAE: it is 84 M parameters (~10% of an SD 1.5 model) but most of
 //! a few-step run's arithmetic, and decoded pixels show its error directly. In bf16
@@ -13,9 +15,7 @@
 //! 512x512 on 2 Zen 4 cores: 6.7 s in bf16, 13.3 s in f16, 17.5 s in q8_0; on the
 //! same CPU through ggml's AVX2 library 15.5 / 15.9 / 19.5 s. And bf16 is the closer
 //! to an f32 decode: 51.6 dB PSNR, q8_0 46.3 dB. CPUs whose ggml has no vector bf16
-//! product (aarch64) get the weights converted to f16 at load (`model::fit`). Convolution kernels are
-//! stored as 2-D matrices with rows spanning in_channels·kh·kw, so they quantize.
-//! User rules (`REGEX=TYPE`, the last match wins) override the defaults.
+//! product (aarch64) get the weights converted to f16 at load (`model::fit`).
 use std::str::FromStr;
 
 use regex::Regex;

@@ -127,7 +127,8 @@ pub fn group_norm_silu<'c>(
     shared: Option<&SharedNorms>,
     x: Tensor<'c>,
     name: &str,
-    (groups, eps): (usize, f32),
+    groups: usize,
+    eps: f32,
     over: bool,
 ) -> Result<Tensor<'c>> {
     match shared {

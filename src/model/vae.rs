@@ -30,10 +30,10 @@ fn resnet<'c>(
     // much again (256 MB for the decoder's last such block at 512x512).
     let h = match (&r.shortcut, shared) {
         (Some(_), None) => nn.group_norm_act(x, &r.norm1.name, GROUPS, EPS, NormAct::SILU_OVER)?,
-        _ => group_norm_silu(nn, shared, x, &r.norm1.name, (GROUPS, EPS), false)?,
+        _ => group_norm_silu(nn, shared, x, &r.norm1.name, GROUPS, EPS, false)?,
     };
     let h = nn.conv(h, &r.conv1.name, 3, 1, 1)?;
-    let h = group_norm_silu(nn, shared, h, &r.norm2.name, (GROUPS, EPS), false)?;
+    let h = group_norm_silu(nn, shared, h, &r.norm2.name, GROUPS, EPS, false)?;
     let h = nn.conv(h, &r.conv2.name, 3, 1, 1)?;
     c.add(skip, h)
 }
@@ -115,7 +115,7 @@ fn decoder_up<'c>(
             x = nn.upsample_conv(x, &up.name)?;
         }
     }
-    let x = group_norm_silu(nn, shared, x, &d.norm_out.name, (GROUPS, EPS), true)?;
+    let x = group_norm_silu(nn, shared, x, &d.norm_out.name, GROUPS, EPS, true)?;
     nn.conv(x, &d.conv_out.name, 3, 1, 1)
 }
 

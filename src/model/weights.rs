@@ -50,10 +50,11 @@ impl<'g> Weights<'g> {
         let mut copied = std::collections::HashSet::new();
         let mut bytes = 0;
         let (mut converted_bytes, mut largest_mapped) = (0, 0);
+        let vector_bf16 = crate::cpu::vector_bf16();
         for t in infos {
             let packable =
                 matches!(t.ty, Type::Q4_0 | Type::Q4_K) && t.ne.len() == 2 && t.ne[1] % 8 == 0;
-            if let Some((tensor, data)) = fitted(&ctx, gguf, t, crate::cpu::vector_bf16())? {
+            if let Some((tensor, data)) = fitted(&ctx, gguf, t, vector_bf16)? {
                 bytes += data.len() as u64;
                 converted_bytes += data.len() as u64;
                 converted.push((tensor, data));
@@ -220,9 +221,9 @@ impl Weights<'static> {
         let infos: Vec<_> = gguf.tensors.iter().filter(|t| keep(&t.name)).collect();
         let ctx = Context::new(infos.len() + 1)?;
         let mut made = Vec::with_capacity(infos.len());
+        // ggml's GPU backends multiply bf16 themselves.
+        let vector_bf16 = backend.gpu_name().is_some() || crate::cpu::vector_bf16();
         for t in &infos {
-            // ggml's GPU backends multiply bf16 themselves.
-            let vector_bf16 = backend.gpu_name().is_some() || crate::cpu::vector_bf16();
             made.push(match fitted(&ctx, gguf, t, vector_bf16)? {
                 Some((tensor, data)) => (tensor, Some(data)),
                 None => (new_tensor(&ctx, gguf, t, t.ty)?, None),
