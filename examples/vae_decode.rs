@@ -1,10 +1,11 @@
 //! Decodes random latents with a model's KL VAE, whole or in tiles, and prints the time
 //! and the process's peak memory: how the VAE decode's memory grows with the image.
 //!
-//! `cargo run --release --example vae_decode -- MODEL.gguf SIDE [whole|image|tile] [TILE] [compare]`
-//! (SIDE in pixels; `image`/`tile`: tiled with the whole image's or each tile's
-//! GroupNorm statistics; TILE in latents, default 64, overlap a quarter; `compare`:
-//! then decode whole too and print the PSNR between the two).
+//! `cargo run --release --example vae_decode -- MODEL.gguf SIDE [whole|image|tile] [TILE] [compare|once] [KEEP]`
+//! (SIDE in pixels; `image`: in bands TILE latents high with the whole image's GroupNorm
+//! statistics, keeping at most KEEP MiB of checkpoints (default: every one); `tile`: in
+//! tiles with their own, TILE latents a side (default 64), overlapping by a quarter;
+//! `compare`: then decode whole too and print the PSNR between the two).
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
@@ -14,6 +15,8 @@ use sdrs::model::tile::{TileStats, Tiling};
 use sdrs::model::{vae, Planes, Weights};
 
 fn main() -> Result<()> {
+    // RUST_LOG=sdrs=debug: each band pass's time.
+    env_logger::init();
     let args: Vec<String> = std::env::args().skip(1).collect();
     let [model, side, rest @ ..] = args.as_slice() else {
         bail!("usage: vae_decode MODEL.gguf SIDE [whole|image|tile] [TILE]")
@@ -46,6 +49,10 @@ fn main() -> Result<()> {
                 Planes::single(&z, l, l),
                 Tiling::square(tile, tile / 4),
                 stats,
+                rest.get(3)
+                    .map(|k| k.parse::<u64>().map(|m| m << 20))
+                    .transpose()
+                    .context("KEEP")?,
                 &backend,
                 &mut sdrs::model::tile::no_tick,
             )?

@@ -98,6 +98,9 @@ pub struct Plan {
     /// drop under the budget and read again at the next step (slower, but a run that
     /// could not fit otherwise completes).
     pub stream_unet: bool,
+    /// A banded decode's room for checkpoints, in bytes (`None`: no limit; see
+    /// [`crate::model::band`]).
+    pub decode_keep: Option<u64>,
 }
 
 impl Plan {
@@ -132,8 +135,18 @@ impl Plan {
         if self.stream_unet {
             s.push_str("; UNet weights read from the file as needed");
         }
-        if let Some(t) = self.tiling {
-            let _ = write!(s, "; VAE decode in {}x{}-latent tiles", t.tile_w, t.tile_h);
+        match (self.tiling, self.decode_keep) {
+            (Some(t), Some(_)) => {
+                let _ = write!(
+                    s,
+                    "; VAE decode in {}-latent bands (equal to the whole decode)",
+                    t.tile_h
+                );
+            }
+            (Some(t), None) => {
+                let _ = write!(s, "; VAE decode in {}x{}-latent tiles", t.tile_w, t.tile_h);
+            }
+            _ => {}
         }
         if let Some(b) = self.budget {
             let _ = write!(s, "; budget {}", mib(b.bytes));
@@ -228,7 +241,7 @@ pub fn plan(stages: &dyn Stages, guided: bool, budget: Option<Budget>) -> Result
         if !room(&small) {
             return Err(refuse(
                 &small,
-                &format!("even in {MIN_TILE}x{MIN_TILE}-latent tiles "),
+                "even decoded piece by piece (in its smallest tiles or bands) ",
             ));
         }
         match fit_tiles(stages, w, h, &whole, &small, &room)? {
@@ -243,6 +256,7 @@ pub fn plan(stages: &dyn Stages, guided: bool, budget: Option<Budget>) -> Result
         split_guidance,
         tiling,
         stream_unet,
+        decode_keep: None,
     })
 }
 

@@ -415,7 +415,7 @@ public class SdrsTest {
                 Request r = sd.request("x");
                 // The scheduler stays unset: its default follows the sampler's name.
                 check(r.scheduler == null, "scheduler " + r.scheduler);
-                check("torch".equals(r.rng) && "original".equals(r.emphasis) && "tile".equals(r.vaeTileStats), r.rng + " " + r.emphasis + " " + r.vaeTileStats);
+                check("torch".equals(r.rng) && "original".equals(r.emphasis) && "image".equals(r.vaeTileStats), r.rng + " " + r.emphasis + " " + r.vaeTileStats);
                 check(r.clipSkip == 1 && r.guidanceRescale == 0f && r.maskBlur == 4f && r.aestheticScore == 6f, "numbers");
                 check("".equals(r.negative), "negative");
                 // A request filled in so runs as the unfilled one.

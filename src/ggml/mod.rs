@@ -22,6 +22,7 @@ pub use device::{
     VULKAN_BUILT,
 };
 pub use mapguard::MapGuard;
+pub use norm::finish as group_norm_statistics;
 pub use ops::{ConvShape, NormAct, CONV_MAX_BANDS};
 pub use peak::fma_peak_flops;
 

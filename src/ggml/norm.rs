@@ -8,8 +8,7 @@
 //! twice (its sums, then the output) and writes once, in place where the input is dead.
 //!
 //! The statistics are those of PyTorch's `GroupNorm` (biased variance, `eps` inside the
-//! square root); sums are shifted by the group's first value and gathered in f64 from
-//! short f32 runs, so a large mean costs no precision.
+//! square root); sums are shifted by the group's first value and gathered in f64.
 use std::ffi::{c_int, c_void};
 
 use super::sys;
@@ -20,36 +19,55 @@ pub(super) struct Params {
     pub groups: usize,
     pub eps: f32,
     pub silu: bool,
+    /// The statistics come as a source (mean, then rstd, per channel).
+    pub given: bool,
 }
 
-/// f32 lanes a run is summed in before it is added to the f64 totals.
-const LANES: usize = 16;
-/// Values per lane in one run.
-const RUN: usize = 64;
+/// f64 lanes the sums are gathered in.
+const LANES: usize = 8;
 
-/// Σ(v − k) and Σ(v − k)² over `v`.
+/// Σ(v − k) and Σ(v − k)² over `v`, every term in f64: exact to a few units of f64's
+/// last place whatever the order, so that a caller summing the same values in another
+/// order (a tile's rows, [`finish`]) rounds the statistics to the same f32 values, and
+/// a large mean costs no precision.
 #[inline(always)]
 fn sums(v: &[f32], k: f32) -> (f64, f64) {
-    let (mut s, mut s2) = (0f64, 0f64);
-    for run in v.chunks(LANES * RUN) {
-        let (mut a, mut a2) = ([0f32; LANES], [0f32; LANES]);
-        let mut lanes = run.chunks_exact(LANES);
-        for c in &mut lanes {
-            for i in 0..LANES {
-                let d = c[i] - k;
-                a[i] += d;
-                a2[i] += d * d;
-            }
+    let k = k as f64;
+    let (mut a, mut a2) = ([0f64; LANES], [0f64; LANES]);
+    let mut lanes = v.chunks_exact(LANES);
+    for c in &mut lanes {
+        for i in 0..LANES {
+            let d = c[i] as f64 - k;
+            a[i] += d;
+            a2[i] += d * d;
         }
-        for &x in lanes.remainder() {
-            let d = x - k;
-            a[0] += d;
-            a2[0] += d * d;
-        }
-        s += a.iter().map(|&x| x as f64).sum::<f64>();
-        s2 += a2.iter().map(|&x| x as f64).sum::<f64>();
     }
-    (s, s2)
+    for &x in lanes.remainder() {
+        let d = x as f64 - k;
+        a[0] += d;
+        a2[0] += d * d;
+    }
+    (a.iter().sum(), a2.iter().sum())
+}
+
+/// A group's f32 mean and reciprocal standard deviation, as PyTorch's GroupNorm
+/// rounds them (biased variance, `eps` inside the square root): then one scale and one
+/// shift per channel (`ComputeFusedParams` in ATen).
+#[inline(always)]
+fn statistics(v: &[f32], eps: f32) -> (f32, f32) {
+    let n = v.len();
+    let k = v[0];
+    let (s, s2) = sums(v, k);
+    // The variance of v − k is v's; its mean is v's less k.
+    let shifted = s / n as f64;
+    let var = (s2 / n as f64 - shifted * shifted).max(0.0);
+    finish(shifted + k as f64, var, eps)
+}
+
+/// f32 (mean, rstd) from a group's f64 mean and variance, rounded as the op rounds
+/// them: what a caller that gathers a group's sums itself hands to the op.
+pub fn finish(mean: f64, var: f64, eps: f32) -> (f32, f32) {
+    (mean as f32, 1.0 / (var as f32 + eps).sqrt())
 }
 
 /// `y = v·scale + shift`, then `y·sigmoid(y)` if `SILU`.
@@ -72,6 +90,8 @@ struct Group<'a> {
     plane: usize,
     affine: &'a [(f32, f32)],
     eps: f32,
+    /// The group's (mean, rstd), when given.
+    given: Option<(f32, f32)>,
 }
 
 #[inline(always)]
@@ -83,18 +103,15 @@ unsafe fn group<const SILU: bool>(g: &Group<'_>) {
         plane,
         affine,
         eps,
+        given,
     } = *g;
-    let n = cg * plane;
-    let v = std::slice::from_raw_parts(src, n);
-    let k = v[0];
-    let (s, s2) = sums(v, k);
-    // The variance of v − k is v's; its mean is v's less k.
-    let shifted = s / n as f64;
-    let var = (s2 / n as f64 - shifted * shifted).max(0.0);
-    // As PyTorch's GroupNorm: the statistics rounded to f32, then one scale and one
-    // shift per channel (`ComputeFusedParams` in ATen).
-    let mean = (shifted + k as f64) as f32;
-    let rstd = 1.0 / (var as f32 + eps).sqrt();
+    let (mean, rstd) = match given {
+        Some(stats) => stats,
+        None => {
+            let v = std::slice::from_raw_parts(src, cg * plane);
+            statistics(v, eps)
+        }
+    };
     for (c, &(g, beta)) in affine.iter().enumerate() {
         let scale = rstd * g;
         let shift = beta - scale * mean;
@@ -145,12 +162,11 @@ fn kernel<const SILU: bool>() -> GroupFn {
 
 /// # Safety
 /// `x` and `dst` contiguous f32 `[W, H, C, N]` (the same tensor's data, or apart);
-/// `gamma` and `beta` `C` f32 values; `p.groups` divides `C`. Writes the groups `ith`
-/// owns.
+/// `gamma` and `beta` `C` f32 values; `stats`, if `p.given`, `2C` f32 values;
+/// `p.groups` divides `C`. Writes the groups `ith` owns.
 unsafe fn run(
     x: &sys::ggml_tensor,
-    gamma: *const f32,
-    beta: *const f32,
+    [gamma, beta, stats]: [*const f32; 3],
     dst: &sys::ggml_tensor,
     p: &Params,
     ith: usize,
@@ -166,6 +182,11 @@ unsafe fn run(
         kernel::<false>()
     };
     let jobs = n * groups;
+    let stats = if p.given {
+        Some(std::slice::from_raw_parts(stats, 2 * c))
+    } else {
+        None
+    };
     let mut affine = vec![(0f32, 0f32); cg];
     for job in ith * jobs / nth..(ith + 1) * jobs / nth {
         let (b, g) = (job / groups, job % groups);
@@ -180,6 +201,8 @@ unsafe fn run(
             plane,
             affine: &affine,
             eps: p.eps,
+            // A group's channels share its statistics: its first channel's.
+            given: stats.map(|s| (s[g * cg], s[c + g * cg])),
         });
     }
 }
@@ -192,16 +215,23 @@ pub(super) unsafe extern "C" fn group_norm_op(
     userdata: *mut c_void,
 ) {
     super::custom_op_body("group norm", "the norm's output is invalid", || {
-        // SAFETY: ggml passes the node built by `Context::group_norm_act`: sources x, γ,
-        // β of the types and shapes checked there, a contiguous f32 destination of x's
+        // SAFETY: ggml passes the node built by `Context::group_norm_stats`: sources x,
+        // γ, β (and the statistics where `given`) of the types and shapes checked there, a contiguous f32 destination of x's
         // shape (x itself when written over), and the `Params` its context keeps alive.
         unsafe {
             let t = &*dst;
             let p = &*(userdata as *const Params);
             run(
                 &*t.src[0],
-                (*t.src[1]).data as *const f32,
-                (*t.src[2]).data as *const f32,
+                [
+                    (*t.src[1]).data as *const f32,
+                    (*t.src[2]).data as *const f32,
+                    if p.given {
+                        (*t.src[3]).data as *const f32
+                    } else {
+                        std::ptr::null()
+                    },
+                ],
                 t,
                 p,
                 ith.max(0) as usize,

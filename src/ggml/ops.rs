@@ -210,6 +210,25 @@ impl Context<'_> {
         beta: Tensor<'c>,
         act: NormAct,
     ) -> Result<Tensor<'c>> {
+        self.group_norm_stats(a, groups, eps, gamma, beta, act, None)
+    }
+
+    /// [`Context::group_norm_act`] with the statistics given instead of gathered:
+    /// `stats` `[1, 1, C, 2]` f32, each channel's group mean, then its reciprocal
+    /// standard deviation, as the op would compute them (`1 / sqrt(var + eps)` in f32),
+    /// so that a tile normalised with the whole image's statistics gets the whole run's
+    /// values.
+    #[allow(clippy::too_many_arguments)]
+    pub fn group_norm_stats<'c>(
+        &'c self,
+        a: Tensor<'c>,
+        groups: usize,
+        eps: f32,
+        gamma: Tensor<'c>,
+        beta: Tensor<'c>,
+        act: NormAct,
+        stats: Option<Tensor<'c>>,
+    ) -> Result<Tensor<'c>> {
         check_group_norm(a, groups)?;
         check_binary("mul", a, gamma)?;
         check_binary("add", a, beta)?;
@@ -217,34 +236,65 @@ impl Context<'_> {
         let per_channel = |t: Tensor<'_>| {
             t.ty() == Type::F32 && t.ne() == [1, 1, channels, 1] && t.is_contiguous()
         };
+        if let Some(s) = stats {
+            if s.ty() != Type::F32 || s.ne() != [1, 1, channels, 2] || !s.is_contiguous() {
+                return Err(Error::Ggml(format!(
+                    "group norm statistics: {} {:?}, not f32 [1, 1, {channels}, 2]",
+                    s.ty().name(),
+                    s.ne()
+                )));
+            }
+        }
         if self.on_gpu() || !a.is_contiguous() || !per_channel(gamma) || !per_channel(beta) {
-            let y = self.group_norm(a, groups, eps)?;
-            let y = self.add(self.mul(y, gamma)?, beta)?;
+            let y = match stats {
+                Some(s) => {
+                    // (x - mean)·rstd·γ + β as one scale and one shift per channel.
+                    let plane = |i: usize| self.view(s, [1, 1, channels, 1], [0, 0, 0, i]);
+                    let scale = self.mul(plane(1)?, gamma)?;
+                    let shift = self.add(self.scale(self.mul(plane(0)?, scale)?, -1.0)?, beta)?;
+                    self.add(self.mul(a, scale)?, shift)?
+                }
+                None => {
+                    let y = self.group_norm(a, groups, eps)?;
+                    self.add(self.mul(y, gamma)?, beta)?
+                }
+            };
             return if act.silu { self.silu(y) } else { Ok(y) };
         }
         let params = self.keep(super::norm::Params {
             groups,
             eps,
             silu: act.silu,
+            given: stats.is_some(),
         });
         let [w, h, c, n] = a.ne();
         // SAFETY: types, shapes and contiguity checked as the kernel reads them; `params`
         // lives as long as this context (and so the graph); written over, the result is
-        // a view of `a` (source 0, then γ and β), else a new tensor with sources a, γ, β.
+        // a view of `a` (source 0, then γ, β and the statistics), else a new tensor
+        // with sources a, γ, β (and the statistics).
         let t = self.op(unsafe {
             if act.over {
-                let mut args = [gamma.raw(), beta.raw()];
+                let mut args = [
+                    gamma.raw(),
+                    beta.raw(),
+                    stats.map_or(std::ptr::null_mut(), |s| s.raw()),
+                ];
                 sys::ggml_custom_inplace(
                     self.raw(),
                     a.raw(),
                     args.as_mut_ptr(),
-                    2,
+                    2 + stats.is_some() as c_int,
                     Some(super::norm::group_norm_op),
                     sys::GGML_N_TASKS_MAX,
                     params,
                 )
             } else {
-                let mut args = [a.raw(), gamma.raw(), beta.raw()];
+                let mut args = [
+                    a.raw(),
+                    gamma.raw(),
+                    beta.raw(),
+                    stats.map_or(std::ptr::null_mut(), |s| s.raw()),
+                ];
                 sys::ggml_custom_4d(
                     self.raw(),
                     Type::F32.0,
@@ -253,7 +303,7 @@ impl Context<'_> {
                     c as i64,
                     n as i64,
                     args.as_mut_ptr(),
-                    3,
+                    3 + stats.is_some() as c_int,
                     Some(super::norm::group_norm_op),
                     sys::GGML_N_TASKS_MAX,
                     params,

@@ -1,6 +1,7 @@
 //! Networks as ggml graphs. Each block mirrors the checkpoint's module tree, so a
 //! weight is found by its canonical name; shapes come from the config in the GGUF.
 pub mod adapter;
+pub mod band;
 pub mod clip;
 pub mod controlnet;
 pub mod esrgan;

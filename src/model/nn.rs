@@ -365,6 +365,19 @@ impl<'w> Program<'w> {
         ctx.measure_graph(&graph)
     }
 
+    /// [`Program::measure`], and the values the output holds.
+    pub fn measure_output(
+        w: &Weights<'_>,
+        ne: [usize; 4],
+        max_tensors: usize,
+        build: impl for<'c> FnOnce(&Nn<'c>, Tensor<'c>) -> Result<Tensor<'c>>,
+    ) -> Result<(usize, usize)> {
+        let ctx = Context::new(max_tensors)?;
+        let graph = Self::graph(&ctx, w, ne, build)?;
+        let out = ctx.get(OUTPUT).map_or(0, |t| t.ne().iter().product());
+        Ok((ctx.measure_graph(&graph)?, out))
+    }
+
     fn graph<'c>(
         ctx: &'c Context<'c>,
         w: &'c Weights<'c>,

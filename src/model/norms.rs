@@ -4,14 +4,20 @@
 //! image. A tile run on its own sees its own statistics instead, and its colours drift
 //! from its neighbours' (diffusers' `enable_tiling` lives with that). A graph built with
 //! [`SharedNorms`] takes each norm's statistics as inputs instead, and, when asked to
-//! collect norm `k`, outputs the sums of that norm's input over the pixels the tile owns.
-//! Norm `k`'s input depends only on the norms before it, so the host gathers the
-//! statistics norm after norm, each pass adding up every tile's sums, and all of them are
-//! those of the whole image ([`super::tile::run_exact`]).
+//! collect norm `k`, outputs that norm's input. Norm `k`'s input depends only on the
+//! norms before it, so the host gathers the statistics norm after norm, each pass adding
+//! up every tile's own pixels, and all of them are those of the whole image
+//! ([`super::tile::run_exact`], [`super::band`]).
+//!
+//! The norms are ggml's fused GroupNorm op given the statistics, and [`Gather`] sums in
+//! f64 and rounds as that op does: a tile gets the whole run's values to the bit (bar a
+//! sum that lands within f64 rounding of an f32 midpoint). Bit for bit matters: with
+//! bf16 convolution inputs, a last-bit difference flips some roundings, and over the
+//! decoder's layers those grow to bf16's own noise (~55 dB from the whole decode).
 use std::cell::{Cell, RefCell};
 
 use crate::error::{Error, Result};
-use crate::ggml::{Context, NormAct, Tensor, Type};
+use crate::ggml::{self, NormAct, Tensor, Type};
 
 use super::nn::Nn;
 
@@ -23,20 +29,13 @@ pub struct Norm {
     pub eps: f32,
 }
 
-/// The graph's output when it collects a norm: `[2, C]`, for each channel the sum of its
-/// input and of its input squared over the tile's own pixels.
-pub const SUMS: &str = "norms.sums";
+/// The graph's output when it collects a norm: that norm's input `[W, H, C, 1]`.
+pub const COLLECTED: &str = "norms.collected";
 
-/// Per-channel mean and reciprocal standard deviation inputs of norm `i`, `[1, 1, C, 1]`.
-pub fn mean_name(i: usize) -> String {
-    format!("norms.{i}.mean")
-}
-pub fn rstd_name(i: usize) -> String {
-    format!("norms.{i}.rstd")
-}
-/// The mask input (1 on the pixels the tile owns, else 0) at one resolution, `[W, H, 1, 1]`.
-pub fn mask_name(w: usize, h: usize) -> String {
-    format!("norms.mask.{w}x{h}")
+/// The statistics input of norm `i`, `[1, 1, C, 2]`: each channel's group mean, then
+/// its reciprocal standard deviation ([`Gather::finish`]).
+pub fn stats_name(i: usize) -> String {
+    format!("norms.{i}.stats")
 }
 
 /// Builds GroupNorms that read their statistics from inputs (see the module).
@@ -44,12 +43,13 @@ pub fn mask_name(w: usize, h: usize) -> String {
 pub struct SharedNorms {
     collect: Option<usize>,
     norms: RefCell<Vec<Norm>>,
-    masks: RefCell<Vec<[usize; 2]>>,
+    /// `[W, H]` of the collected norm's input.
+    collected: Cell<Option<[usize; 2]>>,
     seen: Cell<usize>,
 }
 
 impl SharedNorms {
-    /// Norms for one graph; `collect`: the norm whose input sums it outputs.
+    /// Norms for one graph; `collect`: the norm whose input it outputs.
     pub fn new(collect: Option<usize>) -> Self {
         SharedNorms {
             collect,
@@ -57,17 +57,27 @@ impl SharedNorms {
         }
     }
 
+    /// Norms for a graph that starts past the network's first `first` norms (a pass
+    /// of a [`super::band`] run), numbered as in the whole network.
+    pub fn starting_at(first: usize, collect: Option<usize>) -> Self {
+        let s = Self::new(collect);
+        s.seen.set(first);
+        s
+    }
+
     /// The norms built so far.
     pub fn norms(&self) -> Vec<Norm> {
         self.norms.borrow().clone()
     }
 
-    /// The `[W, H]` of each mask input built.
-    pub fn masks(&self) -> Vec<[usize; 2]> {
-        self.masks.borrow().clone()
+    /// `[W, H]` of the collected norm's input, once built.
+    pub fn collected(&self) -> Option<[usize; 2]> {
+        self.collected.get()
     }
 
-    /// GroupNorm `name` (affine `.weight` and `.bias`) over `x` `[W, H, C, 1]`.
+    /// GroupNorm `name` (affine `.weight` and `.bias`) over `x` `[W, H, C, 1]`, and a
+    /// SiLU after it if `silu`.
+    #[allow(clippy::too_many_arguments)]
     pub fn group_norm<'c>(
         &self,
         nn: &Nn<'c>,
@@ -75,6 +85,7 @@ impl SharedNorms {
         name: &str,
         groups: usize,
         eps: f32,
+        silu: bool,
     ) -> Result<Tensor<'c>> {
         let c = nn.ctx;
         let [w, h, ch, n] = x.ne();
@@ -89,34 +100,16 @@ impl SharedNorms {
             eps,
         });
         if self.collect == Some(i) {
-            let mask = self.mask(c, w, h)?;
-            let owned = c.reshape(c.mul(x, mask)?, &[w * h, ch])?;
-            let sums = c.concat(c.sum_rows(owned)?, c.sum_rows(c.sqr(owned)?)?, 0)?;
-            c.name(sums, SUMS)?;
+            let out = c.cont(x)?;
+            c.name(out, COLLECTED)?;
+            self.collected.set(Some([w, h]));
         }
-        let input = |name: String| -> Result<Tensor<'c>> {
-            let t = c.tensor(Type::F32, &[1, 1, ch, 1], &name)?;
-            c.set_input(t);
-            Ok(t)
-        };
-        let (mean, rstd) = (input(mean_name(i))?, input(rstd_name(i))?);
+        let stats = c.tensor(Type::F32, &[1, 1, ch, 2], &stats_name(i))?;
+        c.set_input(stats);
         let gamma = c.reshape(nn.w.get(&format!("{name}.weight"))?, &[1, 1, ch, 1])?;
         let beta = c.reshape(nn.w.get(&format!("{name}.bias"))?, &[1, 1, ch, 1])?;
-        // (x - mean)·rstd·γ + β as one scale and one shift per channel.
-        let scale = c.mul(rstd, gamma)?;
-        let shift = c.add(c.scale(c.mul(mean, scale)?, -1.0)?, beta)?;
-        c.add(c.mul(x, scale)?, shift)
-    }
-
-    fn mask<'c>(&self, c: &'c Context<'c>, w: usize, h: usize) -> Result<Tensor<'c>> {
-        let name = mask_name(w, h);
-        if let Some(t) = c.get(&name) {
-            return Ok(t);
-        }
-        let t = c.tensor(Type::F32, &[w, h, 1, 1], &name)?;
-        c.set_input(t);
-        self.masks.borrow_mut().push([w, h]);
-        Ok(t)
+        let act = NormAct { silu, over: false };
+        c.group_norm_stats(x, groups, eps, gamma, beta, act, Some(stats))
     }
 }
 
@@ -132,65 +125,101 @@ pub fn group_norm_silu<'c>(
     over: bool,
 ) -> Result<Tensor<'c>> {
     match shared {
-        Some(s) => nn.ctx.silu(s.group_norm(nn, x, name, groups, eps)?),
+        Some(s) => s.group_norm(nn, x, name, groups, eps, true),
         None => nn.group_norm_act(x, name, groups, eps, NormAct { silu: true, over }),
     }
 }
 
-/// Sums of one norm's input over every tile, turned into its statistics.
+/// One norm's input over every tile's own pixels, turned into its statistics.
 #[derive(Clone, Debug)]
 pub struct Gather {
     norm: Norm,
-    /// Per channel: sum of values, sum of squares.
-    sums: Vec<[f64; 2]>,
-    /// Pixels summed per channel.
-    pixels: u64,
+    /// Per group: the shift (its first value seen), Σ(v − shift), Σ(v − shift)².
+    sums: Vec<Option<(f32, f64, f64)>>,
+    /// Values summed per group.
+    count: u64,
 }
 
 impl Gather {
     pub fn new(norm: Norm) -> Self {
         Gather {
             norm,
-            sums: vec![[0.0; 2]; norm.channels],
-            pixels: 0,
+            sums: vec![None; norm.groups],
+            count: 0,
         }
     }
 
-    /// Adds one tile's [`SUMS`] output, summed over `pixels` owned pixels.
-    pub fn add(&mut self, sums: &[f32], pixels: usize) -> Result<()> {
-        if sums.len() != 2 * self.norm.channels {
+    /// Adds the pixels `rows` x `cols` of one tile's collected input `[C][h][w]`
+    /// (`size` is `[w, h]`): the pixels the tile owns.
+    pub fn add(
+        &mut self,
+        values: &[f32],
+        size: [usize; 2],
+        rows: std::ops::Range<usize>,
+        cols: std::ops::Range<usize>,
+    ) -> Result<()> {
+        let [w, h] = size;
+        let c = self.norm.channels;
+        if values.len() != c * w * h || rows.end > h || cols.end > w {
             return Err(Error::Ggml(format!(
-                "{} GroupNorm sums for {} channels",
-                sums.len(),
-                self.norm.channels
+                "{} GroupNorm input values for {c}x{h}x{w}, rows {rows:?}, columns {cols:?}",
+                values.len()
             )));
         }
-        for (acc, s) in self.sums.iter_mut().zip(sums.chunks_exact(2)) {
-            acc[0] += s[0] as f64;
-            acc[1] += s[1] as f64;
+        if rows.is_empty() || cols.is_empty() {
+            return Ok(());
         }
-        self.pixels += pixels as u64;
+        let per = c / self.norm.groups;
+        for (g, acc) in self.sums.iter_mut().enumerate() {
+            let plane = |ch: usize| &values[ch * w * h..(ch + 1) * w * h];
+            let k = acc.map_or(plane(g * per)[rows.start * w + cols.start], |a| a.0);
+            // Eight f64 lanes: the sums' order does not matter at f64's precision (see
+            // the module), and independent lanes keep the loop off the adder's latency.
+            const LANES: usize = 8;
+            let (mut a, mut a2) = ([0f64; LANES], [0f64; LANES]);
+            for ch in g * per..(g + 1) * per {
+                let p = plane(ch);
+                for y in rows.clone() {
+                    let row = &p[y * w + cols.start..y * w + cols.end];
+                    let mut lanes = row.chunks_exact(LANES);
+                    for c in &mut lanes {
+                        for i in 0..LANES {
+                            let d = c[i] as f64 - k as f64;
+                            a[i] += d;
+                            a2[i] += d * d;
+                        }
+                    }
+                    for &v in lanes.remainder() {
+                        let d = v as f64 - k as f64;
+                        a[0] += d;
+                        a2[0] += d * d;
+                    }
+                }
+            }
+            let (s, s2): (f64, f64) = (a.iter().sum(), a2.iter().sum());
+            let (_, a, b) = acc.unwrap_or((k, 0.0, 0.0));
+            *acc = Some((k, a + s, b + s2));
+        }
+        self.count += (per * rows.len() * cols.len()) as u64;
         Ok(())
     }
 
-    /// Per-channel mean and reciprocal standard deviation (each channel has its group's),
-    /// the variance biased as GroupNorm's.
-    pub fn finish(&self) -> (Vec<f32>, Vec<f32>) {
-        let per = self.norm.channels / self.norm.groups;
-        let n = (self.pixels * per as u64).max(1) as f64;
-        let (mut mean, mut rstd) = (
-            Vec::with_capacity(self.norm.channels),
-            Vec::with_capacity(self.norm.channels),
-        );
-        for g in self.sums.chunks(per) {
-            let (s, s2) = g.iter().fold((0.0, 0.0), |(a, b), v| (a + v[0], b + v[1]));
-            let m = s / n;
-            let var = (s2 / n - m * m).max(0.0);
-            let r = 1.0 / (var + self.norm.eps as f64).sqrt();
-            mean.extend(std::iter::repeat_n(m as f32, per));
-            rstd.extend(std::iter::repeat_n(r as f32, per));
+    /// The `[1, 1, C, 2]` statistics input ([`stats_name`]): each channel's group
+    /// mean, then reciprocal standard deviation, the variance biased as GroupNorm's.
+    pub fn finish(&self) -> Vec<f32> {
+        let c = self.norm.channels;
+        let per = c / self.norm.groups;
+        let n = self.count.max(1) as f64;
+        let mut out = vec![0f32; 2 * c];
+        for (g, acc) in self.sums.iter().enumerate() {
+            let (k, s, s2) = acc.unwrap_or((0.0, 0.0, 0.0));
+            let shifted = s / n;
+            let var = (s2 / n - shifted * shifted).max(0.0);
+            let (mean, rstd) = ggml::group_norm_statistics(shifted + k as f64, var, self.norm.eps);
+            out[g * per..(g + 1) * per].fill(mean);
+            out[c + g * per..c + (g + 1) * per].fill(rstd);
         }
-        (mean, rstd)
+        out
     }
 }
 
@@ -200,30 +229,26 @@ mod tests {
 
     #[test]
     fn gathered_statistics_are_those_of_the_group_over_all_tiles() {
-        // Two channels in one group, two tiles of 3 and 1 pixels.
+        // Two channels in one group, 2x2 pixels each, gathered from two tiles that own
+        // one row each; offset far from zero (a large mean costs no precision).
         let norm = Norm {
             channels: 2,
             groups: 1,
             eps: 0.0,
         };
+        let values = [
+            1000.25f32, 1000.5, 1000.75, 1001.0, 999.0, 999.5, 1002.0, 1003.25,
+        ];
         let mut g = Gather::new(norm);
-        let values = [[1.0f32, 2.0, 3.0, 4.0], [5.0, 6.0, 7.0, 8.0]];
-        let sums = |c: usize, r: std::ops::Range<usize>| -> [f32; 2] {
-            [
-                values[c][r.clone()].iter().sum(),
-                values[c][r].iter().map(|v| v * v).sum(),
-            ]
-        };
-        for r in [0..3, 3..4] {
-            let (a, b) = (sums(0, r.clone()), sums(1, r.clone()));
-            g.add(&[a[0], a[1], b[0], b[1]], r.len()).unwrap();
-        }
-        let (mean, rstd) = g.finish();
-        let all: Vec<f64> = values.iter().flatten().map(|&v| v as f64).collect();
+        g.add(&values, [2, 2], 0..1, 0..2).unwrap();
+        g.add(&values, [2, 2], 1..2, 0..2).unwrap();
+        let stats = g.finish();
+        let all: Vec<f64> = values.iter().map(|&v| v as f64).collect();
         let m = all.iter().sum::<f64>() / 8.0;
         let var = all.iter().map(|v| (v - m).powi(2)).sum::<f64>() / 8.0;
-        assert_eq!(mean, vec![m as f32; 2]);
-        assert!((rstd[0] as f64 - 1.0 / var.sqrt()).abs() < 1e-6);
-        assert!(g.add(&[0.0; 3], 1).is_err());
+        let (mean, rstd) = ggml::group_norm_statistics(m, var, 0.0);
+        assert_eq!(stats, [mean, mean, rstd, rstd]);
+        assert!((rstd as f64 - 1.0 / var.sqrt()).abs() < 1e-6 / var.sqrt());
+        assert!(g.add(&values[..3], [2, 2], 0..1, 0..2).is_err());
     }
 }

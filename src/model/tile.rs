@@ -18,11 +18,12 @@ use super::Weights;
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum TileStats {
     /// Each tile's own ([`run`], as diffusers' `enable_tiling`): one pass, but tones
-    /// drift from tile to tile. The default: for SD's VAE ~8x faster than `Image`.
-    #[default]
+    /// drift from tile to tile.
     Tile,
-    /// The whole image's ([`run_exact`]): the tiles equal a whole run, at one pass over
-    /// the tiles per GroupNorm (each only as deep as its norm).
+    /// The whole image's: the pieces equal a whole run. The default. A KL VAE decoder
+    /// runs in bands ([`super::band`], 2-3x a whole decode's time for SD's VAE); an
+    /// encoder in tiles ([`run_exact`], one pass over the tiles per GroupNorm).
+    #[default]
     Image,
 }
 
@@ -302,7 +303,7 @@ pub fn run_exact(
         let p = Program::new(w, [tiw, tih, s.c_in, 1], max_tensors, |nn, x| {
             let y = build(nn, x, &shared)?;
             match collect {
-                Some(k) => nn.ctx.get(norms::SUMS).ok_or_else(|| {
+                Some(k) => nn.ctx.get(norms::COLLECTED).ok_or_else(|| {
                     Error::Ggml(format!("the tile graph has no GroupNorm {k} to collect"))
                 }),
                 None => Ok(y),
@@ -326,30 +327,25 @@ pub fn run_exact(
             )
         })
         .collect();
-    let names: Vec<(String, String)> = (0..norm_list.len())
-        .map(|i| (norms::mean_name(i), norms::rstd_name(i)))
-        .collect();
     // The statistics gathered so far, as named inputs.
-    let stat_inputs = |stats: &[(Vec<f32>, Vec<f32>)]| -> Vec<(String, Vec<f32>)> {
-        names
+    let stat_inputs = |stats: &[Vec<f32>]| -> Vec<(String, Vec<f32>)> {
+        stats
             .iter()
-            .zip(stats)
-            .flat_map(|((mn, rn), (m, r))| [(mn.clone(), m.clone()), (rn.clone(), r.clone())])
+            .enumerate()
+            .map(|(i, s)| (norms::stats_name(i), s.clone()))
             .collect()
     };
     let (mut done, total) = (0, s.n * tiles.len() * (norm_list.len() + 1));
     let mut tile = vec![0f32; s.c_in * tiw * tih];
     let image = |b: usize| &input[b * s.c_in * iw * ih..][..s.c_in * iw * ih];
     // Each image's statistics, norm by norm; each pass's graph serves every image.
-    let mut stats: Vec<Vec<(Vec<f32>, Vec<f32>)>> = vec![Vec::with_capacity(norm_list.len()); s.n];
+    let mut stats: Vec<Vec<Vec<f32>>> = vec![Vec::with_capacity(norm_list.len()); s.n];
     for (k, &norm) in norm_list.iter().enumerate() {
         let (p, shared) = program(Some(k))?;
-        // The collected norm made the one mask, at its input's resolution.
+        // The collected norm's input, at its resolution.
         let [mw, mh] = shared
-            .masks()
-            .first()
-            .copied()
-            .ok_or_else(|| Error::Ggml(format!("GroupNorm {k} made no mask")))?;
+            .collected()
+            .ok_or_else(|| Error::Ggml(format!("GroupNorm {k} was not collected")))?;
         if mw % t.tile_w != 0 || mh % t.tile_h != 0 {
             return Err(Error::Ggml(format!(
                 "GroupNorm {k} sees a {mw}x{mh} tile, not a whole multiple of {}x{} latents",
@@ -357,9 +353,12 @@ pub fn run_exact(
             )));
         }
         let (fx, fy) = (mw / t.tile_w, mh / t.tile_h);
-        let mask_name = norms::mask_name(mw, mh);
         for (b, stats) in stats.iter_mut().enumerate() {
             let inputs = stat_inputs(stats);
+            let named: Vec<(&str, &[f32])> = inputs
+                .iter()
+                .map(|(n, v)| (n.as_str(), v.as_slice()))
+                .collect();
             let mut gather = Gather::new(norm);
             for &((x0, ox), (y0, oy)) in &tiles {
                 s.cut(image(b), &mut tile, t, x0, y0);
@@ -367,15 +366,7 @@ pub fn run_exact(
                     (ox.0 - x0) * fx..(ox.1 - x0) * fx,
                     (oy.0 - y0) * fy..(oy.1 - y0) * fy,
                 );
-                let mask: Vec<f32> = (0..mh)
-                    .flat_map(|y| (0..mw).map(move |x| (y, x)))
-                    .map(|(y, x)| (yr.contains(&y) && xr.contains(&x)) as u8 as f32)
-                    .collect();
-                let named: Vec<(&str, &[f32])> =
-                    std::iter::once((mask_name.as_str(), mask.as_slice()))
-                        .chain(inputs.iter().map(|(n, v)| (n.as_str(), v.as_slice())))
-                        .collect();
-                gather.add(&p.run_with(&tile, &named, backend)?, xr.len() * yr.len())?;
+                gather.add(&p.run_with(&tile, &named, backend)?, [mw, mh], yr, xr)?;
                 done += 1;
                 tick(done, total)?;
             }

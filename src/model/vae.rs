@@ -6,9 +6,9 @@ use crate::ggml::{Backend, Context, NormAct, Tensor};
 use super::nn::{eval, Nn, Program};
 use super::norms::{group_norm_silu, SharedNorms};
 pub use super::tile::{TileStats, Tiling};
-use super::{tile, Planes, Weights};
+use super::{band, tile, Planes, Weights};
 
-use crate::network::vae::{Attention, Mid, ResBlock, Vae};
+use crate::network::vae::{Attention, Decoder, Mid, ResBlock, Vae};
 const GROUPS: usize = 32;
 const EPS: f32 = 1e-6;
 
@@ -94,29 +94,72 @@ fn decoder_mid<'c>(nn: &Nn<'c>, cfg: &VaeConfig, z: Tensor<'c>) -> Result<Tensor
     mid(nn, x, &d.mid)
 }
 
+/// One link of the decoder's upsampling half: a resnet, an upsampling, or the output
+/// layers. The half is described once, as this chain, for the whole decode and the
+/// banded one ([`band`]).
+enum UpUnit<'a> {
+    Res(&'a ResBlock),
+    Up(&'a str),
+    Out,
+}
+
+impl UpUnit<'_> {
+    /// How far the unit carries a value, in its input's pixels ([`band::Chain::reach`]).
+    fn reach(&self) -> usize {
+        match self {
+            UpUnit::Res(_) => 2,
+            UpUnit::Up(_) | UpUnit::Out => 1,
+        }
+    }
+}
+
+fn up_units(d: &Decoder) -> Vec<UpUnit<'_>> {
+    let mut units = Vec::new();
+    for level in &d.up {
+        units.extend(level.blocks.iter().map(UpUnit::Res));
+        if let Some(up) = &level.resample {
+            units.push(UpUnit::Up(&up.name));
+        }
+    }
+    units.push(UpUnit::Out);
+    units
+}
+
+fn up_unit<'c>(
+    nn: &Nn<'c>,
+    d: &Decoder,
+    unit: &UpUnit<'_>,
+    x: Tensor<'c>,
+    shared: Option<&SharedNorms>,
+) -> Result<Tensor<'c>> {
+    // SDXL's decoder activations overflow f16 (see `Nn::f32_kernels`).
+    let nn = &Nn {
+        f32_kernels: true,
+        ..*nn
+    };
+    match unit {
+        UpUnit::Res(r) => resnet(nn, x, r, shared),
+        UpUnit::Up(name) => nn.upsample_conv(x, name),
+        UpUnit::Out => {
+            let x = group_norm_silu(nn, shared, x, &d.norm_out.name, GROUPS, EPS, true)?;
+            nn.conv(x, &d.conv_out.name, 3, 1, 1)
+        }
+    }
+}
+
 /// The rest of the decoder: upsampling blocks and the output layers (convolutions and
-/// GroupNorms only, so it runs in tiles).
+/// GroupNorms only, so it runs in tiles or bands).
 fn decoder_up<'c>(
     nn: &Nn<'c>,
     cfg: &VaeConfig,
     mut x: Tensor<'c>,
     shared: Option<&SharedNorms>,
 ) -> Result<Tensor<'c>> {
-    let nn = &Nn {
-        f32_kernels: true,
-        ..*nn
-    };
     let d = Vae::new(cfg).decoder;
-    for level in &d.up {
-        for r in &level.blocks {
-            x = resnet(nn, x, r, shared)?;
-        }
-        if let Some(up) = &level.resample {
-            x = nn.upsample_conv(x, &up.name)?;
-        }
+    for unit in &up_units(&d) {
+        x = up_unit(nn, &d, unit, x, shared)?;
     }
-    let x = group_norm_silu(nn, shared, x, &d.norm_out.name, GROUPS, EPS, true)?;
-    nn.conv(x, &d.conv_out.name, 3, 1, 1)
+    Ok(x)
 }
 
 /// Encoder graph: pixels `[W, H, 3, n]` in [-1, 1] → latent distribution mean `[W/8, H/8, z, n]`.
@@ -235,39 +278,103 @@ pub fn decode_buffer_bytes(w: &Weights<'_>, cfg: &VaeConfig, wd: usize, h: usize
     )
 }
 
-/// The compute buffer of [`decode_tiled`] for a `wd`x`h` latent: one tile's, or with
-/// [`TileStats::Image`] the larger of the whole mid block's and one tile's upsampling.
+/// The compute buffer of [`decode_tiled`] for a `wd`x`h` latent with
+/// [`TileStats::Tile`]: one tile's. (With [`TileStats::Image`] see
+/// [`decode_banded_bytes`].)
 pub fn decode_tiled_bytes(
     w: &Weights<'_>,
     cfg: &VaeConfig,
     wd: usize,
     h: usize,
     tiling: Tiling,
-    stats: TileStats,
 ) -> Result<usize> {
     let t = tiling.clamp(wd, h);
     if !t.cuts(wd, h) {
         return decode_buffer_bytes(w, cfg, wd, h);
     }
-    match stats {
-        TileStats::Tile => decode_buffer_bytes(w, cfg, t.tile_w, t.tile_h),
-        TileStats::Image => {
-            let head = Program::measure(
-                w,
-                [wd, h, cfg.latent_channels, 1],
-                GRAPH_TENSORS,
-                |nn, z| decoder_mid(nn, cfg, unscale(nn, cfg, z)?),
-            )?;
-            let shared = SharedNorms::new(None);
-            let tail = Program::measure(
-                w,
-                [t.tile_w, t.tile_h, mid_channels(cfg), 1],
-                GRAPH_TENSORS,
-                |nn, x| decoder_up(nn, cfg, x, Some(&shared)),
-            )?;
-            Ok(head.max(tail))
-        }
-    }
+    decode_buffer_bytes(w, cfg, t.tile_w, t.tile_h)
+}
+
+/// Runs `f` with the decoder's upsampling half as a [`band::Chain`].
+fn with_chain<T>(
+    w: &Weights<'_>,
+    cfg: &VaeConfig,
+    f: impl FnOnce(&band::Chain<'_, '_>) -> Result<T>,
+) -> Result<T> {
+    let d = Vae::new(cfg).decoder;
+    let units = up_units(&d);
+    let reach: Vec<usize> = units.iter().map(UpUnit::reach).collect();
+    let build = band::units(|nn, x, i, shared| up_unit(nn, &d, &units[i], x, Some(shared)));
+    f(&band::Chain {
+        weights: w,
+        max_tensors: GRAPH_TENSORS,
+        c_in: mid_channels(cfg),
+        reach: &reach,
+        build: &build,
+    })
+}
+
+/// One way to run a banded decode ([`decode_tiled`] with [`TileStats::Image`]).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Bands {
+    /// Band height in latents.
+    pub band: usize,
+    /// Room for checkpoints, in bytes (`u64::MAX`: every one kept).
+    pub keep: u64,
+    /// The most checkpoint bytes held at once beside the mid block's output.
+    pub kept: u64,
+    /// The mid block's output, which the band passes may start from.
+    pub mid: u64,
+    /// The upsampling half's work relative to running it whole (1: no band overlaps,
+    /// no pass repeated).
+    pub work: f64,
+}
+
+/// The distinct banded decodes of a `wd`x`h` latent in bands of each of `heights`
+/// latents, with every room for checkpoints that changes the passes; least work first.
+pub fn decode_band_options(
+    w: &Weights<'_>,
+    cfg: &VaeConfig,
+    wd: usize,
+    h: usize,
+    heights: &[usize],
+) -> Result<Vec<Bands>> {
+    with_chain(w, cfg, |chain| {
+        let mut all: Vec<Bands> = band::Schedule::options(chain, wd, h, heights)?
+            .iter()
+            .map(|s| Bands {
+                band: s.band(),
+                keep: s.keep,
+                kept: s.kept_bytes,
+                mid: 4 * (mid_channels(cfg) * wd * h) as u64,
+                work: s.work(),
+            })
+            .collect();
+        all.sort_by(|a, b| a.work.total_cmp(&b.work).then(a.kept.cmp(&b.kept)));
+        Ok(all)
+    })
+}
+
+/// The banded decode `b`'s largest compute buffer: the whole mid block's or one band
+/// pass's (`known` keeps the passes measured across calls).
+pub fn decode_band_bytes(
+    w: &Weights<'_>,
+    cfg: &VaeConfig,
+    wd: usize,
+    h: usize,
+    b: &Bands,
+    known: &mut band::Measured,
+) -> Result<usize> {
+    let head = Program::measure(
+        w,
+        [wd, h, cfg.latent_channels, 1],
+        GRAPH_TENSORS,
+        |nn, z| decoder_mid(nn, cfg, unscale(nn, cfg, z)?),
+    )?;
+    with_chain(w, cfg, |chain| {
+        let s = band::Schedule::new(chain, wd, h, b.band, b.keep)?;
+        Ok(head.max(band::measure(chain, &s, known)?))
+    })
 }
 
 /// Channels at latent resolution (the mid block's).
@@ -275,18 +382,22 @@ pub fn mid_channels(cfg: &VaeConfig) -> usize {
     cfg.base_channels * cfg.channel_mult.last().copied().unwrap_or(1)
 }
 
-/// [`decode`] in tiles ([`tile`](super::tile)), the compute buffer one tile's. With
-/// [`TileStats::Image`] the mid block (whose attention takes every latent) runs whole,
-/// then the upsampling blocks in tiles with the whole image's GroupNorm statistics
-/// ([`tile::run_exact`]): the tiles equal the whole decode. With [`TileStats::Tile`]
-/// the whole decoder runs per tile, blended: faster, each tile normalised on its own.
-/// `tick` hears of each tile run (and may stop the decode).
+/// [`decode`] in pieces, the compute buffer one piece's. With [`TileStats::Image`] the
+/// mid block (whose attention takes every latent) runs whole, then the upsampling
+/// blocks in full-width bands `tiling.tile_h` latents high with the whole image's
+/// GroupNorm statistics ([`band`]), keeping at most `keep` bytes of checkpoints
+/// (`None`: every one): equal to the whole decode. With [`TileStats::Tile`] the whole
+/// decoder runs per tile, blended: one pass, each tile normalised on its own (as
+/// diffusers' `enable_tiling`). `tick` hears of each piece run (and may stop the
+/// decode).
+#[allow(clippy::too_many_arguments)]
 pub fn decode_tiled(
     w: &Weights<'_>,
     cfg: &VaeConfig,
     planes: Planes<'_>,
     tiling: Tiling,
     stats: TileStats,
+    keep: Option<u64>,
     backend: &Backend,
     tick: tile::Tick<'_>,
 ) -> Result<Vec<f32>> {
@@ -333,17 +444,17 @@ pub fn decode_tiled(
                 backend,
                 |nn, z| decoder_mid(nn, cfg, unscale(nn, cfg, z)?),
             )?;
-            let shape = tile::Shape {
-                n,
-                c_in: mid_channels(cfg),
-                c_out: 3,
-                lw: wd,
-                lh: h,
-                f_in: 1,
-                f_out: f,
-            };
-            tile::run_exact(net(w), &mid, &shape, t, backend, tick, |nn, x, shared| {
-                decoder_up(nn, cfg, x, Some(shared))
+            with_chain(w, cfg, |chain| {
+                let s = band::Schedule::new(chain, wd, h, t.tile_h, keep.unwrap_or(u64::MAX))?;
+                let per = mid.len() / n;
+                let mut out = Vec::with_capacity(n * 3 * wd * f * h * f);
+                let runs = s.band_runs();
+                for (b, image) in mid.chunks_exact(per).enumerate() {
+                    out.extend(band::run(chain, &s, image, backend, &mut |done, _| {
+                        tick(b * runs + done, n * runs)
+                    })?);
+                }
+                Ok(out)
             })
         }
     }

@@ -528,7 +528,7 @@ pub const OPTIONS: &[RequestOption] = &[
         kind: Kind::Text,
         names: Some(|| TileStats::NAMES.to_vec()),
         value_name: "WHERE",
-        help: "Where the tiles' VAE GroupNorms take their statistics: `tile`, each tile's own (one pass, as diffusers' `enable_tiling`; tones may drift between tiles) or `image`, the whole image's (tiles equal the whole decode; one pass over the tiles per norm: ~8x `tile`'s time for SD's VAE) [default: tile].",
+        help: "Where a tiled VAE's GroupNorms take their statistics: `image`, the whole image's (the decode runs in bands that equal the whole decode, bit for bit, at 2-3x its time) or `tile`, each tile's own (one pass, as diffusers' `enable_tiling`; tones may drift between tiles) [default: image].",
         set: |r, v| {
             r.decoding.vae_tile_stats = named(v, "vae tile stats", TileStats::parse, TileStats::NAMES)?;
             Ok(())

@@ -38,7 +38,9 @@ impl Pipeline {
             .map(|te| self.adapters(&loras, Part::Text, |n| n.starts_with(&te.prefix)))
             .collect::<Result<Vec<_>>>()?;
         let unet_adapters = self.adapters(&loras, Part::Unet, |n| n.starts_with(UNET_PREFIX))?;
+        let budget = Budget::resolve(req.max_memory.or(self.max_memory));
         let stages = RunStages {
+            budget,
             pipe: self,
             req,
             lw,
@@ -51,11 +53,7 @@ impl Pipeline {
             text_adapters,
             unet_adapters,
         };
-        let mut plan = budget::plan(
-            &stages,
-            self.guided(req),
-            Budget::resolve(req.max_memory.or(self.max_memory)),
-        )?;
+        let mut plan = budget::plan(&stages, self.guided(req), budget)?;
         let forced = FORCED_TILE.clamp(lw, lh);
         if req.decoding.vae_tiling && plan.tiling.is_none() && forced.cuts(lw, lh) {
             let need = budget::Stages::decode(&stages, Some(forced))?;
@@ -64,12 +62,38 @@ impl Pipeline {
             }
             plan.tiling = Some(forced);
         }
+        // A banded decode: the band height and checkpoints of least work that fit.
+        if plan.tiling.is_some() && stages.banded() {
+            if let Ok((t, need, keep)) = stages.bands(&stages.band_candidates(lh))? {
+                if let Some(d) = plan.needs.iter_mut().find(|n| n.stage == "decode") {
+                    *d = need;
+                }
+                plan.tiling = Some(t);
+                plan.decode_keep = Some(keep);
+            }
+        }
         Ok(plan)
     }
 }
 
+/// Band heights (latents) a banded decode is planned with, up to the image's.
+const BAND_HEIGHTS: [usize; 7] = [4, 8, 12, 16, 24, 32, 48];
+
+/// [`BAND_HEIGHTS`] up to `most`, and `most` itself (at most `lh`).
+fn band_heights(most: usize, lh: usize) -> Vec<usize> {
+    let most = most.min(lh);
+    BAND_HEIGHTS
+        .iter()
+        .copied()
+        .filter(|&h| h < most)
+        .chain([most])
+        .collect()
+}
+
 /// The stages of one request, measured for the planner.
 struct RunStages<'a> {
+    /// The budget the plan is for (a banded decode keeps checkpoints in what is left).
+    budget: Option<Budget>,
     pipe: &'a Pipeline,
     req: &'a Request,
     lw: usize,
@@ -90,6 +114,105 @@ struct RunStages<'a> {
 }
 
 impl RunStages<'_> {
+    /// Whether a tiled decode runs in exact bands ([`vae::TileStats::Image`] with the VAE).
+    fn banded(&self) -> bool {
+        self.taesd.is_none() && self.req.decoding.vae_tile_stats == vae::TileStats::Image
+    }
+
+    /// The VAE decoder's weights as the decode stage holds them.
+    fn decoder_weights(&self, w: &Weights<'_>) -> u64 {
+        if self.pipe.vae_file.is_some() {
+            w.bytes()
+        } else {
+            self.mapped(network::vae::is_decoder)
+        }
+    }
+
+    /// The banded decode of least work in bands of one of `heights` latents whose
+    /// need fits the budget (without one, the first of `heights` with every checkpoint
+    /// kept): its tiling, need and room for checkpoints. Every choice decodes the same
+    /// image; they differ in time and memory. When none fits: the least need seen.
+    fn bands(
+        &self,
+        heights: &[usize],
+    ) -> Result<std::result::Result<(vae::Tiling, Need, u64), Need>> {
+        let p = self.pipe;
+        let w = p.vae_weights()?;
+        let (cfg, lw, lh) = (&p.vae_config, self.lw, self.lh);
+        let weights = self.decoder_weights(&w);
+        let other = self.decode_buffers(true);
+        let mut options = vae::decode_band_options(&w, cfg, lw, lh, heights)?;
+        if self.budget.is_none() {
+            // Bands asked for without a budget (`vae_tiling`): memory stays about a
+            // tile's, checkpoints included.
+            let tile = FORCED_TILE;
+            let cap = vae::decode_buffer_bytes(&w, cfg, tile.tile_w, tile.tile_h)? as u64;
+            options.retain(|b| b.kept <= cap);
+            options.truncate(1);
+        }
+        let mut known = crate::model::band::Measured::default();
+        let fits = |n: &Need| {
+            self.budget
+                .is_none_or(|b| budget::OVERHEAD + n.total() <= b.bytes)
+        };
+        let mut least: Option<Need> = None;
+        // Unmeasured options over the budget before their compute buffer: only the one
+        // of least fixed memory is measured (for the refusal's numbers).
+        let lightest = options.iter().map(|b| b.kept).min().unwrap_or(0);
+        for b in options {
+            let mut need = Need {
+                stage: "decode",
+                weights,
+                compute: 0,
+                other: other + b.mid + b.kept,
+            };
+            if !fits(&need) && b.kept > lightest {
+                continue;
+            }
+            need.compute = vae::decode_band_bytes(&w, cfg, lw, lh, &b, &mut known)? as u64;
+            log::debug!(
+                "banded decode, bands of {} latents, checkpoints {} MiB: work {:.2}, need {} MiB",
+                b.band,
+                b.kept >> 20,
+                b.work,
+                need.total() >> 20
+            );
+            if fits(&need) {
+                let t = vae::Tiling {
+                    tile_w: lw,
+                    tile_h: b.band,
+                    overlap: 0,
+                };
+                return Ok(Ok((t, need, b.keep)));
+            }
+            if least.as_ref().is_none_or(|l| need.total() < l.total()) {
+                least = Some(need);
+            }
+        }
+        least
+            .map(Err)
+            .ok_or_else(|| crate::Error::Invalid("no banded decode to plan".into()))
+    }
+
+    /// Band heights to plan a banded decode with, up to `most` latents: under a budget
+    /// every one of [`BAND_HEIGHTS`]; without one (`vae_tiling`), the one whose bands
+    /// cover a forced tile's area.
+    fn band_candidates(&self, most: usize) -> Vec<usize> {
+        match self.budget {
+            Some(_) => band_heights(most, self.lh),
+            None => {
+                let area = FORCED_TILE.tile_w * FORCED_TILE.tile_h;
+                vec![(area / self.lw).clamp(BAND_HEIGHTS[0], most.min(self.lh))]
+            }
+        }
+    }
+
+    /// f32 pixels, blend weights when tiled, 8-bit RGB.
+    fn decode_buffers(&self, tiled: bool) -> u64 {
+        let f = self.pipe.vae_config.downscale();
+        (self.lw * self.lh * f * f * (12 + 4 * tiled as usize + 3)) as u64
+    }
+
     /// Data bytes of the GGUF's tensors that `which` picks.
     fn mapped(&self, which: impl Fn(&str) -> bool) -> u64 {
         self.pipe
@@ -208,9 +331,7 @@ impl budget::Stages for RunStages<'_> {
 
     fn decode(&self, tiling: Option<vae::Tiling>) -> Result<Need> {
         let p = self.pipe;
-        let f = p.vae_config.downscale();
-        // f32 pixels, blend weights when tiled, 8-bit RGB.
-        let other = (self.lw * self.lh * f * f * (12 + 4 * tiling.is_some() as usize + 3)) as u64;
+        let other = self.decode_buffers(tiling.is_some());
         if let Some(w) = &self.taesd {
             let t = tiling.unwrap_or(vae::Tiling::square(self.lw.max(self.lh), 0));
             return Ok(Need {
@@ -220,39 +341,22 @@ impl budget::Stages for RunStages<'_> {
                 other,
             });
         }
-        let dec = network::vae::is_decoder;
         let w = p.vae_weights()?;
         let compute = match tiling {
-            Some(t) => vae::decode_tiled_bytes(
-                &w,
-                &p.vae_config,
-                self.lw,
-                self.lh,
-                t,
-                self.req.decoding.vae_tile_stats,
-            )?,
+            Some(t) if t.clamp(self.lw, self.lh).cuts(self.lw, self.lh) && self.banded() => {
+                // What fits in bands at most that high; else the least memory (refused).
+                return Ok(match self.bands(&self.band_candidates(t.tile_h))? {
+                    Ok((_, need, _)) | Err(need) => need,
+                });
+            }
+            Some(t) => vae::decode_tiled_bytes(&w, &p.vae_config, self.lw, self.lh, t)?,
             None => vae::decode_buffer_bytes(&w, &p.vae_config, self.lw, self.lh)?,
         } as u64;
-        // Tiles with the image's statistics start from the whole mid block's output, in f32.
-        let mid = match tiling {
-            Some(t)
-                if t.clamp(self.lw, self.lh).cuts(self.lw, self.lh)
-                    && self.req.decoding.vae_tile_stats == vae::TileStats::Image =>
-            {
-                (4 * vae::mid_channels(&p.vae_config) * self.lw * self.lh) as u64
-            }
-            _ => 0,
-        };
-        let weights = if p.vae_file.is_some() {
-            w.bytes()
-        } else {
-            self.mapped(dec)
-        };
         Ok(Need {
             stage: "decode",
-            weights,
+            weights: self.decoder_weights(&w),
             compute,
-            other: other + mid,
+            other,
         })
     }
 

@@ -259,8 +259,9 @@ pub struct Decoding {
     /// tiles even when the whole image would fit the memory budget (the planner tiles
     /// on its own when it would not).
     pub vae_tiling: bool,
-    /// Where a tiled KL VAE's GroupNorms take their statistics: each tile's (one pass,
-    /// the default) or the whole image's (tiles equal the whole run, one pass per norm).
+    /// Where a tiled KL VAE's GroupNorms take their statistics: the whole image's (the
+    /// default: the pieces equal the whole run) or each tile's (one pass, as diffusers'
+    /// `enable_tiling`; tones may drift between tiles).
     pub vae_tile_stats: vae::TileStats,
     /// Report a preview of the image forming ([`super::Stage::Preview`]) every this
     /// many steps and after the last; 0 for none.
@@ -272,7 +273,7 @@ impl Default for Decoding {
         Decoding {
             taesd: None,
             vae_tiling: false,
-            vae_tile_stats: vae::TileStats::Tile,
+            vae_tile_stats: vae::TileStats::Image,
             preview_every: 0,
         }
     }

@@ -371,6 +371,7 @@ impl Pipeline {
                 Planes::single(latent, lw, lh),
                 t,
                 req.decoding.vae_tile_stats,
+                memory.decode_keep,
                 &self.backend,
                 &mut |done, total| {
                     progress(Stage::Decoding { done, total });

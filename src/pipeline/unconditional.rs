@@ -290,6 +290,7 @@ impl Unconditional {
             needs,
             split_guidance: false,
             tiling: None,
+            decode_keep: None,
             stream_unet: false,
         };
         if let (Some(b), Some(n)) = (budget, memory.needs.iter().find(|n| !fits(n))) {
