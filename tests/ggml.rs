@@ -274,7 +274,7 @@ fn fused_group_norm_matches_group_norm_then_scale_shift_and_silu_in_place_or_not
                 xin
             };
             let y = ctx
-                .group_norm_act(src, groups, eps, g, b, NormAct { silu, over })
+                .group_norm_act(src, groups, eps, g, b, NormAct { silu, over }, None)
                 .unwrap();
             let graph = ctx.graph(&[y]).unwrap();
             ctx.alloc_graph(&graph).unwrap();
@@ -287,6 +287,50 @@ fn fused_group_norm_matches_group_norm_then_scale_shift_and_silu_in_place_or_not
             let e = rel_rms(&reference(silu), &ctx.get_f32(y).unwrap());
             assert!(e < 1e-5, "silu {silu}, over {over}: {e}");
         }
+        // Given the first image's statistics, summed in f64 elsewhere (in another order)
+        // and rounded as the op rounds them, the op gives that image's values bit for
+        // bit: what a tile normalised with the whole image's statistics relies on.
+        let (plane, cg) = (w * h, c / groups);
+        let first = &x[..c * plane];
+        let mut stats = vec![0f32; 2 * c];
+        for g in 0..groups {
+            let v = &first[g * cg * plane..(g + 1) * cg * plane];
+            let mean = v.iter().rev().map(|&a| a as f64).sum::<f64>() / v.len() as f64;
+            let var = v.iter().map(|&a| (a as f64 - mean).powi(2)).sum::<f64>() / v.len() as f64;
+            let (m, r) = sdrs::ggml::group_norm_statistics(mean, var, eps);
+            stats[g * cg..(g + 1) * cg].fill(m);
+            stats[c + g * cg..c + (g + 1) * cg].fill(r);
+        }
+        let ctx = Context::new(32).unwrap();
+        let xin = ctx.tensor(Type::F32, &[w, h, c, 1], "x").unwrap();
+        let g = ctx.tensor(Type::F32, &[1, 1, c, 1], "g").unwrap();
+        let b = ctx.tensor(Type::F32, &[1, 1, c, 1], "b").unwrap();
+        let st = ctx.tensor(Type::F32, &[1, 1, c, 2], "stats").unwrap();
+        for t in [xin, g, b, st] {
+            ctx.set_input(t);
+        }
+        let act = NormAct { silu, over: false };
+        let given = ctx
+            .group_norm_act(xin, groups, eps, g, b, act, Some(st))
+            .unwrap();
+        let own = ctx
+            .group_norm_act(xin, groups, eps, g, b, act, None)
+            .unwrap();
+        let graph = ctx.graph(&[given, own]).unwrap();
+        ctx.alloc_graph(&graph).unwrap();
+        ctx.set_f32(xin, first).unwrap();
+        ctx.set_f32(g, &gamma).unwrap();
+        ctx.set_f32(b, &beta).unwrap();
+        ctx.set_f32(st, &stats).unwrap();
+        Backend::cpu(2).unwrap().compute(&graph).unwrap();
+        assert!(
+            ctx.get_f32(given).unwrap() == ctx.get_f32(own).unwrap(),
+            "silu {silu}: given statistics differ from the op's own"
+        );
+        let short = ctx.tensor(Type::F32, &[1, 1, c, 1], "short").unwrap();
+        assert!(ctx
+            .group_norm_act(xin, groups, eps, g, b, act, Some(short))
+            .is_err());
     }
 }
 

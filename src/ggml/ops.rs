@@ -201,25 +201,13 @@ impl Context<'_> {
     /// (`ggml/norm.rs`), written over `a` if `act.over`: only for an `a` whose other
     /// readers all come earlier in the graph's order (ggml runs a CPU graph in that
     /// order). On a GPU, whose backend may reorder nodes, ggml's ops into new tensors.
-    pub fn group_norm_act<'c>(
-        &'c self,
-        a: Tensor<'c>,
-        groups: usize,
-        eps: f32,
-        gamma: Tensor<'c>,
-        beta: Tensor<'c>,
-        act: NormAct,
-    ) -> Result<Tensor<'c>> {
-        self.group_norm_stats(a, groups, eps, gamma, beta, act, None)
-    }
-
-    /// [`Context::group_norm_act`] with the statistics given instead of gathered:
-    /// `stats` `[1, 1, C, 2]` f32, each channel's group mean, then its reciprocal
-    /// standard deviation, as the op would compute them (`1 / sqrt(var + eps)` in f32),
-    /// so that a tile normalised with the whole image's statistics gets the whole run's
-    /// values.
+    ///
+    /// `stats`, when given, replaces the statistics the op would gather: `[1, 1, C, 2]`
+    /// f32, each channel's group mean, then its reciprocal standard deviation, rounded as
+    /// the op rounds them ([`super::group_norm_statistics`]), for every image: a tile
+    /// normalised with the whole image's statistics then gets the whole run's values.
     #[allow(clippy::too_many_arguments)]
-    pub fn group_norm_stats<'c>(
+    pub fn group_norm_act<'c>(
         &'c self,
         a: Tensor<'c>,
         groups: usize,

@@ -181,7 +181,7 @@ impl<'c> Nn<'c> {
         act: NormAct,
     ) -> Result<Tensor<'c>> {
         let (g, b) = self.affine_params(name, x.ne()[2])?;
-        self.ctx.group_norm_act(x, groups, eps, g, b, act)
+        self.ctx.group_norm_act(x, groups, eps, g, b, act, None)
     }
 
     /// A norm's γ and β (`name.weight`, `name.bias`) over `channels`, shaped to

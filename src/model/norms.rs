@@ -109,7 +109,7 @@ impl SharedNorms {
         let gamma = c.reshape(nn.w.get(&format!("{name}.weight"))?, &[1, 1, ch, 1])?;
         let beta = c.reshape(nn.w.get(&format!("{name}.bias"))?, &[1, 1, ch, 1])?;
         let act = NormAct { silu, over: false };
-        c.group_norm_stats(x, groups, eps, gamma, beta, act, Some(stats))
+        c.group_norm_act(x, groups, eps, gamma, beta, act, Some(stats))
     }
 }
 
