@@ -215,7 +215,7 @@ pub(super) unsafe extern "C" fn group_norm_op(
     userdata: *mut c_void,
 ) {
     super::custom_op_body("group norm", "the norm's output is invalid", || {
-        // SAFETY: ggml passes the node built by `Context::group_norm_stats`: sources x,
+        // SAFETY: ggml passes the node built by `Context::group_norm_act`: sources x,
         // γ, β (and the statistics where `given`) of the types and shapes checked there, a contiguous f32 destination of x's
         // shape (x itself when written over), and the `Params` its context keeps alive.
         unsafe {
