@@ -96,6 +96,53 @@ fn a_budget_below_the_whole_decode_decodes_in_bands_to_the_same_image() {
 }
 
 #[test]
+fn img2img_under_a_budget_encodes_whole_and_decodes_in_bands_to_the_same_image() {
+    use sdrs::pipeline::{Canvas, Init};
+    use std::sync::Arc;
+    // The tiny reference model, whose encoder needs less than its decoder.
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("sd1.gguf");
+    convert_to(&sdrs::testdata::fixture("ref/sd1/model"), Type::Q8_0, &model).unwrap();
+    let mut pipe = Pipeline::load(&model).unwrap();
+    let side = 256;
+    let rgb: Vec<u8> = (0..side * side * 3)
+        .map(|i| ((i / 3 % side) as u8).wrapping_add((i / (3 * side)) as u8))
+        .collect();
+    let init = Arc::new(Canvas {
+        width: side,
+        height: side,
+        rgb,
+        mask: None,
+        mask_blur: 0.0,
+    });
+    let req = Request {
+        width: side,
+        height: side,
+        steps: 2,
+        init: Some(Init::new(init)),
+        ..Request::new("a photo of a cat")
+    };
+    let free = pipe.plan(&req).unwrap();
+    let need = |stage: &str| free.needs.iter().find(|n| n.stage == stage).unwrap().total();
+    // Room for the whole encode, not for the whole decode.
+    assert!(need("encode") < need("decode"), "{}", free.summary());
+    let whole = pipe.generate(&req, &mut |_| {}).unwrap();
+    // Just under the whole decode: the encode fits, and the UNet with its guidance
+    // split in two batches.
+    pipe.max_memory = Some(OVERHEAD + need("decode") - (4 << 20));
+    let planned = pipe.plan(&req).unwrap();
+    assert!(planned.decode_keep.is_some(), "{}", planned.summary());
+    // The encoder has no bands: it runs whole, as the plan counts it (a tile of the
+    // bands' shape, full width without overlaps, would not be exact).
+    let capped = pipe.generate(&req, &mut |_| {}).unwrap();
+    assert!(
+        capped.rgb == whole.rgb,
+        "{:.1} dB",
+        psnr(&whole.rgb, &capped.rgb)
+    );
+}
+
+#[test]
 fn split_guidance_gives_the_batched_image_with_half_the_compute_buffer() {
     let dir = tempfile::tempdir().unwrap();
     let model = dir.path().join("sd1.gguf");

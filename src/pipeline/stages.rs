@@ -8,7 +8,10 @@ use super::infotext;
 use super::lora::{Part, RequestLora};
 use super::preview::Previewer;
 use super::text::Prompts;
-use super::{check_cancel, guidance_embedding, to_rgb8, Guidance, Image, Pipeline, Request, Stage};
+use super::{
+    check_cancel, guidance_embedding, to_rgb8, Guidance, Image, Pipeline, Request, Stage,
+    FORCED_TILE,
+};
 use crate::budget::Plan;
 use crate::error::{Error, Result};
 use crate::formats::Checkpoint;
@@ -231,8 +234,15 @@ impl Pipeline {
                 req.steps
             )));
         }
-        // Image encodes are their own stage, before the UNet's weights come in.
-        let start = self.start(req, lw, lh, memory.tiling, rng.as_mut())?;
+        // Image encodes are their own stage, before the UNet's weights come in. They run
+        // in the decode's tiles, but not in its bands (full width without overlaps, which
+        // an encoder's tiles need): then whole, as planned, or in the forced tiles.
+        let encode_tiling = match memory.decode_keep {
+            Some(_) => (req.decoding.vae_tiling && FORCED_TILE.clamp(lw, lh).cuts(lw, lh))
+                .then_some(FORCED_TILE),
+            None => memory.tiling,
+        };
+        let start = self.start(req, lw, lh, encode_tiling, rng.as_mut())?;
         check_cancel(req.cancel.as_deref())?;
         // The UNet's weights, graph and compute buffer are dropped when this returns.
         let uw = self.stage(
