@@ -102,7 +102,12 @@ fn img2img_under_a_budget_encodes_whole_and_decodes_in_bands_to_the_same_image()
     // The tiny reference model, whose encoder needs less than its decoder.
     let dir = tempfile::tempdir().unwrap();
     let model = dir.path().join("sd1.gguf");
-    convert_to(&sdrs::testdata::fixture("ref/sd1/model"), Type::Q8_0, &model).unwrap();
+    convert_to(
+        &sdrs::testdata::fixture("ref/sd1/model"),
+        Type::Q8_0,
+        &model,
+    )
+    .unwrap();
     let mut pipe = Pipeline::load(&model).unwrap();
     let side = 256;
     let rgb: Vec<u8> = (0..side * side * 3)
@@ -123,7 +128,13 @@ fn img2img_under_a_budget_encodes_whole_and_decodes_in_bands_to_the_same_image()
         ..Request::new("a photo of a cat")
     };
     let free = pipe.plan(&req).unwrap();
-    let need = |stage: &str| free.needs.iter().find(|n| n.stage == stage).unwrap().total();
+    let need = |stage: &str| {
+        free.needs
+            .iter()
+            .find(|n| n.stage == stage)
+            .unwrap()
+            .total()
+    };
     // Room for the whole encode, not for the whole decode.
     assert!(need("encode") < need("decode"), "{}", free.summary());
     let whole = pipe.generate(&req, &mut |_| {}).unwrap();
