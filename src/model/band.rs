@@ -310,7 +310,7 @@ impl Schedule {
 /// Rows (pixels of a pass's input) a band keeps at least, halos aside.
 const MIN_KEPT: usize = 4;
 
-/// The graph of pass `p` over one band: the sums of the norm it collects, else its
+/// The graph of pass `p` over one band: the input of the norm it collects, else its
 /// last unit's output.
 fn build_pass<'c>(
     chain: &Chain<'_, '_>,
