@@ -69,6 +69,7 @@ pub fn main() -> ExitCode {
         1 => "info",
         _ => "debug",
     };
+    sdrs::ggml::return_freed_memory_promptly();
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(level))
         .format_timestamp(None)
         .init();

@@ -413,6 +413,21 @@ pub fn map_file(file: &std::fs::File) -> std::io::Result<Mapped> {
     })
 }
 
+/// Makes freed large blocks go back to the system at once. glibc's malloc otherwise
+/// raises its mmap threshold to the largest block freed (up to 32 MB) and its trim
+/// threshold to twice that, so a banded decode's per-band copies and per-pass graphs,
+/// allocated and freed over and over, stay resident: tens of MB the memory plan does
+/// not count (a 150 MiB cgroup run was OOM-killed by them). Fixed thresholds keep what
+/// is freed out of the resident set. Elsewhere (other C libraries) nothing to do.
+pub fn return_freed_memory_promptly() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets allocator parameters; any value is valid to pass.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 256 << 10);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 20);
+    }
+}
+
 /// Drops the resident pages of `len` bytes at `offset` of a read-only file mapping
 /// from this process (whole pages inside the range only). The data stays valid: a
 /// later read faults the page in again from the page cache or the file. This is how
