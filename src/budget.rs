@@ -96,7 +96,8 @@ pub struct Plan {
     /// The UNet reads its weights from the model file's mapping instead of copies in
     /// ggml's faster repacked layout, so they are clean file pages that the kernel may
     /// drop under the budget and read again at the next step (slower, but a run that
-    /// could not fit otherwise completes).
+    /// could not fit otherwise completes). Matrices the file stores interleaved are
+    /// read so either way ([`crate::ggml::repack`]), with the repacked kernel.
     pub stream_unet: bool,
     /// A banded decode's room for checkpoints, in bytes (`None`: no limit; see
     /// [`crate::model::band`]).

@@ -61,6 +61,26 @@ fn synth_convert_and_info_work_from_the_command_line() {
     assert!(!ok && err.contains("--force"), "{err}");
     let (ok, info, _) = sdrs(&["info", s]);
     assert!(ok && info.contains("Safetensors checkpoint"), "{info}");
+    // The x86 layout: said per type, and whether this CPU reads it in place.
+    let x86 = dir.path().join("x86.gguf");
+    let x = x86.to_str().unwrap();
+    let (ok, _, err) = sdrs(&[
+        "convert",
+        s,
+        "--type",
+        "q4_0",
+        "--cpu-layout",
+        "x86",
+        "-o",
+        x,
+    ]);
+    assert!(ok, "{err}");
+    let (ok, info, err) = sdrs(&["info", x]);
+    assert!(ok, "{err}");
+    assert!(
+        info.contains("q4_0 (x86 layout)") && info.contains("sd.layout.q4_0x8 = ["),
+        "{info}"
+    );
 }
 
 #[test]

@@ -546,3 +546,71 @@ fn disk_full_is_reported_and_leaves_nothing() {
     );
     assert!(listing_after.is_empty(), "{listing_after:?}");
 }
+
+#[test]
+fn an_interleaved_file_lists_its_matrices_and_converts_back_to_the_plain_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = sdrs::testdata::fixture("ref/sd1/model");
+    let plain = dir.path().join("plain.gguf");
+    let x86 = dir.path().join("x86.gguf");
+    let back = dir.path().join("back.gguf");
+    convert_to(&src, Type::Q4_0, &plain).unwrap();
+    convert_interleaved(&src, &x86).unwrap();
+    convert_to(&x86, Type::Q4_0, &back).unwrap();
+    let (p, x, b) = (
+        GgufFile::open(&plain).unwrap(),
+        GgufFile::open(&x86).unwrap(),
+        GgufFile::open(&back).unwrap(),
+    );
+    let mut interleaved = 0;
+    for t in &p.tensors {
+        let tx = x.tensor(&t.name).unwrap();
+        // Exactly the UNet's q4_0 matrices, in the same bytes once un-interleaved.
+        let expect = t.name.starts_with("model.diffusion_model.")
+            && sdrs::ggml::repack::can_interleave(t.ty, &t.ne);
+        assert_eq!(tx.interleaved, expect, "{}", t.name);
+        assert_eq!(x.plain(tx).unwrap().as_ref(), p.data(t), "{}", t.name);
+        assert_eq!(tx.interleaved, x.data(tx) != p.data(t), "{}", t.name);
+        interleaved += tx.interleaved as usize;
+        // Converting back stores them plain again, never requantized.
+        let tb = b.tensor(&t.name).unwrap();
+        assert!(!tb.interleaved && b.data(tb) == p.data(t), "{}", t.name);
+    }
+    assert!(interleaved > 50, "{interleaved}");
+    assert!(b.get(sdrs::formats::gguf::INTERLEAVED_Q4_0).is_none());
+}
+
+#[test]
+fn an_interleaved_list_naming_what_cannot_be_interleaved_is_refused() {
+    use sdrs::formats::gguf::{TensorEntry, Value, Writer, INTERLEAVED_Q4_0};
+    let dir = tempfile::tempdir().unwrap();
+    let t = [
+        TensorEntry {
+            name: "a".into(),
+            ne: vec![32, 8],
+            ty: Type::F32,
+        },
+        TensorEntry {
+            name: "b".into(),
+            ne: vec![32, 4],
+            ty: Type::Q4_0,
+        },
+    ];
+    for (name, what) in [
+        ("a", "a f32 tensor"),
+        ("b", "a q4_0 tensor [32, 4]"),
+        ("c", "which the file lacks"),
+    ] {
+        let kv = [(INTERLEAVED_Q4_0.to_string(), Value::string_array([name]))];
+        let mut w = Writer::new(Vec::new(), &kv, &t, None).unwrap();
+        w.write_chunk(&[0u8; 32 * 8 * 4]).unwrap();
+        w.write_chunk(&[0u8; 18 * 4]).unwrap();
+        let f = dir.path().join(format!("{name}.gguf"));
+        std::fs::write(&f, w.finish().unwrap()).unwrap();
+        let e = GgufFile::open(&f).expect_err("refused").to_string();
+        assert!(
+            e.contains(&format!("{name}.gguf")) && e.contains(INTERLEAVED_Q4_0) && e.contains(what),
+            "{e}"
+        );
+    }
+}

@@ -390,7 +390,10 @@ fn a_batch_is_one_draw_of_noise_and_its_images_differ() {
             .map(|(x, y)| x.abs_diff(*y))
             .max()
             .unwrap();
-        assert!(worst <= 1, "chunked batch differs by {worst} levels");
+        // Not bit for bit everywhere: with AVX2 only, ggml's f16 products take another
+        // path (its own dot product or llamafile's tiles, summing in another order) for
+        // a batch of 4 than for fewer, and five DDPM steps grow that to 2 levels.
+        assert!(worst <= 3, "chunked batch differs by {worst} levels");
     }
     let none = Request {
         max_memory: Some(sdrs::budget::OVERHEAD),

@@ -33,6 +33,10 @@ pub struct Args {
     /// Weight type of the synthetic model.
     #[arg(long = "type", default_value = "q4_0")]
     wtype: String,
+    /// Stored layout of the synthetic model's q4_0 UNet matrices (as `convert
+    /// --cpu-layout`).
+    #[arg(long = "cpu-layout", value_enum, default_value = "plain")]
+    cpu_layout: super::convert::CpuLayout,
     /// Image sizes to measure (square).
     #[arg(long, value_delimiter = ',', default_value = "512")]
     sizes: Vec<usize>,
@@ -94,7 +98,9 @@ pub fn run(a: Args, threads: Option<usize>, target: &super::Target) -> Result<()
             sdrs::synth::synth(&cfg, format, &src, 0, DType::F16, false, &mut |_, _| {})?;
             let wtype = sdrs::convert::policy::parse_type(&a.wtype)?;
             let ck = sdrs::formats::Checkpoint::open(&src)?;
-            let plan = sdrs::convert::plan(&ck, &sdrs::convert::Policy::new(wtype), None)?;
+            let mut policy = sdrs::convert::Policy::new(wtype);
+            policy.interleave = a.cpu_layout == super::convert::CpuLayout::X86;
+            let plan = sdrs::convert::plan(&ck, &policy, None)?;
             let out = tmp.path().join("synth.gguf");
             sdrs::convert::run(
                 &ck,

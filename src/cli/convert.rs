@@ -57,15 +57,30 @@ pub struct Args {
     /// scheduler, steps, cfg_scale). `generate` uses them for options not given.
     #[arg(long, value_name = "KEY=VALUE,...")]
     defaults: Option<String>,
+    /// How q4_0 UNet matrices are stored. `plain`: ggml's q4_0, read by every CPU and
+    /// GPU. `x86`: interleaved by 8 rows, the layout of ggml's AVX2/AVX-512 integer
+    /// GEMM, which then reads them straight from the file's mapping: the fast kernel
+    /// without a copy in memory, and pages the system can drop and read again under
+    /// a memory limit. CPUs whose ggml reads another layout un-interleave them at load.
+    #[arg(long = "cpu-layout", value_enum, default_value = "plain")]
+    cpu_layout: CpuLayout,
     /// Merge a LoRA into the weights (kohya/A1111, diffusers/PEFT or attention-processor
     /// naming; LoCon too): FILE or FILE:MULTIPLIER [default multiplier 1]; repeatable.
     #[arg(long, value_name = "FILE[:MULTIPLIER]")]
     lora: Vec<String>,
 }
 
+/// The stored layout of q4_0 UNet matrices (`--cpu-layout`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum CpuLayout {
+    Plain,
+    X86,
+}
+
 pub fn run(a: Args) -> Result<()> {
     let wtype = policy::parse_type(&a.wtype)?;
     let mut pol = Policy::new(wtype);
+    pol.interleave = a.cpu_layout == CpuLayout::X86;
     for r in &a.rules {
         pol.rules.push(r.parse()?);
     }

@@ -81,7 +81,10 @@ fn describe(file: &std::path::Path, tensors: bool, o: &mut String) -> Result<()>
                     .get(&t.name)
                     .cloned()
                     .unwrap_or_else(|| t.torch_shape()),
-                ty: t.ty.name().to_string(),
+                ty: match t.interleaved {
+                    true => format!("{} (x86 layout)", t.ty.name()),
+                    false => t.ty.name().to_string(),
+                },
                 bytes: t.nbytes,
             })
             .collect();
@@ -302,6 +305,18 @@ fn describe(file: &std::path::Path, tensors: bool, o: &mut String) -> Result<()>
                 out!(
                     o,
                     "  {k} = [{} entries]",
+                    v.as_array().map_or(0, |a| a.len())
+                );
+                continue;
+            }
+            if k == sdrs::formats::gguf::INTERLEAVED_Q4_0 {
+                let here = match sdrs::ggml::Context::reads_interleaved_q4_0() {
+                    true => "read in place on this CPU",
+                    false => "this CPU's ggml reads another layout: un-interleaved at load",
+                };
+                out!(
+                    o,
+                    "  {k} = [{} entries] ({here})",
                     v.as_array().map_or(0, |a| a.len())
                 );
                 continue;

@@ -392,7 +392,7 @@ fn source_digest(ck: &Checkpoint) -> Result<String> {
                 }
             }
             TensorData::Concat(p) => p.iter().for_each(|t| collect(t, out)),
-            TensorData::Transpose(t) => collect(t, out),
+            TensorData::Transpose(t) | TensorData::Interleaved(t) => collect(t, out),
         }
     }
     for t in &ck.tensors {
@@ -468,6 +468,18 @@ fn output_metadata(
         .map(|e| (e.name.clone(), e.shape.clone()))
         .collect();
     kv.extend(metadata::reshaped_kv(&reshaped));
+    let interleaved: Vec<String> = plan
+        .entries
+        .iter()
+        .filter(|e| e.decision.interleaved)
+        .map(|e| e.name.clone())
+        .collect();
+    if !interleaved.is_empty() {
+        kv.push((
+            crate::formats::gguf::INTERLEAVED_Q4_0.into(),
+            Value::string_array(interleaved),
+        ));
+    }
     if !plan.merges.is_empty() {
         let merged: Vec<String> = plan
             .merges
@@ -576,8 +588,28 @@ fn write_tensors(
                 .push((p, m.multiplier));
         }
     }
+    let mut groups = Vec::new();
     for (i, e) in plan.entries.iter().enumerate() {
         let t = &ck.tensors[e.index];
+        // Plain rows in, whole 8-row groups out where the decision interleaves.
+        let mut pending = Vec::new();
+        let group_bytes = e.decision.ty.bytes_for(e.decision.ne[0]).unwrap_or(0) as usize
+            * crate::ggml::repack::ROWS;
+        let mut sink = |chunk: &[u8]| -> Result<()> {
+            if !e.decision.interleaved {
+                return w.write_chunk(chunk).map_err(out_err);
+            }
+            pending.extend_from_slice(chunk);
+            let whole = pending.len() / group_bytes * group_bytes;
+            groups.clear();
+            crate::ggml::repack::interleave_q4_0(
+                &pending[..whole],
+                e.decision.ne[0] as usize,
+                &mut groups,
+            )?;
+            pending.drain(..whole);
+            w.write_chunk(&groups).map_err(out_err)
+        };
         match merges.get(e.name.as_str()) {
             // An adapted weight is read whole: the update spans every row.
             Some(pairs) => {
@@ -594,13 +626,16 @@ fn write_tensors(
                     })?;
                     rows.iter_mut().zip(&delta).for_each(|(x, d)| *x += d);
                 }
-                quantize::convert_values(&w32, &e.decision, &mut scratch, &mut |chunk| {
-                    w.write_chunk(chunk).map_err(out_err)
-                })?;
+                quantize::convert_values(&w32, &e.decision, &mut scratch, &mut sink)?;
             }
-            None => quantize::convert_tensor(t, &e.decision, &mut scratch, cancel, &mut |chunk| {
-                w.write_chunk(chunk).map_err(out_err)
-            })?,
+            None => quantize::convert_tensor(t, &e.decision, &mut scratch, cancel, &mut sink)?,
+        }
+        if !pending.is_empty() {
+            return Err(Error::Invalid(format!(
+                "`{}`: {} bytes left over an interleaved tensor's 8-row groups",
+                e.name,
+                pending.len()
+            )));
         }
         bytes_done += t.nbytes();
         progress(&Progress {

@@ -59,6 +59,9 @@ pub fn parse_type(s: &str) -> Result<Type> {
 pub struct Policy {
     pub wtype: Type,
     pub rules: Vec<Rule>,
+    /// Store the UNet's q4_0 matrices interleaved ([`crate::ggml::repack`]): the layout
+    /// ggml's x86 integer GEMM reads, so they are used in place from the mapping.
+    pub interleave: bool,
 }
 
 /// The decision for one tensor.
@@ -69,6 +72,8 @@ pub struct Decision {
     pub ne: Vec<u64>,
     /// Whether the stored shape differs from the source's (4-D kernels stored 2-D).
     pub reshaped: bool,
+    /// Stored in the interleaved q4_0 layout ([`Policy::interleave`]).
+    pub interleaved: bool,
     pub why: String,
 }
 
@@ -93,6 +98,7 @@ impl Policy {
         Policy {
             wtype,
             rules: Vec::new(),
+            interleave: false,
         }
     }
 
@@ -150,10 +156,16 @@ impl Policy {
             );
             ty = next;
         }
+        // Only the UNet's: every one of its matrices is the weight of a product, the one
+        // use the layout serves.
+        let interleaved = self.interleave
+            && name.starts_with(crate::network::UNET_PREFIX)
+            && crate::ggml::repack::can_interleave(ty, &ne);
         Decision {
             ty,
             ne,
             reshaped,
+            interleaved,
             why,
         }
     }

@@ -134,6 +134,9 @@ pub fn convert_tensor(
             }
             Ok(())
         }
+        // Read whole (one matrix), and stored plain again unless the decision says
+        // otherwise: never requantized from its own values.
+        TensorData::Interleaved(_) if same_storage(t.dtype, d.ty) => sink(&t.read_raw()?),
         _ => {
             let f = t.read_f32()?;
             encode(d.ty, &f, row_len, out)?;

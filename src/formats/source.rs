@@ -100,6 +100,24 @@ pub enum TensorData {
     Concat(Vec<SourceTensor>),
     /// A 2-D tensor stored transposed (OpenCLIP `text_projection` vs a linear weight).
     Transpose(Box<SourceTensor>),
+    /// A q4_0 matrix stored interleaved by 8 rows (our GGUF's x86 layout,
+    /// [`crate::ggml::repack`]); it reads back plain.
+    Interleaved(Box<SourceTensor>),
+}
+
+impl TensorData {
+    /// This data as read by a tensor of `shape` that is stored interleaved if `yes`.
+    pub fn interleaved_if(self, yes: bool, name: &str, shape: &[usize], dtype: DType) -> Self {
+        if !yes {
+            return self;
+        }
+        TensorData::Interleaved(Box::new(SourceTensor {
+            name: name.to_string(),
+            shape: shape.to_vec(),
+            dtype,
+            data: self,
+        }))
+    }
 }
 
 /// One tensor of an input, under its canonical name.
@@ -156,7 +174,7 @@ impl SourceTensor {
                 }
             }
             TensorData::Concat(parts) => parts.iter().try_for_each(|p| p.validate()),
-            TensorData::Transpose(t) => t.validate(),
+            TensorData::Transpose(t) | TensorData::Interleaved(t) => t.validate(),
         }
     }
 
@@ -169,6 +187,12 @@ impl SourceTensor {
                 file.read_at(*offset, &mut buf)?;
                 Ok(buf)
             }
+            TensorData::Interleaved(t) => {
+                // The stored matrix's rows (the outer shape may be a 4-D kernel's).
+                let row = t.shape.last().copied().unwrap_or(0);
+                crate::ggml::repack::deinterleave_q4_0(&t.read_raw()?, row)
+                    .map_err(|e| Error::Invalid(format!("tensor `{}`: {e}", self.name)))
+            }
             _ => {
                 let v = self.read_f32()?;
                 Ok(v.iter().flat_map(|x| x.to_le_bytes()).collect())
@@ -179,7 +203,7 @@ impl SourceTensor {
     /// All elements as f32, in row-major order of `shape`.
     pub fn read_f32(&self) -> Result<Vec<f32>> {
         match &self.data {
-            TensorData::Raw { .. } => {
+            TensorData::Raw { .. } | TensorData::Interleaved(_) => {
                 let raw = self.read_raw()?;
                 to_f32(self.dtype, &raw, self.numel() as usize).ok_or_else(|| {
                     Error::Invalid(format!(

@@ -532,6 +532,27 @@ impl<'d> Context<'d> {
     /// Makes `bytes` (e.g. a GGUF mapping) usable as tensor memory without copying.
     /// Returns a handle for [`Context::place`].
     pub fn borrow_host(&self, bytes: &'d [u8]) -> Result<HostRegion> {
+        self.borrow(bytes, None)
+    }
+
+    /// Whether [`Context::borrow_interleaved`] can do anything on this CPU: its ggml
+    /// library reads q4_0 matrices in [`super::repack::interleave_q4_0`]'s layout.
+    pub fn reads_interleaved_q4_0() -> bool {
+        super::repack::mapped_traits().is_some()
+    }
+
+    /// As [`Context::borrow_host`], for memory holding q4_0 matrices stored
+    /// interleaved ([`super::repack`]): tensors placed there are multiplied by ggml's
+    /// integer GEMM straight from that memory. `None` where this CPU's ggml reads
+    /// another layout (see [`Context::reads_interleaved_q4_0`]).
+    pub fn borrow_interleaved(&self, bytes: &'d [u8]) -> Result<Option<HostRegion>> {
+        match super::repack::mapped_traits() {
+            Some(traits) => self.borrow(bytes, Some(traits)).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    fn borrow(&self, bytes: &'d [u8], traits: Option<usize>) -> Result<HostRegion> {
         // ggml asserts (aborts) on a misaligned base: refuse it here instead.
         if !(bytes.as_ptr() as usize).is_multiple_of(TENSOR_ALIGNMENT) {
             return Err(Error::Ggml(format!(
@@ -547,16 +568,39 @@ impl<'d> Context<'d> {
         }
         let mut buffers = self.buffers.borrow_mut();
         buffers.push(buf);
+        if traits.is_some() {
+            // SAFETY: `buf` was just made over `bytes` and holds no tensor yet.
+            unsafe { super::repack::retype_as_repack(buf, bytes.len())? };
+        }
         Ok(HostRegion {
             index: buffers.len() - 1,
             base: bytes.as_ptr() as usize,
             len: bytes.len(),
+            traits,
         })
     }
 
     /// Points tensor `t` at `offset` inside a borrowed region (zero copy).
+    /// In an interleaved region ([`Context::borrow_interleaved`]) only q4_0 matrices
+    /// of 8-row groups may be placed, and only as the weights (`a`) of
+    /// [`Context::mul_mat`].
     pub fn place(&self, region: &HostRegion, t: Tensor<'_>, offset: usize) -> Result<()> {
         let n = t.nbytes();
+        if region.traits.is_some() {
+            let ne: Vec<u64> = t.ne().iter().map(|&d| d as u64).collect();
+            let ne = if ne[2..].iter().all(|&d| d == 1) {
+                &ne[..2]
+            } else {
+                &ne[..]
+            };
+            if !super::repack::can_interleave(t.ty(), ne) {
+                return Err(Error::Ggml(format!(
+                    "{} {:?} cannot be read interleaved (only q4_0 matrices of 8-row groups)",
+                    t.ty().name(),
+                    t.ne()
+                )));
+            }
+        }
         if offset.checked_add(n).is_none_or(|end| end > region.len) {
             return Err(Error::Ggml(format!(
                 "tensor of {n} bytes at {offset} exceeds a region of {}",
@@ -587,6 +631,11 @@ impl<'d> Context<'d> {
                 return Err(Error::Ggml(format!(
                     "ggml_backend_tensor_alloc failed ({status})"
                 )));
+            }
+            // What the repack buffer's own init would set: the kernel for the layout,
+            // which `borrow_interleaved`'s probe found to be the one stored here.
+            if let Some(traits) = region.traits {
+                (*t.ptr.as_ptr()).extra = traits as *mut std::ffi::c_void;
             }
         }
         self.borrowed.borrow_mut().insert(t.ptr.as_ptr());
@@ -745,6 +794,8 @@ pub struct HostRegion {
     index: usize,
     base: usize,
     len: usize,
+    /// For an interleaved region, ggml's kernel for what is placed there.
+    traits: Option<usize>,
 }
 
 impl Tensor<'_> {

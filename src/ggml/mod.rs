@@ -7,6 +7,7 @@ mod device;
 mod mapguard;
 mod ops;
 mod peak;
+pub mod repack;
 mod sys;
 
 mod attention;

@@ -44,12 +44,19 @@ impl<'g> Weights<'g> {
         let infos: Vec<_> = gguf.tensors.iter().filter(|t| keep(&t.name)).collect();
         let ctx = Context::new(infos.len() + 1)?;
         let region = ctx.borrow_host(gguf.bytes())?;
+        // Matrices stored interleaved are read in place where this CPU's ggml reads
+        // that layout, else un-interleaved like any other copy.
+        let interleaved = match infos.iter().any(|t| t.interleaved) {
+            true => ctx.borrow_interleaved(gguf.bytes())?,
+            false => None,
+        };
         let can = Context::can_repack();
         let mut later = Vec::new();
         let mut converted = Vec::new();
         let mut copied = std::collections::HashSet::new();
         let mut bytes = 0;
         let (mut converted_bytes, mut largest_mapped) = (0, 0);
+        let mut in_place = 0;
         let vector_bf16 = crate::cpu::vector_bf16();
         for t in infos {
             let packable =
@@ -61,10 +68,23 @@ impl<'g> Weights<'g> {
                 copied.insert(t.name.clone());
                 // Read once: the mapped original need not stay resident beside it.
                 gguf.release_tensor(t);
+            } else if let (true, Some(region)) = (t.interleaved, &interleaved) {
+                bytes += t.nbytes;
+                largest_mapped = largest_mapped.max(t.nbytes);
+                in_place += 1;
+                let tensor = new_tensor(&ctx, gguf, t, t.ty)?;
+                ctx.place(region, tensor, (gguf.data_offset + t.offset) as usize)?;
             } else if can && packable && repack(&t.name) {
                 bytes += t.nbytes;
                 later.push(t);
                 copied.insert(t.name.clone());
+            } else if t.interleaved {
+                let data = gguf.plain(t)?.into_owned();
+                bytes += t.nbytes;
+                converted_bytes += t.nbytes;
+                converted.push((new_tensor(&ctx, gguf, t, t.ty)?, data));
+                copied.insert(t.name.clone());
+                gguf.release_tensor(t);
             } else {
                 bytes += t.nbytes;
                 largest_mapped = largest_mapped.max(t.nbytes);
@@ -85,20 +105,28 @@ impl<'g> Weights<'g> {
                 converted.len()
             );
         }
-        let mut repacked = 0;
+        let mut repacked = in_place;
+        if in_place > 0 {
+            log::debug!(
+                "{}: {in_place} interleaved weights read in place by ggml's integer GEMM",
+                gguf.path.display()
+            );
+        }
         if !later.is_empty() {
             let made = later
                 .iter()
-                .map(|t| Ok((new_tensor(&ctx, gguf, t, t.ty)?, gguf.data(t))))
+                .map(|t| Ok((new_tensor(&ctx, gguf, t, t.ty)?, gguf.plain(t)?)))
                 .collect::<Result<Vec<_>>>()?;
+            let made: Vec<_> = made.iter().map(|(t, b)| (*t, b.as_ref())).collect();
             // Each source leaves resident memory once copied: the mapped and the
             // copied UNet are never both resident (0.93 GB at q4_0 otherwise).
-            repacked = ctx.alloc_repacked(&made, |i| gguf.release_tensor(later[i]))?;
+            let n = ctx.alloc_repacked(&made, |i| gguf.release_tensor(later[i]))?;
             log::debug!(
-                "{}: {repacked} of {} weights repacked for ggml's integer GEMM",
+                "{}: {n} of {} weights repacked for ggml's integer GEMM",
                 gguf.path.display(),
                 later.len()
             );
+            repacked += n;
         }
         Ok(Weights {
             path: gguf.path.clone(),
@@ -209,7 +237,7 @@ fn fitted<'c>(
         return Ok(None);
     };
     let what = format!("{}: tensor `{}`", gguf.path.display(), t.name);
-    let data = fit::convert(&what, t.ty, ty, gguf.data(t), &t.ne)?;
+    let data = fit::convert(&what, t.ty, ty, &gguf.plain(t)?, &t.ne)?;
     Ok(Some((new_tensor(ctx, gguf, t, ty)?, data)))
 }
 
@@ -242,7 +270,10 @@ impl Weights<'static> {
         })?;
         let mut copied = std::collections::HashSet::new();
         for (t, (tensor, data)) in infos.iter().zip(made) {
-            ctx.set_bytes(tensor, data.as_deref().unwrap_or_else(|| gguf.data(t)))?;
+            match data {
+                Some(data) => ctx.set_bytes(tensor, &data)?,
+                None => ctx.set_bytes(tensor, &gguf.plain(t)?)?,
+            }
             gguf.release_tensor(t);
             copied.insert(t.name.clone());
         }

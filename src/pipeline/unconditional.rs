@@ -489,7 +489,7 @@ impl Unconditional {
             .tensor(&name)
             .ok_or_else(|| Error::format(&self.gguf.path, format!("no `{name}`")))?;
         let c = v.latent_channels;
-        let codebook = t.ty.dequantize(self.gguf.data(t), t.numel() as usize)?;
+        let codebook = t.ty.dequantize(&self.gguf.plain(t)?, t.numel() as usize)?;
         if codebook.len() != v.codebook.unwrap_or(0) * c {
             return Err(Error::format(
                 &self.gguf.path,

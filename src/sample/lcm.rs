@@ -57,6 +57,7 @@ pub(super) fn lcm_step(st: &mut Step, x: &[f64]) -> Result<Vec<f64>> {
         .zip(&d0)
         .map(|(x, d)| c_out * d + c_skip * x * c_in)
         .collect();
+    den.set_estimate(&out);
     if i + 1 < plan.timesteps.len() {
         let z = noise.noise(s, sn, out.len());
         for (o, z) in out.iter_mut().zip(z) {

@@ -169,6 +169,14 @@ impl<'a> Denoiser<'a> {
     pub fn last_denoised(&self) -> &[f64] {
         &self.last
     }
+
+    /// Makes `x0` the clean estimate of this step: a consistency model's is its
+    /// boundary-conditioned output, not the raw prediction (diffusers' LCMScheduler
+    /// returns it as `denoised`), and its last step's is the image itself.
+    fn set_estimate(&mut self, x0: &[f64]) {
+        self.last.clear();
+        self.last.extend_from_slice(x0);
+    }
 }
 
 /// Fresh Gaussian noise for a stochastic step from σ to σ_next.

@@ -40,8 +40,20 @@ pub fn synth_tiny(arch: &str, format: Format, dtype: DType, dir: &Path) -> PathB
 }
 
 pub fn convert_to(input: &Path, wtype: Type, out: &Path) -> sdrs::Result<convert::Summary> {
+    convert_with(input, Policy::new(wtype), out)
+}
+
+/// [`convert_to`] with the q4_0 UNet matrices stored interleaved (`--cpu-layout x86`).
+pub fn convert_interleaved(input: &Path, out: &Path) -> sdrs::Result<convert::Summary> {
+    let mut policy = Policy::new(Type::Q4_0);
+    policy.interleave = true;
+    convert_with(input, policy, out)
+}
+
+pub fn convert_with(input: &Path, policy: Policy, out: &Path) -> sdrs::Result<convert::Summary> {
+    let wtype = policy.wtype;
     let ck = Checkpoint::open(input)?;
-    let plan = convert::plan(&ck, &Policy::new(wtype), None)?;
+    let plan = convert::plan(&ck, &policy, None)?;
     convert::run(
         &ck,
         &plan,

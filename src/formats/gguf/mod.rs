@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 
-pub use reader::{GgufFile, TensorInfo};
+pub use reader::{GgufFile, TensorInfo, INTERLEAVED_Q4_0};
 pub use value::{ty, Value};
 pub use writer::{TensorEntry, Writer};
 
@@ -62,7 +62,13 @@ pub fn open_checkpoint(path: &Path) -> Result<Checkpoint> {
             data: TensorData::Raw {
                 file: Arc::clone(&file),
                 offset: g.data_offset + t.offset,
-            },
+            }
+            .interleaved_if(
+                t.interleaved,
+                &t.name,
+                &t.torch_shape(),
+                DType::Ggml(t.ty),
+            ),
         })
         .collect();
     let metadata: BTreeMap<String, String> = g

@@ -17,7 +17,14 @@ pub struct TensorInfo {
     /// Offset from the start of the data section.
     pub offset: u64,
     pub nbytes: u64,
+    /// A q4_0 matrix stored in the interleaved layout of [`ggml::repack`] (listed
+    /// under [`INTERLEAVED_Q4_0`]); its plain bytes come from [`GgufFile::plain`].
+    pub interleaved: bool,
 }
+
+/// Metadata key: the names of the q4_0 matrices stored interleaved by 8 rows
+/// ([`ggml::repack`]), the layout ggml's x86 integer GEMM reads in place.
+pub const INTERLEAVED_Q4_0: &str = "sd.layout.q4_0x8";
 
 impl TensorInfo {
     pub fn numel(&self) -> u64 {
@@ -86,7 +93,8 @@ impl GgufFile {
             pos: 0,
             path,
         };
-        let (version, metadata, tensors, data_offset, alignment) = p.parse()?;
+        let (version, metadata, mut tensors, data_offset, alignment) = p.parse()?;
+        mark_interleaved(path, &metadata, &mut tensors)?;
         let file = GgufFile {
             path: path.to_path_buf(),
             version,
@@ -155,7 +163,19 @@ impl GgufFile {
         }
     }
 
-    /// The tensor's bytes, in place in the mapping.
+    /// The tensor's plain bytes (ggml's layout for its type): in place in the mapping,
+    /// or un-interleaved from it.
+    pub fn plain(&self, t: &TensorInfo) -> Result<std::borrow::Cow<'_, [u8]>> {
+        if !t.interleaved {
+            return Ok(self.data(t).into());
+        }
+        ggml::repack::deinterleave_q4_0(self.data(t), t.ne[0] as usize)
+            .map(Into::into)
+            .map_err(|e| Error::format(&self.path, format!("tensor `{}`: {e}", t.name)))
+    }
+
+    /// The tensor's bytes as stored, in place in the mapping (interleaved ones too:
+    /// see [`GgufFile::plain`]).
     pub fn data(&self, t: &TensorInfo) -> &[u8] {
         let start = (self.data_offset + t.offset) as usize;
         // Bounds were validated at open time.
@@ -171,6 +191,49 @@ impl GgufFile {
     pub fn file_len(&self) -> u64 {
         self.map.len() as u64
     }
+}
+
+/// Marks the tensors listed under [`INTERLEAVED_Q4_0`], each checked to be a q4_0
+/// matrix that layout can hold.
+fn mark_interleaved(
+    path: &Path,
+    metadata: &[(String, Value)],
+    tensors: &mut [TensorInfo],
+) -> Result<()> {
+    let Some((_, list)) = metadata.iter().find(|(k, _)| k == INTERLEAVED_Q4_0) else {
+        return Ok(());
+    };
+    let bad = |what: String| Error::format(path, format!("metadata `{INTERLEAVED_Q4_0}`: {what}"));
+    let names = list
+        .as_array()
+        .ok_or_else(|| bad("is not an array of tensor names".into()))?;
+    let index: std::collections::HashMap<&str, usize> = tensors
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.name.as_str(), i))
+        .collect();
+    let mut marked = Vec::with_capacity(names.len());
+    for n in names {
+        let n = n
+            .as_str()
+            .ok_or_else(|| bad("holds a value that is not a string".into()))?;
+        let i = *index
+            .get(n)
+            .ok_or_else(|| bad(format!("names `{n}`, which the file lacks")))?;
+        let t = &tensors[i];
+        if !ggml::repack::can_interleave(t.ty, &t.ne) {
+            return Err(bad(format!(
+                "names `{n}`, a {} tensor {:?}: only q4_0 matrices of 8-row groups are stored interleaved",
+                t.ty.name(),
+                t.ne
+            )));
+        }
+        marked.push(i);
+    }
+    for i in marked {
+        tensors[i].interleaved = true;
+    }
+    Ok(())
 }
 
 struct Parser<'a> {
@@ -379,6 +442,7 @@ impl<'a> Parser<'a> {
                 ty,
                 offset,
                 nbytes,
+                interleaved: false,
             });
         }
         let data_offset = (self.pos as u64).div_ceil(alignment) * alignment;
