@@ -176,7 +176,7 @@ fn taesd_decode(c: &mut Criterion, backend: &Backend) {
         eprintln!("skipping taesd_decode: {} not found", path.display());
         return;
     };
-    let w = sdrs::model::Weights::from_checkpoint(&ck, backend).expect("TAEF2 weights");
+    let w = sdrs::model::Weights::from_checkpoint_half(&ck, backend).expect("TAEF2 weights");
     let channels = sdrs::model::taesd::latent_channels(&w).expect("decoder");
     let latent = values(channels * 64 * 64, 5);
     let mut g = c.benchmark_group("taesd_decode_512x512");

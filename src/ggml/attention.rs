@@ -7,13 +7,14 @@
 //!
 //! How (FlashAttention's tiling and online softmax, Dao et al. 2022, on a CPU): for
 //! each head, keys are packed transposed (`[D][Nk]`) and values row-major with the
-//! head size padded to a multiple of 16; a tile of 4 queries runs over blocks of 64
-//! keys: scores as 4x64 register accumulators (one broadcast query value against 4
-//! vectors of keys per step of the head dimension), a running max and sum per query
-//! rescale the output, and the probabilities multiply the values in chunks of up to
-//! 48 lanes kept in registers. The code is plain Rust over fixed-size arrays, compiled
-//! three times (AVX-512, AVX2+FMA, and the target's baseline: SSE2, or NEON on
-//! aarch64) and chosen at run time, so one binary runs everywhere.
+//! head size padded to a multiple of 16; a tile of 6 queries runs over blocks of 64
+//! keys: scores in register accumulators (one broadcast query value against vectors
+//! of keys per step of the head dimension), a running max and sum per query rescale
+//! the output, and the probabilities multiply the values in register-sized chunks of
+//! lanes. The AVX-512, AVX2+FMA and NEON tiles are written in intrinsics, each sized
+//! to its register file; the portable tile, plain Rust over fixed-size arrays, serves
+//! x86-64 CPUs without AVX2 (SSE2). The variant is chosen at run
+//! time, so one binary runs everywhere.
 // The tile loops index several fixed-size arrays with one counter each, the form the
 // compiler unrolls into registers; iterator chains over zipped rows would hide that.
 #![allow(clippy::needless_range_loop)]
@@ -292,12 +293,6 @@ unsafe fn run(job: &Job, ith: usize, nth: usize) {
 /// Attention of one tile of queries over a packed head (see [`tile`]).
 type TileFn = unsafe fn(&Head<'_>, &[f32], &mut [f32]);
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn tile_avx2(h: &Head<'_>, q: &[f32], out: &mut [f32]) {
-    tile::<true>(h, q, out)
-}
-
 unsafe fn tile_portable(h: &Head<'_>, q: &[f32], out: &mut [f32]) {
     // aarch64's baseline (NEON) has fused multiply-add; x86-64's (SSE2) does not.
     tile::<{ cfg!(target_arch = "aarch64") }>(h, q, out)
@@ -457,6 +452,279 @@ mod avx512 {
     }
 }
 
+/// The AVX2 tile, in intrinsics. With 16 registers of 8 lanes the portable code's
+/// 6x64 score block spills on every step (8 GFLOP/s on an AVX2-only Zen core, a third
+/// of a 256x256 UNet step), so a key block is scored 16 keys at a time (6x2
+/// accumulators) and the values are summed 16 lanes at a time.
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    use super::{Head, KB, R};
+
+    /// Lanes per vector.
+    const W: usize = 8;
+
+    /// [`super::exp`] on 8 lanes, the power of two built in the exponent bits.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn exp(x: __m256) -> __m256 {
+        let xc = _mm256_min_ps(
+            _mm256_max_ps(x, _mm256_set1_ps(-87.0)),
+            _mm256_set1_ps(88.0),
+        );
+        let k = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+            _mm256_mul_ps(xc, _mm256_set1_ps(std::f32::consts::LOG2_E)),
+        );
+        let r = _mm256_fnmadd_ps(k, _mm256_set1_ps(0.693_145_75), xc);
+        let r = _mm256_fnmadd_ps(k, _mm256_set1_ps(1.428_606_8e-6), r);
+        let mut p = _mm256_set1_ps(1.0 / 720.0);
+        for c in [1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
+            p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
+        }
+        // k is in [-126, 127] after the clamp: a normal power of two.
+        let two_k = _mm256_castsi256_ps(_mm256_slli_epi32::<23>(_mm256_add_epi32(
+            _mm256_cvtps_epi32(k),
+            _mm256_set1_epi32(127),
+        )));
+        let y = _mm256_mul_ps(p, two_k);
+        let below = _mm256_cmp_ps::<_CMP_LT_OQ>(x, _mm256_set1_ps(-87.0));
+        _mm256_blendv_ps(y, _mm256_setzero_ps(), below)
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn hmax(v: __m256) -> f32 {
+        let m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+        let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+        let m = _mm_max_ss(m, _mm_shuffle_ps::<1>(m, m));
+        _mm_cvtss_f32(m)
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn hsum(v: __m256) -> f32 {
+        let m = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+        let m = _mm_add_ps(m, _mm_movehl_ps(m, m));
+        let m = _mm_add_ss(m, _mm_shuffle_ps::<1>(m, m));
+        _mm_cvtss_f32(m)
+    }
+
+    /// # Safety
+    /// As [`super::avx512::tile`].
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn tile(h: &Head<'_>, q: &[f32], out: &mut [f32]) {
+        let (d, dp) = (h.d, h.dp);
+        let mut m = [f32::NEG_INFINITY; R];
+        let mut l = [0f32; R];
+        let mut s = [[0f32; KB]; R];
+        out[..R * dp].fill(0.0);
+        let (kt, qp, o) = (h.kt.as_ptr(), q.as_ptr(), out.as_mut_ptr());
+        let mut j0 = 0;
+        while j0 < h.nk {
+            for sub in (0..KB).step_by(2 * W) {
+                let mut acc = [[_mm256_setzero_ps(); 2]; R];
+                let mut kp = kt.add(j0 * d + sub);
+                for dd in 0..d {
+                    let k0 = _mm256_loadu_ps(kp);
+                    let k1 = _mm256_loadu_ps(kp.add(W));
+                    for r in 0..R {
+                        let qb = _mm256_broadcast_ss(&*qp.add(r * d + dd));
+                        acc[r][0] = _mm256_fmadd_ps(qb, k0, acc[r][0]);
+                        acc[r][1] = _mm256_fmadd_ps(qb, k1, acc[r][1]);
+                    }
+                    kp = kp.add(KB);
+                }
+                for r in 0..R {
+                    _mm256_storeu_ps(s[r].as_mut_ptr().add(sub), acc[r][0]);
+                    _mm256_storeu_ps(s[r].as_mut_ptr().add(sub + W), acc[r][1]);
+                }
+            }
+            let valid = (h.nk - j0).min(KB);
+            let mut corr = [0f32; R];
+            for r in 0..R {
+                s[r][valid..].fill(f32::NEG_INFINITY);
+                let sp = s[r].as_mut_ptr();
+                let mut top = _mm256_loadu_ps(sp);
+                for c in (W..KB).step_by(W) {
+                    top = _mm256_max_ps(top, _mm256_loadu_ps(sp.add(c)));
+                }
+                let mx = m[r].max(hmax(top));
+                corr[r] = super::exp(m[r] - mx);
+                let mb = _mm256_set1_ps(mx);
+                let mut sum = _mm256_setzero_ps();
+                for c in (0..KB).step_by(W) {
+                    let e = exp(_mm256_sub_ps(_mm256_loadu_ps(sp.add(c)), mb));
+                    sum = _mm256_add_ps(sum, e);
+                    _mm256_storeu_ps(sp.add(c), e);
+                }
+                l[r] = l[r] * corr[r] + hsum(sum);
+                m[r] = mx;
+            }
+            // The probabilities (now in `s`) times the values, 16 lanes at a time.
+            for c0 in (0..dp).step_by(2 * W) {
+                let mut acc = [[_mm256_setzero_ps(); 2]; R];
+                for r in 0..R {
+                    let cb = _mm256_set1_ps(corr[r]);
+                    acc[r][0] = _mm256_mul_ps(_mm256_loadu_ps(o.add(r * dp + c0)), cb);
+                    acc[r][1] = _mm256_mul_ps(_mm256_loadu_ps(o.add(r * dp + c0 + W)), cb);
+                }
+                let mut vp = h.v.as_ptr().add(j0 * dp + c0);
+                for j in 0..valid {
+                    let v0 = _mm256_loadu_ps(vp);
+                    let v1 = _mm256_loadu_ps(vp.add(W));
+                    for r in 0..R {
+                        let pj = _mm256_broadcast_ss(&s[r][j]);
+                        acc[r][0] = _mm256_fmadd_ps(pj, v0, acc[r][0]);
+                        acc[r][1] = _mm256_fmadd_ps(pj, v1, acc[r][1]);
+                    }
+                    vp = vp.add(dp);
+                }
+                for r in 0..R {
+                    _mm256_storeu_ps(o.add(r * dp + c0), acc[r][0]);
+                    _mm256_storeu_ps(o.add(r * dp + c0 + W), acc[r][1]);
+                }
+            }
+            j0 += KB;
+        }
+        for r in 0..R {
+            let inv = 1.0 / l[r];
+            for x in out[r * dp..(r + 1) * dp].iter_mut() {
+                *x *= inv;
+            }
+        }
+    }
+}
+
+/// The NEON tile, in intrinsics: with 32 registers of 4 lanes the portable code's
+/// 6x64 score block spills as the AVX2 one did, so keys are scored and values summed
+/// 16 lanes at a time (6x4 accumulators).
+#[cfg(target_arch = "aarch64")]
+mod neon {
+    use std::arch::aarch64::*;
+
+    use super::{Head, KB, R};
+
+    /// Lanes per vector.
+    const W: usize = 4;
+
+    /// [`super::exp`] on 4 lanes, the power of two built in the exponent bits.
+    #[inline(always)]
+    unsafe fn exp(x: float32x4_t) -> float32x4_t {
+        let xc = vminq_f32(vmaxq_f32(x, vdupq_n_f32(-87.0)), vdupq_n_f32(88.0));
+        let k = vrndnq_f32(vmulq_f32(xc, vdupq_n_f32(std::f32::consts::LOG2_E)));
+        let r = vfmsq_f32(xc, k, vdupq_n_f32(0.693_145_75));
+        let r = vfmsq_f32(r, k, vdupq_n_f32(1.428_606_8e-6));
+        let mut p = vdupq_n_f32(1.0 / 720.0);
+        for c in [1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
+            p = vfmaq_f32(vdupq_n_f32(c), p, r);
+        }
+        // k is in [-126, 127] after the clamp: a normal power of two.
+        let two_k = vreinterpretq_f32_s32(vshlq_n_s32::<23>(vaddq_s32(
+            vcvtq_s32_f32(k),
+            vdupq_n_s32(127),
+        )));
+        let y = vmulq_f32(p, two_k);
+        vbslq_f32(vcltq_f32(x, vdupq_n_f32(-87.0)), vdupq_n_f32(0.0), y)
+    }
+
+    /// # Safety
+    /// As [`super::avx2::tile`] (NEON is part of aarch64's baseline).
+    pub(super) unsafe fn tile(h: &Head<'_>, q: &[f32], out: &mut [f32]) {
+        let (d, dp) = (h.d, h.dp);
+        let mut m = [f32::NEG_INFINITY; R];
+        let mut l = [0f32; R];
+        let mut s = [[0f32; KB]; R];
+        out[..R * dp].fill(0.0);
+        let (kt, qp, o) = (h.kt.as_ptr(), q.as_ptr(), out.as_mut_ptr());
+        let mut j0 = 0;
+        while j0 < h.nk {
+            for sub in (0..KB).step_by(4 * W) {
+                let mut acc = [[vdupq_n_f32(0.0); 4]; R];
+                let mut kp = kt.add(j0 * d + sub);
+                for dd in 0..d {
+                    let kv = [
+                        vld1q_f32(kp),
+                        vld1q_f32(kp.add(W)),
+                        vld1q_f32(kp.add(2 * W)),
+                        vld1q_f32(kp.add(3 * W)),
+                    ];
+                    for r in 0..R {
+                        let qv = *qp.add(r * d + dd);
+                        for c in 0..4 {
+                            acc[r][c] = vfmaq_n_f32(acc[r][c], kv[c], qv);
+                        }
+                    }
+                    kp = kp.add(KB);
+                }
+                for r in 0..R {
+                    for c in 0..4 {
+                        vst1q_f32(s[r].as_mut_ptr().add(sub + c * W), acc[r][c]);
+                    }
+                }
+            }
+            let valid = (h.nk - j0).min(KB);
+            let mut corr = [0f32; R];
+            for r in 0..R {
+                s[r][valid..].fill(f32::NEG_INFINITY);
+                let sp = s[r].as_mut_ptr();
+                let mut top = vld1q_f32(sp);
+                for c in (W..KB).step_by(W) {
+                    top = vmaxq_f32(top, vld1q_f32(sp.add(c)));
+                }
+                let mx = m[r].max(vmaxvq_f32(top));
+                corr[r] = super::exp(m[r] - mx);
+                let mb = vdupq_n_f32(mx);
+                let mut sum = vdupq_n_f32(0.0);
+                for c in (0..KB).step_by(W) {
+                    let e = exp(vsubq_f32(vld1q_f32(sp.add(c)), mb));
+                    sum = vaddq_f32(sum, e);
+                    vst1q_f32(sp.add(c), e);
+                }
+                l[r] = l[r] * corr[r] + vaddvq_f32(sum);
+                m[r] = mx;
+            }
+            // The probabilities (now in `s`) times the values, 16 lanes at a time.
+            for c0 in (0..dp).step_by(4 * W) {
+                let mut acc = [[vdupq_n_f32(0.0); 4]; R];
+                for r in 0..R {
+                    for c in 0..4 {
+                        acc[r][c] = vmulq_n_f32(vld1q_f32(o.add(r * dp + c0 + c * W)), corr[r]);
+                    }
+                }
+                let mut vp = h.v.as_ptr().add(j0 * dp + c0);
+                for j in 0..valid {
+                    let vv = [
+                        vld1q_f32(vp),
+                        vld1q_f32(vp.add(W)),
+                        vld1q_f32(vp.add(2 * W)),
+                        vld1q_f32(vp.add(3 * W)),
+                    ];
+                    for r in 0..R {
+                        let pj = s[r][j];
+                        for c in 0..4 {
+                            acc[r][c] = vfmaq_n_f32(acc[r][c], vv[c], pj);
+                        }
+                    }
+                    vp = vp.add(dp);
+                }
+                for r in 0..R {
+                    for c in 0..4 {
+                        vst1q_f32(o.add(r * dp + c0 + c * W), acc[r][c]);
+                    }
+                }
+            }
+            j0 += KB;
+        }
+        for r in 0..R {
+            let inv = 1.0 / l[r];
+            for x in out[r * dp..(r + 1) * dp].iter_mut() {
+                *x *= inv;
+            }
+        }
+    }
+}
+
 /// Which compiled variant of sdrs' own kernels this CPU runs (attention, GroupNorm,
 /// GEGLU; for `info --system` and benches too).
 pub fn kernel_variant() -> &'static str {
@@ -499,7 +767,9 @@ pub(super) unsafe extern "C" fn attention_op(
                 #[cfg(target_arch = "x86_64")]
                 "avx512" => avx512::tile,
                 #[cfg(target_arch = "x86_64")]
-                "avx2" => tile_avx2,
+                "avx2" => avx2::tile,
+                #[cfg(target_arch = "aarch64")]
+                "neon" => neon::tile,
                 _ => tile_portable,
             };
             run(
@@ -577,12 +847,14 @@ mod tests {
             }
         }
         let mut variants: Vec<(&str, TileFn)> = vec![("portable", tile_portable)];
+        #[cfg(target_arch = "aarch64")]
+        variants.push(("neon", neon::tile));
         #[cfg(target_arch = "x86_64")]
         {
             if std::arch::is_x86_feature_detected!("avx2")
                 && std::arch::is_x86_feature_detected!("fma")
             {
-                variants.push(("avx2", tile_avx2));
+                variants.push(("avx2", avx2::tile));
             }
             if std::arch::is_x86_feature_detected!("avx512f") {
                 variants.push(("avx512", avx512::tile));

@@ -18,7 +18,7 @@ impl Pipeline {
     pub fn plan(&self, req: &Request) -> Result<Plan> {
         let (lw, lh) = self.validate(req)?;
         let taesd = match &req.decoding.taesd {
-            Some(path) => Some(Weights::from_checkpoint(
+            Some(path) => Some(Weights::from_checkpoint_half(
                 &Checkpoint::open(path)?,
                 &self.backend,
             )?),

@@ -119,7 +119,7 @@ impl Pipeline {
         let Some(path) = &req.decoding.taesd else {
             return Ok(None);
         };
-        Ok(Some(Weights::from_checkpoint(
+        Ok(Some(Weights::from_checkpoint_half(
             &Checkpoint::open(path)?,
             &self.backend,
         )?))

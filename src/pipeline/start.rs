@@ -105,7 +105,7 @@ impl Pipeline {
         let encoder = match (canvas, &req.decoding.taesd) {
             (None, _) => None,
             _ if given.is_some() && mask.is_none() => None,
-            (Some(_), Some(dec)) => Some(Encoder::Taesd(Box::new(Weights::from_checkpoint(
+            (Some(_), Some(dec)) => Some(Encoder::Taesd(Box::new(Weights::from_checkpoint_half(
                 &Checkpoint::open(&taesd_encoder_path(dec)?)?,
                 &self.backend,
             )?))),

@@ -14,15 +14,19 @@ use sdrs::synth::{self, Format};
 #[allow(unused_imports)]
 pub use sdrs::testdata::{external, fixture};
 
-/// The real TAEF2 encoder and decoder (external test data) where `backend` computes,
+/// The real TAEF2 encoder and decoder (external test data) where `backend` computes, as
+/// a run loads them (f16 kernels on a CPU),
 /// or `None` (the caller skips) where they are not here.
 pub fn taef2(
     backend: &sdrs::ggml::Backend,
 ) -> Option<(sdrs::model::Weights<'static>, sdrs::model::Weights<'static>)> {
     let dir = external("models/taef2")?;
     let load = |file: &str| {
-        sdrs::model::Weights::from_checkpoint(&Checkpoint::open(&dir.join(file)).unwrap(), backend)
-            .unwrap()
+        sdrs::model::Weights::from_checkpoint_half(
+            &Checkpoint::open(&dir.join(file)).unwrap(),
+            backend,
+        )
+        .unwrap()
     };
     Some((load("taef2_encoder.pth"), load("taef2_decoder.pth")))
 }
