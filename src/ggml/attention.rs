@@ -136,9 +136,15 @@ fn tile<const FMA: bool>(h: &Head<'_>, q: &[f32], out: &mut [f32]) {
         }
         j0 += KB;
     }
-    for r in 0..R {
-        let inv = 1.0 / l[r];
-        for x in out[r * dp..(r + 1) * dp].iter_mut() {
+    normalise(out, &l, dp);
+}
+
+/// Divides each query's output row (`out` `[R][dp]`) by its softmax sum.
+#[inline(always)]
+fn normalise(out: &mut [f32], l: &[f32; R], dp: usize) {
+    for (row, l) in out.chunks_exact_mut(dp).zip(l) {
+        let inv = 1.0 / l;
+        for x in row.iter_mut() {
             *x *= inv;
         }
     }
@@ -443,12 +449,7 @@ mod avx512 {
             }
             j0 += KB;
         }
-        for r in 0..R {
-            let inv = 1.0 / l[r];
-            for x in out[r * dp..(r + 1) * dp].iter_mut() {
-                *x *= inv;
-            }
-        }
+        super::normalise(out, &l, dp);
     }
 }
 
@@ -587,12 +588,7 @@ mod avx2 {
             }
             j0 += KB;
         }
-        for r in 0..R {
-            let inv = 1.0 / l[r];
-            for x in out[r * dp..(r + 1) * dp].iter_mut() {
-                *x *= inv;
-            }
-        }
+        super::normalise(out, &l, dp);
     }
 }
 
@@ -716,12 +712,7 @@ mod neon {
             }
             j0 += KB;
         }
-        for r in 0..R {
-            let inv = 1.0 / l[r];
-            for x in out[r * dp..(r + 1) * dp].iter_mut() {
-                *x *= inv;
-            }
-        }
+        super::normalise(out, &l, dp);
     }
 }
 
