@@ -4,7 +4,8 @@
 //! self-attention at 4096 and 1024 tokens (head size 40: SD 1.5's first level) with
 //! each kernel, with and without padding the head size to 16; and a whole TAESD-family
 //! decode at 512x512 (the real TAEF2 decoder from `../shared/models`: TAESD's network
-//! with a 16-channel first layer, so it times SD's TAESD within a percent); and the
+//! with a 16-channel first layer, so it times SD's TAESD within a percent) and its
+//! 64-channel 3x3 convolution at 512x512 by im2col and by Winograd; and the
 //! transpose around every convolution, in bytes per second.
 //!
 //! `SDRS_BENCH_THREADS` sets the thread count (default: all cores).
@@ -91,6 +92,45 @@ fn conv3x3(c: &mut Criterion, backend: &Backend) {
         g.throughput(Throughput::Elements(flops as u64));
         g.sample_size(10);
         g.bench_function(BenchmarkId::from_parameter(ty.name()), |b| {
+            b.iter(|| backend.compute(&graph).expect("compute"))
+        });
+        g.finish();
+    }
+}
+
+/// TAESD's layer: a 64-channel 3x3 convolution at 512x512, by im2col and ggml's product
+/// (f16 and f32 kernels) and by sdrs' Winograd F(4x4, 3x3) op (GFLOP/s counted as the
+/// direct convolution's, so the rates compare as speed).
+fn conv3x3_taesd(c: &mut Criterion, backend: &Backend) {
+    let (w, h, ch) = (512, 512, 64);
+    let flops = 2.0 * (ch * 9 * ch * w * h) as f64;
+    for id in ["f32", "f16", "winograd"] {
+        let wctx = Context::new(4).expect("context");
+        let kernel = match id {
+            "winograd" => wctx.tensor(Type::F32, &[ch, ch, sdrs::ggml::WINOGRAD_POSITIONS], "u"),
+            "f16" => wctx.tensor(Type::F16, &[ch * 9, ch], "kernel"),
+            _ => wctx.tensor(Type::F32, &[ch * 9, ch], "kernel"),
+        }
+        .expect("kernel");
+        wctx.alloc_cpu(backend).expect("alloc");
+        set(&wctx, kernel, 1);
+        let ctx = Context::new(1024).expect("context");
+        let x = ctx.tensor(Type::F32, &[w, h, ch, 1], "x").expect("x");
+        ctx.set_input(x);
+        let y = if id == "winograd" {
+            ctx.conv3x3_winograd(x, kernel, 1, None)
+        } else {
+            ctx.conv2d(x, kernel, ConvShape::square(3, 1, 1), None)
+        }
+        .expect("conv");
+        ctx.set_output(y);
+        let graph = ctx.graph(&[y]).expect("graph");
+        ctx.alloc_graph(&graph).expect("compute buffer");
+        set(&ctx, x, 2);
+        let mut g = c.benchmark_group("conv3x3_64_512x512");
+        g.throughput(Throughput::Elements(flops as u64));
+        g.sample_size(10);
+        g.bench_function(BenchmarkId::from_parameter(id), |b| {
             b.iter(|| backend.compute(&graph).expect("compute"))
         });
         g.finish();
@@ -222,6 +262,7 @@ fn transpose(c: &mut Criterion, backend: &Backend) {
 
 fn kernels(c: &mut Criterion) {
     let backend = Backend::cpu(threads()).expect("CPU backend");
+    conv3x3_taesd(c, &backend);
     transpose(c, &backend);
     taesd_decode(c, &backend);
     attention(c, &backend);

@@ -15,6 +15,7 @@ mod epilogue;
 mod geglu;
 mod im2col;
 mod norm;
+mod winograd;
 pub use attention::kernel_variant as attention_kernel;
 pub use context::{Backend, Context, Graph, HostRegion, NodeTiming, Tensor};
 pub(crate) use device::cpu_backend_device;
@@ -26,6 +27,7 @@ pub use mapguard::MapGuard;
 pub use norm::finish as group_norm_statistics;
 pub use ops::{ConvShape, NormAct, CONV_MAX_BANDS};
 pub use peak::fma_peak_flops;
+pub use winograd::{transform_kernel as winograd_kernel, POSITIONS as WINOGRAD_POSITIONS};
 
 // The ggml libraries are linked only if the crate is referenced.
 use llama_cpp_sys_2 as _;

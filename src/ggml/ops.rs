@@ -754,6 +754,73 @@ impl Context<'_> {
         self.conv_epilogue(&products, bias, [ow, oh, oc, n], EPILOGUE)
     }
 
+    /// A 3x3 convolution, stride 1, padding 1, of `x` `[W, H, IC, N]` read upsampled by
+    /// `up` (nearest neighbour; 1 for none), by Winograd's F(4x4, 3x3) in one CPU op
+    /// (`ggml/winograd.rs`): `u` is the kernel as [`super::winograd_kernel`] transforms
+    /// it (`[IC, OC, 36]` f32), `bias` `[OC]` f32. Output `[W·up, H·up, OC, N]`.
+    pub fn conv3x3_winograd<'c>(
+        &'c self,
+        x: Tensor<'c>,
+        u: Tensor<'c>,
+        up: usize,
+        bias: Option<Tensor<'c>>,
+    ) -> Result<Tensor<'c>> {
+        let [w, h, ic, n] = x.ne();
+        let [uic, oc, positions, one] = u.ne();
+        let bias_ok = bias
+            .is_none_or(|b| b.ty() == Type::F32 && b.ne() == [oc, 1, 1, 1] && b.is_contiguous());
+        if self.on_gpu()
+            || x.ty() != Type::F32
+            || !x.is_contiguous()
+            || u.ty() != Type::F32
+            || !u.is_contiguous()
+            || uic != ic
+            || positions != super::winograd::POSITIONS
+            || one != 1
+            || up == 0
+            || !bias_ok
+        {
+            return Err(bad(
+                "Winograd conv",
+                format!(
+                    "input {:?} {} and kernel {:?} {} (bias {:?}, up {up}){}",
+                    x.ne(),
+                    x.ty().name(),
+                    u.ne(),
+                    u.ty().name(),
+                    bias.map(|b| b.ne()),
+                    if self.on_gpu() { ", on a GPU" } else { "" }
+                ),
+            ));
+        }
+        self.ensure_room(4)?;
+        let params = self.keep(super::winograd::Params {
+            up,
+            bias: bias.is_some(),
+        });
+        let mut args = vec![x.raw(), u.raw()];
+        args.extend(bias.map(|b| b.raw()));
+        // SAFETY: shapes, types and contiguity checked as the kernel reads them;
+        // `params` lives as long as this context (and so the graph).
+        let t = self.op(unsafe {
+            sys::ggml_custom_4d(
+                self.raw(),
+                Type::F32.0,
+                (w * up) as i64,
+                (h * up) as i64,
+                oc as i64,
+                n as i64,
+                args.as_mut_ptr(),
+                args.len() as c_int,
+                Some(super::winograd::winograd_op),
+                sys::GGML_N_TASKS_MAX,
+                params,
+            )
+        })?;
+        self.name(t, "sdrs.winograd")?;
+        Ok(t)
+    }
+
     /// `x` `[A, B, N]` as `[B, A, N]` (the inner two axes swapped, contiguous): on the
     /// CPU by the epilogue op (a cache-blocked transpose), else a permuted copy.
     pub fn transpose_inner<'c>(&'c self, x: Tensor<'c>) -> Result<Tensor<'c>> {

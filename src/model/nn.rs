@@ -105,12 +105,16 @@ impl<'c> Nn<'c> {
         stride: usize,
         pad: usize,
     ) -> Result<Tensor<'c>> {
-        let y = self.ctx.conv2d(
-            x,
-            self.conv_kernel(name)?,
-            ConvShape::square(k, stride, pad),
-            self.w.opt(&format!("{name}.bias")),
-        )?;
+        let bias = self.w.opt(&format!("{name}.bias"));
+        let y = match self.winograd(name) {
+            Some(u) if (k, stride, pad) == (3, 1, 1) => self.ctx.conv3x3_winograd(x, u, 1, bias)?,
+            _ => self.ctx.conv2d(
+                x,
+                self.conv_kernel(name)?,
+                ConvShape::square(k, stride, pad),
+                bias,
+            )?,
+        };
         match self.adapters {
             Some(a) => a.apply(
                 self.ctx,
@@ -131,12 +135,26 @@ impl<'c> Nn<'c> {
         if self.adapters.is_some() {
             return self.conv(self.ctx.upscale_nearest(x, 2)?, name, 3, 1, 1);
         }
+        let bias = self.w.opt(&format!("{name}.bias"));
+        if let Some(u) = self.winograd(name) {
+            return self.ctx.conv3x3_winograd(x, u, 2, bias);
+        }
         self.ctx.conv2d(
             x,
             self.conv_kernel(name)?,
             ConvShape::square(3, 1, 1).upsampled(2),
-            self.w.opt(&format!("{name}.bias")),
+            bias,
         )
+    }
+
+    /// Convolution `name`'s kernel transformed for Winograd's F(4x4, 3x3), where the
+    /// weights hold one (see [`Weights::from_checkpoint_half`]) and no LoRA branch
+    /// needs the plain kernel.
+    fn winograd(&self, name: &str) -> Option<Tensor<'c>> {
+        if self.adapters.is_some() || self.ctx.on_gpu() {
+            return None;
+        }
+        self.w.opt(&format!("{name}.winograd"))
     }
 
     /// Convolution `name`'s kernel as the matrix `[IC*kh*kw, OC]`: our files store it so,

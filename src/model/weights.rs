@@ -291,46 +291,73 @@ impl Weights<'static> {
 
     /// Copies every float tensor of a checkpoint, as f32, where `backend` computes.
     pub fn from_checkpoint(ck: &Checkpoint, backend: &Backend) -> Result<Self> {
-        Self::from_checkpoint_as(ck, backend, Type::F32)
+        Self::from_checkpoint_as(ck, backend, Type::F32, false)
     }
 
-    /// As [`Weights::from_checkpoint`], with convolution kernels in f16 on a CPU (the
-    /// small convolutional networks run from checkpoints: TAESD and its kin).
+    /// As [`Weights::from_checkpoint`], laid out for the small convolutional networks
+    /// run from checkpoints (TAESD and its kin) on a CPU: each 3x3 kernel also
+    /// transformed for Winograd's F(4x4, 3x3) (`{layer}.winograd`, f32, which
+    /// [`crate::model::nn::Nn::conv`] uses where it applies), and every convolution
+    /// kernel in f16.
     ///
-    /// Why: the convolution then writes its im2col columns in f16 too (half the bytes,
-    /// each input row converted once) and ggml multiplies 16-bit operands. The real
-    /// TAEF2 decoder at 512x512 on 2 AVX2 cores: 3.0 s with f32 kernels, 1.9 s f16
-    /// (2.05 s bf16). f16, not bf16: its 11-bit significand keeps the real TAEF2
-    /// round trip on PyTorch's PSNR to 0.01 dB, where bf16 lost 0.12 dB. GPUs keep
-    /// f32: these networks are small there.
+    /// Why: a Winograd 3x3 convolution makes a quarter of the multiplications
+    /// (`ggml/winograd.rs`); the f16 kernels serve the rest (strided and 1x1 layers),
+    /// whose im2col columns are then f16 too (half the bytes) and ggml multiplies 16-bit
+    /// operands. The real TAEF2 decoder at 512x512 on 2 AVX2 cores: 3.0 s with f32
+    /// kernels through im2col, 1.9 s with f16 ones (2.05 s bf16; f16, not bf16: its
+    /// 11-bit significand keeps the real TAEF2 round trip on PyTorch's PSNR to 0.01 dB,
+    /// where bf16 lost 0.12 dB). The Winograd kernels take four times an f32 kernel's
+    /// bytes. GPUs keep f32 kernels and direct convolutions: these networks are small
+    /// there.
     pub fn from_checkpoint_half(ck: &Checkpoint, backend: &Backend) -> Result<Self> {
-        let kernels = if backend.gpu_name().is_some() {
-            Type::F32
+        if backend.gpu_name().is_some() {
+            Self::from_checkpoint_as(ck, backend, Type::F32, false)
         } else {
-            Type::F16
-        };
-        Self::from_checkpoint_as(ck, backend, kernels)
+            Self::from_checkpoint_as(ck, backend, Type::F16, true)
+        }
     }
 
-    /// Float tensors as f32, 4-D ones (convolution kernels) as `kernels`.
-    fn from_checkpoint_as(ck: &Checkpoint, backend: &Backend, kernels: Type) -> Result<Self> {
+    /// Float tensors as f32, 4-D ones (convolution kernels) as `kernels`, with the
+    /// Winograd transform of each 3x3 kernel it applies to if `winograd`.
+    fn from_checkpoint_as(
+        ck: &Checkpoint,
+        backend: &Backend,
+        kernels: Type,
+        winograd: bool,
+    ) -> Result<Self> {
         // One tensor at a time from the file into the buffer: the weights are in
         // memory once, not as a list and then its copy.
         let floats: Vec<_> = ck.tensors.iter().filter(|t| t.dtype.is_float()).collect();
-        let ctx = Context::new(floats.len() + 1)?;
+        // ggml shape [3, 3, IC, OC].
+        let transformable = |ne: &[usize]| winograd && matches!(ne, [3, 3, _, _]);
+        let ctx = Context::new(2 * floats.len() + 1)?;
         let mut made = Vec::with_capacity(floats.len());
         for t in &floats {
             let ne: Vec<usize> = t.shape.iter().rev().copied().collect();
-            made.push(if ne.len() == 4 {
+            let tensor = if ne.len() == 4 {
                 ctx.tensor(kernels, &ne, &t.name)?
             } else {
-                f32_tensor(&ctx, &ck.path, &t.name, ne)?
-            });
+                f32_tensor(&ctx, &ck.path, &t.name, ne.clone())?
+            };
+            let transformed = match t.name.strip_suffix(".weight") {
+                Some(layer) if transformable(&ne) => Some(ctx.tensor(
+                    Type::F32,
+                    &[ne[2], ne[3], crate::ggml::WINOGRAD_POSITIONS],
+                    &format!("{layer}.winograd"),
+                )?),
+                _ => None,
+            };
+            made.push((tensor, transformed));
         }
         ctx.alloc_on(backend)?;
         let mut bytes = 0;
-        for (t, tensor) in floats.iter().zip(made) {
+        for (t, (tensor, transformed)) in floats.iter().zip(made) {
             let values = t.read_f32()?;
+            if let Some(u) = transformed {
+                let [ic, oc, ..] = u.ne();
+                ctx.set_f32(u, &crate::ggml::winograd_kernel(&values, ic, oc))?;
+                bytes += u.nbytes() as u64;
+            }
             if tensor.ty() == Type::F32 {
                 ctx.set_f32(tensor, &values)?;
             } else {
