@@ -140,7 +140,7 @@ impl Plan {
             (Some(t), Some(_)) => {
                 let _ = write!(
                     s,
-                    "; VAE decode in {}-latent bands (equal to the whole decode)",
+                    "; VAE decode in {}-latent bands (the whole decode's, to rounding)",
                     t.tile_h
                 );
             }

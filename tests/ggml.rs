@@ -229,6 +229,96 @@ fn conv2d_through_im2col_matches_direct_convolution_in_one_piece_in_row_bands_an
 }
 
 #[test]
+fn winograd_conv_with_its_kernel_transformed_in_the_graph_matches_direct_convolution() {
+    // Sizes no multiple of the 4x4 output tile, two images, an upsampled input, and
+    // each kernel type the transform reads (the reference takes the kernel as stored).
+    let (n, ic, h, w, oc) = (2, 16, 9, 7, 10);
+    let bias_values: Vec<f32> = (0..oc).map(|c| c as f32 * 0.25 - 1.0).collect();
+    let x: Vec<f32> = (0..n * ic * h * w)
+        .map(|i| ((i * 31 % 97) as f32 / 48.0) - 1.0)
+        .collect();
+    let x2: Vec<f32> = (0..n * ic * 4 * h * w)
+        .map(|i| {
+            let (xx, yy, rest) = (i % (2 * w), i / (2 * w) % (2 * h), i / (4 * h * w));
+            x[rest * h * w + yy / 2 * w + xx / 2]
+        })
+        .collect();
+    let k: Vec<f32> = (0..oc * ic * 9)
+        .map(|i| ((i * 17 % 53) as f32 / 26.0) - 1.0)
+        .collect();
+    for ty in [Type::F32, Type::F16, Type::BF16] {
+        let stored: Vec<f32> = match ty {
+            Type::F16 => k.iter().map(|&v| half::f16::from_f32(v).to_f32()).collect(),
+            Type::BF16 => k
+                .iter()
+                .map(|&v| half::bf16::from_f32(v).to_f32())
+                .collect(),
+            _ => k.clone(),
+        };
+        for up in [1, 2] {
+            let shape = ConvShape::square(3, 1, 1);
+            let (want, oh, ow) = match up {
+                1 => conv_ref(&x, [n, ic, h, w], &stored, oc, shape),
+                _ => conv_ref(&x2, [n, ic, 2 * h, 2 * w], &stored, oc, shape),
+            };
+            let ctx = Context::new(64).unwrap();
+            let xin = ctx.tensor(Type::F32, &[w, h, ic, n], "x").unwrap();
+            let kin = ctx.tensor(ty, &[ic * 9, oc], "k").unwrap();
+            let bias = ctx.tensor(Type::F32, &[oc], "b").unwrap();
+            for t in [xin, kin, bias] {
+                ctx.set_input(t);
+            }
+            let u = ctx.winograd_kernel(kin).unwrap();
+            let y = ctx.conv3x3_winograd(xin, u, up, Some(bias)).unwrap();
+            assert_eq!(y.ne(), [ow, oh, oc, n]);
+            let g = ctx.graph(&[y]).unwrap();
+            ctx.alloc_graph(&g).unwrap();
+            ctx.set_f32(xin, &x).unwrap();
+            let mut kb = Vec::new();
+            ty.quantize_rows(&k, oc, ic * 9, &mut kb).unwrap();
+            ctx.set_bytes(kin, &kb).unwrap();
+            ctx.set_f32(bias, &bias_values).unwrap();
+            Backend::cpu(2).unwrap().compute(&g).unwrap();
+            let got = ctx.get_f32(y).unwrap();
+            let want: Vec<f32> = want
+                .iter()
+                .enumerate()
+                .map(|(i, v)| v + bias_values[(i / (oh * ow)) % oc])
+                .collect();
+            // f32 throughout; the transforms for ±2 amplify rounding (2.5e-6 measured).
+            let e = rel_rms(&want, &got);
+            assert!(e < 1e-5, "{} up {up}: {e}", ty.name());
+        }
+    }
+}
+
+#[test]
+fn winograd_ops_refuse_what_they_cannot_read() {
+    let ctx = Context::new(32).unwrap();
+    let x = ctx.tensor(Type::F32, &[8, 8, 16, 1], "x").unwrap();
+    let q8 = ctx.tensor(Type::Q8_0, &[32 * 9, 4], "q8").unwrap();
+    assert!(ctx.winograd_kernel(q8).is_err(), "no quantized kernels");
+    let k1 = ctx.tensor(Type::F16, &[20, 4], "k").unwrap();
+    assert!(ctx.winograd_kernel(k1).is_err(), "not a 3x3 kernel");
+    let u = ctx.tensor(Type::F32, &[8, 4, 36], "u").unwrap();
+    assert!(
+        ctx.conv3x3_winograd(x, u, 1, None).is_err(),
+        "kernel for 8 channels on 16"
+    );
+    let u = ctx.tensor(Type::F32, &[16, 4, 36], "u16").unwrap();
+    let b = ctx.tensor(Type::F32, &[5], "b").unwrap();
+    assert!(
+        ctx.conv3x3_winograd(x, u, 1, Some(b)).is_err(),
+        "bias of 5 for 4"
+    );
+    assert!(ctx.conv3x3_winograd(x, u, 0, None).is_err());
+    assert!(ctx
+        .conv3x3_winograd(ctx.cast(x, Type::F16).unwrap(), u, 1, None)
+        .is_err());
+    assert!(ctx.conv3x3_winograd(x, u, 2, None).is_ok());
+}
+
+#[test]
 fn fused_group_norm_matches_group_norm_then_scale_shift_and_silu_in_place_or_not() {
     // 12 channels in 4 groups of 3, odd planes, two images; a large common offset
     // tests that the statistics keep their precision.

@@ -161,11 +161,13 @@ fn tiny_kl_vae_decoded_in_bands_with_the_image_statistics_equals_the_whole_run()
                 .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
             let p = psnr(y, &yt, 2.0);
             eprintln!("tiny KL VAE {w}x{h} in bands of 6 latents, checkpoints {keep:?}: {} band runs, {p:.1} dB from the whole decode, largest difference {worst:e}", runs.1);
-            // Bit for bit: the same kernels on the same values, and the statistics'
-            // f64 sums (over bands, against one pass) rounded to the same f32 values.
+            // To rounding: the statistics' f64 sums (over bands, against one pass) round
+            // to the same f32 values, but the Winograd convolutions' 4x4 tiles fall
+            // differently in a band, so their f32 rounding differs (95.9 dB measured;
+            // bit for bit before them).
             assert!(
-                worst == 0.0,
-                "checkpoints {keep:?}: largest difference {worst:e}"
+                p > 80.0 && worst < 1e-2,
+                "checkpoints {keep:?}: {p:.1} dB, largest difference {worst:e}"
             );
         }
         // Encoding: the draw with zero noise is the distribution's mean, in UNet space.

@@ -148,6 +148,15 @@ unsafe fn node_flops(t: &sys::ggml_tensor) -> f64 {
                 * (q.ne[0] + v.ne[0]) as f64
                 * (q.ne[2] * q.ne[3]) as f64
         }
+        // The Winograd convolution: the direct convolution's count (9 multiply-adds per
+        // output and input channel), so its rate compares with im2col's as speed; it
+        // makes a quarter of them.
+        sys::GGML_OP_CUSTOM
+            if std::ffi::CStr::from_ptr(t.name.as_ptr()).to_bytes() == b"sdrs.winograd" =>
+        {
+            let x = &*t.src[0];
+            2.0 * 9.0 * x.ne[2] as f64 * (t.ne[0] * t.ne[1] * t.ne[2] * t.ne[3]) as f64
+        }
         _ => 0.0,
     }
 }

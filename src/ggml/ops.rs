@@ -754,6 +754,46 @@ impl Context<'_> {
         self.conv_epilogue(&products, bias, [ow, oh, oc, n], EPILOGUE)
     }
 
+    /// The 3x3 kernel `kernel` (`[IC·9, OC]`, f32, f16 or bf16) transformed for
+    /// [`Context::conv3x3_winograd`] (`[IC, OC, 36]` f32), in the graph (a CPU op).
+    pub fn winograd_kernel<'c>(&'c self, kernel: Tensor<'c>) -> Result<Tensor<'c>> {
+        let [k, oc, one, one_more] = kernel.ne();
+        let ty = match kernel.ty() {
+            Type::F32 => super::winograd::KernelType::F32,
+            Type::F16 => super::winograd::KernelType::F16,
+            Type::BF16 => super::winograd::KernelType::BF16,
+            other => return Err(bad("Winograd kernel", format!("a {} kernel", other.name()))),
+        };
+        if self.on_gpu() || !kernel.is_contiguous() || k % 9 != 0 || one != 1 || one_more != 1 {
+            return Err(bad(
+                "Winograd kernel",
+                format!("kernel {:?} for a 3x3 convolution", kernel.ne()),
+            ));
+        }
+        self.ensure_room(2)?;
+        let params = self.keep(ty);
+        let mut args = [kernel.raw()];
+        // SAFETY: type, shape and contiguity checked as the kernel reads them; `params`
+        // lives as long as this context (and so the graph).
+        let t = self.op(unsafe {
+            sys::ggml_custom_4d(
+                self.raw(),
+                Type::F32.0,
+                (k / 9) as i64,
+                oc as i64,
+                super::winograd::POSITIONS as i64,
+                1,
+                args.as_mut_ptr(),
+                1,
+                Some(super::winograd::kernel_op),
+                sys::GGML_N_TASKS_MAX,
+                params,
+            )
+        })?;
+        self.name(t, "sdrs.winograd_kernel")?;
+        Ok(t)
+    }
+
     /// A 3x3 convolution, stride 1, padding 1, of `x` `[W, H, IC, N]` read upsampled by
     /// `up` (nearest neighbour; 1 for none), by Winograd's F(4x4, 3x3) in one CPU op
     /// (`ggml/winograd.rs`): `u` is the kernel as [`super::winograd_kernel`] transforms

@@ -11,7 +11,10 @@
 //! cache: the input transform `V = Bᵀ d B`, the 36 products `M = U V` over the
 //! channels with a register-blocked kernel, and the output transform `Y = Aᵀ M A`
 //! with the bias, written straight into the output's channel planes. The kernel's
-//! transform `U = G g Gᵀ` is made once, when the weights load ([`transform_kernel`]).
+//! transform `U = G g Gᵀ` is made once, when the weights load ([`transform_kernel`]),
+//! or in the graph from a stored kernel ([`kernel_op`]), where weights are mapped
+//! from a file and a transformed copy of them all would cost four times their f32
+//! bytes.
 //!
 //! The matrices are those of Lavin & Gray, "Fast Algorithms for Convolutional Neural
 //! Networks" (CVPR 2016), interpolation points 0, ±1, ±2 and ∞. Everything is f32: the
@@ -40,41 +43,104 @@ pub(super) struct Params {
     pub bias: bool,
 }
 
-/// G, 6x3: the kernel's transform.
-const G: [[f64; 3]; 6] = [
-    [1.0 / 4.0, 0.0, 0.0],
-    [-1.0 / 6.0, -1.0 / 6.0, -1.0 / 6.0],
-    [-1.0 / 6.0, 1.0 / 6.0, -1.0 / 6.0],
-    [1.0 / 24.0, 1.0 / 12.0, 1.0 / 6.0],
-    [1.0 / 24.0, -1.0 / 12.0, 1.0 / 6.0],
-    [0.0, 0.0, 1.0],
-];
+/// G (6x3, the kernel's transform) applied to three values.
+#[inline(always)]
+fn kernel_1d(a: f32, b: f32, c: f32) -> [f32; 6] {
+    [
+        a / 4.0,
+        -(a + b + c) / 6.0,
+        -(a - b + c) / 6.0,
+        a / 24.0 + b / 12.0 + c / 6.0,
+        a / 24.0 - b / 12.0 + c / 6.0,
+        c,
+    ]
+}
+
+/// `U = G g Gᵀ` of one 3x3 kernel `g` (row-major), position `6·row + column`.
+#[inline(always)]
+fn transform_one(g: &[f32]) -> [f32; POSITIONS] {
+    let cols: [[f32; 6]; 3] = std::array::from_fn(|c| kernel_1d(g[c], g[3 + c], g[6 + c]));
+    let mut u = [0f32; POSITIONS];
+    for r in 0..6 {
+        u[r * 6..][..6].copy_from_slice(&kernel_1d(cols[0][r], cols[1][r], cols[2][r]));
+    }
+    u
+}
 
 /// The transformed kernel `U = G g Gᵀ` of a 3x3 convolution, `[36][OC][IC]` (ggml
 /// shape `[IC, OC, 36]`), from its weights `[OC][IC][3][3]` (PyTorch's order, the
-/// matrix `[IC·9, OC]` of sdrs' files). Computed in f64.
+/// matrix `[IC·9, OC]` of sdrs' files).
 pub fn transform_kernel(kernel: &[f32], ic: usize, oc: usize) -> Vec<f32> {
     assert_eq!(kernel.len(), ic * oc * 9, "a 3x3 kernel of {oc}x{ic}");
     let mut u = vec![0f32; POSITIONS * oc * ic];
-    for o in 0..oc {
-        for i in 0..ic {
-            let g = &kernel[(o * ic + i) * 9..][..9];
-            // G g: 6x3.
-            let mut gg = [[0f64; 3]; 6];
-            for (r, row) in gg.iter_mut().enumerate() {
-                for (c, v) in row.iter_mut().enumerate() {
-                    *v = (0..3).map(|k| G[r][k] * g[k * 3 + c] as f64).sum();
-                }
-            }
-            for (r, row) in gg.iter().enumerate() {
-                for (c, gc) in G.iter().enumerate() {
-                    let v: f64 = (0..3).map(|k| row[k] * gc[k]).sum();
-                    u[((r * 6 + c) * oc + o) * ic + i] = v as f32;
-                }
+    for (o, rows) in kernel.chunks_exact(ic * 9).enumerate() {
+        for (i, g) in rows.chunks_exact(9).enumerate() {
+            for (xi, v) in transform_one(g).into_iter().enumerate() {
+                u[(xi * oc + o) * ic + i] = v;
             }
         }
     }
     u
+}
+
+/// Kernel element types [`kernel_op`] reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum KernelType {
+    F32,
+    F16,
+    BF16,
+}
+
+/// The ggml callback of `Context::winograd_kernel`: [`transform_kernel`] in the graph,
+/// output channels split among the threads. Never unwinds into C.
+pub(super) unsafe extern "C" fn kernel_op(
+    dst: *mut sys::ggml_tensor,
+    ith: c_int,
+    nth: c_int,
+    userdata: *mut c_void,
+) {
+    super::custom_op_body(
+        "Winograd kernel transform",
+        "the convolution's output is invalid",
+        || {
+            // SAFETY: ggml passes the node built by `Context::winograd_kernel`: a
+            // contiguous kernel [IC·9, OC] of the type `userdata` names, a contiguous f32
+            // destination [IC, OC, 36], checked there; thread `ith` writes its output
+            // channels' values only.
+            unsafe {
+                use half::slice::HalfFloatSliceExt;
+                let t = &*dst;
+                let ty = *(userdata as *const KernelType);
+                let k = &*t.src[0];
+                let (ic, oc) = (t.ne[0] as usize, t.ne[1] as usize);
+                let (ith, nth) = (ith.max(0) as usize, nth.max(1) as usize);
+                let out = t.data.cast::<f32>();
+                let mut row = vec![0f32; ic * 9];
+                for o in ith * oc / nth..(ith + 1) * oc / nth {
+                    let n = ic * 9;
+                    match ty {
+                        KernelType::F32 => row.copy_from_slice(std::slice::from_raw_parts(
+                            (k.data as *const f32).add(o * n),
+                            n,
+                        )),
+                        KernelType::F16 => {
+                            std::slice::from_raw_parts((k.data as *const half::f16).add(o * n), n)
+                                .convert_to_f32_slice(&mut row)
+                        }
+                        KernelType::BF16 => {
+                            std::slice::from_raw_parts((k.data as *const half::bf16).add(o * n), n)
+                                .convert_to_f32_slice(&mut row)
+                        }
+                    }
+                    for (i, g) in row.chunks_exact(9).enumerate() {
+                        for (xi, v) in transform_one(g).into_iter().enumerate() {
+                            *out.add((xi * oc + o) * ic + i) = v;
+                        }
+                    }
+                }
+            }
+        },
+    );
 }
 
 /// The convolution's geometry.

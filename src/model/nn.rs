@@ -64,6 +64,13 @@ pub struct Nn<'c> {
     pub f32_kernels: bool,
     /// LoRA branches beside the weights ([`Adapters`]).
     pub adapters: Option<&'c Adapters>,
+    /// Run 3x3 convolutions (stride 1) whose kernels are stored f32, f16 or bf16 by
+    /// Winograd's F(4x4, 3x3) on the CPU, each kernel transformed in the graph
+    /// ([`Context::winograd_kernel`]; kernels transformed at load are used wherever
+    /// the weights hold them, flag or not). The VAE sets it: its convolutions are
+    /// most of a decode, and its f32 arithmetic also keeps SDXL's large activations
+    /// finite.
+    pub winograd: bool,
 }
 
 impl<'c> Nn<'c> {
@@ -76,6 +83,7 @@ impl<'c> Nn<'c> {
             attention: Attention::default(),
             f32_kernels: false,
             adapters: None,
+            winograd: false,
         }
     }
 
@@ -106,9 +114,9 @@ impl<'c> Nn<'c> {
         pad: usize,
     ) -> Result<Tensor<'c>> {
         let bias = self.w.opt(&format!("{name}.bias"));
-        let y = match self.winograd(name) {
-            Some(u) if (k, stride, pad) == (3, 1, 1) => self.ctx.conv3x3_winograd(x, u, 1, bias)?,
-            _ => self.ctx.conv2d(
+        let y = match self.winograd(name, (k, stride, pad))? {
+            Some(u) => self.ctx.conv3x3_winograd(x, u, 1, bias)?,
+            None => self.ctx.conv2d(
                 x,
                 self.conv_kernel(name)?,
                 ConvShape::square(k, stride, pad),
@@ -136,7 +144,7 @@ impl<'c> Nn<'c> {
             return self.conv(self.ctx.upscale_nearest(x, 2)?, name, 3, 1, 1);
         }
         let bias = self.w.opt(&format!("{name}.bias"));
-        if let Some(u) = self.winograd(name) {
+        if let Some(u) = self.winograd(name, (3, 1, 1))? {
             return self.ctx.conv3x3_winograd(x, u, 2, bias);
         }
         self.ctx.conv2d(
@@ -147,25 +155,48 @@ impl<'c> Nn<'c> {
         )
     }
 
-    /// Convolution `name`'s kernel transformed for Winograd's F(4x4, 3x3), where the
-    /// weights hold one (see [`Weights::from_checkpoint_half`]) and no LoRA branch
-    /// needs the plain kernel.
-    fn winograd(&self, name: &str) -> Option<Tensor<'c>> {
-        if self.adapters.is_some() || self.ctx.on_gpu() {
-            return None;
+    /// Convolution `name`'s kernel transformed for Winograd's F(4x4, 3x3), if the
+    /// convolution (`(k, stride, pad)`) runs so: on a CPU, 3x3 with stride 1 and
+    /// padding 1, with no LoRA branch needing the plain kernel; transformed at load if
+    /// the weights hold that (see [`Weights::from_checkpoint_half`]), else in the graph
+    /// if [`Nn::winograd`] asks and the stored kernel is f32, f16 or bf16 with at least
+    /// 16 input channels (below that the transforms cost more than the products save).
+    fn winograd(&self, name: &str, conv: (usize, usize, usize)) -> Result<Option<Tensor<'c>>> {
+        if conv != (3, 1, 1) || self.adapters.is_some() || self.ctx.on_gpu() {
+            return Ok(None);
         }
-        self.w.opt(&format!("{name}.winograd"))
+        if let Some(u) = self.w.opt(&format!("{name}.winograd")) {
+            return Ok(Some(u));
+        }
+        if !self.winograd {
+            return Ok(None);
+        }
+        let w = self.conv_matrix(name)?;
+        let transformable = matches!(w.ty(), Type::F32 | Type::F16 | Type::BF16)
+            && w.ne()[0] % 9 == 0
+            && w.ne()[0] >= 9 * 16;
+        Ok(if transformable {
+            Some(self.ctx.winograd_kernel(w)?)
+        } else {
+            None
+        })
+    }
+
+    /// Convolution `name`'s kernel as the product should see it (see
+    /// [`Nn::conv_matrix`], [`Nn::f32_kernels`]).
+    fn conv_kernel(&self, name: &str) -> Result<Tensor<'c>> {
+        self.kernel(self.conv_matrix(name)?)
     }
 
     /// Convolution `name`'s kernel as the matrix `[IC*kh*kw, OC]`: our files store it so,
     /// stable-diffusion.cpp's 4-D.
-    fn conv_kernel(&self, name: &str) -> Result<Tensor<'c>> {
-        let mut w = self.w.get(&format!("{name}.weight"))?;
+    fn conv_matrix(&self, name: &str) -> Result<Tensor<'c>> {
+        let w = self.w.get(&format!("{name}.weight"))?;
         let ne = w.ne();
         if ne[2] > 1 || ne[3] > 1 {
-            w = self.ctx.reshape(w, &[ne[0] * ne[1] * ne[2], ne[3]])?;
+            return self.ctx.reshape(w, &[ne[0] * ne[1] * ne[2], ne[3]]);
         }
-        self.kernel(w)
+        Ok(w)
     }
 
     /// `w` as the product should see it (see [`Nn::f32_kernels`]).

@@ -86,6 +86,7 @@ fn decoder_mid<'c>(nn: &Nn<'c>, cfg: &VaeConfig, z: Tensor<'c>) -> Result<Tensor
     // SDXL's decoder activations overflow f16 (see `Nn::f32_kernels`).
     let nn = &Nn {
         f32_kernels: true,
+        winograd: true,
         ..*nn
     };
     let d = Vae::new(cfg).decoder;
@@ -135,6 +136,7 @@ fn up_unit<'c>(
     // SDXL's decoder activations overflow f16 (see `Nn::f32_kernels`).
     let nn = &Nn {
         f32_kernels: true,
+        winograd: true,
         ..*nn
     };
     match unit {
@@ -187,6 +189,7 @@ fn encoder_down<'c>(
 ) -> Result<Tensor<'c>> {
     let nn = &Nn {
         f32_kernels: true,
+        winograd: true,
         ..*nn
     };
     let c = nn.ctx;
@@ -209,6 +212,7 @@ fn encoder_down<'c>(
 fn encoder_mid<'c>(nn: &Nn<'c>, cfg: &VaeConfig, x: Tensor<'c>) -> Result<Tensor<'c>> {
     let nn = &Nn {
         f32_kernels: true,
+        winograd: true,
         ..*nn
     };
     let e = Vae::new(cfg).encoder;
@@ -386,7 +390,8 @@ pub fn mid_channels(cfg: &VaeConfig) -> usize {
 /// mid block (whose attention takes every latent) runs whole, then the upsampling
 /// blocks in full-width bands `tiling.tile_h` latents high with the whole image's
 /// GroupNorm statistics ([`band`]), keeping at most `keep` bytes of checkpoints
-/// (`None`: every one): equal to the whole decode. With [`TileStats::Tile`] the whole
+/// (`None`: every one): the whole decode's result to f32 rounding (see [`band`]). With
+/// [`TileStats::Tile`] the whole
 /// decoder runs per tile, blended: one pass, each tile normalised on its own (as
 /// diffusers' `enable_tiling`). `tick` hears of each piece run (and may stop the
 /// decode).
