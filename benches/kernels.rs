@@ -98,11 +98,19 @@ fn conv3x3(c: &mut Criterion, backend: &Backend) {
     }
 }
 
-/// TAESD's layer: a 64-channel 3x3 convolution at 512x512, by im2col and ggml's product
+/// A 3x3 convolution (TAESD's 64 channels at 512x512; the SD VAE's 256 at 256x256), by
+/// im2col and ggml's product
 /// (f16 and f32 kernels) and by sdrs' Winograd F(4x4, 3x3) op (GFLOP/s counted as the
 /// direct convolution's, so the rates compare as speed).
 fn conv3x3_taesd(c: &mut Criterion, backend: &Backend) {
-    let (w, h, ch) = (512, 512, 64);
+    // TAESD's layer, and SD's VAE decoder's at its 256² level.
+    for (ch, side) in [(64, 512), (256, 256)] {
+        conv3x3_at(c, backend, ch, side);
+    }
+}
+
+fn conv3x3_at(c: &mut Criterion, backend: &Backend, ch: usize, side: usize) {
+    let (w, h) = (side, side);
     let flops = 2.0 * (ch * 9 * ch * w * h) as f64;
     for id in ["f32", "f16", "winograd"] {
         let wctx = Context::new(4).expect("context");
@@ -127,7 +135,7 @@ fn conv3x3_taesd(c: &mut Criterion, backend: &Backend) {
         let graph = ctx.graph(&[y]).expect("graph");
         ctx.alloc_graph(&graph).expect("compute buffer");
         set(&ctx, x, 2);
-        let mut g = c.benchmark_group("conv3x3_64_512x512");
+        let mut g = c.benchmark_group(format!("conv3x3_{ch}_{side}x{side}"));
         g.throughput(Throughput::Elements(flops as u64));
         g.sample_size(10);
         g.bench_function(BenchmarkId::from_parameter(id), |b| {
