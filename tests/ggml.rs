@@ -137,21 +137,27 @@ fn conv_ref(
     (out, oh, ow)
 }
 
-#[test]
-fn conv2d_through_im2col_matches_direct_convolution_in_one_piece_in_row_bands_and_upsampled() {
-    // 21 output channels: a whole block of the epilogue's 16 and a partial one.
-    let (n, ic, h, w, oc) = (2, 8, 9, 7, 21);
-    let bias_values: Vec<f32> = (0..oc).map(|c| c as f32 * 0.25 - 2.0).collect();
+/// A convolution's test input `[N][C][H][W]`, and the same upsampled 2x (nearest), as
+/// an upsampling layer's convolution reads it.
+fn conv_inputs([n, ic, h, w]: [usize; 4]) -> (Vec<f32>, Vec<f32>) {
     let x: Vec<f32> = (0..n * ic * h * w)
         .map(|i| ((i * 31 % 97) as f32 / 48.0) - 1.0)
         .collect();
-    // The input upsampled 2x (nearest), as an upsampling layer's convolution reads it.
-    let x2: Vec<f32> = (0..n * ic * 4 * h * w)
+    let x2 = (0..n * ic * 4 * h * w)
         .map(|i| {
             let (xx, yy, rest) = (i % (2 * w), i / (2 * w) % (2 * h), i / (4 * h * w));
             x[rest * h * w + yy / 2 * w + xx / 2]
         })
         .collect();
+    (x, x2)
+}
+
+#[test]
+fn conv2d_through_im2col_matches_direct_convolution_in_one_piece_in_row_bands_and_upsampled() {
+    // 21 output channels: a whole block of the epilogue's 16 and a partial one.
+    let (n, ic, h, w, oc) = (2, 8, 9, 7, 21);
+    let bias_values: Vec<f32> = (0..oc).map(|c| c as f32 * 0.25 - 2.0).collect();
+    let (x, x2) = conv_inputs([n, ic, h, w]);
     // Budgets: one piece; about 3 bands of output rows; one row per band.
     for budget in [usize::MAX, 2 * ic * 9 * w * n * 4, 1] {
         for ty in [Type::F32, Type::F16, Type::BF16] {
@@ -234,15 +240,7 @@ fn winograd_conv_with_its_kernel_transformed_in_the_graph_matches_direct_convolu
     // each kernel type the transform reads (the reference takes the kernel as stored).
     let (n, ic, h, w, oc) = (2, 16, 9, 7, 10);
     let bias_values: Vec<f32> = (0..oc).map(|c| c as f32 * 0.25 - 1.0).collect();
-    let x: Vec<f32> = (0..n * ic * h * w)
-        .map(|i| ((i * 31 % 97) as f32 / 48.0) - 1.0)
-        .collect();
-    let x2: Vec<f32> = (0..n * ic * 4 * h * w)
-        .map(|i| {
-            let (xx, yy, rest) = (i % (2 * w), i / (2 * w) % (2 * h), i / (4 * h * w));
-            x[rest * h * w + yy / 2 * w + xx / 2]
-        })
-        .collect();
+    let (x, x2) = conv_inputs([n, ic, h, w]);
     let k: Vec<f32> = (0..oc * ic * 9)
         .map(|i| ((i * 17 % 53) as f32 / 26.0) - 1.0)
         .collect();
