@@ -310,6 +310,8 @@ fn winograd_ops_refuse_what_they_cannot_read() {
         "bias of 5 for 4"
     );
     assert!(ctx.conv3x3_winograd(x, u, 0, None).is_err());
+    // The kernel reads upsampled pixels by shifting.
+    assert!(ctx.conv3x3_winograd(x, u, 3, None).is_err());
     assert!(ctx
         .conv3x3_winograd(ctx.cast(x, Type::F16).unwrap(), u, 1, None)
         .is_err());

@@ -795,9 +795,10 @@ impl Context<'_> {
     }
 
     /// A 3x3 convolution, stride 1, padding 1, of `x` `[W, H, IC, N]` read upsampled by
-    /// `up` (nearest neighbour; 1 for none), by Winograd's F(4x4, 3x3) in one CPU op
-    /// (`ggml/winograd.rs`): `u` is the kernel as [`super::winograd_kernel`] transforms
-    /// it (`[IC, OC, 36]` f32), `bias` `[OC]` f32. Output `[W·up, H·up, OC, N]`.
+    /// `up` (nearest neighbour; a power of two, 1 for none), by Winograd's F(4x4, 3x3)
+    /// in one CPU op (`ggml/winograd.rs`): `u` is the kernel as
+    /// [`super::winograd_kernel`] transforms it (`[IC, OC, 36]` f32), `bias` `[OC]` f32.
+    /// Output `[W·up, H·up, OC, N]`.
     pub fn conv3x3_winograd<'c>(
         &'c self,
         x: Tensor<'c>,
@@ -817,7 +818,7 @@ impl Context<'_> {
             || uic != ic
             || positions != super::winograd::POSITIONS
             || one != 1
-            || up == 0
+            || !up.is_power_of_two()
             || !bias_ok
         {
             return Err(bad(
